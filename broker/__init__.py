@@ -1,0 +1,1 @@
+"""corral.broker: the durable log, the job state and the broker loop."""

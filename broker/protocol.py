@@ -1,0 +1,358 @@
+"""Every message on corral's wire, one tagged union per direction.
+
+Each message is a single ZeroMQ frame holding one msgpack array (the structs
+are ``array_like``): its first element is the tag, the rest the fields in
+declaration order. Every message carries the protocol version ``v``. Job
+payloads and results travel as :class:`msgspec.Raw`, so the broker relays
+user data without decoding it. New fields must get defaults and go last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+#: msgpack encoding of ``None``: the payload of a job enqueued without one.
+NIL = msgspec.Raw(b"\xc0")
+
+
+class Msg(msgspec.Struct, frozen=True, array_like=True, tag_field="op", tag=str.lower):
+    """Base of every wire message."""
+
+
+# --------------------------------------------------------------- shared parts
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """What went wrong in one try of a job."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class JobSpec(msgspec.Struct, frozen=True, array_like=True):
+    """A job as a client asks for it; ``id`` is chosen by the client so that a
+    resent enqueue is idempotent."""
+
+    id: str
+    task: str
+    payload: msgspec.Raw = NIL
+    queue: str = "default"
+    priority: int = 0
+    delay: float | None = None
+    run_at: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    unique_key: str | None = None
+    result_ttl: float | None = None
+
+
+class TryInfo(msgspec.Struct, frozen=True):
+    """One attempt at running a job."""
+
+    attempt: int
+    worker: str
+    host: str
+    pid: int
+    started_at: float
+    ended_at: float | None = None
+    error: ErrorInfo | None = None
+
+
+class JobInfo(msgspec.Struct, frozen=True):
+    """A job's info as the broker reports it (``corral.JobInfo``)."""
+
+    id: str
+    task: str
+    queue: str
+    status: str
+    attempts: int
+    max_attempts: int
+    priority: int
+    created_at: float
+    next_run_at: float | None
+    started_at: float | None
+    ended_at: float | None
+    error: ErrorInfo | None
+    tries: list[TryInfo]
+    timeout: float | None = None
+    unique_key: str | None = None
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """A connected worker as status reports it."""
+
+    worker_id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    credit: int
+    running: list[str]
+    tasks: list[str]
+    last_seen_ago: float
+    processed: int = 0
+    failed: int = 0
+
+
+class StatusInfo(msgspec.Struct, frozen=True):
+    """What ``corral status`` shows: counts per queue and status, the
+    connected workers, and the broker's counters."""
+
+    queues: dict[str, dict[str, int]]
+    workers: list[WorkerInfo]
+    stats: dict[str, int]
+    broker_id: str = ""
+
+
+# ---------------------------------------------------- client -> broker requests
+
+
+class Enqueue(Msg, frozen=True):
+    req: int
+    jobs: list[JobSpec]
+    v: int = PROTOCOL_VERSION
+
+
+class GetJob(Msg, frozen=True):
+    req: int
+    job_id: str
+    v: int = PROTOCOL_VERSION
+
+
+class GetResult(Msg, frozen=True):
+    """Ask for a job's outcome; with ``wait`` > 0 the broker holds the request
+    until the job ends or ``wait`` seconds pass (a long poll)."""
+
+    req: int
+    job_id: str
+    wait: float = 0.0
+    v: int = PROTOCOL_VERSION
+
+
+class GetStatus(Msg, frozen=True):
+    req: int
+    v: int = PROTOCOL_VERSION
+
+
+class Ping(Msg, frozen=True):
+    req: int
+    v: int = PROTOCOL_VERSION
+
+
+ClientRequest = Enqueue | GetJob | GetResult | GetStatus | Ping
+
+
+# ------------------------------------------------------ broker -> client replies
+
+
+class EnqueueOk(Msg, frozen=True):
+    req: int
+    ids: list[str]
+    v: int = PROTOCOL_VERSION
+
+
+class JobReply(Msg, frozen=True):
+    req: int
+    job: JobInfo
+    v: int = PROTOCOL_VERSION
+
+
+class ResultReply(Msg, frozen=True):
+    """A job's outcome. ``status`` is the job's status when the reply was made:
+    a non-terminal status means the wait ran out first."""
+
+    req: int
+    job_id: str
+    status: str
+    result: msgspec.Raw = NIL
+    error: ErrorInfo | None = None
+    v: int = PROTOCOL_VERSION
+
+
+class StatusReply(Msg, frozen=True):
+    req: int
+    status: StatusInfo
+    v: int = PROTOCOL_VERSION
+
+
+class Pong(Msg, frozen=True):
+    req: int
+    broker_id: str = ""
+    v: int = PROTOCOL_VERSION
+
+
+class ErrorReply(Msg, frozen=True):
+    """A request that could not be done. ``code`` is one of ``not_found``,
+    ``invalid``, ``disk_full``, ``version``, ``internal``."""
+
+    req: int
+    code: str
+    message: str
+    v: int = PROTOCOL_VERSION
+
+
+ClientReply = EnqueueOk | JobReply | ResultReply | StatusReply | Pong | ErrorReply
+
+
+# ------------------------------------------------------ worker -> broker reports
+
+
+class TaskInfo(msgspec.Struct, frozen=True, array_like=True):
+    """A task a worker can run, with its defaults."""
+
+    name: str
+    max_attempts: int | None = None
+    timeout: float | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    result_ttl: float | None = None
+
+
+class Ready(Msg, frozen=True):
+    """A worker (re)registers: its queues, how many jobs it can hold at once
+    (credit), and how many it runs at once (concurrency)."""
+
+    worker_id: str
+    queues: list[str]
+    credit: int
+    concurrency: int
+    tasks: list[TaskInfo]
+    host: str
+    pid: int
+    v: int = PROTOCOL_VERSION
+
+
+class Outcome(msgspec.Struct, frozen=True, array_like=True):
+    """How one leased job ended. ``kind`` is ``ok`` (result set), ``error``
+    (retry if attempts remain), ``fail`` (no more attempts) or ``retry``
+    (try again after ``delay`` without counting a failure)."""
+
+    job_id: str
+    lease: int
+    kind: str
+    result: msgspec.Raw = NIL
+    error: ErrorInfo | None = None
+    delay: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class Lease(msgspec.Struct, frozen=True, array_like=True):
+    job_id: str
+    lease: int
+
+
+class Report(Msg, frozen=True):
+    """Jobs that started and jobs that ended since the last report. Every
+    ended job gives its credit back."""
+
+    started: list[Lease]
+    done: list[Outcome]
+    v: int = PROTOCOL_VERSION
+
+
+class Return(Msg, frozen=True):
+    """Leased jobs handed back unstarted (shutdown): no attempt is counted."""
+
+    leases: list[Lease]
+    v: int = PROTOCOL_VERSION
+
+
+class WorkerHeartbeat(Msg, frozen=True):
+    v: int = PROTOCOL_VERSION
+
+
+class Drain(Msg, frozen=True):
+    """The worker takes no more jobs (it is shutting down or recycling); it
+    keeps its leases until it reports them."""
+
+    v: int = PROTOCOL_VERSION
+
+
+class Bye(Msg, frozen=True):
+    """The worker is leaving; it holds no jobs."""
+
+    v: int = PROTOCOL_VERSION
+
+
+WorkerReport = Ready | Report | Return | WorkerHeartbeat | Drain | Bye
+
+
+# ---------------------------------------------------- broker -> worker commands
+
+
+class Delivery(msgspec.Struct, frozen=True, array_like=True):
+    job_id: str
+    lease: int
+    task: str
+    payload: msgspec.Raw
+    attempt: int
+    max_attempts: int
+    queue: str
+    enqueued_at: float
+    timeout: float | None = None
+    prev_result: msgspec.Raw = NIL
+
+
+class Deliver(Msg, frozen=True):
+    jobs: list[Delivery]
+    v: int = PROTOCOL_VERSION
+
+
+class BrokerHeartbeat(Msg, frozen=True):
+    broker_id: str = ""
+    v: int = PROTOCOL_VERSION
+
+
+class Reregister(Msg, frozen=True):
+    """The broker does not know this worker (it restarted, or declared the
+    worker dead): send Ready again."""
+
+    v: int = PROTOCOL_VERSION
+
+
+WorkerCommand = Deliver | BrokerHeartbeat | Reregister
+
+
+# ------------------------------------------------------------------ codecs
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+client_request_decoder = msgspec.msgpack.Decoder(ClientRequest)
+client_reply_decoder = msgspec.msgpack.Decoder(ClientReply)
+worker_report_decoder = msgspec.msgpack.Decoder(WorkerReport)
+worker_command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
+
+
+def encode(msg: Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes) -> Any:
+    """Decode one frame, raising ProtocolError for anything malformed: bad
+    msgpack, a wrong shape, absurd nesting, or another protocol version."""
+    try:
+        msg = decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(str(exc)) from None
+    except RecursionError:
+        raise ProtocolError("message nested too deeply") from None
+    if msg.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {msg.v} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    return msg
+
+
+def encode_value(value: Any) -> msgspec.Raw:
+    """Encode a Python value (a payload or a result) as raw msgpack."""
+    return msgspec.Raw(_encoder.encode(value))

@@ -1,0 +1,162 @@
+"""The records of corral's durable log, versioned apart from the wire protocol.
+
+A record says what happened to a job; replaying every record in order
+rebuilds the broker's job state (``corral.broker.state``). Each record type
+has a one-byte code that the log writes in the frame, so a record body is
+decoded with the one typed decoder for its code. Bodies are msgpack arrays:
+new fields must get defaults and go last; a code is never reused.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+#: Bump when a record's meaning changes in a way old code cannot read.
+LOG_FORMAT_VERSION = 1
+
+
+#: msgpack encoding of ``None``: an absent payload or result.
+NIL = msgspec.Raw(b"\xc0")
+
+
+class Record(msgspec.Struct, frozen=True, array_like=True):
+    """Base of every log record."""
+
+
+class ErrorRec(msgspec.Struct, frozen=True, array_like=True):
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class TryRec(msgspec.Struct, frozen=True, array_like=True):
+    attempt: int
+    worker: str
+    host: str
+    pid: int
+    started_at: float
+    ended_at: float | None = None
+    error: ErrorRec | None = None
+
+
+class JobCreated(Record, frozen=True):
+    """A job was accepted. ``seq`` orders jobs by creation."""
+
+    id: str
+    seq: int
+    task: str
+    queue: str
+    priority: int
+    payload: msgspec.Raw
+    created_at: float
+    run_at: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    unique_key: str | None = None
+    result_ttl: float | None = None
+
+
+class Leased(Record, frozen=True):
+    """A job was sent to a worker under lease token ``lease``."""
+
+    id: str
+    lease: int
+    attempt: int
+    worker: str
+    host: str
+    pid: int
+    at: float
+
+
+class Finished(Record, frozen=True):
+    """A leased try ended. ``status`` is the job's status after it: terminal,
+    ``retrying`` (with ``next_run_at``) or ``queued`` (redelivered at once).
+    ``counted`` is False when the try does not count as an attempt."""
+
+    id: str
+    lease: int
+    at: float
+    status: str
+    result: msgspec.Raw = NIL
+    error: ErrorRec | None = None
+    next_run_at: float | None = None
+    started_at: float | None = None
+    counted: bool = True
+
+
+class Returned(Record, frozen=True):
+    """A leased job was handed back unstarted; its attempt is not counted."""
+
+    id: str
+    lease: int
+
+
+class Removed(Record, frozen=True):
+    """A job was deleted."""
+
+    id: str
+
+
+class JobSnapshot(Record, frozen=True):
+    """A whole job as compaction rewrites it."""
+
+    id: str
+    seq: int
+    task: str
+    queue: str
+    priority: int
+    payload: msgspec.Raw
+    created_at: float
+    status: str
+    attempts: int
+    tries: list[TryRec]
+    run_at: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    unique_key: str | None = None
+    result_ttl: float | None = None
+    result: msgspec.Raw = NIL
+    error: ErrorRec | None = None
+    ended_at: float | None = None
+    lease: int = 0
+    worker: str = ""
+
+
+#: Record codes as written in each frame. Never reuse a code.
+RECORD_TYPES: dict[int, type[Record]] = {
+    1: JobCreated,
+    2: Leased,
+    3: Finished,
+    4: Returned,
+    5: Removed,
+    6: JobSnapshot,
+}
+RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
+
+
+class RecordError(ValueError):
+    """A record body that cannot be decoded."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {code: msgspec.msgpack.Decoder(cls) for code, cls in RECORD_TYPES.items()}
+
+
+def encode_record(record: Record) -> tuple[int, bytes]:
+    """Return the record's type code and msgpack body."""
+    return RECORD_CODES[type(record)], _encoder.encode(record)
+
+
+def decode_record(code: int, body: bytes | memoryview) -> Record:
+    """Decode a body written by :func:`encode_record`."""
+    decoder = _decoders.get(code)
+    if decoder is None:
+        raise RecordError(f"unknown record type {code}")
+    try:
+        return decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        raise RecordError(f"bad record of type {code}: {exc}") from None
+
+
+def is_known_code(code: int) -> bool:
+    return code in _decoders

@@ -1,0 +1,495 @@
+"""The broker's job state, pure: no sockets, no files, no clocks.
+
+Every change to a job goes through :meth:`JobState.apply` with a log record,
+both live (log first, then apply) and on replay, so the two can never
+disagree. Decisions that need a clock or randomness (when to retry, what a
+try's outcome means) are made by the ``decide_*`` methods, which return the
+record to log; time always comes in as ``now`` (epoch seconds).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+from corral.broker.records import (
+    NIL,
+    ErrorRec,
+    Finished,
+    JobCreated,
+    JobSnapshot,
+    Leased,
+    Record,
+    Removed,
+    Returned,
+    TryRec,
+)
+
+STATUSES = ("queued", "scheduled", "running", "retrying", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+WAITING = frozenset({"scheduled", "retrying"})
+#: Rough per-job overhead in the log, for the compaction trigger.
+JOB_OVERHEAD_BYTES = 160
+
+
+class InvalidJob(ValueError):
+    """A job spec the broker refuses; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Broker-wide defaults for what neither the job nor its task sets."""
+
+    max_attempts: int = 5
+    result_ttl: float = 86400.0
+    failed_ttl: float = 30 * 86400.0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 600.0
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """A task's options as its workers registered them."""
+
+    max_attempts: int | None = None
+    timeout: float | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    result_ttl: float | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One job and everything the broker knows about it."""
+
+    id: str
+    seq: int
+    task: str
+    queue: str
+    priority: int
+    payload: msgspec.Raw
+    created_at: float
+    run_at: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    unique_key: str | None = None
+    result_ttl: float | None = None
+    status: str = "queued"
+    attempts: int = 0
+    tries: list[TryRec] = field(default_factory=list)
+    result: msgspec.Raw | None = None
+    error: ErrorRec | None = None
+    ended_at: float | None = None
+    lease: int = 0
+    worker: str = ""
+
+    @property
+    def next_run_at(self) -> float | None:
+        return self.run_at if self.status in WAITING else None
+
+    def size(self) -> int:
+        result = len(self.result) if self.result is not None else 0
+        return JOB_OVERHEAD_BYTES + len(self.payload) + result
+
+
+class JobState:
+    """All jobs, the ready heaps per queue, the timer heap of waiting jobs,
+    and counts per queue and status."""
+
+    def __init__(self, defaults: Defaults | None = None) -> None:
+        self.defaults = defaults or Defaults()
+        self.jobs: dict[str, Job] = {}
+        self.tasks: dict[str, TaskDefaults] = {}
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.live_bytes = 0
+        self._next_seq = 1
+        self._ready: dict[str, list[tuple[int, int, str]]] = {}
+        self._waiting: list[tuple[float, int, str]] = []
+        self._expiry: list[tuple[float, int, str]] = []
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------ apply
+
+    def apply(self, record: Record) -> None:
+        """Change the state as ``record`` says. Deterministic: no clock."""
+        match record:
+            case JobCreated():
+                self._apply_created(record)
+            case Leased():
+                self._apply_leased(record)
+            case Finished():
+                self._apply_finished(record)
+            case Returned():
+                self._apply_returned(record)
+            case Removed():
+                self._remove(record.id)
+            case JobSnapshot():
+                self._apply_snapshot(record)
+            case _:
+                raise TypeError(f"no state change for record {type(record).__name__}")
+
+    def _apply_created(self, rec: JobCreated) -> None:
+        if rec.id in self.jobs:
+            return
+        job = Job(
+            id=rec.id,
+            seq=rec.seq,
+            task=rec.task,
+            queue=rec.queue,
+            priority=rec.priority,
+            payload=rec.payload,
+            created_at=rec.created_at,
+            run_at=rec.run_at,
+            max_attempts=rec.max_attempts,
+            timeout=rec.timeout,
+            unique_key=rec.unique_key,
+            result_ttl=rec.result_ttl,
+            status="scheduled" if rec.run_at is not None else "queued",
+        )
+        self._add(job)
+
+    def _apply_snapshot(self, rec: JobSnapshot) -> None:
+        job = Job(
+            id=rec.id,
+            seq=rec.seq,
+            task=rec.task,
+            queue=rec.queue,
+            priority=rec.priority,
+            payload=rec.payload,
+            created_at=rec.created_at,
+            run_at=rec.run_at,
+            max_attempts=rec.max_attempts,
+            timeout=rec.timeout,
+            unique_key=rec.unique_key,
+            result_ttl=rec.result_ttl,
+            status=rec.status,
+            attempts=rec.attempts,
+            tries=list(rec.tries),
+            result=rec.result,
+            error=rec.error,
+            ended_at=rec.ended_at,
+            lease=rec.lease,
+            worker=rec.worker,
+        )
+        self._add(job)
+
+    def _add(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        self._next_seq = max(self._next_seq, job.seq + 1)
+        self.counts[job.queue, job.status] += 1
+        self.live_bytes += job.size()
+        self._place(job)
+
+    def _apply_leased(self, rec: Leased) -> None:
+        job = self.jobs.get(rec.id)
+        if job is None:
+            return
+        self._set_status(job, "running")
+        job.attempts = rec.attempt
+        job.lease = rec.lease
+        job.worker = rec.worker
+        job.tries.append(TryRec(rec.attempt, rec.worker, rec.host, rec.pid, started_at=rec.at))
+
+    def _apply_finished(self, rec: Finished) -> None:
+        job = self.jobs.get(rec.id)
+        if job is None or job.status != "running" or job.lease != rec.lease:
+            return
+        if job.tries:
+            last = job.tries[-1]
+            started = rec.started_at if rec.started_at is not None else last.started_at
+            job.tries[-1] = msgspec.structs.replace(
+                last, started_at=started, ended_at=rec.at, error=rec.error
+            )
+        if not rec.counted:
+            job.attempts -= 1
+        job.lease = 0
+        job.worker = ""
+        job.error = rec.error
+        if rec.status in TERMINAL:
+            self.live_bytes -= job.size()
+            job.result = rec.result
+            job.ended_at = rec.at
+            self.live_bytes += job.size()
+        job.run_at = rec.next_run_at if rec.status in WAITING else job.run_at
+        self._set_status(job, rec.status)
+        self._place(job)
+
+    def _apply_returned(self, rec: Returned) -> None:
+        job = self.jobs.get(rec.id)
+        if job is None or job.status != "running" or job.lease != rec.lease:
+            return
+        self._unlease(job)
+
+    def _unlease(self, job: Job) -> None:
+        """Put a running job back as queued, as if it had never been leased."""
+        job.attempts -= 1
+        if job.tries:
+            job.tries.pop()
+        job.lease = 0
+        job.worker = ""
+        self._set_status(job, "queued")
+        self._place(job)
+
+    def _set_status(self, job: Job, status: str) -> None:
+        self.counts[job.queue, job.status] -= 1
+        job.status = status
+        self.counts[job.queue, status] += 1
+
+    def _place(self, job: Job) -> None:
+        """Put a job on the heap its status calls for."""
+        if job.status == "queued":
+            heap = self._ready.setdefault(job.queue, [])
+            heapq.heappush(heap, (-job.priority, job.seq, job.id))
+        elif job.status in WAITING and job.run_at is not None:
+            heapq.heappush(self._waiting, (job.run_at, job.seq, job.id))
+        elif job.status in TERMINAL:
+            heapq.heappush(self._expiry, (self._expires_at(job), job.seq, job.id))
+
+    def _remove(self, job_id: str) -> Job | None:
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            self.counts[job.queue, job.status] -= 1
+            self.live_bytes -= job.size()
+        return job
+
+    # ------------------------------------------------------- recovery, time
+
+    def recover(self) -> int:
+        """After replay: jobs that were running when the broker stopped become
+        queued again, their interrupted try not counted. Returns how many."""
+        running = [job for job in self.jobs.values() if job.status == "running"]
+        for job in running:
+            self._unlease(job)
+        return len(running)
+
+    def promote_due(self, now: float) -> int:
+        """Move scheduled and retrying jobs whose time has come to their queue."""
+        promoted = 0
+        while self._waiting and self._waiting[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._waiting)
+            job = self.jobs.get(job_id)
+            if job is None or job.status not in WAITING or job.run_at is None:
+                continue
+            if job.run_at > now:  # stale entry; a newer one is on the heap
+                continue
+            self._set_status(job, "queued")
+            self._place(job)
+            promoted += 1
+        return promoted
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest waiting job is due, if any."""
+        while self._waiting:
+            run_at, _, job_id = self._waiting[0]
+            job = self.jobs.get(job_id)
+            if job is not None and job.status in WAITING and job.run_at == run_at:
+                return run_at
+            heapq.heappop(self._waiting)
+        return None
+
+    def expire(self, now: float) -> list[str]:
+        """Forget finished jobs past their TTL. Not logged: compaction drops
+        them from the log, and a replay drops them again."""
+        gone = []
+        while self._expiry and self._expiry[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._expiry)
+            job = self.jobs.get(job_id)
+            if job is None or job.status not in TERMINAL or self._expires_at(job) > now:
+                continue
+            self._remove(job_id)
+            gone.append(job_id)
+        return gone
+
+    def _expires_at(self, job: Job) -> float:
+        ended = job.ended_at or job.created_at
+        if job.status == "succeeded":
+            ttl = job.result_ttl
+            if ttl is None:
+                ttl = self._task(job).result_ttl
+            return ended + (ttl if ttl is not None else self.defaults.result_ttl)
+        return ended + self.defaults.failed_ttl
+
+    # --------------------------------------------------------- dispatching
+
+    def pop_ready(self, queue: str) -> Job | None:
+        """The highest-priority, oldest queued job of ``queue``, taken off
+        the heap (the caller leases it or calls :meth:`push_back`)."""
+        heap = self._ready.get(queue)
+        while heap:
+            _, _, job_id = heapq.heappop(heap)
+            job = self.jobs.get(job_id)
+            if job is not None and job.status == "queued":
+                return job
+        return None
+
+    def push_back(self, job: Job) -> None:
+        """Undo :meth:`pop_ready` for a job that could not be sent."""
+        self._place(job)
+
+    def has_ready(self, queue: str) -> bool:
+        heap = self._ready.get(queue)
+        while heap:
+            job = self.jobs.get(heap[0][2])
+            if job is not None and job.status == "queued":
+                return True
+            heapq.heappop(heap)
+        return False
+
+    # ------------------------------------------------------------ decisions
+
+    def decide_create(self, spec: msgspec.Struct, now: float) -> JobCreated | None:
+        """The record for a new job, or None when a job with that id exists
+        (a resent enqueue). Raises InvalidJob for a spec it refuses."""
+        if spec.id in self.jobs:
+            return None
+        _validate_spec(spec)
+        run_at = spec.run_at
+        if spec.delay is not None and spec.delay > 0:
+            run_at = now + spec.delay
+        if run_at is not None and run_at <= now:
+            run_at = None
+        seq = self._next_seq
+        self._next_seq += 1
+        return JobCreated(
+            id=spec.id,
+            seq=seq,
+            task=spec.task,
+            queue=spec.queue,
+            priority=spec.priority,
+            payload=msgspec.Raw(bytes(spec.payload)),
+            created_at=now,
+            run_at=run_at,
+            max_attempts=spec.max_attempts,
+            timeout=spec.timeout,
+            unique_key=spec.unique_key,
+            result_ttl=spec.result_ttl,
+        )
+
+    def decide_finish(
+        self,
+        job: Job,
+        kind: str,
+        now: float,
+        *,
+        result: msgspec.Raw | None = None,
+        error: ErrorRec | None = None,
+        delay: float | None = None,
+        started_at: float | None = None,
+        rng: random.Random | None = None,
+    ) -> Finished:
+        """What a try's outcome means for the job. ``kind`` is ``ok``,
+        ``error`` (retry with backoff while attempts remain), ``fail`` (no
+        more attempts), ``retry`` (again after ``delay``, not counted) or
+        ``lost`` (worker gone: requeue at once while attempts remain)."""
+        status, next_run_at, counted = "failed", None, True
+        if kind == "ok":
+            status = "succeeded"
+        elif kind == "retry":
+            status, counted = "retrying", False
+            next_run_at = now + max(0.0, delay or 0.0)
+        elif kind in ("error", "lost") and job.attempts < self.max_attempts(job):
+            if kind == "lost":
+                status = "queued"
+            else:
+                status = "retrying"
+                next_run_at = now + self.backoff(job, rng or self._rng)
+        if kind == "retry" and next_run_at is not None and next_run_at <= now:
+            status, next_run_at = "queued", None
+        return Finished(
+            id=job.id,
+            lease=job.lease,
+            at=now,
+            status=status,
+            result=msgspec.Raw(bytes(result)) if result is not None else NIL,
+            error=error,
+            next_run_at=next_run_at,
+            started_at=started_at,
+            counted=counted,
+        )
+
+    def max_attempts(self, job: Job) -> int:
+        if job.max_attempts is not None:
+            return job.max_attempts
+        task = self._task(job).max_attempts
+        return task if task is not None else self.defaults.max_attempts
+
+    def timeout(self, job: Job) -> float | None:
+        return job.timeout if job.timeout is not None else self._task(job).timeout
+
+    def backoff(self, job: Job, rng: random.Random) -> float:
+        """Exponential backoff with equal jitter for the attempt just made."""
+        task = self._task(job)
+        base = task.retry_backoff if task.retry_backoff is not None else self.defaults.retry_backoff
+        cap = (
+            task.retry_backoff_max
+            if task.retry_backoff_max is not None
+            else self.defaults.retry_backoff_max
+        )
+        full = min(cap, base * (2 ** max(0, job.attempts - 1)))
+        return full / 2 + rng.uniform(0, full / 2)
+
+    def _task(self, job: Job) -> TaskDefaults:
+        return self.tasks.get(job.task) or _NO_TASK_DEFAULTS
+
+    # -------------------------------------------------------------- views
+
+    def snapshot(self) -> Iterator[JobSnapshot]:
+        """Every live job as one record, in creation order, for compaction."""
+        for job in sorted(self.jobs.values(), key=lambda j: j.seq):
+            # A running job keeps its lease, so that a Finished record logged
+            # after the snapshot still applies on replay.
+            yield JobSnapshot(
+                id=job.id,
+                seq=job.seq,
+                task=job.task,
+                queue=job.queue,
+                priority=job.priority,
+                payload=job.payload,
+                created_at=job.created_at,
+                status=job.status,
+                attempts=job.attempts,
+                tries=list(job.tries),
+                run_at=job.run_at,
+                max_attempts=job.max_attempts,
+                timeout=job.timeout,
+                unique_key=job.unique_key,
+                result_ttl=job.result_ttl,
+                result=job.result if job.result is not None else NIL,
+                error=job.error,
+                ended_at=job.ended_at,
+                lease=job.lease,
+                worker=job.worker,
+            )
+
+    def queue_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (queue, status), n in self.counts.items():
+            if n:
+                out.setdefault(queue, dict.fromkeys(STATUSES, 0))[status] = n
+        return out
+
+
+_NO_TASK_DEFAULTS = TaskDefaults()
+
+
+def _validate_spec(spec: msgspec.Struct) -> None:
+    if not spec.task or len(spec.task) > 200:
+        raise InvalidJob("task: must be a non-empty name of at most 200 characters")
+    if not spec.queue or len(spec.queue) > 200:
+        raise InvalidJob("queue: must be a non-empty name of at most 200 characters")
+    if not spec.id or len(spec.id) > 64:
+        raise InvalidJob("id: must be a non-empty string of at most 64 characters")
+    if spec.max_attempts is not None and spec.max_attempts < 1:
+        raise InvalidJob(f"max_attempts: must be at least 1, got {spec.max_attempts}")
+    if spec.timeout is not None and spec.timeout <= 0:
+        raise InvalidJob(f"timeout: must be a positive number of seconds, got {spec.timeout}")
+    if spec.delay is not None and spec.delay < 0:
+        raise InvalidJob(f"delay: must not be negative, got {spec.delay}")
+    if spec.result_ttl is not None and spec.result_ttl < 0:
+        raise InvalidJob(f"result_ttl: must not be negative, got {spec.result_ttl}")
+    if not -(2**31) <= spec.priority < 2**31:
+        raise InvalidJob(f"priority: must fit in 32 bits, got {spec.priority}")

@@ -1,0 +1,98 @@
+"""The broker's table of connected workers: credit, leases, liveness. Pure:
+no sockets; time comes in as ``now`` (monotonic seconds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class WorkerConn:
+    """One connected worker, keyed by its socket identity."""
+
+    identity: bytes
+    worker_id: str
+    queues: list[str]
+    capacity: int
+    concurrency: int
+    tasks: list[str]
+    host: str
+    pid: int
+    last_seen: float
+    last_sent: float = 0.0
+    #: job id -> lease token, in delivery order.
+    leases: dict[str, int] = field(default_factory=dict)
+    #: job ids the worker said it started.
+    started: set[str] = field(default_factory=set)
+    processed: int = 0
+    failed: int = 0
+    rotation: int = 0
+
+    @property
+    def credit(self) -> int:
+        return self.capacity - len(self.leases)
+
+    def queue_order(self) -> list[str]:
+        """The worker's queues, starting one further along on each call, so
+        no queue of a multi-queue worker starves another."""
+        n = len(self.queues)
+        if n <= 1:
+            return self.queues
+        start = self.rotation % n
+        self.rotation += 1
+        return self.queues[start:] + self.queues[:start]
+
+    def release(self, job_id: str) -> int | None:
+        """Forget a lease; the credit comes back. Returns the lease token."""
+        self.started.discard(job_id)
+        return self.leases.pop(job_id, None)
+
+    def counted_on_loss(self) -> set[str]:
+        """The held jobs whose attempt counts if this worker dies: those it
+        said it started, and the oldest ``concurrency`` of the rest, which may
+        have started unannounced. Later ones were still waiting in its
+        buffer and go back uncounted."""
+        counted = set(self.started)
+        for job_id in list(self.leases)[: self.concurrency]:
+            counted.add(job_id)
+        return counted
+
+
+class WorkerTable:
+    """Every connected worker, with the liveness rule."""
+
+    def __init__(self, liveness_window: float) -> None:
+        self.liveness_window = liveness_window
+        self.by_identity: dict[bytes, WorkerConn] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_identity)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self.by_identity.values()))
+
+    def get(self, identity: bytes) -> WorkerConn | None:
+        return self.by_identity.get(identity)
+
+    def add(self, conn: WorkerConn) -> WorkerConn | None:
+        """Register ``conn``; returns the connection it replaces, if any."""
+        old = self.by_identity.get(conn.identity)
+        self.by_identity[conn.identity] = conn
+        return old
+
+    def remove(self, identity: bytes) -> WorkerConn | None:
+        return self.by_identity.pop(identity, None)
+
+    def seen(self, identity: bytes, now: float) -> WorkerConn | None:
+        conn = self.by_identity.get(identity)
+        if conn is not None:
+            conn.last_seen = now
+        return conn
+
+    def silent(self, now: float) -> list[WorkerConn]:
+        """Workers silent for longer than the liveness window: dead."""
+        limit = now - self.liveness_window
+        return [c for c in self.by_identity.values() if c.last_seen < limit]
+
+    def hungry(self) -> list[WorkerConn]:
+        return [c for c in self.by_identity.values() if c.credit > 0]

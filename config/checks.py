@@ -1,0 +1,186 @@
+"""Rules that span several fields, checked once a config has decoded into structs.
+
+Each check returns ``(key path, message)`` pairs; the loader prefixes the file name.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from collections.abc import Iterator
+
+from .schema import Config, PoolConfig, ScheduleConfig, connect_endpoint
+from .units import format_duration, format_size
+
+Problem = tuple[str, str]
+
+# Linux limits a unix socket path to 108 bytes, one of them the terminating NUL.
+_MAX_IPC_PATH = 107
+_TCP = re.compile(r"^tcp://(\[[^\]]+\]|[^:\[\]/]+):(\d+|\*)$")
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?#-]+$")
+_ENDPOINT_HINT = 'expected an endpoint like "ipc://var/corral/client.sock" or "tcp://host:5555"'
+
+
+def check(config: Config) -> list[Problem]:
+    """Return every cross-field problem in ``config``, in file order."""
+    return [
+        *_check_broker(config),
+        *_check_endpoints(config),
+        *_check_pools(config.pools),
+        *_check_schedules(config.schedules),
+    ]
+
+
+def _check_broker(config: Config) -> Iterator[Problem]:
+    """Bounds between broker fields."""
+    broker = config.broker
+    if broker.retry_backoff_max < broker.retry_backoff:
+        yield (
+            "broker.retry_backoff_max",
+            f"must be at least broker.retry_backoff ({format_duration(broker.retry_backoff)})",
+        )
+    if broker.max_message_size >= broker.segment_size:
+        yield (
+            "broker.max_message_size",
+            f"must be smaller than broker.segment_size ({format_size(broker.segment_size)}), "
+            "so that every record fits in a segment",
+        )
+
+
+def _check_endpoints(config: Config) -> Iterator[Problem]:
+    """Endpoint syntax, and no tcp endpoint without CURVE keys unless explicitly allowed."""
+    security = config.security
+    broker = config.broker
+    broker_keys = bool(security.server_secret_key or security.server_public_key)
+    for name in ("client_endpoint", "worker_endpoint", "control_endpoint"):
+        endpoint: str = getattr(broker, name)
+        problems = list(_check_endpoint(f"broker.{name}", endpoint))
+        yield from problems
+        if not problems and _is_tcp(endpoint) and not (broker_keys or security.allow_insecure_tcp):
+            yield (
+                f"broker.{name}",
+                "tcp endpoints need CURVE keys (security.server_secret_key to listen, "
+                "security.server_public_key to connect) or security.allow_insecure_tcp = true",
+            )
+    endpoint = config.client.endpoint or ""
+    # A client endpoint taken from broker.client_endpoint was checked there already,
+    # unless only the broker's secret key is set: a client also needs the public one.
+    if endpoint == connect_endpoint(broker.client_endpoint or ""):
+        if not (broker_keys and _is_tcp(endpoint)):
+            return
+        origin = " (taken from broker.client_endpoint)"
+    else:
+        origin = ""
+        problems = list(_check_endpoint("client.endpoint", endpoint))
+        yield from problems
+        if problems:
+            return
+    if _is_tcp(endpoint) and not (security.server_public_key or security.allow_insecure_tcp):
+        yield (
+            "client.endpoint",
+            f"tcp endpoints need CURVE keys{origin}: set security.server_public_key to the "
+            "broker's public key file, or security.allow_insecure_tcp = true",
+        )
+
+
+def _check_endpoint(path: str, endpoint: str) -> Iterator[Problem]:
+    """One endpoint's syntax: ipc:// with a short enough path, tcp://host:port, or inproc://."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme == "ipc":
+        if not address:
+            yield path, f'{_ENDPOINT_HINT}, got "{endpoint}" (no socket path)'
+        elif len(address.encode()) > _MAX_IPC_PATH:
+            yield (
+                path,
+                f"ipc socket path is {len(address.encode())} bytes, more than the "
+                f"{_MAX_IPC_PATH} the OS allows: use a shorter broker.state_dir or endpoint",
+            )
+    elif scheme == "tcp":
+        if not _TCP.match(endpoint):
+            yield path, f'{_ENDPOINT_HINT}, got "{endpoint}" (tcp needs host:port)'
+    elif scheme != "inproc" or not address:
+        yield path, f'{_ENDPOINT_HINT}, got "{endpoint}"'
+
+
+def _is_tcp(endpoint: str) -> bool:
+    """Whether ``endpoint`` goes over the network."""
+    return endpoint.startswith("tcp://")
+
+
+def _check_pools(pools: list[PoolConfig]) -> Iterator[Problem]:
+    """Unique pool names, queue weights only for served queues, sane restart backoff."""
+    seen: dict[str, int] = {}
+    for index, pool in enumerate(pools):
+        path = f"pools[{index}]"
+        if pool.name in seen:
+            yield (
+                f"{path}.name",
+                f'duplicate pool name "{pool.name}" (also pools[{seen[pool.name]}]): '
+                "give each pool its own name",
+            )
+        seen.setdefault(pool.name, index)
+        for queue in sorted(set(pool.queues)):
+            if pool.queues.count(queue) > 1:
+                yield f"{path}.queues", f'queue "{queue}" is listed more than once'
+        for queue in pool.queue_weights:
+            if queue not in pool.queues:
+                yield (
+                    f"{path}.queue_weights",
+                    f'"{queue}" is not one of this pool\'s queues ({", ".join(pool.queues)}): '
+                    "add it to queues or remove its weight",
+                )
+        if pool.restart_backoff_max < pool.restart_backoff:
+            yield (
+                f"{path}.restart_backoff_max",
+                f"must be at least restart_backoff ({format_duration(pool.restart_backoff)})",
+            )
+
+
+def _check_schedules(schedules: list[ScheduleConfig]) -> Iterator[Problem]:
+    """Exactly one trigger per schedule, a plausible cron line, a known time zone, unique names."""
+    seen: dict[str | None, int] = {}
+    for index, schedule in enumerate(schedules):
+        path = f"schedules[{index}]"
+        if (schedule.cron is None) == (schedule.every is None):
+            yield path, 'set exactly one of cron and every (e.g. every = "5m")'
+        if schedule.cron is not None:
+            yield from _check_cron(f"{path}.cron", schedule.cron)
+        if not _known_timezone(schedule.timezone):
+            yield (
+                f"{path}.timezone",
+                f'unknown time zone "{schedule.timezone}": use an IANA name like "UTC" '
+                'or "Europe/Paris"',
+            )
+        if schedule.name in seen:
+            yield (
+                f"{path}.name",
+                f'duplicate schedule name "{schedule.name}" (also schedules[{seen[schedule.name]}]'
+                "; an unnamed schedule takes its task's name): set a distinct name",
+            )
+        seen.setdefault(schedule.name, index)
+
+
+def _check_cron(path: str, cron: str) -> Iterator[Problem]:
+    """A light syntax check: 5 or 6 fields of cron characters; a cron library checks the rest."""
+    fields = cron.split()
+    if len(fields) not in (5, 6):
+        yield (
+            path,
+            f'expected 5 fields "minute hour day-of-month month day-of-week" (or 6, with '
+            f'seconds first), got {len(fields)} in "{cron}"',
+        )
+    for field in fields:
+        if not _CRON_FIELD.match(field):
+            yield path, f'"{field}" is not a cron field in "{cron}"'
+            break
+
+
+def _known_timezone(name: str) -> bool:
+    """Whether ``name`` is a time zone the system's tz database knows."""
+    if name == "UTC":
+        return True
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True

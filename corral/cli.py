@@ -1,0 +1,374 @@
+"""The ``corral`` command. Exit codes: 0 ok, 1 job failed or not found,
+2 usage or config error, 3 broker unreachable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from corral.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigError,
+    CorralError,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    ResultTimeout,
+)
+
+EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
+
+
+# ------------------------------------------------------------------ config
+
+
+def load_config(path: str | None) -> Any:
+    """The config named by -c, $CORRAL_CONFIG, ./corral.toml, /etc/corral/corral.toml,
+    or the defaults."""
+    from corral.config import Config, load
+
+    path = path or os.environ.get("CORRAL_CONFIG")
+    if path:
+        return load(path)
+    for candidate in CONFIG_SEARCH:
+        if Path(candidate).is_file():
+            return load(candidate)
+    return Config.default()
+
+
+def make_client(args: argparse.Namespace) -> Any:
+    from corral.client import Client
+
+    config = load_config(args.config)
+    return Client(args.endpoint, config=config, timeout=args.timeout or config.client.timeout)
+
+
+# ---------------------------------------------------------------- output
+
+
+def _plain(value: Any) -> Any:
+    return msgspec.to_builtins(value)
+
+
+def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str] | None = None) -> None:
+    if args.json or human is None:
+        sys.stdout.write(msgspec.json.encode(_plain(value)).decode() + "\n")
+    else:
+        sys.stdout.write(human(value) + "\n")
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+
+
+def human_job(info: Any) -> str:
+    lines = [
+        f"id:          {info.id}",
+        f"task:        {info.task}",
+        f"queue:       {info.queue}",
+        f"status:      {info.status}",
+        f"attempts:    {info.attempts}/{info.max_attempts}",
+        f"created:     {_when(info.created_at)}",
+        f"next run:    {_when(info.next_run_at)}",
+    ]
+    if info.error is not None:
+        lines.append(f"error:       {info.error.type}: {info.error.message}")
+    for t in info.tries:
+        outcome = f"{t.error.type}: {t.error.message}" if t.error else "ok"
+        if t.ended_at is None:
+            outcome = "running"
+        lines.append(
+            f"  try {t.attempt}: {t.worker} pid {t.pid} on {t.host}, "
+            f"{_when(t.started_at)} -> {_when(t.ended_at)}: {outcome}"
+        )
+    return "\n".join(lines)
+
+
+def human_status(status: Any) -> str:
+    from corral.broker.state import STATUSES
+
+    lines = ["queue".ljust(20) + "".join(s.rjust(11) for s in STATUSES)]
+    for queue, counts in status.queues.items():
+        lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
+    if not status.queues:
+        lines.append("(no jobs)")
+    lines.append("")
+    lines.append(f"workers: {len(status.workers)}")
+    for w in status.workers:
+        lines.append(
+            f"  {w.worker_id}  queues={','.join(w.queues)} running={len(w.running)} "
+            f"credit={w.credit} processed={w.processed} failed={w.failed}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from corral.supervisor.supervisor import Supervisor
+
+    return Supervisor(load_config(args.config), with_broker=True).run()
+
+
+def cmd_supervisor(args: argparse.Namespace) -> int:
+    from corral.supervisor.supervisor import Supervisor
+
+    return Supervisor(load_config(args.config), with_broker=False).run()
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from corral.supervisor.process import set_title
+    from corral.supervisor.roles import run_broker
+
+    config = load_config(args.config)
+    set_title("corral: broker")
+    return run_broker(config)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from corral.config import PoolConfig
+    from corral.supervisor.process import set_title
+    from corral.supervisor.roles import run_worker
+
+    config = load_config(args.config)
+    base = config.pools[0] if config.pools else PoolConfig(name="cli")
+    pool = msgspec.structs.replace(
+        base,
+        queues=args.queue or list(base.queues),
+        plugins=args.plugin or list(base.plugins),
+        concurrency=args.concurrency or base.concurrency,
+    )
+    set_title(f"corral: worker {pool.name}#0")
+    return run_worker(config, pool, 0)
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    payload = None
+    if args.payload is not None:
+        try:
+            payload = json.loads(args.payload)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"PAYLOAD_JSON is not valid JSON: {exc}") from None
+    options = {
+        "queue": args.queue,
+        "priority": args.priority,
+        "delay": args.delay,
+        "max_attempts": args.max_attempts,
+        "timeout": args.job_timeout,
+        "unique_key": args.unique_key,
+    }
+    with make_client(args) as client:
+        job_id = client.enqueue(args.task, payload, **options)
+        if not args.wait:
+            emit(args, {"id": job_id}, lambda v: v["id"])
+            return EXIT_OK
+        value = client.result(job_id, timeout=args.wait_timeout)
+        emit(args, {"id": job_id, "result": value}, lambda v: json.dumps(v["result"]))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        emit(args, client.status(), human_status)
+    return EXIT_OK
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        emit(args, client.job(args.id), human_job)
+    return EXIT_OK
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        timeout = args.wait_timeout if args.wait else 0.0
+        value = client.result(args.id, timeout=timeout)
+        emit(args, {"id": args.id, "result": value}, lambda v: json.dumps(v["result"]))
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    source = args.config or os.environ.get("CORRAL_CONFIG") or "defaults"
+    pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
+    emit(
+        args,
+        {"ok": True, "config": source, "pools": [p.name for p in config.pools]},
+        lambda v: f"{source}: ok (pools: {pools})",
+    )
+    return EXIT_OK
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from corral.broker import log as corral_log
+
+    state_dir = Path(args.state_dir or load_config(args.config).broker.state_dir)
+    directory = state_dir / "log"
+    if args.action == "verify":
+        report = corral_log.verify(directory)
+        emit(args, report, lambda r: _describe_verify(directory, r))
+        return EXIT_OK if report.ok else EXIT_JOB
+    if args.action == "repair":
+        report = corral_log.repair(directory)
+        emit(args, report, lambda r: f"{directory}: {_plain(r)}")
+        return EXIT_OK
+    return _compact_offline(args, state_dir)
+
+
+def _describe_verify(directory: Path, report: Any) -> str:
+    text = f"{directory}: {report.segments} segments, {report.records} records"
+    if report.corrupt:
+        seg, offset, reason = report.corrupt
+        return f"{text}; CORRUPT at {seg} offset {offset}: {reason} (run `corral log repair`)"
+    if report.torn_tail:
+        seg, offset = report.torn_tail
+        return f"{text}; torn tail at {seg} offset {offset} (truncated on next start)"
+    return f"{text}; ok"
+
+
+def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
+    from corral.broker.server import Broker
+
+    config = load_config(args.config)
+    config = msgspec.structs.replace(
+        config, broker=msgspec.structs.replace(config.broker, state_dir=str(state_dir))
+    )
+    broker = Broker(config)
+    broker._lock.acquire()
+    try:
+        for record in broker.log.replay():
+            broker.state.apply(record)
+        before = broker.log.stats()
+        broker.log.compact(broker.state.snapshot())
+        after = broker.log.stats()
+        broker.log.close()
+    finally:
+        broker._lock.release()
+    emit(
+        args,
+        {"jobs": len(broker.state.jobs), "before": before, "after": after},
+        lambda v: (
+            f"compacted: {v['jobs']} live jobs; "
+            f"{v['before'].get('used_bytes')} -> {v['after'].get('used_bytes')} bytes"
+        ),
+    )
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ parser
+
+
+class UsageError(CorralError):
+    """Bad command-line input."""
+
+
+def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
+    sub.add_argument("-c", "--config", help="config file (TOML)")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    if broker:
+        sub.add_argument(
+            "--endpoint", help="broker client endpoint, e.g. ipc://var/corral/client.sock"
+        )
+        sub.add_argument("--timeout", type=float, help="seconds to wait for the broker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral", description="a durable job queue")
+    subs = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in (
+        ("run", cmd_run, "broker + supervisor + worker pools in one daemon"),
+        ("broker", cmd_broker, "the broker alone"),
+        ("supervisor", cmd_supervisor, "worker pools alone, against a remote broker"),
+        ("check-config", cmd_check_config, "validate a config file"),
+        ("status", cmd_status, "queues, counts per status, workers"),
+    ):
+        sub = subs.add_parser(name, help=text)
+        _common(sub, broker=name == "status")
+        sub.set_defaults(fn=fn)
+    worker = subs.add_parser("worker", help="one worker in the foreground")
+    _common(worker, broker=False)
+    worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
+    worker.add_argument("--plugin", action="append", help="module with tasks (repeatable)")
+    worker.add_argument("--concurrency", type=int)
+    worker.set_defaults(fn=cmd_worker)
+    enqueue = subs.add_parser("enqueue", help="enqueue a job; prints its id")
+    _common(enqueue)
+    enqueue.add_argument("task")
+    enqueue.add_argument("payload", nargs="?", metavar="PAYLOAD_JSON")
+    enqueue.add_argument("--queue")
+    enqueue.add_argument("--delay", type=float)
+    enqueue.add_argument("--priority", type=int, default=0)
+    enqueue.add_argument("--max-attempts", type=int)
+    enqueue.add_argument("--job-timeout", type=float, help="seconds one attempt may run")
+    enqueue.add_argument("--unique-key")
+    enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
+    enqueue.add_argument("--wait-timeout", type=float, help="give up waiting after this")
+    enqueue.set_defaults(fn=cmd_enqueue)
+    job = subs.add_parser("job", help="one job's info")
+    _common(job)
+    job.add_argument("id")
+    job.set_defaults(fn=cmd_job)
+    result = subs.add_parser("result", help="one job's result")
+    _common(result)
+    result.add_argument("id")
+    result.add_argument("--wait", action="store_true")
+    result.add_argument("--wait-timeout", type=float)
+    result.set_defaults(fn=cmd_result)
+    logp = subs.add_parser("log", help="offline log tools")
+    logp.add_argument("action", choices=["verify", "repair", "compact"])
+    _common(logp, broker=False)
+    logp.add_argument("--state-dir", help="the broker's state_dir (default: from the config)")
+    logp.set_defaults(fn=cmd_log)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, UsageError) as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokerUnavailable as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except JobFailed as exc:
+        _print_failure(args, exc)
+        return EXIT_JOB
+    except (JobNotFound, JobCancelled, ResultTimeout) as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_JOB
+    except BrokerError as exc:
+        print(f"corral: the broker refused: {exc}", file=sys.stderr)
+        return EXIT_JOB
+    except CorralError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_failure(args: argparse.Namespace, exc: JobFailed) -> None:
+    if getattr(args, "json", False):
+        sys.stdout.write(
+            msgspec.json.encode({"id": exc.job_id, "error": _plain(exc.error)}).decode() + "\n"
+        )
+    print(f"corral: {exc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

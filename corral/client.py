@@ -1,0 +1,315 @@
+"""``corral.Client`` (blocking) and ``corral.AsyncClient`` (asyncio).
+
+Both build the same requests and read the same replies (:class:`_Core`);
+only the socket differs. A request that gets no answer within the timeout
+raises BrokerUnavailable and the socket is thrown away (the lazy pirate
+pattern), so a late reply or a queued request never surfaces later. Job ids
+are made here, so a resent enqueue is idempotent at the broker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from corral.broker import protocol as p
+from corral.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    DiskFull,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    ResultTimeout,
+)
+from corral.transport import connect_dealer
+
+DEFAULT_TIMEOUT = 5.0
+#: Longest single long-poll; longer waits are made of several.
+MAX_WAIT_SLICE = 30.0
+
+
+@dataclass
+class Job:
+    """A job spec for ``enqueue_many``, chains and groups: ``Job(task, payload, **options)``."""
+
+    task: str
+    payload: Any = None
+    queue: str | None = None
+    priority: int = 0
+    delay: float | None = None
+    run_at: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    unique_key: str | None = None
+    result_ttl: float | None = None
+
+
+def new_job_id() -> str:
+    """A 32-hex-digit id that sorts by creation time (48-bit ms + 80 random bits)."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+class _Core:
+    """Request building and reply reading shared by both clients."""
+
+    def __init__(self, endpoint: str | None, timeout: float, config: Any) -> None:
+        if endpoint is None:
+            if config is None:
+                raise ValueError("give Client an endpoint or use Client.from_config(path)")
+            endpoint = config.client.endpoint or config.broker.client_endpoint
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.config = config
+        self._req = itertools.count(1)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> Any:
+        from corral.config import load
+
+        config = load(path)
+        kwargs.setdefault("timeout", config.client.timeout)
+        return cls(None, config=config, **kwargs)
+
+    # --- requests
+
+    def _spec(self, job: Job) -> p.JobSpec:
+        return p.JobSpec(
+            id=new_job_id(),
+            task=job.task,
+            payload=_encode_payload(job.payload),
+            queue=job.queue or "default",
+            priority=job.priority,
+            delay=job.delay,
+            run_at=job.run_at,
+            max_attempts=job.max_attempts,
+            timeout=job.timeout,
+            unique_key=job.unique_key,
+            result_ttl=job.result_ttl,
+        )
+
+    def _enqueue_msg(self, jobs: list[Job]) -> p.Enqueue:
+        return p.Enqueue(next(self._req), [self._spec(job) for job in jobs])
+
+    # --- replies
+
+    def _check(self, reply: Any) -> Any:
+        if isinstance(reply, p.ErrorReply):
+            if reply.code == "not_found":
+                raise JobNotFound(reply.message)
+            if reply.code == "disk_full":
+                raise DiskFull(reply.message)
+            raise BrokerError(reply.code, reply.message)
+        return reply
+
+    def _outcome(self, reply: p.ResultReply) -> Any:
+        if reply.status == "succeeded":
+            return msgspec.msgpack.decode(reply.result)
+        if reply.status == "failed":
+            raise JobFailed(reply.job_id, reply.error)
+        if reply.status == "cancelled":
+            raise JobCancelled(reply.job_id)
+        raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
+
+    def _unavailable(self, timeout: float) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"no answer from the broker at {self.endpoint} within {timeout:g}s; "
+            "is `corral run` (or `corral broker`) running there?"
+        )
+
+
+def _encode_payload(payload: Any) -> msgspec.Raw:
+    if isinstance(payload, msgspec.Raw):
+        return payload
+    try:
+        return p.encode_value(payload)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from None
+
+
+def _job(task: str, payload: Any, queue: str | None, options: dict[str, Any]) -> Job:
+    return Job(task, payload, queue=queue, **options)
+
+
+class Client(_Core):
+    """A blocking client of one broker. Not thread-safe: use one per thread."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        config: Any = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        super().__init__(endpoint, timeout, config)
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket[Any] | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _socket(self) -> zmq.Socket[Any]:
+        if self._sock is None:
+            self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
+        return self._sock
+
+    def _call(self, msg: p.Msg, wait: float = 0.0) -> Any:
+        """Send one request and return its reply (errors raised)."""
+        timeout = self.timeout + wait
+        deadline = time.monotonic() + timeout
+        sock = self._socket()
+        body = p.encode(msg)
+        while True:
+            try:
+                sock.send(body, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    self.close()
+                    raise self._unavailable(timeout) from None
+                sock.poll(50, zmq.POLLOUT)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLIN):
+                self.close()
+                raise self._unavailable(timeout)
+            reply = p.decode(p.client_reply_decoder, sock.recv())
+            if reply.req in (msg.req, 0):  # type: ignore[attr-defined]
+                return self._check(reply)
+
+    # --- the public methods
+
+    def enqueue(
+        self, task: str, payload: Any = None, *, queue: str | None = None, **options: Any
+    ) -> str:
+        """Enqueue one job; returns its id once the broker has it durably."""
+        return self.enqueue_many([_job(task, payload, queue, options)])[0]
+
+    def enqueue_many(self, jobs: list[Job]) -> list[str]:
+        """Enqueue several jobs in one durable batch; returns their ids."""
+        if not jobs:
+            return []
+        reply = self._call(self._enqueue_msg(list(jobs)))
+        return list(reply.ids)
+
+    def job(self, job_id: str) -> p.JobInfo:
+        return self._call(p.GetJob(next(self._req), job_id)).job
+
+    def result(self, job_id: str, timeout: float | None = None) -> Any:
+        """Wait for a job to end and return its result. Raises JobFailed,
+        JobCancelled, or ResultTimeout when ``timeout`` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = MAX_WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
+            wait = min(left, MAX_WAIT_SLICE)
+            reply = self._call(p.GetResult(next(self._req), job_id, wait), wait)
+            if reply.status in ("succeeded", "failed", "cancelled"):
+                return self._outcome(reply)
+            if deadline is not None and time.monotonic() >= deadline:
+                return self._outcome(reply)
+
+    def status(self) -> p.StatusInfo:
+        return self._call(p.GetStatus(next(self._req))).status
+
+    def ping(self) -> str:
+        """Round trip to the broker; returns its id."""
+        return self._call(p.Ping(next(self._req))).broker_id
+
+
+class AsyncClient(_Core):
+    """The same methods as :class:`Client`, as coroutines."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        config: Any = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        super().__init__(endpoint, timeout, config)
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sock: Any = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def _call(self, msg: p.Msg, wait: float = 0.0) -> Any:
+        timeout = self.timeout + wait
+        deadline = time.monotonic() + timeout
+        if self._sock is None:
+            self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
+        sock = self._sock
+        body = p.encode(msg)
+        while True:
+            try:
+                await sock.send(body, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    self.close()
+                    raise self._unavailable(timeout) from None
+                await sock.poll(50, zmq.POLLOUT)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await sock.poll(remaining * 1000, zmq.POLLIN):
+                self.close()
+                raise self._unavailable(timeout)
+            reply = p.decode(p.client_reply_decoder, await sock.recv())
+            if reply.req in (msg.req, 0):  # type: ignore[attr-defined]
+                return self._check(reply)
+
+    async def enqueue(
+        self, task: str, payload: Any = None, *, queue: str | None = None, **options: Any
+    ) -> str:
+        return (await self.enqueue_many([_job(task, payload, queue, options)]))[0]
+
+    async def enqueue_many(self, jobs: list[Job]) -> list[str]:
+        if not jobs:
+            return []
+        reply = await self._call(self._enqueue_msg(list(jobs)))
+        return list(reply.ids)
+
+    async def job(self, job_id: str) -> p.JobInfo:
+        return (await self._call(p.GetJob(next(self._req), job_id))).job
+
+    async def result(self, job_id: str, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = MAX_WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
+            wait = min(left, MAX_WAIT_SLICE)
+            reply = await self._call(p.GetResult(next(self._req), job_id, wait), wait)
+            if reply.status in ("succeeded", "failed", "cancelled"):
+                return self._outcome(reply)
+            if deadline is not None and time.monotonic() >= deadline:
+                return self._outcome(reply)
+
+    async def status(self) -> p.StatusInfo:
+        return (await self._call(p.GetStatus(next(self._req)))).status
+
+    async def ping(self) -> str:
+        return (await self._call(p.Ping(next(self._req)))).broker_id

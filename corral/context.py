@@ -1,0 +1,43 @@
+"""The context a handler receives about the job it runs."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+
+
+@dataclass
+class JobContext:
+    """What a handler knows about its job: ``job_id``, ``attempt`` (1 on the
+    first run), ``task``, ``queue``, ``enqueued_at``, ``prev_result`` (in a
+    chain), ``cancelled`` and a ``log`` bound to the job."""
+
+    job_id: str
+    attempt: int
+    task: str
+    queue: str
+    enqueued_at: float
+    max_attempts: int = 1
+    lease: int = 0
+    prev_result_raw: msgspec.Raw | None = None  # NIL or None: no previous step
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job has been cancelled; a handler may stop early."""
+        return self._cancel.is_set()
+
+    @property
+    def prev_result(self) -> Any:
+        """The previous chain step's result, decoded (None outside chains)."""
+        if self.prev_result_raw is None:
+            return None
+        return msgspec.msgpack.decode(self.prev_result_raw)
+
+    @property
+    def log(self) -> Any:
+        return structlog.get_logger().bind(job_id=self.job_id, task=self.task, attempt=self.attempt)

@@ -1,0 +1,70 @@
+"""corral's error hierarchy: everything a user can catch derives from CorralError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CorralError(Exception):
+    """Base of every error corral raises."""
+
+
+class ConfigError(CorralError):
+    """A config file that cannot be used; the message names the bad key's path."""
+
+
+class BrokerUnavailable(CorralError):
+    """The broker did not answer within the timeout."""
+
+
+class BrokerError(CorralError):
+    """The broker refused a request; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DiskFull(BrokerError):
+    """The broker's disk is full: the job was not accepted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("disk_full", message)
+
+
+class JobNotFound(CorralError):
+    """No job, chain or group has that id (it may have expired)."""
+
+
+class JobFailed(CorralError):
+    """The job ended ``failed``; ``error`` holds the last try's error."""
+
+    def __init__(self, job_id: str, error: Any = None) -> None:
+        self.job_id = job_id
+        self.error = error
+        detail = f"{error.type}: {error.message}" if error is not None else "no error recorded"
+        super().__init__(f"job {job_id} failed: {detail}")
+
+
+class JobCancelled(CorralError):
+    """The job was cancelled; it has no result."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} was cancelled")
+
+
+class ResultTimeout(CorralError, TimeoutError):
+    """The job did not end within the wait."""
+
+
+class Retry(Exception):
+    """Raised by a handler: run this job again later without counting a failure."""
+
+    def __init__(self, delay: float | None = None) -> None:
+        super().__init__(f"retry requested (delay={delay})")
+        self.delay = delay
+
+
+class Fail(Exception):
+    """Raised by a handler: fail this job now, with no more attempts."""

@@ -1,0 +1,43 @@
+"""structlog set-up, done once per process after fork: JSON lines when not on
+a terminal (or when asked), readable lines otherwise; every line carries the
+process's role and pid, and inside a job its job_id, task and attempt."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure(role: str, level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog for this process, as ``role`` (broker, worker ...)."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(role=role, pid=os.getpid())
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,162 @@
+"""Making corral's ZeroMQ sockets: options, ipc directories and CURVE.
+
+tcp endpoints are encrypted and authenticated with CURVE unless the config
+says ``security.allow_insecure_tcp = true``. A CURVE server gets a ZAP
+domain with enforcement on, so a client whose key is not authorised (or any
+client, when the authenticator is not running) is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from corral.errors import ConfigError
+
+#: ZAP domain of every corral CURVE server.
+ZAP_DOMAIN = "corral"
+
+
+def is_tcp(endpoint: str) -> bool:
+    return endpoint.startswith("tcp://")
+
+
+def ensure_ipc_dir(endpoint: str) -> None:
+    """Create the directory of an ipc:// endpoint's socket file."""
+    if endpoint.startswith("ipc://"):
+        path = Path(endpoint[len("ipc://") :])
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _security(config: Any) -> Any:
+    return getattr(config, "security", None)
+
+
+def _load_keypair(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
+    """Load a zmq.auth certificate file; a secret key file must be 0600."""
+    import zmq.auth
+
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"key file {file} not found; create it with `corral keys`")
+    if secret:
+        mode = stat.S_IMODE(file.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"secret key file {file} is readable by others (mode {mode:o}); "
+                f"run `chmod 600 {file}`"
+            )
+    public, secret_key = zmq.auth.load_certificate(file)
+    if secret and secret_key is None:
+        raise ConfigError(f"{file} holds no secret key; name the *.key_secret file")
+    return public, secret_key
+
+
+def check_tcp_allowed(endpoint: str, config: Any, *, server: bool) -> bool:
+    """Whether ``endpoint`` gets CURVE; raises ConfigError for an insecure
+    tcp endpoint that the config does not allow."""
+    if not is_tcp(endpoint):
+        return False
+    sec = _security(config)
+    key = None
+    if sec is not None:
+        key = sec.server_secret_key if server else sec.server_public_key
+    if key:
+        return True
+    if sec is not None and sec.allow_insecure_tcp:
+        return False
+    side = "security.server_secret_key" if server else "security.server_public_key"
+    raise ConfigError(
+        f"{endpoint}: tcp endpoints need CURVE keys ({side}) or security.allow_insecure_tcp = true"
+    )
+
+
+class Authenticator:
+    """The ZAP handler of a process with CURVE server sockets."""
+
+    def __init__(self, context: zmq.Context[Any], keys_dir: str | None) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(context)
+        self._auth.start()
+        if keys_dir:
+            self._auth.configure_curve(domain=ZAP_DOMAIN, location=keys_dir)
+        else:
+            self._auth.configure_curve(domain=ZAP_DOMAIN, location=zmq.auth.CURVE_ALLOW_ANY)
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+
+def bind_router(
+    context: zmq.Context[Any], endpoint: str, config: Any, max_message_size: int
+) -> zmq.Socket[Any]:
+    """A ROUTER for a broker endpoint: mandatory routing (no silent drops),
+    a message size cap, no linger, CURVE on tcp."""
+    curve = check_tcp_allowed(endpoint, config, server=True)
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    if curve:
+        sec = _security(config)
+        public, secret = _load_keypair(sec.server_secret_key, secret=True)
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_server = True
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    ensure_ipc_dir(endpoint)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise ConfigError(f"cannot bind {endpoint}: {exc}") from None
+    return sock
+
+
+def connect_dealer(
+    context: zmq.Context[Any], endpoint: str, config: Any, *, identity: bytes | None = None
+) -> zmq.Socket[Any]:
+    """A DEALER to a broker endpoint, with CURVE client keys on tcp."""
+    curve = check_tcp_allowed(endpoint, config, server=False)
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    if curve:
+        sec = _security(config)
+        server_public, _ = _load_keypair(sec.server_public_key, secret=False)
+        if not sec.client_secret_key:
+            raise ConfigError(f"{endpoint}: CURVE needs security.client_secret_key on this side")
+        public, secret = _load_keypair(sec.client_secret_key, secret=True)
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+    sock.connect(endpoint)
+    return sock
+
+
+def write_keypair(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    """Create a CURVE key pair: ``name.key`` (public) and ``name.key_secret``
+    (mode 0600, written under a 0077 umask so it is never readable by others)."""
+    import zmq.auth
+
+    old = os.umask(0o077)
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        public, secret = zmq.auth.create_certificates(os.fspath(directory), name)
+    finally:
+        os.umask(old)
+    os.chmod(secret, 0o600)
+    return Path(public), Path(secret)

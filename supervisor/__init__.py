@@ -1,0 +1,1 @@
+"""corral.supervisor: forks, watches and restarts worker processes."""

@@ -1,0 +1,68 @@
+"""What each kind of process runs: the broker and a pool's worker. Used in a
+forked child by the supervisor and in the foreground by the CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import structlog
+from corral.workers.registry import Registry, add_python_path, load_plugins
+from corral.workers.runtime import Worker, WorkerOptions
+
+from corral import logs
+
+log = structlog.get_logger()
+
+
+def run_broker(config: Any, ready_fd: int | None = None) -> int:
+    """Run the broker until SIGTERM/SIGINT. Writes one byte to ``ready_fd``
+    once the log is replayed and the endpoints are bound."""
+    from corral.broker.server import Broker
+
+    logs.configure("broker", config.log.level, config.log.format)
+    broker = Broker(config)
+    broker.open()
+    broker.install_signal_handlers()
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+    broker.run()
+    return 0
+
+
+def pool_registry(config: Any, pool: Any) -> Registry:
+    add_python_path(config.python_path)
+    return load_plugins(pool.plugins)
+
+
+def worker_options(config: Any, pool: Any, index: int) -> WorkerOptions:
+    return WorkerOptions(
+        endpoint=config.broker.worker_endpoint,
+        queues=list(pool.queues),
+        concurrency=pool.concurrency,
+        prefetch=pool.prefetch,
+        heartbeat_interval=config.broker.heartbeat_interval,
+        heartbeat_liveness=config.broker.heartbeat_liveness,
+        shutdown_timeout=pool.shutdown_timeout,
+        max_jobs=pool.max_jobs_per_process,
+        name=f"{socket.gethostname()}/{pool.name}#{index}/{os.getpid()}",
+    )
+
+
+def run_worker(config: Any, pool: Any, index: int, registry: Registry | None = None) -> int:
+    """Run one worker of ``pool`` until it is told to stop or recycles."""
+    logs.configure("worker", config.log.level, config.log.format)
+    structlog.contextvars.bind_contextvars(pool=pool.name, index=index)
+    if registry is None:
+        registry = pool_registry(config, pool)
+    worker = Worker(worker_options(config, pool, index), registry, config)
+    worker.install_signal_handlers()
+    log.info(
+        "worker.started",
+        queues=list(pool.queues),
+        tasks=registry.names(),
+        concurrency=pool.concurrency,
+    )
+    return worker.run()

@@ -1,0 +1,266 @@
+"""The supervisor: forks the broker (in ``corral run``) and every pool's
+workers, reaps them, and restarts what exits, with backoff for a child that
+keeps crashing and a restart-intensity limit that marks a pool failed.
+
+Reconcile, don't script: each tick compares the children that should run
+with those that do and fixes the difference. Signal handlers only set
+flags; the loop does the work.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from corral.supervisor.process import Child, set_title
+from corral.supervisor.roles import pool_registry, run_broker, run_worker
+from corral.workers.registry import Registry
+
+from corral import logs
+
+log = structlog.get_logger()
+
+TICK = 0.25
+BROKER_START_TIMEOUT = 120.0
+
+
+@dataclass
+class PoolState:
+    """One pool's worker slots and restart history."""
+
+    config: Any
+    registry: Registry | None
+    slots: list[Child | None] = field(default_factory=list)
+    restarts: deque[float] = field(default_factory=deque)
+    backoff: float = 0.0
+    next_start: float = 0.0
+    failed: bool = False
+
+
+class Supervisor:
+    """Runs ``corral run`` (with the broker) or ``corral supervisor`` (without)."""
+
+    def __init__(self, config: Any, *, with_broker: bool) -> None:
+        self.config = config
+        self.with_broker = with_broker
+        self.broker: Child | None = None
+        self.pools: list[PoolState] = []
+        self._stop_requested = 0
+        self._by_pid: dict[int, tuple[PoolState | None, int]] = {}
+
+    # ---------------------------------------------------------------- run
+
+    def run(self) -> int:
+        logs.configure("supervisor", self.config.log.level, self.config.log.format)
+        set_title("corral: supervisor")
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        if self.with_broker and not self._start_broker():
+            return 1
+        for pool in self.config.pools:
+            registry = pool_registry(self.config, pool) if pool.preload else None
+            self.pools.append(PoolState(pool, registry, [None] * pool.processes))
+        log.info("supervisor.started", pools=[p.name for p in self.config.pools])
+        while not self._stop_requested:
+            self._reap()
+            self._reconcile(time.monotonic())
+            select.select([wake_r], [], [], TICK)
+            _drain(wake_r)
+        return self._shutdown(wake_r)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop_requested += 1
+            if self._stop_requested > 1 and signum == signal.SIGINT:
+                self._kill_all(signal.SIGKILL)
+                os._exit(1)
+
+    # ------------------------------------------------------------- broker
+
+    def _start_broker(self) -> bool:
+        ready_r, ready_w = os.pipe()
+        config = self.config
+
+        def target() -> int:
+            os.close(ready_r)
+            return run_broker(config, ready_w)
+
+        self.broker = Child("broker", "corral: broker", target)
+        self.broker.start()
+        os.close(ready_w)
+        ready = _wait_readable(ready_r, BROKER_START_TIMEOUT)
+        data = os.read(ready_r, 1) if ready else b""
+        os.close(ready_r)
+        if data != b"1":
+            log.error(
+                "supervisor.broker_failed_to_start",
+                hint="see the broker's error above; nothing else was started",
+            )
+            self.broker.signal(signal.SIGKILL)
+            os.waitpid(self.broker.pid or 0, 0)
+            return False
+        log.info("supervisor.broker_ready", pid=self.broker.pid)
+        return True
+
+    # ---------------------------------------------------------- reconcile
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.broker is not None and pid == self.broker.pid:
+                self.broker.reaped(status)
+                log.error("supervisor.broker_exited", how=self.broker.describe_exit())
+                continue
+            pool, index = self._by_pid.pop(pid, (None, -1))
+            if pool is None:
+                continue
+            child = pool.slots[index]
+            if child is not None:
+                child.reaped(status)
+                self._on_worker_exit(pool, index, child)
+
+    def _on_worker_exit(self, pool: PoolState, index: int, child: Child) -> None:
+        now = time.monotonic()
+        pool.slots[index] = None
+        if self._stop_requested:
+            return
+        clean = child.exit_code == 0
+        log_fn = log.info if clean else log.warning
+        log_fn(
+            "supervisor.worker_exited",
+            pool=pool.config.name,
+            index=index,
+            pid=child.pid,
+            how=child.describe_exit(),
+        )
+        if clean:
+            return  # recycled: replace at once, no backoff
+        pool.restarts.append(now)
+        window = pool.config.restart_window
+        while pool.restarts and pool.restarts[0] < now - window:
+            pool.restarts.popleft()
+        if len(pool.restarts) > pool.config.max_restarts:
+            pool.failed = True
+            log.error(
+                "supervisor.pool_failed",
+                pool=pool.config.name,
+                restarts=len(pool.restarts),
+                window=window,
+                hint="fix the cause, then reload or restart corral",
+            )
+            return
+        lived = now - child.started_at
+        if lived < 1.0:
+            base = pool.config.restart_backoff
+            pool.backoff = min(pool.config.restart_backoff_max, max(base, pool.backoff * 2))
+        else:
+            pool.backoff = 0.0
+        pool.next_start = now + pool.backoff
+
+    def _reconcile(self, now: float) -> None:
+        if self.broker is not None and not self.broker.alive:
+            self.broker = None
+            if not self._start_broker():
+                self._stop_requested = 1
+                return
+        for pool in self.pools:
+            if pool.failed or now < pool.next_start:
+                continue
+            for index, child in enumerate(pool.slots):
+                if child is None:
+                    self._start_worker(pool, index)
+
+    def _start_worker(self, pool: PoolState, index: int) -> None:
+        config, registry, pool_config = self.config, pool.registry, pool.config
+
+        def target() -> int:
+            return run_worker(config, pool_config, index, registry)
+
+        child = Child(
+            f"{pool_config.name}#{index}", f"corral: worker {pool_config.name}#{index}", target
+        )
+        pid = child.start()
+        pool.slots[index] = child
+        self._by_pid[pid] = (pool, index)
+
+    # ----------------------------------------------------------- shutdown
+
+    def _workers(self) -> list[Child]:
+        return [c for pool in self.pools for c in pool.slots if c is not None and c.alive]
+
+    def _kill_all(self, sig: int) -> None:
+        for child in self._workers():
+            child.signal(sig)
+        if self.broker is not None:
+            self.broker.signal(sig)
+
+    def _shutdown(self, wake_r: int) -> int:
+        """Drain: workers finish their jobs (up to shutdown_timeout), then
+        the broker stops with its log synced."""
+        log.info("supervisor.stopping", workers=len(self._workers()))
+        timeout = max((p.config.shutdown_timeout for p in self.pools), default=0.0) + 5.0
+        self._stop_children(self._workers(), timeout, wake_r)
+        if self.broker is not None and self.broker.alive:
+            self._stop_children([self.broker], 30.0, wake_r)
+        log.info("supervisor.stopped")
+        return 0
+
+    def _stop_children(self, children: list[Child], timeout: float, wake_r: int) -> None:
+        for child in children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(c.alive for c in children) and time.monotonic() < deadline:
+            self._reap_quietly(children)
+            select.select([wake_r], [], [], 0.1)
+            _drain(wake_r)
+        for child in children:
+            if child.alive:
+                log.warning("supervisor.kill", child=child.name, pid=child.pid)
+                child.signal(signal.SIGKILL)
+        self._reap_quietly(children, block=True)
+
+    def _reap_quietly(self, children: list[Child], block: bool = False) -> None:
+        for child in children:
+            if not child.alive or child.pid is None:
+                continue
+            try:
+                pid, status = os.waitpid(child.pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                child.exit_code = -1
+                continue
+            if pid:
+                child.reaped(status)
+
+
+def _wait_readable(fd: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            readable, _, _ = select.select([fd], [], [], left)
+        except InterruptedError:
+            continue
+        return bool(readable)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass

@@ -1,0 +1,1 @@
+"""corral.workers: the worker runtime, the task registry and plugin loading."""

@@ -1,0 +1,225 @@
+"""Tasks: the ``@corral.task`` decorator, task options, typed payloads, and
+loading the plugin modules that define tasks.
+
+The decorator registers nothing globally: it marks the function with its
+:class:`TaskDef`. A worker builds its :class:`Registry` by scanning the
+plugin modules it was told to load, so importing a module has no effect
+beyond its definitions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from corral.errors import CorralError
+
+ATTRIBUTE = "__corral_task__"
+ENTRY_POINT_GROUP = "corral.tasks"
+
+
+class PluginError(CorralError):
+    """A plugin module that cannot be loaded."""
+
+
+class PayloadInvalid(ValueError):
+    """A payload that does not match its task's annotation."""
+
+
+class ResultInvalid(TypeError):
+    """A handler returned a value msgpack cannot hold."""
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    """A task: its name, options, and how to call its handler."""
+
+    name: str
+    fn: Callable[..., Any]
+    queue: str = "default"
+    max_attempts: int | None = None
+    timeout: float | None = None
+    soft_timeout: float | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    result_ttl: float | None = None
+    payload_type: Any = Any
+    takes_context: bool = False
+    takes_payload: bool = False
+    is_async: bool = False
+
+    def decode_payload(self, raw: bytes) -> Any:
+        """Decode and validate a payload; PayloadInvalid names the field."""
+        try:
+            return msgspec.msgpack.decode(raw, type=self.payload_type)
+        except msgspec.ValidationError as exc:
+            raise PayloadInvalid(_describe_validation(exc)) from None
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise PayloadInvalid(f"payload is not valid msgpack: {exc}") from None
+
+    def args(self, ctx: Any, payload: Any) -> tuple[Any, ...]:
+        if self.takes_context and self.takes_payload:
+            return (ctx, payload)
+        if self.takes_context:
+            return (ctx,)
+        if self.takes_payload:
+            return (payload,)
+        return ()
+
+
+def _describe_validation(exc: msgspec.ValidationError) -> str:
+    """'Expected `int`, got `str` - at `$.count`' -> 'payload.count: expected int, got str'."""
+    text = str(exc)
+    message, _, where = text.partition(" - at `")
+    path = where.rstrip("`").replace("$", "payload", 1) if where else "payload"
+    message = message.replace("`", "")
+    return f"{path}: {message[:1].lower()}{message[1:]}"
+
+
+def task(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    soft_timeout: float | None = None,
+    retry_backoff: float | None = None,
+    retry_backoff_max: float | None = None,
+    result_ttl: float | None = None,
+) -> Any:
+    """Mark a function as a corral task. Usable bare (``@task``) or with options."""
+
+    def mark(func: Callable[..., Any]) -> Callable[..., Any]:
+        definition = _define(
+            func,
+            name=name or f"{func.__module__}.{func.__qualname__}",
+            queue=queue,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            soft_timeout=soft_timeout,
+            retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max,
+            result_ttl=result_ttl,
+        )
+        setattr(func, ATTRIBUTE, definition)
+        return func
+
+    return mark(fn) if fn is not None else mark
+
+
+def _define(func: Callable[..., Any], **options: Any) -> TaskDef:
+    from corral.context import JobContext
+
+    if options["max_attempts"] is not None and options["max_attempts"] < 1:
+        raise ValueError(f"task {options['name']}: max_attempts must be at least 1")
+    params = [
+        prm
+        for prm in inspect.signature(func).parameters.values()
+        if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD)
+    ]
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # unresolvable annotations: treat as untyped
+        hints = {}
+    takes_context = takes_payload = False
+    payload_type: Any = Any
+    if len(params) >= 2:
+        takes_context = takes_payload = True
+        payload_type = hints.get(params[1].name, Any)
+    elif len(params) == 1:
+        if hints.get(params[0].name) is JobContext:
+            takes_context = True
+        else:
+            takes_payload = True
+            payload_type = hints.get(params[0].name, Any)
+    return TaskDef(
+        fn=func,
+        payload_type=payload_type,
+        takes_context=takes_context,
+        takes_payload=takes_payload,
+        is_async=inspect.iscoroutinefunction(func),
+        **options,
+    )
+
+
+class Registry:
+    """The tasks one worker can run, by name."""
+
+    def __init__(self, tasks: Iterable[TaskDef] = ()) -> None:
+        self._tasks: dict[str, TaskDef] = {}
+        for definition in tasks:
+            self.add(definition)
+
+    def add(self, definition: TaskDef) -> None:
+        existing = self._tasks.get(definition.name)
+        if existing is not None and existing.fn is not definition.fn:
+            raise PluginError(
+                f"task name {definition.name!r} is defined twice "
+                f"({_where(existing.fn)} and {_where(definition.fn)}); "
+                "give one of them @corral.task(name=...)"
+            )
+        self._tasks[definition.name] = definition
+
+    def get(self, name: str) -> TaskDef | None:
+        return self._tasks.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def __iter__(self) -> typing.Iterator[TaskDef]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+def _where(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def tasks_in(module: Any) -> list[TaskDef]:
+    """Every task defined by a module's top-level names."""
+    found = []
+    for value in vars(module).values():
+        definition = getattr(value, ATTRIBUTE, None)
+        if isinstance(definition, TaskDef):
+            found.append(definition)
+    return found
+
+
+def add_python_path(paths: Iterable[str]) -> None:
+    """Put config ``python_path`` directories first on sys.path."""
+    for path in reversed(list(paths)):
+        resolved = str(Path(path).resolve())
+        if resolved not in sys.path:
+            sys.path.insert(0, resolved)
+
+
+def load_plugins(modules: Iterable[str], *, entry_point_group: bool = True) -> Registry:
+    """Import each plugin module and collect its tasks, plus the modules
+    that installed distributions declare in the ``corral.tasks`` group."""
+    registry = Registry()
+    names = list(modules)
+    if entry_point_group:
+        names += [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {name!r} could not be imported: {type(exc).__name__}: {exc}. "
+                "Check the pool's plugins list and python_path in the config"
+            ) from exc
+        for definition in tasks_in(module):
+            registry.add(definition)
+    return registry

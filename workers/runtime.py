@@ -1,0 +1,416 @@
+"""The worker: a DEALER socket thread and handler threads.
+
+The socket thread owns the socket: it registers (READY with queues and
+credit), receives deliveries, reports starts and outcomes in batches, and
+heartbeats every interval whether or not a handler is busy. Handlers run on
+their own threads, so a CPU-bound pure-Python handler cannot stop the
+heartbeat (the interpreter switches threads every few milliseconds). When
+the broker goes silent the worker reconnects with exponential backoff and
+registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import contextlib
+import os
+import queue
+import random
+import secrets
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+from corral.broker import protocol as p
+from corral.workers.registry import PayloadInvalid, Registry, TaskDef
+
+from corral.context import JobContext
+from corral.errors import Fail, Retry
+from corral.transport import connect_dealer
+
+log = structlog.get_logger()
+
+RECONNECT_MIN = 0.1
+RECONNECT_MAX = 5.0
+_STOP = None
+
+
+@dataclass
+class WorkerOptions:
+    """How one worker process behaves."""
+
+    endpoint: str
+    queues: list[str]
+    concurrency: int = 1
+    prefetch: int = 4
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    shutdown_timeout: float = 30.0
+    max_jobs: int = 0
+    name: str = ""
+
+
+class Worker:
+    """One worker process's runtime; :meth:`run` blocks until it stops."""
+
+    def __init__(
+        self,
+        options: WorkerOptions,
+        registry: Registry,
+        config: Any = None,
+        *,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.options = options
+        self.registry = registry
+        self.config = config
+        self.worker_id = options.name or f"{socket.gethostname()}:{os.getpid()}"
+        self._ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self._sock: zmq.Socket[Any] | None = None
+        self._jobs: queue.SimpleQueue[p.Delivery | None] = queue.SimpleQueue()
+        self._outbox: deque[tuple[str, Any]] = deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._threads: list[threading.Thread] = []
+        self._running: dict[str, JobContext] = {}
+        self._stopping = False
+        self._stop_deadline: float | None = None
+        self._done_count = 0
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+        self._backoff = RECONNECT_MIN
+        self.processed = 0
+
+    # ---------------------------------------------------------- lifecycle
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT drain (a second SIGINT stops at once)."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._stopping and signum == signal.SIGINT:
+            os._exit(1)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Stop taking jobs, finish the running ones, then leave."""
+        self._stopping = True
+        self._wake()
+
+    def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        self._start_threads()
+        self._connect()
+        try:
+            while True:
+                self._loop_once()
+                if self._stopping and self._drained():
+                    break
+        finally:
+            self._shutdown()
+        return 0
+
+    def _start_threads(self) -> None:
+        for i in range(self.options.concurrency):
+            thread = threading.Thread(  # the copied context carries role and pid
+                target=contextvars.copy_context().run,
+                args=(self._executor,),
+                name=f"corral-handler-{i}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _drained(self) -> bool:
+        if self._stop_deadline is None:
+            self._begin_drain()
+        assert self._stop_deadline is not None
+        if time.monotonic() > self._stop_deadline:
+            log.warning("worker.shutdown_timeout", running=list(self._running))
+            return True
+        return not self._running and not self._outbox
+
+    def _begin_drain(self) -> None:
+        self._stop_deadline = time.monotonic() + self.options.shutdown_timeout
+        self._send(p.Drain())
+        self._return_unstarted()
+
+    def _return_unstarted(self) -> None:
+        leases = []
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                leases.append(p.Lease(item.job_id, item.lease))
+        if leases:
+            self._send(p.Return(leases))
+        for _ in self._threads:
+            self._jobs.put(_STOP)
+
+    def _shutdown(self) -> None:
+        self._flush_outbox()
+        self._send(p.Bye())
+        if self._sock is not None:
+            self._sock.close(linger=500)
+        os.close(self._wake_fd)
+        if self._own_ctx:
+            self._ctx.term()
+        log.info("worker.stopped", processed=self.processed)
+
+    # -------------------------------------------------------------- socket
+
+    def _connect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        identity = secrets.token_bytes(8)
+        self._sock = connect_dealer(
+            self._ctx, self.options.endpoint, self.config, identity=identity
+        )
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._last_heard = time.monotonic()
+        self._register()
+
+    def _register(self) -> None:
+        capacity = 0 if self._stopping else self.options.concurrency + self.options.prefetch
+        tasks = [
+            p.TaskInfo(
+                t.name,
+                t.max_attempts,
+                t.timeout,
+                t.retry_backoff,
+                t.retry_backoff_max,
+                t.result_ttl,
+            )
+            for t in self.registry
+        ]
+        self._send(
+            p.Ready(
+                self.worker_id,
+                list(self.options.queues),
+                capacity,
+                self.options.concurrency,
+                tasks,
+                socket.gethostname(),
+                os.getpid(),
+            )
+        )
+
+    def _loop_once(self) -> None:
+        interval = self.options.heartbeat_interval
+        now = time.monotonic()
+        wait = max(0.0, min(self._last_sent + interval, self._last_heard + interval) - now)
+        events = dict(self._poller.poll(wait * 1000))
+        if self._wake_fd in events:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._wake_fd)
+        if self._sock in events:
+            self._receive()
+        self._flush_outbox()
+        now = time.monotonic()
+        if now - self._last_sent >= interval:
+            self._send(p.WorkerHeartbeat())
+        if now - self._last_heard > interval * self.options.heartbeat_liveness:
+            self._reconnect()
+
+    def _receive(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                frame = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            self._backoff = RECONNECT_MIN
+            try:
+                msg = p.decode(p.worker_command_decoder, frame)
+            except p.ProtocolError as exc:
+                log.warning("worker.malformed_frame", reason=str(exc)[:200])
+                continue
+            match msg:
+                case p.Deliver():
+                    for delivery in msg.jobs:
+                        self._jobs.put(delivery)
+                case p.Reregister():
+                    log.info("worker.reregister")
+                    self._register()
+                case p.BrokerHeartbeat():
+                    pass
+
+    def _reconnect(self) -> None:
+        """The broker went silent: drop jobs not yet started (the broker
+        hands them out again), back off, connect afresh and register."""
+        delay = self._backoff * random.uniform(0.8, 1.2)
+        log.warning("worker.broker_silent", reconnect_in=round(delay, 3))
+        self._backoff = min(RECONNECT_MAX, self._backoff * 2)
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        deadline = time.monotonic() + delay
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        self._connect()
+
+    def _send(self, msg: p.Msg) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.send(p.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return  # not connected yet; heartbeats and reports are resent or rebuilt
+        self._last_sent = time.monotonic()
+
+    def _flush_outbox(self) -> None:
+        if not self._outbox:
+            return
+        batches: dict[str, list[Any]] = {"started": [], "done": [], "return": []}
+        while self._outbox:
+            kind, item = self._outbox.popleft()
+            batches[kind].append(item)
+        if batches["started"] or batches["done"]:
+            self._send(p.Report(batches["started"], batches["done"]))
+        if batches["return"]:
+            self._send(p.Return(batches["return"]))
+        recycle = self.options.max_jobs and self._done_count >= self.options.max_jobs
+        if recycle and not self._stopping:
+            log.info("worker.recycle", reason="max_jobs", jobs=self._done_count)
+            self.request_stop()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake_fd, 1)
+
+    # ----------------------------------------------------------- handlers
+
+    def _executor(self) -> None:
+        loop: asyncio.AbstractEventLoop | None = None
+        while True:
+            delivery = self._jobs.get()
+            if delivery is _STOP:
+                break
+            assert delivery is not None
+            if self._stopping:  # taken after the drain began: hand it back
+                self._outbox.append(("return", p.Lease(delivery.job_id, delivery.lease)))
+                self._wake()
+                continue
+            definition = self.registry.get(delivery.task)
+            if definition is not None and definition.is_async and loop is None:
+                loop = asyncio.new_event_loop()
+            outcome = self._run(delivery, definition, loop)
+            self._done_count += 1
+            self._outbox.append(("done", outcome))
+            self._wake()
+        if loop is not None:
+            loop.close()
+
+    def _run(
+        self, d: p.Delivery, definition: TaskDef | None, loop: asyncio.AbstractEventLoop | None
+    ) -> p.Outcome:
+        started = time.time()
+        self._outbox.append(("started", p.Lease(d.job_id, d.lease)))
+        if definition is None:
+            return self._outcome(
+                d,
+                "error",
+                started,
+                error=p.ErrorInfo(
+                    "UnknownTask",
+                    f"task {d.task!r} is not registered in worker {self.worker_id} "
+                    f"(it knows: {', '.join(self.registry.names()) or 'nothing'}); "
+                    "add its module to the pool's plugins",
+                ),
+            )
+        ctx = JobContext(
+            d.job_id,
+            d.attempt,
+            d.task,
+            d.queue,
+            d.enqueued_at,
+            d.max_attempts,
+            d.lease,
+            d.prev_result,
+        )
+        self._running[d.job_id] = ctx
+        structlog.contextvars.bind_contextvars(job_id=d.job_id, task=d.task, attempt=d.attempt)
+        try:
+            return self._call(d, definition, ctx, loop, started)
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
+            self._running.pop(d.job_id, None)
+
+    def _call(
+        self,
+        d: p.Delivery,
+        definition: TaskDef,
+        ctx: JobContext,
+        loop: asyncio.AbstractEventLoop | None,
+        started: float,
+    ) -> p.Outcome:
+        try:
+            payload = definition.decode_payload(d.payload) if definition.takes_payload else None
+        except PayloadInvalid as exc:
+            return self._outcome(d, "fail", started, error=p.ErrorInfo("ValidationError", str(exc)))
+        try:
+            value = definition.fn(*definition.args(ctx, payload))
+            if definition.is_async:
+                assert loop is not None
+                value = loop.run_until_complete(value)
+        except Retry as exc:
+            return self._outcome(
+                d, "retry", started, delay=exc.delay, error=p.ErrorInfo("Retry", str(exc))
+            )
+        except Fail as exc:
+            return self._outcome(d, "fail", started, error=_error_info(exc))
+        except BaseException as exc:
+            log.warning("worker.job_error", error=f"{type(exc).__name__}: {exc}")
+            return self._outcome(d, "error", started, error=_error_info(exc))
+        try:
+            result = p.encode_value(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return self._outcome(
+                d,
+                "fail",
+                started,
+                error=p.ErrorInfo(
+                    "ResultNotSerializable",
+                    f"the handler returned a {type(value).__name__} "
+                    f"that msgpack cannot hold: {exc}",
+                ),
+            )
+        self.processed += 1
+        return self._outcome(d, "ok", started, result=result)
+
+    def _outcome(
+        self,
+        d: p.Delivery,
+        kind: str,
+        started: float,
+        *,
+        result: msgspec.Raw = p.NIL,
+        error: p.ErrorInfo | None = None,
+        delay: float | None = None,
+    ) -> p.Outcome:
+        return p.Outcome(d.job_id, d.lease, kind, result, error, delay, started, time.time())
+
+
+def _error_info(exc: BaseException) -> p.ErrorInfo:
+    return p.ErrorInfo(
+        type(exc).__name__,
+        str(exc),
+        "".join(traceback.format_exception(exc)),
+    )
