@@ -45,6 +45,7 @@ from typing import NamedTuple, NoReturn
 
 import msgspec
 import structlog
+
 from corral.broker.records import (
     LOG_FORMAT_VERSION,
     Record,
@@ -248,6 +249,18 @@ def _next_valid_frame(data: bytes, start: int, stop: int) -> int:
     return -1
 
 
+def _content_end(data: bytes) -> int:
+    """One past the last non-zero byte, without copying a whole segment."""
+    end = len(data)
+    while end > 0:
+        start = max(0, end - 1 * MiB)
+        kept = len(data[start:end].rstrip(b"\0"))
+        if kept:
+            return start + kept
+        end = start
+    return 0
+
+
 class _Scan:
     """Walk one segment's records up to its clean end or its first bad record.
 
@@ -258,7 +271,7 @@ class _Scan:
     def __init__(self, path: Path, data: bytes) -> None:
         self.path = path
         self.data = data
-        self.stop = len(data.rstrip(b"\0"))
+        self.stop = _content_end(data)
         self.pos = HEADER_SIZE
         self.reason: str | None = None
         self.records = 0
@@ -339,7 +352,6 @@ class _Active:
 
 @dataclass
 class _Counters:
-    appended: int = 0
     fsyncs: int = 0
     torn: int = 0
     since_compaction: int = 0
@@ -378,6 +390,7 @@ class Log:
         self._full = False
         self._retry_alloc_at = 0.0
         self._failed: LogError | None = None
+        self._appended = 0
         self._n = _Counters()
 
     # -- opening
@@ -396,7 +409,11 @@ class Log:
         live, stale, self._generation = _plan(self.directory)
         if not live:
             self._generation = secrets.randbits(64)
-            fd, path = self._create_segment(1, FLAG_BASE, b"")
+            try:
+                fd, path = self._create_segment(1, FLAG_BASE, b"")
+            except OSError as exc:
+                cls = LogDiskFull if exc.errno in _DISK_FULL else LogError
+                raise cls(f"cannot create the first log segment: {exc}") from exc
             self._active = _Active(fd, path, 1, HEADER_SIZE, HEADER_SIZE)
             return
         self._remove_stale(stale)
@@ -451,15 +468,13 @@ class Log:
             reason=scan.reason,
         )
 
-    def _try_preallocate(self, fd: int, now: float) -> bool:
+    def _try_preallocate(self, fd: int, now: float) -> None:
         try:
             _preallocate(fd, self.segment_size)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise LogError(f"cannot preallocate log segment: {exc}") from exc
             self._mark_full(now, exc)
-            return False
-        return True
 
     def _create_segment(self, seq: int, flags: int, body: bytes | bytearray) -> tuple[int, Path]:
         """Create segment ``seq`` atomically: tmp file, preallocate, fsync, rename."""
@@ -487,9 +502,15 @@ class Log:
 
     def append(self, record: Record) -> int:
         """Frame ``record`` into the pending buffer (no I/O); return its framed size."""
-        size = _frame_into(self._pending, record)
-        self._n.appended += 1
-        return size
+        code, body = encode_record(record)  # the hot path: _frame_into, inlined
+        length = len(body) + 1
+        if length > MAX_RECORD:
+            raise LogError(f"record of {length} bytes is over the {MAX_RECORD} byte limit")
+        pending = self._pending
+        pending += _FRAME.pack(length, _crc32(body, _crc32(_LEN_TYPE.pack(length, code))), code)
+        pending += body
+        self._appended += 1
+        return length + 8
 
     @property
     def pending(self) -> int:
@@ -646,7 +667,7 @@ class Log:
             "segments": len(paths),
             "disk_bytes": sum(os.stat(p).st_blocks * 512 for p in paths),
             "used_bytes": sum(u for _, u in self._n.finished) + (active.end if active else 0),
-            "records_appended": self._n.appended,
+            "records_appended": self._appended,
             "fsyncs": self._n.fsyncs,
             "torn_tail_truncations": self._n.torn,
             "full": int(self._full),
@@ -673,7 +694,7 @@ class Log:
         os.close(active.fd)
         end = HEADER_SIZE + len(body)
         self._active = _Active(fd, path, active.seq + 1, end, end)
-        self._dirty = False
+        self._dirty = self._full = False
         self._n.finished = []
         self._n.since_compaction = 0
         for p in old:
@@ -683,14 +704,13 @@ class Log:
 
     def close(self) -> None:
         """Write and sync what is pending, then close; idempotent."""
-        active = self._active
-        if active is None:
+        if self._active is None:
             return
         try:
             if self._failed is None:
-                self.sync()
+                self.sync()  # may roll to a new segment
         finally:
-            os.close(active.fd)
+            os.close(self._active.fd)
             self._active = None
 
 
@@ -768,7 +788,7 @@ def _cut(directory: Path, a: _Analysis) -> RepairReport:
     for seq, path in _list_segments(directory):
         if seq < cut_seq or (seq == cut_seq and offset >= HEADER_SIZE):
             continue
-        dropped += len(path.read_bytes().rstrip(b"\0"))
+        dropped += _content_end(path.read_bytes())
         os.replace(path, backup / path.name)
     if offset >= HEADER_SIZE:
         shutil.copy2(seg, backup / seg.name)

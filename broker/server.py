@@ -23,13 +23,13 @@ from typing import Any
 
 import structlog
 import zmq
+
 from corral.broker import protocol as p
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, Log
 from corral.broker.records import ErrorRec, Leased, Record, Returned
 from corral.broker.state import TERMINAL, Defaults, InvalidJob, Job, JobState, TaskDefaults
 from corral.broker.workers import WorkerConn, WorkerTable
-
 from corral.transport import Authenticator, bind_router, check_tcp_allowed
 
 log = structlog.get_logger()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import msgspec
+
 from corral.broker.records import (
     NIL,
     ErrorRec,

@@ -8,10 +8,10 @@ import socket
 from typing import Any
 
 import structlog
-from corral.workers.registry import Registry, add_python_path, load_plugins
-from corral.workers.runtime import Worker, WorkerOptions
 
 from corral import logs
+from corral.workers.registry import Registry, add_python_path, load_plugins
+from corral.workers.runtime import Worker, WorkerOptions
 
 log = structlog.get_logger()
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
+from corral import logs
 from corral.supervisor.process import Child, set_title
 from corral.supervisor.roles import pool_registry, run_broker, run_worker
 from corral.workers.registry import Registry
-
-from corral import logs
 
 log = structlog.get_logger()
 

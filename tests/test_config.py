@@ -6,6 +6,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from corral.config import (
     BrokerConfig,
     ClientConfig,
@@ -21,9 +24,6 @@ from corral.config import (
     parse_duration,
     parse_size,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
 from corral.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

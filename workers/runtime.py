@@ -12,8 +12,8 @@ registers again.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import contextlib
+import contextvars
 import os
 import queue
 import random
@@ -30,12 +30,12 @@ from typing import Any
 import msgspec
 import structlog
 import zmq
-from corral.broker import protocol as p
-from corral.workers.registry import PayloadInvalid, Registry, TaskDef
 
+from corral.broker import protocol as p
 from corral.context import JobContext
 from corral.errors import Fail, Retry
 from corral.transport import connect_dealer
+from corral.workers.registry import PayloadInvalid, Registry, TaskDef
 
 log = structlog.get_logger()
 

@@ -1,0 +1,211 @@
+"""Fixtures for tests that run real corral processes.
+
+Every process is started in its own session and killed in teardown; every
+wait polls against a deadline. State lives in a short /tmp directory
+because ipc:// socket paths are limited to 107 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import corral
+
+CORRAL = str(Path(sys.executable).with_name("corral"))
+PLUGINS = str(Path(__file__).parent / "plugins")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def render_config(state: Path, *, fsync: str = "always", heartbeat: str = "200ms",
+                  liveness: int = 3, processes: int = 2, concurrency: int = 1,
+                  prefetch: int = 2, extra_broker: str = "", extra_pool: str = "",
+                  plugins: str = '["e2e_tasks"]', state_dir: str | None = None) -> str:
+    return f"""
+python_path = ["{PLUGINS}"]
+
+[broker]
+state_dir = "{state_dir or f'{state}/state'}"
+client_endpoint = "ipc://{state}/c.sock"
+worker_endpoint = "ipc://{state}/w.sock"
+fsync = "{fsync}"
+heartbeat_interval = "{heartbeat}"
+heartbeat_liveness = {liveness}
+{extra_broker}
+
+[[pools]]
+name = "default"
+queues = ["default"]
+processes = {processes}
+plugins = {plugins}
+concurrency = {concurrency}
+prefetch = {prefetch}
+shutdown_timeout = "10s"
+{extra_pool}
+
+[log]
+level = "info"
+format = "json"
+"""
+
+
+class Proc:
+    """One corral command running in its own session."""
+
+    def __init__(self, home: Path, args: list[str], name: str,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.log_path = home / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
+        self.popen = subprocess.Popen(
+            [CORRAL, *args], cwd=home, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=preexec,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def kill(self) -> None:
+        procs = self.descendants()
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Env:
+    """A corral installation in a temporary directory: one config, any
+    number of corral processes, and clients."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.config = home / "corral.toml"
+        self.procs: list[Proc] = []
+        self.clients: list[corral.Client] = []
+        self.write_config()
+
+    def write_config(self, **options: Any) -> None:
+        self.config.write_text(render_config(self.home, **options))
+
+    @property
+    def endpoint(self) -> str:
+        return f"ipc://{self.home}/c.sock"
+
+    def start(self, command: str, *extra: str, name: str | None = None,
+              preexec: Callable[[], None] | None = None) -> Proc:
+        proc = Proc(self.home, [command, "-c", str(self.config), *extra],
+                    name or f"{command}-{len(self.procs)}", preexec)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run a CLI command to completion."""
+        return subprocess.run([CORRAL, *args], cwd=self.home, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def client(self, timeout: float = 10.0) -> corral.Client:
+        client = corral.Client(self.endpoint, timeout=timeout)
+        self.clients.append(client)
+        return client
+
+    def wait_ready(self, proc: Proc, timeout: float = 30.0) -> None:
+        client = corral.Client(self.endpoint, timeout=0.5)
+
+        def ping() -> bool:
+            assert proc.alive(), f"process exited early:\n{proc.output()}"
+            try:
+                client.ping()
+            except corral.BrokerUnavailable:
+                return False
+            return True
+
+        try:
+            wait_for(ping, timeout, message="the broker to answer")
+        finally:
+            client.close()
+
+    def wait_workers(self, n: int, timeout: float = 30.0) -> None:
+        client = self.client()
+        wait_for(lambda: len(client.status().workers) >= n, timeout,
+                 message=f"{n} workers to register")
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for proc in self.procs:
+            proc.kill()
+
+
+def worker_processes(proc: Proc) -> list[psutil.Process]:
+    """The worker children of a supervisor, found by their process titles."""
+    found = []
+    for child in proc.descendants():
+        try:
+            if " ".join(child.cmdline()).startswith("corral: worker"):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    home = Path(tempfile.mkdtemp(prefix="cr", dir="/tmp"))
+    environment = Env(home)
+    try:
+        yield environment
+    finally:
+        environment.close()
+        shutil.rmtree(home, ignore_errors=True)

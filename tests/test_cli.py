@@ -1,0 +1,104 @@
+"""The `corral` command: output, --json and exit codes (0 ok, 1 job failed or
+not found, 2 usage or config error, 3 broker unreachable)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import Env
+
+
+def test_enqueue_wait_prints_the_result(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    done = env.run("enqueue", "e2e.square", "9", "--wait", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "81"
+    done = env.run("enqueue", "e2e.square", "5", "--wait", "--json", "-c", str(env.config))
+    assert json.loads(done.stdout)["result"] == 25
+
+
+def test_enqueue_then_job_and_result(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    cfg = ["-c", str(env.config)]
+    job_id = env.run("enqueue", "e2e.order", '{"item": "pen", "qty": 3}', *cfg).stdout.strip()
+    assert len(job_id) == 32
+    done = env.run("result", job_id, "--wait", "--json", *cfg)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"id": job_id, "result": "3xpen"}
+    info = json.loads(env.run("job", job_id, "--json", *cfg).stdout)
+    assert info["status"] == "succeeded"
+    assert info["attempts"] == 1
+    assert info["tries"][0]["pid"] > 0
+    human = env.run("job", job_id, *cfg).stdout
+    assert "status:      succeeded" in human
+    status = json.loads(env.run("status", "--json", *cfg).stdout)
+    assert status["queues"]["default"]["succeeded"] == 1
+    assert len(status["workers"]) == 2
+
+
+def test_failed_job_exits_one(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    done = env.run("enqueue", "e2e.order", '{"item": 1}', "--wait", "-c", str(env.config))
+    assert done.returncode == 1
+    assert "ValidationError" in done.stderr
+
+
+def test_unknown_job_exits_one(env: Env) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    done = env.run("job", "nope", "-c", str(env.config))
+    assert done.returncode == 1
+    assert "no job with id 'nope'" in done.stderr
+
+
+def test_unreachable_broker_exits_three(env: Env) -> None:
+    done = env.run("status", "-c", str(env.config), "--timeout", "0.3")
+    assert done.returncode == 3
+    assert "no answer from the broker" in done.stderr
+
+
+def test_bad_config_exits_two_naming_the_key(env: Env) -> None:
+    bad = env.home / "bad.toml"
+    bad.write_text('[[pools]]\nname = "a"\n\n[[pools]]\nname = "b"\nmax_memory = "lots"\n')
+    done = env.run("check-config", "-c", str(bad))
+    assert done.returncode == 2
+    assert "pools[1].max_memory" in done.stderr
+    done = env.run("run", "-c", str(bad))
+    assert done.returncode == 2
+    assert env.run("check-config", "-c", str(env.config)).returncode == 0
+
+
+def test_bad_payload_json_exits_two(env: Env) -> None:
+    done = env.run("enqueue", "e2e.square", "{not json", "-c", str(env.config))
+    assert done.returncode == 2
+    assert "PAYLOAD_JSON" in done.stderr
+
+
+def test_log_verify_reports_corruption(env: Env) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    for n in range(50):
+        client.enqueue("e2e.square", n)
+    broker.signal(15)
+    assert broker.wait(30) == 0
+    cfg = ["-c", str(env.config)]
+    done = env.run("log", "verify", *cfg)
+    assert done.returncode == 0, done.stderr
+    assert "50 records" in done.stdout or "ok" in done.stdout
+    segment = sorted((env.home / "state" / "log").glob("*.seg"))[-1]
+    data = bytearray(segment.read_bytes())
+    middle = len(bytes(data).rstrip(b"\0")) // 2
+    data[middle] ^= 0x01
+    segment.write_bytes(bytes(data))
+    done = env.run("log", "verify", "--json", *cfg)
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["ok"] is False
+    broker = env.start("broker", name="broker-corrupt")
+    assert broker.wait(30) != 0
+    assert "corrupt" in broker.output()
+    assert segment.name in broker.output()

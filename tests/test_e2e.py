@@ -1,0 +1,202 @@
+"""End to end: real `corral` processes, sockets, files and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import corral
+from conftest import Env, wait_for, worker_processes
+
+
+def test_a_thousand_jobs_through_corral_run(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    ids = client.enqueue_many([corral.Job("e2e.square", n) for n in range(1000)])
+    assert len(set(ids)) == 1000
+    for n, job_id in enumerate(ids):
+        assert client.result(job_id, timeout=60) == n * n
+    status = client.status()
+    assert status.queues["default"]["succeeded"] == 1000
+    assert len(status.workers) == 2
+    served = {w.worker_id: w.processed for w in status.workers}
+    assert sum(served.values()) == 1000
+
+
+def test_killed_worker_job_completes_elsewhere_with_two_attempts(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    client = env.client()
+    job_id = client.enqueue("e2e.sleep", 1.5)
+    info = wait_for(lambda: (i := client.job(job_id)).status == "running" and i,
+                    message="the job to start")
+    victim = info.tries[-1].pid
+    os.kill(victim, signal.SIGKILL)
+    value = client.result(job_id, timeout=30)
+    assert value["attempt"] == 2
+    assert value["pid"] != victim
+    info = client.job(job_id)
+    assert info.status == "succeeded"
+    assert info.attempts == 2
+    assert info.tries[0].error is not None and info.tries[0].error.type == "WorkerLost"
+    assert info.tries[0].pid == victim
+
+
+def test_broker_sigkill_loses_no_acknowledged_job(env: Env) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    ids = client.enqueue_many([corral.Job("e2e.square", n) for n in range(500)])
+    ids += [client.enqueue("e2e.square", n) for n in range(500, 600)]
+    broker.signal(signal.SIGKILL)
+    broker.wait(10)
+    broker = env.start("broker", name="broker-again")
+    env.wait_ready(broker)
+    assert env.client().status().queues["default"]["queued"] == 600
+    env.start("supervisor")
+    client = env.client()
+    for n, job_id in enumerate(ids):
+        assert client.result(job_id, timeout=60) == n * n
+
+
+def test_running_jobs_become_ready_after_broker_restart(env: Env) -> None:
+    env.write_config(processes=1)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("e2e.sleep", 0.5)
+    wait_for(lambda: client.job(job_id).status == "running", message="the job to start")
+    broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
+    broker.kill()
+    # The supervisor restarts the broker; the job runs again and completes.
+    value = env.client().result(job_id, timeout=60)
+    assert value["attempt"] >= 1
+    assert env.client().job(job_id).status == "succeeded"
+
+
+def test_cpu_bound_handler_keeps_heartbeating(env: Env) -> None:
+    # liveness window: 200ms * 3 = 0.6s; the handler spins for 3 windows.
+    env.write_config(processes=1)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("e2e.spin", 1.8)
+    assert client.result(job_id, timeout=30) == 1
+    info = client.job(job_id)
+    assert info.attempts == 1
+    assert len(info.tries) == 1
+    stats = client.status().stats
+    assert stats.get("workers_lost", 0) == 0
+    assert stats.get("late_results", 0) == 0
+
+
+def test_typed_payload_validation_fails_without_retry(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    good = client.enqueue("e2e.order", {"item": "tea", "qty": 2})
+    bad = client.enqueue("e2e.order", {"item": "tea", "qty": "two"})
+    assert client.result(good, timeout=30) == "2xtea"
+    try:
+        client.result(bad, timeout=30)
+    except corral.JobFailed as exc:
+        assert exc.error.type == "ValidationError"
+        assert "payload.qty" in exc.error.message
+    else:
+        raise AssertionError("the invalid payload did not fail the job")
+    assert client.job(bad).attempts == 1
+
+
+def test_retries_then_success_records_every_try(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("e2e.flaky", 3)
+    assert client.result(job_id, timeout=30) == 3
+    info = client.job(job_id)
+    assert [t.attempt for t in info.tries] == [1, 2, 3]
+    assert [t.error.type if t.error else None for t in info.tries] == [
+        "ValueError", "ValueError", None]
+    failing = client.enqueue("e2e.flaky", 10)
+    try:
+        client.result(failing, timeout=30)
+    except corral.JobFailed:
+        pass
+    else:
+        raise AssertionError("the job should fail after max_attempts")
+    assert client.job(failing).attempts == 3
+
+
+def test_unknown_task_names_the_task(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("no.such.task", max_attempts=1)
+    try:
+        client.result(job_id, timeout=30)
+    except corral.JobFailed as exc:
+        assert exc.error.type == "UnknownTask"
+        assert "no.such.task" in exc.error.message
+    else:
+        raise AssertionError("an unknown task must fail")
+
+
+def test_supervisor_restarts_a_worker_that_exits(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    before = {p.pid for p in worker_processes(daemon)}
+    assert len(before) == 2
+    victim = before.pop()
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = {p.pid for p in worker_processes(daemon)}
+        return len(now) == 2 and victim not in now
+
+    wait_for(replaced, 20, message="a replacement worker")
+    client = env.client()
+    assert client.result(client.enqueue("e2e.square", 7), timeout=30) == 49
+
+
+def test_sigterm_drains_and_exits_zero(env: Env) -> None:
+    env.write_config(processes=2, concurrency=2, prefetch=0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    client = env.client()
+    ids = [client.enqueue("e2e.sleep", 1.0) for _ in range(4)]
+    wait_for(lambda: client.status().queues["default"]["running"] == 4,
+             message="4 running jobs")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    for job_id in ids:
+        assert client.job(job_id).status == "succeeded"
+
+
+def test_sigterm_hands_unstarted_jobs_back_uncounted(env: Env) -> None:
+    env.write_config(processes=1, concurrency=1, prefetch=2)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    ids = [client.enqueue("e2e.sleep", 1.0) for _ in range(3)]
+    wait_for(lambda: client.job(ids[0]).status == "running", message="the first job")
+    wait_for(lambda: client.status().queues["default"]["running"] == 3,
+             message="3 leased jobs")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    assert client.job(ids[0]).status == "succeeded"
+    for job_id in ids[1:]:
+        info = client.job(job_id)
+        assert info.status == "queued"
+        assert info.attempts == 0
+        assert info.tries == []
