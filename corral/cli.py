@@ -212,6 +212,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from corral.transport import write_keypair
+
+    public, secret = write_keypair(args.directory, args.name)
+    emit(
+        args,
+        {"public": str(public), "secret": str(secret)},
+        lambda v: f"public key: {v['public']}\nsecret key: {v['secret']} (mode 0600)",
+    )
+    return EXIT_OK
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from corral.broker import log as corral_log
 
@@ -327,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--wait", action="store_true")
     result.add_argument("--wait-timeout", type=float)
     result.set_defaults(fn=cmd_result)
+    keys = subs.add_parser("keys", help="create a CURVE key pair for tcp endpoints")
+    keys.add_argument("name", help="file name stem, e.g. server or worker1")
+    keys.add_argument("--directory", default=".", help="where to write NAME.key(_secret)")
+    keys.add_argument("--json", action="store_true")
+    keys.set_defaults(fn=cmd_keys)
     logp = subs.add_parser("log", help="offline log tools")
     logp.add_argument("action", choices=["verify", "repair", "compact"])
     _common(logp, broker=False)

@@ -19,11 +19,17 @@ log = structlog.get_logger()
 def run_broker(config: Any, ready_fd: int | None = None) -> int:
     """Run the broker until SIGTERM/SIGINT. Writes one byte to ``ready_fd``
     once the log is replayed and the endpoints are bound."""
+    from corral.broker.log import LogError
     from corral.broker.server import Broker
+    from corral.errors import CorralError
 
     logs.configure("broker", config.log.level, config.log.format)
     broker = Broker(config)
-    broker.open()
+    try:
+        broker.open()
+    except (LogError, CorralError) as exc:
+        log.error("broker.cannot_start", error=str(exc))
+        return 2
     broker.install_signal_handlers()
     if ready_fd is not None:
         os.write(ready_fd, b"1")

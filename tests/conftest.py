@@ -7,6 +7,7 @@ because ipc:// socket paths are limited to 107 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -27,8 +28,12 @@ CORRAL = str(Path(sys.executable).with_name("corral"))
 PLUGINS = str(Path(__file__).parent / "plugins")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
-             message: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> Any:
     """Poll ``predicate`` until it returns something truthy, or fail."""
     deadline = time.monotonic() + timeout
     while True:
@@ -40,15 +45,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
-def render_config(state: Path, *, fsync: str = "always", heartbeat: str = "200ms",
-                  liveness: int = 3, processes: int = 2, concurrency: int = 1,
-                  prefetch: int = 2, extra_broker: str = "", extra_pool: str = "",
-                  plugins: str = '["e2e_tasks"]', state_dir: str | None = None) -> str:
+def render_config(
+    state: Path,
+    *,
+    fsync: str = "always",
+    heartbeat: str = "200ms",
+    liveness: int = 3,
+    processes: int = 2,
+    concurrency: int = 1,
+    prefetch: int = 2,
+    extra_broker: str = "",
+    extra_pool: str = "",
+    plugins: str = '["e2e_tasks"]',
+    state_dir: str | None = None,
+) -> str:
     return f"""
 python_path = ["{PLUGINS}"]
 
 [broker]
-state_dir = "{state_dir or f'{state}/state'}"
+state_dir = "{state_dir or f"{state}/state"}"
 client_endpoint = "ipc://{state}/c.sock"
 worker_endpoint = "ipc://{state}/w.sock"
 fsync = "{fsync}"
@@ -75,13 +90,18 @@ format = "json"
 class Proc:
     """One corral command running in its own session."""
 
-    def __init__(self, home: Path, args: list[str], name: str,
-                 preexec: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, home: Path, args: list[str], name: str, preexec: Callable[[], None] | None = None
+    ) -> None:
         self.log_path = home / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
         self.popen = subprocess.Popen(
-            [CORRAL, *args], cwd=home, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=preexec,
+            [CORRAL, *args],
+            cwd=home,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
         )
 
     @property
@@ -106,19 +126,13 @@ class Proc:
 
     def kill(self) -> None:
         procs = self.descendants()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         for proc in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.kill()
-            except psutil.Error:
-                pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
         self._log.close()
 
     def output(self) -> str:
@@ -143,17 +157,27 @@ class Env:
     def endpoint(self) -> str:
         return f"ipc://{self.home}/c.sock"
 
-    def start(self, command: str, *extra: str, name: str | None = None,
-              preexec: Callable[[], None] | None = None) -> Proc:
-        proc = Proc(self.home, [command, "-c", str(self.config), *extra],
-                    name or f"{command}-{len(self.procs)}", preexec)
+    def start(
+        self,
+        command: str,
+        *extra: str,
+        name: str | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> Proc:
+        proc = Proc(
+            self.home,
+            [command, "-c", str(self.config), *extra],
+            name or f"{command}-{len(self.procs)}",
+            preexec,
+        )
         self.procs.append(proc)
         return proc
 
     def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run a CLI command to completion."""
-        return subprocess.run([CORRAL, *args], cwd=self.home, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [CORRAL, *args], cwd=self.home, capture_output=True, text=True, timeout=timeout
+        )
 
     def client(self, timeout: float = 10.0) -> corral.Client:
         client = corral.Client(self.endpoint, timeout=timeout)
@@ -178,8 +202,9 @@ class Env:
 
     def wait_workers(self, n: int, timeout: float = 30.0) -> None:
         client = self.client()
-        wait_for(lambda: len(client.status().workers) >= n, timeout,
-                 message=f"{n} workers to register")
+        wait_for(
+            lambda: len(client.status().workers) >= n, timeout, message=f"{n} workers to register"
+        )
 
     def close(self) -> None:
         for client in self.clients:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import signal
 
-import corral
 from conftest import Env, wait_for, worker_processes
+
+import corral
 
 
 def test_a_thousand_jobs_through_corral_run(env: Env) -> None:
@@ -30,8 +31,9 @@ def test_killed_worker_job_completes_elsewhere_with_two_attempts(env: Env) -> No
     env.wait_workers(2)
     client = env.client()
     job_id = client.enqueue("e2e.sleep", 1.5)
-    info = wait_for(lambda: (i := client.job(job_id)).status == "running" and i,
-                    message="the job to start")
+    info = wait_for(
+        lambda: (i := client.job(job_id)).status == "running" and i, message="the job to start"
+    )
     victim = info.tries[-1].pid
     os.kill(victim, signal.SIGKILL)
     value = client.result(job_id, timeout=30)
@@ -118,7 +120,10 @@ def test_retries_then_success_records_every_try(env: Env) -> None:
     info = client.job(job_id)
     assert [t.attempt for t in info.tries] == [1, 2, 3]
     assert [t.error.type if t.error else None for t in info.tries] == [
-        "ValueError", "ValueError", None]
+        "ValueError",
+        "ValueError",
+        None,
+    ]
     failing = client.enqueue("e2e.flaky", 10)
     try:
         client.result(failing, timeout=30)
@@ -168,8 +173,7 @@ def test_sigterm_drains_and_exits_zero(env: Env) -> None:
     env.wait_workers(2)
     client = env.client()
     ids = [client.enqueue("e2e.sleep", 1.0) for _ in range(4)]
-    wait_for(lambda: client.status().queues["default"]["running"] == 4,
-             message="4 running jobs")
+    wait_for(lambda: client.status().queues["default"]["running"] == 4, message="4 running jobs")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0
     broker = env.start("broker")
@@ -187,8 +191,7 @@ def test_sigterm_hands_unstarted_jobs_back_uncounted(env: Env) -> None:
     client = env.client()
     ids = [client.enqueue("e2e.sleep", 1.0) for _ in range(3)]
     wait_for(lambda: client.job(ids[0]).status == "running", message="the first job")
-    wait_for(lambda: client.status().queues["default"]["running"] == 3,
-             message="3 leased jobs")
+    wait_for(lambda: client.status().queues["default"]["running"] == 3, message="3 leased jobs")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0
     broker = env.start("broker")

@@ -12,9 +12,9 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
+from conftest import Env, wait_for
 
 import corral
-from conftest import Env, wait_for
 
 GARBAGE = [
     [b""],
@@ -48,8 +48,10 @@ def test_malformed_frames_leave_the_broker_serving(env: Env) -> None:
     _spray(env.endpoint)
     _spray(f"ipc://{env.home}/w.sock")
     client = env.client()
-    wait_for(lambda: client.status().stats.get("malformed_frames", 0) >= 2 * len(GARBAGE) - 2,
-             message="the broker to count the malformed frames")
+    wait_for(
+        lambda: client.status().stats.get("malformed_frames", 0) >= 2 * len(GARBAGE) - 2,
+        message="the broker to count the malformed frames",
+    )
     assert daemon.alive()
     assert client.result(client.enqueue("e2e.square", 12), timeout=30) == 144
     assert "broker.malformed_frame" in daemon.output()
@@ -87,8 +89,11 @@ def small_disk(env: Env) -> Iterator[Path]:
     """A real 2 MiB filesystem (tmpfs) for the broker's state."""
     mount = env.home / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
     try:
@@ -99,10 +104,12 @@ def small_disk(env: Env) -> Iterator[Path]:
 
 
 def test_full_disk_refuses_new_jobs_and_loses_none(env: Env, small_disk: Path) -> None:
-    env.write_config(state_dir=f"{small_disk}/state",
-                     extra_broker='segment_size = "256KiB"\ndisk_reserve = "64KiB"\n'
-                                  'max_message_size = "128KiB"\n'
-                                  'compact_min_size = "64MiB"')
+    env.write_config(
+        state_dir=f"{small_disk}/state",
+        extra_broker='segment_size = "256KiB"\ndisk_reserve = "64KiB"\n'
+        'max_message_size = "128KiB"\n'
+        'compact_min_size = "64MiB"',
+    )
     broker = env.start("broker")
     env.wait_ready(broker)
     client = env.client()

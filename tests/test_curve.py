@@ -1,0 +1,120 @@
+"""tcp endpoints: CURVE encryption and authentication, or an explicit opt-out."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import Env, render_config
+
+import corral
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tcp_config(env: Env, security: str) -> tuple[str, str]:
+    client_port, worker_port = _free_port(), _free_port()
+    text = (
+        render_config(env.home)
+        .replace(
+            f'client_endpoint = "ipc://{env.home}/c.sock"',
+            f'client_endpoint = "tcp://127.0.0.1:{client_port}"',
+        )
+        .replace(
+            f'worker_endpoint = "ipc://{env.home}/w.sock"',
+            f'worker_endpoint = "tcp://127.0.0.1:{worker_port}"',
+        )
+    )
+    env.config.write_text(text + "\n[security]\n" + security)
+    return f"tcp://127.0.0.1:{client_port}", f"tcp://127.0.0.1:{worker_port}"
+
+
+def _keys(env: Env) -> Path:
+    keys = env.home / "keys"
+    for name in ("server", "client"):
+        done = env.run("keys", name, "--directory", str(keys))
+        assert done.returncode == 0, done.stderr
+    authorized = keys / "authorized"
+    authorized.mkdir()
+    (authorized / "client.key").write_bytes((keys / "client.key").read_bytes())
+    return keys
+
+
+def test_tcp_without_keys_is_refused(env: Env) -> None:
+    _tcp_config(env, "")
+    done = env.run("check-config", "-c", str(env.config))
+    assert done.returncode == 2
+    assert "CURVE" in done.stderr and "allow_insecure_tcp" in done.stderr
+
+
+def test_curve_round_trip_and_unauthorised_client_refused(env: Env) -> None:
+    keys = _keys(env)
+    _tcp_config(
+        env,
+        f'server_secret_key = "{keys}/server.key_secret"\n'
+        f'server_public_key = "{keys}/server.key"\n'
+        f'client_secret_key = "{keys}/client.key_secret"\n'
+        f'authorized_keys_dir = "{keys}/authorized"\n',
+    )
+    assert oct((keys / "server.key_secret").stat().st_mode & 0o777) == "0o600"
+    daemon = env.start("run")
+    cfg = corral.Client.from_config(env.config, timeout=10)
+    env.clients.append(cfg)
+    deadline_ok = False
+    for _ in range(200):
+        try:
+            cfg.ping()
+            deadline_ok = True
+            break
+        except corral.BrokerUnavailable:
+            assert daemon.alive(), daemon.output()
+    assert deadline_ok
+    assert cfg.result(cfg.enqueue("e2e.square", 4), timeout=30) == 16
+
+    # A client with a key pair the broker has not authorised gets nothing.
+    done = env.run("keys", "stranger", "--directory", str(keys))
+    assert done.returncode == 0
+    stranger_cfg = env.home / "stranger.toml"
+    stranger_cfg.write_text(
+        env.config.read_text().replace("client.key_secret", "stranger.key_secret")
+    )
+    stranger = corral.Client.from_config(stranger_cfg, timeout=1.0)
+    with pytest.raises(corral.BrokerUnavailable):
+        stranger.ping()
+    stranger.close()
+
+
+def test_secret_key_readable_by_others_is_refused(env: Env) -> None:
+    keys = _keys(env)
+    (keys / "server.key_secret").chmod(0o644)
+    _tcp_config(
+        env,
+        f'server_secret_key = "{keys}/server.key_secret"\n'
+        f'server_public_key = "{keys}/server.key"\n',
+    )
+    broker = env.start("broker")
+    assert broker.wait(30) == 2
+    assert "chmod 600" in broker.output()
+
+
+def test_insecure_tcp_when_allowed(env: Env) -> None:
+    client_endpoint, _ = _tcp_config(env, "allow_insecure_tcp = true\n")
+    daemon = env.start("run")
+    client = corral.Client(client_endpoint, timeout=10, config=None)
+    env.clients.append(client)
+    with pytest.raises(corral.ConfigError):
+        client.ping()  # a bare Client refuses insecure tcp unless its config allows it
+    client = corral.Client.from_config(env.config, timeout=10)
+    env.clients.append(client)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except corral.BrokerUnavailable:
+            assert daemon.alive(), daemon.output()
+    assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25
