@@ -26,7 +26,7 @@ import zmq
 
 from corral.broker import protocol as p
 from corral.broker.lockfile import StateDirLock
-from corral.broker.log import FsyncFailed, Log
+from corral.broker.log import FsyncFailed, Log, LogError
 from corral.broker.records import ErrorRec, Leased, Record, Returned
 from corral.broker.state import TERMINAL, Defaults, InvalidJob, Job, JobState, TaskDefaults
 from corral.broker.workers import WorkerConn, WorkerTable
@@ -164,8 +164,19 @@ class Broker:
                 if self._wake_r is not None:
                     self._drain_wakeups()
                 self.run_pass()
-        except FsyncFailed:
-            log.critical("broker.fsync_failed", hint="exiting without retrying; restart replays")
+        except FsyncFailed as exc:
+            log.critical(
+                "broker.fsync_failed",
+                error=str(exc),
+                hint="exiting without retrying the fsync; a restart replays the log",
+            )
+            os._exit(70)
+        except LogError as exc:  # e.g. the disk filled even the reserve
+            log.critical(
+                "broker.log_write_failed",
+                error=str(exc),
+                hint="exiting; nothing acknowledged is lost, a restart replays the log",
+            )
             os._exit(70)
         self.close()
 

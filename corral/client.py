@@ -9,6 +9,7 @@ are made here, so a resent enqueue is idempotent at the broker.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -246,6 +247,8 @@ class AsyncClient(_Core):
         super().__init__(endpoint, timeout, config)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: Any = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._reader: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -254,11 +257,16 @@ class AsyncClient(_Core):
         self.close()
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
 
     async def _call(self, msg: p.Msg, wait: float = 0.0) -> Any:
+        """Send one request; many may be in flight at once on the one socket,
+        and a single reader task hands each reply to its request by id."""
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
         if self._sock is None:
@@ -271,17 +279,36 @@ class AsyncClient(_Core):
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    self.close()
                     raise self._unavailable(timeout) from None
                 await sock.poll(50, zmq.POLLOUT)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await sock.poll(remaining * 1000, zmq.POLLIN):
-                self.close()
-                raise self._unavailable(timeout)
-            reply = p.decode(p.client_reply_decoder, await sock.recv())
-            if reply.req in (msg.req, 0):  # type: ignore[attr-defined]
-                return self._check(reply)
+        req = msg.req  # type: ignore[attr-defined]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[req] = future
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.ensure_future(self._read_replies(sock))
+        try:
+            reply = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise self._unavailable(timeout) from None
+        finally:
+            self._pending.pop(req, None)
+        return self._check(reply)
+
+    async def _read_replies(self, sock: Any) -> None:
+        while self._pending and sock is self._sock:
+            try:
+                frame = await sock.recv()
+            except zmq.ZMQError:
+                return
+            reply = p.decode(p.client_reply_decoder, frame)
+            if reply.req == 0:  # a request the broker could not read: fail them all
+                for future in self._pending.values():
+                    if not future.done():
+                        future.set_result(reply)
+                continue
+            future = self._pending.get(reply.req)
+            if future is not None and not future.done():
+                future.set_result(reply)
 
     async def enqueue(
         self, task: str, payload: Any = None, *, queue: str | None = None, **options: Any
