@@ -7,9 +7,9 @@ import asyncio
 import signal
 
 import pytest
+from conftest import Env, wait_for
 
 import corral
-from conftest import Env, wait_for
 
 
 def test_job_past_its_timeout_is_released_and_late_result_fenced(env: Env) -> None:
