@@ -72,6 +72,9 @@ class Child:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
+            # Its own process group: a terminal's Ctrl-C reaches only the
+            # supervisor, which stops the children in order (workers first).
+            os.setpgid(0, 0)
             die_with_parent(parent)
             set_title(self.title)
             code = self.target()

@@ -182,6 +182,9 @@ class Worker:
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake_fd, zmq.POLLIN)
         self._last_heard = time.monotonic()
+        # The DEALER sends only once connected (IMMEDIATE): wait for that, so
+        # READY is not dropped; a broker still down is retried by the loop.
+        self._sock.poll(self.options.heartbeat_interval * 1000, zmq.POLLOUT)
         self._register()
 
     def _register(self) -> None:
