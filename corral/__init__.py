@@ -17,6 +17,7 @@ from corral.errors import (
     JobCancelled,
     JobFailed,
     JobNotFound,
+    RequestTooLarge,
     ResultTimeout,
     Retry,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "JobFailed",
     "JobInfo",
     "JobNotFound",
+    "RequestTooLarge",
     "ResultTimeout",
     "Retry",
     "StatusInfo",

@@ -28,6 +28,7 @@ from corral.errors import (
     JobCancelled,
     JobFailed,
     JobNotFound,
+    RequestTooLarge,
     ResultTimeout,
 )
 from corral.transport import connect_dealer
@@ -35,6 +36,8 @@ from corral.transport import connect_dealer
 DEFAULT_TIMEOUT = 5.0
 #: Longest single long-poll; longer waits are made of several.
 MAX_WAIT_SLICE = 30.0
+#: The broker's default broker.max_message_size.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 
 @dataclass
@@ -69,6 +72,9 @@ class _Core:
         self.endpoint = endpoint
         self.timeout = timeout
         self.config = config
+        self.max_message_size = (
+            config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
+        )
         self._req = itertools.count(1)
 
     @classmethod
@@ -98,6 +104,16 @@ class _Core:
 
     def _enqueue_msg(self, jobs: list[Job]) -> p.Enqueue:
         return p.Enqueue(next(self._req), [self._spec(job) for job in jobs])
+
+    def _encode(self, msg: p.Msg) -> bytes:
+        """Encode a request, refusing one the broker would drop unanswered."""
+        body = p.encode(msg)
+        if len(body) > self.max_message_size:
+            raise RequestTooLarge(
+                f"the request is {len(body)} bytes, over the broker's max_message_size of "
+                f"{self.max_message_size}; send fewer jobs per enqueue_many or smaller payloads"
+            )
+        return body
 
     # --- replies
 
@@ -175,7 +191,7 @@ class Client(_Core):
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
         sock = self._socket()
-        body = p.encode(msg)
+        body = self._encode(msg)
         while True:
             try:
                 sock.send(body, zmq.NOBLOCK)
@@ -272,7 +288,7 @@ class AsyncClient(_Core):
         if self._sock is None:
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
         sock = self._sock
-        body = p.encode(msg)
+        body = self._encode(msg)
         while True:
             try:
                 await sock.send(body, zmq.NOBLOCK)

@@ -32,6 +32,10 @@ class DiskFull(BrokerError):
         super().__init__("disk_full", message)
 
 
+class RequestTooLarge(CorralError, ValueError):
+    """A request bigger than the broker's max_message_size: nothing was sent."""
+
+
 class JobNotFound(CorralError):
     """No job, chain or group has that id (it may have expired)."""
 

@@ -81,3 +81,49 @@ def test_async_client(env: Env) -> None:
                 await client.job("missing")
 
     asyncio.run(main())
+
+
+def test_compaction_keeps_disk_use_near_the_live_jobs(env: Env) -> None:
+    env.write_config(
+        extra_broker='segment_size = "256KiB"\ndisk_reserve = "32KiB"\n'
+        'max_message_size = "128KiB"\ncompact_min_size = "128KiB"'
+    )
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = corral.Client.from_config(env.config, timeout=10)
+    env.clients.append(client)
+    with pytest.raises(corral.RequestTooLarge, match="max_message_size"):
+        client.enqueue_many([corral.Job("e2e.noop", "p" * 1000) for _ in range(200)])
+    payload = "p" * 200
+    for _ in range(6):
+        ids = client.enqueue_many(
+            [corral.Job("e2e.noop", payload, result_ttl=0.2) for _ in range(300)]
+        )
+        client.result(ids[-1], timeout=60)
+        wait_for(
+            lambda: client.status().queues.get("default", {}).get("queued", 0) == 0,
+            message="the batch to drain",
+        )
+    keep = client.enqueue("e2e.square", 6)
+    assert client.result(keep, timeout=30) == 36
+    stats = client.status().stats
+    assert stats["compactions"] >= 1
+    # 1,800 jobs of ~300 bytes went through the log three times over (create,
+    # lease, finish); what stays is the jobs still live.
+    assert stats["log_used_bytes"] < 600 * 1024
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    assert env.client().result(keep, timeout=10) == 36
+
+
+def test_foreground_worker_command(env: Env) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    env.start("worker", "--queue", "special", "--plugin", "e2e_tasks")
+    env.wait_workers(1)
+    client = env.client()
+    job_id = client.enqueue("e2e.square", 8, queue="special")
+    assert client.result(job_id, timeout=30) == 64
+    assert client.job(job_id).queue == "special"
