@@ -342,7 +342,7 @@ def decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes) -> Any:
     msgpack, a wrong shape, absurd nesting, or another protocol version."""
     try:
         msg = decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(str(exc)) from None
     except RecursionError:
         raise ProtocolError("message nested too deeply") from None

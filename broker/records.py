@@ -154,7 +154,12 @@ def decode_record(code: int, body: bytes | memoryview) -> Record:
         raise RecordError(f"unknown record type {code}")
     try:
         return decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+    except (
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as exc:
         raise RecordError(f"bad record of type {code}: {exc}") from None
 
 

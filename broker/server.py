@@ -227,7 +227,11 @@ class Broker:
                     continue
                 idle = False
                 budget -= 1
-                handler(frames, now, mono)
+                try:
+                    handler(frames, now, mono)
+                except Exception:  # a bug handling one message must not stop the broker
+                    self.stats["handler_errors"] += 1
+                    log.exception("broker.handler_error", frames=len(frames))
             if idle:
                 return
 
@@ -513,6 +517,7 @@ class Broker:
         self.state.expire(now)
         if mono >= self._next_heartbeat:
             self._next_heartbeat = mono + self.config.broker.heartbeat_interval
+            self._dirty = True  # retry any dispatch a full socket refused
             for conn in self.workers.silent(mono):
                 self._lose_worker(conn, now, "went silent")
             for conn in self.workers:

@@ -63,7 +63,7 @@ class TaskDef:
             return msgspec.msgpack.decode(raw, type=self.payload_type)
         except msgspec.ValidationError as exc:
             raise PayloadInvalid(_describe_validation(exc)) from None
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise PayloadInvalid(f"payload is not valid msgpack: {exc}") from None
 
     def args(self, ctx: Any, payload: Any) -> tuple[Any, ...]:
@@ -127,10 +127,7 @@ def _define(func: Callable[..., Any], **options: Any) -> TaskDef:
         for prm in inspect.signature(func).parameters.values()
         if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD)
     ]
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:  # unresolvable annotations: treat as untyped
-        hints = {}
+    hints = _parameter_hints(func, params)
     takes_context = takes_payload = False
     payload_type: Any = Any
     if len(params) >= 2:
@@ -150,6 +147,32 @@ def _define(func: Callable[..., Any], **options: Any) -> TaskDef:
         is_async=inspect.iscoroutinefunction(func),
         **options,
     )
+
+
+def _parameter_hints(func: Callable[..., Any], params: list[inspect.Parameter]) -> dict[str, Any]:
+    """Each parameter's resolved annotation. One that cannot be resolved (a
+    name imported only under TYPE_CHECKING, say) costs only itself: it
+    counts as Any, and the others keep their types."""
+    try:
+        return typing.get_type_hints(func)
+    except Exception:
+        pass
+    from corral.context import JobContext
+
+    hints: dict[str, Any] = {}
+    namespace = getattr(func, "__globals__", {})
+    for prm in params:
+        annotation = prm.annotation
+        if annotation is inspect.Parameter.empty:
+            continue
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)
+            except Exception:
+                is_ctx = annotation.split(".")[-1] == "JobContext"
+                annotation = JobContext if is_ctx else Any
+        hints[prm.name] = annotation
+    return hints
 
 
 class Registry:

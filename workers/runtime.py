@@ -244,6 +244,8 @@ class Worker:
                 log.warning("worker.malformed_frame", reason=str(exc)[:200])
                 continue
             match msg:
+                case p.Deliver() if self._stopping:  # sent before our Drain arrived
+                    self._send(p.Return([p.Lease(d.job_id, d.lease) for d in msg.jobs]))
                 case p.Deliver():
                     for delivery in msg.jobs:
                         self._jobs.put(delivery)
