@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from corral import logs
+from corral.supervisor.notify import Notifier
 from corral.supervisor.process import Child, set_title
 from corral.supervisor.roles import pool_registry, run_broker, run_worker
 from corral.workers.registry import Registry
@@ -53,6 +54,7 @@ class Supervisor:
         self.pools: list[PoolState] = []
         self._stop_requested = 0
         self._by_pid: dict[int, tuple[PoolState | None, int]] = {}
+        self.notifier = Notifier()
 
     # ---------------------------------------------------------------- run
 
@@ -68,13 +70,31 @@ class Supervisor:
         for pool in self.config.pools:
             registry = pool_registry(self.config, pool) if pool.preload else None
             self.pools.append(PoolState(pool, registry, [None] * pool.processes))
+        self._reconcile(time.monotonic())
+        self.notifier.ready(self._status_line())
         log.info("supervisor.started", pools=[p.name for p in self.config.pools])
         while not self._stop_requested:
             self._reap()
-            self._reconcile(time.monotonic())
+            now = time.monotonic()
+            self._reconcile(now)
+            self.notifier.status(self._status_line())
+            self.notifier.watchdog(now, self._healthy())
             select.select([wake_r], [], [], TICK)
             _drain(wake_r)
+        self.notifier.stopping()
         return self._shutdown(wake_r)
+
+    def _healthy(self) -> bool:
+        """The loop runs (we are here) and the broker, if ours, is alive."""
+        return not self.with_broker or (self.broker is not None and self.broker.alive)
+
+    def _status_line(self) -> str:
+        parts = []
+        for pool in self.pools:
+            alive = sum(1 for c in pool.slots if c is not None and c.alive)
+            state = " FAILED" if pool.failed else ""
+            parts.append(f"{pool.config.name} {alive}/{len(pool.slots)}{state}")
+        return "workers: " + (", ".join(parts) or "none")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):

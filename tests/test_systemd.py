@@ -1,0 +1,108 @@
+"""sd_notify over a real unix datagram socket passed as NOTIFY_SOCKET, and
+workers that never outlive their supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import psutil
+from conftest import CORRAL, Env, wait_for, worker_processes
+
+from corral.supervisor.notify import Notifier
+
+
+def _messages(sock: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+def test_notify_ready_status_watchdog_stopping(env: Env) -> None:
+    path = str(env.home / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    log = open(env.home / "notify-run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [CORRAL, "run", "-c", str(env.config)],
+        cwd=env.home,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"},
+    )
+    try:
+        seen: list[str] = []
+
+        def got(text: str) -> bool:
+            seen.extend(_messages(sock))
+            return any(text in m for m in seen)
+
+        wait_for(lambda: got("READY=1"), 30, message="READY=1")
+        ready = next(m for m in seen if "READY=1" in m)
+        assert f"MAINPID={proc.pid}" in ready
+        assert "STATUS=workers: default" in ready
+        # The log was replayed before READY: the broker answers at once.
+        assert env.client().ping()
+        wait_for(
+            lambda: got("WATCHDOG=1") and sum("WATCHDOG=1" in m for m in seen) >= 3,
+            10,
+            message="three watchdog pings",
+        )
+        wait_for(lambda: got("STATUS=workers: default 2/2"), 10, message="STATUS with 2 workers")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        seen.extend(_messages(sock))
+        assert any("STOPPING=1" in m for m in seen)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+        sock.close()
+
+
+def test_watchdog_only_while_healthy_and_at_half_interval(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "n.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    assert notifier.watchdog_interval == 1.0
+    notifier.watchdog(100.0, healthy=False)
+    assert _messages(sock) == []
+    notifier.watchdog(100.0, healthy=True)
+    notifier.watchdog(100.2, healthy=True)  # too soon: half the interval is 0.5 s
+    assert _messages(sock) == ["WATCHDOG=1"]
+    notifier.watchdog(100.6, healthy=True)
+    notifier.status("a")
+    notifier.status("a")  # unchanged: not resent
+    notifier.reloading()
+    got = _messages(sock)
+    assert got[:2] == ["WATCHDOG=1", "STATUS=a"]
+    assert got[2].startswith("RELOADING=1\nMONOTONIC_USEC=")
+    notifier.close()
+    sock.close()
+    assert not Notifier({}).enabled
+    assert Notifier({"NOTIFY_SOCKET": "@abstract"}).address == "\0abstract"
+    assert Notifier({"WATCHDOG_USEC": "5", "WATCHDOG_PID": "1"}).watchdog_interval is None
+
+
+def test_workers_die_with_a_killed_supervisor(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    children = daemon.descendants()
+    assert len(worker_processes(daemon)) == 2
+    os.kill(daemon.pid, signal.SIGKILL)
+
+    def all_gone() -> bool:
+        return not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+    wait_for(all_gone, 2.0, message="every child to die within 2 s of the supervisor")
