@@ -144,7 +144,19 @@ class Ping(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-ClientRequest = Enqueue | GetJob | GetResult | GetStatus | Ping
+class WorkerExited(Msg, frozen=True):
+    """From a supervisor: it reaped the worker process ``pid`` on ``host``,
+    so the jobs it held can be handed out at once, without waiting for the
+    heartbeat window."""
+
+    req: int
+    host: str
+    pid: int
+    reason: str
+    v: int = PROTOCOL_VERSION
+
+
+ClientRequest = Enqueue | GetJob | GetResult | GetStatus | Ping | WorkerExited
 
 
 # ------------------------------------------------------ broker -> client replies
@@ -186,6 +198,12 @@ class Pong(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
+class Ack(Msg, frozen=True):
+    req: int
+    count: int = 0
+    v: int = PROTOCOL_VERSION
+
+
 class ErrorReply(Msg, frozen=True):
     """A request that could not be done. ``code`` is one of ``not_found``,
     ``invalid``, ``disk_full``, ``version``, ``internal``."""
@@ -196,7 +214,7 @@ class ErrorReply(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-ClientReply = EnqueueOk | JobReply | ResultReply | StatusReply | Pong | ErrorReply
+ClientReply = EnqueueOk | JobReply | ResultReply | StatusReply | Pong | Ack | ErrorReply
 
 
 # ------------------------------------------------------ worker -> broker reports

@@ -281,6 +281,11 @@ class Broker:
                 self._reply(self.client_sock, identity, self._status(msg.req, mono))
             case p.Ping():
                 self._reply(self.client_sock, identity, p.Pong(msg.req, self.broker_id))
+            case p.WorkerExited():
+                gone = [c for c in self.workers if c.host == msg.host and c.pid == msg.pid]
+                for conn in gone:
+                    self._lose_worker(conn, now, f"exited ({msg.reason})")
+                self._reply(self.client_sock, identity, p.Ack(msg.req, len(gone)))
 
     def _enqueue(self, identity: bytes, msg: p.Enqueue, now: float) -> None:
         if self.log.full:

@@ -248,6 +248,11 @@ class Client(_Core):
         """Round trip to the broker; returns its id."""
         return self._call(p.Ping(next(self._req))).broker_id
 
+    def worker_exited(self, host: str, pid: int, reason: str) -> int:
+        """Tell the broker a worker process is gone (supervisors do this);
+        returns how many registrations it dropped."""
+        return self._call(p.WorkerExited(next(self._req), host, pid, reason)).count
+
 
 class AsyncClient(_Core):
     """The same methods as :class:`Client`, as coroutines."""

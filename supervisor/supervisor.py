@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from corral.workers.registry import Registry
 log = structlog.get_logger()
 
 TICK = 0.25
+BROKER_CALL_TIMEOUT = 0.5
 BROKER_START_TIMEOUT = 120.0
 
 
@@ -55,6 +57,8 @@ class Supervisor:
         self._stop_requested = 0
         self._by_pid: dict[int, tuple[PoolState | None, int]] = {}
         self.notifier = Notifier()
+        self._client: Any = None
+        self._host = socket.gethostname()
 
     # ---------------------------------------------------------------- run
 
@@ -166,6 +170,8 @@ class Supervisor:
             pid=child.pid,
             how=child.describe_exit(),
         )
+        if not clean:
+            self._tell_broker(child)
         if clean:
             return  # recycled: replace at once, no backoff
         pool.restarts.append(now)
@@ -189,6 +195,22 @@ class Supervisor:
         else:
             pool.backoff = 0.0
         pool.next_start = now + pool.backoff
+
+    def _tell_broker(self, child: Child) -> None:
+        """Instant redelivery: the broker requeues the dead worker's jobs now
+        rather than after the heartbeat window. Best effort: if the broker
+        does not answer quickly, the heartbeat path still applies."""
+        from corral.client import Client
+        from corral.errors import CorralError
+
+        if self._client is None:
+            self._client = Client(config=self.config, timeout=BROKER_CALL_TIMEOUT)
+        try:
+            dropped = self._client.worker_exited(self._host, child.pid or 0, child.describe_exit())
+        except CorralError as exc:
+            log.warning("supervisor.broker_not_told", pid=child.pid, error=str(exc))
+            return
+        log.debug("supervisor.broker_told", pid=child.pid, dropped=dropped)
 
     def _reconcile(self, now: float) -> None:
         if self.broker is not None and not self.broker.alive:

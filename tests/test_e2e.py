@@ -203,3 +203,33 @@ def test_sigterm_hands_unstarted_jobs_back_uncounted(env: Env) -> None:
         assert info.status == "queued"
         assert info.attempts == 0
         assert info.tries == []
+
+
+def test_instant_redelivery_well_inside_the_heartbeat_window(env: Env) -> None:
+    # heartbeat window: 2 s x 3 = 6 s; the supervisor's word makes it ~instant.
+    env.write_config(processes=2, heartbeat="2s", liveness=3, prefetch=0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    client = env.client()
+    job_id = client.enqueue("e2e.sleep", 3.0)
+    info = wait_for(
+        lambda: (i := client.job(job_id)).status == "running" and i, message="the job to start"
+    )
+    victim = info.tries[-1].pid
+    before = {p.pid for p in worker_processes(daemon)}
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: len(t := client.job(job_id).tries) == 2 and t[1].ended_at is None,
+        1.0,
+        message="the job to run again within 1 s",
+    )
+    wait_for(
+        lambda: len({p.pid for p in worker_processes(daemon)} - before) == 1,
+        1.0,
+        message="a replacement worker within 1 s",
+    )
+    info = client.job(job_id)
+    assert info.tries[0].error.type == "WorkerLost"
+    assert "SIGKILL" in info.tries[0].error.message
+    assert client.result(job_id, timeout=30)["attempt"] == 2
