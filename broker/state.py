@@ -10,6 +10,7 @@ record to log; time always comes in as ``now`` (epoch seconds).
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -87,6 +88,8 @@ class Job:
     ended_at: float | None = None
     lease: int = 0
     worker: str = ""
+    #: An entry for this job is on its queue's ready heap.
+    in_ready: bool = False
 
     @property
     def next_run_at(self) -> float | None:
@@ -189,6 +192,10 @@ class JobState:
         job = self.jobs.get(rec.id)
         if job is None:
             return
+        if job.status == "running" and job.tries and job.tries[-1].ended_at is None:
+            # The broker stopped during the previous lease; recover() dropped
+            # that try then, so replay drops it here too.
+            job.tries.pop()
         self._set_status(job, "running")
         job.attempts = rec.attempt
         job.lease = rec.lease
@@ -243,8 +250,10 @@ class JobState:
     def _place(self, job: Job) -> None:
         """Put a job on the heap its status calls for."""
         if job.status == "queued":
-            heap = self._ready.setdefault(job.queue, [])
-            heapq.heappush(heap, (-job.priority, job.seq, job.id))
+            if not job.in_ready:
+                job.in_ready = True
+                heap = self._ready.setdefault(job.queue, [])
+                heapq.heappush(heap, (-job.priority, job.seq, job.id))
         elif job.status in WAITING and job.run_at is not None:
             heapq.heappush(self._waiting, (job.run_at, job.seq, job.id))
         elif job.status in TERMINAL:
@@ -323,7 +332,10 @@ class JobState:
         while heap:
             _, _, job_id = heapq.heappop(heap)
             job = self.jobs.get(job_id)
-            if job is not None and job.status == "queued":
+            if job is None:
+                continue
+            job.in_ready = False
+            if job.status == "queued":
                 return job
         return None
 
@@ -338,6 +350,8 @@ class JobState:
             if job is not None and job.status == "queued":
                 return True
             heapq.heappop(heap)
+            if job is not None:
+                job.in_ready = False
         return False
 
     # ------------------------------------------------------------ decisions
@@ -430,7 +444,8 @@ class JobState:
             if task.retry_backoff_max is not None
             else self.defaults.retry_backoff_max
         )
-        full = min(cap, base * (2 ** max(0, job.attempts - 1)))
+        exponent = min(max(0, job.attempts - 1), 60)  # 2**60 s is past any cap
+        full = min(cap, base * (2.0**exponent))
         return full / 2 + rng.uniform(0, full / 2)
 
     def _task(self, job: Job) -> TaskDefaults:
@@ -484,6 +499,10 @@ def _validate_spec(spec: msgspec.Struct) -> None:
         raise InvalidJob("queue: must be a non-empty name of at most 200 characters")
     if not spec.id or len(spec.id) > 64:
         raise InvalidJob("id: must be a non-empty string of at most 64 characters")
+    for name in ("delay", "run_at", "timeout", "result_ttl"):
+        value = getattr(spec, name)
+        if value is not None and not math.isfinite(value):
+            raise InvalidJob(f"{name}: must be a finite number, got {value}")
     if spec.max_attempts is not None and spec.max_attempts < 1:
         raise InvalidJob(f"max_attempts: must be at least 1, got {spec.max_attempts}")
     if spec.timeout is not None and spec.timeout <= 0:

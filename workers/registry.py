@@ -211,13 +211,28 @@ def _where(fn: Callable[..., Any]) -> str:
 
 
 def tasks_in(module: Any) -> list[TaskDef]:
-    """Every task defined by a module's top-level names."""
+    """Every task defined by a module's top-level names, with annotations
+    resolved again now that the whole module exists (a payload Struct may be
+    defined below its task)."""
     found = []
     for value in vars(module).values():
         definition = getattr(value, ATTRIBUTE, None)
         if isinstance(definition, TaskDef):
-            found.append(definition)
+            found.append(_define(definition.fn, **_options(definition)))
     return found
+
+
+def _options(definition: TaskDef) -> dict[str, Any]:
+    return {
+        "name": definition.name,
+        "queue": definition.queue,
+        "max_attempts": definition.max_attempts,
+        "timeout": definition.timeout,
+        "soft_timeout": definition.soft_timeout,
+        "retry_backoff": definition.retry_backoff,
+        "retry_backoff_max": definition.retry_backoff_max,
+        "result_ttl": definition.result_ttl,
+    }
 
 
 def add_python_path(paths: Iterable[str]) -> None:

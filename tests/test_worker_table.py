@@ -1,0 +1,239 @@
+"""Tests for corral.broker.workers: per-worker credit and leases, fair queue
+rotation, which held jobs count as an attempt when a worker is lost, and
+the liveness rule (time is driven by hand)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from corral.broker.workers import WorkerConn, WorkerTable
+
+
+def conn(
+    identity: bytes = b"w1",
+    *,
+    queues: list[str] | None = None,
+    capacity: int = 4,
+    concurrency: int = 2,
+    last_seen: float = 100.0,
+) -> WorkerConn:
+    return WorkerConn(
+        identity=identity,
+        worker_id=identity.decode(),
+        queues=["default"] if queues is None else queues,
+        capacity=capacity,
+        concurrency=concurrency,
+        tasks=["t.a", "t.b"],
+        host="host-1",
+        pid=1234,
+        last_seen=last_seen,
+    )
+
+
+# -- credit ------------------------------------------------------------------------
+
+
+def test_credit_is_capacity_minus_outstanding_leases() -> None:
+    c = conn(capacity=3)
+    assert c.credit == 3
+    c.leases["j1"] = 11
+    c.leases["j2"] = 12
+    assert c.credit == 1
+    c.leases["j3"] = 13
+    assert c.credit == 0
+
+
+def test_release_returns_the_lease_and_gives_credit_back() -> None:
+    c = conn(capacity=2)
+    c.leases.update({"j1": 11, "j2": 12})
+    c.started.add("j1")
+    assert c.credit == 0
+    assert c.release("j1") == 11
+    assert c.credit == 1
+    assert "j1" not in c.started
+    assert c.leases == {"j2": 12}
+    # releasing twice, or a job never held, changes nothing
+    assert c.release("j1") is None
+    assert c.release("nope") is None
+    assert c.credit == 1
+
+
+def test_release_of_an_unheld_but_started_job_forgets_it() -> None:
+    c = conn()
+    c.started.add("ghost")
+    assert c.release("ghost") is None
+    assert c.started == set()
+
+
+def test_hungry_lists_only_workers_with_credit() -> None:
+    table = WorkerTable(3.0)
+    full, free, spare = conn(b"full", capacity=1), conn(b"free", capacity=2), conn(b"spare")
+    for c in (full, free, spare):
+        table.add(c)
+    full.leases["j1"] = 1
+    free.leases["j2"] = 2
+    assert {c.identity for c in table.hungry()} == {b"free", b"spare"}
+    free.leases["j3"] = 3
+    assert {c.identity for c in table.hungry()} == {b"spare"}
+    full.release("j1")
+    assert {c.identity for c in table.hungry()} == {b"full", b"spare"}
+
+
+# -- queue rotation --------------------------------------------------------------------
+
+
+def test_queue_order_rotates_one_step_per_call() -> None:
+    c = conn(queues=["a", "b", "c"])
+    orders = [c.queue_order() for _ in range(4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert c.queues == ["a", "b", "c"]  # the worker's own list is not reordered
+
+
+def test_queue_order_of_one_or_no_queue() -> None:
+    assert [conn(queues=["only"]).queue_order() for _ in range(3)] == [["only"]] * 3
+    assert conn(queues=[]).queue_order() == []
+
+
+@given(st.lists(st.text(min_size=1, max_size=3), min_size=2, max_size=6, unique=True))
+def test_every_queue_leads_equally_often(queues: list[str]) -> None:
+    c = conn(queues=list(queues))
+    rounds = 3
+    firsts = [c.queue_order()[0] for _ in range(rounds * len(queues))]
+    for q in queues:
+        assert firsts.count(q) == rounds
+    # each order is a rotation of the configured list
+    order = c.queue_order()
+    i = queues.index(order[0])
+    assert order == queues[i:] + queues[:i]
+
+
+# -- counted on loss -------------------------------------------------------------------
+
+
+def test_counted_on_loss_is_started_plus_oldest_concurrency_leases() -> None:
+    c = conn(capacity=6, concurrency=2)
+    for i in range(1, 6):
+        c.leases[f"j{i}"] = 100 + i
+    assert c.counted_on_loss() == {"j1", "j2"}
+    c.started.add("j4")  # announced out of order
+    assert c.counted_on_loss() == {"j1", "j2", "j4"}
+    c.release("j1")
+    assert c.counted_on_loss() == {"j2", "j3", "j4"}
+    c.release("j4")
+    assert c.counted_on_loss() == {"j2", "j3"}
+
+
+def test_counted_on_loss_of_an_idle_worker_is_empty() -> None:
+    assert conn().counted_on_loss() == set()
+
+
+def test_counted_on_loss_follows_delivery_order_not_job_id_order() -> None:
+    c = conn(concurrency=1)
+    c.leases["zzz"] = 1
+    c.leases["aaa"] = 2
+    assert c.counted_on_loss() == {"zzz"}
+
+
+@given(
+    st.lists(st.integers(0, 50), unique=True, max_size=12),
+    st.integers(1, 5),
+    st.data(),
+)
+def test_counted_on_loss_property(ids: list[int], concurrency: int, data: st.DataObject) -> None:
+    c = conn(capacity=20, concurrency=concurrency)
+    for n, i in enumerate(ids):
+        c.leases[f"j{i}"] = n + 1
+    held = list(c.leases)
+    started = data.draw(st.sets(st.sampled_from(held)) if held else st.just(set()))
+    c.started.update(started)
+    counted = c.counted_on_loss()
+    assert counted == set(started) | set(held[:concurrency])
+    assert counted <= set(held)
+    # a later job not announced as started is never counted
+    for job_id in held[concurrency:]:
+        assert (job_id in counted) == (job_id in started)
+    # the call is a pure view
+    assert c.counted_on_loss() == counted
+    assert list(c.leases) == held
+
+
+# -- the table and liveness --------------------------------------------------------------
+
+
+def test_add_get_remove_and_replace() -> None:
+    table = WorkerTable(3.0)
+    first = conn(b"w1")
+    assert table.add(first) is None
+    assert table.get(b"w1") is first
+    assert len(table) == 1
+    again = conn(b"w1")
+    assert table.add(again) is first  # a re-registration replaces the old connection
+    assert table.get(b"w1") is again
+    assert len(table) == 1
+    table.add(conn(b"w2"))
+    assert len(table) == 2
+    assert table.remove(b"w1") is again
+    assert table.remove(b"w1") is None
+    assert table.get(b"w1") is None
+    assert [c.identity for c in table] == [b"w2"]
+
+
+def test_iterating_while_removing_is_safe() -> None:
+    table = WorkerTable(3.0)
+    for i in range(5):
+        table.add(conn(f"w{i}".encode()))
+    seen = []
+    for c in table:
+        seen.append(c.identity)
+        table.remove(c.identity)
+    assert len(seen) == 5
+    assert len(table) == 0
+
+
+def test_silent_after_the_liveness_window() -> None:
+    table = WorkerTable(liveness_window=3.0)
+    a, b = conn(b"a", last_seen=100.0), conn(b"b", last_seen=101.0)
+    table.add(a)
+    table.add(b)
+    assert table.silent(100.0) == []
+    assert table.silent(103.0) == []  # exactly the window: still alive
+    assert table.silent(103.5) == [a]
+    assert {c.identity for c in table.silent(104.5)} == {b"a", b"b"}
+
+
+def test_seen_keeps_a_worker_alive() -> None:
+    table = WorkerTable(liveness_window=3.0)
+    a = conn(b"a", last_seen=100.0)
+    table.add(a)
+    assert table.seen(b"a", 102.5) is a
+    assert a.last_seen == 102.5
+    assert table.silent(105.0) == []
+    assert table.silent(105.6) == [a]
+    assert table.seen(b"unknown", 106.0) is None
+
+
+def test_silent_does_not_remove() -> None:
+    table = WorkerTable(liveness_window=1.0)
+    a = conn(b"a", last_seen=0.0)
+    table.add(a)
+    assert table.silent(10.0) == [a]
+    assert table.get(b"a") is a
+    table.remove(b"a")
+    assert table.silent(10.0) == []
+
+
+@given(
+    st.lists(st.floats(0, 100, allow_nan=False), min_size=1, max_size=8),
+    st.floats(0.5, 10),
+    st.floats(0, 120),
+)
+def test_silent_property(last_seen: list[float], window: float, now: float) -> None:
+    table = WorkerTable(window)
+    for i, t in enumerate(last_seen):
+        table.add(conn(f"w{i}".encode(), last_seen=t))
+    silent = {c.identity for c in table.silent(now)}
+    for c in table:
+        gap = now - c.last_seen
+        if abs(gap - window) > 1e-6:  # away from the float boundary
+            assert (c.identity in silent) == (gap > window)
