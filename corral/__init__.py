@@ -20,6 +20,7 @@ from corral.errors import (
     RequestTooLarge,
     ResultTimeout,
     Retry,
+    SoftTimeout,
 )
 from corral.workers.registry import task
 
@@ -43,6 +44,7 @@ __all__ = [
     "RequestTooLarge",
     "ResultTimeout",
     "Retry",
+    "SoftTimeout",
     "StatusInfo",
     "TryInfo",
     "task",

@@ -70,5 +70,10 @@ class Retry(Exception):
         self.delay = delay
 
 
+class SoftTimeout(Exception):
+    """Raised inside a handler that runs past its task's ``soft_timeout``;
+    it may clean up and return, or let it fail the try (which is retried)."""
+
+
 class Fail(Exception):
     """Raised by a handler: fail this job now, with no more attempts."""

@@ -40,15 +40,35 @@ def set_title(title: str) -> None:
 
 
 class Child:
-    """A forked child running ``target``; its return value is the exit code."""
+    """A forked child running ``target``; its return value is the exit code.
 
-    def __init__(self, name: str, title: str, target: Callable[[], int]) -> None:
+    With ``status_pipe`` the child gets the write end of a pipe (passed to
+    ``target``) and the parent keeps the read end as ``status_fd``."""
+
+    def __init__(
+        self,
+        name: str,
+        title: str,
+        target: Callable[[int | None], int],
+        *,
+        status_pipe: bool = False,
+    ) -> None:
         self.name = name
         self.title = title
         self.target = target
+        self.status_pipe = status_pipe
+        self.status_fd: int | None = None
         self.pid: int | None = None
         self.started_at = 0.0
         self.exit_code: int | None = None
+        # What the status pipe tells: jobs running (id -> (started, timeout)),
+        # the last sign of life, and whether the child is being replaced.
+        self.jobs: dict[str, tuple[float, float]] = {}
+        self.last_beat = 0.0
+        self.retiring = ""
+        self.last_rss = 0
+        self.last_rss_check = 0.0
+        self.killed_for = ""
 
     @property
     def alive(self) -> bool:
@@ -56,17 +76,29 @@ class Child:
 
     def start(self) -> int:
         parent = os.getpid()
+        read_fd, write_fd = os.pipe() if self.status_pipe else (None, None)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            self._child_main(parent)
+            if read_fd is not None:
+                os.close(read_fd)
+            self._child_main(parent, write_fd)
+        if write_fd is not None:
+            os.close(write_fd)
+            os.set_blocking(read_fd, False)  # type: ignore[arg-type]
+        self.status_fd = read_fd
         self.pid = pid
-        self.started_at = time.monotonic()
+        self.started_at = self.last_beat = time.monotonic()
         self.exit_code = None
         return pid
 
-    def _child_main(self, parent: int) -> None:
+    def close_status(self) -> None:
+        if self.status_fd is not None:
+            os.close(self.status_fd)
+            self.status_fd = None
+
+    def _child_main(self, parent: int, status_fd: int | None) -> None:
         code = 1
         try:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -77,7 +109,7 @@ class Child:
             os.setpgid(0, 0)
             die_with_parent(parent)
             set_title(self.title)
-            code = self.target()
+            code = self.target(status_fd)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -96,6 +128,7 @@ class Child:
     def reaped(self, status: int) -> None:
         """Record the wait status ``waitpid`` returned for this child."""
         self.exit_code = os.waitstatus_to_exitcode(status)
+        self.close_status()
 
     def rss(self) -> int | None:
         """Resident memory in bytes, or None if the process is gone."""

@@ -43,7 +43,9 @@ def pool_registry(config: Any, pool: Any) -> Registry:
     return load_plugins(pool.plugins)
 
 
-def worker_options(config: Any, pool: Any, index: int) -> WorkerOptions:
+def worker_options(
+    config: Any, pool: Any, index: int, status_fd: int | None = None
+) -> WorkerOptions:
     return WorkerOptions(
         endpoint=config.broker.worker_endpoint,
         queues=list(pool.queues),
@@ -54,16 +56,23 @@ def worker_options(config: Any, pool: Any, index: int) -> WorkerOptions:
         shutdown_timeout=pool.shutdown_timeout,
         max_jobs=pool.max_jobs_per_process,
         name=f"{socket.gethostname()}/{pool.name}#{index}/{os.getpid()}",
+        status_fd=status_fd,
     )
 
 
-def run_worker(config: Any, pool: Any, index: int, registry: Registry | None = None) -> int:
+def run_worker(
+    config: Any,
+    pool: Any,
+    index: int,
+    registry: Registry | None = None,
+    status_fd: int | None = None,
+) -> int:
     """Run one worker of ``pool`` until it is told to stop or recycles."""
     logs.configure("worker", config.log.level, config.log.format)
     structlog.contextvars.bind_contextvars(pool=pool.name, index=index)
     if registry is None:
         registry = pool_registry(config, pool)
-    worker = Worker(worker_options(config, pool, index), registry, config)
+    worker = Worker(worker_options(config, pool, index, status_fd), registry, config)
     worker.install_signal_handlers()
     log.info(
         "worker.started",

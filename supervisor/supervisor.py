@@ -21,10 +21,12 @@ from typing import Any
 import structlog
 
 from corral import logs
+from corral.supervisor.monitor import judge, read_status
 from corral.supervisor.notify import Notifier
 from corral.supervisor.process import Child, set_title
 from corral.supervisor.roles import pool_registry, run_broker, run_worker
 from corral.workers.registry import Registry
+from corral.workers.status import StatusReader
 
 log = structlog.get_logger()
 
@@ -40,6 +42,8 @@ class PoolState:
     config: Any
     registry: Registry | None
     slots: list[Child | None] = field(default_factory=list)
+    #: Workers being replaced: their successor runs, they drain and leave.
+    retiring: list[Child] = field(default_factory=list)
     restarts: deque[float] = field(default_factory=deque)
     backoff: float = 0.0
     next_start: float = 0.0
@@ -55,7 +59,10 @@ class Supervisor:
         self.broker: Child | None = None
         self.pools: list[PoolState] = []
         self._stop_requested = 0
-        self._by_pid: dict[int, tuple[PoolState | None, int]] = {}
+        self._by_pid: dict[int, tuple[PoolState, int, Child]] = {}
+        self._readers: dict[int, StatusReader] = {}
+        bc = config.broker
+        self._liveness = bc.heartbeat_interval * bc.heartbeat_liveness
         self.notifier = Notifier()
         self._client: Any = None
         self._host = socket.gethostname()
@@ -83,8 +90,8 @@ class Supervisor:
             self._reconcile(now)
             self.notifier.status(self._status_line())
             self.notifier.watchdog(now, self._healthy())
-            select.select([wake_r], [], [], TICK)
-            _drain(wake_r)
+            self._wait(wake_r, TICK)
+            self._monitor(time.monotonic())
         self.notifier.stopping()
         return self._shutdown(wake_r)
 
@@ -113,7 +120,7 @@ class Supervisor:
         ready_r, ready_w = os.pipe()
         config = self.config
 
-        def target() -> int:
+        def target(_: int | None) -> int:
             os.close(ready_r)
             return run_broker(config, ready_w)
 
@@ -148,12 +155,24 @@ class Supervisor:
                 self.broker.reaped(status)
                 log.error("supervisor.broker_exited", how=self.broker.describe_exit())
                 continue
-            pool, index = self._by_pid.pop(pid, (None, -1))
-            if pool is None:
+            entry = self._by_pid.pop(pid, None)
+            if entry is None:
                 continue
-            child = pool.slots[index]
-            if child is not None:
-                child.reaped(status)
+            pool, index, child = entry
+            child.reaped(status)
+            self._readers.pop(pid, None)
+            if child in pool.retiring:
+                pool.retiring.remove(child)
+                log.info(
+                    "supervisor.worker_retired",
+                    pool=pool.config.name,
+                    pid=pid,
+                    reason=child.retiring,
+                    how=child.describe_exit(),
+                )
+                if child.exit_code != 0:
+                    self._tell_broker(child)
+            elif pool.slots[index] is child:
                 self._on_worker_exit(pool, index, child)
 
     def _on_worker_exit(self, pool: PoolState, index: int, child: Child) -> None:
@@ -172,8 +191,8 @@ class Supervisor:
         )
         if not clean:
             self._tell_broker(child)
-        if clean:
-            return  # recycled: replace at once, no backoff
+        if clean or child.killed_for:
+            return  # recycled, or killed for a limit: replace at once
         pool.restarts.append(now)
         window = pool.config.restart_window
         while pool.restarts and pool.restarts[0] < now - window:
@@ -228,20 +247,77 @@ class Supervisor:
     def _start_worker(self, pool: PoolState, index: int) -> None:
         config, registry, pool_config = self.config, pool.registry, pool.config
 
-        def target() -> int:
-            return run_worker(config, pool_config, index, registry)
+        def target(status_fd: int | None) -> int:
+            return run_worker(config, pool_config, index, registry, status_fd)
 
         child = Child(
-            f"{pool_config.name}#{index}", f"corral: worker {pool_config.name}#{index}", target
+            f"{pool_config.name}#{index}",
+            f"corral: worker {pool_config.name}#{index}",
+            target,
+            status_pipe=True,
         )
         pid = child.start()
         pool.slots[index] = child
-        self._by_pid[pid] = (pool, index)
+        self._by_pid[pid] = (pool, index, child)
+        self._readers[pid] = StatusReader()
+
+    # ------------------------------------------------------------ monitor
+
+    def _wait(self, wake_r: int, timeout: float) -> None:
+        """Sleep until a signal, a status line from a worker, or the tick."""
+        fds = [wake_r] + [c.status_fd for c in self._all_workers() if c.status_fd is not None]
+        select.select(fds, [], [], timeout)  # retried on EINTR (PEP 475)
+        _drain(wake_r)
+
+    def _all_workers(self) -> list[Child]:
+        return [c for _, _, c in self._by_pid.values() if c.alive]
+
+    def _monitor(self, now: float) -> None:
+        """Read the status pipes and enforce each pool's limits."""
+        for pid, (pool, index, child) in list(self._by_pid.items()):
+            if not child.alive:
+                continue
+            retiring = read_status(child, self._readers[pid], now)
+            if retiring and not child.retiring and pool.slots[index] is child:
+                self._replace(pool, index, child, retiring, drain=False)
+                continue
+            verdict = judge(child, pool.config, now, self._liveness)
+            if verdict is None:
+                continue
+            if verdict.action == "kill":
+                log.warning(
+                    "supervisor.kill_worker",
+                    pool=pool.config.name,
+                    pid=child.pid,
+                    reason=verdict.reason,
+                )
+                child.killed_for = verdict.reason
+                child.signal(signal.SIGKILL)
+            elif pool.slots[index] is child:
+                self._replace(pool, index, child, verdict.reason, drain=True)
+
+    def _replace(
+        self, pool: PoolState, index: int, child: Child, reason: str, *, drain: bool
+    ) -> None:
+        """Start the successor first, so capacity never dips; then the old
+        worker finishes its current job and leaves (SIGTERM drains it)."""
+        child.retiring = reason
+        pool.retiring.append(child)
+        self._start_worker(pool, index)
+        if drain:
+            child.signal(signal.SIGTERM)
+        log.info(
+            "supervisor.recycle",
+            pool=pool.config.name,
+            old_pid=child.pid,
+            new_pid=pool.slots[index].pid if pool.slots[index] else None,
+            reason=reason,
+        )
 
     # ----------------------------------------------------------- shutdown
 
     def _workers(self) -> list[Child]:
-        return [c for pool in self.pools for c in pool.slots if c is not None and c.alive]
+        return self._all_workers()
 
     def _kill_all(self, sig: int) -> None:
         for child in self._workers():

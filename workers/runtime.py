@@ -33,9 +33,10 @@ import zmq
 
 from corral.broker import protocol as p
 from corral.context import JobContext
-from corral.errors import Fail, Retry
+from corral.errors import Fail, Retry, SoftTimeout
 from corral.transport import connect_dealer
 from corral.workers.registry import PayloadInvalid, Registry, TaskDef
+from corral.workers.status import StatusWriter
 
 log = structlog.get_logger()
 
@@ -57,6 +58,8 @@ class WorkerOptions:
     shutdown_timeout: float = 30.0
     max_jobs: int = 0
     name: str = ""
+    #: Write end of the status pipe to the supervisor (workers.status).
+    status_fd: int | None = None
 
 
 class Worker:
@@ -87,7 +90,10 @@ class Worker:
         self._done_count = 0
         self._last_heard = 0.0
         self._last_sent = 0.0
+        self._last_beat = 0.0
         self._backoff = RECONNECT_MIN
+        self._status = StatusWriter(options.status_fd)
+        self._soft_job: str | None = None
         self.processed = 0
 
     # ---------------------------------------------------------- lifecycle
@@ -108,8 +114,25 @@ class Worker:
         self._wake()
 
     def run(self) -> int:
-        """Run until stopped; returns the process exit code."""
-        self._start_threads()
+        """Run until stopped; returns the process exit code. The socket loop
+        runs on its own thread; the main thread runs the first handler slot,
+        so that a soft timeout (SIGALRM) can interrupt its handler."""
+        signal.signal(signal.SIGALRM, self._on_soft_timeout)
+        socket_thread = self._thread(self._socket_main, "corral-socket")
+        for i in range(1, self.options.concurrency):
+            self._threads.append(self._thread(self._executor, f"corral-handler-{i}"))
+        self._executor(main=True)
+        socket_thread.join()
+        return 0
+
+    def _thread(self, target: Any, name: str) -> threading.Thread:
+        thread = threading.Thread(  # the copied context carries role and pid
+            target=contextvars.copy_context().run, args=(target,), name=name, daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _socket_main(self) -> None:
         self._connect()
         try:
             while True:
@@ -118,18 +141,11 @@ class Worker:
                     break
         finally:
             self._shutdown()
-        return 0
 
-    def _start_threads(self) -> None:
-        for i in range(self.options.concurrency):
-            thread = threading.Thread(  # the copied context carries role and pid
-                target=contextvars.copy_context().run,
-                args=(self._executor,),
-                name=f"corral-handler-{i}",
-                daemon=True,
-            )
-            thread.start()
-            self._threads.append(thread)
+    def _on_soft_timeout(self, signum: int, frame: object) -> None:
+        if self._soft_job is not None:
+            self._soft_job = None
+            raise SoftTimeout("the job ran past its soft timeout")
 
     def _drained(self) -> bool:
         if self._stop_deadline is None:
@@ -156,7 +172,7 @@ class Worker:
                 leases.append(p.Lease(item.job_id, item.lease))
         if leases:
             self._send(p.Return(leases))
-        for _ in self._threads:
+        for _ in range(self.options.concurrency):
             self._jobs.put(_STOP)
 
     def _shutdown(self) -> None:
@@ -215,7 +231,8 @@ class Worker:
     def _loop_once(self) -> None:
         interval = self.options.heartbeat_interval
         now = time.monotonic()
-        wait = max(0.0, min(self._last_sent + interval, self._last_heard + interval) - now)
+        wake = min(self._last_sent, self._last_heard, self._last_beat) + interval
+        wait = max(0.0, wake - now)
         events = dict(self._poller.poll(wait * 1000))
         if self._wake_fd in events:
             with contextlib.suppress(BlockingIOError):
@@ -226,6 +243,9 @@ class Worker:
         now = time.monotonic()
         if now - self._last_sent >= interval:
             self._send(p.WorkerHeartbeat())
+        if now - self._last_beat >= interval:
+            self._last_beat = now
+            self._status.beat()
         if now - self._last_heard > interval * self.options.heartbeat_liveness:
             self._reconnect()
 
@@ -294,6 +314,7 @@ class Worker:
         recycle = self.options.max_jobs and self._done_count >= self.options.max_jobs
         if recycle and not self._stopping:
             log.info("worker.recycle", reason="max_jobs", jobs=self._done_count)
+            self._status.retiring("max_jobs")
             self.request_stop()
 
     def _wake(self) -> None:
@@ -302,10 +323,13 @@ class Worker:
 
     # ----------------------------------------------------------- handlers
 
-    def _executor(self) -> None:
+    def _executor(self, main: bool = False) -> None:
         loop: asyncio.AbstractEventLoop | None = None
         while True:
-            delivery = self._jobs.get()
+            try:
+                delivery = self._jobs.get(timeout=1.0)
+            except queue.Empty:
+                continue
             if delivery is _STOP:
                 break
             assert delivery is not None
@@ -316,7 +340,9 @@ class Worker:
             definition = self.registry.get(delivery.task)
             if definition is not None and definition.is_async and loop is None:
                 loop = asyncio.new_event_loop()
-            outcome = self._run(delivery, definition, loop)
+            self._status.started(delivery.job_id, delivery.timeout)
+            outcome = self._run(delivery, definition, loop, main)
+            self._status.ended(delivery.job_id)
             self._done_count += 1
             self._outbox.append(("done", outcome))
             self._wake()
@@ -324,7 +350,11 @@ class Worker:
             loop.close()
 
     def _run(
-        self, d: p.Delivery, definition: TaskDef | None, loop: asyncio.AbstractEventLoop | None
+        self,
+        d: p.Delivery,
+        definition: TaskDef | None,
+        loop: asyncio.AbstractEventLoop | None,
+        main: bool = False,
     ) -> p.Outcome:
         started = time.time()
         self._outbox.append(("started", p.Lease(d.job_id, d.lease)))
@@ -352,9 +382,18 @@ class Worker:
         )
         self._running[d.job_id] = ctx
         structlog.contextvars.bind_contextvars(job_id=d.job_id, task=d.task, attempt=d.attempt)
+        soft = definition.soft_timeout if main else None
         try:
+            if soft:
+                self._soft_job = d.job_id
+                signal.setitimer(signal.ITIMER_REAL, soft)
             return self._call(d, definition, ctx, loop, started)
+        except SoftTimeout as exc:  # fired outside the handler's own try
+            return self._outcome(d, "error", started, error=_error_info(exc))
         finally:
+            if soft:
+                self._soft_job = None
+                signal.setitimer(signal.ITIMER_REAL, 0)
             structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
             self._running.pop(d.job_id, None)
 

@@ -51,3 +51,35 @@ def flaky(ctx: corral.JobContext, succeed_on: int) -> int:
     if ctx.attempt < succeed_on:
         raise ValueError(f"attempt {ctx.attempt} fails")
     return ctx.attempt
+
+
+_hoard: list[bytearray] = []
+
+
+@corral.task(name="e2e.hog")
+def hog(ctx: corral.JobContext, mib: int) -> int:
+    """Keep ``mib`` MiB alive after the job: the process grows."""
+    block = bytearray(mib * 1024 * 1024)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    _hoard.append(block)
+    return os.getpid()
+
+
+@corral.task(name="e2e.crash", max_attempts=3)
+def crash(ctx: corral.JobContext, code: int) -> None:
+    """Ends its own process every time: a poison job."""
+    os._exit(code)
+
+
+@corral.task(name="e2e.soft", soft_timeout=0.3, timeout=5)
+def soft(ctx: corral.JobContext, seconds: float) -> str:
+    try:
+        time.sleep(seconds)
+    except corral.SoftTimeout:
+        return "cleaned up"
+    return "finished"
+
+
+@corral.task(name="e2e.pid")
+def pid(ctx: corral.JobContext, payload: object = None) -> int:
+    return os.getpid()

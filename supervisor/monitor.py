@@ -1,0 +1,71 @@
+"""Watching worker processes: what their status pipes say, and the limits
+that end them (hard timeout, a stopped loop) or recycle them (memory, age,
+jobs). Decisions only; the supervisor acts on them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from corral.supervisor.process import Child
+from corral.workers.status import StatusReader
+
+#: Extra time past a job's timeout before its process is killed.
+HARD_TIMEOUT_GRACE = 1.0
+#: How often RSS is read.
+RSS_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``kill`` (SIGKILL now) or ``recycle`` (replace, then drain), and why."""
+
+    action: str
+    reason: str
+
+
+def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
+    """Apply what the child wrote to its status pipe. Returns the reason if
+    the child announced that it is retiring."""
+    if child.status_fd is None:
+        return None
+    retiring = None
+    while True:
+        try:
+            data = os.read(child.status_fd, 65536)
+        except BlockingIOError:
+            break
+        if not data:  # the child closed its end: it is exiting
+            child.close_status()
+            break
+        for event in reader.feed(data):
+            child.last_beat = now
+            if event.kind == "S":
+                child.jobs[event.job_id] = (now, event.timeout)
+            elif event.kind == "E":
+                child.jobs.pop(event.job_id, None)
+            elif event.kind == "R":
+                retiring = event.reason or "retiring"
+    return retiring
+
+
+def judge(child: Child, pool: Any, now: float, liveness_window: float) -> Verdict | None:
+    """The limit a live worker is past, if any."""
+    for job_id, (started, timeout) in child.jobs.items():
+        if timeout and now > started + timeout + HARD_TIMEOUT_GRACE:
+            return Verdict("kill", f"job {job_id} ran past its timeout of {timeout:g}s")
+    if now - child.last_beat > liveness_window:
+        return Verdict("kill", f"no sign of life for {now - child.last_beat:.1f}s")
+    if child.retiring:
+        return None
+    if pool.max_age and now - child.started_at > pool.max_age:
+        return Verdict("recycle", f"max_age {pool.max_age:g}s")
+    if now - child.last_rss_check >= RSS_INTERVAL:
+        child.last_rss_check = now
+        rss = child.rss()
+        if rss is not None:
+            child.last_rss = rss
+            if pool.max_memory and rss > pool.max_memory:
+                return Verdict("recycle", f"max_memory: RSS {rss} > {pool.max_memory}")
+    return None

@@ -1,0 +1,98 @@
+"""The supervisor's limits: memory, jobs per process, hard and soft
+timeouts, and a poison job that kills its process every time."""
+
+from __future__ import annotations
+
+import pytest
+
+import corral
+from conftest import Env, wait_for, worker_processes
+
+
+def test_worker_over_max_memory_is_recycled_after_its_job(env: Env) -> None:
+    env.write_config(processes=1, prefetch=0, extra_pool='max_memory = "120MiB"')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    hog = client.enqueue("e2e.hog", 200)
+    first = client.result(hog, timeout=30)
+    assert client.job(hog).attempts == 1  # the job itself succeeded, once
+    wait_for(
+        lambda: first not in {p.pid for p in worker_processes(daemon)},
+        20,
+        message="the grown worker to be replaced",
+    )
+    assert len(worker_processes(daemon)) == 1
+    later = client.result(client.enqueue("e2e.pid"), timeout=30)
+    assert later != first
+    out = daemon.output()
+    assert "supervisor.recycle" in out and "max_memory" in out
+
+
+def test_max_jobs_per_process_replaces_workers_and_loses_nothing(env: Env) -> None:
+    env.write_config(processes=1, prefetch=0, extra_pool="max_jobs_per_process = 3")
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    ids = [client.enqueue("e2e.pid") for _ in range(10)]
+    pids = [client.result(i, timeout=30) for i in ids]
+    assert len(set(pids)) >= 4  # 10 jobs, 3 per process
+    for job_id in ids:
+        assert client.job(job_id).attempts == 1
+    assert "supervisor.recycle" in daemon.output()
+
+
+def test_hard_timeout_kills_the_process_and_retries(env: Env) -> None:
+    env.write_config(processes=1, prefetch=0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    job_id = client.enqueue("e2e.sleep", 30, timeout=0.5, max_attempts=2)
+    with pytest.raises(corral.JobFailed) as failed:
+        client.result(job_id, timeout=60)
+    assert failed.value.error.type == "TimeoutError"
+    info = client.job(job_id)
+    assert info.attempts == 2
+    wait_for(
+        lambda: "supervisor.kill_worker" in daemon.output(),
+        20,
+        message="the supervisor to kill the stuck process",
+    )
+    assert "ran past its timeout" in daemon.output()
+    assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9
+
+
+def test_soft_timeout_raises_inside_the_handler(env: Env) -> None:
+    env.write_config(processes=1)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    assert client.result(client.enqueue("e2e.soft", 3.0), timeout=30) == "cleaned up"
+    assert client.result(client.enqueue("e2e.soft", 0.01), timeout=30) == "finished"
+
+
+def test_poison_job_backs_off_fails_the_pool_and_the_job(env: Env) -> None:
+    env.write_config(
+        processes=1,
+        prefetch=0,
+        extra_pool='max_restarts = 2\nrestart_window = "60s"\nrestart_backoff = "100ms"',
+    )
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("e2e.crash", 3)
+    with pytest.raises(corral.JobFailed) as failed:
+        client.result(job_id, timeout=60)
+    assert failed.value.error.type == "WorkerLost"
+    info = client.job(job_id)
+    assert info.attempts == 3
+    assert all(t.error is not None and "exit" in t.error.message for t in info.tries)
+    wait_for(
+        lambda: "supervisor.pool_failed" in daemon.output(),
+        20,
+        message="the pool to be marked failed",
+    )
+    wait_for(lambda: not worker_processes(daemon), 10, message="no worker restarted")
+    assert daemon.alive()  # the daemon stays up, the pool stays failed
