@@ -478,7 +478,9 @@ class Broker:
         """Requeue every job a gone worker held; the attempt counts for the
         jobs it may have started (see WorkerConn.counted_on_loss)."""
         self.workers.remove(conn.identity)
-        counted = conn.counted_on_loss()
+        # A worker that says Bye holds nothing: what it still had leased was
+        # in flight to it and never started.
+        counted = set() if reason == "left" else conn.counted_on_loss()
         requeued = 0
         for job_id, lease in list(conn.leases.items()):
             job = self.state.jobs.get(job_id)

@@ -13,9 +13,12 @@ import corral
 
 
 def test_job_past_its_timeout_is_released_and_late_result_fenced(env: Env) -> None:
-    env.write_config(processes=1, prefetch=0)
-    daemon = env.start("run")
-    env.wait_ready(daemon)
+    # A bare worker, no supervisor to kill it: the broker alone releases the
+    # lease, and the handler's result arrives later from an expired lease.
+    env.write_config(processes=0, prefetch=0)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    env.start("worker", "--plugin", "e2e_tasks")
     env.wait_workers(1)
     client = env.client()
     job_id = client.enqueue("e2e.sleep", 1.5, timeout=0.3, max_attempts=1)

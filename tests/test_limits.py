@@ -4,9 +4,9 @@ timeouts, and a poison job that kills its process every time."""
 from __future__ import annotations
 
 import pytest
+from conftest import Env, wait_for, worker_processes
 
 import corral
-from conftest import Env, wait_for, worker_processes
 
 
 def test_worker_over_max_memory_is_recycled_after_its_job(env: Env) -> None:

@@ -303,6 +303,14 @@ class Worker:
     def _flush_outbox(self) -> None:
         if not self._outbox:
             return
+        recycle = self.options.max_jobs and self._done_count >= self.options.max_jobs
+        if recycle and not self._stopping:
+            # Drain goes before the last report, so the credit that report
+            # gives back is not used for a job this worker will not run.
+            log.info("worker.recycle", reason="max_jobs", jobs=self._done_count)
+            self._status.retiring("max_jobs")
+            self.request_stop()
+            self._begin_drain()
         batches: dict[str, list[Any]] = {"started": [], "done": [], "return": []}
         while self._outbox:
             kind, item = self._outbox.popleft()
@@ -311,11 +319,6 @@ class Worker:
             self._send(p.Report(batches["started"], batches["done"]))
         if batches["return"]:
             self._send(p.Return(batches["return"]))
-        recycle = self.options.max_jobs and self._done_count >= self.options.max_jobs
-        if recycle and not self._stopping:
-            log.info("worker.recycle", reason="max_jobs", jobs=self._done_count)
-            self._status.retiring("max_jobs")
-            self.request_stop()
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
