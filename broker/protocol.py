@@ -99,6 +99,37 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     failed: int = 0
 
 
+class ProcessInfo(msgspec.Struct, frozen=True):
+    """One worker process as its supervisor sees it."""
+
+    pool: str
+    index: int
+    pid: int
+    rss: int
+    jobs: list[str]
+    uptime: float
+    retiring: str = ""
+
+
+class PoolInfo(msgspec.Struct, frozen=True):
+    name: str
+    queues: list[str]
+    processes: int
+    restarts: int
+    failed: bool
+
+
+class SupervisorInfo(msgspec.Struct, frozen=True):
+    """A supervisor's pools and processes, as it last reported them."""
+
+    supervisor_id: str
+    host: str
+    pid: int
+    pools: list[PoolInfo]
+    workers: list[ProcessInfo]
+    reported_ago: float = 0.0
+
+
 class StatusInfo(msgspec.Struct, frozen=True):
     """What ``corral status`` shows: counts per queue and status, the
     connected workers, and the broker's counters."""
@@ -107,6 +138,7 @@ class StatusInfo(msgspec.Struct, frozen=True):
     workers: list[WorkerInfo]
     stats: dict[str, int]
     broker_id: str = ""
+    supervisors: list[SupervisorInfo] = []
 
 
 # ---------------------------------------------------- client -> broker requests
@@ -156,7 +188,15 @@ class WorkerExited(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-ClientRequest = Enqueue | GetJob | GetResult | GetStatus | Ping | WorkerExited
+class SupervisorReport(Msg, frozen=True):
+    """A supervisor's periodic report; the reply tells it the broker lives."""
+
+    req: int
+    info: SupervisorInfo
+    v: int = PROTOCOL_VERSION
+
+
+ClientRequest = Enqueue | GetJob | GetResult | GetStatus | Ping | WorkerExited | SupervisorReport
 
 
 # ------------------------------------------------------ broker -> client replies

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 import zmq
 
@@ -37,6 +38,8 @@ log = structlog.get_logger()
 #: Messages handled per socket per pass before the loop commits and replies.
 DRAIN_BUDGET = 20_000
 MAX_POLL_WAIT = 1.0
+#: A supervisor not heard from for this long is left out of status.
+SUPERVISOR_STALE = 15.0
 
 
 @dataclass(eq=False)
@@ -84,6 +87,7 @@ class Broker:
         self._waiter_heap: list[tuple[float, int, _Waiter]] = []
         self._deadlines: list[tuple[float, str, int]] = []
         self._holders: dict[str, bytes] = {}
+        self._supervisors: dict[str, tuple[p.SupervisorInfo, float]] = {}
         self._lease_seq = time.time_ns() // 1000
         self._dirty = True
         self._stopping = False
@@ -281,6 +285,9 @@ class Broker:
                 self._reply(self.client_sock, identity, self._status(msg.req, mono))
             case p.Ping():
                 self._reply(self.client_sock, identity, p.Pong(msg.req, self.broker_id))
+            case p.SupervisorReport():
+                self._supervisors[msg.info.supervisor_id] = (msg.info, mono)
+                self._reply(self.client_sock, identity, p.Ack(msg.req))
             case p.WorkerExited():
                 gone = [c for c in self.workers if c.host == msg.host and c.pid == msg.pid]
                 for conn in gone:
@@ -739,4 +746,9 @@ class Broker:
         stats.update({f"log_{k}": int(v) for k, v in self.log.stats().items()})
         stats["jobs"] = len(self.state.jobs)
         stats["waiters"] = sum(len(w) for w in self._waiters.values())
-        return p.StatusReply(req, p.StatusInfo(queues, workers, stats, self.broker_id))
+        supervisors = [
+            msgspec.structs.replace(info, reported_ago=round(mono - seen, 3))
+            for info, seen in self._supervisors.values()
+            if mono - seen < SUPERVISOR_STALE
+        ]
+        return p.StatusReply(req, p.StatusInfo(queues, workers, stats, self.broker_id, supervisors))

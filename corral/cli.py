@@ -104,6 +104,22 @@ def human_status(status: Any) -> str:
         lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
     if not status.queues:
         lines.append("(no jobs)")
+    for sup in status.supervisors:
+        lines.append("")
+        lines.append(f"supervisor {sup.supervisor_id} (pid {sup.pid} on {sup.host})")
+        for pool in sup.pools:
+            state = "FAILED" if pool.failed else "ok"
+            lines.append(
+                f"  pool {pool.name}: {pool.processes} processes, queues={','.join(pool.queues)}"
+                f", restarts={pool.restarts}, {state}"
+            )
+        for w in sup.workers:
+            jobs = ",".join(w.jobs) or "-"
+            extra = f" retiring ({w.retiring})" if w.retiring else ""
+            lines.append(
+                f"    {w.pool}#{w.index} pid {w.pid} rss {w.rss / 2**20:.1f}MiB "
+                f"up {w.uptime:.0f}s job {jobs}{extra}"
+            )
     lines.append("")
     lines.append(f"workers: {len(status.workers)}")
     for w in status.workers:

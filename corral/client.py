@@ -248,6 +248,10 @@ class Client(_Core):
         """Round trip to the broker; returns its id."""
         return self._call(p.Ping(next(self._req))).broker_id
 
+    def report_supervisor(self, info: p.SupervisorInfo) -> None:
+        """A supervisor's periodic report (supervisors do this)."""
+        self._call(p.SupervisorReport(next(self._req), info))
+
     def worker_exited(self, host: str, pid: int, reason: str) -> int:
         """Tell the broker a worker process is gone (supervisors do this);
         returns how many registrations it dropped."""

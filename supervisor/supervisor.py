@@ -32,6 +32,8 @@ log = structlog.get_logger()
 
 TICK = 0.25
 BROKER_CALL_TIMEOUT = 0.5
+REPORT_INTERVAL = 1.0
+BROKER_HEALTH_WINDOW = 5.0
 BROKER_START_TIMEOUT = 120.0
 
 
@@ -48,6 +50,7 @@ class PoolState:
     backoff: float = 0.0
     next_start: float = 0.0
     failed: bool = False
+    total_restarts: int = 0
 
 
 class Supervisor:
@@ -66,6 +69,9 @@ class Supervisor:
         self.notifier = Notifier()
         self._client: Any = None
         self._host = socket.gethostname()
+        self._id = f"{self._host}/{os.getpid()}"
+        self._last_report = 0.0
+        self._broker_answered = time.monotonic()
 
     # ---------------------------------------------------------------- run
 
@@ -88,16 +94,66 @@ class Supervisor:
             self._reap()
             now = time.monotonic()
             self._reconcile(now)
+            self._report(now)
             self.notifier.status(self._status_line())
-            self.notifier.watchdog(now, self._healthy())
+            self.notifier.watchdog(now, self._healthy(now))
             self._wait(wake_r, TICK)
             self._monitor(time.monotonic())
         self.notifier.stopping()
         return self._shutdown(wake_r)
 
-    def _healthy(self) -> bool:
-        """The loop runs (we are here) and the broker, if ours, is alive."""
-        return not self.with_broker or (self.broker is not None and self.broker.alive)
+    def _healthy(self, now: float) -> bool:
+        """The loop runs (we are here) and, in ``corral run``, our broker's
+        loop answered a report recently. A remote broker's outage does not
+        make a worker host unhealthy: its workers reconnect on their own."""
+        if not self.with_broker:
+            return True
+        alive = self.broker is not None and self.broker.alive
+        return alive and now - self._broker_answered < BROKER_HEALTH_WINDOW
+
+    def _report(self, now: float) -> None:
+        """Tell the broker what runs here (for `corral status`); its answer
+        is also the sign that the broker loop is healthy."""
+        if now - self._last_report < REPORT_INTERVAL:
+            return
+        self._last_report = now
+        from corral.errors import CorralError
+
+        try:
+            self._broker_client().report_supervisor(self._describe(now))
+        except CorralError as exc:
+            log.debug("supervisor.report_failed", error=str(exc))
+            return
+        self._broker_answered = now
+
+    def _describe(self, now: float) -> Any:
+        from corral.broker.protocol import PoolInfo, ProcessInfo, SupervisorInfo
+
+        pools = [
+            PoolInfo(p.config.name, list(p.config.queues), len(p.slots), p.total_restarts, p.failed)
+            for p in self.pools
+        ]
+        workers = [
+            ProcessInfo(
+                pool.config.name,
+                index,
+                child.pid or 0,
+                child.last_rss,
+                list(child.jobs),
+                round(now - child.started_at, 3),
+                child.retiring,
+            )
+            for pool, index, child in self._by_pid.values()
+            if child.alive
+        ]
+        return SupervisorInfo(self._id, self._host, os.getpid(), pools, workers)
+
+    def _broker_client(self) -> Any:
+        from corral.client import Client
+
+        if self._client is None:
+            self._client = Client(config=self.config, timeout=BROKER_CALL_TIMEOUT)
+        return self._client
 
     def _status_line(self) -> str:
         parts = []
@@ -194,6 +250,7 @@ class Supervisor:
         if clean or child.killed_for:
             return  # recycled, or killed for a limit: replace at once
         pool.restarts.append(now)
+        pool.total_restarts += 1
         window = pool.config.restart_window
         while pool.restarts and pool.restarts[0] < now - window:
             pool.restarts.popleft()
@@ -219,13 +276,12 @@ class Supervisor:
         """Instant redelivery: the broker requeues the dead worker's jobs now
         rather than after the heartbeat window. Best effort: if the broker
         does not answer quickly, the heartbeat path still applies."""
-        from corral.client import Client
         from corral.errors import CorralError
 
-        if self._client is None:
-            self._client = Client(config=self.config, timeout=BROKER_CALL_TIMEOUT)
         try:
-            dropped = self._client.worker_exited(self._host, child.pid or 0, child.describe_exit())
+            dropped = self._broker_client().worker_exited(
+                self._host, child.pid or 0, child.describe_exit()
+            )
         except CorralError as exc:
             log.warning("supervisor.broker_not_told", pid=child.pid, error=str(exc))
             return

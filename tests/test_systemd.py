@@ -106,3 +106,28 @@ def test_workers_die_with_a_killed_supervisor(env: Env) -> None:
         return not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
 
     wait_for(all_gone, 2.0, message="every child to die within 2 s of the supervisor")
+
+
+def test_status_shows_supervisors_pools_and_processes(env: Env) -> None:
+    env.write_config(processes=2, prefetch=0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    client = env.client()
+    job_id = client.enqueue("e2e.sleep", 2.0)
+    wait_for(lambda: client.job(job_id).status == "running", message="the job to start")
+
+    def reported() -> object:
+        status = client.status()
+        sup = status.supervisors[0] if status.supervisors else None
+        return sup if sup and any(job_id in w.jobs for w in sup.workers) else None
+
+    sup = wait_for(reported, 10, message="a supervisor report naming the running job")
+    assert sup.pid == daemon.pid
+    assert [(p.name, p.processes, p.failed) for p in sup.pools] == [("default", 2, False)]
+    pids = {p.pid for p in worker_processes(daemon)}
+    assert {w.pid for w in sup.workers} == pids
+    assert all(w.rss > 1_000_000 for w in sup.workers)
+    human = env.run("status", "-c", str(env.config)).stdout
+    assert f"supervisor {sup.supervisor_id}" in human
+    assert job_id in human
