@@ -32,18 +32,20 @@ CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
 # ------------------------------------------------------------------ config
 
 
-def load_config(path: str | None) -> Any:
-    """The config named by -c, $CORRAL_CONFIG, ./corral.toml, /etc/corral/corral.toml,
-    or the defaults."""
-    from corral.config import Config, load
-
+def config_path(path: str | None) -> str | None:
+    """The config file named by -c, $CORRAL_CONFIG, ./corral.toml or
+    /etc/corral/corral.toml; None means the defaults."""
     path = path or os.environ.get("CORRAL_CONFIG")
     if path:
-        return load(path)
-    for candidate in CONFIG_SEARCH:
-        if Path(candidate).is_file():
-            return load(candidate)
-    return Config.default()
+        return path
+    return next((c for c in CONFIG_SEARCH if Path(c).is_file()), None)
+
+
+def load_config(path: str | None) -> Any:
+    from corral.config import Config, load
+
+    found = config_path(path)
+    return load(found) if found else Config.default()
 
 
 def make_client(args: argparse.Namespace) -> Any:
@@ -136,13 +138,15 @@ def human_status(status: Any) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from corral.supervisor.supervisor import Supervisor
 
-    return Supervisor(load_config(args.config), with_broker=True).run()
+    path = config_path(args.config)
+    return Supervisor(load_config(path), with_broker=True, config_path=path).run()
 
 
 def cmd_supervisor(args: argparse.Namespace) -> int:
     from corral.supervisor.supervisor import Supervisor
 
-    return Supervisor(load_config(args.config), with_broker=False).run()
+    path = config_path(args.config)
+    return Supervisor(load_config(path), with_broker=False, config_path=path).run()
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

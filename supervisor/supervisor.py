@@ -24,6 +24,7 @@ from corral import logs
 from corral.supervisor.monitor import judge, read_status
 from corral.supervisor.notify import Notifier
 from corral.supervisor.process import Child, set_title
+from corral.supervisor.reload import forget_modules, plugin_fingerprint
 from corral.supervisor.roles import pool_registry, run_broker, run_worker
 from corral.workers.registry import Registry
 from corral.workers.status import StatusReader
@@ -51,13 +52,17 @@ class PoolState:
     next_start: float = 0.0
     failed: bool = False
     total_restarts: int = 0
+    fingerprint: str = ""
 
 
 class Supervisor:
     """Runs ``corral run`` (with the broker) or ``corral supervisor`` (without)."""
 
-    def __init__(self, config: Any, *, with_broker: bool) -> None:
+    def __init__(self, config: Any, *, with_broker: bool, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self._reload_requested = False
+        self._scale_requests = 0
         self.with_broker = with_broker
         self.broker: Child | None = None
         self.pools: list[PoolState] = []
@@ -80,18 +85,38 @@ class Supervisor:
         set_title("corral: supervisor")
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGCHLD,
+            signal.SIGHUP,
+            signal.SIGTTIN,
+            signal.SIGTTOU,
+        ):
             signal.signal(sig, self._on_signal)
         if self.with_broker and not self._start_broker():
             return 1
         for pool in self.config.pools:
             registry = pool_registry(self.config, pool) if pool.preload else None
-            self.pools.append(PoolState(pool, registry, [None] * pool.processes))
+            self.pools.append(
+                PoolState(
+                    pool,
+                    registry,
+                    [None] * pool.processes,
+                    fingerprint=plugin_fingerprint(self.config, pool),
+                )
+            )
         self._reconcile(time.monotonic())
         self.notifier.ready(self._status_line())
         log.info("supervisor.started", pools=[p.name for p in self.config.pools])
         while not self._stop_requested:
             self._reap()
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+            if self._scale_requests:
+                self._scale(self._scale_requests)
+                self._scale_requests = 0
             now = time.monotonic()
             self._reconcile(now)
             self._report(now)
@@ -164,6 +189,12 @@ class Supervisor:
         return "workers: " + (", ".join(parts) or "none")
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        elif signum == signal.SIGTTIN:
+            self._scale_requests += 1
+        elif signum == signal.SIGTTOU:
+            self._scale_requests -= 1
         if signum in (signal.SIGTERM, signal.SIGINT):
             self._stop_requested += 1
             if self._stop_requested > 1 and signum == signal.SIGINT:
@@ -228,7 +259,7 @@ class Supervisor:
                 )
                 if child.exit_code != 0:
                     self._tell_broker(child)
-            elif pool.slots[index] is child:
+            elif _holds(pool, index, child):
                 self._on_worker_exit(pool, index, child)
 
     def _on_worker_exit(self, pool: PoolState, index: int, child: Child) -> None:
@@ -317,6 +348,88 @@ class Supervisor:
         self._by_pid[pid] = (pool, index, child)
         self._readers[pid] = StatusReader()
 
+    # ------------------------------------------------------- reload, scale
+
+    def _reload(self) -> None:
+        """SIGHUP: read the config again and restart, rolling, only the
+        pools whose settings or plugin code changed. A bad config changes
+        nothing."""
+        from corral.config import load
+        from corral.errors import ConfigError
+
+        if self.config_path is None:
+            log.warning("supervisor.reload_skipped", reason="started without a config file")
+            return
+        self.notifier.reloading()
+        try:
+            new = load(self.config_path)
+        except ConfigError as exc:
+            log.error("supervisor.reload_failed", error=str(exc), hint="the running config stays")
+            self.notifier.ready(self._status_line())
+            return
+        if new.broker != self.config.broker:
+            log.warning(
+                "supervisor.reload_broker_unchanged",
+                hint="broker settings take effect on a restart of corral",
+            )
+        old = {pool.config.name: pool for pool in self.pools}
+        self.config = new
+        pools = []
+        for pool_config in new.pools:
+            current = old.pop(pool_config.name, None)
+            fingerprint = plugin_fingerprint(new, pool_config)
+            if current is not None and not self._changed(current, pool_config, fingerprint):
+                pools.append(current)
+                continue
+            pools.append(self._roll(current, pool_config, fingerprint))
+        for gone in old.values():
+            log.info("supervisor.pool_removed", pool=gone.config.name)
+            self._retire_all(gone, "pool removed")
+        self.pools = pools
+        log.info("supervisor.reloaded", pools=[p.config.name for p in pools])
+        self.notifier.ready(self._status_line())
+
+    @staticmethod
+    def _changed(pool: PoolState, config: Any, fingerprint: str) -> bool:
+        return pool.config != config or pool.fingerprint != fingerprint
+
+    def _roll(self, current: PoolState | None, config: Any, fingerprint: str) -> PoolState:
+        """A pool with new settings or code: start its new workers, then
+        drain the old ones (they finish their jobs, hand back the rest)."""
+        plugins = list(config.plugins) + (list(current.config.plugins) if current else [])
+        forget_modules(plugins)
+        registry = pool_registry(self.config, config) if config.preload else None
+        state = PoolState(config, registry, [None] * config.processes, fingerprint=fingerprint)
+        for index in range(config.processes):
+            self._start_worker(state, index)
+        if current is not None:
+            log.info("supervisor.pool_restart", pool=config.name, reason="config or code changed")
+            self._retire_all(current, "reload")
+        else:
+            log.info("supervisor.pool_added", pool=config.name)
+        return state
+
+    def _retire_all(self, pool: PoolState, reason: str) -> None:
+        for index, child in enumerate(pool.slots):
+            pool.slots[index] = None
+            if child is not None and child.alive:
+                child.retiring = reason
+                pool.retiring.append(child)
+                child.signal(signal.SIGTERM)
+
+    def _scale(self, delta: int) -> None:
+        """SIGTTIN adds a worker to each pool, SIGTTOU removes one."""
+        for pool in self.pools:
+            if delta > 0:
+                pool.slots.extend([None] * delta)
+            for _ in range(min(-delta, len(pool.slots))):
+                child = pool.slots.pop()
+                if child is not None and child.alive:
+                    child.retiring = "scaled down"
+                    pool.retiring.append(child)
+                    child.signal(signal.SIGTERM)
+            log.info("supervisor.scaled", pool=pool.config.name, processes=len(pool.slots))
+
     # ------------------------------------------------------------ monitor
 
     def _wait(self, wake_r: int, timeout: float) -> None:
@@ -334,7 +447,7 @@ class Supervisor:
             if not child.alive:
                 continue
             retiring = read_status(child, self._readers[pid], now)
-            if retiring and not child.retiring and pool.slots[index] is child:
+            if retiring and not child.retiring and _holds(pool, index, child):
                 self._replace(pool, index, child, retiring, drain=False)
                 continue
             verdict = judge(child, pool.config, now, self._liveness)
@@ -349,7 +462,7 @@ class Supervisor:
                 )
                 child.killed_for = verdict.reason
                 child.signal(signal.SIGKILL)
-            elif pool.slots[index] is child:
+            elif _holds(pool, index, child):
                 self._replace(pool, index, child, verdict.reason, drain=True)
 
     def _replace(
@@ -417,6 +530,11 @@ class Supervisor:
                 continue
             if pid:
                 child.reaped(status)
+
+
+def _holds(pool: PoolState, index: int, child: Child) -> bool:
+    """Whether ``child`` still occupies slot ``index`` (slots can shrink)."""
+    return index < len(pool.slots) and pool.slots[index] is child
 
 
 def _wait_readable(fd: int, timeout: float) -> bool:

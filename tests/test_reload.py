@@ -1,0 +1,118 @@
+"""SIGHUP reloads only what changed, rolling, losing nothing and running
+nothing twice; SIGTTIN and SIGTTOU scale every pool by one."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from conftest import PLUGINS, Env, render_config, wait_for, worker_processes
+
+import corral
+
+DYN = """
+import corral
+
+@corral.task(name="dyn.version")
+def version(ctx: corral.JobContext, n: int) -> str:
+    import time
+    time.sleep(0.01)
+    return "{version}"
+"""
+
+
+def _pids(daemon, pool: str) -> set[int]:  # type: ignore[no-untyped-def]
+    return {p.pid for p in worker_processes(daemon) if f"worker {pool}#" in " ".join(p.cmdline())}
+
+
+def _two_pools(env: Env, plugin_dir: Path, other_processes: int = 1) -> None:
+    base = render_config(env.home, processes=2, prefetch=1, plugins='["dyn_tasks"]')
+    base = base.replace(
+        f'python_path = ["{PLUGINS}"]', f'python_path = ["{PLUGINS}", "{plugin_dir}"]'
+    )
+    base = base.replace('queues = ["default"]', 'queues = ["dyn"]', 1)
+    base = base.replace('name = "default"', 'name = "dyn"', 1)
+    other = (
+        '\n[[pools]]\nname = "other"\nqueues = ["default"]\n'
+        f'processes = {other_processes}\nplugins = ["e2e_tasks"]\n'
+    )
+    env.config.write_text(base.replace("\n[log]", other + "\n[log]"))
+
+
+def test_sighup_reloads_changed_plugin_code_only(env: Env) -> None:
+    plugin_dir = env.home / "dyn"
+    plugin_dir.mkdir()
+    module = plugin_dir / "dyn_tasks.py"
+    module.write_text(DYN.format(version="v1"))
+    _two_pools(env, plugin_dir)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(3)
+    client = env.client()
+    other_before = _pids(daemon, "other")
+    dyn_before = _pids(daemon, "dyn")
+    assert client.result(client.enqueue("dyn.version", 0, queue="dyn"), timeout=30) == "v1"
+
+    ids = client.enqueue_many([corral.Job("dyn.version", n, queue="dyn") for n in range(150)])
+    module.write_text(DYN.format(version="v2"))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reloaded" in daemon.output(), 20, message="the reload")
+    results = [client.result(i, timeout=60) for i in ids]
+    for job_id in ids:  # nothing lost, nothing run twice
+        info = client.job(job_id)
+        assert info.status == "succeeded"
+        assert info.attempts == 1 and len(info.tries) == 1
+    assert set(results) <= {"v1", "v2"}
+    assert client.result(client.enqueue("dyn.version", 1, queue="dyn"), timeout=30) == "v2"
+    wait_for(
+        lambda: not (_pids(daemon, "dyn") & dyn_before), 20, message="the old dyn workers to leave"
+    )
+    assert _pids(daemon, "other") == other_before  # unchanged pool untouched
+    assert len(_pids(daemon, "dyn")) == 2
+
+
+def test_sighup_with_a_bad_config_keeps_running(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    before = {p.pid for p in worker_processes(daemon)}
+    good = env.config.read_text()
+    env.config.write_text(good.replace("processes = 2", "processes = -1"))
+    daemon.signal(signal.SIGHUP)
+    wait_for(
+        lambda: "supervisor.reload_failed" in daemon.output(),
+        20,
+        message="the reload to be refused",
+    )
+    assert "pools[0].processes" in daemon.output()
+    assert {p.pid for p in worker_processes(daemon)} == before
+    client = env.client()
+    assert client.result(client.enqueue("e2e.square", 2), timeout=30) == 4
+
+
+def test_sighup_after_a_config_change_restarts_that_pool(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    before = {p.pid for p in worker_processes(daemon)}
+    env.config.write_text(env.config.read_text().replace("processes = 2", "processes = 3"))
+    daemon.signal(signal.SIGHUP)
+    wait_for(
+        lambda: len(now := {p.pid for p in worker_processes(daemon)}) == 3 and not (now & before),
+        30,
+        message="3 new workers",
+    )
+
+
+def test_sigttin_and_sigttou_scale_each_pool(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    daemon.signal(signal.SIGTTIN)
+    wait_for(lambda: len(worker_processes(daemon)) == 3, 20, message="3 workers")
+    daemon.signal(signal.SIGTTOU)  # one at a time: a pending signal is not queued twice
+    wait_for(lambda: len(worker_processes(daemon)) == 2, 20, message="2 workers")
+    daemon.signal(signal.SIGTTOU)
+    wait_for(lambda: len(worker_processes(daemon)) == 1, 20, message="1 worker")
+    client = env.client()
+    assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25
