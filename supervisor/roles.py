@@ -50,6 +50,7 @@ def worker_options(
         endpoint=config.broker.worker_endpoint,
         queues=list(pool.queues),
         concurrency=pool.concurrency,
+        concurrency_mode=pool.concurrency_mode,
         prefetch=pool.prefetch,
         heartbeat_interval=config.broker.heartbeat_interval,
         heartbeat_liveness=config.broker.heartbeat_liveness,

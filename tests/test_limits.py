@@ -96,3 +96,19 @@ def test_poison_job_backs_off_fails_the_pool_and_the_job(env: Env) -> None:
     )
     wait_for(lambda: not worker_processes(daemon), 10, message="no worker restarted")
     assert daemon.alive()  # the daemon stays up, the pool stays failed
+
+
+def test_asyncio_pool_runs_coroutines_concurrently(env: Env) -> None:
+    env.write_config(processes=1, concurrency=5, prefetch=0,
+                     extra_pool='concurrency_mode = "asyncio"')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    ids = client.enqueue_many([corral.Job("e2e.async_nap", 1.0) for _ in range(5)])
+    spans = [client.result(i, timeout=30) for i in ids]
+    # One process, five jobs: all of them ran at the same moment.
+    assert max(start for start, _ in spans) < min(end for _, end in spans)
+    assert len({client.job(i).tries[0].pid for i in ids}) == 1
+    # Plain functions run too, on threads of the same process.
+    assert client.result(client.enqueue("e2e.square", 6), timeout=30) == 36

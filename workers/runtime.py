@@ -22,20 +22,19 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import structlog
 import zmq
 
 from corral.broker import protocol as p
 from corral.context import JobContext
-from corral.errors import Fail, Retry, SoftTimeout
+from corral.errors import SoftTimeout
 from corral.transport import connect_dealer
-from corral.workers.registry import PayloadInvalid, Registry, TaskDef
+from corral.workers.execute import Execution
+from corral.workers.registry import Registry
 from corral.workers.status import StatusWriter
 
 log = structlog.get_logger()
@@ -58,6 +57,7 @@ class WorkerOptions:
     shutdown_timeout: float = 30.0
     max_jobs: int = 0
     name: str = ""
+    concurrency_mode: str = "threads"
     #: Write end of the status pipe to the supervisor (workers.status).
     status_fd: int | None = None
 
@@ -119,9 +119,13 @@ class Worker:
         so that a soft timeout (SIGALRM) can interrupt its handler."""
         signal.signal(signal.SIGALRM, self._on_soft_timeout)
         socket_thread = self._thread(self._socket_main, "corral-socket")
-        for i in range(1, self.options.concurrency):
+        threads = self.options.concurrency if self.options.concurrency_mode == "threads" else 1
+        for i in range(1, threads):
             self._threads.append(self._thread(self._executor, f"corral-handler-{i}"))
-        self._executor(main=True)
+        if self.options.concurrency_mode == "asyncio":
+            asyncio.run(self._async_executor())
+        else:
+            self._executor(main=True)
         socket_thread.join()
         return 0
 
@@ -329,135 +333,87 @@ class Worker:
     def _executor(self, main: bool = False) -> None:
         loop: asyncio.AbstractEventLoop | None = None
         while True:
+            delivery = self._next_delivery()
+            if delivery is None:
+                break
+            execution = Execution(delivery, self.registry, self.worker_id)
+            if execution.definition is not None and execution.definition.is_async:
+                loop = loop or asyncio.new_event_loop()
+            soft = execution.definition.soft_timeout if main and execution.definition else None
+            self._begin(execution)
+            outcome = self._run_sync(execution, loop, soft)
+            self._end(execution, outcome)
+        if loop is not None:
+            loop.close()
+
+    def _next_delivery(self) -> p.Delivery | None:
+        """The next job to run, or None when told to stop. A job taken after
+        the drain began goes back to the broker unstarted."""
+        while True:
             try:
                 delivery = self._jobs.get(timeout=1.0)
             except queue.Empty:
                 continue
             if delivery is _STOP:
-                break
+                return None
             assert delivery is not None
-            if self._stopping:  # taken after the drain began: hand it back
-                self._outbox.append(("return", p.Lease(delivery.job_id, delivery.lease)))
-                self._wake()
-                continue
-            definition = self.registry.get(delivery.task)
-            if definition is not None and definition.is_async and loop is None:
-                loop = asyncio.new_event_loop()
-            self._status.started(delivery.job_id, delivery.timeout)
-            outcome = self._run(delivery, definition, loop, main)
-            self._status.ended(delivery.job_id)
-            self._done_count += 1
-            self._outbox.append(("done", outcome))
+            if not self._stopping:
+                return delivery
+            self._outbox.append(("return", p.Lease(delivery.job_id, delivery.lease)))
             self._wake()
-        if loop is not None:
-            loop.close()
 
-    def _run(
-        self,
-        d: p.Delivery,
-        definition: TaskDef | None,
-        loop: asyncio.AbstractEventLoop | None,
-        main: bool = False,
-    ) -> p.Outcome:
-        started = time.time()
+    def _begin(self, execution: Execution) -> None:
+        d = execution.d
         self._outbox.append(("started", p.Lease(d.job_id, d.lease)))
-        if definition is None:
-            return self._outcome(
-                d,
-                "error",
-                started,
-                error=p.ErrorInfo(
-                    "UnknownTask",
-                    f"task {d.task!r} is not registered in worker {self.worker_id} "
-                    f"(it knows: {', '.join(self.registry.names()) or 'nothing'}); "
-                    "add its module to the pool's plugins",
-                ),
-            )
-        ctx = JobContext(
-            d.job_id,
-            d.attempt,
-            d.task,
-            d.queue,
-            d.enqueued_at,
-            d.max_attempts,
-            d.lease,
-            d.prev_result,
-        )
-        self._running[d.job_id] = ctx
+        self._status.started(d.job_id, d.timeout)
+        self._running[d.job_id] = execution.ctx
         structlog.contextvars.bind_contextvars(job_id=d.job_id, task=d.task, attempt=d.attempt)
-        soft = definition.soft_timeout if main else None
+
+    def _end(self, execution: Execution, outcome: p.Outcome) -> None:
+        d = execution.d
+        structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
+        self._running.pop(d.job_id, None)
+        self._status.ended(d.job_id)
+        if outcome.kind == "ok":
+            self.processed += 1
+        self._done_count += 1
+        self._outbox.append(("done", outcome))
+        self._wake()
+
+    def _run_sync(
+        self, execution: Execution, loop: asyncio.AbstractEventLoop | None, soft: float | None
+    ) -> p.Outcome:
+        """Run on this thread; a soft timeout (main thread only) arms SIGALRM."""
         try:
             if soft:
-                self._soft_job = d.job_id
+                self._soft_job = execution.d.job_id
                 signal.setitimer(signal.ITIMER_REAL, soft)
-            return self._call(d, definition, ctx, loop, started)
+            return execution.run(lambda args: execution.call_sync(args, loop))
         except SoftTimeout as exc:  # fired outside the handler's own try
-            return self._outcome(d, "error", started, error=_error_info(exc))
+            return execution.complete(error=exc)
         finally:
             if soft:
                 self._soft_job = None
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
-            self._running.pop(d.job_id, None)
 
-    def _call(
-        self,
-        d: p.Delivery,
-        definition: TaskDef,
-        ctx: JobContext,
-        loop: asyncio.AbstractEventLoop | None,
-        started: float,
-    ) -> p.Outcome:
-        try:
-            payload = definition.decode_payload(d.payload) if definition.takes_payload else None
-        except PayloadInvalid as exc:
-            return self._outcome(d, "fail", started, error=p.ErrorInfo("ValidationError", str(exc)))
-        try:
-            value = definition.fn(*definition.args(ctx, payload))
-            if definition.is_async:
-                assert loop is not None
-                value = loop.run_until_complete(value)
-        except Retry as exc:
-            return self._outcome(
-                d, "retry", started, delay=exc.delay, error=p.ErrorInfo("Retry", str(exc))
-            )
-        except Fail as exc:
-            return self._outcome(d, "fail", started, error=_error_info(exc))
-        except BaseException as exc:
-            log.warning("worker.job_error", error=f"{type(exc).__name__}: {exc}")
-            return self._outcome(d, "error", started, error=_error_info(exc))
-        try:
-            result = p.encode_value(value)
-        except (TypeError, ValueError, OverflowError) as exc:
-            return self._outcome(
-                d,
-                "fail",
-                started,
-                error=p.ErrorInfo(
-                    "ResultNotSerializable",
-                    f"the handler returned a {type(value).__name__} "
-                    f"that msgpack cannot hold: {exc}",
-                ),
-            )
-        self.processed += 1
-        return self._outcome(d, "ok", started, result=result)
+    async def _async_executor(self) -> None:
+        """concurrency_mode = "asyncio": one event loop runs up to
+        ``concurrency`` jobs at once; plain functions run on threads."""
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.options.concurrency)
+        running: set[asyncio.Task[None]] = set()
+        while True:
+            await slots.acquire()
+            delivery = await loop.run_in_executor(None, self._next_delivery)
+            if delivery is None:
+                break
+            task = asyncio.create_task(self._run_one_async(delivery))
+            running.add(task)
+            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
-    def _outcome(
-        self,
-        d: p.Delivery,
-        kind: str,
-        started: float,
-        *,
-        result: msgspec.Raw = p.NIL,
-        error: p.ErrorInfo | None = None,
-        delay: float | None = None,
-    ) -> p.Outcome:
-        return p.Outcome(d.job_id, d.lease, kind, result, error, delay, started, time.time())
-
-
-def _error_info(exc: BaseException) -> p.ErrorInfo:
-    return p.ErrorInfo(
-        type(exc).__name__,
-        str(exc),
-        "".join(traceback.format_exception(exc)),
-    )
+    async def _run_one_async(self, delivery: p.Delivery) -> None:
+        execution = Execution(delivery, self.registry, self.worker_id)
+        self._begin(execution)
+        self._end(execution, await execution.run_async())

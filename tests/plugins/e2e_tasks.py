@@ -83,3 +83,12 @@ def soft(ctx: corral.JobContext, seconds: float) -> str:
 @corral.task(name="e2e.pid")
 def pid(ctx: corral.JobContext, payload: object = None) -> int:
     return os.getpid()
+
+
+@corral.task(name="e2e.async_nap")
+async def async_nap(ctx: corral.JobContext, seconds: float) -> list[float]:
+    import asyncio
+
+    start = time.time()
+    await asyncio.sleep(seconds)
+    return [start, time.time()]
