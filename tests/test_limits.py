@@ -99,8 +99,9 @@ def test_poison_job_backs_off_fails_the_pool_and_the_job(env: Env) -> None:
 
 
 def test_asyncio_pool_runs_coroutines_concurrently(env: Env) -> None:
-    env.write_config(processes=1, concurrency=5, prefetch=0,
-                     extra_pool='concurrency_mode = "asyncio"')
+    env.write_config(
+        processes=1, concurrency=5, prefetch=0, extra_pool='concurrency_mode = "asyncio"'
+    )
     daemon = env.start("run")
     env.wait_ready(daemon)
     env.wait_workers(1)

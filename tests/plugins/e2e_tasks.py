@@ -92,3 +92,12 @@ async def async_nap(ctx: corral.JobContext, seconds: float) -> list[float]:
     start = time.time()
     await asyncio.sleep(seconds)
     return [start, time.time()]
+
+
+@corral.task(name="e2e.chatty")
+def chatty(ctx: corral.JobContext, word: str) -> str:
+    import structlog
+
+    ctx.log.info("chatty.bound", word=word)
+    structlog.get_logger().info("chatty.plain", word=word)  # contextvars carry the job
+    return word

@@ -1,0 +1,63 @@
+"""Structured logs carry role, pid and the job; plugins also come from the
+``corral.tasks`` entry-point group."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Env, wait_for
+
+from corral.workers.registry import load_plugins
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def test_every_line_has_role_and_pid_and_job_lines_have_the_job(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("e2e.chatty", "hi")
+    assert client.result(job_id, timeout=30) == "hi"
+    wait_for(lambda: "chatty.plain" in daemon.output(), 10, message="the job's log lines")
+    lines = _json_lines(daemon.output())
+    assert lines and all("role" in line and "pid" in line for line in lines)
+    assert {line["role"] for line in lines} >= {"broker", "supervisor", "worker"}
+    for event in ("chatty.bound", "chatty.plain"):
+        line = next(x for x in lines if x["event"] == event)
+        assert line["job_id"] == job_id
+        assert line["task"] == "e2e.chatty"
+        assert line["attempt"] == 1
+        assert line["role"] == "worker"
+        assert line["pid"] == client.job(job_id).tries[0].pid
+
+
+def test_plugins_from_the_entry_point_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "ep_tasks_mod.py"
+    module.write_text(
+        "import corral\n\n"
+        "@corral.task(name='ep.hello')\n"
+        "def hello(ctx: corral.JobContext) -> str:\n"
+        "    return 'hi'\n"
+    )
+    dist = tmp_path / "ep_tasks-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-tasks\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[corral.tasks]\nhello = ep_tasks_mod\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ep_tasks_mod", raising=False)
+    registry = load_plugins([])
+    assert "ep.hello" in registry.names()
+    assert "ep.hello" not in load_plugins([], entry_point_group=False).names()
