@@ -167,13 +167,13 @@ def test_supervisor_restarts_a_worker_that_exits(env: Env) -> None:
 
 
 def test_sigterm_drains_and_exits_zero(env: Env) -> None:
-    env.write_config(processes=2, concurrency=2, prefetch=0)
+    env.write_config(processes=2, concurrency=3, prefetch=0)
     daemon = env.start("run")
     env.wait_ready(daemon)
     env.wait_workers(2)
     client = env.client()
-    ids = [client.enqueue("e2e.sleep", 1.0) for _ in range(4)]
-    wait_for(lambda: client.status().queues["default"]["running"] == 4, message="4 running jobs")
+    ids = [client.enqueue("e2e.sleep", 1.0) for _ in range(5)]
+    wait_for(lambda: client.status().queues["default"]["running"] == 5, message="5 running jobs")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0
     broker = env.start("broker")

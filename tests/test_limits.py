@@ -3,6 +3,9 @@ timeouts, and a poison job that kills its process every time."""
 
 from __future__ import annotations
 
+import signal
+
+import psutil
 import pytest
 from conftest import Env, wait_for, worker_processes
 
@@ -113,3 +116,39 @@ def test_asyncio_pool_runs_coroutines_concurrently(env: Env) -> None:
     assert len({client.job(i).tries[0].pid for i in ids}) == 1
     # Plain functions run too, on threads of the same process.
     assert client.result(client.enqueue("e2e.square", 6), timeout=30) == 36
+
+
+def test_max_age_recycles_workers(env: Env) -> None:
+    env.write_config(processes=1, extra_pool='max_age = "1s"')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    first = {p.pid for p in worker_processes(daemon)}
+    wait_for(
+        lambda: (now := {p.pid for p in worker_processes(daemon)}) and not (now & first),
+        20,
+        message="the aged worker to be replaced",
+    )
+    assert "max_age" in daemon.output()
+    client = env.client()
+    assert client.result(client.enqueue("e2e.square", 4), timeout=30) == 16
+
+
+def test_second_sigint_stops_at_once(env: Env) -> None:
+    env.write_config(processes=1, prefetch=0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    job_id = client.enqueue("e2e.sleep", 60)
+    wait_for(lambda: client.job(job_id).status == "running", message="the long job")
+    children = daemon.descendants()
+    daemon.signal(signal.SIGINT)  # drain: would wait for the 60 s job
+    wait_for(lambda: "supervisor.stopping" in daemon.output(), 10, message="the drain")
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait(10) != 0
+    wait_for(
+        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+        5,
+        message="every child gone",
+    )

@@ -131,3 +131,24 @@ def test_status_shows_supervisors_pools_and_processes(env: Env) -> None:
     human = env.run("status", "-c", str(env.config)).stdout
     assert f"supervisor {sup.supervisor_id}" in human
     assert job_id in human
+
+
+def test_unit_file_is_hardened() -> None:
+    from pathlib import Path
+
+    unit = (Path(__file__).parent.parent / "config" / "corral.service").read_text()
+    settings = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    assert settings["Type"] == "notify"
+    assert settings["DynamicUser"] == "yes" or settings.get("User")
+    for key in ("StateDirectory", "RuntimeDirectory", "WatchdogSec", "ExecReload"):
+        assert settings.get(key), key
+    assert settings["NoNewPrivileges"] == "yes"
+    assert settings["ProtectSystem"] == "strict"
+    assert settings["PrivateTmp"] == "yes"
+    assert settings["SystemCallFilter"].startswith("@system-service")
+    assert settings["UMask"] == "0077"
+    assert "AF_UNIX" in settings["RestrictAddressFamilies"]
