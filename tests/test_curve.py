@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import Env, render_config
+from conftest import Env, render_config, wait_for
 
 import corral
 
@@ -118,3 +118,33 @@ def test_insecure_tcp_when_allowed(env: Env) -> None:
         except corral.BrokerUnavailable:
             assert daemon.alive(), daemon.output()
     assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25
+
+
+def test_remote_supervisor_over_curve(env: Env) -> None:
+    keys = _keys(env)
+    _tcp_config(
+        env,
+        f'server_secret_key = "{keys}/server.key_secret"\n'
+        f'server_public_key = "{keys}/server.key"\n'
+        f'client_secret_key = "{keys}/client.key_secret"\n'
+        f'authorized_keys_dir = "{keys}/authorized"\n',
+    )
+    broker = env.start("broker")
+    client = corral.Client.from_config(env.config, timeout=10)
+    env.clients.append(client)
+    wait_for(lambda: _pings(client, broker), 30, message="the broker over tcp")
+    supervisor = env.start("supervisor")
+    wait_for(lambda: len(client.status().workers) == 2, 30, message="2 remote workers")
+    assert client.result(client.enqueue("e2e.square", 7), timeout=30) == 49
+    sup = wait_for(lambda: client.status().supervisors, 10, message="the supervisor report")[0]
+    assert sup.pid == supervisor.pid
+    assert len(sup.workers) == 2
+
+
+def _pings(client: corral.Client, proc) -> bool:  # type: ignore[no-untyped-def]
+    assert proc.alive(), proc.output()
+    try:
+        client.ping()
+    except corral.BrokerUnavailable:
+        return False
+    return True
