@@ -49,6 +49,7 @@ class JobSpec(msgspec.Struct, frozen=True, array_like=True):
     timeout: float | None = None
     unique_key: str | None = None
     result_ttl: float | None = None
+    unique_for: float | None = None
 
 
 class TryInfo(msgspec.Struct, frozen=True):
@@ -81,6 +82,9 @@ class JobInfo(msgspec.Struct, frozen=True):
     tries: list[TryInfo]
     timeout: float | None = None
     unique_key: str | None = None
+    progress: float | None = None
+    progress_note: str = ""
+    enqueued_at: float = 0.0
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
@@ -139,6 +143,10 @@ class StatusInfo(msgspec.Struct, frozen=True):
     stats: dict[str, int]
     broker_id: str = ""
     supervisors: list[SupervisorInfo] = []
+    paused: list[str] = []
+    tasks: dict[str, dict[str, int]] = {}
+    rates: dict[str, float] = {}
+    registered_tasks: list[str] = []
 
 
 # ---------------------------------------------------- client -> broker requests
@@ -196,7 +204,69 @@ class SupervisorReport(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-ClientRequest = Enqueue | GetJob | GetResult | GetStatus | Ping | WorkerExited | SupervisorReport
+class Cancel(Msg, frozen=True):
+    req: int
+    job_id: str
+    v: int = PROTOCOL_VERSION
+
+
+class RetryJobs(Msg, frozen=True):
+    """Put failed or cancelled jobs back: one by id, or every failed one
+    (of ``queue``, if given)."""
+
+    req: int
+    job_id: str | None = None
+    all_failed: bool = False
+    queue: str | None = None
+    v: int = PROTOCOL_VERSION
+
+
+class Delete(Msg, frozen=True):
+    req: int
+    job_id: str
+    v: int = PROTOCOL_VERSION
+
+
+class Purge(Msg, frozen=True):
+    req: int
+    queue: str
+    v: int = PROTOCOL_VERSION
+
+
+class Pause(Msg, frozen=True):
+    req: int
+    queue: str
+    paused: bool = True
+    v: int = PROTOCOL_VERSION
+
+
+class ListJobs(Msg, frozen=True):
+    """Jobs in creation order, filtered, after ``cursor`` (from a previous page)."""
+
+    req: int
+    queue: str | None = None
+    status: str | None = None
+    task: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+    v: int = PROTOCOL_VERSION
+
+
+ClientRequest = (
+    Enqueue
+    | GetJob
+    | GetResult
+    | GetStatus
+    | Ping
+    | WorkerExited
+    | SupervisorReport
+    | Cancel
+    | RetryJobs
+    | Delete
+    | Purge
+    | Pause
+    | ListJobs
+)
 
 
 # ------------------------------------------------------ broker -> client replies
@@ -241,6 +311,14 @@ class Pong(Msg, frozen=True):
 class Ack(Msg, frozen=True):
     req: int
     count: int = 0
+    ids: list[str] = []
+    v: int = PROTOCOL_VERSION
+
+
+class JobList(Msg, frozen=True):
+    req: int
+    jobs: list[JobInfo]
+    cursor: str | None = None
     v: int = PROTOCOL_VERSION
 
 
@@ -254,7 +332,7 @@ class ErrorReply(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-ClientReply = EnqueueOk | JobReply | ResultReply | StatusReply | Pong | Ack | ErrorReply
+ClientReply = EnqueueOk | JobReply | ResultReply | StatusReply | Pong | Ack | JobList | ErrorReply
 
 
 # ------------------------------------------------------ worker -> broker reports
@@ -283,6 +361,7 @@ class Ready(Msg, frozen=True):
     host: str
     pid: int
     v: int = PROTOCOL_VERSION
+    queue_weights: dict[str, int] = {}
 
 
 class Outcome(msgspec.Struct, frozen=True, array_like=True):
@@ -305,6 +384,13 @@ class Lease(msgspec.Struct, frozen=True, array_like=True):
     lease: int
 
 
+class Progress(msgspec.Struct, frozen=True, array_like=True):
+    job_id: str
+    lease: int
+    fraction: float
+    note: str = ""
+
+
 class Report(Msg, frozen=True):
     """Jobs that started and jobs that ended since the last report. Every
     ended job gives its credit back."""
@@ -312,6 +398,7 @@ class Report(Msg, frozen=True):
     started: list[Lease]
     done: list[Outcome]
     v: int = PROTOCOL_VERSION
+    progress: list[Progress] = []
 
 
 class Return(Msg, frozen=True):
@@ -374,7 +461,16 @@ class Reregister(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-WorkerCommand = Deliver | BrokerHeartbeat | Reregister
+class CancelJob(Msg, frozen=True):
+    """The job was cancelled while running: its handler sees ctx.cancelled
+    and whatever it returns is discarded."""
+
+    job_id: str
+    lease: int
+    v: int = PROTOCOL_VERSION
+
+
+WorkerCommand = Deliver | BrokerHeartbeat | Reregister | CancelJob
 
 
 # ------------------------------------------------------------------ codecs

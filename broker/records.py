@@ -54,6 +54,7 @@ class JobCreated(Record, frozen=True):
     timeout: float | None = None
     unique_key: str | None = None
     result_ttl: float | None = None
+    unique_for: float | None = None
 
 
 class Leased(Record, frozen=True):
@@ -97,6 +98,33 @@ class Removed(Record, frozen=True):
     id: str
 
 
+class Cancelled(Record, frozen=True):
+    """A job was cancelled: it will not run (again)."""
+
+    id: str
+    at: float
+
+
+class Requeued(Record, frozen=True):
+    """A failed or cancelled job was put back by hand, with a fresh budget
+    of attempts (its tries are kept)."""
+
+    id: str
+    at: float
+
+
+class QueuePaused(Record, frozen=True):
+    queue: str
+    paused: bool
+
+
+class ProgressNoted(Record, frozen=True):
+    id: str
+    fraction: float
+    note: str
+    at: float
+
+
 class JobSnapshot(Record, frozen=True):
     """A whole job as compaction rewrites it."""
 
@@ -120,6 +148,9 @@ class JobSnapshot(Record, frozen=True):
     ended_at: float | None = None
     lease: int = 0
     worker: str = ""
+    unique_for: float | None = None
+    progress: float | None = None
+    progress_note: str = ""
 
 
 #: Record codes as written in each frame. Never reuse a code.
@@ -130,6 +161,10 @@ RECORD_TYPES: dict[int, type[Record]] = {
     4: Returned,
     5: Removed,
     6: JobSnapshot,
+    7: Cancelled,
+    8: Requeued,
+    9: QueuePaused,
+    10: ProgressNoted,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

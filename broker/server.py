@@ -16,7 +16,7 @@ import secrets
 import signal
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,26 @@ import zmq
 from corral.broker import protocol as p
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, Log, LogError
-from corral.broker.records import ErrorRec, Leased, Record, Returned
-from corral.broker.state import TERMINAL, Defaults, InvalidJob, Job, JobState, TaskDefaults
+from corral.broker.records import (
+    Cancelled,
+    ErrorRec,
+    Leased,
+    ProgressNoted,
+    QueuePaused,
+    Record,
+    Removed,
+    Requeued,
+    Returned,
+)
+from corral.broker.state import (
+    TERMINAL,
+    Defaults,
+    InvalidJob,
+    Job,
+    JobState,
+    TaskDefaults,
+    validate_spec,
+)
 from corral.broker.workers import WorkerConn, WorkerTable
 from corral.transport import Authenticator, bind_router, check_tcp_allowed
 
@@ -51,6 +69,33 @@ class _Waiter:
     identity: bytes
     req: int
     answered: bool = False
+
+
+class Rates:
+    """Outcomes per status over the last minute, in one-second buckets."""
+
+    WINDOW = 60
+
+    def __init__(self) -> None:
+        self._buckets: deque[tuple[int, Counter[str]]] = deque()
+
+    def add(self, mono: float, status: str) -> None:
+        second = int(mono)
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append((second, Counter()))
+            while self._buckets and self._buckets[0][0] <= second - self.WINDOW:
+                self._buckets.popleft()
+        self._buckets[-1][1][status] += 1
+
+    def per_minute(self, mono: float) -> dict[str, float]:
+        total: Counter[str] = Counter()
+        for second, counts in self._buckets:
+            if second > mono - self.WINDOW:
+                total.update(counts)
+        return {
+            "processed_per_minute": float(total["succeeded"]),
+            "failed_per_minute": float(total["failed"] + total["retrying"]),
+        }
 
 
 class Broker:
@@ -88,6 +133,7 @@ class Broker:
         self._deadlines: list[tuple[float, str, int]] = []
         self._holders: dict[str, bytes] = {}
         self._supervisors: dict[str, tuple[p.SupervisorInfo, float]] = {}
+        self._rates = Rates()
         self._lease_seq = time.time_ns() // 1000
         self._dirty = True
         self._stopping = False
@@ -288,6 +334,28 @@ class Broker:
             case p.SupervisorReport():
                 self._supervisors[msg.info.supervisor_id] = (msg.info, mono)
                 self._reply(self.client_sock, identity, p.Ack(msg.req))
+            case p.Cancel():
+                self._cancel(identity, msg, now)
+            case p.RetryJobs():
+                self._retry(identity, msg, now)
+            case p.Delete():
+                self._delete(identity, msg)
+            case p.Purge():
+                ids = [
+                    j.id
+                    for j in self.state.jobs.values()
+                    if j.queue == msg.queue and j.status == "queued"
+                ]
+                for job_id in ids:
+                    self._record(Removed(job_id))
+                self._reply(self.client_sock, identity, p.Ack(msg.req, len(ids)))
+            case p.Pause():
+                if (msg.queue in self.state.paused) != msg.paused:
+                    self._record(QueuePaused(msg.queue, msg.paused))
+                    self._dirty = True
+                self._reply(self.client_sock, identity, p.Ack(msg.req, 1))
+            case p.ListJobs():
+                self._list(identity, msg)
             case p.WorkerExited():
                 gone = [c for c in self.workers if c.host == msg.host and c.pid == msg.pid]
                 for conn in gone:
@@ -308,21 +376,101 @@ class Broker:
                 ),
             )
             return
-        records = []
         try:
             for spec in msg.jobs:
-                record = self.state.decide_create(spec, now)
-                if record is not None:
-                    records.append(record)
+                validate_spec(spec)
         except InvalidJob as exc:
             self._reply(self.client_sock, identity, p.ErrorReply(msg.req, "invalid", str(exc)))
             return
-        for record in records:
-            self._record(record)
-        self.stats["enqueued"] += len(records)
+        ids = []
+        for spec in msg.jobs:
+            holder = self.state.holder_of(spec.unique_key, now)
+            if holder is not None:  # a unique job: the first one's id
+                ids.append(holder)
+                continue
+            record = self.state.decide_create(spec, now)
+            if record is not None:
+                self._record(record)
+                self.stats["enqueued"] += 1
+            ids.append(spec.id)
         self._dirty = True
-        ids = [spec.id for spec in msg.jobs]
         self._reply(self.client_sock, identity, p.EnqueueOk(msg.req, ids))
+
+    def _cancel(self, identity: bytes, msg: p.Cancel, now: float) -> None:
+        job = self.state.jobs.get(msg.job_id)
+        if job is None:
+            self._reply_not_found(identity, msg.req, msg.job_id)
+            return
+        if job.status in TERMINAL:
+            self._reply(self.client_sock, identity, p.Ack(msg.req, 0))
+            return
+        lease, holder = job.lease, self._holders.pop(job.id, None)
+        self._record(Cancelled(job.id, now))
+        if holder is not None and lease:  # running: tell its worker; the result is discarded
+            self._send_worker(holder, p.CancelJob(job.id, lease))
+        self.stats["jobs_cancelled"] += 1
+        self._notify_waiters(job)
+        self._reply(self.client_sock, identity, p.Ack(msg.req, 1, [job.id]))
+
+    def _retry(self, identity: bytes, msg: p.RetryJobs, now: float) -> None:
+        if msg.job_id is not None:
+            job = self.state.jobs.get(msg.job_id)
+            if job is None:
+                self._reply_not_found(identity, msg.req, msg.job_id)
+                return
+            if job.status not in ("failed", "cancelled"):
+                self._reply(
+                    self.client_sock,
+                    identity,
+                    p.ErrorReply(
+                        msg.req,
+                        "invalid",
+                        f"job {job.id} is {job.status}: "
+                        "only failed or cancelled jobs can be retried",
+                    ),
+                )
+                return
+            jobs = [job]
+        else:
+            jobs = [
+                j
+                for j in self.state.jobs.values()
+                if j.status == "failed" and (msg.queue is None or j.queue == msg.queue)
+            ]
+        for job in jobs:
+            self._record(Requeued(job.id, now))
+        self._dirty = True
+        self._reply(self.client_sock, identity, p.Ack(msg.req, len(jobs), [j.id for j in jobs]))
+
+    def _delete(self, identity: bytes, msg: p.Delete) -> None:
+        job = self.state.jobs.get(msg.job_id)
+        if job is None:
+            self._reply_not_found(identity, msg.req, msg.job_id)
+        elif job.status not in TERMINAL:
+            self._reply(
+                self.client_sock,
+                identity,
+                p.ErrorReply(
+                    msg.req,
+                    "invalid",
+                    f"job {job.id} is {job.status}: "
+                    "only finished jobs can be deleted; cancel it first",
+                ),
+            )
+        else:
+            self._record(Removed(job.id))
+            self._reply(self.client_sock, identity, p.Ack(msg.req, 1, [job.id]))
+
+    def _list(self, identity: bytes, msg: p.ListJobs) -> None:
+        try:
+            jobs, cursor = self.state.list_jobs(
+                msg.queue, msg.status, msg.task, max(1, min(msg.limit, 10_000)), msg.cursor
+            )
+        except InvalidJob as exc:
+            self._reply(self.client_sock, identity, p.ErrorReply(msg.req, "invalid", str(exc)))
+            return
+        views = [self._view(job) for job in jobs]
+        self._reply(self.client_sock, identity, p.JobList(msg.req, views, cursor))
 
     def _get_result(self, identity: bytes, msg: p.GetResult, mono: float) -> None:
         job = self.state.jobs.get(msg.job_id)
@@ -399,6 +547,7 @@ class Broker:
             host=msg.host,
             pid=msg.pid,
             last_seen=mono,
+            weights={q: w for q, w in msg.queue_weights.items() if w > 0},
         )
         self.workers.add(conn)
         for task in msg.tasks:
@@ -430,6 +579,10 @@ class Broker:
                 heapq.heappush(self._deadlines, (mono + timeout, job.id, lease.lease))
         for outcome in msg.done:
             self._finish(conn, outcome, now)
+        for note in msg.progress:
+            job = self.state.jobs.get(note.job_id)
+            if job is not None and job.status == "running" and job.lease == note.lease:
+                self._record(ProgressNoted(job.id, note.fraction, note.note[:500], now))
 
     def _finish(self, conn: WorkerConn | None, outcome: p.Outcome, now: float) -> None:
         holder = self.workers.get(self._holders.get(outcome.job_id, b""))
@@ -465,6 +618,7 @@ class Broker:
 
     def _count_outcome(self, conn: WorkerConn | None, status: str) -> None:
         self.stats[f"jobs_{status}"] += 1
+        self._rates.add(time.monotonic(), status)
         if conn is not None:
             if status == "succeeded":
                 conn.processed += 1
@@ -587,6 +741,8 @@ class Broker:
         while len(jobs) < credit:
             job = None
             for queue in conn.queue_order():
+                if queue in self.state.paused:
+                    continue
                 job = self.state.pop_ready(queue)
                 if job is not None:
                     break
@@ -722,6 +878,9 @@ class Broker:
             tries=tries,
             timeout=self.state.timeout(job),
             unique_key=job.unique_key,
+            progress=job.progress,
+            progress_note=job.progress_note,
+            enqueued_at=job.created_at,
         )
 
     def _status(self, req: int, mono: float) -> p.StatusReply:
@@ -746,9 +905,21 @@ class Broker:
         stats.update({f"log_{k}": int(v) for k, v in self.log.stats().items()})
         stats["jobs"] = len(self.state.jobs)
         stats["waiters"] = sum(len(w) for w in self._waiters.values())
+        registered = sorted({t for c in self.workers for t in c.tasks})
         supervisors = [
             msgspec.structs.replace(info, reported_ago=round(mono - seen, 3))
             for info, seen in self._supervisors.values()
             if mono - seen < SUPERVISOR_STALE
         ]
-        return p.StatusReply(req, p.StatusInfo(queues, workers, stats, self.broker_id, supervisors))
+        info = p.StatusInfo(
+            queues,
+            workers,
+            stats,
+            self.broker_id,
+            supervisors,
+            sorted(self.state.paused),
+            self.state.per_task(),
+            self._rates.per_minute(mono),
+            registered,
+        )
+        return p.StatusReply(req, info)

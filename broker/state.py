@@ -20,19 +20,24 @@ import msgspec
 
 from corral.broker.records import (
     NIL,
+    Cancelled,
     ErrorRec,
     Finished,
     JobCreated,
     JobSnapshot,
     Leased,
+    ProgressNoted,
+    QueuePaused,
     Record,
     Removed,
+    Requeued,
     Returned,
     TryRec,
 )
 
 STATUSES = ("queued", "scheduled", "running", "retrying", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"queued", "scheduled", "running", "retrying"})
 WAITING = frozenset({"scheduled", "retrying"})
 #: Rough per-job overhead in the log, for the compaction trigger.
 JOB_OVERHEAD_BYTES = 160
@@ -90,6 +95,9 @@ class Job:
     worker: str = ""
     #: An entry for this job is on its queue's ready heap.
     in_ready: bool = False
+    unique_for: float | None = None
+    progress: float | None = None
+    progress_note: str = ""
 
     @property
     def next_run_at(self) -> float | None:
@@ -109,6 +117,10 @@ class JobState:
         self.jobs: dict[str, Job] = {}
         self.tasks: dict[str, TaskDefaults] = {}
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.task_counts: Counter[tuple[str, str]] = Counter()
+        self.paused: set[str] = set()
+        #: unique_key -> the id of the newest job that holds it.
+        self.unique: dict[str, str] = {}
         self.live_bytes = 0
         self._next_seq = 1
         self._ready: dict[str, list[tuple[int, int, str]]] = {}
@@ -133,6 +145,16 @@ class JobState:
                 self._remove(record.id)
             case JobSnapshot():
                 self._apply_snapshot(record)
+            case Cancelled():
+                self._apply_cancelled(record)
+            case Requeued():
+                self._apply_requeued(record)
+            case QueuePaused():
+                (self.paused.add if record.paused else self.paused.discard)(record.queue)
+            case ProgressNoted():
+                job = self.jobs.get(record.id)
+                if job is not None:
+                    job.progress, job.progress_note = record.fraction, record.note
             case _:
                 raise TypeError(f"no state change for record {type(record).__name__}")
 
@@ -153,6 +175,7 @@ class JobState:
             unique_key=rec.unique_key,
             result_ttl=rec.result_ttl,
             status="scheduled" if rec.run_at is not None else "queued",
+            unique_for=rec.unique_for,
         )
         self._add(job)
 
@@ -178,6 +201,9 @@ class JobState:
             ended_at=rec.ended_at,
             lease=rec.lease,
             worker=rec.worker,
+            unique_for=rec.unique_for,
+            progress=rec.progress,
+            progress_note=rec.progress_note,
         )
         self._add(job)
 
@@ -185,7 +211,10 @@ class JobState:
         self.jobs[job.id] = job
         self._next_seq = max(self._next_seq, job.seq + 1)
         self.counts[job.queue, job.status] += 1
+        self.task_counts[job.task, job.status] += 1
         self.live_bytes += job.size()
+        if job.unique_key:
+            self.unique[job.unique_key] = job.id
         self._place(job)
 
     def _apply_leased(self, rec: Leased) -> None:
@@ -242,10 +271,36 @@ class JobState:
         self._set_status(job, "queued")
         self._place(job)
 
+    def _apply_cancelled(self, rec: Cancelled) -> None:
+        job = self.jobs.get(rec.id)
+        if job is None or job.status in TERMINAL:
+            return
+        if job.status == "running" and job.tries and job.tries[-1].ended_at is None:
+            error = ErrorRec("Cancelled", "the job was cancelled while running")
+            job.tries[-1] = msgspec.structs.replace(job.tries[-1], ended_at=rec.at, error=error)
+        job.lease = 0
+        job.worker = ""
+        job.ended_at = rec.at
+        self._set_status(job, "cancelled")
+        self._place(job)
+
+    def _apply_requeued(self, rec: Requeued) -> None:
+        job = self.jobs.get(rec.id)
+        if job is None or job.status not in ("failed", "cancelled"):
+            return
+        job.attempts = 0
+        job.error = None
+        job.ended_at = None
+        job.result = None
+        self._set_status(job, "queued")
+        self._place(job)
+
     def _set_status(self, job: Job, status: str) -> None:
         self.counts[job.queue, job.status] -= 1
+        self.task_counts[job.task, job.status] -= 1
         job.status = status
         self.counts[job.queue, status] += 1
+        self.task_counts[job.task, status] += 1
 
     def _place(self, job: Job) -> None:
         """Put a job on the heap its status calls for."""
@@ -263,7 +318,10 @@ class JobState:
         job = self.jobs.pop(job_id, None)
         if job is not None:
             self.counts[job.queue, job.status] -= 1
+            self.task_counts[job.task, job.status] -= 1
             self.live_bytes -= job.size()
+            if job.unique_key and self.unique.get(job.unique_key) == job_id:
+                del self.unique[job.unique_key]
         return job
 
     # ------------------------------------------------------- recovery, time
@@ -356,12 +414,25 @@ class JobState:
 
     # ------------------------------------------------------------ decisions
 
+    def holder_of(self, unique_key: str | None, now: float) -> str | None:
+        """The id of the job that holds ``unique_key`` now: one still active,
+        or one that ended less than its ``unique_for`` ago."""
+        job = self.jobs.get(self.unique.get(unique_key, "")) if unique_key else None
+        if job is None:
+            return None
+        if job.status in ACTIVE:
+            return job.id
+        if job.unique_for and job.ended_at is not None and now < job.ended_at + job.unique_for:
+            return job.id
+        return None
+
     def decide_create(self, spec: msgspec.Struct, now: float) -> JobCreated | None:
         """The record for a new job, or None when a job with that id exists
-        (a resent enqueue). Raises InvalidJob for a spec it refuses."""
+        (a resent enqueue). Raises InvalidJob for a spec it refuses. The
+        caller checks :meth:`holder_of` for unique keys first."""
         if spec.id in self.jobs:
             return None
-        _validate_spec(spec)
+        validate_spec(spec)
         run_at = spec.run_at
         if spec.delay is not None and spec.delay > 0:
             run_at = now + spec.delay
@@ -382,6 +453,7 @@ class JobState:
             timeout=spec.timeout,
             unique_key=spec.unique_key,
             result_ttl=spec.result_ttl,
+            unique_for=spec.unique_for,
         )
 
     def decide_finish(
@@ -453,8 +525,11 @@ class JobState:
 
     # -------------------------------------------------------------- views
 
-    def snapshot(self) -> Iterator[JobSnapshot]:
-        """Every live job as one record, in creation order, for compaction."""
+    def snapshot(self) -> Iterator[Record]:
+        """Every live job as one record, in creation order, and the paused
+        queues: what compaction writes."""
+        for queue in sorted(self.paused):
+            yield QueuePaused(queue, True)
         for job in sorted(self.jobs.values(), key=lambda j: j.seq):
             # A running job keeps its lease, so that a Finished record logged
             # after the snapshot still applies on replay.
@@ -479,7 +554,45 @@ class JobState:
                 ended_at=job.ended_at,
                 lease=job.lease,
                 worker=job.worker,
+                unique_for=job.unique_for,
+                progress=job.progress,
+                progress_note=job.progress_note,
             )
+
+    def list_jobs(
+        self,
+        queue: str | None = None,
+        status: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Jobs in creation order after ``cursor``, filtered; and the cursor
+        for the next page (None at the end). A cursor is the creation number
+        of the last job of a page, so it stays valid if that job is deleted."""
+        try:
+            after = int(cursor) if cursor else -1
+        except ValueError:
+            raise InvalidJob(f"cursor: {cursor!r} is not a cursor this broker gave out") from None
+        found: list[Job] = []
+        for job in sorted(self.jobs.values(), key=lambda j: j.seq):
+            if job.seq <= after:
+                continue
+            if (queue and job.queue != queue) or (status and job.status != status):
+                continue
+            if task and job.task != task:
+                continue
+            if len(found) == limit:
+                return found, str(found[-1].seq)
+            found.append(job)
+        return found, None
+
+    def per_task(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (task, status), n in self.task_counts.items():
+            if n:
+                out.setdefault(task, {})[status] = n
+        return out
 
     def queue_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -492,14 +605,14 @@ class JobState:
 _NO_TASK_DEFAULTS = TaskDefaults()
 
 
-def _validate_spec(spec: msgspec.Struct) -> None:
+def validate_spec(spec: msgspec.Struct) -> None:
     if not spec.task or len(spec.task) > 200:
         raise InvalidJob("task: must be a non-empty name of at most 200 characters")
     if not spec.queue or len(spec.queue) > 200:
         raise InvalidJob("queue: must be a non-empty name of at most 200 characters")
     if not spec.id or len(spec.id) > 64:
         raise InvalidJob("id: must be a non-empty string of at most 64 characters")
-    for name in ("delay", "run_at", "timeout", "result_ttl"):
+    for name in ("delay", "run_at", "timeout", "result_ttl", "unique_for"):
         value = getattr(spec, name)
         if value is not None and not math.isfinite(value):
             raise InvalidJob(f"{name}: must be a finite number, got {value}")

@@ -27,20 +27,33 @@ class WorkerConn:
     processed: int = 0
     failed: int = 0
     rotation: int = 0
+    #: queue -> weight (from the pool's queue_weights); absent: equal shares.
+    weights: dict[str, int] = field(default_factory=dict)
+    _current: dict[str, int] = field(default_factory=dict)
 
     @property
     def credit(self) -> int:
         return self.capacity - len(self.leases)
 
     def queue_order(self) -> list[str]:
-        """The worker's queues, starting one further along on each call, so
-        no queue of a multi-queue worker starves another."""
+        """The order to look for this worker's next job: the queue whose turn
+        it is first (smooth weighted round robin, so each queue gets its
+        weight's share and none starves), then the others as fallbacks."""
         n = len(self.queues)
         if n <= 1:
             return self.queues
-        start = self.rotation % n
-        self.rotation += 1
-        return self.queues[start:] + self.queues[:start]
+        if not self.weights:
+            start = self.rotation % n
+            self.rotation += 1
+            return self.queues[start:] + self.queues[:start]
+        total = 0
+        for queue in self.queues:
+            weight = self.weights.get(queue, 1)
+            total += weight
+            self._current[queue] = self._current.get(queue, 0) + weight
+        best = max(self.queues, key=lambda q: self._current[q])
+        self._current[best] -= total
+        return [best] + [q for q in self.queues if q != best]
 
     def release(self, job_id: str) -> int | None:
         """Forget a lease; the credit comes back. Returns the lease token."""

@@ -106,6 +106,15 @@ def human_status(status: Any) -> str:
         lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
     if not status.queues:
         lines.append("(no jobs)")
+    if status.paused:
+        lines.append(f"paused: {', '.join(status.paused)}")
+    if status.rates:
+        lines.append(
+            f"last minute: {status.rates.get('processed_per_minute', 0):.0f} processed, "
+            f"{status.rates.get('failed_per_minute', 0):.0f} failed"
+        )
+    if status.registered_tasks:
+        lines.append(f"tasks: {', '.join(status.registered_tasks)}")
     for sup in status.supervisors:
         lines.append("")
         lines.append(f"supervisor {sup.supervisor_id} (pid {sup.pid} on {sup.host})")
@@ -189,6 +198,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         "max_attempts": args.max_attempts,
         "timeout": args.job_timeout,
         "unique_key": args.unique_key,
+        "unique_for": args.unique_for,
+        "run_at": args.run_at,
     }
     with make_client(args) as client:
         job_id = client.enqueue(args.task, payload, **options)
@@ -217,6 +228,76 @@ def cmd_result(args: argparse.Namespace) -> int:
         timeout = args.wait_timeout if args.wait else 0.0
         value = client.result(args.id, timeout=timeout)
         emit(args, {"id": args.id, "result": value}, lambda v: json.dumps(v["result"]))
+    return EXIT_OK
+
+
+def human_jobs(page: Any) -> str:
+    lines = [f"{'id':32}  {'status':10} {'attempts':>8}  {'queue':12} task"]
+    for info in page:
+        lines.append(
+            f"{info.id:32}  {info.status:10} {info.attempts:>8}  {info.queue:12} {info.task}"
+        )
+    if page.cursor:
+        lines.append(f"(more: --cursor {page.cursor})")
+    return "\n".join(lines)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        page = client.jobs(args.queue, args.status, args.limit, task=args.task, cursor=args.cursor)
+        if args.json:
+            emit(args, {"jobs": list(page), "cursor": page.cursor})
+        else:
+            emit(args, page, human_jobs)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        cancelled = client.cancel(args.id)
+        emit(
+            args,
+            {"id": args.id, "cancelled": cancelled},
+            lambda v: "cancelled" if v["cancelled"] else "not cancelled: the job had ended",
+        )
+    return EXIT_OK if cancelled else EXIT_JOB
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    if bool(args.id) == bool(args.failed):
+        raise UsageError("give a job ID or --failed (optionally with --queue), not both")
+    with make_client(args) as client:
+        ids = client.retry_failed(args.queue) if args.failed else [client.retry(args.id)]
+        emit(args, {"retried": ids}, lambda v: f"retried {len(v['retried'])} job(s)")
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        client.delete(args.id)
+        emit(args, {"deleted": args.id}, lambda v: f"deleted {v['deleted']}")
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        count = client.purge(args.queue)
+        emit(
+            args,
+            {"queue": args.queue, "purged": count},
+            lambda v: f"purged {v['purged']} queued job(s) from {v['queue']}",
+        )
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        (client.pause if args.command == "pause" else client.resume)(args.queue)
+        emit(
+            args,
+            {"queue": args.queue, "paused": args.command == "pause"},
+            lambda v: f"{v['queue']}: {'paused' if v['paused'] else 'resumed'}",
+        )
     return EXIT_OK
 
 
@@ -346,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--max-attempts", type=int)
     enqueue.add_argument("--job-timeout", type=float, help="seconds one attempt may run")
     enqueue.add_argument("--unique-key")
+    enqueue.add_argument("--unique-for", type=float, help="seconds the key stays taken after")
+    enqueue.add_argument("--run-at", type=float, help="epoch seconds to run at")
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
     enqueue.add_argument("--wait-timeout", type=float, help="give up waiting after this")
     enqueue.set_defaults(fn=cmd_enqueue)
@@ -364,6 +447,40 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--directory", default=".", help="where to write NAME.key(_secret)")
     keys.add_argument("--json", action="store_true")
     keys.set_defaults(fn=cmd_keys)
+    jobs = subs.add_parser("jobs", help="list jobs in creation order")
+    _common(jobs)
+    jobs.add_argument("--queue")
+    jobs.add_argument(
+        "--status",
+        choices=["queued", "scheduled", "running", "retrying", "succeeded", "failed", "cancelled"],
+    )
+    jobs.add_argument("--task")
+    jobs.add_argument("--limit", type=int, default=100)
+    jobs.add_argument("--cursor", help="from a previous page's output")
+    jobs.set_defaults(fn=cmd_jobs)
+    for name, fn, text in (
+        ("cancel", cmd_cancel, "cancel a job"),
+        ("delete", cmd_delete, "remove a finished job and its result"),
+    ):
+        sub = subs.add_parser(name, help=text)
+        _common(sub)
+        sub.add_argument("id")
+        sub.set_defaults(fn=fn)
+    retry = subs.add_parser("retry", help="put a failed job (or all, with --failed) back")
+    _common(retry)
+    retry.add_argument("id", nargs="?")
+    retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.add_argument("--queue", help="with --failed: only this queue's")
+    retry.set_defaults(fn=cmd_retry)
+    for name, fn, text in (
+        ("purge", cmd_purge, "remove a queue's queued jobs"),
+        ("pause", cmd_pause, "stop handing out a queue's jobs"),
+        ("resume", cmd_pause, "hand out a paused queue's jobs again"),
+    ):
+        sub = subs.add_parser(name, help=text)
+        _common(sub)
+        sub.add_argument("queue")
+        sub.set_defaults(fn=fn)
     logp = subs.add_parser("log", help="offline log tools")
     logp.add_argument("action", choices=["verify", "repair", "compact"])
     _common(logp, broker=False)

@@ -54,6 +54,13 @@ class Job:
     timeout: float | None = None
     unique_key: str | None = None
     result_ttl: float | None = None
+    unique_for: float | None = None
+
+
+class JobPage(list[p.JobInfo]):
+    """A page of ``jobs()``; pass ``cursor`` to get the next (None: the last)."""
+
+    cursor: str | None = None
 
 
 def new_job_id() -> str:
@@ -100,7 +107,32 @@ class _Core:
             timeout=job.timeout,
             unique_key=job.unique_key,
             result_ttl=job.result_ttl,
+            unique_for=job.unique_for,
         )
+
+    # --- management requests: built once, sent by either client
+
+    def _cancel_msg(self, job_id: str) -> p.Cancel:
+        return p.Cancel(next(self._req), job_id)
+
+    def _retry_msg(self, job_id: str | None, queue: str | None = None) -> p.RetryJobs:
+        return p.RetryJobs(next(self._req), job_id, all_failed=job_id is None, queue=queue)
+
+    def _jobs_msg(
+        self,
+        queue: str | None,
+        status: str | None,
+        task: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> p.ListJobs:
+        return p.ListJobs(next(self._req), queue, status, task, limit, cursor)
+
+    @staticmethod
+    def _page(reply: p.JobList) -> JobPage:
+        page = JobPage(reply.jobs)
+        page.cursor = reply.cursor
+        return page
 
     def _enqueue_msg(self, jobs: list[Job]) -> p.Enqueue:
         return p.Enqueue(next(self._req), [self._spec(job) for job in jobs])
@@ -248,6 +280,49 @@ class Client(_Core):
         """Round trip to the broker; returns its id."""
         return self._call(p.Ping(next(self._req))).broker_id
 
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job: a queued or scheduled one never runs; a running one's
+        handler sees ``ctx.cancelled`` and its result is discarded. False if
+        the job had already ended."""
+        return bool(self._call(self._cancel_msg(job_id)).count)
+
+    def retry(self, job_id: str) -> str:
+        """Put a failed or cancelled job back, with a fresh budget of attempts."""
+        self._call(self._retry_msg(job_id))
+        return job_id
+
+    def retry_failed(self, queue: str | None = None) -> list[str]:
+        """Put every failed job (of ``queue``) back; returns their ids."""
+        return list(self._call(self._retry_msg(None, queue)).ids)
+
+    def delete(self, job_id: str) -> None:
+        """Remove a finished job and its result."""
+        self._call(p.Delete(next(self._req), job_id))
+
+    def purge(self, queue: str) -> int:
+        """Remove a queue's queued jobs; returns how many."""
+        return int(self._call(p.Purge(next(self._req), queue)).count)
+
+    def pause(self, queue: str) -> None:
+        """Stop handing out the queue's jobs (enqueueing goes on)."""
+        self._call(p.Pause(next(self._req), queue, True))
+
+    def resume(self, queue: str) -> None:
+        self._call(p.Pause(next(self._req), queue, False))
+
+    def jobs(
+        self,
+        queue: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        task: str | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """Jobs in creation order, filtered; ``.cursor`` of the result gets
+        the next page."""
+        return self._page(self._call(self._jobs_msg(queue, status, task, limit, cursor)))
+
     def report_supervisor(self, info: p.SupervisorInfo) -> None:
         """A supervisor's periodic report (supervisors do this)."""
         self._call(p.SupervisorReport(next(self._req), info))
@@ -365,3 +440,36 @@ class AsyncClient(_Core):
 
     async def ping(self) -> str:
         return (await self._call(p.Ping(next(self._req)))).broker_id
+
+    async def cancel(self, job_id: str) -> bool:
+        return bool((await self._call(self._cancel_msg(job_id))).count)
+
+    async def retry(self, job_id: str) -> str:
+        await self._call(self._retry_msg(job_id))
+        return job_id
+
+    async def retry_failed(self, queue: str | None = None) -> list[str]:
+        return list((await self._call(self._retry_msg(None, queue))).ids)
+
+    async def delete(self, job_id: str) -> None:
+        await self._call(p.Delete(next(self._req), job_id))
+
+    async def purge(self, queue: str) -> int:
+        return int((await self._call(p.Purge(next(self._req), queue))).count)
+
+    async def pause(self, queue: str) -> None:
+        await self._call(p.Pause(next(self._req), queue, True))
+
+    async def resume(self, queue: str) -> None:
+        await self._call(p.Pause(next(self._req), queue, False))
+
+    async def jobs(
+        self,
+        queue: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        task: str | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        return self._page(await self._call(self._jobs_msg(queue, status, task, limit, cursor)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,12 @@ class JobContext:
     lease: int = 0
     prev_result_raw: msgspec.Raw | None = None  # NIL or None: no previous step
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _on_progress: Callable[[float, str], None] | None = field(default=None, repr=False)
+
+    def progress(self, fraction: float, note: str = "") -> None:
+        """Report how far the job is (0.0 to 1.0), shown in its info."""
+        if self._on_progress is not None:
+            self._on_progress(min(1.0, max(0.0, float(fraction))), str(note))
 
     @property
     def cancelled(self) -> bool:

@@ -51,6 +51,7 @@ def worker_options(
         queues=list(pool.queues),
         concurrency=pool.concurrency,
         concurrency_mode=pool.concurrency_mode,
+        queue_weights=dict(pool.queue_weights),
         prefetch=pool.prefetch,
         heartbeat_interval=config.broker.heartbeat_interval,
         heartbeat_liveness=config.broker.heartbeat_liveness,

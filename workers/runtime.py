@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -58,6 +58,7 @@ class WorkerOptions:
     max_jobs: int = 0
     name: str = ""
     concurrency_mode: str = "threads"
+    queue_weights: dict[str, int] = field(default_factory=dict)
     #: Write end of the status pipe to the supervisor (workers.status).
     status_fd: int | None = None
 
@@ -229,6 +230,7 @@ class Worker:
                 tasks,
                 socket.gethostname(),
                 os.getpid(),
+                queue_weights=dict(self.options.queue_weights),
             )
         )
 
@@ -273,6 +275,11 @@ class Worker:
                 case p.Deliver():
                     for delivery in msg.jobs:
                         self._jobs.put(delivery)
+                case p.CancelJob():
+                    ctx = self._running.get(msg.job_id)
+                    if ctx is not None and ctx.lease == msg.lease:
+                        ctx._cancel.set()
+                        log.info("worker.job_cancelled", job_id=msg.job_id)
                 case p.Reregister():
                     log.info("worker.reregister")
                     self._register()
@@ -315,12 +322,15 @@ class Worker:
             self._status.retiring("max_jobs")
             self.request_stop()
             self._begin_drain()
-        batches: dict[str, list[Any]] = {"started": [], "done": [], "return": []}
+        batches: dict[str, list[Any]] = {"started": [], "done": [], "return": [], "progress": []}
         while self._outbox:
             kind, item = self._outbox.popleft()
             batches[kind].append(item)
-        if batches["started"] or batches["done"]:
-            self._send(p.Report(batches["started"], batches["done"]))
+        if batches["started"] or batches["done"] or batches["progress"]:
+            latest = {note.job_id: note for note in batches["progress"]}  # only the newest
+            self._send(
+                p.Report(batches["started"], batches["done"], progress=list(latest.values()))
+            )
         if batches["return"]:
             self._send(p.Return(batches["return"]))
 
@@ -364,6 +374,9 @@ class Worker:
 
     def _begin(self, execution: Execution) -> None:
         d = execution.d
+        execution.ctx._on_progress = lambda fraction, note: self._outbox.append(
+            ("progress", p.Progress(d.job_id, d.lease, fraction, note))
+        )
         self._outbox.append(("started", p.Lease(d.job_id, d.lease)))
         self._status.started(d.job_id, d.timeout)
         self._running[d.job_id] = execution.ctx

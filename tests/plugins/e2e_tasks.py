@@ -101,3 +101,42 @@ def chatty(ctx: corral.JobContext, word: str) -> str:
     ctx.log.info("chatty.bound", word=word)
     structlog.get_logger().info("chatty.plain", word=word)  # contextvars carry the job
     return word
+
+
+@corral.task(name="e2e.until_cancelled")
+def until_cancelled(ctx: corral.JobContext, seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ctx.cancelled:
+            return "saw the cancel"
+        time.sleep(0.01)
+    return "never cancelled"
+
+
+@corral.task(name="e2e.progress")
+def progress(ctx: corral.JobContext, seconds: float) -> str:
+    ctx.progress(0.5, "half way")
+    time.sleep(seconds)
+    return "done"
+
+
+@corral.task(name="e2e.release", max_attempts=2)
+def release(ctx: corral.JobContext, times: int) -> int:
+    """Asks to be retried ``times`` times without counting a failure."""
+    if ctx.attempt == 1 and _released.setdefault(ctx.job_id, 0) < times:
+        _released[ctx.job_id] += 1
+        raise corral.Retry(delay=0.05)
+    return _released.get(ctx.job_id, 0)
+
+
+_released: dict[str, int] = {}
+
+
+@corral.task(name="e2e.give_up", max_attempts=5)
+def give_up(ctx: corral.JobContext, reason: str) -> None:
+    raise corral.Fail(reason)
+
+
+@corral.task(name="e2e.stamp")
+def stamp(ctx: corral.JobContext, label: str) -> list[object]:
+    return [label, time.time()]
