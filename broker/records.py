@@ -118,6 +118,14 @@ class QueuePaused(Record, frozen=True):
     paused: bool
 
 
+class ScheduleFired(Record, frozen=True):
+    """A schedule fired for its due time ``due_at`` (logged after the job it
+    created, whose id derives from the two, so a repeat is deduplicated)."""
+
+    name: str
+    due_at: float
+
+
 class ProgressNoted(Record, frozen=True):
     id: str
     fraction: float
@@ -165,6 +173,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     8: Requeued,
     9: QueuePaused,
     10: ProgressNoted,
+    11: ScheduleFired,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

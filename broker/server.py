@@ -38,7 +38,9 @@ from corral.broker.records import (
     Removed,
     Requeued,
     Returned,
+    ScheduleFired,
 )
+from corral.broker.schedules import Schedule, Scheduler, job_id_for
 from corral.broker.state import (
     TERMINAL,
     Defaults,
@@ -123,6 +125,7 @@ class Broker:
             reserve=bc.disk_reserve,
         )
         self.workers = WorkerTable(bc.heartbeat_interval * bc.heartbeat_liveness)
+        self.scheduler = Scheduler.from_configs(config.schedules)
         self.stats: Counter[str] = Counter()
         self._ctx = context
         self._own_ctx = context is None
@@ -155,6 +158,7 @@ class Broker:
             self.state.apply(record)
             count += 1
         requeued = self.state.recover()
+        owed = self.scheduler.restore(self.state.last_fired, time.time())
         log.info(
             "broker.replayed",
             records=count,
@@ -176,6 +180,8 @@ class Broker:
         self.worker_sock = bind_router(
             self._ctx, bc.worker_endpoint, self.config, bc.max_message_size
         )
+        for schedule, due_at in owed:
+            self._fire(schedule, due_at, time.time(), caught_up=True)
         self._poller = zmq.Poller()
         self._poller.register(self.client_sock, zmq.POLLIN)
         self._poller.register(self.worker_sock, zmq.POLLIN)
@@ -288,9 +294,9 @@ class Broker:
     def _poll_timeout(self) -> float:
         now, mono = time.time(), time.monotonic()
         wake = min(self._next_heartbeat, mono + MAX_POLL_WAIT)
-        due = self.state.next_wakeup()
-        if due is not None:
-            wake = min(wake, mono + (due - now))
+        for due in (self.state.next_wakeup(), self.scheduler.next_wakeup()):
+            if due is not None:
+                wake = min(wake, mono + (due - now))
         if self._waiter_heap:
             wake = min(wake, self._waiter_heap[0][0])
         if self._deadlines:
@@ -678,6 +684,8 @@ class Broker:
     # --------------------------------------------------------------- tick
 
     def _tick(self, now: float, mono: float) -> None:
+        for schedule, due_at in self.scheduler.due(now):
+            self._fire(schedule, due_at, now)
         if self.state.promote_due(now):
             self._dirty = True
         self._expire_deadlines(now, mono)
@@ -690,6 +698,26 @@ class Broker:
                 self._lose_worker(conn, now, "went silent")
             for conn in self.workers:
                 self._send_worker(conn.identity, p.BrokerHeartbeat(self.broker_id))
+
+    def _fire(self, schedule: Schedule, due_at: float, now: float, caught_up: bool = False) -> None:
+        """A schedule's due time came: its job, then the record of the fire.
+        The job id derives from (schedule, due time), so a fire repeated
+        after a crash between the two records is deduplicated."""
+        spec = p.JobSpec(
+            id=job_id_for(schedule.name, due_at),
+            task=schedule.task,
+            payload=msgspec.Raw(schedule.payload),
+            queue=schedule.queue,
+            priority=schedule.priority,
+        )
+        record = self.state.decide_create(spec, now)
+        if record is not None:
+            self._record(record)
+            self.stats["schedules_fired"] += 1
+        self._record(ScheduleFired(schedule.name, due_at))
+        self._dirty = True
+        event = "broker.schedule_caught_up" if caught_up else "broker.schedule_fired"
+        log.info(event, schedule=schedule.name, due_at=due_at, job_id=spec.id)
 
     def _expire_deadlines(self, now: float, mono: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= mono:

@@ -32,6 +32,7 @@ from corral.broker.records import (
     Removed,
     Requeued,
     Returned,
+    ScheduleFired,
     TryRec,
 )
 
@@ -119,6 +120,8 @@ class JobState:
         self.counts: Counter[tuple[str, str]] = Counter()
         self.task_counts: Counter[tuple[str, str]] = Counter()
         self.paused: set[str] = set()
+        #: schedule name -> the due time it last fired for.
+        self.last_fired: dict[str, float] = {}
         #: unique_key -> the id of the newest job that holds it.
         self.unique: dict[str, str] = {}
         self.live_bytes = 0
@@ -151,6 +154,9 @@ class JobState:
                 self._apply_requeued(record)
             case QueuePaused():
                 (self.paused.add if record.paused else self.paused.discard)(record.queue)
+            case ScheduleFired():
+                previous = self.last_fired.get(record.name, record.due_at)
+                self.last_fired[record.name] = max(previous, record.due_at)
             case ProgressNoted():
                 job = self.jobs.get(record.id)
                 if job is not None:
@@ -530,6 +536,8 @@ class JobState:
         queues: what compaction writes."""
         for queue in sorted(self.paused):
             yield QueuePaused(queue, True)
+        for name, due_at in sorted(self.last_fired.items()):
+            yield ScheduleFired(name, due_at)
         for job in sorted(self.jobs.values(), key=lambda j: j.seq):
             # A running job keeps its lease, so that a Finished record logged
             # after the snapshot still applies on replay.

@@ -302,7 +302,13 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from corral.broker.schedules import ScheduleError, Scheduler
+
     config = load_config(args.config)
+    try:
+        Scheduler.from_configs(config.schedules)
+    except ScheduleError as exc:
+        raise ConfigError(f"schedules: {exc}") from None
     source = args.config or os.environ.get("CORRAL_CONFIG") or "defaults"
     pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
     emit(

@@ -23,11 +23,13 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     from corral.broker.server import Broker
     from corral.errors import CorralError
 
+    from corral.broker.schedules import ScheduleError
+
     logs.configure("broker", config.log.level, config.log.format)
-    broker = Broker(config)
     try:
+        broker = Broker(config)
         broker.open()
-    except (LogError, CorralError) as exc:
+    except (LogError, CorralError, ScheduleError) as exc:
         log.error("broker.cannot_start", error=str(exc))
         return 2
     broker.install_signal_handlers()
