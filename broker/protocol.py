@@ -50,6 +50,8 @@ class JobSpec(msgspec.Struct, frozen=True, array_like=True):
     unique_key: str | None = None
     result_ttl: float | None = None
     unique_for: float | None = None
+    on_success: JobSpec | None = None
+    on_failure: JobSpec | None = None
 
 
 class TryInfo(msgspec.Struct, frozen=True):
@@ -85,6 +87,20 @@ class JobInfo(msgspec.Struct, frozen=True):
     progress: float | None = None
     progress_note: str = ""
     enqueued_at: float = 0.0
+
+
+class FlowInfo(msgspec.Struct, frozen=True):
+    """A chain's or group's info: its status, its jobs in order with their
+    statuses, where a chain stopped, and a group's callback."""
+
+    id: str
+    kind: str
+    status: str
+    jobs: list[str]
+    statuses: dict[str, str]
+    created_at: float
+    failed_step: int | None = None
+    callback: str | None = None
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
@@ -252,6 +268,24 @@ class ListJobs(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
+class EnqueueFlow(Msg, frozen=True):
+    """A chain (``kind`` "chain") or a group ("group", with an optional
+    ``callback``: a chord). All ids are chosen by the client."""
+
+    req: int
+    flow_id: str
+    kind: str
+    jobs: list[JobSpec]
+    callback: JobSpec | None = None
+    v: int = PROTOCOL_VERSION
+
+
+class GetFlow(Msg, frozen=True):
+    req: int
+    flow_id: str
+    v: int = PROTOCOL_VERSION
+
+
 ClientRequest = (
     Enqueue
     | GetJob
@@ -266,6 +300,8 @@ ClientRequest = (
     | Purge
     | Pause
     | ListJobs
+    | EnqueueFlow
+    | GetFlow
 )
 
 
@@ -315,6 +351,12 @@ class Ack(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
+class FlowReply(Msg, frozen=True):
+    req: int
+    flow: FlowInfo
+    v: int = PROTOCOL_VERSION
+
+
 class JobList(Msg, frozen=True):
     req: int
     jobs: list[JobInfo]
@@ -332,7 +374,9 @@ class ErrorReply(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-ClientReply = EnqueueOk | JobReply | ResultReply | StatusReply | Pong | Ack | JobList | ErrorReply
+ClientReply = (
+    EnqueueOk | JobReply | ResultReply | StatusReply | Pong | Ack | JobList | FlowReply | ErrorReply
+)
 
 
 # ------------------------------------------------------ worker -> broker reports

@@ -39,6 +39,21 @@ class TryRec(msgspec.Struct, frozen=True, array_like=True):
     error: ErrorRec | None = None
 
 
+class StepRec(msgspec.Struct, frozen=True, array_like=True):
+    """A job to create later: the next step of a chain, a chord's callback,
+    or a job's on_success/on_failure callback. Its id is fixed up front, so
+    creating it twice (after a crash) is harmless."""
+
+    id: str
+    task: str
+    payload: msgspec.Raw
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int | None = None
+    timeout: float | None = None
+    result_ttl: float | None = None
+
+
 class JobCreated(Record, frozen=True):
     """A job was accepted. ``seq`` orders jobs by creation."""
 
@@ -55,6 +70,11 @@ class JobCreated(Record, frozen=True):
     unique_key: str | None = None
     result_ttl: float | None = None
     unique_for: float | None = None
+    flow: str | None = None
+    step: int = 0
+    prev_result: msgspec.Raw = NIL
+    on_success: StepRec | None = None
+    on_failure: StepRec | None = None
 
 
 class Leased(Record, frozen=True):
@@ -118,6 +138,17 @@ class QueuePaused(Record, frozen=True):
     paused: bool
 
 
+class FlowCreated(Record, frozen=True):
+    """A chain (steps run one after another, each getting the previous
+    result) or a group (all at once; ``callback`` gets every result)."""
+
+    id: str
+    kind: str
+    steps: list[StepRec]
+    created_at: float
+    callback: StepRec | None = None
+
+
 class ScheduleFired(Record, frozen=True):
     """A schedule fired for its due time ``due_at`` (logged after the job it
     created, whose id derives from the two, so a repeat is deduplicated)."""
@@ -159,6 +190,11 @@ class JobSnapshot(Record, frozen=True):
     unique_for: float | None = None
     progress: float | None = None
     progress_note: str = ""
+    flow: str | None = None
+    step: int = 0
+    prev_result: msgspec.Raw = NIL
+    on_success: StepRec | None = None
+    on_failure: StepRec | None = None
 
 
 #: Record codes as written in each frame. Never reuse a code.
@@ -174,6 +210,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     9: QueuePaused,
     10: ProgressNoted,
     11: ScheduleFired,
+    12: FlowCreated,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

@@ -25,12 +25,14 @@ import msgspec
 import structlog
 import zmq
 
+from corral.broker import flows
 from corral.broker import protocol as p
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, Log, LogError
 from corral.broker.records import (
     Cancelled,
     ErrorRec,
+    FlowCreated,
     Leased,
     ProgressNoted,
     QueuePaused,
@@ -48,6 +50,7 @@ from corral.broker.state import (
     Job,
     JobState,
     TaskDefaults,
+    step_of,
     validate_spec,
 )
 from corral.broker.workers import WorkerConn, WorkerTable
@@ -158,12 +161,14 @@ class Broker:
             self.state.apply(record)
             count += 1
         requeued = self.state.recover()
+        owed_followups = flows.pending(self.state, time.time(), self._record)
         owed = self.scheduler.restore(self.state.last_fired, time.time())
         log.info(
             "broker.replayed",
             records=count,
             jobs=len(self.state.jobs),
             requeued_running=requeued,
+            followups_created=owed_followups,
             seconds=round(time.monotonic() - started, 3),
         )
         if self._ctx is None:
@@ -362,25 +367,41 @@ class Broker:
                 self._reply(self.client_sock, identity, p.Ack(msg.req, 1))
             case p.ListJobs():
                 self._list(identity, msg)
+            case p.EnqueueFlow():
+                self._enqueue_flow(identity, msg, now)
+            case p.GetFlow():
+                flow = self.state.flows.get(msg.flow_id)
+                if flow is None:
+                    self._reply_not_found(identity, msg.req, msg.flow_id)
+                else:
+                    self._reply(
+                        self.client_sock, identity, p.FlowReply(msg.req, self._flow_info(flow))
+                    )
             case p.WorkerExited():
                 gone = [c for c in self.workers if c.host == msg.host and c.pid == msg.pid]
                 for conn in gone:
                     self._lose_worker(conn, now, f"exited ({msg.reason})")
                 self._reply(self.client_sock, identity, p.Ack(msg.req, len(gone)))
 
+    def _refuse_if_full(self, identity: bytes, req: int) -> bool:
+        """New jobs are refused while the log has no room but its reserve."""
+        if not self.log.full:
+            return False
+        self.stats["enqueue_refused_disk_full"] += 1
+        self._reply(
+            self.client_sock,
+            identity,
+            p.ErrorReply(
+                req,
+                "disk_full",
+                f"the broker's disk is full ({self.state_dir}): no job was accepted; "
+                "free space or raise broker.disk_reserve, then retry",
+            ),
+        )
+        return True
+
     def _enqueue(self, identity: bytes, msg: p.Enqueue, now: float) -> None:
-        if self.log.full:
-            self.stats["enqueue_refused_disk_full"] += 1
-            self._reply(
-                self.client_sock,
-                identity,
-                p.ErrorReply(
-                    msg.req,
-                    "disk_full",
-                    f"the broker's disk is full ({self.state_dir}): no job was accepted; "
-                    "free space or raise broker.disk_reserve, then retry",
-                ),
-            )
+        if self._refuse_if_full(identity, msg.req):
             return
         try:
             for spec in msg.jobs:
@@ -402,7 +423,61 @@ class Broker:
         self._dirty = True
         self._reply(self.client_sock, identity, p.EnqueueOk(msg.req, ids))
 
+    def _enqueue_flow(self, identity: bytes, msg: p.EnqueueFlow, now: float) -> None:
+        if self._refuse_if_full(identity, msg.req):
+            return
+        try:
+            if msg.kind not in ("chain", "group") or not msg.jobs:
+                raise InvalidJob(
+                    f"kind: a flow is a chain or a group of at least one job, got "
+                    f"{msg.kind!r} with {len(msg.jobs)} jobs"
+                )
+            for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
+                validate_spec(spec)
+        except InvalidJob as exc:
+            self._reply(self.client_sock, identity, p.ErrorReply(msg.req, "invalid", str(exc)))
+            return
+        ids = [msg.flow_id] + [spec.id for spec in msg.jobs]
+        if msg.flow_id not in self.state.flows:
+            steps = [step_of(spec) for spec in msg.jobs]
+            self._record(FlowCreated(msg.flow_id, msg.kind, steps, now, step_of(msg.callback)))
+            first = msg.jobs if msg.kind == "group" else msg.jobs[:1]
+            for index, spec in enumerate(first):
+                record = flows.create(
+                    self.state,
+                    steps[index],
+                    now,
+                    flow=msg.flow_id,
+                    index=index,
+                    on_success=step_of(spec.on_success),
+                    on_failure=step_of(spec.on_failure),
+                )
+                if record is not None:
+                    self._record(record)
+            self.stats["flows"] += 1
+            self._dirty = True
+        self._reply(self.client_sock, identity, p.EnqueueOk(msg.req, ids))
+
+    def _flow_info(self, flow: FlowCreated) -> p.FlowInfo:
+        status, failed_step = flows.status_of(self.state, flow)
+        ids = [step.id for step in flow.steps]
+        statuses = {i: self.state.jobs[i].status for i in ids if i in self.state.jobs}
+        callback = flow.callback.id if flow.callback is not None else None
+        return p.FlowInfo(
+            flow.id, flow.kind, status, ids, statuses, flow.created_at, failed_step, callback
+        )
+
     def _cancel(self, identity: bytes, msg: p.Cancel, now: float) -> None:
+        flow = self.state.flows.get(msg.job_id)
+        if flow is not None:  # a chain or group: cancel what has not ended
+            count = 0
+            for step in [*flow.steps, *([flow.callback] if flow.callback else [])]:
+                job = self.state.jobs.get(step.id)
+                if job is not None and job.status not in TERMINAL:
+                    self._cancel_job(job, now)
+                    count += 1
+            self._reply(self.client_sock, identity, p.Ack(msg.req, count))
+            return
         job = self.state.jobs.get(msg.job_id)
         if job is None:
             self._reply_not_found(identity, msg.req, msg.job_id)
@@ -410,13 +485,16 @@ class Broker:
         if job.status in TERMINAL:
             self._reply(self.client_sock, identity, p.Ack(msg.req, 0))
             return
+        self._cancel_job(job, now)
+        self._reply(self.client_sock, identity, p.Ack(msg.req, 1, [job.id]))
+
+    def _cancel_job(self, job: Job, now: float) -> None:
         lease, holder = job.lease, self._holders.pop(job.id, None)
         self._record(Cancelled(job.id, now))
         if holder is not None and lease:  # running: tell its worker; the result is discarded
             self._send_worker(holder, p.CancelJob(job.id, lease))
         self.stats["jobs_cancelled"] += 1
-        self._notify_waiters(job)
-        self._reply(self.client_sock, identity, p.Ack(msg.req, 1, [job.id]))
+        self._ended(job, now)
 
     def _retry(self, identity: bytes, msg: p.RetryJobs, now: float) -> None:
         if msg.job_id is not None:
@@ -480,13 +558,19 @@ class Broker:
 
     def _get_result(self, identity: bytes, msg: p.GetResult, mono: float) -> None:
         job = self.state.jobs.get(msg.job_id)
-        if job is None:
-            self._reply_not_found(identity, msg.req, msg.job_id)
-        elif job.status in TERMINAL or msg.wait <= 0:
-            self._reply(self.client_sock, identity, self._result_reply(msg.req, job))
+        flow = self.state.flows.get(msg.job_id)
+        if job is not None:
+            ended = job.status in TERMINAL
+        elif flow is not None:
+            ended = flows.status_of(self.state, flow)[0] in TERMINAL
         else:
-            waiter = _Waiter(mono + min(msg.wait, 3600.0), job.id, identity, msg.req)
-            self._waiters.setdefault(job.id, []).append(waiter)
+            self._reply_not_found(identity, msg.req, msg.job_id)
+            return
+        if ended or msg.wait <= 0:
+            self._answer_result(identity, msg.req, msg.job_id)
+        else:
+            waiter = _Waiter(mono + min(msg.wait, 3600.0), msg.job_id, identity, msg.req)
+            self._waiters.setdefault(msg.job_id, []).append(waiter)
             heapq.heappush(self._waiter_heap, (waiter.deadline, id(waiter), waiter))
 
     def _result_reply(self, req: int, job: Job) -> p.ResultReply:
@@ -502,6 +586,25 @@ class Broker:
             identity,
             p.ErrorReply(req, "not_found", f"no job with id {job_id!r} (it may have expired)"),
         )
+
+    def _ended(self, job: Job, now: float) -> None:
+        """A job reached a terminal status: answer its waiters, create what
+        it brings about (chain step, chord callback, callbacks), and answer
+        its flow's waiters if the flow ended with it."""
+        self._notify_waiters(job)
+        for record in flows.followups(self.state, job, now):
+            self._record(record)
+            self._dirty = True
+        if job.flow is not None:
+            self._notify_flow(job.flow)
+
+    def _notify_flow(self, flow_id: str) -> None:
+        flow = self.state.flows.get(flow_id)
+        if flow is None or flows.status_of(self.state, flow)[0] not in TERMINAL:
+            return
+        for waiter in self._waiters.pop(flow_id, ()):
+            waiter.answered = True
+            self._reply(self.client_sock, waiter.identity, self._flow_result(waiter.req, flow))
 
     def _notify_waiters(self, job: Job) -> None:
         for waiter in self._waiters.pop(job.id, ()):
@@ -620,7 +723,7 @@ class Broker:
         self._record(record)
         self._count_outcome(conn, record.status)
         if record.status in TERMINAL:
-            self._notify_waiters(job)
+            self._ended(job, now)
 
     def _count_outcome(self, conn: WorkerConn | None, status: str) -> None:
         self.stats[f"jobs_{status}"] += 1
@@ -664,7 +767,7 @@ class Broker:
                 self._record(finished)
                 self._count_outcome(None, finished.status)
                 if finished.status in TERMINAL:
-                    self._notify_waiters(job)
+                    self._ended(job, now)
                     continue
             else:
                 self._record(Returned(job_id, lease))
@@ -732,7 +835,7 @@ class Broker:
             self.stats["timeouts"] += 1
             self._count_outcome(None, record.status)
             if record.status in TERMINAL:
-                self._notify_waiters(job)
+                self._ended(job, now)
             self._dirty = True
             log.warning("broker.job_timeout", job_id=job_id, timeout=timeout, next=record.status)
 
@@ -745,11 +848,41 @@ class Broker:
             waiting.remove(waiter)
             if not waiting:
                 self._waiters.pop(waiter.job_id, None)
-            job = self.state.jobs.get(waiter.job_id)
-            if job is None:
-                self._reply_not_found(waiter.identity, waiter.req, waiter.job_id)
-            else:
-                self._reply(self.client_sock, waiter.identity, self._result_reply(waiter.req, job))
+            self._answer_result(waiter.identity, waiter.req, waiter.job_id)
+
+    def _answer_result(self, identity: bytes, req: int, job_id: str) -> None:
+        """A job's or a flow's outcome as it stands."""
+        job = self.state.jobs.get(job_id)
+        flow = self.state.flows.get(job_id)
+        if job is not None:
+            self._reply(self.client_sock, identity, self._result_reply(req, job))
+        elif flow is not None:
+            self._reply(self.client_sock, identity, self._flow_result(req, flow))
+        else:
+            self._reply_not_found(identity, req, job_id)
+
+    def _flow_result(self, req: int, flow: FlowCreated) -> p.ResultReply:
+        """A chain's result is its last step's; a group's, the list of its
+        jobs' results in order. A failure carries the failed job's error."""
+        status, failed_step = flows.status_of(self.state, flow)
+        jobs = [self.state.jobs.get(step.id) for step in flow.steps]
+        if status == "succeeded":
+            last = jobs[-1]
+            result = (
+                flows.results_of(jobs)
+                if flow.kind == "group"
+                else (last.result if last is not None and last.result is not None else p.NIL)
+            )
+            return p.ResultReply(req, flow.id, status, result)
+        error = None
+        failed = jobs[failed_step] if failed_step is not None else None
+        if failed is not None and failed.error is not None:
+            error = p.ErrorInfo(
+                failed.error.type,
+                f"step {failed_step} ({failed.id}): {failed.error.message}",
+                failed.error.traceback,
+            )
+        return p.ResultReply(req, flow.id, status, p.NIL, error)
 
     # ----------------------------------------------------------- dispatch
 
@@ -798,6 +931,7 @@ class Broker:
                     job.queue,
                     job.created_at,
                     self.state.timeout(job),
+                    job.prev_result,
                 )
             )
         if not self._send_worker(conn.identity, p.Deliver(deliveries)):

@@ -23,6 +23,7 @@ from corral.broker.records import (
     Cancelled,
     ErrorRec,
     Finished,
+    FlowCreated,
     JobCreated,
     JobSnapshot,
     Leased,
@@ -33,6 +34,7 @@ from corral.broker.records import (
     Requeued,
     Returned,
     ScheduleFired,
+    StepRec,
     TryRec,
 )
 
@@ -99,6 +101,12 @@ class Job:
     unique_for: float | None = None
     progress: float | None = None
     progress_note: str = ""
+    #: The chain or group the job belongs to, and its place there.
+    flow: str | None = None
+    step: int = 0
+    prev_result: msgspec.Raw = field(default_factory=lambda: NIL)
+    on_success: StepRec | None = None
+    on_failure: StepRec | None = None
 
     @property
     def next_run_at(self) -> float | None:
@@ -122,6 +130,8 @@ class JobState:
         self.paused: set[str] = set()
         #: schedule name -> the due time it last fired for.
         self.last_fired: dict[str, float] = {}
+        #: chains and groups by id.
+        self.flows: dict[str, FlowCreated] = {}
         #: unique_key -> the id of the newest job that holds it.
         self.unique: dict[str, str] = {}
         self.live_bytes = 0
@@ -154,6 +164,8 @@ class JobState:
                 self._apply_requeued(record)
             case QueuePaused():
                 (self.paused.add if record.paused else self.paused.discard)(record.queue)
+            case FlowCreated():
+                self.flows.setdefault(record.id, record)
             case ScheduleFired():
                 previous = self.last_fired.get(record.name, record.due_at)
                 self.last_fired[record.name] = max(previous, record.due_at)
@@ -182,6 +194,11 @@ class JobState:
             result_ttl=rec.result_ttl,
             status="scheduled" if rec.run_at is not None else "queued",
             unique_for=rec.unique_for,
+            flow=rec.flow,
+            step=rec.step,
+            prev_result=rec.prev_result,
+            on_success=rec.on_success,
+            on_failure=rec.on_failure,
         )
         self._add(job)
 
@@ -210,6 +227,11 @@ class JobState:
             unique_for=rec.unique_for,
             progress=rec.progress,
             progress_note=rec.progress_note,
+            flow=rec.flow,
+            step=rec.step,
+            prev_result=rec.prev_result,
+            on_success=rec.on_success,
+            on_failure=rec.on_failure,
         )
         self._add(job)
 
@@ -420,6 +442,12 @@ class JobState:
 
     # ------------------------------------------------------------ decisions
 
+    def take_seq(self) -> int:
+        """The next creation number."""
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
     def holder_of(self, unique_key: str | None, now: float) -> str | None:
         """The id of the job that holds ``unique_key`` now: one still active,
         or one that ended less than its ``unique_for`` ago."""
@@ -444,8 +472,7 @@ class JobState:
             run_at = now + spec.delay
         if run_at is not None and run_at <= now:
             run_at = None
-        seq = self._next_seq
-        self._next_seq += 1
+        seq = self.take_seq()
         return JobCreated(
             id=spec.id,
             seq=seq,
@@ -460,6 +487,8 @@ class JobState:
             unique_key=spec.unique_key,
             result_ttl=spec.result_ttl,
             unique_for=spec.unique_for,
+            on_success=step_of(getattr(spec, "on_success", None)),
+            on_failure=step_of(getattr(spec, "on_failure", None)),
         )
 
     def decide_finish(
@@ -538,6 +567,9 @@ class JobState:
             yield QueuePaused(queue, True)
         for name, due_at in sorted(self.last_fired.items()):
             yield ScheduleFired(name, due_at)
+        for flow in self.flows.values():
+            if any(step.id in self.jobs for step in flow.steps):
+                yield flow
         for job in sorted(self.jobs.values(), key=lambda j: j.seq):
             # A running job keeps its lease, so that a Finished record logged
             # after the snapshot still applies on replay.
@@ -565,6 +597,11 @@ class JobState:
                 unique_for=job.unique_for,
                 progress=job.progress,
                 progress_note=job.progress_note,
+                flow=job.flow,
+                step=job.step,
+                prev_result=job.prev_result,
+                on_success=job.on_success,
+                on_failure=job.on_failure,
             )
 
     def list_jobs(
@@ -613,6 +650,22 @@ class JobState:
 _NO_TASK_DEFAULTS = TaskDefaults()
 
 
+def step_of(spec: msgspec.Struct | None) -> StepRec | None:
+    """A wire JobSpec as a job to create later (callbacks, chain steps)."""
+    if spec is None:
+        return None
+    return StepRec(
+        spec.id,
+        spec.task,
+        msgspec.Raw(bytes(spec.payload)),
+        spec.queue,
+        spec.priority,
+        spec.max_attempts,
+        spec.timeout,
+        spec.result_ttl,
+    )
+
+
 def validate_spec(spec: msgspec.Struct) -> None:
     if not spec.task or len(spec.task) > 200:
         raise InvalidJob("task: must be a non-empty name of at most 200 characters")
@@ -624,6 +677,9 @@ def validate_spec(spec: msgspec.Struct) -> None:
         value = getattr(spec, name)
         if value is not None and not math.isfinite(value):
             raise InvalidJob(f"{name}: must be a finite number, got {value}")
+    for callback in (getattr(spec, "on_success", None), getattr(spec, "on_failure", None)):
+        if callback is not None:
+            validate_spec(callback)
     if spec.max_attempts is not None and spec.max_attempts < 1:
         raise InvalidJob(f"max_attempts: must be at least 1, got {spec.max_attempts}")
     if spec.timeout is not None and spec.timeout <= 0:

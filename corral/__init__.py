@@ -4,7 +4,7 @@ The public names: ``task``, ``JobContext``, ``Client``, ``AsyncClient``,
 ``Job``, ``JobInfo`` and the errors below ``CorralError``.
 """
 
-from corral.broker.protocol import JobInfo, StatusInfo, TryInfo
+from corral.broker.protocol import FlowInfo, JobInfo, StatusInfo, TryInfo
 from corral.client import AsyncClient, Client, Job
 from corral.context import JobContext
 from corral.errors import (
@@ -35,6 +35,7 @@ __all__ = [
     "CorralError",
     "DiskFull",
     "Fail",
+    "FlowInfo",
     "Job",
     "JobCancelled",
     "JobContext",

@@ -55,6 +55,10 @@ class Job:
     unique_key: str | None = None
     result_ttl: float | None = None
     unique_for: float | None = None
+    #: Jobs created when this one succeeds (its result as their
+    #: ``ctx.prev_result``) or fails (a dict with the error as prev_result).
+    on_success: Job | None = None
+    on_failure: Job | None = None
 
 
 class JobPage(list[p.JobInfo]):
@@ -94,7 +98,9 @@ class _Core:
 
     # --- requests
 
-    def _spec(self, job: Job) -> p.JobSpec:
+    def _spec(self, job: Job | None) -> p.JobSpec | None:
+        if job is None:
+            return None
         return p.JobSpec(
             id=new_job_id(),
             task=job.task,
@@ -108,6 +114,8 @@ class _Core:
             unique_key=job.unique_key,
             result_ttl=job.result_ttl,
             unique_for=job.unique_for,
+            on_success=self._spec(job.on_success),
+            on_failure=self._spec(job.on_failure),
         )
 
     # --- management requests: built once, sent by either client
@@ -135,7 +143,13 @@ class _Core:
         return page
 
     def _enqueue_msg(self, jobs: list[Job]) -> p.Enqueue:
-        return p.Enqueue(next(self._req), [self._spec(job) for job in jobs])
+        return p.Enqueue(next(self._req), [self._spec(job) for job in jobs])  # type: ignore[misc]
+
+    def _flow_msg(self, kind: str, jobs: list[Job], callback: Job | None) -> p.EnqueueFlow:
+        if not jobs:
+            raise ValueError(f"a {kind} needs at least one job")
+        specs = [self._spec(job) for job in jobs]
+        return p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, self._spec(callback))  # type: ignore[arg-type]
 
     def _encode(self, msg: p.Msg) -> bytes:
         """Encode a request, refusing one the broker would drop unanswered."""
@@ -279,6 +293,23 @@ class Client(_Core):
     def ping(self) -> str:
         """Round trip to the broker; returns its id."""
         return self._call(p.Ping(next(self._req))).broker_id
+
+    def enqueue_chain(self, jobs: list[Job]) -> str:
+        """Run jobs one after another, each handler getting the previous
+        one's result as ``ctx.prev_result``; a failure stops the chain.
+        Returns the chain's id (for ``chain()`` and ``result()``)."""
+        return self._call(self._flow_msg("chain", list(jobs), None)).ids[0]
+
+    def enqueue_group(self, jobs: list[Job], callback: Job | None = None) -> str:
+        """Run jobs in parallel; with ``callback`` (a chord), run it once all
+        succeeded, with the list of their results as ``ctx.prev_result``."""
+        return self._call(self._flow_msg("group", list(jobs), callback)).ids[0]
+
+    def chain(self, chain_id: str) -> p.FlowInfo:
+        return self._call(p.GetFlow(next(self._req), chain_id)).flow
+
+    def group(self, group_id: str) -> p.FlowInfo:
+        return self._call(p.GetFlow(next(self._req), group_id)).flow
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job: a queued or scheduled one never runs; a running one's
@@ -440,6 +471,18 @@ class AsyncClient(_Core):
 
     async def ping(self) -> str:
         return (await self._call(p.Ping(next(self._req)))).broker_id
+
+    async def enqueue_chain(self, jobs: list[Job]) -> str:
+        return (await self._call(self._flow_msg("chain", list(jobs), None))).ids[0]
+
+    async def enqueue_group(self, jobs: list[Job], callback: Job | None = None) -> str:
+        return (await self._call(self._flow_msg("group", list(jobs), callback))).ids[0]
+
+    async def chain(self, chain_id: str) -> p.FlowInfo:
+        return (await self._call(p.GetFlow(next(self._req), chain_id))).flow
+
+    async def group(self, group_id: str) -> p.FlowInfo:
+        return (await self._call(p.GetFlow(next(self._req), group_id))).flow
 
     async def cancel(self, job_id: str) -> bool:
         return bool((await self._call(self._cancel_msg(job_id))).count)

@@ -20,10 +20,9 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     """Run the broker until SIGTERM/SIGINT. Writes one byte to ``ready_fd``
     once the log is replayed and the endpoints are bound."""
     from corral.broker.log import LogError
+    from corral.broker.schedules import ScheduleError
     from corral.broker.server import Broker
     from corral.errors import CorralError
-
-    from corral.broker.schedules import ScheduleError
 
     logs.configure("broker", config.log.level, config.log.format)
     try:

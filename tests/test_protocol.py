@@ -118,6 +118,15 @@ SAMPLES: dict[str, list[p.Msg]] = {
         p.Pause(22, "emails", paused=False),
         p.ListJobs(23, queue="emails", status="failed", task="emails.send", limit=5, cursor="12"),
         p.ListJobs(24),
+        p.EnqueueFlow(
+            25,
+            "flow-1",
+            "group",
+            [p.JobSpec("g1", "t", PAYLOAD, on_success=p.JobSpec("cb1", "t")), p.JobSpec("g2", "t")],
+            callback=p.JobSpec("chord", "sum"),
+        ),
+        p.EnqueueFlow(26, "flow-2", "chain", [p.JobSpec("c1", "t")]),
+        p.GetFlow(27, "flow-1"),
     ],
     "ClientReply": [
         p.EnqueueOk(7, ["id-1", "id-2"]),
@@ -139,6 +148,19 @@ SAMPLES: dict[str, list[p.Msg]] = {
         p.Ack(16, 2, ["id-1", "id-2"]),
         p.JobList(23, [JOB_INFO], "12"),
         p.JobList(24, []),
+        p.FlowReply(
+            27,
+            p.FlowInfo(
+                "flow-1",
+                "group",
+                "failed",
+                ["g1", "g2"],
+                {"g1": "succeeded", "g2": "failed"},
+                1700000000.0,
+                1,
+                "chord",
+            ),
+        ),
         p.ErrorReply(14, "not_found", "no job with id 'nope' (it may have expired)"),
     ],
     "WorkerReport": [

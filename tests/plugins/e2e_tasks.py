@@ -140,3 +140,24 @@ def give_up(ctx: corral.JobContext, reason: str) -> None:
 @corral.task(name="e2e.stamp")
 def stamp(ctx: corral.JobContext, label: str) -> list[object]:
     return [label, time.time()]
+
+
+@corral.task(name="e2e.chain_step")
+def chain_step(ctx: corral.JobContext, n: int) -> int:
+    return (ctx.prev_result or 0) + n
+
+
+@corral.task(name="e2e.slow_step")
+def slow_step(ctx: corral.JobContext, n: int) -> int:
+    time.sleep(0.4)
+    return (ctx.prev_result or 0) + n
+
+
+@corral.task(name="e2e.sum_prev")
+def sum_prev(ctx: corral.JobContext, extra: int) -> int:
+    return sum(ctx.prev_result) + extra
+
+
+@corral.task(name="e2e.echo_prev")
+def echo_prev(ctx: corral.JobContext, payload: object = None) -> object:
+    return ctx.prev_result

@@ -1,0 +1,143 @@
+"""Chains, groups, chords and callbacks, end to end, also across a broker
+crash."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from conftest import Env, wait_for
+
+import corral
+from corral.broker import flows
+from corral.broker.protocol import JobSpec, encode_value
+from corral.broker.records import FlowCreated, Leased
+from corral.broker.state import JobState, step_of
+
+J = corral.Job
+
+
+@pytest.fixture
+def daemon(env: Env):  # type: ignore[no-untyped-def]
+    proc = env.start("run")
+    env.wait_ready(proc)
+    return proc
+
+
+def test_chain_passes_each_result_on(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    client = env.client()
+    chain_id = client.enqueue_chain(
+        [J("e2e.chain_step", 1), J("e2e.chain_step", 2), J("e2e.chain_step", 3)]
+    )
+    assert client.result(chain_id, timeout=30) == 6
+    info = client.chain(chain_id)
+    assert info.kind == "chain" and info.status == "succeeded"
+    assert [info.statuses[i] for i in info.jobs] == ["succeeded"] * 3
+    assert [client.result(i, timeout=5) for i in info.jobs] == [1, 3, 6]
+
+
+def test_a_failure_stops_the_chain_and_says_where(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    client = env.client()
+    chain_id = client.enqueue_chain(
+        [J("e2e.chain_step", 1), J("e2e.give_up", "broken"), J("e2e.chain_step", 3)]
+    )
+    with pytest.raises(corral.JobFailed, match="step 1"):
+        client.result(chain_id, timeout=30)
+    info = client.chain(chain_id)
+    assert info.status == "failed" and info.failed_step == 1
+    assert info.jobs[2] not in info.statuses  # the third step was never created
+    with pytest.raises(corral.JobNotFound):
+        client.job(info.jobs[2])
+
+
+def test_group_and_chord(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    client = env.client()
+    group_id = client.enqueue_group([J("e2e.square", n) for n in (1, 2, 3)])
+    assert client.result(group_id, timeout=30) == [1, 4, 9]
+    info = client.group(group_id)
+    assert info.status == "succeeded" and len(info.statuses) == 3
+    chord = client.enqueue_group(
+        [J("e2e.square", n) for n in (1, 2, 3)], callback=J("e2e.sum_prev", 100)
+    )
+    assert client.result(chord, timeout=30) == [1, 4, 9]
+    callback = client.group(chord).callback
+    assert client.result(callback, timeout=30) == 114
+
+
+def test_group_with_a_failure(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    client = env.client()
+    group_id = client.enqueue_group(
+        [J("e2e.square", 2), J("e2e.give_up", "x")], callback=J("e2e.sum_prev", 0)
+    )
+    with pytest.raises(corral.JobFailed):
+        client.result(group_id, timeout=30)
+    info = client.group(group_id)
+    assert info.status == "failed" and info.failed_step == 1
+    assert info.statuses[info.jobs[0]] == "succeeded"
+    with pytest.raises(corral.JobNotFound):
+        client.job(info.callback)  # a chord's callback runs only if all succeeded
+
+
+def test_on_success_and_on_failure_callbacks(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    client = env.client()
+    ok_cb, bad_cb = J("e2e.echo_prev"), J("e2e.echo_prev")
+    good = client.enqueue_many([J("e2e.square", 5, on_success=ok_cb, on_failure=J("e2e.noop"))])[0]
+    bad = client.enqueue_many([J("e2e.give_up", "why", on_failure=bad_cb)])[0]
+    client.result(good, timeout=30)
+    with pytest.raises(corral.JobFailed):
+        client.result(bad, timeout=30)
+
+    def both_done() -> list[corral.JobInfo] | None:
+        done = client.jobs(task="e2e.echo_prev", status="succeeded")
+        return list(done) if len(done) == 2 else None
+
+    succeeded_cb = wait_for(both_done, 30, message="both callbacks")
+    results = sorted((client.result(j.id, timeout=5) for j in succeeded_cb), key=str)
+    assert 25 in results
+    failure = next(r for r in results if isinstance(r, dict))
+    assert failure["job_id"] == bad and failure["type"] == "Fail"
+    assert not client.jobs(task="e2e.noop")  # on_failure of the good job never ran
+
+
+def test_broker_crash_mid_chain_and_mid_delay_loses_nothing(env: Env) -> None:
+    env.write_config(processes=1, prefetch=0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    chain_id = client.enqueue_chain([J("e2e.slow_step", n) for n in (1, 2, 3, 4)])
+    delayed = client.enqueue("e2e.stamp", "delayed", delay=2.0)
+    wait_for(
+        lambda: len(client.chain(chain_id).statuses) >= 2, 30, message="the chain to be under way"
+    )
+    broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
+    broker.send_signal(signal.SIGKILL)  # the supervisor restarts it; the log replays
+    client = env.client()
+    assert client.result(chain_id, timeout=60) == 10
+    info = client.chain(chain_id)
+    assert [info.statuses[i] for i in info.jobs] == ["succeeded"] * 4
+    label, ran_at = client.result(delayed, timeout=60)
+    assert label == "delayed"
+    assert ran_at >= client.job(delayed).enqueued_at + 2.0
+    assert len(client.job(delayed).tries) == 1
+
+
+def test_followup_owed_after_a_crash_is_created_on_replay() -> None:
+    """The broker logged step 0's result but stopped before step 1's
+    creation: replay creates it, once."""
+    state = JobState()
+    specs = [JobSpec(f"s{i}", "t", encode_value(i)) for i in range(2)]
+    steps = [step_of(s) for s in specs]
+    log = [FlowCreated("f", "chain", steps, 0.0)]
+    log.append(flows.create(state, steps[0], 0.0, flow="f"))  # type: ignore[arg-type]
+    for record in log:
+        state.apply(record)
+    job = state.jobs["s0"]
+    log.append(Leased("s0", 1, 1, "w", "h", 1, 1.0))
+    state.apply(log[-1])
+    finished = state.decide_finish(job, "ok", 2.0, result=encode_value(41))
+    state.apply(finished)
+    assert "s1" not in state.jobs
+    created: list[object] = []
+    assert flows.pending(state, 3.0, lambda r: (created.append(r), state.apply(r))) == 1
+    assert state.jobs["s1"].prev_result == encode_value(41)
+    assert flows.pending(state, 4.0, lambda r: created.append(r)) == 0  # once
