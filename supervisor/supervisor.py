@@ -295,13 +295,18 @@ class Supervisor:
                 hint="fix the cause, then reload or restart corral",
             )
             return
-        lived = now - child.started_at
-        if lived < 1.0:
-            base = pool.config.restart_backoff
-            pool.backoff = min(pool.config.restart_backoff_max, max(base, pool.backoff * 2))
-        else:
-            pool.backoff = 0.0
+        # The first crash in the window restarts at once; crashing again
+        # backs off exponentially: restart_backoff, x2, x4 ... up to the max.
+        crashes = len(pool.restarts)
+        pool.backoff = 0.0
+        if crashes > 1:
+            base, cap = pool.config.restart_backoff, pool.config.restart_backoff_max
+            pool.backoff = min(cap, base * 2.0 ** min(crashes - 2, 30))
         pool.next_start = now + pool.backoff
+        if pool.backoff:
+            log.warning(
+                "supervisor.backoff", pool=pool.config.name, crashes=crashes, seconds=pool.backoff
+            )
 
     def _tell_broker(self, child: Child) -> None:
         """Instant redelivery: the broker requeues the dead worker's jobs now

@@ -1202,6 +1202,13 @@ class JobStateMachine(RuleBasedStateMachine):
     def with_status(self, *statuses: str) -> list[str]:
         return sorted(i for i, j in self.state.jobs.items() if j.status in statuses)
 
+    def pick(self, data: st.DataObject, statuses: tuple[str, ...] = STATUSES) -> Job:
+        """A job in one of ``statuses``: the status first, so that a rare
+        status gets its turn as often as a common one."""
+        present = sorted({j.status for j in self.state.jobs.values()} & set(statuses))
+        status = data.draw(st.sampled_from(present), label="status")
+        return self.state.jobs[data.draw(st.sampled_from(self.with_status(status)), label="job")]
+
     def holders(self, key: str) -> set[str]:
         """The model of unique keys: a job holds its key while active, and
         for unique_for seconds after it ended."""
@@ -1416,7 +1423,7 @@ class JobStateMachine(RuleBasedStateMachine):
         """Cancel a job in any status. The broker logs Cancelled only for a
         job that has not ended; a running job's try ends with a Cancelled
         error and its lease is void."""
-        job = self.state.jobs[data.draw(st.sampled_from(sorted(self.state.jobs)), label="job")]
+        job = self.pick(data)
         before = views(self.state)
         if job.status in TERMINAL:
             # not logged; and applying it anyway changes nothing
@@ -1452,13 +1459,13 @@ class JobStateMachine(RuleBasedStateMachine):
         budget of attempts, its tries kept. (The broker refuses any other
         status; a Requeued for one would change nothing.)"""
         if other:
-            job = self.state.jobs[data.draw(st.sampled_from(sorted(self.state.jobs)))]
+            job = self.pick(data)
             if job.status not in ("failed", "cancelled"):
                 before = views(self.state)
                 self.state.apply(Requeued(job.id, self.now))
                 assert views(self.state) == before
                 return
-        job = self.state.jobs[data.draw(st.sampled_from(self.with_status("failed", "cancelled")))]
+        job = self.pick(data, ("failed", "cancelled"))
         key = job.unique_key
         if self.AVOID_KNOWN_BUGS and key is not None and self.key_jobs[key][-1] != job.id:
             return  # test_requeue_of_an_older_unique_job_holds_its_key
@@ -1476,7 +1483,7 @@ class JobStateMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
         """Delete an ended job (the broker refuses to delete any other)."""
-        job_id = data.draw(st.sampled_from(self.with_status(*TERMINAL)), label="job")
+        job_id = self.pick(data, tuple(TERMINAL)).id
         self.record(Removed(job_id))
         assert job_id not in self.state.jobs
         self.removed.add(job_id)

@@ -1,0 +1,121 @@
+"""Views of the broker's state as wire messages: a job's info, a job's or
+flow's result, a flow's info, and the outcome rates. Pure functions."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+from corral.broker import flows
+from corral.broker import protocol as p
+from corral.broker.records import FlowCreated
+from corral.broker.state import TERMINAL, Job, JobState
+
+
+class Rates:
+    """Outcomes per status over the last minute, in one-second buckets."""
+
+    WINDOW = 60
+
+    def __init__(self) -> None:
+        self._buckets: deque[tuple[int, Counter[str]]] = deque()
+
+    def add(self, mono: float, status: str) -> None:
+        second = int(mono)
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append((second, Counter()))
+            while self._buckets and self._buckets[0][0] <= second - self.WINDOW:
+                self._buckets.popleft()
+        self._buckets[-1][1][status] += 1
+
+    def per_minute(self, mono: float) -> dict[str, float]:
+        total: Counter[str] = Counter()
+        for second, counts in self._buckets:
+            if second > mono - self.WINDOW:
+                total.update(counts)
+        return {
+            "processed_per_minute": float(total["succeeded"]),
+            "failed_per_minute": float(total["failed"] + total["retrying"]),
+        }
+
+
+def result_reply(req: int, job: Job) -> p.ResultReply:
+    error = None
+    if job.error is not None and job.status != "succeeded":
+        error = p.ErrorInfo(job.error.type, job.error.message, job.error.traceback)
+    result = job.result if job.result is not None else p.NIL
+    return p.ResultReply(req, job.id, job.status, result, error)
+
+
+def job_view(state: JobState, job: Job) -> p.JobInfo:
+    tries = [
+        p.TryInfo(
+            t.attempt,
+            t.worker,
+            t.host,
+            t.pid,
+            t.started_at,
+            t.ended_at,
+            p.ErrorInfo(t.error.type, t.error.message, t.error.traceback)
+            if t.error is not None
+            else None,
+        )
+        for t in job.tries
+    ]
+    last = job.tries[-1] if job.tries else None
+    error = None
+    if job.error is not None and job.status != "succeeded":
+        error = p.ErrorInfo(job.error.type, job.error.message, job.error.traceback)
+    return p.JobInfo(
+        id=job.id,
+        task=job.task,
+        queue=job.queue,
+        status=job.status,
+        attempts=job.attempts,
+        max_attempts=state.max_attempts(job),
+        priority=job.priority,
+        created_at=job.created_at,
+        next_run_at=job.next_run_at,
+        started_at=job.tries[0].started_at if job.tries else None,
+        ended_at=job.ended_at if job.status in TERMINAL else (last.ended_at if last else None),
+        error=error,
+        tries=tries,
+        timeout=state.timeout(job),
+        unique_key=job.unique_key,
+        progress=job.progress,
+        progress_note=job.progress_note,
+        enqueued_at=job.created_at,
+    )
+
+
+def flow_info(state: JobState, flow: FlowCreated) -> p.FlowInfo:
+    status, failed_step = flows.status_of(state, flow)
+    ids = [step.id for step in flow.steps]
+    statuses = {i: state.jobs[i].status for i in ids if i in state.jobs}
+    callback = flow.callback.id if flow.callback is not None else None
+    return p.FlowInfo(
+        flow.id, flow.kind, status, ids, statuses, flow.created_at, failed_step, callback
+    )
+
+
+def flow_result(state: JobState, req: int, flow: FlowCreated) -> p.ResultReply:
+    """A chain's result is its last step's; a group's, the list of its
+    jobs' results in order. A failure carries the failed job's error."""
+    status, failed_step = flows.status_of(state, flow)
+    jobs = [state.jobs.get(step.id) for step in flow.steps]
+    if status == "succeeded":
+        last = jobs[-1]
+        result = (
+            flows.results_of(jobs)
+            if flow.kind == "group"
+            else (last.result if last is not None and last.result is not None else p.NIL)
+        )
+        return p.ResultReply(req, flow.id, status, result)
+    error = None
+    failed = jobs[failed_step] if failed_step is not None else None
+    if failed is not None and failed.error is not None:
+        error = p.ErrorInfo(
+            failed.error.type,
+            f"step {failed_step} ({failed.id}): {failed.error.message}",
+            failed.error.traceback,
+        )
+    return p.ResultReply(req, flow.id, status, p.NIL, error)
