@@ -97,6 +97,7 @@ def test_poison_job_backs_off_fails_the_pool_and_the_job(env: Env) -> None:
         20,
         message="the pool to be marked failed",
     )
+    assert "supervisor.backoff" in daemon.output()  # it kept crashing: restarts backed off
     wait_for(lambda: not worker_processes(daemon), 10, message="no worker restarted")
     assert daemon.alive()  # the daemon stays up, the pool stays failed
 
