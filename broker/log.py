@@ -516,16 +516,19 @@ class Log:
     def pending(self) -> int:
         return len(self._pending)
 
-    def commit(self, now: float) -> bool:
+    def commit(self, now: float, durable: bool = True) -> bool:
         """Write the pending buffer in one call, then fdatasync per policy.
 
-        ``now`` is ``time.monotonic()``. Returns True if an fsync happened."""
+        ``now`` is ``time.monotonic()``. With ``durable=False`` (nothing the
+        caller is about to acknowledge depends on it) an fsync=always log
+        syncs as an interval one would: soon, but not for this commit.
+        Returns True if an fsync happened."""
         active = self._open_for_write()
         if self._pending:
             self._write_pending(active, now)
         if not self._dirty or self.fsync == "never":
             return False
-        if self.fsync == "interval":
+        if self.fsync == "interval" or not durable:
             if self._last_sync is None:
                 self._last_sync = now  # the interval clock starts at the first commit
             if now - self._last_sync < self.fsync_interval:

@@ -283,8 +283,8 @@ class ClientRequests:
         except InvalidJob as exc:
             self._reply(self.client_sock, identity, p.ErrorReply(msg.req, "invalid", str(exc)))
             return
-        views = [views.job_view(self.state, job) for job in jobs]
-        self._reply(self.client_sock, identity, p.JobList(msg.req, views, cursor))
+        infos = [views.job_view(self.state, job) for job in jobs]
+        self._reply(self.client_sock, identity, p.JobList(msg.req, infos, cursor))
 
     def _get_result(self, identity: bytes, msg: p.GetResult, mono: float) -> None:
         job = self.state.jobs.get(msg.job_id)

@@ -39,6 +39,7 @@ from corral.broker.records import (
 from corral.broker.requests import ClientRequests, Waiter
 from corral.broker.schedules import Schedule, Scheduler, job_id_for
 from corral.broker.state import (
+    STATUSES,
     TERMINAL,
     Defaults,
     Job,
@@ -53,6 +54,7 @@ log = structlog.get_logger()
 #: Messages handled per socket per pass before the loop commits and replies.
 DRAIN_BUDGET = 20_000
 MAX_POLL_WAIT = 1.0
+_STAT_KEYS = {status: f"jobs_{status}" for status in STATUSES}
 #: A supervisor not heard from for this long is left out of status.
 SUPERVISOR_STALE = 15.0
 
@@ -94,6 +96,7 @@ class Broker(ClientRequests):
         self._holders: dict[str, bytes] = {}
         self._supervisors: dict[str, tuple[p.SupervisorInfo, float]] = {}
         self._rates = views.Rates()
+        self._mono = time.monotonic()
         self._lease_seq = time.time_ns() // 1000
         self._dirty = True
         self._stopping = False
@@ -222,9 +225,13 @@ class Broker(ClientRequests):
 
     def run_pass(self) -> None:
         now, mono = time.time(), time.monotonic()
+        self._mono = mono
         self._drain(now, mono)
         self._tick(now, mono)
-        self.log.commit(mono)
+        # Group commit: one fsync covers every reply of the pass. A pass with
+        # no reply (leases, worker outcomes) promises nothing, so its records
+        # are synced within fsync_interval instead of at once.
+        self.log.commit(mono, durable=bool(self._replies))
         self._flush_replies()
         self._maybe_compact()
         self._dispatch(now)
@@ -236,6 +243,8 @@ class Broker(ClientRequests):
         while budget > 0:
             idle = True
             for sock, handler in sockets:
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    continue
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -351,8 +360,8 @@ class Broker(ClientRequests):
 
     def _finish(self, conn: WorkerConn | None, outcome: p.Outcome, now: float) -> None:
         holder = self.workers.get(self._holders.get(outcome.job_id, b""))
-        for c in {conn, holder} - {None}:
-            if c.leases.get(outcome.job_id) == outcome.lease:
+        for c in (conn, holder if holder is not conn else None):
+            if c is not None and c.leases.get(outcome.job_id) == outcome.lease:
                 c.release(outcome.job_id)
                 self._dirty = True
         job = self.state.jobs.get(outcome.job_id)
@@ -382,8 +391,8 @@ class Broker(ClientRequests):
             self._ended(job, now)
 
     def _count_outcome(self, conn: WorkerConn | None, status: str) -> None:
-        self.stats[f"jobs_{status}"] += 1
-        self._rates.add(time.monotonic(), status)
+        self.stats[_STAT_KEYS[status]] += 1
+        self._rates.add(self._mono, status)
         if conn is not None:
             if status == "succeeded":
                 conn.processed += 1

@@ -126,7 +126,6 @@ class JobState:
         self.jobs: dict[str, Job] = {}
         self.tasks: dict[str, TaskDefaults] = {}
         self.counts: Counter[tuple[str, str]] = Counter()
-        self.task_counts: Counter[tuple[str, str]] = Counter()
         self.paused: set[str] = set()
         #: schedule name -> the due time it last fired for.
         self.last_fired: dict[str, float] = {}
@@ -239,7 +238,6 @@ class JobState:
         self.jobs[job.id] = job
         self._next_seq = max(self._next_seq, job.seq + 1)
         self.counts[job.queue, job.status] += 1
-        self.task_counts[job.task, job.status] += 1
         self.live_bytes += job.size()
         if job.unique_key:
             self.unique[job.unique_key] = job.id
@@ -324,11 +322,10 @@ class JobState:
         self._place(job)
 
     def _set_status(self, job: Job, status: str) -> None:
-        self.counts[job.queue, job.status] -= 1
-        self.task_counts[job.task, job.status] -= 1
+        counts = self.counts
+        counts[job.queue, job.status] -= 1
         job.status = status
-        self.counts[job.queue, status] += 1
-        self.task_counts[job.task, status] += 1
+        counts[job.queue, status] += 1
 
     def _place(self, job: Job) -> None:
         """Put a job on the heap its status calls for."""
@@ -346,7 +343,6 @@ class JobState:
         job = self.jobs.pop(job_id, None)
         if job is not None:
             self.counts[job.queue, job.status] -= 1
-            self.task_counts[job.task, job.status] -= 1
             self.live_bytes -= job.size()
             if job.unique_key and self.unique.get(job.unique_key) == job_id:
                 del self.unique[job.unique_key]
@@ -632,11 +628,18 @@ class JobState:
             found.append(job)
         return found, None
 
+    @property
+    def task_counts(self) -> Counter[tuple[str, str]]:
+        """Jobs per (task, status), counted when asked."""
+        return Counter((job.task, job.status) for job in self.jobs.values())
+
     def per_task(self) -> dict[str, dict[str, int]]:
+        """Counts per task and status, counted when asked (status is rare;
+        status changes are the hot path)."""
         out: dict[str, dict[str, int]] = {}
-        for (task, status), n in self.task_counts.items():
-            if n:
-                out.setdefault(task, {})[status] = n
+        for job in self.jobs.values():
+            by_status = out.setdefault(job.task, {})
+            by_status[job.status] = by_status.get(job.status, 0) + 1
         return out
 
     def queue_counts(self) -> dict[str, dict[str, int]]:

@@ -41,10 +41,11 @@ def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
             break
         for event in reader.feed(data):
             child.last_beat = now
-            if event.kind == "S":
-                child.jobs[event.job_id] = (now, event.timeout)
-            elif event.kind == "E":
-                child.jobs.pop(event.job_id, None)
+            if event.kind == "J":  # a job keeps the start time it was first seen at
+                child.jobs = {
+                    job_id: (child.jobs.get(job_id, (now, 0.0))[0], timeout)
+                    for job_id, timeout in event.jobs.items()
+                }
             elif event.kind == "R":
                 retiring = event.reason or "retiring"
     return retiring

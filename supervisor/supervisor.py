@@ -438,9 +438,9 @@ class Supervisor:
     # ------------------------------------------------------------ monitor
 
     def _wait(self, wake_r: int, timeout: float) -> None:
-        """Sleep until a signal, a status line from a worker, or the tick."""
-        fds = [wake_r] + [c.status_fd for c in self._all_workers() if c.status_fd is not None]
-        select.select(fds, [], [], timeout)  # retried on EINTR (PEP 475)
+        """Sleep until a signal or the tick. Status pipes are read on the
+        tick, not on every line: a busy pool must not keep us busy too."""
+        select.select([wake_r], [], [], timeout)  # retried on EINTR (PEP 475)
         _drain(wake_r)
 
     def _all_workers(self) -> list[Child]:

@@ -94,6 +94,9 @@ class Worker:
         self._last_beat = 0.0
         self._backoff = RECONNECT_MIN
         self._status = StatusWriter(options.status_fd)
+        self._timeouts: dict[str, float | None] = {}
+        self._status_version = 0
+        self._status_sent = -1
         self._soft_job: str | None = None
         self.processed = 0
 
@@ -249,11 +252,18 @@ class Worker:
         now = time.monotonic()
         if now - self._last_sent >= interval:
             self._send(p.WorkerHeartbeat())
-        if now - self._last_beat >= interval:
-            self._last_beat = now
-            self._status.beat()
+        self._report_running(now, interval)
         if now - self._last_heard > interval * self.options.heartbeat_liveness:
             self._reconnect()
+
+    def _report_running(self, now: float, interval: float) -> None:
+        """A snapshot of the running jobs for the supervisor: when the set
+        changed (at most every 50 ms) and at least every heartbeat."""
+        changed = self._status_version != self._status_sent
+        if now - self._last_beat >= interval or (changed and now - self._last_beat >= 0.05):
+            self._last_beat = now
+            self._status_sent = self._status_version
+            self._status.running(dict(self._timeouts))
 
     def _receive(self) -> None:
         assert self._sock is not None
@@ -378,15 +388,17 @@ class Worker:
             ("progress", p.Progress(d.job_id, d.lease, fraction, note))
         )
         self._outbox.append(("started", p.Lease(d.job_id, d.lease)))
-        self._status.started(d.job_id, d.timeout)
         self._running[d.job_id] = execution.ctx
+        self._timeouts[d.job_id] = d.timeout
+        self._status_version += 1
         structlog.contextvars.bind_contextvars(job_id=d.job_id, task=d.task, attempt=d.attempt)
 
     def _end(self, execution: Execution, outcome: p.Outcome) -> None:
         d = execution.d
         structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
         self._running.pop(d.job_id, None)
-        self._status.ended(d.job_id)
+        self._timeouts.pop(d.job_id, None)
+        self._status_version += 1
         if outcome.kind == "ok":
             self.processed += 1
         self._done_count += 1

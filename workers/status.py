@@ -1,23 +1,24 @@
 """The status pipe from a worker process to its supervisor.
 
-One line per event, each written with a single ``write`` (atomic below
-PIPE_BUF), so handler threads and the socket thread may all write:
+Only the worker's socket thread writes, one line at a time:
 
-    H                      the worker's loop is alive (every heartbeat)
-    S <job_id> <timeout>   a handler started a job (timeout 0: none)
-    E <job_id>             a handler ended a job
-    R <reason>             the worker is retiring (max_jobs): start its replacement
+    J [<job_id>:<timeout> ...]   the jobs running now (timeout 0: none); also the
+                                 sign of life, written at least every heartbeat
+    R <reason>                   the worker is retiring (max_jobs): start its replacement
 
-The supervisor uses it to kill a job past its hard timeout or a worker whose
-loop stopped, and to start a replacement before a recycled worker leaves.
-Nothing here is needed for correctness: the broker's leases are.
+A J line is a snapshot, not an event, so a line lost to a full pipe costs
+nothing: the next one says the same and more. The supervisor reads the
+pipes on its own tick (not on every line) and uses them to kill a job past
+its hard timeout or a worker whose loop stopped, and to start a replacement
+before a recycled worker leaves. Correctness never rests on this pipe: the
+broker's leases do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class StatusWriter:
@@ -31,19 +32,12 @@ class StatusWriter:
     def _write(self, line: str) -> None:
         if self.fd is None:
             return
-        # If the supervisor is busy or gone the line is dropped: the broker's
-        # leases, not this pipe, are what correctness rests on.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # a full pipe: the next snapshot covers it
             os.write(self.fd, line.encode())
 
-    def beat(self) -> None:
-        self._write("H\n")
-
-    def started(self, job_id: str, timeout: float | None) -> None:
-        self._write(f"S {job_id} {timeout or 0}\n")
-
-    def ended(self, job_id: str) -> None:
-        self._write(f"E {job_id}\n")
+    def running(self, jobs: dict[str, float | None]) -> None:
+        items = " ".join(f"{job_id}:{timeout or 0}" for job_id, timeout in jobs.items())
+        self._write(f"J {items}\n" if items else "J\n")
 
     def retiring(self, reason: str) -> None:
         self._write(f"R {reason}\n")
@@ -52,8 +46,7 @@ class StatusWriter:
 @dataclass
 class StatusEvent:
     kind: str
-    job_id: str = ""
-    timeout: float = 0.0
+    jobs: dict[str, float] = field(default_factory=dict)
     reason: str = ""
 
 
@@ -75,17 +68,16 @@ class StatusReader:
 
 
 def _parse(line: str) -> StatusEvent | None:
-    parts = line.split(" ")
-    kind = parts[0]
-    if kind == "H":
-        return StatusEvent("H")
-    if kind == "S" and len(parts) == 3:
-        try:
-            return StatusEvent("S", parts[1], float(parts[2]))
-        except ValueError:
-            return None
-    if kind == "E" and len(parts) == 2:
-        return StatusEvent("E", parts[1])
+    kind, _, rest = line.partition(" ")
+    if kind == "J":
+        jobs = {}
+        for item in rest.split():
+            job_id, _, timeout = item.rpartition(":")
+            try:
+                jobs[job_id] = float(timeout)
+            except ValueError:
+                return None  # a torn line: the next snapshot will do
+        return StatusEvent("J", jobs)
     if kind == "R":
-        return StatusEvent("R", reason=" ".join(parts[1:]))
+        return StatusEvent("R", reason=rest)
     return None
