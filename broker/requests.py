@@ -81,7 +81,10 @@ class ClientRequests:
                 self._reply(self.client_sock, identity, p.Pong(msg.req, self.broker_id))
             case p.SupervisorReport():
                 self._supervisors[msg.info.supervisor_id] = (msg.info, mono)
-                self._reply(self.client_sock, identity, p.Ack(msg.req))
+                queued = sum(
+                    n for (_, status), n in self.state.counts.items() if status == "queued"
+                )
+                self._reply(self.client_sock, identity, p.Ack(msg.req, queued))
             case p.Cancel():
                 self._cancel(identity, msg, now)
             case p.RetryJobs():

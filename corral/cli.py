@@ -301,6 +301,23 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def human_flow(info: Any) -> str:
+    lines = [f"{info.kind} {info.id}: {info.status}"]
+    if info.failed_step is not None:
+        lines.append(f"stopped at step {info.failed_step}")
+    for index, job_id in enumerate(info.jobs):
+        lines.append(f"  {index}: {job_id} {info.statuses.get(job_id, 'not created')}")
+    if info.callback:
+        lines.append(f"  callback: {info.callback}")
+    return "\n".join(lines)
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        emit(args, getattr(client, args.command)(args.id), human_flow)
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from corral.broker.schedules import ScheduleError, Scheduler
 
@@ -465,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--cursor", help="from a previous page's output")
     jobs.set_defaults(fn=cmd_jobs)
     for name, fn, text in (
-        ("cancel", cmd_cancel, "cancel a job"),
+        ("chain", cmd_flow, "a chain's info: its steps and where it stopped"),
+        ("group", cmd_flow, "a group's info: its jobs and their statuses"),
+        ("cancel", cmd_cancel, "cancel a job, chain or group"),
         ("delete", cmd_delete, "remove a finished job and its result"),
     ):
         sub = subs.add_parser(name, help=text)

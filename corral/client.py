@@ -354,9 +354,10 @@ class Client(_Core):
         the next page."""
         return self._page(self._call(self._jobs_msg(queue, status, task, limit, cursor)))
 
-    def report_supervisor(self, info: p.SupervisorInfo) -> None:
-        """A supervisor's periodic report (supervisors do this)."""
-        self._call(p.SupervisorReport(next(self._req), info))
+    def report_supervisor(self, info: p.SupervisorInfo) -> int:
+        """A supervisor's periodic report (supervisors do this); returns how
+        many jobs are queued, for its STATUS line."""
+        return int(self._call(p.SupervisorReport(next(self._req), info)).count)
 
     def worker_exited(self, host: str, pid: int, reason: str) -> int:
         """Tell the broker a worker process is gone (supervisors do this);

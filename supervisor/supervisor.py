@@ -76,6 +76,7 @@ class Supervisor:
         self._host = socket.gethostname()
         self._id = f"{self._host}/{os.getpid()}"
         self._last_report = 0.0
+        self._queued: int | None = None
         self._broker_answered = time.monotonic()
 
     # ---------------------------------------------------------------- run
@@ -145,7 +146,7 @@ class Supervisor:
         from corral.errors import CorralError
 
         try:
-            self._broker_client().report_supervisor(self._describe(now))
+            self._queued = self._broker_client().report_supervisor(self._describe(now))
         except CorralError as exc:
             log.debug("supervisor.report_failed", error=str(exc))
             return
@@ -186,7 +187,8 @@ class Supervisor:
             alive = sum(1 for c in pool.slots if c is not None and c.alive)
             state = " FAILED" if pool.failed else ""
             parts.append(f"{pool.config.name} {alive}/{len(pool.slots)}{state}")
-        return "workers: " + (", ".join(parts) or "none")
+        line = "workers: " + (", ".join(parts) or "none")
+        return line if self._queued is None else f"{line}; queued: {self._queued}"
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:

@@ -230,3 +230,21 @@ def test_queue_weights_share_without_starving(env: Env) -> None:
     order = sorted(first_40, key=lambda j: j.tries[0].started_at)[:40]
     from_b = sum(1 for j in order if j.queue == "b")
     assert 5 <= from_b <= 15  # about a quarter, and never zero
+
+
+def test_result_ttl_expires_results(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    client = env.client()
+    short = client.enqueue("e2e.square", 3, result_ttl=0.3)
+    kept = client.enqueue("e2e.square", 4)
+    assert client.result(short, timeout=30) == 9
+    assert client.result(kept, timeout=30) == 16
+    wait_for(lambda: _gone(client, short), 10, message="the short-lived result to expire")
+    assert client.result(kept, timeout=5) == 16  # the default TTL is a day
+
+
+def _gone(client: corral.Client, job_id: str) -> bool:
+    try:
+        client.job(job_id)
+    except corral.JobNotFound:
+        return True
+    return False

@@ -141,3 +141,57 @@ def test_followup_owed_after_a_crash_is_created_on_replay() -> None:
     assert flows.pending(state, 3.0, lambda r: (created.append(r), state.apply(r))) == 1
     assert state.jobs["s1"].prev_result == encode_value(41)
     assert flows.pending(state, 4.0, lambda r: created.append(r)) == 0  # once
+
+
+def test_group_survives_a_broker_crash(env: Env) -> None:
+    env.write_config(processes=1, prefetch=0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    group_id = client.enqueue_group(
+        [J("e2e.slow_step", n) for n in range(4)], callback=J("e2e.sum_prev", 0)
+    )
+    wait_for(
+        lambda: "succeeded" in client.group(group_id).statuses.values(),
+        30,
+        message="the group under way",
+    )
+    broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
+    broker.send_signal(signal.SIGKILL)
+    client = env.client()
+    assert client.result(group_id, timeout=60) == [0, 1, 2, 3]
+    assert client.result(client.group(group_id).callback, timeout=60) == 6
+    human = env.run("group", group_id, "-c", str(env.config)).stdout
+    assert f"group {group_id}: succeeded" in human
+
+
+def test_async_client_management_and_flows(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    async def main() -> None:
+        async with corral.AsyncClient(env.endpoint, timeout=10) as client:
+            chain_id = await client.enqueue_chain([J("e2e.chain_step", 2), J("e2e.chain_step", 3)])
+            group_id = await client.enqueue_group([J("e2e.square", 3), J("e2e.square", 4)])
+            assert await client.result(chain_id, timeout=30) == 5
+            assert await client.result(group_id, timeout=30) == [9, 16]
+            assert (await client.chain(chain_id)).status == "succeeded"
+            assert (await client.group(group_id)).kind == "group"
+            later = await client.enqueue("e2e.square", 5, delay=30)
+            assert await client.cancel(later) is True
+            bad = await client.enqueue("e2e.give_up", "no")
+            with pytest.raises(corral.JobFailed):
+                await client.result(bad, timeout=30)
+            assert await client.retry_failed() == [bad]
+            page = await client.jobs(status="cancelled")
+            assert [j.id for j in page] == [later]
+            await client.pause("spare")
+            assert (await client.status()).paused == ["spare"]
+            await client.resume("spare")
+            assert await client.purge("spare") == 0
+            done = await client.enqueue("e2e.square", 1)
+            await client.result(done, timeout=30)
+            await client.delete(done)
+            with pytest.raises(corral.JobNotFound):
+                await client.job(done)
+
+    asyncio.run(main())

@@ -21,6 +21,7 @@ def test_worker_over_max_memory_is_recycled_after_its_job(env: Env) -> None:
     hog = client.enqueue("e2e.hog", 200)
     first = client.result(hog, timeout=30)
     assert client.job(hog).attempts == 1  # the job itself succeeded, once
+
     def replaced() -> bool:  # the new one titled, the old one gone
         pids = {p.pid for p in worker_processes(daemon)}
         return len(pids) == 1 and first not in pids
