@@ -33,6 +33,7 @@ from corral.broker.records import (
     Leased,
     ProgressNoted,
     Record,
+    Removed,
     Returned,
     ScheduleFired,
 )
@@ -117,14 +118,16 @@ class Broker(ClientRequests):
         for record in self.log.replay():
             self.state.apply(record)
             count += 1
-        requeued = self.state.recover()
+        recovered = self.state.recovery_records()
+        for record in recovered:
+            self._record(record)
         owed_followups = flows.pending(self.state, time.time(), self._record)
         owed = self.scheduler.restore(self.state.last_fired, time.time())
         log.info(
             "broker.replayed",
             records=count,
             jobs=len(self.state.jobs),
-            requeued_running=requeued,
+            requeued_running=len(recovered),
             followups_created=owed_followups,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -458,7 +461,8 @@ class Broker(ClientRequests):
             self._dirty = True
         self._expire_deadlines(now, mono)
         self._expire_waiters(mono)
-        self.state.expire(now)
+        for job_id in self.state.expired(now):
+            self._record(Removed(job_id))
         if mono >= self._next_heartbeat:
             self._next_heartbeat = mono + self.config.broker.heartbeat_interval
             self._dirty = True  # retry any dispatch a full socket refused

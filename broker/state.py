@@ -314,10 +314,14 @@ class JobState:
         job = self.jobs.get(rec.id)
         if job is None or job.status not in ("failed", "cancelled"):
             return
+        self.live_bytes -= job.size()
         job.attempts = 0
         job.error = None
         job.ended_at = None
         job.result = None
+        self.live_bytes += job.size()
+        if job.unique_key:  # active again: it holds its key
+            self.unique[job.unique_key] = job.id
         self._set_status(job, "queued")
         self._place(job)
 
@@ -350,13 +354,20 @@ class JobState:
 
     # ------------------------------------------------------- recovery, time
 
+    def recovery_records(self) -> list[Returned]:
+        """After replay: jobs that were running when the broker stopped go
+        back to their queue, their interrupted try not counted. The broker
+        logs these records, so a later replay sees the same."""
+        return [
+            Returned(job.id, job.lease) for job in self.jobs.values() if job.status == "running"
+        ]
+
     def recover(self) -> int:
-        """After replay: jobs that were running when the broker stopped become
-        queued again, their interrupted try not counted. Returns how many."""
-        running = [job for job in self.jobs.values() if job.status == "running"]
-        for job in running:
-            self._unlease(job)
-        return len(running)
+        """Apply :meth:`recovery_records` without logging them; returns how many."""
+        records = self.recovery_records()
+        for record in records:
+            self.apply(record)
+        return len(records)
 
     def promote_due(self, now: float) -> int:
         """Move scheduled and retrying jobs whose time has come to their queue."""
@@ -383,17 +394,24 @@ class JobState:
             heapq.heappop(self._waiting)
         return None
 
-    def expire(self, now: float) -> list[str]:
-        """Forget finished jobs past their TTL. Not logged: compaction drops
-        them from the log, and a replay drops them again."""
-        gone = []
+    def expired(self, now: float) -> list[str]:
+        """The finished jobs past their TTL, to be removed (the broker logs a
+        Removed for each, so that a replay never revives one whose id a
+        newer job has taken since)."""
+        due = []
         while self._expiry and self._expiry[0][0] <= now:
             _, _, job_id = heapq.heappop(self._expiry)
             job = self.jobs.get(job_id)
             if job is None or job.status not in TERMINAL or self._expires_at(job) > now:
                 continue
+            due.append(job_id)
+        return due
+
+    def expire(self, now: float) -> list[str]:
+        """Remove :meth:`expired` jobs without logging; returns their ids."""
+        gone = self.expired(now)
+        for job_id in gone:
             self._remove(job_id)
-            gone.append(job_id)
         return gone
 
     def _expires_at(self, job: Job) -> float:
@@ -412,9 +430,9 @@ class JobState:
         the heap (the caller leases it or calls :meth:`push_back`)."""
         heap = self._ready.get(queue)
         while heap:
-            _, _, job_id = heapq.heappop(heap)
+            _, seq, job_id = heapq.heappop(heap)
             job = self.jobs.get(job_id)
-            if job is None:
+            if job is None or job.seq != seq:  # left by a removed job of that id
                 continue
             job.in_ready = False
             if job.status == "queued":
@@ -428,11 +446,12 @@ class JobState:
     def has_ready(self, queue: str) -> bool:
         heap = self._ready.get(queue)
         while heap:
-            job = self.jobs.get(heap[0][2])
-            if job is not None and job.status == "queued":
+            _, seq, job_id = heap[0]
+            job = self.jobs.get(job_id)
+            if job is not None and job.seq == seq and job.status == "queued":
                 return True
             heapq.heappop(heap)
-            if job is not None:
+            if job is not None and job.seq == seq:
                 job.in_ready = False
         return False
 

@@ -312,6 +312,38 @@ def human_flow(info: Any) -> str:
     return "\n".join(lines)
 
 
+def _job_arg(text: str) -> Any:
+    """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...}."""
+    from corral.client import Job
+
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{text!r} is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict) or "task" not in fields:
+        raise UsageError(f'{text!r}: a job is a JSON object like {{"task": "x.y", "payload": 1}}')
+    try:
+        return Job(**fields)
+    except TypeError as exc:
+        raise UsageError(f"{text!r}: {exc}") from None
+
+
+def cmd_enqueue_flow(args: argparse.Namespace) -> int:
+    jobs = [_job_arg(text) for text in args.jobs]
+    with make_client(args) as client:
+        if args.command == "enqueue-chain":
+            flow_id = client.enqueue_chain(jobs)
+        else:
+            callback = _job_arg(args.callback) if args.callback else None
+            flow_id = client.enqueue_group(jobs, callback=callback)
+        if not args.wait:
+            emit(args, {"id": flow_id}, lambda v: v["id"])
+            return EXIT_OK
+        value = client.result(flow_id, timeout=args.wait_timeout)
+        emit(args, {"id": flow_id, "result": value}, lambda v: json.dumps(v["result"]))
+    return EXIT_OK
+
+
 def cmd_flow(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         emit(args, getattr(client, args.command)(args.id), human_flow)
@@ -455,6 +487,27 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
     enqueue.add_argument("--wait-timeout", type=float, help="give up waiting after this")
     enqueue.set_defaults(fn=cmd_enqueue)
+    for name, text in (
+        ("enqueue-chain", "run jobs one after another; prints the chain id"),
+        ("enqueue-group", "run jobs in parallel; prints the group id"),
+    ):
+        flow = subs.add_parser(name, help=text)
+        _common(flow)
+        flow.add_argument(
+            "jobs",
+            nargs="+",
+            metavar="JOB_JSON",
+            help='e.g. \'{"task": "demo.add", "payload": [1, 2]}\'',
+        )
+        if name == "enqueue-group":
+            flow.add_argument(
+                "--callback",
+                metavar="JOB_JSON",
+                help="run once all succeeded, with their results (a chord)",
+            )
+        flow.add_argument("--wait", action="store_true", help="wait and print the result")
+        flow.add_argument("--wait-timeout", type=float)
+        flow.set_defaults(fn=cmd_enqueue_flow)
     job = subs.add_parser("job", help="one job's info")
     _common(job)
     job.add_argument("id")

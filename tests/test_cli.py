@@ -102,3 +102,33 @@ def test_log_verify_reports_corruption(env: Env) -> None:
     assert broker.wait(30) != 0
     assert "corrupt" in broker.output()
     assert segment.name in broker.output()
+
+
+def test_chains_and_groups_from_the_cli(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    cfg = ["-c", str(env.config)]
+    done = env.run(
+        "enqueue-chain",
+        '{"task": "e2e.chain_step", "payload": 1}',
+        '{"task": "e2e.chain_step", "payload": 2}',
+        "--wait",
+        *cfg,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"
+    done = env.run(
+        "enqueue-group",
+        '{"task": "e2e.square", "payload": 2}',
+        '{"task": "e2e.square", "payload": 3}',
+        "--callback",
+        '{"task": "e2e.sum_prev", "payload": 0}',
+        *cfg,
+    )
+    group_id = done.stdout.strip()
+    assert env.run("result", group_id, "--wait", *cfg).stdout.strip() == "[4, 9]"
+    info = json.loads(env.run("group", group_id, "--json", *cfg).stdout)
+    assert info["kind"] == "group" and info["callback"]
+    assert env.run("result", info["callback"], "--wait", *cfg).stdout.strip() == "13"
+    bad = env.run("enqueue-chain", '{"payload": 1}', *cfg)
+    assert bad.returncode == 2 and "task" in bad.stderr
