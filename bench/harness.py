@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +31,10 @@ from corral.client import Client
 from corral.errors import BrokerUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
+#: Set (by run.py --rev) to a snapshot exported from git: its sources are measured.
+SNAPSHOT_ENV = "CORRAL_BENCH_SNAPSHOT"
+SOURCE = Path(os.environ.get(SNAPSHOT_ENV) or REPO) / ("src" if SNAPSHOT_ENV in os.environ else "")
+EXAMPLES = SOURCE / "examples"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -136,7 +140,7 @@ class Instance:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, Exception):  # not for Ctrl-C or SIGTERM
             for proc in self.procs:
                 tail = proc.log_tail()
                 if tail:
@@ -214,14 +218,77 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+# ----------------------------------------------------------------- snapshot
+
+
+def export_snapshot(rev: str) -> tuple[Path, str]:
+    """Export commit ``rev`` with ``git archive`` (read-only) to
+    ``/tmp/cb-snap-SHA``: ``src/`` holds the tree as committed, ``py/`` the
+    importable ``corral`` package laid out as pyproject's package-dir says.
+    With ``py/`` first on PYTHONPATH, the editable install is shadowed and
+    a benchmark measures that commit however the work tree changes meanwhile.
+    Returns (snapshot dir, full sha)."""
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest = Path(f"/tmp/cb-snap-{sha[:12]}")
+    if dest.exists():
+        return dest, sha
+    tmp = Path(tempfile.mkdtemp(prefix="cb-snap-tmp-", dir="/tmp"))
+    src = tmp / "src"
+    src.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", sha],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    project = tomllib.loads((src / "pyproject.toml").read_text())
+    package_dirs: dict[str, str] = project["tool"]["setuptools"]["package-dir"]
+    for package, directory in sorted(package_dirs.items()):  # "corral" before "corral.x"
+        target = tmp / "py" / Path(*package.split("."))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src / directory, target, dirs_exist_ok=True)
+    tmp.rename(dest)
+    return dest, sha
+
+
+def reexec_in_snapshot(rev: str, script: str, argv: list[str]) -> None:
+    """Export ``rev`` and run ``script`` again with it shadowing the editable
+    install (for the script and every process it starts). Returns only when
+    already running in a snapshot."""
+    if SNAPSHOT_ENV in os.environ:
+        return
+    snapshot, sha = export_snapshot(rev)
+    print(f"measuring {rev} = {sha} from {snapshot}", file=sys.stderr)
+    env = dict(os.environ)
+    env[SNAPSHOT_ENV] = str(snapshot)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(snapshot / "py"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    os.execve(sys.executable, [sys.executable, script, *argv], env)
+
+
 # ------------------------------------------------------------------ machine
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_fields() -> list[int]:
+    """The aggregate ``cpu`` line of /proc/stat: user nice system idle iowait irq
+    softirq steal, in jiffies."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (fields + [0] * 8)[:8]
 
 
 def _cpu_times() -> tuple[int, int]:
     """(idle, total) jiffies of all CPUs, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return idle, sum(fields[:8])
+    fields = _cpu_fields()
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
 
 
 def idle_fraction(window: float = 0.5) -> float:
@@ -230,6 +297,47 @@ def idle_fraction(window: float = 0.5) -> float:
     time.sleep(window)
     idle1, total1 = _cpu_times()
     return (idle1 - idle0) / max(1, total1 - total0)
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    """A point to measure other work's CPU use from (see :func:`others_cores`)."""
+
+    wall: float
+    busy: float
+    own: float
+    steal: float
+
+
+def cpu_mark() -> CpuMark:
+    """Now: wall clock, CPU seconds all CPUs were busy, CPU seconds of this
+    process and its reaped children."""
+    fields = _cpu_fields()
+    idle, steal = fields[3] + fields[4], fields[7]
+    busy = sum(fields) - idle - steal
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    return CpuMark(time.monotonic(), busy / _CLK_TCK, own, steal / _CLK_TCK)
+
+
+def others_cores(since: CpuMark) -> tuple[float, float]:
+    """Average CPUs used by other work in this VM since ``since`` (busy time
+    minus ours), and average CPUs stolen by the hypervisor (other VMs).
+    Call it after this process has reaped its children (their time counts then)."""
+    now = cpu_mark()
+    wall = max(1e-9, now.wall - since.wall)
+    others = (now.busy - since.busy) - (now.own - since.own)
+    return max(0.0, others) / wall, (now.steal - since.steal) / wall
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``, all its threads."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def wait_for_quiet(threshold: float, patience: float) -> float:
@@ -286,9 +394,10 @@ def machine() -> dict[str, Any]:
         "tmp_filesystem": fields[1] if len(fields) > 1 else "unknown",
         "tmp_device": fields[0] if fields else "unknown",
         "df_T_tmp": "\n".join(df),
-        "git_commit": _run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "git_head": _run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
         "git_dirty_files": len(
             _run(["git", "-C", str(REPO), "status", "--porcelain"]).splitlines()
         ),
+        "measured": os.environ.get(SNAPSHOT_ENV) or f"the work tree at {REPO}",
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }

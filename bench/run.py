@@ -7,6 +7,8 @@ Measures, each on a fresh scratch instance (see ``harness.py``):
   the reply, repeated);
 * ``enqueue_one``: ``Client.enqueue`` in a loop against ``corral broker``
   (no workers), for fsync = always, interval and never;
+* ``paired``: raw echo and ``Client.enqueue`` (fsync=interval) in alternating
+  blocks in one run, so their ratio is not skewed by load that comes and goes;
 * ``enqueue_batch``: ``Client.enqueue_many`` with batches of 500;
 * ``drain``: enqueue N ``demo.noop`` jobs with no worker running, then start
   ``corral supervisor`` with one pool of 2 worker processes and time from
@@ -15,19 +17,28 @@ Measures, each on a fresh scratch instance (see ``harness.py``):
 * ``latency``: sequential ``enqueue`` + ``result(wait)`` round trips of
   ``demo.noop`` against ``corral run`` with 2 idle workers, p50 and p99.
 
+Throughput figures also report CPU time per job of the processes involved
+(from /proc), which is steadier than rates on a shared machine.
+
 Each figure is taken ``--reps`` times (default 3; the repetitions are
 interleaved so that background load spreads over all figures) and the median
-is reported. Prints markdown tables and writes everything, with facts about
-the machine, to ``bench/results/latest.json``.
+is reported. Before each measurement the script waits (up to ``--quiet-wait``
+seconds) for the CPUs to be ``--quiet-idle`` idle, and it records how much CPU
+other work and the hypervisor took meanwhile. Prints markdown tables and
+writes everything, with facts about the machine, to
+``bench/results/latest.json``. ``--rev REV`` measures a git commit (exported
+read-only to /tmp) instead of the work tree. See docs/PERFORMANCE.md.
 
-Usage: ``python bench/run.py [--quick] [--only NAME ...] [--reps N]``.
+Usage: ``python bench/run.py [--quick] [--only NAME ...] [--reps N] [--rev REV]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,14 +52,28 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import REPO, Instance, Proc, Settings, machine, wait_for_quiet
+from harness import (
+    READY_TIMEOUT,
+    REPO,
+    Instance,
+    Proc,
+    Settings,
+    cpu_mark,
+    machine,
+    others_cores,
+    proc_cpu,
+    reexec_in_snapshot,
+    wait_for_quiet,
+)
 
+import corral
 from corral.client import Client, Job
 
 RESULTS = REPO / "bench" / "results"
-NAMES = ("raw", "enqueue_one", "enqueue_batch", "drain", "latency")
+NAMES = ("raw", "enqueue_one", "paired", "enqueue_batch", "drain", "latency")
 POLICIES: dict[str, tuple[str, ...]] = {
     "raw": ("-",),
+    "paired": ("interval",),
     "enqueue_one": ("always", "interval", "never"),
     "enqueue_batch": ("always", "never"),
     "drain": ("always", "never"),
@@ -72,6 +97,8 @@ class Sizes:
     latency_warmup: int = 200
     raw: int = 20_000
     raw_warmup: int = 1_000
+    paired: int = 5_000
+    paired_block: int = 250
 
 
 QUICK = Sizes(
@@ -83,6 +110,8 @@ QUICK = Sizes(
     latency_warmup=20,
     raw=2_000,
     raw_warmup=100,
+    paired=500,
+    paired_block=100,
 )
 
 Measure = dict[str, float]
@@ -99,43 +128,56 @@ def _pct(sorted_values: list[float], q: float) -> float:
 # ------------------------------------------------------------- the figures
 
 
+ECHO_BODY = b"x" * 100  # about the size of a one-job Enqueue
+
+
+def start_echo(inst: Instance, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+    """Start bench/zmq_echo.py in ``inst`` and return a DEALER that got one echo back."""
+    endpoint = f"ipc://{inst.root}/echo.sock"
+    log_path = inst.root / "echo.log"
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "zmq_echo.py"), endpoint],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    inst.procs.append(Proc("echo", popen, log_path))
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:  # ready once the first echo comes back
+        sock.send(ECHO_BODY)
+        if sock.poll(200, zmq.POLLIN):
+            sock.recv()
+            return sock
+        if time.monotonic() > deadline or popen.poll() is not None:
+            sock.close(linger=0)
+            raise RuntimeError("the echo server did not answer")
+
+
 def bench_raw(sizes: Sizes) -> Measure:
     """DEALER -> Python ROUTER echo -> DEALER over ipc, one message in flight."""
     with Instance(Settings()) as inst:
-        endpoint = f"ipc://{inst.root}/echo.sock"
-        log_path = inst.root / "echo.log"
-        with open(log_path, "wb") as log:
-            popen = subprocess.Popen(
-                [sys.executable, str(REPO / "bench" / "zmq_echo.py"), endpoint],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-        inst.procs.append(Proc("echo", popen, log_path))
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
+        sock = start_echo(inst, ctx)
+        body = ECHO_BODY
         try:
-            body = b"x" * 100  # about the size of a one-job Enqueue
-            deadline = time.monotonic() + 30
-            while True:  # ready once the first echo comes back
-                sock.send(body)
-                if sock.poll(200, zmq.POLLIN):
-                    sock.recv()
-                    break
-                if time.monotonic() > deadline or popen.poll() is not None:
-                    raise RuntimeError("the echo server did not answer")
             for _ in range(sizes.raw_warmup):
                 sock.send(body)
                 sock.recv()
+            echo_pid = inst.procs[-1].popen.pid
+            server_cpu = proc_cpu(echo_pid)
+            client_cpu = time.process_time()
             started = time.perf_counter()
             for _ in range(sizes.raw):
                 sock.send(body)
                 sock.recv()
             plain = sizes.raw / (time.perf_counter() - started)
+            client_cpu = time.process_time() - client_cpu
+            server_cpu = proc_cpu(echo_pid) - server_cpu
             # The same, waiting the way corral.Client does (poll, then recv).
             started = time.perf_counter()
             for _ in range(sizes.raw):
@@ -146,30 +188,77 @@ def bench_raw(sizes: Sizes) -> Measure:
         finally:
             sock.close(linger=0)
             ctx.term()
-    return {"rate": plain, "rate_with_poll": polled}
+    return {
+        "rate": plain,
+        "rate_with_poll": polled,
+        "client_cpu_us": client_cpu / sizes.raw * 1e6,
+        "server_cpu_us": server_cpu / sizes.raw * 1e6,
+    }
 
 
 def bench_enqueue_one(fsync: str, sizes: Sizes) -> Measure:
     """Client.enqueue in a loop against a broker with no workers."""
+    n = sizes.enqueue_one
     with Instance(Settings(fsync=fsync)) as inst:
-        inst.start("broker")
+        broker = inst.start("broker")
         inst.wait_ready()
         with inst.client() as client:
-            for _ in range(min(200, sizes.enqueue_one // 10)):  # warm up the socket and heaps
+            for _ in range(min(200, n // 10)):  # warm up the socket and heaps
                 client.enqueue("demo.noop")
             times: list[float] = []
+            broker_cpu = proc_cpu(broker.popen.pid)
+            client_cpu = time.process_time()
             started = time.perf_counter()
-            for _ in range(sizes.enqueue_one):
+            for _ in range(n):
                 t0 = time.perf_counter()
                 client.enqueue("demo.noop")
                 times.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
+            client_cpu = time.process_time() - client_cpu
+            broker_cpu = proc_cpu(broker.popen.pid) - broker_cpu
     times.sort()
     return {
-        "rate": sizes.enqueue_one / elapsed,
+        "rate": n / elapsed,
         "p50_us": _pct(times, 0.5) * 1e6,
         "p99_us": _pct(times, 0.99) * 1e6,
+        "client_cpu_us": client_cpu / n * 1e6,
+        "broker_cpu_us": broker_cpu / n * 1e6,
     }
+
+
+def bench_paired(fsync: str, sizes: Sizes) -> Measure:
+    """Raw echo round trips and Client.enqueue round trips in alternating
+    blocks, so that both see the same background load; their ratio is the
+    one-at-a-time enqueue target."""
+    with Instance(Settings(fsync=fsync)) as inst:
+        ctx = zmq.Context()
+        sock = start_echo(inst, ctx)
+        inst.start("broker")
+        inst.wait_ready()
+        raw_s = corral_s = 0.0
+        block = sizes.paired_block
+        try:
+            with inst.client() as client:
+                for _ in range(200):
+                    client.enqueue("demo.noop")
+                    sock.send(ECHO_BODY)
+                    sock.recv()
+                for _ in range(sizes.paired // block):
+                    t0 = time.perf_counter()
+                    for _ in range(block):
+                        sock.send(ECHO_BODY)
+                        sock.recv()
+                    t1 = time.perf_counter()
+                    for _ in range(block):
+                        client.enqueue("demo.noop")
+                    t2 = time.perf_counter()
+                    raw_s += t1 - t0
+                    corral_s += t2 - t1
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+    n = sizes.paired // block * block
+    return {"raw_rate": n / raw_s, "enqueue_rate": n / corral_s, "ratio": raw_s / corral_s}
 
 
 def bench_enqueue_batch(fsync: str, sizes: Sizes) -> Measure:
@@ -200,17 +289,19 @@ def bench_drain(fsync: str, sizes: Sizes) -> Measure:
     """Enqueue N no-ops with no workers, start 2 workers, time until all succeeded."""
     n = sizes.drain
     with Instance(Settings(fsync=fsync, processes=WORKERS, prefetch=PREFETCH)) as inst:
-        inst.start("broker")
+        broker = inst.start("broker")
         inst.wait_ready()
         with inst.client() as client:
             _enqueue_all(client, n, sizes.batch)
             queued = client.status().queues.get("default", {}).get("queued", 0)
             if queued != n:
                 raise RuntimeError(f"expected {n} queued jobs, the broker has {queued}")
+            broker_cpu0 = proc_cpu(broker.popen.pid)
             started = time.perf_counter()
-            inst.start("supervisor")
+            supervisor = inst.start("supervisor")
             ready_at: float | None = None
             done_at_ready = 0
+            worker_cpu0: dict[int, float] = {}
             deadline = started + DRAIN_TIMEOUT
             next_poll = started
             while True:
@@ -220,7 +311,12 @@ def bench_drain(fsync: str, sizes: Sizes) -> Measure:
                 succeeded = counts.get("succeeded", 0)
                 if ready_at is None and len(status.workers) >= WORKERS:
                     ready_at, done_at_ready = now, succeeded
+                    worker_cpu0 = {w.pid: proc_cpu(w.pid) for w in status.workers}
                 if succeeded >= n:
+                    broker_cpu = proc_cpu(broker.popen.pid) - broker_cpu0
+                    worker_cpu = sum(proc_cpu(pid) - cpu for pid, cpu in worker_cpu0.items())
+                    # its own CPU, not its children's: from spawn, imports included
+                    supervisor_cpu = proc_cpu(supervisor.popen.pid)
                     break
                 if counts.get("failed", 0):
                     raise RuntimeError(f"jobs failed during the drain: {counts}")
@@ -236,6 +332,10 @@ def bench_drain(fsync: str, sizes: Sizes) -> Measure:
         "seconds": elapsed,
         "startup_s": ready_at - started,
         "rate_after_ready": (n - done_at_ready) / after if after > 0 else float("nan"),
+        # CPU per job: the broker over the whole drain, the workers after registering
+        "broker_cpu_us_per_job": broker_cpu / n * 1e6,
+        "workers_cpu_us_per_job": worker_cpu / max(1, n - done_at_ready) * 1e6,
+        "supervisor_cpu_ms": supervisor_cpu * 1e3,
     }
 
 
@@ -266,6 +366,7 @@ def run_one(name: str, fsync: str, sizes: Sizes) -> Measure:
         return bench_raw(sizes)
     figures: dict[str, Callable[[str, Sizes], Measure]] = {
         "enqueue_one": bench_enqueue_one,
+        "paired": bench_paired,
         "enqueue_batch": bench_enqueue_batch,
         "drain": bench_drain,
         "latency": bench_latency,
@@ -300,11 +401,29 @@ ROWS: list[tuple[str, str, str, int]] = [
     ("one-at-a-time enqueue, jobs/s", "enqueue_one", "rate", 0),
     ("one-at-a-time enqueue, p50 µs", "enqueue_one", "p50_us", 0),
     ("one-at-a-time enqueue, p99 µs", "enqueue_one", "p99_us", 0),
+    ("one-at-a-time enqueue, client CPU µs per call", "enqueue_one", "client_cpu_us", 0),
+    ("one-at-a-time enqueue, broker CPU µs per call", "enqueue_one", "broker_cpu_us", 0),
+    ("one-at-a-time enqueue, paired with raw echo, jobs/s", "paired", "enqueue_rate", 0),
+    ("raw echo, paired with enqueue, msgs/s", "paired", "raw_rate", 0),
+    ("enqueue / raw round-trip rate, paired", "paired", "ratio", 2),
     ("batched enqueue (500/batch), jobs/s", "enqueue_batch", "rate", 0),
     ("drain, jobs/s (from worker start)", "drain", "rate", 0),
     ("drain, seconds (from worker start)", "drain", "seconds", 2),
     ("drain, worker start-up s (spawn → 2 registered)", "drain", "startup_s", 2),
     ("drain, jobs/s after both workers registered", "drain", "rate_after_ready", 0),
+    ("drain, broker CPU µs per job", "drain", "broker_cpu_us_per_job", 1),
+    (
+        "drain, workers' CPU µs per job (both, after registering)",
+        "drain",
+        "workers_cpu_us_per_job",
+        1,
+    ),
+    (
+        "drain, supervisor process CPU ms (from spawn, imports included)",
+        "drain",
+        "supervisor_cpu_ms",
+        0,
+    ),
     ("enqueue→result latency p50, ms", "latency", "p50_ms", 3),
     ("enqueue→result latency p99, ms", "latency", "p99_ms", 3),
     ("enqueue→result latency mean, ms", "latency", "mean_ms", 3),
@@ -321,6 +440,10 @@ def table(results: dict[str, Any], sizes: Sizes) -> str:
             f"{_cell(results, 'raw', '-', 'rate')} |",
             "| same, waiting with poll() then recv() like corral.Client, msgs/s | "
             f"{_cell(results, 'raw', '-', 'rate_with_poll')} |",
+            "| raw round trip, client process CPU µs (incl. libzmq I/O thread) | "
+            f"{_cell(results, 'raw', '-', 'client_cpu_us')} |",
+            "| raw round trip, echo server process CPU µs (incl. libzmq I/O thread) | "
+            f"{_cell(results, 'raw', '-', 'server_cpu_us')} |",
             "",
         ]
     lines += [
@@ -347,7 +470,7 @@ def _get(results: dict[str, Any], name: str, fsync: str, key: str) -> float | No
     return None if entry is None else float(entry["median"][key])
 
 
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(results: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     """The targets from docs/PERFORMANCE.md and whether the medians meet them."""
     out: list[dict[str, Any]] = []
 
@@ -358,18 +481,29 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         rate = _get(results, "drain", fsync, "rate")
         if rate is not None:
             add(
-                f"drain of 20,000 no-op jobs, 2 workers, fsync={fsync}",
+                f"drain of {sizes.drain:,} no-op jobs, {WORKERS} workers, fsync={fsync}",
                 ">= 10,000 jobs/s",
                 rate,
                 rate >= 10_000,
                 f"{rate:,.0f} jobs/s ({rate / 10_000:.2f}x of target)",
             )
+    paired = _get(results, "paired", "interval", "ratio")
+    if paired is not None:
+        one = _get(results, "paired", "interval", "enqueue_rate") or 0.0
+        raw = _get(results, "paired", "interval", "raw_rate") or 0.0
+        add(
+            "one-at-a-time enqueue, fsync=interval (paired blocks)",
+            ">= 0.8 x raw pyzmq round trip",
+            paired,
+            paired >= 0.8,
+            f"{one:,.0f}/s vs raw {raw:,.0f}/s = {paired:.2f}x",
+        )
     one = _get(results, "enqueue_one", "interval", "rate")
     raw = _get(results, "raw", "-", "rate")
     if one is not None and raw is not None:
         ratio = one / raw
         add(
-            "one-at-a-time enqueue, fsync=interval",
+            "one-at-a-time enqueue, fsync=interval (separate runs)",
             ">= 0.8 x raw pyzmq round trip",
             ratio,
             ratio >= 0.8,
@@ -408,6 +542,17 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------- main
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small N, one repetition")
@@ -425,9 +570,18 @@ def main(argv: list[str] | None = None) -> int:
         "--quiet-wait", type=float, default=60.0, help="but wait at most this many seconds"
     )
     parser.add_argument(
+        "--rev",
+        help="measure this git commit (exported read-only with git archive to /tmp) "
+        "instead of the work tree, which others may be editing",
+    )
+    parser.add_argument(
         "--out", type=Path, default=RESULTS / "latest.json", help="where the JSON goes"
     )
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every started process group is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.rev:
+        reexec_in_snapshot(args.rev, __file__, sys.argv[1:] if argv is None else argv)
     sizes = QUICK if args.quick else Sizes()
     reps = args.reps or (1 if args.quick else 3)
     names = args.only or list(NAMES)
@@ -443,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Measure]] = {f"{n}/{f}": [] for n, f in plan}
     loads: dict[str, list[float]] = {key: [] for key in runs}
     idles: dict[str, list[float]] = {key: [] for key in runs}
+    others: dict[str, list[float]] = {key: [] for key in runs}
+    steals: dict[str, list[float]] = {key: [] for key in runs}
     started = time.time()
     for rep in range(reps):
         for name, fsync in plan:
@@ -452,13 +608,18 @@ def main(argv: list[str] | None = None) -> int:
                 idle = wait_for_quiet(args.quiet_idle, args.quiet_wait)
             idles[key].append(round(idle, 2))
             t0 = time.perf_counter()
+            mark = cpu_mark()
             measure = run_one(name, fsync, sizes)
+            busy, stolen = others_cores(mark)
+            others[key].append(round(busy, 2))
+            steals[key].append(round(stolen, 3))
             runs[key].append(measure)
             loads[key].append(round(os.getloadavg()[0], 2))
             shown = ", ".join(f"{k}={v:,.3f}" for k, v in measure.items())
             print(
                 f"[{rep + 1}/{reps}] {key}: {shown} ({time.perf_counter() - t0:.1f}s, "
-                f"idle before {idle:.0%})",
+                f"idle before {idle:.0%}, meanwhile other work used {busy:.2f} CPUs "
+                f"and the hypervisor stole {stolen:.2f})",
                 file=sys.stderr,
             )
     results = {
@@ -466,12 +627,14 @@ def main(argv: list[str] | None = None) -> int:
             "runs": values,
             "median": _median(values),
             "idle_before": idles[key],
+            "others_cpus_during": others[key],
+            "steal_cpus_during": steals[key],
             "loadavg_1m_after": loads[key],
         }
         for key, values in runs.items()
     }
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    target_rows = targets(results)
+    target_rows = targets(results, sizes)
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
@@ -490,12 +653,14 @@ def main(argv: list[str] | None = None) -> int:
             "quiet_idle": args.quiet_idle,
             "quiet_wait_s": args.quiet_wait,
         },
+        "rev": args.rev,
+        "corral_imported_from": str(Path(corral.__file__).parent),
         "machine": info,
         "results": results,
         "targets": target_rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     print(table(results, sizes))
     if target_rows:
         print()
