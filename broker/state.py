@@ -14,7 +14,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import msgspec
 
@@ -117,6 +117,11 @@ class Job:
         return JOB_OVERHEAD_BYTES + len(self.payload) + result
 
 
+_SNAPSHOT_FIELDS = tuple(
+    name for name in JobSnapshot.__struct_fields__ if name in {f.name for f in fields(Job)}
+)
+
+
 class JobState:
     """All jobs, the ready heaps per queue, the timer heap of waiting jobs,
     and counts per queue and status."""
@@ -202,37 +207,10 @@ class JobState:
         self._add(job)
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
-        job = Job(
-            id=rec.id,
-            seq=rec.seq,
-            task=rec.task,
-            queue=rec.queue,
-            priority=rec.priority,
-            payload=rec.payload,
-            created_at=rec.created_at,
-            run_at=rec.run_at,
-            max_attempts=rec.max_attempts,
-            timeout=rec.timeout,
-            unique_key=rec.unique_key,
-            result_ttl=rec.result_ttl,
-            status=rec.status,
-            attempts=rec.attempts,
-            tries=list(rec.tries),
-            result=rec.result,
-            error=rec.error,
-            ended_at=rec.ended_at,
-            lease=rec.lease,
-            worker=rec.worker,
-            unique_for=rec.unique_for,
-            progress=rec.progress,
-            progress_note=rec.progress_note,
-            flow=rec.flow,
-            step=rec.step,
-            prev_result=rec.prev_result,
-            on_success=rec.on_success,
-            on_failure=rec.on_failure,
-        )
-        self._add(job)
+        """A whole job from compaction: every field the record and Job share."""
+        fields = {name: getattr(rec, name) for name in _SNAPSHOT_FIELDS}
+        fields["tries"] = list(rec.tries)
+        self._add(Job(**fields))
 
     def _add(self, job: Job) -> None:
         self.jobs[job.id] = job
