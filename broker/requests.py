@@ -235,6 +235,19 @@ class ClientRequests:
             if job is None:
                 self._reply_not_found(identity, msg.req, msg.job_id)
                 return
+            holder = self.state.holder_of(job.unique_key, now)
+            if holder is not None and holder != job.id:
+                self._reply(
+                    self.client_sock,
+                    identity,
+                    p.ErrorReply(
+                        msg.req,
+                        "invalid",
+                        f"job {holder} holds the unique_key {job.unique_key!r}; "
+                        f"retry {job.id} once it has ended",
+                    ),
+                )
+                return
             if job.status not in ("failed", "cancelled"):
                 self._reply(
                     self.client_sock,
@@ -252,7 +265,9 @@ class ClientRequests:
             jobs = [
                 j
                 for j in self.state.jobs.values()
-                if j.status == "failed" and (msg.queue is None or j.queue == msg.queue)
+                if j.status == "failed"
+                and (msg.queue is None or j.queue == msg.queue)
+                and self.state.holder_of(j.unique_key, now) in (None, j.id)
             ]
         for job in jobs:
             self._record(Requeued(job.id, now))

@@ -217,8 +217,7 @@ class JobState:
         self._next_seq = max(self._next_seq, job.seq + 1)
         self.counts[job.queue, job.status] += 1
         self.live_bytes += job.size()
-        if job.unique_key:
-            self.unique[job.unique_key] = job.id
+        self._claim_key(job)
         self._place(job)
 
     def _apply_leased(self, rec: Leased) -> None:
@@ -298,10 +297,20 @@ class JobState:
         job.ended_at = None
         job.result = None
         self.live_bytes += job.size()
-        if job.unique_key:  # active again: it holds its key
-            self.unique[job.unique_key] = job.id
         self._set_status(job, "queued")
+        self._claim_key(job)
         self._place(job)
+
+    def _claim_key(self, job: Job) -> None:
+        """``job`` holds its unique key unless another, active job does (in
+        whatever order jobs are added: live, replayed or from snapshots)."""
+        if not job.unique_key:
+            return
+        current = self.jobs.get(self.unique.get(job.unique_key, ""))
+        free = current is None or current is job or current.status not in ACTIVE
+        newer_active = job.status in ACTIVE and current is not None and current.seq < job.seq
+        if free or newer_active:
+            self.unique[job.unique_key] = job.id
 
     def _set_status(self, job: Job, status: str) -> None:
         counts = self.counts
