@@ -385,14 +385,14 @@ class JobState:
         """The finished jobs past their TTL, to be removed (the broker logs a
         Removed for each, so that a replay never revives one whose id a
         newer job has taken since)."""
-        due = []
+        due: dict[str, None] = {}  # a job requeued and ended again has two entries
         while self._expiry and self._expiry[0][0] <= now:
             _, _, job_id = heapq.heappop(self._expiry)
             job = self.jobs.get(job_id)
             if job is None or job.status not in TERMINAL or self._expires_at(job) > now:
                 continue
-            due.append(job_id)
-        return due
+            due[job_id] = None
+        return list(due)
 
     def expire(self, now: float) -> list[str]:
         """Remove :meth:`expired` jobs without logging; returns their ids."""
@@ -402,7 +402,12 @@ class JobState:
         return gone
 
     def _expires_at(self, job: Job) -> float:
+        """When a finished job is forgotten: after its TTL, and never before
+        its unique_for window ends (it holds its key until then)."""
         ended = job.ended_at or job.created_at
+        return max(self._ttl_end(job, ended), ended + (job.unique_for or 0.0))
+
+    def _ttl_end(self, job: Job, ended: float) -> float:
         if job.status == "succeeded":
             ttl = job.result_ttl
             if ttl is None:
@@ -617,6 +622,7 @@ class JobState:
         """Jobs in creation order after ``cursor``, filtered; and the cursor
         for the next page (None at the end). A cursor is the creation number
         of the last job of a page, so it stays valid if that job is deleted."""
+        limit = max(1, limit)
         try:
             after = int(cursor) if cursor else -1
         except ValueError:
@@ -686,6 +692,8 @@ def validate_spec(spec: msgspec.Struct) -> None:
         value = getattr(spec, name)
         if value is not None and not math.isfinite(value):
             raise InvalidJob(f"{name}: must be a finite number, got {value}")
+    if spec.unique_for is not None and spec.unique_for < 0:
+        raise InvalidJob(f"unique_for: must not be negative, got {spec.unique_for}")
     for callback in (getattr(spec, "on_success", None), getattr(spec, "on_failure", None)):
         if callback is not None:
             validate_spec(callback)

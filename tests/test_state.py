@@ -2,9 +2,11 @@
 
 Every change goes through JobState.apply(record), as in the broker: the
 helpers here log a record first and then apply it, and check after every
-step that the per-(queue, status) counts equal a recount of the jobs. The
-stateful test at the end drives the whole life cycle, restarts (replay the
-log into a fresh state, then recover()) and compactions (snapshot()).
+step that the per-(queue, status) and per-(task, status) counts equal a
+recount of the jobs. The stateful test at the end drives the whole life
+cycle (with cancel, requeue, delete, paused queues, unique keys, schedule
+fires and listing), restarts (replay the log into a fresh state, then log
+the recovery of the running jobs) and compactions (snapshot()).
 """
 
 from __future__ import annotations
@@ -72,17 +74,16 @@ def recount_tasks(state: JobState) -> Counter[tuple[str, str]]:
     return Counter((j.task, j.status) for j in state.jobs.values())
 
 
-def check(state: JobState, bytes_drift: int = 0) -> None:
+def check(state: JobState) -> None:
     """The bookkeeping a broker relies on: counts per (queue, status) and
-    per (task, status), and live bytes (``bytes_drift``: see the state
-    machine's requeue rule)."""
+    per (task, status), and live bytes."""
     assert all(n >= 0 for n in state.counts.values()), state.counts
     assert all(n >= 0 for n in state.task_counts.values()), state.task_counts
     assert {k: n for k, n in state.counts.items() if n} == recount(state)
     assert {k: n for k, n in state.task_counts.items() if n} == recount_tasks(state)
     # every job is counted in exactly one status
     assert sum(state.counts.values()) == sum(state.task_counts.values()) == len(state.jobs)
-    assert state.live_bytes == sum(j.size() for j in state.jobs.values()) + bytes_drift
+    assert state.live_bytes == sum(j.size() for j in state.jobs.values())
     for job in state.jobs.values():
         assert job.status in STATUSES
 
@@ -141,13 +142,11 @@ class Broker:
         self.log: list[Record] = []
         self.now = now
         self.lease_seq = 0
-        #: live_bytes off by this much, from a known bug: see test_requeue_keeps_live_bytes
-        self.bytes_drift = 0
 
     def record(self, rec: Record) -> Record:
         self.log.append(rec)
         self.state.apply(rec)
-        check(self.state, self.bytes_drift)
+        check(self.state)
         return rec
 
     def enqueue(self, job_id: str, **kw: Any) -> JobCreated:
@@ -189,6 +188,22 @@ class Broker:
             fresh.apply(rec)
         check(fresh)
         return fresh
+
+    def restart(self) -> list[str]:
+        """As the broker starts: replay the log, then log the recovery of the
+        jobs that were running. Returns their ids."""
+        self.state = self.replay()
+        recovered = self.state.recovery_records()
+        for rec in recovered:
+            self.record(rec)
+        return [rec.id for rec in recovered]
+
+    def expire(self) -> list[str]:
+        """As the broker's tick: a Removed logged for each job past its TTL."""
+        gone = self.state.expired(self.now)
+        for job_id in gone:
+            self.record(Removed(job_id))
+        return gone
 
 
 def drain(state: JobState, queue: str) -> list[str]:
@@ -967,8 +982,7 @@ def test_requeue_gives_a_fresh_budget_and_keeps_the_tries() -> None:
     b.finish("j1", "error", error=ERR)
     job = b.state.jobs["j1"]
     assert (job.status, job.attempts) == ("failed", 1)
-    b.bytes_drift = len(job.result)  # type: ignore[arg-type]  # test_requeue_keeps_live_bytes
-    b.record(Requeued("j1", b.now))
+    b.record(Requeued("j1", b.now))  # check() compares live_bytes with a recount
     assert (job.status, job.attempts, job.error, job.ended_at) == ("queued", 0, None, None)
     assert [t.attempt for t in job.tries] == [1]
     assert b.state.pop_ready("default") is job
@@ -991,44 +1005,30 @@ def test_requeue_only_moves_failed_or_cancelled_jobs(status: str) -> None:
     assert views(b.state) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: JobState._apply_requeued sets job.result = None without taking its "
-    "size off live_bytes",
-)
 def test_requeue_keeps_live_bytes() -> None:
     b = Broker()
     b.enqueue("j1", max_attempts=1)
     b.lease("j1")
     b.finish("j1", "fail", error=ERR)  # a failed job's result is NIL: one byte
     b.record(Requeued("j1", b.now))  # check() compares live_bytes with a recount
+    assert b.state.live_bytes == b.state.jobs["j1"].size()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Cancelled for a job that recover() requeued (unlogged) is replayed on "
-    "a job still running under its old lease: replay closes that phantom try and keeps "
-    "its attempt, so the replayed job differs from the live one",
-)
-def test_cancel_after_a_restart_replays_alike() -> None:
+def test_a_restart_logs_the_recovery_so_a_cancel_replays_alike() -> None:
+    """Replayed, a Cancelled for a job recovered at a restart must meet it
+    queued, as it was live: so the broker logs the recovery (Returned)."""
     b = Broker()
     b.enqueue("j1")
     b.lease("j1")
-    b.state = b.replay()
-    assert b.state.recover() == 1  # live: queued, attempts 0, no tries
+    assert b.restart() == ["j1"]
+    job = b.state.jobs["j1"]
+    assert (job.status, job.attempts, job.tries) == ("queued", 0, [])
     b.record(Cancelled("j1", b.now))
-    again = b.replay()
-    again.recover()
-    assert view(again.jobs["j1"], lenient_tries=True) == view(
-        b.state.jobs["j1"], lenient_tries=True
-    )
+    assert b.restart() == []
+    assert view(b.state.jobs["j1"]) == view(job)
+    assert (b.state.jobs["j1"].attempts, b.state.jobs["j1"].tries) == (0, [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Requeued revives an older job whose unique_key now points at a newer "
-    "job (or nowhere, after that one was removed): holder_of misses the active job",
-)
 @pytest.mark.parametrize("newer", ["succeeded", "removed"])
 def test_requeue_of_an_older_unique_job_holds_its_key(newer: str) -> None:
     b = Broker()
@@ -1042,37 +1042,71 @@ def test_requeue_of_an_older_unique_job_holds_its_key(newer: str) -> None:
     b.finish("new", "ok")
     if newer == "removed":
         b.record(Removed("new"))
-    b.bytes_drift = len(b.state.jobs["old"].result)  # type: ignore[arg-type]  # see above
     b.record(Requeued("old", b.now))
     assert b.state.jobs["old"].status == "queued"
     assert b.state.holder_of("k", b.now) == "old"
+    assert b.replay().holder_of("k", b.now) == "old"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an id whose job expired (expiry is not logged) can be created again, "
-    "but on replay the old JobCreated is still there and the new one is ignored as a "
-    "duplicate: after a restart the new job is lost",
-)
+def test_a_requeued_unique_job_holds_its_key_after_compaction() -> None:
+    """Compaction rebuilds the unique index from snapshots in creation
+    order: a newer job that ended must not take the key back."""
+    b = Broker()
+    b.enqueue("old", unique_key="k")
+    b.record(Cancelled("old", b.now))  # no unique_for: the key is free at once
+    b.enqueue("new", unique_key="k")
+    b.lease("new")
+    b.finish("new", "ok")
+    b.record(Requeued("old", b.now))
+    assert b.state.holder_of("k", b.now) == "old"
+    compacted = JobState()
+    for rec in b.state.snapshot():
+        compacted.apply(rec)
+    assert compacted.holder_of("k", b.now) == "old"
+
+
+def test_requeue_while_another_job_holds_the_key() -> None:
+    """The broker refuses such a retry; should a Requeued be applied all
+    the same, the active holder keeps the key."""
+    b = Broker()
+    b.enqueue("old", unique_key="k")
+    b.record(Cancelled("old", b.now))  # no unique_for: the key is free at once
+    b.enqueue("new", unique_key="k")  # active: it holds the key
+    b.record(Requeued("old", b.now))
+    b.lease("old")
+    b.finish("old", "ok")
+    assert b.state.jobs["new"].status == "queued"
+    assert b.state.holder_of("k", b.now) == "new"
+
+
 def test_an_id_reused_after_expiry_survives_a_restart() -> None:
+    """The broker logs a Removed for an expired job, so that a replay does
+    not take a new job with the same id for a duplicate of the old one."""
     b = Broker(Defaults(result_ttl=5.0))
     b.enqueue("x", payload=encode_value(1))
     b.lease("x")
     b.finish("x", "ok")
     b.now += 10
-    assert b.state.expire(b.now) == ["x"]
+    assert b.expire() == ["x"]
     b.enqueue("x", payload=encode_value(2))  # e.g. a schedule's fire repeated
-    fresh = b.replay()
-    fresh.recover()
-    fresh.expire(b.now)
-    assert views(fresh) == views(b.state)
+    live = views(b.state)
+    b.restart()
+    assert b.expire() == []
+    assert views(b.state) == live
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the ready heap keys entries by id only: an entry left by a removed job "
-    "is taken for a new job with the same id, which is served at the old job's place",
-)
+def test_expired_lists_a_requeued_job_once() -> None:
+    b = Broker(Defaults(failed_ttl=50.0))
+    b.enqueue("j1", result_ttl=2.0)
+    b.record(Cancelled("j1", b.now))  # due to expire at NOW + 50
+    b.now += 1
+    b.record(Requeued("j1", b.now))
+    b.lease("j1")
+    b.finish("j1", "ok")  # due to expire at NOW + 3
+    b.now += 100
+    assert b.state.expired(b.now) == ["j1"]
+
+
 def test_a_reused_id_does_not_take_an_old_place_in_the_queue() -> None:
     b = Broker()
     b.enqueue("x", priority=1)
@@ -1081,6 +1115,7 @@ def test_a_reused_id_does_not_take_an_old_place_in_the_queue() -> None:
     b.record(Removed("x"))
     b.enqueue("x", priority=-5)  # created again, e.g. a schedule's fire repeated
     assert drain(b.state, "default") == ["y", "x"]
+    assert drain(b.replay(), "default") == ["y", "x"]
 
 
 def test_unique_key_is_held_while_active_and_for_unique_for_after() -> None:
@@ -1176,15 +1211,7 @@ class JobStateMachine(RuleBasedStateMachine):
     #: Known bugs whose paths the machine stays off, each with its strict
     #: xfail test above. Take a name out once its bug is fixed (or all of
     #: them, to see the machine find them).
-    KNOWN_BUGS = frozenset(
-        {
-            "requeue_live_bytes",  # test_requeue_keeps_live_bytes
-            "cancel_after_recover",  # test_cancel_after_a_restart_replays_alike
-            "requeue_unique_key",  # test_requeue_of_an_older_unique_job_holds_its_key
-            "reused_id_in_heap",  # test_a_reused_id_does_not_take_an_old_place_in_the_queue
-            "reused_id_after_expiry",  # test_an_id_reused_after_expiry_survives_a_restart
-        }
-    )
+    KNOWN_BUGS: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         super().__init__()
@@ -1203,13 +1230,6 @@ class JobStateMachine(RuleBasedStateMachine):
         #: jobs deleted (Removed); jobs requeued since the last invariant check
         self.removed: set[str] = set()
         self.requeued: set[str] = set()
-        #: unique key -> ids of the jobs created with it, oldest first
-        self.key_jobs: dict[str, list[str]] = {}
-        #: jobs recover() requeued that were not leased since, while the log
-        #: still says they run ("cancel_after_recover")
-        self.recovered: set[str] = set()
-        #: what live_bytes is off by ("requeue_live_bytes")
-        self.bytes_drift = 0
 
     # -- helpers
 
@@ -1249,8 +1269,6 @@ class JobStateMachine(RuleBasedStateMachine):
         assert rec is not None
         self.record(rec)
         self.attempts[rec.id] = 0
-        if rec.unique_key is not None:
-            self.key_jobs.setdefault(rec.unique_key, []).append(rec.id)
         return rec
 
     # -- rules (outcomes share one rule so that each gets its turn)
@@ -1264,7 +1282,7 @@ class JobStateMachine(RuleBasedStateMachine):
         result_ttl=st.none() | st.floats(0, 50),
         resend=st.booleans(),
         unique_key=st.none() | st.sampled_from(KEYS),
-        unique_for=st.none() | st.floats(0, 60),
+        unique_for=st.none() | st.floats(0, 20),
     )
     def enqueue(
         self,
@@ -1356,7 +1374,6 @@ class JobStateMachine(RuleBasedStateMachine):
             worker = f"w{self.lease_seq % 3}"
             self.record(Leased(job.id, self.lease_seq, job.attempts + 1, worker, "h", 7, self.now))
             self.attempts[job.id] += 1
-            self.recovered.discard(job.id)
             assert job.status == "running"
             assert job.lease == self.lease_seq
             assert job.tries[-1].attempt == job.attempts
@@ -1451,8 +1468,6 @@ class JobStateMachine(RuleBasedStateMachine):
             self.state.apply(Cancelled(job.id, self.now))
             assert views(self.state) == before
             return
-        if "cancel_after_recover" in self.KNOWN_BUGS and job.id in self.recovered:
-            return
         was, lease = job.status, job.lease
         self.record(Cancelled(job.id, self.now))
         assert (job.status, job.ended_at) == ("cancelled", self.now)
@@ -1477,8 +1492,9 @@ class JobStateMachine(RuleBasedStateMachine):
     @rule(data=st.data(), other=st.sampled_from([False, False, False, True]))
     def requeue(self, data: st.DataObject, other: bool) -> None:
         """Retry a failed or cancelled job by hand: queued again with a fresh
-        budget of attempts, its tries kept. (The broker refuses any other
-        status; a Requeued for one would change nothing.)"""
+        budget of attempts, its tries kept. The broker refuses any other
+        status (a Requeued for one would change nothing), and a job whose
+        unique key another job holds."""
         if other:
             job = self.pick(data)
             if job.status not in ("failed", "cancelled"):
@@ -1488,10 +1504,11 @@ class JobStateMachine(RuleBasedStateMachine):
                 return
         job = self.pick(data, ("failed", "cancelled"))
         key = job.unique_key
-        if "requeue_unique_key" in self.KNOWN_BUGS and key and self.key_jobs[key][-1] != job.id:
-            return  # a newer job was created with its key
-        if "requeue_live_bytes" in self.KNOWN_BUGS and job.result is not None:
-            self.bytes_drift += len(job.result)
+        others = self.holders(key) - {job.id} if key else set()
+        if others:  # refused
+            assert self.state.holder_of(key, self.now) in others
+            return
+        assert self.state.holder_of(key, self.now) in (None, job.id)
         tries = list(job.tries)
         self.record(Requeued(job.id, self.now))
         assert (job.status, job.attempts, job.tries) == ("queued", 0, tries)
@@ -1499,6 +1516,8 @@ class JobStateMachine(RuleBasedStateMachine):
         assert job.result is None or bytes(job.result) == bytes(NIL)
         self.attempts[job.id] = 0  # a fresh budget
         self.requeued.add(job.id)
+        if key:
+            assert self.state.holder_of(key, self.now) == job.id  # active again
 
     @precondition(lambda self: self.with_status(*TERMINAL))
     @rule(data=st.data())
@@ -1533,11 +1552,7 @@ class JobStateMachine(RuleBasedStateMachine):
         else:
             due = last if when == "repeat" else last - gap
         job_id = f"{name}@{due!r}"
-        if "reused_id_in_heap" in self.KNOWN_BUGS and job_id in self.expired | self.removed:
-            pass  # the id of a job gone (this is the only rule that may reuse one)
-        elif "reused_id_after_expiry" in self.KNOWN_BUGS and job_id in self.expired:
-            pass
-        elif job_id in self.state.jobs:
+        if job_id in self.state.jobs:
             before = views(self.state)
             assert self.state.decide_create(JobSpec(job_id, "t.plain"), self.now) is None
             assert views(self.state) == before
@@ -1580,7 +1595,8 @@ class JobStateMachine(RuleBasedStateMachine):
             self.state.list_jobs(queue, status, task, limit, "not-a-cursor")
 
     def tick(self) -> None:
-        """What the broker's tick does at ``now``: promote, then expire."""
+        """What the broker's tick does at ``now``: promote, then expire, with
+        a Removed logged for each job past its TTL."""
         due = {
             i
             for i, j in self.state.jobs.items()
@@ -1593,8 +1609,13 @@ class JobStateMachine(RuleBasedStateMachine):
             for i, j in self.state.jobs.items()
             if j.status in TERMINAL and expires_at(j) <= self.now
         }
-        gone = self.state.expire(self.now)
+        gone = self.state.expired(self.now)
+        if "expired_twice" in self.KNOWN_BUGS:
+            gone = list(dict.fromkeys(gone))
         assert sorted(gone) == sorted(dying)
+        for job_id in gone:
+            self.record(Removed(job_id))
+        assert not dying & set(self.state.jobs)
         self.expired.update(gone)
 
     @rule(dt=st.floats(0.5, 30))
@@ -1602,38 +1623,42 @@ class JobStateMachine(RuleBasedStateMachine):
         self.now += dt
         self.tick()
 
-    def replayed(self) -> tuple[JobState, set[str], int]:
-        """A fresh state from the whole log, recovered and ticked at ``now``
-        as the broker starts; the jobs running in the live state; and what
-        the fresh live_bytes is off by."""
+    def restarted(self) -> tuple[JobState, list[Record]]:
+        """What a broker starting now makes of the log: replay it into a
+        fresh state, recover the jobs that were running, then its first tick
+        (promote, expire). Returns that state and the records it logged."""
         fresh = new_state()
-        drift = 0
         for rec in self.log:
-            if "requeue_live_bytes" in self.KNOWN_BUGS and isinstance(rec, Requeued):
-                job = fresh.jobs.get(rec.id)
-                if job and job.status in ("failed", "cancelled") and job.result is not None:
-                    drift += len(job.result)
             fresh.apply(rec)
-        check(fresh, drift)
-        was_running = set(self.running())
-        # Jobs recovered by an earlier restart are running again in the
-        # replay (recover() is not logged), so more may be recovered here.
-        assert fresh.recover() >= len(was_running)
+        check(fresh)
+        logged: list[Record] = []
+        recovery = fresh.recovery_records()
+        # exactly the jobs running now: earlier recoveries are in the log
+        assert sorted(r.id for r in recovery) == self.running()
+        assert all(r.lease == self.state.jobs[r.id].lease for r in recovery)
+        for rec in recovery:
+            fresh.apply(rec)
+            logged.append(rec)
         fresh.promote_due(self.now)
-        fresh.expire(self.now)
-        check(fresh, drift)
-        return fresh, was_running, drift
+        gone = fresh.expired(self.now)
+        if "expired_twice" in self.KNOWN_BUGS:
+            gone = list(dict.fromkeys(gone))
+        for job_id in gone:
+            fresh.apply(Removed(job_id))
+            logged.append(Removed(job_id))
+        check(fresh)
+        return fresh, logged
 
-    def expected_after_restart(self, was_running: set[str]) -> dict[str, dict[str, Any]]:
+    def expected_after_restart(self) -> dict[str, dict[str, Any]]:
         """The live jobs as a restart at ``now`` leaves them: running ones
-        queued with their try not counted (what recover() documents), and
-        those past their TTL gone (the first tick's expire())."""
+        queued with their try dropped and not counted (what recovery
+        documents), and those past their TTL gone (the first tick)."""
         expected = {}
         for job_id, job in self.state.jobs.items():
             if job.status in TERMINAL and expires_at(job) <= self.now:
                 continue
-            v = view(job, lenient_tries=True)
-            if job_id in was_running:
+            v = view(job)
+            if job.status == "running":
                 v.update(status="queued", lease=0, worker="", attempts=v["attempts"] - 1)
                 v["tries"] = v["tries"][:-1]
             expected[job_id] = v
@@ -1650,17 +1675,19 @@ class JobStateMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
-        """Replay the log into a fresh state and recover(), as the broker
-        does on start (then its first tick promotes and expires)."""
+        """Stop and start the broker: replay the log into a fresh state, log
+        the recovery of the running jobs; its first tick promotes."""
         self.tick()  # the last tick before the stop
-        fresh, was_running, drift = self.replayed()
-        assert views(fresh, lenient_tries=True) == self.expected_after_restart(was_running)
+        was_running = self.running()
+        expected = self.expected_after_restart()
+        fresh, logged = self.restarted()
+        assert all(isinstance(r, Returned) for r in logged)  # nothing left to expire
+        assert views(fresh) == expected
         self.assert_same_extras(fresh)
+        self.log.extend(logged)
         for job_id in was_running:
             self.attempts[job_id] -= 1  # refund: the interrupted try
         self.state = fresh
-        self.recovered |= was_running
-        self.bytes_drift = drift
         self.restarts += 1
 
     @rule()
@@ -1682,20 +1709,18 @@ class JobStateMachine(RuleBasedStateMachine):
         self.assert_same_extras(fresh)
         self.log = list(snap)
         self.state = fresh
-        self.recovered.clear()  # the snapshot says they are queued
-        self.bytes_drift = 0
 
     # -- invariants
 
     @invariant()
     def bookkeeping(self) -> None:
-        check(self.state, self.bytes_drift)
+        check(self.state)
 
     @invariant()
     def replay_equals_the_live_state(self) -> None:
         """What a restart now would give (see restart), without restarting."""
-        fresh, was_running, _ = self.replayed()
-        assert views(fresh, lenient_tries=True) == self.expected_after_restart(was_running)
+        fresh, _ = self.restarted()
+        assert views(fresh) == self.expected_after_restart()
         self.assert_same_extras(fresh)
 
     @invariant()
@@ -1772,4 +1797,4 @@ class JobStateMachine(RuleBasedStateMachine):
 
 
 TestJobStateMachine = JobStateMachine.TestCase
-TestJobStateMachine.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+TestJobStateMachine.settings = settings(max_examples=100, stateful_step_count=80, deadline=None)
