@@ -152,16 +152,18 @@ class ClientRequests:
             self._reply(self.client_sock, identity, p.ErrorReply(msg.req, "invalid", str(exc)))
             return
         ids = []
+        created = 0
         for spec in msg.jobs:
             holder = self.state.holder_of(spec.unique_key, now)
             if holder is not None:  # a unique job: the first one's id
                 ids.append(holder)
                 continue
-            record = self.state.decide_create(spec, now)
+            record = self.state.decide_create(spec, now, validated=True)
             if record is not None:
                 self._record(record)
-                self.stats["enqueued"] += 1
+                created += 1
             ids.append(spec.id)
+        self.stats["enqueued"] += created
         self._dirty = True
         self._reply(self.client_sock, identity, p.EnqueueOk(msg.req, ids))
 

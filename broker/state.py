@@ -467,13 +467,17 @@ class JobState:
             return job.id
         return None
 
-    def decide_create(self, spec: msgspec.Struct, now: float) -> JobCreated | None:
+    def decide_create(
+        self, spec: msgspec.Struct, now: float, *, validated: bool = False
+    ) -> JobCreated | None:
         """The record for a new job, or None when a job with that id exists
-        (a resent enqueue). Raises InvalidJob for a spec it refuses. The
-        caller checks :meth:`holder_of` for unique keys first."""
+        (a resent enqueue). Raises InvalidJob for a spec it refuses (unless
+        the caller ``validated`` it already). The caller checks
+        :meth:`holder_of` for unique keys first."""
         if spec.id in self.jobs:
             return None
-        validate_spec(spec)
+        if not validated:
+            validate_spec(spec)
         run_at = spec.run_at
         if spec.delay is not None and spec.delay > 0:
             run_at = now + spec.delay
