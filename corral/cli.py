@@ -200,6 +200,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         "unique_key": args.unique_key,
         "unique_for": args.unique_for,
         "run_at": args.run_at,
+        "result_ttl": args.result_ttl,
     }
     with make_client(args) as client:
         job_id = client.enqueue(args.task, payload, **options)
@@ -313,15 +314,23 @@ def human_flow(info: Any) -> str:
 
 
 def _job_arg(text: str) -> Any:
-    """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...}."""
-    from corral.client import Job
-
+    """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...},
+    callbacks nested as {"on_success": {"task": ...}}."""
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{text!r} is not valid JSON: {exc}") from None
+    return _job_from(fields, text)
+
+
+def _job_from(fields: Any, text: str) -> Any:
+    from corral.client import Job
+
     if not isinstance(fields, dict) or "task" not in fields:
         raise UsageError(f'{text!r}: a job is a JSON object like {{"task": "x.y", "payload": 1}}')
+    for callback in ("on_success", "on_failure"):
+        if fields.get(callback) is not None:
+            fields[callback] = _job_from(fields[callback], text)
     try:
         return Job(**fields)
     except TypeError as exc:
@@ -484,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--unique-key")
     enqueue.add_argument("--unique-for", type=float, help="seconds the key stays taken after")
     enqueue.add_argument("--run-at", type=float, help="epoch seconds to run at")
+    enqueue.add_argument("--result-ttl", type=float, help="seconds to keep the result")
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
     enqueue.add_argument("--wait-timeout", type=float, help="give up waiting after this")
     enqueue.set_defaults(fn=cmd_enqueue)

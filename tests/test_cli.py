@@ -132,3 +132,21 @@ def test_chains_and_groups_from_the_cli(env: Env) -> None:
     assert env.run("result", info["callback"], "--wait", *cfg).stdout.strip() == "13"
     bad = env.run("enqueue-chain", '{"payload": 1}', *cfg)
     assert bad.returncode == 2 and "task" in bad.stderr
+
+
+def test_callbacks_and_result_ttl_from_the_cli(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    cfg = ["-c", str(env.config)]
+    chain = env.run(
+        "enqueue-chain",
+        '{"task": "e2e.square", "payload": 6, "on_success": {"task": "e2e.echo_prev"}}',
+        "--wait",
+        *cfg,
+    )
+    assert chain.stdout.strip() == "36", chain.stderr
+    listed = json.loads(env.run("jobs", "--task", "e2e.echo_prev", "--json", *cfg).stdout)
+    callback = listed["jobs"][0]["id"]
+    assert env.run("result", callback, "--wait", *cfg).stdout.strip() == "36"
+    short = env.run("enqueue", "e2e.square", "2", "--result-ttl", "0.2", "--wait", *cfg)
+    assert short.stdout.strip() == "4"
