@@ -153,3 +153,25 @@ def test_second_sigint_stops_at_once(env: Env) -> None:
         5,
         message="every child gone",
     )
+
+
+def test_drain_past_shutdown_timeout_counts_the_unfinished_try(env: Env) -> None:
+    env.write_config(processes=1, prefetch=0)
+    env.config.write_text(
+        env.config.read_text().replace('shutdown_timeout = "10s"', 'shutdown_timeout = "500ms"')
+    )
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    job_id = client.enqueue("e2e.sleep", 30)
+    wait_for(lambda: client.job(job_id).status == "running", message="the long job")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    info = env.client().job(job_id)
+    assert info.status in ("retrying", "queued")
+    assert info.attempts == 1
+    assert info.tries[0].error is not None
+    assert info.tries[0].error.type == "ShutdownTimeout"

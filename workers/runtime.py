@@ -20,6 +20,7 @@ import random
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -149,6 +150,10 @@ class Worker:
                     break
         finally:
             self._shutdown()
+        if self._running:  # abandoned handlers (shutdown_timeout): leave without them
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     def _on_soft_timeout(self, signum: int, frame: object) -> None:
         if self._soft_job is not None:
@@ -161,8 +166,24 @@ class Worker:
         assert self._stop_deadline is not None
         if time.monotonic() > self._stop_deadline:
             log.warning("worker.shutdown_timeout", running=list(self._running))
+            self._abandon_running()
             return True
         return not self._running and not self._outbox
+
+    def _abandon_running(self) -> None:
+        """The drain ran out of time: report each job still running as a
+        failed try, so its attempt counts and it is retried, rather than
+        leaving with it as if it had never started."""
+        now = time.time()
+        for job_id, ctx in list(self._running.items()):
+            error = p.ErrorInfo(
+                "ShutdownTimeout",
+                f"worker {self.worker_id} stopped after shutdown_timeout "
+                f"({self.options.shutdown_timeout:g}s) before the job finished",
+            )
+            self._outbox.append(
+                ("done", p.Outcome(job_id, ctx.lease, "error", p.NIL, error, None, None, now))
+            )
 
     def _begin_drain(self) -> None:
         self._stop_deadline = time.monotonic() + self.options.shutdown_timeout
