@@ -77,6 +77,7 @@ class Supervisor:
         self._id = f"{self._host}/{os.getpid()}"
         self._last_report = 0.0
         self._queued: int | None = None
+        self._report_failures = 0
         self._broker_answered = time.monotonic()
 
     # ---------------------------------------------------------------- run
@@ -140,7 +141,10 @@ class Supervisor:
     def _report(self, now: float) -> None:
         """Tell the broker what runs here (for `corral status`); its answer
         is also the sign that the broker loop is healthy."""
-        if now - self._last_report < REPORT_INTERVAL:
+        # Each unanswered report blocks this loop for the call's timeout, so
+        # while the broker does not answer, ask less often (up to every 8 s).
+        interval = REPORT_INTERVAL * 2 ** min(self._report_failures, 3)
+        if now - self._last_report < interval:
             return
         self._last_report = now
         from corral.errors import CorralError
@@ -148,8 +152,10 @@ class Supervisor:
         try:
             self._queued = self._broker_client().report_supervisor(self._describe(now))
         except CorralError as exc:
-            log.debug("supervisor.report_failed", error=str(exc))
+            self._report_failures += 1
+            log.debug("supervisor.report_failed", error=str(exc), failures=self._report_failures)
             return
+        self._report_failures = 0
         self._broker_answered = now
 
     def _describe(self, now: float) -> Any:
