@@ -357,8 +357,8 @@ class Broker(ClientRequests):
         for outcome in msg.done:
             self._finish(conn, outcome, now)
         for note in msg.progress:
-            job = self.state.jobs.get(note.job_id)
-            if job is not None and job.status == "running" and job.lease == note.lease:
+            job = self.state.holding(note.job_id, note.lease)
+            if job is not None:
                 self._record(ProgressNoted(job.id, note.fraction, note.note[:500], now))
 
     def _finish(self, conn: WorkerConn | None, outcome: p.Outcome, now: float) -> None:
@@ -367,8 +367,8 @@ class Broker(ClientRequests):
             if c is not None and c.leases.get(outcome.job_id) == outcome.lease:
                 c.release(outcome.job_id)
                 self._dirty = True
-        job = self.state.jobs.get(outcome.job_id)
-        if job is None or job.status != "running" or job.lease != outcome.lease:
+        job = self.state.holding(outcome.job_id, outcome.lease)
+        if job is None:
             self.stats["late_results"] += 1
             log.debug("broker.late_result", job_id=outcome.job_id, lease=outcome.lease)
             return
@@ -406,8 +406,8 @@ class Broker(ClientRequests):
         for lease in msg.leases:
             if conn is not None and conn.release(lease.job_id) is None:
                 continue
-            job = self.state.jobs.get(lease.job_id)
-            if job is not None and job.status == "running" and job.lease == lease.lease:
+            job = self.state.holding(lease.job_id, lease.lease)
+            if job is not None:
                 self._holders.pop(job.id, None)
                 self._record(Returned(job.id, lease.lease))
                 self._dirty = True
@@ -421,8 +421,8 @@ class Broker(ClientRequests):
         counted = set() if reason == "left" else conn.counted_on_loss()
         requeued = 0
         for job_id, lease in list(conn.leases.items()):
-            job = self.state.jobs.get(job_id)
-            if job is None or job.status != "running" or job.lease != lease:
+            job = self.state.holding(job_id, lease)
+            if job is None:
                 continue
             self._holders.pop(job_id, None)
             if job_id in counted:
@@ -494,8 +494,8 @@ class Broker(ClientRequests):
     def _expire_deadlines(self, now: float, mono: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= mono:
             _, job_id, lease = heapq.heappop(self._deadlines)
-            job = self.state.jobs.get(job_id)
-            if job is None or job.status != "running" or job.lease != lease:
+            job = self.state.holding(job_id, lease)
+            if job is None:
                 continue
             timeout = self.state.timeout(job)
             error = ErrorRec("TimeoutError", f"the job ran past its timeout of {timeout}s")

@@ -235,8 +235,8 @@ class JobState:
         job.tries.append(TryRec(rec.attempt, rec.worker, rec.host, rec.pid, started_at=rec.at))
 
     def _apply_finished(self, rec: Finished) -> None:
-        job = self.jobs.get(rec.id)
-        if job is None or job.status != "running" or job.lease != rec.lease:
+        job = self.holding(rec.id, rec.lease)
+        if job is None:
             return
         if job.tries:
             last = job.tries[-1]
@@ -259,8 +259,8 @@ class JobState:
         self._place(job)
 
     def _apply_returned(self, rec: Returned) -> None:
-        job = self.jobs.get(rec.id)
-        if job is None or job.status != "running" or job.lease != rec.lease:
+        job = self.holding(rec.id, rec.lease)
+        if job is None:
             return
         self._unlease(job)
 
@@ -448,6 +448,14 @@ class JobState:
         return False
 
     # ------------------------------------------------------------ decisions
+
+    def holding(self, job_id: str, lease: int) -> Job | None:
+        """The job if it is running under ``lease``: the fence every report
+        from a worker goes through (a stale lease gets None)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.status != "running" or job.lease != lease:
+            return None
+        return job
 
     def take_seq(self) -> int:
         """The next creation number."""
