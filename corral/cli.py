@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from corral.broker.state import STATUSES
 from corral.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -99,8 +100,6 @@ def human_job(info: Any) -> str:
 
 
 def human_status(status: Any) -> str:
-    from corral.broker.state import STATUSES
-
     lines = ["queue".ljust(20) + "".join(s.rjust(11) for s in STATUSES)]
     for queue, counts in status.queues.items():
         lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
@@ -536,23 +535,23 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = subs.add_parser("jobs", help="list jobs in creation order")
     _common(jobs)
     jobs.add_argument("--queue")
-    jobs.add_argument(
-        "--status",
-        choices=["queued", "scheduled", "running", "retrying", "succeeded", "failed", "cancelled"],
-    )
+    jobs.add_argument("--status", choices=STATUSES)
     jobs.add_argument("--task")
     jobs.add_argument("--limit", type=int, default=100)
     jobs.add_argument("--cursor", help="from a previous page's output")
     jobs.set_defaults(fn=cmd_jobs)
-    for name, fn, text in (
-        ("chain", cmd_flow, "a chain's info: its steps and where it stopped"),
-        ("group", cmd_flow, "a group's info: its jobs and their statuses"),
-        ("cancel", cmd_cancel, "cancel a job, chain or group"),
-        ("delete", cmd_delete, "remove a finished job and its result"),
+    for name, fn, arg, text in (
+        ("chain", cmd_flow, "id", "a chain's info: its steps and where it stopped"),
+        ("group", cmd_flow, "id", "a group's info: its jobs and their statuses"),
+        ("cancel", cmd_cancel, "id", "cancel a job, chain or group"),
+        ("delete", cmd_delete, "id", "remove a finished job and its result"),
+        ("purge", cmd_purge, "queue", "remove a queue's queued jobs"),
+        ("pause", cmd_pause, "queue", "stop handing out a queue's jobs"),
+        ("resume", cmd_pause, "queue", "hand out a paused queue's jobs again"),
     ):
         sub = subs.add_parser(name, help=text)
         _common(sub)
-        sub.add_argument("id")
+        sub.add_argument(arg)
         sub.set_defaults(fn=fn)
     retry = subs.add_parser("retry", help="put a failed job (or all, with --failed) back")
     _common(retry)
@@ -560,15 +559,6 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--failed", action="store_true", help="every failed job")
     retry.add_argument("--queue", help="with --failed: only this queue's")
     retry.set_defaults(fn=cmd_retry)
-    for name, fn, text in (
-        ("purge", cmd_purge, "remove a queue's queued jobs"),
-        ("pause", cmd_pause, "stop handing out a queue's jobs"),
-        ("resume", cmd_pause, "hand out a paused queue's jobs again"),
-    ):
-        sub = subs.add_parser(name, help=text)
-        _common(sub)
-        sub.add_argument("queue")
-        sub.set_defaults(fn=fn)
     logp = subs.add_parser("log", help="offline log tools")
     logp.add_argument("action", choices=["verify", "repair", "compact"])
     _common(logp, broker=False)
