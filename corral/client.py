@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from corral.broker import protocol as p
+from corral.broker.state import TERMINAL
 from corral.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -172,6 +173,17 @@ class _Core:
             raise BrokerError(reply.code, reply.message)
         return reply
 
+    def _result_msg(self, job_id: str, deadline: float | None) -> p.GetResult:
+        """One long poll, at most MAX_WAIT_SLICE, never past ``deadline``."""
+        left = MAX_WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
+        return p.GetResult(next(self._req), job_id, min(left, MAX_WAIT_SLICE))
+
+    @staticmethod
+    def _settled(reply: p.ResultReply, deadline: float | None) -> bool:
+        """The job ended, or the caller's wait is over."""
+        ended = reply.status in TERMINAL
+        return ended or (deadline is not None and time.monotonic() >= deadline)
+
     def _outcome(self, reply: p.ResultReply) -> Any:
         if reply.status == "succeeded":
             return msgspec.msgpack.decode(reply.result)
@@ -279,12 +291,9 @@ class Client(_Core):
         JobCancelled, or ResultTimeout when ``timeout`` passes first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            left = MAX_WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
-            wait = min(left, MAX_WAIT_SLICE)
-            reply = self._call(p.GetResult(next(self._req), job_id, wait), wait)
-            if reply.status in ("succeeded", "failed", "cancelled"):
-                return self._outcome(reply)
-            if deadline is not None and time.monotonic() >= deadline:
+            msg = self._result_msg(job_id, deadline)
+            reply = self._call(msg, msg.wait)
+            if self._settled(reply, deadline):
                 return self._outcome(reply)
 
     def status(self) -> p.StatusInfo:
@@ -459,12 +468,9 @@ class AsyncClient(_Core):
     async def result(self, job_id: str, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            left = MAX_WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
-            wait = min(left, MAX_WAIT_SLICE)
-            reply = await self._call(p.GetResult(next(self._req), job_id, wait), wait)
-            if reply.status in ("succeeded", "failed", "cancelled"):
-                return self._outcome(reply)
-            if deadline is not None and time.monotonic() >= deadline:
+            msg = self._result_msg(job_id, deadline)
+            reply = await self._call(msg, msg.wait)
+            if self._settled(reply, deadline):
                 return self._outcome(reply)
 
     async def status(self) -> p.StatusInfo:
