@@ -16,44 +16,29 @@ from collections.abc import Callable
 
 import msgspec
 
-from corral.broker.records import NIL, FlowCreated, JobCreated, StepRec
-from corral.broker.state import TERMINAL, Job, JobState, step_of
+from corral.broker.jobspec import NIL, JobSpec
+from corral.broker.records import FlowCreated, JobCreated
+from corral.broker.state import TERMINAL, Job, JobState
 
-__all__ = ["create", "followups", "pending", "results_of", "status_of", "step_of"]
+__all__ = ["create", "followups", "pending", "results_of", "status_of"]
 
 _encoder = msgspec.msgpack.Encoder()
 
 
 def create(
     state: JobState,
-    step: StepRec,
+    step: JobSpec,
     now: float,
     *,
     flow: str | None = None,
     index: int = 0,
     prev_result: msgspec.Raw = NIL,
-    on_success: StepRec | None = None,
-    on_failure: StepRec | None = None,
 ) -> JobCreated | None:
-    """The record that creates ``step`` now, or None if it exists already."""
-    if step.id in state.jobs:
-        return None
-    return JobCreated(
-        id=step.id,
-        seq=state.take_seq(),
-        task=step.task,
-        queue=step.queue,
-        priority=step.priority,
-        payload=step.payload,
-        created_at=now,
-        max_attempts=step.max_attempts,
-        timeout=step.timeout,
-        result_ttl=step.result_ttl,
-        flow=flow,
-        step=index,
-        prev_result=prev_result,
-        on_success=on_success,
-        on_failure=on_failure,
+    """The record that creates ``step`` now (every option it carries, its
+    delay counted from now), or None if it exists already. The spec was
+    validated when its flow or parent job was enqueued."""
+    return state.decide_create(
+        step, now, validated=True, flow=flow, step=index, prev_result=prev_result
     )
 
 

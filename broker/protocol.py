@@ -13,10 +13,14 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+from corral.broker.jobspec import NIL, JobSpec
 
-#: msgpack encoding of ``None``: the payload of a job enqueued without one.
-NIL = msgspec.Raw(b"\xc0")
+PROTOCOL_VERSION = 2
+
+#: A job's status strings (the public contract), in life-cycle order.
+STATUSES = ("queued", "scheduled", "running", "retrying", "succeeded", "failed", "cancelled")
+#: The statuses a job never leaves (but by a retry by hand).
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class Msg(msgspec.Struct, frozen=True, array_like=True, tag_field="op", tag=str.lower):
@@ -32,26 +36,6 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     type: str
     message: str
     traceback: str = ""
-
-
-class JobSpec(msgspec.Struct, frozen=True, array_like=True):
-    """A job as a client asks for it; ``id`` is chosen by the client so that a
-    resent enqueue is idempotent."""
-
-    id: str
-    task: str
-    payload: msgspec.Raw = NIL
-    queue: str = "default"
-    priority: int = 0
-    delay: float | None = None
-    run_at: float | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    unique_key: str | None = None
-    result_ttl: float | None = None
-    unique_for: float | None = None
-    on_success: JobSpec | None = None
-    on_failure: JobSpec | None = None
 
 
 class TryInfo(msgspec.Struct, frozen=True):

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import msgspec
 
+from corral.broker.jobspec import NIL, JobSpec
+
 #: Bump when a record's meaning changes in a way old code cannot read.
-LOG_FORMAT_VERSION = 1
-
-
-#: msgpack encoding of ``None``: an absent payload or result.
-NIL = msgspec.Raw(b"\xc0")
+LOG_FORMAT_VERSION = 2
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):
@@ -39,42 +37,16 @@ class TryRec(msgspec.Struct, frozen=True, array_like=True):
     error: ErrorRec | None = None
 
 
-class StepRec(msgspec.Struct, frozen=True, array_like=True):
-    """A job to create later: the next step of a chain, a chord's callback,
-    or a job's on_success/on_failure callback. Its id is fixed up front, so
-    creating it twice (after a crash) is harmless."""
+class JobCreated(JobSpec, Record, frozen=True, kw_only=True):
+    """A job was accepted: its spec as the broker resolved it (``queue``
+    set, ``delay`` folded into ``run_at``), its creation number ``seq``
+    (jobs are ordered by it), and where it stands in a chain or group."""
 
-    id: str
-    task: str
-    payload: msgspec.Raw
-    queue: str = "default"
-    priority: int = 0
-    max_attempts: int | None = None
-    timeout: float | None = None
-    result_ttl: float | None = None
-
-
-class JobCreated(Record, frozen=True):
-    """A job was accepted. ``seq`` orders jobs by creation."""
-
-    id: str
     seq: int
-    task: str
-    queue: str
-    priority: int
-    payload: msgspec.Raw
     created_at: float
-    run_at: float | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    unique_key: str | None = None
-    result_ttl: float | None = None
-    unique_for: float | None = None
     flow: str | None = None
     step: int = 0
     prev_result: msgspec.Raw = NIL
-    on_success: StepRec | None = None
-    on_failure: StepRec | None = None
 
 
 class Leased(Record, frozen=True):
@@ -144,9 +116,9 @@ class FlowCreated(Record, frozen=True):
 
     id: str
     kind: str
-    steps: list[StepRec]
+    steps: list[JobSpec]
     created_at: float
-    callback: StepRec | None = None
+    callback: JobSpec | None = None
 
 
 class ScheduleFired(Record, frozen=True):
@@ -165,36 +137,22 @@ class ProgressNoted(Record, frozen=True):
 
 
 class JobSnapshot(Record, frozen=True):
-    """A whole job as compaction rewrites it."""
+    """A whole job as compaction rewrites it: its creation record, then
+    everything that has happened to it since (the fields of the broker's
+    job state of the same names)."""
 
-    id: str
-    seq: int
-    task: str
-    queue: str
-    priority: int
-    payload: msgspec.Raw
-    created_at: float
+    job: JobCreated
     status: str
     attempts: int
     tries: list[TryRec]
     run_at: float | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    unique_key: str | None = None
-    result_ttl: float | None = None
     result: msgspec.Raw = NIL
     error: ErrorRec | None = None
     ended_at: float | None = None
     lease: int = 0
     worker: str = ""
-    unique_for: float | None = None
     progress: float | None = None
     progress_note: str = ""
-    flow: str | None = None
-    step: int = 0
-    prev_result: msgspec.Raw = NIL
-    on_success: StepRec | None = None
-    on_failure: StepRec | None = None
 
 
 #: Record codes as written in each frame. Never reuse a code.

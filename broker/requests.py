@@ -18,7 +18,7 @@ from corral.broker.records import (
     Removed,
     Requeued,
 )
-from corral.broker.state import TERMINAL, InvalidJob, Job, step_of, validate_spec
+from corral.broker.state import TERMINAL, InvalidJob, Job, validate_spec
 
 
 @dataclass(eq=False)
@@ -183,19 +183,10 @@ class ClientRequests:
             return
         ids = [msg.flow_id] + [spec.id for spec in msg.jobs]
         if msg.flow_id not in self.state.flows:
-            steps = [step_of(spec) for spec in msg.jobs]
-            self._record(FlowCreated(msg.flow_id, msg.kind, steps, now, step_of(msg.callback)))
+            self._record(FlowCreated(msg.flow_id, msg.kind, msg.jobs, now, msg.callback))
             first = msg.jobs if msg.kind == "group" else msg.jobs[:1]
             for index, spec in enumerate(first):
-                record = flows.create(
-                    self.state,
-                    steps[index],
-                    now,
-                    flow=msg.flow_id,
-                    index=index,
-                    on_success=step_of(spec.on_success),
-                    on_failure=step_of(spec.on_failure),
-                )
+                record = flows.create(self.state, spec, now, flow=msg.flow_id, index=index)
                 if record is not None:
                     self._record(record)
             self.stats["flows"] += 1

@@ -14,12 +14,13 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import msgspec
 
+from corral.broker.jobspec import NIL, JobSpec
+from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import (
-    NIL,
     Cancelled,
     ErrorRec,
     Finished,
@@ -34,12 +35,22 @@ from corral.broker.records import (
     Requeued,
     Returned,
     ScheduleFired,
-    StepRec,
     TryRec,
 )
 
-STATUSES = ("queued", "scheduled", "running", "retrying", "succeeded", "failed", "cancelled")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+__all__ = [
+    "ACTIVE",
+    "STATUSES",
+    "TERMINAL",
+    "WAITING",
+    "Defaults",
+    "InvalidJob",
+    "Job",
+    "JobState",
+    "TaskDefaults",
+    "validate_spec",
+]
+
 ACTIVE = frozenset({"queued", "scheduled", "running", "retrying"})
 WAITING = frozenset({"scheduled", "retrying"})
 #: Rough per-job overhead in the log, for the compaction trigger.
@@ -72,41 +83,96 @@ class TaskDefaults:
     result_ttl: float | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
-    """One job and everything the broker knows about it."""
+    """One job: its creation record (what was asked, never changed), and
+    what has happened to it since. The second part has the same field names
+    as :class:`~corral.broker.records.JobSnapshot`, which copies it."""
 
-    id: str
-    seq: int
-    task: str
-    queue: str
-    priority: int
-    payload: msgspec.Raw
-    created_at: float
-    run_at: float | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    unique_key: str | None = None
-    result_ttl: float | None = None
+    created: JobCreated
     status: str = "queued"
     attempts: int = 0
     tries: list[TryRec] = field(default_factory=list)
+    #: When a scheduled or retrying job is due (epoch seconds).
+    run_at: float | None = None
     result: msgspec.Raw | None = None
     error: ErrorRec | None = None
     ended_at: float | None = None
     lease: int = 0
     worker: str = ""
-    #: An entry for this job is on its queue's ready heap.
-    in_ready: bool = False
-    unique_for: float | None = None
     progress: float | None = None
     progress_note: str = ""
-    #: The chain or group the job belongs to, and its place there.
-    flow: str | None = None
-    step: int = 0
-    prev_result: msgspec.Raw = field(default_factory=lambda: NIL)
-    on_success: StepRec | None = None
-    on_failure: StepRec | None = None
+    #: An entry for this job is on its queue's ready heap.
+    in_ready: bool = False
+
+    # What was asked, read through the creation record.
+    @property
+    def id(self) -> str:
+        return self.created.id
+
+    @property
+    def seq(self) -> int:
+        return self.created.seq
+
+    @property
+    def task(self) -> str:
+        return self.created.task
+
+    @property
+    def queue(self) -> str:
+        return self.created.queue or DEFAULT_QUEUE
+
+    @property
+    def priority(self) -> int:
+        return self.created.priority
+
+    @property
+    def payload(self) -> msgspec.Raw:
+        return self.created.payload
+
+    @property
+    def created_at(self) -> float:
+        return self.created.created_at
+
+    @property
+    def max_attempts(self) -> int | None:
+        return self.created.max_attempts
+
+    @property
+    def timeout(self) -> float | None:
+        return self.created.timeout
+
+    @property
+    def unique_key(self) -> str | None:
+        return self.created.unique_key
+
+    @property
+    def unique_for(self) -> float | None:
+        return self.created.unique_for
+
+    @property
+    def result_ttl(self) -> float | None:
+        return self.created.result_ttl
+
+    @property
+    def flow(self) -> str | None:
+        return self.created.flow
+
+    @property
+    def step(self) -> int:
+        return self.created.step
+
+    @property
+    def prev_result(self) -> msgspec.Raw:
+        return self.created.prev_result
+
+    @property
+    def on_success(self) -> JobSpec | None:
+        return self.created.on_success
+
+    @property
+    def on_failure(self) -> JobSpec | None:
+        return self.created.on_failure
 
     @property
     def next_run_at(self) -> float | None:
@@ -117,9 +183,9 @@ class Job:
         return JOB_OVERHEAD_BYTES + len(self.payload) + result
 
 
-_SNAPSHOT_FIELDS = tuple(
-    name for name in JobSnapshot.__struct_fields__ if name in {f.name for f in fields(Job)}
-)
+#: The fields of a job's state that a snapshot copies (all but ``job``).
+_SNAPSHOT_STATE = JobSnapshot.__struct_fields__[1:]
+DEFAULT_QUEUE = "default"
 
 
 class JobState:
@@ -183,34 +249,14 @@ class JobState:
     def _apply_created(self, rec: JobCreated) -> None:
         if rec.id in self.jobs:
             return
-        job = Job(
-            id=rec.id,
-            seq=rec.seq,
-            task=rec.task,
-            queue=rec.queue,
-            priority=rec.priority,
-            payload=rec.payload,
-            created_at=rec.created_at,
-            run_at=rec.run_at,
-            max_attempts=rec.max_attempts,
-            timeout=rec.timeout,
-            unique_key=rec.unique_key,
-            result_ttl=rec.result_ttl,
-            status="scheduled" if rec.run_at is not None else "queued",
-            unique_for=rec.unique_for,
-            flow=rec.flow,
-            step=rec.step,
-            prev_result=rec.prev_result,
-            on_success=rec.on_success,
-            on_failure=rec.on_failure,
-        )
-        self._add(job)
+        status = "scheduled" if rec.run_at is not None else "queued"
+        self._add(Job(rec, status=status, run_at=rec.run_at))
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
-        """A whole job from compaction: every field the record and Job share."""
-        fields = {name: getattr(rec, name) for name in _SNAPSHOT_FIELDS}
-        fields["tries"] = list(rec.tries)
-        self._add(Job(**fields))
+        """A whole job from compaction: its creation record and its state."""
+        state = {name: getattr(rec, name) for name in _SNAPSHOT_STATE}
+        state["tries"] = list(rec.tries)
+        self._add(Job(rec.job, **state))
 
     def _add(self, job: Job) -> None:
         self.jobs[job.id] = job
@@ -476,12 +522,23 @@ class JobState:
         return None
 
     def decide_create(
-        self, spec: msgspec.Struct, now: float, *, validated: bool = False
+        self,
+        spec: JobSpec,
+        now: float,
+        *,
+        validated: bool = False,
+        flow: str | None = None,
+        step: int = 0,
+        prev_result: msgspec.Raw = NIL,
     ) -> JobCreated | None:
-        """The record for a new job, or None when a job with that id exists
-        (a resent enqueue). Raises InvalidJob for a spec it refuses (unless
-        the caller ``validated`` it already). The caller checks
-        :meth:`holder_of` for unique keys first."""
+        """The record that creates ``spec`` now, or None when a job with that
+        id exists (a resent enqueue, or a follow-up created before). The
+        record keeps every option of the spec, with the queue resolved and
+        ``delay`` folded into ``run_at`` (epoch seconds; None: due now).
+        ``flow``/``step`` place it in a chain or group, and ``prev_result``
+        is what its handler gets as ``ctx.prev_result``. Raises InvalidJob
+        for a spec it refuses (unless the caller ``validated`` it already).
+        The caller checks :meth:`holder_of` for unique keys first."""
         if spec.id in self.jobs:
             return None
         if not validated:
@@ -491,23 +548,20 @@ class JobState:
             run_at = now + spec.delay
         if run_at is not None and run_at <= now:
             run_at = None
-        seq = self.take_seq()
-        return JobCreated(
-            id=spec.id,
-            seq=seq,
-            task=spec.task,
-            queue=spec.queue,
-            priority=spec.priority,
-            payload=msgspec.Raw(bytes(spec.payload)),
-            created_at=now,
+        fields = msgspec.structs.asdict(spec)
+        fields.update(
+            queue=spec.queue or DEFAULT_QUEUE,
+            delay=None,
             run_at=run_at,
-            max_attempts=spec.max_attempts,
-            timeout=spec.timeout,
-            unique_key=spec.unique_key,
-            result_ttl=spec.result_ttl,
-            unique_for=spec.unique_for,
-            on_success=step_of(getattr(spec, "on_success", None)),
-            on_failure=step_of(getattr(spec, "on_failure", None)),
+            payload=msgspec.Raw(bytes(spec.payload)),  # not a view of the request's frame
+        )
+        return JobCreated(
+            **fields,
+            seq=self.take_seq(),
+            created_at=now,
+            flow=flow,
+            step=step,
+            prev_result=prev_result,
         )
 
     def decide_finish(
@@ -592,36 +646,11 @@ class JobState:
         for job in sorted(self.jobs.values(), key=lambda j: j.seq):
             # A running job keeps its lease, so that a Finished record logged
             # after the snapshot still applies on replay.
-            yield JobSnapshot(
-                id=job.id,
-                seq=job.seq,
-                task=job.task,
-                queue=job.queue,
-                priority=job.priority,
-                payload=job.payload,
-                created_at=job.created_at,
-                status=job.status,
-                attempts=job.attempts,
-                tries=list(job.tries),
-                run_at=job.run_at,
-                max_attempts=job.max_attempts,
-                timeout=job.timeout,
-                unique_key=job.unique_key,
-                result_ttl=job.result_ttl,
-                result=job.result if job.result is not None else NIL,
-                error=job.error,
-                ended_at=job.ended_at,
-                lease=job.lease,
-                worker=job.worker,
-                unique_for=job.unique_for,
-                progress=job.progress,
-                progress_note=job.progress_note,
-                flow=job.flow,
-                step=job.step,
-                prev_result=job.prev_result,
-                on_success=job.on_success,
-                on_failure=job.on_failure,
-            )
+            state = {name: getattr(job, name) for name in _SNAPSHOT_STATE}
+            state["tries"] = list(job.tries)
+            if job.result is None:
+                state["result"] = NIL
+            yield JobSnapshot(job.created, **state)
 
     def list_jobs(
         self,
@@ -677,26 +706,12 @@ class JobState:
 _NO_TASK_DEFAULTS = TaskDefaults()
 
 
-def step_of(spec: msgspec.Struct | None) -> StepRec | None:
-    """A wire JobSpec as a job to create later (callbacks, chain steps)."""
-    if spec is None:
-        return None
-    return StepRec(
-        spec.id,
-        spec.task,
-        msgspec.Raw(bytes(spec.payload)),
-        spec.queue,
-        spec.priority,
-        spec.max_attempts,
-        spec.timeout,
-        spec.result_ttl,
-    )
-
-
-def validate_spec(spec: msgspec.Struct) -> None:
+def validate_spec(spec: JobSpec) -> None:
+    """Refuse a spec the broker cannot take; the error names the field.
+    Raises InvalidJob."""
     if not spec.task or len(spec.task) > 200:
         raise InvalidJob("task: must be a non-empty name of at most 200 characters")
-    if not spec.queue or len(spec.queue) > 200:
+    if spec.queue is not None and (not spec.queue or len(spec.queue) > 200):
         raise InvalidJob("queue: must be a non-empty name of at most 200 characters")
     if not spec.id or len(spec.id) > 64:
         raise InvalidJob("id: must be a non-empty string of at most 64 characters")
@@ -706,7 +721,7 @@ def validate_spec(spec: msgspec.Struct) -> None:
             raise InvalidJob(f"{name}: must be a finite number, got {value}")
     if spec.unique_for is not None and spec.unique_for < 0:
         raise InvalidJob(f"unique_for: must not be negative, got {spec.unique_for}")
-    for callback in (getattr(spec, "on_success", None), getattr(spec, "on_failure", None)):
+    for callback in (spec.on_success, spec.on_failure):
         if callback is not None:
             validate_spec(callback)
     if spec.max_attempts is not None and spec.max_attempts < 1:

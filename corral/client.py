@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -21,7 +20,8 @@ import zmq
 import zmq.asyncio
 
 from corral.broker import protocol as p
-from corral.broker.state import TERMINAL
+from corral.broker.jobspec import JobOptions, options_of
+from corral.broker.protocol import TERMINAL
 from corral.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -41,25 +41,28 @@ MAX_WAIT_SLICE = 30.0
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 
-@dataclass
-class Job:
-    """A job spec for ``enqueue_many``, chains and groups: ``Job(task, payload, **options)``."""
+class _JobExtras(JobOptions, kw_only=True):
+    """The keyword-only fields of :class:`Job` beside the options."""
 
-    task: str
-    payload: Any = None
-    queue: str | None = None
-    priority: int = 0
-    delay: float | None = None
-    run_at: float | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    unique_key: str | None = None
-    result_ttl: float | None = None
-    unique_for: float | None = None
+    #: A job id of your choosing (at most 64 characters); an enqueue with an
+    #: id the broker has is a no-op that returns it. None: a new id.
+    id: str | None = None
     #: Jobs created when this one succeeds (its result as their
     #: ``ctx.prev_result``) or fails (a dict with the error as prev_result).
     on_success: Job | None = None
     on_failure: Job | None = None
+
+
+class Job(_JobExtras):
+    """A job spec for ``enqueue_many``, chains and groups:
+    ``Job(task, payload=None, **options)``. The options are those of
+    :class:`corral.broker.jobspec.JobOptions` (``queue``, ``priority``,
+    ``delay``, ``run_at``, ``max_attempts``, ``timeout``, ``unique_key``,
+    ``result_ttl``, ``unique_for``), plus ``id``, ``on_success`` and
+    ``on_failure``."""
+
+    task: str
+    payload: Any = None
 
 
 class JobPage(list[p.JobInfo]):
@@ -99,24 +102,16 @@ class _Core:
 
     # --- requests
 
-    def _spec(self, job: Job | None) -> p.JobSpec | None:
-        if job is None:
-            return None
+    def _spec(self, job: Job) -> p.JobSpec:
+        """The wire spec of ``job``: every option as given, the payload
+        encoded, a new id unless the job has one."""
         return p.JobSpec(
-            id=new_job_id(),
-            task=job.task,
-            payload=_encode_payload(job.payload),
-            queue=job.queue or "default",
-            priority=job.priority,
-            delay=job.delay,
-            run_at=job.run_at,
-            max_attempts=job.max_attempts,
-            timeout=job.timeout,
-            unique_key=job.unique_key,
-            result_ttl=job.result_ttl,
-            unique_for=job.unique_for,
-            on_success=self._spec(job.on_success),
-            on_failure=self._spec(job.on_failure),
+            job.id or new_job_id(),
+            job.task,
+            _encode_payload(job.payload),
+            on_success=self._spec(job.on_success) if job.on_success is not None else None,
+            on_failure=self._spec(job.on_failure) if job.on_failure is not None else None,
+            **options_of(job),  # type: ignore[arg-type]
         )
 
     # --- management requests: built once, sent by either client
@@ -144,13 +139,14 @@ class _Core:
         return page
 
     def _enqueue_msg(self, jobs: list[Job]) -> p.Enqueue:
-        return p.Enqueue(next(self._req), [self._spec(job) for job in jobs])  # type: ignore[misc]
+        return p.Enqueue(next(self._req), [self._spec(job) for job in jobs])
 
     def _flow_msg(self, kind: str, jobs: list[Job], callback: Job | None) -> p.EnqueueFlow:
         if not jobs:
             raise ValueError(f"a {kind} needs at least one job")
         specs = [self._spec(job) for job in jobs]
-        return p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, self._spec(callback))  # type: ignore[arg-type]
+        spec = self._spec(callback) if callback is not None else None
+        return p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec)
 
     def _encode(self, msg: p.Msg) -> bytes:
         """Encode a request, refusing one the broker would drop unanswered."""

@@ -12,7 +12,7 @@ import corral
 from corral.broker import flows
 from corral.broker.protocol import JobSpec, encode_value
 from corral.broker.records import FlowCreated, Leased
-from corral.broker.state import JobState, step_of
+from corral.broker.state import JobState
 
 J = corral.Job
 
@@ -126,7 +126,7 @@ def test_followup_owed_after_a_crash_is_created_on_replay() -> None:
     creation: replay creates it, once."""
     state = JobState()
     specs = [JobSpec(f"s{i}", "t", encode_value(i)) for i in range(2)]
-    steps = [step_of(s) for s in specs]
+    steps = specs
     log = [FlowCreated("f", "chain", steps, 0.0)]
     log.append(flows.create(state, steps[0], 0.0, flow="f"))  # type: ignore[arg-type]
     for record in log:

@@ -30,6 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from corral.broker.jobspec import JobSpec
 from corral.broker.log import (
     HEADER_SIZE,
     MAGIC,
@@ -58,7 +59,6 @@ from corral.broker.records import (
     Requeued,
     Returned,
     ScheduleFired,
-    StepRec,
     TryRec,
     encode_record,
 )
@@ -72,7 +72,21 @@ def raw(obj: object) -> msgspec.Raw:
 
 
 def created(i: int, pad: int = 0) -> JobCreated:
-    return JobCreated(f"job-{i}", i, "t.task", "default", 0, raw({"i": i, "p": "x" * pad}), 1.5)
+    return job_rec(f"job-{i}", i, "t.task", "default", 0, raw({"i": i, "p": "x" * pad}), 1.5)
+
+
+def job_rec(
+    job_id: str, seq: int, task: str, queue: str, priority: int, payload: msgspec.Raw, at: float
+) -> JobCreated:
+    return JobCreated(
+        id=job_id,
+        task=task,
+        payload=payload,
+        queue=queue,
+        priority=priority,
+        seq=seq,
+        created_at=at,
+    )
 
 
 def enc(records: list[Record]) -> list[tuple[int, bytes]]:
@@ -126,11 +140,32 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
     err = ErrorRec("ValueError", "bad", "Traceback ...")
     tri = TryRec(1, "w1", "host", 42, 10.0, 11.0, err)
     return [
-        JobCreated("a", 1, "t", "q", 5, raw({"a": 1}), 1.0, 2.0, 3, 4.5, "u", 60.0),
+        JobCreated(
+            id="a",
+            task="t",
+            payload=raw({"a": 1}),
+            queue="q",
+            priority=5,
+            run_at=2.0,
+            max_attempts=3,
+            timeout=4.5,
+            unique_key="u",
+            result_ttl=60.0,
+            unique_for=5.0,
+            on_success=JobSpec("ok", "t", raw(1), delay=3.0),
+            on_failure=JobSpec("ko", "t"),
+            seq=1,
+            created_at=1.0,
+            flow="f",
+            step=2,
+            prev_result=raw([1]),
+        ),
         Leased("a", 7, 1, "w1", "host", 42, 10.0),
         Finished("a", 7, 11.0, "failed", result, err, 12.0, 10.0, False),
         Returned("a", 7),
-        JobSnapshot("a", 1, "t", "q", 5, raw({"a": 1}), 1.0, "succeeded", 1, [tri], result=result),
+        JobSnapshot(
+            job_rec("a", 1, "t", "q", 5, raw({"a": 1}), 1.0), "succeeded", 1, [tri], result=result
+        ),
         Removed("a"),
         Cancelled("a", 13.0),
         Requeued("a", 14.0),
@@ -140,9 +175,9 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         FlowCreated(
             "f",
             "chain",
-            [StepRec("s1", "t", raw(1)), StepRec("s2", "t", raw(2), "q", 3)],
+            [JobSpec("s1", "t", raw(1)), JobSpec("s2", "t", raw(2), queue="q", priority=3)],
             16.0,
-            StepRec("cb", "t", result),
+            JobSpec("cb", "t", result),
         ),
     ]
 
@@ -594,7 +629,7 @@ class LogMachine(RuleBasedStateMachine):
         for size in sizes:
             self.next_id += 1
             payload = raw(bytes([self.next_id % 251]) * size)
-            job = JobCreated(f"j{self.next_id}", self.next_id, "t", "q", 0, payload, 0.0)
+            job = job_rec(f"j{self.next_id}", self.next_id, "t", "q", 0, payload, 0.0)
             self._append(job)
             self.model[job.id] = bytes(job.payload)
         if then:
@@ -621,8 +656,7 @@ class LogMachine(RuleBasedStateMachine):
     def compact(self) -> None:
         self.commit(0.0)
         live = [
-            JobCreated(i, int(i[1:]), "t", "q", 0, msgspec.Raw(p), 0.0)
-            for i, p in self.model.items()
+            job_rec(i, int(i[1:]), "t", "q", 0, msgspec.Raw(p), 0.0) for i, p in self.model.items()
         ]
         assert self.log is not None
         self.log.compact(live)

@@ -220,17 +220,10 @@ def running_job(attempts: int, max_attempts: int | None = None, task: str = "t.t
     state = JobState()
     state.apply(
         JobSnapshot(
-            "r1",
-            1,
-            task,
-            "default",
-            0,
-            NIL,
-            NOW,
+            JobCreated(id="r1", task=task, max_attempts=max_attempts, seq=1, created_at=NOW),
             "running",
             attempts,
             [],
-            max_attempts=max_attempts,
             lease=9,
             worker="w1",
         )
@@ -864,8 +857,8 @@ def test_snapshot_round_trip_gives_identical_jobs() -> None:
     b = mixed_broker()
     snap = list(b.state.snapshot())
     assert all(isinstance(r, JobSnapshot) for r in snap)
-    assert [r.seq for r in snap] == sorted(r.seq for r in snap)
-    assert {r.id for r in snap} == set(b.state.jobs)
+    assert [r.job.seq for r in snap] == sorted(r.job.seq for r in snap)
+    assert {r.job.id for r in snap} == set(b.state.jobs)
     # through the log's own encoding, as compaction writes it
     fresh = JobState(b.defaults)
     for r in snap:
@@ -1698,7 +1691,7 @@ class JobStateMachine(RuleBasedStateMachine):
         jobs = [r for r in snap if isinstance(r, JobSnapshot)]
         # paused queues and schedule fires come first, then the jobs by seq
         assert snap[len(snap) - len(jobs) :] == jobs
-        assert [r.seq for r in jobs] == sorted(r.seq for r in jobs)
+        assert [r.job.seq for r in jobs] == sorted(r.job.seq for r in jobs)
         assert {r.queue for r in snap if isinstance(r, QueuePaused)} == self.paused
         assert {r.name: r.due_at for r in snap if isinstance(r, ScheduleFired)} == self.fired
         fresh = new_state()

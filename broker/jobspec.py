@@ -1,0 +1,74 @@
+"""The one declaration of a job's options, and of a job as a client asks for it.
+
+Every layer reuses these structs instead of copying their fields:
+
+- ``corral.Job`` (the client's spec) subclasses :class:`JobOptions`;
+- the wire's ``Enqueue``/``EnqueueFlow`` carry :class:`JobSpec`;
+- the log's ``JobCreated`` subclasses :class:`JobSpec`, and ``JobSnapshot``
+  holds a ``JobCreated``; a chain step, a group member, a chord callback
+  and an ``on_success``/``on_failure`` callback are each a :class:`JobSpec`.
+
+So an option added to :class:`JobOptions` goes through enqueue, flows,
+compaction and replay with no other change; only what it *means* needs
+code. The structs are ``array_like`` msgpack: a new field gets a default
+and goes last (the wire protocol and the log format versions say when an
+old reader cannot follow). Leaf module: msgspec only.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+#: msgpack encoding of ``None``: an absent payload or result.
+NIL = msgspec.Raw(b"\xc0")
+
+
+class JobOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """What a user can set on a job, beside its task and payload.
+
+    Times are seconds (``delay``, ``timeout``, ``result_ttl``,
+    ``unique_for``) or epoch seconds (``run_at``). ``None`` means "not set":
+    the task's registered option applies, else the broker's default.
+    """
+
+    #: The queue to put the job on; None: ``"default"``.
+    queue: str | None = None
+    #: Higher runs first among the queue's ready jobs (a signed 32-bit int).
+    priority: int = 0
+    #: Run no earlier than this many seconds after the enqueue (wins over run_at).
+    delay: float | None = None
+    #: Run no earlier than this epoch time.
+    run_at: float | None = None
+    #: Tries before the job fails (errors and lost workers count; Retry does not).
+    max_attempts: int | None = None
+    #: Seconds one attempt may run before it is ended and retried.
+    timeout: float | None = None
+    #: At most one active job holds a key; an enqueue with a held key returns the holder's id.
+    unique_key: str | None = None
+    #: Seconds a succeeded job's result is kept.
+    result_ttl: float | None = None
+    #: Seconds a key stays held after its job ended.
+    unique_for: float | None = None
+
+
+#: The option names, in declaration order.
+OPTION_NAMES: tuple[str, ...] = JobOptions.__struct_fields__
+
+
+class JobSpec(JobOptions, frozen=True):
+    """A job as a client asks for it. ``id`` is chosen by the client, so a
+    resent enqueue is idempotent; ``payload`` is msgpack the broker never
+    decodes. ``on_success``/``on_failure`` are jobs created when this one
+    succeeds (with its result as their ``prev_result``) or fails (with a
+    map of its error)."""
+
+    id: str
+    task: str
+    payload: msgspec.Raw = NIL
+    on_success: JobSpec | None = None
+    on_failure: JobSpec | None = None
+
+
+def options_of(spec: JobOptions) -> dict[str, object]:
+    """The options of ``spec`` (any :class:`JobOptions`) as keyword arguments."""
+    return {name: getattr(spec, name) for name in OPTION_NAMES}
