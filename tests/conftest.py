@@ -234,3 +234,40 @@ def env() -> Iterator[Env]:
     finally:
         environment.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def wait_until(
+    fetch: Callable[[], Any],
+    check: Callable[[Any], Any],
+    timeout: float = 30.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> Any:
+    """Poll ``fetch()`` until ``check`` holds for its value; return that value,
+    or fail showing the last value fetched."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if check(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {message}; last value: {value!r}"
+            )
+        time.sleep(interval)
+
+
+def json_events(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a process's output, failing on any line that is not one."""
+    import json
+
+    events = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            raise AssertionError(f"line {number} of the output is not a JSON object: {line!r}")
+        events.append(event)
+    return events
