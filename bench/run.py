@@ -131,7 +131,7 @@ def _pct(sorted_values: list[float], q: float) -> float:
 ECHO_BODY = b"x" * 100  # about the size of a one-job Enqueue
 
 
-def start_echo(inst: Instance, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+def start_echo(inst: Instance, ctx: zmq.SyncContext) -> zmq.SyncSocket:
     """Start bench/zmq_echo.py in ``inst`` and return a DEALER that got one echo back."""
     endpoint = f"ipc://{inst.root}/echo.sock"
     log_path = inst.root / "echo.log"
@@ -489,14 +489,14 @@ def targets(results: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             )
     paired = _get(results, "paired", "interval", "ratio")
     if paired is not None:
-        one = _get(results, "paired", "interval", "enqueue_rate") or 0.0
-        raw = _get(results, "paired", "interval", "raw_rate") or 0.0
+        paired_one = _get(results, "paired", "interval", "enqueue_rate") or 0.0
+        paired_raw = _get(results, "paired", "interval", "raw_rate") or 0.0
         add(
             "one-at-a-time enqueue, fsync=interval (paired blocks)",
             ">= 0.8 x raw pyzmq round trip",
             paired,
             paired >= 0.8,
-            f"{one:,.0f}/s vs raw {raw:,.0f}/s = {paired:.2f}x",
+            f"{paired_one:,.0f}/s vs raw {paired_raw:,.0f}/s = {paired:.2f}x",
         )
     one = _get(results, "enqueue_one", "interval", "rate")
     raw = _get(results, "raw", "-", "rate")

@@ -152,7 +152,8 @@ def _split_path(text: str) -> list[str | int]:
 
 def _resolve(schema: mi.Type, raw: Any, parts: list[str | int]) -> tuple[KeyPath, mi.Type, Any]:
     """Follow ``parts`` through the schema and the raw data at once, naming hidden dict keys."""
-    kind, value, path = schema, raw, ()
+    kind, value = schema, raw
+    path: KeyPath = ()
     for part in parts:
         kind = _strip(kind)
         if isinstance(kind, mi.StructType):
@@ -163,9 +164,10 @@ def _resolve(schema: mi.Type, raw: Any, parts: list[str | int]) -> tuple[KeyPath
         elif isinstance(kind, mi.DictType):
             kind = kind.value_type
             if part == "...":  # msgspec does not say which key; find the value that fails
-                part = _bad_key(kind, value)
-                if part is None:
+                bad = _bad_key(kind, value)
+                if bad is None:
                     return path, kind, value
+                part = bad
         try:
             value = value[part]
         except (KeyError, IndexError, TypeError):
@@ -234,6 +236,21 @@ def _expected(kind: mi.Type, value: Any, *, bounds: bool, key: KeyPath = ()) -> 
 def _describe(kind: mi.Type, *, bounds: bool = True, key: KeyPath = ()) -> str:
     """Say in words what values ``kind`` accepts, the way a TOML author would write them."""
     match kind:
+        case mi.Metadata():
+            return _describe_metadata(kind, bounds=bounds, key=key)
+        case mi.UnionType(types=members):
+            shown = [m for m in members if not isinstance(m, mi.NoneType)]
+            return " or ".join(_describe(m, bounds=bounds, key=key) for m in shown)
+        case mi.ListType():
+            return _describe_list(kind, key=key)
+        case mi.StructType() | mi.DictType():
+            return "a table"
+    return _describe_scalar(kind, bounds=bounds)
+
+
+def _describe_metadata(kind: mi.Metadata, *, bounds: bool, key: KeyPath) -> str:
+    """A duration or size field, a field with its own description, or the type underneath."""
+    match kind:
         case mi.Metadata(extra={"unit": unit}, type=inner):
             sample = 'a duration like "1s"' if unit == DURATION else 'a size like "512MiB"'
             if bounds and getattr(inner, "gt", None) == 0:
@@ -241,11 +258,21 @@ def _describe(kind: mi.Type, *, bounds: bool = True, key: KeyPath = ()) -> str:
             return sample
         case mi.Metadata(extra_json_schema={"description": str(description)}):
             return description
-        case mi.Metadata(type=inner):
-            return _describe(inner, bounds=bounds, key=key)
-        case mi.UnionType(types=members):
-            shown = [m for m in members if not isinstance(m, mi.NoneType)]
-            return " or ".join(_describe(m, bounds=bounds, key=key) for m in shown)
+    return _describe(kind.type, bounds=bounds, key=key)
+
+
+def _describe_list(kind: mi.ListType, *, key: KeyPath) -> str:
+    """An array of tables (named by its section), of strings, or of anything."""
+    if isinstance(kind.item_type, mi.StructType):
+        section = f"[[{key[0]}]]" if key and isinstance(key[0], str) else "[[...]]"
+        return f"an array of tables (write one {section} section per entry)"
+    noun = "an array of strings" if isinstance(_strip(kind.item_type), mi.StrType) else "an array"
+    return f"a non-empty {noun[3:]}" if kind.min_length else noun
+
+
+def _describe_scalar(kind: mi.Type, *, bounds: bool) -> str:
+    """A literal choice, a number with its bounds, a string or a boolean."""
+    match kind:
         case mi.LiteralType(values=values):
             return "one of " + ", ".join(_show(v) for v in values)
         case mi.IntType() | mi.FloatType():
@@ -257,14 +284,6 @@ def _describe(kind: mi.Type, *, bounds: bool = True, key: KeyPath = ()) -> str:
             return "a string"
         case mi.BoolType():
             return "true or false"
-        case mi.ListType(item_type=mi.StructType()):
-            section = f"[[{key[0]}]]" if key and isinstance(key[0], str) else "[[...]]"
-            return f"an array of tables (write one {section} section per entry)"
-        case mi.ListType(item_type=item, min_length=min_length):
-            noun = "an array of strings" if isinstance(_strip(item), mi.StrType) else "an array"
-            return f"a non-empty {noun[3:]}" if min_length else noun
-        case mi.StructType() | mi.DictType():
-            return "a table"
     return "a different value"
 
 

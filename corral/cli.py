@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -25,6 +25,11 @@ from corral.errors import (
     JobNotFound,
     ResultTimeout,
 )
+
+if TYPE_CHECKING:
+    from corral.broker.log import VerifyReport
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
@@ -394,17 +399,17 @@ def cmd_log(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir or load_config(args.config).broker.state_dir)
     directory = state_dir / "log"
     if args.action == "verify":
-        report = corral_log.verify(directory)
-        emit(args, report, lambda r: _describe_verify(directory, r))
-        return EXIT_OK if report.ok else EXIT_JOB
+        verified = corral_log.verify(directory)
+        emit(args, verified, lambda r: _describe_verify(directory, r))
+        return EXIT_OK if verified.ok else EXIT_JOB
     if args.action == "repair":
-        report = corral_log.repair(directory)
-        emit(args, report, lambda r: f"{directory}: {_plain(r)}")
+        repaired = corral_log.repair(directory)
+        emit(args, repaired, lambda r: f"{directory}: {_plain(r)}")
         return EXIT_OK
     return _compact_offline(args, state_dir)
 
 
-def _describe_verify(directory: Path, report: Any) -> str:
+def _describe_verify(directory: Path, report: VerifyReport) -> str:
     text = f"{directory}: {report.segments} segments, {report.records} records"
     if report.corrupt:
         seg, offset, reason = report.corrupt
@@ -464,6 +469,20 @@ def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral", description="a durable job queue")
     subs = parser.add_subparsers(dest="command", required=True)
+    _add_processes(subs)
+    _add_enqueue(subs)
+    _add_flows(subs)
+    _add_lookups(subs)
+    _add_keys(subs)
+    _add_jobs(subs)
+    _add_single_argument(subs)
+    _add_retry(subs)
+    _add_log(subs)
+    return parser
+
+
+def _add_processes(subs: Subparsers) -> None:
+    """The daemons, check-config and status; then one worker in the foreground."""
     for name, fn, text in (
         ("run", cmd_run, "broker + supervisor + worker pools in one daemon"),
         ("broker", cmd_broker, "the broker alone"),
@@ -480,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--plugin", action="append", help="module with tasks (repeatable)")
     worker.add_argument("--concurrency", type=int)
     worker.set_defaults(fn=cmd_worker)
+
+
+def _add_enqueue(subs: Subparsers) -> None:
     enqueue = subs.add_parser("enqueue", help="enqueue a job; prints its id")
     _common(enqueue)
     enqueue.add_argument("task")
@@ -496,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
     enqueue.add_argument("--wait-timeout", type=float, help="give up waiting after this")
     enqueue.set_defaults(fn=cmd_enqueue)
+
+
+def _add_flows(subs: Subparsers) -> None:
     for name, text in (
         ("enqueue-chain", "run jobs one after another; prints the chain id"),
         ("enqueue-group", "run jobs in parallel; prints the group id"),
@@ -517,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
         flow.add_argument("--wait", action="store_true", help="wait and print the result")
         flow.add_argument("--wait-timeout", type=float)
         flow.set_defaults(fn=cmd_enqueue_flow)
+
+
+def _add_lookups(subs: Subparsers) -> None:
+    """``job`` and ``result``: one job by id."""
     job = subs.add_parser("job", help="one job's info")
     _common(job)
     job.add_argument("id")
@@ -527,11 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--wait", action="store_true")
     result.add_argument("--wait-timeout", type=float)
     result.set_defaults(fn=cmd_result)
+
+
+def _add_keys(subs: Subparsers) -> None:
     keys = subs.add_parser("keys", help="create a CURVE key pair for tcp endpoints")
     keys.add_argument("name", help="file name stem, e.g. server or worker1")
     keys.add_argument("--directory", default=".", help="where to write NAME.key(_secret)")
     keys.add_argument("--json", action="store_true")
     keys.set_defaults(fn=cmd_keys)
+
+
+def _add_jobs(subs: Subparsers) -> None:
     jobs = subs.add_parser("jobs", help="list jobs in creation order")
     _common(jobs)
     jobs.add_argument("--queue")
@@ -540,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=100)
     jobs.add_argument("--cursor", help="from a previous page's output")
     jobs.set_defaults(fn=cmd_jobs)
+
+
+def _add_single_argument(subs: Subparsers) -> None:
+    """The subcommands that take one id or one queue name."""
     for name, fn, arg, text in (
         ("chain", cmd_flow, "id", "a chain's info: its steps and where it stopped"),
         ("group", cmd_flow, "id", "a group's info: its jobs and their statuses"),
@@ -553,18 +592,23 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub)
         sub.add_argument(arg)
         sub.set_defaults(fn=fn)
+
+
+def _add_retry(subs: Subparsers) -> None:
     retry = subs.add_parser("retry", help="put a failed job (or all, with --failed) back")
     _common(retry)
     retry.add_argument("id", nargs="?")
     retry.add_argument("--failed", action="store_true", help="every failed job")
     retry.add_argument("--queue", help="with --failed: only this queue's")
     retry.set_defaults(fn=cmd_retry)
+
+
+def _add_log(subs: Subparsers) -> None:
     logp = subs.add_parser("log", help="offline log tools")
     logp.add_argument("action", choices=["verify", "repair", "compact"])
     _common(logp, broker=False)
     logp.add_argument("--state-dir", help="the broker's state_dir (default: from the config)")
     logp.set_defaults(fn=cmd_log)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

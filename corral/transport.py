@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
 from corral.errors import ConfigError
+
+# A sync context makes zmq.Socket, a zmq.asyncio one zmq.asyncio.Socket.
+SocketT = TypeVar("SocketT", bound=zmq.Socket[Any])
 
 #: ZAP domain of every corral CURVE server.
 ZAP_DOMAIN = "corral"
@@ -94,8 +97,8 @@ class Authenticator:
 
 
 def bind_router(
-    context: zmq.Context[Any], endpoint: str, config: Any, max_message_size: int
-) -> zmq.Socket[Any]:
+    context: zmq.Context[SocketT], endpoint: str, config: Any, max_message_size: int
+) -> SocketT:
     """A ROUTER for a broker endpoint: mandatory routing (no silent drops),
     a message size cap, no linger, CURVE on tcp."""
     curve = check_tcp_allowed(endpoint, config, server=True)
@@ -123,8 +126,8 @@ def bind_router(
 
 
 def connect_dealer(
-    context: zmq.Context[Any], endpoint: str, config: Any, *, identity: bytes | None = None
-) -> zmq.Socket[Any]:
+    context: zmq.Context[SocketT], endpoint: str, config: Any, *, identity: bytes | None = None
+) -> SocketT:
     """A DEALER to a broker endpoint, with CURVE client keys on tcp."""
     curve = check_tcp_allowed(endpoint, config, server=False)
     sock = context.socket(zmq.DEALER)

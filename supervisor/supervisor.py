@@ -488,11 +488,12 @@ class Supervisor:
         self._start_worker(pool, index)
         if drain:
             child.signal(signal.SIGTERM)
+        successor = pool.slots[index]
         log.info(
             "supervisor.recycle",
             pool=pool.config.name,
             old_pid=child.pid,
-            new_pid=pool.slots[index].pid if pool.slots[index] else None,
+            new_pid=successor.pid if successor else None,
             reason=reason,
         )
 

@@ -17,6 +17,7 @@ import msgspec
 import structlog
 
 from corral.broker import protocol as p
+from corral.broker.jobspec import NIL
 from corral.context import JobContext
 from corral.errors import Fail, Retry
 from corral.workers.registry import PayloadInvalid, Registry, TaskDef
@@ -124,7 +125,7 @@ class Execution:
         self,
         kind: str,
         *,
-        result: msgspec.Raw = p.NIL,
+        result: msgspec.Raw = NIL,
         error: p.ErrorInfo | None = None,
         delay: float | None = None,
     ) -> p.Outcome:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import msgspec
 
@@ -25,6 +25,8 @@ from corral.errors import CorralError
 
 ATTRIBUTE = "__corral_task__"
 ENTRY_POINT_GROUP = "corral.tasks"
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 class PluginError(CorralError):
@@ -85,8 +87,14 @@ def _describe_validation(exc: msgspec.ValidationError) -> str:
     return f"{path}: {message[:1].lower()}{message[1:]}"
 
 
+@overload
+def task(fn: Handler, /) -> Handler: ...
+
+
+@overload
 def task(
-    fn: Callable[..., Any] | None = None,
+    fn: None = None,
+    /,
     *,
     name: str | None = None,
     queue: str = "default",
@@ -96,10 +104,26 @@ def task(
     retry_backoff: float | None = None,
     retry_backoff_max: float | None = None,
     result_ttl: float | None = None,
-) -> Any:
+) -> Callable[[Handler], Handler]: ...
+
+
+# The keywords are the task options users write in @corral.task(...): one
+# argument per option is the public interface, so PLR0913 does not apply.
+def task(  # noqa: PLR0913
+    fn: Handler | None = None,
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    soft_timeout: float | None = None,
+    retry_backoff: float | None = None,
+    retry_backoff_max: float | None = None,
+    result_ttl: float | None = None,
+) -> Handler | Callable[[Handler], Handler]:
     """Mark a function as a corral task. Usable bare (``@task``) or with options."""
 
-    def mark(func: Callable[..., Any]) -> Callable[..., Any]:
+    def mark(func: Handler) -> Handler:
         definition = _define(
             func,
             name=name or f"{func.__module__}.{func.__qualname__}",

@@ -31,6 +31,7 @@ import structlog
 import zmq
 
 from corral.broker import protocol as p
+from corral.broker.jobspec import NIL
 from corral.context import JobContext
 from corral.errors import SoftTimeout
 from corral.transport import connect_dealer
@@ -182,7 +183,7 @@ class Worker:
                 f"({self.options.shutdown_timeout:g}s) before the job finished",
             )
             self._outbox.append(
-                ("done", p.Outcome(job_id, ctx.lease, "error", p.NIL, error, None, None, now))
+                ("done", p.Outcome(job_id, ctx.lease, "error", NIL, error, None, None, now))
             )
 
     def _begin_drain(self) -> None:
@@ -229,7 +230,7 @@ class Worker:
         self._last_heard = time.monotonic()
         # The DEALER sends only once connected (IMMEDIATE): wait for that, so
         # READY is not dropped; a broker still down is retried by the loop.
-        self._sock.poll(self.options.heartbeat_interval * 1000, zmq.POLLOUT)
+        self._sock.poll(int(self.options.heartbeat_interval * 1000), zmq.POLLOUT)
         self._register()
 
     def _register(self) -> None:
@@ -263,7 +264,7 @@ class Worker:
         now = time.monotonic()
         wake = min(self._last_sent, self._last_heard, self._last_beat) + interval
         wait = max(0.0, wake - now)
-        events = dict(self._poller.poll(wait * 1000))
+        events = dict(self._poller.poll(int(wait * 1000)))
         if self._wake_fd in events:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._wake_fd)
@@ -448,6 +449,11 @@ class Worker:
         loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(self.options.concurrency)
         running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+
         while True:
             await slots.acquire()
             delivery = await loop.run_in_executor(None, self._next_delivery)
@@ -455,7 +461,7 @@ class Worker:
                 break
             task = asyncio.create_task(self._run_one_async(delivery))
             running.add(task)
-            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+            task.add_done_callback(finished)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 

@@ -155,7 +155,8 @@ def slow_step(ctx: corral.JobContext, n: int) -> int:
 
 @corral.task(name="e2e.sum_prev")
 def sum_prev(ctx: corral.JobContext, extra: int) -> int:
-    return sum(ctx.prev_result) + extra
+    results: list[int] = ctx.prev_result
+    return sum(results) + extra
 
 
 @corral.task(name="e2e.echo_prev")
