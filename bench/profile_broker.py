@@ -61,12 +61,13 @@ def _loop(broker: Broker, until: Callable[[], bool], timeout: float = 600.0) -> 
     while not until():
         if time.monotonic() > deadline:
             raise TimeoutError("the scenario did not finish")
-        broker._poller.poll(broker._poll_timeout() * 1000)
+        broker._poller.poll(int(broker._poll_timeout() * 1000))
         broker.run_pass()
 
 
 def _succeeded(broker: Broker) -> int:
-    return broker.state.counts["default", "succeeded"]
+    succeeded: int = broker.state.counts["default", "succeeded"]
+    return succeeded
 
 
 def drain(inst: Instance, broker: Broker, n: int, prof: cProfile.Profile) -> str:
