@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
-from conftest import Env, wait_for, worker_processes
+from conftest import Env, wait_for, wait_until, worker_processes
 
 import corral
 
@@ -68,14 +69,46 @@ def test_running_jobs_become_ready_after_broker_restart(env: Env) -> None:
     daemon = env.start("run")
     env.wait_ready(daemon)
     client = env.client()
-    job_id = client.enqueue("e2e.sleep", 0.5)
+    first_broker = client.ping()
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate))  # runs until the gate file exists
     wait_for(lambda: client.job(job_id).status == "running", message="the job to start")
+    assert client.job(job_id).attempts == 1
     broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
     broker.kill()
-    # The supervisor restarts the broker; the job runs again and completes.
-    value = env.client().result(job_id, timeout=60)
-    assert value["attempt"] >= 1
-    assert env.client().job(job_id).status == "succeeded"
+    # The supervisor restarts the broker; it finds the job running in its log
+    # and queues it again, the interrupted attempt not counted: it is handed
+    # out as attempt 1 again, not 2.
+    client = env.client(timeout=1)
+
+    def new_broker() -> bool:
+        try:
+            return client.ping() != first_broker
+        except corral.BrokerUnavailable:
+            return False
+
+    wait_for(new_broker, 60, message="a new broker")
+    info = wait_until(
+        lambda: client.job(job_id),
+        lambda i: i.status == "running",
+        60,
+        message="the job to be handed out again",
+    )
+    assert info.attempts == 1
+    assert [t.attempt for t in info.tries] == [1]
+    gate.touch()
+    value = client.result(job_id, timeout=60)
+    assert value["attempt"] == 1
+    info = client.job(job_id)
+    assert info.status == "succeeded"
+    assert info.attempts == 1
+    assert [(t.attempt, t.error) for t in info.tries] == [(1, None)]
+    replays = [
+        json.loads(line)["requeued_running"]
+        for line in daemon.output().splitlines()
+        if '"broker.replayed"' in line
+    ]
+    assert replays == [0, 1]  # the job was running when the broker died
 
 
 def test_cpu_bound_handler_keeps_heartbeating(env: Env) -> None:

@@ -162,3 +162,13 @@ def sum_prev(ctx: corral.JobContext, extra: int) -> int:
 @corral.task(name="e2e.echo_prev")
 def echo_prev(ctx: corral.JobContext, payload: object = None) -> object:
     return ctx.prev_result
+
+
+@corral.task(name="e2e.gate")
+def gate(ctx: corral.JobContext, path: str) -> dict[str, object]:
+    """Runs until the file ``path`` exists (at most a minute), so a test
+    decides when the job ends."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"pid": os.getpid(), "attempt": ctx.attempt}
