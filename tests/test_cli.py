@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import Env
+from conftest import Env, wait_until
 
 
 def test_enqueue_wait_prints_the_result(env: Env) -> None:
@@ -86,9 +86,20 @@ def test_log_verify_reports_corruption(env: Env) -> None:
     broker.signal(15)
     assert broker.wait(30) == 0
     cfg = ["-c", str(env.config)]
+    log_dir = env.home / "state" / "log"
+    segments = len(list(log_dir.glob("*.seg")))
     done = env.run("log", "verify", *cfg)
     assert done.returncode == 0, done.stderr
-    assert "50 records" in done.stdout or "ok" in done.stdout
+    assert done.stdout == f"{log_dir}: {segments} segments, 50 records; ok\n"
+    done = env.run("log", "verify", "--json", *cfg)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "segments": segments,
+        "records": 50,
+        "ok": True,
+        "torn_tail": None,
+        "corrupt": None,
+    }
     segment = sorted((env.home / "state" / "log").glob("*.seg"))[-1]
     data = bytearray(segment.read_bytes())
     middle = len(bytes(data).rstrip(b"\0")) // 2
@@ -148,5 +159,32 @@ def test_callbacks_and_result_ttl_from_the_cli(env: Env) -> None:
     listed = json.loads(env.run("jobs", "--task", "e2e.echo_prev", "--json", *cfg).stdout)
     callback = listed["jobs"][0]["id"]
     assert env.run("result", callback, "--wait", *cfg).stdout.strip() == "36"
-    short = env.run("enqueue", "e2e.square", "2", "--result-ttl", "0.2", "--wait", *cfg)
-    assert short.stdout.strip() == "4"
+    # Two results kept: one with the default TTL (a day), one with a long one.
+    kept = []
+    for n, ttl in ((3, []), (5, ["--result-ttl", "3600"])):
+        done = env.run("enqueue", "e2e.square", str(n), *ttl, "--wait", "--json", *cfg)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["result"] == n * n
+        kept.append((json.loads(done.stdout)["id"], n * n))
+    # A result kept 0.2 s: there when the job ends, gone once the TTL passed.
+    short = env.run("enqueue", "e2e.square", "2", "--result-ttl", "0.2", "--wait", "--json", *cfg)
+    assert short.returncode == 0, short.stderr
+    reply = json.loads(short.stdout)
+    assert reply["result"] == 4
+    gone = wait_until(
+        lambda: env.run("result", reply["id"], *cfg),
+        lambda done: done.returncode != 0,
+        30,
+        interval=0.1,
+        message="the 0.2 s result to expire",
+    )
+    assert gone.returncode == 1
+    assert gone.stderr.startswith(f"corral: no job with id {reply['id']!r}")
+    done = env.run("job", reply["id"], *cfg)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"corral: no job with id {reply['id']!r}")
+    # The two others, which ended earlier, are still there.
+    for job_id, value in kept:
+        done = env.run("result", job_id, "--json", *cfg)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"id": job_id, "result": value}
