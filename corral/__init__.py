@@ -2,29 +2,66 @@
 
 The public names: ``task``, ``JobContext``, ``Client``, ``AsyncClient``,
 ``Job``, ``JobInfo`` and the errors below ``CorralError``.
+
+Each is imported on first use (PEP 562), so ``import corral`` stays cheap
+and loads neither zmq nor asyncio: a worker's plugin module that only says
+``@corral.task`` pays for the registry alone, and ``corral.broker.state``
+can be imported without the client.
 """
 
-from corral.broker.protocol import FlowInfo, JobInfo, StatusInfo, TryInfo
-from corral.client import AsyncClient, Client, Job
-from corral.context import JobContext
-from corral.errors import (
-    BrokerError,
-    BrokerUnavailable,
-    ConfigError,
-    CorralError,
-    DiskFull,
-    Fail,
-    JobCancelled,
-    JobFailed,
-    JobNotFound,
-    RequestTooLarge,
-    ResultTimeout,
-    Retry,
-    SoftTimeout,
-)
-from corral.workers.registry import task
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.broker.protocol import FlowInfo, JobInfo, StatusInfo, TryInfo
+    from corral.client import AsyncClient, Client, Job
+    from corral.context import JobContext
+    from corral.errors import (
+        BrokerError,
+        BrokerUnavailable,
+        ConfigError,
+        CorralError,
+        DiskFull,
+        Fail,
+        JobCancelled,
+        JobFailed,
+        JobNotFound,
+        RequestTooLarge,
+        ResultTimeout,
+        Retry,
+        SoftTimeout,
+    )
+    from corral.workers.registry import task
 
 __version__ = "0.1.0"
+
+#: Each public name, and the module it comes from.
+_HOMES = {
+    "AsyncClient": "corral.client",
+    "BrokerError": "corral.errors",
+    "BrokerUnavailable": "corral.errors",
+    "Client": "corral.client",
+    "ConfigError": "corral.errors",
+    "CorralError": "corral.errors",
+    "DiskFull": "corral.errors",
+    "Fail": "corral.errors",
+    "FlowInfo": "corral.broker.protocol",
+    "Job": "corral.client",
+    "JobCancelled": "corral.errors",
+    "JobContext": "corral.context",
+    "JobFailed": "corral.errors",
+    "JobInfo": "corral.broker.protocol",
+    "JobNotFound": "corral.errors",
+    "RequestTooLarge": "corral.errors",
+    "ResultTimeout": "corral.errors",
+    "Retry": "corral.errors",
+    "SoftTimeout": "corral.errors",
+    "StatusInfo": "corral.broker.protocol",
+    "TryInfo": "corral.broker.protocol",
+    "task": "corral.workers.registry",
+}
 
 __all__ = [
     "AsyncClient",
@@ -50,3 +87,17 @@ __all__ = [
     "TryInfo",
     "task",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use, then keep it as a module global."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

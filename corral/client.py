@@ -1,30 +1,41 @@
 """``corral.Client`` (blocking) and ``corral.AsyncClient`` (asyncio).
 
-Both build the same requests and read the same replies (:class:`_Core`);
-only the socket differs. A request that gets no answer within the timeout
-raises BrokerUnavailable and the socket is thrown away (the lazy pirate
-pattern), so a late reply or a queued request never surfaces later. Job ids
-are made here, so a resent enqueue is idempotent at the broker.
+Every operation of a client is written once, in :class:`ClientCore`, as a
+:class:`Step`: the request to send and how to read its reply. The core does
+no I/O, so it is tested with canned replies. The two clients only drive
+steps over a socket, one blocking, one awaited; each of their public
+methods is a core operation bound by :func:`_blocking` or :func:`_awaiting`,
+so the two cannot drift apart in names, arguments, replies or docs.
+
+A request that gets no answer within the timeout raises BrokerUnavailable
+and the blocking client throws its socket away (the lazy pirate pattern), so
+a late reply or a queued request never surfaces later. Job ids are made
+here, so a resent enqueue is idempotent at the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import itertools
+import math
 import os
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeAlias, TypeVar
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from corral.broker import protocol as p
-from corral.broker.jobspec import JobOptions, options_of
+from corral.broker.jobspec import JobOptions, JobSpec, options_of
 from corral.broker.protocol import TERMINAL
 from corral.errors import (
     BrokerError,
     BrokerUnavailable,
+    CorralError,
     DiskFull,
     JobCancelled,
     JobFailed,
@@ -40,8 +51,11 @@ MAX_WAIT_SLICE = 30.0
 #: The broker's default broker.max_message_size.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
+T = TypeVar("T")
+P = ParamSpec("P")
 
-class _JobExtras(JobOptions, kw_only=True):
+
+class _JobExtras(JobOptions, frozen=True, kw_only=True):
     """The keyword-only fields of :class:`Job` beside the options."""
 
     #: A job id of your choosing (at most 64 characters); an enqueue with an
@@ -53,7 +67,7 @@ class _JobExtras(JobOptions, kw_only=True):
     on_failure: Job | None = None
 
 
-class Job(_JobExtras):
+class Job(_JobExtras, frozen=True):
     """A job spec for ``enqueue_many``, chains and groups:
     ``Job(task, payload=None, **options)``. The options are those of
     :class:`corral.broker.jobspec.JobOptions` (``queue``, ``priority``,
@@ -76,124 +90,370 @@ def new_job_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
-class _Core:
-    """Request building and reply reading shared by both clients."""
+# ---------------------------------------------------------------- the sans-I/O core
 
-    def __init__(self, endpoint: str | None, timeout: float, config: Any) -> None:
-        if endpoint is None:
-            if config is None:
-                raise ValueError("give Client an endpoint or use Client.from_config(path)")
-            endpoint = config.client.endpoint or config.broker.client_endpoint
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self.config = config
-        self.max_message_size = (
-            config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
+
+class Step(msgspec.Struct, Generic[T]):
+    """One request of an operation, and what its reply makes of it: the
+    operation's value, or the next step (a long poll that goes on)."""
+
+    request: p.ClientRequest
+    #: Turns the (non-error) reply into the value or the next step.
+    read: Callable[[Any], Plan[T]]
+    #: Seconds the broker may hold the request (a long poll), on top of the
+    #: client's timeout.
+    wait: float = 0.0
+
+    def answer(self, reply: p.ClientReply) -> Plan[T]:
+        """The value or the next step for ``reply``; an error reply raises."""
+        if type(reply) is p.ErrorReply:
+            raise broker_error(reply)
+        return self.read(reply)
+
+
+#: What an operation returns: its value at once when it needs no request,
+#: else its first :class:`Step`.
+Plan: TypeAlias = "T | Step[T]"
+
+
+def broker_error(reply: p.ErrorReply) -> CorralError:
+    """The exception for an error reply: JobNotFound, DiskFull or BrokerError."""
+    if reply.code == "not_found":
+        return JobNotFound(reply.message)
+    if reply.code == "disk_full":
+        return DiskFull(reply.message)
+    return BrokerError(reply.code, reply.message)
+
+
+def encode_request(request: p.ClientRequest, max_message_size: int) -> bytes:
+    """Encode a request, refusing one the broker would drop unanswered."""
+    body = p.encode(request)
+    if len(body) > max_message_size:
+        raise RequestTooLarge(
+            f"the request is {len(body)} bytes, over the broker's max_message_size of "
+            f"{max_message_size}; send fewer jobs per enqueue_many or smaller payloads"
         )
+    return body
+
+
+def decode_reply(frame: bytes) -> p.ClientReply:
+    """Decode a reply frame (ProtocolError if it is not one)."""
+    reply: p.ClientReply = p.decode(p.client_reply_decoder, frame)
+    return reply
+
+
+class ClientCore:
+    """Every client operation, as the request to send and how to read its
+    reply; no sockets. Each public method here is a method of both
+    :class:`Client` and :class:`AsyncClient`, and its docstring is theirs.
+
+    Every operation may also raise BrokerUnavailable (no answer within the
+    client's ``timeout`` seconds, plus a long poll's wait) and BrokerError
+    (the broker refused the request; ``code`` says why, e.g. ``invalid``).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        #: Monotonic seconds, for result()'s deadline.
+        self.clock = clock
         self._req = itertools.count(1)
 
-    @classmethod
-    def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> Any:
-        from corral.config import load
+    # --- enqueueing
 
-        config = load(path)
-        kwargs.setdefault("timeout", config.client.timeout)
-        return cls(None, config=config, **kwargs)
-
-    # --- requests
-
-    def _spec(self, job: Job) -> p.JobSpec:
-        """The wire spec of ``job``: every option as given, the payload
-        encoded, a new id unless the job has one."""
-        return p.JobSpec(
-            job.id or new_job_id(),
-            job.task,
-            _encode_payload(job.payload),
-            on_success=self._spec(job.on_success) if job.on_success is not None else None,
-            on_failure=self._spec(job.on_failure) if job.on_failure is not None else None,
-            **options_of(job),  # type: ignore[arg-type]
-        )
-
-    # --- management requests: built once, sent by either client
-
-    def _cancel_msg(self, job_id: str) -> p.Cancel:
-        return p.Cancel(next(self._req), job_id)
-
-    def _retry_msg(self, job_id: str | None, queue: str | None = None) -> p.RetryJobs:
-        return p.RetryJobs(next(self._req), job_id, all_failed=job_id is None, queue=queue)
-
-    def _jobs_msg(
+    # One keyword per job option is the public interface, so PLR0913 does not apply.
+    def enqueue(  # noqa: PLR0913
         self,
-        queue: str | None,
-        status: str | None,
-        task: str | None,
-        limit: int,
-        cursor: str | None,
-    ) -> p.ListJobs:
-        return p.ListJobs(next(self._req), queue, status, task, limit, cursor)
+        task: str | Callable[..., Any],
+        payload: Any = None,
+        *,
+        queue: str | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        run_at: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        unique_key: str | None = None,
+        result_ttl: float | None = None,
+        unique_for: float | None = None,
+        id: str | None = None,
+        on_success: Job | None = None,
+        on_failure: Job | None = None,
+    ) -> Plan[str]:
+        """Enqueue one job; return its id once the broker has logged it.
 
-    @staticmethod
-    def _page(reply: p.JobList) -> JobPage:
-        page = JobPage(reply.jobs)
-        page.cursor = reply.cursor
-        return page
+        ``task`` is a task's name or its ``@corral.task`` function;
+        ``payload`` is any msgpack-able value. The options are those of
+        :class:`Job`: ``delay``, ``timeout``, ``result_ttl`` and
+        ``unique_for`` are seconds, ``run_at`` is epoch seconds, and None
+        leaves the task's (else the broker's) default. ``queue`` None is
+        ``"default"``; a higher ``priority`` runs first.
 
-    def _enqueue_msg(self, jobs: list[Job]) -> p.Enqueue:
-        return p.Enqueue(next(self._req), [self._spec(job) for job in jobs])
-
-    def _flow_msg(self, kind: str, jobs: list[Job], callback: Job | None) -> p.EnqueueFlow:
-        if not jobs:
-            raise ValueError(f"a {kind} needs at least one job")
-        specs = [self._spec(job) for job in jobs]
-        spec = self._spec(callback) if callback is not None else None
-        return p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec)
-
-    def _encode(self, msg: p.Msg) -> bytes:
-        """Encode a request, refusing one the broker would drop unanswered."""
-        body = p.encode(msg)
-        if len(body) > self.max_message_size:
-            raise RequestTooLarge(
-                f"the request is {len(body)} bytes, over the broker's max_message_size of "
-                f"{self.max_message_size}; send fewer jobs per enqueue_many or smaller payloads"
-            )
-        return body
-
-    # --- replies
-
-    def _check(self, reply: Any) -> Any:
-        if isinstance(reply, p.ErrorReply):
-            if reply.code == "not_found":
-                raise JobNotFound(reply.message)
-            if reply.code == "disk_full":
-                raise DiskFull(reply.message)
-            raise BrokerError(reply.code, reply.message)
-        return reply
-
-    def _result_msg(self, job_id: str, deadline: float | None) -> p.GetResult:
-        """One long poll, at most MAX_WAIT_SLICE, never past ``deadline``."""
-        left = MAX_WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
-        return p.GetResult(next(self._req), job_id, min(left, MAX_WAIT_SLICE))
-
-    @staticmethod
-    def _settled(reply: p.ResultReply, deadline: float | None) -> bool:
-        """The job ended, or the caller's wait is over."""
-        ended = reply.status in TERMINAL
-        return ended or (deadline is not None and time.monotonic() >= deadline)
-
-    def _outcome(self, reply: p.ResultReply) -> Any:
-        if reply.status == "succeeded":
-            return msgspec.msgpack.decode(reply.result)
-        if reply.status == "failed":
-            raise JobFailed(reply.job_id, reply.error)
-        if reply.status == "cancelled":
-            raise JobCancelled(reply.job_id)
-        raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
-
-    def _unavailable(self, timeout: float) -> BrokerUnavailable:
-        return BrokerUnavailable(
-            f"no answer from the broker at {self.endpoint} within {timeout:g}s; "
-            "is `corral run` (or `corral broker`) running there?"
+        Returns the job id: a new 32-hex-digit str, or ``id`` if given (an
+        ``id`` the broker has makes this a no-op), or the holder's id while
+        another job holds ``unique_key``. Raises TypeError for a
+        payload msgpack cannot encode, RequestTooLarge (nothing sent),
+        DiskFull (not accepted), BrokerError ``invalid`` for a bad option,
+        BrokerUnavailable.
+        """
+        spec = JobSpec(
+            id or new_job_id(),
+            task if isinstance(task, str) else _task_name(task),
+            _encode_payload(payload),
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            unique_key=unique_key,
+            result_ttl=result_ttl,
+            unique_for=unique_for,
+            on_success=_spec(on_success) if on_success is not None else None,
+            on_failure=_spec(on_failure) if on_failure is not None else None,
         )
+        return Step(p.Enqueue(next(self._req), [spec]), _first_id)
+
+    def enqueue_many(self, jobs: Iterable[Job]) -> Plan[list[str]]:
+        """Enqueue several :class:`Job` in one durable batch (all or none).
+
+        Returns their ids (32-hex-digit strs), in order, as ``enqueue``
+        would; an empty batch returns [] without a request. Raises as
+        ``enqueue`` does.
+        """
+        specs = [_spec(job) for job in jobs]
+        if not specs:
+            return []
+        return Step(p.Enqueue(next(self._req), specs), _ids)
+
+    def enqueue_chain(self, jobs: Iterable[Job]) -> Plan[str]:
+        """Run jobs one after another, each handler getting the previous
+        one's result as ``ctx.prev_result``; a failure stops the chain.
+
+        Returns the chain's id (32 hex digits), for ``chain()`` and
+        ``result()``. Raises ValueError for no jobs, and as ``enqueue``.
+        """
+        return self._flow("chain", jobs, None)
+
+    def enqueue_group(self, jobs: Iterable[Job], callback: Job | None = None) -> Plan[str]:
+        """Run jobs in parallel; with ``callback`` (a chord), run it once all
+        succeeded, with the list of their results as ``ctx.prev_result``.
+
+        Returns the group's id (32 hex digits), for ``group()`` and
+        ``result()``. Raises ValueError for no jobs, and as ``enqueue``.
+        """
+        return self._flow("group", jobs, callback)
+
+    def _flow(self, kind: str, jobs: Iterable[Job], callback: Job | None) -> Plan[str]:
+        specs = [_spec(job) for job in jobs]
+        if not specs:
+            raise ValueError(f"a {kind} needs at least one job")
+        spec = _spec(callback) if callback is not None else None
+        return Step(p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec), _first_id)
+
+    # --- reading
+
+    def job(self, job_id: str) -> Plan[p.JobInfo]:
+        """One job's info: a ``corral.JobInfo`` with ``status``, ``attempts``,
+        ``tries``, ``error``, and times as epoch seconds (``created_at``,
+        ``next_run_at``, ...). Raises JobNotFound for an unknown or expired
+        id, BrokerUnavailable.
+        """
+        return Step(p.GetJob(next(self._req), job_id), _job_info)
+
+    def result(self, job_id: str, timeout: float | None = None) -> Plan[Any]:
+        """Wait for a job to end and return its result, decoded from msgpack.
+
+        For a chain id: the last job's result; for a group id: the list of
+        its jobs' results, in order. ``timeout`` is seconds to wait (0: do
+        not wait; None: for ever, in long polls of at most 30 s). Raises
+        JobFailed (``.error`` is the last try's), JobCancelled,
+        ResultTimeout when ``timeout`` passes first, JobNotFound,
+        BrokerUnavailable.
+        """
+        deadline = None if timeout is None else self.clock() + timeout
+        return self._poll(job_id, deadline)
+
+    def _poll(self, job_id: str, deadline: float | None) -> Step[Any]:
+        """One long poll, at most MAX_WAIT_SLICE, never past ``deadline``;
+        its reply is the outcome, or the next poll while time is left."""
+        left = MAX_WAIT_SLICE if deadline is None else max(0.0, deadline - self.clock())
+        wait = min(left, MAX_WAIT_SLICE)
+
+        def read(reply: p.ResultReply) -> Plan[Any]:
+            if reply.status in TERMINAL or (deadline is not None and self.clock() >= deadline):
+                return _outcome(reply)
+            return self._poll(job_id, deadline)
+
+        return Step(p.GetResult(next(self._req), job_id, wait), read, wait)
+
+    def status(self) -> Plan[p.StatusInfo]:
+        """The broker's status: a ``StatusInfo`` with job counts per queue and
+        status, the workers, supervisors, paused queues and counters.
+        Raises BrokerUnavailable."""
+        return Step(p.GetStatus(next(self._req)), _status_info)
+
+    def ping(self) -> Plan[str]:
+        """A round trip to the broker; returns its id (a str). Raises
+        BrokerUnavailable when it does not answer within ``timeout``."""
+        return Step(p.Ping(next(self._req)), _broker_id)
+
+    def chain(self, chain_id: str) -> Plan[p.FlowInfo]:
+        """A chain's info: a ``FlowInfo`` with its status, its job ids in
+        order and their statuses, and ``failed_step`` if it stopped.
+        Raises JobNotFound for an unknown id, BrokerUnavailable."""
+        return Step(p.GetFlow(next(self._req), chain_id), _flow_info)
+
+    def group(self, group_id: str) -> Plan[p.FlowInfo]:
+        """A group's info: a ``FlowInfo`` with its status, its job ids and
+        their statuses, and its ``callback`` job id if it is a chord.
+        Raises JobNotFound for an unknown id, BrokerUnavailable."""
+        return Step(p.GetFlow(next(self._req), group_id), _flow_info)
+
+    def jobs(
+        self,
+        queue: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        task: str | None = None,
+        cursor: str | None = None,
+    ) -> Plan[JobPage]:
+        """Jobs in creation order, filtered by queue, status and task.
+
+        Returns a :class:`JobPage`, a list of at most ``limit`` (1 to 10,000)
+        ``JobInfo``; pass its ``.cursor`` as ``cursor`` for the next page
+        (None: this was the last). Raises BrokerError ``invalid`` for an
+        unknown status or a bad cursor, BrokerUnavailable.
+        """
+        return Step(p.ListJobs(next(self._req), queue, status, task, limit, cursor), _page)
+
+    # --- management
+
+    def cancel(self, job_id: str) -> Plan[bool]:
+        """Cancel a job, or what has not ended of a chain or group: a queued
+        or scheduled job never runs; a running one's handler sees
+        ``ctx.cancelled`` and its result is discarded.
+
+        Returns True if something was cancelled, False if it had already
+        ended. Raises JobNotFound for an unknown id, BrokerUnavailable.
+        """
+        return Step(p.Cancel(next(self._req), job_id), _any_counted)
+
+    def retry(self, job_id: str) -> Plan[str]:
+        """Put a failed or cancelled job back, with a fresh budget of
+        attempts. Returns its id. Raises JobNotFound, BrokerError
+        ``invalid`` if the job has not ended that way (or another job holds
+        its unique_key), BrokerUnavailable.
+        """
+        return Step(p.RetryJobs(next(self._req), job_id), _first_id)
+
+    def retry_failed(self, queue: str | None = None) -> Plan[list[str]]:
+        """Put every failed job (of ``queue``; None: of all queues) back.
+        Returns their ids. Raises BrokerUnavailable."""
+        return Step(p.RetryJobs(next(self._req), None, all_failed=True, queue=queue), _ids)
+
+    def delete(self, job_id: str) -> Plan[None]:
+        """Remove a finished job and its result; returns None. Raises
+        JobNotFound, BrokerError ``invalid`` if the job has not ended
+        (cancel it first), BrokerUnavailable."""
+        return Step(p.Delete(next(self._req), job_id), _none)
+
+    def purge(self, queue: str) -> Plan[int]:
+        """Remove a queue's ``queued`` jobs (not the scheduled or running
+        ones). Returns how many. Raises BrokerUnavailable."""
+        return Step(p.Purge(next(self._req), queue), _count)
+
+    def pause(self, queue: str) -> Plan[None]:
+        """Stop handing out the queue's jobs (enqueueing goes on); lasts
+        across broker restarts. Returns None. Raises BrokerUnavailable."""
+        return Step(p.Pause(next(self._req), queue, True), _none)
+
+    def resume(self, queue: str) -> Plan[None]:
+        """Hand out a paused queue's jobs again. Returns None. Raises
+        BrokerUnavailable."""
+        return Step(p.Pause(next(self._req), queue, False), _none)
+
+    # --- supervisors
+
+    def report_supervisor(self, info: p.SupervisorInfo) -> Plan[int]:
+        """A supervisor's periodic report (supervisors do this). Returns
+        how many jobs are queued, for its STATUS line. Raises
+        BrokerUnavailable."""
+        return Step(p.SupervisorReport(next(self._req), info), _count)
+
+    def worker_exited(self, host: str, pid: int, reason: str) -> Plan[int]:
+        """Tell the broker worker process ``pid`` on ``host`` is gone
+        (supervisors do this), so its jobs go back at once. Returns how
+        many worker registrations it dropped. Raises BrokerUnavailable."""
+        return Step(p.WorkerExited(next(self._req), host, pid, reason), _count)
+
+
+# The reply readers: each takes the reply its request gets.
+
+
+def _first_id(reply: p.EnqueueOk | p.Ack) -> str:
+    return reply.ids[0]
+
+
+def _ids(reply: p.EnqueueOk | p.Ack) -> list[str]:
+    return reply.ids
+
+
+def _count(reply: p.Ack) -> int:
+    return reply.count
+
+
+def _any_counted(reply: p.Ack) -> bool:
+    return reply.count > 0
+
+
+def _none(reply: p.Ack) -> None:
+    return None
+
+
+def _job_info(reply: p.JobReply) -> p.JobInfo:
+    return reply.job
+
+
+def _flow_info(reply: p.FlowReply) -> p.FlowInfo:
+    return reply.flow
+
+
+def _status_info(reply: p.StatusReply) -> p.StatusInfo:
+    return reply.status
+
+
+def _broker_id(reply: p.Pong) -> str:
+    return reply.broker_id
+
+
+def _page(reply: p.JobList) -> JobPage:
+    page = JobPage(reply.jobs)
+    page.cursor = reply.cursor
+    return page
+
+
+def _outcome(reply: p.ResultReply) -> Any:
+    """The result of an ended job, or the error its end (or the wait) means."""
+    if reply.status == "succeeded":
+        return msgspec.msgpack.decode(reply.result)
+    if reply.status == "failed":
+        raise JobFailed(reply.job_id, reply.error)
+    if reply.status == "cancelled":
+        raise JobCancelled(reply.job_id)
+    raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
+
+
+def _spec(job: Job) -> JobSpec:
+    """The wire spec of ``job``: every option as given, the payload encoded,
+    a new id unless the job has one."""
+    return JobSpec(
+        job.id or new_job_id(),
+        job.task,
+        _encode_payload(job.payload),
+        on_success=_spec(job.on_success) if job.on_success is not None else None,
+        on_failure=_spec(job.on_failure) if job.on_failure is not None else None,
+        **options_of(job),  # type: ignore[arg-type]
+    )
 
 
 def _encode_payload(payload: Any) -> msgspec.Raw:
@@ -205,12 +465,97 @@ def _encode_payload(payload: Any) -> msgspec.Raw:
         raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from None
 
 
-def _job(task: str, payload: Any, queue: str | None, options: dict[str, Any]) -> Job:
-    return Job(task, payload, queue=queue, **options)
+def _task_name(fn: Callable[..., Any]) -> str:
+    """The name of a ``@corral.task`` function."""
+    from corral.workers.registry import ATTRIBUTE
+
+    definition = getattr(fn, ATTRIBUTE, None)
+    if definition is None:
+        raise TypeError(f"enqueue takes a task name or a @corral.task function, not {fn!r}")
+    name: str = definition.name
+    return name
 
 
-class Client(_Core):
-    """A blocking client of one broker. Not thread-safe: use one per thread."""
+# -------------------------------------------------------------------- the drivers
+
+
+def _signature(op: Callable[..., Any]) -> inspect.Signature:
+    """``op``'s signature as a client method has it: ``-> Plan[X]`` reads ``-> X``."""
+    signature = inspect.signature(op)
+    returns = str(signature.return_annotation).removeprefix("Plan[").removesuffix("]")
+    return signature.replace(return_annotation=returns)
+
+
+def _blocking(
+    op: Callable[Concatenate[ClientCore, P], Plan[T]],
+) -> Callable[Concatenate[Client, P], T]:
+    """The core operation ``op`` as a :class:`Client` method."""
+
+    @functools.wraps(op)
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(op(self._core, *args, **kwargs))
+
+    method.__qualname__ = f"Client.{op.__name__}"
+    method.__signature__ = _signature(op)  # type: ignore[attr-defined]
+    return method
+
+
+def _awaiting(
+    op: Callable[Concatenate[ClientCore, P], Plan[T]],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """The core operation ``op`` as an :class:`AsyncClient` coroutine method."""
+
+    @functools.wraps(op)
+    async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(op(self._core, *args, **kwargs))
+
+    method.__qualname__ = f"AsyncClient.{op.__name__}"
+    method.__signature__ = _signature(op)  # type: ignore[attr-defined]
+    return method
+
+
+class _Driver:
+    """What both clients hold: where the broker is, the timeout, the core."""
+
+    def __init__(self, endpoint: str | None, timeout: float, config: Any) -> None:
+        if endpoint is None:
+            if config is None:
+                raise ValueError("give Client an endpoint or use Client.from_config(path)")
+            endpoint = config.client.endpoint or config.broker.client_endpoint
+        self.endpoint: str = endpoint
+        self.timeout = timeout
+        self.config = config
+        self.max_message_size: int = (
+            config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
+        )
+        self._core = ClientCore()
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:
+        """A client of the broker a corral TOML config names (``client.endpoint``,
+        else ``broker.client_endpoint``), with its CURVE keys, message size
+        limit and ``client.timeout`` (seconds) unless ``timeout`` is given.
+        Raises ConfigError for a config that cannot be used."""
+        from corral.config import load
+
+        config = load(path)
+        kwargs.setdefault("timeout", config.client.timeout)
+        return cls(None, config=config, **kwargs)
+
+    def _unavailable(self, timeout: float) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"no answer from the broker at {self.endpoint} within {timeout:g}s; "
+            "is `corral run` (or `corral broker`) running there?"
+        )
+
+
+class Client(_Driver):
+    """A blocking client of one broker. Not thread-safe: use one per thread.
+
+    ``endpoint`` is the broker's client endpoint (``ipc://...`` or, with
+    CURVE keys in ``config``, ``tcp://...``); ``timeout`` is the seconds
+    each request waits for an answer before BrokerUnavailable.
+    """
 
     def __init__(
         self,
@@ -224,28 +569,32 @@ class Client(_Core):
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Close the socket; the next request opens a new one."""
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
 
-    def _socket(self) -> zmq.Socket[Any]:
-        if self._sock is None:
-            self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
-        return self._sock
+    def _run(self, plan: Plan[T]) -> T:
+        """Send each step's request and read its reply until the operation has its value."""
+        while isinstance(plan, Step):
+            plan = plan.answer(self._call(plan.request, plan.wait))
+        return plan
 
-    def _call(self, msg: p.Msg, wait: float = 0.0) -> Any:
-        """Send one request and return its reply (errors raised)."""
+    def _call(self, request: p.ClientRequest, wait: float) -> p.ClientReply:
+        """Send one request and return its reply."""
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
-        sock = self._socket()
-        body = self._encode(msg)
+        if self._sock is None:
+            self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
+        sock = self._sock
+        body = encode_request(request, self.max_message_size)
         while True:
             try:
                 sock.send(body, zmq.NOBLOCK)
@@ -257,121 +606,38 @@ class Client(_Core):
                 sock.poll(50, zmq.POLLOUT)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLIN):
+            if remaining <= 0 or not sock.poll(math.ceil(remaining * 1000), zmq.POLLIN):
                 self.close()
                 raise self._unavailable(timeout)
-            reply = p.decode(p.client_reply_decoder, sock.recv())
-            if reply.req in (msg.req, 0):  # type: ignore[attr-defined]
-                return self._check(reply)
+            reply = decode_reply(sock.recv())
+            if reply.req in (request.req, 0):  # 0: the broker could not read it
+                return reply
 
-    # --- the public methods
-
-    def enqueue(
-        self, task: str, payload: Any = None, *, queue: str | None = None, **options: Any
-    ) -> str:
-        """Enqueue one job; returns its id once the broker has it durably."""
-        return self.enqueue_many([_job(task, payload, queue, options)])[0]
-
-    def enqueue_many(self, jobs: list[Job]) -> list[str]:
-        """Enqueue several jobs in one durable batch; returns their ids."""
-        if not jobs:
-            return []
-        reply = self._call(self._enqueue_msg(list(jobs)))
-        return list(reply.ids)
-
-    def job(self, job_id: str) -> p.JobInfo:
-        return self._call(p.GetJob(next(self._req), job_id)).job
-
-    def result(self, job_id: str, timeout: float | None = None) -> Any:
-        """Wait for a job to end and return its result. Raises JobFailed,
-        JobCancelled, or ResultTimeout when ``timeout`` passes first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            msg = self._result_msg(job_id, deadline)
-            reply = self._call(msg, msg.wait)
-            if self._settled(reply, deadline):
-                return self._outcome(reply)
-
-    def status(self) -> p.StatusInfo:
-        return self._call(p.GetStatus(next(self._req))).status
-
-    def ping(self) -> str:
-        """Round trip to the broker; returns its id."""
-        return self._call(p.Ping(next(self._req))).broker_id
-
-    def enqueue_chain(self, jobs: list[Job]) -> str:
-        """Run jobs one after another, each handler getting the previous
-        one's result as ``ctx.prev_result``; a failure stops the chain.
-        Returns the chain's id (for ``chain()`` and ``result()``)."""
-        return self._call(self._flow_msg("chain", list(jobs), None)).ids[0]
-
-    def enqueue_group(self, jobs: list[Job], callback: Job | None = None) -> str:
-        """Run jobs in parallel; with ``callback`` (a chord), run it once all
-        succeeded, with the list of their results as ``ctx.prev_result``."""
-        return self._call(self._flow_msg("group", list(jobs), callback)).ids[0]
-
-    def chain(self, chain_id: str) -> p.FlowInfo:
-        return self._call(p.GetFlow(next(self._req), chain_id)).flow
-
-    def group(self, group_id: str) -> p.FlowInfo:
-        return self._call(p.GetFlow(next(self._req), group_id)).flow
-
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a job: a queued or scheduled one never runs; a running one's
-        handler sees ``ctx.cancelled`` and its result is discarded. False if
-        the job had already ended."""
-        return bool(self._call(self._cancel_msg(job_id)).count)
-
-    def retry(self, job_id: str) -> str:
-        """Put a failed or cancelled job back, with a fresh budget of attempts."""
-        self._call(self._retry_msg(job_id))
-        return job_id
-
-    def retry_failed(self, queue: str | None = None) -> list[str]:
-        """Put every failed job (of ``queue``) back; returns their ids."""
-        return list(self._call(self._retry_msg(None, queue)).ids)
-
-    def delete(self, job_id: str) -> None:
-        """Remove a finished job and its result."""
-        self._call(p.Delete(next(self._req), job_id))
-
-    def purge(self, queue: str) -> int:
-        """Remove a queue's queued jobs; returns how many."""
-        return int(self._call(p.Purge(next(self._req), queue)).count)
-
-    def pause(self, queue: str) -> None:
-        """Stop handing out the queue's jobs (enqueueing goes on)."""
-        self._call(p.Pause(next(self._req), queue, True))
-
-    def resume(self, queue: str) -> None:
-        self._call(p.Pause(next(self._req), queue, False))
-
-    def jobs(
-        self,
-        queue: str | None = None,
-        status: str | None = None,
-        limit: int = 100,
-        *,
-        task: str | None = None,
-        cursor: str | None = None,
-    ) -> JobPage:
-        """Jobs in creation order, filtered; ``.cursor`` of the result gets
-        the next page."""
-        return self._page(self._call(self._jobs_msg(queue, status, task, limit, cursor)))
-
-    def report_supervisor(self, info: p.SupervisorInfo) -> int:
-        """A supervisor's periodic report (supervisors do this); returns how
-        many jobs are queued, for its STATUS line."""
-        return int(self._call(p.SupervisorReport(next(self._req), info)).count)
-
-    def worker_exited(self, host: str, pid: int, reason: str) -> int:
-        """Tell the broker a worker process is gone (supervisors do this);
-        returns how many registrations it dropped."""
-        return self._call(p.WorkerExited(next(self._req), host, pid, reason)).count
+    enqueue = _blocking(ClientCore.enqueue)
+    enqueue_many = _blocking(ClientCore.enqueue_many)
+    enqueue_chain = _blocking(ClientCore.enqueue_chain)
+    enqueue_group = _blocking(ClientCore.enqueue_group)
+    job = _blocking(ClientCore.job)
+    result = _blocking(ClientCore.result)
+    status = _blocking(ClientCore.status)
+    ping = _blocking(ClientCore.ping)
+    chain = _blocking(ClientCore.chain)
+    group = _blocking(ClientCore.group)
+    jobs = _blocking(ClientCore.jobs)
+    cancel = _blocking(ClientCore.cancel)
+    retry = _blocking(ClientCore.retry)
+    retry_failed = _blocking(ClientCore.retry_failed)
+    delete = _blocking(ClientCore.delete)
+    purge = _blocking(ClientCore.purge)
+    pause = _blocking(ClientCore.pause)
+    resume = _blocking(ClientCore.resume)
+    report_supervisor = _blocking(ClientCore.report_supervisor)
+    worker_exited = _blocking(ClientCore.worker_exited)
 
 
-class AsyncClient(_Core):
-    """The same methods as :class:`Client`, as coroutines."""
+class AsyncClient(_Driver):
+    """The methods of :class:`Client`, as coroutines. Many requests may be in
+    flight at once on its one socket; use it from one event loop."""
 
     def __init__(
         self,
@@ -383,17 +649,18 @@ class AsyncClient(_Core):
     ) -> None:
         super().__init__(endpoint, timeout, config)
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock: Any = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._sock: zmq.asyncio.Socket | None = None
+        self._pending: dict[int, asyncio.Future[p.ClientReply]] = {}
         self._reader: asyncio.Future[None] | None = None
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Close the socket; the next request opens a new one."""
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
@@ -401,15 +668,21 @@ class AsyncClient(_Core):
             self._sock.close(linger=0)
             self._sock = None
 
-    async def _call(self, msg: p.Msg, wait: float = 0.0) -> Any:
-        """Send one request; many may be in flight at once on the one socket,
-        and a single reader task hands each reply to its request by id."""
+    async def _run(self, plan: Plan[T]) -> T:
+        """Send each step's request and read its reply until the operation has its value."""
+        while isinstance(plan, Step):
+            plan = plan.answer(await self._call(plan.request, plan.wait))
+        return plan
+
+    async def _call(self, request: p.ClientRequest, wait: float) -> p.ClientReply:
+        """Send one request and return its reply; a single reader task hands
+        each reply to its request by id."""
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
         if self._sock is None:
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
         sock = self._sock
-        body = self._encode(msg)
+        body = encode_request(request, self.max_message_size)
         while True:
             try:
                 await sock.send(body, zmq.NOBLOCK)
@@ -417,105 +690,51 @@ class AsyncClient(_Core):
             except zmq.Again:
                 if time.monotonic() >= deadline:
                     raise self._unavailable(timeout) from None
-                await sock.poll(50, zmq.POLLOUT)
-        req = msg.req  # type: ignore[attr-defined]
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[req] = future
+                await sock.poll(50, zmq.POLLOUT)  # type: ignore[call-arg]  # pyzmq's stub
+        future: asyncio.Future[p.ClientReply] = asyncio.get_running_loop().create_future()
+        self._pending[request.req] = future
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies(sock))
         try:
-            reply = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise self._unavailable(timeout) from None
         finally:
-            self._pending.pop(req, None)
-        return self._check(reply)
+            self._pending.pop(request.req, None)
 
-    async def _read_replies(self, sock: Any) -> None:
+    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
         while self._pending and sock is self._sock:
             try:
                 frame = await sock.recv()
             except zmq.ZMQError:
                 return
-            reply = p.decode(p.client_reply_decoder, frame)
+            reply = decode_reply(frame)
             if reply.req == 0:  # a request the broker could not read: fail them all
                 for future in self._pending.values():
                     if not future.done():
                         future.set_result(reply)
                 continue
-            future = self._pending.get(reply.req)
-            if future is not None and not future.done():
-                future.set_result(reply)
+            waiting = self._pending.get(reply.req)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(reply)
 
-    async def enqueue(
-        self, task: str, payload: Any = None, *, queue: str | None = None, **options: Any
-    ) -> str:
-        return (await self.enqueue_many([_job(task, payload, queue, options)]))[0]
-
-    async def enqueue_many(self, jobs: list[Job]) -> list[str]:
-        if not jobs:
-            return []
-        reply = await self._call(self._enqueue_msg(list(jobs)))
-        return list(reply.ids)
-
-    async def job(self, job_id: str) -> p.JobInfo:
-        return (await self._call(p.GetJob(next(self._req), job_id))).job
-
-    async def result(self, job_id: str, timeout: float | None = None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            msg = self._result_msg(job_id, deadline)
-            reply = await self._call(msg, msg.wait)
-            if self._settled(reply, deadline):
-                return self._outcome(reply)
-
-    async def status(self) -> p.StatusInfo:
-        return (await self._call(p.GetStatus(next(self._req)))).status
-
-    async def ping(self) -> str:
-        return (await self._call(p.Ping(next(self._req)))).broker_id
-
-    async def enqueue_chain(self, jobs: list[Job]) -> str:
-        return (await self._call(self._flow_msg("chain", list(jobs), None))).ids[0]
-
-    async def enqueue_group(self, jobs: list[Job], callback: Job | None = None) -> str:
-        return (await self._call(self._flow_msg("group", list(jobs), callback))).ids[0]
-
-    async def chain(self, chain_id: str) -> p.FlowInfo:
-        return (await self._call(p.GetFlow(next(self._req), chain_id))).flow
-
-    async def group(self, group_id: str) -> p.FlowInfo:
-        return (await self._call(p.GetFlow(next(self._req), group_id))).flow
-
-    async def cancel(self, job_id: str) -> bool:
-        return bool((await self._call(self._cancel_msg(job_id))).count)
-
-    async def retry(self, job_id: str) -> str:
-        await self._call(self._retry_msg(job_id))
-        return job_id
-
-    async def retry_failed(self, queue: str | None = None) -> list[str]:
-        return list((await self._call(self._retry_msg(None, queue))).ids)
-
-    async def delete(self, job_id: str) -> None:
-        await self._call(p.Delete(next(self._req), job_id))
-
-    async def purge(self, queue: str) -> int:
-        return int((await self._call(p.Purge(next(self._req), queue))).count)
-
-    async def pause(self, queue: str) -> None:
-        await self._call(p.Pause(next(self._req), queue, True))
-
-    async def resume(self, queue: str) -> None:
-        await self._call(p.Pause(next(self._req), queue, False))
-
-    async def jobs(
-        self,
-        queue: str | None = None,
-        status: str | None = None,
-        limit: int = 100,
-        *,
-        task: str | None = None,
-        cursor: str | None = None,
-    ) -> JobPage:
-        return self._page(await self._call(self._jobs_msg(queue, status, task, limit, cursor)))
+    enqueue = _awaiting(ClientCore.enqueue)
+    enqueue_many = _awaiting(ClientCore.enqueue_many)
+    enqueue_chain = _awaiting(ClientCore.enqueue_chain)
+    enqueue_group = _awaiting(ClientCore.enqueue_group)
+    job = _awaiting(ClientCore.job)
+    result = _awaiting(ClientCore.result)
+    status = _awaiting(ClientCore.status)
+    ping = _awaiting(ClientCore.ping)
+    chain = _awaiting(ClientCore.chain)
+    group = _awaiting(ClientCore.group)
+    jobs = _awaiting(ClientCore.jobs)
+    cancel = _awaiting(ClientCore.cancel)
+    retry = _awaiting(ClientCore.retry)
+    retry_failed = _awaiting(ClientCore.retry_failed)
+    delete = _awaiting(ClientCore.delete)
+    purge = _awaiting(ClientCore.purge)
+    pause = _awaiting(ClientCore.pause)
+    resume = _awaiting(ClientCore.resume)
+    report_supervisor = _awaiting(ClientCore.report_supervisor)
+    worker_exited = _awaiting(ClientCore.worker_exited)

@@ -1,0 +1,148 @@
+"""``import corral`` stays cheap and acyclic: the facade imports lazily, the
+broker's pure modules load no zmq and no asyncio, and every module imports
+first in a fresh process."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import corral
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter; fail the test with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def loads_no_zmq_nor_asyncio(*modules: str) -> None:
+    run_python(
+        f"""
+        import sys
+        import {", ".join(modules)}
+        loaded = sorted({{"zmq", "asyncio"}} & set(sys.modules))
+        assert not loaded, "importing {" and ".join(modules)} loaded " + str(loaded)
+        """
+    )
+
+
+def test_import_corral_loads_neither_zmq_nor_asyncio() -> None:
+    loads_no_zmq_nor_asyncio("corral")
+
+
+def test_the_job_state_loads_neither_zmq_nor_asyncio() -> None:
+    loads_no_zmq_nor_asyncio("corral.broker.state")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker/log.py imports structlog at the top, and structlog.stdlib imports asyncio",
+)
+def test_the_log_loads_neither_zmq_nor_asyncio() -> None:
+    loads_no_zmq_nor_asyncio("corral.broker.state", "corral.broker.log")
+
+
+def test_a_plugin_module_needs_only_the_registry() -> None:
+    """``@corral.task`` imports the task registry, not the client."""
+    run_python(
+        """
+        import sys
+        import corral
+
+        @corral.task(queue="emails", max_attempts=5, timeout=30)
+        def send(ctx: corral.JobContext, to: str) -> str:
+            return to
+
+        assert send.__corral_task__.name == "__main__.send"
+        assert send.__corral_task__.queue == "emails"
+        assert "corral.client" not in sys.modules and "zmq" not in sys.modules
+        """
+    )
+
+
+def test_every_public_name_resolves_to_its_home() -> None:
+    assert sorted(corral.__all__) == sorted(corral._HOMES)
+    for name in corral.__all__:
+        value = getattr(corral, name)
+        home = importlib.import_module(corral._HOMES[name])
+        assert value is getattr(home, name)
+        assert name in dir(corral)
+    assert corral.Client.__name__ == "Client"
+    assert issubclass(corral.JobFailed, corral.CorralError)
+    assert isinstance(corral.__version__, str)
+    with pytest.raises(AttributeError, match="no attribute 'Clinet'"):
+        _ = corral.Clinet
+
+
+def test_star_import_gives_the_public_names() -> None:
+    names: dict[str, object] = {}
+    exec("from corral import *", names)
+    assert set(corral.__all__) <= set(names)
+
+
+def all_modules() -> list[str]:
+    """Every module of the distribution: the packages pyproject.toml lists
+    and the modules in each (the folders are mapped onto ``corral.*``)."""
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        packages = tomllib.load(file)["tool"]["setuptools"]["packages"]
+    modules = []
+    for package in packages:
+        modules.append(package)
+        path = importlib.import_module(package).__path__
+        modules += [f"{package}.{info.name}" for info in pkgutil.iter_modules(path)]
+    return modules
+
+
+#: Forks a child per module, each importing that module first. The third-party
+#: libraries are imported once, before the forks: they cannot import corral, so
+#: only corral's own modules run in each child, and the test stays quick.
+IMPORT_EACH_FIRST = """
+import os, sys, traceback
+import msgspec, psutil, structlog, zmq
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            __import__(name)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+if failed:
+    sys.exit("could not be imported first: " + ", ".join(failed))
+"""
+
+
+def test_every_module_imports_first_in_a_fresh_process() -> None:
+    """An import cycle shows up as a module that fails when it is the first
+    of the package imported; each gets a process of its own."""
+    modules = all_modules()
+    assert "corral.broker.state" in modules and "corral.client" in modules
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_EACH_FIRST, *modules],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
