@@ -99,22 +99,43 @@ def test_delete_finished_job(env: Env, daemon) -> None:  # type: ignore[no-untyp
         client.result(job_id, timeout=1)
 
 
+def _idle_worker(client: corral.Client) -> bool:
+    """One worker registered, with credit and no job."""
+    workers = client.status().workers
+    return len(workers) == 1 and workers[0].credit == 1 and workers[0].running == []
+
+
+def _stays_queued(client: corral.Client, job_id: str, seconds: float) -> None:
+    """The job is queued now and at every look for ``seconds``."""
+    until = time.monotonic() + seconds
+    while True:
+        assert client.job(job_id).status == "queued"
+        if time.monotonic() > until:
+            return
+        time.sleep(0.02)
+
+
 def test_pause_and_resume_survive_a_restart(env: Env) -> None:
     env.write_config(processes=1, prefetch=0)
     daemon = env.start("run")
     env.wait_ready(daemon)
     client = env.client()
+    # A worker with credit first: without the pause, the broker would hand
+    # the job out in the very pass that acknowledges the enqueue.
+    wait_for(lambda: _idle_worker(client), message="the worker to register")
     assert env.run("pause", "default", "-c", str(env.config)).returncode == 0
-    job_id = client.enqueue("e2e.square", 5)
-    time.sleep(0.5)  # paused: nothing may start in the meantime
-    assert client.job(job_id).status == "queued"
     assert client.status().paused == ["default"]
+    job_id = client.enqueue("e2e.square", 5)
+    _stays_queued(client, job_id, 0.5)
+    assert _idle_worker(client)  # the worker was there all along, and got nothing
     daemon.signal(15)
     assert daemon.wait(30) == 0
     daemon = env.start("run", name="run-again")
     env.wait_ready(daemon)
     client = env.client()
     assert client.status().paused == ["default"]
+    wait_for(lambda: _idle_worker(client), message="the worker to register again")
+    _stays_queued(client, job_id, 0.5)
     client.resume("default")
     assert client.result(job_id, timeout=30) == 25
 
