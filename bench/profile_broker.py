@@ -61,12 +61,12 @@ def _loop(broker: Broker, until: Callable[[], bool], timeout: float = 600.0) -> 
     while not until():
         if time.monotonic() > deadline:
             raise TimeoutError("the scenario did not finish")
-        broker._poller.poll(int(broker._poll_timeout() * 1000))
+        broker._poller.poll(int(broker.poll_timeout() * 1000))
         broker.run_pass()
 
 
 def _succeeded(broker: Broker) -> int:
-    succeeded: int = broker.state.counts["default", "succeeded"]
+    succeeded: int = broker.core.state.counts["default", "succeeded"]
     return succeeded
 
 
@@ -91,7 +91,7 @@ def drain(inst: Instance, broker: Broker, n: int, prof: cProfile.Profile) -> str
     thread.join()
     if error:
         raise error[0]
-    queued = broker.state.counts["default", "queued"]
+    queued = broker.core.state.counts["default", "queued"]
     assert queued == n, f"expected {n} queued, have {queued}"
     started = time.perf_counter()
     inst.start("supervisor")

@@ -13,8 +13,9 @@ import heapq
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -210,41 +211,50 @@ class JobState:
         self._waiting: list[tuple[float, int, str]] = []
         self._expiry: list[tuple[float, int, str]] = []
         self._rng = random.Random()
+        #: How each record type changes the state.
+        self._changes: dict[type[Record], Callable[[Any], None]] = {
+            JobCreated: self._apply_created,
+            Leased: self._apply_leased,
+            Finished: self._apply_finished,
+            Returned: self._apply_returned,
+            Removed: self._apply_removed,
+            JobSnapshot: self._apply_snapshot,
+            Cancelled: self._apply_cancelled,
+            Requeued: self._apply_requeued,
+            QueuePaused: self._apply_paused,
+            FlowCreated: self._apply_flow,
+            ScheduleFired: self._apply_fired,
+            ProgressNoted: self._apply_progress,
+        }
 
     # ------------------------------------------------------------ apply
 
     def apply(self, record: Record) -> None:
-        """Change the state as ``record`` says. Deterministic: no clock."""
-        match record:
-            case JobCreated():
-                self._apply_created(record)
-            case Leased():
-                self._apply_leased(record)
-            case Finished():
-                self._apply_finished(record)
-            case Returned():
-                self._apply_returned(record)
-            case Removed():
-                self._remove(record.id)
-            case JobSnapshot():
-                self._apply_snapshot(record)
-            case Cancelled():
-                self._apply_cancelled(record)
-            case Requeued():
-                self._apply_requeued(record)
-            case QueuePaused():
-                (self.paused.add if record.paused else self.paused.discard)(record.queue)
-            case FlowCreated():
-                self.flows.setdefault(record.id, record)
-            case ScheduleFired():
-                previous = self.last_fired.get(record.name, record.due_at)
-                self.last_fired[record.name] = max(previous, record.due_at)
-            case ProgressNoted():
-                job = self.jobs.get(record.id)
-                if job is not None:
-                    job.progress, job.progress_note = record.fraction, record.note
-            case _:
-                raise TypeError(f"no state change for record {type(record).__name__}")
+        """Change the state as ``record`` says. Deterministic: no clock.
+        Raises TypeError for a record type it does not know."""
+        try:
+            change = self._changes[type(record)]
+        except KeyError:
+            raise TypeError(f"no state change for record {type(record).__name__}") from None
+        change(record)
+
+    def _apply_removed(self, rec: Removed) -> None:
+        self._remove(rec.id)
+
+    def _apply_flow(self, rec: FlowCreated) -> None:
+        self.flows.setdefault(rec.id, rec)
+
+    def _apply_paused(self, rec: QueuePaused) -> None:
+        (self.paused.add if rec.paused else self.paused.discard)(rec.queue)
+
+    def _apply_fired(self, rec: ScheduleFired) -> None:
+        previous = self.last_fired.get(rec.name, rec.due_at)
+        self.last_fired[rec.name] = max(previous, rec.due_at)
+
+    def _apply_progress(self, rec: ProgressNoted) -> None:
+        job = self.jobs.get(rec.id)
+        if job is not None:
+            job.progress, job.progress_note = rec.fraction, rec.note
 
     def _apply_created(self, rec: JobCreated) -> None:
         if rec.id in self.jobs:
@@ -451,7 +461,8 @@ class JobState:
         """When a finished job is forgotten: after its TTL, and never before
         its unique_for window ends (it holds its key until then)."""
         ended = job.ended_at or job.created_at
-        return max(self._ttl_end(job, ended), ended + (job.unique_for or 0.0))
+        held_until = ended + (job.unique_for or 0.0) if job.unique_key else ended
+        return max(self._ttl_end(job, ended), held_until)
 
     def _ttl_end(self, job: Job, ended: float) -> float:
         if job.status == "succeeded":
@@ -706,31 +717,36 @@ class JobState:
 _NO_TASK_DEFAULTS = TaskDefaults()
 
 
+#: Number options: the test each must pass when set, and what to say if not.
+_NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "delay": (lambda v: v >= 0, "must not be negative"),
+    "run_at": (lambda v: True, ""),
+    "timeout": (lambda v: v > 0, "must be a positive number of seconds"),
+    "result_ttl": (lambda v: v >= 0, "must not be negative"),
+    "unique_for": (lambda v: v >= 0, "must not be negative"),
+    "max_attempts": (lambda v: v >= 1, "must be at least 1"),
+}
+
+
 def validate_spec(spec: JobSpec) -> None:
-    """Refuse a spec the broker cannot take; the error names the field.
-    Raises InvalidJob."""
+    """Refuse a spec the broker cannot take (callbacks included); the error
+    names the field. Raises InvalidJob."""
     if not spec.task or len(spec.task) > 200:
         raise InvalidJob("task: must be a non-empty name of at most 200 characters")
     if spec.queue is not None and (not spec.queue or len(spec.queue) > 200):
         raise InvalidJob("queue: must be a non-empty name of at most 200 characters")
     if not spec.id or len(spec.id) > 64:
         raise InvalidJob("id: must be a non-empty string of at most 64 characters")
-    for name in ("delay", "run_at", "timeout", "result_ttl", "unique_for"):
+    for name, (ok, rule) in _NUMBER_RULES.items():
         value = getattr(spec, name)
-        if value is not None and not math.isfinite(value):
+        if value is None:
+            continue
+        if not math.isfinite(value):
             raise InvalidJob(f"{name}: must be a finite number, got {value}")
-    if spec.unique_for is not None and spec.unique_for < 0:
-        raise InvalidJob(f"unique_for: must not be negative, got {spec.unique_for}")
+        if not ok(value):
+            raise InvalidJob(f"{name}: {rule}, got {value}")
+    if not -(2**31) <= spec.priority < 2**31:
+        raise InvalidJob(f"priority: must fit in 32 bits, got {spec.priority}")
     for callback in (spec.on_success, spec.on_failure):
         if callback is not None:
             validate_spec(callback)
-    if spec.max_attempts is not None and spec.max_attempts < 1:
-        raise InvalidJob(f"max_attempts: must be at least 1, got {spec.max_attempts}")
-    if spec.timeout is not None and spec.timeout <= 0:
-        raise InvalidJob(f"timeout: must be a positive number of seconds, got {spec.timeout}")
-    if spec.delay is not None and spec.delay < 0:
-        raise InvalidJob(f"delay: must not be negative, got {spec.delay}")
-    if spec.result_ttl is not None and spec.result_ttl < 0:
-        raise InvalidJob(f"result_ttl: must not be negative, got {spec.result_ttl}")
-    if not -(2**31) <= spec.priority < 2**31:
-        raise InvalidJob(f"priority: must fit in 32 bits, got {spec.priority}")

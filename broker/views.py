@@ -7,6 +7,7 @@ from collections import Counter, deque
 
 from corral.broker import flows
 from corral.broker import protocol as p
+from corral.broker.jobspec import NIL
 from corral.broker.records import FlowCreated
 from corral.broker.state import TERMINAL, Job, JobState
 
@@ -42,7 +43,7 @@ def result_reply(req: int, job: Job) -> p.ResultReply:
     error = None
     if job.error is not None and job.status != "succeeded":
         error = p.ErrorInfo(job.error.type, job.error.message, job.error.traceback)
-    result = job.result if job.result is not None else p.NIL
+    result = job.result if job.result is not None else NIL
     return p.ResultReply(req, job.id, job.status, result, error)
 
 
@@ -107,7 +108,7 @@ def flow_result(state: JobState, req: int, flow: FlowCreated) -> p.ResultReply:
         result = (
             flows.results_of(jobs)
             if flow.kind == "group"
-            else (last.result if last is not None and last.result is not None else p.NIL)
+            else (last.result if last is not None and last.result is not None else NIL)
         )
         return p.ResultReply(req, flow.id, status, result)
     error = None
@@ -118,4 +119,4 @@ def flow_result(state: JobState, req: int, flow: FlowCreated) -> p.ResultReply:
             f"step {failed_step} ({failed.id}): {failed.error.message}",
             failed.error.traceback,
         )
-    return p.ResultReply(req, flow.id, status, p.NIL, error)
+    return p.ResultReply(req, flow.id, status, NIL, error)

@@ -421,26 +421,28 @@ def _describe_verify(directory: Path, report: VerifyReport) -> str:
 
 
 def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
-    from corral.broker.server import Broker
+    from corral.broker.core import BrokerCore
+    from corral.broker.lockfile import StateDirLock
 
     config = load_config(args.config)
     config = msgspec.structs.replace(
         config, broker=msgspec.structs.replace(config.broker, state_dir=str(state_dir))
     )
-    broker = Broker(config)
-    broker._lock.acquire()
+    core = BrokerCore(config)
+    lock = StateDirLock(core.state_dir)
+    lock.acquire()
     try:
-        for record in broker.log.replay():
-            broker.state.apply(record)
-        before = broker.log.stats()
-        broker.log.compact(broker.state.snapshot())
-        after = broker.log.stats()
-        broker.log.close()
+        for record in core.log.replay():
+            core.state.apply(record)
+        before = core.log.stats()
+        core.log.compact(core.state.snapshot())
+        after = core.log.stats()
+        core.log.close()
     finally:
-        broker._lock.release()
+        lock.release()
     emit(
         args,
-        {"jobs": len(broker.state.jobs), "before": before, "after": after},
+        {"jobs": len(core.state.jobs), "before": before, "after": after},
         lambda v: (
             f"compacted: {v['jobs']} live jobs; "
             f"{v['before'].get('used_bytes')} -> {v['after'].get('used_bytes')} bytes"

@@ -1185,6 +1185,14 @@ def new_state() -> JobState:
 
 
 def expires_at(job: Job) -> float:
+    """The model of expiry: after the TTL, and never while the job holds its
+    unique key (unique_for seconds after it ended)."""
+    assert job.ended_at is not None
+    held_until = job.ended_at + (job.unique_for or 0.0) if job.unique_key else job.ended_at
+    return max(ttl_end(job), held_until)
+
+
+def ttl_end(job: Job) -> float:
     assert job.ended_at is not None
     if job.status != "succeeded":
         return job.ended_at + MODEL_DEFAULTS.failed_ttl

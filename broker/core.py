@@ -1,0 +1,224 @@
+"""The broker without its sockets: the parts, composed, and one pass.
+
+A pass reads the clock once, handles every inbound message (taken apart by
+one envelope function per side), runs the tick, commits the log once
+(group commit: one write, at most one fsync), sends the pass's replies,
+maybe compacts, then dispatches. The parts each own one thing:
+
+- :class:`~corral.broker.dispatch.Dispatcher`: workers, credit, leases,
+  lease deadlines, heartbeats, outcomes;
+- :class:`~corral.broker.service.ClientService`: client requests;
+- :class:`~corral.broker.waiters.Waiters`: result long-polls;
+- :class:`~corral.broker.housekeeping.Housekeeper`: schedules, due jobs,
+  TTL expiry, compaction.
+
+They change jobs only through the :class:`~corral.broker.journal.Journal`
+(log first, then apply). :class:`BrokerCore` takes its clock and its links
+to the sockets from outside, so tests drive it in-process with a
+:class:`~corral.broker.clock.FakeClock` and recorders, and
+:mod:`corral.broker.server` drives it with ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from corral.broker import flows
+from corral.broker import protocol as p
+from corral.broker.clock import Clock, SystemClock
+from corral.broker.dispatch import Dispatcher, count_malformed
+from corral.broker.housekeeping import Housekeeper
+from corral.broker.journal import ClientLink, Journal, Replies, WorkerLink
+from corral.broker.log import Log
+from corral.broker.schedules import Scheduler
+from corral.broker.service import ClientService
+from corral.broker.state import Defaults, Job, JobState
+from corral.broker.waiters import Waiters
+
+log = structlog.get_logger()
+
+#: Longest poll wait of an idle broker, in seconds.
+MAX_POLL_WAIT = 1.0
+#: The two sides a message arrives on.
+CLIENT, WORKER = "client", "worker"
+
+
+class BrokerCore:
+    """All job state and the parts that change it; see the module docstring."""
+
+    def __init__(self, config: Any, *, clock: Clock | None = None, log: Log | None = None) -> None:
+        bc = config.broker
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.state_dir = Path(bc.state_dir)
+        self.broker_id = secrets.token_hex(6)
+        self.state = JobState(
+            Defaults(
+                max_attempts=bc.max_attempts,
+                result_ttl=bc.result_ttl,
+                failed_ttl=bc.failed_ttl,
+                retry_backoff=bc.retry_backoff,
+                retry_backoff_max=bc.retry_backoff_max,
+            )
+        )
+        self.log = log or Log(
+            self.state_dir / "log",
+            fsync=bc.fsync,
+            fsync_interval=bc.fsync_interval,
+            segment_size=bc.segment_size,
+            reserve=bc.disk_reserve,
+        )
+        self.journal = Journal(self.state, self.log)
+        self.stats = self.journal.stats
+        self.replies = Replies()
+        self.waiters = Waiters(self.state, self.replies)
+        self.dispatcher = Dispatcher(
+            self.journal,
+            heartbeat_interval=bc.heartbeat_interval,
+            liveness_window=bc.heartbeat_interval * bc.heartbeat_liveness,
+            broker_id=self.broker_id,
+            on_ended=self.ended,
+        )
+        self.service = ClientService(
+            self.journal,
+            self.replies,
+            self.dispatcher,
+            self.waiters,
+            broker_id=self.broker_id,
+            state_dir=self.state_dir,
+            on_ended=self.ended,
+        )
+        self.housekeeper = Housekeeper(
+            self.journal,
+            Scheduler.from_configs(config.schedules),
+            self.dispatcher,
+            compact_min_size=bc.compact_min_size,
+        )
+        self.client_link: ClientLink = _NoClients()
+
+    # ------------------------------------------------------------ start-up
+
+    def replay(self) -> None:
+        """Rebuild the state from the log, then log what recovery decides:
+        jobs that were running go back to their queue (the interrupted try
+        not counted), and follow-ups owed by finished jobs are created."""
+        started = time.monotonic()
+        count = 0
+        for record in self.log.replay():
+            self.state.apply(record)
+            count += 1
+        recovered = self.state.recovery_records()
+        for record in recovered:
+            self.journal.record(record)
+        owed = flows.pending(self.state, self.clock.time(), self.journal.record)
+        log.info(
+            "broker.replayed",
+            records=count,
+            jobs=len(self.state.jobs),
+            requeued_running=len(recovered),
+            followups_created=owed,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def attach(self, client_link: ClientLink, worker_link: WorkerLink) -> None:
+        """Connect the parts to the sockets, and fire what the schedules owe
+        for the downtime."""
+        self.client_link = client_link
+        self.dispatcher.link = worker_link
+        self.housekeeper.catch_up(self.clock.time())
+
+    # ---------------------------------------------------------------- pass
+
+    def run_pass(self, inbound: Iterable[tuple[str, list[bytes]]] = ()) -> None:
+        """One pass over ``inbound`` (side, frames) messages; see the module
+        docstring. ``inbound`` may be lazy: the server reads its sockets as
+        the pass consumes it."""
+        clock = self.clock
+        now, mono = clock.time(), clock.monotonic()
+        for side, frames in inbound:
+            self.on_frames(side, frames, now, mono)
+        self.tick(now, mono)
+        # Group commit: one fsync covers every reply of the pass. A pass with
+        # no reply (leases, worker outcomes) promises nothing, so its records
+        # are synced within fsync_interval instead of at once.
+        self.log.commit(mono, durable=bool(self.replies))
+        self.replies.flush(self.client_link)
+        self.housekeeper.maybe_compact()
+        self.dispatcher.dispatch(now, mono)
+
+    def on_frames(self, side: str, frames: list[bytes], now: float, mono: float) -> None:
+        """The envelope of both sides: [identity, body]. A frame that cannot
+        be read is counted and dropped (a client is told); a bug handling
+        one message is logged and never stops the broker."""
+        if len(frames) != 2:
+            self._malformed(side, f"expected 2 frames, got {len(frames)}", None)
+            return
+        identity, body = frames
+        decoder = p.client_request_decoder if side == CLIENT else p.worker_report_decoder
+        try:
+            msg = p.decode(decoder, body)
+        except p.ProtocolError as exc:
+            self._malformed(side, str(exc), identity)
+            return
+        part = self.service if side == CLIENT else self.dispatcher
+        try:
+            part.on_message(identity, msg, now, mono)
+        except Exception:
+            self.stats["handler_errors"] += 1
+            log.exception("broker.handler_error", side=side, op=type(msg).__name__)
+
+    def _malformed(self, side: str, reason: str, identity: bytes | None) -> None:
+        count_malformed(self.stats, side, reason)
+        if side == CLIENT and identity is not None:
+            code = "version" if "version" in reason else "invalid"
+            self.replies.add(identity, p.ErrorReply(0, code, f"bad request: {reason}"))
+
+    def tick(self, now: float, mono: float) -> None:
+        """What is due: schedules and delayed jobs, lease deadlines, result
+        waits, TTLs, and the heartbeat round."""
+        self.housekeeper.fire_due(now)
+        self.dispatcher.expire_deadlines(now, mono)
+        self.waiters.expire(mono)
+        self.housekeeper.expire(now)
+        self.dispatcher.heartbeat(now, mono)
+
+    def ended(self, job: Job, now: float) -> None:
+        """A job reached a terminal status: answer its waiters, create what
+        it brings about (chain step, chord callback, callbacks), and answer
+        its flow's waiters if the flow ended with it."""
+        self.waiters.job_ended(job)
+        for record in flows.followups(self.state, job, now):
+            self.journal.record(record)
+            self.dispatcher.poke()
+        if job.flow is not None:
+            self.waiters.flow_ended(job.flow)
+
+    def poll_timeout(self) -> float:
+        """Seconds the loop may wait for input before the next pass is due."""
+        if self.replies or self.dispatcher.wants_pass:
+            return 0.0
+        now, mono = self.clock.time(), self.clock.monotonic()
+        wake = min(self.dispatcher.next_wakeup(), mono + MAX_POLL_WAIT)
+        due = self.housekeeper.next_wakeup()
+        if due is not None:
+            wake = min(wake, mono + (due - now))
+        deadline = self.waiters.next_deadline()
+        if deadline is not None:
+            wake = min(wake, deadline)
+        sync_in = self.log.next_sync_due(mono)
+        if sync_in is not None:
+            wake = min(wake, mono + sync_in)
+        return max(0.0, wake - mono)
+
+
+class _NoClients:
+    """The client link before the broker has bound its socket."""
+
+    def send(self, identity: bytes, body: bytes) -> bool:
+        return False

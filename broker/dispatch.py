@@ -1,0 +1,413 @@
+"""Dispatch: the worker side of the broker.
+
+Owns the connected workers (:class:`~corral.broker.workers.WorkerTable`),
+their credit and leases, which worker holds which job, the lease deadlines
+of started jobs, the heartbeats both ways, and the outcomes workers report.
+It hands jobs to workers with credit (a job is leased only once its send
+succeeded) and takes back the jobs of a worker that left, died or went
+silent. No sockets: messages leave through a :class:`WorkerLink`, and time
+comes in as ``now`` (epoch seconds) and ``mono`` (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from corral.broker import protocol as p
+from corral.broker import views
+from corral.broker.journal import Journal, WorkerLink
+from corral.broker.protocol import STATUSES, TERMINAL
+from corral.broker.records import ErrorRec, Finished, Leased, ProgressNoted, Returned
+from corral.broker.state import Job, TaskDefaults
+from corral.broker.workers import WorkerConn, WorkerTable
+
+log = structlog.get_logger()
+
+_STAT_KEYS = {status: f"jobs_{status}" for status in STATUSES}
+#: Called when a job reaches a terminal status: (job, now).
+Ended = Callable[[Job, float], None]
+
+
+class Dispatcher:
+    """Workers, credit, leases, lease deadlines, heartbeats, outcomes."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        heartbeat_interval: float,
+        liveness_window: float,
+        broker_id: str,
+        on_ended: Ended,
+    ) -> None:
+        self.journal = journal
+        self.state = journal.state
+        self.stats = journal.stats
+        self.workers = WorkerTable(liveness_window)
+        self.rates = views.Rates()
+        self.heartbeat_interval = heartbeat_interval
+        self.broker_id = broker_id
+        self.link: WorkerLink = _Unlinked()
+        self._on_ended = on_ended
+        #: job id -> identity of the worker holding its lease.
+        self.holders: dict[str, bytes] = {}
+        #: (monotonic deadline, job id, lease) of started jobs with a timeout.
+        self._deadlines: list[tuple[float, str, int]] = []
+        self._lease_seq = time.time_ns() // 1000
+        self._next_heartbeat = 0.0
+        self._dirty = True
+
+    # ------------------------------------------------------------ messages
+
+    def poke(self) -> None:
+        """Something changed that may let a job go out: dispatch this pass."""
+        self._dirty = True
+
+    @property
+    def wants_pass(self) -> bool:
+        """A dispatch is owed and some worker has credit."""
+        return self._dirty and bool(self.workers.hungry())
+
+    def on_message(self, identity: bytes, msg: Any, now: float, mono: float) -> None:
+        """One decoded message from a worker."""
+        conn = self.workers.seen(identity, mono)
+        match msg:
+            case p.Ready():
+                self._register(identity, msg, now, mono)
+            case p.Report():
+                self._report(conn, msg, now, mono)
+            case p.Return():
+                self._returned(conn, msg)
+            case p.Drain():
+                if conn is not None:
+                    conn.capacity = 0
+            case p.Bye():
+                if conn is not None:
+                    self.lose(conn, now, mono, "left")
+            case p.WorkerHeartbeat():
+                pass
+        if conn is None and not isinstance(msg, p.Ready | p.Bye | p.Drain):
+            self.send(identity, p.Reregister(), mono)
+
+    def _register(self, identity: bytes, msg: p.Ready, now: float, mono: float) -> None:
+        old = self.workers.get(identity)
+        if old is not None:
+            self.lose(old, now, mono, "registered again")
+        conn = WorkerConn(
+            identity=identity,
+            worker_id=msg.worker_id,
+            queues=list(msg.queues),
+            capacity=max(0, msg.credit),
+            concurrency=max(1, msg.concurrency),
+            tasks=[t.name for t in msg.tasks],
+            host=msg.host,
+            pid=msg.pid,
+            last_seen=mono,
+            weights={q: w for q, w in msg.queue_weights.items() if w > 0},
+        )
+        self.workers.add(conn)
+        for task in msg.tasks:
+            self.state.tasks[task.name] = TaskDefaults(
+                task.max_attempts,
+                task.timeout,
+                task.retry_backoff,
+                task.retry_backoff_max,
+                task.result_ttl,
+            )
+        self._dirty = True
+        log.info(
+            "broker.worker_ready",
+            worker=msg.worker_id,
+            host=msg.host,
+            pid=msg.pid,
+            queues=msg.queues,
+            credit=msg.credit,
+        )
+
+    def _report(self, conn: WorkerConn | None, msg: p.Report, now: float, mono: float) -> None:
+        for lease in msg.started:
+            job = self.state.jobs.get(lease.job_id)
+            if conn is None or job is None or job.lease != lease.lease:
+                continue
+            conn.started.add(lease.job_id)
+            timeout = self.state.timeout(job)
+            if timeout is not None:
+                heapq.heappush(self._deadlines, (mono + timeout, job.id, lease.lease))
+        for outcome in msg.done:
+            self._finish(conn, outcome, now, mono)
+        for note in msg.progress:
+            job = self.state.holding(note.job_id, note.lease)
+            if job is not None:
+                self.journal.record(ProgressNoted(job.id, note.fraction, note.note[:500], now))
+
+    def _finish(self, conn: WorkerConn | None, outcome: p.Outcome, now: float, mono: float) -> None:
+        holder = self.workers.get(self.holders.get(outcome.job_id, b""))
+        for c in (conn, holder if holder is not conn else None):
+            if c is not None and c.leases.get(outcome.job_id) == outcome.lease:
+                c.release(outcome.job_id)
+                self._dirty = True
+        job = self.state.holding(outcome.job_id, outcome.lease)
+        if job is None:
+            self.stats["late_results"] += 1
+            log.debug("broker.late_result", job_id=outcome.job_id, lease=outcome.lease)
+            return
+        if outcome.kind not in ("ok", "error", "fail", "retry"):
+            self.malformed(f"unknown outcome kind {outcome.kind!r}")
+            return
+        error = None
+        if outcome.error is not None:
+            error = ErrorRec(outcome.error.type, outcome.error.message, outcome.error.traceback)
+        record = self.state.decide_finish(
+            job,
+            outcome.kind,
+            now,
+            result=outcome.result,
+            error=error,
+            delay=outcome.delay,
+            started_at=outcome.started_at,
+        )
+        self._settle(job, record, now, mono, conn)
+
+    def _settle(
+        self,
+        job: Job,
+        record: Finished,
+        now: float,
+        mono: float,
+        conn: WorkerConn | None = None,
+    ) -> None:
+        """Log a try's end (a Finished record), count it, and end the job if
+        the try ended it."""
+        self.holders.pop(job.id, None)
+        self.journal.record(record)
+        self._count_outcome(conn, record.status, mono)
+        self._dirty = True
+        if record.status in TERMINAL:
+            self._on_ended(job, now)
+
+    def _count_outcome(self, conn: WorkerConn | None, status: str, mono: float) -> None:
+        self.stats[_STAT_KEYS[status]] += 1
+        self.rates.add(mono, status)
+        if conn is not None:
+            if status == "succeeded":
+                conn.processed += 1
+            elif status in ("failed", "retrying"):
+                conn.failed += 1
+
+    def _returned(self, conn: WorkerConn | None, msg: p.Return) -> None:
+        for lease in msg.leases:
+            if conn is not None and conn.release(lease.job_id) is None:
+                continue
+            job = self.state.holding(lease.job_id, lease.lease)
+            if job is not None:
+                self.holders.pop(job.id, None)
+                self.journal.record(Returned(job.id, lease.lease))
+                self._dirty = True
+
+    def lose(self, conn: WorkerConn, now: float, mono: float, reason: str) -> int:
+        """Requeue every job a gone worker held; the attempt counts for the
+        jobs it may have started (see WorkerConn.counted_on_loss). Returns
+        how many jobs went back to their queue."""
+        self.workers.remove(conn.identity)
+        # A worker that says Bye holds nothing: what it still had leased was
+        # in flight to it and never started.
+        counted = set() if reason == "left" else conn.counted_on_loss()
+        requeued = 0
+        for job_id, lease in list(conn.leases.items()):
+            job = self.state.holding(job_id, lease)
+            if job is None:
+                continue
+            self.holders.pop(job_id, None)
+            if job_id in counted:
+                error = ErrorRec(
+                    "WorkerLost",
+                    f"worker {conn.worker_id} (pid {conn.pid} on {conn.host}) {reason} "
+                    "while running the job",
+                )
+                finished = self.state.decide_finish(job, "lost", now, error=error)
+                self._settle(job, finished, now, mono)
+                if finished.status in TERMINAL:
+                    continue
+            else:
+                self.journal.record(Returned(job_id, lease))
+            requeued += 1
+        self.stats["workers_lost"] += reason != "left"
+        self.stats["redelivered"] += requeued
+        self._dirty = True
+        log_fn = log.info if reason == "left" else log.warning
+        log_fn(
+            "broker.worker_gone",
+            worker=conn.worker_id,
+            pid=conn.pid,
+            reason=reason,
+            requeued=requeued,
+        )
+        return requeued
+
+    def process_exited(self, host: str, pid: int, reason: str, now: float, mono: float) -> int:
+        """A supervisor reaped the worker process ``pid`` on ``host``: its
+        registrations go at once, not after the heartbeat window. Returns
+        how many registrations were dropped."""
+        gone = [c for c in self.workers if c.host == host and c.pid == pid]
+        for conn in gone:
+            self.lose(conn, now, mono, f"exited ({reason})")
+        return len(gone)
+
+    def revoke(self, job_id: str, lease: int) -> None:
+        """The job was cancelled under ``lease``: tell the worker holding it,
+        if any (its handler sees ``ctx.cancelled``; its result is fenced)."""
+        holder = self.holders.pop(job_id, None)
+        if holder is not None and lease:
+            self.send(holder, p.CancelJob(job_id, lease), None)
+
+    # ---------------------------------------------------------------- tick
+
+    def heartbeat(self, now: float, mono: float) -> None:
+        """Once per heartbeat interval: drop silent workers (their jobs go
+        back), heartbeat the others, and retry a dispatch a full socket
+        refused."""
+        if mono >= self._next_heartbeat:
+            self._next_heartbeat = mono + self.heartbeat_interval
+            self._dirty = True  # retry any dispatch a full socket refused
+            for conn in self.workers.silent(mono):
+                self.lose(conn, now, mono, "went silent")
+            for conn in self.workers:
+                self.send(conn.identity, p.BrokerHeartbeat(self.broker_id), mono)
+
+    def next_wakeup(self) -> float:
+        """The monotonic time of the next heartbeat or lease deadline."""
+        wake = self._next_heartbeat
+        if self._deadlines:
+            wake = min(wake, self._deadlines[0][0])
+        return wake
+
+    def expire_deadlines(self, now: float, mono: float) -> None:
+        """End the tries that ran past their timeout (retried or failed);
+        the worker's late result is fenced."""
+        while self._deadlines and self._deadlines[0][0] <= mono:
+            _, job_id, lease = heapq.heappop(self._deadlines)
+            job = self.state.holding(job_id, lease)
+            if job is None:
+                continue
+            timeout = self.state.timeout(job)
+            error = ErrorRec("TimeoutError", f"the job ran past its timeout of {timeout}s")
+            record = self.state.decide_finish(job, "error", now, error=error)
+            self.stats["timeouts"] += 1
+            self._settle(job, record, now, mono)
+            log.warning("broker.job_timeout", job_id=job_id, timeout=timeout, next=record.status)
+
+    # ------------------------------------------------------------ dispatch
+
+    def dispatch(self, now: float, mono: float) -> None:
+        """Send ready jobs to every worker with credit, if anything changed."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        for conn in self.workers.hungry():
+            jobs = self._take_jobs(conn)
+            if jobs:
+                self._deliver(conn, jobs, now, mono)
+
+    def _take_jobs(self, conn: WorkerConn) -> list[Job]:
+        jobs: list[Job] = []
+        taken: set[str] = set()
+        credit = conn.credit
+        while len(jobs) < credit:
+            job = None
+            for queue in conn.queue_order():
+                if queue in self.state.paused:
+                    continue
+                job = self.state.pop_ready(queue)
+                if job is not None:
+                    break
+            if job is None:
+                break
+            if job.id not in taken:
+                taken.add(job.id)
+                jobs.append(job)
+        return jobs
+
+    def _deliver(self, conn: WorkerConn, jobs: list[Job], now: float, mono: float) -> None:
+        leases = []
+        deliveries = []
+        for job in jobs:
+            self._lease_seq += 1
+            leases.append(self._lease_seq)
+            deliveries.append(
+                p.Delivery(
+                    job.id,
+                    self._lease_seq,
+                    job.task,
+                    job.payload,
+                    job.attempts + 1,
+                    self.state.max_attempts(job),
+                    job.queue,
+                    job.created_at,
+                    self.state.timeout(job),
+                    job.prev_result,
+                )
+            )
+        if not self.send(conn.identity, p.Deliver(deliveries), mono):
+            for job in jobs:
+                self.state.push_back(job)
+            return
+        for job, lease in zip(jobs, leases, strict=True):
+            self.journal.record(
+                Leased(job.id, lease, job.attempts + 1, conn.worker_id, conn.host, conn.pid, now)
+            )
+            conn.leases[job.id] = lease
+            self.holders[job.id] = conn.identity
+        self.stats["delivered"] += len(jobs)
+
+    # -------------------------------------------------------------- helpers
+
+    def send(self, identity: bytes, msg: p.Msg, mono: float | None) -> bool:
+        """Send ``msg`` to a worker now; False if it could not go out."""
+        if not self.link.send(identity, p.encode(msg)):
+            return False
+        conn = self.workers.get(identity)
+        if conn is not None and mono is not None:
+            conn.last_sent = mono
+        return True
+
+    def malformed(self, reason: str) -> None:
+        count_malformed(self.stats, "worker", reason)
+
+    def worker_infos(self, mono: float) -> list[p.WorkerInfo]:
+        """The connected workers as ``corral status`` shows them."""
+        return [
+            p.WorkerInfo(
+                c.worker_id,
+                c.host,
+                c.pid,
+                c.queues,
+                c.concurrency,
+                c.credit,
+                list(c.leases),
+                c.tasks,
+                round(mono - c.last_seen, 3),
+                c.processed,
+                c.failed,
+            )
+            for c in self.workers
+        ]
+
+
+def count_malformed(stats: Any, side: str, reason: str) -> None:
+    """Count a frame that could not be read, and log it (rate-limited)."""
+    stats["malformed_frames"] += 1
+    n = stats["malformed_frames"]
+    if n <= 20 or n % 1000 == 0:
+        log.warning("broker.malformed_frame", side=side, reason=reason[:200], total=n)
+
+
+class _Unlinked:
+    """The link before the broker has bound its worker socket: nothing goes out."""
+
+    def send(self, identity: bytes, body: bytes) -> bool:
+        return False

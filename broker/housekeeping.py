@@ -1,0 +1,106 @@
+"""Housekeeping: what the broker does because time passed.
+
+Fires due schedules (the job first, then the fire's record), moves
+scheduled and retrying jobs whose time came to their queue, forgets
+finished jobs past their TTL, and compacts the log when it has grown past
+twice the live data. Time comes in as ``now`` (epoch seconds): a test
+drives it with a fake clock.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import structlog
+
+from corral.broker.dispatch import Dispatcher
+from corral.broker.jobspec import JobSpec
+from corral.broker.journal import Journal
+from corral.broker.records import Removed, ScheduleFired
+from corral.broker.schedules import Schedule, Scheduler, job_id_for
+
+log = structlog.get_logger()
+
+
+class Housekeeper:
+    """Schedules, due jobs, TTL expiry and compaction."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        scheduler: Scheduler,
+        dispatcher: Dispatcher,
+        *,
+        compact_min_size: int,
+    ) -> None:
+        self.journal = journal
+        self.state = journal.state
+        self.stats = journal.stats
+        self.scheduler = scheduler
+        self.dispatcher = dispatcher
+        self.compact_min_size = compact_min_size
+
+    def catch_up(self, now: float) -> int:
+        """After replay: fire what the schedules owe for the downtime (by
+        each schedule's catch-up policy). Returns how many fired."""
+        owed = self.scheduler.restore(self.state.last_fired, now)
+        for schedule, due_at in owed:
+            self.fire(schedule, due_at, now, caught_up=True)
+        return len(owed)
+
+    def fire_due(self, now: float) -> None:
+        """Fire the schedules due by ``now``; queue the jobs due by ``now``."""
+        for schedule, due_at in self.scheduler.due(now):
+            self.fire(schedule, due_at, now)
+        if self.state.promote_due(now):
+            self.dispatcher.poke()
+
+    def expire(self, now: float) -> None:
+        """Forget the finished jobs past their TTL (a Removed record each, so
+        a replay never revives one)."""
+        for job_id in self.state.expired(now):
+            self.journal.record(Removed(job_id))
+
+    def next_wakeup(self) -> float | None:
+        """The epoch time the next job or schedule is due, if any."""
+        due = [t for t in (self.state.next_wakeup(), self.scheduler.next_wakeup()) if t is not None]
+        return min(due) if due else None
+
+    def fire(self, schedule: Schedule, due_at: float, now: float, caught_up: bool = False) -> None:
+        """A schedule's due time came: its job, then the record of the fire.
+        The job id derives from (schedule, due time), so a fire repeated
+        after a crash between the two records is deduplicated."""
+        spec = JobSpec(
+            job_id_for(schedule.name, due_at),
+            schedule.task,
+            msgspec.Raw(schedule.payload),
+            queue=schedule.queue,
+            priority=schedule.priority,
+        )
+        record = self.state.decide_create(spec, now)
+        if record is not None:
+            self.journal.record(record)
+            self.stats["schedules_fired"] += 1
+        self.journal.record(ScheduleFired(schedule.name, due_at))
+        self.dispatcher.poke()
+        event = "broker.schedule_caught_up" if caught_up else "broker.schedule_fired"
+        log.info(event, schedule=schedule.name, due_at=due_at, job_id=spec.id)
+
+    def maybe_compact(self) -> bool:
+        """Compact when the bytes written since the last compaction exceed
+        ``max(compact_min_size, 2 x live bytes)`` and nothing is pending.
+        Synchronous (see docs/PERFORMANCE.md)."""
+        log_ = self.journal.log
+        threshold = max(self.compact_min_size, 2 * self.state.live_bytes)
+        if log_.bytes_since_compaction <= threshold or log_.pending:
+            return False
+        started = time.monotonic()
+        log_.compact(self.state.snapshot())
+        self.stats["compactions"] += 1
+        log.info(
+            "broker.compacted",
+            jobs=len(self.state.jobs),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return True

@@ -1,0 +1,72 @@
+"""The log and the job state, changed together, and the links out.
+
+:class:`Journal` is the one way any part of the broker changes a job: the
+record goes to the log first, then to the state (log first, then apply), so
+a replay rebuilds exactly what the live broker had. :class:`Replies` holds
+the pass's answers to clients until the commit that covers them; the links
+are what the loop gives the parts to reach the sockets (tests give
+recorders instead).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Protocol
+
+from corral.broker import protocol as p
+from corral.broker.log import Log
+from corral.broker.records import Record
+from corral.broker.state import JobState
+
+
+class Journal:
+    """The job state, its log and the broker's counters."""
+
+    def __init__(self, state: JobState, log: Log) -> None:
+        self.state = state
+        self.log = log
+        #: Counters shown by ``corral status`` (and later as metrics).
+        self.stats: Counter[str] = Counter()
+
+    def record(self, record: Record) -> None:
+        """Log first, then apply. The record is durable at the pass's commit."""
+        self.log.append(record)
+        self.state.apply(record)
+
+
+class WorkerLink(Protocol):
+    """Sends one message to a worker now. False: not sent (a full or gone
+    peer); the caller must not act as if it was delivered."""
+
+    def send(self, identity: bytes, body: bytes) -> bool: ...
+
+
+class ClientLink(Protocol):
+    """Sends one reply to a client. False: dropped (a full or gone peer),
+    which the client's own timeout covers."""
+
+    def send(self, identity: bytes, body: bytes) -> bool: ...
+
+
+class Replies:
+    """The pass's replies to clients, sent only after the pass's commit, so
+    none that promises durability leaves before its fsync."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[bytes, bytes]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, identity: bytes, msg: p.Msg) -> None:
+        self.pending.append((identity, p.encode(msg)))
+
+    def flush(self, link: ClientLink) -> int:
+        """Send every held reply; returns how many."""
+        pending, self.pending = self.pending, []
+        for identity, body in pending:
+            link.send(identity, body)
+        return len(pending)

@@ -1,0 +1,325 @@
+"""Client service: the broker's answers to clients.
+
+Enqueue (jobs and flows), job and flow info, results (parked in
+:class:`~corral.broker.waiters.Waiters` while they wait), listing, status,
+and management (cancel, retry, delete, purge, pause). Each request gets one
+reply, held in the pass's :class:`~corral.broker.journal.Replies` until the
+commit that makes what it promises durable. No sockets; time comes in as
+``now`` (epoch seconds) and ``mono`` (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from corral.broker import flows, views
+from corral.broker import protocol as p
+from corral.broker.dispatch import Dispatcher, Ended
+from corral.broker.journal import Journal, Replies
+from corral.broker.protocol import TERMINAL
+from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
+from corral.broker.state import InvalidJob, Job, validate_spec
+from corral.broker.waiters import Waiters, not_found
+
+#: A supervisor not heard from for this long (seconds) is left out of status.
+SUPERVISOR_STALE = 15.0
+#: The most jobs one ``ListJobs`` page holds.
+MAX_PAGE = 10_000
+
+Handler = Callable[[bytes, Any, float, float], None]
+
+
+class ClientService:
+    """Handlers for the client endpoint; see the module docstring."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        replies: Replies,
+        dispatcher: Dispatcher,
+        waiters: Waiters,
+        *,
+        broker_id: str,
+        state_dir: Path,
+        on_ended: Ended,
+    ) -> None:
+        self.journal = journal
+        self.state = journal.state
+        self.stats = journal.stats
+        self.replies = replies
+        self.dispatcher = dispatcher
+        self.waiters = waiters
+        self.broker_id = broker_id
+        self.state_dir = state_dir
+        self._on_ended = on_ended
+        #: supervisor id -> (its last report, monotonic time received).
+        self.supervisors: dict[str, tuple[p.SupervisorInfo, float]] = {}
+        self._handlers: dict[type, Handler] = {
+            p.Enqueue: self._enqueue,
+            p.EnqueueFlow: self._enqueue_flow,
+            p.GetJob: self._get_job,
+            p.GetResult: self._get_result,
+            p.GetFlow: self._get_flow,
+            p.GetStatus: self._get_status,
+            p.Ping: self._ping,
+            p.SupervisorReport: self._supervisor_report,
+            p.WorkerExited: self._worker_exited,
+            p.Cancel: self._cancel,
+            p.RetryJobs: self._retry,
+            p.Delete: self._delete,
+            p.Purge: self._purge,
+            p.Pause: self._pause,
+            p.ListJobs: self._list,
+        }
+
+    def on_message(self, identity: bytes, msg: Any, now: float, mono: float) -> None:
+        """One decoded request from a client."""
+        handler = self._handlers.get(type(msg))
+        if handler is not None:
+            handler(identity, msg, now, mono)
+
+    def _reply(self, identity: bytes, msg: p.Msg) -> None:
+        self.replies.add(identity, msg)
+
+    def _invalid(self, identity: bytes, req: int, message: str) -> None:
+        self._reply(identity, p.ErrorReply(req, "invalid", message))
+
+    # ------------------------------------------------------------- enqueue
+
+    def _refuse_if_full(self, identity: bytes, req: int) -> bool:
+        """New jobs are refused while the log has no room but its reserve."""
+        if not self.journal.log.full:
+            return False
+        self.stats["enqueue_refused_disk_full"] += 1
+        self._reply(
+            identity,
+            p.ErrorReply(
+                req,
+                "disk_full",
+                f"the broker's disk is full ({self.state_dir}): no job was accepted; "
+                "free space or raise broker.disk_reserve, then retry",
+            ),
+        )
+        return True
+
+    def _enqueue(self, identity: bytes, msg: p.Enqueue, now: float, mono: float) -> None:
+        if self._refuse_if_full(identity, msg.req):
+            return
+        try:
+            for spec in msg.jobs:
+                validate_spec(spec)
+        except InvalidJob as exc:
+            self._invalid(identity, msg.req, str(exc))
+            return
+        ids = []
+        created = 0
+        for spec in msg.jobs:
+            holder = self.state.holder_of(spec.unique_key, now)
+            if holder is not None:  # a unique job: the first one's id
+                ids.append(holder)
+                continue
+            record = self.state.decide_create(spec, now, validated=True)
+            if record is not None:
+                self.journal.record(record)
+                created += 1
+            ids.append(spec.id)
+        self.stats["enqueued"] += created
+        self.dispatcher.poke()
+        self._reply(identity, p.EnqueueOk(msg.req, ids))
+
+    def _enqueue_flow(self, identity: bytes, msg: p.EnqueueFlow, now: float, mono: float) -> None:
+        if self._refuse_if_full(identity, msg.req):
+            return
+        try:
+            if msg.kind not in ("chain", "group") or not msg.jobs:
+                raise InvalidJob(
+                    f"kind: a flow is a chain or a group of at least one job, got "
+                    f"{msg.kind!r} with {len(msg.jobs)} jobs"
+                )
+            for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
+                validate_spec(spec)
+        except InvalidJob as exc:
+            self._invalid(identity, msg.req, str(exc))
+            return
+        ids = [msg.flow_id] + [spec.id for spec in msg.jobs]
+        if msg.flow_id not in self.state.flows:
+            self.journal.record(FlowCreated(msg.flow_id, msg.kind, msg.jobs, now, msg.callback))
+            first = msg.jobs if msg.kind == "group" else msg.jobs[:1]
+            for index, spec in enumerate(first):
+                record = flows.create(self.state, spec, now, flow=msg.flow_id, index=index)
+                if record is not None:
+                    self.journal.record(record)
+            self.stats["flows"] += 1
+            self.dispatcher.poke()
+        self._reply(identity, p.EnqueueOk(msg.req, ids))
+
+    # --------------------------------------------------------------- reads
+
+    def _get_job(self, identity: bytes, msg: p.GetJob, now: float, mono: float) -> None:
+        job = self.state.jobs.get(msg.job_id)
+        if job is None:
+            self._reply(identity, not_found(msg.req, msg.job_id))
+        else:
+            self._reply(identity, p.JobReply(msg.req, views.job_view(self.state, job)))
+
+    def _get_result(self, identity: bytes, msg: p.GetResult, now: float, mono: float) -> None:
+        self.waiters.get_result(identity, msg, mono)
+
+    def _get_flow(self, identity: bytes, msg: p.GetFlow, now: float, mono: float) -> None:
+        flow = self.state.flows.get(msg.flow_id)
+        if flow is None:
+            self._reply(identity, not_found(msg.req, msg.flow_id))
+        else:
+            self._reply(identity, p.FlowReply(msg.req, views.flow_info(self.state, flow)))
+
+    def _ping(self, identity: bytes, msg: p.Ping, now: float, mono: float) -> None:
+        self._reply(identity, p.Pong(msg.req, self.broker_id))
+
+    def _list(self, identity: bytes, msg: p.ListJobs, now: float, mono: float) -> None:
+        try:
+            jobs, cursor = self.state.list_jobs(
+                msg.queue, msg.status, msg.task, max(1, min(msg.limit, MAX_PAGE)), msg.cursor
+            )
+        except InvalidJob as exc:
+            self._invalid(identity, msg.req, str(exc))
+            return
+        infos = [views.job_view(self.state, job) for job in jobs]
+        self._reply(identity, p.JobList(msg.req, infos, cursor))
+
+    def _get_status(self, identity: bytes, msg: p.GetStatus, now: float, mono: float) -> None:
+        self._reply(identity, p.StatusReply(msg.req, self.status(mono)))
+
+    def status(self, mono: float) -> p.StatusInfo:
+        """Queues, workers, counters, supervisors: what ``corral status`` shows."""
+        state = self.state
+        stats = dict(self.stats)
+        stats.update({f"log_{k}": int(v) for k, v in self.journal.log.stats().items()})
+        stats["jobs"] = len(state.jobs)
+        stats["waiters"] = len(self.waiters)
+        workers = self.dispatcher.workers
+        supervisors = [
+            msgspec.structs.replace(info, reported_ago=round(mono - seen, 3))
+            for info, seen in self.supervisors.values()
+            if mono - seen < SUPERVISOR_STALE
+        ]
+        return p.StatusInfo(
+            dict(sorted(state.queue_counts().items())),
+            self.dispatcher.worker_infos(mono),
+            stats,
+            self.broker_id,
+            supervisors,
+            sorted(state.paused),
+            state.per_task(),
+            self.dispatcher.rates.per_minute(mono),
+            sorted({t for c in workers for t in c.tasks}),
+        )
+
+    # --------------------------------------------------------- supervisors
+
+    def _supervisor_report(
+        self, identity: bytes, msg: p.SupervisorReport, now: float, mono: float
+    ) -> None:
+        self.supervisors[msg.info.supervisor_id] = (msg.info, mono)
+        queued = sum(n for (_, status), n in self.state.counts.items() if status == "queued")
+        self._reply(identity, p.Ack(msg.req, queued))
+
+    def _worker_exited(self, identity: bytes, msg: p.WorkerExited, now: float, mono: float) -> None:
+        dropped = self.dispatcher.process_exited(msg.host, msg.pid, msg.reason, now, mono)
+        self._reply(identity, p.Ack(msg.req, dropped))
+
+    # ---------------------------------------------------------- management
+
+    def _cancel(self, identity: bytes, msg: p.Cancel, now: float, mono: float) -> None:
+        flow = self.state.flows.get(msg.job_id)
+        if flow is not None:  # a chain or group: cancel what has not ended
+            count = 0
+            for step in [*flow.steps, *([flow.callback] if flow.callback else [])]:
+                job = self.state.jobs.get(step.id)
+                if job is not None and job.status not in TERMINAL:
+                    self._cancel_job(job, now)
+                    count += 1
+            self._reply(identity, p.Ack(msg.req, count))
+            return
+        job = self.state.jobs.get(msg.job_id)
+        if job is None:
+            self._reply(identity, not_found(msg.req, msg.job_id))
+        elif job.status in TERMINAL:
+            self._reply(identity, p.Ack(msg.req, 0))
+        else:
+            self._cancel_job(job, now)
+            self._reply(identity, p.Ack(msg.req, 1, [job.id]))
+
+    def _cancel_job(self, job: Job, now: float) -> None:
+        lease = job.lease
+        self.journal.record(Cancelled(job.id, now))
+        self.dispatcher.revoke(job.id, lease)
+        self.stats["jobs_cancelled"] += 1
+        self._on_ended(job, now)
+
+    def _retry(self, identity: bytes, msg: p.RetryJobs, now: float, mono: float) -> None:
+        if msg.job_id is None:
+            jobs = [
+                j
+                for j in self.state.jobs.values()
+                if j.status == "failed"
+                and (msg.queue is None or j.queue == msg.queue)
+                and self.state.holder_of(j.unique_key, now) in (None, j.id)
+            ]
+        else:
+            job = self.state.jobs.get(msg.job_id)
+            if job is None:
+                self._reply(identity, not_found(msg.req, msg.job_id))
+                return
+            refusal = self._retry_refusal(job, now)
+            if refusal is not None:
+                self._invalid(identity, msg.req, refusal)
+                return
+            jobs = [job]
+        for job in jobs:
+            self.journal.record(Requeued(job.id, now))
+        self.dispatcher.poke()
+        self._reply(identity, p.Ack(msg.req, len(jobs), [j.id for j in jobs]))
+
+    def _retry_refusal(self, job: Job, now: float) -> str | None:
+        """Why ``job`` cannot be retried by hand, or None."""
+        holder = self.state.holder_of(job.unique_key, now)
+        if holder is not None and holder != job.id:
+            return (
+                f"job {holder} holds the unique_key {job.unique_key!r}; "
+                f"retry {job.id} once it has ended"
+            )
+        if job.status not in ("failed", "cancelled"):
+            return f"job {job.id} is {job.status}: only failed or cancelled jobs can be retried"
+        return None
+
+    def _delete(self, identity: bytes, msg: p.Delete, now: float, mono: float) -> None:
+        job = self.state.jobs.get(msg.job_id)
+        if job is None:
+            self._reply(identity, not_found(msg.req, msg.job_id))
+        elif job.status not in TERMINAL:
+            self._invalid(
+                identity,
+                msg.req,
+                f"job {job.id} is {job.status}: only finished jobs can be deleted; cancel it first",
+            )
+        else:
+            self.journal.record(Removed(job.id))
+            self._reply(identity, p.Ack(msg.req, 1, [job.id]))
+
+    def _purge(self, identity: bytes, msg: p.Purge, now: float, mono: float) -> None:
+        ids = [
+            j.id for j in self.state.jobs.values() if j.queue == msg.queue and j.status == "queued"
+        ]
+        for job_id in ids:
+            self.journal.record(Removed(job_id))
+        self._reply(identity, p.Ack(msg.req, len(ids)))
+
+    def _pause(self, identity: bytes, msg: p.Pause, now: float, mono: float) -> None:
+        if (msg.queue in self.state.paused) != msg.paused:
+            self.journal.record(QueuePaused(msg.queue, msg.paused))
+            self.dispatcher.poke()
+        self._reply(identity, p.Ack(msg.req, 1))

@@ -1,0 +1,110 @@
+"""Result waiters: clients long-polling for a job's or a flow's outcome.
+
+A ``GetResult`` with a wait is parked here until the job or flow ends (the
+broker calls :meth:`Waiters.job_ended` / :meth:`Waiters.flow_ended`) or its
+wait runs out (:meth:`Waiters.expire`, on the monotonic clock); either way
+it gets exactly one reply. Replies go through the pass's
+:class:`~corral.broker.journal.Replies`, so they leave after the commit.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from corral.broker import flows, views
+from corral.broker import protocol as p
+from corral.broker.journal import Replies
+from corral.broker.protocol import TERMINAL
+from corral.broker.state import Job, JobState
+
+#: The longest wait the broker parks a request for, in seconds.
+MAX_WAIT = 3600.0
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A client long-polling for a job's or a flow's result."""
+
+    deadline: float
+    job_id: str
+    identity: bytes
+    req: int
+    answered: bool = False
+
+
+class Waiters:
+    """Parked result requests, by job or flow id, with their deadlines."""
+
+    def __init__(self, state: JobState, replies: Replies) -> None:
+        self.state = state
+        self.replies = replies
+        self._by_id: dict[str, list[Waiter]] = {}
+        self._heap: list[tuple[float, int, Waiter]] = []
+
+    def __len__(self) -> int:
+        return sum(len(w) for w in self._by_id.values())
+
+    def get_result(self, identity: bytes, msg: p.GetResult, mono: float) -> None:
+        """Answer now if the job or flow has ended or the caller won't wait;
+        else park the request for up to ``msg.wait`` seconds."""
+        job = self.state.jobs.get(msg.job_id)
+        flow = self.state.flows.get(msg.job_id)
+        if job is not None:
+            ended = job.status in TERMINAL
+        elif flow is not None:
+            ended = flows.status_of(self.state, flow)[0] in TERMINAL
+        else:
+            self.replies.add(identity, not_found(msg.req, msg.job_id))
+            return
+        if ended or msg.wait <= 0:
+            self.answer(identity, msg.req, msg.job_id)
+            return
+        waiter = Waiter(mono + min(msg.wait, MAX_WAIT), msg.job_id, identity, msg.req)
+        self._by_id.setdefault(msg.job_id, []).append(waiter)
+        heapq.heappush(self._heap, (waiter.deadline, id(waiter), waiter))
+
+    def job_ended(self, job: Job) -> None:
+        for waiter in self._by_id.pop(job.id, ()):
+            waiter.answered = True  # its heap entry is now stale
+            self.replies.add(waiter.identity, views.result_reply(waiter.req, job))
+
+    def flow_ended(self, flow_id: str) -> None:
+        """Answer a flow's waiters if the flow has ended."""
+        flow = self.state.flows.get(flow_id)
+        if flow is None or flows.status_of(self.state, flow)[0] not in TERMINAL:
+            return
+        for waiter in self._by_id.pop(flow_id, ()):
+            waiter.answered = True
+            self.replies.add(waiter.identity, views.flow_result(self.state, waiter.req, flow))
+
+    def expire(self, mono: float) -> None:
+        """Answer, as things stand, every request whose wait ran out."""
+        while self._heap and self._heap[0][0] <= mono:
+            waiter = heapq.heappop(self._heap)[2]
+            if waiter.answered:
+                continue
+            waiting = self._by_id.get(waiter.job_id, [])
+            waiting.remove(waiter)
+            if not waiting:
+                self._by_id.pop(waiter.job_id, None)
+            self.answer(waiter.identity, waiter.req, waiter.job_id)
+
+    def next_deadline(self) -> float | None:
+        """The monotonic time the earliest wait runs out, if any."""
+        return self._heap[0][0] if self._heap else None
+
+    def answer(self, identity: bytes, req: int, job_id: str) -> None:
+        """A job's or a flow's outcome as it stands."""
+        job = self.state.jobs.get(job_id)
+        flow = self.state.flows.get(job_id)
+        if job is not None:
+            self.replies.add(identity, views.result_reply(req, job))
+        elif flow is not None:
+            self.replies.add(identity, views.flow_result(self.state, req, flow))
+        else:
+            self.replies.add(identity, not_found(req, job_id))
+
+
+def not_found(req: int, job_id: str) -> p.ErrorReply:
+    return p.ErrorReply(req, "not_found", f"no job with id {job_id!r} (it may have expired)")

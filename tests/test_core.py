@@ -1,0 +1,252 @@
+"""The broker's parts driven in-process: the real BrokerCore and log, a
+FakeClock, recording links. Delays, deadlines, heartbeats, retries, TTLs,
+result waits and schedules are checked by moving the clock, not by sleeping;
+the wall clock also steps backward and forward."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from inproc import FakeWorker, InProcessBroker, decoded, deliveries
+
+from corral.broker import protocol as p
+from corral.broker.clock import FakeClock
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> InProcessBroker:
+    return InProcessBroker(tmp_path)
+
+
+def test_a_delayed_job_goes_out_when_due_and_not_before(broker: InProcessBroker) -> None:
+    worker = FakeWorker(broker)
+    assert worker.ready() == []
+    job_id = broker.enqueue(delay=30.0)
+    assert worker.inbox() == []
+    broker.advance(29.9)
+    assert deliveries(worker.inbox()) == []
+    assert broker.job(job_id).status == "scheduled"  # type: ignore[union-attr]
+    broker.advance(0.1)
+    (d,) = deliveries(worker.inbox())
+    assert (d.job_id, d.attempt) == (job_id, 1)
+
+
+def test_a_started_job_past_its_timeout_is_retried_and_its_late_result_fenced(
+    broker: InProcessBroker,
+) -> None:
+    worker = FakeWorker(broker)
+    worker.ready()
+    job_id = broker.enqueue(timeout=10.0, max_attempts=2)
+    (d,) = deliveries(worker.inbox())
+    worker.start(d)
+    broker.advance(9.5)
+    assert broker.job(job_id).status == "running"  # type: ignore[union-attr]
+    broker.advance(0.5)
+    info = broker.job(job_id)
+    assert info is not None
+    assert info.status == "retrying"
+    assert info.tries[-1].error is not None and info.tries[-1].error.type == "TimeoutError"
+    assert broker.core.stats["timeouts"] == 1
+    worker.finish(d, "ok", 41)  # the old lease's answer
+    assert broker.core.stats["late_results"] == 1
+    assert broker.job(job_id).status == "retrying"  # type: ignore[union-attr]
+
+
+def test_a_silent_worker_loses_its_jobs_after_the_liveness_window(
+    broker: InProcessBroker,
+) -> None:
+    silent = FakeWorker(broker, b"silent", credit=2)
+    silent.ready()
+    silent.go_silent()
+    first = broker.enqueue(id="a")
+    broker.enqueue(id="b")
+    got = deliveries(silent.inbox())
+    assert [d.job_id for d in got] == ["a", "b"]
+    silent.start(got[0])
+    other = FakeWorker(broker, b"other", credit=2)
+    other.ready()
+    # The window is 3 beats of 1 s, checked on each beat: the worker is
+    # still alive 3 s after it was last heard, and dead by the beat after.
+    broker.advance(3.0)
+    assert broker.core.stats["workers_lost"] == 0
+    broker.advance(1.0)
+    assert broker.core.stats["workers_lost"] == 1
+    redelivered = deliveries(other.inbox())
+    assert sorted(d.job_id for d in redelivered) == ["a", "b"]
+    # the started job's attempt counted; the buffered one went back uncounted
+    attempts = {d.job_id: d.attempt for d in redelivered}
+    assert attempts == {first: 2, "b": 1}
+
+
+def test_an_error_is_retried_after_its_backoff(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra='retry_backoff = "8s"\nretry_backoff_max = "8s"')
+    worker = FakeWorker(broker)
+    worker.ready()
+    job_id = broker.enqueue(max_attempts=3)
+    (d,) = deliveries(worker.inbox())
+    worker.start(d)
+    worker.finish(d, "error", error=p.ErrorInfo("ValueError", "boom"))
+    info = broker.job(job_id)
+    assert info is not None and info.status == "retrying"
+    assert info.next_run_at is not None
+    wait = info.next_run_at - broker.clock.time()
+    assert 4.0 <= wait <= 8.0  # equal jitter: half the backoff, plus up to half
+    broker.advance(wait - 0.01)
+    assert deliveries(worker.inbox()) == []
+    broker.advance(0.01)
+    (again,) = deliveries(worker.inbox())
+    assert (again.job_id, again.attempt) == (job_id, 2)
+
+
+def test_a_result_expires_after_its_ttl(broker: InProcessBroker) -> None:
+    worker = FakeWorker(broker)
+    worker.ready()
+    job_id = broker.enqueue(result_ttl=5.0)
+    (d,) = deliveries(worker.inbox())
+    worker.start(d)
+    worker.finish(d, "ok", {"n": 1})
+    broker.advance(4.9)
+    reply = broker.request(p.GetResult(broker.next_req(), job_id))
+    assert isinstance(reply, p.ResultReply) and decoded(reply.result) == {"n": 1}
+    broker.advance(0.1)
+    assert broker.job(job_id) is None
+    gone = broker.request(p.GetResult(broker.next_req(), job_id))
+    assert isinstance(gone, p.ErrorReply) and gone.code == "not_found"
+
+
+def test_a_result_wait_is_answered_when_it_runs_out_or_the_job_ends(
+    broker: InProcessBroker,
+) -> None:
+    job_id = broker.enqueue()
+    broker.run_pass(("client", [b"waiter", p.encode(p.GetResult(7, job_id, wait=5.0))]))
+    assert broker.clients.sent == [s for s in broker.clients.sent if s[0] != b"waiter"]
+    broker.advance(4.9)
+    assert not [s for s in broker.clients.sent if s[0] == b"waiter"]
+    broker.advance(0.1)
+    (answer,) = [b for i, b in broker.clients.sent if i == b"waiter"]
+    reply = p.decode(p.client_reply_decoder, answer)
+    assert (reply.req, reply.status) == (7, "queued")
+    # and a wait for a job that ends is answered in the pass it ends
+    worker = FakeWorker(broker)
+    (d,) = worker.ready()
+    worker.start(d)
+    broker.run_pass(("client", [b"w2", p.encode(p.GetResult(8, job_id, wait=60.0))]))
+    worker.finish(d, "ok", "done")
+    (answer,) = [b for i, b in broker.clients.sent if i == b"w2"]
+    reply = p.decode(p.client_reply_decoder, answer)
+    assert (reply.status, decoded(reply.result)) == ("succeeded", "done")
+
+
+SCHEDULE = """
+[[schedules]]
+name = "tick"
+task = "t.tick"
+every = "60s"
+catch_up = "skip"
+"""
+
+
+def fires(broker: InProcessBroker) -> list[str]:
+    return [j.id for j in broker.core.state.jobs.values() if j.task == "t.tick"]
+
+
+def test_an_interval_schedule_fires_once_per_due_time(tmp_path: Path) -> None:
+    clock = FakeClock(wall=1_700_000_010.0)  # 50 s before a multiple of 60
+    broker = InProcessBroker(tmp_path, clock=clock, schedules=SCHEDULE)
+    broker.run_pass()
+    assert fires(broker) == []
+    for _ in range(10):  # 10 minutes in 60 s steps: 10 due times
+        broker.advance(60.0)
+    assert len(fires(broker)) == 10
+    assert broker.core.stats["schedules_fired"] == 10
+
+
+def test_a_wall_clock_step_backward_never_fires_a_due_time_twice(tmp_path: Path) -> None:
+    clock = FakeClock(wall=1_700_000_010.0)
+    broker = InProcessBroker(tmp_path, clock=clock, schedules=SCHEDULE)
+    for _ in range(3):
+        broker.advance(60.0)
+    assert len(fires(broker)) == 3
+    clock.jump(-600.0)  # an NTP step back by 10 minutes
+    for _ in range(10):  # back where it was: every due time seen has fired
+        broker.advance(60.0)
+    assert len(fires(broker)) == 3
+    broker.advance(60.0)  # the next due time fires, once
+    assert len(fires(broker)) == 4
+    clock.jump(3600.0)  # forward by an hour: catch-up "skip" fires the latest once
+    broker.advance(0.0)
+    assert len(fires(broker)) == 5
+    assert broker.core.stats["schedules_fired"] == 5
+
+
+def test_a_delayed_job_does_not_run_early_when_the_wall_clock_steps_forward(
+    broker: InProcessBroker,
+) -> None:
+    """run_at is wall-clock time (epoch seconds), as the user gave it: a
+    step forward makes it due, a step back delays it."""
+    worker = FakeWorker(broker)
+    worker.ready()
+    broker.enqueue(id="late", delay=100.0)
+    broker.clock.jump(-50.0)
+    broker.advance(100.0)
+    assert deliveries(worker.inbox()) == []
+    broker.clock.jump(50.0)
+    broker.advance(0.0)
+    assert [d.job_id for d in deliveries(worker.inbox())] == ["late"]
+
+
+def test_no_durable_reply_leaves_before_the_fsync_that_covers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fsync = "always", every reply is sent only after an fdatasync
+    that covers every record written so far (group commit): the order of
+    real fdatasync calls and link sends is recorded."""
+    broker = InProcessBroker(tmp_path, fsync="always")
+    events = broker.events
+    real = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        real(fd)
+        events.append(("fsync", broker.core.log.written_position))
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    worker = FakeWorker(broker)
+    worker.ready()
+    checked = 0
+    for n in range(20):
+        events.clear()
+        job_id = broker.enqueue(payload=n)
+        kinds = [kind for kind, _ in events]
+        assert "fsync" in kinds and "send-client" in kinds, events
+        assert kinds.index("fsync") < kinds.index("send-client"), events
+        # the fsync covered everything written before the reply went out
+        assert broker.core.log.synced_position == broker.core.log.written_position
+        (d,) = deliveries(worker.inbox())
+        worker.start(d)
+        worker.finish(d, "ok", n)
+        events.clear()
+        reply = broker.request(p.Cancel(broker.next_req(), job_id))
+        assert isinstance(reply, p.Ack)
+        kinds = [kind for kind, _ in events]
+        if "fsync" in kinds:
+            assert kinds.index("fsync") < kinds.index("send-client"), events
+        assert broker.core.log.synced_position == broker.core.log.written_position
+        checked += 1
+    assert checked == 20
+
+
+def test_a_refused_send_leases_nothing(broker: InProcessBroker) -> None:
+    """ROUTER_MANDATORY: a job whose send failed is not leased, and goes to
+    the next worker that can take it."""
+    full = FakeWorker(broker, b"full")
+    full.ready()
+    broker.workers.refuse = True
+    job_id = broker.enqueue()
+    assert broker.core.state.jobs[job_id].status == "queued"
+    broker.workers.refuse = False
+    broker.advance(1.0)  # the heartbeat round retries the dispatch
+    (d,) = deliveries(full.inbox())
+    assert d.job_id == job_id
+    assert broker.core.state.jobs[job_id].status == "running"
