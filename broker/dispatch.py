@@ -162,7 +162,7 @@ class Dispatcher:
         error = None
         if outcome.error is not None:
             error = ErrorRec(outcome.error.type, outcome.error.message, outcome.error.traceback)
-        record = self.state.decide_finish(
+        record = self.state.policy.decide_finish(
             job,
             outcome.kind,
             now,
@@ -229,7 +229,7 @@ class Dispatcher:
                     f"worker {conn.worker_id} (pid {conn.pid} on {conn.host}) {reason} "
                     "while running the job",
                 )
-                finished = self.state.decide_finish(job, "lost", now, error=error)
+                finished = self.state.policy.decide_finish(job, "lost", now, error=error)
                 self._settle(job, finished, now, mono)
                 if finished.status in TERMINAL:
                     continue
@@ -296,7 +296,7 @@ class Dispatcher:
                 continue
             timeout = self.state.timeout(job)
             error = ErrorRec("TimeoutError", f"the job ran past its timeout of {timeout}s")
-            record = self.state.decide_finish(job, "error", now, error=error)
+            record = self.state.policy.decide_finish(job, "error", now, error=error)
             self.stats["timeouts"] += 1
             self._settle(job, record, now, mono)
             log.warning("broker.job_timeout", job_id=job_id, timeout=timeout, next=record.status)

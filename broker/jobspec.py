@@ -17,6 +17,9 @@ old reader cannot follow). Leaf module: msgspec only.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import msgspec
 
 #: msgpack encoding of ``None``: an absent payload or result.
@@ -72,3 +75,42 @@ class JobSpec(JobOptions, frozen=True):
 def options_of(spec: JobOptions) -> dict[str, object]:
     """The options of ``spec`` (any :class:`JobOptions`) as keyword arguments."""
     return {name: getattr(spec, name) for name in OPTION_NAMES}
+
+
+class InvalidJob(ValueError):
+    """A job spec the broker refuses; the message says which field and why."""
+
+
+#: Number options: the test each must pass when set, and what to say if not.
+_NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "delay": (lambda v: v >= 0, "must not be negative"),
+    "run_at": (lambda v: True, ""),
+    "timeout": (lambda v: v > 0, "must be a positive number of seconds"),
+    "result_ttl": (lambda v: v >= 0, "must not be negative"),
+    "unique_for": (lambda v: v >= 0, "must not be negative"),
+    "max_attempts": (lambda v: v >= 1, "must be at least 1"),
+}
+
+
+def validate_spec(spec: JobSpec) -> None:
+    """Refuse a spec the broker cannot take (callbacks included); the error
+    names the field. Raises InvalidJob."""
+    if not spec.task or len(spec.task) > 200:
+        raise InvalidJob("task: must be a non-empty name of at most 200 characters")
+    if spec.queue is not None and (not spec.queue or len(spec.queue) > 200):
+        raise InvalidJob("queue: must be a non-empty name of at most 200 characters")
+    if not spec.id or len(spec.id) > 64:
+        raise InvalidJob("id: must be a non-empty string of at most 64 characters")
+    for name, (ok, rule) in _NUMBER_RULES.items():
+        value = getattr(spec, name)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise InvalidJob(f"{name}: must be a finite number, got {value}")
+        if not ok(value):
+            raise InvalidJob(f"{name}: {rule}, got {value}")
+    if not -(2**31) <= spec.priority < 2**31:
+        raise InvalidJob(f"priority: must fit in 32 bits, got {spec.priority}")
+    for callback in (spec.on_success, spec.on_failure):
+        if callback is not None:
+            validate_spec(callback)

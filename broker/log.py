@@ -1,171 +1,74 @@
 """corral's durable log: append-only, segmented, checksummed, with group commit.
 
 The log stores :class:`~corral.broker.records.Record` values and knows nothing
-of jobs or sockets. Files live in one directory:
+of jobs or sockets. Its files (segments of checksummed record frames, each
+with a header) are described in :mod:`corral.broker.framing`; this module is
+the live log that opens, replays, appends to, syncs, rolls and compacts them.
 
-* ``NNNNNNNNNNNNNNNNNNNN.seg`` segments, numbered without gaps. Each starts with
-  a 32-byte header: magic ``CORRALOG``, format version (u16), flags (u16, bit 0
-  = BASE: a full history starts here), sequence number (u64), the log's random
-  generation id (u64) and a CRC32 of the preceding 28 bytes.
-* Each record is framed as u32 length (of type + body), u32 CRC32 (over the
-  length field, the type and the body), u8 type code, msgpack body.
-
-Segments are preallocated, so the zero-filled tail of a segment is the end of
-the log, and a full disk shows up when the next segment is allocated rather
-than in the middle of a record. The last ``reserve`` bytes of a segment are
-kept for records about existing jobs once the disk is full (:attr:`Log.full`).
+Segments are preallocated, so a full disk shows up when the next segment is
+allocated rather than in the middle of a record. The last ``reserve`` bytes
+of a segment are kept for records about existing jobs once the disk is full
+(:attr:`Log.full`).
 
 Replay starts at the last BASE segment. Only the last segment may end in a
 torn record (older ones are fsync'd before the next one exists): it is cut
 with a warning. A bad record followed by a valid one is corruption and the
-log refuses to open (:class:`LogCorrupt`); :func:`verify` and :func:`repair`
-handle it offline.
+log refuses to open (:class:`LogCorrupt`); :func:`corral.broker.logtools.verify`
+and :func:`corral.broker.logtools.repair` handle it offline.
 
 ``append()`` only frames into memory; ``commit()`` issues one write and at most
 one fdatasync for everything appended since (group commit). A failed fsync
 is never retried (:class:`FsyncFailed`): the caller exits and replays.
+
+Importing this module loads neither zmq nor asyncio (hence its lazy logger).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import os
-import re
 import secrets
-import shutil
 import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from struct import Struct
-from typing import NamedTuple, NoReturn
+from typing import NoReturn
 
-import msgspec
-import structlog
-
-from corral.broker.records import (
-    LOG_FORMAT_VERSION,
-    Record,
-    RecordError,
-    decode_record,
-    encode_record,
-    is_known_code,
+from corral.broker.framing import (
+    FLAG_BASE,
+    FRAME,
+    HEADER_SIZE,
+    LEN_TYPE,
+    MAX_RECORD,
+    FsyncFailed,
+    LogCorrupt,
+    LogDiskFull,
+    LogError,
+    MiB,
+    Scan,
+    frame_into,
+    fsync_dir,
+    pack_header,
+    plan_segments,
+    seg_path,
 )
+from corral.broker.lazylog import get_logger
+from corral.broker.records import Record, encode_record
 
-MiB = 1024 * 1024
-MAGIC = b"CORRALOG"
-FLAG_BASE = 1
-#: Largest ``length`` field accepted (type byte + body).
-MAX_RECORD = 64 * MiB
+#: The log's errors are defined with its format; they are part of this module's API.
+__all__ = ["POLICIES", "FsyncFailed", "Log", "LogCorrupt", "LogDiskFull", "LogError"]
+
 POLICIES = ("always", "interval", "never")
-
-_HEADER = Struct("<8sHHQQ")
-_U32 = Struct("<I")
-HEADER_SIZE = _HEADER.size + _U32.size
-_FRAME = Struct("<IIB")  # length, crc, type
-_LEN_TYPE = Struct("<IB")  # what the CRC covers before the body
-_SEG_RE = re.compile(r"^(\d{20})\.seg$")
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 _ALLOC_RETRY = 1.0
 _crc32 = zlib.crc32
-_log = structlog.get_logger(__name__)
-
-
-class LogError(Exception):
-    """Base of the log's errors."""
-
-
-class LogCorrupt(LogError):
-    """A segment holds a bad record (or header) that is not a torn tail."""
-
-    def __init__(self, segment: str | os.PathLike[str], offset: int, reason: str) -> None:
-        self.segment = Path(segment)
-        self.offset = offset
-        self.reason = reason
-        super().__init__(
-            f"log segment {self.segment} is corrupt at offset {offset}: {reason}; nothing was"
-            " started. Run `corral log verify` to inspect it and `corral log repair` to cut"
-            " the log at that point (a backup is kept)."
-        )
-
-
-class LogDiskFull(LogError):
-    """A write could not be done, even into the reserve."""
-
-
-class FsyncFailed(LogError):
-    """fsync/fdatasync failed: the caller must exit, never retry."""
-
-
-class VerifyReport(msgspec.Struct):
-    segments: int
-    records: int
-    ok: bool  # False only for corruption: a torn tail is cut on start
-    torn_tail: tuple[str, int] | None = None
-    corrupt: tuple[str, int, str] | None = None
-
-
-class RepairReport(msgspec.Struct):
-    action: str  # "none" | "truncated_tail" | "cut"
-    records_kept: int
-    bytes_dropped: int
-    segment: str | None = None
-    offset: int | None = None
-    backup: str | None = None
+_log = get_logger(__name__)
 
 
 # -- file helpers -----------------------------------------------------------
-
-
-def _seg_path(directory: Path, seq: int) -> Path:
-    return directory / f"{seq:020d}.seg"
-
-
-def _list_segments(directory: Path) -> list[tuple[int, Path]]:
-    found = []
-    for entry in os.scandir(directory):
-        match = _SEG_RE.match(entry.name)
-        if match and entry.is_file():
-            found.append((int(match.group(1)), Path(entry.path)))
-    return sorted(found)
-
-
-def _pack_header(flags: int, seq: int, generation: int) -> bytes:
-    head = _HEADER.pack(MAGIC, LOG_FORMAT_VERSION, flags, seq, generation)
-    return head + _U32.pack(_crc32(head))
-
-
-class _Header(NamedTuple):
-    flags: int
-    seq: int
-    generation: int
-
-
-def _parse_header(path: Path, raw: bytes) -> _Header:
-    if len(raw) < HEADER_SIZE:
-        raise LogCorrupt(path, 0, f"short segment header ({len(raw)} bytes)")
-    magic, version, flags, seq, generation = _HEADER.unpack_from(raw)
-    if magic != MAGIC:
-        raise LogCorrupt(path, 0, f"bad magic {magic!r}: not a corral log segment")
-    if version != LOG_FORMAT_VERSION:
-        raise LogCorrupt(
-            path,
-            0,
-            f"log format version {version} found, this corral supports version"
-            f" {LOG_FORMAT_VERSION}",
-        )
-    if _U32.unpack_from(raw, _HEADER.size)[0] != _crc32(raw[: _HEADER.size]):
-        raise LogCorrupt(path, 0, "segment header checksum mismatch")
-    return _Header(flags, seq, generation)
-
-
-def _read_header(path: Path) -> _Header:
-    with open(path, "rb") as f:
-        return _parse_header(path, f.read(HEADER_SIZE))
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -188,152 +91,6 @@ def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
             if n <= 0:
                 raise OSError(errno.ENOSPC, "short write")
             done += n
-
-
-def _frame_into(buf: bytearray, record: Record) -> int:
-    """Append ``record``'s frame to ``buf``; return the frame's size."""
-    code, body = encode_record(record)
-    length = len(body) + 1
-    if length > MAX_RECORD:
-        raise LogError(f"record of {length} bytes is over the {MAX_RECORD} byte limit")
-    buf += _FRAME.pack(length, _crc32(body, _crc32(_LEN_TYPE.pack(length, code))), code)
-    buf += body
-    return length + 8
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise FsyncFailed(f"fsync of directory {directory} failed: {exc}") from exc
-    finally:
-        os.close(fd)
-
-
-# -- reading ----------------------------------------------------------------
-
-
-def _check_frame(data: bytes, view: memoryview, pos: int) -> tuple[int, int] | str:
-    """Return ``(end, code)`` of the valid frame at ``pos``, or why it is not one."""
-    if pos + _FRAME.size > len(data):
-        return "short record header"
-    length, crc, code = _FRAME.unpack_from(data, pos)
-    if length == 0 or length > MAX_RECORD:
-        return f"invalid record length {length}"
-    end = pos + 8 + length
-    if end > len(data):
-        return f"record length {length} runs past the end of the segment"
-    if _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4])) != crc:
-        return "record checksum mismatch"
-    if not is_known_code(code):
-        return f"unknown record type {code}"
-    return end, code
-
-
-def _next_valid_frame(data: bytes, start: int, stop: int) -> int:
-    """Offset of the first valid frame starting in ``[start, stop)``, or -1."""
-    size = len(data)
-    unpack = _FRAME.unpack_from
-    with memoryview(data) as view:
-        for pos in range(start, min(stop, size - _FRAME.size + 1)):
-            length, crc, code = unpack(data, pos)
-            end = pos + 8 + length
-            if (
-                0 < length <= MAX_RECORD
-                and end <= size
-                and is_known_code(code)
-                and _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4])) == crc
-            ):
-                return pos
-    return -1
-
-
-def _content_end(data: bytes) -> int:
-    """One past the last non-zero byte, without copying a whole segment."""
-    end = len(data)
-    while end > 0:
-        start = max(0, end - 1 * MiB)
-        kept = len(data[start:end].rstrip(b"\0"))
-        if kept:
-            return start + kept
-        end = start
-    return 0
-
-
-class _Scan:
-    """Walk one segment's records up to its clean end or its first bad record.
-
-    Afterwards ``pos`` is where the good records end and ``reason`` says why
-    the walk stopped early (None at a clean end). ``stop`` is one past the
-    last non-zero byte: beyond it lie only preallocated zeros."""
-
-    def __init__(self, path: Path, data: bytes) -> None:
-        self.path = path
-        self.data = data
-        self.stop = _content_end(data)
-        self.pos = HEADER_SIZE
-        self.reason: str | None = None
-        self.records = 0
-
-    def __iter__(self) -> Iterator[Record]:
-        data = self.data
-        with memoryview(data) as view:
-            while self.pos < self.stop:
-                pos = self.pos
-                got = _check_frame(data, view, pos)
-                if isinstance(got, str):
-                    self.reason = got
-                    return
-                end, code = got
-                try:  # a bytes slice, so a kept Raw pins only its own record
-                    record = decode_record(code, data[pos + 9 : end])
-                except RecordError as exc:
-                    self.reason = str(exc)
-                    return
-                self.pos = end
-                self.records += 1
-                yield record
-
-    def problem(self, last: bool) -> LogCorrupt | None:
-        """The corruption this walk found; None for a clean end or a torn tail."""
-        if self.reason is None:
-            return None
-        if not last:
-            return LogCorrupt(self.path, self.pos, self.reason)
-        valid = _next_valid_frame(self.data, self.pos + 1, self.stop)
-        if valid < 0:
-            return None
-        return LogCorrupt(
-            self.path, self.pos, f"{self.reason}, and a valid record follows at offset {valid}"
-        )
-
-
-def _plan(directory: Path) -> tuple[list[tuple[int, Path]], list[Path], int]:
-    """Return (segments from the last BASE on, older segments, generation)."""
-    segments = _list_segments(directory)
-    if not segments:
-        return [], [], 0
-    headers: dict[int, _Header] = {}
-    base = -1
-    for i in range(len(segments) - 1, -1, -1):
-        seq, path = segments[i]
-        header = headers[seq] = _read_header(path)
-        if header.seq != seq:
-            raise LogCorrupt(path, 0, f"header says segment {header.seq}")
-        if header.flags & FLAG_BASE:
-            base = i
-            break
-    if base < 0:
-        raise LogCorrupt(segments[0][1], 0, "no base segment: the start of the log is missing")
-    live = segments[base:]
-    generation = headers[live[0][0]].generation
-    for (prev, _), (seq, path) in itertools.pairwise(live):
-        if seq != prev + 1:
-            raise LogCorrupt(path, 0, f"segment {prev + 1} is missing")
-        if headers[seq].generation != generation:
-            raise LogCorrupt(path, 0, "segment belongs to another log (generation id differs)")
-    return live, [p for _, p in segments[:base]], generation
 
 
 # -- the log ----------------------------------------------------------------
@@ -406,7 +163,7 @@ class Log:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_tmp_files()
         self._n = _Counters()
-        live, stale, self._generation = _plan(self.directory)
+        live, stale, self._generation = plan_segments(self.directory)
         if not live:
             self._generation = secrets.randbits(64)
             try:
@@ -418,7 +175,7 @@ class Log:
             return
         self._remove_stale(stale)
         for i, (_, path) in enumerate(live):
-            scan = _Scan(path, path.read_bytes())
+            scan = Scan(path, path.read_bytes())
             yield from scan
             problem = scan.problem(last=i == len(live) - 1)
             if problem is not None:
@@ -438,10 +195,10 @@ class Log:
             return
         for path in stale:
             path.unlink(missing_ok=True)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         _log.info("log.stale_segments_removed", segments=[p.name for p in stale])
 
-    def _open_last(self, seq: int, scan: _Scan) -> None:
+    def _open_last(self, seq: int, scan: Scan) -> None:
         fd = os.open(scan.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             if scan.reason is not None:
@@ -453,7 +210,7 @@ class Log:
             raise
         self._active = _Active(fd, scan.path, seq, scan.pos, scan.pos)
 
-    def _cut_torn_tail(self, fd: int, scan: _Scan) -> None:
+    def _cut_torn_tail(self, fd: int, scan: Scan) -> None:
         os.ftruncate(fd, scan.pos)
         try:
             os.fsync(fd)
@@ -479,10 +236,10 @@ class Log:
     def _create_segment(self, seq: int, flags: int, body: bytes | bytearray) -> tuple[int, Path]:
         """Create segment ``seq`` atomically: tmp file, preallocate, fsync, rename."""
         tmp = self.directory / f"{seq:020d}.tmp"
-        final = _seg_path(self.directory, seq)
+        final = seg_path(self.directory, seq)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, _pack_header(flags, seq, self._generation), 0)
+            _write_all(fd, pack_header(flags, seq, self._generation), 0)
             _write_all(fd, body, HEADER_SIZE)
             _preallocate(fd, self.segment_size)
             os.fsync(fd)
@@ -492,7 +249,7 @@ class Log:
             tmp.unlink(missing_ok=True)
             raise
         try:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             raise
@@ -502,12 +259,12 @@ class Log:
 
     def append(self, record: Record) -> int:
         """Frame ``record`` into the pending buffer (no I/O); return its framed size."""
-        code, body = encode_record(record)  # the hot path: _frame_into, inlined
+        code, body = encode_record(record)  # the hot path: frame_into, inlined
         length = len(body) + 1
         if length > MAX_RECORD:
             raise LogError(f"record of {length} bytes is over the {MAX_RECORD} byte limit")
         pending = self._pending
-        pending += _FRAME.pack(length, _crc32(body, _crc32(_LEN_TYPE.pack(length, code))), code)
+        pending += FRAME.pack(length, _crc32(body, _crc32(LEN_TYPE.pack(length, code))), code)
         pending += body
         self._appended += 1
         return length + 8
@@ -686,7 +443,7 @@ class Log:
         body = bytearray()
         count = 0
         for record in live:
-            _frame_into(body, record)
+            frame_into(body, record)
             count += 1
         try:
             fd, path = self._create_segment(active.seq + 1, FLAG_BASE, body)
@@ -702,7 +459,7 @@ class Log:
         self._n.since_compaction = 0
         for p in old:
             p.unlink(missing_ok=True)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         _log.info("log.compacted", records=count, bytes=end, removed_segments=len(old))
 
     def close(self) -> None:
@@ -715,103 +472,3 @@ class Log:
         finally:
             os.close(self._active.fd)
             self._active = None
-
-
-# -- offline tools ----------------------------------------------------------
-
-
-@dataclass
-class _Analysis:
-    segments: list[tuple[int, Path]]
-    records: int = 0
-    torn: tuple[Path, int, int] | None = None  # segment, offset, stop
-    corrupt: LogCorrupt | None = None
-    corrupt_stop: int = 0
-
-
-def _analyze(directory: Path) -> _Analysis:
-    if not directory.is_dir():
-        raise LogError(f"no log directory at {directory}")
-    try:
-        live, _, _ = _plan(directory)
-    except LogCorrupt as exc:
-        return _Analysis(_list_segments(directory), corrupt=exc)
-    result = _Analysis(live)
-    for i, (_, path) in enumerate(live):
-        scan = _Scan(path, path.read_bytes())
-        for _ in scan:
-            pass
-        result.records += scan.records
-        problem = scan.problem(last=i == len(live) - 1)
-        if problem is not None:
-            result.corrupt, result.corrupt_stop = problem, scan.stop
-            break
-        if scan.reason is not None:
-            result.torn = (path, scan.pos, scan.stop)
-    return result
-
-
-def verify(directory: str | os.PathLike[str]) -> VerifyReport:
-    """Check a log offline without changing anything."""
-    a = _analyze(Path(directory))
-    report = VerifyReport(segments=len(a.segments), records=a.records, ok=a.corrupt is None)
-    if a.torn is not None:
-        report.torn_tail = (str(a.torn[0]), a.torn[1])
-    if a.corrupt is not None:
-        report.corrupt = (str(a.corrupt.segment), a.corrupt.offset, a.corrupt.reason)
-    return report
-
-
-def _truncate_file(path: Path, size: int) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _new_backup_dir(directory: Path) -> Path:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    backup = directory / f"backup-{stamp}"
-    n = 0
-    while backup.exists():
-        n += 1
-        backup = directory / f"backup-{stamp}-{n}"
-    backup.mkdir()
-    return backup
-
-
-def _cut(directory: Path, a: _Analysis) -> RepairReport:
-    assert a.corrupt is not None
-    seg, offset = a.corrupt.segment, a.corrupt.offset
-    backup = _new_backup_dir(directory)
-    cut_seq = int(seg.name.split(".")[0])
-    dropped = 0
-    for seq, path in _list_segments(directory):
-        if seq < cut_seq or (seq == cut_seq and offset >= HEADER_SIZE):
-            continue
-        dropped += _content_end(path.read_bytes())
-        os.replace(path, backup / path.name)
-    if offset >= HEADER_SIZE:
-        shutil.copy2(seg, backup / seg.name)
-        dropped += a.corrupt_stop - offset
-        _truncate_file(seg, offset)
-    _fsync_dir(backup)
-    _fsync_dir(directory)
-    kept = _analyze(directory).records
-    _log.warning("log.repaired", segment=str(seg), offset=offset, backup=str(backup))
-    return RepairReport("cut", kept, dropped, str(seg), offset, str(backup))
-
-
-def repair(directory: str | os.PathLike[str]) -> RepairReport:
-    """Cut a corrupt log at its first bad record (keeping a backup) or cut a torn tail."""
-    path = Path(directory)
-    a = _analyze(path)
-    if a.corrupt is not None:
-        return _cut(path, a)
-    if a.torn is not None:
-        seg, offset, stop = a.torn
-        _truncate_file(seg, offset)
-        return RepairReport("truncated_tail", a.records, stop - offset, str(seg), offset)
-    return RepairReport("none", a.records, 0)

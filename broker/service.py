@@ -181,8 +181,13 @@ class ClientService:
 
     def _list(self, identity: bytes, msg: p.ListJobs, now: float, mono: float) -> None:
         try:
-            jobs, cursor = self.state.list_jobs(
-                msg.queue, msg.status, msg.task, max(1, min(msg.limit, MAX_PAGE)), msg.cursor
+            jobs, cursor = views.list_jobs(
+                self.state,
+                msg.queue,
+                msg.status,
+                msg.task,
+                max(1, min(msg.limit, MAX_PAGE)),
+                msg.cursor,
             )
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
@@ -207,13 +212,13 @@ class ClientService:
             if mono - seen < SUPERVISOR_STALE
         ]
         return p.StatusInfo(
-            dict(sorted(state.queue_counts().items())),
+            dict(sorted(views.queue_counts(state).items())),
             self.dispatcher.worker_infos(mono),
             stats,
             self.broker_id,
             supervisors,
             sorted(state.paused),
-            state.per_task(),
+            views.per_task(state),
             self.dispatcher.rates.per_minute(mono),
             sorted({t for c in workers for t in c.tasks}),
         )

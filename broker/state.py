@@ -10,16 +10,24 @@ record to log; time always comes in as ``now`` (epoch seconds).
 from __future__ import annotations
 
 import heapq
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from corral.broker.jobspec import NIL, JobSpec
+from corral.broker.job import (
+    ACTIVE,
+    DEFAULT_QUEUE,
+    SNAPSHOT_STATE,
+    WAITING,
+    Defaults,
+    Job,
+    TaskDefaults,
+)
+from corral.broker.jobspec import NIL, InvalidJob, JobSpec, validate_spec
+from corral.broker.policy import Policy
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import (
     Cancelled,
@@ -52,151 +60,17 @@ __all__ = [
     "validate_spec",
 ]
 
-ACTIVE = frozenset({"queued", "scheduled", "running", "retrying"})
-WAITING = frozenset({"scheduled", "retrying"})
-#: Rough per-job overhead in the log, for the compaction trigger.
-JOB_OVERHEAD_BYTES = 160
-
-
-class InvalidJob(ValueError):
-    """A job spec the broker refuses; the message says which field and why."""
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """Broker-wide defaults for what neither the job nor its task sets."""
-
-    max_attempts: int = 5
-    result_ttl: float = 86400.0
-    failed_ttl: float = 30 * 86400.0
-    retry_backoff: float = 1.0
-    retry_backoff_max: float = 600.0
-
-
-@dataclass(frozen=True)
-class TaskDefaults:
-    """A task's options as its workers registered them."""
-
-    max_attempts: int | None = None
-    timeout: float | None = None
-    retry_backoff: float | None = None
-    retry_backoff_max: float | None = None
-    result_ttl: float | None = None
-
-
-@dataclass(eq=False, slots=True)
-class Job:
-    """One job: its creation record (what was asked, never changed), and
-    what has happened to it since. The second part has the same field names
-    as :class:`~corral.broker.records.JobSnapshot`, which copies it."""
-
-    created: JobCreated
-    status: str = "queued"
-    attempts: int = 0
-    tries: list[TryRec] = field(default_factory=list)
-    #: When a scheduled or retrying job is due (epoch seconds).
-    run_at: float | None = None
-    result: msgspec.Raw | None = None
-    error: ErrorRec | None = None
-    ended_at: float | None = None
-    lease: int = 0
-    worker: str = ""
-    progress: float | None = None
-    progress_note: str = ""
-    #: An entry for this job is on its queue's ready heap.
-    in_ready: bool = False
-
-    # What was asked, read through the creation record.
-    @property
-    def id(self) -> str:
-        return self.created.id
-
-    @property
-    def seq(self) -> int:
-        return self.created.seq
-
-    @property
-    def task(self) -> str:
-        return self.created.task
-
-    @property
-    def queue(self) -> str:
-        return self.created.queue or DEFAULT_QUEUE
-
-    @property
-    def priority(self) -> int:
-        return self.created.priority
-
-    @property
-    def payload(self) -> msgspec.Raw:
-        return self.created.payload
-
-    @property
-    def created_at(self) -> float:
-        return self.created.created_at
-
-    @property
-    def max_attempts(self) -> int | None:
-        return self.created.max_attempts
-
-    @property
-    def timeout(self) -> float | None:
-        return self.created.timeout
-
-    @property
-    def unique_key(self) -> str | None:
-        return self.created.unique_key
-
-    @property
-    def unique_for(self) -> float | None:
-        return self.created.unique_for
-
-    @property
-    def result_ttl(self) -> float | None:
-        return self.created.result_ttl
-
-    @property
-    def flow(self) -> str | None:
-        return self.created.flow
-
-    @property
-    def step(self) -> int:
-        return self.created.step
-
-    @property
-    def prev_result(self) -> msgspec.Raw:
-        return self.created.prev_result
-
-    @property
-    def on_success(self) -> JobSpec | None:
-        return self.created.on_success
-
-    @property
-    def on_failure(self) -> JobSpec | None:
-        return self.created.on_failure
-
-    @property
-    def next_run_at(self) -> float | None:
-        return self.run_at if self.status in WAITING else None
-
-    def size(self) -> int:
-        result = len(self.result) if self.result is not None else 0
-        return JOB_OVERHEAD_BYTES + len(self.payload) + result
-
-
-#: The fields of a job's state that a snapshot copies (all but ``job``).
-_SNAPSHOT_STATE = JobSnapshot.__struct_fields__[1:]
-DEFAULT_QUEUE = "default"
-
 
 class JobState:
     """All jobs, the ready heaps per queue, the timer heap of waiting jobs,
     and counts per queue and status."""
 
     def __init__(self, defaults: Defaults | None = None) -> None:
-        self.defaults = defaults or Defaults()
+        self.policy = Policy(defaults)
+        self.defaults = self.policy.defaults
         self.jobs: dict[str, Job] = {}
-        self.tasks: dict[str, TaskDefaults] = {}
+        #: task name -> its registered options (shared with the policy).
+        self.tasks = self.policy.tasks
         self.counts: Counter[tuple[str, str]] = Counter()
         self.paused: set[str] = set()
         #: schedule name -> the due time it last fired for.
@@ -264,7 +138,7 @@ class JobState:
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
         """A whole job from compaction: its creation record and its state."""
-        state = {name: getattr(rec, name) for name in _SNAPSHOT_STATE}
+        state = {name: getattr(rec, name) for name in SNAPSHOT_STATE}
         state["tries"] = list(rec.tries)
         self._add(Job(rec.job, **state))
 
@@ -462,15 +336,7 @@ class JobState:
         its unique_for window ends (it holds its key until then)."""
         ended = job.ended_at or job.created_at
         held_until = ended + (job.unique_for or 0.0) if job.unique_key else ended
-        return max(self._ttl_end(job, ended), held_until)
-
-    def _ttl_end(self, job: Job, ended: float) -> float:
-        if job.status == "succeeded":
-            ttl = job.result_ttl
-            if ttl is None:
-                ttl = self._task(job).result_ttl
-            return ended + (ttl if ttl is not None else self.defaults.result_ttl)
-        return ended + self.defaults.failed_ttl
+        return max(self.policy.ttl_end(job, ended), held_until)
 
     # --------------------------------------------------------- dispatching
 
@@ -575,74 +441,15 @@ class JobState:
             prev_result=prev_result,
         )
 
-    def decide_finish(
-        self,
-        job: Job,
-        kind: str,
-        now: float,
-        *,
-        result: msgspec.Raw | None = None,
-        error: ErrorRec | None = None,
-        delay: float | None = None,
-        started_at: float | None = None,
-        rng: random.Random | None = None,
-    ) -> Finished:
-        """What a try's outcome means for the job. ``kind`` is ``ok``,
-        ``error`` (retry with backoff while attempts remain), ``fail`` (no
-        more attempts), ``retry`` (again after ``delay``, not counted) or
-        ``lost`` (worker gone: requeue at once while attempts remain)."""
-        status, next_run_at, counted = "failed", None, True
-        if kind == "ok":
-            status = "succeeded"
-        elif kind == "retry":
-            status, counted = "retrying", False
-            next_run_at = now + max(0.0, delay or 0.0)
-        elif kind in ("error", "lost") and job.attempts < self.max_attempts(job):
-            if kind == "lost":
-                status = "queued"
-            else:
-                status = "retrying"
-                next_run_at = now + self.backoff(job, rng or self._rng)
-        if kind == "retry" and next_run_at is not None and next_run_at <= now:
-            status, next_run_at = "queued", None
-        return Finished(
-            id=job.id,
-            lease=job.lease,
-            at=now,
-            status=status,
-            result=msgspec.Raw(bytes(result)) if result is not None else NIL,
-            error=error,
-            next_run_at=next_run_at,
-            started_at=started_at,
-            counted=counted,
-        )
-
     def max_attempts(self, job: Job) -> int:
-        if job.max_attempts is not None:
-            return job.max_attempts
-        task = self._task(job).max_attempts
-        return task if task is not None else self.defaults.max_attempts
+        """The job's attempt budget (the job's, else its task's, else the broker's)."""
+        return self.policy.max_attempts(job)
 
     def timeout(self, job: Job) -> float | None:
-        return job.timeout if job.timeout is not None else self._task(job).timeout
+        """Seconds one attempt may run, or None (the job's, else its task's)."""
+        return self.policy.timeout(job)
 
-    def backoff(self, job: Job, rng: random.Random) -> float:
-        """Exponential backoff with equal jitter for the attempt just made."""
-        task = self._task(job)
-        base = task.retry_backoff if task.retry_backoff is not None else self.defaults.retry_backoff
-        cap = (
-            task.retry_backoff_max
-            if task.retry_backoff_max is not None
-            else self.defaults.retry_backoff_max
-        )
-        exponent = min(max(0, job.attempts - 1), 60)  # 2**60 s is past any cap
-        full = min(cap, base * (2.0**exponent))
-        return full / 2 + rng.uniform(0, full / 2)
-
-    def _task(self, job: Job) -> TaskDefaults:
-        return self.tasks.get(job.task) or _NO_TASK_DEFAULTS
-
-    # -------------------------------------------------------------- views
+    # ------------------------------------------------------------ snapshot
 
     def snapshot(self) -> Iterator[Record]:
         """Every live job as one record, in creation order, and the paused
@@ -657,96 +464,8 @@ class JobState:
         for job in sorted(self.jobs.values(), key=lambda j: j.seq):
             # A running job keeps its lease, so that a Finished record logged
             # after the snapshot still applies on replay.
-            state = {name: getattr(job, name) for name in _SNAPSHOT_STATE}
+            state = {name: getattr(job, name) for name in SNAPSHOT_STATE}
             state["tries"] = list(job.tries)
             if job.result is None:
                 state["result"] = NIL
             yield JobSnapshot(job.created, **state)
-
-    def list_jobs(
-        self,
-        queue: str | None = None,
-        status: str | None = None,
-        task: str | None = None,
-        limit: int = 100,
-        cursor: str | None = None,
-    ) -> tuple[list[Job], str | None]:
-        """Jobs in creation order after ``cursor``, filtered; and the cursor
-        for the next page (None at the end). A cursor is the creation number
-        of the last job of a page, so it stays valid if that job is deleted."""
-        limit = max(1, limit)
-        try:
-            after = int(cursor) if cursor else -1
-        except ValueError:
-            raise InvalidJob(f"cursor: {cursor!r} is not a cursor this broker gave out") from None
-        found: list[Job] = []
-        for job in sorted(self.jobs.values(), key=lambda j: j.seq):
-            if job.seq <= after:
-                continue
-            if (queue and job.queue != queue) or (status and job.status != status):
-                continue
-            if task and job.task != task:
-                continue
-            if len(found) == limit:
-                return found, str(found[-1].seq)
-            found.append(job)
-        return found, None
-
-    @property
-    def task_counts(self) -> Counter[tuple[str, str]]:
-        """Jobs per (task, status), counted when asked."""
-        return Counter((job.task, job.status) for job in self.jobs.values())
-
-    def per_task(self) -> dict[str, dict[str, int]]:
-        """Counts per task and status, counted when asked (status is rare;
-        status changes are the hot path)."""
-        out: dict[str, dict[str, int]] = {}
-        for job in self.jobs.values():
-            by_status = out.setdefault(job.task, {})
-            by_status[job.status] = by_status.get(job.status, 0) + 1
-        return out
-
-    def queue_counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for (queue, status), n in self.counts.items():
-            if n:
-                out.setdefault(queue, dict.fromkeys(STATUSES, 0))[status] = n
-        return out
-
-
-_NO_TASK_DEFAULTS = TaskDefaults()
-
-
-#: Number options: the test each must pass when set, and what to say if not.
-_NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "delay": (lambda v: v >= 0, "must not be negative"),
-    "run_at": (lambda v: True, ""),
-    "timeout": (lambda v: v > 0, "must be a positive number of seconds"),
-    "result_ttl": (lambda v: v >= 0, "must not be negative"),
-    "unique_for": (lambda v: v >= 0, "must not be negative"),
-    "max_attempts": (lambda v: v >= 1, "must be at least 1"),
-}
-
-
-def validate_spec(spec: JobSpec) -> None:
-    """Refuse a spec the broker cannot take (callbacks included); the error
-    names the field. Raises InvalidJob."""
-    if not spec.task or len(spec.task) > 200:
-        raise InvalidJob("task: must be a non-empty name of at most 200 characters")
-    if spec.queue is not None and (not spec.queue or len(spec.queue) > 200):
-        raise InvalidJob("queue: must be a non-empty name of at most 200 characters")
-    if not spec.id or len(spec.id) > 64:
-        raise InvalidJob("id: must be a non-empty string of at most 64 characters")
-    for name, (ok, rule) in _NUMBER_RULES.items():
-        value = getattr(spec, name)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            raise InvalidJob(f"{name}: must be a finite number, got {value}")
-        if not ok(value):
-            raise InvalidJob(f"{name}: {rule}, got {value}")
-    if not -(2**31) <= spec.priority < 2**31:
-        raise InvalidJob(f"priority: must fit in 32 bits, got {spec.priority}")
-    for callback in (spec.on_success, spec.on_failure):
-        if callback is not None:
-            validate_spec(callback)

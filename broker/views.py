@@ -1,5 +1,6 @@
-"""Views of the broker's state as wire messages: a job's info, a job's or
-flow's result, a flow's info, and the outcome rates. Pure functions."""
+"""Views of the broker's state: a job's info, a job's or flow's result, a
+flow's info (as wire messages), listing with a cursor, counts per queue and
+task, and the outcome rates. Pure functions: they read, never change."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections import Counter, deque
 
 from corral.broker import flows
 from corral.broker import protocol as p
-from corral.broker.jobspec import NIL
+from corral.broker.jobspec import NIL, InvalidJob
+from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import FlowCreated
-from corral.broker.state import TERMINAL, Job, JobState
+from corral.broker.state import Job, JobState
 
 
 class Rates:
@@ -120,3 +122,57 @@ def flow_result(state: JobState, req: int, flow: FlowCreated) -> p.ResultReply:
             failed.error.traceback,
         )
     return p.ResultReply(req, flow.id, status, NIL, error)
+
+
+def list_jobs(
+    state: JobState,
+    queue: str | None = None,
+    status: str | None = None,
+    task: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Jobs in creation order after ``cursor``, filtered; and the cursor
+    for the next page (None at the end). A cursor is the creation number
+    of the last job of a page, so it stays valid if that job is deleted."""
+    limit = max(1, limit)
+    try:
+        after = int(cursor) if cursor else -1
+    except ValueError:
+        raise InvalidJob(f"cursor: {cursor!r} is not a cursor this broker gave out") from None
+    found: list[Job] = []
+    for job in sorted(state.jobs.values(), key=lambda j: j.seq):
+        if job.seq <= after:
+            continue
+        if (queue and job.queue != queue) or (status and job.status != status):
+            continue
+        if task and job.task != task:
+            continue
+        if len(found) == limit:
+            return found, str(found[-1].seq)
+        found.append(job)
+    return found, None
+
+
+def task_counts(state: JobState) -> Counter[tuple[str, str]]:
+    """Jobs per (task, status), counted when asked."""
+    return Counter((job.task, job.status) for job in state.jobs.values())
+
+
+def per_task(state: JobState) -> dict[str, dict[str, int]]:
+    """Counts per task and status, counted when asked (status is rare;
+    status changes are the hot path)."""
+    out: dict[str, dict[str, int]] = {}
+    for job in state.jobs.values():
+        by_status = out.setdefault(job.task, {})
+        by_status[job.status] = by_status.get(job.status, 0) + 1
+    return out
+
+
+def queue_counts(state: JobState) -> dict[str, dict[str, int]]:
+    """Counts per queue and status, every status present (zeros included)."""
+    out: dict[str, dict[str, int]] = {}
+    for (queue, status), n in state.counts.items():
+        if n:
+            out.setdefault(queue, dict.fromkeys(STATUSES, 0))[status] = n
+    return out

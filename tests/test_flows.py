@@ -134,7 +134,7 @@ def test_followup_owed_after_a_crash_is_created_on_replay() -> None:
     job = state.jobs["s0"]
     log.append(Leased("s0", 1, 1, "w", "h", 1, 1.0))
     state.apply(log[-1])
-    finished = state.decide_finish(job, "ok", 2.0, result=encode_value(41))
+    finished = state.policy.decide_finish(job, "ok", 2.0, result=encode_value(41))
     state.apply(finished)
     assert "s1" not in state.jobs
     created: list[object] = []

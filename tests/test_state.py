@@ -27,6 +27,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from corral.broker import views as state_views
 from corral.broker.protocol import JobSpec, encode_value
 from corral.broker.records import (
     NIL,
@@ -78,11 +79,12 @@ def check(state: JobState) -> None:
     """The bookkeeping a broker relies on: counts per (queue, status) and
     per (task, status), and live bytes."""
     assert all(n >= 0 for n in state.counts.values()), state.counts
-    assert all(n >= 0 for n in state.task_counts.values()), state.task_counts
+    task_counts = state_views.task_counts(state)
+    assert all(n >= 0 for n in task_counts.values()), task_counts
     assert {k: n for k, n in state.counts.items() if n} == recount(state)
-    assert {k: n for k, n in state.task_counts.items() if n} == recount_tasks(state)
+    assert {k: n for k, n in task_counts.items() if n} == recount_tasks(state)
     # every job is counted in exactly one status
-    assert sum(state.counts.values()) == sum(state.task_counts.values()) == len(state.jobs)
+    assert sum(state.counts.values()) == sum(task_counts.values()) == len(state.jobs)
     assert state.live_bytes == sum(j.size() for j in state.jobs.values())
     for job in state.jobs.values():
         assert job.status in STATUSES
@@ -169,7 +171,7 @@ class Broker:
         return job
 
     def finish(self, job_id: str, kind: str, **kw: Any) -> Finished:
-        rec = self.state.decide_finish(self.state.jobs[job_id], kind, self.now, **kw)
+        rec = self.state.policy.decide_finish(self.state.jobs[job_id], kind, self.now, **kw)
         self.record(rec)
         return rec
 
@@ -256,7 +258,8 @@ def test_create_without_a_time_is_queued() -> None:
     assert (job.queue, job.priority, job.max_attempts, job.timeout) == ("emails", 3, 4, 9.0)
     assert (job.unique_key, job.result_ttl, job.attempts, job.tries) == ("u1", 60.0, 0, [])
     assert b.state.pop_ready("emails") is job
-    assert b.state.queue_counts() == {"emails": {**dict.fromkeys(STATUSES, 0), "queued": 1}}
+    counts = state_views.queue_counts(b.state)
+    assert counts == {"emails": {**dict.fromkeys(STATUSES, 0), "queued": 1}}
 
 
 def test_create_with_delay_is_scheduled() -> None:
@@ -584,9 +587,9 @@ class Edge:
 
 def test_backoff_doubles_per_attempt_up_to_the_cap() -> None:
     state = JobState(Defaults(retry_backoff=1.5, retry_backoff_max=20.0))
-    fulls = [state.backoff(running_job(n), Edge(top=True)) for n in range(1, 8)]  # type: ignore[arg-type]
+    fulls = [state.policy.backoff(running_job(n), Edge(top=True)) for n in range(1, 8)]  # type: ignore[arg-type]
     assert fulls == [1.5, 3.0, 6.0, 12.0, 20.0, 20.0, 20.0]
-    halves = [state.backoff(running_job(n), Edge(top=False)) for n in range(1, 8)]  # type: ignore[arg-type]
+    halves = [state.policy.backoff(running_job(n), Edge(top=False)) for n in range(1, 8)]  # type: ignore[arg-type]
     assert halves == [f / 2 for f in fulls]
 
 
@@ -594,8 +597,8 @@ def test_task_backoff_overrides_defaults() -> None:
     state = JobState(Defaults(retry_backoff=1.0, retry_backoff_max=600.0))
     state.tasks["t.tuned"] = TaskDefaults(retry_backoff=10.0, retry_backoff_max=15.0)
     job = running_job(1, task="t.tuned")
-    assert state.backoff(job, Edge(top=True)) == 10.0  # type: ignore[arg-type]
-    assert state.backoff(running_job(3, task="t.tuned"), Edge(top=True)) == 15.0  # type: ignore[arg-type]
+    assert state.policy.backoff(job, Edge(top=True)) == 10.0  # type: ignore[arg-type]
+    assert state.policy.backoff(running_job(3, task="t.tuned"), Edge(top=True)) == 15.0  # type: ignore[arg-type]
 
 
 @given(
@@ -607,13 +610,13 @@ def test_task_backoff_overrides_defaults() -> None:
 def test_backoff_is_within_half_and_full(attempts: int, base: float, cap: float, seed: int) -> None:
     state = JobState(Defaults(retry_backoff=base, retry_backoff_max=cap))
     job = running_job(attempts, max_attempts=attempts + 1)
-    rec = state.decide_finish(job, "error", NOW, error=ERR, rng=random.Random(seed))
+    rec = state.policy.decide_finish(job, "error", NOW, error=ERR, rng=random.Random(seed))
     assert rec.status == "retrying"
     full = min(cap, base * 2 ** (attempts - 1))
     wait = rec.next_run_at - NOW  # type: ignore[operator]
     assert full / 2 - 1e-6 <= wait <= full + 1e-6
     # the same rng seed gives the same decision
-    again = state.decide_finish(job, "error", NOW, error=ERR, rng=random.Random(seed))
+    again = state.policy.decide_finish(job, "error", NOW, error=ERR, rng=random.Random(seed))
     assert again.next_run_at == rec.next_run_at
 
 
@@ -621,7 +624,7 @@ def test_backoff_is_jittered() -> None:
     state = JobState(Defaults(retry_backoff=8.0, retry_backoff_max=8.0))
     job = running_job(1)
     rng = random.Random(3)
-    waits = [state.backoff(job, rng) for _ in range(200)]
+    waits = [state.policy.backoff(job, rng) for _ in range(200)]
     assert min(waits) >= 4.0 and max(waits) <= 8.0
     assert min(waits) < 4.5 and max(waits) > 7.5  # spread over the whole range
     assert len(set(waits)) > 150
@@ -630,7 +633,7 @@ def test_backoff_is_jittered() -> None:
 def test_backoff_with_very_many_attempts_is_capped() -> None:
     state = JobState(Defaults(retry_backoff=1.0, retry_backoff_max=600.0))
     job = running_job(1100, max_attempts=100_000)
-    rec = state.decide_finish(job, "error", NOW, error=ERR, rng=random.Random(1))
+    rec = state.policy.decide_finish(job, "error", NOW, error=ERR, rng=random.Random(1))
     assert rec.status == "retrying"
     assert NOW + 300.0 <= rec.next_run_at <= NOW + 600.0  # type: ignore[operator]
 
@@ -1151,19 +1154,19 @@ def test_list_jobs_pages_in_creation_order() -> None:
     b = Broker()
     for i in range(7):
         b.enqueue(f"j{i}", queue="a" if i % 2 else "b", priority=-i)
-    page, cursor = b.state.list_jobs(limit=3)
+    page, cursor = state_views.list_jobs(b.state, limit=3)
     assert [j.id for j in page] == ["j0", "j1", "j2"] and cursor is not None
     b.lease("j2")
     b.finish("j2", "ok")
     b.record(Removed("j2"))  # the cursor stays valid
-    page, cursor = b.state.list_jobs(limit=3, cursor=cursor)
+    page, cursor = state_views.list_jobs(b.state, limit=3, cursor=cursor)
     assert [j.id for j in page] == ["j3", "j4", "j5"] and cursor is not None
-    page, cursor = b.state.list_jobs(limit=3, cursor=cursor)
+    page, cursor = state_views.list_jobs(b.state, limit=3, cursor=cursor)
     assert ([j.id for j in page], cursor) == (["j6"], None)
-    page, cursor = b.state.list_jobs(queue="a", limit=3)
+    page, cursor = state_views.list_jobs(b.state, queue="a", limit=3)
     assert ([j.id for j in page], cursor) == (["j1", "j3", "j5"], None)
     with pytest.raises(InvalidJob, match=r"^cursor: "):
-        b.state.list_jobs(cursor="nope")
+        state_views.list_jobs(b.state, cursor="nope")
 
 
 # -- the stateful model -------------------------------------------------------------------
@@ -1418,7 +1421,7 @@ class JobStateMachine(RuleBasedStateMachine):
         left = job.attempts < self.state.max_attempts(job)
         result = encode_value({"ok": job.id}) if kind == "ok" else None
         error = None if kind == "ok" else ErrorRec("E", kind)
-        rec = self.state.decide_finish(
+        rec = self.state.policy.decide_finish(
             job, kind, self.now, result=result, error=error, delay=delay, rng=self.rng
         )
         assert rec.counted == (kind != "retry")
@@ -1582,7 +1585,7 @@ class JobStateMachine(RuleBasedStateMachine):
         got: list[str] = []
         cursor: str | None = None
         for _ in range(len(expected) // limit + 1):
-            page, cursor = self.state.list_jobs(queue, status, task, limit, cursor)
+            page, cursor = state_views.list_jobs(self.state, queue, status, task, limit, cursor)
             assert len(page) <= limit
             got.extend(j.id for j in page)
             if cursor is None:
@@ -1593,7 +1596,7 @@ class JobStateMachine(RuleBasedStateMachine):
         assert len(got) == len(set(got))
         assert got == expected
         with pytest.raises(InvalidJob):
-            self.state.list_jobs(queue, status, task, limit, "not-a-cursor")
+            state_views.list_jobs(self.state, queue, status, task, limit, "not-a-cursor")
 
     def tick(self) -> None:
         """What the broker's tick does at ``now``: promote, then expire, with

@@ -1,0 +1,108 @@
+"""A job's effective options: its own, else its task's, else the broker's.
+
+Workers register their tasks' options (:class:`TaskDefaults`); the broker's
+config gives the last word (:class:`Defaults`). Pure; no clock: callers
+pass ``rng`` for the backoff's jitter.
+"""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+
+from corral.broker.job import Defaults, Job, TaskDefaults
+from corral.broker.jobspec import NIL
+from corral.broker.records import ErrorRec, Finished
+
+_NO_TASK_DEFAULTS = TaskDefaults()
+
+
+class Policy:
+    """Resolves attempts, timeouts, backoff and TTLs for a job, and decides
+    what a try's outcome means."""
+
+    def __init__(self, defaults: Defaults | None = None) -> None:
+        self.defaults = defaults or Defaults()
+        #: task name -> its options as its workers registered them.
+        self.tasks: dict[str, TaskDefaults] = {}
+        self._rng = random.Random()
+
+    def decide_finish(
+        self,
+        job: Job,
+        kind: str,
+        now: float,
+        *,
+        result: msgspec.Raw | None = None,
+        error: ErrorRec | None = None,
+        delay: float | None = None,
+        started_at: float | None = None,
+        rng: random.Random | None = None,
+    ) -> Finished:
+        """What a try's outcome means for the job. ``kind`` is ``ok``,
+        ``error`` (retry with backoff while attempts remain), ``fail`` (no
+        more attempts), ``retry`` (again after ``delay``, not counted) or
+        ``lost`` (worker gone: requeue at once while attempts remain)."""
+        status, next_run_at, counted = "failed", None, True
+        if kind == "ok":
+            status = "succeeded"
+        elif kind == "retry":
+            status, counted = "retrying", False
+            next_run_at = now + max(0.0, delay or 0.0)
+        elif kind in ("error", "lost") and job.attempts < self.max_attempts(job):
+            if kind == "lost":
+                status = "queued"
+            else:
+                status = "retrying"
+                next_run_at = now + self.backoff(job, rng or self._rng)
+        if kind == "retry" and next_run_at is not None and next_run_at <= now:
+            status, next_run_at = "queued", None
+        return Finished(
+            id=job.id,
+            lease=job.lease,
+            at=now,
+            status=status,
+            result=msgspec.Raw(bytes(result)) if result is not None else NIL,
+            error=error,
+            next_run_at=next_run_at,
+            started_at=started_at,
+            counted=counted,
+        )
+
+    def max_attempts(self, job: Job) -> int:
+        if job.max_attempts is not None:
+            return job.max_attempts
+        task = self.task(job).max_attempts
+        return task if task is not None else self.defaults.max_attempts
+
+    def timeout(self, job: Job) -> float | None:
+        return job.timeout if job.timeout is not None else self.task(job).timeout
+
+    def backoff(self, job: Job, rng: random.Random) -> float:
+        """Exponential backoff with equal jitter for the attempt just made."""
+        task = self.task(job)
+        base = task.retry_backoff if task.retry_backoff is not None else self.defaults.retry_backoff
+        cap = (
+            task.retry_backoff_max
+            if task.retry_backoff_max is not None
+            else self.defaults.retry_backoff_max
+        )
+        exponent = min(max(0, job.attempts - 1), 60)  # 2**60 s is past any cap
+        full = min(cap, base * (2.0**exponent))
+        return full / 2 + rng.uniform(0, full / 2)
+
+    def task(self, job: Job) -> TaskDefaults:
+        """The options registered for the job's task (all None if none were)."""
+        return self.tasks.get(job.task) or _NO_TASK_DEFAULTS
+
+    def ttl_end(self, job: Job, ended: float) -> float:
+        """When a job that ended at ``ended`` (epoch seconds) is forgotten by
+        its TTL: a succeeded one after its ``result_ttl``, a failed or
+        cancelled one after the broker's ``failed_ttl``."""
+        if job.status == "succeeded":
+            ttl = job.result_ttl
+            if ttl is None:
+                ttl = self.task(job).result_ttl
+            return ended + (ttl if ttl is not None else self.defaults.result_ttl)
+        return ended + self.defaults.failed_ttl
