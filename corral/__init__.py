@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from corral.broker.protocol import FlowInfo, JobInfo, StatusInfo, TryInfo
-    from corral.client import AsyncClient, Client, Job
+    from corral.client import AsyncClient, Client
+    from corral.clientcore import Job
     from corral.context import JobContext
     from corral.errors import (
         BrokerError,
@@ -48,7 +49,7 @@ _HOMES = {
     "DiskFull": "corral.errors",
     "Fail": "corral.errors",
     "FlowInfo": "corral.broker.protocol",
-    "Job": "corral.client",
+    "Job": "corral.clientcore",
     "JobCancelled": "corral.errors",
     "JobContext": "corral.context",
     "JobFailed": "corral.errors",

@@ -1,20 +1,43 @@
-"""The ``corral`` command. Exit codes: 0 ok, 1 job failed or not found,
-2 usage or config error, 3 broker unreachable."""
+"""The ``corral`` command: its arguments, and the exit code of each outcome.
+Exit codes: 0 ok, 1 job failed or not found, 2 usage or config error, 3 broker
+unreachable. What each subcommand does is in :mod:`corral.clicommands`, what
+it prints in :mod:`corral.cliformat`."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from corral.broker.state import STATUSES
+from corral.clicommands import (
+    EXIT_JOB,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    UsageError,
+    cmd_broker,
+    cmd_cancel,
+    cmd_check_config,
+    cmd_delete,
+    cmd_enqueue,
+    cmd_enqueue_flow,
+    cmd_flow,
+    cmd_job,
+    cmd_jobs,
+    cmd_keys,
+    cmd_log,
+    cmd_pause,
+    cmd_purge,
+    cmd_result,
+    cmd_retry,
+    cmd_run,
+    cmd_status,
+    cmd_supervisor,
+    cmd_worker,
+)
+from corral.cliformat import plain
 from corral.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -27,435 +50,7 @@ from corral.errors import (
 )
 
 if TYPE_CHECKING:
-    from corral.broker.log import VerifyReport
-
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
-
-EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
-
-
-# ------------------------------------------------------------------ config
-
-
-def config_path(path: str | None) -> str | None:
-    """The config file named by -c, $CORRAL_CONFIG, ./corral.toml or
-    /etc/corral/corral.toml; None means the defaults."""
-    path = path or os.environ.get("CORRAL_CONFIG")
-    if path:
-        return path
-    return next((c for c in CONFIG_SEARCH if Path(c).is_file()), None)
-
-
-def load_config(path: str | None) -> Any:
-    from corral.config import Config, load
-
-    found = config_path(path)
-    return load(found) if found else Config.default()
-
-
-def make_client(args: argparse.Namespace) -> Any:
-    from corral.client import Client
-
-    config = load_config(args.config)
-    return Client(args.endpoint, config=config, timeout=args.timeout or config.client.timeout)
-
-
-# ---------------------------------------------------------------- output
-
-
-def _plain(value: Any) -> Any:
-    return msgspec.to_builtins(value)
-
-
-def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str] | None = None) -> None:
-    if args.json or human is None:
-        sys.stdout.write(msgspec.json.encode(_plain(value)).decode() + "\n")
-    else:
-        sys.stdout.write(human(value) + "\n")
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
-
-
-def human_job(info: Any) -> str:
-    lines = [
-        f"id:          {info.id}",
-        f"task:        {info.task}",
-        f"queue:       {info.queue}",
-        f"status:      {info.status}",
-        f"attempts:    {info.attempts}/{info.max_attempts}",
-        f"created:     {_when(info.created_at)}",
-        f"next run:    {_when(info.next_run_at)}",
-    ]
-    if info.error is not None:
-        lines.append(f"error:       {info.error.type}: {info.error.message}")
-    for t in info.tries:
-        outcome = f"{t.error.type}: {t.error.message}" if t.error else "ok"
-        if t.ended_at is None:
-            outcome = "running"
-        lines.append(
-            f"  try {t.attempt}: {t.worker} pid {t.pid} on {t.host}, "
-            f"{_when(t.started_at)} -> {_when(t.ended_at)}: {outcome}"
-        )
-    return "\n".join(lines)
-
-
-def human_status(status: Any) -> str:
-    lines = ["queue".ljust(20) + "".join(s.rjust(11) for s in STATUSES)]
-    for queue, counts in status.queues.items():
-        lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
-    if not status.queues:
-        lines.append("(no jobs)")
-    if status.paused:
-        lines.append(f"paused: {', '.join(status.paused)}")
-    if status.rates:
-        lines.append(
-            f"last minute: {status.rates.get('processed_per_minute', 0):.0f} processed, "
-            f"{status.rates.get('failed_per_minute', 0):.0f} failed"
-        )
-    if status.registered_tasks:
-        lines.append(f"tasks: {', '.join(status.registered_tasks)}")
-    for sup in status.supervisors:
-        lines.append("")
-        lines.append(f"supervisor {sup.supervisor_id} (pid {sup.pid} on {sup.host})")
-        for pool in sup.pools:
-            state = "FAILED" if pool.failed else "ok"
-            lines.append(
-                f"  pool {pool.name}: {pool.processes} processes, queues={','.join(pool.queues)}"
-                f", restarts={pool.restarts}, {state}"
-            )
-        for w in sup.workers:
-            jobs = ",".join(w.jobs) or "-"
-            extra = f" retiring ({w.retiring})" if w.retiring else ""
-            lines.append(
-                f"    {w.pool}#{w.index} pid {w.pid} rss {w.rss / 2**20:.1f}MiB "
-                f"up {w.uptime:.0f}s job {jobs}{extra}"
-            )
-    lines.append("")
-    lines.append(f"workers: {len(status.workers)}")
-    for w in status.workers:
-        lines.append(
-            f"  {w.worker_id}  queues={','.join(w.queues)} running={len(w.running)} "
-            f"credit={w.credit} processed={w.processed} failed={w.failed}"
-        )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- commands
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from corral.supervisor.supervisor import Supervisor
-
-    path = config_path(args.config)
-    return Supervisor(load_config(path), with_broker=True, config_path=path).run()
-
-
-def cmd_supervisor(args: argparse.Namespace) -> int:
-    from corral.supervisor.supervisor import Supervisor
-
-    path = config_path(args.config)
-    return Supervisor(load_config(path), with_broker=False, config_path=path).run()
-
-
-def cmd_broker(args: argparse.Namespace) -> int:
-    from corral.supervisor.process import set_title
-    from corral.supervisor.roles import run_broker
-
-    config = load_config(args.config)
-    set_title("corral: broker")
-    return run_broker(config)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from corral.config import PoolConfig
-    from corral.supervisor.process import set_title
-    from corral.supervisor.roles import run_worker
-
-    config = load_config(args.config)
-    base = config.pools[0] if config.pools else PoolConfig(name="cli")
-    pool = msgspec.structs.replace(
-        base,
-        queues=args.queue or list(base.queues),
-        plugins=args.plugin or list(base.plugins),
-        concurrency=args.concurrency or base.concurrency,
-    )
-    set_title(f"corral: worker {pool.name}#0")
-    return run_worker(config, pool, 0)
-
-
-def cmd_enqueue(args: argparse.Namespace) -> int:
-    payload = None
-    if args.payload is not None:
-        try:
-            payload = json.loads(args.payload)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"PAYLOAD_JSON is not valid JSON: {exc}") from None
-    options = {
-        "queue": args.queue,
-        "priority": args.priority,
-        "delay": args.delay,
-        "max_attempts": args.max_attempts,
-        "timeout": args.job_timeout,
-        "unique_key": args.unique_key,
-        "unique_for": args.unique_for,
-        "run_at": args.run_at,
-        "result_ttl": args.result_ttl,
-    }
-    with make_client(args) as client:
-        job_id = client.enqueue(args.task, payload, **options)
-        if not args.wait:
-            emit(args, {"id": job_id}, lambda v: v["id"])
-            return EXIT_OK
-        value = client.result(job_id, timeout=args.wait_timeout)
-        emit(args, {"id": job_id, "result": value}, lambda v: json.dumps(v["result"]))
-    return EXIT_OK
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        emit(args, client.status(), human_status)
-    return EXIT_OK
-
-
-def cmd_job(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        emit(args, client.job(args.id), human_job)
-    return EXIT_OK
-
-
-def cmd_result(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        timeout = args.wait_timeout if args.wait else 0.0
-        value = client.result(args.id, timeout=timeout)
-        emit(args, {"id": args.id, "result": value}, lambda v: json.dumps(v["result"]))
-    return EXIT_OK
-
-
-def human_jobs(page: Any) -> str:
-    lines = [f"{'id':32}  {'status':10} {'attempts':>8}  {'queue':12} task"]
-    for info in page:
-        lines.append(
-            f"{info.id:32}  {info.status:10} {info.attempts:>8}  {info.queue:12} {info.task}"
-        )
-    if page.cursor:
-        lines.append(f"(more: --cursor {page.cursor})")
-    return "\n".join(lines)
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        page = client.jobs(args.queue, args.status, args.limit, task=args.task, cursor=args.cursor)
-        if args.json:
-            emit(args, {"jobs": list(page), "cursor": page.cursor})
-        else:
-            emit(args, page, human_jobs)
-    return EXIT_OK
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        cancelled = client.cancel(args.id)
-        emit(
-            args,
-            {"id": args.id, "cancelled": cancelled},
-            lambda v: "cancelled" if v["cancelled"] else "not cancelled: the job had ended",
-        )
-    return EXIT_OK if cancelled else EXIT_JOB
-
-
-def cmd_retry(args: argparse.Namespace) -> int:
-    if bool(args.id) == bool(args.failed):
-        raise UsageError("give a job ID or --failed (optionally with --queue), not both")
-    with make_client(args) as client:
-        ids = client.retry_failed(args.queue) if args.failed else [client.retry(args.id)]
-        emit(args, {"retried": ids}, lambda v: f"retried {len(v['retried'])} job(s)")
-    return EXIT_OK
-
-
-def cmd_delete(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        client.delete(args.id)
-        emit(args, {"deleted": args.id}, lambda v: f"deleted {v['deleted']}")
-    return EXIT_OK
-
-
-def cmd_purge(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        count = client.purge(args.queue)
-        emit(
-            args,
-            {"queue": args.queue, "purged": count},
-            lambda v: f"purged {v['purged']} queued job(s) from {v['queue']}",
-        )
-    return EXIT_OK
-
-
-def cmd_pause(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        (client.pause if args.command == "pause" else client.resume)(args.queue)
-        emit(
-            args,
-            {"queue": args.queue, "paused": args.command == "pause"},
-            lambda v: f"{v['queue']}: {'paused' if v['paused'] else 'resumed'}",
-        )
-    return EXIT_OK
-
-
-def human_flow(info: Any) -> str:
-    lines = [f"{info.kind} {info.id}: {info.status}"]
-    if info.failed_step is not None:
-        lines.append(f"stopped at step {info.failed_step}")
-    for index, job_id in enumerate(info.jobs):
-        lines.append(f"  {index}: {job_id} {info.statuses.get(job_id, 'not created')}")
-    if info.callback:
-        lines.append(f"  callback: {info.callback}")
-    return "\n".join(lines)
-
-
-def _job_arg(text: str) -> Any:
-    """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...},
-    callbacks nested as {"on_success": {"task": ...}}."""
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{text!r} is not valid JSON: {exc}") from None
-    return _job_from(fields, text)
-
-
-def _job_from(fields: Any, text: str) -> Any:
-    from corral.client import Job
-
-    if not isinstance(fields, dict) or "task" not in fields:
-        raise UsageError(f'{text!r}: a job is a JSON object like {{"task": "x.y", "payload": 1}}')
-    for callback in ("on_success", "on_failure"):
-        if fields.get(callback) is not None:
-            fields[callback] = _job_from(fields[callback], text)
-    try:
-        return Job(**fields)
-    except TypeError as exc:
-        raise UsageError(f"{text!r}: {exc}") from None
-
-
-def cmd_enqueue_flow(args: argparse.Namespace) -> int:
-    jobs = [_job_arg(text) for text in args.jobs]
-    with make_client(args) as client:
-        if args.command == "enqueue-chain":
-            flow_id = client.enqueue_chain(jobs)
-        else:
-            callback = _job_arg(args.callback) if args.callback else None
-            flow_id = client.enqueue_group(jobs, callback=callback)
-        if not args.wait:
-            emit(args, {"id": flow_id}, lambda v: v["id"])
-            return EXIT_OK
-        value = client.result(flow_id, timeout=args.wait_timeout)
-        emit(args, {"id": flow_id, "result": value}, lambda v: json.dumps(v["result"]))
-    return EXIT_OK
-
-
-def cmd_flow(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        emit(args, getattr(client, args.command)(args.id), human_flow)
-    return EXIT_OK
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    from corral.broker.schedules import ScheduleError, Scheduler
-
-    config = load_config(args.config)
-    try:
-        Scheduler.from_configs(config.schedules)
-    except ScheduleError as exc:
-        raise ConfigError(f"schedules: {exc}") from None
-    source = args.config or os.environ.get("CORRAL_CONFIG") or "defaults"
-    pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
-    emit(
-        args,
-        {"ok": True, "config": source, "pools": [p.name for p in config.pools]},
-        lambda v: f"{source}: ok (pools: {pools})",
-    )
-    return EXIT_OK
-
-
-def cmd_keys(args: argparse.Namespace) -> int:
-    from corral.transport import write_keypair
-
-    public, secret = write_keypair(args.directory, args.name)
-    emit(
-        args,
-        {"public": str(public), "secret": str(secret)},
-        lambda v: f"public key: {v['public']}\nsecret key: {v['secret']} (mode 0600)",
-    )
-    return EXIT_OK
-
-
-def cmd_log(args: argparse.Namespace) -> int:
-    from corral.broker import log as corral_log
-
-    state_dir = Path(args.state_dir or load_config(args.config).broker.state_dir)
-    directory = state_dir / "log"
-    if args.action == "verify":
-        verified = corral_log.verify(directory)
-        emit(args, verified, lambda r: _describe_verify(directory, r))
-        return EXIT_OK if verified.ok else EXIT_JOB
-    if args.action == "repair":
-        repaired = corral_log.repair(directory)
-        emit(args, repaired, lambda r: f"{directory}: {_plain(r)}")
-        return EXIT_OK
-    return _compact_offline(args, state_dir)
-
-
-def _describe_verify(directory: Path, report: VerifyReport) -> str:
-    text = f"{directory}: {report.segments} segments, {report.records} records"
-    if report.corrupt:
-        seg, offset, reason = report.corrupt
-        return f"{text}; CORRUPT at {seg} offset {offset}: {reason} (run `corral log repair`)"
-    if report.torn_tail:
-        seg, offset = report.torn_tail
-        return f"{text}; torn tail at {seg} offset {offset} (truncated on next start)"
-    return f"{text}; ok"
-
-
-def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
-    from corral.broker.core import BrokerCore
-    from corral.broker.lockfile import StateDirLock
-
-    config = load_config(args.config)
-    config = msgspec.structs.replace(
-        config, broker=msgspec.structs.replace(config.broker, state_dir=str(state_dir))
-    )
-    core = BrokerCore(config)
-    lock = StateDirLock(core.state_dir)
-    lock.acquire()
-    try:
-        for record in core.log.replay():
-            core.state.apply(record)
-        before = core.log.stats()
-        core.log.compact(core.state.snapshot())
-        after = core.log.stats()
-        core.log.close()
-    finally:
-        lock.release()
-    emit(
-        args,
-        {"jobs": len(core.state.jobs), "before": before, "after": after},
-        lambda v: (
-            f"compacted: {v['jobs']} live jobs; "
-            f"{v['before'].get('used_bytes')} -> {v['after'].get('used_bytes')} bytes"
-        ),
-    )
-    return EXIT_OK
-
-
-# ------------------------------------------------------------------ parser
-
-
-class UsageError(CorralError):
-    """Bad command-line input."""
 
 
 def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
@@ -643,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_failure(args: argparse.Namespace, exc: JobFailed) -> None:
     if getattr(args, "json", False):
         sys.stdout.write(
-            msgspec.json.encode({"id": exc.job_id, "error": _plain(exc.error)}).decode() + "\n"
+            msgspec.json.encode({"id": exc.job_id, "error": plain(exc.error)}).decode() + "\n"
         )
     print(f"corral: {exc}", file=sys.stderr)
 

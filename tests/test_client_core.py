@@ -14,10 +14,9 @@ import pytest
 import corral
 from corral.broker import protocol as p
 from corral.broker.jobspec import OPTION_NAMES
-from corral.client import (
+from corral.client import AsyncClient, Client
+from corral.clientcore import (
     MAX_WAIT_SLICE,
-    AsyncClient,
-    Client,
     ClientCore,
     Job,
     JobPage,

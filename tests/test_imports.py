@@ -51,10 +51,6 @@ def test_the_job_state_loads_neither_zmq_nor_asyncio() -> None:
     loads_no_zmq_nor_asyncio("corral.broker.state")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/log.py imports structlog at the top, and structlog.stdlib imports asyncio",
-)
 def test_the_log_loads_neither_zmq_nor_asyncio() -> None:
     loads_no_zmq_nor_asyncio("corral.broker.state", "corral.broker.log")
 

@@ -30,17 +30,10 @@ from hypothesis.stateful import (
     rule,
 )
 
+from corral.broker.framing import HEADER_SIZE, MAGIC
 from corral.broker.jobspec import JobSpec
-from corral.broker.log import (
-    HEADER_SIZE,
-    MAGIC,
-    Log,
-    LogCorrupt,
-    LogDiskFull,
-    LogError,
-    repair,
-    verify,
-)
+from corral.broker.log import Log, LogCorrupt, LogDiskFull, LogError
+from corral.broker.logtools import repair, verify
 from corral.broker.records import (
     LOG_FORMAT_VERSION,
     NIL,

@@ -1,0 +1,332 @@
+"""What each ``corral`` subcommand does, given its parsed arguments; each
+returns the exit code (0 ok, 1 job failed or not found). The daemons
+(``run``, ``broker``, ``supervisor``, ``worker``) run in the foreground, the
+client commands ask the broker, and ``log`` works on a stopped broker's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from corral.cliformat import (
+    describe_verify,
+    emit,
+    human_flow,
+    human_job,
+    human_jobs,
+    human_status,
+    plain,
+)
+from corral.errors import ConfigError, CorralError
+
+EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
+
+
+class UsageError(CorralError):
+    """Bad command-line input."""
+
+
+# ------------------------------------------------------------------ config
+
+
+def config_path(path: str | None) -> str | None:
+    """The config file named by -c, $CORRAL_CONFIG, ./corral.toml or
+    /etc/corral/corral.toml; None means the defaults."""
+    path = path or os.environ.get("CORRAL_CONFIG")
+    if path:
+        return path
+    return next((c for c in CONFIG_SEARCH if Path(c).is_file()), None)
+
+
+def load_config(path: str | None) -> Any:
+    from corral.config import Config, load
+
+    found = config_path(path)
+    return load(found) if found else Config.default()
+
+
+def make_client(args: argparse.Namespace) -> Any:
+    from corral.client import Client
+
+    config = load_config(args.config)
+    return Client(args.endpoint, config=config, timeout=args.timeout or config.client.timeout)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from corral.supervisor.supervisor import Supervisor
+
+    path = config_path(args.config)
+    return Supervisor(load_config(path), with_broker=True, config_path=path).run()
+
+
+def cmd_supervisor(args: argparse.Namespace) -> int:
+    from corral.supervisor.supervisor import Supervisor
+
+    path = config_path(args.config)
+    return Supervisor(load_config(path), with_broker=False, config_path=path).run()
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from corral.supervisor.process import set_title
+    from corral.supervisor.roles import run_broker
+
+    config = load_config(args.config)
+    set_title("corral: broker")
+    return run_broker(config)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from corral.config import PoolConfig
+    from corral.supervisor.process import set_title
+    from corral.supervisor.roles import run_worker
+
+    config = load_config(args.config)
+    base = config.pools[0] if config.pools else PoolConfig(name="cli")
+    pool = msgspec.structs.replace(
+        base,
+        queues=args.queue or list(base.queues),
+        plugins=args.plugin or list(base.plugins),
+        concurrency=args.concurrency or base.concurrency,
+    )
+    set_title(f"corral: worker {pool.name}#0")
+    return run_worker(config, pool, 0)
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    payload = None
+    if args.payload is not None:
+        try:
+            payload = json.loads(args.payload)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"PAYLOAD_JSON is not valid JSON: {exc}") from None
+    options = {
+        "queue": args.queue,
+        "priority": args.priority,
+        "delay": args.delay,
+        "max_attempts": args.max_attempts,
+        "timeout": args.job_timeout,
+        "unique_key": args.unique_key,
+        "unique_for": args.unique_for,
+        "run_at": args.run_at,
+        "result_ttl": args.result_ttl,
+    }
+    with make_client(args) as client:
+        job_id = client.enqueue(args.task, payload, **options)
+        if not args.wait:
+            emit(args, {"id": job_id}, lambda v: v["id"])
+            return EXIT_OK
+        value = client.result(job_id, timeout=args.wait_timeout)
+        emit(args, {"id": job_id, "result": value}, lambda v: json.dumps(v["result"]))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        emit(args, client.status(), human_status)
+    return EXIT_OK
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        emit(args, client.job(args.id), human_job)
+    return EXIT_OK
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        timeout = args.wait_timeout if args.wait else 0.0
+        value = client.result(args.id, timeout=timeout)
+        emit(args, {"id": args.id, "result": value}, lambda v: json.dumps(v["result"]))
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        page = client.jobs(args.queue, args.status, args.limit, task=args.task, cursor=args.cursor)
+        if args.json:
+            emit(args, {"jobs": list(page), "cursor": page.cursor})
+        else:
+            emit(args, page, human_jobs)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        cancelled = client.cancel(args.id)
+        emit(
+            args,
+            {"id": args.id, "cancelled": cancelled},
+            lambda v: "cancelled" if v["cancelled"] else "not cancelled: the job had ended",
+        )
+    return EXIT_OK if cancelled else EXIT_JOB
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    if bool(args.id) == bool(args.failed):
+        raise UsageError("give a job ID or --failed (optionally with --queue), not both")
+    with make_client(args) as client:
+        ids = client.retry_failed(args.queue) if args.failed else [client.retry(args.id)]
+        emit(args, {"retried": ids}, lambda v: f"retried {len(v['retried'])} job(s)")
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        client.delete(args.id)
+        emit(args, {"deleted": args.id}, lambda v: f"deleted {v['deleted']}")
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        count = client.purge(args.queue)
+        emit(
+            args,
+            {"queue": args.queue, "purged": count},
+            lambda v: f"purged {v['purged']} queued job(s) from {v['queue']}",
+        )
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        (client.pause if args.command == "pause" else client.resume)(args.queue)
+        emit(
+            args,
+            {"queue": args.queue, "paused": args.command == "pause"},
+            lambda v: f"{v['queue']}: {'paused' if v['paused'] else 'resumed'}",
+        )
+    return EXIT_OK
+
+
+def _job_arg(text: str) -> Any:
+    """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...},
+    callbacks nested as {"on_success": {"task": ...}}."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{text!r} is not valid JSON: {exc}") from None
+    return _job_from(fields, text)
+
+
+def _job_from(fields: Any, text: str) -> Any:
+    from corral.client import Job
+
+    if not isinstance(fields, dict) or "task" not in fields:
+        raise UsageError(f'{text!r}: a job is a JSON object like {{"task": "x.y", "payload": 1}}')
+    for callback in ("on_success", "on_failure"):
+        if fields.get(callback) is not None:
+            fields[callback] = _job_from(fields[callback], text)
+    try:
+        return Job(**fields)
+    except TypeError as exc:
+        raise UsageError(f"{text!r}: {exc}") from None
+
+
+def cmd_enqueue_flow(args: argparse.Namespace) -> int:
+    jobs = [_job_arg(text) for text in args.jobs]
+    with make_client(args) as client:
+        if args.command == "enqueue-chain":
+            flow_id = client.enqueue_chain(jobs)
+        else:
+            callback = _job_arg(args.callback) if args.callback else None
+            flow_id = client.enqueue_group(jobs, callback=callback)
+        if not args.wait:
+            emit(args, {"id": flow_id}, lambda v: v["id"])
+            return EXIT_OK
+        value = client.result(flow_id, timeout=args.wait_timeout)
+        emit(args, {"id": flow_id, "result": value}, lambda v: json.dumps(v["result"]))
+    return EXIT_OK
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        emit(args, getattr(client, args.command)(args.id), human_flow)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from corral.broker.schedules import ScheduleError, Scheduler
+
+    config = load_config(args.config)
+    try:
+        Scheduler.from_configs(config.schedules)
+    except ScheduleError as exc:
+        raise ConfigError(f"schedules: {exc}") from None
+    source = args.config or os.environ.get("CORRAL_CONFIG") or "defaults"
+    pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
+    emit(
+        args,
+        {"ok": True, "config": source, "pools": [p.name for p in config.pools]},
+        lambda v: f"{source}: ok (pools: {pools})",
+    )
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from corral.transport import write_keypair
+
+    public, secret = write_keypair(args.directory, args.name)
+    emit(
+        args,
+        {"public": str(public), "secret": str(secret)},
+        lambda v: f"public key: {v['public']}\nsecret key: {v['secret']} (mode 0600)",
+    )
+    return EXIT_OK
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from corral.broker import logtools
+
+    state_dir = Path(args.state_dir or load_config(args.config).broker.state_dir)
+    directory = state_dir / "log"
+    if args.action == "verify":
+        verified = logtools.verify(directory)
+        emit(args, verified, lambda r: describe_verify(directory, r))
+        return EXIT_OK if verified.ok else EXIT_JOB
+    if args.action == "repair":
+        repaired = logtools.repair(directory)
+        emit(args, repaired, lambda r: f"{directory}: {plain(r)}")
+        return EXIT_OK
+    return _compact_offline(args, state_dir)
+
+
+def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
+    from corral.broker.core import BrokerCore
+    from corral.broker.lockfile import StateDirLock
+
+    config = load_config(args.config)
+    config = msgspec.structs.replace(
+        config, broker=msgspec.structs.replace(config.broker, state_dir=str(state_dir))
+    )
+    core = BrokerCore(config)
+    lock = StateDirLock(core.state_dir)
+    lock.acquire()
+    try:
+        for record in core.log.replay():
+            core.state.apply(record)
+        before = core.log.stats()
+        core.log.compact(core.state.snapshot())
+        after = core.log.stats()
+        core.log.close()
+    finally:
+        lock.release()
+    emit(
+        args,
+        {"jobs": len(core.state.jobs), "before": before, "after": after},
+        lambda v: (
+            f"compacted: {v['jobs']} live jobs; "
+            f"{v['before'].get('used_bytes')} -> {v['after'].get('used_bytes')} bytes"
+        ),
+    )
+    return EXIT_OK

@@ -1,0 +1,460 @@
+"""The clients' sans-I/O core: every client operation, written once.
+
+Each operation of :class:`ClientCore` is a :class:`Step`: the request to send
+and how to read its reply (the value, or the next step of a long poll). The
+core does no I/O, so it is tested with canned replies; :mod:`corral.client`
+drives its steps over a socket, blocking or awaited. Here too are the job
+specs an operation takes (:class:`Job`) and the pages it gives
+(:class:`JobPage`). Job ids are made here, so a resent enqueue is idempotent
+at the broker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeAlias, TypeVar
+
+import msgspec
+
+from corral.broker import protocol as p
+from corral.broker.jobspec import JobOptions, JobSpec, options_of
+from corral.broker.protocol import TERMINAL
+from corral.errors import (
+    BrokerError,
+    CorralError,
+    DiskFull,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    RequestTooLarge,
+    ResultTimeout,
+)
+
+#: Longest single long-poll; longer waits are made of several.
+MAX_WAIT_SLICE = 30.0
+
+T = TypeVar("T")
+
+
+class _JobExtras(JobOptions, frozen=True, kw_only=True):
+    """The keyword-only fields of :class:`Job` beside the options."""
+
+    #: A job id of your choosing (at most 64 characters); an enqueue with an
+    #: id the broker has is a no-op that returns it. None: a new id.
+    id: str | None = None
+    #: Jobs created when this one succeeds (its result as their
+    #: ``ctx.prev_result``) or fails (a dict with the error as prev_result).
+    on_success: Job | None = None
+    on_failure: Job | None = None
+
+
+class Job(_JobExtras, frozen=True):
+    """A job spec for ``enqueue_many``, chains and groups:
+    ``Job(task, payload=None, **options)``. The options are those of
+    :class:`corral.broker.jobspec.JobOptions` (``queue``, ``priority``,
+    ``delay``, ``run_at``, ``max_attempts``, ``timeout``, ``unique_key``,
+    ``result_ttl``, ``unique_for``), plus ``id``, ``on_success`` and
+    ``on_failure``."""
+
+    task: str
+    payload: Any = None
+
+
+class JobPage(list[p.JobInfo]):
+    """A page of ``jobs()``; pass ``cursor`` to get the next (None: the last)."""
+
+    cursor: str | None = None
+
+
+def new_job_id() -> str:
+    """A 32-hex-digit id that sorts by creation time (48-bit ms + 80 random bits)."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+# ---------------------------------------------------------------- the operations
+
+
+class Step(msgspec.Struct, Generic[T]):
+    """One request of an operation, and what its reply makes of it: the
+    operation's value, or the next step (a long poll that goes on)."""
+
+    request: p.ClientRequest
+    #: Turns the (non-error) reply into the value or the next step.
+    read: Callable[[Any], Plan[T]]
+    #: Seconds the broker may hold the request (a long poll), on top of the
+    #: client's timeout.
+    wait: float = 0.0
+
+    def answer(self, reply: p.ClientReply) -> Plan[T]:
+        """The value or the next step for ``reply``; an error reply raises."""
+        if type(reply) is p.ErrorReply:
+            raise broker_error(reply)
+        return self.read(reply)
+
+
+#: What an operation returns: its value at once when it needs no request,
+#: else its first :class:`Step`.
+Plan: TypeAlias = "T | Step[T]"
+
+
+def broker_error(reply: p.ErrorReply) -> CorralError:
+    """The exception for an error reply: JobNotFound, DiskFull or BrokerError."""
+    if reply.code == "not_found":
+        return JobNotFound(reply.message)
+    if reply.code == "disk_full":
+        return DiskFull(reply.message)
+    return BrokerError(reply.code, reply.message)
+
+
+def encode_request(request: p.ClientRequest, max_message_size: int) -> bytes:
+    """Encode a request, refusing one the broker would drop unanswered."""
+    body = p.encode(request)
+    if len(body) > max_message_size:
+        raise RequestTooLarge(
+            f"the request is {len(body)} bytes, over the broker's max_message_size of "
+            f"{max_message_size}; send fewer jobs per enqueue_many or smaller payloads"
+        )
+    return body
+
+
+def decode_reply(frame: bytes) -> p.ClientReply:
+    """Decode a reply frame (ProtocolError if it is not one)."""
+    reply: p.ClientReply = p.decode(p.client_reply_decoder, frame)
+    return reply
+
+
+class ClientCore:
+    """Every client operation, as the request to send and how to read its
+    reply; no sockets. Each public method here is a method of both
+    :class:`Client` and :class:`AsyncClient`, and its docstring is theirs.
+
+    Every operation may also raise BrokerUnavailable (no answer within the
+    client's ``timeout`` seconds, plus a long poll's wait) and BrokerError
+    (the broker refused the request; ``code`` says why, e.g. ``invalid``).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        #: Monotonic seconds, for result()'s deadline.
+        self.clock = clock
+        self._req = itertools.count(1)
+
+    # --- enqueueing
+
+    # One keyword per job option is the public interface, so PLR0913 does not apply.
+    def enqueue(  # noqa: PLR0913
+        self,
+        task: str | Callable[..., Any],
+        payload: Any = None,
+        *,
+        queue: str | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        run_at: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        unique_key: str | None = None,
+        result_ttl: float | None = None,
+        unique_for: float | None = None,
+        id: str | None = None,
+        on_success: Job | None = None,
+        on_failure: Job | None = None,
+    ) -> Plan[str]:
+        """Enqueue one job; return its id once the broker has logged it.
+
+        ``task`` is a task's name or its ``@corral.task`` function;
+        ``payload`` is any msgpack-able value. The options are those of
+        :class:`Job`: ``delay``, ``timeout``, ``result_ttl`` and
+        ``unique_for`` are seconds, ``run_at`` is epoch seconds, and None
+        leaves the task's (else the broker's) default. ``queue`` None is
+        ``"default"``; a higher ``priority`` runs first.
+
+        Returns the job id: a new 32-hex-digit str, or ``id`` if given (an
+        ``id`` the broker has makes this a no-op), or the holder's id while
+        another job holds ``unique_key``. Raises TypeError for a
+        payload msgpack cannot encode, RequestTooLarge (nothing sent),
+        DiskFull (not accepted), BrokerError ``invalid`` for a bad option,
+        BrokerUnavailable.
+        """
+        spec = JobSpec(
+            id or new_job_id(),
+            task if isinstance(task, str) else _task_name(task),
+            _encode_payload(payload),
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            unique_key=unique_key,
+            result_ttl=result_ttl,
+            unique_for=unique_for,
+            on_success=_spec(on_success) if on_success is not None else None,
+            on_failure=_spec(on_failure) if on_failure is not None else None,
+        )
+        return Step(p.Enqueue(next(self._req), [spec]), _first_id)
+
+    def enqueue_many(self, jobs: Iterable[Job]) -> Plan[list[str]]:
+        """Enqueue several :class:`Job` in one durable batch (all or none).
+
+        Returns their ids (32-hex-digit strs), in order, as ``enqueue``
+        would; an empty batch returns [] without a request. Raises as
+        ``enqueue`` does.
+        """
+        specs = [_spec(job) for job in jobs]
+        if not specs:
+            return []
+        return Step(p.Enqueue(next(self._req), specs), _ids)
+
+    def enqueue_chain(self, jobs: Iterable[Job]) -> Plan[str]:
+        """Run jobs one after another, each handler getting the previous
+        one's result as ``ctx.prev_result``; a failure stops the chain.
+
+        Returns the chain's id (32 hex digits), for ``chain()`` and
+        ``result()``. Raises ValueError for no jobs, and as ``enqueue``.
+        """
+        return self._flow("chain", jobs, None)
+
+    def enqueue_group(self, jobs: Iterable[Job], callback: Job | None = None) -> Plan[str]:
+        """Run jobs in parallel; with ``callback`` (a chord), run it once all
+        succeeded, with the list of their results as ``ctx.prev_result``.
+
+        Returns the group's id (32 hex digits), for ``group()`` and
+        ``result()``. Raises ValueError for no jobs, and as ``enqueue``.
+        """
+        return self._flow("group", jobs, callback)
+
+    def _flow(self, kind: str, jobs: Iterable[Job], callback: Job | None) -> Plan[str]:
+        specs = [_spec(job) for job in jobs]
+        if not specs:
+            raise ValueError(f"a {kind} needs at least one job")
+        spec = _spec(callback) if callback is not None else None
+        return Step(p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec), _first_id)
+
+    # --- reading
+
+    def job(self, job_id: str) -> Plan[p.JobInfo]:
+        """One job's info: a ``corral.JobInfo`` with ``status``, ``attempts``,
+        ``tries``, ``error``, and times as epoch seconds (``created_at``,
+        ``next_run_at``, ...). Raises JobNotFound for an unknown or expired
+        id, BrokerUnavailable.
+        """
+        return Step(p.GetJob(next(self._req), job_id), _job_info)
+
+    def result(self, job_id: str, timeout: float | None = None) -> Plan[Any]:
+        """Wait for a job to end and return its result, decoded from msgpack.
+
+        For a chain id: the last job's result; for a group id: the list of
+        its jobs' results, in order. ``timeout`` is seconds to wait (0: do
+        not wait; None: for ever, in long polls of at most 30 s). Raises
+        JobFailed (``.error`` is the last try's), JobCancelled,
+        ResultTimeout when ``timeout`` passes first, JobNotFound,
+        BrokerUnavailable.
+        """
+        deadline = None if timeout is None else self.clock() + timeout
+        return self._poll(job_id, deadline)
+
+    def _poll(self, job_id: str, deadline: float | None) -> Step[Any]:
+        """One long poll, at most MAX_WAIT_SLICE, never past ``deadline``;
+        its reply is the outcome, or the next poll while time is left."""
+        left = MAX_WAIT_SLICE if deadline is None else max(0.0, deadline - self.clock())
+        wait = min(left, MAX_WAIT_SLICE)
+
+        def read(reply: p.ResultReply) -> Plan[Any]:
+            if reply.status in TERMINAL or (deadline is not None and self.clock() >= deadline):
+                return _outcome(reply)
+            return self._poll(job_id, deadline)
+
+        return Step(p.GetResult(next(self._req), job_id, wait), read, wait)
+
+    def status(self) -> Plan[p.StatusInfo]:
+        """The broker's status: a ``StatusInfo`` with job counts per queue and
+        status, the workers, supervisors, paused queues and counters.
+        Raises BrokerUnavailable."""
+        return Step(p.GetStatus(next(self._req)), _status_info)
+
+    def ping(self) -> Plan[str]:
+        """A round trip to the broker; returns its id (a str). Raises
+        BrokerUnavailable when it does not answer within ``timeout``."""
+        return Step(p.Ping(next(self._req)), _broker_id)
+
+    def chain(self, chain_id: str) -> Plan[p.FlowInfo]:
+        """A chain's info: a ``FlowInfo`` with its status, its job ids in
+        order and their statuses, and ``failed_step`` if it stopped.
+        Raises JobNotFound for an unknown id, BrokerUnavailable."""
+        return Step(p.GetFlow(next(self._req), chain_id), _flow_info)
+
+    def group(self, group_id: str) -> Plan[p.FlowInfo]:
+        """A group's info: a ``FlowInfo`` with its status, its job ids and
+        their statuses, and its ``callback`` job id if it is a chord.
+        Raises JobNotFound for an unknown id, BrokerUnavailable."""
+        return Step(p.GetFlow(next(self._req), group_id), _flow_info)
+
+    def jobs(
+        self,
+        queue: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        task: str | None = None,
+        cursor: str | None = None,
+    ) -> Plan[JobPage]:
+        """Jobs in creation order, filtered by queue, status and task.
+
+        Returns a :class:`JobPage`, a list of at most ``limit`` (1 to 10,000)
+        ``JobInfo``; pass its ``.cursor`` as ``cursor`` for the next page
+        (None: this was the last). Raises BrokerError ``invalid`` for an
+        unknown status or a bad cursor, BrokerUnavailable.
+        """
+        return Step(p.ListJobs(next(self._req), queue, status, task, limit, cursor), _page)
+
+    # --- management
+
+    def cancel(self, job_id: str) -> Plan[bool]:
+        """Cancel a job, or what has not ended of a chain or group: a queued
+        or scheduled job never runs; a running one's handler sees
+        ``ctx.cancelled`` and its result is discarded.
+
+        Returns True if something was cancelled, False if it had already
+        ended. Raises JobNotFound for an unknown id, BrokerUnavailable.
+        """
+        return Step(p.Cancel(next(self._req), job_id), _any_counted)
+
+    def retry(self, job_id: str) -> Plan[str]:
+        """Put a failed or cancelled job back, with a fresh budget of
+        attempts. Returns its id. Raises JobNotFound, BrokerError
+        ``invalid`` if the job has not ended that way (or another job holds
+        its unique_key), BrokerUnavailable.
+        """
+        return Step(p.RetryJobs(next(self._req), job_id), _first_id)
+
+    def retry_failed(self, queue: str | None = None) -> Plan[list[str]]:
+        """Put every failed job (of ``queue``; None: of all queues) back.
+        Returns their ids. Raises BrokerUnavailable."""
+        return Step(p.RetryJobs(next(self._req), None, all_failed=True, queue=queue), _ids)
+
+    def delete(self, job_id: str) -> Plan[None]:
+        """Remove a finished job and its result; returns None. Raises
+        JobNotFound, BrokerError ``invalid`` if the job has not ended
+        (cancel it first), BrokerUnavailable."""
+        return Step(p.Delete(next(self._req), job_id), _none)
+
+    def purge(self, queue: str) -> Plan[int]:
+        """Remove a queue's ``queued`` jobs (not the scheduled or running
+        ones). Returns how many. Raises BrokerUnavailable."""
+        return Step(p.Purge(next(self._req), queue), _count)
+
+    def pause(self, queue: str) -> Plan[None]:
+        """Stop handing out the queue's jobs (enqueueing goes on); lasts
+        across broker restarts. Returns None. Raises BrokerUnavailable."""
+        return Step(p.Pause(next(self._req), queue, True), _none)
+
+    def resume(self, queue: str) -> Plan[None]:
+        """Hand out a paused queue's jobs again. Returns None. Raises
+        BrokerUnavailable."""
+        return Step(p.Pause(next(self._req), queue, False), _none)
+
+    # --- supervisors
+
+    def report_supervisor(self, info: p.SupervisorInfo) -> Plan[int]:
+        """A supervisor's periodic report (supervisors do this). Returns
+        how many jobs are queued, for its STATUS line. Raises
+        BrokerUnavailable."""
+        return Step(p.SupervisorReport(next(self._req), info), _count)
+
+    def worker_exited(self, host: str, pid: int, reason: str) -> Plan[int]:
+        """Tell the broker worker process ``pid`` on ``host`` is gone
+        (supervisors do this), so its jobs go back at once. Returns how
+        many worker registrations it dropped. Raises BrokerUnavailable."""
+        return Step(p.WorkerExited(next(self._req), host, pid, reason), _count)
+
+
+# The reply readers: each takes the reply its request gets.
+
+
+def _first_id(reply: p.EnqueueOk | p.Ack) -> str:
+    return reply.ids[0]
+
+
+def _ids(reply: p.EnqueueOk | p.Ack) -> list[str]:
+    return reply.ids
+
+
+def _count(reply: p.Ack) -> int:
+    return reply.count
+
+
+def _any_counted(reply: p.Ack) -> bool:
+    return reply.count > 0
+
+
+def _none(reply: p.Ack) -> None:
+    return None
+
+
+def _job_info(reply: p.JobReply) -> p.JobInfo:
+    return reply.job
+
+
+def _flow_info(reply: p.FlowReply) -> p.FlowInfo:
+    return reply.flow
+
+
+def _status_info(reply: p.StatusReply) -> p.StatusInfo:
+    return reply.status
+
+
+def _broker_id(reply: p.Pong) -> str:
+    return reply.broker_id
+
+
+def _page(reply: p.JobList) -> JobPage:
+    page = JobPage(reply.jobs)
+    page.cursor = reply.cursor
+    return page
+
+
+def _outcome(reply: p.ResultReply) -> Any:
+    """The result of an ended job, or the error its end (or the wait) means."""
+    if reply.status == "succeeded":
+        return msgspec.msgpack.decode(reply.result)
+    if reply.status == "failed":
+        raise JobFailed(reply.job_id, reply.error)
+    if reply.status == "cancelled":
+        raise JobCancelled(reply.job_id)
+    raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
+
+
+def _spec(job: Job) -> JobSpec:
+    """The wire spec of ``job``: every option as given, the payload encoded,
+    a new id unless the job has one."""
+    return JobSpec(
+        job.id or new_job_id(),
+        job.task,
+        _encode_payload(job.payload),
+        on_success=_spec(job.on_success) if job.on_success is not None else None,
+        on_failure=_spec(job.on_failure) if job.on_failure is not None else None,
+        **options_of(job),  # type: ignore[arg-type]
+    )
+
+
+def _encode_payload(payload: Any) -> msgspec.Raw:
+    if isinstance(payload, msgspec.Raw):
+        return payload
+    try:
+        return p.encode_value(payload)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from None
+
+
+def _task_name(fn: Callable[..., Any]) -> str:
+    """The name of a ``@corral.task`` function."""
+    from corral.workers.registry import ATTRIBUTE
+
+    definition = getattr(fn, ATTRIBUTE, None)
+    if definition is None:
+        raise TypeError(f"enqueue takes a task name or a @corral.task function, not {fn!r}")
+    name: str = definition.name
+    return name

@@ -1,0 +1,133 @@
+"""What the ``corral`` command prints: one JSON line with ``--json``, else
+readable text (a job, the status tables, a page of jobs, a chain or group,
+a log check)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from corral.broker.state import STATUSES
+
+if TYPE_CHECKING:
+    from corral.broker.logtools import VerifyReport
+
+
+def plain(value: Any) -> Any:
+    return msgspec.to_builtins(value)
+
+
+def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str] | None = None) -> None:
+    if args.json or human is None:
+        sys.stdout.write(msgspec.json.encode(plain(value)).decode() + "\n")
+    else:
+        sys.stdout.write(human(value) + "\n")
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+
+
+def human_job(info: Any) -> str:
+    lines = [
+        f"id:          {info.id}",
+        f"task:        {info.task}",
+        f"queue:       {info.queue}",
+        f"status:      {info.status}",
+        f"attempts:    {info.attempts}/{info.max_attempts}",
+        f"created:     {_when(info.created_at)}",
+        f"next run:    {_when(info.next_run_at)}",
+    ]
+    if info.error is not None:
+        lines.append(f"error:       {info.error.type}: {info.error.message}")
+    for t in info.tries:
+        outcome = f"{t.error.type}: {t.error.message}" if t.error else "ok"
+        if t.ended_at is None:
+            outcome = "running"
+        lines.append(
+            f"  try {t.attempt}: {t.worker} pid {t.pid} on {t.host}, "
+            f"{_when(t.started_at)} -> {_when(t.ended_at)}: {outcome}"
+        )
+    return "\n".join(lines)
+
+
+def human_status(status: Any) -> str:
+    lines = ["queue".ljust(20) + "".join(s.rjust(11) for s in STATUSES)]
+    for queue, counts in status.queues.items():
+        lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
+    if not status.queues:
+        lines.append("(no jobs)")
+    if status.paused:
+        lines.append(f"paused: {', '.join(status.paused)}")
+    if status.rates:
+        lines.append(
+            f"last minute: {status.rates.get('processed_per_minute', 0):.0f} processed, "
+            f"{status.rates.get('failed_per_minute', 0):.0f} failed"
+        )
+    if status.registered_tasks:
+        lines.append(f"tasks: {', '.join(status.registered_tasks)}")
+    for sup in status.supervisors:
+        lines.append("")
+        lines.append(f"supervisor {sup.supervisor_id} (pid {sup.pid} on {sup.host})")
+        for pool in sup.pools:
+            state = "FAILED" if pool.failed else "ok"
+            lines.append(
+                f"  pool {pool.name}: {pool.processes} processes, queues={','.join(pool.queues)}"
+                f", restarts={pool.restarts}, {state}"
+            )
+        for w in sup.workers:
+            jobs = ",".join(w.jobs) or "-"
+            extra = f" retiring ({w.retiring})" if w.retiring else ""
+            lines.append(
+                f"    {w.pool}#{w.index} pid {w.pid} rss {w.rss / 2**20:.1f}MiB "
+                f"up {w.uptime:.0f}s job {jobs}{extra}"
+            )
+    lines.append("")
+    lines.append(f"workers: {len(status.workers)}")
+    for w in status.workers:
+        lines.append(
+            f"  {w.worker_id}  queues={','.join(w.queues)} running={len(w.running)} "
+            f"credit={w.credit} processed={w.processed} failed={w.failed}"
+        )
+    return "\n".join(lines)
+
+
+def human_jobs(page: Any) -> str:
+    lines = [f"{'id':32}  {'status':10} {'attempts':>8}  {'queue':12} task"]
+    for info in page:
+        lines.append(
+            f"{info.id:32}  {info.status:10} {info.attempts:>8}  {info.queue:12} {info.task}"
+        )
+    if page.cursor:
+        lines.append(f"(more: --cursor {page.cursor})")
+    return "\n".join(lines)
+
+
+def human_flow(info: Any) -> str:
+    lines = [f"{info.kind} {info.id}: {info.status}"]
+    if info.failed_step is not None:
+        lines.append(f"stopped at step {info.failed_step}")
+    for index, job_id in enumerate(info.jobs):
+        lines.append(f"  {index}: {job_id} {info.statuses.get(job_id, 'not created')}")
+    if info.callback:
+        lines.append(f"  callback: {info.callback}")
+    return "\n".join(lines)
+
+
+def describe_verify(directory: Path, report: VerifyReport) -> str:
+    text = f"{directory}: {report.segments} segments, {report.records} records"
+    if report.corrupt:
+        seg, offset, reason = report.corrupt
+        return f"{text}; CORRUPT at {seg} offset {offset}: {reason} (run `corral log repair`)"
+    if report.torn_tail:
+        seg, offset = report.torn_tail
+        return f"{text}; torn tail at {seg} offset {offset} (truncated on next start)"
+    return f"{text}; ok"
