@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
+import zmq
+import zmq.auth
 from conftest import Env, render_config, wait_for
+from zmq.utils.monitor import recv_monitor_message
 
 import corral
 
@@ -52,9 +56,48 @@ def test_tcp_without_keys_is_refused(env: Env) -> None:
     assert "CURVE" in done.stderr and "allow_insecure_tcp" in done.stderr
 
 
+def _handshake(endpoint: str, server_public: Path, client_secret: Path) -> tuple[str, int]:
+    """Connect a bare CURVE DEALER with these keys and say how the broker
+    answered its handshake: ("succeeded", 0), or ("refused", ZAP status)
+    when the broker's authenticator turned the key down. A broker that is
+    slow or away gives neither, and fails the wait."""
+    server_key, _ = zmq.auth.load_certificate(server_public)
+    public, secret = zmq.auth.load_certificate(client_secret)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_serverkey = server_key
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    monitor = sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+    try:
+        sock.connect(endpoint)
+        deadline = time.monotonic() + 30
+        while (left := deadline - time.monotonic()) > 0:
+            if not monitor.poll(left * 1000):
+                break
+            event = recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return "succeeded", 0
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return "refused", int(event["value"])
+            return "failed", int(event["event"])
+        raise AssertionError(f"timed out after 30s waiting for a CURVE handshake at {endpoint}")
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        ctx.term()
+
+
 def test_curve_round_trip_and_unauthorised_client_refused(env: Env) -> None:
     keys = _keys(env)
-    _tcp_config(
+    client_endpoint, _ = _tcp_config(
         env,
         f'server_secret_key = "{keys}/server.key_secret"\n'
         f'server_public_key = "{keys}/server.key"\n'
@@ -65,15 +108,8 @@ def test_curve_round_trip_and_unauthorised_client_refused(env: Env) -> None:
     daemon = env.start("run")
     cfg = corral.Client.from_config(env.config, timeout=10)
     env.clients.append(cfg)
-    deadline_ok = False
-    for _ in range(200):
-        try:
-            cfg.ping()
-            deadline_ok = True
-            break
-        except corral.BrokerUnavailable:
-            assert daemon.alive(), daemon.output()
-    assert deadline_ok
+    wait_for(lambda: _pings(cfg, daemon), 30, message="the broker over tcp")
+    broker_id = cfg.ping()
     assert cfg.result(cfg.enqueue("e2e.square", 4), timeout=30) == 16
 
     # A client with a key pair the broker has not authorised gets nothing.
@@ -87,6 +123,20 @@ def test_curve_round_trip_and_unauthorised_client_refused(env: Env) -> None:
     with pytest.raises(corral.BrokerUnavailable):
         stranger.ping()
     stranger.close()
+    # Refused, not slow: the broker's authenticator turns the stranger's key
+    # down (ZAP status 400) and takes the authorised one, at the same time as
+    # the same broker answers the authorised client.
+    server_public = keys / "server.key"
+    assert _handshake(client_endpoint, server_public, keys / "stranger.key_secret") == (
+        "refused",
+        400,
+    )
+    assert _handshake(client_endpoint, server_public, keys / "client.key_secret") == (
+        "succeeded",
+        0,
+    )
+    assert cfg.ping() == broker_id
+    assert daemon.alive()
 
 
 def test_secret_key_readable_by_others_is_refused(env: Env) -> None:
@@ -111,12 +161,7 @@ def test_insecure_tcp_when_allowed(env: Env) -> None:
         client.ping()  # a bare Client refuses insecure tcp unless its config allows it
     client = corral.Client.from_config(env.config, timeout=10)
     env.clients.append(client)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except corral.BrokerUnavailable:
-            assert daemon.alive(), daemon.output()
+    wait_for(lambda: _pings(client, daemon), 30, message="the broker over tcp")
     assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25
 
 
@@ -144,7 +189,7 @@ def test_remote_supervisor_over_curve(env: Env) -> None:
 def _pings(client: corral.Client, proc) -> bool:  # type: ignore[no-untyped-def]
     assert proc.alive(), proc.output()
     try:
-        client.ping()
+        client.ping()  # each try waits at most the client's timeout
     except corral.BrokerUnavailable:
         return False
     return True
