@@ -3,11 +3,12 @@ timeouts, and a poison job that kills its process every time."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import psutil
 import pytest
-from conftest import Env, wait_for, worker_processes
+from conftest import Env, wait_for, wait_until, worker_processes
 
 import corral
 
@@ -40,9 +41,27 @@ def test_max_jobs_per_process_replaces_workers_and_loses_nothing(env: Env) -> No
     client = env.client()
     ids = [client.enqueue("e2e.pid") for _ in range(10)]
     pids = [client.result(i, timeout=30) for i in ids]
-    assert len(set(pids)) >= 4  # 10 jobs, 3 per process
+    # One process at a time, one job at a time, in order: a process that
+    # has run its 3 jobs says Drain before its last report, so it is never
+    # handed a 4th. 10 jobs: 3 + 3 + 3 + 1, four processes.
+    assert len(set(pids)) == 4
+    assert pids == [pids[0]] * 3 + [pids[3]] * 3 + [pids[6]] * 3 + [pids[9]]
     for job_id in ids:
         assert client.job(job_id).attempts == 1
+        assert len(client.job(job_id).tries) == 1
+    # Three processes recycled after exactly 3 jobs each; the fourth, with
+    # one job, stays. Its log lines can trail the results: poll for them.
+    recycled = wait_until(
+        lambda: [
+            json.loads(line) for line in daemon.output().splitlines() if '"worker.recycle"' in line
+        ],
+        lambda events: len(events) >= 3,
+        20,
+        message="three worker.recycle lines",
+    )
+    assert sorted((e["pid"], e["reason"], e["jobs"]) for e in recycled) == sorted(
+        (pid, "max_jobs", 3) for pid in pids[0:9:3]
+    )
     assert "supervisor.recycle" in daemon.output()
 
 
