@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import json
+import signal
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import Env, wait_for
+from conftest import Env, json_events, wait_for
 
 from corral.workers.registry import load_plugins
-
-
-def _json_lines(text: str) -> list[dict[str, object]]:
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def test_every_line_has_role_and_pid_and_job_lines_have_the_job(env: Env) -> None:
@@ -30,7 +20,13 @@ def test_every_line_has_role_and_pid_and_job_lines_have_the_job(env: Env) -> Non
     job_id = client.enqueue("e2e.chatty", "hi")
     assert client.result(job_id, timeout=30) == "hi"
     wait_for(lambda: "chatty.plain" in daemon.output(), 10, message="the job's log lines")
-    lines = _json_lines(daemon.output())
+    worker_pid = client.job(job_id).tries[0].pid
+    # Stop the daemon, so its output is complete: every line of it, from
+    # every process, start to exit, must be a JSON object (a traceback or a
+    # stray print would not be).
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+    lines = json_events(daemon.output())
     assert lines and all("role" in line and "pid" in line for line in lines)
     assert {line["role"] for line in lines} >= {"broker", "supervisor", "worker"}
     for event in ("chatty.bound", "chatty.plain"):
@@ -39,7 +35,7 @@ def test_every_line_has_role_and_pid_and_job_lines_have_the_job(env: Env) -> Non
         assert line["task"] == "e2e.chatty"
         assert line["attempt"] == 1
         assert line["role"] == "worker"
-        assert line["pid"] == client.job(job_id).tries[0].pid
+        assert line["pid"] == worker_pid
 
 
 def test_plugins_from_the_entry_point_group(
