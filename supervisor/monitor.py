@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from corral.supervisor.process import Child
 from corral.workers.status import StatusReader
+
+if TYPE_CHECKING:
+    from corral.config.schema import PoolConfig
 
 #: Extra time past a job's timeout before its process is killed.
 HARD_TIMEOUT_GRACE = 1.0
@@ -51,7 +54,7 @@ def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
     return retiring
 
 
-def judge(child: Child, pool: Any, now: float, liveness_window: float) -> Verdict | None:
+def judge(child: Child, pool: PoolConfig, now: float, liveness_window: float) -> Verdict | None:
     """The limit a live worker is past, if any."""
     for job_id, (started, timeout) in child.jobs.items():
         if timeout and now > started + timeout + HARD_TIMEOUT_GRACE:

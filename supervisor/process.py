@@ -1,5 +1,6 @@
 """One child process: fork it, give it a title, make it die with its
-parent, signal it, and read its exit status."""
+parent, signal it, read its exit status, and stop children in order
+(TERM, a grace period, then KILL)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import traceback
 from collections.abc import Callable
 
 import psutil
+import structlog
+
+log = structlog.get_logger()
 
 PR_SET_PDEATHSIG = 1
 
@@ -146,3 +150,33 @@ class Child:
         if code < 0:
             return f"killed by {signal.Signals(-code).name}"
         return f"exited with code {code}"
+
+
+def stop_children(children: list[Child], timeout: float, pause: Callable[[float], None]) -> None:
+    """SIGTERM each child, wait up to ``timeout`` for them to exit (``pause``
+    sleeps between looks, waking early for a signal), then SIGKILL the rest."""
+    for child in children:
+        child.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(c.alive for c in children) and time.monotonic() < deadline:
+        reap_quietly(children)
+        pause(0.1)
+    for child in children:
+        if child.alive:
+            log.warning("supervisor.kill", child=child.name, pid=child.pid)
+            child.signal(signal.SIGKILL)
+    reap_quietly(children, block=True)
+
+
+def reap_quietly(children: list[Child], block: bool = False) -> None:
+    """Collect the exit status of those ``children`` that have exited."""
+    for child in children:
+        if not child.alive or child.pid is None:
+            continue
+        try:
+            pid, status = os.waitpid(child.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            child.exit_code = -1
+            continue
+        if pid:
+            child.reaped(status)

@@ -1,5 +1,6 @@
-"""What a reload needs to know: whether a pool's plugin code changed, and
-how to make the next import read it afresh."""
+"""A reload of the pools: whether a pool's settings or plugin code changed,
+how to make the next import read the code afresh, and the new set of pools
+(unchanged ones kept, changed or new ones rolled, removed ones drained)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,57 @@ import hashlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+import structlog
+
+from corral.supervisor.pool import Forker, Pool, load_registry
 from corral.workers.registry import add_python_path
 
+if TYPE_CHECKING:
+    from corral.config.schema import Config, PoolConfig
 
-def plugin_fingerprint(config: Any, pool: Any) -> str:
+log = structlog.get_logger()
+
+
+def reload_pools(pools: list[Pool], config: Config, forker: Forker) -> list[Pool]:
+    """The pools of ``config``, from the running ``pools``: a pool whose
+    settings and code are unchanged is kept as it runs; the others are
+    rolled, and pools no longer configured are drained."""
+    old = {pool.name: pool for pool in pools}
+    new = []
+    for pool_config in config.pools:
+        current = old.pop(pool_config.name, None)
+        fingerprint = plugin_fingerprint(config, pool_config)
+        if current is not None and not current.differs(pool_config, fingerprint):
+            new.append(current)
+            continue
+        new.append(roll(current, config, pool_config, fingerprint, forker))
+    for gone in old.values():
+        log.info("supervisor.pool_removed", pool=gone.name)
+        gone.retire_all("pool removed")
+    return new
+
+
+def roll(
+    current: Pool | None, config: Config, pool: PoolConfig, fingerprint: str, forker: Forker
+) -> Pool:
+    """A pool with new settings or code: start its new workers, then
+    drain the old ones (they finish their jobs, hand back the rest)."""
+    plugins = list(pool.plugins) + (list(current.config.plugins) if current else [])
+    forget_modules(plugins)
+    successor = Pool(pool, load_registry(config, pool), fingerprint, forker)
+    for index in range(pool.processes):
+        successor.spawn(index)
+    if current is not None:
+        log.info("supervisor.pool_restart", pool=pool.name, reason="config or code changed")
+        current.retire_all("reload")
+    else:
+        log.info("supervisor.pool_added", pool=pool.name)
+    return successor
+
+
+def plugin_fingerprint(config: Config, pool: PoolConfig) -> str:
     """A hash of the source files of a pool's plugin modules (a package
     counts all its .py files), so a reload can tell changed code."""
     add_python_path(config.python_path)

@@ -1,0 +1,99 @@
+"""Every worker process the supervisor forked and has not reaped yet, found
+by pid: its pool and slot, and the reader of its status pipe.
+
+A worker stays here until it is reaped, even once its pool has been
+replaced or removed by a reload, so that a draining worker is still
+watched and its exit still reaches the pool it belonged to.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from corral.supervisor.monitor import judge, read_status
+from corral.supervisor.pool import Pool
+from corral.supervisor.process import Child
+from corral.supervisor.roles import run_worker
+from corral.workers.status import StatusReader
+
+if TYPE_CHECKING:
+    from corral.config.schema import Config
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Entry:
+    """A forked worker and where it belongs."""
+
+    pool: Pool
+    index: int
+    child: Child
+    reader: StatusReader = field(default_factory=StatusReader)
+
+
+class Children:
+    """The supervisor's worker processes: forks them (a :class:`Forker` for
+    the pools), finds them by pid, and watches their status and limits."""
+
+    def __init__(self, config: Config, liveness: float) -> None:
+        #: The settings workers are forked with; a reload replaces them.
+        self.config = config
+        #: How long a worker may go without a sign of life.
+        self.liveness = liveness
+        self._by_pid: dict[int, Entry] = {}
+
+    def fork(self, pool: Pool, index: int) -> Child:
+        config, registry, pool_config = self.config, pool.registry, pool.config
+
+        def target(status_fd: int | None) -> int:
+            return run_worker(config, pool_config, index, registry, status_fd)
+
+        child = Child(
+            f"{pool_config.name}#{index}",
+            f"corral: worker {pool_config.name}#{index}",
+            target,
+            status_pipe=True,
+        )
+        pid = child.start()
+        self._by_pid[pid] = Entry(pool, index, child)
+        return child
+
+    def pop(self, pid: int) -> Entry | None:
+        """Forget the worker ``pid`` (it was reaped); None if not ours."""
+        return self._by_pid.pop(pid, None)
+
+    def running(self) -> list[Entry]:
+        return [entry for entry in self._by_pid.values() if entry.child.alive]
+
+    def alive(self) -> list[Child]:
+        return [entry.child for entry in self.running()]
+
+    def watch(self, now: float) -> None:
+        """Read the status pipes and enforce each pool's limits."""
+        for entry in list(self._by_pid.values()):
+            pool, index, child = entry.pool, entry.index, entry.child
+            if not child.alive:
+                continue
+            retiring = read_status(child, entry.reader, now)
+            if retiring and not child.retiring and pool.holds(index, child):
+                pool.replace(index, child, retiring, drain=False)
+                continue
+            verdict = judge(child, pool.config, now, self.liveness)
+            if verdict is None:
+                continue
+            if verdict.action == "kill":
+                log.warning(
+                    "supervisor.kill_worker",
+                    pool=pool.name,
+                    pid=child.pid,
+                    reason=verdict.reason,
+                )
+                child.killed_for = verdict.reason
+                child.signal(signal.SIGKILL)
+            elif pool.holds(index, child):
+                pool.replace(index, child, verdict.reason, drain=True)

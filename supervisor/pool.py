@@ -1,0 +1,157 @@
+"""One pool (circus's Watcher): the worker slots it should fill and the
+children that fill them, the workers it is retiring, and its restart limit.
+
+A pool forks through a :class:`Forker` it is given (the supervisor's
+:class:`~corral.supervisor.children.Children`), so it never needs to know
+how the children are found again by pid or watched.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+
+from corral.supervisor.process import Child
+from corral.supervisor.restarts import RestartLimit
+from corral.supervisor.roles import pool_registry
+from corral.workers.registry import Registry
+
+if TYPE_CHECKING:
+    from corral.config.schema import Config, PoolConfig
+
+log = structlog.get_logger()
+
+
+class Forker(Protocol):
+    """Forks a worker for slot ``index`` of ``pool`` and keeps track of it."""
+
+    def fork(self, pool: Pool, index: int) -> Child: ...
+
+
+def load_registry(config: Config, pool: PoolConfig) -> Registry | None:
+    """The pool's tasks, imported once here so that workers share them
+    copy-on-write; None if the pool imports them in each worker instead."""
+    return pool_registry(config, pool) if pool.preload else None
+
+
+class Pool:
+    """A pool's desired workers (its slots) against the ones running."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        registry: Registry | None,
+        fingerprint: str,
+        forker: Forker,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        #: A hash of the plugin code, so that a reload can tell it changed.
+        self.fingerprint = fingerprint
+        self.forker = forker
+        self.slots: list[Child | None] = [None] * config.processes
+        #: Workers being replaced: their successor runs, they drain and leave.
+        self.retiring: list[Child] = []
+        self.restarts = RestartLimit(config)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def failed(self) -> bool:
+        return self.restarts.failed
+
+    def differs(self, config: PoolConfig, fingerprint: str) -> bool:
+        """Whether ``config`` and ``fingerprint`` call for new workers."""
+        return self.config != config or self.fingerprint != fingerprint
+
+    def summary(self) -> str:
+        """``name alive/slots``, and ``FAILED`` if it gave up restarting."""
+        alive = sum(1 for c in self.slots if c is not None and c.alive)
+        state = " FAILED" if self.failed else ""
+        return f"{self.name} {alive}/{len(self.slots)}{state}"
+
+    # ------------------------------------------------------------ start
+
+    def fill(self, now: float) -> None:
+        """Start a worker in each empty slot, unless failed or backing off."""
+        if not self.restarts.may_start(now):
+            return
+        for index, child in enumerate(self.slots):
+            if child is None:
+                self.spawn(index)
+
+    def spawn(self, index: int) -> None:
+        self.slots[index] = self.forker.fork(self, index)
+
+    def holds(self, index: int, child: Child) -> bool:
+        """Whether ``child`` still occupies slot ``index`` (slots can shrink)."""
+        return index < len(self.slots) and self.slots[index] is child
+
+    # ------------------------------------------------------------- exit
+
+    def retired(self, child: Child) -> bool:
+        """If ``child`` was retiring, forget it (it has exited) and say so."""
+        if child not in self.retiring:
+            return False
+        self.retiring.remove(child)
+        log.info(
+            "supervisor.worker_retired",
+            pool=self.name,
+            pid=child.pid,
+            reason=child.retiring,
+            how=child.describe_exit(),
+        )
+        return True
+
+    def vacate(self, index: int) -> None:
+        """Slot ``index`` is empty: its worker exited."""
+        self.slots[index] = None
+
+    def crashed(self, now: float) -> None:
+        """A worker crashed: the slot is filled again after the backoff."""
+        self.restarts.crashed(now)
+
+    # ---------------------------------------------------------- replace
+
+    def replace(self, index: int, child: Child, reason: str, *, drain: bool) -> None:
+        """Start the successor first, so capacity never dips; then the old
+        worker finishes its current job and leaves (SIGTERM drains it)."""
+        child.retiring = reason
+        self.retiring.append(child)
+        self.spawn(index)
+        if drain:
+            child.signal(signal.SIGTERM)
+        successor = self.slots[index]
+        log.info(
+            "supervisor.recycle",
+            pool=self.name,
+            old_pid=child.pid,
+            new_pid=successor.pid if successor else None,
+            reason=reason,
+        )
+
+    def retire_all(self, reason: str) -> None:
+        """Empty every slot; their workers drain and leave."""
+        for index, child in enumerate(self.slots):
+            self.slots[index] = None
+            if child is not None and child.alive:
+                self._retire(child, reason)
+
+    def scale(self, delta: int) -> None:
+        """Add ``delta`` slots, or drain the workers of the last ``-delta``."""
+        if delta > 0:
+            self.slots.extend([None] * delta)
+        for _ in range(min(-delta, len(self.slots))):
+            child = self.slots.pop()
+            if child is not None and child.alive:
+                self._retire(child, "scaled down")
+        log.info("supervisor.scaled", pool=self.name, processes=len(self.slots))
+
+    def _retire(self, child: Child, reason: str) -> None:
+        child.retiring = reason
+        self.retiring.append(child)
+        child.signal(signal.SIGTERM)

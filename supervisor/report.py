@@ -1,0 +1,101 @@
+"""What the supervisor tells the broker: every second, its pools and
+processes (shown by ``corral status``; the answer is also the sign that the
+broker's loop is healthy), and each worker that died (``WorkerExited``), so
+that the broker hands its jobs out again at once. Best effort: a broker
+that does not answer costs a short timeout, never the supervisor's loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from corral.broker.protocol import PoolInfo, ProcessInfo, SupervisorInfo
+from corral.errors import CorralError
+from corral.supervisor.children import Children
+from corral.supervisor.pool import Pool
+from corral.supervisor.process import Child
+
+if TYPE_CHECKING:
+    from corral.client import Client
+    from corral.config.schema import Config
+
+log = structlog.get_logger()
+
+BROKER_CALL_TIMEOUT = 0.5
+REPORT_INTERVAL = 1.0
+
+
+class BrokerLink:
+    """The supervisor's client of the broker, and what it last heard."""
+
+    def __init__(self, config: Config) -> None:
+        #: The settings the client is made with (on first use).
+        self.config = config
+        self.host = socket.gethostname()
+        self.supervisor_id = f"{self.host}/{os.getpid()}"
+        #: Jobs queued, as the broker last answered a report.
+        self.queued: int | None = None
+        #: When the broker last answered a report.
+        self.answered = time.monotonic()
+        self._client: Client | None = None
+        self._last_report = 0.0
+        self._failures = 0
+
+    def report(self, now: float, pools: list[Pool], children: Children) -> None:
+        """Tell the broker what runs here, if a report is due."""
+        # Each unanswered report blocks the loop for the call's timeout, so
+        # while the broker does not answer, ask less often (up to every 8 s).
+        interval = REPORT_INTERVAL * 2 ** min(self._failures, 3)
+        if now - self._last_report < interval:
+            return
+        self._last_report = now
+        try:
+            self.queued = self._broker().report_supervisor(self.describe(now, pools, children))
+        except CorralError as exc:
+            self._failures += 1
+            log.debug("supervisor.report_failed", error=str(exc), failures=self._failures)
+            return
+        self._failures = 0
+        self.answered = now
+
+    def describe(self, now: float, pools: list[Pool], children: Children) -> SupervisorInfo:
+        infos = [
+            PoolInfo(p.name, list(p.config.queues), len(p.slots), p.restarts.total, p.failed)
+            for p in pools
+        ]
+        workers = [
+            ProcessInfo(
+                entry.pool.name,
+                entry.index,
+                entry.child.pid or 0,
+                entry.child.last_rss,
+                list(entry.child.jobs),
+                round(now - entry.child.started_at, 3),
+                entry.child.retiring,
+            )
+            for entry in children.running()
+        ]
+        return SupervisorInfo(self.supervisor_id, self.host, os.getpid(), infos, workers)
+
+    def worker_exited(self, child: Child) -> None:
+        """Instant redelivery: the broker requeues the dead worker's jobs now
+        rather than after the heartbeat window. If the broker does not answer
+        quickly, the heartbeat path still applies."""
+        try:
+            dropped = self._broker().worker_exited(self.host, child.pid or 0, child.describe_exit())
+        except CorralError as exc:
+            log.warning("supervisor.broker_not_told", pid=child.pid, error=str(exc))
+            return
+        log.debug("supervisor.broker_told", pid=child.pid, dropped=dropped)
+
+    def _broker(self) -> Client:
+        from corral.client import Client
+
+        if self._client is None:
+            self._client = Client(config=self.config, timeout=BROKER_CALL_TIMEOUT)
+        return self._client
