@@ -81,14 +81,21 @@ class InvalidJob(ValueError):
     """A job spec the broker refuses; the message says which field and why."""
 
 
+#: The longest duration an option may give: 100 years, in seconds.
+MAX_SECONDS = 100 * 365.25 * 86400
+#: The latest ``run_at``: 9999-12-31T23:59:59Z, the last time every
+#: platform's clock functions can show.
+MAX_EPOCH = 253_402_300_799.0
+_SPAN = f"between 0 and {MAX_SECONDS:.0f} seconds (100 years)"
+
 #: Number options: the test each must pass when set, and what to say if not.
 _NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "delay": (lambda v: v >= 0, "must not be negative"),
-    "run_at": (lambda v: True, ""),
-    "timeout": (lambda v: v > 0, "must be a positive number of seconds"),
-    "result_ttl": (lambda v: v >= 0, "must not be negative"),
-    "unique_for": (lambda v: v >= 0, "must not be negative"),
-    "max_attempts": (lambda v: v >= 1, "must be at least 1"),
+    "delay": (lambda v: 0 <= v <= MAX_SECONDS, f"must be {_SPAN}"),
+    "run_at": (lambda v: 0 <= v <= MAX_EPOCH, "must be epoch seconds between 1970 and 9999"),
+    "timeout": (lambda v: 0 < v <= MAX_SECONDS, f"must be a positive number of seconds, {_SPAN}"),
+    "result_ttl": (lambda v: 0 <= v <= MAX_SECONDS, f"must be {_SPAN}"),
+    "unique_for": (lambda v: 0 <= v <= MAX_SECONDS, f"must be {_SPAN}"),
+    "max_attempts": (lambda v: 1 <= v < 2**31, "must be at least 1 and fit in 32 bits"),
 }
 
 
@@ -114,3 +121,17 @@ def validate_spec(spec: JobSpec) -> None:
     for callback in (spec.on_success, spec.on_failure):
         if callback is not None:
             validate_spec(callback)
+
+
+def validate_flow(flow_id: str, specs: list[JobSpec], callback: JobSpec | None) -> None:
+    """Refuse a chain or group whose ids clash: the flow's id must be a
+    non-empty string of at most 64 characters, and it and every member's
+    (and the callback's) id must differ. Raises InvalidJob."""
+    if not flow_id or len(flow_id) > 64:
+        raise InvalidJob("flow_id: must be a non-empty string of at most 64 characters")
+    ids = [flow_id] + [spec.id for spec in specs] + ([callback.id] if callback else [])
+    seen: set[str] = set()
+    for job_id in ids:
+        if job_id in seen:
+            raise InvalidJob(f"id: {job_id!r} is used twice in one flow; each needs its own id")
+        seen.add(job_id)

@@ -19,6 +19,7 @@ import msgspec
 from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.dispatch import Dispatcher, Ended
+from corral.broker.jobspec import validate_flow
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
@@ -142,6 +143,9 @@ class ClientService:
                 )
             for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
                 validate_spec(spec)
+            validate_flow(msg.flow_id, msg.jobs, msg.callback)
+            if msg.flow_id in self.state.jobs:
+                raise InvalidJob(f"flow_id: {msg.flow_id!r} is the id of a job; pick another")
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return

@@ -250,3 +250,51 @@ def test_a_refused_send_leases_nothing(broker: InProcessBroker) -> None:
     (d,) = deliveries(full.inbox())
     assert d.job_id == job_id
     assert broker.core.state.jobs[job_id].status == "running"
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"delay": 1e300}, "delay"),
+        ({"run_at": 1e300}, "run_at"),
+        ({"run_at": -1.0}, "run_at"),
+        ({"timeout": 1e20}, "timeout"),
+        ({"result_ttl": 1e12}, "result_ttl"),
+        ({"unique_for": 1e12}, "unique_for"),
+        ({"max_attempts": 2**40}, "max_attempts"),
+    ],
+)
+def test_a_time_or_count_out_of_range_is_refused_naming_the_option(
+    broker: InProcessBroker, options: dict[str, float], field: str
+) -> None:
+    spec = p.JobSpec("far", "t.task", **options)  # type: ignore[arg-type]
+    reply = broker.request(p.Enqueue(broker.next_req(), [spec]))
+    assert isinstance(reply, p.ErrorReply) and reply.code == "invalid"
+    assert reply.message.startswith(f"{field}: "), reply.message
+    assert "far" not in broker.core.state.jobs
+    # as a chain step too
+    flow = p.EnqueueFlow(broker.next_req(), "f", "chain", [p.JobSpec("ok", "t"), spec])
+    reply = broker.request(flow)
+    assert isinstance(reply, p.ErrorReply) and reply.message.startswith(f"{field}: ")
+    assert "f" not in broker.core.state.flows
+
+
+@pytest.mark.parametrize(
+    ("flow_id", "ids", "words"),
+    [
+        ("", ["a", "b"], "flow_id: must be a non-empty"),
+        ("f", ["a", "a"], "id: 'a' is used twice"),
+        ("a", ["a", "b"], "id: 'a' is used twice"),
+        ("existing", ["a", "b"], "flow_id: 'existing' is the id of a job"),
+    ],
+)
+def test_a_flow_whose_ids_clash_is_refused(
+    broker: InProcessBroker, flow_id: str, ids: list[str], words: str
+) -> None:
+    broker.enqueue(id="existing")
+    steps = [p.JobSpec(i, "t.task") for i in ids]
+    reply = broker.request(p.EnqueueFlow(broker.next_req(), flow_id, "chain", steps))
+    assert isinstance(reply, p.ErrorReply) and reply.code == "invalid"
+    assert reply.message.startswith(words), reply.message
+    assert flow_id not in broker.core.state.flows
+    assert not set(ids) & set(broker.core.state.jobs)
