@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -24,6 +24,9 @@ from corral.cliformat import (
     plain,
 )
 from corral.errors import ConfigError, CorralError
+
+if TYPE_CHECKING:
+    from corral.client import Client
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
@@ -122,12 +125,17 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     }
     with make_client(args) as client:
         job_id = client.enqueue(args.task, payload, **options)
-        if not args.wait:
-            emit(args, {"id": job_id}, lambda v: v["id"])
-            return EXIT_OK
-        value = client.result(job_id, timeout=args.wait_timeout)
-        emit(args, {"id": job_id, "result": value}, lambda v: json.dumps(v["result"]))
+        _emit_id_or_result(args, client, job_id)
     return EXIT_OK
+
+
+def _emit_id_or_result(args: argparse.Namespace, client: Client, job_id: str) -> None:
+    """Print a new job's or flow's id, or with ``--wait`` its result."""
+    if not args.wait:
+        emit(args, {"id": job_id}, lambda v: v["id"])
+        return
+    value = client.result(job_id, timeout=args.wait_timeout)
+    emit(args, {"id": job_id, "result": value}, lambda v: json.dumps(v["result"]))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -241,11 +249,7 @@ def cmd_enqueue_flow(args: argparse.Namespace) -> int:
         else:
             callback = _job_arg(args.callback) if args.callback else None
             flow_id = client.enqueue_group(jobs, callback=callback)
-        if not args.wait:
-            emit(args, {"id": flow_id}, lambda v: v["id"])
-            return EXIT_OK
-        value = client.result(flow_id, timeout=args.wait_timeout)
-        emit(args, {"id": flow_id, "result": value}, lambda v: json.dumps(v["result"]))
+        _emit_id_or_result(args, client, flow_id)
     return EXIT_OK
 
 
