@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +37,38 @@ def test_every_line_has_role_and_pid_and_job_lines_have_the_job(env: Env) -> Non
         assert line["attempt"] == 1
         assert line["role"] == "worker"
         assert line["pid"] == worker_pid
+
+
+#: Logs ``lines`` JSON lines to stderr through corral's logging set-up.
+CHATTER = """
+import sys
+import structlog
+from corral.logs import configure
+configure("chatter", fmt="json")
+log = structlog.get_logger()
+for i in range(int(sys.argv[1])):
+    log.info("chatter.line", i=i)
+"""
+
+
+def test_lines_of_processes_sharing_one_output_never_interleave(tmp_path: Path) -> None:
+    """The daemon's processes share one stderr: each line must reach it in
+    one write, or a line of one process lands inside a line of another."""
+    out = tmp_path / "shared.log"
+    lines, writers = 3000, 4
+    with out.open("ab") as shared:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CHATTER, str(lines)], stdout=shared, stderr=shared
+            )
+            for _ in range(writers)
+        ]
+        for proc in procs:
+            assert proc.wait(60) == 0
+    events = json_events(out.read_text())
+    assert len(events) == lines * writers
+    per_pid = {e["pid"] for e in events}
+    assert len(per_pid) == writers
 
 
 def test_plugins_from_the_entry_point_group(
