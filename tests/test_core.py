@@ -181,6 +181,58 @@ def test_a_wall_clock_step_backward_never_fires_a_due_time_twice(tmp_path: Path)
     assert broker.core.stats["schedules_fired"] == 5
 
 
+#: Small log segments: a restart scans less preallocated space.
+SMALL = 'segment_size = "1MiB"\ndisk_reserve = "16KiB"\nmax_message_size = "512KiB"'
+
+
+def due_times(broker: InProcessBroker) -> list[float]:
+    """The due times (epoch seconds) of the jobs the schedule made, sorted:
+    a fire's job id carries its due time in milliseconds."""
+    ids = [j for j in fires(broker) if j.startswith("cron-")]
+    return sorted(int(j.rsplit("-", 1)[1], 16) / 1000 for j in ids)
+
+
+@pytest.mark.parametrize("catch_up", ["skip", "once"])
+def test_a_restart_fires_each_due_time_once_and_the_downtime_by_its_catch_up(
+    tmp_path: Path, catch_up: str
+) -> None:
+    """A broker killed mid-run and started 5 periods later on the same log:
+    no due time fired before the crash fires again; of the 5 missed, "skip"
+    fires none and "once" fires the latest, once; the schedule then goes on
+    from the grid."""
+    schedule = SCHEDULE.replace('"skip"', f'"{catch_up}"')
+    clock = FakeClock(wall=1_700_000_010.0)
+    first = InProcessBroker(tmp_path, clock=clock, schedules=schedule, extra=SMALL)
+    for _ in range(4):
+        first.advance(60.0)
+    before = due_times(first)
+    assert len(before) == 4
+    # Killed half way through a period (30 s after the last due time): the
+    # log is all there is (fsync = "always", so every pass's records are on
+    # disk); the core is dropped without closing anything.
+    down_at = clock.time()
+    assert down_at % 60 == 30
+    clock.advance(300.0)
+    second = InProcessBroker(tmp_path, clock=clock, schedules=schedule, extra=SMALL)
+    caught = due_times(second)[len(before) :]
+    assert due_times(second)[: len(before)] == before
+    missed = [t for t in range(int(down_at), int(clock.time()) + 1) if t % 60 == 0]
+    assert len(missed) == 5
+    if catch_up == "skip":
+        assert caught == []
+        assert second.core.stats["schedules_fired"] == 0
+    else:
+        assert caught == [missed[-1]]
+        assert second.core.stats["schedules_fired"] == 1
+    for _ in range(3):
+        second.advance(60.0)
+    after = due_times(second)
+    assert after == sorted(set(after))  # no due time twice
+    assert all(t % 60 == 0 for t in after)  # all on the grid
+    assert after[-3:] == [missed[-1] + 60 * k for k in (1, 2, 3)]
+    assert second.core.stats["schedules_fired"] == len(after) - len(before)
+
+
 def test_a_delayed_job_does_not_run_early_when_the_wall_clock_steps_forward(
     broker: InProcessBroker,
 ) -> None:

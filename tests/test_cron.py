@@ -1,15 +1,14 @@
 """Cron and interval schedules fire in the broker, once per due time, also
-across a broker crash; the catch-up policy decides about missed times."""
+across a real broker crash (SIGKILL). The catch-up policies and wall-clock
+steps are checked in-process with a fake clock, in tests/test_core.py."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import signal
 import time
 from collections import Counter
 
-import pytest
 from conftest import Env, Proc, json_events, wait_for, wait_until
 
 
@@ -48,6 +47,10 @@ def _fires(*procs: Proc) -> list[float]:
     ]
 
 
+#: How long the broker stays down, in seconds: at least two due times.
+DOWNTIME = 1.2
+
+
 def _run_crash_restart(env: Env) -> tuple[list[float], list[float], Proc, list[float]]:
     """Run, SIGKILL and restart a broker with the 400 ms "tick" schedule;
     returns the due times of the jobs before and after the crash, the new
@@ -55,18 +58,18 @@ def _run_crash_restart(env: Env) -> tuple[list[float], list[float], Proc, list[f
     first = env.start("broker")
     env.wait_ready(first)
     client = env.client()
-    wait_for(lambda: len(_due_times(client)) >= 4, 10, message="4 fires")
+    wait_for(lambda: len(_due_times(client)) >= 3, 10, message="3 fires")
     # Kill half way between two due times, not while a fire is being logged.
     wait_for(lambda: 0.15 < time.time() % 0.4 < 0.25, 5, 0.005, message="the middle of a period")
     first.signal(signal.SIGKILL)
     first.wait(10)
     down_at = time.time()
-    wait_for(lambda: time.time() > down_at + 1.7, 5, message="the downtime to pass")
+    wait_for(lambda: time.time() > down_at + DOWNTIME, 5, message="the downtime to pass")
     broker = env.start("broker", name="broker-again")
     env.wait_ready(broker)
     client = env.client()
     wait_for(
-        lambda: len([d for d in _due_times(client) if d > down_at]) >= 3,
+        lambda: len([d for d in _due_times(client) if d > down_at]) >= 2,
         10,
         message="fires after the restart",
     )
@@ -97,9 +100,9 @@ def _fired_once_each(fires: list[float], jobs: list[float], first_fires: int) ->
 def test_interval_schedule_survives_a_crash_without_double_fires(env: Env) -> None:
     _config(env, "skip")
     earlier, later, broker, fires = _run_crash_restart(env)
-    assert len(earlier) >= 4
+    assert len(earlier) >= 3
     assert _on_grid(earlier + later)  # no due time twice, none off the schedule
-    assert later[0] - earlier[-1] > 1.7 - 0.4  # skip: the downtime's due times never fired
+    assert later[0] - earlier[-1] > DOWNTIME - 0.4  # skip: the downtime's due times never fired
     assert "broker.schedule_caught_up" not in broker.output()
     first_fires = len(_fires(env.procs[0]))
     _fired_once_each(fires, earlier + later, first_fires)
@@ -117,21 +120,6 @@ def test_interval_schedule_survives_a_crash_without_double_fires(env: Env) -> No
         message="the second broker's fire count, fire lines and jobs to agree",
     )
     assert [round(d * 1000) for d in later_fires] == [round(d * 1000) for d in later_jobs]
-
-
-def test_catch_up_once_fires_one_missed_time(env: Env) -> None:
-    _config(env, "once")
-    earlier, later, broker, fires = _run_crash_restart(env)
-    assert _on_grid(earlier + later)
-    caught = [
-        json.loads(line)
-        for line in broker.output().splitlines()
-        if "broker.schedule_caught_up" in line
-    ]
-    assert len(caught) == 1  # exactly one catch-up...
-    assert caught[0]["due_at"] == pytest.approx(later[0])  # ...the first fire after the crash
-    assert later[0] > earlier[-1] + 0.4  # from the downtime, not a repeat of a fired time
-    _fired_once_each(fires, earlier + later, len(_fires(env.procs[0])))
 
 
 def test_bad_cron_expression_is_a_config_error(env: Env) -> None:

@@ -17,6 +17,9 @@ from conftest import Env, wait_for, wait_until
 import corral
 from corral.broker import protocol as p
 
+#: A short retry backoff, for tests that are not about the backoff.
+FAST_RETRY = 'retry_backoff = "50ms"\nretry_backoff_max = "50ms"'
+
 
 def test_job_past_its_timeout_is_released_and_late_result_fenced(env: Env) -> None:
     # A bare worker, no supervisor to kill it: the broker alone releases the
@@ -27,12 +30,14 @@ def test_job_past_its_timeout_is_released_and_late_result_fenced(env: Env) -> No
     env.start("worker", "--plugin", "e2e_tasks")
     env.wait_workers(1)
     client = env.client()
-    job_id = client.enqueue("e2e.sleep", 1.5, timeout=0.3, max_attempts=1)
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate), timeout=0.3, max_attempts=1)
     with pytest.raises(corral.JobFailed) as failed:
         client.result(job_id, timeout=30)
     assert failed.value.error.type == "TimeoutError"
     assert "0.3" in failed.value.error.message
     # The handler finishes later; its result comes from an expired lease.
+    gate.touch()
     wait_for(
         lambda: client.status().stats.get("late_results", 0) >= 1,
         20,
@@ -44,7 +49,7 @@ def test_job_past_its_timeout_is_released_and_late_result_fenced(env: Env) -> No
 
 
 def test_timed_out_job_is_retried_until_its_attempts_run_out(env: Env) -> None:
-    env.write_config(processes=2, prefetch=0)
+    env.write_config(processes=2, prefetch=0, extra_broker=FAST_RETRY)
     daemon = env.start("run")
     env.wait_ready(daemon)
     env.wait_workers(2)

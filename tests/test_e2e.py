@@ -31,12 +31,15 @@ def test_killed_worker_job_completes_elsewhere_with_two_attempts(env: Env) -> No
     env.wait_ready(daemon)
     env.wait_workers(2)
     client = env.client()
-    job_id = client.enqueue("e2e.sleep", 1.5)
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate))  # runs until the gate file exists
     info = wait_for(
         lambda: (i := client.job(job_id)).status == "running" and i, message="the job to start"
     )
     victim = info.tries[-1].pid
     os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(client.job(job_id).tries) == 2, message="the job to run again")
+    gate.touch()
     value = client.result(job_id, timeout=30)
     assert value["attempt"] == 2
     assert value["pid"] != victim
@@ -205,9 +208,14 @@ def test_sigterm_drains_and_exits_zero(env: Env) -> None:
     env.wait_ready(daemon)
     env.wait_workers(2)
     client = env.client()
-    ids = [client.enqueue("e2e.sleep", 1.0) for _ in range(5)]
+    gate = env.home / "gate"
+    ids = [client.enqueue("e2e.gate", str(gate)) for _ in range(5)]
     wait_for(lambda: client.status().queues["default"]["running"] == 5, message="5 running jobs")
     daemon.signal(signal.SIGTERM)
+    # The jobs end only once the shutdown has begun: it waits for them.
+    wait_for(lambda: "supervisor.stopping" in daemon.output(), message="the shutdown to begin")
+    assert daemon.alive()
+    gate.touch()
     assert daemon.wait(60) == 0
     broker = env.start("broker")
     env.wait_ready(broker)
@@ -222,10 +230,15 @@ def test_sigterm_hands_unstarted_jobs_back_uncounted(env: Env) -> None:
     env.wait_ready(daemon)
     env.wait_workers(1)
     client = env.client()
-    ids = [client.enqueue("e2e.sleep", 1.0) for _ in range(3)]
+    gate = env.home / "gate"
+    ids = [client.enqueue("e2e.gate", str(gate)) for _ in range(3)]
     wait_for(lambda: client.job(ids[0]).status == "running", message="the first job")
     wait_for(lambda: client.status().queues["default"]["running"] == 3, message="3 leased jobs")
     daemon.signal(signal.SIGTERM)
+    # Once the shutdown has begun the first job may end; a buffered job
+    # started by mistake would end at once too, and show as succeeded.
+    wait_for(lambda: "supervisor.stopping" in daemon.output(), message="the shutdown to begin")
+    gate.touch()
     assert daemon.wait(60) == 0
     broker = env.start("broker")
     env.wait_ready(broker)
@@ -245,7 +258,8 @@ def test_instant_redelivery_well_inside_the_heartbeat_window(env: Env) -> None:
     env.wait_ready(daemon)
     env.wait_workers(2)
     client = env.client()
-    job_id = client.enqueue("e2e.sleep", 3.0)
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate))  # runs until the gate file exists
     info = wait_for(
         lambda: (i := client.job(job_id)).status == "running" and i, message="the job to start"
     )
@@ -265,4 +279,5 @@ def test_instant_redelivery_well_inside_the_heartbeat_window(env: Env) -> None:
     info = client.job(job_id)
     assert info.tries[0].error.type == "WorkerLost"
     assert "SIGKILL" in info.tries[0].error.message
+    gate.touch()
     assert client.result(job_id, timeout=30)["attempt"] == 2

@@ -202,11 +202,13 @@ def test_release_with_retry_is_not_a_failure(env: Env, daemon) -> None:  # type:
 
 def test_progress_is_visible(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
     client = env.client()
-    job_id = client.enqueue("e2e.progress", 2.5)
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.progress", str(gate))  # runs until the gate file exists
     info = wait_for(
         lambda: (i := client.job(job_id)).progress is not None and i, 10, message="progress to show"
     )
     assert info.progress == 0.5 and info.progress_note == "half way"
+    gate.touch()
     assert client.result(job_id, timeout=30) == "done"
 
 

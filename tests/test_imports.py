@@ -106,13 +106,13 @@ def all_modules() -> list[str]:
     return modules
 
 
-#: Forks a child per module, each importing that module first. The third-party
+#: Forks a child per module, each importing that module first, all at once. The third-party
 #: libraries are imported once, before the forks: they cannot import corral, so
 #: only corral's own modules run in each child, and the test stays quick.
 IMPORT_EACH_FIRST = """
 import os, sys, traceback
 import msgspec, psutil, structlog, zmq
-failed = []
+children = {}
 for name in sys.argv[1:]:
     pid = os.fork()
     if pid == 0:
@@ -122,8 +122,8 @@ for name in sys.argv[1:]:
             traceback.print_exc()
             os._exit(1)
         os._exit(0)
-    if os.waitpid(pid, 0)[1] != 0:
-        failed.append(name)
+    children[pid] = name
+failed = sorted(name for pid, name in children.items() if os.waitpid(pid, 0)[1] != 0)
 if failed:
     sys.exit("could not be imported first: " + ", ".join(failed))
 """

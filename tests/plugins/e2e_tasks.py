@@ -114,9 +114,13 @@ def until_cancelled(ctx: corral.JobContext, seconds: float) -> str:
 
 
 @corral.task(name="e2e.progress")
-def progress(ctx: corral.JobContext, seconds: float) -> str:
+def progress(ctx: corral.JobContext, path: str) -> str:
+    """Reports half way, then runs until the file ``path`` exists (at most
+    a minute)."""
     ctx.progress(0.5, "half way")
-    time.sleep(seconds)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return "done"
 
 
