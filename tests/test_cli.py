@@ -78,6 +78,10 @@ def test_bad_payload_json_exits_two(env: Env) -> None:
 
 
 def test_log_verify_reports_corruption(env: Env) -> None:
+    # Small segments: the test reads and rewrites one whole segment.
+    env.write_config(
+        extra_broker='segment_size = "1MiB"\ndisk_reserve = "16KiB"\nmax_message_size = "512KiB"'
+    )
     broker = env.start("broker")
     env.wait_ready(broker)
     client = env.client()
