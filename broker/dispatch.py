@@ -22,7 +22,7 @@ from corral.broker import protocol as p
 from corral.broker import views
 from corral.broker.journal import Journal, WorkerLink
 from corral.broker.protocol import STATUSES, TERMINAL
-from corral.broker.records import ErrorRec, Finished, Leased, ProgressNoted, Returned
+from corral.broker.records import ErrorRec, Finished, Leased, ProgressNoted, Returned, Started
 from corral.broker.state import Job, TaskDefaults
 from corral.broker.workers import WorkerConn, WorkerTable
 
@@ -131,19 +131,29 @@ class Dispatcher:
 
     def _report(self, conn: WorkerConn | None, msg: p.Report, now: float, mono: float) -> None:
         for lease in msg.started:
-            job = self.state.jobs.get(lease.job_id)
-            if conn is None or job is None or job.lease != lease.lease:
-                continue
-            conn.started.add(lease.job_id)
-            timeout = self.state.timeout(job)
-            if timeout is not None:
-                heapq.heappush(self._deadlines, (mono + timeout, job.id, lease.lease))
+            job = self.state.holding(lease.job_id, lease.lease)
+            if conn is not None and job is not None:
+                self._start(conn, job, now, mono)
         for outcome in msg.done:
             self._finish(conn, outcome, now, mono)
         for note in msg.progress:
             job = self.state.holding(note.job_id, note.lease)
             if job is not None:
                 self.journal.record(ProgressNoted(job.id, note.fraction, note.note[:500], now))
+
+    def _start(self, conn: WorkerConn, job: Job, at: float, mono: float) -> None:
+        """The worker ``conn`` began running its reserved ``job``: log it
+        (the job is running, the try counts) and arm its deadline."""
+        if job.status != "queued":
+            return  # a start reported twice
+        lease = job.lease
+        self.journal.record(
+            Started(job.id, lease, job.attempts + 1, conn.worker_id, conn.host, conn.pid, at)
+        )
+        conn.started.add(job.id)
+        timeout = self.state.timeout(job)
+        if timeout is not None:
+            heapq.heappush(self._deadlines, (mono + timeout, job.id, lease))
 
     def _finish(self, conn: WorkerConn | None, outcome: p.Outcome, now: float, mono: float) -> None:
         holder = self.workers.get(self.holders.get(outcome.job_id, b""))
@@ -159,6 +169,11 @@ class Dispatcher:
         if outcome.kind not in ("ok", "error", "fail", "retry"):
             self.malformed(f"unknown outcome kind {outcome.kind!r}")
             return
+        if job.status == "queued":  # an outcome with no start reported: it started
+            by = conn or holder
+            if by is not None:
+                at = outcome.started_at if outcome.started_at is not None else now
+                self._start(by, job, at, mono)
         error = None
         if outcome.error is not None:
             error = ErrorRec(outcome.error.type, outcome.error.message, outcome.error.traceback)
@@ -224,6 +239,7 @@ class Dispatcher:
                 continue
             self.holders.pop(job_id, None)
             if job_id in counted:
+                self._start(conn, job, now, mono)  # it may have started unannounced
                 error = ErrorRec(
                     "WorkerLost",
                     f"worker {conn.worker_id} (pid {conn.pid} on {conn.host}) {reason} "
@@ -350,6 +366,7 @@ class Dispatcher:
                     job.created_at,
                     self.state.timeout(job),
                     job.prev_result,
+                    job.priority,
                 )
             )
         if not self.send(conn.identity, p.Deliver(deliveries), mono):
@@ -388,11 +405,12 @@ class Dispatcher:
                 c.queues,
                 c.concurrency,
                 c.credit,
-                list(c.leases),
+                [j for j in c.leases if j in c.started],
                 c.tasks,
                 round(mono - c.last_seen, 3),
                 c.processed,
                 c.failed,
+                [j for j in c.leases if j not in c.started],
             )
             for c in self.workers
         ]

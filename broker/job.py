@@ -137,6 +137,11 @@ class Job:
         return self.created.on_failure
 
     @property
+    def reserved(self) -> bool:
+        """Leased into a worker's prefetch buffer and not started."""
+        return self.status == "queued" and self.lease != 0
+
+    @property
     def next_run_at(self) -> float | None:
         return self.run_at if self.status in WAITING else None
 

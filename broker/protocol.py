@@ -71,6 +71,9 @@ class JobInfo(msgspec.Struct, frozen=True):
     progress: float | None = None
     progress_note: str = ""
     enqueued_at: float = 0.0
+    #: The worker whose prefetch buffer holds the job, while it is queued
+    #: there and not started.
+    reserved_by: str | None = None
 
 
 class FlowInfo(msgspec.Struct, frozen=True):
@@ -96,11 +99,14 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     queues: list[str]
     concurrency: int
     credit: int
+    #: Jobs whose handler runs on the worker now.
     running: list[str]
     tasks: list[str]
     last_seen_ago: float
     processed: int = 0
     failed: int = 0
+    #: Jobs leased into its prefetch buffer and not started (still queued).
+    reserved: list[str] = []
 
 
 class ProcessInfo(msgspec.Struct, frozen=True):
@@ -470,6 +476,8 @@ class Delivery(msgspec.Struct, frozen=True, array_like=True):
     enqueued_at: float
     timeout: float | None = None
     prev_result: msgspec.Raw = NIL
+    #: The job's priority: the worker's buffer starts higher ones first.
+    priority: int = 0
 
 
 class Deliver(Msg, frozen=True):
@@ -490,8 +498,9 @@ class Reregister(Msg, frozen=True):
 
 
 class CancelJob(Msg, frozen=True):
-    """The job was cancelled while running: its handler sees ctx.cancelled
-    and whatever it returns is discarded."""
+    """The job was cancelled (or purged). Still in the worker's buffer: it
+    is dropped unstarted and handed back with a Return. Running: its
+    handler sees ctx.cancelled and whatever it returns is discarded."""
 
     job_id: str
     lease: int

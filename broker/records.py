@@ -50,7 +50,21 @@ class JobCreated(JobSpec, Record, frozen=True, kw_only=True):
 
 
 class Leased(Record, frozen=True):
-    """A job was sent to a worker under lease token ``lease``."""
+    """A job was sent to a worker under lease token ``lease``: reserved for
+    it (still ``queued``, in its prefetch buffer) until it starts."""
+
+    id: str
+    lease: int
+    attempt: int
+    worker: str
+    host: str
+    pid: int
+    at: float
+
+
+class Started(Record, frozen=True):
+    """The worker holding ``lease`` began running the job: it is ``running``
+    from ``at`` (epoch seconds), and try ``attempt`` counts."""
 
     id: str
     lease: int
@@ -169,6 +183,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     10: ProgressNoted,
     11: ScheduleFired,
     12: FlowCreated,
+    13: Started,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

@@ -320,12 +320,14 @@ class ClientService:
             self._reply(identity, p.Ack(msg.req, 1, [job.id]))
 
     def _purge(self, identity: bytes, msg: p.Purge, now: float, mono: float) -> None:
-        ids = [
-            j.id for j in self.state.jobs.values() if j.queue == msg.queue and j.status == "queued"
+        jobs = [
+            j for j in self.state.jobs.values() if j.queue == msg.queue and j.status == "queued"
         ]
-        for job_id in ids:
-            self.journal.record(Removed(job_id))
-        self._reply(identity, p.Ack(msg.req, len(ids)))
+        for job in jobs:
+            lease = job.lease  # reserved in a worker's buffer: it must not run
+            self.journal.record(Removed(job.id))
+            self.dispatcher.revoke(job.id, lease)
+        self._reply(identity, p.Ack(msg.req, len(jobs)))
 
     def _pause(self, identity: bytes, msg: p.Pause, now: float, mono: float) -> None:
         if (msg.queue in self.state.paused) != msg.paused:

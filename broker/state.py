@@ -44,6 +44,7 @@ from corral.broker.records import (
     Requeued,
     Returned,
     ScheduleFired,
+    Started,
     TryRec,
 )
 
@@ -72,6 +73,8 @@ class JobState:
         #: task name -> its registered options (shared with the policy).
         self.tasks = self.policy.tasks
         self.counts: Counter[tuple[str, str]] = Counter()
+        #: queue -> jobs reserved by a worker and not started (still queued).
+        self.reserved: Counter[str] = Counter()
         self.paused: set[str] = set()
         #: schedule name -> the due time it last fired for.
         self.last_fired: dict[str, float] = {}
@@ -89,6 +92,7 @@ class JobState:
         self._changes: dict[type[Record], Callable[[Any], None]] = {
             JobCreated: self._apply_created,
             Leased: self._apply_leased,
+            Started: self._apply_started,
             Finished: self._apply_finished,
             Returned: self._apply_returned,
             Removed: self._apply_removed,
@@ -146,28 +150,46 @@ class JobState:
         self.jobs[job.id] = job
         self._next_seq = max(self._next_seq, job.seq + 1)
         self.counts[job.queue, job.status] += 1
+        if job.reserved:
+            self.reserved[job.queue] += 1
         self.live_bytes += job.size()
         self._claim_key(job)
         self._place(job)
 
     def _apply_leased(self, rec: Leased) -> None:
+        """Reserved for a worker: still ``queued`` (in its prefetch buffer),
+        off the ready heap, no attempt counted yet."""
         job = self.jobs.get(rec.id)
-        if job is None:
+        if job is None or job.status in TERMINAL:
             return
-        if job.status == "running" and job.tries and job.tries[-1].ended_at is None:
-            # The broker stopped during the previous lease; recover() dropped
-            # that try then, so replay drops it here too.
-            job.tries.pop()
-        self._set_status(job, "running")
-        job.attempts = rec.attempt
+        if job.lease:  # a lease the broker lost track of: the newer one holds
+            self._unlease(job)
+        if job.status != "queued":  # due and promoted: promotion is not logged
+            self._set_status(job, "queued")
         job.lease = rec.lease
         job.worker = rec.worker
-        job.tries.append(TryRec(rec.attempt, rec.worker, rec.host, rec.pid, started_at=rec.at))
+        self.reserved[job.queue] += 1
+
+    def _apply_started(self, rec: Started) -> None:
+        job = self.holding(rec.id, rec.lease)
+        if job is None or job.status != "queued":
+            return
+        self._start(job, TryRec(rec.attempt, rec.worker, rec.host, rec.pid, started_at=rec.at))
+
+    def _start(self, job: Job, try_: TryRec) -> None:
+        """A reserved job's handler began: it is running, the try counts."""
+        self.reserved[job.queue] -= 1
+        job.attempts = try_.attempt
+        job.tries.append(try_)
+        self._set_status(job, "running")
 
     def _apply_finished(self, rec: Finished) -> None:
         job = self.holding(rec.id, rec.lease)
         if job is None:
             return
+        if job.status == "queued":  # ended without a start on record: it started
+            at = rec.started_at if rec.started_at is not None else rec.at
+            self._start(job, TryRec(job.attempts + 1, job.worker, "", 0, started_at=at))
         if job.tries:
             last = job.tries[-1]
             started = rec.started_at if rec.started_at is not None else last.started_at
@@ -195,10 +217,15 @@ class JobState:
         self._unlease(job)
 
     def _unlease(self, job: Job) -> None:
-        """Put a running job back as queued, as if it had never been leased."""
-        job.attempts -= 1
-        if job.tries:
-            job.tries.pop()
+        """Put a held job back as queued, as if it had never been leased: a
+        reserved one as it was, a running one with its try dropped and its
+        attempt not counted."""
+        if job.status == "running":
+            job.attempts -= 1
+            if job.tries:
+                job.tries.pop()
+        else:
+            self.reserved[job.queue] -= 1
         job.lease = 0
         job.worker = ""
         self._set_status(job, "queued")
@@ -208,6 +235,8 @@ class JobState:
         job = self.jobs.get(rec.id)
         if job is None or job.status in TERMINAL:
             return
+        if job.reserved:
+            self.reserved[job.queue] -= 1
         if job.status == "running" and job.tries and job.tries[-1].ended_at is None:
             error = ErrorRec("Cancelled", "the job was cancelled while running")
             job.tries[-1] = msgspec.structs.replace(job.tries[-1], ended_at=rec.at, error=error)
@@ -251,7 +280,7 @@ class JobState:
     def _place(self, job: Job) -> None:
         """Put a job on the heap its status calls for."""
         if job.status == "queued":
-            if not job.in_ready:
+            if not job.in_ready and not job.lease:
                 job.in_ready = True
                 heap = self._ready.setdefault(job.queue, [])
                 heapq.heappush(heap, (-job.priority, job.seq, job.id))
@@ -264,6 +293,8 @@ class JobState:
         job = self.jobs.pop(job_id, None)
         if job is not None:
             self.counts[job.queue, job.status] -= 1
+            if job.reserved:
+                self.reserved[job.queue] -= 1
             self.live_bytes -= job.size()
             if job.unique_key and self.unique.get(job.unique_key) == job_id:
                 del self.unique[job.unique_key]
@@ -272,12 +303,11 @@ class JobState:
     # ------------------------------------------------------- recovery, time
 
     def recovery_records(self) -> list[Returned]:
-        """After replay: jobs that were running when the broker stopped go
-        back to their queue, their interrupted try not counted. The broker
-        logs these records, so a later replay sees the same."""
-        return [
-            Returned(job.id, job.lease) for job in self.jobs.values() if job.status == "running"
-        ]
+        """After replay: jobs that workers held when the broker stopped
+        (reserved or running) go back to their queue, an interrupted try not
+        counted. The broker logs these records, so a later replay sees the
+        same."""
+        return [Returned(job.id, job.lease) for job in self.jobs.values() if job.lease]
 
     def recover(self) -> int:
         """Apply :meth:`recovery_records` without logging them; returns how many."""
@@ -350,7 +380,7 @@ class JobState:
             if job is None or job.seq != seq:  # left by a removed job of that id
                 continue
             job.in_ready = False
-            if job.status == "queued":
+            if job.status == "queued" and not job.lease:
                 return job
         return None
 
@@ -363,7 +393,7 @@ class JobState:
         while heap:
             _, seq, job_id = heap[0]
             job = self.jobs.get(job_id)
-            if job is not None and job.seq == seq and job.status == "queued":
+            if job is not None and job.seq == seq and job.status == "queued" and not job.lease:
                 return True
             heapq.heappop(heap)
             if job is not None and job.seq == seq:
@@ -373,10 +403,11 @@ class JobState:
     # ------------------------------------------------------------ decisions
 
     def holding(self, job_id: str, lease: int) -> Job | None:
-        """The job if it is running under ``lease``: the fence every report
-        from a worker goes through (a stale lease gets None)."""
+        """The job if a worker holds it under ``lease`` (reserved or
+        running): the fence every report from a worker goes through (a
+        stale lease gets None; every end of a lease zeroes it)."""
         job = self.jobs.get(job_id)
-        if job is None or job.status != "running" or job.lease != lease:
+        if job is None or not lease or job.lease != lease:
             return None
         return job
 

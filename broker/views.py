@@ -87,6 +87,7 @@ def job_view(state: JobState, job: Job) -> p.JobInfo:
         progress=job.progress,
         progress_note=job.progress_note,
         enqueued_at=job.created_at,
+        reserved_by=job.worker if job.reserved else None,
     )
 
 

@@ -95,7 +95,8 @@ def human_status(status: Any) -> str:
     for w in status.workers:
         lines.append(
             f"  {w.worker_id}  queues={','.join(w.queues)} running={len(w.running)} "
-            f"credit={w.credit} processed={w.processed} failed={w.failed}"
+            f"reserved={len(w.reserved)} credit={w.credit} processed={w.processed} "
+            f"failed={w.failed}"
         )
     return "\n".join(lines)
 

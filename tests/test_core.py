@@ -301,7 +301,7 @@ def test_a_refused_send_leases_nothing(broker: InProcessBroker) -> None:
     broker.advance(1.0)  # the heartbeat round retries the dispatch
     (d,) = deliveries(full.inbox())
     assert d.job_id == job_id
-    assert broker.core.state.jobs[job_id].status == "running"
+    assert broker.core.state.jobs[job_id].lease == d.lease  # leased, reserved for "full"
 
 
 @pytest.mark.parametrize(
@@ -350,3 +350,56 @@ def test_a_flow_whose_ids_clash_is_refused(
     assert reply.message.startswith(words), reply.message
     assert flow_id not in broker.core.state.flows
     assert not set(ids) & set(broker.core.state.jobs)
+
+
+def test_a_leased_job_is_queued_until_its_handler_starts(broker: InProcessBroker) -> None:
+    """Leased into a worker's prefetch buffer, a job is still queued (and
+    reserved by the worker); it runs, and its try counts, from the start."""
+    worker = FakeWorker(broker, credit=3)
+    worker.ready()
+    ids = [broker.enqueue(id=f"j{n}") for n in range(3)]
+    got = deliveries(worker.inbox())
+    assert [d.job_id for d in got] == ids
+    for job_id in ids:
+        info = broker.job(job_id)
+        assert info is not None
+        assert (info.status, info.attempts, info.tries, info.started_at) == ("queued", 0, [], None)
+        assert info.reserved_by == "worker-1"
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert status.queues["default"]["queued"] == 3 and status.queues["default"]["running"] == 0
+    broker.clock.advance(2.0)
+    worker.start(got[0])
+    info = broker.job("j0")
+    assert info is not None
+    assert (info.status, info.attempts, info.reserved_by) == ("running", 1, None)
+    assert info.started_at == broker.clock.time()
+    assert [t.attempt for t in info.tries] == [1]
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert status.queues["default"]["queued"] == 2 and status.queues["default"]["running"] == 1
+    (w,) = status.workers
+    assert (w.running, w.reserved) == (["j0"], ["j1", "j2"])
+    listed = broker.request(p.ListJobs(broker.next_req(), status="running"))
+    assert [j.id for j in listed.jobs] == ["j0"]
+
+
+def test_a_cancelled_or_purged_reserved_job_is_taken_back_from_the_worker(
+    broker: InProcessBroker,
+) -> None:
+    worker = FakeWorker(broker, credit=3)
+    worker.ready()
+    broker.enqueue(id="a")
+    broker.enqueue(id="b")
+    broker.enqueue(id="c", queue="other")
+    da, db = deliveries(worker.inbox())
+    reply = broker.request(p.Cancel(broker.next_req(), "a"))
+    assert isinstance(reply, p.Ack) and reply.count == 1
+    assert broker.job("a").status == "cancelled"  # type: ignore[union-attr]
+    reply = broker.request(p.Purge(broker.next_req(), "default"))
+    assert isinstance(reply, p.Ack) and reply.count == 1
+    assert broker.job("b") is None
+    told = [m for m in worker.inbox() if isinstance(m, p.CancelJob)]
+    assert [(m.job_id, m.lease) for m in told] == [("a", da.lease), ("b", db.lease)]
+    # the worker drops them unstarted and hands them back: its credit returns
+    worker.send(p.Return([p.Lease("a", da.lease), p.Lease("b", db.lease)]))
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert status.workers[0].credit == 3 and status.workers[0].reserved == []

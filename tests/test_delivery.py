@@ -150,9 +150,11 @@ def test_timed_out_job_is_retried_and_first_completion_wins(env: Env, raw_worker
     [second] = b.deliveries()
     assert (second.job_id, second.attempt) == (job_id, 2)
     assert second.lease != first.lease
+    # Leased to B and not started: still queued, reserved by B; try 2
+    # begins when B starts it.
     info = client.job(job_id)
-    assert (info.status, info.attempts) == ("running", 2)
-    assert [t.worker for t in info.tries] == ["raw-a", "raw-b"]
+    assert (info.status, info.attempts, info.reserved_by) == ("queued", 1, "raw-b")
+    assert [t.worker for t in info.tries] == ["raw-a"]
     assert info.tries[0].error is not None and info.tries[0].error.type == "TimeoutError"
     assert late() == 0
 
@@ -160,7 +162,7 @@ def test_timed_out_job_is_retried_and_first_completion_wins(env: Env, raw_worker
     a.done(first, "from A")
     wait_for(lambda: late() == 1, 10, message="the stale completion to be fenced")
     info = client.job(job_id)
-    assert (info.status, info.attempts) == ("running", 2)
+    assert (info.status, info.attempts, info.reserved_by) == ("queued", 1, "raw-b")
 
     # Then three completions race, all waiting for the broker together: A's
     # stale lease again, B's (the first valid one) and a second one under

@@ -91,14 +91,15 @@ def test_running_jobs_become_ready_after_broker_restart(env: Env) -> None:
             return False
 
     wait_for(new_broker, 60, message="a new broker")
+    # Its one handler still runs the old try (blocked on the gate), so the
+    # new lease waits in the worker's buffer: queued, reserved, no try.
     info = wait_until(
         lambda: client.job(job_id),
-        lambda i: i.status == "running",
+        lambda i: i.reserved_by is not None,
         60,
         message="the job to be handed out again",
     )
-    assert info.attempts == 1
-    assert [t.attempt for t in info.tries] == [1]
+    assert (info.status, info.attempts, info.tries) == ("queued", 0, [])
     gate.touch()
     value = client.result(job_id, timeout=60)
     assert value["attempt"] == 1
@@ -233,7 +234,14 @@ def test_sigterm_hands_unstarted_jobs_back_uncounted(env: Env) -> None:
     gate = env.home / "gate"
     ids = [client.enqueue("e2e.gate", str(gate)) for _ in range(3)]
     wait_for(lambda: client.job(ids[0]).status == "running", message="the first job")
-    wait_for(lambda: client.status().queues["default"]["running"] == 3, message="3 leased jobs")
+    # the two others wait in the worker's prefetch buffer: queued, reserved
+    wait_for(
+        lambda: [j.reserved_by is not None for j in map(client.job, ids[1:])] == [True, True],
+        message="2 reserved jobs",
+    )
+    (worker,) = client.status().workers
+    assert (worker.running, sorted(worker.reserved)) == ([ids[0]], sorted(ids[1:]))
+    assert client.status().queues["default"]["running"] == 1
     daemon.signal(signal.SIGTERM)
     # Once the shutdown has begun the first job may end; a buffered job
     # started by mistake would end at once too, and show as succeeded.

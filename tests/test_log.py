@@ -52,6 +52,7 @@ from corral.broker.records import (
     Requeued,
     Returned,
     ScheduleFired,
+    Started,
     TryRec,
     encode_record,
 )
@@ -154,6 +155,7 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
             prev_result=raw([1]),
         ),
         Leased("a", 7, 1, "w1", "host", 42, 10.0),
+        Started("a", 7, 1, "w1", "host", 42, 10.5),
         Finished("a", 7, 11.0, "failed", result, err, 12.0, 10.0, False),
         Returned("a", 7),
         JobSnapshot(

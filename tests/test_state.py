@@ -44,6 +44,7 @@ from corral.broker.records import (
     Requeued,
     Returned,
     ScheduleFired,
+    Started,
     decode_record,
     encode_record,
 )
@@ -158,7 +159,14 @@ class Broker:
         return rec
 
     def lease(self, job_id: str) -> Job:
-        """Lease one particular queued job (the others popped on the way go back)."""
+        """Lease one particular queued job and start it: it is running."""
+        job = self.reserve(job_id)
+        self.record(Started(job.id, self.lease_seq, job.attempts + 1, "w1", "host-1", 42, self.now))
+        return job
+
+    def reserve(self, job_id: str) -> Job:
+        """Lease one particular queued job into a worker's buffer, not
+        started (the others popped on the way go back)."""
         queue = self.state.jobs[job_id].queue
         skipped = []
         while (job := self.state.pop_ready(queue)) is not None and job.id != job_id:
@@ -1244,6 +1252,12 @@ class JobStateMachine(RuleBasedStateMachine):
     def running(self) -> list[str]:
         return sorted(i for i, j in self.state.jobs.items() if j.status == "running")
 
+    def reserved(self) -> list[str]:
+        return sorted(i for i, j in self.state.jobs.items() if j.reserved)
+
+    def held(self) -> list[str]:
+        return sorted(i for i, j in self.state.jobs.items() if j.lease)
+
     def with_status(self, *statuses: str) -> list[str]:
         return sorted(i for i, j in self.state.jobs.items() if j.status in statuses)
 
@@ -1355,7 +1369,7 @@ class JobStateMachine(RuleBasedStateMachine):
                 queued = [
                     j
                     for j in self.state.jobs.values()
-                    if j.queue == queue and j.status == "queued" and j not in taken
+                    if j.queue == queue and j.status == "queued" and not j.lease and j not in taken
                 ]
                 if queued:
                     expected = min(queued, key=lambda j: (-j.priority, j.seq))
@@ -1376,14 +1390,35 @@ class JobStateMachine(RuleBasedStateMachine):
                 continue
             self.lease_seq += 1
             worker = f"w{self.lease_seq % 3}"
+            tries = list(job.tries)
             self.record(Leased(job.id, self.lease_seq, job.attempts + 1, worker, "h", 7, self.now))
-            self.attempts[job.id] += 1
-            assert job.status == "running"
-            assert job.lease == self.lease_seq
-            assert job.tries[-1].attempt == job.attempts
+            # reserved: still queued, no try and no attempt until it starts
+            assert job.status == "queued" and job.reserved
+            assert (job.lease, job.worker) == (self.lease_seq, worker)
+            assert job.attempts == self.attempts[job.id] and job.tries == tries
         if refused:
             for job in taken:
                 self.state.push_back(job)
+
+    @precondition(lambda self: self.reserved())
+    @rule(data=st.data(), back=st.sampled_from([False, False, False, True]))
+    def start(self, data: st.DataObject, back: bool) -> None:
+        """A worker starts a job from its buffer (running; the try counts),
+        or hands it back unstarted (queued as it was)."""
+        job = self.state.jobs[data.draw(st.sampled_from(self.reserved()), label="job")]
+        tries = list(job.tries)
+        if back:
+            self.record(Returned(job.id, job.lease))
+            assert (job.status, job.lease, job.worker) == ("queued", 0, "")
+            assert job.attempts == self.attempts[job.id] and job.tries == tries
+            return
+        worker = job.worker
+        self.record(Started(job.id, job.lease, job.attempts + 1, worker, "h", 7, self.now))
+        self.attempts[job.id] += 1
+        assert job.status == "running"
+        assert job.tries[:-1] == tries
+        assert (job.tries[-1].attempt, job.tries[-1].started_at) == (job.attempts, self.now)
+        assert job.tries[-1].worker == worker
 
     @precondition(lambda self: self.running())
     @rule(data=st.data(), kind=st.sampled_from(["ok", "error", "fail"]))
@@ -1637,8 +1672,8 @@ class JobStateMachine(RuleBasedStateMachine):
         check(fresh)
         logged: list[Record] = []
         recovery = fresh.recovery_records()
-        # exactly the jobs running now: earlier recoveries are in the log
-        assert sorted(r.id for r in recovery) == self.running()
+        # exactly the jobs held now: earlier recoveries are in the log
+        assert sorted(r.id for r in recovery) == self.held()
         assert all(r.lease == self.state.jobs[r.id].lease for r in recovery)
         for rec in recovery:
             fresh.apply(rec)
@@ -1665,6 +1700,8 @@ class JobStateMachine(RuleBasedStateMachine):
             if job.status == "running":
                 v.update(status="queued", lease=0, worker="", attempts=v["attempts"] - 1)
                 v["tries"] = v["tries"][:-1]
+            elif job.reserved:
+                v.update(lease=0, worker="")
             expected[job_id] = v
         return expected
 
@@ -1773,8 +1810,9 @@ class JobStateMachine(RuleBasedStateMachine):
             if job.status == "running":
                 assert job.lease > 0 and job.worker
                 assert job.tries and job.tries[-1].ended_at is None
-            else:
+            elif job.status != "queued":
                 assert (job.lease, job.worker) == (0, "")
+            assert bool(job.lease) == bool(job.worker)
             if job.status in TERMINAL:
                 assert job.ended_at is not None
             assert (job.next_run_at is not None) == (job.status in WAITING)
@@ -1795,9 +1833,14 @@ class JobStateMachine(RuleBasedStateMachine):
             for job in popped:
                 self.state.push_back(job)
             queued = [
-                j for j in self.state.jobs.values() if j.queue == queue and j.status == "queued"
+                j
+                for j in self.state.jobs.values()
+                if j.queue == queue and j.status == "queued" and not j.lease
             ]
             assert popped == sorted(queued, key=lambda j: (-j.priority, j.seq))
+            # the counts: reserved jobs are queued, and counted apart too
+            reserved = [j for j in self.state.jobs.values() if j.queue == queue and j.reserved]
+            assert self.state.reserved[queue] == len(reserved)
 
 
 TestJobStateMachine = JobStateMachine.TestCase

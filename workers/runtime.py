@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import contextvars
 import os
-import queue
 import random
 import secrets
 import signal
@@ -35,6 +34,7 @@ from corral.broker.jobspec import NIL
 from corral.context import JobContext
 from corral.errors import SoftTimeout
 from corral.transport import connect_dealer
+from corral.workers.buffer import Buffer
 from corral.workers.execute import Execution
 from corral.workers.registry import Registry
 from corral.workers.status import StatusWriter
@@ -43,7 +43,6 @@ log = structlog.get_logger()
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 5.0
-_STOP = None
 
 
 @dataclass
@@ -83,11 +82,15 @@ class Worker:
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._sock: zmq.Socket[Any] | None = None
-        self._jobs: queue.SimpleQueue[p.Delivery | None] = queue.SimpleQueue()
+        self._buffer = Buffer()
         self._outbox: deque[tuple[str, Any]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._threads: list[threading.Thread] = []
         self._running: dict[str, JobContext] = {}
+        #: Cancels that came for a job taken from the buffer and not yet
+        #: begun: (job id, lease), oldest first, bounded.
+        self._revoked: dict[tuple[str, int], None] = {}
+        self._claim_lock = threading.Lock()
         self._stopping = False
         self._stop_deadline: float | None = None
         self._done_count = 0
@@ -192,18 +195,10 @@ class Worker:
         self._return_unstarted()
 
     def _return_unstarted(self) -> None:
-        leases = []
-        while True:
-            try:
-                item = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                leases.append(p.Lease(item.job_id, item.lease))
+        leases = [p.Lease(d.job_id, d.lease) for d in self._buffer.clear()]
         if leases:
             self._send(p.Return(leases))
-        for _ in range(self.options.concurrency):
-            self._jobs.put(_STOP)
+        self._buffer.stop(self.options.concurrency)
 
     def _shutdown(self) -> None:
         self._flush_outbox()
@@ -306,17 +301,45 @@ class Worker:
                     self._send(p.Return([p.Lease(d.job_id, d.lease) for d in msg.jobs]))
                 case p.Deliver():
                     for delivery in msg.jobs:
-                        self._jobs.put(delivery)
+                        self._buffer.put(delivery)
                 case p.CancelJob():
-                    ctx = self._running.get(msg.job_id)
-                    if ctx is not None and ctx.lease == msg.lease:
-                        ctx._cancel.set()
-                        log.info("worker.job_cancelled", job_id=msg.job_id)
+                    self._cancel(msg)
                 case p.Reregister():
                     log.info("worker.reregister")
                     self._register()
                 case p.BrokerHeartbeat():
                     pass
+
+    def _cancel(self, msg: p.CancelJob) -> None:
+        """A buffered job is dropped unstarted and handed back (its credit
+        returns); a running one's handler sees ctx.cancelled; one a handler
+        has taken and not begun is dropped by :meth:`_claim`."""
+        with self._claim_lock:
+            if self._buffer.withdraw(msg.job_id, msg.lease) is not None:
+                self._send(p.Return([p.Lease(msg.job_id, msg.lease)]))
+                log.info("worker.job_cancelled", job_id=msg.job_id, started=False)
+                return
+            ctx = self._running.get(msg.job_id)
+            if ctx is not None and ctx.lease == msg.lease:
+                ctx._cancel.set()
+                log.info("worker.job_cancelled", job_id=msg.job_id, started=True)
+                return
+            self._revoked[msg.job_id, msg.lease] = None
+            while len(self._revoked) > 1000:  # cancels of jobs that had ended
+                del self._revoked[next(iter(self._revoked))]
+
+    def _claim(self, execution: Execution) -> bool:
+        """Make a job taken from the buffer a running one, unless it was
+        cancelled in between: then it is handed back, never begun."""
+        d = execution.d
+        with self._claim_lock:
+            if (d.job_id, d.lease) in self._revoked:
+                del self._revoked[d.job_id, d.lease]
+                self._outbox.append(("return", p.Lease(d.job_id, d.lease)))
+                self._wake()
+                return False
+            self._running[d.job_id] = execution.ctx
+            return True
 
     def _reconnect(self) -> None:
         """The broker went silent: drop jobs not yet started (the broker
@@ -324,11 +347,7 @@ class Worker:
         delay = self._backoff * random.uniform(0.8, 1.2)
         log.warning("worker.broker_silent", reconnect_in=round(delay, 3))
         self._backoff = min(RECONNECT_MAX, self._backoff * 2)
-        while True:
-            try:
-                self._jobs.get_nowait()
-            except queue.Empty:
-                break
+        self._buffer.clear()
         deadline = time.monotonic() + delay
         while not self._stopping and time.monotonic() < deadline:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -382,6 +401,8 @@ class Worker:
             if execution.definition is not None and execution.definition.is_async:
                 loop = loop or asyncio.new_event_loop()
             soft = execution.definition.soft_timeout if main and execution.definition else None
+            if not self._claim(execution):
+                continue
             self._begin(execution)
             outcome = self._run_sync(execution, loop, soft)
             self._end(execution, outcome)
@@ -392,13 +413,9 @@ class Worker:
         """The next job to run, or None when told to stop. A job taken after
         the drain began goes back to the broker unstarted."""
         while True:
-            try:
-                delivery = self._jobs.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if delivery is _STOP:
+            delivery = self._buffer.take()
+            if delivery is None:
                 return None
-            assert delivery is not None
             if not self._stopping:
                 return delivery
             self._outbox.append(("return", p.Lease(delivery.job_id, delivery.lease)))
@@ -410,7 +427,7 @@ class Worker:
             ("progress", p.Progress(d.job_id, d.lease, fraction, note))
         )
         self._outbox.append(("started", p.Lease(d.job_id, d.lease)))
-        self._running[d.job_id] = execution.ctx
+        self._wake()  # the broker shows it running once it knows
         self._timeouts[d.job_id] = d.timeout
         self._status_version += 1
         structlog.contextvars.bind_contextvars(job_id=d.job_id, task=d.task, attempt=d.attempt)
@@ -467,5 +484,6 @@ class Worker:
 
     async def _run_one_async(self, delivery: p.Delivery) -> None:
         execution = Execution(delivery, self.registry, self.worker_id)
-        self._begin(execution)
-        self._end(execution, await execution.run_async())
+        if self._claim(execution):
+            self._begin(execution)
+            self._end(execution, await execution.run_async())

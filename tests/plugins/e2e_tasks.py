@@ -176,3 +176,12 @@ def gate(ctx: corral.JobContext, path: str) -> dict[str, object]:
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
     return {"pid": os.getpid(), "attempt": ctx.attempt}
+
+
+@corral.task(name="e2e.mark")
+def mark(ctx: corral.JobContext, path: str) -> str:
+    """Appends a line to the file ``path``: the job's id, whether it saw
+    itself cancelled, and the time it ran (epoch seconds)."""
+    with open(path, "a") as file:
+        file.write(f"{ctx.job_id} cancelled={ctx.cancelled} at={time.time()}\n")
+    return ctx.job_id

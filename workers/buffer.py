@@ -1,0 +1,89 @@
+"""A worker's prefetch buffer: the jobs leased to it and not started.
+
+The socket thread puts deliveries in and takes back the ones the broker
+asks for (a cancel, a pause, a job wanted elsewhere); handler threads take
+the next job to run. Jobs start highest priority first, then in delivery
+order, so a job with a higher priority waits only behind jobs that already
+run. A job is started exactly when a handler takes it: from then on a
+withdraw no longer finds it, and the broker is told it started.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+
+from corral.broker import protocol as p
+
+
+class Buffer:
+    """Thread-safe; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        #: (-priority, arrival number, job id) of the buffered jobs.
+        self._heap: list[tuple[int, int, str]] = []
+        self._jobs: dict[str, p.Delivery] = {}
+        self._arrivals = 0
+        self._stops = 0
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._jobs)
+
+    def put(self, delivery: p.Delivery) -> None:
+        """Buffer a delivered job. A delivery of a job id already buffered
+        replaces it (the broker leased it anew)."""
+        with self._cond:
+            self._arrivals += 1
+            self._jobs[delivery.job_id] = delivery
+            heapq.heappush(self._heap, (-delivery.priority, self._arrivals, delivery.job_id))
+            self._cond.notify()
+
+    def take(self, timeout: float | None = None) -> p.Delivery | None:
+        """The next job to start, taken out (it is started from now on);
+        None once :meth:`stop` is called, or after ``timeout`` seconds with
+        nothing to take (None: wait as long as it takes)."""
+        with self._cond:
+            while True:
+                if self._stops:
+                    self._stops -= 1
+                    return None
+                delivery = self._pop()
+                if delivery is not None:
+                    return delivery
+                if not self._cond.wait(timeout) and timeout is not None:
+                    return None
+
+    def _pop(self) -> p.Delivery | None:
+        while self._heap:
+            _, _, job_id = heapq.heappop(self._heap)
+            delivery = self._jobs.pop(job_id, None)
+            if delivery is not None:
+                return delivery
+        return None
+
+    def withdraw(self, job_id: str, lease: int) -> p.Delivery | None:
+        """Take back the buffered job ``job_id`` under ``lease``, so that it
+        never starts here. None if it is not buffered (it started already,
+        or was never here). Its heap entry is skipped when reached."""
+        with self._cond:
+            delivery = self._jobs.get(job_id)
+            if delivery is None or delivery.lease != lease:
+                return None
+            del self._jobs[job_id]
+            return delivery
+
+    def clear(self) -> list[p.Delivery]:
+        """Take back every buffered job, in the order they would have started."""
+        with self._cond:
+            out = []
+            while (delivery := self._pop()) is not None:
+                out.append(delivery)
+            return out
+
+    def stop(self, takers: int) -> None:
+        """Make the next ``takers`` calls of :meth:`take` return None."""
+        with self._cond:
+            self._stops += takers
+            self._cond.notify_all()
