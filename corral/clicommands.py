@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from corral.broker.jobspec import OPTION_NAMES
 from corral.cliformat import (
     describe_verify,
     emit,
@@ -24,6 +25,10 @@ from corral.cliformat import (
     plain,
 )
 from corral.errors import ConfigError, CorralError
+
+#: Job options whose flag is not ``--`` plus the option's name: ``--timeout``
+#: would read as the client's own timeout.
+_OPTION_FLAGS = {"timeout": "job_timeout"}
 
 if TYPE_CHECKING:
     from corral.client import Client
@@ -112,17 +117,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             payload = json.loads(args.payload)
         except json.JSONDecodeError as exc:
             raise UsageError(f"PAYLOAD_JSON is not valid JSON: {exc}") from None
-    options = {
-        "queue": args.queue,
-        "priority": args.priority,
-        "delay": args.delay,
-        "max_attempts": args.max_attempts,
-        "timeout": args.job_timeout,
-        "unique_key": args.unique_key,
-        "unique_for": args.unique_for,
-        "run_at": args.run_at,
-        "result_ttl": args.result_ttl,
-    }
+    # One flag per job option: --max-attempts sets max_attempts (and so on).
+    options = {name: getattr(args, _OPTION_FLAGS.get(name, name)) for name in OPTION_NAMES}
     with make_client(args) as client:
         job_id = client.enqueue(args.task, payload, **options)
         _emit_id_or_result(args, client, job_id)

@@ -134,3 +134,24 @@ def test_a_spec_with_every_option_survives_enqueue_flows_compaction_and_replay(
         again.core.log.close()
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_every_option_has_a_keyword_in_enqueue_and_a_flag_in_the_cli() -> None:
+    """The typed keywords of ``enqueue`` and the CLI's flags are the two
+    places an option is named again: a new option missing from either
+    fails here."""
+    import inspect
+
+    from corral import cli
+    from corral.broker.jobspec import OPTION_NAMES
+    from corral.clicommands import _OPTION_FLAGS
+    from corral.clientcore import ClientCore
+
+    for method in (ClientCore.enqueue, corral.Client.enqueue, corral.AsyncClient.enqueue):
+        params = inspect.signature(method).parameters
+        assert set(OPTION_NAMES) <= set(params), method
+    parser = cli.build_parser()
+    args = parser.parse_args(["enqueue", "t.task"])
+    for name in OPTION_NAMES:
+        assert hasattr(args, _OPTION_FLAGS.get(name, name)), f"no CLI flag for {name}"
+    assert set(corral.Job.__struct_fields__) >= set(OPTION_NAMES)
