@@ -12,14 +12,15 @@ comes in as ``now`` (epoch seconds) and ``mono`` (monotonic seconds).
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from corral.broker import balance, views
 from corral.broker import protocol as p
-from corral.broker import views
 from corral.broker.journal import Journal, WorkerLink
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import ErrorRec, Finished, Leased, ProgressNoted, Returned, Started
@@ -59,6 +60,12 @@ class Dispatcher:
         #: (monotonic deadline, job id, lease) of started jobs with a timeout.
         self._deadlines: list[tuple[float, str, int]] = []
         self._lease_seq = time.time_ns() // 1000
+        self.liveness_window = liveness_window
+        self._given = itertools.count(1)
+        self._refs = itertools.count(1)
+        #: Withdraw number -> (workers yet to answer, monotonic deadline,
+        #: what to do once all have answered or the deadline passed).
+        self._awaiting: dict[int, tuple[set[bytes], float, Callable[[], None]]] = {}
         self._next_heartbeat = 0.0
         self._dirty = True
 
@@ -215,6 +222,8 @@ class Dispatcher:
                 conn.failed += 1
 
     def _returned(self, conn: WorkerConn | None, msg: p.Return) -> None:
+        if conn is not None and msg.ref:
+            self._answered(msg.ref, conn.identity)
         for lease in msg.leases:
             if conn is not None and conn.release(lease.job_id) is None:
                 continue
@@ -224,11 +233,55 @@ class Dispatcher:
                 self.journal.record(Returned(job.id, lease.lease))
                 self._dirty = True
 
+    # ------------------------------------------------------------ withdraw
+
+    def withdraw_queue(self, queue: str, mono: float, done: Callable[[], None]) -> None:
+        """Ask every worker for its unstarted jobs of ``queue`` back (a
+        pause); call ``done`` once each asked worker has answered, left, or
+        the liveness window passed: from then on none of them starts."""
+        ref = next(self._refs)
+        asked = set()
+        for conn in self.workers:
+            jobs = [
+                j for j in balance.unstarted(conn, self.state, withdrawing=True) if j.queue == queue
+            ]
+            if jobs and self._withdraw(conn, jobs, mono, ref):
+                asked.add(conn.identity)
+        if asked:
+            self._awaiting[ref] = (asked, mono + self.liveness_window, done)
+        else:
+            done()
+
+    def _withdraw(self, conn: WorkerConn, jobs: list[Job], mono: float, ref: int = 0) -> bool:
+        leases = [p.Lease(job.id, job.lease) for job in jobs]
+        if not self.send(conn.identity, p.Withdraw(leases, ref or next(self._refs)), mono):
+            conn.withdrawing.difference_update(job.id for job in jobs)
+            return False
+        conn.withdrawing.update(job.id for job in jobs)
+        self.stats["withdrawn_asked"] += len(jobs)
+        return True
+
+    def _answered(self, ref: int, identity: bytes) -> None:
+        entry = self._awaiting.get(ref)
+        if entry is not None:
+            entry[0].discard(identity)
+            if not entry[0]:
+                del self._awaiting[ref]
+                entry[2]()
+
+    def _expire_withdraws(self, mono: float) -> None:
+        for ref, (asked, deadline, _) in list(self._awaiting.items()):
+            if deadline <= mono:
+                log.warning("broker.withdraw_unanswered", workers=len(asked))
+                self._awaiting.pop(ref)[2]()
+
     def lose(self, conn: WorkerConn, now: float, mono: float, reason: str) -> int:
         """Requeue every job a gone worker held; the attempt counts for the
         jobs it may have started (see WorkerConn.counted_on_loss). Returns
         how many jobs went back to their queue."""
         self.workers.remove(conn.identity)
+        for ref in list(self._awaiting):
+            self._answered(ref, conn.identity)
         # A worker that says Bye holds nothing: what it still had leased was
         # in flight to it and never started.
         counted = set() if reason == "left" else conn.counted_on_loss()
@@ -305,6 +358,7 @@ class Dispatcher:
     def expire_deadlines(self, now: float, mono: float) -> None:
         """End the tries that ran past their timeout (retried or failed);
         the worker's late result is fenced."""
+        self._expire_withdraws(mono)
         while self._deadlines and self._deadlines[0][0] <= mono:
             _, job_id, lease = heapq.heappop(self._deadlines)
             job = self.state.holding(job_id, lease)
@@ -320,33 +374,17 @@ class Dispatcher:
     # ------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float, mono: float) -> None:
-        """Send ready jobs to every worker with credit, if anything changed."""
+        """If anything changed: send ready jobs to the workers with credit,
+        fairly, then ask back the reserved jobs an idle worker or a job of
+        higher priority should have (see :mod:`corral.broker.balance`)."""
         if not self._dirty:
             return
         self._dirty = False
-        for conn in self.workers.hungry():
-            jobs = self._take_jobs(conn)
-            if jobs:
-                self._deliver(conn, jobs, now, mono)
-
-    def _take_jobs(self, conn: WorkerConn) -> list[Job]:
-        jobs: list[Job] = []
-        taken: set[str] = set()
-        credit = conn.credit
-        while len(jobs) < credit:
-            job = None
-            for queue in conn.queue_order():
-                if queue in self.state.paused:
-                    continue
-                job = self.state.pop_ready(queue)
-                if job is not None:
-                    break
-            if job is None:
-                break
-            if job.id not in taken:
-                taken.add(job.id)
-                jobs.append(job)
-        return jobs
+        workers = list(self.workers)
+        for conn, jobs in balance.plan_deliveries(workers, self.state).items():
+            self._deliver(conn, jobs, now, mono)
+        for conn, jobs in balance.plan_withdrawals(workers, self.state).items():
+            self._withdraw(conn, jobs, mono)
 
     def _deliver(self, conn: WorkerConn, jobs: list[Job], now: float, mono: float) -> None:
         leases = []
@@ -379,6 +417,7 @@ class Dispatcher:
             )
             conn.leases[job.id] = lease
             self.holders[job.id] = conn.identity
+        conn.given = next(self._given)
         self.stats["delivered"] += len(jobs)
 
     # -------------------------------------------------------------- helpers

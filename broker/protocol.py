@@ -436,10 +436,13 @@ class Report(Msg, frozen=True):
 
 
 class Return(Msg, frozen=True):
-    """Leased jobs handed back unstarted (shutdown): no attempt is counted."""
+    """Leased jobs handed back unstarted (a shutdown, a cancel, a Withdraw):
+    no attempt is counted. ``ref`` answers the Withdraw of that number (0:
+    none); the answer lists only the jobs that had not started."""
 
     leases: list[Lease]
     v: int = PROTOCOL_VERSION
+    ref: int = 0
 
 
 class WorkerHeartbeat(Msg, frozen=True):
@@ -507,7 +510,17 @@ class CancelJob(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-WorkerCommand = Deliver | BrokerHeartbeat | Reregister | CancelJob
+class Withdraw(Msg, frozen=True):
+    """Hand these leased jobs back if they have not started (a pause, a job
+    of higher priority, an idle worker elsewhere). The worker answers with
+    a Return of the same ``ref``, listing the jobs it handed back."""
+
+    leases: list[Lease]
+    ref: int
+    v: int = PROTOCOL_VERSION
+
+
+WorkerCommand = Deliver | BrokerHeartbeat | Reregister | CancelJob | Withdraw
 
 
 # ------------------------------------------------------------------ codecs

@@ -333,4 +333,8 @@ class ClientService:
         if (msg.queue in self.state.paused) != msg.paused:
             self.journal.record(QueuePaused(msg.queue, msg.paused))
             self.dispatcher.poke()
-        self._reply(identity, p.Ack(msg.req, 1))
+        ack = p.Ack(msg.req, 1)
+        if msg.paused:  # answered once no buffered job of the queue can start
+            self.dispatcher.withdraw_queue(msg.queue, mono, lambda: self._reply(identity, ack))
+        else:
+            self._reply(identity, ack)

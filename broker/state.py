@@ -388,6 +388,16 @@ class JobState:
         """Undo :meth:`pop_ready` for a job that could not be sent."""
         self._place(job)
 
+    def ready_queues(self) -> list[str]:
+        """The queues whose ready heap has entries (maybe only stale ones)."""
+        return [queue for queue, heap in self._ready.items() if heap]
+
+    def peek_ready(self, queue: str) -> Job | None:
+        """The job :meth:`pop_ready` would return, left on the heap."""
+        if not self.has_ready(queue):
+            return None
+        return self.jobs[self._ready[queue][0][2]]
+
     def has_ready(self, queue: str) -> bool:
         heap = self._ready.get(queue)
         while heap:

@@ -24,6 +24,10 @@ class WorkerConn:
     leases: dict[str, int] = field(default_factory=dict)
     #: job ids the worker said it started.
     started: set[str] = field(default_factory=set)
+    #: job ids asked back with a Withdraw, not yet answered.
+    withdrawing: set[str] = field(default_factory=set)
+    #: When it last got jobs (a dispatch counter): the tie-break of fair dispatch.
+    given: int = 0
     processed: int = 0
     failed: int = 0
     rotation: int = 0
@@ -58,6 +62,7 @@ class WorkerConn:
     def release(self, job_id: str) -> int | None:
         """Forget a lease; the credit comes back. Returns the lease token."""
         self.started.discard(job_id)
+        self.withdrawing.discard(job_id)
         return self.leases.pop(job_id, None)
 
     def counted_on_loss(self) -> set[str]:

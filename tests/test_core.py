@@ -403,3 +403,105 @@ def test_a_cancelled_or_purged_reserved_job_is_taken_back_from_the_worker(
     worker.send(p.Return([p.Lease("a", da.lease), p.Lease("b", db.lease)]))
     status = broker.request(p.GetStatus(broker.next_req())).status
     assert status.workers[0].credit == 3 and status.workers[0].reserved == []
+
+
+def withdraws(msgs: list[object]) -> list[p.Withdraw]:
+    return [m for m in msgs if isinstance(m, p.Withdraw)]
+
+
+def test_jobs_spread_over_idle_workers_most_free_slots_first(broker: InProcessBroker) -> None:
+    """Two single-slot workers with prefetch: four jobs go two and two, each
+    to the worker with the most free execution slots."""
+    a, b = FakeWorker(broker, b"a", credit=3), FakeWorker(broker, b"b", credit=3)
+    a.ready()
+    b.ready()
+    for n in range(4):
+        broker.enqueue(id=f"j{n}")
+    assert [d.job_id for d in deliveries(a.inbox())] == ["j0", "j2"]
+    assert [d.job_id for d in deliveries(b.inbox())] == ["j1", "j3"]
+
+
+def test_an_idle_worker_takes_over_a_job_waiting_in_another_buffer(
+    broker: InProcessBroker,
+) -> None:
+    a = FakeWorker(broker, b"a", credit=3)
+    a.ready()
+    for n in range(3):
+        broker.enqueue(id=f"j{n}")
+    got = deliveries(a.inbox())
+    a.start(got[0])
+    b = FakeWorker(broker, b"b", credit=3)
+    assert b.ready() == []  # nothing ready: j1 and j2 wait in a's buffer
+    (w,) = withdraws(a.inbox())
+    assert [le.job_id for le in w.leases] == ["j2"]  # the one that would start last
+    a.send(p.Return(w.leases, ref=w.ref))
+    assert [d.job_id for d in deliveries(b.inbox())] == ["j2"]
+    assert broker.job("j2").reserved_by == "b"  # type: ignore[union-attr]
+    assert broker.job("j1").reserved_by == "a"  # type: ignore[union-attr]
+
+
+def test_a_job_of_higher_priority_waits_only_behind_running_jobs(
+    broker: InProcessBroker,
+) -> None:
+    """Concurrency 1, prefetch 4: eight jobs at priority 0 fill the buffer;
+    one at priority 10 makes the broker take the last buffered one back,
+    and goes out with its priority, so the worker starts it next."""
+    worker = FakeWorker(broker, credit=5)
+    worker.ready()
+    for n in range(8):
+        broker.enqueue(id=f"low{n}")
+    got = deliveries(worker.inbox())
+    assert [d.job_id for d in got] == [f"low{n}" for n in range(5)]
+    worker.start(got[0])
+    broker.enqueue(id="high", priority=10)
+    (w,) = withdraws(worker.inbox())
+    assert [le.job_id for le in w.leases] == ["low4"]
+    assert deliveries(worker.send(p.Return(w.leases, ref=w.ref))) == [
+        d for d in deliveries(broker.to_worker(b"worker-1")) if d.job_id == "high"
+    ]
+    info = broker.job("high")
+    assert info is not None and info.reserved_by == "worker-1"
+    high = [d for d in deliveries(broker.to_worker(b"worker-1")) if d.job_id == "high"]
+    assert [d.priority for d in high] == [10]
+    # no more withdraws: nothing ready outranks what is buffered
+    assert withdraws(worker.inbox()) == []
+
+
+def test_pause_is_answered_once_no_buffered_job_of_the_queue_can_start(
+    broker: InProcessBroker,
+) -> None:
+    worker = FakeWorker(broker, credit=3)
+    worker.ready()
+    for n in range(3):
+        broker.enqueue(id=f"j{n}")
+    got = deliveries(worker.inbox())
+    worker.start(got[0])
+    before = len(broker.clients.sent)
+    broker.run_pass(("client", [b"pauser", p.encode(p.Pause(7, "default"))]))
+    assert [i for i, _ in broker.clients.sent[before:]] == []  # not yet answered
+    (w,) = withdraws(worker.inbox())
+    assert sorted(le.job_id for le in w.leases) == ["j1", "j2"]
+    # j1 had been taken by a handler meanwhile: only j2 comes back
+    worker.send(p.Report([p.Lease("j1", got[1].lease)], []))
+    worker.send(p.Return([le for le in w.leases if le.job_id == "j2"], ref=w.ref))
+    (answer,) = [b for i, b in broker.clients.sent[before:] if i == b"pauser"]
+    assert isinstance(p.decode(p.client_reply_decoder, answer), p.Ack)
+    assert broker.job("j2").status == "queued"  # type: ignore[union-attr]
+    assert broker.job("j2").reserved_by is None  # type: ignore[union-attr]
+    broker.advance(5.0)
+    assert deliveries(worker.inbox()) == []  # paused: it stays
+
+
+def test_a_pause_whose_worker_never_answers_is_answered_after_the_window(
+    broker: InProcessBroker,
+) -> None:
+    worker = FakeWorker(broker, credit=2)
+    worker.ready()
+    broker.enqueue(id="j0")
+    broker.enqueue(id="j1")
+    worker.go_silent()
+    broker.run_pass(("client", [b"pauser", p.encode(p.Pause(7, "default"))]))
+    broker.advance(2.9, step=0.1)
+    assert [i for i, _ in broker.clients.sent if i == b"pauser"] == []
+    broker.advance(0.1)  # the liveness window (3 beats of 1 s) has passed
+    assert [i for i, _ in broker.clients.sent if i == b"pauser"] == [b"pauser"]

@@ -186,6 +186,7 @@ SAMPLES: dict[str, list[p.Msg]] = {
         p.Report([], [], progress=[p.Progress("id-1", 101, 0.5, "half way")]),
         p.Ready("w", ["a", "b"], 4, 2, [], "h", 1, queue_weights={"a": 3, "b": 1}),
         p.Return([p.Lease("id-5", 105)]),
+        p.Return([p.Lease("id-6", 106)], ref=7),
         p.WorkerHeartbeat(),
         p.Drain(),
         p.Bye(),
@@ -196,13 +197,14 @@ SAMPLES: dict[str, list[p.Msg]] = {
                 p.Delivery(
                     "id-1", 101, "emails.send", PAYLOAD, 1, 5, "emails", 1699999999.5, 30.0, RESULT
                 ),
-                p.Delivery("id-2", 102, "noop", NIL, 3, 3, "default", 1699999999.5),
+                p.Delivery("id-2", 102, "noop", NIL, 3, 3, "default", 1699999999.5, priority=-3),
             ]
         ),
         p.BrokerHeartbeat("b-1"),
         p.BrokerHeartbeat(),
         p.Reregister(),
         p.CancelJob("id-1", 101),
+        p.Withdraw([p.Lease("id-2", 102), p.Lease("id-3", 103)], 7),
     ],
 }
 

@@ -304,6 +304,8 @@ class Worker:
                         self._buffer.put(delivery)
                 case p.CancelJob():
                     self._cancel(msg)
+                case p.Withdraw():
+                    self._withdraw(msg)
                 case p.Reregister():
                     log.info("worker.reregister")
                     self._register()
@@ -327,6 +329,12 @@ class Worker:
             self._revoked[msg.job_id, msg.lease] = None
             while len(self._revoked) > 1000:  # cancels of jobs that had ended
                 del self._revoked[next(iter(self._revoked))]
+
+    def _withdraw(self, msg: p.Withdraw) -> None:
+        """Hand back those of ``msg``'s jobs that have not started; always
+        answer, so the broker knows none of the others will start here."""
+        back = [lease for lease in msg.leases if self._buffer.withdraw(lease.job_id, lease.lease)]
+        self._send(p.Return(back, ref=msg.ref))
 
     def _claim(self, execution: Execution) -> bool:
         """Make a job taken from the buffer a running one, unless it was

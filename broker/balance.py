@@ -1,0 +1,134 @@
+"""Where ready jobs go, and which reserved jobs come back: the dispatch
+policy, pure (no sockets, no log).
+
+- **Fair dispatch.** Jobs go out one at a time, each to the worker with the
+  most free execution slots (``concurrency`` minus the jobs it holds), then
+  the most credit, then the one that got a job least recently; so four jobs
+  and two idle single-slot workers run two at a time, not four in a row on
+  one worker's prefetch buffer.
+- **Stealing.** A worker with a free slot and nothing ready for it takes
+  over jobs that wait in another worker's buffer behind running ones: the
+  broker withdraws them there (they have not started) and they come back
+  to the queue.
+- **Priority.** A ready job waits only behind running jobs: when no worker
+  of its queue has credit, the broker withdraws a reserved job of lower
+  priority to make room, and the worker's buffer starts the higher one next.
+
+A withdrawn job is the one that would start last on its worker (lowest
+priority, latest lease). Jobs already being withdrawn are not asked twice.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from corral.broker.state import Job, JobState
+from corral.broker.workers import WorkerConn
+
+
+def free_slots(conn: WorkerConn) -> int:
+    """Execution slots the worker has with nothing held for them."""
+    return conn.concurrency - len(conn.leases)
+
+
+def plan_deliveries(workers: Iterable[WorkerConn], state: JobState) -> dict[WorkerConn, list[Job]]:
+    """Take ready jobs off their queues for the workers with credit, fairly
+    (see the module docstring). Returns the jobs per worker, each popped:
+    the caller leases them or pushes them back."""
+    heap: list[tuple[int, int, int, int, WorkerConn]] = []
+    for n, conn in enumerate(workers):
+        if conn.credit > 0:
+            heap.append((-free_slots(conn), -conn.credit, conn.given, n, conn))
+    heapq.heapify(heap)
+    plan: dict[WorkerConn, list[Job]] = {}
+    while heap:
+        free, credit, given, n, conn = heapq.heappop(heap)
+        job = _next_job(conn, state)
+        if job is None:
+            continue  # nothing ready in its queues: done with this worker
+        plan.setdefault(conn, []).append(job)
+        if credit + 1 < 0:  # credit left
+            heapq.heappush(heap, (free + 1, credit + 1, given, n, conn))
+    return plan
+
+
+def _next_job(conn: WorkerConn, state: JobState) -> Job | None:
+    for queue in conn.queue_order():
+        if queue not in state.paused:
+            job = state.pop_ready(queue)
+            if job is not None:
+                return job
+    return None
+
+
+def unstarted(conn: WorkerConn, state: JobState, *, withdrawing: bool = False) -> list[Job]:
+    """The worker's reserved jobs (not those being withdrawn, unless
+    ``withdrawing``), in the order its buffer would start them (highest
+    priority, then earliest lease)."""
+    jobs = []
+    for job_id, lease in conn.leases.items():
+        job = state.jobs.get(job_id)
+        if job is None or job_id in conn.started:
+            continue
+        if job_id in conn.withdrawing and not withdrawing:
+            continue
+        if job.lease == lease and job.reserved:
+            jobs.append(job)
+    jobs.sort(key=lambda j: (-j.priority, j.lease))
+    return jobs
+
+
+def plan_withdrawals(workers: list[WorkerConn], state: JobState) -> dict[WorkerConn, list[Job]]:
+    """Reserved jobs to take back: for idle workers (stealing) and for
+    ready jobs of higher priority (see the module docstring)."""
+    plan: dict[WorkerConn, list[Job]] = {}
+    _steal(workers, state, plan)
+    _make_room(workers, state, plan)
+    return plan
+
+
+def _steal(workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, list[Job]]) -> None:
+    """One round at a time: nothing is stolen while a withdraw is in flight,
+    so an idle worker is never promised more jobs than it has free slots."""
+    if any(c.withdrawing for c in workers):
+        return
+    room = {c: free_slots(c) for c in workers if free_slots(c) > 0 and c.credit > 0}
+    for victim in workers:
+        waiting = unstarted(victim, state)
+        surplus = waiting[max(0, free_slots(victim)) :]  # they wait behind running jobs
+        while surplus and room:
+            job = surplus[-1]
+            thief = next((c for c in room if c is not victim and job.queue in c.queues), None)
+            if thief is None or job.queue in state.paused:
+                break
+            surplus.pop()
+            plan.setdefault(victim, []).append(job)
+            victim.withdrawing.add(job.id)
+            room[thief] -= 1
+            if not room[thief]:
+                del room[thief]
+
+
+def _make_room(
+    workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, list[Job]]
+) -> None:
+    for queue in state.ready_queues():
+        if queue in state.paused:
+            continue
+        top = state.peek_ready(queue)
+        if top is None:
+            continue
+        serving = [c for c in workers if queue in c.queues]
+        if not serving or any(c.credit > 0 for c in serving):
+            continue  # it goes out on the next dispatch
+        if any(c.withdrawing for c in serving):
+            continue  # room is being made already
+        # the reserved job that would start last: lowest priority, latest lease
+        candidates = [(w[-1], conn) for conn in serving if (w := unstarted(conn, state))]
+        if not candidates:
+            continue
+        job, conn = min(candidates, key=lambda jc: (jc[0].priority, -jc[0].lease))
+        if job.priority < top.priority:
+            plan.setdefault(conn, []).append(job)
+            conn.withdrawing.add(job.id)
