@@ -113,10 +113,10 @@ def _steal(workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, li
 def _make_room(
     workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, list[Job]]
 ) -> None:
-    for queue in state.ready_queues():
+    for queue in state.ready.queues():
         if queue in state.paused:
             continue
-        top = state.peek_ready(queue)
+        top = state.ready.peek(queue)
         if top is None:
             continue
         serving = [c for c in workers if queue in c.queues]

@@ -25,6 +25,7 @@ from corral.broker.journal import Journal, WorkerLink
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import ErrorRec, Finished, Leased, ProgressNoted, Returned, Started
 from corral.broker.state import Job, TaskDefaults
+from corral.broker.withdraws import PendingWithdraws
 from corral.broker.workers import WorkerConn, WorkerTable
 
 log = structlog.get_logger()
@@ -62,10 +63,7 @@ class Dispatcher:
         self._lease_seq = time.time_ns() // 1000
         self.liveness_window = liveness_window
         self._given = itertools.count(1)
-        self._refs = itertools.count(1)
-        #: Withdraw number -> (workers yet to answer, monotonic deadline,
-        #: what to do once all have answered or the deadline passed).
-        self._awaiting: dict[int, tuple[set[bytes], float, Callable[[], None]]] = {}
+        self._withdraws = PendingWithdraws()
         self._next_heartbeat = 0.0
         self._dirty = True
 
@@ -120,11 +118,11 @@ class Dispatcher:
         self.workers.add(conn)
         for task in msg.tasks:
             self.state.tasks[task.name] = TaskDefaults(
-                task.max_attempts,
-                task.timeout,
-                task.retry_backoff,
-                task.retry_backoff_max,
-                task.result_ttl,
+                max_attempts=task.max_attempts,
+                timeout=task.timeout,
+                retry_backoff=task.retry_backoff,
+                retry_backoff_max=task.retry_backoff_max,
+                result_ttl=task.result_ttl,
             )
         self._dirty = True
         log.info(
@@ -223,7 +221,7 @@ class Dispatcher:
 
     def _returned(self, conn: WorkerConn | None, msg: p.Return) -> None:
         if conn is not None and msg.ref:
-            self._answered(msg.ref, conn.identity)
+            self._withdraws.answered(msg.ref, conn.identity)
         for lease in msg.leases:
             if conn is not None and conn.release(lease.job_id) is None:
                 continue
@@ -239,7 +237,7 @@ class Dispatcher:
         """Ask every worker for its unstarted jobs of ``queue`` back (a
         pause); call ``done`` once each asked worker has answered, left, or
         the liveness window passed: from then on none of them starts."""
-        ref = next(self._refs)
+        ref = self._withdraws.next_ref()
         asked = set()
         for conn in self.workers:
             jobs = [
@@ -247,41 +245,24 @@ class Dispatcher:
             ]
             if jobs and self._withdraw(conn, jobs, mono, ref):
                 asked.add(conn.identity)
-        if asked:
-            self._awaiting[ref] = (asked, mono + self.liveness_window, done)
-        else:
-            done()
+        self._withdraws.expect(ref, asked, mono + self.liveness_window, done)
 
     def _withdraw(self, conn: WorkerConn, jobs: list[Job], mono: float, ref: int = 0) -> bool:
         leases = [p.Lease(job.id, job.lease) for job in jobs]
-        if not self.send(conn.identity, p.Withdraw(leases, ref or next(self._refs)), mono):
+        ref = ref or self._withdraws.next_ref()
+        if not self.send(conn.identity, p.Withdraw(leases, ref), mono):
             conn.withdrawing.difference_update(job.id for job in jobs)
             return False
         conn.withdrawing.update(job.id for job in jobs)
         self.stats["withdrawn_asked"] += len(jobs)
         return True
 
-    def _answered(self, ref: int, identity: bytes) -> None:
-        entry = self._awaiting.get(ref)
-        if entry is not None:
-            entry[0].discard(identity)
-            if not entry[0]:
-                del self._awaiting[ref]
-                entry[2]()
-
-    def _expire_withdraws(self, mono: float) -> None:
-        for ref, (asked, deadline, _) in list(self._awaiting.items()):
-            if deadline <= mono:
-                log.warning("broker.withdraw_unanswered", workers=len(asked))
-                self._awaiting.pop(ref)[2]()
-
     def lose(self, conn: WorkerConn, now: float, mono: float, reason: str) -> int:
         """Requeue every job a gone worker held; the attempt counts for the
         jobs it may have started (see WorkerConn.counted_on_loss). Returns
         how many jobs went back to their queue."""
         self.workers.remove(conn.identity)
-        for ref in list(self._awaiting):
-            self._answered(ref, conn.identity)
+        self._withdraws.gone(conn.identity)
         # A worker that says Bye holds nothing: what it still had leased was
         # in flight to it and never started.
         counted = set() if reason == "left" else conn.counted_on_loss()
@@ -358,7 +339,7 @@ class Dispatcher:
     def expire_deadlines(self, now: float, mono: float) -> None:
         """End the tries that ran past their timeout (retried or failed);
         the worker's late result is fenced."""
-        self._expire_withdraws(mono)
+        self._withdraws.expire(mono)
         while self._deadlines and self._deadlines[0][0] <= mono:
             _, job_id, lease = heapq.heappop(self._deadlines)
             job = self.state.holding(job_id, lease)
@@ -433,26 +414,6 @@ class Dispatcher:
 
     def malformed(self, reason: str) -> None:
         count_malformed(self.stats, "worker", reason)
-
-    def worker_infos(self, mono: float) -> list[p.WorkerInfo]:
-        """The connected workers as ``corral status`` shows them."""
-        return [
-            p.WorkerInfo(
-                c.worker_id,
-                c.host,
-                c.pid,
-                c.queues,
-                c.concurrency,
-                c.credit,
-                [j for j in c.leases if j in c.started],
-                c.tasks,
-                round(mono - c.last_seen, 3),
-                c.processed,
-                c.failed,
-                [j for j in c.leases if j not in c.started],
-            )
-            for c in self.workers
-        ]
 
 
 def count_malformed(stats: Any, side: str, reason: str) -> None:

@@ -217,7 +217,7 @@ class ClientService:
         ]
         return p.StatusInfo(
             dict(sorted(views.queue_counts(state).items())),
-            self.dispatcher.worker_infos(mono),
+            views.worker_infos(list(self.dispatcher.workers), mono),
             stats,
             self.broker_id,
             supervisors,

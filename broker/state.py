@@ -29,6 +29,7 @@ from corral.broker.job import (
 from corral.broker.jobspec import NIL, InvalidJob, JobSpec, validate_spec
 from corral.broker.policy import Policy
 from corral.broker.protocol import STATUSES, TERMINAL
+from corral.broker.ready import ReadyQueues
 from corral.broker.records import (
     Cancelled,
     ErrorRec,
@@ -84,7 +85,8 @@ class JobState:
         self.unique: dict[str, str] = {}
         self.live_bytes = 0
         self._next_seq = 1
-        self._ready: dict[str, list[tuple[int, int, str]]] = {}
+        #: The ready heaps, one per queue.
+        self.ready = ReadyQueues(self.jobs)
         self._waiting: list[tuple[float, int, str]] = []
         self._expiry: list[tuple[float, int, str]] = []
         self._rng = random.Random()
@@ -280,10 +282,7 @@ class JobState:
     def _place(self, job: Job) -> None:
         """Put a job on the heap its status calls for."""
         if job.status == "queued":
-            if not job.in_ready and not job.lease:
-                job.in_ready = True
-                heap = self._ready.setdefault(job.queue, [])
-                heapq.heappush(heap, (-job.priority, job.seq, job.id))
+            self.ready.add(job)
         elif job.status in WAITING and job.run_at is not None:
             heapq.heappush(self._waiting, (job.run_at, job.seq, job.id))
         elif job.status in TERMINAL:
@@ -371,44 +370,13 @@ class JobState:
     # --------------------------------------------------------- dispatching
 
     def pop_ready(self, queue: str) -> Job | None:
-        """The highest-priority, oldest queued job of ``queue``, taken off
-        the heap (the caller leases it or calls :meth:`push_back`)."""
-        heap = self._ready.get(queue)
-        while heap:
-            _, seq, job_id = heapq.heappop(heap)
-            job = self.jobs.get(job_id)
-            if job is None or job.seq != seq:  # left by a removed job of that id
-                continue
-            job.in_ready = False
-            if job.status == "queued" and not job.lease:
-                return job
-        return None
+        """The next ready job of ``queue``, taken off its heap (see
+        :meth:`ReadyQueues.pop`; the caller leases it or calls :meth:`push_back`)."""
+        return self.ready.pop(queue)
 
     def push_back(self, job: Job) -> None:
         """Undo :meth:`pop_ready` for a job that could not be sent."""
         self._place(job)
-
-    def ready_queues(self) -> list[str]:
-        """The queues whose ready heap has entries (maybe only stale ones)."""
-        return [queue for queue, heap in self._ready.items() if heap]
-
-    def peek_ready(self, queue: str) -> Job | None:
-        """The job :meth:`pop_ready` would return, left on the heap."""
-        if not self.has_ready(queue):
-            return None
-        return self.jobs[self._ready[queue][0][2]]
-
-    def has_ready(self, queue: str) -> bool:
-        heap = self._ready.get(queue)
-        while heap:
-            _, seq, job_id = heap[0]
-            job = self.jobs.get(job_id)
-            if job is not None and job.seq == seq and job.status == "queued" and not job.lease:
-                return True
-            heapq.heappop(heap)
-            if job is not None and job.seq == seq:
-                job.in_ready = False
-        return False
 
     # ------------------------------------------------------------ decisions
 
@@ -493,20 +461,25 @@ class JobState:
     # ------------------------------------------------------------ snapshot
 
     def snapshot(self) -> Iterator[Record]:
-        """Every live job as one record, in creation order, and the paused
-        queues: what compaction writes."""
-        for queue in sorted(self.paused):
-            yield QueuePaused(queue, True)
-        for name, due_at in sorted(self.last_fired.items()):
-            yield ScheduleFired(name, due_at)
-        for flow in self.flows.values():
-            if any(step.id in self.jobs for step in flow.steps):
-                yield flow
-        for job in sorted(self.jobs.values(), key=lambda j: j.seq):
-            # A running job keeps its lease, so that a Finished record logged
-            # after the snapshot still applies on replay.
-            state = {name: getattr(job, name) for name in SNAPSHOT_STATE}
-            state["tries"] = list(job.tries)
-            if job.result is None:
-                state["result"] = NIL
-            yield JobSnapshot(job.created, **state)
+        """What compaction writes: see :func:`snapshot`."""
+        return snapshot(self)
+
+
+def snapshot(state: JobState) -> Iterator[Record]:
+    """Every live job as one record, in creation order, after the paused
+    queues, the schedules' last fires and the flows that still have jobs."""
+    for queue in sorted(state.paused):
+        yield QueuePaused(queue, True)
+    for name, due_at in sorted(state.last_fired.items()):
+        yield ScheduleFired(name, due_at)
+    for flow in state.flows.values():
+        if any(step.id in state.jobs for step in flow.steps):
+            yield flow
+    for job in sorted(state.jobs.values(), key=lambda j: j.seq):
+        # A held job keeps its lease, so that a Started or Finished record
+        # logged after the snapshot still applies on replay.
+        fields = {name: getattr(job, name) for name in SNAPSHOT_STATE}
+        fields["tries"] = list(job.tries)
+        if job.result is None:
+            fields["result"] = NIL
+        yield JobSnapshot(job.created, **fields)

@@ -12,6 +12,7 @@ from corral.broker.jobspec import NIL, InvalidJob
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import FlowCreated
 from corral.broker.state import Job, JobState
+from corral.broker.workers import WorkerConn
 
 
 class Rates:
@@ -177,3 +178,25 @@ def queue_counts(state: JobState) -> dict[str, dict[str, int]]:
         if n:
             out.setdefault(queue, dict.fromkeys(STATUSES, 0))[status] = n
     return out
+
+
+def worker_infos(workers: list[WorkerConn], mono: float) -> list[p.WorkerInfo]:
+    """The connected workers as ``corral status`` shows them: running jobs
+    (started) and reserved ones (in the buffer) apart."""
+    return [
+        p.WorkerInfo(
+            c.worker_id,
+            c.host,
+            c.pid,
+            c.queues,
+            c.concurrency,
+            c.credit,
+            [j for j in c.leases if j in c.started],
+            c.tasks,
+            round(mono - c.last_seen, 3),
+            c.processed,
+            c.failed,
+            [j for j in c.leases if j not in c.started],
+        )
+        for c in workers
+    ]

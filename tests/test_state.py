@@ -398,8 +398,8 @@ def test_queues_are_separate() -> None:
     b = Broker()
     b.enqueue("a1", queue="a")
     b.enqueue("b1", queue="b", priority=100)
-    assert b.state.has_ready("a") and b.state.has_ready("b")
-    assert not b.state.has_ready("c")
+    assert b.state.ready.has("a") and b.state.ready.has("b")
+    assert not b.state.ready.has("c")
     assert b.state.pop_ready("a").id == "a1"  # type: ignore[union-attr]
     assert b.state.pop_ready("a") is None
     assert b.state.pop_ready("nope") is None
@@ -423,7 +423,7 @@ def test_a_popped_and_leased_job_is_not_ready() -> None:
     b = Broker()
     b.enqueue("j1")
     b.lease("j1")
-    assert not b.state.has_ready("default")
+    assert not b.state.ready.has("default")
     assert b.state.pop_ready("default") is None
 
 

@@ -14,6 +14,7 @@ import heapq
 import threading
 
 from corral.broker import protocol as p
+from corral.context import JobContext
 
 
 class Buffer:
@@ -87,3 +88,49 @@ class Buffer:
         with self._cond:
             self._stops += takers
             self._cond.notify_all()
+
+
+class Held:
+    """The jobs a worker holds: buffered (a :class:`Buffer`) and running
+    (their contexts). A cancel finds a job wherever it is, including in the
+    moment between a handler taking it and beginning it."""
+
+    def __init__(self) -> None:
+        self.buffer = Buffer()
+        #: job id -> the context of its running handler.
+        self.running: dict[str, JobContext] = {}
+        #: Cancels that came for a job taken from the buffer and not yet
+        #: begun: (job id, lease), oldest first, bounded.
+        self._revoked: dict[tuple[str, int], None] = {}
+        self._lock = threading.Lock()
+
+    def cancel(self, job_id: str, lease: int) -> str:
+        """Cancel the job under ``lease``: ``"buffered"`` if it was dropped
+        from the buffer unstarted (hand it back), ``"running"`` if its
+        handler now sees ctx.cancelled, ``"pending"`` otherwise (a handler
+        took it and :meth:`claim` will refuse it; or it had ended)."""
+        with self._lock:
+            if self.buffer.withdraw(job_id, lease) is not None:
+                return "buffered"
+            ctx = self.running.get(job_id)
+            if ctx is not None and ctx.lease == lease:
+                ctx._cancel.set()
+                return "running"
+            self._revoked[job_id, lease] = None
+            while len(self._revoked) > 1000:  # cancels of jobs that had ended
+                del self._revoked[next(iter(self._revoked))]
+            return "pending"
+
+    def claim(self, delivery: p.Delivery, ctx: JobContext) -> bool:
+        """Make a job a handler took from the buffer a running one; False if
+        it was cancelled in between (it must be handed back, never begun)."""
+        with self._lock:
+            key = (delivery.job_id, delivery.lease)
+            if key in self._revoked:
+                del self._revoked[key]
+                return False
+            self.running[delivery.job_id] = ctx
+            return True
+
+    def end(self, job_id: str) -> None:
+        self.running.pop(job_id, None)

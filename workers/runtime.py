@@ -31,10 +31,9 @@ import zmq
 
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL
-from corral.context import JobContext
 from corral.errors import SoftTimeout
 from corral.transport import connect_dealer
-from corral.workers.buffer import Buffer
+from corral.workers.buffer import Held
 from corral.workers.execute import Execution
 from corral.workers.registry import Registry
 from corral.workers.status import StatusWriter
@@ -82,15 +81,12 @@ class Worker:
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._sock: zmq.Socket[Any] | None = None
-        self._buffer = Buffer()
+        self._held = Held()
+        self._buffer = self._held.buffer
+        self._running = self._held.running
         self._outbox: deque[tuple[str, Any]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._threads: list[threading.Thread] = []
-        self._running: dict[str, JobContext] = {}
-        #: Cancels that came for a job taken from the buffer and not yet
-        #: begun: (job id, lease), oldest first, bounded.
-        self._revoked: dict[tuple[str, int], None] = {}
-        self._claim_lock = threading.Lock()
         self._stopping = False
         self._stop_deadline: float | None = None
         self._done_count = 0
@@ -230,24 +226,13 @@ class Worker:
 
     def _register(self) -> None:
         capacity = 0 if self._stopping else self.options.concurrency + self.options.prefetch
-        tasks = [
-            p.TaskInfo(
-                t.name,
-                t.max_attempts,
-                t.timeout,
-                t.retry_backoff,
-                t.retry_backoff_max,
-                t.result_ttl,
-            )
-            for t in self.registry
-        ]
         self._send(
             p.Ready(
                 self.worker_id,
                 list(self.options.queues),
                 capacity,
                 self.options.concurrency,
-                tasks,
+                task_infos(self.registry),
                 socket.gethostname(),
                 os.getpid(),
                 queue_weights=dict(self.options.queue_weights),
@@ -314,21 +299,12 @@ class Worker:
 
     def _cancel(self, msg: p.CancelJob) -> None:
         """A buffered job is dropped unstarted and handed back (its credit
-        returns); a running one's handler sees ctx.cancelled; one a handler
-        has taken and not begun is dropped by :meth:`_claim`."""
-        with self._claim_lock:
-            if self._buffer.withdraw(msg.job_id, msg.lease) is not None:
-                self._send(p.Return([p.Lease(msg.job_id, msg.lease)]))
-                log.info("worker.job_cancelled", job_id=msg.job_id, started=False)
-                return
-            ctx = self._running.get(msg.job_id)
-            if ctx is not None and ctx.lease == msg.lease:
-                ctx._cancel.set()
-                log.info("worker.job_cancelled", job_id=msg.job_id, started=True)
-                return
-            self._revoked[msg.job_id, msg.lease] = None
-            while len(self._revoked) > 1000:  # cancels of jobs that had ended
-                del self._revoked[next(iter(self._revoked))]
+        returns); a running one's handler sees ctx.cancelled."""
+        where = self._held.cancel(msg.job_id, msg.lease)
+        if where == "buffered":
+            self._send(p.Return([p.Lease(msg.job_id, msg.lease)]))
+        if where != "pending":
+            log.info("worker.job_cancelled", job_id=msg.job_id, started=where == "running")
 
     def _withdraw(self, msg: p.Withdraw) -> None:
         """Hand back those of ``msg``'s jobs that have not started; always
@@ -337,17 +313,14 @@ class Worker:
         self._send(p.Return(back, ref=msg.ref))
 
     def _claim(self, execution: Execution) -> bool:
-        """Make a job taken from the buffer a running one, unless it was
-        cancelled in between: then it is handed back, never begun."""
+        """Begin a job taken from the buffer, unless it was cancelled in
+        between: then it is handed back, never begun."""
         d = execution.d
-        with self._claim_lock:
-            if (d.job_id, d.lease) in self._revoked:
-                del self._revoked[d.job_id, d.lease]
-                self._outbox.append(("return", p.Lease(d.job_id, d.lease)))
-                self._wake()
-                return False
-            self._running[d.job_id] = execution.ctx
+        if self._held.claim(d, execution.ctx):
             return True
+        self._outbox.append(("return", p.Lease(d.job_id, d.lease)))
+        self._wake()
+        return False
 
     def _reconnect(self) -> None:
         """The broker went silent: drop jobs not yet started (the broker
@@ -443,7 +416,7 @@ class Worker:
     def _end(self, execution: Execution, outcome: p.Outcome) -> None:
         d = execution.d
         structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
-        self._running.pop(d.job_id, None)
+        self._held.end(d.job_id)
         self._timeouts.pop(d.job_id, None)
         self._status_version += 1
         if outcome.kind == "ok":
@@ -495,3 +468,18 @@ class Worker:
         if self._claim(execution):
             self._begin(execution)
             self._end(execution, await execution.run_async())
+
+
+def task_infos(registry: Registry) -> list[p.TaskInfo]:
+    """The registered tasks and their options, as READY tells the broker."""
+    return [
+        p.TaskInfo(
+            name=t.name,
+            max_attempts=t.max_attempts,
+            timeout=t.timeout,
+            retry_backoff=t.retry_backoff,
+            retry_backoff_max=t.retry_backoff_max,
+            result_ttl=t.result_ttl,
+        )
+        for t in registry
+    ]
