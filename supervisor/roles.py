@@ -58,6 +58,7 @@ def worker_options(
         heartbeat_liveness=config.broker.heartbeat_liveness,
         shutdown_timeout=pool.shutdown_timeout,
         max_jobs=pool.max_jobs_per_process,
+        max_message_size=config.broker.max_message_size,
         name=f"{socket.gethostname()}/{pool.name}#{index}/{os.getpid()}",
         status_fd=status_fd,
     )

@@ -24,12 +24,27 @@ from corral.workers.registry import PayloadInvalid, Registry, TaskDef
 
 log = structlog.get_logger()
 
+#: Room a report needs around one outcome's result (ids, lease, error,
+#: times, framing), in bytes: a result may use max_message_size minus this.
+REPORT_OVERHEAD = 64 * 1024
+#: Longest error message and traceback kept, in characters.
+MAX_MESSAGE_CHARS = 8 * 1024
+MAX_TRACEBACK_CHARS = 32 * 1024
+
 
 class Execution:
     """One try of one job, from delivery to outcome."""
 
-    def __init__(self, delivery: p.Delivery, registry: Registry, worker_id: str) -> None:
+    def __init__(
+        self,
+        delivery: p.Delivery,
+        registry: Registry,
+        worker_id: str,
+        max_message_size: int = 16 * 2**20,
+    ) -> None:
         self.d = delivery
+        #: The largest result that fits a report the broker accepts, in bytes.
+        self.max_result = max(0, max_message_size - REPORT_OVERHEAD)
         self.definition: TaskDef | None = registry.get(delivery.task)
         self.started = time.time()
         self.ctx = JobContext(
@@ -102,21 +117,36 @@ class Execution:
     def complete(self, value: Any = None, error: BaseException | None = None) -> p.Outcome:
         """The outcome of the call: its result, or what its exception means."""
         if isinstance(error, Retry):
-            return self.outcome("retry", delay=error.delay, error=p.ErrorInfo("Retry", str(error)))
+            why = clean_text(_describe(error, with_type=False), MAX_MESSAGE_CHARS)
+            return self.outcome("retry", delay=error.delay, error=p.ErrorInfo("Retry", why))
         if isinstance(error, Fail):
             return self.outcome("fail", error=error_info(error))
         if error is not None:
-            log.warning("worker.job_error", error=f"{type(error).__name__}: {error}")
-            return self.outcome("error", error=error_info(error))
+            info = error_info(error)
+            log.warning("worker.job_error", error=f"{info.type}: {info.message}")
+            return self.outcome("error", error=info)
         try:
             result = p.encode_value(value)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except Exception as exc:  # any value msgpack cannot hold, whatever it raises
             return self.outcome(
                 "fail",
                 error=p.ErrorInfo(
                     "ResultNotSerializable",
-                    f"the handler returned a {type(value).__name__} "
-                    f"that msgpack cannot hold: {exc}",
+                    clean_text(
+                        f"the handler returned a {type(value).__name__} "
+                        f"that msgpack cannot hold: {_describe(exc)}",
+                        MAX_MESSAGE_CHARS,
+                    ),
+                ),
+            )
+        if len(result) > self.max_result:
+            return self.outcome(
+                "fail",
+                error=p.ErrorInfo(
+                    "ResultTooLarge",
+                    f"the result is {len(result)} bytes encoded, over the {self.max_result} "
+                    f"bytes a report can carry (broker.max_message_size less "
+                    f"{REPORT_OVERHEAD}); store it elsewhere and return a reference",
                 ),
             )
         return self.outcome("ok", result=result)
@@ -134,4 +164,39 @@ class Execution:
 
 
 def error_info(exc: BaseException) -> p.ErrorInfo:
-    return p.ErrorInfo(type(exc).__name__, str(exc), "".join(traceback.format_exception(exc)))
+    """What an exception says, always encodable: text that is not valid
+    UTF-8 (lone surrogates, from ``os.fsdecode`` of odd bytes) is kept with
+    its odd characters escaped, an ``str()`` that raises is named, and long
+    texts are cut."""
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except Exception as inner:
+        tb = f"<the traceback could not be formatted: {_describe(inner)}>"
+    return p.ErrorInfo(
+        clean_text(type(exc).__name__, 200),
+        clean_text(_describe(exc, with_type=False), MAX_MESSAGE_CHARS),
+        clean_text(tb, MAX_TRACEBACK_CHARS, keep_end=True),
+    )
+
+
+def _describe(exc: BaseException, *, with_type: bool = True) -> str:
+    try:
+        text = str(exc)
+    except Exception as inner:
+        text = f"<str() of the {type(exc).__name__} raised {type(inner).__name__}>"
+    return f"{type(exc).__name__}: {text}" if with_type else text
+
+
+def clean_text(text: str, limit: int, *, keep_end: bool = False) -> str:
+    """``text`` as valid UTF-8 (odd characters backslash-escaped), at most
+    ``limit`` characters (cut in the middle of a traceback: its end is
+    where the error is)."""
+    if not isinstance(text, str):
+        text = repr(text)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    cut = f"... [{len(text) - limit} characters cut] ..."
+    if keep_end:
+        return text[: limit // 4] + cut + text[-(limit - limit // 4) :]
+    return text[:limit] + cut

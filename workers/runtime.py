@@ -36,6 +36,7 @@ from corral.transport import connect_dealer
 from corral.workers.buffer import Held
 from corral.workers.execute import Execution
 from corral.workers.registry import Registry
+from corral.workers.reports import fit_reports
 from corral.workers.status import StatusWriter
 
 log = structlog.get_logger()
@@ -59,6 +60,8 @@ class WorkerOptions:
     name: str = ""
     concurrency_mode: str = "threads"
     queue_weights: dict[str, int] = field(default_factory=dict)
+    #: The broker's max_message_size, in bytes: reports are cut to fit.
+    max_message_size: int = 16 * 2**20
     #: Write end of the status pipe to the supervisor (workers.status).
     status_fd: int | None = None
 
@@ -85,6 +88,9 @@ class Worker:
         self._buffer = self._held.buffer
         self._running = self._held.running
         self._outbox: deque[tuple[str, Any]] = deque()
+        #: Encoded reports the socket could not take (EAGAIN): sent first,
+        #: in order, on the next flush; never dropped.
+        self._unsent: deque[bytes] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -145,7 +151,11 @@ class Worker:
         self._connect()
         try:
             while True:
-                self._loop_once()
+                try:
+                    self._loop_once()
+                except Exception:  # the socket thread must outlive any bug
+                    log.exception("worker.socket_error")
+                    time.sleep(0.01)
                 if self._stopping and self._drained():
                     break
         finally:
@@ -168,7 +178,7 @@ class Worker:
             log.warning("worker.shutdown_timeout", running=list(self._running))
             self._abandon_running()
             return True
-        return not self._running and not self._outbox
+        return not self._running and not self._outbox and not self._unsent
 
     def _abandon_running(self) -> None:
         """The drain ran out of time: report each job still running as a
@@ -193,7 +203,7 @@ class Worker:
     def _return_unstarted(self) -> None:
         leases = [p.Lease(d.job_id, d.lease) for d in self._buffer.clear()]
         if leases:
-            self._send(p.Return(leases))
+            self._send(p.Return(leases), keep=True)
         self._buffer.stop(self.options.concurrency)
 
     def _shutdown(self) -> None:
@@ -283,7 +293,7 @@ class Worker:
                 continue
             match msg:
                 case p.Deliver() if self._stopping:  # sent before our Drain arrived
-                    self._send(p.Return([p.Lease(d.job_id, d.lease) for d in msg.jobs]))
+                    self._send(p.Return([p.Lease(d.job_id, d.lease) for d in msg.jobs]), keep=True)
                 case p.Deliver():
                     for delivery in msg.jobs:
                         self._buffer.put(delivery)
@@ -302,7 +312,7 @@ class Worker:
         returns); a running one's handler sees ctx.cancelled."""
         where = self._held.cancel(msg.job_id, msg.lease)
         if where == "buffered":
-            self._send(p.Return([p.Lease(msg.job_id, msg.lease)]))
+            self._send(p.Return([p.Lease(msg.job_id, msg.lease)]), keep=True)
         if where != "pending":
             log.info("worker.job_cancelled", job_id=msg.job_id, started=where == "running")
 
@@ -310,7 +320,10 @@ class Worker:
         """Hand back those of ``msg``'s jobs that have not started; always
         answer, so the broker knows none of the others will start here."""
         back = [lease for lease in msg.leases if self._buffer.withdraw(lease.job_id, lease.lease)]
-        self._send(p.Return(back, ref=msg.ref))
+        self._send(p.Return(back, ref=msg.ref), keep=True)
+
+    def _execution(self, delivery: p.Delivery) -> Execution:
+        return Execution(delivery, self.registry, self.worker_id, self.options.max_message_size)
 
     def _claim(self, execution: Execution) -> bool:
         """Begin a job taken from the buffer, unless it was cancelled in
@@ -334,17 +347,36 @@ class Worker:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         self._connect()
 
-    def _send(self, msg: p.Msg) -> None:
-        if self._sock is None:
-            return
-        try:
-            self._sock.send(p.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            return  # not connected yet; heartbeats and reports are resent or rebuilt
-        self._last_sent = time.monotonic()
+    def _send(self, msg: p.Msg, keep: bool = False) -> None:
+        """Send ``msg`` now. One the socket cannot take (not connected, or
+        its queue full) is dropped, or with ``keep`` (reports, returns) sent
+        again first on the next flush."""
+        self._send_bytes(p.encode(msg), keep)
+
+    def _send_bytes(self, body: bytes, keep: bool) -> bool:
+        if self._sock is not None:
+            try:
+                self._sock.send(body, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            else:
+                self._last_sent = time.monotonic()
+                return True
+        if keep:
+            self._unsent.append(body)
+        return False
+
+    def _resend(self) -> bool:
+        """Send what could not go before, in order; False if some is left."""
+        while self._unsent:
+            body = self._unsent.popleft()
+            if not self._send_bytes(body, keep=False):
+                self._unsent.appendleft(body)
+                return False
+        return True
 
     def _flush_outbox(self) -> None:
-        if not self._outbox:
+        if not self._resend() or not self._outbox:
             return
         recycle = self.options.max_jobs and self._done_count >= self.options.max_jobs
         if recycle and not self._stopping:
@@ -360,11 +392,15 @@ class Worker:
             batches[kind].append(item)
         if batches["started"] or batches["done"] or batches["progress"]:
             latest = {note.job_id: note for note in batches["progress"]}  # only the newest
-            self._send(
-                p.Report(batches["started"], batches["done"], progress=list(latest.values()))
-            )
+            for body in fit_reports(
+                batches["started"],
+                batches["done"],
+                list(latest.values()),
+                self.options.max_message_size,
+            ):
+                self._send_bytes(body, keep=True)
         if batches["return"]:
-            self._send(p.Return(batches["return"]))
+            self._send(p.Return(batches["return"]), keep=True)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -378,7 +414,7 @@ class Worker:
             delivery = self._next_delivery()
             if delivery is None:
                 break
-            execution = Execution(delivery, self.registry, self.worker_id)
+            execution = self._execution(delivery)
             if execution.definition is not None and execution.definition.is_async:
                 loop = loop or asyncio.new_event_loop()
             soft = execution.definition.soft_timeout if main and execution.definition else None
@@ -464,7 +500,7 @@ class Worker:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def _run_one_async(self, delivery: p.Delivery) -> None:
-        execution = Execution(delivery, self.registry, self.worker_id)
+        execution = self._execution(delivery)
         if self._claim(execution):
             self._begin(execution)
             self._end(execution, await execution.run_async())

@@ -185,3 +185,15 @@ def mark(ctx: corral.JobContext, path: str) -> str:
     with open(path, "a") as file:
         file.write(f"{ctx.job_id} cancelled={ctx.cancelled} at={time.time()}\n")
     return ctx.job_id
+
+
+@corral.task(name="e2e.big_result")
+def big_result(ctx: corral.JobContext, mib: int) -> str:
+    """A result of ``mib`` MiB: over max_message_size when large enough."""
+    return "x" * (mib * 2**20)
+
+
+@corral.task(name="e2e.odd_error", max_attempts=2, retry_backoff=0.05)
+def odd_error(ctx: corral.JobContext, payload: object = None) -> None:
+    """Raises an error whose text is not valid UTF-8 (a file name from odd bytes)."""
+    raise FileNotFoundError(os.fsdecode(b"report-\xe9t\xe9.csv"))

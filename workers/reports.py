@@ -1,0 +1,57 @@
+"""A worker's reports, cut to fit the broker's max_message_size.
+
+A report carries the starts, outcomes and progress notes gathered since the
+last one. One larger than the broker accepts would be dropped with the
+worker's connection and every outcome in it lost, so a report that does not
+fit is split in halves until each part fits. An outcome that alone cannot
+fit (results are capped before this, see
+:data:`corral.workers.execute.REPORT_OVERHEAD`) becomes a failure that says
+so, rather than a job that runs forever.
+"""
+
+from __future__ import annotations
+
+from corral.broker import protocol as p
+from corral.broker.jobspec import NIL
+
+
+def fit_reports(
+    started: list[p.Lease],
+    done: list[p.Outcome],
+    progress: list[p.Progress],
+    limit: int,
+) -> list[bytes]:
+    """The encoded Report messages that carry everything given, in order,
+    each at most ``limit`` bytes."""
+    body = p.encode(p.Report(started, done, progress=progress))
+    if len(body) <= limit:
+        return [body]
+    if len(started) + len(done) + len(progress) <= 1:
+        if done:
+            return [p.encode(p.Report([], [_too_large(done[0], len(body), limit)]))]
+        return []  # a start or a progress note cannot be this large; nothing to keep
+    # Halve the items taken in order (starts, then outcomes, then notes), so
+    # each half is strictly smaller and a start never follows its outcome.
+    half = (len(started) + len(done) + len(progress)) // 2
+    s = min(half, len(started))
+    d = min(half - s, len(done))
+    g = half - s - d
+    first = fit_reports(started[:s], done[:d], progress[:g], limit)
+    return first + fit_reports(started[s:], done[d:], progress[g:], limit)
+
+
+def _too_large(outcome: p.Outcome, size: int, limit: int) -> p.Outcome:
+    error = p.ErrorInfo(
+        "ReportTooLarge",
+        f"the job's outcome is {size} bytes encoded, over broker.max_message_size ({limit})",
+    )
+    return p.Outcome(
+        outcome.job_id,
+        outcome.lease,
+        "fail",
+        NIL,
+        error,
+        None,
+        outcome.started_at,
+        outcome.ended_at,
+    )
