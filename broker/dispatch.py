@@ -171,7 +171,7 @@ class Dispatcher:
             self.stats["late_results"] += 1
             log.debug("broker.late_result", job_id=outcome.job_id, lease=outcome.lease)
             return
-        if outcome.kind not in ("ok", "error", "fail", "retry"):
+        if outcome.kind not in ("ok", "error", "fail", "retry", "interrupted"):
             self.malformed(f"unknown outcome kind {outcome.kind!r}")
             return
         if job.status == "queued":  # an outcome with no start reported: it started

@@ -42,11 +42,15 @@ class Policy:
     ) -> Finished:
         """What a try's outcome means for the job. ``kind`` is ``ok``,
         ``error`` (retry with backoff while attempts remain), ``fail`` (no
-        more attempts), ``retry`` (again after ``delay``, not counted) or
-        ``lost`` (worker gone: requeue at once while attempts remain)."""
+        more attempts), ``retry`` (again after ``delay``, not counted),
+        ``lost`` (worker gone: requeue at once while attempts remain) or
+        ``interrupted`` (its worker stopped before it finished, at a
+        shutdown: back to its queue at once, not counted, as Sidekiq does)."""
         status, next_run_at, counted = "failed", None, True
         if kind == "ok":
             status = "succeeded"
+        elif kind == "interrupted":
+            status, counted = "queued", False
         elif kind == "retry":
             status, counted = "retrying", False
             next_run_at = now + max(0.0, delay or 0.0)

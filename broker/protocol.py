@@ -400,8 +400,10 @@ class Ready(Msg, frozen=True):
 
 class Outcome(msgspec.Struct, frozen=True, array_like=True):
     """How one leased job ended. ``kind`` is ``ok`` (result set), ``error``
-    (retry if attempts remain), ``fail`` (no more attempts) or ``retry``
-    (try again after ``delay`` without counting a failure)."""
+    (retry if attempts remain), ``fail`` (no more attempts), ``retry``
+    (try again after ``delay`` without counting a failure) or
+    ``interrupted`` (the worker stopped before the handler finished, at a
+    shutdown: queued again, not counted)."""
 
     job_id: str
     lease: int

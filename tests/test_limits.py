@@ -176,7 +176,10 @@ def test_second_sigint_stops_at_once(env: Env) -> None:
     )
 
 
-def test_drain_past_shutdown_timeout_counts_the_unfinished_try(env: Env) -> None:
+def test_drain_past_shutdown_timeout_requeues_the_unfinished_try_uncounted(env: Env) -> None:
+    """A job still running when shutdown_timeout ends goes back to its
+    queue, its try recorded as interrupted and not counted: with
+    max_attempts=1 it runs again after the restart, not fails for good."""
     env.write_config(processes=1, prefetch=0)
     env.config.write_text(
         env.config.read_text().replace('shutdown_timeout = "10s"', 'shutdown_timeout = "500ms"')
@@ -185,14 +188,22 @@ def test_drain_past_shutdown_timeout_counts_the_unfinished_try(env: Env) -> None
     env.wait_ready(daemon)
     env.wait_workers(1)
     client = env.client()
-    job_id = client.enqueue("e2e.sleep", 30)
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate), max_attempts=1)
     wait_for(lambda: client.job(job_id).status == "running", message="the long job")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0
     broker = env.start("broker")
     env.wait_ready(broker)
-    info = env.client().job(job_id)
-    assert info.status in ("retrying", "queued")
-    assert info.attempts == 1
-    assert info.tries[0].error is not None
-    assert info.tries[0].error.type == "ShutdownTimeout"
+    client = env.client()
+    info = client.job(job_id)
+    assert (info.status, info.attempts) == ("queued", 0)
+    assert [t.error.type if t.error else None for t in info.tries] == ["Interrupted"]
+    assert info.tries[0].ended_at is not None
+    assert "shutdown_timeout" in info.tries[0].error.message  # type: ignore[union-attr]
+    # it runs again, to success, under its one attempt
+    gate.touch()
+    env.start("worker", "--plugin", "e2e_tasks")
+    assert client.result(job_id, timeout=30)["attempt"] == 1
+    info = client.job(job_id)
+    assert (info.status, info.attempts, len(info.tries)) == ("succeeded", 1, 2)

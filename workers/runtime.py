@@ -181,18 +181,18 @@ class Worker:
         return not self._running and not self._outbox and not self._unsent
 
     def _abandon_running(self) -> None:
-        """The drain ran out of time: report each job still running as a
-        failed try, so its attempt counts and it is retried, rather than
-        leaving with it as if it had never started."""
+        """The drain ran out of time: report each job still running as
+        interrupted: it goes back to its queue with its try recorded and
+        not counted (a shutdown is not the job's failure)."""
         now = time.time()
         for job_id, ctx in list(self._running.items()):
             error = p.ErrorInfo(
-                "ShutdownTimeout",
+                "Interrupted",
                 f"worker {self.worker_id} stopped after shutdown_timeout "
                 f"({self.options.shutdown_timeout:g}s) before the job finished",
             )
             self._outbox.append(
-                ("done", p.Outcome(job_id, ctx.lease, "error", NIL, error, None, None, now))
+                ("done", p.Outcome(job_id, ctx.lease, "interrupted", NIL, error, None, None, now))
             )
 
     def _begin_drain(self) -> None:
