@@ -65,6 +65,7 @@ class BrokerCore:
                 failed_ttl=bc.failed_ttl,
                 retry_backoff=bc.retry_backoff,
                 retry_backoff_max=bc.retry_backoff_max,
+                max_retries=bc.max_retries,
             )
         )
         self.log = log or Log(

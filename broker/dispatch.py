@@ -123,6 +123,7 @@ class Dispatcher:
                 retry_backoff=task.retry_backoff,
                 retry_backoff_max=task.retry_backoff_max,
                 result_ttl=task.result_ttl,
+                max_retries=task.max_retries,
             )
         self._dirty = True
         log.info(
@@ -153,7 +154,7 @@ class Dispatcher:
             return  # a start reported twice
         lease = job.lease
         self.journal.record(
-            Started(job.id, lease, job.attempts + 1, conn.worker_id, conn.host, conn.pid, at)
+            Started(job.id, lease, job.runs + 1, conn.worker_id, conn.host, conn.pid, at)
         )
         conn.started.add(job.id)
         timeout = self.state.timeout(job)
@@ -205,18 +206,26 @@ class Dispatcher:
         the try ended it."""
         self.holders.pop(job.id, None)
         self.journal.record(record)
-        self._count_outcome(conn, record.status, mono)
+        self._count_outcome(conn, record, mono)
         self._dirty = True
         if record.status in TERMINAL:
             self._on_ended(job, now)
 
-    def _count_outcome(self, conn: WorkerConn | None, status: str, mono: float) -> None:
-        self.stats[_STAT_KEYS[status]] += 1
-        self.rates.add(mono, status)
+    def _count_outcome(self, conn: WorkerConn | None, record: Finished, mono: float) -> None:
+        """Count a try's end: by the status it led to, and as processed or
+        failed. A failure is a counted try that did not succeed (an error, a
+        timeout, a lost worker); a Retry request or a shutdown is neither."""
+        self.stats[_STAT_KEYS[record.status]] += 1
+        outcome = "succeeded" if record.status == "succeeded" else None
+        if outcome is None and record.counted:
+            outcome = "failure"
+        if outcome is None:
+            return
+        self.rates.add(mono, outcome)
         if conn is not None:
-            if status == "succeeded":
+            if outcome == "succeeded":
                 conn.processed += 1
-            elif status in ("failed", "retrying"):
+            else:
                 conn.failed += 1
 
     def _returned(self, conn: WorkerConn | None, msg: p.Return) -> None:
@@ -379,7 +388,7 @@ class Dispatcher:
                     self._lease_seq,
                     job.task,
                     job.payload,
-                    job.attempts + 1,
+                    job.runs + 1,
                     self.state.max_attempts(job),
                     job.queue,
                     job.created_at,
@@ -394,7 +403,7 @@ class Dispatcher:
             return
         for job, lease in zip(jobs, leases, strict=True):
             self.journal.record(
-                Leased(job.id, lease, job.attempts + 1, conn.worker_id, conn.host, conn.pid, now)
+                Leased(job.id, lease, job.runs + 1, conn.worker_id, conn.host, conn.pid, now)
             )
             conn.leases[job.id] = lease
             self.holders[job.id] = conn.identity

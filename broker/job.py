@@ -32,6 +32,8 @@ class Defaults:
     failed_ttl: float = 30 * 86400.0
     retry_backoff: float = 1.0
     retry_backoff_max: float = 600.0
+    #: Retry requests a job may make before it fails (Sidekiq's default).
+    max_retries: int = 25
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class TaskDefaults:
     retry_backoff: float | None = None
     retry_backoff_max: float | None = None
     result_ttl: float | None = None
+    max_retries: int | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -64,6 +67,10 @@ class Job:
     worker: str = ""
     progress: float | None = None
     progress_note: str = ""
+    #: Times a handler began it (the run number of its last try).
+    runs: int = 0
+    #: Times its handler asked for a retry (``corral.Retry``).
+    retries: int = 0
     #: An entry for this job is on its queue's ready heap.
     in_ready: bool = False
 
@@ -111,6 +118,10 @@ class Job:
     @property
     def unique_for(self) -> float | None:
         return self.created.unique_for
+
+    @property
+    def max_retries(self) -> int | None:
+        return self.created.max_retries
 
     @property
     def result_ttl(self) -> float | None:

@@ -52,6 +52,9 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     result_ttl: float | None = None
     #: Seconds a key stays held after its job ended.
     unique_for: float | None = None
+    #: Times a handler may raise ``corral.Retry`` before the job fails
+    #: (counted apart from max_attempts).
+    max_retries: int | None = None
 
 
 #: The option names, in declaration order.
@@ -96,6 +99,7 @@ _NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "result_ttl": (lambda v: 0 <= v <= MAX_SECONDS, f"must be {_SPAN}"),
     "unique_for": (lambda v: 0 <= v <= MAX_SECONDS, f"must be {_SPAN}"),
     "max_attempts": (lambda v: 1 <= v < 2**31, "must be at least 1 and fit in 32 bits"),
+    "max_retries": (lambda v: 0 <= v < 2**31, "must be at least 0 and fit in 32 bits"),
 }
 
 

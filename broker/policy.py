@@ -52,16 +52,13 @@ class Policy:
         elif kind == "interrupted":
             status, counted = "queued", False
         elif kind == "retry":
-            status, counted = "retrying", False
-            next_run_at = now + max(0.0, delay or 0.0)
+            return self._decide_retry(job, now, error, delay, started_at, rng)
         elif kind in ("error", "lost") and job.attempts < self.max_attempts(job):
             if kind == "lost":
                 status = "queued"
             else:
                 status = "retrying"
                 next_run_at = now + self.backoff(job, rng or self._rng)
-        if kind == "retry" and next_run_at is not None and next_run_at <= now:
-            status, next_run_at = "queued", None
         return Finished(
             id=job.id,
             lease=job.lease,
@@ -74,6 +71,50 @@ class Policy:
             counted=counted,
         )
 
+    def _decide_retry(
+        self,
+        job: Job,
+        now: float,
+        error: ErrorRec | None,
+        delay: float | None,
+        started_at: float | None,
+        rng: random.Random | None,
+    ) -> Finished:
+        """A handler raised ``corral.Retry``: again after ``delay`` seconds
+        (None: the task's backoff, growing with each request), not counted
+        against max_attempts; past ``max_retries`` requests, the job fails."""
+        limit = self.max_retries(job)
+        if job.retries >= limit:
+            why = ErrorRec(
+                "RetryLimit",
+                f"the handler asked for a retry more than max_retries ({limit}) times"
+                + (f"; the last reason: {error.message}" if error and error.message else ""),
+            )
+            return Finished(job.id, job.lease, now, "failed", error=why, started_at=started_at)
+        wait = (
+            self._backoff_for(job, job.retries + 1, rng or self._rng)
+            if delay is None
+            else max(0.0, delay)
+        )
+        status, next_run_at = ("retrying", now + wait) if wait > 0 else ("queued", None)
+        return Finished(
+            job.id,
+            job.lease,
+            now,
+            status,
+            error=error,
+            next_run_at=next_run_at,
+            started_at=started_at,
+            counted=False,
+            retried=True,
+        )
+
+    def max_retries(self, job: Job) -> int:
+        if job.max_retries is not None:
+            return job.max_retries
+        task = self.task(job).max_retries
+        return task if task is not None else self.defaults.max_retries
+
     def max_attempts(self, job: Job) -> int:
         if job.max_attempts is not None:
             return job.max_attempts
@@ -85,6 +126,11 @@ class Policy:
 
     def backoff(self, job: Job, rng: random.Random) -> float:
         """Exponential backoff with equal jitter for the attempt just made."""
+        return self._backoff_for(job, job.attempts, rng)
+
+    def _backoff_for(self, job: Job, n: int, rng: random.Random) -> float:
+        """The wait after the ``n``-th failure (or retry request): the task's
+        backoff doubled per step up to its cap, with equal jitter."""
         task = self.task(job)
         base = task.retry_backoff if task.retry_backoff is not None else self.defaults.retry_backoff
         cap = (
@@ -92,7 +138,7 @@ class Policy:
             if task.retry_backoff_max is not None
             else self.defaults.retry_backoff_max
         )
-        exponent = min(max(0, job.attempts - 1), 60)  # 2**60 s is past any cap
+        exponent = min(max(0, n - 1), 60)  # 2**60 s is past any cap
         full = min(cap, base * (2.0**exponent))
         return full / 2 + rng.uniform(0, full / 2)
 

@@ -15,7 +15,7 @@ import msgspec
 
 from corral.broker.jobspec import NIL, JobSpec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: A job's status strings (the public contract), in life-cycle order.
 STATUSES = ("queued", "scheduled", "running", "retrying", "succeeded", "failed", "cancelled")
@@ -381,6 +381,7 @@ class TaskInfo(msgspec.Struct, frozen=True, array_like=True):
     retry_backoff: float | None = None
     retry_backoff_max: float | None = None
     result_ttl: float | None = None
+    max_retries: int | None = None
 
 
 class Ready(Msg, frozen=True):

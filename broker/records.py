@@ -14,7 +14,7 @@ import msgspec
 from corral.broker.jobspec import NIL, JobSpec
 
 #: Bump when a record's meaning changes in a way old code cannot read.
-LOG_FORMAT_VERSION = 2
+LOG_FORMAT_VERSION = 3
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):
@@ -89,6 +89,8 @@ class Finished(Record, frozen=True):
     next_run_at: float | None = None
     started_at: float | None = None
     counted: bool = True
+    #: The handler asked for this retry (counts against max_retries).
+    retried: bool = False
 
 
 class Returned(Record, frozen=True):
@@ -167,6 +169,8 @@ class JobSnapshot(Record, frozen=True):
     worker: str = ""
     progress: float | None = None
     progress_note: str = ""
+    runs: int = 0
+    retries: int = 0
 
 
 #: Record codes as written in each frame. Never reuse a code.

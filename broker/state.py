@@ -179,9 +179,11 @@ class JobState:
         self._start(job, TryRec(rec.attempt, rec.worker, rec.host, rec.pid, started_at=rec.at))
 
     def _start(self, job: Job, try_: TryRec) -> None:
-        """A reserved job's handler began: it is running, the try counts."""
+        """A reserved job's handler began: it is running, the try counts
+        (until it ends uncounted), and ``try_.attempt`` is its run number."""
         self.reserved[job.queue] -= 1
-        job.attempts = try_.attempt
+        job.attempts += 1
+        job.runs = try_.attempt
         job.tries.append(try_)
         self._set_status(job, "running")
 
@@ -191,7 +193,7 @@ class JobState:
             return
         if job.status == "queued":  # ended without a start on record: it started
             at = rec.started_at if rec.started_at is not None else rec.at
-            self._start(job, TryRec(job.attempts + 1, job.worker, "", 0, started_at=at))
+            self._start(job, TryRec(job.runs + 1, job.worker, "", 0, started_at=at))
         if job.tries:
             last = job.tries[-1]
             started = rec.started_at if rec.started_at is not None else last.started_at
@@ -200,6 +202,8 @@ class JobState:
             )
         if not rec.counted:
             job.attempts -= 1
+        if rec.retried:
+            job.retries += 1
         job.lease = 0
         job.worker = ""
         job.error = rec.error
@@ -224,6 +228,7 @@ class JobState:
         attempt not counted."""
         if job.status == "running":
             job.attempts -= 1
+            job.runs -= 1
             if job.tries:
                 job.tries.pop()
         else:
@@ -253,7 +258,8 @@ class JobState:
         if job is None or job.status not in ("failed", "cancelled"):
             return
         self.live_bytes -= job.size()
-        job.attempts = 0
+        job.attempts = 0  # a fresh budget; the run numbers go on
+        job.retries = 0
         job.error = None
         job.ended_at = None
         job.result = None

@@ -16,7 +16,9 @@ from corral.broker.workers import WorkerConn
 
 
 class Rates:
-    """Outcomes per status over the last minute, in one-second buckets."""
+    """Tries that succeeded and tries that failed (an error, a timeout, a
+    lost worker; not a Retry request) over the last minute, in one-second
+    buckets."""
 
     WINDOW = 60
 
@@ -38,7 +40,7 @@ class Rates:
                 total.update(counts)
         return {
             "processed_per_minute": float(total["succeeded"]),
-            "failed_per_minute": float(total["failed"] + total["retrying"]),
+            "failed_per_minute": float(total["failure"]),
         }
 
 

@@ -68,6 +68,8 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     result_ttl: Duration = 86_400.0
     failed_ttl: Duration = 30 * 86_400.0
     max_attempts: PositiveInt = 5
+    #: Retry requests (corral.Retry) a job may make before it fails.
+    max_retries: NonNegativeInt = 25
     retry_backoff: Duration = 1.0
     retry_backoff_max: Duration = 600.0
 

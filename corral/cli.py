@@ -112,6 +112,7 @@ def _add_enqueue(subs: Subparsers) -> None:
     enqueue.add_argument("--unique-for", type=float, help="seconds the key stays taken after")
     enqueue.add_argument("--run-at", type=float, help="epoch seconds to run at")
     enqueue.add_argument("--result-ttl", type=float, help="seconds to keep the result")
+    enqueue.add_argument("--max-retries", type=int, help="corral.Retry requests before it fails")
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
     enqueue.add_argument("--wait-timeout", type=float, help="give up waiting after this")
     enqueue.set_defaults(fn=cmd_enqueue)

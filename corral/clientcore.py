@@ -158,6 +158,7 @@ class ClientCore:
         unique_key: str | None = None,
         result_ttl: float | None = None,
         unique_for: float | None = None,
+        max_retries: int | None = None,
         id: str | None = None,
         on_success: Job | None = None,
         on_failure: Job | None = None,
@@ -167,7 +168,8 @@ class ClientCore:
         ``task`` is a task's name or its ``@corral.task`` function;
         ``payload`` is any msgpack-able value. The options are those of
         :class:`Job`: ``delay``, ``timeout``, ``result_ttl`` and
-        ``unique_for`` are seconds, ``run_at`` is epoch seconds, and None
+        ``unique_for`` are seconds, ``run_at`` is epoch seconds,
+        ``max_retries`` bounds the handler's ``corral.Retry`` requests, and None
         leaves the task's (else the broker's) default. ``queue`` None is
         ``"default"``; a higher ``priority`` runs first.
 
@@ -191,6 +193,7 @@ class ClientCore:
             unique_key=unique_key,
             result_ttl=result_ttl,
             unique_for=unique_for,
+            max_retries=max_retries,
             on_success=_spec(on_success) if on_success is not None else None,
             on_failure=_spec(on_failure) if on_failure is not None else None,
         )

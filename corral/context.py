@@ -13,8 +13,9 @@ import structlog
 
 @dataclass
 class JobContext:
-    """What a handler knows about its job: ``job_id``, ``attempt`` (1 on the
-    first run), ``task``, ``queue``, ``enqueued_at``, ``prev_result`` (in a
+    """What a handler knows about its job: ``job_id``, ``attempt`` (the run
+    number: 1 on the first run, one more on every run, a Retry or a manual
+    retry included), ``task``, ``queue``, ``enqueued_at``, ``prev_result`` (in a
     chain), ``cancelled`` and a ``log`` bound to the job."""
 
     job_id: str

@@ -505,3 +505,76 @@ def test_a_pause_whose_worker_never_answers_is_answered_after_the_window(
     assert [i for i, _ in broker.clients.sent if i == b"pauser"] == []
     broker.advance(0.1)  # the liveness window (3 beats of 1 s) has passed
     assert [i for i, _ in broker.clients.sent if i == b"pauser"] == [b"pauser"]
+
+
+def run_to_end(worker: FakeWorker, kind: str, **kw: object) -> p.Delivery:
+    """Start the job last delivered to the worker and end it with ``kind``."""
+    d = deliveries(worker.broker.to_worker(worker.identity))[-1]
+    worker.start(d)
+    worker.finish(d, kind, **kw)  # type: ignore[arg-type]
+    return d
+
+
+def test_a_retry_request_waits_the_backoff_runs_again_with_the_next_run_number(
+    tmp_path: Path,
+) -> None:
+    broker = InProcessBroker(tmp_path, extra='retry_backoff = "8s"\nretry_backoff_max = "8s"')
+    worker = FakeWorker(broker)
+    worker.ready()
+    job_id = broker.enqueue(max_attempts=1)
+    first = run_to_end(worker, "retry", error=p.ErrorInfo("Retry", "later"))
+    assert first.attempt == 1
+    info = broker.job(job_id)
+    assert info is not None and (info.status, info.attempts) == ("retrying", 0)
+    wait = info.next_run_at - broker.clock.time()  # type: ignore[operator]
+    assert 4.0 <= wait <= 8.0  # Retry() with no delay: the task's backoff
+    broker.advance(wait)
+    second = run_to_end(worker, "ok", result="done")
+    assert second.attempt == 2  # ctx.attempt is the run number
+    info = broker.job(job_id)
+    assert info is not None and (info.status, info.attempts) == ("succeeded", 1)
+    assert [t.attempt for t in info.tries] == [1, 2]
+    # a Retry request is not a failure: no worker or rate counts it
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert status.workers[0].failed == 0
+    assert status.rates["failed_per_minute"] == 0
+
+
+def test_retry_requests_past_max_retries_fail_the_job(broker: InProcessBroker) -> None:
+    worker = FakeWorker(broker)
+    worker.ready()
+    job_id = broker.enqueue(max_retries=2, max_attempts=1)
+    runs = []
+    for _ in range(3):
+        runs.append(run_to_end(worker, "retry", delay=0.0).attempt)
+    assert runs == [1, 2, 3]
+    info = broker.job(job_id)
+    assert info is not None and info.status == "failed"
+    assert info.error is not None and info.error.type == "RetryLimit"
+    assert "max_retries (2)" in info.error.message
+    assert [t.attempt for t in info.tries] == [1, 2, 3]
+
+
+def test_a_manual_retry_continues_the_run_numbers_with_a_fresh_budget(
+    broker: InProcessBroker,
+) -> None:
+    worker = FakeWorker(broker)
+    worker.ready()
+    job_id = broker.enqueue(max_attempts=2)
+    run_to_end(worker, "error", error=p.ErrorInfo("E", "one"))
+    info = broker.job(job_id)
+    broker.advance(info.next_run_at - broker.clock.time())  # type: ignore[operator, union-attr]
+    run_to_end(worker, "error", error=p.ErrorInfo("E", "two"))
+    info = broker.job(job_id)
+    assert info is not None and (info.status, info.attempts) == ("failed", 2)
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert status.workers[0].failed == 2  # each failed try
+    reply = broker.request(p.RetryJobs(broker.next_req(), job_id))
+    assert isinstance(reply, p.Ack) and reply.count == 1
+    info = broker.job(job_id)
+    assert info is not None and (info.status, info.attempts) == ("queued", 0)
+    third = run_to_end(worker, "ok", result=1)
+    assert third.attempt == 3
+    info = broker.job(job_id)
+    assert info is not None and [t.attempt for t in info.tries] == [1, 2, 3]
+    assert (info.status, info.attempts) == ("succeeded", 1)

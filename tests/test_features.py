@@ -198,6 +198,7 @@ def test_release_with_retry_is_not_a_failure(env: Env, daemon) -> None:  # type:
         "Retry",
         None,
     ]
+    assert [t.attempt for t in info.tries] == [1, 2, 3, 4]  # ctx.attempt: the run number
 
 
 def test_progress_is_visible(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]

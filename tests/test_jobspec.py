@@ -40,6 +40,7 @@ OPTION_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "unique_key": st.none() | names,
     "result_ttl": st.none() | finite,
     "unique_for": st.none() | finite,
+    "max_retries": st.none() | st.integers(0, 1000),
 }
 
 

@@ -5,6 +5,7 @@ reports are cut to fit max_message_size."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any
@@ -164,3 +165,26 @@ def test_a_result_too_large_and_an_error_text_not_utf8_end_their_jobs_and_the_wo
     (worker,) = client.status().workers
     assert worker.running == [] and worker.credit == 3  # every slot came back
     assert "worker.socket_error" not in daemon.output()
+
+
+def test_retry_requests_are_bounded_and_each_run_has_its_number(env: Env) -> None:
+    # Retry() with no delay, from a task with max_retries=3 and a 50 ms
+    # backoff: 4 runs numbered 1 to 4, then the job fails; not thousands.
+    env.write_config(processes=1)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    runs = env.home / "runs"
+    job_id = client.enqueue("e2e.always_retry", str(runs))
+    with pytest.raises(corral.JobFailed) as failed:
+        client.result(job_id, timeout=60)
+    assert failed.value.error.type == "RetryLimit"
+    assert runs.read_text().split() == ["1", "2", "3", "4"]
+    info = client.job(job_id)
+    assert [t.attempt for t in info.tries] == [1, 2, 3, 4]
+    assert info.attempts == 1  # only the last run, which failed, counts
+    started = [t.started_at for t in info.tries]
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert all(g >= 0.025 for g in gaps)  # each waited at least half the backoff
+    (worker,) = client.status().workers
+    assert worker.failed == 1  # the job's one failure, not each Retry

@@ -54,6 +54,7 @@ class TaskDef:
     retry_backoff: float | None = None
     retry_backoff_max: float | None = None
     result_ttl: float | None = None
+    max_retries: int | None = None
     payload_type: Any = Any
     takes_context: bool = False
     takes_payload: bool = False
@@ -104,6 +105,7 @@ def task(
     retry_backoff: float | None = None,
     retry_backoff_max: float | None = None,
     result_ttl: float | None = None,
+    max_retries: int | None = None,
 ) -> Callable[[Handler], Handler]: ...
 
 
@@ -120,6 +122,7 @@ def task(  # noqa: PLR0913
     retry_backoff: float | None = None,
     retry_backoff_max: float | None = None,
     result_ttl: float | None = None,
+    max_retries: int | None = None,
 ) -> Handler | Callable[[Handler], Handler]:
     """Mark a function as a corral task. Usable bare (``@task``) or with options."""
 
@@ -134,6 +137,7 @@ def task(  # noqa: PLR0913
             retry_backoff=retry_backoff,
             retry_backoff_max=retry_backoff_max,
             result_ttl=result_ttl,
+            max_retries=max_retries,
         )
         setattr(func, ATTRIBUTE, definition)
         return func
@@ -146,6 +150,8 @@ def _define(func: Callable[..., Any], **options: Any) -> TaskDef:
 
     if options["max_attempts"] is not None and options["max_attempts"] < 1:
         raise ValueError(f"task {options['name']}: max_attempts must be at least 1")
+    if options["max_retries"] is not None and options["max_retries"] < 0:
+        raise ValueError(f"task {options['name']}: max_retries must be at least 0")
     params = [
         prm
         for prm in inspect.signature(func).parameters.values()
@@ -256,6 +262,7 @@ def _options(definition: TaskDef) -> dict[str, Any]:
         "retry_backoff": definition.retry_backoff,
         "retry_backoff_max": definition.retry_backoff_max,
         "result_ttl": definition.result_ttl,
+        "max_retries": definition.max_retries,
     }
 
 

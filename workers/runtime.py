@@ -516,6 +516,7 @@ def task_infos(registry: Registry) -> list[p.TaskInfo]:
             retry_backoff=t.retry_backoff,
             retry_backoff_max=t.retry_backoff_max,
             result_ttl=t.result_ttl,
+            max_retries=t.max_retries,
         )
         for t in registry
     ]

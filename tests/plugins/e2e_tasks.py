@@ -126,14 +126,11 @@ def progress(ctx: corral.JobContext, path: str) -> str:
 
 @corral.task(name="e2e.release", max_attempts=2)
 def release(ctx: corral.JobContext, times: int) -> int:
-    """Asks to be retried ``times`` times without counting a failure."""
-    if ctx.attempt == 1 and _released.setdefault(ctx.job_id, 0) < times:
-        _released[ctx.job_id] += 1
+    """Asks to be retried ``times`` times without counting a failure (the
+    run number tells how many it asked for); returns that count."""
+    if ctx.attempt <= times:
         raise corral.Retry(delay=0.05)
-    return _released.get(ctx.job_id, 0)
-
-
-_released: dict[str, int] = {}
+    return ctx.attempt - 1
 
 
 @corral.task(name="e2e.give_up", max_attempts=5)
@@ -197,3 +194,11 @@ def big_result(ctx: corral.JobContext, mib: int) -> str:
 def odd_error(ctx: corral.JobContext, payload: object = None) -> None:
     """Raises an error whose text is not valid UTF-8 (a file name from odd bytes)."""
     raise FileNotFoundError(os.fsdecode(b"report-\xe9t\xe9.csv"))
+
+
+@corral.task(name="e2e.always_retry", max_retries=3, retry_backoff=0.05)
+def always_retry(ctx: corral.JobContext, path: str) -> None:
+    """Asks for a retry on every run, noting its run number in ``path``."""
+    with open(path, "a") as file:
+        file.write(f"{ctx.attempt}\n")
+    raise corral.Retry()
