@@ -36,6 +36,7 @@ from corral.broker.dispatch import Dispatcher, count_malformed
 from corral.broker.housekeeping import Housekeeper
 from corral.broker.journal import ClientLink, Journal, Replies, WorkerLink
 from corral.broker.log import Log
+from corral.broker.records import BrokerStarted
 from corral.broker.schedules import Scheduler
 from corral.broker.service import ClientService
 from corral.broker.state import Defaults, Job, JobState
@@ -118,6 +119,11 @@ class BrokerCore:
         for record in recovered:
             self.journal.record(record)
         owed = flows.pending(self.state, self.clock.time(), self.journal.record)
+        # A new epoch for this start's lease tokens, on disk before any lease.
+        epoch = self.state.epoch + 1
+        self.journal.record(BrokerStarted(epoch, self.clock.time()))
+        self.log.sync()
+        self.dispatcher.start_leases(epoch)
         log.info(
             "broker.replayed",
             records=count,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,15 @@ from corral.broker import balance, views
 from corral.broker import protocol as p
 from corral.broker.journal import Journal, WorkerLink
 from corral.broker.protocol import STATUSES, TERMINAL
-from corral.broker.records import ErrorRec, Finished, Leased, ProgressNoted, Returned, Started
+from corral.broker.records import (
+    BrokerStarted,
+    ErrorRec,
+    Finished,
+    Leased,
+    ProgressNoted,
+    Returned,
+    Started,
+)
 from corral.broker.state import Job, TaskDefaults
 from corral.broker.withdraws import PendingWithdraws
 from corral.broker.workers import WorkerConn, WorkerTable
@@ -60,12 +67,25 @@ class Dispatcher:
         self.holders: dict[str, bytes] = {}
         #: (monotonic deadline, job id, lease) of started jobs with a timeout.
         self._deadlines: list[tuple[float, str, int]] = []
-        self._lease_seq = time.time_ns() // 1000
+        #: The last lease token given: the broker's epoch in the high bits
+        #: (see :meth:`start_leases`), a counter in the low 32.
+        self._lease_seq = 0
         self.liveness_window = liveness_window
         self._given = itertools.count(1)
         self._withdraws = PendingWithdraws()
         self._next_heartbeat = 0.0
         self._dirty = True
+
+    def start_leases(self, epoch: int) -> None:
+        """Give lease tokens of ``epoch`` (this start's number, logged and
+        synced): ``epoch << 32`` plus a counter, so no token repeats across
+        restarts. The core bumps the epoch again before the counter wraps."""
+        self._lease_seq = epoch << 32
+
+    @property
+    def lease_counter(self) -> int:
+        """Leases given in this epoch (the low 32 bits of the last token)."""
+        return self._lease_seq & 0xFFFFFFFF
 
     # ------------------------------------------------------------ messages
 
@@ -232,8 +252,11 @@ class Dispatcher:
         if conn is not None and msg.ref:
             self._withdraws.answered(msg.ref, conn.identity)
         for lease in msg.leases:
-            if conn is not None and conn.release(lease.job_id) is None:
+            # Only the worker holding the job under this very lease gives it
+            # back: a stale or foreign Return releases nothing.
+            if conn is None or conn.leases.get(lease.job_id) != lease.lease:
                 continue
+            conn.release(lease.job_id)
             job = self.state.holding(lease.job_id, lease.lease)
             if job is not None:
                 self.holders.pop(job.id, None)
@@ -379,6 +402,11 @@ class Dispatcher:
     def _deliver(self, conn: WorkerConn, jobs: list[Job], now: float, mono: float) -> None:
         leases = []
         deliveries = []
+        if self.lease_counter + len(jobs) >= 2**32:  # the counter would wrap: a new epoch
+            epoch = self.state.epoch + 1
+            self.journal.record(BrokerStarted(epoch, now))
+            self.journal.log.sync()
+            self.start_leases(epoch)
         for job in jobs:
             self._lease_seq += 1
             leases.append(self._lease_seq)

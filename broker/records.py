@@ -145,6 +145,15 @@ class ScheduleFired(Record, frozen=True):
     due_at: float
 
 
+class BrokerStarted(Record, frozen=True):
+    """A broker started on this log, as its ``epoch``-th start (counting
+    from 1). Lease tokens carry the epoch in their high bits, so a token
+    never repeats across restarts, whatever the wall clock does."""
+
+    epoch: int
+    at: float
+
+
 class ProgressNoted(Record, frozen=True):
     id: str
     fraction: float
@@ -188,6 +197,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     11: ScheduleFired,
     12: FlowCreated,
     13: Started,
+    14: BrokerStarted,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

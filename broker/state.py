@@ -31,6 +31,7 @@ from corral.broker.policy import Policy
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.ready import ReadyQueues
 from corral.broker.records import (
+    BrokerStarted,
     Cancelled,
     ErrorRec,
     Finished,
@@ -84,6 +85,8 @@ class JobState:
         #: unique_key -> the id of the newest job that holds it.
         self.unique: dict[str, str] = {}
         self.live_bytes = 0
+        #: How many times a broker has started on this log.
+        self.epoch = 0
         self._next_seq = 1
         #: The ready heaps, one per queue.
         self.ready = ReadyQueues(self.jobs)
@@ -105,6 +108,7 @@ class JobState:
             FlowCreated: self._apply_flow,
             ScheduleFired: self._apply_fired,
             ProgressNoted: self._apply_progress,
+            BrokerStarted: self._apply_broker_started,
         }
 
     # ------------------------------------------------------------ apply
@@ -117,6 +121,9 @@ class JobState:
         except KeyError:
             raise TypeError(f"no state change for record {type(record).__name__}") from None
         change(record)
+
+    def _apply_broker_started(self, rec: BrokerStarted) -> None:
+        self.epoch = max(self.epoch, rec.epoch)
 
     def _apply_removed(self, rec: Removed) -> None:
         self._remove(rec.id)
@@ -474,6 +481,8 @@ class JobState:
 def snapshot(state: JobState) -> Iterator[Record]:
     """Every live job as one record, in creation order, after the paused
     queues, the schedules' last fires and the flows that still have jobs."""
+    if state.epoch:
+        yield BrokerStarted(state.epoch, 0.0)
     for queue in sorted(state.paused):
         yield QueuePaused(queue, True)
     for name, due_at in sorted(state.last_fired.items()):

@@ -578,3 +578,61 @@ def test_a_manual_retry_continues_the_run_numbers_with_a_fresh_budget(
     info = broker.job(job_id)
     assert info is not None and [t.attempt for t in info.tries] == [1, 2, 3]
     assert (info.status, info.attempts) == ("succeeded", 1)
+
+
+def test_a_return_under_another_lease_or_from_another_worker_releases_nothing(
+    broker: InProcessBroker,
+) -> None:
+    a, b = FakeWorker(broker, b"a", credit=2), FakeWorker(broker, b"b", credit=2)
+    a.ready()
+    b.ready()
+    broker.enqueue(id="j")
+    (d,) = deliveries(a.inbox())
+    a.send(p.Return([p.Lease("j", d.lease + 1)]))  # a stale lease
+    b.send(p.Return([p.Lease("j", d.lease)]))  # not b's job
+    info = broker.job("j")
+    assert info is not None and info.reserved_by == "a"
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert {w.worker_id: w.credit for w in status.workers} == {"a": 1, "b": 2}
+    a.send(p.Return([p.Lease("j", d.lease)]))  # the real one
+    assert broker.job("j").reserved_by == "b"  # type: ignore[union-attr]  # went to b
+
+
+def test_lease_tokens_never_repeat_across_restarts_whatever_the_wall_clock(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(wall=2_000_000_000.0)
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    worker = FakeWorker(first)
+    worker.ready()
+    first.enqueue(id="a")
+    (old,) = deliveries(worker.inbox())
+    clock.jump(-1_000_000.0)  # the wall clock steps far back before the restart
+    second = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    again = FakeWorker(second, b"again")
+    (new,) = again.ready()
+    assert new.job_id == "a" and new.lease >> 32 == (old.lease >> 32) + 1
+    zombie = FakeWorker(second, b"worker-1")  # the first worker, still running it
+    zombie.ready()
+    zombie.start(old)
+    zombie.finish(old, "ok", "stale")
+    assert second.core.stats["late_results"] == 1
+    # a compaction keeps the epoch: the next start is later still
+    second.core.log.compact(second.core.state.snapshot())
+    third = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    (latest,) = FakeWorker(third, b"third").ready()
+    assert latest.lease >> 32 == (new.lease >> 32) + 1
+
+
+def test_a_new_epoch_begins_before_the_lease_counter_wraps(broker: InProcessBroker) -> None:
+    worker = FakeWorker(broker, credit=3)
+    worker.ready()
+    epoch = broker.core.state.epoch
+    broker.core.dispatcher.start_leases(epoch)
+    broker.core.dispatcher._lease_seq = (epoch << 32) + 2**32 - 2  # two tokens left
+    for n in range(3):
+        broker.enqueue(id=f"j{n}")
+    got = deliveries(worker.inbox())
+    assert [d.lease >> 32 for d in got] == [epoch, epoch + 1, epoch + 1]
+    assert len({d.lease for d in got}) == 3
+    assert broker.core.state.epoch == epoch + 1

@@ -38,6 +38,7 @@ from corral.broker.records import (
     LOG_FORMAT_VERSION,
     NIL,
     RECORD_TYPES,
+    BrokerStarted,
     Cancelled,
     ErrorRec,
     Finished,
@@ -167,6 +168,7 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         QueuePaused("q", True),
         ProgressNoted("a", 0.5, "half", 15.0),
         ScheduleFired("nightly", 1700000000.0),
+        BrokerStarted(3, 17.0),
         FlowCreated(
             "f",
             "chain",

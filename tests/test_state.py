@@ -1185,7 +1185,12 @@ KEYS = ("k1", "k2")
 SCHEDULES = ("s.hourly", "s.daily")
 TUNED = TaskDefaults(max_attempts=2, result_ttl=15.0, retry_backoff=0.5, retry_backoff_max=2.0)
 MODEL_DEFAULTS = Defaults(
-    max_attempts=3, result_ttl=40.0, failed_ttl=80.0, retry_backoff=1.0, retry_backoff_max=8.0
+    max_attempts=3,
+    result_ttl=40.0,
+    failed_ttl=80.0,
+    retry_backoff=1.0,
+    retry_backoff_max=8.0,
+    max_retries=3,
 )
 
 
@@ -1459,8 +1464,27 @@ class JobStateMachine(RuleBasedStateMachine):
         rec = self.state.policy.decide_finish(
             job, kind, self.now, result=result, error=error, delay=delay, rng=self.rng
         )
-        assert rec.counted == (kind != "retry")
+        over = kind == "retry" and job.retries >= MODEL_DEFAULTS.max_retries
+        assert rec.counted == (kind != "retry" or over)
+        self.expect_status(job, kind, rec, delay, left=left, over=over)
+        retries = job.retries
+        self.record(rec)
+        assert job.retries == retries + (kind == "retry" and not over)
+        assert job.status == rec.status
+        assert job.error == (rec.error if over else error)
         if kind == "ok":
+            assert bytes(job.result) == bytes(result)  # type: ignore[arg-type]
+        if kind == "retry" and not over:
+            self.attempts[job.id] -= 1  # refund: a retry is not a failure
+
+    def expect_status(
+        self, job: Job, kind: str, rec: Finished, delay: float | None, *, left: bool, over: bool
+    ) -> None:
+        """What a try's outcome must decide, by kind (the model of Policy)."""
+        if over:  # past max_retries: the job fails
+            assert (rec.status, rec.next_run_at) == ("failed", None)
+            assert rec.error is not None and rec.error.type == "RetryLimit"
+        elif kind == "ok":
             assert rec.status == "succeeded"
         elif kind == "fail" or (kind in ("error", "lost") and not left):
             assert (rec.status, rec.next_run_at) == ("failed", None)
@@ -1474,17 +1498,18 @@ class JobStateMachine(RuleBasedStateMachine):
             assert full / 2 - 1e-9 <= wait <= full + 1e-9
         elif kind == "lost":
             assert (rec.status, rec.next_run_at) == ("queued", None)
-        elif delay is not None and self.now + delay > self.now:  # retry, later
+        elif delay is None:  # retry with no delay: the task's backoff, by request
+            tuned = job.task == "t.tuned"
+            base = TUNED.retry_backoff if tuned else MODEL_DEFAULTS.retry_backoff
+            cap = TUNED.retry_backoff_max if tuned else MODEL_DEFAULTS.retry_backoff_max
+            full = min(cap, base * 2**job.retries)  # type: ignore[operator]
+            assert rec.status == "retrying"
+            wait = rec.next_run_at - self.now  # type: ignore[operator]
+            assert full / 2 - 1e-9 <= wait <= full + 1e-9
+        elif self.now + delay > self.now:  # retry, later
             assert (rec.status, rec.next_run_at) == ("retrying", self.now + delay)
         else:  # retry, now
             assert (rec.status, rec.next_run_at) == ("queued", None)
-        self.record(rec)
-        assert job.status == rec.status
-        assert job.error == error
-        if kind == "ok":
-            assert bytes(job.result) == bytes(result)  # type: ignore[arg-type]
-        if kind == "retry":
-            self.attempts[job.id] -= 1  # refund: a retry is not a failure
 
     @precondition(lambda self: self.running())
     @rule(data=st.data(), fraction=st.floats(0, 1))
