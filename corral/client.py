@@ -9,12 +9,16 @@ so the two cannot drift apart in names, arguments, replies or docs.
 
 A request that gets no answer within the timeout raises BrokerUnavailable
 and the blocking client throws its socket away (the lazy pirate pattern), so
-a late reply or a queued request never surfaces later.
+a late reply or a queued request never surfaces later. Within the timeout,
+a request the broker answers the same way twice (see
+:data:`~corral.clientcore.RESENDABLE`) is sent again every
+:data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import math
@@ -27,7 +31,16 @@ import zmq
 import zmq.asyncio
 
 from corral.broker import protocol as p
-from corral.clientcore import ClientCore, Job, JobPage, Plan, Step, decode_reply, encode_request
+from corral.clientcore import (
+    ClientCore,
+    Job,
+    JobPage,
+    Plan,
+    Step,
+    decode_reply,
+    encode_request,
+    resend_every,
+)
 from corral.errors import BrokerUnavailable
 from corral.transport import connect_dealer
 
@@ -158,6 +171,7 @@ class Client(_Driver):
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
         sock = self._sock
         body = encode_request(request, self.max_message_size)
+        every = resend_every(request, wait)
         while True:
             try:
                 sock.send(body, zmq.NOBLOCK)
@@ -167,14 +181,20 @@ class Client(_Driver):
                     self.close()
                     raise self._unavailable(timeout) from None
                 sock.poll(50, zmq.POLLOUT)
+        resend_at = time.monotonic() + every if every is not None else math.inf
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(math.ceil(remaining * 1000), zmq.POLLIN):
+            now = time.monotonic()
+            if now >= deadline:
                 self.close()
                 raise self._unavailable(timeout)
-            reply = decode_reply(sock.recv())
-            if reply.req in (request.req, 0):  # 0: the broker could not read it
-                return reply
+            if now >= resend_at:  # no answer yet: the same request again
+                with contextlib.suppress(zmq.Again):
+                    sock.send(body, zmq.NOBLOCK)
+                resend_at = now + (every or math.inf)
+            if sock.poll(math.ceil((min(deadline, resend_at) - now) * 1000), zmq.POLLIN):
+                reply = decode_reply(sock.recv())
+                if reply.req in (request.req, 0):  # 0: the broker could not read it
+                    return reply
 
     enqueue = _blocking(ClientCore.enqueue)
     enqueue_many = _blocking(ClientCore.enqueue_many)
@@ -258,10 +278,18 @@ class AsyncClient(_Driver):
         self._pending[request.req] = future
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies(sock))
+        every = resend_every(request, wait)
         try:
-            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise self._unavailable(timeout) from None
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._unavailable(timeout)
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), min(left, every or left))
+                except TimeoutError:
+                    if every is not None and deadline - time.monotonic() > 0:
+                        with contextlib.suppress(zmq.Again):
+                            await sock.send(body, zmq.NOBLOCK)  # the same request again
         finally:
             self._pending.pop(request.req, None)
 

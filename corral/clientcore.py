@@ -77,6 +77,32 @@ def new_job_id() -> str:
 # ---------------------------------------------------------------- the operations
 
 
+#: Requests a client sends again when no answer came in time: the broker
+#: answers a repeat as it answered the first (an enqueue carries its job ids,
+#: a flow its flow id, and neither is created twice), so a reply lost on the
+#: way (a broker restart, a network drop) costs a resend, never a duplicate.
+#: Cancel, retry, delete, purge and the like are not resent: a repeat would
+#: answer differently.
+RESENDABLE = (
+    p.Enqueue,
+    p.EnqueueFlow,
+    p.GetJob,
+    p.GetResult,
+    p.GetFlow,
+    p.ListJobs,
+    p.GetStatus,
+    p.Ping,
+)
+#: Seconds without an answer before a resendable request goes again.
+RESEND_INTERVAL = 1.0
+
+
+def resend_every(request: p.ClientRequest, wait: float) -> float | None:
+    """Seconds between sends of ``request`` (its long-poll ``wait``
+    included), or None if it is sent once."""
+    return wait + RESEND_INTERVAL if isinstance(request, RESENDABLE) else None
+
+
 class Step(msgspec.Struct, Generic[T]):
     """One request of an operation, and what its reply makes of it: the
     operation's value, or the next step (a long poll that goes on)."""
