@@ -331,11 +331,23 @@ class Dispatcher:
         )
         return requeued
 
-    def process_exited(self, host: str, pid: int, reason: str, now: float, mono: float) -> int:
-        """A supervisor reaped the worker process ``pid`` on ``host``: its
-        registrations go at once, not after the heartbeat window. Returns
-        how many registrations were dropped."""
-        gone = [c for c in self.workers if c.host == host and c.pid == pid]
+    def process_exited(
+        self,
+        host: str,
+        pid: int,
+        reason: str,
+        now: float,
+        mono: float,
+        identities: list[str] | None = None,
+    ) -> int:
+        """A supervisor reaped a worker process: its registrations go at
+        once, not after the heartbeat window. They are the ``identities``
+        (hex) it connected with, or without those, the ones of ``pid`` on
+        ``host``. Returns how many registrations were dropped."""
+        if identities:
+            gone = [c for c in self.workers if c.identity.hex() in identities]
+        else:
+            gone = [c for c in self.workers if c.host == host and c.pid == pid]
         for conn in gone:
             self.lose(conn, now, mono, f"exited ({reason})")
         return len(gone)

@@ -193,13 +193,17 @@ class Ping(Msg, frozen=True):
 class WorkerExited(Msg, frozen=True):
     """From a supervisor: it reaped the worker process ``pid`` on ``host``,
     so the jobs it held can be handed out at once, without waiting for the
-    heartbeat window."""
+    heartbeat window. ``identities`` (hex) are the socket identities the
+    process connected with: the broker drops exactly those registrations
+    (two hosts may share a name and a pid); with none, it matches host and
+    pid."""
 
     req: int
     host: str
     pid: int
     reason: str
     v: int = PROTOCOL_VERSION
+    identities: list[str] = []
 
 
 class SupervisorReport(Msg, frozen=True):

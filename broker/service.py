@@ -237,7 +237,9 @@ class ClientService:
         self._reply(identity, p.Ack(msg.req, queued))
 
     def _worker_exited(self, identity: bytes, msg: p.WorkerExited, now: float, mono: float) -> None:
-        dropped = self.dispatcher.process_exited(msg.host, msg.pid, msg.reason, now, mono)
+        dropped = self.dispatcher.process_exited(
+            msg.host, msg.pid, msg.reason, now, mono, msg.identities
+        )
         self._reply(identity, p.Ack(msg.req, dropped))
 
     # ---------------------------------------------------------- management

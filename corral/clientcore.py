@@ -393,11 +393,16 @@ class ClientCore:
         BrokerUnavailable."""
         return Step(p.SupervisorReport(next(self._req), info), _count)
 
-    def worker_exited(self, host: str, pid: int, reason: str) -> Plan[int]:
+    def worker_exited(
+        self, host: str, pid: int, reason: str, identities: Iterable[str] = ()
+    ) -> Plan[int]:
         """Tell the broker worker process ``pid`` on ``host`` is gone
-        (supervisors do this), so its jobs go back at once. Returns how
+        (supervisors do this), so its jobs go back at once. ``identities``
+        are the socket identities (hex) it connected with, which name it
+        exactly; without them the broker matches host and pid. Returns how
         many worker registrations it dropped. Raises BrokerUnavailable."""
-        return Step(p.WorkerExited(next(self._req), host, pid, reason), _count)
+        msg = p.WorkerExited(next(self._req), host, pid, reason, identities=list(identities))
+        return Step(msg, _count)
 
 
 # The reply readers: each takes the reply its request gets.

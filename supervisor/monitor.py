@@ -44,6 +44,8 @@ def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
             break
         for event in reader.feed(data):
             child.last_beat = now
+            if event.kind == "J" and event.identity:
+                child.identities.add(event.identity)
             if event.kind == "J":  # a job keeps the start time it was first seen at
                 child.jobs = {
                     job_id: (child.jobs.get(job_id, (now, 0.0))[0], timeout)

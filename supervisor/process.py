@@ -68,6 +68,8 @@ class Child:
         # What the status pipe tells: jobs running (id -> (started, timeout)),
         # the last sign of life, and whether the child is being replaced.
         self.jobs: dict[str, tuple[float, float]] = {}
+        #: Every socket identity (hex) the worker has connected with.
+        self.identities: set[str] = set()
         self.last_beat = 0.0
         self.retiring = ""
         self.last_rss = 0

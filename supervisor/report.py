@@ -87,7 +87,9 @@ class BrokerLink:
         rather than after the heartbeat window. If the broker does not answer
         quickly, the heartbeat path still applies."""
         try:
-            dropped = self._broker().worker_exited(self.host, child.pid or 0, child.describe_exit())
+            dropped = self._broker().worker_exited(
+                self.host, child.pid or 0, child.describe_exit(), sorted(child.identities)
+            )
         except CorralError as exc:
             log.warning("supervisor.broker_not_told", pid=child.pid, error=str(exc))
             return

@@ -636,3 +636,21 @@ def test_a_new_epoch_begins_before_the_lease_counter_wraps(broker: InProcessBrok
     assert [d.lease >> 32 for d in got] == [epoch, epoch + 1, epoch + 1]
     assert len({d.lease for d in got}) == 3
     assert broker.core.state.epoch == epoch + 1
+
+
+def test_a_worker_exit_names_the_worker_by_identity_not_host_and_pid(
+    broker: InProcessBroker,
+) -> None:
+    """Two hosts may share a name, and their workers a pid: the supervisor's
+    word drops the registration it names, not the other host's."""
+    here, there = FakeWorker(broker, b"here"), FakeWorker(broker, b"there")
+    here.ready()
+    there.ready()  # both say host "testhost", pid 4242
+    broker.enqueue(id="a")
+    broker.enqueue(id="b")
+    msg = p.WorkerExited(broker.next_req(), "testhost", 4242, "killed", identities=[b"here".hex()])
+    reply = broker.request(msg)
+    assert isinstance(reply, p.Ack) and reply.count == 1
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert [w.worker_id for w in status.workers] == ["there"]
+    assert broker.core.stats["workers_lost"] == 1

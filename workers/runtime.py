@@ -88,6 +88,7 @@ class Worker:
         self._buffer = self._held.buffer
         self._running = self._held.running
         self._outbox: deque[tuple[str, Any]] = deque()
+        self._identity = b""
         #: Encoded reports the socket could not take (EAGAIN): sent first,
         #: in order, on the next flush; never dropped.
         self._unsent: deque[bytes] = deque()
@@ -222,6 +223,8 @@ class Worker:
         if self._sock is not None:
             self._sock.close(linger=0)
         identity = secrets.token_bytes(8)
+        self._identity = identity
+        self._last_beat = 0.0  # tell the supervisor the new identity at once
         self._sock = connect_dealer(
             self._ctx, self.options.endpoint, self.config, identity=identity
         )
@@ -275,7 +278,7 @@ class Worker:
         if now - self._last_beat >= interval or (changed and now - self._last_beat >= 0.05):
             self._last_beat = now
             self._status_sent = self._status_version
-            self._status.running(dict(self._timeouts))
+            self._status.running(dict(self._timeouts), self._identity)
 
     def _receive(self) -> None:
         assert self._sock is not None

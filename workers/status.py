@@ -2,8 +2,10 @@
 
 Only the worker's socket thread writes, one line at a time:
 
-    J [<job_id>:<timeout> ...]   the jobs running now (timeout 0: none); also the
-                                 sign of life, written at least every heartbeat
+    J id=<hex> [<job_id>:<timeout> ...]
+                                 the worker's socket identity (hex) and the jobs
+                                 running now (timeout 0: none); also the sign of
+                                 life, written at least every heartbeat
     R <reason>                   the worker is retiring (max_jobs): start its replacement
 
 A J line is a snapshot, not an event, so a line lost to a full pipe costs
@@ -35,9 +37,10 @@ class StatusWriter:
         with contextlib.suppress(OSError):  # a full pipe: the next snapshot covers it
             os.write(self.fd, line.encode())
 
-    def running(self, jobs: dict[str, float | None]) -> None:
-        items = " ".join(f"{job_id}:{timeout or 0}" for job_id, timeout in jobs.items())
-        self._write(f"J {items}\n" if items else "J\n")
+    def running(self, jobs: dict[str, float | None], identity: bytes = b"") -> None:
+        items = [f"id={identity.hex()}"] if identity else []
+        items += [f"{job_id}:{timeout or 0}" for job_id, timeout in jobs.items()]
+        self._write(f"J {' '.join(items)}\n")
 
     def retiring(self, reason: str) -> None:
         self._write(f"R {reason}\n")
@@ -48,6 +51,8 @@ class StatusEvent:
     kind: str
     jobs: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    #: The worker's socket identity, hex ("" if it has none yet).
+    identity: str = ""
 
 
 class StatusReader:
@@ -71,13 +76,17 @@ def _parse(line: str) -> StatusEvent | None:
     kind, _, rest = line.partition(" ")
     if kind == "J":
         jobs = {}
+        identity = ""
         for item in rest.split():
+            if item.startswith("id="):
+                identity = item[3:]
+                continue
             job_id, _, timeout = item.rpartition(":")
             try:
                 jobs[job_id] = float(timeout)
             except ValueError:
                 return None  # a torn line: the next snapshot will do
-        return StatusEvent("J", jobs)
+        return StatusEvent("J", jobs, identity=identity)
     if kind == "R":
         return StatusEvent("R", reason=rest)
     return None

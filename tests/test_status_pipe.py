@@ -1,0 +1,35 @@
+"""The status pipe from a worker to its supervisor: snapshots of the running
+jobs and the worker's socket identity, torn lines skipped."""
+
+from __future__ import annotations
+
+import os
+
+from corral.workers.status import StatusReader, StatusWriter
+
+
+def test_snapshots_carry_the_identity_and_the_running_jobs() -> None:
+    r, w = os.pipe()
+    try:
+        writer = StatusWriter(w)
+        writer.running({"a": 30.0, "b": None}, b"\x01\xff")
+        writer.running({}, b"\x02")
+        writer.running({})  # not connected yet: no identity
+        writer.retiring("max_jobs")
+        events = StatusReader().feed(os.read(r, 65536))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert [(e.kind, e.identity, e.jobs, e.reason) for e in events] == [
+        ("J", "01ff", {"a": 30.0, "b": 0.0}, ""),
+        ("J", "02", {}, ""),
+        ("J", "", {}, ""),
+        ("R", "", {}, "max_jobs"),
+    ]
+
+
+def test_a_torn_line_is_skipped_and_a_split_one_joined() -> None:
+    reader = StatusReader()
+    assert reader.feed(b"J id=0a job:1") == []  # no newline yet
+    (event,) = reader.feed(b"0\nJ id=0a bad:xx\n")
+    assert (event.identity, event.jobs) == ("0a", {"job": 10.0})
