@@ -27,6 +27,12 @@ from corral.broker.state import Job, JobState
 from corral.broker.workers import WorkerConn
 
 
+def serves(conn: WorkerConn, queue: str, task: str) -> bool:
+    """The worker listens to ``queue`` and registered ``task`` (a worker
+    that registered no tasks takes any)."""
+    return queue in conn.queues and (not conn.tasks or task in conn.tasks)
+
+
 def free_slots(conn: WorkerConn) -> int:
     """Execution slots the worker has with nothing held for them."""
     return conn.concurrency - len(conn.leases)
@@ -54,9 +60,12 @@ def plan_deliveries(workers: Iterable[WorkerConn], state: JobState) -> dict[Work
 
 
 def _next_job(conn: WorkerConn, state: JobState) -> Job | None:
+    """The next job for ``conn``: of its queues in their turn, and only of
+    the tasks it registered (routing by task)."""
+    tasks = conn.tasks or None
     for queue in conn.queue_order():
         if queue not in state.paused:
-            job = state.pop_ready(queue)
+            job = state.ready.pop(queue, tasks)
             if job is not None:
                 return job
     return None
@@ -99,7 +108,9 @@ def _steal(workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, li
         surplus = waiting[max(0, free_slots(victim)) :]  # they wait behind running jobs
         while surplus and room:
             job = surplus[-1]
-            thief = next((c for c in room if c is not victim and job.queue in c.queues), None)
+            thief = next(
+                (c for c in room if c is not victim and serves(c, job.queue, job.task)), None
+            )
             if thief is None or job.queue in state.paused:
                 break
             surplus.pop()
@@ -113,13 +124,13 @@ def _steal(workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, li
 def _make_room(
     workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, list[Job]]
 ) -> None:
-    for queue in state.ready.queues():
+    for queue, task in state.ready.pairs():
         if queue in state.paused:
             continue
-        top = state.ready.peek(queue)
+        top = state.ready.top(queue, task)
         if top is None:
             continue
-        serving = [c for c in workers if queue in c.queues]
+        serving = [c for c in workers if serves(c, queue, task)]
         if not serving or any(c.credit > 0 for c in serving):
             continue  # it goes out on the next dispatch
         if any(c.withdrawing for c in serving):

@@ -140,6 +140,17 @@ class SupervisorInfo(msgspec.Struct, frozen=True):
     reported_ago: float = 0.0
 
 
+class UnroutableInfo(msgspec.Struct, frozen=True):
+    """Ready jobs of ``task`` on ``queue`` that no connected worker takes
+    (none listens to the queue, or none registered the task): they wait,
+    uncounted. ``since`` is the enqueue time (epoch seconds) of the oldest."""
+
+    queue: str
+    task: str
+    count: int
+    since: float
+
+
 class StatusInfo(msgspec.Struct, frozen=True):
     """What ``corral status`` shows: counts per queue and status, the
     connected workers, and the broker's counters."""
@@ -153,6 +164,7 @@ class StatusInfo(msgspec.Struct, frozen=True):
     tasks: dict[str, dict[str, int]] = {}
     rates: dict[str, float] = {}
     registered_tasks: list[str] = []
+    unroutable: list[UnroutableInfo] = []
 
 
 # ---------------------------------------------------- client -> broker requests

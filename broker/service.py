@@ -225,6 +225,7 @@ class ClientService:
             views.per_task(state),
             self.dispatcher.rates.per_minute(mono),
             sorted({t for c in workers for t in c.tasks}),
+            views.unroutable(state, list(workers)),
         )
 
     # --------------------------------------------------------- supervisors

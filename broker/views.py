@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
-from corral.broker import flows
+from corral.broker import balance, flows
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL, InvalidJob
 from corral.broker.protocol import STATUSES, TERMINAL
@@ -180,6 +180,22 @@ def queue_counts(state: JobState) -> dict[str, dict[str, int]]:
         if n:
             out.setdefault(queue, dict.fromkeys(STATUSES, 0))[status] = n
     return out
+
+
+def unroutable(state: JobState, workers: list[WorkerConn]) -> list[p.UnroutableInfo]:
+    """Ready jobs no connected worker takes, by queue and task (paused
+    queues aside: those wait for a resume, not for a worker)."""
+    waiting: dict[tuple[str, str], list[float]] = {}
+    for job in state.jobs.values():
+        if job.status == "queued" and not job.lease and job.queue not in state.paused:
+            entry = waiting.setdefault((job.queue, job.task), [0, job.created_at])
+            entry[0] += 1
+            entry[1] = min(entry[1], job.created_at)
+    return [
+        p.UnroutableInfo(queue, task, int(count), since)
+        for (queue, task), (count, since) in sorted(waiting.items())
+        if not any(balance.serves(c, queue, task) for c in workers)
+    ]
 
 
 def worker_infos(workers: list[WorkerConn], mono: float) -> list[p.WorkerInfo]:

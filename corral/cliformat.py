@@ -74,6 +74,12 @@ def human_status(status: Any) -> str:
         )
     if status.registered_tasks:
         lines.append(f"tasks: {', '.join(status.registered_tasks)}")
+    for u in status.unroutable:
+        lines.append(
+            f"unroutable: {u.count} job(s) of task {u.task!r} on queue {u.queue!r}, waiting "
+            f"since {_when(u.since)}: no connected worker takes them (add the task's module "
+            "to a pool that serves the queue)"
+        )
     for sup in status.supervisors:
         lines.append("")
         lines.append(f"supervisor {sup.supervisor_id} (pid {sup.pid} on {sup.host})")

@@ -654,3 +654,27 @@ def test_a_worker_exit_names_the_worker_by_identity_not_host_and_pid(
     status = broker.request(p.GetStatus(broker.next_req())).status
     assert [w.worker_id for w in status.workers] == ["there"]
     assert broker.core.stats["workers_lost"] == 1
+
+
+def test_a_job_goes_only_to_a_worker_that_registered_its_task(broker: InProcessBroker) -> None:
+    a = FakeWorker(broker, b"a", credit=2, tasks=(p.TaskInfo("t.a"),))
+    a.ready()
+    broker.enqueue("t.b", id="b1")  # first in the queue, but a does not know t.b
+    broker.enqueue("t.a", id="a1")
+    assert [d.job_id for d in deliveries(a.inbox())] == ["a1"]
+    info = broker.job("b1")
+    assert info is not None and (info.status, info.attempts, info.reserved_by) == (
+        "queued",
+        0,
+        None,
+    )
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert [(u.queue, u.task, u.count, u.since) for u in status.unroutable] == [
+        ("default", "t.b", 1, broker.clock.time())
+    ]
+    broker.advance(60.0)  # it waits as long as it takes, uncounted
+    assert broker.job("b1").attempts == 0  # type: ignore[union-attr]
+    b = FakeWorker(broker, b"b", tasks=(p.TaskInfo("t.b"),))
+    assert [d.job_id for d in b.ready()] == ["b1"]
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert status.unroutable == []

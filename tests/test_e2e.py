@@ -171,18 +171,28 @@ def test_retries_then_success_records_every_try(env: Env) -> None:
     assert client.job(failing).attempts == 3
 
 
-def test_unknown_task_names_the_task(env: Env) -> None:
+def test_a_job_no_worker_takes_waits_uncounted_and_shows_as_unroutable(env: Env) -> None:
+    """Routing by task: a job goes only to a worker that registered its
+    task and listens to its queue. One that no worker takes waits, not
+    counted, and status names it, until a worker that takes it comes."""
     daemon = env.start("run")
     env.wait_ready(daemon)
+    env.wait_workers(2)
     client = env.client()
-    job_id = client.enqueue("no.such.task", max_attempts=1)
-    try:
-        client.result(job_id, timeout=30)
-    except corral.JobFailed as exc:
-        assert exc.error.type == "UnknownTask"
-        assert "no.such.task" in exc.error.message
-    else:
-        raise AssertionError("an unknown task must fail")
+    unknown = client.enqueue("no.such.task", max_attempts=1)
+    later = client.enqueue("e2e.square", 6, queue="later")
+    assert client.result(client.enqueue("e2e.square", 2), timeout=30) == 4  # the rest flows
+    for job_id in (unknown, later):
+        info = client.job(job_id)
+        assert (info.status, info.attempts, info.tries, info.reserved_by) == ("queued", 0, [], None)
+    routes = {(u.queue, u.task): u.count for u in client.status().unroutable}
+    assert routes == {("default", "no.such.task"): 1, ("later", "e2e.square"): 1}
+    shown = env.run("status", "-c", str(env.config)).stdout
+    assert "unroutable: 1 job(s) of task 'no.such.task' on queue 'default'" in shown
+    env.start("worker", "--queue", "later", "--plugin", "e2e_tasks")
+    assert client.result(later, timeout=30) == 36
+    assert [(u.queue, u.task) for u in client.status().unroutable] == [("default", "no.such.task")]
+    assert client.job(unknown).status == "queued"
 
 
 def test_supervisor_restarts_a_worker_that_exits(env: Env) -> None:
