@@ -61,14 +61,23 @@ def plan_deliveries(workers: Iterable[WorkerConn], state: JobState) -> dict[Work
 
 def _next_job(conn: WorkerConn, state: JobState) -> Job | None:
     """The next job for ``conn``: of its queues in their turn, and only of
-    the tasks it registered (routing by task)."""
+    the tasks it registered (routing by task); never a job it still holds
+    under an older lease (a handler past its timeout may still run it: the
+    next attempt goes elsewhere, for its full timeout)."""
     tasks = conn.tasks or None
+    found = None
+    held: list[Job] = []
     for queue in conn.queue_order():
-        if queue not in state.paused:
-            job = state.ready.pop(queue, tasks)
-            if job is not None:
-                return job
-    return None
+        if queue in state.paused:
+            continue
+        while (job := state.ready.pop(queue, tasks)) is not None and job.id in conn.leases:
+            held.append(job)
+        if job is not None:
+            found = job
+            break
+    for job in held:  # back for the other workers
+        state.push_back(job)
+    return found
 
 
 def unstarted(conn: WorkerConn, state: JobState, *, withdrawing: bool = False) -> list[Job]:
@@ -109,7 +118,12 @@ def _steal(workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, li
         while surplus and room:
             job = surplus[-1]
             thief = next(
-                (c for c in room if c is not victim and serves(c, job.queue, job.task)), None
+                (
+                    c
+                    for c in room
+                    if c is not victim and serves(c, job.queue, job.task) and job.id not in c.leases
+                ),
+                None,
             )
             if thief is None or job.queue in state.paused:
                 break

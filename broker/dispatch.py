@@ -289,7 +289,14 @@ class Dispatcher:
         self.stats["withdrawn_asked"] += len(jobs)
         return True
 
-    def lose(self, conn: WorkerConn, now: float, mono: float, reason: str) -> int:
+    def lose(
+        self,
+        conn: WorkerConn,
+        now: float,
+        mono: float,
+        reason: str,
+        charged: list[str] | None = None,
+    ) -> int:
         """Requeue every job a gone worker held; the attempt counts for the
         jobs it may have started (see WorkerConn.counted_on_loss). Returns
         how many jobs went back to their queue."""
@@ -297,7 +304,12 @@ class Dispatcher:
         self._withdraws.gone(conn.identity)
         # A worker that says Bye holds nothing: what it still had leased was
         # in flight to it and never started.
-        counted = set() if reason == "left" else conn.counted_on_loss()
+        if reason == "left":
+            counted: set[str] = set()
+        elif charged is not None:  # the process died for these jobs only
+            counted = set(charged)
+        else:
+            counted = conn.counted_on_loss()
         requeued = 0
         for job_id, lease in list(conn.leases.items()):
             job = self.state.holding(job_id, lease)
@@ -339,6 +351,7 @@ class Dispatcher:
         now: float,
         mono: float,
         identities: list[str] | None = None,
+        charged: list[str] | None = None,
     ) -> int:
         """A supervisor reaped a worker process: its registrations go at
         once, not after the heartbeat window. They are the ``identities``
@@ -349,7 +362,7 @@ class Dispatcher:
         else:
             gone = [c for c in self.workers if c.host == host and c.pid == pid]
         for conn in gone:
-            self.lose(conn, now, mono, f"exited ({reason})")
+            self.lose(conn, now, mono, f"exited ({reason})", charged)
         return len(gone)
 
     def revoke(self, job_id: str, lease: int) -> None:
@@ -369,6 +382,9 @@ class Dispatcher:
             self._next_heartbeat = mono + self.heartbeat_interval
             self._dirty = True  # retry any dispatch a full socket refused
             for conn in self.workers.silent(mono):
+                # if it still runs them, its handlers see ctx.cancelled
+                for job_id, lease in conn.leases.items():
+                    self.send(conn.identity, p.CancelJob(job_id, lease), None)
                 self.lose(conn, now, mono, "went silent")
             for conn in self.workers:
                 self.send(conn.identity, p.BrokerHeartbeat(self.broker_id), mono)
@@ -393,7 +409,10 @@ class Dispatcher:
             error = ErrorRec("TimeoutError", f"the job ran past its timeout of {timeout}s")
             record = self.state.policy.decide_finish(job, "error", now, error=error)
             self.stats["timeouts"] += 1
+            holder = self.holders.get(job.id)
             self._settle(job, record, now, mono)
+            if holder is not None:  # its handler may still run: it sees ctx.cancelled
+                self.send(holder, p.CancelJob(job_id, lease), mono)
             log.warning("broker.job_timeout", job_id=job_id, timeout=timeout, next=record.status)
 
     # ------------------------------------------------------------ dispatch

@@ -216,6 +216,10 @@ class WorkerExited(Msg, frozen=True):
     reason: str
     v: int = PROTOCOL_VERSION
     identities: list[str] = []
+    #: The jobs the process died for (a hard-timeout kill): only these are
+    #: charged an attempt. None: the cause is unknown (a crash), and every
+    #: job it had started is.
+    charged: list[str] | None = None
 
 
 class SupervisorReport(Msg, frozen=True):

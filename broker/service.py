@@ -239,7 +239,7 @@ class ClientService:
 
     def _worker_exited(self, identity: bytes, msg: p.WorkerExited, now: float, mono: float) -> None:
         dropped = self.dispatcher.process_exited(
-            msg.host, msg.pid, msg.reason, now, mono, msg.identities
+            msg.host, msg.pid, msg.reason, now, mono, msg.identities, msg.charged
         )
         self._reply(identity, p.Ack(msg.req, dropped))
 

@@ -394,14 +394,29 @@ class ClientCore:
         return Step(p.SupervisorReport(next(self._req), info), _count)
 
     def worker_exited(
-        self, host: str, pid: int, reason: str, identities: Iterable[str] = ()
+        self,
+        host: str,
+        pid: int,
+        reason: str,
+        identities: Iterable[str] = (),
+        charged: Iterable[str] | None = None,
     ) -> Plan[int]:
         """Tell the broker worker process ``pid`` on ``host`` is gone
         (supervisors do this), so its jobs go back at once. ``identities``
         are the socket identities (hex) it connected with, which name it
-        exactly; without them the broker matches host and pid. Returns how
+        exactly; without them the broker matches host and pid. ``charged``
+        names the jobs the process died for (a hard-timeout kill): only
+        those count an attempt, its other jobs go back uncounted; None: the
+        cause is unknown, and every job it had started counts. Returns how
         many worker registrations it dropped. Raises BrokerUnavailable."""
-        msg = p.WorkerExited(next(self._req), host, pid, reason, identities=list(identities))
+        msg = p.WorkerExited(
+            next(self._req),
+            host,
+            pid,
+            reason,
+            identities=list(identities),
+            charged=list(charged) if charged is not None else None,
+        )
         return Step(msg, _count)
 
 

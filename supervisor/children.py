@@ -94,6 +94,7 @@ class Children:
                     reason=verdict.reason,
                 )
                 child.killed_for = verdict.reason
+                child.charged = list(verdict.jobs)
                 child.signal(signal.SIGKILL)
             elif pool.holds(index, child):
                 pool.replace(index, child, verdict.reason, drain=True)

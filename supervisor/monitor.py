@@ -26,6 +26,9 @@ class Verdict:
 
     action: str
     reason: str
+    #: The jobs the verdict is for (a hard timeout): only these are charged
+    #: for the kill; the process's other jobs go back uncounted.
+    jobs: tuple[str, ...] = ()
 
 
 def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
@@ -58,9 +61,18 @@ def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
 
 def judge(child: Child, pool: PoolConfig, now: float, liveness_window: float) -> Verdict | None:
     """The limit a live worker is past, if any."""
-    for job_id, (started, timeout) in child.jobs.items():
-        if timeout and now > started + timeout + HARD_TIMEOUT_GRACE:
-            return Verdict("kill", f"job {job_id} ran past its timeout of {timeout:g}s")
+    late = [
+        (job_id, timeout)
+        for job_id, (started, timeout) in child.jobs.items()
+        if timeout and now > started + timeout + HARD_TIMEOUT_GRACE
+    ]
+    if late:
+        job_id, timeout = late[0]
+        return Verdict(
+            "kill",
+            f"job {job_id} ran past its timeout of {timeout:g}s",
+            tuple(j for j, _ in late),
+        )
     if now - child.last_beat > liveness_window:
         return Verdict("kill", f"no sign of life for {now - child.last_beat:.1f}s")
     if child.retiring:

@@ -75,6 +75,9 @@ class Child:
         self.last_rss = 0
         self.last_rss_check = 0.0
         self.killed_for = ""
+        #: The jobs a kill was for (None: the cause is not known, so every
+        #: job it had started is charged).
+        self.charged: list[str] | None = None
 
     @property
     def alive(self) -> bool:

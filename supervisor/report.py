@@ -88,7 +88,11 @@ class BrokerLink:
         quickly, the heartbeat path still applies."""
         try:
             dropped = self._broker().worker_exited(
-                self.host, child.pid or 0, child.describe_exit(), sorted(child.identities)
+                self.host,
+                child.pid or 0,
+                child.describe_exit(),
+                sorted(child.identities),
+                charged=child.charged,
             )
         except CorralError as exc:
             log.warning("supervisor.broker_not_told", pid=child.pid, error=str(exc))

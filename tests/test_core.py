@@ -678,3 +678,23 @@ def test_a_job_goes_only_to_a_worker_that_registered_its_task(broker: InProcessB
     assert [d.job_id for d in b.ready()] == ["b1"]
     status = broker.request(p.GetStatus(broker.next_req())).status
     assert status.unroutable == []
+
+
+def test_a_lease_ended_by_timeout_or_silence_tells_its_holder(broker: InProcessBroker) -> None:
+    worker = FakeWorker(broker, credit=2)
+    worker.ready()
+    job_id = broker.enqueue(timeout=5.0, max_attempts=3)
+    (d,) = deliveries(worker.inbox())
+    worker.start(d)
+    broker.advance(5.0)
+    told = [m for m in worker.inbox() if isinstance(m, p.CancelJob)]
+    assert [(m.job_id, m.lease) for m in told] == [(job_id, d.lease)]
+    # silence: every lease it held is cancelled there too
+    other = FakeWorker(broker, b"other", credit=2)
+    other.ready()
+    broker.enqueue(id="held")
+    (h,) = deliveries(other.inbox())
+    other.go_silent()
+    broker.advance(4.0)
+    told = [m for m in other.inbox() if isinstance(m, p.CancelJob)]
+    assert (h.job_id, h.lease) in [(m.job_id, m.lease) for m in told]

@@ -202,3 +202,19 @@ def always_retry(ctx: corral.JobContext, path: str) -> None:
     with open(path, "a") as file:
         file.write(f"{ctx.attempt}\n")
     raise corral.Retry()
+
+
+@corral.task(name="e2e.stubborn")
+def stubborn(ctx: corral.JobContext, gate: str) -> dict[str, object]:
+    """Runs until the file ``gate`` exists, cancelled or not (a handler that
+    ignores ctx.cancelled); then appends "<run> <pid> <saw cancel>" to
+    ``gate``.log."""
+    saw = False
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        saw = saw or ctx.cancelled
+        time.sleep(0.01)
+    saw = saw or ctx.cancelled
+    with open(gate + ".log", "a") as file:
+        file.write(f"{ctx.attempt} {os.getpid()} {saw}\n")
+    return {"pid": os.getpid(), "attempt": ctx.attempt}
