@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import Env, wait_until
+
+import corral
 
 
 def test_enqueue_wait_prints_the_result(env: Env) -> None:
@@ -193,3 +196,23 @@ def test_callbacks_and_result_ttl_from_the_cli(env: Env) -> None:
         done = env.run("result", job_id, "--json", *cfg)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {"id": job_id, "result": value}
+
+
+def test_retry_of_a_failed_job_continues_its_run_numbers(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    cfg = ["-c", str(env.config)]
+    # fails on runs 1 and 2 (its budget: 2 attempts), succeeds from run 3
+    job_id = client.enqueue("e2e.flaky", 3, max_attempts=2)
+    with pytest.raises(corral.JobFailed):
+        client.result(job_id, timeout=30)
+    assert [t.attempt for t in client.job(job_id).tries] == [1, 2]
+    done = env.run("retry", job_id, *cfg)
+    assert done.returncode == 0, done.stderr
+    assert client.result(job_id, timeout=30) == 3
+    info = client.job(job_id)
+    assert [t.attempt for t in info.tries] == [1, 2, 3]  # no second "try 1"
+    assert (info.status, info.attempts) == ("succeeded", 1)  # a fresh budget
+    shown = env.run("job", job_id, *cfg).stdout
+    assert "try 3:" in shown and shown.count("try 1:") == 1
