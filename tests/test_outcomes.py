@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from typing import Any
 
 import msgspec
@@ -188,3 +189,41 @@ def test_retry_requests_are_bounded_and_each_run_has_its_number(env: Env) -> Non
     assert all(g >= 0.025 for g in gaps)  # each waited at least half the backoff
     (worker,) = client.status().workers
     assert worker.failed == 1  # the job's one failure, not each Retry
+
+
+def test_a_report_the_socket_cannot_take_is_kept_and_sent_first_later(tmp_path: Any) -> None:
+    """EAGAIN (no broker connected yet, or a full queue): the encoded report
+    waits in order and goes out before anything newer; nothing is dropped."""
+    import zmq
+
+    from corral.transport import connect_dealer
+    from corral.workers.runtime import Worker, WorkerOptions
+
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    worker = Worker(WorkerOptions(endpoint=endpoint, queues=["default"]), Registry())
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    try:
+        worker._sock = connect_dealer(ctx, endpoint, None)  # nobody there: EAGAIN
+        first = p.Return([p.Lease("a", 1)])
+        worker._send(first, keep=True)
+        worker._send(p.WorkerHeartbeat())  # a heartbeat is not kept
+        assert list(worker._unsent) == [p.encode(first)]
+        router.bind(endpoint)
+        worker._outbox.append(("return", p.Lease("b", 2)))
+        deadline = time.monotonic() + 30
+        while worker._unsent or worker._outbox:
+            assert time.monotonic() < deadline, "the kept report was never sent"
+            worker._flush_outbox()
+            time.sleep(0.01)
+        got = []
+        while len(got) < 2 and router.poll(10_000):
+            got.append(p.decode(p.worker_report_decoder, router.recv_multipart()[1]))
+        assert [[le.job_id for le in m.leases] for m in got] == [["a"], ["b"]]
+    finally:
+        if worker._sock is not None:
+            worker._sock.close(0)
+        router.close()
+        ctx.term()
+        os.close(worker._wake_fd)
