@@ -200,8 +200,8 @@ class BrokerCore:
         it brings about (chain step, chord callback, callbacks), and answer
         its flow's waiters if the flow ended with it."""
         self.waiters.job_ended(job)
-        for record in flows.followups(self.state, job, now):
-            self.journal.record(record)
+        for followed in flows.followups(self.state, job, now):
+            self.journal.record(followed)
             self.dispatcher.poke()
         if job.flow is not None:
             self.waiters.flow_ended(job.flow)

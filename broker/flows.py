@@ -6,8 +6,10 @@ with step n's result as its ``prev_result``; a failure stops the chain. A
 group's jobs are all created at once; its callback (a chord) is created
 when every one succeeded, with the list of their results. A job's own
 ``on_success``/``on_failure`` callback is created when it ends that way.
-Every id is chosen up front by the client, so creating a follow-up twice
-(replaying after a crash between a result and its follow-up) is a no-op.
+Every id is chosen up front by the client, and the follow-ups of a parent
+are made in one ``FollowedUp`` record, the fact that they were made: a
+replay after a crash between a result and that record makes them then,
+and never again once the record is there, even when they expired since.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 import msgspec
 
 from corral.broker.jobspec import NIL, JobSpec
-from corral.broker.records import FlowCreated, JobCreated
+from corral.broker.records import FlowCreated, FollowedUp, JobCreated
 from corral.broker.state import TERMINAL, Job, JobState
 
 __all__ = ["create", "followups", "pending", "results_of", "status_of"]
@@ -42,12 +44,47 @@ def create(
     )
 
 
-def followups(state: JobState, job: Job, now: float) -> list[JobCreated]:
-    """The jobs that ``job`` ending (as it has) brings about."""
-    out: list[JobCreated | None] = []
+def followups(state: JobState, job: Job, now: float) -> list[FollowedUp]:
+    """What ``job`` ending (as it has) brings about and has not yet: a
+    FollowedUp record per parent (the job itself; its group, for a chord's
+    callback), each listing the jobs to create. A parent already followed
+    up gets nothing, whether or not its follow-ups still exist."""
+    out: list[FollowedUp] = []
     result = job.result if job.result is not None else NIL
+    flow = state.flows.get(job.flow) if job.flow else None
+    if job.id not in state.followed:
+        own = _own_followups(state, job, flow, now, result)
+        if own is not None:
+            out.append(FollowedUp(job.id, own))
+    if (
+        flow is not None
+        and flow.kind == "group"
+        and flow.callback is not None
+        and job.status == "succeeded"
+        and flow.id not in state.followed
+    ):
+        jobs = [state.jobs.get(step.id) for step in flow.steps]
+        if all(j is not None and j.status == "succeeded" for j in jobs):
+            callback = create(
+                state,
+                flow.callback,
+                now,
+                flow=flow.id,
+                index=len(flow.steps),
+                prev_result=results_of(jobs),
+            )
+            out.append(FollowedUp(flow.id, [callback] if callback is not None else []))
+    return out
+
+
+def _own_followups(
+    state: JobState, job: Job, flow: FlowCreated | None, now: float, result: msgspec.Raw
+) -> list[JobCreated] | None:
+    """The jobs ``job`` itself brings about (its callbacks, a chain's next
+    step), or None if it brings about none."""
+    due: list[JobCreated | None] = []
     if job.status == "succeeded" and job.on_success is not None:
-        out.append(create(state, job.on_success, now, prev_result=result))
+        due.append(create(state, job.on_success, now, prev_result=result))
     if job.status == "failed" and job.on_failure is not None:
         error = job.error
         failure = {
@@ -56,48 +93,33 @@ def followups(state: JobState, job: Job, now: float) -> list[JobCreated]:
             "type": error.type if error else "",
             "message": error.message if error else "",
         }
-        out.append(
+        due.append(
             create(state, job.on_failure, now, prev_result=msgspec.Raw(_encoder.encode(failure)))
         )
-    flow = state.flows.get(job.flow) if job.flow else None
-    if flow is not None and job.status == "succeeded":
-        if flow.kind == "chain" and job.step + 1 < len(flow.steps):
-            out.append(
-                create(
-                    state,
-                    flow.steps[job.step + 1],
-                    now,
-                    flow=flow.id,
-                    index=job.step + 1,
-                    prev_result=result,
-                )
-            )
-        elif flow.kind == "group" and flow.callback is not None:
-            jobs = [state.jobs.get(step.id) for step in flow.steps]
-            if all(j is not None and j.status == "succeeded" for j in jobs):
-                out.append(
-                    create(
-                        state,
-                        flow.callback,
-                        now,
-                        flow=flow.id,
-                        index=len(flow.steps),
-                        prev_result=results_of(jobs),
-                    )
-                )
-    return [record for record in out if record is not None]
+    if (
+        flow is not None
+        and flow.kind == "chain"
+        and job.status == "succeeded"
+        and job.step + 1 < len(flow.steps)
+    ):
+        nxt = flow.steps[job.step + 1]
+        due.append(create(state, nxt, now, flow=flow.id, index=job.step + 1, prev_result=result))
+    if not due:
+        return None
+    return [record for record in due if record is not None]
 
 
-def pending(state: JobState, now: float, record: Callable[[JobCreated], None]) -> int:
-    """Create the follow-ups owed by finished jobs but missing (the broker
-    stopped between a result and its follow-up): run once after replay.
-    ``record`` logs and applies each; returns how many."""
+def pending(state: JobState, now: float, record: Callable[[FollowedUp], None]) -> int:
+    """After replay: make the follow-ups of ended jobs whose FollowedUp
+    record is missing (the broker stopped between a result and it). The
+    record, never the follow-up's absence, says whether they were made.
+    ``record`` logs and applies each; returns how many jobs were created."""
     count = 0
     for job in list(state.jobs.values()):
         if job.status in TERMINAL:
-            for created in followups(state, job, now):
-                record(created)
-                count += 1
+            for followed in followups(state, job, now):
+                record(followed)
+                count += len(followed.created)
     return count
 
 

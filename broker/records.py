@@ -145,6 +145,19 @@ class ScheduleFired(Record, frozen=True):
     due_at: float
 
 
+class FollowedUp(Record, frozen=True):
+    """What ``parent`` brought about when it ended, created in one record:
+    its ``on_success``/``on_failure`` job and a chain's next step (``parent``
+    is the job's id), or a group's callback (``parent`` is the group's id).
+    The record is the fact that the follow-ups were made: replay never
+    infers a missing one from its absence, so one that expired or was
+    deleted is never made again. ``created`` may be empty (the jobs existed
+    already)."""
+
+    parent: str
+    created: list[JobCreated]
+
+
 class BrokerStarted(Record, frozen=True):
     """A broker started on this log, as its ``epoch``-th start (counting
     from 1). Lease tokens carry the epoch in their high bits, so a token
@@ -198,6 +211,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     12: FlowCreated,
     13: Started,
     14: BrokerStarted,
+    15: FollowedUp,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

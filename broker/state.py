@@ -36,6 +36,7 @@ from corral.broker.records import (
     ErrorRec,
     Finished,
     FlowCreated,
+    FollowedUp,
     JobCreated,
     JobSnapshot,
     Leased,
@@ -82,6 +83,8 @@ class JobState:
         self.last_fired: dict[str, float] = {}
         #: chains and groups by id.
         self.flows: dict[str, FlowCreated] = {}
+        #: Jobs (by id) and groups (by flow id) whose follow-ups were made.
+        self.followed: set[str] = set()
         #: unique_key -> the id of the newest job that holds it.
         self.unique: dict[str, str] = {}
         self.live_bytes = 0
@@ -109,6 +112,7 @@ class JobState:
             ScheduleFired: self._apply_fired,
             ProgressNoted: self._apply_progress,
             BrokerStarted: self._apply_broker_started,
+            FollowedUp: self._apply_followed_up,
         }
 
     # ------------------------------------------------------------ apply
@@ -124,6 +128,12 @@ class JobState:
 
     def _apply_broker_started(self, rec: BrokerStarted) -> None:
         self.epoch = max(self.epoch, rec.epoch)
+
+    def _apply_followed_up(self, rec: FollowedUp) -> None:
+        for created in rec.created:
+            self._apply_created(created)
+        if rec.parent in self.jobs or rec.parent in self.flows:
+            self.followed.add(rec.parent)
 
     def _apply_removed(self, rec: Removed) -> None:
         self._remove(rec.id)
@@ -304,6 +314,7 @@ class JobState:
     def _remove(self, job_id: str) -> Job | None:
         job = self.jobs.pop(job_id, None)
         if job is not None:
+            self.followed.discard(job_id)
             self.counts[job.queue, job.status] -= 1
             if job.reserved:
                 self.reserved[job.queue] -= 1
@@ -490,6 +501,8 @@ def snapshot(state: JobState) -> Iterator[Record]:
     for flow in state.flows.values():
         if any(step.id in state.jobs for step in flow.steps):
             yield flow
+            if flow.id in state.followed:
+                yield FollowedUp(flow.id, [])
     for job in sorted(state.jobs.values(), key=lambda j: j.seq):
         # A held job keeps its lease, so that a Started or Finished record
         # logged after the snapshot still applies on replay.
@@ -498,3 +511,5 @@ def snapshot(state: JobState) -> Iterator[Record]:
         if job.result is None:
             fields["result"] = NIL
         yield JobSnapshot(job.created, **fields)
+        if job.id in state.followed:
+            yield FollowedUp(job.id, [])

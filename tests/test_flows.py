@@ -11,7 +11,7 @@ from conftest import Env, wait_for
 import corral
 from corral.broker import flows
 from corral.broker.protocol import JobSpec, encode_value
-from corral.broker.records import FlowCreated, Leased
+from corral.broker.records import FlowCreated, Leased, Removed
 from corral.broker.state import JobState
 
 J = corral.Job
@@ -141,6 +141,10 @@ def test_followup_owed_after_a_crash_is_created_on_replay() -> None:
     assert flows.pending(state, 3.0, lambda r: (created.append(r), state.apply(r))) == 1
     assert state.jobs["s1"].prev_result == encode_value(41)
     assert flows.pending(state, 4.0, lambda r: created.append(r)) == 0  # once
+    # and never again, even once the follow-up is gone (expired, deleted)
+    state.apply(Removed("s1"))
+    assert flows.pending(state, 5.0, lambda r: created.append(r)) == 0
+    assert "s1" not in state.jobs
 
 
 def test_group_survives_a_broker_crash(env: Env) -> None:
@@ -195,3 +199,37 @@ def test_async_client_management_and_flows(env: Env, daemon) -> None:  # type: i
                 await client.job(done)
 
     asyncio.run(main())
+
+
+def test_an_expired_follow_up_never_runs_again_after_restarts(env: Env) -> None:
+    """The chain's last step expires long before its first; two restarts of
+    `corral run` must not run it again (they did, once per restart)."""
+    env.write_config(processes=1)
+    marks = env.home / "marks"
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    chain_id = client.enqueue_chain(
+        [J("e2e.square", 1, result_ttl=600), J("e2e.mark", str(marks), result_ttl=0.3)]
+    )
+    client.result(chain_id, timeout=30)
+    notify = client.chain(chain_id).jobs[1]
+
+    def gone() -> bool:
+        try:
+            client.job(notify)
+        except corral.JobNotFound:
+            return True
+        return False
+
+    wait_for(gone, 30, message="the last step to expire")
+    for n in range(2):
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+        daemon = env.start("run", name=f"run-again-{n}")
+        env.wait_ready(daemon)
+        env.wait_workers(1)
+        client = env.client()
+        assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9  # it serves
+    assert len(marks.read_text().splitlines()) == 1
+    assert gone()

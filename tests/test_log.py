@@ -43,6 +43,7 @@ from corral.broker.records import (
     ErrorRec,
     Finished,
     FlowCreated,
+    FollowedUp,
     JobCreated,
     JobSnapshot,
     Leased,
@@ -169,6 +170,7 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         ProgressNoted("a", 0.5, "half", 15.0),
         ScheduleFired("nightly", 1700000000.0),
         BrokerStarted(3, 17.0),
+        FollowedUp("a", [job_rec("b", 2, "t", "q", 0, raw(2), 18.0)]),
         FlowCreated(
             "f",
             "chain",

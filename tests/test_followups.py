@@ -1,0 +1,105 @@
+"""Follow-ups are made exactly once: a chain's next step, a chord's
+callback, on_success and on_failure jobs, whatever expires first and
+however often the broker restarts (the real core and log, a fake clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from inproc import FakeWorker, InProcessBroker, deliveries
+
+from corral.broker import protocol as p
+from corral.broker.clock import FakeClock
+
+SMALL = 'segment_size = "1MiB"\ndisk_reserve = "16KiB"\nmax_message_size = "512KiB"'
+KINDS = ["chain", "chord", "on_success", "on_failure"]
+#: (the parent's TTL, the follow-up's TTL), seconds: the follow-up expires
+#: before its parent, with it (it ends 1 s later), after it.
+ORDERS = [(100.0, 10.0), (100.0, 99.0), (10.0, 100.0)]
+
+
+def start(tmp_path: Path, clock: FakeClock, parent_ttl: float) -> InProcessBroker:
+    # a failed job is kept failed_ttl: the parent of on_failure uses it
+    extra = f'{SMALL}\nfailed_ttl = "{parent_ttl}s"'
+    return InProcessBroker(tmp_path, clock=clock, extra=extra)
+
+
+def enqueue(broker: InProcessBroker, kind: str, parent_ttl: float, follow_ttl: float) -> None:
+    follow = p.JobSpec("x", "t.x", result_ttl=follow_ttl)
+    if kind == "chain":
+        parent = p.JobSpec("p", "t.p", result_ttl=parent_ttl)
+        reply = broker.request(p.EnqueueFlow(broker.next_req(), "f", "chain", [parent, follow]))
+    elif kind == "chord":
+        parent = p.JobSpec("p", "t.p", result_ttl=parent_ttl)
+        msg = p.EnqueueFlow(broker.next_req(), "f", "group", [parent], callback=follow)
+        reply = broker.request(msg)
+    elif kind == "on_success":
+        parent = p.JobSpec("p", "t.p", result_ttl=parent_ttl, on_success=follow)
+        reply = broker.request(p.Enqueue(broker.next_req(), [parent]))
+    else:
+        parent = p.JobSpec("p", "t.p", max_attempts=1, on_failure=follow)
+        reply = broker.request(p.Enqueue(broker.next_req(), [parent]))
+    assert isinstance(reply, p.EnqueueOk), reply
+
+
+def run_next(broker: InProcessBroker, worker: FakeWorker, kind: str = "ok") -> str:
+    d = deliveries(broker.to_worker(worker.identity))[-1]
+    worker.start(d)
+    worker.finish(d, kind, "r" if kind == "ok" else None)
+    return d.job_id
+
+
+@pytest.mark.parametrize(("parent_ttl", "follow_ttl"), ORDERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_follow_up_is_made_once_whatever_expires_first_and_the_restarts(
+    tmp_path: Path, kind: str, parent_ttl: float, follow_ttl: float
+) -> None:
+    clock = FakeClock()
+    broker = start(tmp_path, clock, parent_ttl)
+    worker = FakeWorker(broker)
+    worker.ready()
+    enqueue(broker, kind, parent_ttl, follow_ttl)
+    assert run_next(broker, worker, "fail" if kind == "on_failure" else "ok") == "p"
+    broker.advance(1.0)
+    assert run_next(broker, worker) == "x"
+    runs = [d.job_id for d in deliveries(broker.to_worker(worker.identity))]
+    assert runs == ["p", "x"]
+    # restart every 5 s until both are long gone: the follow-up never comes back
+    for _ in range(int(max(parent_ttl, follow_ttl) / 5) + 3):
+        broker.advance(5.0)
+        broker = start(tmp_path, clock, parent_ttl)
+        worker = FakeWorker(broker)
+        assert worker.ready() == [], f"{kind}: the follow-up was made again"
+        x = broker.core.state.jobs.get("x")
+        assert x is None or x.status == "succeeded"
+    assert "p" not in broker.core.state.jobs and "x" not in broker.core.state.jobs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_follow_up_cut_off_by_a_crash_is_made_on_replay_once(tmp_path: Path, kind: str) -> None:
+    """The broker stopped after the parent's end reached the log and before
+    its FollowedUp record did: the replay makes it, and only then."""
+    clock = FakeClock()
+    broker = start(tmp_path, clock, 100.0)
+    worker = FakeWorker(broker)
+    worker.ready()
+    enqueue(broker, kind, 100.0, 100.0)
+    core = broker.core
+    real = core.journal.record
+
+    def drop_followups(record: object) -> None:  # the crash: it never got written
+        if type(record).__name__ != "FollowedUp":
+            real(record)  # type: ignore[arg-type]
+
+    core.journal.record = drop_followups  # type: ignore[method-assign]
+    run_next(broker, worker, "fail" if kind == "on_failure" else "ok")
+    assert "x" not in core.state.jobs
+    broker = start(tmp_path, clock, 100.0)
+    assert "x" in broker.core.state.jobs  # made on replay
+    worker = FakeWorker(broker)
+    assert [d.job_id for d in worker.ready()] == ["x"]
+    run_next(broker, worker)
+    broker.advance(200.0)  # both expire
+    broker = start(tmp_path, clock, 100.0)
+    assert FakeWorker(broker).ready() == []
