@@ -30,6 +30,7 @@ from corral.broker.records import (
     ProgressNoted,
     Returned,
     Started,
+    TaskRegistered,
 )
 from corral.broker.state import Job, TaskDefaults
 from corral.broker.withdraws import PendingWithdraws
@@ -137,14 +138,17 @@ class Dispatcher:
         )
         self.workers.add(conn)
         for task in msg.tasks:
-            self.state.tasks[task.name] = TaskDefaults(
+            options = TaskDefaults(
                 max_attempts=task.max_attempts,
                 timeout=task.timeout,
                 retry_backoff=task.retry_backoff,
                 retry_backoff_max=task.retry_backoff_max,
                 result_ttl=task.result_ttl,
                 max_retries=task.max_retries,
+                queue=task.queue,
             )
+            if self.state.tasks.get(task.name) != options:
+                self.journal.record(TaskRegistered(task.name, options))
         self._dirty = True
         log.info(
             "broker.worker_ready",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from corral.broker.jobspec import JobSpec
-from corral.broker.records import ErrorRec, JobCreated, JobSnapshot, TryRec
+from corral.broker.records import ErrorRec, JobCreated, JobSnapshot, TaskOptions, TryRec
 
 #: Statuses of a job that has not ended.
 ACTIVE = frozenset({"queued", "scheduled", "running", "retrying"})
@@ -36,16 +36,8 @@ class Defaults:
     max_retries: int = 25
 
 
-@dataclass(frozen=True)
-class TaskDefaults:
-    """A task's options as its workers registered them."""
-
-    max_attempts: int | None = None
-    timeout: float | None = None
-    retry_backoff: float | None = None
-    retry_backoff_max: float | None = None
-    result_ttl: float | None = None
-    max_retries: int | None = None
+#: A task's options as its workers registered them (see TaskOptions).
+TaskDefaults = TaskOptions
 
 
 @dataclass(eq=False, slots=True)

@@ -402,6 +402,9 @@ class TaskInfo(msgspec.Struct, frozen=True, array_like=True):
     retry_backoff_max: float | None = None
     result_ttl: float | None = None
     max_retries: int | None = None
+    #: The queue @corral.task declared: where a job of the task goes when
+    #: enqueued without one.
+    queue: str | None = None
 
 
 class Ready(Msg, frozen=True):

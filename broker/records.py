@@ -158,6 +158,29 @@ class FollowedUp(Record, frozen=True):
     created: list[JobCreated]
 
 
+class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """A task's options as its workers registered them (``@corral.task``):
+    what a job of the task falls back on for an option it does not set.
+    ``queue`` is where a job of the task goes when enqueued without one."""
+
+    max_attempts: int | None = None
+    timeout: float | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    result_ttl: float | None = None
+    max_retries: int | None = None
+    queue: str | None = None
+
+
+class TaskRegistered(Record, frozen=True):
+    """A worker registered ``name`` with ``options`` different from what the
+    broker knew: logged, so the task's queue and defaults hold across a
+    restart before any worker registers again."""
+
+    name: str
+    options: TaskOptions
+
+
 class BrokerStarted(Record, frozen=True):
     """A broker started on this log, as its ``epoch``-th start (counting
     from 1). Lease tokens carry the epoch in their high bits, so a token
@@ -212,6 +235,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     13: Started,
     14: BrokerStarted,
     15: FollowedUp,
+    16: TaskRegistered,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

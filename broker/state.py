@@ -48,6 +48,7 @@ from corral.broker.records import (
     Returned,
     ScheduleFired,
     Started,
+    TaskRegistered,
     TryRec,
 )
 
@@ -113,6 +114,7 @@ class JobState:
             ProgressNoted: self._apply_progress,
             BrokerStarted: self._apply_broker_started,
             FollowedUp: self._apply_followed_up,
+            TaskRegistered: self._apply_task,
         }
 
     # ------------------------------------------------------------ apply
@@ -134,6 +136,9 @@ class JobState:
             self._apply_created(created)
         if rec.parent in self.jobs or rec.parent in self.flows:
             self.followed.add(rec.parent)
+
+    def _apply_task(self, rec: TaskRegistered) -> None:
+        self.tasks[rec.name] = rec.options
 
     def _apply_removed(self, rec: Removed) -> None:
         self._remove(rec.id)
@@ -460,7 +465,7 @@ class JobState:
             run_at = None
         fields = msgspec.structs.asdict(spec)
         fields.update(
-            queue=spec.queue or DEFAULT_QUEUE,
+            queue=spec.queue or self._task_queue(spec.task),
             delay=None,
             run_at=run_at,
             payload=msgspec.Raw(bytes(spec.payload)),  # not a view of the request's frame
@@ -473,6 +478,12 @@ class JobState:
             step=step,
             prev_result=prev_result,
         )
+
+    def _task_queue(self, task: str) -> str:
+        """The queue the task declared (as its workers registered it), else
+        ``"default"``."""
+        options = self.tasks.get(task)
+        return options.queue if options is not None and options.queue else DEFAULT_QUEUE
 
     def max_attempts(self, job: Job) -> int:
         """The job's attempt budget (the job's, else its task's, else the broker's)."""
@@ -494,6 +505,8 @@ def snapshot(state: JobState) -> Iterator[Record]:
     queues, the schedules' last fires and the flows that still have jobs."""
     if state.epoch:
         yield BrokerStarted(state.epoch, 0.0)
+    for name, options in sorted(state.tasks.items()):
+        yield TaskRegistered(name, options)
     for queue in sorted(state.paused):
         yield QueuePaused(queue, True)
     for name, due_at in sorted(state.last_fired.items()):

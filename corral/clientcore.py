@@ -206,9 +206,13 @@ class ClientCore:
         DiskFull (not accepted), BrokerError ``invalid`` for a bad option,
         BrokerUnavailable.
         """
+        name = task
+        if not isinstance(task, str):  # a @corral.task function: its name and queue
+            definition = _task_definition(task)
+            name, queue = definition.name, queue or definition.queue
         spec = JobSpec(
             id or new_job_id(),
-            task if isinstance(task, str) else _task_name(task),
+            str(name),
             _encode_payload(payload),
             queue=queue,
             priority=priority,
@@ -498,12 +502,12 @@ def _encode_payload(payload: Any) -> msgspec.Raw:
         raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from None
 
 
-def _task_name(fn: Callable[..., Any]) -> str:
-    """The name of a ``@corral.task`` function."""
+def _task_definition(fn: Callable[..., Any]) -> Any:
+    """The definition (a ``TaskDef``) of a ``@corral.task`` function.
+    Raises TypeError for anything else."""
     from corral.workers.registry import ATTRIBUTE
 
     definition = getattr(fn, ATTRIBUTE, None)
     if definition is None:
         raise TypeError(f"enqueue takes a task name or a @corral.task function, not {fn!r}")
-    name: str = definition.name
-    return name
+    return definition

@@ -55,6 +55,8 @@ from corral.broker.records import (
     Returned,
     ScheduleFired,
     Started,
+    TaskOptions,
+    TaskRegistered,
     TryRec,
     encode_record,
 )
@@ -170,6 +172,7 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         ProgressNoted("a", 0.5, "half", 15.0),
         ScheduleFired("nightly", 1700000000.0),
         BrokerStarted(3, 17.0),
+        TaskRegistered("t", TaskOptions(max_attempts=3, queue="emails", retry_backoff=0.5)),
         FollowedUp("a", [job_rec("b", 2, "t", "q", 0, raw(2), 18.0)]),
         FlowCreated(
             "f",

@@ -520,6 +520,7 @@ def task_infos(registry: Registry) -> list[p.TaskInfo]:
             retry_backoff_max=t.retry_backoff_max,
             result_ttl=t.result_ttl,
             max_retries=t.max_retries,
+            queue=t.queue,
         )
         for t in registry
     ]

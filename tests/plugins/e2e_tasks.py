@@ -218,3 +218,9 @@ def stubborn(ctx: corral.JobContext, gate: str) -> dict[str, object]:
     with open(gate + ".log", "a") as file:
         file.write(f"{ctx.attempt} {os.getpid()} {saw}\n")
     return {"pid": os.getpid(), "attempt": ctx.attempt}
+
+
+@corral.task(name="e2e.email", queue="emails", max_attempts=7, result_ttl=3600)
+def email(ctx: corral.JobContext, to: str) -> str:
+    """A task of its own queue, as in the README's example."""
+    return f"sent to {to} from {ctx.queue}"
