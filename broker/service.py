@@ -165,7 +165,19 @@ class ClientService:
 
     def _get_job(self, identity: bytes, msg: p.GetJob, now: float, mono: float) -> None:
         job = self.state.jobs.get(msg.job_id)
-        if job is None:
+        flow = self.state.flows.get(msg.job_id)
+        if job is None and flow is not None:  # a flow's id: say so, and where to look
+            self._reply(
+                identity,
+                p.ErrorReply(
+                    msg.req,
+                    "not_found",
+                    f"{msg.job_id!r} is a {flow.kind}, not a job: see "
+                    f"`corral {flow.kind} {msg.job_id}` (client.{flow.kind}(id)) or "
+                    f"`corral result {msg.job_id}`",
+                ),
+            )
+        elif job is None:
             self._reply(identity, not_found(msg.req, msg.job_id))
         else:
             self._reply(identity, p.JobReply(msg.req, views.job_view(self.state, job)))

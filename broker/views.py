@@ -97,8 +97,8 @@ def job_view(state: JobState, job: Job) -> p.JobInfo:
 def flow_info(state: JobState, flow: FlowCreated) -> p.FlowInfo:
     status, failed_step = flows.status_of(state, flow)
     ids = [step.id for step in flow.steps]
-    statuses = {i: state.jobs[i].status for i in ids if i in state.jobs}
     callback = flow.callback.id if flow.callback is not None else None
+    statuses = {i: state.jobs[i].status for i in [*ids, callback] if i in state.jobs}
     return p.FlowInfo(
         flow.id, flow.kind, status, ids, statuses, flow.created_at, failed_step, callback
     )

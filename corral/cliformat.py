@@ -125,7 +125,9 @@ def human_flow(info: Any) -> str:
     for index, job_id in enumerate(info.jobs):
         lines.append(f"  {index}: {job_id} {info.statuses.get(job_id, 'not created')}")
     if info.callback:
-        lines.append(f"  callback: {info.callback}")
+        status = info.statuses.get(info.callback)
+        shown = f"{info.callback} {status}" if status else "not created"
+        lines.append(f"  callback: {shown}")
     return "\n".join(lines)
 
 

@@ -62,6 +62,10 @@ def test_group_and_chord(env: Env, daemon) -> None:  # type: ignore[no-untyped-d
     assert client.result(chord, timeout=30) == [1, 4, 9]
     callback = client.group(chord).callback
     assert client.result(callback, timeout=30) == 114
+    info = client.group(chord)
+    assert info.statuses[callback] == "succeeded"
+    shown = env.run("group", chord, "-c", str(env.config)).stdout
+    assert f"  callback: {callback} succeeded" in shown
 
 
 def test_group_with_a_failure(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
@@ -76,6 +80,14 @@ def test_group_with_a_failure(env: Env, daemon) -> None:  # type: ignore[no-unty
     assert info.statuses[info.jobs[0]] == "succeeded"
     with pytest.raises(corral.JobNotFound):
         client.job(info.callback)  # a chord's callback runs only if all succeeded
+    assert info.callback not in info.statuses
+    cfg = ["-c", str(env.config)]
+    shown = env.run("group", group_id, *cfg).stdout
+    assert "  callback: not created" in shown and info.callback not in shown
+    # the group's id given to `corral job`: it says what it is and where to look
+    done = env.run("job", group_id, *cfg)
+    assert done.returncode == 1
+    assert f"{group_id!r} is a group, not a job: see `corral group {group_id}`" in done.stderr
 
 
 def test_on_success_and_on_failure_callbacks(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
