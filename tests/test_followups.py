@@ -103,3 +103,44 @@ def test_a_follow_up_cut_off_by_a_crash_is_made_on_replay_once(tmp_path: Path, k
     broker.advance(200.0)  # both expire
     broker = start(tmp_path, clock, 100.0)
     assert FakeWorker(broker).ready() == []
+
+
+def test_every_option_takes_effect_inside_flows_and_callbacks(tmp_path: Path) -> None:
+    """A group member with delay=30 waits 30 s; a chain's next step keeps
+    its queue, priority, attempts, retries, timeout, TTL and callbacks."""
+    broker = InProcessBroker(tmp_path, extra=SMALL)
+    delayed = p.JobSpec("late", "t.x", delay=30.0)
+    msg = p.EnqueueFlow(broker.next_req(), "g", "group", [p.JobSpec("now", "t.x"), delayed])
+    assert isinstance(broker.request(msg), p.EnqueueOk)
+    assert broker.job("late").status == "scheduled"  # type: ignore[union-attr]
+    assert broker.job("late").next_run_at == broker.clock.time() + 30.0  # type: ignore[union-attr]
+    step = p.JobSpec(
+        "s1",
+        "t.x",
+        queue="q2",
+        priority=7,
+        max_attempts=4,
+        max_retries=1,
+        timeout=9.0,
+        result_ttl=11.0,
+        on_success=p.JobSpec("cb", "t.cb", queue="q3"),
+    )
+    msg = p.EnqueueFlow(broker.next_req(), "c", "chain", [p.JobSpec("s0", "t.x"), step])
+    assert isinstance(broker.request(msg), p.EnqueueOk)
+    worker = FakeWorker(broker, queues=("default", "q2", "q3"), credit=1)
+    worker.ready()
+    assert run_next(broker, worker) == "now"
+    assert run_next(broker, worker) == "s0"
+    info = broker.job("s1")
+    assert info is not None
+    assert (info.queue, info.priority, info.max_attempts, info.timeout) == ("q2", 7, 4, 9.0)
+    d = deliveries(broker.to_worker(worker.identity))[-1]
+    assert (d.job_id, d.timeout, d.max_attempts, d.priority) == ("s1", 9.0, 4, 7)
+    worker.start(d)
+    worker.finish(d, "retry", delay=0.0)  # one retry allowed
+    d = deliveries(broker.to_worker(worker.identity))[-1]
+    worker.start(d)
+    worker.finish(d, "retry", delay=0.0)  # the second is past max_retries
+    info = broker.job("s1")
+    assert info is not None and info.status == "failed" and info.error.type == "RetryLimit"  # type: ignore[union-attr]
+    assert broker.job("cb") is None  # on_success: not for a failure
