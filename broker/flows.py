@@ -22,7 +22,7 @@ from corral.broker.jobspec import NIL, JobSpec
 from corral.broker.records import FlowCreated, FollowedUp, JobCreated
 from corral.broker.state import TERMINAL, Job, JobState
 
-__all__ = ["create", "followups", "pending", "results_of", "status_of"]
+__all__ = ["create", "finished", "followups", "members_of", "pending", "results_of", "status_of"]
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -63,15 +63,15 @@ def followups(state: JobState, job: Job, now: float) -> list[FollowedUp]:
         and job.status == "succeeded"
         and flow.id not in state.followed
     ):
-        jobs = [state.jobs.get(step.id) for step in flow.steps]
-        if all(j is not None and j.status == "succeeded" for j in jobs):
+        members = members_of(state, flow)
+        if all(status == "succeeded" for status, _ in members):
             callback = create(
                 state,
                 flow.callback,
                 now,
                 flow=flow.id,
                 index=len(flow.steps),
-                prev_result=results_of(jobs),
+                prev_result=results_of(members),
             )
             out.append(FollowedUp(flow.id, [callback] if callback is not None else []))
     return out
@@ -123,25 +123,48 @@ def pending(state: JobState, now: float, record: Callable[[FollowedUp], None]) -
     return count
 
 
-def results_of(jobs: list[Job | None]) -> msgspec.Raw:
-    """A msgpack array of the jobs' results, in order, without decoding them."""
-    raws = [j.result if j is not None and j.result is not None else NIL for j in jobs]
+Member = tuple[str | None, msgspec.Raw | None]
+
+
+def members_of(state: JobState, flow: FlowCreated) -> list[Member]:
+    """Each step's (status, result): from its job while it is there, else
+    from how it ended (kept by the flow), else (None, None): not created."""
+    out: list[Member] = []
+    for step in flow.steps:
+        job = state.jobs.get(step.id)
+        if job is not None:
+            out.append((job.status, job.result))
+        else:
+            end = state.flowbook.end_of(flow.id, step.id)
+            out.append(end if end is not None else (None, None))
+    return out
+
+
+def results_of(members: list[Member]) -> msgspec.Raw:
+    """A msgpack array of the members' results, in order, without decoding them."""
+    raws = [result if result is not None else NIL for _, result in members]
     return msgspec.Raw(_encoder.encode(raws))
-
-
-def jobs_of(state: JobState, flow: FlowCreated) -> list[Job | None]:
-    return [state.jobs.get(step.id) for step in flow.steps]
 
 
 def status_of(state: JobState, flow: FlowCreated) -> tuple[str, int | None]:
     """A flow's status and, if it failed, the step where."""
-    jobs = jobs_of(state, flow)
+    statuses = [status for status, _ in members_of(state, flow)]
     # A chain stops at its first failure; a group has failed once all ended.
-    ended = flow.kind == "chain" or all(j is not None and j.status in TERMINAL for j in jobs)
-    for index, job in enumerate(jobs):
-        if ended and job is not None and job.status in ("failed", "cancelled"):
-            return job.status, index
-    if all(j is not None and j.status == "succeeded" for j in jobs):
+    ended = flow.kind == "chain" or all(s is not None and s in TERMINAL for s in statuses)
+    for index, status in enumerate(statuses):
+        if ended and status in ("failed", "cancelled"):
+            return status, index
+    if all(s == "succeeded" for s in statuses):
         return "succeeded", None
-    started = any(j is not None and j.status not in ("queued", "scheduled") for j in jobs)
+    started = any(s is not None and s not in ("queued", "scheduled") for s in statuses)
     return ("running" if started else "queued"), None
+
+
+def finished(state: JobState, flow: FlowCreated) -> bool:
+    """The flow has ended (succeeded, failed or cancelled), and a chord's
+    callback, if it is owed, was made."""
+    status, _ = status_of(state, flow)
+    if status not in TERMINAL:
+        return False
+    owes_callback = flow.kind == "group" and flow.callback is not None and status == "succeeded"
+    return not owes_callback or flow.id in state.followed

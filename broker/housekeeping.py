@@ -14,10 +14,11 @@ import time
 import msgspec
 import structlog
 
+from corral.broker import flows
 from corral.broker.dispatch import Dispatcher
 from corral.broker.jobspec import JobSpec
 from corral.broker.journal import Journal
-from corral.broker.records import Removed, ScheduleFired
+from corral.broker.records import FlowRemoved, Removed, ScheduleFired
 from corral.broker.schedules import Schedule, Scheduler, job_id_for
 
 log = structlog.get_logger()
@@ -61,6 +62,19 @@ class Housekeeper:
         a replay never revives one)."""
         for job_id in self.state.expired(now):
             self.journal.record(Removed(job_id))
+        self._forget_flows()
+
+    def _forget_flows(self) -> None:
+        """Forget the finished flows that lost their last job (FlowRemoved):
+        a flow lives as long as the longest TTL of its jobs."""
+        book = self.state.flowbook
+        while book.touched:
+            flow = self.state.flows.get(book.touched.pop())
+            if flow is None or not flows.finished(self.state, flow):
+                continue
+            ids = [s.id for s in flow.steps] + ([flow.callback.id] if flow.callback else [])
+            if not any(i in self.state.jobs for i in ids):
+                self.journal.record(FlowRemoved(flow.id))
 
     def next_wakeup(self) -> float | None:
         """The epoch time the next job or schedule is due, if any."""

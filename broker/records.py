@@ -181,6 +181,23 @@ class TaskRegistered(Record, frozen=True):
     options: TaskOptions
 
 
+class MemberEnded(Record, frozen=True):
+    """Member ``id`` of flow ``flow`` ended with ``status`` (and ``result``,
+    kept where the flow needs it). Written only by compaction: live, a
+    member's end is derived from the record that ended it."""
+
+    flow: str
+    id: str
+    status: str
+    result: msgspec.Raw = NIL
+
+
+class FlowRemoved(Record, frozen=True):
+    """A finished flow none of whose jobs is left is forgotten."""
+
+    id: str
+
+
 class BrokerStarted(Record, frozen=True):
     """A broker started on this log, as its ``epoch``-th start (counting
     from 1). Lease tokens carry the epoch in their high bits, so a token
@@ -236,6 +253,8 @@ RECORD_TYPES: dict[int, type[Record]] = {
     14: BrokerStarted,
     15: FollowedUp,
     16: TaskRegistered,
+    17: MemberEnded,
+    18: FlowRemoved,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

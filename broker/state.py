@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from corral.broker.flowbook import FlowBook
 from corral.broker.job import (
     ACTIVE,
     DEFAULT_QUEUE,
@@ -36,10 +37,12 @@ from corral.broker.records import (
     ErrorRec,
     Finished,
     FlowCreated,
+    FlowRemoved,
     FollowedUp,
     JobCreated,
     JobSnapshot,
     Leased,
+    MemberEnded,
     ProgressNoted,
     QueuePaused,
     Record,
@@ -83,7 +86,8 @@ class JobState:
         #: schedule name -> the due time it last fired for.
         self.last_fired: dict[str, float] = {}
         #: chains and groups by id.
-        self.flows: dict[str, FlowCreated] = {}
+        self.flowbook = FlowBook()
+        self.flows = self.flowbook.flows
         #: Jobs (by id) and groups (by flow id) whose follow-ups were made.
         self.followed: set[str] = set()
         #: unique_key -> the id of the newest job that holds it.
@@ -115,6 +119,8 @@ class JobState:
             BrokerStarted: self._apply_broker_started,
             FollowedUp: self._apply_followed_up,
             TaskRegistered: self._apply_task,
+            MemberEnded: self.flowbook.apply_ended,
+            FlowRemoved: self._apply_flow_removed,
         }
 
     # ------------------------------------------------------------ apply
@@ -144,7 +150,16 @@ class JobState:
         self._remove(rec.id)
 
     def _apply_flow(self, rec: FlowCreated) -> None:
-        self.flows.setdefault(rec.id, rec)
+        self.flowbook.add(rec)
+
+    def _apply_flow_removed(self, rec: FlowRemoved) -> None:
+        self.flowbook.remove(rec.id)
+        self.followed.discard(rec.id)
+
+    def _ended(self, job: Job) -> None:
+        """``job`` reached a terminal status: its flow keeps how it ended."""
+        if job.flow is not None:
+            self.flowbook.member_ended(job.flow, job.id, job.step, job.status, job.result)
 
     def _apply_paused(self, rec: QueuePaused) -> None:
         (self.paused.add if rec.paused else self.paused.discard)(rec.queue)
@@ -237,6 +252,8 @@ class JobState:
         job.run_at = rec.next_run_at if rec.status in WAITING else job.run_at
         self._set_status(job, rec.status)
         self._place(job)
+        if rec.status in TERMINAL:
+            self._ended(job)
 
     def _apply_returned(self, rec: Returned) -> None:
         job = self.holding(rec.id, rec.lease)
@@ -274,6 +291,7 @@ class JobState:
         job.ended_at = rec.at
         self._set_status(job, "cancelled")
         self._place(job)
+        self._ended(job)
 
     def _apply_requeued(self, rec: Requeued) -> None:
         job = self.jobs.get(rec.id)
@@ -289,6 +307,8 @@ class JobState:
         self._set_status(job, "queued")
         self._claim_key(job)
         self._place(job)
+        if job.flow is not None:
+            self.flowbook.member_reopened(job.flow, job.id)
 
     def _claim_key(self, job: Job) -> None:
         """``job`` holds its unique key unless another, active job does (in
@@ -320,6 +340,8 @@ class JobState:
         job = self.jobs.pop(job_id, None)
         if job is not None:
             self.followed.discard(job_id)
+            if job.flow is not None:
+                self.flowbook.touched.add(job.flow)
             self.counts[job.queue, job.status] -= 1
             if job.reserved:
                 self.reserved[job.queue] -= 1
@@ -511,11 +533,10 @@ def snapshot(state: JobState) -> Iterator[Record]:
         yield QueuePaused(queue, True)
     for name, due_at in sorted(state.last_fired.items()):
         yield ScheduleFired(name, due_at)
-    for flow in state.flows.values():
-        if any(step.id in state.jobs for step in flow.steps):
-            yield flow
-            if flow.id in state.followed:
-                yield FollowedUp(flow.id, [])
+    for record in state.flowbook.snapshot():
+        yield record
+        if isinstance(record, FlowCreated) and record.id in state.followed:
+            yield FollowedUp(record.id, [])
     for job in sorted(state.jobs.values(), key=lambda j: j.seq):
         # A held job keeps its lease, so that a Started or Finished record
         # logged after the snapshot still applies on replay.

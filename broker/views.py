@@ -95,10 +95,15 @@ def job_view(state: JobState, job: Job) -> p.JobInfo:
 
 
 def flow_info(state: JobState, flow: FlowCreated) -> p.FlowInfo:
+    """A flow's status and its members' (those expired included: the flow
+    keeps how they ended), and its callback's once made."""
     status, failed_step = flows.status_of(state, flow)
     ids = [step.id for step in flow.steps]
+    members = flows.members_of(state, flow)
+    statuses = {i: s for i, (s, _) in zip(ids, members, strict=True) if s is not None}
     callback = flow.callback.id if flow.callback is not None else None
-    statuses = {i: state.jobs[i].status for i in [*ids, callback] if i in state.jobs}
+    if callback is not None and callback in state.jobs:
+        statuses[callback] = state.jobs[callback].status
     return p.FlowInfo(
         flow.id, flow.kind, status, ids, statuses, flow.created_at, failed_step, callback
     )
@@ -106,25 +111,32 @@ def flow_info(state: JobState, flow: FlowCreated) -> p.FlowInfo:
 
 def flow_result(state: JobState, req: int, flow: FlowCreated) -> p.ResultReply:
     """A chain's result is its last step's; a group's, the list of its
-    jobs' results in order. A failure carries the failed job's error."""
+    jobs' results in order (kept by the flow when a job expired first). A
+    failure carries the failed job's error."""
     status, failed_step = flows.status_of(state, flow)
-    jobs = [state.jobs.get(step.id) for step in flow.steps]
+    members = flows.members_of(state, flow)
     if status == "succeeded":
-        last = jobs[-1]
+        last = members[-1][1]
         result = (
-            flows.results_of(jobs)
+            flows.results_of(members)
             if flow.kind == "group"
-            else (last.result if last is not None and last.result is not None else NIL)
+            else (last if last is not None else NIL)
         )
         return p.ResultReply(req, flow.id, status, result)
     error = None
-    failed = jobs[failed_step] if failed_step is not None else None
-    if failed is not None and failed.error is not None:
-        error = p.ErrorInfo(
-            failed.error.type,
-            f"step {failed_step} ({failed.id}): {failed.error.message}",
-            failed.error.traceback,
-        )
+    if failed_step is not None:
+        step_id = flow.steps[failed_step].id
+        failed = state.jobs.get(step_id)
+        if failed is not None and failed.error is not None:
+            error = p.ErrorInfo(
+                failed.error.type,
+                f"step {failed_step} ({step_id}): {failed.error.message}",
+                failed.error.traceback,
+            )
+        else:
+            error = p.ErrorInfo(
+                "Failed", f"step {failed_step} ({step_id}) {status}; its details expired"
+            )
     return p.ResultReply(req, flow.id, status, NIL, error)
 
 

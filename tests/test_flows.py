@@ -245,3 +245,17 @@ def test_an_expired_follow_up_never_runs_again_after_restarts(env: Env) -> None:
         assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9  # it serves
     assert len(marks.read_text().splitlines()) == 1
     assert gone()
+
+
+def test_a_flow_finishes_whatever_its_members_ttls(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    client = env.client()
+    chain_id = client.enqueue_chain(
+        [J("e2e.square", 20, result_ttl=0), J("e2e.chain_step", 1, result_ttl=3600)]
+    )
+    assert client.result(chain_id, timeout=30) == 401  # 20**2 + 1
+    assert client.chain(chain_id).status == "succeeded"
+    chord = client.enqueue_group(
+        [J("e2e.square", n, result_ttl=0) for n in (1, 2, 3)], callback=J("e2e.sum_prev", 100)
+    )
+    assert client.result(chord, timeout=30) == [1, 4, 9]
+    assert client.result(client.group(chord).callback, timeout=30) == 114

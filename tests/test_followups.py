@@ -144,3 +144,100 @@ def test_every_option_takes_effect_inside_flows_and_callbacks(tmp_path: Path) ->
     info = broker.job("s1")
     assert info is not None and info.status == "failed" and info.error.type == "RetryLimit"  # type: ignore[union-attr]
     assert broker.job("cb") is None  # on_success: not for a failure
+
+
+def finish_all(broker: InProcessBroker, worker: FakeWorker, results: dict[str, object]) -> None:
+    """Run every job delivered to ``worker`` to success, with ``results``."""
+    seen: set[int] = set()
+    while True:
+        todo = [d for d in deliveries(broker.to_worker(worker.identity)) if d.lease not in seen]
+        if not todo:
+            return
+        for d in todo:
+            seen.add(d.lease)
+            worker.start(d)
+            worker.finish(d, "ok", results.get(d.job_id, d.job_id))
+
+
+def flow_reply(broker: InProcessBroker, flow_id: str, wait: float = 0.0) -> object:
+    return broker.request(p.GetResult(broker.next_req(), flow_id, wait=wait))
+
+
+def test_a_chain_finishes_when_its_first_step_expired_at_once(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra=SMALL)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    steps = [p.JobSpec("fetch", "t", result_ttl=0.0), p.JobSpec("store", "t", result_ttl=3600.0)]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
+    finish_all(broker, worker, {"fetch": 20, "store": "stored"})
+    assert broker.job("fetch") is None  # its result expired at once
+    reply = flow_reply(broker, "c")
+    assert isinstance(reply, p.ResultReply) and reply.status == "succeeded"
+    assert msgspec_decode(reply.result) == "stored"
+    info = broker.request(p.GetFlow(broker.next_req(), "c"))
+    assert info.flow.statuses == {"fetch": "succeeded", "store": "succeeded"}
+
+
+def test_a_chord_whose_members_expire_at_once_still_calls_back(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra=SMALL)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    members = [p.JobSpec(f"m{n}", "t", result_ttl=0.0) for n in range(3)]
+    msg = p.EnqueueFlow(broker.next_req(), "g", "group", members, callback=p.JobSpec("cb", "t"))
+    broker.request(msg)
+    finish_all(broker, worker, {"m0": 1, "m1": 2, "m2": 3, "cb": "called"})
+    assert broker.job("m0") is None and broker.job("cb") is not None
+    (cb,) = [d for d in deliveries(broker.to_worker(worker.identity)) if d.job_id == "cb"]
+    assert msgspec_decode(cb.prev_result) == [1, 2, 3]  # the results it receives
+    reply = flow_reply(broker, "g")
+    assert isinstance(reply, p.ResultReply) and msgspec_decode(reply.result) == [1, 2, 3]
+
+
+def test_a_finished_flow_is_forgotten_with_its_last_job_also_after_restarts(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    steps = [p.JobSpec("a", "t", result_ttl=10.0), p.JobSpec("b", "t", result_ttl=30.0)]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
+    finish_all(broker, worker, {})
+    broker.core.log.compact(broker.core.state.snapshot())  # the ends go through compaction
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    broker.advance(20.0)  # a expired; the chain still answers
+    reply = flow_reply(broker, "c")
+    assert isinstance(reply, p.ResultReply) and reply.status == "succeeded"
+    broker.advance(15.0)  # b expired too: the chain is forgotten
+    gone = broker.request(p.GetFlow(broker.next_req(), "c"))
+    assert isinstance(gone, p.ErrorReply) and gone.code == "not_found"
+    assert "c" not in broker.core.state.flows and not broker.core.state.flowbook.ends
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    assert "c" not in broker.core.state.flows
+
+
+def test_state_levels_off_under_a_steady_stream_of_chains(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra=SMALL)
+    worker = FakeWorker(broker, credit=8)
+    worker.ready()
+    sizes = []
+    for round_ in range(30):
+        for n in range(5):
+            steps = [
+                p.JobSpec(f"r{round_}-{n}-{i}", "t", p.encode_value("x" * 1000), result_ttl=5.0)
+                for i in range(2)
+            ]
+            broker.request(p.EnqueueFlow(broker.next_req(), f"c{round_}-{n}", "chain", steps))
+        finish_all(broker, worker, {})
+        broker.advance(2.0)
+        state = broker.core.state
+        sizes.append((len(state.flows), len(state.jobs), len(state.flowbook.ends)))
+    # chains live 5 s and a round takes 2 s: at most 3 rounds' worth are kept
+    assert max(s[0] for s in sizes[10:]) <= 15 and max(s[1] for s in sizes[10:]) <= 30
+    assert sizes[-1] == sizes[-2]  # level
+
+
+def msgspec_decode(raw: object) -> object:
+    import msgspec
+
+    return msgspec.msgpack.decode(raw)  # type: ignore[call-overload]
