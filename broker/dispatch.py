@@ -16,6 +16,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import structlog
 
 from corral.broker import balance, views
@@ -124,29 +125,11 @@ class Dispatcher:
         old = self.workers.get(identity)
         if old is not None:
             self.lose(old, now, mono, "registered again")
-        conn = WorkerConn(
-            identity=identity,
-            worker_id=msg.worker_id,
-            queues=list(msg.queues),
-            capacity=max(0, msg.credit),
-            concurrency=max(1, msg.concurrency),
-            tasks=[t.name for t in msg.tasks],
-            host=msg.host,
-            pid=msg.pid,
-            last_seen=mono,
-            weights={q: w for q, w in msg.queue_weights.items() if w > 0},
-        )
-        self.workers.add(conn)
+        self.workers.add(WorkerConn.from_ready(identity, msg, mono))
         for task in msg.tasks:
-            options = TaskDefaults(
-                max_attempts=task.max_attempts,
-                timeout=task.timeout,
-                retry_backoff=task.retry_backoff,
-                retry_backoff_max=task.retry_backoff_max,
-                result_ttl=task.result_ttl,
-                max_retries=task.max_retries,
-                queue=task.queue,
-            )
+            fields = msgspec.structs.asdict(task)
+            del fields["name"]
+            options = TaskDefaults(**fields)  # TaskInfo is a name and TaskOptions' fields
             if self.state.tasks.get(task.name) != options:
                 self.journal.record(TaskRegistered(task.name, options))
         self._dirty = True
@@ -237,20 +220,13 @@ class Dispatcher:
 
     def _count_outcome(self, conn: WorkerConn | None, record: Finished, mono: float) -> None:
         """Count a try's end: by the status it led to, and as processed or
-        failed. A failure is a counted try that did not succeed (an error, a
-        timeout, a lost worker); a Retry request or a shutdown is neither."""
+        failed (see :func:`views.outcome_of`)."""
         self.stats[_STAT_KEYS[record.status]] += 1
-        outcome = "succeeded" if record.status == "succeeded" else None
-        if outcome is None and record.counted:
-            outcome = "failure"
-        if outcome is None:
-            return
-        self.rates.add(mono, outcome)
-        if conn is not None:
-            if outcome == "succeeded":
-                conn.processed += 1
-            else:
-                conn.failed += 1
+        outcome = views.outcome_of(record)
+        if outcome is not None:
+            self.rates.add(mono, outcome)
+            if conn is not None:
+                conn.count(outcome)
 
     def _returned(self, conn: WorkerConn | None, msg: p.Return) -> None:
         if conn is not None and msg.ref:
@@ -317,23 +293,9 @@ class Dispatcher:
         requeued = 0
         for job_id, lease in list(conn.leases.items()):
             job = self.state.holding(job_id, lease)
-            if job is None:
-                continue
-            self.holders.pop(job_id, None)
-            if job_id in counted:
-                self._start(conn, job, now, mono)  # it may have started unannounced
-                error = ErrorRec(
-                    "WorkerLost",
-                    f"worker {conn.worker_id} (pid {conn.pid} on {conn.host}) {reason} "
-                    "while running the job",
-                )
-                finished = self.state.policy.decide_finish(job, "lost", now, error=error)
-                self._settle(job, finished, now, mono)
-                if finished.status in TERMINAL:
-                    continue
-            else:
-                self.journal.record(Returned(job_id, lease))
-            requeued += 1
+            if job is not None:
+                self.holders.pop(job_id, None)
+                requeued += self._take_back(conn, job, job_id in counted, reason, now, mono)
         self.stats["workers_lost"] += reason != "left"
         self.stats["redelivered"] += requeued
         self._dirty = True
@@ -346,6 +308,24 @@ class Dispatcher:
             requeued=requeued,
         )
         return requeued
+
+    def _take_back(
+        self, conn: WorkerConn, job: Job, charge: bool, reason: str, now: float, mono: float
+    ) -> int:
+        """A gone worker's job goes back: charged a try (``WorkerLost``) or
+        not. Returns 1 if it goes back to its queue, 0 if the try ended it."""
+        if not charge:
+            self.journal.record(Returned(job.id, job.lease))
+            return 1
+        self._start(conn, job, now, mono)  # it may have started unannounced
+        error = ErrorRec(
+            "WorkerLost",
+            f"worker {conn.worker_id} (pid {conn.pid} on {conn.host}) {reason} "
+            "while running the job",
+        )
+        finished = self.state.policy.decide_finish(job, "lost", now, error=error)
+        self._settle(job, finished, now, mono)
+        return 0 if finished.status in TERMINAL else 1
 
     def process_exited(
         self,

@@ -96,7 +96,8 @@ class Policy:
             if delay is None
             else max(0.0, delay)
         )
-        status, next_run_at = ("retrying", now + wait) if wait > 0 else ("queued", None)
+        due = now + wait  # a wait too small to move ``now`` is no wait
+        status, next_run_at = ("retrying", due) if due > now else ("queued", None)
         return Finished(
             job.id,
             job.lease,

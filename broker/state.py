@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from corral.broker.expiry import ExpiryQueue
 from corral.broker.flowbook import FlowBook
 from corral.broker.job import (
     ACTIVE,
@@ -54,6 +55,7 @@ from corral.broker.records import (
     TaskRegistered,
     TryRec,
 )
+from corral.broker.unique import UniqueKeys
 
 __all__ = [
     "ACTIVE",
@@ -90,8 +92,8 @@ class JobState:
         self.flows = self.flowbook.flows
         #: Jobs (by id) and groups (by flow id) whose follow-ups were made.
         self.followed: set[str] = set()
-        #: unique_key -> the id of the newest job that holds it.
-        self.unique: dict[str, str] = {}
+        #: Unique keys and the jobs that hold them.
+        self.unique = UniqueKeys(self.jobs)
         self.live_bytes = 0
         #: How many times a broker has started on this log.
         self.epoch = 0
@@ -99,7 +101,8 @@ class JobState:
         #: The ready heaps, one per queue.
         self.ready = ReadyQueues(self.jobs)
         self._waiting: list[tuple[float, int, str]] = []
-        self._expiry: list[tuple[float, int, str]] = []
+        #: When finished jobs are forgotten.
+        self.expiry = ExpiryQueue(self.jobs, self.policy)
         self._rng = random.Random()
         #: How each record type changes the state.
         self._changes: dict[type[Record], Callable[[Any], None]] = {
@@ -192,7 +195,7 @@ class JobState:
         if job.reserved:
             self.reserved[job.queue] += 1
         self.live_bytes += job.size()
-        self._claim_key(job)
+        self.unique.claim(job)
         self._place(job)
 
     def _apply_leased(self, rec: Leased) -> None:
@@ -305,21 +308,10 @@ class JobState:
         job.result = None
         self.live_bytes += job.size()
         self._set_status(job, "queued")
-        self._claim_key(job)
+        self.unique.claim(job)
         self._place(job)
         if job.flow is not None:
             self.flowbook.member_reopened(job.flow, job.id)
-
-    def _claim_key(self, job: Job) -> None:
-        """``job`` holds its unique key unless another, active job does (in
-        whatever order jobs are added: live, replayed or from snapshots)."""
-        if not job.unique_key:
-            return
-        current = self.jobs.get(self.unique.get(job.unique_key, ""))
-        free = current is None or current is job or current.status not in ACTIVE
-        newer_active = job.status in ACTIVE and current is not None and current.seq < job.seq
-        if free or newer_active:
-            self.unique[job.unique_key] = job.id
 
     def _set_status(self, job: Job, status: str) -> None:
         counts = self.counts
@@ -334,7 +326,7 @@ class JobState:
         elif job.status in WAITING and job.run_at is not None:
             heapq.heappush(self._waiting, (job.run_at, job.seq, job.id))
         elif job.status in TERMINAL:
-            heapq.heappush(self._expiry, (self._expires_at(job), job.seq, job.id))
+            self.expiry.add(job)
 
     def _remove(self, job_id: str) -> Job | None:
         job = self.jobs.pop(job_id, None)
@@ -346,8 +338,7 @@ class JobState:
             if job.reserved:
                 self.reserved[job.queue] -= 1
             self.live_bytes -= job.size()
-            if job.unique_key and self.unique.get(job.unique_key) == job_id:
-                del self.unique[job.unique_key]
+            self.unique.release(job)
         return job
 
     # ------------------------------------------------------- recovery, time
@@ -395,14 +386,7 @@ class JobState:
         """The finished jobs past their TTL, to be removed (the broker logs a
         Removed for each, so that a replay never revives one whose id a
         newer job has taken since)."""
-        due: dict[str, None] = {}  # a job requeued and ended again has two entries
-        while self._expiry and self._expiry[0][0] <= now:
-            _, _, job_id = heapq.heappop(self._expiry)
-            job = self.jobs.get(job_id)
-            if job is None or job.status not in TERMINAL or self._expires_at(job) > now:
-                continue
-            due[job_id] = None
-        return list(due)
+        return self.expiry.due(now)
 
     def expire(self, now: float) -> list[str]:
         """Remove :meth:`expired` jobs without logging; returns their ids."""
@@ -410,13 +394,6 @@ class JobState:
         for job_id in gone:
             self._remove(job_id)
         return gone
-
-    def _expires_at(self, job: Job) -> float:
-        """When a finished job is forgotten: after its TTL, and never before
-        its unique_for window ends (it holds its key until then)."""
-        ended = job.ended_at or job.created_at
-        held_until = ended + (job.unique_for or 0.0) if job.unique_key else ended
-        return max(self.policy.ttl_end(job, ended), held_until)
 
     # --------------------------------------------------------- dispatching
 
@@ -447,16 +424,8 @@ class JobState:
         return seq
 
     def holder_of(self, unique_key: str | None, now: float) -> str | None:
-        """The id of the job that holds ``unique_key`` now: one still active,
-        or one that ended less than its ``unique_for`` ago."""
-        job = self.jobs.get(self.unique.get(unique_key, "")) if unique_key else None
-        if job is None:
-            return None
-        if job.status in ACTIVE:
-            return job.id
-        if job.unique_for and job.ended_at is not None and now < job.ended_at + job.unique_for:
-            return job.id
-        return None
+        """The id of the job that holds ``unique_key`` now (see UniqueKeys)."""
+        return self.unique.holder_of(unique_key, now)
 
     def decide_create(
         self,

@@ -10,7 +10,7 @@ from corral.broker import balance, flows
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL, InvalidJob
 from corral.broker.protocol import STATUSES, TERMINAL
-from corral.broker.records import FlowCreated
+from corral.broker.records import Finished, FlowCreated
 from corral.broker.state import Job, JobState
 from corral.broker.workers import WorkerConn
 
@@ -42,6 +42,15 @@ class Rates:
             "processed_per_minute": float(total["succeeded"]),
             "failed_per_minute": float(total["failure"]),
         }
+
+
+def outcome_of(record: Finished) -> str | None:
+    """How a try's end counts: ``succeeded``, ``failure`` (a counted try
+    that did not succeed: an error, a timeout, a lost worker), or None (a
+    Retry request or a shutdown is neither)."""
+    if record.status == "succeeded":
+        return "succeeded"
+    return "failure" if record.counted else None
 
 
 def result_reply(req: int, job: Job) -> p.ResultReply:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from corral.broker import protocol as p
+
 
 @dataclass(eq=False)
 class WorkerConn:
@@ -34,6 +36,29 @@ class WorkerConn:
     #: queue -> weight (from the pool's queue_weights); absent: equal shares.
     weights: dict[str, int] = field(default_factory=dict)
     _current: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_ready(cls, identity: bytes, msg: p.Ready, mono: float) -> WorkerConn:
+        """The connection a READY registers."""
+        return cls(
+            identity=identity,
+            worker_id=msg.worker_id,
+            queues=list(msg.queues),
+            capacity=max(0, msg.credit),
+            concurrency=max(1, msg.concurrency),
+            tasks=[t.name for t in msg.tasks],
+            host=msg.host,
+            pid=msg.pid,
+            last_seen=mono,
+            weights={q: w for q, w in msg.queue_weights.items() if w > 0},
+        )
+
+    def count(self, outcome: str) -> None:
+        """A try it ran ended: ``succeeded`` or ``failure``."""
+        if outcome == "succeeded":
+            self.processed += 1
+        else:
+            self.failed += 1
 
     @property
     def credit(self) -> int:

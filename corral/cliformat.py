@@ -45,7 +45,10 @@ def human_job(info: Any) -> str:
         f"attempts:    {info.attempts}/{info.max_attempts}",
         f"created:     {_when(info.created_at)}",
         f"next run:    {_when(info.next_run_at)}",
+        f"started:     {_when(info.started_at)}",
     ]
+    if info.reserved_by:
+        lines.append(f"reserved by: {info.reserved_by} (in its prefetch buffer, not started)")
     if info.error is not None:
         lines.append(f"error:       {info.error.type}: {info.error.message}")
     for t in info.tries:
@@ -75,10 +78,15 @@ def human_status(status: Any) -> str:
     if status.registered_tasks:
         lines.append(f"tasks: {', '.join(status.registered_tasks)}")
     for u in status.unroutable:
+        hint = (
+            f"no connected worker listens to queue {u.queue!r}: add it to a pool's queues"
+            if u.task in status.registered_tasks
+            else "no connected worker registered the task: add its module to the plugins "
+            "of a pool that serves the queue"
+        )
         lines.append(
             f"unroutable: {u.count} job(s) of task {u.task!r} on queue {u.queue!r}, waiting "
-            f"since {_when(u.since)}: no connected worker takes them (add the task's module "
-            "to a pool that serves the queue)"
+            f"since {_when(u.since)}: {hint}"
         )
     for sup in status.supervisors:
         lines.append("")

@@ -94,7 +94,7 @@ class Children:
                     reason=verdict.reason,
                 )
                 child.killed_for = verdict.reason
-                child.charged = list(verdict.jobs)
+                child.charged = verdict.charged()
                 child.signal(signal.SIGKILL)
             elif pool.holds(index, child):
                 pool.replace(index, child, verdict.reason, drain=True)

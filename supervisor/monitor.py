@@ -30,6 +30,12 @@ class Verdict:
     #: for the kill; the process's other jobs go back uncounted.
     jobs: tuple[str, ...] = ()
 
+    def charged(self) -> list[str] | None:
+        """The jobs to charge for a kill: those it was for, or None when it
+        was not for any one job (no sign of life: every job the process had
+        started may be the cause, and each counts)."""
+        return list(self.jobs) if self.jobs else None
+
 
 def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
     """Apply what the child wrote to its status pipe. Returns the reason if

@@ -189,6 +189,8 @@ def test_a_job_no_worker_takes_waits_uncounted_and_shows_as_unroutable(env: Env)
     assert routes == {("default", "no.such.task"): 1, ("later", "e2e.square"): 1}
     shown = env.run("status", "-c", str(env.config)).stdout
     assert "unroutable: 1 job(s) of task 'no.such.task' on queue 'default'" in shown
+    assert "no connected worker registered the task" in shown
+    assert "no connected worker listens to queue 'later'" in shown
     env.start("worker", "--queue", "later", "--plugin", "e2e_tasks")
     assert client.result(later, timeout=30) == 36
     assert [(u.queue, u.task) for u in client.status().unroutable] == [("default", "no.such.task")]

@@ -24,6 +24,8 @@ def test_a_cancelled_job_in_a_prefetch_buffer_never_runs(env: Env) -> None:
     assert (info.status, info.attempts, info.tries, info.started_at) == ("queued", 0, [], None)
     (worker,) = client.status().workers
     assert (worker.running, worker.reserved) == ([a], [b])
+    shown = env.run("job", b, "-c", str(env.config)).stdout
+    assert f"reserved by: {worker.worker_id}" in shown and "started:     -" in shown
     assert client.cancel(b) is True
     assert client.job(b).status == "cancelled"
     # the worker handed B back unstarted: its credit is back

@@ -33,3 +33,23 @@ def test_a_torn_line_is_skipped_and_a_split_one_joined() -> None:
     assert reader.feed(b"J id=0a job:1") == []  # no newline yet
     (event,) = reader.feed(b"0\nJ id=0a bad:xx\n")
     assert (event.identity, event.jobs) == ("0a", {"job": 10.0})
+
+
+def test_a_kill_charges_the_jobs_it_was_for_or_every_started_one() -> None:
+    """A hard-timeout kill names its jobs; a kill for no sign of life names
+    none, and None (not an empty list) tells the broker to charge every job
+    the process had started."""
+    from corral.config.schema import PoolConfig
+    from corral.supervisor.monitor import judge
+    from corral.supervisor.process import Child
+
+    child = Child.__new__(Child)
+    child.jobs = {"late": (0.0, 1.0), "fine": (0.0, 0.0)}
+    child.last_beat = 100.0
+    child.retiring = ""
+    pool = PoolConfig(name="p")
+    verdict = judge(child, pool, 100.0 + 0.5, 10.0)
+    assert verdict is not None and verdict.charged() == ["late"]
+    child.jobs = {"a": (0.0, 0.0)}
+    verdict = judge(child, pool, 200.0, 10.0)  # silent for 100 s
+    assert verdict is not None and verdict.action == "kill" and verdict.charged() is None

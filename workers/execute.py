@@ -8,6 +8,7 @@ The sync and asyncio paths share :meth:`Execution.prepare` and
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import structlog
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL
 from corral.context import JobContext
-from corral.errors import Fail, Retry
+from corral.errors import Fail, Retry, SoftTimeout
 from corral.workers.registry import PayloadInvalid, Registry, TaskDef
 
 log = structlog.get_logger()
@@ -200,3 +201,35 @@ def clean_text(text: str, limit: int, *, keep_end: bool = False) -> str:
     if keep_end:
         return text[: limit // 4] + cut + text[-(limit - limit // 4) :]
     return text[:limit] + cut
+
+
+class SoftTimer:
+    """Soft timeouts: SIGALRM raises SoftTimeout inside the handler running
+    on the main thread (the first of a process's slots), after the task's
+    ``soft_timeout`` seconds; the handler may catch it and clean up."""
+
+    def __init__(self) -> None:
+        self._job: str | None = None
+
+    def on_alarm(self, signum: int, frame: object) -> None:
+        """The SIGALRM handler."""
+        if self._job is not None:
+            self._job = None
+            raise SoftTimeout("the job ran past its soft timeout")
+
+    def run(
+        self, execution: Execution, loop: asyncio.AbstractEventLoop | None, soft: float | None
+    ) -> p.Outcome:
+        """Run ``execution`` on this thread, with a soft timeout of ``soft``
+        seconds if given (main thread only)."""
+        try:
+            if soft:
+                self._job = execution.d.job_id
+                signal.setitimer(signal.ITIMER_REAL, soft)
+            return execution.run(lambda args: execution.call_sync(args, loop))
+        except SoftTimeout as exc:  # fired outside the handler's own try
+            return execution.complete(error=exc)
+        finally:
+            if soft:
+                self._job = None
+                signal.setitimer(signal.ITIMER_REAL, 0)

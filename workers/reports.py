@@ -11,6 +11,10 @@ so, rather than a job that runs forever.
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from typing import Any
+
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL
 
@@ -55,3 +59,26 @@ def _too_large(outcome: p.Outcome, size: int, limit: int) -> p.Outcome:
         outcome.started_at,
         outcome.ended_at,
     )
+
+
+def encode_outbox(outbox: deque[tuple[str, Any]], limit: int) -> tuple[list[bytes], list[p.Lease]]:
+    """Empty a worker's outbox of ``(kind, item)`` (kinds ``started``,
+    ``done``, ``progress``, ``return``): the encoded reports that carry the
+    first three (only the newest progress note per job), cut to ``limit``
+    bytes each, and the leases to hand back."""
+    batches: dict[str, list[Any]] = {"started": [], "done": [], "return": [], "progress": []}
+    while outbox:
+        kind, item = outbox.popleft()
+        batches[kind].append(item)
+    reports: list[bytes] = []
+    if batches["started"] or batches["done"] or batches["progress"]:
+        latest = {note.job_id: note for note in batches["progress"]}
+        reports = fit_reports(batches["started"], batches["done"], list(latest.values()), limit)
+    return reports, batches["return"]
+
+
+def interrupted(job_id: str, lease: int, why: str) -> p.Outcome:
+    """The outcome of a job its worker stopped running (shutdown_timeout):
+    back to its queue, uncounted, the try recorded as Interrupted."""
+    error = p.ErrorInfo("Interrupted", why)
+    return p.Outcome(job_id, lease, "interrupted", NIL, error, None, None, time.time())

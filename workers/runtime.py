@@ -30,13 +30,11 @@ import structlog
 import zmq
 
 from corral.broker import protocol as p
-from corral.broker.jobspec import NIL
-from corral.errors import SoftTimeout
 from corral.transport import connect_dealer
 from corral.workers.buffer import Held
-from corral.workers.execute import Execution
+from corral.workers.execute import Execution, SoftTimer
 from corral.workers.registry import Registry
-from corral.workers.reports import fit_reports
+from corral.workers.reports import encode_outbox, interrupted
 from corral.workers.status import StatusWriter
 
 log = structlog.get_logger()
@@ -105,7 +103,7 @@ class Worker:
         self._timeouts: dict[str, float | None] = {}
         self._status_version = 0
         self._status_sent = -1
-        self._soft_job: str | None = None
+        self._soft = SoftTimer()
         self.processed = 0
 
     # ---------------------------------------------------------- lifecycle
@@ -129,7 +127,7 @@ class Worker:
         """Run until stopped; returns the process exit code. The socket loop
         runs on its own thread; the main thread runs the first handler slot,
         so that a soft timeout (SIGALRM) can interrupt its handler."""
-        signal.signal(signal.SIGALRM, self._on_soft_timeout)
+        signal.signal(signal.SIGALRM, self._soft.on_alarm)
         socket_thread = self._thread(self._socket_main, "corral-socket")
         threads = self.options.concurrency if self.options.concurrency_mode == "threads" else 1
         for i in range(1, threads):
@@ -166,11 +164,6 @@ class Worker:
             sys.stderr.flush()
             os._exit(0)
 
-    def _on_soft_timeout(self, signum: int, frame: object) -> None:
-        if self._soft_job is not None:
-            self._soft_job = None
-            raise SoftTimeout("the job ran past its soft timeout")
-
     def _drained(self) -> bool:
         if self._stop_deadline is None:
             self._begin_drain()
@@ -185,16 +178,12 @@ class Worker:
         """The drain ran out of time: report each job still running as
         interrupted: it goes back to its queue with its try recorded and
         not counted (a shutdown is not the job's failure)."""
-        now = time.time()
+        why = (
+            f"worker {self.worker_id} stopped after shutdown_timeout "
+            f"({self.options.shutdown_timeout:g}s) before the job finished"
+        )
         for job_id, ctx in list(self._running.items()):
-            error = p.ErrorInfo(
-                "Interrupted",
-                f"worker {self.worker_id} stopped after shutdown_timeout "
-                f"({self.options.shutdown_timeout:g}s) before the job finished",
-            )
-            self._outbox.append(
-                ("done", p.Outcome(job_id, ctx.lease, "interrupted", NIL, error, None, None, now))
-            )
+            self._outbox.append(("done", interrupted(job_id, ctx.lease, why)))
 
     def _begin_drain(self) -> None:
         self._stop_deadline = time.monotonic() + self.options.shutdown_timeout
@@ -389,21 +378,11 @@ class Worker:
             self._status.retiring("max_jobs")
             self.request_stop()
             self._begin_drain()
-        batches: dict[str, list[Any]] = {"started": [], "done": [], "return": [], "progress": []}
-        while self._outbox:
-            kind, item = self._outbox.popleft()
-            batches[kind].append(item)
-        if batches["started"] or batches["done"] or batches["progress"]:
-            latest = {note.job_id: note for note in batches["progress"]}  # only the newest
-            for body in fit_reports(
-                batches["started"],
-                batches["done"],
-                list(latest.values()),
-                self.options.max_message_size,
-            ):
-                self._send_bytes(body, keep=True)
-        if batches["return"]:
-            self._send(p.Return(batches["return"]), keep=True)
+        reports, returns = encode_outbox(self._outbox, self.options.max_message_size)
+        for body in reports:
+            self._send_bytes(body, keep=True)
+        if returns:
+            self._send(p.Return(returns), keep=True)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -424,7 +403,7 @@ class Worker:
             if not self._claim(execution):
                 continue
             self._begin(execution)
-            outcome = self._run_sync(execution, loop, soft)
+            outcome = self._soft.run(execution, loop, soft)
             self._end(execution, outcome)
         if loop is not None:
             loop.close()
@@ -463,22 +442,6 @@ class Worker:
         self._done_count += 1
         self._outbox.append(("done", outcome))
         self._wake()
-
-    def _run_sync(
-        self, execution: Execution, loop: asyncio.AbstractEventLoop | None, soft: float | None
-    ) -> p.Outcome:
-        """Run on this thread; a soft timeout (main thread only) arms SIGALRM."""
-        try:
-            if soft:
-                self._soft_job = execution.d.job_id
-                signal.setitimer(signal.ITIMER_REAL, soft)
-            return execution.run(lambda args: execution.call_sync(args, loop))
-        except SoftTimeout as exc:  # fired outside the handler's own try
-            return execution.complete(error=exc)
-        finally:
-            if soft:
-                self._soft_job = None
-                signal.setitimer(signal.ITIMER_REAL, 0)
 
     async def _async_executor(self) -> None:
         """concurrency_mode = "asyncio": one event loop runs up to
