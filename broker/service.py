@@ -132,6 +132,23 @@ class ClientService:
         self.dispatcher.poke()
         self._reply(identity, p.EnqueueOk(msg.req, ids))
 
+    def _check_flow_keys(self, msg: p.EnqueueFlow, now: float) -> None:
+        """A flow's jobs hold their unique keys like any job: a key held by
+        an active job (or used twice in the flow) refuses the flow, naming
+        it, rather than making a second holder. Raises InvalidJob."""
+        seen: dict[str, str] = {}
+        for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
+            key = spec.unique_key
+            if not key:
+                continue
+            holder = self.state.holder_of(key, now) or seen.get(key)
+            if holder is not None:
+                raise InvalidJob(
+                    f"unique_key: {key!r} of job {spec.id!r} is held by job {holder!r}; "
+                    "a flow's jobs cannot share a key with another job"
+                )
+            seen[key] = spec.id
+
     def _enqueue_flow(self, identity: bytes, msg: p.EnqueueFlow, now: float, mono: float) -> None:
         if self._refuse_if_full(identity, msg.req):
             return
@@ -146,6 +163,8 @@ class ClientService:
             validate_flow(msg.flow_id, msg.jobs, msg.callback)
             if msg.flow_id in self.state.jobs:
                 raise InvalidJob(f"flow_id: {msg.flow_id!r} is the id of a job; pick another")
+            if msg.flow_id not in self.state.flows:  # a resent flow is answered as before
+                self._check_flow_keys(msg, now)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return

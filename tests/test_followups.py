@@ -241,3 +241,18 @@ def msgspec_decode(raw: object) -> object:
     import msgspec
 
     return msgspec.msgpack.decode(raw)  # type: ignore[call-overload]
+
+
+def test_a_flow_whose_job_has_a_held_unique_key_is_refused_naming_it(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker.enqueue(id="a", unique_key="k")
+    member = p.JobSpec("m", "t", unique_key="k")
+    reply = broker.request(p.EnqueueFlow(broker.next_req(), "g", "group", [member]))
+    assert isinstance(reply, p.ErrorReply) and reply.code == "invalid"
+    assert reply.message.startswith("unique_key: 'k' of job 'm' is held by job 'a'")
+    assert "g" not in broker.core.state.flows and "m" not in broker.core.state.jobs
+    twice = [p.JobSpec("x", "t", unique_key="j"), p.JobSpec("y", "t", unique_key="j")]
+    reply = broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", twice))
+    assert isinstance(reply, p.ErrorReply) and "held by job 'x'" in reply.message
+    # a plain enqueue with the key still returns the holder, as before
+    assert broker.enqueue(id="b", unique_key="k") == "a"
