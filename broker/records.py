@@ -37,6 +37,20 @@ class TryRec(msgspec.Struct, frozen=True, array_like=True):
     error: ErrorRec | None = None
 
 
+class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """A task's options as its workers registered them (``@corral.task``):
+    what a job of the task falls back on for an option it does not set.
+    ``queue`` is where a job of the task goes when enqueued without one."""
+
+    max_attempts: int | None = None
+    timeout: float | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    result_ttl: float | None = None
+    max_retries: int | None = None
+    queue: str | None = None
+
+
 class JobCreated(JobSpec, Record, frozen=True, kw_only=True):
     """A job was accepted: its spec as the broker resolved it (``queue``
     set, ``delay`` folded into ``run_at``), its creation number ``seq``
@@ -47,6 +61,10 @@ class JobCreated(JobSpec, Record, frozen=True, kw_only=True):
     flow: str | None = None
     step: int = 0
     prev_result: msgspec.Raw = NIL
+    #: The task's registered options when the job was created: the job
+    #: keeps them, so a rolling reload that changes them never changes a
+    #: job already under way. None: the task was not registered yet.
+    task_options: TaskOptions | None = None
 
 
 class Leased(Record, frozen=True):
@@ -156,20 +174,6 @@ class FollowedUp(Record, frozen=True):
 
     parent: str
     created: list[JobCreated]
-
-
-class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
-    """A task's options as its workers registered them (``@corral.task``):
-    what a job of the task falls back on for an option it does not set.
-    ``queue`` is where a job of the task goes when enqueued without one."""
-
-    max_attempts: int | None = None
-    timeout: float | None = None
-    retry_backoff: float | None = None
-    retry_backoff_max: float | None = None
-    result_ttl: float | None = None
-    max_retries: int | None = None
-    queue: str | None = None
 
 
 class TaskRegistered(Record, frozen=True):

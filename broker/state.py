@@ -468,6 +468,7 @@ class JobState:
             flow=flow,
             step=step,
             prev_result=prev_result,
+            task_options=self.tasks.get(spec.task),
         )
 
     def _task_queue(self, task: str) -> str:

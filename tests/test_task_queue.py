@@ -71,3 +71,20 @@ def test_the_readme_example_runs_on_its_own_queue(env: Env) -> None:
     assert client.result(by_function, timeout=30) == "sent to c@d from emails"
     info = client.job(by_function)
     assert (info.task, info.queue, info.max_attempts) == ("e2e.email", "emails", 7)
+
+
+def test_a_reload_that_changes_a_task_never_changes_a_job_under_way(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra=SMALL)
+    old = FakeWorker(broker, b"old", tasks=(p.TaskInfo("t.x", max_attempts=5),))
+    old.ready()
+    under_way = broker.enqueue("t.x")
+    old.go_silent()
+    # the rolled pool registers the task with other options
+    new = FakeWorker(broker, b"new", tasks=(p.TaskInfo("t.x", max_attempts=1),))
+    new.ready()
+    later = broker.enqueue("t.x")
+    assert broker.job(under_way).max_attempts == 5  # type: ignore[union-attr]
+    assert broker.job(later).max_attempts == 1  # type: ignore[union-attr]
+    # and it holds across a restart
+    broker = InProcessBroker(tmp_path, extra=SMALL)
+    assert broker.job(under_way).max_attempts == 5  # type: ignore[union-attr]
