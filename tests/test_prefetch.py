@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from conftest import Env, wait_for, wait_until
 
+import corral
+
 
 def test_a_cancelled_job_in_a_prefetch_buffer_never_runs(env: Env) -> None:
     # 1 process, concurrency 1, prefetch 2: while A runs, B waits in the
@@ -161,3 +163,46 @@ def test_after_pause_returns_no_buffered_job_of_the_queue_starts(env: Env) -> No
     for job_id in buffered:
         assert client.result(job_id, timeout=30) == job_id
     assert [line.split()[0] for line in marks.read_text().splitlines()] == buffered
+
+
+def test_buffered_jobs_run_once_across_a_broker_restart(env: Env) -> None:
+    """The restarted broker puts every leased job back; the worker, told to
+    register again, drops the unstarted jobs in its buffer, so each runs
+    once (the running one is another matter: see the README's limits)."""
+    env.write_config(processes=1, concurrency=1, prefetch=2)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    gate, marks = env.home / "gate", env.home / "marks"
+    first = client.enqueue("e2e.gate", str(gate))
+    buffered = [client.enqueue("e2e.mark", str(marks)) for _ in range(2)]
+    wait_until(
+        lambda: client.status().workers[0],
+        lambda w: w.running == [first] and sorted(w.reserved) == sorted(buffered),
+        message="two jobs in the buffer",
+    )
+    old_broker = client.ping()
+    broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
+    broker.kill()
+    client = env.client(timeout=1)
+
+    def restarted() -> bool:
+        try:
+            return client.ping() != old_broker
+        except corral.BrokerUnavailable:
+            return False
+
+    wait_for(restarted, 60, message="a new broker")
+    # told to register again, or it noticed the silence and reconnected
+    wait_for(
+        lambda: "worker.reregister" in daemon.output() or "worker.broker_silent" in daemon.output(),
+        30,
+        message="the worker to register again",
+    )
+    gate.touch()
+    client = env.client()
+    for job_id in buffered:
+        assert client.result(job_id, timeout=30) == job_id
+    ran = [line.split()[0] for line in marks.read_text().splitlines()]
+    assert sorted(ran) == sorted(buffered)  # each once

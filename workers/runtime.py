@@ -294,7 +294,11 @@ class Worker:
                 case p.Withdraw():
                     self._withdraw(msg)
                 case p.Reregister():
-                    log.info("worker.reregister")
+                    # The broker does not know us (it restarted, or declared us
+                    # gone): it has put our leased jobs back already, so the
+                    # unstarted ones here must not run as well.
+                    dropped = len(self._buffer.clear())
+                    log.info("worker.reregister", dropped_unstarted=dropped)
                     self._register()
                 case p.BrokerHeartbeat():
                     pass
