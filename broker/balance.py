@@ -48,11 +48,16 @@ def plan_deliveries(workers: Iterable[WorkerConn], state: JobState) -> dict[Work
             heap.append((-free_slots(conn), -conn.credit, conn.given, n, conn))
     heapq.heapify(heap)
     plan: dict[WorkerConn, list[Job]] = {}
+    planned: set[str] = set()
     while heap:
         free, credit, given, n, conn = heapq.heappop(heap)
         job = _next_job(conn, state)
         if job is None:
             continue  # nothing ready in its queues: done with this worker
+        if job.id in planned:  # a second heap entry of a job given already
+            heapq.heappush(heap, (free, credit, given, n, conn))
+            continue
+        planned.add(job.id)
         plan.setdefault(conn, []).append(job)
         if credit + 1 < 0:  # credit left
             heapq.heappush(heap, (free + 1, credit + 1, given, n, conn))
