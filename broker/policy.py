@@ -88,7 +88,11 @@ class Policy:
             why = ErrorRec(
                 "RetryLimit",
                 f"the handler asked for a retry more than max_retries ({limit}) times"
-                + (f"; the last reason: {error.message}" if error and error.message else ""),
+                + (
+                    f"; the last reason: {error.message}"
+                    if error and error.message and not error.message.startswith("retry requested")
+                    else ""
+                ),
             )
             return Finished(job.id, job.lease, now, "failed", error=why, started_at=started_at)
         wait = (

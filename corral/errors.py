@@ -65,9 +65,13 @@ class ResultTimeout(CorralError, TimeoutError):
 class Retry(Exception):
     """Raised by a handler: run this job again later without counting a failure."""
 
-    def __init__(self, delay: float | None = None) -> None:
-        super().__init__(f"retry requested (delay={delay})")
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        """``delay``: seconds to wait (None: the task's backoff); ``reason``:
+        why, kept on the try (and named if the job runs out of retries)."""
+        when = "after the task's backoff" if delay is None else f"in {delay:g}s"
+        super().__init__(reason or f"retry requested {when}")
         self.delay = delay
+        self.reason = reason
 
 
 class SoftTimeout(Exception):

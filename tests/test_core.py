@@ -552,6 +552,7 @@ def test_retry_requests_past_max_retries_fail_the_job(broker: InProcessBroker) -
     assert info is not None and info.status == "failed"
     assert info.error is not None and info.error.type == "RetryLimit"
     assert "max_retries (2)" in info.error.message
+    assert "last reason" not in info.error.message  # none was given
     assert [t.attempt for t in info.tries] == [1, 2, 3]
 
 

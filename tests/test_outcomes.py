@@ -227,3 +227,12 @@ def test_a_report_the_socket_cannot_take_is_kept_and_sent_first_later(tmp_path: 
         router.close()
         ctx.term()
         os.close(worker._wake_fd)
+
+
+def test_a_retry_keeps_its_reason_on_the_try() -> None:
+    outcome = run_once(corral.Retry(delay=5, reason="rate limited"))
+    assert (outcome.kind, outcome.delay) == ("retry", 5)
+    assert outcome.error is not None and outcome.error.message == "rate limited"
+    plain = run_once(corral.Retry())
+    assert plain.error is not None
+    assert plain.error.message == "retry requested after the task's backoff"

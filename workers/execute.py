@@ -118,7 +118,7 @@ class Execution:
     def complete(self, value: Any = None, error: BaseException | None = None) -> p.Outcome:
         """The outcome of the call: its result, or what its exception means."""
         if isinstance(error, Retry):
-            why = clean_text(_describe(error, with_type=False), MAX_MESSAGE_CHARS)
+            why = clean_text(error.reason or str(error), MAX_MESSAGE_CHARS)
             return self.outcome("retry", delay=error.delay, error=p.ErrorInfo("Retry", why))
         if isinstance(error, Fail):
             return self.outcome("fail", error=error_info(error))
