@@ -119,6 +119,9 @@ class BrokerCore:
         for record in recovered:
             self.journal.record(record)
         owed = flows.pending(self.state, self.clock.time(), self.journal.record)
+        for flow in list(self.state.flows.values()):  # their timers are not logged:
+            if flows.finished(self.state, flow):  # from now, never earlier
+                self.housekeeper.flow_finished(flow, self.clock.time())
         # A new epoch for this start's lease tokens, on disk before any lease.
         epoch = self.state.epoch + 1
         self.journal.record(BrokerStarted(epoch, self.clock.time()))
@@ -205,6 +208,9 @@ class BrokerCore:
             self.dispatcher.poke()
         if job.flow is not None:
             self.waiters.flow_ended(job.flow)
+            flow = self.state.flows.get(job.flow)
+            if flow is not None and flows.finished(self.state, flow):
+                self.housekeeper.flow_finished(flow, now)
 
     def poll_timeout(self) -> float:
         """Seconds the loop may wait for input before the next pass is due."""

@@ -9,6 +9,7 @@ drives it with a fake clock.
 
 from __future__ import annotations
 
+import heapq
 import time
 
 import msgspec
@@ -18,7 +19,7 @@ from corral.broker import flows
 from corral.broker.dispatch import Dispatcher
 from corral.broker.jobspec import JobSpec
 from corral.broker.journal import Journal
-from corral.broker.records import FlowRemoved, Removed, ScheduleFired
+from corral.broker.records import FlowCreated, FlowRemoved, Removed, ScheduleFired
 from corral.broker.schedules import Schedule, Scheduler, job_id_for
 
 log = structlog.get_logger()
@@ -41,6 +42,8 @@ class Housekeeper:
         self.scheduler = scheduler
         self.dispatcher = dispatcher
         self.compact_min_size = compact_min_size
+        #: (when, flow id): finished flows with their own result_ttl.
+        self._flow_timers: list[tuple[float, str]] = []
 
     def catch_up(self, now: float) -> int:
         """After replay: fire what the schedules owe for the downtime (by
@@ -63,22 +66,35 @@ class Housekeeper:
         for job_id in self.state.expired(now):
             self.journal.record(Removed(job_id))
         self._forget_flows()
+        while self._flow_timers and self._flow_timers[0][0] <= now:
+            _, flow_id = heapq.heappop(self._flow_timers)
+            if flow_id in self.state.flows:
+                self.journal.record(FlowRemoved(flow_id))
+
+    def flow_finished(self, flow: FlowCreated, now: float) -> None:
+        """``flow`` just finished (or was found finished on replay): one with
+        its own ``result_ttl`` is forgotten that long after ``now``."""
+        if flow.result_ttl is not None:
+            heapq.heappush(self._flow_timers, (now + flow.result_ttl, flow.id))
 
     def _forget_flows(self) -> None:
         """Forget the finished flows that lost their last job (FlowRemoved):
-        a flow lives as long as the longest TTL of its jobs."""
+        a flow without its own result_ttl lives as long as the longest TTL
+        of its jobs."""
         book = self.state.flowbook
         while book.touched:
             flow = self.state.flows.get(book.touched.pop())
-            if flow is None or not flows.finished(self.state, flow):
+            if flow is None or flow.result_ttl is not None or not flows.finished(self.state, flow):
                 continue
             ids = [s.id for s in flow.steps] + ([flow.callback.id] if flow.callback else [])
             if not any(i in self.state.jobs for i in ids):
                 self.journal.record(FlowRemoved(flow.id))
 
     def next_wakeup(self) -> float | None:
-        """The epoch time the next job or schedule is due, if any."""
-        due = [t for t in (self.state.next_wakeup(), self.scheduler.next_wakeup()) if t is not None]
+        """The epoch time the next job, schedule or flow expiry is due, if any."""
+        flow_due = self._flow_timers[0][0] if self._flow_timers else None
+        times = (self.state.next_wakeup(), self.scheduler.next_wakeup(), flow_due)
+        due = [t for t in times if t is not None]
         return min(due) if due else None
 
     def fire(self, schedule: Schedule, due_at: float, now: float, caught_up: bool = False) -> None:

@@ -127,12 +127,22 @@ def validate_spec(spec: JobSpec) -> None:
             validate_spec(callback)
 
 
-def validate_flow(flow_id: str, specs: list[JobSpec], callback: JobSpec | None) -> None:
+def validate_flow(
+    flow_id: str,
+    specs: list[JobSpec],
+    callback: JobSpec | None,
+    result_ttl: float | None = None,
+) -> None:
     """Refuse a chain or group whose ids clash: the flow's id must be a
     non-empty string of at most 64 characters, and it and every member's
-    (and the callback's) id must differ. Raises InvalidJob."""
+    (and the callback's) id must differ; its ``result_ttl`` is seconds
+    within 100 years. Raises InvalidJob."""
     if not flow_id or len(flow_id) > 64:
         raise InvalidJob("flow_id: must be a non-empty string of at most 64 characters")
+    if result_ttl is not None and not (
+        math.isfinite(result_ttl) and 0 <= result_ttl <= MAX_SECONDS
+    ):
+        raise InvalidJob(f"result_ttl: must be {_SPAN}, got {result_ttl}")
     ids = [flow_id] + [spec.id for spec in specs] + ([callback.id] if callback else [])
     seen: set[str] = set()
     for job_id in ids:

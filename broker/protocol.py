@@ -288,6 +288,8 @@ class EnqueueFlow(Msg, frozen=True):
     jobs: list[JobSpec]
     callback: JobSpec | None = None
     v: int = PROTOCOL_VERSION
+    #: Seconds the flow is kept once finished; None: as long as its jobs.
+    result_ttl: float | None = None
 
 
 class GetFlow(Msg, frozen=True):

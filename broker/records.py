@@ -153,6 +153,9 @@ class FlowCreated(Record, frozen=True):
     steps: list[JobSpec]
     created_at: float
     callback: JobSpec | None = None
+    #: Seconds the flow is kept once it finished (None: as long as the
+    #: longest TTL of its jobs).
+    result_ttl: float | None = None
 
 
 class ScheduleFired(Record, frozen=True):

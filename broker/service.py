@@ -160,7 +160,7 @@ class ClientService:
                 )
             for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
                 validate_spec(spec)
-            validate_flow(msg.flow_id, msg.jobs, msg.callback)
+            validate_flow(msg.flow_id, msg.jobs, msg.callback, msg.result_ttl)
             if msg.flow_id in self.state.jobs:
                 raise InvalidJob(f"flow_id: {msg.flow_id!r} is the id of a job; pick another")
             if msg.flow_id not in self.state.flows:  # a resent flow is answered as before
@@ -170,7 +170,9 @@ class ClientService:
             return
         ids = [msg.flow_id] + [spec.id for spec in msg.jobs]
         if msg.flow_id not in self.state.flows:
-            self.journal.record(FlowCreated(msg.flow_id, msg.kind, msg.jobs, now, msg.callback))
+            self.journal.record(
+                FlowCreated(msg.flow_id, msg.kind, msg.jobs, now, msg.callback, msg.result_ttl)
+            )
             first = msg.jobs if msg.kind == "group" else msg.jobs[:1]
             for index, spec in enumerate(first):
                 record = flows.create(self.state, spec, now, flow=msg.flow_id, index=index)

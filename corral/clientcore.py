@@ -241,30 +241,39 @@ class ClientCore:
             return []
         return Step(p.Enqueue(next(self._req), specs), _ids)
 
-    def enqueue_chain(self, jobs: Iterable[Job]) -> Plan[str]:
+    def enqueue_chain(self, jobs: Iterable[Job], *, result_ttl: float | None = None) -> Plan[str]:
         """Run jobs one after another, each handler getting the previous
         one's result as ``ctx.prev_result``; a failure stops the chain.
+        ``result_ttl``: seconds the chain is kept once finished (None: as
+        long as its longest-kept job).
 
         Returns the chain's id (32 hex digits), for ``chain()`` and
         ``result()``. Raises ValueError for no jobs, and as ``enqueue``.
         """
-        return self._flow("chain", jobs, None)
+        return self._flow("chain", jobs, None, result_ttl)
 
-    def enqueue_group(self, jobs: Iterable[Job], callback: Job | None = None) -> Plan[str]:
+    def enqueue_group(
+        self, jobs: Iterable[Job], callback: Job | None = None, *, result_ttl: float | None = None
+    ) -> Plan[str]:
         """Run jobs in parallel; with ``callback`` (a chord), run it once all
         succeeded, with the list of their results as ``ctx.prev_result``.
+        ``result_ttl``: seconds the group is kept once finished (None: as
+        long as its longest-kept job).
 
         Returns the group's id (32 hex digits), for ``group()`` and
         ``result()``. Raises ValueError for no jobs, and as ``enqueue``.
         """
-        return self._flow("group", jobs, callback)
+        return self._flow("group", jobs, callback, result_ttl)
 
-    def _flow(self, kind: str, jobs: Iterable[Job], callback: Job | None) -> Plan[str]:
+    def _flow(
+        self, kind: str, jobs: Iterable[Job], callback: Job | None, result_ttl: float | None
+    ) -> Plan[str]:
         specs = [_spec(job) for job in jobs]
         if not specs:
             raise ValueError(f"a {kind} needs at least one job")
         spec = _spec(callback) if callback is not None else None
-        return Step(p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec), _first_id)
+        msg = p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec, result_ttl=result_ttl)
+        return Step(msg, _first_id)
 
     # --- reading
 

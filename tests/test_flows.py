@@ -259,3 +259,20 @@ def test_a_flow_finishes_whatever_its_members_ttls(env: Env, daemon) -> None:  #
     )
     assert client.result(chord, timeout=30) == [1, 4, 9]
     assert client.result(client.group(chord).callback, timeout=30) == 114
+
+
+def test_a_chain_with_its_own_result_ttl_is_forgotten_before_its_jobs(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
+    client = env.client()
+    chain_id = client.enqueue_chain([J("e2e.square", 2), J("e2e.chain_step", 1)], result_ttl=0.3)
+    assert client.result(chain_id, timeout=30) == 5
+    step = client.chain(chain_id).jobs[1]
+
+    def forgotten() -> bool:
+        try:
+            client.chain(chain_id)
+        except corral.JobNotFound:
+            return True
+        return False
+
+    wait_for(forgotten, 30, message="the chain to be forgotten")
+    assert client.result(step, timeout=5) == 5  # its jobs keep their own TTL

@@ -256,3 +256,38 @@ def test_a_flow_whose_job_has_a_held_unique_key_is_refused_naming_it(tmp_path: P
     assert isinstance(reply, p.ErrorReply) and "held by job 'x'" in reply.message
     # a plain enqueue with the key still returns the holder, as before
     assert broker.enqueue(id="b", unique_key="k") == "a"
+
+
+@pytest.mark.parametrize(("flow_ttl", "job_ttl"), [(50.0, 10.0), (5.0, 100.0)])
+def test_a_flow_with_its_own_result_ttl_is_kept_that_long_once_finished(
+    tmp_path: Path, flow_ttl: float, job_ttl: float
+) -> None:
+    """Longer than its jobs: it still answers after they expired. Shorter:
+    it is forgotten while its jobs are still there."""
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    steps = [p.JobSpec("a", "t", result_ttl=job_ttl), p.JobSpec("b", "t", result_ttl=job_ttl)]
+    msg = p.EnqueueFlow(broker.next_req(), "c", "chain", steps, result_ttl=flow_ttl)
+    assert isinstance(broker.request(msg), p.EnqueueOk)
+    finish_all(broker, worker, {"b": "done"})
+    broker.advance(min(flow_ttl, job_ttl) + 1.0)
+    reply = flow_reply(broker, "c")
+    if flow_ttl > job_ttl:  # its jobs expired; it answers
+        assert broker.job("b") is None
+        assert isinstance(reply, p.ResultReply) and msgspec_decode(reply.result) == "done"
+    else:  # it expired; its jobs are still there
+        assert isinstance(reply, p.ErrorReply) and reply.code == "not_found"
+        assert broker.job("b") is not None
+    # a restart on the way does not keep it for good
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    broker.advance(max(flow_ttl, job_ttl) + 1.0)
+    assert "c" not in broker.core.state.flows
+
+
+def test_a_flow_result_ttl_out_of_range_is_refused(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra=SMALL)
+    msg = p.EnqueueFlow(broker.next_req(), "c", "chain", [p.JobSpec("a", "t")], result_ttl=-1.0)
+    reply = broker.request(msg)
+    assert isinstance(reply, p.ErrorReply) and reply.message.startswith("result_ttl: ")
