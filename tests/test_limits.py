@@ -151,7 +151,8 @@ def test_max_age_recycles_workers(env: Env) -> None:
         20,
         message="the aged worker to be replaced",
     )
-    assert "max_age" in daemon.output()
+    # the supervisor's line may come just after the replacement shows up
+    wait_for(lambda: "max_age" in daemon.output(), 20, message="the recycle to be logged")
     client = env.client()
     assert client.result(client.enqueue("e2e.square", 4), timeout=30) == 16
 
