@@ -98,7 +98,7 @@ class JobState:
         #: How many times a broker has started on this log.
         self.epoch = 0
         self._next_seq = 1
-        #: The ready heaps, one per queue.
+        #: The ready heaps, by queue and task.
         self.ready = ReadyQueues(self.jobs)
         self._waiting: list[tuple[float, int, str]] = []
         #: When finished jobs are forgotten.
