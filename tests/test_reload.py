@@ -109,10 +109,11 @@ def test_sigttin_and_sigttou_scale_each_pool(env: Env) -> None:
     env.wait_ready(daemon)
     env.wait_workers(2)
     daemon.signal(signal.SIGTTIN)
-    wait_for(lambda: len(worker_processes(daemon)) == 3, 20, message="3 workers")
+    wait_for(lambda: len(worker_processes(daemon)) == 3, 60, message="3 workers")
     daemon.signal(signal.SIGTTOU)  # one at a time: a pending signal is not queued twice
-    wait_for(lambda: len(worker_processes(daemon)) == 2, 20, message="2 workers")
+    # a retired worker drains first (at most shutdown_timeout, 10 s here)
+    wait_for(lambda: len(worker_processes(daemon)) == 2, 60, message="2 workers")
     daemon.signal(signal.SIGTTOU)
-    wait_for(lambda: len(worker_processes(daemon)) == 1, 20, message="1 worker")
+    wait_for(lambda: len(worker_processes(daemon)) == 1, 60, message="1 worker")
     client = env.client()
     assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25
