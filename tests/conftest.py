@@ -225,6 +225,30 @@ def worker_processes(proc: Proc) -> list[psutil.Process]:
     return found
 
 
+#: A short retry backoff, for tests that are not about the backoff.
+FAST_RETRY = 'retry_backoff = "50ms"\nretry_backoff_max = "50ms"'
+
+
+def kill_broker(env: Env, daemon: Proc) -> None:
+    """SIGKILL the broker child of ``corral run`` and wait for the
+    supervisor's new one to answer (its broker id differs)."""
+    client = corral.Client(env.endpoint, timeout=1)
+    try:
+        old = client.ping()
+        broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
+        broker.kill()
+
+        def new_broker() -> bool:
+            try:
+                return client.ping() != old
+            except corral.BrokerUnavailable:
+                return False
+
+        wait_for(new_broker, 60, message="a new broker")
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def env() -> Iterator[Env]:
     home = Path(tempfile.mkdtemp(prefix="cr", dir="/tmp"))

@@ -14,6 +14,10 @@ from corral.broker.clock import FakeClock
 from corral.broker.core import CLIENT, WORKER, BrokerCore
 from corral.config import loads
 
+#: Small log segments, for tests that restart or compact: less preallocated
+#: space to write and scan.
+SMALL_LOG = 'segment_size = "1MiB"\ndisk_reserve = "16KiB"\nmax_message_size = "512KiB"'
+
 
 class Recorder:
     """A link that records every message and reports it sent."""

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from inproc import FakeWorker, InProcessBroker, decoded, deliveries
+from inproc import SMALL_LOG, FakeWorker, InProcessBroker, decoded, deliveries
 
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
@@ -181,10 +181,6 @@ def test_a_wall_clock_step_backward_never_fires_a_due_time_twice(tmp_path: Path)
     assert broker.core.stats["schedules_fired"] == 5
 
 
-#: Small log segments: a restart scans less preallocated space.
-SMALL = 'segment_size = "1MiB"\ndisk_reserve = "16KiB"\nmax_message_size = "512KiB"'
-
-
 def due_times(broker: InProcessBroker) -> list[float]:
     """The due times (epoch seconds) of the jobs the schedule made, sorted:
     a fire's job id carries its due time in milliseconds."""
@@ -202,7 +198,7 @@ def test_a_restart_fires_each_due_time_once_and_the_downtime_by_its_catch_up(
     from the grid."""
     schedule = SCHEDULE.replace('"skip"', f'"{catch_up}"')
     clock = FakeClock(wall=1_700_000_010.0)
-    first = InProcessBroker(tmp_path, clock=clock, schedules=schedule, extra=SMALL)
+    first = InProcessBroker(tmp_path, clock=clock, schedules=schedule, extra=SMALL_LOG)
     for _ in range(4):
         first.advance(60.0)
     before = due_times(first)
@@ -213,7 +209,7 @@ def test_a_restart_fires_each_due_time_once_and_the_downtime_by_its_catch_up(
     down_at = clock.time()
     assert down_at % 60 == 30
     clock.advance(300.0)
-    second = InProcessBroker(tmp_path, clock=clock, schedules=schedule, extra=SMALL)
+    second = InProcessBroker(tmp_path, clock=clock, schedules=schedule, extra=SMALL_LOG)
     caught = due_times(second)[len(before) :]
     assert due_times(second)[: len(before)] == before
     missed = [t for t in range(int(down_at), int(clock.time()) + 1) if t % 60 == 0]
@@ -603,13 +599,13 @@ def test_lease_tokens_never_repeat_across_restarts_whatever_the_wall_clock(
     tmp_path: Path,
 ) -> None:
     clock = FakeClock(wall=2_000_000_000.0)
-    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     worker = FakeWorker(first)
     worker.ready()
     first.enqueue(id="a")
     (old,) = deliveries(worker.inbox())
     clock.jump(-1_000_000.0)  # the wall clock steps far back before the restart
-    second = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    second = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     again = FakeWorker(second, b"again")
     (new,) = again.ready()
     assert new.job_id == "a" and new.lease >> 32 == (old.lease >> 32) + 1
@@ -620,7 +616,7 @@ def test_lease_tokens_never_repeat_across_restarts_whatever_the_wall_clock(
     assert second.core.stats["late_results"] == 1
     # a compaction keeps the epoch: the next start is later still
     second.core.log.compact(second.core.state.snapshot())
-    third = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    third = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     (latest,) = FakeWorker(third, b"third").ready()
     assert latest.lease >> 32 == (new.lease >> 32) + 1
 

@@ -12,13 +12,10 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import Env, wait_for, wait_until
+from conftest import FAST_RETRY, Env, wait_for, wait_until
 
 import corral
 from corral.broker import protocol as p
-
-#: A short retry backoff, for tests that are not about the backoff.
-FAST_RETRY = 'retry_backoff = "50ms"\nretry_backoff_max = "50ms"'
 
 
 def test_job_past_its_timeout_is_released_and_late_result_fenced(env: Env) -> None:

@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from inproc import FakeWorker, InProcessBroker, deliveries
+from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
 
-SMALL = 'segment_size = "1MiB"\ndisk_reserve = "16KiB"\nmax_message_size = "512KiB"'
 KINDS = ["chain", "chord", "on_success", "on_failure"]
 #: (the parent's TTL, the follow-up's TTL), seconds: the follow-up expires
 #: before its parent, with it (it ends 1 s later), after it.
@@ -21,7 +20,7 @@ ORDERS = [(100.0, 10.0), (100.0, 99.0), (10.0, 100.0)]
 
 def start(tmp_path: Path, clock: FakeClock, parent_ttl: float) -> InProcessBroker:
     # a failed job is kept failed_ttl: the parent of on_failure uses it
-    extra = f'{SMALL}\nfailed_ttl = "{parent_ttl}s"'
+    extra = f'{SMALL_LOG}\nfailed_ttl = "{parent_ttl}s"'
     return InProcessBroker(tmp_path, clock=clock, extra=extra)
 
 
@@ -108,7 +107,7 @@ def test_a_follow_up_cut_off_by_a_crash_is_made_on_replay_once(tmp_path: Path, k
 def test_every_option_takes_effect_inside_flows_and_callbacks(tmp_path: Path) -> None:
     """A group member with delay=30 waits 30 s; a chain's next step keeps
     its queue, priority, attempts, retries, timeout, TTL and callbacks."""
-    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
     delayed = p.JobSpec("late", "t.x", delay=30.0)
     msg = p.EnqueueFlow(broker.next_req(), "g", "group", [p.JobSpec("now", "t.x"), delayed])
     assert isinstance(broker.request(msg), p.EnqueueOk)
@@ -164,7 +163,7 @@ def flow_reply(broker: InProcessBroker, flow_id: str, wait: float = 0.0) -> obje
 
 
 def test_a_chain_finishes_when_its_first_step_expired_at_once(tmp_path: Path) -> None:
-    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
     worker = FakeWorker(broker, credit=4)
     worker.ready()
     steps = [p.JobSpec("fetch", "t", result_ttl=0.0), p.JobSpec("store", "t", result_ttl=3600.0)]
@@ -179,7 +178,7 @@ def test_a_chain_finishes_when_its_first_step_expired_at_once(tmp_path: Path) ->
 
 
 def test_a_chord_whose_members_expire_at_once_still_calls_back(tmp_path: Path) -> None:
-    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
     worker = FakeWorker(broker, credit=4)
     worker.ready()
     members = [p.JobSpec(f"m{n}", "t", result_ttl=0.0) for n in range(3)]
@@ -197,14 +196,14 @@ def test_a_finished_flow_is_forgotten_with_its_last_job_also_after_restarts(
     tmp_path: Path,
 ) -> None:
     clock = FakeClock()
-    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     worker = FakeWorker(broker, credit=4)
     worker.ready()
     steps = [p.JobSpec("a", "t", result_ttl=10.0), p.JobSpec("b", "t", result_ttl=30.0)]
     broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
     finish_all(broker, worker, {})
     broker.core.log.compact(broker.core.state.snapshot())  # the ends go through compaction
-    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     broker.advance(20.0)  # a expired; the chain still answers
     reply = flow_reply(broker, "c")
     assert isinstance(reply, p.ResultReply) and reply.status == "succeeded"
@@ -212,12 +211,12 @@ def test_a_finished_flow_is_forgotten_with_its_last_job_also_after_restarts(
     gone = broker.request(p.GetFlow(broker.next_req(), "c"))
     assert isinstance(gone, p.ErrorReply) and gone.code == "not_found"
     assert "c" not in broker.core.state.flows and not broker.core.state.flowbook.ends
-    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     assert "c" not in broker.core.state.flows
 
 
 def test_state_levels_off_under_a_steady_stream_of_chains(tmp_path: Path) -> None:
-    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
     worker = FakeWorker(broker, credit=8)
     worker.ready()
     sizes = []
@@ -244,7 +243,7 @@ def msgspec_decode(raw: object) -> object:
 
 
 def test_a_flow_whose_job_has_a_held_unique_key_is_refused_naming_it(tmp_path: Path) -> None:
-    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
     broker.enqueue(id="a", unique_key="k")
     member = p.JobSpec("m", "t", unique_key="k")
     reply = broker.request(p.EnqueueFlow(broker.next_req(), "g", "group", [member]))
@@ -265,7 +264,7 @@ def test_a_flow_with_its_own_result_ttl_is_kept_that_long_once_finished(
     """Longer than its jobs: it still answers after they expired. Shorter:
     it is forgotten while its jobs are still there."""
     clock = FakeClock()
-    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     worker = FakeWorker(broker, credit=4)
     worker.ready()
     steps = [p.JobSpec("a", "t", result_ttl=job_ttl), p.JobSpec("b", "t", result_ttl=job_ttl)]
@@ -281,13 +280,13 @@ def test_a_flow_with_its_own_result_ttl_is_kept_that_long_once_finished(
         assert isinstance(reply, p.ErrorReply) and reply.code == "not_found"
         assert broker.job("b") is not None
     # a restart on the way does not keep it for good
-    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL)
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     broker.advance(max(flow_ttl, job_ttl) + 1.0)
     assert "c" not in broker.core.state.flows
 
 
 def test_a_flow_result_ttl_out_of_range_is_refused(tmp_path: Path) -> None:
-    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
     msg = p.EnqueueFlow(broker.next_req(), "c", "chain", [p.JobSpec("a", "t")], result_ttl=-1.0)
     reply = broker.request(msg)
     assert isinstance(reply, p.ErrorReply) and reply.message.startswith("result_ttl: ")

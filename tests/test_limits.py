@@ -8,7 +8,7 @@ import signal
 
 import psutil
 import pytest
-from conftest import Env, wait_for, wait_until, worker_processes
+from conftest import FAST_RETRY, Env, wait_for, wait_until, worker_processes
 
 import corral
 
@@ -66,9 +66,7 @@ def test_max_jobs_per_process_replaces_workers_and_loses_nothing(env: Env) -> No
 
 
 def test_hard_timeout_kills_the_process_and_retries(env: Env) -> None:
-    env.write_config(
-        processes=1, prefetch=0, extra_broker='retry_backoff = "50ms"\nretry_backoff_max = "50ms"'
-    )
+    env.write_config(processes=1, prefetch=0, extra_broker=FAST_RETRY)
     daemon = env.start("run")
     env.wait_ready(daemon)
     env.wait_workers(1)

@@ -3,9 +3,7 @@ it means it never runs; its worker is named while it waits there."""
 
 from __future__ import annotations
 
-from conftest import Env, wait_for, wait_until
-
-import corral
+from conftest import Env, kill_broker, wait_for, wait_until
 
 
 def test_a_cancelled_job_in_a_prefetch_buffer_never_runs(env: Env) -> None:
@@ -182,18 +180,7 @@ def test_buffered_jobs_run_once_across_a_broker_restart(env: Env) -> None:
         lambda w: w.running == [first] and sorted(w.reserved) == sorted(buffered),
         message="two jobs in the buffer",
     )
-    old_broker = client.ping()
-    broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
-    broker.kill()
-    client = env.client(timeout=1)
-
-    def restarted() -> bool:
-        try:
-            return client.ping() != old_broker
-        except corral.BrokerUnavailable:
-            return False
-
-    wait_for(restarted, 60, message="a new broker")
+    kill_broker(env, daemon)
     # told to register again, or it noticed the silence and reconnected
     wait_for(
         lambda: "worker.reregister" in daemon.output() or "worker.broker_silent" in daemon.output(),

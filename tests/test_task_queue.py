@@ -10,18 +10,17 @@ import sys
 from pathlib import Path
 
 from conftest import PLUGINS, Env
-from inproc import FakeWorker, InProcessBroker
+from inproc import SMALL_LOG, FakeWorker, InProcessBroker
 
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
 
-SMALL = 'segment_size = "1MiB"\ndisk_reserve = "16KiB"\nmax_message_size = "512KiB"'
 MAIL = p.TaskInfo("t.mail", max_attempts=7, result_ttl=100.0, queue="emails")
 
 
 def test_registered_queue_and_defaults_hold_across_a_restart(tmp_path: Path) -> None:
     clock = FakeClock()
-    extra = f'{SMALL}\nresult_ttl = "10s"'
+    extra = f'{SMALL_LOG}\nresult_ttl = "10s"'
     broker = InProcessBroker(tmp_path, clock=clock, extra=extra)
     logged: list[object] = []
     record = broker.core.journal.record
@@ -74,7 +73,7 @@ def test_the_readme_example_runs_on_its_own_queue(env: Env) -> None:
 
 
 def test_a_reload_that_changes_a_task_never_changes_a_job_under_way(tmp_path: Path) -> None:
-    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
     old = FakeWorker(broker, b"old", tasks=(p.TaskInfo("t.x", max_attempts=5),))
     old.ready()
     under_way = broker.enqueue("t.x")
@@ -86,5 +85,5 @@ def test_a_reload_that_changes_a_task_never_changes_a_job_under_way(tmp_path: Pa
     assert broker.job(under_way).max_attempts == 5  # type: ignore[union-attr]
     assert broker.job(later).max_attempts == 1  # type: ignore[union-attr]
     # and it holds across a restart
-    broker = InProcessBroker(tmp_path, extra=SMALL)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
     assert broker.job(under_way).max_attempts == 5  # type: ignore[union-attr]

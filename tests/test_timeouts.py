@@ -4,9 +4,7 @@ kill charges only the job that timed out."""
 
 from __future__ import annotations
 
-from conftest import Env, wait_for, wait_until
-
-FAST_RETRY = 'retry_backoff = "50ms"\nretry_backoff_max = "50ms"'
+from conftest import FAST_RETRY, Env, wait_for, wait_until
 
 
 def test_the_next_attempt_runs_elsewhere_and_the_old_holder_sees_the_cancel(env: Env) -> None:
