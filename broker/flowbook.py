@@ -7,6 +7,11 @@ too, never logged apart), and written out by compaction as a
 ``MemberEnded`` record. A flow is forgotten (``FlowRemoved``) once it has
 finished and none of its jobs is left: so it lives as long as the longest
 TTL of its jobs, and no longer. Pure data, like the job state.
+
+A member made later (a chain's step past the first, a chord's callback)
+is *pending* until it is made, or until its flow can no longer make it (a
+member failed or was cancelled): its id can be waited on, and its
+unique key is held for it from the flow's creation.
 """
 
 from __future__ import annotations
@@ -15,22 +20,62 @@ from collections.abc import Iterator
 
 import msgspec
 
-from corral.broker.jobspec import NIL
+from corral.broker.job import Job
+from corral.broker.jobspec import NIL, JobSpec
 from corral.broker.records import FlowCreated, MemberEnded, Record
+
+#: A member that ended so is the end of its flow: nothing after it is made.
+STOPS = ("failed", "cancelled")
 
 
 class FlowBook:
-    """Chains and groups by id, and their members' ends."""
+    """Chains and groups by id, and their members' ends. ``jobs`` is the
+    job state's table and ``followed`` its set of parents followed up
+    (both read only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, jobs: dict[str, Job], followed: set[str]) -> None:
+        self._jobs = jobs
+        self._followed = followed
         self.flows: dict[str, FlowCreated] = {}
+        #: member id -> (its flow's id, its index), for the members made
+        #: later (a chain's steps past the first, a chord's callback).
+        self.later: dict[str, tuple[str, int]] = {}
         #: flow id -> member id -> (final status, result or None).
         self.ends: dict[str, dict[str, tuple[str, msgspec.Raw | None]]] = {}
         #: Flows that lost a job since the housekeeper last looked.
         self.touched: set[str] = set()
 
     def add(self, flow: FlowCreated) -> None:
-        self.flows.setdefault(flow.id, flow)
+        if flow.id in self.flows:
+            return
+        self.flows[flow.id] = flow
+        for index, spec in self.made_later(flow):
+            self.later[spec.id] = (flow.id, index)
+
+    @staticmethod
+    def made_later(flow: FlowCreated) -> list[tuple[int, JobSpec]]:
+        """(index, spec) of each member not made with the flow itself."""
+        later = list(enumerate(flow.steps))[1:] if flow.kind == "chain" else []
+        if flow.callback is not None:
+            later.append((len(flow.steps), flow.callback))
+        return later
+
+    def pending(self, job_id: str) -> tuple[FlowCreated, int] | None:
+        """(flow, index) if ``job_id`` is a member its flow has yet to make
+        and still may; else None."""
+        flow_id, index = self.later.get(job_id, ("", 0))
+        flow = self.flows.get(flow_id)
+        if flow is None or job_id in self._jobs or job_id in self.ends.get(flow_id, {}):
+            return None
+        if index == len(flow.steps) and flow_id in self._followed:
+            return None  # a chord's callback, made (and maybe expired since)
+        for step in flow.steps:
+            job = self._jobs.get(step.id)
+            end = self.ends.get(flow_id, {}).get(step.id)
+            status = job.status if job is not None else end[0] if end is not None else None
+            if status in STOPS:
+                return None
+        return flow, index
 
     def keeps_result(self, flow: FlowCreated, step: int) -> bool:
         """A group's result is all its members'; a chain's, its last step's."""
@@ -63,7 +108,9 @@ class FlowBook:
         return self.ends.get(flow_id, {}).get(job_id)
 
     def remove(self, flow_id: str) -> None:
-        self.flows.pop(flow_id, None)
+        flow = self.flows.pop(flow_id, None)
+        for _, spec in self.made_later(flow) if flow is not None else ():
+            self.later.pop(spec.id, None)
         self.ends.pop(flow_id, None)
         self.touched.discard(flow_id)
 

@@ -83,9 +83,11 @@ def _own_followups(
     """The jobs ``job`` itself brings about (its callbacks, a chain's next
     step), or None if it brings about none."""
     due: list[JobCreated | None] = []
-    if job.status == "succeeded" and job.on_success is not None:
+    if job.status == "succeeded" and _free(state, job.on_success, now):
+        assert job.on_success is not None
         due.append(create(state, job.on_success, now, prev_result=result))
-    if job.status == "failed" and job.on_failure is not None:
+    if job.status == "failed" and _free(state, job.on_failure, now):
+        assert job.on_failure is not None
         error = job.error
         failure = {
             "job_id": job.id,
@@ -107,6 +109,15 @@ def _own_followups(
     if not due:
         return None
     return [record for record in due if record is not None]
+
+
+def _free(state: JobState, callback: JobSpec | None, now: float) -> bool:
+    """A callback is due to be made: it is an enqueue made when its parent
+    ends, so a unique key another job holds then makes it stand in for the
+    callback (the callback is not made), as for any enqueue."""
+    if callback is None:
+        return False
+    return state.holder_of(callback.unique_key, now) in (None, callback.id)
 
 
 def pending(state: JobState, now: float, record: Callable[[FollowedUp], None]) -> int:

@@ -44,6 +44,9 @@ class Housekeeper:
         self.compact_min_size = compact_min_size
         #: (when, flow id): finished flows with their own result_ttl.
         self._flow_timers: list[tuple[float, str]] = []
+        #: flow id -> when it is forgotten, set by its latest end (an entry
+        #: in the heap that does not match is stale: the flow ended again).
+        self._flow_due: dict[str, float] = {}
 
     def catch_up(self, now: float) -> int:
         """After replay: fire what the schedules owe for the downtime (by
@@ -67,15 +70,23 @@ class Housekeeper:
             self.journal.record(Removed(job_id))
         self._forget_flows()
         while self._flow_timers and self._flow_timers[0][0] <= now:
-            _, flow_id = heapq.heappop(self._flow_timers)
-            if flow_id in self.state.flows:
+            when, flow_id = heapq.heappop(self._flow_timers)
+            if self._flow_due.get(flow_id) != when:
+                continue  # it ended again since: a later entry holds
+            del self._flow_due[flow_id]
+            flow = self.state.flows.get(flow_id)
+            # a member retried by hand reopened it: its next end sets a timer
+            if flow is not None and flows.finished(self.state, flow):
                 self.journal.record(FlowRemoved(flow_id))
 
     def flow_finished(self, flow: FlowCreated, now: float) -> None:
         """``flow`` just finished (or was found finished on replay): one with
-        its own ``result_ttl`` is forgotten that long after ``now``."""
+        its own ``result_ttl`` is forgotten that long after ``now`` (after
+        its latest end, if a member retried by hand reopened it)."""
         if flow.result_ttl is not None:
-            heapq.heappush(self._flow_timers, (now + flow.result_ttl, flow.id))
+            due = now + flow.result_ttl
+            self._flow_due[flow.id] = due
+            heapq.heappush(self._flow_timers, (due, flow.id))
 
     def _forget_flows(self) -> None:
         """Forget the finished flows that lost their last job (FlowRemoved):

@@ -24,7 +24,7 @@ from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
 from corral.broker.state import InvalidJob, Job, validate_spec
-from corral.broker.waiters import Waiters, not_found
+from corral.broker.waiters import Waiters, missing, not_found
 
 #: A supervisor not heard from for this long (seconds) is left out of status.
 SUPERVISOR_STALE = 15.0
@@ -199,7 +199,7 @@ class ClientService:
                 ),
             )
         elif job is None:
-            self._reply(identity, not_found(msg.req, msg.job_id))
+            self._reply(identity, missing(self.state, msg.req, msg.job_id))
         else:
             self._reply(identity, p.JobReply(msg.req, views.job_view(self.state, job)))
 

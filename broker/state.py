@@ -88,12 +88,12 @@ class JobState:
         #: schedule name -> the due time it last fired for.
         self.last_fired: dict[str, float] = {}
         #: chains and groups by id.
-        self.flowbook = FlowBook()
-        self.flows = self.flowbook.flows
         #: Jobs (by id) and groups (by flow id) whose follow-ups were made.
         self.followed: set[str] = set()
+        self.flowbook = FlowBook(self.jobs, self.followed)
+        self.flows = self.flowbook.flows
         #: Unique keys and the jobs that hold them.
-        self.unique = UniqueKeys(self.jobs)
+        self.unique = UniqueKeys(self.jobs, self.flowbook)
         self.live_bytes = 0
         #: How many times a broker has started on this log.
         self.epoch = 0
@@ -153,9 +153,14 @@ class JobState:
         self._remove(rec.id)
 
     def _apply_flow(self, rec: FlowCreated) -> None:
-        self.flowbook.add(rec)
+        if rec.id not in self.flows:
+            self.flowbook.add(rec)
+            self.unique.reserve(rec)
 
     def _apply_flow_removed(self, rec: FlowRemoved) -> None:
+        flow = self.flows.get(rec.id)
+        if flow is not None:
+            self.unique.unreserve(flow)
         self.flowbook.remove(rec.id)
         self.followed.discard(rec.id)
 

@@ -54,8 +54,10 @@ class Waiters:
             ended = job.status in TERMINAL
         elif flow is not None:
             ended = flows.status_of(self.state, flow)[0] in TERMINAL
+        elif self.state.flowbook.pending(msg.job_id) is not None:
+            ended = False  # a flow's member to be made: its end is waited for
         else:
-            self.replies.add(identity, not_found(msg.req, msg.job_id))
+            self.replies.add(identity, missing(self.state, msg.req, msg.job_id))
             return
         if ended or msg.wait <= 0:
             self.answer(identity, msg.req, msg.job_id)
@@ -77,6 +79,11 @@ class Waiters:
         for waiter in self._by_id.pop(flow_id, ()):
             waiter.answered = True
             self.replies.add(waiter.identity, views.flow_result(self.state, waiter.req, flow))
+        for _, spec in self.state.flowbook.made_later(flow):
+            if spec.id not in self.state.jobs:  # never made: say so now
+                for waiter in self._by_id.pop(spec.id, ()):
+                    waiter.answered = True
+                    self.replies.add(waiter.identity, missing(self.state, waiter.req, spec.id))
 
     def expire(self, mono: float) -> None:
         """Answer, as things stand, every request whose wait ran out."""
@@ -103,8 +110,30 @@ class Waiters:
         elif flow is not None:
             self.replies.add(identity, views.flow_result(self.state, req, flow))
         else:
-            self.replies.add(identity, not_found(req, job_id))
+            self.replies.add(identity, missing(self.state, req, job_id))
 
 
 def not_found(req: int, job_id: str) -> p.ErrorReply:
     return p.ErrorReply(req, "not_found", f"no job with id {job_id!r} (it may have expired)")
+
+
+def missing(state: JobState, req: int, job_id: str) -> p.ErrorReply:
+    """The not_found reply for ``job_id``, which is not a job: for a flow's
+    member made later, whether it is yet to be made or never will be."""
+    later = state.flowbook.later.get(job_id)
+    flow = state.flows.get(later[0]) if later is not None else None
+    if later is None or flow is None or job_id in state.flowbook.ends.get(flow.id, {}):
+        return not_found(req, job_id)
+    index = later[1]
+    what = "the callback" if index == len(flow.steps) else f"step {index}"
+    where = f"{what} of {flow.kind} {flow.id!r}"
+    see = f"see `corral {flow.kind} {flow.id}`"
+    if state.flowbook.pending(job_id) is not None:
+        return p.ErrorReply(
+            req, "not_found", f"job {job_id!r} is {where} and has not been created yet; {see}"
+        )
+    if index == len(flow.steps) and flow.id in state.followed:
+        return not_found(req, job_id)  # the callback was made and has expired
+    return p.ErrorReply(
+        req, "not_found", f"job {job_id!r} was {where} and was never created: {see}"
+    )

@@ -5,12 +5,14 @@ however often the broker restarts (the real core and log, a fake clock)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
+from corral.broker.core import CLIENT
 
 KINDS = ["chain", "chord", "on_success", "on_failure"]
 #: (the parent's TTL, the follow-up's TTL), seconds: the follow-up expires
@@ -290,3 +292,103 @@ def test_a_flow_result_ttl_out_of_range_is_refused(tmp_path: Path) -> None:
     msg = p.EnqueueFlow(broker.next_req(), "c", "chain", [p.JobSpec("a", "t")], result_ttl=-1.0)
     reply = broker.request(msg)
     assert isinstance(reply, p.ErrorReply) and reply.message.startswith("result_ttl: ")
+
+
+def test_a_later_chain_step_holds_its_unique_key_from_the_chain_s_start(tmp_path: Path) -> None:
+    """Step b is made only when a succeeds, but its key is its from the
+    chain's creation: an enqueue with the key meanwhile gets b's id (the
+    holder), never a second holder; b's result can be waited on before b
+    exists. Once b ended, the key is free again."""
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    steps = [p.JobSpec("a", "t"), p.JobSpec("b", "t", unique_key="k")]
+    assert isinstance(
+        broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps)), p.EnqueueOk
+    )
+    assert broker.enqueue(id="other", unique_key="k") == "b"
+    assert "other" not in broker.core.state.jobs
+    missing = broker.request(p.GetJob(broker.next_req(), "b"))
+    assert isinstance(missing, p.ErrorReply) and missing.code == "not_found"
+    assert "step 1 of chain 'c'" in missing.message and "not been created yet" in missing.message
+    # a client waiting on b is answered when b ends, not with "no job"
+    broker.run_pass((CLIENT, [b"waiter", p.encode(p.GetResult(77, "b", wait=60.0))]))
+    assert not [r for r in replies_to(broker, b"waiter") if r.req == 77]
+    finish_all(broker, worker, {"b": "done"})
+    answer = [r for r in replies_to(broker, b"waiter") if r.req == 77]
+    assert len(answer) == 1 and isinstance(answer[0], p.ResultReply)
+    assert msgspec_decode(answer[0].result) == "done"
+    # b ended: a new job may take the key
+    assert broker.enqueue(id="later", unique_key="k") == "later"
+    # a restart keeps the reservation of a chain not yet at its step
+    steps = [p.JobSpec("a2", "t"), p.JobSpec("b2", "t", unique_key="k2")]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c2", "chain", steps))
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    assert broker.enqueue(id="other2", unique_key="k2") == "b2"
+
+
+def test_a_chain_that_stops_before_a_step_frees_its_key(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    steps = [p.JobSpec("a", "t", max_attempts=1), p.JobSpec("b", "t", unique_key="k")]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
+    broker.run_pass((CLIENT, [b"waiter", p.encode(p.GetResult(78, "b", wait=60.0))]))
+    d = deliveries(broker.to_worker(worker.identity))[-1]
+    worker.start(d)
+    worker.finish(d, "fail")
+    answer = [r for r in replies_to(broker, b"waiter") if r.req == 78]
+    assert len(answer) == 1 and isinstance(answer[0], p.ErrorReply)
+    assert "never created" in answer[0].message
+    assert broker.enqueue(id="other", unique_key="k") == "other"
+
+
+def test_a_callback_whose_key_is_held_when_due_is_not_made_twice(tmp_path: Path) -> None:
+    """An on_success callback is an enqueue at the time its parent ends:
+    with its key held by another job, the holder stands in for it, as for
+    any enqueue; across a restart too."""
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=1)
+    worker.ready()
+    notify = p.JobSpec("cb", "t.notify", unique_key="notify-42")
+    broker.request(p.Enqueue(broker.next_req(), [p.JobSpec("p", "t.p", on_success=notify)]))
+    assert broker.enqueue("t.notify", id="holder", unique_key="notify-42", delay=100.0) == "holder"
+    run_next(broker, worker)
+    assert "cb" not in broker.core.state.jobs
+    assert broker.core.state.holder_of("notify-42", clock.time()) == "holder"
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    assert "cb" not in broker.core.state.jobs
+
+
+def test_a_flow_timer_waits_for_a_member_retried_by_hand(tmp_path: Path) -> None:
+    """A chain with its own result_ttl failed, then a step was retried by
+    hand: it runs again, and the chain is kept result_ttl from its new end,
+    not from its first."""
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    steps = [p.JobSpec("a", "t", max_attempts=1, result_ttl=1000.0), p.JobSpec("b", "t")]
+    msg = p.EnqueueFlow(broker.next_req(), "c", "chain", steps, result_ttl=50.0)
+    broker.request(msg)
+    d = deliveries(broker.to_worker(worker.identity))[-1]
+    worker.start(d)
+    worker.finish(d, "fail")
+    reply = flow_reply(broker, "c")
+    assert isinstance(reply, p.ResultReply) and reply.status == "failed"
+    broker.advance(30.0)
+    assert isinstance(broker.request(p.RetryJobs(broker.next_req(), job_id="a")), p.Ack)
+    broker.advance(30.0)  # past the first end's timer: the chain is running
+    assert "c" in broker.core.state.flows
+    finish_all(broker, worker, {"b": "done"})
+    broker.advance(40.0)
+    reply = flow_reply(broker, "c")
+    assert isinstance(reply, p.ResultReply) and reply.status == "succeeded"
+    broker.advance(15.0)
+    assert "c" not in broker.core.state.flows
+
+
+def replies_to(broker: InProcessBroker, identity: bytes) -> list[Any]:
+    return [p.decode(p.client_reply_decoder, b) for i, b in broker.clients.sent if i == identity]
