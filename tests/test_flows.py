@@ -4,6 +4,7 @@ crash."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 from conftest import Env, wait_for
@@ -15,6 +16,7 @@ from corral.broker.records import FlowCreated, Leased, Removed
 from corral.broker.state import JobState
 
 J = corral.Job
+KINDS = ("chain", "chord", "ok", "failure")
 
 
 @pytest.fixture
@@ -214,27 +216,42 @@ def test_async_client_management_and_flows(env: Env, daemon) -> None:  # type: i
 
 
 def test_an_expired_follow_up_never_runs_again_after_restarts(env: Env) -> None:
-    """The chain's last step expires long before its first; two restarts of
-    `corral run` must not run it again (they did, once per restart)."""
+    """Every kind of follow-up (a chain's next step, a chord's callback,
+    on_success, on_failure) expires long before its parent; two restarts
+    of `corral run` must not make any of them again (they did, once per
+    restart). The failed parent of on_failure is kept the default 30 days."""
     env.write_config(processes=1)
-    marks = env.home / "marks"
     daemon = env.start("run")
     env.wait_ready(daemon)
     client = env.client()
-    chain_id = client.enqueue_chain(
-        [J("e2e.square", 1, result_ttl=600), J("e2e.mark", str(marks), result_ttl=0.3)]
-    )
-    client.result(chain_id, timeout=30)
-    notify = client.chain(chain_id).jobs[1]
+    marks = {kind: str(env.home / f"marks-{kind}") for kind in KINDS}
 
-    def gone() -> bool:
-        try:
-            client.job(notify)
-        except corral.JobNotFound:
-            return True
-        return False
+    def follow(kind: str) -> corral.Job:
+        return J("e2e.mark", marks[kind], result_ttl=0.3)
 
-    wait_for(gone, 30, message="the last step to expire")
+    chain = client.enqueue_chain([J("e2e.square", 1, result_ttl=600), follow("chain")])
+    chord = client.enqueue_group([J("e2e.square", 2, result_ttl=600)], callback=follow("chord"))
+    (ok,) = client.enqueue_many([J("e2e.square", 3, result_ttl=600, on_success=follow("ok"))])
+    (bad,) = client.enqueue_many([J("e2e.flaky", 99, max_attempts=1, on_failure=follow("failure"))])
+    client.result(chain, timeout=30)
+    client.result(chord, timeout=30)
+    client.result(ok, timeout=30)
+    with pytest.raises(corral.JobFailed):
+        client.result(bad, timeout=30)
+    ids = [client.chain(chain).jobs[1], client.group(chord).callback]
+
+    def all_ran_and_expired() -> bool:
+        if not all(Path(m).exists() for m in marks.values()):
+            return False
+        for job_id in ids:
+            try:
+                client.job(job_id)
+                return False
+            except corral.JobNotFound:
+                pass
+        return True
+
+    wait_for(all_ran_and_expired, 30, message="every follow-up to run and expire")
     for n in range(2):
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(60) == 0
@@ -243,8 +260,9 @@ def test_an_expired_follow_up_never_runs_again_after_restarts(env: Env) -> None:
         env.wait_workers(1)
         client = env.client()
         assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9  # it serves
-    assert len(marks.read_text().splitlines()) == 1
-    assert gone()
+    runs = {kind: len(Path(m).read_text().splitlines()) for kind, m in marks.items()}
+    assert runs == dict.fromkeys(KINDS, 1)
+    assert client.job(bad).status == "failed"  # the parent is still there
 
 
 def test_a_flow_finishes_whatever_its_members_ttls(env: Env, daemon) -> None:  # type: ignore[no-untyped-def]
