@@ -138,6 +138,9 @@ class SupervisorInfo(msgspec.Struct, frozen=True):
     pools: list[PoolInfo]
     workers: list[ProcessInfo]
     reported_ago: float = 0.0
+    #: How the last reload went: "" (none), "ok at <time>" or
+    #: "failed at <time>: <why>".
+    reload: str = ""
 
 
 class UnroutableInfo(msgspec.Struct, frozen=True):

@@ -90,6 +90,12 @@ def _add_processes(subs: Subparsers) -> None:
         sub = subs.add_parser(name, help=text)
         _common(sub, broker=name == "status")
         sub.set_defaults(fn=fn)
+        if name == "check-config":
+            sub.add_argument(
+                "--no-plugins",
+                action="store_true",
+                help="do not import the pools' plugin modules (they are imported by default)",
+            )
     worker = subs.add_parser("worker", help="one worker in the foreground")
     _common(worker, broker=False)
     worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")

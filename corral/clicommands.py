@@ -263,6 +263,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         Scheduler.from_configs(config.schedules)
     except ScheduleError as exc:
         raise ConfigError(f"schedules: {exc}") from None
+    if not args.no_plugins:
+        _import_plugins(config)
     source = args.config or os.environ.get("CORRAL_CONFIG") or "defaults"
     pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
     emit(
@@ -271,6 +273,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         lambda v: f"{source}: ok (pools: {pools})",
     )
     return EXIT_OK
+
+
+def _import_plugins(config: Any) -> None:
+    """Import every pool's plugin modules, as its workers will. Raises
+    ConfigError naming the pool and, from PluginError, the file and line."""
+    from corral.workers.registry import PluginError, add_python_path, load_plugins
+
+    add_python_path(config.python_path)
+    for index, pool in enumerate(config.pools):
+        try:
+            load_plugins(pool.plugins)
+        except PluginError as exc:
+            raise ConfigError(f"pools[{index}].plugins (pool {pool.name!r}): {exc}") from None
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

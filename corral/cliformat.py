@@ -91,6 +91,8 @@ def human_status(status: Any) -> str:
     for sup in status.supervisors:
         lines.append("")
         lines.append(f"supervisor {sup.supervisor_id} (pid {sup.pid} on {sup.host})")
+        if sup.reload:
+            lines.append(f"  last reload {sup.reload}")
         for pool in sup.pools:
             state = "FAILED" if pool.failed else "ok"
             lines.append(

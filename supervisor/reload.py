@@ -1,12 +1,22 @@
-"""A reload of the pools: whether a pool's settings or plugin code changed,
-how to make the next import read the code afresh, and the new set of pools
-(unchanged ones kept, changed or new ones rolled, removed ones drained)."""
+"""A reload of the pools: the check that the new config and its plugins
+load (in a fresh interpreter, so a broken plugin never reaches the
+supervisor), whether a pool's settings or plugin code changed, how to make
+the next import read the code afresh, and the new set of pools (unchanged
+ones kept, changed or new ones rolled, removed ones drained).
+
+A reload is all or nothing: every new pool's tasks are loaded before any
+worker is started or retired, so a reload that fails changes nothing."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,41 +31,126 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
+#: How long the check of a new config (and the import of its plugins) may
+#: take, in seconds, before the reload is given up as failed.
+RELOAD_CHECK_TIMEOUT = 120.0
+
+
+class ReloadCheck:
+    """``corral check-config`` on the config file, in a fresh interpreter:
+    the config decodes and every pool's plugins import. The supervisor
+    reaps it (its pid is ours to wait for) and reads the verdict on its
+    tick, so a slow import never stalls the loop."""
+
+    def __init__(self, path: str, timeout: float = RELOAD_CHECK_TIMEOUT) -> None:
+        self._output = tempfile.TemporaryFile()  # noqa: SIM115 (kept until close())
+        code = "import sys; from corral.cli import main; sys.exit(main(sys.argv[1:]))"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code, "check-config", "-c", path],
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+        )
+        self.pid = self._proc.pid
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        #: The exit code once reaped (negative: killed by that signal).
+        self.code: int | None = None
+
+    def reaped(self, status: int) -> None:
+        self.code = os.waitstatus_to_exitcode(status)
+        self._proc.returncode = self.code  # reaped by the supervisor, not by Popen
+
+    def overdue(self, now: float) -> bool:
+        """Past its deadline and still running: kill it (it is reaped later)."""
+        if self.code is None and now > self.deadline:
+            os.kill(self.pid, signal.SIGKILL)
+            return True
+        return False
+
+    def error(self) -> str:
+        """Why the check failed, from its output ("" if it passed)."""
+        if self.code == 0:
+            return ""
+        if self.code is not None and self.code < 0:
+            return f"the check of the config took over {self.timeout:g}s and was stopped"
+        self._output.seek(0)
+        lines = self._output.read().decode(errors="replace").strip().splitlines()
+        text = " ".join(line.strip() for line in lines[-5:])
+        return text.removeprefix("corral: ") or f"the check exited with code {self.code}"
+
+    def close(self) -> None:
+        self._output.close()
+
+
+class ReloadError(Exception):
+    """A reload that failed. ``pools`` is None if nothing was changed, else
+    the pools now running (some were reloaded, those named were not)."""
+
+    def __init__(self, message: str, pools: list[Pool] | None = None) -> None:
+        super().__init__(message)
+        self.pools = pools
+
+
 def reload_pools(pools: list[Pool], config: Config, forker: Forker) -> list[Pool]:
     """The pools of ``config``, from the running ``pools``: a pool whose
     settings and code are unchanged is kept as it runs; the others are
-    rolled, and pools no longer configured are drained."""
+    rolled, and pools no longer configured are drained. Every new pool's
+    tasks load first; if any fails (ReloadError), nothing was changed."""
     old = {pool.name: pool for pool in pools}
-    new = []
+    plan: list[tuple[Pool | None, Pool]] = []
     for pool_config in config.pools:
         current = old.pop(pool_config.name, None)
         fingerprint = plugin_fingerprint(config, pool_config)
         if current is not None and not current.differs(pool_config, fingerprint):
-            new.append(current)
+            plan.append((current, current))
             continue
-        new.append(roll(current, config, pool_config, fingerprint, forker))
+        plugins = list(pool_config.plugins) + (list(current.config.plugins) if current else [])
+        forget_modules(plugins)
+        try:
+            registry = load_registry(config, pool_config)
+        except Exception as exc:
+            raise ReloadError(f"pool {pool_config.name!r}: {exc}") from exc
+        plan.append((current, Pool(pool_config, registry, fingerprint, forker)))
+    new = []
+    failed = []
+    for current, successor in plan:
+        if successor is current or roll(current, successor):
+            new.append(successor)
+        else:  # a fork failed: this pool stays as it runs
+            failed.append(successor.name)
+            if current is not None:
+                new.append(current)
     for gone in old.values():
         log.info("supervisor.pool_removed", pool=gone.name)
         gone.retire_all("pool removed")
+    if failed:
+        raise ReloadError(
+            f"a fork failed for pool(s) {', '.join(failed)}: they keep their old workers; "
+            "the other pools were reloaded",
+            new,
+        )
     return new
 
 
-def roll(
-    current: Pool | None, config: Config, pool: PoolConfig, fingerprint: str, forker: Forker
-) -> Pool:
+def roll(current: Pool | None, successor: Pool) -> bool:
     """A pool with new settings or code: start its new workers, then
-    drain the old ones (they finish their jobs, hand back the rest)."""
-    plugins = list(pool.plugins) + (list(current.config.plugins) if current else [])
-    forget_modules(plugins)
-    successor = Pool(pool, load_registry(config, pool), fingerprint, forker)
-    for index in range(pool.processes):
-        successor.spawn(index)
+    drain the old ones (they finish their jobs, hand back the rest).
+    False if a fork failed: the new workers started so far drain and the
+    old ones stay."""
+    for index in range(len(successor.slots)):
+        try:
+            successor.spawn(index)
+        except OSError as exc:
+            log.error("supervisor.fork_failed", pool=successor.name, index=index, error=str(exc))
+            successor.retire_all("a fork of its pool failed")
+            return False
     if current is not None:
-        log.info("supervisor.pool_restart", pool=pool.name, reason="config or code changed")
+        log.info("supervisor.pool_restart", pool=successor.name, reason="config or code changed")
         current.retire_all("reload")
     else:
-        log.info("supervisor.pool_added", pool=pool.name)
-    return successor
+        log.info("supervisor.pool_added", pool=successor.name)
+    return True
 
 
 def plugin_fingerprint(config: Config, pool: PoolConfig) -> str:

@@ -42,6 +42,8 @@ class BrokerLink:
         self.queued: int | None = None
         #: When the broker last answered a report.
         self.answered = time.monotonic()
+        #: How the last reload went ("" if there was none), for `corral status`.
+        self.reload = ""
         self._client: Client | None = None
         self._last_report = 0.0
         self._failures = 0
@@ -80,7 +82,9 @@ class BrokerLink:
             )
             for entry in children.running()
         ]
-        return SupervisorInfo(self.supervisor_id, self.host, os.getpid(), infos, workers)
+        return SupervisorInfo(
+            self.supervisor_id, self.host, os.getpid(), infos, workers, reload=self.reload
+        )
 
     def worker_exited(self, child: Child) -> None:
         """Instant redelivery: the broker requeues the dead worker's jobs now

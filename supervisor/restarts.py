@@ -32,6 +32,12 @@ class RestartLimit:
         self.next_start = 0.0
         self.failed = False
 
+    def reset(self) -> None:
+        """Forget the crashes (an operator's reload): start at once."""
+        self.crashes.clear()
+        self.backoff = self.next_start = 0.0
+        self.failed = False
+
     def may_start(self, now: float) -> bool:
         """Whether empty slots may be filled now."""
         return not self.failed and now >= self.next_start

@@ -37,7 +37,7 @@ from corral.supervisor.control import Control
 from corral.supervisor.notify import Notifier
 from corral.supervisor.pool import Pool, load_registry
 from corral.supervisor.process import Child, set_title, stop_children
-from corral.supervisor.reload import plugin_fingerprint, reload_pools
+from corral.supervisor.reload import ReloadCheck, ReloadError, plugin_fingerprint, reload_pools
 from corral.supervisor.report import BrokerLink
 
 if TYPE_CHECKING:
@@ -47,6 +47,11 @@ log = structlog.get_logger()
 
 TICK = 0.25
 BROKER_HEALTH_WINDOW = 5.0
+
+
+def _clock() -> str:
+    """The local wall-clock time, for what an operator reads."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 class Supervisor:
@@ -65,6 +70,8 @@ class Supervisor:
         self.control = Control(self._kill_all)
         self.notifier = Notifier()
         self.link = BrokerLink(config)
+        #: The check of a reload under way, if any.
+        self._check: ReloadCheck | None = None
 
     # ---------------------------------------------------------------- run
 
@@ -87,10 +94,20 @@ class Supervisor:
         return self._shutdown()
 
     def _tick(self) -> None:
-        """One pass: reap, act on requests, reconcile, report, sleep, watch."""
+        """One pass; an error in it is logged and the loop goes on: the
+        supervisor never takes the service down for its own fault."""
+        try:
+            self._pass()
+        except Exception:
+            log.exception("supervisor.tick_failed", hint="the supervisor goes on; please report")
+            self.control.wait(TICK)
+
+    def _pass(self) -> None:
+        """Reap, act on requests, reconcile, report, sleep, watch."""
         self._reap()
         if self.control.take_reload():
             self._reload()
+        self._finish_reload(time.monotonic())
         delta = self.control.take_scale()
         if delta:
             for pool in self.pools:
@@ -135,6 +152,9 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self._check is not None and pid == self._check.pid:
+                self._check.reaped(status)
+                continue
             if self.broker is not None and self.broker.owns(pid):
                 self.broker.reaped(status)
                 continue
@@ -173,21 +193,51 @@ class Supervisor:
     # ------------------------------------------------------------- reload
 
     def _reload(self) -> None:
-        """SIGHUP: read the config again and restart, rolling, only the
-        pools whose settings or plugin code changed. A bad config changes
-        nothing."""
-        from corral.config import load
-        from corral.errors import ConfigError
-
+        """SIGHUP: check the config file and its plugins in a fresh
+        interpreter (:class:`ReloadCheck`); :meth:`_finish_reload` applies
+        it once the check passed. Pools that gave up restarting try again
+        at once."""
         if self.config_path is None:
             log.warning("supervisor.reload_skipped", reason="started without a config file")
             return
+        for pool in self.pools:
+            pool.restarts.reset()
+        if self._check is not None:
+            log.info("supervisor.reload_pending", hint="a reload is already being checked")
+            return
         self.notifier.reloading()
         try:
+            self._check = ReloadCheck(self.config_path)
+        except OSError as exc:
+            self._reload_failed(f"the config check could not start: {exc}")
+
+    def _finish_reload(self, now: float) -> None:
+        """Apply a reload whose check has ended: restart, rolling, only the
+        pools whose settings or plugin code changed. A check or a load that
+        fails changes nothing; the error is logged and shown by `corral
+        status`."""
+        from corral.config import load
+        from corral.errors import ConfigError
+
+        check = self._check
+        if check is None or (check.code is None and not check.overdue(now)):
+            return
+        if check.code is None:
+            return  # killed for its deadline: reaped on a later tick
+        self._check = None
+        error = check.error()
+        check.close()
+        if error:
+            self._reload_failed(error)
+            return
+        assert self.config_path is not None
+        try:
             new = load(self.config_path)
-        except ConfigError as exc:
-            log.error("supervisor.reload_failed", error=str(exc), hint="the running config stays")
-            self.notifier.ready(self._status_line())
+            pools = reload_pools(self.pools, new, self.children)
+        except (ConfigError, ReloadError) as exc:
+            if isinstance(exc, ReloadError) and exc.pools is not None:
+                self.pools = exc.pools
+            self._reload_failed(str(exc))
             return
         if new.broker != self.config.broker:
             log.warning(
@@ -195,8 +245,14 @@ class Supervisor:
                 hint="broker settings take effect on a restart of corral",
             )
         self.config = self.children.config = self.link.config = new
-        self.pools = reload_pools(self.pools, new, self.children)
+        self.pools = pools
+        self.link.reload = f"ok at {_clock()}"
         log.info("supervisor.reloaded", pools=[p.name for p in self.pools])
+        self.notifier.ready(self._status_line())
+
+    def _reload_failed(self, error: str) -> None:
+        log.error("supervisor.reload_failed", error=error, hint="the running config stays")
+        self.link.reload = f"failed at {_clock()}: {error}"
         self.notifier.ready(self._status_line())
 
     # ----------------------------------------------------------- shutdown

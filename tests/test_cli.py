@@ -74,6 +74,18 @@ def test_bad_config_exits_two_naming_the_key(env: Env) -> None:
     assert env.run("check-config", "-c", str(env.config)).returncode == 0
 
 
+def test_check_config_imports_the_plugins_and_names_the_broken_line(env: Env) -> None:
+    plugins = env.home / "plugins"
+    plugins.mkdir()
+    (plugins / "broken_tasks.py").write_text("import corral\n\ndef broken(:\n")
+    text = env.config.read_text().replace('python_path = ["', f'python_path = ["{plugins}", "')
+    env.config.write_text(text.replace('plugins = ["e2e_tasks"]', 'plugins = ["broken_tasks"]'))
+    done = env.run("check-config", "-c", str(env.config))
+    assert done.returncode == 2
+    assert f"{plugins / 'broken_tasks.py'}:3" in done.stderr and "pools[0].plugins" in done.stderr
+    assert env.run("check-config", "--no-plugins", "-c", str(env.config)).returncode == 0
+
+
 def test_bad_payload_json_exits_two(env: Env) -> None:
     done = env.run("enqueue", "e2e.square", "{not json", "-c", str(env.config))
     assert done.returncode == 2

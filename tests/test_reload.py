@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import PLUGINS, Env, render_config, wait_for, worker_processes
 
 import corral
@@ -117,3 +118,56 @@ def test_sigttin_and_sigttou_scale_each_pool(env: Env) -> None:
     wait_for(lambda: len(worker_processes(daemon)) == 1, 60, message="1 worker")
     client = env.client()
     assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25
+
+
+def _status_text(env: Env) -> str:
+    done = env.run("status", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+BROKEN_IMPORT = 'import corral\nraise RuntimeError("the database is not configured")\n'
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_a_reload_with_a_broken_plugin_changes_nothing(env: Env, preload: bool) -> None:
+    """A syntax error (preloaded pool) or an import that raises (a pool that
+    imports in each worker): the error names the file and line, the daemon
+    and its workers go on as they were, and `corral status` says why the
+    last reload failed. Fixing the file and reloading again then works."""
+    plugin_dir = env.home / "dyn"
+    plugin_dir.mkdir()
+    module = plugin_dir / "dyn_tasks.py"
+    module.write_text(DYN.format(version="v1"))
+    _two_pools(env, plugin_dir)
+    if not preload:
+        text = env.config.read_text()
+        env.config.write_text(text.replace("[[pools]]", "[[pools]]\npreload = false", 1))
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(3)
+    client = env.client()
+    before = {p.pid for p in worker_processes(daemon)}
+    slow = client.enqueue("e2e.sleep", 2.0)  # running in the other pool across the reload
+    wait_for(lambda: client.job(slow).status == "running", 20, message="the job to start")
+    if preload:
+        module.write_text(module.read_text() + "\ndef broken(:\n")
+        line = len(module.read_text().splitlines())
+    else:
+        module.write_text(BROKEN_IMPORT)
+        line = 2
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reload_failed" in daemon.output(), 30, message="the failure")
+    failure = next(ln for ln in daemon.output().splitlines() if "supervisor.reload_failed" in ln)
+    assert f"{module}:{line}" in failure, failure
+    assert daemon.popen.poll() is None  # the daemon goes on
+    assert {p.pid for p in worker_processes(daemon)} == before
+    assert client.result(slow, timeout=30)["attempt"] == 1  # drained? no: never touched
+    assert client.result(client.enqueue("dyn.version", 0, queue="dyn"), timeout=30) == "v1"
+    wait_for(lambda: "last reload failed" in _status_text(env), 20, message="the status")
+    assert f"{module}:{line}" in _status_text(env)
+    module.write_text(DYN.format(version="v2"))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reloaded" in daemon.output(), 30, message="the second reload")
+    assert client.result(client.enqueue("dyn.version", 1, queue="dyn"), timeout=30) == "v2"
+    wait_for(lambda: "last reload ok" in _status_text(env), 20, message="the status")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import traceback
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -274,6 +275,16 @@ def add_python_path(paths: Iterable[str]) -> None:
             sys.path.insert(0, resolved)
 
 
+def where(exc: BaseException) -> str:
+    """``"path:line: "`` of the code an import failed at: the offending line
+    of a syntax error, else the innermost frame outside importlib; "" if
+    there is none."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}: "
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename]
+    return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+
+
 def load_plugins(modules: Iterable[str], *, entry_point_group: bool = True) -> Registry:
     """Import each plugin module and collect its tasks, plus the modules
     that installed distributions declare in the ``corral.tasks`` group."""
@@ -284,10 +295,10 @@ def load_plugins(modules: Iterable[str], *, entry_point_group: bool = True) -> R
     for name in names:
         try:
             module = importlib.import_module(name)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(
-                f"plugin {name!r} could not be imported: {type(exc).__name__}: {exc}. "
-                "Check the pool's plugins list and python_path in the config"
+                f"plugin {name!r} could not be imported: {where(exc)}{type(exc).__name__}: "
+                f"{exc}. Check the pool's plugins list and python_path in the config"
             ) from exc
         for definition in tasks_in(module):
             registry.add(definition)
