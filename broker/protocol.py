@@ -122,11 +122,16 @@ class ProcessInfo(msgspec.Struct, frozen=True):
 
 
 class PoolInfo(msgspec.Struct, frozen=True):
+    """A supervisor's pool: ``failed`` is true while it backs off after
+    crashing too often; ``state`` says so in words ("ok", "backing off
+    until 12:00:00", "scaled to 0")."""
+
     name: str
     queues: list[str]
     processes: int
     restarts: int
     failed: bool
+    state: str = "ok"
 
 
 class SupervisorInfo(msgspec.Struct, frozen=True):

@@ -102,6 +102,8 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     restart_window: PositiveDuration = 60.0
     restart_backoff: Duration = 1.0
     restart_backoff_max: Duration = 30.0
+    pool_backoff: PositiveDuration = 60.0
+    pool_backoff_max: PositiveDuration = 600.0
     queue_weights: dict[str, PositiveInt] = {}
 
 

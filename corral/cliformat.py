@@ -94,7 +94,7 @@ def human_status(status: Any) -> str:
         if sup.reload:
             lines.append(f"  last reload {sup.reload}")
         for pool in sup.pools:
-            state = "FAILED" if pool.failed else "ok"
+            state = pool.state
             lines.append(
                 f"  pool {pool.name}: {pool.processes} processes, queues={','.join(pool.queues)}"
                 f", restarts={pool.restarts}, {state}"

@@ -55,7 +55,9 @@ def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
             child.last_beat = now
             if event.kind == "J" and event.identity:
                 child.identities.add(event.identity)
-            if event.kind == "J":  # a job keeps the start time it was first seen at
+            if event.kind == "S":
+                child.jobs.update((job_id, (now, t)) for job_id, t in event.jobs.items())
+            elif event.kind == "J":  # a job keeps the start time it was first seen at
                 child.jobs = {
                     job_id: (child.jobs.get(job_id, (now, 0.0))[0], timeout)
                     for job_id, timeout in event.jobs.items()

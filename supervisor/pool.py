@@ -60,29 +60,36 @@ class Pool:
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def failed(self) -> bool:
-        return self.restarts.failed
+    def backing_off(self, now: float) -> bool:
+        """Whether it crashed too often and waits before starting workers."""
+        return self.restarts.backing_off(now)
 
     def differs(self, config: PoolConfig, fingerprint: str) -> bool:
         """Whether ``config`` and ``fingerprint`` call for new workers."""
         return self.config != config or self.fingerprint != fingerprint
 
-    def summary(self) -> str:
-        """``name alive/slots``, and ``FAILED`` if it gave up restarting."""
+    def state(self, now: float) -> str:
+        """``ok`` or ``backing off until <time>``."""
+        return self.restarts.state(now)
+
+    def summary(self, now: float) -> str:
+        """``name alive/slots``, and its state unless ok."""
         alive = sum(1 for c in self.slots if c is not None and c.alive)
-        state = " FAILED" if self.failed else ""
-        return f"{self.name} {alive}/{len(self.slots)}{state}"
+        state = self.state(now)
+        return f"{self.name} {alive}/{len(self.slots)}" + ("" if state == "ok" else f" {state}")
 
     # ------------------------------------------------------------ start
 
     def fill(self, now: float) -> None:
-        """Start a worker in each empty slot, unless failed or backing off."""
-        if not self.restarts.may_start(now):
-            return
+        """Start a worker in each empty slot that may start now (see
+        RestartLimit). A fork that fails counts as a crash of its slot."""
         for index, child in enumerate(self.slots):
-            if child is None:
-                self.spawn(index)
+            if child is None and self.restarts.may_start(index, now):
+                try:
+                    self.spawn(index)
+                except OSError as exc:
+                    log.error("supervisor.fork_failed", pool=self.name, index=index, error=str(exc))
+                    self.restarts.crashed(index, now)
 
     def spawn(self, index: int) -> None:
         self.slots[index] = self.forker.fork(self, index)
@@ -111,9 +118,10 @@ class Pool:
         """Slot ``index`` is empty: its worker exited."""
         self.slots[index] = None
 
-    def crashed(self, now: float) -> None:
-        """A worker crashed: the slot is filled again after the backoff."""
-        self.restarts.crashed(now)
+    def crashed(self, index: int, now: float, *, job_caused: bool) -> None:
+        """Slot ``index``'s worker crashed: the slot is filled again after
+        its backoff (at once if the death was charged to its jobs)."""
+        self.restarts.crashed(index, now, job_caused=job_caused)
 
     # ---------------------------------------------------------- replace
 

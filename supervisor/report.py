@@ -67,7 +67,14 @@ class BrokerLink:
 
     def describe(self, now: float, pools: list[Pool], children: Children) -> SupervisorInfo:
         infos = [
-            PoolInfo(p.name, list(p.config.queues), len(p.slots), p.restarts.total, p.failed)
+            PoolInfo(
+                p.name,
+                list(p.config.queues),
+                len(p.slots),
+                p.restarts.total,
+                p.backing_off(now),
+                state=p.state(now),
+            )
             for p in pools
         ]
         workers = [

@@ -34,6 +34,7 @@ from corral import logs
 from corral.supervisor.broker_child import BrokerChild
 from corral.supervisor.children import Children, Entry
 from corral.supervisor.control import Control
+from corral.supervisor.monitor import read_status
 from corral.supervisor.notify import Notifier
 from corral.supervisor.pool import Pool, load_registry
 from corral.supervisor.process import Child, set_title, stop_children
@@ -131,7 +132,8 @@ class Supervisor:
         return self.broker.alive and now - self.link.answered < BROKER_HEALTH_WINDOW
 
     def _status_line(self) -> str:
-        line = "workers: " + (", ".join(pool.summary() for pool in self.pools) or "none")
+        now = time.monotonic()
+        line = "workers: " + (", ".join(pool.summary(now) for pool in self.pools) or "none")
         queued = self.link.queued
         return line if queued is None else f"{line}; queued: {queued}"
 
@@ -160,6 +162,8 @@ class Supervisor:
                 continue
             entry = self.children.pop(pid)
             if entry is not None:
+                # its last words first: the jobs it had started when it died
+                read_status(entry.child, entry.reader, time.monotonic())
                 entry.child.reaped(status)
                 self._worker_reaped(entry)
 
@@ -186,9 +190,14 @@ class Supervisor:
         )
         if clean:
             return
+        # A process that died running jobs is charged to them (each counts
+        # an attempt), not to the pool: a poison job ends failed, the pool
+        # stays up. A kill for a job's hard timeout charges that job only.
+        job_caused = bool(child.jobs) or child.charged is not None
+        if not child.killed_for and child.jobs:
+            child.charged = sorted(child.jobs)
         self.link.worker_exited(child)
-        if not child.killed_for:  # else killed for a limit: replace at once
-            pool.crashed(now)
+        pool.crashed(index, now, job_caused=job_caused)
 
     # ------------------------------------------------------------- reload
 

@@ -95,30 +95,96 @@ def test_soft_timeout_raises_inside_the_handler(env: Env) -> None:
     assert client.result(client.enqueue("e2e.soft", 0.01), timeout=30) == "finished"
 
 
-def test_poison_job_backs_off_fails_the_pool_and_the_job(env: Env) -> None:
-    env.write_config(
-        processes=1,
-        prefetch=0,
-        extra_pool='max_restarts = 2\nrestart_window = "60s"\nrestart_backoff = "100ms"',
-    )
+def _pool_line(env: Env) -> str:
+    done = env.run("status", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    return next(ln for ln in done.stdout.splitlines() if ln.strip().startswith("pool default"))
+
+
+#: A pool that would back off for long, and give up in the old design,
+#: after two counted crashes.
+TOUCHY = 'max_restarts = 1\nrestart_window = "60s"\nrestart_backoff = "30s"\npool_backoff = "10m"'
+
+
+def test_poison_jobs_fail_themselves_and_the_pool_stays_up(env: Env) -> None:
+    """Two jobs that end their process every time: each death is charged
+    to the job it ran (it fails after its max_attempts=3), never to the
+    pool, which neither backs off nor gives up; the job buffered behind
+    them is not charged and runs once."""
+    env.write_config(processes=1, prefetch=2, extra_pool=TOUCHY)
     daemon = env.start("run")
     env.wait_ready(daemon)
+    env.wait_workers(1)
     client = env.client()
-    job_id = client.enqueue("e2e.crash", 3)
-    with pytest.raises(corral.JobFailed) as failed:
-        client.result(job_id, timeout=60)
-    assert failed.value.error.type == "WorkerLost"
-    info = client.job(job_id)
-    assert info.attempts == 3
-    assert all(t.error is not None and "exit" in t.error.message for t in info.tries)
-    wait_for(
-        lambda: "supervisor.pool_failed" in daemon.output(),
-        20,
-        message="the pool to be marked failed",
-    )
-    assert "supervisor.backoff" in daemon.output()  # it kept crashing: restarts backed off
-    wait_for(lambda: not worker_processes(daemon), 10, message="no worker restarted")
-    assert daemon.alive()  # the daemon stays up, the pool stays failed
+    poison = client.enqueue_many([corral.Job("e2e.crash", 3) for _ in range(2)])
+    innocent = client.enqueue("e2e.square", 7)
+    for job_id in poison:
+        with pytest.raises(corral.JobFailed) as failed:
+            client.result(job_id, timeout=60)
+        assert failed.value.error.type == "WorkerLost"
+        info = client.job(job_id)
+        assert info.attempts == 3
+        assert all(t.error is not None and "exit" in t.error.message for t in info.tries)
+    assert client.result(innocent, timeout=30) == 49
+    assert client.job(innocent).attempts == 1 and len(client.job(innocent).tries) == 1
+    output = daemon.output()
+    assert "supervisor.pool_backing_off" not in output and "supervisor.backoff" not in output
+    wait_for(lambda: _pool_line(env).endswith(", ok"), 20, message="the pool's state")
+    assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9
+
+
+CRASH_AT_START = """
+import os
+if os.path.exists({mark!r}):
+    os._exit(5)
+"""
+
+
+def test_a_crash_looping_pool_backs_off_and_sighup_restarts_it_at_once(env: Env) -> None:
+    """Workers that die at start-up (no job to blame) make the pool back
+    off, with a cap, never for good: `corral status` says until when. A
+    SIGHUP restarts it at once."""
+    plugins = env.home / "plugins"
+    plugins.mkdir()
+    mark = env.home / "crash-at-start"
+    (plugins / "startup_tasks.py").write_text(CRASH_AT_START.format(mark=str(mark)))
+    env.write_config(processes=1, extra_pool=TOUCHY + "\npreload = false")
+    text = env.config.read_text().replace('python_path = ["', f'python_path = ["{plugins}", "')
+    env.config.write_text(text.replace('"e2e_tasks"]', '"e2e_tasks", "startup_tasks"]'))
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    mark.touch()
+    worker_processes(daemon)[0].kill()  # its successors die at start-up
+    wait_for(lambda: "supervisor.pool_backing_off" in daemon.output(), 30, message="the backoff")
+    wait_for(lambda: "backing off until" in _pool_line(env), 20, message="the pool's state")
+    assert daemon.alive()
+    mark.unlink()
+    daemon.signal(signal.SIGHUP)
+    env.wait_workers(1, timeout=30)  # at once, not after pool_backoff (10 minutes)
+    client = env.client()
+    assert client.result(client.enqueue("e2e.square", 4), timeout=30) == 16
+    wait_for(lambda: _pool_line(env).endswith(", ok"), 20, message="the pool's state")
+
+
+def test_two_workers_killed_at_once_both_restart_at_once(env: Env) -> None:
+    """Restart backoff is per slot: two unrelated deaths (say, the OOM
+    killer) restart both workers at once, not one after restart_backoff."""
+    env.write_config(processes=2, extra_pool='restart_backoff = "30s"')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    before = worker_processes(daemon)
+    for process in before:
+        process.kill()
+    old = {p.pid for p in before}
+
+    def replaced() -> bool:
+        pids = {p.pid for p in worker_processes(daemon)}
+        return len(pids) == 2 and not pids & old
+
+    wait_for(replaced, 20, message="both workers to be replaced")  # not 30 s apart
+    assert "supervisor.backoff" not in daemon.output()
 
 
 def test_asyncio_pool_runs_coroutines_concurrently(env: Env) -> None:

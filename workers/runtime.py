@@ -267,7 +267,8 @@ class Worker:
         if now - self._last_beat >= interval or (changed and now - self._last_beat >= 0.05):
             self._last_beat = now
             self._status_sent = self._status_version
-            self._status.running(dict(self._timeouts), self._identity)
+            with self._status.lock:
+                self._status.running(dict(self._timeouts), self._identity)
 
     def _receive(self) -> None:
         assert self._sock is not None
@@ -429,9 +430,11 @@ class Worker:
         execution.ctx._on_progress = lambda fraction, note: self._outbox.append(
             ("progress", p.Progress(d.job_id, d.lease, fraction, note))
         )
+        with self._status.lock:  # the supervisor knows before the handler runs
+            self._timeouts[d.job_id] = d.timeout
+            self._status.started(d.job_id, d.timeout)
         self._outbox.append(("started", p.Lease(d.job_id, d.lease)))
         self._wake()  # the broker shows it running once it knows
-        self._timeouts[d.job_id] = d.timeout
         self._status_version += 1
         structlog.contextvars.bind_contextvars(job_id=d.job_id, task=d.task, attempt=d.attempt)
 

@@ -1,12 +1,19 @@
 """The status pipe from a worker process to its supervisor.
 
-Only the worker's socket thread writes, one line at a time:
+Each line is one write, under PIPE_BUF bytes, so lines from two threads
+never interleave:
 
     J id=<hex> [<job_id>:<timeout> ...]
                                  the worker's socket identity (hex) and the jobs
                                  running now (timeout 0: none); also the sign of
-                                 life, written at least every heartbeat
+                                 life, written at least every heartbeat (socket thread)
+    S <job_id>:<timeout>         a job is about to start: written by the thread that
+                                 runs it, before its handler, so a process that dies
+                                 in the handler is charged to that job
     R <reason>                   the worker is retiring (max_jobs): start its replacement
+
+``lock`` orders a J snapshot against an S line: a J written after an S
+includes that job (or it has ended).
 
 A J line is a snapshot, not an event, so a line lost to a full pipe costs
 nothing: the next one says the same and more. The supervisor reads the
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 
 
@@ -28,6 +36,9 @@ class StatusWriter:
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        #: Held while taking a snapshot of the running jobs and writing it,
+        #: and while adding a job and writing its S line.
+        self.lock = threading.Lock()
         if fd is not None:
             os.set_blocking(fd, False)
 
@@ -41,6 +52,9 @@ class StatusWriter:
         items = [f"id={identity.hex()}"] if identity else []
         items += [f"{job_id}:{timeout or 0}" for job_id, timeout in jobs.items()]
         self._write(f"J {' '.join(items)}\n")
+
+    def started(self, job_id: str, timeout: float | None) -> None:
+        self._write(f"S {job_id}:{timeout or 0}\n")
 
     def retiring(self, reason: str) -> None:
         self._write(f"R {reason}\n")
@@ -87,6 +101,12 @@ def _parse(line: str) -> StatusEvent | None:
             except ValueError:
                 return None  # a torn line: the next snapshot will do
         return StatusEvent("J", jobs, identity=identity)
+    if kind == "S":
+        job_id, _, timeout = rest.rpartition(":")
+        try:
+            return StatusEvent("S", {job_id: float(timeout)})
+        except ValueError:
+            return None
     if kind == "R":
         return StatusEvent("R", reason=rest)
     return None
