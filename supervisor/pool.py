@@ -69,7 +69,10 @@ class Pool:
         return self.config != config or self.fingerprint != fingerprint
 
     def state(self, now: float) -> str:
-        """``ok`` or ``backing off until <time>``."""
+        """``ok``, ``backing off until <time>``, or ``scaled to 0`` (by
+        SIGTTOU, below a configured count)."""
+        if not self.slots and self.config.processes:
+            return "scaled to 0"
         return self.restarts.state(now)
 
     def summary(self, now: float) -> str:
@@ -158,6 +161,18 @@ class Pool:
             if child is not None and child.alive:
                 self._retire(child, "scaled down")
         log.info("supervisor.scaled", pool=self.name, processes=len(self.slots))
+        if not self.slots and self.config.processes:
+            log.warning(
+                "supervisor.scaled_to_zero",
+                pool=self.name,
+                hint="it runs no job now; SIGTTIN adds a worker, SIGHUP restores "
+                f"the configured {self.config.processes}",
+            )
+
+    def restore(self) -> None:
+        """Back to the configured number of processes (an operator's reload)."""
+        if len(self.slots) != self.config.processes:
+            self.scale(self.config.processes - len(self.slots))
 
     def _retire(self, child: Child, reason: str) -> None:
         child.retiring = reason

@@ -209,8 +209,9 @@ class Supervisor:
         if self.config_path is None:
             log.warning("supervisor.reload_skipped", reason="started without a config file")
             return
-        for pool in self.pools:
+        for pool in self.pools:  # what signals changed goes back to the config
             pool.restarts.reset()
+            pool.restore()
         if self._check is not None:
             log.info("supervisor.reload_pending", hint="a reload is already being checked")
             return

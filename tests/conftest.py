@@ -119,10 +119,18 @@ class Proc:
         return self.popen.wait(timeout)
 
     def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.Error:
-            return []
+        """Its child processes, recursively; [] once it is gone. A child that
+        exits during the scan can make psutil fail: the scan is retried, so
+        that a passing race never reads as "no children"."""
+        for _ in range(20):
+            try:
+                return psutil.Process(self.pid).children(recursive=True)
+            except psutil.NoSuchProcess as exc:
+                if exc.pid == self.pid:
+                    return []
+            except psutil.Error:
+                pass
+        return []
 
     def kill(self) -> None:
         procs = self.descendants()

@@ -118,6 +118,16 @@ def test_sigttin_and_sigttou_scale_each_pool(env: Env) -> None:
     wait_for(lambda: len(worker_processes(daemon)) == 1, 60, message="1 worker")
     client = env.client()
     assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25
+    # to 0, never silently: the log and `corral status` say so
+    daemon.signal(signal.SIGTTOU)
+    wait_for(lambda: "supervisor.scaled_to_zero" in daemon.output(), 60, message="the warning")
+    wait_for(lambda: not worker_processes(daemon), 60, message="no worker")
+    wait_for(lambda: "scaled to 0" in _status_text(env), 20, message="the status")
+    # SIGHUP restores the configured count
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: len(worker_processes(daemon)) == 2, 60, message="2 workers again")
+    assert client.result(client.enqueue("e2e.square", 6), timeout=30) == 36
+    wait_for(lambda: "scaled to 0" not in _status_text(env), 20, message="the status")
 
 
 def _status_text(env: Env) -> str:
