@@ -58,6 +58,11 @@ class Notifier:
             self._last_status = text
             self.send(f"STATUS={text}")
 
+    def extend(self, seconds: float) -> None:
+        """Ask for ``seconds`` more to start (or stop): a long log replay
+        must not run into TimeoutStartSec."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
     def reloading(self) -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")

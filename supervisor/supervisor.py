@@ -48,6 +48,9 @@ log = structlog.get_logger()
 
 TICK = 0.25
 BROKER_HEALTH_WINDOW = 5.0
+#: While the broker first starts, systemd is asked for more time this often
+#: (seconds), twice this much each time.
+EXTEND_EVERY = 10.0
 
 
 def _clock() -> str:
@@ -73,6 +76,10 @@ class Supervisor:
         self.link = BrokerLink(config)
         #: The check of a reload under way, if any.
         self._check: ReloadCheck | None = None
+        #: Whether READY=1 went out (once the broker first came up).
+        self._announced = False
+        self._extended = -EXTEND_EVERY
+        self._exit_code = 0
 
     # ---------------------------------------------------------------- run
 
@@ -80,19 +87,18 @@ class Supervisor:
         logs.configure("supervisor", self.config.log.level, self.config.log.format)
         set_title("corral: supervisor")
         self.control.install()
-        if self.broker is not None and not self.broker.start(self.config):
-            return 1
+        if self.broker is not None:
+            self.broker.start(self.config, time.monotonic())
         for pool in self.config.pools:
             registry = load_registry(self.config, pool)
             fingerprint = plugin_fingerprint(self.config, pool)
             self.pools.append(Pool(pool, registry, fingerprint, self.children))
         self._reconcile(time.monotonic())
-        self.notifier.ready(self._status_line())
-        log.info("supervisor.started", pools=[p.name for p in self.config.pools])
         while not self.control.stopping:
             self._tick()
         self.notifier.stopping()
-        return self._shutdown()
+        code = self._shutdown()
+        return self._exit_code or code
 
     def _tick(self) -> None:
         """One pass; an error in it is logged and the loop goes on: the
@@ -125,11 +131,13 @@ class Supervisor:
 
     def _healthy(self, now: float) -> bool:
         """The loop runs (we are here) and, in ``corral run``, our broker's
-        loop answered a report recently. A remote broker's outage does not
-        make a worker host unhealthy: its workers reconnect on their own."""
-        if self.broker is None:
+        loop answered a report recently, or it is being started (a long
+        replay, or a restart after its backoff: this loop sees to it). A
+        remote broker's outage does not make a worker host unhealthy: its
+        workers reconnect on their own."""
+        if self.broker is None or not self.broker.up:
             return True
-        return self.broker.alive and now - self.link.answered < BROKER_HEALTH_WINDOW
+        return now - self.link.answered < BROKER_HEALTH_WINDOW
 
     def _status_line(self) -> str:
         now = time.monotonic()
@@ -140,11 +148,28 @@ class Supervisor:
     # ---------------------------------------------------------- reconcile
 
     def _reconcile(self, now: float) -> None:
-        if self.broker is not None and not self.broker.restart_if_gone(self.config):
-            self.control.request_stop()
-            return
+        """Fill the pools' empty slots; in ``corral run``, once the broker
+        has been up (its first start decides whether corral runs at all).
+        READY=1 goes to systemd then; until then EXTEND_TIMEOUT_USEC."""
+        if self.broker is not None:
+            event = self.broker.poll(self.config, now)
+            if event == "failed":
+                self._exit_code = 1
+                self.control.request_stop()
+                return
+            if event == "up":
+                self.link.answered = now
+            if not self.broker.was_up:
+                if now - self._extended >= EXTEND_EVERY:
+                    self._extended = now
+                    self.notifier.extend(EXTEND_EVERY * 2)
+                return
         for pool in self.pools:
             pool.fill(now)
+        if not self._announced:
+            self._announced = True
+            self.notifier.ready(self._status_line())
+            log.info("supervisor.started", pools=[p.name for p in self.config.pools])
 
     def _reap(self) -> None:
         while True:

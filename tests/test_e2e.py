@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 
+import psutil
 from conftest import Env, kill_broker, wait_for, wait_until, worker_processes
 
 import corral
@@ -291,3 +293,55 @@ def test_instant_redelivery_well_inside_the_heartbeat_window(env: Env) -> None:
     assert "SIGKILL" in info.tries[0].error.message
     gate.touch()
     assert client.result(job_id, timeout=30)["attempt"] == 2
+
+
+def test_a_broker_that_keeps_failing_is_restarted_with_backoff_without_stalling(
+    env: Env,
+) -> None:
+    """The broker cannot start again (another process holds its state
+    directory's lock): the supervisor retries with growing delays, and its
+    loop goes on meanwhile (a killed worker is replaced). Once the lock is
+    free the broker comes back and serves."""
+    import fcntl
+
+    env.write_config(processes=2)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    lock = os.open(env.home / "state" / "broker.lock", os.O_RDWR)
+    try:
+
+        def broker_killed_and_lock_taken() -> bool:
+            for p in daemon.descendants():
+                with contextlib.suppress(psutil.Error):
+                    if "corral: broker" in " ".join(p.cmdline()):
+                        p.kill()
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # the old one is not dead yet, or a new one took it
+                return False
+            return True
+
+        wait_for(broker_killed_and_lock_taken, 30, message="the lock")
+        wait_for(
+            lambda: daemon.output().count("supervisor.broker_restart") >= 3,
+            60,
+            message="three restarts",
+        )
+        assert '"after": 1.0' in daemon.output() or "after=1.0" in daemon.output()
+        victim = worker_processes(daemon)[0]
+        victim.kill()
+        wait_for(
+            lambda: (
+                len(worker_processes(daemon)) == 2
+                and victim.pid not in {p.pid for p in worker_processes(daemon)}
+            ),
+            30,
+            message="the worker replaced while the broker is down",
+        )
+        assert daemon.alive()
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+    client = env.client()
+    assert client.result(client.enqueue("e2e.square", 8), timeout=60) == 64

@@ -46,6 +46,8 @@ def test_notify_ready_status_watchdog_stopping(env: Env) -> None:
 
         wait_for(lambda: got("READY=1"), 30, message="READY=1")
         ready = next(m for m in seen if "READY=1" in m)
+        # more time was asked for while the broker replayed its log
+        assert any("EXTEND_TIMEOUT_USEC=" in m for m in seen[: seen.index(ready)])
         assert f"MAINPID={proc.pid}" in ready
         assert "STATUS=workers: default" in ready
         # The log was replayed before READY: the broker answers at once.
