@@ -95,6 +95,6 @@ class Children:
                 )
                 child.killed_for = verdict.reason
                 child.charged = verdict.charged()
-                child.signal(signal.SIGKILL)
+                child.signal(signal.SIGKILL)  # its process group: a task's subprocesses too
             elif pool.holds(index, child):
                 pool.replace(index, child, verdict.reason, drain=True)

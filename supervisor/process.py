@@ -1,6 +1,10 @@
-"""One child process: fork it, give it a title, make it die with its
-parent, signal it, read its exit status, and stop children in order
-(TERM, a grace period, then KILL)."""
+"""One child process: fork it, give it a title and its own process group,
+make it die with its parent, signal it, read its exit status, kill what it left
+behind, and stop children in order (TERM, a grace period, then KILL).
+
+A kill (SIGKILL) goes to the child's whole process group, so a task's own
+subprocesses die with its worker; every other signal, a drain's SIGTERM
+included, goes to the child alone."""
 
 from __future__ import annotations
 
@@ -33,6 +37,21 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def group_members(pgid: int) -> list[int]:
+    """The pids of the live (not zombie) processes in process group ``pgid``."""
+    found = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) != pgid:
+                continue
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                continue
+        except (OSError, psutil.Error):
+            continue
+        found.append(pid)
+    return found
+
+
 def set_title(title: str) -> None:
     """Show ``title`` in ps and top (argv and the kernel's comm name)."""
     try:
@@ -47,7 +66,8 @@ class Child:
     """A forked child running ``target``; its return value is the exit code.
 
     With ``status_pipe`` the child gets the write end of a pipe (passed to
-    ``target``) and the parent keeps the read end as ``status_fd``."""
+    ``target``) and the parent keeps the read end as ``status_fd``. The
+    child leads a process group of its own, whose pgid is its pid."""
 
     def __init__(
         self,
@@ -93,6 +113,10 @@ class Child:
             if read_fd is not None:
                 os.close(read_fd)
             self._child_main(parent, write_fd)
+        # The child sets its group too; doing it here as well means that a
+        # kill sent before the child has run still reaches the whole group.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
         if write_fd is not None:
             os.close(write_fd)
             os.set_blocking(read_fd, False)  # type: ignore[arg-type]
@@ -130,14 +154,49 @@ class Child:
             os._exit(code)
 
     def signal(self, sig: int) -> None:
-        if self.alive and self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
+        """Send ``sig`` to the running child. SIGKILL goes to its whole
+        process group, so a task's subprocesses die with the worker. Any
+        other signal goes to the child alone: a drain's SIGTERM lets the
+        worker finish its jobs, and a job's subprocess must not be killed
+        while its handler still waits on it (what is left once the worker
+        has exited is killed then, see :meth:`reaped`)."""
+        if not self.alive or self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if sig == signal.SIGKILL:
+                try:
+                    os.killpg(self.pid, sig)
+                except ProcessLookupError:  # not its own group: the child alone
+                    os.kill(self.pid, sig)
+            else:
                 os.kill(self.pid, sig)
 
     def reaped(self, status: int) -> None:
-        """Record the wait status ``waitpid`` returned for this child."""
+        """Record the wait status ``waitpid`` returned for this child, and
+        kill what is left in its process group."""
         self.exit_code = os.waitstatus_to_exitcode(status)
         self.close_status()
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> int:
+        """SIGKILL the processes left in the exited child's process group
+        (a task's subprocesses, which would otherwise live on under PID 1);
+        returns how many there were."""
+        if self.pid is None:
+            return 0
+        left = group_members(self.pid)
+        if not left:
+            return 0
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        log.warning(
+            "supervisor.group_killed",
+            child=self.name,
+            pgid=self.pid,
+            processes=len(left),
+            pids=left[:20],
+        )
+        return len(left)
 
     def rss(self) -> int | None:
         """Resident memory in bytes, or None if the process is gone."""
@@ -158,8 +217,11 @@ class Child:
 
 
 def stop_children(children: list[Child], timeout: float, pause: Callable[[float], None]) -> None:
-    """SIGTERM each child, wait up to ``timeout`` for them to exit (``pause``
-    sleeps between looks, waking early for a signal), then SIGKILL the rest."""
+    """SIGTERM each child, wait up to ``timeout`` (seconds) for them to exit
+    (``pause`` sleeps between looks, waking early for a signal), then SIGKILL
+    the process group of each one left. The TERM goes to each child alone,
+    so it can finish its jobs; whatever a child leaves in its group is
+    killed once it is reaped."""
     for child in children:
         child.signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -182,6 +244,7 @@ def reap_quietly(children: list[Child], block: bool = False) -> None:
             pid, status = os.waitpid(child.pid, 0 if block else os.WNOHANG)
         except ChildProcessError:
             child.exit_code = -1
+            child.kill_leftovers()
             continue
         if pid:
             child.reaped(status)
