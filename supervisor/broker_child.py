@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -24,10 +25,13 @@ BROKER_START_TIMEOUT = 120.0
 
 
 class BrokerChild:
-    """The broker process, if one was started."""
+    """The broker process, if one was started. ``before_fork`` is called
+    before each fork (to close what must not be inherited, such as a zmq
+    context)."""
 
-    def __init__(self) -> None:
+    def __init__(self, before_fork: Callable[[], None] = lambda: None) -> None:
         self.child: Child | None = None
+        self.before_fork = before_fork
 
     @property
     def alive(self) -> bool:
@@ -39,10 +43,10 @@ class BrokerChild:
         ready_r, ready_w = os.pipe()
 
         def target(_: int | None) -> int:
-            os.close(ready_r)
-            return run_broker(config, ready_w)
+            return run_broker(config, ready_w)  # ready_r was closed with the rest
 
-        self.child = child = Child("broker", "corral: broker", target)
+        self.child = child = Child("broker", "corral: broker", target, keep_fds=(ready_w,))
+        self.before_fork()
         child.start()
         os.close(ready_w)
         ready = _wait_readable(ready_r, BROKER_START_TIMEOUT)

@@ -1,5 +1,6 @@
-"""One child process: fork it, give it a title and its own process group,
-make it die with its parent, signal it, read its exit status, kill what it left
+"""One child process: fork it cleanly (no inherited signal handlers, signal
+mask or file descriptors), give it a title and its own process group, make
+it die with its parent, signal it, read its exit status, kill what it left
 behind, and stop children in order (TERM, a grace period, then KILL).
 
 A kill (SIGKILL) goes to the child's whole process group, so a task's own
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -35,6 +38,64 @@ def die_with_parent(parent_pid: int) -> None:
         pass  # not Linux: the child's own parent check still applies
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def reset_signals() -> None:
+    """Give every signal its default disposition and unblock them all, so a
+    child starts without the handlers (TERM, HUP, TTIN, TTOU, CHLD ...) and
+    mask its parent set. SIGPIPE and SIGXFSZ stay ignored, as Python starts
+    them, so that a write to a closed pipe raises rather than kills."""
+    python_ignores = {signal.SIGPIPE, signal.SIGXFSZ}
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        disposition = signal.SIG_IGN if sig in python_ignores else signal.SIG_DFL
+        with contextlib.suppress(OSError, ValueError):  # e.g. glibc's RT signals
+            signal.signal(sig, disposition)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.set_wakeup_fd(-1)
+
+
+def close_inherited_fds(keep: set[int]) -> None:
+    """Close every file descriptor but 0, 1, 2, those of ``sys.stdout`` and
+    ``sys.stderr`` (where logs go) and ``keep``: the parent's sockets,
+    pipes and files are not the child's to hold open. Objects in the child
+    that wrapped a closed descriptor must not be used again."""
+    stderr = _fileno(sys.stderr)
+    kept = {0, 1, 2, stderr, _fileno(sys.stdout), *keep}
+    kept.discard(-1)
+    low = 0
+    for fd in sorted(kept):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _max_fd())
+    if faulthandler.is_enabled():  # its own descriptor may have been closed
+        faulthandler.enable(stderr if stderr >= 0 else 2)
+
+
+def _fileno(stream: object) -> int:
+    try:
+        return int(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
+def _max_fd() -> int:
+    try:
+        return max(os.sysconf("SC_OPEN_MAX"), 1024)
+    except (OSError, ValueError):
+        return 65536
+
+
+def os_threads() -> int:
+    """How many threads this process runs, native ones (libzmq's I/O
+    threads) included: only the calling thread survives a fork, and a lock
+    another one held stays locked in the child."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # not Linux: Python's threads are what can be seen
+        return threading.active_count()
 
 
 def group_members(pgid: int) -> list[int]:
@@ -67,7 +128,8 @@ class Child:
 
     With ``status_pipe`` the child gets the write end of a pipe (passed to
     ``target``) and the parent keeps the read end as ``status_fd``. The
-    child leads a process group of its own, whose pgid is its pid."""
+    child closes every inherited descriptor but stdio, that write end and
+    ``keep_fds``; it leads a process group of its own, whose pgid is its pid."""
 
     def __init__(
         self,
@@ -76,11 +138,13 @@ class Child:
         target: Callable[[int | None], int],
         *,
         status_pipe: bool = False,
+        keep_fds: tuple[int, ...] = (),
     ) -> None:
         self.name = name
         self.title = title
         self.target = target
         self.status_pipe = status_pipe
+        self.keep_fds = keep_fds
         self.status_fd: int | None = None
         self.pid: int | None = None
         self.started_at = 0.0
@@ -106,12 +170,20 @@ class Child:
     def start(self) -> int:
         parent = os.getpid()
         read_fd, write_fd = os.pipe() if self.status_pipe else (None, None)
+        threads = os_threads()
+        if threads > 1:
+            log.warning(
+                "supervisor.fork_with_threads",
+                child=self.name,
+                threads=threads,
+                python_threads=[t.name for t in threading.enumerate()],
+                hint="a thread (or a zmq context) alive at fork may leave the child a held lock",
+            )
+        log.debug("supervisor.fork", child=self.name, threads=threads)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            if read_fd is not None:
-                os.close(read_fd)
             self._child_main(parent, write_fd)
         # The child sets its group too; doing it here as well means that a
         # kill sent before the child has run still reaches the whole group.
@@ -134,9 +206,8 @@ class Child:
     def _child_main(self, parent: int, status_fd: int | None) -> None:
         code = 1
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
+            reset_signals()
+            close_inherited_fds({-1 if status_fd is None else status_fd, *self.keep_fds})
             # Its own process group: a terminal's Ctrl-C reaches only the
             # supervisor, which stops the children in order (workers first).
             os.setpgid(0, 0)

@@ -1,6 +1,8 @@
-"""A worker's subprocesses die with it: a kill ends the worker's process
-group, and whatever a worker leaves in its group is killed once it has
-exited; a drain's SIGTERM goes to the worker alone."""
+"""Forking is safe and a worker's subprocesses die with it: a forked child
+starts with default signal dispositions, no blocked signals and none of its
+parent's file descriptors; the supervisor has no zmq context (or thread)
+alive when it forks; a kill ends the worker's process group, and whatever a
+worker leaves in its group is killed once it has exited."""
 
 from __future__ import annotations
 
@@ -17,13 +19,18 @@ import pytest
 from conftest import (
     FAST_RETRY,
     Env,
+    Proc,
     json_events,
+    kill_broker,
     wait_for,
     worker_processes,
 )
 
 import corral
-from corral.supervisor.process import Child, stop_children
+from corral.config import load
+from corral.supervisor.children import Children
+from corral.supervisor.process import Child, os_threads, stop_children
+from corral.supervisor.report import BrokerLink
 
 # ------------------------------------------------------------ helpers
 
@@ -82,6 +89,173 @@ def reporting(out: Path, report: Callable[[int | None], object]) -> Callable[[in
         return 0
 
     return target
+
+
+# ------------------------------------------------- a clean child, in-process
+
+
+HANDLED = (
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGTERM,
+    signal.SIGCHLD,
+    signal.SIGALRM,
+)
+
+
+def test_a_child_starts_with_default_signals_and_nothing_blocked(tmp_path: Path) -> None:
+    out = tmp_path / "signals.json"
+
+    def report(_: int | None) -> dict[str, object]:
+        return {
+            "dispositions": {
+                signal.Signals(s).name: str(signal.getsignal(s)) for s in (*HANDLED, signal.SIGPIPE)
+            },
+            "blocked": sorted(
+                signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            ),
+            "wakeup_fd": signal.set_wakeup_fd(-1),
+        }
+
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    previous = {sig: signal.signal(sig, handler) for sig in HANDLED}
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2, signal.SIGTTIN])
+    try:
+        with forked(Child("t", "corral: test child", reporting(out, report))) as code:
+            assert code == 0
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR2, signal.SIGTTIN])
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    seen = json.loads(out.read_text())
+    default = str(signal.SIG_DFL)
+    assert seen["dispositions"] == {
+        **{signal.Signals(s).name: default for s in HANDLED},
+        "SIGPIPE": str(signal.SIG_IGN),  # as Python starts it: a closed pipe raises
+    }
+    assert seen["blocked"] == []
+    assert seen["wakeup_fd"] == -1
+
+
+def test_a_child_keeps_only_stdio_its_status_pipe_and_the_fds_it_is_given(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "fds.json"
+    marker = tmp_path / "inherited-marker"
+    extra = os.open(marker, os.O_CREAT | os.O_WRONLY)  # not CLOEXEC: fork keeps it
+    kept_r, kept_w = os.pipe()
+
+    def report(status_fd: int | None) -> dict[str, object]:
+        targets = {}
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # listdir's own fd, closed by now
+                targets[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        return {"targets": targets, "status_fd": status_fd}
+
+    target = reporting(out, report)
+    child = Child("t", "corral: test child", target, status_pipe=True, keep_fds=(kept_w,))
+    try:
+        with forked(child) as code:
+            status_inode = os.fstat(child.status_fd or -1).st_ino
+            kept_inode = os.fstat(kept_w).st_ino
+            assert code == 0
+    finally:
+        for fd in (extra, kept_r, kept_w):
+            os.close(fd)
+    seen = json.loads(out.read_text())
+    targets = {int(fd): target for fd, target in seen["targets"].items()}
+    assert str(marker) not in targets.values(), "the parent's file was inherited"
+    status_fd = seen["status_fd"]
+    assert targets.get(status_fd) == f"pipe:[{status_inode}]", "the status pipe was not kept"
+    assert targets.get(kept_w) == f"pipe:[{kept_inode}]", "a kept fd was closed"
+    assert {0, 1, 2} <= set(targets)
+    pipes = [t for t in targets.values() if t.startswith("pipe:")]
+    # No other pipe than the two it keeps, beyond what stdio may be.
+    stdio = {targets[fd] for fd in (0, 1, 2)}
+    assert set(pipes) - stdio == {f"pipe:[{status_inode}]", f"pipe:[{kept_inode}]"}
+
+
+# --------------------------------------------------- no zmq context at fork
+
+
+def test_closing_the_broker_link_ends_its_zmq_threads(env: Env) -> None:
+    """Nothing answers at the link's endpoint: the failed report still
+    starts its context's threads, and close() ends them."""
+    config = load(env.config)
+    link = BrokerLink(config)
+    before = os_threads()
+    link.report(1e9, [], Children(config, 1.0))
+    assert os_threads() > before, "the report made no zmq context (test premise)"
+    link.close()
+    wait_for(lambda: os_threads() == before, 10, message="the link's threads to end")
+    link.close()  # twice is fine
+
+
+def _debug(env: Env, **options: object) -> None:
+    env.write_config(**options)  # type: ignore[arg-type]
+    env.config.write_text(env.config.read_text().replace('level = "info"', 'level = "debug"'))
+
+
+def test_the_supervisor_forks_with_no_zmq_context_or_thread_alive(env: Env) -> None:
+    """Each fork is logged with the supervisor's thread count (native
+    threads included). After a worker's crash the supervisor tells the
+    broker (its zmq context starts I/O threads) and then forks the
+    replacement; after the broker's death it forks a new broker. Both forks
+    must find the supervisor with one thread: its context closed."""
+    _debug(env, processes=2)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    client = env.client()
+    wait_for(lambda: client.status().supervisors, 10, message="a supervisor report")
+    victim = worker_processes(daemon)[0].pid
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: len(forks(daemon.output(), "default#")) >= 3,
+        30,
+        message="the replacement worker's fork",
+    )
+    wait_for(lambda: reported_workers(client) == live_workers(daemon), 30, message="a report")
+    kill_broker(env, daemon)  # a report came after the fork: the link is open again
+    wait_for(
+        lambda: len(forks(daemon.output(), "broker")) >= 2, 30, message="the new broker's fork"
+    )
+    events = json_events(daemon.output())
+    assert [e for e in events if e["event"] == "supervisor.broker_told"], "the link was not used"
+    fork_events = [e for e in events if e["event"] == "supervisor.fork"]
+    assert [e["threads"] for e in fork_events] == [1] * len(fork_events), fork_events
+    assert not [e for e in events if e["event"] == "supervisor.fork_with_threads"]
+
+
+def reported_workers(client: corral.Client) -> set[int]:
+    """The worker pids the supervisor last reported to the broker."""
+    return {w.pid for s in client.status().supervisors for w in s.workers}
+
+
+def live_workers(daemon: Proc) -> set[int]:
+    return {p.pid for p in worker_processes(daemon)}
+
+
+def events_named(output: str, name: str) -> list[dict[str, object]]:
+    return [e for e in json_events(output) if e["event"] == name]
+
+
+def forks(output: str, child: str) -> list[dict[str, object]]:
+    return [
+        e
+        for e in json_events(output)
+        if e["event"] == "supervisor.fork" and str(e["child"]).startswith(child)
+    ]
 
 
 # ------------------------------------------- a worker's subprocesses die with it
