@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -35,10 +36,17 @@ STABLE_AFTER = 60.0
 
 
 class BrokerChild:
-    """The broker process, its start and its restarts."""
+    """The broker process, its start and its restarts. ``before_fork`` is
+    called before each fork (to close what must not be inherited, such as
+    a zmq context)."""
 
-    def __init__(self, start_timeout: float = BROKER_START_TIMEOUT) -> None:
+    def __init__(
+        self,
+        before_fork: Callable[[], None] = lambda: None,
+        start_timeout: float = BROKER_START_TIMEOUT,
+    ) -> None:
         self.child: Child | None = None
+        self.before_fork = before_fork
         self.start_timeout = start_timeout
         #: ``down``, ``starting`` (forked, not yet ready) or ``up``.
         self.state = "down"
@@ -64,10 +72,10 @@ class BrokerChild:
         ready_r, ready_w = os.pipe()
 
         def target(_: int | None) -> int:
-            os.close(ready_r)
-            return run_broker(config, ready_w)
+            return run_broker(config, ready_w)  # ready_r was closed with the rest
 
-        self.child = child = Child("broker", "corral: broker", target)
+        self.child = child = Child("broker", "corral: broker", target, keep_fds=(ready_w,))
+        self.before_fork()
         child.start()
         os.close(ready_w)
         os.set_blocking(ready_r, False)

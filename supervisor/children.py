@@ -9,6 +9,7 @@ watched and its exit still reaches the pool it belonged to.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,13 +39,21 @@ class Entry:
 
 class Children:
     """The supervisor's worker processes: forks them (a :class:`Forker` for
-    the pools), finds them by pid, and watches their status and limits."""
+    the pools), finds them by pid, and watches their status and limits.
+    ``before_fork`` is called before each fork (to close what must not be
+    inherited, such as a zmq context)."""
 
-    def __init__(self, config: Config, liveness: float) -> None:
+    def __init__(
+        self,
+        config: Config,
+        liveness: float,
+        before_fork: Callable[[], None] = lambda: None,
+    ) -> None:
         #: The settings workers are forked with; a reload replaces them.
         self.config = config
         #: How long a worker may go without a sign of life.
         self.liveness = liveness
+        self.before_fork = before_fork
         self._by_pid: dict[int, Entry] = {}
 
     def fork(self, pool: Pool, index: int) -> Child:
@@ -59,6 +68,7 @@ class Children:
             target,
             status_pipe=True,
         )
+        self.before_fork()
         pid = child.start()
         self._by_pid[pid] = Entry(pool, index, child)
         return child
@@ -95,6 +105,6 @@ class Children:
                 )
                 child.killed_for = verdict.reason
                 child.charged = verdict.charged()
-                child.signal(signal.SIGKILL)
+                child.signal(signal.SIGKILL)  # its process group: a task's subprocesses too
             elif pool.holds(index, child):
                 pool.replace(index, child, verdict.reason, drain=True)

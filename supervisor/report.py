@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -21,6 +21,8 @@ from corral.supervisor.pool import Pool
 from corral.supervisor.process import Child
 
 if TYPE_CHECKING:
+    import zmq
+
     from corral.client import Client
     from corral.config.schema import Config
 
@@ -45,6 +47,7 @@ class BrokerLink:
         #: How the last reload went ("" if there was none), for `corral status`.
         self.reload = ""
         self._client: Client | None = None
+        self._context: zmq.Context[Any] | None = None
         self._last_report = 0.0
         self._failures = 0
 
@@ -110,9 +113,28 @@ class BrokerLink:
             return
         log.debug("supervisor.broker_told", pid=child.pid, dropped=dropped)
 
+    def close(self) -> None:
+        """Close the client and terminate its zmq context (linger 0), which
+        ends the context's I/O threads: call it before every fork, since a
+        thread alive at fork can leave the child a lock nobody will release.
+        The next report or notice opens a new one."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
+
     def _broker(self) -> Client:
+        import zmq
+
         from corral.client import Client
 
         if self._client is None:
-            self._client = Client(config=self.config, timeout=BROKER_CALL_TIMEOUT)
+            # A context of its own (not the process-wide instance), so that
+            # close() ends exactly what this link started.
+            self._context = zmq.Context()
+            self._client = Client(
+                config=self.config, timeout=BROKER_CALL_TIMEOUT, context=self._context
+            )
         return self._client

@@ -67,13 +67,14 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.with_broker = with_broker
-        self.broker = BrokerChild() if with_broker else None
+        self.link = BrokerLink(config)  # closed before each fork: no zmq threads in a child
+        self.broker = BrokerChild(self.link.close) if with_broker else None
         self.pools: list[Pool] = []
         bc = config.broker
-        self.children = Children(config, bc.heartbeat_interval * bc.heartbeat_liveness)
+        liveness = bc.heartbeat_interval * bc.heartbeat_liveness
+        self.children = Children(config, liveness, before_fork=self.link.close)
         self.control = Control(self._kill_all)
         self.notifier = Notifier()
-        self.link = BrokerLink(config)
         #: The check of a reload under way, if any.
         self._check: ReloadCheck | None = None
         #: Whether READY=1 went out (once the broker first came up).

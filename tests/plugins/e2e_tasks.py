@@ -224,3 +224,31 @@ def stubborn(ctx: corral.JobContext, gate: str) -> dict[str, object]:
 def email(ctx: corral.JobContext, to: str) -> str:
     """A task of its own queue, as in the README's example."""
     return f"sent to {to} from {ctx.queue}"
+
+
+class Spawn(msgspec.Struct):
+    """What e2e.subprocess starts (``sleep seconds``), where it writes the
+    sleep's pid, and what it does then: "hang", "crash" or "wait"."""
+
+    path: str
+    then: str
+    seconds: float
+
+
+@corral.task(name="e2e.subprocess")
+def run_subprocess(ctx: corral.JobContext, spawn: Spawn) -> int:
+    """Starts ``sleep`` and writes its pid to the file ``spawn.path``; then,
+    as ``spawn.then`` says: "hang" sleeps as long (past any timeout),
+    "crash" ends its own process at once (os._exit(3)), "wait" waits for the
+    sleep and returns its exit code (negative: the signal that ended it)."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", f"{spawn.seconds:g}"])
+    with open(spawn.path + ".tmp", "w") as file:
+        file.write(str(child.pid))
+    os.replace(spawn.path + ".tmp", spawn.path)
+    if spawn.then == "crash":
+        os._exit(3)
+    if spawn.then == "hang":
+        time.sleep(spawn.seconds)
+    return child.wait()
