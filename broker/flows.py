@@ -83,40 +83,40 @@ def _own_followups(
     """The jobs ``job`` itself brings about (its callbacks, a chain's next
     step), or None if it brings about none."""
     due: list[JobCreated | None] = []
-    if job.status == "succeeded" and _free(state, job.on_success, now):
-        assert job.on_success is not None
-        due.append(create(state, job.on_success, now, prev_result=result))
-    if job.status == "failed" and _free(state, job.on_failure, now):
-        assert job.on_failure is not None
-        error = job.error
-        failure = {
-            "job_id": job.id,
-            "task": job.task,
-            "type": error.type if error else "",
-            "message": error.message if error else "",
-        }
-        due.append(
-            create(state, job.on_failure, now, prev_result=msgspec.Raw(_encoder.encode(failure)))
-        )
+    callback = {"succeeded": job.on_success, "failed": job.on_failure}.get(job.status)
+    owed = callback is not None
+    if callback is not None and _free(state, callback, now):
+        prev = result
+        if job.status == "failed":
+            error = job.error
+            failure = {
+                "job_id": job.id,
+                "task": job.task,
+                "type": error.type if error else "",
+                "message": error.message if error else "",
+            }
+            prev = msgspec.Raw(_encoder.encode(failure))
+        due.append(create(state, callback, now, prev_result=prev))
     if (
         flow is not None
         and flow.kind == "chain"
         and job.status == "succeeded"
         and job.step + 1 < len(flow.steps)
     ):
+        owed = True
         nxt = flow.steps[job.step + 1]
         due.append(create(state, nxt, now, flow=flow.id, index=job.step + 1, prev_result=result))
-    if not due:
+    if not owed:
         return None
+    # A callback whose key's holder stood in for it still counts as made:
+    # the FollowedUp record (maybe empty) says so, so no replay makes it.
     return [record for record in due if record is not None]
 
 
-def _free(state: JobState, callback: JobSpec | None, now: float) -> bool:
+def _free(state: JobState, callback: JobSpec, now: float) -> bool:
     """A callback is due to be made: it is an enqueue made when its parent
     ends, so a unique key another job holds then makes it stand in for the
     callback (the callback is not made), as for any enqueue."""
-    if callback is None:
-        return False
     return state.holder_of(callback.unique_key, now) in (None, callback.id)
 
 

@@ -360,6 +360,14 @@ def test_a_callback_whose_key_is_held_when_due_is_not_made_twice(tmp_path: Path)
     assert broker.core.state.holder_of("notify-42", clock.time()) == "holder"
     broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     assert "cb" not in broker.core.state.jobs
+    # the holder ends and frees the key: a restart still does not make it
+    worker = FakeWorker(broker, credit=1)
+    worker.ready()
+    broker.advance(101.0)
+    assert run_next(broker, worker) == "holder"
+    for _ in range(2):
+        broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+        assert "cb" not in broker.core.state.jobs
 
 
 def test_a_flow_timer_waits_for_a_member_retried_by_hand(tmp_path: Path) -> None:
