@@ -60,6 +60,16 @@ class FlowBook:
             later.append((len(flow.steps), flow.callback))
         return later
 
+    @staticmethod
+    def place(flow: FlowCreated, index: int) -> str:
+        """Where member ``index`` sits, in words: ``step 1 of chain 'c'``,
+        ``member 0 of group 'g'``, ``the callback of group 'g'``."""
+        if index >= len(flow.steps):
+            what = "the callback"
+        else:
+            what = f"{'step' if flow.kind == 'chain' else 'member'} {index}"
+        return f"{what} of {flow.kind} {flow.id!r}"
+
     def pending(self, job_id: str) -> tuple[FlowCreated, int] | None:
         """(flow, index) if ``job_id`` is a member its flow has yet to make
         and still may; else None."""

@@ -127,6 +127,15 @@ def validate_spec(spec: JobSpec) -> None:
             validate_spec(callback)
 
 
+def ids_of(spec: JobSpec) -> list[str]:
+    """The ids of ``spec`` and of the callbacks it carries, nested."""
+    ids = [spec.id]
+    for callback in (spec.on_success, spec.on_failure):
+        if callback is not None:
+            ids.extend(ids_of(callback))
+    return ids
+
+
 def validate_flow(
     flow_id: str,
     specs: list[JobSpec],
@@ -143,7 +152,9 @@ def validate_flow(
         math.isfinite(result_ttl) and 0 <= result_ttl <= MAX_SECONDS
     ):
         raise InvalidJob(f"result_ttl: must be {_SPAN}, got {result_ttl}")
-    ids = [flow_id] + [spec.id for spec in specs] + ([callback.id] if callback else [])
+    ids = [flow_id] + [
+        i for spec in [*specs, *([callback] if callback else [])] for i in ids_of(spec)
+    ]
     seen: set[str] = set()
     for job_id in ids:
         if job_id in seen:

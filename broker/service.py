@@ -19,7 +19,8 @@ import msgspec
 from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.dispatch import Dispatcher, Ended
-from corral.broker.jobspec import validate_flow
+from corral.broker.flowbook import FlowBook
+from corral.broker.jobspec import ids_of, validate_flow
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
@@ -113,6 +114,7 @@ class ClientService:
         try:
             for spec in msg.jobs:
                 validate_spec(spec)
+                self._check_id_free(spec.id, resend_ok=True)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return
@@ -131,6 +133,23 @@ class ClientService:
         self.stats["enqueued"] += created
         self.dispatcher.poke()
         self._reply(identity, p.EnqueueOk(msg.req, ids))
+
+    def _check_id_free(self, job_id: str, *, resend_ok: bool = False) -> None:
+        """Refuse an id that a chain or group, a job (unless ``resend_ok``:
+        a plain enqueue of an existing id is answered as a resend), or a
+        flow's job yet to be made already has: a new job must never take
+        another's place in a flow. Raises InvalidJob."""
+        flows = self.state.flows
+        pending = self.state.flowbook.pending(job_id)
+        if job_id in flows:
+            what = f"the id of {flows[job_id].kind} {job_id!r}"
+        elif job_id in self.state.jobs and not resend_ok:
+            what = "the id of an existing job"
+        elif pending is not None:
+            what = f"taken by {FlowBook.place(*pending)}, not made yet"
+        else:
+            return
+        raise InvalidJob(f"id: {job_id!r} is {what}; pick another id")
 
     def _check_flow_keys(self, msg: p.EnqueueFlow, now: float) -> None:
         """A flow's jobs hold their unique keys like any job: a key held by
@@ -164,6 +183,9 @@ class ClientService:
             if msg.flow_id in self.state.jobs:
                 raise InvalidJob(f"flow_id: {msg.flow_id!r} is the id of a job; pick another")
             if msg.flow_id not in self.state.flows:  # a resent flow is answered as before
+                for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
+                    for job_id in ids_of(spec):
+                        self._check_id_free(job_id)
                 self._check_flow_keys(msg, now)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))

@@ -125,8 +125,7 @@ def missing(state: JobState, req: int, job_id: str) -> p.ErrorReply:
     if later is None or flow is None or job_id in state.flowbook.ends.get(flow.id, {}):
         return not_found(req, job_id)
     index = later[1]
-    what = "the callback" if index == len(flow.steps) else f"step {index}"
-    where = f"{what} of {flow.kind} {flow.id!r}"
+    where = state.flowbook.place(flow, index)
     see = f"see `corral {flow.kind} {flow.id}`"
     if state.flowbook.pending(job_id) is not None:
         return p.ErrorReply(

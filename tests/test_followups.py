@@ -400,3 +400,37 @@ def test_a_flow_timer_waits_for_a_member_retried_by_hand(tmp_path: Path) -> None
 
 def replies_to(broker: InProcessBroker, identity: bytes) -> list[Any]:
     return [p.decode(p.client_reply_decoder, b) for i, b in broker.clients.sent if i == identity]
+
+
+def test_a_flow_or_job_never_takes_an_id_another_has(tmp_path: Path) -> None:
+    """A flow's job with an existing job's id, a step with another step's
+    callback's id, a job with a flow's id or a pending step's id: each is
+    refused naming the id, rather than a flow that hangs or answers with
+    another job's result."""
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    broker.enqueue(id="X")
+
+    def flow(kind: str, steps: list[p.JobSpec], flow_id: str = "f") -> object:
+        return broker.request(p.EnqueueFlow(broker.next_req(), flow_id, kind, steps))
+
+    for kind in ("chain", "group"):
+        reply = flow(kind, [p.JobSpec("X", "t"), p.JobSpec("Y", "t")])
+        assert (
+            isinstance(reply, p.ErrorReply) and "'X' is the id of an existing job" in reply.message
+        )
+    nested = [p.JobSpec("a", "t", on_success=p.JobSpec("Z", "t")), p.JobSpec("Z", "t")]
+    reply = flow("chain", nested)
+    assert isinstance(reply, p.ErrorReply) and "'Z' is used twice" in reply.message
+    assert isinstance(
+        flow("chain", [p.JobSpec("s", "t"), p.JobSpec("later", "t")], "c"), p.EnqueueOk
+    )
+    reply = flow("chain", [p.JobSpec("s2", "t"), p.JobSpec("later", "t")], "c2")
+    assert isinstance(reply, p.ErrorReply) and "step 1 of chain 'c'" in reply.message
+    for taken in ("c", "later"):
+        spec = p.JobSpec(taken, "t")
+        reply = broker.request(p.Enqueue(broker.next_req(), [spec]))
+        assert isinstance(reply, p.ErrorReply) and f"id: {taken!r} is" in reply.message
+    assert broker.enqueue(id="X") == "X"  # a resend of a plain job is still answered
+    assert isinstance(
+        flow("chain", [p.JobSpec("s", "t"), p.JobSpec("later", "t")], "c"), p.EnqueueOk
+    )
