@@ -5,7 +5,8 @@ Only the worker's socket thread writes, one line at a time:
     J id=<hex> [<job_id>:<timeout> ...]
                                  the worker's socket identity (hex) and the jobs
                                  running now (timeout 0: none); also the sign of
-                                 life, written at least every heartbeat
+                                 life, written at least every heartbeat, whether
+                                 or not the broker is connected
     R <reason>                   the worker is retiring (max_jobs): start its replacement
 
 A J line is a snapshot, not an event, so a line lost to a full pipe costs

@@ -224,3 +224,18 @@ def stubborn(ctx: corral.JobContext, gate: str) -> dict[str, object]:
 def email(ctx: corral.JobContext, to: str) -> str:
     """A task of its own queue, as in the README's example."""
     return f"sent to {to} from {ctx.queue}"
+
+
+class Nap(msgspec.Struct):
+    seconds: float
+    path: str
+
+
+@corral.task(name="e2e.nap_then_note")
+def nap_then_note(ctx: corral.JobContext, nap: Nap) -> int:
+    """Sleeps ``seconds``, then writes its pid to the file ``path``: the file
+    shows the handler ran to its end."""
+    time.sleep(nap.seconds)
+    with open(nap.path, "w") as file:
+        file.write(str(os.getpid()))
+    return os.getpid()
