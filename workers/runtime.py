@@ -11,7 +11,11 @@ registers again.
 The status line to the supervisor (the worker's sign of life) is written on
 the loop's own timer, connected or not: waiting out the backoff is a state
 of the loop, never a sleep, so a broker that is away costs no worker its
-life.
+life. A handler that holds the GIL in one long C call starves this thread
+altogether; the supervisor tells that from death by the CPU time the
+process burns (see :mod:`corral.supervisor.monitor`), and the job is
+announced on the status pipe before its handler starts, so the hard timeout
+still knows it.
 """
 
 from __future__ import annotations
@@ -286,11 +290,14 @@ class Worker:
         return max(0.0, wake - time.monotonic())
 
     def _broker_silent(self, now: float) -> bool:
-        """Nothing from the broker for the liveness window."""
-        return (
-            now - self._last_heard
-            > self.options.heartbeat_interval * self.options.heartbeat_liveness
-        )
+        """Nothing from the broker for the liveness window. Frames already
+        waiting on the socket are not silence: this thread may have been
+        starved (a handler holding the GIL) while the broker kept talking."""
+        window = self.options.heartbeat_interval * self.options.heartbeat_liveness
+        if now - self._last_heard <= window:
+            return False
+        self._receive()
+        return time.monotonic() - self._last_heard > window
 
     def _report_running(self, now: float, interval: float) -> None:
         """A snapshot of the running jobs for the supervisor: when the set
@@ -467,7 +474,17 @@ class Worker:
         self._wake()  # the broker shows it running once it knows
         self._timeouts[d.job_id] = d.timeout
         self._status_version += 1
+        self._announce()
         structlog.contextvars.bind_contextvars(job_id=d.job_id, task=d.task, attempt=d.attempt)
+
+    def _announce(self) -> None:
+        """Tell the supervisor the running jobs now, from the thread about
+        to run a handler: one that holds the GIL from its first instruction
+        starves the socket thread, and the supervisor must still know the
+        job (its hard timeout, and that the process is busy with it)."""
+        self._status_sent = self._status_version
+        self._last_beat = time.monotonic()
+        self._status.running(dict(self._timeouts), self._identity)
 
     def _end(self, execution: Execution, outcome: p.Outcome) -> None:
         d = execution.d

@@ -1,6 +1,7 @@
 """The status pipe from a worker process to its supervisor.
 
-Only the worker's socket thread writes, one line at a time:
+The worker's socket thread writes, one line at a time, and so does a handler
+thread as it starts a job (under a lock, so lines never interleave):
 
     J id=<hex> [<job_id>:<timeout> ...]
                                  the worker's socket identity (hex) and the jobs
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 
 
@@ -29,13 +31,15 @@ class StatusWriter:
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        self._lock = threading.Lock()
         if fd is not None:
             os.set_blocking(fd, False)
 
     def _write(self, line: str) -> None:
         if self.fd is None:
             return
-        with contextlib.suppress(OSError):  # a full pipe: the next snapshot covers it
+        # a full pipe: the next snapshot covers it
+        with self._lock, contextlib.suppress(OSError):
             os.write(self.fd, line.encode())
 
     def running(self, jobs: dict[str, float | None], identity: bytes = b"") -> None:
