@@ -119,6 +119,12 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     jobs: list[str]
     uptime: float
     retiring: str = ""
+    #: The worker's socket identity now (hex), as its status pipe last said.
+    identity: str = ""
+    #: The supervisor vouches the process is alive (a status line, or its CPU
+    #: time growing while it runs a job, within the liveness window): the
+    #: broker keeps it for a bounded time even if it hears nothing from it.
+    vouched: bool = False
 
 
 class PoolInfo(msgspec.Struct, frozen=True):

@@ -289,6 +289,7 @@ class ClientService:
         self, identity: bytes, msg: p.SupervisorReport, now: float, mono: float
     ) -> None:
         self.supervisors[msg.info.supervisor_id] = (msg.info, mono)
+        self.dispatcher.workers.vouch(msg.info.host, msg.info.workers, mono)
         queued = sum(n for (_, status), n in self.state.counts.items() if status == "queued")
         self._reply(identity, p.Ack(msg.req, queued))
 

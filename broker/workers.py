@@ -1,11 +1,24 @@
 """The broker's table of connected workers: credit, leases, liveness. Pure:
-no sockets; time comes in as ``now`` (monotonic seconds)."""
+no sockets; time comes in as ``now`` (monotonic seconds).
+
+Liveness: a worker silent for the liveness window is dead, unless its
+supervisor vouched for it lately. A handler holding the GIL in one long C
+call starves the worker's socket thread, so it cannot heartbeat, while its
+supervisor still sees the process alive and busy (CPU time growing) and
+says so in its reports. A vouch counts until the liveness window plus
+:data:`VOUCH_GRACE` after the report that made it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from corral.broker import protocol as p
+
+#: Seconds a supervisor's vouch outlasts the liveness window. A supervisor
+#: reports every second (plus up to a tick, plus the call), so the grace
+#: bridges the time to its next report even when the window is shorter.
+VOUCH_GRACE = 2.0
 
 
 @dataclass(eq=False)
@@ -22,6 +35,8 @@ class WorkerConn:
     pid: int
     last_seen: float
     last_sent: float = 0.0
+    #: Until when (monotonic) its supervisor's last vouch keeps it alive.
+    vouched_until: float = 0.0
     #: job id -> lease token, in delivery order.
     leases: dict[str, int] = field(default_factory=dict)
     #: job ids the worker said it started.
@@ -133,9 +148,30 @@ class WorkerTable:
         return conn
 
     def silent(self, now: float) -> list[WorkerConn]:
-        """Workers silent for longer than the liveness window: dead."""
+        """Workers silent for longer than the liveness window, and no
+        longer vouched for: dead."""
         limit = now - self.liveness_window
-        return [c for c in self.by_identity.values() if c.last_seen < limit]
+        return [
+            c for c in self.by_identity.values() if c.last_seen < limit and c.vouched_until < now
+        ]
+
+    def vouch(self, host: str, processes: list[p.ProcessInfo], now: float) -> int:
+        """A supervisor on ``host`` reported its ``processes``: keep each one
+        it vouches for that is connected here (same identity, host and pid)
+        until the liveness window plus :data:`VOUCH_GRACE` from ``now``.
+        Returns how many it kept."""
+        kept = 0
+        for info in processes:
+            if not info.vouched or not info.identity:
+                continue
+            try:
+                conn = self.by_identity.get(bytes.fromhex(info.identity))
+            except ValueError:  # not hex: no worker of ours
+                continue
+            if conn is not None and conn.host == host and conn.pid == info.pid:
+                conn.vouched_until = now + self.liveness_window + VOUCH_GRACE
+                kept += 1
+        return kept
 
     def hungry(self) -> list[WorkerConn]:
         return [c for c in self.by_identity.values() if c.credit > 0]

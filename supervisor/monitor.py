@@ -1,12 +1,20 @@
 """Watching worker processes: what their status pipes say, and the limits
 that end them (hard timeout, a stopped loop) or recycle them (memory, age,
-jobs). Decisions only; the supervisor acts on them."""
+jobs). Decisions only; the supervisor acts on them.
+
+A worker's sign of life is its status line, written at least every
+heartbeat. A handler holding the GIL in one long C call stops that line
+while the process works on: so a worker running a job whose CPU time keeps
+growing is alive too (:func:`cpu_busy`), and the supervisor vouches for it
+to the broker (:func:`vouched`). Only a job's hard timeout ends it then."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import psutil
 
 from corral.supervisor.process import Child
 from corral.workers.status import StatusReader
@@ -55,6 +63,7 @@ def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
             child.last_beat = now
             if event.kind == "J" and event.identity:
                 child.identities.add(event.identity)
+                child.identity = event.identity
             if event.kind == "S":
                 child.jobs.update((job_id, (now, t)) for job_id, t in event.jobs.items())
             elif event.kind == "J":  # a job keeps the start time it was first seen at
@@ -81,7 +90,7 @@ def judge(child: Child, pool: PoolConfig, now: float, liveness_window: float) ->
             f"job {job_id} ran past its timeout of {timeout:g}s",
             tuple(j for j, _ in late),
         )
-    if now - child.last_beat > liveness_window:
+    if not alive(child, now, liveness_window):
         return Verdict("kill", f"no sign of life for {now - child.last_beat:.1f}s")
     if child.retiring:
         return None
@@ -95,3 +104,54 @@ def judge(child: Child, pool: PoolConfig, now: float, liveness_window: float) ->
             if pool.max_memory and rss > pool.max_memory:
                 return Verdict("recycle", f"max_memory: RSS {rss} > {pool.max_memory}")
     return None
+
+
+def alive(child: Child, now: float, liveness_window: float) -> bool:
+    """A status line came within ``liveness_window`` seconds, or the child
+    runs a job and its CPU time grew within that window. The CPU time is
+    sampled on each look once the status line is half a window late; a
+    first sample taken already past the window gets one more look."""
+    late = now - child.last_beat
+    if late <= liveness_window / 2:
+        child.cpu = None  # the next quiet spell starts from a fresh sample
+        return True
+    if not child.jobs:
+        return late <= liveness_window
+    first = child.cpu is None
+    if cpu_busy(child, now, liveness_window) or late <= liveness_window:
+        return True
+    return first and child.cpu is not None  # sampled for the first time: look again
+
+
+def cpu_busy(child: Child, now: float, liveness_window: float) -> bool:
+    """Sample ``child``'s CPU time: whether it grew within
+    ``liveness_window`` seconds. ``child.cpu`` holds the last sample, in
+    CPU seconds, and when it was last seen to grow (0.0: not yet)."""
+    seconds = cpu_seconds(child.pid)
+    if seconds is None:
+        return False
+    if child.cpu is None:  # the first sample: nothing to compare with yet
+        child.cpu = (seconds, 0.0)
+    elif seconds > child.cpu[0]:
+        child.cpu = (seconds, now)
+    return now - child.cpu[1] <= liveness_window
+
+
+def vouched(child: Child, now: float, liveness_window: float) -> bool:
+    """What the supervisor tells the broker: the child is alive by its
+    status line or by a busy CPU (as last sampled; this takes no sample)."""
+    if now - child.last_beat <= liveness_window:
+        return True
+    return bool(child.jobs) and child.cpu is not None and now - child.cpu[1] <= liveness_window
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User and system CPU time of process ``pid``, in seconds; None if it
+    is gone."""
+    if pid is None:
+        return None
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)

@@ -154,6 +154,8 @@ class Child:
         self.jobs: dict[str, tuple[float, float]] = {}
         #: Every socket identity (hex) the worker has connected with.
         self.identities: set[str] = set()
+        self.identity = ""  # the one it uses now, as its last status line said
+        self.cpu: tuple[float, float] | None = None  # see monitor.cpu_busy
         self.last_beat = 0.0
         self.retiring = ""
         self.last_rss = 0

@@ -17,6 +17,7 @@ import structlog
 from corral.broker.protocol import PoolInfo, ProcessInfo, SupervisorInfo
 from corral.errors import CorralError
 from corral.supervisor.children import Children
+from corral.supervisor.monitor import vouched
 from corral.supervisor.pool import Pool
 from corral.supervisor.process import Child
 
@@ -69,6 +70,10 @@ class BrokerLink:
         self.answered = now
 
     def describe(self, now: float, pools: list[Pool], children: Children) -> SupervisorInfo:
+        """The report: pools and processes. A process the supervisor keeps
+        alive (a status line, or a job and a busy CPU) is vouched for, so
+        the broker does not drop it for a silence the supervisor explains
+        (a handler holding the GIL starves its heartbeat)."""
         infos = [
             PoolInfo(
                 p.name,
@@ -89,6 +94,8 @@ class BrokerLink:
                 list(entry.child.jobs),
                 round(now - entry.child.started_at, 3),
                 entry.child.retiring,
+                identity=entry.child.identity,
+                vouched=vouched(entry.child, now, children.liveness),
             )
             for entry in children.running()
         ]

@@ -43,7 +43,7 @@ def test_a_kill_charges_the_jobs_it_was_for_or_every_started_one() -> None:
     from corral.supervisor.monitor import judge
     from corral.supervisor.process import Child
 
-    child = Child.__new__(Child)
+    child = Child("w", "w", lambda fd: 0)  # never started: no pid, no CPU to vouch
     child.jobs = {"late": (0.0, 1.0), "fine": (0.0, 0.0)}
     child.last_beat = 100.0
     child.retiring = ""

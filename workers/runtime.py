@@ -7,6 +7,15 @@ their own threads, so a CPU-bound pure-Python handler cannot stop the
 heartbeat (the interpreter switches threads every few milliseconds). When
 the broker goes silent the worker reconnects with exponential backoff and
 registers again.
+
+The status line to the supervisor (the worker's sign of life) is written on
+the loop's own timer, connected or not: waiting out the backoff is a state
+of the loop, never a sleep, so a broker that is away costs no worker its
+life. A handler that holds the GIL in one long C call starves this thread
+altogether; the supervisor tells that from death by the CPU time the
+process burns (see :mod:`corral.supervisor.monitor`), and the job is
+announced on the status pipe before its handler starts, so the hard timeout
+still knows it.
 """
 
 from __future__ import annotations
@@ -99,6 +108,8 @@ class Worker:
         self._last_sent = 0.0
         self._last_beat = 0.0
         self._backoff = RECONNECT_MIN
+        #: While disconnected (the broker went silent): when to connect again.
+        self._retry_at: float | None = None
         self._status = StatusWriter(options.status_fd)
         self._timeouts: dict[str, float | None] = {}
         self._status_version = 0
@@ -217,14 +228,21 @@ class Worker:
         self._sock = connect_dealer(
             self._ctx, self.options.endpoint, self.config, identity=identity
         )
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._retry_at = None
+        self._watch(self._sock)
         self._last_heard = time.monotonic()
         # The DEALER sends only once connected (IMMEDIATE): wait for that, so
         # READY is not dropped; a broker still down is retried by the loop.
+        # (At most a heartbeat interval: the status line is never late by more.)
         self._sock.poll(int(self.options.heartbeat_interval * 1000), zmq.POLLOUT)
         self._register()
+
+    def _watch(self, sock: zmq.Socket[Any] | None) -> None:
+        """Poll the wake-up fd, and ``sock`` if connected."""
+        self._poller = zmq.Poller()
+        if sock is not None:
+            self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._wake_fd, zmq.POLLIN)
 
     def _register(self) -> None:
         capacity = 0 if self._stopping else self.options.concurrency + self.options.prefetch
@@ -243,22 +261,43 @@ class Worker:
 
     def _loop_once(self) -> None:
         interval = self.options.heartbeat_interval
-        now = time.monotonic()
-        wake = min(self._last_sent, self._last_heard, self._last_beat) + interval
-        wait = max(0.0, wake - now)
-        events = dict(self._poller.poll(int(wait * 1000)))
+        events = dict(self._poller.poll(int(self._wait(interval) * 1000)))
         if self._wake_fd in events:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._wake_fd)
-        if self._sock in events:
+        if self._sock is not None and self._sock in events:
             self._receive()
         self._flush_outbox()
         now = time.monotonic()
+        self._report_running(now, interval)  # the sign of life, connected or not
+        if self._retry_at is not None:  # disconnected: connect when the backoff is over
+            if self._stopping or now >= self._retry_at:
+                self._connect()
+            return
         if now - self._last_sent >= interval:
             self._send(p.WorkerHeartbeat())
-        self._report_running(now, interval)
-        if now - self._last_heard > interval * self.options.heartbeat_liveness:
-            self._reconnect()
+        if self._broker_silent(now):
+            self._reconnect(now)
+
+    def _wait(self, interval: float) -> float:
+        """Seconds the poll may wait: until the next status line, and the
+        next heartbeat or silence check (connected) or the next connect."""
+        wake = self._last_beat + interval
+        if self._retry_at is not None:
+            wake = min(wake, self._retry_at)
+        else:
+            wake = min(wake, self._last_sent + interval, self._last_heard + interval)
+        return max(0.0, wake - time.monotonic())
+
+    def _broker_silent(self, now: float) -> bool:
+        """Nothing from the broker for the liveness window. Frames already
+        waiting on the socket are not silence: this thread may have been
+        starved (a handler holding the GIL) while the broker kept talking."""
+        window = self.options.heartbeat_interval * self.options.heartbeat_liveness
+        if now - self._last_heard <= window:
+            return False
+        self._receive()
+        return time.monotonic() - self._last_heard > window
 
     def _report_running(self, now: float, interval: float) -> None:
         """A snapshot of the running jobs for the supervisor: when the set
@@ -332,17 +371,19 @@ class Worker:
         self._wake()
         return False
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, now: float) -> None:
         """The broker went silent: drop jobs not yet started (the broker
-        hands them out again), back off, connect afresh and register."""
+        hands them out again) and the socket; the loop connects afresh and
+        registers once the backoff is over (at once when stopping)."""
         delay = self._backoff * random.uniform(0.8, 1.2)
         log.warning("worker.broker_silent", reconnect_in=round(delay, 3))
         self._backoff = min(RECONNECT_MAX, self._backoff * 2)
         self._buffer.clear()
-        deadline = time.monotonic() + delay
-        while not self._stopping and time.monotonic() < deadline:
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        self._connect()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        self._watch(None)
+        self._retry_at = now + delay
 
     def _send(self, msg: p.Msg, keep: bool = False) -> None:
         """Send ``msg`` now. One the socket cannot take (not connected, or

@@ -6,7 +6,8 @@ never interleave:
     J id=<hex> [<job_id>:<timeout> ...]
                                  the worker's socket identity (hex) and the jobs
                                  running now (timeout 0: none); also the sign of
-                                 life, written at least every heartbeat (socket thread)
+                                 life, written at least every heartbeat (socket thread),
+                                 whether or not the broker is connected
     S <job_id>:<timeout>         a job is about to start: written by the thread that
                                  runs it, before its handler, so a process that dies
                                  in the handler is charged to that job

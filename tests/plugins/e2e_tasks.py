@@ -252,3 +252,38 @@ def run_subprocess(ctx: corral.JobContext, spawn: Spawn) -> int:
     if spawn.then == "hang":
         time.sleep(spawn.seconds)
     return child.wait()
+
+
+class Nap(msgspec.Struct):
+    seconds: float
+    path: str
+
+
+@corral.task(name="e2e.nap_then_note")
+def nap_then_note(ctx: corral.JobContext, nap: Nap) -> int:
+    """Sleeps ``seconds``, then writes its pid to the file ``path``: the file
+    shows the handler ran to its end."""
+    time.sleep(nap.seconds)
+    with open(nap.path, "w") as file:
+        file.write(str(os.getpid()))
+    return os.getpid()
+
+
+class Power(msgspec.Struct):
+    exponent: int
+    path: str = ""
+
+
+@corral.task(name="e2e.gil_pow")
+def gil_pow(ctx: corral.JobContext, power: Power) -> dict[str, object]:
+    """``pow(3, exponent)``: one C call that holds the GIL from start to end
+    (no thread of the process runs Python meanwhile). Then writes the file
+    ``path``, if given. Returns the seconds the call took, the pid and the
+    attempt."""
+    start = time.monotonic()
+    pow(3, power.exponent).bit_length()
+    seconds = time.monotonic() - start
+    if power.path:
+        with open(power.path, "w") as file:
+            file.write(f"{seconds}\n")
+    return {"seconds": seconds, "pid": os.getpid(), "attempt": ctx.attempt}
