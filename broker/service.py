@@ -314,7 +314,7 @@ class ClientService:
             return
         job = self.state.jobs.get(msg.job_id)
         if job is None:
-            self._reply(identity, not_found(msg.req, msg.job_id))
+            self._reply(identity, missing(self.state, msg.req, msg.job_id))
         elif job.status in TERMINAL:
             self._reply(identity, p.Ack(msg.req, 0))
         else:
@@ -340,7 +340,7 @@ class ClientService:
         else:
             job = self.state.jobs.get(msg.job_id)
             if job is None:
-                self._reply(identity, not_found(msg.req, msg.job_id))
+                self._reply(identity, missing(self.state, msg.req, msg.job_id))
                 return
             refusal = self._retry_refusal(job, now)
             if refusal is not None:
@@ -362,12 +362,22 @@ class ClientService:
             )
         if job.status not in ("failed", "cancelled"):
             return f"job {job.id} is {job.status}: only failed or cancelled jobs can be retried"
+        flow = self.state.flows.get(job.flow) if job.flow else None
+        for index, spec in FlowBook.made_later(flow) if flow is not None else ():
+            # the flow goes on with it: its jobs yet to be made need their keys
+            holder = self.state.holder_of(spec.unique_key, now)
+            made = spec.id in self.state.jobs
+            if index > job.step and not made and holder not in (None, spec.id):
+                return (
+                    f"job {holder} holds the unique_key {spec.unique_key!r} that "
+                    f"{FlowBook.place(flow, index)} needs; retry {job.id} once it has ended"
+                )
         return None
 
     def _delete(self, identity: bytes, msg: p.Delete, now: float, mono: float) -> None:
         job = self.state.jobs.get(msg.job_id)
         if job is None:
-            self._reply(identity, not_found(msg.req, msg.job_id))
+            self._reply(identity, missing(self.state, msg.req, msg.job_id))
         elif job.status not in TERMINAL:
             self._invalid(
                 identity,

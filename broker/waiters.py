@@ -109,6 +109,9 @@ class Waiters:
             self.replies.add(identity, views.result_reply(req, job))
         elif flow is not None:
             self.replies.add(identity, views.flow_result(self.state, req, flow))
+        elif self.state.flowbook.pending(job_id) is not None:
+            # a flow's job not made yet: it has not ended (the caller waits on)
+            self.replies.add(identity, p.ResultReply(req, job_id, "queued"))
         else:
             self.replies.add(identity, missing(self.state, req, job_id))
 

@@ -434,3 +434,38 @@ def test_a_flow_or_job_never_takes_an_id_another_has(tmp_path: Path) -> None:
     assert isinstance(
         flow("chain", [p.JobSpec("s", "t"), p.JobSpec("later", "t")], "c"), p.EnqueueOk
     )
+
+
+def test_a_retry_that_would_make_a_second_holder_is_refused(tmp_path: Path) -> None:
+    """The chain failed before step b, whose key another job took since:
+    retrying the failed step would make b a second holder; refused, naming
+    the holder. Once the holder ended, the retry goes through."""
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=2)
+    worker.ready()
+    steps = [p.JobSpec("a", "t", max_attempts=1), p.JobSpec("b", "t", unique_key="k")]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
+    d = deliveries(broker.to_worker(worker.identity))[-1]
+    worker.start(d)
+    worker.finish(d, "fail")
+    assert broker.enqueue(id="other", unique_key="k", delay=50.0) == "other"
+    reply = broker.request(p.RetryJobs(broker.next_req(), job_id="a"))
+    assert isinstance(reply, p.ErrorReply)
+    assert "job other holds the unique_key 'k' that step 1 of chain 'c' needs" in reply.message
+    assert isinstance(broker.request(p.Cancel(broker.next_req(), "other")), p.Ack)
+    assert isinstance(broker.request(p.RetryJobs(broker.next_req(), job_id="a")), p.Ack)
+
+
+def test_a_wait_on_a_step_not_made_yet_runs_out_as_for_any_job(tmp_path: Path) -> None:
+    """Not "no such job": the wait runs out with the step not ended, so the
+    client polls on (or says it timed out); no wait at all says the same."""
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    steps = [p.JobSpec("a", "t"), p.JobSpec("b", "t")]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
+    now = broker.request(p.GetResult(broker.next_req(), "b", wait=0.0))
+    assert isinstance(now, p.ResultReply) and now.status == "queued"
+    broker.run_pass((CLIENT, [b"waiter", p.encode(p.GetResult(90, "b", wait=5.0))]))
+    broker.advance(6.0)
+    answer = [r for r in replies_to(broker, b"waiter") if r.req == 90]
+    assert len(answer) == 1 and isinstance(answer[0], p.ResultReply)
+    assert answer[0].status == "queued"
