@@ -25,7 +25,7 @@ from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
 from corral.broker.state import InvalidJob, Job, validate_spec
-from corral.broker.waiters import Waiters, missing, not_found
+from corral.broker.waiters import Waiters, missing
 
 #: A supervisor not heard from for this long (seconds) is left out of status.
 SUPERVISOR_STALE = 15.0
@@ -231,7 +231,13 @@ class ClientService:
     def _get_flow(self, identity: bytes, msg: p.GetFlow, now: float, mono: float) -> None:
         flow = self.state.flows.get(msg.flow_id)
         if flow is None:
-            self._reply(identity, not_found(msg.req, msg.flow_id))
+            where = "is a job, not a chain or group" if msg.flow_id in self.state.jobs else ""
+            text = f"no chain or group with id {msg.flow_id!r} " + (
+                f"({msg.flow_id!r} {where}: see `corral job {msg.flow_id}`)"
+                if where
+                else "(it may have finished and expired)"
+            )
+            self._reply(identity, p.ErrorReply(msg.req, "not_found", text))
         else:
             self._reply(identity, p.FlowReply(msg.req, views.flow_info(self.state, flow)))
 
