@@ -119,9 +119,10 @@ class BrokerCore:
         for record in recovered:
             self.journal.record(record)
         owed = flows.pending(self.state, self.clock.time(), self.journal.record)
-        for flow in list(self.state.flows.values()):  # their timers are not logged:
-            if flows.finished(self.state, flow):  # from now, never earlier
-                self.housekeeper.flow_finished(flow, self.clock.time())
+        for flow in list(self.state.flows.values()):  # a flow's own result_ttl runs
+            if flows.finished(self.state, flow):  # from its last member's end
+                ended = self.state.flowbook.finished_at(flow.id)
+                self.housekeeper.flow_finished(flow, ended or self.clock.time())
         # A new epoch for this start's lease tokens, on disk before any lease.
         epoch = self.state.epoch + 1
         self.journal.record(BrokerStarted(epoch, self.clock.time()))

@@ -197,6 +197,9 @@ class MemberEnded(Record, frozen=True):
     id: str
     status: str
     result: msgspec.Raw = NIL
+    #: When it ended (epoch seconds): a flow's own result_ttl counts from
+    #: its last member's end, across restarts.
+    ended_at: float = 0.0
 
 
 class FlowRemoved(Record, frozen=True):

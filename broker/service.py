@@ -369,8 +369,12 @@ class ClientService:
         if job.status not in ("failed", "cancelled"):
             return f"job {job.id} is {job.status}: only failed or cancelled jobs can be retried"
         flow = self.state.flows.get(job.flow) if job.flow else None
-        for index, spec in FlowBook.made_later(flow) if flow is not None else ():
-            # the flow goes on with it: its jobs yet to be made need their keys
+        return self._later_keys_refusal(job, flow, now) if flow is not None else None
+
+    def _later_keys_refusal(self, job: Job, flow: FlowCreated, now: float) -> str | None:
+        """Why retrying ``job`` cannot go on with its flow: a job the flow is
+        yet to make needs a key another job took since, or None."""
+        for index, spec in FlowBook.made_later(flow):
             holder = self.state.holder_of(spec.unique_key, now)
             made = spec.id in self.state.jobs
             if index > job.step and not made and holder not in (None, spec.id):

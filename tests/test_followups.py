@@ -469,3 +469,44 @@ def test_a_wait_on_a_step_not_made_yet_runs_out_as_for_any_job(tmp_path: Path) -
     answer = [r for r in replies_to(broker, b"waiter") if r.req == 90]
     assert len(answer) == 1 and isinstance(answer[0], p.ResultReply)
     assert answer[0].status == "queued"
+
+
+def test_a_flow_s_own_result_ttl_counts_from_its_end_across_restarts(tmp_path: Path) -> None:
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=2)
+    worker.ready()
+    steps = [p.JobSpec("a", "t", result_ttl=1000.0)]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps, result_ttl=10.0))
+    finish_all(broker, worker, {})
+    broker.advance(6.0)
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)  # a restart
+    broker.advance(5.0)  # 11 s after its end, not 5 s after the restart
+    assert "c" not in broker.core.state.flows
+
+
+def test_a_big_chord_reads_its_members_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each member's end is O(1) for its flow, not a scan of every member:
+    a chord of n members costs O(n) reads of members in all, not O(n**2)."""
+    from corral.broker import flows
+
+    reads = []
+    real = flows.members_of
+
+    def counting(state: object, flow: p.FlowInfo) -> object:
+        reads.append(len(flow.steps))  # type: ignore[attr-defined]
+        return real(state, flow)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flows, "members_of", counting)
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=500)
+    worker.ready()
+    n = 400
+    members = [p.JobSpec(f"m{i}", "t", result_ttl=0.0) for i in range(n)]
+    msg = p.EnqueueFlow(broker.next_req(), "g", "group", members, callback=p.JobSpec("cb", "t"))
+    broker.request(msg)
+    finish_all(broker, worker, {})
+    assert "cb" in broker.core.state.jobs or "g" in broker.core.state.followed
+    assert sum(reads) <= 10 * n, f"{sum(reads)} member reads for {n} members"
