@@ -97,6 +97,7 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     max_memory: PositiveSize | None = None
     max_age: PositiveDuration | None = None
     shutdown_timeout: Duration = 30.0
+    startup_timeout: PositiveDuration = 60.0
     preload: bool = True
     max_restarts: NonNegativeInt = 5
     restart_window: PositiveDuration = 60.0

@@ -61,6 +61,7 @@ def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
             break
         for event in reader.feed(data):
             child.last_beat = now
+            child.ready = True
             if event.kind == "J" and event.identity:
                 child.identities.add(event.identity)
                 child.identity = event.identity
@@ -90,6 +91,10 @@ def judge(child: Child, pool: PoolConfig, now: float, liveness_window: float) ->
             f"job {job_id} ran past its timeout of {timeout:g}s",
             tuple(j for j, _ in late),
         )
+    if not child.ready:  # still importing its plugins: its own deadline
+        if now - child.started_at > pool.startup_timeout:
+            return Verdict("kill", f"not started within startup_timeout {pool.startup_timeout:g}s")
+        return None
     if not alive(child, now, liveness_window):
         return Verdict("kill", f"no sign of life for {now - child.last_beat:.1f}s")
     if child.retiring:

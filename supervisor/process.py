@@ -157,6 +157,9 @@ class Child:
         self.identity = ""  # the one it uses now, as its last status line said
         self.cpu: tuple[float, float] | None = None  # see monitor.cpu_busy
         self.last_beat = 0.0
+        #: Whether it has said anything on its status pipe: until then it
+        #: is starting (importing its plugins), judged by its startup_timeout.
+        self.ready = False
         self.retiring = ""
         self.last_rss = 0
         self.last_rss_check = 0.0

@@ -273,3 +273,40 @@ def test_drain_past_shutdown_timeout_requeues_the_unfinished_try_uncounted(env: 
     info = client.job(job_id)
     assert (info.status, info.attempts) == ("succeeded", 1)
     assert [t.attempt for t in info.tries] == [1, 2]
+
+
+SLOW_IMPORT = "import time\ntime.sleep({seconds})\n"
+
+
+def _slow_plugin(env: Env, seconds: float, extra: str = "") -> None:
+    plugins = env.home / "plugins"
+    plugins.mkdir()
+    (plugins / "slow_tasks.py").write_text(SLOW_IMPORT.format(seconds=seconds))
+    env.write_config(processes=1, extra_pool="preload = false\n" + extra)
+    text = env.config.read_text().replace('python_path = ["', f'python_path = ["{plugins}", "')
+    env.config.write_text(text.replace('"e2e_tasks"]', '"e2e_tasks", "slow_tasks"]'))
+
+
+def test_a_slow_start_is_not_a_hang(env: Env) -> None:
+    """A plugin that takes 2 s to import (the liveness window is 0.6 s
+    here): the worker is judged by its startup_timeout until it speaks."""
+    _slow_plugin(env, 2.0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25
+    assert "supervisor.kill_worker" not in daemon.output()
+
+
+def test_a_start_past_startup_timeout_is_killed_and_backs_off(env: Env) -> None:
+    _slow_plugin(env, 30.0, 'startup_timeout = "1s"\nrestart_backoff = "1s"')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    wait_for(
+        lambda: daemon.output().count("not started within startup_timeout 1s") >= 2,
+        30,
+        message="two starts killed",
+    )
+    wait_for(lambda: "supervisor.backoff" in daemon.output(), 20, message="the backoff")
+    assert daemon.alive()
