@@ -168,9 +168,7 @@ class JobState:
         """``job`` reached a terminal status: its flow keeps how it ended."""
         if job.flow is not None:
             ended_at = job.ended_at if job.ended_at is not None else 0.0
-            self.flowbook.member_ended(
-                job.flow, job.id, job.step, job.status, job.result, ended_at
-            )
+            self.flowbook.member_ended(job.flow, job.id, job.step, job.status, job.result, ended_at)
 
     def _apply_paused(self, rec: QueuePaused) -> None:
         (self.paused.add if rec.paused else self.paused.discard)(rec.queue)

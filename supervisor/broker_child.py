@@ -96,6 +96,10 @@ class BrokerChild:
             self.start(config, now)
         return None
 
+    def fds(self) -> tuple[int, ...]:
+        """What the loop's sleep should wake for: a starting broker's ready pipe."""
+        return (self._ready_r,) if self._ready_r is not None else ()
+
     def _poll_start(self, now: float) -> str | None:
         assert self._ready_r is not None
         try:

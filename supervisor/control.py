@@ -60,9 +60,10 @@ class Control:
         delta, self._scale_requests = self._scale_requests, 0
         return delta
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until a signal or ``timeout``."""
-        select.select([self._wake_r], [], [], timeout)  # retried on EINTR (PEP 475)
+    def wait(self, timeout: float, also: tuple[int, ...] = ()) -> None:
+        """Sleep until a signal, one of the fds ``also`` is readable, or
+        ``timeout`` seconds."""
+        select.select([self._wake_r, *also], [], [], timeout)  # retried on EINTR (PEP 475)
         _drain(self._wake_r)
 
     def _on_signal(self, signum: int, frame: object) -> None:

@@ -127,7 +127,7 @@ class Supervisor:
         self.notifier.watchdog(now, self._healthy(now))
         # Status pipes are read on the tick, not on every line: a busy pool
         # must not keep the supervisor busy too.
-        self.control.wait(TICK)
+        self.control.wait(TICK, self.broker.fds() if self.broker is not None else ())
         self.children.watch(time.monotonic())
 
     def _healthy(self, now: float) -> bool:
