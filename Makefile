@@ -8,6 +8,8 @@ CONFIG ?= config/corral.toml
 # through symlinks laid out the way [tool.setuptools.package-dir] maps the folders.
 TYPECHECK := build/typecheck
 SUBPACKAGES := broker supervisor workers config
+# The suite's tests mostly wait on real processes: three at a time on 2 cores.
+TEST_PROCESSES ?= 3
 
 .PHONY: run test typecheck soak lint bench clean
 
@@ -25,7 +27,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory typecheck
-	$(BIN)/pytest -q -m "not soak" -p no:cacheprovider
+	$(BIN)/pytest -q -m "not soak" -p no:cacheprovider -n $(TEST_PROCESSES)
 
 # Links are only added (and dangling ones dropped), so a check running at the same time
 # never sees the tree half-built.
