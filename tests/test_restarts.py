@@ -3,6 +3,10 @@ capped backoff that never gives up, job-caused deaths uncounted."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from corral.config.schema import PoolConfig
 from corral.supervisor.restarts import RestartLimit
 
@@ -59,3 +63,38 @@ def test_deaths_charged_to_jobs_restart_at_once_and_are_not_counted() -> None:
     for n in range(50):
         r.crashed(0, float(n), job_caused=True)
     assert r.may_start(0, 50.0) and not r.backing_off(50.0) and r.total == 50
+
+
+def test_a_reload_whose_fork_fails_keeps_the_pool_as_it_runs(tmp_path: Path) -> None:
+    """The fork of a rolled pool's new worker fails (EAGAIN): that pool
+    keeps its old workers, the reload says it failed, the new workers
+    started so far are drained."""
+    from corral.config import loads
+    from corral.supervisor.pool import Pool
+    from corral.supervisor.process import Child
+    from corral.supervisor.reload import ReloadError, reload_pools
+
+    class Forker:
+        def __init__(self, fail_at: int | None) -> None:
+            self.forks = 0
+            self.fail_at = fail_at
+
+        def fork(self, pool: Pool, index: int) -> Child:
+            self.forks += 1
+            if self.forks == self.fail_at:
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+            return Child(f"{pool.name}#{index}", "t", lambda fd: 0)
+
+    def config(processes: int) -> object:
+        text = (
+            f'[broker]\nstate_dir = "{tmp_path}"\n[[pools]]\nname = "a"\nprocesses = {processes}\n'
+        )
+        return loads(text)
+
+    old_config = config(1)
+    running = Pool(old_config.pools[0], None, "", Forker(None))  # type: ignore[attr-defined]
+    running.fill(0.0)
+    with pytest.raises(ReloadError) as failed:
+        reload_pools([running], config(3), Forker(fail_at=2))  # type: ignore[arg-type]
+    assert "a fork failed for pool(s) a" in str(failed.value)
+    assert failed.value.pools == [running] and len(running.slots) == 1

@@ -11,6 +11,7 @@ import subprocess
 import psutil
 from conftest import CORRAL, Env, wait_for, worker_processes
 
+import corral
 from corral.supervisor.notify import Notifier
 
 
@@ -154,3 +155,47 @@ def test_unit_file_is_hardened() -> None:
     assert settings["SystemCallFilter"].startswith("@system-service")
     assert settings["UMask"] == "0077"
     assert "AF_UNIX" in settings["RestrictAddressFamilies"]
+
+
+def test_the_watchdog_goes_on_while_the_broker_replays_a_long_log(env: Env) -> None:
+    """A log of 60,000 jobs takes a while to replay: meanwhile the
+    supervisor's loop runs, pets the watchdog and asks for more start time,
+    and READY=1 comes once the broker answers."""
+    env.write_config(processes=1, fsync="never")
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client(timeout=30.0)
+    for _ in range(6):
+        client.enqueue_many([corral.Job("e2e.noop", "x" * 100) for _ in range(10_000)])
+    broker.signal(signal.SIGTERM)
+    assert broker.wait(30) == 0
+    path = str(env.home / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    log = open(env.home / "notify-replay.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [CORRAL, "run", "-c", str(env.config)],
+        cwd=env.home,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"},
+    )
+    try:
+        seen: list[str] = []
+
+        def ready() -> bool:
+            seen.extend(_messages(sock))
+            return any("READY=1" in m for m in seen)
+
+        wait_for(ready, 60, message="READY=1")
+        before = seen[: next(i for i, m in enumerate(seen) if "READY=1" in m)]
+        assert any("EXTEND_TIMEOUT_USEC=" in m for m in before)
+        assert sum("WATCHDOG=1" in m for m in before) >= 2, before
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+        sock.close()
