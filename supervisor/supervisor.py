@@ -271,7 +271,8 @@ class Supervisor:
             new = load(self.config_path)
             pools = reload_pools(self.pools, new, self.children)
         except (ConfigError, ReloadError) as exc:
-            if isinstance(exc, ReloadError) and exc.pools is not None:
+            if isinstance(exc, ReloadError) and exc.pools is not None:  # partly applied
+                self.config = self.children.config = self.link.config = new
                 self.pools = exc.pools
             self._reload_failed(str(exc))
             return
