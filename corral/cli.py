@@ -30,6 +30,7 @@ from corral.clicommands import (
     cmd_log,
     cmd_pause,
     cmd_purge,
+    cmd_reload,
     cmd_result,
     cmd_retry,
     cmd_run,
@@ -86,9 +87,10 @@ def _add_processes(subs: Subparsers) -> None:
         ("supervisor", cmd_supervisor, "worker pools alone, against a remote broker"),
         ("check-config", cmd_check_config, "validate a config file"),
         ("status", cmd_status, "queues, counts per status, workers"),
+        ("reload", cmd_reload, "reload the supervisors on this host (as SIGHUP does)"),
     ):
         sub = subs.add_parser(name, help=text)
-        _common(sub, broker=name == "status")
+        _common(sub, broker=name in ("status", "reload"))
         sub.set_defaults(fn=fn)
         if name == "check-config":
             sub.add_argument(

@@ -140,6 +140,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to each supervisor on this host that reports to the broker:
+    its config is checked and reloaded, and pools backing off restart at
+    once. How it went shows in `corral status` ("last reload")."""
+    import signal
+    import socket
+
+    with make_client(args) as client:
+        status = client.status()
+    host = socket.gethostname()
+    pids = [sup.pid for sup in status.supervisors if sup.host == host]
+    if not pids:
+        raise CorralError(
+            f"no supervisor on this host ({host}) reports to the broker; is `corral run` "
+            "or `corral supervisor` running with this config?"
+        )
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except PermissionError:
+            raise CorralError(
+                f"not allowed to signal the supervisor (pid {pid}): run this as the user "
+                "that runs corral"
+            ) from None
+        except ProcessLookupError:
+            raise CorralError(f"the supervisor (pid {pid}) is gone; see `corral status`") from None
+    emit(
+        args,
+        {"reloading": pids},
+        lambda v: f"reload asked of supervisor pid {', '.join(map(str, pids))}; "
+        "`corral status` shows how it went",
+    )
+    return EXIT_OK
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         emit(args, client.job(args.id), human_job)

@@ -142,8 +142,8 @@ if os.path.exists({mark!r}):
 
 def test_a_crash_looping_pool_backs_off_and_sighup_restarts_it_at_once(env: Env) -> None:
     """Workers that die at start-up (no job to blame) make the pool back
-    off, with a cap, never for good: `corral status` says until when. A
-    SIGHUP restarts it at once."""
+    off, with a cap, never for good: `corral status` says until when.
+    `corral reload` (a SIGHUP) restarts it at once."""
     plugins = env.home / "plugins"
     plugins.mkdir()
     mark = env.home / "crash-at-start"
@@ -160,7 +160,8 @@ def test_a_crash_looping_pool_backs_off_and_sighup_restarts_it_at_once(env: Env)
     wait_for(lambda: "backing off until" in _pool_line(env), 20, message="the pool's state")
     assert daemon.alive()
     mark.unlink()
-    daemon.signal(signal.SIGHUP)
+    done = env.run("reload", "-c", str(env.config))  # the command for SIGHUP
+    assert done.returncode == 0 and f"pid {daemon.pid}" in done.stdout, done.stderr
     env.wait_workers(1, timeout=30)  # at once, not after pool_backoff (10 minutes)
     client = env.client()
     assert client.result(client.enqueue("e2e.square", 4), timeout=30) == 16
