@@ -20,7 +20,7 @@ from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.dispatch import Dispatcher, Ended
 from corral.broker.flowbook import FlowBook
-from corral.broker.jobspec import ids_of, validate_flow
+from corral.broker.jobspec import JobSpec, ids_of, validate_flow
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
@@ -114,7 +114,7 @@ class ClientService:
         try:
             for spec in msg.jobs:
                 validate_spec(spec)
-                self._check_id_free(spec.id, resend_ok=True)
+                self._check_ids_free(spec)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return
@@ -141,15 +141,36 @@ class ClientService:
         another's place in a flow. Raises InvalidJob."""
         flows = self.state.flows
         pending = self.state.flowbook.pending(job_id)
+        owner = self.state.awaited.owner_of(job_id)
         if job_id in flows:
             what = f"the id of {flows[job_id].kind} {job_id!r}"
-        elif job_id in self.state.jobs and not resend_ok:
+        elif job_id in self.state.jobs:
+            if resend_ok:
+                return
             what = "the id of an existing job"
         elif pending is not None:
             what = f"taken by {FlowBook.place(*pending)}, not made yet"
+        elif owner is not None:
+            what = f"taken by a callback of {owner!r}, not made yet"
         else:
             return
         raise InvalidJob(f"id: {job_id!r} is {what}; pick another id")
+
+    def _check_ids_free(self, spec: JobSpec) -> None:
+        """A plain job and its callbacks, nested ones included, take ids no
+        one has and differ among themselves (unless it exists: a resend)."""
+        self._check_id_free(spec.id, resend_ok=True)
+        if spec.id in self.state.jobs:
+            return
+        ids = ids_of(spec)
+        for job_id in ids[1:]:
+            self._check_id_free(job_id)
+        twice = {job_id for job_id in ids if ids.count(job_id) > 1}
+        if twice:
+            raise InvalidJob(
+                f"id: {sorted(twice)[0]!r} is used twice by a job and its callbacks; "
+                "each needs its own id"
+            )
 
     def _check_flow_keys(self, msg: p.EnqueueFlow, now: float) -> None:
         """A flow's jobs hold their unique keys like any job: a key held by

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from corral.broker.awaited import AwaitedIds
 from corral.broker.expiry import ExpiryQueue
 from corral.broker.flowbook import FlowBook
 from corral.broker.job import (
@@ -71,6 +72,11 @@ __all__ = [
 ]
 
 
+def members(flow: FlowCreated) -> list[JobSpec]:
+    """A flow's jobs: its steps, and its callback if it has one."""
+    return [*flow.steps, *([flow.callback] if flow.callback is not None else [])]
+
+
 class JobState:
     """All jobs, the ready heaps per queue, the timer heap of waiting jobs,
     and counts per queue and status."""
@@ -94,6 +100,8 @@ class JobState:
         self.flows = self.flowbook.flows
         #: Unique keys and the jobs that hold them.
         self.unique = UniqueKeys(self.jobs, self.flowbook)
+        #: The ids callbacks yet to be made will take.
+        self.awaited = AwaitedIds()
         self.live_bytes = 0
         #: How many times a broker has started on this log.
         self.epoch = 0
@@ -156,11 +164,13 @@ class JobState:
         if rec.id not in self.flows:
             self.flowbook.add(rec)
             self.unique.reserve(rec)
+            self.awaited.add(rec.id, members(rec))
 
     def _apply_flow_removed(self, rec: FlowRemoved) -> None:
         flow = self.flows.get(rec.id)
         if flow is not None:
             self.unique.unreserve(flow)
+            self.awaited.drop(flow.id, members(flow))
         self.flowbook.remove(rec.id)
         self.followed.discard(rec.id)
 
@@ -196,6 +206,7 @@ class JobState:
 
     def _add(self, job: Job) -> None:
         self.jobs[job.id] = job
+        self.awaited.add(job.id, [job.created])
         self._next_seq = max(self._next_seq, job.seq + 1)
         self.counts[job.queue, job.status] += 1
         if job.reserved:
@@ -338,6 +349,7 @@ class JobState:
         job = self.jobs.pop(job_id, None)
         if job is not None:
             self.followed.discard(job_id)
+            self.awaited.drop(job_id, [job.created])
             if job.flow is not None:
                 self.flowbook.touched.add(job.flow)
             self.counts[job.queue, job.status] -= 1

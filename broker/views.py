@@ -135,17 +135,14 @@ def flow_result(state: JobState, req: int, flow: FlowCreated) -> p.ResultReply:
     error = None
     if failed_step is not None:
         step_id = flow.steps[failed_step].id
+        what = f"{'step' if flow.kind == 'chain' else 'member'} {failed_step} ({step_id})"
         failed = state.jobs.get(step_id)
         if failed is not None and failed.error is not None:
             error = p.ErrorInfo(
-                failed.error.type,
-                f"step {failed_step} ({step_id}): {failed.error.message}",
-                failed.error.traceback,
+                failed.error.type, f"{what}: {failed.error.message}", failed.error.traceback
             )
         else:
-            error = p.ErrorInfo(
-                "Failed", f"step {failed_step} ({step_id}) {status}; its details expired"
-            )
+            error = p.ErrorInfo("Failed", f"{what} {status}; its details expired")
     return p.ResultReply(req, flow.id, status, NIL, error)
 
 

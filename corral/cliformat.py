@@ -131,7 +131,8 @@ def human_jobs(page: Any) -> str:
 def human_flow(info: Any) -> str:
     lines = [f"{info.kind} {info.id}: {info.status}"]
     if info.failed_step is not None:
-        lines.append(f"stopped at step {info.failed_step}")
+        where = "step" if info.kind == "chain" else "member"
+        lines.append(f"stopped at {where} {info.failed_step}")
     for index, job_id in enumerate(info.jobs):
         lines.append(f"  {index}: {job_id} {info.statuses.get(job_id, 'not created')}")
     if info.callback:

@@ -21,8 +21,15 @@ from typing import Any
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, settings
 
 import corral
+
+# Property tests share the machine with real processes (the suite runs
+# three tests at a time): no per-example deadline, no "too slow" check; the
+# number of examples bounds them.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 CORRAL = str(Path(sys.executable).with_name("corral"))
 PLUGINS = str(Path(__file__).parent / "plugins")

@@ -510,3 +510,27 @@ def test_a_big_chord_reads_its_members_a_bounded_number_of_times(
     finish_all(broker, worker, {})
     assert "cb" in broker.core.state.jobs or "g" in broker.core.state.followed
     assert sum(reads) <= 10 * n, f"{sum(reads)} member reads for {n} members"
+
+
+def test_a_callback_s_id_is_taken_until_its_owner_is_forgotten(tmp_path: Path) -> None:
+    """A callback yet to be made (a plain job's, a chain step's, nested)
+    owns its id: another job, or another job's callback, cannot take it,
+    so the callback is never silently lost or replaced."""
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    cb = p.JobSpec("cb", "t", on_failure=p.JobSpec("cb-deep", "t"))
+    broker.request(p.Enqueue(broker.next_req(), [p.JobSpec("parent", "t", on_success=cb)]))
+    steps = [p.JobSpec("s0", "t"), p.JobSpec("s1", "t", on_success=p.JobSpec("s1-cb", "t"))]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
+    for taken, owner in [("cb", "parent"), ("cb-deep", "parent"), ("s1-cb", "c"), ("s1", "")]:
+        for spec in (
+            p.JobSpec(taken, "t"),
+            p.JobSpec(f"other-{taken}", "t", on_success=p.JobSpec(taken, "t")),
+        ):
+            reply = broker.request(p.Enqueue(broker.next_req(), [spec]))
+            assert isinstance(reply, p.ErrorReply), (taken, reply)
+            assert f"id: {taken!r} is taken by" in reply.message and owner in reply.message
+    itself = p.JobSpec("w", "t", on_success=p.JobSpec("w", "t"))
+    reply = broker.request(p.Enqueue(broker.next_req(), [itself]))
+    assert isinstance(reply, p.ErrorReply) and "'w' is used twice" in reply.message
+    # a resend of the first enqueue is still answered with its id
+    assert broker.enqueue(id="parent") == "parent"
