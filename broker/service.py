@@ -18,9 +18,9 @@ import msgspec
 
 from corral.broker import flows, views
 from corral.broker import protocol as p
+from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
-from corral.broker.flowbook import FlowBook
-from corral.broker.jobspec import JobSpec, ids_of, validate_flow
+from corral.broker.jobspec import validate_flow
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
@@ -58,6 +58,7 @@ class ClientService:
         self.broker_id = broker_id
         self.state_dir = state_dir
         self._on_ended = on_ended
+        self.admission = Admission(self.state)
         #: supervisor id -> (its last report, monotonic time received).
         self.supervisors: dict[str, tuple[p.SupervisorInfo, float]] = {}
         self._handlers: dict[type, Handler] = {
@@ -114,7 +115,7 @@ class ClientService:
         try:
             for spec in msg.jobs:
                 validate_spec(spec)
-                self._check_ids_free(spec)
+                self.admission.check_job(spec)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return
@@ -134,61 +135,6 @@ class ClientService:
         self.dispatcher.poke()
         self._reply(identity, p.EnqueueOk(msg.req, ids))
 
-    def _check_id_free(self, job_id: str, *, resend_ok: bool = False) -> None:
-        """Refuse an id that a chain or group, a job (unless ``resend_ok``:
-        a plain enqueue of an existing id is answered as a resend), or a
-        flow's job yet to be made already has: a new job must never take
-        another's place in a flow. Raises InvalidJob."""
-        flows = self.state.flows
-        pending = self.state.flowbook.pending(job_id)
-        owner = self.state.awaited.owner_of(job_id)
-        if job_id in flows:
-            what = f"the id of {flows[job_id].kind} {job_id!r}"
-        elif job_id in self.state.jobs:
-            if resend_ok:
-                return
-            what = "the id of an existing job"
-        elif pending is not None:
-            what = f"taken by {FlowBook.place(*pending)}, not made yet"
-        elif owner is not None:
-            what = f"taken by a callback of {owner!r}, not made yet"
-        else:
-            return
-        raise InvalidJob(f"id: {job_id!r} is {what}; pick another id")
-
-    def _check_ids_free(self, spec: JobSpec) -> None:
-        """A plain job and its callbacks, nested ones included, take ids no
-        one has and differ among themselves (unless it exists: a resend)."""
-        self._check_id_free(spec.id, resend_ok=True)
-        if spec.id in self.state.jobs:
-            return
-        ids = ids_of(spec)
-        for job_id in ids[1:]:
-            self._check_id_free(job_id)
-        twice = {job_id for job_id in ids if ids.count(job_id) > 1}
-        if twice:
-            raise InvalidJob(
-                f"id: {sorted(twice)[0]!r} is used twice by a job and its callbacks; "
-                "each needs its own id"
-            )
-
-    def _check_flow_keys(self, msg: p.EnqueueFlow, now: float) -> None:
-        """A flow's jobs hold their unique keys like any job: a key held by
-        an active job (or used twice in the flow) refuses the flow, naming
-        it, rather than making a second holder. Raises InvalidJob."""
-        seen: dict[str, str] = {}
-        for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
-            key = spec.unique_key
-            if not key:
-                continue
-            holder = self.state.holder_of(key, now) or seen.get(key)
-            if holder is not None:
-                raise InvalidJob(
-                    f"unique_key: {key!r} of job {spec.id!r} is held by job {holder!r}; "
-                    "a flow's jobs cannot share a key with another job"
-                )
-            seen[key] = spec.id
-
     def _enqueue_flow(self, identity: bytes, msg: p.EnqueueFlow, now: float, mono: float) -> None:
         if self._refuse_if_full(identity, msg.req):
             return
@@ -204,10 +150,7 @@ class ClientService:
             if msg.flow_id in self.state.jobs:
                 raise InvalidJob(f"flow_id: {msg.flow_id!r} is the id of a job; pick another")
             if msg.flow_id not in self.state.flows:  # a resent flow is answered as before
-                for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
-                    for job_id in ids_of(spec):
-                        self._check_id_free(job_id)
-                self._check_flow_keys(msg, now)
+                self.admission.check_flow(msg.jobs, msg.callback, now)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return
@@ -369,7 +312,7 @@ class ClientService:
             if job is None:
                 self._reply(identity, missing(self.state, msg.req, msg.job_id))
                 return
-            refusal = self._retry_refusal(job, now)
+            refusal = self.admission.retry_refusal(job, now)
             if refusal is not None:
                 self._invalid(identity, msg.req, refusal)
                 return
@@ -378,32 +321,6 @@ class ClientService:
             self.journal.record(Requeued(job.id, now))
         self.dispatcher.poke()
         self._reply(identity, p.Ack(msg.req, len(jobs), [j.id for j in jobs]))
-
-    def _retry_refusal(self, job: Job, now: float) -> str | None:
-        """Why ``job`` cannot be retried by hand, or None."""
-        holder = self.state.holder_of(job.unique_key, now)
-        if holder is not None and holder != job.id:
-            return (
-                f"job {holder} holds the unique_key {job.unique_key!r}; "
-                f"retry {job.id} once it has ended"
-            )
-        if job.status not in ("failed", "cancelled"):
-            return f"job {job.id} is {job.status}: only failed or cancelled jobs can be retried"
-        flow = self.state.flows.get(job.flow) if job.flow else None
-        return self._later_keys_refusal(job, flow, now) if flow is not None else None
-
-    def _later_keys_refusal(self, job: Job, flow: FlowCreated, now: float) -> str | None:
-        """Why retrying ``job`` cannot go on with its flow: a job the flow is
-        yet to make needs a key another job took since, or None."""
-        for index, spec in FlowBook.made_later(flow):
-            holder = self.state.holder_of(spec.unique_key, now)
-            made = spec.id in self.state.jobs
-            if index > job.step and not made and holder not in (None, spec.id):
-                return (
-                    f"job {holder} holds the unique_key {spec.unique_key!r} that "
-                    f"{FlowBook.place(flow, index)} needs; retry {job.id} once it has ended"
-                )
-        return None
 
     def _delete(self, identity: bytes, msg: p.Delete, now: float, mono: float) -> None:
         job = self.state.jobs.get(msg.job_id)
