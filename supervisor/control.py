@@ -8,10 +8,30 @@ TTOU for one worker more or fewer in each pool.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 from collections.abc import Callable
+
+#: Signals whose default action does not end a process, or that must keep
+#: it (a stop from the terminal, a crash signal's core dump).
+HARMLESS = {
+    signal.SIGCONT,
+    signal.SIGURG,
+    signal.SIGWINCH,
+    signal.SIGTSTP,
+    signal.SIGSTOP,
+    signal.SIGKILL,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGABRT,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+    signal.SIGQUIT,
+}
 
 #: The signals the supervisor handles.
 SIGNALS = (
@@ -35,17 +55,30 @@ class Control:
         self._reload_requested = False
         self._scale_requests = 0
         self._wake_r = -1
+        #: Signals received that the supervisor ignores (logged on the tick).
+        self.stray: list[int] = []
 
     @property
     def stopping(self) -> bool:
         return self.stop_requested > 0
 
     def install(self) -> None:
-        """Handle the signals and let each one wake :meth:`wait`."""
+        """Handle the signals and let each one wake :meth:`wait`. Every other
+        signal whose default would end the supervisor (and with it the
+        service: USR1 from a log rotation, ALRM, a real-time signal...) is
+        logged and otherwise ignored."""
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
+        for sig in signal.valid_signals():
+            if sig in SIGNALS or sig in HARMLESS or signal.getsignal(sig) != signal.SIG_DFL:
+                continue
+            with contextlib.suppress(OSError, ValueError):  # KILL, STOP, glibc's own
+                signal.signal(sig, self._on_stray)
+
+    def _on_stray(self, signum: int, frame: object) -> None:
+        self.stray.append(signum)
 
     def request_stop(self) -> None:
         self.stop_requested = 1

@@ -113,6 +113,15 @@ def group_members(pgid: int) -> list[int]:
     return found
 
 
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 37`` for one Python has no name for (a
+    real-time signal)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def set_title(title: str) -> None:
     """Show ``title`` in ps and top (argv and the kernel's comm name)."""
     try:
@@ -288,7 +297,7 @@ class Child:
         if code is None:
             return "running"
         if code < 0:
-            return f"killed by {signal.Signals(-code).name}"
+            return f"killed by {signal_name(-code)}"
         return f"exited with code {code}"
 
 

@@ -37,7 +37,7 @@ from corral.supervisor.control import Control
 from corral.supervisor.monitor import read_status
 from corral.supervisor.notify import Notifier
 from corral.supervisor.pool import Pool, load_registry
-from corral.supervisor.process import Child, set_title, stop_children
+from corral.supervisor.process import Child, set_title, signal_name, stop_children
 from corral.supervisor.reload import ReloadCheck, ReloadError, plugin_fingerprint, reload_pools
 from corral.supervisor.report import BrokerLink
 
@@ -113,6 +113,12 @@ class Supervisor:
     def _pass(self) -> None:
         """Reap, act on requests, reconcile, report, sleep, watch."""
         self._reap()
+        while self.control.stray:
+            log.warning(
+                "supervisor.signal_ignored",
+                signal=signal_name(self.control.stray.pop(0)),
+                hint="TERM/INT stop, HUP reloads, TTIN/TTOU scale; others are ignored",
+            )
         if self.control.take_reload():
             self._reload()
         self._finish_reload(time.monotonic())

@@ -345,3 +345,31 @@ def test_a_broker_that_keeps_failing_is_restarted_with_backoff_without_stalling(
         os.close(lock)
     client = env.client()
     assert client.result(client.enqueue("e2e.square", 8), timeout=60) == 64
+
+
+def test_stray_signals_never_take_the_service_down(env: Env) -> None:
+    """USR1 (a log rotation's), USR2, ALRM and a real-time signal to the
+    supervisor are logged and ignored; a worker ended by a real-time signal
+    (which Python has no name for) is told to the broker and replaced."""
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    before = {p.pid for p in worker_processes(daemon)}
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN + 3):
+        daemon.signal(sig)
+    wait_for(lambda: daemon.output().count("supervisor.signal_ignored") >= 4, 20, message="the log")
+    assert daemon.alive() and {p.pid for p in worker_processes(daemon)} == before
+    victim = min(before)
+    os.kill(victim, signal.SIGRTMIN + 3)
+    wait_for(
+        lambda: (
+            victim not in {p.pid for p in worker_processes(daemon)}
+            and len(worker_processes(daemon)) == 2
+        ),
+        20,
+        message="the worker replaced",
+    )
+    assert f"killed by signal {int(signal.SIGRTMIN) + 3}" in daemon.output()
+    assert "supervisor.tick_failed" not in daemon.output()
+    client = env.client()
+    assert client.result(client.enqueue("e2e.square", 9), timeout=30) == 81
