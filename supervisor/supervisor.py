@@ -77,6 +77,8 @@ class Supervisor:
         self.notifier = Notifier()
         #: The check of a reload under way, if any.
         self._check: ReloadCheck | None = None
+        #: A SIGHUP came while a check ran: check again once it ends.
+        self._recheck = False
         #: Whether READY=1 went out (once the broker first came up).
         self._announced = False
         self._extended = -EXTEND_EVERY
@@ -244,14 +246,17 @@ class Supervisor:
         for pool in self.pools:  # what signals changed goes back to the config
             pool.restarts.reset()
             pool.restore()
-        if self._check is not None:
-            log.info("supervisor.reload_pending", hint="a reload is already being checked")
+        if self._check is not None:  # the files may have changed since it began
+            self._recheck = True
+            log.info("supervisor.reload_again", hint="the check under way is redone when it ends")
             return
         self.notifier.reloading()
         try:
             self._check = ReloadCheck(self.config_path)
         except OSError as exc:
             self._reload_failed(f"the config check could not start: {exc}")
+            return
+        log.info("supervisor.reload_checking", pid=self._check.pid)
 
     def _finish_reload(self, now: float) -> None:
         """Apply a reload whose check has ended: restart, rolling, only the
@@ -269,6 +274,10 @@ class Supervisor:
         self._check = None
         error = check.error()
         check.close()
+        if self._recheck:  # a SIGHUP came during the check: check the files as they are now
+            self._recheck = False
+            self._reload()
+            return
         if error:
             self._reload_failed(error)
             return

@@ -181,3 +181,25 @@ def test_a_reload_with_a_broken_plugin_changes_nothing(env: Env, preload: bool) 
     wait_for(lambda: "supervisor.reloaded" in daemon.output(), 30, message="the second reload")
     assert client.result(client.enqueue("dyn.version", 1, queue="dyn"), timeout=30) == "v2"
     wait_for(lambda: "last reload ok" in _status_text(env), 20, message="the status")
+
+
+def test_a_sighup_during_a_reload_check_is_not_lost(env: Env) -> None:
+    """A broken plugin, SIGHUP, the plugin fixed and SIGHUP again while the
+    first check still runs: the files as they are at the end are reloaded."""
+    plugin_dir = env.home / "dyn"
+    plugin_dir.mkdir()
+    module = plugin_dir / "dyn_tasks.py"
+    module.write_text(DYN.format(version="v1"))
+    _two_pools(env, plugin_dir)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(3)
+    module.write_text('import time\ntime.sleep(2)\nraise RuntimeError("broken")\n')  # slow, fails
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reload_checking" in daemon.output(), 20, message="the check")
+    module.write_text(DYN.format(version="v2"))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reloaded" in daemon.output(), 60, message="the reload")
+    assert "supervisor.reload_again" in daemon.output()
+    client = env.client()
+    assert client.result(client.enqueue("dyn.version", 0, queue="dyn"), timeout=30) == "v2"
