@@ -59,6 +59,11 @@ class BrokerCore:
         self.clock: Clock = clock or SystemClock()
         self.state_dir = Path(bc.state_dir)
         self.broker_id = secrets.token_hex(6)
+        #: When the last pass began (monotonic seconds; 0.0: none yet), and
+        #: the gap between passes past which the broker was stalled: its
+        #: loop waits at most a heartbeat interval between passes.
+        self._last_pass = 0.0
+        self._stall_after = 1.5 * bc.heartbeat_interval
         self.state = JobState(
             Defaults(
                 max_attempts=bc.max_attempts,
@@ -152,6 +157,9 @@ class BrokerCore:
         the pass consumes it."""
         clock = self.clock
         now, mono = clock.time(), clock.monotonic()
+        if self._last_pass and mono - self._last_pass > self._stall_after:
+            self.dispatcher.stalled(mono - self._last_pass)
+        self._last_pass = mono
         for side, frames in inbound:
             self.on_frames(side, frames, now, mono)
         self.tick(now, mono)

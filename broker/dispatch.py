@@ -373,6 +373,22 @@ class Dispatcher:
             for conn in self.workers:
                 self.send(conn.identity, p.BrokerHeartbeat(self.broker_id), mono)
 
+    def stalled(self, seconds: float) -> None:
+        """The broker's loop did not run for ``seconds``: what it could not
+        see in that time is not held against anyone. Workers get their
+        liveness window back, and tries their timeout back, by as much: a
+        worker's results and heartbeats from that time are still unread."""
+        self.workers.excuse(seconds)
+        self._deadlines = [(at + seconds, job_id, lease) for at, job_id, lease in self._deadlines]
+        # adding the same amount to every entry keeps the heap a heap
+        self._withdraws.excuse(seconds)
+        log.warning(
+            "broker.stalled",
+            seconds=round(seconds, 3),
+            hint="the broker did not run (stopped, or overloaded): no worker or job is "
+            "charged for that time",
+        )
+
     def next_wakeup(self) -> float:
         """The monotonic time of the next heartbeat or lease deadline."""
         wake = self._next_heartbeat

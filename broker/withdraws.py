@@ -47,6 +47,11 @@ class PendingWithdraws:
         for ref in list(self._waiting):
             self.answered(ref, identity)
 
+    def excuse(self, seconds: float) -> None:
+        """The broker did not run for ``seconds``: every wait gets them back."""
+        for ref, (asked, deadline, done) in list(self._waiting.items()):
+            self._waiting[ref] = (asked, deadline + seconds, done)
+
     def expire(self, mono: float) -> None:
         for ref, (asked, deadline, _) in list(self._waiting.items()):
             if deadline <= mono:

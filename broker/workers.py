@@ -147,6 +147,14 @@ class WorkerTable:
             conn.last_seen = now
         return conn
 
+    def excuse(self, seconds: float) -> None:
+        """The broker itself did not run for ``seconds`` (stopped, or a long
+        pass): no worker is blamed for a silence the broker could not hear."""
+        for conn in self.by_identity.values():
+            conn.last_seen += seconds
+            if conn.vouched_until:
+                conn.vouched_until += seconds
+
     def silent(self, now: float) -> list[WorkerConn]:
         """Workers silent for longer than the liveness window, and no
         longer vouched for: dead."""
