@@ -67,6 +67,9 @@ def read_status(child: Child, reader: StatusReader, now: float) -> str | None:
                 child.identity = event.identity
             if event.kind == "S":
                 child.jobs.update((job_id, (now, t)) for job_id, t in event.jobs.items())
+            elif event.kind == "E":
+                for job_id in event.jobs:
+                    child.jobs.pop(job_id, None)
             elif event.kind == "J":  # a job keeps the start time it was first seen at
                 child.jobs = {
                     job_id: (child.jobs.get(job_id, (now, 0.0))[0], timeout)

@@ -483,7 +483,9 @@ class Worker:
         d = execution.d
         structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
         self._held.end(d.job_id)
-        self._timeouts.pop(d.job_id, None)
+        with self._status.lock:  # the supervisor knows it ended, even if the next
+            self._timeouts.pop(d.job_id, None)  # handler holds the GIL from its start
+            self._status.ended(d.job_id)
         self._status_version += 1
         if outcome.kind == "ok":
             self.processed += 1

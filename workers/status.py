@@ -11,10 +11,13 @@ never interleave:
     S <job_id>:<timeout>         a job is about to start: written by the thread that
                                  runs it, before its handler, so a process that dies
                                  in the handler is charged to that job
+    E <job_id>                   a job's handler returned: written by its thread, so
+                                 the supervisor knows before the next handler (one
+                                 that may hold the GIL and starve the socket thread)
     R <reason>                   the worker is retiring (max_jobs): start its replacement
 
-``lock`` orders a J snapshot against an S line: a J written after an S
-includes that job (or it has ended).
+``lock`` orders a J snapshot against S and E lines: a J written after an
+S includes that job (unless it ended), one written after an E does not.
 
 A J line is a snapshot, not an event, so a line lost to a full pipe costs
 nothing: the next one says the same and more. The supervisor reads the
@@ -56,6 +59,9 @@ class StatusWriter:
 
     def started(self, job_id: str, timeout: float | None) -> None:
         self._write(f"S {job_id}:{timeout or 0}\n")
+
+    def ended(self, job_id: str) -> None:
+        self._write(f"E {job_id}\n")
 
     def retiring(self, reason: str) -> None:
         self._write(f"R {reason}\n")
@@ -108,6 +114,8 @@ def _parse(line: str) -> StatusEvent | None:
             return StatusEvent("S", {job_id: float(timeout)})
         except ValueError:
             return None
+    if kind == "E":
+        return StatusEvent("E", {rest: 0.0})
     if kind == "R":
         return StatusEvent("R", reason=rest)
     return None
