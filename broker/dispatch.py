@@ -69,6 +69,9 @@ class Dispatcher:
         self.holders: dict[str, bytes] = {}
         #: (monotonic deadline, job id, lease) of started jobs with a timeout.
         self._deadlines: list[tuple[float, str, int]] = []
+        #: job id -> its first deadline, for tries past their timeout whose
+        #: handler returned and whose result is not here yet.
+        self._ended_unheard: dict[str, float] = {}
         #: The last lease token given: the broker's epoch in the high bits
         #: (see :meth:`start_leases`), a counter in the low 32.
         self._lease_seq = 0
@@ -373,6 +376,21 @@ class Dispatcher:
             for conn in self.workers:
                 self.send(conn.identity, p.BrokerHeartbeat(self.broker_id), mono)
 
+    def _result_in_flight(self, job_id: str, due: float, mono: float) -> bool:
+        """The job's try is past its timeout, but its holder's supervisor,
+        vouching for the process, said since the job started that it no
+        longer runs it: its handler returned, and the result waits in a
+        worker whose socket thread is starved (the next handler holds the
+        GIL). Wait for it, a bounded time (ten liveness windows)."""
+        holder = self.workers.get(self.holders.get(job_id, b""))
+        if holder is None or holder.vouched_until <= mono or job_id in holder.reported_running:
+            return False
+        timeout = self.state.timeout(self.state.jobs[job_id]) or 0.0
+        if holder.reported_at <= self._ended_unheard.get(job_id, due) - timeout:
+            return False  # the report predates the start: it says nothing of this try
+        first = self._ended_unheard.setdefault(job_id, due)
+        return mono < first + 10 * self.workers.liveness_window
+
     def stalled(self, seconds: float) -> None:
         """The broker's loop did not run for ``seconds``: what it could not
         see in that time is not held against anyone. Workers get their
@@ -380,6 +398,7 @@ class Dispatcher:
         worker's results and heartbeats from that time are still unread."""
         self.workers.excuse(seconds)
         self._deadlines = [(at + seconds, job_id, lease) for at, job_id, lease in self._deadlines]
+        self._ended_unheard = {job: at + seconds for job, at in self._ended_unheard.items()}
         # adding the same amount to every entry keeps the heap a heap
         self._withdraws.excuse(seconds)
         log.warning(
@@ -401,10 +420,15 @@ class Dispatcher:
         the worker's late result is fenced."""
         self._withdraws.expire(mono)
         while self._deadlines and self._deadlines[0][0] <= mono:
-            _, job_id, lease = heapq.heappop(self._deadlines)
+            due, job_id, lease = heapq.heappop(self._deadlines)
             job = self.state.holding(job_id, lease)
             if job is None:
+                self._ended_unheard.pop(job_id, None)
                 continue
+            if self._result_in_flight(job_id, due, mono):
+                heapq.heappush(self._deadlines, (mono + self.heartbeat_interval, job_id, lease))
+                continue
+            self._ended_unheard.pop(job_id, None)
             timeout = self.state.timeout(job)
             error = ErrorRec("TimeoutError", f"the job ran past its timeout of {timeout}s")
             record = self.state.policy.decide_finish(job, "error", now, error=error)

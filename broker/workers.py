@@ -37,6 +37,9 @@ class WorkerConn:
     last_sent: float = 0.0
     #: Until when (monotonic) its supervisor's last vouch keeps it alive.
     vouched_until: float = 0.0
+    #: The jobs its supervisor last said it runs, and when (monotonic).
+    reported_running: frozenset[str] = frozenset()
+    reported_at: float = 0.0
     #: job id -> lease token, in delivery order.
     leases: dict[str, int] = field(default_factory=dict)
     #: job ids the worker said it started.
@@ -178,6 +181,8 @@ class WorkerTable:
                 continue
             if conn is not None and conn.host == host and conn.pid == info.pid:
                 conn.vouched_until = now + self.liveness_window + VOUCH_GRACE
+                conn.reported_running = frozenset(info.jobs)
+                conn.reported_at = now
                 kept += 1
         return kept
 
