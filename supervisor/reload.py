@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,13 +93,24 @@ class ReloadError(Exception):
         self.pools = pools
 
 
+Plan = list[tuple["Pool | None", Pool]]
+
+
 def reload_pools(pools: list[Pool], config: Config, forker: Forker) -> list[Pool]:
     """The pools of ``config``, from the running ``pools``: a pool whose
     settings and code are unchanged is kept as it runs; the others are
     rolled, and pools no longer configured are drained. Every new pool's
     tasks load first; if any fails (ReloadError), nothing was changed."""
+    return apply_plan(pools, plan_reload(pools, config, forker))
+
+
+def plan_reload(pools: list[Pool], config: Config, forker: Forker) -> Plan:
+    """(current pool or None, its successor) for each pool of ``config``:
+    the same pool if unchanged, else a new one with its tasks loaded (a
+    preloaded pool imports its plugins here: the slow part, which forks
+    nothing and may run off the loop's thread). Raises ReloadError."""
     old = {pool.name: pool for pool in pools}
-    plan: list[tuple[Pool | None, Pool]] = []
+    plan: Plan = []
     for pool_config in config.pools:
         current = old.pop(pool_config.name, None)
         fingerprint = plugin_fingerprint(config, pool_config)
@@ -109,9 +121,46 @@ def reload_pools(pools: list[Pool], config: Config, forker: Forker) -> list[Pool
         forget_modules(plugins)
         try:
             registry = load_registry(config, pool_config)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise ReloadError(f"pool {pool_config.name!r}: {exc}") from exc
         plan.append((current, Pool(pool_config, registry, fingerprint, forker)))
+    return plan
+
+
+class Preparation:
+    """:func:`plan_reload` on a thread of its own, so that a slow import of
+    a preloaded pool's plugins never stalls the supervisor's loop (it goes
+    on reaping, enforcing limits and petting the watchdog, but forks
+    nothing until the plan is ready: a fork must not copy a half-done
+    import). ``plan`` or ``error`` once :attr:`done`."""
+
+    def __init__(self, pools: list[Pool], config: Config, forker: Forker) -> None:
+        self.config = config
+        self.plan: Plan | None = None
+        self.error = ""
+        self._thread = threading.Thread(
+            target=self._run, args=(pools, config, forker), name="corral-reload", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def _run(self, pools: list[Pool], config: Config, forker: Forker) -> None:
+        try:
+            self.plan = plan_reload(pools, config, forker)
+        except ReloadError as exc:
+            self.error = str(exc)
+        except BaseException as exc:  # a plugin's own bug must not end the thread silently
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
+def apply_plan(pools: list[Pool], plan: Plan) -> list[Pool]:
+    """Roll the changed pools of ``plan`` and drain the ``pools`` it no
+    longer has; the new list of pools. Raises ReloadError (with the pools
+    now running) if a fork failed."""
+    planned = {successor.name for _, successor in plan}
     new = []
     failed = []
     for current, successor in plan:
@@ -121,7 +170,7 @@ def reload_pools(pools: list[Pool], config: Config, forker: Forker) -> list[Pool
             failed.append(successor.name)
             if current is not None:
                 new.append(current)
-    for gone in old.values():
+    for gone in [pool for pool in pools if pool.name not in planned]:
         log.info("supervisor.pool_removed", pool=gone.name)
         gone.retire_all("pool removed")
     if failed:

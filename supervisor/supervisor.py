@@ -38,7 +38,13 @@ from corral.supervisor.monitor import read_status
 from corral.supervisor.notify import Notifier
 from corral.supervisor.pool import Pool, load_registry
 from corral.supervisor.process import Child, set_title, signal_name, stop_children
-from corral.supervisor.reload import ReloadCheck, ReloadError, plugin_fingerprint, reload_pools
+from corral.supervisor.reload import (
+    Preparation,
+    ReloadCheck,
+    ReloadError,
+    apply_plan,
+    plugin_fingerprint,
+)
 from corral.supervisor.report import BrokerLink
 
 if TYPE_CHECKING:
@@ -79,6 +85,8 @@ class Supervisor:
         self._check: ReloadCheck | None = None
         #: A SIGHUP came while a check ran: check again once it ends.
         self._recheck = False
+        #: A reload whose pools' plugins are being imported, off the loop.
+        self._preparing: Preparation | None = None
         #: Whether READY=1 went out (once the broker first came up).
         self._announced = False
         self._extended = -EXTEND_EVERY
@@ -124,6 +132,7 @@ class Supervisor:
         if self.control.take_reload():
             self._reload()
         self._finish_reload(time.monotonic())
+        self._apply_prepared()
         delta = self.control.take_scale()
         if delta:
             for pool in self.pools:
@@ -160,6 +169,8 @@ class Supervisor:
         """Fill the pools' empty slots; in ``corral run``, once the broker
         has been up (its first start decides whether corral runs at all).
         READY=1 goes to systemd then; until then EXTEND_TIMEOUT_USEC."""
+        if self._preparing is not None:
+            return  # a reload imports plugins on a thread: no fork until it is done
         if self.broker is not None:
             event = self.broker.poll(self.config, now)
             if event == "failed":
@@ -246,7 +257,7 @@ class Supervisor:
         for pool in self.pools:  # what signals changed goes back to the config
             pool.restarts.reset()
             pool.restore()
-        if self._check is not None:  # the files may have changed since it began
+        if self._check is not None or self._preparing is not None:  # files may have changed
             self._recheck = True
             log.info("supervisor.reload_again", hint="the check under way is redone when it ends")
             return
@@ -284,9 +295,30 @@ class Supervisor:
         assert self.config_path is not None
         try:
             new = load(self.config_path)
-            pools = reload_pools(self.pools, new, self.children)
-        except (ConfigError, ReloadError) as exc:
-            if isinstance(exc, ReloadError) and exc.pools is not None:  # partly applied
+        except ConfigError as exc:
+            self._reload_failed(str(exc))
+            return
+        self._preparing = Preparation(self.pools, new, self.children)
+        log.info("supervisor.reload_importing", hint="the pools' plugins load off the loop")
+
+    def _apply_prepared(self) -> None:
+        """Roll the pools once a reload's plan is ready (its imports done)."""
+        prepared = self._preparing
+        if prepared is None or not prepared.done:
+            return
+        self._preparing = None
+        if self._recheck:  # a SIGHUP came meanwhile: start over on the files as they are
+            self._recheck = False
+            self._reload()
+            return
+        if prepared.plan is None:
+            self._reload_failed(prepared.error)
+            return
+        new = prepared.config
+        try:
+            pools = apply_plan(self.pools, prepared.plan)
+        except ReloadError as exc:
+            if exc.pools is not None:  # partly applied
                 self.config = self.children.config = self.link.config = new
                 self.pools = exc.pools
             self._reload_failed(str(exc))

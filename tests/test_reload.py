@@ -3,6 +3,7 @@ nothing twice; SIGTTIN and SIGTTOU scale every pool by one."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -203,3 +204,33 @@ def test_a_sighup_during_a_reload_check_is_not_lost(env: Env) -> None:
     assert "supervisor.reload_again" in daemon.output()
     client = env.client()
     assert client.result(client.enqueue("dyn.version", 0, queue="dyn"), timeout=30) == "v2"
+
+
+def test_a_slow_plugin_import_on_reload_does_not_stall_the_loop(env: Env) -> None:
+    """A preloaded pool's plugin takes 3 s to import: while the supervisor
+    imports it for the reload, its loop goes on (a worker that dies is
+    reaped at once); the reload then applies."""
+    plugin_dir = env.home / "dyn"
+    plugin_dir.mkdir()
+    module = plugin_dir / "dyn_tasks.py"
+    module.write_text(DYN.format(version="v1"))
+    _two_pools(env, plugin_dir)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(3)
+    module.write_text("import time\ntime.sleep(3)\n" + DYN.format(version="v2"))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reload_importing" in daemon.output(), 30, message="the import")
+    victim = next(iter(_pids(daemon, "other")))
+    os.kill(victim, signal.SIGKILL)
+
+    def reaped() -> bool:
+        lines = daemon.output().splitlines()
+        return any("supervisor.worker_exited" in ln and f'"pid": {victim}' in ln for ln in lines)
+
+    wait_for(reaped, 10, message="the worker reaped")
+    assert "supervisor.reloaded" not in daemon.output()  # the import still runs
+    wait_for(lambda: "supervisor.reloaded" in daemon.output(), 30, message="the reload")
+    client = env.client()
+    assert client.result(client.enqueue("dyn.version", 0, queue="dyn"), timeout=30) == "v2"
+    wait_for(lambda: len(_pids(daemon, "other")) == 1, 20, message="the other pool refilled")
