@@ -87,7 +87,7 @@ class Children:
         """Read the status pipes and enforce each pool's limits."""
         for entry in list(self._by_pid.values()):
             pool, index, child = entry.pool, entry.index, entry.child
-            if not child.alive:
+            if not child.alive or child.killed_for:  # killed: it is reaped soon
                 continue
             retiring = read_status(child, entry.reader, now)
             if retiring and not child.retiring and pool.holds(index, child):

@@ -9,6 +9,7 @@ worker is started or retired, so a reload that fails changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -69,6 +70,15 @@ class ReloadCheck:
             return True
         return False
 
+    def stop(self) -> None:
+        """The supervisor stops: end the check now."""
+        if self.code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+        self.close()
+
     def error(self) -> str:
         """Why the check failed, from its output ("" if it passed)."""
         if self.code == 0:
@@ -78,7 +88,11 @@ class ReloadCheck:
         self._output.seek(0)
         lines = self._output.read().decode(errors="replace").strip().splitlines()
         text = " ".join(line.strip() for line in lines[-5:])
-        return text.removeprefix("corral: ") or f"the check exited with code {self.code}"
+        return text.removeprefix("corral: ") or (
+            f"the check of the config exited with code {self.code} and said nothing: a "
+            "plugin may end the process as it is imported (os._exit, sys.exit); run "
+            "`corral check-config` to see"
+        )
 
     def close(self) -> None:
         self._output.close()

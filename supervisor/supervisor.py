@@ -350,6 +350,8 @@ class Supervisor:
     def _shutdown(self) -> int:
         """Drain: workers finish their jobs (up to shutdown_timeout), then
         the broker stops with its log synced."""
+        if self._check is not None:  # a reload's check is not needed any more
+            self._check.stop()
         workers = self.children.alive()
         log.info("supervisor.stopping", workers=len(workers))
         timeout = max((p.config.shutdown_timeout for p in self.pools), default=0.0) + 5.0
