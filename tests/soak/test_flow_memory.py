@@ -75,7 +75,8 @@ def test_broker_memory_levels_off_under_a_stream_of_chains(
         f"({payload / MIB:.0f} MiB of payload a round); broker RSS after each, MiB: "
         + ", ".join(f"{r / MIB:.0f}" for r in rss)
     )
-    # It levels off: the second half of the run adds less than a quarter
-    # of one round's payload (a leak adds all of it, every round).
+    # It levels off: the second half of the run peaks less than half a
+    # round's payload above the first half's peak (allocator noise moves a
+    # round by 20 MiB at times; a leak adds a whole round, every round).
     half = rounds // 2
-    assert rss[-1] - rss[half - 1] < payload / 4, [r // MIB for r in rss]
+    assert max(rss[half:]) - max(rss[:half]) < payload / 2, [r // MIB for r in rss]
