@@ -75,8 +75,8 @@ def test_broker_memory_levels_off_under_a_stream_of_chains(
         f"({payload / MIB:.0f} MiB of payload a round); broker RSS after each, MiB: "
         + ", ".join(f"{r / MIB:.0f}" for r in rss)
     )
-    # It levels off: the second half of the run peaks less than half a
-    # round's payload above the first half's peak (allocator noise moves a
-    # round by 20 MiB at times; a leak adds a whole round, every round).
-    half = rounds // 2
-    assert max(rss[half:]) - max(rss[:half]) < payload / 2, [r // MIB for r in rss]
+    # It levels off: the broker holds at most about one round in flight (the
+    # round is enqueued faster than it drains), so its RSS stays within a
+    # round and a half of payload above its lowest; a leak adds a round (or,
+    # as before the fix, two) every round, and is far past that by the end.
+    assert max(rss) - min(rss) < 1.5 * payload, [r // MIB for r in rss]
