@@ -19,7 +19,7 @@ class Admission:
     def __init__(self, state: JobState) -> None:
         self.state = state
 
-    def check_id(self, job_id: str, *, resend_ok: bool = False) -> None:
+    def check_id(self, job_id: str, *, resend_ok: bool = False, field: str = "id") -> None:
         """Refuse an id that a chain or group, a job (unless ``resend_ok``:
         a plain enqueue of an existing id is answered as a resend), a flow's
         job yet to be made, or a callback yet to be made already has."""
@@ -31,14 +31,14 @@ class Admission:
         elif job_id in state.jobs:
             if resend_ok:
                 return
-            what = "the id of an existing job"
+            what = "the id of a job" if field == "flow_id" else "the id of an existing job"
         elif pending is not None:
             what = f"taken by {FlowBook.place(*pending)}, not made yet"
         elif owner is not None:
             what = f"taken by a callback of {owner!r}, not made yet"
         else:
             return
-        raise InvalidJob(f"id: {job_id!r} is {what}; pick another id")
+        raise InvalidJob(f"{field}: {job_id!r} is {what}; pick another")
 
     def check_job(self, spec: JobSpec) -> None:
         """A plain job and its callbacks, nested ones included, take ids no
@@ -55,6 +55,22 @@ class Admission:
                 f"id: {sorted(twice)[0]!r} is used twice by a job and its callbacks; "
                 "each needs its own id"
             )
+
+    def check_batch(self, specs: list[JobSpec]) -> None:
+        """Each new job of one enqueue, as :meth:`check_job`, and no id used
+        twice across them (a job and another's callback, two callbacks)."""
+        seen: set[str] = set()
+        for spec in specs:
+            self.check_job(spec)
+            if spec.id in self.state.jobs:
+                continue  # a resend
+            for job_id in ids_of(spec):
+                if job_id in seen:
+                    raise InvalidJob(
+                        f"id: {job_id!r} is used twice in one enqueue; each job and "
+                        "callback needs its own id"
+                    )
+                seen.add(job_id)
 
     def check_flow(self, jobs: list[JobSpec], callback: JobSpec | None, now: float) -> None:
         """A new flow's jobs (and callbacks, nested) take ids no one has, and

@@ -32,9 +32,11 @@ class AwaitedIds:
         return len(self._owner)
 
     def add(self, owner: str, specs: Iterable[WithCallbacks]) -> None:
-        """The callbacks of ``specs`` (not the specs themselves) are ``owner``'s."""
+        """The callbacks of ``specs`` (not the specs themselves) are
+        ``owner``'s: the nearest owner wins (a callback job, once made, owns
+        its own callbacks), whatever order the records come in."""
         for job_id in _callback_ids(specs):
-            self._owner.setdefault(job_id, owner)
+            self._owner[job_id] = owner
 
     def drop(self, owner: str, specs: Iterable[WithCallbacks]) -> None:
         """``owner`` is forgotten: its callbacks' ids are free again."""

@@ -64,6 +64,7 @@ class BrokerCore:
         #: loop waits at most a heartbeat interval between passes.
         self._last_pass = 0.0
         self._stall_after = 1.5 * bc.heartbeat_interval
+        self._heartbeat = bc.heartbeat_interval
         self.state = JobState(
             Defaults(
                 max_attempts=bc.max_attempts,
@@ -158,7 +159,8 @@ class BrokerCore:
         clock = self.clock
         now, mono = clock.time(), clock.monotonic()
         if self._last_pass and mono - self._last_pass > self._stall_after:
-            self.dispatcher.stalled(mono - self._last_pass)
+            # beyond the wait a pass may take anyway (a heartbeat interval)
+            self.dispatcher.stalled(mono - self._last_pass - self._heartbeat)
         self._last_pass = mono
         for side, frames in inbound:
             self.on_frames(side, frames, now, mono)
@@ -219,7 +221,9 @@ class BrokerCore:
             self.waiters.flow_ended(job.flow)
             flow = self.state.flows.get(job.flow)
             if flow is not None and flows.finished(self.state, flow):
-                self.housekeeper.flow_finished(flow, now)
+                # from its last member's end, as a replay would count it
+                ended = self.state.flowbook.finished_at(flow.id)
+                self.housekeeper.flow_finished(flow, ended or now)
 
     def poll_timeout(self) -> float:
         """Seconds the loop may wait for input before the next pass is due."""

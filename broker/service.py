@@ -115,7 +115,7 @@ class ClientService:
         try:
             for spec in msg.jobs:
                 validate_spec(spec)
-                self.admission.check_job(spec)
+            self.admission.check_batch(msg.jobs)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return
@@ -147,9 +147,8 @@ class ClientService:
             for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
                 validate_spec(spec)
             validate_flow(msg.flow_id, msg.jobs, msg.callback, msg.result_ttl)
-            if msg.flow_id in self.state.jobs:
-                raise InvalidJob(f"flow_id: {msg.flow_id!r} is the id of a job; pick another")
             if msg.flow_id not in self.state.flows:  # a resent flow is answered as before
+                self.admission.check_id(msg.flow_id, field="flow_id")
                 self.admission.check_flow(msg.jobs, msg.callback, now)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))

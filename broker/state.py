@@ -329,6 +329,9 @@ class JobState:
         self._place(job)
         if job.flow is not None:
             self.flowbook.member_reopened(job.flow, job.id)
+            flow = self.flows.get(job.flow)
+            if flow is not None:  # it goes on: its later jobs hold their keys again
+                self.unique.reserve(flow)
 
     def _set_status(self, job: Job, status: str) -> None:
         counts = self.counts

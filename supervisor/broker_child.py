@@ -76,24 +76,34 @@ class BrokerChild:
 
         self.child = child = Child("broker", "corral: broker", target, keep_fds=(ready_w,))
         self.before_fork()
-        child.start()
+        try:
+            child.start()
+        except OSError:
+            os.close(ready_r)
+            os.close(ready_w)
+            raise
         os.close(ready_w)
         os.set_blocking(ready_r, False)
         self._ready_r = ready_r
         self._deadline = now + self.start_timeout
         self.state = "starting"
 
-    def poll(self, config: Config, now: float) -> str | None:
+    def poll(self, config: Config, now: float, *, may_fork: bool = True) -> str | None:
         """Advance on each tick: see a starting broker become ready (or give
         it up past its deadline), and start a gone one once its backoff is
-        over. Returns ``"up"`` when it just became ready, ``"failed"`` when
-        the very first start failed, else None."""
+        over (not while ``may_fork`` is false). Returns ``"up"`` when it just
+        became ready, ``"failed"`` when the very first start failed, else
+        None. A fork that fails is retried after the backoff."""
         if self.state == "starting":
             return self._poll_start(now)
         if self.state == "up" and not self.alive:
             self._gone(now, self._up_since)
-        if self.state == "down" and self.was_up and now >= self._next_start:
-            self.start(config, now)
+        if self.state == "down" and self.was_up and now >= self._next_start and may_fork:
+            try:
+                self.start(config, now)
+            except OSError as exc:
+                log.error("supervisor.fork_failed", child="broker", error=str(exc))
+                self._gone(now, now)
         return None
 
     def fds(self) -> tuple[int, ...]:

@@ -54,6 +54,9 @@ class Children:
         #: How long a worker may go without a sign of life.
         self.liveness = liveness
         self.before_fork = before_fork
+        #: False while forks must wait (a reload imports plugins on a
+        #: thread): a recycle is then judged again on a later tick.
+        self.may_fork = True
         self._by_pid: dict[int, Entry] = {}
 
     def fork(self, pool: Pool, index: int) -> Child:
@@ -91,7 +94,8 @@ class Children:
                 continue
             retiring = read_status(child, entry.reader, now)
             if retiring and not child.retiring and pool.holds(index, child):
-                pool.replace(index, child, retiring, drain=False)
+                if self.may_fork:  # else it leaves on its own; its slot refills later
+                    pool.replace(index, child, retiring, drain=False)
                 continue
             verdict = judge(child, pool.config, now, self.liveness)
             if verdict is None:
@@ -106,5 +110,5 @@ class Children:
                 child.killed_for = verdict.reason
                 child.charged = verdict.charged()
                 child.signal(signal.SIGKILL)  # its process group: a task's subprocesses too
-            elif pool.holds(index, child):
+            elif pool.holds(index, child) and self.may_fork:
                 pool.replace(index, child, verdict.reason, drain=True)

@@ -131,9 +131,14 @@ class Pool:
     def replace(self, index: int, child: Child, reason: str, *, drain: bool) -> None:
         """Start the successor first, so capacity never dips; then the old
         worker finishes its current job and leaves (SIGTERM drains it)."""
+        try:
+            self.spawn(index)
+        except OSError as exc:  # the old one goes on; the limit is judged again later
+            log.error("supervisor.fork_failed", pool=self.name, index=index, error=str(exc))
+            self.slots[index] = child
+            return
         child.retiring = reason
         self.retiring.append(child)
-        self.spawn(index)
         if drain:
             child.signal(signal.SIGTERM)
         successor = self.slots[index]

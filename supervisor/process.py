@@ -196,7 +196,13 @@ class Child:
         log.debug("supervisor.fork", child=self.name, threads=threads)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (read_fd, write_fd):
+                if fd is not None:
+                    os.close(fd)
+            raise
         if pid == 0:
             self._child_main(parent, write_fd)
         # The child sets its group too; doing it here as well means that a

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from corral.supervisor.pool import Forker, Pool, load_registry
+from corral.supervisor.process import signal_name
 from corral.workers.registry import add_python_path
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class ReloadCheck:
         self.timeout = timeout
         #: The exit code once reaped (negative: killed by that signal).
         self.code: int | None = None
+        self._timed_out = False
 
     def reaped(self, status: int) -> None:
         self.code = os.waitstatus_to_exitcode(status)
@@ -66,6 +68,7 @@ class ReloadCheck:
     def overdue(self, now: float) -> bool:
         """Past its deadline and still running: kill it (it is reaped later)."""
         if self.code is None and now > self.deadline:
+            self._timed_out = True
             os.kill(self.pid, signal.SIGKILL)
             return True
         return False
@@ -84,7 +87,12 @@ class ReloadCheck:
         if self.code == 0:
             return ""
         if self.code is not None and self.code < 0:
-            return f"the check of the config took over {self.timeout:g}s and was stopped"
+            if self._timed_out:
+                return f"the check of the config took over {self.timeout:g}s and was stopped"
+            return (
+                f"the check of the config was killed by {signal_name(-self.code)} "
+                "(a plugin that crashes the interpreter at import?); run `corral check-config`"
+            )
         self._output.seek(0)
         lines = self._output.read().decode(errors="replace").strip().splitlines()
         text = " ".join(line.strip() for line in lines[-5:])
@@ -148,10 +156,18 @@ class Preparation:
     nothing until the plan is ready: a fork must not copy a half-done
     import). ``plan`` or ``error`` once :attr:`done`."""
 
-    def __init__(self, pools: list[Pool], config: Config, forker: Forker) -> None:
+    def __init__(
+        self,
+        pools: list[Pool],
+        config: Config,
+        forker: Forker,
+        timeout: float = RELOAD_CHECK_TIMEOUT,
+    ) -> None:
         self.config = config
         self.plan: Plan | None = None
         self.error = ""
+        self.timeout = timeout
+        self._deadline = time.monotonic() + timeout
         self._thread = threading.Thread(
             target=self._run, args=(pools, config, forker), name="corral-reload", daemon=True
         )
@@ -160,6 +176,10 @@ class Preparation:
     @property
     def done(self) -> bool:
         return not self._thread.is_alive()
+
+    def overdue(self, now: float) -> bool:
+        """Still importing past its deadline (an import that hangs)."""
+        return not self.done and now > self._deadline
 
     def _run(self, pools: list[Pool], config: Config, forker: Forker) -> None:
         try:

@@ -169,10 +169,10 @@ class Supervisor:
         """Fill the pools' empty slots; in ``corral run``, once the broker
         has been up (its first start decides whether corral runs at all).
         READY=1 goes to systemd then; until then EXTEND_TIMEOUT_USEC."""
-        if self._preparing is not None:
-            return  # a reload imports plugins on a thread: no fork until it is done
+        forks = self._preparing is None  # none while a reload imports on a thread
+        self.children.may_fork = forks
         if self.broker is not None:
-            event = self.broker.poll(self.config, now)
+            event = self.broker.poll(self.config, now, may_fork=forks)
             if event == "failed":
                 self._exit_code = 1
                 self.control.request_stop()
@@ -184,6 +184,8 @@ class Supervisor:
                     self._extended = now
                     self.notifier.extend(EXTEND_EVERY * 2)
                 return
+        if not forks:
+            return
         for pool in self.pools:
             pool.fill(now)
         if not self._announced:
@@ -304,7 +306,15 @@ class Supervisor:
     def _apply_prepared(self) -> None:
         """Roll the pools once a reload's plan is ready (its imports done)."""
         prepared = self._preparing
-        if prepared is None or not prepared.done:
+        if prepared is None:
+            return
+        if not prepared.done:
+            if prepared.overdue(time.monotonic()):
+                self._preparing = None  # its thread is left to end on its own
+                self._reload_failed(
+                    f"importing the pools' plugins took over {prepared.timeout:g}s; "
+                    "the reload was given up and nothing changed"
+                )
             return
         self._preparing = None
         if self._recheck:  # a SIGHUP came meanwhile: start over on the files as they are
@@ -315,20 +325,22 @@ class Supervisor:
             self._reload_failed(prepared.error)
             return
         new = prepared.config
-        try:
-            pools = apply_plan(self.pools, prepared.plan)
-        except ReloadError as exc:
-            if exc.pools is not None:  # partly applied
-                self.config = self.children.config = self.link.config = new
-                self.pools = exc.pools
-            self._reload_failed(str(exc))
-            return
         if new.broker != self.config.broker:
             log.warning(
                 "supervisor.reload_broker_unchanged",
                 hint="broker settings take effect on a restart of corral",
             )
-        self.config = self.children.config = self.link.config = new
+        old = self.config
+        self.config = self.children.config = self.link.config = new  # the forks use it
+        try:
+            pools = apply_plan(self.pools, prepared.plan)
+        except ReloadError as exc:
+            if exc.pools is not None:  # partly applied: the new config runs
+                self.pools = exc.pools
+            else:
+                self.config = self.children.config = self.link.config = old
+            self._reload_failed(str(exc))
+            return
         self.pools = pools
         self.link.reload = f"ok at {_clock()}"
         log.info("supervisor.reloaded", pools=[p.name for p in self.pools])

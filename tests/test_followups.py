@@ -534,3 +534,54 @@ def test_a_callback_s_id_is_taken_until_its_owner_is_forgotten(tmp_path: Path) -
     assert isinstance(reply, p.ErrorReply) and "'w' is used twice" in reply.message
     # a resend of the first enqueue is still answered with its id
     assert broker.enqueue(id="parent") == "parent"
+
+
+def test_ids_taken_by_flows_and_callbacks_hold_in_every_order(tmp_path: Path) -> None:
+    """A flow's id may not be a pending step's; a callback's own callback
+    stays reserved for it after the root job is forgotten; one enqueue may
+    not use an id twice across its jobs and callbacks."""
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    steps = [p.JobSpec("s0", "t"), p.JobSpec("s1", "t")]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
+    reply = broker.request(p.EnqueueFlow(broker.next_req(), "s1", "group", [p.JobSpec("g", "t")]))
+    assert isinstance(reply, p.ErrorReply) and reply.message.startswith("flow_id: 's1' is taken")
+    inner = p.JobSpec("B", "t", on_success=p.JobSpec("C", "t"), delay=1000.0)
+    root = p.JobSpec("A", "t", on_success=inner, result_ttl=1.0)
+    broker.request(p.Enqueue(broker.next_req(), [root]))
+    finish_all(broker, worker, {})  # s0, s1 and A; B waits 1000 s
+    broker.advance(5.0)  # A expired; B is there, C not made yet
+    assert "A" not in broker.core.state.jobs and "B" in broker.core.state.jobs
+    reply = broker.request(p.Enqueue(broker.next_req(), [p.JobSpec("C", "t")]))
+    assert isinstance(reply, p.ErrorReply) and "callback of 'B'" in reply.message
+    batch = [p.JobSpec("x", "t", on_success=p.JobSpec("y", "t")), p.JobSpec("y", "t")]
+    reply = broker.request(p.Enqueue(broker.next_req(), batch))
+    assert isinstance(reply, p.ErrorReply) and "'y' is used twice in one enqueue" in reply.message
+
+
+def test_a_retried_chain_takes_its_later_keys_back(tmp_path: Path) -> None:
+    """Chain c stopped before s1 (key k); another chain took k and was
+    forgotten; c's failed step is retried: s1 holds k again at once."""
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    worker = FakeWorker(broker, credit=4)
+    worker.ready()
+    steps = [p.JobSpec("s0", "t", max_attempts=1), p.JobSpec("s1", "t", unique_key="k")]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c", "chain", steps))
+    d = deliveries(broker.to_worker(worker.identity))[-1]
+    worker.start(d)
+    worker.finish(d, "fail")
+    other = [
+        p.JobSpec("t0", "t", result_ttl=1.0),
+        p.JobSpec("t1", "t", unique_key="k", result_ttl=1.0),
+    ]
+    broker.request(p.EnqueueFlow(broker.next_req(), "c2", "chain", other))
+    finish_all(broker, worker, {})
+    broker.advance(5.0)
+    assert "c2" not in broker.core.state.flows
+    assert isinstance(broker.request(p.RetryJobs(broker.next_req(), job_id="s0")), p.Ack)
+    assert broker.enqueue(id="plain", unique_key="k") == "s1"
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)  # and after a replay
+    assert broker.enqueue(id="plain2", unique_key="k") == "s1"
