@@ -144,7 +144,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
     """SIGHUP to each supervisor on this host that reports to the broker:
     its config is checked and reloaded, and pools backing off restart at
     once. How it went shows in `corral status` ("last reload")."""
-    import signal
     import socket
 
     with make_client(args) as client:
@@ -156,16 +155,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
             f"no supervisor on this host ({host}) reports to the broker; is `corral run` "
             "or `corral supervisor` running with this config?"
         )
+    signalled, problems = [], []
     for pid in pids:
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except PermissionError:
-            raise CorralError(
-                f"not allowed to signal the supervisor (pid {pid}): run this as the user "
-                "that runs corral"
-            ) from None
-        except ProcessLookupError:
-            raise CorralError(f"the supervisor (pid {pid}) is gone; see `corral status`") from None
+        problem = _hup_supervisor(pid)
+        if problem:
+            problems.append(problem)
+        else:
+            signalled.append(pid)
+    if not signalled:
+        raise CorralError("; ".join(problems))
+    pids = signalled
     emit(
         args,
         {"reloading": pids},
@@ -173,6 +172,30 @@ def cmd_reload(args: argparse.Namespace) -> int:
         "`corral status` shows how it went",
     )
     return EXIT_OK
+
+
+def _hup_supervisor(pid: int) -> str:
+    """SIGHUP to ``pid`` if it is a corral supervisor (a pid the broker
+    still lists may be gone, or reused); why not, or ""."""
+    import signal
+
+    import psutil
+
+    try:
+        title = " ".join(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
+        return f"the supervisor pid {pid} is gone (the broker lists it for a few seconds more)"
+    except psutil.Error as exc:
+        return f"cannot look at pid {pid}: {exc}"
+    if "corral" not in title or ("supervisor" not in title and " run" not in title):
+        return f"pid {pid} is not a corral supervisor any more ({title[:60]!r})"
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        return f"not allowed to signal the supervisor (pid {pid}): run this as corral's user"
+    except ProcessLookupError:
+        return f"the supervisor pid {pid} is gone"
+    return ""
 
 
 def cmd_job(args: argparse.Namespace) -> int:

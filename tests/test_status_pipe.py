@@ -28,6 +28,26 @@ def test_snapshots_carry_the_identity_and_the_running_jobs() -> None:
     ]
 
 
+def test_any_job_id_travels_whole_and_never_makes_a_line_of_its_own() -> None:
+    """Job ids are any string: spaces, colons, an "id=" prefix, and even a
+    newline that would otherwise inject an R (retiring) line."""
+    odd = ["a b", "x:1", "id=ff", "E x\nR poison", "é%"]
+    r, w = os.pipe()
+    try:
+        writer = StatusWriter(w)
+        writer.running(dict.fromkeys(odd, 5.0), b"\x01")
+        for job_id in odd:
+            writer.started(job_id, 2.0)
+            writer.ended(job_id)
+        events = StatusReader().feed(os.read(r, 65536))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert [e.kind for e in events] == ["J"] + ["S", "E"] * len(odd)
+    assert events[0].identity == "01" and events[0].jobs == dict.fromkeys(odd, 5.0)
+    assert [next(iter(e.jobs)) for e in events[1:]] == [i for i in odd for _ in (0, 1)]
+
+
 def test_a_torn_line_is_skipped_and_a_split_one_joined() -> None:
     reader = StatusReader()
     assert reader.feed(b"J id=0a job:1") == []  # no newline yet

@@ -33,6 +33,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
 
 
 class StatusWriter:
@@ -54,17 +55,24 @@ class StatusWriter:
 
     def running(self, jobs: dict[str, float | None], identity: bytes = b"") -> None:
         items = [f"id={identity.hex()}"] if identity else []
-        items += [f"{job_id}:{timeout or 0}" for job_id, timeout in jobs.items()]
+        items += [f"{_q(job_id)}:{timeout or 0}" for job_id, timeout in jobs.items()]
         self._write(f"J {' '.join(items)}\n")
 
     def started(self, job_id: str, timeout: float | None) -> None:
-        self._write(f"S {job_id}:{timeout or 0}\n")
+        self._write(f"S {_q(job_id)}:{timeout or 0}\n")
 
     def ended(self, job_id: str) -> None:
-        self._write(f"E {job_id}\n")
+        self._write(f"E {_q(job_id)}\n")
 
     def retiring(self, reason: str) -> None:
         self._write(f"R {reason}\n")
+
+
+def _q(job_id: str) -> str:
+    """A job id as one word of a line: any id is allowed (spaces, newlines,
+    colons...), so every character but letters, digits and ``_.-~`` is
+    %-escaped."""
+    return quote(job_id, safe="")
 
 
 @dataclass
@@ -104,18 +112,18 @@ def _parse(line: str) -> StatusEvent | None:
                 continue
             job_id, _, timeout = item.rpartition(":")
             try:
-                jobs[job_id] = float(timeout)
+                jobs[unquote(job_id)] = float(timeout)
             except ValueError:
                 return None  # a torn line: the next snapshot will do
         return StatusEvent("J", jobs, identity=identity)
     if kind == "S":
         job_id, _, timeout = rest.rpartition(":")
         try:
-            return StatusEvent("S", {job_id: float(timeout)})
+            return StatusEvent("S", {unquote(job_id): float(timeout)})
         except ValueError:
             return None
     if kind == "E":
-        return StatusEvent("E", {rest: 0.0})
+        return StatusEvent("E", {unquote(rest): 0.0})
     if kind == "R":
         return StatusEvent("R", reason=rest)
     return None
