@@ -24,17 +24,15 @@ class Admission:
         a plain enqueue of an existing id is answered as a resend), a flow's
         job yet to be made, or a callback yet to be made already has."""
         state = self.state
-        pending = state.flowbook.pending(job_id)
-        owner = state.awaited.owner_of(job_id)
         if job_id in state.flows:
             what = f"the id of {state.flows[job_id].kind} {job_id!r}"
         elif job_id in state.jobs:
             if resend_ok:
                 return
             what = "the id of a job" if field == "flow_id" else "the id of an existing job"
-        elif pending is not None:
+        elif (pending := state.flowbook.pending(job_id)) is not None:
             what = f"taken by {FlowBook.place(*pending)}, not made yet"
-        elif owner is not None:
+        elif (owner := state.awaited.owner_of(job_id)) is not None:
             what = f"taken by a callback of {owner!r}, not made yet"
         else:
             return

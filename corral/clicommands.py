@@ -168,8 +168,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
     emit(
         args,
         {"reloading": pids},
-        lambda v: f"reload asked of supervisor pid {', '.join(map(str, pids))}; "
-        "`corral status` shows how it went",
+        lambda v: (
+            f"reload asked of supervisor pid {', '.join(map(str, pids))}; "
+            "`corral status` shows how it went"
+        ),
     )
     return EXIT_OK
 

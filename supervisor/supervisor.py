@@ -83,7 +83,8 @@ class Supervisor:
         self.notifier = Notifier()
         #: The check of a reload under way, if any.
         self._check: ReloadCheck | None = None
-        #: A SIGHUP came while a check ran: check again once it ends.
+        #: A SIGHUP came while a reload was checked or prepared: start over
+        #: once that step ends.
         self._recheck = False
         #: A reload whose pools' plugins are being imported, off the loop.
         self._preparing: Preparation | None = None
@@ -287,9 +288,7 @@ class Supervisor:
         self._check = None
         error = check.error()
         check.close()
-        if self._recheck:  # a SIGHUP came during the check: check the files as they are now
-            self._recheck = False
-            self._reload()
+        if self._redo_if_asked():
             return
         if error:
             self._reload_failed(error)
@@ -317,9 +316,7 @@ class Supervisor:
                 )
             return
         self._preparing = None
-        if self._recheck:  # a SIGHUP came meanwhile: start over on the files as they are
-            self._recheck = False
-            self._reload()
+        if self._redo_if_asked():
             return
         if prepared.plan is None:
             self._reload_failed(prepared.error)
@@ -345,6 +342,15 @@ class Supervisor:
         self.link.reload = f"ok at {_clock()}"
         log.info("supervisor.reloaded", pools=[p.name for p in self.pools])
         self.notifier.ready(self._status_line())
+
+    def _redo_if_asked(self) -> bool:
+        """A SIGHUP came while this reload was under way: drop what it found
+        and start over on the files as they are now. Whether it did."""
+        if not self._recheck:
+            return False
+        self._recheck = False
+        self._reload()
+        return True
 
     def _reload_failed(self, error: str) -> None:
         log.error("supervisor.reload_failed", error=error, hint="the running config stays")

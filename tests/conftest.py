@@ -228,16 +228,27 @@ class Env:
             proc.kill()
 
 
-def worker_processes(proc: Proc) -> list[psutil.Process]:
-    """The worker children of a supervisor, found by their process titles."""
+def titled(proc: Proc, title: str) -> list[psutil.Process]:
+    """The descendants of ``proc`` whose process title starts with ``title``
+    (one that exits during the look is left out)."""
     found = []
     for child in proc.descendants():
         try:
-            if " ".join(child.cmdline()).startswith("corral: worker"):
+            if " ".join(child.cmdline()).startswith(title):
                 found.append(child)
         except psutil.Error:
             continue
     return found
+
+
+def worker_processes(proc: Proc) -> list[psutil.Process]:
+    """The worker children of a supervisor, found by their process titles."""
+    return titled(proc, "corral: worker")
+
+
+def broker_processes(proc: Proc) -> list[psutil.Process]:
+    """The broker child of ``corral run`` (none while it is restarted)."""
+    return titled(proc, "corral: broker")
 
 
 #: A short retry backoff, for tests that are not about the backoff.
@@ -250,7 +261,7 @@ def kill_broker(env: Env, daemon: Proc) -> None:
     client = corral.Client(env.endpoint, timeout=1)
     try:
         old = client.ping()
-        broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
+        (broker,) = broker_processes(daemon)
         broker.kill()
 
         def new_broker() -> bool:

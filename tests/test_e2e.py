@@ -8,7 +8,7 @@ import os
 import signal
 
 import psutil
-from conftest import Env, kill_broker, wait_for, wait_until, worker_processes
+from conftest import Env, broker_processes, kill_broker, wait_for, wait_until, worker_processes
 
 import corral
 
@@ -312,10 +312,9 @@ def test_a_broker_that_keeps_failing_is_restarted_with_backoff_without_stalling(
     try:
 
         def broker_killed_and_lock_taken() -> bool:
-            for p in daemon.descendants():
+            for p in broker_processes(daemon):
                 with contextlib.suppress(psutil.Error):
-                    if "corral: broker" in " ".join(p.cmdline()):
-                        p.kill()
+                    p.kill()
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # the old one is not dead yet, or a new one took it

@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import Env, wait_for
+from conftest import Env, broker_processes, wait_for
 
 import corral
 from corral.broker import flows
@@ -123,7 +123,7 @@ def test_broker_crash_mid_chain_and_mid_delay_loses_nothing(env: Env) -> None:
     wait_for(
         lambda: len(client.chain(chain_id).statuses) >= 2, 30, message="the chain to be under way"
     )
-    broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
+    (broker,) = broker_processes(daemon)
     broker.send_signal(signal.SIGKILL)  # the supervisor restarts it; the log replays
     client = env.client()
     assert client.result(chain_id, timeout=60) == 10
@@ -174,7 +174,7 @@ def test_group_survives_a_broker_crash(env: Env) -> None:
         30,
         message="the group under way",
     )
-    broker = next(p for p in daemon.descendants() if "corral: broker" in " ".join(p.cmdline()))
+    (broker,) = broker_processes(daemon)
     broker.send_signal(signal.SIGKILL)
     client = env.client()
     assert client.result(group_id, timeout=60) == [0, 1, 2, 3]

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import PLUGINS, Env, render_config, wait_for, worker_processes
+from conftest import PLUGINS, Env, Proc, render_config, wait_for, worker_processes
 
 import corral
 
@@ -27,7 +27,7 @@ def _pids(daemon, pool: str) -> set[int]:  # type: ignore[no-untyped-def]
     return {p.pid for p in worker_processes(daemon) if f"worker {pool}#" in " ".join(p.cmdline())}
 
 
-def _two_pools(env: Env, plugin_dir: Path, other_processes: int = 1) -> None:
+def _two_pools(env: Env, plugin_dir: Path) -> None:
     base = render_config(env.home, processes=2, prefetch=1, plugins='["dyn_tasks"]')
     base = base.replace(
         f'python_path = ["{PLUGINS}"]', f'python_path = ["{PLUGINS}", "{plugin_dir}"]'
@@ -36,20 +36,31 @@ def _two_pools(env: Env, plugin_dir: Path, other_processes: int = 1) -> None:
     base = base.replace('name = "default"', 'name = "dyn"', 1)
     other = (
         '\n[[pools]]\nname = "other"\nqueues = ["default"]\n'
-        f'processes = {other_processes}\nplugins = ["e2e_tasks"]\n'
+        'processes = 1\nplugins = ["e2e_tasks"]\n'
     )
     env.config.write_text(base.replace("\n[log]", other + "\n[log]"))
 
 
-def test_sighup_reloads_changed_plugin_code_only(env: Env) -> None:
+def _dyn_daemon(env: Env, *, preload: bool = True) -> tuple[Proc, Path]:
+    """`corral run` with a "dyn" pool on the module dyn_tasks (v1, in its
+    own directory) and an "other" pool, every worker registered; the
+    daemon and the module's path."""
     plugin_dir = env.home / "dyn"
     plugin_dir.mkdir()
     module = plugin_dir / "dyn_tasks.py"
     module.write_text(DYN.format(version="v1"))
     _two_pools(env, plugin_dir)
+    if not preload:
+        text = env.config.read_text()
+        env.config.write_text(text.replace("[[pools]]", "[[pools]]\npreload = false", 1))
     daemon = env.start("run")
     env.wait_ready(daemon)
     env.wait_workers(3)
+    return daemon, module
+
+
+def test_sighup_reloads_changed_plugin_code_only(env: Env) -> None:
+    daemon, module = _dyn_daemon(env)
     client = env.client()
     other_before = _pids(daemon, "other")
     dyn_before = _pids(daemon, "dyn")
@@ -146,17 +157,7 @@ def test_a_reload_with_a_broken_plugin_changes_nothing(env: Env, preload: bool) 
     imports in each worker): the error names the file and line, the daemon
     and its workers go on as they were, and `corral status` says why the
     last reload failed. Fixing the file and reloading again then works."""
-    plugin_dir = env.home / "dyn"
-    plugin_dir.mkdir()
-    module = plugin_dir / "dyn_tasks.py"
-    module.write_text(DYN.format(version="v1"))
-    _two_pools(env, plugin_dir)
-    if not preload:
-        text = env.config.read_text()
-        env.config.write_text(text.replace("[[pools]]", "[[pools]]\npreload = false", 1))
-    daemon = env.start("run")
-    env.wait_ready(daemon)
-    env.wait_workers(3)
+    daemon, module = _dyn_daemon(env, preload=preload)
     client = env.client()
     before = {p.pid for p in worker_processes(daemon)}
     slow = client.enqueue("e2e.sleep", 2.0)  # running in the other pool across the reload
@@ -187,14 +188,7 @@ def test_a_reload_with_a_broken_plugin_changes_nothing(env: Env, preload: bool) 
 def test_a_sighup_during_a_reload_check_is_not_lost(env: Env) -> None:
     """A broken plugin, SIGHUP, the plugin fixed and SIGHUP again while the
     first check still runs: the files as they are at the end are reloaded."""
-    plugin_dir = env.home / "dyn"
-    plugin_dir.mkdir()
-    module = plugin_dir / "dyn_tasks.py"
-    module.write_text(DYN.format(version="v1"))
-    _two_pools(env, plugin_dir)
-    daemon = env.start("run")
-    env.wait_ready(daemon)
-    env.wait_workers(3)
+    daemon, module = _dyn_daemon(env)
     module.write_text('import time\ntime.sleep(2)\nraise RuntimeError("broken")\n')  # slow, fails
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "supervisor.reload_checking" in daemon.output(), 20, message="the check")
@@ -210,14 +204,7 @@ def test_a_slow_plugin_import_on_reload_does_not_stall_the_loop(env: Env) -> Non
     """A preloaded pool's plugin takes 3 s to import: while the supervisor
     imports it for the reload, its loop goes on (a worker that dies is
     reaped at once); the reload then applies."""
-    plugin_dir = env.home / "dyn"
-    plugin_dir.mkdir()
-    module = plugin_dir / "dyn_tasks.py"
-    module.write_text(DYN.format(version="v1"))
-    _two_pools(env, plugin_dir)
-    daemon = env.start("run")
-    env.wait_ready(daemon)
-    env.wait_workers(3)
+    daemon, module = _dyn_daemon(env)
     module.write_text("import time\ntime.sleep(3)\n" + DYN.format(version="v2"))
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "supervisor.reload_importing" in daemon.output(), 30, message="the import")

@@ -3,10 +3,12 @@ workers that never outlive their supervisor."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
 
 import psutil
 from conftest import CORRAL, Env, wait_for, worker_processes
@@ -24,7 +26,24 @@ def _messages(sock: socket.socket) -> list[str]:
             return out
 
 
-def test_notify_ready_status_watchdog_stopping(env: Env) -> None:
+class Notified:
+    """`corral run` under a notify socket, as systemd runs it: ``seen`` holds
+    every datagram it sent so far (:meth:`got` reads the new ones)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.seen: list[str] = []
+
+    def got(self, text: str) -> bool:
+        self.seen.extend(_messages(self.sock))
+        return any(text in m for m in self.seen)
+
+
+@contextlib.contextmanager
+def notified_run(env: Env, watchdog_usec: int) -> Iterator[Notified]:
+    """Start `corral run` with NOTIFY_SOCKET and WATCHDOG_USEC set; killed
+    (its whole session) and the socket closed on the way out."""
     path = str(env.home / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
@@ -36,15 +55,21 @@ def test_notify_ready_status_watchdog_stopping(env: Env) -> None:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"},
+        env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(watchdog_usec)},
     )
     try:
-        seen: list[str] = []
+        yield Notified(proc, sock)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+        sock.close()
 
-        def got(text: str) -> bool:
-            seen.extend(_messages(sock))
-            return any(text in m for m in seen)
 
+def test_notify_ready_status_watchdog_stopping(env: Env) -> None:
+    with notified_run(env, 400_000) as run:
+        proc, seen, got = run.proc, run.seen, run.got
         wait_for(lambda: got("READY=1"), 30, message="READY=1")
         ready = next(m for m in seen if "READY=1" in m)
         # more time was asked for while the broker replayed its log
@@ -61,14 +86,7 @@ def test_notify_ready_status_watchdog_stopping(env: Env) -> None:
         wait_for(lambda: got("STATUS=workers: default 2/2"), 10, message="STATUS with 2 workers")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        seen.extend(_messages(sock))
-        assert any("STOPPING=1" in m for m in seen)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
-        sock.close()
+        assert got("STOPPING=1")
 
 
 def test_watchdog_only_while_healthy_and_at_half_interval(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -169,33 +187,9 @@ def test_the_watchdog_goes_on_while_the_broker_replays_a_long_log(env: Env) -> N
         client.enqueue_many([corral.Job("e2e.noop", "x" * 100) for _ in range(10_000)])
     broker.signal(signal.SIGTERM)
     assert broker.wait(30) == 0
-    path = str(env.home / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    log = open(env.home / "notify-replay.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [CORRAL, "run", "-c", str(env.config)],
-        cwd=env.home,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"},
-    )
-    try:
-        seen: list[str] = []
-
-        def ready() -> bool:
-            seen.extend(_messages(sock))
-            return any("READY=1" in m for m in seen)
-
-        wait_for(ready, 60, message="READY=1")
+    with notified_run(env, 100_000) as run:
+        seen = run.seen
+        wait_for(lambda: run.got("READY=1"), 60, message="READY=1")
         before = seen[: next(i for i, m in enumerate(seen) if "READY=1" in m)]
         assert any("EXTEND_TIMEOUT_USEC=" in m for m in before)
         assert sum("WATCHDOG=1" in m for m in before) >= 2, before
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
-        sock.close()

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import psutil
 import pytest
-from conftest import Env, wait_for
+from conftest import Env, broker_processes, wait_for
 
 import corral
 
@@ -24,11 +23,6 @@ from .harness import env_int
 
 PAYLOAD = "x" * 40 * 1024
 MIB = 1024 * 1024
-
-
-def broker_process(daemon: object) -> psutil.Process:
-    children = daemon.descendants()  # type: ignore[attr-defined]
-    return next(p for p in children if "corral: broker" in " ".join(p.cmdline()))
 
 
 @pytest.mark.soak
@@ -41,7 +35,7 @@ def test_broker_memory_levels_off_under_a_stream_of_chains(
     daemon = env.start("run")
     env.wait_ready(daemon, timeout=60)
     env.wait_workers(2)
-    broker = broker_process(daemon)
+    (broker,) = broker_processes(daemon)
     client = env.client()
     rss = []
     for _ in range(rounds):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Env, Proc, wait_for
+from conftest import Env, Proc, broker_processes, wait_for
 
 import corral
 
@@ -80,11 +80,10 @@ class Faults:
             pass
 
     def broker_kill(self) -> None:
-        for p in self.daemon.descendants():
+        for p in broker_processes(self.daemon):
             try:
-                if "corral: broker" in " ".join(p.cmdline()):
-                    p.kill()
-                    self.counts["broker_kills"] += 1
+                p.kill()
+                self.counts["broker_kills"] += 1
             except psutil.Error:
                 pass
 
