@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from corral.broker.flowbook import FlowBook
 from corral.broker.job import Job
-from corral.broker.jobspec import InvalidJob, JobSpec, ids_of
+from corral.broker.jobspec import InvalidJob, JobSpec, ids_of, with_callback
 from corral.broker.records import FlowCreated
 from corral.broker.state import JobState
 
@@ -74,7 +74,7 @@ class Admission:
         """A new flow's jobs (and callbacks, nested) take ids no one has, and
         hold their unique keys like any job: a key held by another job (or
         used twice in the flow) refuses the flow, naming it."""
-        members = [*jobs, *([callback] if callback else [])]
+        members = with_callback(jobs, callback)
         for spec in members:
             for job_id in ids_of(spec):
                 self.check_id(job_id)

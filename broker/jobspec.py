@@ -136,6 +136,11 @@ def ids_of(spec: JobSpec) -> list[str]:
     return ids
 
 
+def with_callback(specs: list[JobSpec], callback: JobSpec | None) -> list[JobSpec]:
+    """A flow's jobs: its steps (or members), then its callback if it has one."""
+    return [*specs, *([callback] if callback is not None else [])]
+
+
 def validate_flow(
     flow_id: str,
     specs: list[JobSpec],
@@ -152,9 +157,7 @@ def validate_flow(
         math.isfinite(result_ttl) and 0 <= result_ttl <= MAX_SECONDS
     ):
         raise InvalidJob(f"result_ttl: must be {_SPAN}, got {result_ttl}")
-    ids = [flow_id] + [
-        i for spec in [*specs, *([callback] if callback else [])] for i in ids_of(spec)
-    ]
+    ids = [flow_id] + [i for spec in with_callback(specs, callback) for i in ids_of(spec)]
     seen: set[str] = set()
     for job_id in ids:
         if job_id in seen:

@@ -20,7 +20,7 @@ from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
-from corral.broker.jobspec import validate_flow
+from corral.broker.jobspec import validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
@@ -144,7 +144,7 @@ class ClientService:
                     f"kind: a flow is a chain or a group of at least one job, got "
                     f"{msg.kind!r} with {len(msg.jobs)} jobs"
                 )
-            for spec in [*msg.jobs, *([msg.callback] if msg.callback else [])]:
+            for spec in with_callback(msg.jobs, msg.callback):
                 validate_spec(spec)
             validate_flow(msg.flow_id, msg.jobs, msg.callback, msg.result_ttl)
             if msg.flow_id not in self.state.flows:  # a resent flow is answered as before
@@ -274,7 +274,7 @@ class ClientService:
         flow = self.state.flows.get(msg.job_id)
         if flow is not None:  # a chain or group: cancel what has not ended
             count = 0
-            for step in [*flow.steps, *([flow.callback] if flow.callback else [])]:
+            for step in with_callback(flow.steps, flow.callback):
                 job = self.state.jobs.get(step.id)
                 if job is not None and job.status not in TERMINAL:
                     self._cancel_job(job, now)

@@ -29,7 +29,7 @@ from corral.broker.job import (
     Job,
     TaskDefaults,
 )
-from corral.broker.jobspec import NIL, InvalidJob, JobSpec, validate_spec
+from corral.broker.jobspec import NIL, InvalidJob, JobSpec, validate_spec, with_callback
 from corral.broker.policy import Policy
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.ready import ReadyQueues
@@ -74,7 +74,7 @@ __all__ = [
 
 def members(flow: FlowCreated) -> list[JobSpec]:
     """A flow's jobs: its steps, and its callback if it has one."""
-    return [*flow.steps, *([flow.callback] if flow.callback is not None else [])]
+    return with_callback(flow.steps, flow.callback)
 
 
 class JobState:
