@@ -66,7 +66,7 @@ def _loop(broker: Broker, until: Callable[[], bool], timeout: float = 600.0) -> 
 
 
 def _succeeded(broker: Broker) -> int:
-    succeeded: int = broker.core.state.counts["default", "succeeded"]
+    succeeded: int = broker.core.state.counts["default", "demo.noop", "succeeded"]
     return succeeded
 
 
@@ -91,7 +91,7 @@ def drain(inst: Instance, broker: Broker, n: int, prof: cProfile.Profile) -> str
     thread.join()
     if error:
         raise error[0]
-    queued = broker.core.state.counts["default", "queued"]
+    queued = broker.core.state.counts["default", "demo.noop", "queued"]
     assert queued == n, f"expected {n} queued, have {queued}"
     started = time.perf_counter()
     inst.start("supervisor")

@@ -65,12 +65,13 @@ from harness import (
     reexec_in_snapshot,
     wait_for_quiet,
 )
+from scale import bench_scale
 
 import corral
 from corral.client import Client, Job
 
 RESULTS = REPO / "bench" / "results"
-NAMES = ("raw", "enqueue_one", "paired", "enqueue_batch", "drain", "latency")
+NAMES = ("raw", "enqueue_one", "paired", "enqueue_batch", "drain", "latency", "scale")
 POLICIES: dict[str, tuple[str, ...]] = {
     "raw": ("-",),
     "paired": ("interval",),
@@ -78,6 +79,7 @@ POLICIES: dict[str, tuple[str, ...]] = {
     "enqueue_batch": ("always", "never"),
     "drain": ("always", "never"),
     "latency": ("always", "never"),
+    "scale": ("interval",),
 }
 STATUS_POLL = 0.05
 DRAIN_TIMEOUT = 600.0
@@ -99,6 +101,8 @@ class Sizes:
     raw_warmup: int = 1_000
     paired: int = 5_000
     paired_block: int = 250
+    #: Jobs of the scale figure (memory per pending job, restart time).
+    scale: int = 1_000_000
 
 
 QUICK = Sizes(
@@ -112,6 +116,7 @@ QUICK = Sizes(
     raw_warmup=100,
     paired=500,
     paired_block=100,
+    scale=50_000,
 )
 
 Measure = dict[str, float]
@@ -364,6 +369,8 @@ def bench_latency(fsync: str, sizes: Sizes) -> Measure:
 def run_one(name: str, fsync: str, sizes: Sizes) -> Measure:
     if name == "raw":
         return bench_raw(sizes)
+    if name == "scale":
+        return bench_scale(fsync, sizes.scale)
     figures: dict[str, Callable[[str, Sizes], Measure]] = {
         "enqueue_one": bench_enqueue_one,
         "paired": bench_paired,
@@ -427,6 +434,13 @@ ROWS: list[tuple[str, str, str, int]] = [
     ("enqueue→result latency p50, ms", "latency", "p50_ms", 3),
     ("enqueue→result latency p99, ms", "latency", "p99_ms", 3),
     ("enqueue→result latency mean, ms", "latency", "mean_ms", 3),
+    ("scale: broker RSS per pending job, bytes", "scale", "bytes_per_job", 0),
+    ("scale: of which beyond the 100-byte payload, bytes", "scale", "beyond_payload", 0),
+    ("scale: enqueue_many (1,000/batch), jobs/s", "scale", "enqueue_rate", 0),
+    ("scale: log size, MiB", "scale", "log_mib", 1),
+    ("scale: restart (SIGKILL, start, first answer), s", "scale", "restart_s", 2),
+    ("scale: replay, MB of log per second of restart", "scale", "replay_mb_s", 0),
+    ("scale: broker RSS after the restart, MiB", "scale", "rss_after_restart_mib", 0),
 ]
 
 
@@ -460,7 +474,8 @@ def table(results: dict[str, Any], sizes: Sizes) -> str:
         f"N: enqueue_one {sizes.enqueue_one:,}, enqueue_batch {sizes.enqueue_batch:,} "
         f"(batches of {sizes.batch}), drain {sizes.drain:,} with {WORKERS} worker processes "
         f"(concurrency 1, prefetch {PREFETCH}), latency {sizes.latency:,} round trips, "
-        f"raw {sizes.raw:,} round trips. Cells: median (min..max) of the repetitions."
+        f"raw {sizes.raw:,} round trips, scale {sizes.scale:,} pending jobs. "
+        "Cells: median (min..max) of the repetitions."
     )
     return "\n".join(lines)
 
@@ -517,6 +532,25 @@ def targets(results: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             batch,
             batch >= 40_000,
             f"{batch:,.0f} jobs/s ({batch / 40_000:.2f}x of target)",
+        )
+    beyond = _get(results, "scale", "interval", "beyond_payload")
+    if beyond is not None:
+        add(
+            f"broker RSS per pending job beyond its payload, {sizes.scale:,} jobs",
+            "<= 300 bytes",
+            beyond,
+            beyond <= 300,
+            f"{beyond:,.0f} bytes",
+        )
+    replay = _get(results, "scale", "interval", "replay_mb_s")
+    if replay is not None:
+        restart = _get(results, "scale", "interval", "restart_s") or 0.0
+        add(
+            f"restart on the log of {sizes.scale:,} pending jobs",
+            ">= 200 MB/s of log replayed",
+            replay,
+            replay >= 200,
+            f"{replay:,.0f} MB/s ({restart:.2f} s)",
         )
     for fsync in ("always", "never"):
         p50 = _get(results, "latency", fsync, "p50_ms")

@@ -7,11 +7,13 @@ tries, result, lease). Pure data: :mod:`corral.broker.state` changes it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
-from corral.broker.jobspec import JobSpec
+from corral.broker.jobspec import NIL, JobSpec
 from corral.broker.records import ErrorRec, JobCreated, JobSnapshot, TaskOptions, TryRec
 
 #: Statuses of a job that has not ended.
@@ -40,118 +42,341 @@ class Defaults:
 TaskDefaults = TaskOptions
 
 
-@dataclass(eq=False, slots=True)
+#: The fields of a job's state that a snapshot copies (all but ``job``).
+SNAPSHOT_STATE = JobSnapshot.__struct_fields__[1:]
+#: A pristine job's blob starts with its creation number and time: int64
+#: ``seq`` and float64 ``created_at``, little-endian; the payload follows.
+BLOB_HEAD = struct.Struct("<qd")
+_HEAD_SIZE = BLOB_HEAD.size
+
+
+class JobLife:
+    """What has happened to a job since its creation: the mutable half of a
+    :class:`Job`, made the first time anything happens to it. The field
+    names are :class:`~corral.broker.records.JobSnapshot`'s."""
+
+    __slots__ = (
+        "attempts",
+        "ended_at",
+        "error",
+        "in_ready",
+        "lease",
+        "progress",
+        "progress_note",
+        "result",
+        "retries",
+        "run_at",
+        "runs",
+        "status",
+        "tries",
+        "worker",
+    )
+
+    def __init__(
+        self, status: str = "queued", run_at: float | None = None, *, in_ready: bool = False
+    ) -> None:
+        self.status = status
+        self.attempts = 0
+        self.tries: list[TryRec] = []
+        #: When a scheduled or retrying job is due (epoch seconds).
+        self.run_at = run_at
+        self.result: msgspec.Raw | None = None
+        self.error: ErrorRec | None = None
+        self.ended_at: float | None = None
+        self.lease = 0
+        self.worker = ""
+        self.progress: float | None = None
+        self.progress_note = ""
+        #: Times a handler began it (the run number of its last try).
+        self.runs = 0
+        #: Times its handler asked for a retry (``corral.Retry``).
+        self.retries = 0
+        #: An entry for this job is on its queue's ready structure.
+        self.in_ready = in_ready
+
+    @classmethod
+    def of_snapshot(cls, rec: JobSnapshot) -> JobLife:
+        """The life a compaction snapshot wrote."""
+        life = cls()
+        for name in SNAPSHOT_STATE:
+            setattr(life, name, getattr(rec, name))
+        life.tries = list(rec.tries)
+        return life
+
+
+#: What a pristine job reads: queued, on its ready lane, nothing happened.
+#: Never changed (its ``tries`` is an empty tuple, so an append fails loudly).
+_PRISTINE = JobLife(in_ready=True)
+_PRISTINE.tries = ()  # type: ignore[assignment]
+
+
+def _life_field(name: str) -> property:
+    """A property reading ``name`` from the job's life (the pristine one
+    while nothing happened) and writing it to the job's own life."""
+
+    def get(self: Job) -> Any:
+        return getattr(self._life or _PRISTINE, name)
+
+    def set_(self: Job, value: Any) -> None:
+        life = self._life
+        if life is None:
+            life = self._life = JobLife(in_ready=True)
+        setattr(life, name, value)
+
+    return property(get, set_, doc=f"The job's {name} (see :class:`JobLife`).")
+
+
 class Job:
     """One job: its creation record (what was asked, never changed), and
-    what has happened to it since. The second part has the same field names
-    as :class:`~corral.broker.records.JobSnapshot`, which copies it."""
+    what has happened to it since (a :class:`JobLife`, read through
+    properties of the same names as :class:`~corral.broker.records.JobSnapshot`'s).
 
-    created: JobCreated
-    status: str = "queued"
-    attempts: int = 0
-    tries: list[TryRec] = field(default_factory=list)
-    #: When a scheduled or retrying job is due (epoch seconds).
-    run_at: float | None = None
-    result: msgspec.Raw | None = None
-    error: ErrorRec | None = None
-    ended_at: float | None = None
-    lease: int = 0
-    worker: str = ""
-    progress: float | None = None
-    progress_note: str = ""
-    #: Times a handler began it (the run number of its last try).
-    runs: int = 0
-    #: Times its handler asked for a retry (``corral.Retry``).
-    retries: int = 0
-    #: An entry for this job is on its queue's ready heap.
-    in_ready: bool = False
+    Memory: a million queued jobs must fit in a few hundred MiB, so a
+    *pristine* job (queued, nothing happened yet, no chain, callback, unique
+    key or schedule) holds only its id, a template shared by every job with
+    the same task and options (a ``JobCreated`` whose id, seq, created_at and
+    payload are blank: see :class:`Templates`), and one bytes blob: its seq
+    and created_at (:data:`BLOB_HEAD`) followed by its payload. Its life is
+    made the first time anything happens to it. Any other job keeps its whole
+    creation record as ``tpl`` (``blob`` is None)."""
 
-    # What was asked, read through the creation record.
+    __slots__ = ("_life", "blob", "id", "tpl")
+
+    def __init__(
+        self,
+        created: JobCreated,
+        life: JobLife | None = None,
+        *,
+        blob: bytes | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        self.id: str = created.id if job_id is None else job_id
+        #: The creation record, or (with a blob) the shared template.
+        self.tpl = created
+        self.blob = blob
+        self._life = life
+
     @property
-    def id(self) -> str:
-        return self.created.id
+    def created(self) -> JobCreated:
+        """The creation record (rebuilt from the template and blob for a
+        pristine job: about a microsecond)."""
+        blob = self.blob
+        if blob is None:
+            return self.tpl
+        seq, created_at = BLOB_HEAD.unpack_from(blob)
+        return msgspec.structs.replace(
+            self.tpl,
+            id=self.id,
+            seq=seq,
+            created_at=created_at,
+            payload=msgspec.Raw(blob[_HEAD_SIZE:]),
+        )
 
+    @property
+    def pristine(self) -> bool:
+        """Nothing happened to it since its creation."""
+        return self._life is None
+
+    status = _life_field("status")
+    attempts = _life_field("attempts")
+    tries = _life_field("tries")
+    run_at = _life_field("run_at")
+    result = _life_field("result")
+    error = _life_field("error")
+    ended_at = _life_field("ended_at")
+    lease = _life_field("lease")
+    worker = _life_field("worker")
+    progress = _life_field("progress")
+    progress_note = _life_field("progress_note")
+    runs = _life_field("runs")
+    retries = _life_field("retries")
+    in_ready = _life_field("in_ready")
+
+    # What was asked, read through the creation record or template.
     @property
     def seq(self) -> int:
-        return self.created.seq
-
-    @property
-    def task(self) -> str:
-        return self.created.task
-
-    @property
-    def queue(self) -> str:
-        return self.created.queue or DEFAULT_QUEUE
-
-    @property
-    def priority(self) -> int:
-        return self.created.priority
-
-    @property
-    def payload(self) -> msgspec.Raw:
-        return self.created.payload
+        blob = self.blob
+        return self.tpl.seq if blob is None else BLOB_HEAD.unpack_from(blob)[0]
 
     @property
     def created_at(self) -> float:
-        return self.created.created_at
+        blob = self.blob
+        return self.tpl.created_at if blob is None else BLOB_HEAD.unpack_from(blob)[1]
+
+    @property
+    def payload(self) -> msgspec.Raw:
+        blob = self.blob
+        return self.tpl.payload if blob is None else msgspec.Raw(blob[_HEAD_SIZE:])
+
+    @property
+    def payload_size(self) -> int:
+        blob = self.blob
+        return len(self.tpl.payload) if blob is None else len(blob) - _HEAD_SIZE
+
+    @property
+    def task(self) -> str:
+        return self.tpl.task
+
+    @property
+    def queue(self) -> str:
+        return self.tpl.queue or DEFAULT_QUEUE
+
+    @property
+    def priority(self) -> int:
+        return self.tpl.priority
 
     @property
     def max_attempts(self) -> int | None:
-        return self.created.max_attempts
+        return self.tpl.max_attempts
 
     @property
     def timeout(self) -> float | None:
-        return self.created.timeout
+        return self.tpl.timeout
 
     @property
     def unique_key(self) -> str | None:
-        return self.created.unique_key
+        return self.tpl.unique_key
 
     @property
     def unique_for(self) -> float | None:
-        return self.created.unique_for
+        return self.tpl.unique_for
 
     @property
     def max_retries(self) -> int | None:
-        return self.created.max_retries
+        return self.tpl.max_retries
 
     @property
     def result_ttl(self) -> float | None:
-        return self.created.result_ttl
+        return self.tpl.result_ttl
 
     @property
     def flow(self) -> str | None:
-        return self.created.flow
+        return self.tpl.flow
 
     @property
     def step(self) -> int:
-        return self.created.step
+        return self.tpl.step
 
     @property
     def prev_result(self) -> msgspec.Raw:
-        return self.created.prev_result
+        return self.tpl.prev_result
 
     @property
     def on_success(self) -> JobSpec | None:
-        return self.created.on_success
+        return self.tpl.on_success
 
     @property
     def on_failure(self) -> JobSpec | None:
-        return self.created.on_failure
+        return self.tpl.on_failure
+
+    @property
+    def task_options(self) -> TaskOptions | None:
+        return self.tpl.task_options
+
+    @property
+    def is_ready(self) -> bool:
+        """Queued and held by no worker."""
+        life = self._life
+        return life is None or (life.status == "queued" and not life.lease)
 
     @property
     def reserved(self) -> bool:
         """Leased into a worker's prefetch buffer and not started."""
-        return self.status == "queued" and self.lease != 0
+        life = self._life
+        return life is not None and life.status == "queued" and life.lease != 0
 
     @property
     def next_run_at(self) -> float | None:
-        return self.run_at if self.status in WAITING else None
+        life = self._life
+        return life.run_at if life is not None and life.status in WAITING else None
 
     def size(self) -> int:
-        result = len(self.result) if self.result is not None else 0
-        return JOB_OVERHEAD_BYTES + len(self.payload) + result
+        """Bytes the job takes in the log, roughly (for the compaction trigger)."""
+        life = self._life
+        result = len(life.result) if life is not None and life.result is not None else 0
+        return JOB_OVERHEAD_BYTES + self.payload_size + result
 
 
-#: The fields of a job's state that a snapshot copies (all but ``job``).
-SNAPSHOT_STATE = JobSnapshot.__struct_fields__[1:]
+class Templates:
+    """Shared templates of pristine jobs: one ``JobCreated`` (blank id, seq,
+    created_at and payload) per distinct task and options, so a million
+    jobs of a few kinds hold a few templates. Only plain jobs qualify (see
+    :func:`plain`); the table is capped, and a job that would need a new
+    template past the cap keeps its whole record instead."""
+
+    def __init__(self, cap: int = 10_000) -> None:
+        self.cap = cap
+        self._by_key: dict[tuple[Any, ...], JobCreated] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def of(self, rec: JobCreated) -> JobCreated | None:
+        """The shared template for ``rec``, or None if ``rec`` is not plain
+        or the table is full."""
+        if not plain(rec):
+            return None
+        key = _key(rec)
+        tpl = self._by_key.get(key)
+        if tpl is None:
+            if len(self._by_key) >= self.cap:
+                return None
+            tpl = self._by_key[key] = blank(rec)
+        return tpl
+
+    def intern(self, tpl: JobCreated) -> JobCreated:
+        """``tpl`` (a template read from the log), or the equal one already held."""
+        key = _key(tpl)
+        held = self._by_key.get(key)
+        if held is None:
+            if len(self._by_key) >= self.cap:
+                return tpl
+            held = self._by_key[key] = tpl
+        return held
+
+    def prune(self, in_use: set[int]) -> int:
+        """Drop the templates no job uses (``in_use``: ids of those used);
+        returns how many were dropped."""
+        gone = [key for key, tpl in self._by_key.items() if id(tpl) not in in_use]
+        for key in gone:
+            del self._by_key[key]
+        return len(gone)
+
+
+def plain(rec: JobCreated) -> bool:
+    """A job that can be pristine: due now, in no flow, with no callbacks,
+    unique key or previous result (what makes a job unlike its siblings)."""
+    return (
+        rec.run_at is None
+        and rec.flow is None
+        and rec.unique_key is None
+        and rec.on_success is None
+        and rec.on_failure is None
+        and (rec.prev_result is NIL or rec.prev_result == NIL)
+    )
+
+
+def blank(rec: JobCreated) -> JobCreated:
+    """``rec`` with its own id, seq, created_at and payload blanked: a template."""
+    return msgspec.structs.replace(rec, id="", seq=0, created_at=0.0, payload=NIL, prev_result=NIL)
+
+
+def blob_of(rec: JobCreated) -> bytes:
+    """A pristine job's blob: :data:`BLOB_HEAD` then the payload."""
+    return BLOB_HEAD.pack(rec.seq, rec.created_at) + bytes(rec.payload)
+
+
+def _key(rec: JobCreated) -> tuple[Any, ...]:
+    """What templates are told apart by: every option of a plain job."""
+    return (
+        rec.task,
+        rec.queue,
+        rec.priority,
+        rec.max_attempts,
+        rec.timeout,
+        rec.result_ttl,
+        rec.unique_for,
+        rec.max_retries,
+        rec.step,
+        rec.task_options,
+    )

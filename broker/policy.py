@@ -150,7 +150,7 @@ class Policy:
     def task(self, job: Job) -> TaskDefaults:
         """The options of the job's task: as registered when the job was
         created (kept with it), else as registered now, else all None."""
-        return job.created.task_options or self.tasks.get(job.task) or _NO_TASK_DEFAULTS
+        return job.task_options or self.tasks.get(job.task) or _NO_TASK_DEFAULTS
 
     def ttl_end(self, job: Job, ended: float) -> float:
         """When a job that ended at ``ended`` (epoch seconds) is forgotten by

@@ -1,27 +1,162 @@
-"""The ready heaps: the jobs that can be handed out now, by queue and task.
+"""The ready queues: the jobs that can be handed out now, by queue and task.
 
-One heap per (queue, task), so a worker is offered only the tasks it
-registered (routing by task) without scanning past the others. An entry is
-``(-priority, seq, job id)``: higher priority first, then creation order;
-across a queue's tasks the same order holds. Entries are removed lazily: a
-job that left the ready state (leased, cancelled, removed, or replaced by a
-newer job of the same id) leaves an entry that is skipped when it reaches
-the top. Pure data: the job state places jobs here, dispatch takes them.
+One :class:`TaskQueue` per (queue, task), so a worker is offered only the
+tasks it registered (routing by task) without scanning past the others.
+Order: higher priority first, then creation order (``seq``); across a
+queue's tasks the same order holds.
+
+Most jobs become ready in creation order (they are created queued, and
+``seq`` only grows), so a task queue keeps them in a *lane* per priority: a
+deque of the jobs themselves, appended at the tail and taken from the head,
+8 bytes and O(1) a job. A job that becomes ready out of order (promoted
+from scheduled, retried, handed back, requeued) goes to the task queue's
+heap of ``(-priority, seq, job id)`` entries instead, as does a priority
+beyond the first :data:`MAX_LANES`. Entries are removed lazily: a job that
+left the ready state (leased, cancelled, removed, or replaced by a newer job
+of the same id) leaves an entry that is skipped when it reaches the front;
+when such entries outnumber the live ones a task queue is swept. A task
+queue, and a queue, with no entries left is dropped, so queues used once
+cost nothing. Pure data: the job state places jobs here, dispatch takes them.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Collection
 
 from corral.broker.job import Job
 
 Entry = tuple[int, int, str]
+#: Lanes per task queue; further priorities go to its heap.
+MAX_LANES = 8
+#: A task queue is swept when it holds more stale entries than this and
+#: than live ones.
+SWEEP_AFTER = 1024
 
 
-def is_ready(job: Job) -> bool:
-    """Queued and held by no worker."""
-    return job.status == "queued" and not job.lease
+class TaskQueue:
+    """The ready jobs of one (queue, task): lanes by priority and a heap."""
+
+    __slots__ = ("_jobs", "heap", "lanes", "stale")
+
+    def __init__(self, jobs: dict[str, Job]) -> None:
+        self._jobs = jobs
+        #: priority -> jobs in creation order.
+        self.lanes: dict[int, deque[Job]] = {}
+        self.heap: list[Entry] = []
+        #: Entries known to be stale (see :meth:`ReadyQueues.left`).
+        self.stale = 0
+
+    def __len__(self) -> int:
+        """Entries held, stale ones included."""
+        return len(self.heap) + sum(len(lane) for lane in self.lanes.values())
+
+    def push(self, job: Job) -> None:
+        priority = job.priority
+        lane = self.lanes.get(priority)
+        if lane is None:
+            if len(self.lanes) < MAX_LANES:
+                self.lanes[priority] = deque((job,))
+                return
+        elif not lane or lane[-1].seq < job.seq:
+            lane.append(job)
+            return
+        heapq.heappush(self.heap, (-priority, job.seq, job.id))
+
+    def extend(self, priority: int, jobs: list[Job]) -> None:
+        """Append ``jobs`` (of one priority, in creation order, all newer than
+        any held) to their lane."""
+        lane = self.lanes.get(priority)
+        if lane is None and len(self.lanes) < MAX_LANES:
+            self.lanes[priority] = deque(jobs)
+        elif lane is not None and (not lane or lane[-1].seq < jobs[0].seq):
+            lane.extend(jobs)
+        else:
+            for job in jobs:
+                self.push(job)
+
+    def top(self) -> tuple[int, int, Job, deque[Job] | None] | None:
+        """``(-priority, seq, job, lane)`` of the first live job (lane None:
+        it is the heap's), stale entries in front dropped."""
+        best: tuple[int, int, Job, deque[Job] | None] | None = None
+        for priority in sorted(self.lanes, reverse=True):
+            lane = self.lanes[priority]
+            job = self._lane_front(lane)
+            if job is None:
+                del self.lanes[priority]
+                continue
+            best = (-priority, job.seq, job, lane)
+            break
+        job = self._heap_front()
+        if job is not None:
+            key = (-job.priority, job.seq)
+            if best is None or key < best[:2]:
+                best = (key[0], key[1], job, None)
+        return best
+
+    def take(self, lane: deque[Job] | None) -> None:
+        """Remove the front entry :meth:`top` returned."""
+        if lane is None:
+            heapq.heappop(self.heap)
+        else:
+            lane.popleft()
+
+    def _lane_front(self, lane: deque[Job]) -> Job | None:
+        jobs = self._jobs
+        while lane:
+            job = lane[0]
+            current = jobs.get(job.id) is job
+            if current and job.is_ready:
+                return job
+            lane.popleft()
+            self._dropped(job, current)
+        return None
+
+    def _heap_front(self) -> Job | None:
+        heap, jobs = self.heap, self._jobs
+        while heap:
+            _, seq, job_id = heap[0]
+            job = jobs.get(job_id)
+            current = job is not None and job.seq == seq
+            if current and job is not None and job.is_ready:
+                return job
+            heapq.heappop(heap)
+            if job is not None:
+                self._dropped(job, current)
+        return None
+
+    def _dropped(self, job: Job, current: bool) -> None:
+        if self.stale:
+            self.stale -= 1
+        if current:
+            job.in_ready = False
+
+    def sweep(self) -> None:
+        """Drop every stale entry (O(entries))."""
+        for priority, lane in list(self.lanes.items()):
+            kept = [job for job in lane if self._live(job)]
+            for job in lane:
+                if not self._live(job) and self._jobs.get(job.id) is job:
+                    job.in_ready = False
+            if kept:
+                self.lanes[priority] = deque(kept)
+            else:
+                del self.lanes[priority]
+        heap = []
+        for entry in self.heap:
+            held = self._jobs.get(entry[2])
+            if held is not None and held.seq == entry[1]:
+                if held.is_ready:
+                    heap.append(entry)
+                else:
+                    held.in_ready = False
+        heapq.heapify(heap)
+        self.heap = heap
+        self.stale = 0
+
+    def _live(self, job: Job) -> bool:
+        return self._jobs.get(job.id) is job and job.is_ready
 
 
 class ReadyQueues:
@@ -29,66 +164,122 @@ class ReadyQueues:
 
     def __init__(self, jobs: dict[str, Job]) -> None:
         self._jobs = jobs
-        #: queue -> task -> heap.
-        self._heaps: dict[str, dict[str, list[Entry]]] = {}
+        #: queue -> task -> its ready jobs.
+        self._queues: dict[str, dict[str, TaskQueue]] = {}
 
     def add(self, job: Job) -> None:
-        """Make a ready job available (once: a job on its heap stays there)."""
-        if not job.in_ready and is_ready(job):
+        """Make a ready job available (once: a job on its queue stays there)."""
+        if not job.in_ready and job.is_ready:
             job.in_ready = True
-            heap = self._heaps.setdefault(job.queue, {}).setdefault(job.task, [])
-            heapq.heappush(heap, (-job.priority, job.seq, job.id))
+            self._task_queue(job).push(job)
+
+    def add_new(self, jobs: list[Job]) -> None:
+        """Make pristine jobs available (ready and ``in_ready`` by
+        definition), in creation order, all of one queue, task and priority."""
+        self._task_queue(jobs[0]).extend(jobs[0].priority, jobs)
+
+    def _task_queue(self, job: Job) -> TaskQueue:
+        by_task = self._queues.get(job.queue)
+        if by_task is None:
+            by_task = self._queues[job.queue] = {}
+        tq = by_task.get(job.task)
+        if tq is None:
+            tq = by_task[job.task] = TaskQueue(self._jobs)
+        return tq
+
+    def left(self, job: Job) -> None:
+        """``job`` left the ready state other than by :meth:`pop` (cancelled,
+        removed): its entry is stale. Sweeps its task queue when stale
+        entries outnumber live ones."""
+        tq = self._queues.get(job.queue, {}).get(job.task)
+        if tq is None:
+            return
+        tq.stale += 1
+        if tq.stale > SWEEP_AFTER and 2 * tq.stale > len(tq):
+            tq.sweep()
+            self._drop_if_empty(job.queue, job.task)
 
     def pop(self, queue: str, tasks: Collection[str] | None = None) -> Job | None:
         """The highest-priority, oldest ready job of ``queue`` (of one of
-        ``tasks``, if given), taken off its heap (the caller leases it or
+        ``tasks``, if given), taken off its queue (the caller leases it or
         puts it back with :meth:`add`)."""
-        best = self._best(queue, tasks)
-        if best is None:
+        found = self._best(queue, tasks)
+        if found is None:
             return None
-        heap = self._heaps[queue][best.task]
-        heapq.heappop(heap)
-        best.in_ready = False
-        return best
+        tq, lane, job = found
+        tq.take(lane)
+        job.in_ready = False
+        if not tq.heap and not any(tq.lanes.values()):
+            self._drop_if_empty(queue, job.task)
+        return job
 
     def peek(self, queue: str, tasks: Collection[str] | None = None) -> Job | None:
-        """The job :meth:`pop` would return, left on its heap."""
-        return self._best(queue, tasks)
+        """The job :meth:`pop` would return, left in place."""
+        found = self._best(queue, tasks)
+        return None if found is None else found[2]
 
     def has(self, queue: str) -> bool:
         return self._best(queue, None) is not None
 
-    def _best(self, queue: str, tasks: Collection[str] | None) -> Job | None:
-        by_task = self._heaps.get(queue)
+    def _best(
+        self, queue: str, tasks: Collection[str] | None
+    ) -> tuple[TaskQueue, deque[Job] | None, Job] | None:
+        by_task = self._queues.get(queue)
         if not by_task:
             return None
-        best: Job | None = None
-        names = by_task if tasks is None else [t for t in tasks if t in by_task]
+        best = None
+        best_key: tuple[int, int] | None = None
+        names = list(by_task) if tasks is None else [t for t in tasks if t in by_task]
         for task in names:
-            top = self._top(by_task[task])
-            if top is not None and (
-                best is None or (-top.priority, top.seq) < (-best.priority, best.seq)
-            ):
-                best = top
+            tq = by_task[task]
+            top = tq.top()
+            if top is None:
+                self._drop_if_empty(queue, task)
+                continue
+            if best_key is None or top[:2] < best_key:
+                best_key, best = top[:2], (tq, top[3], top[2])
         return best
 
-    def _top(self, heap: list[Entry]) -> Job | None:
-        """The live job at the top of ``heap``, stale entries dropped."""
-        while heap:
-            _, seq, job_id = heap[0]
-            job = self._jobs.get(job_id)
-            if job is not None and job.seq == seq and is_ready(job):
-                return job
-            heapq.heappop(heap)
-            if job is not None and job.seq == seq:
-                job.in_ready = False
-        return None
+    def _drop_if_empty(self, queue: str, task: str) -> None:
+        by_task = self._queues.get(queue)
+        if by_task is None:
+            return
+        tq = by_task.get(task)
+        if tq is not None and not tq.heap and not any(tq.lanes.values()):
+            del by_task[task]
+        if not by_task:
+            del self._queues[queue]
 
     def pairs(self) -> list[tuple[str, str]]:
-        """The (queue, task) pairs whose heap has entries (maybe only stale)."""
-        return [(q, t) for q, by_task in self._heaps.items() for t, heap in by_task.items() if heap]
+        """The (queue, task) pairs that hold entries (maybe only stale)."""
+        return [(q, t) for q, by_task in self._queues.items() for t in by_task]
 
     def top(self, queue: str, task: str) -> Job | None:
-        """The next ready job of ``task`` on ``queue``, left on its heap."""
-        heap = self._heaps.get(queue, {}).get(task)
-        return self._top(heap) if heap else None
+        """The next ready job of ``task`` on ``queue``, left in place."""
+        tq = self._queues.get(queue, {}).get(task)
+        if tq is None:
+            return None
+        top = tq.top()
+        if top is None:
+            self._drop_if_empty(queue, task)
+            return None
+        return top[2]
+
+    def oldest(self, queue: str, task: str) -> float | None:
+        """The creation time (epoch seconds) of the oldest job at the front
+        of ``task``'s lanes and heap on ``queue``: the longest a ready job of
+        it has waited, as far as the fronts tell (a lower-priority lane's
+        front is its oldest job; the heap's front is its first by priority)."""
+        tq = self._queues.get(queue, {}).get(task)
+        if tq is None or tq.top() is None:
+            return None
+        fronts = [lane[0].created_at for lane in tq.lanes.values() if lane]
+        if tq.heap:
+            job = self._jobs.get(tq.heap[0][2])
+            if job is not None:
+                fronts.append(job.created_at)
+        return min(fronts) if fronts else None
+
+    def __len__(self) -> int:
+        """Task queues held (for tests of what is pruned)."""
+        return sum(len(by_task) for by_task in self._queues.values())

@@ -67,6 +67,20 @@ class JobCreated(JobSpec, Record, frozen=True, kw_only=True):
     task_options: TaskOptions | None = None
 
 
+class JobsCreated(Record, frozen=True):
+    """Jobs accepted together that share every option (an enqueue of many
+    jobs, or compaction writing queued jobs nothing has happened to yet):
+    one ``template`` (a ``JobCreated`` whose id, seq, created_at and payload
+    are blank) and, per job, its id and a blob: its seq as a little-endian
+    int64, its created_at as a float64 (8 bytes each), then its payload's
+    msgpack. The broker keeps such a job as the template and the blob, and
+    a replay adds a batch without decoding a record per job."""
+
+    template: JobCreated
+    ids: list[str]
+    blobs: list[bytes]
+
+
 class Leased(Record, frozen=True):
     """A job was sent to a worker under lease token ``lease``: reserved for
     it (still ``queued``, in its prefetch buffer) until it starts."""
@@ -265,6 +279,8 @@ RECORD_TYPES: dict[int, type[Record]] = {
     16: TaskRegistered,
     17: MemberEnded,
     18: FlowRemoved,
+    # 19 is left for the wall-clock step record.
+    20: JobsCreated,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

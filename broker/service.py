@@ -23,7 +23,7 @@ from corral.broker.dispatch import Dispatcher, Ended
 from corral.broker.jobspec import validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
-from corral.broker.records import Cancelled, FlowCreated, QueuePaused, Removed, Requeued
+from corral.broker.records import Cancelled, FlowCreated, JobCreated, QueuePaused, Removed, Requeued
 from corral.broker.state import InvalidJob, Job, validate_spec
 from corral.broker.waiters import Waiters, missing
 
@@ -120,7 +120,7 @@ class ClientService:
             self._invalid(identity, msg.req, str(exc))
             return
         ids = []
-        created = 0
+        created: list[JobCreated] = []
         for spec in msg.jobs:
             holder = self.state.holder_of(spec.unique_key, now)
             if holder is not None:  # a unique job: the first one's id
@@ -128,12 +128,23 @@ class ClientService:
                 continue
             record = self.state.decide_create(spec, now, validated=True)
             if record is not None:
-                self.journal.record(record)
-                created += 1
+                if record.unique_key:  # a later spec of this enqueue sees its key held
+                    self._record_created(created)
+                    created = []
+                    self.journal.record(record)
+                    self.stats["enqueued"] += 1
+                else:
+                    created.append(record)
             ids.append(spec.id)
-        self.stats["enqueued"] += created
+        self._record_created(created)
         self.dispatcher.poke()
         self._reply(identity, p.EnqueueOk(msg.req, ids))
+
+    def _record_created(self, created: list[JobCreated]) -> None:
+        """Log and apply creation records, jobs of one template together."""
+        for record in self.state.batched(created):
+            self.journal.record(record)
+        self.stats["enqueued"] += len(created)
 
     def _enqueue_flow(self, identity: bytes, msg: p.EnqueueFlow, now: float, mono: float) -> None:
         if self._refuse_if_full(identity, msg.req):
@@ -259,7 +270,7 @@ class ClientService:
     ) -> None:
         self.supervisors[msg.info.supervisor_id] = (msg.info, mono)
         self.dispatcher.workers.vouch(msg.info.host, msg.info.workers, mono)
-        queued = sum(n for (_, status), n in self.state.counts.items() if status == "queued")
+        queued = sum(n for (_, _, status), n in self.state.counts.items() if status == "queued")
         self._reply(identity, p.Ack(msg.req, queued))
 
     def _worker_exited(self, identity: bytes, msg: p.WorkerExited, now: float, mono: float) -> None:

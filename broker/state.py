@@ -23,11 +23,15 @@ from corral.broker.flowbook import FlowBook
 from corral.broker.job import (
     ACTIVE,
     DEFAULT_QUEUE,
+    JOB_OVERHEAD_BYTES,
     SNAPSHOT_STATE,
     WAITING,
     Defaults,
     Job,
+    JobLife,
     TaskDefaults,
+    Templates,
+    blob_of,
 )
 from corral.broker.jobspec import NIL, InvalidJob, JobSpec, validate_spec, with_callback
 from corral.broker.policy import Policy
@@ -42,6 +46,7 @@ from corral.broker.records import (
     FlowRemoved,
     FollowedUp,
     JobCreated,
+    JobsCreated,
     JobSnapshot,
     Leased,
     MemberEnded,
@@ -56,6 +61,7 @@ from corral.broker.records import (
     TaskRegistered,
     TryRec,
 )
+from corral.broker.seqindex import SeqIndex
 from corral.broker.unique import UniqueKeys
 
 __all__ = [
@@ -87,9 +93,11 @@ class JobState:
         self.jobs: dict[str, Job] = {}
         #: task name -> its registered options (shared with the policy).
         self.tasks = self.policy.tasks
-        self.counts: Counter[tuple[str, str]] = Counter()
-        #: queue -> jobs reserved by a worker and not started (still queued).
-        self.reserved: Counter[str] = Counter()
+        #: (queue, task, status) -> jobs; a count that falls to 0 is dropped.
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+        #: (queue, task) -> jobs reserved by a worker and not started (still
+        #: queued); a count that falls to 0 is dropped.
+        self.reserved: Counter[tuple[str, str]] = Counter()
         self.paused: set[str] = set()
         #: schedule name -> the due time it last fired for.
         self.last_fired: dict[str, float] = {}
@@ -108,6 +116,10 @@ class JobState:
         self._next_seq = 1
         #: The ready heaps, by queue and task.
         self.ready = ReadyQueues(self.jobs)
+        #: The shared templates of pristine jobs (see :class:`Job`).
+        self.templates = Templates()
+        #: Every job in creation order (paging, compaction).
+        self.index = SeqIndex(self.jobs)
         self._waiting: list[tuple[float, int, str]] = []
         #: When finished jobs are forgotten.
         self.expiry = ExpiryQueue(self.jobs, self.policy)
@@ -115,6 +127,7 @@ class JobState:
         #: How each record type changes the state.
         self._changes: dict[type[Record], Callable[[Any], None]] = {
             JobCreated: self._apply_created,
+            JobsCreated: self._apply_created_many,
             Leased: self._apply_leased,
             Started: self._apply_started,
             Finished: self._apply_finished,
@@ -195,22 +208,52 @@ class JobState:
     def _apply_created(self, rec: JobCreated) -> None:
         if rec.id in self.jobs:
             return
+        if rec.run_at is None:
+            tpl = self.templates.of(rec)
+            if tpl is not None:  # a pristine job: a shared template and a blob
+                self._add_pristine(tpl, [rec.id], [blob_of(rec)])
+                return
         status = "scheduled" if rec.run_at is not None else "queued"
-        self._add(Job(rec, status=status, run_at=rec.run_at))
+        self._add(Job(rec, JobLife(status, run_at=rec.run_at)))
+
+    def _apply_created_many(self, rec: JobsCreated) -> None:
+        tpl = self.templates.intern(rec.template)
+        jobs = self.jobs
+        if not jobs.keys().isdisjoint(rec.ids):  # seen before, maybe in part
+            fresh = [(i, b) for i, b in zip(rec.ids, rec.blobs, strict=True) if i not in jobs]
+            ids, blobs = [i for i, _ in fresh], [b for _, b in fresh]
+        else:
+            ids, blobs = rec.ids, rec.blobs
+        if ids:
+            self._add_pristine(tpl, ids, blobs)
+
+    def _add_pristine(self, tpl: JobCreated, ids: list[str], blobs: list[bytes]) -> None:
+        """Add pristine jobs of one template, in creation order: the batch
+        form of :meth:`_add` (no callbacks, unique key or schedule to see to)."""
+        new = [
+            Job(tpl, None, blob=blob, job_id=job_id)
+            for job_id, blob in zip(ids, blobs, strict=True)
+        ]
+        self.jobs.update(zip(ids, new, strict=True))
+        self.index.extend(new)
+        self._next_seq = max(self._next_seq, new[-1].seq + 1)
+        queue = tpl.queue or DEFAULT_QUEUE
+        self.counts[queue, tpl.task, "queued"] += len(new)
+        self.live_bytes += (JOB_OVERHEAD_BYTES - 16) * len(new) + sum(map(len, blobs))
+        self.ready.add_new(new)
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
         """A whole job from compaction: its creation record and its state."""
-        state = {name: getattr(rec, name) for name in SNAPSHOT_STATE}
-        state["tries"] = list(rec.tries)
-        self._add(Job(rec.job, **state))
+        self._add(Job(rec.job, JobLife.of_snapshot(rec)))
 
     def _add(self, job: Job) -> None:
         self.jobs[job.id] = job
-        self.awaited.add(job.id, [job.created])
+        self.index.add(job)
+        self.awaited.add(job.id, [job.tpl])
         self._next_seq = max(self._next_seq, job.seq + 1)
-        self.counts[job.queue, job.status] += 1
+        self.counts[job.queue, job.task, job.status] += 1
         if job.reserved:
-            self.reserved[job.queue] += 1
+            self.reserved[job.queue, job.task] += 1
         self.live_bytes += job.size()
         self.unique.claim(job)
         self._place(job)
@@ -227,7 +270,7 @@ class JobState:
             self._set_status(job, "queued")
         job.lease = rec.lease
         job.worker = rec.worker
-        self.reserved[job.queue] += 1
+        self.reserved[job.queue, job.task] += 1
 
     def _apply_started(self, rec: Started) -> None:
         job = self.holding(rec.id, rec.lease)
@@ -238,7 +281,7 @@ class JobState:
     def _start(self, job: Job, try_: TryRec) -> None:
         """A reserved job's handler began: it is running, the try counts
         (until it ends uncounted), and ``try_.attempt`` is its run number."""
-        self.reserved[job.queue] -= 1
+        self._unreserve(job)
         job.attempts += 1
         job.runs = try_.attempt
         job.tries.append(try_)
@@ -291,7 +334,7 @@ class JobState:
             if job.tries:
                 job.tries.pop()
         else:
-            self.reserved[job.queue] -= 1
+            self._unreserve(job)
         job.lease = 0
         job.worker = ""
         self._set_status(job, "queued")
@@ -302,7 +345,9 @@ class JobState:
         if job is None or job.status in TERMINAL:
             return
         if job.reserved:
-            self.reserved[job.queue] -= 1
+            self._unreserve(job)
+        if job.in_ready and job.is_ready:
+            self.ready.left(job)
         if job.status == "running" and job.tries and job.tries[-1].ended_at is None:
             error = ErrorRec("Cancelled", "the job was cancelled while running")
             job.tries[-1] = msgspec.structs.replace(job.tries[-1], ended_at=rec.at, error=error)
@@ -335,9 +380,23 @@ class JobState:
 
     def _set_status(self, job: Job, status: str) -> None:
         counts = self.counts
-        counts[job.queue, job.status] -= 1
+        queue, task = job.queue, job.task
+        key = (queue, task, job.status)
+        left = counts[key] - 1
+        if left:
+            counts[key] = left
+        else:
+            del counts[key]
         job.status = status
-        counts[job.queue, status] += 1
+        counts[queue, task, status] += 1
+
+    def _unreserve(self, job: Job) -> None:
+        key = (job.queue, job.task)
+        left = self.reserved[key] - 1
+        if left:
+            self.reserved[key] = left
+        else:
+            del self.reserved[key]
 
     def _place(self, job: Job) -> None:
         """Put a job on the heap its status calls for."""
@@ -351,13 +410,21 @@ class JobState:
     def _remove(self, job_id: str) -> Job | None:
         job = self.jobs.pop(job_id, None)
         if job is not None:
+            self.index.removed(job)
             self.followed.discard(job_id)
-            self.awaited.drop(job_id, [job.created])
+            self.awaited.drop(job_id, [job.tpl])
+            if job.in_ready:
+                self.ready.left(job)
             if job.flow is not None:
                 self.flowbook.touched.add(job.flow)
-            self.counts[job.queue, job.status] -= 1
+            key = (job.queue, job.task, job.status)
+            left = self.counts[key] - 1
+            if left:
+                self.counts[key] = left
+            else:
+                del self.counts[key]
             if job.reserved:
-                self.reserved[job.queue] -= 1
+                self._unreserve(job)
             self.live_bytes -= job.size()
             self.unique.release(job)
         return job
@@ -492,6 +559,27 @@ class JobState:
             task_options=self.tasks.get(spec.task),
         )
 
+    def batched(self, created: list[JobCreated]) -> list[Record]:
+        """``created`` (creation records made now, in order) as records to
+        log: each run of plain jobs of one template as one ``JobsCreated``
+        (see :class:`~corral.broker.job.Job`), any other job as it is."""
+        out: list[Record] = []
+        run: list[JobCreated] = []
+        tpl: JobCreated | None = None
+        for rec in created:
+            this = self.templates.of(rec)
+            if run and (this is not tpl or len(run) >= SNAPSHOT_BATCH):
+                out.append(_many(tpl, run) if len(run) > 1 else run[0])
+                run = []
+            if this is None:
+                out.append(rec)
+                continue
+            tpl = this
+            run.append(rec)
+        if run:
+            out.append(_many(tpl, run) if len(run) > 1 else run[0])
+        return out
+
     def _task_queue(self, task: str) -> str:
         """The queue the task declared (as its workers registered it), else
         ``"default"``."""
@@ -528,7 +616,23 @@ def snapshot(state: JobState) -> Iterator[Record]:
         yield record
         if isinstance(record, FlowCreated) and record.id in state.followed:
             yield FollowedUp(record.id, [])
-    for job in sorted(state.jobs.values(), key=lambda j: j.seq):
+    yield from _job_records(state)
+
+
+def _job_records(state: JobState) -> Iterator[Record]:
+    """Every job in creation order: runs of pristine jobs of one template
+    as ``JobsCreated`` records, any other job as a ``JobSnapshot``."""
+    batch: list[Job] = []
+    for job in state.index:
+        if job.pristine and job.blob is not None:
+            if batch and (batch[0].tpl is not job.tpl or len(batch) >= SNAPSHOT_BATCH):
+                yield _created_many(batch)
+                batch = []
+            batch.append(job)
+            continue
+        if batch:
+            yield _created_many(batch)
+            batch = []
         # A held job keeps its lease, so that a Started or Finished record
         # logged after the snapshot still applies on replay.
         fields = {name: getattr(job, name) for name in SNAPSHOT_STATE}
@@ -538,3 +642,20 @@ def snapshot(state: JobState) -> Iterator[Record]:
         yield JobSnapshot(job.created, **fields)
         if job.id in state.followed:
             yield FollowedUp(job.id, [])
+    if batch:
+        yield _created_many(batch)
+
+
+#: Pristine jobs per ``JobsCreated`` record that compaction writes.
+SNAPSHOT_BATCH = 512
+
+
+def _many(tpl: JobCreated | None, records: list[JobCreated]) -> JobsCreated:
+    """Creation records of plain jobs of template ``tpl`` as one record."""
+    assert tpl is not None
+    return JobsCreated(tpl, [rec.id for rec in records], [blob_of(rec) for rec in records])
+
+
+def _created_many(jobs: list[Job]) -> JobsCreated:
+    """Pristine jobs of one template as one record."""
+    return JobsCreated(jobs[0].tpl, [job.id for job in jobs], [job.blob or b"" for job in jobs])

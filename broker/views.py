@@ -156,16 +156,17 @@ def list_jobs(
 ) -> tuple[list[Job], str | None]:
     """Jobs in creation order after ``cursor``, filtered; and the cursor
     for the next page (None at the end). A cursor is the creation number
-    of the last job of a page, so it stays valid if that job is deleted."""
+    of the last job of a page, so it stays valid if that job is deleted.
+    Finding the page's start is O(log n) (:class:`~corral.broker.seqindex.SeqIndex`);
+    an unfiltered page of k jobs costs O(k), a filtered one the jobs it
+    passes over."""
     limit = max(1, limit)
     try:
         after = int(cursor) if cursor else -1
     except ValueError:
         raise InvalidJob(f"cursor: {cursor!r} is not a cursor this broker gave out") from None
     found: list[Job] = []
-    for job in sorted(state.jobs.values(), key=lambda j: j.seq):
-        if job.seq <= after:
-            continue
+    for job in state.index.after(after):
         if (queue and job.queue != queue) or (status and job.status != status):
             continue
         if task and job.task != task:
@@ -177,43 +178,46 @@ def list_jobs(
 
 
 def task_counts(state: JobState) -> Counter[tuple[str, str]]:
-    """Jobs per (task, status), counted when asked."""
-    return Counter((job.task, job.status) for job in state.jobs.values())
+    """Jobs per (task, status)."""
+    out: Counter[tuple[str, str]] = Counter()
+    for (_, task, status), n in state.counts.items():
+        out[task, status] += n
+    return out
 
 
 def per_task(state: JobState) -> dict[str, dict[str, int]]:
-    """Counts per task and status, counted when asked (status is rare;
-    status changes are the hot path)."""
+    """Counts per task and status (from the counts the state keeps: O(queues x tasks))."""
     out: dict[str, dict[str, int]] = {}
-    for job in state.jobs.values():
-        by_status = out.setdefault(job.task, {})
-        by_status[job.status] = by_status.get(job.status, 0) + 1
+    for (task, status), n in sorted(task_counts(state).items()):
+        out.setdefault(task, {})[status] = n
     return out
 
 
 def queue_counts(state: JobState) -> dict[str, dict[str, int]]:
     """Counts per queue and status, every status present (zeros included)."""
     out: dict[str, dict[str, int]] = {}
-    for (queue, status), n in state.counts.items():
+    for (queue, _, status), n in state.counts.items():
         if n:
-            out.setdefault(queue, dict.fromkeys(STATUSES, 0))[status] = n
+            by_status = out.setdefault(queue, dict.fromkeys(STATUSES, 0))
+            by_status[status] += n
     return out
 
 
 def unroutable(state: JobState, workers: list[WorkerConn]) -> list[p.UnroutableInfo]:
     """Ready jobs no connected worker takes, by queue and task (paused
-    queues aside: those wait for a resume, not for a worker)."""
-    waiting: dict[tuple[str, str], list[float]] = {}
-    for job in state.jobs.values():
-        if job.status == "queued" and not job.lease and job.queue not in state.paused:
-            entry = waiting.setdefault((job.queue, job.task), [0, job.created_at])
-            entry[0] += 1
-            entry[1] = min(entry[1], job.created_at)
-    return [
-        p.UnroutableInfo(queue, task, int(count), since)
-        for (queue, task), (count, since) in sorted(waiting.items())
-        if not any(balance.serves(c, queue, task) for c in workers)
-    ]
+    queues aside: those wait for a resume, not for a worker). ``since`` is
+    the creation time of the longest-waiting ready job at the front of its
+    queue (see :meth:`ReadyQueues.oldest`). O(queues x tasks)."""
+    out = []
+    for (queue, task, status), n in sorted(state.counts.items()):
+        if status != "queued" or queue in state.paused:
+            continue
+        ready = n - state.reserved.get((queue, task), 0)
+        if ready <= 0 or any(balance.serves(c, queue, task) for c in workers):
+            continue
+        since = state.ready.oldest(queue, task)
+        out.append(p.UnroutableInfo(queue, task, ready, since if since is not None else 0.0))
+    return out
 
 
 def worker_infos(workers: list[WorkerConn], mono: float) -> list[p.WorkerInfo]:

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 )
 
 from corral.broker.framing import HEADER_SIZE, MAGIC
+from corral.broker.job import BLOB_HEAD
 from corral.broker.jobspec import JobSpec
 from corral.broker.log import Log, LogCorrupt, LogDiskFull, LogError
 from corral.broker.logtools import repair, verify
@@ -46,6 +47,7 @@ from corral.broker.records import (
     FlowRemoved,
     FollowedUp,
     JobCreated,
+    JobsCreated,
     JobSnapshot,
     Leased,
     MemberEnded,
@@ -166,6 +168,11 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         Returned("a", 7),
         JobSnapshot(
             job_rec("a", 1, "t", "q", 5, raw({"a": 1}), 1.0), "succeeded", 1, [tri], result=result
+        ),
+        JobsCreated(
+            job_rec("", 0, "t", "q", 2, NIL, 0.0),
+            ["m1", "m2"],
+            [BLOB_HEAD.pack(30, 19.0) + bytes(raw(1)), BLOB_HEAD.pack(31, 19.0) + b"\xc0"],
         ),
         Removed("a"),
         Cancelled("a", 13.0),

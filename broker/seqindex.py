@@ -1,0 +1,120 @@
+"""Every job in creation order, for paging and compaction without a sort.
+
+Jobs are kept in blocks of up to :data:`BLOCK` references, in ``seq``
+order; a job is created with the highest seq so far, so adding is an append
+(a job replayed out of order is put in place by bisection). Removal is
+lazy: the state says a job left, its block counts it, and a block that is
+at least half stale is rebuilt without the stale references (an empty one
+is dropped). Finding where a page starts is a bisection over the blocks'
+first seqs and then within one block: O(log n), and a page of k jobs costs
+O(k) more. About 8 bytes a job. Pure data.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+from corral.broker.job import Job
+
+#: References per block.
+BLOCK = 1024
+
+
+def _seq(job: Job) -> int:
+    return job.seq
+
+
+class SeqIndex:
+    """See the module docstring. ``jobs`` is the job state's table (read only):
+    a reference is current while ``jobs[ref.id] is ref``."""
+
+    def __init__(self, jobs: dict[str, Job]) -> None:
+        self._jobs = jobs
+        self._blocks: list[list[Job]] = []
+        #: First seq of each block.
+        self._firsts: list[int] = []
+        #: Stale references per block.
+        self._stale: list[int] = []
+
+    def add(self, job: Job) -> None:
+        """Index a job that was just added to the table."""
+        seq = job.seq
+        blocks = self._blocks
+        if blocks and blocks[-1][-1].seq > seq:
+            self._insert(job, seq)
+            return
+        if not blocks or len(blocks[-1]) >= BLOCK:
+            blocks.append([job])
+            self._firsts.append(seq)
+            self._stale.append(0)
+        else:
+            blocks[-1].append(job)
+
+    def extend(self, jobs: list[Job]) -> None:
+        """Index jobs just added, in creation order."""
+        blocks = self._blocks
+        if blocks and blocks[-1][-1].seq > jobs[0].seq:
+            for job in jobs:
+                self.add(job)
+            return
+        start = 0
+        if blocks and len(blocks[-1]) < BLOCK:
+            start = BLOCK - len(blocks[-1])
+            blocks[-1].extend(jobs[:start])
+        for at in range(start, len(jobs), BLOCK):
+            block = jobs[at : at + BLOCK]
+            blocks.append(block)
+            self._firsts.append(block[0].seq)
+            self._stale.append(0)
+
+    def _insert(self, job: Job, seq: int) -> None:
+        i = max(0, bisect.bisect_right(self._firsts, seq) - 1)
+        block = self._blocks[i]
+        block.insert(bisect.bisect_left(block, seq, key=_seq), job)
+        self._firsts[i] = block[0].seq
+        if len(block) > 2 * BLOCK:  # split a block grown by inserts
+            half = len(block) // 2
+            self._blocks[i : i + 1] = [block[:half], block[half:]]
+            self._firsts[i : i + 1] = [block[0].seq, block[half].seq]
+            self._stale[i : i + 1] = [self._stale[i], 0]
+
+    def removed(self, job: Job) -> None:
+        """``job`` left the table (or was replaced): its reference is stale."""
+        i = bisect.bisect_right(self._firsts, job.seq) - 1
+        if i < 0:
+            return
+        self._stale[i] += 1
+        block = self._blocks[i]
+        if 2 * self._stale[i] < len(block):
+            return
+        jobs = self._jobs
+        kept = [ref for ref in block if jobs.get(ref.id) is ref]
+        if kept:
+            self._blocks[i] = kept
+            self._firsts[i] = kept[0].seq
+            self._stale[i] = 0
+        else:
+            del self._blocks[i], self._firsts[i], self._stale[i]
+
+    def after(self, seq: int) -> Iterator[Job]:
+        """The current jobs with a creation number above ``seq``, in order."""
+        jobs = self._jobs
+        blocks = self._blocks
+        i = max(0, bisect.bisect_right(self._firsts, seq) - 1)
+        if i < len(blocks):
+            block = blocks[i]
+            for ref in block[bisect.bisect_right(block, seq, key=_seq) :]:
+                if jobs.get(ref.id) is ref:
+                    yield ref
+        for block in blocks[i + 1 :]:
+            for ref in block:
+                if jobs.get(ref.id) is ref:
+                    yield ref
+
+    def __iter__(self) -> Iterator[Job]:
+        return self.after(-1)
+
+    def __len__(self) -> int:
+        """References held, stale ones included."""
+        return sum(len(block) for block in self._blocks)
