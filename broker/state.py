@@ -9,7 +9,6 @@ record to log; time always comes in as ``now`` (epoch seconds).
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -62,6 +61,7 @@ from corral.broker.records import (
     TryRec,
 )
 from corral.broker.seqindex import SeqIndex
+from corral.broker.timers import Timers
 from corral.broker.unique import UniqueKeys
 
 __all__ = [
@@ -120,7 +120,8 @@ class JobState:
         self.templates = Templates()
         #: Every job in creation order (paging, compaction).
         self.index = SeqIndex(self.jobs)
-        self._waiting: list[tuple[float, int, str]] = []
+        #: Scheduled and retrying jobs by when they are due.
+        self.timers = Timers(self.jobs)
         #: When finished jobs are forgotten.
         self.expiry = ExpiryQueue(self.jobs, self.policy)
         self._rng = random.Random()
@@ -267,6 +268,8 @@ class JobState:
         if job.lease:  # a lease the broker lost track of: the newer one holds
             self._unlease(job)
         if job.status != "queued":  # due and promoted: promotion is not logged
+            if job.status in WAITING:
+                self.timers.left()
             self._set_status(job, "queued")
         job.lease = rec.lease
         job.worker = rec.worker
@@ -348,6 +351,8 @@ class JobState:
             self._unreserve(job)
         if job.in_ready and job.is_ready:
             self.ready.left(job)
+        if job.status in WAITING:
+            self.timers.left()
         if job.status == "running" and job.tries and job.tries[-1].ended_at is None:
             error = ErrorRec("Cancelled", "the job was cancelled while running")
             job.tries[-1] = msgspec.structs.replace(job.tries[-1], ended_at=rec.at, error=error)
@@ -402,8 +407,8 @@ class JobState:
         """Put a job on the heap its status calls for."""
         if job.status == "queued":
             self.ready.add(job)
-        elif job.status in WAITING and job.run_at is not None:
-            heapq.heappush(self._waiting, (job.run_at, job.seq, job.id))
+        elif job.status in WAITING:
+            self.timers.push(job)
         elif job.status in TERMINAL:
             self.expiry.add(job)
 
@@ -413,8 +418,10 @@ class JobState:
             self.index.removed(job)
             self.followed.discard(job_id)
             self.awaited.drop(job_id, [job.tpl])
-            if job.in_ready:
+            if job.in_ready and job.is_ready:
                 self.ready.left(job)
+            if job.status in WAITING:
+                self.timers.left()
             if job.flow is not None:
                 self.flowbook.touched.add(job.flow)
             key = (job.queue, job.task, job.status)
@@ -448,13 +455,7 @@ class JobState:
     def promote_due(self, now: float) -> int:
         """Move scheduled and retrying jobs whose time has come to their queue."""
         promoted = 0
-        while self._waiting and self._waiting[0][0] <= now:
-            _, _, job_id = heapq.heappop(self._waiting)
-            job = self.jobs.get(job_id)
-            if job is None or job.status not in WAITING or job.run_at is None:
-                continue
-            if job.run_at > now:  # stale entry; a newer one is on the heap
-                continue
+        for job in self.timers.due(now):
             self._set_status(job, "queued")
             self._place(job)
             promoted += 1
@@ -462,13 +463,7 @@ class JobState:
 
     def next_wakeup(self) -> float | None:
         """When the earliest waiting job is due, if any."""
-        while self._waiting:
-            run_at, _, job_id = self._waiting[0]
-            job = self.jobs.get(job_id)
-            if job is not None and job.status in WAITING and job.run_at == run_at:
-                return run_at
-            heapq.heappop(self._waiting)
-        return None
+        return self.timers.next_due()
 
     def expired(self, now: float) -> list[str]:
         """The finished jobs past their TTL, to be removed (the broker logs a

@@ -27,6 +27,7 @@ from corral.broker.records import (
     encode_record,
 )
 from corral.broker.state import JobState
+from corral.broker.timers import SWEEP_AFTER as TIMER_SWEEP
 
 NOW = 1_700_000_000.0
 
@@ -178,6 +179,21 @@ def test_cancelled_and_removed_ready_jobs_are_swept_from_their_lane() -> None:
     assert len(tq) < 2 * SWEEP_AFTER + 10  # swept, not 4,096 entries kept
     order = [job.id for job in iter(lambda: state.pop_ready("default"), None)]
     assert order == [f"j{i}" for i in range(n - 10, n)]
+
+
+def test_cancelled_and_deleted_delayed_jobs_leave_the_timer_heap_before_their_time() -> None:
+    state = JobState()
+    n = 4 * TIMER_SWEEP
+    create(state, [JobSpec(f"d{i}", "t.a", delay=3600.0 + i) for i in range(n)])
+    assert len(state.timers) == n
+    for i in range(n - 5):
+        if i % 2:
+            state.apply(Cancelled(f"d{i}", NOW))
+        state.apply(Removed(f"d{i}"))
+    assert len(state.timers) < 2 * TIMER_SWEEP + 5  # not 4,096 entries until their time
+    assert state.next_wakeup() == NOW + 3600.0 + n - 5
+    assert state.promote_due(NOW + 3600.0 + n) == 5
+    assert len(state.timers) == 0
 
 
 def test_status_counts_come_from_kept_counts() -> None:

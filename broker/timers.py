@@ -1,0 +1,74 @@
+"""The timer heap: scheduled and retrying jobs by when they are due.
+
+Entries are ``(run_at, seq, job id)``, removed lazily: a job that left the
+waiting state other than by coming due (cancelled, deleted, leased on
+replay, given a new time) leaves its entry behind. The state says so
+(:meth:`Timers.left`), and once stale entries are more than
+:data:`SWEEP_AFTER` and more than the live ones the heap is rebuilt
+without them, so cancelling a million delayed jobs does not keep a million
+entries until their time. Pure; time comes in as ``now`` (epoch seconds).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+
+from corral.broker.job import WAITING, Job
+
+#: Stale entries tolerated before a rebuild is considered.
+SWEEP_AFTER = 1024
+
+
+class Timers:
+    """See the module docstring. ``jobs`` is the job state's table (read only)."""
+
+    def __init__(self, jobs: dict[str, Job]) -> None:
+        self._jobs = jobs
+        self._heap: list[tuple[float, int, str]] = []
+        self._stale = 0
+
+    def __len__(self) -> int:
+        """Entries held, stale ones included."""
+        return len(self._heap)
+
+    def push(self, job: Job) -> None:
+        """``job`` waits until its ``run_at``."""
+        if job.run_at is not None:
+            heapq.heappush(self._heap, (job.run_at, job.seq, job.id))
+
+    def left(self) -> None:
+        """A waiting job left the waiting state other than by coming due:
+        its entry is stale."""
+        self._stale += 1
+        if self._stale > SWEEP_AFTER and 2 * self._stale > len(self._heap):
+            self._heap = [entry for entry in self._heap if self._current(entry)]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def _current(self, entry: tuple[float, int, str]) -> bool:
+        run_at, seq, job_id = entry
+        job = self._jobs.get(job_id)
+        return job is not None and job.seq == seq and job.status in WAITING and job.run_at == run_at
+
+    def due(self, now: float) -> Iterator[Job]:
+        """Take off the waiting jobs due at ``now``, each once, earliest first."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if self._current(entry):
+                job = self._jobs[entry[2]]
+                yield job
+            elif self._stale:
+                self._stale -= 1
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting job is due, stale entries in front dropped."""
+        heap = self._heap
+        while heap:
+            if self._current(heap[0]):
+                return heap[0][0]
+            heapq.heappop(heap)
+            if self._stale:
+                self._stale -= 1
+        return None
