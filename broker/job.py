@@ -143,18 +143,19 @@ class Job:
     __slots__ = ("_life", "blob", "id", "tpl")
 
     def __init__(
-        self,
-        created: JobCreated,
-        life: JobLife | None = None,
-        *,
-        blob: bytes | None = None,
-        job_id: str | None = None,
+        self, job_id: str, tpl: JobCreated, blob: bytes | None, life: JobLife | None
     ) -> None:
-        self.id: str = created.id if job_id is None else job_id
+        # Positional only, and nothing but stores: a replay makes a million.
+        self.id = job_id
         #: The creation record, or (with a blob) the shared template.
-        self.tpl = created
+        self.tpl = tpl
         self.blob = blob
         self._life = life
+
+    @classmethod
+    def of(cls, created: JobCreated, life: JobLife) -> Job:
+        """A job that keeps its whole creation record."""
+        return cls(created.id, created, None, life)
 
     @property
     def created(self) -> JobCreated:

@@ -215,7 +215,7 @@ class JobState:
                 self._add_pristine(tpl, [rec.id], [blob_of(rec)])
                 return
         status = "scheduled" if rec.run_at is not None else "queued"
-        self._add(Job(rec, JobLife(status, run_at=rec.run_at)))
+        self._add(Job.of(rec, JobLife(status, run_at=rec.run_at)))
 
     def _apply_created_many(self, rec: JobsCreated) -> None:
         tpl = self.templates.intern(rec.template)
@@ -231,10 +231,7 @@ class JobState:
     def _add_pristine(self, tpl: JobCreated, ids: list[str], blobs: list[bytes]) -> None:
         """Add pristine jobs of one template, in creation order: the batch
         form of :meth:`_add` (no callbacks, unique key or schedule to see to)."""
-        new = [
-            Job(tpl, None, blob=blob, job_id=job_id)
-            for job_id, blob in zip(ids, blobs, strict=True)
-        ]
+        new = [Job(job_id, tpl, blob, None) for job_id, blob in zip(ids, blobs, strict=True)]
         self.jobs.update(zip(ids, new, strict=True))
         self.index.extend(new)
         self._next_seq = max(self._next_seq, new[-1].seq + 1)
@@ -245,7 +242,7 @@ class JobState:
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
         """A whole job from compaction: its creation record and its state."""
-        self._add(Job(rec.job, JobLife.of_snapshot(rec)))
+        self._add(Job.of(rec.job, JobLife.of_snapshot(rec)))
 
     def _add(self, job: Job) -> None:
         self.jobs[job.id] = job
