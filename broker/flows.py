@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from corral.broker.job import touched
 from corral.broker.jobspec import NIL, JobSpec
 from corral.broker.records import FlowCreated, FollowedUp, JobCreated
 from corral.broker.state import TERMINAL, Job, JobState
@@ -125,7 +126,7 @@ def pending(state: JobState, now: float, record: Callable[[FollowedUp], None]) -
     record, never the follow-up's absence, says whether they were made.
     ``record`` logs and applies each; returns how many jobs were created."""
     count = 0
-    for job in list(state.jobs.values()):
+    for job in touched(state.jobs.values()):  # a pristine job has not ended
         if job.status in TERMINAL:
             for followed in followups(state, job, now):
                 record(followed)

@@ -31,6 +31,7 @@ from corral.broker.job import (
     TaskDefaults,
     Templates,
     blob_of,
+    touched,
 )
 from corral.broker.jobspec import NIL, InvalidJob, JobSpec, validate_spec, with_callback
 from corral.broker.policy import Policy
@@ -440,7 +441,7 @@ class JobState:
         (reserved or running) go back to their queue, an interrupted try not
         counted. The broker logs these records, so a later replay sees the
         same."""
-        return [Returned(job.id, job.lease) for job in self.jobs.values() if job.lease]
+        return [Returned(job.id, job.lease) for job in touched(self.jobs.values()) if job.lease]
 
     def recover(self) -> int:
         """Apply :meth:`recovery_records` without logging them; returns how many."""
