@@ -498,6 +498,11 @@ class JobState:
             return None
         return job
 
+    @property
+    def next_seq(self) -> int:
+        """The creation number the next job will take (jobs made so far + 1)."""
+        return self._next_seq
+
     def take_seq(self) -> int:
         """The next creation number."""
         seq = self._next_seq

@@ -5,12 +5,19 @@ driven with records, the way the broker drives it."""
 
 from __future__ import annotations
 
+import gc
 import random
+import uuid
+from pathlib import Path
 
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from inproc import InProcessBroker
 
+from corral.broker import core as core_module
+from corral.broker import protocol as p
 from corral.broker import views as state_views
 from corral.broker.job import BLOB_HEAD
 from corral.broker.jobspec import JobSpec
@@ -237,3 +244,20 @@ def test_pages_walk_every_job_once_in_creation_order(ops: list[tuple[str, int]])
     assert [j.id for j in state.index] == [
         j.id for j in sorted(state.jobs.values(), key=lambda j: j.seq)
     ]
+
+
+def test_the_broker_freezes_what_it_made_after_replay_and_every_so_many_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core_module, "FREEZE_EVERY", 500)
+    try:
+        broker = InProcessBroker(tmp_path)  # the replay freezes once
+        assert broker.core.stats["gc_freezes"] == 1
+        frozen = gc.get_freeze_count()
+        for _ in range(3):
+            jobs = [JobSpec(f"j{uuid.uuid4().hex}", "t.a") for _ in range(250)]
+            broker.request(p.Enqueue(broker.next_req(), jobs))
+        assert broker.core.stats["gc_freezes"] == 2  # after the first 500 made
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
