@@ -299,7 +299,7 @@ def _record_starts(path: Path) -> list[int]:
 @pytest.mark.parametrize("where", ["first_segment", "last_segment"])
 @pytest.mark.parametrize(("field", "bit"), [(0, 0), (0, 30), (4, 3), (8, 1), (12, 5)])
 def test_flipped_bit_is_corruption(tmp_path: Path, where: str, field: int, bit: int) -> None:
-    src, records, _ = _corrupt_fixture(tmp_path)
+    src, records, sizes = _corrupt_fixture(tmp_path)
     segs = segments(src)
     seg = segs[0] if where == "first_segment" else segs[-1]
     starts = _record_starts(seg)
@@ -316,13 +316,19 @@ def test_flipped_bit_is_corruption(tmp_path: Path, where: str, field: int, bit: 
     assert not report.ok and report.corrupt is not None
     assert report.corrupt[:2] == (str(seg), starts[k])
 
+    # repair moves the one damaged record aside and keeps all the others
     fixed = repair(src)
-    assert fixed.action == "cut" and fixed.records_kept == before and fixed.bytes_dropped > 0
+    assert fixed.action == "repaired" and fixed.records_kept == len(records) - 1
+    assert fixed.bytes_dropped == sizes[before]
+    lost = records[before]
+    assert isinstance(lost, JobCreated)
+    if field != 12:  # the frame's header is damaged, its body reads as it was
+        assert fixed.lost_jobs == [lost.id]
     assert fixed.backup is not None
     backup = Path(fixed.backup)
-    assert {p.name for p in backup.iterdir()} == {s.name for s in segs if s >= seg}
+    assert {p.name for p in backup.glob("*.seg")} == {seg.name}
     log, got = open_log(src)
-    assert enc(got) == enc(records[:before])
+    assert enc(got) == enc(records[:before] + records[before + 1 :])
     log.close()
     assert verify(src).ok and repair(src).action == "none"
 
