@@ -88,9 +88,9 @@ class LogCorrupt(LogError):
         self.reason = reason
         super().__init__(
             f"log segment {self.segment} is corrupt at offset {offset}: {reason}; nothing was"
-            " started. Stop the broker and run `corral log verify` to see the damage, then"
-            " `corral log repair`: it moves the damaged bytes aside, keeps every valid record"
-            " and names the jobs that were lost."
+            " started. Stop the corral daemon (so nothing restarts the broker), run `corral"
+            " log verify` to see the damage, then `corral log repair`: it moves the damaged"
+            " bytes aside, keeps every valid record and names the jobs that were lost."
         )
 
 
@@ -102,7 +102,8 @@ class LogFormatUnknown(LogCorrupt):
         LogError.__init__(
             self,
             f"log segment {segment} cannot be read: {reason}. Nothing was started or"
-            " changed; run the corral version that wrote this log.",
+            " changed: run the corral version that wrote this log (or move the file away"
+            " if it is not a segment).",
         )
         self.segment = Path(segment)
         self.offset = 0

@@ -47,6 +47,9 @@ class StateDirLock:
         Raises :class:`StateDirBusy` naming the holder."""
         make_dirs(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.geteuid() == 0:  # a log tool run as root: the broker's user must open it later
+            state = os.stat(self.path.parent)
+            os.fchown(fd, state.st_uid, state.st_gid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

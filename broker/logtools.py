@@ -131,9 +131,17 @@ def _side_name(span: Span) -> str:
     return f"{span.path.name}.{span.start}-{span.end}.damaged"
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _write_synced(
+    path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> None:
+    """Write a new file and fsync it. ``owner`` (uid, gid) is applied when
+    running as root, so a repair run as root leaves segments the broker's
+    user can open."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
+        os.fchmod(fd, mode)  # whatever the umask
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(fd, *owner)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -202,9 +210,11 @@ def _rewrite(plan: SegmentPlan, generation: int) -> None:
     seed = framing.segment_seed(framing.FORMAT_VERSION, generation, plan.seq)
     if seed != plan.seed:
         reseed_frames(body, seed)
+    like = os.stat(plan.path if plan.exists else plan.path.parent)
+    mode = like.st_mode & 0o777 if plan.exists else 0o644
     tmp = plan.path.with_suffix(".tmp")
     try:
-        _write_synced(tmp, header + body)
+        _write_synced(tmp, header + body, mode, (like.st_uid, like.st_gid))
         os.replace(tmp, plan.path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -169,8 +169,8 @@ def describe_verify(directory: Path, report: VerifyReport) -> str:
     if report.corrupt:
         spans = [d for d in report.damaged if d.kind != "torn_tail"]
         lines = [
-            f"{text}; CORRUPT: {len(spans)} damaged span(s); stop the broker and run"
-            " `corral log repair`"
+            f"{text}; CORRUPT: {len(spans)} damaged span(s); `corral log repair` keeps"
+            " every valid record"
         ]
         lines += _damage_lines(report.damaged, repaired=False)
         lines += _job_lines(report.lost_jobs, report.changed_jobs, report.damaged)

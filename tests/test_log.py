@@ -30,12 +30,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-from corral.broker.framing import HEADER_SIZE, MAGIC
+from corral.broker.framing import FORMAT_VERSION, HEADER_SIZE, MAGIC
 from corral.broker.jobspec import JobSpec
 from corral.broker.log import Log, LogCorrupt, LogDiskFull, LogError
 from corral.broker.logtools import repair, verify
 from corral.broker.records import (
-    LOG_FORMAT_VERSION,
     NIL,
     RECORD_TYPES,
     BrokerStarted,
@@ -372,7 +371,7 @@ def test_zeros_after_a_finished_segment_are_fine(tmp_path: Path) -> None:
     log.close()
 
 
-def _rewrite_header(seg: Path, version: int = LOG_FORMAT_VERSION, magic: bytes = MAGIC) -> None:
+def _rewrite_header(seg: Path, version: int = FORMAT_VERSION, magic: bytes = MAGIC) -> None:
     data = bytearray(seg.read_bytes())
     struct.pack_into("<8sH", data, 0, magic, version)
     struct.pack_into("<I", data, 28, zlib.crc32(bytes(data[:28])))
@@ -382,12 +381,13 @@ def _rewrite_header(seg: Path, version: int = LOG_FORMAT_VERSION, magic: bytes =
 def test_wrong_version_names_both_versions(tmp_path: Path) -> None:
     write_log(tmp_path, [created(1)])
     seg = segments(tmp_path)[0]
-    _rewrite_header(seg, version=LOG_FORMAT_VERSION + 41)
+    _rewrite_header(seg, version=FORMAT_VERSION + 41)
     with pytest.raises(LogCorrupt) as info:
         open_log(tmp_path)
     assert info.value.segment == seg and info.value.offset == 0
-    assert str(LOG_FORMAT_VERSION + 41) in info.value.reason
-    assert str(LOG_FORMAT_VERSION) in info.value.reason.replace(str(LOG_FORMAT_VERSION + 41), "")
+    assert str(FORMAT_VERSION + 41) in info.value.reason
+    assert str(FORMAT_VERSION) in info.value.reason.replace(str(FORMAT_VERSION + 41), "")
+    assert "another corral" in str(info.value) and "corral log repair" not in str(info.value)
 
 
 def test_bad_magic_and_bad_header_crc(tmp_path: Path) -> None:
