@@ -142,6 +142,9 @@ def segment_seed(version: int, generation: int, seq: int) -> int:
 
 
 class Header(NamedTuple):
+    """A segment header's fields; ``version`` is the segment format (3 or
+    4), ``records`` the records' version."""
+
     flags: int
     seq: int
     generation: int
@@ -307,6 +310,22 @@ def next_valid_frame(data: bytes, start: int, stop: int, seed: int) -> int:
     return -1
 
 
+def next_record(data: bytes, start: int, stop: int, seed: int) -> int:
+    """Offset of the first frame in ``[start, stop)`` that validates under
+    ``seed`` and decodes, or -1: where a walk resynchronises after damage."""
+    while True:
+        pos = next_valid_frame(data, start, stop, seed)
+        if pos < 0:
+            return -1
+        length, _, code = FRAME.unpack_from(data, pos)
+        try:
+            decode_record(code, data[pos + 9 : pos + 8 + length])
+        except RecordError:
+            start = pos + 1
+            continue
+        return pos
+
+
 def content_end(data: bytes) -> int:
     """One past the last non-zero byte, without copying a whole segment."""
     end = len(data)
@@ -361,7 +380,7 @@ class Scan:
             return None
         if not last:
             return LogCorrupt(self.path, self.pos, self.reason)
-        valid = next_valid_frame(self.data, self.pos + 1, self.stop, self.seed)
+        valid = next_record(self.data, self.pos + 1, self.stop, self.seed)
         if valid < 0:
             return None
         return LogCorrupt(
@@ -370,6 +389,8 @@ class Scan:
 
 
 class Segment(NamedTuple):
+    """A segment of the log a replay reads: its number, file and header."""
+
     seq: int
     path: Path
     header: Header

@@ -3,8 +3,9 @@
 :func:`survey` walks a log's segments from its last BASE segment on, as a
 replay does, but does not stop at damage: after a bad frame it
 resynchronises, scanning forward for the next frame that validates under
-the segment's CRC seed and decodes. Each stretch it skips is a
-:class:`Span`. A damaged segment header is rebuilt from what can be proven:
+the segment's CRC seed and decodes (:func:`~corral.broker.framing.next_record`,
+the test a replay uses to tell a torn tail from corruption). Each stretch
+it skips is a :class:`Span`. A damaged segment header is rebuilt from what can be proven:
 the sequence number from the file name, the generation from the other
 segments (or the damaged field, give or take one flipped bit) and the CRC
 seed from which candidate makes the segment's frames validate; the lowest
@@ -38,7 +39,7 @@ from corral.broker.framing import (
     check_header,
     content_end,
     list_segments,
-    next_valid_frame,
+    next_record,
     segment_seed,
 )
 from corral.broker.records import (
@@ -99,6 +100,11 @@ class Survey:
     segments: list[SegmentPlan]
     lost_jobs: list[str]
     changed_jobs: list[str]
+
+    @property
+    def generation(self) -> int:
+        """The generation every segment gets (the first one's, as planned)."""
+        return self.segments[0].header.generation
 
     @property
     def spans(self) -> list[Span]:
@@ -222,25 +228,6 @@ def read_damaged(data: bytes, start: int, end: int) -> list[Record]:
     return held
 
 
-def _decodes(data: bytes, pos: int) -> bool:
-    length, _, code = FRAME.unpack_from(data, pos)
-    try:
-        decode_record(code, data[pos + FRAME.size : pos + 8 + length])
-    except RecordError:
-        return False
-    return True
-
-
-def resync(data: bytes, start: int, stop: int, seed: int) -> int:
-    """The first offset in ``[start, stop)`` where a frame validates under
-    ``seed`` and decodes, or -1."""
-    while True:
-        pos = next_valid_frame(data, start, stop, seed)
-        if pos < 0 or _decodes(data, pos):
-            return pos
-        start = pos + 1
-
-
 # -- walking one segment -----------------------------------------------------------------
 
 
@@ -261,7 +248,7 @@ def walk(plan: SegmentPlan, data: bytes, last: bool, ledger: JobLedger) -> None:
                     ledger.kept(record)
                     pos = end
                     continue
-            after = resync(data, pos + 1, stop, seed)
+            after = next_record(data, pos + 1, stop, seed)
             end = stop if after < 0 else after
             kind = "torn_tail" if after < 0 and last else "damaged"
             add_span(plan, ledger, data, Span(plan.seq, plan.path, pos, end, got, kind))
@@ -269,6 +256,8 @@ def walk(plan: SegmentPlan, data: bytes, last: bool, ledger: JobLedger) -> None:
 
 
 def add_span(plan: SegmentPlan, ledger: JobLedger, data: bytes, span: Span) -> None:
+    """Record ``span`` (of ``data``, the segment's bytes) in ``plan`` and the
+    ledger, with what its bytes read as."""
     if span.kind in ("damaged", "torn_tail"):
         span.held = read_damaged(data, span.start, span.end)
         if span.end - span.start <= _SAMPLE:
@@ -310,7 +299,7 @@ def recover_seed(data: bytes, seq: int, generations: Iterable[int]) -> tuple[int
                 return gen, seed
     stop = min(content_end(data), HEADER_SIZE + 64 * 1024)
     for gen, seed in candidates[:3]:  # the first frame itself is damaged: look further
-        if resync(data, HEADER_SIZE, stop, seed) >= 0:
+        if next_record(data, HEADER_SIZE, stop, seed) >= 0:
             return gen, seed
     return None
 
@@ -365,61 +354,69 @@ def survey(directory: Path) -> Survey:
     :class:`LogFormatUnknown` for a segment another corral wrote."""
     if not directory.is_dir():
         raise LogError(f"no log directory at {directory}: check broker.state_dir (or --state-dir)")
-    found = list_segments(directory)
-    heads = _headers(found)
-    live = found[_live_start(found, heads) :]
-    for seq, path in live:
-        head = heads[seq]
-        if isinstance(head, HeaderFault) and not head.damaged:
-            raise LogFormatUnknown(path, head.reason)
-    intact = [h for seq, _ in live if isinstance(h := heads[seq], Header)]
-    log_gens = [gen for gen, _ in Counter(h.generation for h in intact).most_common()]
-    ledger = JobLedger()
-    plans: list[SegmentPlan] = []
-    by_seq = dict(live)
-    seqs = range(live[0][0], live[-1][0] + 1) if live else range(0)
-    for seq in seqs:
-        plans.append(_survey_one(seq, by_seq.get(seq), directory, heads, log_gens, ledger, seqs))
-    lost, changed = ledger.result()
-    return Survey(directory, plans, lost, changed)
+    return _Surveyor(directory).run()
 
 
-def _survey_one(
-    seq: int,
-    path: Path | None,
-    directory: Path,
-    heads: dict[int, Header | HeaderFault],
-    log_gens: list[int],
-    ledger: JobLedger,
-    seqs: range,
-) -> SegmentPlan:
-    base, last = seq == seqs[0], seq == seqs[-1]
-    generation = log_gens[0] if log_gens else secrets.randbits(64)
-    if path is None:
-        missing = directory / f"{seq:020d}.seg"
-        header = Header(_flags(base), seq, generation)
-        plan = SegmentPlan(seq, missing, header, header.seed, exists=False)
-        why = f"segment {seq} is missing"
-        add_span(plan, ledger, b"", Span(seq, missing, 0, 0, why, "missing_segment"))
+class _Surveyor:
+    """One survey: the segments from the replay's start on, the log's
+    generation (the most common among intact headers) and the ledger."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        found = list_segments(directory)
+        self.heads = _headers(found)
+        self.live = dict(found[_live_start(found, self.heads) :])
+        for seq, path in self.live.items():
+            head = self.heads[seq]
+            if isinstance(head, HeaderFault) and not head.damaged:
+                raise LogFormatUnknown(path, head.reason)
+        intact = [h for seq in self.live if isinstance(h := self.heads[seq], Header)]
+        self.log_gens = [gen for gen, _ in Counter(h.generation for h in intact).most_common()]
+        self.ledger = JobLedger()
+        self.seqs = range(min(self.live), max(self.live) + 1) if self.live else range(0)
+
+    def run(self) -> Survey:
+        plans = [self._one(seq) for seq in self.seqs]
+        lost, changed = self.ledger.result()
+        return Survey(self.directory, plans, lost, changed)
+
+    def _one(self, seq: int) -> SegmentPlan:
+        base, path = seq == self.seqs[0], self.live.get(seq)
+        if path is None:
+            return self._missing(seq, base)
+        data = path.read_bytes()
+        head = self.heads[seq]
+        if isinstance(head, HeaderFault):
+            plan, spans = _rebuilt(seq, path, data, base, self.log_gens, head.reason)
+            for span in spans:
+                add_span(plan, self.ledger, data, span)
+        elif head.generation != self.log_gens[0]:
+            return self._foreign(seq, path, data, base, head)
+        elif base and not head.flags & FLAG_BASE:
+            plan = SegmentPlan(seq, path, head._replace(flags=FLAG_BASE), head.seed, rewrite=True)
+            reason = "no base segment: the start of the log is missing"
+            add_span(plan, self.ledger, data, Span(seq, path, 0, HEADER_SIZE, reason, "header"))
+        else:
+            plan = SegmentPlan(seq, path, head, head.seed)
+        if not any(span.start >= HEADER_SIZE for span in plan.spans):
+            walk(plan, data, seq == self.seqs[-1], self.ledger)
         return plan
-    data = path.read_bytes()
-    head = heads[seq]
-    if isinstance(head, HeaderFault):
-        plan, spans = _rebuilt(seq, path, data, base, log_gens, head.reason)
-        for span in spans:
-            add_span(plan, ledger, data, span)
-    elif head.generation != generation:
-        header = Header(_flags(base), seq, generation)
+
+    def _generation(self) -> int:
+        return self.log_gens[0] if self.log_gens else secrets.randbits(64)
+
+    def _missing(self, seq: int, base: bool) -> SegmentPlan:
+        path = self.directory / f"{seq:020d}.seg"
+        header = Header(_flags(base), seq, self._generation())
+        plan = SegmentPlan(seq, path, header, header.seed, exists=False)
+        why = f"segment {seq} is missing"
+        add_span(plan, self.ledger, b"", Span(seq, path, 0, 0, why, "missing_segment"))
+        return plan
+
+    def _foreign(self, seq: int, path: Path, data: bytes, base: bool, head: Header) -> SegmentPlan:
+        header = Header(_flags(base), seq, self._generation())
         plan = SegmentPlan(seq, path, header, header.seed)
         reason = f"segment belongs to another log (generation {head.generation:#x})"
-        add_span(plan, ledger, data, Span(seq, path, 0, len(data), reason, "foreign_segment"))
+        span = Span(seq, path, 0, content_end(data), reason, "foreign_segment")
+        add_span(plan, self.ledger, data, span)
         return plan
-    elif base and not head.flags & FLAG_BASE:
-        plan = SegmentPlan(seq, path, head._replace(flags=FLAG_BASE), head.seed, rewrite=True)
-        reason = "no base segment: the start of the log is missing"
-        add_span(plan, ledger, data, Span(seq, path, 0, HEADER_SIZE, reason, "header"))
-    else:
-        plan = SegmentPlan(seq, path, head, head.seed)
-    if not any(span.start >= HEADER_SIZE for span in plan.spans):
-        walk(plan, data, last, ledger)
-    return plan

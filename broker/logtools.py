@@ -253,10 +253,9 @@ def repair(directory: str | os.PathLike[str]) -> RepairReport:
     )
     _write_synced(backup / "repair.json", msgspec.json.encode(report))
     framing.fsync_dir(backup)
-    generation = found.segments[0].header.generation
     for plan in found.segments:
         if plan.rewrite:
-            _rewrite(plan, generation)
+            _rewrite(plan, found.generation)
     _log.info(
         "log.repaired",
         directory=str(path),

@@ -391,7 +391,7 @@ def cmd_log(args: argparse.Namespace) -> int:
             emit(args, repaired, lambda r: describe_repair(directory, r))
             return EXIT_OK
         return _compact_offline(args, state_dir)
-    except LogError as exc:
+    except (LogError, OSError) as exc:  # e.g. the disk filled while repair saved the damage
         raise CorralError(f"corral log {args.action}: {exc}") from None
     finally:
         lock.release()
