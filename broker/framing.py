@@ -1,19 +1,32 @@
 """The log's on-disk format: segment files, their headers and record frames.
 
 A log is one directory of ``NNNNNNNNNNNNNNNNNNNN.seg`` segments, numbered
-without gaps. Each starts with a 32-byte header: magic ``CORRALOG``, format
-version (u16), flags (u16, bit 0 = BASE: a full history starts here),
-sequence number (u64), the log's random generation id (u64) and a CRC32 of
-the preceding 28 bytes. Each record is framed as u32 length (of type +
-body), u32 CRC32 (over the length field, the type and the body), u8 type
-code, msgpack body. Segments are preallocated, so a segment's zero-filled
-tail is the end of its records.
+without gaps. Each starts with a 32-byte header (all little-endian): magic
+``CORRALOG``, segment format version (u16, :data:`FORMAT_VERSION`), flags
+(u8, bit 0 = BASE: a full history starts here), the records' version (u8,
+:data:`~corral.broker.records.LOG_FORMAT_VERSION`), sequence number (u64),
+the log's random generation id (u64) and a CRC32 of the preceding 28 bytes.
+
+Each record is framed as u32 length (of type + body), u32 CRC32, u8 type
+code, msgpack body. The CRC covers the length field, the type and the body,
+and is seeded with the segment's salt: the CRC32 of its generation and
+sequence number (:attr:`Header.seed`), as SQLite salts its WAL frames. So a
+frame validates only in the segment it was written for: a stale frame from
+another segment or another log, or one inside a payload (whose writer
+cannot know the random generation), never does. Segments are preallocated,
+so a segment's zero-filled tail is the end of its records.
+
+Format 3, the previous one, is still read: its header had u16 flags where
+format 4 has flags and the records' version (3), and its CRCs have no seed
+(:attr:`Header.seed` is 0). The live log goes on appending to a format-3
+last segment in format 3; every segment it creates is format 4.
 
 This module packs and checks headers and frames, walks a segment's records
-(:class:`Scan`) and finds the segments a replay reads (:func:`plan_segments`);
-the live log (:mod:`corral.broker.log`) and the offline tools
-(:mod:`corral.broker.logtools`) both build on it. It also holds the log's
-errors.
+(:class:`Scan`), finds the segments a replay reads (:func:`plan_segments`)
+and creates directories durably (:func:`make_dirs`); the live log
+(:mod:`corral.broker.log`) and the offline tools
+(:mod:`corral.broker.logtools`, :mod:`corral.broker.logsurvey`) build on it.
+It also holds the log's errors.
 """
 
 from __future__ import annotations
@@ -41,9 +54,21 @@ MAGIC = b"CORRALOG"
 FLAG_BASE = 1
 #: Largest ``length`` field accepted (type byte + body).
 MAX_RECORD = 64 * MiB
+#: The segment format this code writes: 4 seeds each frame's CRC.
+FORMAT_VERSION = 4
+#: The previous format, still read: CRCs with no seed.
+LEGACY_VERSION = 3
+READABLE_VERSIONS = (LEGACY_VERSION, FORMAT_VERSION)
 
-_HEADER = Struct("<8sHHQQ")
+#: The oldest records version this corral reads: record types are only ever
+#: added, so a newer corral reads every older log (version 4 added
+#: ``JobsCreated`` and ``ClockStepped``).
+MIN_RECORDS_VERSION = 3
+_HEADER = Struct("<8sHBBQQ")  # magic, format, flags, records' version, seq, generation
+_HEADER_V3 = Struct("<8sHHQQ")  # magic, format, flags, seq, generation
+_U16 = Struct("<H")
 _U32 = Struct("<I")
+_SALT = Struct("<QQ")  # generation, seq
 HEADER_SIZE = _HEADER.size + _U32.size
 FRAME = Struct("<IIB")  # length, crc, type
 LEN_TYPE = Struct("<IB")  # what the CRC covers before the body
@@ -67,9 +92,26 @@ class LogCorrupt(LogError):
         self.reason = reason
         super().__init__(
             f"log segment {self.segment} is corrupt at offset {offset}: {reason}; nothing was"
-            " started. Run `corral log verify` to inspect it and `corral log repair` to cut"
-            " the log at that point (a backup is kept)."
+            " started. Stop the corral daemon (so nothing restarts the broker), run `corral"
+            " log verify` to see the damage, then `corral log repair`: it moves the damaged"
+            " bytes aside, keeps every valid record and names the jobs that were lost."
         )
+
+
+class LogFormatUnknown(LogCorrupt):
+    """An intact segment header that this corral cannot read: another
+    corral's format version, or not a corral segment at all."""
+
+    def __init__(self, segment: str | os.PathLike[str], reason: str) -> None:
+        LogError.__init__(
+            self,
+            f"log segment {segment} cannot be read: {reason}. Nothing was started or"
+            " changed: run the corral version that wrote this log (or move the file away"
+            " if it is not a segment).",
+        )
+        self.segment = Path(segment)
+        self.offset = 0
+        self.reason = reason
 
 
 class LogDiskFull(LogError):
@@ -96,33 +138,79 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def pack_header(flags: int, seq: int, generation: int) -> bytes:
-    head = _HEADER.pack(MAGIC, LOG_FORMAT_VERSION, flags, seq, generation)
-    return head + _U32.pack(_crc32(head))
+def segment_seed(version: int, generation: int, seq: int) -> int:
+    """The CRC32 seed of a segment's frames: the CRC of its salt (0 in format 3)."""
+    if version == LEGACY_VERSION:
+        return 0
+    return _crc32(_SALT.pack(generation, seq))
 
 
 class Header(NamedTuple):
+    """A segment header's fields; ``version`` is the segment format (3 or
+    4), ``records`` the records' version."""
+
     flags: int
     seq: int
     generation: int
+    version: int = FORMAT_VERSION
+    records: int = LOG_FORMAT_VERSION
+
+    @property
+    def seed(self) -> int:
+        return segment_seed(self.version, self.generation, self.seq)
+
+
+def pack_header(flags: int, seq: int, generation: int) -> bytes:
+    """A header in the current format (:data:`FORMAT_VERSION`)."""
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, LOG_FORMAT_VERSION, seq, generation)
+    return head + _U32.pack(_crc32(head))
+
+
+class HeaderFault(NamedTuple):
+    """Why a header cannot be used; ``damaged`` is False when it is intact
+    but written by a corral that reads differently (or is not a segment)."""
+
+    reason: str
+    damaged: bool
+
+
+def check_header(raw: bytes) -> Header | HeaderFault:
+    """The header at the start of ``raw``, or why it is not a usable one."""
+    if len(raw) < HEADER_SIZE:
+        return HeaderFault(f"short segment header ({len(raw)} bytes)", True)
+    if _U32.unpack_from(raw, _HEADER.size)[0] != _crc32(raw[: _HEADER.size]):
+        return HeaderFault("segment header checksum mismatch", True)
+    magic, version = raw[:8], _U16.unpack_from(raw, 8)[0]
+    if magic != MAGIC:
+        return HeaderFault(f"bad magic {magic!r}: not a corral log segment", False)
+    if version not in READABLE_VERSIONS:
+        return HeaderFault(
+            f"log format version {version} found, this corral reads versions"
+            f" {' and '.join(map(str, READABLE_VERSIONS))}: it was written by another corral",
+            False,
+        )
+    if version == LEGACY_VERSION:
+        _, _, flags, seq, generation = _HEADER_V3.unpack_from(raw)
+        records = LEGACY_VERSION  # format 3 versioned records and framing together
+    else:
+        _, _, flags, records, seq, generation = _HEADER.unpack_from(raw)
+    if not MIN_RECORDS_VERSION <= records <= LOG_FORMAT_VERSION:
+        return HeaderFault(
+            f"log records version {records} found, this corral reads versions"
+            f" {MIN_RECORDS_VERSION} to {LOG_FORMAT_VERSION}: it was written by another corral",
+            False,
+        )
+    return Header(flags, seq, generation, version, records)
 
 
 def parse_header(path: Path, raw: bytes) -> Header:
-    if len(raw) < HEADER_SIZE:
-        raise LogCorrupt(path, 0, f"short segment header ({len(raw)} bytes)")
-    magic, version, flags, seq, generation = _HEADER.unpack_from(raw)
-    if magic != MAGIC:
-        raise LogCorrupt(path, 0, f"bad magic {magic!r}: not a corral log segment")
-    if version != LOG_FORMAT_VERSION:
-        raise LogCorrupt(
-            path,
-            0,
-            f"log format version {version} found, this corral supports version"
-            f" {LOG_FORMAT_VERSION}",
-        )
-    if _U32.unpack_from(raw, _HEADER.size)[0] != _crc32(raw[: _HEADER.size]):
-        raise LogCorrupt(path, 0, "segment header checksum mismatch")
-    return Header(flags, seq, generation)
+    """The header of segment ``path``; raises :class:`LogCorrupt` naming why not."""
+    got = check_header(raw)
+    if isinstance(got, HeaderFault):
+        if not got.damaged:
+            raise LogFormatUnknown(path, got.reason)
+        raise LogCorrupt(path, 0, got.reason)
+    return got
 
 
 def read_header(path: Path) -> Header:
@@ -131,6 +219,7 @@ def read_header(path: Path) -> Header:
 
 
 def fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` durable; raises :class:`FsyncFailed`."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -140,21 +229,57 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(directory: Path, mode: int = 0o777) -> None:
+    """Create ``directory`` and any missing parents, each made durable: after
+    each ``mkdir`` its parent is fsync'd, so a power loss cannot lose the new
+    entry (and with it everything later written inside). Raises OSError."""
+    directory = Path(directory).absolute()
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode)
+        except FileExistsError:
+            if not new.is_dir():
+                raise
+            continue  # made meanwhile by someone else, who syncs it
+        fsync_dir(new.parent)
+
+
 # -- frames and scanning ----------------------------------------------------
 
 
-def frame_into(buf: bytearray, record: Record) -> int:
-    """Append ``record``'s frame to ``buf``; return the frame's size."""
+def frame_into(buf: bytearray, record: Record, seed: int) -> int:
+    """Append ``record``'s frame for a segment of CRC ``seed`` to ``buf``;
+    return the frame's size in bytes."""
     code, body = encode_record(record)
     length = len(body) + 1
     if length > MAX_RECORD:
         raise LogError(f"record of {length} bytes is over the {MAX_RECORD} byte limit")
-    buf += FRAME.pack(length, _crc32(body, _crc32(LEN_TYPE.pack(length, code))), code)
+    buf += FRAME.pack(length, _crc32(body, _crc32(LEN_TYPE.pack(length, code), seed)), code)
     buf += body
     return length + 8
 
 
-def check_frame(data: bytes, view: memoryview, pos: int) -> tuple[int, int] | str:
+def frame_crc(view: memoryview | bytes, pos: int, end: int, seed: int) -> int:
+    """The CRC that the frame at ``[pos, end)`` should carry under ``seed``."""
+    return _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4], seed))
+
+
+def reseed_frames(buf: bytearray, seed: int) -> None:
+    """Recompute, in place, the CRC of every frame in ``buf`` (whole frames,
+    back to back) for a segment whose CRC seed is ``seed``."""
+    pos = 0
+    with memoryview(buf) as view:
+        while pos < len(buf):
+            end = pos + 8 + _U32.unpack_from(buf, pos)[0]
+            _U32.pack_into(buf, pos + 4, frame_crc(view, pos, end, seed))
+            pos = end
+
+
+def check_frame(data: bytes, view: memoryview, pos: int, seed: int) -> tuple[int, int] | str:
     """Return ``(end, code)`` of the valid frame at ``pos``, or why it is not one."""
     if pos + FRAME.size > len(data):
         return "short record header"
@@ -164,14 +289,14 @@ def check_frame(data: bytes, view: memoryview, pos: int) -> tuple[int, int] | st
     end = pos + 8 + length
     if end > len(data):
         return f"record length {length} runs past the end of the segment"
-    if _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4])) != crc:
+    if frame_crc(view, pos, end, seed) != crc:
         return "record checksum mismatch"
     if not is_known_code(code):
         return f"unknown record type {code}"
     return end, code
 
 
-def next_valid_frame(data: bytes, start: int, stop: int) -> int:
+def next_valid_frame(data: bytes, start: int, stop: int, seed: int) -> int:
     """Offset of the first valid frame starting in ``[start, stop)``, or -1."""
     size = len(data)
     unpack = FRAME.unpack_from
@@ -183,10 +308,26 @@ def next_valid_frame(data: bytes, start: int, stop: int) -> int:
                 0 < length <= MAX_RECORD
                 and end <= size
                 and is_known_code(code)
-                and _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4])) == crc
+                and _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4], seed)) == crc
             ):
                 return pos
     return -1
+
+
+def next_record(data: bytes, start: int, stop: int, seed: int) -> int:
+    """Offset of the first frame in ``[start, stop)`` that validates under
+    ``seed`` and decodes, or -1: where a walk resynchronises after damage."""
+    while True:
+        pos = next_valid_frame(data, start, stop, seed)
+        if pos < 0:
+            return -1
+        length, _, code = FRAME.unpack_from(data, pos)
+        try:
+            decode_record(code, data[pos + 9 : pos + 8 + length])
+        except RecordError:
+            start = pos + 1
+            continue
+        return pos
 
 
 def content_end(data: bytes) -> int:
@@ -206,11 +347,13 @@ class Scan:
 
     Afterwards ``pos`` is where the good records end and ``reason`` says why
     the walk stopped early (None at a clean end). ``stop`` is one past the
-    last non-zero byte: beyond it lie only preallocated zeros."""
+    last non-zero byte: beyond it lie only preallocated zeros. ``seed`` is
+    the segment's CRC seed (:attr:`Header.seed`)."""
 
-    def __init__(self, path: Path, data: bytes) -> None:
+    def __init__(self, path: Path, data: bytes, seed: int) -> None:
         self.path = path
         self.data = data
+        self.seed = seed
         self.stop = content_end(data)
         self.pos = HEADER_SIZE
         self.reason: str | None = None
@@ -221,7 +364,7 @@ class Scan:
         with memoryview(data) as view:
             while self.pos < self.stop:
                 pos = self.pos
-                got = check_frame(data, view, pos)
+                got = check_frame(data, view, pos, self.seed)
                 if isinstance(got, str):
                     self.reason = got
                     return
@@ -241,7 +384,7 @@ class Scan:
             return None
         if not last:
             return LogCorrupt(self.path, self.pos, self.reason)
-        valid = next_valid_frame(self.data, self.pos + 1, self.stop)
+        valid = next_record(self.data, self.pos + 1, self.stop, self.seed)
         if valid < 0:
             return None
         return LogCorrupt(
@@ -249,8 +392,19 @@ class Scan:
         )
 
 
-def plan_segments(directory: Path) -> tuple[list[tuple[int, Path]], list[Path], int]:
-    """Return (segments from the last BASE on, older segments, generation)."""
+class Segment(NamedTuple):
+    """A segment of the log a replay reads: its number, file and header."""
+
+    seq: int
+    path: Path
+    header: Header
+
+
+def plan_segments(directory: Path) -> tuple[list[Segment], list[Path], int]:
+    """Return (segments from the last BASE on, older segments, generation).
+
+    Raises :class:`LogCorrupt` for a bad header, a gap, a segment of another
+    log, or no BASE segment."""
     segments = list_segments(directory)
     if not segments:
         return [], [], 0
@@ -266,11 +420,11 @@ def plan_segments(directory: Path) -> tuple[list[tuple[int, Path]], list[Path], 
             break
     if base < 0:
         raise LogCorrupt(segments[0][1], 0, "no base segment: the start of the log is missing")
-    live = segments[base:]
-    generation = headers[live[0][0]].generation
-    for (prev, _), (seq, path) in itertools.pairwise(live):
-        if seq != prev + 1:
-            raise LogCorrupt(path, 0, f"segment {prev + 1} is missing")
-        if headers[seq].generation != generation:
+    live = [Segment(seq, path, headers[seq]) for seq, path in segments[base:]]
+    generation = live[0].header.generation
+    for prev, (seq, path, header) in itertools.pairwise(live):
+        if seq != prev.seq + 1:
+            raise LogCorrupt(path, 0, f"segment {prev.seq + 1} is missing")
+        if header.generation != generation:
             raise LogCorrupt(path, 0, "segment belongs to another log (generation id differs)")
     return live, [p for _, p in segments[:base]], generation

@@ -1,4 +1,11 @@
-"""One broker per state directory: an exclusive flock held while it runs."""
+"""One user of a state directory at a time: an exclusive flock on
+``state_dir/broker.lock``, held by the broker while it runs and by the
+offline log tools (``corral log verify|repair|compact``) while they work.
+
+The file holds the holder's pid and what it is (``12345 broker``), so the
+one refused can say who holds it. The lock goes with the process, crash
+included; the file stays.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +13,78 @@ import fcntl
 import os
 from pathlib import Path
 
+from corral.broker.framing import make_dirs
 from corral.errors import CorralError
+
+#: What the broker writes as its name in the lock file.
+BROKER = "broker"
 
 
 class StateDirBusy(CorralError):
-    """Another broker holds the state directory."""
+    """Another process (a broker, or a log tool) holds the state directory.
+    ``pid`` and ``holder`` are what its lock file says (``holder`` is
+    ``broker`` or the log tool's command line)."""
+
+    def __init__(self, message: str, pid: str, holder: str) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.holder = holder
 
 
 class StateDirLock:
-    """An advisory lock on ``state_dir/broker.lock``, released on exit or crash."""
+    """An advisory lock on ``state_dir/broker.lock``, released on exit or crash.
 
-    def __init__(self, state_dir: Path) -> None:
+    ``owner`` names the holder in the lock file: :data:`BROKER`, or a log
+    tool's command such as ``corral log repair``."""
+
+    def __init__(self, state_dir: Path, owner: str = BROKER) -> None:
         self.path = Path(state_dir) / "broker.lock"
+        self.owner = owner
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        """Take the lock, creating the state directory durably if needed.
+        Raises :class:`StateDirBusy` naming the holder."""
+        make_dirs(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.geteuid() == 0:  # a log tool run as root: the broker's user must open it later
+            state = os.stat(self.path.parent)
+            os.fchown(fd, state.st_uid, state.st_gid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            text = os.read(fd, 256).decode(errors="replace").strip()
             os.close(fd)
-            raise StateDirBusy(
-                f"another broker (pid {holder}) is using {self.path.parent}; "
-                "stop it first, or give this one another broker.state_dir"
-            ) from None
+            pid, _, holder = text.partition(" ")
+            raise self._busy(pid or "unknown", holder or BROKER) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {self.owner}\n".encode())
         self._fd = fd
+
+    def _busy(self, pid: str, holder: str) -> StateDirBusy:
+        where = self.path.parent
+        if self.owner == BROKER and holder == BROKER:
+            message = (
+                f"another broker (pid {pid}) is using {where}; "
+                "stop it first, or give this one another broker.state_dir"
+            )
+        elif self.owner == BROKER:
+            message = (
+                f"`{holder}` (pid {pid}) is working on {where}; "
+                "start the broker again when it has finished"
+            )
+        elif holder == BROKER:
+            message = (
+                f"a running broker (pid {pid}) holds {self.path}: `{self.owner}` works only on"
+                " a stopped broker's log. Nothing was read or changed; stop the broker (or the"
+                " `corral run` daemon or systemd unit that runs it), then run this again"
+            )
+        else:
+            message = (
+                f"`{holder}` (pid {pid}) holds {self.path}; nothing was read or changed: wait"
+                " for it to finish, then run this again"
+            )
+        return StateDirBusy(message, pid, holder)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -10,6 +10,16 @@ allocated rather than in the middle of a record. The last ``reserve`` bytes
 of a segment are kept for records about existing jobs once the disk is full
 (:attr:`Log.full`).
 
+Each frame's CRC is seeded with its segment's salt (see
+:mod:`corral.broker.framing`); appends are framed for the active segment
+and re-seeded if a roll puts them in the next one. A last segment in the
+previous format (3) is appended to in that format; new segments are
+always in the current one.
+
+Creating the log directory syncs the parent of every directory created
+(:func:`~corral.broker.framing.make_dirs`), as creating a segment syncs the
+log directory.
+
 Replay starts at the last BASE segment. Only the last segment may end in a
 torn record (older ones are fsync'd before the next one exists): it is cut
 with a warning. A bad record followed by a valid one is corruption and the
@@ -38,6 +48,7 @@ from typing import NoReturn
 
 from corral.broker.framing import (
     FLAG_BASE,
+    FORMAT_VERSION,
     FRAME,
     HEADER_SIZE,
     LEN_TYPE,
@@ -50,9 +61,12 @@ from corral.broker.framing import (
     Scan,
     frame_into,
     fsync_dir,
+    make_dirs,
     pack_header,
     plan_segments,
+    reseed_frames,
     seg_path,
+    segment_seed,
 )
 from corral.broker.lazylog import get_logger
 from corral.broker.records import Record, encode_record
@@ -105,6 +119,7 @@ class _Active:
     seq: int
     end: int  # where the next write goes
     synced: int  # offset known to be on disk
+    seed: int  # its frames' CRC seed
 
 
 @dataclass
@@ -140,6 +155,7 @@ class Log:
         self.reserve = reserve
         self._limit = segment_size - reserve
         self._pending = bytearray()
+        self._seed = 0  # the CRC seed the pending frames were built with
         self._active: _Active | None = None
         self._generation = 0
         self._dirty = False
@@ -160,7 +176,7 @@ class Log:
         and raises :class:`LogCorrupt` for anything worse."""
         if self._active is not None:
             raise LogError("the log is already open")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.directory)
         self._remove_tmp_files()
         self._n = _Counters()
         live, stale, self._generation = plan_segments(self.directory)
@@ -171,11 +187,11 @@ class Log:
             except OSError as exc:
                 cls = LogDiskFull if exc.errno in _DISK_FULL else LogError
                 raise cls(f"cannot create the first log segment: {exc}") from exc
-            self._active = _Active(fd, path, 1, HEADER_SIZE, HEADER_SIZE)
+            self._activate(_Active(fd, path, 1, HEADER_SIZE, HEADER_SIZE, self._new_seed(1)))
             return
         self._remove_stale(stale)
-        for i, (_, path) in enumerate(live):
-            scan = Scan(path, path.read_bytes())
+        for i, (_, path, header) in enumerate(live):
+            scan = Scan(path, path.read_bytes(), header.seed)
             yield from scan
             problem = scan.problem(last=i == len(live) - 1)
             if problem is not None:
@@ -183,7 +199,19 @@ class Log:
             self._n.since_compaction += scan.pos - HEADER_SIZE
             if i < len(live) - 1:
                 self._n.finished.append((path, scan.pos))
-        self._open_last(live[-1][0], scan)
+        self._open_last(live[-1].seq, scan)
+
+    def _new_seed(self, seq: int) -> int:
+        """The CRC seed of a segment this log creates."""
+        return segment_seed(FORMAT_VERSION, self._generation, seq)
+
+    def _activate(self, active: _Active) -> _Active:
+        """Make ``active`` the segment appends go to. Pending frames keep
+        their seed: ``_write_pending`` re-seeds them if they land here."""
+        self._active = active
+        if not self._pending:
+            self._seed = active.seed
+        return active
 
     def _remove_tmp_files(self) -> None:
         for tmp in sorted(self.directory.glob("*.tmp")):
@@ -208,7 +236,7 @@ class Log:
         except BaseException:
             os.close(fd)
             raise
-        self._active = _Active(fd, scan.path, seq, scan.pos, scan.pos)
+        self._activate(_Active(fd, scan.path, seq, scan.pos, scan.pos, scan.seed))
 
     def _cut_torn_tail(self, fd: int, scan: Scan) -> None:
         os.ftruncate(fd, scan.pos)
@@ -264,7 +292,9 @@ class Log:
         if length > MAX_RECORD:
             raise LogError(f"record of {length} bytes is over the {MAX_RECORD} byte limit")
         pending = self._pending
-        pending += FRAME.pack(length, _crc32(body, _crc32(LEN_TYPE.pack(length, code))), code)
+        pending += FRAME.pack(
+            length, _crc32(body, _crc32(LEN_TYPE.pack(length, code), self._seed)), code
+        )
         pending += body
         self._appended += 1
         return length + 8
@@ -322,6 +352,9 @@ class Log:
         crosses = active.end + len(data) > self._limit and active.end > HEADER_SIZE
         if crosses and (not self._full or now >= self._retry_alloc_at):
             active = self._roll(active, now)
+        if active.seed != self._seed:  # framed for the segment before a roll
+            reseed_frames(data, active.seed)
+            self._seed = active.seed
         self._pending = bytearray()
         start = active.end
         try:
@@ -365,8 +398,8 @@ class Log:
         self._fsync_fd(old.fd, old.path)
         os.close(old.fd)
         self._n.finished.append((old.path, old.end))
-        self._active = _Active(fd, path, old.seq + 1, HEADER_SIZE, HEADER_SIZE)
-        return self._active
+        seq = old.seq + 1
+        return self._activate(_Active(fd, path, seq, HEADER_SIZE, HEADER_SIZE, self._new_seed(seq)))
 
     def _mark_full(self, now: float, exc: OSError) -> None:
         if not self._full:
@@ -442,8 +475,9 @@ class Log:
             raise LogError("compact() with uncommitted records: commit() first")
         body = bytearray()
         count = 0
+        seed = self._new_seed(active.seq + 1)
         for record in live:
-            frame_into(body, record)
+            frame_into(body, record, seed)
             count += 1
         try:
             fd, path = self._create_segment(active.seq + 1, FLAG_BASE, body)
@@ -453,7 +487,7 @@ class Log:
         old = [p for p, _ in self._n.finished] + [active.path]
         os.close(active.fd)
         end = HEADER_SIZE + len(body)
-        self._active = _Active(fd, path, active.seq + 1, end, end)
+        self._activate(_Active(fd, path, active.seq + 1, end, end, seed))
         self._dirty = self._full = False
         self._n.finished = []
         self._n.since_compaction = 0

@@ -13,8 +13,9 @@ import msgspec
 
 from corral.broker.jobspec import NIL, JobSpec
 
-#: Bump when a record's meaning changes in a way old code cannot read.
-LOG_FORMAT_VERSION = 3
+#: Bump when records are added or change in a way old code cannot read
+#: (a newer corral reads every older version: see framing.MIN_RECORDS_VERSION).
+LOG_FORMAT_VERSION = 4
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):

@@ -16,13 +16,13 @@ import msgspec
 
 from corral.broker.jobspec import OPTION_NAMES
 from corral.cliformat import (
+    describe_repair,
     describe_verify,
     emit,
     human_flow,
     human_job,
     human_jobs,
     human_status,
-    plain,
 )
 from corral.errors import ConfigError, CorralError
 
@@ -361,41 +361,57 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
+    """``corral log verify|repair|compact``: each holds the state directory's
+    lock while it works, so none runs beside a live broker (StateDirBusy
+    names the broker's pid) and no broker starts meanwhile."""
+    from corral import logs
     from corral.broker import logtools
+    from corral.broker.framing import LogError
+    from corral.broker.lockfile import StateDirLock
 
+    logs.configure(f"log {args.action}", "warning")  # to stderr: stdout is the report
     state_dir = Path(args.state_dir or load_config(args.config).broker.state_dir)
     directory = state_dir / "log"
-    if args.action == "verify":
-        verified = logtools.verify(directory)
-        emit(args, verified, lambda r: describe_verify(directory, r))
-        return EXIT_OK if verified.ok else EXIT_JOB
-    if args.action == "repair":
-        repaired = logtools.repair(directory)
-        emit(args, repaired, lambda r: f"{directory}: {plain(r)}")
-        return EXIT_OK
-    return _compact_offline(args, state_dir)
+    if not directory.is_dir():  # checked before the lock, which would create state_dir
+        raise CorralError(
+            f"no log at {directory}: check broker.state_dir in the config, or --state-dir"
+        )
+    lock = StateDirLock(state_dir, owner=f"corral log {args.action}")
+    try:
+        lock.acquire()
+    except PermissionError as exc:
+        raise CorralError(f"cannot lock {lock.path}: {exc}; run as the broker's user") from None
+    try:
+        if args.action == "verify":
+            verified = logtools.verify(directory)
+            emit(args, verified, lambda r: describe_verify(directory, r))
+            return EXIT_OK if verified.ok else EXIT_JOB
+        if args.action == "repair":
+            repaired = logtools.repair(directory)
+            emit(args, repaired, lambda r: describe_repair(directory, r))
+            return EXIT_OK
+        return _compact_offline(args, state_dir)
+    except (LogError, OSError) as exc:  # e.g. the disk filled while repair saved the damage
+        raise CorralError(f"corral log {args.action}: {exc}") from None
+    finally:
+        lock.release()
 
 
 def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
+    """Replay the log and compact it; the caller holds the state dir's lock."""
     from corral.broker.core import BrokerCore
-    from corral.broker.lockfile import StateDirLock
 
     config = load_config(args.config)
     config = msgspec.structs.replace(
         config, broker=msgspec.structs.replace(config.broker, state_dir=str(state_dir))
     )
     core = BrokerCore(config)
-    lock = StateDirLock(core.state_dir)
-    lock.acquire()
-    try:
-        for record in core.log.replay():
-            core.state.apply(record)
-        before = core.log.stats()
-        core.log.compact(core.state.snapshot())
-        after = core.log.stats()
-        core.log.close()
-    finally:
-        lock.release()
+    for record in core.log.replay():
+        core.state.apply(record)
+    before = core.log.stats()
+    core.log.compact(core.state.snapshot())
+    after = core.log.stats()
+    core.log.close()
     emit(
         args,
         {"jobs": len(core.state.jobs), "before": before, "after": after},

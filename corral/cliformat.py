@@ -16,7 +16,7 @@ import msgspec
 from corral.broker.state import STATUSES
 
 if TYPE_CHECKING:
-    from corral.broker.logtools import VerifyReport
+    from corral.broker.logtools import Damage, RepairReport, VerifyReport
 
 
 def plain(value: Any) -> Any:
@@ -142,12 +142,56 @@ def human_flow(info: Any) -> str:
     return "\n".join(lines)
 
 
+def _damage_lines(spans: list[Damage], repaired: bool) -> list[str]:
+    lines = []
+    for d in spans:
+        where = f"  {Path(d.segment).name} offset {d.offset}"
+        size = f"{d.length} bytes, " if d.length else ""
+        held = ", ".join(f"{h.type} {h.id}" if h.id else h.type for h in d.held)
+        lines.append(f"{where}: {size}{d.reason}" + (f"; held {held}" if held else ""))
+        if repaired and d.side_file:
+            lines.append(f"    saved in {d.side_file}")
+    return lines
+
+
+def _job_lines(lost: list[str], changed: list[str], spans: list[Damage]) -> list[str]:
+    if all(d.kind in ("torn_tail", "header") for d in spans):
+        return []
+    return [
+        "lost jobs (acknowledged, not in the repaired log): " + (", ".join(lost) or "none told"),
+        "jobs that lost a later change (they may run again or show an older status): "
+        + (", ".join(changed) or "none told"),
+    ]
+
+
 def describe_verify(directory: Path, report: VerifyReport) -> str:
     text = f"{directory}: {report.segments} segments, {report.records} records"
     if report.corrupt:
-        seg, offset, reason = report.corrupt
-        return f"{text}; CORRUPT at {seg} offset {offset}: {reason} (run `corral log repair`)"
+        spans = [d for d in report.damaged if d.kind != "torn_tail"]
+        lines = [
+            f"{text}; CORRUPT: {len(spans)} damaged span(s); `corral log repair` keeps"
+            " every valid record"
+        ]
+        lines += _damage_lines(report.damaged, repaired=False)
+        lines += _job_lines(report.lost_jobs, report.changed_jobs, report.damaged)
+        return "\n".join(lines)
     if report.torn_tail:
         seg, offset = report.torn_tail
         return f"{text}; torn tail at {seg} offset {offset} (truncated on next start)"
     return f"{text}; ok"
+
+
+def describe_repair(directory: Path, report: RepairReport) -> str:
+    if report.action == "none":
+        return f"{directory}: nothing to repair; {report.records_kept} records, ok"
+    if report.action == "truncated_tail":
+        head = f"{directory}: cut a torn tail (never synced, so never acknowledged)"
+    else:
+        head = f"{directory}: repaired"
+    lines = [
+        f"{head}; {report.records_kept} records kept, {report.bytes_dropped} bytes moved aside",
+        *_damage_lines(report.damaged, repaired=True),
+        *_job_lines(report.lost_jobs, report.changed_jobs, report.damaged),
+        f"the original segments, the damaged bytes and repair.json are in {report.backup}",
+    ]
+    return "\n".join(lines)

@@ -119,6 +119,9 @@ def test_log_verify_reports_corruption(env: Env) -> None:
         "ok": True,
         "torn_tail": None,
         "corrupt": None,
+        "damaged": [],
+        "lost_jobs": [],
+        "changed_jobs": [],
     }
     segment = sorted((env.home / "state" / "log").glob("*.seg"))[-1]
     data = bytearray(segment.read_bytes())

@@ -30,13 +30,12 @@ from hypothesis.stateful import (
     rule,
 )
 
-from corral.broker.framing import HEADER_SIZE, MAGIC
+from corral.broker.framing import FORMAT_VERSION, HEADER_SIZE, MAGIC
 from corral.broker.job import BLOB_HEAD
 from corral.broker.jobspec import JobSpec
 from corral.broker.log import Log, LogCorrupt, LogDiskFull, LogError
 from corral.broker.logtools import repair, verify
 from corral.broker.records import (
-    LOG_FORMAT_VERSION,
     NIL,
     RECORD_TYPES,
     BrokerStarted,
@@ -306,7 +305,7 @@ def _record_starts(path: Path) -> list[int]:
 @pytest.mark.parametrize("where", ["first_segment", "last_segment"])
 @pytest.mark.parametrize(("field", "bit"), [(0, 0), (0, 30), (4, 3), (8, 1), (12, 5)])
 def test_flipped_bit_is_corruption(tmp_path: Path, where: str, field: int, bit: int) -> None:
-    src, records, _ = _corrupt_fixture(tmp_path)
+    src, records, sizes = _corrupt_fixture(tmp_path)
     segs = segments(src)
     seg = segs[0] if where == "first_segment" else segs[-1]
     starts = _record_starts(seg)
@@ -323,13 +322,19 @@ def test_flipped_bit_is_corruption(tmp_path: Path, where: str, field: int, bit: 
     assert not report.ok and report.corrupt is not None
     assert report.corrupt[:2] == (str(seg), starts[k])
 
+    # repair moves the one damaged record aside and keeps all the others
     fixed = repair(src)
-    assert fixed.action == "cut" and fixed.records_kept == before and fixed.bytes_dropped > 0
+    assert fixed.action == "repaired" and fixed.records_kept == len(records) - 1
+    assert fixed.bytes_dropped == sizes[before]
+    lost = records[before]
+    assert isinstance(lost, JobCreated)
+    if field != 12:  # the frame's header is damaged, its body reads as it was
+        assert fixed.lost_jobs == [lost.id]
     assert fixed.backup is not None
     backup = Path(fixed.backup)
-    assert {p.name for p in backup.iterdir()} == {s.name for s in segs if s >= seg}
+    assert {p.name for p in backup.glob("*.seg")} == {seg.name}
     log, got = open_log(src)
-    assert enc(got) == enc(records[:before])
+    assert enc(got) == enc(records[:before] + records[before + 1 :])
     log.close()
     assert verify(src).ok and repair(src).action == "none"
 
@@ -373,7 +378,7 @@ def test_zeros_after_a_finished_segment_are_fine(tmp_path: Path) -> None:
     log.close()
 
 
-def _rewrite_header(seg: Path, version: int = LOG_FORMAT_VERSION, magic: bytes = MAGIC) -> None:
+def _rewrite_header(seg: Path, version: int = FORMAT_VERSION, magic: bytes = MAGIC) -> None:
     data = bytearray(seg.read_bytes())
     struct.pack_into("<8sH", data, 0, magic, version)
     struct.pack_into("<I", data, 28, zlib.crc32(bytes(data[:28])))
@@ -383,12 +388,13 @@ def _rewrite_header(seg: Path, version: int = LOG_FORMAT_VERSION, magic: bytes =
 def test_wrong_version_names_both_versions(tmp_path: Path) -> None:
     write_log(tmp_path, [created(1)])
     seg = segments(tmp_path)[0]
-    _rewrite_header(seg, version=LOG_FORMAT_VERSION + 41)
+    _rewrite_header(seg, version=FORMAT_VERSION + 41)
     with pytest.raises(LogCorrupt) as info:
         open_log(tmp_path)
     assert info.value.segment == seg and info.value.offset == 0
-    assert str(LOG_FORMAT_VERSION + 41) in info.value.reason
-    assert str(LOG_FORMAT_VERSION) in info.value.reason.replace(str(LOG_FORMAT_VERSION + 41), "")
+    assert str(FORMAT_VERSION + 41) in info.value.reason
+    assert str(FORMAT_VERSION) in info.value.reason.replace(str(FORMAT_VERSION + 41), "")
+    assert "another corral" in str(info.value) and "corral log repair" not in str(info.value)
 
 
 def test_bad_magic_and_bad_header_crc(tmp_path: Path) -> None:

@@ -135,7 +135,9 @@ def test_status_shows_supervisors_pools_and_processes(env: Env) -> None:
     env.wait_ready(daemon)
     env.wait_workers(2)
     client = env.client()
-    job_id = client.enqueue("e2e.sleep", 2.0)
+    # Long enough to be still running when the `corral status` below starts on
+    # a loaded machine (2 s was not); teardown kills the daemon, so no one waits.
+    job_id = client.enqueue("e2e.sleep", 60.0)
     wait_for(lambda: client.job(job_id).status == "running", message="the job to start")
 
     def reported() -> object:
