@@ -330,14 +330,19 @@ def next_record(data: bytes, start: int, stop: int, seed: int) -> int:
         return pos
 
 
+_ZEROS = bytes(MiB)
+
+
 def content_end(data: bytes) -> int:
-    """One past the last non-zero byte, without copying a whole segment."""
+    """One past the last non-zero byte. Whole MiB of preallocated zeros are
+    skipped by comparing them with zeros (a memcmp), so only the MiB where
+    the content ends is stripped byte by byte."""
     end = len(data)
     while end > 0:
-        start = max(0, end - 1 * MiB)
-        kept = len(data[start:end].rstrip(b"\0"))
-        if kept:
-            return start + kept
+        start = max(0, end - MiB)
+        chunk = data[start:end]
+        if chunk != _ZEROS[: end - start]:
+            return start + len(chunk.rstrip(b"\0"))
         end = start
     return 0
 
