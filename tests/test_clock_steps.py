@@ -21,6 +21,7 @@ from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
 from corral.broker.log import Log
 from corral.broker.records import ClockStepped
+from corral.cliformat import human_status
 
 HOUR = 3600.0
 STEPS = [pytest.param(-HOUR, id="back"), pytest.param(HOUR, id="forward")]
@@ -94,6 +95,8 @@ def test_a_step_is_logged_with_its_size_and_direction_and_counted(
     assert event["direction"] == ("forward" if step > 0 else "backward")
     assert event["log_level"] == "warning"
     assert status_stats(broker)["clock_steps"] == 1
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert "wall clock: stepped 1 time(s)" in human_status(status)
     (record,) = logged_steps(broker)
     assert record.delta == pytest.approx(step)
     assert record.at == pytest.approx(broker.clock.time() - 2.0)
@@ -113,6 +116,7 @@ def test_time_passing_and_small_corrections_are_not_steps(tmp_path: Path) -> Non
             broker.advance(0.5)
     assert not [e for e in logs if e["event"] == "broker.clock_stepped"]
     assert status_stats(broker).get("clock_steps", 0) == 0
+    assert "wall clock" not in human_status(broker.request(p.GetStatus(broker.next_req())).status)
     assert logged_steps(broker) == []
 
 
@@ -157,14 +161,16 @@ def test_an_every_schedule_keeps_its_interval_across_a_step_off_its_grid(tmp_pat
     assert gaps(fired) == [2.0] * (len(fired) - 1) and len(fired) == 6
 
 
+@pytest.mark.parametrize("compacted", [False, True])
 @pytest.mark.parametrize("catch_up", ["skip", "once"])
 @pytest.mark.parametrize("step", STEPS)
 def test_a_restart_after_a_step_keeps_the_every_schedule(
-    tmp_path: Path, step: float, catch_up: str
+    tmp_path: Path, step: float, catch_up: str, compacted: bool
 ) -> None:
-    """The step is in the log: a broker started after it goes on with the
-    schedule's rhythm: no hour of silence after a step back, no catch-up
-    fire after a step forward (nothing was missed), no due time twice."""
+    """The step is in the log (also in a compacted one): a broker started
+    after it goes on with the schedule's rhythm: no hour of silence after a
+    step back, no catch-up fire after a step forward (nothing was missed),
+    no due time twice."""
     clock = FakeClock()
     schedules = every_2s(catch_up)
     first = InProcessBroker(tmp_path, clock=clock, schedules=schedules, extra=SMALL_LOG)
@@ -172,6 +178,8 @@ def test_a_restart_after_a_step_keeps_the_every_schedule(
     run(first, 4.0, fired)
     clock.jump(step)
     run(first, 3.0, fired)  # fires at 6 s; killed at 7 s
+    if compacted:
+        first.core.log.compact(first.core.state.snapshot())
     clock.advance(0.5)
     second = InProcessBroker(tmp_path, clock=clock, schedules=schedules, extra=SMALL_LOG)
     assert fire_ids(second) == fire_ids(first)  # the restart owes nothing
@@ -302,6 +310,24 @@ def test_a_retry_keeps_its_length_across_a_step_and_a_restart(
     worker = FakeWorker(second)
     worker.ready()
     assert runs_after(second, worker, job_id, 5.0) == pytest.approx(2.5, abs=0.15)
+
+
+def test_a_job_due_before_a_step_back_stays_due_after_a_restart(tmp_path: Path) -> None:
+    """A job whose run_at had come is queued; a step back does not make it
+    wait again, live or after a restart (promotion is not logged: the
+    ClockStepped record says what was due by the clock before the step)."""
+    clock = FakeClock()
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    job_id = first.enqueue(run_at=clock.time() + 5.0)
+    first.advance(6.0)
+    assert first.job(job_id).status == "queued"  # type: ignore[union-attr]
+    clock.jump(-HOUR)
+    first.advance(0.5)
+    assert first.job(job_id).status == "queued"  # type: ignore[union-attr]
+    second = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    assert second.job(job_id).status == "queued"  # type: ignore[union-attr]
+    worker = FakeWorker(second)
+    assert [d.job_id for d in worker.ready()] == [job_id]
 
 
 @pytest.mark.parametrize("step", STEPS)
