@@ -1,10 +1,12 @@
 """The broker without its sockets: the parts, composed, and one pass.
 
 A pass reads the clock once (a step of the wall clock since the last pass
-is logged and moves the waits that are intervals), handles every inbound message (taken apart by
-one envelope function per side), runs the tick, commits the log once
-(group commit: one write, at most one fsync), sends the pass's replies,
-maybe compacts, then dispatches. The parts each own one thing:
+is logged and moves the waits that are intervals: see
+:class:`~corral.broker.clock.StepDetector`), handles every inbound message
+(taken apart by one envelope function per side), runs the tick, commits
+the log once (group commit: one write, at most one fsync), sends the
+pass's replies, maybe compacts, then dispatches. The parts each own one
+thing:
 
 - :class:`~corral.broker.dispatch.Dispatcher`: workers, credit, leases,
   lease deadlines, heartbeats, outcomes;
@@ -131,7 +133,7 @@ class BrokerCore:
         back = self.housekeeper.stepped_while_down(now)
         if back is not None:
             self.clock_stepped(back, now, while_down=True)
-        owed = flows.pending(self.state, self.clock.time(), self.journal.record)
+        owed = flows.pending(self.state, now, self.journal.record)
         for flow in list(self.state.flows.values()):  # a flow's own result_ttl runs
             if flows.finished(self.state, flow):  # from its last member's end
                 ended = self.state.flowbook.finished_at(flow.id)
