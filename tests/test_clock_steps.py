@@ -18,7 +18,7 @@ import structlog
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 
 from corral.broker import protocol as p
-from corral.broker.clock import FakeClock
+from corral.broker.clock import FakeClock, StepDetector
 from corral.broker.log import Log
 from corral.broker.records import ClockStepped
 from corral.cliformat import human_status
@@ -118,6 +118,23 @@ def test_time_passing_and_small_corrections_are_not_steps(tmp_path: Path) -> Non
     assert status_stats(broker).get("clock_steps", 0) == 0
     assert "wall clock" not in human_status(broker.request(p.GetStatus(broker.next_req())).status)
     assert logged_steps(broker) == []
+
+
+def test_the_tolerance_is_a_second_plus_500_ppm_of_the_time_between_readings() -> None:
+    detector = StepDetector()
+    wall, mono = 1_700_000_000.0, 1_000.0
+    assert detector.observe(wall, mono) is None  # the first reading
+    readings = [
+        (1.0, 0.99, None),  # a second passed, the offset moved under 1 s
+        (1.0, 1.1, 1.1),
+        (1.0, -1.1, -1.1),
+        (HOUR, 2.7, None),  # an hour between readings: up to 1.8 s of slewing
+        (HOUR, 2.9, 2.9),
+    ]
+    for elapsed, drift, step in readings:
+        wall, mono = wall + elapsed + drift, mono + elapsed
+        got = detector.observe(wall, mono)
+        assert got == (None if step is None else pytest.approx(step)), (elapsed, drift)
 
 
 def test_steps_after_one_another_are_each_counted(tmp_path: Path) -> None:
