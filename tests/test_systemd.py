@@ -135,7 +135,9 @@ def test_status_shows_supervisors_pools_and_processes(env: Env) -> None:
     env.wait_ready(daemon)
     env.wait_workers(2)
     client = env.client()
-    job_id = client.enqueue("e2e.sleep", 2.0)
+    # Still running when `corral status` (a fresh interpreter, slow on a
+    # loaded machine) asks; teardown kills it.
+    job_id = client.enqueue("e2e.sleep", 60.0)
     wait_for(lambda: client.job(job_id).status == "running", message="the job to start")
 
     def reported() -> object:
