@@ -1,9 +1,12 @@
 """The broker without its sockets: the parts, composed, and one pass.
 
-A pass reads the clock once, handles every inbound message (taken apart by
-one envelope function per side), runs the tick, commits the log once
-(group commit: one write, at most one fsync), sends the pass's replies,
-maybe compacts, then dispatches. The parts each own one thing:
+A pass reads the clock once (a step of the wall clock since the last pass
+is logged and moves the waits that are intervals: see
+:class:`~corral.broker.clock.StepDetector`), handles every inbound message
+(taken apart by one envelope function per side), runs the tick, commits
+the log once (group commit: one write, at most one fsync), sends the
+pass's replies, maybe compacts, then dispatches. The parts each own one
+thing:
 
 - :class:`~corral.broker.dispatch.Dispatcher`: workers, credit, leases,
   lease deadlines, heartbeats, outcomes;
@@ -32,7 +35,7 @@ import structlog
 
 from corral.broker import flows
 from corral.broker import protocol as p
-from corral.broker.clock import Clock, SystemClock
+from corral.broker.clock import Clock, StepDetector, SystemClock
 from corral.broker.dispatch import Dispatcher, count_malformed
 from corral.broker.housekeeping import Housekeeper
 from corral.broker.journal import ClientLink, Journal, Replies, WorkerLink
@@ -70,6 +73,7 @@ class BrokerCore:
         self._frozen_at = 0
         self._stall_after = 1.5 * bc.heartbeat_interval
         self._heartbeat = bc.heartbeat_interval
+        self._steps = StepDetector()
         self.state = JobState(
             Defaults(
                 max_attempts=bc.max_attempts,
@@ -139,7 +143,12 @@ class BrokerCore:
         recovered = self.state.recovery_records()
         for record in recovered:
             self.journal.record(record)
-        owed = flows.pending(self.state, self.clock.time(), self.journal.record)
+        now = self.clock.time()
+        self._steps.observe(now, self.clock.monotonic())
+        back = self.housekeeper.stepped_while_down(now)
+        if back is not None:
+            self.clock_stepped(back, now, while_down=True)
+        owed = flows.pending(self.state, now, self.journal.record)
         for flow in list(self.state.flows.values()):  # a flow's own result_ttl runs
             if flows.finished(self.state, flow):  # from its last member's end
                 ended = self.state.flowbook.finished_at(flow.id)
@@ -173,6 +182,9 @@ class BrokerCore:
         the pass consumes it."""
         clock = self.clock
         now, mono = clock.time(), clock.monotonic()
+        step = self._steps.observe(now, mono)
+        if step is not None:
+            self.clock_stepped(step, now)
         if self._last_pass and mono - self._last_pass > self._stall_after:
             # beyond the wait a pass may take anyway (a heartbeat interval)
             self.dispatcher.stalled(mono - self._last_pass - self._heartbeat)
@@ -200,6 +212,23 @@ class BrokerCore:
         gc.freeze()
         self._frozen_at = self.state.next_seq
         self.stats["gc_freezes"] += 1
+
+    def clock_stepped(self, delta: float, now: float, *, while_down: bool = False) -> None:
+        """The wall clock stepped by ``delta`` seconds (negative: backward):
+        logged, counted (``clock_steps``) and recorded, so that retries,
+        delays and ``every`` schedules keep their intervals, live and after
+        a restart. ``while_down``: found at start, from fires the log holds
+        for a time still to come (``delta`` is then the least it can be)."""
+        self.stats["clock_steps"] += 1
+        log.warning(
+            "broker.clock_stepped",
+            seconds=round(delta, 3),
+            direction="forward" if delta > 0 else "backward",
+            while_down=while_down,
+            hint="retries, delays and every-schedules keep their intervals; "
+            "run_at and cron follow the wall clock",
+        )
+        self.housekeeper.clock_stepped(delta, now)
 
     def on_frames(self, side: str, frames: list[bytes], now: float, mono: float) -> None:
         """The envelope of both sides: [identity, body]. A frame that cannot

@@ -2,9 +2,10 @@
 
 Fires due schedules (the job first, then the fire's record), moves
 scheduled and retrying jobs whose time came to their queue, forgets
-finished jobs past their TTL, and compacts the log when it has grown past
-twice the live data. Time comes in as ``now`` (epoch seconds): a test
-drives it with a fake clock.
+finished jobs past their TTL, keeps intervals across steps of the wall
+clock, and compacts the log when it has grown past twice the live data.
+Time comes in as ``now`` (epoch seconds): a test drives it with a fake
+clock.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import msgspec
 import structlog
 
 from corral.broker import flows
+from corral.broker.clock import STEP_TOLERANCE
 from corral.broker.dispatch import Dispatcher
 from corral.broker.jobspec import JobSpec
 from corral.broker.journal import Journal
-from corral.broker.records import FlowCreated, FlowRemoved, Removed, ScheduleFired
+from corral.broker.records import ClockStepped, FlowCreated, FlowRemoved, Removed, ScheduleFired
 from corral.broker.schedules import Schedule, Scheduler, job_id_for
 
 log = structlog.get_logger()
@@ -51,10 +53,27 @@ class Housekeeper:
     def catch_up(self, now: float) -> int:
         """After replay: fire what the schedules owe for the downtime (by
         each schedule's catch-up policy). Returns how many fired."""
-        owed = self.scheduler.restore(self.state.last_fired, now)
+        owed = self.scheduler.restore(self.state.last_fired, now, self.state.wall_steps)
         for schedule, due_at in owed:
             self.fire(schedule, due_at, now, caught_up=True)
         return len(owed)
+
+    def clock_stepped(self, delta: float, now: float) -> None:
+        """The wall clock stepped by ``delta`` seconds: log it (the jobs that
+        wait an interval move with it, live and on replay), and keep the
+        ``every`` schedules' rhythm."""
+        self.journal.record(ClockStepped(delta, now))
+        self.scheduler.set_skew(self.state.wall_steps)
+        self.dispatcher.poke()
+
+    def stepped_while_down(self, now: float) -> float | None:
+        """After replay: how far (seconds, negative) the wall clock must have
+        gone back while no broker ran, at least: the ``every`` schedules' last
+        fires are later than ``now``. None if nothing shows a step."""
+        seen = self.scheduler.latest_fire(self.state.last_fired, self.state.wall_steps)
+        if seen is None or now >= seen - STEP_TOLERANCE:
+            return None
+        return now - seen
 
     def fire_due(self, now: float) -> None:
         """Fire the schedules due by ``now``; queue the jobs due by ``now``."""

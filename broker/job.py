@@ -381,6 +381,7 @@ def _key(rec: JobCreated) -> tuple[Any, ...]:
         rec.task,
         rec.queue,
         rec.priority,
+        rec.delay,
         rec.max_attempts,
         rec.timeout,
         rec.result_ttl,

@@ -54,7 +54,8 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
 class JobCreated(JobSpec, Record, frozen=True, kw_only=True):
     """A job was accepted: its spec as the broker resolved it (``queue``
-    set, ``delay`` folded into ``run_at``), its creation number ``seq``
+    set, ``delay`` folded into ``run_at``, and kept to say that run_at is
+    an interval from ``created_at``), its creation number ``seq``
     (jobs are ordered by it), and where it stands in a chain or group."""
 
     seq: int
@@ -232,6 +233,18 @@ class BrokerStarted(Record, frozen=True):
     at: float
 
 
+class ClockStepped(Record, frozen=True):
+    """The wall clock stepped by ``delta`` seconds (negative: backward)
+    against the monotonic clock, as the broker saw at ``at`` (epoch
+    seconds, after the step; 0.0: the sum of earlier steps, as compaction
+    writes it). Waits asked for as intervals keep their length: the
+    ``run_at`` of retrying jobs and of jobs scheduled by a ``delay`` moves
+    by ``delta``, and so does the clock ``every`` schedules run on."""
+
+    delta: float
+    at: float
+
+
 class ProgressNoted(Record, frozen=True):
     id: str
     fraction: float
@@ -280,7 +293,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     16: TaskRegistered,
     17: MemberEnded,
     18: FlowRemoved,
-    # 19 is left for the wall-clock step record.
+    19: ClockStepped,
     20: JobsCreated,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}

@@ -27,6 +27,18 @@ handling differs), plus the macros ``@hourly``, ``@daily`` (``@midnight``),
 ``every`` schedules are aligned to multiples of ``every`` seconds since the
 epoch, so every broker (and every restart) agrees on the due times; the
 timezone does not affect them.
+
+Steps of the wall clock: an ``every`` schedule keeps its interval. It runs on
+its own clock, the wall clock less the sum of the steps the broker has seen
+(``skew``, kept in the log): its due times, the ``due_at`` of its fires and
+its job ids are on that clock, so after a step back it is not silent until
+the wall clock catches up, after a step forward it fires neither at once nor
+a burst, and a due time never repeats. A ``cron`` schedule names wall times
+and follows the wall clock: after a step forward the latest due time passed
+fires once (as after a long pass); after a step back no due time fires
+twice, so it waits until the wall clock passes its last fire (cronie does
+the same for fixed-time entries after a step back of less than 3 hours;
+systemd's ``OnCalendar`` timers run the repeated times again).
 """
 
 from __future__ import annotations
@@ -245,10 +257,15 @@ class Scheduler:
                     "(give one a distinct name)"
                 )
             self._by_name[schedule.name] = index
-        #: (next due time, index into _schedules); one entry per planned schedule.
+        #: (next due time on the wall clock, index into _schedules); one
+        #: entry per planned schedule.
         self._heap: list[tuple[float, int]] = []
+        #: index -> its next due time, on its own clock.
         self._next: dict[int, float] = {}
         self._planned = False
+        #: Seconds the wall clock has stepped, in sum: an ``every`` schedule's
+        #: own clock is the wall clock less this.
+        self._skew = 0.0
 
     @classmethod
     def from_configs(cls, cfgs: Iterable[ScheduleConfig]) -> Scheduler:
@@ -260,69 +277,107 @@ class Scheduler:
         return list(self._schedules)
 
     def next_due(self, name: str) -> float | None:
-        """The planned next due time of schedule ``name``; None if unknown or unplanned."""
+        """The planned next due time of schedule ``name`` on its own clock (the
+        wall clock for cron, see the module docstring for every); None if
+        unknown or unplanned."""
         index = self._by_name.get(name)
         return None if index is None else self._next.get(index)
+
+    def _offset(self, schedule: Schedule) -> float:
+        """Wall clock minus the schedule's own clock, in seconds."""
+        return self._skew if schedule.every is not None else 0.0
+
+    def set_skew(self, skew: float) -> None:
+        """The wall clock stepped: ``skew`` is the sum of its steps, in seconds.
+        ``every`` schedules keep their planned due times on their own clock,
+        so on the wall clock they move with the step; cron schedules stay."""
+        self._skew = skew
+        self._heap = [
+            (due_at + self._offset(self._schedules[index]), index)
+            for index, due_at in self._next.items()
+        ]
+        heapq.heapify(self._heap)
+
+    def latest_fire(self, last_fired: dict[str, float], skew: float) -> float | None:
+        """The latest wall time (at ``skew``) that the logged fires of the
+        ``every`` schedules prove the wall clock had reached; None if none
+        fired. A fire is made only once its due time has come, so a wall
+        clock now behind this went back while no broker ran."""
+        times = [
+            last_fired[s.name] + skew
+            for s in self._schedules
+            if s.every is not None and s.name in last_fired
+        ]
+        return max(times) if times else None
 
     def next_wakeup(self) -> float | None:
         """The earliest next due time of any schedule; None if nothing is planned."""
         return self._heap[0][0] if self._heap else None
 
-    def restore(self, last_fired: dict[str, float], now: float) -> list[tuple[Schedule, float]]:
+    def restore(
+        self, last_fired: dict[str, float], now: float, skew: float = 0.0
+    ) -> list[tuple[Schedule, float]]:
         """After replay: plan every schedule and return the fires owed now, in due order.
 
         ``last_fired`` maps a schedule's name to the due time it last fired for (from
-        the log). A schedule with no entry starts fresh: its first due time is the
-        first after ``now`` and nothing is owed. Otherwise, for due times missed in
-        ``(last_fired, now]``: ``catch_up = "skip"`` owes none, ``"once"`` owes one
-        fire, for the most recent of them. Nothing at or before ``last_fired`` is
-        ever planned again.
+        the log), ``skew`` is the sum of the wall-clock steps the log holds, and
+        ``now`` is wall-clock time. A schedule with no entry starts fresh: its first
+        due time is the first after ``now`` and nothing is owed. Otherwise, for due
+        times missed in ``(last_fired, now]`` (on the schedule's own clock):
+        ``catch_up = "skip"`` owes none, ``"once"`` owes one fire, for the most
+        recent of them. Nothing at or before ``last_fired`` is ever planned again.
         """
         owed: list[tuple[Schedule, float, int]] = []
+        self._skew = skew
         self._heap = []
         self._next = {}
         for index, schedule in enumerate(self._schedules):
+            own_now = now - self._offset(schedule)
             last = last_fired.get(schedule.name)
             if last is None:
-                self._plan(index, schedule.next_after(now))
+                self._plan(index, schedule.next_after(own_now))
                 continue
-            if schedule.catch_up == "once" and schedule.next_after(last) <= now:
-                missed = schedule.last_at_or_before(now)
+            if schedule.catch_up == "once" and schedule.next_after(last) <= own_now:
+                missed = schedule.last_at_or_before(own_now)
                 if missed is not None and missed > last:
                     owed.append((schedule, missed, index))
-            self._plan(index, schedule.next_after(max(last, now)))
+            self._plan(index, schedule.next_after(max(last, own_now)))
         self._planned = True
-        owed.sort(key=lambda item: (item[1], item[2]))
+        owed.sort(key=lambda item: (item[1] + self._offset(item[0]), item[2]))
         return [(schedule, due_at) for schedule, due_at, _ in owed]
 
     def due(self, now: float) -> list[tuple[Schedule, float]]:
-        """The (schedule, due_at) pairs due at or before ``now``, each once, in due order.
+        """The (schedule, due_at) pairs due at or before wall-clock ``now``, each
+        once, in due order; ``due_at`` is on the schedule's own clock.
 
         Each schedule fired is advanced past ``now``; if several of its due times
         passed since the last call, only the latest fires (no bursts). Before any
         :meth:`restore`, the first call plans every schedule fresh from ``now``.
         """
         if not self._planned:
-            self.restore({}, now)
+            self.restore({}, now, self._skew)
             return []
-        fired: list[tuple[float, int]] = []
+        fired: list[tuple[float, int, float]] = []
         while self._heap and self._heap[0][0] <= now:
-            due_at, index = heapq.heappop(self._heap)
+            _, index = heapq.heappop(self._heap)
             schedule = self._schedules[index]
+            own_now = now - self._offset(schedule)
+            due_at = self._next[index]
             following = schedule.next_after(due_at)
-            if following <= now:
-                latest = schedule.last_at_or_before(now)
+            if following <= own_now:
+                latest = schedule.last_at_or_before(own_now)
                 if latest is not None and latest > due_at:
                     due_at = latest
-                following = schedule.next_after(max(due_at, now))
-            fired.append((due_at, index))
+                following = schedule.next_after(max(due_at, own_now))
+            fired.append((due_at + self._offset(schedule), index, due_at))
             self._plan(index, following)
         fired.sort()
-        return [(self._schedules[index], due_at) for due_at, index in fired]
+        return [(self._schedules[index], due_at) for _, index, due_at in fired]
 
     def _plan(self, index: int, due_at: float) -> None:
+        """Plan schedule ``index`` for ``due_at``, on its own clock."""
         if math.isinf(due_at):
             self._next.pop(index, None)
             return
         self._next[index] = due_at
-        heapq.heappush(self._heap, (due_at, index))
+        heapq.heappush(self._heap, (due_at + self._offset(self._schedules[index]), index))

@@ -40,6 +40,7 @@ from corral.broker.ready import ReadyQueues
 from corral.broker.records import (
     BrokerStarted,
     Cancelled,
+    ClockStepped,
     ErrorRec,
     Finished,
     FlowCreated,
@@ -114,6 +115,8 @@ class JobState:
         self.live_bytes = 0
         #: How many times a broker has started on this log.
         self.epoch = 0
+        #: The sum of the wall-clock steps logged (seconds; see ClockStepped).
+        self.wall_steps = 0.0
         self._next_seq = 1
         #: The ready heaps, by queue and task.
         self.ready = ReadyQueues(self.jobs)
@@ -147,6 +150,7 @@ class JobState:
             TaskRegistered: self._apply_task,
             MemberEnded: self.flowbook.apply_ended,
             FlowRemoved: self._apply_flow_removed,
+            ClockStepped: self._apply_clock_stepped,
         }
 
     # ------------------------------------------------------------ apply
@@ -162,6 +166,22 @@ class JobState:
 
     def _apply_broker_started(self, rec: BrokerStarted) -> None:
         self.epoch = max(self.epoch, rec.epoch)
+
+    def _apply_clock_stepped(self, rec: ClockStepped) -> None:
+        """The wall clock stepped: what was due by the clock before the step
+        is due (as it was live: promotion is not logged); a wait asked for as
+        an interval (a retry's backoff, a ``delay``) keeps its length, so its
+        run_at moves with the clock; an explicit ``run_at`` names a wall time
+        and stays."""
+        if rec.at:
+            self.promote_due(rec.at - rec.delta)
+        self.wall_steps += rec.delta
+        waiting = [job for job in touched(self.jobs.values()) if job.status in WAITING]
+        for job in waiting:
+            delayed = job.status == "scheduled" and job.tpl.delay
+            if (job.status == "retrying" or delayed) and job.run_at is not None:
+                job.run_at += rec.delta
+        self.timers.rebuild(waiting)
 
     def _apply_followed_up(self, rec: FollowedUp) -> None:
         for created in rec.created:
@@ -527,6 +547,7 @@ class JobState:
         id exists (a resent enqueue, or a follow-up created before). The
         record keeps every option of the spec, with the queue resolved and
         ``delay`` folded into ``run_at`` (epoch seconds; None: due now).
+        ``delay`` is kept too: a step of the wall clock moves such a run_at.
         ``flow``/``step`` place it in a chain or group, and ``prev_result``
         is what its handler gets as ``ctx.prev_result``. Raises InvalidJob
         for a spec it refuses (unless the caller ``validated`` it already).
@@ -543,7 +564,6 @@ class JobState:
         fields = msgspec.structs.asdict(spec)
         fields.update(
             queue=spec.queue or self._task_queue(spec.task),
-            delay=None,
             run_at=run_at,
             payload=msgspec.Raw(bytes(spec.payload)),  # not a view of the request's frame
         )
@@ -601,7 +621,8 @@ class JobState:
 
 def snapshot(state: JobState) -> Iterator[Record]:
     """Every live job as one record, in creation order, after the paused
-    queues, the schedules' last fires and the flows that still have jobs."""
+    queues, the schedules' last fires, the sum of the wall-clock steps and
+    the flows that still have jobs."""
     if state.epoch:
         yield BrokerStarted(state.epoch, 0.0)
     for name, options in sorted(state.tasks.items()):
@@ -610,6 +631,8 @@ def snapshot(state: JobState) -> Iterator[Record]:
         yield QueuePaused(queue, True)
     for name, due_at in sorted(state.last_fired.items()):
         yield ScheduleFired(name, due_at)
+    if state.wall_steps:  # before the jobs, whose run_at it has moved already
+        yield ClockStepped(state.wall_steps, 0.0)
     for record in state.flowbook.snapshot():
         yield record
         if isinstance(record, FlowCreated) and record.id in state.followed:

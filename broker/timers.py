@@ -37,6 +37,13 @@ class Timers:
         if job.run_at is not None:
             heapq.heappush(self._heap, (job.run_at, job.seq, job.id))
 
+    def rebuild(self, waiting: list[Job]) -> None:
+        """Hold exactly ``waiting`` (every waiting job), at their run_at now
+        (after their run_at moved: a step of the wall clock)."""
+        self._heap = [(job.run_at, job.seq, job.id) for job in waiting if job.run_at is not None]
+        heapq.heapify(self._heap)
+        self._stale = 0
+
     def left(self) -> None:
         """A waiting job left the waiting state other than by coming due:
         its entry is stale."""

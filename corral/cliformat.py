@@ -62,14 +62,17 @@ def human_job(info: Any) -> str:
     return "\n".join(lines)
 
 
-def human_status(status: Any) -> str:
-    lines = ["queue".ljust(20) + "".join(s.rjust(11) for s in STATUSES)]
-    for queue, counts in status.queues.items():
-        lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
-    if not status.queues:
-        lines.append("(no jobs)")
+def _notes(status: Any) -> list[str]:
+    """The status lines under the table: paused queues, clock steps, rates, tasks."""
+    lines = []
     if status.paused:
         lines.append(f"paused: {', '.join(status.paused)}")
+    steps = status.stats.get("clock_steps", 0)
+    if steps:
+        lines.append(
+            f"wall clock: stepped {steps} time(s) since the broker started (broker.clock_stepped "
+            "in its log); retries, delays and every-schedules kept their intervals"
+        )
     if status.rates:
         lines.append(
             f"last minute: {status.rates.get('processed_per_minute', 0):.0f} processed, "
@@ -77,6 +80,16 @@ def human_status(status: Any) -> str:
         )
     if status.registered_tasks:
         lines.append(f"tasks: {', '.join(status.registered_tasks)}")
+    return lines
+
+
+def human_status(status: Any) -> str:
+    lines = ["queue".ljust(20) + "".join(s.rjust(11) for s in STATUSES)]
+    for queue, counts in status.queues.items():
+        lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
+    if not status.queues:
+        lines.append("(no jobs)")
+    lines.extend(_notes(status))
     for u in status.unroutable:
         hint = (
             f"no connected worker listens to queue {u.queue!r}: add it to a pool's queues"

@@ -1,7 +1,7 @@
 """The broker's parts driven in-process: the real BrokerCore and log, a
 FakeClock, recording links. Delays, deadlines, heartbeats, retries, TTLs,
-result waits and schedules are checked by moving the clock, not by sleeping;
-the wall clock also steps backward and forward."""
+result waits and schedules are checked by moving the clock, not by sleeping
+(steps of the wall clock: tests/test_clock_steps.py)."""
 
 from __future__ import annotations
 
@@ -163,24 +163,6 @@ def test_an_interval_schedule_fires_once_per_due_time(tmp_path: Path) -> None:
     assert broker.core.stats["schedules_fired"] == 10
 
 
-def test_a_wall_clock_step_backward_never_fires_a_due_time_twice(tmp_path: Path) -> None:
-    clock = FakeClock(wall=1_700_000_010.0)
-    broker = InProcessBroker(tmp_path, clock=clock, schedules=SCHEDULE)
-    for _ in range(3):
-        broker.advance(60.0)
-    assert len(fires(broker)) == 3
-    clock.jump(-600.0)  # an NTP step back by 10 minutes
-    for _ in range(10):  # back where it was: every due time seen has fired
-        broker.advance(60.0)
-    assert len(fires(broker)) == 3
-    broker.advance(60.0)  # the next due time fires, once
-    assert len(fires(broker)) == 4
-    clock.jump(3600.0)  # forward by an hour: catch-up "skip" fires the latest once
-    broker.advance(0.0)
-    assert len(fires(broker)) == 5
-    assert broker.core.stats["schedules_fired"] == 5
-
-
 def due_times(broker: InProcessBroker) -> list[float]:
     """The due times (epoch seconds) of the jobs the schedule made, sorted:
     a fire's job id carries its due time in milliseconds."""
@@ -227,22 +209,6 @@ def test_a_restart_fires_each_due_time_once_and_the_downtime_by_its_catch_up(
     assert all(t % 60 == 0 for t in after)  # all on the grid
     assert after[-3:] == [missed[-1] + 60 * k for k in (1, 2, 3)]
     assert second.core.stats["schedules_fired"] == len(after) - len(before)
-
-
-def test_a_delayed_job_does_not_run_early_when_the_wall_clock_steps_forward(
-    broker: InProcessBroker,
-) -> None:
-    """run_at is wall-clock time (epoch seconds), as the user gave it: a
-    step forward makes it due, a step back delays it."""
-    worker = FakeWorker(broker)
-    worker.ready()
-    broker.enqueue(id="late", delay=100.0)
-    broker.clock.jump(-50.0)
-    broker.advance(100.0)
-    assert deliveries(worker.inbox()) == []
-    broker.clock.jump(50.0)
-    broker.advance(0.0)
-    assert [d.job_id for d in deliveries(worker.inbox())] == ["late"]
 
 
 def test_no_durable_reply_leaves_before_the_fsync_that_covers_it(

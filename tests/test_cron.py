@@ -1,6 +1,7 @@
 """Cron and interval schedules fire in the broker, once per due time, also
-across a real broker crash (SIGKILL). The catch-up policies and wall-clock
-steps are checked in-process with a fake clock, in tests/test_core.py."""
+across a real broker crash (SIGKILL). The catch-up policies are checked
+in-process with a fake clock in tests/test_core.py, steps of the wall clock
+in tests/test_clock_steps.py."""
 
 from __future__ import annotations
 

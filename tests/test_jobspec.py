@@ -72,11 +72,10 @@ def test_corral_job_takes_every_option() -> None:
 
 def expected(spec: JobSpec, now: float) -> dict[str, Any]:
     """What the broker keeps of a spec created at ``now``: every option as
-    given, the queue resolved, ``delay`` folded into ``run_at``."""
+    given, the queue resolved, ``delay`` folded into ``run_at`` (and kept)."""
     want = {name: getattr(spec, name) for name in OPTION_NAMES}
     want["queue"] = spec.queue or "default"
     run_at = now + spec.delay if spec.delay else spec.run_at
-    want["delay"] = None
     want["run_at"] = run_at if run_at is not None and run_at > now else None
     want.update(id=spec.id, task=spec.task, payload=bytes(spec.payload))
     want.update(on_success=spec.on_success, on_failure=spec.on_failure)

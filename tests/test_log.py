@@ -40,6 +40,7 @@ from corral.broker.records import (
     RECORD_TYPES,
     BrokerStarted,
     Cancelled,
+    ClockStepped,
     ErrorRec,
     Finished,
     FlowCreated,
@@ -183,6 +184,7 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         MemberEnded("f", "s1", "succeeded", result),
         MemberEnded("f", "s2", "failed"),
         FlowRemoved("f"),
+        ClockStepped(-3600.25, 19.0),
         TaskRegistered("t", TaskOptions(max_attempts=3, queue="emails", retry_backoff=0.5)),
         FollowedUp("a", [job_rec("b", 2, "t", "q", 0, raw(2), 18.0)]),
         FlowCreated(

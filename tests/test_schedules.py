@@ -501,3 +501,83 @@ def test_once_restart_fires_latest_missed_then_continues() -> None:
     assert scheduler.restore(dict(log), 1000.0) == [(s, 960.0)]
     assert scheduler.due(1000.0) == []
     assert scheduler.due(1020.0) == [(s, 1020.0)]
+
+
+# ------------------------------------------------------------ wall-clock steps
+
+
+def test_a_step_moves_every_schedules_with_the_wall_clock_and_leaves_cron() -> None:
+    """An every schedule runs on the wall clock less the steps (its own
+    clock): after a step its next fire is as far away as before. A cron
+    schedule names wall times and stays."""
+    every = sched("every", every=60)
+    cron = sched("cron", cron="*/5 * * * *")
+    scheduler = Scheduler([every, cron])
+    start = utc(2025, 1, 1, 10, 0, 30)
+    scheduler.restore({}, start)
+    scheduler.set_skew(-3600.0)  # the wall clock went back an hour at start
+    now = start - 3600.0
+    assert scheduler.next_due("every") == utc(2025, 1, 1, 10, 1)  # its own clock
+    assert scheduler.next_wakeup() == utc(2025, 1, 1, 10, 1) - 3600.0
+    assert scheduler.due(now + 29.9) == []
+    assert scheduler.due(now + 30.0) == [(every, utc(2025, 1, 1, 10, 1))]
+    assert scheduler.next_due("cron") == utc(2025, 1, 1, 10, 5)  # an hour away now
+    scheduler.set_skew(0.0)  # and forward again: nothing due at once
+    assert scheduler.due(start + 30.0) == []
+    assert scheduler.due(start + 90.0) == [(every, utc(2025, 1, 1, 10, 2))]
+
+
+def test_restore_with_a_skew_counts_from_the_schedules_own_clock() -> None:
+    """The log's fires of an every schedule are on its own clock, and the
+    log keeps the skew: a restart after a step owes nothing and goes on."""
+    once = sched("once", every=60, catch_up="once")
+    scheduler = Scheduler([once])
+    last = utc(2025, 1, 1, 10, 5)
+    wall = last + 3600.0 + 20.0  # stepped forward an hour, 20 s after the fire
+    assert scheduler.restore({"once": last}, wall, skew=3600.0) == []
+    assert scheduler.next_wakeup() == last + 60.0 + 3600.0
+    # without the skew the hour would look like downtime
+    assert scheduler.restore({"once": last}, wall) == [(once, last + 3600.0)]
+
+
+def test_latest_fire_is_what_every_schedules_prove_the_wall_clock_reached() -> None:
+    scheduler = Scheduler([sched("a", every=60), sched("b", every=7), sched("c", cron="* * * * *")])
+    assert scheduler.latest_fire({}, 0.0) is None
+    assert scheduler.latest_fire({"c": 5000.0}, 0.0) is None  # cron: a wall time, not proof
+    assert scheduler.latest_fire({"a": 600.0, "b": 700.0, "c": 9000.0}, -100.0) == 600.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    every=st.sampled_from([2.0, 7.0, 60.0]),
+    events=st.lists(
+        # quarter seconds: sums are exact, so a due time is never a rounding away
+        st.tuples(
+            st.integers(0, 20).map(lambda n: n / 4),
+            st.sampled_from([0.0, 0.0, -3600.0, 3600.0, -0.75, 41.25]),
+        ),
+        min_size=1,
+        max_size=80,
+    ),
+)
+def test_steps_never_change_an_every_schedules_rhythm(
+    every: float, events: list[tuple[float, float]]
+) -> None:
+    """Whatever the steps, an every schedule fires as it would with no step
+    at all (on elapsed time: the wall clock less the steps)."""
+    s = sched("s", every=every)
+    stepped, steady = Scheduler([s]), Scheduler([s])
+    start = utc(2025, 1, 1, 10)
+    stepped.restore({}, start)
+    steady.restore({}, start)
+    elapsed, skew = start, 0.0
+    fired: list[float] = []
+    for passed, step in events:
+        elapsed += passed
+        if step:
+            skew += step
+            stepped.set_skew(skew)
+        batch = stepped.due(elapsed + skew)
+        assert batch == steady.due(elapsed)
+        fired.extend(due_at for _, due_at in batch)
+    assert fired == sorted(set(fired))

@@ -32,6 +32,7 @@ from corral.broker.protocol import JobSpec, encode_value
 from corral.broker.records import (
     NIL,
     Cancelled,
+    ClockStepped,
     ErrorRec,
     Finished,
     JobCreated,
@@ -1252,6 +1253,10 @@ class JobStateMachine(RuleBasedStateMachine):
         #: jobs deleted (Removed); jobs requeued since the last invariant check
         self.removed: set[str] = set()
         self.requeued: set[str] = set()
+        #: jobs created to wait a delay (an interval) rather than until a run_at
+        self.delayed: set[str] = set()
+        #: the sum of the wall-clock steps logged
+        self.steps = 0.0
 
     # -- helpers
 
@@ -1306,6 +1311,7 @@ class JobStateMachine(RuleBasedStateMachine):
         task=st.sampled_from(TASKS),
         priority=st.integers(-2, 2),
         delay=st.none() | st.floats(0, 30),
+        run_at=st.none() | st.floats(0, 30),
         max_attempts=st.none() | st.integers(1, 4),
         result_ttl=st.none() | st.floats(0, 50),
         resend=st.booleans(),
@@ -1318,6 +1324,7 @@ class JobStateMachine(RuleBasedStateMachine):
         task: str,
         priority: int,
         delay: float | None,
+        run_at: float | None,
         max_attempts: int | None,
         result_ttl: float | None,
         resend: bool,
@@ -1348,6 +1355,7 @@ class JobStateMachine(RuleBasedStateMachine):
             queue=queue,
             priority=priority,
             delay=delay,
+            run_at=None if run_at is None else self.now + run_at,
             max_attempts=max_attempts,
             result_ttl=result_ttl,
             unique_key=unique_key,
@@ -1355,8 +1363,11 @@ class JobStateMachine(RuleBasedStateMachine):
         )
         self.create(job_spec)
         job = self.state.jobs[job_id]
-        later = delay is not None and self.now + delay > self.now
-        assert job.status == ("scheduled" if later else "queued")
+        delayed = bool(delay) and self.now + delay > self.now  # type: ignore[operator]
+        at = not delay and run_at is not None and self.now + run_at > self.now
+        assert job.status == ("scheduled" if delayed or at else "queued")
+        if delayed:
+            self.delayed.add(job_id)
         assert bytes(job.payload) == bytes(payload)
         if unique_key is not None:
             assert self.state.holder_of(unique_key, self.now) == job_id
@@ -1692,6 +1703,24 @@ class JobStateMachine(RuleBasedStateMachine):
         self.now += dt
         self.tick()
 
+    @rule(delta=st.sampled_from([-3600.0, -20.0, 20.0, 3600.0]))
+    def step_clock(self, delta: float) -> None:
+        """The wall clock steps (ClockStepped): retrying jobs and jobs
+        waiting a delay keep their wait; a job's own run_at stays."""
+        if self.now + delta < 100:  # a run_at is epoch seconds: stay after 1970
+            delta = -delta
+        self.now += delta
+        before = {i: j.run_at for i, j in self.state.jobs.items()}
+        self.record(ClockStepped(delta, self.now))
+        self.steps += delta
+        for job_id, job in self.state.jobs.items():
+            moves = job.status == "retrying" or (
+                job.status == "scheduled" and job_id in self.delayed
+            )
+            old = before[job_id]
+            assert job.run_at == (old + delta if moves and old is not None else old), job_id
+        self.tick()
+
     def restarted(self) -> tuple[JobState, list[Record]]:
         """What a broker starting now makes of the log: replay it into a
         fresh state, recover the jobs that were running, then its first tick
@@ -1736,8 +1765,9 @@ class JobStateMachine(RuleBasedStateMachine):
         return expected
 
     def assert_same_extras(self, other: JobState) -> None:
-        """Paused queues, schedule fires and unique-key holders agree."""
+        """Paused queues, schedule fires, clock steps and unique-key holders agree."""
         assert other.paused == self.state.paused == self.paused
+        assert other.wall_steps == self.state.wall_steps == self.steps
         assert other.last_fired == self.state.last_fired == self.fired
         for key in KEYS:
             holder = self.state.holder_of(key, self.now)
