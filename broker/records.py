@@ -188,6 +188,14 @@ class TaskRegistered(Record, frozen=True):
     options: TaskOptions
 
 
+class TaskForgotten(Record, frozen=True):
+    """The broker forgets task ``name``'s registered options: its table of
+    tasks was full, and no connected worker serves ``name`` (see
+    :mod:`corral.broker.registrations`)."""
+
+    name: str
+
+
 class MemberEnded(Record, frozen=True):
     """Member ``id`` of flow ``flow`` ended with ``status`` (and ``result``,
     kept where the flow needs it). Written only by compaction: live, a
@@ -265,6 +273,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     16: TaskRegistered,
     17: MemberEnded,
     18: FlowRemoved,
+    19: TaskForgotten,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

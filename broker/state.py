@@ -53,6 +53,7 @@ from corral.broker.records import (
     Returned,
     ScheduleFired,
     Started,
+    TaskForgotten,
     TaskRegistered,
     TryRec,
 )
@@ -60,6 +61,7 @@ from corral.broker.unique import UniqueKeys
 
 __all__ = [
     "ACTIVE",
+    "MAX_TRIES",
     "STATUSES",
     "TERMINAL",
     "WAITING",
@@ -70,6 +72,11 @@ __all__ = [
     "TaskDefaults",
     "validate_spec",
 ]
+
+
+#: The tries a job keeps: its first and its latest (a job polling with
+#: corral.Retry, or interrupted by shutdowns, runs without bound).
+MAX_TRIES = 100
 
 
 def members(flow: FlowCreated) -> list[JobSpec]:
@@ -130,6 +137,7 @@ class JobState:
             BrokerStarted: self._apply_broker_started,
             FollowedUp: self._apply_followed_up,
             TaskRegistered: self._apply_task,
+            TaskForgotten: self._apply_task_forgotten,
             MemberEnded: self.flowbook.apply_ended,
             FlowRemoved: self._apply_flow_removed,
         }
@@ -156,6 +164,9 @@ class JobState:
 
     def _apply_task(self, rec: TaskRegistered) -> None:
         self.tasks[rec.name] = rec.options
+
+    def _apply_task_forgotten(self, rec: TaskForgotten) -> None:
+        self.tasks.pop(rec.name, None)
 
     def _apply_removed(self, rec: Removed) -> None:
         self._remove(rec.id)
@@ -238,10 +249,12 @@ class JobState:
     def _start(self, job: Job, try_: TryRec) -> None:
         """A reserved job's handler began: it is running, the try counts
         (until it ends uncounted), and ``try_.attempt`` is its run number."""
-        self.reserved[job.queue] -= 1
+        self._unreserve(job.queue)
         job.attempts += 1
         job.runs = try_.attempt
         job.tries.append(try_)
+        if len(job.tries) > MAX_TRIES:
+            del job.tries[1]  # the first stays: it says when the job started
         self._set_status(job, "running")
 
     def _apply_finished(self, rec: Finished) -> None:
@@ -291,7 +304,7 @@ class JobState:
             if job.tries:
                 job.tries.pop()
         else:
-            self.reserved[job.queue] -= 1
+            self._unreserve(job.queue)
         job.lease = 0
         job.worker = ""
         self._set_status(job, "queued")
@@ -302,7 +315,7 @@ class JobState:
         if job is None or job.status in TERMINAL:
             return
         if job.reserved:
-            self.reserved[job.queue] -= 1
+            self._unreserve(job.queue)
         if job.status == "running" and job.tries and job.tries[-1].ended_at is None:
             error = ErrorRec("Cancelled", "the job was cancelled while running")
             job.tries[-1] = msgspec.structs.replace(job.tries[-1], ended_at=rec.at, error=error)
@@ -357,10 +370,19 @@ class JobState:
                 self.flowbook.touched.add(job.flow)
             self.counts[job.queue, job.status] -= 1
             if job.reserved:
-                self.reserved[job.queue] -= 1
+                self._unreserve(job.queue)
             self.live_bytes -= job.size()
             self.unique.release(job)
+            self.expiry.discard(job_id)
         return job
+
+    def _unreserve(self, queue: str) -> None:
+        """One reserved job of ``queue`` fewer (a queue with none has no key)."""
+        left = self.reserved[queue] - 1
+        if left:
+            self.reserved[queue] = left
+        else:
+            del self.reserved[queue]
 
     # ------------------------------------------------------- recovery, time
 

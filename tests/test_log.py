@@ -57,6 +57,7 @@ from corral.broker.records import (
     Returned,
     ScheduleFired,
     Started,
+    TaskForgotten,
     TaskOptions,
     TaskRegistered,
     TryRec,
@@ -178,6 +179,7 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         MemberEnded("f", "s2", "failed"),
         FlowRemoved("f"),
         TaskRegistered("t", TaskOptions(max_attempts=3, queue="emails", retry_backoff=0.5)),
+        TaskForgotten("t"),
         FollowedUp("a", [job_rec("b", 2, "t", "q", 0, raw(2), 18.0)]),
         FlowCreated(
             "f",
