@@ -59,7 +59,7 @@ class Dispatcher:
         self.state = journal.state
         self.stats = journal.stats
         self.workers = WorkerTable(liveness_window)
-        self.tasks = RegisteredTasks(journal)
+        self.registrations = RegisteredTasks(journal)
         self.rates = views.Rates()
         self.heartbeat_interval = heartbeat_interval
         self.broker_id = broker_id
@@ -141,7 +141,9 @@ class Dispatcher:
             )
             conn.tasks = conn.tasks[:MAX_TASKS_PER_WORKER]
         self.workers.add(conn)
-        self.tasks.register(msg.worker_id, msg.tasks[:MAX_TASKS_PER_WORKER], self.workers.serving)
+        self.registrations.register(
+            msg.worker_id, msg.tasks[:MAX_TASKS_PER_WORKER], self.workers.serving
+        )
         self._dirty = True
         log.info(
             "broker.worker_ready",
