@@ -149,6 +149,9 @@ class BrokerCore:
         if back is not None:
             self.clock_stepped(back, now, while_down=True)
         owed = flows.pending(self.state, now, self.journal.record)
+        # a finished flow whose last job went without it (the broker stopped
+        # in between) is forgotten by the first tick
+        self.state.flowbook.touched.update(self.state.flows)
         for flow in list(self.state.flows.values()):  # a flow's own result_ttl runs
             if flows.finished(self.state, flow):  # from its last member's end
                 ended = self.state.flowbook.finished_at(flow.id)
@@ -264,6 +267,7 @@ class BrokerCore:
         self.dispatcher.expire_deadlines(now, mono)
         self.waiters.expire(mono)
         self.housekeeper.expire(now)
+        self.service.supervisors.expire(mono)
         self.dispatcher.heartbeat(now, mono)
 
     def ended(self, job: Job, now: float) -> None:

@@ -11,16 +11,15 @@ comes in as ``now`` (epoch seconds) and ``mono`` (monotonic seconds).
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import structlog
 
 from corral.broker import balance, views
 from corral.broker import protocol as p
+from corral.broker.deadlines import Deadlines
 from corral.broker.journal import Journal, WorkerLink
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import (
@@ -31,9 +30,9 @@ from corral.broker.records import (
     ProgressNoted,
     Returned,
     Started,
-    TaskRegistered,
 )
-from corral.broker.state import Job, TaskDefaults
+from corral.broker.registrations import MAX_TASKS_PER_WORKER, RegisteredTasks
+from corral.broker.state import Job
 from corral.broker.withdraws import PendingWithdraws
 from corral.broker.workers import WorkerConn, WorkerTable
 
@@ -60,6 +59,7 @@ class Dispatcher:
         self.state = journal.state
         self.stats = journal.stats
         self.workers = WorkerTable(liveness_window)
+        self.registrations = RegisteredTasks(journal)
         self.rates = views.Rates()
         self.heartbeat_interval = heartbeat_interval
         self.broker_id = broker_id
@@ -67,8 +67,9 @@ class Dispatcher:
         self._on_ended = on_ended
         #: job id -> identity of the worker holding its lease.
         self.holders: dict[str, bytes] = {}
-        #: (monotonic deadline, job id, lease) of started jobs with a timeout.
-        self._deadlines: list[tuple[float, str, int]] = []
+        #: job id -> (monotonic deadline, lease) of started jobs with a
+        #: timeout; each goes when its try ends, however it ends.
+        self.deadlines: Deadlines[str, int] = Deadlines()
         #: job id -> its first deadline, for tries past their timeout whose
         #: handler returned and whose result is not here yet.
         self._ended_unheard: dict[str, float] = {}
@@ -128,13 +129,21 @@ class Dispatcher:
         old = self.workers.get(identity)
         if old is not None:
             self.lose(old, now, mono, "registered again")
-        self.workers.add(WorkerConn.from_ready(identity, msg, mono))
-        for task in msg.tasks:
-            fields = msgspec.structs.asdict(task)
-            del fields["name"]
-            options = TaskDefaults(**fields)  # TaskInfo is a name and TaskOptions' fields
-            if self.state.tasks.get(task.name) != options:
-                self.journal.record(TaskRegistered(task.name, options))
+        conn = WorkerConn.from_ready(identity, msg, mono)
+        if len(conn.tasks) > MAX_TASKS_PER_WORKER:
+            log.warning(
+                "broker.too_many_tasks",
+                worker=msg.worker_id,
+                tasks=len(conn.tasks),
+                kept=MAX_TASKS_PER_WORKER,
+                hint=f"a worker may register at most {MAX_TASKS_PER_WORKER} tasks: it gets "
+                "jobs of the first ones only; split its tasks over more pools",
+            )
+            conn.tasks = conn.tasks[:MAX_TASKS_PER_WORKER]
+        self.workers.add(conn)
+        self.registrations.register(
+            msg.worker_id, msg.tasks[:MAX_TASKS_PER_WORKER], self.workers.serving
+        )
         self._dirty = True
         log.info(
             "broker.worker_ready",
@@ -169,7 +178,7 @@ class Dispatcher:
         conn.started.add(job.id)
         timeout = self.state.timeout(job)
         if timeout is not None:
-            heapq.heappush(self._deadlines, (mono + timeout, job.id, lease))
+            self.deadlines.set(job.id, mono + timeout, lease)
 
     def _finish(self, conn: WorkerConn | None, outcome: p.Outcome, now: float, mono: float) -> None:
         holder = self.workers.get(self.holders.get(outcome.job_id, b""))
@@ -214,7 +223,7 @@ class Dispatcher:
     ) -> None:
         """Log a try's end (a Finished record), count it, and end the job if
         the try ended it."""
-        self.holders.pop(job.id, None)
+        self._released(job.id)
         self.journal.record(record)
         self._count_outcome(conn, record, mono)
         self._dirty = True
@@ -242,7 +251,7 @@ class Dispatcher:
             conn.release(lease.job_id)
             job = self.state.holding(lease.job_id, lease.lease)
             if job is not None:
-                self.holders.pop(job.id, None)
+                self._released(job.id)
                 self.journal.record(Returned(job.id, lease.lease))
                 self._dirty = True
 
@@ -297,7 +306,7 @@ class Dispatcher:
         for job_id, lease in list(conn.leases.items()):
             job = self.state.holding(job_id, lease)
             if job is not None:
-                self.holders.pop(job_id, None)
+                self._released(job_id)
                 requeued += self._take_back(conn, job, job_id in counted, reason, now, mono)
         self.stats["workers_lost"] += reason != "left"
         self.stats["redelivered"] += requeued
@@ -355,9 +364,17 @@ class Dispatcher:
     def revoke(self, job_id: str, lease: int) -> None:
         """The job was cancelled under ``lease``: tell the worker holding it,
         if any (its handler sees ``ctx.cancelled``; its result is fenced)."""
-        holder = self.holders.pop(job_id, None)
+        holder = self.holders.get(job_id)
+        self._released(job_id)
         if holder is not None and lease:
             self.send(holder, p.CancelJob(job_id, lease), None)
+
+    def _released(self, job_id: str) -> None:
+        """The lease on ``job_id`` ends (an outcome, a timeout, a return, a
+        lost worker, a cancel): forget its holder and its deadline."""
+        self.holders.pop(job_id, None)
+        self.deadlines.discard(job_id)
+        self._ended_unheard.pop(job_id, None)
 
     # ---------------------------------------------------------------- tick
 
@@ -397,9 +414,8 @@ class Dispatcher:
         liveness window back, and tries their timeout back, by as much: a
         worker's results and heartbeats from that time are still unread."""
         self.workers.excuse(seconds)
-        self._deadlines = [(at + seconds, job_id, lease) for at, job_id, lease in self._deadlines]
+        self.deadlines.shift(seconds)
         self._ended_unheard = {job: at + seconds for job, at in self._ended_unheard.items()}
-        # adding the same amount to every entry keeps the heap a heap
         self._withdraws.excuse(seconds)
         log.warning(
             "broker.stalled",
@@ -410,23 +426,21 @@ class Dispatcher:
 
     def next_wakeup(self) -> float:
         """The monotonic time of the next heartbeat or lease deadline."""
-        wake = self._next_heartbeat
-        if self._deadlines:
-            wake = min(wake, self._deadlines[0][0])
-        return wake
+        due = self.deadlines.next_due()
+        return self._next_heartbeat if due is None else min(self._next_heartbeat, due)
 
     def expire_deadlines(self, now: float, mono: float) -> None:
         """End the tries that ran past their timeout (retried or failed);
         the worker's late result is fenced."""
         self._withdraws.expire(mono)
-        while self._deadlines and self._deadlines[0][0] <= mono:
-            due, job_id, lease = heapq.heappop(self._deadlines)
+        while (entry := self.deadlines.pop_due(mono)) is not None:
+            job_id, due, lease = entry
             job = self.state.holding(job_id, lease)
             if job is None:
                 self._ended_unheard.pop(job_id, None)
                 continue
             if self._result_in_flight(job_id, due, mono):
-                heapq.heappush(self._deadlines, (mono + self.heartbeat_interval, job_id, lease))
+                self.deadlines.set(job_id, mono + self.heartbeat_interval, lease)
                 continue
             self._ended_unheard.pop(job_id, None)
             timeout = self.state.timeout(job)

@@ -1,15 +1,15 @@
-"""When finished jobs are forgotten: a heap of (expiry time, seq, job id).
+"""When finished jobs are forgotten: each finished job's expiry time.
 
 A finished job is forgotten after its TTL (``Policy.ttl_end``), and never
-before its ``unique_for`` window ends (it holds its key until then).
-Entries are checked lazily: a job requeued and ended again, or removed, leaves
-an entry that is skipped. Pure; time comes in as ``now`` (epoch seconds).
+before its ``unique_for`` window ends (it holds its key until then). A job
+removed before its time (deleted, purged) takes its entry with it, so the
+queue holds the finished jobs there are, never the history. Pure; time
+comes in as ``now`` (epoch seconds).
 """
 
 from __future__ import annotations
 
-import heapq
-
+from corral.broker.deadlines import Deadlines
 from corral.broker.job import Job
 from corral.broker.policy import Policy
 from corral.broker.protocol import TERMINAL
@@ -21,11 +21,24 @@ class ExpiryQueue:
     def __init__(self, jobs: dict[str, Job], policy: Policy) -> None:
         self._jobs = jobs
         self._policy = policy
-        self._heap: list[tuple[float, int, str]] = []
+        #: job id -> when it is forgotten (epoch seconds).
+        self._due: Deadlines[str, None] = Deadlines()
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    @property
+    def heap_size(self) -> int:
+        """Entries held, stale ones included (see :class:`Deadlines`)."""
+        return self._due.heap_size
 
     def add(self, job: Job) -> None:
         """``job`` ended: schedule its forgetting."""
-        heapq.heappush(self._heap, (self.expires_at(job), job.seq, job.id))
+        self._due.set(job.id, self.expires_at(job), None)
+
+    def discard(self, job_id: str) -> None:
+        """``job_id`` is gone: nothing to forget any more."""
+        self._due.discard(job_id)
 
     def expires_at(self, job: Job) -> float:
         """When a finished job is forgotten (epoch seconds)."""
@@ -34,12 +47,18 @@ class ExpiryQueue:
         return max(self._policy.ttl_end(job, ended), held_until)
 
     def due(self, now: float) -> list[str]:
-        """The finished jobs past their TTL at ``now``, each once."""
-        due: dict[str, None] = {}  # a job requeued and ended again has two entries
-        while self._heap and self._heap[0][0] <= now:
-            _, _, job_id = heapq.heappop(self._heap)
-            job = self._jobs.get(job_id)
-            if job is None or job.status not in TERMINAL or self.expires_at(job) > now:
+        """The finished jobs past their TTL at ``now``, each once. A job
+        whose TTL grew since it ended (its task registered with a longer
+        one) is scheduled again for then; one that is not finished any more
+        (retried by hand) is left to its next end."""
+        due = []
+        while (entry := self._due.pop_due(now)) is not None:
+            job = self._jobs.get(entry[0])
+            if job is None or job.status not in TERMINAL:
                 continue
-            due[job_id] = None
-        return list(due)
+            expires_at = self.expires_at(job)
+            if expires_at > now:
+                self._due.set(job.id, expires_at, None)
+            else:
+                due.append(job.id)
+        return due

@@ -204,6 +204,14 @@ class TaskRegistered(Record, frozen=True):
     options: TaskOptions
 
 
+class TaskForgotten(Record, frozen=True):
+    """The broker forgets task ``name``'s registered options: its table of
+    tasks was full, and no connected worker serves ``name`` (see
+    :mod:`corral.broker.registrations`)."""
+
+    name: str
+
+
 class MemberEnded(Record, frozen=True):
     """Member ``id`` of flow ``flow`` ended with ``status`` (and ``result``,
     kept where the flow needs it). Written only by compaction: live, a
@@ -295,6 +303,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     18: FlowRemoved,
     19: ClockStepped,
     20: JobsCreated,
+    21: TaskForgotten,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

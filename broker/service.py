@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.admission import Admission
@@ -25,10 +23,9 @@ from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, JobCreated, QueuePaused, Removed, Requeued
 from corral.broker.state import InvalidJob, Job, validate_spec
+from corral.broker.supervisors import SupervisorTable
 from corral.broker.waiters import Waiters, missing
 
-#: A supervisor not heard from for this long (seconds) is left out of status.
-SUPERVISOR_STALE = 15.0
 #: The most jobs one ``ListJobs`` page holds.
 MAX_PAGE = 10_000
 
@@ -59,8 +56,8 @@ class ClientService:
         self.state_dir = state_dir
         self._on_ended = on_ended
         self.admission = Admission(self.state)
-        #: supervisor id -> (its last report, monotonic time received).
-        self.supervisors: dict[str, tuple[p.SupervisorInfo, float]] = {}
+        #: The supervisors heard from lately.
+        self.supervisors = SupervisorTable()
         self._handlers: dict[type, Handler] = {
             p.Enqueue: self._enqueue,
             p.EnqueueFlow: self._enqueue_flow,
@@ -245,11 +242,7 @@ class ClientService:
         stats["jobs"] = len(state.jobs)
         stats["waiters"] = len(self.waiters)
         workers = self.dispatcher.workers
-        supervisors = [
-            msgspec.structs.replace(info, reported_ago=round(mono - seen, 3))
-            for info, seen in self.supervisors.values()
-            if mono - seen < SUPERVISOR_STALE
-        ]
+        supervisors = self.supervisors.current(mono)
         return p.StatusInfo(
             dict(sorted(views.queue_counts(state).items())),
             views.worker_infos(list(self.dispatcher.workers), mono),
@@ -268,7 +261,8 @@ class ClientService:
     def _supervisor_report(
         self, identity: bytes, msg: p.SupervisorReport, now: float, mono: float
     ) -> None:
-        self.supervisors[msg.info.supervisor_id] = (msg.info, mono)
+        if not self.supervisors.report(msg.info, mono):
+            self.stats["supervisor_reports_refused"] += 1
         self.dispatcher.workers.vouch(msg.info.host, msg.info.workers, mono)
         queued = sum(n for (_, _, status), n in self.state.counts.items() if status == "queued")
         self._reply(identity, p.Ack(msg.req, queued))
@@ -351,9 +345,11 @@ class ClientService:
             j for j in self.state.jobs.values() if j.queue == msg.queue and j.status == "queued"
         ]
         for job in jobs:
-            lease = job.lease  # reserved in a worker's buffer: it must not run
+            if job.flow is not None:  # its flow stops, as if it was cancelled
+                self._cancel_job(job, now)
+            else:
+                self.dispatcher.revoke(job.id, job.lease)  # reserved: it must not run
             self.journal.record(Removed(job.id))
-            self.dispatcher.revoke(job.id, lease)
         self._reply(identity, p.Ack(msg.req, len(jobs)))
 
     def _pause(self, identity: bytes, msg: p.Pause, now: float, mono: float) -> None:

@@ -59,6 +59,7 @@ from corral.broker.records import (
     Returned,
     ScheduleFired,
     Started,
+    TaskForgotten,
     TaskRegistered,
     TryRec,
 )
@@ -68,6 +69,7 @@ from corral.broker.unique import UniqueKeys
 
 __all__ = [
     "ACTIVE",
+    "MAX_TRIES",
     "STATUSES",
     "TERMINAL",
     "WAITING",
@@ -78,6 +80,11 @@ __all__ = [
     "TaskDefaults",
     "validate_spec",
 ]
+
+
+#: The tries a job keeps: its first and its latest (a job polling with
+#: corral.Retry, or interrupted by shutdowns, runs without bound).
+MAX_TRIES = 100
 
 
 def members(flow: FlowCreated) -> list[JobSpec]:
@@ -148,6 +155,7 @@ class JobState:
             BrokerStarted: self._apply_broker_started,
             FollowedUp: self._apply_followed_up,
             TaskRegistered: self._apply_task,
+            TaskForgotten: self._apply_task_forgotten,
             MemberEnded: self.flowbook.apply_ended,
             FlowRemoved: self._apply_flow_removed,
             ClockStepped: self._apply_clock_stepped,
@@ -191,6 +199,9 @@ class JobState:
 
     def _apply_task(self, rec: TaskRegistered) -> None:
         self.tasks[rec.name] = rec.options
+
+    def _apply_task_forgotten(self, rec: TaskForgotten) -> None:
+        self.tasks.pop(rec.name, None)
 
     def _apply_removed(self, rec: Removed) -> None:
         self._remove(rec.id)
@@ -315,6 +326,8 @@ class JobState:
         job.attempts += 1
         job.runs = try_.attempt
         job.tries.append(try_)
+        if len(job.tries) > MAX_TRIES:
+            del job.tries[1]  # the first stays: it says when the job started
         self._set_status(job, "running")
 
     def _apply_finished(self, rec: Finished) -> None:
@@ -423,6 +436,7 @@ class JobState:
         counts[queue, task, status] += 1
 
     def _unreserve(self, job: Job) -> None:
+        """One reserved job of its (queue, task) fewer (none: no key)."""
         key = (job.queue, job.task)
         left = self.reserved[key] - 1
         if left:
@@ -461,6 +475,7 @@ class JobState:
                 self._unreserve(job)
             self.live_bytes -= job.size()
             self.unique.release(job)
+            self.expiry.discard(job_id)
         return job
 
     # ------------------------------------------------------- recovery, time

@@ -5,15 +5,19 @@ broker calls :meth:`Waiters.job_ended` / :meth:`Waiters.flow_ended`) or its
 wait runs out (:meth:`Waiters.expire`, on the monotonic clock); either way
 it gets exactly one reply. Replies go through the pass's
 :class:`~corral.broker.journal.Replies`, so they leave after the commit.
+A waiter answered or run out is dropped at once, in O(1) from its id's
+set and O(log n) amortised from the deadlines (see
+:class:`~corral.broker.timers.Deadlines`): what is kept follows the parked
+requests, never the answered ones.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 from corral.broker import flows, views
 from corral.broker import protocol as p
+from corral.broker.deadlines import Deadlines
 from corral.broker.journal import Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.state import Job, JobState
@@ -24,13 +28,13 @@ MAX_WAIT = 3600.0
 
 @dataclass(eq=False)
 class Waiter:
-    """A client long-polling for a job's or a flow's result."""
+    """A client long-polling for a job's or a flow's result (hashed by
+    identity: each is its own request)."""
 
     deadline: float
     job_id: str
     identity: bytes
     req: int
-    answered: bool = False
 
 
 class Waiters:
@@ -39,11 +43,14 @@ class Waiters:
     def __init__(self, state: JobState, replies: Replies) -> None:
         self.state = state
         self.replies = replies
-        self._by_id: dict[str, list[Waiter]] = {}
-        self._heap: list[tuple[float, int, Waiter]] = []
+        #: job or flow id -> its waiters, in arrival order (a dict as an
+        #: ordered set).
+        self._by_id: dict[str, dict[Waiter, None]] = {}
+        #: Each waiter's deadline (monotonic seconds).
+        self.deadlines: Deadlines[Waiter, None] = Deadlines()
 
     def __len__(self) -> int:
-        return sum(len(w) for w in self._by_id.values())
+        return len(self.deadlines)
 
     def get_result(self, identity: bytes, msg: p.GetResult, mono: float) -> None:
         """Answer now if the job or flow has ended or the caller won't wait;
@@ -63,12 +70,18 @@ class Waiters:
             self.answer(identity, msg.req, msg.job_id)
             return
         waiter = Waiter(mono + min(msg.wait, MAX_WAIT), msg.job_id, identity, msg.req)
-        self._by_id.setdefault(msg.job_id, []).append(waiter)
-        heapq.heappush(self._heap, (waiter.deadline, id(waiter), waiter))
+        self._by_id.setdefault(msg.job_id, {})[waiter] = None
+        self.deadlines.set(waiter, waiter.deadline, None)
+
+    def _take(self, job_id: str) -> list[Waiter]:
+        """Every waiter of ``job_id``, no longer parked."""
+        waiting = list(self._by_id.pop(job_id, ()))
+        for waiter in waiting:
+            self.deadlines.discard(waiter)
+        return waiting
 
     def job_ended(self, job: Job) -> None:
-        for waiter in self._by_id.pop(job.id, ()):
-            waiter.answered = True  # its heap entry is now stale
+        for waiter in self._take(job.id):
             self.replies.add(waiter.identity, views.result_reply(waiter.req, job))
 
     def flow_ended(self, flow_id: str) -> None:
@@ -76,30 +89,26 @@ class Waiters:
         flow = self.state.flows.get(flow_id)
         if flow is None or flows.status_of(self.state, flow)[0] not in TERMINAL:
             return
-        for waiter in self._by_id.pop(flow_id, ()):
-            waiter.answered = True
+        for waiter in self._take(flow_id):
             self.replies.add(waiter.identity, views.flow_result(self.state, waiter.req, flow))
         for _, spec in self.state.flowbook.made_later(flow):
             if spec.id not in self.state.jobs:  # never made: say so now
-                for waiter in self._by_id.pop(spec.id, ()):
-                    waiter.answered = True
+                for waiter in self._take(spec.id):
                     self.replies.add(waiter.identity, missing(self.state, waiter.req, spec.id))
 
     def expire(self, mono: float) -> None:
         """Answer, as things stand, every request whose wait ran out."""
-        while self._heap and self._heap[0][0] <= mono:
-            waiter = heapq.heappop(self._heap)[2]
-            if waiter.answered:
-                continue
-            waiting = self._by_id.get(waiter.job_id, [])
-            waiting.remove(waiter)
+        while (entry := self.deadlines.pop_due(mono)) is not None:
+            waiter = entry[0]
+            waiting = self._by_id.get(waiter.job_id, {})
+            waiting.pop(waiter, None)
             if not waiting:
                 self._by_id.pop(waiter.job_id, None)
             self.answer(waiter.identity, waiter.req, waiter.job_id)
 
     def next_deadline(self) -> float | None:
         """The monotonic time the earliest wait runs out, if any."""
-        return self._heap[0][0] if self._heap else None
+        return self.deadlines.next_due()
 
     def answer(self, identity: bytes, req: int, job_id: str) -> None:
         """A job's or a flow's outcome as it stands."""

@@ -11,6 +11,7 @@ says so in its reports. A vouch counts until the liveness window plus
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from corral.broker import protocol as p
@@ -120,11 +121,15 @@ class WorkerConn:
 
 
 class WorkerTable:
-    """Every connected worker, with the liveness rule."""
+    """Every connected worker, with the liveness rule, and the tasks they
+    serve (each name counted once per worker; a name goes with its last
+    worker)."""
 
     def __init__(self, liveness_window: float) -> None:
         self.liveness_window = liveness_window
         self.by_identity: dict[bytes, WorkerConn] = {}
+        #: task name -> how many connected workers registered it.
+        self.serving: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self.by_identity)
@@ -137,12 +142,19 @@ class WorkerTable:
 
     def add(self, conn: WorkerConn) -> WorkerConn | None:
         """Register ``conn``; returns the connection it replaces, if any."""
-        old = self.by_identity.get(conn.identity)
+        old = self.remove(conn.identity)
         self.by_identity[conn.identity] = conn
+        self.serving.update(set(conn.tasks))
         return old
 
     def remove(self, identity: bytes) -> WorkerConn | None:
-        return self.by_identity.pop(identity, None)
+        conn = self.by_identity.pop(identity, None)
+        if conn is not None:
+            for task in set(conn.tasks):
+                self.serving[task] -= 1
+                if not self.serving[task]:
+                    del self.serving[task]
+        return conn
 
     def seen(self, identity: bytes, now: float) -> WorkerConn | None:
         conn = self.by_identity.get(identity)

@@ -59,6 +59,7 @@ from corral.broker.records import (
     Returned,
     ScheduleFired,
     Started,
+    TaskForgotten,
     TaskOptions,
     TaskRegistered,
     TryRec,
@@ -186,6 +187,7 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         FlowRemoved("f"),
         ClockStepped(-3600.25, 19.0),
         TaskRegistered("t", TaskOptions(max_attempts=3, queue="emails", retry_backoff=0.5)),
+        TaskForgotten("t"),
         FollowedUp("a", [job_rec("b", 2, "t", "q", 0, raw(2), 18.0)]),
         FlowCreated(
             "f",

@@ -180,13 +180,17 @@ def test_unit_file_is_hardened() -> None:
 def test_the_watchdog_goes_on_while_the_broker_replays_a_long_log(env: Env) -> None:
     """A log of 60,000 jobs takes a while to replay: meanwhile the
     supervisor's loop runs, pets the watchdog and asks for more start time,
-    and READY=1 comes once the broker answers."""
+    and READY=1 comes once the broker answers. (Each job has a unique key,
+    so each is a record of its own: plain jobs are logged in batches, which
+    replay too fast to see the watchdog petted twice.)"""
     env.write_config(processes=1, fsync="never")
     broker = env.start("broker")
     env.wait_ready(broker)
     client = env.client(timeout=30.0)
-    for _ in range(6):
-        client.enqueue_many([corral.Job("e2e.noop", "x" * 100) for _ in range(10_000)])
+    for batch in range(6):
+        client.enqueue_many(
+            [corral.Job("e2e.noop", "x" * 100, unique_key=f"k{batch}-{i}") for i in range(10_000)]
+        )
     broker.signal(signal.SIGTERM)
     assert broker.wait(30) == 0
     with notified_run(env, 100_000) as run:

@@ -307,3 +307,20 @@ def test_silent_property(last_seen: list[float], window: float, now: float, late
     for c in table:
         if c.last_seen >= now:
             assert c.identity not in silent
+
+
+def test_the_table_counts_each_task_once_per_connected_worker() -> None:
+    table = WorkerTable(liveness_window=3.0)
+    a, b = conn(b"a"), conn(b"b")
+    b.tasks = ["t.b", "t.c", "t.c"]
+    table.add(a)
+    table.add(b)
+    assert table.serving == {"t.a": 1, "t.b": 2, "t.c": 1}
+    again = conn(b"a")  # the same identity registers again, with other tasks
+    again.tasks = ["t.d"]
+    assert table.add(again) is a
+    assert table.serving == {"t.b": 1, "t.c": 1, "t.d": 1}
+    table.remove(b"a")
+    table.remove(b"b")
+    table.remove(b"b")
+    assert table.serving == {}

@@ -35,3 +35,10 @@ def record(ctx: corral.JobContext, rec: Record) -> int:
     if rec.seconds > 0:
         time.sleep(rec.seconds)
     return ctx.attempt
+
+
+@corral.task(name="soak.progress")
+def progress(ctx: corral.JobContext, n: int) -> int:
+    """Reports progress half way, then ends."""
+    ctx.progress(0.5, f"half of {n}")
+    return n
