@@ -12,13 +12,20 @@ of a segment are kept for records about existing jobs once the disk is full
 
 Replay starts at the last BASE segment. Only the last segment may end in a
 torn record (older ones are fsync'd before the next one exists): it is cut
-with a warning. A bad record followed by a valid one is corruption and the
+with a warning. Older segments and ``.tmp`` files left by an interrupted
+compaction are removed on open. A bad record followed by a valid one is corruption and the
 log refuses to open (:class:`LogCorrupt`); :func:`corral.broker.logtools.verify`
 and :func:`corral.broker.logtools.repair` handle it offline.
 
 ``append()`` only frames into memory; ``commit()`` issues one write and at most
 one fdatasync for everything appended since (group commit). A failed fsync
 is never retried (:class:`FsyncFailed`): the caller exits and replays.
+
+Compaction cuts the log (:meth:`Log.seal`), has the history before the cut
+rewritten as a new base by someone else (a child process, see
+:mod:`corral.broker.compaction`), then switches to it with one rename
+(:meth:`Log.install`); appends go on meanwhile. :meth:`Log.compact` does the
+three steps at once, in-process.
 
 Importing this module loads neither zmq nor asyncio (hence its lazy logger).
 """
@@ -36,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from corral.broker.compaction import Cut, tmp_name, write_base
 from corral.broker.framing import (
     FLAG_BASE,
     FRAME,
@@ -48,7 +56,6 @@ from corral.broker.framing import (
     LogError,
     MiB,
     Scan,
-    frame_into,
     fsync_dir,
     pack_header,
     plan_segments,
@@ -91,6 +98,10 @@ def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
             if n <= 0:
                 raise OSError(errno.ENOSPC, "short write")
             done += n
+
+
+def _seq_of(path: Path) -> int:
+    return int(path.name.split(".")[0])
 
 
 # -- the log ----------------------------------------------------------------
@@ -149,6 +160,10 @@ class Log:
         self._failed: LogError | None = None
         self._appended = 0
         self._n = _Counters()
+        #: The sequence number of the base segment replay starts at.
+        self._base = 1
+        #: The compaction under way, between seal() and install()/abandon().
+        self._cut: Cut | None = None
 
     # -- opening
 
@@ -163,6 +178,7 @@ class Log:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_tmp_files()
         self._n = _Counters()
+        self._cut = None
         live, stale, self._generation = plan_segments(self.directory)
         if not live:
             self._generation = secrets.randbits(64)
@@ -174,13 +190,18 @@ class Log:
             self._active = _Active(fd, path, 1, HEADER_SIZE, HEADER_SIZE)
             return
         self._remove_stale(stale)
+        self._base = live[0][0]
         for i, (_, path) in enumerate(live):
             scan = Scan(path, path.read_bytes())
             yield from scan
             problem = scan.problem(last=i == len(live) - 1)
             if problem is not None:
                 raise problem
-            self._n.since_compaction += scan.pos - HEADER_SIZE
+            # A compaction's base is never appended to: what counts towards
+            # the next compaction is what came after it (a new log's first
+            # segment, base and active at once, counts whole).
+            if i > 0 or len(live) == 1:
+                self._n.since_compaction += scan.pos - HEADER_SIZE
             if i < len(live) - 1:
                 self._n.finished.append((path, scan.pos))
         self._open_last(live[-1][0], scan)
@@ -347,8 +368,9 @@ class Log:
         self._failed = LogError(f"log write to {active.path} failed: {exc}")
         raise self._failed from exc
 
-    def _roll(self, old: _Active, now: float) -> _Active:
-        """Finish ``old`` and switch to a new segment; on a full disk stay on ``old``."""
+    def _roll(self, old: _Active, now: float, *, mark_full: bool = True) -> _Active:
+        """Finish ``old`` and switch to a new segment. On a full disk stay on
+        ``old``, marked full (or, without ``mark_full``, raise LogDiskFull)."""
         if self._dirty:  # old data must be durable before a later segment exists
             self._datasync(now)
         try:
@@ -356,6 +378,8 @@ class Log:
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise LogError(f"cannot create log segment {old.seq + 1}: {exc}") from exc
+            if not mark_full:
+                raise LogDiskFull(f"no room for log segment {old.seq + 1}: {exc}") from exc
             self._mark_full(now, exc)
             return old
         if self._full:
@@ -403,6 +427,28 @@ class Log:
         """True while the next segment could not be allocated: refuse new jobs."""
         return self._full
 
+    def recheck_space(self, now: float) -> bool:
+        """While full, try again for room (at most once a second, by ``now``,
+        ``time.monotonic()``): the next segment, or the preallocation of an
+        empty current one. Returns True if the log is full no more. Lets an
+        idle broker, which writes nothing, see space come back."""
+        active = self._active
+        if not self._full or active is None or self._failed or now < self._retry_alloc_at:
+            return False
+        if active.end > HEADER_SIZE:
+            self._roll(active, now)  # clears full, or marks it again
+        else:
+            try:
+                _preallocate(active.fd, self.segment_size)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL:
+                    raise LogError(f"cannot preallocate log segment: {exc}") from exc
+                self._mark_full(now, exc)
+                return False
+            self._full = False
+            _log.info("log.disk_space_available", segment=str(active.path))
+        return not self._full
+
     @property
     def synced_position(self) -> tuple[Path, int] | None:
         """(segment, offset) up to which the log is known to be on disk."""
@@ -435,37 +481,96 @@ class Log:
 
     # -- compaction and closing
 
-    def compact(self, live: Iterable[Record]) -> None:
-        """Rewrite the log as exactly ``live`` in a new base segment, atomically."""
+    def seal(self, now: float) -> Cut:
+        """Cut the log for a compaction: finish the segment being written
+        (unless it is empty) so appends go on in a new one; return the
+        :class:`Cut` naming the fsync'd segments before it. Records appended
+        but not yet committed land after the cut.
+
+        ``now`` is ``time.monotonic()``. Raises :class:`LogDiskFull` if the
+        disk has no room for the new segment (the log is not marked full:
+        appends go on where they were), :class:`LogError` if a compaction
+        is under way or the segment cannot be made."""
         active = self._open_for_write()
+        if self._cut is not None:
+            raise LogError("a compaction is already under way: install() or abandon() it first")
+        if active.end == HEADER_SIZE and active.seq > self._base:
+            last = active.seq - 1  # nothing since the last roll: cut there
+        else:
+            active = self._roll(active, now, mark_full=False)
+            last = active.seq - 1
+        self._cut = Cut(
+            str(self.directory),
+            self._base,
+            last,
+            self._generation,
+            str(self.directory / tmp_name(last)),
+            self._n.since_compaction,
+        )
+        return self._cut
+
+    def install(self, cut: Cut) -> int:
+        """Switch to the base a rewriter wrote to ``cut.tmp``: rename it onto
+        segment ``cut.last`` (atomic), then remove the segments before it.
+        Returns how many were removed. Raises :class:`LogError` if the rename
+        fails (the compaction is abandoned, the log unchanged) and
+        :class:`FsyncFailed` if the directory cannot be synced."""
+        if cut != self._cut:
+            raise LogError("install() of a cut this log did not make, or made earlier")
+        final = seg_path(self.directory, cut.last)
+        try:
+            os.rename(cut.tmp, final)
+        except OSError as exc:
+            self.abandon(cut)
+            raise LogError(f"compaction could not switch to its new base {cut.tmp}: {exc}") from exc
+        self._cut = None
+        fsync_dir(self.directory)  # the switch is durable before any segment goes
+        self._base = cut.last
+        self._n.since_compaction -= cut.counted
+        later = [(p, used) for p, used in self._n.finished if _seq_of(p) > cut.last]
+        self._n.finished = [(final, os.stat(final).st_size), *later]
+        old = cut.segments[:-1]
+        for path in old:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # stale now: the next start removes it
+                _log.warning("log.old_segment_kept", segment=str(path), error=str(exc))
+        fsync_dir(self.directory)
+        return len(old)
+
+    def abandon(self, cut: Cut) -> None:
+        """Give up the compaction at ``cut``: its file goes, the log is as it was."""
+        if cut == self._cut:
+            self._cut = None
+        try:
+            cut.tmp_path.unlink(missing_ok=True)
+        except OSError as exc:
+            _log.warning("log.tmp_kept", file=cut.tmp, error=str(exc))
+
+    def compact(self, live: Iterable[Record]) -> None:
+        """Rewrite the log's history as exactly ``live``, in-process: seal,
+        write the base, install. Raises :class:`LogDiskFull` when the disk has
+        no room for it (the log is left as it was)."""
         if self._pending:
             raise LogError("compact() with uncommitted records: commit() first")
-        body = bytearray()
-        count = 0
-        for record in live:
-            frame_into(body, record)
-            count += 1
+        cut = self.seal(time.monotonic())
         try:
-            fd, path = self._create_segment(active.seq + 1, FLAG_BASE, body)
-        except OSError as exc:
-            cls = LogDiskFull if exc.errno in _DISK_FULL else LogError
-            raise cls(f"compaction could not write a new base segment: {exc}") from exc
-        old = [p for p, _ in self._n.finished] + [active.path]
-        os.close(active.fd)
-        end = HEADER_SIZE + len(body)
-        self._active = _Active(fd, path, active.seq + 1, end, end)
-        self._dirty = self._full = False
-        self._n.finished = []
-        self._n.since_compaction = 0
-        for p in old:
-            p.unlink(missing_ok=True)
-        fsync_dir(self.directory)
-        _log.info("log.compacted", records=count, bytes=end, removed_segments=len(old))
+            count, size = write_base(cut, live)
+        except BaseException as exc:
+            self.abandon(cut)
+            if isinstance(exc, OSError):
+                cls = LogDiskFull if exc.errno in _DISK_FULL else LogError
+                raise cls(f"compaction could not write a new base segment: {exc}") from exc
+            raise
+        removed = self.install(cut)
+        _log.info("log.compacted", records=count, bytes=size, removed_segments=removed)
 
     def close(self) -> None:
         """Write and sync what is pending, then close; idempotent."""
         if self._active is None:
             return
+        if self._cut is not None:
+            self.abandon(self._cut)
         try:
             if self._failed is None:
                 self.sync()  # may roll to a new segment
