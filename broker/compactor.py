@@ -157,6 +157,16 @@ class Compactor:
     def running(self) -> bool:
         return self._cut is not None
 
+    @property
+    def child(self) -> subprocess.Popen[bytes] | None:
+        """The running child process, if any (read only: for status and tests)."""
+        return self._proc
+
+    @property
+    def cut(self) -> Cut | None:
+        """The cut of the compaction under way, if any."""
+        return self._cut
+
     def may_start(self, mono: float) -> bool:
         """No compaction is under way and no backoff holds the next one."""
         return self._cut is None and mono >= self.retry_at

@@ -140,7 +140,7 @@ class BrokerCore:
         # A new epoch for this start's lease tokens, on disk before any lease.
         epoch = self.state.epoch + 1
         self.journal.record(BrokerStarted(epoch, self.clock.time()))
-        self.log.sync()
+        self.log.sync(self.clock.monotonic())
         self.dispatcher.start_leases(epoch)
         log.info(
             "broker.replayed",

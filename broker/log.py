@@ -230,6 +230,10 @@ class Log:
             os.close(fd)
             raise
         self._active = _Active(fd, scan.path, seq, scan.pos, scan.pos)
+        if scan.pos > self._limit and not self._full:
+            # it ended in its reserve: full, unless a next segment can be made
+            self._roll(self._active, time.monotonic())
+        self._retry_alloc_at = 0.0  # the caller's clock paces the next try
 
     def _cut_torn_tail(self, fd: int, scan: Scan) -> None:
         os.ftruncate(fd, scan.pos)
@@ -322,10 +326,11 @@ class Log:
             return self.fsync_interval
         return max(0.0, self._last_sync + self.fsync_interval - now)
 
-    def sync(self) -> None:
-        """Write everything pending and fdatasync it now, whatever the policy."""
+    def sync(self, now: float | None = None) -> None:
+        """Write everything pending and fdatasync it now, whatever the policy.
+        ``now``: ``time.monotonic()`` (by default) or the caller's clock."""
         active = self._open_for_write()
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if self._pending:
             self._write_pending(active, now)
         if self._dirty:

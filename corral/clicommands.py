@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -377,8 +379,11 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
+    """The broker's compaction, run in this process on a stopped broker's log."""
+    from corral.broker.compactor import rewrite
     from corral.broker.core import BrokerCore
     from corral.broker.lockfile import StateDirLock
+    from corral.broker.log import LogError
 
     config = load_config(args.config)
     config = msgspec.structs.replace(
@@ -388,17 +393,27 @@ def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
     lock = StateDirLock(core.state_dir)
     lock.acquire()
     try:
-        for record in core.log.replay():
-            core.state.apply(record)
+        for _ in core.log.replay():
+            pass
         before = core.log.stats()
-        core.log.compact(core.state.snapshot())
+        cut = core.log.seal(time.monotonic())
+        try:
+            outcome = rewrite(cut, core.compactor.defaults)
+        except (OSError, LogError) as exc:
+            core.log.abandon(cut)
+            print(f"corral: log compact failed, the log is unchanged: {exc}", file=sys.stderr)
+            return EXIT_JOB
+        core.log.install(cut)
         after = core.log.stats()
-        core.log.close()
+    except LogError as exc:
+        print(f"corral: log compact failed: {exc}", file=sys.stderr)
+        return EXIT_JOB
     finally:
+        core.log.close()
         lock.release()
     emit(
         args,
-        {"jobs": len(core.state.jobs), "before": before, "after": after},
+        {"jobs": outcome.jobs, "before": before, "after": after},
         lambda v: (
             f"compacted: {v['jobs']} live jobs; "
             f"{v['before'].get('used_bytes')} -> {v['after'].get('used_bytes')} bytes"
