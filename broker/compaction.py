@@ -15,7 +15,9 @@ it (the writer goes on appending while the rewrite runs):
 3. :meth:`Log.install <corral.broker.log.Log.install>` renames ``cut.tmp``
    onto segment ``last``: one atomic rename switches the log from "old
    history + later segments" to "new base + later segments", which replay
-   to the same state. Older segments are then removed.
+   to the same state. Older segments are stale then; freeing a large
+   file's blocks takes tens of milliseconds, so the broker removes them on
+   a thread (:func:`remove_segments`).
 
 A crash before the rename leaves a ``.tmp`` file (removed on the next
 start) and the old history; a crash after it leaves the older segments,
@@ -43,10 +45,12 @@ from corral.broker.framing import (
     parse_header,
     seg_path,
 )
+from corral.broker.lazylog import get_logger
 from corral.broker.records import Record
 
 #: The rewriter writes its base in chunks of about this many bytes.
 _CHUNK = 1 * MiB
+_log = get_logger(__name__)
 
 
 class Cut(msgspec.Struct, frozen=True):
@@ -136,3 +140,16 @@ def _flush(fd: int, buf: bytearray) -> None:
         while done < len(view):
             done += os.write(fd, view[done:])
     del buf[:]
+
+
+def remove_segments(paths: list[Path]) -> int:
+    """Remove stale segments (those before a new base); one that cannot be
+    removed is logged and left for the next open. Returns how many went."""
+    removed = 0
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+            removed += 1
+        except OSError as exc:
+            _log.warning("log.stale_segment_kept", segment=str(path), error=str(exc))
+    return removed

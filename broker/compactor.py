@@ -11,9 +11,10 @@ The child prints one JSON :class:`Outcome` line and exits 0 (done) or 1.
 
 :class:`Compactor` is the broker's side: it seals the log, starts the
 child, polls it on each pass without waiting, and installs the new base
-once the child is done. A compaction that fails (a full disk, a crash, a
-kill) is abandoned, logged, and tried again later with exponential backoff;
-the broker serves on meanwhile. The offline ``corral log compact`` calls
+once the child is done (the stale segments are removed on a thread). A
+compaction that fails (a full disk, a crash, a kill) is abandoned, logged,
+and tried again later with exponential backoff; the broker serves on
+meanwhile. The offline ``corral log compact`` calls
 :func:`rewrite` in-process: the same code.
 """
 
@@ -27,11 +28,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import msgspec
 
-from corral.broker.compaction import Cut, read_cut, write_base
+from corral.broker.compaction import Cut, read_cut, remove_segments, write_base
 from corral.broker.job import Defaults
 from corral.broker.lazylog import get_logger
 from corral.broker.log import FsyncFailed, Log, LogDiskFull, LogError
@@ -213,19 +215,23 @@ class Compactor:
             self._failed(outcome.error, mono, outcome.disk_full)
             return outcome
         try:
-            removed = self.log.install(cut)
+            stale = self.log.install(cut)
         except FsyncFailed:
             raise
         except LogError as exc:
             self._failed(str(exc), mono, False)
             return Outcome(ok=False, error=str(exc))
         self.failures, self.retry_at = 0, 0.0
+        # Freeing a large file's blocks takes tens of ms: not on the loop.
+        threading.Thread(
+            target=remove_segments, args=(stale,), name="corral-remove-segments", daemon=True
+        ).start()
         _log.info(
             "broker.compacted",
             jobs=outcome.jobs,
             records=outcome.records,
             bytes=outcome.bytes,
-            removed_segments=removed,
+            stale_segments=len(stale),
             seconds=round(mono - self._started, 3),
         )
         return outcome

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from corral.broker.compaction import Cut, tmp_name, write_base
+from corral.broker.compaction import Cut, remove_segments, tmp_name, write_base
 from corral.broker.framing import (
     FLAG_BASE,
     FRAME,
@@ -514,10 +514,12 @@ class Log:
         )
         return self._cut
 
-    def install(self, cut: Cut) -> int:
+    def install(self, cut: Cut) -> list[Path]:
         """Switch to the base a rewriter wrote to ``cut.tmp``: rename it onto
-        segment ``cut.last`` (atomic), then remove the segments before it.
-        Returns how many were removed. Raises :class:`LogError` if the rename
+        segment ``cut.last`` (atomic) and sync the directory. Returns the
+        segments before it, stale now, for the caller to remove
+        (:func:`~corral.broker.compaction.remove_segments`; those left are
+        removed on the next open). Raises :class:`LogError` if the rename
         fails (the compaction is abandoned, the log unchanged) and
         :class:`FsyncFailed` if the directory cannot be synced."""
         if cut != self._cut:
@@ -529,19 +531,12 @@ class Log:
             self.abandon(cut)
             raise LogError(f"compaction could not switch to its new base {cut.tmp}: {exc}") from exc
         self._cut = None
-        fsync_dir(self.directory)  # the switch is durable before any segment goes
+        fsync_dir(self.directory)
         self._base = cut.last
         self._n.since_compaction -= cut.counted
         later = [(p, used) for p, used in self._n.finished if _seq_of(p) > cut.last]
         self._n.finished = [(final, os.stat(final).st_size), *later]
-        old = cut.segments[:-1]
-        for path in old:
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:  # stale now: the next start removes it
-                _log.warning("log.old_segment_kept", segment=str(path), error=str(exc))
-        fsync_dir(self.directory)
-        return len(old)
+        return cut.segments[:-1]
 
     def abandon(self, cut: Cut) -> None:
         """Give up the compaction at ``cut``: its file goes, the log is as it was."""
@@ -567,7 +562,7 @@ class Log:
                 cls = LogDiskFull if exc.errno in _DISK_FULL else LogError
                 raise cls(f"compaction could not write a new base segment: {exc}") from exc
             raise
-        removed = self.install(cut)
+        removed = remove_segments(self.install(cut))
         _log.info("log.compacted", records=count, bytes=size, removed_segments=removed)
 
     def close(self) -> None:

@@ -380,6 +380,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
     """The broker's compaction, run in this process on a stopped broker's log."""
+    from corral.broker.compaction import remove_segments
     from corral.broker.compactor import rewrite
     from corral.broker.core import BrokerCore
     from corral.broker.lockfile import StateDirLock
@@ -403,7 +404,7 @@ def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
             core.log.abandon(cut)
             print(f"corral: log compact failed, the log is unchanged: {exc}", file=sys.stderr)
             return EXIT_JOB
-        core.log.install(cut)
+        remove_segments(core.log.install(cut))
         after = core.log.stats()
     except LogError as exc:
         print(f"corral: log compact failed: {exc}", file=sys.stderr)
