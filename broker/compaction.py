@@ -15,9 +15,8 @@ it (the writer goes on appending while the rewrite runs):
 3. :meth:`Log.install <corral.broker.log.Log.install>` renames ``cut.tmp``
    onto segment ``last``: one atomic rename switches the log from "old
    history + later segments" to "new base + later segments", which replay
-   to the same state. Older segments are stale then; freeing a large
-   file's blocks takes tens of milliseconds, so the broker removes them on
-   a thread (:func:`remove_segments`).
+   to the same state. Older segments are stale then; the broker removes
+   them on a thread, a few MiB at a time (:func:`remove_segments`).
 
 A crash before the rename leaves a ``.tmp`` file (removed on the next
 start) and the old history; a crash after it leaves the older segments,
@@ -30,6 +29,7 @@ This module knows the segment format only through
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -50,6 +50,10 @@ from corral.broker.records import Record
 
 #: The rewriter writes its base in chunks of about this many bytes.
 _CHUNK = 1 * MiB
+#: A stale segment removed beside the loop is cut this many bytes at a time...
+SHRINK_STEP = 4 * MiB
+#: ... this many seconds apart (see :func:`remove_segments`).
+SHRINK_PAUSE = 0.01
 _log = get_logger(__name__)
 
 
@@ -142,14 +146,33 @@ def _flush(fd: int, buf: bytearray) -> None:
     del buf[:]
 
 
-def remove_segments(paths: list[Path]) -> int:
+def remove_segments(paths: list[Path], *, gradually: bool = False) -> int:
     """Remove stale segments (those before a new base); one that cannot be
-    removed is logged and left for the next open. Returns how many went."""
+    removed is logged and left for the next open. Returns how many went.
+
+    ``gradually`` (on a thread beside the broker's loop): each file is
+    first cut ``SHRINK_STEP`` bytes at a time, ``SHRINK_PAUSE`` seconds
+    apart. Freeing a large file's blocks in one go is one large journal
+    commit, which the loop's next fsync would wait for (RocksDB deletes
+    obsolete files in chunks, rate-limited, for the same reason)."""
     removed = 0
     for path in paths:
         try:
+            if gradually:
+                _shrink(path)
             path.unlink(missing_ok=True)
             removed += 1
         except OSError as exc:
             _log.warning("log.stale_segment_kept", segment=str(path), error=str(exc))
     return removed
+
+
+def _shrink(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    while size > SHRINK_STEP:
+        size -= SHRINK_STEP
+        os.truncate(path, size)
+        time.sleep(SHRINK_PAUSE)  # pacing, not waiting for anything

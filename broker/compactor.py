@@ -222,9 +222,13 @@ class Compactor:
             self._failed(str(exc), mono, False)
             return Outcome(ok=False, error=str(exc))
         self.failures, self.retry_at = 0, 0.0
-        # Freeing a large file's blocks takes tens of ms: not on the loop.
+        # Freeing a large file's blocks takes 100 ms or more: not on the loop.
         threading.Thread(
-            target=remove_segments, args=(stale,), name="corral-remove-segments", daemon=True
+            target=remove_segments,
+            args=(stale,),
+            kwargs={"gradually": True},
+            name="corral-remove-segments",
+            daemon=True,
         ).start()
         _log.info(
             "broker.compacted",

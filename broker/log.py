@@ -10,12 +10,13 @@ allocated rather than in the middle of a record. The last ``reserve`` bytes
 of a segment are kept for records about existing jobs once the disk is full
 (:attr:`Log.full`).
 
-Replay starts at the last BASE segment. Only the last segment may end in a
-torn record (older ones are fsync'd before the next one exists): it is cut
-with a warning. Older segments and ``.tmp`` files left by an interrupted
-compaction are removed on open. A bad record followed by a valid one is corruption and the
-log refuses to open (:class:`LogCorrupt`); :func:`corral.broker.logtools.verify`
-and :func:`corral.broker.logtools.repair` handle it offline.
+Replay starts at the last BASE segment; older segments and ``.tmp`` files
+left by an interrupted compaction are removed on open. Only the last segment
+may end in a torn record (older ones are fsync'd before the next one
+exists): it is cut with a warning. A bad record followed by a valid one is
+corruption and the log refuses to open (:class:`LogCorrupt`);
+:func:`corral.broker.logtools.verify` and :func:`corral.broker.logtools.repair`
+handle it offline.
 
 ``append()`` only frames into memory; ``commit()`` issues one write and at most
 one fdatasync for everything appended since (group commit). A failed fsync
