@@ -255,7 +255,7 @@ class Compactor:
 
     def _failed(self, error: str, mono: float, disk_full: bool) -> None:
         self.failures += 1
-        delay = min(RETRY_MAX, RETRY_MIN * 2 ** (self.failures - 1))
+        delay = min(RETRY_MAX, RETRY_MIN * 2 ** min(self.failures - 1, 30))
         self.retry_at = mono + delay
         _log.error(
             "broker.compaction_failed",

@@ -518,18 +518,29 @@ class Log:
     def install(self, cut: Cut) -> list[Path]:
         """Switch to the base a rewriter wrote to ``cut.tmp``: rename it onto
         segment ``cut.last`` (atomic) and sync the directory. Returns the
-        segments before it, stale now, for the caller to remove
-        (:func:`~corral.broker.compaction.remove_segments`; those left are
-        removed on the next open). Raises :class:`LogError` if the rename
+        files of the old history, stale now, for the caller to remove (the
+        segments before ``cut.last``, and the replaced one under a ``.tmp``
+        name: :func:`~corral.broker.compaction.remove_segments`; those left
+        are removed on the next open). Raises :class:`LogError` if the rename
         fails (the compaction is abandoned, the log unchanged) and
         :class:`FsyncFailed` if the directory cannot be synced."""
         if cut != self._cut:
             raise LogError("install() of a cut this log did not make, or made earlier")
         final = seg_path(self.directory, cut.last)
+        # The renamed-over segment keeps a second name, so the rename does
+        # not free its blocks here (slow for a large file): its caller does.
+        kept = self.directory / f"{cut.last:020d}.old.tmp"
+        try:
+            kept.unlink(missing_ok=True)
+            os.link(final, kept)
+        except OSError:
+            kept = final  # no hard links here: the rename frees it
         try:
             os.rename(cut.tmp, final)
         except OSError as exc:
             self.abandon(cut)
+            if kept != final:
+                kept.unlink(missing_ok=True)
             raise LogError(f"compaction could not switch to its new base {cut.tmp}: {exc}") from exc
         self._cut = None
         fsync_dir(self.directory)
@@ -537,7 +548,7 @@ class Log:
         self._n.since_compaction -= cut.counted
         later = [(p, used) for p, used in self._n.finished if _seq_of(p) > cut.last]
         self._n.finished = [(final, os.stat(final).st_size), *later]
-        return cut.segments[:-1]
+        return [*cut.segments[:-1], *([kept] if kept != final else [])]
 
     def abandon(self, cut: Cut) -> None:
         """Give up the compaction at ``cut``: its file goes, the log is as it was."""

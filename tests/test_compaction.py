@@ -61,9 +61,14 @@ def test_the_broker_compacts_in_a_child_and_a_replay_gives_the_live_state(
     ]
     # the new base sits where the cut was; every older segment goes (on a thread)
     base = seg_path(log_dir(broker), cut.last)
-    wait_for(lambda: min(log_dir(broker).glob("*.seg")) == base, message="stale segments to go")
+    wait_for(
+        lambda: (
+            min(log_dir(broker).glob("*.seg")) == base and not list(log_dir(broker).glob("*.tmp"))
+        ),
+        message="the old history's files to go",
+    )
     segs = sorted(log_dir(broker).glob("*.seg"))
-    assert len(segs) < before + 10 and not list(log_dir(broker).glob("*.tmp"))
+    assert len(segs) < before + 10
     assert snapshot_of(replayed(broker, tmp_path)) == snapshot_of(broker.core.state)
     assert broker.core.log.bytes_since_compaction < 256 * 1024
     broker.close()
