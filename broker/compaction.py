@@ -48,8 +48,12 @@ from corral.broker.framing import (
 from corral.broker.lazylog import get_logger
 from corral.broker.records import Record
 
-#: The rewriter writes its base in chunks of about this many bytes.
+#: The rewriter writes its base in chunks of about this many bytes...
 _CHUNK = 1 * MiB
+#: ... and syncs it every this many: a journal commit that the broker's own
+#: fsync waits for then never has more of the base to write out (RocksDB's
+#: ``bytes_per_sync`` is the same idea).
+SYNC_EVERY = 4 * MiB
 #: A stale segment removed beside the loop is cut this many bytes at a time...
 SHRINK_STEP = 4 * MiB
 #: ... this many seconds apart (see :func:`remove_segments`).
@@ -112,20 +116,25 @@ def read_cut(cut: Cut) -> Iterator[Record]:
 
 def write_base(cut: Cut, records: Iterable[Record]) -> tuple[int, int]:
     """Write ``records`` as a BASE segment numbered ``cut.last`` to
-    ``cut.tmp``, fsync'd (not renamed: :meth:`Log.install` does that).
+    ``cut.tmp``, fsync'd as it goes and at the end (not renamed:
+    :meth:`Log.install` does that).
     Returns (records, bytes written). Raises OSError (ENOSPC on a full
     disk) with the file removed; a record over the size limit raises
     :class:`~corral.broker.framing.LogError`."""
     tmp = cut.tmp_path
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        count = 0
+        count = unsynced = 0
         buf = bytearray(pack_header(FLAG_BASE, cut.last, cut.generation))
         for record in records:
             frame_into(buf, record)
             count += 1
             if len(buf) >= _CHUNK:
+                unsynced += len(buf)
                 _flush(fd, buf)
+                if unsynced >= SYNC_EVERY:
+                    os.fdatasync(fd)
+                    unsynced = 0
         _flush(fd, buf)
         os.fsync(fd)
         written = os.fstat(fd).st_size
