@@ -29,6 +29,7 @@ This module knows the segment format only through
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -84,10 +85,12 @@ class Cut(msgspec.Struct, frozen=True):
         return [seg_path(Path(self.directory), seq) for seq in range(self.first, self.last + 1)]
 
 
-def tmp_name(last: int) -> str:
-    """The file a compaction's base is written to before the switch: a
-    ``.tmp`` file, so a start after a crash removes it."""
-    return f"{last:020d}.base.tmp"
+def tmp_name(last: int, what: str) -> str:
+    """A compaction's file before (``what`` = "base") or after ("old": the
+    replaced segment's second name) the switch: a ``.tmp`` file, so a start
+    after a crash removes it, and a name no other compaction uses, so a
+    thread still removing an earlier one's files never touches it."""
+    return f"{last:020d}.{what}.{secrets.token_hex(4)}.tmp"
 
 
 def read_cut(cut: Cut) -> Iterator[Record]:

@@ -510,7 +510,7 @@ class Log:
             self._base,
             last,
             self._generation,
-            str(self.directory / tmp_name(last)),
+            str(self.directory / tmp_name(last, "base")),
             self._n.since_compaction,
         )
         return self._cut
@@ -529,7 +529,7 @@ class Log:
         final = seg_path(self.directory, cut.last)
         # The renamed-over segment keeps a second name, so the rename does
         # not free its blocks here (slow for a large file): its caller does.
-        kept = self.directory / f"{cut.last:020d}.old.tmp"
+        kept = self.directory / tmp_name(cut.last, "old")
         try:
             kept.unlink(missing_ok=True)
             os.link(final, kept)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import psutil
@@ -33,8 +34,11 @@ from conftest import Env, titled, wait_for
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker
 
 import corral
+from corral.broker.compaction import remove_segments, write_base
 from corral.broker.compactor import RETRY_MIN
 from corral.broker.framing import seg_path
+from corral.broker.log import Log
+from corral.broker.records import Removed
 from corral.broker.state import TERMINAL
 from corral.cli import main as cli_main
 
@@ -217,3 +221,29 @@ def test_a_real_broker_killed_mid_compaction_takes_its_child_along_and_loses_not
     assert client.status().queues["default"]["queued"] == len(keep) + len(more)
     assert {client.job(i).status for i in (keep[0], keep[-1], *more)} == {"queued"}
     assert not list((env.home / "state" / "log").glob("*.tmp"))
+
+
+def test_back_to_back_compactions_never_share_a_file_with_a_removal_under_way(
+    tmp_path: Path,
+) -> None:
+    """The old history is removed on a thread, a few MiB at a time; a second
+    compaction at once (nothing appended in between: the same cut) names its
+    files apart, so the removal never touches the live log."""
+    log = Log(tmp_path, fsync="never", segment_size=1 << 20, reserve=16 << 10)
+    assert list(log.replay()) == []
+    for n in range(3000):
+        log.append(Removed(f"history-{n}-" + "h" * 1000))
+    log.commit(0.0)
+    cut = log.seal(0.0)
+    write_base(cut, [Removed(f"first-{n}-" + "f" * 1000) for n in range(5000)])
+    stale = log.install(cut)
+    removal = threading.Thread(target=remove_segments, args=(stale,), kwargs={"gradually": True})
+    removal.start()
+    second = [Removed(f"second-{n}") for n in range(10)]
+    log.compact(second)  # the same cut.last: the segment after the cut is empty
+    removal.join()
+    log.close()
+    assert not list(tmp_path.glob("*.tmp"))
+    again = Log(tmp_path, fsync="never", segment_size=1 << 20, reserve=16 << 10)
+    assert list(again.replay()) == second
+    again.close()

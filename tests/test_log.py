@@ -504,7 +504,7 @@ def _old_and_new(tmp_path: Path) -> tuple[Path, Path, list[Record], list[Record]
 def test_crash_before_compaction_rename_keeps_old_state(tmp_path: Path) -> None:
     old_dir, new_dir, records, _ = _old_and_new(tmp_path)
     base = segments(new_dir)[0]  # the new base, at the cut; a segment after it
-    shutil.copy(base, old_dir / base.name.replace(".seg", ".base.tmp"))
+    shutil.copy(base, old_dir / base.name.replace(".seg", ".base.0123abcd.tmp"))
     log, got = open_log(old_dir)
     assert enc(got) == enc(records)
     assert not list(old_dir.glob("*.tmp"))
