@@ -13,7 +13,10 @@ thing:
 - :class:`~corral.broker.service.ClientService`: client requests;
 - :class:`~corral.broker.waiters.Waiters`: result long-polls;
 - :class:`~corral.broker.housekeeping.Housekeeper`: schedules, due jobs,
-  TTL expiry, compaction.
+  TTL expiry, compaction (run by a
+  :class:`~corral.broker.compactor.Compactor` in a child process);
+- :class:`~corral.broker.followups.FollowUps`: the jobs a finished job
+  brings about, held while the disk is full.
 
 They change jobs only through the :class:`~corral.broker.journal.Journal`
 (log first, then apply). :class:`BrokerCore` takes its clock and its links
@@ -36,7 +39,9 @@ import structlog
 from corral.broker import flows
 from corral.broker import protocol as p
 from corral.broker.clock import Clock, StepDetector, SystemClock
+from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher, count_malformed
+from corral.broker.followups import FollowUps
 from corral.broker.housekeeping import Housekeeper
 from corral.broker.journal import ClientLink, Journal, Replies, WorkerLink
 from corral.broker.log import Log
@@ -74,16 +79,15 @@ class BrokerCore:
         self._stall_after = 1.5 * bc.heartbeat_interval
         self._heartbeat = bc.heartbeat_interval
         self._steps = StepDetector()
-        self.state = JobState(
-            Defaults(
-                max_attempts=bc.max_attempts,
-                result_ttl=bc.result_ttl,
-                failed_ttl=bc.failed_ttl,
-                retry_backoff=bc.retry_backoff,
-                retry_backoff_max=bc.retry_backoff_max,
-                max_retries=bc.max_retries,
-            )
+        defaults = Defaults(
+            max_attempts=bc.max_attempts,
+            result_ttl=bc.result_ttl,
+            failed_ttl=bc.failed_ttl,
+            retry_backoff=bc.retry_backoff,
+            retry_backoff_max=bc.retry_backoff_max,
+            max_retries=bc.max_retries,
         )
+        self.state = JobState(defaults)
         self.log = log or Log(
             self.state_dir / "log",
             fsync=bc.fsync,
@@ -111,12 +115,15 @@ class BrokerCore:
             state_dir=self.state_dir,
             on_ended=self.ended,
         )
+        self.compactor = Compactor(self.log, defaults)
         self.housekeeper = Housekeeper(
             self.journal,
             Scheduler.from_configs(config.schedules),
             self.dispatcher,
+            self.compactor,
             compact_min_size=bc.compact_min_size,
         )
+        self.followups = FollowUps(self.journal, self.dispatcher, self._followed_up)
         self.client_link: ClientLink = _NoClients()
 
     # ------------------------------------------------------------ start-up
@@ -124,7 +131,8 @@ class BrokerCore:
     def replay(self) -> None:
         """Rebuild the state from the log, then log what recovery decides:
         jobs that were running go back to their queue (the interrupted try
-        not counted), and follow-ups owed by finished jobs are created."""
+        not counted), and follow-ups owed by finished jobs are created (or
+        held, if the disk is full)."""
         started = time.monotonic()
         count = 0
         # A replay makes a million long-lived objects at once: a cyclic
@@ -148,7 +156,7 @@ class BrokerCore:
         back = self.housekeeper.stepped_while_down(now)
         if back is not None:
             self.clock_stepped(back, now, while_down=True)
-        owed = flows.pending(self.state, now, self.journal.record)
+        owed = self.followups.catch_up(now)
         # a finished flow whose last job went without it (the broker stopped
         # in between) is forgotten by the first tick
         self.state.flowbook.touched.update(self.state.flows)
@@ -159,7 +167,7 @@ class BrokerCore:
         # A new epoch for this start's lease tokens, on disk before any lease.
         epoch = self.state.epoch + 1
         self.journal.record(BrokerStarted(epoch, self.clock.time()))
-        self.log.sync()
+        self.log.sync(self.clock.monotonic())
         self.dispatcher.start_leases(epoch)
         log.info(
             "broker.replayed",
@@ -192,6 +200,7 @@ class BrokerCore:
             # beyond the wait a pass may take anyway (a heartbeat interval)
             self.dispatcher.stalled(mono - self._last_pass - self._heartbeat)
         self._last_pass = mono
+        self.log.recheck_space(mono)
         for side, frames in inbound:
             self.on_frames(side, frames, now, mono)
         self.tick(now, mono)
@@ -200,7 +209,7 @@ class BrokerCore:
         # are synced within fsync_interval instead of at once.
         self.log.commit(mono, durable=bool(self.replies))
         self.replies.flush(self.client_link)
-        self.housekeeper.maybe_compact()
+        self.housekeeper.maybe_compact(mono)
         self.dispatcher.dispatch(now, mono)
         if self.state.next_seq - self._frozen_at >= FREEZE_EVERY:
             self._freeze()
@@ -261,23 +270,26 @@ class BrokerCore:
             self.replies.add(identity, p.ErrorReply(0, code, f"bad request: {reason}"))
 
     def tick(self, now: float, mono: float) -> None:
-        """What is due: schedules and delayed jobs, lease deadlines, result
-        waits, TTLs, and the heartbeat round."""
+        """What is due: schedules and delayed jobs (and what waited for disk
+        space), lease deadlines, result waits, TTLs, and the heartbeat round."""
         self.housekeeper.fire_due(now)
+        self.followups.retry(now)
         self.dispatcher.expire_deadlines(now, mono)
         self.waiters.expire(mono)
-        self.housekeeper.expire(now)
+        self.housekeeper.expire(now, keep=self.followups.owes)
         self.service.supervisors.expire(mono)
         self.dispatcher.heartbeat(now, mono)
 
     def ended(self, job: Job, now: float) -> None:
-        """A job reached a terminal status: answer its waiters, create what
-        it brings about (chain step, chord callback, callbacks), and answer
-        its flow's waiters if the flow ended with it."""
+        """A job reached a terminal status: answer its waiters, and create
+        what it brings about (chain step, chord callback, callbacks), now or
+        once the disk has room."""
         self.waiters.job_ended(job)
-        for followed in flows.followups(self.state, job, now):
-            self.journal.record(followed)
-            self.dispatcher.poke()
+        self.followups.job_ended(job, now)
+
+    def _followed_up(self, job: Job, now: float) -> None:
+        """``job``'s follow-ups were made: answer its flow's waiters if the
+        flow ended with it, and start the flow's TTL."""
         if job.flow is not None:
             self.waiters.flow_ended(job.flow)
             flow = self.state.flows.get(job.flow)
@@ -285,6 +297,11 @@ class BrokerCore:
                 # from its last member's end, as a replay would count it
                 ended = self.state.flowbook.finished_at(flow.id)
                 self.housekeeper.flow_finished(flow, ended or now)
+
+    def close(self) -> None:
+        """Stop a compaction under way, then sync and close the log."""
+        self.compactor.stop()
+        self.log.close()
 
     def poll_timeout(self) -> float:
         """Seconds the loop may wait for input before the next pass is due."""

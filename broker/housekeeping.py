@@ -3,26 +3,36 @@
 Fires due schedules (the job first, then the fire's record), moves
 scheduled and retrying jobs whose time came to their queue, forgets
 finished jobs past their TTL, keeps intervals across steps of the wall
-clock, and compacts the log when it has grown past twice the live data.
-Time comes in as ``now`` (epoch seconds): a test drives it with a fake
-clock.
+clock, and compacts the log when what was written since the last
+compaction has grown past twice the live data (in a child process:
+:mod:`corral.broker.compactor`). Time comes in as ``now`` (epoch seconds)
+and ``mono`` (monotonic seconds): a test drives them with a fake clock.
+
+A schedule's fire is a new job, so like an enqueue it is refused while the
+log is full (its reserve is kept for records about jobs that exist): the
+fire is held, logged, and made on the first pass after space returns. A
+schedule keeps one held fire, its latest (as :meth:`Scheduler.due` fires
+only the latest of due times that passed together); one it replaces is
+logged as superseded.
 """
 
 from __future__ import annotations
 
 import heapq
-import time
+from collections.abc import Callable
 
 import msgspec
 import structlog
 
 from corral.broker import flows
 from corral.broker.clock import STEP_TOLERANCE
+from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher
 from corral.broker.jobspec import JobSpec
 from corral.broker.journal import Journal
 from corral.broker.records import ClockStepped, FlowCreated, FlowRemoved, Removed, ScheduleFired
 from corral.broker.schedules import Schedule, Scheduler, job_id_for
+from corral.broker.state import TERMINAL
 
 log = structlog.get_logger()
 
@@ -35,6 +45,7 @@ class Housekeeper:
         journal: Journal,
         scheduler: Scheduler,
         dispatcher: Dispatcher,
+        compactor: Compactor,
         *,
         compact_min_size: int,
     ) -> None:
@@ -43,7 +54,13 @@ class Housekeeper:
         self.stats = journal.stats
         self.scheduler = scheduler
         self.dispatcher = dispatcher
+        self.compactor = compactor
         self.compact_min_size = compact_min_size
+        #: schedule name -> (schedule, due time, caught up): fires held while
+        #: the log is full, in the order they were held.
+        self._held: dict[str, tuple[Schedule, float, bool]] = {}
+        #: Jobs past their TTL kept while their follow-ups wait.
+        self._kept: set[str] = set()
         #: (when, flow id): finished flows with their own result_ttl.
         self._flow_timers: list[tuple[float, str]] = []
         #: flow id -> when it is forgotten, set by its latest end (an entry
@@ -76,17 +93,35 @@ class Housekeeper:
         return now - seen
 
     def fire_due(self, now: float) -> None:
-        """Fire the schedules due by ``now``; queue the jobs due by ``now``."""
+        """Fire the held fires if the log has room again, then the schedules
+        due by ``now``; queue the jobs due by ``now``."""
+        if self._held and not self.journal.log.full:
+            held = sorted(self._held.values(), key=lambda h: h[1])
+            self._held.clear()
+            for schedule, due_at, caught_up in held:
+                log.info("broker.schedule_fire_resumed", schedule=schedule.name, due_at=due_at)
+                self.fire(schedule, due_at, now, caught_up)
         for schedule, due_at in self.scheduler.due(now):
             self.fire(schedule, due_at, now)
         if self.state.promote_due(now):
             self.dispatcher.poke()
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float, keep: Callable[[str], bool] = lambda job_id: False) -> None:
         """Forget the finished jobs past their TTL (a Removed record each, so
-        a replay never revives one)."""
+        a replay never revives one), but not while ``keep(job_id)`` (its
+        follow-ups wait to be made): such a job goes once it is kept no more."""
         for job_id in self.state.expired(now):
-            self.journal.record(Removed(job_id))
+            if keep(job_id):
+                self._kept.add(job_id)
+            else:
+                self.journal.record(Removed(job_id))
+        for job_id in [k for k in self._kept if not keep(k)]:
+            self._kept.discard(job_id)
+            job = self.state.jobs.get(job_id)
+            if job is None or job.status not in TERMINAL:
+                continue  # retried by hand since: its next end sets its TTL
+            if self.state.expiry.expires_at(job) <= now:
+                self.journal.record(Removed(job_id))
         self._forget_flows()
         while self._flow_timers and self._flow_timers[0][0] <= now:
             when, flow_id = heapq.heappop(self._flow_timers)
@@ -130,7 +165,11 @@ class Housekeeper:
     def fire(self, schedule: Schedule, due_at: float, now: float, caught_up: bool = False) -> None:
         """A schedule's due time came: its job, then the record of the fire.
         The job id derives from (schedule, due time), so a fire repeated
-        after a crash between the two records is deduplicated."""
+        after a crash between the two records is deduplicated. While the log
+        is full the fire is held instead (see the module docstring)."""
+        if self.journal.log.full:
+            self._hold(schedule, due_at, caught_up)
+            return
         spec = JobSpec(
             job_id_for(schedule.name, due_at),
             schedule.task,
@@ -147,20 +186,42 @@ class Housekeeper:
         event = "broker.schedule_caught_up" if caught_up else "broker.schedule_fired"
         log.info(event, schedule=schedule.name, due_at=due_at, job_id=spec.id)
 
-    def maybe_compact(self) -> bool:
-        """Compact when the bytes written since the last compaction exceed
-        ``max(compact_min_size, 2 x live bytes)`` and nothing is pending.
-        Synchronous (see docs/PERFORMANCE.md)."""
-        log_ = self.journal.log
-        threshold = max(self.compact_min_size, 2 * self.state.live_bytes)
-        if log_.bytes_since_compaction <= threshold or log_.pending:
-            return False
-        started = time.monotonic()
-        log_.compact(self.state.snapshot())
-        self.stats["compactions"] += 1
-        log.info(
-            "broker.compacted",
-            jobs=len(self.state.jobs),
-            seconds=round(time.monotonic() - started, 3),
+    def _hold(self, schedule: Schedule, due_at: float, caught_up: bool) -> None:
+        """Keep a fire refused for want of disk space, to make it later."""
+        earlier = self._held.get(schedule.name)
+        if earlier is not None and earlier[1] >= due_at:
+            return
+        self._held[schedule.name] = (schedule, due_at, caught_up)
+        self.stats["schedule_fires_held_disk_full"] += 1
+        log.warning(
+            "broker.schedule_fire_held",
+            schedule=schedule.name,
+            due_at=due_at,
+            reason="the disk is full: new jobs are refused",
+            hint="it fires once space returns; free space or raise broker.disk_reserve",
         )
-        return True
+        if earlier is not None:
+            log.warning(
+                "broker.schedule_fire_superseded",
+                schedule=schedule.name,
+                due_at=earlier[1],
+                by_due_at=due_at,
+            )
+
+    def maybe_compact(self, mono: float) -> bool:
+        """Each pass: finish a compaction whose child is done, or start one
+        when the bytes written since the last compaction exceed
+        ``max(compact_min_size, 2 x live bytes)`` and no backoff holds it.
+        Never waits for the child. Returns True when one was installed."""
+        outcome = self.compactor.poll(mono)
+        if outcome is not None:
+            self.stats["compactions" if outcome.ok else "compactions_failed"] += 1
+            return outcome.ok
+        if not self.compactor.may_start(mono):
+            return False
+        threshold = max(self.compact_min_size, 2 * self.state.live_bytes)
+        if self.journal.log.bytes_since_compaction > threshold:
+            self.compactor.start(mono)
+            if not self.compactor.running:
+                self.stats["compactions_failed"] += 1
+        return False

@@ -20,15 +20,23 @@ Creating the log directory syncs the parent of every directory created
 (:func:`~corral.broker.framing.make_dirs`), as creating a segment syncs the
 log directory.
 
-Replay starts at the last BASE segment. Only the last segment may end in a
-torn record (older ones are fsync'd before the next one exists): it is cut
-with a warning. A bad record followed by a valid one is corruption and the
-log refuses to open (:class:`LogCorrupt`); :func:`corral.broker.logtools.verify`
-and :func:`corral.broker.logtools.repair` handle it offline.
+Replay starts at the last BASE segment; older segments and ``.tmp`` files
+left by an interrupted compaction are removed on open. Only the last segment
+may end in a torn record (older ones are fsync'd before the next one
+exists): it is cut with a warning. A bad record followed by a valid one is
+corruption and the log refuses to open (:class:`LogCorrupt`);
+:func:`corral.broker.logtools.verify` and :func:`corral.broker.logtools.repair`
+handle it offline.
 
 ``append()`` only frames into memory; ``commit()`` issues one write and at most
 one fdatasync for everything appended since (group commit). A failed fsync
 is never retried (:class:`FsyncFailed`): the caller exits and replays.
+
+Compaction cuts the log (:meth:`Log.seal`), has the history before the cut
+rewritten as a new base by someone else (a child process, see
+:mod:`corral.broker.compaction`), then switches to it with one rename
+(:meth:`Log.install`); appends go on meanwhile. :meth:`Log.compact` does the
+three steps at once, in-process.
 
 Importing this module loads neither zmq nor asyncio (hence its lazy logger).
 """
@@ -46,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from corral.broker.compaction import Cut, remove_segments, tmp_name, write_base
 from corral.broker.framing import (
     FLAG_BASE,
     FORMAT_VERSION,
@@ -59,7 +68,6 @@ from corral.broker.framing import (
     LogError,
     MiB,
     Scan,
-    frame_into,
     fsync_dir,
     make_dirs,
     pack_header,
@@ -105,6 +113,10 @@ def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
             if n <= 0:
                 raise OSError(errno.ENOSPC, "short write")
             done += n
+
+
+def _seq_of(path: Path) -> int:
+    return int(path.name.split(".")[0])
 
 
 # -- the log ----------------------------------------------------------------
@@ -165,6 +177,10 @@ class Log:
         self._failed: LogError | None = None
         self._appended = 0
         self._n = _Counters()
+        #: The sequence number of the base segment replay starts at.
+        self._base = 1
+        #: The compaction under way, between seal() and install()/abandon().
+        self._cut: Cut | None = None
 
     # -- opening
 
@@ -179,6 +195,7 @@ class Log:
         make_dirs(self.directory)
         self._remove_tmp_files()
         self._n = _Counters()
+        self._cut = None
         live, stale, self._generation = plan_segments(self.directory)
         if not live:
             self._generation = secrets.randbits(64)
@@ -190,13 +207,18 @@ class Log:
             self._activate(_Active(fd, path, 1, HEADER_SIZE, HEADER_SIZE, self._new_seed(1)))
             return
         self._remove_stale(stale)
+        self._base = live[0].seq
         for i, (_, path, header) in enumerate(live):
             scan = Scan(path, path.read_bytes(), header.seed)
             yield from scan
             problem = scan.problem(last=i == len(live) - 1)
             if problem is not None:
                 raise problem
-            self._n.since_compaction += scan.pos - HEADER_SIZE
+            # A compaction's base is never appended to: what counts towards
+            # the next compaction is what came after it (a new log's first
+            # segment, base and active at once, counts whole).
+            if i > 0 or len(live) == 1:
+                self._n.since_compaction += scan.pos - HEADER_SIZE
             if i < len(live) - 1:
                 self._n.finished.append((path, scan.pos))
         self._open_last(live[-1].seq, scan)
@@ -236,7 +258,11 @@ class Log:
         except BaseException:
             os.close(fd)
             raise
-        self._activate(_Active(fd, scan.path, seq, scan.pos, scan.pos, scan.seed))
+        active = self._activate(_Active(fd, scan.path, seq, scan.pos, scan.pos, scan.seed))
+        if scan.pos > self._limit and not self._full:
+            # it ended in its reserve: full, unless a next segment can be made
+            self._roll(active, time.monotonic())
+        self._retry_alloc_at = 0.0  # the caller's clock paces the next try
 
     def _cut_torn_tail(self, fd: int, scan: Scan) -> None:
         os.ftruncate(fd, scan.pos)
@@ -331,10 +357,11 @@ class Log:
             return self.fsync_interval
         return max(0.0, self._last_sync + self.fsync_interval - now)
 
-    def sync(self) -> None:
-        """Write everything pending and fdatasync it now, whatever the policy."""
+    def sync(self, now: float | None = None) -> None:
+        """Write everything pending and fdatasync it now, whatever the policy.
+        ``now``: ``time.monotonic()`` (by default) or the caller's clock."""
         active = self._open_for_write()
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if self._pending:
             self._write_pending(active, now)
         if self._dirty:
@@ -380,8 +407,9 @@ class Log:
         self._failed = LogError(f"log write to {active.path} failed: {exc}")
         raise self._failed from exc
 
-    def _roll(self, old: _Active, now: float) -> _Active:
-        """Finish ``old`` and switch to a new segment; on a full disk stay on ``old``."""
+    def _roll(self, old: _Active, now: float, *, mark_full: bool = True) -> _Active:
+        """Finish ``old`` and switch to a new segment. On a full disk stay on
+        ``old``, marked full (or, without ``mark_full``, raise LogDiskFull)."""
         if self._dirty:  # old data must be durable before a later segment exists
             self._datasync(now)
         try:
@@ -389,6 +417,8 @@ class Log:
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise LogError(f"cannot create log segment {old.seq + 1}: {exc}") from exc
+            if not mark_full:
+                raise LogDiskFull(f"no room for log segment {old.seq + 1}: {exc}") from exc
             self._mark_full(now, exc)
             return old
         if self._full:
@@ -436,6 +466,28 @@ class Log:
         """True while the next segment could not be allocated: refuse new jobs."""
         return self._full
 
+    def recheck_space(self, now: float) -> bool:
+        """While full, try again for room (at most once a second, by ``now``,
+        ``time.monotonic()``): the next segment, or the preallocation of an
+        empty current one. Returns True if the log is full no more. Lets an
+        idle broker, which writes nothing, see space come back."""
+        active = self._active
+        if not self._full or active is None or self._failed or now < self._retry_alloc_at:
+            return False
+        if active.end > HEADER_SIZE:
+            self._roll(active, now)  # clears full, or marks it again
+        else:
+            try:
+                _preallocate(active.fd, self.segment_size)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL:
+                    raise LogError(f"cannot preallocate log segment: {exc}") from exc
+                self._mark_full(now, exc)
+                return False
+            self._full = False
+            _log.info("log.disk_space_available", segment=str(active.path))
+        return not self._full
+
     @property
     def synced_position(self) -> tuple[Path, int] | None:
         """(segment, offset) up to which the log is known to be on disk."""
@@ -468,38 +520,102 @@ class Log:
 
     # -- compaction and closing
 
-    def compact(self, live: Iterable[Record]) -> None:
-        """Rewrite the log as exactly ``live`` in a new base segment, atomically."""
+    def seal(self, now: float) -> Cut:
+        """Cut the log for a compaction: finish the segment being written
+        (unless it is empty) so appends go on in a new one; return the
+        :class:`Cut` naming the fsync'd segments before it. Records appended
+        but not yet committed land after the cut.
+
+        ``now`` is ``time.monotonic()``. Raises :class:`LogDiskFull` if the
+        disk has no room for the new segment (the log is not marked full:
+        appends go on where they were), :class:`LogError` if a compaction
+        is under way or the segment cannot be made."""
         active = self._open_for_write()
+        if self._cut is not None:
+            raise LogError("a compaction is already under way: install() or abandon() it first")
+        if active.end == HEADER_SIZE and active.seq > self._base:
+            last = active.seq - 1  # nothing since the last roll: cut there
+        else:
+            active = self._roll(active, now, mark_full=False)
+            last = active.seq - 1
+        self._cut = Cut(
+            str(self.directory),
+            self._base,
+            last,
+            self._generation,
+            str(self.directory / tmp_name(last, "base")),
+            self._n.since_compaction,
+        )
+        return self._cut
+
+    def install(self, cut: Cut) -> list[Path]:
+        """Switch to the base a rewriter wrote to ``cut.tmp``: rename it onto
+        segment ``cut.last`` (atomic) and sync the directory. Returns the
+        files of the old history, stale now, for the caller to remove (the
+        segments before ``cut.last``, and the replaced one under a ``.tmp``
+        name: :func:`~corral.broker.compaction.remove_segments`; those left
+        are removed on the next open). Raises :class:`LogError` if the rename
+        fails (the compaction is abandoned, the log unchanged) and
+        :class:`FsyncFailed` if the directory cannot be synced."""
+        if cut != self._cut:
+            raise LogError("install() of a cut this log did not make, or made earlier")
+        final = seg_path(self.directory, cut.last)
+        # The renamed-over segment keeps a second name, so the rename does
+        # not free its blocks here (slow for a large file): its caller does.
+        kept = self.directory / tmp_name(cut.last, "old")
+        try:
+            kept.unlink(missing_ok=True)
+            os.link(final, kept)
+        except OSError:
+            kept = final  # no hard links here: the rename frees it
+        try:
+            os.rename(cut.tmp, final)
+        except OSError as exc:
+            self.abandon(cut)
+            if kept != final:
+                kept.unlink(missing_ok=True)
+            raise LogError(f"compaction could not switch to its new base {cut.tmp}: {exc}") from exc
+        self._cut = None
+        fsync_dir(self.directory)
+        self._base = cut.last
+        self._n.since_compaction -= cut.counted
+        later = [(p, used) for p, used in self._n.finished if _seq_of(p) > cut.last]
+        self._n.finished = [(final, os.stat(final).st_size), *later]
+        return [*cut.segments[:-1], *([kept] if kept != final else [])]
+
+    def abandon(self, cut: Cut) -> None:
+        """Give up the compaction at ``cut``: its file goes, the log is as it was."""
+        if cut == self._cut:
+            self._cut = None
+        try:
+            cut.tmp_path.unlink(missing_ok=True)
+        except OSError as exc:
+            _log.warning("log.tmp_kept", file=cut.tmp, error=str(exc))
+
+    def compact(self, live: Iterable[Record]) -> None:
+        """Rewrite the log's history as exactly ``live``, in-process: seal,
+        write the base, install. Raises :class:`LogDiskFull` when the disk has
+        no room for it (the log is left as it was)."""
         if self._pending:
             raise LogError("compact() with uncommitted records: commit() first")
-        body = bytearray()
-        count = 0
-        seed = self._new_seed(active.seq + 1)
-        for record in live:
-            frame_into(body, record, seed)
-            count += 1
+        cut = self.seal(time.monotonic())
         try:
-            fd, path = self._create_segment(active.seq + 1, FLAG_BASE, body)
-        except OSError as exc:
-            cls = LogDiskFull if exc.errno in _DISK_FULL else LogError
-            raise cls(f"compaction could not write a new base segment: {exc}") from exc
-        old = [p for p, _ in self._n.finished] + [active.path]
-        os.close(active.fd)
-        end = HEADER_SIZE + len(body)
-        self._activate(_Active(fd, path, active.seq + 1, end, end, seed))
-        self._dirty = self._full = False
-        self._n.finished = []
-        self._n.since_compaction = 0
-        for p in old:
-            p.unlink(missing_ok=True)
-        fsync_dir(self.directory)
-        _log.info("log.compacted", records=count, bytes=end, removed_segments=len(old))
+            count, size = write_base(cut, live)
+        except BaseException as exc:
+            self.abandon(cut)
+            if isinstance(exc, OSError):
+                cls = LogDiskFull if exc.errno in _DISK_FULL else LogError
+                raise cls(f"compaction could not write a new base segment: {exc}") from exc
+            raise
+        removed = remove_segments(self.install(cut))
+        _log.info("log.compacted", records=count, bytes=size, removed_segments=removed)
 
     def close(self) -> None:
         """Write and sync what is pending, then close; idempotent."""
         if self._active is None:
             return
+        if self._cut is not None:
+            self.abandon(self._cut)
         try:
             if self._failed is None:
                 self.sync()  # may roll to a new segment

@@ -157,7 +157,7 @@ class Broker:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
-        self.core.log.close()
+        self.core.close()
         if self._own_ctx and self._ctx is not None:
             self._ctx.term()
             self._ctx = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -398,23 +399,35 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def _compact_offline(args: argparse.Namespace, state_dir: Path) -> int:
-    """Replay the log and compact it; the caller holds the state dir's lock."""
+    """The broker's compaction, run in this process on a stopped broker's
+    log; the caller holds the state dir's lock."""
+    from corral.broker.compaction import remove_segments
+    from corral.broker.compactor import rewrite
     from corral.broker.core import BrokerCore
+    from corral.broker.log import LogError
 
     config = load_config(args.config)
     config = msgspec.structs.replace(
         config, broker=msgspec.structs.replace(config.broker, state_dir=str(state_dir))
     )
     core = BrokerCore(config)
-    for record in core.log.replay():
-        core.state.apply(record)
-    before = core.log.stats()
-    core.log.compact(core.state.snapshot())
-    after = core.log.stats()
-    core.log.close()
+    try:
+        for _ in core.log.replay():
+            pass
+        before = core.log.stats()
+        cut = core.log.seal(time.monotonic())
+        try:
+            outcome = rewrite(cut, core.compactor.defaults)
+        except (OSError, LogError) as exc:
+            core.log.abandon(cut)
+            raise LogError(f"failed, the log is unchanged: {exc}") from None
+        remove_segments(core.log.install(cut))
+        after = core.log.stats()
+    finally:
+        core.log.close()
     emit(
         args,
-        {"jobs": len(core.state.jobs), "before": before, "after": after},
+        {"jobs": outcome.jobs, "before": before, "after": after},
         lambda v: (
             f"compacted: {v['jobs']} live jobs; "
             f"{v['before'].get('used_bytes')} -> {v['after'].get('used_bytes')} bytes"

@@ -321,3 +321,51 @@ def json_events(text: str) -> list[dict[str, Any]]:
             raise AssertionError(f"line {number} of the output is not a JSON object: {line!r}")
         events.append(event)
     return events
+
+
+# -- small real filesystems, for full-disk tests ---------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mounts small real filesystems: ``tmpfs(size="4m", at=None)`` mounts a
+    tmpfs of that size (under ``tmp_path`` unless ``at`` names a directory)
+    and returns its path; each is unmounted in teardown. Skips the test
+    where mounting is not allowed (it needs root)."""
+    mounts: list[Path] = []
+
+    def mount(size: str = "4m", at: Path | None = None) -> Path:
+        point = at or tmp_path / f"fs{len(mounts)}"
+        point.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+        mounts.append(point)
+        return point
+
+    try:
+        yield mount
+    finally:
+        for point in reversed(mounts):
+            subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+
+
+def fill_disk(fs: Path, leave: int) -> Path:
+    """Take all but about ``leave`` bytes of the filesystem ``fs`` with a
+    file (grown if it exists); returns it: unlink it to give the space back."""
+    filler = fs / "filler"
+    stat = os.statvfs(fs)
+    free = stat.f_bavail * stat.f_frsize
+    with open(filler, "ab") as file:
+        size = os.fstat(file.fileno()).st_size + max(0, free - leave)
+        os.posix_fallocate(file.fileno(), 0, size)
+    return filler
+
+
+def free_bytes(fs: Path) -> int:
+    stat = os.statvfs(fs)
+    return stat.f_bavail * stat.f_frsize

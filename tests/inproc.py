@@ -4,6 +4,7 @@ the sockets. Nothing sleeps: a test moves the clock and runs a pass."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ class InProcessBroker:
     ) -> None:
         self.state_dir = state_dir
         self.clock = clock or FakeClock()
-        self.config = loads(config_text(state_dir, fsync=fsync, extra=extra) + schedules)
+        self.config_text = config_text(state_dir, fsync=fsync, extra=extra) + schedules
+        self.config = loads(self.config_text)
         self.events: list[tuple[str, Any]] = []
         self.core = BrokerCore(self.config, clock=self.clock)
         self.core.replay()
@@ -91,6 +93,24 @@ class InProcessBroker:
             self.run_pass(*beats)
             if left <= 1e-9:
                 return
+
+    def crash(self) -> None:
+        """kill -9 of the broker: a compaction's child dies with it (the
+        kernel's parent-death signal), what was written stays in the files,
+        nothing more is synced. Open a new InProcessBroker on the same state
+        dir to restart."""
+        child = self.core.compactor.child
+        if child is not None:
+            child.kill()
+            child.wait()
+        log = self.core.log
+        if log._active is not None:
+            os.close(log._active.fd)
+            log._active = None
+
+    def close(self) -> None:
+        """A clean stop: a compaction under way is stopped, the log synced."""
+        self.core.close()
 
     def request(self, msg: Any, identity: bytes = b"client-1") -> Any:
         """Send a client request in a pass of its own; returns its reply."""

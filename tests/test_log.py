@@ -490,7 +490,8 @@ def test_compaction_follows_live_records(tmp_path: Path) -> None:
     live = records[-10:]
     log.compact(live)
     after = log.stats()
-    assert after["segments"] == 1 == len(segments(tmp_path))
+    # the new base (at the cut) and the segment appends go on in
+    assert after["segments"] == 2 == len(segments(tmp_path))
     assert after["used_bytes"] < before["used_bytes"] / 50
     assert after["disk_bytes"] < before["disk_bytes"] / 2
     assert log.bytes_since_compaction == 0
@@ -519,8 +520,8 @@ def _old_and_new(tmp_path: Path) -> tuple[Path, Path, list[Record], list[Record]
 
 def test_crash_before_compaction_rename_keeps_old_state(tmp_path: Path) -> None:
     old_dir, new_dir, records, _ = _old_and_new(tmp_path)
-    (base,) = segments(new_dir)
-    shutil.copy(base, old_dir / base.name.replace(".seg", ".tmp"))
+    base = segments(new_dir)[0]  # the new base, at the cut; a segment after it
+    shutil.copy(base, old_dir / base.name.replace(".seg", ".base.0123abcd.tmp"))
     log, got = open_log(old_dir)
     assert enc(got) == enc(records)
     assert not list(old_dir.glob("*.tmp"))
@@ -529,12 +530,14 @@ def test_crash_before_compaction_rename_keeps_old_state(tmp_path: Path) -> None:
 
 def test_crash_before_old_segments_deleted_gives_new_state(tmp_path: Path) -> None:
     old_dir, new_dir, _, live = _old_and_new(tmp_path)
+    base = segments(new_dir)[0]  # renamed onto the last segment before the cut
     for seg in segments(old_dir):
-        shutil.copy(seg, new_dir / seg.name)
-    assert len(segments(new_dir)) > 2
+        if seg.name < base.name:
+            shutil.copy(seg, new_dir / seg.name)
+    assert len(segments(new_dir)) > 3
     log, got = open_log(new_dir)
     assert enc(got) == enc(live)
-    assert len(segments(new_dir)) == 1
+    assert segments(new_dir) == [base, base.with_name(f"{int(base.stem) + 1:020d}.seg")]
     log.close()
 
 
