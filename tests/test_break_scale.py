@@ -1,0 +1,174 @@
+"""Faults found by attacking the broker at scale (pristine jobs, batched
+creation records, ready lanes, kept counts, templates) as a user would.
+
+Each test is a reproduction of one fault, marked ``xfail(strict=True)``
+until the fault is fixed: the suite stays green, and a fix turns the test
+into an unexpected pass, which says to drop the mark. Real processes where
+the fault shows through them cheaply; the in-process broker
+(``tests/inproc.py``) where the setup needs a damaged log or a full table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+from conftest import Env
+from inproc import InProcessBroker
+
+from corral.broker import logtools
+from corral.broker import protocol as p
+from corral.broker.framing import MAX_RECORD
+from corral.broker.job import Templates
+
+MiB = 2**20
+
+
+def spec(job_id: str, task: str = "t.task", payload: object = None, **options: object) -> p.JobSpec:
+    return p.JobSpec(job_id, task, p.encode_value(payload), **options)  # type: ignore[arg-type]
+
+
+def enqueue(b: InProcessBroker, specs: list[p.JobSpec]) -> list[str]:
+    reply = b.request(p.Enqueue(b.next_req(), specs))
+    assert isinstance(reply, p.EnqueueOk), reply
+    return list(reply.ids)
+
+
+# --------------------------------------------------------------------------
+# `corral status`: "unroutable ... waiting since" names a cancelled job's time
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ReadyQueues.oldest reads the front of every priority lane, and only the "
+    "highest lane with a live job is cleaned of stale entries: a cancelled job at the "
+    "front of a lower lane gives its creation time as 'since'",
+)
+def test_unroutable_since_is_the_oldest_ready_job_not_a_cancelled_one(env: Env) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    old = client.enqueue("t.nobody", 1)  # priority 0 lane
+    young = client.enqueue("t.nobody", 2, priority=5)  # priority 5 lane
+    assert client.cancel(old)
+    created = client.job(young).created_at
+    assert created != client.job(old).created_at
+
+    out = env.run("status", "--json", "-c", str(env.config))
+    assert out.returncode == 0, out.stderr
+    (unroutable,) = json.loads(out.stdout)["unroutable"]
+    assert unroutable["count"] == 1
+    # the only ready job is `young`: it has waited since its creation
+    assert unroutable["since"] == created
+
+
+# --------------------------------------------------------------------------
+# compaction: a run of pristine jobs over 64 MiB is one record, past the limit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="compaction batches up to SNAPSHOT_BATCH (512) pristine jobs per JobsCreated "
+    "whatever their payloads weigh: five 13 MiB jobs make a 65 MiB record, over "
+    "MAX_RECORD; the live broker then exits 70 on every start (it compacts again at "
+    "once) and `corral log compact` fails",
+)
+def test_compacting_pristine_jobs_whose_payloads_sum_past_the_record_limit(
+    tmp_path: Path,
+) -> None:
+    limits = 'max_message_size = "16MiB"'
+    b = InProcessBroker(tmp_path / "state", fsync="never", extra=limits)
+    big = b"x" * (13 * MiB)
+    ids = [enqueue(b, [spec(f"big-{i}", payload=big)])[0] for i in range(5)]
+    assert 5 * len(big) > MAX_RECORD  # each job fits; together they do not
+
+    b.core.log.sync()
+    b.core.log.compact(b.core.state.snapshot())  # raises LogError: over the limit
+    b.core.log.close()
+
+    again = InProcessBroker(tmp_path / "state", fsync="never", extra=limits)
+    assert sorted(again.core.state.jobs) == sorted(ids)
+    assert all(len(bytes(job.payload)) > len(big) for job in again.core.state.jobs.values())
+
+
+# --------------------------------------------------------------------------
+# log repair: a repaired log that revives a removed job cannot be replayed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="replay of a JobsCreated checks only its first and last ids; when repair "
+    "lost a Removed record, a later batch that reused the removed job's id (ids are "
+    "the client's) meets it in the middle and replay raises ValueError: the broker "
+    "never starts on a log that `corral log repair` reported repaired",
+)
+def test_a_repaired_log_that_revived_a_job_reused_in_a_batch_still_replays(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    b = InProcessBroker(state, fsync="never")
+    enqueue(b, [spec("report-1", payload=1)])
+    assert isinstance(b.request(p.Cancel(b.next_req(), "report-1")), p.Ack)
+    assert isinstance(b.request(p.Delete(b.next_req(), "report-1")), p.Ack)
+    # the id is free again: a batch of plain jobs (one JobsCreated) reuses it
+    enqueue(b, [spec("a", payload=2), spec("report-1", payload=3), spec("b", payload=4)])
+    b.core.log.close()
+
+    # one flipped byte in the Removed record of report-1
+    (segment,) = sorted((state / "log").glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    removed = bytes([5]) + msgspec.msgpack.encode(["report-1"])  # type code, then body
+    at = data.find(removed)
+    assert at > 0
+    data[at + 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    report = logtools.repair(state / "log")
+    assert report.action == "repaired"
+    assert "report-1" in report.changed_jobs  # named: it may run again or show an older status
+
+    again = InProcessBroker(state, fsync="never")  # ValueError: "a log applied out of order"
+    assert {"a", "report-1", "b"} <= set(again.core.state.jobs)
+
+
+# --------------------------------------------------------------------------
+# templates: the table is never pruned, so past 10,000 kinds no job is pristine
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Templates.prune is never called: templates of jobs long gone fill the "
+    "10,000-entry table for good (until a compaction and restart), after which every "
+    "new plain job keeps its whole record (about 820 bytes a job instead of 300)",
+)
+def test_templates_of_jobs_gone_make_room_for_new_kinds(tmp_path: Path) -> None:
+    b = InProcessBroker(tmp_path / "state", fsync="never")
+    cap = Templates().cap
+    # one-off kinds: a priority per job (a deadline as priority, a queue per tenant)
+    for start in range(0, cap, 2000):
+        enqueue(b, [spec(f"old-{i}", priority=i) for i in range(start, start + 2000)])
+    ack = b.request(p.Purge(b.next_req(), "default"))
+    assert isinstance(ack, p.Ack) and ack.count == cap
+    assert not b.core.state.jobs
+
+    (new,) = enqueue(b, [spec("new-1", task="t.new")])
+    assert b.core.state.jobs[new].pristine
+
+
+# --------------------------------------------------------------------------
+# config: a disk_reserve not below segment_size passes check-config, then the
+# broker dies with a traceback
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="config/checks.py bounds max_message_size by segment_size but not "
+    "disk_reserve (default 4MiB): segment_size = '4MiB' passes `corral check-config` "
+    "and the broker then exits with a ValueError traceback from Log.__init__",
+)
+def test_check_config_refuses_a_disk_reserve_not_below_the_segment_size(env: Env) -> None:
+    env.write_config(extra_broker='segment_size = "4MiB"\nmax_message_size = "1MiB"')
+    out = env.run("check-config", "-c", str(env.config))
+    assert out.returncode != 0
+    assert "disk_reserve" in out.stdout + out.stderr
