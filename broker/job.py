@@ -8,6 +8,7 @@ tries, result, lease). Pure data: :mod:`corral.broker.state` changes it.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -306,6 +307,9 @@ def touched(jobs: Iterable[Job]) -> list[Job]:
     return [job for job in jobs if job._life is not None]
 
 
+_UNUSED = 3
+
+
 class Templates:
     """Shared templates of pristine jobs: one ``JobCreated`` (blank id, seq,
     created_at and payload) per distinct task and options, so a million
@@ -328,7 +332,7 @@ class Templates:
         key = _key(rec)
         tpl = self._by_key.get(key)
         if tpl is None:
-            if len(self._by_key) >= self.cap:
+            if len(self._by_key) >= self.cap and not self.prune():
                 return None
             tpl = self._by_key[key] = blank(rec)
         return tpl
@@ -338,15 +342,21 @@ class Templates:
         key = _key(tpl)
         held = self._by_key.get(key)
         if held is None:
-            if len(self._by_key) >= self.cap:
+            if len(self._by_key) >= self.cap and not self.prune():
                 return tpl
             held = self._by_key[key] = tpl
         return held
 
-    def prune(self, in_use: set[int]) -> int:
-        """Drop the templates no job uses (``in_use``: ids of those used);
-        returns how many were dropped."""
-        gone = [key for key, tpl in self._by_key.items() if id(tpl) not in in_use]
+    def prune(self) -> int:
+        """Drop the templates no job uses any more (the table's own
+        reference is the only one left); returns how many went. O(table):
+        run when the table is full, so a stream of one-off kinds of jobs
+        makes room for new ones instead of leaving every later job its
+        whole record."""
+        # Unused, a template is referred to by the dict, the loop variable
+        # and getrefcount's argument only.
+        unused = {id(tpl) for tpl in self._by_key.values() if sys.getrefcount(tpl) <= _UNUSED}
+        gone = [key for key, tpl in self._by_key.items() if id(tpl) in unused]
         for key in gone:
             del self._by_key[key]
         return len(gone)

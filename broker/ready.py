@@ -82,13 +82,13 @@ class TaskQueue:
         best: tuple[int, int, Job, deque[Job] | None] | None = None
         for priority in sorted(self.lanes, reverse=True):
             lane = self.lanes[priority]
-            job = self._lane_front(lane)
+            job = self.lane_front(lane)
             if job is None:
                 del self.lanes[priority]
                 continue
             best = (-priority, job.seq, job, lane)
             break
-        job = self._heap_front()
+        job = self.heap_front()
         if job is not None:
             key = (-job.priority, job.seq)
             if best is None or key < best[:2]:
@@ -102,7 +102,8 @@ class TaskQueue:
         else:
             lane.popleft()
 
-    def _lane_front(self, lane: deque[Job]) -> Job | None:
+    def lane_front(self, lane: deque[Job]) -> Job | None:
+        """The first live job of ``lane``, stale entries in front dropped."""
         jobs = self._jobs
         while lane:
             job = lane[0]
@@ -113,7 +114,8 @@ class TaskQueue:
             self._dropped(job, current)
         return None
 
-    def _heap_front(self) -> Job | None:
+    def heap_front(self) -> Job | None:
+        """The first live job of the heap, stale entries in front dropped."""
         heap, jobs = self.heap, self._jobs
         while heap:
             _, seq, job_id = heap[0]
@@ -271,14 +273,12 @@ class ReadyQueues:
         it has waited, as far as the fronts tell (a lower-priority lane's
         front is its oldest job; the heap's front is its first by priority)."""
         tq = self._queues.get(queue, {}).get(task)
-        if tq is None or tq.top() is None:
+        if tq is None:
             return None
-        fronts = [lane[0].created_at for lane in tq.lanes.values() if lane]
-        if tq.heap:
-            job = self._jobs.get(tq.heap[0][2])
-            if job is not None:
-                fronts.append(job.created_at)
-        return min(fronts) if fronts else None
+        fronts = [tq.lane_front(lane) for lane in list(tq.lanes.values())]
+        fronts.append(tq.heap_front())
+        times = [job.created_at for job in fronts if job is not None]
+        return min(times) if times else None
 
     def __len__(self) -> int:
         """Task queues held (for tests of what is pruned)."""

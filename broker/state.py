@@ -253,11 +253,11 @@ class JobState:
         tpl = self.templates.intern(rec.template)
         jobs = self.jobs
         ids, blobs = rec.ids, rec.blobs
-        # A batch is made whole, of ids no job had (decide_create), and
-        # replay applies what live applied, so a batch meets existing jobs
-        # only when applied twice (a test, a tool), as a whole: its ends
-        # tell. Checking every id would cost a third of a replay.
-        if ids and (ids[0] in jobs or ids[-1] in jobs):
+        # Live, a batch is made of ids no job had (decide_create), but a log
+        # that a repair lost a record of (a Removed) can revive a job whose
+        # id a later batch reused: the job that exists stays, as for one
+        # JobCreated.
+        if not jobs.keys().isdisjoint(ids):
             fresh = [(i, b) for i, b in zip(ids, blobs, strict=True) if i not in jobs]
             ids, blobs = [i for i, _ in fresh], [b for _, b in fresh]
         if ids:
@@ -267,13 +267,7 @@ class JobState:
         """Add pristine jobs of one template, in creation order: the batch
         form of :meth:`_add` (no callbacks, unique key or schedule to see to)."""
         new = [Job(job_id, tpl, blob, None) for job_id, blob in zip(ids, blobs, strict=True)]
-        before = len(self.jobs)
         self.jobs.update(zip(ids, new, strict=True))
-        if len(self.jobs) != before + len(new):
-            raise ValueError(
-                f"a JobsCreated record of {len(new)} jobs met existing ones "
-                f"({ids[0]!r} ... {ids[-1]!r}): a log applied out of order"
-            )
         self.index.extend(new)
         self._next_seq = max(self._next_seq, new[-1].seq + 1)
         queue = tpl.queue or DEFAULT_QUEUE
@@ -608,16 +602,19 @@ class JobState:
         out: list[Record] = []
         run: list[JobCreated] = []
         tpl: JobCreated | None = None
+        size = 0
         for rec in created:
             this = self.templates.of(rec)
-            if run and (this is not tpl or len(run) >= SNAPSHOT_BATCH):
+            weight = len(rec.payload) + len(rec.id)
+            if run and (this is not tpl or len(run) >= BATCH_JOBS or size + weight > BATCH_BYTES):
                 out.append(_many(tpl, run) if len(run) > 1 else run[0])
-                run = []
+                run, size = [], 0
             if this is None:
                 out.append(rec)
                 continue
             tpl = this
             run.append(rec)
+            size += weight
         if run:
             out.append(_many(tpl, run) if len(run) > 1 else run[0])
         return out
@@ -668,16 +665,21 @@ def _job_records(state: JobState) -> Iterator[Record]:
     """Every job in creation order: runs of pristine jobs of one template
     as ``JobsCreated`` records, any other job as a ``JobSnapshot``."""
     batch: list[Job] = []
+    size = 0
     for job in state.index:
-        if job.pristine and job.blob is not None:
-            if batch and (batch[0].tpl is not job.tpl or len(batch) >= SNAPSHOT_BATCH):
+        blob = job.blob
+        if job.pristine and blob is not None:
+            weight = len(blob) + len(job.id)
+            full = len(batch) >= BATCH_JOBS or size + weight > BATCH_BYTES
+            if batch and (batch[0].tpl is not job.tpl or full):
                 yield _created_many(batch)
-                batch = []
+                batch, size = [], 0
             batch.append(job)
+            size += weight
             continue
         if batch:
             yield _created_many(batch)
-            batch = []
+            batch, size = [], 0
         # A held job keeps its lease, so that a Started or Finished record
         # logged after the snapshot still applies on replay.
         fields = {name: getattr(job, name) for name in SNAPSHOT_STATE}
@@ -691,8 +693,12 @@ def _job_records(state: JobState) -> Iterator[Record]:
         yield _created_many(batch)
 
 
-#: Pristine jobs per ``JobsCreated`` record that compaction writes.
-SNAPSHOT_BATCH = 512
+#: At most this many jobs, and about this many bytes of ids and payloads,
+#: per ``JobsCreated`` record (a record may be at most
+#: :data:`~corral.broker.framing.MAX_RECORD`; a job alone over the byte
+#: bound is a batch of one).
+BATCH_JOBS = 512
+BATCH_BYTES = 4 * 2**20
 
 
 def _many(tpl: JobCreated | None, records: list[JobCreated]) -> JobsCreated:

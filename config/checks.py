@@ -45,6 +45,14 @@ def _check_broker(config: Config) -> Iterator[Problem]:
             f"must be smaller than broker.segment_size ({format_size(broker.segment_size)}), "
             "so that every record fits in a segment",
         )
+    # a segment keeps its header and room for records beside its reserve
+    if broker.disk_reserve > broker.segment_size // 2:
+        yield (
+            "broker.disk_reserve",
+            f"must be at most half of broker.segment_size ({format_size(broker.segment_size)}): "
+            "it is the part of each segment kept for existing jobs once the disk is full; "
+            "lower disk_reserve or raise segment_size",
+        )
 
 
 def _check_endpoints(config: Config) -> Iterator[Problem]:

@@ -1,9 +1,7 @@
 """Faults found by attacking the broker at scale (pristine jobs, batched
 creation records, ready lanes, kept counts, templates) as a user would.
 
-Each test is a reproduction of one fault, marked ``xfail(strict=True)``
-until the fault is fixed: the suite stays green, and a fix turns the test
-into an unexpected pass, which says to drop the mark. Real processes where
+Each test is a reproduction of one fault, fixed since. Real processes where
 the fault shows through them cheaply; the in-process broker
 (``tests/inproc.py``) where the setup needs a damaged log or a full table.
 """
@@ -14,7 +12,6 @@ import json
 from pathlib import Path
 
 import msgspec
-import pytest
 from conftest import Env
 from inproc import InProcessBroker
 
@@ -40,12 +37,6 @@ def enqueue(b: InProcessBroker, specs: list[p.JobSpec]) -> list[str]:
 # `corral status`: "unroutable ... waiting since" names a cancelled job's time
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ReadyQueues.oldest reads the front of every priority lane, and only the "
-    "highest lane with a live job is cleaned of stale entries: a cancelled job at the "
-    "front of a lower lane gives its creation time as 'since'",
-)
 def test_unroutable_since_is_the_oldest_ready_job_not_a_cancelled_one(env: Env) -> None:
     broker = env.start("broker")
     env.wait_ready(broker)
@@ -68,13 +59,6 @@ def test_unroutable_since_is_the_oldest_ready_job_not_a_cancelled_one(env: Env) 
 # compaction: a run of pristine jobs over 64 MiB is one record, past the limit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compaction batches up to SNAPSHOT_BATCH (512) pristine jobs per JobsCreated "
-    "whatever their payloads weigh: five 13 MiB jobs make a 65 MiB record, over "
-    "MAX_RECORD; the live broker then exits 70 on every start (it compacts again at "
-    "once) and `corral log compact` fails",
-)
 def test_compacting_pristine_jobs_whose_payloads_sum_past_the_record_limit(
     tmp_path: Path,
 ) -> None:
@@ -97,13 +81,6 @@ def test_compacting_pristine_jobs_whose_payloads_sum_past_the_record_limit(
 # log repair: a repaired log that revives a removed job cannot be replayed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replay of a JobsCreated checks only its first and last ids; when repair "
-    "lost a Removed record, a later batch that reused the removed job's id (ids are "
-    "the client's) meets it in the middle and replay raises ValueError: the broker "
-    "never starts on a log that `corral log repair` reported repaired",
-)
 def test_a_repaired_log_that_revived_a_job_reused_in_a_batch_still_replays(
     tmp_path: Path,
 ) -> None:
@@ -136,12 +113,6 @@ def test_a_repaired_log_that_revived_a_job_reused_in_a_batch_still_replays(
 # templates: the table is never pruned, so past 10,000 kinds no job is pristine
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Templates.prune is never called: templates of jobs long gone fill the "
-    "10,000-entry table for good (until a compaction and restart), after which every "
-    "new plain job keeps its whole record (about 820 bytes a job instead of 300)",
-)
 def test_templates_of_jobs_gone_make_room_for_new_kinds(tmp_path: Path) -> None:
     b = InProcessBroker(tmp_path / "state", fsync="never")
     cap = Templates().cap
@@ -161,12 +132,6 @@ def test_templates_of_jobs_gone_make_room_for_new_kinds(tmp_path: Path) -> None:
 # broker dies with a traceback
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config/checks.py bounds max_message_size by segment_size but not "
-    "disk_reserve (default 4MiB): segment_size = '4MiB' passes `corral check-config` "
-    "and the broker then exits with a ValueError traceback from Log.__init__",
-)
 def test_check_config_refuses_a_disk_reserve_not_below_the_segment_size(env: Env) -> None:
     env.write_config(extra_broker='segment_size = "4MiB"\nmax_message_size = "1MiB"')
     out = env.run("check-config", "-c", str(env.config))
