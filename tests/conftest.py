@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 import corral
@@ -273,6 +274,16 @@ def kill_broker(env: Env, daemon: Proc) -> None:
         wait_for(new_broker, 60, message="a new broker")
     finally:
         client.close()
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_it_was() -> Iterator[None]:
+    """Each test starts with structlog's defaults: a command run in process
+    (``corral log ...`` configures logging to warnings on stderr) must not
+    hide the info events a later test in the same worker captures."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
