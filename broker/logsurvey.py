@@ -48,6 +48,7 @@ from corral.broker.records import (
     FlowRemoved,
     FollowedUp,
     JobCreated,
+    JobsCreated,
     JobSnapshot,
     MemberEnded,
     Record,
@@ -124,6 +125,8 @@ def job_ids(record: Record) -> tuple[list[str], list[str]]:
         return [record.id], []
     if isinstance(record, JobSnapshot):
         return [record.job.id], []
+    if isinstance(record, JobsCreated):
+        return list(record.ids), []
     if isinstance(record, FollowedUp):
         return [job.id for job in record.created], []
     if isinstance(record, FlowCreated | FlowRemoved | MemberEnded):
