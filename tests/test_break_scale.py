@@ -177,3 +177,25 @@ def test_repair_names_every_job_of_a_damaged_batch_lost(tmp_path: Path) -> None:
     # created_at), inside the JobsCreated record; the ids stay readable
     report = _batch_then_damage(tmp_path, (4).to_bytes(8, "little"), 9)
     assert sorted(report.lost_jobs) == ["batch-0", "batch-1", "batch-2"]
+
+
+# --------------------------------------------------------------------------
+# enqueue: one enqueue_many is one record, which may pass the record limit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an enqueue of plain jobs is logged as one JobsCreated however big: with "
+    "max_message_size above 64 MiB (allowed under a bigger segment_size) two 40 MiB "
+    "jobs make an 80 MiB record, Log.append raises, the handler error leaves the "
+    "client unanswered (it resends until BrokerUnavailable); each job alone fits",
+)
+def test_an_enqueue_of_jobs_that_each_fit_is_accepted_whatever_their_sum(
+    tmp_path: Path,
+) -> None:
+    limits = 'segment_size = "256MiB"\nmax_message_size = "128MiB"'
+    b = InProcessBroker(tmp_path / "state", fsync="never", extra=limits)
+    big = b"x" * (40 * MiB)
+    assert 2 * len(big) > MAX_RECORD > len(big)
+    ids = enqueue(b, [spec("big-1", payload=big), spec("big-2", payload=big)])
+    assert ids == ["big-1", "big-2"]
