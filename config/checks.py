@@ -12,6 +12,10 @@ from collections.abc import Iterator
 from .schema import Config, PoolConfig, ScheduleConfig, connect_endpoint
 from .units import format_duration, format_size
 
+#: The largest record the broker's log takes (corral.broker.framing.MAX_RECORD;
+#: tests/test_config.py checks the two agree, the config does not import the broker).
+MAX_LOG_RECORD = 64 * 2**20
+
 Problem = tuple[str, str]
 
 # Linux limits a unix socket path to 108 bytes, one of them the terminating NUL.
@@ -44,6 +48,12 @@ def _check_broker(config: Config) -> Iterator[Problem]:
             "broker.max_message_size",
             f"must be smaller than broker.segment_size ({format_size(broker.segment_size)}), "
             "so that every record fits in a segment",
+        )
+    if broker.max_message_size > MAX_LOG_RECORD:
+        yield (
+            "broker.max_message_size",
+            f"must be at most {format_size(MAX_LOG_RECORD)}, the largest record the log "
+            "takes (one enqueue of one job is one record)",
         )
     # a segment keeps its header and room for records beside its reserve
     if broker.disk_reserve > broker.segment_size // 2:

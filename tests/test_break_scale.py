@@ -183,13 +183,6 @@ def test_repair_names_every_job_of_a_damaged_batch_lost(tmp_path: Path) -> None:
 # enqueue: one enqueue_many is one record, which may pass the record limit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an enqueue of plain jobs is logged as one JobsCreated however big: with "
-    "max_message_size above 64 MiB (allowed under a bigger segment_size) two 40 MiB "
-    "jobs make an 80 MiB record, Log.append raises, the handler error leaves the "
-    "client unanswered (it resends until BrokerUnavailable); each job alone fits",
-)
 def test_an_enqueue_of_jobs_that_each_fit_is_accepted_whatever_their_sum(
     tmp_path: Path,
 ) -> None:

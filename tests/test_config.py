@@ -461,3 +461,20 @@ def test_explicit_endpoints_kept() -> None:
 def test_structs_round_trip_through_msgspec() -> None:
     config = load(CONFIG_DIR / "worker-host.toml")
     assert msgspec.convert(msgspec.to_builtins(config), Config) == config
+
+
+def test_the_largest_message_is_bounded_by_the_largest_log_record() -> None:
+    from corral.broker.framing import MAX_RECORD
+    from corral.config.checks import MAX_LOG_RECORD
+
+    assert MAX_LOG_RECORD == MAX_RECORD
+
+
+def test_a_message_over_the_largest_log_record_is_refused() -> None:
+    text = '[broker]\nsegment_size = "1GiB"\nmax_message_size = "80MiB"\n'
+    assert "broker.max_message_size: must be at most 64MiB" in config_error(text)
+
+
+def test_a_disk_reserve_over_half_a_segment_is_refused() -> None:
+    text = '[broker]\nsegment_size = "4MiB"\nmax_message_size = "1MiB"\n'
+    assert "broker.disk_reserve: must be at most half" in config_error(text)
