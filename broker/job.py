@@ -46,9 +46,11 @@ TaskDefaults = TaskOptions
 
 #: The fields of a job's state that a snapshot copies (all but ``job``).
 SNAPSHOT_STATE = JobSnapshot.__struct_fields__[1:]
-#: A pristine job's blob starts with its creation number and time: int64
-#: ``seq`` and float64 ``created_at``, little-endian; the payload follows.
-BLOB_HEAD = struct.Struct("<qd")
+#: A pristine job's blob starts with its creation number, time and priority:
+#: int64 ``seq``, float64 ``created_at`` and int32 ``priority``,
+#: little-endian; the payload follows. (Priority is the job's own, not its
+#: template's, so jobs that each have their own priority share a template.)
+BLOB_HEAD = struct.Struct("<qdi")
 _HEAD_SIZE = BLOB_HEAD.size
 
 
@@ -136,9 +138,9 @@ class Job:
     Memory: a million queued jobs must fit in a few hundred MiB, so a
     *pristine* job (queued, nothing happened yet, no chain, callback, unique
     key or schedule) holds only its id, a template shared by every job with
-    the same task and options (a ``JobCreated`` whose id, seq, created_at and
+    the same task and options (a ``JobCreated`` whose id, seq, created_at, priority and
     payload are blank: see :class:`Templates`), and one bytes blob: its seq
-    and created_at (:data:`BLOB_HEAD`) followed by its payload. Its life is
+    created_at and priority (:data:`BLOB_HEAD`) followed by its payload. Its life is
     made the first time anything happens to it. Any other job keeps its whole
     creation record as ``tpl`` (``blob`` is None)."""
 
@@ -166,9 +168,10 @@ class Job:
         blob = self.blob
         if blob is None:
             return self.tpl
-        seq, created_at = BLOB_HEAD.unpack_from(blob)
+        seq, created_at, priority = BLOB_HEAD.unpack_from(blob)
         return msgspec.structs.replace(
             self.tpl,
+            priority=priority,
             id=self.id,
             seq=seq,
             created_at=created_at,
@@ -226,7 +229,8 @@ class Job:
 
     @property
     def priority(self) -> int:
-        return self.tpl.priority
+        blob = self.blob
+        return self.tpl.priority if blob is None else BLOB_HEAD.unpack_from(blob)[2]
 
     @property
     def max_attempts(self) -> int | None:
@@ -376,13 +380,15 @@ def plain(rec: JobCreated) -> bool:
 
 
 def blank(rec: JobCreated) -> JobCreated:
-    """``rec`` with its own id, seq, created_at and payload blanked: a template."""
-    return msgspec.structs.replace(rec, id="", seq=0, created_at=0.0, payload=NIL, prev_result=NIL)
+    """``rec`` with its own id, seq, created_at, priority and payload blanked: a template."""
+    return msgspec.structs.replace(
+        rec, id="", seq=0, created_at=0.0, priority=0, payload=NIL, prev_result=NIL
+    )
 
 
 def blob_of(rec: JobCreated) -> bytes:
     """A pristine job's blob: :data:`BLOB_HEAD` then the payload."""
-    return BLOB_HEAD.pack(rec.seq, rec.created_at) + bytes(rec.payload)
+    return BLOB_HEAD.pack(rec.seq, rec.created_at, rec.priority) + bytes(rec.payload)
 
 
 def _key(rec: JobCreated) -> tuple[Any, ...]:
@@ -390,7 +396,6 @@ def _key(rec: JobCreated) -> tuple[Any, ...]:
     return (
         rec.task,
         rec.queue,
-        rec.priority,
         rec.delay,
         rec.max_attempts,
         rec.timeout,

@@ -177,8 +177,16 @@ class ReadyQueues:
 
     def add_new(self, jobs: list[Job]) -> None:
         """Make pristine jobs available (ready and ``in_ready`` by
-        definition), in creation order, all of one queue, task and priority."""
-        self._task_queue(jobs[0]).extend(jobs[0].priority, jobs)
+        definition), in creation order, all of one queue and task: each run
+        of one priority goes to its lane at once."""
+        tq = self._task_queue(jobs[0])
+        priority = jobs[0].priority
+        start = 0
+        for i, job in enumerate(jobs):
+            if job.priority != priority:
+                tq.extend(priority, jobs[start:i])
+                priority, start = job.priority, i
+        tq.extend(priority, jobs[start:])
 
     def _task_queue(self, job: Job) -> TaskQueue:
         by_task = self._queues.get(job.queue)

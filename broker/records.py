@@ -70,13 +70,14 @@ class JobCreated(JobSpec, Record, frozen=True, kw_only=True):
 
 
 class JobsCreated(Record, frozen=True):
-    """Jobs accepted together that share every option (an enqueue of many
-    jobs, or compaction writing queued jobs nothing has happened to yet):
-    one ``template`` (a ``JobCreated`` whose id, seq, created_at and payload
-    are blank) and, per job, its id and a blob: its seq as a little-endian
-    int64, its created_at as a float64 (8 bytes each), then its payload's
-    msgpack. The broker keeps such a job as the template and the blob, and
-    a replay adds a batch without decoding a record per job."""
+    """Jobs accepted together that share every option but their priority
+    (an enqueue of many jobs, or compaction writing queued jobs nothing has
+    happened to yet): one ``template`` (a ``JobCreated`` whose id, seq,
+    created_at, priority and payload are blank) and, per job, its id and a
+    blob: little-endian, its seq (int64), its created_at (float64) and its
+    priority (int32), then its payload's msgpack. The broker keeps such a
+    job as the template and the blob, and a replay adds a batch without
+    decoding a record per job."""
 
     template: JobCreated
     ids: list[str]

@@ -21,6 +21,7 @@ from corral.broker.expiry import ExpiryQueue
 from corral.broker.flowbook import FlowBook
 from corral.broker.job import (
     ACTIVE,
+    BLOB_HEAD,
     DEFAULT_QUEUE,
     JOB_OVERHEAD_BYTES,
     SNAPSHOT_STATE,
@@ -272,7 +273,7 @@ class JobState:
         self._next_seq = max(self._next_seq, new[-1].seq + 1)
         queue = tpl.queue or DEFAULT_QUEUE
         self.counts[queue, tpl.task, "queued"] += len(new)
-        self.live_bytes += (JOB_OVERHEAD_BYTES - 16) * len(new) + sum(map(len, blobs))
+        self.live_bytes += (JOB_OVERHEAD_BYTES - BLOB_HEAD.size) * len(new) + sum(map(len, blobs))
         self.ready.add_new(new)
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:

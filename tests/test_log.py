@@ -173,7 +173,7 @@ def every_record_type(result: msgspec.Raw = NIL) -> list[Record]:
         JobsCreated(
             job_rec("", 0, "t", "q", 2, NIL, 0.0),
             ["m1", "m2"],
-            [BLOB_HEAD.pack(30, 19.0) + bytes(raw(1)), BLOB_HEAD.pack(31, 19.0) + b"\xc0"],
+            [BLOB_HEAD.pack(30, 19.0, 2) + bytes(raw(1)), BLOB_HEAD.pack(31, 19.0, -7) + b"\xc0"],
         ),
         Removed("a"),
         Cancelled("a", 13.0),

@@ -73,7 +73,7 @@ def test_plain_jobs_of_one_kind_are_pristine_and_share_one_template() -> None:
     assert len(state.templates) == 1
     # the blob is the seq and created_at, then the payload
     first = jobs[0]
-    assert BLOB_HEAD.unpack_from(first.blob or b"") == (first.seq, NOW)
+    assert BLOB_HEAD.unpack_from(first.blob or b"") == (first.seq, NOW, 0)
     assert bytes(first.payload) == bytes(payload(0))
     # what a pristine job reads is what its creation record said
     rec = first.created
@@ -85,6 +85,20 @@ def test_plain_jobs_of_one_kind_are_pristine_and_share_one_template() -> None:
         NOW,
     )
     assert bytes(rec.payload) == bytes(payload(0))
+
+
+def test_jobs_of_each_their_own_priority_share_a_template_and_keep_their_order() -> None:
+    state = JobState()
+    priorities = [0, 5, -3, 5, 0, 2**31 - 1, -(2**31)]
+    specs = [JobSpec(f"j{i}", "t.a", payload(i), priority=p) for i, p in enumerate(priorities)]
+    records = create(state, specs)
+    assert [type(r) for r in records] == [JobsCreated]
+    assert len({id(job.tpl) for job in state.jobs.values()}) == 1
+    assert [state.jobs[f"j{i}"].created.priority for i in range(7)] == priorities
+    fresh = replay(records)
+    for st_ in (state, fresh):
+        order = [job.id for job in iter(lambda s=st_: s.pop_ready("default"), None)]
+        assert order == ["j5", "j1", "j3", "j0", "j4", "j2", "j6"]
 
 
 def test_jobs_with_other_options_get_their_own_template_and_odd_jobs_keep_their_record() -> None:
