@@ -14,16 +14,13 @@ and never again once the record is there, even when they expired since.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import msgspec
 
-from corral.broker.job import touched
 from corral.broker.jobspec import NIL, JobSpec
 from corral.broker.records import FlowCreated, FollowedUp, JobCreated
 from corral.broker.state import TERMINAL, Job, JobState
 
-__all__ = ["create", "finished", "followups", "members_of", "pending", "results_of", "status_of"]
+__all__ = ["create", "finished", "followups", "members_of", "results_of", "status_of"]
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -118,20 +115,6 @@ def _free(state: JobState, callback: JobSpec, now: float) -> bool:
     ends, so a unique key another job holds then makes it stand in for the
     callback (the callback is not made), as for any enqueue."""
     return state.holder_of(callback.unique_key, now) in (None, callback.id)
-
-
-def pending(state: JobState, now: float, record: Callable[[FollowedUp], None]) -> int:
-    """After replay: make the follow-ups of ended jobs whose FollowedUp
-    record is missing (the broker stopped between a result and it). The
-    record, never the follow-up's absence, says whether they were made.
-    ``record`` logs and applies each; returns how many jobs were created."""
-    count = 0
-    for job in touched(state.jobs.values()):  # a pristine job has not ended
-        if job.status in TERMINAL:
-            for followed in followups(state, job, now):
-                record(followed)
-                count += len(followed.created)
-    return count
 
 
 Member = tuple[str | None, msgspec.Raw | None]

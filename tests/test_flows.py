@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import Env, broker_processes, wait_for
+from inproc import InProcessBroker
 
 import corral
 from corral.broker import flows
 from corral.broker.protocol import JobSpec, encode_value
 from corral.broker.records import FlowCreated, Leased, Removed
-from corral.broker.state import JobState
 
 J = corral.Job
 KINDS = ("chain", "chord", "ok", "failure")
@@ -135,29 +135,25 @@ def test_broker_crash_mid_chain_and_mid_delay_loses_nothing(env: Env) -> None:
     assert len(client.job(delayed).tries) == 1
 
 
-def test_followup_owed_after_a_crash_is_created_on_replay() -> None:
+def test_followup_owed_after_a_crash_is_created_on_replay(tmp_path: Path) -> None:
     """The broker logged step 0's result but stopped before step 1's
     creation: replay creates it, once."""
-    state = JobState()
-    specs = [JobSpec(f"s{i}", "t", encode_value(i)) for i in range(2)]
-    steps = specs
-    log = [FlowCreated("f", "chain", steps, 0.0)]
-    log.append(flows.create(state, steps[0], 0.0, flow="f"))  # type: ignore[arg-type]
-    for record in log:
-        state.apply(record)
+    broker = InProcessBroker(tmp_path / "state")
+    state, record = broker.core.state, broker.core.journal.record
+    followups = broker.core.followups
+    steps = [JobSpec(f"s{i}", "t", encode_value(i)) for i in range(2)]
+    record(FlowCreated("f", "chain", steps, 0.0))
+    record(flows.create(state, steps[0], 0.0, flow="f"))  # type: ignore[arg-type]
     job = state.jobs["s0"]
-    log.append(Leased("s0", 1, 1, "w", "h", 1, 1.0))
-    state.apply(log[-1])
-    finished = state.policy.decide_finish(job, "ok", 2.0, result=encode_value(41))
-    state.apply(finished)
+    record(Leased("s0", 1, 1, "w", "h", 1, 1.0))
+    record(state.policy.decide_finish(job, "ok", 2.0, result=encode_value(41)))
     assert "s1" not in state.jobs
-    created: list[object] = []
-    assert flows.pending(state, 3.0, lambda r: (created.append(r), state.apply(r))) == 1
+    assert followups.catch_up(3.0) == 1
     assert state.jobs["s1"].prev_result == encode_value(41)
-    assert flows.pending(state, 4.0, lambda r: created.append(r)) == 0  # once
+    assert followups.catch_up(4.0) == 0  # once
     # and never again, even once the follow-up is gone (expired, deleted)
-    state.apply(Removed("s1"))
-    assert flows.pending(state, 5.0, lambda r: created.append(r)) == 0
+    record(Removed("s1"))
+    assert followups.catch_up(5.0) == 0
     assert "s1" not in state.jobs
 
 
