@@ -52,6 +52,11 @@ class TaskQueue:
         """Entries held, stale ones included."""
         return len(self.heap) + sum(len(lane) for lane in self.lanes.values())
 
+    @property
+    def empty(self) -> bool:
+        """No entry held, stale or live."""
+        return not self.heap and not any(self.lanes.values())
+
     def push(self, job: Job) -> None:
         priority = job.priority
         lane = self.lanes.get(priority)
@@ -137,9 +142,11 @@ class TaskQueue:
     def sweep(self) -> None:
         """Drop every stale entry (O(entries))."""
         for priority, lane in list(self.lanes.items()):
-            kept = [job for job in lane if self._live(job)]
+            kept = []
             for job in lane:
-                if not self._live(job) and self._jobs.get(job.id) is job:
+                if self._live(job):
+                    kept.append(job)
+                elif self._jobs.get(job.id) is job:
                     job.in_ready = False
             if kept:
                 self.lanes[priority] = deque(kept)
@@ -219,7 +226,7 @@ class ReadyQueues:
         tq, lane, job = found
         tq.take(lane)
         job.in_ready = False
-        if not tq.heap and not any(tq.lanes.values()):
+        if tq.empty:
             self._drop_if_empty(queue, job.task)
         return job
 
@@ -255,7 +262,7 @@ class ReadyQueues:
         if by_task is None:
             return
         tq = by_task.get(task)
-        if tq is not None and not tq.heap and not any(tq.lanes.values()):
+        if tq is not None and tq.empty:
             del by_task[task]
         if not by_task:
             del self._queues[queue]
