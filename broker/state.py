@@ -607,7 +607,7 @@ class JobState:
         for rec in created:
             this = self.templates.of(rec)
             weight = len(rec.payload) + len(rec.id)
-            if run and (this is not tpl or len(run) >= BATCH_JOBS or size + weight > BATCH_BYTES):
+            if run and (this is not tpl or _batch_full(len(run), size + weight)):
                 out.append(_many(tpl, run) if len(run) > 1 else run[0])
                 run, size = [], 0
             if this is None:
@@ -671,8 +671,7 @@ def _job_records(state: JobState) -> Iterator[Record]:
         blob = job.blob
         if job.pristine and blob is not None:
             weight = len(blob) + len(job.id)
-            full = len(batch) >= BATCH_JOBS or size + weight > BATCH_BYTES
-            if batch and (batch[0].tpl is not job.tpl or full):
+            if batch and (batch[0].tpl is not job.tpl or _batch_full(len(batch), size + weight)):
                 yield _created_many(batch)
                 batch, size = [], 0
             batch.append(job)
@@ -700,6 +699,12 @@ def _job_records(state: JobState) -> Iterator[Record]:
 #: bound is a batch of one).
 BATCH_JOBS = 512
 BATCH_BYTES = 4 * 2**20
+
+
+def _batch_full(jobs: int, size: int) -> bool:
+    """A batch of ``jobs`` jobs can take no more, or not one that would bring
+    its ids and payloads to ``size`` bytes."""
+    return jobs >= BATCH_JOBS or size > BATCH_BYTES
 
 
 def _many(tpl: JobCreated | None, records: list[JobCreated]) -> JobsCreated:
