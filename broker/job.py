@@ -7,6 +7,8 @@ tries, result, lease). Pure data: :mod:`corral.broker.state` changes it.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import struct
 import sys
 from collections.abc import Iterable
@@ -130,7 +132,7 @@ def _life_field(name: str) -> property:
     return property(get, set_, doc=f"The job's {name} (see :class:`JobLife`).")
 
 
-class Job:
+class Job(msgspec.Struct, gc=False, eq=False):
     """One job: its creation record (what was asked, never changed), and
     what has happened to it since (a :class:`JobLife`, read through
     properties of the same names as :class:`~corral.broker.records.JobSnapshot`'s).
@@ -142,19 +144,20 @@ class Job:
     payload are blank: see :class:`Templates`), and one bytes blob: its seq
     created_at and priority (:data:`BLOB_HEAD`) followed by its payload. Its life is
     made the first time anything happens to it. Any other job keeps its whole
-    creation record as ``tpl`` (``blob`` is None)."""
+    creation record as ``tpl`` (``blob`` is None).
 
-    __slots__ = ("_life", "blob", "id", "tpl")
+    A msgspec ``Struct`` (positional ``Job(id, tpl, blob, life)``), not a
+    class with ``__init__``: a replay makes a million at C speed, about a
+    third of the time, and ``gc=False`` keeps them out of the cyclic
+    collector (16 bytes less each). A job references no object that
+    references it back (its template, blob and life do not), so it is never
+    part of a cycle. ``eq=False``: jobs compare, and hash, by identity."""
 
-    def __init__(
-        self, job_id: str, tpl: JobCreated, blob: bytes | None, life: JobLife | None
-    ) -> None:
-        # Positional only, and nothing but stores: a replay makes a million.
-        self.id = job_id
-        #: The creation record, or (with a blob) the shared template.
-        self.tpl = tpl
-        self.blob = blob
-        self._life = life
+    id: str
+    #: The creation record, or (with a blob) the shared template.
+    tpl: JobCreated
+    blob: bytes | None
+    _life: JobLife | None
 
     @classmethod
     def of(cls, created: JobCreated, life: JobLife) -> Job:
@@ -307,8 +310,13 @@ class Job:
 def touched(jobs: Iterable[Job]) -> list[Job]:
     """The jobs of ``jobs`` that are not pristine (something happened to
     them): a pass over a million jobs that skips the pristine ones at the
-    cost of one attribute read each, for the start-up checks."""
-    return [job for job in jobs if job._life is not None]
+    cost of one attribute read each, at C speed, for the start-up checks."""
+    every = jobs if isinstance(jobs, list) else list(jobs)
+    return list(itertools.compress(every, map(_LIFE, every)))
+
+
+#: A job's life, or None while it is pristine (a life is always true).
+_LIFE = operator.attrgetter("_life")
 
 
 _UNUSED = 3
@@ -389,6 +397,36 @@ def blank(rec: JobCreated) -> JobCreated:
 def blob_of(rec: JobCreated) -> bytes:
     """A pristine job's blob: :data:`BLOB_HEAD` then the payload."""
     return BLOB_HEAD.pack(rec.seq, rec.created_at, rec.priority) + bytes(rec.payload)
+
+
+#: A blob's priority bytes (int32 after seq and created_at), as a slice.
+_PRIORITY_BYTES = operator.itemgetter(slice(_HEAD_SIZE - 4, _HEAD_SIZE))
+_INT32 = struct.Struct("<i")
+
+
+def runs_of(priorities: list[int]) -> list[tuple[int, int, int]]:
+    """The runs of equal values in ``priorities``, in order, as
+    ``(priority, start, end)`` index ranges that cover it."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(priorities) + 1):
+        if i == len(priorities) or priorities[i] != priorities[start]:
+            runs.append((priorities[start], start, i))
+            start = i
+    return runs
+
+
+def priority_runs(blobs: list[bytes]) -> list[tuple[int, int, int]]:
+    """The runs of one priority in a batch of pristine jobs' blobs, in
+    order: ``(priority, start, end)`` index ranges that cover ``blobs``.
+    A batch of one priority (the usual case) is told at C speed, by the
+    set of its blobs' priority bytes, without unpacking a number per job."""
+    if not blobs:
+        return []
+    heads = list(map(_PRIORITY_BYTES, blobs))
+    if len(set(heads)) == 1:
+        return [(_INT32.unpack(heads[0])[0], 0, len(blobs))]
+    return runs_of([_INT32.unpack(head)[0] for head in heads])
 
 
 def _key(rec: JobCreated) -> tuple[Any, ...]:

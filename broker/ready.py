@@ -182,18 +182,15 @@ class ReadyQueues:
             job.in_ready = True
             self._task_queue(job).push(job)
 
-    def add_new(self, jobs: list[Job]) -> None:
+    def add_new(self, jobs: list[Job], runs: list[tuple[int, int, int]]) -> None:
         """Make pristine jobs available (ready and ``in_ready`` by
         definition), in creation order, all of one queue and task: each run
-        of one priority goes to its lane at once."""
+        of one priority (``runs``: ``(priority, start, end)`` index ranges of
+        ``jobs``, see :func:`~corral.broker.job.priority_runs`) goes to its
+        lane at once."""
         tq = self._task_queue(jobs[0])
-        priority = jobs[0].priority
-        start = 0
-        for i, job in enumerate(jobs):
-            if job.priority != priority:
-                tq.extend(priority, jobs[start:i])
-                priority, start = job.priority, i
-        tq.extend(priority, jobs[start:])
+        for priority, start, end in runs:
+            tq.extend(priority, jobs[start:end] if end - start < len(jobs) else jobs)
 
     def _task_queue(self, job: Job) -> TaskQueue:
         by_task = self._queues.get(job.queue)

@@ -77,11 +77,17 @@ class JobsCreated(Record, frozen=True):
     blob: little-endian, its seq (int64), its created_at (float64) and its
     priority (int32), then its payload's msgpack. The broker keeps such a
     job as the template and the blob, and a replay adds a batch without
-    decoding a record per job."""
+    decoding a record per job.
+
+    ``runs`` gives the batch's runs of one priority as ``(priority, start,
+    end)`` index ranges (see :func:`~corral.broker.job.priority_runs`), so
+    that a replay need not read every blob's priority; None in a record
+    written before it was added (the replay then reads them)."""
 
     template: JobCreated
     ids: list[str]
     blobs: list[bytes]
+    runs: list[tuple[int, int, int]] | None = None
 
 
 class Leased(Record, frozen=True):

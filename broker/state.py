@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -32,6 +33,8 @@ from corral.broker.job import (
     TaskDefaults,
     Templates,
     blob_of,
+    priority_runs,
+    runs_of,
     touched,
 )
 from corral.broker.jobspec import NIL, InvalidJob, JobSpec, validate_spec, with_callback
@@ -245,7 +248,7 @@ class JobState:
         if rec.run_at is None:
             tpl = self.templates.of(rec)
             if tpl is not None:  # a pristine job: a shared template and a blob
-                self._add_pristine(tpl, [rec.id], [blob_of(rec)])
+                self._add_pristine(tpl, [rec.id], [blob_of(rec)], [(rec.priority, 0, 1)])
                 return
         status = "scheduled" if rec.run_at is not None else "queued"
         self._add(Job.of(rec, JobLife(status, run_at=rec.run_at)))
@@ -258,23 +261,34 @@ class JobState:
         # that a repair lost a record of (a Removed) can revive a job whose
         # id a later batch reused: the job that exists stays, as for one
         # JobCreated.
+        runs = rec.runs
         if not jobs.keys().isdisjoint(ids):
             fresh = [(i, b) for i, b in zip(ids, blobs, strict=True) if i not in jobs]
-            ids, blobs = [i for i, _ in fresh], [b for _, b in fresh]
+            ids, blobs, runs = [i for i, _ in fresh], [b for _, b in fresh], None
         if ids:
-            self._add_pristine(tpl, ids, blobs)
+            self._add_pristine(tpl, ids, blobs, runs)
 
-    def _add_pristine(self, tpl: JobCreated, ids: list[str], blobs: list[bytes]) -> None:
+    def _add_pristine(
+        self,
+        tpl: JobCreated,
+        ids: list[str],
+        blobs: list[bytes],
+        runs: list[tuple[int, int, int]] | None,
+    ) -> None:
         """Add pristine jobs of one template, in creation order: the batch
-        form of :meth:`_add` (no callbacks, unique key or schedule to see to)."""
-        new = [Job(job_id, tpl, blob, None) for job_id, blob in zip(ids, blobs, strict=True)]
+        form of :meth:`_add` (no callbacks, unique key or schedule to see to).
+        ``runs``: their runs of one priority, or None to read them off the
+        blobs."""
+        if len(ids) != len(blobs):
+            raise ValueError(f"a batch of {len(ids)} job ids has {len(blobs)} blobs")
+        new = list(map(Job, ids, repeat(tpl), blobs, repeat(None)))  # at C speed
         self.jobs.update(zip(ids, new, strict=True))
         self.index.extend(new)
         self._next_seq = max(self._next_seq, new[-1].seq + 1)
         queue = tpl.queue or DEFAULT_QUEUE
         self.counts[queue, tpl.task, "queued"] += len(new)
         self.live_bytes += (JOB_OVERHEAD_BYTES - BLOB_HEAD.size) * len(new) + sum(map(len, blobs))
-        self.ready.add_new(new)
+        self.ready.add_new(new, runs or priority_runs(blobs))
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
         """A whole job from compaction: its creation record and its state."""
@@ -710,9 +724,19 @@ def _batch_full(jobs: int, size: int) -> bool:
 def _many(tpl: JobCreated | None, records: list[JobCreated]) -> JobsCreated:
     """Creation records of plain jobs of template ``tpl`` as one record."""
     assert tpl is not None
-    return JobsCreated(tpl, [rec.id for rec in records], [blob_of(rec) for rec in records])
+    return JobsCreated(
+        tpl,
+        [rec.id for rec in records],
+        [blob_of(rec) for rec in records],
+        runs_of([rec.priority for rec in records]),
+    )
 
 
 def _created_many(jobs: list[Job]) -> JobsCreated:
     """Pristine jobs of one template as one record."""
-    return JobsCreated(jobs[0].tpl, [job.id for job in jobs], [job.blob or b"" for job in jobs])
+    return JobsCreated(
+        jobs[0].tpl,
+        [job.id for job in jobs],
+        [job.blob or b"" for job in jobs],
+        runs_of([job.priority for job in jobs]),
+    )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from corral.broker.state import STATUSES
+from corral.broker.protocol import STATUSES
 from corral.clicommands import (
     EXIT_JOB,
     EXIT_UNREACHABLE,

@@ -19,6 +19,7 @@ from corral.supervisor.monitor import judge, read_status
 from corral.supervisor.pool import Pool
 from corral.supervisor.process import Child
 from corral.supervisor.roles import run_worker
+from corral.workers import runtime  # noqa: F401  (loaded once here: forked workers inherit it)
 from corral.workers.status import StatusReader
 
 if TYPE_CHECKING:

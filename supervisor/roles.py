@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from corral import logs
-from corral.workers.registry import Registry, add_python_path, load_plugins
-from corral.workers.runtime import Worker, WorkerOptions
+
+if TYPE_CHECKING:
+    from corral.workers.registry import Registry
+    from corral.workers.runtime import WorkerOptions
 
 log = structlog.get_logger()
 
@@ -40,6 +42,8 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
 
 
 def pool_registry(config: Any, pool: Any) -> Registry:
+    from corral.workers.registry import add_python_path, load_plugins
+
     add_python_path(config.python_path)
     return load_plugins(pool.plugins)
 
@@ -47,6 +51,8 @@ def pool_registry(config: Any, pool: Any) -> Registry:
 def worker_options(
     config: Any, pool: Any, index: int, status_fd: int | None = None
 ) -> WorkerOptions:
+    from corral.workers.runtime import WorkerOptions
+
     return WorkerOptions(
         endpoint=config.broker.worker_endpoint,
         queues=list(pool.queues),
@@ -72,6 +78,8 @@ def run_worker(
     status_fd: int | None = None,
 ) -> int:
     """Run one worker of ``pool`` until it is told to stop or recycles."""
+    from corral.workers.runtime import Worker
+
     logs.configure("worker", config.log.level, config.log.format)
     structlog.contextvars.bind_contextvars(pool=pool.name, index=index)
     if registry is None:

@@ -6,6 +6,7 @@ driven with records, the way the broker drives it."""
 from __future__ import annotations
 
 import gc
+import itertools
 import random
 import uuid
 from pathlib import Path
@@ -19,7 +20,7 @@ from inproc import InProcessBroker
 from corral.broker import core as core_module
 from corral.broker import protocol as p
 from corral.broker import views as state_views
-from corral.broker.job import BLOB_HEAD
+from corral.broker.job import BLOB_HEAD, priority_runs, runs_of
 from corral.broker.jobspec import JobSpec
 from corral.broker.ready import SWEEP_AFTER
 from corral.broker.records import (
@@ -99,6 +100,42 @@ def test_jobs_of_each_their_own_priority_share_a_template_and_keep_their_order()
     for st_ in (state, fresh):
         order = [job.id for job in iter(lambda s=st_: s.pop_ready("default"), None)]
         assert order == ["j5", "j1", "j3", "j0", "j4", "j2", "j6"]
+
+
+def test_a_batch_says_its_priority_runs_and_one_written_before_replays_the_same() -> None:
+    state = JobState()
+    priorities = [0, 0, 5, 5, 5, -3, 0, 0]
+    specs = [JobSpec(f"j{i}", "t.a", payload(i), priority=p) for i, p in enumerate(priorities)]
+    (rec,) = create(state, specs)
+    assert isinstance(rec, JobsCreated)
+    assert rec.runs == [(0, 0, 2), (5, 2, 5), (-3, 5, 6), (0, 6, 8)]
+    # a record from before ``runs`` was added: the replay reads the blobs
+    old = msgspec.structs.replace(rec, runs=None)
+    expected = ["j2", "j3", "j4", "j0", "j1", "j6", "j7", "j5"]
+    for records in ([rec], [old]):
+        fresh = replay(records)
+        assert [job.id for job in iter(lambda s=fresh: s.pop_ready("default"), None)] == expected
+
+
+@given(st.lists(st.integers(-(2**31), 2**31 - 1) | st.sampled_from([0, 1]), max_size=40))
+def test_priority_runs_read_off_blobs_are_the_runs_of_the_priorities(priorities: list[int]) -> None:
+    blobs = [BLOB_HEAD.pack(i, NOW, p) + b"x" for i, p in enumerate(priorities)]
+    runs = priority_runs(blobs)
+    assert runs == runs_of(priorities)
+    # the runs cover the batch in order, each of one priority, no two alike side by side
+    assert [i for _, start, end in runs for i in range(start, end)] == list(range(len(blobs)))
+    assert all(priorities[i] == p for p, start, end in runs for i in range(start, end))
+    assert all(a[0] != b[0] for a, b in itertools.pairwise(runs))
+
+
+def test_a_job_is_outside_the_cyclic_collector_and_compares_by_identity() -> None:
+    state = JobState()
+    create(state, [JobSpec(f"j{i}", "t.a") for i in range(2)])
+    a, b = state.jobs["j0"], state.jobs["j1"]
+    assert not gc.is_tracked(a)
+    a.status = "running"  # its first change gives it a life
+    assert not a.pristine and not gc.is_tracked(a)
+    assert a == a and a != b and len({a, b, a}) == 2
 
 
 def test_jobs_with_other_options_get_their_own_template_and_odd_jobs_keep_their_record() -> None:
