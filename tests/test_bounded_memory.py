@@ -7,7 +7,7 @@ before: a try's lease deadline, the job -> holder table, result waiters,
 flows and what they keep (ends, pending members, unique keys, callback ids,
 follow-ups), finished jobs' expiry entries, supervisors, registered tasks,
 connected workers, per-queue counters and the outcome rates. The soak test
-``tests/soak/test_long_run_memory.py`` checks the same on a real daemon by
+``tests/faults/test_long_run_memory.py`` checks the same on a real daemon by
 its RSS.
 """
 

@@ -1,6 +1,6 @@
 """Tasks the soak tests run: every execution leaves a line in a file.
 
-The line is ``job_id attempt pid token`` (tests/soak/history.py reads it),
+The line is ``job_id attempt pid token`` (tests/faults/history.py reads it),
 written with one ``write`` on an ``O_APPEND`` descriptor before the handler
 does anything else, so a run cut short by a kill is recorded too and
 concurrent writers from several processes never interleave.
