@@ -1,5 +1,5 @@
 """What each ``corral`` subcommand does, given its parsed arguments; each
-returns the exit code (0 ok, 1 job failed or not found). The daemons
+returns the exit code (see :mod:`corral.cli` for every code). The daemons
 (``run``, ``broker``, ``supervisor``, ``worker``) run in the foreground, the
 client commands ask the broker, and ``log`` works on a stopped broker's log.
 """
@@ -10,12 +10,14 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 from corral.broker.jobspec import OPTION_NAMES
+from corral.cliargs import json_arg
 from corral.cliformat import (
     describe_repair,
     describe_verify,
@@ -34,8 +36,13 @@ _OPTION_FLAGS = {"timeout": "job_timeout"}
 if TYPE_CHECKING:
     from corral.client import Client
 
-EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+#: The schemes a broker endpoint may use.
+ENDPOINT_SCHEMES = ("ipc://", "tcp://", "inproc://")
 CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
+
+
+T = TypeVar("T")
 
 
 class UsageError(CorralError):
@@ -62,10 +69,36 @@ def load_config(path: str | None) -> Any:
 
 
 def make_client(args: argparse.Namespace) -> Any:
+    """A client of the broker that --endpoint, else the config, names.
+    Raises UsageError for an endpoint ZeroMQ cannot connect to."""
+    import zmq
+
     from corral.client import Client
 
     config = load_config(args.config)
-    return Client(args.endpoint, config=config, timeout=args.timeout or config.client.timeout)
+    endpoint = args.endpoint
+    if endpoint is not None and (
+        not endpoint.startswith(ENDPOINT_SCHEMES) or endpoint.endswith("//")
+    ):
+        raise UsageError(
+            f"--endpoint {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT "
+            "(the broker's client_endpoint)"
+        )
+    try:
+        return Client(endpoint, config=config, timeout=args.timeout or config.client.timeout)
+    except zmq.ZMQError as exc:
+        shown = endpoint or config.client.endpoint or config.broker.client_endpoint
+        raise UsageError(f"cannot connect to {shown!r}: {exc}") from None
+
+
+def _user_value(what: str, call: Callable[[], T]) -> T:
+    """``call()``, with an error from a value the user typed (a payload
+    msgpack cannot hold: an integer past 64 bits, a lone surrogate) as a
+    UsageError naming ``what``."""
+    try:
+        return call()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UsageError(f"{what}: {exc}") from None
 
 
 # ---------------------------------------------------------------- commands
@@ -114,14 +147,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_enqueue(args: argparse.Namespace) -> int:
     payload = None
     if args.payload is not None:
-        try:
-            payload = json.loads(args.payload)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"PAYLOAD_JSON is not valid JSON: {exc}") from None
+        payload = _user_value("PAYLOAD_JSON", lambda: json_arg(args.payload, "PAYLOAD_JSON"))
     # One flag per job option: --max-attempts sets max_attempts (and so on).
     options = {name: getattr(args, _OPTION_FLAGS.get(name, name)) for name in OPTION_NAMES}
     with make_client(args) as client:
-        job_id = client.enqueue(args.task, payload, **options)
+        job_id = _user_value("PAYLOAD_JSON", lambda: client.enqueue(args.task, payload, **options))
         _emit_id_or_result(args, client, job_id)
     return EXIT_OK
 
@@ -276,11 +306,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def _job_arg(text: str) -> Any:
     """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...},
-    callbacks nested as {"on_success": {"task": ...}}."""
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{text!r} is not valid JSON: {exc}") from None
+    callbacks nested as {"on_success": {"task": ...}}; ``-`` reads it from
+    stdin, ``@FILE`` from a file."""
+    fields = _user_value("JOB_JSON", lambda: json_arg(text, f"JOB_JSON {text[:60]!r}"))
     return _job_from(fields, text)
 
 
@@ -299,13 +327,15 @@ def _job_from(fields: Any, text: str) -> Any:
 
 
 def cmd_enqueue_flow(args: argparse.Namespace) -> int:
+    if sum(text == "-" for text in [*args.jobs, args.__dict__.get("callback")]) > 1:
+        raise UsageError("JOB_JSON: only one job can be read from stdin (-)")
     jobs = [_job_arg(text) for text in args.jobs]
+    callback = _job_arg(args.callback) if getattr(args, "callback", None) else None
     with make_client(args) as client:
         if args.command == "enqueue-chain":
-            flow_id = client.enqueue_chain(jobs)
+            flow_id = _user_value("JOB_JSON", lambda: client.enqueue_chain(jobs))
         else:
-            callback = _job_arg(args.callback) if args.callback else None
-            flow_id = client.enqueue_group(jobs, callback=callback)
+            flow_id = _user_value("JOB_JSON", lambda: client.enqueue_group(jobs, callback=callback))
         _emit_id_or_result(args, client, flow_id)
     return EXIT_OK
 

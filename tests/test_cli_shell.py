@@ -1,0 +1,128 @@
+"""The `corral` command as the shell uses it: --version, where the config is
+found, durations and times as the config writes them, payloads from stdin
+or a file, one-line errors with exit code 2 for bad input, and an exit code
+of its own (4) for a wait that gave up."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+from conftest import Env
+
+import corral
+
+
+def test_version_prints_the_installed_version(env: Env) -> None:
+    done = env.run("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"corral {corral.__version__}"
+
+
+def test_the_config_is_found_through_corral_config_then_the_current_directory(
+    env: Env,
+) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    elsewhere = env.home / "elsewhere"
+    elsewhere.mkdir()
+    # no -c: $CORRAL_CONFIG names the file
+    done = env.run("status", "--json", cwd=elsewhere, environ={"CORRAL_CONFIG": str(env.config)})
+    assert done.returncode == 0, done.stderr
+    assert "queues" in json.loads(done.stdout)
+    # no -c, no $CORRAL_CONFIG: ./corral.toml (the home holds it)
+    done = env.run("status", "--json", environ={"CORRAL_CONFIG": ""})
+    assert done.returncode == 0, done.stderr
+
+
+def test_durations_and_times_are_read_as_the_config_writes_them(env: Env) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    cfg = ["-c", str(env.config)]
+    before = time.time()
+    delayed = env.run("enqueue", "e2e.noop", "--delay", "5m", "--job-timeout", "1m30s", *cfg)
+    after = time.time()
+    assert delayed.returncode == 0, delayed.stderr
+    info = client.job(delayed.stdout.strip())
+    assert info.status == "scheduled"
+    assert info.next_run_at is not None and before + 300 <= info.next_run_at <= after + 300
+    assert info.timeout == 90.0
+    at = env.run("enqueue", "e2e.noop", "--run-at", "2030-01-01T00:00:00Z", *cfg)
+    assert at.returncode == 0, at.stderr
+    expected = datetime(2030, 1, 1, tzinfo=UTC).timestamp()
+    assert client.job(at.stdout.strip()).next_run_at == expected
+    # epoch seconds and plain seconds still work
+    epoch = env.run("enqueue", "e2e.noop", "--run-at", str(expected + 1), "--delay", "0", *cfg)
+    assert epoch.returncode == 0, epoch.stderr
+    assert client.job(epoch.stdout.strip()).next_run_at == expected + 1
+
+
+def test_a_payload_comes_from_stdin_or_a_file_past_the_argument_limit(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    cfg = ["-c", str(env.config)]
+    item = "x" * 300_000  # over the ~128 KiB a single shell argument may hold
+    path = env.home / "order.json"
+    path.write_text(json.dumps({"item": item, "qty": 2}))
+    from_file = env.run("enqueue", "e2e.order", f"@{path}", "--wait", "--json", *cfg)
+    assert from_file.returncode == 0, from_file.stderr[-500:]
+    assert json.loads(from_file.stdout)["result"] == f"2x{item}"
+    from_stdin = env.run("enqueue", "e2e.square", "-", "--wait", *cfg, stdin="12\n")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout.strip() == "144"
+    chain = env.run(
+        "enqueue-chain",
+        "-",
+        '{"task": "e2e.square", "payload": 5}',
+        "--wait",
+        *cfg,
+        stdin='{"task": "e2e.square", "payload": 3}',
+    )
+    assert chain.returncode == 0, chain.stderr
+    assert chain.stdout.strip() == "25"  # the last step's result
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["enqueue", "e2e.square", "123456789012345678901234567890"], "PAYLOAD_JSON"),
+        (["enqueue", "e2e.square", '"\\ud800"'], "PAYLOAD_JSON"),
+        (["enqueue", "e2e.square", "@/nonexistent/payload.json"], "/nonexistent/payload.json"),
+        (["enqueue", "e2e.square", "--priority", "99999999999999999999"], "priority"),
+        (["enqueue", "e2e.square", "--delay", "soon"], "--delay"),
+        (["enqueue", "e2e.square", "--run-at", "tomorrow"], "--run-at"),
+        (["enqueue", "e2e.square", "--timeout", "-1"], "--timeout"),
+        (["status", "--endpoint", "garbage"], "garbage"),
+        (["status", "--endpoint", "tcp://"], "tcp://"),
+        (["jobs", "--limit", "0"], "--limit"),
+        (["jobs", "--limit", "-1"], "--limit"),
+        (["enqueue-chain", "-", "-"], "stdin"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_two(env: Env, args: list[str], named: str) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    done = env.run(*args, "-c", str(env.config), stdin="1")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("corral")]
+    assert lines and named in lines[-1], done.stderr
+    assert env.client().status().queues == {}, "nothing was enqueued"
+
+
+def test_a_wait_that_gives_up_exits_four_and_the_job_goes_on(env: Env) -> None:
+    broker = env.start("broker")  # no workers: the job stays queued
+    env.wait_ready(broker)
+    cfg = ["-c", str(env.config)]
+    job_id = env.run("enqueue", "e2e.square", "3", *cfg).stdout.strip()
+    done = env.run("result", job_id, "--wait", "--wait-timeout", "300ms", *cfg)
+    assert done.returncode == 4, done.stderr
+    assert "Traceback" not in done.stderr
+    waited = env.run("enqueue", "e2e.square", "4", "--wait", "--wait-timeout", "0.3", *cfg)
+    assert waited.returncode == 4, waited.stderr
+    assert env.client().job(job_id).status == "queued"
+    # a failed job is still 1, an unknown one too
+    assert env.run("result", "nope", *cfg).returncode == 1
