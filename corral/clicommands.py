@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,9 +152,44 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     # One flag per job option: --max-attempts sets max_attempts (and so on).
     options = {name: getattr(args, _OPTION_FLAGS.get(name, name)) for name in OPTION_NAMES}
     with make_client(args) as client:
+        warn_unknown_task(client, args.task, args.queue)  # before: the job makes its queue known
         job_id = _user_value("PAYLOAD_JSON", lambda: client.enqueue(args.task, payload, **options))
         _emit_id_or_result(args, client, job_id)
     return EXIT_OK
+
+
+def _known_queues(status: Any) -> set[str]:
+    """Queues that hold jobs, or that a connected worker or a reporting
+    supervisor's pool serves."""
+    known = set(status.queues) | set(status.paused)
+    known.update(q for worker in status.workers for q in worker.queues)
+    known.update(q for sup in status.supervisors for pool in sup.pools for q in pool.queues)
+    return known
+
+
+def _warn(text: str) -> None:
+    print(f"corral: warning: {text}", file=sys.stderr)
+
+
+def warn_unknown_queue(client: Client, queue: str, doing: str) -> None:
+    """Warn on stderr (exit code unchanged) when no worker or pool serves
+    ``queue`` and it holds no jobs: most likely a typo."""
+    known = _known_queues(client.status())
+    if queue not in known:
+        listed = ", ".join(sorted(known)) or "none yet"
+        _warn(f"no worker serves queue {queue!r} and it holds no jobs (known: {listed}); {doing}")
+
+
+def warn_unknown_task(client: Client, task: str, queue: str | None) -> None:
+    """Warn on stderr when no worker has registered ``task`` (the job waits
+    until one does), or when ``queue`` is unknown."""
+    status = client.status()
+    registered = set(status.registered_tasks)
+    registered.update(t for worker in status.workers for t in worker.tasks)
+    if task not in registered:
+        _warn(f"no worker has registered task {task!r} (a typo?); the job waits until one does")
+    if queue is not None and queue not in _known_queues(status):
+        _warn(f"no worker serves queue {queue!r}; the job waits until one does")
 
 
 def _emit_id_or_result(args: argparse.Namespace, client: Client, job_id: str) -> None:
@@ -284,6 +320,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     with make_client(args) as client:
+        warn_unknown_queue(client, args.queue, "nothing to purge")
         count = client.purge(args.queue)
         emit(
             args,
@@ -295,6 +332,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     with make_client(args) as client:
+        warn_unknown_queue(client, args.queue, f"{args.command}d anyway")
         (client.pause if args.command == "pause" else client.resume)(args.queue)
         emit(
             args,

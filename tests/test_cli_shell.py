@@ -126,3 +126,28 @@ def test_a_wait_that_gives_up_exits_four_and_the_job_goes_on(env: Env) -> None:
     assert env.client().job(job_id).status == "queued"
     # a failed job is still 1, an unknown one too
     assert env.run("result", "nope", *cfg).returncode == 1
+
+
+def test_a_queue_or_task_no_worker_knows_gets_a_warning(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    cfg = ["-c", str(env.config)]
+    client = env.client()
+    # wait for the workers to register their tasks
+    deadline = time.monotonic() + 30
+    while "e2e.square" not in client.status().registered_tasks:
+        assert time.monotonic() < deadline, "the workers never registered"
+        time.sleep(0.05)
+    typo = env.run("pause", "defualt", *cfg)
+    assert typo.returncode == 0, typo.stderr
+    assert "warning: no worker serves queue 'defualt'" in typo.stderr
+    assert "default" in typo.stderr  # the known queues are listed
+    assert "defualt" in client.status().paused  # still done: it may be on purpose
+    known = env.run("pause", "default", *cfg)
+    assert known.returncode == 0 and "warning" not in known.stderr
+    assert env.run("resume", "default", *cfg).returncode == 0
+    task = env.run("enqueue", "e2e.sqaure", "3", *cfg)
+    assert task.returncode == 0
+    assert "warning: no worker has registered task 'e2e.sqaure'" in task.stderr
+    fine = env.run("enqueue", "e2e.square", "3", "--wait", *cfg)
+    assert fine.returncode == 0 and "warning" not in fine.stderr and fine.stdout.strip() == "9"
