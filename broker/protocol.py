@@ -281,7 +281,8 @@ class Pause(Msg, frozen=True):
 
 
 class ListJobs(Msg, frozen=True):
-    """Jobs in creation order, filtered, after ``cursor`` (from a previous page)."""
+    """Jobs in creation order (``newest``: newest first), filtered, after
+    ``cursor`` (from a previous page)."""
 
     req: int
     queue: str | None = None
@@ -290,6 +291,7 @@ class ListJobs(Msg, frozen=True):
     limit: int = 100
     cursor: str | None = None
     v: int = PROTOCOL_VERSION
+    newest: bool = False
 
 
 class EnqueueFlow(Msg, frozen=True):

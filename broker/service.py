@@ -224,6 +224,7 @@ class ClientService:
                 msg.task,
                 max(1, min(msg.limit, MAX_PAGE)),
                 msg.cursor,
+                newest=msg.newest,
             )
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))

@@ -197,13 +197,14 @@ def _add_keys(subs: Subparsers) -> None:
 
 
 def _add_jobs(subs: Subparsers) -> None:
-    jobs = subs.add_parser("jobs", help="list jobs in creation order")
+    jobs = subs.add_parser("jobs", help="list jobs in creation order (--newest: newest first)")
     _common(jobs)
     jobs.add_argument("--queue")
     jobs.add_argument("--status", choices=STATUSES)
     jobs.add_argument("--task")
     jobs.add_argument("--limit", type=count_arg, default=100, help="jobs per page (1 or more)")
     jobs.add_argument("--cursor", help="from a previous page's output")
+    jobs.add_argument("--newest", action="store_true", help="newest first")
     jobs.set_defaults(fn=cmd_jobs)
 
 

@@ -7,7 +7,6 @@ client commands ask the broker, and ``log`` works on a stopped broker's log.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from corral.cliformat import (
     human_job,
     human_jobs,
     human_status,
+    result_text,
 )
 from corral.errors import ConfigError, CorralError
 
@@ -198,7 +198,7 @@ def _emit_id_or_result(args: argparse.Namespace, client: Client, job_id: str) ->
         emit(args, {"id": job_id}, lambda v: v["id"])
         return
     value = client.result(job_id, timeout=args.wait_timeout)
-    emit(args, {"id": job_id, "result": value}, lambda v: json.dumps(v["result"]))
+    emit(args, {"id": job_id, "result": value}, lambda v: result_text(v["result"]))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -277,13 +277,20 @@ def cmd_result(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         timeout = args.wait_timeout if args.wait else 0.0
         value = client.result(args.id, timeout=timeout)
-        emit(args, {"id": args.id, "result": value}, lambda v: json.dumps(v["result"]))
+        emit(args, {"id": args.id, "result": value}, lambda v: result_text(v["result"]))
     return EXIT_OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with make_client(args) as client:
-        page = client.jobs(args.queue, args.status, args.limit, task=args.task, cursor=args.cursor)
+        page = client.jobs(
+            args.queue,
+            args.status,
+            args.limit,
+            task=args.task,
+            cursor=args.cursor,
+            newest=args.newest,
+        )
         if args.json:
             emit(args, {"jobs": list(page), "cursor": page.cursor})
         else:

@@ -73,6 +73,8 @@ def test_a_payload_comes_from_stdin_or_a_file_past_the_argument_limit(env: Env) 
     from_stdin = env.run("enqueue", "e2e.square", "-", "--wait", *cfg, stdin="12\n")
     assert from_stdin.returncode == 0, from_stdin.stderr
     assert from_stdin.stdout.strip() == "144"
+    utf8 = env.run("enqueue", "e2e.order", '{"item": "名前", "qty": 1}', "--wait", *cfg)
+    assert utf8.stdout.strip() == '"1x名前"', utf8.stdout  # not "1x\\u540d\\u524d"
     chain = env.run(
         "enqueue-chain",
         "-",
@@ -151,3 +153,21 @@ def test_a_queue_or_task_no_worker_knows_gets_a_warning(env: Env) -> None:
     assert "warning: no worker has registered task 'e2e.sqaure'" in task.stderr
     fine = env.run("enqueue", "e2e.square", "3", "--wait", *cfg)
     assert fine.returncode == 0 and "warning" not in fine.stderr and fine.stdout.strip() == "9"
+
+
+def test_jobs_lists_newest_first_with_the_columns_people_look_for(env: Env) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    ids = [client.enqueue("e2e.noop", i, priority=i, queue="名前") for i in range(5)]
+    cfg = ["-c", str(env.config)]
+    page = json.loads(env.run("jobs", "--newest", "--limit", "3", "--json", *cfg).stdout)
+    assert [job["id"] for job in page["jobs"]] == ids[::-1][:3]
+    rest = env.run("jobs", "--newest", "--cursor", page["cursor"], "--json", *cfg)
+    assert [job["id"] for job in json.loads(rest.stdout)["jobs"]] == ids[::-1][3:]
+    shown = env.run("jobs", "--newest", *cfg).stdout
+    header = shown.splitlines()[0].split()
+    assert header == ["id", "status", "attempts", "priority", "queue", "task", "created", "error"]
+    rows = [line.split() for line in shown.splitlines()[2:] if line.strip()]
+    assert [row[0] for row in rows] == ids[::-1]
+    assert rows[0][3] == "4" and rows[0][4] == "名前"  # real UTF-8, not \\u540d
