@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -118,7 +119,14 @@ def _add_processes(subs: Subparsers) -> None:
 def _add_enqueue(subs: Subparsers) -> None:
     enqueue = subs.add_parser("enqueue", help="enqueue a job; prints its id")
     _common(enqueue)
-    enqueue.add_argument("task")
+    enqueue.add_argument("task", nargs="?", help="the task's name (not with --from-file)")
+    enqueue.add_argument(
+        "--from-file",
+        metavar="JOBS_JSONL",
+        type=Path,
+        help='one job per line, as JOB_JSON ({"task": ..., "payload": ...}); '
+        "shows the count and rate, prints the ids",
+    )
     enqueue.add_argument(
         "payload",
         nargs="?",

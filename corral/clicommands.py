@@ -28,6 +28,7 @@ from corral.cliformat import (
     human_status,
     result_text,
 )
+from corral.cliprogress import wait_result
 from corral.errors import ConfigError, CorralError
 
 #: Job options whose flag is not ``--`` plus the option's name: ``--timeout``
@@ -146,6 +147,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    if args.from_file is not None:
+        return _enqueue_file(args)
+    if args.task is None:
+        raise UsageError("give a TASK (and its PAYLOAD_JSON), or --from-file JOBS_JSONL")
     payload = None
     if args.payload is not None:
         payload = _user_value("PAYLOAD_JSON", lambda: json_arg(args.payload, "PAYLOAD_JSON"))
@@ -155,6 +160,27 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         warn_unknown_task(client, args.task, args.queue)  # before: the job makes its queue known
         job_id = _user_value("PAYLOAD_JSON", lambda: client.enqueue(args.task, payload, **options))
         _emit_id_or_result(args, client, job_id)
+    return EXIT_OK
+
+
+def _enqueue_file(args: argparse.Namespace) -> int:
+    """``enqueue --from-file``: every line's job, in batches; the ids on
+    stdout, one a line (a JSON list with --json)."""
+    from corral.cliprogress import enqueue_file
+
+    if args.task is not None or args.payload is not None:
+        raise UsageError("--from-file takes its jobs from the file: give no TASK or PAYLOAD_JSON")
+    if args.wait:
+        raise UsageError("--from-file does not --wait; use `corral result ID --wait` on an id")
+    with make_client(args) as client:
+        try:
+            ids = enqueue_file(client, args.from_file, _job_from)
+        except OSError as exc:
+            raise UsageError(f"--from-file: cannot read {args.from_file}: {exc.strerror}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UsageError(f"--from-file: {exc}") from None
+    emit(args, {"ids": ids}, lambda v: "\n".join(v["ids"]) if v["ids"] else "(no jobs)")
+    print(f"corral: enqueued {len(ids)} job(s) from {args.from_file}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -197,7 +223,7 @@ def _emit_id_or_result(args: argparse.Namespace, client: Client, job_id: str) ->
     if not args.wait:
         emit(args, {"id": job_id}, lambda v: v["id"])
         return
-    value = client.result(job_id, timeout=args.wait_timeout)
+    value = wait_result(client, job_id, args.wait_timeout)
     emit(args, {"id": job_id, "result": value}, lambda v: result_text(v["result"]))
 
 
@@ -275,8 +301,10 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def cmd_result(args: argparse.Namespace) -> int:
     with make_client(args) as client:
-        timeout = args.wait_timeout if args.wait else 0.0
-        value = client.result(args.id, timeout=timeout)
+        if args.wait:
+            value = wait_result(client, args.id, args.wait_timeout)
+        else:
+            value = client.result(args.id, timeout=0.0)
         emit(args, {"id": args.id, "result": value}, lambda v: result_text(v["result"]))
     return EXIT_OK
 

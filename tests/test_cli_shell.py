@@ -6,11 +6,14 @@ of its own (4) for a wait that gave up."""
 from __future__ import annotations
 
 import json
+import os
+import select
+import subprocess
 import time
 from datetime import UTC, datetime
 
 import pytest
-from conftest import Env
+from conftest import CORRAL, Env
 
 import corral
 
@@ -171,3 +174,66 @@ def test_jobs_lists_newest_first_with_the_columns_people_look_for(env: Env) -> N
     rows = [line.split() for line in shown.splitlines()[2:] if line.strip()]
     assert [row[0] for row in rows] == ids[::-1]
     assert rows[0][3] == "4" and rows[0][4] == "名前"  # real UTF-8, not \\u540d
+
+
+def test_enqueue_from_a_jsonl_file_sends_batches_and_names_a_bad_line(env: Env) -> None:
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    cfg = ["-c", str(env.config)]
+    jobs = env.home / "jobs.jsonl"
+    lines = [
+        json.dumps({"task": "e2e.square", "payload": i, "priority": i % 3}) for i in range(1200)
+    ]
+    jobs.write_text("\n".join(lines[:600]) + "\n\n" + "\n".join(lines[600:]) + "\n")
+    done = env.run("enqueue", "--from-file", str(jobs), *cfg)
+    assert done.returncode == 0, done.stderr
+    ids = done.stdout.split()
+    assert len(ids) == len(set(ids)) == 1200
+    assert "enqueued 1200 job(s)" in done.stderr
+    client = env.client()
+    assert client.status().queues["default"]["queued"] == 1200
+    assert client.job(ids[7]).priority == 7 % 3
+    # a bad line: the batches before it are in, it and the rest are not
+    bad = env.home / "bad.jsonl"
+    bad.write_text("\n".join([*lines[:700], '{"payload": 1}', *lines[:10]]) + "\n")
+    failed = env.run("enqueue", "--from-file", str(bad), *cfg)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert f"{bad}:701" in failed.stderr and "500 jobs before it were enqueued" in failed.stderr
+    assert client.status().queues["default"]["queued"] == 1700
+    both = env.run("enqueue", "e2e.square", "--from-file", str(jobs), *cfg)
+    assert both.returncode == 2 and "--from-file" in both.stderr
+
+
+def test_a_wait_on_a_terminal_shows_the_running_jobs_progress(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    release = env.home / "release"
+    job_id = env.client().enqueue("e2e.progress", str(release))
+    deadline = time.monotonic() + 30
+    while env.client().job(job_id).progress is None:
+        assert time.monotonic() < deadline, "the job never reported progress"
+        time.sleep(0.05)
+    leader, follower = os.openpty()  # stderr a terminal: the bar is drawn there
+    waiting = subprocess.Popen(
+        [CORRAL, "result", job_id, "--wait", "-c", str(env.config)],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        while b"half way" not in seen:
+            assert time.monotonic() < deadline, f"no progress drawn: {seen!r}"
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                seen += os.read(leader, 4096)
+        assert b"50%" in seen
+        release.touch()
+        out, _ = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+        os.close(leader)
+    assert waiting.returncode == 0
+    assert out.strip() == '"done"'
