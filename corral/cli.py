@@ -10,6 +10,7 @@ each subcommand does is in :mod:`corral.clicommands`, what it prints in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from corral.clicommands import (
     cmd_broker,
     cmd_cancel,
     cmd_check_config,
+    cmd_completion,
     cmd_delete,
     cmd_enqueue,
     cmd_enqueue_flow,
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_single_argument(subs)
     _add_retry(subs)
     _add_log(subs)
+    _add_completion(subs)
     return parser
 
 
@@ -242,6 +245,15 @@ def _add_retry(subs: Subparsers) -> None:
     retry.set_defaults(fn=cmd_retry)
 
 
+def _add_completion(subs: Subparsers) -> None:
+    completion = subs.add_parser(
+        "completion",
+        help='print the shell completion script: eval "$(corral completion bash)"',
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(fn=cmd_completion)
+
+
 def _add_log(subs: Subparsers) -> None:
     logp = subs.add_parser("log", help="offline log tools")
     logp.add_argument("action", choices=["verify", "repair", "compact"])
@@ -252,6 +264,10 @@ def _add_log(subs: Subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (argcomplete)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args) or 0)

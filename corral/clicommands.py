@@ -452,6 +452,14 @@ def _import_plugins(config: Any) -> None:
             raise ConfigError(f"pools[{index}].plugins (pool {pool.name!r}): {exc}") from None
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    """The completion script of ``corral`` for bash or zsh (argcomplete's)."""
+    import argcomplete
+
+    sys.stdout.write(argcomplete.shellcode(["corral"], shell=args.shell))
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from corral.transport import write_keypair
 

@@ -237,3 +237,34 @@ def test_a_wait_on_a_terminal_shows_the_running_jobs_progress(env: Env) -> None:
         os.close(leader)
     assert waiting.returncode == 0
     assert out.strip() == '"done"'
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("corral enq", {"enqueue", "enqueue-chain", "enqueue-group"}),
+        ("corral jobs --sta", {"--status"}),
+        ("corral jobs --status fa", {"failed"}),
+    ],
+)
+def test_the_shell_completes_commands_options_and_choices(
+    env: Env, line: str, expected: set[str]
+) -> None:
+    out = env.home / "completions"
+    done = env.run(
+        environ={
+            "_ARGCOMPLETE": "1",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    assert set(out.read_text().replace("\x0b", " ").split()) == expected
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_prints_the_script_for_each_shell(env: Env, shell: str) -> None:
+    done = env.run("completion", shell)
+    assert done.returncode == 0, done.stderr
+    assert "_python_argcomplete" in done.stdout and "corral" in done.stdout
