@@ -420,16 +420,22 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config; unless --no-plugins, also import every pool's
+    plugins and check the schedules against them, in a child process (see
+    :mod:`corral.workers.plugincheck`). Every problem is printed, one a line."""
     from corral.broker.schedules import ScheduleError, Scheduler
 
-    config = load_config(args.config)
+    path = config_path(args.config)
+    config = load_config(path)
     try:
         Scheduler.from_configs(config.schedules)
     except ScheduleError as exc:
         raise ConfigError(f"schedules: {exc}") from None
-    if not args.no_plugins:
-        _import_plugins(config)
-    source = args.config or os.environ.get("CORRAL_CONFIG") or "defaults"
+    if not args.no_plugins and path is not None:
+        problems = _check_plugins(path)
+        if problems:
+            raise ConfigError("\n".join(problems))
+    source = path or "defaults"
     pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
     emit(
         args,
@@ -439,17 +445,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _import_plugins(config: Any) -> None:
-    """Import every pool's plugin modules, as its workers will. Raises
-    ConfigError naming the pool and, from PluginError, the file and line."""
-    from corral.workers.registry import PluginError, add_python_path, load_plugins
+#: How long the plugin check may take to import every pool's plugins (seconds).
+PLUGIN_CHECK_TIMEOUT = 120.0
 
-    add_python_path(config.python_path)
-    for index, pool in enumerate(config.pools):
-        try:
-            load_plugins(pool.plugins)
-        except PluginError as exc:
-            raise ConfigError(f"pools[{index}].plugins (pool {pool.name!r}): {exc}") from None
+
+def _check_plugins(path: str) -> list[str]:
+    """The problems :mod:`corral.workers.plugincheck` finds, run in a child
+    process on the config at ``path``; a child that crashes, exits or hangs
+    at import is itself the problem reported."""
+    import subprocess
+
+    command = [sys.executable, "-m", "corral.workers.plugincheck", str(Path(path).resolve())]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=PLUGIN_CHECK_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return [
+            f"plugins: importing the pools' plugins did not finish within "
+            f"{PLUGIN_CHECK_TIMEOUT:g}s: does a plugin block at import (a network call, input())?"
+        ]
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"problems"')]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [
+            f"plugins: the plugin check ended with exit code {done.returncode} before it "
+            f"reported (a plugin that exits or crashes the interpreter at import?): {tail}"
+        ]
+    return list(msgspec.json.decode(lines[-1])["problems"])
 
 
 def cmd_completion(args: argparse.Namespace) -> int:

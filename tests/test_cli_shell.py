@@ -11,6 +11,7 @@ import select
 import subprocess
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from conftest import CORRAL, Env
@@ -268,3 +269,65 @@ def test_completion_prints_the_script_for_each_shell(env: Env, shell: str) -> No
     done = env.run("completion", shell)
     assert done.returncode == 0, done.stderr
     assert "_python_argcomplete" in done.stdout and "corral" in done.stdout
+
+
+def _with_schedule(env: Env, block: str) -> None:
+    env.config.write_text(env.config.read_text() + "\n" + block)
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (
+            '[[schedules]]\ntask = "e2e.sqaure"\nevery = "1m"\npayload = 3\n',
+            "schedules[0] ('e2e.sqaure').task: no pool that serves queue 'default' registers "
+            "task 'e2e.sqaure'",
+        ),
+        (
+            '[[schedules]]\ntask = "e2e.square"\nevery = "1m"\npayload = 3\nqueue = "later"\n',
+            "pool(s) default register it but do not serve queue 'later'",
+        ),
+        (
+            '[[schedules]]\nname = "sq"\ntask = "e2e.square"\nevery = "1m"\npayload = "abc"\n',
+            "schedules[0] ('sq').payload: task 'e2e.square' would refuse it on every run",
+        ),
+    ],
+)
+def test_check_config_checks_each_schedule_against_the_pools_plugins(
+    env: Env, block: str, expected: str
+) -> None:
+    _with_schedule(env, block)
+    done = env.run("check-config", "-c", str(env.config))
+    assert done.returncode == 2, done.stdout
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+    assert env.run("check-config", "--no-plugins", "-c", str(env.config)).returncode == 0
+
+
+def test_check_config_survives_a_plugin_that_exits_at_import(env: Env) -> None:
+    plugins = env.home / "plugins"
+    plugins.mkdir()
+    (plugins / "exiting_tasks.py").write_text("import os\n\nos._exit(7)\n")
+    text = env.config.read_text().replace('python_path = ["', f'python_path = ["{plugins}", "')
+    env.config.write_text(text.replace('plugins = ["e2e_tasks"]', 'plugins = ["exiting_tasks"]'))
+    done = env.run("check-config", "-c", str(env.config))
+    assert done.returncode == 2
+    assert "exit code 7" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_shipped_configs_commented_schedule_passes_when_uncommented(env: Env) -> None:
+    shipped = Path(__file__).parent.parent / "config" / "corral.toml"
+    text = shipped.read_text()
+    start = text.index("# [[schedules]]")
+    block = text[start : text.index("\n\n", start)]
+    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    config = env.home / "shipped.toml"
+    root = shipped.parent.parent
+    config.write_text(
+        text.replace('python_path = ["examples"]', f'python_path = ["{root / "examples"}"]')
+        .replace('"var/corral', f'"{env.home}/var')
+        .replace('"ipc://var/corral', f'"ipc://{env.home}/var')
+        .replace(block, uncommented)
+    )
+    done = env.run("check-config", "-c", str(config))
+    assert done.returncode == 0, done.stderr
