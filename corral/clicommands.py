@@ -477,9 +477,9 @@ def _check_plugins(path: str) -> list[str]:
 
 def cmd_completion(args: argparse.Namespace) -> int:
     """The completion script of ``corral`` for bash or zsh (argcomplete's)."""
-    import argcomplete
+    from argcomplete.shell_integration import shellcode
 
-    sys.stdout.write(argcomplete.shellcode(["corral"], shell=args.shell))
+    sys.stdout.write(shellcode(["corral"], shell=args.shell))
     return EXIT_OK
 
 
