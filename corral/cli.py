@@ -45,6 +45,7 @@ from corral.clicommands import (
     cmd_run,
     cmd_status,
     cmd_supervisor,
+    cmd_systemd_unit,
     cmd_worker,
 )
 from corral.cliformat import plain
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retry(subs)
     _add_log(subs)
     _add_completion(subs)
+    _add_systemd_unit(subs)
     return parser
 
 
@@ -243,6 +245,15 @@ def _add_retry(subs: Subparsers) -> None:
     retry.add_argument("--failed", action="store_true", help="every failed job")
     retry.add_argument("--queue", help="with --failed: only this queue's")
     retry.set_defaults(fn=cmd_retry)
+
+
+def _add_systemd_unit(subs: Subparsers) -> None:
+    unit = subs.add_parser(
+        "systemd-unit",
+        help="print the systemd unit for this install (its corral executable and config)",
+    )
+    unit.add_argument("-c", "--config", help="the config the service runs (absolute in the unit)")
+    unit.set_defaults(fn=cmd_systemd_unit)
 
 
 def _add_completion(subs: Subparsers) -> None:

@@ -475,6 +475,21 @@ def _check_plugins(path: str) -> list[str]:
     return list(msgspec.json.decode(lines[-1])["problems"])
 
 
+def cmd_systemd_unit(args: argparse.Namespace) -> int:
+    """Print the systemd unit (config/corral.service) for this install: its
+    ExecStartPre and ExecStart run this corral executable on this config
+    (absolute paths), and Documentation names the README when there is one.
+    Warns on stderr when the unit's sandbox would hide the executable."""
+    from corral.systemdunit import render_unit
+
+    path = config_path(args.config) or "/etc/corral/corral.toml"
+    unit, warnings = render_unit(Path(path).resolve())
+    for text in warnings:
+        _warn(text)
+    sys.stdout.write(unit)
+    return EXIT_OK
+
+
 def cmd_completion(args: argparse.Namespace) -> int:
     """The completion script of ``corral`` for bash or zsh (argcomplete's)."""
     from argcomplete.shell_integration import shellcode
