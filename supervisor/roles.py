@@ -80,7 +80,7 @@ def run_worker(
     """Run one worker of ``pool`` until it is told to stop or recycles."""
     from corral.workers.runtime import Worker
 
-    logs.configure("worker", config.log.level, config.log.format)
+    logs.configure("worker", config.log.level, config.log.format, config.log.jobs)
     structlog.contextvars.bind_contextvars(pool=pool.name, index=index)
     if registry is None:
         registry = pool_registry(config, pool)
