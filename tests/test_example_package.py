@@ -4,6 +4,7 @@ alone: no pool names it in its plugins."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,19 +22,11 @@ def site(tmp_path: Path) -> Path:
     """The package installed by pip into a directory of its own (not into
     the test venv, where every other test's workers would load it too)."""
     target = tmp_path / "site"
+    source = tmp_path / "source"  # a copy: the build leaves build/ and *.egg-info in it
+    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(PACKAGE),
-        ],
+        [*pip, "--no-build-isolation", "--target", str(target), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
