@@ -53,6 +53,8 @@ from corral.broker.waiters import Waiters
 
 log = structlog.get_logger()
 
+#: Seconds between two snapshots of the state for the metrics.
+METRICS_EVERY = 1.0
 #: Jobs created (live or by replay) between two gc.freeze calls (see BrokerCore._freeze).
 FREEZE_EVERY = 100_000
 #: Longest poll wait of an idle broker, in seconds.
@@ -125,6 +127,16 @@ class BrokerCore:
         )
         self.followups = FollowUps(self.journal, self.dispatcher, self._followed_up)
         self.client_link: ClientLink = _NoClients()
+        #: Prometheus metrics (``[metrics] listen``), or None when not served.
+        self.metrics: Any = None
+        self._metrics_due = 0.0
+        listen = getattr(getattr(config, "metrics", None), "listen", None)
+        if listen:
+            from corral.broker.metrics import Metrics  # prometheus-client only when asked
+
+            self.metrics = Metrics()
+            self.journal.observer = self.metrics.observe
+            self.housekeeper.on_compacted = self.metrics.compaction.observe
 
     # ------------------------------------------------------------ start-up
 
@@ -207,7 +219,12 @@ class BrokerCore:
         # Group commit: one fsync covers every reply of the pass. A pass with
         # no reply (leases, worker outcomes) promises nothing, so its records
         # are synced within fsync_interval instead of at once.
-        self.log.commit(mono, durable=bool(self.replies))
+        if self.metrics is None:
+            self.log.commit(mono, durable=bool(self.replies))
+        else:
+            began = time.perf_counter()
+            if self.log.commit(mono, durable=bool(self.replies)):
+                self.metrics.fsync.observe(time.perf_counter() - began)
         self.replies.flush(self.client_link)
         self.housekeeper.maybe_compact(mono)
         self.dispatcher.dispatch(now, mono)
@@ -279,6 +296,20 @@ class BrokerCore:
         self.housekeeper.expire(now, keep=self.followups.owes)
         self.service.supervisors.expire(mono)
         self.dispatcher.heartbeat(now, mono)
+        if self.metrics is not None and mono >= self._metrics_due:
+            self._metrics_due = mono + METRICS_EVERY
+            self.metrics.refresh(self.service.status(mono), self._queue_latency(now))
+
+    def _queue_latency(self, now: float) -> dict[str, float]:
+        """Per queue, seconds its oldest ready job has waited (see
+        ReadyQueues.oldest): O(queues x tasks)."""
+        ready = self.state.ready
+        latency: dict[str, float] = {}
+        for queue, task in ready.pairs():
+            oldest = ready.oldest(queue, task)
+            if oldest is not None:
+                latency[queue] = max(latency.get(queue, 0.0), now - oldest)
+        return latency
 
     def ended(self, job: Job, now: float) -> None:
         """A job reached a terminal status: answer its waiters, and create

@@ -56,6 +56,9 @@ class Housekeeper:
         self.dispatcher = dispatcher
         self.compactor = compactor
         self.compact_min_size = compact_min_size
+        #: Told the seconds each compaction took, start to install (metrics).
+        self.on_compacted: Callable[[float], None] | None = None
+        self._compact_started = 0.0
         #: schedule name -> (schedule, due time, caught up): fires held while
         #: the log is full, in the order they were held.
         self._held: dict[str, tuple[Schedule, float, bool]] = {}
@@ -216,11 +219,14 @@ class Housekeeper:
         outcome = self.compactor.poll(mono)
         if outcome is not None:
             self.stats["compactions" if outcome.ok else "compactions_failed"] += 1
+            if outcome.ok and self.on_compacted is not None:
+                self.on_compacted(mono - self._compact_started)
             return outcome.ok
         if not self.compactor.may_start(mono):
             return False
         threshold = max(self.compact_min_size, 2 * self.state.live_bytes)
         if self.journal.log.bytes_since_compaction > threshold:
+            self._compact_started = mono
             self.compactor.start(mono)
             if not self.compactor.running:
                 self.stats["compactions_failed"] += 1

@@ -125,6 +125,8 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     #: time growing while it runs a job, within the liveness window): the
     #: broker keeps it for a bounded time even if it hears nothing from it.
     vouched: bool = False
+    #: User and system CPU time of the process so far (seconds).
+    cpu: float = 0.0
 
 
 class PoolInfo(msgspec.Struct, frozen=True):

@@ -32,7 +32,23 @@ def check(config: Config) -> list[Problem]:
         *_check_endpoints(config),
         *_check_pools(config.pools),
         *_check_schedules(config.schedules),
+        *_check_metrics(config),
     ]
+
+
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _check_metrics(config: Config) -> Iterator[Problem]:
+    listen = config.metrics.listen
+    if listen is None:
+        return
+    match = _LISTEN.match(listen)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        yield (
+            "metrics.listen",
+            f'{listen!r}: expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464"',
+        )
 
 
 def _check_broker(config: Config) -> Iterator[Problem]:

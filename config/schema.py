@@ -158,6 +158,13 @@ class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     authorized_keys_dir: NonEmptyStr | None = None
 
 
+class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """The ``[metrics]`` section: where the broker serves Prometheus metrics
+    (``listen = "HOST:PORT"``, e.g. "127.0.0.1:9464"; unset: not served)."""
+
+    listen: NonEmptyStr | None = None
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """A whole corral config file; ``Config.default()`` is what runs when there is none."""
 
@@ -167,6 +174,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     client: ClientConfig = msgspec.field(default_factory=ClientConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     python_path: list[NonEmptyStr] = []
 
     def __post_init__(self) -> None:

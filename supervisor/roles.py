@@ -34,11 +34,33 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
         log.error("broker.cannot_start", error=str(exc))
         return 2
     broker.install_signal_handlers()
+    server = _serve_metrics(broker.core.metrics, config.metrics.listen)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
-    broker.run()
+    try:
+        broker.run()
+    finally:
+        if server is not None:
+            server.shutdown()
     return 0
+
+
+def _serve_metrics(metrics: Any, listen: str | None) -> Any:
+    """Serve the broker's Prometheus metrics on ``listen``; a port that
+    cannot be bound is logged (``metrics.cannot_listen``) and the broker
+    goes on without them: metrics never take the queue down."""
+    if metrics is None or listen is None:
+        return None
+    from corral.broker.metrics import serve
+
+    try:
+        server = serve(metrics, listen)
+    except OSError as exc:
+        log.error("metrics.cannot_listen", listen=listen, error=str(exc))
+        return None
+    log.info("metrics.listening", listen=listen)
+    return server
 
 
 def pool_registry(config: Any, pool: Any) -> Registry:
