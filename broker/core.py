@@ -298,18 +298,8 @@ class BrokerCore:
         self.dispatcher.heartbeat(now, mono)
         if self.metrics is not None and mono >= self._metrics_due:
             self._metrics_due = mono + METRICS_EVERY
-            self.metrics.refresh(self.service.status(mono), self._queue_latency(now))
-
-    def _queue_latency(self, now: float) -> dict[str, float]:
-        """Per queue, seconds its oldest ready job has waited (see
-        ReadyQueues.oldest): O(queues x tasks)."""
-        ready = self.state.ready
-        latency: dict[str, float] = {}
-        for queue, task in ready.pairs():
-            oldest = ready.oldest(queue, task)
-            if oldest is not None:
-                latency[queue] = max(latency.get(queue, 0.0), now - oldest)
-        return latency
+            status = self.service.status(mono, now)
+            self.metrics.refresh(status, status.latency)
 
     def ended(self, job: Job, now: float) -> None:
         """A job reached a terminal status: answer its waiters, and create

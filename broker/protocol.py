@@ -181,6 +181,8 @@ class StatusInfo(msgspec.Struct, frozen=True):
     rates: dict[str, float] = {}
     registered_tasks: list[str] = []
     unroutable: list[UnroutableInfo] = []
+    #: Per queue with ready jobs: seconds its oldest ready job has waited.
+    latency: dict[str, float] = {}
 
 
 # ---------------------------------------------------- client -> broker requests

@@ -233,10 +233,11 @@ class ClientService:
         self._reply(identity, p.JobList(msg.req, infos, cursor))
 
     def _get_status(self, identity: bytes, msg: p.GetStatus, now: float, mono: float) -> None:
-        self._reply(identity, p.StatusReply(msg.req, self.status(mono)))
+        self._reply(identity, p.StatusReply(msg.req, self.status(mono, now)))
 
-    def status(self, mono: float) -> p.StatusInfo:
-        """Queues, workers, counters, supervisors: what ``corral status`` shows."""
+    def status(self, mono: float, now: float) -> p.StatusInfo:
+        """Queues, workers, counters, supervisors: what ``corral status``
+        shows (``now``: epoch seconds, for the queues' latency)."""
         state = self.state
         stats = dict(self.stats)
         stats.update({f"log_{k}": int(v) for k, v in self.journal.log.stats().items()})
@@ -255,6 +256,7 @@ class ClientService:
             self.dispatcher.rates.per_minute(mono),
             sorted({t for c in workers for t in c.tasks}),
             views.unroutable(state, list(workers)),
+            views.queue_latency(state, now),
         )
 
     # --------------------------------------------------------- supervisors

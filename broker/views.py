@@ -181,6 +181,19 @@ def list_jobs(
     return found, None
 
 
+def queue_latency(state: JobState, now: float) -> dict[str, float]:
+    """Per queue with ready jobs, the seconds its oldest ready job has waited
+    (epoch ``now`` less its creation time, as far as the fronts of its task
+    queues tell: see ReadyQueues.oldest). O(queues x tasks)."""
+    ready = state.ready
+    latency: dict[str, float] = {}
+    for queue, task in ready.pairs():
+        oldest = ready.oldest(queue, task)
+        if oldest is not None:
+            latency[queue] = max(latency.get(queue, 0.0), round(now - oldest, 3))
+    return latency
+
+
 def task_counts(state: JobState) -> Counter[tuple[str, str]]:
     """Jobs per (task, status)."""
     out: Counter[tuple[str, str]] = Counter()

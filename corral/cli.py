@@ -46,6 +46,7 @@ from corral.clicommands import (
     cmd_status,
     cmd_supervisor,
     cmd_systemd_unit,
+    cmd_top,
     cmd_worker,
 )
 from corral.cliformat import plain
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log(subs)
     _add_completion(subs)
     _add_systemd_unit(subs)
+    _add_top(subs)
     return parser
 
 
@@ -245,6 +247,16 @@ def _add_retry(subs: Subparsers) -> None:
     retry.add_argument("--failed", action="store_true", help="every failed job")
     retry.add_argument("--queue", help="with --failed: only this queue's")
     retry.set_defaults(fn=cmd_retry)
+
+
+def _add_top(subs: Subparsers) -> None:
+    top = subs.add_parser("top", help="a live view of queues, workers and pools")
+    _common(top)
+    top.add_argument(
+        "--interval", type=duration_arg, default=1.0, help='refresh every ("1s", "500ms")'
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(fn=cmd_top)
 
 
 def _add_systemd_unit(subs: Subparsers) -> None:

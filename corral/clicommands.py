@@ -475,6 +475,15 @@ def _check_plugins(path: str) -> list[str]:
     return list(msgspec.json.decode(lines[-1])["problems"])
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """``corral top``: see :mod:`corral.top`."""
+    from corral import top
+
+    with make_client(args) as client:
+        top.run(client, args.interval, args.once)
+    return EXIT_OK
+
+
 def cmd_systemd_unit(args: argparse.Namespace) -> int:
     """Print the systemd unit (config/corral.service) for this install: its
     ExecStartPre and ExecStart run this corral executable on this config

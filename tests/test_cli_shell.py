@@ -331,3 +331,31 @@ def test_the_shipped_configs_commented_schedule_passes_when_uncommented(env: Env
     )
     done = env.run("check-config", "-c", str(config))
     assert done.returncode == 0, done.stderr
+
+
+def test_top_shows_queues_with_latency_workers_with_progress_and_pools(env: Env) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    client = env.client()
+    release = env.home / "release"
+    running = client.enqueue("e2e.progress", str(release))
+    client.enqueue("e2e.square", 2, queue="nobody")  # waits: no worker serves it
+    deadline = time.monotonic() + 30
+    shown = ""
+    while "half way" not in shown:
+        assert time.monotonic() < deadline, shown
+        done = env.run("top", "--once", "-c", str(env.config))
+        assert done.returncode == 0, done.stderr
+        shown = done.stdout
+        time.sleep(0.1)
+    rows = {line.split()[0]: line.split() for line in shown.splitlines() if line.strip()}
+    assert rows["nobody"][1] == "1"  # queued
+    assert rows["nobody"][6].endswith(("s", "m"))  # the oldest job's age, not "-"
+    worker_line = next(line for line in shown.splitlines() if running in line)
+    assert "50% half way" in worker_line
+    assert "default" in rows and rows["default"][3] == "1"  # running
+    pool = next(line.split() for line in shown.splitlines() if line.split()[1:2] == ["default"])
+    assert pool[3:6] == ["2", "0", "ok"]  # processes, restarts, state
+    release.touch()
+    assert client.result(running, timeout=30) == "done"
