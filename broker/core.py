@@ -53,8 +53,8 @@ from corral.broker.waiters import Waiters
 
 log = structlog.get_logger()
 
-#: Seconds between two snapshots of the state for the metrics.
-METRICS_EVERY = 1.0
+#: Seconds between two readings of the status for the metrics and the events.
+STATUS_EVERY = 1.0
 #: Jobs created (live or by replay) between two gc.freeze calls (see BrokerCore._freeze).
 FREEZE_EVERY = 100_000
 #: Longest poll wait of an idle broker, in seconds.
@@ -129,13 +129,15 @@ class BrokerCore:
         self.client_link: ClientLink = _NoClients()
         #: Prometheus metrics (``[metrics] listen``), or None when not served.
         self.metrics: Any = None
-        self._metrics_due = 0.0
+        #: The events publisher (``[broker] events_endpoint``; see attach_events).
+        self.events: Any = None
+        self._status_due = 0.0
         listen = getattr(getattr(config, "metrics", None), "listen", None)
         if listen:
             from corral.broker.metrics import Metrics  # prometheus-client only when asked
 
             self.metrics = Metrics()
-            self.journal.observer = self.metrics.observe
+            self.journal.observers.append(self.metrics.observe)
             self.housekeeper.on_compacted = self.metrics.compaction.observe
 
     # ------------------------------------------------------------ start-up
@@ -189,6 +191,12 @@ class BrokerCore:
             followups_created=owed,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    def attach_events(self, events: Any) -> None:
+        """Publish job, worker and pool events through ``events`` (a
+        :class:`~corral.broker.events.Events`) from now on."""
+        self.events = events
+        self.journal.observers.append(events.observe)
 
     def attach(self, client_link: ClientLink, worker_link: WorkerLink) -> None:
         """Connect the parts to the sockets, and fire what the schedules owe
@@ -296,10 +304,13 @@ class BrokerCore:
         self.housekeeper.expire(now, keep=self.followups.owes)
         self.service.supervisors.expire(mono)
         self.dispatcher.heartbeat(now, mono)
-        if self.metrics is not None and mono >= self._metrics_due:
-            self._metrics_due = mono + METRICS_EVERY
+        if (self.metrics is not None or self.events is not None) and mono >= self._status_due:
+            self._status_due = mono + STATUS_EVERY
             status = self.service.status(mono, now)
-            self.metrics.refresh(status, status.latency)
+            if self.metrics is not None:
+                self.metrics.refresh(status, status.latency)
+            if self.events is not None:
+                self.events.refresh(status, now)
 
     def ended(self, job: Job, now: float) -> None:
         """A job reached a terminal status: answer its waiters, and create

@@ -28,15 +28,15 @@ class Journal:
         self.log = log
         #: Counters shown by ``corral status``.
         self.stats: Counter[str] = Counter()
-        #: Told every record once it is applied (the metrics); None: nobody.
-        self.observer: Callable[[Record, JobState], None] | None = None
+        #: Told every record once it is applied (metrics, events).
+        self.observers: list[Callable[[Record, JobState], None]] = []
 
     def record(self, record: Record) -> None:
         """Log first, then apply. The record is durable at the pass's commit."""
         self.log.append(record)
         self.state.apply(record)
-        if self.observer is not None:
-            self.observer(record, self.state)
+        for observer in self.observers:
+            observer(record, self.state)
 
 
 class WorkerLink(Protocol):

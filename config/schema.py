@@ -58,6 +58,8 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     client_endpoint: NonEmptyStr | None = None
     worker_endpoint: NonEmptyStr | None = None
     control_endpoint: NonEmptyStr | None = None
+    #: Where job and worker events are published (ZeroMQ PUB); unset: none.
+    events_endpoint: NonEmptyStr | None = None
     fsync: FsyncPolicy = "always"
     fsync_interval: PositiveDuration = 1.0
     heartbeat_interval: PositiveDuration = 1.0

@@ -32,6 +32,7 @@ from corral.clicommands import (
     cmd_delete,
     cmd_enqueue,
     cmd_enqueue_flow,
+    cmd_events,
     cmd_flow,
     cmd_job,
     cmd_jobs,
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_completion(subs)
     _add_systemd_unit(subs)
     _add_top(subs)
+    _add_events(subs)
     return parser
 
 
@@ -247,6 +249,22 @@ def _add_retry(subs: Subparsers) -> None:
     retry.add_argument("--failed", action="store_true", help="every failed job")
     retry.add_argument("--queue", help="with --failed: only this queue's")
     retry.set_defaults(fn=cmd_retry)
+
+
+def _add_events(subs: Subparsers) -> None:
+    events = subs.add_parser("events", help="print job and worker events as they happen")
+    events.add_argument("-c", "--config", help="config file (TOML)")
+    events.add_argument("--json", action="store_true", help="one JSON object a line")
+    events.add_argument("--endpoint", help="the events endpoint (default: from the config)")
+    events.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="only events whose name starts with it: job., job.failed, worker. (repeatable)",
+    )
+    events.add_argument("--count", type=count_arg, help="exit after this many events")
+    events.set_defaults(fn=cmd_events)
 
 
 def _add_top(subs: Subparsers) -> None:

@@ -475,6 +475,20 @@ def _check_plugins(path: str) -> list[str]:
     return list(msgspec.json.decode(lines[-1])["problems"])
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    """``corral events``: see :mod:`corral.eventstail`."""
+    from corral.eventstail import tail
+
+    endpoint = args.endpoint or load_config(args.config).broker.events_endpoint
+    if not endpoint:
+        raise UsageError(
+            "no events endpoint: set [broker] events_endpoint in the config "
+            '(e.g. "ipc://var/corral/events.sock"), or give --endpoint'
+        )
+    tail(endpoint, args.filter, args.count, args.json)
+    return EXIT_OK
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     """``corral top``: see :mod:`corral.top`."""
     from corral import top

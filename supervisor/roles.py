@@ -35,6 +35,7 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
         return 2
     broker.install_signal_handlers()
     server = _serve_metrics(broker.core.metrics, config.metrics.listen)
+    events = _publish_events(broker, config.broker.events_endpoint)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
@@ -43,7 +44,29 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     finally:
         if server is not None:
             server.shutdown()
+        if events is not None:
+            events.close()
     return 0
+
+
+def _publish_events(broker: Any, endpoint: str | None) -> Any:
+    """Publish the broker's events on ``endpoint``; one that cannot be bound
+    is logged (``events.cannot_bind``) and the broker goes on without them."""
+    if endpoint is None:
+        return None
+    import zmq
+
+    from corral.broker.events import Events, bind_publisher
+
+    try:
+        sock = bind_publisher(zmq.Context.instance(), endpoint)
+    except zmq.ZMQError as exc:
+        log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
+        return None
+    events = Events(sock)
+    broker.core.attach_events(events)
+    log.info("events.publishing", endpoint=endpoint)
+    return events
 
 
 def _serve_metrics(metrics: Any, listen: str | None) -> Any:
