@@ -125,6 +125,7 @@ class BrokerCore:
             self.compactor,
             compact_min_size=bc.compact_min_size,
         )
+        self.service.schedules = self.housekeeper.schedule_infos
         self.followups = FollowUps(self.journal, self.dispatcher, self._followed_up)
         self.client_link: ClientLink = _NoClients()
         #: Prometheus metrics (``[metrics] listen``), or None when not served.

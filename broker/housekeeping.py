@@ -25,6 +25,7 @@ import msgspec
 import structlog
 
 from corral.broker import flows
+from corral.broker import protocol as p
 from corral.broker.clock import STEP_TOLERANCE
 from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher
@@ -210,6 +211,27 @@ class Housekeeper:
                 due_at=earlier[1],
                 by_due_at=due_at,
             )
+
+    def schedule_infos(self) -> list[p.ScheduleInfo]:
+        """Each schedule, with when it runs next (wall clock) and the due
+        time it last fired for."""
+        scheduler = self.scheduler
+        infos = []
+        for schedule in scheduler.schedules():
+            due = scheduler.next_run_at(schedule.name)
+            infos.append(
+                p.ScheduleInfo(
+                    schedule.name,
+                    schedule.task,
+                    schedule.queue,
+                    schedule.cron,
+                    schedule.every,
+                    schedule.timezone,
+                    due,
+                    self.state.last_fired.get(schedule.name),
+                )
+            )
+        return infos
 
     def maybe_compact(self, mono: float) -> bool:
         """Each pass: finish a compaction whose child is done, or start one

@@ -167,6 +167,20 @@ class UnroutableInfo(msgspec.Struct, frozen=True):
     since: float
 
 
+class ScheduleInfo(msgspec.Struct, frozen=True):
+    """A schedule of the broker's config: when it runs next (epoch seconds;
+    None: not planned) and the due time it last fired for."""
+
+    name: str
+    task: str
+    queue: str
+    cron: str | None
+    every: float | None
+    timezone: str
+    next_run_at: float | None
+    last_fired: float | None = None
+
+
 class StatusInfo(msgspec.Struct, frozen=True):
     """What ``corral status`` shows: counts per queue and status, the
     connected workers, and the broker's counters."""
@@ -183,6 +197,7 @@ class StatusInfo(msgspec.Struct, frozen=True):
     unroutable: list[UnroutableInfo] = []
     #: Per queue with ready jobs: seconds its oldest ready job has waited.
     latency: dict[str, float] = {}
+    schedules: list[ScheduleInfo] = []
 
 
 # ---------------------------------------------------- client -> broker requests

@@ -55,6 +55,8 @@ class ClientService:
         self.broker_id = broker_id
         self.state_dir = state_dir
         self._on_ended = on_ended
+        #: The schedules and when each runs next (the housekeeper's; set by the core).
+        self.schedules: Callable[[], list[p.ScheduleInfo]] = list
         self.admission = Admission(self.state)
         #: The supervisors heard from lately.
         self.supervisors = SupervisorTable()
@@ -257,6 +259,7 @@ class ClientService:
             sorted({t for c in workers for t in c.tasks}),
             views.unroutable(state, list(workers)),
             views.queue_latency(state, now),
+            self.schedules(),
         )
 
     # --------------------------------------------------------- supervisors
