@@ -58,7 +58,7 @@ MISSING = "missing"
 #: Seconds a result may take from its handler's return to the broker's log
 #: (the worker's report, one broker pass): a run done this little before a
 #: broker kill may be run again, and counts as in flight at the kill.
-SETTLE = 1.0
+SETTLE = 0.5
 
 
 def append_line(path: str | Path, line: str) -> None:
@@ -284,6 +284,23 @@ class Verdict:
             windows.append(KillWindow(fault, in_flight, caused))
         return windows
 
+    def story(self, job_id: str) -> str:
+        """A job's runs and the faults around them, times relative to the
+        first run's start, for assertion messages."""
+        runs = sorted(self.executions.get(job_id, []), key=lambda r: r.started_at or 0.0)
+        zero = runs[0].started_at or 0.0 if runs else 0.0
+        first = (runs[0].started_at or 0.0) - 5.0 if runs else 0.0
+        last = max((r.done_at or r.started_at or 0.0 for r in runs), default=0.0) + 1.0
+        events = [
+            f"run pid={r.pid} attempt={r.attempt} "
+            f"{_rel(r.started_at, zero)}..{_rel(r.done_at, zero)}"
+            for r in runs
+        ]
+        events += [
+            f"{f.what} {f.pid} at {_rel(f.at, zero)}" for f in self.faults if first < f.at < last
+        ]
+        return f"{job_id}: " + "; ".join(events)
+
     def summary(self) -> str:
         return (
             f"acknowledged={len(self.acknowledged)} once={len(self.once)} "
@@ -503,6 +520,10 @@ class HistoryFile:
 
     def unknown(self, token: str, reason: str = "") -> None:
         append_line(self.path, f"unknown {token} {time.monotonic()!r} {_one_line(reason)}")
+
+
+def _rel(at: float | None, zero: float) -> str:
+    return "-" if at is None else f"{at - zero:+.3f}"
 
 
 def _one_line(text: str) -> str:
