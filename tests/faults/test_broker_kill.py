@@ -16,7 +16,7 @@ Knobs of the full profile (``make soak``): CORRAL_SOAK_KILLS (200 per fsync
 mode), CORRAL_SOAK_UPTIME (longest time the broker runs between kills,
 4 s), CORRAL_SOAK_RATE (jobs/s, 40), CORRAL_SOAK_CALM_SECONDS (the run
 without faults, 60 s), CORRAL_SOAK_SEED. The fast profile: 5 kills per
-mode, uptime up to 1.5 s, 4 s without faults.
+mode, uptime up to 1 s, 4 s without faults.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_broker_kill(
     soak_report: Callable[[str], None],
 ) -> None:
     kills = profile.count("CORRAL_SOAK_KILLS", 5, 200)
-    uptime = profile.seconds("CORRAL_SOAK_UPTIME", 1.5, 4.0)
+    uptime = profile.seconds("CORRAL_SOAK_UPTIME", 1.0, 4.0)
     rate = profile.seconds("CORRAL_SOAK_RATE", 40.0, 40.0)
     start_pool(env, fsync)
     broker = env.procs[0]

@@ -15,7 +15,7 @@ by the kill of the process that ran the job before.
 Knobs of the full profile (``make soak``): CORRAL_SOAK_WORKER_TRIALS (100
 per path), CORRAL_SOAK_WORKER_KILLS (80), CORRAL_SOAK_WORKER_GAP (longest
 pause between kills, 1.5 s), CORRAL_SOAK_RATE (jobs/s, 20),
-CORRAL_SOAK_SEED. The fast profile: 10 trials per path, 5 kills under load.
+CORRAL_SOAK_SEED. The fast profile: 8 trials per path, 5 kills under load.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def start_bare(env: Env) -> list[Proc]:
 def test_worker_kill_mid_job(
     env: Env, profile: Profile, path: str, soak_report: Callable[[str], None]
 ) -> None:
-    trials = profile.count("CORRAL_SOAK_WORKER_TRIALS", 10, 100)
+    trials = profile.count("CORRAL_SOAK_WORKER_TRIALS", 8, 100)
     write_config(
         env,
         heartbeat="250ms",
