@@ -98,8 +98,8 @@ class Execution:
         parts = line.split()
         try:
             if parts[0] == "start" and len(parts) == 7:
-                _, run, job_id, attempt, pid, token, at = parts
-                return cls(job_id, int(attempt), int(pid), token, run, float(at))
+                _, run, job_id, attempt, pid, name, at = parts
+                return cls(job_id, int(attempt), int(pid), name, run, float(at))
             if len(parts) in (3, 4):
                 token = parts[3] if len(parts) == 4 else None
                 return cls(parts[0], int(parts[1]), int(parts[2]), token)
@@ -448,7 +448,11 @@ class History:
             invocations = dict(self.invocations)
             executions = list(self.executions)
             faults = sorted(self.faults, key=lambda f: f.at)
-        acked = {inv.job_id: inv.token for inv in invocations.values() if inv.outcome == "ok"}
+        acked = {
+            inv.job_id: inv.token
+            for inv in invocations.values()
+            if inv.outcome == "ok" and inv.job_id is not None
+        }
 
         runs: dict[str, list[Execution]] = {}
         phantom: list[Execution] = []

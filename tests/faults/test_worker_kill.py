@@ -66,6 +66,7 @@ class Trials:
         payload = {"path": self.record, "token": token, "seconds": JOB_SECONDS}
         job_id = self.client.enqueue(TASK, payload)
         self.history.ok(token, job_id)
+        first: Execution
         (first,) = wait_for(lambda: runs_of(self.record, job_id), 30, message=f"{job_id} to run")
         assert inject(self.history, "worker", first.pid), f"worker {first.pid} was gone"
         killed_at = self.history.faults[-1].at
