@@ -37,9 +37,9 @@ PROCESSES, CONCURRENCY, PREFETCH = 2, 2, 2
 #: The fix this waits for: a worker that re-registers after a broker restart
 #: offers back the jobs it holds (issue 12, "Broker restart").
 PREFETCH_BUG = (
-    "issue 12, broker restart: a worker's prefetched, unstarted jobs run twice after a "
-    "broker restart (the worker keeps them and the new broker hands them out again); "
-    "fix under way on branch restart-dupes"
+    "issue 12, broker restart: jobs a worker held when the broker died (in its prefetch "
+    "buffer, or started as it died) run again after the restart: the worker runs them and "
+    "the new broker hands them out again; fix under way on branch restart-dupes"
 )
 
 
