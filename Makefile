@@ -34,7 +34,7 @@ test: $(STAMP)
 typecheck: $(STAMP)
 	mkdir -p $(TYPECHECK)/corral
 	find $(TYPECHECK)/corral -maxdepth 1 -xtype l -delete
-	for src in $(wildcard corral/*.py) $(SUBPACKAGES); do \
+	for src in $(wildcard corral/*.py) corral/dashboard $(SUBPACKAGES); do \
 		link=$(TYPECHECK)/corral/$${src#corral/}; \
 		[ -L $$link ] || ln -s ../../../$$src $$link; \
 	done

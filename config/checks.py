@@ -55,15 +55,15 @@ def _check_events(config: Config) -> Iterator[Problem]:
 
 
 def _check_metrics(config: Config) -> Iterator[Problem]:
-    listen = config.metrics.listen
-    if listen is None:
-        return
-    match = _LISTEN.match(listen)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        yield (
-            "metrics.listen",
-            f'{listen!r}: expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464"',
-        )
+    for path, listen in (
+        ("metrics.listen", config.metrics.listen),
+        ("dashboard.listen", config.dashboard.listen),
+    ):
+        if listen is None:
+            continue
+        match = _LISTEN.match(listen)
+        if match is None or not 0 < int(match.group(2)) < 65536:
+            yield (path, f'{listen!r}: expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464"')
 
 
 def _check_broker(config: Config) -> Iterator[Problem]:

@@ -167,6 +167,16 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     listen: NonEmptyStr | None = None
 
 
+class DashboardConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """The ``[dashboard]`` section: where ``corral dashboard`` (and ``corral
+    run``) serves the web dashboard (``listen = "HOST:PORT"``; unset: ``corral
+    run`` serves none, ``corral dashboard`` uses 127.0.0.1:9465), and whether
+    it may change anything (``allow_actions``: pause, resume, retry, delete)."""
+
+    listen: NonEmptyStr | None = None
+    allow_actions: bool = False
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """A whole corral config file; ``Config.default()`` is what runs when there is none."""
 
@@ -177,6 +187,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     client: ClientConfig = msgspec.field(default_factory=ClientConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     python_path: list[NonEmptyStr] = []
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ from corral.clicommands import (
     cmd_cancel,
     cmd_check_config,
     cmd_completion,
+    cmd_dashboard,
     cmd_delete,
     cmd_enqueue,
     cmd_enqueue_flow,
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_systemd_unit(subs)
     _add_top(subs)
     _add_events(subs)
+    _add_dashboard(subs)
     return parser
 
 
@@ -249,6 +251,20 @@ def _add_retry(subs: Subparsers) -> None:
     retry.add_argument("--failed", action="store_true", help="every failed job")
     retry.add_argument("--queue", help="with --failed: only this queue's")
     retry.set_defaults(fn=cmd_retry)
+
+
+def _add_dashboard(subs: Subparsers) -> None:
+    dash = subs.add_parser("dashboard", help="serve the web dashboard")
+    _common(dash)
+    dash.add_argument(
+        "--listen", help="HOST:PORT (default: [dashboard] listen, else 127.0.0.1:9465)"
+    )
+    dash.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="let it pause, resume, retry and delete (default: [dashboard] allow_actions)",
+    )
+    dash.set_defaults(fn=cmd_dashboard)
 
 
 def _add_events(subs: Subparsers) -> None:

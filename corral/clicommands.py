@@ -475,6 +475,30 @@ def _check_plugins(path: str) -> list[str]:
     return list(msgspec.json.decode(lines[-1])["problems"])
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """``corral dashboard``: see :mod:`corral.dashboard.app`."""
+    import asyncio
+
+    from corral import logs
+    from corral.dashboard.serve import DEFAULT_LISTEN, serve
+
+    config = load_config(args.config)
+    logs.configure("dashboard", config.log.level, config.log.format)
+    listen = args.listen or config.dashboard.listen or DEFAULT_LISTEN
+    allow = args.allow_actions or config.dashboard.allow_actions
+    if args.timeout:
+        config = msgspec.structs.replace(
+            config, client=msgspec.structs.replace(config.client, timeout=args.timeout)
+        )
+    try:
+        asyncio.run(serve(config, listen, allow, args.endpoint))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"--listen {listen!r}: expected HOST:PORT ({exc})") from None
+    return EXIT_OK
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     """``corral events``: see :mod:`corral.eventstail`."""
     from corral.eventstail import tail

@@ -1,0 +1,2 @@
+"""The web dashboard: see :mod:`corral.dashboard.app` (the pages) and
+:mod:`corral.dashboard.serve` (running it)."""

@@ -1,0 +1,211 @@
+"""The web dashboard end to end: a real daemon, a real `corral dashboard`,
+driven in headless Chromium (Debian's chromium and chromium-driver, through
+Selenium). Screenshots go to build/screenshots/."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Env, wait_for
+
+import corral
+
+SHOTS = Path(__file__).parent.parent / "build" / "screenshots"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "no Chromium here: install Debian's chromium and chromium-driver "
+            "(`apt-get install chromium chromium-driver`; .ci/run does it where it can)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run", "--window-size=1400,1000",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def dashboard_env(env: Env, allow_actions: bool) -> str:
+    port = free_port()
+    text = env.config.read_text()
+    allow = str(allow_actions).lower()
+    text += f'\n[dashboard]\nlisten = "127.0.0.1:{port}"\nallow_actions = {allow}\n'
+    text += '\n[[schedules]]\nname = "nightly"\ntask = "e2e.noop"\ncron = "0 3 * * *"\n'
+    env.config.write_text(text)
+    return f"http://127.0.0.1:{port}"
+
+
+def start(env: Env, url: str) -> None:
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    dash = env.start("dashboard")
+
+    def up() -> bool:
+        assert dash.alive(), dash.output()
+        try:
+            with urllib.request.urlopen(url + "/", timeout=5) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    wait_for(up, 30, message="the dashboard")
+
+
+def _fresh(driver: Any, css: str, act: Any) -> Any:
+    """``act(element)`` on the element ``css`` finds, found again if the
+    live update replaced it in between (every 2 s)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(20):
+        try:
+            return act(driver.find_element(By.CSS_SELECTOR, css))
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{css}: replaced again and again")
+
+
+def text_of(driver: Any, css: str) -> str:
+    return str(_fresh(driver, css, lambda element: element.text))
+
+
+def click(driver: Any, css: str) -> None:
+    _fresh(driver, css, lambda element: element.click())
+
+
+def test_the_dashboard_shows_and_acts_on_a_running_daemon(env: Env, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    url = dashboard_env(env, allow_actions=True)
+    start(env, url)
+    client = env.client()
+    for i in range(3):  # fail in the handler: with a traceback
+        bad = client.enqueue("e2e.flaky", 5 + i, max_attempts=1)
+        with pytest.raises(corral.JobFailed):
+            client.result(bad, timeout=30)
+    assert client.result(client.enqueue("e2e.square", 7), timeout=30) == 49
+    release = env.home / "release"
+    running = client.enqueue("e2e.progress", str(release))
+    wait_for(lambda: client.job(running).progress is not None, 30, message="progress")
+
+    # the overview: queues, workers, pools, schedules
+    browser.get(url + "/")
+    cell = '#queues tr[data-queue="default"] td[data-status="failed"]'
+    assert text_of(browser, cell) == "3"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#workers tr")) == 3  # header + 2
+    assert "default" in text_of(browser, "#pools") and "ok" in text_of(browser, "#pools")
+    assert "nightly" in text_of(browser, "#schedules") and "0 3 * * *" in text_of(
+        browser, "#schedules"
+    )
+    browser.save_screenshot(str(SHOTS / "overview.png"))
+
+    # live updates: a job that ends shows up without a reload
+    succeeded = '#queues tr[data-queue="default"] td[data-status="succeeded"]'
+    before = int(text_of(browser, succeeded))
+    client.result(client.enqueue("e2e.square", 2), timeout=30)
+    wait_for(lambda: int(text_of(browser, succeeded)) > before, 20, message="a live update")
+
+    # one job: its progress, and a failed one's error, traceback and tries
+    browser.get(f"{url}/jobs/{running}")
+    assert "50%" in text_of(browser, "#job") and "half way" in text_of(browser, "#job")
+    browser.save_screenshot(str(SHOTS / "job-progress.png"))
+    release.touch()
+    wait_for(lambda: text_of(browser, "#status") == "succeeded", 20, message="the job's end")
+
+    # failed jobs: retry one, then delete them all
+    browser.get(url + "/jobs?status=failed")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#jobs tr[data-job]")
+    assert len(rows) == 3
+    first = _fresh(browser, "#jobs tr[data-job]", lambda row: row.get_attribute("data-job"))
+    browser.get(f"{url}/jobs/{first}")
+    assert text_of(browser, "#error").startswith("ValueError: attempt 1 fails")
+    assert "Traceback" in text_of(browser, "#traceback")
+    assert "ValueError" in text_of(browser, "#tries")
+    browser.get(url + "/jobs?status=failed")
+    browser.save_screenshot(str(SHOTS / "failed.png"))
+    click(browser, f'#jobs tr[data-job="{first}"] button.retry')
+    assert "retried" in text_of(browser, "#notice")
+    wait_for(lambda: len(client.job(first).tries) == 2, 30, message="the retried run")
+    wait_for(lambda: client.job(first).status == "failed", 30, message="it fails again")
+    browser.get(url + "/jobs?status=failed")
+    click(browser, "#delete-all")
+    assert "3 failed job(s) deleted" in text_of(browser, "#notice")
+    assert client.jobs(status="failed") == []
+
+    # pause and resume a queue
+    browser.get(url + "/")
+    click(browser, '#queues tr[data-queue="default"] button')
+    assert "default" in client.status().paused
+    click(browser, '#queues tr[data-queue="default"] button')
+    assert "default" not in client.status().paused
+
+
+def test_a_read_only_dashboard_shows_no_actions_and_refuses_them(env: Env, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    url = dashboard_env(env, allow_actions=False)
+    start(env, url)
+    client = env.client()
+    bad = client.enqueue("e2e.order", {"item": 1}, max_attempts=1)
+    with pytest.raises(corral.JobFailed):
+        client.result(bad, timeout=30)
+    browser.get(url + "/jobs?status=failed")
+    assert browser.find_elements(By.CSS_SELECTOR, "#jobs tr[data-job]")
+    assert not browser.find_elements(By.CSS_SELECTOR, "button.retry, #delete-all")
+    assert "read-only" in text_of(browser, "nav")
+    request = urllib.request.Request(url + "/actions/pause", data=b"queue=default", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
+    assert client.status().paused == []
+
+
+def test_an_action_from_another_origin_is_refused(env: Env) -> None:
+    url = dashboard_env(env, allow_actions=True)
+    start(env, url)
+    request = urllib.request.Request(
+        url + "/actions/pause",
+        data=b"queue=default",
+        method="POST",
+        headers={"Origin": "http://evil.example"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
+    assert env.client().status().paused == []
+    started = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(url + "/jobs/nope", timeout=10)
+    assert missing.value.code == 404 and time.monotonic() - started < 10
