@@ -34,6 +34,7 @@ from corral import logs
 from corral.supervisor.broker_child import BrokerChild
 from corral.supervisor.children import Children, Entry
 from corral.supervisor.control import Control
+from corral.supervisor.dashboard_child import DashboardChild
 from corral.supervisor.monitor import read_status
 from corral.supervisor.notify import Notifier
 from corral.supervisor.pool import Pool, load_registry
@@ -75,6 +76,12 @@ class Supervisor:
         self.with_broker = with_broker
         self.link = BrokerLink(config)  # closed before each fork: no zmq threads in a child
         self.broker = BrokerChild(self.link.close) if with_broker else None
+        #: ``corral dashboard`` as a child, when [dashboard] listen is set.
+        self.dashboard = (
+            DashboardChild(config_path)
+            if with_broker and config.dashboard.listen and config_path
+            else None
+        )
         self.pools: list[Pool] = []
         bc = config.broker
         liveness = bc.heartbeat_interval * bc.heartbeat_liveness
@@ -140,6 +147,8 @@ class Supervisor:
                 pool.scale(delta)
         now = time.monotonic()
         self._reconcile(now)
+        if self.dashboard is not None:
+            self.dashboard.poll(now)
         self.link.report(now, self.pools, self.children)
         self.notifier.status(self._status_line())
         self.notifier.watchdog(now, self._healthy(now))
@@ -207,6 +216,9 @@ class Supervisor:
                 continue
             if self.broker is not None and self.broker.owns(pid):
                 self.broker.reaped(status)
+                continue
+            if self.dashboard is not None and self.dashboard.owns(pid):
+                self.dashboard.reaped(status, time.monotonic())
                 continue
             entry = self.children.pop(pid)
             if entry is not None:
@@ -370,6 +382,8 @@ class Supervisor:
         the broker stops with its log synced."""
         if self._check is not None:  # a reload's check is not needed any more
             self._check.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         workers = self.children.alive()
         log.info("supervisor.stopping", workers=len(workers))
         timeout = max((p.config.shutdown_timeout for p in self.pools), default=0.0) + 5.0

@@ -65,11 +65,17 @@ def dashboard_env(env: Env, allow_actions: bool) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def start(env: Env, url: str) -> None:
-    daemon = env.start("run")
-    env.wait_ready(daemon)
-    env.wait_workers(2)
-    dash = env.start("dashboard")
+def start(env: Env, url: str, *, standalone: bool = False) -> None:
+    """``corral run``, which serves the dashboard itself ([dashboard] listen);
+    ``standalone``: a bare broker and ``corral dashboard`` beside it."""
+    if standalone:
+        broker = env.start("broker")
+        env.wait_ready(broker)
+        dash = env.start("dashboard")
+    else:
+        dash = env.start("run")
+        env.wait_ready(dash)
+        env.wait_workers(2)
 
     def up() -> bool:
         assert dash.alive(), dash.output()
@@ -144,7 +150,20 @@ def test_the_dashboard_shows_and_acts_on_a_running_daemon(env: Env, browser: Any
     release.touch()
     wait_for(lambda: text_of(browser, "#status") == "succeeded", 20, message="the job's end")
 
-    # failed jobs: retry one, then delete them all
+    retry_one_then_delete_all(browser, url, client)
+
+    # pause and resume a queue
+    browser.get(url + "/")
+    click(browser, '#queues tr[data-queue="default"] button')
+    assert "default" in client.status().paused
+    click(browser, '#queues tr[data-queue="default"] button')
+    assert "default" not in client.status().paused
+
+
+def retry_one_then_delete_all(browser: Any, url: str, client: corral.Client) -> None:
+    """Failed jobs: one retried (it fails again), then all deleted at once."""
+    from selenium.webdriver.common.by import By
+
     browser.get(url + "/jobs?status=failed")
     rows = browser.find_elements(By.CSS_SELECTOR, "#jobs tr[data-job]")
     assert len(rows) == 3
@@ -163,13 +182,6 @@ def test_the_dashboard_shows_and_acts_on_a_running_daemon(env: Env, browser: Any
     click(browser, "#delete-all")
     assert "3 failed job(s) deleted" in text_of(browser, "#notice")
     assert client.jobs(status="failed") == []
-
-    # pause and resume a queue
-    browser.get(url + "/")
-    click(browser, '#queues tr[data-queue="default"] button')
-    assert "default" in client.status().paused
-    click(browser, '#queues tr[data-queue="default"] button')
-    assert "default" not in client.status().paused
 
 
 def test_a_read_only_dashboard_shows_no_actions_and_refuses_them(env: Env, browser: Any) -> None:
@@ -194,7 +206,7 @@ def test_a_read_only_dashboard_shows_no_actions_and_refuses_them(env: Env, brows
 
 def test_an_action_from_another_origin_is_refused(env: Env) -> None:
     url = dashboard_env(env, allow_actions=True)
-    start(env, url)
+    start(env, url, standalone=True)
     request = urllib.request.Request(
         url + "/actions/pause",
         data=b"queue=default",
@@ -209,3 +221,28 @@ def test_an_action_from_another_origin_is_refused(env: Env) -> None:
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(url + "/jobs/nope", timeout=10)
     assert missing.value.code == 404 and time.monotonic() - started < 10
+
+
+def test_corral_run_starts_the_dashboard_again_when_it_dies(env: Env) -> None:
+    url = dashboard_env(env, allow_actions=False)
+    start(env, url)
+    daemon = env.procs[0]
+
+    def dashboards() -> list[Any]:
+        return [p for p in daemon.descendants() if "dashboard" in " ".join(p.cmdline())]
+
+    (first,) = wait_for(dashboards, 30, message="the dashboard child")
+    first.kill()
+
+    def replaced() -> bool:
+        found = dashboards()
+        if not found or found[0].pid == first.pid:
+            return False
+        try:
+            with urllib.request.urlopen(url + "/", timeout=5) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    wait_for(replaced, 30, message="a new dashboard")
+    assert "supervisor.dashboard_exited" in daemon.output()
