@@ -119,9 +119,17 @@ class _Driver:
         return cls(None, config=config, **kwargs)
 
     def _unavailable(self, timeout: float) -> BrokerUnavailable:
+        hint = "is `corral run` (or `corral broker`) running there?"
+        security = getattr(self.config, "security", None)
+        if self.endpoint.startswith("tcp://") and getattr(security, "server_public_key", None):
+            # A CURVE handshake the broker refuses is silent on this side.
+            hint += (
+                " Over tcp a refused CURVE key looks the same: check that"
+                " security.server_public_key is the broker's and that the broker"
+                " authorizes this client's key (security.client_secret_key)"
+            )
         return BrokerUnavailable(
-            f"no answer from the broker at {self.endpoint} within {timeout:g}s; "
-            "is `corral run` (or `corral broker`) running there?"
+            f"no answer from the broker at {self.endpoint} within {timeout:g}s; {hint}"
         )
 
 
