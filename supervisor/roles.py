@@ -27,6 +27,7 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     from corral.errors import CorralError
 
     logs.configure("broker", config.log.level, config.log.format)
+    os.umask(0o077)  # its log, lock and sockets are the owner's (see corral.broker.access)
     try:
         broker = Broker(config)
         broker.open()
@@ -77,8 +78,12 @@ def run_worker(
     registry: Registry | None = None,
     status_fd: int | None = None,
 ) -> int:
-    """Run one worker of ``pool`` until it is told to stop or recycles."""
+    """Run one worker of ``pool`` until it is told to stop or recycles.
+    Raises ConfigError for a key file it cannot use."""
+    from corral.transport import check_worker_keys
     from corral.workers.runtime import Worker
+
+    check_worker_keys(config)
 
     logs.configure("worker", config.log.level, config.log.format)
     structlog.contextvars.bind_contextvars(pool=pool.name, index=index)
