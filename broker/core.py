@@ -38,6 +38,7 @@ import structlog
 
 from corral.broker import flows
 from corral.broker import protocol as p
+from corral.broker.admission import check_replayed_payloads
 from corral.broker.clock import Clock, StepDetector, SystemClock
 from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher, count_malformed
@@ -114,6 +115,7 @@ class BrokerCore:
             broker_id=self.broker_id,
             state_dir=self.state_dir,
             on_ended=self.ended,
+            max_payload=bc.max_payload,
         )
         self.compactor = Compactor(self.log, defaults)
         self.housekeeper = Housekeeper(
@@ -132,7 +134,8 @@ class BrokerCore:
         """Rebuild the state from the log, then log what recovery decides:
         jobs that were running go back to their queue (the interrupted try
         not counted), and follow-ups owed by finished jobs are created (or
-        held, if the disk is full)."""
+        held, if the disk is full). Raises ConfigError for an unfinished job
+        whose payload is over ``broker.max_payload``."""
         started = time.monotonic()
         count = 0
         # A replay makes a million long-lived objects at once: a cyclic
@@ -148,6 +151,7 @@ class BrokerCore:
         finally:
             gc.enable()
         self._freeze()
+        check_replayed_payloads(self.state.jobs.values(), self.config.broker.max_payload)
         recovered = self.state.recovery_records()
         for record in recovered:
             self.journal.record(record)
