@@ -130,12 +130,15 @@ _TPL = attrgetter("tpl")
 _PAYLOAD = attrgetter("payload")
 
 
-def check_replayed_payloads(jobs: Collection[Job], max_payload: int) -> None:
+def check_replayed_payloads(jobs: Collection[Job], max_payload: int | None) -> None:
     """Refuse to start on a log whose unfinished jobs carry payloads over
     ``max_payload`` bytes (the limit was lowered, or an older version wrote
     them): they would run with what an enqueue now refuses. Nothing is
     dropped: the message says how far to raise the limit. Ended jobs never
-    run again and are not checked. Raises ConfigError."""
+    run again and are not checked (nor anything, for a ``max_payload`` of
+    None). Raises ConfigError."""
+    if max_payload is None:
+        return
     # at C speed first (a replay of a million jobs waits on this): the
     # largest blob (a pristine job's head and payload) and the largest
     # payload of a whole creation record; each job is looked at only if

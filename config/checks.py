@@ -59,7 +59,7 @@ def _check_broker(config: Config) -> Iterator[Problem]:
             f"must be at most {format_size(MAX_LOG_RECORD)}, the largest record the log "
             "takes (one enqueue of one job is one record)",
         )
-    if broker.max_payload > broker.max_message_size:
+    if broker.max_payload is not None and broker.max_payload > broker.max_message_size:
         yield (
             "broker.max_payload",
             f"must be at most broker.max_message_size ({format_size(broker.max_message_size)}): "
@@ -227,6 +227,8 @@ def _check_schedules(schedules: list[ScheduleConfig]) -> Iterator[Problem]:
 def _check_schedule_payloads(config: Config) -> Iterator[Problem]:
     """A schedule's payload fits in broker.max_payload, as an enqueued one must."""
     limit = config.broker.max_payload
+    if limit is None:
+        return
     for index, schedule in enumerate(config.schedules):
         size = len(msgspec.msgpack.encode(schedule.payload))
         if size > limit:

@@ -56,6 +56,9 @@ CatchUp = Literal["skip", "once"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 
+#: ``broker.max_payload`` when unset (bytes), unless max_message_size is smaller.
+DEFAULT_MAX_PAYLOAD = 2**20
+
 _WILDCARD_HOST = re.compile(r"^tcp://(\*|0\.0\.0\.0|\[::\]|\[\*\]):")
 
 
@@ -82,8 +85,8 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     retry_backoff: Duration = 1.0
     retry_backoff_max: Duration = 600.0
     #: The largest job payload (msgpack bytes) an enqueue may carry; checked
-    #: again on each job the log replays.
-    max_payload: PositiveSize = 2**20
+    #: again on each job the log replays. Unset: 1 MiB, or max_message_size if smaller.
+    max_payload: PositiveSize | None = None
     #: Mode of the ipc:// socket files (default 0o600, or 0o660 with
     #: socket_group); the state directory opens to match. Write it in octal: 0o660.
     socket_mode: SocketMode | None = None
@@ -91,7 +94,11 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     socket_group: NonEmptyStr | None = None
 
     def __post_init__(self) -> None:
-        """Put the sockets in ``state_dir`` unless an endpoint was given."""
+        """Put the sockets in ``state_dir`` unless an endpoint was given;
+        bound payloads by ``DEFAULT_MAX_PAYLOAD`` (or ``max_message_size``)
+        unless ``max_payload`` was given."""
+        if self.max_payload is None:
+            force_setattr(self, "max_payload", min(DEFAULT_MAX_PAYLOAD, self.max_message_size))
         for name in ("client", "worker", "control"):
             field = f"{name}_endpoint"
             if getattr(self, field) is None:

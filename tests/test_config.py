@@ -405,6 +405,7 @@ def test_payload_and_socket_settings() -> None:
     assert config.broker.max_payload == 64 * 1024
     assert config.broker.socket_mode == 0o660
     assert loads("").broker.max_payload == 2**20
+    assert loads('[broker]\nmax_message_size = "64KiB"\n').broker.max_payload == 64 * 1024
     message = config_error('[broker]\nmax_payload = "32MiB"\n')
     assert message.startswith("test.toml: broker.max_payload: must be at most")
     message = config_error("[broker]\nsocket_mode = 660\n")
