@@ -25,9 +25,9 @@ one peer's connection, so a key removed by a reload is enforced on each
 message instead: :meth:`KeyRing.admits` checks the message's ``User-Id``
 (the z85 client key, which the ZAP handler sets) against the current set,
 and the broker drops what it refuses (counted as ``auth_refused``). A
-revoked worker thus falls silent to the broker, is declared lost after its
-liveness window, and its jobs go to other workers; a new connection with
-that key is refused at the handshake.
+revoked worker's registration goes at its first refused message (its
+supervisor may still vouch for the process) and its jobs go to other
+workers; a new connection with that key is refused at the handshake.
 
 Key files are checked the way ssh checks its own: a secret key readable or
 writable by group or others is refused (``chmod 600``), and so is a key

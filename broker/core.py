@@ -302,6 +302,15 @@ class BrokerCore:
                 ended = self.state.flowbook.finished_at(flow.id)
                 self.housekeeper.flow_finished(flow, ended or now)
 
+    def key_revoked(self, side: str, identity: bytes) -> None:
+        """The broker refused a message from ``identity`` on ``side``: its
+        CURVE key was removed since it connected. A worker's registration
+        goes at once and its jobs back to their queue (its supervisor may
+        still vouch for the process, and it would otherwise hold them)."""
+        conn = self.dispatcher.workers.get(identity) if side == WORKER else None
+        if conn is not None:
+            self.dispatcher.lose(conn, self.clock.time(), self.clock.monotonic(), "key revoked")
+
     def close(self) -> None:
         """Stop a compaction under way, then sync and close the log."""
         self.compactor.stop()

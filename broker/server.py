@@ -232,6 +232,7 @@ class Broker:
         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         if not keys.admits(side, frames):
             self.core.stats["auth_refused"] += 1
+            self.core.key_revoked(side, frames[0].bytes)
             return None
         return [frame.bytes for frame in frames]
 

@@ -280,6 +280,8 @@ def test_sighup_adds_and_revokes_keys_without_a_restart(env: Env, handshakes) ->
     broker_id = stranger.ping()  # an established connection
 
     # revoked: a new connection is refused, the established one gets no answer
+    held = client.enqueue("e2e.sleep", 2.0)
+    wait_for(lambda: client.job(held).status == "running", 30, message="a worker to hold a job")
     new.unlink()
     (keys / "workers" / "worker.key").unlink()
     daemon.signal(signal.SIGHUP)
@@ -292,15 +294,19 @@ def test_sighup_adds_and_revokes_keys_without_a_restart(env: Env, handshakes) ->
         stranger.ping()
     assert client.ping() == broker_id  # the other keys are served as before
     # The workers' connections were made with the revoked worker key: the
-    # broker drops what they send, and they are lost once their liveness
-    # window passes.
+    # broker drops what they send, and their registrations at once (their
+    # supervisor, whose key is a client's, still vouches for them).
     wait_for(lambda: not client.status().workers, 30, message="the revoked workers to be dropped")
+    assert "key revoked" in daemon.output()
+    assert client.job(held).status == "queued"  # back for other workers, not held by the revoked
 
     # back: the workers reconnect and register again; nothing restarted
     (keys / "workers" / "worker.key").write_bytes((keys / "worker.key").read_bytes())
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: len(client.status().workers) == 2, 60, message="the workers to come back")
     assert client.result(client.enqueue("e2e.square", 6), timeout=30) == 36
+    assert client.result(held, timeout=30)["attempt"] >= 1
+    assert client.job(held).status == "succeeded"
     assert broker_processes(daemon)[0].pid == broker.pid
     assert client.ping() == broker_id
 
