@@ -82,8 +82,8 @@ class Broker:
         if keys:
             keys.start(self._ctx)
             self._keys = keys
-        self.client_sock = self._bind(bc.client_endpoint, "client")
-        self.worker_sock = self._bind(bc.worker_endpoint, "worker")
+        self.client_sock = self._bind(bc.client_endpoint, CLIENT)
+        self.worker_sock = self._bind(bc.worker_endpoint, WORKER)
         self._poller.register(self.client_sock, zmq.POLLIN)
         self._poller.register(self.worker_sock, zmq.POLLIN)
         self.core.attach(
