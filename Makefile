@@ -40,8 +40,13 @@ typecheck: $(STAMP)
 	done
 	$(BIN)/mypy
 
+# The full profile of every fault test (tests/faults/, marker `soak`; the fast
+# profile of the same tests runs in `make test`), one test at a time: the
+# figures are for a machine doing nothing else. Counts come from CORRAL_SOAK_*
+# (docs/RELIABILITY.md); SOAK_ARGS adds pytest arguments, e.g. SOAK_ARGS="-k broker_kill".
+SOAK_ARGS ?=
 soak: $(STAMP)
-	$(BIN)/pytest -q -m soak -p no:cacheprovider
+	$(BIN)/pytest -q -m soak -p no:cacheprovider -rxXs $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -54,6 +54,8 @@ from corral.broker.waiters import Waiters
 
 log = structlog.get_logger()
 
+#: Seconds between two readings of the status for the metrics and the events.
+STATUS_EVERY = 1.0
 #: Jobs created (live or by replay) between two gc.freeze calls (see BrokerCore._freeze).
 FREEZE_EVERY = 100_000
 #: Longest poll wait of an idle broker, in seconds.
@@ -125,8 +127,21 @@ class BrokerCore:
             self.compactor,
             compact_min_size=bc.compact_min_size,
         )
+        self.service.schedules = self.housekeeper.schedule_infos
         self.followups = FollowUps(self.journal, self.dispatcher, self._followed_up)
         self.client_link: ClientLink = _NoClients()
+        #: Prometheus metrics (``[metrics] listen``), or None when not served.
+        self.metrics: Any = None
+        #: The events publisher (``[broker] events_endpoint``; see attach_events).
+        self.events: Any = None
+        self._status_due = 0.0
+        listen = getattr(getattr(config, "metrics", None), "listen", None)
+        if listen:
+            from corral.broker.metrics import Metrics  # prometheus-client only when asked
+
+            self.metrics = Metrics()
+            self.journal.observers.append(self.metrics.observe)
+            self.housekeeper.on_compacted = self.metrics.compaction.observe
 
     # ------------------------------------------------------------ start-up
 
@@ -182,6 +197,12 @@ class BrokerCore:
             seconds=round(time.monotonic() - started, 3),
         )
 
+    def attach_events(self, events: Any) -> None:
+        """Publish job, worker and pool events through ``events`` (a
+        :class:`~corral.broker.events.Events`) from now on."""
+        self.events = events
+        self.journal.observers.append(events.observe)
+
     def attach(self, client_link: ClientLink, worker_link: WorkerLink) -> None:
         """Connect the parts to the sockets, and fire what the schedules owe
         for the downtime."""
@@ -211,7 +232,12 @@ class BrokerCore:
         # Group commit: one fsync covers every reply of the pass. A pass with
         # no reply (leases, worker outcomes) promises nothing, so its records
         # are synced within fsync_interval instead of at once.
-        self.log.commit(mono, durable=bool(self.replies))
+        if self.metrics is None:
+            self.log.commit(mono, durable=bool(self.replies))
+        else:
+            began = time.perf_counter()
+            if self.log.commit(mono, durable=bool(self.replies)):
+                self.metrics.fsync.observe(time.perf_counter() - began)
         self.replies.flush(self.client_link)
         self.housekeeper.maybe_compact(mono)
         self.dispatcher.dispatch(now, mono)
@@ -283,6 +309,13 @@ class BrokerCore:
         self.housekeeper.expire(now, keep=self.followups.owes)
         self.service.supervisors.expire(mono)
         self.dispatcher.heartbeat(now, mono)
+        if (self.metrics is not None or self.events is not None) and mono >= self._status_due:
+            self._status_due = mono + STATUS_EVERY
+            status = self.service.status(mono, now)
+            if self.metrics is not None:
+                self.metrics.refresh(status, status.latency)
+            if self.events is not None:
+                self.events.refresh(status, now)
 
     def ended(self, job: Job, now: float) -> None:
         """A job reached a terminal status: answer its waiters, and create

@@ -25,6 +25,7 @@ import msgspec
 import structlog
 
 from corral.broker import flows
+from corral.broker import protocol as p
 from corral.broker.clock import STEP_TOLERANCE
 from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher
@@ -56,6 +57,9 @@ class Housekeeper:
         self.dispatcher = dispatcher
         self.compactor = compactor
         self.compact_min_size = compact_min_size
+        #: Told the seconds each compaction took, start to install (metrics).
+        self.on_compacted: Callable[[float], None] | None = None
+        self._compact_started = 0.0
         #: schedule name -> (schedule, due time, caught up): fires held while
         #: the log is full, in the order they were held.
         self._held: dict[str, tuple[Schedule, float, bool]] = {}
@@ -208,6 +212,27 @@ class Housekeeper:
                 by_due_at=due_at,
             )
 
+    def schedule_infos(self) -> list[p.ScheduleInfo]:
+        """Each schedule, with when it runs next (wall clock) and the due
+        time it last fired for."""
+        scheduler = self.scheduler
+        infos = []
+        for schedule in scheduler.schedules():
+            due = scheduler.next_run_at(schedule.name)
+            infos.append(
+                p.ScheduleInfo(
+                    schedule.name,
+                    schedule.task,
+                    schedule.queue,
+                    schedule.cron,
+                    schedule.every,
+                    schedule.timezone,
+                    due,
+                    self.state.last_fired.get(schedule.name),
+                )
+            )
+        return infos
+
     def maybe_compact(self, mono: float) -> bool:
         """Each pass: finish a compaction whose child is done, or start one
         when the bytes written since the last compaction exceed
@@ -216,11 +241,14 @@ class Housekeeper:
         outcome = self.compactor.poll(mono)
         if outcome is not None:
             self.stats["compactions" if outcome.ok else "compactions_failed"] += 1
+            if outcome.ok and self.on_compacted is not None:
+                self.on_compacted(mono - self._compact_started)
             return outcome.ok
         if not self.compactor.may_start(mono):
             return False
         threshold = max(self.compact_min_size, 2 * self.state.live_bytes)
         if self.journal.log.bytes_since_compaction > threshold:
+            self._compact_started = mono
             self.compactor.start(mono)
             if not self.compactor.running:
                 self.stats["compactions_failed"] += 1

@@ -11,6 +11,7 @@ recorders instead).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 from corral.broker import protocol as p
@@ -25,13 +26,17 @@ class Journal:
     def __init__(self, state: JobState, log: Log) -> None:
         self.state = state
         self.log = log
-        #: Counters shown by ``corral status`` (and later as metrics).
+        #: Counters shown by ``corral status``.
         self.stats: Counter[str] = Counter()
+        #: Told every record once it is applied (metrics, events).
+        self.observers: list[Callable[[Record, JobState], None]] = []
 
     def record(self, record: Record) -> None:
         """Log first, then apply. The record is durable at the pass's commit."""
         self.log.append(record)
         self.state.apply(record)
+        for observer in self.observers:
+            observer(record, self.state)
 
 
 class WorkerLink(Protocol):

@@ -125,6 +125,8 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     #: time growing while it runs a job, within the liveness window): the
     #: broker keeps it for a bounded time even if it hears nothing from it.
     vouched: bool = False
+    #: User and system CPU time of the process so far (seconds).
+    cpu: float = 0.0
 
 
 class PoolInfo(msgspec.Struct, frozen=True):
@@ -165,6 +167,20 @@ class UnroutableInfo(msgspec.Struct, frozen=True):
     since: float
 
 
+class ScheduleInfo(msgspec.Struct, frozen=True):
+    """A schedule of the broker's config: when it runs next (epoch seconds;
+    None: not planned) and the due time it last fired for."""
+
+    name: str
+    task: str
+    queue: str
+    cron: str | None
+    every: float | None
+    timezone: str
+    next_run_at: float | None
+    last_fired: float | None = None
+
+
 class StatusInfo(msgspec.Struct, frozen=True):
     """What ``corral status`` shows: counts per queue and status, the
     connected workers, and the broker's counters."""
@@ -179,6 +195,9 @@ class StatusInfo(msgspec.Struct, frozen=True):
     rates: dict[str, float] = {}
     registered_tasks: list[str] = []
     unroutable: list[UnroutableInfo] = []
+    #: Per queue with ready jobs: seconds its oldest ready job has waited.
+    latency: dict[str, float] = {}
+    schedules: list[ScheduleInfo] = []
 
 
 # ---------------------------------------------------- client -> broker requests
@@ -281,7 +300,8 @@ class Pause(Msg, frozen=True):
 
 
 class ListJobs(Msg, frozen=True):
-    """Jobs in creation order, filtered, after ``cursor`` (from a previous page)."""
+    """Jobs in creation order (``newest``: newest first), filtered, after
+    ``cursor`` (from a previous page)."""
 
     req: int
     queue: str | None = None
@@ -290,6 +310,7 @@ class ListJobs(Msg, frozen=True):
     limit: int = 100
     cursor: str | None = None
     v: int = PROTOCOL_VERSION
+    newest: bool = False
 
 
 class EnqueueFlow(Msg, frozen=True):

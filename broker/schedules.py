@@ -283,6 +283,13 @@ class Scheduler:
         index = self._by_name.get(name)
         return None if index is None else self._next.get(index)
 
+    def next_run_at(self, name: str) -> float | None:
+        """When schedule ``name`` runs next, on the wall clock (epoch
+        seconds); None if unknown or unplanned."""
+        index = self._by_name.get(name)
+        due = None if index is None else self._next.get(index)
+        return None if due is None or index is None else due + self._offset(self._schedules[index])
+
     def _offset(self, schedule: Schedule) -> float:
         """Wall clock minus the schedule's own clock, in seconds."""
         return self._skew if schedule.every is not None else 0.0

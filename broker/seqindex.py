@@ -112,6 +112,24 @@ class SeqIndex:
                 if jobs.get(ref.id) is ref:
                     yield ref
 
+    def before(self, seq: int | None) -> Iterator[Job]:
+        """The current jobs with a creation number below ``seq`` (None: all),
+        newest first."""
+        jobs = self._jobs
+        blocks = self._blocks
+        if seq is None:
+            i, cut = len(blocks) - 1, None
+        else:
+            i = bisect.bisect_left(self._firsts, seq) - 1
+            cut = seq
+        for at in range(i, -1, -1):
+            block = blocks[at]
+            end = len(block) if cut is None else bisect.bisect_left(block, cut, key=_seq)
+            cut = None  # only the first block is cut
+            for ref in reversed(block[:end]):
+                if jobs.get(ref.id) is ref:
+                    yield ref
+
     def __iter__(self) -> Iterator[Job]:
         return self.after(-1)
 

@@ -58,6 +58,8 @@ class ClientService:
         self._on_ended = on_ended
         #: The largest payload (msgpack bytes) an enqueue may carry.
         self.max_payload = max_payload
+        #: The schedules and when each runs next (the housekeeper's; set by the core).
+        self.schedules: Callable[[], list[p.ScheduleInfo]] = list
         self.admission = Admission(self.state)
         #: The supervisors heard from lately.
         self.supervisors = SupervisorTable()
@@ -227,6 +229,7 @@ class ClientService:
                 msg.task,
                 max(1, min(msg.limit, MAX_PAGE)),
                 msg.cursor,
+                newest=msg.newest,
             )
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
@@ -235,10 +238,11 @@ class ClientService:
         self._reply(identity, p.JobList(msg.req, infos, cursor))
 
     def _get_status(self, identity: bytes, msg: p.GetStatus, now: float, mono: float) -> None:
-        self._reply(identity, p.StatusReply(msg.req, self.status(mono)))
+        self._reply(identity, p.StatusReply(msg.req, self.status(mono, now)))
 
-    def status(self, mono: float) -> p.StatusInfo:
-        """Queues, workers, counters, supervisors: what ``corral status`` shows."""
+    def status(self, mono: float, now: float) -> p.StatusInfo:
+        """Queues, workers, counters, supervisors: what ``corral status``
+        shows (``now``: epoch seconds, for the queues' latency)."""
         state = self.state
         stats = dict(self.stats)
         stats.update({f"log_{k}": int(v) for k, v in self.journal.log.stats().items()})
@@ -257,6 +261,8 @@ class ClientService:
             self.dispatcher.rates.per_minute(mono),
             sorted({t for c in workers for t in c.tasks}),
             views.unroutable(state, list(workers)),
+            views.queue_latency(state, now),
+            self.schedules(),
         )
 
     # --------------------------------------------------------- supervisors

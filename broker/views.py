@@ -153,20 +153,24 @@ def list_jobs(
     task: str | None = None,
     limit: int = 100,
     cursor: str | None = None,
+    *,
+    newest: bool = False,
 ) -> tuple[list[Job], str | None]:
-    """Jobs in creation order after ``cursor``, filtered; and the cursor
-    for the next page (None at the end). A cursor is the creation number
-    of the last job of a page, so it stays valid if that job is deleted.
-    Finding the page's start is O(log n) (:class:`~corral.broker.seqindex.SeqIndex`);
-    an unfiltered page of k jobs costs O(k), a filtered one the jobs it
-    passes over."""
+    """Jobs in creation order (``newest``: newest first) after ``cursor``,
+    filtered; and the cursor for the next page (None at the end). A cursor
+    is the creation number of the last job of a page, so it stays valid if
+    that job is deleted. Finding the page's start is O(log n)
+    (:class:`~corral.broker.seqindex.SeqIndex`); an unfiltered page of k jobs
+    costs O(k), a filtered one the jobs it passes over. Raises InvalidJob
+    for a cursor this broker did not give out."""
     limit = max(1, limit)
     try:
-        after = int(cursor) if cursor else -1
+        mark = int(cursor) if cursor else None
     except ValueError:
         raise InvalidJob(f"cursor: {cursor!r} is not a cursor this broker gave out") from None
     found: list[Job] = []
-    for job in state.index.after(after):
+    walk = state.index.before(mark) if newest else state.index.after(-1 if mark is None else mark)
+    for job in walk:
         if (queue and job.queue != queue) or (status and job.status != status):
             continue
         if task and job.task != task:
@@ -175,6 +179,19 @@ def list_jobs(
             return found, str(found[-1].seq)
         found.append(job)
     return found, None
+
+
+def queue_latency(state: JobState, now: float) -> dict[str, float]:
+    """Per queue with ready jobs, the seconds its oldest ready job has waited
+    (epoch ``now`` less its creation time, as far as the fronts of its task
+    queues tell: see ReadyQueues.oldest). O(queues x tasks)."""
+    ready = state.ready
+    latency: dict[str, float] = {}
+    for queue, task in ready.pairs():
+        oldest = ready.oldest(queue, task)
+        if oldest is not None:
+            latency[queue] = max(latency.get(queue, 0.0), round(now - oldest, 3))
+    return latency
 
 
 def task_counts(state: JobState) -> Counter[tuple[str, str]]:

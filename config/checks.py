@@ -36,7 +36,38 @@ def check(config: Config) -> list[Problem]:
         *_check_pools(config.pools),
         *_check_schedules(config.schedules),
         *_check_schedule_payloads(config),
+        *_check_metrics(config),
+        *_check_events(config),
     ]
+
+
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _check_events(config: Config) -> Iterator[Problem]:
+    endpoint = config.broker.events_endpoint
+    if endpoint is None:
+        return
+    if not endpoint.startswith("ipc://"):
+        yield (
+            "broker.events_endpoint",
+            f"{endpoint!r}: events are published on an ipc:// endpoint only for now "
+            '(e.g. "ipc://var/corral/events.sock"); subscribe on the broker host',
+        )
+    elif len(endpoint) - len("ipc://") > _MAX_IPC_PATH:
+        yield ("broker.events_endpoint", f"{endpoint!r}: the socket path is too long")
+
+
+def _check_metrics(config: Config) -> Iterator[Problem]:
+    listen = config.metrics.listen
+    if listen is None:
+        return
+    match = _LISTEN.match(listen)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        yield (
+            "metrics.listen",
+            f'{listen!r}: expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464"',
+        )
 
 
 def _check_broker(config: Config) -> Iterator[Problem]:

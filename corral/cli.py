@@ -1,28 +1,38 @@
 """The ``corral`` command: its arguments, and the exit code of each outcome.
-Exit codes: 0 ok, 1 job failed or not found, 2 usage or config error, 3 broker
-unreachable. What each subcommand does is in :mod:`corral.clicommands`, what
-it prints in :mod:`corral.cliformat`."""
+
+Exit codes: 0 ok; 1 the job failed, was cancelled or is not known, or the
+broker refused the request; 2 usage or config error (bad input: a one-line
+message, never a traceback); 3 the broker did not answer; 4 ``--wait`` gave
+up before the job ended (the job goes on); 130 interrupted (Ctrl-C). What
+each subcommand does is in :mod:`corral.clicommands`, what it prints in
+:mod:`corral.cliformat`, how its arguments are read in :mod:`corral.cliargs`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from corral.broker.protocol import STATUSES
+from corral.cliargs import count_arg, duration_arg, moment_arg, priority_arg
 from corral.clicommands import (
     EXIT_JOB,
+    EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     UsageError,
     cmd_broker,
     cmd_cancel,
     cmd_check_config,
+    cmd_completion,
     cmd_delete,
     cmd_enqueue,
     cmd_enqueue_flow,
+    cmd_events,
     cmd_flow,
     cmd_job,
     cmd_jobs,
@@ -36,6 +46,8 @@ from corral.clicommands import (
     cmd_run,
     cmd_status,
     cmd_supervisor,
+    cmd_systemd_unit,
+    cmd_top,
     cmd_worker,
 )
 from corral.cliformat import plain
@@ -61,11 +73,14 @@ def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
         sub.add_argument(
             "--endpoint", help="broker client endpoint, e.g. ipc://var/corral/client.sock"
         )
-        sub.add_argument("--timeout", type=float, help="seconds to wait for the broker")
+        sub.add_argument(
+            "--timeout", type=duration_arg, help='how long to wait for the broker ("5s", "500ms")'
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral", description="a durable job queue")
+    parser.add_argument("--version", action="version", version=f"corral {_version()}")
     subs = parser.add_subparsers(dest="command", required=True)
     _add_processes(subs)
     _add_enqueue(subs)
@@ -76,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_single_argument(subs)
     _add_retry(subs)
     _add_log(subs)
+    _add_completion(subs)
+    _add_systemd_unit(subs)
+    _add_top(subs)
+    _add_events(subs)
     return parser
 
 
@@ -109,20 +128,40 @@ def _add_processes(subs: Subparsers) -> None:
 def _add_enqueue(subs: Subparsers) -> None:
     enqueue = subs.add_parser("enqueue", help="enqueue a job; prints its id")
     _common(enqueue)
-    enqueue.add_argument("task")
-    enqueue.add_argument("payload", nargs="?", metavar="PAYLOAD_JSON")
+    enqueue.add_argument("task", nargs="?", help="the task's name (not with --from-file)")
+    enqueue.add_argument(
+        "--from-file",
+        metavar="JOBS_JSONL",
+        type=Path,
+        help='one job per line, as JOB_JSON ({"task": ..., "payload": ...}); '
+        "shows the count and rate, prints the ids",
+    )
+    enqueue.add_argument(
+        "payload",
+        nargs="?",
+        metavar="PAYLOAD_JSON",
+        help="the payload as JSON; - reads it from stdin, @FILE from a file",
+    )
     enqueue.add_argument("--queue")
-    enqueue.add_argument("--delay", type=float)
-    enqueue.add_argument("--priority", type=int, default=0)
-    enqueue.add_argument("--max-attempts", type=int)
-    enqueue.add_argument("--job-timeout", type=float, help="seconds one attempt may run")
+    enqueue.add_argument("--delay", type=duration_arg, help='run after this long ("30s", "5m")')
+    enqueue.add_argument("--priority", type=priority_arg, default=0, help="higher runs first")
+    enqueue.add_argument("--max-attempts", type=count_arg)
+    enqueue.add_argument(
+        "--job-timeout", type=duration_arg, help='how long one attempt may run ("30s")'
+    )
     enqueue.add_argument("--unique-key")
-    enqueue.add_argument("--unique-for", type=float, help="seconds the key stays taken after")
-    enqueue.add_argument("--run-at", type=float, help="epoch seconds to run at")
-    enqueue.add_argument("--result-ttl", type=float, help="seconds to keep the result")
+    enqueue.add_argument(
+        "--unique-for", type=duration_arg, help="how long the key stays taken after the job"
+    )
+    enqueue.add_argument(
+        "--run-at", type=moment_arg, help="when to run: ISO 8601 (2030-01-01T09:00Z) or epoch"
+    )
+    enqueue.add_argument("--result-ttl", type=duration_arg, help="how long to keep the result")
     enqueue.add_argument("--max-retries", type=int, help="corral.Retry requests before it fails")
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
-    enqueue.add_argument("--wait-timeout", type=float, help="give up waiting after this")
+    enqueue.add_argument(
+        "--wait-timeout", type=duration_arg, help="give up waiting after this (exit code 4)"
+    )
     enqueue.set_defaults(fn=cmd_enqueue)
 
 
@@ -137,7 +176,7 @@ def _add_flows(subs: Subparsers) -> None:
             "jobs",
             nargs="+",
             metavar="JOB_JSON",
-            help='e.g. \'{"task": "demo.add", "payload": [1, 2]}\'',
+            help='e.g. \'{"task": "demo.add", "payload": [1, 2]}\'; - reads stdin, @FILE a file',
         )
         if name == "enqueue-group":
             flow.add_argument(
@@ -146,7 +185,7 @@ def _add_flows(subs: Subparsers) -> None:
                 help="run once all succeeded, with their results (a chord)",
             )
         flow.add_argument("--wait", action="store_true", help="wait and print the result")
-        flow.add_argument("--wait-timeout", type=float)
+        flow.add_argument("--wait-timeout", type=duration_arg)
         flow.set_defaults(fn=cmd_enqueue_flow)
 
 
@@ -160,7 +199,9 @@ def _add_lookups(subs: Subparsers) -> None:
     _common(result)
     result.add_argument("id")
     result.add_argument("--wait", action="store_true")
-    result.add_argument("--wait-timeout", type=float)
+    result.add_argument(
+        "--wait-timeout", type=duration_arg, help="give up waiting after this (exit code 4)"
+    )
     result.set_defaults(fn=cmd_result)
 
 
@@ -173,13 +214,14 @@ def _add_keys(subs: Subparsers) -> None:
 
 
 def _add_jobs(subs: Subparsers) -> None:
-    jobs = subs.add_parser("jobs", help="list jobs in creation order")
+    jobs = subs.add_parser("jobs", help="list jobs in creation order (--newest: newest first)")
     _common(jobs)
     jobs.add_argument("--queue")
     jobs.add_argument("--status", choices=STATUSES)
     jobs.add_argument("--task")
-    jobs.add_argument("--limit", type=int, default=100)
+    jobs.add_argument("--limit", type=count_arg, default=100, help="jobs per page (1 or more)")
     jobs.add_argument("--cursor", help="from a previous page's output")
+    jobs.add_argument("--newest", action="store_true", help="newest first")
     jobs.set_defaults(fn=cmd_jobs)
 
 
@@ -209,6 +251,50 @@ def _add_retry(subs: Subparsers) -> None:
     retry.set_defaults(fn=cmd_retry)
 
 
+def _add_events(subs: Subparsers) -> None:
+    events = subs.add_parser("events", help="print job and worker events as they happen")
+    events.add_argument("-c", "--config", help="config file (TOML)")
+    events.add_argument("--json", action="store_true", help="one JSON object a line")
+    events.add_argument("--endpoint", help="the events endpoint (default: from the config)")
+    events.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="only events whose name starts with it: job., job.failed, worker. (repeatable)",
+    )
+    events.add_argument("--count", type=count_arg, help="exit after this many events")
+    events.set_defaults(fn=cmd_events)
+
+
+def _add_top(subs: Subparsers) -> None:
+    top = subs.add_parser("top", help="a live view of queues, workers and pools")
+    _common(top)
+    top.add_argument(
+        "--interval", type=duration_arg, default=1.0, help='refresh every ("1s", "500ms")'
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(fn=cmd_top)
+
+
+def _add_systemd_unit(subs: Subparsers) -> None:
+    unit = subs.add_parser(
+        "systemd-unit",
+        help="print the systemd unit for this install (its corral executable and config)",
+    )
+    unit.add_argument("-c", "--config", help="the config the service runs (absolute in the unit)")
+    unit.set_defaults(fn=cmd_systemd_unit)
+
+
+def _add_completion(subs: Subparsers) -> None:
+    completion = subs.add_parser(
+        "completion",
+        help='print the shell completion script: eval "$(corral completion bash)"',
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(fn=cmd_completion)
+
+
 def _add_log(subs: Subparsers) -> None:
     logp = subs.add_parser("log", help="offline log tools")
     logp.add_argument("action", choices=["verify", "repair", "compact"])
@@ -219,29 +305,54 @@ def _add_log(subs: Subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (argcomplete)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, UsageError) as exc:
-        print(f"corral: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokerUnavailable as exc:
-        print(f"corral: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except JobFailed as exc:
-        _print_failure(args, exc)
-        return EXIT_JOB
-    except (JobNotFound, JobCancelled, ResultTimeout) as exc:
-        print(f"corral: {exc}", file=sys.stderr)
-        return EXIT_JOB
-    except BrokerError as exc:
-        print(f"corral: the broker refused: {exc}", file=sys.stderr)
-        return EXIT_JOB
-    except CorralError as exc:
-        print(f"corral: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except CorralError as exc:
+        return _report(args, exc)
+
+
+#: The exit code, and the message's prefix, of each kind of error (the first
+#: that matches; see the module docstring).
+_OUTCOMES: tuple[tuple[tuple[type[CorralError], ...], int, str], ...] = (
+    ((ConfigError, UsageError), EXIT_USAGE, ""),
+    ((BrokerUnavailable,), EXIT_UNREACHABLE, ""),
+    ((ResultTimeout,), EXIT_TIMEOUT, ""),
+    ((JobNotFound, JobCancelled), EXIT_JOB, ""),
+    ((BrokerError,), EXIT_JOB, "the broker refused: "),
+    ((CorralError,), EXIT_USAGE, ""),
+)
+
+
+def _report(args: argparse.Namespace, exc: CorralError) -> int:
+    """Print ``exc`` in one line (a failed job's error as JSON too, with
+    --json) and return its exit code."""
+    if isinstance(exc, JobFailed):
+        _print_failure(args, exc)
+        return EXIT_JOB
+    for kinds, code, prefix in _OUTCOMES:
+        if isinstance(exc, kinds):
+            print(f"corral: {prefix}{exc}", file=sys.stderr)
+            return code
+    return EXIT_USAGE  # unreachable: CorralError is the last kind
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own when not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("corral")
+    except metadata.PackageNotFoundError:
+        from corral import __version__
+
+        return __version__
 
 
 def _print_failure(args: argparse.Namespace, exc: JobFailed) -> None:

@@ -1,5 +1,5 @@
 """What each ``corral`` subcommand does, given its parsed arguments; each
-returns the exit code (0 ok, 1 job failed or not found). The daemons
+returns the exit code (see :mod:`corral.cli` for every code). The daemons
 (``run``, ``broker``, ``supervisor``, ``worker``) run in the foreground, the
 client commands ask the broker, and ``log`` works on a stopped broker's log.
 """
@@ -7,15 +7,17 @@ client commands ask the broker, and ``log`` works on a stopped broker's log.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 from corral.broker.jobspec import OPTION_NAMES
+from corral.cliargs import json_arg
 from corral.cliformat import (
     describe_repair,
     describe_verify,
@@ -24,7 +26,9 @@ from corral.cliformat import (
     human_job,
     human_jobs,
     human_status,
+    result_text,
 )
+from corral.cliprogress import wait_result
 from corral.errors import ConfigError, CorralError
 
 #: Job options whose flag is not ``--`` plus the option's name: ``--timeout``
@@ -34,8 +38,13 @@ _OPTION_FLAGS = {"timeout": "job_timeout"}
 if TYPE_CHECKING:
     from corral.client import Client
 
-EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+#: The schemes a broker endpoint may use.
+ENDPOINT_SCHEMES = ("ipc://", "tcp://", "inproc://")
 CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
+
+
+T = TypeVar("T")
 
 
 class UsageError(CorralError):
@@ -62,10 +71,36 @@ def load_config(path: str | None) -> Any:
 
 
 def make_client(args: argparse.Namespace) -> Any:
+    """A client of the broker that --endpoint, else the config, names.
+    Raises UsageError for an endpoint ZeroMQ cannot connect to."""
+    import zmq
+
     from corral.client import Client
 
     config = load_config(args.config)
-    return Client(args.endpoint, config=config, timeout=args.timeout or config.client.timeout)
+    endpoint = args.endpoint
+    if endpoint is not None and (
+        not endpoint.startswith(ENDPOINT_SCHEMES) or endpoint.endswith("//")
+    ):
+        raise UsageError(
+            f"--endpoint {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT "
+            "(the broker's client_endpoint)"
+        )
+    try:
+        return Client(endpoint, config=config, timeout=args.timeout or config.client.timeout)
+    except zmq.ZMQError as exc:
+        shown = endpoint or config.client.endpoint or config.broker.client_endpoint
+        raise UsageError(f"cannot connect to {shown!r}: {exc}") from None
+
+
+def _user_value(what: str, call: Callable[[], T]) -> T:
+    """``call()``, with an error from a value the user typed (a payload
+    msgpack cannot hold: an integer past 64 bits, a lone surrogate) as a
+    UsageError naming ``what``."""
+    try:
+        return call()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UsageError(f"{what}: {exc}") from None
 
 
 # ---------------------------------------------------------------- commands
@@ -112,18 +147,75 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    if args.from_file is not None:
+        return _enqueue_file(args)
+    if args.task is None:
+        raise UsageError("give a TASK (and its PAYLOAD_JSON), or --from-file JOBS_JSONL")
     payload = None
     if args.payload is not None:
-        try:
-            payload = json.loads(args.payload)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"PAYLOAD_JSON is not valid JSON: {exc}") from None
+        payload = _user_value("PAYLOAD_JSON", lambda: json_arg(args.payload, "PAYLOAD_JSON"))
     # One flag per job option: --max-attempts sets max_attempts (and so on).
     options = {name: getattr(args, _OPTION_FLAGS.get(name, name)) for name in OPTION_NAMES}
     with make_client(args) as client:
-        job_id = client.enqueue(args.task, payload, **options)
+        warn_unknown_task(client, args.task, args.queue)  # before: the job makes its queue known
+        job_id = _user_value("PAYLOAD_JSON", lambda: client.enqueue(args.task, payload, **options))
         _emit_id_or_result(args, client, job_id)
     return EXIT_OK
+
+
+def _enqueue_file(args: argparse.Namespace) -> int:
+    """``enqueue --from-file``: every line's job, in batches; the ids on
+    stdout, one a line (a JSON list with --json)."""
+    from corral.cliprogress import enqueue_file
+
+    if args.task is not None or args.payload is not None:
+        raise UsageError("--from-file takes its jobs from the file: give no TASK or PAYLOAD_JSON")
+    if args.wait:
+        raise UsageError("--from-file does not --wait; use `corral result ID --wait` on an id")
+    with make_client(args) as client:
+        try:
+            ids = enqueue_file(client, args.from_file, _job_from)
+        except OSError as exc:
+            raise UsageError(f"--from-file: cannot read {args.from_file}: {exc.strerror}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UsageError(f"--from-file: {exc}") from None
+    emit(args, {"ids": ids}, lambda v: "\n".join(v["ids"]) if v["ids"] else "(no jobs)")
+    print(f"corral: enqueued {len(ids)} job(s) from {args.from_file}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _known_queues(status: Any) -> set[str]:
+    """Queues that hold jobs, or that a connected worker or a reporting
+    supervisor's pool serves."""
+    known = set(status.queues) | set(status.paused)
+    known.update(q for worker in status.workers for q in worker.queues)
+    known.update(q for sup in status.supervisors for pool in sup.pools for q in pool.queues)
+    return known
+
+
+def _warn(text: str) -> None:
+    print(f"corral: warning: {text}", file=sys.stderr)
+
+
+def warn_unknown_queue(client: Client, queue: str, doing: str) -> None:
+    """Warn on stderr (exit code unchanged) when no worker or pool serves
+    ``queue`` and it holds no jobs: most likely a typo."""
+    known = _known_queues(client.status())
+    if queue not in known:
+        listed = ", ".join(sorted(known)) or "none yet"
+        _warn(f"no worker serves queue {queue!r} and it holds no jobs (known: {listed}); {doing}")
+
+
+def warn_unknown_task(client: Client, task: str, queue: str | None) -> None:
+    """Warn on stderr when no worker has registered ``task`` (the job waits
+    until one does), or when ``queue`` is unknown."""
+    status = client.status()
+    registered = set(status.registered_tasks)
+    registered.update(t for worker in status.workers for t in worker.tasks)
+    if task not in registered:
+        _warn(f"no worker has registered task {task!r} (a typo?); the job waits until one does")
+    if queue is not None and queue not in _known_queues(status):
+        _warn(f"no worker serves queue {queue!r}; the job waits until one does")
 
 
 def _emit_id_or_result(args: argparse.Namespace, client: Client, job_id: str) -> None:
@@ -131,8 +223,8 @@ def _emit_id_or_result(args: argparse.Namespace, client: Client, job_id: str) ->
     if not args.wait:
         emit(args, {"id": job_id}, lambda v: v["id"])
         return
-    value = client.result(job_id, timeout=args.wait_timeout)
-    emit(args, {"id": job_id, "result": value}, lambda v: json.dumps(v["result"]))
+    value = wait_result(client, job_id, args.wait_timeout)
+    emit(args, {"id": job_id, "result": value}, lambda v: result_text(v["result"]))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -209,15 +301,24 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def cmd_result(args: argparse.Namespace) -> int:
     with make_client(args) as client:
-        timeout = args.wait_timeout if args.wait else 0.0
-        value = client.result(args.id, timeout=timeout)
-        emit(args, {"id": args.id, "result": value}, lambda v: json.dumps(v["result"]))
+        if args.wait:
+            value = wait_result(client, args.id, args.wait_timeout)
+        else:
+            value = client.result(args.id, timeout=0.0)
+        emit(args, {"id": args.id, "result": value}, lambda v: result_text(v["result"]))
     return EXIT_OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with make_client(args) as client:
-        page = client.jobs(args.queue, args.status, args.limit, task=args.task, cursor=args.cursor)
+        page = client.jobs(
+            args.queue,
+            args.status,
+            args.limit,
+            task=args.task,
+            cursor=args.cursor,
+            newest=args.newest,
+        )
         if args.json:
             emit(args, {"jobs": list(page), "cursor": page.cursor})
         else:
@@ -254,6 +355,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     with make_client(args) as client:
+        warn_unknown_queue(client, args.queue, "nothing to purge")
         count = client.purge(args.queue)
         emit(
             args,
@@ -265,6 +367,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     with make_client(args) as client:
+        warn_unknown_queue(client, args.queue, f"{args.command}d anyway")
         (client.pause if args.command == "pause" else client.resume)(args.queue)
         emit(
             args,
@@ -276,11 +379,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def _job_arg(text: str) -> Any:
     """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...},
-    callbacks nested as {"on_success": {"task": ...}}."""
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{text!r} is not valid JSON: {exc}") from None
+    callbacks nested as {"on_success": {"task": ...}}; ``-`` reads it from
+    stdin, ``@FILE`` from a file."""
+    fields = _user_value("JOB_JSON", lambda: json_arg(text, f"JOB_JSON {text[:60]!r}"))
     return _job_from(fields, text)
 
 
@@ -299,13 +400,15 @@ def _job_from(fields: Any, text: str) -> Any:
 
 
 def cmd_enqueue_flow(args: argparse.Namespace) -> int:
+    if sum(text == "-" for text in [*args.jobs, args.__dict__.get("callback")]) > 1:
+        raise UsageError("JOB_JSON: only one job can be read from stdin (-)")
     jobs = [_job_arg(text) for text in args.jobs]
+    callback = _job_arg(args.callback) if getattr(args, "callback", None) else None
     with make_client(args) as client:
         if args.command == "enqueue-chain":
-            flow_id = client.enqueue_chain(jobs)
+            flow_id = _user_value("JOB_JSON", lambda: client.enqueue_chain(jobs))
         else:
-            callback = _job_arg(args.callback) if args.callback else None
-            flow_id = client.enqueue_group(jobs, callback=callback)
+            flow_id = _user_value("JOB_JSON", lambda: client.enqueue_group(jobs, callback=callback))
         _emit_id_or_result(args, client, flow_id)
     return EXIT_OK
 
@@ -317,16 +420,22 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config; unless --no-plugins, also import every pool's
+    plugins and check the schedules against them, in a child process (see
+    :mod:`corral.workers.plugincheck`). Every problem is printed, one a line."""
     from corral.broker.schedules import ScheduleError, Scheduler
 
-    config = load_config(args.config)
+    path = config_path(args.config)
+    config = load_config(path)
     try:
         Scheduler.from_configs(config.schedules)
     except ScheduleError as exc:
         raise ConfigError(f"schedules: {exc}") from None
-    if not args.no_plugins:
-        _import_plugins(config)
-    source = args.config or os.environ.get("CORRAL_CONFIG") or "defaults"
+    if not args.no_plugins and path is not None:
+        problems = _check_plugins(path)
+        if problems:
+            raise ConfigError("\n".join(problems))
+    source = path or "defaults"
     pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
     emit(
         args,
@@ -336,17 +445,80 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _import_plugins(config: Any) -> None:
-    """Import every pool's plugin modules, as its workers will. Raises
-    ConfigError naming the pool and, from PluginError, the file and line."""
-    from corral.workers.registry import PluginError, add_python_path, load_plugins
+#: How long the plugin check may take to import every pool's plugins (seconds).
+PLUGIN_CHECK_TIMEOUT = 120.0
 
-    add_python_path(config.python_path)
-    for index, pool in enumerate(config.pools):
-        try:
-            load_plugins(pool.plugins)
-        except PluginError as exc:
-            raise ConfigError(f"pools[{index}].plugins (pool {pool.name!r}): {exc}") from None
+
+def _check_plugins(path: str) -> list[str]:
+    """The problems :mod:`corral.workers.plugincheck` finds, run in a child
+    process on the config at ``path``; a child that crashes, exits or hangs
+    at import is itself the problem reported."""
+    import subprocess
+
+    command = [sys.executable, "-m", "corral.workers.plugincheck", str(Path(path).resolve())]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=PLUGIN_CHECK_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return [
+            f"plugins: importing the pools' plugins did not finish within "
+            f"{PLUGIN_CHECK_TIMEOUT:g}s: does a plugin block at import (a network call, input())?"
+        ]
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"problems"')]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [
+            f"plugins: the plugin check ended with exit code {done.returncode} before it "
+            f"reported (a plugin that exits or crashes the interpreter at import?): {tail}"
+        ]
+    return list(msgspec.json.decode(lines[-1])["problems"])
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """``corral events``: see :mod:`corral.eventstail`."""
+    from corral.eventstail import tail
+
+    endpoint = args.endpoint or load_config(args.config).broker.events_endpoint
+    if not endpoint:
+        raise UsageError(
+            "no events endpoint: set [broker] events_endpoint in the config "
+            '(e.g. "ipc://var/corral/events.sock"), or give --endpoint'
+        )
+    tail(endpoint, args.filter, args.count, args.json)
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """``corral top``: see :mod:`corral.top`."""
+    from corral import top
+
+    with make_client(args) as client:
+        top.run(client, args.interval, args.once)
+    return EXIT_OK
+
+
+def cmd_systemd_unit(args: argparse.Namespace) -> int:
+    """Print the systemd unit (config/corral.service) for this install: its
+    ExecStartPre and ExecStart run this corral executable on this config
+    (absolute paths), and Documentation names the README when there is one.
+    Warns on stderr when the unit's sandbox would hide the executable."""
+    from corral.systemdunit import render_unit
+
+    path = config_path(args.config) or "/etc/corral/corral.toml"
+    unit, warnings = render_unit(Path(path).resolve())
+    for text in warnings:
+        _warn(text)
+    sys.stdout.write(unit)
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """The completion script of ``corral`` for bash or zsh (argcomplete's)."""
+    from argcomplete.shell_integration import shellcode
+
+    sys.stdout.write(shellcode(["corral"], shell=args.shell))
+    return EXIT_OK
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

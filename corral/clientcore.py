@@ -342,15 +342,19 @@ class ClientCore:
         *,
         task: str | None = None,
         cursor: str | None = None,
+        newest: bool = False,
     ) -> Plan[JobPage]:
-        """Jobs in creation order, filtered by queue, status and task.
+        """Jobs in creation order (``newest``: newest first), filtered by
+        queue, status and task.
 
         Returns a :class:`JobPage`, a list of at most ``limit`` (1 to 10,000)
         ``JobInfo``; pass its ``.cursor`` as ``cursor`` for the next page
-        (None: this was the last). Raises BrokerError ``invalid`` for an
-        unknown status or a bad cursor, BrokerUnavailable.
+        (None: this was the last), with the same ``newest``. Raises
+        BrokerError ``invalid`` for an unknown status or a bad cursor,
+        BrokerUnavailable.
         """
-        return Step(p.ListJobs(next(self._req), queue, status, task, limit, cursor), _page)
+        msg = p.ListJobs(next(self._req), queue, status, task, limit, cursor, newest=newest)
+        return Step(msg, _page)
 
     # --- management
 

@@ -1,10 +1,12 @@
 """What the ``corral`` command prints: one JSON line with ``--json``, else
 readable text (a job, the status tables, a page of jobs, a chain or group,
-a log check)."""
+a log check). Tables are drawn with rich; text keeps real UTF-8 (a task or
+queue named in any script shows as written)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -13,21 +15,78 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from corral.broker.state import STATUSES
+from corral.broker.protocol import STATUSES
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.table import Table
+
     from corral.broker.logtools import Damage, RepairReport, VerifyReport
+
+#: Columns a table gets when stdout is not a terminal (a pipe, a file): wide
+#: enough that a row of ids and names is not wrapped.
+PIPE_WIDTH = 200
 
 
 def plain(value: Any) -> Any:
     return msgspec.to_builtins(value)
 
 
-def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str] | None = None) -> None:
+def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], Any] | None = None) -> None:
+    """Print ``value``: one JSON line with ``--json`` (or without ``human``),
+    else what ``human`` makes of it (a str, or a rich renderable)."""
     if args.json or human is None:
         sys.stdout.write(msgspec.json.encode(plain(value)).decode() + "\n")
+        return
+    shown = human(value)
+    if isinstance(shown, str):
+        sys.stdout.write(shown + "\n")
     else:
-        sys.stdout.write(human(value) + "\n")
+        console().print(shown)
+
+
+def console() -> Any:
+    """A rich console on stdout: colours only on a terminal, no markup or
+    highlighting read into names, and :data:`PIPE_WIDTH` columns on a pipe."""
+    from rich.console import Console
+
+    tty = sys.stdout.isatty()
+    return Console(
+        highlight=False,
+        markup=False,
+        emoji=False,
+        width=None if tty else PIPE_WIDTH,
+        soft_wrap=False,
+    )
+
+
+def as_text(shown: Any) -> str:
+    """What :func:`emit` prints for ``shown`` (a str or a rich renderable)
+    on a pipe, as a str."""
+    if isinstance(shown, str):
+        return shown
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=PIPE_WIDTH, highlight=False, markup=False, emoji=False).print(shown)
+    return out.getvalue()
+
+
+def result_text(value: Any) -> str:
+    """A job's result as one line of JSON, non-ASCII kept as it is."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for name in columns:
+        table.add_column(name, justify="right" if name in right else "left", overflow="fold")
+    return table
 
 
 def _when(ts: float | None) -> str:
@@ -49,8 +108,14 @@ def human_job(info: Any) -> str:
     ]
     if info.reserved_by:
         lines.append(f"reserved by: {info.reserved_by} (in its prefetch buffer, not started)")
+    if info.progress is not None:
+        note = f" {info.progress_note}" if info.progress_note else ""
+        lines.append(f"progress:    {info.progress:.0%}{note}")
     if info.error is not None:
         lines.append(f"error:       {info.error.type}: {info.error.message}")
+        if info.error.traceback:
+            lines.append("traceback:")
+            lines.extend(f"  {line}" for line in info.error.traceback.rstrip().splitlines())
     for t in info.tries:
         outcome = f"{t.error.type}: {t.error.message}" if t.error else "ok"
         if t.ended_at is None:
@@ -83,12 +148,15 @@ def _notes(status: Any) -> list[str]:
     return lines
 
 
-def human_status(status: Any) -> str:
-    lines = ["queue".ljust(20) + "".join(s.rjust(11) for s in STATUSES)]
+def human_status(status: Any) -> RenderableType:
+    """The queue table, the notes, each supervisor's pools and processes,
+    and the connected workers grouped by pool."""
+    from rich.console import Group
+
+    queues = _table("queue", *STATUSES, right=STATUSES)
     for queue, counts in status.queues.items():
-        lines.append(queue.ljust(20) + "".join(str(counts.get(s, 0)).rjust(11) for s in STATUSES))
-    if not status.queues:
-        lines.append("(no jobs)")
+        queues.add_row(queue, *(str(counts.get(s, 0)) for s in STATUSES))
+    lines = [] if status.queues else ["(no jobs)"]
     lines.extend(_notes(status))
     for u in status.unroutable:
         hint = (
@@ -102,43 +170,105 @@ def human_status(status: Any) -> str:
             f"since {_when(u.since)}: {hint}"
         )
     for sup in status.supervisors:
-        lines.append("")
-        lines.append(f"supervisor {sup.supervisor_id} (pid {sup.pid} on {sup.host})")
-        if sup.reload:
-            lines.append(f"  last reload {sup.reload}")
-        for pool in sup.pools:
-            state = pool.state
-            lines.append(
-                f"  pool {pool.name}: {pool.processes} processes, queues={','.join(pool.queues)}"
-                f", restarts={pool.restarts}, {state}"
+        lines.extend(_supervisor_lines(sup))
+    lines.append("")
+    lines.append(f"workers: {len(status.workers)}")
+    parts: list[Any] = [queues, "\n".join(lines)]
+    for pool, workers in _by_pool(status.workers).items():
+        table = _table(
+            f"pool {pool}",
+            "queues",
+            "running",
+            "reserved",
+            "credit",
+            "processed",
+            "failed",
+            right=("running", "reserved", "credit", "processed", "failed"),
+        )
+        for w in workers:
+            table.add_row(
+                w.worker_id,
+                ",".join(w.queues),
+                str(len(w.running)),
+                str(len(w.reserved)),
+                str(w.credit),
+                str(w.processed),
+                str(w.failed),
             )
+        parts.append(table)
+    return Group(*parts)
+
+
+def _supervisor_lines(sup: Any) -> list[str]:
+    """A supervisor, each pool, and under it the pool's processes."""
+    lines = ["", f"supervisor {sup.supervisor_id} (pid {sup.pid} on {sup.host})"]
+    if sup.reload:
+        lines.append(f"  last reload {sup.reload}")
+    for pool in sup.pools:
+        lines.append(
+            f"  pool {pool.name}: {pool.processes} processes, queues={','.join(pool.queues)}"
+            f", restarts={pool.restarts}, {pool.state}"
+        )
         for w in sup.workers:
+            if w.pool != pool.name:
+                continue
             jobs = ",".join(w.jobs) or "-"
             extra = f" retiring ({w.retiring})" if w.retiring else ""
             lines.append(
                 f"    {w.pool}#{w.index} pid {w.pid} rss {w.rss / 2**20:.1f}MiB "
                 f"up {w.uptime:.0f}s job {jobs}{extra}"
             )
-    lines.append("")
-    lines.append(f"workers: {len(status.workers)}")
-    for w in status.workers:
-        lines.append(
-            f"  {w.worker_id}  queues={','.join(w.queues)} running={len(w.running)} "
-            f"reserved={len(w.reserved)} credit={w.credit} processed={w.processed} "
-            f"failed={w.failed}"
-        )
-    return "\n".join(lines)
+    pools = {pool.name for pool in sup.pools}
+    for w in sup.workers:  # a draining worker of a pool a reload removed
+        if w.pool not in pools:
+            lines.append(
+                f"    {w.pool}#{w.index} pid {w.pid} (pool removed) job {','.join(w.jobs) or '-'}"
+            )
+    return lines
 
 
-def human_jobs(page: Any) -> str:
-    lines = [f"{'id':32}  {'status':10} {'attempts':>8}  {'queue':12} task"]
+def _by_pool(workers: list[Any]) -> dict[str, list[Any]]:
+    """Connected workers by the pool their name gives (``host/pool#i/pid``,
+    as a supervisor names them; a worker named otherwise is under "-")."""
+    pools: dict[str, list[Any]] = {}
+    for w in workers:
+        parts = w.worker_id.split("/")
+        pool = parts[1].rsplit("#", 1)[0] if len(parts) == 3 and "#" in parts[1] else "-"
+        pools.setdefault(pool, []).append(w)
+    return dict(sorted(pools.items()))
+
+
+def human_jobs(page: Any) -> RenderableType:
+    """A page of jobs as a table: id, status, attempts, priority, queue,
+    task, when created, and the last error."""
+    from rich.console import Group
+
+    table = _table(
+        "id",
+        "status",
+        "attempts",
+        "priority",
+        "queue",
+        "task",
+        "created",
+        "error",
+        right=("attempts", "priority"),
+    )
     for info in page:
-        lines.append(
-            f"{info.id:32}  {info.status:10} {info.attempts:>8}  {info.queue:12} {info.task}"
+        error = f"{info.error.type}: {info.error.message}" if info.error else ""
+        table.add_row(
+            info.id,
+            info.status,
+            f"{info.attempts}/{info.max_attempts}",
+            str(info.priority),
+            info.queue,
+            info.task,
+            _when(info.created_at),
+            error[:80],
         )
-    if page.cursor:
-        lines.append(f"(more: --cursor {page.cursor})")
-    return "\n".join(lines)
+    if not page.cursor:
+        return table
+    return Group(table, f"(more: --cursor {page.cursor})")
 
 
 def human_flow(info: Any) -> str:

@@ -19,8 +19,15 @@ LEVELS = {
 }
 
 
-def configure(role: str, level: str = "info", fmt: str = "auto") -> None:
-    """Configure structlog for this process, as ``role`` (broker, worker ...)."""
+#: The level of a worker's lines per job (see :func:`job_line`); None: off.
+_job_level: int | None = logging.INFO
+
+
+def configure(role: str, level: str = "info", fmt: str = "auto", jobs: str = "info") -> None:
+    """Configure structlog for this process, as ``role`` (broker, worker ...);
+    ``jobs`` is the level of the lines per job ("debug", "info" or "off")."""
+    global _job_level
+    _job_level = LEVELS.get(jobs)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(role=role, pid=os.getpid())
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -44,3 +51,12 @@ def configure(role: str, level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def job_line(event: str, *, failed: bool = False, **fields: Any) -> None:
+    """Log one line about a job (``job.received``, ``job.succeeded`` ...) at
+    the level ``[log] jobs`` sets (a ``failed`` try at warning or above),
+    unless it is "off" or below the log's level."""
+    if _job_level is not None:
+        level = max(_job_level, logging.WARNING) if failed else _job_level
+        structlog.get_logger().log(level, event, **fields)

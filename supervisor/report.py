@@ -17,7 +17,7 @@ import structlog
 from corral.broker.protocol import PoolInfo, ProcessInfo, SupervisorInfo
 from corral.errors import CorralError
 from corral.supervisor.children import Children
-from corral.supervisor.monitor import vouched
+from corral.supervisor.monitor import cpu_seconds, vouched
 from corral.supervisor.pool import Pool
 from corral.supervisor.process import Child
 
@@ -96,6 +96,7 @@ class BrokerLink:
                 entry.child.retiring,
                 identity=entry.child.identity,
                 vouched=vouched(entry.child, now, children.liveness),
+                cpu=round(cpu_seconds(entry.child.pid) or 0.0, 3),
             )
             for entry in children.running()
         ]

@@ -35,11 +35,67 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
         log.error("broker.cannot_start", error=str(exc))
         return 2
     broker.install_signal_handlers()
+    server = _serve_metrics(broker.core.metrics, config.metrics.listen)
+    events = _publish_events(broker, config.broker)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
-    broker.run()
+    try:
+        broker.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+        if events is not None:
+            events.close()
     return 0
+
+
+def _publish_events(broker: Any, settings: Any) -> Any:
+    """Publish the broker's events on ``settings.events_endpoint`` (its socket
+    file with the mode and group of the broker's other ipc sockets); one
+    that cannot be bound is logged (``events.cannot_bind``) and the broker
+    goes on without them."""
+    endpoint = settings.events_endpoint
+    if endpoint is None:
+        return None
+    import zmq
+
+    from corral.broker import access
+    from corral.broker.events import Events, bind_publisher
+    from corral.errors import CorralError
+
+    try:
+        sock = bind_publisher(zmq.Context.instance(), endpoint)
+    except zmq.ZMQError as exc:
+        log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
+        return None
+    try:
+        access.secure_socket(endpoint, settings)
+    except CorralError as exc:
+        sock.close(linger=0)
+        log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
+        return None
+    events = Events(sock)
+    broker.core.attach_events(events)
+    log.info("events.publishing", endpoint=endpoint)
+    return events
+
+
+def _serve_metrics(metrics: Any, listen: str | None) -> Any:
+    """Serve the broker's Prometheus metrics on ``listen``; a port that
+    cannot be bound is logged (``metrics.cannot_listen``) and the broker
+    goes on without them: metrics never take the queue down."""
+    if metrics is None or listen is None:
+        return None
+    from corral.broker.metrics import serve
+
+    try:
+        server = serve(metrics, listen)
+    except OSError as exc:
+        log.error("metrics.cannot_listen", listen=listen, error=str(exc))
+        return None
+    log.info("metrics.listening", listen=listen)
+    return server
 
 
 def pool_registry(config: Any, pool: Any) -> Registry:
@@ -85,7 +141,7 @@ def run_worker(
 
     check_worker_keys(config)
 
-    logs.configure("worker", config.log.level, config.log.format)
+    logs.configure("worker", config.log.level, config.log.format, config.log.jobs)
     structlog.contextvars.bind_contextvars(pool=pool.name, index=index)
     if registry is None:
         registry = pool_registry(config, pool)

@@ -189,10 +189,24 @@ class Env:
         self.procs.append(proc)
         return proc
 
-    def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run a CLI command to completion."""
+    def run(
+        self,
+        *args: str,
+        timeout: float = 60.0,
+        stdin: str | None = None,
+        cwd: Path | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a CLI command to completion (in the home directory unless
+        ``cwd``; ``environ`` adds to the environment; ``stdin`` is its input)."""
         return subprocess.run(
-            [CORRAL, *args], cwd=self.home, capture_output=True, text=True, timeout=timeout
+            [CORRAL, *args],
+            cwd=cwd or self.home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=stdin,
+            env={**os.environ, **environ} if environ else None,
         )
 
     def client(self, timeout: float = 10.0) -> corral.Client:

@@ -21,7 +21,7 @@ from corral.broker import protocol as p
 from corral.broker.clock import FakeClock, StepDetector
 from corral.broker.log import Log
 from corral.broker.records import ClockStepped
-from corral.cliformat import human_status
+from corral.cliformat import as_text, human_status
 
 HOUR = 3600.0
 STEPS = [pytest.param(-HOUR, id="back"), pytest.param(HOUR, id="forward")]
@@ -96,7 +96,7 @@ def test_a_step_is_logged_with_its_size_and_direction_and_counted(
     assert event["log_level"] == "warning"
     assert status_stats(broker)["clock_steps"] == 1
     status = broker.request(p.GetStatus(broker.next_req())).status
-    assert "wall clock: stepped 1 time(s)" in human_status(status)
+    assert "wall clock: stepped 1 time(s)" in as_text(human_status(status))
     (record,) = logged_steps(broker)
     assert record.delta == pytest.approx(step)
     assert record.at == pytest.approx(broker.clock.time() - 2.0)
@@ -116,7 +116,9 @@ def test_time_passing_and_small_corrections_are_not_steps(tmp_path: Path) -> Non
             broker.advance(0.5)
     assert not [e for e in logs if e["event"] == "broker.clock_stepped"]
     assert status_stats(broker).get("clock_steps", 0) == 0
-    assert "wall clock" not in human_status(broker.request(p.GetStatus(broker.next_req())).status)
+    assert "wall clock" not in as_text(
+        human_status(broker.request(p.GetStatus(broker.next_req())).status)
+    )
     assert logged_steps(broker) == []
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import Env, json_events, wait_for
 
+import corral
 from corral.workers.registry import load_plugins
 
 
@@ -37,6 +38,37 @@ def test_every_line_has_role_and_pid_and_job_lines_have_the_job(env: Env) -> Non
         assert line["attempt"] == 1
         assert line["role"] == "worker"
         assert line["pid"] == worker_pid
+
+
+@pytest.mark.parametrize("jobs", ["info", "off"])
+def test_a_worker_logs_a_line_per_job_received_and_ended_with_its_duration(
+    env: Env, jobs: str
+) -> None:
+    env.config.write_text(
+        env.config.read_text().replace('format = "json"', f'format = "json"\njobs = "{jobs}"')
+    )
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    ok = client.enqueue("e2e.square", 4)
+    bad = client.enqueue("e2e.order", {"item": 1}, max_attempts=1)
+    assert client.result(ok, timeout=30) == 16
+    with pytest.raises(corral.JobFailed):
+        client.result(bad, timeout=30)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+    lines = [x for x in json_events(daemon.output()) if x["event"].startswith("job.")]
+    if jobs == "off":
+        assert lines == []
+        return
+    by = {(x["event"], x["job_id"]): x for x in lines}
+    for job_id, task in ((ok, "e2e.square"), (bad, "e2e.order")):
+        received = by["job.received", job_id]
+        assert (received["task"], received["attempt"], received["level"]) == (task, 1, "info")
+    succeeded = by["job.succeeded", ok]
+    assert succeeded["level"] == "info" and 0 <= succeeded["seconds"] < 30
+    failed = by["job.failed", bad]  # a payload the task refuses: failed, no retry
+    assert failed["level"] == "warning" and failed["error"].startswith("ValidationError")
 
 
 #: Logs ``lines`` JSON lines to stderr through corral's logging set-up.

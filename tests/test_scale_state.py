@@ -269,7 +269,7 @@ def test_status_counts_come_from_kept_counts() -> None:
         max_size=120,
     )
 )
-def test_pages_walk_every_job_once_in_creation_order(ops: list[tuple[str, int]]) -> None:
+def test_pages_walk_every_job_once_in_creation_order_either_way(ops: list[tuple[str, int]]) -> None:
     state = JobState()
     rng = random.Random(0)
     n = 0
@@ -283,15 +283,18 @@ def test_pages_walk_every_job_once_in_creation_order(ops: list[tuple[str, int]])
                 state.apply(Cancelled(job_id, NOW))
                 state.apply(Removed(job_id))
         else:
-            seen: list[str] = []
-            cursor = None
-            while True:
-                page, cursor = state_views.list_jobs(state, limit=1 + arg % 7, cursor=cursor)
-                seen += [job.id for job in page]
-                if cursor is None:
-                    break
-            expected = sorted(state.jobs.values(), key=lambda j: j.seq)
-            assert seen == [job.id for job in expected]
+            expected = [j.id for j in sorted(state.jobs.values(), key=lambda j: j.seq)]
+            for newest in (False, True):
+                seen: list[str] = []
+                cursor = None
+                while True:
+                    page, cursor = state_views.list_jobs(
+                        state, limit=1 + arg % 7, cursor=cursor, newest=newest
+                    )
+                    seen += [job.id for job in page]
+                    if cursor is None:
+                        break
+                assert seen == (expected[::-1] if newest else expected)
     assert [j.id for j in state.index] == [
         j.id for j in sorted(state.jobs.values(), key=lambda j: j.seq)
     ]

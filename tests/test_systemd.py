@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -199,3 +200,38 @@ def test_the_watchdog_goes_on_while_the_broker_replays_a_long_log(env: Env) -> N
         before = seen[: next(i for i, m in enumerate(seen) if "READY=1" in m)]
         assert any("EXTEND_TIMEOUT_USEC=" in m for m in before)
         assert sum("WATCHDOG=1" in m for m in before) >= 2, before
+
+
+def test_the_generated_unit_runs_this_installs_corral_on_the_given_config(env: Env) -> None:
+    from pathlib import Path
+
+    done = env.run("systemd-unit", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    settings = {}
+    for line in done.stdout.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), value.strip())
+    for key in ("ExecStartPre", "ExecStart"):
+        program, *args = settings[key].split()
+        assert Path(program).is_absolute() and Path(program).is_file(), settings[key]
+        assert Path(program).resolve() == Path(CORRAL).resolve()
+        assert args[-2:] == ["-c", str(env.config.resolve())]
+    assert settings["ExecStart"].split()[1] == "run"
+    assert settings["ExecStartPre"].split()[1] == "check-config"
+    doc = settings.get("Documentation", "")
+    assert not doc or Path(doc.removeprefix("file://")).is_file(), doc
+    # the tests' home is under /tmp: the unit's PrivateTmp would hide the config
+    assert "PrivateTmp=yes hides" in done.stderr
+    # what the unit runs works: its ExecStartPre passes on this config
+    check = subprocess.run(settings["ExecStartPre"].split(), capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    # systemd's own check of the unit, where this machine has it
+    analyze = shutil.which("systemd-analyze")
+    if analyze:
+        unit = env.home / "corral.service"
+        unit.write_text(done.stdout)
+        verified = subprocess.run(
+            [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+        )
+        assert verified.returncode == 0, verified.stderr

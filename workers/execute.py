@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from corral import logs
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL
 from corral.context import JobContext
@@ -31,6 +32,17 @@ REPORT_OVERHEAD = 64 * 1024
 #: Longest error message and traceback kept, in characters.
 MAX_MESSAGE_CHARS = 8 * 1024
 MAX_TRACEBACK_CHARS = 32 * 1024
+
+
+#: The line logged per outcome kind (``error``: the broker retries it if
+#: attempts remain, else it fails).
+_OUTCOME_EVENTS = {
+    "ok": "job.succeeded",
+    "error": "job.errored",
+    "fail": "job.failed",
+    "retry": "job.retry_asked",
+    "interrupted": "job.interrupted",
+}
 
 
 class Execution:
@@ -64,6 +76,9 @@ class Execution:
     def prepare(self) -> tuple[Any, ...] | p.Outcome:
         """The handler's arguments, or the outcome if it cannot run."""
         d, definition = self.d, self.definition
+        logs.job_line(
+            "job.received", job_id=d.job_id, task=d.task, attempt=d.attempt, queue=d.queue
+        )
         if definition is None:
             known = ", ".join(self._registry.names()) or "nothing"
             return self.outcome(
@@ -123,9 +138,7 @@ class Execution:
         if isinstance(error, Fail):
             return self.outcome("fail", error=error_info(error))
         if error is not None:
-            info = error_info(error)
-            log.warning("worker.job_error", error=f"{info.type}: {info.message}")
-            return self.outcome("error", error=info)
+            return self.outcome("error", error=error_info(error))
         try:
             result = p.encode_value(value)
         except Exception as exc:  # any value msgpack cannot hold, whatever it raises
@@ -161,7 +174,20 @@ class Execution:
         delay: float | None = None,
     ) -> p.Outcome:
         d = self.d
-        return p.Outcome(d.job_id, d.lease, kind, result, error, delay, self.started, time.time())
+        ended = time.time()
+        outcome = p.Outcome(d.job_id, d.lease, kind, result, error, delay, self.started, ended)
+        fields: dict[str, Any] = {"seconds": round(ended - self.started, 6)}
+        if error is not None:
+            fields["error"] = f"{error.type}: {error.message[:200]}"
+        logs.job_line(
+            _OUTCOME_EVENTS.get(kind, f"job.{kind}"),
+            failed=error is not None and kind != "retry",
+            job_id=d.job_id,
+            task=d.task,
+            attempt=d.attempt,
+            **fields,
+        )
+        return outcome
 
 
 def error_info(exc: BaseException) -> p.ErrorInfo:

@@ -1,17 +1,21 @@
-"""Pieces the soak tests share: knobs from the environment, the config,
-producers that enqueue continuously into a History, and the final wait."""
+"""Pieces the fault tests share: the two profiles and their knobs, the
+config, the producer process, faults recorded as they are injected, and the
+final wait."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
-import threading
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Env, render_config
 
 import corral
@@ -19,6 +23,8 @@ import corral
 from .history import MISSING, TERMINAL, History
 
 TASK = "soak.record"
+#: The tests directory: on the producer's path, so it imports ``faults.*``.
+TESTS = str(Path(__file__).resolve().parent.parent)
 
 
 def env_int(name: str, default: int) -> int:
@@ -29,6 +35,52 @@ def env_int(name: str, default: int) -> int:
 def env_float(name: str, default: float) -> float:
     value = os.environ.get(name, "").strip()
     return float(value) if value else default
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big a fault test runs: ``fast`` (inside ``make test``, fixed small
+    counts) or ``full`` (``make soak``, counts from CORRAL_SOAK_* knobs)."""
+
+    name: str
+
+    @property
+    def full(self) -> bool:
+        return self.name == "full"
+
+    def count(self, knob: str, fast: int, full: int) -> int:
+        """``fast`` in the fast profile; else the knob, ``full`` by default."""
+        return env_int(knob, full) if self.full else fast
+
+    def seconds(self, knob: str, fast: float, full: float) -> float:
+        return env_float(knob, full) if self.full else fast
+
+
+FAST, FULL = Profile("fast"), Profile("full")
+#: ``@pytest.mark.parametrize("profile", PROFILES)``: the same test in both
+#: profiles, the full one marked ``soak``.
+PROFILES = [pytest.param(FAST, id="fast"), pytest.param(FULL, id="full", marks=pytest.mark.soak)]
+
+
+def inject(history: History, what: str, pid: int, sig: int = signal.SIGKILL) -> bool:
+    """Record the fault ``what`` ("broker", "worker", "stop") on ``pid`` in
+    ``history``, then send ``sig``; False (and nothing recorded) if the
+    process was gone already."""
+    fault = history.fault(what, pid)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        history.faults.remove(fault)
+        return False
+    return True
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The ``fraction`` (0..1) percentile of ``values``, nearest rank; NaN if none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
 def write_config(env: Env, **options: Any) -> None:
@@ -42,11 +94,11 @@ def write_config(env: Env, **options: Any) -> None:
 
 
 class Producers:
-    """Threads that enqueue ``soak.record`` jobs at about ``rate`` jobs per
-    second in all, each thread with its own ``corral.Client``. Every job is
-    an invocation of ``history`` (token ``p<thread>-<n>``), acknowledged only
-    once ``enqueue`` returned its id; even threads call ``enqueue``, odd ones
-    ``enqueue_many`` with 1 to ``max_batch`` jobs."""
+    """A producer process (``faults.producer``) that enqueues ``soak.record``
+    jobs at about ``rate`` jobs per second, on ``threads`` threads, until
+    stopped. It writes its invocations to a file, read into ``history`` when
+    it stops; the handlers write their runs to ``record_path``. ``seconds``
+    bounds how long each job's handler sleeps; ``timeout`` is the client's."""
 
     def __init__(
         self,
@@ -61,91 +113,67 @@ class Producers:
         seconds: tuple[float, float] = (0.0, 0.05),
         timeout: float = 2.0,
     ) -> None:
-        self.endpoint = endpoint
         self.history = history
-        self.record_path = str(record_path)
-        self.seed = seed
-        self.rate = rate
-        self.max_batch = max_batch
-        self.seconds = seconds
         self.timeout = timeout
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(i, threads), name=f"producer-{i}", daemon=True)
-            for i in range(threads)
-        ]
-        self.errors: list[BaseException] = []
+        self.path = record_path.with_name(record_path.name + ".invocations")
+        self.log_path = record_path.with_name(record_path.name + ".producer.log")
+        self.args = [
+            sys.executable, "-m", "faults.producer",
+            "--endpoint", endpoint,
+            "--history", str(self.path),
+            "--record", str(record_path),
+            "--seed", str(seed),
+            "--threads", str(threads),
+            "--rate", str(rate),
+            "--max-batch", str(max_batch),
+            "--seconds", str(seconds[0]), str(seconds[1]),
+            "--timeout", str(timeout),
+        ]  # fmt: skip
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Producers:
-        for thread in self._threads:
-            thread.start()
+        environ = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, *sys.path]))
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self.args, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if exc[0] is None:
+            self.stop()
+        else:
+            self.kill()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
 
     def stop(self) -> None:
-        """Stop and join every thread; raise the first unexpected error."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(self.timeout + 30)
-            assert not thread.is_alive(), f"{thread.name} did not stop"
-        if self.errors:
-            raise self.errors[0]
-
-    def _run(self, index: int, threads: int) -> None:
-        rng = random.Random(f"{self.seed}-{index}")
-        interval = threads / self.rate
-        client = corral.Client(self.endpoint, timeout=self.timeout)
-        seq = 0
-        next_at = time.monotonic()
+        """SIGTERM the producer, wait for its last outcomes, load them into
+        the history; fail, with its output, if it did not exit 0."""
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        proc.send_signal(signal.SIGTERM)
         try:
-            while not self._stop.is_set():
-                size = 1 if index % 2 == 0 else rng.randint(1, self.max_batch)
-                tokens = [f"p{index}-{seq + i}" for i in range(size)]
-                seq += size
-                jobs = [
-                    corral.Job(
-                        TASK,
-                        {
-                            "path": self.record_path,
-                            "token": t,
-                            "seconds": rng.uniform(*self.seconds),
-                        },
-                    )
-                    for t in tokens
-                ]
-                self._enqueue(client, index, tokens, jobs)
-                next_at = max(next_at + size * interval, time.monotonic() - 1.0)
-                self._stop.wait(max(0.0, next_at - time.monotonic()))
+            code = proc.wait(self.timeout + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError("the producer did not stop on SIGTERM") from None
         finally:
-            client.close()
+            self.history.load_invocations(self.path)
+        assert code == 0, f"the producer exited {code}:\n{self.log_path.read_text()[-5000:]}"
 
-    def _enqueue(
-        self, client: corral.Client, index: int, tokens: list[str], jobs: list[corral.Job]
-    ) -> None:
-        for token in tokens:
-            self.history.invoke(token)
-        try:
-            if index % 2 == 0:
-                ids = [client.enqueue(jobs[0].task, jobs[0].payload)]
-            else:
-                ids = client.enqueue_many(jobs)
-        except corral.BrokerUnavailable as exc:
-            for token in tokens:
-                self.history.unknown(token, str(exc))
-        except (corral.DiskFull, corral.BrokerError) as exc:  # refused by the broker
-            for token in tokens:
-                self.history.fail(token, repr(exc))
-        except BaseException as exc:
-            for token in tokens:
-                self.history.unknown(token, repr(exc))
-            self.errors.append(exc)
-            self._stop.set()
-        else:
-            assert len(ids) == len(tokens), (ids, tokens)
-            for token, job_id in zip(tokens, ids, strict=True):
-                self.history.ok(token, job_id)
+    def kill(self) -> None:
+        """SIGKILL the producer (teardown after a failure)."""
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait(10)
+            self._proc = None
 
 
 def list_statuses(client: corral.Client, queue: str = "default") -> dict[str, str]:

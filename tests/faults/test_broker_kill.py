@@ -1,12 +1,27 @@
-"""Soak: the broker SIGKILLed again and again under a steady load.
+"""Fault 1 of issue 12: the broker SIGKILLed at random moments under a
+steady load, with ``fsync = "always"`` and ``"interval"``; and the same
+set-up without faults.
 
-Knobs: CORRAL_SOAK_KILLS (30), CORRAL_SOAK_UPTIME (longest time the broker
-runs between kills, 4 s), CORRAL_SOAK_RATE (jobs/s, 40), CORRAL_SOAK_SEED.
-About 2-3 minutes with the defaults.
+One producer process and a supervisor with 2 worker processes against a
+bare ``corral broker``. The history (see history.py) gives what must hold:
+
+- no acknowledged enqueue lost, nothing ran that nobody asked for, every
+  acknowledged job ``succeeded``;
+- per kill, no more re-runs than the jobs in flight at that moment;
+- no re-run that no kill explains (a job still in a worker's prefetch
+  buffer, run there and by another worker after the restart);
+- without faults, no job runs twice.
+
+Knobs of the full profile (``make soak``): CORRAL_SOAK_KILLS (200 per fsync
+mode), CORRAL_SOAK_UPTIME (longest time the broker runs between kills,
+4 s), CORRAL_SOAK_RATE (jobs/s, 40), CORRAL_SOAK_CALM_SECONDS (the run
+without faults, 60 s), CORRAL_SOAK_SEED. The fast profile: 5 kills per
+mode, uptime up to 1 s, 4 s without faults.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import signal
 import time
@@ -15,69 +30,117 @@ from collections.abc import Callable
 import pytest
 from conftest import Env
 
-from .harness import Producers, env_float, env_int, final_statuses, write_config
-from .history import History
+from .harness import PROFILES, Producers, Profile, final_statuses, inject, write_config
+from .history import History, Verdict
 
 PROCESSES, CONCURRENCY, PREFETCH = 2, 2, 2
+#: The fix this waits for: a worker that re-registers after a broker restart
+#: offers back the jobs it holds (issue 12, "Broker restart").
+PREFETCH_BUG = (
+    "issue 12, broker restart: jobs a worker held when the broker died (in its prefetch "
+    "buffer, or started as it died) run again after the restart: the worker runs them and "
+    "the new broker hands them out again; fix under way on branch restart-dupes"
+)
 
 
-@pytest.mark.soak
-def test_broker_kill_soak(
-    env: Env, soak_rng: random.Random, soak_report: Callable[[str], None]
-) -> None:
-    kills = env_int("CORRAL_SOAK_KILLS", 30)
-    uptime = env_float("CORRAL_SOAK_UPTIME", 4.0)
-    rate = env_float("CORRAL_SOAK_RATE", 40.0)
-    write_config(
-        env,
-        fsync="always",
-        processes=PROCESSES,
-        concurrency=CONCURRENCY,
-        prefetch=PREFETCH,
-    )
-    record = env.home / "executions"
-    history = History()
-
+def start_pool(env: Env, fsync: str) -> None:
+    write_config(env, fsync=fsync, processes=PROCESSES, concurrency=CONCURRENCY, prefetch=PREFETCH)
     broker = env.start("broker", name="broker-0")
     env.wait_ready(broker)
     env.start("supervisor")
     env.wait_workers(PROCESSES)
 
-    acked_at_kill = []
+
+def settle(env: Env, history: History) -> Verdict:
+    """Wait for every acknowledged job to end; the verdict on the run."""
+    record = env.home / "executions"
+    acked = history.acknowledged()
+    statuses = final_statuses(env, acked, timeout=max(120.0, len(acked) / 10))
+    history.load_executions(record)
+    return history.check(final=True, statuses=statuses)
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval"])
+@pytest.mark.parametrize("profile", PROFILES)
+def test_broker_kill(
+    env: Env,
+    profile: Profile,
+    fsync: str,
+    soak_rng: random.Random,
+    soak_report: Callable[[str], None],
+) -> None:
+    kills = profile.count("CORRAL_SOAK_KILLS", 5, 200)
+    uptime = profile.seconds("CORRAL_SOAK_UPTIME", 1.0, 4.0)
+    rate = profile.seconds("CORRAL_SOAK_RATE", 40.0, 40.0)
+    start_pool(env, fsync)
+    broker = env.procs[0]
+    history = History()
+    seed = soak_rng.randrange(2**32)
+
     started = time.monotonic()
-    with Producers(env.endpoint, history, record, seed=soak_rng.randrange(2**32), rate=rate):
+    with Producers(env.endpoint, history, env.home / "executions", seed=seed, rate=rate):
         for n in range(1, kills + 1):
             time.sleep(soak_rng.uniform(0.5, uptime))
-            acked_at_kill.append(history.counts()["ok"])
-            broker.signal(signal.SIGKILL)
+            assert inject(history, "broker", broker.pid), broker.output()[-3000:]
             assert broker.wait(10) == -signal.SIGKILL
-            # Down for a moment or, now and then, past the workers'
-            # heartbeat window (3 s), so that they reconnect.
+            # Down for a moment or, now and then, past the workers' liveness
+            # window (3 s), so that they reconnect.
             time.sleep(soak_rng.choice([0.0, 0.0, soak_rng.uniform(0.0, 4.0)]))
             broker = env.start("broker", name=f"broker-{n}")
             env.wait_ready(broker, timeout=60)
         time.sleep(1.0)  # a last stretch under load with the broker up
     faults_took = time.monotonic() - started
+    verdict = settle(env, history)
 
-    acked = history.acknowledged()
-    statuses = final_statuses(env, acked, timeout=max(120.0, len(acked) / 10))
-    history.load_executions(record)
-    verdict = history.check(final=True, statuses=statuses)
-
-    under_load = sum(1 for a, b in zip([0, *acked_at_kill], acked_at_kill, strict=False) if b > a)
-    bound = kills * PROCESSES * (CONCURRENCY + PREFETCH)
+    windows = verdict.kill_windows()
+    acked_at = sorted(
+        inv.completed_at
+        for inv in history.invocations.values()
+        if inv.outcome == "ok" and inv.completed_at is not None
+    )
+    bounds = [started, *(f.at for f in history.faults)]
+    under_load = sum(1 for a, b in itertools.pairwise(bounds) if any(a < t < b for t in acked_at))
+    unexplained = verdict.unexplained_reruns()
     soak_report(
-        f"kills={kills} under_load={under_load} took={faults_took:.0f}s "
+        f"fsync={fsync} kills={kills} under_load={under_load} took={faults_took:.0f}s "
         f"invocations={history.counts()} executions={len(history.executions)}"
     )
-    soak_report(verdict.summary() + f" duplicate_bound={bound}")
+    soak_report(
+        verdict.summary()
+        + f" in_flight_at_kills={sum(len(w.in_flight) for w in windows)}"
+        + f" most_reruns_per_kill={max((w.duplicates for w in windows), default=0)}"
+        + f" unexplained_reruns={len(unexplained)}"
+    )
 
-    assert acked, "no job was acknowledged"
+    assert history.acknowledged(), "no job was acknowledged"
     assert under_load >= kills // 2, f"only {under_load} of {kills} kills came under load"
     assert verdict.valid, verdict.describe()
     assert not verdict.not_succeeded, verdict.describe()
-    # At least once across a broker kill (DESIGN-NOTES: a worker that
-    # re-registers does not offer its jobs back, so they run again): every
-    # duplicate comes from a kill, and a kill can make run again at most what
-    # the workers held then.
-    assert verdict.extra_executions <= bound, verdict.describe()
+    unexplained_ids = {r.job_id for r in unexplained}
+    for window in windows:
+        explained = [r for r in window.reruns if r.job_id not in unexplained_ids]
+        assert len(explained) <= len(window.in_flight), (window, verdict.describe())
+    if unexplained:
+        stories = "\n".join(verdict.story(r.job_id) for r in unexplained[:3])
+        pytest.xfail(f"{PREFETCH_BUG}: {len(unexplained)} re-runs, e.g.\n{stories}")
+    for window in windows:
+        assert window.duplicates <= len(window.in_flight), (window, verdict.describe())
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_run_without_faults_runs_nothing_twice(
+    env: Env, profile: Profile, soak_rng: random.Random, soak_report: Callable[[str], None]
+) -> None:
+    seconds = profile.seconds("CORRAL_SOAK_CALM_SECONDS", 4.0, 60.0)
+    rate = profile.seconds("CORRAL_SOAK_RATE", 40.0, 40.0)
+    start_pool(env, "always")
+    history = History()
+    seed = soak_rng.randrange(2**32)
+    with Producers(env.endpoint, history, env.home / "executions", seed=seed, rate=rate):
+        time.sleep(seconds)
+    verdict = settle(env, history)
+    soak_report(f"seconds={seconds:g} invocations={history.counts()} " + verdict.summary())
+    assert history.acknowledged(), "no job was acknowledged"
+    assert verdict.valid, verdict.describe()
+    assert not verdict.not_succeeded, verdict.describe()
+    assert not verdict.more_than_once, verdict.describe()

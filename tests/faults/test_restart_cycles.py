@@ -1,9 +1,10 @@
-"""Soak: `corral run` stopped with SIGTERM and started again, many times,
+"""Fault: `corral run` stopped with SIGTERM and started again, many times,
 with jobs in flight.
 
-Knobs: CORRAL_SOAK_RESTARTS (20), CORRAL_SOAK_UPTIME (longest time the
-daemon runs between stops, 4 s), CORRAL_SOAK_RATE (jobs/s, 30),
-CORRAL_SOAK_SEED. About 2 minutes with the defaults.
+Knobs of the full profile (``make soak``): CORRAL_SOAK_RESTARTS (20),
+CORRAL_SOAK_UPTIME (longest time the daemon runs between stops, 4 s),
+CORRAL_SOAK_RATE (jobs/s, 30), CORRAL_SOAK_SEED; about 2 minutes. The fast
+profile: 2 cycles of at most 1.5 s.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from collections.abc import Callable
 import pytest
 from conftest import Env
 
-from .harness import Producers, env_float, env_int, final_statuses, write_config
+from .harness import PROFILES, Producers, Profile, final_statuses, write_config
 from .history import History
 
 PROCESSES, CONCURRENCY, PREFETCH = 2, 2, 2
 
 
-@pytest.mark.soak
-def test_restart_cycles_soak(
-    env: Env, soak_rng: random.Random, soak_report: Callable[[str], None]
+@pytest.mark.parametrize("profile", PROFILES)
+def test_restart_cycles(
+    env: Env, profile: Profile, soak_rng: random.Random, soak_report: Callable[[str], None]
 ) -> None:
-    cycles = env_int("CORRAL_SOAK_RESTARTS", 20)
-    uptime = env_float("CORRAL_SOAK_UPTIME", 4.0)
-    rate = env_float("CORRAL_SOAK_RATE", 30.0)
+    cycles = profile.count("CORRAL_SOAK_RESTARTS", 2, 20)
+    uptime = profile.seconds("CORRAL_SOAK_UPTIME", 1.5, 4.0)
+    rate = profile.seconds("CORRAL_SOAK_RATE", 30.0, 30.0)
     write_config(
         env, fsync="always", processes=PROCESSES, concurrency=CONCURRENCY, prefetch=PREFETCH
     )

@@ -39,11 +39,13 @@ def test_state_dir_and_sockets_are_the_owners_alone(env: Env) -> None:
     state = env.home / "state"
     state.mkdir(mode=0o755)
     os.chmod(state, 0o755)  # as a package or systemd might make it
+    env.write_config(extra_broker=f'events_endpoint = "ipc://{env.home}/e.sock"')
     broker = env.start("broker")
     env.wait_ready(broker)
+    wait_for(lambda: (env.home / "e.sock").exists(), 30, message="the events socket")
     assert _mode(state) == 0o700
-    assert _mode(env.home / "c.sock") == 0o600
-    assert _mode(env.home / "w.sock") == 0o600
+    for name in ("c.sock", "w.sock", "e.sock"):
+        assert _mode(env.home / name) == 0o600, name
     client = env.client()
     client.enqueue("e2e.square", 3)  # a log segment, a lock: written under a 0077 umask
     files = [path for path in state.rglob("*") if path.is_file()]
@@ -74,10 +76,14 @@ def test_socket_group_opens_the_sockets_and_lets_the_group_reach_them(env: Env) 
 
 
 def test_socket_mode_for_everyone(env: Env) -> None:
-    env.write_config(extra_broker="socket_mode = 0o666")
+    env.write_config(
+        extra_broker=f'socket_mode = 0o666\nevents_endpoint = "ipc://{env.home}/e.sock"'
+    )
     broker = env.start("broker")
     env.wait_ready(broker)
+    wait_for(lambda: (env.home / "e.sock").exists(), 30, message="the events socket")
     assert _mode(env.home / "c.sock") == 0o666
+    assert _mode(env.home / "e.sock") == 0o666
     assert _mode(env.home / "state") == 0o700  # no socket in it: still the owner's alone
 
 

@@ -7,8 +7,9 @@ backs off (the poison jobs are charged, not the pool), the daemon stays up,
 no acknowledged job is lost, every poison job ends failed, and once
 ``corral run`` stops no process of its session is left.
 
-Knobs: CORRAL_SOAK_SUPERVISOR_MINUTES (30), CORRAL_SOAK_RATE (jobs/s, 20),
-CORRAL_SOAK_SEED.
+Knobs of the full profile (``make soak``): CORRAL_SOAK_SUPERVISOR_MINUTES
+(30), CORRAL_SOAK_RATE (jobs/s, 20), CORRAL_SOAK_SEED. The fast profile
+runs 9 s (two or three faults).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from conftest import Env, Proc, broker_processes, wait_for
 
 import corral
 
-from .harness import Producers, env_float, final_statuses, write_config
+from .harness import PROFILES, Producers, Profile, final_statuses, write_config
 from .history import History
 
 DYN = """import corral
@@ -132,12 +133,12 @@ def start(env: Env) -> tuple[Proc, Path]:
     return daemon, module
 
 
-@pytest.mark.soak
+@pytest.mark.parametrize("profile", PROFILES)
 def test_a_pool_survives_poison_jobs_broker_kills_and_reloads(
-    env: Env, soak_rng: random.Random, soak_report: Callable[[str], None]
+    env: Env, profile: Profile, soak_rng: random.Random, soak_report: Callable[[str], None]
 ) -> None:
-    minutes = env_float("CORRAL_SOAK_SUPERVISOR_MINUTES", 30.0)
-    rate = env_float("CORRAL_SOAK_RATE", 20.0)
+    minutes = profile.seconds("CORRAL_SOAK_SUPERVISOR_MINUTES", 0.15, 30.0)
+    rate = profile.seconds("CORRAL_SOAK_RATE", 20.0, 20.0)
     daemon, module = start(env)
     faults = Faults(env, daemon, module)
     record = env.home / "executions"
