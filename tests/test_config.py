@@ -257,7 +257,10 @@ def test_unknown_key_top_level() -> None:
     message = config_error('pool = "x"\n')
     assert message.startswith("test.toml: pool: unknown key")
     assert 'did you mean "pools"?' in message
-    assert "known keys: broker, client, log, pools, python_path, schedules, security" in message
+    assert (
+        "known keys: broker, client, log, metrics, pools, python_path, schedules, security"
+        in message
+    )
 
 
 def test_unknown_key_in_broker() -> None:
