@@ -2,15 +2,22 @@
 flow or job yet to be made has, and unique keys no other job holds. Each
 check raises InvalidJob (or returns the refusal) naming what clashed with
 what, rather than letting a job take another's place in a flow, lose a
-callback, or make a second holder of a key. Reads the job state only."""
+callback, or make a second holder of a key. Reads the job state only.
+
+Also what a replayed log may hold: :func:`check_replayed_payloads`."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from operator import attrgetter
+
 from corral.broker.flowbook import FlowBook
-from corral.broker.job import Job
+from corral.broker.job import BLOB_HEAD, Job
 from corral.broker.jobspec import InvalidJob, JobSpec, ids_of, with_callback
+from corral.broker.protocol import TERMINAL
 from corral.broker.records import FlowCreated
 from corral.broker.state import JobState
+from corral.errors import ConfigError
 
 
 class Admission:
@@ -116,3 +123,37 @@ class Admission:
                     f"{FlowBook.place(flow, index)} needs; retry {job.id} once it has ended"
                 )
         return None
+
+
+_BLOB = attrgetter("blob")
+_TPL = attrgetter("tpl")
+_PAYLOAD = attrgetter("payload")
+
+
+def check_replayed_payloads(jobs: Collection[Job], max_payload: int | None) -> None:
+    """Refuse to start on a log whose unfinished jobs carry payloads over
+    ``max_payload`` bytes (the limit was lowered, or an older version wrote
+    them): they would run with what an enqueue now refuses. Nothing is
+    dropped: the message says how far to raise the limit. Ended jobs never
+    run again and are not checked (nor anything, for a ``max_payload`` of
+    None). Raises ConfigError."""
+    if max_payload is None:
+        return
+    # at C speed first (a replay of a million jobs waits on this): the
+    # largest blob (a pristine job's head and payload) and the largest
+    # payload of a whole creation record; each job is looked at only if
+    # one of them is over the limit
+    blobs = max(map(len, filter(None, map(_BLOB, jobs))), default=0)
+    records = max(map(len, map(_PAYLOAD, map(_TPL, jobs))), default=0)
+    if blobs - BLOB_HEAD.size <= max_payload and records <= max_payload:
+        return
+    over = [job for job in jobs if job.payload_size > max_payload and job.status not in TERMINAL]
+    if not over:
+        return
+    largest = max(over, key=lambda job: job.payload_size)
+    raise ConfigError(
+        f"broker.max_payload: the log holds {len(over)} unfinished job(s) whose payload is "
+        f"over max_payload ({max_payload} bytes), the largest {largest.payload_size} bytes "
+        f"(job {largest.id}); raise broker.max_payload to at least {largest.payload_size} "
+        "until they have run, then lower it again"
+    )

@@ -38,6 +38,7 @@ import structlog
 
 from corral.broker import flows
 from corral.broker import protocol as p
+from corral.broker.admission import check_replayed_payloads
 from corral.broker.clock import Clock, StepDetector, SystemClock
 from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher, count_malformed
@@ -116,6 +117,7 @@ class BrokerCore:
             broker_id=self.broker_id,
             state_dir=self.state_dir,
             on_ended=self.ended,
+            max_payload=bc.max_payload,
         )
         self.compactor = Compactor(self.log, defaults)
         self.housekeeper = Housekeeper(
@@ -147,7 +149,8 @@ class BrokerCore:
         """Rebuild the state from the log, then log what recovery decides:
         jobs that were running go back to their queue (the interrupted try
         not counted), and follow-ups owed by finished jobs are created (or
-        held, if the disk is full)."""
+        held, if the disk is full). Raises ConfigError for an unfinished job
+        whose payload is over ``broker.max_payload``."""
         started = time.monotonic()
         count = 0
         # A replay makes a million long-lived objects at once: a cyclic
@@ -163,6 +166,7 @@ class BrokerCore:
         finally:
             gc.enable()
         self._freeze()
+        check_replayed_payloads(self.state.jobs.values(), self.config.broker.max_payload)
         recovered = self.state.recovery_records()
         for record in recovered:
             self.journal.record(record)
@@ -330,6 +334,15 @@ class BrokerCore:
                 # from its last member's end, as a replay would count it
                 ended = self.state.flowbook.finished_at(flow.id)
                 self.housekeeper.flow_finished(flow, ended or now)
+
+    def key_revoked(self, side: str, identity: bytes) -> None:
+        """The broker refused a message from ``identity`` on ``side``: its
+        CURVE key was removed since it connected. A worker's registration
+        goes at once and its jobs back to their queue (its supervisor may
+        still vouch for the process, and it would otherwise hold them)."""
+        conn = self.dispatcher.workers.get(identity) if side == WORKER else None
+        if conn is not None:
+            self.dispatcher.lose(conn, self.clock.time(), self.clock.monotonic(), "key revoked")
 
     def close(self) -> None:
         """Stop a compaction under way, then sync and close the log."""

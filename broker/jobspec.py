@@ -103,9 +103,16 @@ _NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def validate_spec(spec: JobSpec) -> None:
-    """Refuse a spec the broker cannot take (callbacks included); the error
-    names the field. Raises InvalidJob."""
+def validate_spec(spec: JobSpec, max_payload: int | None = None) -> None:
+    """Refuse a spec the broker cannot take (callbacks included): a payload
+    over ``max_payload`` bytes of msgpack among the rest; the error names
+    the field. Raises InvalidJob."""
+    if max_payload is not None and len(spec.payload) > max_payload:
+        raise InvalidJob(
+            f"payload: {len(spec.payload)} bytes of msgpack (job {spec.id!r}) is over the "
+            f"broker's max_payload of {max_payload} bytes; pass a reference to the data "
+            "(a path, a URL, a key) instead, or raise broker.max_payload"
+        )
     if not spec.task or len(spec.task) > 200:
         raise InvalidJob("task: must be a non-empty name of at most 200 characters")
     if spec.queue is not None and (not spec.queue or len(spec.queue) > 200):
@@ -124,7 +131,7 @@ def validate_spec(spec: JobSpec) -> None:
         raise InvalidJob(f"priority: must fit in 32 bits, got {spec.priority}")
     for callback in (spec.on_success, spec.on_failure):
         if callback is not None:
-            validate_spec(callback)
+            validate_spec(callback, max_payload)
 
 
 def ids_of(spec: JobSpec) -> list[str]:

@@ -5,8 +5,9 @@ The loop polls both sockets, then runs one pass of the
 budget): handle, tick, commit the log once (group commit), send the
 replies, dispatch. Nothing that promises durability leaves before the
 fsync that covers it. This module owns what the core does not: the state
-directory's lock, the sockets and their CURVE authenticator, signals, and
-the exit on a failed fsync.
+directory's lock and modes, the sockets and their CURVE key ring
+(:mod:`corral.broker.auth`, re-read on SIGHUP), signals, and the exit on a
+failed fsync.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from typing import Any, cast
 import structlog
 import zmq
 
+from corral.broker import access
+from corral.broker.auth import KeyRing
 from corral.broker.clock import Clock
 from corral.broker.core import CLIENT, WORKER, BrokerCore
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, LogError
-from corral.transport import Authenticator, bind_router, check_tcp_allowed
+from corral.transport import bind_router
 
 log = structlog.get_logger()
 
@@ -53,7 +56,8 @@ class Broker:
         self.worker_sock: zmq.Socket[Any] | None = None
         self._poller = zmq.Poller()
         self._wake_r: socket.socket | None = None
-        self._auth: Authenticator | None = None
+        self._keys: KeyRing | None = None
+        self._reload_keys = False
 
     @property
     def broker_id(self) -> str:
@@ -66,23 +70,20 @@ class Broker:
     # ---------------------------------------------------------- lifecycle
 
     def open(self) -> None:
-        """Lock the state dir, replay the log, and bind both endpoints."""
+        """Check the key directories, lock the state dir (made owner-only),
+        replay the log, and bind both endpoints. Raises ConfigError."""
+        bc = self.config.broker
+        keys = KeyRing(self.config)  # before a long replay: a bad key dir fails fast
+        access.prepare_state_dir(bc)
         self._lock.acquire()
         self.core.replay()
         if self._ctx is None:
             self._ctx = zmq.Context()
-        bc = self.config.broker
-        if any(
-            check_tcp_allowed(e, self.config, server=True)
-            for e in (bc.client_endpoint, bc.worker_endpoint)
-        ):
-            self._auth = Authenticator(self._ctx, self.config.security.authorized_keys_dir)
-        self.client_sock = bind_router(
-            self._ctx, bc.client_endpoint, self.config, bc.max_message_size
-        )
-        self.worker_sock = bind_router(
-            self._ctx, bc.worker_endpoint, self.config, bc.max_message_size
-        )
+        if keys:
+            keys.start(self._ctx)
+            self._keys = keys
+        self.client_sock = self._bind(bc.client_endpoint, CLIENT)
+        self.worker_sock = self._bind(bc.worker_endpoint, WORKER)
         self._poller.register(self.client_sock, zmq.POLLIN)
         self._poller.register(self.worker_sock, zmq.POLLIN)
         self.core.attach(
@@ -97,9 +98,22 @@ class Broker:
             broker_id=self.broker_id,
         )
 
+    def _bind(self, endpoint: str, side: str) -> zmq.Socket[Any]:
+        """Bind one endpoint, in its side's ZAP domain; an ipc socket file
+        gets the mode and group the config asks for."""
+        assert self._ctx is not None
+        bc = self.config.broker
+        access.prepare_socket_dir(endpoint, bc)
+        sock: zmq.Socket[Any] = bind_router(
+            self._ctx, endpoint, self.config, bc.max_message_size, KeyRing.domain(side)
+        )
+        access.secure_socket(endpoint, bc)
+        return sock
+
     def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT stop the loop at the end of its pass; the
-        handler only sets a flag and wakes the poll through a socket pair."""
+        """SIGTERM and SIGINT stop the loop at the end of its pass, SIGHUP
+        re-reads the key directories; the handlers only set a flag and wake
+        the poll through a socket pair."""
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -107,11 +121,24 @@ class Broker:
         self._wake_w = wake_w
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         self._poller.register(wake_r, zmq.POLLIN)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._stopping = True
+        if signum == signal.SIGHUP:
+            self._reload_keys = True
+        else:
+            self._stopping = True
+
+    def reload_keys(self) -> None:
+        """Re-read the key directories (what SIGHUP does): a removed key's
+        connections are refused from their next message, an added key
+        connects at once."""
+        self._reload_keys = False
+        if self._keys is None:
+            log.info("broker.keys_reload_skipped", reason="no CURVE endpoint")
+            return
+        self._keys.reload()
 
     def stop(self) -> None:
         self._stopping = True
@@ -125,6 +152,8 @@ class Broker:
                 self._poller.poll(int(self.core.poll_timeout() * 1000))
                 if self._wake_r is not None:
                     self._drain_wakeups()
+                if self._reload_keys:
+                    self.reload_keys()
                 self.run_pass()
         except FsyncFailed as exc:
             log.critical(
@@ -154,9 +183,9 @@ class Broker:
             if sock is not None:
                 sock.close(linger=0)
         self.client_sock = self.worker_sock = None
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
+        if self._keys is not None:
+            self._keys.stop()
+            self._keys = None
         self.core.close()
         if self._own_ctx and self._ctx is not None:
             self._ctx.term()
@@ -184,14 +213,28 @@ class Broker:
                 if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     continue
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = self._recv(sock, side)
                 except zmq.Again:
                     continue
                 idle = False
                 budget -= 1
-                yield side, frames
+                if frames is not None:
+                    yield side, frames
             if idle:
                 return
+
+    def _recv(self, sock: zmq.Socket[Any], side: str) -> list[bytes] | None:
+        """One message, or None when the key ring refuses its sender (a key
+        removed since it connected). Raises zmq.Again."""
+        keys = self._keys
+        if keys is None or not keys.checks(side):
+            return sock.recv_multipart(zmq.NOBLOCK)
+        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        if not keys.admits(side, frames):
+            self.core.stats["auth_refused"] += 1
+            self.core.key_revoked(side, frames[0].bytes)
+            return None
+        return [frame.bytes for frame in frames]
 
 
 class RouterLink:

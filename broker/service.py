@@ -45,6 +45,7 @@ class ClientService:
         broker_id: str,
         state_dir: Path,
         on_ended: Ended,
+        max_payload: int | None = None,
     ) -> None:
         self.journal = journal
         self.state = journal.state
@@ -55,6 +56,8 @@ class ClientService:
         self.broker_id = broker_id
         self.state_dir = state_dir
         self._on_ended = on_ended
+        #: The largest payload (msgpack bytes) an enqueue may carry.
+        self.max_payload = max_payload
         #: The schedules and when each runs next (the housekeeper's; set by the core).
         self.schedules: Callable[[], list[p.ScheduleInfo]] = list
         self.admission = Admission(self.state)
@@ -113,7 +116,7 @@ class ClientService:
             return
         try:
             for spec in msg.jobs:
-                validate_spec(spec)
+                validate_spec(spec, self.max_payload)
             self.admission.check_batch(msg.jobs)
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
@@ -155,7 +158,7 @@ class ClientService:
                     f"{msg.kind!r} with {len(msg.jobs)} jobs"
                 )
             for spec in with_callback(msg.jobs, msg.callback):
-                validate_spec(spec)
+                validate_spec(spec, self.max_payload)
             validate_flow(msg.flow_id, msg.jobs, msg.callback, msg.result_ttl)
             if msg.flow_id not in self.state.flows:  # a resent flow is answered as before
                 self.admission.check_id(msg.flow_id, field="flow_id")

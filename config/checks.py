@@ -9,6 +9,8 @@ import re
 import zoneinfo
 from collections.abc import Iterator
 
+import msgspec
+
 from .schema import Config, PoolConfig, ScheduleConfig, connect_endpoint
 from .units import format_duration, format_size
 
@@ -30,8 +32,10 @@ def check(config: Config) -> list[Problem]:
     return [
         *_check_broker(config),
         *_check_endpoints(config),
+        *_check_keys(config),
         *_check_pools(config.pools),
         *_check_schedules(config.schedules),
+        *_check_schedule_payloads(config),
         *_check_metrics(config),
         *_check_events(config),
     ]
@@ -86,6 +90,12 @@ def _check_broker(config: Config) -> Iterator[Problem]:
             f"must be at most {format_size(MAX_LOG_RECORD)}, the largest record the log "
             "takes (one enqueue of one job is one record)",
         )
+    if broker.max_payload is not None and broker.max_payload > broker.max_message_size:
+        yield (
+            "broker.max_payload",
+            f"must be at most broker.max_message_size ({format_size(broker.max_message_size)}): "
+            "a payload travels in one message",
+        )
     # a segment keeps its header and room for records beside its reserve
     if broker.disk_reserve > broker.segment_size // 2:
         yield (
@@ -130,6 +140,42 @@ def _check_endpoints(config: Config) -> Iterator[Problem]:
             f"tcp endpoints need CURVE keys{origin}: set security.server_public_key to the "
             "broker's public key file, or security.allow_insecure_tcp = true",
         )
+
+
+def _check_keys(config: Config) -> Iterator[Problem]:
+    """A broker with CURVE on a tcp endpoint names whose keys it admits:
+    clients from authorized_keys_dir (or, said outright, any client key),
+    workers from worker_keys_dir, a directory apart."""
+    security = config.security
+    broker = config.broker
+    if not security.server_secret_key:
+        return
+    if _is_tcp(broker.client_endpoint or ""):
+        if security.authorized_keys_dir and security.allow_any_client_key:
+            yield (
+                "security.allow_any_client_key",
+                "cannot be true with security.authorized_keys_dir set: remove one of the two",
+            )
+        elif not (security.authorized_keys_dir or security.allow_any_client_key):
+            yield (
+                "security.authorized_keys_dir",
+                "a CURVE client endpoint needs the directory of the client keys it admits "
+                "(one <name>.key each); set security.allow_any_client_key = true to admit "
+                "any client key instead",
+            )
+    if _is_tcp(broker.worker_endpoint or ""):
+        if not security.worker_keys_dir:
+            yield (
+                "security.worker_keys_dir",
+                "a CURVE worker endpoint needs the directory of the worker keys it admits "
+                "(one <name>.key each), apart from the clients' authorized_keys_dir",
+            )
+        elif security.worker_keys_dir == security.authorized_keys_dir:
+            yield (
+                "security.worker_keys_dir",
+                "must not be security.authorized_keys_dir: a client's key could then "
+                "register as a worker; give the workers' keys their own directory",
+            )
 
 
 def _check_endpoint(path: str, endpoint: str) -> Iterator[Problem]:
@@ -207,6 +253,21 @@ def _check_schedules(schedules: list[ScheduleConfig]) -> Iterator[Problem]:
                 "; an unnamed schedule takes its task's name): set a distinct name",
             )
         seen.setdefault(schedule.name, index)
+
+
+def _check_schedule_payloads(config: Config) -> Iterator[Problem]:
+    """A schedule's payload fits in broker.max_payload, as an enqueued one must."""
+    limit = config.broker.max_payload
+    if limit is None:
+        return
+    for index, schedule in enumerate(config.schedules):
+        size = len(msgspec.msgpack.encode(schedule.payload))
+        if size > limit:
+            yield (
+                f"schedules[{index}].payload",
+                f"is {format_size(size)} as msgpack, over broker.max_payload "
+                f"({format_size(limit)}): make it smaller or raise max_payload",
+            )
 
 
 def _check_cron(path: str, cron: str) -> Iterator[Problem]:

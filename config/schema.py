@@ -41,12 +41,24 @@ ModuleName = Annotated[
     ),
 ]
 
+SocketMode = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0o600,
+        le=0o777,
+        description="a file mode in octal, like 0o660, that lets the owner read and write",
+    ),
+]
+
 FsyncPolicy = Literal["always", "interval", "never"]
 ConcurrencyMode = Literal["threads", "asyncio"]
 CatchUp = Literal["skip", "once"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 JobLines = Literal["debug", "info", "off"]
+
+#: ``broker.max_payload`` when unset (bytes), unless max_message_size is smaller.
+DEFAULT_MAX_PAYLOAD = 2**20
 
 _WILDCARD_HOST = re.compile(r"^tcp://(\*|0\.0\.0\.0|\[::\]|\[\*\]):")
 
@@ -75,9 +87,21 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     max_retries: NonNegativeInt = 25
     retry_backoff: Duration = 1.0
     retry_backoff_max: Duration = 600.0
+    #: The largest job payload (msgpack bytes) an enqueue may carry; checked
+    #: again on each job the log replays. Unset: 1 MiB, or max_message_size if smaller.
+    max_payload: PositiveSize | None = None
+    #: Mode of the ipc:// socket files (default 0o600, or 0o660 with
+    #: socket_group); the state directory opens to match. Write it in octal: 0o660.
+    socket_mode: SocketMode | None = None
+    #: Group that owns the ipc:// socket files (a name), for clients of another user.
+    socket_group: NonEmptyStr | None = None
 
     def __post_init__(self) -> None:
-        """Put the sockets in ``state_dir`` unless an endpoint was given."""
+        """Put the sockets in ``state_dir`` unless an endpoint was given;
+        bound payloads by ``DEFAULT_MAX_PAYLOAD`` (or ``max_message_size``)
+        unless ``max_payload`` was given."""
+        if self.max_payload is None:
+            force_setattr(self, "max_payload", min(DEFAULT_MAX_PAYLOAD, self.max_message_size))
         for name in ("client", "worker", "control"):
             field = f"{name}_endpoint"
             if getattr(self, field) is None:
@@ -150,14 +174,24 @@ class ClientConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
 
 
 class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """The ``[security]`` section: CURVE key files for tcp endpoints (paths, not keys)."""
+    """The ``[security]`` section: CURVE key files for tcp endpoints (paths, not keys).
+
+    ``authorized_keys_dir`` holds the public keys of the clients the broker
+    admits, ``worker_keys_dir`` those of its workers (kept apart, so a
+    client's key cannot register as a worker); SIGHUP re-reads both.
+    """
 
     allow_insecure_tcp: bool = False
     server_secret_key: NonEmptyStr | None = None
     server_public_key: NonEmptyStr | None = None
     client_secret_key: NonEmptyStr | None = None
     client_public_key: NonEmptyStr | None = None
+    #: The key pair this host's worker processes connect with; unset: client_secret_key.
+    worker_secret_key: NonEmptyStr | None = None
     authorized_keys_dir: NonEmptyStr | None = None
+    worker_keys_dir: NonEmptyStr | None = None
+    #: Admit any client key on a CURVE client endpoint (encrypted, not authenticated).
+    allow_any_client_key: bool = False
 
 
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

@@ -3,7 +3,8 @@
 tcp endpoints are encrypted and authenticated with CURVE unless the config
 says ``security.allow_insecure_tcp = true``. A CURVE server gets a ZAP
 domain with enforcement on, so a client whose key is not authorised (or any
-client, when the authenticator is not running) is refused.
+client, when the authenticator is not running) is refused; the broker's key
+sets and its ZAP handler are in :mod:`corral.broker.auth`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from corral.errors import ConfigError
 
 # A sync context makes zmq.Socket, a zmq.asyncio one zmq.asyncio.Socket.
 SocketT = TypeVar("SocketT", bound=zmq.Socket[Any])
-
-#: ZAP domain of every corral CURVE server.
-ZAP_DOMAIN = "corral"
 
 
 def is_tcp(endpoint: str) -> bool:
@@ -51,7 +49,8 @@ def _load_keypair(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
         mode = stat.S_IMODE(file.stat().st_mode)
         if mode & 0o077:
             raise ConfigError(
-                f"secret key file {file} is readable by others (mode {mode:o}); "
+                f"secret key file {file} is readable or writable by group or others "
+                f"(mode {mode:o}); "
                 f"run `chmod 600 {file}`"
             )
     public, secret_key = zmq.auth.load_certificate(file)
@@ -79,28 +78,17 @@ def check_tcp_allowed(endpoint: str, config: Any, *, server: bool) -> bool:
     )
 
 
-class Authenticator:
-    """The ZAP handler of a process with CURVE server sockets."""
-
-    def __init__(self, context: zmq.Context[Any], keys_dir: str | None) -> None:
-        from zmq.auth.thread import ThreadAuthenticator
-
-        self._auth = ThreadAuthenticator(context)
-        self._auth.start()
-        if keys_dir:
-            self._auth.configure_curve(domain=ZAP_DOMAIN, location=keys_dir)
-        else:
-            self._auth.configure_curve(domain=ZAP_DOMAIN, location=zmq.auth.CURVE_ALLOW_ANY)
-
-    def stop(self) -> None:
-        self._auth.stop()
-
-
 def bind_router(
-    context: zmq.Context[SocketT], endpoint: str, config: Any, max_message_size: int
+    context: zmq.Context[SocketT],
+    endpoint: str,
+    config: Any,
+    max_message_size: int,
+    zap_domain: str = "",
 ) -> SocketT:
     """A ROUTER for a broker endpoint: mandatory routing (no silent drops),
-    a message size cap, no linger, CURVE on tcp."""
+    a message size cap, no linger, CURVE on tcp, its clients authenticated
+    in the ZAP domain ``zap_domain`` (enforced: with no ZAP handler
+    running, every client is refused)."""
     curve = check_tcp_allowed(endpoint, config, server=True)
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -114,7 +102,7 @@ def bind_router(
         sock.curve_publickey = public
         sock.curve_secretkey = secret
         sock.curve_server = True
-        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.zap_domain = zap_domain.encode()
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     ensure_ipc_dir(endpoint)
     try:
@@ -126,10 +114,21 @@ def bind_router(
 
 
 def connect_dealer(
-    context: zmq.Context[SocketT], endpoint: str, config: Any, *, identity: bytes | None = None
+    context: zmq.Context[SocketT],
+    endpoint: str,
+    config: Any,
+    *,
+    identity: bytes | None = None,
+    worker: bool = False,
 ) -> SocketT:
-    """A DEALER to a broker endpoint, with CURVE client keys on tcp."""
-    curve = check_tcp_allowed(endpoint, config, server=False)
+    """A DEALER to a broker endpoint, with CURVE client keys on tcp: a
+    worker's (``worker``) are ``security.worker_secret_key`` if set, else,
+    like any client's, ``security.client_secret_key``."""
+    keys = (
+        _client_keys(endpoint, config, worker)
+        if check_tcp_allowed(endpoint, config, server=False)
+        else None
+    )
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -137,17 +136,31 @@ def connect_dealer(
     sock.setsockopt(zmq.RCVHWM, 100_000)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
-    if curve:
-        sec = _security(config)
-        server_public, _ = _load_keypair(sec.server_public_key, secret=False)
-        if not sec.client_secret_key:
-            raise ConfigError(f"{endpoint}: CURVE needs security.client_secret_key on this side")
-        public, secret = _load_keypair(sec.client_secret_key, secret=True)
-        sock.curve_serverkey = server_public
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
+    if keys is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = keys
     sock.connect(endpoint)
     return sock
+
+
+def check_worker_keys(config: Any) -> None:
+    """Load the keys a worker would connect with, so a bad key file stops a
+    worker or supervisor at its start rather than in its socket thread.
+    Raises ConfigError."""
+    endpoint = config.broker.worker_endpoint
+    if check_tcp_allowed(endpoint, config, server=False):
+        _client_keys(endpoint, config, worker=True)
+
+
+def _client_keys(endpoint: str, config: Any, worker: bool) -> tuple[bytes, bytes, bytes]:
+    """The broker's public key and this side's key pair, as z85. Raises ConfigError."""
+    sec = _security(config)
+    server_public, _ = _load_keypair(sec.server_public_key, secret=False)
+    secret_file = (worker and sec.worker_secret_key) or sec.client_secret_key
+    if not secret_file:
+        raise ConfigError(f"{endpoint}: CURVE needs security.client_secret_key on this side")
+    public, secret = _load_keypair(secret_file, secret=True)
+    assert secret is not None  # _load_keypair checked it
+    return server_public, public, secret
 
 
 def write_keypair(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:

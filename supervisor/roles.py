@@ -27,6 +27,7 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     from corral.errors import CorralError
 
     logs.configure("broker", config.log.level, config.log.format)
+    os.umask(0o077)  # its log, lock and sockets are the owner's (see corral.broker.access)
     try:
         broker = Broker(config)
         broker.open()
@@ -35,7 +36,7 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
         return 2
     broker.install_signal_handlers()
     server = _serve_metrics(broker.core.metrics, config.metrics.listen)
-    events = _publish_events(broker, config.broker.events_endpoint)
+    events = _publish_events(broker, config.broker)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
@@ -49,18 +50,29 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     return 0
 
 
-def _publish_events(broker: Any, endpoint: str | None) -> Any:
-    """Publish the broker's events on ``endpoint``; one that cannot be bound
-    is logged (``events.cannot_bind``) and the broker goes on without them."""
+def _publish_events(broker: Any, settings: Any) -> Any:
+    """Publish the broker's events on ``settings.events_endpoint`` (its socket
+    file with the mode and group of the broker's other ipc sockets); one
+    that cannot be bound is logged (``events.cannot_bind``) and the broker
+    goes on without them."""
+    endpoint = settings.events_endpoint
     if endpoint is None:
         return None
     import zmq
 
+    from corral.broker import access
     from corral.broker.events import Events, bind_publisher
+    from corral.errors import CorralError
 
     try:
         sock = bind_publisher(zmq.Context.instance(), endpoint)
     except zmq.ZMQError as exc:
+        log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
+        return None
+    try:
+        access.secure_socket(endpoint, settings)
+    except CorralError as exc:
+        sock.close(linger=0)
         log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
         return None
     events = Events(sock)
@@ -122,8 +134,12 @@ def run_worker(
     registry: Registry | None = None,
     status_fd: int | None = None,
 ) -> int:
-    """Run one worker of ``pool`` until it is told to stop or recycles."""
+    """Run one worker of ``pool`` until it is told to stop or recycles.
+    Raises ConfigError for a key file it cannot use."""
+    from corral.transport import check_worker_keys
     from corral.workers.runtime import Worker
+
+    check_worker_keys(config)
 
     logs.configure("worker", config.log.level, config.log.format, config.log.jobs)
     structlog.contextvars.bind_contextvars(pool=pool.name, index=index)

@@ -25,6 +25,7 @@ with those that do and fixes the difference. The parts each own one thing:
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,12 @@ class Supervisor:
     # ---------------------------------------------------------------- run
 
     def run(self) -> int:
+        """Run until stopped; returns the exit code. Raises ConfigError
+        (before anything starts) for a worker key file it cannot use."""
+        from corral.transport import check_worker_keys
+
+        if self.config.pools:
+            check_worker_keys(self.config)
         logs.configure("supervisor", self.config.log.level, self.config.log.format)
         set_title("corral: supervisor")
         self.control.install()
@@ -265,7 +272,10 @@ class Supervisor:
         """SIGHUP: check the config file and its plugins in a fresh
         interpreter (:class:`ReloadCheck`); :meth:`_finish_reload` applies
         it once the check passed. Pools that gave up restarting try again
-        at once."""
+        at once. The broker of ``corral run`` gets the SIGHUP too: it
+        re-reads its key directories."""
+        if self.broker is not None and self.broker.up:
+            self.broker.signal(signal.SIGHUP)
         if self.config_path is None:
             log.warning("supervisor.reload_skipped", reason="started without a config file")
             return

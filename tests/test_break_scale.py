@@ -62,7 +62,7 @@ def test_unroutable_since_is_the_oldest_ready_job_not_a_cancelled_one(env: Env) 
 def test_compacting_pristine_jobs_whose_payloads_sum_past_the_record_limit(
     tmp_path: Path,
 ) -> None:
-    limits = 'max_message_size = "16MiB"'
+    limits = 'max_message_size = "16MiB"\nmax_payload = "16MiB"'
     b = InProcessBroker(tmp_path / "state", fsync="never", extra=limits)
     big = b"x" * (13 * MiB)
     ids = [enqueue(b, [spec(f"big-{i}", payload=big)])[0] for i in range(5)]
@@ -188,7 +188,7 @@ def test_repair_names_every_job_of_a_damaged_batch_lost(tmp_path: Path) -> None:
 def test_an_enqueue_of_jobs_that_each_fit_is_accepted_whatever_their_sum(
     tmp_path: Path,
 ) -> None:
-    limits = 'segment_size = "256MiB"\nmax_message_size = "64MiB"'
+    limits = 'segment_size = "256MiB"\nmax_message_size = "64MiB"\nmax_payload = "64MiB"'
     b = InProcessBroker(tmp_path / "state", fsync="never", extra=limits)
     big = b"x" * (20 * MiB)
     ids = enqueue(b, [spec(f"big-{i}", payload=big) for i in range(3)])

@@ -377,8 +377,47 @@ def test_tcp_with_insecure_flag_or_keys_passes() -> None:
     tcp = '[broker]\nclient_endpoint = "tcp://*:5555"\nworker_endpoint = "tcp://*:5556"\n'
     insecure = loads(tcp + "[security]\nallow_insecure_tcp = true\n")
     assert insecure.broker.worker_endpoint == "tcp://*:5556"
-    keys = '[security]\nserver_secret_key = "s.key_secret"\nserver_public_key = "s.key"\n'
+    keys = (
+        '[security]\nserver_secret_key = "s.key_secret"\nserver_public_key = "s.key"\n'
+        'authorized_keys_dir = "clients"\nworker_keys_dir = "workers"\n'
+    )
     assert loads(tcp + keys).client.endpoint == "tcp://127.0.0.1:5555"
+
+
+def test_curve_broker_names_whose_keys_it_admits() -> None:
+    tcp = '[broker]\nclient_endpoint = "tcp://*:5555"\nworker_endpoint = "tcp://*:5556"\n'
+    keys = '[security]\nserver_secret_key = "s.key_secret"\nserver_public_key = "s.key"\n'
+    message = config_error(tcp + keys + 'worker_keys_dir = "workers"\n')
+    assert message.startswith("test.toml: security.authorized_keys_dir: a CURVE client endpoint")
+    assert "allow_any_client_key = true" in message
+    message = config_error(tcp + keys + 'authorized_keys_dir = "clients"\n')
+    assert message.startswith("test.toml: security.worker_keys_dir: a CURVE worker endpoint")
+    message = config_error(tcp + keys + 'authorized_keys_dir = "k"\nworker_keys_dir = "k"\n')
+    assert "security.worker_keys_dir: must not be security.authorized_keys_dir" in message
+    message = config_error(
+        tcp + keys + 'authorized_keys_dir = "c"\nworker_keys_dir = "w"\n'
+        "allow_any_client_key = true\n"
+    )
+    assert "security.allow_any_client_key: cannot be true with" in message
+    config = loads(tcp + keys + 'worker_keys_dir = "w"\nallow_any_client_key = true\n')
+    assert config.security.allow_any_client_key
+
+
+def test_payload_and_socket_settings() -> None:
+    config = loads('[broker]\nmax_payload = "64KiB"\nsocket_mode = 0o660\nsocket_group = "g"\n')
+    assert config.broker.max_payload == 64 * 1024
+    assert config.broker.socket_mode == 0o660
+    assert loads("").broker.max_payload == 2**20
+    assert loads('[broker]\nmax_message_size = "64KiB"\n').broker.max_payload == 64 * 1024
+    message = config_error('[broker]\nmax_payload = "32MiB"\n')
+    assert message.startswith("test.toml: broker.max_payload: must be at most")
+    message = config_error("[broker]\nsocket_mode = 660\n")
+    assert "broker.socket_mode: expected a file mode in octal, like 0o660" in message
+    message = config_error(
+        '[broker]\nmax_payload = "1KiB"\n[[schedules]]\ntask = "t"\nevery = "1m"\n'
+        'payload = "' + "x" * 2000 + '"\n'
+    )
+    assert "schedules[0].payload: is " in message and "over broker.max_payload" in message
 
 
 def test_derived_tcp_client_needs_public_key() -> None:

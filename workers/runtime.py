@@ -226,7 +226,7 @@ class Worker:
         self._identity = identity
         self._last_beat = 0.0  # tell the supervisor the new identity at once
         self._sock = connect_dealer(
-            self._ctx, self.options.endpoint, self.config, identity=identity
+            self._ctx, self.options.endpoint, self.config, identity=identity, worker=True
         )
         self._retry_at = None
         self._watch(self._sock)

@@ -1,0 +1,127 @@
+"""Who on this host may reach the broker: the modes of its state directory
+and of its ipc:// socket files.
+
+By default both are the owner's alone: the state directory 0700, each
+socket file 0600 (the broker process also runs under a 0077 umask, so
+nothing it writes is readable by others). ``broker.socket_mode`` and
+``broker.socket_group`` open the sockets to a group, or to everyone
+(``socket_group`` alone means 0660). A directory the broker creates for a
+socket, and the state directory when a socket lives in it, then open for
+traversal only (``x``, never ``r`` or ``w``) to the same people: they can
+reach the socket, not list the directory or read the log by name in a
+directory they cannot read (the log files themselves are 0600).
+
+The broker refuses a state directory that everyone may write: anyone could
+have replaced its log or its lock.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from corral.broker.framing import make_dirs
+from corral.errors import ConfigError
+
+#: A socket file's mode when the config gives none: the owner's alone.
+OWNER_ONLY = 0o600
+#: ... and when it names a socket_group: the owner's and the group's.
+WITH_GROUP = 0o660
+
+
+def socket_mode(broker: Any) -> int:
+    """The mode of the ipc:// socket files (``broker`` is the [broker] section)."""
+    if broker.socket_mode is not None:
+        return int(broker.socket_mode)
+    return WITH_GROUP if broker.socket_group else OWNER_ONLY
+
+
+def socket_gid(broker: Any) -> int | None:
+    """The gid of ``broker.socket_group``, or None. Raises ConfigError for a
+    group the system does not know."""
+    if not broker.socket_group:
+        return None
+    try:
+        return grp.getgrnam(broker.socket_group).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"broker.socket_group: no group named {broker.socket_group!r} on this host; "
+            "create it (groupadd) or name another"
+        ) from None
+
+
+def directory_mode(mode: int) -> int:
+    """The mode of a directory holding sockets of ``mode``: 0700, plus
+    search (``x``) for the group and others the sockets open to."""
+    return 0o700 | (0o010 if mode & 0o070 else 0) | (0o001 if mode & 0o007 else 0)
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    """The socket file of an ipc:// endpoint, else None."""
+    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
+
+
+def prepare_state_dir(broker: Any) -> None:
+    """Create the state directory (0700, or searchable by those the
+    sockets in it open to), or bring an existing one to that mode.
+
+    Raises ConfigError, naming the directory and the command to run, for a
+    directory that everyone may write or that the broker cannot chmod."""
+    state_dir = Path(broker.state_dir).absolute()
+    mode = socket_mode(broker)
+    gid = socket_gid(broker)
+    inside = [
+        path
+        for endpoint in (broker.client_endpoint, broker.worker_endpoint)
+        if (path := ipc_path(endpoint or "")) is not None and path.absolute().parent == state_dir
+    ]
+    wanted = directory_mode(mode) if inside else 0o700
+    if state_dir.is_dir():
+        current = stat.S_IMODE(state_dir.stat().st_mode)
+        if current & 0o002:
+            raise ConfigError(
+                f"broker.state_dir {state_dir} is writable by everyone (mode {current:o}), "
+                f"so anyone could have replaced its log; check what is in it, then run "
+                f"`chmod 700 {state_dir}`"
+            )
+    else:
+        make_dirs(state_dir.parent)
+        make_dirs(state_dir, 0o700)
+    _set_mode(state_dir, wanted, gid if inside and wanted & 0o010 else None, "broker.state_dir")
+
+
+def prepare_socket_dir(endpoint: str, broker: Any) -> None:
+    """Create the missing directory of an ipc:// socket, searchable by those
+    the socket opens to (an existing one is left as it is)."""
+    path = ipc_path(endpoint)
+    if path is None or path.parent.is_dir():
+        return
+    mode = socket_mode(broker)
+    make_dirs(path.parent, 0o700)
+    gid = socket_gid(broker)
+    _set_mode(path.parent, directory_mode(mode), gid, f"the directory of {endpoint}")
+
+
+def secure_socket(endpoint: str, broker: Any) -> None:
+    """Give a bound ipc:// socket file its mode and group. Raises ConfigError."""
+    path = ipc_path(endpoint)
+    if path is None:
+        return
+    _set_mode(path, socket_mode(broker), socket_gid(broker), endpoint)
+
+
+def _set_mode(path: Path, mode: int, gid: int | None, what: str) -> None:
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+        if stat.S_IMODE(path.stat().st_mode) != mode:
+            os.chmod(path, mode)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what}: cannot set {path} to mode {mode:o}"
+            + (f" and group {gid}" if gid is not None else "")
+            + f": {exc.strerror or exc}; run corral as the owner of {path}"
+        ) from None

@@ -1,0 +1,262 @@
+"""Who may talk to the broker over tcp: the CURVE key sets and their ZAP handler.
+
+Clients and workers are authorised apart: ``security.authorized_keys_dir``
+holds the public keys (``<name>.key``) of clients (the CLI, ``corral.Client``,
+and a supervisor, whose reports are a client's calls), ``security.worker_keys_dir``
+those of worker processes (``security.worker_secret_key`` on their host,
+else its ``client_secret_key``). Each endpoint's ROUTER is in its own ZAP domain
+(:data:`CLIENT_DOMAIN`, :data:`WORKER_DOMAIN`), so a client's key is refused
+on the worker endpoint and the other way round. pyzmq's
+``ThreadAuthenticator`` answers the ZAP requests; it asks a
+:class:`KeySet` per domain (``configure_curve_callback``) rather than
+loading the directories itself, because its own directory mode has one
+``allow_any`` flag for every domain and logs, rather than raises, a
+directory it cannot read.
+
+A tcp endpoint with CURVE and no key directory refuses to start; only the
+client endpoint may say ``security.allow_any_client_key = true`` (logged as
+a warning). :meth:`KeyRing.reload` re-reads both directories; the broker
+calls it on SIGHUP (``corral reload`` and the supervisor's reload send one
+to the broker too). A reload that fails (a directory gone, or now writable
+by others) keeps the sets it had and logs why.
+
+A connection keeps the key it was admitted with, and a ROUTER cannot close
+one peer's connection, so a key removed by a reload is enforced on each
+message instead: :meth:`KeyRing.admits` checks the message's ``User-Id``
+(the z85 client key, which the ZAP handler sets) against the current set,
+and the broker drops what it refuses (counted as ``auth_refused``). A
+revoked worker's registration goes at its first refused message (its
+supervisor may still vouch for the process) and its jobs go to other
+workers; a new connection with that key is refused at the handshake.
+
+Key files are checked the way ssh checks its own: a secret key readable or
+writable by group or others is refused (``chmod 600``), and so is a key
+directory, or a key in it, that group or others may write (``chmod go-w``):
+whoever can write there can authorise a key.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from corral.errors import ConfigError
+from corral.transport import is_tcp
+
+log = structlog.get_logger()
+
+#: ZAP domains of the broker's two CURVE endpoints.
+CLIENT_DOMAIN = "corral-client"
+WORKER_DOMAIN = "corral-worker"
+
+#: The two sides (the same strings as corral.broker.core.CLIENT / WORKER).
+CLIENT, WORKER = "client", "worker"
+
+#: At most this many refused connections are remembered, so that each is
+#: logged once (the set is cleared when full: memory stays bounded).
+_REFUSED_LOGGED_MAX = 1024
+
+
+def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
+    """The z85 public keys of the ``*.key`` files in ``directory``.
+
+    Raises ConfigError naming the directory or file and what to run when
+    the directory is missing, when it or a key in it is writable by group
+    or others, or when a key file cannot be read."""
+    import zmq.auth
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise ConfigError(
+            f"security.{setting}: {path} is not a directory; create it "
+            f"(`mkdir -m 700 {path}`) and put one <name>.key per authorised key in it"
+        )
+    _refuse_writable_by_others(path, setting)
+    keys = set()
+    for file in sorted(path.glob("*.key")):
+        _refuse_writable_by_others(file, setting)
+        try:
+            public, _ = zmq.auth.load_certificate(file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"security.{setting}: cannot read the key file {file}: {exc}"
+            ) from None
+        if public:
+            keys.add(public.decode("ascii"))
+    return frozenset(keys)
+
+
+def _refuse_writable_by_others(path: Path, setting: str) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o022:
+        raise ConfigError(
+            f"security.{setting}: {path} is writable by group or others (mode {mode:o}), so "
+            f"anyone could authorise a key; run `chmod go-w {path}`"
+        )
+
+
+@dataclass
+class KeySet:
+    """The keys one side may use; pyzmq's authenticator calls :meth:`callback`
+    on its thread. ``keys`` is replaced whole on a reload (one assignment,
+    so the thread sees the old set or the new one)."""
+
+    side: str
+    setting: str
+    directory: str | None
+    allow_any: bool = False
+    keys: frozenset[str] = frozenset()
+
+    def load(self) -> None:
+        """Read the directory (nothing to read when any key is allowed).
+        Raises ConfigError."""
+        if self.directory is not None and not self.allow_any:
+            self.keys = load_key_dir(self.directory, self.setting)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP: whether the z85 client ``key`` may connect."""
+        return self.allow_any or key.decode("ascii", "replace") in self.keys
+
+    def admits(self, user_id: str) -> bool:
+        return self.allow_any or user_id in self.keys
+
+
+class KeyRing:
+    """The key sets of the broker's CURVE endpoints, and the ZAP handler
+    that applies them. Built from the config (raises ConfigError when a
+    CURVE endpoint has no key directory, or a directory is refused);
+    :meth:`start` runs the handler on ``context``."""
+
+    def __init__(self, config: Any) -> None:
+        sec = config.security
+        bc = config.broker
+        self.sets: dict[str, KeySet] = {}
+        if sec.server_secret_key and is_tcp(bc.client_endpoint):
+            if not sec.authorized_keys_dir and not sec.allow_any_client_key:
+                raise ConfigError(
+                    f"broker.client_endpoint {bc.client_endpoint} uses CURVE but "
+                    "security.authorized_keys_dir is not set, so any key would be admitted: "
+                    "set it to a directory of the clients' <name>.key files, or set "
+                    "security.allow_any_client_key = true to admit any client key"
+                )
+            self.sets[CLIENT] = KeySet(
+                CLIENT,
+                "authorized_keys_dir",
+                sec.authorized_keys_dir,
+                allow_any=sec.allow_any_client_key and not sec.authorized_keys_dir,
+            )
+        if sec.server_secret_key and is_tcp(bc.worker_endpoint):
+            if not sec.worker_keys_dir:
+                raise ConfigError(
+                    f"broker.worker_endpoint {bc.worker_endpoint} uses CURVE but "
+                    "security.worker_keys_dir is not set: set it to a directory of the "
+                    "workers' <name>.key files (apart from the clients' authorized_keys_dir)"
+                )
+            self.sets[WORKER] = KeySet(WORKER, "worker_keys_dir", sec.worker_keys_dir)
+        for keyset in self.sets.values():
+            keyset.load()
+        self._auth: Any = None
+        self._refused_logged: set[bytes] = set()
+
+    def __bool__(self) -> bool:
+        """Whether any endpoint uses CURVE."""
+        return bool(self.sets)
+
+    @staticmethod
+    def domain(side: str) -> str:
+        """The ZAP domain of ``side``'s endpoint."""
+        return CLIENT_DOMAIN if side == CLIENT else WORKER_DOMAIN
+
+    def checks(self, side: str) -> bool:
+        """Whether messages on ``side`` are checked against a key set."""
+        keyset = self.sets.get(side)
+        return keyset is not None and not keyset.allow_any
+
+    def start(self, context: zmq.Context[Any]) -> None:
+        """Run pyzmq's ZAP handler on ``context``, one domain per side."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(context)
+        self._auth.start()
+        for side, keyset in self.sets.items():
+            self._auth.configure_curve_callback(self.domain(side), keyset)
+            if keyset.allow_any:
+                log.warning(
+                    "broker.any_client_key",
+                    endpoint="client",
+                    hint="security.allow_any_client_key = true: any client key is admitted; "
+                    "set security.authorized_keys_dir to admit only known keys",
+                )
+            else:
+                log.info(
+                    "broker.keys_loaded",
+                    side=side,
+                    directory=keyset.directory,
+                    keys=len(keyset.keys),
+                )
+
+    def reload(self) -> bool:
+        """Re-read every key directory (SIGHUP). All or nothing: if one
+        fails, every set stays as it was and the error is logged. Returns
+        whether it took effect."""
+        loaded: dict[str, frozenset[str]] = {}
+        try:
+            for side, keyset in self.sets.items():
+                if keyset.directory is not None and not keyset.allow_any:
+                    loaded[side] = load_key_dir(keyset.directory, keyset.setting)
+        except (ConfigError, OSError) as exc:
+            log.error(
+                "broker.keys_reload_failed",
+                error=str(exc),
+                hint="the keys loaded before stay in force; fix this and send SIGHUP again",
+            )
+            return False
+        for side, keys in loaded.items():
+            old = self.sets[side].keys
+            self.sets[side].keys = keys
+            log.info(
+                "broker.keys_reloaded",
+                side=side,
+                keys=len(keys),
+                added=len(keys - old),
+                revoked=len(old - keys),
+            )
+        self._refused_logged.clear()
+        return True
+
+    def admits(self, side: str, frames: list[zmq.Frame]) -> bool:
+        """Whether a message received on ``side`` (uncopied frames, the
+        routing id first) comes from a key that is still authorised; a
+        refusal is counted and logged once per connection."""
+        keyset = self.sets.get(side)
+        if keyset is None:
+            return True
+        try:
+            user_id = frames[0].get("User-Id")
+        except zmq.ZMQError:  # no metadata: not a CURVE connection
+            user_id = None
+        if isinstance(user_id, str) and keyset.admits(user_id):
+            return True
+        identity = frames[0].bytes
+        if identity not in self._refused_logged:
+            if len(self._refused_logged) >= _REFUSED_LOGGED_MAX:
+                self._refused_logged.clear()
+            self._refused_logged.add(identity)
+            log.warning(
+                "broker.key_refused",
+                side=side,
+                key=user_id,
+                hint=f"this key is no longer in security.{keyset.setting}; its messages "
+                "are dropped, and a new connection with it is refused",
+            )
+        return False
+
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
