@@ -98,7 +98,7 @@ class BrokerCore:
         self.journal = Journal(self.state, self.log)
         self.stats = self.journal.stats
         self.replies = Replies()
-        self.waiters = Waiters(self.state, self.replies)
+        self.waiters = Waiters(self.state, self.replies, self.stats)
         self.dispatcher = Dispatcher(
             self.journal,
             heartbeat_interval=bc.heartbeat_interval,

@@ -54,6 +54,8 @@ class Replies:
 
     def __init__(self) -> None:
         self.pending: list[tuple[bytes, bytes]] = []
+        #: The held replies' bodies, summed (bytes).
+        self.size = 0
 
     def __bool__(self) -> bool:
         return bool(self.pending)
@@ -62,11 +64,14 @@ class Replies:
         return len(self.pending)
 
     def add(self, identity: bytes, msg: p.Msg) -> None:
-        self.pending.append((identity, p.encode(msg)))
+        body = p.encode(msg)
+        self.pending.append((identity, body))
+        self.size += len(body)
 
     def flush(self, link: ClientLink) -> int:
         """Send every held reply; returns how many."""
         pending, self.pending = self.pending, []
+        self.size = 0
         for identity, body in pending:
             link.send(identity, body)
         return len(pending)

@@ -591,15 +591,8 @@ _BOUND = repr(FLOAT_MAX)
 def _req_of(frame: bytes) -> int:
     """The request number of a frame that did not validate: the second
     element of its array, if that is a non-negative int (else 0)."""
-    try:
-        value = msgspec.msgpack.decode(frame)
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-        return 0
-    if isinstance(value, list) and len(value) > 1:
-        req = value[1]
-        if type(req) is int and 0 <= req < 2**63:
-            return req
-    return 0
+    req = wirepath.head(frame)[1]
+    return req if req is not None and 0 <= req < 2**63 else 0
 
 
 _encoder = msgspec.msgpack.Encoder()

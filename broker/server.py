@@ -7,13 +7,38 @@ replies, dispatch. Nothing that promises durability leaves before the
 fsync that covers it. This module owns what the core does not: the state
 directory's lock, the sockets and their CURVE authenticator, signals, and
 the exit on a failed fsync.
+
+Hostile or runaway peers (see ``tests/faults/test_hostile*.py``) are met
+here by bounds, none of which drops a message silently:
+
+- a pass reads at most :data:`DRAIN_BUDGET` messages, for at most
+  :data:`PASS_SECONDS`, and stops once its held replies reach
+  :data:`REPLY_BYTES`: a flood delays a legitimate request by one short
+  pass at most, not by the flood (ZeroMQ's fair queueing takes one message
+  per peer in turn), and the replies a pass holds stay bounded;
+- a message of more than two frames is read no further than its third: the
+  rest are let go uncopied, and it is counted malformed;
+- per peer, ZeroMQ holds at most its receive high-water mark of messages
+  (then the peer is pushed back, nothing is lost) and its send high-water
+  mark of replies (then a reply is counted ``replies_blocked``); each frame
+  is at most ``broker.max_message_size`` (``ZMQ_MAXMSGSIZE``: a peer that
+  sends a larger one is disconnected);
+- once a flood is over, the memory it took is handed back to the system
+  (``malloc_trim``), at most every :data:`TRIM_EVERY` seconds.
+
+The tables kept per peer (workers, parked result waits, supervisors, task
+names) bound themselves; see their modules.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import signal
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, cast
@@ -29,8 +54,19 @@ from corral.transport import Authenticator, bind_router, check_tcp_allowed
 
 log = structlog.get_logger()
 
-#: Messages handled per socket per pass before the loop commits and replies.
+#: Messages handled per pass (both sockets) before the loop commits and replies.
 DRAIN_BUDGET = 20_000
+#: Longest a pass reads messages before it commits and replies (seconds).
+PASS_SECONDS = 0.05
+#: A pass stops reading once the replies it holds reach this size (bytes).
+REPLY_BYTES = 16 * 1024 * 1024
+#: Frames in a message: [identity, body]. A message with more is read no
+#: further than one frame past this.
+FRAMES = 2
+#: Messages read since the last trim before an idle loop trims the heap.
+TRIM_AFTER = 1_000
+#: Least seconds between two trims of the heap.
+TRIM_EVERY = 10.0
 
 
 class Broker:
@@ -54,6 +90,9 @@ class Broker:
         self._poller = zmq.Poller()
         self._wake_r: socket.socket | None = None
         self._auth: Authenticator | None = None
+        #: Messages read since the heap was last trimmed, and when that was.
+        self._since_trim = 0
+        self._trimmed_at = 0.0
 
     @property
     def broker_id(self) -> str:
@@ -143,8 +182,26 @@ class Broker:
         self.close()
 
     def run_pass(self) -> None:
-        """One pass of the core over what the sockets hold now."""
+        """One pass of the core over what the sockets hold now; an idle one
+        after a flood gives the flood's memory back."""
+        read = self._since_trim
         self.core.run_pass(self._inbound())
+        if self._since_trim == read and self._since_trim >= TRIM_AFTER:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Hand the heap's free memory back to the system (glibc's
+        ``malloc_trim``; nothing elsewhere): the flood's messages were freed
+        but their pages stay with the process otherwise."""
+        now = time.monotonic()
+        if now - self._trimmed_at < TRIM_EVERY:
+            return
+        self._trimmed_at = now
+        self._since_trim = 0
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
+            self.stats["heap_trims"] += 1
 
     def poll_timeout(self) -> float:
         return self.core.poll_timeout()
@@ -177,21 +234,53 @@ class Broker:
         budget: read lazily, so each is handled before the next is read."""
         assert self.client_sock is not None and self.worker_sock is not None
         budget = DRAIN_BUDGET
+        until = time.monotonic() + PASS_SECONDS
+        replies = self.core.replies
         sockets = ((self.worker_sock, WORKER), (self.client_sock, CLIENT))
         while budget > 0:
             idle = True
             for sock, side in sockets:
                 if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     continue
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
+                frames = _recv(sock)
+                if frames is None:
                     continue
                 idle = False
                 budget -= 1
+                self._since_trim += 1
                 yield side, frames
-            if idle:
+            if idle or time.monotonic() > until or replies.size >= REPLY_BYTES:
                 return
+
+
+def _recv(sock: zmq.Socket[Any]) -> list[bytes] | None:
+    """The next message's frames (None: there is none). Past
+    :data:`FRAMES` + 1 frames the rest are let go uncopied: the message is
+    malformed anyway, and the core counts it so."""
+    try:
+        frames = [sock.recv(zmq.NOBLOCK)]
+    except zmq.Again:
+        return None
+    while sock.getsockopt(zmq.RCVMORE):
+        if len(frames) > FRAMES:
+            sock.recv(copy=False)
+        else:
+            frames.append(sock.recv())
+    return frames
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None on another C library."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 class RouterLink:

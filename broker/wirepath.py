@@ -11,6 +11,8 @@ tests that send NaN and infinities to each. Leaf module: msgspec, stdlib.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -47,14 +49,14 @@ def _inner(info: mi.Type) -> mi.Type:
     return info
 
 
-def _step(info: mi.Type, index: str | None, name: str | None, value: Any) -> tuple[mi.Type, str]:
-    """Follow one path step into ``info``; returns the type reached and its spelling."""
+def _step(info: mi.Type, index: str | None, name: str | None, tag: Any) -> tuple[mi.Type, str]:
+    """Follow one path step into ``info`` (a tagged union's member by
+    ``tag``); returns the type reached and its spelling."""
     info = _inner(info)
     if isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
         return info.item_type, f"[{index}]"
     if isinstance(info, mi.DictType):
         return info.value_type, "[...]"
-    tag = value[0] if isinstance(value, list) and value else None
     struct = _struct_of(info, tag)
     if struct is None:
         raise LookupError(index or name)
@@ -68,27 +70,48 @@ def _step(info: mi.Type, index: str | None, name: str | None, value: Any) -> tup
     return field.type, f".{field.name}"
 
 
+_items = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_text = msgspec.msgpack.Decoder(str)
+_int = msgspec.msgpack.Decoder(int)
+
+
+def head(frame: bytes) -> tuple[str | None, int | None]:
+    """The tag and the second element (a request number) of a frame that
+    holds an array, where they are a str and an int; each None if not. Reads
+    only those two elements, however deep the rest is nested."""
+    try:
+        items = _items.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None, None
+    found: list[Any] = [None, None]
+    for i, decoder in enumerate((_text, _int)):
+        if len(items) > i:
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                found[i] = decoder.decode(items[i])
+    return found[0], found[1]
+
+
+@functools.cache
+def _type_info(tp: Any) -> mi.Type:
+    """msgspec's description of ``tp`` (built once: it takes milliseconds)."""
+    return mi.type_info(tp)
+
+
 def named_path(tp: Any, frame: bytes, path: str) -> str:
     """``path`` (msgspec's, after the ``$``) spelt with the field names of
     ``tp``, the type ``frame`` was decoded as, e.g. ``GetResult.wait``.
-    Returns ``"$" + path`` when the frame or the path cannot be followed."""
+    Returns ``"$" + path`` when the path cannot be followed."""
+    tag, _ = head(frame)
     try:
-        value: Any = msgspec.msgpack.decode(frame)
-        info: mi.Type = mi.type_info(tp)
-        root = _struct_of(info, value[0] if isinstance(value, list) and value else None)
+        info: mi.Type = _type_info(tp)
+        root = _struct_of(info, tag)
         spelt = [root.cls.__name__ if root is not None else "$"]
         for match in _STEP.finditer(path):
-            index, name = match.group(1), match.group(2)
-            info, text = _step(info, index, name, value)
+            info, text = _step(info, match.group(1), match.group(2), tag)
+            tag = None  # only the root is a tagged union
             spelt.append(text)
-            if index is not None and index != "..." and isinstance(value, list):
-                value = value[int(index)] if int(index) < len(value) else None
-            elif name is not None and isinstance(value, dict):
-                value = value.get(name)
-            else:
-                value = None
         return "".join(spelt)
-    except (msgspec.DecodeError, RecursionError, LookupError, StopIteration, ValueError):
+    except (LookupError, StopIteration, ValueError):
         return f"${path}"
 
 
