@@ -1,10 +1,15 @@
-"""Bad input never takes the broker down: malformed frames, a full disk,
-an unreachable broker."""
+"""Hostile input on both endpoints never takes the broker down: malformed
+frames (fixed and fuzzed by hypothesis), wrong versions, unknown ops, deep
+nesting, too many frames, absurd credit; and a full disk or an unreachable
+broker is a clear error. NaN and infinities: test_hostile_floats.py; floods
+of reconnecting identities and memory: test_hostile_storm.py."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +18,14 @@ import msgspec
 import pytest
 import zmq
 from conftest import Env, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from inproc import InProcessBroker
+from structlog.testing import capture_logs
 
 import corral
+from corral.broker import protocol as p
+from corral.broker.core import CLIENT, WORKER
 
 GARBAGE = [
     [b""],
@@ -145,3 +156,89 @@ def test_full_disk_refuses_new_jobs_and_loses_none(env: Env, small_disk: Path) -
     for job_id in accepted:
         assert client.job(job_id).status == "queued"
     assert client.status().queues["default"]["queued"] == len(accepted)
+
+
+# -- fuzzing both endpoints (hypothesis), in process ----------------------------
+
+#: Examples per fuzz test: a few hundred in `make test`, many more in `make soak`.
+FAST_EXAMPLES = 200
+SOAK_EXAMPLES = 20_000
+
+_TAGS = {
+    CLIENT: [t.__name__.lower() for t in p.ClientRequest.__args__],  # type: ignore[attr-defined]
+    WORKER: [t.__name__.lower() for t in p.WorkerReport.__args__],  # type: ignore[attr-defined]
+}
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+_values = st.recursive(
+    _leaves,
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+def _bodies(side: str) -> st.SearchStrategy[bytes]:
+    """Frames a hostile peer might send on ``side``: random bytes, random
+    msgpack, and arrays that start like a real message (a known tag, a
+    request number, then anything, with the protocol version or not)."""
+    shaped = st.builds(
+        lambda tag, rest, v: msgspec.msgpack.encode([tag, *rest, *v]),
+        st.sampled_from(_TAGS[side]),
+        st.lists(_values, max_size=9),
+        st.sampled_from([[], [p.PROTOCOL_VERSION], [p.PROTOCOL_VERSION + 1], [-1]]),
+    )
+    return st.binary(max_size=200) | _values.map(msgspec.msgpack.encode) | shaped
+
+
+def _messages(side: str) -> st.SearchStrategy[list[bytes]]:
+    """One message's frames: usually [identity, body], sometimes too few or too many."""
+    identity = st.binary(min_size=1, max_size=8)
+    two = st.tuples(identity, _bodies(side)).map(list)
+    other = st.lists(st.binary(max_size=50), max_size=6).filter(lambda f: len(f) != 2)
+    return st.one_of(two, two, two, other)
+
+
+def _fuzz(side: str, examples: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fz", dir="/tmp"))
+    broker = InProcessBroker(tmp, fsync="never")
+    job_id = broker.enqueue(id="job-1")
+    ran = [0]
+
+    @settings(max_examples=examples, deadline=None, database=None)
+    @given(st.lists(_messages(side), min_size=1, max_size=20))
+    def check(batch: list[list[bytes]]) -> None:
+        broker.run_pass(*[(side, frames) for frames in batch])
+        broker.clock.advance(0.3)
+        ran[0] += 1
+        # no message ever raised inside a handler: each was refused or served
+        assert broker.core.stats["handler_errors"] == 0
+        assert isinstance(broker.request(p.Ping(1), identity=b"legit"), p.Pong)
+
+    try:
+        with capture_logs():
+            check()
+        assert broker.job(job_id) is not None
+    finally:
+        broker.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"fuzzed {side}: {ran[0]} examples")
+
+
+@pytest.mark.parametrize("side", [CLIENT, WORKER])
+def test_fuzzed_frames_are_refused_or_served(side: str) -> None:
+    _fuzz(side, FAST_EXAMPLES)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("side", [CLIENT, WORKER])
+def test_fuzzed_frames_soak(side: str) -> None:
+    _fuzz(side, SOAK_EXAMPLES)
