@@ -13,7 +13,7 @@ broke every other client's long poll).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -428,14 +428,22 @@ class TaskInfo(msgspec.Struct, frozen=True, array_like=True):
     queue: str | None = None
 
 
+#: The most jobs a worker may hold at once, or run at once: a READY over it
+#: is refused (a worker cannot take the whole queue in one delivery).
+MAX_CREDIT = 100_000
+#: A READY's credit or concurrency.
+Credit = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDIT)]
+
+
 class Ready(Msg, frozen=True):
     """A worker (re)registers: its queues, how many jobs it can hold at once
-    (credit), and how many it runs at once (concurrency)."""
+    (credit), and how many it runs at once (concurrency), each at most
+    :data:`MAX_CREDIT`."""
 
     worker_id: str
     queues: list[str]
-    credit: int
-    concurrency: int
+    credit: Credit
+    concurrency: Credit
     tasks: list[TaskInfo]
     host: str
     pid: int

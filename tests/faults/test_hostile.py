@@ -20,7 +20,7 @@ import zmq
 from conftest import Env, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from inproc import InProcessBroker
+from inproc import FakeWorker, InProcessBroker
 from structlog.testing import capture_logs
 
 import corral
@@ -242,3 +242,91 @@ def test_fuzzed_frames_are_refused_or_served(side: str) -> None:
 @pytest.mark.parametrize("side", [CLIENT, WORKER])
 def test_fuzzed_frames_soak(side: str) -> None:
     _fuzz(side, SOAK_EXAMPLES)
+
+
+# -- absurd credit, forged supervisors, parked waits: in process -------------------
+
+
+def test_absurd_credit_is_refused_naming_the_field(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path)
+    try:
+        with capture_logs() as logs:
+            for credit, concurrency in ((2**62, 1), (-1, 1), (1, 2**40)):
+                ready = p.Ready("w", ["default"], credit, concurrency, [], "h", 1)
+                broker.run_pass((WORKER, [b"greedy", p.encode(ready)]))
+        assert len(broker.core.dispatcher.workers) == 0
+        reasons = [e["reason"] for e in logs if e["event"] == "broker.malformed_frame"]
+        assert len(reasons) == 3
+        assert "Ready.credit" in reasons[0] and "Ready.concurrency" in reasons[2]
+    finally:
+        broker.close()
+
+
+def test_greedy_worker_that_never_heartbeats_gives_its_jobs_back(tmp_path: Path) -> None:
+    """The most credit a worker may claim, and then silence: its jobs go back
+    after the liveness window, charged at most its concurrency, and an
+    honest worker runs them all."""
+    broker = InProcessBroker(tmp_path)
+    try:
+        ids = [broker.enqueue(id=f"job-{i}") for i in range(50)]
+        greedy = FakeWorker(broker, b"greedy", credit=p.MAX_CREDIT)
+        assert len(greedy.ready()) == 50
+        greedy.go_silent()
+        broker.advance(4.0)  # past heartbeat_interval * liveness (3 s)
+        assert len(broker.core.dispatcher.workers) == 0
+        honest = FakeWorker(broker, b"honest", credit=100)
+        got = honest.ready() + honest.inbox()
+        assert sorted(d.job_id for d in got) == sorted(ids)
+        for d in got:
+            honest.finish(d, "ok", 1)
+        infos = [broker.job(i) for i in ids]
+        assert all(i is not None and i.status == "succeeded" for i in infos)
+        assert sum(i.attempts > 1 for i in infos if i is not None) <= 1  # its concurrency
+    finally:
+        broker.close()
+
+
+def test_forged_supervisor_reports_are_bounded(tmp_path: Path) -> None:
+    """Many forged supervisors, and big ones: the table keeps at most its
+    count and its bytes, and says so."""
+    broker = InProcessBroker(tmp_path)
+    table = broker.core.service.supervisors
+    try:
+        workers = [p.ProcessInfo("p", i, i, 1, ["j" * 60] * 20, 1.0) for i in range(2000)]
+        big = p.SupervisorInfo("big/1", "h", 1, [], workers)  # over MAX_REPORT_BYTES
+        with capture_logs() as logs:
+            broker.request(p.SupervisorReport(1, big))
+            for i in range(3000):
+                info = p.SupervisorInfo(f"forged/{i}", "h", i, [], workers[:100])
+                broker.run_pass((CLIENT, [b"forger", p.encode(p.SupervisorReport(1, info))]))
+        assert len(table) <= table.limit
+        assert table.size <= table.max_bytes
+        assert "big/1" not in {s.supervisor_id for s in table.current(0.0)}
+        assert broker.core.stats["supervisor_reports_refused"] >= 1000
+        assert [e for e in logs if e["event"] == "broker.supervisors_full"]
+        assert isinstance(broker.request(p.GetStatus(2)), p.StatusReply)
+    finally:
+        broker.close()
+
+
+def test_parked_waits_are_bounded_per_peer_and_in_all(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path)
+    waiters = broker.core.waiters
+    waiters.per_peer, waiters.limit = 5, 8
+    try:
+        job_id = broker.enqueue(id="job-1")
+        for req in range(20):
+            broker.run_pass((CLIENT, [b"flooder", p.encode(p.GetResult(req, job_id, 3600.0))]))
+        assert len(waiters) == 5  # its share; the older ones were answered now
+        for req in range(20):
+            identity = f"peer-{req}".encode()
+            broker.run_pass((CLIENT, [identity, p.encode(p.GetResult(req, job_id, 3600.0))]))
+        assert len(waiters) == 8
+        assert broker.core.stats["waits_cut_short"] == 15 + 17
+        # every request of the flooder got exactly one answer, "queued": its
+        # last five too, cut short (due first) when the others filled the table
+        answered = [b for i, b in broker.clients.sent if i == b"flooder"]
+        assert len(answered) == 20
+        assert all(p.decode(p.client_reply_decoder, body).status == "queued" for body in answered)
+    finally:
+        broker.close()
