@@ -369,6 +369,17 @@ class StatusReply(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
+class EncodedStatusReply(Msg, frozen=True, tag="statusreply"):
+    """A :class:`StatusReply` whose status is already encoded: the broker
+    encodes one status per pass and copies it into each reply (a status
+    with a thousand supervisors takes milliseconds to encode). The same
+    bytes on the wire; never decoded as such."""
+
+    req: int
+    status: msgspec.Raw
+    v: int = PROTOCOL_VERSION
+
+
 class Pong(Msg, frozen=True):
     req: int
     broker_id: str = ""
@@ -612,6 +623,11 @@ worker_command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
 
 def encode(msg: Msg) -> bytes:
     return _encoder.encode(msg)
+
+
+def encode_struct(value: msgspec.Struct) -> bytes:
+    """Encode a part of a message (a ``StatusInfo``) on its own."""
+    return _encoder.encode(value)
 
 
 def decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes) -> Any:

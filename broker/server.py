@@ -19,10 +19,12 @@ here by bounds, none of which drops a message silently:
 - a message of more than two frames is read no further than its third: the
   rest are let go uncopied, and it is counted malformed;
 - per peer, ZeroMQ holds at most its receive high-water mark of messages
-  (then the peer is pushed back, nothing is lost) and its send high-water
-  mark of replies (then a reply is counted ``replies_blocked``); each frame
-  is at most ``broker.max_message_size`` (``ZMQ_MAXMSGSIZE``: a peer that
-  sends a larger one is disconnected);
+  (1,000: then the peer is pushed back, nothing is lost) and its send
+  high-water mark (1,000 replies to a client, then a reply is counted
+  ``replies_blocked``; 100,000 messages to a worker, then a delivery is
+  not leased and goes out later); each frame is at most
+  ``broker.max_message_size`` (``ZMQ_MAXMSGSIZE``: a peer that sends a
+  larger one is disconnected);
 - once a flood is over, the memory it took is handed back to the system
   (``malloc_trim``), at most every :data:`TRIM_EVERY` seconds.
 
@@ -50,7 +52,7 @@ from corral.broker.clock import Clock
 from corral.broker.core import CLIENT, WORKER, BrokerCore
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, LogError
-from corral.transport import Authenticator, bind_router, check_tcp_allowed
+from corral.transport import CLIENT_SNDHWM, Authenticator, bind_router, check_tcp_allowed
 
 log = structlog.get_logger()
 
@@ -117,7 +119,7 @@ class Broker:
         ):
             self._auth = Authenticator(self._ctx, self.config.security.authorized_keys_dir)
         self.client_sock = bind_router(
-            self._ctx, bc.client_endpoint, self.config, bc.max_message_size
+            self._ctx, bc.client_endpoint, self.config, bc.max_message_size, sndhwm=CLIENT_SNDHWM
         )
         self.worker_sock = bind_router(
             self._ctx, bc.worker_endpoint, self.config, bc.max_message_size

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.admission import Admission
@@ -58,8 +60,8 @@ class ClientService:
         self.admission = Admission(self.state)
         #: The supervisors heard from lately.
         self.supervisors = SupervisorTable()
-        #: The status made in the pass at this monotonic time.
-        self._status: tuple[float, p.StatusInfo] | None = None
+        #: The status made in the pass at this monotonic time, encoded.
+        self._status: tuple[float, msgspec.Raw] | None = None
         self._handlers: dict[type, Handler] = {
             p.Enqueue: self._enqueue,
             p.EnqueueFlow: self._enqueue_flow,
@@ -234,13 +236,13 @@ class ClientService:
         self._reply(identity, p.JobList(msg.req, infos, cursor))
 
     def _get_status(self, identity: bytes, msg: p.GetStatus, now: float, mono: float) -> None:
-        # Made once per pass (the pass's ``mono`` tells it): a flood of
-        # status requests costs one status per pass, not one each. A client
-        # sees every change its earlier replies told of: those left at the
-        # end of an earlier pass.
+        # Made and encoded once per pass (the pass's ``mono`` tells it): a
+        # flood of status requests costs one status per pass and a copy
+        # each. A client sees every change its earlier replies told of:
+        # those left at the end of an earlier pass.
         if self._status is None or self._status[0] != mono:
-            self._status = (mono, self.status(mono))
-        self._reply(identity, p.StatusReply(msg.req, self._status[1]))
+            self._status = (mono, msgspec.Raw(p.encode_struct(self.status(mono))))
+        self._reply(identity, p.EncodedStatusReply(msg.req, self._status[1]))
 
     def status(self, mono: float) -> p.StatusInfo:
         """Queues, workers, counters, supervisors: what ``corral status`` shows."""

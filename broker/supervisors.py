@@ -27,10 +27,12 @@ SUPERVISOR_STALE = 15.0
 #: The most supervisors the broker keeps at once.
 MAX_SUPERVISORS = 1_000
 #: The largest report kept, in bytes (msgpack): a supervisor of 1,000
-#: worker processes reports about 200 KiB.
-MAX_REPORT_BYTES = 1024 * 1024
-#: The most bytes of reports kept at once, all supervisors together.
-MAX_TABLE_BYTES = 32 * 1024 * 1024
+#: worker processes reports about 80 KiB.
+MAX_REPORT_BYTES = 256 * 1024
+#: The most bytes of reports kept at once, all supervisors together: every
+#: status reply carries them all, and a status of 4 MiB costs ~20 ms to
+#: encode, which a flood of status requests pays once per pass.
+MAX_TABLE_BYTES = 1024 * 1024
 
 
 class SupervisorTable:
@@ -51,8 +53,13 @@ class SupervisorTable:
         self._entries: OrderedDict[str, tuple[p.SupervisorInfo, float, int]] = OrderedDict()
         #: The sizes of the reports kept, summed (bytes).
         self.size = 0
-        #: Reports refused since the table was last not full.
+        #: Reports refused since the table was last not full, and when the
+        #: last warning said so (at most one per stale window: a table at
+        #: its bound has room again each time an entry goes stale).
         self._refused = 0
+        self._warned_at = -stale
+        #: A warning was given and its "room again" not yet.
+        self._announced = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,16 +77,18 @@ class SupervisorTable:
             or size > self.max_report
             or kept + size > self.max_bytes
         ):
-            self._refuse(key, size)
+            self._refuse(key, size, mono)
             return False
         self._entries[key] = (info, mono, size)
         self._entries.move_to_end(key)
         self.size = kept + size
         return True
 
-    def _refuse(self, key: str, size: int) -> None:
+    def _refuse(self, key: str, size: int, mono: float) -> None:
         self._refused += 1
-        if self._refused == 1:
+        if self._refused == 1 and mono - self._warned_at >= self.stale:
+            self._warned_at = mono
+            self._announced = True
             log.warning(
                 "broker.supervisors_full",
                 supervisor=key[:200],
@@ -101,8 +110,10 @@ class SupervisorTable:
                 break
             del entries[key]
             self.size -= size
-        if self._refused and len(entries) < self.limit:
-            log.info("broker.supervisors_room", refused=self._refused)
+        if self._refused and len(entries) < self.limit and self.size < self.max_bytes:
+            if self._announced:
+                log.info("broker.supervisors_room", refused=self._refused)
+                self._announced = False
             self._refused = 0
 
     def current(self, mono: float) -> list[p.SupervisorInfo]:

@@ -330,3 +330,33 @@ def test_parked_waits_are_bounded_per_peer_and_in_all(tmp_path: Path) -> None:
         assert all(p.decode(p.client_reply_decoder, body).status == "queued" for body in answered)
     finally:
         broker.close()
+
+
+def test_oversized_frames_and_frame_counts(env: Env) -> None:
+    """A frame over ``max_message_size`` costs its sender the connection
+    (libzmq), and a message of thousands of frames is one malformed
+    message; the broker serves on."""
+    env.write_config(processes=0, extra_broker='max_message_size = "64KiB"')
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    ctx = zmq.Context()
+    try:
+        for endpoint in (env.endpoint, f"ipc://{env.home}/w.sock"):
+            big = ctx.socket(zmq.DEALER)
+            big.connect(endpoint)
+            big.send(b"\x00" * (1024 * 1024))  # over the cap: dropped with the connection
+            many = ctx.socket(zmq.DEALER)
+            many.connect(endpoint)
+            many.send_multipart([b"x" * 100] * 10_000)
+            for sock in (big, many):
+                sock.close(linger=2000)
+        wait_for(
+            lambda: client.status().stats.get("malformed_frames", 0) >= 2,
+            message="the many-frame messages to be counted",
+        )
+        assert client.status().stats["malformed_frames"] == 2  # one each, not 10,000
+        assert broker.alive()
+        assert client.ping()
+    finally:
+        ctx.term()
