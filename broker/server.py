@@ -26,7 +26,10 @@ here by bounds, none of which drops a message silently:
   ``broker.max_message_size`` (``ZMQ_MAXMSGSIZE``: a peer that sends a
   larger one is disconnected);
 - once a flood is over, the memory it took is handed back to the system
-  (``malloc_trim``), at most every :data:`TRIM_EVERY` seconds.
+  (``malloc_trim``), at most every :data:`TRIM_EVERY` seconds;
+- ``ROUTER_HANDOVER`` stays off: a worker takes a fresh random identity on
+  every connection, so nobody needs a live identity handed over, and no
+  peer can take over another's (and with it the deliveries meant for it).
 
 The tables kept per peer (workers, parked result waits, supervisors, task
 names) bound themselves; see their modules.
