@@ -27,11 +27,14 @@ class Journal:
         self.log = log
         #: Counters shown by ``corral status`` (and later as metrics).
         self.stats: Counter[str] = Counter()
+        #: Records made since start: a change of job state changes it.
+        self.records = 0
 
     def record(self, record: Record) -> None:
         """Log first, then apply. The record is durable at the pass's commit."""
         self.log.append(record)
         self.state.apply(record)
+        self.records += 1
 
 
 class WorkerLink(Protocol):

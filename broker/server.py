@@ -72,6 +72,9 @@ FRAMES = 2
 TRIM_AFTER = 1_000
 #: Least seconds between two trims of the heap.
 TRIM_EVERY = 10.0
+#: While passes end on their budget (a flood), seconds a status is given
+#: again when nothing it shows changed (see ClientService._encoded_status).
+STATUS_MAX_AGE = 0.5
 
 
 class Broker:
@@ -98,6 +101,8 @@ class Broker:
         #: Messages read since the heap was last trimmed, and when that was.
         self._since_trim = 0
         self._trimmed_at = 0.0
+        #: The last pass ended on its budget, not because all was read.
+        self._loaded = False
 
     @property
     def broker_id(self) -> str:
@@ -190,7 +195,11 @@ class Broker:
         """One pass of the core over what the sockets hold now; an idle one
         after a flood gives the flood's memory back."""
         read = self._since_trim
+        self._loaded = False
         self.core.run_pass(self._inbound())
+        # While passes end on their budget, a status may be given again for
+        # up to STATUS_MAX_AGE if nothing it shows changed.
+        self.core.service.status_max_age = STATUS_MAX_AGE if self._loaded else 0.0
         if self._since_trim == read and self._since_trim >= TRIM_AFTER:
             self._trim()
 
@@ -254,7 +263,10 @@ class Broker:
                 budget -= 1
                 self._since_trim += 1
                 yield side, frames
-            if idle or time.monotonic() > until or replies.size >= REPLY_BYTES:
+            if idle:
+                return
+            if budget <= 0 or time.monotonic() > until or replies.size >= REPLY_BYTES:
+                self._loaded = True
                 return
 
 

@@ -159,7 +159,7 @@ def test_storm_of_reconnecting_identities(env: Env, soak_report: Callable[[str],
 
 #: The soak storm's client timeout: a ping waits its turn behind one message
 #: of every peer with messages queued (ZeroMQ fair-queues), and thousands are.
-SOAK_TIMEOUT = 30.0
+SOAK_TIMEOUT = 60.0
 
 
 @pytest.mark.soak
