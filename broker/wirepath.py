@@ -83,12 +83,14 @@ def head(frame: bytes) -> tuple[str | None, int | None]:
         items = _items.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None, None
-    found: list[Any] = [None, None]
-    for i, decoder in enumerate((_text, _int)):
-        if len(items) > i:
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                found[i] = decoder.decode(items[i])
-    return found[0], found[1]
+    tag = req = None
+    if items:
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            tag = _text.decode(items[0])
+    if len(items) > 1:
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            req = _int.decode(items[1])
+    return tag, req
 
 
 @functools.cache
