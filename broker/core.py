@@ -101,7 +101,7 @@ class BrokerCore:
         self.journal = Journal(self.state, self.log)
         self.stats = self.journal.stats
         self.replies = Replies()
-        self.waiters = Waiters(self.state, self.replies)
+        self.waiters = Waiters(self.state, self.replies, self.stats)
         self.dispatcher = Dispatcher(
             self.journal,
             heartbeat_interval=bc.heartbeat_interval,
@@ -284,7 +284,7 @@ class BrokerCore:
         try:
             msg = p.decode(decoder, body)
         except p.ProtocolError as exc:
-            self._malformed(side, str(exc), identity)
+            self._malformed(side, str(exc), identity, exc.req)
             return
         part = self.service if side == CLIENT else self.dispatcher
         try:
@@ -293,11 +293,11 @@ class BrokerCore:
             self.stats["handler_errors"] += 1
             log.exception("broker.handler_error", side=side, op=type(msg).__name__)
 
-    def _malformed(self, side: str, reason: str, identity: bytes | None) -> None:
+    def _malformed(self, side: str, reason: str, identity: bytes | None, req: int = 0) -> None:
         count_malformed(self.stats, side, reason)
         if side == CLIENT and identity is not None:
             code = "version" if "version" in reason else "invalid"
-            self.replies.add(identity, p.ErrorReply(0, code, f"bad request: {reason}"))
+            self.replies.add(identity, p.ErrorReply(req, code, f"bad request: {reason}"))
 
     def tick(self, now: float, mono: float) -> None:
         """What is due: schedules and delayed jobs (and what waited for disk

@@ -18,12 +18,20 @@ old reader cannot follow). Leaf module: msgspec only.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
+from typing import Annotated
 
 import msgspec
 
 #: msgpack encoding of ``None``: an absent payload or result.
 NIL = msgspec.Raw(b"\xc0")
+#: The largest finite float.
+FLOAT_MAX = sys.float_info.max
+#: A float field a peer sends: any finite number. NaN and the infinities
+#: fail these bounds when a frame is decoded (constructing a struct in
+#: Python checks nothing).
+Finite = Annotated[float, msgspec.Meta(ge=-FLOAT_MAX, le=FLOAT_MAX)]
 
 
 class JobOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -39,19 +47,19 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     #: Higher runs first among the queue's ready jobs (a signed 32-bit int).
     priority: int = 0
     #: Run no earlier than this many seconds after the enqueue (wins over run_at).
-    delay: float | None = None
+    delay: Finite | None = None
     #: Run no earlier than this epoch time.
-    run_at: float | None = None
+    run_at: Finite | None = None
     #: Tries before the job fails (errors and lost workers count; Retry does not).
     max_attempts: int | None = None
     #: Seconds one attempt may run before it is ended and retried.
-    timeout: float | None = None
+    timeout: Finite | None = None
     #: At most one active job holds a key; an enqueue with a held key returns the holder's id.
     unique_key: str | None = None
     #: Seconds a succeeded job's result is kept.
-    result_ttl: float | None = None
+    result_ttl: Finite | None = None
     #: Seconds a key stays held after its job ended.
-    unique_for: float | None = None
+    unique_for: Finite | None = None
     #: Times a handler may raise ``corral.Retry`` before the job fails
     #: (counted apart from max_attempts).
     max_retries: int | None = None

@@ -28,6 +28,8 @@ class Journal:
         self.log = log
         #: Counters shown by ``corral status``.
         self.stats: Counter[str] = Counter()
+        #: Records made since start: a change of job state changes it.
+        self.records = 0
         #: Told every record once it is applied (metrics, events).
         self.observers: list[Callable[[Record, JobState], None]] = []
 
@@ -35,6 +37,7 @@ class Journal:
         """Log first, then apply. The record is durable at the pass's commit."""
         self.log.append(record)
         self.state.apply(record)
+        self.records += 1
         for observer in self.observers:
             observer(record, self.state)
 
@@ -59,6 +62,8 @@ class Replies:
 
     def __init__(self) -> None:
         self.pending: list[tuple[bytes, bytes]] = []
+        #: The held replies' bodies, summed (bytes).
+        self.size = 0
 
     def __bool__(self) -> bool:
         return bool(self.pending)
@@ -67,11 +72,14 @@ class Replies:
         return len(self.pending)
 
     def add(self, identity: bytes, msg: p.Msg) -> None:
-        self.pending.append((identity, p.encode(msg)))
+        body = p.encode(msg)
+        self.pending.append((identity, body))
+        self.size += len(body)
 
     def flush(self, link: ClientLink) -> int:
         """Send every held reply; returns how many."""
         pending, self.pending = self.pending, []
+        self.size = 0
         for identity, body in pending:
             link.send(identity, body)
         return len(pending)

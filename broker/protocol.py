@@ -5,15 +5,20 @@ are ``array_like``): its first element is the tag, the rest the fields in
 declaration order. Every message carries the protocol version ``v``. Job
 payloads and results travel as :class:`msgspec.Raw`, so the broker relays
 user data without decoding it. New fields must get defaults and go last.
+
+Every float a peer sends is :data:`Finite`: NaN and the infinities fail at
+decode time, and :func:`decode` names the field (one NaN ``wait`` once
+broke every other client's long poll).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
-from corral.broker.jobspec import NIL, JobSpec
+from corral.broker import wirepath
+from corral.broker.jobspec import FLOAT_MAX, NIL, Finite, JobSpec
 
 PROTOCOL_VERSION = 3
 
@@ -117,7 +122,7 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     pid: int
     rss: int
     jobs: list[str]
-    uptime: float
+    uptime: Finite
     retiring: str = ""
     #: The worker's socket identity now (hex), as its status pipe last said.
     identity: str = ""
@@ -150,7 +155,7 @@ class SupervisorInfo(msgspec.Struct, frozen=True):
     pid: int
     pools: list[PoolInfo]
     workers: list[ProcessInfo]
-    reported_ago: float = 0.0
+    reported_ago: Finite = 0.0
     #: How the last reload went: "" (none), "ok at <time>" or
     #: "failed at <time>: <why>".
     reload: str = ""
@@ -221,7 +226,7 @@ class GetResult(Msg, frozen=True):
 
     req: int
     job_id: str
-    wait: float = 0.0
+    wait: Finite = 0.0
     v: int = PROTOCOL_VERSION
 
 
@@ -324,7 +329,7 @@ class EnqueueFlow(Msg, frozen=True):
     callback: JobSpec | None = None
     v: int = PROTOCOL_VERSION
     #: Seconds the flow is kept once finished; None: as long as its jobs.
-    result_ttl: float | None = None
+    result_ttl: Finite | None = None
 
 
 class GetFlow(Msg, frozen=True):
@@ -385,6 +390,17 @@ class StatusReply(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
+class EncodedStatusReply(Msg, frozen=True, tag="statusreply"):
+    """A :class:`StatusReply` whose status is already encoded: the broker
+    encodes one status per pass and copies it into each reply (a status
+    with a thousand supervisors takes milliseconds to encode). The same
+    bytes on the wire; never decoded as such."""
+
+    req: int
+    status: msgspec.Raw
+    v: int = PROTOCOL_VERSION
+
+
 class Pong(Msg, frozen=True):
     req: int
     broker_id: str = ""
@@ -434,24 +450,32 @@ class TaskInfo(msgspec.Struct, frozen=True, array_like=True):
 
     name: str
     max_attempts: int | None = None
-    timeout: float | None = None
-    retry_backoff: float | None = None
-    retry_backoff_max: float | None = None
-    result_ttl: float | None = None
+    timeout: Finite | None = None
+    retry_backoff: Finite | None = None
+    retry_backoff_max: Finite | None = None
+    result_ttl: Finite | None = None
     max_retries: int | None = None
     #: The queue @corral.task declared: where a job of the task goes when
     #: enqueued without one.
     queue: str | None = None
 
 
+#: The most jobs a worker may hold at once, or run at once: a READY over it
+#: is refused (a worker cannot take the whole queue in one delivery).
+MAX_CREDIT = 100_000
+#: A READY's credit or concurrency.
+Credit = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDIT)]
+
+
 class Ready(Msg, frozen=True):
     """A worker (re)registers: its queues, how many jobs it can hold at once
-    (credit), and how many it runs at once (concurrency)."""
+    (credit), and how many it runs at once (concurrency), each at most
+    :data:`MAX_CREDIT`."""
 
     worker_id: str
     queues: list[str]
-    credit: int
-    concurrency: int
+    credit: Credit
+    concurrency: Credit
     tasks: list[TaskInfo]
     host: str
     pid: int
@@ -471,9 +495,9 @@ class Outcome(msgspec.Struct, frozen=True, array_like=True):
     kind: str
     result: msgspec.Raw = NIL
     error: ErrorInfo | None = None
-    delay: float | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
+    delay: Finite | None = None
+    started_at: Finite | None = None
+    ended_at: Finite | None = None
 
 
 class Lease(msgspec.Struct, frozen=True, array_like=True):
@@ -484,7 +508,7 @@ class Lease(msgspec.Struct, frozen=True, array_like=True):
 class Progress(msgspec.Struct, frozen=True, array_like=True):
     job_id: str
     lease: int
-    fraction: float
+    fraction: Finite
     note: str = ""
 
 
@@ -590,7 +614,25 @@ WorkerCommand = Deliver | BrokerHeartbeat | Reregister | CancelJob | Withdraw
 
 
 class ProtocolError(ValueError):
-    """A frame that is not a valid message of this protocol."""
+    """A frame that is not a valid message of this protocol. ``req`` is the
+    request number it carried, when one could be read (0: none), so that
+    the client's call is answered with the error rather than timing out."""
+
+    def __init__(self, message: str, req: int = 0) -> None:
+        super().__init__(message)
+        self.req = req
+
+
+#: How msgspec prints the bound of :data:`Finite` that NaN and infinities
+#: fail (with a minus sign for the lower one).
+_BOUND = repr(FLOAT_MAX)
+
+
+def _req_of(frame: bytes) -> int:
+    """The request number of a frame that did not validate: the second
+    element of its array, if that is a non-negative int (else 0)."""
+    req = wirepath.head(frame)[1]
+    return req if req is not None and 0 <= req < 2**63 else 0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -604,18 +646,27 @@ def encode(msg: Msg) -> bytes:
     return _encoder.encode(msg)
 
 
+def encode_struct(value: msgspec.Struct) -> bytes:
+    """Encode a part of a message (a ``StatusInfo``) on its own."""
+    return _encoder.encode(value)
+
+
 def decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes) -> Any:
     """Decode one frame, raising ProtocolError for anything malformed: bad
     msgpack, a wrong shape, absurd nesting, or another protocol version."""
     try:
         msg = decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+    except msgspec.ValidationError as exc:
+        reason = wirepath.explain(decoder.type, frame, str(exc), _BOUND)
+        raise ProtocolError(reason, _req_of(frame)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(str(exc)) from None
     except RecursionError:
         raise ProtocolError("message nested too deeply") from None
     if msg.v != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version {msg.v} is not supported (this side speaks {PROTOCOL_VERSION})"
+            f"protocol version {msg.v} is not supported (this side speaks {PROTOCOL_VERSION})",
+            getattr(msg, "req", 0),
         )
     return msg
 

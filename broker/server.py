@@ -8,13 +8,43 @@ fsync that covers it. This module owns what the core does not: the state
 directory's lock and modes, the sockets and their CURVE key ring
 (:mod:`corral.broker.auth`, re-read on SIGHUP), signals, and the exit on a
 failed fsync.
+
+Hostile or runaway peers (see ``tests/faults/test_hostile*.py``) are met
+here by bounds, none of which drops a message silently:
+
+- a pass reads at most :data:`DRAIN_BUDGET` messages, for at most
+  :data:`PASS_SECONDS`, and stops once its held replies reach
+  :data:`REPLY_BYTES`: a flood delays a legitimate request by one short
+  pass at most, not by the flood (ZeroMQ's fair queueing takes one message
+  per peer in turn), and the replies a pass holds stay bounded;
+- a message of more than two frames is read no further than its third: the
+  rest are let go uncopied, and it is counted malformed;
+- per peer, ZeroMQ holds at most its receive high-water mark of messages
+  (1,000: then the peer is pushed back, nothing is lost) and its send
+  high-water mark (1,000 replies to a client, then a reply is counted
+  ``replies_blocked``; 100,000 messages to a worker, then a delivery is
+  not leased and goes out later); each frame is at most
+  ``broker.max_message_size`` (``ZMQ_MAXMSGSIZE``: a peer that sends a
+  larger one is disconnected);
+- once a flood is over, the memory it took is handed back to the system
+  (``malloc_trim``), at most every :data:`TRIM_EVERY` seconds;
+- ``ROUTER_HANDOVER`` stays off: a worker takes a fresh random identity on
+  every connection, so nobody needs a live identity handed over, and no
+  peer can take over another's (and with it the deliveries meant for it).
+
+The tables kept per peer (workers, parked result waits, supervisors, task
+names) bound themselves; see their modules.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import signal
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, cast
@@ -28,12 +58,26 @@ from corral.broker.clock import Clock
 from corral.broker.core import CLIENT, WORKER, BrokerCore
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, LogError
-from corral.transport import bind_router
+from corral.transport import CLIENT_SNDHWM, bind_router
 
 log = structlog.get_logger()
 
-#: Messages handled per socket per pass before the loop commits and replies.
+#: Messages handled per pass (both sockets) before the loop commits and replies.
 DRAIN_BUDGET = 20_000
+#: Longest a pass reads messages before it commits and replies (seconds).
+PASS_SECONDS = 0.05
+#: A pass stops reading once the replies it holds reach this size (bytes).
+REPLY_BYTES = 16 * 1024 * 1024
+#: Frames in a message: [identity, body]. A message with more is read no
+#: further than one frame past this.
+FRAMES = 2
+#: Messages read since the last trim before an idle loop trims the heap.
+TRIM_AFTER = 1_000
+#: Least seconds between two trims of the heap.
+TRIM_EVERY = 10.0
+#: While passes end on their budget (a flood), seconds a status is given
+#: again when nothing it shows changed (see ClientService._encoded_status).
+STATUS_MAX_AGE = 0.5
 
 
 class Broker:
@@ -58,6 +102,11 @@ class Broker:
         self._wake_r: socket.socket | None = None
         self._keys: KeyRing | None = None
         self._reload_keys = False
+        #: Messages read since the heap was last trimmed, and when that was.
+        self._since_trim = 0
+        self._trimmed_at = 0.0
+        #: The last pass ended on its budget, not because all was read.
+        self._loaded = False
 
     @property
     def broker_id(self) -> str:
@@ -105,7 +154,12 @@ class Broker:
         bc = self.config.broker
         access.prepare_socket_dir(endpoint, bc)
         sock: zmq.Socket[Any] = bind_router(
-            self._ctx, endpoint, self.config, bc.max_message_size, KeyRing.domain(side)
+            self._ctx,
+            endpoint,
+            self.config,
+            bc.max_message_size,
+            KeyRing.domain(side),
+            **({"sndhwm": CLIENT_SNDHWM} if side == CLIENT else {}),
         )
         access.secure_socket(endpoint, bc)
         return sock
@@ -172,8 +226,30 @@ class Broker:
         self.close()
 
     def run_pass(self) -> None:
-        """One pass of the core over what the sockets hold now."""
+        """One pass of the core over what the sockets hold now; an idle one
+        after a flood gives the flood's memory back."""
+        read = self._since_trim
+        self._loaded = False
         self.core.run_pass(self._inbound())
+        # While passes end on their budget, a status may be given again for
+        # up to STATUS_MAX_AGE if nothing it shows changed.
+        self.core.service.status_max_age = STATUS_MAX_AGE if self._loaded else 0.0
+        if self._since_trim == read and self._since_trim >= TRIM_AFTER:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Hand the heap's free memory back to the system (glibc's
+        ``malloc_trim``; nothing elsewhere): the flood's messages were freed
+        but their pages stay with the process otherwise."""
+        now = time.monotonic()
+        if now - self._trimmed_at < TRIM_EVERY:
+            return
+        self._trimmed_at = now
+        self._since_trim = 0
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
+            self.stats["heap_trims"] += 1
 
     def poll_timeout(self) -> float:
         return self.core.poll_timeout()
@@ -206,35 +282,74 @@ class Broker:
         budget: read lazily, so each is handled before the next is read."""
         assert self.client_sock is not None and self.worker_sock is not None
         budget = DRAIN_BUDGET
+        until = time.monotonic() + PASS_SECONDS
+        replies = self.core.replies
         sockets = ((self.worker_sock, WORKER), (self.client_sock, CLIENT))
         while budget > 0:
             idle = True
             for sock, side in sockets:
                 if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     continue
-                try:
-                    frames = self._recv(sock, side)
-                except zmq.Again:
+                frames = self._recv(sock, side)
+                if frames is None:
                     continue
                 idle = False
                 budget -= 1
-                if frames is not None:
+                self._since_trim += 1
+                if frames:  # [] : read, and refused by the key ring
                     yield side, frames
             if idle:
                 return
+            if budget <= 0 or time.monotonic() > until or replies.size >= REPLY_BYTES:
+                self._loaded = True
+                return
 
     def _recv(self, sock: zmq.Socket[Any], side: str) -> list[bytes] | None:
-        """One message, or None when the key ring refuses its sender (a key
-        removed since it connected). Raises zmq.Again."""
+        """One message's frames; None when there is none. A message the key
+        ring refuses (its sender's key was removed since it connected) is
+        read, counted (``auth_refused``) and returned as []."""
         keys = self._keys
         if keys is None or not keys.checks(side):
-            return sock.recv_multipart(zmq.NOBLOCK)
-        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            return _recv(sock)
+        frames = _recv(sock, copy=False)
+        if frames is None:
+            return None
         if not keys.admits(side, frames):
             self.core.stats["auth_refused"] += 1
             self.core.key_revoked(side, frames[0].bytes)
-            return None
+            return []
         return [frame.bytes for frame in frames]
+
+
+def _recv(sock: zmq.Socket[Any], copy: bool = True) -> list[Any] | None:
+    """The next message's frames, as bytes (``copy=False``: as zmq.Frame, whose
+    User-Id the key ring reads); None: there is none. Past :data:`FRAMES` + 1
+    frames the rest are let go uncopied: the message is malformed anyway, and
+    the core counts it so."""
+    try:
+        frames = [sock.recv(zmq.NOBLOCK, copy=copy)]
+    except zmq.Again:
+        return None
+    while sock.getsockopt(zmq.RCVMORE):
+        if len(frames) > FRAMES:
+            sock.recv(copy=False)
+        else:
+            frames.append(sock.recv(copy=copy))
+    return frames
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None on another C library."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 class RouterLink:

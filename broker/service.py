@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.admission import Admission
@@ -63,6 +65,12 @@ class ClientService:
         self.admission = Admission(self.state)
         #: The supervisors heard from lately.
         self.supervisors = SupervisorTable()
+        #: The last status made: when (monotonic), of what, encoded.
+        self._status: tuple[float, int, msgspec.Raw] | None = None
+        #: Seconds a status made in an earlier pass may be given again when
+        #: nothing it counts changed; the server sets it while a flood
+        #: keeps every pass at its budget (0: a status is made each pass).
+        self.status_max_age = 0.0
         self._handlers: dict[type, Handler] = {
             p.Enqueue: self._enqueue,
             p.EnqueueFlow: self._enqueue_flow,
@@ -238,7 +246,25 @@ class ClientService:
         self._reply(identity, p.JobList(msg.req, infos, cursor))
 
     def _get_status(self, identity: bytes, msg: p.GetStatus, now: float, mono: float) -> None:
-        self._reply(identity, p.StatusReply(msg.req, self.status(mono, now)))
+        self._reply(identity, p.EncodedStatusReply(msg.req, self._encoded_status(mono, now)))
+
+    def _encoded_status(self, mono: float, now: float) -> msgspec.Raw:
+        """The status, encoded: made again in each pass, or while the broker
+        is loaded (see :attr:`status_max_age`) once the job state changed
+        or it is that old (workers, supervisors and counters may then be
+        that much behind). A flood of status requests (a status with a
+        thousand supervisors takes milliseconds to make) then costs a copy
+        each. A client still sees every change its earlier replies told
+        of: each was journaled."""
+        key = self.journal.records
+        cached = self._status
+        if cached is not None and cached[1] == key:
+            made = cached[0]
+            if made == mono or mono - made < self.status_max_age:
+                return cached[2]
+        encoded = msgspec.Raw(p.encode_struct(self.status(mono, now)))
+        self._status = (mono, key, encoded)
+        return encoded
 
     def status(self, mono: float, now: float) -> p.StatusInfo:
         """Queues, workers, counters, supervisors: what ``corral status``

@@ -9,11 +9,20 @@ A waiter answered or run out is dropped at once, in O(1) from its id's
 set and O(log n) amortised from the deadlines (see
 :class:`~corral.broker.timers.Deadlines`): what is kept follows the parked
 requests, never the answered ones.
+
+Any client may park requests, so their number is bounded: one peer holds
+at most :data:`MAX_WAITS_PER_PEER` (a new one answers its oldest now) and
+all together at most :data:`MAX_WAITERS` (a new one answers the one due
+first now). A request answered early gets the job's status as it stands,
+as when its wait runs out: the client polls again (``waits_cut_short``
+counts them).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import TypeVar
 
 from corral.broker import flows, views
 from corral.broker import protocol as p
@@ -22,8 +31,14 @@ from corral.broker.journal import Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.state import Job, JobState
 
+K = TypeVar("K", str, bytes)
+
 #: The longest wait the broker parks a request for, in seconds.
 MAX_WAIT = 3600.0
+#: The most requests parked at once, from all clients.
+MAX_WAITERS = 100_000
+#: The most requests one client (socket identity) has parked at once.
+MAX_WAITS_PER_PEER = 10_000
 
 
 @dataclass(eq=False)
@@ -40,12 +55,25 @@ class Waiter:
 class Waiters:
     """Parked result requests, by job or flow id, with their deadlines."""
 
-    def __init__(self, state: JobState, replies: Replies) -> None:
+    def __init__(
+        self,
+        state: JobState,
+        replies: Replies,
+        stats: Counter[str] | None = None,
+        *,
+        limit: int = MAX_WAITERS,
+        per_peer: int = MAX_WAITS_PER_PEER,
+    ) -> None:
         self.state = state
         self.replies = replies
+        self.stats: Counter[str] = stats if stats is not None else Counter()
+        self.limit = limit
+        self.per_peer = per_peer
         #: job or flow id -> its waiters, in arrival order (a dict as an
         #: ordered set).
         self._by_id: dict[str, dict[Waiter, None]] = {}
+        #: client identity -> its waiters, in arrival order.
+        self._by_peer: dict[bytes, dict[Waiter, None]] = {}
         #: Each waiter's deadline (monotonic seconds).
         self.deadlines: Deadlines[Waiter, None] = Deadlines()
 
@@ -69,15 +97,40 @@ class Waiters:
         if ended or msg.wait <= 0:
             self.answer(identity, msg.req, msg.job_id)
             return
+        self._make_room(identity)
         waiter = Waiter(mono + min(msg.wait, MAX_WAIT), msg.job_id, identity, msg.req)
         self._by_id.setdefault(msg.job_id, {})[waiter] = None
+        self._by_peer.setdefault(identity, {})[waiter] = None
         self.deadlines.set(waiter, waiter.deadline, None)
+
+    def _make_room(self, identity: bytes) -> None:
+        """Before ``identity`` parks one more: answer now its oldest if it
+        holds its share, and the one due first if the table is full."""
+        mine = self._by_peer.get(identity)
+        if mine is not None and len(mine) >= self.per_peer:
+            self._cut_short(next(iter(mine)))
+        if len(self.deadlines) >= self.limit:
+            entry = self.deadlines.pop_due(float("inf"))
+            if entry is not None:
+                self.deadlines.set(entry[0], entry[1], None)  # _cut_short discards it
+                self._cut_short(entry[0])
+
+    def _cut_short(self, waiter: Waiter) -> None:
+        self._unpark(waiter)
+        self.stats["waits_cut_short"] += 1
+        self.answer(waiter.identity, waiter.req, waiter.job_id)
+
+    def _unpark(self, waiter: Waiter) -> None:
+        """Forget ``waiter`` everywhere it is kept."""
+        self.deadlines.discard(waiter)
+        _drop(self._by_id, waiter.job_id, waiter)
+        _drop(self._by_peer, waiter.identity, waiter)
 
     def _take(self, job_id: str) -> list[Waiter]:
         """Every waiter of ``job_id``, no longer parked."""
-        waiting = list(self._by_id.pop(job_id, ()))
+        waiting = list(self._by_id.get(job_id, ()))
         for waiter in waiting:
-            self.deadlines.discard(waiter)
+            self._unpark(waiter)
         return waiting
 
     def job_ended(self, job: Job) -> None:
@@ -100,10 +153,7 @@ class Waiters:
         """Answer, as things stand, every request whose wait ran out."""
         while (entry := self.deadlines.pop_due(mono)) is not None:
             waiter = entry[0]
-            waiting = self._by_id.get(waiter.job_id, {})
-            waiting.pop(waiter, None)
-            if not waiting:
-                self._by_id.pop(waiter.job_id, None)
+            self._unpark(waiter)
             self.answer(waiter.identity, waiter.req, waiter.job_id)
 
     def next_deadline(self) -> float | None:
@@ -123,6 +173,15 @@ class Waiters:
             self.replies.add(identity, p.ResultReply(req, job_id, "queued"))
         else:
             self.replies.add(identity, missing(self.state, req, job_id))
+
+
+def _drop(table: dict[K, dict[Waiter, None]], key: K, waiter: Waiter) -> None:
+    """Take ``waiter`` out of ``table[key]``, and the key once it has none."""
+    waiting = table.get(key)
+    if waiting is not None:
+        waiting.pop(waiter, None)
+        if not waiting:
+            del table[key]
 
 
 def not_found(req: int, job_id: str) -> p.ErrorReply:

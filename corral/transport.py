@@ -78,24 +78,41 @@ def check_tcp_allowed(endpoint: str, config: Any, *, server: bool) -> bool:
     )
 
 
+#: Messages a broker ROUTER queues from one peer before it stops reading
+#: that peer (which then waits: nothing is lost), so a flooding peer holds
+#: at most this many in the broker's memory.
+ROUTER_RCVHWM = 1_000
+#: Replies queued to one client before a send to it fails (counted as
+#: ``replies_blocked``): a client that never reads holds at most this many.
+CLIENT_SNDHWM = 1_000
+#: Messages queued to one worker before a send fails: a delivery that fails
+#: is not leased and goes out again later (see RouterLink).
+WORKER_SNDHWM = 100_000
+
+
 def bind_router(
     context: zmq.Context[SocketT],
     endpoint: str,
     config: Any,
     max_message_size: int,
     zap_domain: str = "",
+    *,
+    sndhwm: int = WORKER_SNDHWM,
+    rcvhwm: int = ROUTER_RCVHWM,
 ) -> SocketT:
     """A ROUTER for a broker endpoint: mandatory routing (no silent drops),
-    a message size cap, no linger, CURVE on tcp, its clients authenticated
-    in the ZAP domain ``zap_domain`` (enforced: with no ZAP handler
-    running, every client is refused)."""
+    a message size cap, per-peer high-water marks (messages), no linger,
+    CURVE on tcp, its clients authenticated in the ZAP domain
+    ``zap_domain`` (enforced: with no ZAP handler running, every client is
+    refused). The options are set before the bind: a listener's
+    connections take the options the socket had when it was bound."""
     curve = check_tcp_allowed(endpoint, config, server=True)
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
     if curve:
         sec = _security(config)
         public, secret = _load_keypair(sec.server_secret_key, secret=True)

@@ -401,7 +401,7 @@ def test_wrong_type_error_says_where() -> None:
     with pytest.raises(ProtocolError) as info:
         decode(p.client_request_decoder, msgspec.msgpack.encode(["getjob", "seven", "id", 1]))
     assert "int" in str(info.value)
-    assert "$[1]" in str(info.value)
+    assert "GetJob.req" in str(info.value)  # the field, by name
 
 
 @pytest.mark.parametrize("tag", ["frobnicate", "", "PING", "ping ", "msg"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import msgspec
@@ -69,6 +70,12 @@ def hog(ctx: corral.JobContext, mib: int) -> int:
 def crash(ctx: corral.JobContext, code: int) -> None:
     """Ends its own process every time: a poison job."""
     os._exit(code)
+
+
+@corral.task(name="e2e.sigkill", max_attempts=3)
+def sigkill(ctx: corral.JobContext, payload: object = None) -> None:
+    """Sends its own process SIGKILL every time: a poison job."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @corral.task(name="e2e.soft", soft_timeout=0.3, timeout=5)
