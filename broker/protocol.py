@@ -131,7 +131,7 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     #: broker keeps it for a bounded time even if it hears nothing from it.
     vouched: bool = False
     #: User and system CPU time of the process so far (seconds).
-    cpu: float = 0.0
+    cpu: Finite = 0.0
 
 
 class PoolInfo(msgspec.Struct, frozen=True):

@@ -76,6 +76,11 @@ def test_a_scrape_of_a_running_daemon_shows_queues_jobs_log_workers_and_pools(en
             value(s, "corral_queue_jobs", queue="nobody", status="queued") == 1
             and (value(s, "corral_queue_latency_seconds", queue="nobody") or 0) > 0
             and value(s, "corral_pool_processes", host=host, pool="default") == 2
+            # a worker's RSS is read once a second: 0 until the first reading
+            and all(
+                (value(s, "corral_worker_rss_bytes", host=host, pool="default", slot=slot) or 0) > 0
+                for slot in ("0", "1")
+            )
         ),
         "the queue and pool gauges",
     )
