@@ -23,8 +23,11 @@ log directory.
 Replay starts at the last BASE segment; older segments and ``.tmp`` files
 left by an interrupted compaction are removed on open. Only the last segment
 may end in a torn record (older ones are fsync'd before the next one
-exists): it is cut with a warning. A bad record followed by a valid one is
-corruption and the log refuses to open (:class:`LogCorrupt`);
+exists): it is cut with a warning. After each fdatasync the log writes a
+sync mark (see :mod:`corral.broker.framing`) into the segment, unsynced, so
+what was fsync'd, and so acknowledged, is always followed by a valid frame:
+a bad record followed by a valid one is corruption, never a torn write, and
+the log refuses to open (:class:`LogCorrupt`);
 :func:`corral.broker.logtools.verify` and :func:`corral.broker.logtools.repair`
 handle it offline.
 
@@ -61,6 +64,7 @@ from corral.broker.framing import (
     FRAME,
     HEADER_SIZE,
     LEN_TYPE,
+    MARK_SIZE,
     MAX_RECORD,
     FsyncFailed,
     LogCorrupt,
@@ -68,9 +72,11 @@ from corral.broker.framing import (
     LogError,
     MiB,
     Scan,
+    Segment,
     fsync_dir,
     make_dirs,
     pack_header,
+    pack_mark,
     plan_segments,
     reseed_frames,
     seg_path,
@@ -132,12 +138,14 @@ class _Active:
     end: int  # where the next write goes
     synced: int  # offset known to be on disk
     seed: int  # its frames' CRC seed
+    marks: bool = True  # write sync marks (format 5; not into an older segment)
 
 
 @dataclass
 class _Counters:
     fsyncs: int = 0
     torn: int = 0
+    marks_failed: int = 0
     since_compaction: int = 0
     finished: list[tuple[Path, int]] = field(default_factory=list)  # (path, used bytes)
 
@@ -221,7 +229,7 @@ class Log:
                 self._n.since_compaction += scan.pos - HEADER_SIZE
             if i < len(live) - 1:
                 self._n.finished.append((path, scan.pos))
-        self._open_last(live[-1].seq, scan)
+        self._open_last(live[-1], scan)
 
     def _new_seed(self, seq: int) -> int:
         """The CRC seed of a segment this log creates."""
@@ -248,7 +256,7 @@ class Log:
         fsync_dir(self.directory)
         _log.info("log.stale_segments_removed", segments=[p.name for p in stale])
 
-    def _open_last(self, seq: int, scan: Scan) -> None:
+    def _open_last(self, last: Segment, scan: Scan) -> None:
         fd = os.open(scan.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             if scan.reason is not None:
@@ -258,7 +266,9 @@ class Log:
         except BaseException:
             os.close(fd)
             raise
-        active = self._activate(_Active(fd, scan.path, seq, scan.pos, scan.pos, scan.seed))
+        active = self._activate(
+            _Active(fd, scan.path, last.seq, scan.pos, scan.pos, scan.seed, last.header.marks)
+        )
         if scan.pos > self._limit and not self._full:
             # it ended in its reserve: full, unless a next segment can be made
             self._roll(active, time.monotonic())
@@ -458,6 +468,22 @@ class Log:
         self._last_sync = now
         self._dirty = False
         active.synced = active.end
+        if active.marks:
+            self._write_mark(active)
+
+    def _write_mark(self, active: _Active) -> None:
+        """Write the sync mark for what was just synced (no fsync of its own:
+        the next commit's syncs it). Damage before it is then never taken
+        for a torn write. A mark that cannot be written is left out: the
+        next write goes where it would have been."""
+        try:
+            _write_all(active.fd, pack_mark(active.synced, active.seed), active.end)
+        except OSError as exc:
+            self._n.marks_failed += 1
+            _log.warning("log.sync_mark_failed", segment=str(active.path), error=str(exc))
+            return
+        active.end += MARK_SIZE
+        self._n.since_compaction += MARK_SIZE
 
     # -- state
 
@@ -490,9 +516,13 @@ class Log:
 
     @property
     def synced_position(self) -> tuple[Path, int] | None:
-        """(segment, offset) up to which the log is known to be on disk."""
+        """(segment, offset) up to which every record is known to be on
+        disk: :attr:`written_position` when nothing was written since the
+        last sync (the sync mark written after it is no record)."""
         active = self._active
-        return None if active is None else (active.path, active.synced)
+        if active is None:
+            return None
+        return (active.path, active.synced if self._dirty else active.end)
 
     @property
     def written_position(self) -> tuple[Path, int] | None:
@@ -515,6 +545,7 @@ class Log:
             "records_appended": self._appended,
             "fsyncs": self._n.fsyncs,
             "torn_tail_truncations": self._n.torn,
+            "sync_marks_failed": self._n.marks_failed,
             "full": int(self._full),
         }
 

@@ -31,6 +31,7 @@ from corral.broker.framing import (
     FRAME,
     HEADER_SIZE,
     LEGACY_VERSION,
+    MARK_CODE,
     Header,
     HeaderFault,
     LogError,
@@ -40,6 +41,7 @@ from corral.broker.framing import (
     content_end,
     list_segments,
     next_record,
+    read_mark,
     segment_seed,
 )
 from corral.broker.records import (
@@ -235,11 +237,18 @@ def read_damaged(data: bytes, start: int, end: int) -> list[Record]:
 
 
 def walk(plan: SegmentPlan, data: bytes, last: bool, ledger: JobLedger) -> None:
-    """Fill ``plan.kept`` and ``plan.spans`` from the segment's bytes."""
+    """Fill ``plan.kept`` and ``plan.spans`` from the segment's bytes. Sync
+    marks are not kept: a rewrite moves frames, so their offsets would lie
+    (the broker writes a new one at its next sync)."""
     pos, stop, seed = HEADER_SIZE, content_end(data), plan.seed
     with memoryview(data) as view:
         while pos < stop:
             got = check_frame(data, view, pos, seed)
+            if not isinstance(got, str) and got[1] == MARK_CODE:
+                if read_mark(data, pos, got[0]) is not None:
+                    pos = got[0]  # a sync mark: no record, and dropped by a rewrite
+                    continue
+                got = "bad sync mark"
             if not isinstance(got, str):
                 end, code = got
                 try:
