@@ -385,20 +385,24 @@ def next_record(data: bytes, start: int, stop: int, seed: int) -> int:
 
 
 _ZEROS = bytes(MiB)
+#: The block sizes content_end narrows the end down with, largest first.
+_STEPS = (MiB, 64 * 1024, 4096, 256)
 
 
 def content_end(data: bytes) -> int:
-    """One past the last non-zero byte. Whole MiB of preallocated zeros are
-    skipped by comparing them with zeros (a memcmp), so only the MiB where
-    the content ends is stripped byte by byte."""
+    """One past the last non-zero byte. Blocks of preallocated zeros are
+    skipped by comparing them with zeros (a memcmp), a MiB, then 64 KiB,
+    4 KiB and 256 bytes at a time, so only the last 256 bytes where the
+    content ends are stripped byte by byte."""
     end = len(data)
-    while end > 0:
-        start = max(0, end - MiB)
-        chunk = data[start:end]
-        if chunk != _ZEROS[: end - start]:
-            return start + len(chunk.rstrip(b"\0"))
-        end = start
-    return 0
+    for step in _STEPS:
+        while end > 0:
+            start = max(0, end - step)
+            if data[start:end] != _ZEROS[: end - start]:
+                break
+            end = start
+    start = max(0, end - _STEPS[-1])
+    return start + len(data[start:end].rstrip(b"\0"))
 
 
 class Scan:

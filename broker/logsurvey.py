@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from corral.broker.framing import (
     FLAG_BASE,
     FORMAT_VERSION,
@@ -39,6 +41,7 @@ from corral.broker.framing import (
     check_frame,
     check_header,
     content_end,
+    frame_crc,
     list_segments,
     next_record,
     read_mark,
@@ -60,6 +63,8 @@ from corral.broker.records import (
 
 #: Damaged bytes kept in memory to look for known job ids in, per span.
 _SAMPLE = 1024 * 1024
+#: The longest frame (bytes) whose one flipped bit repair looks for.
+_CORRECT_MAX = 1024
 #: Frames along a damaged-header segment's length chain tried per seed.
 _PROBE_FRAMES = 8
 
@@ -187,11 +192,15 @@ class JobLedger:
         known = created | lost.keys()
         for n, sample in self._unread:
             for job_id in known:
-                if job_id.encode() in sample:
+                if _packed(job_id) in sample:  # as msgpack writes it: "job-5" is not in "job-53"
                     (changed if job_id in created else lost).setdefault(job_id, n)
         for job_id in lost:
             changed.pop(job_id, None)
         return _in_order(lost), _in_order(changed)
+
+
+def _packed(job_id: str) -> bytes:
+    return msgspec.msgpack.encode(job_id)
 
 
 def _in_order(found: dict[str, int]) -> list[str]:
@@ -212,12 +221,20 @@ def _decode_any(code: int, body: bytes) -> Record | None:
     return None
 
 
-def read_damaged(data: bytes, start: int, end: int) -> list[Record]:
+def read_damaged(data: bytes, start: int, end: int, seed: int = 0) -> list[Record]:
     """The records ``data[start:end]`` holds, read without their checksums:
-    each frame by its length field, or else as running to ``end``."""
+    each frame by its length field, or else as running to ``end``. A frame
+    with one flipped bit is read as it was written (:func:`corrected`)."""
     held: list[Record] = []
     pos = start
     while pos + FRAME.size <= end:
+        fixed = corrected(data, pos, end, seed)
+        if fixed is not None:
+            record = _decode_any(fixed[FRAME.size - 1], fixed[FRAME.size :])
+            if record is not None:
+                held.append(record)
+                pos += len(fixed)
+                continue
         length, _, code = FRAME.unpack_from(data, pos)
         stated_end = pos + 8 + length
         record = None
@@ -231,6 +248,34 @@ def read_damaged(data: bytes, start: int, end: int) -> list[Record]:
         held.append(record)
         pos = stated_end
     return held
+
+
+def corrected(data: bytes, pos: int, end: int, seed: int) -> bytes | None:
+    """The frame at ``pos`` (within ``[pos, end)``) as it was before one bit
+    of it flipped, found as the one-bit change that makes its CRC match (a
+    CRC-32 tells apart every one-bit error in frames this short); None if no
+    one-bit change does, or the frame is over :data:`_CORRECT_MAX` bytes.
+    Used to name what a damaged frame held, never to keep it."""
+    length, crc, _ = FRAME.unpack_from(data, pos)
+    lengths = [length] + [length ^ (1 << b) for b in range(32)]
+    for n, size in enumerate(lengths):
+        if not 0 < size <= _CORRECT_MAX or pos + 8 + size > end:
+            continue
+        frame = bytearray(data[pos : pos + 8 + size])
+        FRAME.pack_into(frame, 0, size, crc, frame[8])
+        if n > 0:  # the length was the flipped bit
+            return bytes(frame) if frame_crc(frame, 0, len(frame), seed) == crc else None
+        covered = [*range(4), *range(8, len(frame))]  # the CRC covers all but itself
+        if frame_crc(frame, 0, len(frame), seed) != crc:
+            for i in covered:
+                for bit in range(8):
+                    frame[i] ^= 1 << bit
+                    if frame_crc(frame, 0, len(frame), seed) == crc:
+                        return bytes(frame)
+                    frame[i] ^= 1 << bit
+        else:
+            return bytes(frame)  # the CRC field was the flipped bit... or nothing was
+    return None
 
 
 # -- walking one segment -----------------------------------------------------------------
@@ -271,7 +316,7 @@ def add_span(plan: SegmentPlan, ledger: JobLedger, data: bytes, span: Span) -> N
     """Record ``span`` (of ``data``, the segment's bytes) in ``plan`` and the
     ledger, with what its bytes read as."""
     if span.kind in ("damaged", "torn_tail"):
-        span.held = read_damaged(data, span.start, span.end)
+        span.held = read_damaged(data, span.start, span.end, plan.seed)
         if span.end - span.start <= _SAMPLE:
             span.sample = data[span.start : span.end]
     plan.spans.append(span)
