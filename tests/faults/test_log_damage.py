@@ -10,16 +10,20 @@ are in tests/test_logdamage.py and tests/test_log_cli.py."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import structlog
+from conftest import Env
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 
+import corral
 from corral.broker import framing
 from corral.broker import protocol as p
 from corral.broker.framing import HEADER_SIZE, MARK_CODE, LogCorrupt, check_frame, content_end
@@ -368,3 +372,47 @@ def test_a_flip_in_the_last_sync_mark_loses_no_record(tmp_path: Path) -> None:
     assert opened.refused is None and opened.torn == 1
     assert enc(opened.records) == enc(w.records)
     assert [e["offset"] for e in logs if e["event"] == "log.torn_tail"] == [mark.start]
+
+
+# -- end to end: a real broker refuses, repair names the job, the broker starts ----------
+
+
+def test_a_broker_killed_after_an_ack_refuses_a_damaged_last_record_until_repair(
+    env: Env,
+) -> None:
+    """``corral broker`` SIGKILLed right after acknowledging an enqueue; one
+    bit of that last record flips on disk. The next start is refused with
+    the segment and what to run; ``corral log repair`` names the job; the
+    broker then starts with every other job."""
+    env.write_config(extra_broker=SMALL_LOG)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    ids = [client.enqueue("e2e.square", n) for n in range(10)]
+    broker.signal(signal.SIGKILL)
+    assert broker.wait(30) == -signal.SIGKILL
+    log_dir = env.home / "state" / "log"
+    (segment,) = sorted(log_dir.glob("*.seg"))
+    data = segment.read_bytes()
+    header = framing.parse_header(segment, data)
+    frames = walk_frames(data, header.seed)
+    last = [f for f in frames if f.record is not None][-1]
+    assert isinstance(last.record, JobCreated) and last.record.id == ids[-1]
+    segment.write_bytes(flipped(data, last.end - 3, 4))
+
+    refused = env.start("broker", name="broker-refused")
+    assert refused.wait(60) != 0
+    out = refused.output()
+    assert "broker.cannot_start" in out and "not a torn write" in out
+    assert str(segment) in out and "corral log repair" in out
+
+    done = env.run("log", "repair", "--json", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["lost_jobs"] == [ids[-1]]
+
+    broker = env.start("broker", name="broker-repaired")
+    env.wait_ready(broker)
+    client = env.client()
+    assert [client.job(i).status for i in ids[:-1]] == ["queued"] * 9
+    with pytest.raises(corral.JobNotFound):
+        client.job(ids[-1])
