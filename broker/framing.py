@@ -454,11 +454,16 @@ class Scan:
                 self.records += 1
                 yield record
 
-    def problem(self, last: bool) -> LogCorrupt | None:
+    def problem(self, last: bool, marks: bool = False) -> LogCorrupt | None:
         """The corruption this walk found; None for a clean end or a torn
-        tail. Only the last segment may end torn, and only where no valid
-        frame follows: every fsync'd commit is followed by its sync mark, so
-        damage to what was acknowledged never looks like a torn write."""
+        tail. Only the last segment may end torn. Where nothing valid
+        follows the damage it is a torn write, unless a sync mark said its
+        bytes were on disk. In a segment with sync marks (``marks``) a valid
+        frame after the damage is no proof of corruption: unsynced writes
+        reach the disk in any order. Damage there is a torn tail unless a
+        later sync mark says the damaged bytes were fsync'd; every fsync'd
+        commit is followed by its mark, so damage to what was acknowledged
+        is never taken for a torn write."""
         if self.reason is None:
             return None
         if not last:
@@ -470,20 +475,23 @@ class Scan:
         if durable > self.pos:
             why = f"bytes the log had fsync'd (a later sync mark says up to offset {durable})"
             return LogCorrupt(self.path, self.pos, f"{self.reason}, in {why}: not a torn write")
+        if marks:
+            return None  # a torn tail of unsynced writes, some of which reached the disk
         return LogCorrupt(
             self.path, self.pos, f"{self.reason}, and a valid record follows at offset {valid}"
         )
 
 
 def durable_after(data: bytes, pos: int, stop: int, seed: int) -> int:
-    """The highest offset a sync mark in the run of valid frames from
-    ``pos`` on says was on disk; 0 if it holds none."""
+    """The highest offset a valid sync mark at or after ``pos`` says was on
+    disk (0: none), resynchronising past damage as a survey does."""
     durable = 0
     with memoryview(data) as view:
-        while pos < stop:
+        while 0 <= pos < stop:
             got = check_frame(data, view, pos, seed)
             if isinstance(got, str):
-                break
+                pos = next_record(data, pos + 1, stop, seed)
+                continue
             end, code = got
             if code == MARK_CODE:
                 durable = max(durable, read_mark(data, pos, end) or 0)

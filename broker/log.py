@@ -219,7 +219,7 @@ class Log:
         for i, (_, path, header) in enumerate(live):
             scan = Scan(path, path.read_bytes(), header.seed)
             yield from scan
-            problem = scan.problem(last=i == len(live) - 1)
+            problem = scan.problem(last=i == len(live) - 1, marks=header.marks)
             if problem is not None:
                 raise problem
             # A compaction's base is never appended to: what counts towards

@@ -41,6 +41,7 @@ from corral.broker.framing import (
     check_frame,
     check_header,
     content_end,
+    durable_after,
     frame_crc,
     list_segments,
     next_record,
@@ -306,8 +307,13 @@ def walk(plan: SegmentPlan, data: bytes, last: bool, ledger: JobLedger) -> None:
                     pos = end
                     continue
             after = next_record(data, pos + 1, stop, seed)
-            end = stop if after < 0 else after
-            kind = "torn_tail" if after < 0 and last else "damaged"
+            # as a replay judges it (Scan.problem): in a segment with sync
+            # marks, what follows damage no mark vouches for was never synced
+            torn = last and (
+                after < 0 or (plan.header.marks and durable_after(data, after, stop, seed) <= pos)
+            )
+            end = stop if after < 0 or torn else after
+            kind = "torn_tail" if torn else "damaged"
             add_span(plan, ledger, data, Span(plan.seq, plan.path, pos, end, got, kind))
             pos = end
 

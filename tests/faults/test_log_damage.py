@@ -416,3 +416,28 @@ def test_a_broker_killed_after_an_ack_refuses_a_damaged_last_record_until_repair
     assert [client.job(i).status for i in ids[:-1]] == ["queued"] * 9
     with pytest.raises(corral.JobNotFound):
         client.job(ids[-1])
+
+
+def test_unsynced_writes_that_reached_the_disk_out_of_order_are_a_torn_tail(
+    written: Written, tmp_path: Path
+) -> None:
+    """Power loss: of the writes after the last fsync, a later one reached
+    the disk and an earlier one did not (zeros, or garbage). No sync mark
+    vouches for the hole, so the tail is cut from it, with a warning, and
+    every acknowledged record stays; the same hole before a sync mark is
+    corruption."""
+    data = written.data
+    tail = [f for f in written.frames if f.start >= written.synced]
+    assert len(tail) >= 3
+    for hole in tail[:-1]:
+        for fill in (bytes(hole.end - hole.start), random.Random(hole.start).randbytes(9)):
+            torn = data[: hole.start] + fill + data[hole.start + len(fill) :]
+            put(tmp_path / "log", written, torn)
+            opened = Opened(tmp_path / "log")
+            assert opened.refused is None and opened.torn == 1, hole
+            assert enc(opened.records) == enc(written.records)[: len(opened.records)]
+            assert len(opened.records) >= len(written.acked)
+    acked = [f for f in written.frames if f.record is not None and f.end <= written.synced]
+    hole = acked[-1]
+    put(tmp_path / "log", written, data[: hole.start] + bytes(9) + data[hole.start + 9 :])
+    assert Opened(tmp_path / "log").refused is not None
