@@ -312,7 +312,7 @@ def read_mark(data: bytes, pos: int, end: int) -> int | None:
     return upto if upto <= pos else None
 
 
-def frame_crc(view: memoryview | bytes, pos: int, end: int, seed: int) -> int:
+def frame_crc(view: memoryview | bytes | bytearray, pos: int, end: int, seed: int) -> int:
     """The CRC that the frame at ``[pos, end)`` should carry under ``seed``."""
     return _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4], seed))
 

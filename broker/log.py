@@ -73,7 +73,6 @@ from corral.broker.framing import (
     MiB,
     Scan,
     Segment,
-    fsync_dir,
     make_dirs,
     pack_header,
     pack_mark,
@@ -83,6 +82,7 @@ from corral.broker.framing import (
     segment_seed,
 )
 from corral.broker.lazylog import get_logger
+from corral.broker.logfiles import Files
 from corral.broker.records import Record, encode_record
 
 #: The log's errors are defined with its format; they are part of this module's API.
@@ -99,23 +99,20 @@ _log = get_logger(__name__)
 # -- file helpers -----------------------------------------------------------
 
 
-def _preallocate(fd: int, size: int) -> None:
+def _preallocate(files: Files, fd: int, size: int) -> None:
     """Reserve disk blocks up to ``size``; silently skipped where unsupported."""
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is None:
-        return
     try:
-        fallocate(fd, 0, size)
+        files.fallocate(fd, size)
     except OSError as exc:
         if exc.errno not in _NO_FALLOCATE:
             raise
 
 
-def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+def _write_all(files: Files, fd: int, data: bytes | bytearray, offset: int) -> None:
     with memoryview(data) as view:
         done = 0
         while done < len(view):
-            n = os.pwrite(fd, view[done:], offset + done)
+            n = files.pwrite(fd, view[done:], offset + done)
             if n <= 0:
                 raise OSError(errno.ENOSPC, "short write")
             done += n
@@ -161,7 +158,10 @@ class Log:
         fsync_interval: float = 1.0,
         segment_size: int = 64 * MiB,
         reserve: int = 4 * MiB,
+        files: Files | None = None,
     ) -> None:
+        """``files``: the file operations to use (tests give a layer that
+        plays power losses); the real ones by default."""
         if fsync not in POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(POLICIES)}, not {fsync!r}")
         if fsync_interval < 0:
@@ -169,6 +169,7 @@ class Log:
         if segment_size < 4096 or not 0 <= reserve <= segment_size - 2 * HEADER_SIZE:
             raise ValueError("need segment_size >= 4096 and 0 <= reserve < segment_size")
         self.directory = Path(directory)
+        self.files = files or Files()
         self.fsync = fsync
         self.fsync_interval = fsync_interval
         self.segment_size = segment_size
@@ -245,26 +246,26 @@ class Log:
 
     def _remove_tmp_files(self) -> None:
         for tmp in sorted(self.directory.glob("*.tmp")):
-            tmp.unlink(missing_ok=True)
+            self.files.unlink(tmp)
             _log.info("log.tmp_removed", file=str(tmp))
 
     def _remove_stale(self, stale: list[Path]) -> None:
         if not stale:
             return
         for path in stale:
-            path.unlink(missing_ok=True)
-        fsync_dir(self.directory)
+            self.files.unlink(path)
+        self.files.fsync_dir(self.directory)
         _log.info("log.stale_segments_removed", segments=[p.name for p in stale])
 
     def _open_last(self, last: Segment, scan: Scan) -> None:
-        fd = os.open(scan.path, os.O_RDWR | os.O_CLOEXEC)
+        fd = self.files.open(scan.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             if scan.reason is not None:
                 self._cut_torn_tail(fd, scan)
             if os.fstat(fd).st_size < self.segment_size:
                 self._try_preallocate(fd, time.monotonic())
         except BaseException:
-            os.close(fd)
+            self.files.close(fd)
             raise
         active = self._activate(
             _Active(fd, scan.path, last.seq, scan.pos, scan.pos, scan.seed, last.header.marks)
@@ -275,9 +276,9 @@ class Log:
         self._retry_alloc_at = 0.0  # the caller's clock paces the next try
 
     def _cut_torn_tail(self, fd: int, scan: Scan) -> None:
-        os.ftruncate(fd, scan.pos)
+        self.files.ftruncate(fd, scan.pos)
         try:
-            os.fsync(fd)
+            self.files.fsync(fd)
         except OSError as exc:
             raise FsyncFailed(f"fsync of {scan.path} failed: {exc}") from exc
         self._n.torn += 1
@@ -291,7 +292,7 @@ class Log:
 
     def _try_preallocate(self, fd: int, now: float) -> None:
         try:
-            _preallocate(fd, self.segment_size)
+            _preallocate(self.files, fd, self.segment_size)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise LogError(f"cannot preallocate log segment: {exc}") from exc
@@ -301,21 +302,22 @@ class Log:
         """Create segment ``seq`` atomically: tmp file, preallocate, fsync, rename."""
         tmp = self.directory / f"{seq:020d}.tmp"
         final = seg_path(self.directory, seq)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        files = self.files
+        fd = files.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, pack_header(flags, seq, self._generation), 0)
-            _write_all(fd, body, HEADER_SIZE)
-            _preallocate(fd, self.segment_size)
-            os.fsync(fd)
-            os.rename(tmp, final)
+            _write_all(files, fd, pack_header(flags, seq, self._generation), 0)
+            _write_all(files, fd, body, HEADER_SIZE)
+            _preallocate(files, fd, self.segment_size)
+            files.fsync(fd)
+            files.rename(tmp, final)
         except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
+            files.close(fd)
+            files.unlink(tmp)
             raise
         try:
-            fsync_dir(self.directory)
+            files.fsync_dir(self.directory)
         except BaseException:
-            os.close(fd)
+            files.close(fd)
             raise
         return fd, final
 
@@ -395,7 +397,7 @@ class Log:
         self._pending = bytearray()
         start = active.end
         try:
-            _write_all(active.fd, data, start)
+            _write_all(self.files, active.fd, data, start)
         except OSError as exc:
             self._undo_write(active, start, exc)
         active.end = start + len(data)
@@ -405,12 +407,12 @@ class Log:
     def _undo_write(self, active: _Active, start: int, exc: OSError) -> NoReturn:
         """Drop a partly written buffer so no half record stays behind, then raise."""
         try:
-            os.ftruncate(active.fd, start)
+            self.files.ftruncate(active.fd, start)
         except OSError as trunc_exc:
             self._failed = LogError(f"cannot cut a failed write in {active.path}: {trunc_exc}")
             raise self._failed from exc
         with contextlib.suppress(OSError):  # a full disk: later writes extend the file
-            _preallocate(active.fd, self.segment_size)
+            _preallocate(self.files, active.fd, self.segment_size)
         if exc.errno in _DISK_FULL:
             _log.error("log.write_failed_disk_full", segment=str(active.path), error=str(exc))
             raise LogDiskFull(f"log write to {active.path} failed, disk full: {exc}") from exc
@@ -434,9 +436,9 @@ class Log:
         if self._full:
             self._full = False
             _log.info("log.disk_space_available", segment=str(path))
-        os.ftruncate(old.fd, old.end)
+        self.files.ftruncate(old.fd, old.end)
         self._fsync_fd(old.fd, old.path)
-        os.close(old.fd)
+        self.files.close(old.fd)
         self._n.finished.append((old.path, old.end))
         seq = old.seq + 1
         return self._activate(_Active(fd, path, seq, HEADER_SIZE, HEADER_SIZE, self._new_seed(seq)))
@@ -449,7 +451,7 @@ class Log:
 
     def _fsync_fd(self, fd: int, path: Path) -> None:
         try:
-            os.fsync(fd)
+            self.files.fsync(fd)
         except OSError as exc:
             self._failed = FsyncFailed(f"fsync of {path} failed: {exc}")
             raise self._failed from exc
@@ -458,7 +460,7 @@ class Log:
         active = self._active
         assert active is not None
         try:
-            os.fdatasync(active.fd)
+            self.files.fdatasync(active.fd)
         except OSError as exc:
             self._failed = FsyncFailed(
                 f"fdatasync of {active.path} failed: {exc}; exit and replay, never retry"
@@ -477,7 +479,7 @@ class Log:
         for a torn write. A mark that cannot be written is left out: the
         next write goes where it would have been."""
         try:
-            _write_all(active.fd, pack_mark(active.synced, active.seed), active.end)
+            _write_all(self.files, active.fd, pack_mark(active.synced, active.seed), active.end)
         except OSError as exc:
             self._n.marks_failed += 1
             _log.warning("log.sync_mark_failed", segment=str(active.path), error=str(exc))
@@ -504,7 +506,7 @@ class Log:
             self._roll(active, now)  # clears full, or marks it again
         else:
             try:
-                _preallocate(active.fd, self.segment_size)
+                _preallocate(self.files, active.fd, self.segment_size)
             except OSError as exc:
                 if exc.errno not in _DISK_FULL:
                     raise LogError(f"cannot preallocate log segment: {exc}") from exc
@@ -595,19 +597,19 @@ class Log:
         # not free its blocks here (slow for a large file): its caller does.
         kept = self.directory / tmp_name(cut.last, "old")
         try:
-            kept.unlink(missing_ok=True)
-            os.link(final, kept)
+            self.files.unlink(kept)
+            self.files.link(final, kept)
         except OSError:
             kept = final  # no hard links here: the rename frees it
         try:
-            os.rename(cut.tmp, final)
+            self.files.rename(cut.tmp_path, final)
         except OSError as exc:
             self.abandon(cut)
             if kept != final:
-                kept.unlink(missing_ok=True)
+                self.files.unlink(kept)
             raise LogError(f"compaction could not switch to its new base {cut.tmp}: {exc}") from exc
         self._cut = None
-        fsync_dir(self.directory)
+        self.files.fsync_dir(self.directory)
         self._base = cut.last
         self._n.since_compaction -= cut.counted
         later = [(p, used) for p, used in self._n.finished if _seq_of(p) > cut.last]
@@ -619,7 +621,7 @@ class Log:
         if cut == self._cut:
             self._cut = None
         try:
-            cut.tmp_path.unlink(missing_ok=True)
+            self.files.unlink(cut.tmp_path)
         except OSError as exc:
             _log.warning("log.tmp_kept", file=cut.tmp, error=str(exc))
 
@@ -651,5 +653,5 @@ class Log:
             if self._failed is None:
                 self.sync()  # may roll to a new segment
         finally:
-            os.close(self._active.fd)
+            self.files.close(self._active.fd)
             self._active = None
