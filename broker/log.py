@@ -25,9 +25,10 @@ left by an interrupted compaction are removed on open. Only the last segment
 may end in a torn record (older ones are fsync'd before the next one
 exists): it is cut with a warning. After each fdatasync the log writes a
 sync mark (see :mod:`corral.broker.framing`) into the segment, unsynced, so
-what was fsync'd, and so acknowledged, is always followed by a valid frame:
-a bad record followed by a valid one is corruption, never a torn write, and
-the log refuses to open (:class:`LogCorrupt`);
+what was fsync'd, and so acknowledged, is always followed by a valid frame.
+Damage that a later mark says was on disk, or (in a segment without marks)
+any damage with a valid record after it, is corruption, never a torn
+write, and the log refuses to open (:class:`LogCorrupt`);
 :func:`corral.broker.logtools.verify` and :func:`corral.broker.logtools.repair`
 handle it offline.
 

@@ -12,6 +12,7 @@ does the same): every change is still made on the real files, so reads
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class Files:
         EOPNOTSUPP where the filesystem cannot."""
         fallocate = getattr(os, "posix_fallocate", None)
         if fallocate is None:
-            raise OSError(95, "posix_fallocate is not available")  # EOPNOTSUPP
+            raise OSError(errno.EOPNOTSUPP, "posix_fallocate is not available")
         fallocate(fd, 0, size)
 
     def fsync(self, fd: int) -> None:
