@@ -328,6 +328,49 @@ def reseed_frames(buf: bytearray, seed: int) -> None:
             pos = end
 
 
+#: The longest frame (bytes) in which a flipped bit is looked for.
+FIX_MAX = 1024
+
+
+class BitFix(NamedTuple):
+    """A frame as it was before one of its bits flipped: its bytes, and the
+    byte (``at``, from the frame's start) and bit that flipped."""
+
+    frame: bytes
+    at: int
+    bit: int
+
+
+def one_bit_fix(data: bytes, pos: int, seed: int) -> BitFix | None:
+    """The frame at ``pos`` with the one bit flipped back that makes its CRC
+    match (CRC-32 tells every one-bit error apart in frames this short), or
+    None: no one-bit change does, or the frame is over :data:`FIX_MAX`."""
+    if pos + FRAME.size > len(data):
+        return None
+    length, crc, _ = FRAME.unpack_from(data, pos)
+    for n, size in enumerate([length] + [length ^ (1 << b) for b in range(32)]):
+        if not 0 < size <= FIX_MAX or pos + 8 + size > len(data):
+            continue
+        frame = bytearray(data[pos : pos + 8 + size])
+        _U32.pack_into(frame, 0, size)
+        got = frame_crc(frame, 0, len(frame), seed)
+        if n > 0:  # the length field's bit
+            if got == crc:
+                return BitFix(bytes(frame), (n - 1) // 8, (n - 1) % 8)
+            continue
+        if bin(got ^ crc).count("1") == 1:  # the CRC field's bit
+            bit = (got ^ crc).bit_length() - 1
+            _U32.pack_into(frame, 4, got)
+            return BitFix(bytes(frame), 4 + bit // 8, bit % 8)
+        for i in range(8, len(frame)):
+            for bit in range(8):
+                frame[i] ^= 1 << bit
+                if frame_crc(frame, 0, len(frame), seed) == crc:
+                    return BitFix(bytes(frame), i, bit)
+                frame[i] ^= 1 << bit
+    return None
+
+
 def check_frame(data: bytes, view: memoryview, pos: int, seed: int) -> tuple[int, int] | str:
     """Return ``(end, code)`` of the valid frame at ``pos``, or why it is not one."""
     if pos + FRAME.size > len(data):

@@ -42,9 +42,9 @@ from corral.broker.framing import (
     check_header,
     content_end,
     durable_after,
-    frame_crc,
     list_segments,
     next_record,
+    one_bit_fix,
     read_mark,
     segment_seed,
 )
@@ -64,8 +64,6 @@ from corral.broker.records import (
 
 #: Damaged bytes kept in memory to look for known job ids in, per span.
 _SAMPLE = 1024 * 1024
-#: The longest frame (bytes) whose one flipped bit repair looks for.
-_CORRECT_MAX = 1024
 #: Frames along a damaged-header segment's length chain tried per seed.
 _PROBE_FRAMES = 8
 
@@ -253,30 +251,10 @@ def read_damaged(data: bytes, start: int, end: int, seed: int = 0) -> list[Recor
 
 def corrected(data: bytes, pos: int, end: int, seed: int) -> bytes | None:
     """The frame at ``pos`` (within ``[pos, end)``) as it was before one bit
-    of it flipped, found as the one-bit change that makes its CRC match (a
-    CRC-32 tells apart every one-bit error in frames this short); None if no
-    one-bit change does, or the frame is over :data:`_CORRECT_MAX` bytes.
+    of it flipped (:func:`~corral.broker.framing.one_bit_fix`), or None.
     Used to name what a damaged frame held, never to keep it."""
-    length, crc, _ = FRAME.unpack_from(data, pos)
-    lengths = [length] + [length ^ (1 << b) for b in range(32)]
-    for n, size in enumerate(lengths):
-        if not 0 < size <= _CORRECT_MAX or pos + 8 + size > end:
-            continue
-        frame = bytearray(data[pos : pos + 8 + size])
-        FRAME.pack_into(frame, 0, size, crc, frame[8])
-        if n > 0:  # the length was the flipped bit
-            return bytes(frame) if frame_crc(frame, 0, len(frame), seed) == crc else None
-        covered = [*range(4), *range(8, len(frame))]  # the CRC covers all but itself
-        if frame_crc(frame, 0, len(frame), seed) != crc:
-            for i in covered:
-                for bit in range(8):
-                    frame[i] ^= 1 << bit
-                    if frame_crc(frame, 0, len(frame), seed) == crc:
-                        return bytes(frame)
-                    frame[i] ^= 1 << bit
-        else:
-            return bytes(frame)  # the CRC field was the flipped bit... or nothing was
-    return None
+    fix = one_bit_fix(data[:end], pos, seed)
+    return None if fix is None else fix.frame
 
 
 # -- walking one segment -----------------------------------------------------------------
@@ -309,13 +287,18 @@ def walk(plan: SegmentPlan, data: bytes, last: bool, ledger: JobLedger) -> None:
             after = next_record(data, pos + 1, stop, seed)
             # as a replay judges it (Scan.problem): in a segment with sync
             # marks, what follows damage no mark vouches for was never synced
-            torn = last and (
-                after < 0 or (plan.header.marks and durable_after(data, after, stop, seed) <= pos)
-            )
+            torn = last and (after < 0 or _unsynced_hole(plan, data, pos, after, stop))
             end = stop if after < 0 or torn else after
             kind = "torn_tail" if torn else "damaged"
             add_span(plan, ledger, data, Span(plan.seq, plan.path, pos, end, got, kind))
             pos = end
+
+
+def _unsynced_hole(plan: SegmentPlan, data: bytes, pos: int, after: int, stop: int) -> bool:
+    """Damage at ``pos`` with a valid frame at ``after`` is, as a replay
+    judges it (``Scan.problem``), a torn write: in a segment with sync
+    marks, no later mark vouches for it."""
+    return plan.header.marks and durable_after(data, after, stop, plan.seed) <= pos
 
 
 def add_span(plan: SegmentPlan, ledger: JobLedger, data: bytes, span: Span) -> None:

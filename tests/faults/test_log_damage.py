@@ -362,7 +362,8 @@ def test_a_flip_in_the_last_acknowledged_record_is_corruption_not_a_torn_tail(
 
 def test_a_flip_in_the_last_sync_mark_loses_no_record(tmp_path: Path) -> None:
     """The one flip a start takes for a torn write: in the sync mark the
-    log wrote last, after its last fsync, which is no record."""
+    log wrote last, after its last fsync, which is no record. It is cut
+    with a warning."""
     w = broker_log(tmp_path / "state", jobs=3, unsynced_tail=False)
     mark = w.frames[-1]
     assert mark.code == MARK_CODE
@@ -372,6 +373,25 @@ def test_a_flip_in_the_last_sync_mark_loses_no_record(tmp_path: Path) -> None:
     assert opened.refused is None and opened.torn == 1
     assert enc(opened.records) == enc(w.records)
     assert [e["offset"] for e in logs if e["event"] == "log.torn_tail"] == [mark.start]
+
+
+def test_a_flip_after_the_last_sync_mark_cuts_only_what_was_never_synced(
+    written: Written, tmp_path: Path
+) -> None:
+    """Records written after the last fsync, one bit of one flipped: no
+    sync mark vouches for them, and a flip there cannot be told from a
+    write that a power loss tore, so the tail is cut from it with a warning
+    naming the bytes dropped; every acknowledged record stays."""
+    tail = [f for f in written.frames if f.start >= written.synced and f.record is not None]
+    hit = tail[0]
+    with structlog.testing.capture_logs() as logs:
+        put(tmp_path / "log", written, flipped(written.data, hit.start + 12, 3))
+        opened = Opened(tmp_path / "log")
+    assert opened.refused is None and opened.torn == 1
+    assert enc(opened.records) == enc(written.records)[: len(opened.records)]
+    assert len(opened.records) >= len(written.acked)
+    (event,) = [e for e in logs if e["event"] == "log.torn_tail"]
+    assert event["offset"] == hit.start and event["dropped_bytes"] > 0
 
 
 # -- end to end: a real broker refuses, repair names the job, the broker starts ----------
