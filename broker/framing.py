@@ -20,12 +20,12 @@ A format-5 segment also holds *sync marks*: after each fdatasync the live
 log writes one small frame of type :data:`MARK_CODE` (22, a code no record
 takes) whose body is the u64 offset up to which the segment was then on
 disk; it costs one small write and no fsync, and is synced with the next
-commit. A mark is not a record: a :class:`Scan` keeps the highest one it
-passes (:attr:`Scan.durable`) and yields none. On replay, damage that
-starts before that offset was fsync'd, so acknowledged: corruption, never
-a torn tail (:meth:`Scan.problem`). Every synced commit is also followed by
-a valid frame (its mark), so damage anywhere in it is followed by a valid
-frame, the older test for corruption.
+commit. A mark is not a record: a :class:`Scan` checks it and yields none.
+On replay, damage before an offset a later mark names was fsync'd, so
+acknowledged: corruption, never a torn tail; damage that no later mark
+vouches for was never synced: a torn tail, even with valid frames after it,
+since unsynced writes reach the disk in any order (:meth:`Scan.problem`).
+Every fsync'd commit is followed by its mark, a valid frame.
 
 Formats 4 (no marks) and 3 (also no CRC seed: its header had u16 flags
 where format 4 has flags and the records' version (3), and
@@ -454,9 +454,8 @@ class Scan:
     Afterwards ``pos`` is where the good frames end and ``reason`` says why
     the walk stopped early (None at a clean end). ``stop`` is one past the
     last non-zero byte: beyond it lie only preallocated zeros. ``seed`` is
-    the segment's CRC seed (:attr:`Header.seed`). Sync marks are passed
-    over, not yielded: ``durable`` is the highest offset one of them said
-    was on disk (0: none), ``marks`` how many were passed."""
+    the segment's CRC seed (:attr:`Header.seed`). Sync marks are checked
+    and passed over, not yielded."""
 
     def __init__(self, path: Path, data: bytes, seed: int) -> None:
         self.path = path
@@ -466,8 +465,6 @@ class Scan:
         self.pos = HEADER_SIZE
         self.reason: str | None = None
         self.records = 0
-        self.durable = 0
-        self.marks = 0
 
     def __iter__(self) -> Iterator[Record]:
         data = self.data
@@ -480,12 +477,9 @@ class Scan:
                     return
                 end, code = got
                 if code == MARK_CODE:
-                    upto = read_mark(data, pos, end)
-                    if upto is None:
+                    if read_mark(data, pos, end) is None:
                         self.reason = "bad sync mark"
                         return
-                    self.durable = max(self.durable, upto)
-                    self.marks += 1
                     self.pos = end
                     continue
                 try:  # a bytes slice, so a kept Raw pins only its own record
