@@ -14,10 +14,13 @@ import json
 import random
 import shutil
 import signal
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 import structlog
 from conftest import Env
@@ -30,7 +33,13 @@ from corral.broker.framing import HEADER_SIZE, MARK_CODE, LogCorrupt, check_fram
 from corral.broker.log import Log
 from corral.broker.logsurvey import job_ids
 from corral.broker.logtools import repair
-from corral.broker.records import JobCreated, Record, decode_record, encode_record
+from corral.broker.records import (
+    LOG_FORMAT_VERSION,
+    JobCreated,
+    Record,
+    decode_record,
+    encode_record,
+)
 
 from .harness import env_int
 
@@ -461,3 +470,57 @@ def test_unsynced_writes_that_reached_the_disk_out_of_order_are_a_torn_tail(
     hole = acked[-1]
     put(tmp_path / "log", written, data[: hole.start] + bytes(9) + data[hole.start + 9 :])
     assert Opened(tmp_path / "log").refused is not None
+
+
+# -- the previous format ---------------------------------------------------------------
+
+
+def _write_v4_segment(
+    path: Path, seq: int, flags: int, generation: int, records: list[Record]
+) -> None:
+    """A segment as format 4 wrote it: seeded CRCs, no sync marks."""
+    head = struct.pack("<8sHBBQQ", framing.MAGIC, 4, flags, LOG_FORMAT_VERSION, seq, generation)
+    data = bytearray(head + struct.pack("<I", zlib.crc32(head)))
+    seed = framing.segment_seed(4, generation, seq)
+    for r in records:
+        framing.frame_into(data, r, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{seq:020d}.seg").write_bytes(bytes(data) + bytes(1000))
+
+
+def _created(i: int) -> JobCreated:
+    payload = msgspec.Raw(msgspec.msgpack.encode({"i": i, "p": "z" * 300}))
+    return JobCreated(
+        id=f"job-{i}", task="t", payload=payload, queue="q", priority=0, seq=i, created_at=1.0
+    )
+
+
+def test_a_format_4_log_is_read_and_appended_to_without_marks(tmp_path: Path) -> None:
+    old: list[Record] = [_created(i) for i in range(20)]
+    _write_v4_segment(tmp_path, 1, framing.FLAG_BASE, 0xBEEF, old)
+    log = Log(tmp_path, fsync="always", segment_size=64 << 10, reserve=8 << 10)
+    assert enc(list(log.replay())) == enc(old)
+    more: list[Record] = [_created(i) for i in range(100, 400)]
+    for r in more:  # into the old last segment, then on into new ones
+        log.append(r)
+        log.commit(0.0)
+    log.close()
+    segs = sorted(tmp_path.glob("*.seg"))
+    versions = [framing.read_header(s).version for s in segs]
+    assert versions[0] == 4 and set(versions[1:]) == {framing.FORMAT_VERSION}
+    codes = [
+        {f.code for f in walk_frames(s.read_bytes(), framing.read_header(s).seed)} for s in segs
+    ]
+    assert MARK_CODE not in codes[0]  # the corral that wrote it can still read it
+    assert all(MARK_CODE in c for c in codes[1:])
+    assert enc(Opened(tmp_path).records) == enc(old + more)
+
+    # in a segment without marks, damage with a valid record after it is corruption
+    first = walk_frames(segs[0].read_bytes(), framing.read_header(segs[0]).seed)
+    data = segs[0].read_bytes()
+    segs[0].write_bytes(flipped(data, first[-2].start + 20, 1))
+    (tmp_path / "held").mkdir()
+    for s in segs[1:]:
+        s.rename(tmp_path / "held" / s.name)  # make the format-4 segment the last one
+    refused = Opened(tmp_path).refused
+    assert refused is not None and "a valid record follows" in refused.reason
