@@ -25,8 +25,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
-
 from corral.broker.framing import (
     FLAG_BASE,
     FORMAT_VERSION,
@@ -191,15 +189,32 @@ class JobLedger:
         known = created | lost.keys()
         for n, sample in self._unread:
             for job_id in known:
-                if _packed(job_id) in sample:  # as msgpack writes it: "job-5" is not in "job-53"
+                if _mentions(sample, job_id):
                     (changed if job_id in created else lost).setdefault(job_id, n)
         for job_id in lost:
             changed.pop(job_id, None)
         return _in_order(lost), _in_order(changed)
 
 
-def _packed(job_id: str) -> bytes:
-    return msgspec.msgpack.encode(job_id)
+def _mentions(sample: bytes, job_id: str) -> bool:
+    """``job_id`` is written in ``sample`` as a whole msgpack string: not
+    where a string header before it gives another length ("job-5" is not
+    in "job-53"), but where that header is itself damaged."""
+    raw = job_id.encode()
+    at = sample.find(raw)
+    while at >= 0:
+        fix = sample[at - 1] if at >= 1 else -1
+        str8 = sample[at - 2] == 0xD9 if at >= 2 else False
+        if str8:
+            whole = sample[at - 1] == len(raw)
+        elif 0xA0 <= fix <= 0xBF:
+            whole = fix & 0x1F == len(raw)
+        else:
+            whole = True  # no string header before it: damaged, or not one
+        if whole:
+            return True
+        at = sample.find(raw, at + 1)
+    return False
 
 
 def _in_order(found: dict[str, int]) -> list[str]:
