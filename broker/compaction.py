@@ -44,6 +44,7 @@ from corral.broker.framing import (
     Scan,
     frame_into,
     pack_header,
+    pack_mark,
     parse_header,
     seg_path,
     segment_seed,
@@ -141,6 +142,7 @@ def write_base(cut: Cut, records: Iterable[Record]) -> tuple[int, int]:
                 if unsynced >= SYNC_EVERY:
                     os.fdatasync(fd)
                     unsynced = 0
+        buf += pack_mark(os.lseek(fd, 0, os.SEEK_CUR) + len(buf), seed)  # fsync'd just below
         _flush(fd, buf)
         os.fsync(fd)
         written = os.fstat(fd).st_size

@@ -46,6 +46,7 @@ from corral.broker.followups import FollowUps
 from corral.broker.housekeeping import Housekeeper
 from corral.broker.journal import ClientLink, Journal, Replies, WorkerLink
 from corral.broker.log import Log
+from corral.broker.logfiles import Files
 from corral.broker.records import BrokerStarted
 from corral.broker.schedules import Scheduler
 from corral.broker.service import ClientService
@@ -67,7 +68,16 @@ CLIENT, WORKER = "client", "worker"
 class BrokerCore:
     """All job state and the parts that change it; see the module docstring."""
 
-    def __init__(self, config: Any, *, clock: Clock | None = None, log: Log | None = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        *,
+        clock: Clock | None = None,
+        log: Log | None = None,
+        files: Files | None = None,
+    ) -> None:
+        """``clock``, ``log`` and the log's ``files`` (its file operations:
+        tests give a layer that plays power losses) default to the real ones."""
         bc = config.broker
         self.config = config
         self.clock: Clock = clock or SystemClock()
@@ -97,6 +107,7 @@ class BrokerCore:
             fsync_interval=bc.fsync_interval,
             segment_size=bc.segment_size,
             reserve=bc.disk_reserve,
+            files=files,
         )
         self.journal = Journal(self.state, self.log)
         self.stats = self.journal.stats

@@ -16,10 +16,22 @@ another segment or another log, or one inside a payload (whose writer
 cannot know the random generation), never does. Segments are preallocated,
 so a segment's zero-filled tail is the end of its records.
 
-Format 3, the previous one, is still read: its header had u16 flags where
-format 4 has flags and the records' version (3), and its CRCs have no seed
-(:attr:`Header.seed` is 0). The live log goes on appending to a format-3
-last segment in format 3; every segment it creates is format 4.
+A format-5 segment also holds *sync marks*: after each fdatasync the live
+log writes one small frame of type :data:`MARK_CODE` (22, a code no record
+takes) whose body is the u64 offset up to which the segment was then on
+disk; it costs one small write and no fsync, and is synced with the next
+commit. A mark is not a record: a :class:`Scan` checks it and yields none.
+On replay, damage before an offset a later mark names was fsync'd, so
+acknowledged: corruption, never a torn tail; damage that no later mark
+vouches for was never synced: a torn tail, even with valid frames after it,
+since unsynced writes reach the disk in any order (:meth:`Scan.problem`).
+Every fsync'd commit is followed by its mark, a valid frame.
+
+Formats 4 (no marks) and 3 (also no CRC seed: its header had u16 flags
+where format 4 has flags and the records' version (3), and
+:attr:`Header.seed` is 0) are still read. The live log goes on appending to
+an older last segment in its own format, without marks, so the corral that
+wrote it can still read it; every segment it creates is format 5.
 
 This module packs and checks headers and frames, walks a segment's records
 (:class:`Scan`), finds the segments a replay reads (:func:`plan_segments`)
@@ -54,11 +66,21 @@ MAGIC = b"CORRALOG"
 FLAG_BASE = 1
 #: Largest ``length`` field accepted (type byte + body).
 MAX_RECORD = 64 * MiB
-#: The segment format this code writes: 4 seeds each frame's CRC.
-FORMAT_VERSION = 4
-#: The previous format, still read: CRCs with no seed.
+#: The segment format this code writes: 5 adds sync marks to format 4,
+#: which seeds each frame's CRC.
+FORMAT_VERSION = 5
+#: The first format with a CRC seed, still read (and appended to, without marks).
+SEEDED_VERSION = 4
+#: The oldest format still read: CRCs with no seed.
 LEGACY_VERSION = 3
-READABLE_VERSIONS = (LEGACY_VERSION, FORMAT_VERSION)
+READABLE_VERSIONS = (LEGACY_VERSION, SEEDED_VERSION, FORMAT_VERSION)
+#: The frame type of a sync mark (see the module docstring); records.py
+#: leaves this code unused.
+MARK_CODE = 22
+#: A sync mark's body: the offset up to which its segment was on disk.
+MARK_BODY = Struct("<Q")
+#: A sync mark's whole frame, in bytes.
+MARK_SIZE = 8 + 1 + MARK_BODY.size
 
 #: The oldest records version this corral reads: record types are only ever
 #: added, so a newer corral reads every older log (version 4 added
@@ -158,6 +180,11 @@ class Header(NamedTuple):
     @property
     def seed(self) -> int:
         return segment_seed(self.version, self.generation, self.seq)
+
+    @property
+    def marks(self) -> bool:
+        """True if the live log writes sync marks into this segment."""
+        return self.version >= FORMAT_VERSION
 
 
 def pack_header(flags: int, seq: int, generation: int) -> bytes:
@@ -263,7 +290,29 @@ def frame_into(buf: bytearray, record: Record, seed: int) -> int:
     return length + 8
 
 
-def frame_crc(view: memoryview | bytes, pos: int, end: int, seed: int) -> int:
+def pack_mark(upto: int, seed: int) -> bytes:
+    """The sync mark frame saying its segment is on disk up to offset
+    ``upto``, for a segment of CRC ``seed``."""
+    body = MARK_BODY.pack(upto)
+    length = len(body) + 1
+    crc = _crc32(body, _crc32(LEN_TYPE.pack(length, MARK_CODE), seed))
+    return FRAME.pack(length, crc, MARK_CODE) + body
+
+
+def _known(code: int) -> bool:
+    return code == MARK_CODE or is_known_code(code)
+
+
+def read_mark(data: bytes, pos: int, end: int) -> int | None:
+    """The offset a valid mark frame at ``[pos, end)`` states, or None when
+    its body is not one (a mark can only speak of bytes before itself)."""
+    if end - pos != MARK_SIZE:
+        return None
+    (upto,) = MARK_BODY.unpack_from(data, pos + 9)
+    return upto if upto <= pos else None
+
+
+def frame_crc(view: memoryview | bytes | bytearray, pos: int, end: int, seed: int) -> int:
     """The CRC that the frame at ``[pos, end)`` should carry under ``seed``."""
     return _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4], seed))
 
@@ -279,6 +328,49 @@ def reseed_frames(buf: bytearray, seed: int) -> None:
             pos = end
 
 
+#: The longest frame (bytes) in which a flipped bit is looked for.
+FIX_MAX = 1024
+
+
+class BitFix(NamedTuple):
+    """A frame as it was before one of its bits flipped: its bytes, and the
+    byte (``at``, from the frame's start) and bit that flipped."""
+
+    frame: bytes
+    at: int
+    bit: int
+
+
+def one_bit_fix(data: bytes, pos: int, seed: int) -> BitFix | None:
+    """The frame at ``pos`` with the one bit flipped back that makes its CRC
+    match (CRC-32 tells every one-bit error apart in frames this short), or
+    None: no one-bit change does, or the frame is over :data:`FIX_MAX`."""
+    if pos + FRAME.size > len(data):
+        return None
+    length, crc, _ = FRAME.unpack_from(data, pos)
+    for n, size in enumerate([length] + [length ^ (1 << b) for b in range(32)]):
+        if not 0 < size <= FIX_MAX or pos + 8 + size > len(data):
+            continue
+        frame = bytearray(data[pos : pos + 8 + size])
+        _U32.pack_into(frame, 0, size)
+        got = frame_crc(frame, 0, len(frame), seed)
+        if n > 0:  # the length field's bit
+            if got == crc:
+                return BitFix(bytes(frame), (n - 1) // 8, (n - 1) % 8)
+            continue
+        if bin(got ^ crc).count("1") == 1:  # the CRC field's bit
+            bit = (got ^ crc).bit_length() - 1
+            _U32.pack_into(frame, 4, got)
+            return BitFix(bytes(frame), 4 + bit // 8, bit % 8)
+        for i in range(8, len(frame)):
+            for bit in range(8):
+                frame[i] ^= 1 << bit
+                if frame_crc(frame, 0, len(frame), seed) == crc:
+                    return BitFix(bytes(frame), i, bit)
+                frame[i] ^= 1 << bit
+    return None
+
+
 def check_frame(data: bytes, view: memoryview, pos: int, seed: int) -> tuple[int, int] | str:
     """Return ``(end, code)`` of the valid frame at ``pos``, or why it is not one."""
     if pos + FRAME.size > len(data):
@@ -291,7 +383,7 @@ def check_frame(data: bytes, view: memoryview, pos: int, seed: int) -> tuple[int
         return f"record length {length} runs past the end of the segment"
     if frame_crc(view, pos, end, seed) != crc:
         return "record checksum mismatch"
-    if not is_known_code(code):
+    if not _known(code):
         return f"unknown record type {code}"
     return end, code
 
@@ -307,7 +399,7 @@ def next_valid_frame(data: bytes, start: int, stop: int, seed: int) -> int:
             if (
                 0 < length <= MAX_RECORD
                 and end <= size
-                and is_known_code(code)
+                and _known(code)
                 and _crc32(view[pos + 8 : end], _crc32(view[pos : pos + 4], seed)) == crc
             ):
                 return pos
@@ -322,6 +414,11 @@ def next_record(data: bytes, start: int, stop: int, seed: int) -> int:
         if pos < 0:
             return -1
         length, _, code = FRAME.unpack_from(data, pos)
+        if code == MARK_CODE:
+            if read_mark(data, pos, pos + 8 + length) is not None:
+                return pos
+            start = pos + 1
+            continue
         try:
             decode_record(code, data[pos + 9 : pos + 8 + length])
         except RecordError:
@@ -331,29 +428,34 @@ def next_record(data: bytes, start: int, stop: int, seed: int) -> int:
 
 
 _ZEROS = bytes(MiB)
+#: The block sizes content_end narrows the end down with, largest first.
+_STEPS = (MiB, 64 * 1024, 4096, 256)
 
 
 def content_end(data: bytes) -> int:
-    """One past the last non-zero byte. Whole MiB of preallocated zeros are
-    skipped by comparing them with zeros (a memcmp), so only the MiB where
-    the content ends is stripped byte by byte."""
+    """One past the last non-zero byte. Blocks of preallocated zeros are
+    skipped by comparing them with zeros (a memcmp), a MiB, then 64 KiB,
+    4 KiB and 256 bytes at a time, so only the last 256 bytes where the
+    content ends are stripped byte by byte."""
     end = len(data)
-    while end > 0:
-        start = max(0, end - MiB)
-        chunk = data[start:end]
-        if chunk != _ZEROS[: end - start]:
-            return start + len(chunk.rstrip(b"\0"))
-        end = start
-    return 0
+    for step in _STEPS:
+        while end > 0:
+            start = max(0, end - step)
+            if data[start:end] != _ZEROS[: end - start]:
+                break
+            end = start
+    start = max(0, end - _STEPS[-1])
+    return start + len(data[start:end].rstrip(b"\0"))
 
 
 class Scan:
     """Walk one segment's records up to its clean end or its first bad record.
 
-    Afterwards ``pos`` is where the good records end and ``reason`` says why
+    Afterwards ``pos`` is where the good frames end and ``reason`` says why
     the walk stopped early (None at a clean end). ``stop`` is one past the
     last non-zero byte: beyond it lie only preallocated zeros. ``seed`` is
-    the segment's CRC seed (:attr:`Header.seed`)."""
+    the segment's CRC seed (:attr:`Header.seed`). Sync marks are checked
+    and passed over, not yielded."""
 
     def __init__(self, path: Path, data: bytes, seed: int) -> None:
         self.path = path
@@ -374,6 +476,12 @@ class Scan:
                     self.reason = got
                     return
                 end, code = got
+                if code == MARK_CODE:
+                    if read_mark(data, pos, end) is None:
+                        self.reason = "bad sync mark"
+                        return
+                    self.pos = end
+                    continue
                 try:  # a bytes slice, so a kept Raw pins only its own record
                     record = decode_record(code, data[pos + 9 : end])
                 except RecordError as exc:
@@ -383,8 +491,16 @@ class Scan:
                 self.records += 1
                 yield record
 
-    def problem(self, last: bool) -> LogCorrupt | None:
-        """The corruption this walk found; None for a clean end or a torn tail."""
+    def problem(self, last: bool, marks: bool = False) -> LogCorrupt | None:
+        """The corruption this walk found; None for a clean end or a torn
+        tail. Only the last segment may end torn. Where nothing valid
+        follows the damage it is a torn write, unless a sync mark said its
+        bytes were on disk. In a segment with sync marks (``marks``) a valid
+        frame after the damage is no proof of corruption: unsynced writes
+        reach the disk in any order. Damage there is a torn tail unless a
+        later sync mark says the damaged bytes were fsync'd; every fsync'd
+        commit is followed by its mark, so damage to what was acknowledged
+        is never taken for a torn write."""
         if self.reason is None:
             return None
         if not last:
@@ -392,9 +508,32 @@ class Scan:
         valid = next_record(self.data, self.pos + 1, self.stop, self.seed)
         if valid < 0:
             return None
+        durable = durable_after(self.data, valid, self.stop, self.seed)
+        if durable > self.pos:
+            why = f"bytes the log had fsync'd (a later sync mark says up to offset {durable})"
+            return LogCorrupt(self.path, self.pos, f"{self.reason}, in {why}: not a torn write")
+        if marks:
+            return None  # a torn tail of unsynced writes, some of which reached the disk
         return LogCorrupt(
             self.path, self.pos, f"{self.reason}, and a valid record follows at offset {valid}"
         )
+
+
+def durable_after(data: bytes, pos: int, stop: int, seed: int) -> int:
+    """The highest offset a valid sync mark at or after ``pos`` says was on
+    disk (0: none), resynchronising past damage as a survey does."""
+    durable = 0
+    with memoryview(data) as view:
+        while 0 <= pos < stop:
+            got = check_frame(data, view, pos, seed)
+            if isinstance(got, str):
+                pos = next_record(data, pos + 1, stop, seed)
+                continue
+            end, code = got
+            if code == MARK_CODE:
+                durable = max(durable, read_mark(data, pos, end) or 0)
+            pos = end
+    return durable
 
 
 class Segment(NamedTuple):

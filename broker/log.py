@@ -23,8 +23,12 @@ log directory.
 Replay starts at the last BASE segment; older segments and ``.tmp`` files
 left by an interrupted compaction are removed on open. Only the last segment
 may end in a torn record (older ones are fsync'd before the next one
-exists): it is cut with a warning. A bad record followed by a valid one is
-corruption and the log refuses to open (:class:`LogCorrupt`);
+exists): it is cut with a warning. After each fdatasync the log writes a
+sync mark (see :mod:`corral.broker.framing`) into the segment, unsynced, so
+what was fsync'd, and so acknowledged, is always followed by a valid frame.
+Damage that a later mark says was on disk, or (in a segment without marks)
+any damage with a valid record after it, is corruption, never a torn
+write, and the log refuses to open (:class:`LogCorrupt`);
 :func:`corral.broker.logtools.verify` and :func:`corral.broker.logtools.repair`
 handle it offline.
 
@@ -61,6 +65,7 @@ from corral.broker.framing import (
     FRAME,
     HEADER_SIZE,
     LEN_TYPE,
+    MARK_SIZE,
     MAX_RECORD,
     FsyncFailed,
     LogCorrupt,
@@ -68,15 +73,17 @@ from corral.broker.framing import (
     LogError,
     MiB,
     Scan,
-    fsync_dir,
+    Segment,
     make_dirs,
     pack_header,
+    pack_mark,
     plan_segments,
     reseed_frames,
     seg_path,
     segment_seed,
 )
 from corral.broker.lazylog import get_logger
+from corral.broker.logfiles import Files
 from corral.broker.records import Record, encode_record
 
 #: The log's errors are defined with its format; they are part of this module's API.
@@ -93,23 +100,20 @@ _log = get_logger(__name__)
 # -- file helpers -----------------------------------------------------------
 
 
-def _preallocate(fd: int, size: int) -> None:
+def _preallocate(files: Files, fd: int, size: int) -> None:
     """Reserve disk blocks up to ``size``; silently skipped where unsupported."""
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is None:
-        return
     try:
-        fallocate(fd, 0, size)
+        files.fallocate(fd, size)
     except OSError as exc:
         if exc.errno not in _NO_FALLOCATE:
             raise
 
 
-def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+def _write_all(files: Files, fd: int, data: bytes | bytearray, offset: int) -> None:
     with memoryview(data) as view:
         done = 0
         while done < len(view):
-            n = os.pwrite(fd, view[done:], offset + done)
+            n = files.pwrite(fd, view[done:], offset + done)
             if n <= 0:
                 raise OSError(errno.ENOSPC, "short write")
             done += n
@@ -132,12 +136,14 @@ class _Active:
     end: int  # where the next write goes
     synced: int  # offset known to be on disk
     seed: int  # its frames' CRC seed
+    marks: bool = True  # write sync marks (format 5; not into an older segment)
 
 
 @dataclass
 class _Counters:
     fsyncs: int = 0
     torn: int = 0
+    marks_failed: int = 0
     since_compaction: int = 0
     finished: list[tuple[Path, int]] = field(default_factory=list)  # (path, used bytes)
 
@@ -153,7 +159,10 @@ class Log:
         fsync_interval: float = 1.0,
         segment_size: int = 64 * MiB,
         reserve: int = 4 * MiB,
+        files: Files | None = None,
     ) -> None:
+        """``files``: the file operations to use (tests give a layer that
+        plays power losses); the real ones by default."""
         if fsync not in POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(POLICIES)}, not {fsync!r}")
         if fsync_interval < 0:
@@ -161,6 +170,7 @@ class Log:
         if segment_size < 4096 or not 0 <= reserve <= segment_size - 2 * HEADER_SIZE:
             raise ValueError("need segment_size >= 4096 and 0 <= reserve < segment_size")
         self.directory = Path(directory)
+        self.files = files or Files()
         self.fsync = fsync
         self.fsync_interval = fsync_interval
         self.segment_size = segment_size
@@ -211,7 +221,7 @@ class Log:
         for i, (_, path, header) in enumerate(live):
             scan = Scan(path, path.read_bytes(), header.seed)
             yield from scan
-            problem = scan.problem(last=i == len(live) - 1)
+            problem = scan.problem(last=i == len(live) - 1, marks=header.marks)
             if problem is not None:
                 raise problem
             # A compaction's base is never appended to: what counts towards
@@ -221,7 +231,7 @@ class Log:
                 self._n.since_compaction += scan.pos - HEADER_SIZE
             if i < len(live) - 1:
                 self._n.finished.append((path, scan.pos))
-        self._open_last(live[-1].seq, scan)
+        self._open_last(live[-1], scan)
 
     def _new_seed(self, seq: int) -> int:
         """The CRC seed of a segment this log creates."""
@@ -237,37 +247,39 @@ class Log:
 
     def _remove_tmp_files(self) -> None:
         for tmp in sorted(self.directory.glob("*.tmp")):
-            tmp.unlink(missing_ok=True)
+            self.files.unlink(tmp)
             _log.info("log.tmp_removed", file=str(tmp))
 
     def _remove_stale(self, stale: list[Path]) -> None:
         if not stale:
             return
         for path in stale:
-            path.unlink(missing_ok=True)
-        fsync_dir(self.directory)
+            self.files.unlink(path)
+        self.files.fsync_dir(self.directory)
         _log.info("log.stale_segments_removed", segments=[p.name for p in stale])
 
-    def _open_last(self, seq: int, scan: Scan) -> None:
-        fd = os.open(scan.path, os.O_RDWR | os.O_CLOEXEC)
+    def _open_last(self, last: Segment, scan: Scan) -> None:
+        fd = self.files.open(scan.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             if scan.reason is not None:
                 self._cut_torn_tail(fd, scan)
             if os.fstat(fd).st_size < self.segment_size:
                 self._try_preallocate(fd, time.monotonic())
         except BaseException:
-            os.close(fd)
+            self.files.close(fd)
             raise
-        active = self._activate(_Active(fd, scan.path, seq, scan.pos, scan.pos, scan.seed))
+        active = self._activate(
+            _Active(fd, scan.path, last.seq, scan.pos, scan.pos, scan.seed, last.header.marks)
+        )
         if scan.pos > self._limit and not self._full:
             # it ended in its reserve: full, unless a next segment can be made
             self._roll(active, time.monotonic())
         self._retry_alloc_at = 0.0  # the caller's clock paces the next try
 
     def _cut_torn_tail(self, fd: int, scan: Scan) -> None:
-        os.ftruncate(fd, scan.pos)
+        self.files.ftruncate(fd, scan.pos)
         try:
-            os.fsync(fd)
+            self.files.fsync(fd)
         except OSError as exc:
             raise FsyncFailed(f"fsync of {scan.path} failed: {exc}") from exc
         self._n.torn += 1
@@ -281,7 +293,7 @@ class Log:
 
     def _try_preallocate(self, fd: int, now: float) -> None:
         try:
-            _preallocate(fd, self.segment_size)
+            _preallocate(self.files, fd, self.segment_size)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise LogError(f"cannot preallocate log segment: {exc}") from exc
@@ -291,21 +303,22 @@ class Log:
         """Create segment ``seq`` atomically: tmp file, preallocate, fsync, rename."""
         tmp = self.directory / f"{seq:020d}.tmp"
         final = seg_path(self.directory, seq)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        files = self.files
+        fd = files.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, pack_header(flags, seq, self._generation), 0)
-            _write_all(fd, body, HEADER_SIZE)
-            _preallocate(fd, self.segment_size)
-            os.fsync(fd)
-            os.rename(tmp, final)
+            _write_all(files, fd, pack_header(flags, seq, self._generation), 0)
+            _write_all(files, fd, body, HEADER_SIZE)
+            _preallocate(files, fd, self.segment_size)
+            files.fsync(fd)
+            files.rename(tmp, final)
         except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
+            files.close(fd)
+            files.unlink(tmp)
             raise
         try:
-            fsync_dir(self.directory)
+            files.fsync_dir(self.directory)
         except BaseException:
-            os.close(fd)
+            files.close(fd)
             raise
         return fd, final
 
@@ -385,7 +398,7 @@ class Log:
         self._pending = bytearray()
         start = active.end
         try:
-            _write_all(active.fd, data, start)
+            _write_all(self.files, active.fd, data, start)
         except OSError as exc:
             self._undo_write(active, start, exc)
         active.end = start + len(data)
@@ -395,12 +408,12 @@ class Log:
     def _undo_write(self, active: _Active, start: int, exc: OSError) -> NoReturn:
         """Drop a partly written buffer so no half record stays behind, then raise."""
         try:
-            os.ftruncate(active.fd, start)
+            self.files.ftruncate(active.fd, start)
         except OSError as trunc_exc:
             self._failed = LogError(f"cannot cut a failed write in {active.path}: {trunc_exc}")
             raise self._failed from exc
         with contextlib.suppress(OSError):  # a full disk: later writes extend the file
-            _preallocate(active.fd, self.segment_size)
+            _preallocate(self.files, active.fd, self.segment_size)
         if exc.errno in _DISK_FULL:
             _log.error("log.write_failed_disk_full", segment=str(active.path), error=str(exc))
             raise LogDiskFull(f"log write to {active.path} failed, disk full: {exc}") from exc
@@ -424,9 +437,9 @@ class Log:
         if self._full:
             self._full = False
             _log.info("log.disk_space_available", segment=str(path))
-        os.ftruncate(old.fd, old.end)
+        self.files.ftruncate(old.fd, old.end)
         self._fsync_fd(old.fd, old.path)
-        os.close(old.fd)
+        self.files.close(old.fd)
         self._n.finished.append((old.path, old.end))
         seq = old.seq + 1
         return self._activate(_Active(fd, path, seq, HEADER_SIZE, HEADER_SIZE, self._new_seed(seq)))
@@ -439,7 +452,7 @@ class Log:
 
     def _fsync_fd(self, fd: int, path: Path) -> None:
         try:
-            os.fsync(fd)
+            self.files.fsync(fd)
         except OSError as exc:
             self._failed = FsyncFailed(f"fsync of {path} failed: {exc}")
             raise self._failed from exc
@@ -448,7 +461,7 @@ class Log:
         active = self._active
         assert active is not None
         try:
-            os.fdatasync(active.fd)
+            self.files.fdatasync(active.fd)
         except OSError as exc:
             self._failed = FsyncFailed(
                 f"fdatasync of {active.path} failed: {exc}; exit and replay, never retry"
@@ -458,6 +471,22 @@ class Log:
         self._last_sync = now
         self._dirty = False
         active.synced = active.end
+        if active.marks:
+            self._write_mark(active)
+
+    def _write_mark(self, active: _Active) -> None:
+        """Write the sync mark for what was just synced (no fsync of its own:
+        the next commit's syncs it). Damage before it is then never taken
+        for a torn write. A mark that cannot be written is left out: the
+        next write goes where it would have been."""
+        try:
+            _write_all(self.files, active.fd, pack_mark(active.synced, active.seed), active.end)
+        except OSError as exc:
+            self._n.marks_failed += 1
+            _log.warning("log.sync_mark_failed", segment=str(active.path), error=str(exc))
+            return
+        active.end += MARK_SIZE
+        self._n.since_compaction += MARK_SIZE
 
     # -- state
 
@@ -478,7 +507,7 @@ class Log:
             self._roll(active, now)  # clears full, or marks it again
         else:
             try:
-                _preallocate(active.fd, self.segment_size)
+                _preallocate(self.files, active.fd, self.segment_size)
             except OSError as exc:
                 if exc.errno not in _DISK_FULL:
                     raise LogError(f"cannot preallocate log segment: {exc}") from exc
@@ -490,9 +519,13 @@ class Log:
 
     @property
     def synced_position(self) -> tuple[Path, int] | None:
-        """(segment, offset) up to which the log is known to be on disk."""
+        """(segment, offset) up to which every record is known to be on
+        disk: :attr:`written_position` when nothing was written since the
+        last sync (the sync mark written after it is no record)."""
         active = self._active
-        return None if active is None else (active.path, active.synced)
+        if active is None:
+            return None
+        return (active.path, active.synced if self._dirty else active.end)
 
     @property
     def written_position(self) -> tuple[Path, int] | None:
@@ -515,6 +548,7 @@ class Log:
             "records_appended": self._appended,
             "fsyncs": self._n.fsyncs,
             "torn_tail_truncations": self._n.torn,
+            "sync_marks_failed": self._n.marks_failed,
             "full": int(self._full),
         }
 
@@ -564,19 +598,19 @@ class Log:
         # not free its blocks here (slow for a large file): its caller does.
         kept = self.directory / tmp_name(cut.last, "old")
         try:
-            kept.unlink(missing_ok=True)
-            os.link(final, kept)
+            self.files.unlink(kept)
+            self.files.link(final, kept)
         except OSError:
             kept = final  # no hard links here: the rename frees it
         try:
-            os.rename(cut.tmp, final)
+            self.files.rename(cut.tmp_path, final)
         except OSError as exc:
             self.abandon(cut)
             if kept != final:
-                kept.unlink(missing_ok=True)
+                self.files.unlink(kept)
             raise LogError(f"compaction could not switch to its new base {cut.tmp}: {exc}") from exc
         self._cut = None
-        fsync_dir(self.directory)
+        self.files.fsync_dir(self.directory)
         self._base = cut.last
         self._n.since_compaction -= cut.counted
         later = [(p, used) for p, used in self._n.finished if _seq_of(p) > cut.last]
@@ -588,7 +622,7 @@ class Log:
         if cut == self._cut:
             self._cut = None
         try:
-            cut.tmp_path.unlink(missing_ok=True)
+            self.files.unlink(cut.tmp_path)
         except OSError as exc:
             _log.warning("log.tmp_kept", file=cut.tmp, error=str(exc))
 
@@ -620,5 +654,5 @@ class Log:
             if self._failed is None:
                 self.sync()  # may roll to a new segment
         finally:
-            os.close(self._active.fd)
+            self.files.close(self._active.fd)
             self._active = None

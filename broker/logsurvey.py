@@ -31,6 +31,7 @@ from corral.broker.framing import (
     FRAME,
     HEADER_SIZE,
     LEGACY_VERSION,
+    MARK_CODE,
     Header,
     HeaderFault,
     LogError,
@@ -38,8 +39,11 @@ from corral.broker.framing import (
     check_frame,
     check_header,
     content_end,
+    durable_after,
     list_segments,
     next_record,
+    one_bit_fix,
+    read_mark,
     segment_seed,
 )
 from corral.broker.records import (
@@ -185,11 +189,32 @@ class JobLedger:
         known = created | lost.keys()
         for n, sample in self._unread:
             for job_id in known:
-                if job_id.encode() in sample:
+                if _mentions(sample, job_id):
                     (changed if job_id in created else lost).setdefault(job_id, n)
         for job_id in lost:
             changed.pop(job_id, None)
         return _in_order(lost), _in_order(changed)
+
+
+def _mentions(sample: bytes, job_id: str) -> bool:
+    """``job_id`` is written in ``sample`` as a whole msgpack string: not
+    where a string header before it gives another length ("job-5" is not
+    in "job-53"), but where that header is itself damaged."""
+    raw = job_id.encode()
+    at = sample.find(raw)
+    while at >= 0:
+        fix = sample[at - 1] if at >= 1 else -1
+        str8 = sample[at - 2] == 0xD9 if at >= 2 else False
+        if str8:
+            whole = sample[at - 1] == len(raw)
+        elif 0xA0 <= fix <= 0xBF:
+            whole = fix & 0x1F == len(raw)
+        else:
+            whole = True  # no string header before it: damaged, or not one
+        if whole:
+            return True
+        at = sample.find(raw, at + 1)
+    return False
 
 
 def _in_order(found: dict[str, int]) -> list[str]:
@@ -210,12 +235,20 @@ def _decode_any(code: int, body: bytes) -> Record | None:
     return None
 
 
-def read_damaged(data: bytes, start: int, end: int) -> list[Record]:
+def read_damaged(data: bytes, start: int, end: int, seed: int = 0) -> list[Record]:
     """The records ``data[start:end]`` holds, read without their checksums:
-    each frame by its length field, or else as running to ``end``."""
+    each frame by its length field, or else as running to ``end``. A frame
+    with one flipped bit is read as it was written (:func:`corrected`)."""
     held: list[Record] = []
     pos = start
     while pos + FRAME.size <= end:
+        fixed = corrected(data, pos, end, seed)
+        if fixed is not None:
+            record = _decode_any(fixed[FRAME.size - 1], fixed[FRAME.size :])
+            if record is not None:
+                held.append(record)
+                pos += len(fixed)
+                continue
         length, _, code = FRAME.unpack_from(data, pos)
         stated_end = pos + 8 + length
         record = None
@@ -231,15 +264,30 @@ def read_damaged(data: bytes, start: int, end: int) -> list[Record]:
     return held
 
 
+def corrected(data: bytes, pos: int, end: int, seed: int) -> bytes | None:
+    """The frame at ``pos`` (within ``[pos, end)``) as it was before one bit
+    of it flipped (:func:`~corral.broker.framing.one_bit_fix`), or None.
+    Used to name what a damaged frame held, never to keep it."""
+    fix = one_bit_fix(data[:end], pos, seed)
+    return None if fix is None else fix.frame
+
+
 # -- walking one segment -----------------------------------------------------------------
 
 
 def walk(plan: SegmentPlan, data: bytes, last: bool, ledger: JobLedger) -> None:
-    """Fill ``plan.kept`` and ``plan.spans`` from the segment's bytes."""
+    """Fill ``plan.kept`` and ``plan.spans`` from the segment's bytes. Sync
+    marks are not kept: a rewrite moves frames, so their offsets would lie
+    (the broker writes a new one at its next sync)."""
     pos, stop, seed = HEADER_SIZE, content_end(data), plan.seed
     with memoryview(data) as view:
         while pos < stop:
             got = check_frame(data, view, pos, seed)
+            if not isinstance(got, str) and got[1] == MARK_CODE:
+                if read_mark(data, pos, got[0]) is not None:
+                    pos = got[0]  # a sync mark: no record, and dropped by a rewrite
+                    continue
+                got = "bad sync mark"
             if not isinstance(got, str):
                 end, code = got
                 try:
@@ -252,17 +300,27 @@ def walk(plan: SegmentPlan, data: bytes, last: bool, ledger: JobLedger) -> None:
                     pos = end
                     continue
             after = next_record(data, pos + 1, stop, seed)
-            end = stop if after < 0 else after
-            kind = "torn_tail" if after < 0 and last else "damaged"
+            # as a replay judges it (Scan.problem): in a segment with sync
+            # marks, what follows damage no mark vouches for was never synced
+            torn = last and (after < 0 or _unsynced_hole(plan, data, pos, after, stop))
+            end = stop if after < 0 or torn else after
+            kind = "torn_tail" if torn else "damaged"
             add_span(plan, ledger, data, Span(plan.seq, plan.path, pos, end, got, kind))
             pos = end
+
+
+def _unsynced_hole(plan: SegmentPlan, data: bytes, pos: int, after: int, stop: int) -> bool:
+    """Damage at ``pos`` with a valid frame at ``after`` is, as a replay
+    judges it (``Scan.problem``), a torn write: in a segment with sync
+    marks, no later mark vouches for it."""
+    return plan.header.marks and durable_after(data, after, stop, plan.seed) <= pos
 
 
 def add_span(plan: SegmentPlan, ledger: JobLedger, data: bytes, span: Span) -> None:
     """Record ``span`` (of ``data``, the segment's bytes) in ``plan`` and the
     ledger, with what its bytes read as."""
     if span.kind in ("damaged", "torn_tail"):
-        span.held = read_damaged(data, span.start, span.end)
+        span.held = read_damaged(data, span.start, span.end, plan.seed)
         if span.end - span.start <= _SAMPLE:
             span.sample = data[span.start : span.end]
     plan.spans.append(span)

@@ -15,7 +15,9 @@ does it rewrite each changed segment (tmp file, fsync, rename, fsync the
 directory): its header rebuilt if damaged, its valid frames back to back,
 in the current format. A missing segment is recreated empty, a segment of
 another log is replaced by an empty one. Rewritten segments get their own
-CRC seed, so a record's frame is re-checksummed whenever it moves.
+CRC seed, so a record's frame is re-checksummed whenever it moves. Sync
+marks are not kept (their offsets would lie): a rewritten segment ends in
+one new mark, as it is fsync'd whole.
 """
 
 from __future__ import annotations
@@ -210,6 +212,7 @@ def _rewrite(plan: SegmentPlan, generation: int) -> None:
     seed = framing.segment_seed(framing.FORMAT_VERSION, generation, plan.seq)
     if seed != plan.seed:
         reseed_frames(body, seed)
+    body += framing.pack_mark(len(header) + len(body), seed)  # all of it is fsync'd below
     like = os.stat(plan.path if plan.exists else plan.path.parent)
     mode = like.st_mode & 0o777 if plan.exists else 0o644
     tmp = plan.path.with_suffix(".tmp")

@@ -311,6 +311,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     19: ClockStepped,
     20: JobsCreated,
     21: TaskForgotten,
+    # 22 is taken by the log's own sync mark (framing.MARK_CODE), which is no record
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

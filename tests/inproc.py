@@ -13,6 +13,7 @@ import msgspec
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
 from corral.broker.core import CLIENT, WORKER, BrokerCore
+from corral.broker.logfiles import Files
 from corral.config import loads
 
 #: Small log segments, for tests that restart or compact: less preallocated
@@ -61,13 +62,14 @@ class InProcessBroker:
         fsync: str = "always",
         extra: str = "",
         schedules: str = "",
+        files: Files | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.clock = clock or FakeClock()
         self.config_text = config_text(state_dir, fsync=fsync, extra=extra) + schedules
         self.config = loads(self.config_text)
         self.events: list[tuple[str, Any]] = []
-        self.core = BrokerCore(self.config, clock=self.clock)
+        self.core = BrokerCore(self.config, clock=self.clock, files=files)
         self.core.replay()
         self.clients = Recorder(self.events, CLIENT)
         self.workers = Recorder(self.events, WORKER)

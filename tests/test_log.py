@@ -30,7 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from corral.broker.framing import FORMAT_VERSION, HEADER_SIZE, MAGIC
+from corral.broker.framing import FORMAT_VERSION, HEADER_SIZE, MAGIC, MARK_CODE
 from corral.broker.job import BLOB_HEAD
 from corral.broker.jobspec import JobSpec
 from corral.broker.log import Log, LogCorrupt, LogDiskFull, LogError
@@ -301,7 +301,8 @@ def _record_starts(path: Path) -> list[int]:
         (length,) = struct.unpack_from("<I", data, pos)
         if length == 0:
             break
-        starts.append(pos)
+        if data[pos + 8] != MARK_CODE:  # a sync mark is no record
+            starts.append(pos)
         pos += 8 + length
     return starts
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.broker.framing import FORMAT_VERSION, HEADER_SIZE, MAGIC
+from corral.broker.framing import FORMAT_VERSION, HEADER_SIZE, MAGIC, MARK_CODE
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import Log, LogCorrupt, LogError
 from corral.broker.logtools import repair, verify
@@ -87,7 +87,8 @@ def frames(seg: Path) -> list[tuple[int, int]]:
         (length,) = struct.unpack_from("<I", data, pos)
         if length == 0:
             break
-        found.append((pos, pos + 8 + length))
+        if data[pos + 8] != MARK_CODE:  # a sync mark is no record
+            found.append((pos, pos + 8 + length))
         pos += 8 + length
     return found
 
