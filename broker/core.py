@@ -130,9 +130,10 @@ class BrokerCore:
 
     def replay(self) -> None:
         """Rebuild the state from the log, then log what recovery decides:
-        jobs that were running go back to their queue (the interrupted try
-        not counted), and follow-ups owed by finished jobs are created (or
-        held, if the disk is full)."""
+        jobs that workers held (running or reserved) wait for their holders
+        to reclaim them for the reclaim window, then go back to their queue
+        (an interrupted try not counted); follow-ups owed by finished jobs
+        are created (or held, if the disk is full)."""
         started = time.monotonic()
         count = 0
         # A replay makes a million long-lived objects at once: a cyclic
@@ -148,9 +149,10 @@ class BrokerCore:
         finally:
             gc.enable()
         self._freeze()
-        recovered = self.state.recovery_records()
-        for record in recovered:
-            self.journal.record(record)
+        # Jobs workers held when the broker stopped wait for their holders to
+        # offer them back (see broker/rejoin.py), then go back to their queue.
+        recovered = self.state.held_jobs()
+        self.dispatcher.hold_recovered(recovered, self.clock.monotonic())
         now = self.clock.time()
         self._steps.observe(now, self.clock.monotonic())
         back = self.housekeeper.stepped_while_down(now)
@@ -173,7 +175,7 @@ class BrokerCore:
             "broker.replayed",
             records=count,
             jobs=len(self.state.jobs),
-            requeued_running=len(recovered),
+            held_for_reclaim=len(recovered),
             followups_created=owed,
             seconds=round(time.monotonic() - started, 3),
         )

@@ -1,0 +1,286 @@
+"""Registrations that replace another, in-process (the real BrokerCore and
+log, a FakeClock): a READY repeated on the same connection, a worker that
+comes back on a new connection, and a broker restart, after which the
+workers that held jobs offer them back (``Ready.holding``) and the broker
+re-attaches them instead of handing them to someone else. The jobs of a
+holder that never comes back go back to their queue after the reclaim
+window. Real processes: tests/faults/test_broker_restart.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
+
+from corral.broker import protocol as p
+from corral.broker.clock import FakeClock
+from corral.broker.log import Log
+from corral.broker.records import Returned
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> InProcessBroker:
+    return InProcessBroker(tmp_path, extra=SMALL_LOG)
+
+
+def info(broker: InProcessBroker, job_id: str) -> p.JobInfo:
+    job = broker.job(job_id)
+    assert job is not None, job_id
+    return job
+
+
+def registered(msgs: list[Any]) -> list[p.Registered]:
+    return [m for m in msgs if isinstance(m, p.Registered)]
+
+
+def held(d: p.Delivery, running: bool = False) -> p.Holding:
+    return p.Holding(d.job_id, d.lease, running)
+
+
+def returned_records(broker: InProcessBroker) -> list[Returned]:
+    """The Returned records in the log, read as a restart would (the log is
+    synced first)."""
+    broker.core.log.sync()
+    fresh = Log(broker.state_dir / "log")
+    try:
+        return [r for r in fresh.replay() if isinstance(r, Returned)]
+    finally:
+        fresh.close()
+
+
+def test_a_second_ready_keeps_the_leases_and_counts_no_attempt(broker: InProcessBroker) -> None:
+    worker = FakeWorker(broker, b"w", credit=3)
+    worker.ready()
+    for n in range(3):
+        broker.enqueue(id=f"j{n}")
+    got = deliveries(worker.inbox())
+    assert [d.job_id for d in got] == ["j0", "j1", "j2"]
+    worker.start(got[0])
+    worker.credit = 4  # the second READY may say something new: it is taken in place
+    again = worker.ready()
+    assert again == []  # nothing was taken back, so nothing comes again
+    other = FakeWorker(broker, b"other", credit=3)
+    assert other.ready() == []  # none of w's jobs is free for another worker
+    assert broker.core.stats["workers_lost"] == 0
+    assert broker.core.stats["redelivered"] == 0
+    assert returned_records(broker) == []
+    assert info(broker, "j0").status == "running"
+    assert [info(broker, f"j{n}").reserved_by for n in (1, 2)] == ["w", "w"]
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert {w.worker_id: w.credit for w in status.workers} == {"w": 1, "other": 3}
+    for d in got:
+        worker.finish(d, "ok", d.job_id)
+    for n in range(3):
+        job = info(broker, f"j{n}")
+        assert (job.status, job.attempts, len(job.tries)) == ("succeeded", 1, 1)
+    assert broker.core.stats["late_results"] == 0
+
+
+def test_ready_twice_then_silence_charges_each_job_once(broker: InProcessBroker) -> None:
+    """The second READY changed nothing that the worker's later death
+    would count twice."""
+    worker = FakeWorker(broker, b"w", credit=1)
+    worker.ready()
+    broker.enqueue(id="j", max_attempts=2)
+    (d,) = deliveries(worker.inbox())
+    worker.start(d)
+    worker.ready()
+    worker.ready()
+    assert info(broker, "j").attempts == 1
+    worker.go_silent()
+    broker.advance(4.0)
+    job = info(broker, "j")
+    assert job.status == "queued" and job.attempts == 1  # one WorkerLost, not three
+
+
+def test_a_worker_back_on_a_new_connection_keeps_the_jobs_it_offers(
+    broker: InProcessBroker,
+) -> None:
+    """The same worker (same worker_id, host and pid) reconnected with a new
+    identity: what it offers moves to the new connection; what it does not
+    offer never reached it and goes back uncounted."""
+    first = FakeWorker(broker, b"first", credit=3)
+    first.ready()
+    for n in range(3):
+        broker.enqueue(id=f"j{n}")
+    got = deliveries(first.inbox())
+    first.start(got[0])
+    first.go_silent()
+    second = FakeWorker(broker, b"second", credit=3)
+    answer = second.send(
+        p.Ready(
+            "first",
+            ["default"],
+            3,
+            1,
+            [],
+            "testhost",
+            4242,
+            holding=[held(got[0], True), held(got[1])],
+        )
+    )
+    assert registered(answer) == [p.Registered([])]
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert [w.worker_id for w in status.workers] == ["first"]  # one registration
+    # j2 was in flight to the old connection: back in its queue, uncounted,
+    # and out to the new one (the only worker)
+    (again,) = deliveries(answer)
+    assert again.job_id == "j2" and info(broker, "j2").attempts == 0
+    for d in (got[0], got[1], again):
+        if d is not got[0]:
+            second.start(d)
+        second.finish(d, "ok", d.job_id)
+    for n in range(3):
+        job = info(broker, f"j{n}")
+        assert (job.status, job.attempts) == ("succeeded", 1)
+    assert broker.core.stats["late_results"] == 0
+
+
+def test_a_registration_offering_jobs_it_does_not_hold_is_refused_them(
+    broker: InProcessBroker,
+) -> None:
+    a, b = FakeWorker(broker, b"a"), FakeWorker(broker, b"b")
+    a.ready()
+    broker.enqueue(id="j")
+    (d,) = deliveries(a.inbox())
+    b.ready()
+    answer = b.send(p.Ready("b", ["default"], 1, 1, [], "testhost", 4242, holding=[held(d, True)]))
+    assert registered(answer) == [p.Registered([p.Lease("j", d.lease)])]
+    assert info(broker, "j").reserved_by == "a"
+
+
+def restart_with_held_jobs(
+    tmp_path: Path, clock: FakeClock
+) -> tuple[InProcessBroker, list[p.Delivery]]:
+    """A broker whose worker ``w`` holds j0 running and j1 and j2 in its
+    buffer is killed, and started again."""
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    worker = FakeWorker(first, b"w", credit=3)
+    worker.ready()
+    for n in range(3):
+        first.enqueue(id=f"j{n}")
+    got = deliveries(worker.inbox())
+    worker.start(got[0])
+    first.core.log.sync()
+    first.crash()
+    return InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG), got
+
+
+def test_after_a_restart_the_holder_reclaims_its_running_and_buffered_jobs(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    other = FakeWorker(second, b"other", credit=5)
+    assert other.ready() == []  # the held jobs wait for their holder
+    second.advance(2.0)
+    assert deliveries(other.inbox()) == []
+    assert info(second, "j0").status == "running"
+    # the holder comes back: its heartbeat is answered with Reregister
+    holder = FakeWorker(second, b"w", credit=3)
+    assert isinstance(holder.send(p.WorkerHeartbeat())[0], p.Reregister)
+    answer = holder.send(
+        p.Ready(
+            "w",
+            ["default"],
+            3,
+            1,
+            [],
+            "testhost",
+            4242,
+            holding=[held(got[0], True), held(got[1]), held(got[2])],
+        )
+    )
+    assert registered(answer) == [p.Registered([])]
+    assert deliveries(answer) == []
+    second.advance(30.0)  # long past the window: nothing moves
+    assert deliveries(other.inbox()) == []
+    for d in got[1:]:
+        holder.start(d)
+    for d in got:
+        holder.finish(d, "ok", d.job_id)
+    for n in range(3):
+        job = info(second, f"j{n}")
+        assert (job.status, job.attempts, len(job.tries)) == ("succeeded", 1, 1), job
+    assert second.core.stats["late_results"] == 0
+    assert second.core.stats["redelivered"] == 0
+
+
+def test_a_reclaimed_job_whose_start_the_log_missed_is_running(tmp_path: Path) -> None:
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    holder = FakeWorker(second, b"w", credit=3)
+    holder.ready(holding=[held(got[0], True), held(got[1], True), held(got[2])])
+    assert [info(second, f"j{n}").status for n in range(3)] == ["running", "running", "queued"]
+    assert info(second, "j1").attempts == 1
+
+
+def test_an_outcome_sent_before_the_holder_registers_again_counts(tmp_path: Path) -> None:
+    """The worker's reports waiting in its socket reach the new broker
+    before its READY: an outcome under the lease the log holds the job
+    under ends the job, as it would have before the restart."""
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    holder = FakeWorker(second, b"w", credit=3)
+    holder.finish(got[0], "ok", "done")
+    assert info(second, "j0").status == "succeeded"
+    holder.ready(holding=[held(got[1]), held(got[2])])
+    second.advance(30.0)
+    assert [info(second, f"j{n}").reserved_by for n in (1, 2)] == ["w", "w"]
+
+
+def test_jobs_whose_holder_never_comes_back_go_out_after_the_window(tmp_path: Path) -> None:
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    window = second.core.dispatcher.reclaim_window
+    assert window >= 3.0  # at least the liveness window
+    other = FakeWorker(second, b"other", credit=5)
+    other.ready()
+    second.advance(window - 0.5)
+    assert deliveries(other.inbox()) == []
+    second.advance(1.0)
+    again = deliveries(other.inbox())
+    assert sorted(d.job_id for d in again) == ["j0", "j1", "j2"]
+    assert [info(second, f"j{n}").attempts for n in range(3)] == [0, 0, 0]  # not counted
+    # the holder back too late: its offer is refused, its late result fenced
+    holder = FakeWorker(second, b"w", credit=3)
+    answer = holder.send(
+        p.Ready("w", ["default"], 3, 1, [], "testhost", 4242, holding=[held(got[0], True)])
+    )
+    assert registered(answer) == [p.Registered([p.Lease("j0", got[0].lease)])]
+    holder.finish(got[0], "ok", "late")
+    assert second.core.stats["late_results"] == 1
+
+
+def test_a_second_crash_inside_the_window_keeps_the_jobs_held(tmp_path: Path) -> None:
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    second.advance(2.0)
+    second.crash()
+    third = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    other = FakeWorker(third, b"other", credit=5)
+    assert other.ready() == []
+    holder = FakeWorker(third, b"w", credit=3)
+    holder.ready(holding=[held(got[0], True), held(got[1]), held(got[2])])
+    third.advance(30.0)
+    assert deliveries(other.inbox()) == []
+    assert [info(third, f"j{n}").reserved_by for n in (1, 2)] == ["w", "w"]
+
+
+def test_only_the_holder_reclaims_and_only_under_its_lease(tmp_path: Path) -> None:
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    thief = FakeWorker(second, b"thief", credit=3)
+    answer = thief.send(
+        p.Ready("thief", ["default"], 3, 1, [], "testhost", 4242, holding=[held(got[0], True)])
+    )
+    assert registered(answer) == [p.Registered([p.Lease("j0", got[0].lease)])]
+    holder = FakeWorker(second, b"w", credit=3)
+    stale = p.Holding("j1", got[1].lease + 1, False)
+    answer = holder.send(
+        p.Ready("w", ["default"], 3, 1, [], "testhost", 4242, holding=[held(got[0], True), stale])
+    )
+    assert registered(answer) == [p.Registered([p.Lease("j1", got[1].lease + 1)])]
+    assert info(second, "j0").status == "running"
