@@ -284,3 +284,38 @@ def test_only_the_holder_reclaims_and_only_under_its_lease(tmp_path: Path) -> No
     )
     assert registered(answer) == [p.Registered([p.Lease("j1", got[1].lease + 1)])]
     assert info(second, "j0").status == "running"
+
+
+def test_another_process_under_the_same_worker_id_replaces_the_gone_one(
+    broker: InProcessBroker,
+) -> None:
+    """A worker named by hand and restarted (same id and host, another
+    pid): the old process is gone, its jobs go back as for a lost worker
+    (the started one charged), and the new process cannot claim them."""
+    old = FakeWorker(broker, b"old", credit=2)
+    old.ready(worker_id="named")
+    broker.enqueue(id="j0", max_attempts=3)
+    broker.enqueue(id="j1", max_attempts=3)
+    got = deliveries(old.inbox())
+    old.start(got[0])
+    old.go_silent()
+    new = FakeWorker(broker, b"new", credit=2)
+    answer = new.send(
+        p.Ready("named", ["default"], 2, 1, [], "testhost", 4343, holding=[held(got[1])])
+    )
+    assert registered(answer) == [p.Registered([p.Lease("j1", got[1].lease)])]
+    again = deliveries(answer)
+    assert sorted(d.job_id for d in again) == ["j0", "j1"]
+    assert info(broker, "j0").attempts == 1  # the try the old process began counts
+    assert info(broker, "j1").attempts == 0
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    assert [(w.worker_id, w.pid) for w in status.workers] == [("named", 4343)]
+
+
+def test_the_reclaim_window_outlasts_a_worker_reconnect_backoff(broker: InProcessBroker) -> None:
+    from corral.broker.rejoin import RECLAIM_GRACE
+    from corral.workers.runtime import RECONNECT_MAX
+
+    assert RECLAIM_GRACE >= RECONNECT_MAX * 1.2  # the jitter is +-20%
+    liveness = 3.0  # 1 s x 3 in the in-process config
+    assert broker.core.dispatcher.reclaim_window == liveness + RECLAIM_GRACE
