@@ -20,7 +20,8 @@ Every way a worker registers again, and what becomes of its jobs:
   registers again and offers a job back under the lease the log holds it
   under, with the worker id the log names, gets it re-attached (a running
   one keeps running, its timeout counted from its logged start; one the
-  log has as not started but the worker says runs is logged as started).
+  log has as not started but the worker says runs is logged as started;
+  an unstarted one whose queue was paused meanwhile is refused).
   Jobs of that worker it did not offer back (it finished them and their
   outcome was lost with the old broker, or they never reached it) go back
   to their queue uncounted at once; the jobs of a holder that never comes
@@ -198,6 +199,8 @@ class Rejoins:
             return False
         d = self.d
         if conn.leases.get(job.id) != held.lease:
+            if not held.running and job.status == "queued" and job.queue in self.state.paused:
+                return False  # paused meanwhile: it must not start (it goes back)
             owner = d.workers.get(d.holders.get(job.id, b""))
             if owner is not None and owner in previous and owner.pid == conn.pid:
                 owner.release(job.id)

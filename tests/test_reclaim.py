@@ -319,3 +319,29 @@ def test_the_reclaim_window_outlasts_a_worker_reconnect_backoff(broker: InProces
     assert RECLAIM_GRACE >= RECONNECT_MAX * 1.2  # the jitter is +-20%
     liveness = 3.0  # 1 s x 3 in the in-process config
     assert broker.core.dispatcher.reclaim_window == liveness + RECLAIM_GRACE
+
+
+def test_a_buffered_job_of_a_queue_paused_during_the_window_is_not_reclaimed(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    second.request(p.Pause(second.next_req(), "default"))
+    holder = FakeWorker(second, b"w", credit=3)
+    answer = holder.send(
+        p.Ready(
+            "w",
+            ["default"],
+            3,
+            1,
+            [],
+            "testhost",
+            4242,
+            holding=[held(got[0], True), held(got[1]), held(got[2])],
+        )
+    )
+    refused = [p.Lease(d.job_id, d.lease) for d in got[1:]]
+    assert registered(answer) == [p.Registered(refused)]
+    assert info(second, "j0").status == "running"  # it runs already: it stays
+    assert [info(second, f"j{n}").reserved_by for n in (1, 2)] == [None, None]
+    assert deliveries(answer) == []
