@@ -138,7 +138,9 @@ class Dispatcher:
                     self.lose(conn, now, mono, "left")
             case p.WorkerHeartbeat():
                 pass
-        if conn is None and not isinstance(msg, p.Ready | p.Bye | p.Drain):
+        # (a resent report is the worker registering again already: no more)
+        resent = isinstance(msg, p.Report) and msg.resent
+        if conn is None and not resent and not isinstance(msg, p.Ready | p.Bye | p.Drain):
             self.send(identity, p.Reregister(), mono)
 
     def _register(self, identity: bytes, msg: p.Ready, now: float, mono: float) -> None:
@@ -187,7 +189,7 @@ class Dispatcher:
             if conn is not None and job is not None:
                 self.start(conn, job, now, mono)
         for outcome in msg.done:
-            self._finish(conn, outcome, now, mono)
+            self._finish(conn, outcome, now, mono, msg.resent)
         for note in msg.progress:
             job = self.state.holding(note.job_id, note.lease)
             if job is not None:
@@ -207,7 +209,14 @@ class Dispatcher:
         if timeout is not None:
             self.deadlines.set(job.id, mono + timeout, lease)
 
-    def _finish(self, conn: WorkerConn | None, outcome: p.Outcome, now: float, mono: float) -> None:
+    def _finish(
+        self,
+        conn: WorkerConn | None,
+        outcome: p.Outcome,
+        now: float,
+        mono: float,
+        resent: bool = False,
+    ) -> None:
         holder = self.workers.get(self.holders.get(outcome.job_id, b""))
         for c in (conn, holder if holder is not conn else None):
             if c is not None and c.leases.get(outcome.job_id) == outcome.lease:
@@ -215,6 +224,9 @@ class Dispatcher:
                 self._dirty = True
         job = self.state.holding(outcome.job_id, outcome.lease)
         if job is None:
+            if resent:  # most often taken before the resend
+                self.stats["resent_ignored"] += 1
+                return
             self.stats["late_results"] += 1
             log.debug("broker.late_result", job_id=outcome.job_id, lease=outcome.lease)
             return

@@ -483,12 +483,16 @@ class Progress(msgspec.Struct, frozen=True, array_like=True):
 
 class Report(Msg, frozen=True):
     """Jobs that started and jobs that ended since the last report. Every
-    ended job gives its credit back."""
+    ended job gives its credit back. ``resent``: sent before, and again as
+    the worker registers again (it may have been lost with a broker that
+    died); an outcome in it that the broker has already taken is no late
+    result."""
 
     started: list[Lease]
     done: list[Outcome]
     v: int = PROTOCOL_VERSION
     progress: list[Progress] = []
+    resent: bool = False
 
 
 class Return(Msg, frozen=True):

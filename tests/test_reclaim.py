@@ -345,3 +345,55 @@ def test_a_buffered_job_of_a_queue_paused_during_the_window_is_not_reclaimed(
     assert info(second, "j0").status == "running"  # it runs already: it stays
     assert [info(second, f"j{n}").reserved_by for n in (1, 2)] == [None, None]
     assert deliveries(answer) == []
+
+
+def test_a_resent_outcome_ends_a_held_job_and_a_stale_one_is_no_late_result(
+    tmp_path: Path,
+) -> None:
+    """The outcome the old broker lost comes again from the worker (resent)
+    and ends the job; one the broker had taken already is ignored without
+    counting as a late result."""
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    holder = FakeWorker(second, b"w", credit=3)
+    done = p.Outcome(got[0].job_id, got[0].lease, "ok", p.encode_value("r"))
+    holder.send(p.Report([], [done], resent=True))
+    assert info(second, "j0").status == "succeeded"
+    holder.send(p.Report([], [done], resent=True))  # again: already taken
+    assert second.core.stats["resent_ignored"] == 1
+    assert second.core.stats["late_results"] == 0
+
+
+def test_sent_reports_are_kept_until_the_broker_had_time_and_resent_marked() -> None:
+    from corral.workers import reports
+
+    kept = reports.SentReports(keep_for=6.0)
+    first = p.encode(p.Report([], [p.Outcome("a", 1, "ok")]))
+    second = p.encode(p.Report([p.Lease("b", 2)], []))
+    kept.sent(first, at=10.0)
+    kept.sent(second, at=12.0)
+    kept.prune(heard_at=15.0)  # heard from within keep_for of both: both kept
+    assert len(kept) == 2
+    again = [p.decode(p.worker_report_decoder, body) for body in kept.again(at=20.0)]
+    assert [(r.resent, [o.job_id for o in r.done]) for r in again] == [(True, ["a"]), (True, [])]
+    kept.prune(heard_at=25.0)  # re-stamped at 20.0: still kept
+    assert len(kept) == 2
+    kept.prune(heard_at=26.5)
+    assert len(kept) == 0
+    big = p.encode(p.Report([], [p.Outcome("c", 3, "ok", p.encode_value("x" * 2**20))]))
+    for n in range(12):
+        kept.sent(big, at=30.0 + n)
+    assert len(kept) * len(big) <= reports.KEEP_BYTES  # bounded: the oldest went
+
+
+def test_a_resent_report_from_an_unknown_worker_asks_for_no_registration(
+    tmp_path: Path,
+) -> None:
+    """A resend comes with a READY already: asking for another would make
+    the worker resend again, and again."""
+    clock = FakeClock()
+    second, got = restart_with_held_jobs(tmp_path, clock)
+    holder = FakeWorker(second, b"w", credit=3)
+    done = p.Outcome(got[0].job_id, got[0].lease, "ok", p.encode_value("r"))
+    assert holder.send(p.Report([], [done], resent=True)) == []
+    assert isinstance(holder.send(p.Report([], [])).pop(), p.Reregister)

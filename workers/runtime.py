@@ -50,7 +50,7 @@ from corral.transport import connect_dealer
 from corral.workers.buffer import Held
 from corral.workers.execute import Execution, SoftTimer
 from corral.workers.registry import Registry
-from corral.workers.reports import encode_outbox, interrupted
+from corral.workers.reports import SentReports, encode_outbox, interrupted
 from corral.workers.status import StatusWriter
 
 log = structlog.get_logger()
@@ -119,6 +119,11 @@ class Worker:
         self._retry_at: float | None = None
         #: When a READY offering jobs back went out, until its answer.
         self._offered_at: float | None = None
+        #: Reports sent lately, sent again as the worker registers again.
+        self._resent_at = -1e9
+        self._sent_reports = SentReports(
+            2 * options.heartbeat_interval * options.heartbeat_liveness
+        )
         self._status = StatusWriter(options.status_fd)
         self._timeouts: dict[str, float | None] = {}
         self._status_version = 0
@@ -259,6 +264,11 @@ class Worker:
         this worker dropped). With jobs offered, the buffer stays paused
         until the broker's Registered answer."""
         self._flush_outbox()
+        now = time.monotonic()
+        if now - self._resent_at >= self.options.heartbeat_interval:  # once per burst
+            self._resent_at = now
+            for body in self._sent_reports.again(now):
+                self._send_bytes(body, keep=False)
         holding = self._held.holding()
         capacity = 0 if self._stopping else self.options.concurrency + self.options.prefetch
         self._send(
@@ -310,6 +320,7 @@ class Worker:
                 os.eventfd_read(self._wake_fd)
         if self._sock is not None and self._sock in events:
             self._receive()
+            self._sent_reports.prune(self._last_heard)
         self._flush_outbox()
         now = time.monotonic()
         self._report_running(now, interval)  # the sign of life, connected or not
@@ -474,8 +485,10 @@ class Worker:
             self.request_stop()
             self._begin_drain()
         reports, returns = encode_outbox(self._outbox, self.options.max_message_size)
+        now = time.monotonic()
         for body in reports:
             self._send_bytes(body, keep=True)
+            self._sent_reports.sent(body, now)
         if returns:
             self._send(p.Return(returns), keep=True)
 
