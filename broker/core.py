@@ -5,8 +5,8 @@ is logged and moves the waits that are intervals: see
 :class:`~corral.broker.clock.StepDetector`), handles every inbound message
 (taken apart by one envelope function per side), runs the tick, commits
 the log once (group commit: one write, at most one fsync), sends the
-pass's replies, maybe compacts, then dispatches. The parts each own one
-thing:
+pass's replies, maybe compacts, then dispatches (and writes the leases it
+gave, unsynced). The parts each own one thing:
 
 - :class:`~corral.broker.dispatch.Dispatcher`: workers, credit, leases,
   lease deadlines, heartbeats, outcomes;
@@ -212,7 +212,13 @@ class BrokerCore:
         self.log.commit(mono, durable=bool(self.replies))
         self.replies.flush(self.client_link)
         self.housekeeper.maybe_compact(mono)
+        delivered = self.stats["delivered"]
         self.dispatcher.dispatch(now, mono)
+        if self.stats["delivered"] != delivered:
+            # The leases just sent go to the file now (no fsync: nothing is
+            # acknowledged), not with the next pass: a broker killed in
+            # between would not know jobs its workers run (broker/rejoin.py).
+            self.log.commit(mono, durable=False)
         if self.state.next_seq - self._frozen_at >= FREEZE_EVERY:
             self._freeze()
 

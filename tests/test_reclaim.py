@@ -397,3 +397,22 @@ def test_a_resent_report_from_an_unknown_worker_asks_for_no_registration(
     done = p.Outcome(got[0].job_id, got[0].lease, "ok", p.encode_value("r"))
     assert holder.send(p.Report([], [done], resent=True)) == []
     assert isinstance(holder.send(p.Report([], [])).pop(), p.Reregister)
+
+
+def test_a_lease_is_in_the_log_file_once_its_delivery_went_out(tmp_path: Path) -> None:
+    """A broker killed right after a dispatch knows the jobs it sent: the
+    worker's offer of them is kept, not refused."""
+    clock = FakeClock()
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    worker = FakeWorker(first, b"w", credit=2)
+    worker.ready()
+    first.enqueue(id="j")
+    (d,) = deliveries(worker.inbox())
+    first.crash()  # no pass after the dispatch
+    second = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    holder = FakeWorker(second, b"w", credit=2)
+    answer = holder.send(
+        p.Ready("w", ["default"], 2, 1, [], "testhost", 4242, holding=[held(d, True)])
+    )
+    assert registered(answer) == [p.Registered([])]
+    assert info(second, "j").status == "running"
