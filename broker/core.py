@@ -5,8 +5,8 @@ is logged and moves the waits that are intervals: see
 :class:`~corral.broker.clock.StepDetector`), handles every inbound message
 (taken apart by one envelope function per side), runs the tick, commits
 the log once (group commit: one write, at most one fsync), sends the
-pass's replies, maybe compacts, then dispatches. The parts each own one
-thing:
+pass's replies, maybe compacts, then dispatches (and writes the leases it
+gave, unsynced). The parts each own one thing:
 
 - :class:`~corral.broker.dispatch.Dispatcher`: workers, credit, leases,
   lease deadlines, heartbeats, outcomes;
@@ -158,10 +158,11 @@ class BrokerCore:
 
     def replay(self) -> None:
         """Rebuild the state from the log, then log what recovery decides:
-        jobs that were running go back to their queue (the interrupted try
-        not counted), and follow-ups owed by finished jobs are created (or
-        held, if the disk is full). Raises ConfigError for an unfinished job
-        whose payload is over ``broker.max_payload``."""
+        jobs that workers held (running or reserved) wait for their holders
+        to reclaim them for the reclaim window, then go back to their queue
+        (an interrupted try not counted); follow-ups owed by finished jobs
+        are created (or held, if the disk is full). Raises ConfigError for an
+        unfinished job whose payload is over ``broker.max_payload``."""
         started = time.monotonic()
         count = 0
         # A replay makes a million long-lived objects at once: a cyclic
@@ -178,9 +179,10 @@ class BrokerCore:
             gc.enable()
         self._freeze()
         check_replayed_payloads(self.state.jobs.values(), self.config.broker.max_payload)
-        recovered = self.state.recovery_records()
-        for record in recovered:
-            self.journal.record(record)
+        # Jobs workers held when the broker stopped wait for their holders to
+        # offer them back (see broker/rejoin.py), then go back to their queue.
+        recovered = self.state.held_jobs()
+        self.dispatcher.hold_recovered(recovered, self.clock.monotonic())
         now = self.clock.time()
         self._steps.observe(now, self.clock.monotonic())
         back = self.housekeeper.stepped_while_down(now)
@@ -203,7 +205,7 @@ class BrokerCore:
             "broker.replayed",
             records=count,
             jobs=len(self.state.jobs),
-            requeued_running=len(recovered),
+            held_for_reclaim=len(recovered),
             followups_created=owed,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -251,7 +253,13 @@ class BrokerCore:
                 self.metrics.fsync.observe(time.perf_counter() - began)
         self.replies.flush(self.client_link)
         self.housekeeper.maybe_compact(mono)
+        delivered = self.stats["delivered"]
         self.dispatcher.dispatch(now, mono)
+        if self.stats["delivered"] != delivered:
+            # The leases just sent go to the file now (no fsync: nothing is
+            # acknowledged), not with the next pass: a broker killed in
+            # between would not know jobs its workers run (broker/rejoin.py).
+            self.log.commit(mono, durable=False)
         if self.state.next_seq - self._frozen_at >= FREEZE_EVERY:
             self._freeze()
 

@@ -5,8 +5,11 @@ their credit and leases, which worker holds which job, the lease deadlines
 of started jobs, the heartbeats both ways, and the outcomes workers report.
 It hands jobs to workers with credit (a job is leased only once its send
 succeeded) and takes back the jobs of a worker that left, died or went
-silent. No sockets: messages leave through a :class:`WorkerLink`, and time
-comes in as ``now`` (epoch seconds) and ``mono`` (monotonic seconds).
+silent. What a registration that replaces another does with the held jobs,
+and how workers reclaim the jobs they held across a broker restart, is
+:mod:`corral.broker.rejoin`. No sockets: messages leave through a
+:class:`WorkerLink`, and time comes in as ``now`` (epoch seconds) and
+``mono`` (monotonic seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import structlog
 
 from corral.broker import balance, views
@@ -32,6 +36,7 @@ from corral.broker.records import (
     Started,
 )
 from corral.broker.registrations import MAX_TASKS_PER_WORKER, RegisteredTasks
+from corral.broker.rejoin import Rejoins
 from corral.broker.state import Job
 from corral.broker.withdraws import PendingWithdraws
 from corral.broker.workers import WorkerConn, WorkerTable
@@ -81,6 +86,17 @@ class Dispatcher:
         self._withdraws = PendingWithdraws()
         self._next_heartbeat = 0.0
         self._dirty = True
+        self.rejoins = Rejoins(self, liveness_window)
+
+    @property
+    def reclaim_window(self) -> float:
+        """Seconds the jobs held at a restart wait for their holders."""
+        return self.rejoins.window
+
+    def hold_recovered(self, jobs: list[Job], mono: float) -> None:
+        """After a replay: keep the jobs workers held for them to reclaim
+        (see :mod:`corral.broker.rejoin`)."""
+        self.rejoins.hold_recovered(jobs, mono)
 
     def start_leases(self, epoch: int) -> None:
         """Give lease tokens of ``epoch`` (this start's number, logged and
@@ -122,25 +138,23 @@ class Dispatcher:
                     self.lose(conn, now, mono, "left")
             case p.WorkerHeartbeat():
                 pass
-        if conn is None and not isinstance(msg, p.Ready | p.Bye | p.Drain):
+        # (a resent report is the worker registering again already: no more)
+        resent = isinstance(msg, p.Report) and msg.resent
+        if conn is None and not resent and not isinstance(msg, p.Ready | p.Bye | p.Drain):
             self.send(identity, p.Reregister(), mono)
 
     def _register(self, identity: bytes, msg: p.Ready, now: float, mono: float) -> None:
-        old = self.workers.get(identity)
-        if old is not None:
-            self.lose(old, now, mono, "registered again")
-        conn = WorkerConn.from_ready(identity, msg, mono)
-        if len(conn.tasks) > MAX_TASKS_PER_WORKER:
+        if len(msg.tasks) > MAX_TASKS_PER_WORKER:
             log.warning(
                 "broker.too_many_tasks",
                 worker=msg.worker_id,
-                tasks=len(conn.tasks),
+                tasks=len(msg.tasks),
                 kept=MAX_TASKS_PER_WORKER,
                 hint=f"a worker may register at most {MAX_TASKS_PER_WORKER} tasks: it gets "
                 "jobs of the first ones only; split its tasks over more pools",
             )
-            conn.tasks = conn.tasks[:MAX_TASKS_PER_WORKER]
-        self.workers.add(conn)
+            msg = msgspec.structs.replace(msg, tasks=msg.tasks[:MAX_TASKS_PER_WORKER])
+        self.rejoins.register(identity, msg, now, mono)
         self.registrations.register(
             msg.worker_id, msg.tasks[:MAX_TASKS_PER_WORKER], self.workers.serving
         )
@@ -154,19 +168,34 @@ class Dispatcher:
             credit=msg.credit,
         )
 
+    def add_worker(self, identity: bytes, msg: p.Ready, mono: float) -> WorkerConn:
+        """A new registration, holding nothing yet."""
+        conn = WorkerConn.from_ready(identity, msg, mono)
+        self.workers.add(conn)
+        return conn
+
+    def arm_deadline(self, job: Job, now: float, mono: float) -> None:
+        """Arm the timeout of a running ``job`` reclaimed by a worker, from
+        its logged start (one already armed stays)."""
+        timeout = self.state.timeout(job)
+        if timeout is None or job.id in self.deadlines:
+            return
+        started = job.tries[-1].started_at if job.tries else now
+        self.deadlines.set(job.id, mono + max(0.0, timeout - (now - started)), job.lease)
+
     def _report(self, conn: WorkerConn | None, msg: p.Report, now: float, mono: float) -> None:
         for lease in msg.started:
             job = self.state.holding(lease.job_id, lease.lease)
             if conn is not None and job is not None:
-                self._start(conn, job, now, mono)
+                self.start(conn, job, now, mono)
         for outcome in msg.done:
-            self._finish(conn, outcome, now, mono)
+            self._finish(conn, outcome, now, mono, msg.resent)
         for note in msg.progress:
             job = self.state.holding(note.job_id, note.lease)
             if job is not None:
                 self.journal.record(ProgressNoted(job.id, note.fraction, note.note[:500], now))
 
-    def _start(self, conn: WorkerConn, job: Job, at: float, mono: float) -> None:
+    def start(self, conn: WorkerConn, job: Job, at: float, mono: float) -> None:
         """The worker ``conn`` began running its reserved ``job``: log it
         (the job is running, the try counts) and arm its deadline."""
         if job.status != "queued":
@@ -180,7 +209,14 @@ class Dispatcher:
         if timeout is not None:
             self.deadlines.set(job.id, mono + timeout, lease)
 
-    def _finish(self, conn: WorkerConn | None, outcome: p.Outcome, now: float, mono: float) -> None:
+    def _finish(
+        self,
+        conn: WorkerConn | None,
+        outcome: p.Outcome,
+        now: float,
+        mono: float,
+        resent: bool = False,
+    ) -> None:
         holder = self.workers.get(self.holders.get(outcome.job_id, b""))
         for c in (conn, holder if holder is not conn else None):
             if c is not None and c.leases.get(outcome.job_id) == outcome.lease:
@@ -188,6 +224,9 @@ class Dispatcher:
                 self._dirty = True
         job = self.state.holding(outcome.job_id, outcome.lease)
         if job is None:
+            if resent:  # most often taken before the resend
+                self.stats["resent_ignored"] += 1
+                return
             self.stats["late_results"] += 1
             log.debug("broker.late_result", job_id=outcome.job_id, lease=outcome.lease)
             return
@@ -198,7 +237,7 @@ class Dispatcher:
             by = conn or holder
             if by is not None:
                 at = outcome.started_at if outcome.started_at is not None else now
-                self._start(by, job, at, mono)
+                self.start(by, job, at, mono)
         error = None
         if outcome.error is not None:
             error = ErrorRec(outcome.error.type, outcome.error.message, outcome.error.traceback)
@@ -308,7 +347,7 @@ class Dispatcher:
             if job is not None:
                 self._released(job_id)
                 requeued += self._take_back(conn, job, job_id in counted, reason, now, mono)
-        self.stats["workers_lost"] += reason != "left"
+        self.stats["workers_lost"] += reason not in ("left", "reconnected")
         self.stats["redelivered"] += requeued
         self._dirty = True
         log_fn = log.info if reason == "left" else log.warning
@@ -329,7 +368,7 @@ class Dispatcher:
         if not charge:
             self.journal.record(Returned(job.id, job.lease))
             return 1
-        self._start(conn, job, now, mono)  # it may have started unannounced
+        self.start(conn, job, now, mono)  # it may have started unannounced
         error = ErrorRec(
             "WorkerLost",
             f"worker {conn.worker_id} (pid {conn.pid} on {conn.host}) {reason} "
@@ -375,6 +414,7 @@ class Dispatcher:
         self.holders.pop(job_id, None)
         self.deadlines.discard(job_id)
         self._ended_unheard.pop(job_id, None)
+        self.rejoins.unclaimed.discard(job_id)
 
     # ---------------------------------------------------------------- tick
 
@@ -417,6 +457,7 @@ class Dispatcher:
         self.deadlines.shift(seconds)
         self._ended_unheard = {job: at + seconds for job, at in self._ended_unheard.items()}
         self._withdraws.excuse(seconds)
+        self.rejoins.unclaimed.shift(seconds)
         log.warning(
             "broker.stalled",
             seconds=round(seconds, 3),
@@ -426,13 +467,17 @@ class Dispatcher:
 
     def next_wakeup(self) -> float:
         """The monotonic time of the next heartbeat or lease deadline."""
-        due = self.deadlines.next_due()
-        return self._next_heartbeat if due is None else min(self._next_heartbeat, due)
+        wake = self._next_heartbeat
+        for due in (self.deadlines.next_due(), self.rejoins.unclaimed.until or None):
+            if due is not None:
+                wake = min(wake, due)
+        return wake
 
     def expire_deadlines(self, now: float, mono: float) -> None:
         """End the tries that ran past their timeout (retried or failed);
         the worker's late result is fenced."""
         self._withdraws.expire(mono)
+        self.rejoins.expire(now, mono)
         while (entry := self.deadlines.pop_due(mono)) is not None:
             job_id, due, lease = entry
             job = self.state.holding(job_id, lease)

@@ -467,10 +467,23 @@ MAX_CREDIT = 100_000
 Credit = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDIT)]
 
 
+class Holding(msgspec.Struct, frozen=True, array_like=True):
+    """A job a worker holds as it registers (again): leased to it under
+    ``lease``, and ``running`` (its handler began) or waiting in its buffer."""
+
+    job_id: str
+    lease: int
+    running: bool = False
+
+
 class Ready(Msg, frozen=True):
     """A worker (re)registers: its queues, how many jobs it can hold at once
-    (credit), and how many it runs at once (concurrency), each at most
-    :data:`MAX_CREDIT`."""
+    (credit, the jobs it holds included), and how many it runs at once
+    (concurrency), each at most :data:`MAX_CREDIT`. ``holding`` offers back
+    the jobs it holds (after a broker restart or a reconnect): the broker
+    keeps each one with this worker under its lease, or refuses it in its
+    :class:`Registered` answer. A worker starts none of its buffered jobs
+    until that answer."""
 
     worker_id: str
     queues: list[str]
@@ -481,6 +494,7 @@ class Ready(Msg, frozen=True):
     pid: int
     v: int = PROTOCOL_VERSION
     queue_weights: dict[str, int] = {}
+    holding: list[Holding] = []
 
 
 class Outcome(msgspec.Struct, frozen=True, array_like=True):
@@ -514,12 +528,16 @@ class Progress(msgspec.Struct, frozen=True, array_like=True):
 
 class Report(Msg, frozen=True):
     """Jobs that started and jobs that ended since the last report. Every
-    ended job gives its credit back."""
+    ended job gives its credit back. ``resent``: sent before, and again as
+    the worker registers again (it may have been lost with a broker that
+    died); an outcome in it that the broker has already taken is no late
+    result."""
 
     started: list[Lease]
     done: list[Outcome]
     v: int = PROTOCOL_VERSION
     progress: list[Progress] = []
+    resent: bool = False
 
 
 class Return(Msg, frozen=True):
@@ -587,6 +605,17 @@ class Reregister(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
+class Registered(Msg, frozen=True):
+    """The answer to a READY that offered jobs back (``Ready.holding``):
+    the offered jobs listed in ``refused`` are not this worker's (their
+    lease ended, or the broker never logged it): a buffered one is dropped
+    unstarted, a running one's handler sees ctx.cancelled and its result is
+    fenced. The others stay with the worker under their leases."""
+
+    refused: list[Lease] = []
+    v: int = PROTOCOL_VERSION
+
+
 class CancelJob(Msg, frozen=True):
     """The job was cancelled (or purged). Still in the worker's buffer: it
     is dropped unstarted and handed back with a Return. Running: its
@@ -607,7 +636,7 @@ class Withdraw(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-WorkerCommand = Deliver | BrokerHeartbeat | Reregister | CancelJob | Withdraw
+WorkerCommand = Deliver | BrokerHeartbeat | Reregister | Registered | CancelJob | Withdraw
 
 
 # ------------------------------------------------------------------ codecs

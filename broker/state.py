@@ -496,6 +496,11 @@ class JobState:
         same."""
         return [Returned(job.id, job.lease) for job in touched(self.jobs.values()) if job.lease]
 
+    def held_jobs(self) -> list[Job]:
+        """After replay: the jobs workers held when the broker stopped
+        (reserved or running), each with its lease and worker."""
+        return [job for job in touched(self.jobs.values()) if job.lease]
+
     def recover(self) -> int:
         """Apply :meth:`recovery_records` without logging them; returns how many."""
         records = self.recovery_records()

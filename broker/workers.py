@@ -147,6 +147,22 @@ class WorkerTable:
         self.serving.update(set(conn.tasks))
         return old
 
+    def update(self, conn: WorkerConn, msg: p.Ready) -> None:
+        """``conn`` sent READY again: take what it says now (queues,
+        credit, concurrency, tasks, weights) in place; its leases and
+        counts stay."""
+        fresh = WorkerConn.from_ready(conn.identity, msg, conn.last_seen)
+        for task in set(conn.tasks):
+            self.serving[task] -= 1
+            if not self.serving[task]:
+                del self.serving[task]
+        conn.queues, conn.tasks = fresh.queues, fresh.tasks
+        conn.capacity, conn.concurrency = fresh.capacity, fresh.concurrency
+        conn.host, conn.pid = fresh.host, fresh.pid
+        if fresh.weights != conn.weights:
+            conn.weights, conn._current = fresh.weights, {}
+        self.serving.update(set(conn.tasks))
+
     def remove(self, identity: bytes) -> WorkerConn | None:
         conn = self.by_identity.pop(identity, None)
         if conn is not None:

@@ -181,16 +181,21 @@ class FakeWorker:
         self._seen = len(self.broker.workers.sent)
         return got
 
-    def ready(self) -> list[p.Delivery]:
+    def ready(
+        self, *, holding: list[p.Holding] | None = None, worker_id: str | None = None
+    ) -> list[p.Delivery]:
+        """Register (again): as ``worker_id`` (default: the identity),
+        offering back the jobs in ``holding``."""
         msgs = self.send(
             p.Ready(
-                self.identity.decode(),
+                worker_id or self.identity.decode(),
                 list(self.queues),
                 self.credit,
                 1,
                 list(self.tasks),
                 "testhost",
                 4242,
+                holding=list(holding or []),
             )
         )
         return deliveries(msgs)

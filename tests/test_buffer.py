@@ -85,3 +85,43 @@ def test_each_job_is_taken_or_withdrawn_exactly_once_across_threads() -> None:
         t.join(10)
     assert sorted(taken + withdrawn) == sorted(f"j{i}" for i in range(n))
     assert len(set(taken)) == len(taken)
+
+
+def test_a_paused_buffer_starts_nothing_until_resumed_but_still_stops() -> None:
+    buffer = Buffer()
+    buffer.put(delivery("a"))
+    buffer.pause()
+    assert buffer.take(0.05) is None and len(buffer) == 1
+    got: list[p.Delivery | None] = []
+    taker = threading.Thread(target=lambda: got.append(buffer.take()))
+    taker.start()
+    buffer.resume()
+    taker.join(10)
+    assert [d.job_id for d in got if d is not None] == ["a"]
+    buffer.pause()
+    buffer.stop(1)
+    assert buffer.take() is None  # a stop ends a wait on a paused buffer
+
+
+def test_holding_offers_running_buffered_and_taken_not_yet_begun_jobs() -> None:
+    from corral.context import JobContext
+    from corral.workers.buffer import Held
+
+    held = Held()
+    for n in range(3):
+        held.buffer.put(delivery(f"j{n}", lease=10 + n))
+    running = held.buffer.take(0)
+    assert running is not None
+    held.claim(running, JobContext(running.job_id, 1, "t", "q", 0.0, 3, running.lease))
+    taken = held.buffer.take(0)  # by a handler that has not begun it yet
+    assert taken is not None
+    offered = held.holding()
+    assert offered[0] == p.Holding("j0", 10, True)
+    assert sorted(offered[1:], key=lambda h: h.job_id) == [
+        p.Holding("j1", 11, False),
+        p.Holding("j2", 12, False),
+    ]
+    # refused while taken: the claim refuses it, it is never begun
+    assert held.cancel("j1", 11) == "pending"
+    assert not held.claim(taken, JobContext("j1", 1, "t", "q", 0.0, 3, 11))
+    assert [h.job_id for h in held.holding()] == ["j0", "j2"]

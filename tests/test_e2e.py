@@ -8,7 +8,7 @@ import os
 import signal
 
 import psutil
-from conftest import Env, broker_processes, kill_broker, wait_for, wait_until, worker_processes
+from conftest import Env, broker_processes, kill_broker, wait_for, worker_processes
 
 import corral
 
@@ -69,7 +69,7 @@ def test_broker_sigkill_loses_no_acknowledged_job(env: Env) -> None:
         assert client.result(job_id, timeout=60) == n * n
 
 
-def test_running_jobs_become_ready_after_broker_restart(env: Env) -> None:
+def test_a_running_job_stays_with_its_worker_across_a_broker_restart(env: Env) -> None:
     env.write_config(processes=1)
     daemon = env.start("run")
     env.wait_ready(daemon)
@@ -78,20 +78,23 @@ def test_running_jobs_become_ready_after_broker_restart(env: Env) -> None:
     job_id = client.enqueue("e2e.gate", str(gate))  # runs until the gate file exists
     wait_for(lambda: client.job(job_id).status == "running", message="the job to start")
     assert client.job(job_id).attempts == 1
-    # The supervisor restarts the broker; it finds the job running in its log
-    # and queues it again, the interrupted attempt not counted: it is handed
-    # out as attempt 1 again, not 2.
+    # The supervisor restarts the broker; it finds the job held in its log and
+    # keeps it for its worker, which registers again offering it back: it
+    # stays running there, under its lease, and is handed to no one else.
     kill_broker(env, daemon)
     client = env.client(timeout=1)
-    # Its one handler still runs the old try (blocked on the gate), so the
-    # new lease waits in the worker's buffer: queued, reserved, no try.
-    info = wait_until(
-        lambda: client.job(job_id),
-        lambda i: i.reserved_by is not None,
+    wait_for(
+        lambda: '"broker.jobs_offered_back"' in daemon.output(),
         60,
-        message="the job to be handed out again",
+        message="the worker to offer its job back",
     )
-    assert (info.status, info.attempts, info.tries) == ("queued", 0, [])
+    info = client.job(job_id)
+    assert (info.status, info.attempts, info.reserved_by, len(info.tries)) == (
+        "running",
+        1,
+        None,
+        1,
+    )
     gate.touch()
     value = client.result(job_id, timeout=60)
     assert value["attempt"] == 1
@@ -100,7 +103,7 @@ def test_running_jobs_become_ready_after_broker_restart(env: Env) -> None:
     assert info.attempts == 1
     assert [(t.attempt, t.error) for t in info.tries] == [(1, None)]
     replays = [
-        json.loads(line)["requeued_running"]
+        json.loads(line)["held_for_reclaim"]
         for line in daemon.output().splitlines()
         if '"broker.replayed"' in line
     ]

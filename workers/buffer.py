@@ -6,6 +6,10 @@ the next job to run. Jobs start highest priority first, then in delivery
 order, so a job with a higher priority waits only behind jobs that already
 run. A job is started exactly when a handler takes it: from then on a
 withdraw no longer finds it, and the broker is told it started.
+
+While the worker registers again (after a broker restart or a reconnect)
+the buffer is paused: no buffered job starts until the broker has said
+which of the jobs offered back are still this worker's.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ class Buffer:
         #: (-priority, arrival number, job id) of the buffered jobs.
         self._heap: list[tuple[int, int, str]] = []
         self._jobs: dict[str, p.Delivery] = {}
+        #: Jobs a handler took and has not yet begun (see :meth:`settle`).
+        self._taken: dict[str, p.Delivery] = {}
         self._arrivals = 0
         self._stops = 0
+        self._paused = False
 
     def __len__(self) -> int:
         with self._cond:
@@ -50,8 +57,9 @@ class Buffer:
                 if self._stops:
                     self._stops -= 1
                     return None
-                delivery = self._pop()
+                delivery = None if self._paused else self._pop()
                 if delivery is not None:
+                    self._taken[delivery.job_id] = delivery
                     return delivery
                 if not self._cond.wait(timeout) and timeout is not None:
                     return None
@@ -82,6 +90,32 @@ class Buffer:
             while (delivery := self._pop()) is not None:
                 out.append(delivery)
             return out
+
+    def settle(self, job_id: str) -> None:
+        """A job :meth:`take` gave out began, or went back: it is no longer
+        between the buffer and its handler."""
+        with self._cond:
+            self._taken.pop(job_id, None)
+
+    def offered(self) -> list[p.Delivery]:
+        """The jobs buffered or taken and not begun, in no particular order."""
+        with self._cond:
+            return [*self._taken.values(), *self._jobs.values()]
+
+    def pause(self) -> None:
+        """No buffered job starts until :meth:`resume` (a stop still ends
+        :meth:`take`)."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def stop(self, takers: int) -> None:
         """Make the next ``takers`` calls of :meth:`take` return None."""
@@ -125,12 +159,22 @@ class Held:
         """Make a job a handler took from the buffer a running one; False if
         it was cancelled in between (it must be handed back, never begun)."""
         with self._lock:
+            self.buffer.settle(delivery.job_id)
             key = (delivery.job_id, delivery.lease)
             if key in self._revoked:
                 del self._revoked[key]
                 return False
             self.running[delivery.job_id] = ctx
             return True
+
+    def holding(self) -> list[p.Holding]:
+        """Every job held, to offer back as the worker registers again:
+        running ones first (their handler began), then those not begun
+        (buffered, or taken by a handler that has not begun them yet)."""
+        with self._lock:  # a claim moves a job from taken to running under it
+            running = [p.Holding(job_id, ctx.lease, True) for job_id, ctx in self.running.items()]
+            waiting = [p.Holding(d.job_id, d.lease) for d in self.buffer.offered()]
+        return running + [h for h in waiting if h.job_id not in self.running]
 
     def end(self, job_id: str) -> None:
         self.running.pop(job_id, None)

@@ -15,6 +15,8 @@ import time
 from collections import deque
 from typing import Any
 
+import msgspec
+
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL
 
@@ -82,3 +84,52 @@ def interrupted(job_id: str, lease: int, why: str) -> p.Outcome:
     back to its queue, uncounted, the try recorded as Interrupted."""
     error = p.ErrorInfo("Interrupted", why)
     return p.Outcome(job_id, lease, "interrupted", NIL, error, None, None, time.time())
+
+
+#: The most bytes of sent reports a worker keeps to send again.
+KEEP_BYTES = 8 * 2**20
+
+
+class SentReports:
+    """Reports (starts and outcomes) sent lately, kept to be sent again when
+    the worker registers again: a report on its way to a broker that died,
+    or read by it but not yet in its log, is lost with it, and its jobs,
+    which this worker no longer holds, would run again. A report is kept
+    until the broker has been heard from ``keep_for`` seconds after it was
+    sent (while the broker is silent nothing goes), at most
+    :data:`KEEP_BYTES` in all (the oldest go first). Sending one again is
+    harmless: the broker takes an outcome only under the lease the job is
+    held under, and counts the others as ``resent_ignored``."""
+
+    def __init__(self, keep_for: float) -> None:
+        self.keep_for = keep_for
+        self._kept: deque[tuple[float, bytes]] = deque()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def sent(self, body: bytes, at: float) -> None:
+        """``body`` (an encoded Report) went out at ``at`` (monotonic)."""
+        if len(body) > KEEP_BYTES:
+            return
+        self._kept.append((at, body))
+        self._bytes += len(body)
+        while self._bytes > KEEP_BYTES:
+            self._bytes -= len(self._kept.popleft()[1])
+
+    def prune(self, heard_at: float) -> None:
+        """The broker was last heard from at ``heard_at``: forget what it
+        has had ``keep_for`` seconds to take."""
+        while self._kept and self._kept[0][0] < heard_at - self.keep_for:
+            self._bytes -= len(self._kept.popleft()[1])
+
+    def again(self, at: float) -> list[bytes]:
+        """Every kept report, marked ``resent``, to send before the READY;
+        they are kept on, as sent at ``at``."""
+        out = []
+        for _, body in self._kept:
+            report = p.decode(p.worker_report_decoder, body)
+            out.append(p.encode(msgspec.structs.replace(report, resent=True)))
+        self._kept = deque((at, body) for _, body in self._kept)
+        return out

@@ -8,6 +8,13 @@ heartbeat (the interpreter switches threads every few milliseconds). When
 the broker goes silent the worker reconnects with exponential backoff and
 registers again.
 
+Registering again (the broker restarted and asks for it, or the worker
+reconnected) never drops what the worker holds: its READY offers back the
+running and buffered jobs with their leases, and no buffered job starts
+until the broker's :class:`~corral.broker.protocol.Registered` answer says
+which of them are no longer this worker's (those are dropped, or see
+ctx.cancelled). Outcomes waiting to go out are sent before the READY.
+
 The status line to the supervisor (the worker's sign of life) is written on
 the loop's own timer, connected or not: waiting out the backoff is a state
 of the loop, never a sleep, so a broker that is away costs no worker its
@@ -43,7 +50,7 @@ from corral.transport import connect_dealer
 from corral.workers.buffer import Held
 from corral.workers.execute import Execution, SoftTimer
 from corral.workers.registry import Registry
-from corral.workers.reports import encode_outbox, interrupted
+from corral.workers.reports import SentReports, encode_outbox, interrupted
 from corral.workers.status import StatusWriter
 
 log = structlog.get_logger()
@@ -110,6 +117,13 @@ class Worker:
         self._backoff = RECONNECT_MIN
         #: While disconnected (the broker went silent): when to connect again.
         self._retry_at: float | None = None
+        #: When a READY offering jobs back went out, until its answer.
+        self._offered_at: float | None = None
+        #: Reports sent lately, sent again as the worker registers again.
+        self._resent_at = -1e9
+        self._sent_reports = SentReports(
+            2 * options.heartbeat_interval * options.heartbeat_liveness
+        )
         self._status = StatusWriter(options.status_fd)
         self._timeouts: dict[str, float | None] = {}
         self._status_version = 0
@@ -245,6 +259,17 @@ class Worker:
         self._poller.register(self._wake_fd, zmq.POLLIN)
 
     def _register(self) -> None:
+        """Send READY, offering back every job held (the outcomes waiting
+        to go out go first, so the broker never takes an ended job for one
+        this worker dropped). With jobs offered, the buffer stays paused
+        until the broker's Registered answer."""
+        self._flush_outbox()
+        now = time.monotonic()
+        if now - self._resent_at >= self.options.heartbeat_interval:  # once per burst
+            self._resent_at = now
+            for body in self._sent_reports.again(now):
+                self._send_bytes(body, keep=False)
+        holding = self._held.holding()
         capacity = 0 if self._stopping else self.options.concurrency + self.options.prefetch
         self._send(
             p.Ready(
@@ -256,8 +281,36 @@ class Worker:
                 socket.gethostname(),
                 os.getpid(),
                 queue_weights=dict(self.options.queue_weights),
+                holding=holding,
             )
         )
+        if holding:
+            self._offered_at = time.monotonic()
+        else:
+            self._offered_at = None
+            self._buffer.resume()
+
+    def _registered(self, msg: p.Registered) -> None:
+        """The broker's answer to the jobs offered back: the refused ones
+        are not ours (dropped from the buffer, or their handler sees
+        ctx.cancelled); the buffer starts again."""
+        for lease in msg.refused:
+            self._held.cancel(lease.job_id, lease.lease)
+        self._offered_at = None
+        self._buffer.resume()
+        log.info("worker.registered", refused=len(msg.refused))
+
+    def _unanswered(self, now: float) -> None:
+        """A connected broker that has not answered the jobs offered back
+        within the liveness window (one that predates the answer): drop the
+        buffered ones, which it hands out again, and start taking jobs."""
+        window = self.options.heartbeat_interval * self.options.heartbeat_liveness
+        if self._offered_at is None or now - self._offered_at <= window:
+            return
+        dropped = len(self._buffer.clear())
+        self._offered_at = None
+        self._buffer.resume()
+        log.warning("worker.offer_unanswered", dropped_unstarted=dropped)
 
     def _loop_once(self) -> None:
         interval = self.options.heartbeat_interval
@@ -267,6 +320,7 @@ class Worker:
                 os.eventfd_read(self._wake_fd)
         if self._sock is not None and self._sock in events:
             self._receive()
+            self._sent_reports.prune(self._last_heard)
         self._flush_outbox()
         now = time.monotonic()
         self._report_running(now, interval)  # the sign of life, connected or not
@@ -278,6 +332,8 @@ class Worker:
             self._send(p.WorkerHeartbeat())
         if self._broker_silent(now):
             self._reconnect(now)
+        else:
+            self._unanswered(now)
 
     def _wait(self, interval: float) -> float:
         """Seconds the poll may wait: until the next status line, and the
@@ -335,11 +391,13 @@ class Worker:
                     self._withdraw(msg)
                 case p.Reregister():
                     # The broker does not know us (it restarted, or declared us
-                    # gone): it has put our leased jobs back already, so the
-                    # unstarted ones here must not run as well.
-                    dropped = len(self._buffer.clear())
-                    log.info("worker.reregister", dropped_unstarted=dropped)
+                    # gone): offer back what we hold, and start nothing more
+                    # until it says which jobs are still ours.
+                    self._buffer.pause()
+                    log.info("worker.reregister", held=len(self._held.holding()))
                     self._register()
+                case p.Registered():
+                    self._registered(msg)
                 case p.BrokerHeartbeat():
                     pass
 
@@ -372,13 +430,15 @@ class Worker:
         return False
 
     def _reconnect(self, now: float) -> None:
-        """The broker went silent: drop jobs not yet started (the broker
-        hands them out again) and the socket; the loop connects afresh and
-        registers once the backoff is over (at once when stopping)."""
+        """The broker went silent: start no buffered job (the broker may
+        have handed them out again) and drop the socket; the loop connects
+        afresh once the backoff is over (at once when stopping) and
+        registers, offering back the jobs held."""
         delay = self._backoff * random.uniform(0.8, 1.2)
         log.warning("worker.broker_silent", reconnect_in=round(delay, 3))
         self._backoff = min(RECONNECT_MAX, self._backoff * 2)
-        self._buffer.clear()
+        self._buffer.pause()
+        self._offered_at = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -425,8 +485,10 @@ class Worker:
             self.request_stop()
             self._begin_drain()
         reports, returns = encode_outbox(self._outbox, self.options.max_message_size)
+        now = time.monotonic()
         for body in reports:
             self._send_bytes(body, keep=True)
+            self._sent_reports.sent(body, now)
         if returns:
             self._send(p.Return(returns), keep=True)
 
@@ -463,6 +525,7 @@ class Worker:
                 return None
             if not self._stopping:
                 return delivery
+            self._buffer.settle(delivery.job_id)
             self._outbox.append(("return", p.Lease(delivery.job_id, delivery.lease)))
             self._wake()
 
