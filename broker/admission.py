@@ -12,7 +12,7 @@ from collections.abc import Collection
 from operator import attrgetter
 
 from corral.broker.flowbook import FlowBook
-from corral.broker.job import BLOB_HEAD, Job
+from corral.broker.job import BLOB_HEAD, Job, touched
 from corral.broker.jobspec import InvalidJob, JobSpec, ids_of, with_callback
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import FlowCreated
@@ -130,21 +130,29 @@ _TPL = attrgetter("tpl")
 _PAYLOAD = attrgetter("payload")
 
 
-def check_replayed_payloads(jobs: Collection[Job], max_payload: int | None) -> None:
+def check_replayed_payloads(
+    jobs: Collection[Job], max_payload: int | None, largest_blob: int | None = None
+) -> None:
     """Refuse to start on a log whose unfinished jobs carry payloads over
     ``max_payload`` bytes (the limit was lowered, or an older version wrote
     them): they would run with what an enqueue now refuses. Nothing is
     dropped: the message says how far to raise the limit. Ended jobs never
     run again and are not checked (nor anything, for a ``max_payload`` of
-    None). Raises ConfigError."""
+    None). ``largest_blob``: a bound on the blobs of the pristine jobs
+    among ``jobs`` (JobState.largest_blob), so that only the others are
+    read one by one. Raises ConfigError."""
     if max_payload is None:
         return
     # at C speed first (a replay of a million jobs waits on this): the
     # largest blob (a pristine job's head and payload) and the largest
     # payload of a whole creation record; each job is looked at only if
     # one of them is over the limit
-    blobs = max(map(len, filter(None, map(_BLOB, jobs))), default=0)
-    records = max(map(len, map(_PAYLOAD, map(_TPL, jobs))), default=0)
+    if largest_blob is None:
+        blobs = max(map(len, filter(None, map(_BLOB, jobs))), default=0)
+        records = max(map(len, map(_PAYLOAD, map(_TPL, jobs))), default=0)
+    else:  # the state's bound on pristine jobs' blobs; whole records only on the others
+        blobs = largest_blob
+        records = max(map(len, map(_PAYLOAD, map(_TPL, touched(jobs)))), default=0)
     if blobs - BLOB_HEAD.size <= max_payload and records <= max_payload:
         return
     over = [job for job in jobs if job.payload_size > max_payload and job.status not in TERMINAL]

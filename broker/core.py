@@ -178,7 +178,9 @@ class BrokerCore:
         finally:
             gc.enable()
         self._freeze()
-        check_replayed_payloads(self.state.jobs.values(), self.config.broker.max_payload)
+        check_replayed_payloads(
+            self.state.jobs.values(), self.config.broker.max_payload, self.state.largest_blob
+        )
         # Jobs workers held when the broker stopped wait for their holders to
         # offer them back (see broker/rejoin.py), then go back to their queue.
         recovered = self.state.held_jobs()

@@ -124,6 +124,9 @@ class JobState:
         #: The ids callbacks yet to be made will take.
         self.awaited = AwaitedIds()
         self.live_bytes = 0
+        #: The longest blob a pristine job was added with (bytes): a bound on
+        #: their payloads that start-up checks read instead of every job.
+        self.largest_blob = 0
         #: How many times a broker has started on this log.
         self.epoch = 0
         #: The sum of the wall-clock steps logged (seconds; see ClockStepped).
@@ -287,7 +290,9 @@ class JobState:
         self._next_seq = max(self._next_seq, new[-1].seq + 1)
         queue = tpl.queue or DEFAULT_QUEUE
         self.counts[queue, tpl.task, "queued"] += len(new)
-        self.live_bytes += (JOB_OVERHEAD_BYTES - BLOB_HEAD.size) * len(new) + sum(map(len, blobs))
+        sizes = list(map(len, blobs))
+        self.live_bytes += (JOB_OVERHEAD_BYTES - BLOB_HEAD.size) * len(new) + sum(sizes)
+        self.largest_blob = max(self.largest_blob, max(sizes))
         self.ready.add_new(new, runs or priority_runs(blobs))
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
