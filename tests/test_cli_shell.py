@@ -91,31 +91,32 @@ def test_a_payload_comes_from_stdin_or_a_file_past_the_argument_limit(env: Env) 
     assert chain.stdout.strip() == "25"  # the last step's result
 
 
-@pytest.mark.parametrize(
-    ("args", "named"),
-    [
-        (["enqueue", "e2e.square", "123456789012345678901234567890"], "PAYLOAD_JSON"),
-        (["enqueue", "e2e.square", '"\\ud800"'], "PAYLOAD_JSON"),
-        (["enqueue", "e2e.square", "@/nonexistent/payload.json"], "/nonexistent/payload.json"),
-        (["enqueue", "e2e.square", "--priority", "99999999999999999999"], "priority"),
-        (["enqueue", "e2e.square", "--delay", "soon"], "--delay"),
-        (["enqueue", "e2e.square", "--run-at", "tomorrow"], "--run-at"),
-        (["enqueue", "e2e.square", "--timeout", "-1"], "--timeout"),
-        (["status", "--endpoint", "garbage"], "garbage"),
-        (["status", "--endpoint", "tcp://"], "tcp://"),
-        (["jobs", "--limit", "0"], "--limit"),
-        (["jobs", "--limit", "-1"], "--limit"),
-        (["enqueue-chain", "-", "-"], "stdin"),
-    ],
-)
-def test_bad_input_gets_one_line_and_exit_two(env: Env, args: list[str], named: str) -> None:
-    broker = env.start("broker")
+#: Bad input, and what its one-line error must name.
+BAD_INPUT = [
+    (["enqueue", "e2e.square", "123456789012345678901234567890"], "PAYLOAD_JSON"),
+    (["enqueue", "e2e.square", '"\\ud800"'], "PAYLOAD_JSON"),
+    (["enqueue", "e2e.square", "@/nonexistent/payload.json"], "/nonexistent/payload.json"),
+    (["enqueue", "e2e.square", "--priority", "99999999999999999999"], "priority"),
+    (["enqueue", "e2e.square", "--delay", "soon"], "--delay"),
+    (["enqueue", "e2e.square", "--run-at", "tomorrow"], "--run-at"),
+    (["enqueue", "e2e.square", "--timeout", "-1"], "--timeout"),
+    (["status", "--endpoint", "garbage"], "garbage"),
+    (["status", "--endpoint", "tcp://"], "tcp://"),
+    (["jobs", "--limit", "0"], "--limit"),
+    (["jobs", "--limit", "-1"], "--limit"),
+    (["enqueue-chain", "-", "-"], "stdin"),
+]
+
+
+def test_bad_input_gets_one_line_and_exit_two(env: Env) -> None:
+    broker = env.start("broker")  # one broker for every case: each is refused before it
     env.wait_ready(broker)
-    done = env.run(*args, "-c", str(env.config), stdin="1")
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("corral")]
-    assert lines and named in lines[-1], done.stderr
+    for args, named in BAD_INPUT:
+        done = env.run(*args, "-c", str(env.config), stdin="1")
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+        lines = [line for line in done.stderr.splitlines() if line.startswith("corral")]
+        assert lines and named in lines[-1], (args, done.stderr)
     assert env.client().status().queues == {}, "nothing was enqueued"
 
 

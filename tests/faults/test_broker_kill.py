@@ -62,7 +62,7 @@ def test_broker_kill(
     soak_rng: random.Random,
     soak_report: Callable[[str], None],
 ) -> None:
-    kills = profile.count("CORRAL_SOAK_KILLS", 5, 200)
+    kills = profile.count("CORRAL_SOAK_KILLS", 3, 200)
     uptime = profile.seconds("CORRAL_SOAK_UPTIME", 1.0, 4.0)
     rate = profile.seconds("CORRAL_SOAK_RATE", 40.0, 40.0)
     start_pool(env, fsync)
@@ -125,7 +125,7 @@ def test_broker_kill(
 def test_a_run_without_faults_runs_nothing_twice(
     env: Env, profile: Profile, soak_rng: random.Random, soak_report: Callable[[str], None]
 ) -> None:
-    seconds = profile.seconds("CORRAL_SOAK_CALM_SECONDS", 4.0, 60.0)
+    seconds = profile.seconds("CORRAL_SOAK_CALM_SECONDS", 2.0, 60.0)
     rate = profile.seconds("CORRAL_SOAK_RATE", 40.0, 40.0)
     start_pool(env, "always")
     history = History()

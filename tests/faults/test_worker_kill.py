@@ -105,7 +105,7 @@ def start_bare(env: Env) -> list[Proc]:
 def test_worker_kill_mid_job(
     env: Env, profile: Profile, path: str, soak_report: Callable[[str], None]
 ) -> None:
-    trials = profile.count("CORRAL_SOAK_WORKER_TRIALS", 8, 100)
+    trials = profile.count("CORRAL_SOAK_WORKER_TRIALS", 4, 100)
     write_config(
         env,
         heartbeat="250ms",
@@ -158,7 +158,7 @@ def kill_a_worker(daemon: Proc, rng: random.Random, history: History) -> None:
 def test_worker_kill_under_load(
     env: Env, profile: Profile, soak_rng: random.Random, soak_report: Callable[[str], None]
 ) -> None:
-    kills = profile.count("CORRAL_SOAK_WORKER_KILLS", 5, 80)
+    kills = profile.count("CORRAL_SOAK_WORKER_KILLS", 3, 80)
     gap = profile.seconds("CORRAL_SOAK_WORKER_GAP", 0.8, 1.5)
     rate = profile.seconds("CORRAL_SOAK_RATE", 20.0, 20.0)
     write_config(
