@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import Env, wait_for
 
@@ -229,7 +230,14 @@ def test_corral_run_starts_the_dashboard_again_when_it_dies(env: Env) -> None:
     daemon = env.procs[0]
 
     def dashboards() -> list[Any]:
-        return [p for p in daemon.descendants() if "dashboard" in " ".join(p.cmdline())]
+        found = []
+        for proc in daemon.descendants():
+            try:
+                if "dashboard" in " ".join(proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:  # gone, or a zombie not reaped yet
+                continue
+        return found
 
     (first,) = wait_for(dashboards, 30, message="the dashboard child")
     first.kill()
