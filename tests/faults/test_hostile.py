@@ -161,7 +161,7 @@ def test_full_disk_refuses_new_jobs_and_loses_none(env: Env, small_disk: Path) -
 # -- fuzzing both endpoints (hypothesis), in process ----------------------------
 
 #: Examples per fuzz test: a few hundred in `make test`, many more in `make soak`.
-FAST_EXAMPLES = 200
+FAST_EXAMPLES = 100
 SOAK_EXAMPLES = 20_000
 
 _TAGS = {

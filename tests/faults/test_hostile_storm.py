@@ -7,8 +7,8 @@ fuzzed frames (garbage, deep nesting, unknown ops, wrong versions, forged
 supervisor reports, status requests, long polls, READYs with absurd
 credit), never read, and reconnect. The broker's RSS is sampled with
 psutil all along. Knobs (soak defaults in brackets):
-CORRAL_STORM_FRAMES (20,000 [1,000,000]), CORRAL_STORM_IDENTITIES
-(1,000 [20,000]).
+CORRAL_STORM_FRAMES (10,000 [1,000,000]), CORRAL_STORM_IDENTITIES
+(500 [20,000]).
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ def _storm(
 
 
 def test_storm_of_reconnecting_identities(env: Env, soak_report: Callable[[str], None]) -> None:
-    frames = env_int("CORRAL_STORM_FRAMES", 20_000)
-    identities = env_int("CORRAL_STORM_IDENTITIES", 1_000)
+    frames = env_int("CORRAL_STORM_FRAMES", 10_000)
+    identities = env_int("CORRAL_STORM_IDENTITIES", 500)
     _storm(env, frames, identities, soak_report)
 
 

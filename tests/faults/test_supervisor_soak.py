@@ -137,7 +137,7 @@ def start(env: Env) -> tuple[Proc, Path]:
 def test_a_pool_survives_poison_jobs_broker_kills_and_reloads(
     env: Env, profile: Profile, soak_rng: random.Random, soak_report: Callable[[str], None]
 ) -> None:
-    minutes = profile.seconds("CORRAL_SOAK_SUPERVISOR_MINUTES", 0.15, 30.0)
+    minutes = profile.seconds("CORRAL_SOAK_SUPERVISOR_MINUTES", 0.1, 30.0)
     rate = profile.seconds("CORRAL_SOAK_RATE", 20.0, 20.0)
     daemon, module = start(env)
     faults = Faults(env, daemon, module)
