@@ -1905,4 +1905,4 @@ class JobStateMachine(RuleBasedStateMachine):
 
 
 TestJobStateMachine = JobStateMachine.TestCase
-TestJobStateMachine.settings = settings(max_examples=50, stateful_step_count=80, deadline=None)
+TestJobStateMachine.settings = settings(max_examples=40, stateful_step_count=80, deadline=None)
