@@ -8,8 +8,8 @@ CONFIG ?= config/corral.toml
 # through symlinks laid out the way [tool.setuptools.package-dir] maps the folders.
 TYPECHECK := build/typecheck
 SUBPACKAGES := broker supervisor workers config
-# The suite's tests mostly wait on real processes: four at a time on 2 cores.
-TEST_PROCESSES ?= 4
+# The suite's tests mostly wait on real processes: three at a time on 2 cores.
+TEST_PROCESSES ?= 3
 
 .PHONY: run test typecheck soak lint bench clean
 

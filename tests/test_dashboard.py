@@ -91,16 +91,22 @@ def start(env: Env, url: str, *, standalone: bool = False) -> None:
 
 def _fresh(driver: Any, css: str, act: Any) -> Any:
     """``act(element)`` on the element ``css`` finds, found again if the
-    live update replaced it in between (every 2 s)."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    live update replaced it in between (every 2 s), or waited for while the
+    page that has it loads (up to 20 s)."""
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.common.by import By
 
-    for _ in range(20):
+    deadline = time.monotonic() + 20  # a page still loading has not got it yet
+    while True:
         try:
             return act(driver.find_element(By.CSS_SELECTOR, css))
-        except StaleElementReferenceException:
-            continue
-    raise AssertionError(f"{css}: replaced again and again")
+        except (StaleElementReferenceException, NoSuchElementException):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def text_of(driver: Any, css: str) -> str:
@@ -153,11 +159,14 @@ def test_the_dashboard_shows_and_acts_on_a_running_daemon(env: Env, browser: Any
 
     retry_one_then_delete_all(browser, url, client)
 
-    # pause and resume a queue
+    # pause and resume a queue (each click loads a new page: wait for it)
     browser.get(url + "/")
-    click(browser, '#queues tr[data-queue="default"] button')
+    button = '#queues tr[data-queue="default"] button'
+    click(browser, button)
+    wait_for(lambda: text_of(browser, button) == "resume", 20, message="the paused page")
     assert "default" in client.status().paused
-    click(browser, '#queues tr[data-queue="default"] button')
+    click(browser, button)
+    wait_for(lambda: text_of(browser, button) == "pause", 20, message="the resumed page")
     assert "default" not in client.status().paused
 
 
