@@ -400,3 +400,37 @@ def _pings(client: corral.Client, proc: Proc) -> bool:
     except corral.BrokerUnavailable:
         return False
     return True
+
+
+def test_the_shipped_broker_host_config_lets_the_cli_on_that_host_connect(env: Env) -> None:
+    """config/broker-host.toml, its keys made as its comments say (`corral
+    keys`), paths moved into the test's home: `corral status` on the broker
+    host connects over CURVE with the key the file names."""
+    keys = env.home / "keys"
+    for name in ("server", "admin"):
+        assert env.run("keys", name, "--directory", str(keys)).returncode == 0
+    (keys / "clients").mkdir()
+    (keys / "workers").mkdir()
+    (keys / "clients" / "admin.key").write_bytes((keys / "admin.key").read_bytes())
+    client_port, worker_port = _free_port(), _free_port()
+    shipped = Path(__file__).parent.parent / "config" / "broker-host.toml"
+    text = (
+        shipped.read_text()
+        .replace("/etc/corral/keys", str(keys))
+        .replace('"/var/lib/corral"', f'"{env.home}/state"')
+        .replace("ipc:///run/corral/", f"ipc://{env.home}/")
+        .replace("0.0.0.0:5555", f"127.0.0.1:{client_port}")
+        .replace("0.0.0.0:5556", f"127.0.0.1:{worker_port}")
+        .replace("127.0.0.1:5555", f"127.0.0.1:{client_port}")
+    )
+    config = env.home / "broker-host.toml"
+    config.write_text(text)
+    broker = Proc(env.home, ["broker", "-c", str(config)], "broker-host")
+    env.procs.append(broker)
+
+    def status() -> bool:
+        assert broker.alive(), broker.output()
+        done = env.run("status", "--json", "--timeout", "1", "-c", str(config))
+        return done.returncode == 0
+
+    wait_for(status, 30, message="corral status over CURVE on the broker host")
