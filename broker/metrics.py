@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from corral.broker.records import Finished, Started
+from corral.config.schema import split_listen
 
 if TYPE_CHECKING:
     from corral.broker.protocol import StatusInfo
@@ -243,6 +244,6 @@ def serve(metrics: Metrics, listen: str) -> Any:
     """Serve ``metrics`` over HTTP on ``listen`` ("HOST:PORT") from a daemon
     thread; returns the server (``.shutdown()`` stops it). Raises OSError if
     the address cannot be bound."""
-    host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=metrics.registry)
+    host, port = split_listen(listen)
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
     return server

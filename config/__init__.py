@@ -17,6 +17,7 @@ from .schema import (
     ScheduleConfig,
     SecurityConfig,
     connect_endpoint,
+    split_listen,
 )
 from .units import format_duration, format_size, parse_duration, parse_size
 
@@ -37,4 +38,5 @@ __all__ = [
     "loads",
     "parse_duration",
     "parse_size",
+    "split_listen",
 ]

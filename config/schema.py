@@ -236,6 +236,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
         return cls()
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """("HOST", PORT) of a ``listen`` setting, "HOST:PORT" (an IPv6 host in
+    brackets, which go); ``[metrics]`` and ``[dashboard]`` take this form.
+    Raises ValueError for a port that is not a number."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def connect_endpoint(endpoint: str) -> str:
     """Turn a bind address into one a client can connect to: a wildcard host becomes loopback."""
     match = _WILDCARD_HOST.match(endpoint)

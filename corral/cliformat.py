@@ -79,14 +79,31 @@ def result_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:
+def table(
+    *columns: str, right: tuple[str, ...] = (), title: str | None = None, edge: bool = False
+) -> Table:
+    """A rich table of ``columns`` (those in ``right`` right-justified),
+    titled ``title``, with blank lines at its top and bottom when ``edge``."""
     from rich import box
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    made = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=edge
+    )
     for name in columns:
-        table.add_column(name, justify="right" if name in right else "left", overflow="fold")
-    return table
+        made.add_column(name, justify="right" if name in right else "left", overflow="fold")
+    return made
+
+
+def age_text(seconds: float | None) -> str:
+    """A span for a person: "12.5s", "3.2m", "1.5h"; "-" for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 def _when(ts: float | None) -> str:
@@ -153,7 +170,7 @@ def human_status(status: Any) -> RenderableType:
     and the connected workers grouped by pool."""
     from rich.console import Group
 
-    queues = _table("queue", *STATUSES, right=STATUSES)
+    queues = table("queue", *STATUSES, right=STATUSES)
     for queue, counts in status.queues.items():
         queues.add_row(queue, *(str(counts.get(s, 0)) for s in STATUSES))
     lines = [] if status.queues else ["(no jobs)"]
@@ -175,7 +192,7 @@ def human_status(status: Any) -> RenderableType:
     lines.append(f"workers: {len(status.workers)}")
     parts: list[Any] = [queues, "\n".join(lines)]
     for pool, workers in _by_pool(status.workers).items():
-        table = _table(
+        pool_table = table(
             f"pool {pool}",
             "queues",
             "running",
@@ -186,7 +203,7 @@ def human_status(status: Any) -> RenderableType:
             right=("running", "reserved", "credit", "processed", "failed"),
         )
         for w in workers:
-            table.add_row(
+            pool_table.add_row(
                 w.worker_id,
                 ",".join(w.queues),
                 str(len(w.running)),
@@ -195,7 +212,7 @@ def human_status(status: Any) -> RenderableType:
                 str(w.processed),
                 str(w.failed),
             )
-        parts.append(table)
+        parts.append(pool_table)
     return Group(*parts)
 
 
@@ -243,7 +260,7 @@ def human_jobs(page: Any) -> RenderableType:
     task, when created, and the last error."""
     from rich.console import Group
 
-    table = _table(
+    jobs = table(
         "id",
         "status",
         "attempts",
@@ -256,7 +273,7 @@ def human_jobs(page: Any) -> RenderableType:
     )
     for info in page:
         error = f"{info.error.type}: {info.error.message}" if info.error else ""
-        table.add_row(
+        jobs.add_row(
             info.id,
             info.status,
             f"{info.attempts}/{info.max_attempts}",
@@ -267,8 +284,8 @@ def human_jobs(page: Any) -> RenderableType:
             error[:80],
         )
     if not page.cursor:
-        return table
-    return Group(table, f"(more: --cursor {page.cursor})")
+        return jobs
+    return Group(jobs, f"(more: --cursor {page.cursor})")
 
 
 def human_flow(info: Any) -> str:

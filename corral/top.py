@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from corral.cliformat import PIPE_WIDTH
+from corral.cliformat import PIPE_WIDTH, age_text, table
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -64,13 +64,7 @@ def frame(client: Client, rates: Rates) -> RenderableType:
 
 
 def _table(title: str, *columns: str, right: tuple[str, ...] = ()) -> Any:
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in columns:
-        table.add_column(name, justify="right" if name in right else "left", overflow="fold")
-    return table
+    return table(*columns, right=right, title=title, edge=True)
 
 
 def _queues(status: Any, per_second: dict[str, tuple[float, float]]) -> Any:
@@ -85,7 +79,7 @@ def _queues(status: Any, per_second: dict[str, tuple[float, float]]) -> Any:
             queue,
             *(str(counts.get(s, 0)) for s in ("queued", "scheduled", "running", "retrying")),
             str(counts.get("failed", 0)),
-            "-" if age is None else _age(age),
+            age_text(age),
             f"{ok:.1f}",
             f"{failed:.1f}",
             "paused" if queue in status.paused else "",
@@ -152,14 +146,6 @@ def _pools(status: Any) -> Any:
                 pool.state,
             )
     return table
-
-
-def _age(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 def run(client: Client, interval: float, once: bool) -> None:

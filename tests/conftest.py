@@ -53,6 +53,15 @@ def wait_for(
         time.sleep(interval)
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the kernel's pick, let go)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def render_config(
     state: Path,
     *,

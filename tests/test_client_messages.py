@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
-from conftest import Env
+from conftest import Env, free_port
 
 import corral
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_a_silent_curve_broker_is_said_to_maybe_refuse_the_key(env: Env) -> None:
@@ -23,7 +16,7 @@ def test_a_silent_curve_broker_is_said_to_maybe_refuse_the_key(env: Env) -> None
         assert env.run("keys", name, "--directory", str(keys)).returncode == 0
     config = env.home / "remote.toml"
     config.write_text(
-        f'[client]\nendpoint = "tcp://127.0.0.1:{closed_port()}"\n\n'
+        f'[client]\nendpoint = "tcp://127.0.0.1:{free_port()}"\n\n'
         f'[security]\nserver_public_key = "{keys}/server.key"\n'
         f'client_secret_key = "{keys}/client.key_secret"\n'
     )

@@ -8,14 +8,13 @@ lets the handshake succeed, "refused" when it answers status 400.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import zmq
 import zmq.auth
-from conftest import Env, Proc, broker_processes, render_config, wait_for
+from conftest import Env, Proc, broker_processes, free_port, render_config, wait_for
 from zmq.utils.monitor import recv_monitor_message
 
 import corral
@@ -24,14 +23,8 @@ ADMITTED = ("succeeded", 0)
 REFUSED = ("refused", 400)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _tcp_config(env: Env, security: str) -> tuple[str, str]:
-    client_port, worker_port = _free_port(), _free_port()
+    client_port, worker_port = free_port(), free_port()
     text = (
         render_config(env.home)
         .replace(
@@ -412,7 +405,7 @@ def test_the_shipped_broker_host_config_lets_the_cli_on_that_host_connect(env: E
     (keys / "clients").mkdir()
     (keys / "workers").mkdir()
     (keys / "clients" / "admin.key").write_bytes((keys / "admin.key").read_bytes())
-    client_port, worker_port = _free_port(), _free_port()
+    client_port, worker_port = free_port(), free_port()
     shipped = Path(__file__).parent.parent / "config" / "broker-host.toml"
     text = (
         shipped.read_text()

@@ -5,7 +5,6 @@ Selenium). Screenshots go to build/screenshots/."""
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -15,19 +14,13 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Env, wait_for
+from conftest import Env, free_port, wait_for
 
 import corral
 
 SHOTS = Path(__file__).parent.parent / "build" / "screenshots"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -8,18 +8,12 @@ import urllib.request
 from collections.abc import Callable
 
 import pytest
-from conftest import Env, wait_for
+from conftest import Env, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import corral
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(port: int) -> Samples:

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from corral.broker.protocol import STATUSES
 from corral.client import AsyncClient
+from corral.cliformat import age_text
 from corral.errors import BrokerError, BrokerUnavailable, CorralError, JobNotFound
 
 #: Jobs a bulk action goes through at most (pages of :data:`PAGE`).
@@ -50,7 +51,7 @@ def make_app(client: AsyncClient, *, allow_actions: bool) -> web.Application:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["when"] = _when
-    env.filters["age"] = _age
+    env.filters["age"] = age_text
     app[TEMPLATES] = env
     app.router.add_get("/", overview)
     app.router.add_get("/jobs", jobs)
@@ -70,16 +71,6 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 def _render(request: web.Request, name: str, **values: Any) -> web.Response:

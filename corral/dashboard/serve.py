@@ -16,17 +16,12 @@ log = structlog.get_logger()
 DEFAULT_LISTEN = "127.0.0.1:9465"
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """("HOST", PORT) of "HOST:PORT" (an IPv6 host in brackets)."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 async def serve(config: Any, listen: str, allow_actions: bool, endpoint: str | None) -> None:
     """Serve until SIGTERM or SIGINT. Raises OSError if ``listen`` cannot be bound."""
     from aiohttp import web
 
     from corral.client import AsyncClient
+    from corral.config import split_listen
     from corral.dashboard.app import make_app
 
     client = AsyncClient(endpoint, config=config, timeout=config.client.timeout)
