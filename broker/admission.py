@@ -131,7 +131,11 @@ _PAYLOAD = attrgetter("payload")
 
 
 def check_replayed_payloads(
-    jobs: Collection[Job], max_payload: int | None, largest_blob: int | None = None
+    jobs: Collection[Job],
+    max_payload: int | None,
+    largest_blob: int | None = None,
+    *,
+    lived: list[Job] | None = None,
 ) -> None:
     """Refuse to start on a log whose unfinished jobs carry payloads over
     ``max_payload`` bytes (the limit was lowered, or an older version wrote
@@ -140,7 +144,8 @@ def check_replayed_payloads(
     run again and are not checked (nor anything, for a ``max_payload`` of
     None). ``largest_blob``: a bound on the blobs of the pristine jobs
     among ``jobs`` (JobState.largest_blob), so that only the others are
-    read one by one. Raises ConfigError."""
+    read one by one (``lived``: those, if the caller has them already).
+    Raises ConfigError."""
     if max_payload is None:
         return
     # at C speed first (a replay of a million jobs waits on this): the
@@ -152,7 +157,8 @@ def check_replayed_payloads(
         records = max(map(len, map(_PAYLOAD, map(_TPL, jobs))), default=0)
     else:  # the state's bound on pristine jobs' blobs; whole records only on the others
         blobs = largest_blob
-        records = max(map(len, map(_PAYLOAD, map(_TPL, touched(jobs)))), default=0)
+        others = touched(jobs) if lived is None else lived
+        records = max(map(len, map(_PAYLOAD, map(_TPL, others))), default=0)
     if blobs - BLOB_HEAD.size <= max_payload and records <= max_payload:
         return
     over = [job for job in jobs if job.payload_size > max_payload and job.status not in TERMINAL]

@@ -44,6 +44,7 @@ from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher, count_malformed
 from corral.broker.followups import FollowUps
 from corral.broker.housekeeping import Housekeeper
+from corral.broker.job import touched
 from corral.broker.journal import ClientLink, Journal, Replies, WorkerLink
 from corral.broker.log import Log
 from corral.broker.logfiles import Files
@@ -178,19 +179,25 @@ class BrokerCore:
         finally:
             gc.enable()
         self._freeze()
+        # The jobs something happened to: what each start-up check reads (a
+        # million pristine jobs are passed over once, here, not per check).
+        lived = touched(self.state.jobs.values())
         check_replayed_payloads(
-            self.state.jobs.values(), self.config.broker.max_payload, self.state.largest_blob
+            self.state.jobs.values(),
+            self.config.broker.max_payload,
+            self.state.largest_blob,
+            lived=lived,
         )
         # Jobs workers held when the broker stopped wait for their holders to
         # offer them back (see broker/rejoin.py), then go back to their queue.
-        recovered = self.state.held_jobs()
+        recovered = self.state.held_jobs(lived)
         self.dispatcher.hold_recovered(recovered, self.clock.monotonic())
         now = self.clock.time()
         self._steps.observe(now, self.clock.monotonic())
         back = self.housekeeper.stepped_while_down(now)
         if back is not None:
             self.clock_stepped(back, now, while_down=True)
-        owed = self.followups.catch_up(now)
+        owed = self.followups.catch_up(now, lived)
         # a finished flow whose last job went without it (the broker stopped
         # in between) is forgotten by the first tick
         self.state.flowbook.touched.update(self.state.flows)

@@ -56,12 +56,14 @@ class FollowUps:
         them if the log is full. Returns how many jobs were made."""
         return self._settle(job, now, notify=True)
 
-    def catch_up(self, now: float) -> int:
+    def catch_up(self, now: float, lived: list[Job] | None = None) -> int:
         """After replay: the follow-ups of every ended job that has no
         FollowedUp record (the broker stopped between a result and it).
-        Returns how many jobs were made."""
+        ``lived``: the jobs that are not pristine, if the caller has them
+        already. Returns how many jobs were made."""
         made = 0
-        for job in touched(self.state.jobs.values()):  # a pristine job has not ended
+        # a pristine job has not ended
+        for job in touched(self.state.jobs.values()) if lived is None else lived:
             if job.status in TERMINAL:
                 made += self._settle(job, now, notify=False)
         return made

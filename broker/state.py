@@ -501,10 +501,13 @@ class JobState:
         same."""
         return [Returned(job.id, job.lease) for job in touched(self.jobs.values()) if job.lease]
 
-    def held_jobs(self) -> list[Job]:
+    def held_jobs(self, lived: list[Job] | None = None) -> list[Job]:
         """After replay: the jobs workers held when the broker stopped
-        (reserved or running), each with its lease and worker."""
-        return [job for job in touched(self.jobs.values()) if job.lease]
+        (reserved or running), each with its lease and worker. ``lived``:
+        the jobs that are not pristine, if the caller has them already."""
+        return [
+            job for job in (touched(self.jobs.values()) if lived is None else lived) if job.lease
+        ]
 
     def recover(self) -> int:
         """Apply :meth:`recovery_records` without logging them; returns how many."""
