@@ -70,6 +70,10 @@ def start(env: Env, url: str, *, standalone: bool = False) -> None:
         dash = env.start("run")
         env.wait_ready(dash)
         env.wait_workers(2)
+        # the pools table shows the supervisor's report, sent every few
+        # seconds: the page is looked at after the first one arrived
+        client = env.client()
+        wait_for(lambda: client.status().supervisors, 30, message="a supervisor report")
 
     def up() -> bool:
         assert dash.alive(), dash.output()
