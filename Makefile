@@ -10,6 +10,9 @@ TYPECHECK := build/typecheck
 SUBPACKAGES := broker supervisor workers config
 # The suite's tests mostly wait on real processes: three at a time on 2 cores.
 TEST_PROCESSES ?= 3
+# The suite starts a few hundred daemons and CLI processes: each would compile
+# every module again where the environment turns bytecode caching off.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: run test typecheck soak lint bench clean
 
