@@ -257,19 +257,7 @@ class JobState:
         self._add(Job.of(rec, JobLife(status, run_at=rec.run_at)))
 
     def _apply_created_many(self, rec: JobsCreated) -> None:
-        tpl = self.templates.intern(rec.template)
-        jobs = self.jobs
-        ids, blobs = rec.ids, rec.blobs
-        # Live, a batch is made of ids no job had (decide_create), but a log
-        # that a repair lost a record of (a Removed) can revive a job whose
-        # id a later batch reused: the job that exists stays, as for one
-        # JobCreated.
-        runs = rec.runs
-        if not jobs.keys().isdisjoint(ids):
-            fresh = [(i, b) for i, b in zip(ids, blobs, strict=True) if i not in jobs]
-            ids, blobs, runs = [i for i, _ in fresh], [b for _, b in fresh], None
-        if ids:
-            self._add_pristine(tpl, ids, blobs, runs)
+        self._add_pristine(self.templates.intern(rec.template), rec.ids, rec.blobs, rec.runs)
 
     def _add_pristine(
         self,
@@ -281,11 +269,23 @@ class JobState:
         """Add pristine jobs of one template, in creation order: the batch
         form of :meth:`_add` (no callbacks, unique key or schedule to see to).
         ``runs``: their runs of one priority, or None to read them off the
-        blobs."""
+        blobs.
+
+        Live, a batch is made of ids no job had (decide_create), but a log
+        that a repair lost a record of (a Removed) can revive a job whose id
+        a later batch reused: the job that exists stays, as for one
+        JobCreated (and the first of an id repeated within the batch)."""
         if len(ids) != len(blobs):
             raise ValueError(f"a batch of {len(ids)} job ids has {len(blobs)} blobs")
         new = list(map(Job, ids, repeat(tpl), blobs, repeat(None)))  # at C speed
-        self.jobs.update(zip(ids, new, strict=True))
+        # One lookup per id, at C speed: setdefault gives back the job that
+        # holds the id, and jobs compare by identity (the list compare too).
+        held = list(map(self.jobs.setdefault, ids, new))
+        if held != new:
+            fresh = [i for i, (h, n) in enumerate(zip(held, new, strict=True)) if h is n]
+            new, blobs, runs = [new[i] for i in fresh], [blobs[i] for i in fresh], None
+            if not new:
+                return
         self.index.extend(new)
         self._next_seq = max(self._next_seq, new[-1].seq + 1)
         queue = tpl.queue or DEFAULT_QUEUE

@@ -28,6 +28,7 @@ from hypothesis.stateful import (
 )
 
 from corral.broker import views as state_views
+from corral.broker.job import BLOB_HEAD
 from corral.broker.protocol import JobSpec, encode_value
 from corral.broker.records import (
     NIL,
@@ -1115,6 +1116,27 @@ def test_expired_lists_a_requeued_job_once() -> None:
     b.finish("j1", "ok")  # due to expire at NOW + 3
     b.now += 100
     assert b.state.expired(b.now) == ["j1"]
+
+
+def test_a_batch_that_reuses_a_held_id_keeps_the_job_that_holds_it() -> None:
+    """A repaired log can hold a batch naming an id a live job has (the
+    Removed between them was lost), or an id twice: the job that holds the
+    id stays, and each id is one job, counted and queued once."""
+    state = JobState()
+    held = JobCreated(id="x", task="t.task", seq=1, created_at=NOW)
+    state.apply(JobSnapshot(held, "running", 1, [], lease=9, worker="w1"))
+    tpl = JobCreated(id="", task="t.task", seq=0, created_at=0.0)
+
+    def blob(seq: int) -> bytes:
+        return BLOB_HEAD.pack(seq, NOW, 0) + b"\xc0"
+
+    state.apply(JobsCreated(tpl, ["a", "x", "b", "a"], [blob(2), blob(3), blob(4), blob(5)]))
+    assert sorted(state.jobs) == ["a", "b", "x"]
+    assert state.jobs["x"].status == "running" and state.jobs["x"].seq == 1
+    assert state.jobs["a"].seq == 2
+    assert recount(state) == Counter({("default", "queued"): 2, ("default", "running"): 1})
+    check(state)
+    assert drain(state, "default") == ["a", "b"]
 
 
 def test_a_reused_id_does_not_take_an_old_place_in_the_queue() -> None:
