@@ -90,6 +90,8 @@ class BrokerCore:
         self._last_pass = 0.0
         #: The creation number at the last gc.freeze (see _freeze).
         self._frozen_at = 0
+        #: ``state.next_seq`` at the last commit: jobs made since are not on disk.
+        self._made_until = 0
         self._stall_after = 1.5 * bc.heartbeat_interval
         self._heartbeat = bc.heartbeat_interval
         self._steps = StepDetector()
@@ -209,6 +211,7 @@ class BrokerCore:
         epoch = self.state.epoch + 1
         self.journal.record(BrokerStarted(epoch, self.clock.time()))
         self.log.sync(self.clock.monotonic())
+        self._made_until = self.state.next_seq
         self.dispatcher.start_leases(epoch)
         log.info(
             "broker.replayed",
@@ -253,12 +256,18 @@ class BrokerCore:
         self.tick(now, mono)
         # Group commit: one fsync covers every reply of the pass. A pass with
         # no reply (leases, worker outcomes) promises nothing, so its records
-        # are synced within fsync_interval instead of at once.
+        # are synced within fsync_interval instead of at once; unless it made
+        # jobs (a schedule's fire, a follow-up): those may be dispatched just
+        # below, and one run before its creation is on disk would be made and
+        # run again after a power loss.
+        made = self.state.next_seq != self._made_until
+        self._made_until = self.state.next_seq
+        durable = bool(self.replies) or made
         if self.metrics is None:
-            self.log.commit(mono, durable=bool(self.replies))
+            self.log.commit(mono, durable=durable)
         else:
             began = time.perf_counter()
-            if self.log.commit(mono, durable=bool(self.replies)):
+            if self.log.commit(mono, durable=durable):
                 self.metrics.fsync.observe(time.perf_counter() - began)
         self.replies.flush(self.client_link)
         self.housekeeper.maybe_compact(mono)

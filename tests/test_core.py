@@ -6,6 +6,7 @@ result waits and schedules are checked by moving the clock, not by sleeping
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -673,3 +674,53 @@ def test_a_lease_ended_by_timeout_or_silence_tells_its_holder(broker: InProcessB
     broker.advance(4.0)
     told = [m for m in other.inbox() if isinstance(m, p.CancelJob)]
     assert (h.job_id, h.lease) in [(m.job_id, m.lease) for m in told]
+
+
+def test_a_job_the_broker_makes_is_delivered_only_once_its_creation_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fsync = "always", a job made in the broker (a schedule's fire, a
+    follow-up) goes to a worker only after the fdatasync that covers its
+    creation: a power loss in between would make it again and run it twice.
+    At each delivery, the log as it would be after a power loss then (cut at
+    what was synced) is replayed: it must hold the job."""
+    clock = FakeClock(wall=1_700_000_010.0)
+    broker = InProcessBroker(tmp_path / "live", clock=clock, schedules=SCHEDULE)
+    log = broker.core.log
+    send = broker.workers.send
+    at_delivery: list[tuple[str, bool]] = []
+
+    def survives_power_loss(job_id: str) -> bool:
+        synced = log.synced_position
+        assert synced is not None
+        segment, offset = synced
+        copy = tmp_path / f"after-loss-{len(at_delivery)}"
+        shutil.copytree(tmp_path / "live" / "log", copy / "log")
+        os.truncate(copy / "log" / segment.name, offset)
+        again = InProcessBroker(copy, clock=FakeClock(wall=clock.time()), schedules=SCHEDULE)
+        try:
+            return job_id in again.core.state.jobs
+        finally:
+            again.core.log.close()
+
+    def recording_send(identity: bytes, body: bytes) -> bool:
+        msg = p.decode(p.worker_command_decoder, body)
+        for d in deliveries([msg]):
+            at_delivery.append((d.task, survives_power_loss(d.job_id)))
+        return send(identity, body)
+
+    monkeypatch.setattr(broker.workers, "send", recording_send)
+    worker = FakeWorker(broker)
+    worker.ready()
+    broker.advance(60.0)  # the schedule fires once
+    (fire,) = deliveries(worker.inbox())
+    worker.start(fire)
+    follow = p.JobSpec("after-tick", "t.after")
+    parent = broker.enqueue("t.parent", on_success=follow)
+    (d,) = deliveries(worker.finish(fire, "ok", 1))  # the tick's end: the parent goes
+    assert d.job_id == parent
+    worker.start(d)
+    (after,) = deliveries(worker.finish(d, "ok", 2))  # its follow-up is made and goes
+    assert after.job_id == "after-tick"
+    assert [task for task, _ in at_delivery] == ["t.tick", "t.parent", "t.after"], at_delivery
+    assert all(durable for _, durable in at_delivery), at_delivery
