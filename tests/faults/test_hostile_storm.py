@@ -125,13 +125,20 @@ def _storm(
             s.wait()
 
     # what the storm left queued is read; then the memory goes back
+    seen: dict[str, float] = {}
+
     def settled() -> bool:
         nonlocal peak
         rss = proc.memory_info().rss
         peak = max(peak, rss)
-        return rss < before + 64 * MIB and client.status().stats.get("heap_trims", 0) > 0
+        stats = client.status().stats
+        seen.update(rss=rss / MIB, trims=stats.get("heap_trims", 0), fds=proc.num_fds())
+        return rss < before + 64 * MIB and stats.get("heap_trims", 0) > 0
 
-    wait_for(settled, 60, interval=0.5, message="the broker's memory to come back")
+    try:
+        wait_for(settled, 60, interval=0.5, message="the broker's memory to come back")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {before / MIB:.0f} MiB before, then {seen}") from None
     after = proc.memory_info().rss
     status = client.status()
     assert broker.alive()
