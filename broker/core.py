@@ -243,6 +243,7 @@ class BrokerCore:
         the pass consumes it."""
         clock = self.clock
         now, mono = clock.time(), clock.monotonic()
+        self.service.pass_number += 1
         step = self._steps.observe(now, mono)
         if step is not None:
             self.clock_stepped(step, now)

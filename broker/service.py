@@ -65,8 +65,10 @@ class ClientService:
         self.admission = Admission(self.state)
         #: The supervisors heard from lately.
         self.supervisors = SupervisorTable()
-        #: The last status made: when (monotonic), of what, encoded.
-        self._status: tuple[float, int, msgspec.Raw] | None = None
+        #: The last status made: in which pass, when (monotonic), of what, encoded.
+        self._status: tuple[int, float, int, msgspec.Raw] | None = None
+        #: The pass under way (the core counts them).
+        self.pass_number = 0
         #: Seconds a status made in an earlier pass may be given again when
         #: nothing it counts changed; the server sets it while a flood
         #: keeps every pass at its budget (0: a status is made each pass).
@@ -249,21 +251,23 @@ class ClientService:
         self._reply(identity, p.EncodedStatusReply(msg.req, self._encoded_status(mono, now)))
 
     def _encoded_status(self, mono: float, now: float) -> msgspec.Raw:
-        """The status, encoded: made again in each pass, or while the broker
-        is loaded (see :attr:`status_max_age`) once the job state changed
-        or it is that old (workers, supervisors and counters may then be
-        that much behind). A flood of status requests (a status with a
-        thousand supervisors takes milliseconds to make) then costs a copy
-        each. A client still sees every change its earlier replies told
-        of: each was journaled."""
+        """The status, encoded: made at most once a pass, and while the broker is loaded (see
+        :attr:`status_max_age`) again only once the job state changed or it
+        is that old (workers, supervisors and counters may then be that much
+        behind). A flood of status requests (a status with a thousand
+        supervisors takes milliseconds to make) then costs a copy each. A
+        client still sees every change its earlier replies told of: those
+        replies left after an earlier pass's commit, so a request that
+        follows them is read in a later pass, whose status is made anew
+        once the job state changed."""
         key = self.journal.records
         cached = self._status
-        if cached is not None and cached[1] == key:
-            made = cached[0]
-            if made == mono or mono - made < self.status_max_age:
-                return cached[2]
+        if cached is not None:
+            made_in, made, of, encoded = cached
+            if made_in == self.pass_number or (of == key and mono - made < self.status_max_age):
+                return encoded
         encoded = msgspec.Raw(p.encode_struct(self.status(mono, now)))
-        self._status = (mono, key, encoded)
+        self._status = (self.pass_number, mono, key, encoded)
         return encoded
 
     def status(self, mono: float, now: float) -> p.StatusInfo:

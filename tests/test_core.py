@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from inproc import SMALL_LOG, FakeWorker, InProcessBroker, decoded, deliveries
+from inproc import CLIENT, SMALL_LOG, FakeWorker, InProcessBroker, decoded, deliveries
 
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
@@ -724,3 +724,32 @@ def test_a_job_the_broker_makes_is_delivered_only_once_its_creation_is_synced(
     assert after.job_id == "after-tick"
     assert [task for task, _ in at_delivery] == ["t.tick", "t.parent", "t.after"], at_delivery
     assert all(durable for _, durable in at_delivery), at_delivery
+
+
+def test_a_status_is_made_at_most_once_a_pass_and_shows_what_earlier_replies_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of status requests among changes of the job state (a status
+    with a thousand supervisors takes milliseconds to make) costs one status
+    a pass; a request read in a later pass than a reply sees what it told."""
+    broker = InProcessBroker(tmp_path)
+    service = broker.core.service
+    made: list[int] = []
+    real = service.status
+
+    def counting(mono: float, now: float) -> p.StatusInfo:
+        made.append(1)
+        return real(mono, now)
+
+    monkeypatch.setattr(service, "status", counting)
+    frames = []
+    for n in range(10):  # one pass: status, enqueue, status, enqueue ...
+        frames.append((CLIENT, [b"c%d" % n, p.encode(p.GetStatus(100 + n))]))
+        spec = p.JobSpec(f"j{n}", "t.task")
+        frames.append((CLIENT, [b"c%d" % n, p.encode(p.Enqueue(200 + n, [spec]))]))
+    broker.run_pass(*frames)
+    assert len(made) == 1
+    status = broker.request(p.GetStatus(broker.next_req()))  # a later pass
+    assert isinstance(status, p.StatusReply)
+    assert status.status.stats["jobs"] == 10
+    assert len(made) == 2
