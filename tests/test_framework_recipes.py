@@ -1,0 +1,258 @@
+"""The web framework recipes in examples/, served as in production against a
+real ``corral run``: examples/django_app under gunicorn (two workers,
+``--preload``), examples/fastapi_app under uvicorn (``--workers 2``), driven
+over HTTP. Jobs are enqueued from views and run by the daemon's workers;
+their status and result come back through the apps' views, from either
+web worker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import Env, Proc, free_port, wait_for, wait_until
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+DJANGO_APP = EXAMPLES / "django_app"
+FASTAPI_APP = EXAMPLES / "fastapi_app"
+BIN = Path(sys.executable).parent
+
+Response = tuple[int, dict[str, Any]]
+
+
+class WebServer:
+    """A web server (gunicorn, uvicorn) in its own session, on a free port;
+    ``kill()`` ends its process group and every process under it."""
+
+    def __init__(self, home: Path, args: list[str], cwd: Path, environ: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home / f"{Path(args[0]).name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
+        self.popen = subprocess.Popen(
+            [*args, "--bind" if "gunicorn" in args[0] else "--port", self._bind(args[0])],
+            cwd=cwd,
+            env={**os.environ, **environ},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _bind(self, program: str) -> str:
+        return f"127.0.0.1:{self.port}" if "gunicorn" in program else str(self.port)
+
+    def workers(self) -> set[int]:
+        """The process ids under the server's master (its workers)."""
+        with contextlib.suppress(psutil.Error):
+            return {child.pid for child in psutil.Process(self.popen.pid).children(True)}
+        return set()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self, path: str, timeout: float = 30.0) -> None:
+        """Poll ``path`` until the server answers it (any HTTP status)."""
+
+        def answers() -> bool:
+            assert self.popen.poll() is None, f"the web server exited:\n{self.output()}"
+            try:
+                http("GET", self.url + path, timeout=2)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return False
+            return True
+
+        wait_for(answers, timeout, interval=0.05, message=f"the web server to answer {path}")
+
+    def kill(self) -> None:
+        procs = []
+        with contextlib.suppress(psutil.Error):
+            procs = psutil.Process(self.popen.pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        for proc in procs:  # one that left the group (uvicorn's spawned workers stay in it)
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[WebServer]]:
+    started: list[WebServer] = []
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.kill()
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> Response:
+    """One request; its status and JSON body (an error status too)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def from_both_workers(server: WebServer, post: Callable[[int], Response]) -> list[Response]:
+    """Send ``post(n)`` requests, four at a time, until two of the server's
+    workers answered (each answer carries its ``pid``); return the answers."""
+    answers: list[Response] = []
+    deadline = time.monotonic() + 20
+    with ThreadPoolExecutor(4) as pool:
+        while len({body["pid"] for _, body in answers}) < 2:
+            assert time.monotonic() < deadline, f"one web worker served all of {answers}"
+            answers += pool.map(post, range(len(answers), len(answers) + 4))
+            assert all(status in (201, 202) for status, _ in answers), answers
+    assert {body["pid"] for _, body in answers} <= server.workers()
+    return answers
+
+
+def shown_until(url: str, status_at: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+    """GET ``url`` until the job status at ``status_at`` in its JSON body is
+    ``succeeded``; return that body. Fails on an answer other than 200, or a
+    job that ended otherwise."""
+
+    def fetch() -> dict[str, Any]:
+        status, body = http("GET", url)
+        assert status == 200, body
+        return body
+
+    def status_of(body: Any) -> str:
+        for key in status_at:
+            body = body[key]
+        assert body in ("queued", "running", "succeeded"), f"the job ended {body}"
+        return str(body)
+
+    return wait_until(  # type: ignore[no-any-return]
+        fetch, lambda body: status_of(body) == "succeeded", timeout, 0.05, f"{url} to succeed"
+    )
+
+
+def corral_daemon(env: Env, plugin: str, app: Path) -> Proc:
+    """``corral run`` with the app's directory on python_path and its tasks as the plugin."""
+    text = env.config.read_text().replace('python_path = ["', f'python_path = ["{app}", "')
+    env.config.write_text(text.replace('plugins = ["e2e_tasks"]', f'plugins = ["{plugin}"]'))
+    return env.start("run")
+
+
+# --------------------------------------------------------------------------- Django
+
+
+@pytest.fixture
+def django_site(
+    env: Env, servers: list[WebServer], monkeypatch: pytest.MonkeyPatch
+) -> tuple[WebServer, Path]:
+    """The daemon, the migrated database and gunicorn serving the Django example."""
+    database = env.home / "orders.sqlite3"
+    environ = {"ORDERS_DB": str(database), "CORRAL_CONFIG": str(env.config)}
+    for name, value in environ.items():  # corral's workers read the same database
+        monkeypatch.setenv(name, value)
+    daemon = corral_daemon(env, "orders.tasks", DJANGO_APP)
+    migrate = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
+        cwd=DJANGO_APP,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    gunicorn = [str(BIN / "gunicorn"), "orders_site.wsgi", "--workers", "2", "--preload"]
+    server = WebServer(env.home, gunicorn, DJANGO_APP, environ)
+    servers.append(server)
+    env.wait_ready(daemon)
+    server.wait_serving("/orders/0/")
+    return server, database
+
+
+def test_django_enqueues_after_commit_and_shows_the_job(
+    env: Env, django_site: tuple[WebServer, Path]
+) -> None:
+    server, database = django_site
+    items = ["pen", "ink", "paper"]
+
+    def order(n: int) -> Response:
+        body = {"item": items[n % 3], "quantity": n + 1}
+        return http("POST", f"{server.url}/orders/", body)
+
+    placed = [body for _, body in from_both_workers(server, order)]
+    for n, answer in enumerate(placed):
+        body = shown_until(f"{server.url}/orders/{answer['order']}/", ("job", "status"))
+        assert body["job"]["id"] == answer["job"]
+        assert body["job"]["result"] == {
+            "order": answer["order"],
+            "item": items[n % 3],
+            "quantity": n + 1,
+        }
+        assert body["fulfilled"] is True  # written by the task, in a corral worker
+    with sqlite3.connect(database) as db:
+        jobs = dict(db.execute("SELECT id, job_id FROM orders_order").fetchall())
+    assert jobs == {answer["order"]: answer["job"] for answer in placed}
+
+
+def test_django_rolled_back_order_enqueues_nothing(
+    env: Env, django_site: tuple[WebServer, Path]
+) -> None:
+    server, database = django_site
+    client = env.client()
+    status, body = http("POST", f"{server.url}/orders/", {"item": "ink", "quantity": 1000})
+    assert status == 409, body  # out of stock: raised after the row and on_commit
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT count(*) FROM orders_order").fetchone() == (0,)
+    assert list(client.jobs()) == []
+    # The web worker's connection is fine after the rollback: the next order enqueues.
+    status, body = http("POST", f"{server.url}/orders/", {"item": "ink", "quantity": 1})
+    assert status == 201, body
+    assert [info.id for info in client.jobs()] == [body["job"]]
+    assert client.result(body["job"], timeout=30)["order"] == body["order"]
+
+
+# -------------------------------------------------------------------------- FastAPI
+
+
+def test_fastapi_enqueues_from_async_endpoints_under_uvicorn(
+    env: Env, servers: list[WebServer]
+) -> None:
+    daemon = corral_daemon(env, "jobs_api.tasks", FASTAPI_APP)
+    uvicorn = [str(BIN / "uvicorn"), "jobs_api.app:app", "--workers", "2", "--host", "127.0.0.1"]
+    server = WebServer(env.home, uvicorn, FASTAPI_APP, {"CORRAL_CONFIG": str(env.config)})
+    servers.append(server)
+    env.wait_ready(daemon)
+    server.wait_serving("/jobs/none")
+
+    def post(n: int) -> Response:
+        return http("POST", f"{server.url}/jobs", {"numbers": list(range(n + 2))})
+
+    answers = from_both_workers(server, post)
+    for n, (_, answer) in enumerate(answers):
+        body = shown_until(f"{server.url}/jobs/{answer['id']}", ("status",))
+        assert (body["id"], body["result"], body["error"]) == (
+            answer["id"],
+            sum(range(n + 2)),
+            None,
+        )
+    status, body = http("GET", f"{server.url}/jobs/{'0' * 32}")
+    assert status == 404, body
+    status, body = http("POST", f"{server.url}/jobs", {"numbers": "many"})
+    assert status == 422, body  # FastAPI's validation: nothing enqueued
