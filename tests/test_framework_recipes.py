@@ -169,18 +169,23 @@ def django_site(
     environ = {"ORDERS_DB": str(database), "CORRAL_CONFIG": str(env.config)}
     for name, value in environ.items():  # corral's workers read the same database
         monkeypatch.setenv(name, value)
+    # All three start at once; gunicorn touches the database only once it serves.
     daemon = corral_daemon(env, "orders.tasks", DJANGO_APP)
-    migrate = subprocess.run(
+    migrate = subprocess.Popen(
         [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
         cwd=DJANGO_APP,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=60,
     )
-    assert migrate.returncode == 0, migrate.stderr
     gunicorn = [str(BIN / "gunicorn"), "orders_site.wsgi", "--workers", "2", "--preload"]
     server = WebServer(env.home, gunicorn, DJANGO_APP, environ)
     servers.append(server)
+    try:
+        output, _ = migrate.communicate(timeout=60)
+    finally:
+        migrate.kill()
+    assert migrate.returncode == 0, output
     env.wait_ready(daemon)
     server.wait_serving("/orders/0/")
     return server, database
