@@ -29,9 +29,11 @@ DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.environ.get("ORDERS_DB", str(BASE_DIR / "db.sqlite3")),
-        # The web workers and corral's workers write to the same file: wait for
-        # its lock rather than fail at once.
-        "OPTIONS": {"timeout": 20},
+        # The web workers and corral's workers write to the same file. A
+        # transaction takes its write lock when it begins, waiting up to 20 s
+        # for it: a deferred one that reads, then writes, can fail at once
+        # with "database is locked" when another writer holds the lock.
+        "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
