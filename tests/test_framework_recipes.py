@@ -1,9 +1,9 @@
 """The web framework recipes in examples/, served as in production against a
-real ``corral run``: examples/django_app under gunicorn (two workers,
-``--preload``), examples/fastapi_app under uvicorn (``--workers 2``), driven
-over HTTP. Jobs are enqueued from views and run by the daemon's workers;
-their status and result come back through the apps' views, from either
-web worker."""
+real ``corral run``: examples/django_app under gunicorn, examples/fastapi_app
+under gunicorn with uvicorn workers, each with two workers forked from a
+master that imported the app (``--preload``), driven over HTTP. Jobs are
+enqueued from views and run by the daemon's workers; their status and
+result come back through the apps' views, from either web worker."""
 
 from __future__ import annotations
 
@@ -35,25 +35,30 @@ Response = tuple[int, dict[str, Any]]
 
 
 class WebServer:
-    """A web server (gunicorn, uvicorn) in its own session, on a free port;
+    """A web server (gunicorn, uvicorn) in its own session, listening on
+    127.0.0.1 at a free port: ``command(port)`` is its command line.
     ``kill()`` ends its process group and every process under it."""
 
-    def __init__(self, home: Path, args: list[str], cwd: Path, environ: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(
+        self,
+        home: Path,
+        command: Callable[[int], list[str]],
+        cwd: Path,
+        environ: dict[str, str],
+    ) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        args = command(port)
         self.log_path = home / f"{Path(args[0]).name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
         self.popen = subprocess.Popen(
-            [*args, "--bind" if "gunicorn" in args[0] else "--port", self._bind(args[0])],
+            args,
             cwd=cwd,
             env={**os.environ, **environ},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-    def _bind(self, program: str) -> str:
-        return f"127.0.0.1:{self.port}" if "gunicorn" in program else str(self.port)
 
     def workers(self) -> set[int]:
         """The process ids under the server's master (its workers)."""
@@ -83,7 +88,7 @@ class WebServer:
             procs = psutil.Process(self.popen.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        for proc in procs:  # one that left the group (uvicorn's spawned workers stay in it)
+        for proc in procs:  # one that left the group
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -160,6 +165,13 @@ def corral_daemon(env: Env, plugin: str, app: Path) -> Proc:
 # --------------------------------------------------------------------------- Django
 
 
+def gunicorn(port: int) -> list[str]:
+    """gunicorn serving the Django example: two workers, forked after the app
+    (URLconf and views included) was imported in the master."""
+    args = ["orders_site.wsgi", "--workers", "2", "--preload", "--bind", f"127.0.0.1:{port}"]
+    return [str(BIN / "gunicorn"), *args]
+
+
 @pytest.fixture
 def django_site(
     env: Env, servers: list[WebServer], monkeypatch: pytest.MonkeyPatch
@@ -178,7 +190,6 @@ def django_site(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    gunicorn = [str(BIN / "gunicorn"), "orders_site.wsgi", "--workers", "2", "--preload"]
     server = WebServer(env.home, gunicorn, DJANGO_APP, environ)
     servers.append(server)
     try:
@@ -226,12 +237,21 @@ def test_django_enqueues_on_commit_only_and_shows_the_job(
 # -------------------------------------------------------------------------- FastAPI
 
 
-def test_fastapi_enqueues_from_async_endpoints_under_uvicorn(
+def gunicorn_uvicorn(port: int) -> list[str]:
+    """gunicorn serving the FastAPI example with two uvicorn workers, forked
+    after the app was imported in the master. (``uvicorn --workers 2`` starts
+    fresh interpreters instead: each imports FastAPI again, seconds of CPU
+    on a loaded machine, and nothing is forked from an imported app.)"""
+    args = ["jobs_api.app:app", "--worker-class", "uvicorn_worker.UvicornWorker"]
+    args += ["--workers", "2", "--preload", "--bind", f"127.0.0.1:{port}"]
+    return [str(BIN / "gunicorn"), *args]
+
+
+def test_fastapi_enqueues_from_async_endpoints_under_uvicorn_workers(
     env: Env, servers: list[WebServer]
 ) -> None:
     daemon = corral_daemon(env, "jobs_api.tasks", FASTAPI_APP)
-    uvicorn = [str(BIN / "uvicorn"), "jobs_api.app:app", "--workers", "2", "--host", "127.0.0.1"]
-    server = WebServer(env.home, uvicorn, FASTAPI_APP, {"CORRAL_CONFIG": str(env.config)})
+    server = WebServer(env.home, gunicorn_uvicorn, FASTAPI_APP, {"CORRAL_CONFIG": str(env.config)})
     servers.append(server)
     env.wait_ready(daemon)
     server.wait_serving("/jobs/none")
