@@ -82,6 +82,10 @@ def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral", description="a durable job queue")
     parser.add_argument("--version", action="version", version=f"corral {_version()}")
+    # before the command as well as after it: `corral -c FILE status`
+    parser.add_argument(
+        "-c", "--config", dest="global_config", metavar="CONFIG", help="config file (TOML)"
+    )
     subs = parser.add_subparsers(dest="command", required=True)
     _add_processes(subs)
     _add_enqueue(subs)
@@ -326,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
 
         argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
+    if args.global_config is not None and getattr(args, "config", None) is None:
+        args.config = args.global_config  # the one after the command wins
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:

@@ -39,6 +39,15 @@ def test_the_config_is_found_through_corral_config_then_the_current_directory(
     # no -c, no $CORRAL_CONFIG: ./corral.toml (the home holds it)
     done = env.run("status", "--json", environ={"CORRAL_CONFIG": ""})
     assert done.returncode == 0, done.stderr
+    # -c before the command, as after it; the one after it wins
+    done = env.run("-c", str(env.config), "status", "--json", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert "queues" in json.loads(done.stdout)
+    missing = str(elsewhere / "missing.toml")
+    done = env.run("-c", missing, "status", "-c", str(env.config), "--json", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    done = env.run("-c", missing, "status", cwd=elsewhere)
+    assert done.returncode == 2 and "missing.toml" in done.stderr, done.stderr
 
 
 def test_durations_and_times_are_read_as_the_config_writes_them(env: Env) -> None:
