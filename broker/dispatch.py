@@ -7,7 +7,11 @@ It hands jobs to workers with credit (a job is leased only once its send
 succeeded) and takes back the jobs of a worker that left, died or went
 silent. What a registration that replaces another does with the held jobs,
 and how workers reclaim the jobs they held across a broker restart, is
-:mod:`corral.broker.rejoin`. No sockets: messages leave through a
+:mod:`corral.broker.rejoin`; the tasks' concurrency and rate limits, which
+hold jobs back at dispatch, are :mod:`corral.broker.limits`; a job whose
+``expires`` passed before it started is cancelled here (reason
+``expired``: see :mod:`corral.broker.expiring`), at its deadline and
+whenever dispatch meets it. No sockets: messages leave through a
 :class:`WorkerLink`, and time comes in as ``now`` (epoch seconds) and
 ``mono`` (monotonic seconds).
 """
@@ -24,10 +28,13 @@ import structlog
 from corral.broker import balance, views
 from corral.broker import protocol as p
 from corral.broker.deadlines import Deadlines
+from corral.broker.expiring import EXPIRED, deadline, lapsed
 from corral.broker.journal import Journal, WorkerLink
+from corral.broker.limits import Limiter
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import (
     BrokerStarted,
+    Cancelled,
     ErrorRec,
     Finished,
     Leased,
@@ -87,6 +94,16 @@ class Dispatcher:
         self._next_heartbeat = 0.0
         self._dirty = True
         self.rejoins = Rejoins(self, liveness_window)
+        self.limits = Limiter(self.state, self._leased_ids)
+        journal.observers.append(self.limits.observe)
+        #: Jobs that were running at their ``expires`` deadline: a try of
+        #: theirs that ends without ending them ends them (expired).
+        self._lapsed_running: set[str] = set()
+
+    def _leased_ids(self) -> list[str]:
+        """The jobs leased now: held by a worker, or waiting for their
+        holder to reclaim them after a restart."""
+        return [*self.holders, *self.rejoins.unclaimed.jobs]
 
     @property
     def reclaim_window(self) -> float:
@@ -118,7 +135,7 @@ class Dispatcher:
     @property
     def wants_pass(self) -> bool:
         """A dispatch is owed and some worker has credit."""
-        return self._dirty and bool(self.workers.hungry())
+        return (self._dirty or self.limits.changed) and bool(self.workers.hungry())
 
     def on_message(self, identity: bytes, msg: Any, now: float, mono: float) -> None:
         """One decoded message from a worker."""
@@ -158,6 +175,7 @@ class Dispatcher:
         self.registrations.register(
             msg.worker_id, msg.tasks[:MAX_TASKS_PER_WORKER], self.workers.serving
         )
+        self.limits.declare(identity, msg.worker_id, msg.tasks)
         self._dirty = True
         log.info(
             "broker.worker_ready",
@@ -268,6 +286,8 @@ class Dispatcher:
         self._dirty = True
         if record.status in TERMINAL:
             self._on_ended(job, now)
+        elif lapsed(job, now):  # a retry past the job's expires never starts
+            self.expire(job, now)
 
     def _count_outcome(self, conn: WorkerConn | None, record: Finished, mono: float) -> None:
         """Count a try's end: by the status it led to, and as processed or
@@ -332,6 +352,7 @@ class Dispatcher:
         jobs it may have started (see WorkerConn.counted_on_loss). Returns
         how many jobs went back to their queue."""
         self.workers.remove(conn.identity)
+        self.limits.forget(conn.identity)
         self._withdraws.gone(conn.identity)
         # A worker that says Bye holds nothing: what it still had leased was
         # in flight to it and never started.
@@ -466,18 +487,27 @@ class Dispatcher:
         )
 
     def next_wakeup(self) -> float:
-        """The monotonic time of the next heartbeat or lease deadline."""
+        """The monotonic time of the next heartbeat, lease deadline or rate
+        window opening."""
         wake = self._next_heartbeat
-        for due in (self.deadlines.next_due(), self.rejoins.unclaimed.until or None):
+        for due in (
+            self.deadlines.next_due(),
+            self.rejoins.unclaimed.until or None,
+            self.limits.next_wakeup(),
+        ):
             if due is not None:
                 wake = min(wake, due)
         return wake
 
     def expire_deadlines(self, now: float, mono: float) -> None:
         """End the tries that ran past their timeout (retried or failed);
-        the worker's late result is fenced."""
+        the worker's late result is fenced. Cancel the jobs whose
+        ``expires`` passed unstarted; open the rate windows due."""
         self._withdraws.expire(mono)
         self.rejoins.expire(now, mono)
+        self.expire_lapsed(now)
+        if self.limits.tick(mono):
+            self._dirty = True
         while (entry := self.deadlines.pop_due(mono)) is not None:
             job_id, due, lease = entry
             job = self.state.holding(job_id, lease)
@@ -498,19 +528,59 @@ class Dispatcher:
                 self.send(holder, p.CancelJob(job_id, lease), mono)
             log.warning("broker.job_timeout", job_id=job_id, timeout=timeout, next=record.status)
 
+    # -------------------------------------------------------------- expires
+
+    def expire_lapsed(self, now: float) -> None:
+        """Cancel (reason ``expired``) the jobs whose ``expires`` deadline
+        came by ``now`` and that have not started: queued, reserved in a
+        worker's buffer (taken back from it), scheduled or retrying. A job
+        running at its deadline runs on; if its try ends without ending it,
+        it is cancelled then (its retry would start past the deadline)."""
+        for job in list(self.state.expiring.due(now)):
+            if job.status == "running":
+                self._lapsed_running.add(job.id)
+            else:
+                self.expire(job, now)
+        for job_id in list(self._lapsed_running):
+            held = self.state.jobs.get(job_id)
+            if held is None or held.status in TERMINAL:
+                self._lapsed_running.discard(job_id)
+            elif held.status != "running":
+                self._lapsed_running.discard(job_id)
+                self.expire(held, now)
+
+    def expire(self, job: Job, now: float) -> None:
+        """``job`` lapsed unstarted: it ends ``cancelled``, reason
+        ``expired`` (a logged Cancelled record, so a replay agrees); a
+        worker holding it unstarted is told to drop it."""
+        lease = job.lease
+        self.journal.record(Cancelled(job.id, now, EXPIRED))
+        self.revoke(job.id, lease)
+        self.stats["jobs_cancelled"] += 1
+        self.stats["jobs_expired"] += 1
+        self._dirty = True
+        log.debug("broker.job_expired", job_id=job.id, task=job.task, deadline=deadline(job))
+        self._on_ended(job, now)
+
     # ------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float, mono: float) -> None:
         """If anything changed: send ready jobs to the workers with credit,
-        fairly, then ask back the reserved jobs an idle worker or a job of
-        higher priority should have (see :mod:`corral.broker.balance`)."""
-        if not self._dirty:
+        fairly and within the tasks' limits, then ask back the reserved jobs
+        an idle worker or a job of higher priority should have (see
+        :mod:`corral.broker.balance`). A ready job found past its
+        ``expires`` is cancelled instead."""
+        if not (self._dirty or self.limits.changed):
             return
         self._dirty = False
+        self.limits.wake(mono)
+        gate = _Gate(self.limits, now, mono)
         workers = list(self.workers)
-        for conn, jobs in balance.plan_deliveries(workers, self.state).items():
+        for conn, jobs in balance.plan_deliveries(workers, self.state, gate).items():
             self._deliver(conn, jobs, now, mono)
-        for conn, jobs in balance.plan_withdrawals(workers, self.state).items():
+        for job in gate.lapsed:
+            self.expire(job, now)
+        for conn, jobs in balance.plan_withdrawals(workers, self.state, gate).items():
             self._withdraw(conn, jobs, mono)
 
     def _deliver(self, conn: WorkerConn, jobs: list[Job], now: float, mono: float) -> None:
@@ -541,6 +611,7 @@ class Dispatcher:
             )
         if not self.send(conn.identity, p.Deliver(deliveries), mono):
             for job in jobs:
+                self.limits.unadmit(job)
                 self.state.push_back(job)
             return
         for job, lease in zip(jobs, leases, strict=True):
@@ -573,6 +644,30 @@ def count_malformed(stats: Any, side: str, reason: str) -> None:
     n = stats["malformed_frames"]
     if n <= 20 or n % 1000 == 0:
         log.warning("broker.malformed_frame", side=side, reason=reason[:200], total=n)
+
+
+class _Gate:
+    """Dispatch's :class:`~corral.broker.balance.Gate` for one pass: a job
+    past its ``expires`` is kept to be cancelled, any other goes as the
+    limits admit it."""
+
+    def __init__(self, limits: Limiter, now: float, mono: float) -> None:
+        self.limits = limits
+        self.blocked = limits.blocked
+        self.paced = limits.paced
+        self.now = now
+        self.mono = mono
+        #: Popped jobs found past their expires, to cancel.
+        self.lapsed: list[Job] = []
+
+    def admit(self, job: Job) -> bool:
+        if job.tpl.expires is not None and lapsed(job, self.now):
+            self.lapsed.append(job)
+            return False
+        return self.limits.admit(job, self.mono)
+
+    def admits(self, job: Job) -> bool:
+        return self.limits.admits(job)
 
 
 class _Unlinked:

@@ -148,10 +148,12 @@ class Removed(Record, frozen=True):
 
 
 class Cancelled(Record, frozen=True):
-    """A job was cancelled: it will not run (again)."""
+    """A job was cancelled: it will not run (again). ``reason`` is ""
+    (by hand) or ``"expired"`` (not started by its ``expires`` time)."""
 
     id: str
     at: float
+    reason: str = ""
 
 
 class Requeued(Record, frozen=True):
