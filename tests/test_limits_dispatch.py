@@ -77,8 +77,8 @@ def test_concurrency_holds_across_workers_and_a_freed_slot_goes_at_once(
 
 def test_a_blocked_task_costs_no_pop_per_pass(broker: InProcessBroker) -> None:
     """A task at its limit is skipped, not its jobs popped and pushed back."""
-    for n in range(2000):
-        broker.enqueue(TASK, n, id=f"j{n}")
+    specs = [p.JobSpec(f"j{n}", TASK, p.encode_value(n)) for n in range(2000)]
+    assert isinstance(broker.request(p.Enqueue(broker.next_req(), specs)), p.EnqueueOk)
     other = [broker.enqueue("t.free", n, id=f"f{n}") for n in range(3)]
     w = FakeWorker(broker, b"w", tasks=(info(concurrency=1), p.TaskInfo("t.free")))
     got = register(w, slots=1, credit=10)
