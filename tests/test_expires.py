@@ -165,7 +165,7 @@ def test_a_chain_stops_at_an_expired_step(broker: InProcessBroker) -> None:
     [
         (0.0, "positive number of seconds"),
         (-1.0, "positive number of seconds"),
-        (datetime(2030, 1, 1), "zone"),  # noqa: DTZ001 - a naive time is what is refused
+        (datetime(2030, 1, 1), "zone"),
     ],
 )
 def test_a_bad_expires_is_refused(expires: object, message: str) -> None:
@@ -174,14 +174,14 @@ def test_a_bad_expires_is_refused(expires: object, message: str) -> None:
 
 
 def test_a_naive_datetime_is_refused_on_the_wire(broker: InProcessBroker) -> None:
-    spec = JobSpec("j", TASK, expires=datetime(2030, 1, 1))  # noqa: DTZ001
+    spec = JobSpec("j", TASK, expires=datetime(2030, 1, 1))
     reply = broker.request(p.Enqueue(broker.next_req(), [spec]))
     assert isinstance(reply, p.ErrorReply) and "expires" in reply.message
 
 
 def test_the_client_takes_seconds_a_timedelta_a_datetime_or_text() -> None:
     assert expires_value(5) == 5.0 and expires_value(timedelta(minutes=2)) == 120.0
-    local = expires_value(datetime(2030, 1, 1, 9))  # noqa: DTZ001 - naive: local time
+    local = expires_value(datetime(2030, 1, 1, 9))
     assert isinstance(local, datetime) and local.tzinfo is not None
     assert expires_value("5m") == 300.0
     assert expires_value("2030-01-01T09:00:00") == datetime(2030, 1, 1, 9, tzinfo=UTC)
