@@ -6,10 +6,12 @@ a FakeClock (no test sleeps), then through the client and the CLI."""
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import Env, wait_until
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 
 from corral.broker import protocol as p
@@ -17,6 +19,7 @@ from corral.broker.clock import FakeClock
 from corral.broker.jobspec import InvalidJob, JobSpec, validate_spec
 from corral.cliargs import expires_arg
 from corral.clientcore import ClientCore, expires_value
+from corral.cliformat import human_job
 from corral.errors import JobCancelled
 
 TASK = "t.task"
@@ -209,3 +212,34 @@ def test_result_says_the_job_expired() -> None:
     with pytest.raises(JobCancelled) as caught:
         step.answer(p.ResultReply(1, "j1", "cancelled", error=error))  # type: ignore[union-attr]
     assert caught.value.reason == "expired" and "expired" in str(caught.value)
+
+
+# ------------------------------------------------------- with real workers
+
+
+def test_an_expired_job_never_runs_on_a_worker_that_comes_later(env: Env) -> None:
+    """No worker serves the queue while the job's time runs out: the
+    broker's timer cancels it (expired), and the worker that comes then
+    never runs it, and runs the rest. (A restart replays the expiry:
+    test_expiry_is_logged_and_replayed.)"""
+    env.write_config(plugins='["limit_tasks"]', processes=1)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    out = env.home / "runs"
+    out.mkdir()
+    payload = json.dumps({"dir": str(out)})
+    cli = env.run("enqueue", "-c", str(env.config), "limits.mark", payload, "--expires", "1s")
+    assert cli.returncode == 0, cli.stderr
+    by_cli = cli.stdout.strip()
+    client = env.client()
+    soon = client.enqueue("limits.mark", {"dir": str(out)}, expires=1.0)
+    control = client.enqueue("limits.mark", {"dir": str(out)})
+    for job_id in (by_cli, soon):
+        wait_until(lambda j=job_id: client.job(j), expired, 30, message=f"{job_id} to expire")
+    env.start("supervisor")
+    assert client.result(control, timeout=60) is None
+    with pytest.raises(JobCancelled) as caught:
+        client.result(soon, timeout=5)
+    assert caught.value.reason == "expired"
+    assert sorted(path.name for path in out.iterdir()) == [f"{control}.1"]
+    assert "cancelled (expired)" in human_job(client.job(soon))

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Env, Proc, kill_broker, wait_for, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 from structlog.testing import capture_logs
 
+import corral
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
 from corral.broker.limits import TaskLimits
@@ -421,3 +423,135 @@ def test_a_woken_job_cancelled_before_it_goes_wakes_the_next(broker: InProcessBr
     broker.request(p.Cancel(broker.next_req(), "j1"))
     broker.advance(1.0)
     assert not limits.parked and broker.core.state.ready.peek("default").id == "j2"
+
+
+# ------------------------------------------------------- with real workers
+
+
+def spans(directory: Path) -> dict[str, tuple[float, float]]:
+    """job id -> (start, end) of each run the tasks recorded; a job that ran
+    twice fails the test."""
+    runs: dict[str, tuple[float, float]] = {}
+    for path in directory.iterdir():
+        if path.suffix == ".tmp":
+            continue
+        job_id = path.name.rsplit(".", 1)[0]
+        assert job_id not in runs, f"job {job_id} ran twice"
+        start, end, _ = path.read_text().split()
+        runs[job_id] = (float(start), float(end))
+    return runs
+
+
+def most_at_once(runs: list[tuple[float, float]]) -> int:
+    """The most runs that overlapped at any moment (an end before a start
+    at the same instant)."""
+    events = sorted([(s, 1) for s, _ in runs] + [(e, -1) for _, e in runs])
+    now = most = 0
+    for _, change in events:
+        now += change
+        most = max(most, now)
+    return most
+
+
+def start_daemon(env: Env, **options: Any) -> Proc:
+    env.write_config(plugins='["limit_tasks"]', **options)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    return daemon
+
+
+def enqueue_spans(
+    client: corral.Client,
+    out: Path,
+    task: str,
+    n: int,
+    seconds: float,
+    keys: list[str] | None = None,
+) -> list[str]:
+    """Enqueue ``n`` jobs of ``task`` that record their run in ``out`` (the
+    ``i``-th with limit key ``keys[i]``, if given); returns their ids."""
+    out.mkdir()
+    payload = {"dir": str(out), "seconds": seconds}
+    return client.enqueue_many(
+        [corral.Job(task, payload, limit_key=keys[i] if keys else None) for i in range(n)]
+    )
+
+
+def runs_of(out: Path, ids: list[str]) -> list[tuple[float, float]]:
+    """The runs of ``ids`` (each ran once), in enqueue order."""
+    runs = spans(out)
+    assert set(runs) == set(ids)
+    return [runs[job_id] for job_id in ids]
+
+
+def test_limits_hold_with_real_workers(env: Env) -> None:
+    """Three limited tasks at once, over two worker processes of four
+    threads each: ``concurrency=2`` runs exactly two at a time,
+    ``key_concurrency=1`` one per key (two keys side by side), and
+    ``rate="3/2s"`` starts three, then three more two seconds later. Each
+    job runs once; each records its start and end."""
+    start_daemon(env, processes=2, concurrency=4, prefetch=4)
+    env.wait_workers(2)
+    client = env.client()
+    home = env.home
+    pair = enqueue_spans(client, home / "pair", "limits.pair", 8, 0.25)
+    keys = [f"k{i % 2}" for i in range(6)]
+    keyed = enqueue_spans(client, home / "keyed", "limits.keyed", 6, 0.25, keys)
+    paced = enqueue_spans(client, home / "paced", "limits.paced", 6, 0.0)
+    status = wait_until(
+        client.status,
+        lambda s: any(lim.task == "limits.pair" and lim.running for lim in s.limits),
+        message="the limits to show in status",
+    )
+    shown = {lim.task: lim for lim in status.limits}
+    assert (shown["limits.pair"].concurrency, shown["limits.paced"].rate) == (2, "3/2s")
+    for job_id in pair + keyed + paced:
+        client.result(job_id, timeout=60)
+    assert most_at_once(runs_of(home / "pair", pair)) == 2
+    keyed_runs = runs_of(home / "keyed", keyed)
+    for key in ("k0", "k1"):
+        mine = [run for run, k in zip(keyed_runs, keys, strict=True) if k == key]
+        assert most_at_once(mine) == 1
+    assert most_at_once(keyed_runs) == 2  # the two keys ran side by side
+    starts = sorted(start for start, _ in runs_of(home / "paced", paced))
+    # what a worker says of a start may lag the broker's delivery a little
+    for first in starts:
+        assert sum(1 for s in starts if first <= s < first + 1.5) <= 3, starts
+    assert starts[-1] - starts[0] >= 1.5
+
+
+def test_concurrency_holds_across_a_broker_restart(env: Env) -> None:
+    """The broker is killed while a job of a concurrency-1 task runs: the
+    new one replays its log, the worker keeps the running job, and no other
+    job of the task starts beside it."""
+    daemon = start_daemon(env, processes=2)
+    env.wait_workers(2)
+    out = env.home / "runs"
+    client = env.client()
+    ids = enqueue_spans(client, out, "limits.single", 3, 0.4)
+    wait_for(lambda: client.job(ids[0]).status == "running", message="the first job to start")
+    kill_broker(env, daemon)
+    client = env.client(timeout=10)
+    for job_id in ids:
+        client.result(job_id, timeout=60)
+    assert most_at_once(runs_of(out, ids)) == 1
+
+
+def test_status_shows_the_limits(broker: InProcessBroker) -> None:
+    from corral.cliformat import as_text, human_status
+
+    for n, key in enumerate(["a", "a", "b"]):
+        broker.enqueue(TASK, n, id=f"j{n}", limit_key=key)
+    w = FakeWorker(broker, b"w", tasks=(info(concurrency=5, rate="10/m", key_concurrency=1),))
+    register(w, slots=5)
+    status = broker.core.service.status(broker.clock.monotonic(), broker.clock.time())
+    (lim,) = status.limits
+    assert (lim.running, lim.waiting, lim.window_starts, lim.keys, lim.keys_waiting) == (
+        2,
+        1,
+        2,
+        2,
+        1,
+    )
+    text = as_text(human_status(status))
+    assert TASK in text and "10/m" in text and "2 (1 waiting)" in text
