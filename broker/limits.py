@@ -199,6 +199,9 @@ class Limiter:
         self.timers: Deadlines[ScopeKey, None] = Deadlines()
         #: Keys whose parked jobs may go again (a slot freed, a window opened).
         self._woken: set[tuple[str, str]] = set()
+        #: job id -> (task, key) of jobs woken and not yet admitted: one
+        #: that ends or goes first (a cancel) wakes the next of its key.
+        self.waking: dict[str, tuple[str, str]] = {}
         #: The latest monotonic time seen (admissions, ticks).
         self.mono = 0.0
         #: A slot freed or a window opened since the last dispatch: one is owed.
@@ -295,6 +298,7 @@ class Limiter:
         if task in self.blocked:
             self.state.push_back(job)
             return False
+        self.waking.pop(job.id, None)
         key = job.limit_key if limits.keyed else None
         if key is not None:
             scope = self.keys.get((task, key))
@@ -358,6 +362,7 @@ class Limiter:
                 if job is None or job.seq != seq or not job.is_ready:
                     continue
                 self.state.push_back(job)
+                self.waking[job_id] = (task, key)
                 back += 1
                 room -= 1
             self._tidy_key(task, key, scope)
@@ -402,11 +407,15 @@ class Limiter:
             return
         job_id: str = record.id  # type: ignore[attr-defined]
         held, parked = job_id in self.held, job_id in self.parked
-        if not held and not parked and kind is not Leased:
+        if not held and not parked and kind is not Leased and job_id not in self.waking:
             return  # the usual case: a job of a task without limits
         job = state.jobs.get(job_id)
-        if parked and (job is None or not job.is_ready):
+        gone = job is None or not job.is_ready
+        if parked and gone:
             self._unpark(job_id)
+        if gone and job_id in self.waking:  # it will not take the slot it was woken for
+            self._woken.add(self.waking.pop(job_id))
+            self.changed = True
         leased = job is not None and job.lease != 0
         if held:
             if not leased:
