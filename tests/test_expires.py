@@ -7,16 +7,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from conftest import Env, wait_until
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
-from corral.broker.jobspec import InvalidJob, JobSpec, validate_spec
+from corral.broker.jobspec import OPTION_NAMES, InvalidJob, JobSpec, validate_spec
+from corral.broker.records import (
+    FollowedUp,
+    JobCreated,
+    JobsCreated,
+    JobSnapshot,
+    Record,
+    decode_record,
+    encode_record,
+)
 from corral.cliargs import expires_arg
 from corral.clientcore import ClientCore, expires_value
 from corral.cliformat import human_job
@@ -243,3 +254,70 @@ def test_an_expired_job_never_runs_on_a_worker_that_comes_later(env: Env) -> Non
     assert caught.value.reason == "expired"
     assert sorted(path.name for path in out.iterdir()) == [f"{control}.1"]
     assert "cancelled (expired)" in human_job(client.job(soon))
+
+
+# ------------------------------------------------ logs written before these options
+
+
+def _legacy_created(raw: bytes) -> msgspec.Raw:
+    """A JobCreated array as records version 4 wrote it: without the
+    options added since (``expires``, ``limit_key``), which sit before
+    JobCreated's own fields."""
+    items = msgspec.msgpack.decode(raw, type=list[msgspec.Raw])
+    first_new = 5 + OPTION_NAMES.index("expires")
+    del items[first_new : first_new + 2]
+    return msgspec.Raw(msgspec.msgpack.encode(items))
+
+
+def legacy_body(record: Record) -> tuple[int, bytes]:
+    code, body = encode_record(record)
+    items = msgspec.msgpack.decode(body, type=list[msgspec.Raw])
+    if isinstance(record, JobCreated):
+        return code, bytes(_legacy_created(body))
+    if isinstance(record, FollowedUp):
+        created = msgspec.msgpack.decode(items[1], type=list[msgspec.Raw])
+        items[1] = msgspec.Raw(msgspec.msgpack.encode([_legacy_created(c) for c in created]))
+    elif isinstance(record, JobSnapshot | JobsCreated):
+        items[0] = _legacy_created(items[0])
+    return code, msgspec.msgpack.encode(items)
+
+
+def _old_records() -> list[Record]:
+    step = JobSpec("cb", "t.cb", timeout=3.0)
+    job = JobCreated(
+        id="j1", task=TASK, payload=p.encode_value([1]), queue="q", priority=2,
+        max_retries=4, seq=7, created_at=1.5, flow="f", step=1, on_success=step,
+    )  # fmt: skip
+    return [
+        job,
+        JobSnapshot(job, "failed", 2, [], error=None),
+        FollowedUp("j0", [job, msgspec.structs.replace(job, id="j2", seq=8)]),
+        JobsCreated(msgspec.structs.replace(job, id="", seq=0), ["a", "b"], [b"x", b"y"]),
+    ]
+
+
+def test_records_of_an_older_log_decode() -> None:
+    """A JobCreated written before ``expires`` and ``limit_key`` lacks them
+    in the middle of its array: it still reads, with both None."""
+    for record in _old_records():
+        code, body = legacy_body(record)
+        assert body != encode_record(record)[1]
+        assert decode_record(code, body) == record, type(record).__name__
+
+
+def test_an_older_log_replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.broker import log as log_module
+    from corral.broker.log import Log
+
+    monkeypatch.setattr(log_module, "encode_record", legacy_body)
+    old = Log(tmp_path, fsync="never", segment_size=2**20, reserve=2**14)
+    assert list(old.replay()) == []
+    records = _old_records()
+    for record in records:
+        old.append(record)
+    old.commit(time.monotonic())
+    old.close()
+    monkeypatch.undo()
+    again = Log(tmp_path, fsync="never", segment_size=2**20, reserve=2**14)
+    assert list(again.replay()) == records
+    again.close()
