@@ -28,13 +28,13 @@ import structlog
 from corral.broker import balance, views
 from corral.broker import protocol as p
 from corral.broker.deadlines import Deadlines
-from corral.broker.expiring import EXPIRED, deadline, lapsed
+from corral.broker.expiring import lapsed
 from corral.broker.journal import Journal, WorkerLink
+from corral.broker.lapses import Lapses, PassGate
 from corral.broker.limits import Limiter
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import (
     BrokerStarted,
-    Cancelled,
     ErrorRec,
     Finished,
     Leased,
@@ -96,9 +96,7 @@ class Dispatcher:
         self.rejoins = Rejoins(self, liveness_window)
         self.limits = Limiter(self.state, self._leased_ids)
         journal.observers.append(self.limits.observe)
-        #: Jobs that were running at their ``expires`` deadline: a try of
-        #: theirs that ends without ending them ends them (expired).
-        self._lapsed_running: set[str] = set()
+        self.lapses = Lapses(self, on_ended)
 
     def _leased_ids(self) -> list[str]:
         """The jobs leased now: held by a worker, or waiting for their
@@ -287,7 +285,7 @@ class Dispatcher:
         if record.status in TERMINAL:
             self._on_ended(job, now)
         elif lapsed(job, now):  # a retry past the job's expires never starts
-            self.expire(job, now)
+            self.lapses.expire(job, now)
 
     def _count_outcome(self, conn: WorkerConn | None, record: Finished, mono: float) -> None:
         """Count a try's end: by the status it led to, and as processed or
@@ -505,7 +503,7 @@ class Dispatcher:
         ``expires`` passed unstarted; open the rate windows due."""
         self._withdraws.expire(mono)
         self.rejoins.expire(now, mono)
-        self.expire_lapsed(now)
+        self.lapses.expire_due(now)
         if self.limits.tick(mono):
             self._dirty = True
         while (entry := self.deadlines.pop_due(mono)) is not None:
@@ -528,40 +526,6 @@ class Dispatcher:
                 self.send(holder, p.CancelJob(job_id, lease), mono)
             log.warning("broker.job_timeout", job_id=job_id, timeout=timeout, next=record.status)
 
-    # -------------------------------------------------------------- expires
-
-    def expire_lapsed(self, now: float) -> None:
-        """Cancel (reason ``expired``) the jobs whose ``expires`` deadline
-        came by ``now`` and that have not started: queued, reserved in a
-        worker's buffer (taken back from it), scheduled or retrying. A job
-        running at its deadline runs on; if its try ends without ending it,
-        it is cancelled then (its retry would start past the deadline)."""
-        for job in list(self.state.expiring.due(now)):
-            if job.status == "running":
-                self._lapsed_running.add(job.id)
-            else:
-                self.expire(job, now)
-        for job_id in list(self._lapsed_running):
-            held = self.state.jobs.get(job_id)
-            if held is None or held.status in TERMINAL:
-                self._lapsed_running.discard(job_id)
-            elif held.status != "running":
-                self._lapsed_running.discard(job_id)
-                self.expire(held, now)
-
-    def expire(self, job: Job, now: float) -> None:
-        """``job`` lapsed unstarted: it ends ``cancelled``, reason
-        ``expired`` (a logged Cancelled record, so a replay agrees); a
-        worker holding it unstarted is told to drop it."""
-        lease = job.lease
-        self.journal.record(Cancelled(job.id, now, EXPIRED))
-        self.revoke(job.id, lease)
-        self.stats["jobs_cancelled"] += 1
-        self.stats["jobs_expired"] += 1
-        self._dirty = True
-        log.debug("broker.job_expired", job_id=job.id, task=job.task, deadline=deadline(job))
-        self._on_ended(job, now)
-
     # ------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float, mono: float) -> None:
@@ -574,12 +538,12 @@ class Dispatcher:
             return
         self._dirty = False
         self.limits.wake(mono)
-        gate = _Gate(self.limits, now, mono)
+        gate = PassGate(self.limits, now, mono)
         workers = list(self.workers)
         for conn, jobs in balance.plan_deliveries(workers, self.state, gate).items():
             self._deliver(conn, jobs, now, mono)
         for job in gate.lapsed:
-            self.expire(job, now)
+            self.lapses.expire(job, now)
         for conn, jobs in balance.plan_withdrawals(workers, self.state, gate).items():
             self._withdraw(conn, jobs, mono)
 
@@ -644,30 +608,6 @@ def count_malformed(stats: Any, side: str, reason: str) -> None:
     n = stats["malformed_frames"]
     if n <= 20 or n % 1000 == 0:
         log.warning("broker.malformed_frame", side=side, reason=reason[:200], total=n)
-
-
-class _Gate:
-    """Dispatch's :class:`~corral.broker.balance.Gate` for one pass: a job
-    past its ``expires`` is kept to be cancelled, any other goes as the
-    limits admit it."""
-
-    def __init__(self, limits: Limiter, now: float, mono: float) -> None:
-        self.limits = limits
-        self.blocked = limits.blocked
-        self.paced = limits.paced
-        self.now = now
-        self.mono = mono
-        #: Popped jobs found past their expires, to cancel.
-        self.lapsed: list[Job] = []
-
-    def admit(self, job: Job) -> bool:
-        if job.tpl.expires is not None and lapsed(job, self.now):
-            self.lapsed.append(job)
-            return False
-        return self.limits.admit(job, self.mono)
-
-    def admits(self, job: Job) -> bool:
-        return self.limits.admits(job)
 
 
 class _Unlinked:

@@ -521,20 +521,32 @@ def test_limits_hold_with_real_workers(env: Env) -> None:
 
 
 def test_concurrency_holds_across_a_broker_restart(env: Env) -> None:
-    """The broker is killed while a job of a concurrency-1 task runs: the
-    new one replays its log, the worker keeps the running job, and no other
-    job of the task starts beside it."""
+    """The broker is killed while the one job a concurrency-1 task may run
+    runs: the new broker replays its log, the worker keeps the job, and no
+    other job of the task starts beside it."""
     daemon = start_daemon(env, processes=2)
     env.wait_workers(2)
     out = env.home / "runs"
+    out.mkdir()
+    gate = env.home / "gate"
     client = env.client()
-    ids = enqueue_spans(client, out, "limits.single", 3, 0.4)
-    wait_for(lambda: client.job(ids[0]).status == "running", message="the first job to start")
+    first = client.enqueue("limits.single", {"dir": str(out), "gate": str(gate)})
+    wait_for(lambda: client.job(first).status == "running", message="the first job to start")
+    rest = client.enqueue_many(
+        [corral.Job("limits.single", {"dir": str(out), "seconds": 0.2}) for _ in range(2)]
+    )
     kill_broker(env, daemon)
+    wait_for(
+        lambda: '"broker.jobs_offered_back"' in daemon.output(),
+        60,
+        message="the worker to offer its job back",
+    )
     client = env.client(timeout=10)
-    for job_id in ids:
+    assert [client.job(job_id).status for job_id in rest] == ["queued", "queued"]
+    gate.touch()
+    for job_id in (first, *rest):
         client.result(job_id, timeout=60)
-    assert most_at_once(runs_of(out, ids)) == 1
+    assert most_at_once(runs_of(out, [first, *rest])) == 1
 
 
 def test_status_shows_the_limits(broker: InProcessBroker) -> None:

@@ -13,17 +13,22 @@ import corral
 
 
 class Span(msgspec.Struct):
-    """Where to record the run (a directory), and how long to run (seconds)."""
+    """Where to record the run (a directory), how long to run (seconds),
+    and a file to wait for before ending, if any."""
 
     dir: str
     seconds: float = 0.0
+    gate: str | None = None
 
 
 def record(ctx: corral.JobContext, span: Span) -> None:
-    """Run for ``span.seconds``, then write ``<job id>.<attempt>`` in
-    ``span.dir``: the start and end (epoch seconds) and the pid."""
+    """Run for ``span.seconds`` (and until ``span.gate`` exists), then
+    write ``<job id>.<attempt>`` in ``span.dir``: the start and end (epoch
+    seconds) and the pid."""
     start = time.time()
     time.sleep(span.seconds)
+    while span.gate is not None and not os.path.exists(span.gate):
+        time.sleep(0.02)
     end = time.time()
     path = Path(span.dir) / f"{ctx.job_id}.{ctx.attempt}"
     tmp = path.with_suffix(".tmp")
