@@ -407,7 +407,8 @@ class Limiter:
             return
         job_id: str = record.id  # type: ignore[attr-defined]
         held, parked = job_id in self.held, job_id in self.parked
-        if not held and not parked and kind is not Leased and job_id not in self.waking:
+        followed = held or parked or job_id in self.waking
+        if not followed and (kind is not Leased or not self.limits):
             return  # the usual case: a job of a task without limits
         job = state.jobs.get(job_id)
         gone = job is None or not job.is_ready
