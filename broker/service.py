@@ -277,6 +277,7 @@ class ClientService:
         stats["waiters"] = len(self.waiters)
         workers = self.dispatcher.workers
         supervisors = self.supervisors.current(mono)
+        limited = bool(self.dispatcher.limits.limits)
         return p.StatusInfo(
             dict(sorted(views.queue_counts(state).items())),
             views.worker_infos(list(self.dispatcher.workers), mono),
@@ -290,7 +291,7 @@ class ClientService:
             views.unroutable(state, list(workers)),
             views.queue_latency(state, now),
             self.schedules(),
-            self.dispatcher.limits.infos(views.ready_per_task(state)),
+            self.dispatcher.limits.infos(views.ready_per_task(state)) if limited else [],
         )
 
     # --------------------------------------------------------- supervisors
