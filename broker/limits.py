@@ -386,11 +386,10 @@ class Limiter:
             if isinstance(scope_key, str):
                 self._check_task(scope_key)
             else:
-                self._woken.add(scope_key)
                 scope = self.keys.get(scope_key)
                 if scope is not None:
-                    limits = self.limits.get(scope_key[0], _NONE)
-                    scope.window(limits.key_rate, mono)
+                    if scope.parked:
+                        self._woken.add(scope_key)
                     self._tidy_key(*scope_key, scope)
         if due:
             self.changed = True
@@ -512,9 +511,12 @@ class Limiter:
             heapq.heappop(scope.parked)  # stale: it ended or went while parked
         if scope.running or scope.parked:
             return
-        limits = self.limits.get(task, _NONE)
-        if scope.window(limits.key_rate, self.mono):
-            return  # its window still counts; its timer tidies it
+        rate = self.limits.get(task, _NONE).key_rate
+        if scope.window(rate, self.mono) and rate is not None:
+            # its starts still count: look again once the last has left the window
+            self.timers.set((task, key), scope.starts[-1] + rate[1], None)
+            return
+        self.timers.discard((task, key))
         del self.keys[task, key]
         keys = self._task_keys.get(task)
         if keys is not None:

@@ -567,3 +567,20 @@ def test_status_shows_the_limits(broker: InProcessBroker) -> None:
     )
     text = as_text(human_status(status))
     assert TASK in text and "10/m" in text and "2 (1 waiting)" in text
+
+
+def test_a_key_used_once_is_forgotten_once_its_window_passes(broker: InProcessBroker) -> None:
+    """A key rate keeps each key's starts for one period, then nothing of
+    the key: a million customers seen once hold no memory after it."""
+    for n in range(20):
+        broker.enqueue(TASK, n, id=f"j{n}", limit_key=f"customer-{n}")
+    w = FakeWorker(broker, b"w", tasks=(info(key_rate="1/m"),))
+    got = register(w, slots=20)
+    assert len(got) == 20
+    for d in got:
+        w.start(d)
+        w.finish(d)
+    limits = broker.core.dispatcher.limits
+    assert len(limits.keys) == 20  # their starts are in the window
+    broker.advance(60.0, step=10.0)
+    assert not limits.keys and not limits.timers
