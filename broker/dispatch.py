@@ -8,10 +8,9 @@ succeeded) and takes back the jobs of a worker that left, died or went
 silent. What a registration that replaces another does with the held jobs,
 and how workers reclaim the jobs they held across a broker restart, is
 :mod:`corral.broker.rejoin`; the tasks' concurrency and rate limits, which
-hold jobs back at dispatch, are :mod:`corral.broker.limits`; a job whose
-``expires`` passed before it started is cancelled here (reason
-``expired``: see :mod:`corral.broker.expiring`), at its deadline and
-whenever dispatch meets it. No sockets: messages leave through a
+hold jobs back at dispatch, are :mod:`corral.broker.limits`; what becomes
+of a job whose ``expires`` passed before it started (cancelled, reason
+``expired``) is :mod:`corral.broker.lapses`. No sockets: messages leave through a
 :class:`WorkerLink`, and time comes in as ``now`` (epoch seconds) and
 ``mono`` (monotonic seconds).
 """
