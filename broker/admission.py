@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from operator import attrgetter
 
+from corral.broker import expiring
 from corral.broker.flowbook import FlowBook
 from corral.broker.job import BLOB_HEAD, Job, touched
 from corral.broker.jobspec import InvalidJob, JobSpec, ids_of, with_callback
@@ -108,6 +109,11 @@ class Admission:
             )
         if job.status not in ("failed", "cancelled"):
             return f"job {job.id} is {job.status}: only failed or cancelled jobs can be retried"
+        if expiring.lapsed(job, now):
+            return (
+                f"job {job.id} is past its expires time: put back, it would be cancelled "
+                "(expired) at once; enqueue it again to run it"
+            )
         flow = self.state.flows.get(job.flow) if job.flow else None
         return self._later_keys_refusal(job, flow, now) if flow is not None else None
 

@@ -16,15 +16,63 @@ policy, pure (no sockets, no log).
 
 A withdrawn job is the one that would start last on its worker (lowest
 priority, latest lease). Jobs already being withdrawn are not asked twice.
+
+**Limits.** A :class:`Gate` says which jobs may go: the jobs of a task at
+its concurrency or rate limit (``blocked``) stay on their ready queue
+untouched, skipped at the cost of a set lookup; a job the gate does not
+admit when popped (its limit key is full, it expired) is the gate's to
+keep. A rate-limited (``paced``) task's jobs go only to a worker with an
+idle execution slot, so each starts as it arrives and the starts keep the
+deliveries' spacing. No room is made for a job the gate holds back.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from typing import Protocol
 
 from corral.broker.state import Job, JobState
 from corral.broker.workers import WorkerConn
+
+
+class Gate(Protocol):
+    """Which ready jobs may go out now (see the module docstring)."""
+
+    @property
+    def blocked(self) -> Collection[str]:
+        """Tasks none of whose jobs may go now."""
+        ...
+
+    @property
+    def paced(self) -> Collection[str]:
+        """Tasks whose jobs go only to a worker with an idle execution slot."""
+        ...
+
+    def admit(self, job: Job) -> bool:
+        """A popped job may go (its slot is taken from now); False: the
+        gate keeps it (held back, or ended)."""
+        ...
+
+    def admits(self, job: Job) -> bool:
+        """``job`` would be admitted now (nothing taken)."""
+        ...
+
+
+class OpenGate:
+    """No limits: every job goes."""
+
+    blocked: Collection[str] = frozenset()
+    paced: Collection[str] = frozenset()
+
+    def admit(self, job: Job) -> bool:
+        return True
+
+    def admits(self, job: Job) -> bool:
+        return True
+
+
+OPEN = OpenGate()
 
 
 def serves(conn: WorkerConn, queue: str, task: str) -> bool:
@@ -38,10 +86,13 @@ def free_slots(conn: WorkerConn) -> int:
     return conn.concurrency - len(conn.leases)
 
 
-def plan_deliveries(workers: Iterable[WorkerConn], state: JobState) -> dict[WorkerConn, list[Job]]:
-    """Take ready jobs off their queues for the workers with credit, fairly
-    (see the module docstring). Returns the jobs per worker, each popped:
-    the caller leases them or pushes them back."""
+def plan_deliveries(
+    workers: Iterable[WorkerConn], state: JobState, gate: Gate = OPEN
+) -> dict[WorkerConn, list[Job]]:
+    """Take ready jobs off their queues for the workers with credit, fairly,
+    as ``gate`` admits them (see the module docstring). Returns the jobs per
+    worker, each popped and admitted: the caller leases them or pushes them
+    back (and gives the gate their slots back)."""
     heap: list[tuple[int, int, int, int, WorkerConn]] = []
     for n, conn in enumerate(workers):
         if conn.credit > 0:
@@ -51,7 +102,7 @@ def plan_deliveries(workers: Iterable[WorkerConn], state: JobState) -> dict[Work
     planned: set[str] = set()
     while heap:
         free, credit, given, n, conn = heapq.heappop(heap)
-        job = _next_job(conn, state)
+        job = _next_job(conn, state, gate, idle=free < 0)
         if job is None:
             continue  # nothing ready in its queues: done with this worker
         if job.id in planned:  # a second heap entry of a job given already
@@ -64,19 +115,29 @@ def plan_deliveries(workers: Iterable[WorkerConn], state: JobState) -> dict[Work
     return plan
 
 
-def _next_job(conn: WorkerConn, state: JobState) -> Job | None:
+def _next_job(conn: WorkerConn, state: JobState, gate: Gate, *, idle: bool) -> Job | None:
     """The next job for ``conn``: of its queues in their turn, and only of
     the tasks it registered (routing by task); never a job it still holds
     under an older lease (a handler past its timeout may still run it: the
-    next attempt goes elsewhere, for its full timeout)."""
+    next attempt goes elsewhere, for its full timeout); only of a task the
+    gate does not hold back (of no paced task unless the worker has an
+    ``idle`` slot), and only a job it admits."""
     tasks = conn.tasks or None
+    # the gate's own set while it is the whole exclusion (it follows the
+    # limits as slots are taken), else a copy
+    exclude = gate.blocked if idle or not gate.paced else {*gate.blocked, *gate.paced}
     found = None
     held: list[Job] = []
     for queue in conn.queue_order():
         if queue in state.paused:
             continue
-        while (job := state.ready.pop(queue, tasks)) is not None and job.id in conn.leases:
-            held.append(job)
+        while (job := state.ready.pop(queue, tasks, exclude)) is not None:
+            if job.id in conn.leases:
+                held.append(job)
+            elif gate.admit(job):
+                break
+            elif job.task in gate.blocked and job.task not in exclude:
+                exclude = {*exclude, job.task}  # it reached a limit since the copy: skip it
         if job is not None:
             found = job
             break
@@ -102,12 +163,15 @@ def unstarted(conn: WorkerConn, state: JobState, *, withdrawing: bool = False) -
     return jobs
 
 
-def plan_withdrawals(workers: list[WorkerConn], state: JobState) -> dict[WorkerConn, list[Job]]:
+def plan_withdrawals(
+    workers: list[WorkerConn], state: JobState, gate: Gate = OPEN
+) -> dict[WorkerConn, list[Job]]:
     """Reserved jobs to take back: for idle workers (stealing) and for
-    ready jobs of higher priority (see the module docstring)."""
+    ready jobs of higher priority that ``gate`` would let go (see the
+    module docstring)."""
     plan: dict[WorkerConn, list[Job]] = {}
     _steal(workers, state, plan)
-    _make_room(workers, state, plan)
+    _make_room(workers, state, plan, gate)
     return plan
 
 
@@ -141,14 +205,14 @@ def _steal(workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, li
 
 
 def _make_room(
-    workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, list[Job]]
+    workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, list[Job]], gate: Gate
 ) -> None:
     for queue, task in state.ready.pairs():
         if queue in state.paused:
             continue
         top = state.ready.top(queue, task)
-        if top is None:
-            continue
+        if top is None or task in gate.blocked or not gate.admits(top):
+            continue  # held back by a limit: room made for it would stay empty
         serving = [c for c in workers if serves(c, queue, task)]
         if not serving or any(c.credit > 0 for c in serving):
             continue  # it goes out on the next dispatch

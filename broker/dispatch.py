@@ -7,7 +7,10 @@ It hands jobs to workers with credit (a job is leased only once its send
 succeeded) and takes back the jobs of a worker that left, died or went
 silent. What a registration that replaces another does with the held jobs,
 and how workers reclaim the jobs they held across a broker restart, is
-:mod:`corral.broker.rejoin`. No sockets: messages leave through a
+:mod:`corral.broker.rejoin`; the tasks' concurrency and rate limits, which
+hold jobs back at dispatch, are :mod:`corral.broker.limits`; what becomes
+of a job whose ``expires`` passed before it started (cancelled, reason
+``expired``) is :mod:`corral.broker.lapses`. No sockets: messages leave through a
 :class:`WorkerLink`, and time comes in as ``now`` (epoch seconds) and
 ``mono`` (monotonic seconds).
 """
@@ -24,7 +27,10 @@ import structlog
 from corral.broker import balance, views
 from corral.broker import protocol as p
 from corral.broker.deadlines import Deadlines
+from corral.broker.expiring import lapsed
 from corral.broker.journal import Journal, WorkerLink
+from corral.broker.lapses import Lapses, PassGate
+from corral.broker.limits import Limiter
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import (
     BrokerStarted,
@@ -87,6 +93,14 @@ class Dispatcher:
         self._next_heartbeat = 0.0
         self._dirty = True
         self.rejoins = Rejoins(self, liveness_window)
+        self.limits = Limiter(self.state, self._leased_ids)
+        journal.observers.append(self.limits.observe)
+        self.lapses = Lapses(self, on_ended)
+
+    def _leased_ids(self) -> list[str]:
+        """The jobs leased now: held by a worker, or waiting for their
+        holder to reclaim them after a restart."""
+        return [*self.holders, *self.rejoins.unclaimed.jobs]
 
     @property
     def reclaim_window(self) -> float:
@@ -118,7 +132,7 @@ class Dispatcher:
     @property
     def wants_pass(self) -> bool:
         """A dispatch is owed and some worker has credit."""
-        return self._dirty and bool(self.workers.hungry())
+        return (self._dirty or self.limits.changed) and bool(self.workers.hungry())
 
     def on_message(self, identity: bytes, msg: Any, now: float, mono: float) -> None:
         """One decoded message from a worker."""
@@ -158,6 +172,7 @@ class Dispatcher:
         self.registrations.register(
             msg.worker_id, msg.tasks[:MAX_TASKS_PER_WORKER], self.workers.serving
         )
+        self.limits.declare(identity, msg.worker_id, msg.tasks)
         self._dirty = True
         log.info(
             "broker.worker_ready",
@@ -268,6 +283,8 @@ class Dispatcher:
         self._dirty = True
         if record.status in TERMINAL:
             self._on_ended(job, now)
+        elif lapsed(job, now):  # a retry past the job's expires never starts
+            self.lapses.expire(job, now)
 
     def _count_outcome(self, conn: WorkerConn | None, record: Finished, mono: float) -> None:
         """Count a try's end: by the status it led to, and as processed or
@@ -332,6 +349,7 @@ class Dispatcher:
         jobs it may have started (see WorkerConn.counted_on_loss). Returns
         how many jobs went back to their queue."""
         self.workers.remove(conn.identity)
+        self.limits.forget(conn.identity)
         self._withdraws.gone(conn.identity)
         # A worker that says Bye holds nothing: what it still had leased was
         # in flight to it and never started.
@@ -466,18 +484,27 @@ class Dispatcher:
         )
 
     def next_wakeup(self) -> float:
-        """The monotonic time of the next heartbeat or lease deadline."""
+        """The monotonic time of the next heartbeat, lease deadline or rate
+        window opening."""
         wake = self._next_heartbeat
-        for due in (self.deadlines.next_due(), self.rejoins.unclaimed.until or None):
+        for due in (
+            self.deadlines.next_due(),
+            self.rejoins.unclaimed.until or None,
+            self.limits.next_wakeup(),
+        ):
             if due is not None:
                 wake = min(wake, due)
         return wake
 
     def expire_deadlines(self, now: float, mono: float) -> None:
         """End the tries that ran past their timeout (retried or failed);
-        the worker's late result is fenced."""
+        the worker's late result is fenced. Cancel the jobs whose
+        ``expires`` passed unstarted; open the rate windows due."""
         self._withdraws.expire(mono)
         self.rejoins.expire(now, mono)
+        self.lapses.expire_due(now)
+        if self.limits.tick(mono):
+            self._dirty = True
         while (entry := self.deadlines.pop_due(mono)) is not None:
             job_id, due, lease = entry
             job = self.state.holding(job_id, lease)
@@ -502,15 +529,21 @@ class Dispatcher:
 
     def dispatch(self, now: float, mono: float) -> None:
         """If anything changed: send ready jobs to the workers with credit,
-        fairly, then ask back the reserved jobs an idle worker or a job of
-        higher priority should have (see :mod:`corral.broker.balance`)."""
-        if not self._dirty:
+        fairly and within the tasks' limits, then ask back the reserved jobs
+        an idle worker or a job of higher priority should have (see
+        :mod:`corral.broker.balance`). A ready job found past its
+        ``expires`` is cancelled instead."""
+        if not (self._dirty or self.limits.changed):
             return
         self._dirty = False
+        self.limits.wake(mono)
+        gate = PassGate(self.limits, now, mono)
         workers = list(self.workers)
-        for conn, jobs in balance.plan_deliveries(workers, self.state).items():
+        for conn, jobs in balance.plan_deliveries(workers, self.state, gate).items():
             self._deliver(conn, jobs, now, mono)
-        for conn, jobs in balance.plan_withdrawals(workers, self.state).items():
+        for job in gate.lapsed:
+            self.lapses.expire(job, now)
+        for conn, jobs in balance.plan_withdrawals(workers, self.state, gate).items():
             self._withdraw(conn, jobs, mono)
 
     def _deliver(self, conn: WorkerConn, jobs: list[Job], now: float, mono: float) -> None:
@@ -541,6 +574,7 @@ class Dispatcher:
             )
         if not self.send(conn.identity, p.Deliver(deliveries), mono):
             for job in jobs:
+                self.limits.unadmit(job)
                 self.state.push_back(job)
             return
         for job, lease in zip(jobs, leases, strict=True):

@@ -114,7 +114,11 @@ class Events:
         elif isinstance(record, Cancelled):
             job = state.jobs.get(record.id)
             self.publish(
-                "job.cancelled", record.at, job_id=record.id, task=job.task if job else None
+                "job.cancelled",
+                record.at,
+                job_id=record.id,
+                task=job.task if job else None,
+                reason=record.reason or None,
             )
 
     def _finished(self, record: Finished, state: JobState) -> None:

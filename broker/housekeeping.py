@@ -160,9 +160,15 @@ class Housekeeper:
                 self.journal.record(FlowRemoved(flow.id))
 
     def next_wakeup(self) -> float | None:
-        """The epoch time the next job, schedule or flow expiry is due, if any."""
+        """The epoch time the next job, schedule or flow expiry, or a job's
+        ``expires`` deadline (the dispatcher's tick cancels it), is due, if any."""
         flow_due = self._flow_timers[0][0] if self._flow_timers else None
-        times = (self.state.next_wakeup(), self.scheduler.next_wakeup(), flow_due)
+        times = (
+            self.state.next_wakeup(),
+            self.scheduler.next_wakeup(),
+            flow_due,
+            self.state.expiring.next_due(),
+        )
         due = [t for t in times if t is not None]
         return min(due) if due else None
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from corral.broker.jobspec import NIL, JobSpec
+from corral.broker.jobspec import NIL, OPTION_NAMES, JobSpec
 from corral.broker.records import ErrorRec, JobCreated, JobSnapshot, TaskOptions, TryRec
 
 #: Statuses of a job that has not ended.
@@ -260,6 +260,10 @@ class Job(msgspec.Struct, gc=False, eq=False):
         return self.tpl.result_ttl
 
     @property
+    def limit_key(self) -> str | None:
+        return self.tpl.limit_key
+
+    @property
     def flow(self) -> str | None:
         return self.tpl.flow
 
@@ -376,11 +380,13 @@ class Templates:
 
 def plain(rec: JobCreated) -> bool:
     """A job that can be pristine: due now, in no flow, with no callbacks,
-    unique key or previous result (what makes a job unlike its siblings)."""
+    unique key, limit key or previous result (what makes a job unlike its
+    siblings: a limit key is most often one per customer)."""
     return (
         rec.run_at is None
         and rec.flow is None
         and rec.unique_key is None
+        and rec.limit_key is None
         and rec.on_success is None
         and rec.on_failure is None
         and (rec.prev_result is NIL or rec.prev_result == NIL)
@@ -430,16 +436,11 @@ def priority_runs(blobs: list[bytes]) -> list[tuple[int, int, int]]:
 
 
 def _key(rec: JobCreated) -> tuple[Any, ...]:
-    """What templates are told apart by: every option of a plain job."""
-    return (
-        rec.task,
-        rec.queue,
-        rec.delay,
-        rec.max_attempts,
-        rec.timeout,
-        rec.result_ttl,
-        rec.unique_for,
-        rec.max_retries,
-        rec.step,
-        rec.task_options,
-    )
+    """What templates are told apart by: every option of a plain job (but
+    its priority, which each job keeps in its blob), so an option added to
+    JobOptions is told apart with no change here."""
+    return (rec.task, _TEMPLATE_OPTIONS(rec), rec.step, rec.task_options)
+
+
+#: The options a template holds for its jobs: all but the priority.
+_TEMPLATE_OPTIONS = operator.attrgetter(*(n for n in OPTION_NAMES if n != "priority"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -32,14 +33,18 @@ FLOAT_MAX = sys.float_info.max
 #: fail these bounds when a frame is decoded (constructing a struct in
 #: Python checks nothing).
 Finite = Annotated[float, msgspec.Meta(ge=-FLOAT_MAX, le=FLOAT_MAX)]
+#: An absolute time a peer sends: a datetime with its zone (msgpack's
+#: timestamp, or ISO 8601 with an offset); one without a zone is refused.
+AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
 class JobOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """What a user can set on a job, beside its task and payload.
 
     Times are seconds (``delay``, ``timeout``, ``result_ttl``,
-    ``unique_for``) or epoch seconds (``run_at``). ``None`` means "not set":
-    the task's registered option applies, else the broker's default.
+    ``unique_for``) or epoch seconds (``run_at``); ``expires`` is seconds
+    or an aware datetime. ``None`` means "not set": the task's registered
+    option applies, else the broker's default.
     """
 
     #: The queue to put the job on; None: ``"default"``.
@@ -63,6 +68,13 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     #: Times a handler may raise ``corral.Retry`` before the job fails
     #: (counted apart from max_attempts).
     max_retries: int | None = None
+    #: A job not started by then never runs: it ends ``cancelled``, reason
+    #: ``expired``. Seconds after the job is due (its creation, or its
+    #: ``delay``/``run_at``), or an absolute time (an aware datetime).
+    expires: Finite | AwareTime | None = None
+    #: The key the task's ``key_concurrency``/``key_rate`` count by (a
+    #: customer id, say); None: only the task's own limits apply.
+    limit_key: str | None = None
 
 
 #: The option names, in declaration order.
@@ -135,11 +147,38 @@ def validate_spec(spec: JobSpec, max_payload: int | None = None) -> None:
             raise InvalidJob(f"{name}: must be a finite number, got {value}")
         if not ok(value):
             raise InvalidJob(f"{name}: {rule}, got {value}")
+    _validate_limit_options(spec)
     if not -(2**31) <= spec.priority < 2**31:
         raise InvalidJob(f"priority: must fit in 32 bits, got {spec.priority}")
     for callback in (spec.on_success, spec.on_failure):
         if callback is not None:
             validate_spec(callback, max_payload)
+
+
+def _validate_limit_options(spec: JobSpec) -> None:
+    """``expires`` and ``limit_key``; raises InvalidJob."""
+    expires = spec.expires
+    if isinstance(expires, datetime):
+        if expires.tzinfo is None:
+            raise InvalidJob("expires: an absolute time must carry its zone (UTC, or an offset)")
+    elif expires is not None and not (math.isfinite(expires) and 0 < expires <= MAX_SECONDS):
+        raise InvalidJob(
+            f"expires: must be a positive number of seconds, {_SPAN}, or an absolute time; "
+            f"got {expires}"
+        )
+    if spec.limit_key is not None and not 0 < len(spec.limit_key) <= 200:
+        raise InvalidJob("limit_key: must be a non-empty string of at most 200 characters")
+
+
+def expires_at(expires: float | datetime | None, due: float) -> float | None:
+    """The epoch time a job with option ``expires`` lapses, if it does:
+    ``due`` (epoch seconds: when the job was first due) plus ``expires``
+    seconds, or the absolute time ``expires`` names."""
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        return expires.timestamp()
+    return due + expires
 
 
 def ids_of(spec: JobSpec) -> list[str]:

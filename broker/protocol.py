@@ -13,6 +13,7 @@ broke every other client's long poll).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -26,6 +27,10 @@ PROTOCOL_VERSION = 3
 STATUSES = ("queued", "scheduled", "running", "retrying", "succeeded", "failed", "cancelled")
 #: The statuses a job never leaves (but by a retry by hand).
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+#: The reason (JobInfo.reason) of a job cancelled because its ``expires``
+#: passed before it started, and the type of the error it keeps.
+EXPIRED = "expired"
+EXPIRED_ERROR = "JobExpired"
 
 
 class Msg(msgspec.Struct, frozen=True, array_like=True, tag_field="op", tag=str.lower):
@@ -79,6 +84,11 @@ class JobInfo(msgspec.Struct, frozen=True):
     #: The worker whose prefetch buffer holds the job, while it is queued
     #: there and not started.
     reserved_by: str | None = None
+    #: Why a cancelled job was cancelled, where the broker knows:
+    #: ``"expired"`` (not started by its ``expires`` time).
+    reason: str | None = None
+    #: The job's ``limit_key`` option.
+    limit_key: str | None = None
 
 
 class FlowInfo(msgspec.Struct, frozen=True):
@@ -186,6 +196,27 @@ class ScheduleInfo(msgspec.Struct, frozen=True):
     last_fired: float | None = None
 
 
+class LimitInfo(msgspec.Struct, frozen=True):
+    """A task's concurrency and rate limits as the broker enforces them (the
+    strictest its connected workers registered), and where it stands:
+    ``running`` jobs leased (from dispatch to their end, prefetched ones
+    included), ``window_starts`` within the current rate window, ``waiting``
+    ready jobs held back by a limit now, ``keys`` limit keys with jobs
+    leased or held back (or starts in their window), ``keys_waiting`` of
+    them with jobs held back."""
+
+    task: str
+    concurrency: int | None
+    rate: str | None
+    key_concurrency: int | None
+    key_rate: str | None
+    running: int
+    waiting: int
+    window_starts: int = 0
+    keys: int = 0
+    keys_waiting: int = 0
+
+
 class StatusInfo(msgspec.Struct, frozen=True):
     """What ``corral status`` shows: counts per queue and status, the
     connected workers, and the broker's counters."""
@@ -203,6 +234,8 @@ class StatusInfo(msgspec.Struct, frozen=True):
     #: Per queue with ready jobs: seconds its oldest ready job has waited.
     latency: dict[str, float] = {}
     schedules: list[ScheduleInfo] = []
+    #: The tasks with a concurrency or rate limit (see LimitInfo).
+    limits: list[LimitInfo] = []
 
 
 # ---------------------------------------------------- client -> broker requests
@@ -445,8 +478,49 @@ ClientReply = (
 # ------------------------------------------------------ worker -> broker reports
 
 
+#: A concurrency limit: at least 1.
+Limit = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+#: A rate as a task declares it ("100/m"): see :func:`parse_rate`.
+RateText = Annotated[str, msgspec.Meta(max_length=40)]
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
+_RATE_UNITS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+}
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """``(starts, period in seconds)`` of a rate: ``"100/m"``, ``"10/s"``,
+    ``"1000/h"``, ``"5/d"``, or with a multiple, ``"3/10s"``. Raises
+    ValueError naming the text and the form expected."""
+    match = _RATE.match(text.lower())
+    unit = _RATE_UNITS.get(match.group(3)) if match else None
+    if match is None or unit is None:
+        raise ValueError(
+            f'invalid rate {text!r}: expected starts per period, like "100/m", "10/s", '
+            '"1000/h" or "3/10s"'
+        )
+    count, multiple = int(match.group(1)), float(match.group(2) or 1)
+    if not 1 <= count < 2**31 or not 0 < multiple * unit <= 366 * 86400:
+        raise ValueError(f"invalid rate {text!r}: at least 1 start, and a period of at most a year")
+    return count, multiple * unit
+
+
 class TaskInfo(msgspec.Struct, frozen=True, array_like=True):
-    """A task a worker can run, with its defaults."""
+    """A task a worker can run, with its defaults and its limits: the
+    broker holds at most ``concurrency`` jobs of it leased at once and
+    starts at most ``rate`` per period (see :func:`parse_rate`); with a
+    job's ``limit_key``, the same per key (``key_concurrency``,
+    ``key_rate``)."""
 
     name: str
     max_attempts: int | None = None
@@ -458,6 +532,10 @@ class TaskInfo(msgspec.Struct, frozen=True, array_like=True):
     #: The queue @corral.task declared: where a job of the task goes when
     #: enqueued without one.
     queue: str | None = None
+    concurrency: Limit | None = None
+    rate: RateText | None = None
+    key_concurrency: Limit | None = None
+    key_rate: RateText | None = None
 
 
 #: The most jobs a worker may hold at once, or run at once: a READY over it

@@ -213,11 +213,14 @@ class ReadyQueues:
             tq.sweep()
             self._drop_if_empty(job.queue, job.task)
 
-    def pop(self, queue: str, tasks: Collection[str] | None = None) -> Job | None:
+    def pop(
+        self, queue: str, tasks: Collection[str] | None = None, exclude: Collection[str] = ()
+    ) -> Job | None:
         """The highest-priority, oldest ready job of ``queue`` (of one of
-        ``tasks``, if given), taken off its queue (the caller leases it or
-        puts it back with :meth:`add`)."""
-        found = self._best(queue, tasks)
+        ``tasks``, if given, and of none of ``exclude``: tasks held back by
+        a limit, whose jobs stay in place), taken off its queue (the caller
+        leases it or puts it back with :meth:`add`)."""
+        found = self._best(queue, tasks, exclude)
         if found is None:
             return None
         tq, lane, job = found
@@ -236,7 +239,7 @@ class ReadyQueues:
         return self._best(queue, None) is not None
 
     def _best(
-        self, queue: str, tasks: Collection[str] | None
+        self, queue: str, tasks: Collection[str] | None, exclude: Collection[str] = ()
     ) -> tuple[TaskQueue, deque[Job] | None, Job] | None:
         by_task = self._queues.get(queue)
         if not by_task:
@@ -244,6 +247,8 @@ class ReadyQueues:
         best = None
         best_key: tuple[int, int] | None = None
         names = list(by_task) if tasks is None else [t for t in tasks if t in by_task]
+        if exclude:
+            names = [t for t in names if t not in exclude]
         for task in names:
             tq = by_task[task]
             top = tq.top()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import msgspec
 
-from corral.broker.jobspec import NIL, JobSpec
+from corral.broker.jobspec import NIL, JobOptions, JobSpec
 
 #: Bump when records are added or change in a way old code cannot read
 #: (a newer corral reads every older version: see framing.MIN_RECORDS_VERSION).
-LOG_FORMAT_VERSION = 4
+#: Version 5 added the job options ``expires`` and ``limit_key``: they sit
+#: in ``JobCreated`` before its own fields (see :func:`decode_record`).
+LOG_FORMAT_VERSION = 5
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):
@@ -148,10 +150,12 @@ class Removed(Record, frozen=True):
 
 
 class Cancelled(Record, frozen=True):
-    """A job was cancelled: it will not run (again)."""
+    """A job was cancelled: it will not run (again). ``reason`` is ""
+    (by hand) or ``"expired"`` (not started by its ``expires`` time)."""
 
     id: str
     at: float
+    reason: str = ""
 
 
 class Requeued(Record, frozen=True):
@@ -329,20 +333,75 @@ def encode_record(record: Record) -> tuple[int, bytes]:
     return RECORD_CODES[type(record)], _encoder.encode(record)
 
 
+_BAD_BODY = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+
+
 def decode_record(code: int, body: bytes | memoryview) -> Record:
-    """Decode a body written by :func:`encode_record`."""
+    """Decode a body written by :func:`encode_record`, by this corral or an
+    older one (see :func:`upgrade_body`). Raises RecordError."""
     decoder = _decoders.get(code)
     if decoder is None:
         raise RecordError(f"unknown record type {code}")
     try:
         return decoder.decode(body)
-    except (
-        msgspec.DecodeError,
-        msgspec.ValidationError,
-        UnicodeDecodeError,
-        RecursionError,
-    ) as exc:
-        raise RecordError(f"bad record of type {code}: {exc}") from None
+    except _BAD_BODY as exc:
+        error = exc
+    if code in _HOLDS_JOB_CREATED:
+        try:
+            return decoder.decode(upgrade_body(code, body))
+        except _BAD_BODY:
+            pass
+    raise RecordError(f"bad record of type {code}: {error}") from None
+
+
+# -- records written before the last job options were added --------------------------
+#
+# A JobCreated is an array: JobSpec's own fields, then the job options, then
+# JobCreated's own fields (seq, created_at, ...). An option added to JobOptions
+# goes after the options there, so it lands before ``seq``: an older record's
+# array lacks it in the middle, not at the end. Such a record never decodes as
+# the current layout (its ``created_at``, a float, would be read as a later
+# option, a string), and the segments of an older log may be appended to by
+# this corral, so a record's layout is told by trying, not by its segment's
+# version: one that fails is read again with the missing options put in as nil.
+
+#: JobOptions fields of a JobCreated by the records version that wrote it,
+#: for the versions whose layout differs from the current one.
+_OPTIONS_WRITTEN = {4: 10}  # records versions 3 and 4: up to max_retries
+#: Where the options start in a JobCreated array: id, task, payload,
+#: on_success, on_failure.
+_OPTIONS_AT = 5
+#: The record types that hold a JobCreated: itself, a snapshot's ``job``, a
+#: follow-up's ``created`` and a batch's ``template``.
+_HOLDS_JOB_CREATED = frozenset({1, 6, 15, 20})
+_NIL = msgspec.msgpack.encode(None)
+_items = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def upgrade_body(code: int, body: bytes | memoryview) -> bytes:
+    """The body of a record of type ``code`` written with an older
+    JobCreated layout, rewritten in the current one (the options it did not
+    have are nil). Raises a msgspec error for a body that is not an array."""
+    items = _items.decode(body)
+    if code == 1:
+        return _upgrade_created(body, items)
+    if code == 15:  # FollowedUp: parent, [JobCreated, ...]
+        created = [_upgrade_created(raw, _items.decode(raw)) for raw in _items.decode(items[1])]
+        items[1] = msgspec.Raw(_encoder.encode([msgspec.Raw(c) for c in created]))
+    else:  # JobSnapshot (job first) and JobsCreated (template first)
+        items[0] = msgspec.Raw(_upgrade_created(items[0], _items.decode(items[0])))
+    return _encoder.encode(items)
+
+
+def _upgrade_created(body: bytes | memoryview | msgspec.Raw, items: list[msgspec.Raw]) -> bytes:
+    current = len(JobOptions.__struct_fields__)
+    written = _OPTIONS_WRITTEN[4]
+    own_fields = len(JobCreated.__struct_fields__) - _OPTIONS_AT - current
+    if len(items) > _OPTIONS_AT + written + own_fields:
+        return bytes(body)  # not an older layout: as it is
+    end = _OPTIONS_AT + written
+    padded = [*items[:end], *[msgspec.Raw(_NIL)] * (current - written), *items[end:]]
+    return _encoder.encode(padded)
 
 
 def is_known_code(code: int) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Container, Sequence
 
-import msgspec
 import structlog
 
 from corral.broker import protocol as p
@@ -32,6 +31,7 @@ MAX_TASKS = 10_000
 MAX_TASKS_PER_WORKER = MAX_TASKS
 #: Forgets logged at most once per this many, in one warning each.
 _LOG_EVERY = 1_000
+_OPTION_FIELDS = TaskOptions.__struct_fields__
 
 
 class RegisteredTasks:
@@ -56,9 +56,9 @@ class RegisteredTasks:
         recent = self._order()
         full = False
         for task in tasks:
-            fields = msgspec.structs.asdict(task)
-            del fields["name"]
-            options = TaskOptions(**fields)  # TaskInfo is a name and TaskOptions' fields
+            # TaskInfo is a name, TaskOptions' fields, and the task's limits
+            # (which dispatch keeps per connected worker: see broker/limits.py)
+            options = TaskOptions(**{name: getattr(task, name) for name in _OPTION_FIELDS})
             if task.name in self.table:
                 recent.move_to_end(task.name)
                 if self.table[task.name] == options:

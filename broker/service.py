@@ -20,6 +20,7 @@ from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
+from corral.broker.expiring import lapsed
 from corral.broker.jobspec import validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
@@ -280,6 +281,7 @@ class ClientService:
         stats["waiters"] = len(self.waiters)
         workers = self.dispatcher.workers
         supervisors = self.supervisors.current(mono)
+        limited = bool(self.dispatcher.limits.limits)
         return p.StatusInfo(
             dict(sorted(views.queue_counts(state).items())),
             views.worker_infos(list(self.dispatcher.workers), mono),
@@ -293,6 +295,7 @@ class ClientService:
             views.unroutable(state, list(workers)),
             views.queue_latency(state, now),
             self.schedules(),
+            self.dispatcher.limits.infos(views.ready_per_task(state)) if limited else [],
         )
 
     # --------------------------------------------------------- supervisors
@@ -349,6 +352,7 @@ class ClientService:
                 if j.status == "failed"
                 and (msg.queue is None or j.queue == msg.queue)
                 and self.state.holder_of(j.unique_key, now) in (None, j.id)
+                and not lapsed(j, now)  # it would be cancelled (expired) at once
             ]
         else:
             job = self.state.jobs.get(msg.job_id)

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from corral.broker.awaited import AwaitedIds
+from corral.broker.expiring import EXPIRED, ExpiringJobs, expired_error
 from corral.broker.expiry import ExpiryQueue
 from corral.broker.flowbook import FlowBook
 from corral.broker.job import (
@@ -142,6 +143,8 @@ class JobState:
         self.timers = Timers(self.jobs)
         #: When finished jobs are forgotten.
         self.expiry = ExpiryQueue(self.jobs, self.policy)
+        #: When jobs with ``expires`` lapse unstarted.
+        self.expiring = ExpiringJobs(self.jobs)
         self._rng = random.Random()
         #: How each record type changes the state.
         self._changes: dict[type[Record], Callable[[Any], None]] = {
@@ -294,6 +297,7 @@ class JobState:
         self.live_bytes += (JOB_OVERHEAD_BYTES - BLOB_HEAD.size) * len(new) + sum(sizes)
         self.largest_blob = max(self.largest_blob, max(sizes))
         self.ready.add_new(new, runs or priority_runs(blobs))
+        self.expiring.add_batch(tpl, new)
 
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
         """A whole job from compaction: its creation record and its state."""
@@ -310,6 +314,7 @@ class JobState:
         self.live_bytes += job.size()
         self.unique.claim(job)
         self._place(job)
+        self.expiring.add(job)
 
     def _apply_leased(self, rec: Leased) -> None:
         """Reserved for a worker: still ``queued`` (in its prefetch buffer),
@@ -413,6 +418,8 @@ class JobState:
         job.lease = 0
         job.worker = ""
         job.ended_at = rec.at
+        if rec.reason == EXPIRED:
+            job.error = expired_error(job)
         self._set_status(job, "cancelled")
         self._place(job)
         self._ended(job)
@@ -431,6 +438,7 @@ class JobState:
         self._set_status(job, "queued")
         self.unique.claim(job)
         self._place(job)
+        self.expiring.add(job)
         if job.flow is not None:
             self.flowbook.member_reopened(job.flow, job.id)
             flow = self.flows.get(job.flow)
@@ -466,6 +474,7 @@ class JobState:
             self.timers.push(job)
         elif job.status in TERMINAL:
             self.expiry.add(job)
+            self.expiring.left(job)
 
     def _remove(self, job_id: str) -> Job | None:
         job = self.jobs.pop(job_id, None)
@@ -477,6 +486,8 @@ class JobState:
                 self.ready.left(job)
             if job.status in WAITING:
                 self.timers.left()
+            if job.status in ACTIVE:
+                self.expiring.left(job)
             if job.flow is not None:
                 self.flowbook.touched.add(job.flow)
             key = (job.queue, job.task, job.status)

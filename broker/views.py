@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
-from corral.broker import balance, flows
+from corral.broker import balance, expiring, flows
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL, InvalidJob
 from corral.broker.protocol import STATUSES, TERMINAL
@@ -100,6 +100,8 @@ def job_view(state: JobState, job: Job) -> p.JobInfo:
         progress_note=job.progress_note,
         enqueued_at=job.created_at,
         reserved_by=job.worker if job.reserved else None,
+        reason=expiring.reason_of(job),
+        limit_key=job.limit_key,
     )
 
 
@@ -200,6 +202,15 @@ def task_counts(state: JobState) -> Counter[tuple[str, str]]:
     for (_, task, status), n in state.counts.items():
         out[task, status] += n
     return out
+
+
+def ready_per_task(state: JobState) -> dict[str, int]:
+    """Ready jobs (queued, not reserved by a worker) per task."""
+    out: Counter[str] = Counter()
+    for (queue, task, status), n in state.counts.items():
+        if status == "queued":
+            out[task] += n - state.reserved.get((queue, task), 0)
+    return dict(out)
 
 
 def per_task(state: JobState) -> dict[str, dict[str, int]]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from corral.broker.protocol import STATUSES
-from corral.cliargs import count_arg, duration_arg, moment_arg, priority_arg
+from corral.cliargs import count_arg, duration_arg, expires_arg, moment_arg, priority_arg
 from corral.clicommands import (
     EXIT_JOB,
     EXIT_TIMEOUT,
@@ -164,6 +164,15 @@ def _add_enqueue(subs: Subparsers) -> None:
     )
     enqueue.add_argument("--result-ttl", type=duration_arg, help="how long to keep the result")
     enqueue.add_argument("--max-retries", type=int, help="corral.Retry requests before it fails")
+    enqueue.add_argument(
+        "--expires",
+        type=expires_arg,
+        help='never run unless started by then: a duration after it is due ("5m") '
+        "or an ISO 8601 time; it ends cancelled, reason expired",
+    )
+    enqueue.add_argument(
+        "--limit-key", help="the key its task's key_concurrency/key_rate count by (a customer id)"
+    )
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
     enqueue.add_argument(
         "--wait-timeout", type=duration_arg, help="give up waiting after this (exit code 4)"

@@ -48,6 +48,25 @@ def moment_arg(text: str) -> float:
     return seconds
 
 
+def expires_arg(text: str) -> float | datetime:
+    """An ``expires``: seconds from a duration (``"30s"``, ``"5m"``, or a
+    plain number of seconds: the config's syntax), or an ISO 8601 time as
+    ``--run-at`` reads it (a time without a zone is UTC), as an aware
+    datetime. Epoch seconds are not taken here: a plain number is a
+    duration."""
+    try:
+        return parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromtimestamp(_iso_seconds(text), UTC)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"invalid expiry {text!r}: expected a duration like 30s, 5m or 2h, or an "
+            "ISO 8601 time like 2030-01-01T09:00:00Z"
+        ) from None
+
+
 def _iso_seconds(text: str) -> float:
     try:
         moment = datetime.fromisoformat(text.strip())

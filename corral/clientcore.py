@@ -15,6 +15,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeAlias, TypeVar
 
 import msgspec
@@ -56,8 +57,8 @@ class Job(_JobExtras, frozen=True):
     ``Job(task, payload=None, **options)``. The options are those of
     :class:`corral.broker.jobspec.JobOptions` (``queue``, ``priority``,
     ``delay``, ``run_at``, ``max_attempts``, ``timeout``, ``unique_key``,
-    ``result_ttl``, ``unique_for``), plus ``id``, ``on_success`` and
-    ``on_failure``."""
+    ``result_ttl``, ``unique_for``, ``max_retries``, ``expires``,
+    ``limit_key``), plus ``id``, ``on_success`` and ``on_failure``."""
 
     task: str
     payload: Any = None
@@ -185,6 +186,8 @@ class ClientCore:
         result_ttl: float | None = None,
         unique_for: float | None = None,
         max_retries: int | None = None,
+        expires: float | datetime | None = None,
+        limit_key: str | None = None,
         id: str | None = None,
         on_success: Job | None = None,
         on_failure: Job | None = None,
@@ -197,7 +200,11 @@ class ClientCore:
         ``unique_for`` are seconds, ``run_at`` is epoch seconds,
         ``max_retries`` bounds the handler's ``corral.Retry`` requests, and None
         leaves the task's (else the broker's) default. ``queue`` None is
-        ``"default"``; a higher ``priority`` runs first.
+        ``"default"``; a higher ``priority`` runs first. ``expires`` (seconds
+        after the job is due, or a datetime; a naive one is local time): a
+        job not started by then never runs and ends ``cancelled``, reason
+        ``expired``. ``limit_key`` is what the task's ``key_concurrency`` and
+        ``key_rate`` count by.
 
         Returns the job id: a new 32-hex-digit str, or ``id`` if given (an
         ``id`` the broker has makes this a no-op), or the holder's id while
@@ -224,6 +231,8 @@ class ClientCore:
             result_ttl=result_ttl,
             unique_for=unique_for,
             max_retries=max_retries,
+            expires=expires_value(expires),
+            limit_key=limit_key,
             on_success=_spec(on_success) if on_success is not None else None,
             on_failure=_spec(on_failure) if on_failure is not None else None,
         )
@@ -489,6 +498,9 @@ def _outcome(reply: p.ResultReply) -> Any:
     if reply.status == "failed":
         raise JobFailed(reply.job_id, reply.error)
     if reply.status == "cancelled":
+        error = reply.error
+        if error is not None and error.type == p.EXPIRED_ERROR:
+            raise JobCancelled(reply.job_id, p.EXPIRED, error.message)
         raise JobCancelled(reply.job_id)
     raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
 
@@ -496,14 +508,54 @@ def _outcome(reply: p.ResultReply) -> Any:
 def _spec(job: Job) -> JobSpec:
     """The wire spec of ``job``: every option as given, the payload encoded,
     a new id unless the job has one."""
+    options = options_of(job)
+    options["expires"] = expires_value(job.expires)
     return JobSpec(
         job.id or new_job_id(),
         job.task,
         _encode_payload(job.payload),
         on_success=_spec(job.on_success) if job.on_success is not None else None,
         on_failure=_spec(job.on_failure) if job.on_failure is not None else None,
-        **options_of(job),  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]
     )
+
+
+def expires_value(value: Any) -> float | datetime | None:
+    """The wire form of an ``expires`` option: seconds as a float, or an
+    aware datetime. Takes seconds (a number or a ``timedelta``), a datetime
+    (naive: local time), or text (JSON jobs, the CLI): a duration like
+    ``"5m"`` or an ISO 8601 time (without a zone: UTC). Raises TypeError or
+    ValueError naming the option."""
+    if value is None or isinstance(value, float):
+        return value
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.astimezone()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        return _expires_text(value)
+    raise TypeError(
+        f"expires: expected seconds, a datetime or a timedelta, not {type(value).__name__}"
+    )
+
+
+def _expires_text(text: str) -> float | datetime:
+    from corral.config.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f'expires: {text!r} is neither a duration ("30s", "5m", "2h") nor an '
+            "ISO 8601 time (2030-01-01T09:00:00Z)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _encode_payload(payload: Any) -> msgspec.Raw:

@@ -117,12 +117,14 @@ def human_job(info: Any) -> str:
         f"id:          {info.id}",
         f"task:        {info.task}",
         f"queue:       {info.queue}",
-        f"status:      {info.status}",
+        f"status:      {info.status}" + (f" ({info.reason})" if info.reason else ""),
         f"attempts:    {info.attempts}/{info.max_attempts}",
         f"created:     {_when(info.created_at)}",
         f"next run:    {_when(info.next_run_at)}",
         f"started:     {_when(info.started_at)}",
     ]
+    if info.limit_key:
+        lines.append(f"limit key:   {info.limit_key}")
     if info.reserved_by:
         lines.append(f"reserved by: {info.reserved_by} (in its prefetch buffer, not started)")
     if info.progress is not None:
@@ -175,6 +177,10 @@ def human_status(status: Any) -> RenderableType:
         queues.add_row(queue, *(str(counts.get(s, 0)) for s in STATUSES))
     lines = [] if status.queues else ["(no jobs)"]
     lines.extend(_notes(status))
+    parts: list[Any] = [queues]
+    limits = _limits_table(status.limits)
+    if limits is not None:
+        parts.append(limits)
     for u in status.unroutable:
         hint = (
             f"no connected worker listens to queue {u.queue!r}: add it to a pool's queues"
@@ -190,7 +196,7 @@ def human_status(status: Any) -> RenderableType:
         lines.extend(_supervisor_lines(sup))
     lines.append("")
     lines.append(f"workers: {len(status.workers)}")
-    parts: list[Any] = [queues, "\n".join(lines)]
+    parts.append("\n".join(lines))
     for pool, workers in _by_pool(status.workers).items():
         pool_table = table(
             f"pool {pool}",
@@ -214,6 +220,44 @@ def human_status(status: Any) -> RenderableType:
             )
         parts.append(pool_table)
     return Group(*parts)
+
+
+def _limits_table(limits: list[Any]) -> Any:
+    """The limited tasks: their limits, jobs leased (running) against them,
+    starts in the rate window, jobs held back, keys; None if there are none."""
+    if not limits:
+        return None
+    out = table(
+        "limited task",
+        "concurrency",
+        "rate",
+        "per key",
+        "running",
+        "in window",
+        "waiting",
+        "keys",
+        right=("running", "in window", "waiting", "keys"),
+    )
+    for lim in limits:
+        per_key = " ".join(
+            part
+            for part in (
+                str(lim.key_concurrency) if lim.key_concurrency is not None else "",
+                lim.key_rate or "",
+            )
+            if part
+        )
+        out.add_row(
+            lim.task,
+            "-" if lim.concurrency is None else str(lim.concurrency),
+            lim.rate or "-",
+            per_key or "-",
+            str(lim.running),
+            str(lim.window_starts) if lim.rate else "-",
+            str(lim.waiting),
+            f"{lim.keys} ({lim.keys_waiting} waiting)" if lim.keys else "-",
+        )
+    return out
 
 
 def _supervisor_lines(sup: Any) -> list[str]:

@@ -51,11 +51,16 @@ class JobFailed(CorralError):
 
 
 class JobCancelled(CorralError):
-    """The job was cancelled; it has no result."""
+    """The job was cancelled; it has no result. ``reason`` is None (by
+    hand) or ``"expired"`` (it had not started by its ``expires`` time),
+    and ``detail`` says more where the broker does."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, reason: str | None = None, detail: str = "") -> None:
         self.job_id = job_id
-        super().__init__(f"job {job_id} was cancelled")
+        self.reason = reason
+        self.detail = detail
+        why = f" ({detail or reason})" if reason else ""
+        super().__init__(f"job {job_id} was cancelled{why}")
 
 
 class ResultTimeout(CorralError, TimeoutError):

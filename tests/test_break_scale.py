@@ -167,7 +167,7 @@ def _batch_then_damage(tmp_path: Path, damage: bytes, flip_at: int) -> logtools.
 
 def test_repair_does_not_name_a_batched_job_lost_when_it_is_kept(tmp_path: Path) -> None:
     # the damage: x's Cancelled record (type 7, body [id, at])
-    report = _batch_then_damage(tmp_path, b"\x07\x92\xa1x", 6)
+    report = _batch_then_damage(tmp_path, b"\x07\x93\xa1x", 6)
     assert report.changed_jobs == ["x"]
     assert report.lost_jobs == []  # batch-1 is in the repaired log: it was only cancelled after
 

@@ -116,6 +116,8 @@ def test_enqueue_puts_every_option_on_the_wire() -> None:
         "result_ttl": 60.0,
         "unique_for": 9.0,
         "max_retries": 2,
+        "expires": 30.0,
+        "limit_key": "customer-7",
     }
     assert set(values) == set(OPTION_NAMES), "a new option needs a value here"
     job_id, (request,) = drive(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ OPTION_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "result_ttl": st.none() | finite,
     "unique_for": st.none() | finite,
     "max_retries": st.none() | st.integers(0, 1000),
+    "expires": st.none()
+    | st.floats(0.001, 1e6)
+    | st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    ),
+    "limit_key": st.none() | names,
 }
 
 

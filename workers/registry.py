@@ -56,6 +56,13 @@ class TaskDef:
     retry_backoff_max: float | None = None
     result_ttl: float | None = None
     max_retries: int | None = None
+    #: At most this many jobs of the task at once, across all workers.
+    concurrency: int | None = None
+    #: At most this many starts per period, as "100/m", "10/s", "1000/h".
+    rate: str | None = None
+    #: The same two per job ``limit_key`` (a customer id, say).
+    key_concurrency: int | None = None
+    key_rate: str | None = None
     payload_type: Any = Any
     takes_context: bool = False
     takes_payload: bool = False
@@ -107,6 +114,10 @@ def task(
     retry_backoff_max: float | None = None,
     result_ttl: float | None = None,
     max_retries: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
+    key_concurrency: int | None = None,
+    key_rate: str | None = None,
 ) -> Callable[[Handler], Handler]: ...
 
 
@@ -124,8 +135,19 @@ def task(  # noqa: PLR0913
     retry_backoff_max: float | None = None,
     result_ttl: float | None = None,
     max_retries: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
+    key_concurrency: int | None = None,
+    key_rate: str | None = None,
 ) -> Handler | Callable[[Handler], Handler]:
-    """Mark a function as a corral task. Usable bare (``@task``) or with options."""
+    """Mark a function as a corral task. Usable bare (``@task``) or with options.
+
+    ``concurrency`` (at most N jobs of the task at once, across every worker
+    and host) and ``rate`` (at most N starts per period: ``"100/m"``,
+    ``"10/s"``, ``"1000/h"``) are enforced by the broker as it hands jobs
+    out; ``key_concurrency``/``key_rate`` are the same per job
+    ``limit_key``. Raises ValueError for a limit below 1 or a rate that
+    cannot be read."""
 
     def mark(func: Handler) -> Handler:
         definition = _define(
@@ -139,6 +161,10 @@ def task(  # noqa: PLR0913
             retry_backoff_max=retry_backoff_max,
             result_ttl=result_ttl,
             max_retries=max_retries,
+            concurrency=concurrency,
+            rate=rate,
+            key_concurrency=key_concurrency,
+            key_rate=key_rate,
         )
         setattr(func, ATTRIBUTE, definition)
         return func
@@ -153,6 +179,7 @@ def _define(func: Callable[..., Any], **options: Any) -> TaskDef:
         raise ValueError(f"task {options['name']}: max_attempts must be at least 1")
     if options["max_retries"] is not None and options["max_retries"] < 0:
         raise ValueError(f"task {options['name']}: max_retries must be at least 0")
+    _check_limits(options)
     params = [
         prm
         for prm in inspect.signature(func).parameters.values()
@@ -178,6 +205,29 @@ def _define(func: Callable[..., Any], **options: Any) -> TaskDef:
         is_async=inspect.iscoroutinefunction(func),
         **options,
     )
+
+
+def _check_limits(options: dict[str, Any]) -> None:
+    """The limit options of ``@corral.task``; raises ValueError naming the
+    task and the option."""
+    from corral.broker.protocol import parse_rate
+
+    for name in ("concurrency", "key_concurrency"):
+        value = options.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31
+        ):
+            raise ValueError(f"task {options['name']}: {name} must be a whole number of at least 1")
+    for name in ("rate", "key_rate"):
+        value = options.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f'task {options["name"]}: {name} must be a string like "100/m"')
+        try:
+            parse_rate(value)
+        except ValueError as exc:
+            raise ValueError(f"task {options['name']}: {name}: {exc}") from None
 
 
 def _parameter_hints(func: Callable[..., Any], params: list[inspect.Parameter]) -> dict[str, Any]:
@@ -264,6 +314,10 @@ def _options(definition: TaskDef) -> dict[str, Any]:
         "retry_backoff_max": definition.retry_backoff_max,
         "result_ttl": definition.result_ttl,
         "max_retries": definition.max_retries,
+        "concurrency": definition.concurrency,
+        "rate": definition.rate,
+        "key_concurrency": definition.key_concurrency,
+        "key_rate": definition.key_rate,
     }
 
 

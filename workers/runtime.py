@@ -597,6 +597,10 @@ def task_infos(registry: Registry) -> list[p.TaskInfo]:
             result_ttl=t.result_ttl,
             max_retries=t.max_retries,
             queue=t.queue,
+            concurrency=t.concurrency,
+            rate=t.rate,
+            key_concurrency=t.key_concurrency,
+            key_rate=t.key_rate,
         )
         for t in registry
     ]

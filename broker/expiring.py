@@ -1,0 +1,130 @@
+"""Jobs that expire unstarted: the ``expires`` job option, by deadline.
+
+A job with ``expires`` that has not started by its deadline never runs: it
+ends ``cancelled``, reason ``expired`` (a ``Cancelled`` record with that
+reason, so a replay sees the same). The deadline is the absolute time the
+option names, or, for seconds, that long after the job was first due (its
+creation, or the time its ``delay``/``run_at`` named), as Sidekiq counts
+``expires_in`` of a scheduled job. It holds for every start: a job running
+at its deadline runs on, but a retry due after it never starts.
+
+:class:`ExpiringJobs` is the heap of those deadlines, fed by the job state
+as jobs are added (live and on replay, so a restart needs no pass over the
+jobs to find them). Entries are removed lazily: one whose job ended, was
+removed, or was replaced by a newer job of the same id is skipped when it
+comes due, and once such entries are more than :data:`SWEEP_AFTER` and more
+than the live ones the heap is rebuilt without them (a million jobs with a
+year's ``expires`` that end at once do not hold a million entries for a
+year). Pure; time comes in as ``now`` (epoch seconds). The broker's
+dispatcher acts on what comes due (it holds the leases a cancel revokes).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from corral.broker.job import ACTIVE, Job
+from corral.broker.jobspec import expires_at
+from corral.broker.protocol import EXPIRED, EXPIRED_ERROR
+from corral.broker.records import ErrorRec, JobCreated
+
+#: Stale entries tolerated before a rebuild is considered.
+SWEEP_AFTER = 1024
+
+
+def deadline(job: Job) -> float | None:
+    """The epoch time ``job`` lapses unstarted, or None if it never does."""
+    tpl = job.tpl
+    if tpl.expires is None:
+        return None
+    due = tpl.run_at if job.blob is None and tpl.run_at is not None else job.created_at
+    return expires_at(tpl.expires, due)
+
+
+def lapsed(job: Job, now: float) -> bool:
+    """``job`` has an ``expires`` whose deadline is ``now`` or past."""
+    when = deadline(job)
+    return when is not None and when <= now
+
+
+__all__ = ["EXPIRED", "EXPIRED_ERROR", "ExpiringJobs", "deadline", "expired_error", "lapsed"]
+
+
+def expired_error(job: Job) -> ErrorRec:
+    """The error an expired job keeps: when it lapsed, in UTC."""
+    when = deadline(job)
+    at = datetime.fromtimestamp(when, UTC).isoformat() if when is not None else "its deadline"
+    return ErrorRec(EXPIRED_ERROR, f"expired: not started by {at} (the job's expires option)")
+
+
+def reason_of(job: Job) -> str | None:
+    """Why a cancelled job was cancelled, where the broker knows: ``"expired"``."""
+    error = job.error
+    if job.status == "cancelled" and error is not None and error.type == EXPIRED_ERROR:
+        return EXPIRED
+    return None
+
+
+class ExpiringJobs:
+    """The deadlines of jobs with ``expires``; see the module docstring.
+    ``jobs`` is the job state's table (read only)."""
+
+    def __init__(self, jobs: dict[str, Job]) -> None:
+        self._jobs = jobs
+        #: (deadline, seq, job id).
+        self._heap: list[tuple[float, int, str]] = []
+        self._stale = 0
+
+    def __len__(self) -> int:
+        """Entries held, stale ones included."""
+        return len(self._heap)
+
+    def add(self, job: Job) -> None:
+        """Watch ``job`` if it has an ``expires`` and has not ended."""
+        when = deadline(job)
+        if when is not None and job.status in ACTIVE:
+            heapq.heappush(self._heap, (when, job.seq, job.id))
+
+    def add_batch(self, tpl: JobCreated, jobs: list[Job]) -> None:
+        """Watch pristine ``jobs`` of template ``tpl`` (nothing to do, at
+        the cost of one check, when the template has no ``expires``)."""
+        if tpl.expires is not None:
+            for job in jobs:
+                self.add(job)
+
+    def left(self, job: Job) -> None:
+        """``job`` ended or was removed: its entry, if it has one, is stale."""
+        if job.tpl.expires is None:
+            return
+        self._stale += 1
+        if self._stale > SWEEP_AFTER and 2 * self._stale > len(self._heap):
+            self._heap = [entry for entry in self._heap if self._current(entry)]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def _current(self, entry: tuple[float, int, str]) -> bool:
+        job = self._jobs.get(entry[2])
+        return job is not None and job.seq == entry[1] and job.status in ACTIVE
+
+    def due(self, now: float) -> Iterator[Job]:
+        """Take off the jobs whose deadline is ``now`` or past and that have
+        not ended (running ones included: the caller decides), each once."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if self._current(entry):
+                yield self._jobs[entry[2]]
+            elif self._stale:
+                self._stale -= 1
+
+    def next_due(self) -> float | None:
+        """The earliest deadline of a job that has not ended, stale entries
+        in front dropped."""
+        heap = self._heap
+        while heap and not self._current(heap[0]):
+            heapq.heappop(heap)
+            if self._stale:
+                self._stale -= 1
+        return heap[0][0] if heap else None
