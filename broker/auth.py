@@ -87,8 +87,15 @@ def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
             f"(`mkdir -m 700 {path}`) and put one <name>.key per authorised key in it"
         )
     _refuse_writable_by_others(path, setting)
+    try:
+        files = sorted(f for f in path.iterdir() if f.suffix == ".key" and f.name[0] != ".")
+    except OSError as exc:
+        raise ConfigError(
+            f"security.{setting}: cannot read the directory {path}: "
+            f"{exc.strerror or exc}; the user corral runs as must be able to read it"
+        ) from None
     keys = set()
-    for file in sorted(path.glob("*.key")):
+    for file in files:
         _refuse_writable_by_others(file, setting)
         try:
             public, _ = zmq.auth.load_certificate(file)

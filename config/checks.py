@@ -56,11 +56,12 @@ def _check_events(config: Config) -> Iterator[Problem]:
     if problems or not _is_tcp(endpoint):
         return
     security = config.security
-    if not (security.server_secret_key or security.allow_insecure_tcp):
+    broker_keys = security.server_secret_key or security.server_public_key
+    if not (broker_keys or security.allow_insecure_tcp):
         yield (
             path,
-            "a tcp events endpoint needs CURVE keys (security.server_secret_key) "
-            "or security.allow_insecure_tcp = true",
+            "a tcp events endpoint needs CURVE keys (security.server_secret_key to publish, "
+            "security.server_public_key to subscribe) or security.allow_insecure_tcp = true",
         )
     elif security.server_secret_key and not (
         security.authorized_keys_dir or security.allow_any_client_key

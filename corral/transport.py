@@ -39,7 +39,9 @@ def _security(config: Any) -> Any:
 
 
 def _load_keypair(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
-    """Load a zmq.auth certificate file; a secret key file must be 0600."""
+    """Load a zmq.auth certificate file; a secret key file must be 0600.
+    Raises ConfigError naming the file when it is missing, open to others,
+    or cannot be read (another user's file, a directory)."""
     import zmq.auth
 
     file = Path(path)
@@ -53,7 +55,14 @@ def _load_keypair(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
                 f"(mode {mode:o}); "
                 f"run `chmod 600 {file}`"
             )
-    public, secret_key = zmq.auth.load_certificate(file)
+    try:
+        public, secret_key = zmq.auth.load_certificate(file)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(
+            f"cannot read the key file {file}: {reason}; it must be a key file "
+            "(`corral keys`) that the user corral runs as can read"
+        ) from None
     if secret and secret_key is None:
         raise ConfigError(f"{file} holds no secret key; name the *.key_secret file")
     return public, secret_key
