@@ -279,7 +279,8 @@ class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     #: On the broker: a directory of the public keys of the workers it admits, apart from
     #: authorized_keys_dir; SIGHUP re-reads it.
     worker_keys_dir: NonEmptyStr | None = None
-    #: Admit any client key on a CURVE client endpoint (encrypted, not authenticated).
+    #: Admit any client key on a CURVE client or events endpoint (encrypted, not
+    #: authenticated).
     allow_any_client_key: bool = False
 
 

@@ -320,3 +320,11 @@ def test_a_tcp_events_endpoint_needs_curve_and_client_keys(security: str, named:
     text = f'[broker]\nevents_endpoint = "tcp://127.0.0.1:5557"\n[security]\n{security}\n'
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         loads(text)
+
+
+def test_a_subscriber_config_names_a_tcp_events_endpoint_with_the_brokers_public_key() -> None:
+    text = (
+        '[broker]\nevents_endpoint = "tcp://broker.internal:5557"\n'
+        '[security]\nserver_public_key = "server.key"\nclient_secret_key = "c.key_secret"\n'
+    )
+    assert loads(text).broker.events_endpoint == "tcp://broker.internal:5557"
