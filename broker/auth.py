@@ -13,9 +13,17 @@ loading the directories itself, because its own directory mode has one
 ``allow_any`` flag for every domain and logs, rather than raises, a
 directory it cannot read.
 
+The events endpoint (``broker.events_endpoint``), on tcp with CURVE, has
+a ZAP domain of its own (:data:`EVENTS_DOMAIN`) whose subscribers are
+admitted by the clients' keys: ``authorized_keys_dir``. A PUB socket reads
+nothing from its subscribers, so a key removed by a reload cannot be
+refused per message there: the broker drops every subscriber instead (see
+``corral.broker.events.Events.drop_subscribers``), and each reconnects
+through the handshake, where a removed key is refused.
+
 A tcp endpoint with CURVE and no key directory refuses to start; only the
-client endpoint may say ``security.allow_any_client_key = true`` (logged as
-a warning). :meth:`KeyRing.reload` re-reads both directories; the broker
+client and events endpoints may say ``security.allow_any_client_key = true``
+(logged as a warning). :meth:`KeyRing.reload` re-reads both directories; the broker
 calls it on SIGHUP (``corral reload`` and the supervisor's reload send one
 to the broker too). A reload that fails (a directory gone, or now writable
 by others) keeps the sets it had and logs why.
@@ -50,12 +58,14 @@ from corral.transport import is_tcp
 
 log = structlog.get_logger()
 
-#: ZAP domains of the broker's two CURVE endpoints.
+#: ZAP domains of the broker's CURVE endpoints.
 CLIENT_DOMAIN = "corral-client"
 WORKER_DOMAIN = "corral-worker"
+EVENTS_DOMAIN = "corral-events"
 
-#: The two sides (the same strings as corral.broker.core.CLIENT / WORKER).
-CLIENT, WORKER = "client", "worker"
+#: The sides (client and worker: the same strings as corral.broker.core.CLIENT / WORKER).
+CLIENT, WORKER, EVENTS = "client", "worker", "events"
+_DOMAINS = {CLIENT: CLIENT_DOMAIN, WORKER: WORKER_DOMAIN, EVENTS: EVENTS_DOMAIN}
 
 #: At most this many refused connections are remembered, so that each is
 #: logged once (the set is cleared when full: memory stays bounded).
@@ -77,8 +87,15 @@ def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
             f"(`mkdir -m 700 {path}`) and put one <name>.key per authorised key in it"
         )
     _refuse_writable_by_others(path, setting)
+    try:
+        files = sorted(f for f in path.iterdir() if f.suffix == ".key" and f.name[0] != ".")
+    except OSError as exc:
+        raise ConfigError(
+            f"security.{setting}: cannot read the directory {path}: "
+            f"{exc.strerror or exc}; the user corral runs as must be able to read it"
+        ) from None
     keys = set()
-    for file in sorted(path.glob("*.key")):
+    for file in files:
         _refuse_writable_by_others(file, setting)
         try:
             public, _ = zmq.auth.load_certificate(file)
@@ -158,6 +175,21 @@ class KeyRing:
                     "workers' <name>.key files (apart from the clients' authorized_keys_dir)"
                 )
             self.sets[WORKER] = KeySet(WORKER, "worker_keys_dir", sec.worker_keys_dir)
+        events = getattr(bc, "events_endpoint", None)
+        if sec.server_secret_key and events and is_tcp(events):
+            if not sec.authorized_keys_dir and not sec.allow_any_client_key:
+                raise ConfigError(
+                    f"broker.events_endpoint {events} uses CURVE but "
+                    "security.authorized_keys_dir is not set: set it to a directory of the "
+                    "<name>.key files of the clients that may subscribe, or set "
+                    "security.allow_any_client_key = true to admit any client key"
+                )
+            self.sets[EVENTS] = KeySet(
+                EVENTS,
+                "authorized_keys_dir",
+                sec.authorized_keys_dir,
+                allow_any=sec.allow_any_client_key and not sec.authorized_keys_dir,
+            )
         for keyset in self.sets.values():
             keyset.load()
         self._auth: Any = None
@@ -170,7 +202,12 @@ class KeyRing:
     @staticmethod
     def domain(side: str) -> str:
         """The ZAP domain of ``side``'s endpoint."""
-        return CLIENT_DOMAIN if side == CLIENT else WORKER_DOMAIN
+        return _DOMAINS[side]
+
+    def keys(self, side: str) -> frozenset[str]:
+        """The keys ``side`` admits now (none when it has no key set)."""
+        keyset = self.sets.get(side)
+        return keyset.keys if keyset is not None else frozenset()
 
     def checks(self, side: str) -> bool:
         """Whether messages on ``side`` are checked against a key set."""
@@ -188,7 +225,7 @@ class KeyRing:
             if keyset.allow_any:
                 log.warning(
                     "broker.any_client_key",
-                    endpoint="client",
+                    endpoint=side,
                     hint="security.allow_any_client_key = true: any client key is admitted; "
                     "set security.authorized_keys_dir to admit only known keys",
                 )

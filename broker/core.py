@@ -224,9 +224,13 @@ class BrokerCore:
 
     def attach_events(self, events: Any) -> None:
         """Publish job, worker and pool events through ``events`` (a
-        :class:`~corral.broker.events.Events`) from now on."""
+        :class:`~corral.broker.events.Events`) from now on: job events as
+        records are applied, worker events as the worker table changes."""
         self.events = events
         self.journal.observers.append(events.observe)
+        self.dispatcher.workers.watchers.append(
+            lambda change, conn: events.worker_changed(change, conn, self.clock.time())
+        )
 
     def attach(self, client_link: ClientLink, worker_link: WorkerLink) -> None:
         """Connect the parts to the sockets, and fire what the schedules owe

@@ -12,15 +12,25 @@ fields of that event (``job_id``, ``task``, ``queue``, ``attempt``,
 Events are dropped, never queued without bound, when no one reads them:
 a PUB socket drops what a subscriber's queue (``SNDHWM`` messages) cannot
 take, and sends never block the loop. Job events come from the records the
-journal applies (:meth:`Events.observe`); worker and pool events from the
+journal applies (:meth:`Events.observe`); worker events from the worker
+table as it changes (:meth:`Events.worker_changed`), so a worker that
+comes and goes between two status readings is seen; pool events from the
 status the loop reads once a second (:meth:`Events.refresh`).
+
+The endpoint is ``ipc://`` (the socket file gets the mode and group of the
+broker's other sockets) or ``tcp://``, with CURVE like the broker's other
+tcp endpoints: a subscriber needs a key in ``security.authorized_keys_dir``
+(:mod:`corral.broker.auth`).
 """
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import structlog
 import zmq
 
 from corral.broker.records import Cancelled, Finished, JobCreated, JobsCreated, Started
@@ -29,6 +39,9 @@ if TYPE_CHECKING:
     from corral.broker.protocol import StatusInfo
     from corral.broker.records import Record
     from corral.broker.state import JobState
+    from corral.broker.workers import WorkerConn
+
+log = structlog.get_logger()
 
 #: Messages a subscriber's queue holds before events for it are dropped.
 SNDHWM = 10_000
@@ -42,36 +55,65 @@ _FINISHED = {
 }
 
 
-def bind_publisher(context: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
-    """A PUB socket bound to ``endpoint`` (ipc only: see
-    :func:`corral.config.checks` for why), dropping at :data:`SNDHWM`.
-    Raises zmq.ZMQError if it cannot bind."""
+def publisher_socket(
+    context: zmq.Context[Any], endpoint: str, config: Any, zap_domain: str
+) -> zmq.Socket[Any]:
+    """A PUB socket for ``endpoint``, not bound yet, dropping at
+    :data:`SNDHWM`; for tcp a CURVE server whose subscribers are
+    authenticated in the ZAP domain ``zap_domain`` (unless
+    ``security.allow_insecure_tcp``). Raises ConfigError for tcp without
+    keys or a bad key file."""
+    from corral.transport import check_tcp_allowed, make_curve_server
+
+    curve = check_tcp_allowed(endpoint, config, server=True)
+    sock: zmq.Socket[Any] = context.socket(zmq.PUB)
+    try:
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve:
+            make_curve_server(sock, config, zap_domain)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def bind_publisher(
+    context: zmq.Context[Any], endpoint: str, config: Any, zap_domain: str
+) -> zmq.Socket[Any]:
+    """A :func:`publisher_socket` bound to ``endpoint``. Raises
+    zmq.ZMQError if it cannot bind, ConfigError as publisher_socket."""
     from corral.transport import ensure_ipc_dir
 
-    sock: zmq.Socket[Any] = context.socket(zmq.PUB)
-    sock.setsockopt(zmq.SNDHWM, SNDHWM)
-    sock.setsockopt(zmq.LINGER, 0)
-    ensure_ipc_dir(endpoint)
+    sock = publisher_socket(context, endpoint, config, zap_domain)
     try:
+        ensure_ipc_dir(endpoint)
         sock.bind(endpoint)
-    except zmq.ZMQError:
+    except BaseException:
         sock.close(linger=0)
         raise
     return sock
 
 
 class Events:
-    """Publishes events on ``sock`` (used from the loop's thread only)."""
+    """Publishes events on ``sock`` (used from the loop's thread only);
+    ``renew`` makes a fresh socket like it, unbound, for
+    :meth:`drop_subscribers`."""
 
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
+    def __init__(
+        self, sock: zmq.Socket[Any], renew: Callable[[], zmq.Socket[Any]] | None = None
+    ) -> None:
         self._sock = sock
+        self._renew = renew
         self._encoder = msgspec.msgpack.Encoder()
-        #: Connected workers and pools backing off at the last refresh.
-        self._workers: dict[str, Any] | None = None
+        #: Pools backing off at the last refresh.
         self._backing_off: set[tuple[str, str]] = set()
         #: Events sent, and events ZeroMQ would not take (counted, dropped).
         self.sent = 0
         self.dropped = 0
+        #: The endpoint was let go by drop_subscribers and not bound again yet.
+        self.unbound = False
+        self._endpoint = ""
 
     def publish(self, event: str, at: float, **fields: Any) -> None:
         """Send one event now, or drop it (never blocks)."""
@@ -138,20 +180,24 @@ class Events:
             next_run_at=record.next_run_at,
         )
 
+    def worker_changed(self, change: str, conn: WorkerConn, at: float) -> None:
+        """A worker registered (``change`` "up") or its registration went
+        ("down": it left, died, or was replaced), at ``at`` (epoch seconds)."""
+        if change == "up":
+            self.publish(
+                "worker.up",
+                at,
+                worker=conn.worker_id,
+                host=conn.host,
+                pid=conn.pid,
+                queues=conn.queues,
+            )
+        else:
+            self.publish("worker.down", at, worker=conn.worker_id, host=conn.host, pid=conn.pid)
+
     def refresh(self, status: StatusInfo, now: float) -> None:
-        """Worker up and down, pool backing off and recovered: what changed
-        since the last refresh (the first one only learns the state)."""
-        workers = {w.worker_id: w for w in status.workers}
-        if self._workers is not None:
-            for worker_id in workers.keys() - self._workers.keys():
-                w = workers[worker_id]
-                self.publish(
-                    "worker.up", now, worker=worker_id, host=w.host, pid=w.pid, queues=w.queues
-                )
-            for worker_id in self._workers.keys() - workers.keys():
-                w = self._workers[worker_id]
-                self.publish("worker.down", now, worker=worker_id, host=w.host, pid=w.pid)
-        self._workers = workers
+        """Pool backing off and recovered: what changed since the last
+        refresh (read off the supervisors' reports)."""
         backing_off = {
             (sup.host, pool.name) for sup in status.supervisors for pool in sup.pools if pool.failed
         }
@@ -160,6 +206,35 @@ class Events:
         for host, pool in sorted(self._backing_off - backing_off):
             self.publish("pool.recovered", now, host=host, pool=pool)
         self._backing_off = backing_off
+
+    def drop_subscribers(self) -> None:
+        """Close every subscriber's connection: the socket is closed and a
+        new one bound in its place, so each subscriber reconnects through
+        the CURVE handshake, where a key removed since it connected is
+        refused. (Unbinding alone misses a connection whose handshake has
+        just ended.) Events meanwhile are lost to them. The old listener
+        closes on ZeroMQ's I/O thread, so the port may still be taken:
+        then :attr:`unbound` stays true and the loop calls
+        :meth:`bind_again` on its next passes."""
+        if self._renew is None:
+            return
+        self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock.close(linger=0)
+        self._sock = self._renew()
+        self.unbound = True
+        self.bind_again()
+
+    def bind_again(self) -> None:
+        """Bind the endpoint :meth:`drop_subscribers` let go, if it is free
+        yet; an error other than "in use" is logged, and the events go
+        unpublished (the broker goes on)."""
+        try:
+            self._sock.bind(self._endpoint)
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return
+            log.error("events.cannot_bind", endpoint=self._endpoint, error=str(exc))
+        self.unbound = False
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -4,7 +4,16 @@ offline log tools (``corral log verify|repair|compact``) while they work.
 
 The file holds the holder's pid and what it is (``12345 broker``), so the
 one refused can say who holds it. The lock goes with the process, crash
-included; the file stays.
+included. A release (a clean stop) unlinks the file while it still holds
+the lock, so the file exists only while someone holds it, or after a
+crash (then it stays: the next holder takes it over, as flock is free).
+
+Unlinking a lock file races with a starter that opened it just before:
+once the holder lets go, that starter's flock succeeds on a file no longer
+at the path, while a later starter creates and locks a new one. So a
+starter checks, once it holds the lock, that the file it locked is the one
+at the path (same device and inode), and opens the path again if not; a
+holder never unlinks a file other than its own.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from corral.errors import CorralError
 
 #: What the broker writes as its name in the lock file.
 BROKER = "broker"
+#: Times a starter opens the path again after locking a file unlinked meanwhile.
+_REOPENS = 100
 
 
 class StateDirBusy(CorralError):
@@ -46,20 +57,41 @@ class StateDirLock:
         """Take the lock, creating the state directory durably if needed.
         Raises :class:`StateDirBusy` naming the holder."""
         make_dirs(self.path.parent)
+        for _ in range(_REOPENS):
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 256).decode(errors="replace").strip()
+                os.close(fd)
+                pid, _, holder = text.partition(" ")
+                raise self._busy(pid or "unknown", holder or BROKER) from None
+            if self._at_path(fd):
+                break
+            os.close(fd)  # its holder unlinked it as it stopped: lock the path's file
+        else:
+            raise CorralError(f"cannot lock {self.path}: it is replaced again and again")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {self.owner}\n".encode())
+        self._fd = fd
+
+    def _open(self) -> int:
+        """The lock file, created if missing (owned by the state directory's
+        owner when root creates it)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.geteuid() == 0:  # a log tool run as root: the broker's user must open it later
             state = os.stat(self.path.parent)
             os.fchown(fd, state.st_uid, state.st_gid)
+        return fd
+
+    def _at_path(self, fd: int) -> bool:
+        """Whether ``fd`` is the file at :attr:`path` now (not one unlinked)."""
+        held = os.fstat(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 256).decode(errors="replace").strip()
-            os.close(fd)
-            pid, _, holder = text.partition(" ")
-            raise self._busy(pid or "unknown", holder or BROKER) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {self.owner}\n".encode())
-        self._fd = fd
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
     def _busy(self, pid: str, holder: str) -> StateDirBusy:
         where = self.path.parent
@@ -87,6 +119,15 @@ class StateDirLock:
         return StateDirBusy(message, pid, holder)
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Unlink the lock file, then let the lock go (see the module
+        docstring); call it last, once nothing else in the state directory
+        is touched. A file that cannot be unlinked is left: it is harmless."""
+        if self._fd is None:
+            return
+        try:
+            if self._at_path(self._fd):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None

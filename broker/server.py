@@ -6,8 +6,14 @@ budget): handle, tick, commit the log once (group commit), send the
 replies, dispatch. Nothing that promises durability leaves before the
 fsync that covers it. This module owns what the core does not: the state
 directory's lock and modes, the sockets and their CURVE key ring
-(:mod:`corral.broker.auth`, re-read on SIGHUP), signals, and the exit on a
-failed fsync.
+(:mod:`corral.broker.auth`, re-read on SIGHUP), the events publisher
+(:mod:`corral.broker.events`), signals, and the exit on a failed fsync.
+
+A clean stop (SIGTERM, SIGINT) closes the sockets and the log, then
+unlinks the ipc socket files this broker bound and, last, its lock file
+(while still holding it: see :mod:`corral.broker.lockfile`), so it leaves
+neither behind. A crash leaves both: the next broker takes the lock over
+and binds over the socket files.
 
 Hostile or runaway peers (see ``tests/faults/test_hostile*.py``) are met
 here by bounds, none of which drops a message silently:
@@ -47,17 +53,20 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import structlog
 import zmq
 
 from corral.broker import access
-from corral.broker.auth import KeyRing
+from corral.broker.auth import EVENTS, KeyRing
 from corral.broker.clock import Clock
 from corral.broker.core import CLIENT, WORKER, BrokerCore
+from corral.broker.events import Events, bind_publisher, publisher_socket
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, LogError
+from corral.errors import CorralError
 from corral.transport import CLIENT_SNDHWM, bind_router
 
 log = structlog.get_logger()
@@ -102,6 +111,10 @@ class Broker:
         self._wake_r: socket.socket | None = None
         self._keys: KeyRing | None = None
         self._reload_keys = False
+        #: The events publisher (``broker.events_endpoint``), once bound.
+        self.events: Events | None = None
+        #: The ipc socket files this broker bound: (path, device, inode).
+        self._socket_files: list[tuple[Path, int, int]] = []
         #: Messages read since the heap was last trimmed, and when that was.
         self._since_trim = 0
         self._trimmed_at = 0.0
@@ -139,6 +152,7 @@ class Broker:
             RouterLink(self.client_sock, self.core.stats, "replies"),
             RouterLink(self.worker_sock, self.core.stats, "worker_sends"),
         )
+        self._open_events()
         log.info(
             "broker.listening",
             client_endpoint=bc.client_endpoint,
@@ -162,7 +176,44 @@ class Broker:
             **({"sndhwm": CLIENT_SNDHWM} if side == CLIENT else {}),
         )
         access.secure_socket(endpoint, bc)
+        self._own_socket_file(endpoint)
         return sock
+
+    def _open_events(self) -> None:
+        """Publish events on ``broker.events_endpoint``, if set: an ipc
+        socket file gets the mode and group of the others, a tcp endpoint
+        CURVE (subscribers need a client key). One that cannot be bound is
+        logged (``events.cannot_bind``) and the broker goes on without it."""
+        assert self._ctx is not None
+        bc = self.config.broker
+        endpoint = bc.events_endpoint
+        if endpoint is None:
+            return
+        renew = functools.partial(
+            publisher_socket, self._ctx, endpoint, self.config, KeyRing.domain(EVENTS)
+        )
+        try:
+            sock = bind_publisher(self._ctx, endpoint, self.config, KeyRing.domain(EVENTS))
+        except (zmq.ZMQError, CorralError) as exc:
+            log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
+            return
+        try:
+            access.secure_socket(endpoint, bc)
+        except CorralError as exc:
+            sock.close(linger=0)
+            log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
+            return
+        self._own_socket_file(endpoint)
+        self.events = Events(sock, renew)
+        self.core.attach_events(self.events)
+        log.info("events.publishing", endpoint=endpoint)
+
+    def _own_socket_file(self, endpoint: str) -> None:
+        """Note the socket file an ipc:// bind made, to unlink it on a clean stop."""
+        path = access.ipc_path(endpoint)
+        if path is not None:
+            made = path.stat()
+            self._socket_files.append((path, made.st_dev, made.st_ino))
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the loop at the end of its pass, SIGHUP
@@ -192,7 +243,11 @@ class Broker:
         if self._keys is None:
             log.info("broker.keys_reload_skipped", reason="no CURVE endpoint")
             return
+        subscribers = self._keys.keys(EVENTS)
         self._keys.reload()
+        if self.events is not None and subscribers - self._keys.keys(EVENTS):
+            self.events.drop_subscribers()  # a PUB cannot refuse one peer's messages
+            log.info("events.subscribers_dropped", reason="a subscriber key was revoked")
 
     def stop(self) -> None:
         self._stopping = True
@@ -208,6 +263,8 @@ class Broker:
                     self._drain_wakeups()
                 if self._reload_keys:
                     self.reload_keys()
+                if self.events is not None and self.events.unbound:
+                    self.events.bind_again()
                 self.run_pass()
         except FsyncFailed as exc:
             log.critical(
@@ -255,6 +312,11 @@ class Broker:
         return self.core.poll_timeout()
 
     def close(self) -> None:
+        """Close the sockets and the log, then unlink the socket files and,
+        last, the lock file (see the module docstring)."""
+        if self.events is not None:
+            self.events.close()
+            self.events = None
         for sock in (self.client_sock, self.worker_sock):
             if sock is not None:
                 sock.close(linger=0)
@@ -266,8 +328,22 @@ class Broker:
         if self._own_ctx and self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+        self._unlink_socket_files()
         self._lock.release()
         log.info("broker.stopped")
+
+    def _unlink_socket_files(self) -> None:
+        """Unlink the socket files this broker bound that are still its own
+        (same inode): it still holds the lock, so no other broker bound
+        them since."""
+        for path, device, inode in self._socket_files:
+            try:
+                now = path.stat()
+                if (now.st_dev, now.st_ino) == (device, inode):
+                    path.unlink()
+            except OSError:
+                continue
+        self._socket_files.clear()
 
     def _drain_wakeups(self) -> None:
         assert self._wake_r is not None

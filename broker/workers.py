@@ -12,6 +12,7 @@ says so in its reports. A vouch counts until the liveness window plus
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corral.broker import protocol as p
@@ -130,6 +131,9 @@ class WorkerTable:
         self.by_identity: dict[bytes, WorkerConn] = {}
         #: task name -> how many connected workers registered it.
         self.serving: Counter[str] = Counter()
+        #: Told ("up", conn) when a worker is added, ("down", conn) when it
+        #: goes, at once (the events publisher: worker.up, worker.down).
+        self.watchers: list[Callable[[str, WorkerConn], None]] = []
 
     def __len__(self) -> int:
         return len(self.by_identity)
@@ -145,6 +149,8 @@ class WorkerTable:
         old = self.remove(conn.identity)
         self.by_identity[conn.identity] = conn
         self.serving.update(set(conn.tasks))
+        for watcher in self.watchers:
+            watcher("up", conn)
         return old
 
     def update(self, conn: WorkerConn, msg: p.Ready) -> None:
@@ -170,6 +176,8 @@ class WorkerTable:
                 self.serving[task] -= 1
                 if not self.serving[task]:
                     del self.serving[task]
+            for watcher in self.watchers:
+                watcher("down", conn)
         return conn
 
     def seen(self, identity: bytes, now: float) -> WorkerConn | None:

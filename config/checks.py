@@ -45,17 +45,33 @@ _LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
 def _check_events(config: Config) -> Iterator[Problem]:
+    """The events endpoint: ipc, or tcp with CURVE (or insecure tcp allowed
+    outright), its subscribers admitted by the clients' keys."""
     endpoint = config.broker.events_endpoint
     if endpoint is None:
         return
-    if not endpoint.startswith("ipc://"):
+    path = "broker.events_endpoint"
+    problems = list(_check_endpoint(path, endpoint))
+    yield from problems
+    if problems or not _is_tcp(endpoint):
+        return
+    security = config.security
+    broker_keys = security.server_secret_key or security.server_public_key
+    if not (broker_keys or security.allow_insecure_tcp):
         yield (
-            "broker.events_endpoint",
-            f"{endpoint!r}: events are published on an ipc:// endpoint only for now "
-            '(e.g. "ipc://var/corral/events.sock"); subscribe on the broker host',
+            path,
+            "a tcp events endpoint needs CURVE keys (security.server_secret_key to publish, "
+            "security.server_public_key to subscribe) or security.allow_insecure_tcp = true",
         )
-    elif len(endpoint) - len("ipc://") > _MAX_IPC_PATH:
-        yield ("broker.events_endpoint", f"{endpoint!r}: the socket path is too long")
+    elif security.server_secret_key and not (
+        security.authorized_keys_dir or security.allow_any_client_key
+    ):
+        yield (
+            "security.authorized_keys_dir",
+            "a CURVE events endpoint needs the directory of the client keys that may "
+            "subscribe (one <name>.key each); set security.allow_any_client_key = true "
+            "to admit any client key instead",
+        )
 
 
 def _check_metrics(config: Config) -> Iterator[Problem]:

@@ -66,26 +66,56 @@ _WILDCARD_HOST = re.compile(r"^tcp://(\*|0\.0\.0\.0|\[::\]|\[\*\]):")
 class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """The ``[broker]`` section: its log, its endpoints, and job defaults."""
 
+    #: Directory of the broker's log (``log/``), its lock file and, unless the endpoints say
+    #: otherwise, its ipc sockets.
     state_dir: NonEmptyStr = "var/corral"
+    #: Where the broker listens for clients (the CLI, ``Client``, supervisors): ``ipc://PATH``,
+    #: or ``tcp://HOST:PORT`` with CURVE keys. Unset: ``ipc://STATE_DIR/client.sock``.
     client_endpoint: NonEmptyStr | None = None
+    #: Where worker processes connect for jobs, written as client_endpoint. Unset:
+    #: ``ipc://STATE_DIR/worker.sock``.
     worker_endpoint: NonEmptyStr | None = None
+    #: Reserved: nothing listens on it in this version (checked like the other endpoints).
+    #: Unset: ``ipc://STATE_DIR/control.sock``.
     control_endpoint: NonEmptyStr | None = None
-    #: Where job and worker events are published (ZeroMQ PUB); unset: none.
+    #: Where job and worker events are published (ZeroMQ PUB, read by ``corral events``):
+    #: ``ipc://PATH``, or ``tcp://HOST:PORT`` with CURVE, where a subscriber needs a key in
+    #: authorized_keys_dir. Unset: no events.
     events_endpoint: NonEmptyStr | None = None
+    #: When an enqueue is acknowledged: ``always`` once its record is fsync'd (group commit),
+    #: ``interval`` fsync every fsync_interval, ``never`` leave it to the OS.
     fsync: FsyncPolicy = "always"
+    #: How often the log is fsync'd under ``fsync = "interval"``.
     fsync_interval: PositiveDuration = 1.0
+    #: How often the broker and each worker heartbeat; worker hosts must use the broker's
+    #: value.
     heartbeat_interval: PositiveDuration = 1.0
+    #: Heartbeats a worker may miss before it is dead and its jobs go back to their queue.
     heartbeat_liveness: PositiveInt = 3
+    #: Size at which a log segment is closed and the next one started.
     segment_size: PositiveSize = 64 * 2**20
+    #: Room kept for the jobs already accepted: once the disk is this full, new jobs are
+    #: refused (``DiskFull``) and existing ones still finish. At most half of segment_size.
     disk_reserve: Size = 4 * 2**20
+    #: Bytes written since the last compaction before the log is compacted again (and at least
+    #: twice the live data).
     compact_min_size: Size = 64 * 2**20
+    #: The largest frame a peer may send (``ZMQ_MAXMSGSIZE``; a peer sending more is
+    #: disconnected). Below segment_size, at most 64MiB.
     max_message_size: PositiveSize = 16 * 2**20
+    #: How long a succeeded job and its result are kept, unless the job or its task says
+    #: otherwise.
     result_ttl: Duration = 86_400.0
+    #: How long failed and cancelled jobs are kept.
     failed_ttl: Duration = 30 * 86_400.0
+    #: Tries a job gets when neither the job nor its task sets max_attempts.
     max_attempts: PositiveInt = 5
     #: Retry requests (corral.Retry) a job may make before it fails.
     max_retries: NonNegativeInt = 25
+    #: Delay before the first retry of a failed try, doubling (with jitter) up to
+    #: retry_backoff_max, when the task sets none.
     retry_backoff: Duration = 1.0
+    #: The longest delay between two tries of a failing job.
     retry_backoff_max: Duration = 600.0
     #: The largest job payload (msgpack bytes) an enqueue may carry; checked
     #: again on each job the log replays. Unset: 1 MiB, or max_message_size if smaller.
@@ -111,42 +141,82 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
 class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """One ``[[pools]]`` entry: a group of identical worker processes serving some queues."""
 
+    #: The pool's name, unique in the file: ``corral status`` and the process titles show it.
     name: PoolName
+    #: The queues its workers take jobs from.
     queues: Annotated[list[NonEmptyStr], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["default"]
     )
+    #: Worker processes to run (0: the pool is kept, with no process).
     processes: NonNegativeInt = 1
+    #: Modules its workers import: their ``@corral.task`` functions are the tasks it runs.
     plugins: list[ModuleName] = []
+    #: Jobs each process runs at once (threads, or tasks on its event loop).
     concurrency: PositiveInt = 1
+    #: ``threads``: a thread per running job; ``asyncio``: ``async def`` tasks on one event
+    #: loop.
     concurrency_mode: ConcurrencyMode = "threads"
+    #: Jobs each process may hold, not started, beyond its concurrency.
     prefetch: NonNegativeInt = 4
+    #: Recycle a process once it has run this many jobs (0: never).
     max_jobs_per_process: NonNegativeInt = 0
+    #: Recycle a process after its current job once its RSS is above this. Unset: no limit.
     max_memory: PositiveSize | None = None
+    #: Recycle a process after its current job once it is this old. Unset: no limit.
     max_age: PositiveDuration | None = None
+    #: On a stop or a recycle, how long running jobs may finish before the process is killed
+    #: (its jobs go back to their queue, not counted as tries).
     shutdown_timeout: Duration = 30.0
+    #: How long a new process may take to import its plugins and register before it is killed.
     startup_timeout: PositiveDuration = 60.0
+    #: Import the plugins once in the supervisor and fork the workers from it; false: each
+    #: worker imports them itself.
     preload: bool = True
+    #: Crashes of the pool's processes within restart_window past which the whole pool backs
+    #: off for pool_backoff.
     max_restarts: NonNegativeInt = 5
+    #: The window in which max_restarts crashes are counted.
     restart_window: PositiveDuration = 60.0
+    #: A slot that crashes again is restarted after this, doubling up to restart_backoff_max
+    #: (the first restart is at once).
     restart_backoff: Duration = 1.0
+    #: The longest wait before a crashed slot is restarted.
     restart_backoff_max: Duration = 30.0
+    #: How long a pool past max_restarts waits before it starts again, doubling up to
+    #: pool_backoff_max (SIGHUP starts it at once).
     pool_backoff: PositiveDuration = 60.0
+    #: The longest wait of a pool that backs off.
     pool_backoff_max: PositiveDuration = 600.0
+    #: A share per queue (``{ emails = 10, bulk = 1 }``): how often each queue is looked at
+    #: first; a queue left out weighs 1.
     queue_weights: dict[str, PositiveInt] = {}
 
 
 class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """One ``[[schedules]]`` entry: enqueue ``task`` on a cron expression or every so often."""
 
+    #: The schedule's name, unique in the file; the log records its fires under it. Unset: the
+    #: task's name.
     name: NonEmptyStr | None = None
+    #: The task each fire enqueues.
     task: NonEmptyStr
+    #: A cron expression of 5 fields (6 with seconds first), in timezone. Set exactly one of
+    #: cron and every.
     cron: NonEmptyStr | None = None
+    #: Fire at this interval instead of on a cron expression.
     every: PositiveDuration | None = None
+    #: The IANA time zone cron is read in, e.g. "Europe/Paris".
     timezone: NonEmptyStr = "UTC"
+    #: The payload of each job (any TOML value); ``check-config`` checks it against the task's
+    #: type.
     payload: Any = None
+    #: The queue each job goes to.
     queue: NonEmptyStr = "default"
+    #: The priority of each job (higher starts first).
     priority: int = 0
+    #: After downtime: ``skip`` the fires missed, or run ``once``.
     catch_up: CatchUp = "skip"
+    #: false: the schedule never fires.
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -161,15 +231,22 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen
     succeeded, failed, with the duration, as Celery logs them; about 20 µs of
     worker CPU a line, so "debug" or "off" where every microsecond counts)."""
 
+    #: The lowest level logged.
     level: LogLevel = "info"
+    #: ``json``: one JSON object a line; ``console``: for people; ``auto``: console on a
+    #: terminal, JSON otherwise.
     format: LogFormat = "auto"
+    #: The level of a worker's line per job received and ended; ``off``: none.
     jobs: JobLines = "info"
 
 
 class ClientConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """The ``[client]`` section: how the CLI and ``Client.from_config`` reach the broker."""
 
+    #: Where the CLI and ``Client.from_config`` reach the broker. Unset: broker.client_endpoint
+    #: (a wildcard host as loopback).
     endpoint: NonEmptyStr | None = None
+    #: How long a request waits for the broker before it gives up (the CLI exits 3).
     timeout: PositiveDuration = 5.0
 
 
@@ -181,16 +258,29 @@ class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     client's key cannot register as a worker); SIGHUP re-reads both.
     """
 
+    #: Allow tcp endpoints without CURVE: no encryption, no authentication.
     allow_insecure_tcp: bool = False
+    #: On the broker: its secret key file (``corral keys server``), which turns CURVE on for
+    #: its tcp endpoints.
     server_secret_key: NonEmptyStr | None = None
+    #: The broker's public key file, for whatever connects to it over tcp (CLI, supervisor,
+    #: workers).
     server_public_key: NonEmptyStr | None = None
+    #: This host's secret key file for connecting over tcp (the CLI, ``Client``, a supervisor;
+    #: its workers too unless worker_secret_key is set).
     client_secret_key: NonEmptyStr | None = None
+    #: This host's public key file. Not read: the secret key file holds the public key too.
     client_public_key: NonEmptyStr | None = None
     #: The key pair this host's worker processes connect with; unset: client_secret_key.
     worker_secret_key: NonEmptyStr | None = None
+    #: On the broker: a directory of the public keys (``<name>.key``) of the clients it admits,
+    #: and of the events subscribers over tcp; SIGHUP re-reads it.
     authorized_keys_dir: NonEmptyStr | None = None
+    #: On the broker: a directory of the public keys of the workers it admits, apart from
+    #: authorized_keys_dir; SIGHUP re-reads it.
     worker_keys_dir: NonEmptyStr | None = None
-    #: Admit any client key on a CURVE client endpoint (encrypted, not authenticated).
+    #: Admit any client key on a CURVE client or events endpoint (encrypted, not
+    #: authenticated).
     allow_any_client_key: bool = False
 
 
@@ -198,6 +288,8 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     """The ``[metrics]`` section: where the broker serves Prometheus metrics
     (``listen = "HOST:PORT"``, e.g. "127.0.0.1:9464"; unset: not served)."""
 
+    #: ``"HOST:PORT"`` where the broker serves Prometheus metrics (``/metrics``). Unset: not
+    #: served.
     listen: NonEmptyStr | None = None
 
 
@@ -207,7 +299,11 @@ class DashboardConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     run`` serves none, ``corral dashboard`` uses 127.0.0.1:9465), and whether
     it may change anything (``allow_actions``: pause, resume, retry, delete)."""
 
+    #: ``"HOST:PORT"`` of the web dashboard. Unset: ``corral run`` serves none, ``corral
+    #: dashboard`` uses 127.0.0.1:9465.
     listen: NonEmptyStr | None = None
+    #: Let the dashboard pause and resume queues and retry or delete failed jobs; false:
+    #: read-only.
     allow_actions: bool = False
 
 
@@ -222,6 +318,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+    #: Directories put on ``sys.path`` before plugins are imported.
     python_path: list[NonEmptyStr] = []
 
     def __post_init__(self) -> None:

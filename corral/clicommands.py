@@ -501,15 +501,24 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     """``corral events``: see :mod:`corral.eventstail`."""
+    from corral.config import connect_endpoint
     from corral.eventstail import tail
 
-    endpoint = args.endpoint or load_config(args.config).broker.events_endpoint
+    config = load_config(args.config)
+    endpoint = args.endpoint or config.broker.events_endpoint
     if not endpoint:
         raise UsageError(
             "no events endpoint: set [broker] events_endpoint in the config "
             '(e.g. "ipc://var/corral/events.sock"), or give --endpoint'
         )
-    tail(endpoint, args.filter, args.count, args.json)
+    import zmq
+
+    try:
+        tail(connect_endpoint(endpoint), args.filter, args.count, args.json, config)
+    except zmq.ZMQError as exc:
+        raise UsageError(
+            f"cannot subscribe to {endpoint!r}: {exc}; expected ipc://PATH or tcp://HOST:PORT"
+        ) from None
     return EXIT_OK
 
 

@@ -4,6 +4,10 @@ each (``--json``: the event as a JSON object), until Ctrl-C or ``--count``
 events. ``--filter PREFIX`` (repeatable) keeps the events whose name starts
 with it (``job.``, ``job.failed``, ``worker.``); the filtering is done by
 ZeroMQ's subscription, so the broker does not even send the others.
+
+A tcp endpoint is reached with CURVE like the broker's client endpoint:
+``security.server_public_key`` and this host's ``client_secret_key``,
+which must be in the broker's ``authorized_keys_dir``.
 """
 
 from __future__ import annotations
@@ -27,13 +31,23 @@ def line(body: dict[str, Any]) -> str:
     return f"{stamp} {body.get('event', '?')} {fields}".rstrip()
 
 
-def tail(endpoint: str, prefixes: list[str], count: int | None, as_json: bool) -> int:
+def tail(
+    endpoint: str, prefixes: list[str], count: int | None, as_json: bool, config: Any = None
+) -> int:
     """Print events from ``endpoint`` (see the module docstring); returns
     how many were printed. A SUB socket connects even before the broker
-    binds, and gets nothing until it does."""
+    binds, and gets nothing until it does. Raises ConfigError for a tcp
+    endpoint ``config`` gives no CURVE keys for (or a bad key file)."""
+    from corral.transport import make_curve_client
+
     context: zmq.Context[zmq.Socket[Any]] = zmq.Context.instance()
     sock = context.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
+    try:
+        make_curve_client(sock, endpoint, config)
+    except BaseException:
+        sock.close(linger=0)
+        raise
     for prefix in prefixes or [""]:
         sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
     sock.connect(endpoint)

@@ -39,7 +39,9 @@ def _security(config: Any) -> Any:
 
 
 def _load_keypair(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
-    """Load a zmq.auth certificate file; a secret key file must be 0600."""
+    """Load a zmq.auth certificate file; a secret key file must be 0600.
+    Raises ConfigError naming the file when it is missing, open to others,
+    or cannot be read (another user's file, a directory)."""
     import zmq.auth
 
     file = Path(path)
@@ -53,7 +55,14 @@ def _load_keypair(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
                 f"(mode {mode:o}); "
                 f"run `chmod 600 {file}`"
             )
-    public, secret_key = zmq.auth.load_certificate(file)
+    try:
+        public, secret_key = zmq.auth.load_certificate(file)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(
+            f"cannot read the key file {file}: {reason}; it must be a key file "
+            "(`corral keys`) that the user corral runs as can read"
+        ) from None
     if secret and secret_key is None:
         raise ConfigError(f"{file} holds no secret key; name the *.key_secret file")
     return public, secret_key
@@ -114,13 +123,7 @@ def bind_router(
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
     if curve:
-        sec = _security(config)
-        public, secret = _load_keypair(sec.server_secret_key, secret=True)
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-        sock.curve_server = True
-        sock.zap_domain = zap_domain.encode()
-        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        make_curve_server(sock, config, zap_domain)
     ensure_ipc_dir(endpoint)
     try:
         sock.bind(endpoint)
@@ -128,6 +131,27 @@ def bind_router(
         sock.close(linger=0)
         raise ConfigError(f"cannot bind {endpoint}: {exc}") from None
     return sock
+
+
+def make_curve_server(sock: zmq.Socket[Any], config: Any, zap_domain: str) -> None:
+    """Make ``sock`` (not yet bound) a CURVE server with the broker's key
+    pair, its peers authenticated in the ZAP domain ``zap_domain``
+    (enforced). Raises ConfigError for a bad key file."""
+    public, secret = _load_keypair(_security(config).server_secret_key, secret=True)
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_server = True
+    sock.zap_domain = zap_domain.encode()
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+def make_curve_client(sock: zmq.Socket[Any], endpoint: str, config: Any) -> None:
+    """Give ``sock`` (not yet connected) this side's CURVE client keys for
+    ``endpoint`` when it is tcp with CURVE (see :func:`check_tcp_allowed`).
+    Raises ConfigError."""
+    if check_tcp_allowed(endpoint, config, server=False):
+        keys = _client_keys(endpoint, config, worker=False)
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = keys
 
 
 def connect_dealer(

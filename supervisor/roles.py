@@ -36,7 +36,6 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
         return 2
     broker.install_signal_handlers()
     server = _serve_metrics(broker.core.metrics, config.metrics.listen)
-    events = _publish_events(broker, config.broker)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
@@ -45,40 +44,7 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     finally:
         if server is not None:
             server.shutdown()
-        if events is not None:
-            events.close()
     return 0
-
-
-def _publish_events(broker: Any, settings: Any) -> Any:
-    """Publish the broker's events on ``settings.events_endpoint`` (its socket
-    file with the mode and group of the broker's other ipc sockets); one
-    that cannot be bound is logged (``events.cannot_bind``) and the broker
-    goes on without them."""
-    endpoint = settings.events_endpoint
-    if endpoint is None:
-        return None
-    import zmq
-
-    from corral.broker import access
-    from corral.broker.events import Events, bind_publisher
-    from corral.errors import CorralError
-
-    try:
-        sock = bind_publisher(zmq.Context.instance(), endpoint)
-    except zmq.ZMQError as exc:
-        log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
-        return None
-    try:
-        access.secure_socket(endpoint, settings)
-    except CorralError as exc:
-        sock.close(linger=0)
-        log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
-        return None
-    events = Events(sock)
-    broker.core.attach_events(events)
-    log.info("events.publishing", endpoint=endpoint)
-    return events
 
 
 def _serve_metrics(metrics: Any, listen: str | None) -> Any:

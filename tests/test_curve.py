@@ -342,6 +342,20 @@ def test_worker_secret_key_readable_by_others_is_refused(env: Env) -> None:
         assert f"chmod 600 {keys}/worker.key_secret" in proc.output()
 
 
+def test_a_key_file_that_cannot_be_read_is_refused_by_name(env: Env) -> None:
+    """A secret key the broker cannot read (here a directory stands in for
+    it; a file owned by another user is the same OSError) stops it with
+    exit 2 and the file's name, not a traceback."""
+    keys = _keys(env)
+    (keys / "server.key_secret").unlink()
+    (keys / "server.key_secret").mkdir(mode=0o700)
+    _tcp_config(env, _curve(keys))
+    broker = env.start("broker")
+    assert broker.wait(30) == 2
+    assert f"cannot read the key file {keys}/server.key_secret" in broker.output()
+    assert "Traceback" not in broker.output()
+
+
 @pytest.mark.parametrize("what", ["directory", "key"])
 def test_key_directory_writable_by_others_is_refused(env: Env, what: str) -> None:
     keys = _keys(env)

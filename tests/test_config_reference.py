@@ -1,0 +1,77 @@
+"""docs/CONFIG.md is written from config/schema.py by ``make docs``
+(:mod:`corral.config.reference`): the committed file never differs from
+what the schema gives, and every key has a description."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corral.config import reference
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
+
+
+def test_every_config_key_has_a_description() -> None:
+    missing = reference.missing_descriptions()
+    assert not missing, (
+        "config keys without a description: " + ", ".join(missing) + ". Add a `#:` comment "
+        "line right above each field in config/schema.py (what it does, what unset means), "
+        "then run make docs"
+    )
+
+
+def test_the_committed_reference_matches_the_schema() -> None:
+    committed = DOC.read_text() if DOC.exists() else ""
+    if committed != reference.render():
+        pytest.fail("docs/CONFIG.md is out of date with config/schema.py: run make docs")
+
+
+def test_each_row_gives_the_type_the_default_and_the_allowed_values() -> None:
+    text = reference.render()
+    rows = {
+        '| `heartbeat_interval` | duration > 0 | `"1s"` |',
+        '| `segment_size` | size > 0 | `"64MiB"` |',
+        '| `fsync` | one of `"always"`, `"interval"`, `"never"` | `"always"` |',
+        "| `heartbeat_liveness` | integer ≥ 1 | `3` |",
+        "| `name` | string: a pool name of letters, digits,",
+        "| `task` | string | required |",
+        "| `max_memory` | size > 0 | unset |",
+        '| `queues` | non-empty array of strings | `["default"]` |',
+    }
+    for row in rows:
+        assert row in text, row
+    for heading in ("## [broker]", "## [[pools]]", "## [[schedules]]", "## [security]"):
+        assert heading in text
+
+
+def test_a_description_is_the_comment_right_above_its_field() -> None:
+    source = '''
+class Section:
+    """A section."""
+
+    #: Said over
+    #: two lines.
+    described: int = 1
+
+    #: Not this one: a blank line parts it from the field.
+
+    bare: int = 2
+    # a plain comment is no description
+    plain: int = 3
+'''
+    assert reference.field_descriptions(source) == {
+        "Section": {"described": "Said over two lines."}
+    }
+
+
+def test_the_command_writes_the_file_and_check_compares(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "CONFIG.md"
+    assert reference.main(["--check", str(path)]) == 1
+    assert "run make docs" in capsys.readouterr().err
+    assert reference.main([str(path)]) == 0
+    assert path.read_text() == reference.render()
+    assert reference.main(["--check", str(path)]) == 0
