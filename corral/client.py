@@ -8,11 +8,20 @@ methods is a core operation bound by :func:`_blocking` or :func:`_awaiting`,
 so the two cannot drift apart in names, arguments, replies or docs.
 
 A request that gets no answer within the timeout raises BrokerUnavailable
-and the blocking client throws its socket away (the lazy pirate pattern), so
-a late reply or a queued request never surfaces later. Within the timeout,
-a request the broker answers the same way twice (see
+and the client throws its socket away (the lazy pirate pattern), so a late
+reply or a queued request never surfaces later. Within the timeout, a
+request the broker answers the same way twice (see
 :data:`~corral.clientcore.RESENDABLE`) is sent again every
 :data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer.
+
+Sharing. A ZeroMQ socket belongs to one thread at a time, and to the process
+that made it. The blocking client keeps a small pool of DEALER sockets
+(:class:`_Sockets`): each request takes one no other thread holds and puts it
+back, so any number of threads can share one client, and a single thread
+keeps reusing one socket. Both clients note the process id their sockets
+were made in; in a forked child they drop the parent's sockets and context
+unclosed and untouched (closing them would reach into the parent's I/O
+threads) and open new ones from the child's own ``zmq.Context.instance()``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import functools
 import inspect
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
@@ -105,6 +115,9 @@ class _Driver:
             config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
         )
         self._core = ClientCore()
+        #: The process the client was made in: its given context is that
+        #: process's; a forked child uses its own.
+        self._pid = os.getpid()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:
@@ -133,13 +146,74 @@ class _Driver:
         )
 
 
+class _Sockets:
+    """The DEALER sockets of one :class:`Client` in one process, idle ones in
+    a LIFO pool: ``take`` gives a socket no other thread holds (a new one if
+    none is idle), ``give`` puts it back, or closes it once the pool is
+    closed or holds ``keep`` idle sockets already."""
+
+    def __init__(self, context: zmq.Context[Any], endpoint: str, config: Any, keep: int) -> None:
+        #: The process the sockets belong to; a forked child makes its own pool.
+        self.pid = os.getpid()
+        self._connect: Callable[[], zmq.Socket[Any]] = functools.partial(
+            connect_dealer, context, endpoint, config
+        )
+        self._keep = keep
+        self._idle: list[zmq.Socket[Any]] = []
+        self._lock = threading.Lock()  # orders give() against close()
+        self._closed = False
+
+    def take(self) -> zmq.Socket[Any]:
+        try:
+            return self._idle.pop()  # atomic: two threads never get the same one
+        except IndexError:
+            return self._connect()
+
+    def give(self, sock: zmq.Socket[Any]) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._keep:
+                self._idle.append(sock)
+                return
+        sock.close(linger=0)
+
+    def close(self) -> None:
+        """Close the idle sockets now, and each one in use when it comes back."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                sock = self._idle.pop()  # one at a time: a take() may race us
+            except IndexError:
+                return
+            sock.close(linger=0)
+
+
 class Client(_Driver):
-    """A blocking client of one broker. Not thread-safe: use one per thread.
+    """A blocking client of one broker, safe to share between threads and
+    across ``fork``.
 
     ``endpoint`` is the broker's client endpoint (``ipc://...`` or, with
     CURVE keys in ``config``, ``tcp://...``); ``timeout`` is the seconds
-    each request waits for an answer before BrokerUnavailable.
+    each request waits for an answer before BrokerUnavailable;
+    ``context`` is the zmq.Context its sockets are made in (default:
+    ``zmq.Context.instance()``).
+
+    Threads: each request uses a socket no other thread is using at that
+    moment, from a pool that keeps at most :attr:`max_idle_sockets` idle;
+    one thread alone always reuses the same socket. ``close()`` may be
+    called from any thread: idle sockets close at once, those in use as
+    their requests end.
+
+    Fork: a client used before ``os.fork`` (gunicorn ``--preload``,
+    multiprocessing's fork start method) works in the child: its first
+    request there opens a socket in the child's own
+    ``zmq.Context.instance()`` (a ``context`` given here belongs to the
+    parent and is not used in the child), leaving the parent's sockets as
+    they are. The parent goes on with its own.
     """
+
+    #: Idle sockets kept for reuse after a burst of threads; more are closed.
+    max_idle_sockets = 8
 
     def __init__(
         self,
@@ -150,8 +224,8 @@ class Client(_Driver):
         context: zmq.Context[Any] | None = None,
     ) -> None:
         super().__init__(endpoint, timeout, config)
-        self._ctx = context or zmq.Context.instance()
-        self._sock: zmq.Socket[Any] | None = None
+        self._context = context
+        self._sockets = self._new_sockets()
 
     def __enter__(self) -> Self:
         return self
@@ -160,10 +234,19 @@ class Client(_Driver):
         self.close()
 
     def close(self) -> None:
-        """Close the socket; the next request opens a new one."""
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        """Close the sockets (any thread may call it); the next request
+        opens a new one. In a forked child, the parent's sockets are left
+        alone."""
+        sockets, self._sockets = self._sockets, self._new_sockets()
+        if sockets.pid == os.getpid():
+            sockets.close()
+
+    def _new_sockets(self) -> _Sockets:
+        """An empty pool for this process."""
+        context = self._context if self._pid == os.getpid() else None
+        return _Sockets(
+            context or zmq.Context.instance(), self.endpoint, self.config, self.max_idle_sockets
+        )
 
     def _run(self, plan: Plan[T]) -> T:
         """Send each step's request and read its reply until the operation has its value."""
@@ -172,28 +255,42 @@ class Client(_Driver):
         return plan
 
     def _call(self, request: p.ClientRequest, wait: float) -> p.ClientReply:
-        """Send one request and return its reply."""
+        """Send one request on a socket no other thread holds; return its reply."""
+        sockets = self._sockets
+        if sockets.pid != os.getpid():  # forked: the parent's sockets are not ours
+            sockets = self._sockets = self._new_sockets()
+        body = encode_request(request, self.max_message_size)
+        sock = sockets.take()
+        try:
+            reply = self._exchange(sock, request, body, wait)
+        except BaseException:
+            # No answer, or interrupted: a late reply must never reach the
+            # next request, so the socket goes (the lazy pirate pattern).
+            sock.close(linger=0)
+            raise
+        sockets.give(sock)
+        return reply
+
+    def _exchange(
+        self, sock: zmq.Socket[Any], request: p.ClientRequest, body: bytes, wait: float
+    ) -> p.ClientReply:
+        """Send ``body`` on ``sock`` (again every so often, if resendable)
+        and wait for its reply, at most the timeout plus ``wait`` seconds."""
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
-        if self._sock is None:
-            self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
-        sock = self._sock
-        body = encode_request(request, self.max_message_size)
-        every = resend_every(request, wait)
         while True:
             try:
                 sock.send(body, zmq.NOBLOCK)
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    self.close()
                     raise self._unavailable(timeout) from None
                 sock.poll(50, zmq.POLLOUT)
+        every = resend_every(request, wait)
         resend_at = time.monotonic() + every if every is not None else math.inf
         while True:
             now = time.monotonic()
             if now >= deadline:
-                self.close()
                 raise self._unavailable(timeout)
             if now >= resend_at:  # no answer yet: the same request again
                 with contextlib.suppress(zmq.Again):
@@ -228,7 +325,15 @@ class Client(_Driver):
 
 class AsyncClient(_Driver):
     """The methods of :class:`Client`, as coroutines. Many requests may be in
-    flight at once on its one socket; use it from one event loop."""
+    flight at once on its one socket, from any number of tasks of one event
+    loop at a time; it is not for several threads or loops at once (give
+    each its own AsyncClient, or use :class:`Client`).
+
+    Fork: a client used before ``os.fork`` works in the child's event
+    loop; its first request there drops the parent's socket, its reader and
+    its waiting requests, untouched, and opens a socket in the child's own
+    ``zmq.asyncio.Context.instance()``.
+    """
 
     def __init__(
         self,
@@ -251,13 +356,26 @@ class AsyncClient(_Driver):
         self.close()
 
     def close(self) -> None:
-        """Close the socket; the next request opens a new one."""
+        """Close the socket; the next request opens a new one. In a forked
+        child, the parent's socket is left alone."""
+        if self._pid != os.getpid():
+            self._forked()
+            return
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+    def _forked(self) -> None:
+        """Forget what belongs to the parent (its socket, reader task and
+        futures are bound to its context and loop), closing nothing."""
+        self._pid = os.getpid()
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = None
+        self._reader = None
+        self._pending = {}
 
     async def _run(self, plan: Plan[T]) -> T:
         """Send each step's request and read its reply until the operation has its value."""
@@ -270,6 +388,8 @@ class AsyncClient(_Driver):
         each reply to its request by id."""
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
+        if self._pid != os.getpid():
+            self._forked()
         if self._sock is None:
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
         sock = self._sock
