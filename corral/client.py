@@ -64,6 +64,13 @@ DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 T = TypeVar("T")
 P = ParamSpec("P")
 
+#: What a forked child's clients inherited from the parent (sockets, a
+#: reader task), kept for the child's life so that neither the client nor
+#: the garbage collector ever closes them there: closing a zmq.asyncio
+#: socket unregisters it from its event loop's epoll set, which the child
+#: shares with the parent, and the parent's socket would go deaf.
+_INHERITED: list[object] = []
+
 
 def _signature(op: Callable[..., Any]) -> inspect.Signature:
     """``op``'s signature as a client method has it: ``-> Plan[X]`` reads ``-> X``."""
@@ -240,6 +247,8 @@ class Client(_Driver):
         sockets, self._sockets = self._sockets, self._new_sockets()
         if sockets.pid == os.getpid():
             sockets.close()
+        else:
+            _INHERITED.append(sockets)
 
     def _new_sockets(self) -> _Sockets:
         """An empty pool for this process."""
@@ -258,6 +267,7 @@ class Client(_Driver):
         """Send one request on a socket no other thread holds; return its reply."""
         sockets = self._sockets
         if sockets.pid != os.getpid():  # forked: the parent's sockets are not ours
+            _INHERITED.append(sockets)
             sockets = self._sockets = self._new_sockets()
         body = encode_request(request, self.max_message_size)
         sock = sockets.take()
@@ -369,8 +379,9 @@ class AsyncClient(_Driver):
             self._sock = None
 
     def _forked(self) -> None:
-        """Forget what belongs to the parent (its socket, reader task and
+        """Set aside what belongs to the parent (its socket, reader task and
         futures are bound to its context and loop), closing nothing."""
+        _INHERITED.append((self._sock, self._reader, self._pending))
         self._pid = os.getpid()
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = None

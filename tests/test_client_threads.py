@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -357,3 +358,36 @@ def test_an_async_client_survives_a_fork(env: Env, children: Children) -> None:
         assert asyncio.run(use(4)) == 16
     finally:
         client.close()
+
+
+def test_an_async_client_forked_beside_an_open_loop(env: Env, children: Children) -> None:
+    """A fork while the parent's event loop is still open, and a child that
+    closes the client first (as a post-fork hook would): the child never
+    unregisters the parent's socket from that loop's epoll (which the two
+    processes share), so the parent's next request on it, one that is
+    never resent, is answered."""
+    start_daemon(env)
+    client = corral.AsyncClient(env.endpoint, timeout=3)
+
+    async def use(n: int) -> int:
+        value: int = await client.result(await client.enqueue("e2e.square", n), timeout=30)
+        return value
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(use(2)) == 4
+
+        def child() -> int:
+            client.close()
+            gc.collect()
+            value = asyncio.run(use(3))
+            return OK if value == 9 else WRONG
+
+        pid = children.fork(child)
+        assert children.exit_code(pid) == OK
+        loop.run_until_complete(client.pause("elsewhere"))  # sent once: no resend hides a loss
+        loop.run_until_complete(client.resume("elsewhere"))
+        assert loop.run_until_complete(use(4)) == 16
+    finally:
+        client.close()
+        loop.close()
