@@ -18,10 +18,11 @@ Sharing. A ZeroMQ socket belongs to one thread at a time, and to the process
 that made it. The blocking client keeps a small pool of DEALER sockets
 (:class:`_Sockets`): each request takes one no other thread holds and puts it
 back, so any number of threads can share one client, and a single thread
-keeps reusing one socket. Both clients note the process id their sockets
-were made in; in a forked child they drop the parent's sockets and context
-unclosed and untouched (closing them would reach into the parent's I/O
-threads) and open new ones from the child's own ``zmq.Context.instance()``.
+keeps reusing one socket. Both clients note the process their sockets were
+made in (:class:`_ThisProcess`, kept current by an at-fork hook); a forked
+child sets the parent's sockets aside, never closing them (a zmq.asyncio
+socket closed there would leave the epoll set the two processes share), and
+opens its own from the child's ``zmq.Context.instance()``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import functools
 import inspect
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
@@ -70,6 +70,27 @@ P = ParamSpec("P")
 #: socket unregisters it from its event loop's epoll set, which the child
 #: shares with the parent, and the parent's socket would go deaf.
 _INHERITED: list[object] = []
+
+
+class _ThisProcess:
+    """This process's id, read on every request without a system call: set
+    when a client is made, and in every forked child by an at-fork hook
+    (which runs for any fork that goes on running Python: ``os.fork``,
+    multiprocessing, gunicorn, uWSGI)."""
+
+    pid = 0
+
+    @classmethod
+    def watch(cls) -> int:
+        """Start keeping :attr:`pid` current (once per process tree); returns it."""
+        if cls.pid == 0:
+            os.register_at_fork(after_in_child=cls._forked)
+        cls.pid = os.getpid()
+        return cls.pid
+
+    @classmethod
+    def _forked(cls) -> None:
+        cls.pid = os.getpid()
 
 
 def _signature(op: Callable[..., Any]) -> inspect.Signature:
@@ -124,7 +145,7 @@ class _Driver:
         self._core = ClientCore()
         #: The process the client was made in: its given context is that
         #: process's; a forked child uses its own.
-        self._pid = os.getpid()
+        self._pid = _ThisProcess.watch()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:
@@ -161,13 +182,12 @@ class _Sockets:
 
     def __init__(self, context: zmq.Context[Any], endpoint: str, config: Any, keep: int) -> None:
         #: The process the sockets belong to; a forked child makes its own pool.
-        self.pid = os.getpid()
+        self.pid = _ThisProcess.pid
         self._connect: Callable[[], zmq.Socket[Any]] = functools.partial(
             connect_dealer, context, endpoint, config
         )
         self._keep = keep
         self._idle: list[zmq.Socket[Any]] = []
-        self._lock = threading.Lock()  # orders give() against close()
         self._closed = False
 
     def take(self) -> zmq.Socket[Any]:
@@ -177,19 +197,23 @@ class _Sockets:
             return self._connect()
 
     def give(self, sock: zmq.Socket[Any]) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < self._keep:
-                self._idle.append(sock)
-                return
-        sock.close(linger=0)
+        if self._closed or len(self._idle) >= self._keep:
+            sock.close(linger=0)
+            return
+        self._idle.append(sock)
+        if self._closed:  # close() ran meanwhile and may have missed it
+            self._drain()
 
     def close(self) -> None:
         """Close the idle sockets now, and each one in use when it comes back."""
-        with self._lock:
-            self._closed = True
+        self._closed = True
+        self._drain()
+
+    def _drain(self) -> None:
+        # One at a time, each by whoever pops it: a take() or another drain may race us.
         while True:
             try:
-                sock = self._idle.pop()  # one at a time: a take() may race us
+                sock = self._idle.pop()
             except IndexError:
                 return
             sock.close(linger=0)
@@ -245,14 +269,14 @@ class Client(_Driver):
         opens a new one. In a forked child, the parent's sockets are left
         alone."""
         sockets, self._sockets = self._sockets, self._new_sockets()
-        if sockets.pid == os.getpid():
+        if sockets.pid == _ThisProcess.pid:
             sockets.close()
         else:
             _INHERITED.append(sockets)
 
     def _new_sockets(self) -> _Sockets:
         """An empty pool for this process."""
-        context = self._context if self._pid == os.getpid() else None
+        context = self._context if self._pid == _ThisProcess.pid else None
         return _Sockets(
             context or zmq.Context.instance(), self.endpoint, self.config, self.max_idle_sockets
         )
@@ -266,7 +290,7 @@ class Client(_Driver):
     def _call(self, request: p.ClientRequest, wait: float) -> p.ClientReply:
         """Send one request on a socket no other thread holds; return its reply."""
         sockets = self._sockets
-        if sockets.pid != os.getpid():  # forked: the parent's sockets are not ours
+        if sockets.pid != _ThisProcess.pid:  # forked: the parent's sockets are not ours
             _INHERITED.append(sockets)
             sockets = self._sockets = self._new_sockets()
         body = encode_request(request, self.max_message_size)
@@ -368,7 +392,7 @@ class AsyncClient(_Driver):
     def close(self) -> None:
         """Close the socket; the next request opens a new one. In a forked
         child, the parent's socket is left alone."""
-        if self._pid != os.getpid():
+        if self._pid != _ThisProcess.pid:
             self._forked()
             return
         if self._reader is not None:
@@ -382,7 +406,7 @@ class AsyncClient(_Driver):
         """Set aside what belongs to the parent (its socket, reader task and
         futures are bound to its context and loop), closing nothing."""
         _INHERITED.append((self._sock, self._reader, self._pending))
-        self._pid = os.getpid()
+        self._pid = _ThisProcess.pid
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = None
         self._reader = None
@@ -399,7 +423,7 @@ class AsyncClient(_Driver):
         each reply to its request by id."""
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
-        if self._pid != os.getpid():
+        if self._pid != _ThisProcess.pid:
             self._forked()
         if self._sock is None:
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
