@@ -178,14 +178,17 @@ class _Sockets:
     """The DEALER sockets of one :class:`Client` in one process, idle ones in
     a LIFO pool: ``take`` gives a socket no other thread holds (a new one if
     none is idle), ``give`` puts it back, or closes it once the pool is
-    closed or holds ``keep`` idle sockets already."""
+    closed or holds ``keep`` idle sockets already. Lock-free: a list's pop
+    and append are atomic."""
 
-    def __init__(self, context: zmq.Context[Any], endpoint: str, config: Any, keep: int) -> None:
+    def __init__(
+        self, context: zmq.Context[Any] | None, endpoint: str, config: Any, keep: int
+    ) -> None:
         #: The process the sockets belong to; a forked child makes its own pool.
         self.pid = _ThisProcess.pid
-        self._connect: Callable[[], zmq.Socket[Any]] = functools.partial(
-            connect_dealer, context, endpoint, config
-        )
+        self._context = context
+        self._endpoint = endpoint
+        self._config = config
         self._keep = keep
         self._idle: list[zmq.Socket[Any]] = []
         self._closed = False
@@ -194,7 +197,9 @@ class _Sockets:
         try:
             return self._idle.pop()  # atomic: two threads never get the same one
         except IndexError:
-            return self._connect()
+            # None: this process's instance, made at its first socket.
+            context = self._context or zmq.Context.instance()
+            return connect_dealer(context, self._endpoint, self._config)
 
     def give(self, sock: zmq.Socket[Any]) -> None:
         if self._closed or len(self._idle) >= self._keep:
@@ -275,11 +280,9 @@ class Client(_Driver):
             _INHERITED.append(sockets)
 
     def _new_sockets(self) -> _Sockets:
-        """An empty pool for this process."""
+        """An empty pool for this process (a given context is the parent's in a child)."""
         context = self._context if self._pid == _ThisProcess.pid else None
-        return _Sockets(
-            context or zmq.Context.instance(), self.endpoint, self.config, self.max_idle_sockets
-        )
+        return _Sockets(context, self.endpoint, self.config, self.max_idle_sockets)
 
     def _run(self, plan: Plan[T]) -> T:
         """Send each step's request and read its reply until the operation has its value."""
