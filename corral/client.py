@@ -8,8 +8,8 @@ methods is a core operation bound by :func:`_blocking` or :func:`_awaiting`,
 so the two cannot drift apart in names, arguments, replies or docs.
 
 A request that gets no answer within the timeout raises BrokerUnavailable
-and the client throws its socket away (the lazy pirate pattern), so a late
-reply or a queued request never surfaces later. Within the timeout, a
+and the blocking client throws its socket away (the lazy pirate pattern), so
+a late reply or a queued request never surfaces later. Within the timeout, a
 request the broker answers the same way twice (see
 :data:`~corral.clientcore.RESENDABLE`) is sent again every
 :data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer.
@@ -367,9 +367,10 @@ class AsyncClient(_Driver):
     each its own AsyncClient, or use :class:`Client`).
 
     Fork: a client used before ``os.fork`` works in the child's event
-    loop; its first request there drops the parent's socket, its reader and
-    its waiting requests, untouched, and opens a socket in the child's own
-    ``zmq.asyncio.Context.instance()``.
+    loop; its first request (or ``close()``) there sets aside the parent's
+    socket, reader task and waiting requests, never closing them, and opens
+    a socket in the child's own ``zmq.asyncio.Context.instance()`` (a
+    ``context`` given here is the parent's).
     """
 
     def __init__(
