@@ -9,10 +9,20 @@ so the two cannot drift apart in names, arguments, replies or docs.
 
 A request that gets no answer within the timeout raises BrokerUnavailable
 and the blocking client throws its socket away (the lazy pirate pattern), so
-a late reply or a queued request never surfaces later. Within the timeout,
-a request the broker answers the same way twice (see
+a late reply or a queued request never surfaces later. Within the timeout, a
+request the broker answers the same way twice (see
 :data:`~corral.clientcore.RESENDABLE`) is sent again every
 :data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer.
+
+Sharing. A ZeroMQ socket belongs to one thread at a time, and to the process
+that made it. The blocking client keeps a small pool of DEALER sockets
+(:class:`_Sockets`): each request takes one no other thread holds and puts it
+back, so any number of threads can share one client, and a single thread
+keeps reusing one socket. Both clients note the process their sockets were
+made in (:class:`_ThisProcess`, kept current by an at-fork hook); a forked
+child sets the parent's sockets aside, never closing them (a zmq.asyncio
+socket closed there would leave the epoll set the two processes share), and
+opens its own from the child's ``zmq.Context.instance()``.
 """
 
 from __future__ import annotations
@@ -53,6 +63,34 @@ DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+#: What a forked child's clients inherited from the parent (sockets, a
+#: reader task), kept for the child's life so that neither the client nor
+#: the garbage collector ever closes them there: closing a zmq.asyncio
+#: socket unregisters it from its event loop's epoll set, which the child
+#: shares with the parent, and the parent's socket would go deaf.
+_INHERITED: list[object] = []
+
+
+class _ThisProcess:
+    """This process's id, read on every request without a system call: set
+    when a client is made, and in every forked child by an at-fork hook
+    (which runs for any fork that goes on running Python: ``os.fork``,
+    multiprocessing, gunicorn, uWSGI)."""
+
+    pid = 0
+
+    @classmethod
+    def watch(cls) -> int:
+        """Start keeping :attr:`pid` current (once per process tree); returns it."""
+        if cls.pid == 0:
+            os.register_at_fork(after_in_child=cls._forked)
+        cls.pid = os.getpid()
+        return cls.pid
+
+    @classmethod
+    def _forked(cls) -> None:
+        cls.pid = os.getpid()
 
 
 def _signature(op: Callable[..., Any]) -> inspect.Signature:
@@ -105,6 +143,9 @@ class _Driver:
             config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
         )
         self._core = ClientCore()
+        #: The process the client was made in: its given context is that
+        #: process's; a forked child uses its own.
+        self._pid = _ThisProcess.watch()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:
@@ -133,13 +174,82 @@ class _Driver:
         )
 
 
+class _Sockets:
+    """The DEALER sockets of one :class:`Client` in one process, idle ones in
+    a LIFO pool: ``take`` gives a socket no other thread holds (a new one if
+    none is idle), ``give`` puts it back, or closes it once the pool is
+    closed or holds ``keep`` idle sockets already. Lock-free: a list's pop
+    and append are atomic."""
+
+    def __init__(
+        self, context: zmq.Context[Any] | None, endpoint: str, config: Any, keep: int
+    ) -> None:
+        #: The process the sockets belong to; a forked child makes its own pool.
+        self.pid = _ThisProcess.pid
+        self._context = context
+        self._endpoint = endpoint
+        self._config = config
+        self._keep = keep
+        self._idle: list[zmq.Socket[Any]] = []
+        self._closed = False
+
+    def take(self) -> zmq.Socket[Any]:
+        try:
+            return self._idle.pop()  # atomic: two threads never get the same one
+        except IndexError:
+            # None: this process's instance, made at its first socket.
+            context = self._context or zmq.Context.instance()
+            return connect_dealer(context, self._endpoint, self._config)
+
+    def give(self, sock: zmq.Socket[Any]) -> None:
+        if self._closed or len(self._idle) >= self._keep:
+            sock.close(linger=0)
+            return
+        self._idle.append(sock)
+        if self._closed:  # close() ran meanwhile and may have missed it
+            self._drain()
+
+    def close(self) -> None:
+        """Close the idle sockets now, and each one in use when it comes back."""
+        self._closed = True
+        self._drain()
+
+    def _drain(self) -> None:
+        # One at a time, each by whoever pops it: a take() or another drain may race us.
+        while True:
+            try:
+                sock = self._idle.pop()
+            except IndexError:
+                return
+            sock.close(linger=0)
+
+
 class Client(_Driver):
-    """A blocking client of one broker. Not thread-safe: use one per thread.
+    """A blocking client of one broker, safe to share between threads and
+    across ``fork``.
 
     ``endpoint`` is the broker's client endpoint (``ipc://...`` or, with
     CURVE keys in ``config``, ``tcp://...``); ``timeout`` is the seconds
-    each request waits for an answer before BrokerUnavailable.
+    each request waits for an answer before BrokerUnavailable;
+    ``context`` is the zmq.Context its sockets are made in (default:
+    ``zmq.Context.instance()``).
+
+    Threads: each request uses a socket no other thread is using at that
+    moment, from a pool that keeps at most :attr:`max_idle_sockets` idle;
+    one thread alone always reuses the same socket. ``close()`` may be
+    called from any thread: idle sockets close at once, those in use as
+    their requests end.
+
+    Fork: a client used before ``os.fork`` (gunicorn ``--preload``,
+    multiprocessing's fork start method) works in the child: its first
+    request there opens a socket in the child's own
+    ``zmq.Context.instance()`` (a ``context`` given here belongs to the
+    parent and is not used in the child), leaving the parent's sockets as
+    they are. The parent goes on with its own.
     """
+
+    #: Idle sockets kept for reuse after a burst of threads; more are closed.
+    max_idle_sockets = 8
 
     def __init__(
         self,
@@ -150,8 +260,8 @@ class Client(_Driver):
         context: zmq.Context[Any] | None = None,
     ) -> None:
         super().__init__(endpoint, timeout, config)
-        self._ctx = context or zmq.Context.instance()
-        self._sock: zmq.Socket[Any] | None = None
+        self._context = context
+        self._sockets = self._new_sockets()
 
     def __enter__(self) -> Self:
         return self
@@ -160,10 +270,19 @@ class Client(_Driver):
         self.close()
 
     def close(self) -> None:
-        """Close the socket; the next request opens a new one."""
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        """Close the sockets (any thread may call it); the next request
+        opens a new one. In a forked child, the parent's sockets are left
+        alone."""
+        sockets, self._sockets = self._sockets, self._new_sockets()
+        if sockets.pid == _ThisProcess.pid:
+            sockets.close()
+        else:
+            _INHERITED.append(sockets)
+
+    def _new_sockets(self) -> _Sockets:
+        """An empty pool for this process (a given context is the parent's in a child)."""
+        context = self._context if self._pid == _ThisProcess.pid else None
+        return _Sockets(context, self.endpoint, self.config, self.max_idle_sockets)
 
     def _run(self, plan: Plan[T]) -> T:
         """Send each step's request and read its reply until the operation has its value."""
@@ -172,28 +291,43 @@ class Client(_Driver):
         return plan
 
     def _call(self, request: p.ClientRequest, wait: float) -> p.ClientReply:
-        """Send one request and return its reply."""
+        """Send one request on a socket no other thread holds; return its reply."""
+        sockets = self._sockets
+        if sockets.pid != _ThisProcess.pid:  # forked: the parent's sockets are not ours
+            _INHERITED.append(sockets)
+            sockets = self._sockets = self._new_sockets()
+        body = encode_request(request, self.max_message_size)
+        sock = sockets.take()
+        try:
+            reply = self._exchange(sock, request, body, wait)
+        except BaseException:
+            # No answer, or interrupted: a late reply must never reach the
+            # next request, so the socket goes (the lazy pirate pattern).
+            sock.close(linger=0)
+            raise
+        sockets.give(sock)
+        return reply
+
+    def _exchange(
+        self, sock: zmq.Socket[Any], request: p.ClientRequest, body: bytes, wait: float
+    ) -> p.ClientReply:
+        """Send ``body`` on ``sock`` (again every so often, if resendable)
+        and wait for its reply, at most the timeout plus ``wait`` seconds."""
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
-        if self._sock is None:
-            self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
-        sock = self._sock
-        body = encode_request(request, self.max_message_size)
-        every = resend_every(request, wait)
         while True:
             try:
                 sock.send(body, zmq.NOBLOCK)
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    self.close()
                     raise self._unavailable(timeout) from None
                 sock.poll(50, zmq.POLLOUT)
+        every = resend_every(request, wait)
         resend_at = time.monotonic() + every if every is not None else math.inf
         while True:
             now = time.monotonic()
             if now >= deadline:
-                self.close()
                 raise self._unavailable(timeout)
             if now >= resend_at:  # no answer yet: the same request again
                 with contextlib.suppress(zmq.Again):
@@ -228,7 +362,16 @@ class Client(_Driver):
 
 class AsyncClient(_Driver):
     """The methods of :class:`Client`, as coroutines. Many requests may be in
-    flight at once on its one socket; use it from one event loop."""
+    flight at once on its one socket, from any number of tasks of one event
+    loop at a time; it is not for several threads or loops at once (give
+    each its own AsyncClient, or use :class:`Client`).
+
+    Fork: a client used before ``os.fork`` works in the child's event
+    loop; its first request (or ``close()``) there sets aside the parent's
+    socket, reader task and waiting requests, never closing them, and opens
+    a socket in the child's own ``zmq.asyncio.Context.instance()`` (a
+    ``context`` given here is the parent's).
+    """
 
     def __init__(
         self,
@@ -251,13 +394,27 @@ class AsyncClient(_Driver):
         self.close()
 
     def close(self) -> None:
-        """Close the socket; the next request opens a new one."""
+        """Close the socket; the next request opens a new one. In a forked
+        child, the parent's socket is left alone."""
+        if self._pid != _ThisProcess.pid:
+            self._forked()
+            return
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+    def _forked(self) -> None:
+        """Set aside what belongs to the parent (its socket, reader task and
+        futures are bound to its context and loop), closing nothing."""
+        _INHERITED.append((self._sock, self._reader, self._pending))
+        self._pid = _ThisProcess.pid
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = None
+        self._reader = None
+        self._pending = {}
 
     async def _run(self, plan: Plan[T]) -> T:
         """Send each step's request and read its reply until the operation has its value."""
@@ -270,6 +427,8 @@ class AsyncClient(_Driver):
         each reply to its request by id."""
         timeout = self.timeout + wait
         deadline = time.monotonic() + timeout
+        if self._pid != _ThisProcess.pid:
+            self._forked()
         if self._sock is None:
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
         sock = self._sock
