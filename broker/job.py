@@ -260,6 +260,10 @@ class Job(msgspec.Struct, gc=False, eq=False):
         return self.tpl.result_ttl
 
     @property
+    def headers(self) -> dict[str, str] | None:
+        return self.tpl.headers
+
+    @property
     def flow(self) -> str | None:
         return self.tpl.flow
 
@@ -376,11 +380,13 @@ class Templates:
 
 def plain(rec: JobCreated) -> bool:
     """A job that can be pristine: due now, in no flow, with no callbacks,
-    unique key or previous result (what makes a job unlike its siblings)."""
+    unique key, headers or previous result (what makes a job unlike its
+    siblings: a template holds none of them)."""
     return (
         rec.run_at is None
         and rec.flow is None
         and rec.unique_key is None
+        and not rec.headers
         and rec.on_success is None
         and rec.on_failure is None
         and (rec.prev_result is NIL or rec.prev_result == NIL)

@@ -41,6 +41,14 @@ ModuleName = Annotated[
     ),
 ]
 
+HookName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$",
+        description='a dotted module name like "myapp.hooks", or "myapp.hooks:make_hooks"',
+    ),
+]
+
 SocketMode = Annotated[
     int,
     msgspec.Meta(
@@ -133,6 +141,9 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     pool_backoff: PositiveDuration = 60.0
     pool_backoff_max: PositiveDuration = 600.0
     queue_weights: dict[str, PositiveInt] = {}
+    #: Hooks modules for this pool's workers, after the top-level ``hooks``
+    #: (see :mod:`corral.hooks`).
+    hooks: list[HookName] = []
 
 
 class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -223,6 +234,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     python_path: list[NonEmptyStr] = []
+    #: Hooks modules (see :mod:`corral.hooks`) that every pool's workers and
+    #: ``Client.from_config`` load: each module's ``corral_hooks()`` (or
+    #: ``"module:function"``) gives its hooks.
+    hooks: list[HookName] = []
 
     def __post_init__(self) -> None:
         """Point the client at the broker's client endpoint unless one was given."""

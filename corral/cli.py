@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from corral.broker.protocol import STATUSES
-from corral.cliargs import count_arg, duration_arg, moment_arg, priority_arg
+from corral.cliargs import HeaderAction, count_arg, duration_arg, moment_arg, priority_arg
 from corral.clicommands import (
     EXIT_JOB,
     EXIT_TIMEOUT,
@@ -160,6 +160,13 @@ def _add_enqueue(subs: Subparsers) -> None:
     )
     enqueue.add_argument("--result-ttl", type=duration_arg, help="how long to keep the result")
     enqueue.add_argument("--max-retries", type=int, help="corral.Retry requests before it fails")
+    enqueue.add_argument(
+        "--header",
+        dest="headers",
+        metavar="KEY=VALUE",
+        action=HeaderAction,
+        help="the job's metadata, for ctx.headers (repeatable)",
+    )
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
     enqueue.add_argument(
         "--wait-timeout", type=duration_arg, help="give up waiting after this (exit code 4)"

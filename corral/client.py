@@ -24,7 +24,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import zmq
@@ -42,6 +42,7 @@ from corral.clientcore import (
     resend_every,
 )
 from corral.errors import BrokerUnavailable
+from corral.hooks import Hooks, HookSet
 from corral.transport import connect_dealer
 
 #: The job specs the clients take and the pages they give, defined with the core.
@@ -93,7 +94,9 @@ def _awaiting(
 class _Driver:
     """What both clients hold: where the broker is, the timeout, the core."""
 
-    def __init__(self, endpoint: str | None, timeout: float, config: Any) -> None:
+    def __init__(
+        self, endpoint: str | None, timeout: float, config: Any, hooks: Iterable[Hooks] = ()
+    ) -> None:
         if endpoint is None:
             if config is None:
                 raise ValueError("give Client an endpoint or use Client.from_config(path)")
@@ -104,18 +107,25 @@ class _Driver:
         self.max_message_size: int = (
             config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
         )
-        self._core = ClientCore()
+        self._core = ClientCore(hooks=HookSet(hooks))
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:
         """A client of the broker a corral TOML config names (``client.endpoint``,
         else ``broker.client_endpoint``), with its CURVE keys, message size
-        limit and ``client.timeout`` (seconds) unless ``timeout`` is given.
-        Raises ConfigError for a config that cannot be used."""
+        limit, ``client.timeout`` (seconds) unless ``timeout`` is given, and
+        the config's top-level ``hooks`` (before any ``hooks`` given).
+        Raises ConfigError for a config that cannot be used, HookError for
+        a hooks module that cannot be loaded."""
         from corral.config import load
+        from corral.hooks import load_hooks
+        from corral.workers.registry import add_python_path
 
         config = load(path)
         kwargs.setdefault("timeout", config.client.timeout)
+        if config.hooks:
+            add_python_path(config.python_path)
+            kwargs["hooks"] = [*load_hooks(config.hooks), *kwargs.get("hooks", ())]
         return cls(None, config=config, **kwargs)
 
     def _unavailable(self, timeout: float) -> BrokerUnavailable:
@@ -138,7 +148,8 @@ class Client(_Driver):
 
     ``endpoint`` is the broker's client endpoint (``ipc://...`` or, with
     CURVE keys in ``config``, ``tcp://...``); ``timeout`` is the seconds
-    each request waits for an answer before BrokerUnavailable.
+    each request waits for an answer before BrokerUnavailable; ``hooks``
+    (``corral.Hooks``) see every job before it is sent.
     """
 
     def __init__(
@@ -148,8 +159,9 @@ class Client(_Driver):
         timeout: float = DEFAULT_TIMEOUT,
         config: Any = None,
         context: zmq.Context[Any] | None = None,
+        hooks: Iterable[Hooks] = (),
     ) -> None:
-        super().__init__(endpoint, timeout, config)
+        super().__init__(endpoint, timeout, config, hooks)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
 
@@ -237,8 +249,9 @@ class AsyncClient(_Driver):
         timeout: float = DEFAULT_TIMEOUT,
         config: Any = None,
         context: zmq.asyncio.Context | None = None,
+        hooks: Iterable[Hooks] = (),
     ) -> None:
-        super().__init__(endpoint, timeout, config)
+        super().__init__(endpoint, timeout, config, hooks)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[int, asyncio.Future[p.ClientReply]] = {}

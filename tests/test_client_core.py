@@ -116,6 +116,7 @@ def test_enqueue_puts_every_option_on_the_wire() -> None:
         "result_ttl": 60.0,
         "unique_for": 9.0,
         "max_retries": 2,
+        "headers": {"traceparent": "00-ab-cd-01"},
     }
     assert set(values) == set(OPTION_NAMES), "a new option needs a value here"
     job_id, (request,) = drive(

@@ -40,6 +40,7 @@ OPTION_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "result_ttl": st.none() | finite,
     "unique_for": st.none() | finite,
     "max_retries": st.none() | st.integers(0, 1000),
+    "headers": st.none() | st.dictionaries(names, st.text(max_size=30), max_size=3),
 }
 
 
