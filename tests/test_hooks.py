@@ -207,6 +207,40 @@ def test_a_client_hook_adds_headers_to_every_job_it_sends() -> None:
         HookSet([object()])  # type: ignore[list-item]
 
 
+def test_each_jobs_headers_survive_batching_restart_and_compaction(tmp_path: Path) -> None:
+    """Jobs alike but for their headers share no template: each keeps its
+    own headers in a batch, across a restart, in a compaction's snapshot,
+    and in its delivery."""
+    from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
+
+    from corral.broker.state import JobState
+
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    specs = [
+        p.JobSpec(f"j{i}", "t.x", p.encode_value(i), headers={"traceparent": f"00-{i}"})
+        for i in range(3)
+    ] + [p.JobSpec("plain", "t.x", p.encode_value(3))]
+    assert isinstance(broker.request(p.Enqueue(broker.next_req(), specs)), p.EnqueueOk)
+    want = {"j0": {"traceparent": "00-0"}, "j1": {"traceparent": "00-1"}}
+    want |= {"j2": {"traceparent": "00-2"}, "plain": None}
+
+    def kept(state: JobState) -> dict[str, Any]:
+        return {job_id: state.jobs[job_id].headers for job_id in want}
+
+    assert kept(broker.core.state) == want
+    broker.close()
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)  # replayed from the log
+    assert kept(broker.core.state) == want
+    again = JobState(broker.core.compactor.defaults)
+    for record in broker.core.state.snapshot():  # what a compaction writes
+        again.apply(record)
+    assert kept(again) == want
+    worker = FakeWorker(broker, credit=4)
+    got = {d.job_id: d.headers for d in deliveries(worker.send(p.WorkerHeartbeat()))}
+    got |= {d.job_id: d.headers for d in worker.ready()}
+    assert got == want
+
+
 # -- loading -----------------------------------------------------------------------
 
 
