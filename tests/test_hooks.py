@@ -286,6 +286,32 @@ def test_hooks_keys_in_the_config(tmp_path: Path) -> None:
         load(path)
 
 
+def test_a_reload_rolls_a_pool_whose_hooks_changed(tmp_path: Path) -> None:
+    """The pool's fingerprint covers its hooks entries and their code."""
+    from corral.supervisor.reload import plugin_fingerprint
+
+    module = tmp_path / f"reload_hooks_{tmp_path.name}.py"
+    module.write_text("def corral_hooks(): return []\n")
+    name = module.stem
+    path = tmp_path / "c.toml"
+
+    def fingerprint(top: str, pool: str = "[]") -> str:
+        path.write_text(
+            f'python_path = ["{tmp_path}"]\nhooks = {top}\n[[pools]]\nname = "p"\nhooks = {pool}\n'
+        )
+        config = load(path)
+        return plugin_fingerprint(config, config.pools[0])
+
+    none = fingerprint("[]")
+    top = fingerprint(f'["{name}"]')
+    assert none != top
+    assert fingerprint("[]", f'["{name}"]') == top  # the same hooks for the pool's workers
+    assert fingerprint("[]", f'["{name}:corral_hooks"]') not in (none, top)
+    module.write_text("def corral_hooks(): return ()\n")
+    assert fingerprint(f'["{name}"]') != top
+    assert fingerprint("[]") == none
+
+
 def test_check_config_names_a_bad_hooks_module(env: Env) -> None:
     text = env.config.read_text()
     env.config.write_text(text.replace("\n[broker]", 'hooks = ["no_such_hooks"]\n\n[broker]', 1))
