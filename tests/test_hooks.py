@@ -7,6 +7,7 @@ OpenTelemetry examples, each through real processes."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -183,6 +184,7 @@ def test_the_job_lines_are_a_hook_and_come_first() -> None:
         assert [type(h) for h in worker.hooks.hooks] == [JobLines, Calls]
     finally:
         worker._ctx.term()
+        os.close(worker._wake_fd)
 
 
 def test_a_client_hook_adds_headers_to_every_job_it_sends() -> None:
