@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 import msgspec
-import structlog
 
 from corral.broker import protocol as p
 from corral.broker.jobspec import JobOptions, JobSpec, options_of
@@ -37,8 +36,6 @@ from corral.hooks import Enqueuing, HookSet
 
 if TYPE_CHECKING:
     from corral.workers.registry import Task
-
-log = structlog.get_logger()
 
 #: Longest single long-poll; longer waits are made of several.
 MAX_WAIT_SLICE = 30.0
@@ -550,7 +547,11 @@ def _hooked_headers(hooks: HookSet, job: Job, job_id: str) -> dict[str, str] | N
         if isinstance(key, str) and isinstance(value, str):
             headers[key] = value
         else:
-            log.warning("hook.bad_header", task=job.task, key=repr(key)[:80], hint="use str")
+            import structlog  # only now: a client's import of corral stays light
+
+            structlog.get_logger().warning(
+                "hook.bad_header", task=job.task, key=repr(key)[:80], hint="use str"
+            )
     return headers or None
 
 

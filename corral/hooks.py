@@ -35,14 +35,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import structlog
-
 from corral.errors import CorralError, SoftTimeout
 
 if TYPE_CHECKING:
     from corral.context import JobContext
-
-log = structlog.get_logger()
 
 #: The function a hooks module listed by its name alone must define.
 FACTORY = "corral_hooks"
@@ -174,13 +170,21 @@ class HookSet:
             except BaseException as exc:  # a hook never breaks a job or a worker
                 if reraise is not None and isinstance(exc, reraise):
                     raise
-                log.exception(
+                _logger().exception(
                     "hook.failed",
                     hook=type(getattr(call, "__self__", call)).__qualname__,
                     point=point,
                     job_id=job_id,
                     error=f"{type(exc).__name__}: {exc}"[:500],
                 )
+
+
+def _logger() -> Any:
+    # structlog is imported when a hook fails, not with the module: a
+    # client's import of corral stays light.
+    import structlog
+
+    return structlog.get_logger()
 
 
 def find_factory(spec: str) -> Callable[[], Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +242,22 @@ def test_each_jobs_headers_survive_batching_restart_and_compaction(tmp_path: Pat
     got = {d.job_id: d.headers for d in deliveries(worker.send(p.WorkerHeartbeat()))}
     got |= {d.job_id: d.headers for d in worker.ready()}
     assert got == want
+
+
+def test_a_client_with_hooks_loads_no_logging_stack() -> None:
+    """structlog (and rich under it) costs a client's import a third of a
+    second: the hooks and the client import it only to log a hook's fault."""
+    code = (
+        "import sys, corral\n"
+        "from corral.clientcore import ClientCore\n"
+        "from corral.hooks import HookSet\n"
+        "class H(corral.Hooks):\n"
+        "    def before_enqueue(self, job): job.headers['k'] = 'v'\n"
+        "ClientCore(hooks=HookSet([H()])).enqueue('t.x', 1)\n"
+        "assert 'structlog' not in sys.modules and 'rich' not in sys.modules, sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 # -- loading -----------------------------------------------------------------------
