@@ -570,6 +570,7 @@ class Dispatcher:
                     self.state.timeout(job),
                     job.prev_result,
                     job.priority,
+                    job.headers,
                 )
             )
         if not self.send(conn.identity, p.Deliver(deliveries), mono):

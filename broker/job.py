@@ -262,6 +262,8 @@ class Job(msgspec.Struct, gc=False, eq=False):
     @property
     def limit_key(self) -> str | None:
         return self.tpl.limit_key
+    def headers(self) -> dict[str, str] | None:
+        return self.tpl.headers
 
     @property
     def flow(self) -> str | None:
@@ -380,13 +382,15 @@ class Templates:
 
 def plain(rec: JobCreated) -> bool:
     """A job that can be pristine: due now, in no flow, with no callbacks,
-    unique key, limit key or previous result (what makes a job unlike its
-    siblings: a limit key is most often one per customer)."""
+    unique key, limit key, headers or previous result (what makes a job
+    unlike its siblings: a template holds none of them, and a limit key is
+    most often one per customer)."""
     return (
         rec.run_at is None
         and rec.flow is None
         and rec.unique_key is None
         and rec.limit_key is None
+        and not rec.headers
         and rec.on_success is None
         and rec.on_failure is None
         and (rec.prev_result is NIL or rec.prev_result == NIL)

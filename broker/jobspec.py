@@ -75,6 +75,10 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     #: The key the task's ``key_concurrency``/``key_rate`` count by (a
     #: customer id, say); None: only the task's own limits apply.
     limit_key: str | None = None
+    #: The job's metadata: text keys and values that travel with it from
+    #: the enqueue to the handler (``ctx.headers``), e.g. a trace context
+    #: (W3C ``traceparent``). None: none. See :data:`MAX_HEADERS`.
+    headers: dict[str, str] | None = None
 
 
 #: The option names, in declaration order.
@@ -110,6 +114,12 @@ MAX_SECONDS = 100 * 365.25 * 86400
 #: platform's clock functions can show.
 MAX_EPOCH = 253_402_300_799.0
 _SPAN = f"between 0 and {MAX_SECONDS:.0f} seconds (100 years)"
+#: At most this many headers per job, each key at most MAX_HEADER_KEY and
+#: each value at most MAX_HEADER_VALUE characters (a W3C traceparent is 55,
+#: a baggage header at most 8192).
+MAX_HEADERS = 64
+MAX_HEADER_KEY = 200
+MAX_HEADER_VALUE = 8192
 
 #: Number options: the test each must pass when set, and what to say if not.
 _NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
@@ -150,6 +160,7 @@ def validate_spec(spec: JobSpec, max_payload: int | None = None) -> None:
     _validate_limit_options(spec)
     if not -(2**31) <= spec.priority < 2**31:
         raise InvalidJob(f"priority: must fit in 32 bits, got {spec.priority}")
+    _validate_headers(spec.headers)
     for callback in (spec.on_success, spec.on_failure):
         if callback is not None:
             validate_spec(callback, max_payload)
@@ -179,6 +190,21 @@ def expires_at(expires: float | datetime | None, due: float) -> float | None:
     if isinstance(expires, datetime):
         return expires.timestamp()
     return due + expires
+def _validate_headers(headers: dict[str, str] | None) -> None:
+    if not headers:
+        return
+    if len(headers) > MAX_HEADERS:
+        raise InvalidJob(f"headers: at most {MAX_HEADERS} entries, got {len(headers)}")
+    for key, value in headers.items():
+        if not key or len(key) > MAX_HEADER_KEY:
+            raise InvalidJob(
+                f"headers: a key must be a non-empty string of at most {MAX_HEADER_KEY} "
+                f"characters, got {key[:40]!r}"
+            )
+        if len(value) > MAX_HEADER_VALUE:
+            raise InvalidJob(
+                f"headers[{key!r}]: at most {MAX_HEADER_VALUE} characters, got {len(value)}"
+            )
 
 
 def ids_of(spec: JobSpec) -> list[str]:

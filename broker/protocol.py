@@ -664,6 +664,8 @@ class Delivery(msgspec.Struct, frozen=True, array_like=True):
     prev_result: msgspec.Raw = NIL
     #: The job's priority: the worker's buffer starts higher ones first.
     priority: int = 0
+    #: The job's metadata (``JobOptions.headers``), for ``ctx.headers``.
+    headers: dict[str, str] | None = None
 
 
 class Deliver(Msg, frozen=True):

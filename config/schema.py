@@ -41,6 +41,14 @@ ModuleName = Annotated[
     ),
 ]
 
+HookName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$",
+        description='a dotted module name like "myapp.hooks", or "myapp.hooks:make_hooks"',
+    ),
+]
+
 SocketMode = Annotated[
     int,
     msgspec.Meta(
@@ -190,6 +198,9 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     #: A share per queue (``{ emails = 10, bulk = 1 }``): how often each queue is looked at
     #: first; a queue left out weighs 1.
     queue_weights: dict[str, PositiveInt] = {}
+    #: Hooks modules for this pool's workers, after the top-level ``hooks``
+    #: (see :mod:`corral.hooks`).
+    hooks: list[HookName] = []
 
 
 class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -320,6 +331,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     #: Directories put on ``sys.path`` before plugins are imported.
     python_path: list[NonEmptyStr] = []
+    #: Hooks modules (see :mod:`corral.hooks`) that every pool's workers and
+    #: ``Client.from_config`` load: each module's ``corral_hooks()`` (or
+    #: ``"module:function"``) gives its hooks.
+    hooks: list[HookName] = []
 
     def __post_init__(self) -> None:
         """Point the client at the broker's client endpoint unless one was given."""

@@ -1,7 +1,8 @@
 """corral: a durable job queue with its own process supervisor.
 
-The public names: ``task``, ``JobContext``, ``Client``, ``AsyncClient``,
-``Job``, ``JobInfo`` and the errors below ``CorralError``.
+The public names: ``task`` (and the ``Task`` it makes), ``JobContext``,
+``Client``, ``AsyncClient``, ``Job``, ``JobInfo``, ``Hooks`` and the errors
+below ``CorralError``.
 
 Each is imported on first use (PEP 562), so ``import corral`` stays cheap
 and loads neither zmq nor asyncio: a worker's plugin module that only says
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
         Retry,
         SoftTimeout,
     )
-    from corral.workers.registry import task
+    from corral.hooks import Hooks
+    from corral.workers.registry import Task, task
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ _HOMES = {
     "DiskFull": "corral.errors",
     "Fail": "corral.errors",
     "FlowInfo": "corral.broker.protocol",
+    "Hooks": "corral.hooks",
     "Job": "corral.clientcore",
     "JobCancelled": "corral.errors",
     "JobContext": "corral.context",
@@ -60,6 +63,7 @@ _HOMES = {
     "Retry": "corral.errors",
     "SoftTimeout": "corral.errors",
     "StatusInfo": "corral.broker.protocol",
+    "Task": "corral.workers.registry",
     "TryInfo": "corral.broker.protocol",
     "task": "corral.workers.registry",
 }
@@ -74,6 +78,7 @@ __all__ = [
     "DiskFull",
     "Fail",
     "FlowInfo",
+    "Hooks",
     "Job",
     "JobCancelled",
     "JobContext",
@@ -85,6 +90,7 @@ __all__ = [
     "Retry",
     "SoftTimeout",
     "StatusInfo",
+    "Task",
     "TryInfo",
     "task",
 ]

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from corral.broker.protocol import STATUSES
-from corral.cliargs import count_arg, duration_arg, expires_arg, moment_arg, priority_arg
+from corral.cliargs import (
+    HeaderAction,
+    count_arg,
+    duration_arg,
+    expires_arg,
+    moment_arg,
+    priority_arg,
+)
 from corral.clicommands import (
     EXIT_JOB,
     EXIT_TIMEOUT,
@@ -172,6 +179,13 @@ def _add_enqueue(subs: Subparsers) -> None:
     )
     enqueue.add_argument(
         "--limit-key", help="the key its task's key_concurrency/key_rate count by (a customer id)"
+    )
+    enqueue.add_argument(
+        "--header",
+        dest="headers",
+        metavar="KEY=VALUE",
+        action=HeaderAction,
+        help="the job's metadata, for ctx.headers (repeatable)",
     )
     enqueue.add_argument("--wait", action="store_true", help="wait and print the result")
     enqueue.add_argument(

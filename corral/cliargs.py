@@ -106,6 +106,25 @@ def priority_arg(text: str) -> int:
     return value
 
 
+class HeaderAction(argparse.Action):
+    """``--header KEY=VALUE``, repeatable: the job's headers, as a dict
+    (None when not given); a later KEY wins."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        key, sep, value = str(values).partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {values!r}")
+        headers = dict(getattr(namespace, self.dest, None) or {})
+        headers[key] = value
+        setattr(namespace, self.dest, headers)
+
+
 def read_text(source: str, what: str) -> str:
     """The text of an argument: ``-`` reads stdin, ``@FILE`` reads FILE
     (UTF-8), anything else is the text itself. Raises ValueError naming

@@ -34,7 +34,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import zmq
@@ -52,6 +52,7 @@ from corral.clientcore import (
     resend_every,
 )
 from corral.errors import BrokerUnavailable
+from corral.hooks import Hooks, HookSet
 from corral.transport import connect_dealer
 
 #: The job specs the clients take and the pages they give, defined with the core.
@@ -131,7 +132,9 @@ def _awaiting(
 class _Driver:
     """What both clients hold: where the broker is, the timeout, the core."""
 
-    def __init__(self, endpoint: str | None, timeout: float, config: Any) -> None:
+    def __init__(
+        self, endpoint: str | None, timeout: float, config: Any, hooks: Iterable[Hooks] = ()
+    ) -> None:
         if endpoint is None:
             if config is None:
                 raise ValueError("give Client an endpoint or use Client.from_config(path)")
@@ -142,7 +145,7 @@ class _Driver:
         self.max_message_size: int = (
             config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
         )
-        self._core = ClientCore()
+        self._core = ClientCore(hooks=HookSet(hooks))
         #: The process the client was made in: its given context is that
         #: process's; a forked child uses its own.
         self._pid = _ThisProcess.watch()
@@ -151,12 +154,19 @@ class _Driver:
     def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:
         """A client of the broker a corral TOML config names (``client.endpoint``,
         else ``broker.client_endpoint``), with its CURVE keys, message size
-        limit and ``client.timeout`` (seconds) unless ``timeout`` is given.
-        Raises ConfigError for a config that cannot be used."""
+        limit, ``client.timeout`` (seconds) unless ``timeout`` is given, and
+        the config's top-level ``hooks`` (before any ``hooks`` given).
+        Raises ConfigError for a config that cannot be used, HookError for
+        a hooks module that cannot be loaded."""
         from corral.config import load
+        from corral.hooks import load_hooks
+        from corral.workers.registry import add_python_path
 
         config = load(path)
         kwargs.setdefault("timeout", config.client.timeout)
+        if config.hooks:
+            add_python_path(config.python_path)
+            kwargs["hooks"] = [*load_hooks(config.hooks), *kwargs.get("hooks", ())]
         return cls(None, config=config, **kwargs)
 
     def _unavailable(self, timeout: float) -> BrokerUnavailable:
@@ -232,7 +242,8 @@ class Client(_Driver):
     CURVE keys in ``config``, ``tcp://...``); ``timeout`` is the seconds
     each request waits for an answer before BrokerUnavailable;
     ``context`` is the zmq.Context its sockets are made in (default:
-    ``zmq.Context.instance()``).
+    ``zmq.Context.instance()``); ``hooks`` (``corral.Hooks``) see every job
+    before it is sent.
 
     Threads: each request uses a socket no other thread is using at that
     moment, from a pool that keeps at most :attr:`max_idle_sockets` idle;
@@ -258,8 +269,9 @@ class Client(_Driver):
         timeout: float = DEFAULT_TIMEOUT,
         config: Any = None,
         context: zmq.Context[Any] | None = None,
+        hooks: Iterable[Hooks] = (),
     ) -> None:
-        super().__init__(endpoint, timeout, config)
+        super().__init__(endpoint, timeout, config, hooks)
         self._context = context
         self._sockets = self._new_sockets()
 
@@ -380,8 +392,9 @@ class AsyncClient(_Driver):
         timeout: float = DEFAULT_TIMEOUT,
         config: Any = None,
         context: zmq.asyncio.Context | None = None,
+        hooks: Iterable[Hooks] = (),
     ) -> None:
-        super().__init__(endpoint, timeout, config)
+        super().__init__(endpoint, timeout, config, hooks)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[int, asyncio.Future[p.ClientReply]] = {}

@@ -14,9 +14,9 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 import msgspec
 
@@ -33,11 +33,17 @@ from corral.errors import (
     RequestTooLarge,
     ResultTimeout,
 )
+from corral.hooks import Enqueuing, HookSet
+
+if TYPE_CHECKING:
+    from corral.workers.registry import Task
 
 #: Longest single long-poll; longer waits are made of several.
 MAX_WAIT_SLICE = 30.0
 
 T = TypeVar("T")
+#: The payload type of the task given to ``enqueue``.
+PayloadT = TypeVar("PayloadT")
 
 
 class _JobExtras(JobOptions, frozen=True, kw_only=True):
@@ -163,9 +169,13 @@ class ClientCore:
     (the broker refused the request; ``code`` says why, e.g. ``invalid``).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, hooks: HookSet | None = None
+    ) -> None:
         #: Monotonic seconds, for result()'s deadline.
         self.clock = clock
+        #: Their ``before_enqueue`` runs for every job spec made here.
+        self.hooks = hooks if hooks is not None else HookSet()
         self._req = itertools.count(1)
 
     # --- enqueueing
@@ -173,8 +183,10 @@ class ClientCore:
     # One keyword per job option is the public interface, so PLR0913 does not apply.
     def enqueue(  # noqa: PLR0913
         self,
-        task: str | Callable[..., Any],
-        payload: Any = None,
+        task: str | Task[..., PayloadT, Any],
+        # A payload of the task's type (None for none): a type checker holds
+        # a @corral.task's payload to it (with a name, anything goes).
+        payload: PayloadT = None,  # type: ignore[assignment]
         *,
         queue: str | None = None,
         priority: int = 0,
@@ -188,55 +200,68 @@ class ClientCore:
         max_retries: int | None = None,
         expires: float | datetime | None = None,
         limit_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
         id: str | None = None,
         on_success: Job | None = None,
         on_failure: Job | None = None,
     ) -> Plan[str]:
         """Enqueue one job; return its id once the broker has logged it.
 
-        ``task`` is a task's name or its ``@corral.task`` function;
-        ``payload`` is any msgpack-able value. The options are those of
-        :class:`Job`: ``delay``, ``timeout``, ``result_ttl`` and
+        ``task`` is a task's name or its ``@corral.task`` function: then the
+        job takes the task's name, and its queue, ``max_attempts``,
+        ``timeout``, ``result_ttl`` and ``max_retries`` where not given here,
+        and a type checker checks ``payload`` against the handler's payload
+        annotation. ``payload`` is any msgpack-able value. The options are
+        those of :class:`Job`: ``delay``, ``timeout``, ``result_ttl`` and
         ``unique_for`` are seconds, ``run_at`` is epoch seconds,
-        ``max_retries`` bounds the handler's ``corral.Retry`` requests, and None
-        leaves the task's (else the broker's) default. ``queue`` None is
-        ``"default"``; a higher ``priority`` runs first. ``expires`` (seconds
-        after the job is due, or a datetime; a naive one is local time): a
-        job not started by then never runs and ends ``cancelled``, reason
-        ``expired``. ``limit_key`` is what the task's ``key_concurrency`` and
-        ``key_rate`` count by.
+        ``max_retries`` bounds the handler's ``corral.Retry`` requests,
+        ``headers`` is the job's metadata (text keys and values the handler
+        reads as ``ctx.headers``; hooks may add to it), and None leaves the
+        task's (else the broker's) default. ``queue`` None is the task's
+        queue, else ``"default"``; a higher ``priority`` runs first.
+        ``expires`` (seconds after the job is due, or a datetime; a naive one
+        is local time): a job not started by then never runs and ends
+        ``cancelled``, reason ``expired``. ``limit_key`` is what the task's
+        ``key_concurrency`` and ``key_rate`` count by.
 
         Returns the job id: a new 32-hex-digit str, or ``id`` if given (an
         ``id`` the broker has makes this a no-op), or the holder's id while
         another job holds ``unique_key``. Raises TypeError for a
-        payload msgpack cannot encode, RequestTooLarge (nothing sent),
-        DiskFull (not accepted), BrokerError ``invalid`` for a bad option,
-        BrokerUnavailable.
+        payload msgpack cannot encode or a task that is neither,
+        RequestTooLarge (nothing sent), DiskFull (not accepted), BrokerError
+        ``invalid`` for a bad option, BrokerUnavailable.
         """
+        options: dict[str, Any] = {
+            "queue": queue,
+            "max_attempts": max_attempts,
+            "timeout": timeout,
+            "result_ttl": result_ttl,
+            "max_retries": max_retries,
+        }
         name = task
-        if not isinstance(task, str):  # a @corral.task function: its name and queue
+        if not isinstance(task, str):  # a @corral.task function: its name and options
             definition = _task_definition(task)
-            name, queue = definition.name, queue or definition.queue
-        spec = JobSpec(
-            id or new_job_id(),
+            name = definition.name
+            for option, value in options.items():
+                if value is None:
+                    options[option] = getattr(definition, option)
+        job = Job(
             str(name),
-            _encode_payload(payload),
-            queue=queue,
+            payload,
             priority=priority,
             delay=delay,
             run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
             unique_key=unique_key,
-            result_ttl=result_ttl,
             unique_for=unique_for,
-            max_retries=max_retries,
-            expires=expires_value(expires),
+            expires=expires,
             limit_key=limit_key,
-            on_success=_spec(on_success) if on_success is not None else None,
-            on_failure=_spec(on_failure) if on_failure is not None else None,
+            headers=dict(headers) if headers is not None else None,
+            id=id,
+            on_success=on_success,
+            on_failure=on_failure,
+            **options,
         )
-        return Step(p.Enqueue(next(self._req), [spec]), _first_id)
+        return Step(p.Enqueue(next(self._req), [_spec(job, self.hooks)]), _first_id)
 
     def enqueue_many(self, jobs: Iterable[Job]) -> Plan[list[str]]:
         """Enqueue several :class:`Job` in one durable batch (all or none).
@@ -245,7 +270,7 @@ class ClientCore:
         would; an empty batch returns [] without a request. Raises as
         ``enqueue`` does.
         """
-        specs = [_spec(job) for job in jobs]
+        specs = [_spec(job, self.hooks) for job in jobs]
         if not specs:
             return []
         return Step(p.Enqueue(next(self._req), specs), _ids)
@@ -277,10 +302,10 @@ class ClientCore:
     def _flow(
         self, kind: str, jobs: Iterable[Job], callback: Job | None, result_ttl: float | None
     ) -> Plan[str]:
-        specs = [_spec(job) for job in jobs]
+        specs = [_spec(job, self.hooks) for job in jobs]
         if not specs:
             raise ValueError(f"a {kind} needs at least one job")
-        spec = _spec(callback) if callback is not None else None
+        spec = _spec(callback, self.hooks) if callback is not None else None
         msg = p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec, result_ttl=result_ttl)
         return Step(msg, _first_id)
 
@@ -505,17 +530,21 @@ def _outcome(reply: p.ResultReply) -> Any:
     raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
 
 
-def _spec(job: Job) -> JobSpec:
-    """The wire spec of ``job``: every option as given, the payload encoded,
-    a new id unless the job has one."""
+def _spec(job: Job, hooks: HookSet) -> JobSpec:
+    """The wire spec of ``job`` (and of its callbacks): every option as
+    given, the payload encoded, a new id unless the job has one, and the
+    headers the hooks' ``before_enqueue`` added."""
+    job_id = job.id or new_job_id()
     options = options_of(job)
     options["expires"] = expires_value(job.expires)
+    if hooks:
+        options["headers"] = _hooked_headers(hooks, job, job_id)
     return JobSpec(
-        job.id or new_job_id(),
+        job_id,
         job.task,
         _encode_payload(job.payload),
-        on_success=_spec(job.on_success) if job.on_success is not None else None,
-        on_failure=_spec(job.on_failure) if job.on_failure is not None else None,
+        on_success=_spec(job.on_success, hooks) if job.on_success is not None else None,
+        on_failure=_spec(job.on_failure, hooks) if job.on_failure is not None else None,
         **options,  # type: ignore[arg-type]
     )
 
@@ -558,6 +587,25 @@ def _expires_text(text: str) -> float | datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def _hooked_headers(hooks: HookSet, job: Job, job_id: str) -> dict[str, str] | None:
+    """``job``'s headers once the hooks' ``before_enqueue`` has seen the
+    job; an entry a hook made that is not text to text is dropped (and
+    logged), so a hook cannot make the broker refuse the job."""
+    enqueuing = Enqueuing(job.task, job_id, job.queue, job.payload, dict(job.headers or {}))
+    hooks.before_enqueue(enqueuing)
+    headers = {}
+    for key, value in enqueuing.headers.items():
+        if isinstance(key, str) and isinstance(value, str):
+            headers[key] = value
+        else:
+            import structlog  # only now: a client's import of corral stays light
+
+            structlog.get_logger().warning(
+                "hook.bad_header", task=job.task, key=repr(key)[:80], hint="use str"
+            )
+    return headers or None
+
+
 def _encode_payload(payload: Any) -> msgspec.Raw:
     if isinstance(payload, msgspec.Raw):
         return payload
@@ -567,7 +615,7 @@ def _encode_payload(payload: Any) -> msgspec.Raw:
         raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from None
 
 
-def _task_definition(fn: Callable[..., Any]) -> Any:
+def _task_definition(fn: object) -> Any:
     """The definition (a ``TaskDef``) of a ``@corral.task`` function.
     Raises TypeError for anything else."""
     from corral.workers.registry import ATTRIBUTE

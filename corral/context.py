@@ -15,8 +15,10 @@ import structlog
 class JobContext:
     """What a handler knows about its job: ``job_id``, ``attempt`` (the run
     number: 1 on the first run, one more on every run, a Retry or a manual
-    retry included), ``task``, ``queue``, ``enqueued_at``, ``prev_result`` (in a
-    chain), ``cancelled`` and a ``log`` bound to the job."""
+    retry included), ``task``, ``queue``, ``enqueued_at`` (epoch seconds),
+    ``max_attempts``, ``prev_result`` (in a chain), ``headers`` (the job's
+    metadata: text keys and values set at the enqueue, e.g. a trace
+    context), ``cancelled`` and a ``log`` bound to the job."""
 
     job_id: str
     attempt: int
@@ -26,6 +28,7 @@ class JobContext:
     max_attempts: int = 1
     lease: int = 0
     prev_result_raw: msgspec.Raw | None = None  # NIL or None: no previous step
+    headers: dict[str, str] = field(default_factory=dict)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _on_progress: Callable[[float, str], None] | None = field(default=None, repr=False)
 

@@ -1,15 +1,21 @@
 """structlog set-up, done once per process after fork: JSON lines when not on
 a terminal (or when asked), readable lines otherwise; every line carries the
-process's role and pid, and inside a job its job_id, task and attempt."""
+process's role and pid, and inside a job its job_id, task and attempt. And
+the worker's lines per job, a built-in hook (:class:`JobLines`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+
+from corral.hooks import Hooks, JobEnd
+
+if TYPE_CHECKING:
+    from corral.context import JobContext
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -60,3 +66,27 @@ def job_line(event: str, *, failed: bool = False, **fields: Any) -> None:
     if _job_level is not None:
         level = max(_job_level, logging.WARNING) if failed else _job_level
         structlog.get_logger().log(level, event, **fields)
+
+
+class JobLines(Hooks):
+    """The worker's lines per job, as a hook: ``job.received`` before the
+    handler, then ``job.succeeded``, ``job.errored``, ``job.failed`` or
+    ``job.retry_asked`` with its ``seconds`` (and the ``error``)."""
+
+    def before_job(self, ctx: JobContext) -> None:
+        job_line(
+            "job.received", job_id=ctx.job_id, task=ctx.task, attempt=ctx.attempt, queue=ctx.queue
+        )
+
+    def after_job(self, ctx: JobContext, end: JobEnd) -> None:
+        fields: dict[str, Any] = {"seconds": round(end.seconds, 6)}
+        if end.error is not None:
+            fields["error"] = f"{end.error_type}: {end.error_message[:200]}"
+        job_line(
+            f"job.{end.outcome}",
+            failed=end.outcome in ("errored", "failed"),
+            job_id=ctx.job_id,
+            task=ctx.task,
+            attempt=ctx.attempt,
+            **fields,
+        )

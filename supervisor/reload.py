@@ -139,7 +139,9 @@ def plan_reload(pools: list[Pool], config: Config, forker: Forker) -> Plan:
         if current is not None and not current.differs(pool_config, fingerprint):
             plan.append((current, current))
             continue
-        plugins = list(pool_config.plugins) + (list(current.config.plugins) if current else [])
+        plugins = code_modules(config, pool_config) + (
+            list(current.config.plugins) if current else []
+        )
         forget_modules(plugins)
         try:
             registry = load_registry(config, pool_config)
@@ -236,12 +238,21 @@ def roll(current: Pool | None, successor: Pool) -> bool:
     return True
 
 
+def code_modules(config: Config, pool: PoolConfig) -> list[str]:
+    """The modules of a pool's code: its plugins, then its workers' hooks
+    modules (the top-level ``hooks``, then the pool's)."""
+    hooks = [spec.partition(":")[0] for spec in [*config.hooks, *pool.hooks]]
+    return list(dict.fromkeys([*pool.plugins, *hooks]))
+
+
 def plugin_fingerprint(config: Config, pool: PoolConfig) -> str:
-    """A hash of the source files of a pool's plugin modules (a package
-    counts all its .py files), so a reload can tell changed code."""
+    """A hash of the source files of a pool's plugin and hooks modules (a
+    package counts all its .py files) and of its hooks entries, so a reload
+    can tell changed code."""
     add_python_path(config.python_path)
     digest = hashlib.sha256()
-    for name in sorted(pool.plugins):
+    digest.update(repr([*config.hooks, *pool.hooks]).encode())
+    for name in sorted(code_modules(config, pool)):
         for path in _module_files(name):
             digest.update(str(path).encode())
             try:

@@ -101,8 +101,11 @@ def run_worker(
     status_fd: int | None = None,
 ) -> int:
     """Run one worker of ``pool`` until it is told to stop or recycles.
-    Raises ConfigError for a key file it cannot use."""
+    Raises ConfigError for a key file it cannot use. Returns 2 (logged as
+    ``worker.cannot_start``) when its hooks cannot be loaded."""
+    from corral.hooks import HookError, load_hooks
     from corral.transport import check_worker_keys
+    from corral.workers.registry import add_python_path
     from corral.workers.runtime import Worker
 
     check_worker_keys(config)
@@ -111,7 +114,14 @@ def run_worker(
     structlog.contextvars.bind_contextvars(pool=pool.name, index=index)
     if registry is None:
         registry = pool_registry(config, pool)
-    worker = Worker(worker_options(config, pool, index, status_fd), registry, config)
+    add_python_path(config.python_path)
+    try:  # after the fork: a hook may start threads and open connections
+        hooks = load_hooks([*config.hooks, *pool.hooks])
+    except HookError as exc:
+        log.error("worker.cannot_start", error=str(exc))
+        return 2
+    options = worker_options(config, pool, index, status_fd)
+    worker = Worker(options, registry, config, hooks=hooks)
     worker.install_signal_handlers()
     log.info(
         "worker.started",

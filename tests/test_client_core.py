@@ -118,6 +118,7 @@ def test_enqueue_puts_every_option_on_the_wire() -> None:
         "max_retries": 2,
         "expires": 30.0,
         "limit_key": "customer-7",
+        "headers": {"traceparent": "00-ab-cd-01"},
     }
     assert set(values) == set(OPTION_NAMES), "a new option needs a value here"
     job_id, (request,) = drive(

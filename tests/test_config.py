@@ -258,7 +258,7 @@ def test_unknown_key_top_level() -> None:
     assert message.startswith("test.toml: pool: unknown key")
     assert 'did you mean "pools"?' in message
     assert (
-        "known keys: broker, client, dashboard, log, metrics, pools, python_path, "
+        "known keys: broker, client, dashboard, hooks, log, metrics, pools, python_path, "
         "schedules, security" in message
     )
 

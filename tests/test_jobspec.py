@@ -47,6 +47,7 @@ OPTION_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         min_value=datetime(2000, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
     ),
     "limit_key": st.none() | names,
+    "headers": st.none() | st.dictionaries(names, st.text(max_size=30), max_size=3),
 }
 
 

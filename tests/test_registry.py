@@ -24,6 +24,7 @@ from corral.workers.registry import (
     PayloadInvalid,
     PluginError,
     Registry,
+    Task,
     TaskDef,
     add_python_path,
     load_plugins,
@@ -72,22 +73,29 @@ def make_module(
 # -- the decorator ----------------------------------------------------------------
 
 
-def test_bare_decorator_marks_and_returns_the_function() -> None:
+def test_bare_decorator_makes_a_task_that_still_runs_the_function() -> None:
     def handler(ctx: JobContext, payload: dict[str, int]) -> int:
         return payload["n"] + ctx.attempt
 
     marked = task(handler)
-    assert marked is handler  # registers nothing, wraps nothing
-    d = definition(handler)
+    assert isinstance(marked, Task)  # registers nothing: a wrapper with its definition
+    assert marked.__wrapped__ is handler and marked.__name__ == "handler"  # type: ignore[attr-defined]
+    d = definition(marked)
+    assert d is marked.definition
     assert d.fn is handler
     assert (
-        d.name == f"{__name__}.test_bare_decorator_marks_and_returns_the_function.<locals>.handler"
+        marked.name
+        == d.name
+        == (
+            f"{__name__}.test_bare_decorator_makes_a_task_that_still_runs_the_function"
+            ".<locals>.handler"
+        )
     )
     assert d.queue == "default"
     assert (d.max_attempts, d.timeout, d.soft_timeout, d.result_ttl) == (None, None, None, None)
     assert (d.retry_backoff, d.retry_backoff_max) == (None, None)
     assert d.is_async is False
-    assert handler(ctx(), {"n": 2}) == 3  # still an ordinary function
+    assert marked(ctx(), {"n": 2}) == 3  # a call runs the function inline
 
 
 def test_decorator_with_options() -> None:
@@ -361,7 +369,7 @@ def test_load_plugins_collects_every_decorated_function(sample: Registry) -> Non
         ]
     )
     assert len(sample) == 6
-    assert sample.get("orders.place").fn is sample_tasks.place_order  # type: ignore[union-attr]
+    assert sample.get("orders.place").fn is sample_tasks.place_order.__wrapped__  # type: ignore[union-attr,attr-defined]
     assert sample.get("sample_tasks.plain_function") is None
     assert sample.get("sample.hidden") is None  # not a top-level name
     assert {d.name for d in sample} == set(sample.names())
@@ -373,7 +381,7 @@ def test_tasks_in_reads_only_marked_top_level_names(monkeypatch: pytest.MonkeyPa
 
     found = {d.fn for d in tasks_in(sample_tasks)}
     assert sample_tasks.plain_function not in found
-    assert sample_tasks.place_order in found
+    assert sample_tasks.place_order.__wrapped__ in found  # type: ignore[attr-defined]
     assert len(found) == 6
 
 
@@ -448,8 +456,9 @@ def test_registry_add_directly_refuses_a_second_function() -> None:
     def two() -> None:
         return None
 
-    r = Registry([task(name="n.x")(one).__corral_task__])
-    r.add(definition(one))  # the same function again is fine
+    marked = task(name="n.x")(one)
+    r = Registry([marked.definition])
+    r.add(definition(marked))  # the same function again is fine
     assert len(r) == 1
     with pytest.raises(PluginError, match="defined twice"):
         r.add(definition(task(name="n.x")(two)))

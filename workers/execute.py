@@ -2,7 +2,9 @@
 on a thread, or as a coroutine), and turn what happened into an Outcome.
 
 The sync and asyncio paths share :meth:`Execution.prepare` and
-:meth:`Execution.complete`; only the call in between differs.
+:meth:`Execution.complete`; only the call in between differs. The hooks
+(:mod:`corral.hooks`) run at both ends: ``before_job`` in ``prepare``, the
+others as the outcome is made; the per-job log lines are one of them.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 import msgspec
 import structlog
 
-from corral import logs
 from corral.broker import protocol as p
 from corral.broker.jobspec import NIL
 from corral.context import JobContext
 from corral.errors import Fail, Retry, SoftTimeout
-from corral.workers.registry import PayloadInvalid, Registry, TaskDef
+from corral.hooks import HookSet, JobEnd, Outcome
+from corral.logs import JobLines
+from corral.workers.registry import PayloadInvalid, Registry, ResultInvalid, TaskDef, UnknownTask
 
 log = structlog.get_logger()
 
@@ -34,15 +37,19 @@ MAX_MESSAGE_CHARS = 8 * 1024
 MAX_TRACEBACK_CHARS = 32 * 1024
 
 
-#: The line logged per outcome kind (``error``: the broker retries it if
+#: What hooks call each outcome kind (``error``: the broker retries it if
 #: attempts remain, else it fails).
-_OUTCOME_EVENTS = {
-    "ok": "job.succeeded",
-    "error": "job.errored",
-    "fail": "job.failed",
-    "retry": "job.retry_asked",
-    "interrupted": "job.interrupted",
+_OUTCOMES: dict[str, Outcome] = {
+    "ok": "succeeded",
+    "error": "errored",
+    "fail": "failed",
+    "retry": "retry_asked",
 }
+
+
+def builtin_hooks() -> HookSet:
+    """The hooks every worker runs: its lines per job."""
+    return HookSet([JobLines()])
 
 
 class Execution:
@@ -54,6 +61,7 @@ class Execution:
         registry: Registry,
         worker_id: str,
         max_message_size: int = 16 * 2**20,
+        hooks: HookSet | None = None,
     ) -> None:
         self.d = delivery
         #: The largest result that fits a report the broker accepts, in bytes.
@@ -69,30 +77,30 @@ class Execution:
             delivery.max_attempts,
             delivery.lease,
             delivery.prev_result,
+            delivery.headers or {},
         )
         self._registry = registry
         self._worker_id = worker_id
+        self._hooks = hooks if hooks is not None else builtin_hooks()
 
     def prepare(self) -> tuple[Any, ...] | p.Outcome:
-        """The handler's arguments, or the outcome if it cannot run."""
+        """The handler's arguments, or the outcome if it cannot run. The
+        hooks' ``before_job`` runs first."""
         d, definition = self.d, self.definition
-        logs.job_line(
-            "job.received", job_id=d.job_id, task=d.task, attempt=d.attempt, queue=d.queue
-        )
+        self._hooks.before_job(self.ctx)
         if definition is None:
             known = ", ".join(self._registry.names()) or "nothing"
+            unknown = UnknownTask(
+                f"task {d.task!r} is not registered in worker {self._worker_id} "
+                f"(it knows: {known}); add its module to the pool's plugins"
+            )
             return self.outcome(
-                "error",
-                error=p.ErrorInfo(
-                    "UnknownTask",
-                    f"task {d.task!r} is not registered in worker {self._worker_id} "
-                    f"(it knows: {known}); add its module to the pool's plugins",
-                ),
+                "error", error=p.ErrorInfo("UnknownTask", str(unknown)), exc=unknown
             )
         try:
             payload = definition.decode_payload(d.payload) if definition.takes_payload else None
         except PayloadInvalid as exc:
-            return self.outcome("fail", error=p.ErrorInfo("ValidationError", str(exc)))
+            return self.outcome("fail", error=p.ErrorInfo("ValidationError", str(exc)), exc=exc)
         return definition.args(self.ctx, payload)
 
     def call_sync(self, args: tuple[Any, ...], loop: asyncio.AbstractEventLoop | None) -> Any:
@@ -134,36 +142,34 @@ class Execution:
         """The outcome of the call: its result, or what its exception means."""
         if isinstance(error, Retry):
             why = clean_text(error.reason or str(error), MAX_MESSAGE_CHARS)
-            return self.outcome("retry", delay=error.delay, error=p.ErrorInfo("Retry", why))
+            return self.outcome(
+                "retry", delay=error.delay, error=p.ErrorInfo("Retry", why), exc=error
+            )
         if isinstance(error, Fail):
-            return self.outcome("fail", error=error_info(error))
+            return self.outcome("fail", error=error_info(error), exc=error)
         if error is not None:
-            return self.outcome("error", error=error_info(error))
+            return self.outcome("error", error=error_info(error), exc=error)
         try:
             result = p.encode_value(value)
         except Exception as exc:  # any value msgpack cannot hold, whatever it raises
-            return self.outcome(
-                "fail",
-                error=p.ErrorInfo(
-                    "ResultNotSerializable",
-                    clean_text(
-                        f"the handler returned a {type(value).__name__} "
-                        f"that msgpack cannot hold: {_describe(exc)}",
-                        MAX_MESSAGE_CHARS,
-                    ),
-                ),
+            text = clean_text(
+                f"the handler returned a {type(value).__name__} "
+                f"that msgpack cannot hold: {_describe(exc)}",
+                MAX_MESSAGE_CHARS,
             )
+            bad = ResultInvalid(text)
+            bad.__cause__ = exc
+            return self.outcome("fail", error=p.ErrorInfo("ResultNotSerializable", text), exc=bad)
         if len(result) > self.max_result:
-            return self.outcome(
-                "fail",
-                error=p.ErrorInfo(
-                    "ResultTooLarge",
-                    f"the result is {len(result)} bytes encoded, over the {self.max_result} "
-                    f"bytes a report can carry (broker.max_message_size less "
-                    f"{REPORT_OVERHEAD}); store it elsewhere and return a reference",
-                ),
+            text = (
+                f"the result is {len(result)} bytes encoded, over the {self.max_result} "
+                f"bytes a report can carry (broker.max_message_size less "
+                f"{REPORT_OVERHEAD}); store it elsewhere and return a reference"
             )
-        return self.outcome("ok", result=result)
+            return self.outcome(
+                "fail", error=p.ErrorInfo("ResultTooLarge", text), exc=ResultInvalid(text)
+            )
+        return self.outcome("ok", result=result, value=value)
 
     def outcome(
         self,
@@ -172,21 +178,24 @@ class Execution:
         result: msgspec.Raw = NIL,
         error: p.ErrorInfo | None = None,
         delay: float | None = None,
+        exc: BaseException | None = None,
+        value: Any = None,
     ) -> p.Outcome:
+        """The outcome to report, once the hooks have seen how the try
+        ended (``exc`` and ``error``: what ended it; ``value``: what the
+        handler returned)."""
         d = self.d
         ended = time.time()
         outcome = p.Outcome(d.job_id, d.lease, kind, result, error, delay, self.started, ended)
-        fields: dict[str, Any] = {"seconds": round(ended - self.started, 6)}
-        if error is not None:
-            fields["error"] = f"{error.type}: {error.message[:200]}"
-        logs.job_line(
-            _OUTCOME_EVENTS.get(kind, f"job.{kind}"),
-            failed=error is not None and kind != "retry",
-            job_id=d.job_id,
-            task=d.task,
-            attempt=d.attempt,
-            **fields,
+        end = JobEnd(
+            _OUTCOMES[kind],
+            ended - self.started,
+            value,
+            exc,
+            error.type if error is not None else "",
+            error.message if error is not None else "",
         )
+        self._hooks.job_ended(self.ctx, end)
         return outcome
 
 

@@ -6,6 +6,9 @@ check down or fool it with modules an earlier import left loaded.
 What it checks, as a worker would see it:
 
 - each pool's plugins import (a broken one is named by file and line);
+- each hooks module (top-level and per pool) imports and has its function
+  (``corral_hooks``, or the one named): the function is not called here,
+  as it may need what only the workers' environment has;
 - each schedule's task is registered by some pool that serves the
   schedule's queue (else every fire would wait, unroutable, for ever);
 - each schedule's payload is what that task's handler takes (else every
@@ -32,7 +35,9 @@ def check(config: Any) -> list[str]:
     from corral.workers.registry import PluginError, Registry, add_python_path, load_plugins
 
     add_python_path(config.python_path)
-    problems: list[str] = []
+    problems = _check_hooks("hooks", config.hooks)
+    for index, pool in enumerate(config.pools):
+        problems += _check_hooks(f"pools[{index}].hooks (pool {pool.name!r})", pool.hooks)
     registries: list[tuple[Any, Registry]] = []
     for index, pool in enumerate(config.pools):
         try:
@@ -43,6 +48,18 @@ def check(config: Any) -> list[str]:
         return problems  # the schedules' tasks may be in the pool that failed
     for index, schedule in enumerate(config.schedules):
         problems.extend(_check_schedule(index, schedule, registries))
+    return problems
+
+
+def _check_hooks(where: str, specs: list[str]) -> list[str]:
+    from corral.hooks import HookError, find_factory
+
+    problems = []
+    for spec in specs:
+        try:
+            find_factory(spec)
+        except HookError as exc:
+            problems.append(f"{where}: {exc}")
     return problems
 
 

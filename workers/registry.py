@@ -1,14 +1,21 @@
 """Tasks: the ``@corral.task`` decorator, task options, typed payloads, and
 loading the plugin modules that define tasks.
 
-The decorator registers nothing globally: it marks the function with its
-:class:`TaskDef`. A worker builds its :class:`Registry` by scanning the
-plugin modules it was told to load, so importing a module has no effect
-beyond its definitions.
+The decorator registers nothing globally: it wraps the function in a
+:class:`Task` that carries its :class:`TaskDef` (and still runs the function
+when called). A worker builds its :class:`Registry` by scanning the plugin
+modules it was told to load, so importing a module has no effect beyond
+its definitions.
+
+A :class:`Task` is generic in the function's parameters, its payload type
+and its return type, so ``Client.enqueue(send, payload)`` is type-checked:
+the overloads of :func:`task` read the payload type off the signature
+(the second parameter after a ``JobContext``, else the only one).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -18,16 +25,32 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 import msgspec
 
 from corral.errors import CorralError
 
+if TYPE_CHECKING:
+    from corral.context import JobContext
+
 ATTRIBUTE = "__corral_task__"
 ENTRY_POINT_GROUP = "corral.tasks"
 
-Handler = TypeVar("Handler", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+#: A task's payload type: contravariant, as a task consumes its payload.
+PayloadT = TypeVar("PayloadT", contravariant=True)
 
 
 class PluginError(CorralError):
@@ -39,7 +62,11 @@ class PayloadInvalid(ValueError):
 
 
 class ResultInvalid(TypeError):
-    """A handler returned a value msgpack cannot hold."""
+    """A handler returned a value msgpack cannot hold (or too large a one)."""
+
+
+class UnknownTask(LookupError):
+    """A job of a task the worker has not registered."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +123,68 @@ def _describe_validation(exc: msgspec.ValidationError) -> str:
     return f"{path}: {message[:1].lower()}{message[1:]}"
 
 
+class Task(Generic[P, PayloadT, R]):
+    """What ``@corral.task`` makes of a function: the function itself, still
+    callable (a call runs it here and now, with the arguments given: for
+    tests), with its :class:`TaskDef` as ``definition``. Pass it to
+    ``Client.enqueue`` in place of its name: the job takes the task's name,
+    queue and options, and a type checker checks the payload against
+    ``PayloadT``."""
+
+    def __init__(self, fn: Callable[P, R], definition: TaskDef) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self.definition = definition
+        setattr(self, ATTRIBUTE, definition)
+
+    @property
+    def name(self) -> str:
+        """The task's name (``module.function`` unless given)."""
+        return self.definition.name
+
+    @property
+    def queue(self) -> str:
+        return self.definition.queue
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<corral task {self.definition.name!r}>"
+
+
+class TaskDecorator(Protocol):
+    """``@corral.task(...)`` with options: makes a :class:`Task` of a
+    function, its payload type read off the signature."""
+
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[JobContext, T, P], R], /
+    ) -> Task[Concatenate[JobContext, T, P], T, R]: ...
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[JobContext, P], R], /
+    ) -> Task[Concatenate[JobContext, P], None, R]: ...
+    @overload
+    def __call__(self, fn: Callable[Concatenate[T, P], R], /) -> Task[Concatenate[T, P], T, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, None, R]: ...
+
+
+# The payload type of each handler shape: (ctx, payload, ...), (ctx, ...),
+# (payload, ...), (). The same four shapes as TaskDecorator's.
 @overload
-def task(fn: Handler, /) -> Handler: ...
+def task(
+    fn: Callable[Concatenate[JobContext, T, P], R], /
+) -> Task[Concatenate[JobContext, T, P], T, R]: ...
+@overload
+def task(
+    fn: Callable[Concatenate[JobContext, P], R], /
+) -> Task[Concatenate[JobContext, P], None, R]: ...
+@overload
+def task(fn: Callable[Concatenate[T, P], R], /) -> Task[Concatenate[T, P], T, R]: ...
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, None, R]: ...
 
 
 @overload
@@ -118,13 +205,13 @@ def task(
     rate: str | None = None,
     key_concurrency: int | None = None,
     key_rate: str | None = None,
-) -> Callable[[Handler], Handler]: ...
+) -> TaskDecorator: ...
 
 
 # The keywords are the task options users write in @corral.task(...): one
 # argument per option is the public interface, so PLR0913 does not apply.
 def task(  # noqa: PLR0913
-    fn: Handler | None = None,
+    fn: Callable[..., Any] | None = None,
     *,
     name: str | None = None,
     queue: str = "default",
@@ -139,17 +226,18 @@ def task(  # noqa: PLR0913
     rate: str | None = None,
     key_concurrency: int | None = None,
     key_rate: str | None = None,
-) -> Handler | Callable[[Handler], Handler]:
-    """Mark a function as a corral task. Usable bare (``@task``) or with options.
+) -> Any:
+    """Make a function a corral task (a :class:`Task`). Usable bare
+    (``@task``) or with options.
 
     ``concurrency`` (at most N jobs of the task at once, across every worker
     and host) and ``rate`` (at most N starts per period: ``"100/m"``,
     ``"10/s"``, ``"1000/h"``) are enforced by the broker as it hands jobs
     out; ``key_concurrency``/``key_rate`` are the same per job
-    ``limit_key``. Raises ValueError for a limit below 1 or a rate that
-    cannot be read."""
+    ``limit_key``. Raises ValueError for a bad option (a limit below 1, a
+    rate that cannot be read)."""
 
-    def mark(func: Handler) -> Handler:
+    def mark(func: Callable[..., Any]) -> Task[..., Any, Any]:
         definition = _define(
             func,
             name=name or f"{func.__module__}.{func.__qualname__}",
@@ -166,8 +254,7 @@ def task(  # noqa: PLR0913
             key_concurrency=key_concurrency,
             key_rate=key_rate,
         )
-        setattr(func, ATTRIBUTE, definition)
-        return func
+        return Task(func, definition)
 
     return mark(fn) if fn is not None else mark
 

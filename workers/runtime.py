@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,8 @@ import structlog
 import zmq
 
 from corral.broker import protocol as p
+from corral.hooks import Hooks, HookSet
+from corral.logs import JobLines
 from corral.transport import connect_dealer
 from corral.workers.buffer import Held
 from corral.workers.execute import Execution, SoftTimer
@@ -81,7 +84,9 @@ class WorkerOptions:
 
 
 class Worker:
-    """One worker process's runtime; :meth:`run` blocks until it stops."""
+    """One worker process's runtime; :meth:`run` blocks until it stops.
+    ``hooks`` (``corral.Hooks``) run around every job, after the built-in
+    per-job log lines, and are closed as the worker stops."""
 
     def __init__(
         self,
@@ -90,10 +95,12 @@ class Worker:
         config: Any = None,
         *,
         context: zmq.Context[Any] | None = None,
+        hooks: Sequence[Hooks] = (),
     ) -> None:
         self.options = options
         self.registry = registry
         self.config = config
+        self.hooks = HookSet([JobLines(), *hooks])
         self.worker_id = options.name or f"{socket.gethostname()}:{os.getpid()}"
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
@@ -229,6 +236,7 @@ class Worker:
         os.close(self._wake_fd)
         if self._own_ctx:
             self._ctx.term()
+        self.hooks.close()
         log.info("worker.stopped", processed=self.processed)
 
     # -------------------------------------------------------------- socket
@@ -417,7 +425,9 @@ class Worker:
         self._send(p.Return(back, ref=msg.ref), keep=True)
 
     def _execution(self, delivery: p.Delivery) -> Execution:
-        return Execution(delivery, self.registry, self.worker_id, self.options.max_message_size)
+        return Execution(
+            delivery, self.registry, self.worker_id, self.options.max_message_size, self.hooks
+        )
 
     def _claim(self, execution: Execution) -> bool:
         """Begin a job taken from the buffer, unless it was cancelled in

@@ -1,0 +1,238 @@
+"""Hooks: code of yours that runs around every job in the workers, and
+before every enqueue in a client (error reporting, tracing, metrics).
+
+Subclass :class:`Hooks` and override what you need::
+
+    class Timing(corral.Hooks):
+        def before_job(self, ctx): ...                 # the handler is about to run
+        def on_failure(self, ctx, error): ...          # it raised (not corral.Retry)
+        def on_retry(self, ctx, error): ...            # it raised corral.Retry
+        def after_job(self, ctx, end): ...             # every try, whatever its end
+        def before_enqueue(self, job): ...             # client side: add job.headers
+        def close(self): ...                           # the process stops: flush
+
+Register them in code (``Client(..., hooks=[Timing()])``, ``Worker(...,
+hooks=[...])``) or in the config: ``hooks = ["myapp.hooks"]`` at the top
+level (every worker, and ``Client.from_config``) or in a ``[[pools]]`` entry
+(that pool's workers). A listed module is imported by each process that
+uses it, which then calls its ``corral_hooks()`` function (or the one named
+as ``"module:function"``) for a :class:`Hooks` or a list of them: the
+module builds nothing at import, and a worker makes its hooks after the
+fork, so a hook may start threads or open connections.
+
+A hook cannot break a job or a worker: an exception in one is logged
+(``hook.failed``, with its traceback) and the job's outcome stands. Hooks
+run in the order given, on the thread (or asyncio task) that runs the job,
+so ``before_job`` may set context variables the handler and ``after_job``
+see. The worker's per-job log lines are such a hook
+(:class:`corral.logs.JobLines`), run first.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from corral.errors import CorralError, SoftTimeout
+
+if TYPE_CHECKING:
+    from corral.context import JobContext
+
+#: The function a hooks module listed by its name alone must define.
+FACTORY = "corral_hooks"
+
+#: How a try ended, as ``JobEnd.outcome`` (the suffix of the worker's log line):
+#: ``errored``: the handler raised, the broker tries again if attempts remain;
+#: ``failed``: no more tries (``corral.Fail``, a payload that does not match,
+#: a result msgpack cannot hold); ``retry_asked``: it raised ``corral.Retry``.
+Outcome = Literal["succeeded", "errored", "failed", "retry_asked"]
+
+
+class HookError(CorralError):
+    """A hooks module that cannot be loaded; the message names it and why."""
+
+
+@dataclass
+class Enqueuing:
+    """A job about to be enqueued, as ``before_enqueue`` sees it. Add to
+    ``headers`` (text keys and values): they travel with the job and the
+    handler reads them as ``ctx.headers``."""
+
+    task: str
+    job_id: str
+    #: None: the task's queue (else "default"), as the broker resolves it.
+    queue: str | None
+    #: The payload as given (not yet encoded).
+    payload: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """How one try of a job ended, as ``after_job`` sees it."""
+
+    outcome: Outcome
+    #: Seconds from the delivery's start to the end of the try.
+    seconds: float
+    #: What the handler returned (``succeeded`` only).
+    result: Any = None
+    #: The exception that ended it (None when it succeeded).
+    error: BaseException | None = None
+    #: The error as the job's info keeps it ("" when it succeeded).
+    error_type: str = ""
+    error_message: str = ""
+
+
+class Hooks:
+    """Base of every hook: each method does nothing until overridden. The
+    worker calls ``before_job``, then (the handler ran) ``on_failure`` or
+    ``on_retry`` when it raised, then ``after_job``, on every try of every
+    job it starts (a try ended by a kill, a hard timeout or the shutdown
+    timeout has no end to report); a client calls ``before_enqueue`` for
+    every job it sends (each of a batch, a flow and their callbacks)."""
+
+    def before_enqueue(self, job: Enqueuing) -> None:
+        """A client is about to send ``job``; add to ``job.headers`` here."""
+
+    def before_job(self, ctx: JobContext) -> None:
+        """A worker is about to run ``ctx``'s job (its payload not yet decoded)."""
+
+    def on_failure(self, ctx: JobContext, error: BaseException) -> None:
+        """The try ended with ``error`` (anything but ``corral.Retry``):
+        ``ctx.attempt`` is the run number, ``ctx.max_attempts`` the budget."""
+
+    def on_retry(self, ctx: JobContext, error: BaseException) -> None:
+        """The handler raised ``error``, a ``corral.Retry``."""
+
+    def after_job(self, ctx: JobContext, end: JobEnd) -> None:
+        """The try ended; ``end`` says how."""
+
+    def close(self) -> None:
+        """The process is stopping (a worker, after its drain): flush here."""
+
+
+#: The methods a hook may override, each a point of :class:`HookSet`.
+POINTS = ("before_enqueue", "before_job", "on_failure", "on_retry", "after_job", "close")
+
+
+class HookSet:
+    """The hooks of one process, each call guarded: an exception is logged
+    and the next hook runs. A point none of them overrides costs nothing."""
+
+    def __init__(self, hooks: Iterable[Hooks] = ()) -> None:
+        self.hooks: tuple[Hooks, ...] = tuple(hooks)
+        for hook in self.hooks:
+            if not isinstance(hook, Hooks):
+                raise TypeError(f"a hook must be a corral.Hooks, not {hook!r}")
+        # Per point, the bound methods that do something.
+        self._calls: dict[str, list[Callable[..., None]]] = {
+            point: [
+                getattr(hook, point)
+                for hook in self.hooks
+                if getattr(type(hook), point) is not getattr(Hooks, point)
+            ]
+            for point in POINTS
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    def before_enqueue(self, job: Enqueuing) -> None:
+        self._run("before_enqueue", job.job_id, job)
+
+    def before_job(self, ctx: JobContext) -> None:
+        """``before_job`` of each hook. A soft timeout that fires meanwhile
+        is the job's: it goes on up (and ends the try)."""
+        self._run("before_job", ctx.job_id, ctx, reraise=SoftTimeout)
+
+    def job_ended(self, ctx: JobContext, end: JobEnd) -> None:
+        """``on_failure`` or ``on_retry`` as ``end`` says, then ``after_job``."""
+        if end.error is not None:
+            point = "on_retry" if end.outcome == "retry_asked" else "on_failure"
+            self._run(point, ctx.job_id, ctx, end.error)
+        self._run("after_job", ctx.job_id, ctx, end)
+
+    def close(self) -> None:
+        self._run("close", None)
+
+    def _run(
+        self,
+        point: str,
+        job_id: str | None,
+        *args: Any,
+        reraise: type[BaseException] | None = None,
+    ) -> None:
+        for call in self._calls[point]:
+            try:
+                call(*args)
+            except BaseException as exc:  # a hook never breaks a job or a worker
+                if reraise is not None and isinstance(exc, reraise):
+                    raise
+                _logger().exception(
+                    "hook.failed",
+                    hook=type(getattr(call, "__self__", call)).__qualname__,
+                    point=point,
+                    job_id=job_id,
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                )
+
+
+def _logger() -> Any:
+    # structlog is imported when a hook fails, not with the module: a
+    # client's import of corral stays light.
+    import structlog
+
+    return structlog.get_logger()
+
+
+def find_factory(spec: str) -> Callable[[], Any]:
+    """The function a hooks entry names: ``"module"`` (its
+    ``corral_hooks``) or ``"module:function"``, imported. Raises HookError
+    naming the entry and what to do."""
+    from corral.workers.registry import where
+
+    module_name, _, attr = spec.partition(":")
+    attr = attr or FACTORY
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        raise HookError(
+            f"hooks module {module_name!r} could not be imported: {where(exc)}"
+            f"{type(exc).__name__}: {exc}. Check the hooks list and python_path in the config"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise HookError(
+            f"hooks module {module_name!r} has no function {attr}(): define "
+            f'`def {attr}() -> corral.Hooks` in it, or name another as "{module_name}:FUNCTION"'
+        )
+    return factory  # type: ignore[no-any-return]
+
+
+def load_hooks(specs: Iterable[str]) -> list[Hooks]:
+    """The hooks of each entry (see :func:`find_factory`): its function
+    called, for a :class:`Hooks` or a list of them. Raises HookError."""
+    loaded: list[Hooks] = []
+    for spec in specs:
+        factory = find_factory(spec)
+        try:
+            made = factory()
+        except (Exception, SystemExit) as exc:
+            raise HookError(
+                f"hooks {spec!r}: {_name(factory)}() raised {type(exc).__name__}: {exc}"
+            ) from exc
+        items = made if isinstance(made, Sequence) else [made]
+        for item in items:
+            if not isinstance(item, Hooks):
+                raise HookError(
+                    f"hooks {spec!r}: {_name(factory)}() returned {item!r}, not a corral.Hooks "
+                    "(or a list of them): subclass corral.Hooks"
+                )
+            loaded.append(item)
+    return loaded
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", repr(fn))

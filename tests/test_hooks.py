@@ -1,0 +1,538 @@
+"""Hooks: before, after, on failure and on retry around every job in the
+workers, before every enqueue in a client; registered in the config or in
+code; a hook that raises changes nothing but a log line; the job's headers
+carry what a client hook adds to the handler. With the Sentry and
+OpenTelemetry examples, each through real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from conftest import PLUGINS, Env, wait_for, worker_processes
+from structlog.testing import capture_logs
+
+import corral
+from corral.broker import protocol as p
+from corral.clientcore import ClientCore
+from corral.config import load
+from corral.errors import ConfigError, SoftTimeout
+from corral.hooks import Enqueuing, HookError, HookSet, JobEnd, load_hooks
+from corral.logs import JobLines
+from corral.workers.execute import Execution
+from corral.workers.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = str(ROOT / "examples" / "hooks")
+
+
+class Calls(corral.Hooks):
+    """Records every call, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def before_enqueue(self, job: Enqueuing) -> None:
+        self.calls.append(("before_enqueue", job.task))
+        job.headers["seen"] = job.job_id
+
+    def before_job(self, ctx: corral.JobContext) -> None:
+        self.calls.append(("before_job", ctx.job_id, ctx.attempt, dict(ctx.headers)))
+
+    def on_failure(self, ctx: corral.JobContext, error: BaseException) -> None:
+        self.calls.append(("on_failure", type(error).__name__))
+
+    def on_retry(self, ctx: corral.JobContext, error: BaseException) -> None:
+        self.calls.append(("on_retry", type(error).__name__))
+
+    def after_job(self, ctx: corral.JobContext, end: JobEnd) -> None:
+        self.calls.append(("after_job", end.outcome, end.result, end.error_type))
+
+
+class Raises(corral.Hooks):
+    def before_enqueue(self, job: Enqueuing) -> None:
+        raise RuntimeError("bug")
+
+    def before_job(self, ctx: corral.JobContext) -> None:
+        raise RuntimeError("bug")
+
+    def on_failure(self, ctx: corral.JobContext, error: BaseException) -> None:
+        raise RuntimeError("bug")
+
+    def on_retry(self, ctx: corral.JobContext, error: BaseException) -> None:
+        raise RuntimeError("bug")
+
+    def after_job(self, ctx: corral.JobContext, end: JobEnd) -> None:
+        raise SystemExit(3)  # not even this ends anything
+
+
+def handler(ctx: corral.JobContext, payload: Any) -> Any:
+    if payload == "error":
+        raise ValueError("bad")
+    if payload == "fail":
+        raise corral.Fail("no")
+    if payload == "retry":
+        raise corral.Retry(delay=1)
+    if payload == "unencodable":
+        return object()
+    return payload
+
+
+def takes_an_int(ctx: corral.JobContext, n: int) -> int:
+    return n
+
+
+def run_job(payload: Any, hooks: list[corral.Hooks], task: str = "t.h") -> p.Outcome:
+    fn = corral.task(name="t.h")(handler)
+    registry = Registry([fn.definition])
+    headers = {"traceparent": "00-x"}
+    d = p.Delivery("job-1", 7, task, p.encode_value(payload), 2, 3, "default", 0.0, headers=headers)
+    execution = Execution(d, registry, "w-1", hooks=HookSet(hooks))
+    return execution.run(lambda args: execution.call_sync(args, None))
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind", "calls"),
+    [
+        (5, "ok", [("after_job", "succeeded", 5, "")]),
+        (
+            "error",
+            "error",
+            [("on_failure", "ValueError"), ("after_job", "errored", None, "ValueError")],
+        ),
+        ("fail", "fail", [("on_failure", "Fail"), ("after_job", "failed", None, "Fail")]),
+        ("retry", "retry", [("on_retry", "Retry"), ("after_job", "retry_asked", None, "Retry")]),
+        (
+            "unencodable",
+            "fail",
+            [
+                ("on_failure", "ResultInvalid"),
+                ("after_job", "failed", None, "ResultNotSerializable"),
+            ],
+        ),
+    ],
+)
+def test_each_end_of_a_try_calls_its_hooks_in_order(
+    payload: Any, kind: str, calls: list[tuple[Any, ...]]
+) -> None:
+    seen = Calls()
+    outcome = run_job(payload, [seen])
+    assert outcome.kind == kind
+    assert seen.calls == [("before_job", "job-1", 2, {"traceparent": "00-x"}), *calls]
+
+
+def test_a_job_that_cannot_run_still_has_its_hooks() -> None:
+    seen = Calls()
+    assert run_job(5, [seen], task="t.unknown").kind == "error"
+    assert seen.calls[1:] == [
+        ("on_failure", "UnknownTask"),
+        ("after_job", "errored", None, "UnknownTask"),
+    ]
+    seen.calls.clear()
+    typed = Registry([corral.task(name="t.typed")(takes_an_int).definition])
+    d = p.Delivery("job-2", 1, "t.typed", p.encode_value("x"), 1, 3, "default", 0.0)
+    execution = Execution(d, typed, "w-1", hooks=HookSet([seen]))
+    assert execution.run(lambda args: execution.call_sync(args, None)).kind == "fail"
+    assert seen.calls[1:] == [
+        ("on_failure", "PayloadInvalid"),
+        ("after_job", "failed", None, "ValidationError"),
+    ]
+
+
+def test_a_hook_that_raises_changes_no_outcome_and_is_logged() -> None:
+    seen = Calls()
+    with capture_logs() as logs:
+        for payload, kind in ((5, "ok"), ("error", "error"), ("retry", "retry")):
+            outcome = run_job(payload, [Raises(), seen])
+            assert outcome.kind == kind
+            assert seen.calls[0][0] == "before_job" and seen.calls[-1][0] == "after_job"
+            seen.calls.clear()
+    failed = [line for line in logs if line["event"] == "hook.failed"]
+    points = {line["point"] for line in failed}
+    assert points == {"before_job", "on_failure", "on_retry", "after_job"}
+    assert all(line["hook"] == "Raises" and line["job_id"] == "job-1" for line in failed)
+    assert any("SystemExit" in line["error"] for line in failed)
+
+
+def test_a_soft_timeout_in_before_job_is_the_jobs() -> None:
+    class Slow(corral.Hooks):
+        def before_job(self, ctx: corral.JobContext) -> None:
+            raise SoftTimeout("the job ran past its soft timeout")
+
+    with pytest.raises(SoftTimeout):
+        HookSet([Slow()]).before_job(corral.JobContext("j", 1, "t", "q", 0.0))
+
+
+def test_the_job_lines_are_a_hook_and_come_first() -> None:
+    structlog.reset_defaults()
+    with capture_logs() as logs:
+        outcome = run_job("error", [JobLines()])
+    assert outcome.kind == "error"
+    assert [line["event"] for line in logs] == ["job.received", "job.errored"]
+    assert logs[1]["error"] == "ValueError: bad" and logs[1]["log_level"] == "warning"
+    from corral.workers.runtime import Worker, WorkerOptions
+
+    worker = Worker(WorkerOptions("ipc:///nowhere", ["q"]), Registry(), hooks=[Calls()])
+    try:
+        assert [type(h) for h in worker.hooks.hooks] == [JobLines, Calls]
+    finally:
+        worker._ctx.term()
+        os.close(worker._wake_fd)
+
+
+def test_a_client_hook_adds_headers_to_every_job_it_sends() -> None:
+    seen = Calls()
+    core = ClientCore(hooks=HookSet([Raises(), seen]))
+    step = core.enqueue("t.a", 1, headers={"mine": "yes"}, on_success=corral.Job("t.b"))
+    (spec,) = step.request.jobs  # type: ignore[union-attr]
+    assert spec.headers == {"mine": "yes", "seen": spec.id}
+    assert spec.on_success is not None and spec.on_success.headers == {"seen": spec.on_success.id}
+    step = core.enqueue_chain([corral.Job("t.c"), corral.Job("t.d")])
+    specs = step.request.jobs  # type: ignore[union-attr]
+    assert [s.headers for s in specs] == [{"seen": s.id} for s in specs]
+    assert [c[1] for c in seen.calls] == ["t.a", "t.b", "t.c", "t.d"]
+
+    class BadHeader(corral.Hooks):
+        def before_enqueue(self, job: Enqueuing) -> None:
+            job.headers["n"] = 5  # type: ignore[assignment]
+
+    step = ClientCore(hooks=HookSet([BadHeader()])).enqueue("t.a")
+    assert step.request.jobs[0].headers is None  # type: ignore[union-attr]
+    with pytest.raises(TypeError, match=r"corral\.Hooks"):
+        HookSet([object()])  # type: ignore[list-item]
+
+
+def test_each_jobs_headers_survive_batching_restart_and_compaction(tmp_path: Path) -> None:
+    """Jobs alike but for their headers share no template: each keeps its
+    own headers in a batch, across a restart, in a compaction's snapshot,
+    and in its delivery."""
+    from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
+
+    from corral.broker.state import JobState
+
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    specs = [
+        p.JobSpec(f"j{i}", "t.x", p.encode_value(i), headers={"traceparent": f"00-{i}"})
+        for i in range(3)
+    ] + [p.JobSpec("plain", "t.x", p.encode_value(3))]
+    assert isinstance(broker.request(p.Enqueue(broker.next_req(), specs)), p.EnqueueOk)
+    want = {"j0": {"traceparent": "00-0"}, "j1": {"traceparent": "00-1"}}
+    want |= {"j2": {"traceparent": "00-2"}, "plain": None}
+
+    def kept(state: JobState) -> dict[str, Any]:
+        return {job_id: state.jobs[job_id].headers for job_id in want}
+
+    assert kept(broker.core.state) == want
+    broker.close()
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)  # replayed from the log
+    assert kept(broker.core.state) == want
+    again = JobState(broker.core.compactor.defaults)
+    for record in broker.core.state.snapshot():  # what a compaction writes
+        again.apply(record)
+    assert kept(again) == want
+    worker = FakeWorker(broker, credit=4)
+    got = {d.job_id: d.headers for d in deliveries(worker.send(p.WorkerHeartbeat()))}
+    got |= {d.job_id: d.headers for d in worker.ready()}
+    assert got == want
+
+
+def test_a_client_with_hooks_loads_no_logging_stack() -> None:
+    """structlog (and rich under it) costs a client's import a third of a
+    second: the hooks and the client import it only to log a hook's fault."""
+    code = (
+        "import sys, corral\n"
+        "from corral.clientcore import ClientCore\n"
+        "from corral.hooks import HookSet\n"
+        "class H(corral.Hooks):\n"
+        "    def before_enqueue(self, job): job.headers['k'] = 'v'\n"
+        "ClientCore(hooks=HookSet([H()])).enqueue('t.x', 1)\n"
+        "assert 'structlog' not in sys.modules and 'rich' not in sys.modules, sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+# -- loading -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def plugins_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.syspath_prepend(PLUGINS)
+    monkeypatch.setenv("CORRAL_TEST_HOOKS_FILE", "/dev/null")
+    yield
+    sys.modules.pop("recorder_hooks", None)
+
+
+def test_load_hooks_calls_each_modules_function(plugins_path: None) -> None:
+    loaded = load_hooks(["recorder_hooks", "recorder_hooks:headers_hooks"])
+    assert [type(h).__name__ for h in loaded] == ["Broken", "Recorder", "Stamp"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_hooks_module", "hooks module 'no_such_hooks_module' could not be imported"),
+        ("recorder_hooks:missing", r"has no function missing\(\)"),
+        ("hook_tasks", r"has no function corral_hooks\(\): define `def corral_hooks\(\)"),
+        ("recorder_hooks:json", r"has no function json\(\)"),
+        ("recorder_hooks:raising", r"raising\(\) raised RuntimeError: SENTRY_DSN is not set"),
+        ("recorder_hooks:wrong", r"wrong\(\) returned 42, not a corral.Hooks"),
+    ],
+)
+def test_a_bad_hooks_entry_is_a_clear_error(plugins_path: None, spec: str, message: str) -> None:
+    with pytest.raises(HookError, match=message):
+        load_hooks([spec])
+
+
+def test_hooks_keys_in_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'hooks = ["app.hooks", "app.hooks:make"]\n[[pools]]\nname = "p"\nhooks = ["x"]\n'
+    )
+    config = load(path)
+    assert config.hooks == ["app.hooks", "app.hooks:make"]
+    assert config.pools[0].hooks == ["x"]
+    path.write_text('hooks = ["app hooks"]\n')
+    with pytest.raises(ConfigError, match=r'hooks\[0\]: .*"myapp\.hooks"'):
+        load(path)
+
+
+def test_a_reload_rolls_a_pool_whose_hooks_changed(tmp_path: Path) -> None:
+    """The pool's fingerprint covers its hooks entries and their code."""
+    from corral.supervisor.reload import plugin_fingerprint
+
+    module = tmp_path / f"reload_hooks_{tmp_path.name}.py"
+    module.write_text("def corral_hooks(): return []\n")
+    name = module.stem
+    path = tmp_path / "c.toml"
+
+    def fingerprint(top: str, pool: str = "[]") -> str:
+        path.write_text(
+            f'python_path = ["{tmp_path}"]\nhooks = {top}\n[[pools]]\nname = "p"\nhooks = {pool}\n'
+        )
+        config = load(path)
+        return plugin_fingerprint(config, config.pools[0])
+
+    none = fingerprint("[]")
+    top = fingerprint(f'["{name}"]')
+    assert none != top
+    assert fingerprint("[]", f'["{name}"]') == top  # the same hooks for the pool's workers
+    assert fingerprint("[]", f'["{name}:corral_hooks"]') not in (none, top)
+    module.write_text("def corral_hooks(): return ()\n")
+    assert fingerprint(f'["{name}"]') != top
+    assert fingerprint("[]") == none
+
+
+def test_check_config_names_a_bad_hooks_module(env: Env) -> None:
+    text = env.config.read_text()
+    env.config.write_text(text.replace("\n[broker]", 'hooks = ["no_such_hooks"]\n\n[broker]', 1))
+    done = env.run("check-config", "-c", str(env.config))
+    assert done.returncode == 2
+    assert "hooks: hooks module 'no_such_hooks' could not be imported" in done.stderr
+    env.config.write_text(text.replace("\n[[pools]]", '\n[[pools]]\nhooks = ["hook_tasks"]', 1))
+    done = env.run("check-config", "-c", str(env.config))
+    assert done.returncode == 2
+    assert "pools[0].hooks (pool 'default'): hooks module 'hook_tasks' has no function" in (
+        done.stderr
+    )
+
+
+# -- through real processes --------------------------------------------------------
+
+
+def configure(env: Env, hooks: str, pool_hooks: str = "", processes: int = 1) -> None:
+    env.write_config(
+        processes=processes,
+        plugins='["e2e_tasks", "hook_tasks"]',
+        extra_pool=f"hooks = {pool_hooks}" if pool_hooks else "",
+        extra_broker='retry_backoff = "50ms"\nretry_backoff_max = "50ms"',
+    )
+    text = env.config.read_text().replace(
+        f'python_path = ["{PLUGINS}"]',
+        f'python_path = ["{PLUGINS}", "{EXAMPLES}"]\nhooks = {hooks}',
+    )
+    env.config.write_text(text)
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_hooks_run_around_every_job_in_real_workers(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Top-level hooks (a broken one first) and a pool's, registered in the
+    config; a client from the same config adds a header; every outcome
+    stands and the worker lives on; close runs as the worker stops."""
+    record = tmp_path / "hooks.jsonl"
+    monkeypatch.setenv("CORRAL_TEST_HOOKS_FILE", str(record))
+    configure(
+        env,
+        '["recorder_hooks", "recorder_hooks:headers_hooks"]',
+        pool_hooks='["recorder_hooks:pool_hooks"]',
+    )
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    (worker,) = worker_processes(daemon)
+    client = corral.Client.from_config(env.config, timeout=10)
+    env.clients.append(client)
+    jobs = {
+        "square": client.enqueue("e2e.square", 7),
+        "flaky": client.enqueue("e2e.flaky", 2),
+        "release": client.enqueue("e2e.release", 1),
+        "give_up": client.enqueue("e2e.give_up", "no"),
+        "headers": client.enqueue("hooks.headers"),
+    }
+    assert client.result(jobs["square"], timeout=30) == 49
+    assert client.result(jobs["flaky"], timeout=30) == 2
+    assert client.result(jobs["release"], timeout=30) == 1
+    with pytest.raises(corral.JobFailed):
+        client.result(jobs["give_up"], timeout=30)
+    headers = client.result(jobs["headers"], timeout=30)
+    assert headers == {"stamped-by": f"hooks.headers:{jobs['headers']}"}
+    assert [w.pid for w in worker_processes(daemon)] == [worker.pid]  # never restarted
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    calls = lines(record)
+
+    def of(job: str, label: str = "top") -> list[tuple[Any, ...]]:
+        return [
+            (c["point"], c["attempt"], c.get("outcome") or c.get("error"))
+            for c in calls
+            if c.get("job_id") == jobs[job] and c["label"] == label
+        ]
+
+    assert of("square") == [("before_job", 1, None), ("after_job", 1, "succeeded")]
+    assert of("square", "pool") == of("square")
+    assert of("flaky") == [
+        ("before_job", 1, None),
+        ("on_failure", 1, "ValueError"),
+        ("after_job", 1, "errored"),
+        ("before_job", 2, None),
+        ("after_job", 2, "succeeded"),
+    ]
+    assert of("release") == [
+        ("before_job", 1, None),
+        ("on_retry", 1, "Retry"),
+        ("after_job", 1, "retry_asked"),
+        ("before_job", 2, None),
+        ("after_job", 2, "succeeded"),
+    ]
+    assert of("give_up") == [
+        ("before_job", 1, None),
+        ("on_failure", 1, "Fail"),
+        ("after_job", 1, "failed"),
+    ]
+    assert {c["pid"] for c in calls} == {worker.pid}
+    assert [c["label"] for c in calls if c["point"] == "close"] == ["top", "pool"]
+    failed = [
+        e for e in map(_json, daemon.output().splitlines()) if e.get("event") == "hook.failed"
+    ]
+    assert {e["point"] for e in failed} >= {"before_job", "on_failure", "on_retry", "after_job"}
+    assert any(e["point"] == "close" for e in failed)
+
+
+def _json(line: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def test_a_worker_whose_hooks_cannot_load_says_why(env: Env) -> None:
+    configure(env, '["no_such_hooks"]', processes=0)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    worker = env.start("worker")
+    assert worker.wait(30) == 2
+    assert "hooks module 'no_such_hooks' could not be imported" in worker.output()
+    assert "worker.cannot_start" in worker.output()
+
+
+def test_sentry_example_reports_a_failed_try_with_its_job(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/hooks/sentry_hook.py with the real sentry-sdk in a real
+    worker; the test's transport writes each event to a file."""
+    events_file = tmp_path / "sentry.jsonl"
+    monkeypatch.setenv("CORRAL_TEST_SENTRY_FILE", str(events_file))
+    configure(env, '["sentry_test_hooks"]')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("hooks.boom", "kaboom")  # two tries: max_attempts=2
+    with pytest.raises(corral.JobFailed):
+        client.result(job_id, timeout=30)
+    events = wait_for(
+        lambda: len(lines(events_file)) >= 2 and lines(events_file), 20, message="2 events"
+    )
+    assert [e["tags"]["corral.attempt"] for e in events] == ["1", "2"]
+    for event in events:
+        assert event["tags"]["corral.job_id"] == job_id
+        assert event["tags"]["corral.task"] == "hooks.boom"
+        assert event["tags"]["corral.queue"] == "default"
+        (exception,) = event["exception"]["values"]
+        assert (exception["type"], exception["value"]) == ("ValueError", "kaboom")
+        assert event["contexts"]["corral job"]["job_id"] == job_id
+        assert event["contexts"]["corral job"]["max_attempts"] == 2
+
+
+def test_otel_example_continues_the_enqueuers_trace_in_the_worker(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client (this process, its own tracer provider) enqueues inside a
+    span; the worker process (examples/hooks/otel_hook.py with the real SDK,
+    spans to a file) continues that trace: same trace id, the enqueue span
+    its parent."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    monkeypatch.syspath_prepend(EXAMPLES)
+    from otel_hook import OpenTelemetryHooks
+
+    spans_file = tmp_path / "spans.jsonl"
+    monkeypatch.setenv("CORRAL_TEST_OTEL_FILE", str(spans_file))
+    configure(env, '["otel_test_hooks"]')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    client = corral.Client(env.endpoint, timeout=10, hooks=[OpenTelemetryHooks(provider)])
+    env.clients.append(client)
+    with tracer.start_as_current_span("enqueue square"):
+        ok = client.enqueue("e2e.square", 7)
+    with tracer.start_as_current_span("enqueue boom"):
+        bad = client.enqueue("hooks.boom", "kaboom", max_attempts=1)
+    assert client.result(ok, timeout=30) == 49
+    with pytest.raises(corral.JobFailed):
+        client.result(bad, timeout=30)
+    sent = {span.name: span.get_span_context() for span in exporter.get_finished_spans()}
+    spans = wait_for(lambda: len(lines(spans_file)) >= 2 and lines(spans_file), 20, message="spans")
+    by_job = {s["attributes"]["messaging.message.id"]: s for s in spans}
+    for job_id, enqueue_span, status in (
+        (ok, "enqueue square", "UNSET"),
+        (bad, "enqueue boom", "ERROR"),
+    ):
+        span = by_job[job_id]
+        assert span["trace_id"] == f"{sent[enqueue_span].trace_id:032x}"
+        assert span["parent_id"] == f"{sent[enqueue_span].span_id:016x}"
+        assert span["kind"] == "CONSUMER" and span["status"] == status
+        assert span["attributes"]["corral.attempt"] == 1
+    assert by_job[ok]["name"] == "process e2e.square"
+    assert by_job[ok]["attributes"]["corral.outcome"] == "succeeded"
+    assert by_job[bad]["events"] == ["exception"]

@@ -1,0 +1,158 @@
+"""Typed enqueue: ``client.enqueue(send, Email(...))`` with the task function
+takes the task's name, queue and options from its decorator, through real
+processes; mypy rejects a payload of the wrong type; a call of the function
+still runs it inline."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from conftest import PLUGINS, Env
+
+import corral
+from corral.clientcore import ClientCore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def typed_tasks() -> Iterator[ModuleType]:
+    """tests/plugins/typed_tasks.py, imported here as the workers import it."""
+    sys.path.insert(0, PLUGINS)
+    try:
+        yield importlib.import_module("typed_tasks")
+    finally:
+        sys.path.remove(PLUGINS)
+
+
+def test_a_task_is_still_its_function_when_called(typed_tasks: ModuleType) -> None:
+    ctx = corral.JobContext("job-1", 3, "typed_tasks.send", "typed", 0.0)
+    email = typed_tasks.Email(to="a@b", subject="hi")
+    assert isinstance(typed_tasks.send, corral.Task)
+    assert typed_tasks.send(ctx, email) == {
+        "to": "a@b",
+        "subject": "hi",
+        "queue": "typed",
+        "attempt": 3,
+    }
+    assert typed_tasks.shout("hey") == "HEY"
+    assert asyncio.run(typed_tasks.send_later(ctx, email)) == "a@b"
+    assert typed_tasks.send.__name__ == "send" and typed_tasks.send.__doc__ is None
+    assert (typed_tasks.send.name, typed_tasks.send.queue) == ("typed_tasks.send", "typed")
+
+
+def test_enqueue_by_function_takes_the_decorators_name_queue_and_options(
+    typed_tasks: ModuleType,
+) -> None:
+    core = ClientCore()
+    step = core.enqueue(typed_tasks.send, typed_tasks.Email(to="a@b", subject="hi"))
+    assert not isinstance(step, str)
+    (spec,) = step.request.jobs  # type: ignore[union-attr]
+    assert (spec.task, spec.queue) == ("typed_tasks.send", "typed")
+    assert (spec.max_attempts, spec.timeout, spec.result_ttl, spec.max_retries) == (2, 20, 600, 3)
+    # an option given to enqueue wins over the decorator's
+    step = core.enqueue(typed_tasks.send, None, queue="other", max_attempts=9, timeout=1.5)
+    (spec,) = step.request.jobs  # type: ignore[union-attr]
+    assert (spec.queue, spec.max_attempts, spec.timeout, spec.result_ttl) == ("other", 9, 1.5, 600)
+    with pytest.raises(TypeError, match=r"a task name or a @corral\.task function"):
+        core.enqueue(print, 1)  # type: ignore[arg-type]
+
+
+def test_typed_enqueue_through_real_processes(env: Env, typed_tasks: ModuleType) -> None:
+    """The broker alone first: the job carries the decorator's queue and
+    options before any worker registered the task; then a worker on that
+    queue runs it, with the Struct payload decoded."""
+    env.write_config(processes=0)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    email = typed_tasks.Email(to="a@b", subject="hi")
+    job_id = client.enqueue(typed_tasks.send, email)
+    info = client.job(job_id)
+    assert (info.task, info.queue, info.status) == ("typed_tasks.send", "typed", "queued")
+    assert (info.max_attempts, info.timeout) == (2, 20)
+    shouted = client.enqueue(typed_tasks.shout, "quiet")
+    by_name = client.enqueue("typed_tasks.shout", "named", queue="typed")
+    env.start("worker", "--queue", "typed", "--plugin", "typed_tasks")
+    result = client.result(job_id, timeout=30)
+    assert result == {"to": "a@b", "subject": "hi", "queue": "typed", "attempt": 1}
+    assert client.result(shouted, timeout=30) == "QUIET"
+    assert client.result(by_name, timeout=30) == "NAMED"
+
+
+#: Checked by mypy; each line marked "# wrong" must be an error, no other.
+SNIPPET = """
+from __future__ import annotations
+
+import corral
+from typed_tasks import Email, send, send_later, shout, tick
+
+
+def blocking(client: corral.Client) -> None:
+    client.enqueue(send, Email(to="a@b", subject="hi"))
+    client.enqueue(send, Email(to="a@b", subject="hi"), queue="q", delay=5)
+    client.enqueue(send, 42)  # wrong
+    client.enqueue(send, {"to": "a@b"})  # wrong
+    client.enqueue(shout, "x")
+    client.enqueue(shout, Email(to="a", subject="b"))  # wrong
+    client.enqueue(tick)
+    client.enqueue(tick, 1)  # wrong
+    client.enqueue("typed_tasks.send", 42)  # by name: not checked
+    client.enqueue(send, Email(to="a@b", subject="hi"), queue=3)  # wrong
+    ctx = corral.JobContext("j", 1, "t", "q", 0.0)
+    receipt: dict[str, object] = send(ctx, Email(to="a", subject="b"))
+    send(ctx, 42)  # wrong
+    job_id: str = client.enqueue(shout, "x")
+
+
+async def awaited(client: corral.AsyncClient) -> None:
+    await client.enqueue(send_later, Email(to="a@b", subject="hi"))
+    await client.enqueue(send_later, 42)  # wrong
+    job_id: str = await client.enqueue(send, Email(to="a@b", subject="hi"))
+"""
+
+
+def test_mypy_rejects_a_payload_of_the_wrong_type(tmp_path: Path) -> None:
+    # mypy reads corral through the tree `make typecheck` lays out (it cannot
+    # follow the editable install), and shares its cache.
+    subprocess.run(
+        ["make", "--no-print-directory", "-s", "typecheck-tree"], cwd=ROOT, check=True, timeout=60
+    )
+    snippet = tmp_path / "typed_enqueue_snippet.py"
+    snippet.write_text(textwrap.dedent(SNIPPET))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--follow-imports=silent",
+            "--hide-error-context",
+            "--no-error-summary",
+            str(snippet),
+        ],
+        cwd=ROOT,
+        env={"MYPYPATH": PLUGINS, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = snippet.read_text().splitlines()
+    wrong = {n for n, line in enumerate(lines, 1) if line.endswith("# wrong")}
+    # (by the file's name: mypy may repeat what it cached for the same
+    # module at an earlier test's path)
+    flagged = {
+        int(m.group(1))
+        for m in re.finditer(r"^\S*typed_enqueue_snippet\.py:(\d+): error", done.stdout, re.M)
+    }
+    assert flagged == wrong, done.stdout + done.stderr
