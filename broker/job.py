@@ -262,6 +262,8 @@ class Job(msgspec.Struct, gc=False, eq=False):
     @property
     def limit_key(self) -> str | None:
         return self.tpl.limit_key
+
+    @property
     def headers(self) -> dict[str, str] | None:
         return self.tpl.headers
 

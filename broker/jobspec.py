@@ -190,6 +190,8 @@ def expires_at(expires: float | datetime | None, due: float) -> float | None:
     if isinstance(expires, datetime):
         return expires.timestamp()
     return due + expires
+
+
 def _validate_headers(headers: dict[str, str] | None) -> None:
     if not headers:
         return
