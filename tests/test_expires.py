@@ -261,11 +261,11 @@ def test_an_expired_job_never_runs_on_a_worker_that_comes_later(env: Env) -> Non
 
 def _legacy_created(raw: bytes) -> msgspec.Raw:
     """A JobCreated array as records version 4 wrote it: without the
-    options added since (``expires``, ``limit_key``), which sit before
-    JobCreated's own fields."""
+    options added in version 5 (``expires``, ``limit_key``, ``headers``),
+    which sit before JobCreated's own fields."""
     items = msgspec.msgpack.decode(raw, type=list[msgspec.Raw])
     first_new = 5 + OPTION_NAMES.index("expires")
-    del items[first_new : first_new + 2]
+    del items[first_new : 5 + len(OPTION_NAMES)]
     return msgspec.Raw(msgspec.msgpack.encode(items))
 
 
@@ -297,8 +297,8 @@ def _old_records() -> list[Record]:
 
 
 def test_records_of_an_older_log_decode() -> None:
-    """A JobCreated written before ``expires`` and ``limit_key`` lacks them
-    in the middle of its array: it still reads, with both None."""
+    """A JobCreated written before ``expires``, ``limit_key`` and ``headers``
+    lacks them in the middle of its array: it still reads, with them None."""
     for record in _old_records():
         code, body = legacy_body(record)
         assert body != encode_record(record)[1]
