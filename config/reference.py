@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", nargs="?", help="the file to write (default: stdout)")
     parser.add_argument("--check", action="store_true", help="compare with PATH, write nothing")
     args = parser.parse_args(argv)
+    if args.check and args.path is None:
+        parser.error("--check compares with a file: give its PATH (docs/CONFIG.md)")
     missing = missing_descriptions()
     if missing:
         print(

@@ -75,3 +75,11 @@ def test_the_command_writes_the_file_and_check_compares(
     assert reference.main([str(path)]) == 0
     assert path.read_text() == reference.render()
     assert reference.main(["--check", str(path)]) == 0
+
+
+def test_check_without_a_file_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--check`` alone compared nothing and passed: it is refused, naming the PATH."""
+    with pytest.raises(SystemExit) as exit_info:
+        reference.main(["--check"])
+    assert exit_info.value.code == 2
+    assert "give its PATH" in capsys.readouterr().err
