@@ -12,7 +12,7 @@ at its deadline runs on, but a retry due after it never starts.
 as jobs are added (live and on replay, so a restart needs no pass over the
 jobs to find them). Entries are removed lazily: one whose job ended, was
 removed, or was replaced by a newer job of the same id is skipped when it
-comes due, and once such entries are more than :data:`SWEEP_AFTER` and more
+comes due, and once such entries are more than the timers' ``SWEEP_AFTER`` and more
 than the live ones the heap is rebuilt without them (a million jobs with a
 year's ``expires`` that end at once do not hold a million entries for a
 year). Pure; time comes in as ``now`` (epoch seconds). The broker's
@@ -22,16 +22,13 @@ dispatcher acts on what comes due (it holds the leases a cancel revokes).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from corral.broker.job import ACTIVE, Job
 from corral.broker.jobspec import expires_at
 from corral.broker.protocol import EXPIRED, EXPIRED_ERROR
 from corral.broker.records import ErrorRec, JobCreated
-
-#: Stale entries tolerated before a rebuild is considered.
-SWEEP_AFTER = 1024
+from corral.broker.timers import JobHeap
 
 
 def deadline(job: Job) -> float | None:
@@ -67,19 +64,9 @@ def reason_of(job: Job) -> str | None:
     return None
 
 
-class ExpiringJobs:
+class ExpiringJobs(JobHeap):
     """The deadlines of jobs with ``expires``; see the module docstring.
     ``jobs`` is the job state's table (read only)."""
-
-    def __init__(self, jobs: dict[str, Job]) -> None:
-        self._jobs = jobs
-        #: (deadline, seq, job id).
-        self._heap: list[tuple[float, int, str]] = []
-        self._stale = 0
-
-    def __len__(self) -> int:
-        """Entries held, stale ones included."""
-        return len(self._heap)
 
     def add(self, job: Job) -> None:
         """Watch ``job`` if it has an ``expires`` and has not ended."""
@@ -96,35 +83,10 @@ class ExpiringJobs:
 
     def left(self, job: Job) -> None:
         """``job`` ended or was removed: its entry, if it has one, is stale."""
-        if job.tpl.expires is None:
-            return
-        self._stale += 1
-        if self._stale > SWEEP_AFTER and 2 * self._stale > len(self._heap):
-            self._heap = [entry for entry in self._heap if self._current(entry)]
-            heapq.heapify(self._heap)
-            self._stale = 0
+        if job.tpl.expires is not None:
+            self._went_stale()
 
     def _current(self, entry: tuple[float, int, str]) -> bool:
+        """The job has not ended (running ones included: the caller decides)."""
         job = self._jobs.get(entry[2])
         return job is not None and job.seq == entry[1] and job.status in ACTIVE
-
-    def due(self, now: float) -> Iterator[Job]:
-        """Take off the jobs whose deadline is ``now`` or past and that have
-        not ended (running ones included: the caller decides), each once."""
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            entry = heapq.heappop(heap)
-            if self._current(entry):
-                yield self._jobs[entry[2]]
-            elif self._stale:
-                self._stale -= 1
-
-    def next_due(self) -> float | None:
-        """The earliest deadline of a job that has not ended, stale entries
-        in front dropped."""
-        heap = self._heap
-        while heap and not self._current(heap[0]):
-            heapq.heappop(heap)
-            if self._stale:
-                self._stale -= 1
-        return heap[0][0] if heap else None
