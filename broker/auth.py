@@ -154,18 +154,12 @@ class KeyRing:
         bc = config.broker
         self.sets: dict[str, KeySet] = {}
         if sec.server_secret_key and is_tcp(bc.client_endpoint):
-            if not sec.authorized_keys_dir and not sec.allow_any_client_key:
-                raise ConfigError(
-                    f"broker.client_endpoint {bc.client_endpoint} uses CURVE but "
-                    "security.authorized_keys_dir is not set, so any key would be admitted: "
-                    "set it to a directory of the clients' <name>.key files, or set "
-                    "security.allow_any_client_key = true to admit any client key"
-                )
-            self.sets[CLIENT] = KeySet(
+            self.sets[CLIENT] = _client_keys(
                 CLIENT,
-                "authorized_keys_dir",
-                sec.authorized_keys_dir,
-                allow_any=sec.allow_any_client_key and not sec.authorized_keys_dir,
+                sec,
+                f"broker.client_endpoint {bc.client_endpoint} uses CURVE but "
+                "security.authorized_keys_dir is not set, so any key would be admitted: "
+                "set it to a directory of the clients' <name>.key files",
             )
         if sec.server_secret_key and is_tcp(bc.worker_endpoint):
             if not sec.worker_keys_dir:
@@ -177,18 +171,12 @@ class KeyRing:
             self.sets[WORKER] = KeySet(WORKER, "worker_keys_dir", sec.worker_keys_dir)
         events = getattr(bc, "events_endpoint", None)
         if sec.server_secret_key and events and is_tcp(events):
-            if not sec.authorized_keys_dir and not sec.allow_any_client_key:
-                raise ConfigError(
-                    f"broker.events_endpoint {events} uses CURVE but "
-                    "security.authorized_keys_dir is not set: set it to a directory of the "
-                    "<name>.key files of the clients that may subscribe, or set "
-                    "security.allow_any_client_key = true to admit any client key"
-                )
-            self.sets[EVENTS] = KeySet(
+            self.sets[EVENTS] = _client_keys(
                 EVENTS,
-                "authorized_keys_dir",
-                sec.authorized_keys_dir,
-                allow_any=sec.allow_any_client_key and not sec.authorized_keys_dir,
+                sec,
+                f"broker.events_endpoint {events} uses CURVE but "
+                "security.authorized_keys_dir is not set: set it to a directory of the "
+                "<name>.key files of the clients that may subscribe",
             )
         for keyset in self.sets.values():
             keyset.load()
@@ -297,3 +285,20 @@ class KeyRing:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+def _client_keys(side: str, sec: Any, unset: str) -> KeySet:
+    """The clients' key set for ``side`` (the client or the events
+    endpoint): ``security.authorized_keys_dir``, or any key where
+    ``allow_any_client_key`` says so. Raises ConfigError (``unset``, and how
+    to admit any key) when neither is set."""
+    if not sec.authorized_keys_dir and not sec.allow_any_client_key:
+        raise ConfigError(
+            f"{unset}, or set security.allow_any_client_key = true to admit any client key"
+        )
+    return KeySet(
+        side,
+        "authorized_keys_dir",
+        sec.authorized_keys_dir,
+        allow_any=sec.allow_any_client_key and not sec.authorized_keys_dir,
+    )

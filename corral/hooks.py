@@ -30,7 +30,6 @@ see. The worker's per-job log lines are such a hook
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -191,17 +190,13 @@ def find_factory(spec: str) -> Callable[[], Any]:
     """The function a hooks entry names: ``"module"`` (its
     ``corral_hooks``) or ``"module:function"``, imported. Raises HookError
     naming the entry and what to do."""
-    from corral.workers.registry import where
+    from corral.workers.registry import import_or_raise
 
     module_name, _, attr = spec.partition(":")
     attr = attr or FACTORY
-    try:
-        module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:
-        raise HookError(
-            f"hooks module {module_name!r} could not be imported: {where(exc)}"
-            f"{type(exc).__name__}: {exc}. Check the hooks list and python_path in the config"
-        ) from exc
+    module = import_or_raise(
+        module_name, HookError, "hooks module", "Check the hooks list and python_path"
+    )
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise HookError(

@@ -426,6 +426,19 @@ def where(exc: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
 
 
+def import_or_raise(name: str, error: type[Exception], what: str, check: str) -> Any:
+    """Import module ``name``; anything its import raises (SystemExit too)
+    becomes ``error``, naming it as ``what``, where it failed, and ``check``
+    (what to look at) "in the config"."""
+    try:
+        return importlib.import_module(name)
+    except (Exception, SystemExit) as exc:
+        raise error(
+            f"{what} {name!r} could not be imported: {where(exc)}{type(exc).__name__}: "
+            f"{exc}. {check} in the config"
+        ) from exc
+
+
 def load_plugins(modules: Iterable[str], *, entry_point_group: bool = True) -> Registry:
     """Import each plugin module and collect its tasks, plus the modules
     that installed distributions declare in the ``corral.tasks`` group."""
@@ -434,13 +447,9 @@ def load_plugins(modules: Iterable[str], *, entry_point_group: bool = True) -> R
     if entry_point_group:
         names += [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]
     for name in names:
-        try:
-            module = importlib.import_module(name)
-        except (Exception, SystemExit) as exc:
-            raise PluginError(
-                f"plugin {name!r} could not be imported: {where(exc)}{type(exc).__name__}: "
-                f"{exc}. Check the pool's plugins list and python_path in the config"
-            ) from exc
+        module = import_or_raise(
+            name, PluginError, "plugin", "Check the pool's plugins list and python_path"
+        )
         for definition in tasks_in(module):
             registry.add(definition)
     return registry
