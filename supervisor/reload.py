@@ -278,10 +278,17 @@ def _module_files(name: str) -> list[Path]:
 
 
 def forget_modules(names: list[str]) -> None:
-    """Drop modules (and their submodules) from sys.modules, so the next
-    import, in the supervisor or in a freshly forked worker, reads the code
-    on disk again."""
+    """Drop modules (and their submodules) from sys.modules, and their
+    cached bytecode, so the next import, in the supervisor or in a freshly
+    forked worker, reads the code on disk again.
+
+    The bytecode goes too because CPython's timestamp .pyc records the
+    source's mtime in whole seconds and its size: an edit within the same
+    second that keeps the size would otherwise load the old code."""
     for name in names:
+        for path in _module_files(name):
+            with contextlib.suppress(OSError, ValueError, NotImplementedError):
+                os.unlink(importlib.util.cache_from_source(str(path)))
         prefix = name + "."
         for loaded in [m for m in sys.modules if m == name or m.startswith(prefix)]:
             del sys.modules[loaded]

@@ -221,3 +221,31 @@ def test_a_slow_plugin_import_on_reload_does_not_stall_the_loop(env: Env) -> Non
     client = env.client()
     assert client.result(client.enqueue("dyn.version", 0, queue="dyn"), timeout=30) == "v2"
     wait_for(lambda: len(_pids(daemon, "other")) == 1, 20, message="the other pool refilled")
+
+
+def test_a_reload_never_imports_stale_bytecode(tmp_path: Path) -> None:
+    """An edit within the same second that keeps the file's size leaves a
+    timestamp .pyc that looks current (CPython checks mtime in whole
+    seconds, and size). Forgetting a module for a reload drops its cached
+    bytecode, so the next import reads the source on disk."""
+    import importlib
+    import py_compile
+    import sys
+
+    from corral.supervisor.reload import forget_modules
+
+    name = f"stale_pyc_{tmp_path.name}"
+    source = tmp_path / f"{name}.py"
+    source.write_text('VERSION = "v1"\n')
+    py_compile.compile(str(source), invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    stamp = source.stat().st_mtime_ns
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert importlib.import_module(name).VERSION == "v1"
+        source.write_text('VERSION = "v2"\n')  # same size
+        os.utime(source, ns=(stamp, stamp))  # same second
+        forget_modules([name])
+        assert importlib.import_module(name).VERSION == "v2"
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
