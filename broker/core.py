@@ -276,13 +276,8 @@ class BrokerCore:
                 self.metrics.fsync.observe(time.perf_counter() - began)
         self.replies.flush(self.client_link)
         self.housekeeper.maybe_compact(mono)
-        delivered = self.stats["delivered"]
+        # (the dispatch writes its leases to the log file before it sends)
         self.dispatcher.dispatch(now, mono)
-        if self.stats["delivered"] != delivered:
-            # The leases just sent go to the file now (no fsync: nothing is
-            # acknowledged), not with the next pass: a broker killed in
-            # between would not know jobs its workers run (broker/rejoin.py).
-            self.log.commit(mono, durable=False)
         if self.state.next_seq - self._frozen_at >= FREEZE_EVERY:
             self._freeze()
 

@@ -539,28 +539,36 @@ class Dispatcher:
         self.limits.wake(mono)
         gate = PassGate(self.limits, now, mono)
         workers = list(self.workers)
-        for conn, jobs in balance.plan_deliveries(workers, self.state, gate).items():
-            self._deliver(conn, jobs, now, mono)
+        planned = balance.plan_deliveries(workers, self.state, gate)
+        leased = [(conn, jobs, self._lease(conn, jobs, now)) for conn, jobs in planned.items()]
+        if leased:
+            # The leases go to the log file before any delivery leaves (one
+            # write, no fsync: nothing is acknowledged): a broker killed right
+            # after a send still knows what its workers run (broker/rejoin.py).
+            self.journal.log.commit(mono, durable=False)
+        for conn, jobs, deliveries in leased:
+            self._deliver(conn, jobs, deliveries, mono)
         for job in gate.lapsed:
             self.lapses.expire(job, now)
         for conn, jobs in balance.plan_withdrawals(workers, self.state, gate).items():
             self._withdraw(conn, jobs, mono)
 
-    def _deliver(self, conn: WorkerConn, jobs: list[Job], now: float, mono: float) -> None:
-        leases = []
-        deliveries = []
+    def _lease(self, conn: WorkerConn, jobs: list[Job], now: float) -> list[p.Delivery]:
+        """Lease ``jobs`` to ``conn`` (a Leased record each); their
+        deliveries, to send once the records are in the log file."""
         if self.lease_counter + len(jobs) >= 2**32:  # the counter would wrap: a new epoch
             epoch = self.state.epoch + 1
             self.journal.record(BrokerStarted(epoch, now))
             self.journal.log.sync()
             self.start_leases(epoch)
+        deliveries = []
         for job in jobs:
             self._lease_seq += 1
-            leases.append(self._lease_seq)
+            lease = self._lease_seq
             deliveries.append(
                 p.Delivery(
                     job.id,
-                    self._lease_seq,
+                    lease,
                     job.task,
                     job.payload,
                     job.runs + 1,
@@ -573,19 +581,27 @@ class Dispatcher:
                     job.headers,
                 )
             )
-        if not self.send(conn.identity, p.Deliver(deliveries), mono):
-            for job in jobs:
-                self.limits.unadmit(job)
-                self.state.push_back(job)
-            return
-        for job, lease in zip(jobs, leases, strict=True):
             self.journal.record(
                 Leased(job.id, lease, job.runs + 1, conn.worker_id, conn.host, conn.pid, now)
             )
             conn.leases[job.id] = lease
             self.holders[job.id] = conn.identity
-        conn.given = next(self._given)
-        self.stats["delivered"] += len(jobs)
+        return deliveries
+
+    def _deliver(
+        self, conn: WorkerConn, jobs: list[Job], deliveries: list[p.Delivery], mono: float
+    ) -> None:
+        """Send leased jobs; those that cannot go out (a full or gone peer)
+        are returned at once, uncounted, and their limits' slots freed."""
+        if self.send(conn.identity, p.Deliver(deliveries), mono):
+            conn.given = next(self._given)
+            self.stats["delivered"] += len(jobs)
+            return
+        for job, delivery in zip(jobs, deliveries, strict=True):
+            conn.release(job.id)
+            self._released(job.id)
+            self.limits.unadmit(job)
+            self.journal.record(Returned(job.id, delivery.lease))
 
     # -------------------------------------------------------------- helpers
 

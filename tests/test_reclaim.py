@@ -8,6 +8,7 @@ window. Real processes: tests/faults/test_broker_restart.py."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +398,74 @@ def test_a_resent_report_from_an_unknown_worker_asks_for_no_registration(
     done = p.Outcome(got[0].job_id, got[0].lease, "ok", p.encode_value("r"))
     assert holder.send(p.Report([], [done], resent=True)) == []
     assert isinstance(holder.send(p.Report([], [])).pop(), p.Reregister)
+
+
+class KilledAtSend:
+    """A worker link that copies the broker's state dir the instant a
+    Deliver leaves (what a kill -9 right after that send leaves on disk:
+    whatever was written, synced or not) into ``copies``."""
+
+    def __init__(self, state_dir: Path, copies: Path) -> None:
+        self.state_dir = state_dir
+        self.copies = copies
+        self.sent: list[tuple[bytes, bytes]] = []
+
+    def send(self, identity: bytes, body: bytes) -> bool:
+        if isinstance(p.decode(p.worker_command_decoder, body), p.Deliver):
+            copy = self.copies / f"at-send-{len(self.sent)}"
+            shutil.copytree(self.state_dir, copy, ignore=shutil.ignore_patterns("*.sock"))
+        self.sent.append((identity, body))
+        return True
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval"])
+def test_no_delivery_leaves_before_its_lease_is_in_the_log_file(
+    tmp_path: Path, fsync: str
+) -> None:
+    """A broker killed the instant a delivery went out (before anything else
+    of its pass) knows the jobs it sent: a worker that started them at once
+    has its offer kept, and no job goes to another worker. (Found by
+    tests/faults/test_broker_kill.py under load: a job started just after
+    a kill ran again, first attempt again, on the next broker.)"""
+    state, copies = tmp_path / "state", tmp_path / "copies"
+    state.mkdir()
+    copies.mkdir()
+    clock = FakeClock()
+    first = InProcessBroker(state, clock=clock, fsync=fsync, extra=SMALL_LOG)
+    link = KilledAtSend(state, copies)
+    first.core.attach(first.clients, link)
+    worker = FakeWorker(first, b"w", credit=2)
+    worker.ready()
+    first.enqueue(id="j0")
+    first.enqueue(id="j1")
+    got = [
+        d
+        for identity, body in link.sent
+        for d in deliveries([p.decode(p.worker_command_decoder, body)])
+        if identity == b"w"
+    ]
+    assert {d.job_id for d in got} == {"j0", "j1"}
+    snapshots = sorted(copies.iterdir())
+    assert snapshots
+    first.close()
+    for snapshot in snapshots:
+        second = InProcessBroker(snapshot, clock=clock, fsync=fsync, extra=SMALL_LOG)
+        try:
+            sent = {
+                d.job_id for d in got if second.job(d.job_id) is not None
+            }  # the jobs this copy knows were enqueued
+            holder = FakeWorker(second, b"w", credit=2)
+            offered = [held(d, True) for d in got if d.job_id in sent]
+            answer = holder.send(
+                p.Ready("w", ["default"], 2, 1, [], "testhost", 4242, holding=offered)
+            )
+            assert registered(answer) == [p.Registered([])], snapshot.name
+            other = FakeWorker(second, b"other", credit=5)
+            assert other.ready() == [], snapshot.name
+            for job_id in sent:
+                assert info(second, job_id).status == "running", (snapshot.name, job_id)
+        finally:
+            second.close()
 
 
 def test_a_lease_is_in_the_log_file_once_its_delivery_went_out(tmp_path: Path) -> None:
