@@ -419,9 +419,7 @@ class KilledAtSend:
 
 
 @pytest.mark.parametrize("fsync", ["always", "interval"])
-def test_no_delivery_leaves_before_its_lease_is_in_the_log_file(
-    tmp_path: Path, fsync: str
-) -> None:
+def test_no_delivery_leaves_before_its_lease_is_in_the_log_file(tmp_path: Path, fsync: str) -> None:
     """A broker killed the instant a delivery went out (before anything else
     of its pass) knows the jobs it sent: a worker that started them at once
     has its offer kept, and no job goes to another worker. (Found by
