@@ -90,6 +90,9 @@ class Drop:
     def send(self, identity: bytes, body: bytes) -> bool:
         return True
 
+    def send_frames(self, identity: bytes, frames: tuple[bytes, ...]) -> bool:
+        return True
+
 
 def config(state: Path, fsync: str) -> Any:
     return loads(

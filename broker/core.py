@@ -409,3 +409,6 @@ class _NoClients:
 
     def send(self, identity: bytes, body: bytes) -> bool:
         return False
+
+    def send_frames(self, identity: bytes, frames: tuple[bytes, ...]) -> bool:
+        return False

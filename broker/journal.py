@@ -55,15 +55,21 @@ class ClientLink(Protocol):
 
     def send(self, identity: bytes, body: bytes) -> bool: ...
 
+    def send_frames(self, identity: bytes, frames: tuple[bytes, ...]) -> bool:
+        """One reply in several frames, sent without copying them (a frame
+        may be shared by many replies: see :meth:`Replies.add_status`)."""
+        ...
+
 
 class Replies:
     """The pass's replies to clients, sent only after the pass's commit, so
     none that promises durability leaves before its fsync."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[bytes, bytes]] = []
-        #: The held replies' bodies, summed (bytes).
+        self.pending: list[tuple[bytes, bytes | tuple[bytes, ...]]] = []
+        #: The held replies' bodies, summed (bytes; a shared status once).
         self.size = 0
+        self._counted: bytes | None = None
 
     def __bool__(self) -> bool:
         return bool(self.pending)
@@ -76,10 +82,27 @@ class Replies:
         self.pending.append((identity, body))
         self.size += len(body)
 
+    def add_status(self, identity: bytes, req: int, status: bytes) -> None:
+        """A status reply carrying ``status`` (an encoded StatusInfo), which
+        every status reply of the pass shares rather than copies (see
+        :func:`protocol.status_reply_frames`): a flood of status requests,
+        even from clients that never read, holds one status in memory, not
+        one per reply."""
+        frames = p.status_reply_frames(req, status)
+        self.pending.append((identity, frames))
+        self.size += len(frames[0]) + len(frames[2])
+        if status is not self._counted:
+            self._counted = status
+            self.size += len(status)
+
     def flush(self, link: ClientLink) -> int:
         """Send every held reply; returns how many."""
         pending, self.pending = self.pending, []
         self.size = 0
+        self._counted = None
         for identity, body in pending:
-            link.send(identity, body)
+            if isinstance(body, bytes):
+                link.send(identity, body)
+            else:
+                link.send_frames(identity, body)
         return len(pending)

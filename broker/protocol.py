@@ -425,9 +425,10 @@ class StatusReply(Msg, frozen=True):
 
 class EncodedStatusReply(Msg, frozen=True, tag="statusreply"):
     """A :class:`StatusReply` whose status is already encoded: the broker
-    encodes one status per pass and copies it into each reply (a status
-    with a thousand supervisors takes milliseconds to encode). The same
-    bytes on the wire; never decoded as such."""
+    encodes one status per pass and shares it between the pass's replies
+    (a status with a thousand supervisors takes milliseconds to encode;
+    see :func:`status_reply_frames`). The same bytes on the wire, once a
+    reply's frames are joined; never decoded as such."""
 
     req: int
     status: msgspec.Raw
@@ -753,6 +754,18 @@ worker_command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
 
 def encode(msg: Msg) -> bytes:
     return _encoder.encode(msg)
+
+
+def status_reply_frames(req: int, status: bytes) -> tuple[bytes, bytes, bytes]:
+    """A status reply to request ``req`` as three frames whose concatenation
+    is the msgpack of the :class:`StatusReply` (a client joins a reply's
+    frames before decoding it). The middle frame is ``status`` (an encoded
+    :class:`StatusInfo`) itself: every reply of a pass shares that one
+    buffer, sent without a copy, however many clients ask and however long
+    their replies wait in the socket's queues."""
+    whole = _encoder.encode(EncodedStatusReply(req, msgspec.Raw(b"")))
+    tail = len(_encoder.encode(PROTOCOL_VERSION))
+    return whole[:-tail], status, whole[-tail:]
 
 
 def encode_struct(value: msgspec.Struct) -> bytes:

@@ -440,8 +440,16 @@ class RouterLink:
         self._unroutable = f"{name}_unroutable"
 
     def send(self, identity: bytes, body: bytes) -> bool:
+        return self._send((identity, body), copy=True)
+
+    def send_frames(self, identity: bytes, frames: tuple[bytes, ...]) -> bool:
+        """Frames over pyzmq's copy threshold (64 KiB) go without a copy:
+        libzmq holds a reference to the bytes object until sent."""
+        return self._send((identity, *frames), copy=False)
+
+    def _send(self, frames: tuple[bytes, ...], copy: bool) -> bool:
         try:
-            self.sock.send_multipart((identity, body), zmq.NOBLOCK)
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             self.stats[self._blocked] += 1
             return False

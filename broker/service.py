@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from corral.broker import flows, views
 from corral.broker import protocol as p
 from corral.broker.admission import Admission
@@ -67,7 +65,7 @@ class ClientService:
         #: The supervisors heard from lately.
         self.supervisors = SupervisorTable()
         #: The last status made: in which pass, when (monotonic), of what, encoded.
-        self._status: tuple[int, float, int, msgspec.Raw] | None = None
+        self._status: tuple[int, float, int, bytes] | None = None
         #: The pass under way (the core counts them).
         self.pass_number = 0
         #: Seconds a status made in an earlier pass may be given again when
@@ -249,14 +247,15 @@ class ClientService:
         self._reply(identity, p.JobList(msg.req, infos, cursor))
 
     def _get_status(self, identity: bytes, msg: p.GetStatus, now: float, mono: float) -> None:
-        self._reply(identity, p.EncodedStatusReply(msg.req, self._encoded_status(mono, now)))
+        self.replies.add_status(identity, msg.req, self._encoded_status(mono, now))
 
-    def _encoded_status(self, mono: float, now: float) -> msgspec.Raw:
+    def _encoded_status(self, mono: float, now: float) -> bytes:
         """The status, encoded: made at most once a pass, and while the broker is loaded (see
         :attr:`status_max_age`) again only once the job state changed or it
         is that old (workers, supervisors and counters may then be that much
         behind). A flood of status requests (a status with a thousand
-        supervisors takes milliseconds to make) then costs a copy each. A
+        supervisors takes milliseconds to make) then costs a few bytes each
+        (the replies share it: :meth:`Replies.add_status`). A
         client still sees every change its earlier replies told of: those
         replies left after an earlier pass's commit, so a request that
         follows them is read in a later pass, whose status is made anew
@@ -267,7 +266,7 @@ class ClientService:
             made_in, made, of, encoded = cached
             if made_in == self.pass_number or (of == key and mono - made < self.status_max_age):
                 return encoded
-        encoded = msgspec.Raw(p.encode_struct(self.status(mono, now)))
+        encoded = p.encode_struct(self.status(mono, now))
         self._status = (self.pass_number, mono, key, encoded)
         return encoded
 

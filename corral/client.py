@@ -346,7 +346,7 @@ class Client(_Driver):
                     sock.send(body, zmq.NOBLOCK)
                 resend_at = now + (every or math.inf)
             if sock.poll(math.ceil((min(deadline, resend_at) - now) * 1000), zmq.POLLIN):
-                reply = decode_reply(sock.recv())
+                reply = decode_reply(b"".join(sock.recv_multipart()))
                 if reply.req in (request.req, 0):  # 0: the broker could not read it
                     return reply
 
@@ -476,10 +476,10 @@ class AsyncClient(_Driver):
     async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
         while self._pending and sock is self._sock:
             try:
-                frame = await sock.recv()
+                frames = await sock.recv_multipart()
             except zmq.ZMQError:
                 return
-            reply = decode_reply(frame)
+            reply = decode_reply(b"".join(frames))
             if reply.req == 0:  # a request the broker could not read: fail them all
                 for future in self._pending.values():
                     if not future.done():

@@ -154,7 +154,9 @@ def encode_request(request: p.ClientRequest, max_message_size: int) -> bytes:
 
 
 def decode_reply(frame: bytes) -> p.ClientReply:
-    """Decode a reply frame (ProtocolError if it is not one)."""
+    """Decode a reply: its frames joined (a status reply comes in three, see
+    :func:`corral.broker.protocol.status_reply_frames`). ProtocolError if
+    it is not one."""
     reply: p.ClientReply = p.decode(p.client_reply_decoder, frame)
     return reply
 

@@ -28,6 +28,7 @@ class Recorder:
         self.events = events
         self.side = side
         self.sent: list[tuple[bytes, bytes]] = []
+        self.frames: list[tuple[bytes, tuple[bytes, ...]]] = []
         self.refuse = False
 
     def send(self, identity: bytes, body: bytes) -> bool:
@@ -36,6 +37,14 @@ class Recorder:
         self.sent.append((identity, body))
         self.events.append((f"send-{self.side}", (identity, body)))
         return True
+
+    def send_frames(self, identity: bytes, frames: tuple[bytes, ...]) -> bool:
+        """Recorded joined, as a client reads them; the frames themselves
+        in ``frames``."""
+        if self.refuse:
+            return False
+        self.frames.append((identity, frames))
+        return self.send(identity, b"".join(frames))
 
 
 def config_text(state_dir: Path, *, fsync: str = "always", extra: str = "") -> str:

@@ -753,3 +753,31 @@ def test_a_status_is_made_at_most_once_a_pass_and_shows_what_earlier_replies_tol
     assert isinstance(status, p.StatusReply)
     assert status.status.stats["jobs"] == 10
     assert len(made) == 2
+
+
+def test_the_status_replies_of_a_pass_share_one_status(tmp_path: Path) -> None:
+    """Many status requests in a pass, from clients that may never read:
+    every reply carries the same status buffer, sent without a copy, so
+    what they hold (in the pass and in the socket's queues) is one status,
+    not one per reply. Joined, a reply's frames read as a StatusReply."""
+    broker = InProcessBroker(tmp_path)
+    for n in range(3):
+        broker.enqueue(id=f"j{n}")
+    requests = [(CLIENT, [b"c%d" % n, p.encode(p.GetStatus(100 + n))]) for n in range(50)]
+    broker.run_pass(*requests)
+    sent = broker.clients.frames[-50:]
+    assert [identity for identity, _ in sent] == [b"c%d" % n for n in range(50)]
+    shared = sent[0][1][1]
+    assert all(frames[1] is shared for _, frames in sent)
+    replies = [p.decode(p.client_reply_decoder, b"".join(frames)) for _, frames in sent]
+    assert [r.req for r in replies] == list(range(100, 150))
+    assert all(isinstance(r, p.StatusReply) and r.status.stats["jobs"] == 3 for r in replies)
+    assert replies[0].status == p.decode(p.client_reply_decoder, b"".join(sent[0][1])).status
+
+
+@pytest.mark.parametrize("req", [0, 1, 127, 128, 65_535, 2**31, 2**63 - 1])
+def test_status_reply_frames_join_to_the_encoded_reply(tmp_path: Path, req: int) -> None:
+    broker = InProcessBroker(tmp_path)
+    status = broker.request(p.GetStatus(broker.next_req())).status
+    frames = p.status_reply_frames(req, p.encode_struct(status))
+    assert b"".join(frames) == p.encode(p.StatusReply(req, status))
