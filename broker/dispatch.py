@@ -155,7 +155,7 @@ class Dispatcher:
         # (a resent report is the worker registering again already: no more)
         resent = isinstance(msg, p.Report) and msg.resent
         if conn is None and not resent and not isinstance(msg, p.Ready | p.Bye | p.Drain):
-            self.send(identity, p.Reregister(), mono)
+            self.send(identity, p.Reregister(self.broker_id), mono)
 
     def _register(self, identity: bytes, msg: p.Ready, now: float, mono: float) -> None:
         if len(msg.tasks) > MAX_TASKS_PER_WORKER:

@@ -681,8 +681,11 @@ class BrokerHeartbeat(Msg, frozen=True):
 
 class Reregister(Msg, frozen=True):
     """The broker does not know this worker (it restarted, or declared the
-    worker dead): send Ready again."""
+    worker dead): send Ready again. ``broker_id``: the asking broker's (one
+    per broker process), so the worker resends its recent reports once to
+    each new broker (see :meth:`corral.workers.reports.SentReports.due`)."""
 
+    broker_id: str = ""
     v: int = PROTOCOL_VERSION
 
 

@@ -387,6 +387,28 @@ def test_sent_reports_are_kept_until_the_broker_had_time_and_resent_marked() -> 
     assert len(kept) * len(big) <= reports.KEEP_BYTES  # bounded: the oldest went
 
 
+def test_sent_reports_go_again_once_to_each_new_broker() -> None:
+    """A burst of Reregister from one broker resends once; a broker that
+    restarted soon after (which may have lost the resend with its unsynced
+    log) gets them again at once; unasked, at most once per interval."""
+    from corral.workers import reports
+
+    kept = reports.SentReports(keep_for=6.0)
+    assert kept.due(10.0, "b2", every=1.0)
+    assert not kept.due(10.1, "b2", every=1.0)  # the same broker's burst
+    assert kept.due(10.4, "b3", every=1.0)  # b2 died 0.4 s after the resend
+    assert not kept.due(10.5, "", every=1.0)  # a new connection, unasked: too soon
+    assert kept.due(11.5, "", every=1.0)
+    assert not kept.due(11.6, "b3", every=1.0)  # b3 had them
+    assert kept.due(12.6, "b3", every=1.0)  # b3 asks again a while later
+
+
+def test_the_broker_names_itself_when_it_asks_a_worker_to_register(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    (ask,) = FakeWorker(broker, b"w").send(p.WorkerHeartbeat())
+    assert isinstance(ask, p.Reregister) and ask.broker_id == broker.core.broker_id
+
+
 def test_a_resent_report_from_an_unknown_worker_asks_for_no_registration(
     tmp_path: Path,
 ) -> None:

@@ -105,6 +105,25 @@ class SentReports:
         self.keep_for = keep_for
         self._kept: deque[tuple[float, bytes]] = deque()
         self._bytes = 0
+        #: The broker last sent them again, and when (monotonic).
+        self._resent_to = ""
+        self._resent_at = -1e9
+
+    def due(self, at: float, broker_id: str, every: float) -> bool:
+        """Whether to send the kept reports again as the worker registers at
+        ``at`` with the broker ``broker_id`` ("" when it registers unasked,
+        on a new connection): at once for a broker it has not resent to (a
+        broker that restarted again soon after the last resend may have
+        lost that resend with its unsynced log), else at most once per
+        ``every`` seconds (a burst of Reregister from one broker, each the
+        answer to a message sent before the READY got there, resends once).
+        Marks them resent when due."""
+        fresh = bool(broker_id) and broker_id != self._resent_to
+        if not fresh and at - self._resent_at < every:
+            return False
+        self._resent_at = at
+        self._resent_to = broker_id or self._resent_to
+        return True
 
     def __len__(self) -> int:
         return len(self._kept)

@@ -127,7 +127,6 @@ class Worker:
         #: When a READY offering jobs back went out, until its answer.
         self._offered_at: float | None = None
         #: Reports sent lately, sent again as the worker registers again.
-        self._resent_at = -1e9
         self._sent_reports = SentReports(
             2 * options.heartbeat_interval * options.heartbeat_liveness
         )
@@ -266,15 +265,16 @@ class Worker:
             self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_fd, zmq.POLLIN)
 
-    def _register(self) -> None:
+    def _register(self, broker_id: str = "") -> None:
         """Send READY, offering back every job held (the outcomes waiting
         to go out go first, so the broker never takes an ended job for one
         this worker dropped). With jobs offered, the buffer stays paused
-        until the broker's Registered answer."""
+        until the broker's Registered answer. ``broker_id``: the broker that
+        asked (Reregister), "" when unasked; the recent reports go again
+        first when :meth:`SentReports.due` says so."""
         self._flush_outbox()
         now = time.monotonic()
-        if now - self._resent_at >= self.options.heartbeat_interval:  # once per burst
-            self._resent_at = now
+        if self._sent_reports.due(now, broker_id, self.options.heartbeat_interval):
             for body in self._sent_reports.again(now):
                 self._send_bytes(body, keep=False)
         holding = self._held.holding()
@@ -403,7 +403,7 @@ class Worker:
                     # until it says which jobs are still ours.
                     self._buffer.pause()
                     log.info("worker.reregister", held=len(self._held.holding()))
-                    self._register()
+                    self._register(msg.broker_id)
                 case p.Registered():
                     self._registered(msg)
                 case p.BrokerHeartbeat():
