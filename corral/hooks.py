@@ -21,7 +21,10 @@ module builds nothing at import, and a worker makes its hooks after the
 fork, so a hook may start threads or open connections.
 
 A hook cannot break a job or a worker: an exception in one is logged
-(``hook.failed``, with its traceback) and the job's outcome stands. Hooks
+(``hook.failed``, with its traceback) and the job's outcome stands. The
+end hooks (``on_failure``, ``on_retry``, ``after_job``) run once the
+outcome is on its way to the broker, so a slow one never delays it nor
+makes the job time out; ``before_job``'s time is the try's. Hooks
 run in the order given, on the thread (or asyncio task) that runs the job,
 so ``before_job`` may set context variables the handler and ``after_job``
 see. The worker's per-job log lines are such a hook

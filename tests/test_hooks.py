@@ -96,7 +96,9 @@ def run_job(payload: Any, hooks: list[corral.Hooks], task: str = "t.h") -> p.Out
     headers = {"traceparent": "00-x"}
     d = p.Delivery("job-1", 7, task, p.encode_value(payload), 2, 3, "default", 0.0, headers=headers)
     execution = Execution(d, registry, "w-1", hooks=HookSet(hooks))
-    return execution.run(lambda args: execution.call_sync(args, None))
+    outcome = execution.run(lambda args: execution.call_sync(args, None))
+    execution.finish()  # as the worker does, once the outcome is on its way
+    return outcome
 
 
 @pytest.mark.parametrize(
@@ -141,6 +143,9 @@ def test_a_job_that_cannot_run_still_has_its_hooks() -> None:
     d = p.Delivery("job-2", 1, "t.typed", p.encode_value("x"), 1, 3, "default", 0.0)
     execution = Execution(d, typed, "w-1", hooks=HookSet([seen]))
     assert execution.run(lambda args: execution.call_sync(args, None)).kind == "fail"
+    assert seen.calls[1:] == []  # the end hooks run once the outcome is on its way
+    execution.finish()
+    execution.finish()  # (once)
     assert seen.calls[1:] == [
         ("on_failure", "PayloadInvalid"),
         ("after_job", "failed", None, "ValidationError"),
@@ -373,13 +378,15 @@ def test_hooks_run_around_every_job_in_real_workers(
 ) -> None:
     """Top-level hooks (a broken one first) and a pool's, registered in the
     config; a client from the same config adds a header; every outcome
-    stands and the worker lives on; close runs as the worker stops."""
+    stands and the worker lives on; close runs as the worker stops. A hook
+    slower to see a job end than the job's timeout neither times it out nor
+    runs it again: the outcome is reported before the end hooks run."""
     record = tmp_path / "hooks.jsonl"
     monkeypatch.setenv("CORRAL_TEST_HOOKS_FILE", str(record))
     configure(
         env,
         '["recorder_hooks", "recorder_hooks:headers_hooks"]',
-        pool_hooks='["recorder_hooks:pool_hooks"]',
+        pool_hooks='["recorder_hooks:pool_hooks", "recorder_hooks:slow_hooks"]',
     )
     daemon = env.start("run")
     env.wait_ready(daemon)
@@ -393,6 +400,7 @@ def test_hooks_run_around_every_job_in_real_workers(
         "release": client.enqueue("e2e.release", 1),
         "give_up": client.enqueue("e2e.give_up", "no"),
         "headers": client.enqueue("hooks.headers"),
+        "quick": client.enqueue("hooks.quick"),
     }
     assert client.result(jobs["square"], timeout=30) == 49
     assert client.result(jobs["flaky"], timeout=30) == 2
@@ -401,6 +409,9 @@ def test_hooks_run_around_every_job_in_real_workers(
         client.result(jobs["give_up"], timeout=30)
     headers = client.result(jobs["headers"], timeout=30)
     assert headers == {"stamped-by": f"hooks.headers:{jobs['headers']}"}
+    assert client.result(jobs["quick"], timeout=30) == 1  # its first try, not timed out
+    quick = client.job(jobs["quick"])
+    assert (quick.status, quick.attempts, len(quick.tries)) == ("succeeded", 1, 1)
     assert [w.pid for w in worker_processes(daemon)] == [worker.pid]  # never restarted
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
@@ -414,6 +425,7 @@ def test_hooks_run_around_every_job_in_real_workers(
         ]
 
     assert of("square") == [("before_job", 1, None), ("after_job", 1, "succeeded")]
+    assert of("quick") == [("before_job", 1, None), ("after_job", 1, "succeeded")]
     assert of("square", "pool") == of("square")
     assert of("flaky") == [
         ("before_job", 1, None),
