@@ -601,24 +601,6 @@ def test_a_key_used_once_is_forgotten_once_its_window_passes(broker: InProcessBr
     assert not limits.keys and not limits.timers
 
 
-def compact_stopped(broker: InProcessBroker) -> None:
-    """What ``corral log compact`` does to a stopped broker's log."""
-    from corral.broker.compaction import remove_segments
-    from corral.broker.compactor import rewrite
-    from corral.broker.core import BrokerCore
-
-    core = BrokerCore(broker.config)
-    try:
-        for _ in core.log.replay():
-            pass
-        cut = core.log.seal(0.0)
-        assert cut is not None
-        rewrite(cut, core.compactor.defaults)
-        remove_segments(core.log.install(cut))
-    finally:
-        core.log.close()
-
-
 @pytest.mark.parametrize("compacted", [False, True])
 def test_a_rate_window_holds_across_a_restart(tmp_path: Path, compacted: bool) -> None:
     """The starts an earlier broker made count in the new broker's windows
@@ -636,9 +618,9 @@ def test_a_rate_window_holds_across_a_restart(tmp_path: Path, compacted: bool) -
         w.start(d)
         w.finish(d)
     broker.advance(2.0)
-    broker.crash()
     if compacted:
-        compact_stopped(broker)
+        broker.core.log.compact(broker.core.state.snapshot())
+    broker.crash()
     again = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
     w2 = FakeWorker(again, b"w2", tasks=(limited,))
     again.enqueue(TASK, 9, id="j9", limit_key="k9")  # a new key: only the task's rate holds it
