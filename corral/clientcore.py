@@ -42,8 +42,14 @@ if TYPE_CHECKING:
 MAX_WAIT_SLICE = 30.0
 
 T = TypeVar("T")
-#: The payload type of the task given to ``enqueue``.
-PayloadT = TypeVar("PayloadT")
+if TYPE_CHECKING:  # (a TypeVar's default is in typing from Python 3.13 on)
+    from typing_extensions import TypeVar as _TypeVar
+
+    #: The payload type of the task given to ``enqueue`` or ``Job``; a
+    #: ``Job`` of a task name (or a bare ``Job`` annotation) is ``Job[Any]``.
+    PayloadT = _TypeVar("PayloadT", default=Any)
+else:
+    PayloadT = TypeVar("PayloadT")
 
 
 class _JobExtras(JobOptions, frozen=True, kw_only=True):
@@ -54,20 +60,36 @@ class _JobExtras(JobOptions, frozen=True, kw_only=True):
     id: str | None = None
     #: Jobs created when this one succeeds (its result as their
     #: ``ctx.prev_result``) or fails (a dict with the error as prev_result).
-    on_success: Job | None = None
-    on_failure: Job | None = None
+    on_success: AnyJob | None = None
+    on_failure: AnyJob | None = None
 
 
-class Job(_JobExtras, frozen=True):
+class AnyJob(_JobExtras, frozen=True):
+    """A job spec of any task and payload: what the enqueue methods take.
+    Make one with :class:`Job` (this base is not generic, so that a type
+    checker infers each ``Job``'s payload type from its own arguments, not
+    from the list it is in)."""
+
+    task: Any
+    payload: Any = None
+
+
+class Job(AnyJob, Generic[PayloadT], frozen=True):
     """A job spec for ``enqueue_many``, chains and groups:
-    ``Job(task, payload=None, **options)``. The options are those of
+    ``Job(task, payload=None, **options)``. ``task`` is a task's name, or
+    its ``@corral.task`` function, as for ``enqueue``: then the job takes
+    the task's name and options, a type checker checks ``payload``, and the
+    client checks it as the worker will. The options are those of
     :class:`corral.broker.jobspec.JobOptions` (``queue``, ``priority``,
     ``delay``, ``run_at``, ``max_attempts``, ``timeout``, ``unique_key``,
     ``result_ttl``, ``unique_for``, ``max_retries``, ``expires``,
-    ``limit_key``), plus ``id``, ``on_success`` and ``on_failure``."""
+    ``limit_key``, ``headers``), plus ``id``, ``on_success`` and
+    ``on_failure``."""
 
-    task: str
-    payload: Any = None
+    task: str | Task[..., PayloadT, Any]
+    # A payload of the task's type (None for none): a type checker holds a
+    # @corral.task's payload to it (with a name, anything goes).
+    payload: PayloadT = None  # type: ignore[assignment]
 
 
 class JobPage(list[p.JobInfo]):
@@ -202,8 +224,8 @@ class ClientCore:
         limit_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         id: str | None = None,
-        on_success: Job | None = None,
-        on_failure: Job | None = None,
+        on_success: AnyJob | None = None,
+        on_failure: AnyJob | None = None,
     ) -> Plan[str]:
         """Enqueue one job; return its id once the broker has logged it.
 
@@ -228,26 +250,19 @@ class ClientCore:
         ``id`` the broker has makes this a no-op), or the holder's id while
         another job holds ``unique_key``. Raises TypeError for a
         payload msgpack cannot encode or a task that is neither,
-        RequestTooLarge (nothing sent), DiskFull (not accepted), BrokerError
-        ``invalid`` for a bad option, BrokerUnavailable.
+        PayloadInvalid (a ValueError naming the field) for a payload the
+        task function's handler would refuse, RequestTooLarge (each: nothing
+        sent), DiskFull (not accepted), BrokerError ``invalid`` for a bad
+        option, BrokerUnavailable.
         """
-        options: dict[str, Any] = {
-            "queue": queue,
-            "max_attempts": max_attempts,
-            "timeout": timeout,
-            "result_ttl": result_ttl,
-            "max_retries": max_retries,
-        }
-        name = task
-        if not isinstance(task, str):  # a @corral.task function: its name and options
-            definition = _task_definition(task)
-            name = definition.name
-            for option, value in options.items():
-                if value is None:
-                    options[option] = getattr(definition, option)
         job = Job(
-            str(name),
+            task,
             payload,
+            queue=queue,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            result_ttl=result_ttl,
+            max_retries=max_retries,
             priority=priority,
             delay=delay,
             run_at=run_at,
@@ -259,11 +274,10 @@ class ClientCore:
             id=id,
             on_success=on_success,
             on_failure=on_failure,
-            **options,
         )
         return Step(p.Enqueue(next(self._req), [_spec(job, self.hooks)]), _first_id)
 
-    def enqueue_many(self, jobs: Iterable[Job]) -> Plan[list[str]]:
+    def enqueue_many(self, jobs: Iterable[AnyJob]) -> Plan[list[str]]:
         """Enqueue several :class:`Job` in one durable batch (all or none).
 
         Returns their ids (32-hex-digit strs), in order, as ``enqueue``
@@ -275,7 +289,9 @@ class ClientCore:
             return []
         return Step(p.Enqueue(next(self._req), specs), _ids)
 
-    def enqueue_chain(self, jobs: Iterable[Job], *, result_ttl: float | None = None) -> Plan[str]:
+    def enqueue_chain(
+        self, jobs: Iterable[AnyJob], *, result_ttl: float | None = None
+    ) -> Plan[str]:
         """Run jobs one after another, each handler getting the previous
         one's result as ``ctx.prev_result``; a failure stops the chain.
         ``result_ttl``: seconds the chain is kept once finished (None: as
@@ -287,7 +303,11 @@ class ClientCore:
         return self._flow("chain", jobs, None, result_ttl)
 
     def enqueue_group(
-        self, jobs: Iterable[Job], callback: Job | None = None, *, result_ttl: float | None = None
+        self,
+        jobs: Iterable[AnyJob],
+        callback: AnyJob | None = None,
+        *,
+        result_ttl: float | None = None,
     ) -> Plan[str]:
         """Run jobs in parallel; with ``callback`` (a chord), run it once all
         succeeded, with the list of their results as ``ctx.prev_result``.
@@ -300,7 +320,7 @@ class ClientCore:
         return self._flow("group", jobs, callback, result_ttl)
 
     def _flow(
-        self, kind: str, jobs: Iterable[Job], callback: Job | None, result_ttl: float | None
+        self, kind: str, jobs: Iterable[AnyJob], callback: AnyJob | None, result_ttl: float | None
     ) -> Plan[str]:
         specs = [_spec(job, self.hooks) for job in jobs]
         if not specs:
@@ -530,19 +550,37 @@ def _outcome(reply: p.ResultReply) -> Any:
     raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
 
 
-def _spec(job: Job, hooks: HookSet) -> JobSpec:
+#: The options a job of a task function takes from its decorator, where not given.
+_TASK_OPTIONS = ("queue", "max_attempts", "timeout", "result_ttl", "max_retries")
+
+
+def _spec(job: AnyJob, hooks: HookSet) -> JobSpec:
     """The wire spec of ``job`` (and of its callbacks): every option as
-    given, the payload encoded, a new id unless the job has one, and the
-    headers the hooks' ``before_enqueue`` added."""
+    given (a task function's where not given), the payload encoded (and
+    checked against a task function's payload type), a new id unless the
+    job has one, and the headers the hooks' ``before_enqueue`` added."""
     job_id = job.id or new_job_id()
+    payload = _encode_payload(job.payload)
+    if not isinstance(job.task, str):  # a @corral.task function: its name and options
+        definition = _task_definition(job.task)
+        job = msgspec.structs.replace(
+            job,
+            task=definition.name,
+            **{
+                option: getattr(definition, option)
+                for option in _TASK_OPTIONS
+                if getattr(job, option) is None
+            },
+        )
+        _check_payload(definition, payload)
     options = options_of(job)
     options["expires"] = expires_value(job.expires)
     if hooks:
         options["headers"] = _hooked_headers(hooks, job, job_id)
     return JobSpec(
         job_id,
-        job.task,
-        _encode_payload(job.payload),
+        str(job.task),
+        payload,
         on_success=_spec(job.on_success, hooks) if job.on_success is not None else None,
         on_failure=_spec(job.on_failure, hooks) if job.on_failure is not None else None,
         **options,  # type: ignore[arg-type]
@@ -587,7 +625,7 @@ def _expires_text(text: str) -> float | datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _hooked_headers(hooks: HookSet, job: Job, job_id: str) -> dict[str, str] | None:
+def _hooked_headers(hooks: HookSet, job: AnyJob, job_id: str) -> dict[str, str] | None:
     """``job``'s headers once the hooks' ``before_enqueue`` has seen the
     job; an entry a hook made that is not text to text is dropped (and
     logged), so a hook cannot make the broker refuse the job."""
@@ -613,6 +651,21 @@ def _encode_payload(payload: Any) -> msgspec.Raw:
         return p.encode_value(payload)
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from None
+
+
+def _check_payload(definition: Any, payload: msgspec.Raw) -> None:
+    """Refuse, as the worker would, a payload the task's handler cannot take
+    (PayloadInvalid, a ValueError naming the task and the field)."""
+    if not definition.takes_payload:
+        return
+    from corral.workers.registry import PayloadInvalid
+
+    try:
+        definition.decode_payload(bytes(payload))
+    except PayloadInvalid as exc:
+        raise PayloadInvalid(
+            f"task {definition.name}: {exc} (its handler's payload type); nothing was enqueued"
+        ) from None
 
 
 def _task_definition(fn: object) -> Any:

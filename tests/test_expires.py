@@ -354,9 +354,7 @@ def expiring_jobs(broker: InProcessBroker) -> list[str]:
 
 
 @pytest.mark.parametrize("step", STEPS)
-def test_expires_in_seconds_keeps_its_length_across_a_step(
-    tmp_path: Path, step: float
-) -> None:
+def test_expires_in_seconds_keeps_its_length_across_a_step(tmp_path: Path, step: float) -> None:
     """As a ``delay`` does: a window asked for as seconds from the enqueue
     (or from a delay's end, which the step moves too) keeps its length
     when the wall clock steps either way; one that names a wall time (an
