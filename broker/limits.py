@@ -507,6 +507,23 @@ class Limiter:
 
     # ------------------------------------------------------------- status
 
+    def holding_back(self, job: Job) -> str | None:
+        """What keeps ready ``job`` waiting, for ``corral job``: its key's
+        limit (it is parked), its task's (the task is at its limit), or
+        None."""
+        limits = self.limits.get(job.task)
+        if limits is None or not job.is_ready:
+            return None
+        parked = self.parked.get(job.id)
+        if parked is not None:
+            scope = self.keys.get(parked)
+            full = _full(scope, limits.key_concurrency, limits.key_rate, self.mono, "key_")
+            return f"limit key {parked[1]!r} at its {full}"
+        if job.task in self.blocked:
+            full = _full(self.tasks.get(job.task), limits.concurrency, limits.rate, self.mono)
+            return f"task {job.task!r} at its {full}"
+        return None
+
     def infos(self, ready: dict[str, int]) -> list[p.LimitInfo]:
         """Each limited task as ``corral status`` shows it; ``ready`` is
         the count of ready (queued, unreserved) jobs per task."""
@@ -532,3 +549,17 @@ class Limiter:
                 )
             )
         return out
+
+
+def _full(
+    scope: Scope | None, concurrency: int | None, rate: Rate | None, mono: float, prefix: str = ""
+) -> str:
+    """Which of a scope's limits is full: ``concurrency (2 running)`` or
+    ``rate 3/2s (3 started in the window)``."""
+    running = scope.running if scope is not None else 0
+    if concurrency is not None and running >= concurrency:
+        return f"{prefix}concurrency ({running} running)"
+    if rate is not None:
+        started = scope.window(rate, mono) if scope is not None else 0
+        return f"{prefix}rate of {rate[0]} per {rate[1]:g}s ({started} started in the window)"
+    return f"{prefix}limits"

@@ -210,7 +210,8 @@ class ClientService:
         elif job is None:
             self._reply(identity, missing(self.state, msg.req, msg.job_id))
         else:
-            self._reply(identity, p.JobReply(msg.req, views.job_view(self.state, job)))
+            held = self.dispatcher.limits.holding_back(job)
+            self._reply(identity, p.JobReply(msg.req, views.job_view(self.state, job, held)))
 
     def _get_result(self, identity: bytes, msg: p.GetResult, now: float, mono: float) -> None:
         self.waiters.get_result(identity, msg, mono)

@@ -216,6 +216,25 @@ def test_the_cli_reads_a_duration_or_a_time() -> None:
         expires_arg("tomorrow")
 
 
+def test_a_jobs_info_shows_its_deadline_and_headers(broker: InProcessBroker) -> None:
+    """``corral job`` (and its --json) says when a job expires, in its
+    headers' company."""
+    now = broker.clock.time()
+    job_id = broker.enqueue(delay=30.0, expires=60.0, headers={"tenant": "acme"})
+    info = broker.job(job_id)
+    assert info is not None
+    assert info.expires_at == pytest.approx(now + 90.0)
+    assert info.headers == {"tenant": "acme"}
+    text = human_job(info)
+    assert "expires:     " in text and "headers:     tenant=acme" in text
+    shown = json.loads(msgspec.json.encode(info))
+    assert shown["expires_at"] == pytest.approx(now + 90.0)
+    assert shown["headers"] == {"tenant": "acme"}
+    plain = broker.job(broker.enqueue())
+    assert plain is not None and plain.expires_at is None and plain.headers is None
+    assert "expires:" not in human_job(plain) and "headers:" not in human_job(plain)
+
+
 def test_result_says_the_job_expired() -> None:
     step = ClientCore().result("j1", timeout=0)
     assert not isinstance(step, str)

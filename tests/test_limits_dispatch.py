@@ -564,6 +564,25 @@ def test_limits_hold_across_a_broker_restart(env: Env) -> None:
     assert most_at_once(runs_of(out, [first, *rest])) == 1
 
 
+def test_a_job_held_by_a_limit_says_which(broker: InProcessBroker) -> None:
+    """``corral job`` of a job that waits over a limit says which limit
+    holds it (a task's, or its key's), not just "queued"."""
+    from corral.cliformat import human_job
+
+    for n, key in enumerate(["a", "a", "b", "b"]):
+        broker.enqueue(TASK, n, id=f"j{n}", limit_key=key)
+    w = FakeWorker(broker, b"w", tasks=(info(concurrency=2, key_concurrency=1),))
+    assert [d.job_id for d in register(w, slots=4)] == ["j0", "j2"]
+    by_key = broker.job("j1")
+    assert by_key is not None and by_key.status == "queued"
+    assert by_key.waiting_for == "limit key 'a' at its key_concurrency (1 running)"
+    assert "waiting for: limit key 'a' at its key_concurrency" in human_job(by_key)
+    by_task = broker.job("j3")  # its key is full too, but the task's limit holds it first
+    assert by_task is not None
+    assert by_task.waiting_for == f"task {TASK!r} at its concurrency (2 running)"
+    assert broker.job("j0").waiting_for is None  # type: ignore[union-attr]
+
+
 def test_status_shows_the_limits(broker: InProcessBroker) -> None:
     from corral.cliformat import as_text, human_status
 
