@@ -348,6 +348,20 @@ def test_check_config_names_a_bad_hooks_module(env: Env) -> None:
     assert "pools[0].hooks (pool 'default'): hooks module 'hook_tasks' has no function" in (
         done.stderr
     )
+    # the function is called, as each worker will after its fork
+    env.config.write_text(
+        text.replace(
+            "\n[[pools]]",
+            '\n[[pools]]\nhooks = ["recorder_hooks:raising", "recorder_hooks:wrong"]',
+            1,
+        )
+    )
+    done = env.run("check-config", "-c", str(env.config))
+    assert done.returncode == 2
+    assert "recorder_hooks:raising': raising() raised RuntimeError: SENTRY_DSN is not set" in (
+        done.stderr
+    )
+    assert "recorder_hooks:wrong': wrong() returned 42, not a corral.Hooks" in done.stderr
 
 
 # -- through real processes --------------------------------------------------------
@@ -413,6 +427,15 @@ def test_hooks_run_around_every_job_in_real_workers(
     quick = client.job(jobs["quick"])
     assert (quick.status, quick.attempts, len(quick.tries)) == ("succeeded", 1, 1)
     assert [w.pid for w in worker_processes(daemon)] == [worker.pid]  # never restarted
+    # a reload to hooks whose function raises is refused: its workers could
+    # not start, and the ones running stay
+    good = env.config.read_text()
+    env.config.write_text(good.replace("\nhooks = [", '\nhooks = ["recorder_hooks:raising", ', 1))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reload_failed" in daemon.output(), 60, message="the reload")
+    assert "raising() raised RuntimeError" in daemon.output()
+    assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9
+    assert [w.pid for w in worker_processes(daemon)] == [worker.pid]
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
     calls = lines(record)
