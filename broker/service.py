@@ -246,7 +246,8 @@ class ClientService:
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return
-        infos = [views.job_view(self.state, job) for job in jobs]
+        limits = self.dispatcher.limits
+        infos = [views.job_view(self.state, job, limits.holding_back(job)) for job in jobs]
         self._reply(identity, p.JobList(msg.req, infos, cursor))
 
     def _get_status(self, identity: bytes, msg: p.GetStatus, now: float, mono: float) -> None:

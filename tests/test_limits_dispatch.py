@@ -581,6 +581,9 @@ def test_a_job_held_by_a_limit_says_which(broker: InProcessBroker) -> None:
     assert by_task is not None
     assert by_task.waiting_for == f"task {TASK!r} at its concurrency (2 running)"
     assert broker.job("j0").waiting_for is None  # type: ignore[union-attr]
+    page = broker.request(p.ListJobs(broker.next_req(), None, "queued", None, 10, None))
+    assert isinstance(page, p.JobList)
+    assert [j.id for j in page.jobs if j.waiting_for] == ["j1", "j3"]
 
 
 def test_status_shows_the_limits(broker: InProcessBroker) -> None:
