@@ -3,26 +3,25 @@
 Each operation of :class:`ClientCore` is a :class:`Step`: the request to send
 and how to read its reply (the value, or the next step of a long poll). The
 core does no I/O, so it is tested with canned replies; :mod:`corral.client`
-drives its steps over a socket, blocking or awaited. Here too are the job
-specs an operation takes (:class:`Job`) and the pages it gives
-(:class:`JobPage`). Job ids are made here, so a resent enqueue is idempotent
-at the broker.
+drives its steps over a socket, blocking or awaited. The job specs an
+operation takes (:class:`Job`, with their ids, made so that a resent
+enqueue is idempotent at the broker) are :mod:`corral.clientjobs`'s; the
+pages it gives (:class:`JobPage`) are here.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 import msgspec
 
 from corral.broker import protocol as p
-from corral.broker.jobspec import JobOptions, JobSpec, options_of
 from corral.broker.protocol import TERMINAL
+from corral.clientjobs import AnyJob, Job, PayloadT, expires_value, job_spec, new_job_id
 from corral.errors import (
     BrokerError,
     CorralError,
@@ -33,74 +32,32 @@ from corral.errors import (
     RequestTooLarge,
     ResultTimeout,
 )
-from corral.hooks import Enqueuing, HookSet
+from corral.hooks import HookSet
 
 if TYPE_CHECKING:
     from corral.workers.registry import Task
+
+__all__ = [
+    "AnyJob",
+    "ClientCore",
+    "Job",
+    "JobPage",
+    "Plan",
+    "Step",
+    "expires_value",
+    "new_job_id",
+]
 
 #: Longest single long-poll; longer waits are made of several.
 MAX_WAIT_SLICE = 30.0
 
 T = TypeVar("T")
-if TYPE_CHECKING:  # (a TypeVar's default is in typing from Python 3.13 on)
-    from typing_extensions import TypeVar as _TypeVar
-
-    #: The payload type of the task given to ``enqueue`` or ``Job``; a
-    #: ``Job`` of a task name (or a bare ``Job`` annotation) is ``Job[Any]``.
-    PayloadT = _TypeVar("PayloadT", default=Any)
-else:
-    PayloadT = TypeVar("PayloadT")
-
-
-class _JobExtras(JobOptions, frozen=True, kw_only=True):
-    """The keyword-only fields of :class:`Job` beside the options."""
-
-    #: A job id of your choosing (at most 64 characters); an enqueue with an
-    #: id the broker has is a no-op that returns it. None: a new id.
-    id: str | None = None
-    #: Jobs created when this one succeeds (its result as their
-    #: ``ctx.prev_result``) or fails (a dict with the error as prev_result).
-    on_success: AnyJob | None = None
-    on_failure: AnyJob | None = None
-
-
-class AnyJob(_JobExtras, frozen=True):
-    """A job spec of any task and payload: what the enqueue methods take.
-    Make one with :class:`Job` (this base is not generic, so that a type
-    checker infers each ``Job``'s payload type from its own arguments, not
-    from the list it is in)."""
-
-    task: Any
-    payload: Any = None
-
-
-class Job(AnyJob, Generic[PayloadT], frozen=True):
-    """A job spec for ``enqueue_many``, chains and groups:
-    ``Job(task, payload=None, **options)``. ``task`` is a task's name, or
-    its ``@corral.task`` function, as for ``enqueue``: then the job takes
-    the task's name and options, a type checker checks ``payload``, and the
-    client checks it as the worker will. The options are those of
-    :class:`corral.broker.jobspec.JobOptions` (``queue``, ``priority``,
-    ``delay``, ``run_at``, ``max_attempts``, ``timeout``, ``unique_key``,
-    ``result_ttl``, ``unique_for``, ``max_retries``, ``expires``,
-    ``limit_key``, ``headers``), plus ``id``, ``on_success`` and
-    ``on_failure``."""
-
-    task: str | Task[..., PayloadT, Any]
-    # A payload of the task's type (None for none): a type checker holds a
-    # @corral.task's payload to it (with a name, anything goes).
-    payload: PayloadT = None  # type: ignore[assignment]
 
 
 class JobPage(list[p.JobInfo]):
     """A page of ``jobs()``; pass ``cursor`` to get the next (None: the last)."""
 
     cursor: str | None = None
-
-
-def new_job_id() -> str:
-    """A 32-hex-digit id that sorts by creation time (48-bit ms + 80 random bits)."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 # ---------------------------------------------------------------- the operations
@@ -275,7 +232,7 @@ class ClientCore:
             on_success=on_success,
             on_failure=on_failure,
         )
-        return Step(p.Enqueue(next(self._req), [_spec(job, self.hooks)]), _first_id)
+        return Step(p.Enqueue(next(self._req), [job_spec(job, self.hooks)]), _first_id)
 
     def enqueue_many(self, jobs: Iterable[AnyJob]) -> Plan[list[str]]:
         """Enqueue several :class:`Job` in one durable batch (all or none).
@@ -284,7 +241,7 @@ class ClientCore:
         would; an empty batch returns [] without a request. Raises as
         ``enqueue`` does.
         """
-        specs = [_spec(job, self.hooks) for job in jobs]
+        specs = [job_spec(job, self.hooks) for job in jobs]
         if not specs:
             return []
         return Step(p.Enqueue(next(self._req), specs), _ids)
@@ -322,10 +279,10 @@ class ClientCore:
     def _flow(
         self, kind: str, jobs: Iterable[AnyJob], callback: AnyJob | None, result_ttl: float | None
     ) -> Plan[str]:
-        specs = [_spec(job, self.hooks) for job in jobs]
+        specs = [job_spec(job, self.hooks) for job in jobs]
         if not specs:
             raise ValueError(f"a {kind} needs at least one job")
-        spec = _spec(callback, self.hooks) if callback is not None else None
+        spec = job_spec(callback, self.hooks) if callback is not None else None
         msg = p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec, result_ttl=result_ttl)
         return Step(msg, _first_id)
 
@@ -548,132 +505,3 @@ def _outcome(reply: p.ResultReply) -> Any:
             raise JobCancelled(reply.job_id, p.EXPIRED, error.message)
         raise JobCancelled(reply.job_id)
     raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
-
-
-#: The options a job of a task function takes from its decorator, where not given.
-_TASK_OPTIONS = ("queue", "max_attempts", "timeout", "result_ttl", "max_retries")
-
-
-def _spec(job: AnyJob, hooks: HookSet) -> JobSpec:
-    """The wire spec of ``job`` (and of its callbacks): every option as
-    given (a task function's where not given), the payload encoded (and
-    checked against a task function's payload type), a new id unless the
-    job has one, and the headers the hooks' ``before_enqueue`` added."""
-    job_id = job.id or new_job_id()
-    payload = _encode_payload(job.payload)
-    if not isinstance(job.task, str):  # a @corral.task function: its name and options
-        definition = _task_definition(job.task)
-        job = msgspec.structs.replace(
-            job,
-            task=definition.name,
-            **{
-                option: getattr(definition, option)
-                for option in _TASK_OPTIONS
-                if getattr(job, option) is None
-            },
-        )
-        _check_payload(definition, payload)
-    options = options_of(job)
-    options["expires"] = expires_value(job.expires)
-    if hooks:
-        options["headers"] = _hooked_headers(hooks, job, job_id)
-    return JobSpec(
-        job_id,
-        str(job.task),
-        payload,
-        on_success=_spec(job.on_success, hooks) if job.on_success is not None else None,
-        on_failure=_spec(job.on_failure, hooks) if job.on_failure is not None else None,
-        **options,  # type: ignore[arg-type]
-    )
-
-
-def expires_value(value: Any) -> float | datetime | None:
-    """The wire form of an ``expires`` option: seconds as a float, or an
-    aware datetime. Takes seconds (a number or a ``timedelta``), a datetime
-    (naive: local time), or text (JSON jobs, the CLI): a duration like
-    ``"5m"`` or an ISO 8601 time (without a zone: UTC). Raises TypeError or
-    ValueError naming the option."""
-    if value is None or isinstance(value, float):
-        return value
-    if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.astimezone()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        return _expires_text(value)
-    raise TypeError(
-        f"expires: expected seconds, a datetime or a timedelta, not {type(value).__name__}"
-    )
-
-
-def _expires_text(text: str) -> float | datetime:
-    from corral.config.units import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f'expires: {text!r} is neither a duration ("30s", "5m", "2h") nor an '
-            "ISO 8601 time (2030-01-01T09:00:00Z)"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _hooked_headers(hooks: HookSet, job: AnyJob, job_id: str) -> dict[str, str] | None:
-    """``job``'s headers once the hooks' ``before_enqueue`` has seen the
-    job; an entry a hook made that is not text to text is dropped (and
-    logged), so a hook cannot make the broker refuse the job."""
-    enqueuing = Enqueuing(job.task, job_id, job.queue, job.payload, dict(job.headers or {}))
-    hooks.before_enqueue(enqueuing)
-    headers = {}
-    for key, value in enqueuing.headers.items():
-        if isinstance(key, str) and isinstance(value, str):
-            headers[key] = value
-        else:
-            import structlog  # only now: a client's import of corral stays light
-
-            structlog.get_logger().warning(
-                "hook.bad_header", task=job.task, key=repr(key)[:80], hint="use str"
-            )
-    return headers or None
-
-
-def _encode_payload(payload: Any) -> msgspec.Raw:
-    if isinstance(payload, msgspec.Raw):
-        return payload
-    try:
-        return p.encode_value(payload)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from None
-
-
-def _check_payload(definition: Any, payload: msgspec.Raw) -> None:
-    """Refuse, as the worker would, a payload the task's handler cannot take
-    (PayloadInvalid, a ValueError naming the task and the field)."""
-    if not definition.takes_payload:
-        return
-    from corral.workers.registry import PayloadInvalid
-
-    try:
-        definition.decode_payload(bytes(payload))
-    except PayloadInvalid as exc:
-        raise PayloadInvalid(
-            f"task {definition.name}: {exc} (its handler's payload type); nothing was enqueued"
-        ) from None
-
-
-def _task_definition(fn: object) -> Any:
-    """The definition (a ``TaskDef``) of a ``@corral.task`` function.
-    Raises TypeError for anything else."""
-    from corral.workers.registry import ATTRIBUTE
-
-    definition = getattr(fn, ATTRIBUTE, None)
-    if definition is None:
-        raise TypeError(f"enqueue takes a task name or a @corral.task function, not {fn!r}")
-    return definition

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 import corral
 from corral.broker import protocol as p
+from corral.broker.jobspec import InvalidJob, validate_spec
 from corral.clientcore import ClientCore
 from corral.config import load
 from corral.errors import ConfigError, SoftTimeout
@@ -211,6 +212,32 @@ def test_a_client_hook_adds_headers_to_every_job_it_sends() -> None:
 
     step = ClientCore(hooks=HookSet([BadHeader()])).enqueue("t.a")
     assert step.request.jobs[0].headers is None  # type: ignore[union-attr]
+
+    class Overflowing(corral.Hooks):
+        """Adds what the broker would refuse the job for: a hook's entries
+        over the limits are dropped (and logged); the job goes."""
+
+        def before_enqueue(self, job: Enqueuing) -> None:
+            job.headers["baggage"] = "x" * 9000
+            job.headers[""] = "empty key"
+            job.headers["k" * 201] = "long key"
+            job.headers["kept"] = "yes"
+            for n in range(70):
+                job.headers[f"h{n}"] = "v"
+
+    with capture_logs() as logs:
+        step = ClientCore(hooks=HookSet([Overflowing()])).enqueue("t.a", headers={"mine": "1"})
+    headers = step.request.jobs[0].headers  # type: ignore[union-attr]
+    assert headers is not None and len(headers) == 64
+    assert list(headers)[:3] == ["mine", "kept", "h0"]
+    validate_spec(step.request.jobs[0])  # type: ignore[union-attr]
+    dropped = [line for line in logs if line["event"] == "hook.bad_header"]
+    assert len(dropped) == 3 + 70 - 62
+    assert "at most 8192 characters" in dropped[0]["why"]
+    # the caller's own headers are the caller's: the broker names what is wrong
+    step = ClientCore(hooks=HookSet([seen])).enqueue("t.a", headers={"": "x"})
+    with pytest.raises(InvalidJob, match="a key must be a non-empty string"):
+        validate_spec(step.request.jobs[0])  # type: ignore[union-attr]
     with pytest.raises(TypeError, match=r"corral\.Hooks"):
         HookSet([object()])  # type: ignore[list-item]
 
