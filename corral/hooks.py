@@ -60,7 +60,9 @@ class HookError(CorralError):
 class Enqueuing:
     """A job about to be enqueued, as ``before_enqueue`` sees it. Add to
     ``headers`` (text keys and values): they travel with the job and the
-    handler reads them as ``ctx.headers``."""
+    handler reads them as ``ctx.headers``. An entry the broker would refuse
+    the job for (see :data:`~corral.broker.jobspec.MAX_HEADERS`) is dropped
+    and logged (``hook.bad_header``); the job goes."""
 
     task: str
     job_id: str
