@@ -513,6 +513,18 @@ def _json(line: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def test_a_daemon_whose_hooks_cannot_load_does_not_start(env: Env) -> None:
+    """As with a plugin that cannot load: a preloading pool's supervisor
+    imports its hooks modules (their functions run in each worker, after
+    its fork), so ``corral run`` stops at once, naming the module, rather
+    than start workers that cannot."""
+    configure(env, '["no_such_hooks"]')
+    daemon = env.start("run")
+    assert daemon.wait(60) == 2
+    assert "hooks module 'no_such_hooks' could not be imported" in daemon.output()
+    assert not worker_processes(daemon)
+
+
 def test_a_worker_whose_hooks_cannot_load_says_why(env: Env) -> None:
     configure(env, '["no_such_hooks"]', processes=0)
     broker = env.start("broker")
