@@ -32,7 +32,8 @@ alone hands jobs out, so it counts exactly, across every worker and host:
   limits.
 
 Pure: no sockets, no log writes; time comes in as ``mono`` (monotonic
-seconds). The dispatcher owns one :class:`Limiter` and is its
+seconds), and with a declaration as ``now`` too (epoch seconds, to place
+an earlier broker's starts). The dispatcher owns one :class:`Limiter` and is its
 :class:`~corral.broker.balance.Gate` through :meth:`Limiter.admit`.
 """
 
