@@ -209,7 +209,9 @@ class BrokerCore:
                 self.housekeeper.flow_finished(flow, ended or self.clock.time())
         # A new epoch for this start's lease tokens, on disk before any lease.
         epoch = self.state.epoch + 1
-        self.journal.record(BrokerStarted(epoch, self.clock.time()))
+        started = self.clock.time()
+        self.journal.record(BrokerStarted(epoch, started))
+        self.dispatcher.limits.since = started  # earlier starts are an earlier broker's
         self.log.sync(self.clock.monotonic())
         self._made_until = self.state.next_seq
         self.dispatcher.start_leases(epoch)

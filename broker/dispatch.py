@@ -172,7 +172,7 @@ class Dispatcher:
         self.registrations.register(
             msg.worker_id, msg.tasks[:MAX_TASKS_PER_WORKER], self.workers.serving
         )
-        self.limits.declare(identity, msg.worker_id, msg.tasks)
+        self.limits.declare(identity, msg.worker_id, msg.tasks, now, mono)
         self._dirty = True
         log.info(
             "broker.worker_ready",

@@ -8,6 +8,16 @@ creation, or the time its ``delay``/``run_at`` named), as Sidekiq counts
 ``expires_in`` of a scheduled job. It holds for every start: a job running
 at its deadline runs on, but a retry due after it never starts.
 
+Steps of the wall clock (:meth:`ExpiringJobs.stepped`): a deadline asked
+for as seconds keeps its length, as a ``delay`` does, once its window has
+begun (the job is due) or while it waits for a ``delay`` (whose end moves
+with the clock); one that names a wall time stays: an absolute
+``expires``, and seconds after an explicit ``run_at`` not yet come. The
+job's ``expires`` is moved by the step (its creation record, or for a
+pristine job a copy of its template), so the deadline, the log's
+snapshots and every check read the moved one; the ``ClockStepped`` record
+makes a replay do the same.
+
 :class:`ExpiringJobs` is the heap of those deadlines, fed by the job state
 as jobs are added (live and on replay, so a restart needs no pass over the
 jobs to find them). Entries are removed lazily: one whose job ended, was
@@ -23,6 +33,8 @@ from __future__ import annotations
 
 import heapq
 from datetime import UTC, datetime
+
+import msgspec
 
 from corral.broker.job import ACTIVE, Job
 from corral.broker.jobspec import expires_at
@@ -80,6 +92,38 @@ class ExpiringJobs(JobHeap):
         if tpl.expires is not None:
             for job in jobs:
                 self.add(job)
+
+    def stepped(self, delta: float) -> None:
+        """The wall clock stepped by ``delta`` seconds (negative: back):
+        move each deadline asked for as seconds whose window has begun or
+        waits on a ``delay`` by ``delta`` (see the module docstring). O(jobs),
+        once per step."""
+        copies: dict[int, JobCreated] = {}  # a shared template: one moved copy
+        moved = False
+        for job in self._jobs.values():
+            tpl = job.tpl
+            expires = tpl.expires
+            if expires is None or isinstance(expires, datetime):
+                continue
+            status = job.status
+            if status not in ACTIVE or (status == "scheduled" and not tpl.delay):
+                continue  # ended, or due at a wall time yet to come
+            if job.blob is None:  # the job's own creation record
+                job.tpl = msgspec.structs.replace(tpl, expires=expires + delta)
+            else:
+                copy = copies.get(id(tpl))
+                if copy is None:
+                    copy = copies[id(tpl)] = msgspec.structs.replace(tpl, expires=expires + delta)
+                job.tpl = copy
+            moved = True
+        if moved:
+            self._heap = [
+                (when, job.seq, job.id)
+                for job in self._jobs.values()
+                if job.status in ACTIVE and (when := deadline(job)) is not None
+            ]
+            heapq.heapify(self._heap)
+            self._stale = 0
 
     def left(self, job: Job) -> None:
         """``job`` ended or was removed: its entry, if it has one, is stale."""

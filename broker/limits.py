@@ -13,7 +13,10 @@ alone hands jobs out, so it counts exactly, across every worker and host:
   a restart too) counts the jobs leased already.
 - **Rate** is an exact sliding window: a start (a delivery) is admitted
   only if fewer than N deliveries of the task (or key) happened in the
-  last period. The windows live in memory: a broker restart forgets them.
+  last period. The windows live in memory; a restarted broker reads the
+  starts of the period before it back from the job state the first time a
+  task declares a rate (:mod:`corral.broker.recall`), so a restart lets no
+  burst through.
 - **Waiting, uncounted.** A job over a limit is never leased, so it costs
   no attempt and nothing churns. A task at its limit is *blocked*: its
   jobs stay on their ready queue, untouched, and dispatch skips the task
@@ -29,7 +32,8 @@ alone hands jobs out, so it counts exactly, across every worker and host:
   limits.
 
 Pure: no sockets, no log writes; time comes in as ``mono`` (monotonic
-seconds). The dispatcher owns one :class:`Limiter` and is its
+seconds), and with a declaration as ``now`` too (epoch seconds, to place
+an earlier broker's starts). The dispatcher owns one :class:`Limiter` and is its
 :class:`~corral.broker.balance.Gate` through :meth:`Limiter.admit`.
 """
 
@@ -38,95 +42,26 @@ from __future__ import annotations
 import heapq
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import structlog
 
 from corral.broker import protocol as p
 from corral.broker.deadlines import Deadlines
+from corral.broker.recall import recall
 from corral.broker.records import Cancelled, Finished, Leased, Record, Removed, Returned, Started
 from corral.broker.state import Job, JobState
+from corral.broker.tasklimits import NONE, Rate, TaskLimits, describe
 
 log = structlog.get_logger()
 
-#: (starts, period in seconds).
-Rate = tuple[int, float]
 #: A task's name, or (task, limit key).
 ScopeKey = str | tuple[str, str]
 #: The records that may start or end a lease (or end a parked job).
 _LEASE_RECORDS = frozenset({Leased, Started, Finished, Returned, Cancelled, Removed})
-
-
-@dataclass(frozen=True)
-class TaskLimits:
-    """One task's limits (None: no such limit)."""
-
-    concurrency: int | None = None
-    rate: Rate | None = None
-    key_concurrency: int | None = None
-    key_rate: Rate | None = None
-    #: The rates as declared ("100/m"), for status.
-    rate_text: str | None = None
-    key_rate_text: str | None = None
-
-    @classmethod
-    def of(cls, info: p.TaskInfo) -> TaskLimits:
-        """The limits a worker registered for a task. Raises ValueError for
-        a rate :func:`~corral.broker.protocol.parse_rate` refuses."""
-        return cls(
-            info.concurrency,
-            p.parse_rate(info.rate) if info.rate is not None else None,
-            info.key_concurrency,
-            p.parse_rate(info.key_rate) if info.key_rate is not None else None,
-            info.rate,
-            info.key_rate,
-        )
-
-    @property
-    def any(self) -> bool:
-        return self != _NONE
-
-    @property
-    def keyed(self) -> bool:
-        """It limits per key."""
-        return self.key_concurrency is not None or self.key_rate is not None
-
-    @property
-    def paced(self) -> bool:
-        """It limits starts per period."""
-        return self.rate is not None or self.key_rate is not None
-
-    def strictest(self, other: TaskLimits) -> TaskLimits:
-        """Each limit at the stricter of the two."""
-        rate, rate_text = _slower((self.rate, self.rate_text), (other.rate, other.rate_text))
-        key_rate, key_text = _slower(
-            (self.key_rate, self.key_rate_text), (other.key_rate, other.key_rate_text)
-        )
-        return TaskLimits(
-            _least(self.concurrency, other.concurrency),
-            rate,
-            _least(self.key_concurrency, other.key_concurrency),
-            key_rate,
-            rate_text,
-            key_text,
-        )
-
-
-_NONE = TaskLimits()
-
-
-def _least(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else min(a, b)
-
-
-def _slower(
-    a: tuple[Rate | None, str | None], b: tuple[Rate | None, str | None]
-) -> tuple[Rate | None, str | None]:
-    if a[0] is None:
-        return b
-    if b[0] is None:
-        return a
-    return min(a, b, key=lambda r: (r[0][0] / r[0][1], r[0][0]) if r[0] else (0.0, 0))
+#: Tasks remembered as having had their earlier starts recalled; past this
+#: many the memory is cleared (a task recalled again counts an earlier
+#: start twice: stricter for one period, never looser).
+MAX_RECALLED = 10_000
 
 
 class Scope:
@@ -204,15 +139,28 @@ class Limiter:
         self.waking: dict[str, tuple[str, str]] = {}
         #: The latest monotonic time seen (admissions, ticks).
         self.mono = 0.0
+        #: When this broker started (epoch seconds; set after its replay):
+        #: starts before it were an earlier broker's (see :meth:`_recall`).
+        self.since: float | None = None
+        #: Tasks whose earlier starts were recalled.
+        self._recalled: set[str] = set()
         #: A slot freed or a window opened since the last dispatch: one is owed.
         self.changed = False
 
     # ---------------------------------------------------------- declaring
 
-    def declare(self, identity: bytes, worker_id: str, tasks: Sequence[p.TaskInfo]) -> None:
+    def declare(
+        self,
+        identity: bytes,
+        worker_id: str,
+        tasks: Sequence[p.TaskInfo],
+        now: float | None = None,
+        mono: float | None = None,
+    ) -> None:
         """The worker on ``identity`` registered ``tasks`` (replacing what it
-        registered before). A limit that cannot be read is logged and
-        ignored (the worker validates them before it sends them)."""
+        registered before), at ``now`` (epoch seconds) and ``mono``
+        (monotonic). A limit that cannot be read is logged and ignored (the
+        worker validates them before it sends them)."""
         mine: dict[str, TaskLimits] = {}
         for info in tasks:
             try:
@@ -237,15 +185,15 @@ class Limiter:
                     "broker.task_limits_differ",
                     task=name,
                     worker=worker_id,
-                    declared=_describe(limits),
-                    others=sorted(_describe(o) for o in others),
+                    declared=describe(limits),
+                    others=sorted(describe(o) for o in others),
                     hint="workers declare different limits for the task: the strictest of "
                     "each applies while they are connected",
                 )
             declared[identity] = limits
         if mine:
             self._by_worker[identity] = list(mine)
-        self._settle(touched | set(mine))
+        self._settle(touched | set(mine), now, mono)
 
     def forget(self, identity: bytes) -> None:
         """The worker on ``identity`` is gone: its declarations no longer count."""
@@ -261,9 +209,12 @@ class Limiter:
                     del self._declared[name]
         return set(names)
 
-    def _settle(self, names: Iterable[str]) -> None:
+    def _settle(
+        self, names: Iterable[str], now: float | None = None, mono: float | None = None
+    ) -> None:
         """Recompute the limits of ``names``; where they changed, the
         task's held-back jobs get another look."""
+        changed: list[tuple[str, TaskLimits | None, TaskLimits | None]] = []
         for name in names:
             declared = self._declared.get(name)
             limits = None
@@ -276,6 +227,10 @@ class Limiter:
                 del self.limits[name]
             else:
                 self.limits[name] = limits
+            changed.append((name, before, limits))
+        if now is not None and mono is not None:
+            self._recall([n for n, _, lim in changed if lim is not None and lim.paced], now, mono)
+        for name, before, limits in changed:
             if before is None:
                 self._count_leased(name)
             (self.paced.add if limits is not None and limits.paced else self.paced.discard)(name)
@@ -354,7 +309,7 @@ class Limiter:
             scope = self.keys.get((task, key))
             if scope is None:
                 continue
-            limits = self.limits.get(task, _NONE)
+            limits = self.limits.get(task, NONE)
             room = scope.room(limits.key_concurrency, limits.key_rate, self.mono)
             while scope.parked and room >= 1:
                 _, seq, job_id = heapq.heappop(scope.parked)
@@ -422,6 +377,33 @@ class Limiter:
                 self._release(job_id)
         elif leased and job is not None and job.task in self.limits:
             self._count(job_id, job.task, job.limit_key)  # leased other than by admit
+
+    def _recall(self, names: list[str], now: float, mono: float) -> None:
+        """Put in the windows of the tasks ``names`` (just given a rate) the
+        starts an earlier broker made of them, once per task (see
+        :mod:`corral.broker.recall`); ``now`` and ``mono`` are this moment."""
+        names = [n for n in names if n not in self._recalled]
+        if self.since is None or not names:
+            return
+        if len(self._recalled) + len(names) > MAX_RECALLED:
+            self._recalled.clear()
+        self._recalled.update(names)
+        limits = {name: self.limits[name] for name in names}
+        per_task, per_key = recall(self.state.jobs.values(), limits, self.since, now, mono)
+        self.mono = mono
+        for task, starts in per_task.items():  # all before any start made since
+            self._scope(task).starts.extendleft(reversed(starts))
+        for (task, key), starts in per_key.items():
+            scope = self._key_scope(task, key)
+            scope.starts.extendleft(reversed(starts))
+            self._tidy_key(task, key, scope)
+        if per_task or per_key:
+            log.info(
+                "broker.rate_windows_recalled",
+                tasks=sorted(per_task),
+                starts=sum(map(len, per_task.values())),
+                keys=len(per_key),
+            )
 
     def _count_leased(self, task: str) -> None:
         """``task`` just got limits: its jobs leased now count."""
@@ -511,7 +493,7 @@ class Limiter:
             heapq.heappop(scope.parked)  # stale: it ended or went while parked
         if scope.running or scope.parked:
             return
-        rate = self.limits.get(task, _NONE).key_rate
+        rate = self.limits.get(task, NONE).key_rate
         if scope.window(rate, self.mono) and rate is not None:
             # its starts still count: look again once the last has left the window
             self.timers.set((task, key), scope.starts[-1] + rate[1], None)
@@ -525,6 +507,23 @@ class Limiter:
                 del self._task_keys[task]
 
     # ------------------------------------------------------------- status
+
+    def holding_back(self, job: Job) -> str | None:
+        """What keeps ready ``job`` waiting, for ``corral job``: its key's
+        limit (it is parked), its task's (the task is at its limit), or
+        None."""
+        limits = self.limits.get(job.task)
+        if limits is None or not job.is_ready:
+            return None
+        parked = self.parked.get(job.id)
+        if parked is not None:
+            scope = self.keys.get(parked)
+            full = _full(scope, limits.key_concurrency, limits.key_rate, self.mono, "key_")
+            return f"limit key {parked[1]!r} at its {full}"
+        if job.task in self.blocked:
+            full = _full(self.tasks.get(job.task), limits.concurrency, limits.rate, self.mono)
+            return f"task {job.task!r} at its {full}"
+        return None
 
     def infos(self, ready: dict[str, int]) -> list[p.LimitInfo]:
         """Each limited task as ``corral status`` shows it; ``ready`` is
@@ -553,11 +552,15 @@ class Limiter:
         return out
 
 
-def _describe(limits: TaskLimits) -> str:
-    parts = [
-        f"concurrency={limits.concurrency}" if limits.concurrency is not None else "",
-        f"rate={limits.rate_text}" if limits.rate_text is not None else "",
-        f"key_concurrency={limits.key_concurrency}" if limits.key_concurrency is not None else "",
-        f"key_rate={limits.key_rate_text}" if limits.key_rate_text is not None else "",
-    ]
-    return " ".join(part for part in parts if part) or "none"
+def _full(
+    scope: Scope | None, concurrency: int | None, rate: Rate | None, mono: float, prefix: str = ""
+) -> str:
+    """Which of a scope's limits is full: ``concurrency (2 running)`` or
+    ``rate 3/2s (3 started in the window)``."""
+    running = scope.running if scope is not None else 0
+    if concurrency is not None and running >= concurrency:
+        return f"{prefix}concurrency ({running} running)"
+    if rate is not None:
+        started = scope.window(rate, mono) if scope is not None else 0
+        return f"{prefix}rate of {rate[0]} per {rate[1]:g}s ({started} started in the window)"
+    return f"{prefix}limits"

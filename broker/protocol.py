@@ -89,6 +89,13 @@ class JobInfo(msgspec.Struct, frozen=True):
     reason: str | None = None
     #: The job's ``limit_key`` option.
     limit_key: str | None = None
+    #: What keeps a ready job waiting: a limit of its task or its key
+    #: (``"task 'crm.sync' at its concurrency (4 running)"``); None: none.
+    waiting_for: str | None = None
+    #: When the job lapses unstarted (its ``expires``), epoch seconds.
+    expires_at: float | None = None
+    #: The job's metadata (its ``headers`` option, hooks' additions included).
+    headers: dict[str, str] | None = None
 
 
 class FlowInfo(msgspec.Struct, frozen=True):

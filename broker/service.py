@@ -208,7 +208,8 @@ class ClientService:
         elif job is None:
             self._reply(identity, missing(self.state, msg.req, msg.job_id))
         else:
-            self._reply(identity, p.JobReply(msg.req, views.job_view(self.state, job)))
+            held = self.dispatcher.limits.holding_back(job)
+            self._reply(identity, p.JobReply(msg.req, views.job_view(self.state, job, held)))
 
     def _get_result(self, identity: bytes, msg: p.GetResult, now: float, mono: float) -> None:
         self.waiters.get_result(identity, msg, mono)
@@ -243,7 +244,8 @@ class ClientService:
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return
-        infos = [views.job_view(self.state, job) for job in jobs]
+        limits = self.dispatcher.limits
+        infos = [views.job_view(self.state, job, limits.holding_back(job)) for job in jobs]
         self._reply(identity, p.JobList(msg.req, infos, cursor))
 
     def _get_status(self, identity: bytes, msg: p.GetStatus, now: float, mono: float) -> None:

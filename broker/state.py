@@ -188,12 +188,13 @@ class JobState:
     def _apply_clock_stepped(self, rec: ClockStepped) -> None:
         """The wall clock stepped: what was due by the clock before the step
         is due (as it was live: promotion is not logged); a wait asked for as
-        an interval (a retry's backoff, a ``delay``) keeps its length, so its
-        run_at moves with the clock; an explicit ``run_at`` names a wall time
-        and stays."""
+        an interval (a retry's backoff, a ``delay``, an ``expires`` in
+        seconds) keeps its length, so its run_at (or deadline) moves with
+        the clock; an explicit ``run_at`` names a wall time and stays."""
         if rec.at:
             self.promote_due(rec.at - rec.delta)
         self.wall_steps += rec.delta
+        self.expiring.stepped(rec.delta)
         waiting = [job for job in touched(self.jobs.values()) if job.status in WAITING]
         for job in waiting:
             delayed = job.status == "scheduled" and job.tpl.delay

@@ -61,7 +61,8 @@ def result_reply(req: int, job: Job) -> p.ResultReply:
     return p.ResultReply(req, job.id, job.status, result, error)
 
 
-def job_view(state: JobState, job: Job) -> p.JobInfo:
+def job_view(state: JobState, job: Job, waiting_for: str | None = None) -> p.JobInfo:
+    """``job`` as a client sees it; ``waiting_for`` says what limit holds it."""
     tries = [
         p.TryInfo(
             t.attempt,
@@ -102,6 +103,9 @@ def job_view(state: JobState, job: Job) -> p.JobInfo:
         reserved_by=job.worker if job.reserved else None,
         reason=expiring.reason_of(job),
         limit_key=job.limit_key,
+        waiting_for=waiting_for,
+        expires_at=expiring.deadline(job),
+        headers=job.headers,
     )
 
 

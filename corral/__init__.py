@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from corral.broker.protocol import FlowInfo, JobInfo, StatusInfo, TryInfo
     from corral.client import AsyncClient, Client
-    from corral.clientcore import Job
+    from corral.clientjobs import Job
     from corral.context import JobContext
     from corral.errors import (
         BrokerError,
@@ -52,7 +52,7 @@ _HOMES = {
     "Fail": "corral.errors",
     "FlowInfo": "corral.broker.protocol",
     "Hooks": "corral.hooks",
-    "Job": "corral.clientcore",
+    "Job": "corral.clientjobs",
     "JobCancelled": "corral.errors",
     "JobContext": "corral.context",
     "JobFailed": "corral.errors",

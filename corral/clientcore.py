@@ -3,26 +3,25 @@
 Each operation of :class:`ClientCore` is a :class:`Step`: the request to send
 and how to read its reply (the value, or the next step of a long poll). The
 core does no I/O, so it is tested with canned replies; :mod:`corral.client`
-drives its steps over a socket, blocking or awaited. Here too are the job
-specs an operation takes (:class:`Job`) and the pages it gives
-(:class:`JobPage`). Job ids are made here, so a resent enqueue is idempotent
-at the broker.
+drives its steps over a socket, blocking or awaited. The job specs an
+operation takes (:class:`Job`, with their ids, made so that a resent
+enqueue is idempotent at the broker) are :mod:`corral.clientjobs`'s; the
+pages it gives (:class:`JobPage`) are here.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 import msgspec
 
 from corral.broker import protocol as p
-from corral.broker.jobspec import JobOptions, JobSpec, options_of
 from corral.broker.protocol import TERMINAL
+from corral.clientjobs import AnyJob, Job, PayloadT, expires_value, job_spec, new_job_id
 from corral.errors import (
     BrokerError,
     CorralError,
@@ -33,52 +32,32 @@ from corral.errors import (
     RequestTooLarge,
     ResultTimeout,
 )
-from corral.hooks import Enqueuing, HookSet
+from corral.hooks import HookSet
 
 if TYPE_CHECKING:
     from corral.workers.registry import Task
+
+__all__ = [
+    "AnyJob",
+    "ClientCore",
+    "Job",
+    "JobPage",
+    "Plan",
+    "Step",
+    "expires_value",
+    "new_job_id",
+]
 
 #: Longest single long-poll; longer waits are made of several.
 MAX_WAIT_SLICE = 30.0
 
 T = TypeVar("T")
-#: The payload type of the task given to ``enqueue``.
-PayloadT = TypeVar("PayloadT")
-
-
-class _JobExtras(JobOptions, frozen=True, kw_only=True):
-    """The keyword-only fields of :class:`Job` beside the options."""
-
-    #: A job id of your choosing (at most 64 characters); an enqueue with an
-    #: id the broker has is a no-op that returns it. None: a new id.
-    id: str | None = None
-    #: Jobs created when this one succeeds (its result as their
-    #: ``ctx.prev_result``) or fails (a dict with the error as prev_result).
-    on_success: Job | None = None
-    on_failure: Job | None = None
-
-
-class Job(_JobExtras, frozen=True):
-    """A job spec for ``enqueue_many``, chains and groups:
-    ``Job(task, payload=None, **options)``. The options are those of
-    :class:`corral.broker.jobspec.JobOptions` (``queue``, ``priority``,
-    ``delay``, ``run_at``, ``max_attempts``, ``timeout``, ``unique_key``,
-    ``result_ttl``, ``unique_for``, ``max_retries``, ``expires``,
-    ``limit_key``), plus ``id``, ``on_success`` and ``on_failure``."""
-
-    task: str
-    payload: Any = None
 
 
 class JobPage(list[p.JobInfo]):
     """A page of ``jobs()``; pass ``cursor`` to get the next (None: the last)."""
 
     cursor: str | None = None
-
-
-def new_job_id() -> str:
-    """A 32-hex-digit id that sorts by creation time (48-bit ms + 80 random bits)."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 # ---------------------------------------------------------------- the operations
@@ -204,8 +183,8 @@ class ClientCore:
         limit_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         id: str | None = None,
-        on_success: Job | None = None,
-        on_failure: Job | None = None,
+        on_success: AnyJob | None = None,
+        on_failure: AnyJob | None = None,
     ) -> Plan[str]:
         """Enqueue one job; return its id once the broker has logged it.
 
@@ -230,26 +209,19 @@ class ClientCore:
         ``id`` the broker has makes this a no-op), or the holder's id while
         another job holds ``unique_key``. Raises TypeError for a
         payload msgpack cannot encode or a task that is neither,
-        RequestTooLarge (nothing sent), DiskFull (not accepted), BrokerError
-        ``invalid`` for a bad option, BrokerUnavailable.
+        PayloadInvalid (a ValueError naming the field) for a payload the
+        task function's handler would refuse, RequestTooLarge (each: nothing
+        sent), DiskFull (not accepted), BrokerError ``invalid`` for a bad
+        option, BrokerUnavailable.
         """
-        options: dict[str, Any] = {
-            "queue": queue,
-            "max_attempts": max_attempts,
-            "timeout": timeout,
-            "result_ttl": result_ttl,
-            "max_retries": max_retries,
-        }
-        name = task
-        if not isinstance(task, str):  # a @corral.task function: its name and options
-            definition = _task_definition(task)
-            name = definition.name
-            for option, value in options.items():
-                if value is None:
-                    options[option] = getattr(definition, option)
         job = Job(
-            str(name),
+            task,
             payload,
+            queue=queue,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            result_ttl=result_ttl,
+            max_retries=max_retries,
             priority=priority,
             delay=delay,
             run_at=run_at,
@@ -261,23 +233,24 @@ class ClientCore:
             id=id,
             on_success=on_success,
             on_failure=on_failure,
-            **options,
         )
-        return Step(p.Enqueue(next(self._req), [_spec(job, self.hooks)]), _first_id)
+        return Step(p.Enqueue(next(self._req), [job_spec(job, self.hooks)]), _first_id)
 
-    def enqueue_many(self, jobs: Iterable[Job]) -> Plan[list[str]]:
+    def enqueue_many(self, jobs: Iterable[AnyJob]) -> Plan[list[str]]:
         """Enqueue several :class:`Job` in one durable batch (all or none).
 
         Returns their ids (32-hex-digit strs), in order, as ``enqueue``
         would; an empty batch returns [] without a request. Raises as
         ``enqueue`` does.
         """
-        specs = [_spec(job, self.hooks) for job in jobs]
+        specs = [job_spec(job, self.hooks) for job in jobs]
         if not specs:
             return []
         return Step(p.Enqueue(next(self._req), specs), _ids)
 
-    def enqueue_chain(self, jobs: Iterable[Job], *, result_ttl: float | None = None) -> Plan[str]:
+    def enqueue_chain(
+        self, jobs: Iterable[AnyJob], *, result_ttl: float | None = None
+    ) -> Plan[str]:
         """Run jobs one after another, each handler getting the previous
         one's result as ``ctx.prev_result``; a failure stops the chain.
         ``result_ttl``: seconds the chain is kept once finished (None: as
@@ -289,7 +262,11 @@ class ClientCore:
         return self._flow("chain", jobs, None, result_ttl)
 
     def enqueue_group(
-        self, jobs: Iterable[Job], callback: Job | None = None, *, result_ttl: float | None = None
+        self,
+        jobs: Iterable[AnyJob],
+        callback: AnyJob | None = None,
+        *,
+        result_ttl: float | None = None,
     ) -> Plan[str]:
         """Run jobs in parallel; with ``callback`` (a chord), run it once all
         succeeded, with the list of their results as ``ctx.prev_result``.
@@ -302,12 +279,12 @@ class ClientCore:
         return self._flow("group", jobs, callback, result_ttl)
 
     def _flow(
-        self, kind: str, jobs: Iterable[Job], callback: Job | None, result_ttl: float | None
+        self, kind: str, jobs: Iterable[AnyJob], callback: AnyJob | None, result_ttl: float | None
     ) -> Plan[str]:
-        specs = [_spec(job, self.hooks) for job in jobs]
+        specs = [job_spec(job, self.hooks) for job in jobs]
         if not specs:
             raise ValueError(f"a {kind} needs at least one job")
-        spec = _spec(callback, self.hooks) if callback is not None else None
+        spec = job_spec(callback, self.hooks) if callback is not None else None
         msg = p.EnqueueFlow(next(self._req), new_job_id(), kind, specs, spec, result_ttl=result_ttl)
         return Step(msg, _first_id)
 
@@ -530,99 +507,3 @@ def _outcome(reply: p.ResultReply) -> Any:
             raise JobCancelled(reply.job_id, p.EXPIRED, error.message)
         raise JobCancelled(reply.job_id)
     raise ResultTimeout(f"job {reply.job_id} is still {reply.status}")
-
-
-def _spec(job: Job, hooks: HookSet) -> JobSpec:
-    """The wire spec of ``job`` (and of its callbacks): every option as
-    given, the payload encoded, a new id unless the job has one, and the
-    headers the hooks' ``before_enqueue`` added."""
-    job_id = job.id or new_job_id()
-    options = options_of(job)
-    options["expires"] = expires_value(job.expires)
-    if hooks:
-        options["headers"] = _hooked_headers(hooks, job, job_id)
-    return JobSpec(
-        job_id,
-        job.task,
-        _encode_payload(job.payload),
-        on_success=_spec(job.on_success, hooks) if job.on_success is not None else None,
-        on_failure=_spec(job.on_failure, hooks) if job.on_failure is not None else None,
-        **options,  # type: ignore[arg-type]
-    )
-
-
-def expires_value(value: Any) -> float | datetime | None:
-    """The wire form of an ``expires`` option: seconds as a float, or an
-    aware datetime. Takes seconds (a number or a ``timedelta``), a datetime
-    (naive: local time), or text (JSON jobs, the CLI): a duration like
-    ``"5m"`` or an ISO 8601 time (without a zone: UTC). Raises TypeError or
-    ValueError naming the option."""
-    if value is None or isinstance(value, float):
-        return value
-    if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.astimezone()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        return _expires_text(value)
-    raise TypeError(
-        f"expires: expected seconds, a datetime or a timedelta, not {type(value).__name__}"
-    )
-
-
-def _expires_text(text: str) -> float | datetime:
-    from corral.config.units import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f'expires: {text!r} is neither a duration ("30s", "5m", "2h") nor an '
-            "ISO 8601 time (2030-01-01T09:00:00Z)"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _hooked_headers(hooks: HookSet, job: Job, job_id: str) -> dict[str, str] | None:
-    """``job``'s headers once the hooks' ``before_enqueue`` has seen the
-    job; an entry a hook made that is not text to text is dropped (and
-    logged), so a hook cannot make the broker refuse the job."""
-    enqueuing = Enqueuing(job.task, job_id, job.queue, job.payload, dict(job.headers or {}))
-    hooks.before_enqueue(enqueuing)
-    headers = {}
-    for key, value in enqueuing.headers.items():
-        if isinstance(key, str) and isinstance(value, str):
-            headers[key] = value
-        else:
-            import structlog  # only now: a client's import of corral stays light
-
-            structlog.get_logger().warning(
-                "hook.bad_header", task=job.task, key=repr(key)[:80], hint="use str"
-            )
-    return headers or None
-
-
-def _encode_payload(payload: Any) -> msgspec.Raw:
-    if isinstance(payload, msgspec.Raw):
-        return payload
-    try:
-        return p.encode_value(payload)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from None
-
-
-def _task_definition(fn: object) -> Any:
-    """The definition (a ``TaskDef``) of a ``@corral.task`` function.
-    Raises TypeError for anything else."""
-    from corral.workers.registry import ATTRIBUTE
-
-    definition = getattr(fn, ATTRIBUTE, None)
-    if definition is None:
-        raise TypeError(f"enqueue takes a task name or a @corral.task function, not {fn!r}")
-    return definition

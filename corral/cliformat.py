@@ -125,6 +125,13 @@ def human_job(info: Any) -> str:
     ]
     if info.limit_key:
         lines.append(f"limit key:   {info.limit_key}")
+    if info.waiting_for:
+        lines.append(f"waiting for: {info.waiting_for}")
+    if info.expires_at is not None and info.status in ("queued", "scheduled", "retrying"):
+        lines.append(f"expires:     {_when(info.expires_at)} (not started by then: cancelled)")
+    if info.headers:
+        shown = ", ".join(f"{key}={value}" for key, value in sorted(info.headers.items()))
+        lines.append(f"headers:     {shown}")
     if info.reserved_by:
         lines.append(f"reserved by: {info.reserved_by} (in its prefetch buffer, not started)")
     if info.progress is not None:

@@ -21,7 +21,10 @@ module builds nothing at import, and a worker makes its hooks after the
 fork, so a hook may start threads or open connections.
 
 A hook cannot break a job or a worker: an exception in one is logged
-(``hook.failed``, with its traceback) and the job's outcome stands. Hooks
+(``hook.failed``, with its traceback) and the job's outcome stands. The
+end hooks (``on_failure``, ``on_retry``, ``after_job``) run once the
+outcome is on its way to the broker, so a slow one never delays it nor
+makes the job time out; ``before_job``'s time is the try's. Hooks
 run in the order given, on the thread (or asyncio task) that runs the job,
 so ``before_job`` may set context variables the handler and ``after_job``
 see. The worker's per-job log lines are such a hook
@@ -57,7 +60,9 @@ class HookError(CorralError):
 class Enqueuing:
     """A job about to be enqueued, as ``before_enqueue`` sees it. Add to
     ``headers`` (text keys and values): they travel with the job and the
-    handler reads them as ``ctx.headers``."""
+    handler reads them as ``ctx.headers``. An entry the broker would refuse
+    the job for (see :data:`~corral.broker.jobspec.MAX_HEADERS`) is dropped
+    and logged (``hook.bad_header``); the job goes."""
 
     task: str
     job_id: str

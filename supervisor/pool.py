@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
+from corral.hooks import find_factory
 from corral.supervisor.process import Child
 from corral.supervisor.restarts import RestartLimit
 from corral.supervisor.roles import pool_registry
@@ -32,8 +33,16 @@ class Forker(Protocol):
 
 def load_registry(config: Config, pool: PoolConfig) -> Registry | None:
     """The pool's tasks, imported once here so that workers share them
-    copy-on-write; None if the pool imports them in each worker instead."""
-    return pool_registry(config, pool) if pool.preload else None
+    copy-on-write; None if the pool imports them in each worker instead.
+    Its hooks modules are imported here too (their functions are found,
+    and called in each worker after its fork), so that one that cannot load
+    stops a start as a plugin does. Raises PluginError, HookError."""
+    if not pool.preload:
+        return None
+    registry = pool_registry(config, pool)
+    for spec in [*config.hooks, *pool.hooks]:
+        find_factory(spec)
+    return registry
 
 
 class Pool:

@@ -216,6 +216,25 @@ def test_the_cli_reads_a_duration_or_a_time() -> None:
         expires_arg("tomorrow")
 
 
+def test_a_jobs_info_shows_its_deadline_and_headers(broker: InProcessBroker) -> None:
+    """``corral job`` (and its --json) says when a job expires, in its
+    headers' company."""
+    now = broker.clock.time()
+    job_id = broker.enqueue(delay=30.0, expires=60.0, headers={"tenant": "acme"})
+    info = broker.job(job_id)
+    assert info is not None
+    assert info.expires_at == pytest.approx(now + 90.0)
+    assert info.headers == {"tenant": "acme"}
+    text = human_job(info)
+    assert "expires:     " in text and "headers:     tenant=acme" in text
+    shown = json.loads(msgspec.json.encode(info))
+    assert shown["expires_at"] == pytest.approx(now + 90.0)
+    assert shown["headers"] == {"tenant": "acme"}
+    plain = broker.job(broker.enqueue())
+    assert plain is not None and plain.expires_at is None and plain.headers is None
+    assert "expires:" not in human_job(plain) and "headers:" not in human_job(plain)
+
+
 def test_result_says_the_job_expired() -> None:
     step = ClientCore().result("j1", timeout=0)
     assert not isinstance(step, str)
@@ -321,3 +340,78 @@ def test_an_older_log_replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     again = Log(tmp_path, fsync="never", segment_size=2**20, reserve=2**14)
     assert list(again.replay()) == records
     again.close()
+
+
+HOUR = 3600.0
+STEPS = [pytest.param(-HOUR, id="back"), pytest.param(HOUR, id="forward")]
+
+
+def expiry_times(broker: InProcessBroker, ids: list[str], seconds: float) -> dict[str, float]:
+    """Let ``seconds`` pass, a pass a second; when (monotonic seconds from
+    now) each of ``ids`` expired, for those that did."""
+    start = broker.clock.mono
+    when: dict[str, float] = {}
+    for _ in range(round(seconds)):
+        broker.advance(1.0, step=1.0)
+        for job_id in ids:
+            if job_id not in when and expired(broker.job(job_id)):
+                when[job_id] = broker.clock.mono - start
+    return when
+
+
+def expiring_jobs(broker: InProcessBroker) -> list[str]:
+    """Each kind of deadline, 60 s wide: seconds from the enqueue (a
+    pristine job, and one that keeps its own record), seconds from a delay's
+    end, seconds from an explicit run_at, an absolute time."""
+    now = broker.clock.time()
+    broker.enqueue(id="rel", expires=60.0)
+    broker.enqueue(id="rel-own", expires=60.0, headers={"h": "v"})
+    broker.enqueue(id="delayed", delay=30.0, expires=60.0)
+    broker.enqueue(id="at", run_at=now + 30.0, expires=60.0)
+    broker.enqueue(id="abs", expires=datetime.fromtimestamp(now + 60.0, UTC))
+    return ["rel", "rel-own", "delayed", "at", "abs"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_expires_in_seconds_keeps_its_length_across_a_step(tmp_path: Path, step: float) -> None:
+    """As a ``delay`` does: a window asked for as seconds from the enqueue
+    (or from a delay's end, which the step moves too) keeps its length
+    when the wall clock steps either way; one that names a wall time (an
+    absolute ``expires``, or seconds after an explicit ``run_at``) stays on
+    the wall clock."""
+    broker = InProcessBroker(tmp_path, extra=SMALL_LOG)
+    ids = expiring_jobs(broker)
+    broker.advance(10.0, step=1.0)
+    broker.clock.jump(step)
+    when = expiry_times(broker, ids, 120.0)
+    assert when["rel"] == when["rel-own"] == pytest.approx(50.0, abs=1.0)
+    assert when["delayed"] == pytest.approx(80.0, abs=1.0)
+    if step > 0:  # the wall times passed in the step: expired at once
+        assert when["at"] == when["abs"] == pytest.approx(1.0)
+    else:  # an hour more to wait
+        assert "at" not in when and "abs" not in when
+    broker.close()
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_expires_in_seconds_keeps_its_length_across_a_step_and_a_restart(
+    tmp_path: Path, compacted: bool
+) -> None:
+    """The step is logged, so a replay moves the deadlines as the live
+    broker did, also from a compacted log."""
+    clock = FakeClock()
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    ids = expiring_jobs(first)
+    first.advance(10.0, step=1.0)
+    clock.jump(HOUR)
+    first.advance(1.0)
+    if compacted:
+        first.core.log.compact(first.core.state.snapshot())
+    first.crash()
+    second = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    when = expiry_times(second, ids, 120.0)
+    assert when["rel"] == when["rel-own"] == pytest.approx(49.0, abs=1.0)
+    assert when["delayed"] == pytest.approx(79.0, abs=1.0)
+    # (expired before the restart)
+    assert expired(second.job("at")) and expired(second.job("abs"))
+    second.close()

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 import corral
 from corral.broker import protocol as p
+from corral.broker.jobspec import InvalidJob, validate_spec
 from corral.clientcore import ClientCore
 from corral.config import load
 from corral.errors import ConfigError, SoftTimeout
@@ -96,7 +97,9 @@ def run_job(payload: Any, hooks: list[corral.Hooks], task: str = "t.h") -> p.Out
     headers = {"traceparent": "00-x"}
     d = p.Delivery("job-1", 7, task, p.encode_value(payload), 2, 3, "default", 0.0, headers=headers)
     execution = Execution(d, registry, "w-1", hooks=HookSet(hooks))
-    return execution.run(lambda args: execution.call_sync(args, None))
+    outcome = execution.run(lambda args: execution.call_sync(args, None))
+    execution.finish()  # as the worker does, once the outcome is on its way
+    return outcome
 
 
 @pytest.mark.parametrize(
@@ -141,6 +144,9 @@ def test_a_job_that_cannot_run_still_has_its_hooks() -> None:
     d = p.Delivery("job-2", 1, "t.typed", p.encode_value("x"), 1, 3, "default", 0.0)
     execution = Execution(d, typed, "w-1", hooks=HookSet([seen]))
     assert execution.run(lambda args: execution.call_sync(args, None)).kind == "fail"
+    assert seen.calls[1:] == []  # the end hooks run once the outcome is on its way
+    execution.finish()
+    execution.finish()  # (once)
     assert seen.calls[1:] == [
         ("on_failure", "PayloadInvalid"),
         ("after_job", "failed", None, "ValidationError"),
@@ -206,6 +212,32 @@ def test_a_client_hook_adds_headers_to_every_job_it_sends() -> None:
 
     step = ClientCore(hooks=HookSet([BadHeader()])).enqueue("t.a")
     assert step.request.jobs[0].headers is None  # type: ignore[union-attr]
+
+    class Overflowing(corral.Hooks):
+        """Adds what the broker would refuse the job for: a hook's entries
+        over the limits are dropped (and logged); the job goes."""
+
+        def before_enqueue(self, job: Enqueuing) -> None:
+            job.headers["baggage"] = "x" * 9000
+            job.headers[""] = "empty key"
+            job.headers["k" * 201] = "long key"
+            job.headers["kept"] = "yes"
+            for n in range(70):
+                job.headers[f"h{n}"] = "v"
+
+    with capture_logs() as logs:
+        step = ClientCore(hooks=HookSet([Overflowing()])).enqueue("t.a", headers={"mine": "1"})
+    headers = step.request.jobs[0].headers  # type: ignore[union-attr]
+    assert headers is not None and len(headers) == 64
+    assert list(headers)[:3] == ["mine", "kept", "h0"]
+    validate_spec(step.request.jobs[0])  # type: ignore[union-attr]
+    dropped = [line for line in logs if line["event"] == "hook.bad_header"]
+    assert len(dropped) == 3 + 70 - 62
+    assert "at most 8192 characters" in dropped[0]["why"]
+    # the caller's own headers are the caller's: the broker names what is wrong
+    step = ClientCore(hooks=HookSet([seen])).enqueue("t.a", headers={"": "x"})
+    with pytest.raises(InvalidJob, match="a key must be a non-empty string"):
+        validate_spec(step.request.jobs[0])  # type: ignore[union-attr]
     with pytest.raises(TypeError, match=r"corral\.Hooks"):
         HookSet([object()])  # type: ignore[list-item]
 
@@ -343,6 +375,20 @@ def test_check_config_names_a_bad_hooks_module(env: Env) -> None:
     assert "pools[0].hooks (pool 'default'): hooks module 'hook_tasks' has no function" in (
         done.stderr
     )
+    # the function is called, as each worker will after its fork
+    env.config.write_text(
+        text.replace(
+            "\n[[pools]]",
+            '\n[[pools]]\nhooks = ["recorder_hooks:raising", "recorder_hooks:wrong"]',
+            1,
+        )
+    )
+    done = env.run("check-config", "-c", str(env.config))
+    assert done.returncode == 2
+    assert "recorder_hooks:raising': raising() raised RuntimeError: SENTRY_DSN is not set" in (
+        done.stderr
+    )
+    assert "recorder_hooks:wrong': wrong() returned 42, not a corral.Hooks" in done.stderr
 
 
 # -- through real processes --------------------------------------------------------
@@ -373,13 +419,15 @@ def test_hooks_run_around_every_job_in_real_workers(
 ) -> None:
     """Top-level hooks (a broken one first) and a pool's, registered in the
     config; a client from the same config adds a header; every outcome
-    stands and the worker lives on; close runs as the worker stops."""
+    stands and the worker lives on; close runs as the worker stops. A hook
+    slower to see a job end than the job's timeout neither times it out nor
+    runs it again: the outcome is reported before the end hooks run."""
     record = tmp_path / "hooks.jsonl"
     monkeypatch.setenv("CORRAL_TEST_HOOKS_FILE", str(record))
     configure(
         env,
         '["recorder_hooks", "recorder_hooks:headers_hooks"]',
-        pool_hooks='["recorder_hooks:pool_hooks"]',
+        pool_hooks='["recorder_hooks:pool_hooks", "recorder_hooks:slow_hooks"]',
     )
     daemon = env.start("run")
     env.wait_ready(daemon)
@@ -393,6 +441,7 @@ def test_hooks_run_around_every_job_in_real_workers(
         "release": client.enqueue("e2e.release", 1),
         "give_up": client.enqueue("e2e.give_up", "no"),
         "headers": client.enqueue("hooks.headers"),
+        "quick": client.enqueue("hooks.quick"),
     }
     assert client.result(jobs["square"], timeout=30) == 49
     assert client.result(jobs["flaky"], timeout=30) == 2
@@ -401,7 +450,19 @@ def test_hooks_run_around_every_job_in_real_workers(
         client.result(jobs["give_up"], timeout=30)
     headers = client.result(jobs["headers"], timeout=30)
     assert headers == {"stamped-by": f"hooks.headers:{jobs['headers']}"}
+    assert client.result(jobs["quick"], timeout=30) == 1  # its first try, not timed out
+    quick = client.job(jobs["quick"])
+    assert (quick.status, quick.attempts, len(quick.tries)) == ("succeeded", 1, 1)
     assert [w.pid for w in worker_processes(daemon)] == [worker.pid]  # never restarted
+    # a reload to hooks whose function raises is refused: its workers could
+    # not start, and the ones running stay
+    good = env.config.read_text()
+    env.config.write_text(good.replace("\nhooks = [", '\nhooks = ["recorder_hooks:raising", ', 1))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reload_failed" in daemon.output(), 60, message="the reload")
+    assert "raising() raised RuntimeError" in daemon.output()
+    assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9
+    assert [w.pid for w in worker_processes(daemon)] == [worker.pid]
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
     calls = lines(record)
@@ -414,6 +475,7 @@ def test_hooks_run_around_every_job_in_real_workers(
         ]
 
     assert of("square") == [("before_job", 1, None), ("after_job", 1, "succeeded")]
+    assert of("quick") == [("before_job", 1, None), ("after_job", 1, "succeeded")]
     assert of("square", "pool") == of("square")
     assert of("flaky") == [
         ("before_job", 1, None),
@@ -449,6 +511,18 @@ def _json(line: str) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def test_a_daemon_whose_hooks_cannot_load_does_not_start(env: Env) -> None:
+    """As with a plugin that cannot load: a preloading pool's supervisor
+    imports its hooks modules (their functions run in each worker, after
+    its fork), so ``corral run`` stops at once, naming the module, rather
+    than start workers that cannot."""
+    configure(env, '["no_such_hooks"]')
+    daemon = env.start("run")
+    assert daemon.wait(60) == 2
+    assert "hooks module 'no_such_hooks' could not be imported" in daemon.output()
+    assert not worker_processes(daemon)
 
 
 def test_a_worker_whose_hooks_cannot_load_says_why(env: Env) -> None:

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 import corral
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
-from corral.broker.limits import TaskLimits
+from corral.broker.tasklimits import TaskLimits
 
 TASK = "t.limited"
 
@@ -520,33 +520,70 @@ def test_limits_hold_with_real_workers(env: Env) -> None:
     assert starts[-1] - starts[0] >= 1.5
 
 
-def test_concurrency_holds_across_a_broker_restart(env: Env) -> None:
+def test_limits_hold_across_a_broker_restart(env: Env) -> None:
     """The broker is killed while the one job a concurrency-1 task may run
     runs: the new broker replays its log, the worker keeps the job, and no
-    other job of the task starts beside it."""
+    other job of the task starts beside it. And a rate of 2 per 5 minutes
+    whose two starts were made before the kill holds a third job after it:
+    the new broker counts the old one's starts (from the log)."""
     daemon = start_daemon(env, processes=2)
     env.wait_workers(2)
     out = env.home / "runs"
     out.mkdir()
     gate = env.home / "gate"
     client = env.client()
+    paced = enqueue_spans(client, env.home / "sparse", "limits.sparse", 2, 0.0)
+    for job_id in paced:
+        client.result(job_id, timeout=30)
     first = client.enqueue("limits.single", {"dir": str(out), "gate": str(gate)})
     wait_for(lambda: client.job(first).status == "running", message="the first job to start")
     rest = client.enqueue_many(
         [corral.Job("limits.single", {"dir": str(out), "seconds": 0.2}) for _ in range(2)]
     )
     kill_broker(env, daemon)
+    client = env.client(timeout=10)
+    third = client.enqueue("limits.sparse", {"dir": str(env.home / "sparse")})
     wait_for(
         lambda: '"broker.jobs_offered_back"' in daemon.output(),
         60,
         message="the worker to offer its job back",
     )
-    client = env.client(timeout=10)
     assert [client.job(job_id).status for job_id in rest] == ["queued", "queued"]
+    status = wait_until(
+        client.status,
+        lambda s: any(lim.task == "limits.sparse" for lim in s.limits),
+        message="a worker to declare the rate to the new broker",
+    )
+    (sparse,) = [lim for lim in status.limits if lim.task == "limits.sparse"]
+    assert (sparse.window_starts, sparse.waiting) == (2, 1)
+    info = client.job(third)
+    assert (info.status, info.attempts, info.tries) == ("queued", 0, [])
     gate.touch()
     for job_id in (first, *rest):
         client.result(job_id, timeout=60)
     assert most_at_once(runs_of(out, [first, *rest])) == 1
+
+
+def test_a_job_held_by_a_limit_says_which(broker: InProcessBroker) -> None:
+    """``corral job`` of a job that waits over a limit says which limit
+    holds it (a task's, or its key's), not just "queued"."""
+    from corral.cliformat import human_job
+
+    for n, key in enumerate(["a", "a", "b", "b"]):
+        broker.enqueue(TASK, n, id=f"j{n}", limit_key=key)
+    w = FakeWorker(broker, b"w", tasks=(info(concurrency=2, key_concurrency=1),))
+    assert [d.job_id for d in register(w, slots=4)] == ["j0", "j2"]
+    by_key = broker.job("j1")
+    assert by_key is not None and by_key.status == "queued"
+    assert by_key.waiting_for == "limit key 'a' at its key_concurrency (1 running)"
+    assert "waiting for: limit key 'a' at its key_concurrency" in human_job(by_key)
+    by_task = broker.job("j3")  # its key is full too, but the task's limit holds it first
+    assert by_task is not None
+    assert by_task.waiting_for == f"task {TASK!r} at its concurrency (2 running)"
+    assert broker.job("j0").waiting_for is None  # type: ignore[union-attr]
+    page = broker.request(p.ListJobs(broker.next_req(), None, "queued", None, 10, None))
+    assert isinstance(page, p.JobList)
+    assert [j.id for j in page.jobs if j.waiting_for] == ["j1", "j3"]
 
 
 def test_status_shows_the_limits(broker: InProcessBroker) -> None:
@@ -584,3 +621,58 @@ def test_a_key_used_once_is_forgotten_once_its_window_passes(broker: InProcessBr
     assert len(limits.keys) == 20  # their starts are in the window
     broker.advance(60.0, step=10.0)
     assert not limits.keys and not limits.timers
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_a_rate_window_holds_across_a_restart(tmp_path: Path, compacted: bool) -> None:
+    """The starts an earlier broker made count in the new broker's windows
+    (the log keeps when each try started), for the task and per key, also
+    once the log was compacted: a restart lets no burst through."""
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    limited = info(rate="3/10s", key_rate="1/10s")
+    for n in range(5):
+        broker.enqueue(TASK, n, id=f"j{n}", limit_key=f"k{n % 3}")
+    w = FakeWorker(broker, b"w", tasks=(limited,))
+    got = register(w, slots=5)
+    assert [d.job_id for d in got] == ["j0", "j1", "j2"]  # the rate's three
+    for d in got:
+        w.start(d)
+        w.finish(d)
+    broker.advance(2.0)
+    if compacted:
+        broker.core.log.compact(broker.core.state.snapshot())
+    broker.crash()
+    again = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    w2 = FakeWorker(again, b"w2", tasks=(limited,))
+    again.enqueue(TASK, 9, id="j9", limit_key="k9")  # a new key: only the task's rate holds it
+    assert register(w2, slots=5) == []
+    status = again.core.service.status(clock.monotonic(), clock.time())
+    (lim,) = status.limits
+    assert (lim.window_starts, lim.waiting) == (3, 3)
+    again.advance(7.5, step=0.5)  # 9.5 s after the first three started
+    assert deliveries(w2.inbox()) == []
+    again.advance(1.0)
+    # j3 (key k0) and j4 (key k1) wait for their keys' windows too: one
+    # period after j0 and j1, the same time the task's window opens
+    assert sorted(d.job_id for d in deliveries(w2.inbox())) == ["j3", "j4", "j9"]
+    again.close()
+
+
+def test_starts_older_than_the_period_do_not_count_after_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    broker = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    for n in range(4):
+        broker.enqueue(TASK, n, id=f"j{n}")
+    w = FakeWorker(broker, b"w", tasks=(info(rate="2/5s"),))
+    got = register(w, slots=4)
+    assert len(got) == 2
+    for d in got:
+        w.start(d)
+        w.finish(d)
+    broker.crash()
+    clock.advance(6.0)  # the broker was down for longer than the period
+    again = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    w2 = FakeWorker(again, b"w2", tasks=(info(rate="2/5s"),))
+    assert len(register(w2, slots=4)) == 2
+    again.close()

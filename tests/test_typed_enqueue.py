@@ -60,11 +60,54 @@ def test_enqueue_by_function_takes_the_decorators_name_queue_and_options(
     assert (spec.task, spec.queue) == ("typed_tasks.send", "typed")
     assert (spec.max_attempts, spec.timeout, spec.result_ttl, spec.max_retries) == (2, 20, 600, 3)
     # an option given to enqueue wins over the decorator's
-    step = core.enqueue(typed_tasks.send, None, queue="other", max_attempts=9, timeout=1.5)
+    email = typed_tasks.Email(to="a@b", subject="hi")
+    step = core.enqueue(typed_tasks.send, email, queue="other", max_attempts=9, timeout=1.5)
     (spec,) = step.request.jobs  # type: ignore[union-attr]
     assert (spec.queue, spec.max_attempts, spec.timeout, spec.result_ttl) == ("other", 9, 1.5, 600)
     with pytest.raises(TypeError, match=r"a task name or a @corral\.task function"):
         core.enqueue(print, 1)  # type: ignore[arg-type]
+
+
+def test_a_job_spec_takes_the_task_function_too(typed_tasks: ModuleType) -> None:
+    """``corral.Job(send, Email(...))``, in a batch, a chain, a group's
+    callback and a job's callbacks, takes what ``enqueue(send, ...)`` takes."""
+    core = ClientCore()
+    email = typed_tasks.Email(to="a@b", subject="hi")
+    job = corral.Job(typed_tasks.send, email, on_success=corral.Job(typed_tasks.shout, "ok"))
+    step = core.enqueue_many([job, corral.Job(typed_tasks.send, email, max_attempts=9)])
+    assert not isinstance(step, list)
+    first, second = step.request.jobs  # type: ignore[union-attr]
+    assert (first.task, first.queue, first.max_attempts, first.timeout) == (
+        "typed_tasks.send",
+        "typed",
+        2,
+        20,
+    )
+    assert first.on_success is not None
+    assert (first.on_success.task, first.on_success.queue) == ("typed_tasks.shout", "typed")
+    assert (second.max_attempts, second.result_ttl) == (9, 600)
+    step = core.enqueue_group([job], callback=corral.Job(typed_tasks.tick))
+    assert not isinstance(step, str)
+    assert step.request.callback.task == "typed_tasks.tick"  # type: ignore[union-attr]
+    step = core.enqueue_chain([corral.Job(typed_tasks.shout, "a"), corral.Job("x.y", 1)])
+    assert [s.task for s in step.request.jobs] == ["typed_tasks.shout", "x.y"]  # type: ignore[union-attr]
+
+
+def test_a_payload_the_task_would_refuse_is_refused_before_it_is_sent(
+    typed_tasks: ModuleType,
+) -> None:
+    """With the task function in hand the client checks the payload as the
+    worker will, and sends nothing when it does not fit (by name, it cannot)."""
+    core = ClientCore()
+    with pytest.raises(ValueError, match=r"typed_tasks\.send: payload: expected object, got int"):
+        core.enqueue(typed_tasks.send, 42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"payload\.to: expected str, got int"):
+        core.enqueue_many([corral.Job(typed_tasks.send, {"to": 1, "subject": "s"})])
+    with pytest.raises(ValueError, match="nothing was enqueued"):
+        core.enqueue(typed_tasks.send)
+    # a dict of the Struct's shape is what the worker will decode: it goes
+    core.enqueue(typed_tasks.send, {"to": "a@b", "subject": "hi"})  # type: ignore[arg-type]
+    core.enqueue("typed_tasks.send", 42)
 
 
 def test_typed_enqueue_through_real_processes(env: Env, typed_tasks: ModuleType) -> None:
@@ -82,11 +125,17 @@ def test_typed_enqueue_through_real_processes(env: Env, typed_tasks: ModuleType)
     assert (info.max_attempts, info.timeout) == (2, 20)
     shouted = client.enqueue(typed_tasks.shout, "quiet")
     by_name = client.enqueue("typed_tasks.shout", "named", queue="typed")
+    batch = client.enqueue_many(
+        [corral.Job(typed_tasks.send, email), corral.Job(typed_tasks.shout, "batched")]
+    )
+    chain = client.enqueue_chain([corral.Job(typed_tasks.shout, "a"), corral.Job(typed_tasks.tick)])
     env.start("worker", "--queue", "typed", "--plugin", "typed_tasks")
     result = client.result(job_id, timeout=30)
     assert result == {"to": "a@b", "subject": "hi", "queue": "typed", "attempt": 1}
     assert client.result(shouted, timeout=30) == "QUIET"
     assert client.result(by_name, timeout=30) == "NAMED"
+    assert [client.result(i, timeout=30) for i in batch] == [result, "BATCHED"]
+    assert client.result(chain, timeout=30) == 1
 
 
 #: Checked by mypy; each line marked "# wrong" must be an error, no other.
@@ -112,6 +161,11 @@ def blocking(client: corral.Client) -> None:
     receipt: dict[str, object] = send(ctx, Email(to="a", subject="b"))
     send(ctx, 42)  # wrong
     job_id: str = client.enqueue(shout, "x")
+    client.enqueue_many([corral.Job(send, Email(to="a@b", subject="hi")), corral.Job(shout, "x")])
+    client.enqueue_many([corral.Job(send, 42)])  # wrong
+    corral.Job(shout, Email(to="a", subject="b"))  # wrong
+    corral.Job("typed_tasks.send", 42, on_success=corral.Job(tick))  # by name: not checked
+    client.enqueue_chain([corral.Job(shout, "x", queue="q"), corral.Job(send, "x")])  # wrong
 
 
 async def awaited(client: corral.AsyncClient) -> None:

@@ -3,8 +3,13 @@ on a thread, or as a coroutine), and turn what happened into an Outcome.
 
 The sync and asyncio paths share :meth:`Execution.prepare` and
 :meth:`Execution.complete`; only the call in between differs. The hooks
-(:mod:`corral.hooks`) run at both ends: ``before_job`` in ``prepare``, the
-others as the outcome is made; the per-job log lines are one of them.
+(:mod:`corral.hooks`) run at both ends: ``before_job`` in ``prepare``, and
+the end hooks (``on_failure``, ``on_retry``, ``after_job``) in
+:meth:`Execution.finish`, which the worker calls once it has handed the
+outcome over for reporting: a hook slow to see a job end (an exporter
+flushing over a slow network) never delays its outcome, holds its limits'
+slots or makes it run past its timeout. The per-job log lines are one of
+them.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ class Execution:
         self._registry = registry
         self._worker_id = worker_id
         self._hooks = hooks if hooks is not None else builtin_hooks()
+        #: How the try ended, for the end hooks (see :meth:`finish`).
+        self._end: JobEnd | None = None
 
     def prepare(self) -> tuple[Any, ...] | p.Outcome:
         """The handler's arguments, or the outcome if it cannot run. The
@@ -118,7 +125,7 @@ class Execution:
         return await asyncio.to_thread(self.definition.fn, *args)
 
     def run(self, call: Callable[[tuple[Any, ...]], Any]) -> p.Outcome:
-        """prepare, ``call``, complete: the sync path."""
+        """prepare, ``call``, complete: the sync path (then :meth:`finish`)."""
         args = self.prepare()
         if isinstance(args, p.Outcome):
             return args
@@ -181,9 +188,8 @@ class Execution:
         exc: BaseException | None = None,
         value: Any = None,
     ) -> p.Outcome:
-        """The outcome to report, once the hooks have seen how the try
-        ended (``exc`` and ``error``: what ended it; ``value``: what the
-        handler returned)."""
+        """The outcome to report (``exc`` and ``error``: what ended the
+        try; ``value``: what the handler returned, for the end hooks)."""
         d = self.d
         ended = time.time()
         outcome = p.Outcome(d.job_id, d.lease, kind, result, error, delay, self.started, ended)
@@ -195,8 +201,16 @@ class Execution:
             error.type if error is not None else "",
             error.message if error is not None else "",
         )
-        self._hooks.job_ended(self.ctx, end)
+        self._end = end
         return outcome
+
+    def finish(self) -> None:
+        """Run the end hooks (``on_failure`` or ``on_retry``, then
+        ``after_job``) for how the try ended, once; call it after the
+        outcome has gone for reporting, on the thread that ran the job."""
+        end, self._end = self._end, None
+        if end is not None:
+            self._hooks.job_ended(self.ctx, end)
 
 
 def error_info(exc: BaseException) -> p.ErrorInfo:

@@ -6,9 +6,12 @@ check down or fool it with modules an earlier import left loaded.
 What it checks, as a worker would see it:
 
 - each pool's plugins import (a broken one is named by file and line);
-- each hooks module (top-level and per pool) imports and has its function
-  (``corral_hooks``, or the one named): the function is not called here,
-  as it may need what only the workers' environment has;
+- each hooks module (top-level and per pool) imports, and its function
+  (``corral_hooks``, or the one named) gives hooks: it is called here, in
+  this throwaway process, as each worker calls it after its fork (a
+  function that raises would stop every worker of a reloaded pool from
+  starting; run by the supervisor for a reload, this process has the
+  workers' environment);
 - each schedule's task is registered by some pool that serves the
   schedule's queue (else every fire would wait, unroutable, for ever);
 - each schedule's payload is what that task's handler takes (else every
@@ -52,12 +55,12 @@ def check(config: Any) -> list[str]:
 
 
 def _check_hooks(where: str, specs: list[str]) -> list[str]:
-    from corral.hooks import HookError, find_factory
+    from corral.hooks import HookError, load_hooks
 
     problems = []
     for spec in specs:
         try:
-            find_factory(spec)
+            load_hooks([spec])
         except HookError as exc:
             problems.append(f"{where}: {exc}")
     return problems

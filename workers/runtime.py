@@ -554,7 +554,6 @@ class Worker:
 
     def _end(self, execution: Execution, outcome: p.Outcome) -> None:
         d = execution.d
-        structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
         self._held.end(d.job_id)
         with self._status.lock:  # the supervisor knows it ended, even if the next
             self._timeouts.pop(d.job_id, None)  # handler holds the GIL from its start
@@ -565,6 +564,8 @@ class Worker:
         self._done_count += 1
         self._outbox.append(("done", outcome))
         self._wake()
+        execution.finish()  # the end hooks, once the outcome is on its way
+        structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
 
     async def _async_executor(self) -> None:
         """concurrency_mode = "asyncio": one event loop runs up to

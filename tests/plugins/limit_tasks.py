@@ -59,3 +59,8 @@ def keyed(ctx: corral.JobContext, span: Span) -> None:
 @corral.task(name="limits.mark")
 def mark(ctx: corral.JobContext, span: Span) -> None:
     record(ctx, span)
+
+
+@corral.task(name="limits.sparse", rate="2/5m")
+def sparse(ctx: corral.JobContext, span: Span) -> None:
+    record(ctx, span)

@@ -1,12 +1,14 @@
 """Hooks for tests/test_hooks.py: ``corral_hooks()`` gives a hook that
 raises at every point (it must not matter) and one that writes a JSON line
 per call to the file ``$CORRAL_TEST_HOOKS_FILE``; ``headers_hooks()`` adds
-a header to every job a client enqueues."""
+a header to every job a client enqueues; ``slow_hooks()`` is slow to see
+``hooks.quick`` end."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import corral
@@ -92,3 +94,16 @@ def raising() -> corral.Hooks:
 
 def wrong() -> object:
     return 42
+
+
+class Slow(corral.Hooks):
+    """Takes longer than ``hooks.quick``'s timeout to see its job end (an
+    exporter flushing over a slow network): the job's outcome stands."""
+
+    def after_job(self, ctx: corral.JobContext, end: JobEnd) -> None:
+        if ctx.task == "hooks.quick":
+            time.sleep(2.0)
+
+
+def slow_hooks() -> corral.Hooks:
+    return Slow()
