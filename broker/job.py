@@ -448,5 +448,8 @@ def _key(rec: JobCreated) -> tuple[Any, ...]:
     return (rec.task, _TEMPLATE_OPTIONS(rec), rec.step, rec.task_options)
 
 
-#: The options a template holds for its jobs: all but the priority.
-_TEMPLATE_OPTIONS = operator.attrgetter(*(n for n in OPTION_NAMES if n != "priority"))
+#: The options a template holds for its jobs: all but the priority, and the
+#: headers (a plain job has none: None or an empty map, which is unhashable).
+_TEMPLATE_OPTIONS = operator.attrgetter(
+    *(n for n in OPTION_NAMES if n not in ("priority", "headers"))
+)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -113,7 +113,7 @@ MAX_SECONDS = 100 * 365.25 * 86400
 #: The latest ``run_at``: 9999-12-31T23:59:59Z, the last time every
 #: platform's clock functions can show.
 MAX_EPOCH = 253_402_300_799.0
-_SPAN = f"between 0 and {MAX_SECONDS:.0f} seconds (100 years)"
+_SPAN = f"above 0 and at most {MAX_SECONDS:.0f} seconds (100 years)"
 #: At most this many headers per job, each key at most MAX_HEADER_KEY and
 #: each value at most MAX_HEADER_VALUE characters (a W3C traceparent is 55,
 #: a baggage header at most 8192).
@@ -172,6 +172,13 @@ def _validate_limit_options(spec: JobSpec) -> None:
     if isinstance(expires, datetime):
         if expires.tzinfo is None:
             raise InvalidJob("expires: an absolute time must carry its zone (UTC, or an offset)")
+        if spec.run_at is not None and expires.timestamp() <= spec.run_at:
+            due = datetime.fromtimestamp(spec.run_at, UTC).isoformat()
+            raise InvalidJob(
+                f"expires: {expires.isoformat()} is not after its run_at ({due}): the job would "
+                "lapse before it is due and never run; give a later time, or seconds "
+                "(counted from when the job is due)"
+            )
     elif expires is not None and not (math.isfinite(expires) and 0 < expires <= MAX_SECONDS):
         raise InvalidJob(
             f"expires: must be a positive number of seconds, {_SPAN}, or an absolute time; "

@@ -781,3 +781,13 @@ def test_status_reply_frames_join_to_the_encoded_reply(tmp_path: Path, req: int)
     status = broker.request(p.GetStatus(broker.next_req())).status
     frames = p.status_reply_frames(req, p.encode_struct(status))
     assert b"".join(frames) == p.encode(p.StatusReply(req, status))
+
+
+def test_a_job_with_empty_headers_is_enqueued(tmp_path: Path) -> None:
+    """An empty headers map is no headers (it broke the enqueue: the shared
+    template of plain jobs was keyed by the unhashable map)."""
+    broker = InProcessBroker(tmp_path)
+    assert broker.enqueue(id="a", headers={}) == "a"
+    assert broker.enqueue(id="b") == "b"
+    assert broker.enqueue(id="c", headers={"k": "v"}) == "c"
+    assert [broker.job(j).status for j in "abc"] == ["queued"] * 3  # type: ignore[union-attr]

@@ -183,8 +183,18 @@ def test_a_chain_stops_at_an_expired_step(broker: InProcessBroker) -> None:
     ],
 )
 def test_a_bad_expires_is_refused(expires: object, message: str) -> None:
-    with pytest.raises(InvalidJob, match=message):
+    with pytest.raises(InvalidJob, match=message) as caught:
         validate_spec(JobSpec("j", TASK, expires=expires))  # type: ignore[arg-type]
+    assert "between 0" not in str(caught.value)  # 0 itself is refused: say so
+
+
+def test_an_absolute_expires_not_after_run_at_is_refused() -> None:
+    """Such a job would lapse before it is due: it could never run."""
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    for run_at in (at.timestamp(), at.timestamp() + 60):
+        with pytest.raises(InvalidJob, match=r"not after its run_at .* never run"):
+            validate_spec(JobSpec("j", TASK, run_at=run_at, expires=at))
+    validate_spec(JobSpec("j", TASK, run_at=at.timestamp() - 1, expires=at))
 
 
 def test_a_naive_datetime_is_refused_on_the_wire(broker: InProcessBroker) -> None:

@@ -58,6 +58,9 @@ def specs(draw: st.DrawFn, job_id: str, depth: int = 1) -> JobSpec:
         # each spec its own key: a flow whose job's key another job holds is
         # refused (tests/test_followups.py), and this test is about options
         options["unique_key"] = f"{job_id}:{options['unique_key']}"
+    expires, run_at = options["expires"], options["run_at"]
+    if isinstance(expires, datetime) and run_at is not None and expires.timestamp() <= run_at:
+        options["run_at"] = None  # refused: it would lapse before it is due (test_expires.py)
     callbacks: dict[str, Any] = {}
     if depth > 0:
         for name in ("on_success", "on_failure"):
