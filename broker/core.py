@@ -314,7 +314,8 @@ class BrokerCore:
     def on_frames(self, side: str, frames: list[bytes], now: float, mono: float) -> None:
         """The envelope of both sides: [identity, body]. A frame that cannot
         be read is counted and dropped (a client is told); a bug handling
-        one message is logged and never stops the broker."""
+        one message is logged and never stops the broker (a client is told,
+        with code ``internal``, rather than left to its timeout)."""
         if len(frames) != 2:
             self._malformed(side, f"expected 2 frames, got {len(frames)}", None)
             return
@@ -328,9 +329,22 @@ class BrokerCore:
         part = self.service if side == CLIENT else self.dispatcher
         try:
             part.on_message(identity, msg, now, mono)
-        except Exception:
+        except Exception as exc:
             self.stats["handler_errors"] += 1
-            log.exception("broker.handler_error", side=side, op=type(msg).__name__)
+            op = type(msg).__name__
+            log.exception("broker.handler_error", side=side, op=op)
+            req = getattr(msg, "req", None)
+            if side == CLIENT and isinstance(req, int):
+                self.replies.add(
+                    identity,
+                    p.ErrorReply(
+                        req,
+                        "internal",
+                        f"the broker failed handling this {op} request "
+                        f"({type(exc).__name__}: {str(exc)[:200]}), a bug logged as "
+                        "broker.handler_error; it may be partly done: look before retrying",
+                    ),
+                )
 
     def _malformed(self, side: str, reason: str, identity: bytes | None, req: int = 0) -> None:
         count_malformed(self.stats, side, reason)

@@ -791,3 +791,22 @@ def test_a_job_with_empty_headers_is_enqueued(tmp_path: Path) -> None:
     assert broker.enqueue(id="b") == "b"
     assert broker.enqueue(id="c", headers={"k": "v"}) == "c"
     assert [broker.job(j).status for j in "abc"] == ["queued"] * 3  # type: ignore[union-attr]
+
+
+def test_a_request_the_broker_fails_on_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in handling one request is logged and counted, the broker goes
+    on, and the client gets an error naming it instead of a timeout."""
+    broker = InProcessBroker(tmp_path)
+
+    def broken(*args: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setitem(broker.core.service._handlers, p.Ping, broken)
+    reply = broker.request(p.Ping(broker.next_req()))
+    assert isinstance(reply, p.ErrorReply) and reply.code == "internal"
+    assert "Ping" in reply.message and "KeyError" in reply.message
+    assert broker.core.stats["handler_errors"] == 1
+    monkeypatch.undo()
+    assert isinstance(broker.request(p.Ping(broker.next_req())), p.Pong)
