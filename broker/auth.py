@@ -54,7 +54,7 @@ import structlog
 import zmq
 
 from corral.errors import ConfigError
-from corral.transport import is_tcp
+from corral.transport import is_tcp, load_keypair
 
 log = structlog.get_logger()
 
@@ -77,9 +77,7 @@ def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
 
     Raises ConfigError naming the directory or file and what to run when
     the directory is missing, when it or a key in it is writable by group
-    or others, or when a key file cannot be read."""
-    import zmq.auth
-
+    or others, or when a key file cannot be read or holds no key."""
     path = Path(directory)
     if not path.is_dir():
         raise ConfigError(
@@ -97,14 +95,8 @@ def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
     keys = set()
     for file in files:
         _refuse_writable_by_others(file, setting)
-        try:
-            public, _ = zmq.auth.load_certificate(file)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"security.{setting}: cannot read the key file {file}: {exc}"
-            ) from None
-        if public:
-            keys.add(public.decode("ascii"))
+        public, _ = load_keypair(file, f"security.{setting}", secret=False)
+        keys.add(public.decode("ascii"))
     return frozenset(keys)
 
 

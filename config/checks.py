@@ -207,8 +207,12 @@ def _check_endpoint(path: str, endpoint: str) -> Iterator[Problem]:
                 f"{_MAX_IPC_PATH} the OS allows: use a shorter broker.state_dir or endpoint",
             )
     elif scheme == "tcp":
-        if not _TCP.match(endpoint):
+        match = _TCP.match(endpoint)
+        if not match:
             yield path, f'{_ENDPOINT_HINT}, got "{endpoint}" (tcp needs host:port)'
+        elif match.group(2) != "*" and not 0 < int(match.group(2)) < 65536:
+            # ZeroMQ would take it modulo 65536 (99999 is port 34463)
+            yield path, f'"{endpoint}": a tcp port is from 1 to 65535'
     elif scheme != "inproc" or not address:
         yield path, f'{_ENDPOINT_HINT}, got "{endpoint}"'
 

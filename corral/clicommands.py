@@ -420,22 +420,26 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the config; unless --no-plugins, also import every pool's
-    plugins and check the schedules against them, in a child process (see
-    :mod:`corral.workers.plugincheck`). Every problem is printed, one a line."""
+    """Validate the config; open the key files it uses and try the
+    addresses a broker binds (see :mod:`corral.hostcheck`); unless
+    --no-plugins, also import every pool's plugins and check the schedules
+    against them, in a child process (see :mod:`corral.workers.plugincheck`).
+    Every problem is printed, one a line."""
     from corral.broker.schedules import ScheduleError, Scheduler
+    from corral.hostcheck import host_problems
 
     path = config_path(args.config)
     config = load_config(path)
+    source = path or "defaults"
     try:
         Scheduler.from_configs(config.schedules)
     except ScheduleError as exc:
         raise ConfigError(f"schedules: {exc}") from None
+    problems = [f"{source}: {problem}" for problem in host_problems(config)]
     if not args.no_plugins and path is not None:
-        problems = _check_plugins(path)
-        if problems:
-            raise ConfigError("\n".join(problems))
-    source = path or "defaults"
+        problems += _check_plugins(path)
+    if problems:
+        raise ConfigError("\n".join(problems))
     pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
     emit(
         args,

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -328,3 +329,190 @@ def test_a_subscriber_config_names_a_tcp_events_endpoint_with_the_brokers_public
         '[security]\nserver_public_key = "server.key"\nclient_secret_key = "c.key_secret"\n'
     )
     assert loads(text).broker.events_endpoint == "tcp://broker.internal:5557"
+
+
+# -- an events endpoint that cannot be used, CURVE subscribers refused and restored ------
+
+#: An address no host here has (TEST-NET-3, RFC 5737): a bind there fails.
+FOREIGN = "203.0.113.9"
+
+
+def curve_keys(home: Path) -> Path:
+    """server, client and stranger key pairs under home/keys; the client's
+    key is authorised (keys/clients)."""
+    from corral.transport import write_keypair
+
+    keys = home / "keys"
+    for name in ("server", "client", "stranger"):
+        write_keypair(keys, name)
+    (keys / "clients").mkdir(mode=0o700)
+    (keys / "clients" / "client.key").write_bytes((keys / "client.key").read_bytes())
+    return keys
+
+
+def tcp_events_config(env: Env, keys: Path, endpoint: str) -> None:
+    """The test config with a CURVE events endpoint, its subscribers'
+    keys in keys/clients."""
+    env.write_config(extra_broker=f'events_endpoint = "{endpoint}"')
+    with env.config.open("a") as config:
+        config.write(
+            f'[security]\nserver_secret_key = "{keys}/server.key_secret"\n'
+            f'server_public_key = "{keys}/server.key"\n'
+            f'client_secret_key = "{keys}/client.key_secret"\n'
+            f'authorized_keys_dir = "{keys}/clients"\n'
+        )
+
+
+def keyed_config(env: Env, name: str) -> Path:
+    """A copy of the config with another client key: keys/<name>.key_secret."""
+    path = env.home / f"{name}.toml"
+    path.write_text(env.config.read_text().replace("/client.key_secret", f"/{name}.key_secret"))
+    return path
+
+
+def _foreign_address(keys: Path) -> str:
+    return f"tcp://{FOREIGN}:{free_port()}"
+
+
+def _missing(keys: Path) -> str:
+    (keys / "server.key_secret").unlink()
+    return "not found"
+
+
+def _garbage(keys: Path) -> str:
+    (keys / "server.key_secret").write_text("this is not a key\n")
+    return "cannot read the key file"
+
+
+def _open_to_others(keys: Path) -> str:
+    (keys / "server.key_secret").chmod(0o644)
+    return f"chmod 600 {keys}/server.key_secret"
+
+
+@pytest.mark.parametrize("fault", [_foreign_address, _missing, _garbage, _open_to_others])
+def test_an_events_endpoint_that_cannot_be_used_stops_the_broker_at_start(
+    env: Env, fault: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same rule as the client and worker endpoints: a bad address or
+    a server key file that is missing, garbage or open to others stops the
+    broker at its start, naming the setting, the file and what to do (it
+    used to log events.cannot_bind and run on without events), and
+    check-config finds each."""
+    from corral.broker.server import Broker
+    from corral.cli import main
+
+    keys = curve_keys(env.home)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    wanted = fault(keys)
+    if wanted.startswith("tcp://"):
+        endpoint = wanted
+        named = ["broker.events_endpoint", endpoint]
+    else:
+        named = ["security.server_secret_key", f"{keys}/server.key_secret", wanted]
+    tcp_events_config(env, keys, endpoint)
+
+    assert main(["check-config", "--no-plugins", "-c", str(env.config)]) == 2
+    err = capsys.readouterr().err
+    assert all(text in err for text in named), err
+    assert "Traceback" not in err
+
+    broker = Broker(loads(env.config.read_text()))
+    with pytest.raises(ConfigError) as refused:
+        broker.open()
+    assert all(text in str(refused.value) for text in named), refused.value
+    assert not list(env.home.glob("*.sock")), "a broker that did not start left its sockets"
+
+
+def test_corral_run_with_a_key_it_cannot_use_exits_2(env: Env) -> None:
+    """Every config or key problem is exit code 2 and one line naming it:
+    `corral run` whose broker cannot start (its events endpoint's key open
+    to others) exited 1."""
+    keys = curve_keys(env.home)
+    tcp_events_config(env, keys, f"tcp://127.0.0.1:{free_port()}")
+    (keys / "server.key_secret").chmod(0o644)
+    daemon = env.start("run")
+    assert daemon.wait(30) == 2
+    out = daemon.output()
+    assert f"chmod 600 {keys}/server.key_secret" in out and "Traceback" not in out
+
+
+class Tail:
+    """`corral events --json` on a config, in its own session; what it
+    prints is read from files (its events on stdout, its notices on stderr)."""
+
+    def __init__(self, env: Env, config: Path, name: str) -> None:
+        self.out = env.home / f"{name}.out"
+        self.err = env.home / f"{name}.err"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.popen = subprocess.Popen(
+                [CORRAL, "events", "--json", "-c", str(config)],
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.out.read_text().splitlines()]
+
+    def notices(self) -> str:
+        return self.err.read_text()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+
+def probe_until(client: corral.Client, tail: Tail, queue: str) -> None:
+    """Enqueue probes on ``queue`` until ``tail`` has printed one."""
+
+    def printed() -> bool:
+        client.enqueue("e2e.noop", None, queue=queue)
+        return any(e.get("queue") == queue for e in tail.events())
+
+    wait_for(printed, 30, interval=0.1, message=f"corral events to print a job on {queue}")
+
+
+def test_a_subscriber_revoked_then_restored_gets_events_again_and_a_refused_one_is_told(
+    env: Env,
+) -> None:
+    """A subscriber whose key is revoked and then restored (SIGHUP each
+    time) gets events again: ZeroMQ does not reconnect after a handshake
+    the broker refused, so `corral events` connects again itself. A
+    subscriber whose key the broker does not take is told so on stderr,
+    within seconds, and waits on. The revoking SIGHUP finds the server's
+    key file open to others: the broker says so and serves on."""
+    keys = curve_keys(env.home)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    tcp_events_config(env, keys, endpoint)
+    strangers = keyed_config(env, "stranger")
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    tail = Tail(env, env.config, "tail")
+    stranger = Tail(env, strangers, "stranger")
+    try:
+        probe_until(client, tail, "before")
+        wait_for(lambda: "refused" in stranger.notices(), 10, message="the stranger's notice")
+        told = stranger.notices()
+        assert "CURVE" in told and "authorized_keys_dir" in told and "stranger.key_secret" in told
+        assert stranger.alive() and not stranger.events()
+
+        (keys / "clients" / "client.key").rename(keys / "client.key.off")
+        (keys / "server.key_secret").chmod(0o644)
+        broker.signal(signal.SIGHUP)
+        wait_for(lambda: "refused" in tail.notices(), 10, message="the revoked one's notice")
+        assert broker.alive() and client.ping()
+        assert f"chmod 600 {keys}/server.key_secret" in broker.output()
+
+        (keys / "client.key.off").rename(keys / "clients" / "client.key")
+        (keys / "server.key_secret").chmod(0o600)
+        broker.signal(signal.SIGHUP)
+        probe_until(client, tail, "after")
+        assert tail.alive() and stranger.alive() and not stranger.events()
+    finally:
+        tail.kill()
+        stranger.kill()
