@@ -21,6 +21,10 @@ refused per message there: the broker drops every subscriber instead (see
 ``corral.broker.events.Events.drop_subscribers``), and each reconnects
 through the handshake, where a removed key is refused.
 
+A key refused at the handshake is logged (``broker.handshake_refused``,
+once a minute per key), so the operator of a client, worker or subscriber
+that sees no answer can find why on the broker.
+
 A tcp endpoint with CURVE and no key directory refuses to start; only the
 client and events endpoints may say ``security.allow_any_client_key = true``
 (logged as a warning). :meth:`KeyRing.reload` re-reads both directories; the broker
@@ -46,7 +50,9 @@ whoever can write there can authorise a key.
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +73,11 @@ EVENTS_DOMAIN = "corral-events"
 CLIENT, WORKER, EVENTS = "client", "worker", "events"
 _DOMAINS = {CLIENT: CLIENT_DOMAIN, WORKER: WORKER_DOMAIN, EVENTS: EVENTS_DOMAIN}
 
-#: At most this many refused connections are remembered, so that each is
-#: logged once (the set is cleared when full: memory stays bounded).
+#: At most this many refused connections (and keys) are remembered, so that
+#: each is logged once (the set is cleared when full: memory stays bounded).
 _REFUSED_LOGGED_MAX = 1024
+#: Seconds between two logs of the same key refused at the handshake.
+REFUSAL_LOG_EVERY = 60.0
 
 
 def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
@@ -120,6 +128,11 @@ class KeySet:
     directory: str | None
     allow_any: bool = False
     keys: frozenset[str] = frozenset()
+    #: Monotonic seconds, for :meth:`callback`'s rate limit.
+    clock: Callable[[], float] = time.monotonic
+    #: Refused key -> when its refusal was last logged (the authenticator's
+    #: thread only; cleared when full, so memory stays bounded).
+    _refusals: dict[str, float] = field(default_factory=dict)
 
     def load(self) -> None:
         """Read the directory (nothing to read when any key is allowed).
@@ -128,8 +141,27 @@ class KeySet:
             self.keys = load_key_dir(self.directory, self.setting)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """ZAP: whether the z85 client ``key`` may connect."""
-        return self.allow_any or key.decode("ascii", "replace") in self.keys
+        """ZAP: whether the z85 client ``key`` may connect. A refusal is
+        logged (``broker.handshake_refused``), at most once a
+        :data:`REFUSAL_LOG_EVERY` seconds per key: a peer that retries
+        does not flood the log."""
+        text = key.decode("ascii", "replace")
+        if self.allow_any or text in self.keys:
+            return True
+        now = self.clock()
+        last = self._refusals.get(text)
+        if last is None or now - last >= REFUSAL_LOG_EVERY:
+            if len(self._refusals) >= _REFUSED_LOGGED_MAX:
+                self._refusals.clear()
+            self._refusals[text] = now
+            log.warning(
+                "broker.handshake_refused",
+                side=self.side,
+                key=text,
+                hint=f"this key is not in security.{self.setting}; to admit it, put its "
+                "<name>.key there and reload (SIGHUP). Logged once a minute per key",
+            )
+        return False
 
     def admits(self, user_id: str) -> bool:
         return self.allow_any or user_id in self.keys

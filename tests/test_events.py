@@ -500,6 +500,8 @@ def test_a_subscriber_revoked_then_restored_gets_events_again_and_a_refused_one_
         told = stranger.notices()
         assert "CURVE" in told and "authorized_keys_dir" in told and "stranger.key_secret" in told
         assert stranger.alive() and not stranger.events()
+        wait_for(lambda: "broker.handshake_refused" in broker.output(), 10, message="the log")
+        assert broker.output().count("broker.handshake_refused") == 1  # not once per retry
 
         (keys / "clients" / "client.key").rename(keys / "client.key.off")
         (keys / "server.key_secret").chmod(0o644)
@@ -516,3 +518,27 @@ def test_a_subscriber_revoked_then_restored_gets_events_again_and_a_refused_one_
     finally:
         tail.kill()
         stranger.kill()
+
+
+def test_a_refused_handshake_is_logged_once_a_minute_per_key() -> None:
+    from structlog.testing import capture_logs
+
+    from corral.broker.auth import KeySet
+
+    now = [100.0]
+    keys = KeySet("events", "authorized_keys_dir", None, keys=frozenset({"A" * 40}))
+    keys.clock = lambda: now[0]
+    with capture_logs() as logs:
+        assert keys.callback("corral-events", b"A" * 40)
+        for _ in range(5):
+            assert not keys.callback("corral-events", b"B" * 40)
+        assert not keys.callback("corral-events", b"C" * 40)
+        now[0] += 61
+        assert not keys.callback("corral-events", b"B" * 40)
+    refused = [e for e in logs if e["event"] == "broker.handshake_refused"]
+    assert [(e["key"], e["side"]) for e in refused] == [
+        ("B" * 40, "events"),
+        ("C" * 40, "events"),
+        ("B" * 40, "events"),
+    ]
+    assert "authorized_keys_dir" in refused[0]["hint"]
