@@ -88,7 +88,8 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     control_endpoint: NonEmptyStr | None = None
     #: Where job and worker events are published (ZeroMQ PUB, read by ``corral events``):
     #: ``ipc://PATH``, or ``tcp://HOST:PORT`` with CURVE, where a subscriber needs a key in
-    #: authorized_keys_dir. Unset: no events.
+    #: authorized_keys_dir. Like the other endpoints, one that cannot be bound stops the
+    #: broker at its start. Unset: no events.
     events_endpoint: NonEmptyStr | None = None
     #: When an enqueue is acknowledged: ``always`` once its record is fsync'd (group commit),
     #: ``interval`` fsync every fsync_interval, ``never`` leave it to the OS.

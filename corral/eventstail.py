@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -139,7 +139,7 @@ class Subscription:
                 return None
         return None
 
-    def _watch(self, message: dict[str, Any]) -> None:
+    def _watch(self, message: Mapping[str, Any]) -> None:
         event, now = message["event"], self.clock()
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             if self._said:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -489,17 +490,24 @@ def test_a_subscriber_revoked_then_restored_gets_events_again_and_a_refused_one_
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     tcp_events_config(env, keys, endpoint)
     strangers = keyed_config(env, "stranger")
+    mistaken = env.home / "mistaken.toml"  # the broker's public key is not that one
+    mistaken.write_text(
+        env.config.read_text().replace(f'"{keys}/server.key"', f'"{keys}/stranger.key"')
+    )
     broker = env.start("broker")
     env.wait_ready(broker)
     client = env.client()
     tail = Tail(env, env.config, "tail")
     stranger = Tail(env, strangers, "stranger")
+    mistake = Tail(env, mistaken, "mistaken")
     try:
         probe_until(client, tail, "before")
         wait_for(lambda: "refused" in stranger.notices(), 10, message="the stranger's notice")
         told = stranger.notices()
         assert "CURVE" in told and "authorized_keys_dir" in told and "stranger.key_secret" in told
         assert stranger.alive() and not stranger.events()
+        wait_for(lambda: "handshake" in mistake.notices(), 10, message="the mismatch notice")
+        assert f"security.server_public_key ({keys}/stranger.key)" in mistake.notices()
         wait_for(lambda: "broker.handshake_refused" in broker.output(), 10, message="the log")
         assert broker.output().count("broker.handshake_refused") == 1  # not once per retry
 
@@ -516,8 +524,8 @@ def test_a_subscriber_revoked_then_restored_gets_events_again_and_a_refused_one_
         probe_until(client, tail, "after")
         assert tail.alive() and stranger.alive() and not stranger.events()
     finally:
-        tail.kill()
-        stranger.kill()
+        for one in (tail, stranger, mistake):
+            one.kill()
 
 
 def test_a_refused_handshake_is_logged_once_a_minute_per_key() -> None:
@@ -542,3 +550,55 @@ def test_a_refused_handshake_is_logged_once_a_minute_per_key() -> None:
         ("B" * 40, "events"),
     ]
     assert "authorized_keys_dir" in refused[0]["hint"]
+
+
+def test_a_subscriber_with_no_broker_says_so_and_waits_on(tmp_path: Path) -> None:
+    from corral.eventstail import Subscription
+
+    said: list[str] = []
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    subscription = Subscription(endpoint, [], say=said.append, notice_after=0.2)
+    try:
+        wait_for(lambda: subscription.receive(50) or said, 10, message="the notice")
+        for _ in range(10):  # said once, not on every wait
+            subscription.receive(20)
+    finally:
+        subscription.close()
+    (notice,) = said
+    assert "no connection accepted" in notice and endpoint in notice and "Still trying" in notice
+
+
+def test_dropping_subscribers_never_raises_and_binds_again_later(tmp_path: Path) -> None:
+    """A SIGHUP's drop whose new socket cannot be made or bound yet leaves
+    the broker without events for a while, never down: events are
+    counted dropped, and a later pass binds again."""
+    from corral.broker.events import Events
+
+    context = zmq.Context.instance()
+    endpoint = f"ipc://{tmp_path}/events.sock"
+    pub = context.socket(zmq.PUB)
+    pub.bind(endpoint)
+    failures = [zmq.ZMQError(errno.EMFILE)]
+
+    def renew() -> zmq.Socket[Any]:
+        if failures:
+            raise failures.pop()
+        sock = context.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    events = Events(pub, renew)
+    try:
+        events.drop_subscribers(1.0)
+        assert events.unbound
+        events.publish("job.enqueued", 0.0)
+        assert events.dropped == 1
+        events.bind_again(2.0)
+        assert not events.unbound
+        sub = Subscriber(endpoint)
+        try:
+            wait_for(lambda: events.publish("probe", 0.0) or sub.named("probe"), 10)
+        finally:
+            sub.close()
+    finally:
+        events.close()
