@@ -515,6 +515,11 @@ def cmd_events(args: argparse.Namespace) -> int:
             "no events endpoint: set [broker] events_endpoint in the config "
             '(e.g. "ipc://var/corral/events.sock"), or give --endpoint'
         )
+    if not _subscribable(endpoint):
+        raise UsageError(
+            f"cannot subscribe to {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT "
+            "(a port from 1 to 65535): the broker's events_endpoint"
+        )
     import zmq
 
     try:
@@ -524,6 +529,16 @@ def cmd_events(args: argparse.Namespace) -> int:
             f"cannot subscribe to {endpoint!r}: {exc}; expected ipc://PATH or tcp://HOST:PORT"
         ) from None
     return EXIT_OK
+
+
+def _subscribable(endpoint: str) -> bool:
+    """Whether ``endpoint`` is one a broker in another process can publish
+    on: ipc://PATH or tcp://HOST:PORT."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme == "ipc":
+        return bool(address)
+    host, _, port = address.rpartition(":")
+    return scheme == "tcp" and bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def cmd_top(args: argparse.Namespace) -> int:

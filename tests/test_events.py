@@ -195,10 +195,45 @@ def test_corral_events_prints_events_as_json_lines(env: Env) -> None:
     event = json.loads(out.strip())
     assert event["event"] == "job.enqueued" and event["queue"] == "tail"
 
+    # `corral events | head -1`: the reader goes, corral events ends quietly
+    piped = subprocess.Popen(
+        [CORRAL, "events", "-c", str(env.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert piped.stdout is not None
+        piped.stdout.close()
+        deadline = time.monotonic() + 30
+        while piped.poll() is None:
+            assert time.monotonic() < deadline, "corral events went on writing to no one"
+            client.enqueue("e2e.square", 2, queue="tail")
+            time.sleep(0.1)
+        assert piped.stderr is not None
+        assert piped.returncode == 141 and piped.stderr.read() == ""
+    finally:
+        piped.kill()
+
 
 def test_events_without_an_endpoint_is_a_usage_error(env: Env) -> None:
     done = env.run("events", "-c", str(env.config))
     assert done.returncode == 2 and "events_endpoint" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["garbage", "ipc://", "tcp://", "tcp://127.0.0.1", "tcp://h:99999", "inproc://x"]
+)
+def test_an_endpoint_no_broker_can_publish_on_is_a_usage_error(
+    env: Env, endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused at once, with what is expected (an inproc endpoint waited
+    forever; a tcp one without a port was said to need CURVE keys)."""
+    from corral.cli import main
+
+    assert main(["events", "--endpoint", endpoint, "-c", str(env.config)]) == 2
+    err = capsys.readouterr().err
+    assert endpoint in err and "ipc://PATH or tcp://HOST:PORT" in err, err
 
 
 def test_a_worker_that_comes_and_goes_within_a_second_is_an_up_and_a_down(env: Env) -> None:
