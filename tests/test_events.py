@@ -637,3 +637,26 @@ def test_dropping_subscribers_never_raises_and_binds_again_later(tmp_path: Path)
             sub.close()
     finally:
         events.close()
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "named"),
+    [
+        (("ipc://s/c.sock", "ipc://s/w.sock", "ipc://s/c.sock"), "broker.events_endpoint"),
+        (("ipc://s/c.sock", "ipc://s/./c.sock", None), "broker.worker_endpoint"),
+        (("tcp://*:5555", "tcp://*:5556", "tcp://127.0.0.1:5555"), "broker.events_endpoint"),
+    ],
+)
+def test_two_endpoints_at_one_address_are_refused(
+    endpoints: tuple[str, str, str | None], named: str
+) -> None:
+    """A second ipc bind takes the socket file over: an events endpoint at
+    the client endpoint's path left the broker running, unreachable."""
+    client, worker, events = endpoints
+    text = (
+        f'[broker]\nclient_endpoint = "{client}"\nworker_endpoint = "{worker}"\n'
+        + (f'events_endpoint = "{events}"\n' if events else "")
+        + "[security]\nallow_insecure_tcp = true\n"
+    )
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.") + ".*same address"):
+        loads(text)
