@@ -76,8 +76,10 @@ _DOMAINS = {CLIENT: CLIENT_DOMAIN, WORKER: WORKER_DOMAIN, EVENTS: EVENTS_DOMAIN}
 #: At most this many refused connections (and keys) are remembered, so that
 #: each is logged once (the set is cleared when full: memory stays bounded).
 _REFUSED_LOGGED_MAX = 1024
-#: Seconds between two logs of the same key refused at the handshake.
+#: Seconds between two logs of the same key refused at the handshake, and
+#: how many refusals (of any keys) are logged in that while at most.
 REFUSAL_LOG_EVERY = 60.0
+REFUSALS_LOGGED = 20
 
 
 def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
@@ -133,6 +135,10 @@ class KeySet:
     #: Refused key -> when its refusal was last logged (the authenticator's
     #: thread only; cleared when full, so memory stays bounded).
     _refusals: dict[str, float] = field(default_factory=dict)
+    #: When the current while began, and the refusals logged in it; the
+    #: refusals left out since the last line.
+    _window: tuple[float, int] = (float("-inf"), 0)
+    _unlogged: int = 0
 
     def load(self) -> None:
         """Read the directory (nothing to read when any key is allowed).
@@ -143,24 +149,36 @@ class KeySet:
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: whether the z85 client ``key`` may connect. A refusal is
         logged (``broker.handshake_refused``), at most once a
-        :data:`REFUSAL_LOG_EVERY` seconds per key: a peer that retries
-        does not flood the log."""
+        :data:`REFUSAL_LOG_EVERY` seconds per key and
+        :data:`REFUSALS_LOGGED` times in that while in all: a peer that
+        retries, or one that tries key after key, does not flood the log
+        (the next line counts the refusals left out, ``unlogged``)."""
         text = key.decode("ascii", "replace")
         if self.allow_any or text in self.keys:
             return True
         now = self.clock()
+        if now - self._window[0] >= REFUSAL_LOG_EVERY:
+            self._window = (now, 0)
         last = self._refusals.get(text)
-        if last is None or now - last >= REFUSAL_LOG_EVERY:
-            if len(self._refusals) >= _REFUSED_LOGGED_MAX:
-                self._refusals.clear()
-            self._refusals[text] = now
-            log.warning(
-                "broker.handshake_refused",
-                side=self.side,
-                key=text,
-                hint=f"this key is not in security.{self.setting}; to admit it, put its "
-                "<name>.key there and reload (SIGHUP). Logged once a minute per key",
-            )
+        if last is not None and now - last < REFUSAL_LOG_EVERY:
+            return False
+        if self._window[1] >= REFUSALS_LOGGED:
+            self._unlogged += 1
+            return False
+        if len(self._refusals) >= _REFUSED_LOGGED_MAX:
+            self._refusals.clear()
+        self._refusals[text] = now
+        self._window = (self._window[0], self._window[1] + 1)
+        left_out = {"unlogged": self._unlogged} if self._unlogged else {}
+        log.warning(
+            "broker.handshake_refused",
+            side=self.side,
+            key=text,
+            **left_out,
+            hint=f"this key is not in security.{self.setting}; to admit it, put its "
+            "<name>.key there and reload (SIGHUP). Logged once a minute per key",
+        )
+        self._unlogged = 0
         return False
 
     def admits(self, user_id: str) -> bool:

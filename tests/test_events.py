@@ -586,6 +586,17 @@ def test_a_refused_handshake_is_logged_once_a_minute_per_key() -> None:
     ]
     assert "authorized_keys_dir" in refused[0]["hint"]
 
+    # key after key: twenty lines a minute, then one that counts the rest
+    with capture_logs() as logs:
+        now[0] += 61
+        for n in range(50):
+            assert not keys.callback("corral-events", b"%040d" % n)
+        now[0] += 61
+        assert not keys.callback("corral-events", b"D" * 40)
+    refused = [e for e in logs if e["event"] == "broker.handshake_refused"]
+    assert len(refused) == 21
+    assert refused[-1]["unlogged"] == 30 and refused[0].get("unlogged") is None
+
 
 def test_a_subscriber_with_no_broker_says_so_and_waits_on(tmp_path: Path) -> None:
     from corral.eventstail import Subscription
