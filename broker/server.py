@@ -12,8 +12,10 @@ directory's lock and modes, the sockets and their CURVE key ring
 A clean stop (SIGTERM, SIGINT) closes the sockets and the log, then
 unlinks the ipc socket files this broker bound and, last, its lock file
 (while still holding it: see :mod:`corral.broker.lockfile`), so it leaves
-neither behind. A crash leaves both: the next broker takes the lock over
-and binds over the socket files.
+neither behind; so does a start that fails at an endpoint (one that
+cannot be bound, a key file that cannot be used: a ConfigError naming the
+setting). A crash leaves both: the next broker takes the lock over and
+binds over the socket files.
 
 Hostile or runaway peers (see ``tests/faults/test_hostile*.py``) are met
 here by bounds, none of which drops a message silently:
@@ -164,8 +166,8 @@ class Broker:
         if self._ctx is None:
             self._ctx = zmq.Context()
         if keys:
+            self._keys = keys  # first: stopped by _release if its start fails
             keys.start(self._ctx)
-            self._keys = keys
         self.client_sock = self._bind(bc.client_endpoint, CLIENT)
         self.worker_sock = self._bind(bc.worker_endpoint, WORKER)
         self._poller.register(self.client_sock, zmq.POLLIN)
