@@ -499,7 +499,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise UsageError(f"--listen {listen!r}: expected HOST:PORT ({exc})") from None
+        raise UsageError(f"--listen {listen!r}: {exc}") from None
     return EXIT_OK
 
 
