@@ -173,7 +173,11 @@ def bind_router(
 
 def bind_error(endpoint: str, exc: zmq.ZMQError | OSError) -> ConfigError:
     """The ConfigError of an endpoint that cannot be bound, with what to do."""
-    reason = exc.strerror or str(exc)
+    # pyzmq's strerror names the address it tried (check-config tries port *), not ours
+    if isinstance(exc, zmq.ZMQError) and exc.errno is not None:
+        reason = zmq.strerror(exc.errno)
+    else:
+        reason = exc.strerror or str(exc)
     if is_tcp(endpoint):
         hint = (
             "use an address of this host (0.0.0.0 for all of them) and a port no other "
