@@ -230,7 +230,7 @@ def tail(
                 continue
             try:
                 body = decoder.decode(frames[-1])
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # nested past the stack
                 continue  # not an event of ours
             text = msgspec.json.encode(body).decode() if as_json else line(body)
             sys.stdout.write(text + "\n")

@@ -671,3 +671,33 @@ def test_two_endpoints_at_one_address_are_refused(
     )
     with pytest.raises(ConfigError, match=named.replace(".", r"\.") + ".*same address"):
         loads(text)
+
+
+def test_corral_events_skips_what_is_not_an_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever a publisher sends, `corral events` prints events and skips
+    the rest: not msgpack, not a map, a map nested too deep to decode."""
+    import threading
+
+    from corral.eventstail import tail
+
+    endpoint = f"ipc://{tmp_path}/events.sock"
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(endpoint)
+    deep = b"\x81\xa1a" * 100_000 + b"\xc0"  # {"a": {"a": ... nil}}
+    good = msgspec.msgpack.encode({"event": "job.enqueued", "at": 1.0, "job_id": "j"})
+    printed: list[int] = []
+    thread = threading.Thread(target=lambda: printed.append(tail(endpoint, [], 1, True)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while thread.is_alive() and time.monotonic() < deadline:
+            for body in (b"\xff not msgpack", b"\x93\x01\x02\x03", deep, good):
+                pub.send_multipart([b"job.enqueued", body])
+            thread.join(0.1)
+    finally:
+        pub.close(linger=0)
+    assert printed == [1]
+    assert json.loads(capsys.readouterr().out)["job_id"] == "j"
