@@ -689,7 +689,9 @@ def test_corral_events_skips_what_is_not_an_event(
     deep = b"\x81\xa1a" * 100_000 + b"\xc0"  # {"a": {"a": ... nil}}
     good = msgspec.msgpack.encode({"event": "job.enqueued", "at": 1.0, "job_id": "j"})
     printed: list[int] = []
-    thread = threading.Thread(target=lambda: printed.append(tail(endpoint, [], 1, True)))
+    thread = threading.Thread(
+        target=lambda: printed.append(tail(endpoint, [], 1, True)), daemon=True
+    )
     thread.start()
     try:
         deadline = time.monotonic() + 30
