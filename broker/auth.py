@@ -21,6 +21,10 @@ refused per message there: the broker drops every subscriber instead (see
 ``corral.broker.events.Events.drop_subscribers``), and each reconnects
 through the handshake, where a removed key is refused.
 
+A key refused at the handshake is logged (``broker.handshake_refused``,
+once a minute per key), so the operator of a client, worker or subscriber
+that sees no answer can find why on the broker.
+
 A tcp endpoint with CURVE and no key directory refuses to start; only the
 client and events endpoints may say ``security.allow_any_client_key = true``
 (logged as a warning). :meth:`KeyRing.reload` re-reads both directories; the broker
@@ -46,7 +50,9 @@ whoever can write there can authorise a key.
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +60,7 @@ import structlog
 import zmq
 
 from corral.errors import ConfigError
-from corral.transport import is_tcp
+from corral.transport import is_tcp, load_keypair
 
 log = structlog.get_logger()
 
@@ -67,9 +73,13 @@ EVENTS_DOMAIN = "corral-events"
 CLIENT, WORKER, EVENTS = "client", "worker", "events"
 _DOMAINS = {CLIENT: CLIENT_DOMAIN, WORKER: WORKER_DOMAIN, EVENTS: EVENTS_DOMAIN}
 
-#: At most this many refused connections are remembered, so that each is
-#: logged once (the set is cleared when full: memory stays bounded).
+#: At most this many refused connections (and keys) are remembered, so that
+#: each is logged once (the set is cleared when full: memory stays bounded).
 _REFUSED_LOGGED_MAX = 1024
+#: Seconds between two logs of the same key refused at the handshake, and
+#: how many refusals (of any keys) are logged in that while at most.
+REFUSAL_LOG_EVERY = 60.0
+REFUSALS_LOGGED = 20
 
 
 def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
@@ -77,9 +87,7 @@ def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
 
     Raises ConfigError naming the directory or file and what to run when
     the directory is missing, when it or a key in it is writable by group
-    or others, or when a key file cannot be read."""
-    import zmq.auth
-
+    or others, or when a key file cannot be read or holds no key."""
     path = Path(directory)
     if not path.is_dir():
         raise ConfigError(
@@ -97,14 +105,8 @@ def load_key_dir(directory: str | Path, setting: str) -> frozenset[str]:
     keys = set()
     for file in files:
         _refuse_writable_by_others(file, setting)
-        try:
-            public, _ = zmq.auth.load_certificate(file)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"security.{setting}: cannot read the key file {file}: {exc}"
-            ) from None
-        if public:
-            keys.add(public.decode("ascii"))
+        public, _ = load_keypair(file, f"security.{setting}", secret=False)
+        keys.add(public.decode("ascii"))
     return frozenset(keys)
 
 
@@ -128,6 +130,15 @@ class KeySet:
     directory: str | None
     allow_any: bool = False
     keys: frozenset[str] = frozenset()
+    #: Monotonic seconds, for :meth:`callback`'s rate limit.
+    clock: Callable[[], float] = time.monotonic
+    #: Refused key -> when its refusal was last logged (the authenticator's
+    #: thread only; cleared when full, so memory stays bounded).
+    _refusals: dict[str, float] = field(default_factory=dict)
+    #: When the current while began, and the refusals logged in it; the
+    #: refusals left out since the last line.
+    _window: tuple[float, int] = (float("-inf"), 0)
+    _unlogged: int = 0
 
     def load(self) -> None:
         """Read the directory (nothing to read when any key is allowed).
@@ -136,8 +147,39 @@ class KeySet:
             self.keys = load_key_dir(self.directory, self.setting)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """ZAP: whether the z85 client ``key`` may connect."""
-        return self.allow_any or key.decode("ascii", "replace") in self.keys
+        """ZAP: whether the z85 client ``key`` may connect. A refusal is
+        logged (``broker.handshake_refused``), at most once a
+        :data:`REFUSAL_LOG_EVERY` seconds per key and
+        :data:`REFUSALS_LOGGED` times in that while in all: a peer that
+        retries, or one that tries key after key, does not flood the log
+        (the next line counts the refusals left out, ``unlogged``)."""
+        text = key.decode("ascii", "replace")
+        if self.allow_any or text in self.keys:
+            return True
+        now = self.clock()
+        if now - self._window[0] >= REFUSAL_LOG_EVERY:
+            self._window = (now, 0)
+        last = self._refusals.get(text)
+        if last is not None and now - last < REFUSAL_LOG_EVERY:
+            return False
+        if self._window[1] >= REFUSALS_LOGGED:
+            self._unlogged += 1
+            return False
+        if len(self._refusals) >= _REFUSED_LOGGED_MAX:
+            self._refusals.clear()
+        self._refusals[text] = now
+        self._window = (self._window[0], self._window[1] + 1)
+        left_out = {"unlogged": self._unlogged} if self._unlogged else {}
+        log.warning(
+            "broker.handshake_refused",
+            side=self.side,
+            key=text,
+            **left_out,
+            hint=f"this key is not in security.{self.setting}; to admit it, put its "
+            "<name>.key there and reload (SIGHUP). Logged once a minute per key",
+        )
+        self._unlogged = 0
+        return False
 
     def admits(self, user_id: str) -> bool:
         return self.allow_any or user_id in self.keys

@@ -20,7 +20,12 @@ status the loop reads once a second (:meth:`Events.refresh`).
 The endpoint is ``ipc://`` (the socket file gets the mode and group of the
 broker's other sockets) or ``tcp://``, with CURVE like the broker's other
 tcp endpoints: a subscriber needs a key in ``security.authorized_keys_dir``
-(:mod:`corral.broker.auth`).
+(:mod:`corral.broker.auth`). Like them, an endpoint that cannot be bound,
+or whose key file cannot be used, stops the broker at its start
+(:class:`Publisher`). Once running, the broker never stops for it: the
+key pair is read once, at the start, and a socket made again after a
+SIGHUP (:meth:`Events.drop_subscribers`) that cannot be bound yet is
+retried on each pass.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import structlog
 import zmq
 
 from corral.broker.records import Cancelled, Finished, JobCreated, JobsCreated, Started
+from corral.errors import ConfigError
 
 if TYPE_CHECKING:
     from corral.broker.protocol import StatusInfo
@@ -45,6 +51,9 @@ log = structlog.get_logger()
 
 #: Messages a subscriber's queue holds before events for it are dropped.
 SNDHWM = 10_000
+#: Seconds binding the endpoint again may fail with "address in use" (the
+#: old listener still closing) before it is logged.
+REBIND_PATIENCE = 5.0
 #: ``Finished.status`` -> the event it is.
 _FINISHED = {
     "succeeded": "job.succeeded",
@@ -55,44 +64,56 @@ _FINISHED = {
 }
 
 
-def publisher_socket(
-    context: zmq.Context[Any], endpoint: str, config: Any, zap_domain: str
-) -> zmq.Socket[Any]:
-    """A PUB socket for ``endpoint``, not bound yet, dropping at
-    :data:`SNDHWM`; for tcp a CURVE server whose subscribers are
-    authenticated in the ZAP domain ``zap_domain`` (unless
-    ``security.allow_insecure_tcp``). Raises ConfigError for tcp without
-    keys or a bad key file."""
-    from corral.transport import check_tcp_allowed, make_curve_server
+class Publisher:
+    """How the events endpoint's PUB sockets are made: the endpoint, and
+    for tcp its CURVE key pair, read once here (at the broker's start) so
+    that a socket made again later (:meth:`Events.drop_subscribers`) never
+    depends on the key file still being good. Raises ConfigError naming
+    the setting, the file and what to do: tcp without CURVE that the
+    config does not allow, a server key file missing, open to others or
+    not a key."""
 
-    curve = check_tcp_allowed(endpoint, config, server=True)
-    sock: zmq.Socket[Any] = context.socket(zmq.PUB)
-    try:
-        sock.setsockopt(zmq.SNDHWM, SNDHWM)
-        sock.setsockopt(zmq.LINGER, 0)
-        if curve:
-            make_curve_server(sock, config, zap_domain)
-    except BaseException:
-        sock.close(linger=0)
-        raise
-    return sock
+    def __init__(self, endpoint: str, config: Any, zap_domain: str) -> None:
+        from corral.transport import check_tcp_allowed, load_server_keys
 
+        self.endpoint = endpoint
+        self.zap_domain = zap_domain
+        self._config = config
+        try:
+            curve = check_tcp_allowed(endpoint, config, server=True)
+        except ConfigError as exc:
+            raise ConfigError(f"broker.events_endpoint: {exc}") from None
+        self._keys = load_server_keys(config) if curve else None
 
-def bind_publisher(
-    context: zmq.Context[Any], endpoint: str, config: Any, zap_domain: str
-) -> zmq.Socket[Any]:
-    """A :func:`publisher_socket` bound to ``endpoint``. Raises
-    zmq.ZMQError if it cannot bind, ConfigError as publisher_socket."""
-    from corral.transport import ensure_ipc_dir
+    def socket(self, context: zmq.Context[Any]) -> zmq.Socket[Any]:
+        """A PUB socket, not bound, dropping at :data:`SNDHWM`; for tcp a
+        CURVE server whose subscribers are authenticated in the ZAP domain."""
+        from corral.transport import make_curve_server
 
-    sock = publisher_socket(context, endpoint, config, zap_domain)
-    try:
-        ensure_ipc_dir(endpoint)
-        sock.bind(endpoint)
-    except BaseException:
-        sock.close(linger=0)
-        raise
-    return sock
+        sock: zmq.Socket[Any] = context.socket(zmq.PUB)
+        try:
+            sock.setsockopt(zmq.SNDHWM, SNDHWM)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self._keys is not None:
+                make_curve_server(sock, self._config, self.zap_domain, self._keys)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def bind(self, context: zmq.Context[Any]) -> zmq.Socket[Any]:
+        """A :meth:`socket` bound to the endpoint. Raises ConfigError
+        naming ``broker.events_endpoint`` when it cannot be bound."""
+        from corral.transport import bind_error, ensure_ipc_dir
+
+        sock = self.socket(context)
+        try:
+            ensure_ipc_dir(self.endpoint)
+            sock.bind(self.endpoint)
+        except (zmq.ZMQError, OSError) as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"broker.events_endpoint: {bind_error(self.endpoint, exc)}") from None
+        return sock
 
 
 class Events:
@@ -103,7 +124,8 @@ class Events:
     def __init__(
         self, sock: zmq.Socket[Any], renew: Callable[[], zmq.Socket[Any]] | None = None
     ) -> None:
-        self._sock = sock
+        #: None between drop_subscribers and the new socket's making.
+        self._sock: zmq.Socket[Any] | None = sock
         self._renew = renew
         self._encoder = msgspec.msgpack.Encoder()
         #: Pools backing off at the last refresh.
@@ -114,9 +136,16 @@ class Events:
         #: The endpoint was let go by drop_subscribers and not bound again yet.
         self.unbound = False
         self._endpoint = ""
+        #: When (monotonic seconds) binding again first failed, and
+        #: whether that was logged.
+        self._unbound_since: float | None = None
+        self._unbound_logged = False
 
     def publish(self, event: str, at: float, **fields: Any) -> None:
         """Send one event now, or drop it (never blocks)."""
+        if self._sock is None:
+            self.dropped += 1
+            return
         body = {"event": event, "at": at, **{k: v for k, v in fields.items() if v is not None}}
         try:
             self._sock.send_multipart([event.encode(), self._encoder.encode(body)], zmq.NOBLOCK)
@@ -207,7 +236,7 @@ class Events:
             self.publish("pool.recovered", now, host=host, pool=pool)
         self._backing_off = backing_off
 
-    def drop_subscribers(self) -> None:
+    def drop_subscribers(self, now: float) -> None:
         """Close every subscriber's connection: the socket is closed and a
         new one bound in its place, so each subscriber reconnects through
         the CURVE handshake, where a key removed since it connected is
@@ -215,26 +244,46 @@ class Events:
         just ended.) Events meanwhile are lost to them. The old listener
         closes on ZeroMQ's I/O thread, so the port may still be taken:
         then :attr:`unbound` stays true and the loop calls
-        :meth:`bind_again` on its next passes."""
-        if self._renew is None:
+        :meth:`bind_again` on its next passes. ``now``: monotonic seconds."""
+        if self._renew is None or self._sock is None:
             return
         self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._sock.close(linger=0)
-        self._sock = self._renew()
+        self._sock.close(linger=0)  # first: a revoked key must not read on
+        self._sock = None
         self.unbound = True
-        self.bind_again()
+        self.bind_again(now)
 
-    def bind_again(self) -> None:
-        """Bind the endpoint :meth:`drop_subscribers` let go, if it is free
-        yet; an error other than "in use" is logged, and the events go
-        unpublished (the broker goes on)."""
+    def bind_again(self, now: float) -> None:
+        """Make the socket :meth:`drop_subscribers` closed again and bind
+        it to the endpoint let go, if that is free yet. Never raises: the
+        broker serves on without events meanwhile, and tries again on its
+        next passes; a failure that lasts :data:`REBIND_PATIENCE` seconds
+        is logged once (``events.cannot_bind``), the return logged too."""
+        assert self._renew is not None
         try:
+            if self._sock is None:
+                self._sock = self._renew()
             self._sock.bind(self._endpoint)
         except zmq.ZMQError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return
-            log.error("events.cannot_bind", endpoint=self._endpoint, error=str(exc))
-        self.unbound = False
+            since = self._unbound_since = self._unbound_since or now
+            if not self._unbound_logged and (
+                exc.errno != errno.EADDRINUSE or now - since >= REBIND_PATIENCE
+            ):
+                self._unbound_logged = True
+                log.error(
+                    "events.cannot_bind",
+                    endpoint=self._endpoint,
+                    error=exc.strerror,
+                    hint="no events are published until it binds again; the broker "
+                    "tries again every second",
+                )
+            return
+        if self._unbound_logged:
+            log.info("events.publishing", endpoint=self._endpoint)
+        self.unbound = self._unbound_logged = False
+        self._unbound_since = None
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None

@@ -12,8 +12,10 @@ directory's lock and modes, the sockets and their CURVE key ring
 A clean stop (SIGTERM, SIGINT) closes the sockets and the log, then
 unlinks the ipc socket files this broker bound and, last, its lock file
 (while still holding it: see :mod:`corral.broker.lockfile`), so it leaves
-neither behind. A crash leaves both: the next broker takes the lock over
-and binds over the socket files.
+neither behind; so does a start that fails at an endpoint (one that
+cannot be bound, a key file that cannot be used: a ConfigError naming the
+setting). A crash leaves both: the next broker takes the lock over and
+binds over the socket files.
 
 Hostile or runaway peers (see ``tests/faults/test_hostile*.py``) are met
 here by bounds, none of which drops a message silently:
@@ -63,11 +65,11 @@ from corral.broker import access
 from corral.broker.auth import EVENTS, KeyRing
 from corral.broker.clock import Clock
 from corral.broker.core import CLIENT, WORKER, BrokerCore
-from corral.broker.events import Events, bind_publisher, publisher_socket
+from corral.broker.events import Events, Publisher
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, LogError
-from corral.errors import CorralError
-from corral.transport import CLIENT_SNDHWM, bind_router
+from corral.errors import ConfigError
+from corral.transport import CLIENT_SNDHWM, bind_router, load_server_keys
 
 log = structlog.get_logger()
 
@@ -135,24 +137,21 @@ class Broker:
         """Check the key directories, lock the state dir (made owner-only),
         replay the log, and bind both endpoints. Raises ConfigError."""
         bc = self.config.broker
-        keys = KeyRing(self.config)  # before a long replay: a bad key dir fails fast
+        # before a long replay, a bad key dir or key file fails fast
+        keys = KeyRing(self.config)
+        publisher = (
+            Publisher(bc.events_endpoint, self.config, KeyRing.domain(EVENTS))
+            if bc.events_endpoint
+            else None
+        )
         access.prepare_state_dir(bc)
         self._lock.acquire()
         self.core.replay()
-        if self._ctx is None:
-            self._ctx = zmq.Context()
-        if keys:
-            keys.start(self._ctx)
-            self._keys = keys
-        self.client_sock = self._bind(bc.client_endpoint, CLIENT)
-        self.worker_sock = self._bind(bc.worker_endpoint, WORKER)
-        self._poller.register(self.client_sock, zmq.POLLIN)
-        self._poller.register(self.worker_sock, zmq.POLLIN)
-        self.core.attach(
-            RouterLink(self.client_sock, self.core.stats, "replies"),
-            RouterLink(self.worker_sock, self.core.stats, "worker_sends"),
-        )
-        self._open_events()
+        try:
+            self._open_sockets(keys, publisher)
+        except BaseException:
+            self._release()  # no socket or lock file left by a start that failed
+            raise
         log.info(
             "broker.listening",
             client_endpoint=bc.client_endpoint,
@@ -161,52 +160,59 @@ class Broker:
             broker_id=self.broker_id,
         )
 
+    def _open_sockets(self, keys: KeyRing, publisher: Publisher | None) -> None:
+        """Start the ZAP handler, bind both endpoints and the events one."""
+        bc = self.config.broker
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        if keys:
+            self._keys = keys  # first: stopped by _release if its start fails
+            keys.start(self._ctx)
+        self.client_sock = self._bind(bc.client_endpoint, CLIENT)
+        self.worker_sock = self._bind(bc.worker_endpoint, WORKER)
+        self._poller.register(self.client_sock, zmq.POLLIN)
+        self._poller.register(self.worker_sock, zmq.POLLIN)
+        self.core.attach(
+            RouterLink(self.client_sock, self.core.stats, "replies"),
+            RouterLink(self.worker_sock, self.core.stats, "worker_sends"),
+        )
+        if publisher is not None:
+            self._open_events(publisher)
+
     def _bind(self, endpoint: str, side: str) -> zmq.Socket[Any]:
         """Bind one endpoint, in its side's ZAP domain; an ipc socket file
-        gets the mode and group the config asks for."""
+        gets the mode and group the config asks for. Raises ConfigError
+        naming the setting."""
         assert self._ctx is not None
         bc = self.config.broker
         access.prepare_socket_dir(endpoint, bc)
-        sock: zmq.Socket[Any] = bind_router(
-            self._ctx,
-            endpoint,
-            self.config,
-            bc.max_message_size,
-            KeyRing.domain(side),
-            **({"sndhwm": CLIENT_SNDHWM} if side == CLIENT else {}),
-        )
-        access.secure_socket(endpoint, bc)
+        try:
+            sock: zmq.Socket[Any] = bind_router(
+                self._ctx,
+                endpoint,
+                self.config,
+                bc.max_message_size,
+                KeyRing.domain(side),
+                **({"sndhwm": CLIENT_SNDHWM} if side == CLIENT else {}),
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"broker.{side}_endpoint: {exc}") from None
         self._own_socket_file(endpoint)
+        access.secure_socket(endpoint, bc)
         return sock
 
-    def _open_events(self) -> None:
-        """Publish events on ``broker.events_endpoint``, if set: an ipc
-        socket file gets the mode and group of the others, a tcp endpoint
-        CURVE (subscribers need a client key). One that cannot be bound is
-        logged (``events.cannot_bind``) and the broker goes on without it."""
+    def _open_events(self, publisher: Publisher) -> None:
+        """Publish events on ``broker.events_endpoint``: an ipc socket file
+        gets the mode and group of the others, a tcp endpoint CURVE
+        (subscribers need a client key). Raises ConfigError naming the
+        setting when it cannot be bound, as the other endpoints do."""
         assert self._ctx is not None
-        bc = self.config.broker
-        endpoint = bc.events_endpoint
-        if endpoint is None:
-            return
-        renew = functools.partial(
-            publisher_socket, self._ctx, endpoint, self.config, KeyRing.domain(EVENTS)
-        )
-        try:
-            sock = bind_publisher(self._ctx, endpoint, self.config, KeyRing.domain(EVENTS))
-        except (zmq.ZMQError, CorralError) as exc:
-            log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
-            return
-        try:
-            access.secure_socket(endpoint, bc)
-        except CorralError as exc:
-            sock.close(linger=0)
-            log.error("events.cannot_bind", endpoint=endpoint, error=str(exc))
-            return
-        self._own_socket_file(endpoint)
-        self.events = Events(sock, renew)
+        sock = publisher.bind(self._ctx)
+        self.events = Events(sock, functools.partial(publisher.socket, self._ctx))
+        self._own_socket_file(publisher.endpoint)
+        access.secure_socket(publisher.endpoint, self.config.broker)
         self.core.attach_events(self.events)
-        log.info("events.publishing", endpoint=endpoint)
+        log.info("events.publishing", endpoint=publisher.endpoint)
 
     def _own_socket_file(self, endpoint: str) -> None:
         """Note the socket file an ipc:// bind made, to unlink it on a clean stop."""
@@ -246,8 +252,23 @@ class Broker:
         subscribers = self._keys.keys(EVENTS)
         self._keys.reload()
         if self.events is not None and subscribers - self._keys.keys(EVENTS):
-            self.events.drop_subscribers()  # a PUB cannot refuse one peer's messages
+            self.events.drop_subscribers(time.monotonic())  # a PUB cannot refuse one peer
             log.info("events.subscribers_dropped", reason="a subscriber key was revoked")
+        self._check_server_key()
+
+    def _check_server_key(self) -> None:
+        """Say so when the broker's key file would stop a start now (a
+        SIGHUP is when an operator expects files to be read): the running
+        broker keeps the key pair it read at its start and serves on."""
+        try:
+            load_server_keys(self.config)
+        except ConfigError as exc:
+            log.error(
+                "broker.server_key_unusable",
+                error=str(exc),
+                hint="the broker keeps the key it read at its start and serves on, "
+                "but would not start again: fix the file",
+            )
 
     def stop(self) -> None:
         self._stopping = True
@@ -264,7 +285,7 @@ class Broker:
                 if self._reload_keys:
                     self.reload_keys()
                 if self.events is not None and self.events.unbound:
-                    self.events.bind_again()
+                    self.events.bind_again(time.monotonic())
                 self.run_pass()
         except FsyncFailed as exc:
             log.critical(
@@ -314,6 +335,11 @@ class Broker:
     def close(self) -> None:
         """Close the sockets and the log, then unlink the socket files and,
         last, the lock file (see the module docstring)."""
+        self._release()
+        log.info("broker.stopped")
+
+    def _release(self) -> None:
+        """What :meth:`close` does, once the log is replayed and the lock held."""
         if self.events is not None:
             self.events.close()
             self.events = None
@@ -330,7 +356,6 @@ class Broker:
             self._ctx = None
         self._unlink_socket_files()
         self._lock.release()
-        log.info("broker.stopped")
 
     def _unlink_socket_files(self) -> None:
         """Unlink the socket files this broker bound that are still its own

@@ -5,6 +5,7 @@ Each check returns ``(key path, message)`` pairs; the loader prefixes the file n
 
 from __future__ import annotations
 
+import posixpath
 import re
 import zoneinfo
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ def check(config: Config) -> list[Problem]:
         *_check_schedule_payloads(config),
         *_check_metrics(config),
         *_check_events(config),
+        *_check_distinct_endpoints(config),
     ]
 
 
@@ -72,6 +74,54 @@ def _check_events(config: Config) -> Iterator[Problem]:
             "subscribe (one <name>.key each); set security.allow_any_client_key = true "
             "to admit any client key instead",
         )
+
+
+#: Hosts that mean every address of this host in a tcp bind.
+_WILDCARDS = ("*", "0.0.0.0", "[::]", "")
+
+
+def _address(endpoint: str) -> tuple[str, str, str] | None:
+    """What an endpoint binds: ("ipc", normalised path, ""), ("tcp", host,
+    port); None for one that is not bound (inproc) or not well formed."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc" and rest:
+        return ("ipc", posixpath.normpath(rest), "")
+    match = _TCP.match(endpoint)
+    if scheme == "tcp" and match:
+        return ("tcp", match.group(1), match.group(2))
+    return None
+
+
+def _same_address(one: tuple[str, str, str], other: tuple[str, str, str]) -> bool:
+    """Whether two bound addresses clash: one ipc path, or one tcp port on
+    one host (or on every host: a wildcard). A port the system picks (*)
+    never clashes."""
+    if one[0] != other[0] or one[2] != other[2] or one[2] == "*":
+        return False
+    hosts = (one[1], other[1])
+    return hosts[0] == hosts[1] or (one[0] == "tcp" and any(h in _WILDCARDS for h in hosts))
+
+
+def _check_distinct_endpoints(config: Config) -> Iterator[Problem]:
+    """The broker's endpoints bind distinct addresses: a second ipc bind
+    takes the first one's socket file over in silence (an events endpoint
+    at the client endpoint's path left the broker unreachable), a second
+    tcp bind on a port fails at the start."""
+    seen: list[tuple[str, tuple[str, str, str]]] = []
+    for name in ("client_endpoint", "worker_endpoint", "events_endpoint"):
+        endpoint = getattr(config.broker, name)
+        address = _address(endpoint) if endpoint else None
+        if address is None:
+            continue
+        for other, taken in seen:
+            if _same_address(address, taken):
+                yield (
+                    f"broker.{name}",
+                    f'"{endpoint}" binds the same address as broker.{other}: '
+                    "give each endpoint its own socket path or port",
+                )
+                break
+        seen.append((name, address))
 
 
 def _check_metrics(config: Config) -> Iterator[Problem]:
@@ -207,8 +257,12 @@ def _check_endpoint(path: str, endpoint: str) -> Iterator[Problem]:
                 f"{_MAX_IPC_PATH} the OS allows: use a shorter broker.state_dir or endpoint",
             )
     elif scheme == "tcp":
-        if not _TCP.match(endpoint):
+        match = _TCP.match(endpoint)
+        if not match:
             yield path, f'{_ENDPOINT_HINT}, got "{endpoint}" (tcp needs host:port)'
+        elif match.group(2) != "*" and not 0 < int(match.group(2)) < 65536:
+            # ZeroMQ would take it modulo 65536 (99999 is port 34463)
+            yield path, f'"{endpoint}": a tcp port is from 1 to 65535'
     elif scheme != "inproc" or not address:
         yield path, f'{_ENDPOINT_HINT}, got "{endpoint}"'
 

@@ -88,7 +88,8 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     control_endpoint: NonEmptyStr | None = None
     #: Where job and worker events are published (ZeroMQ PUB, read by ``corral events``):
     #: ``ipc://PATH``, or ``tcp://HOST:PORT`` with CURVE, where a subscriber needs a key in
-    #: authorized_keys_dir. Unset: no events.
+    #: authorized_keys_dir. Like the other endpoints, one that cannot be bound stops the
+    #: broker at its start. Unset: no events.
     events_endpoint: NonEmptyStr | None = None
     #: When an enqueue is acknowledged: ``always`` once its record is fsync'd (group commit),
     #: ``interval`` fsync every fsync_interval, ``never`` leave it to the OS.
@@ -351,8 +352,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
 def split_listen(listen: str) -> tuple[str, int]:
     """("HOST", PORT) of a ``listen`` setting, "HOST:PORT" (an IPv6 host in
     brackets, which go); ``[metrics]`` and ``[dashboard]`` take this form.
-    Raises ValueError for a port that is not a number."""
+    Raises ValueError, saying what is expected, without a host or without
+    a port from 1 to 65535."""
     host, _, port = listen.rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('expected "HOST:PORT" with a port from 1 to 65535, like "127.0.0.1:9465"')
     return host.strip("[]"), int(port)
 
 

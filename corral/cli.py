@@ -3,7 +3,10 @@
 Exit codes: 0 ok; 1 the job failed, was cancelled or is not known, or the
 broker refused the request; 2 usage or config error (bad input: a one-line
 message, never a traceback); 3 the broker did not answer; 4 ``--wait`` gave
-up before the job ended (the job goes on); 130 interrupted (Ctrl-C). What
+up before the job ended (the job goes on); 130 interrupted (Ctrl-C); 141
+the reader of its output went (``corral events | head``), quietly.
+``corral events`` waits for the broker however long it takes (see its
+``--help``). What
 each subcommand does is in :mod:`corral.clicommands`, what it prints in
 :mod:`corral.cliformat`, how its arguments are read in :mod:`corral.cliargs`."""
 
@@ -294,8 +297,26 @@ def _add_dashboard(subs: Subparsers) -> None:
     dash.set_defaults(fn=cmd_dashboard)
 
 
+#: What ``corral events --help`` says about waiting, notices and exit codes.
+EVENTS_EPILOG = """\
+Events are printed on stdout as they happen; it waits for them however long
+it takes. When none can come it says why on stderr, once, and keeps trying:
+the broker refused this host's CURVE key (its public key must be in the
+broker's security.authorized_keys_dir; after a SIGHUP to the broker it
+subscribes again by itself), the handshake failed (security.server_public_key
+is not the broker's key, or the endpoint is not the events endpoint), or no
+connection was accepted within 5 seconds (is the broker running?).
+Exit codes: 0 after --count events, 130 on Ctrl-C, 2 for a bad config,
+141 when the reader of its output goes (corral events | head -5)."""
+
+
 def _add_events(subs: Subparsers) -> None:
-    events = subs.add_parser("events", help="print job and worker events as they happen")
+    events = subs.add_parser(
+        "events",
+        help="print job and worker events as they happen",
+        epilog=EVENTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     events.add_argument("-c", "--config", help="config file (TOML)")
     events.add_argument("--json", action="store_true", help="one JSON object a line")
     events.add_argument("--endpoint", help="the events endpoint (default: from the config)")
@@ -359,8 +380,23 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `corral events | head`: the reader is gone
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except CorralError as exc:
         return _report(args, exc)
+
+
+#: The exit code of a command whose output's reader went (as a shell's 128 + SIGPIPE).
+EXIT_BROKEN_PIPE = 141
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit
+    does not fail on the closed pipe again (and print that it did)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 #: The exit code, and the message's prefix, of each kind of error (the first

@@ -420,22 +420,26 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the config; unless --no-plugins, also import every pool's
-    plugins and check the schedules against them, in a child process (see
-    :mod:`corral.workers.plugincheck`). Every problem is printed, one a line."""
+    """Validate the config; open the key files it uses and try the
+    addresses a broker binds (see :mod:`corral.hostcheck`); unless
+    --no-plugins, also import every pool's plugins and check the schedules
+    against them, in a child process (see :mod:`corral.workers.plugincheck`).
+    Every problem is printed, one a line."""
     from corral.broker.schedules import ScheduleError, Scheduler
+    from corral.hostcheck import host_problems
 
     path = config_path(args.config)
     config = load_config(path)
+    source = path or "defaults"
     try:
         Scheduler.from_configs(config.schedules)
     except ScheduleError as exc:
         raise ConfigError(f"schedules: {exc}") from None
+    problems = [f"{source}: {problem}" for problem in host_problems(config)]
     if not args.no_plugins and path is not None:
-        problems = _check_plugins(path)
-        if problems:
-            raise ConfigError("\n".join(problems))
-    source = path or "defaults"
+        problems += _check_plugins(path)
+    if problems:
+        raise ConfigError("\n".join(problems))
     pools = ", ".join(f"{p.name}({p.processes})" for p in config.pools) or "none"
     emit(
         args,
@@ -495,7 +499,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise UsageError(f"--listen {listen!r}: expected HOST:PORT ({exc})") from None
+        raise UsageError(f"--listen {listen!r}: {exc}") from None
     return EXIT_OK
 
 
@@ -511,6 +515,11 @@ def cmd_events(args: argparse.Namespace) -> int:
             "no events endpoint: set [broker] events_endpoint in the config "
             '(e.g. "ipc://var/corral/events.sock"), or give --endpoint'
         )
+    if not _subscribable(endpoint):
+        raise UsageError(
+            f"cannot subscribe to {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT "
+            "(a port from 1 to 65535): the broker's events_endpoint"
+        )
     import zmq
 
     try:
@@ -520,6 +529,16 @@ def cmd_events(args: argparse.Namespace) -> int:
             f"cannot subscribe to {endpoint!r}: {exc}; expected ipc://PATH or tcp://HOST:PORT"
         ) from None
     return EXIT_OK
+
+
+def _subscribable(endpoint: str) -> bool:
+    """Whether ``endpoint`` is one a broker in another process can publish
+    on: ipc://PATH or tcp://HOST:PORT."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme == "ipc":
+        return bool(address)
+    host, _, port = address.rpartition(":")
+    return scheme == "tcp" and bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -38,34 +38,72 @@ def _security(config: Any) -> Any:
     return getattr(config, "security", None)
 
 
-def _load_keypair(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
-    """Load a zmq.auth certificate file; a secret key file must be 0600.
-    Raises ConfigError naming the file when it is missing, open to others,
-    or cannot be read (another user's file, a directory)."""
+#: A CURVE key in a key file: z85 text of 32 bytes.
+_Z85_KEY_LENGTH = 40
+
+
+def load_keypair(path: str | Path, setting: str, *, secret: bool) -> tuple[bytes, bytes | None]:
+    """The z85 public key and (``secret``: required) secret key in the
+    zmq.auth certificate file ``path``, which the config names as
+    ``setting`` (``security.server_secret_key``); a secret key file must
+    be 0600. Raises ConfigError naming the setting and the file, and what
+    to do, when it is missing, open to others, cannot be read, or holds no
+    key (or not the one asked for)."""
     import zmq.auth
 
     file = Path(path)
     if not file.exists():
-        raise ConfigError(f"key file {file} not found; create it with `corral keys`")
+        raise ConfigError(
+            f"{setting}: key file {file} not found; create it with `corral keys` "
+            "or correct the path"
+        )
     if secret:
         mode = stat.S_IMODE(file.stat().st_mode)
         if mode & 0o077:
             raise ConfigError(
-                f"secret key file {file} is readable or writable by group or others "
-                f"(mode {mode:o}); "
-                f"run `chmod 600 {file}`"
+                f"{setting}: secret key file {file} is readable or writable by group or "
+                f"others (mode {mode:o}); run `chmod 600 {file}`"
             )
     try:
         public, secret_key = zmq.auth.load_certificate(file)
+        if secret and secret_key is None:
+            raise ConfigError(
+                f"{setting}: the key file {file} holds no secret key; name the *.key_secret file"
+            )
+        for key in (public, secret_key):
+            _check_z85(key)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ConfigError(
-            f"cannot read the key file {file}: {reason}; it must be a key file "
+            f"{setting}: cannot read the key file {file}: {reason}; it must be a key file "
             "(`corral keys`) that the user corral runs as can read"
         ) from None
-    if secret and secret_key is None:
-        raise ConfigError(f"{file} holds no secret key; name the *.key_secret file")
     return public, secret_key
+
+
+def _check_z85(key: bytes | None) -> None:
+    """Raise ValueError unless ``key`` (if any) is a z85 CURVE key."""
+    from zmq.utils import z85
+
+    if key is None:
+        return
+    try:
+        valid = len(key) == _Z85_KEY_LENGTH and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        shown = key[:50].decode("ascii", "replace")
+        raise ValueError(f"{shown!r} is not a CURVE key (40 characters of z85)")
+
+
+def load_server_keys(config: Any) -> tuple[bytes, bytes]:
+    """The broker's key pair (``security.server_secret_key``), as z85.
+    Raises ConfigError as :func:`load_keypair`."""
+    public, secret = load_keypair(
+        _security(config).server_secret_key, "security.server_secret_key", secret=True
+    )
+    assert secret is not None  # load_keypair checked it
+    return public, secret
 
 
 def check_tcp_allowed(endpoint: str, config: Any, *, server: bool) -> bool:
@@ -115,29 +153,49 @@ def bind_router(
     ``zap_domain`` (enforced: with no ZAP handler running, every client is
     refused). The options are set before the bind: a listener's
     connections take the options the socket had when it was bound."""
-    curve = check_tcp_allowed(endpoint, config, server=True)
+    keys = load_server_keys(config) if check_tcp_allowed(endpoint, config, server=True) else None
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
-    if curve:
-        make_curve_server(sock, config, zap_domain)
-    ensure_ipc_dir(endpoint)
+    if keys is not None:
+        make_curve_server(sock, config, zap_domain, keys)
     try:
+        ensure_ipc_dir(endpoint)
         sock.bind(endpoint)
-    except zmq.ZMQError as exc:
+    except (zmq.ZMQError, OSError) as exc:
         sock.close(linger=0)
-        raise ConfigError(f"cannot bind {endpoint}: {exc}") from None
+        raise bind_error(endpoint, exc) from None
     return sock
 
 
-def make_curve_server(sock: zmq.Socket[Any], config: Any, zap_domain: str) -> None:
+def bind_error(endpoint: str, exc: zmq.ZMQError | OSError) -> ConfigError:
+    """The ConfigError of an endpoint that cannot be bound, with what to do."""
+    # pyzmq's strerror names the address it tried (check-config tries port *), not ours
+    if isinstance(exc, zmq.ZMQError) and exc.errno is not None:
+        reason = zmq.strerror(exc.errno)
+    else:
+        reason = exc.strerror or str(exc)
+    if is_tcp(endpoint):
+        hint = (
+            "use an address of this host (0.0.0.0 for all of them) and a port no other "
+            "process listens on"
+        )
+    else:
+        hint = "the user corral runs as must be able to create the socket file there"
+    return ConfigError(f"cannot bind {endpoint}: {reason}; {hint}")
+
+
+def make_curve_server(
+    sock: zmq.Socket[Any], config: Any, zap_domain: str, keys: tuple[bytes, bytes] | None = None
+) -> None:
     """Make ``sock`` (not yet bound) a CURVE server with the broker's key
-    pair, its peers authenticated in the ZAP domain ``zap_domain``
-    (enforced). Raises ConfigError for a bad key file."""
-    public, secret = _load_keypair(_security(config).server_secret_key, secret=True)
+    pair (``keys``, else read from the config), its peers authenticated in
+    the ZAP domain ``zap_domain`` (enforced). Raises ConfigError for a bad
+    key file."""
+    public, secret = keys or load_server_keys(config)
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_server = True
@@ -183,6 +241,16 @@ def connect_dealer(
     return sock
 
 
+def check_client_keys(config: Any) -> None:
+    """Load the keys a client of the broker on this host would connect
+    with (a supervisor's reports are a client's calls), so a bad key file
+    stops the supervisor at its start rather than failing each report in
+    silence. Raises ConfigError."""
+    endpoint = config.client.endpoint or config.broker.client_endpoint
+    if check_tcp_allowed(endpoint, config, server=False):
+        _client_keys(endpoint, config, worker=False)
+
+
 def check_worker_keys(config: Any) -> None:
     """Load the keys a worker would connect with, so a bad key file stops a
     worker or supervisor at its start rather than in its socket thread.
@@ -195,12 +263,15 @@ def check_worker_keys(config: Any) -> None:
 def _client_keys(endpoint: str, config: Any, worker: bool) -> tuple[bytes, bytes, bytes]:
     """The broker's public key and this side's key pair, as z85. Raises ConfigError."""
     sec = _security(config)
-    server_public, _ = _load_keypair(sec.server_public_key, secret=False)
-    secret_file = (worker and sec.worker_secret_key) or sec.client_secret_key
+    server_public, _ = load_keypair(
+        sec.server_public_key, "security.server_public_key", secret=False
+    )
+    setting = "worker_secret_key" if worker and sec.worker_secret_key else "client_secret_key"
+    secret_file = getattr(sec, setting)
     if not secret_file:
         raise ConfigError(f"{endpoint}: CURVE needs security.client_secret_key on this side")
-    public, secret = _load_keypair(secret_file, secret=True)
-    assert secret is not None  # _load_keypair checked it
+    public, secret = load_keypair(secret_file, f"security.{setting}", secret=True)
+    assert secret is not None  # load_keypair checked it
     return server_public, public, secret
 
 

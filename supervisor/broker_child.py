@@ -139,6 +139,13 @@ class BrokerChild:
         self._gone(now, now)
         return None
 
+    def start_failure(self) -> int:
+        """The exit code of ``corral run`` whose first broker did not
+        start: 2 when the broker refused its config (its own code 2, as
+        :func:`~corral.supervisor.roles.run_broker` returns), else 1."""
+        code = self.child.exit_code if self.child is not None else None
+        return 2 if code == 2 else 1
+
     def _gone(self, now: float, since: float) -> None:
         """The broker is gone: start it again after the backoff."""
         self.state = "down"

@@ -104,10 +104,13 @@ class Supervisor:
     # ---------------------------------------------------------------- run
 
     def run(self) -> int:
-        """Run until stopped; returns the exit code. Raises ConfigError
-        (before anything starts) for a worker key file it cannot use."""
-        from corral.transport import check_worker_keys
+        """Run until stopped; returns the exit code (2, as for any config
+        problem, when the broker of ``corral run`` refused its config).
+        Raises ConfigError (before anything starts) for a key file it
+        cannot use: its workers', or the client key its reports use."""
+        from corral.transport import check_client_keys, check_worker_keys
 
+        check_client_keys(self.config)
         if self.config.pools:
             check_worker_keys(self.config)
         logs.configure("supervisor", self.config.log.level, self.config.log.format)
@@ -191,7 +194,7 @@ class Supervisor:
         if self.broker is not None:
             event = self.broker.poll(self.config, now, may_fork=forks)
             if event == "failed":
-                self._exit_code = 1
+                self._exit_code = self.broker.start_failure()
                 self.control.request_stop()
                 return
             if event == "up":

@@ -260,3 +260,16 @@ def test_corral_run_starts_the_dashboard_again_when_it_dies(env: Env) -> None:
 
     wait_for(replaced, 30, message="a new dashboard")
     assert "supervisor.dashboard_exited" in daemon.output()
+
+
+@pytest.mark.parametrize("listen", ["garbage", "127.0.0.1:99999", "127.0.0.1:0", ":9465", "h:x"])
+def test_a_listen_address_that_is_not_one_is_a_usage_error(
+    env: Env, listen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One line and exit code 2 (a port past 65535 was an OverflowError
+    traceback, exit code 1)."""
+    from corral.cli import main
+
+    assert main(["dashboard", "--listen", listen, "-c", str(env.config)]) == 2
+    err = capsys.readouterr().err
+    assert listen in err and "HOST:PORT" in err and "Traceback" not in err

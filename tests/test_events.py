@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -193,10 +195,45 @@ def test_corral_events_prints_events_as_json_lines(env: Env) -> None:
     event = json.loads(out.strip())
     assert event["event"] == "job.enqueued" and event["queue"] == "tail"
 
+    # `corral events | head -1`: the reader goes, corral events ends quietly
+    piped = subprocess.Popen(
+        [CORRAL, "events", "-c", str(env.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert piped.stdout is not None
+        piped.stdout.close()
+        deadline = time.monotonic() + 30
+        while piped.poll() is None:
+            assert time.monotonic() < deadline, "corral events went on writing to no one"
+            client.enqueue("e2e.square", 2, queue="tail")
+            time.sleep(0.1)
+        assert piped.stderr is not None
+        assert piped.returncode == 141 and piped.stderr.read() == ""
+    finally:
+        piped.kill()
+
 
 def test_events_without_an_endpoint_is_a_usage_error(env: Env) -> None:
     done = env.run("events", "-c", str(env.config))
     assert done.returncode == 2 and "events_endpoint" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["garbage", "ipc://", "tcp://", "tcp://127.0.0.1", "tcp://h:99999", "inproc://x"]
+)
+def test_an_endpoint_no_broker_can_publish_on_is_a_usage_error(
+    env: Env, endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused at once, with what is expected (an inproc endpoint waited
+    forever; a tcp one without a port was said to need CURVE keys)."""
+    from corral.cli import main
+
+    assert main(["events", "--endpoint", endpoint, "-c", str(env.config)]) == 2
+    err = capsys.readouterr().err
+    assert endpoint in err and "ipc://PATH or tcp://HOST:PORT" in err, err
 
 
 def test_a_worker_that_comes_and_goes_within_a_second_is_an_up_and_a_down(env: Env) -> None:
@@ -328,3 +365,341 @@ def test_a_subscriber_config_names_a_tcp_events_endpoint_with_the_brokers_public
         '[security]\nserver_public_key = "server.key"\nclient_secret_key = "c.key_secret"\n'
     )
     assert loads(text).broker.events_endpoint == "tcp://broker.internal:5557"
+
+
+# -- an events endpoint that cannot be used, CURVE subscribers refused and restored ------
+
+#: An address no host here has (TEST-NET-3, RFC 5737): a bind there fails.
+FOREIGN = "203.0.113.9"
+
+
+def curve_keys(home: Path) -> Path:
+    """server, client and stranger key pairs under home/keys; the client's
+    key is authorised (keys/clients)."""
+    from corral.transport import write_keypair
+
+    keys = home / "keys"
+    for name in ("server", "client", "stranger"):
+        write_keypair(keys, name)
+    (keys / "clients").mkdir(mode=0o700)
+    (keys / "clients" / "client.key").write_bytes((keys / "client.key").read_bytes())
+    return keys
+
+
+def tcp_events_config(env: Env, keys: Path, endpoint: str) -> None:
+    """The test config with a CURVE events endpoint, its subscribers'
+    keys in keys/clients."""
+    env.write_config(extra_broker=f'events_endpoint = "{endpoint}"')
+    with env.config.open("a") as config:
+        config.write(
+            f'[security]\nserver_secret_key = "{keys}/server.key_secret"\n'
+            f'server_public_key = "{keys}/server.key"\n'
+            f'client_secret_key = "{keys}/client.key_secret"\n'
+            f'authorized_keys_dir = "{keys}/clients"\n'
+        )
+
+
+def keyed_config(env: Env, name: str) -> Path:
+    """A copy of the config with another client key: keys/<name>.key_secret."""
+    path = env.home / f"{name}.toml"
+    path.write_text(env.config.read_text().replace("/client.key_secret", f"/{name}.key_secret"))
+    return path
+
+
+def _foreign_address(keys: Path) -> str:
+    return f"tcp://{FOREIGN}:{free_port()}"
+
+
+def _missing(keys: Path) -> str:
+    (keys / "server.key_secret").unlink()
+    return "not found"
+
+
+def _garbage(keys: Path) -> str:
+    (keys / "server.key_secret").write_text("this is not a key\n")
+    return "cannot read the key file"
+
+
+def _open_to_others(keys: Path) -> str:
+    (keys / "server.key_secret").chmod(0o644)
+    return f"chmod 600 {keys}/server.key_secret"
+
+
+@pytest.mark.parametrize("fault", [_foreign_address, _missing, _garbage, _open_to_others])
+def test_an_events_endpoint_that_cannot_be_used_stops_the_broker_at_start(
+    env: Env, fault: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same rule as the client and worker endpoints: a bad address or
+    a server key file that is missing, garbage or open to others stops the
+    broker at its start, naming the setting, the file and what to do (it
+    used to log events.cannot_bind and run on without events), and
+    check-config finds each."""
+    from corral.broker.server import Broker
+    from corral.cli import main
+
+    keys = curve_keys(env.home)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    wanted = fault(keys)
+    if wanted.startswith("tcp://"):
+        endpoint = wanted
+        named = ["broker.events_endpoint", endpoint]
+    else:
+        named = ["security.server_secret_key", f"{keys}/server.key_secret", wanted]
+    tcp_events_config(env, keys, endpoint)
+
+    assert main(["check-config", "--no-plugins", "-c", str(env.config)]) == 2
+    err = capsys.readouterr().err
+    assert all(text in err for text in named), err
+    assert "Traceback" not in err
+
+    broker = Broker(loads(env.config.read_text()))
+    with pytest.raises(ConfigError) as refused:
+        broker.open()
+    assert all(text in str(refused.value) for text in named), refused.value
+    assert not list(env.home.glob("*.sock")), "a broker that did not start left its sockets"
+
+
+def test_corral_run_with_a_key_it_cannot_use_exits_2(env: Env) -> None:
+    """Every config or key problem is exit code 2 and one line naming it:
+    `corral run` whose broker cannot start (its events endpoint's key open
+    to others) exited 1."""
+    keys = curve_keys(env.home)
+    tcp_events_config(env, keys, f"tcp://127.0.0.1:{free_port()}")
+    (keys / "server.key_secret").chmod(0o644)
+    daemon = env.start("run")
+    assert daemon.wait(30) == 2
+    out = daemon.output()
+    assert f"chmod 600 {keys}/server.key_secret" in out and "Traceback" not in out
+
+
+class Tail:
+    """`corral events --json` on a config, in its own session; what it
+    prints is read from files (its events on stdout, its notices on stderr)."""
+
+    def __init__(self, env: Env, config: Path, name: str) -> None:
+        self.out = env.home / f"{name}.out"
+        self.err = env.home / f"{name}.err"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.popen = subprocess.Popen(
+                [CORRAL, "events", "--json", "-c", str(config)],
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.out.read_text().splitlines()]
+
+    def notices(self) -> str:
+        return self.err.read_text()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+
+def probe_until(client: corral.Client, tail: Tail, queue: str) -> None:
+    """Enqueue probes on ``queue`` until ``tail`` has printed one."""
+
+    def printed() -> bool:
+        client.enqueue("e2e.noop", None, queue=queue)
+        return any(e.get("queue") == queue for e in tail.events())
+
+    wait_for(printed, 30, interval=0.1, message=f"corral events to print a job on {queue}")
+
+
+def test_a_subscriber_revoked_then_restored_gets_events_again_and_a_refused_one_is_told(
+    env: Env,
+) -> None:
+    """A subscriber whose key is revoked and then restored (SIGHUP each
+    time) gets events again: ZeroMQ does not reconnect after a handshake
+    the broker refused, so `corral events` connects again itself. A
+    subscriber whose key the broker does not take is told so on stderr,
+    within seconds, and waits on. The revoking SIGHUP finds the server's
+    key file open to others: the broker says so and serves on."""
+    keys = curve_keys(env.home)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    tcp_events_config(env, keys, endpoint)
+    strangers = keyed_config(env, "stranger")
+    mistaken = env.home / "mistaken.toml"  # the broker's public key is not that one
+    mistaken.write_text(
+        env.config.read_text().replace(f'"{keys}/server.key"', f'"{keys}/stranger.key"')
+    )
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    tail = Tail(env, env.config, "tail")
+    stranger = Tail(env, strangers, "stranger")
+    mistake = Tail(env, mistaken, "mistaken")
+    try:
+        probe_until(client, tail, "before")
+        wait_for(lambda: "refused" in stranger.notices(), 10, message="the stranger's notice")
+        told = stranger.notices()
+        assert "CURVE" in told and "authorized_keys_dir" in told and "stranger.key_secret" in told
+        assert stranger.alive() and not stranger.events()
+        wait_for(lambda: "handshake" in mistake.notices(), 10, message="the mismatch notice")
+        assert f"security.server_public_key ({keys}/stranger.key)" in mistake.notices()
+        wait_for(lambda: "broker.handshake_refused" in broker.output(), 10, message="the log")
+        assert broker.output().count("broker.handshake_refused") == 1  # not once per retry
+
+        (keys / "clients" / "client.key").rename(keys / "client.key.off")
+        (keys / "server.key_secret").chmod(0o644)
+        broker.signal(signal.SIGHUP)
+        wait_for(lambda: "refused" in tail.notices(), 10, message="the revoked one's notice")
+        assert broker.alive() and client.ping()
+        assert f"chmod 600 {keys}/server.key_secret" in broker.output()
+
+        (keys / "client.key.off").rename(keys / "clients" / "client.key")
+        (keys / "server.key_secret").chmod(0o600)
+        broker.signal(signal.SIGHUP)
+        probe_until(client, tail, "after")
+        assert tail.alive() and stranger.alive() and not stranger.events()
+    finally:
+        for one in (tail, stranger, mistake):
+            one.kill()
+
+
+def test_a_refused_handshake_is_logged_once_a_minute_per_key() -> None:
+    from structlog.testing import capture_logs
+
+    from corral.broker.auth import KeySet
+
+    now = [100.0]
+    keys = KeySet("events", "authorized_keys_dir", None, keys=frozenset({"A" * 40}))
+    keys.clock = lambda: now[0]
+    with capture_logs() as logs:
+        assert keys.callback("corral-events", b"A" * 40)
+        for _ in range(5):
+            assert not keys.callback("corral-events", b"B" * 40)
+        assert not keys.callback("corral-events", b"C" * 40)
+        now[0] += 61
+        assert not keys.callback("corral-events", b"B" * 40)
+    refused = [e for e in logs if e["event"] == "broker.handshake_refused"]
+    assert [(e["key"], e["side"]) for e in refused] == [
+        ("B" * 40, "events"),
+        ("C" * 40, "events"),
+        ("B" * 40, "events"),
+    ]
+    assert "authorized_keys_dir" in refused[0]["hint"]
+
+    # key after key: twenty lines a minute, then one that counts the rest
+    with capture_logs() as logs:
+        now[0] += 61
+        for n in range(50):
+            assert not keys.callback("corral-events", b"%040d" % n)
+        now[0] += 61
+        assert not keys.callback("corral-events", b"D" * 40)
+    refused = [e for e in logs if e["event"] == "broker.handshake_refused"]
+    assert len(refused) == 21
+    assert refused[-1]["unlogged"] == 30 and refused[0].get("unlogged") is None
+
+
+def test_a_subscriber_with_no_broker_says_so_and_waits_on(tmp_path: Path) -> None:
+    from corral.eventstail import Subscription
+
+    said: list[str] = []
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    subscription = Subscription(endpoint, [], say=said.append, notice_after=0.2)
+    try:
+        wait_for(lambda: subscription.receive(50) or said, 10, message="the notice")
+        for _ in range(10):  # said once, not on every wait
+            subscription.receive(20)
+    finally:
+        subscription.close()
+    (notice,) = said
+    assert "no connection accepted" in notice and endpoint in notice and "Still trying" in notice
+
+
+def test_dropping_subscribers_never_raises_and_binds_again_later(tmp_path: Path) -> None:
+    """A SIGHUP's drop whose new socket cannot be made or bound yet leaves
+    the broker without events for a while, never down: events are
+    counted dropped, and a later pass binds again."""
+    from corral.broker.events import Events
+
+    context = zmq.Context.instance()
+    endpoint = f"ipc://{tmp_path}/events.sock"
+    pub = context.socket(zmq.PUB)
+    pub.bind(endpoint)
+    failures = [zmq.ZMQError(errno.EMFILE)]
+
+    def renew() -> zmq.Socket[Any]:
+        if failures:
+            raise failures.pop()
+        sock = context.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    events = Events(pub, renew)
+    try:
+        events.drop_subscribers(1.0)
+        assert events.unbound
+        events.publish("job.enqueued", 0.0)
+        assert events.dropped == 1
+        events.bind_again(2.0)
+        assert not events.unbound
+        sub = Subscriber(endpoint)
+        try:
+            wait_for(lambda: events.publish("probe", 0.0) or sub.named("probe"), 10)
+        finally:
+            sub.close()
+    finally:
+        events.close()
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "named"),
+    [
+        (("ipc://s/c.sock", "ipc://s/w.sock", "ipc://s/c.sock"), "broker.events_endpoint"),
+        (("ipc://s/c.sock", "ipc://s/./c.sock", None), "broker.worker_endpoint"),
+        (("tcp://*:5555", "tcp://*:5556", "tcp://127.0.0.1:5555"), "broker.events_endpoint"),
+    ],
+)
+def test_two_endpoints_at_one_address_are_refused(
+    endpoints: tuple[str, str, str | None], named: str
+) -> None:
+    """A second ipc bind takes the socket file over: an events endpoint at
+    the client endpoint's path left the broker running, unreachable."""
+    client, worker, events = endpoints
+    text = (
+        f'[broker]\nclient_endpoint = "{client}"\nworker_endpoint = "{worker}"\n'
+        + (f'events_endpoint = "{events}"\n' if events else "")
+        + "[security]\nallow_insecure_tcp = true\n"
+    )
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.") + ".*same address"):
+        loads(text)
+
+
+def test_corral_events_skips_what_is_not_an_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever a publisher sends, `corral events` prints events and skips
+    the rest: not msgpack, not a map, a map nested too deep to decode."""
+    import threading
+
+    from corral.eventstail import tail
+
+    endpoint = f"ipc://{tmp_path}/events.sock"
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(endpoint)
+    deep = b"\x81\xa1a" * 100_000 + b"\xc0"  # {"a": {"a": ... nil}}
+    good = msgspec.msgpack.encode({"event": "job.enqueued", "at": 1.0, "job_id": "j"})
+    printed: list[int] = []
+    thread = threading.Thread(
+        target=lambda: printed.append(tail(endpoint, [], 1, True)), daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while thread.is_alive() and time.monotonic() < deadline:
+            for body in (b"\xff not msgpack", b"\x93\x01\x02\x03", deep, good):
+                pub.send_multipart([b"job.enqueued", body])
+            thread.join(0.1)
+    finally:
+        pub.close(linger=0)
+    assert printed == [1]
+    assert json.loads(capsys.readouterr().out)["job_id"] == "j"
