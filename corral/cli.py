@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -91,7 +91,9 @@ def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral", description="a durable job queue")
-    parser.add_argument("--version", action="version", version=f"corral {_version()}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show corral's version and exit"
+    )
     # before the command as well as after it: `corral -c FILE status`
     parser.add_argument(
         "-c", "--config", dest="global_config", metavar="CONFIG", help="config file (TOML)"
@@ -367,7 +369,25 @@ def _add_log(subs: Subparsers) -> None:
     logp.set_defaults(fn=cmd_log)
 
 
+def _import_structlog_without_rich() -> None:
+    """Import structlog before anything else does, with rich hidden from it.
+    structlog imports rich (and rich attrs) only for its optional pretty
+    tracebacks, which corral's log set-up never uses (it formats exceptions
+    as plain text before rendering, see :mod:`corral.logs`); that import was
+    a third of every daemon's and command's start-up CPU. rich itself stays
+    importable for the CLI's tables. A process that imported either already
+    is left as it is."""
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # an ImportError for structlog
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    _import_structlog_without_rich()
     parser = build_parser()
     if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (argcomplete)
         import argcomplete
@@ -422,6 +442,18 @@ def _report(args: argparse.Namespace, exc: CorralError) -> int:
             print(f"corral: {prefix}{exc}", file=sys.stderr)
             return code
     return EXIT_USAGE  # unreachable: CorralError is the last kind
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: looks the version up only when asked (the package
+    metadata lookup costs tens of milliseconds on every command otherwise)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(f"corral {_version()}")
+        parser.exit()
 
 
 def _version() -> str:

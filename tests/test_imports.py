@@ -55,6 +55,24 @@ def test_the_log_loads_neither_zmq_nor_asyncio() -> None:
     loads_no_zmq_nor_asyncio("corral.broker.state", "corral.broker.log")
 
 
+def test_corral_commands_load_structlog_without_rich_and_rich_still_works() -> None:
+    """structlog's optional rich import cost a third of every daemon's and
+    command's start-up; the CLI hides rich from it, and only from it."""
+    run_python(
+        """
+        import sys
+        from corral.cli import _import_structlog_without_rich
+        _import_structlog_without_rich()
+        import structlog
+        import corral.supervisor.supervisor  # everything a daemon loads
+        assert "rich" not in sys.modules, sorted(m for m in sys.modules if "rich" in m)
+        assert structlog.dev.rich is None
+        from rich.table import Table  # the CLI's tables still import it
+        assert Table
+        """
+    )
+
+
 def test_a_plugin_module_needs_only_the_registry() -> None:
     """``@corral.task`` imports the task registry, not the client."""
     run_python(
