@@ -91,9 +91,7 @@ def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral", description="a durable job queue")
-    parser.add_argument(
-        "--version", action=_VersionAction, help="show corral's version and exit"
-    )
+    parser.add_argument("--version", action=_VersionAction, help="show corral's version and exit")
     # before the command as well as after it: `corral -c FILE status`
     parser.add_argument(
         "-c", "--config", dest="global_config", metavar="CONFIG", help="config file (TOML)"
