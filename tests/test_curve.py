@@ -18,6 +18,7 @@ from conftest import Env, Proc, broker_processes, free_port, render_config, wait
 from zmq.utils.monitor import recv_monitor_message
 
 import corral
+from corral.transport import write_keypair
 
 ADMITTED = ("succeeded", 0)
 REFUSED = ("refused", 400)
@@ -43,11 +44,11 @@ def _tcp_config(env: Env, security: str) -> tuple[str, str]:
 def _keys(env: Env) -> Path:
     """server, client, worker and stranger key pairs; the client's key is
     authorised as a client (keys/authorized), the worker's as a worker
-    (keys/workers)."""
+    (keys/workers). Made in process, as `corral keys` makes them (that
+    command runs in test_the_shipped_broker_host_config_lets_the_cli_on_that_host_connect)."""
     keys = env.home / "keys"
     for name in ("server", "client", "worker", "stranger"):
-        done = env.run("keys", name, "--directory", str(keys))
-        assert done.returncode == 0, done.stderr
+        write_keypair(keys, name)
     for directory, name in (("authorized", "client"), ("workers", "worker")):
         (keys / directory).mkdir(mode=0o700)
         (keys / directory / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
