@@ -27,6 +27,7 @@ from corral.cliargs import (
     duration_arg,
     expires_arg,
     moment_arg,
+    positive_duration_arg,
     priority_arg,
 )
 from corral.clicommands import (
@@ -85,7 +86,9 @@ def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
             "--endpoint", help="broker client endpoint, e.g. ipc://var/corral/client.sock"
         )
         sub.add_argument(
-            "--timeout", type=duration_arg, help='how long to wait for the broker ("5s", "500ms")'
+            "--timeout",
+            type=positive_duration_arg,
+            help='how long to wait for the broker ("5s", "500ms")',
         )
 
 
@@ -335,7 +338,7 @@ def _add_top(subs: Subparsers) -> None:
     top = subs.add_parser("top", help="a live view of queues, workers and pools")
     _common(top)
     top.add_argument(
-        "--interval", type=duration_arg, default=1.0, help='refresh every ("1s", "500ms")'
+        "--interval", type=positive_duration_arg, default=1.0, help='refresh every ("1s", "500ms")'
     )
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.set_defaults(fn=cmd_top)

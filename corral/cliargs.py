@@ -35,6 +35,15 @@ def duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def positive_duration_arg(text: str) -> float:
+    """A duration (see :func:`duration_arg`) above 0: for a wait or a
+    refresh period, where 0 would mean no wait at all or a busy loop."""
+    seconds = duration_arg(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be above 0")
+    return seconds
+
+
 def moment_arg(text: str) -> float:
     """Epoch seconds, from an ISO 8601 time (``2030-01-01T09:00:00Z``,
     ``2030-01-01 09:00+02:00``; a time without a zone is UTC) or plain

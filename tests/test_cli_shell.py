@@ -114,6 +114,8 @@ BAD_INPUT = [
     (["jobs", "--limit", "0"], "--limit"),
     (["jobs", "--limit", "-1"], "--limit"),
     (["enqueue-chain", "-", "-"], "stdin"),
+    (["status", "--timeout", "0"], "--timeout"),  # no wait at all: every call "unavailable"
+    (["top", "--interval", "0", "--once"], "--interval"),  # a busy loop on the broker
 ]
 
 
