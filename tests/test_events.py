@@ -292,20 +292,9 @@ def test_events_over_tcp_take_only_authorized_client_keys(env: Env) -> None:
     with the host's client key; a key not in authorized_keys_dir is refused
     at the handshake, and a key removed from it (SIGHUP) loses its
     subscription and cannot make it again."""
-    keys = env.home / "keys"
-    for name in ("server", "client", "stranger"):
-        assert env.run("keys", name, "--directory", str(keys)).returncode == 0
-    (keys / "clients").mkdir(mode=0o700)
-    (keys / "clients" / "client.key").write_bytes((keys / "client.key").read_bytes())
+    keys = curve_keys(env.home)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    env.write_config(extra_broker=f'events_endpoint = "{endpoint}"')
-    with env.config.open("a") as config:
-        config.write(
-            f'[security]\nserver_secret_key = "{keys}/server.key_secret"\n'
-            f'server_public_key = "{keys}/server.key"\n'
-            f'client_secret_key = "{keys}/client.key_secret"\n'
-            f'authorized_keys_dir = "{keys}/clients"\n'
-        )
+    tcp_events_config(env, keys, endpoint)
     assert env.run("check-config", "--no-plugins", "-c", str(env.config)).returncode == 0
     broker = env.start("broker")
     env.wait_ready(broker)
