@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from corral.supervisor.process import Child
+from corral.supervisor.process import Child, reap_quietly
 from corral.supervisor.roles import run_broker
 
 if TYPE_CHECKING:
@@ -142,9 +142,16 @@ class BrokerChild:
     def start_failure(self) -> int:
         """The exit code of ``corral run`` whose first broker did not
         start: 2 when the broker refused its config (its own code 2, as
-        :func:`~corral.supervisor.roles.run_broker` returns), else 1."""
-        code = self.child.exit_code if self.child is not None else None
-        return 2 if code == 2 else 1
+        :func:`~corral.supervisor.roles.run_broker` returns), else 1.
+        Reaps the broker first if the loop has not yet: its ready pipe ends
+        when it exits (or it was just killed), which can come before the
+        loop's next reap."""
+        child = self.child
+        if child is None:
+            return 1
+        if child.alive:
+            reap_quietly([child], block=True)
+        return 2 if child.exit_code == 2 else 1
 
     def _gone(self, now: float, since: float) -> None:
         """The broker is gone: start it again after the backoff."""
