@@ -16,8 +16,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from corral.asyncclient import AsyncClient
     from corral.broker.protocol import FlowInfo, JobInfo, StatusInfo, TryInfo
-    from corral.client import AsyncClient, Client
+    from corral.client import Client
     from corral.clientjobs import Job
     from corral.context import JobContext
     from corral.errors import (
@@ -42,7 +43,7 @@ __version__ = "0.1.0"
 
 #: Each public name, and the module it comes from.
 _HOMES = {
-    "AsyncClient": "corral.client",
+    "AsyncClient": "corral.asyncclient",
     "BrokerError": "corral.errors",
     "BrokerUnavailable": "corral.errors",
     "Client": "corral.client",

@@ -73,6 +73,37 @@ def test_corral_commands_load_structlog_without_rich_and_rich_still_works() -> N
     )
 
 
+def test_the_blocking_client_loads_no_asyncio_and_still_names_the_async_one() -> None:
+    """A web app's ``corral.Client`` paid for asyncio (a third of the
+    client's import) because AsyncClient lived in the same module."""
+    run_python(
+        """
+        import sys
+        import corral.client
+        assert "asyncio" not in sys.modules
+        from corral.client import AsyncClient
+        import corral
+        assert corral.AsyncClient is AsyncClient and AsyncClient.__module__ == "corral.asyncclient"
+        """
+    )
+
+
+def test_a_client_command_loads_neither_structlog_nor_asyncio() -> None:
+    """A client's command (enqueue, status, ...) logs nothing: importing
+    structlog, and the asyncio it imports, was a third of its start-up CPU.
+    The daemons' commands still get structlog without rich."""
+    run_python(
+        """
+        import sys
+        from corral.cli import main
+        code = main(["status", "--endpoint", "ipc:///nonexistent/corral.sock", "--timeout", "0.05"])
+        assert code == 3, code
+        loaded = sorted({"structlog", "asyncio"} & set(sys.modules))
+        assert not loaded, loaded
+        """
+    )
+
+
 def test_a_plugin_module_needs_only_the_registry() -> None:
     """``@corral.task`` imports the task registry, not the client."""
     run_python(

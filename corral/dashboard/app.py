@@ -25,8 +25,8 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from corral.asyncclient import AsyncClient
 from corral.broker.protocol import STATUSES
-from corral.client import AsyncClient
 from corral.cliformat import age_text
 from corral.errors import BrokerError, BrokerUnavailable, CorralError, JobNotFound
 

@@ -20,7 +20,7 @@ async def serve(config: Any, listen: str, allow_actions: bool, endpoint: str | N
     """Serve until SIGTERM or SIGINT. Raises OSError if ``listen`` cannot be bound."""
     from aiohttp import web
 
-    from corral.client import AsyncClient
+    from corral.asyncclient import AsyncClient
     from corral.config import split_listen
     from corral.dashboard.app import make_app
 

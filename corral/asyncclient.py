@@ -1,0 +1,182 @@
+"""``corral.AsyncClient``: the methods of :class:`corral.Client` as
+coroutines, over one zmq.asyncio DEALER socket. Kept apart from the blocking
+client so that a process that never awaits a request never imports asyncio
+(``corral.client.AsyncClient`` still names it, imported on first use). See
+:mod:`corral.client` for how both drive the core's operations, and for
+sharing and fork."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from corral.broker import protocol as p
+from corral.client import _INHERITED, DEFAULT_TIMEOUT, _Driver, _signature, _ThisProcess
+from corral.clientcore import ClientCore, Plan, Step, decode_reply, encode_request, resend_every
+from corral.hooks import Hooks
+from corral.transport import connect_dealer
+
+__all__ = ["AsyncClient"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _awaiting(
+    op: Callable[Concatenate[ClientCore, P], Plan[T]],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """The core operation ``op`` as an :class:`AsyncClient` coroutine method."""
+
+    @functools.wraps(op)
+    async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(op(self._core, *args, **kwargs))
+
+    method.__qualname__ = f"AsyncClient.{op.__name__}"
+    method.__signature__ = _signature(op)  # type: ignore[attr-defined]
+    return method
+
+
+class AsyncClient(_Driver):
+    """The methods of :class:`Client`, as coroutines. Many requests may be in
+    flight at once on its one socket, from any number of tasks of one event
+    loop at a time; it is not for several threads or loops at once (give
+    each its own AsyncClient, or use :class:`Client`).
+
+    Fork: a client used before ``os.fork`` works in the child's event
+    loop; its first request (or ``close()``) there sets aside the parent's
+    socket, reader task and waiting requests, never closing them, and opens
+    a socket in the child's own ``zmq.asyncio.Context.instance()`` (a
+    ``context`` given here is the parent's).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        config: Any = None,
+        context: zmq.asyncio.Context | None = None,
+        hooks: Iterable[Hooks] = (),
+    ) -> None:
+        super().__init__(endpoint, timeout, config, hooks)
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._pending: dict[int, asyncio.Future[p.ClientReply]] = {}
+        self._reader: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket; the next request opens a new one. In a forked
+        child, the parent's socket is left alone."""
+        if self._pid != _ThisProcess.pid:
+            self._forked()
+            return
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _forked(self) -> None:
+        """Set aside what belongs to the parent (its socket, reader task and
+        futures are bound to its context and loop), closing nothing."""
+        _INHERITED.append((self._sock, self._reader, self._pending))
+        self._pid = _ThisProcess.pid
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = None
+        self._reader = None
+        self._pending = {}
+
+    async def _run(self, plan: Plan[T]) -> T:
+        """Send each step's request and read its reply until the operation has its value."""
+        while isinstance(plan, Step):
+            plan = plan.answer(await self._call(plan.request, plan.wait))
+        return plan
+
+    async def _call(self, request: p.ClientRequest, wait: float) -> p.ClientReply:
+        """Send one request and return its reply; a single reader task hands
+        each reply to its request by id."""
+        timeout = self.timeout + wait
+        deadline = time.monotonic() + timeout
+        if self._pid != _ThisProcess.pid:
+            self._forked()
+        if self._sock is None:
+            self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
+        sock = self._sock
+        body = encode_request(request, self.max_message_size)
+        while True:
+            try:
+                await sock.send(body, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise self._unavailable(timeout) from None
+                await sock.poll(50, zmq.POLLOUT)  # type: ignore[call-arg]  # pyzmq's stub
+        future: asyncio.Future[p.ClientReply] = asyncio.get_running_loop().create_future()
+        self._pending[request.req] = future
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.ensure_future(self._read_replies(sock))
+        every = resend_every(request, wait)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._unavailable(timeout)
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), min(left, every or left))
+                except TimeoutError:
+                    if every is not None and deadline - time.monotonic() > 0:
+                        with contextlib.suppress(zmq.Again):
+                            await sock.send(body, zmq.NOBLOCK)  # the same request again
+        finally:
+            self._pending.pop(request.req, None)
+
+    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
+        while self._pending and sock is self._sock:
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError:
+                return
+            reply = decode_reply(b"".join(frames))
+            if reply.req == 0:  # a request the broker could not read: fail them all
+                for future in self._pending.values():
+                    if not future.done():
+                        future.set_result(reply)
+                continue
+            waiting = self._pending.get(reply.req)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(reply)
+
+    enqueue = _awaiting(ClientCore.enqueue)
+    enqueue_many = _awaiting(ClientCore.enqueue_many)
+    enqueue_chain = _awaiting(ClientCore.enqueue_chain)
+    enqueue_group = _awaiting(ClientCore.enqueue_group)
+    job = _awaiting(ClientCore.job)
+    result = _awaiting(ClientCore.result)
+    status = _awaiting(ClientCore.status)
+    ping = _awaiting(ClientCore.ping)
+    chain = _awaiting(ClientCore.chain)
+    group = _awaiting(ClientCore.group)
+    jobs = _awaiting(ClientCore.jobs)
+    cancel = _awaiting(ClientCore.cancel)
+    retry = _awaiting(ClientCore.retry)
+    retry_failed = _awaiting(ClientCore.retry_failed)
+    delete = _awaiting(ClientCore.delete)
+    purge = _awaiting(ClientCore.purge)
+    pause = _awaiting(ClientCore.pause)
+    resume = _awaiting(ClientCore.resume)
+    report_supervisor = _awaiting(ClientCore.report_supervisor)
+    worker_exited = _awaiting(ClientCore.worker_exited)
