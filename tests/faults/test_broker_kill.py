@@ -15,8 +15,11 @@ bare ``corral broker``. The history (see history.py) gives what must hold:
 Knobs of the full profile (``make soak``): CORRAL_SOAK_KILLS (200 per fsync
 mode), CORRAL_SOAK_UPTIME (longest time the broker runs between kills,
 4 s), CORRAL_SOAK_RATE (jobs/s, 40), CORRAL_SOAK_CALM_SECONDS (the run
-without faults, 60 s), CORRAL_SOAK_SEED. The fast profile: 5 kills per
-mode, uptime up to 1 s, 4 s without faults.
+without faults, 60 s), CORRAL_SOAK_SEED; the broker stays down for a moment
+or, one kill in three, up to 4 s. The fast profile: 20 kills per mode, the
+broker up 0.25 to 0.6 s between them and down for a moment, but for two
+kills that keep it down past the workers' liveness window (3 s), and 2 s
+without faults.
 """
 
 from __future__ import annotations
@@ -53,6 +56,19 @@ def settle(env: Env, history: History) -> Verdict:
     return history.check(final=True, statuses=statuses)
 
 
+#: The workers' liveness window in this test's config (0.5 s x 6), seconds.
+LIVENESS_WINDOW = 3.0
+
+
+def downtime(profile: Profile, n: int, rng: random.Random) -> float:
+    """How long the broker stays down after kill ``n``: a moment or, now
+    and then, past the workers' liveness window, so that they reconnect
+    (the fast profile: kills 5, 15, 25 ...)."""
+    if profile.full:
+        return rng.choice([0.0, 0.0, rng.uniform(0.0, LIVENESS_WINDOW + 1.0)])
+    return LIVENESS_WINDOW + 0.5 if n % 10 == 5 else 0.0
+
+
 @pytest.mark.parametrize("fsync", ["always", "interval"])
 @pytest.mark.parametrize("profile", PROFILES)
 def test_broker_kill(
@@ -62,8 +78,9 @@ def test_broker_kill(
     soak_rng: random.Random,
     soak_report: Callable[[str], None],
 ) -> None:
-    kills = profile.count("CORRAL_SOAK_KILLS", 3, 200)
-    uptime = profile.seconds("CORRAL_SOAK_UPTIME", 1.0, 4.0)
+    kills = profile.count("CORRAL_SOAK_KILLS", 20, 200)
+    uptime = profile.seconds("CORRAL_SOAK_UPTIME", 0.6, 4.0)
+    least = 0.5 if profile.full else 0.25
     rate = profile.seconds("CORRAL_SOAK_RATE", 40.0, 40.0)
     start_pool(env, fsync)
     broker = env.procs[0]
@@ -73,12 +90,10 @@ def test_broker_kill(
     started = time.monotonic()
     with Producers(env.endpoint, history, env.home / "executions", seed=seed, rate=rate):
         for n in range(1, kills + 1):
-            time.sleep(soak_rng.uniform(0.5, uptime))
+            time.sleep(soak_rng.uniform(least, uptime))
             assert inject(history, "broker", broker.pid), broker.output()[-3000:]
             assert broker.wait(10) == -signal.SIGKILL
-            # Down for a moment or, now and then, past the workers' liveness
-            # window (3 s), so that they reconnect.
-            time.sleep(soak_rng.choice([0.0, 0.0, soak_rng.uniform(0.0, 4.0)]))
+            time.sleep(downtime(profile, n, soak_rng))
             broker = env.start("broker", name=f"broker-{n}")
             env.wait_ready(broker, timeout=60)
         time.sleep(1.0)  # a last stretch under load with the broker up
