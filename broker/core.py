@@ -166,7 +166,7 @@ class BrokerCore:
         (an interrupted try not counted); follow-ups owed by finished jobs
         are created (or held, if the disk is full). Raises ConfigError for an
         unfinished job whose payload is over ``broker.max_payload``."""
-        started = time.monotonic()
+        replay_began = time.monotonic()
         count = 0
         # A replay makes a million long-lived objects at once: a cyclic
         # collection meanwhile would only walk them again and again. After
@@ -221,7 +221,7 @@ class BrokerCore:
             jobs=len(self.state.jobs),
             held_for_reclaim=len(recovered),
             followups_created=owed,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(time.monotonic() - replay_began, 3),
         )
 
     def attach_events(self, events: Any) -> None:

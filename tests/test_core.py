@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from inproc import CLIENT, SMALL_LOG, FakeWorker, InProcessBroker, decoded, deliveries
+from structlog.testing import capture_logs
 
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
@@ -810,3 +811,13 @@ def test_a_request_the_broker_fails_on_is_answered(
     assert broker.core.stats["handler_errors"] == 1
     monkeypatch.undo()
     assert isinstance(broker.request(p.Ping(broker.next_req())), p.Pong)
+
+
+def test_the_replay_logs_how_long_it_took(tmp_path: Path) -> None:
+    """``broker.replayed`` gave the monotonic clock less the wall clock (a
+    variable reused for the BrokerStarted time): about minus 1.8e9 s."""
+    with capture_logs() as logs:
+        InProcessBroker(tmp_path / "s")
+    replayed = [e for e in logs if e["event"] == "broker.replayed"]
+    assert len(replayed) == 1
+    assert 0 <= replayed[0]["seconds"] < 60, replayed[0]
