@@ -202,6 +202,11 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     #: Hooks modules for this pool's workers, after the top-level ``hooks``
     #: (see :mod:`corral.hooks`).
     hooks: list[HookName] = []
+    #: How long one call of a hook (before_job, on_failure, on_retry, after_job) may take:
+    #: past it the supervisor kills the worker, which holds the hook's thread, and starts
+    #: another. Its jobs not started go back uncounted; a job whose end hook hung keeps its
+    #: outcome; a before_job past it ends its try (counted, as a hard timeout).
+    hook_timeout: PositiveDuration = 30.0
 
 
 class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

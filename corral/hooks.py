@@ -24,7 +24,10 @@ A hook cannot break a job or a worker: an exception in one is logged
 (``hook.failed``, with its traceback) and the job's outcome stands. The
 end hooks (``on_failure``, ``on_retry``, ``after_job``) run once the
 outcome is on its way to the broker, so a slow one never delays it nor
-makes the job time out; ``before_job``'s time is the try's. Hooks
+makes the job time out; ``before_job``'s time is the try's. A worker
+tells its supervisor of each call (a :class:`HookWatch`): one that runs
+past the pool's ``hook_timeout`` has its worker killed and replaced
+(``hook.timeout``), since nothing else frees the thread it holds. Hooks
 run in the order given, on the thread (or asyncio task) that runs the job,
 so ``before_job`` may set context variables the handler and ``after_job``
 see. The worker's per-job log lines are such a hook
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from corral.errors import CorralError, SoftTimeout
 
@@ -121,24 +124,43 @@ class Hooks:
 POINTS = ("before_enqueue", "before_job", "on_failure", "on_retry", "after_job", "close")
 
 
+class HookWatch(Protocol):
+    """Told of every hook call about a job (a worker's status pipe, so that
+    its supervisor can bound a hook that never returns)."""
+
+    def hook_started(self, job_id: str, hook: str) -> None:
+        """``hook`` (``"Class.point"``) is about to run for ``job_id``."""
+
+    def hooks_done(self, job_id: str) -> None:
+        """The hooks of one point have run for ``job_id``."""
+
+
 class HookSet:
     """The hooks of one process, each call guarded: an exception is logged
-    and the next hook runs. A point none of them overrides costs nothing."""
+    and the next hook runs. A point none of them overrides costs nothing.
+    ``watch`` is told of each call about a job, but of the first
+    ``builtin`` hooks' (corral's own)."""
 
-    def __init__(self, hooks: Iterable[Hooks] = ()) -> None:
+    def __init__(
+        self, hooks: Iterable[Hooks] = (), *, watch: HookWatch | None = None, builtin: int = 0
+    ) -> None:
         self.hooks: tuple[Hooks, ...] = tuple(hooks)
         for hook in self.hooks:
             if not isinstance(hook, Hooks):
                 raise TypeError(f"a hook must be a corral.Hooks, not {hook!r}")
-        # Per point, the bound methods that do something.
-        self._calls: dict[str, list[Callable[..., None]]] = {
+        self.watch = watch
+        # Per point, the bound methods that do something, each with the name
+        # the watch is told ("" for a built-in hook: not watched).
+        self._calls: dict[str, list[tuple[Callable[..., None], str]]] = {
             point: [
-                getattr(hook, point)
-                for hook in self.hooks
+                (getattr(hook, point), f"{type(hook).__qualname__}.{point}" if i >= builtin else "")
+                for i, hook in enumerate(self.hooks)
                 if getattr(type(hook), point) is not getattr(Hooks, point)
             ]
             for point in POINTS
         }
+        #: The points with a hook the watch is told of.
+        self._watched = {point for point, calls in self._calls.items() if any(n for _, n in calls)}
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -168,19 +190,40 @@ class HookSet:
         *args: Any,
         reraise: type[BaseException] | None = None,
     ) -> None:
-        for call in self._calls[point]:
-            try:
-                call(*args)
-            except BaseException as exc:  # a hook never breaks a job or a worker
-                if reraise is not None and isinstance(exc, reraise):
-                    raise
-                _logger().exception(
-                    "hook.failed",
-                    hook=type(getattr(call, "__self__", call)).__qualname__,
-                    point=point,
-                    job_id=job_id,
-                    error=f"{type(exc).__name__}: {exc}"[:500],
-                )
+        calls = self._calls[point]
+        watch = self.watch
+        if watch is None or job_id is None or point not in self._watched:
+            for call, _ in calls:
+                self._guarded(call, point, job_id, args, reraise)
+            return
+        try:
+            for call, name in calls:
+                if name:
+                    watch.hook_started(job_id, name)
+                self._guarded(call, point, job_id, args, reraise)
+        finally:
+            watch.hooks_done(job_id)
+
+    @staticmethod
+    def _guarded(
+        call: Callable[..., None],
+        point: str,
+        job_id: str | None,
+        args: tuple[Any, ...],
+        reraise: type[BaseException] | None,
+    ) -> None:
+        try:
+            call(*args)
+        except BaseException as exc:  # a hook never breaks a job or a worker
+            if reraise is not None and isinstance(exc, reraise):
+                raise
+            _logger().exception(
+                "hook.failed",
+                hook=type(getattr(call, "__self__", call)).__qualname__,
+                point=point,
+                job_id=job_id,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
 
 
 def _logger() -> Any:

@@ -90,6 +90,7 @@ def worker_options(
         max_message_size=config.broker.max_message_size,
         name=f"{socket.gethostname()}/{pool.name}#{index}/{os.getpid()}",
         status_fd=status_fd,
+        hook_timeout=pool.hook_timeout,
     )
 
 

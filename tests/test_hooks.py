@@ -535,6 +535,48 @@ def test_a_worker_whose_hooks_cannot_load_says_why(env: Env) -> None:
     assert "worker.cannot_start" in worker.output()
 
 
+def test_a_hook_past_hook_timeout_costs_its_worker_and_no_job(env: Env) -> None:
+    """An end hook that never returns holds its thread, and the jobs its
+    worker prefetched for that thread: past the pool's hook_timeout the
+    supervisor kills the worker (``hook.timeout``, naming the hook and the
+    job). The job whose hook hung keeps its outcome; the prefetched jobs run
+    on the new worker, no attempt counted. A before_job that never returns
+    is part of its try: that try is charged, the next one runs."""
+    configure(env, "[]", pool_hooks='["recorder_hooks:hang_hooks"]')
+    env.config.write_text(
+        env.config.read_text().replace("[[pools]]\n", '[[pools]]\nhook_timeout = "1s"\n', 1)
+    )
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    (first,) = worker_processes(daemon)
+    client = env.client()
+    hung = client.enqueue("hooks.hang_after")
+    assert client.result(hung, timeout=30) == 1  # reported before its hook hung
+    waiting = [client.enqueue("e2e.square", n) for n in (2, 3)]  # prefetched by that worker
+    assert [client.result(job, timeout=30) for job in waiting] == [4, 9]
+    for job in waiting:
+        info = client.job(job)
+        assert (info.attempts, [t.attempt for t in info.tries]) == (1, [1])
+        assert info.tries[0].pid != first.pid
+    info = client.job(hung)
+    assert (info.status, info.attempts, len(info.tries)) == ("succeeded", 1, 1)
+    assert info.tries[0].error is None
+    before = client.enqueue("hooks.hang_before")
+    assert client.result(before, timeout=30) == 2
+    info = client.job(before)
+    assert [t.attempt for t in info.tries] == [1, 2]
+    lost = info.tries[0].error
+    assert lost is not None and lost.type == "WorkerLost" and "hook_timeout" in lost.message
+    timeouts = [
+        (e["hook"], e["job_id"])
+        for e in map(_json, daemon.output().splitlines())
+        if e.get("event") == "hook.timeout"
+    ]
+    assert timeouts == [("Hang.after_job", hung), ("Hang.before_job", before)]
+    assert daemon.alive()
+
+
 def test_sentry_example_reports_a_failed_try_with_its_job(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -610,3 +652,48 @@ def test_otel_example_continues_the_enqueuers_trace_in_the_worker(
     assert by_job[ok]["name"] == "process e2e.square"
     assert by_job[ok]["attributes"]["corral.outcome"] == "succeeded"
     assert by_job[bad]["events"] == ["exception"]
+
+
+def test_each_hook_call_is_announced_to_a_watch_and_the_builtins_are_not() -> None:
+    """The worker's HookSet tells its watch (the status pipe) each call of
+    a hook of yours before it runs, and when the point's hooks are done,
+    even when one raises; corral's own lines per job are not watched."""
+
+    class Watch:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, ...]] = []
+
+        def hook_started(self, job_id: str, hook: str) -> None:
+            self.calls.append(("started", job_id, hook))
+
+        def hooks_done(self, job_id: str) -> None:
+            self.calls.append(("done", job_id))
+
+    watch = Watch()
+    fn = corral.task(name="t.h")(handler)
+    d = p.Delivery("job-1", 7, "t.h", p.encode_value("error"), 1, 3, "default", 0.0)
+    hooks = HookSet([JobLines(), Calls(), Raises()], watch=watch, builtin=1)
+    execution = Execution(d, Registry([fn.definition]), "w-1", hooks=hooks)
+    execution.run(lambda args: execution.call_sync(args, None))
+    execution.finish()
+    assert watch.calls == [
+        ("started", "job-1", "Calls.before_job"),
+        ("started", "job-1", "Raises.before_job"),
+        ("done", "job-1"),
+        ("started", "job-1", "Calls.on_failure"),
+        ("started", "job-1", "Raises.on_failure"),
+        ("done", "job-1"),
+        ("started", "job-1", "Calls.after_job"),
+        ("started", "job-1", "Raises.after_job"),
+        ("done", "job-1"),
+    ]
+    soft = HookSet([SoftInBefore()], watch=watch)
+    watch.calls.clear()
+    with pytest.raises(SoftTimeout):
+        soft.before_job(execution.ctx)
+    assert watch.calls == [("started", "job-1", "SoftInBefore.before_job"), ("done", "job-1")]
+
+
+class SoftInBefore(corral.Hooks):
+    def before_job(self, ctx: corral.JobContext) -> None:
+        raise SoftTimeout("the job ran past its soft timeout")
