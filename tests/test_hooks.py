@@ -332,9 +332,16 @@ def test_hooks_keys_in_the_config(tmp_path: Path) -> None:
     config = load(path)
     assert config.hooks == ["app.hooks", "app.hooks:make"]
     assert config.pools[0].hooks == ["x"]
+    assert config.pools[0].hook_timeout == 30.0
     path.write_text('hooks = ["app hooks"]\n')
     with pytest.raises(ConfigError, match=r'hooks\[0\]: .*"myapp\.hooks"'):
         load(path)
+    for bad in ('"0s"', '"soon"', "-1"):
+        path.write_text(f'[[pools]]\nname = "p"\nhook_timeout = {bad}\n')
+        with pytest.raises(ConfigError, match=r"pools\[0\]\.hook_timeout: "):
+            load(path)
+    path.write_text('[[pools]]\nname = "p"\nhook_timeout = "2m"\n')
+    assert load(path).pools[0].hook_timeout == 120.0
 
 
 def test_a_reload_rolls_a_pool_whose_hooks_changed(tmp_path: Path) -> None:
