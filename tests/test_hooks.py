@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import PLUGINS, Env, wait_for, worker_processes
+from conftest import PLUGINS, Env, wait_for, wait_until, worker_processes
 from structlog.testing import capture_logs
 
 import corral
@@ -582,6 +582,66 @@ def test_a_hook_past_hook_timeout_costs_its_worker_and_no_job(env: Env) -> None:
     ]
     assert timeouts == [("Hang.after_job", hung), ("Hang.before_job", before)]
     assert daemon.alive()
+
+
+def test_workers_that_cannot_load_their_modules_back_their_pool_off(env: Env) -> None:
+    """With preload = false each worker imports its plugins and hooks
+    modules: one that cannot be loaded makes each worker exit at once, saying
+    why (no traceback), and its pool back off after max_restarts such
+    failures, as for any crash, with the module and the error in the log
+    line and in `corral status`. The daemon stays up; once the module is
+    there, a reload starts the pool at once."""
+    late = env.home / "late"
+    late.mkdir()
+    touchy = 'preload = false\nmax_restarts = 1\npool_backoff = "10m"'
+    env.write_config(
+        processes=1,
+        plugins='["e2e_tasks", "late_tasks"]',
+        extra_pool=f"{touchy}\n\n[[pools]]\nname = \"hooked\"\nqueues = [\"hooked\"]\n"
+        f'plugins = ["e2e_tasks"]\nhooks = ["late_hooks"]\n{touchy}',
+    )
+    text = env.config.read_text().replace('python_path = ["', f'python_path = ["{late}", "')
+    env.config.write_text(text)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+
+    def pools() -> dict[str, str]:
+        done = env.run("status", "-c", str(env.config))
+        assert done.returncode == 0, done.stderr
+        return {
+            line.split()[1].rstrip(":"): line
+            for line in done.stdout.splitlines()
+            if line.strip().startswith("pool ")
+        }
+
+    lines = wait_until(
+        pools,
+        lambda found: len(found) == 2 and all("backing off until" in v for v in found.values()),
+        60,
+        message="both pools to back off",
+    )
+    assert "plugin 'late_tasks' could not be imported" in lines["default"]
+    assert "hooks module 'late_hooks' could not be imported" in lines["hooked"]
+    backing_off = {
+        e["pool"]: e["error"]
+        for e in map(_json, daemon.output().splitlines())
+        if e.get("event") == "supervisor.pool_backing_off"
+    }
+    assert "plugin 'late_tasks' could not be imported" in backing_off["default"]
+    assert "No module named 'late_hooks'" in backing_off["hooked"]
+    assert "Traceback" not in daemon.output()
+    assert daemon.alive() and not worker_processes(daemon)
+    (late / "late_tasks.py").write_text(
+        "import corral\n\n\n@corral.task(name='late.ok')\ndef ok(ctx: corral.JobContext) -> int:\n"
+        "    return 1\n"
+    )
+    (late / "late_hooks.py").write_text("def corral_hooks():\n    return []\n")
+    done = env.run("reload", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    env.wait_workers(2, timeout=60)  # at once, not after pool_backoff
+    client = env.client()
+    assert client.result(client.enqueue("late.ok"), timeout=30) == 1
+    assert client.result(client.enqueue("e2e.square", 5, queue="hooked"), timeout=30) == 25
 
 
 def test_sentry_example_reports_a_failed_try_with_its_job(
