@@ -68,9 +68,7 @@ class RestartLimit:
         """Whether slot ``index`` may be filled now."""
         return not self.backing_off(now) and now >= self._slot_start.get(index, 0.0)
 
-    def crashed(
-        self, index: int, now: float, *, job_caused: bool = False, cause: str = ""
-    ) -> None:
+    def crashed(self, index: int, now: float, *, job_caused: bool = False, cause: str = "") -> None:
         """Count a crash of slot ``index``'s worker (of ``cause``, in words):
         back the slot off, and the pool if it crashes too often.
         ``job_caused``: it died running jobs, which are charged for it; it

@@ -597,7 +597,7 @@ def test_workers_that_cannot_load_their_modules_back_their_pool_off(env: Env) ->
     env.write_config(
         processes=1,
         plugins='["e2e_tasks", "late_tasks"]',
-        extra_pool=f"{touchy}\n\n[[pools]]\nname = \"hooked\"\nqueues = [\"hooked\"]\n"
+        extra_pool=f'{touchy}\n\n[[pools]]\nname = "hooked"\nqueues = ["hooked"]\n'
         f'plugins = ["e2e_tasks"]\nhooks = ["late_hooks"]\n{touchy}',
     )
     text = env.config.read_text().replace('python_path = ["', f'python_path = ["{late}", "')
