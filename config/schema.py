@@ -263,7 +263,8 @@ class ClientConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     #: Where the CLI and ``Client.from_config`` reach the broker. Unset: broker.client_endpoint
     #: (a wildcard host as loopback).
     endpoint: NonEmptyStr | None = None
-    #: How long a request waits for the broker before it gives up (the CLI exits 3).
+    #: How long a request waits for the broker before it gives up (the CLI exits 3); an
+    #: enqueue's client hooks (``before_enqueue``) run within it too.
     timeout: PositiveDuration = 5.0
 
 

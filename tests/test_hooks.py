@@ -6,11 +6,13 @@ OpenTelemetry examples, each through real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -274,6 +276,62 @@ def test_each_jobs_headers_survive_batching_restart_and_compaction(tmp_path: Pat
     got = {d.job_id: d.headers for d in deliveries(worker.send(p.WorkerHeartbeat()))}
     got |= {d.job_id: d.headers for d in worker.ready()}
     assert got == want
+
+
+class Sleepy(corral.Hooks):
+    """A before_enqueue that takes ``seconds`` (a tracer's exporter, say)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.seen: list[str] = []
+
+    def before_enqueue(self, job: Enqueuing) -> None:
+        self.seen.append(job.job_id)
+        time.sleep(self.seconds)
+
+
+def test_before_enqueue_runs_under_the_calls_timeout(env: Env) -> None:
+    """The hooks run in the caller's thread (they see its context), under
+    the call's deadline: a hook that returns past the client's timeout
+    raises HookTimeout naming it, the hooks after it do not run and
+    nothing is sent. Hooks that return in time leave the request the rest
+    of the timeout, and a broker that does not answer in it is reported
+    with the hooks' share. The same with the AsyncClient."""
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    slow, after = Sleepy(0.5), Calls()
+    client = corral.Client(env.endpoint, timeout=0.25, hooks=[slow, after])
+    env.clients.append(client)
+    with pytest.raises(corral.HookTimeout) as raised:
+        client.enqueue("e2e.square", 3)
+    text = str(raised.value)
+    assert "Sleepy.before_enqueue" in text and "timeout=0.25s" in text, text
+    assert "nothing was enqueued" in text and "e2e.square" in text
+    assert isinstance(raised.value, corral.CorralError) and isinstance(raised.value, TimeoutError)
+    assert after.calls == []
+    with pytest.raises(corral.HookTimeout):
+        client.enqueue_many([corral.Job("e2e.square", n) for n in range(3)])
+    assert len(slow.seen) == 2  # the batch stopped at its first job's hook
+    plain = env.client()
+    for job_id in slow.seen:
+        with pytest.raises(corral.JobNotFound):
+            plain.job(job_id)
+
+    async def enqueue_async() -> None:
+        async with corral.AsyncClient(env.endpoint, timeout=0.25, hooks=[slow]) as aclient:
+            await aclient.enqueue("e2e.square", 3)
+
+    with pytest.raises(corral.HookTimeout, match=r"Sleepy\.before_enqueue"):
+        asyncio.run(enqueue_async())
+    broker.signal(signal.SIGSTOP)  # it answers nothing now
+    try:
+        quick = corral.Client(env.endpoint, timeout=1.0, hooks=[Sleepy(0.3)])
+        env.clients.append(quick)
+        with pytest.raises(corral.BrokerUnavailable, match=r"within 1s.*hooks took 0\.\d+s"):
+            quick.enqueue("e2e.square", 3)
+    finally:
+        broker.signal(signal.SIGCONT)
+    assert plain.jobs() == []
 
 
 def test_a_client_with_hooks_loads_no_logging_stack() -> None:
