@@ -609,7 +609,7 @@ def test_a_hook_past_hook_timeout_costs_its_worker_and_no_job(env: Env) -> None:
     is part of its try: that try is charged, the next one runs."""
     configure(env, "[]", pool_hooks='["recorder_hooks:hang_hooks"]')
     env.config.write_text(
-        env.config.read_text().replace("[[pools]]\n", '[[pools]]\nhook_timeout = "1s"\n', 1)
+        env.config.read_text().replace("[[pools]]\n", '[[pools]]\nhook_timeout = "2s"\n', 1)
     )
     daemon = env.start("run")
     env.wait_ready(daemon)
