@@ -101,7 +101,7 @@ class Pool:
                     self.spawn(index)
                 except OSError as exc:
                     log.error("supervisor.fork_failed", pool=self.name, index=index, error=str(exc))
-                    self.restarts.crashed(index, now)
+                    self.restarts.crashed(index, now, cause=f"a fork failed: {exc}")
 
     def spawn(self, index: int) -> None:
         self.slots[index] = self.forker.fork(self, index)

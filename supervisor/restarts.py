@@ -121,7 +121,8 @@ class RestartLimit:
         what its last crash died of."""
         if self.backing_off(now):
             until = f"backing off until {wall_clock(self.backing_off_until, now)}"
-            return f"{until}: {self.cause}" if self.cause else until
+            cause = self.cause if len(self.cause) <= 300 else f"{self.cause[:299]}…"
+            return f"{until}: {cause}" if cause else until
         return "ok"
 
 
