@@ -78,21 +78,24 @@ def test_a_kill_charges_the_jobs_it_was_for_or_every_started_one() -> None:
 def test_hook_lines_and_snapshots_carry_the_hooks_running() -> None:
     """A hook about to run is announced with its bound (an H line, by the
     thread that runs it), its end too (D); a snapshot lists the hooks
-    running, so a lost line is made good. Odd names travel whole."""
+    running, so a lost line is made good. Odd names travel whole, and so
+    does why a worker cannot start (X)."""
     r, w = os.pipe()
     try:
         writer = StatusWriter(w)
         writer.hook_started("a b:1", 30.0, "Exporter.after_job")
         writer.hooks_done("a b:1")
         writer.running({"j": 5.0}, b"\x01", {"k\nR x": ("my.<locals>.H.before_job", 2.5)})
+        writer.cannot_start("plugin 'x' could not be imported:\nR poison")
         events = StatusReader().feed(os.read(r, 65536))
     finally:
         os.close(r)
         os.close(w)
-    assert [(e.kind, e.jobs, e.hooks) for e in events] == [
-        ("H", {}, {"a b:1": ("Exporter.after_job", 30.0)}),
-        ("D", {"a b:1": 0.0}, {}),
-        ("J", {"j": 5.0}, {"k\nR x": ("my.<locals>.H.before_job", 2.5)}),
+    assert [(e.kind, e.jobs, e.hooks, e.reason) for e in events] == [
+        ("H", {}, {"a b:1": ("Exporter.after_job", 30.0)}, ""),
+        ("D", {"a b:1": 0.0}, {}, ""),
+        ("J", {"j": 5.0}, {"k\nR x": ("my.<locals>.H.before_job", 2.5)}, ""),
+        ("X", {}, {}, "plugin 'x' could not be imported:\nR poison"),
     ]
 
 
