@@ -202,6 +202,11 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     #: Hooks modules for this pool's workers, after the top-level ``hooks``
     #: (see :mod:`corral.hooks`).
     hooks: list[HookName] = []
+    #: How long one call of a hook (before_job, on_failure, on_retry, after_job) may take:
+    #: past it the supervisor kills the worker, which holds the hook's thread, and starts
+    #: another. Its jobs not started go back uncounted; a job whose end hook hung keeps its
+    #: outcome; a before_job past it ends its try (counted, as a hard timeout).
+    hook_timeout: PositiveDuration = 30.0
 
 
 class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -258,7 +263,8 @@ class ClientConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     #: Where the CLI and ``Client.from_config`` reach the broker. Unset: broker.client_endpoint
     #: (a wildcard host as loopback).
     endpoint: NonEmptyStr | None = None
-    #: How long a request waits for the broker before it gives up (the CLI exits 3).
+    #: How long a request waits for the broker before it gives up (the CLI exits 3); an
+    #: enqueue's client hooks (``before_enqueue``) run within it too.
     timeout: PositiveDuration = 5.0
 
 

@@ -20,7 +20,7 @@ import zmq.asyncio
 from corral.broker import protocol as p
 from corral.client import _INHERITED, DEFAULT_TIMEOUT, _Driver, _signature, _ThisProcess
 from corral.clientcore import ClientCore, Plan, Step, decode_reply, encode_request, resend_every
-from corral.hooks import Hooks
+from corral.hooks import CallBudget, Hooks
 from corral.transport import connect_dealer
 
 __all__ = ["AsyncClient"]
@@ -36,7 +36,8 @@ def _awaiting(
 
     @functools.wraps(op)
     async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self._run(op(self._core, *args, **kwargs))
+        budget = self._budget()
+        return await self._run(self._plan(budget, op, *args, **kwargs), budget)
 
     method.__qualname__ = f"AsyncClient.{op.__name__}"
     method.__signature__ = _signature(op)  # type: ignore[attr-defined]
@@ -100,17 +101,20 @@ class AsyncClient(_Driver):
         self._reader = None
         self._pending = {}
 
-    async def _run(self, plan: Plan[T]) -> T:
-        """Send each step's request and read its reply until the operation has its value."""
+    async def _run(self, plan: Plan[T], budget: CallBudget | None = None) -> T:
+        """Send each step's request and read its reply until the operation
+        has its value (the first within what ``budget`` left)."""
         while isinstance(plan, Step):
-            plan = plan.answer(await self._call(plan.request, plan.wait))
+            plan = plan.answer(await self._call(plan.request, plan.wait, budget))
+            budget = None
         return plan
 
-    async def _call(self, request: p.ClientRequest, wait: float) -> p.ClientReply:
+    async def _call(
+        self, request: p.ClientRequest, wait: float, budget: CallBudget | None = None
+    ) -> p.ClientReply:
         """Send one request and return its reply; a single reader task hands
         each reply to its request by id."""
-        timeout = self.timeout + wait
-        deadline = time.monotonic() + timeout
+        deadline, timeout = self._deadline(budget, wait)
         if self._pid != _ThisProcess.pid:
             self._forked()
         if self._sock is None:
@@ -123,7 +127,7 @@ class AsyncClient(_Driver):
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    raise self._unavailable(timeout) from None
+                    raise self._unavailable(timeout, budget) from None
                 await sock.poll(50, zmq.POLLOUT)  # type: ignore[call-arg]  # pyzmq's stub
         future: asyncio.Future[p.ClientReply] = asyncio.get_running_loop().create_future()
         self._pending[request.req] = future
@@ -134,7 +138,7 @@ class AsyncClient(_Driver):
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise self._unavailable(timeout)
+                    raise self._unavailable(timeout, budget)
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), min(left, every or left))
                 except TimeoutError:

@@ -9,10 +9,15 @@ methods is a core operation bound by :func:`_blocking` (or
 :func:`corral.asyncclient._awaiting`),
 so the two cannot drift apart in names, arguments, replies or docs.
 
-A request that gets no answer within the timeout raises BrokerUnavailable
-and the blocking client throws its socket away (the lazy pirate pattern), so
-a late reply or a queued request never surfaces later. Within the timeout, a
-request the broker answers the same way twice (see
+A call's timeout starts with the call: the ``before_enqueue`` hooks of its
+jobs run first, in the caller's thread or task (a hook that returns past
+the timeout raises HookTimeout, nothing sent), and its first request has
+what they left (a :class:`~corral.hooks.CallBudget`, passed to the core's
+job specs in :data:`~corral.clientjobs.call_budget`). A request that gets
+no answer within the timeout raises BrokerUnavailable and the blocking
+client throws its socket away (the lazy pirate pattern), so a late reply
+or a queued request never surfaces later. Within the timeout, a request
+the broker answers the same way twice (see
 :data:`~corral.clientcore.RESENDABLE`) is sent again every
 :data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer.
 
@@ -51,8 +56,9 @@ from corral.clientcore import (
     encode_request,
     resend_every,
 )
+from corral.clientjobs import call_budget
 from corral.errors import BrokerUnavailable
-from corral.hooks import Hooks, HookSet
+from corral.hooks import CallBudget, Hooks, HookSet
 from corral.transport import connect_dealer
 
 if TYPE_CHECKING:
@@ -111,7 +117,8 @@ def _blocking(
 
     @functools.wraps(op)
     def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self._run(op(self._core, *args, **kwargs))
+        budget = self._budget()
+        return self._run(self._plan(budget, op, *args, **kwargs), budget)
 
     method.__qualname__ = f"Client.{op.__name__}"
     method.__signature__ = _signature(op)  # type: ignore[attr-defined]
@@ -158,7 +165,35 @@ class _Driver:
             kwargs["hooks"] = [*load_hooks(config.hooks), *kwargs.get("hooks", ())]
         return cls(None, config=config, **kwargs)
 
-    def _unavailable(self, timeout: float) -> BrokerUnavailable:
+    def _budget(self) -> CallBudget:
+        """The time a call has from now: its hooks' and its first request's."""
+        return CallBudget(time.monotonic() + self.timeout, self.timeout)
+
+    def _plan(
+        self,
+        budget: CallBudget,
+        op: Callable[Concatenate[ClientCore, P], Plan[T]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Plan[T]:
+        """``op``'s plan, its job specs' hooks run within ``budget`` (in
+        this thread or task, which they may read context from: a hook
+        cannot be stopped, so one that never returns holds the call)."""
+        token = call_budget.set(budget)
+        try:
+            return op(self._core, *args, **kwargs)
+        finally:
+            call_budget.reset(token)
+
+    def _deadline(self, budget: CallBudget | None, wait: float) -> tuple[float, float]:
+        """A request's (deadline, timeout): a call's first request has what
+        its ``budget`` left, a later one the whole timeout; plus ``wait``."""
+        if budget is not None:
+            return budget.deadline + wait, self.timeout + wait
+        return time.monotonic() + self.timeout + wait, self.timeout + wait
+
+    def _unavailable(self, timeout: float, budget: CallBudget | None = None) -> BrokerUnavailable:
         hint = "is `corral run` (or `corral broker`) running there?"
         security = getattr(self.config, "security", None)
         if self.endpoint.startswith("tcp://") and getattr(security, "server_public_key", None):
@@ -168,8 +203,11 @@ class _Driver:
                 " security.server_public_key is the broker's and that the broker"
                 " authorizes this client's key (security.client_secret_key)"
             )
+        spent = ""
+        if budget is not None and budget.hooks >= 0.001:
+            spent = f" (of which the before_enqueue hooks took {budget.hooks:.3g}s)"
         return BrokerUnavailable(
-            f"no answer from the broker at {self.endpoint} within {timeout:g}s; {hint}"
+            f"no answer from the broker at {self.endpoint} within {timeout:g}s{spent}; {hint}"
         )
 
 
@@ -229,7 +267,8 @@ class Client(_Driver):
 
     ``endpoint`` is the broker's client endpoint (``ipc://...`` or, with
     CURVE keys in ``config``, ``tcp://...``); ``timeout`` is the seconds
-    each request waits for an answer before BrokerUnavailable;
+    each call may take (its hooks' ``before_enqueue``, then the wait for the
+    answer) before BrokerUnavailable (HookTimeout, for a hook past it);
     ``context`` is the zmq.Context its sockets are made in (default:
     ``zmq.Context.instance()``); ``hooks`` (``corral.Hooks``) see every job
     before it is sent.
@@ -285,13 +324,17 @@ class Client(_Driver):
         context = self._context if self._pid == _ThisProcess.pid else None
         return _Sockets(context, self.endpoint, self.config, self.max_idle_sockets)
 
-    def _run(self, plan: Plan[T]) -> T:
-        """Send each step's request and read its reply until the operation has its value."""
+    def _run(self, plan: Plan[T], budget: CallBudget | None = None) -> T:
+        """Send each step's request and read its reply until the operation
+        has its value (the first within what ``budget`` left)."""
         while isinstance(plan, Step):
-            plan = plan.answer(self._call(plan.request, plan.wait))
+            plan = plan.answer(self._call(plan.request, plan.wait, budget))
+            budget = None
         return plan
 
-    def _call(self, request: p.ClientRequest, wait: float) -> p.ClientReply:
+    def _call(
+        self, request: p.ClientRequest, wait: float, budget: CallBudget | None = None
+    ) -> p.ClientReply:
         """Send one request on a socket no other thread holds; return its reply."""
         sockets = self._sockets
         if sockets.pid != _ThisProcess.pid:  # forked: the parent's sockets are not ours
@@ -300,7 +343,7 @@ class Client(_Driver):
         body = encode_request(request, self.max_message_size)
         sock = sockets.take()
         try:
-            reply = self._exchange(sock, request, body, wait)
+            reply = self._exchange(sock, request, body, wait, budget)
         except BaseException:
             # No answer, or interrupted: a late reply must never reach the
             # next request, so the socket goes (the lazy pirate pattern).
@@ -310,26 +353,31 @@ class Client(_Driver):
         return reply
 
     def _exchange(
-        self, sock: zmq.Socket[Any], request: p.ClientRequest, body: bytes, wait: float
+        self,
+        sock: zmq.Socket[Any],
+        request: p.ClientRequest,
+        body: bytes,
+        wait: float,
+        budget: CallBudget | None,
     ) -> p.ClientReply:
         """Send ``body`` on ``sock`` (again every so often, if resendable)
-        and wait for its reply, at most the timeout plus ``wait`` seconds."""
-        timeout = self.timeout + wait
-        deadline = time.monotonic() + timeout
+        and wait for its reply, at most the timeout (what ``budget`` left of
+        it) plus ``wait`` seconds."""
+        deadline, timeout = self._deadline(budget, wait)
         while True:
             try:
                 sock.send(body, zmq.NOBLOCK)
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    raise self._unavailable(timeout) from None
+                    raise self._unavailable(timeout, budget) from None
                 sock.poll(50, zmq.POLLOUT)
         every = resend_every(request, wait)
         resend_at = time.monotonic() + every if every is not None else math.inf
         while True:
             now = time.monotonic()
             if now >= deadline:
-                raise self._unavailable(timeout)
+                raise self._unavailable(timeout, budget)
             if now >= resend_at:  # no answer yet: the same request again
                 with contextlib.suppress(zmq.Again):
                     sock.send(body, zmq.NOBLOCK)

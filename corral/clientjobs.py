@@ -2,13 +2,14 @@
 wire's ``JobSpec``: its id made here (so a resent enqueue is idempotent at
 the broker), the options a task function gives it, its payload encoded
 (and checked against a task function's payload type), the headers the
-client's hooks add (those the broker would refuse dropped), ``expires``
-in its wire form. No I/O."""
+client's hooks add (those the broker would refuse dropped, and within the
+call's :data:`call_budget`), ``expires`` in its wire form. No I/O."""
 
 from __future__ import annotations
 
 import os
 import time
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -23,7 +24,7 @@ from corral.broker.jobspec import (
     JobSpec,
     options_of,
 )
-from corral.hooks import Enqueuing, HookSet
+from corral.hooks import CallBudget, Enqueuing, HookSet
 
 if TYPE_CHECKING:
     from corral.workers.registry import Task
@@ -76,6 +77,13 @@ class Job(AnyJob, Generic[PayloadT], frozen=True):
     # A payload of the task's type (None for none): a type checker holds a
     # @corral.task's payload to it (with a name, anything goes).
     payload: PayloadT = None  # type: ignore[assignment]
+
+
+#: The time left to the client call being made in this thread (or asyncio
+#: task), set by the client around the call's job specs: the hooks'
+#: ``before_enqueue`` runs within it. None: unbounded (a spec made outside a
+#: client call).
+call_budget: ContextVar[CallBudget | None] = ContextVar("corral_call_budget", default=None)
 
 
 def new_job_id() -> str:
@@ -168,7 +176,7 @@ def _hooked_headers(hooks: HookSet, job: AnyJob, job_id: str) -> dict[str, str] 
     is the caller's to fix: the broker names it)."""
     given = dict(job.headers or {})
     enqueuing = Enqueuing(job.task, job_id, job.queue, job.payload, dict(given))
-    hooks.before_enqueue(enqueuing)
+    hooks.before_enqueue(enqueuing, call_budget.get())
     headers: dict[str, str] = {}
     for key, value in enqueuing.headers.items():
         why = None

@@ -67,6 +67,11 @@ class ResultTimeout(CorralError, TimeoutError):
     """The job did not end within the wait."""
 
 
+class HookTimeout(CorralError, TimeoutError):
+    """A client's ``before_enqueue`` hook returned past the call's timeout:
+    nothing was sent; the message names the hook."""
+
+
 class Retry(Exception):
     """Raised by a handler: run this job again later without counting a failure."""
 

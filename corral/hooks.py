@@ -24,20 +24,26 @@ A hook cannot break a job or a worker: an exception in one is logged
 (``hook.failed``, with its traceback) and the job's outcome stands. The
 end hooks (``on_failure``, ``on_retry``, ``after_job``) run once the
 outcome is on its way to the broker, so a slow one never delays it nor
-makes the job time out; ``before_job``'s time is the try's. Hooks
-run in the order given, on the thread (or asyncio task) that runs the job,
-so ``before_job`` may set context variables the handler and ``after_job``
-see. The worker's per-job log lines are such a hook
-(:class:`corral.logs.JobLines`), run first.
-"""
+makes the job time out; ``before_job``'s time is the try's. A worker tells
+its supervisor of each call (a :class:`HookWatch`): one that runs past the
+pool's ``hook_timeout`` has its worker killed and replaced
+(``hook.timeout``), since nothing else frees the thread it holds. A
+client's ``before_enqueue`` runs in the caller's thread within the call's
+timeout (a :class:`CallBudget`): one that returns past it raises
+``corral.HookTimeout`` and nothing is sent. Hooks run in the order given,
+on the thread (or asyncio task) that runs the job, so ``before_job`` may
+set context variables the handler and ``after_job`` see. The worker's
+per-job log lines are such a hook (:class:`corral.logs.JobLines`), run
+first."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from corral.errors import CorralError, SoftTimeout
+from corral.errors import CorralError, HookTimeout, SoftTimeout
 
 if TYPE_CHECKING:
     from corral.context import JobContext
@@ -73,6 +79,30 @@ class Enqueuing:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class CallBudget:
+    """The time a client call has, shared by its jobs' ``before_enqueue``
+    hooks and then its request: ``deadline`` in ``time.monotonic()``
+    seconds, ``timeout`` the client's, ``hooks`` the seconds the hooks took."""
+
+    deadline: float
+    timeout: float
+    hooks: float = 0.0
+
+    def spent(self, hook: str, job: Enqueuing, started: float) -> None:
+        """``hook`` ran from ``started`` until now; raises HookTimeout if
+        that took the call past its deadline."""
+        now = time.monotonic()
+        self.hooks += now - started
+        if now > self.deadline:
+            raise HookTimeout(
+                f"the hook {hook} took {now - started:.3g}s on job {job.job_id} of task "
+                f"{job.task!r}, past the client's timeout={self.timeout:g}s for the whole "
+                "call; nothing was enqueued. Give the hook's network calls a timeout, or "
+                "give the client a longer one"
+            )
+
+
 @dataclass(frozen=True)
 class JobEnd:
     """How one try of a job ended, as ``after_job`` sees it."""
@@ -98,7 +128,9 @@ class Hooks:
     every job it sends (each of a batch, a flow and their callbacks)."""
 
     def before_enqueue(self, job: Enqueuing) -> None:
-        """A client is about to send ``job``; add to ``job.headers`` here."""
+        """A client is about to send ``job``; add to ``job.headers`` here.
+        It runs in the caller's thread, within the call's timeout: past it
+        the call raises ``corral.HookTimeout`` (when it returns)."""
 
     def before_job(self, ctx: JobContext) -> None:
         """A worker is about to run ``ctx``'s job (its payload not yet decoded)."""
@@ -121,30 +153,58 @@ class Hooks:
 POINTS = ("before_enqueue", "before_job", "on_failure", "on_retry", "after_job", "close")
 
 
+class HookWatch(Protocol):
+    """Told of every hook call about a job (a worker's status pipe, so that
+    its supervisor can bound a hook that never returns)."""
+
+    def hook_started(self, job_id: str, hook: str) -> None:
+        """``hook`` (``"Class.point"``) is about to run for ``job_id``."""
+
+    def hooks_done(self, job_id: str) -> None:
+        """The hooks of one point have run for ``job_id``."""
+
+
 class HookSet:
     """The hooks of one process, each call guarded: an exception is logged
-    and the next hook runs. A point none of them overrides costs nothing."""
+    and the next hook runs. A point none of them overrides costs nothing.
+    ``watch`` is told of each call about a job, but of the first
+    ``builtin`` hooks' (corral's own)."""
 
-    def __init__(self, hooks: Iterable[Hooks] = ()) -> None:
+    def __init__(
+        self, hooks: Iterable[Hooks] = (), *, watch: HookWatch | None = None, builtin: int = 0
+    ) -> None:
         self.hooks: tuple[Hooks, ...] = tuple(hooks)
         for hook in self.hooks:
             if not isinstance(hook, Hooks):
                 raise TypeError(f"a hook must be a corral.Hooks, not {hook!r}")
-        # Per point, the bound methods that do something.
-        self._calls: dict[str, list[Callable[..., None]]] = {
+        self.watch = watch
+        # Per point, the bound methods that do something, each with its name
+        # ("Class.point") and whether the watch is told of it (not a built-in).
+        self._calls: dict[str, list[tuple[Callable[..., None], str, bool]]] = {
             point: [
-                getattr(hook, point)
-                for hook in self.hooks
+                (getattr(hook, point), f"{type(hook).__qualname__}.{point}", i >= builtin)
+                for i, hook in enumerate(self.hooks)
                 if getattr(type(hook), point) is not getattr(Hooks, point)
             ]
             for point in POINTS
         }
+        #: The points with a hook the watch is told of.
+        self._watched = {point for point, calls in self._calls.items() if any(c[2] for c in calls)}
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
 
-    def before_enqueue(self, job: Enqueuing) -> None:
-        self._run("before_enqueue", job.job_id, job)
+    def before_enqueue(self, job: Enqueuing, budget: CallBudget | None = None) -> None:
+        """``before_enqueue`` of each hook, within ``budget`` if given: one
+        that returns past its deadline raises HookTimeout (the hooks after
+        it do not run)."""
+        if budget is None:
+            self._run("before_enqueue", job.job_id, job)
+            return
+        for call, name, _ in self._calls["before_enqueue"]:
+            started = time.monotonic()
+            self._guarded(call, "before_enqueue", job.job_id, (job,), None)
+            budget.spent(name, job, started)
 
     def before_job(self, ctx: JobContext) -> None:
         """``before_job`` of each hook. A soft timeout that fires meanwhile
@@ -168,19 +228,40 @@ class HookSet:
         *args: Any,
         reraise: type[BaseException] | None = None,
     ) -> None:
-        for call in self._calls[point]:
-            try:
-                call(*args)
-            except BaseException as exc:  # a hook never breaks a job or a worker
-                if reraise is not None and isinstance(exc, reraise):
-                    raise
-                _logger().exception(
-                    "hook.failed",
-                    hook=type(getattr(call, "__self__", call)).__qualname__,
-                    point=point,
-                    job_id=job_id,
-                    error=f"{type(exc).__name__}: {exc}"[:500],
-                )
+        calls = self._calls[point]
+        watch = self.watch
+        if watch is None or job_id is None or point not in self._watched:
+            for call, _, _ in calls:
+                self._guarded(call, point, job_id, args, reraise)
+            return
+        try:
+            for call, name, watched in calls:
+                if watched:
+                    watch.hook_started(job_id, name)
+                self._guarded(call, point, job_id, args, reraise)
+        finally:
+            watch.hooks_done(job_id)
+
+    @staticmethod
+    def _guarded(
+        call: Callable[..., None],
+        point: str,
+        job_id: str | None,
+        args: tuple[Any, ...],
+        reraise: type[BaseException] | None,
+    ) -> None:
+        try:
+            call(*args)
+        except BaseException as exc:  # a hook never breaks a job or a worker
+            if reraise is not None and isinstance(exc, reraise):
+                raise
+            _logger().exception(
+                "hook.failed",
+                hook=type(getattr(call, "__self__", call)).__qualname__,
+                point=point,
+                job_id=job_id,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
 
 
 def _logger() -> Any:

@@ -102,6 +102,17 @@ class Children:
             if verdict is None:
                 continue
             if verdict.action == "kill":
+                if verdict.hook:
+                    log.error(
+                        "hook.timeout",
+                        hook=verdict.hook,
+                        job_id=verdict.hook_job,
+                        pool=pool.name,
+                        pid=child.pid,
+                        timeout=verdict.hook_timeout,
+                        hint="the worker is killed and replaced, its jobs not started go "
+                        "back uncounted; give the hook's network calls a timeout",
+                    )
                 log.warning(
                     "supervisor.kill_worker",
                     pool=pool.name,

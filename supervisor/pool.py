@@ -101,7 +101,7 @@ class Pool:
                     self.spawn(index)
                 except OSError as exc:
                     log.error("supervisor.fork_failed", pool=self.name, index=index, error=str(exc))
-                    self.restarts.crashed(index, now)
+                    self.restarts.crashed(index, now, cause=f"a fork failed: {exc}")
 
     def spawn(self, index: int) -> None:
         self.slots[index] = self.forker.fork(self, index)
@@ -130,10 +130,11 @@ class Pool:
         """Slot ``index`` is empty: its worker exited."""
         self.slots[index] = None
 
-    def crashed(self, index: int, now: float, *, job_caused: bool) -> None:
-        """Slot ``index``'s worker crashed: the slot is filled again after
-        its backoff (at once if the death was charged to its jobs)."""
-        self.restarts.crashed(index, now, job_caused=job_caused)
+    def crashed(self, index: int, now: float, *, job_caused: bool, cause: str = "") -> None:
+        """Slot ``index``'s worker crashed (of ``cause``, in words): the slot
+        is filled again after its backoff (at once if the death was charged
+        to its jobs)."""
+        self.restarts.crashed(index, now, job_caused=job_caused, cause=cause)
 
     # ---------------------------------------------------------- replace
 

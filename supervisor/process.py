@@ -161,6 +161,10 @@ class Child:
         # What the status pipe tells: jobs running (id -> (started, timeout)),
         # the last sign of life, and whether the child is being replaced.
         self.jobs: dict[str, tuple[float, float]] = {}
+        #: Hooks running: job id -> (started, timeout, hook).
+        self.hooks: dict[str, tuple[float, float, str]] = {}
+        #: Why it could not start, as it said before exiting ("" if it did not).
+        self.cannot_start = ""
         #: Every socket identity (hex) the worker has connected with.
         self.identities: set[str] = set()
         self.identity = ""  # the one it uses now, as its last status line said

@@ -112,7 +112,9 @@ class BrokerLink:
             dropped = self._broker().worker_exited(
                 self.host,
                 child.pid or 0,
-                child.describe_exit(),
+                f"{child.describe_exit()}: {child.killed_for}"
+                if child.killed_for
+                else child.describe_exit(),
                 sorted(child.identities),
                 charged=child.charged,
             )

@@ -48,6 +48,9 @@ class RestartLimit:
         self.backing_off_until = 0.0
         #: How many times in a row the pool backed off.
         self._trips = 0
+        #: What the last counted crash died of (``worker.cannot_start``'s
+        #: error, or how it ended): the pool's backoff names it.
+        self.cause = ""
 
     def reset(self) -> None:
         """Forget the crashes (an operator's reload): start at once."""
@@ -56,6 +59,7 @@ class RestartLimit:
         self._slot_start.clear()
         self.backing_off_until = 0.0
         self._trips = 0
+        self.cause = ""
 
     def backing_off(self, now: float) -> bool:
         return now < self.backing_off_until
@@ -64,13 +68,15 @@ class RestartLimit:
         """Whether slot ``index`` may be filled now."""
         return not self.backing_off(now) and now >= self._slot_start.get(index, 0.0)
 
-    def crashed(self, index: int, now: float, *, job_caused: bool = False) -> None:
-        """Count a crash of slot ``index``'s worker: back the slot off, and
-        the pool if it crashes too often. ``job_caused``: it died running
-        jobs, which are charged for it; it restarts at once, uncounted."""
+    def crashed(self, index: int, now: float, *, job_caused: bool = False, cause: str = "") -> None:
+        """Count a crash of slot ``index``'s worker (of ``cause``, in words):
+        back the slot off, and the pool if it crashes too often.
+        ``job_caused``: it died running jobs, which are charged for it; it
+        restarts at once, uncounted."""
         self.total += 1
         if job_caused:
             return
+        self.cause = cause
         config = self.config
         window = config.restart_window
         count, last = self._streaks.get(index, (0, 0.0))
@@ -106,13 +112,17 @@ class RestartLimit:
             window=config.restart_window,
             seconds=seconds,
             until=wall_clock(self.backing_off_until, now),
+            error=self.cause,
             hint="it tries again then; fix the cause, or reload (SIGHUP) to try at once",
         )
 
     def state(self, now: float) -> str:
-        """``ok``, or ``backing off until <time>`` for `corral status`."""
+        """``ok``, or ``backing off until <time>`` for `corral status`, with
+        what its last crash died of."""
         if self.backing_off(now):
-            return f"backing off until {wall_clock(self.backing_off_until, now)}"
+            until = f"backing off until {wall_clock(self.backing_off_until, now)}"
+            cause = self.cause if len(self.cause) <= 300 else f"{self.cause[:299]}…"
+            return f"{until}: {cause}" if cause else until
         return "ok"
 
 

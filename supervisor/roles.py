@@ -90,6 +90,7 @@ def worker_options(
         max_message_size=config.broker.max_message_size,
         name=f"{socket.gethostname()}/{pool.name}#{index}/{os.getpid()}",
         status_fd=status_fd,
+        hook_timeout=pool.hook_timeout,
     )
 
 
@@ -101,24 +102,21 @@ def run_worker(
     status_fd: int | None = None,
 ) -> int:
     """Run one worker of ``pool`` until it is told to stop or recycles.
-    Raises ConfigError for a key file it cannot use. Returns 2 (logged as
-    ``worker.cannot_start``) when its hooks cannot be loaded."""
-    from corral.hooks import HookError, load_hooks
-    from corral.transport import check_worker_keys
-    from corral.workers.registry import add_python_path
+    Returns 2 when it cannot start: its plugins (not preloaded) or its
+    hooks cannot be loaded, or a key file cannot be used. It logs why
+    (``worker.cannot_start``) and tells its supervisor on the status pipe,
+    which backs the pool off as for any crash, naming the error."""
+    from corral.errors import CorralError
     from corral.workers.runtime import Worker
-
-    check_worker_keys(config)
+    from corral.workers.status import StatusWriter
 
     logs.configure("worker", config.log.level, config.log.format, config.log.jobs)
     structlog.contextvars.bind_contextvars(pool=pool.name, index=index)
-    if registry is None:
-        registry = pool_registry(config, pool)
-    add_python_path(config.python_path)
-    try:  # after the fork: a hook may start threads and open connections
-        hooks = load_hooks([*config.hooks, *pool.hooks])
-    except HookError as exc:
+    try:
+        registry, hooks = _load_worker(config, pool, registry)
+    except CorralError as exc:
         log.error("worker.cannot_start", error=str(exc))
+        StatusWriter(status_fd).cannot_start(str(exc))
         return 2
     options = worker_options(config, pool, index, status_fd)
     worker = Worker(options, registry, config, hooks=hooks)
@@ -130,3 +128,18 @@ def run_worker(
         concurrency=pool.concurrency,
     )
     return worker.run()
+
+
+def _load_worker(config: Any, pool: Any, registry: Registry | None) -> tuple[Registry, list[Any]]:
+    """A worker's tasks (imported here unless preloaded) and hooks (made
+    here, after the fork: a hook may start threads and open connections).
+    Raises ConfigError (a key file), PluginError, HookError."""
+    from corral.hooks import load_hooks
+    from corral.transport import check_worker_keys
+    from corral.workers.registry import add_python_path
+
+    check_worker_keys(config)
+    if registry is None:
+        registry = pool_registry(config, pool)
+    add_python_path(config.python_path)
+    return registry, load_hooks([*config.hooks, *pool.hooks])

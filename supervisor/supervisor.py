@@ -61,6 +61,17 @@ BROKER_HEALTH_WINDOW = 5.0
 EXTEND_EVERY = 10.0
 
 
+def crash_cause(child: Child) -> str:
+    """What a crashed worker died of, in words: why it could not start, as
+    it said, or how it ended."""
+    if child.cannot_start:
+        return child.cannot_start
+    cause = f"a worker {child.describe_exit()}"
+    if child.killed_for:
+        return f"{cause}: {child.killed_for}"
+    return cause if child.ready else f"{cause} before it started"
+
+
 def _clock() -> str:
     """The local wall-clock time, for what an operator reads."""
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -250,13 +261,15 @@ class Supervisor:
         if self.control.stopping:
             return
         clean = child.exit_code == 0
-        log_fn = log.info if clean else log.warning
+        why = {"error": child.cannot_start} if child.cannot_start else {}
+        log_fn = log.info if clean else log.error if why else log.warning
         log_fn(
             "supervisor.worker_exited",
             pool=pool.name,
             index=index,
             pid=child.pid,
             how=child.describe_exit(),
+            **why,
         )
         if clean:
             return
@@ -267,7 +280,7 @@ class Supervisor:
         if not child.killed_for and child.jobs:
             child.charged = sorted(child.jobs)
         self.link.worker_exited(child)
-        pool.crashed(index, now, job_caused=job_caused)
+        pool.crashed(index, now, job_caused=job_caused, cause=crash_cause(child))
 
     # ------------------------------------------------------------- reload
 

@@ -328,7 +328,7 @@ Sent = list[tuple[p.ClientRequest, float]]
 
 
 def canned(replies: Iterator[p.ClientReply], sent: Sent) -> Callable[..., p.ClientReply]:
-    def call(request: p.ClientRequest, wait: float) -> p.ClientReply:
+    def call(request: p.ClientRequest, wait: float, *budget: object) -> p.ClientReply:
         sent.append((request, wait))
         return next(replies)
 
@@ -347,7 +347,7 @@ def test_both_clients_drive_the_core_alike(name: str, monkeypatch: pytest.Monkey
     monkeypatch.setattr(blocking, "_call", canned(iter([reply]), blocking_sent))
     call = canned(iter([reply]), awaiting_sent)
 
-    async def call_async(request: p.ClientRequest, wait: float) -> p.ClientReply:
+    async def call_async(request: p.ClientRequest, wait: float, *budget: object) -> p.ClientReply:
         return call(request, wait)
 
     monkeypatch.setattr(awaiting, "_call", call_async)
@@ -361,9 +361,9 @@ def test_both_clients_drive_the_core_alike(name: str, monkeypatch: pytest.Monkey
 def test_both_clients_raise_the_same_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     reply = p.ErrorReply(1, "not_found", "no job with id 'j'")
     blocking, awaiting = Client(ENDPOINT), AsyncClient(ENDPOINT)
-    monkeypatch.setattr(blocking, "_call", lambda request, wait: reply)
+    monkeypatch.setattr(blocking, "_call", lambda request, wait, *budget: reply)
 
-    async def call_async(request: p.ClientRequest, wait: float) -> p.ClientReply:
+    async def call_async(request: p.ClientRequest, wait: float, *budget: object) -> p.ClientReply:
         return reply
 
     monkeypatch.setattr(awaiting, "_call", call_async)

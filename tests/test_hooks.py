@@ -6,18 +6,20 @@ OpenTelemetry examples, each through real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from conftest import PLUGINS, Env, wait_for, worker_processes
+from conftest import PLUGINS, Env, wait_for, wait_until, worker_processes
 from structlog.testing import capture_logs
 
 import corral
@@ -276,6 +278,62 @@ def test_each_jobs_headers_survive_batching_restart_and_compaction(tmp_path: Pat
     assert got == want
 
 
+class Sleepy(corral.Hooks):
+    """A before_enqueue that takes ``seconds`` (a tracer's exporter, say)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.seen: list[str] = []
+
+    def before_enqueue(self, job: Enqueuing) -> None:
+        self.seen.append(job.job_id)
+        time.sleep(self.seconds)
+
+
+def test_before_enqueue_runs_under_the_calls_timeout(env: Env) -> None:
+    """The hooks run in the caller's thread (they see its context), under
+    the call's deadline: a hook that returns past the client's timeout
+    raises HookTimeout naming it, the hooks after it do not run and
+    nothing is sent. Hooks that return in time leave the request the rest
+    of the timeout, and a broker that does not answer in it is reported
+    with the hooks' share. The same with the AsyncClient."""
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    slow, after = Sleepy(0.5), Calls()
+    client = corral.Client(env.endpoint, timeout=0.25, hooks=[slow, after])
+    env.clients.append(client)
+    with pytest.raises(corral.HookTimeout) as raised:
+        client.enqueue("e2e.square", 3)
+    text = str(raised.value)
+    assert "Sleepy.before_enqueue" in text and "timeout=0.25s" in text, text
+    assert "nothing was enqueued" in text and "e2e.square" in text
+    assert isinstance(raised.value, corral.CorralError) and isinstance(raised.value, TimeoutError)
+    assert after.calls == []
+    with pytest.raises(corral.HookTimeout):
+        client.enqueue_many([corral.Job("e2e.square", n) for n in range(3)])
+    assert len(slow.seen) == 2  # the batch stopped at its first job's hook
+    plain = env.client()
+    for job_id in slow.seen:
+        with pytest.raises(corral.JobNotFound):
+            plain.job(job_id)
+
+    async def enqueue_async() -> None:
+        async with corral.AsyncClient(env.endpoint, timeout=0.25, hooks=[slow]) as aclient:
+            await aclient.enqueue("e2e.square", 3)
+
+    with pytest.raises(corral.HookTimeout, match=r"Sleepy\.before_enqueue"):
+        asyncio.run(enqueue_async())
+    broker.signal(signal.SIGSTOP)  # it answers nothing now
+    try:
+        quick = corral.Client(env.endpoint, timeout=1.0, hooks=[Sleepy(0.3)])
+        env.clients.append(quick)
+        with pytest.raises(corral.BrokerUnavailable, match=r"within 1s.*hooks took 0\.\d+s"):
+            quick.enqueue("e2e.square", 3)
+    finally:
+        broker.signal(signal.SIGCONT)
+    assert plain.jobs() == []
+
+
 def test_a_client_with_hooks_loads_no_logging_stack() -> None:
     """structlog (and rich under it) costs a client's import a third of a
     second: the hooks and the client import it only to log a hook's fault."""
@@ -332,9 +390,16 @@ def test_hooks_keys_in_the_config(tmp_path: Path) -> None:
     config = load(path)
     assert config.hooks == ["app.hooks", "app.hooks:make"]
     assert config.pools[0].hooks == ["x"]
+    assert config.pools[0].hook_timeout == 30.0
     path.write_text('hooks = ["app hooks"]\n')
     with pytest.raises(ConfigError, match=r'hooks\[0\]: .*"myapp\.hooks"'):
         load(path)
+    for bad in ('"0s"', '"soon"', "-1"):
+        path.write_text(f'[[pools]]\nname = "p"\nhook_timeout = {bad}\n')
+        with pytest.raises(ConfigError, match=r"pools\[0\]\.hook_timeout: "):
+            load(path)
+    path.write_text('[[pools]]\nname = "p"\nhook_timeout = "2m"\n')
+    assert load(path).pools[0].hook_timeout == 120.0
 
 
 def test_a_reload_rolls_a_pool_whose_hooks_changed(tmp_path: Path) -> None:
@@ -535,6 +600,108 @@ def test_a_worker_whose_hooks_cannot_load_says_why(env: Env) -> None:
     assert "worker.cannot_start" in worker.output()
 
 
+def test_a_hook_past_hook_timeout_costs_its_worker_and_no_job(env: Env) -> None:
+    """An end hook that never returns holds its thread, and the jobs its
+    worker prefetched for that thread: past the pool's hook_timeout the
+    supervisor kills the worker (``hook.timeout``, naming the hook and the
+    job). The job whose hook hung keeps its outcome; the prefetched jobs run
+    on the new worker, no attempt counted. A before_job that never returns
+    is part of its try: that try is charged, the next one runs."""
+    configure(env, "[]", pool_hooks='["recorder_hooks:hang_hooks"]')
+    env.config.write_text(
+        env.config.read_text().replace("[[pools]]\n", '[[pools]]\nhook_timeout = "2s"\n', 1)
+    )
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    (first,) = worker_processes(daemon)
+    client = env.client()
+    hung = client.enqueue("hooks.hang_after")
+    assert client.result(hung, timeout=30) == 1  # reported before its hook hung
+    waiting = [client.enqueue("e2e.square", n) for n in (2, 3)]  # prefetched by that worker
+    assert [client.result(job, timeout=30) for job in waiting] == [4, 9]
+    for job in waiting:
+        info = client.job(job)
+        assert (info.attempts, [t.attempt for t in info.tries]) == (1, [1])
+        assert info.tries[0].pid != first.pid
+    info = client.job(hung)
+    assert (info.status, info.attempts, len(info.tries)) == ("succeeded", 1, 1)
+    assert info.tries[0].error is None
+    before = client.enqueue("hooks.hang_before")
+    assert client.result(before, timeout=30) == 2
+    info = client.job(before)
+    assert [t.attempt for t in info.tries] == [1, 2]
+    lost = info.tries[0].error
+    assert lost is not None and lost.type == "WorkerLost" and "hook_timeout" in lost.message
+    timeouts = [
+        (e["hook"], e["job_id"])
+        for e in map(_json, daemon.output().splitlines())
+        if e.get("event") == "hook.timeout"
+    ]
+    assert timeouts == [("Hang.after_job", hung), ("Hang.before_job", before)]
+    assert daemon.alive()
+
+
+def test_workers_that_cannot_load_their_modules_back_their_pool_off(env: Env) -> None:
+    """With preload = false each worker imports its plugins and hooks
+    modules: one that cannot be loaded makes each worker exit at once, saying
+    why (no traceback), and its pool back off after max_restarts such
+    failures, as for any crash, with the module and the error in the log
+    line and in `corral status`. The daemon stays up; once the module is
+    there, a reload starts the pool at once."""
+    late = env.home / "late"
+    late.mkdir()
+    touchy = 'preload = false\nmax_restarts = 1\npool_backoff = "10m"'
+    env.write_config(
+        processes=1,
+        plugins='["e2e_tasks", "late_tasks"]',
+        extra_pool=f'{touchy}\n\n[[pools]]\nname = "hooked"\nqueues = ["hooked"]\n'
+        f'plugins = ["e2e_tasks"]\nhooks = ["late_hooks"]\n{touchy}',
+    )
+    text = env.config.read_text().replace('python_path = ["', f'python_path = ["{late}", "')
+    env.config.write_text(text)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+
+    def pools() -> dict[str, str]:
+        done = env.run("status", "-c", str(env.config))
+        assert done.returncode == 0, done.stderr
+        return {
+            line.split()[1].rstrip(":"): line
+            for line in done.stdout.splitlines()
+            if line.strip().startswith("pool ")
+        }
+
+    lines = wait_until(
+        pools,
+        lambda found: len(found) == 2 and all("backing off until" in v for v in found.values()),
+        60,
+        message="both pools to back off",
+    )
+    assert "plugin 'late_tasks' could not be imported" in lines["default"]
+    assert "hooks module 'late_hooks' could not be imported" in lines["hooked"]
+    backing_off = {
+        e["pool"]: e["error"]
+        for e in map(_json, daemon.output().splitlines())
+        if e.get("event") == "supervisor.pool_backing_off"
+    }
+    assert "plugin 'late_tasks' could not be imported" in backing_off["default"]
+    assert "No module named 'late_hooks'" in backing_off["hooked"]
+    assert "Traceback" not in daemon.output()
+    assert daemon.alive() and not worker_processes(daemon)
+    (late / "late_tasks.py").write_text(
+        "import corral\n\n\n@corral.task(name='late.ok')\ndef ok(ctx: corral.JobContext) -> int:\n"
+        "    return 1\n"
+    )
+    (late / "late_hooks.py").write_text("def corral_hooks():\n    return []\n")
+    done = env.run("reload", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    env.wait_workers(2, timeout=60)  # at once, not after pool_backoff
+    client = env.client()
+    assert client.result(client.enqueue("late.ok"), timeout=30) == 1
+    assert client.result(client.enqueue("e2e.square", 5, queue="hooked"), timeout=30) == 25
+
+
 def test_sentry_example_reports_a_failed_try_with_its_job(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -610,3 +777,48 @@ def test_otel_example_continues_the_enqueuers_trace_in_the_worker(
     assert by_job[ok]["name"] == "process e2e.square"
     assert by_job[ok]["attributes"]["corral.outcome"] == "succeeded"
     assert by_job[bad]["events"] == ["exception"]
+
+
+def test_each_hook_call_is_announced_to_a_watch_and_the_builtins_are_not() -> None:
+    """The worker's HookSet tells its watch (the status pipe) each call of
+    a hook of yours before it runs, and when the point's hooks are done,
+    even when one raises; corral's own lines per job are not watched."""
+
+    class Watch:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, ...]] = []
+
+        def hook_started(self, job_id: str, hook: str) -> None:
+            self.calls.append(("started", job_id, hook))
+
+        def hooks_done(self, job_id: str) -> None:
+            self.calls.append(("done", job_id))
+
+    watch = Watch()
+    fn = corral.task(name="t.h")(handler)
+    d = p.Delivery("job-1", 7, "t.h", p.encode_value("error"), 1, 3, "default", 0.0)
+    hooks = HookSet([JobLines(), Calls(), Raises()], watch=watch, builtin=1)
+    execution = Execution(d, Registry([fn.definition]), "w-1", hooks=hooks)
+    execution.run(lambda args: execution.call_sync(args, None))
+    execution.finish()
+    assert watch.calls == [
+        ("started", "job-1", "Calls.before_job"),
+        ("started", "job-1", "Raises.before_job"),
+        ("done", "job-1"),
+        ("started", "job-1", "Calls.on_failure"),
+        ("started", "job-1", "Raises.on_failure"),
+        ("done", "job-1"),
+        ("started", "job-1", "Calls.after_job"),
+        ("started", "job-1", "Raises.after_job"),
+        ("done", "job-1"),
+    ]
+    soft = HookSet([SoftInBefore()], watch=watch)
+    watch.calls.clear()
+    with pytest.raises(SoftTimeout):
+        soft.before_job(execution.ctx)
+    assert watch.calls == [("started", "job-1", "SoftInBefore.before_job"), ("done", "job-1")]
+
+
+class SoftInBefore(corral.Hooks):
+    def before_job(self, ctx: corral.JobContext) -> None:
+        raise SoftTimeout("the job ran past its soft timeout")

@@ -58,6 +58,17 @@ def test_the_pool_backs_off_with_a_cap_and_never_gives_up() -> None:
     assert r.may_start(2, 0.0) and r.state(0.0) == "ok"
 
 
+def test_the_state_says_what_the_last_crash_died_of() -> None:
+    r = limit()
+    for t in (0.0, 1.0, 2.0):
+        r.crashed(0, t, cause=f"plugin 'p{int(t)}' could not be imported " + "x" * 400)
+    state = r.state(3.0)
+    assert state.startswith("backing off until ") and ": plugin 'p2' could not" in state
+    assert len(state) < 340 and state.endswith("…")
+    r.reset()
+    assert r.state(0.0) == "ok" and r.cause == ""
+
+
 def test_deaths_charged_to_jobs_restart_at_once_and_are_not_counted() -> None:
     r = limit()
     for n in range(50):

@@ -73,3 +73,69 @@ def test_a_kill_charges_the_jobs_it_was_for_or_every_started_one() -> None:
     child.jobs = {"a": (0.0, 0.0)}
     verdict = judge(child, pool, 200.0, 10.0)  # silent for 100 s
     assert verdict is not None and verdict.action == "kill" and verdict.charged() is None
+
+
+def test_hook_lines_and_snapshots_carry_the_hooks_running() -> None:
+    """A hook about to run is announced with its bound (an H line, by the
+    thread that runs it), its end too (D); a snapshot lists the hooks
+    running, so a lost line is made good. Odd names travel whole, and so
+    does why a worker cannot start (X)."""
+    r, w = os.pipe()
+    try:
+        writer = StatusWriter(w)
+        writer.hook_started("a b:1", 30.0, "Exporter.after_job")
+        writer.hooks_done("a b:1")
+        writer.running({"j": 5.0}, b"\x01", {"k\nR x": ("my.<locals>.H.before_job", 2.5)})
+        writer.cannot_start("plugin 'x' could not be imported:\nR poison")
+        events = StatusReader().feed(os.read(r, 65536))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert [(e.kind, e.jobs, e.hooks, e.reason) for e in events] == [
+        ("H", {}, {"a b:1": ("Exporter.after_job", 30.0)}, ""),
+        ("D", {"a b:1": 0.0}, {}, ""),
+        ("J", {"j": 5.0}, {"k\nR x": ("my.<locals>.H.before_job", 2.5)}, ""),
+        ("X", {}, {}, "plugin 'x' could not be imported:\nR poison"),
+    ]
+
+
+def test_a_hook_past_its_bound_kills_its_worker_and_charges_only_a_before_job() -> None:
+    """An end hook's job has its outcome already: the kill charges no job
+    (an empty list, not None). A before_job is part of its job's try: that
+    job is charged, as for a hard timeout. A snapshot keeps the start time
+    a hook was first seen at."""
+    from corral.config.schema import PoolConfig
+    from corral.supervisor.monitor import judge, read_status
+    from corral.supervisor.process import Child
+
+    pool = PoolConfig(name="p", hook_timeout=2.0)
+    r, w = os.pipe()
+    child = Child("w", "w", lambda fd: 0)
+    child.status_fd = r
+    os.set_blocking(r, False)
+    reader = StatusReader()
+    writer = StatusWriter(w)
+    try:
+        writer.started("before", 0.0)
+        writer.hook_started("before", 2.0, "H.before_job")
+        writer.hook_started("after", 2.0, "H.after_job")
+        read_status(child, reader, 100.0)
+        both = {"before": ("H.before_job", 2.0), "after": ("H.after_job", 2.0)}
+        writer.running({"before": 0.0}, b"\x01", both)
+        writer.running({"before": 0.0}, b"\x01", {"after": ("H.after_job", 2.0)})
+        read_status(child, reader, 102.0)  # "before" ended (a lost D line), "after" still on
+        assert child.hooks == {"after": (100.0, 2.0, "H.after_job")}
+        assert judge(child, pool, 102.9, 10.0) is None  # within the bound and its grace
+        verdict = judge(child, pool, 103.1, 10.0)
+        assert verdict is not None and verdict.action == "kill" and verdict.charged() == []
+        assert (verdict.hook, verdict.hook_job) == ("H.after_job", "after")
+        assert "hook H.after_job of job after ran past hook_timeout 2s" in verdict.reason
+        writer.hooks_done("after")
+        writer.hook_started("before", 2.0, "H.before_job")
+        read_status(child, reader, 104.0)
+        verdict = judge(child, pool, 107.5, 10.0)
+        assert verdict is not None and verdict.charged() == ["before"]
+        assert verdict.hook == "H.before_job"
+    finally:
+        child.close_status()
+        os.close(w)

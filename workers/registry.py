@@ -418,11 +418,15 @@ def add_python_path(paths: Iterable[str]) -> None:
 
 def where(exc: BaseException) -> str:
     """``"path:line: "`` of the code an import failed at: the offending line
-    of a syntax error, else the innermost frame outside importlib; "" if
-    there is none."""
+    of a syntax error, else the innermost frame outside importlib and this
+    module; "" if there is none (the module itself was not found)."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{exc.filename}:{exc.lineno}: "
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "importlib" not in f.filename and f.filename != __file__
+    ]
     return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
 
 

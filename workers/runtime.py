@@ -54,7 +54,7 @@ from corral.workers.buffer import Held
 from corral.workers.execute import Execution, SoftTimer
 from corral.workers.registry import Registry
 from corral.workers.reports import SentReports, encode_outbox, interrupted
-from corral.workers.status import StatusWriter
+from corral.workers.status import HookClock, StatusWriter
 
 log = structlog.get_logger()
 
@@ -81,6 +81,9 @@ class WorkerOptions:
     max_message_size: int = 16 * 2**20
     #: Write end of the status pipe to the supervisor (workers.status).
     status_fd: int | None = None
+    #: Seconds one hook call may take before the supervisor kills the
+    #: worker (told on the status pipe; nothing bounds it without one).
+    hook_timeout: float = 30.0
 
 
 class Worker:
@@ -100,7 +103,10 @@ class Worker:
         self.options = options
         self.registry = registry
         self.config = config
-        self.hooks = HookSet([JobLines(), *hooks])
+        self._status = StatusWriter(options.status_fd)
+        self._hook_clock = HookClock(self._status, options.hook_timeout)
+        watch = self._hook_clock if options.status_fd is not None else None
+        self.hooks = HookSet([JobLines(), *hooks], watch=watch, builtin=1)
         self.worker_id = options.name or f"{socket.gethostname()}:{os.getpid()}"
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
@@ -130,7 +136,6 @@ class Worker:
         self._sent_reports = SentReports(
             2 * options.heartbeat_interval * options.heartbeat_liveness
         )
-        self._status = StatusWriter(options.status_fd)
         self._timeouts: dict[str, float | None] = {}
         self._status_version = 0
         self._status_sent = -1
@@ -371,7 +376,9 @@ class Worker:
             self._last_beat = now
             self._status_sent = self._status_version
             with self._status.lock:
-                self._status.running(dict(self._timeouts), self._identity)
+                self._status.running(
+                    dict(self._timeouts), self._identity, dict(self._hook_clock.running)
+                )
 
     def _receive(self) -> None:
         assert self._sock is not None

@@ -3,27 +3,37 @@
 Each line is one write, under PIPE_BUF bytes, so lines from two threads
 never interleave:
 
-    J id=<hex> [<job_id>:<timeout> ...]
-                                 the worker's socket identity (hex) and the jobs
-                                 running now (timeout 0: none); also the sign of
-                                 life, written at least every heartbeat (socket thread),
-                                 whether or not the broker is connected
+    J id=<hex> [<job_id>:<timeout> ...] [h=<job_id>:<hook>:<timeout> ...]
+                                 the worker's socket identity (hex), the jobs
+                                 running now (timeout 0: none) and the hooks running
+                                 now; also the sign of life, written at least every
+                                 heartbeat (socket thread), whether or not the broker
+                                 is connected
     S <job_id>:<timeout>         a job is about to start: written by the thread that
                                  runs it, before its handler, so a process that dies
                                  in the handler is charged to that job
     E <job_id>                   a job's handler returned: written by its thread, so
                                  the supervisor knows before the next handler (one
                                  that may hold the GIL and starve the socket thread)
+    H <job_id>:<timeout> <hook>  a hook of yours (``Class.point``) is about to run for the
+                                 job, bounded by the pool's hook_timeout: written by the
+                                 thread that runs it, so a hook that never returns is
+                                 known and its worker killed
+    D <job_id>                   the job's hooks of one point have run
     R <reason>                   the worker is retiring (max_jobs): start its replacement
+    X <reason>                   the worker cannot start (a plugin or hooks module that
+                                 cannot be loaded), and exits
 
-``lock`` orders a J snapshot against S and E lines: a J written after an
-S includes that job (unless it ended), one written after an E does not.
+``lock`` orders a J snapshot against S, E, H and D lines: a J written
+after an S includes that job (unless it ended), one written after an E
+does not; the same for a hook and its H and D lines.
 
 A J line is a snapshot, not an event, so a line lost to a full pipe costs
 nothing: the next one says the same and more. The supervisor reads the
 pipes on its own tick (not on every line) and uses them to kill a job past
-its hard timeout or a worker whose loop stopped, and to start a replacement
-before a recycled worker leaves. Correctness never rests on this pipe: the
+its hard timeout, a worker whose hook is past its hook_timeout or whose
+loop stopped, to start a replacement before a recycled worker leaves, and
+to say why a worker could not start. Correctness never rests on this pipe: the
 broker's leases do.
 """
 
@@ -32,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
@@ -53,9 +64,17 @@ class StatusWriter:
         with contextlib.suppress(OSError):  # a full pipe: the next snapshot covers it
             os.write(self.fd, line.encode())
 
-    def running(self, jobs: dict[str, float | None], identity: bytes = b"") -> None:
+    def running(
+        self,
+        jobs: dict[str, float | None],
+        identity: bytes = b"",
+        hooks: dict[str, tuple[str, float]] | None = None,
+    ) -> None:
+        """The snapshot: ``jobs`` (id -> timeout) and ``hooks`` running (job
+        id -> (hook, timeout)), with the socket ``identity``."""
         items = [f"id={identity.hex()}"] if identity else []
         items += [f"{_q(job_id)}:{timeout or 0}" for job_id, timeout in jobs.items()]
+        items += [f"h={_q(job)}:{_q(hook)}:{t}" for job, (hook, t) in (hooks or {}).items()]
         self._write(f"J {' '.join(items)}\n")
 
     def started(self, job_id: str, timeout: float | None) -> None:
@@ -64,8 +83,41 @@ class StatusWriter:
     def ended(self, job_id: str) -> None:
         self._write(f"E {_q(job_id)}\n")
 
+    def hook_started(self, job_id: str, timeout: float, hook: str) -> None:
+        self._write(f"H {_q(job_id)}:{timeout} {_q(hook)}\n")
+
+    def hooks_done(self, job_id: str) -> None:
+        self._write(f"D {_q(job_id)}\n")
+
     def retiring(self, reason: str) -> None:
         self._write(f"R {reason}\n")
+
+    def cannot_start(self, reason: str) -> None:
+        """Why the worker cannot start; it exits next (its supervisor reads
+        the line as it reaps it)."""
+        self._write(f"X {_q(reason[:2000])}\n")
+
+
+class HookClock:
+    """A worker's :class:`~corral.hooks.HookWatch`: the hooks running now
+    (job id -> (hook, bound in seconds)), each call told on the status
+    pipe with the bound ``timeout``, and listed in each snapshot."""
+
+    def __init__(self, writer: StatusWriter, timeout: float) -> None:
+        self.writer = writer
+        self.timeout = timeout
+        #: Read under ``writer.lock`` for a snapshot.
+        self.running: dict[str, tuple[str, float]] = {}
+
+    def hook_started(self, job_id: str, hook: str) -> None:
+        with self.writer.lock:
+            self.running[job_id] = (hook, self.timeout)
+            self.writer.hook_started(job_id, self.timeout, hook)
+
+    def hooks_done(self, job_id: str) -> None:
+        with self.writer.lock:
+            self.running.pop(job_id, None)
+            self.writer.hooks_done(job_id)
 
 
 def _q(job_id: str) -> str:
@@ -82,6 +134,8 @@ class StatusEvent:
     reason: str = ""
     #: The worker's socket identity, hex ("" if it has none yet).
     identity: str = ""
+    #: Hooks running (H, J): job id -> (hook, timeout in seconds).
+    hooks: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 class StatusReader:
@@ -103,27 +157,48 @@ class StatusReader:
 
 def _parse(line: str) -> StatusEvent | None:
     kind, _, rest = line.partition(" ")
-    if kind == "J":
-        jobs = {}
-        identity = ""
-        for item in rest.split():
-            if item.startswith("id="):
-                identity = item[3:]
-                continue
-            job_id, _, timeout = item.rpartition(":")
-            try:
-                jobs[unquote(job_id)] = float(timeout)
-            except ValueError:
-                return None  # a torn line: the next snapshot will do
-        return StatusEvent("J", jobs, identity=identity)
-    if kind == "S":
-        job_id, _, timeout = rest.rpartition(":")
-        try:
-            return StatusEvent("S", {unquote(job_id): float(timeout)})
-        except ValueError:
-            return None
-    if kind == "E":
-        return StatusEvent("E", {unquote(rest): 0.0})
-    if kind == "R":
-        return StatusEvent("R", reason=rest)
-    return None
+    parse = _PARSERS.get(kind)
+    if parse is None:
+        return None
+    try:
+        return parse(rest)
+    except ValueError:
+        return None  # a torn line: the next snapshot will do
+
+
+def _timed(rest: str) -> tuple[str, float]:
+    """``<job_id>:<seconds>`` as (job id, seconds); ValueError if torn."""
+    job_id, _, seconds = rest.rpartition(":")
+    return unquote(job_id), float(seconds)
+
+
+def _hook(rest: str) -> StatusEvent:
+    started, _, hook = rest.partition(" ")
+    job_id, timeout = _timed(started)
+    return StatusEvent("H", hooks={job_id: (unquote(hook), timeout)})
+
+
+def _snapshot(rest: str) -> StatusEvent:
+    """A J line's event; ValueError if it is torn."""
+    event = StatusEvent("J")
+    for item in rest.split():
+        if item.startswith("id="):
+            event.identity = item[3:]
+        elif item.startswith("h="):
+            job_id, hook, timeout = item[2:].split(":")
+            event.hooks[unquote(job_id)] = (unquote(hook), float(timeout))
+        else:
+            job_id, seconds = _timed(item)
+            event.jobs[job_id] = seconds
+    return event
+
+
+_PARSERS: dict[str, Callable[[str], StatusEvent | None]] = {
+    "J": _snapshot,
+    "S": lambda rest: StatusEvent("S", dict([_timed(rest)])),
+    "E": lambda rest: StatusEvent("E", {unquote(rest): 0.0}),
+    "H": _hook,
+    "D": lambda rest: StatusEvent("D", {unquote(rest): 0.0}),
+    "R": lambda rest: StatusEvent("R", reason=rest),
+    "X": lambda rest: StatusEvent("X", reason=unquote(rest)),
+}

@@ -19,3 +19,15 @@ def boom(ctx: corral.JobContext, text: str) -> None:
 def quick(ctx: corral.JobContext) -> int:
     """Returns at once; a slow hook (see recorder_hooks.slow_hooks) may not make it time out."""
     return ctx.attempt
+
+
+@corral.task(name="hooks.hang_after")
+def hang_after(ctx: corral.JobContext) -> int:
+    """Returns at once; its after_job hook never does (see recorder_hooks.hang_hooks)."""
+    return ctx.attempt
+
+
+@corral.task(name="hooks.hang_before", max_attempts=3)
+def hang_before(ctx: corral.JobContext) -> int:
+    """Its first try's before_job hook never returns (see recorder_hooks.hang_hooks)."""
+    return ctx.attempt

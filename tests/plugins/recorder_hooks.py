@@ -2,12 +2,13 @@
 raises at every point (it must not matter) and one that writes a JSON line
 per call to the file ``$CORRAL_TEST_HOOKS_FILE``; ``headers_hooks()`` adds
 a header to every job a client enqueues; ``slow_hooks()`` is slow to see
-``hooks.quick`` end."""
+``hooks.quick`` end; ``hang_hooks()`` never returns from some."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -107,3 +108,21 @@ class Slow(corral.Hooks):
 
 def slow_hooks() -> corral.Hooks:
     return Slow()
+
+
+class Hang(corral.Hooks):
+    """Never returns: from after_job for ``hooks.hang_after``, and from
+    before_job for the first try of ``hooks.hang_before`` (an exporter
+    stuck on a network call without a timeout)."""
+
+    def before_job(self, ctx: corral.JobContext) -> None:
+        if ctx.task == "hooks.hang_before" and ctx.attempt == 1:
+            threading.Event().wait()
+
+    def after_job(self, ctx: corral.JobContext, end: JobEnd) -> None:
+        if ctx.task == "hooks.hang_after":
+            threading.Event().wait()
+
+
+def hang_hooks() -> corral.Hooks:
+    return Hang()
