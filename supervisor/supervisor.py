@@ -47,6 +47,7 @@ from corral.supervisor.reload import (
     apply_plan,
     plugin_fingerprint,
 )
+from corral.supervisor.reloadable import split_reload
 from corral.supervisor.report import BrokerLink
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class Supervisor:
         self._recheck = False
         #: A reload whose pools' plugins are being imported, off the loop.
         self._preparing: Preparation | None = None
+        #: The keys that reload changed and only a restart applies.
+        self._restart_keys: list[str] = []
         #: Whether READY=1 went out (once the broker first came up).
         self._announced = False
         self._extended = -EXTEND_EVERY
@@ -324,6 +327,8 @@ class Supervisor:
         except ConfigError as exc:
             self._reload_failed(str(exc))
             return
+        # what only a restart applies keeps its running value (see reloadable)
+        new, self._restart_keys = split_reload(self.config, new)
         self._preparing = Preparation(self.pools, new, self.children)
         log.info("supervisor.reload_importing", hint="the pools' plugins load off the loop")
 
@@ -347,11 +352,6 @@ class Supervisor:
             self._reload_failed(prepared.error)
             return
         new = prepared.config
-        if new.broker != self.config.broker:
-            log.warning(
-                "supervisor.reload_broker_unchanged",
-                hint="broker settings take effect on a restart of corral",
-            )
         old = self.config
         self.config = self.children.config = self.link.config = new  # the forks use it
         try:
@@ -365,6 +365,15 @@ class Supervisor:
             return
         self.pools = pools
         self.link.reload = f"ok at {_clock()}"
+        if self._restart_keys:
+            log.warning(
+                "supervisor.reload_needs_restart",
+                keys=self._restart_keys,
+                hint="these keys are read only at the start: the running values stay "
+                "(a broker restarted after a crash keeps them too); restart corral to "
+                "apply them (systemctl restart corral)",
+            )
+            self.link.reload += "; restart to apply: " + ", ".join(self._restart_keys)
         log.info("supervisor.reloaded", pools=[p.name for p in self.pools])
         self.notifier.ready(self._status_line())
 
