@@ -38,7 +38,7 @@ def split_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
 def restart_keys(running: Config, new: Config) -> list[str]:
     """The keys outside :data:`RELOADABLE` whose values differ: a section's
     changed fields one by one (``metrics.listen``), a list as a whole."""
-    changed = []
+    changed: list[str] = []
     for name in running.__struct_fields__:
         if name in RELOADABLE:
             continue

@@ -78,12 +78,8 @@ class Supervisor:
         self.with_broker = with_broker
         self.link = BrokerLink(config)  # closed before each fork: no zmq threads in a child
         self.broker = BrokerChild(self.link.close) if with_broker else None
-        #: ``corral dashboard`` as a child, when [dashboard] listen is set.
-        self.dashboard = (
-            DashboardChild(config_path)
-            if with_broker and config.dashboard.listen and config_path
-            else None
-        )
+        #: The dashboard as a child, when [dashboard] listen is set (bound in run()).
+        self.dashboard: DashboardChild | None = None
         self.pools: list[Pool] = []
         bc = config.broker
         liveness = bc.heartbeat_interval * bc.heartbeat_liveness
@@ -110,12 +106,15 @@ class Supervisor:
         """Run until stopped; returns the exit code (2, as for any config
         problem, when the broker of ``corral run`` refused its config).
         Raises ConfigError (before anything starts) for a key file it
-        cannot use: its workers', or the client key its reports use."""
+        cannot use (its workers', or the client key its reports use), or a
+        ``dashboard.listen`` address it cannot bind."""
         from corral.transport import check_client_keys, check_worker_keys
 
         check_client_keys(self.config)
         if self.config.pools:
             check_worker_keys(self.config)
+        if self.with_broker and self.config.dashboard.listen:
+            self.dashboard = DashboardChild.open(self.config, self.link.close)
         logs.configure("supervisor", self.config.log.level, self.config.log.format)
         set_title("corral: supervisor")
         self.control.install()
@@ -161,7 +160,7 @@ class Supervisor:
         now = time.monotonic()
         self._reconcile(now)
         if self.dashboard is not None:
-            self.dashboard.poll(now)
+            self.dashboard.poll(now, may_fork=self._preparing is None)
         self.link.report(now, self.pools, self.children)
         self.notifier.status(self._status_line())
         self.notifier.watchdog(now, self._healthy(now))
@@ -405,7 +404,7 @@ class Supervisor:
         if self._check is not None:  # a reload's check is not needed any more
             self._check.stop()
         if self.dashboard is not None:
-            self.dashboard.stop()
+            self.dashboard.stop(self.control.wait)
         workers = self.children.alive()
         log.info("supervisor.stopping", workers=len(workers))
         timeout = max((p.config.shutdown_timeout for p in self.pools), default=0.0) + 5.0
