@@ -26,6 +26,23 @@ def is_tcp(endpoint: str) -> bool:
     return endpoint.startswith("tcp://")
 
 
+def is_ipv6(endpoint: str) -> bool:
+    """Whether ``endpoint`` is tcp to or on an IPv6 address
+    (``tcp://[::1]:5555``, ``tcp://[::]:5555``)."""
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    return is_tcp(endpoint) and ":" in host
+
+
+def allow_ipv6(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """Set ``ZMQ_IPV6`` on ``sock`` (before its bind or connect) when
+    ``endpoint`` names an IPv6 address: libzmq's sockets are IPv4-only
+    without it, and ``tcp://[::1]:5555`` then fails with "No such device".
+    Left off for other addresses, so a name like ``localhost`` keeps
+    resolving to the IPv4 address a broker bound."""
+    if is_ipv6(endpoint):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 def ensure_ipc_dir(endpoint: str) -> None:
     """Create the directory of an ipc:// endpoint's socket file."""
     if endpoint.startswith("ipc://"):
