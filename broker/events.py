@@ -88,12 +88,13 @@ class Publisher:
     def socket(self, context: zmq.Context[Any]) -> zmq.Socket[Any]:
         """A PUB socket, not bound, dropping at :data:`SNDHWM`; for tcp a
         CURVE server whose subscribers are authenticated in the ZAP domain."""
-        from corral.transport import make_curve_server
+        from corral.transport import allow_ipv6, make_curve_server
 
         sock: zmq.Socket[Any] = context.socket(zmq.PUB)
         try:
             sock.setsockopt(zmq.SNDHWM, SNDHWM)
             sock.setsockopt(zmq.LINGER, 0)
+            allow_ipv6(sock, self.endpoint)
             if self._keys is not None:
                 make_curve_server(sock, self._config, self.zap_domain, self._keys)
         except BaseException:

@@ -177,6 +177,7 @@ def bind_router(
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    allow_ipv6(sock, endpoint)
     if keys is not None:
         make_curve_server(sock, config, zap_domain, keys)
     try:
@@ -250,6 +251,7 @@ def connect_dealer(
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
+    allow_ipv6(sock, endpoint)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     if keys is not None:
