@@ -145,7 +145,16 @@ class BrokerChild:
         """The exit code of ``corral run`` whose first broker did not
         start: 2 when the broker refused its config (its own code 2, as
         :func:`~corral.supervisor.roles.run_broker` returns), else 1."""
-        code = self.child.exit_code if self.child is not None else None
+        child = self.child
+        if child is not None and child.exit_code is None and child.pid is not None:
+            # its ready pipe closed before the loop reaped it: its code decides
+            try:
+                _, status = os.waitpid(child.pid, 0)
+            except ChildProcessError:
+                pass
+            else:
+                child.reaped(status)
+        code = child.exit_code if child is not None else None
         return 2 if code == 2 else 1
 
     def _gone(self, now: float, since: float) -> None:
