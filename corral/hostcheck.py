@@ -163,12 +163,12 @@ def _try_listen(setting: str, listen: str) -> str | None:
     import socket
 
     from corral.config import split_listen
+    from corral.supervisor.dashboard_child import listen_family
     from corral.supervisor.roles import listen_error
 
     host, _ = split_listen(listen)
     try:
-        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
+        with socket.socket(listen_family(host), socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
     except OSError as exc:
         return listen_error(setting, listen, exc)

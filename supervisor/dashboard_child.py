@@ -46,11 +46,18 @@ def listening_socket(listen: str, setting: str) -> socket.socket:
 
     host, port = split_listen(listen)
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.create_server((host, port), family=family, backlog=128)
+        sock = socket.create_server((host, port), family=listen_family(host), backlog=128)
     except OSError as exc:
         raise ConfigError(listen_error(setting, listen, exc)) from None
     return sock
+
+
+def listen_family(host: str) -> socket.AddressFamily:
+    """The address family to bind ``host`` in: IPv4 for a name that has
+    both (``localhost``), as the broker's endpoints do. Raises OSError
+    (socket.gaierror) for a name that does not resolve."""
+    families = [info[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
+    return socket.AF_INET if socket.AF_INET in families else families[0]
 
 
 class DashboardChild:
