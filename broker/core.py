@@ -229,6 +229,7 @@ class BrokerCore:
         :class:`~corral.broker.events.Events`) from now on: job events as
         records are applied, worker events as the worker table changes."""
         self.events = events
+        events.count_into(self.stats)
         self.journal.observers.append(events.observe)
         self.dispatcher.workers.watchers.append(
             lambda change, conn: events.worker_changed(change, conn, self.clock.time())

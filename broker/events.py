@@ -9,9 +9,24 @@ prefix, then a msgpack map: ``event``, ``at`` (epoch seconds) and the
 fields of that event (``job_id``, ``task``, ``queue``, ``attempt``,
 ``worker``, ``error`` ...).
 
-Events are dropped, never queued without bound, when no one reads them:
-a PUB socket drops what a subscriber's queue (``SNDHWM`` messages) cannot
-take, and sends never block the loop. Job events come from the records the
+Events are dropped, never queued without bound, when no one reads them,
+and every drop is counted (``events_dropped`` in ``corral status --json``,
+``corral_events_dropped_total`` in the metrics). A subscriber's queue in the
+broker holds :data:`SNDHWM` events (about 150 KB; ZeroMQ's default of 1,000,
+where 10,000 held about 1.5 MB per stalled subscriber, never given back).
+A plain PUB socket drops what a full queue cannot take without a word, so
+the socket has ``ZMQ_XPUB_NODROP`` (as libzmq's docs suggest for a
+publisher that must know): a send that a full queue refuses fails at once
+with EAGAIN (never blocking the loop), and the event is counted dropped.
+The price: libzmq then sends an event to every subscriber or to none, so a
+subscriber that stops reading holds events back from the others. That lasts
+:data:`STALL_SECONDS` at most: past it every subscriber's connection is
+dropped (:meth:`Events.drop_subscribers`, logged as
+``events.subscribers_dropped``), and they reconnect at once (ZeroMQ's SUB
+does), the stalled one too, with empty queues. A burst of more events in one
+pass than a queue holds (an ``enqueue_many`` of thousands of jobs) drops
+some too, counted; a subscriber that must see every job reads the jobs
+themselves (``corral jobs``). Job events come from the records the
 journal applies (:meth:`Events.observe`); worker events from the worker
 table as it changes (:meth:`Events.worker_changed`), so a worker that
 comes and goes between two status readings is seen; pool events from the
@@ -31,6 +46,8 @@ retried on each pass.
 from __future__ import annotations
 
 import errno
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +66,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-#: Messages a subscriber's queue holds before events for it are dropped.
-SNDHWM = 10_000
+#: Events a subscriber's queue holds in the broker before events are dropped.
+SNDHWM = 1_000
+#: Seconds a subscriber that stopped reading may hold back events from the
+#: others before every subscriber's connection is dropped (they reconnect).
+STALL_SECONDS = 5.0
 #: Seconds binding the endpoint again may fail with "address in use" (the
 #: old listener still closing) before it is logged.
 REBIND_PATIENCE = 5.0
@@ -86,14 +106,17 @@ class Publisher:
         self._keys = load_server_keys(config) if curve else None
 
     def socket(self, context: zmq.Context[Any]) -> zmq.Socket[Any]:
-        """A PUB socket, not bound, dropping at :data:`SNDHWM`; for tcp a
-        CURVE server whose subscribers are authenticated in the ZAP domain."""
-        from corral.transport import make_curve_server
+        """A PUB socket, not bound, that refuses a send (EAGAIN) once a
+        subscriber's queue holds :data:`SNDHWM` events; for tcp a CURVE
+        server whose subscribers are authenticated in the ZAP domain."""
+        from corral.transport import allow_ipv6, make_curve_server
 
         sock: zmq.Socket[Any] = context.socket(zmq.PUB)
         try:
             sock.setsockopt(zmq.SNDHWM, SNDHWM)
+            sock.setsockopt(zmq.XPUB_NODROP, 1)  # a full queue refuses: counted dropped
             sock.setsockopt(zmq.LINGER, 0)
+            allow_ipv6(sock, self.endpoint)
             if self._keys is not None:
                 make_curve_server(sock, self._config, self.zap_domain, self._keys)
         except BaseException:
@@ -119,20 +142,25 @@ class Publisher:
 class Events:
     """Publishes events on ``sock`` (used from the loop's thread only);
     ``renew`` makes a fresh socket like it, unbound, for
-    :meth:`drop_subscribers`."""
+    :meth:`drop_subscribers`; ``clock`` gives monotonic seconds."""
 
     def __init__(
-        self, sock: zmq.Socket[Any], renew: Callable[[], zmq.Socket[Any]] | None = None
+        self,
+        sock: zmq.Socket[Any],
+        renew: Callable[[], zmq.Socket[Any]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         #: None between drop_subscribers and the new socket's making.
         self._sock: zmq.Socket[Any] | None = sock
         self._renew = renew
+        self._clock = clock
         self._encoder = msgspec.msgpack.Encoder()
         #: Pools backing off at the last refresh.
         self._backing_off: set[tuple[str, str]] = set()
-        #: Events sent, and events ZeroMQ would not take (counted, dropped).
-        self.sent = 0
-        self.dropped = 0
+        #: ``events_sent`` and ``events_dropped`` (see :meth:`count_into`).
+        self._counts: Counter[str] = Counter()
+        #: Since when (monotonic seconds) every send has been refused.
+        self._refused_since: float | None = None
         #: The endpoint was let go by drop_subscribers and not bound again yet.
         self.unbound = False
         self._endpoint = ""
@@ -141,17 +169,56 @@ class Events:
         self._unbound_since: float | None = None
         self._unbound_logged = False
 
+    @property
+    def sent(self) -> int:
+        """Events sent to every subscriber."""
+        return self._counts["events_sent"]
+
+    @property
+    def dropped(self) -> int:
+        """Events sent to no subscriber: refused by a full queue, or published
+        while the endpoint was being bound again."""
+        return self._counts["events_dropped"]
+
+    def count_into(self, stats: Counter[str]) -> None:
+        """Count ``events_sent`` and ``events_dropped`` in ``stats`` (the
+        broker's counters, which status and the metrics show) from now on."""
+        stats.update(self._counts)
+        self._counts = stats
+
     def publish(self, event: str, at: float, **fields: Any) -> None:
         """Send one event now, or drop it (never blocks)."""
         if self._sock is None:
-            self.dropped += 1
+            self._counts["events_dropped"] += 1
             return
         body = {"event": event, "at": at, **{k: v for k, v in fields.items() if v is not None}}
         try:
             self._sock.send_multipart([event.encode(), self._encoder.encode(body)], zmq.NOBLOCK)
-            self.sent += 1
         except zmq.Again:
-            self.dropped += 1
+            self._counts["events_dropped"] += 1
+            self._refused(self._clock())
+            return
+        self._counts["events_sent"] += 1
+        self._refused_since = None
+
+    def _refused(self, now: float) -> None:
+        """A send was refused at ``now``: a subscriber's queue is full. One
+        that stays full past :data:`STALL_SECONDS` has every subscriber's
+        connection dropped (see the module docstring)."""
+        if self._refused_since is None:
+            self._refused_since = now
+            return
+        if now - self._refused_since < STALL_SECONDS:
+            return
+        self._refused_since = None
+        log.warning(
+            "events.subscribers_dropped",
+            reason=f"a subscriber has read no events for over {STALL_SECONDS:g}s",
+            dropped=self.dropped,
+            hint="every subscriber reconnects at once; events meanwhile were dropped "
+            "for all of them",
+        )
+        self.drop_subscribers(now)
 
     def observe(self, record: Record, state: JobState) -> None:
         """The job events ``record`` (just applied to ``state``) makes."""

@@ -67,6 +67,9 @@ class Snapshot:
     pools: dict[tuple[str, str], tuple[int, int, int, bool]] = field(default_factory=dict)
     #: (host, pool, slot) -> (RSS bytes, CPU seconds) of the worker process in the slot.
     processes: dict[tuple[str, str, str], tuple[int, float]] = field(default_factory=dict)
+    #: Events published to the subscribers, and events dropped (see corral.broker.events).
+    events_sent: int = 0
+    events_dropped: int = 0
 
 
 class Metrics:
@@ -171,6 +174,8 @@ class Metrics:
             len(status.workers),
             pools,
             processes,
+            int(status.stats.get("events_sent", 0)),
+            int(status.stats.get("events_dropped", 0)),
         )
         with self._lock:
             self._snapshot = snapshot
@@ -208,6 +213,14 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("corral_log_bytes", "Bytes the log's segments use", snap.log_bytes)
         yield GaugeMetricFamily("corral_log_segments", "Segments of the log", snap.log_segments)
         yield GaugeMetricFamily("corral_workers_connected", "Workers connected", snap.workers)
+        yield CounterMetricFamily(
+            "corral_events_published", "Events sent to the subscribers", snap.events_sent
+        )
+        yield CounterMetricFamily(
+            "corral_events_dropped",
+            "Events no subscriber got: one stopped reading, or a burst overran its queue",
+            snap.events_dropped,
+        )
         yield from _pool_families(snap)
 
 

@@ -480,26 +480,30 @@ def _check_plugins(path: str) -> list[str]:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    """``corral dashboard``: see :mod:`corral.dashboard.app`."""
+    """``corral dashboard``: see :mod:`corral.dashboard.app`. An address
+    that cannot be bound is a ConfigError naming its setting (``--listen``
+    or ``dashboard.listen``) and the fix."""
     import asyncio
 
     from corral import logs
     from corral.dashboard.serve import DEFAULT_LISTEN, serve
+    from corral.supervisor.dashboard_child import listening_socket
 
     config = load_config(args.config)
     logs.configure("dashboard", config.log.level, config.log.format)
     listen = args.listen or config.dashboard.listen or DEFAULT_LISTEN
+    setting = "--listen" if args.listen else "dashboard.listen"
     allow = args.allow_actions or config.dashboard.allow_actions
     if args.timeout:
         config = msgspec.structs.replace(
             config, client=msgspec.structs.replace(config.client, timeout=args.timeout)
         )
     try:
-        asyncio.run(serve(config, listen, allow, args.endpoint))
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        sock = listening_socket(listen, setting)
     except ValueError as exc:
-        raise UsageError(f"--listen {listen!r}: {exc}") from None
+        raise UsageError(f"{setting} {listen!r}: {exc}") from None
+    with sock:
+        asyncio.run(serve(config, sock, allow, args.endpoint))
     return EXIT_OK
 
 

@@ -100,13 +100,14 @@ class Subscription:
         self.sock, self._monitor = self._subscribe()
 
     def _subscribe(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
-        from corral.transport import make_curve_client
+        from corral.transport import allow_ipv6, make_curve_client
 
         sock = self.context.socket(zmq.SUB)
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            allow_ipv6(sock, self.endpoint)
             make_curve_client(sock, self.endpoint, self.config)
             for prefix in self.prefixes:
                 sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())

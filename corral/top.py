@@ -8,7 +8,12 @@ seconds.
   its pool's restarts (from its supervisor's report, matched by pid);
 - pools: processes, restarts and state (ok, backing off, scaled to 0).
 
-``--once`` prints one frame and exits (scripts, tests).
+Each table fits the terminal's width, one line a row (:mod:`corral.fit`):
+names are cut with an ellipsis (a worker id keeps its end, the pid), then
+the less important columns go (queues: fail/s, retry, sched, and paused
+joins the queue's name; workers: restarts, cpu s, rss MiB, failed,
+progress). A pipe gets every column, :data:`~corral.cliformat.PIPE_WIDTH`
+wide. ``--once`` prints one frame and exits (scripts, tests).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from corral.cliformat import PIPE_WIDTH, age_text, table
+from corral.cliformat import PIPE_WIDTH, age_text
+from corral.fit import Column, fitted_table
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -49,103 +55,145 @@ class Rates:
         return rates
 
 
-def frame(client: Client, rates: Rates) -> RenderableType:
-    """One frame of the view, from one status request (and one job request
-    per running job, up to :data:`MAX_PROGRESS_LOOKUPS`)."""
-    from rich.console import Group
+def frame(client: Client, rates: Rates, width: int = PIPE_WIDTH) -> RenderableType:
+    """One frame of the view, ``width`` columns wide, from one status
+    request (and one job request per running job, up to
+    :data:`MAX_PROGRESS_LOOKUPS`)."""
+    from corral.errors import JobNotFound
 
     status = client.status()
+    progress: dict[str, tuple[float, str]] = {}
+    for w in status.workers:
+        if not w.running or len(progress) >= MAX_PROGRESS_LOOKUPS:
+            continue
+        try:
+            info = client.job(w.running[0])
+        except JobNotFound:
+            continue
+        if info.progress is not None:
+            progress[w.running[0]] = (info.progress, info.progress_note)
+    return render(status, progress, rates, width)
+
+
+def render(
+    status: Any,
+    progress: dict[str, tuple[float, str]],
+    rates: Rates,
+    width: int = PIPE_WIDTH,
+) -> RenderableType:
+    """The frame for ``status``: ``progress`` gives a running job's
+    (fraction done, note) by job id. Each table fits ``width`` columns,
+    one line a row (see :mod:`corral.fit`)."""
+    from rich.console import Group
+
     per_second = rates.update(time.monotonic(), status.queues)
     return Group(
-        _queues(status, per_second),
-        _workers(client, status),
-        _pools(status),
+        _queues(status, per_second, width),
+        _workers(status, progress, width),
+        _pools(status, width),
     )
 
 
-def _table(title: str, *columns: str, right: tuple[str, ...] = ()) -> Any:
-    return table(*columns, right=right, title=title, edge=True)
+def count_text(n: int) -> str:
+    """A count for a glance: exact below 100,000, then "123k", "1.2M"."""
+    if n < 100_000:
+        return str(n)
+    if n < 1_000_000:
+        return f"{n / 1000:.0f}k"
+    return f"{n / 1_000_000:.1f}M"
 
 
-def _queues(status: Any, per_second: dict[str, tuple[float, float]]) -> Any:
-    numbers = ("queued", "scheduled", "running", "retrying", "failed", "oldest", "ok/s", "fail/s")
-    table = _table("queues", "queue", *numbers, "paused", right=numbers)
+def rate_text(per_second: float) -> str:
+    return f"{per_second:.1f}" if per_second < 1000 else f"{per_second / 1000:.1f}k"
+
+
+def _queues(status: Any, per_second: dict[str, tuple[float, float]], width: int) -> Any:
     names = sorted(set(status.queues) | set(status.paused))
-    for queue in names:
-        counts = status.queues.get(queue, {})
-        age = status.latency.get(queue)
-        ok, failed = per_second.get(queue, (0.0, 0.0))
-        table.add_row(
-            queue,
-            *(str(counts.get(s, 0)) for s in ("queued", "scheduled", "running", "retrying")),
-            str(counts.get("failed", 0)),
-            age_text(age),
-            f"{ok:.1f}",
-            f"{failed:.1f}",
-            "paused" if queue in status.paused else "",
-        )
+    counts = [status.queues.get(queue, {}) for queue in names]
+
+    def number(header: str, cells: list[str], drop: int = 0) -> Column:
+        return Column(header, cells, right=True, drop=drop)
+
+    def of(key: str) -> list[str]:
+        return [count_text(c.get(key, 0)) for c in counts]
+
+    rates = [per_second.get(queue, (0.0, 0.0)) for queue in names]
+    columns = [
+        Column("queue", names or ["(no jobs)"], text=True, least=10),
+        number("queued", of("queued")),
+        number("sched", of("scheduled"), drop=4),
+        number("run", of("running")),
+        number("retry", of("retrying"), drop=3),
+        number("failed", of("failed")),
+        number("oldest", [age_text(status.latency.get(queue)) for queue in names]),
+        number("ok/s", [rate_text(ok) for ok, _ in rates]),
+        number("fail/s", [rate_text(failed) for _, failed in rates], drop=1),
+        Column(
+            "paused", ["paused" if q in status.paused else "" for q in names], drop=5, fold=True
+        ),
+    ]
     if not names:
-        table.add_row("(no jobs)", *[""] * (len(numbers) + 1))
-    return table
+        for column in columns[1:]:
+            column.cells = [""]
+    return fitted_table("queues", columns, width)
 
 
-def _workers(client: Client, status: Any) -> Any:
-    from corral.errors import JobNotFound
-
+def _workers(status: Any, progress: dict[str, tuple[float, str]], width: int) -> Any:
     processes = {
         (sup.host, w.pid): (w, pool_restarts(sup, w.pool))
         for sup in status.supervisors
         for w in sup.workers
     }
-    numbers = ("rss MiB", "cpu s", "restarts", "done", "failed")
-    table = _table("workers", "worker", "job", "progress", *numbers, right=numbers)
-    lookups = 0
+    rows = []
     for w in status.workers:
-        job, progress = "-", ""
+        job, shown = "-", ""
         if w.running:
             job = w.running[0] + (f" (+{len(w.running) - 1})" if len(w.running) > 1 else "")
-            if lookups < MAX_PROGRESS_LOOKUPS:
-                lookups += 1
-                try:
-                    info = client.job(w.running[0])
-                except JobNotFound:
-                    info = None
-                if info is not None and info.progress is not None:
-                    progress = f"{info.progress:.0%} {info.progress_note}".strip()
+            if w.running[0] in progress:
+                done, note = progress[w.running[0]]
+                shown = f"{done:.0%} {note}".strip()
         proc, restarts = processes.get((w.host, w.pid), (None, None))
-        table.add_row(
-            w.worker_id,
-            job,
-            progress,
-            "-" if proc is None else f"{proc.rss / 2**20:.1f}",
-            "-" if proc is None else f"{proc.cpu:.1f}",
-            "-" if restarts is None else str(restarts),
-            str(w.processed),
-            str(w.failed),
+        rows.append(
+            (
+                w.worker_id,
+                job,
+                shown,
+                "-" if proc is None else f"{proc.rss / 2**20:.1f}",
+                "-" if proc is None else f"{proc.cpu:.1f}",
+                "-" if restarts is None else str(restarts),
+                count_text(w.processed),
+                count_text(w.failed),
+            )
         )
-    return table
+    cells = [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * 8
+    columns = [
+        Column("worker", cells[0], text=True, least=16, cut="start"),  # its pid: the end
+        Column("job", cells[1], text=True, least=10),
+        Column("progress", cells[2], text=True, least=8, drop=5),
+        Column("rss MiB", cells[3], right=True, drop=3),
+        Column("cpu s", cells[4], right=True, drop=2),
+        Column("restarts", cells[5], right=True, drop=1),  # the pools table has them too
+        Column("done", cells[6], right=True),
+        Column("failed", cells[7], right=True, drop=4),
+    ]
+    return fitted_table("workers", columns, width)
 
 
 def pool_restarts(sup: Any, pool: str) -> int | None:
     return next((p.restarts for p in sup.pools if p.name == pool), None)
 
 
-def _pools(status: Any) -> Any:
-    table = _table(
-        "pools", "host", "pool", "queues", "processes", "restarts", "state",
-        right=("processes", "restarts"),
-    )  # fmt: skip
-    for sup in status.supervisors:
-        for pool in sup.pools:
-            table.add_row(
-                sup.host,
-                pool.name,
-                ",".join(pool.queues),
-                str(pool.processes),
-                str(pool.restarts),
-                pool.state,
-            )
-    return table
+def _pools(status: Any, width: int) -> Any:
+    pools = [(sup.host, pool) for sup in status.supervisors for pool in sup.pools]
+    columns = [
+        Column("host", [host for host, _ in pools], text=True, least=10),
+        Column("pool", [pool.name for _, pool in pools], text=True, least=8),
+        Column("queues", [",".join(pool.queues) for _, pool in pools], text=True, least=8),
+        Column("procs", [str(pool.processes) for _, pool in pools], right=True),
+        Column("restarts", [str(pool.restarts) for _, pool in pools], right=True),
+        Column("state", [pool.state for _, pool in pools], text=True, least=12),
+    ]
+    return fitted_table("pools", columns, width)
 
 
 def run(client: Client, interval: float, once: bool) -> None:
@@ -160,9 +208,9 @@ def run(client: Client, interval: float, once: bool) -> None:
     tty = sys.stdout.isatty()
     console = Console(width=None if tty else PIPE_WIDTH, highlight=False, markup=False, emoji=False)
     if once or not tty:  # a pipe gets one frame
-        console.print(frame(client, rates))
+        console.print(frame(client, rates, console.width))
         return
-    with Live(frame(client, rates), console=console, refresh_per_second=4) as live:
+    with Live(frame(client, rates, console.width), console=console, refresh_per_second=4) as live:
         while True:
             time.sleep(interval)
-            live.update(frame(client, rates))
+            live.update(frame(client, rates, console.width))  # the terminal may have been resized

@@ -26,6 +26,23 @@ def is_tcp(endpoint: str) -> bool:
     return endpoint.startswith("tcp://")
 
 
+def is_ipv6(endpoint: str) -> bool:
+    """Whether ``endpoint`` is tcp to or on an IPv6 address
+    (``tcp://[::1]:5555``, ``tcp://[::]:5555``)."""
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    return is_tcp(endpoint) and ":" in host
+
+
+def allow_ipv6(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """Set ``ZMQ_IPV6`` on ``sock`` (before its bind or connect) when
+    ``endpoint`` names an IPv6 address: libzmq's sockets are IPv4-only
+    without it, and ``tcp://[::1]:5555`` then fails with "No such device".
+    Left off for other addresses, so a name like ``localhost`` keeps
+    resolving to the IPv4 address a broker bound."""
+    if is_ipv6(endpoint):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 def ensure_ipc_dir(endpoint: str) -> None:
     """Create the directory of an ipc:// endpoint's socket file."""
     if endpoint.startswith("ipc://"):
@@ -160,6 +177,7 @@ def bind_router(
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    allow_ipv6(sock, endpoint)
     if keys is not None:
         make_curve_server(sock, config, zap_domain, keys)
     try:
@@ -233,6 +251,7 @@ def connect_dealer(
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
+    allow_ipv6(sock, endpoint)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     if keys is not None:

@@ -18,9 +18,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
-def run_broker(config: Any, ready_fd: int | None = None) -> int:
+def run_broker(config: Any, ready_fd: int | None = None, *, first_start: bool = True) -> int:
     """Run the broker until SIGTERM/SIGINT. Writes one byte to ``ready_fd``
-    once the log is replayed and the endpoints are bound."""
+    once the log is replayed and the endpoints (and ``[metrics] listen``)
+    are bound. Returns 2 (logged as ``broker.cannot_start``) when it cannot
+    start: at its ``first_start`` that includes a metrics address it
+    cannot bind; a broker started again by its supervisor serves on without
+    metrics instead (``metrics.cannot_listen``): past the start, metrics
+    never take the queue down."""
     from corral.broker.log import LogError
     from corral.broker.schedules import ScheduleError
     from corral.broker.server import Broker
@@ -34,8 +39,13 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     except (LogError, CorralError, ScheduleError) as exc:
         log.error("broker.cannot_start", error=str(exc))
         return 2
+    try:
+        server = _serve_metrics(broker.core.metrics, config.metrics.listen, first_start)
+    except CorralError as exc:
+        log.error("broker.cannot_start", error=str(exc))
+        broker.close()  # its lock and socket files go, as for any start that fails
+        return 2
     broker.install_signal_handlers()
-    server = _serve_metrics(broker.core.metrics, config.metrics.listen)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
@@ -47,21 +57,36 @@ def run_broker(config: Any, ready_fd: int | None = None) -> int:
     return 0
 
 
-def _serve_metrics(metrics: Any, listen: str | None) -> Any:
-    """Serve the broker's Prometheus metrics on ``listen``; a port that
-    cannot be bound is logged (``metrics.cannot_listen``) and the broker
-    goes on without them: metrics never take the queue down."""
+def _serve_metrics(metrics: Any, listen: str | None, required: bool) -> Any:
+    """Serve the broker's Prometheus metrics on ``listen``. An address that
+    cannot be bound raises ConfigError naming ``metrics.listen`` and the fix
+    when ``required``; else it is logged (``metrics.cannot_listen``) and the
+    broker goes on without metrics."""
     if metrics is None or listen is None:
         return None
     from corral.broker.metrics import serve
+    from corral.errors import ConfigError
 
     try:
         server = serve(metrics, listen)
     except OSError as exc:
-        log.error("metrics.cannot_listen", listen=listen, error=str(exc))
+        error = listen_error("metrics.listen", listen, exc)
+        if required:
+            raise ConfigError(error) from None
+        log.error("metrics.cannot_listen", listen=listen, error=error)
         return None
     log.info("metrics.listening", listen=listen)
     return server
+
+
+def listen_error(setting: str, listen: str, exc: OSError) -> str:
+    """What to say of an HTTP address (``HOST:PORT``) that cannot be bound."""
+    reason = (exc.strerror or str(exc)).split(" (while attempting")[0]
+    return (
+        f"{setting}: cannot listen on {listen}: {reason}; use an address of this host "
+        "(127.0.0.1 for this host only) and a port no other process listens on, or leave "
+        f"{setting} unset"
+    )
 
 
 def pool_registry(config: Any, pool: Any) -> Registry:

@@ -47,6 +47,7 @@ from corral.supervisor.reload import (
     apply_plan,
     plugin_fingerprint,
 )
+from corral.supervisor.reloadable import split_reload
 from corral.supervisor.report import BrokerLink
 
 if TYPE_CHECKING:
@@ -88,12 +89,8 @@ class Supervisor:
         self.with_broker = with_broker
         self.link = BrokerLink(config)  # closed before each fork: no zmq threads in a child
         self.broker = BrokerChild(self.link.close) if with_broker else None
-        #: ``corral dashboard`` as a child, when [dashboard] listen is set.
-        self.dashboard = (
-            DashboardChild(config_path)
-            if with_broker and config.dashboard.listen and config_path
-            else None
-        )
+        #: The dashboard as a child, when [dashboard] listen is set (bound in run()).
+        self.dashboard: DashboardChild | None = None
         self.pools: list[Pool] = []
         bc = config.broker
         liveness = bc.heartbeat_interval * bc.heartbeat_liveness
@@ -107,6 +104,8 @@ class Supervisor:
         self._recheck = False
         #: A reload whose pools' plugins are being imported, off the loop.
         self._preparing: Preparation | None = None
+        #: The keys that reload changed and only a restart applies.
+        self._restart_keys: list[str] = []
         #: Whether READY=1 went out (once the broker first came up).
         self._announced = False
         self._extended = -EXTEND_EVERY
@@ -118,12 +117,15 @@ class Supervisor:
         """Run until stopped; returns the exit code (2, as for any config
         problem, when the broker of ``corral run`` refused its config).
         Raises ConfigError (before anything starts) for a key file it
-        cannot use: its workers', or the client key its reports use."""
+        cannot use (its workers', or the client key its reports use), or a
+        ``dashboard.listen`` address it cannot bind."""
         from corral.transport import check_client_keys, check_worker_keys
 
         check_client_keys(self.config)
         if self.config.pools:
             check_worker_keys(self.config)
+        if self.with_broker and self.config.dashboard.listen:
+            self.dashboard = DashboardChild.open(self.config, self.link.close)
         logs.configure("supervisor", self.config.log.level, self.config.log.format)
         set_title("corral: supervisor")
         self.control.install()
@@ -169,7 +171,7 @@ class Supervisor:
         now = time.monotonic()
         self._reconcile(now)
         if self.dashboard is not None:
-            self.dashboard.poll(now)
+            self.dashboard.poll(now, may_fork=self._preparing is None)
         self.link.report(now, self.pools, self.children)
         self.notifier.status(self._status_line())
         self.notifier.watchdog(now, self._healthy(now))
@@ -337,6 +339,8 @@ class Supervisor:
         except ConfigError as exc:
             self._reload_failed(str(exc))
             return
+        # what only a restart applies keeps its running value (see reloadable)
+        new, self._restart_keys = split_reload(self.config, new)
         self._preparing = Preparation(self.pools, new, self.children)
         log.info("supervisor.reload_importing", hint="the pools' plugins load off the loop")
 
@@ -360,11 +364,6 @@ class Supervisor:
             self._reload_failed(prepared.error)
             return
         new = prepared.config
-        if new.broker != self.config.broker:
-            log.warning(
-                "supervisor.reload_broker_unchanged",
-                hint="broker settings take effect on a restart of corral",
-            )
         old = self.config
         self.config = self.children.config = self.link.config = new  # the forks use it
         try:
@@ -378,6 +377,15 @@ class Supervisor:
             return
         self.pools = pools
         self.link.reload = f"ok at {_clock()}"
+        if self._restart_keys:
+            log.warning(
+                "supervisor.reload_needs_restart",
+                keys=self._restart_keys,
+                hint="these keys are read only at the start: the running values stay "
+                "(a broker restarted after a crash keeps them too); restart corral to "
+                "apply them (systemctl restart corral)",
+            )
+            self.link.reload += "; restart to apply: " + ", ".join(self._restart_keys)
         log.info("supervisor.reloaded", pools=[p.name for p in self.pools])
         self.notifier.ready(self._status_line())
 
@@ -409,7 +417,7 @@ class Supervisor:
         if self._check is not None:  # a reload's check is not needed any more
             self._check.stop()
         if self.dashboard is not None:
-            self.dashboard.stop()
+            self.dashboard.stop(self.control.wait)
         workers = self.children.alive()
         log.info("supervisor.stopping", workers=len(workers))
         timeout = max((p.config.shutdown_timeout for p in self.pools), default=0.0) + 5.0

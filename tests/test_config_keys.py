@@ -164,3 +164,56 @@ def test_a_client_key_open_to_others_stops_run_and_supervisor_with_exit_2(
     assert proc.wait(30) == 2
     assert f"chmod 600 {keys}/client.key_secret" in proc.output()
     assert "Traceback" not in proc.output()
+
+
+def insecure_tcp(env: Env, client: str, worker: str, extra: str = "") -> None:
+    """The env's config with tcp client and worker endpoints and no CURVE."""
+    text = env.config.read_text()
+    text = text.replace(f'"ipc://{env.home}/c.sock"', f'"{client}"')
+    text = text.replace(f'"ipc://{env.home}/w.sock"', f'"{worker}"')
+    env.config.write_text(text + extra + "\n[security]\nallow_insecure_tcp = true\n")
+
+
+def test_the_addresses_are_tried_without_curve_keys_too(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broker host whose tcp endpoints have no CURVE (insecure tcp allowed):
+    one of its addresses is this host's, so each is tried (they were only
+    with security.server_secret_key set)."""
+    worker = f"tcp://{FOREIGN}:{free_port()}"
+    insecure_tcp(env, f"tcp://127.0.0.1:{free_port()}", worker)
+    code, err = check(env, capsys)
+    assert code == 2
+    assert "broker.worker_endpoint" in err and worker in err, err
+
+
+def test_an_ipc_endpoint_whose_directory_cannot_be_made_is_refused(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (env.home / "afile").write_text("")
+    text = env.config.read_text()
+    bad = f"ipc://{env.home}/afile/c.sock"
+    env.config.write_text(text.replace(f'"ipc://{env.home}/c.sock"', f'"{bad}"'))
+    code, err = check(env, capsys)
+    assert code == 2
+    assert "broker.client_endpoint" in err and bad in err, err
+
+
+def test_a_worker_hosts_config_for_a_remote_broker_passes(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No endpoint is this host's and none is ipc: the broker is elsewhere,
+    and this host only connects."""
+    insecure_tcp(env, f"tcp://{FOREIGN}:5555", f"tcp://{FOREIGN}:5556")
+    assert check(env, capsys) == (0, "")
+
+
+@pytest.mark.parametrize("section", ["metrics", "dashboard"])
+def test_a_listen_address_of_another_host_is_refused(
+    env: Env, capsys: pytest.CaptureFixture[str], section: str
+) -> None:
+    listen = f"{FOREIGN}:{free_port()}"
+    env.config.write_text(env.config.read_text() + f'\n[{section}]\nlisten = "{listen}"\n')
+    code, err = check(env, capsys)
+    assert code == 2
+    assert f"{section}.listen" in err and listen in err, err

@@ -5,6 +5,8 @@ Selenium). Screenshots go to build/screenshots/."""
 from __future__ import annotations
 
 import shutil
+import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Env, free_port, wait_for
+from conftest import Env, free_port, titled, wait_for
 
 import corral
 
@@ -273,3 +275,54 @@ def test_a_listen_address_that_is_not_one_is_a_usage_error(
     assert main(["dashboard", "--listen", listen, "-c", str(env.config)]) == 2
     err = capsys.readouterr().err
     assert listen in err and "HOST:PORT" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "dashboard"])
+def test_a_dashboard_port_in_use_stops_the_start_with_exit_2(env: Env, command: str) -> None:
+    """As the events endpoint and the metrics: the setting, the address and
+    the fix (``corral run`` only logged it, and tried again for ever)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        env.config.write_text(env.config.read_text() + f'\n[dashboard]\nlisten = "{listen}"\n')
+        proc = env.start(command)
+        assert proc.wait(60) == 2, proc.output()
+    line = next(ln for ln in proc.output().splitlines() if "dashboard.listen" in ln)
+    assert listen in line and "port" in line and "Traceback" not in proc.output(), line
+
+
+def test_a_reload_keeps_the_dashboard_it_runs_and_its_restart_too(env: Env) -> None:
+    """[dashboard] changed in the file (to a port another process holds):
+    the reload says "restart to apply", and a dashboard that dies is
+    started again as it ran, on its own port, never down for the reload."""
+    url = dashboard_env(env, allow_actions=False)
+    start(env, url)
+    daemon = env.procs[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        text = env.config.read_text()
+        port = url.rpartition(":")[2]
+        env.config.write_text(text.replace(f":{port}", f":{taken.getsockname()[1]}"))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "supervisor.reloaded" in daemon.output(), 30, message="the reload")
+        line = next(
+            ln for ln in daemon.output().splitlines() if "supervisor.reload_needs_restart" in ln
+        )
+        assert "dashboard.listen" in line, line
+        (first,) = wait_for(lambda: titled(daemon, "corral: dashboard"), 30, message="dashboard")
+        first.kill()
+
+        def replaced() -> bool:
+            found = titled(daemon, "corral: dashboard")
+            if not found or found[0].pid == first.pid:
+                return False
+            try:
+                with urllib.request.urlopen(url + "/", timeout=5) as reply:
+                    return reply.status == 200
+            except OSError:
+                return False
+
+        wait_for(replaced, 30, message="the dashboard again, on its port")
+        assert daemon.alive()

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 import zmq
 import zmq.auth
 from conftest import CORRAL, Env, free_port, wait_for, worker_processes
+from structlog.testing import capture_logs
 from zmq.utils.monitor import recv_monitor_message
 
 import corral
@@ -153,7 +155,10 @@ def test_a_pool_that_starts_or_stops_backing_off_is_an_event() -> None:
 
 
 def test_events_are_dropped_not_queued_when_no_one_reads(env: Env) -> None:
+    """... and the drops are counted: in the broker's stats and its metrics."""
     endpoint = events_config(env)
+    port = free_port()
+    env.config.write_text(env.config.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
     broker = env.start("broker")
     env.wait_ready(broker)
     client = env.client()
@@ -167,6 +172,17 @@ def test_events_are_dropped_not_queued_when_no_one_reads(env: Env) -> None:
         assert client.ping()
         stats = client.status().stats
         assert stats["jobs"] == 30_000
+        assert stats["events_dropped"] > 0
+        assert stats["events_sent"] + stats["events_dropped"] >= 30_000
+
+        def scraped() -> float:
+            url = f"http://127.0.0.1:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode()
+            line = next(ln for ln in text.splitlines() if ln.startswith("corral_events_dropped"))
+            return float(line.split()[-1])
+
+        wait_for(lambda: scraped() > 0, 30, message="the drops in the metrics")
     finally:
         stalled.close(linger=0)
 
@@ -692,3 +708,98 @@ def test_corral_events_skips_what_is_not_an_event(
         pub.close(linger=0)
     assert printed == [1]
     assert json.loads(capsys.readouterr().out)["job_id"] == "j"
+
+
+def _publisher(tmp_path: Path, clock: Any = None) -> tuple[Any, str]:
+    """Events on an ipc endpoint in ``tmp_path``, as the broker makes them."""
+    from corral.broker.events import Events, Publisher
+
+    endpoint = f"ipc://{tmp_path}/events.sock"
+    publisher = Publisher(endpoint, loads(""), "")
+    context = zmq.Context.instance()
+    sock = publisher.bind(context)
+    options = {} if clock is None else {"clock": clock}
+    return Events(sock, lambda: publisher.socket(context), **options), endpoint
+
+
+def _stalled(endpoint: str) -> zmq.Socket[Any]:
+    sock = zmq.Context.instance().socket(zmq.SUB)  # subscribes, never reads
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.setsockopt(zmq.RCVHWM, 10)
+    sock.connect(endpoint)
+    return sock
+
+
+def test_a_stalled_subscriber_holds_a_bounded_queue_and_the_drops_are_counted(
+    tmp_path: Path,
+) -> None:
+    """PUB drops silently at its high-water mark, so ``dropped`` stayed 0
+    while a reader that stopped kept SNDHWM (10,000) events in the broker.
+    The queue is SNDHWM (1,000) now, and an event that cannot go out is
+    counted dropped; publishing never blocks."""
+    from corral.broker.events import SNDHWM
+
+    events, endpoint = _publisher(tmp_path)
+    stalled = _stalled(endpoint)
+    try:
+        published = 0
+
+        def dropping() -> bool:
+            nonlocal published
+            for n in range(500):
+                events.publish("job.enqueued", 0.0, job_id=f"{published + n:032x}")
+            published += 500
+            return events.dropped > 0
+
+        wait_for(dropping, 30, interval=0, message="a drop")
+        assert events.sent + events.dropped == published
+        # what the reader never took: the broker's queue, its own (10) and
+        # the kernel's buffer between them (some hundreds of events)
+        assert events.sent < SNDHWM + 5_000
+        assert SNDHWM <= 1_000
+    finally:
+        stalled.close(linger=0)
+        events.close()
+
+
+def test_a_subscriber_that_stops_reading_loses_the_others_events_only_for_a_while(
+    tmp_path: Path,
+) -> None:
+    """An event goes out to every subscriber or to none (so that a drop can
+    be counted): a subscriber stalled past STALL_SECONDS has every
+    subscriber's connection dropped, and the others, back at once, get
+    events again."""
+    from corral.broker.events import STALL_SECONDS
+
+    now = [100.0]
+    events, endpoint = _publisher(tmp_path, clock=lambda: now[0])
+    healthy = Subscriber(endpoint)
+    stalled = _stalled(endpoint)
+    try:
+        wait_for(
+            lambda: events.publish("probe", 0.0) or healthy.named("probe"), 10, message="joined"
+        )
+        wait_for(
+            lambda: [events.publish("fill", 0.0) for _ in range(500)] and events.dropped,
+            30,
+            interval=0,
+            message="the stalled reader to hold events back",
+        )
+        now[0] += STALL_SECONDS + 1
+        with capture_logs() as logs:
+            events.publish("fill", 0.0)
+        assert any(e["event"] == "events.subscribers_dropped" for e in logs), logs
+        healthy.read()
+        stalled.close(linger=0)
+
+        def again() -> bool:
+            if events.unbound:
+                events.bind_again(now[0])
+            events.publish("after", 0.0)
+            return bool(healthy.named("after"))
+
+        wait_for(again, 30, interval=0.05, message="events again for the reader that reads")
+    finally:
+        healthy.close()
+        stalled.close(linger=0)
+        events.close()

@@ -3,12 +3,13 @@ over HTTP and read with prometheus-client's own parser."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import urllib.request
 from collections.abc import Callable
 
 import pytest
-from conftest import Env, free_port, wait_for
+from conftest import Env, broker_processes, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import corral
@@ -104,16 +105,67 @@ def test_a_scrape_of_a_running_daemon_shows_queues_jobs_log_workers_and_pools(en
     assert client.job(waiting).status == "queued"
 
 
-def test_a_metrics_port_in_use_leaves_the_broker_serving_jobs(env: Env) -> None:
+@pytest.mark.parametrize("command", ["run", "broker"])
+@pytest.mark.parametrize("fault", ["in use", "not this host"])
+def test_a_metrics_address_that_cannot_be_bound_stops_the_start_with_exit_2(
+    env: Env, command: str, fault: str
+) -> None:
+    """As an events endpoint does: the setting, the address and the fix,
+    and nothing left behind (a metrics port that only logged went unseen)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        with_metrics(env, f"127.0.0.1:{taken.getsockname()[1]}")
-        daemon = env.start("run")
-        env.wait_ready(daemon)
-        client = env.client()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        if fault == "not this host":
+            listen = f"203.0.113.9:{free_port()}"  # TEST-NET-3: no host here has it
+        with_metrics(env, listen)
+        daemon = env.start(command)
+        assert daemon.wait(60) == 2, daemon.output()
+    line = next(ln for ln in daemon.output().splitlines() if "metrics.listen" in ln)
+    assert listen in line and "port" in line and "Traceback" not in daemon.output(), line
+    assert not (env.home / "state" / "broker.lock").exists()
+
+
+def test_a_broker_restarted_while_its_metrics_port_is_taken_serves_on(env: Env) -> None:
+    """Past the start, metrics never take the queue down: the supervisor's
+    new broker logs the port it cannot have and serves jobs."""
+    port = free_port()
+    with_metrics(env, f"127.0.0.1:{port}")
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    old = client.ping()
+    daemon.signal(signal.SIGSTOP)  # no new broker until the port is taken
+    taken = socket.socket()
+    try:
+        (broker,) = broker_processes(daemon)
+        broker.kill()
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # its threads end a moment after its main one: the port is free then
+        wait_for(lambda: _bound(taken, port), 30, message="the dead broker's port")
+        taken.listen()
+        daemon.signal(signal.SIGCONT)
+
+        def new_broker() -> bool:
+            try:
+                return client.ping() != old
+            except corral.BrokerUnavailable:
+                return False
+
+        wait_for(new_broker, 60, message="a new broker")
         assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9
         wait_for(lambda: "metrics.cannot_listen" in daemon.output(), 10, message="the error")
+    finally:
+        daemon.signal(signal.SIGCONT)
+        taken.close()
+
+
+def _bound(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("listen", ["9464", "localhost:99999", "http://x:1", ""])

@@ -8,7 +8,15 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import PLUGINS, Env, Proc, render_config, wait_for, worker_processes
+from conftest import (
+    PLUGINS,
+    Env,
+    Proc,
+    kill_broker,
+    render_config,
+    wait_for,
+    worker_processes,
+)
 
 import corral
 
@@ -249,3 +257,37 @@ def test_a_reload_never_imports_stale_bytecode(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop(name, None)
+
+
+def test_a_broker_restarted_after_a_reload_keeps_the_settings_it_runs_with(env: Env) -> None:
+    """A reload applies what the supervisor can (the pools); keys only a
+    restart applies (here broker.state_dir) are named in the log and in
+    `corral status` with "restart to apply", and a broker the supervisor
+    restarts after a crash keeps the running ones: it comes back on its
+    own log, not on an empty one in the new directory."""
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(2)
+    client = env.client()
+    waiting = client.enqueue("e2e.square", 2, queue="nobody")  # no worker serves it
+    before = {p.pid for p in worker_processes(daemon)}
+    moved = env.home / "elsewhere"
+    text = env.config.read_text()
+    text = text.replace(f'state_dir = "{env.home}/state"', f'state_dir = "{moved}"')
+    env.config.write_text(text.replace("processes = 2", "processes = 1"))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "supervisor.reloaded" in daemon.output(), 30, message="the reload")
+    lines = daemon.output().splitlines()
+    line = next(ln for ln in lines if "supervisor.reload_needs_restart" in ln)
+    assert "broker.state_dir" in line and "restart" in line, line
+    assert "pools" not in line  # applied by the reload: no restart needed
+    wait_for(  # the pool's change applied
+        lambda: len(now := {p.pid for p in worker_processes(daemon)}) == 1 and not now & before,
+        30,
+        message="1 new worker",
+    )
+    shown = "restart to apply: broker.state_dir"
+    wait_for(lambda: shown in _status_text(env), 20, message="the status")
+    kill_broker(env, daemon)
+    assert client.job(waiting).status == "queued"
+    assert not moved.exists()

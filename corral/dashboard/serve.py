@@ -1,11 +1,14 @@
 """Running the dashboard: ``corral dashboard`` in the foreground until
 SIGTERM or Ctrl-C, on ``[dashboard] listen`` (default
-:data:`DEFAULT_LISTEN`, loopback)."""
+:data:`DEFAULT_LISTEN`, loopback); or, in ``corral run``, a child of the
+supervisor serving on the socket the supervisor bound
+(:mod:`corral.supervisor.dashboard_child`)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from typing import Any
 
 import structlog
@@ -16,20 +19,22 @@ log = structlog.get_logger()
 DEFAULT_LISTEN = "127.0.0.1:9465"
 
 
-async def serve(config: Any, listen: str, allow_actions: bool, endpoint: str | None) -> None:
-    """Serve until SIGTERM or SIGINT. Raises OSError if ``listen`` cannot be bound."""
+async def serve(
+    config: Any, sock: socket.socket, allow_actions: bool, endpoint: str | None
+) -> None:
+    """Serve on the listening socket ``sock`` until SIGTERM or SIGINT."""
     from aiohttp import web
 
     from corral.asyncclient import AsyncClient
-    from corral.config import split_listen
     from corral.dashboard.app import make_app
 
     client = AsyncClient(endpoint, config=config, timeout=config.client.timeout)
     runner = web.AppRunner(make_app(client, allow_actions=allow_actions), access_log=None)
     await runner.setup()
-    host, port = split_listen(listen)
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.SockSite(runner, sock).start()
+        host, port = sock.getsockname()[:2]
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info("dashboard.listening", listen=listen, allow_actions=allow_actions)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -39,3 +44,16 @@ async def serve(config: Any, listen: str, allow_actions: bool, endpoint: str | N
     finally:
         await runner.cleanup()
         client.close()
+
+
+def run_dashboard(config: Any, fd: int) -> int:
+    """The dashboard child of ``corral run``: serve ``config``'s dashboard
+    on the listening socket ``fd`` (inherited from the supervisor, which
+    keeps its own copy) until SIGTERM."""
+    from corral import logs
+
+    logs.configure("dashboard", config.log.level, config.log.format)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    asyncio.run(serve(config, sock, config.dashboard.allow_actions, None))
+    return 0
