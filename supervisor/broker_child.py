@@ -71,8 +71,10 @@ class BrokerChild:
         """Fork the broker; :meth:`poll` sees it become ready."""
         ready_r, ready_w = os.pipe()
 
+        first_start = not self.was_up  # past it, a metrics port it cannot bind is logged
+
         def target(_: int | None) -> int:
-            return run_broker(config, ready_w)  # ready_r was closed with the rest
+            return run_broker(config, ready_w, first_start=first_start)  # ready_r was closed
 
         self.child = child = Child("broker", "corral: broker", target, keep_fds=(ready_w,))
         self.before_fork()

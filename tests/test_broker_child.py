@@ -19,7 +19,7 @@ def test_a_broker_that_refused_its_config_gives_exit_2_before_it_is_reaped(
     """Under load the ready pipe's end (the broker exited) came before the
     loop reaped the broker, and ``corral run`` exited 1 instead of the
     broker's 2."""
-    monkeypatch.setattr(broker_child, "run_broker", lambda config, ready_w: 2)
+    monkeypatch.setattr(broker_child, "run_broker", lambda config, ready_w, **_: 2)
     child = BrokerChild()
     child.start(None, 0.0)  # type: ignore[arg-type]
     try:
