@@ -72,7 +72,13 @@ def spawn(path: Path, then: str, seconds: float) -> dict[str, object]:
 
 
 def read_pid(path: Path) -> int:
-    wait_for(path.exists, 30, message=f"the task to write {path.name}")
+    """The pid a task or child writes to ``path``, once it is all there (a
+    writer that opens the file, then writes, is seen in between)."""
+
+    def written() -> bool:
+        return path.exists() and path.read_text().strip().isdigit()
+
+    wait_for(written, 30, message=f"the task to write {path.name}")
     return int(path.read_text())
 
 
