@@ -11,8 +11,10 @@ A request that gets no answer within the timeout raises BrokerUnavailable
 and the blocking client throws its socket away (the lazy pirate pattern), so
 a late reply or a queued request never surfaces later. Within the timeout, a
 request the broker answers the same way twice (see
-:data:`~corral.clientcore.RESENDABLE`) is sent again every
-:data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer.
+:data:`~corral.clientcore.RESENDABLE`) is sent again after
+:data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer, then
+after twice that, and so on up to
+:data:`~corral.clientcore.RESEND_INTERVAL_MAX`.
 
 Sharing. A ZeroMQ socket belongs to one thread at a time, and to the process
 that made it. The blocking client keeps a small pool of DEALER sockets
@@ -337,6 +339,7 @@ class Client(_Driver):
                 sock.poll(50, zmq.POLLOUT)
         every = resend_every(request, wait)
         resend_at = time.monotonic() + every if every is not None else math.inf
+        resent = 0
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -344,7 +347,8 @@ class Client(_Driver):
             if now >= resend_at:  # no answer yet: the same request again
                 with contextlib.suppress(zmq.Again):
                     sock.send(body, zmq.NOBLOCK)
-                resend_at = now + (every or math.inf)
+                resent += 1
+                resend_at = now + (resend_every(request, wait, resent) or math.inf)
             if sock.poll(math.ceil((min(deadline, resend_at) - now) * 1000), zmq.POLLIN):
                 reply = decode_reply(b"".join(sock.recv_multipart()))
                 if reply.req in (request.req, 0):  # 0: the broker could not read it
@@ -452,6 +456,7 @@ class AsyncClient(_Driver):
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:
+                    self._drop_if_idle(sock)
                     raise self._unavailable(timeout) from None
                 await sock.poll(50, zmq.POLLOUT)  # type: ignore[call-arg]  # pyzmq's stub
         future: asyncio.Future[p.ClientReply] = asyncio.get_running_loop().create_future()
@@ -459,10 +464,13 @@ class AsyncClient(_Driver):
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies(sock))
         every = resend_every(request, wait)
+        resent = 0
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._pending.pop(request.req, None)
+                    self._drop_if_idle(sock)
                     raise self._unavailable(timeout)
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), min(left, every or left))
@@ -470,8 +478,19 @@ class AsyncClient(_Driver):
                     if every is not None and deadline - time.monotonic() > 0:
                         with contextlib.suppress(zmq.Again):
                             await sock.send(body, zmq.NOBLOCK)  # the same request again
+                        resent += 1
+                        every = resend_every(request, wait, resent)
         finally:
             self._pending.pop(request.req, None)
+
+    def _drop_if_idle(self, sock: zmq.asyncio.Socket) -> None:
+        """A request had no answer in time: with no other request in
+        flight, close the socket, so the next request connects afresh. A
+        broker that refused the connection (a key it did not know then, or
+        ``broker.max_connections`` reached) is asked again that way: libzmq
+        does not connect again by itself after a refused handshake."""
+        if not self._pending and sock is self._sock:
+            self.close()
 
     async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
         while self._pending and sock is self._sock:

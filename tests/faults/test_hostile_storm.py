@@ -77,8 +77,12 @@ for i in range(identities):
     sock.setsockopt(zmq.ROUTING_ID, rng.randbytes(8))
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.connect(endpoint)
-    for _ in range(per):
-        sock.send_multipart(frame())
+    try:
+        for _ in range(per):
+            sock.send_multipart(frame(), zmq.NOBLOCK)
+    except zmq.Again:  # refused by the broker (its connections are capped): next
+        sock.close(linger=0)
+        continue
     sock.close(linger=0 if i % 10 == 0 else 2000)  # one in ten drops what it has not sent
 ctx.term()
 """
