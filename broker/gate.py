@@ -185,13 +185,26 @@ class Gate:
         tally = self.tallies[domain] = Tally()
         return tally
 
-    def serve(self) -> None:
+    @property
+    def sockets(self) -> list[zmq.Socket[Any]]:
+        """The sockets the loop polls for the gate: ZAP and the monitors."""
+        return [self.zap, *self._monitors.values()]
+
+    def serve(self, ready: bool = True) -> None:
         """Count the connections that opened and closed since the last call,
         then answer the ZAP requests waiting, at most :data:`ZAP_BUDGET`
         (the rest wait for the next call, and those that wait past the
         handshake interval are dropped by libzmq with their connection), so
-        a storm of connections cannot starve the reading of messages."""
+        a storm of connections cannot starve the reading of messages. Call
+        it on every turn of the loop; ``ready``: one of :attr:`sockets` has
+        something to read (if not, only the ended connections whose
+        messages were read since are released: no socket is asked)."""
         self._serves += 1
+        if not ready:
+            for tally in self.tallies.values():
+                tally.serving = self._serves
+                tally.release(self.drain_reads)
+            return
         requests = []
         for _ in range(ZAP_BUDGET):
             frames = _recv_frames(self.zap)

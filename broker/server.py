@@ -177,9 +177,10 @@ class Broker:
             keys.log_loaded()
         raise_file_limit(bc.max_connections)
         self._gate = Gate(self._ctx, self._keys, bc.max_connections, self.core.stats)
-        self._poller.register(self._gate.zap, zmq.POLLIN)
         self.client_sock = self._bind(bc.client_endpoint, CLIENT)
         self.worker_sock = self._bind(bc.worker_endpoint, WORKER)
+        for sock in self._gate.sockets:
+            self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self.client_sock, zmq.POLLIN)
         self._poller.register(self.worker_sock, zmq.POLLIN)
         self.core.attach(
@@ -294,9 +295,9 @@ class Broker:
         the process with exit code 70 (never retried: a restart replays)."""
         try:
             while not self._stopping:
-                self._poller.poll(int(self.core.poll_timeout() * 1000))
+                ready = dict(self._poller.poll(int(self.core.poll_timeout() * 1000)))
                 if self._gate is not None:
-                    self._gate.serve()
+                    self._gate.serve(any(sock in ready for sock in self._gate.sockets))
                 if self._wake_r is not None:
                     self._drain_wakeups()
                 if self._reload_keys:
