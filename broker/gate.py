@@ -43,8 +43,9 @@ longer than its connection: the broker reads those at its full rate.
 
 Refusals are counted (``connections_refused``) and logged at most once per
 :data:`REFUSAL_LOG_EVERY` seconds per endpoint (``broker.connections_full``,
-naming the address of the last peer refused: on ipc, ``uid:gid:pid`` of its
-process), so a runaway process can be found without flooding the log.
+naming the address of the last peer refused: on ipc it ends with the
+``uid:gid:pid`` of the peer's process), so a runaway process can be found
+without flooding the log.
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ class Gate:
             hint="a peer that connects while broker.max_connections peers are connected to "
             "this endpoint is refused; if these are legitimate clients or workers, raise "
             "broker.max_connections (the broker's file limit must allow twice that); "
-            "otherwise find the process at last_address (ipc: uid:gid:pid)",
+            "otherwise find the process at last_address (on ipc it ends with uid:gid:pid)",
         )
 
     def close(self) -> None:

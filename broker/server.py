@@ -27,8 +27,12 @@ here by bounds, none of which drops a message silently:
   per peer in turn), and the replies a pass holds stay bounded;
 - a message of more than two frames is read no further than its third: the
   rest are let go uncopied, and it is counted malformed;
+- each endpoint holds at most ``broker.max_connections`` connections, a
+  peer that left counted until what it sent is read; one past that is
+  refused at its handshake (:mod:`corral.broker.gate`, the broker's ZAP
+  handler, which the loop serves on every turn);
 - per peer, ZeroMQ holds at most its receive high-water mark of messages
-  (1,000: then the peer is pushed back, nothing is lost) and its send
+  (100: then the peer is pushed back, nothing is lost) and its send
   high-water mark (1,000 replies to a client, then a reply is counted
   ``replies_blocked``; 100,000 messages to a worker, then a delivery is
   not leased and goes out later); each frame is at most

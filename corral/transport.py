@@ -4,7 +4,8 @@ tcp endpoints are encrypted and authenticated with CURVE unless the config
 says ``security.allow_insecure_tcp = true``. A CURVE server gets a ZAP
 domain with enforcement on, so a client whose key is not authorised (or any
 client, when the authenticator is not running) is refused; the broker's key
-sets and its ZAP handler are in :mod:`corral.broker.auth`.
+sets are in :mod:`corral.broker.auth`, its ZAP handler (which also caps the
+connections, ipc ones too) in :mod:`corral.broker.gate`.
 """
 
 from __future__ import annotations
