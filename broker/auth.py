@@ -6,12 +6,10 @@ and a supervisor, whose reports are a client's calls), ``security.worker_keys_di
 those of worker processes (``security.worker_secret_key`` on their host,
 else its ``client_secret_key``). Each endpoint's ROUTER is in its own ZAP domain
 (:data:`CLIENT_DOMAIN`, :data:`WORKER_DOMAIN`), so a client's key is refused
-on the worker endpoint and the other way round. pyzmq's
-``ThreadAuthenticator`` answers the ZAP requests; it asks a
-:class:`KeySet` per domain (``configure_curve_callback``) rather than
-loading the directories itself, because its own directory mode has one
-``allow_any`` flag for every domain and logs, rather than raises, a
-directory it cannot read.
+on the worker endpoint and the other way round. The broker's ZAP handler
+(:class:`~corral.broker.gate.Gate`, in the broker's loop, which also caps
+the connections) asks the :class:`KeySet` of the request's domain
+(:meth:`KeyRing.for_domain`) whether a key may connect.
 
 The events endpoint (``broker.events_endpoint``), on tcp with CURVE, has
 a ZAP domain of its own (:data:`EVENTS_DOMAIN`) whose subscribers are
@@ -121,9 +119,9 @@ def _refuse_writable_by_others(path: Path, setting: str) -> None:
 
 @dataclass
 class KeySet:
-    """The keys one side may use; pyzmq's authenticator calls :meth:`callback`
-    on its thread. ``keys`` is replaced whole on a reload (one assignment,
-    so the thread sees the old set or the new one)."""
+    """The keys one side may use; the broker's ZAP handler calls
+    :meth:`callback` in the broker's loop. ``keys`` is replaced whole on a
+    reload."""
 
     side: str
     setting: str
@@ -132,8 +130,8 @@ class KeySet:
     keys: frozenset[str] = frozenset()
     #: Monotonic seconds, for :meth:`callback`'s rate limit.
     clock: Callable[[], float] = time.monotonic
-    #: Refused key -> when its refusal was last logged (the authenticator's
-    #: thread only; cleared when full, so memory stays bounded).
+    #: Refused key -> when its refusal was last logged (cleared when full,
+    #: so memory stays bounded).
     _refusals: dict[str, float] = field(default_factory=dict)
     #: When the current while began, and the refusals logged in it; the
     #: refusals left out since the last line.
@@ -186,10 +184,10 @@ class KeySet:
 
 
 class KeyRing:
-    """The key sets of the broker's CURVE endpoints, and the ZAP handler
-    that applies them. Built from the config (raises ConfigError when a
-    CURVE endpoint has no key directory, or a directory is refused);
-    :meth:`start` runs the handler on ``context``."""
+    """The key sets of the broker's CURVE endpoints, which its ZAP handler
+    (:class:`~corral.broker.gate.Gate`) applies. Built from the config
+    (raises ConfigError when a CURVE endpoint has no key directory, or a
+    directory is refused)."""
 
     def __init__(self, config: Any) -> None:
         sec = config.security
@@ -222,7 +220,6 @@ class KeyRing:
             )
         for keyset in self.sets.values():
             keyset.load()
-        self._auth: Any = None
         self._refused_logged: set[bytes] = set()
 
     def __bool__(self) -> bool:
@@ -244,14 +241,16 @@ class KeyRing:
         keyset = self.sets.get(side)
         return keyset is not None and not keyset.allow_any
 
-    def start(self, context: zmq.Context[Any]) -> None:
-        """Run pyzmq's ZAP handler on ``context``, one domain per side."""
-        from zmq.auth.thread import ThreadAuthenticator
-
-        self._auth = ThreadAuthenticator(context)
-        self._auth.start()
+    def for_domain(self, domain: str) -> KeySet | None:
+        """The key set of the endpoint in ZAP ``domain`` (None: not CURVE)."""
         for side, keyset in self.sets.items():
-            self._auth.configure_curve_callback(self.domain(side), keyset)
+            if _DOMAINS[side] == domain:
+                return keyset
+        return None
+
+    def log_loaded(self) -> None:
+        """Say which key sets are in force (at the start)."""
+        for side, keyset in self.sets.items():
             if keyset.allow_any:
                 log.warning(
                     "broker.any_client_key",
@@ -322,11 +321,6 @@ class KeyRing:
                 "are dropped, and a new connection with it is refused",
             )
         return False
-
-    def stop(self) -> None:
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
 
 
 def _client_keys(side: str, sec: Any, unset: str) -> KeySet:

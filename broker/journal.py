@@ -16,7 +16,7 @@ from typing import Protocol
 
 from corral.broker import protocol as p
 from corral.broker.log import Log
-from corral.broker.records import Record
+from corral.broker.records import Record, TaskForgotten, TaskRegistered
 from corral.broker.state import JobState
 
 
@@ -28,7 +28,9 @@ class Journal:
         self.log = log
         #: Counters shown by ``corral status``.
         self.stats: Counter[str] = Counter()
-        #: Records made since start: a change of job state changes it.
+        #: Records made since start that change jobs: a change of job state
+        #: changes it (a task's registered options, which any READY may
+        #: change, do not: a status made since is not made again for them).
         self.records = 0
         #: Told every record once it is applied (metrics, events).
         self.observers: list[Callable[[Record, JobState], None]] = []
@@ -37,7 +39,8 @@ class Journal:
         """Log first, then apply. The record is durable at the pass's commit."""
         self.log.append(record)
         self.state.apply(record)
-        self.records += 1
+        if not isinstance(record, TaskRegistered | TaskForgotten):
+            self.records += 1
         for observer in self.observers:
             observer(record, self.state)
 

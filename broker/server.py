@@ -27,8 +27,12 @@ here by bounds, none of which drops a message silently:
   per peer in turn), and the replies a pass holds stay bounded;
 - a message of more than two frames is read no further than its third: the
   rest are let go uncopied, and it is counted malformed;
+- each endpoint holds at most ``broker.max_connections`` connections, a
+  peer that left counted until what it sent is read; one past that is
+  refused at its handshake (:mod:`corral.broker.gate`, the broker's ZAP
+  handler, which the loop serves on every turn);
 - per peer, ZeroMQ holds at most its receive high-water mark of messages
-  (1,000: then the peer is pushed back, nothing is lost) and its send
+  (100: then the peer is pushed back, nothing is lost) and its send
   high-water mark (1,000 replies to a client, then a reply is counted
   ``replies_blocked``; 100,000 messages to a worker, then a delivery is
   not leased and goes out later); each frame is at most
@@ -66,6 +70,7 @@ from corral.broker.auth import EVENTS, KeyRing
 from corral.broker.clock import Clock
 from corral.broker.core import CLIENT, WORKER, BrokerCore
 from corral.broker.events import Events, Publisher
+from corral.broker.gate import Gate, Tally, raise_file_limit
 from corral.broker.lockfile import StateDirLock
 from corral.broker.log import FsyncFailed, LogError
 from corral.errors import ConfigError
@@ -86,6 +91,8 @@ FRAMES = 2
 TRIM_AFTER = 1_000
 #: Least seconds between two trims of the heap.
 TRIM_EVERY = 10.0
+#: zmq.NOBLOCK as a plain int: pyzmq's flag enums cost a conversion per call.
+_NOBLOCK = int(zmq.NOBLOCK)
 #: While passes end on their budget (a flood), seconds a status is given
 #: again when nothing it shows changed (see ClientService._encoded_status).
 STATUS_MAX_AGE = 0.5
@@ -112,6 +119,9 @@ class Broker:
         self._poller = zmq.Poller()
         self._wake_r: socket.socket | None = None
         self._keys: KeyRing | None = None
+        self._gate: Gate | None = None
+        #: Each endpoint's connections, as its gate counts them (see Gate).
+        self._tallies: dict[str, Tally] = {}
         self._reload_keys = False
         #: The events publisher (``broker.events_endpoint``), once bound.
         self.events: Events | None = None
@@ -161,15 +171,20 @@ class Broker:
         )
 
     def _open_sockets(self, keys: KeyRing, publisher: Publisher | None) -> None:
-        """Start the ZAP handler, bind both endpoints and the events one."""
+        """Start the ZAP handler (key sets and connection caps), bind both
+        endpoints and the events one."""
         bc = self.config.broker
         if self._ctx is None:
             self._ctx = zmq.Context()
         if keys:
-            self._keys = keys  # first: stopped by _release if its start fails
-            keys.start(self._ctx)
+            self._keys = keys
+            keys.log_loaded()
+        raise_file_limit(bc.max_connections)
+        self._gate = Gate(self._ctx, self._keys, bc.max_connections, self.core.stats)
         self.client_sock = self._bind(bc.client_endpoint, CLIENT)
         self.worker_sock = self._bind(bc.worker_endpoint, WORKER)
+        for sock in self._gate.sockets:
+            self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self.client_sock, zmq.POLLIN)
         self._poller.register(self.worker_sock, zmq.POLLIN)
         self.core.attach(
@@ -186,17 +201,22 @@ class Broker:
         assert self._ctx is not None
         bc = self.config.broker
         access.prepare_socket_dir(endpoint, bc)
+        gate = self._gate
+        assert gate is not None
+        domain = KeyRing.domain(side)
         try:
             sock: zmq.Socket[Any] = bind_router(
                 self._ctx,
                 endpoint,
                 self.config,
                 bc.max_message_size,
-                KeyRing.domain(side),
+                domain,
+                before_bind=lambda sock: gate.watch(sock, domain),
                 **({"sndhwm": CLIENT_SNDHWM} if side == CLIENT else {}),
             )
         except ConfigError as exc:
             raise ConfigError(f"broker.{side}_endpoint: {exc}") from None
+        self._tallies[side] = gate.tallies[domain]
         self._own_socket_file(endpoint)
         access.secure_socket(endpoint, bc)
         return sock
@@ -279,7 +299,9 @@ class Broker:
         the process with exit code 70 (never retried: a restart replays)."""
         try:
             while not self._stopping:
-                self._poller.poll(int(self.core.poll_timeout() * 1000))
+                ready = dict(self._poller.poll(int(self.core.poll_timeout() * 1000)))
+                if self._gate is not None:
+                    self._gate.serve(any(sock in ready for sock in self._gate.sockets))
                 if self._wake_r is not None:
                     self._drain_wakeups()
                 if self._reload_keys:
@@ -347,9 +369,10 @@ class Broker:
             if sock is not None:
                 sock.close(linger=0)
         self.client_sock = self.worker_sock = None
-        if self._keys is not None:
-            self._keys.stop()
-            self._keys = None
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
+        self._keys = None
         self.core.close()
         if self._own_ctx and self._ctx is not None:
             self._ctx.term()
@@ -385,17 +408,24 @@ class Broker:
         budget = DRAIN_BUDGET
         until = time.monotonic() + PASS_SECONDS
         replies = self.core.replies
-        sockets = ((self.worker_sock, WORKER), (self.client_sock, CLIENT))
+        tallies = self._tallies
+        sockets = (
+            (self.worker_sock, WORKER, tallies[WORKER]),
+            (self.client_sock, CLIENT, tallies[CLIENT]),
+        )
         while budget > 0:
             idle = True
-            for sock, side in sockets:
+            for sock, side, tally in sockets:
                 if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    tally.emptied()
                     continue
                 frames = self._recv(sock, side)
                 if frames is None:
+                    tally.emptied()
                     continue
                 idle = False
                 budget -= 1
+                tally.reads += 1
                 self._since_trim += 1
                 if frames:  # [] : read, and refused by the key ring
                     yield side, frames
@@ -425,18 +455,19 @@ class Broker:
 def _recv(sock: zmq.Socket[Any], copy: bool = True) -> list[Any] | None:
     """The next message's frames, as bytes (``copy=False``: as zmq.Frame, whose
     User-Id the key ring reads); None: there is none. Past :data:`FRAMES` + 1
-    frames the rest are let go uncopied: the message is malformed anyway, and
-    the core counts it so."""
+    frames the rest are let go: the message is malformed anyway, and the
+    core counts it so. Frames are read uncopied and told apart by their
+    ``more`` flag, which is cheaper than asking the socket for ``RCVMORE``."""
     try:
-        frames = [sock.recv(zmq.NOBLOCK, copy=copy)]
+        frame = sock.recv(_NOBLOCK, copy=False)
     except zmq.Again:
         return None
-    while sock.getsockopt(zmq.RCVMORE):
-        if len(frames) > FRAMES:
-            sock.recv(copy=False)
-        else:
-            frames.append(sock.recv(copy=copy))
-    return frames
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(0, copy=False)
+        if len(frames) <= FRAMES:
+            frames.append(frame)
+    return [f.bytes for f in frames] if copy else frames
 
 
 @functools.cache

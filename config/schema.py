@@ -112,6 +112,12 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     #: The largest frame a peer may send (``ZMQ_MAXMSGSIZE``; a peer sending more is
     #: disconnected). Below segment_size, at most 64MiB.
     max_message_size: PositiveSize = 16 * 2**20
+    #: The most peers connected at once to each of client_endpoint and worker_endpoint
+    #: (one that left counts until what it sent is read); one more is refused at its
+    #: handshake, and logged, until another leaves. Each costs the broker about 30 KiB, up
+    #: to 100 read-ahead messages and a file descriptor: the broker raises its open-file
+    #: limit to 4 x this + 256 where the hard limit allows.
+    max_connections: PositiveInt = 1024
     #: How long a succeeded job and its result are kept, unless the job or its task says
     #: otherwise.
     result_ttl: Duration = 86_400.0

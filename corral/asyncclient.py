@@ -127,6 +127,7 @@ class AsyncClient(_Driver):
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:
+                    self._drop_if_idle(sock)
                     raise self._unavailable(timeout, budget) from None
                 await sock.poll(50, zmq.POLLOUT)  # type: ignore[call-arg]  # pyzmq's stub
         future: asyncio.Future[p.ClientReply] = asyncio.get_running_loop().create_future()
@@ -134,10 +135,13 @@ class AsyncClient(_Driver):
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies(sock))
         every = resend_every(request, wait)
+        resent = 0
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._pending.pop(request.req, None)
+                    self._drop_if_idle(sock)
                     raise self._unavailable(timeout, budget)
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), min(left, every or left))
@@ -145,8 +149,19 @@ class AsyncClient(_Driver):
                     if every is not None and deadline - time.monotonic() > 0:
                         with contextlib.suppress(zmq.Again):
                             await sock.send(body, zmq.NOBLOCK)  # the same request again
+                        resent += 1
+                        every = resend_every(request, wait, resent)
         finally:
             self._pending.pop(request.req, None)
+
+    def _drop_if_idle(self, sock: zmq.asyncio.Socket) -> None:
+        """A request had no answer in time: with no other request in
+        flight, close the socket, so the next request connects afresh. A
+        broker that refused the connection (a key it did not know then, or
+        ``broker.max_connections`` reached) is asked again that way: libzmq
+        does not connect again by itself after a refused handshake."""
+        if not self._pending and sock is self._sock:
+            self.close()
 
     async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
         while self._pending and sock is self._sock:

@@ -18,8 +18,10 @@ no answer within the timeout raises BrokerUnavailable and the blocking
 client throws its socket away (the lazy pirate pattern), so a late reply
 or a queued request never surfaces later. Within the timeout, a request
 the broker answers the same way twice (see
-:data:`~corral.clientcore.RESENDABLE`) is sent again every
-:data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer.
+:data:`~corral.clientcore.RESENDABLE`) is sent again after
+:data:`~corral.clientcore.RESEND_INTERVAL` seconds without an answer, then
+after twice that, and so on up to
+:data:`~corral.clientcore.RESEND_INTERVAL_MAX`.
 
 Sharing. A ZeroMQ socket belongs to one thread at a time, and to the process
 that made it. The blocking client keeps a small pool of DEALER sockets
@@ -374,6 +376,7 @@ class Client(_Driver):
                 sock.poll(50, zmq.POLLOUT)
         every = resend_every(request, wait)
         resend_at = time.monotonic() + every if every is not None else math.inf
+        resent = 0
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -381,7 +384,8 @@ class Client(_Driver):
             if now >= resend_at:  # no answer yet: the same request again
                 with contextlib.suppress(zmq.Again):
                     sock.send(body, zmq.NOBLOCK)
-                resend_at = now + (every or math.inf)
+                resent += 1
+                resend_at = now + (resend_every(request, wait, resent) or math.inf)
             if sock.poll(math.ceil((min(deadline, resend_at) - now) * 1000), zmq.POLLIN):
                 reply = decode_reply(b"".join(sock.recv_multipart()))
                 if reply.req in (request.req, 0):  # 0: the broker could not read it

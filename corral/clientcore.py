@@ -79,14 +79,21 @@ RESENDABLE = (
     p.GetStatus,
     p.Ping,
 )
-#: Seconds without an answer before a resendable request goes again.
+#: Seconds without an answer before a resendable request goes again; each
+#: resend waits twice as long as the one before, up to RESEND_INTERVAL_MAX.
 RESEND_INTERVAL = 1.0
+RESEND_INTERVAL_MAX = 8.0
 
 
-def resend_every(request: p.ClientRequest, wait: float) -> float | None:
-    """Seconds between sends of ``request`` (its long-poll ``wait``
-    included), or None if it is sent once."""
-    return wait + RESEND_INTERVAL if isinstance(request, RESENDABLE) else None
+def resend_every(request: p.ClientRequest, wait: float, resent: int = 0) -> float | None:
+    """Seconds from a send of ``request`` (its long-poll ``wait`` included)
+    to the next one, after ``resent`` resends; None if it is sent once. The
+    interval doubles: a broker that is slow rather than gone (a flood before
+    this request) reads every copy in turn, and each copy delays what the
+    client asks next, so copies sent every second would pile up."""
+    if not isinstance(request, RESENDABLE):
+        return None
+    return wait + min(RESEND_INTERVAL * 2.0**resent, RESEND_INTERVAL_MAX)
 
 
 class Step(msgspec.Struct, Generic[T]):

@@ -4,13 +4,15 @@ tcp endpoints are encrypted and authenticated with CURVE unless the config
 says ``security.allow_insecure_tcp = true``. A CURVE server gets a ZAP
 domain with enforcement on, so a client whose key is not authorised (or any
 client, when the authenticator is not running) is refused; the broker's key
-sets and its ZAP handler are in :mod:`corral.broker.auth`.
+sets are in :mod:`corral.broker.auth`, its ZAP handler (which also caps the
+connections, ipc ones too) in :mod:`corral.broker.gate`.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -143,9 +145,21 @@ def check_tcp_allowed(endpoint: str, config: Any, *, server: bool) -> bool:
 
 
 #: Messages a broker ROUTER queues from one peer before it stops reading
-#: that peer (which then waits: nothing is lost), so a flooding peer holds
-#: at most this many in the broker's memory.
-ROUTER_RCVHWM = 1_000
+#: that peer's connection (which then waits in the kernel's socket buffers:
+#: nothing is lost), so each connected peer holds at most this many in the
+#: broker's memory. Above the 64 results a worker with ``prefetch = 64``
+#: sends in a burst and the pipelined requests of an AsyncClient (tried
+#: with 100 in flight: the broker reads them as fast at 100 as at 1,000;
+#: docs/RELIABILITY.md has the figures), and low enough that
+#: ``broker.max_connections`` peers times this many stay a bounded memory.
+ROUTER_RCVHWM = 100
+#: Milliseconds a connection to a broker endpoint may take to finish its
+#: handshake (ZAP answer included) before libzmq drops it (its default is
+#: 30 s): a storm of connections that the broker cannot answer as fast as
+#: they come holds their descriptors this long at most, not 30 s, and
+#: costs the broker nothing for those it never answers. A peer whose
+#: handshake was dropped connects again by itself.
+HANDSHAKE_MS = 5_000
 #: Replies queued to one client before a send to it fails (counted as
 #: ``replies_blocked``): a client that never reads holds at most this many.
 CLIENT_SNDHWM = 1_000
@@ -163,23 +177,36 @@ def bind_router(
     *,
     sndhwm: int = WORKER_SNDHWM,
     rcvhwm: int = ROUTER_RCVHWM,
+    before_bind: Callable[[SocketT], object] | None = None,
 ) -> SocketT:
     """A ROUTER for a broker endpoint: mandatory routing (no silent drops),
     a message size cap, per-peer high-water marks (messages), no linger,
-    CURVE on tcp, its clients authenticated in the ZAP domain
-    ``zap_domain`` (enforced: with no ZAP handler running, every client is
-    refused). The options are set before the bind: a listener's
-    connections take the options the socket had when it was bound."""
+    CURVE on tcp. With a ``zap_domain`` every connection, ipc ones too,
+    passes the ZAP handler in that domain (enforced: with no handler
+    running, every connection is refused). ``before_bind`` is called with
+    the socket just before it is bound (the broker starts its monitor
+    there). The options are set before the bind: a listener's connections
+    take the options the socket had when it was bound."""
     keys = load_server_keys(config) if check_tcp_allowed(endpoint, config, server=True) else None
     sock = context.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-    sock.setsockopt(zmq.SNDHWM, sndhwm)
-    sock.setsockopt(zmq.RCVHWM, rcvhwm)
-    allow_ipv6(sock, endpoint)
-    if keys is not None:
-        make_curve_server(sock, config, zap_domain, keys)
+    try:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        allow_ipv6(sock, endpoint)
+        if keys is not None:
+            make_curve_server(sock, config, zap_domain, keys)
+        elif zap_domain:
+            sock.zap_domain = zap_domain.encode()
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        if before_bind is not None:
+            before_bind(sock)
+    except BaseException:
+        sock.close(linger=0)
+        raise
     try:
         ensure_ipc_dir(endpoint)
         sock.bind(endpoint)
