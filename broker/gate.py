@@ -19,27 +19,34 @@ checks two things:
   hold gigabytes (and libzmq 4.3 aborts the process when an ipc accept
   fails for want of a descriptor: ``ipc_listener.cpp`` asserts on EMFILE).
 
-Connections are counted from each ROUTER's monitor socket: one
-``ACCEPTED`` event per accepted connection, one ``DISCONNECTED`` when it
-ends, however it ends (refused, closed by the peer, timed out). A
-connection in its handshake counts, so this one is counted when its ZAP
-request is answered: the requests are read first, then the monitor events
-(libzmq's I/O thread sends a connection's ``ACCEPTED`` before its ZAP
-request), and a connection is admitted if the count, itself included, is
-at most the cap. The monitor's pipe has no high-water mark: libzmq's I/O
+Connections are counted from each ROUTER's monitor socket (a
+:class:`Tally` per endpoint): one ``ACCEPTED`` event per accepted
+connection, one ``DISCONNECTED`` when it ends, however it ends (refused,
+closed by the peer, timed out), preceded by a ``HANDSHAKE_FAILED_*`` event
+when its handshake failed. A connection in its handshake counts, so this
+one is counted when its ZAP request is answered: the requests are read
+first, then the monitor events (libzmq's I/O thread sends a connection's
+``ACCEPTED`` before its ZAP request), and a connection is admitted if the
+count, itself included (and the requests answered after it not), is at
+most the cap. The monitor's pipe has no high-water mark: libzmq's I/O
 thread would block on a full one (``socket_base.cpp``, ``monitor_event``
 sends without ``ZMQ_DONTWAIT``).
+
+A connection that ended after its handshake still counts until what it
+sent was read: libzmq keeps a gone peer's pipe, with up to
+``ROUTER_RCVHWM`` messages, until the broker has read it. Without this, a
+storm of peers that connect, send and leave fills the broker with pipes
+while the cap sees next to no connections open. It is let go once the
+loop found the socket empty a serve after the end was seen, or after
+enough messages were read for fair queueing to have emptied its pipe
+(:meth:`Tally.release`).
 
 A refusal is ZAP status 400: libzmq sends the peer an ERROR and closes the
 connection, and a DEALER does not connect again by itself after that (a
 refused handshake is a protocol error to it: ``session_base.cpp``,
 ``engine_error``). A corral Client opens a new socket on its next request
 after a timeout, a worker on its silence check, an AsyncClient after a
-request that timed out with none other in flight. What a peer sent on a
-connection that was admitted is read to the end, even after it
-disconnected (libzmq keeps the pipe until it is read), so a peer that
-connects, sends and leaves holds up to ``ROUTER_RCVHWM`` messages a little
-longer than its connection: the broker reads those at its full rate.
+request that timed out with none other in flight.
 
 Refusals are counted (``connections_refused``) and logged at most once per
 :data:`REFUSAL_LOG_EVERY` seconds per endpoint (``broker.connections_full``,
