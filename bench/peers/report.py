@@ -290,6 +290,8 @@ def table(figures: Figures) -> str:
     for row in rows():
         mine = corral_value(figures, row.scenario, row.durability, row.key)
         values = peer_values(figures, row)
+        if not values and not _finite(mine):
+            continue  # not measured in this run (e.g. --durability)
         best = best_peer(values, row.higher_is_better)
         cells = [row.label, _num(mine, row.digits)]
         cells += [_num(values.get(p, math.nan), row.digits) for p in peers]
@@ -305,8 +307,8 @@ def table(figures: Figures) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     blank = [""] * len(peers)
     for other in found:
-        if other.scenario:
-            continue  # shown on its figure's row above
+        if other.scenario or other.met is None:
+            continue  # shown on its figure's row above, or not measured
         goal = f"{other.goal}: {_verdict(other.met)}"
         lines.append("| " + " | ".join([other.label, other.shown, *blank, "", "", goal]) + " |")
     return "\n".join(lines)
