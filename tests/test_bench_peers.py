@@ -243,3 +243,12 @@ def test_run_py_help_works_without_redis_or_the_peers_venv() -> None:
     assert done.returncode == 0, done.stderr
     for option in ("--quick", "--reps", "--peer", "--no-peers", "--durability"):
         assert option in done.stdout
+
+
+def test_a_drain_cut_short_is_marked() -> None:
+    figures = canned()
+    figures["peers"]["Huey"]["always"]["drain"] = [{"rate": 4_000.0, "partial": 1.0, "done": 9.0}]
+    text = report.table(figures)
+    drain = next(line for line in text.splitlines() if "start, always" in line)
+    assert "| 4,000* |" in drain
+    assert text.endswith("the rate of the jobs done by then.")

@@ -97,6 +97,17 @@ def peer_values(figures: Figures, row: Row) -> dict[str, float]:
     return out
 
 
+def partial_peers(figures: Figures, row: Row) -> set[str]:
+    """Peers with a drain of ``row`` cut short in some repetition (its rate is
+    that of the jobs done by the deadline)."""
+    out: set[str] = set()
+    for peer, by_durability in figures.get("peers", {}).items():
+        runs = by_durability.get(row.durability, {}).get(row.scenario, [])
+        if any(run.get("partial") for run in runs):
+            out.add(peer)
+    return out
+
+
 def best_peer(values: dict[str, float], higher_is_better: bool) -> tuple[str, float] | None:
     """The best peer's name and value, or None without peers."""
     if not values:
@@ -287,6 +298,7 @@ def table(figures: Figures) -> str:
     found = targets(figures)
     head = ["figure", "corral", *peers, "best peer", "ratio", "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    footnote = False
     for row in rows():
         mine = corral_value(figures, row.scenario, row.durability, row.key)
         values = peer_values(figures, row)
@@ -294,7 +306,9 @@ def table(figures: Figures) -> str:
             continue  # not measured in this run (e.g. --durability)
         best = best_peer(values, row.higher_is_better)
         cells = [row.label, _num(mine, row.digits)]
-        cells += [_num(values.get(p, math.nan), row.digits) for p in peers]
+        cut = partial_peers(figures, row)
+        cells += [_num(values.get(p, math.nan), row.digits) + ("*" * (p in cut)) for p in peers]
+        footnote = footnote or bool(cut)
         if best is None:
             cells += ["n/a", "n/a"]
         else:
@@ -311,6 +325,8 @@ def table(figures: Figures) -> str:
             continue  # shown on its figure's row above, or not measured
         goal = f"{other.goal}: {_verdict(other.met)}"
         lines.append("| " + " | ".join([other.label, other.shown, *blank, "", "", goal]) + " |")
+    if footnote:
+        lines += ["", "\\* drain cut short by --drain-timeout: the rate of the jobs done by then."]
     return "\n".join(lines)
 
 

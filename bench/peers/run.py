@@ -72,9 +72,9 @@ class Sizes:
 QUICK = Sizes(
     enqueue_one=300,
     warmup=30,
-    bulk=3_000,
-    drain=2_000,
-    latency=150,
+    bulk=2_000,
+    drain=1_000,
+    latency=100,
     latency_warmup=20,
     raw=2_000,
     raw_warmup=100,
@@ -111,8 +111,11 @@ def plan(peers: list[sessions.Peer], durabilities: list[str]) -> list[Unit]:
 class Bench:
     """Runs the units and files their figures in report.py's layout."""
 
-    def __init__(self, sizes: Sizes, peers_python: Path | None, redis: Path | None) -> None:
+    def __init__(
+        self, sizes: Sizes, peers_python: Path | None, redis: Path | None, drain_timeout: float
+    ) -> None:
         self.sizes = sizes
+        self.drain_timeout = drain_timeout
         self.peers_python = peers_python
         self.redis = redis
         self.corral_sizes = corral_side.corral_sizes(
@@ -144,7 +147,11 @@ class Bench:
         assert self.peers_python is not None and self.redis is not None
         peer = next(p for p in sessions.PEERS if p.name == unit.name)
         run = sessions.PeerRun(
-            peer, self.peers_python, self.redis, report.REDIS_FSYNC[unit.durability]
+            peer,
+            self.peers_python,
+            self.redis,
+            report.REDIS_FSYNC[unit.durability],
+            self.drain_timeout,
         )
         return run.measure(
             sessions.PeerSizes(
@@ -224,6 +231,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="before each measurement wait for the CPUs to be this idle (default 0: no wait)",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=sessions.DRAIN_TIMEOUT,
+        help="a peer's drain still running after this many s is cut short and its rate "
+        "so far reported, flagged partial (default %(default)s)",
+    )
     parser.add_argument("--quiet-wait", type=float, default=30.0, help="but at most this long (s)")
     parser.add_argument(
         "--out", type=Path, help="the JSON file (default bench/results/peers-<time>.json)"
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPING THE PEERS: {skipped}\nmeasuring corral alone.", file=sys.stderr)
     peers = [] if skipped else [p for p in sessions.PEERS if not args.peer or p.name in args.peer]
     units = plan(peers, durabilities)
-    bench = Bench(sizes, python, redis)
+    bench = Bench(sizes, python, redis, args.drain_timeout)
     info = machine()
     print(f"machine: {info['nproc']} CPUs, load {info['loadavg_start']}; {len(units)} "
           f"measurements x {reps}", file=sys.stderr)  # fmt: skip
