@@ -83,6 +83,10 @@ QUICK = Sizes(
 )
 
 
+#: --quick is a smoke run: RQ's forking worker drains a few dozen jobs/s on a busy machine.
+QUICK_DRAIN_TIMEOUT = 30.0
+
+
 @dataclass(frozen=True)
 class Unit:
     """One measurement: ``kind`` ref, corral or peer; ``name``; fsync policy."""
@@ -234,9 +238,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--drain-timeout",
         type=float,
-        default=sessions.DRAIN_TIMEOUT,
         help="a peer's drain still running after this many s is cut short and its rate "
-        "so far reported, flagged partial (default %(default)s)",
+        f"so far reported, flagged partial (default {sessions.DRAIN_TIMEOUT:.0f}, quick "
+        f"{QUICK_DRAIN_TIMEOUT:.0f})",
     )
     parser.add_argument("--quiet-wait", type=float, default=30.0, help="but at most this long (s)")
     parser.add_argument(
@@ -257,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPING THE PEERS: {skipped}\nmeasuring corral alone.", file=sys.stderr)
     peers = [] if skipped else [p for p in sessions.PEERS if not args.peer or p.name in args.peer]
     units = plan(peers, durabilities)
-    bench = Bench(sizes, python, redis, args.drain_timeout)
+    drain_timeout = args.drain_timeout or (
+        QUICK_DRAIN_TIMEOUT if args.quick else sessions.DRAIN_TIMEOUT
+    )
+    bench = Bench(sizes, python, redis, drain_timeout)
     info = machine()
     print(f"machine: {info['nproc']} CPUs, load {info['loadavg_start']}; {len(units)} "
           f"measurements x {reps}", file=sys.stderr)  # fmt: skip
@@ -300,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "quick": args.quick,
         "sizes": asdict(sizes),
+        "drain_timeout_s": drain_timeout,
         "peers_skipped": skipped,
         "peers": {
             p.name: {"module": p.module, "workers": p.workers, "latency_env": p.latency_env}
