@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 "others_cpus_during": round(busy, 2),
                 "steal_cpus_during": round(stolen, 3),
                 "idle_before": round(idle, 2),
-                "seconds": round(time.perf_counter() - t0, 1),
+                "unit_seconds": round(time.perf_counter() - t0, 1),
                 "loadavg_1m_after": round(os.getloadavg()[0], 2),
             }
             bench.file(unit, results, noise)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s}: " + ", ".join(f"{k}={v:,.2f}" for k, v in list(f.items())[:3])
                 for s, f in results.items()
             )
-            print(f"[{rep + 1}/{reps}] {unit.key}: {shown} ({noise['seconds']}s, other work "
+            print(f"[{rep + 1}/{reps}] {unit.key}: {shown} ({noise['unit_seconds']}s, other work "
                   f"{busy:.2f} CPUs, steal {stolen:.2f})", file=sys.stderr)  # fmt: skip
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     text = report.table(bench.figures)
