@@ -252,3 +252,14 @@ def test_a_drain_cut_short_is_marked() -> None:
     drain = next(line for line in text.splitlines() if "start, always" in line)
     assert "| 4,000* |" in drain
     assert text.endswith("the rate of the jobs done by then.")
+
+
+def test_the_noise_table_shows_each_measurement() -> None:
+    figures = canned()
+    figures["corral"]["interval"]["drain"][0]["others_cpus_during"] = 1.5
+    figures["peers"]["Huey"]["interval"]["enqueue_one"][0].update(
+        others_cpus_during=0.2, steal_cpus_during=0.05
+    )
+    text = report.noise_table(figures)
+    assert "| corral drain | interval | 1.50 | n/a |" in text
+    assert "| Huey | interval | 0.20 | 0.05 |" in text

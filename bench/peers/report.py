@@ -353,3 +353,31 @@ def references_table(figures: Figures) -> str:
             value = corral_value(figures, "drain", d, key)
             lines.append(f"| {label}, {d} | {_num(value, digits)} |")
     return "\n".join(lines)
+
+
+def noise_table(figures: Figures) -> str:
+    """How busy the machine was while each side was measured: CPUs used by
+    other work and stolen by the hypervisor (medians over the repetitions; a
+    peer's four scenarios are one measurement, corral's are four)."""
+    lines = [
+        "| measured | durability | other work, CPUs | hypervisor steal, CPUs |",
+        "|---|---|---|---|",
+    ]
+
+    def add(name: str, durability: str, runs: list[Run]) -> None:
+        if not runs:
+            return
+        m = median_run(runs)
+        others, steal = m.get("others_cpus_during", math.nan), m.get("steal_cpus_during", math.nan)
+        lines.append(f"| {name} | {durability} | {_num(others, 2)} | {_num(steal, 2)} |")
+
+    for name, runs in figures.get("reference", {}).items():
+        add(f"reference: {name}", "", runs)
+    for d in DURABILITIES:
+        for scenario, runs in figures.get("corral", {}).get(d, {}).items():
+            add(f"corral {scenario}", d, runs)
+    for peer in peers_in(figures):
+        for d in DURABILITIES:
+            runs = figures["peers"][peer].get(d, {}).get("enqueue_one", [])
+            add(peer, d, runs)
+    return "\n".join(lines)

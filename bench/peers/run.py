@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     text = report.table(bench.figures)
     refs = report.references_table(bench.figures)
+    noise = report.noise_table(bench.figures)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     out = args.out or RESULTS / f"peers-{stamp}.json"
     result = {
@@ -324,12 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
         "table": text,
         "references": refs,
+        "noise": noise,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
     print(text)
     print()
     print(refs)
+    print()
+    print(noise)
     print(f"\nwrote {out}", file=sys.stderr)
     return 1 if errors else 0
 
