@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     errors: list[dict[str, str]] = []
     for rep in range(reps):
-        for unit in units:
+        # every other repetition backwards: load that comes and goes spreads over both sides
+        for unit in units if rep % 2 == 0 else units[::-1]:
             idle = wait_for_quiet(args.quiet_idle, args.quiet_wait) if args.quiet_idle > 0 else 1.0
             t0, mark = time.perf_counter(), cpu_mark()
             try:
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     text = report.table(bench.figures)
     refs = report.references_table(bench.figures)
-    noise = report.noise_table(bench.figures)
+    noise_text = report.noise_table(bench.figures)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     out = args.out or RESULTS / f"peers-{stamp}.json"
     result = {
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
         "table": text,
         "references": refs,
-        "noise": noise,
+        "noise": noise_text,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(refs)
     print()
-    print(noise)
+    print(noise_text)
     print(f"\nwrote {out}", file=sys.stderr)
     return 1 if errors else 0
 
