@@ -16,7 +16,7 @@ TEST_PROCESSES ?= 4
 # every module again where the environment turns bytecode caching off.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: run test typecheck typecheck-tree soak lint bench docs clean
+.PHONY: run test typecheck typecheck-tree soak lint bench bench-peers docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,15 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# corral side by side with RQ, Dramatiq, Huey, Celery and arq (issue 15): the
+# script makes their venv (bench/.peers-venv, from bench/peers/requirements.txt)
+# and a redis-server of its own (apt-get installs Debian's redis-server when it
+# is missing; without it the peers are skipped). PEERS_ARGS="--quick" for a
+# smoke run, "--reps N", "--peer Huey" ... (bench/peers/run.py --help).
+PEERS_ARGS ?=
+bench-peers: $(STAMP)
+	$(BIN)/python bench/peers/run.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,1 @@
+"""corral side by side with the Python peers (issue 15): ``bench/peers/run.py``."""
