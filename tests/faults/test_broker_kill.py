@@ -16,10 +16,10 @@ Knobs of the full profile (``make soak``): CORRAL_SOAK_KILLS (200 per fsync
 mode), CORRAL_SOAK_UPTIME (longest time the broker runs between kills,
 4 s), CORRAL_SOAK_RATE (jobs/s, 40), CORRAL_SOAK_CALM_SECONDS (the run
 without faults, 60 s), CORRAL_SOAK_SEED; the broker stays down for a moment
-or, one kill in three, up to 4 s. The fast profile: 20 kills per mode, the
-broker up 0.25 to 0.6 s between them and down for a moment, but for two
-kills that keep it down past the workers' liveness window (3 s), and 2 s
-without faults.
+or, one kill in three, up to 4 s. The fast profile: 10 kills per mode (20
+in all), the broker up 0.25 to 0.6 s between them and down for a moment,
+but for two kills per mode that keep it down past the workers' liveness
+window (3 s), and 2 s without faults.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def settle(env: Env, history: History) -> Verdict:
     return history.check(final=True, statuses=statuses)
 
 
+#: Broker kills per fsync mode in the fast profile: 20 in all, as issue 12
+#: asks; 20 per mode cost the fast suite 32 s more of CPU than its budget has.
+FAST_KILLS = 10
 #: The workers' liveness window in this test's config (0.5 s x 6), seconds.
 LIVENESS_WINDOW = 3.0
 
@@ -63,10 +66,10 @@ LIVENESS_WINDOW = 3.0
 def downtime(profile: Profile, n: int, rng: random.Random) -> float:
     """How long the broker stays down after kill ``n``: a moment or, now
     and then, past the workers' liveness window, so that they reconnect
-    (the fast profile: kills 5, 15, 25 ...)."""
+    (the fast profile: kills 3 and 8 of each ten)."""
     if profile.full:
         return rng.choice([0.0, 0.0, rng.uniform(0.0, LIVENESS_WINDOW + 1.0)])
-    return LIVENESS_WINDOW + 0.5 if n % 10 == 5 else 0.0
+    return LIVENESS_WINDOW + 0.5 if n % 5 == 3 else 0.0
 
 
 @pytest.mark.parametrize("fsync", ["always", "interval"])
@@ -78,7 +81,7 @@ def test_broker_kill(
     soak_rng: random.Random,
     soak_report: Callable[[str], None],
 ) -> None:
-    kills = profile.count("CORRAL_SOAK_KILLS", 20, 200)
+    kills = profile.count("CORRAL_SOAK_KILLS", FAST_KILLS, 200)
     uptime = profile.seconds("CORRAL_SOAK_UPTIME", 0.6, 4.0)
     least = 0.5 if profile.full else 0.25
     rate = profile.seconds("CORRAL_SOAK_RATE", 40.0, 40.0)
