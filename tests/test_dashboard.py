@@ -232,6 +232,17 @@ def test_an_action_from_another_origin_is_refused(env: Env) -> None:
     assert missing.value.code == 404 and time.monotonic() - started < 10
 
 
+def serves_again(url: str, found: list[Any], old_pid: int) -> bool:
+    """A dashboard process other than ``old_pid`` is ``found`` and answers ``url``."""
+    if not found or found[0].pid == old_pid:
+        return False
+    try:
+        with urllib.request.urlopen(url + "/", timeout=5) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
 def test_corral_run_starts_the_dashboard_again_when_it_dies(env: Env) -> None:
     url = dashboard_env(env, allow_actions=False)
     start(env, url)
@@ -250,17 +261,7 @@ def test_corral_run_starts_the_dashboard_again_when_it_dies(env: Env) -> None:
     (first,) = wait_for(dashboards, 30, message="the dashboard child")
     first.kill()
 
-    def replaced() -> bool:
-        found = dashboards()
-        if not found or found[0].pid == first.pid:
-            return False
-        try:
-            with urllib.request.urlopen(url + "/", timeout=5) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
-
-    wait_for(replaced, 30, message="a new dashboard")
+    wait_for(lambda: serves_again(url, dashboards(), first.pid), 30, message="a new dashboard")
     assert "supervisor.dashboard_exited" in daemon.output()
 
 
@@ -314,15 +315,9 @@ def test_a_reload_keeps_the_dashboard_it_runs_and_its_restart_too(env: Env) -> N
         (first,) = wait_for(lambda: titled(daemon, "corral: dashboard"), 30, message="dashboard")
         first.kill()
 
-        def replaced() -> bool:
-            found = titled(daemon, "corral: dashboard")
-            if not found or found[0].pid == first.pid:
-                return False
-            try:
-                with urllib.request.urlopen(url + "/", timeout=5) as reply:
-                    return reply.status == 200
-            except OSError:
-                return False
-
-        wait_for(replaced, 30, message="the dashboard again, on its port")
+        wait_for(
+            lambda: serves_again(url, titled(daemon, "corral: dashboard"), first.pid),
+            30,
+            message="the dashboard again, on its port",
+        )
         assert daemon.alive()
