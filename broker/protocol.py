@@ -581,6 +581,9 @@ class Ready(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
     queue_weights: dict[str, int] = {}
     holding: list[Holding] = []
+    #: A supervisor watches the process and reports it: until its first
+    #: report can come, the broker counts the worker as vouched for.
+    supervised: bool = False
 
 
 class Outcome(msgspec.Struct, frozen=True, array_like=True):

@@ -2,11 +2,13 @@
 no sockets; time comes in as ``now`` (monotonic seconds).
 
 Liveness: a worker silent for the liveness window is dead, unless its
-supervisor vouched for it lately. A handler holding the GIL in one long C
-call starves the worker's socket thread, so it cannot heartbeat, while its
-supervisor still sees the process alive and busy (CPU time growing) and
-says so in its reports. A vouch counts until the liveness window plus
-:data:`VOUCH_GRACE` after the report that made it.
+supervisor vouched for it lately (a supervised worker, newly registered,
+counts as vouched for until its supervisor's first report is due). A
+handler holding the GIL in one long C call starves the worker's socket
+thread, so it cannot heartbeat, while its supervisor still sees the
+process alive and busy (CPU time growing) and says so in its reports. A
+vouch counts until the liveness window plus :data:`VOUCH_GRACE` after
+the report that made it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class WorkerConn:
     host: str
     pid: int
     last_seen: float
+    #: A supervisor watches its process (it said so in its READY).
+    supervised: bool = False
     last_sent: float = 0.0
     #: Until when (monotonic) its supervisor's last vouch keeps it alive.
     vouched_until: float = 0.0
@@ -70,6 +74,7 @@ class WorkerConn:
             host=msg.host,
             pid=msg.pid,
             last_seen=mono,
+            supervised=msg.supervised,
             weights={q: w for q, w in msg.queue_weights.items() if w > 0},
         )
 
@@ -145,8 +150,15 @@ class WorkerTable:
         return self.by_identity.get(identity)
 
     def add(self, conn: WorkerConn) -> WorkerConn | None:
-        """Register ``conn``; returns the connection it replaces, if any."""
+        """Register ``conn``; returns the connection it replaces, if any.
+        A supervised worker counts as vouched for until its supervisor's
+        first report naming it is due (the window plus
+        :data:`VOUCH_GRACE`): a handler that holds the GIL from its first
+        moment starves the heartbeat before any report could vouch."""
         old = self.remove(conn.identity)
+        if conn.supervised:
+            first_report = conn.last_seen + self.liveness_window + VOUCH_GRACE
+            conn.vouched_until = max(conn.vouched_until, first_report)
         self.by_identity[conn.identity] = conn
         self.serving.update(set(conn.tasks))
         for watcher in self.watchers:

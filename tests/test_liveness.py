@@ -65,6 +65,13 @@ def gil_exponent(seconds: float) -> int:
     return min(int(probe * (seconds / took) ** (1 / 1.6)), 40_000_000)
 
 
+def longer(exponent: int, took: float, seconds: float) -> int:
+    """The exponent for ``seconds`` of ``pow``, from one that took ``took``
+    (at least half again as large: the estimate may be skewed by load)."""
+    scaled = int(exponent * (seconds / max(took, 1e-3)) ** (1 / 1.6))
+    return min(max(scaled, exponent * 3 // 2), 40_000_000)
+
+
 # ------------------------------------------------------ item 4: broker away
 
 
@@ -122,18 +129,46 @@ def test_a_handler_holding_the_gil_is_not_declared_dead(env: Env) -> None:
     pids = pids_of(daemon)
     client = env.client()
     wait_vouched(client, pids)
-    job_id = client.enqueue("e2e.gil_pow", {"exponent": exponent}, max_attempts=3)
-    result = client.result(job_id, timeout=60)
-    assert result["seconds"] > 3 * WINDOW  # the premise: the GIL was held that long
-    info = client.job(job_id)
-    assert (info.status, info.attempts, len(info.tries)) == ("succeeded", 1, 1)
-    assert all(t.error is None for t in info.tries)
-    assert result["pid"] in pids
+    for _ in range(3):  # the premise: the GIL held for 3 windows; load skews the estimate
+        job_id = client.enqueue("e2e.gil_pow", {"exponent": exponent}, max_attempts=3)
+        result = client.result(job_id, timeout=60)
+        info = client.job(job_id)
+        assert (info.status, info.attempts, len(info.tries)) == ("succeeded", 1, 1)
+        assert all(t.error is None for t in info.tries)
+        assert result["pid"] in pids
+        if result["seconds"] > 3 * WINDOW:
+            break
+        exponent = longer(exponent, result["seconds"], 6 * WINDOW)
+    assert result["seconds"] > 3 * WINDOW, "the handler never held the GIL for 3 windows"
     assert pids_of(daemon) == pids
     out = daemon.output()
     assert "supervisor.kill_worker" not in out
     assert "went silent" not in out  # the broker kept the worker
     assert "worker.broker_silent" not in out  # and the worker kept its connection
+
+
+def test_a_handler_holding_the_gil_from_its_first_moment_is_not_declared_dead(
+    env: Env,
+) -> None:
+    """The job waits before the workers start, so it runs the moment a
+    worker registers, before the supervisor's first report (every second)
+    can vouch for it; the handler holds the GIL for more than the liveness
+    window (0.6 s here). It runs once: a supervised worker counts as
+    vouched for until that first report is due. (Seen in CI: a job that
+    touched 200 MiB on a loaded machine ran twice.)"""
+    exponent = gil_exponent(2.5 * WINDOW)
+    env.write_config(processes=1, prefetch=0)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    job_id = client.enqueue("e2e.gil_pow", {"exponent": exponent}, max_attempts=3)
+    supervisor = env.start("supervisor")
+    result = client.result(job_id, timeout=60)
+    info = client.job(job_id)
+    assert (info.status, info.attempts, len(info.tries)) == ("succeeded", 1, 1), info.tries
+    assert "went silent" not in broker.output()
+    assert "supervisor.kill_worker" not in supervisor.output()
+    assert result["attempt"] == 1
 
 
 def test_a_handler_holding_the_gil_past_its_timeout_is_killed(env: Env) -> None:
@@ -172,11 +207,17 @@ def test_the_supervisor_keeps_a_silent_process_while_its_cpu_time_grows() -> Non
         child.jobs = {"job": (0.0, 0.0)}
         child.last_beat = time.monotonic()  # then silence
         end = time.monotonic() + 4 * WINDOW
-        while time.monotonic() < end:
+        late: list[bool] = []  # vouched, at each tick past the window
+        while time.monotonic() < end or len(late) < 3:
             now = time.monotonic()
             assert alive(child, now, WINDOW)
-            assert vouched(child, now, WINDOW) or now - child.last_beat < WINDOW
+            if now - child.last_beat >= WINDOW:
+                late.append(vouched(child, now, WINDOW))
             time.sleep(0.25)  # the supervisor's tick
+        # The first look past the window may come before a second CPU
+        # sample shows growth (a loaded machine stretches the ticks); the
+        # broker's vouch grace bridges that one tick. From then on: vouched.
+        assert all(late[1:]), late
         child.jobs = {}
         assert not alive(child, time.monotonic(), WINDOW)  # busy, but on no job
         child.jobs = {"job": (0.0, 0.0)}

@@ -324,3 +324,24 @@ def test_the_table_counts_each_task_once_per_connected_worker() -> None:
     table.remove(b"b")
     table.remove(b"b")
     assert table.serving == {}
+
+
+def test_a_supervised_worker_is_vouched_for_until_its_supervisor_can_first_report() -> None:
+    """A worker that registers and at once runs a handler holding the GIL
+    cannot heartbeat, and its supervisor has not yet reported it (it
+    reports every second; the liveness window may be shorter): it counts
+    as vouched for until that first report is due. A worker with no
+    supervisor gets only the liveness window."""
+    from corral.broker import protocol as p
+    from corral.broker.workers import VOUCH_GRACE
+
+    window = 0.6
+    table = WorkerTable(window)
+    for identity, supervised in ((b"sup", True), (b"alone", False)):
+        ready = p.Ready(identity.decode(), ["default"], 1, 1, [], "h", 1, supervised=supervised)
+        table.add(WorkerConn.from_ready(identity, ready, 100.0))
+    silent = {c.identity for c in table.silent(100.0 + window + 0.1)}
+    assert silent == {b"alone"}
+    assert table.silent(100.0 + window + VOUCH_GRACE - 0.1) == [table.get(b"alone")]
+    later = {c.identity for c in table.silent(100.0 + window + VOUCH_GRACE + 0.1)}
+    assert later == {b"sup", b"alone"}

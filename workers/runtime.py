@@ -295,6 +295,7 @@ class Worker:
                 os.getpid(),
                 queue_weights=dict(self.options.queue_weights),
                 holding=holding,
+                supervised=self.options.status_fd is not None,
             )
         )
         if holding:
