@@ -60,7 +60,7 @@ typecheck-tree:
 # (docs/RELIABILITY.md); SOAK_ARGS adds pytest arguments, e.g. SOAK_ARGS="-k broker_kill".
 SOAK_ARGS ?=
 soak: $(STAMP)
-	$(BIN)/pytest -q -m soak -p no:cacheprovider -rxXs $(SOAK_ARGS)
+	CORRAL_TEST_EXEC=1 $(BIN)/pytest -q -m soak -p no:cacheprovider -rxXs $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

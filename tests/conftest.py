@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import forked
 import psutil
 import pytest
 import structlog
@@ -34,6 +35,14 @@ settings.load_profile("suite")
 
 CORRAL = str(Path(sys.executable).with_name("corral"))
 PLUGINS = str(Path(__file__).parent / "plugins")
+
+#: This test process's fork server: corral commands start as its forks
+#: (``tests/zygote.py``), unless ``CORRAL_TEST_EXEC=1``.
+ZYGOTE = forked.Zygote(CORRAL)
+
+
+def pytest_sessionfinish() -> None:
+    ZYGOTE.close()
 
 
 def wait_for(
@@ -110,16 +119,21 @@ class Proc:
     def __init__(
         self, home: Path, args: list[str], name: str, preexec: Callable[[], None] | None = None
     ) -> None:
+        self.name = name
         self.log_path = home / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
-        self.popen = subprocess.Popen(
-            [CORRAL, *args],
-            cwd=home,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
+        self.popen: subprocess.Popen[bytes] | forked.Forked
+        if preexec is None and ZYGOTE.can_run():
+            self.popen = ZYGOTE.spawn(args, cwd=home, stdout=self.log_path, session=True)
+        else:
+            self.popen = subprocess.Popen(
+                [CORRAL, *args],
+                cwd=home,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
 
     @property
     def pid(self) -> int:
@@ -208,6 +222,17 @@ class Env:
     ) -> subprocess.CompletedProcess[str]:
         """Run a CLI command to completion (in the home directory unless
         ``cwd``; ``environ`` adds to the environment; ``stdin`` is its input)."""
+        environment = {**os.environ, **environ} if environ else None
+        if ZYGOTE.can_run(environment) and "_ARGCOMPLETE" not in (environment or {}):
+            return forked.run(
+                ZYGOTE,
+                list(args),
+                cwd=cwd or self.home,
+                scratch=Path(tempfile.gettempdir()),
+                timeout=timeout,
+                stdin=stdin,
+                env=environment,
+            )
         return subprocess.run(
             [CORRAL, *args],
             cwd=cwd or self.home,
@@ -307,6 +332,25 @@ def _structlog_as_it_was() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+#: Lines of each process's log a failed test's report shows.
+FAILURE_LOG_LINES = 80
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test that used ``env`` and failed reports the last lines of each
+    corral process's log: a failure seen once in CI carries its evidence."""
+    outcome = yield
+    report = outcome.get_result()
+    environment = getattr(item, "funcargs", {}).get("env")
+    if not report.failed or not isinstance(environment, Env):
+        return
+    for proc in environment.procs:
+        with contextlib.suppress(OSError):
+            tail = proc.output().splitlines()[-FAILURE_LOG_LINES:]
+            report.sections.append((f"corral log: {proc.name}", "\n".join(tail)))
 
 
 @pytest.fixture
