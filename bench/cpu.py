@@ -178,14 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{label} {name} fsync={fsync}: {shown}", flush=True)
     if not args.json:
-        for name, figures in runs.items():
-            keys = figures[0].keys()
+        for name, reps in runs.items():
             medians = " ".join(
-                f"{k}={statistics.median(f[k] for f in figures):,.1f}"
-                f" ({min(f[k] for f in figures):,.1f}..{max(f[k] for f in figures):,.1f})"
-                for k in keys
+                f"{k}={statistics.median(r[k] for r in reps):,.1f}"
+                f" ({min(r[k] for r in reps):,.1f}..{max(r[k] for r in reps):,.1f})"
+                for k in reps[0]
             )
-            print(f"{label} {name} median (min..max) of {len(figures)}: {medians}")
+            print(f"{label} {name} median (min..max) of {len(reps)}: {medians}")
     return 0
 
 
