@@ -56,12 +56,15 @@ with Client(sys.argv[1], timeout=30) as c:
 
 
 def _loop(broker: Broker, until: Callable[[], bool], timeout: float = 600.0) -> None:
-    """The broker's loop (as Broker.run) until ``until()`` holds."""
+    """The broker's loop (as Broker.run, the ZAP handler served) until ``until()`` holds."""
     deadline = time.monotonic() + timeout
     while not until():
         if time.monotonic() > deadline:
             raise TimeoutError("the scenario did not finish")
-        broker._poller.poll(int(broker.poll_timeout() * 1000))
+        ready = dict(broker._poller.poll(int(broker.poll_timeout() * 1000)))
+        gate = broker._gate  # the ZAP handler: no connection is accepted without it
+        if gate is not None:
+            gate.serve(any(sock in ready for sock in gate.sockets))
         broker.run_pass()
 
 

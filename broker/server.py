@@ -60,7 +60,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import structlog
 import zmq
@@ -93,6 +93,7 @@ TRIM_AFTER = 1_000
 TRIM_EVERY = 10.0
 #: zmq.NOBLOCK as a plain int: pyzmq's flag enums cost a conversion per call.
 _NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 #: While passes end on their budget (a flood), seconds a status is given
 #: again when nothing it shows changed (see ClientService._encoded_status).
 STATUS_MAX_AGE = 0.5
@@ -117,6 +118,8 @@ class Broker:
         self.client_sock: zmq.Socket[Any] | None = None
         self.worker_sock: zmq.Socket[Any] | None = None
         self._poller = zmq.Poller()
+        #: The client and worker sockets alone, for the pass's reads.
+        self._inbound_poller = zmq.Poller()
         self._wake_r: socket.socket | None = None
         self._keys: KeyRing | None = None
         self._gate: Gate | None = None
@@ -187,6 +190,8 @@ class Broker:
             self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self.client_sock, zmq.POLLIN)
         self._poller.register(self.worker_sock, zmq.POLLIN)
+        for sock in (self.worker_sock, self.client_sock):
+            self._inbound_poller.register(sock, zmq.POLLIN)
         self.core.attach(
             RouterLink(self.client_sock, self.core.stats, "replies"),
             RouterLink(self.worker_sock, self.core.stats, "worker_sends"),
@@ -413,10 +418,14 @@ class Broker:
             (self.worker_sock, WORKER, tallies[WORKER]),
             (self.client_sock, CLIENT, tallies[CLIENT]),
         )
+        # One zmq_poll per round says which of the two sockets hold a
+        # message (asking each for ZMQ_EVENTS costs pyzmq an enum per call).
+        poll = self._inbound_poller.poll
         while budget > 0:
+            ready = dict(poll(0))
             idle = True
             for sock, side, tally in sockets:
-                if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                if sock not in ready:
                     tally.emptied()
                     continue
                 frames = self._recv(sock, side)
@@ -504,8 +513,14 @@ class RouterLink:
         return self._send((identity, *frames), copy=False)
 
     def _send(self, frames: tuple[bytes, ...], copy: bool) -> bool:
+        # Frame by frame with plain int flags (send_multipart ORs pyzmq's
+        # flag enums per frame). A ROUTER refuses a message (full or gone
+        # peer) at its first frame; once that is taken the rest go too.
+        sock = self.sock
+        last = len(frames) - 1
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+            for i, frame in enumerate(frames):
+                sock.send(frame, _NOBLOCK_MORE if i < last else _NOBLOCK, copy=copy)
         except zmq.Again:
             self.stats[self._blocked] += 1
             return False

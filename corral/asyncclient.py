@@ -44,6 +44,10 @@ def _awaiting(
     return method
 
 
+class _Expired(Exception):
+    """A request's wait for its reply ran out (raised into its future)."""
+
+
 class AsyncClient(_Driver):
     """The methods of :class:`Client`, as coroutines. Many requests may be in
     flight at once on its one socket, from any number of tasks of one event
@@ -130,8 +134,10 @@ class AsyncClient(_Driver):
                     self._drop_if_idle(sock)
                     raise self._unavailable(timeout, budget) from None
                 await sock.poll(50, zmq.POLLOUT)  # type: ignore[call-arg]  # pyzmq's stub
-        future: asyncio.Future[p.ClientReply] = asyncio.get_running_loop().create_future()
-        self._pending[request.req] = future
+        loop = asyncio.get_running_loop()
+        req = request.req
+        future: asyncio.Future[p.ClientReply] = loop.create_future()
+        self._pending[req] = future
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies(sock))
         every = resend_every(request, wait)
@@ -140,19 +146,37 @@ class AsyncClient(_Driver):
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self._pending.pop(request.req, None)
+                    self._pending.pop(req, None)
                     self._drop_if_idle(sock)
                     raise self._unavailable(timeout, budget)
+                # The reply's future itself is awaited, with one timer: no
+                # shield, no wait_for (they cost a future, a task step and a
+                # callback each, per request).
+                timer = loop.call_later(min(left, every or left), self._expire, req, future)
                 try:
-                    return await asyncio.wait_for(asyncio.shield(future), min(left, every or left))
-                except TimeoutError:
-                    if every is not None and deadline - time.monotonic() > 0:
-                        with contextlib.suppress(zmq.Again):
-                            await sock.send(body, zmq.NOBLOCK)  # the same request again
-                        resent += 1
-                        every = resend_every(request, wait, resent)
+                    return await future
+                except _Expired:
+                    future = self._pending[req]  # the one _expire put there
+                    if future.done():  # the reply came between the timer and here
+                        return future.result()
+                finally:
+                    timer.cancel()
+                if every is not None and deadline - time.monotonic() > 0:
+                    with contextlib.suppress(zmq.Again):
+                        await sock.send(body, zmq.NOBLOCK)  # the same request again
+                    resent += 1
+                    every = resend_every(request, wait, resent)
         finally:
-            self._pending.pop(request.req, None)
+            self._pending.pop(req, None)
+
+    def _expire(self, req: int, future: asyncio.Future[p.ClientReply]) -> None:
+        """No reply to ``req`` in time: a fresh future takes its reply from
+        now on (so none is lost while the caller wakes), and the awaited
+        one ends with :class:`_Expired`."""
+        if future.done() or self._pending.get(req) is not future:
+            return
+        self._pending[req] = future.get_loop().create_future()
+        future.set_exception(_Expired())
 
     def _drop_if_idle(self, sock: zmq.asyncio.Socket) -> None:
         """A request had no answer in time: with no other request in

@@ -70,6 +70,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TIMEOUT", "AsyncClient", "Client", "Job", "JobPage"]
 
 DEFAULT_TIMEOUT = 5.0
+#: zmq.POLLIN as a plain int: pyzmq's flag enums cost a conversion per call.
+_POLLIN = int(zmq.POLLIN)
 #: The broker's default broker.max_message_size.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
@@ -386,7 +388,8 @@ class Client(_Driver):
                     sock.send(body, zmq.NOBLOCK)
                 resent += 1
                 resend_at = now + (resend_every(request, wait, resent) or math.inf)
-            if sock.poll(math.ceil((min(deadline, resend_at) - now) * 1000), zmq.POLLIN):
+            # zmq_poll on the one socket: Socket.poll makes a Poller per call
+            if zmq.zmq_poll([(sock, _POLLIN)], math.ceil((min(deadline, resend_at) - now) * 1000)):
                 reply = decode_reply(b"".join(sock.recv_multipart()))
                 if reply.req in (request.req, 0):  # 0: the broker could not read it
                     return reply

@@ -1,0 +1,192 @@
+"""CPU time per job, from /proc, for the figures issue 15 judges on a busy machine.
+
+Rates on a shared 2-core VM move by a factor of two from one minute to the
+next; CPU time per job moves much less, so each change to the hot path is
+judged on it. Three scenarios, each on a fresh scratch instance (see
+``harness.py``), each repetition printed as one line:
+
+* ``drain``: N ``demo.noop`` jobs enqueued with no worker, then ``corral
+  supervisor`` (2 processes, prefetch 64) drains them: the broker's CPU
+  over the drain and the workers' CPU after both registered, per job;
+* ``one``: ``Client.enqueue`` one at a time against ``corral broker``
+  alone: the client's and the broker's CPU per call;
+* ``async``: ``AsyncClient.enqueue`` with 100 in flight against ``corral
+  broker`` (fsync always by default): jobs/s, the client's and the
+  broker's CPU per job, and the jobs per fdatasync (the broker's
+  ``log_fsyncs`` counter).
+
+Usage: ``python bench/cpu.py [--only drain|one|async] [--reps N] [--fsync F]
+[--rev REV]``. ``--rev`` measures a commit (see ``harness.export_snapshot``);
+to compare two, run the script for each in turn, several times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Instance, Settings, proc_cpu, reexec_in_snapshot
+
+import corral.client
+
+IN_FLIGHT = 100
+STATUS_POLL = 0.05
+DRAIN_TIMEOUT = 600.0
+
+
+def _own_cpu() -> float:
+    """This process's CPU seconds, all threads (libzmq's I/O thread included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _enqueue_all(client: corral.client.Client, n: int, batch: int = 500) -> None:
+    jobs = [corral.client.Job("demo.noop") for _ in range(batch)]
+    left = n
+    while left > 0:
+        client.enqueue_many(jobs[: min(batch, left)])
+        left -= batch
+
+
+def drain(n: int, fsync: str) -> dict[str, float]:
+    """Broker and workers' CPU per job over a drain of ``n`` no-ops."""
+    with Instance(Settings(fsync=fsync, processes=2, prefetch=64, log_level="info")) as inst:
+        broker = inst.start("broker")
+        inst.wait_ready()
+        with inst.client() as client:
+            _enqueue_all(client, n)
+            broker0 = proc_cpu(broker.popen.pid)
+            started = time.perf_counter()
+            inst.start("supervisor")
+            workers0: dict[int, float] | None = None
+            done0 = 0
+            deadline = started + DRAIN_TIMEOUT
+            while True:
+                status = client.status()
+                done = status.queues.get("default", {}).get("succeeded", 0)
+                if workers0 is None and len(status.workers) >= 2:
+                    workers0 = {w.pid: proc_cpu(w.pid) for w in status.workers}
+                    done0, ready_at = done, time.perf_counter()
+                if done >= n:
+                    now = time.perf_counter()
+                    broker_cpu = proc_cpu(broker.popen.pid) - broker0
+                    worker_cpu = sum(proc_cpu(pid) - c for pid, c in (workers0 or {}).items())
+                    break
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"drain not done after {DRAIN_TIMEOUT}s")
+                time.sleep(STATUS_POLL)
+    after = max(1, n - done0)
+    return {
+        "rate": n / (now - started),
+        "rate_after_ready": after / (now - ready_at) if workers0 else float("nan"),
+        "broker_us": broker_cpu / n * 1e6,
+        "workers_us": worker_cpu / after * 1e6,
+    }
+
+
+def one(n: int, fsync: str) -> dict[str, float]:
+    """Client and broker CPU per one-at-a-time ``Client.enqueue``."""
+    with Instance(Settings(fsync=fsync)) as inst:
+        broker = inst.start("broker")
+        inst.wait_ready()
+        with inst.client() as client:
+            for _ in range(200):
+                client.enqueue("demo.noop")
+            broker0, client0 = proc_cpu(broker.popen.pid), _own_cpu()
+            started = time.perf_counter()
+            for _ in range(n):
+                client.enqueue("demo.noop")
+            elapsed = time.perf_counter() - started
+            client_cpu, broker_cpu = _own_cpu() - client0, proc_cpu(broker.popen.pid) - broker0
+    return {
+        "rate": n / elapsed,
+        "client_us": client_cpu / n * 1e6,
+        "broker_us": broker_cpu / n * 1e6,
+    }
+
+
+def in_flight(n: int, fsync: str) -> dict[str, float]:
+    """``AsyncClient.enqueue`` with IN_FLIGHT outstanding: rate, CPU per job
+    on both sides, and jobs per fdatasync."""
+    from corral.asyncclient import AsyncClient
+
+    async def burst(endpoint: str) -> float:
+        async with AsyncClient(endpoint, timeout=30.0) as client:
+            await asyncio.gather(*(client.enqueue("demo.noop") for _ in range(IN_FLIGHT)))
+            each, extra = divmod(n, IN_FLIGHT)
+
+            async def lane(count: int) -> None:
+                for _ in range(count):
+                    await client.enqueue("demo.noop")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(lane(each + (i < extra)) for i in range(IN_FLIGHT)))
+            return time.perf_counter() - started
+
+    with Instance(Settings(fsync=fsync)) as inst:
+        broker = inst.start("broker")
+        inst.wait_ready()
+        with inst.client() as client:
+            # warm-up round outside the counts (asyncio's and the broker's first calls)
+            asyncio.run(burst(inst.client_endpoint))
+            fsyncs0 = client.status().stats["log_fsyncs"]
+            broker0, client0 = proc_cpu(broker.popen.pid), _own_cpu()
+            elapsed = asyncio.run(burst(inst.client_endpoint))
+            client_cpu, broker_cpu = _own_cpu() - client0, proc_cpu(broker.popen.pid) - broker0
+            fsyncs = client.status().stats["log_fsyncs"] - fsyncs0
+    return {
+        "rate": n / elapsed,
+        "client_us": client_cpu / n * 1e6,
+        "broker_us": broker_cpu / n * 1e6,
+        "jobs_per_fsync": n / max(1, fsyncs),
+    }
+
+
+SCENARIOS = {"drain": (drain, 20_000), "one": (one, 5_000), "async": (in_flight, 20_000)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--fsync", choices=("always", "interval", "never"))
+    parser.add_argument("-n", type=int, help="jobs per repetition (default per scenario)")
+    parser.add_argument("--rev", help="measure this git commit instead of the work tree")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args(argv)
+    if args.rev:
+        reexec_in_snapshot(args.rev, __file__, sys.argv[1:] if argv is None else argv)
+    label = args.rev or "work tree"
+    runs: dict[str, list[dict[str, float]]] = {}
+    for _ in range(args.reps):
+        for name in args.only or ["drain", "one", "async"]:
+            fn, default_n = SCENARIOS[name]
+            fsync = args.fsync or ("interval" if name == "one" else "always")
+            figures = fn(args.n or default_n, fsync)
+            runs.setdefault(name, []).append(figures)
+            shown = " ".join(f"{k}={v:,.1f}" for k, v in figures.items())
+            if args.json:
+                print(json.dumps({"rev": label, "scenario": name, "fsync": fsync, **figures}))
+            else:
+                print(f"{label} {name} fsync={fsync}: {shown}", flush=True)
+    if not args.json:
+        for name, reps in runs.items():
+            medians = " ".join(
+                f"{k}={statistics.median(r[k] for r in reps):,.1f}"
+                f" ({min(r[k] for r in reps):,.1f}..{max(r[k] for r in reps):,.1f})"
+                for k in reps[0]
+            )
+            print(f"{label} {name} median (min..max) of {len(reps)}: {medians}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
