@@ -4,8 +4,12 @@ jobs and the worker's socket identity, torn lines skipped."""
 from __future__ import annotations
 
 import os
+from urllib.parse import quote
 
-from corral.workers.status import StatusReader, StatusWriter
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corral.workers.status import StatusReader, StatusWriter, _q
 
 
 def test_snapshots_carry_the_identity_and_the_running_jobs() -> None:
@@ -139,3 +143,13 @@ def test_a_hook_past_its_bound_kills_its_worker_and_charges_only_a_before_job() 
     finally:
         child.close_status()
         os.close(w)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40) | st.from_regex(r"[A-Za-z0-9_.~-]{1,30}", fullmatch=True))
+def test_a_plain_id_is_written_as_quote_would_write_it(job_id: str) -> None:
+    """The fast path for plain ids (letters, digits, ``_.-~``) writes what
+    ``quote(job_id, safe="")`` writes, for any id, and it reads back whole."""
+    assert _q(job_id) == quote(job_id, safe="")
+    event = StatusReader().feed(f"S {_q(job_id)}:3\n".encode())
+    assert [(e.kind, e.jobs) for e in event] == [("S", {job_id: 3.0})]
