@@ -28,6 +28,10 @@ LEVELS = {
 #: The level of a worker's lines per job (see :func:`job_line`); None: off.
 _job_level: int | None = logging.INFO
 
+#: The bound logger the lines per job go through, and the structlog
+#: configuration it was built from (see :func:`_job_logger`).
+_job_log: tuple[tuple[Any, ...], Any] | None = None
+
 
 def configure(role: str, level: str = "info", fmt: str = "auto", jobs: str = "info") -> None:
     """Configure structlog for this process, as ``role`` (broker, worker ...);
@@ -65,7 +69,32 @@ def job_line(event: str, *, failed: bool = False, **fields: Any) -> None:
     unless it is "off" or below the log's level."""
     if _job_level is not None:
         level = max(_job_level, logging.WARNING) if failed else _job_level
-        structlog.get_logger().log(level, event, **fields)
+        _job_logger().log(level, event, **fields)
+
+
+def _job_logger() -> Any:
+    """The bound logger for :func:`job_line`, built once per structlog
+    configuration: ``structlog.get_logger().log(...)`` would build a new
+    bound logger on every call (a context, a ``WriteLogger`` and its lock:
+    about a sixth of a line's cost, two lines per job), and caching every
+    logger on first use would keep module-level loggers on a configuration
+    replaced since (``configure`` again, ``reset_defaults`` between tests).
+    The configuration is compared by identity on each call; ``capture_logs``
+    changes the processors list in place, which the logger shares."""
+    global _job_log
+    config = structlog.get_config()
+    key = (
+        config["processors"],
+        config["wrapper_class"],
+        config["context_class"],
+        config["logger_factory"],
+    )
+    cached = _job_log
+    if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+        return cached[1]
+    logger = structlog.get_logger().bind()
+    _job_log = (key, logger)
+    return logger
 
 
 class JobLines(Hooks):

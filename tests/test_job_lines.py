@@ -1,0 +1,65 @@
+"""The worker's lines per job (corral.logs.job_line) go through one bound
+logger per structlog configuration: built once, and built again whenever
+the configuration changes (corral's own set-up again, structlog's defaults
+between tests, ``capture_logs``). In process, no daemon."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from corral import logs
+
+
+@pytest.fixture(autouse=True)
+def _as_it_was(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``configure`` sets the jobs' level and binds role and pid: undone."""
+    monkeypatch.setattr(logs, "_job_level", logs._job_level)
+    yield
+    structlog.contextvars.clear_contextvars()
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_the_job_logger_is_built_once_per_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    logs.configure("worker", fmt="json")
+    logs.job_line("job.received", job_id="j1", task="t.a", attempt=1)
+    assert logs._job_logger() is logs._job_logger()
+    # configured again (another stream, jobs at debug under an info log): the new set-up rules
+    monkeypatch.setattr("sys.stderr", second)
+    logs.configure("worker", fmt="json", jobs="debug")
+    logs.job_line("job.received", job_id="j2", task="t.a", attempt=1)
+    logs.configure("worker", fmt="json")
+    logs.job_line("job.succeeded", job_id="j3", task="t.a", attempt=1, seconds=0.5)
+    logs.job_line("job.failed", failed=True, job_id="j4", task="t.a", attempt=2)
+    assert [(x["event"], x["job_id"], x["level"]) for x in _lines(first)] == [
+        ("job.received", "j1", "info")
+    ]
+    assert [(x["event"], x["job_id"], x["level"]) for x in _lines(second)] == [
+        ("job.succeeded", "j3", "info"),
+        ("job.failed", "j4", "warning"),
+    ]
+    assert all(x["role"] == "worker" and "timestamp" in x for x in _lines(second))
+
+
+def test_lines_follow_structlog_reset_and_capture_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    logs.configure("worker", fmt="json")
+    logs.job_line("job.received", job_id="j1", task="t.a", attempt=1)
+    structlog.reset_defaults()
+    with capture_logs() as captured:
+        logs.job_line("job.received", job_id="j2", task="t.a", attempt=1)
+    assert [(x["event"], x["job_id"]) for x in captured] == [("job.received", "j2")]
+    logs.configure("worker", fmt="json", jobs="off")
+    with capture_logs() as captured:
+        logs.job_line("job.received", job_id="j3", task="t.a", attempt=1)
+    assert captured == []
