@@ -163,6 +163,25 @@ def unstarted(conn: WorkerConn, state: JobState, *, withdrawing: bool = False) -
     return jobs
 
 
+def may_withdraw(workers: Iterable[WorkerConn], state: JobState, floor: int | None) -> bool:
+    """False only when :func:`plan_withdrawals` would take nothing back, so
+    a dispatch can skip it (it sorts every worker's reserved jobs): no
+    worker has both a free slot and credit (no idle worker to steal for),
+    and no ready job outranks ``floor``, a lower bound of the priorities of
+    the jobs the workers hold (None: they hold none), so no room is made
+    for one. Stale ready entries in front are dropped, as a dispatch does."""
+    if any(c.credit > 0 and free_slots(c) > 0 for c in workers):
+        return True
+    if floor is None:
+        return False
+    ready = state.ready
+    for queue, task in ready.pairs():
+        top = ready.top(queue, task)
+        if top is not None and top.priority > floor:
+            return True
+    return False
+
+
 def plan_withdrawals(
     workers: list[WorkerConn], state: JobState, gate: Gate = OPEN
 ) -> dict[WorkerConn, list[Job]]:

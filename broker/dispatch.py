@@ -92,6 +92,12 @@ class Dispatcher:
         self._withdraws = PendingWithdraws()
         self._next_heartbeat = 0.0
         self._dirty = True
+        #: A lower bound of the priorities of the jobs in the workers'
+        #: leases (None: they hold none), lowered by each lease given; None
+        #: in ``_floor_stale`` (a registration may bring leases back, and the
+        #: heartbeat tightens it): worked out again at the next dispatch.
+        self._floor: int | None = None
+        self._floor_stale = False
         self.rejoins = Rejoins(self, liveness_window)
         self.limits = Limiter(self.state, self._leased_ids)
         journal.observers.append(self.limits.observe)
@@ -169,6 +175,7 @@ class Dispatcher:
             )
             msg = msgspec.structs.replace(msg, tasks=msg.tasks[:MAX_TASKS_PER_WORKER])
         self.rejoins.register(identity, msg, now, mono)
+        self._floor_stale = True  # it may have taken back jobs it held
         self.registrations.register(
             msg.worker_id, msg.tasks[:MAX_TASKS_PER_WORKER], self.workers.serving
         )
@@ -443,6 +450,7 @@ class Dispatcher:
         if mono >= self._next_heartbeat:
             self._next_heartbeat = mono + self.heartbeat_interval
             self._dirty = True  # retry any dispatch a full socket refused
+            self._floor_stale = True  # tightened: jobs of low priority may have ended
             for conn in self.workers.silent(mono):
                 # if it still runs them, its handlers see ctx.cancelled
                 for job_id, lease in conn.leases.items():
@@ -550,8 +558,22 @@ class Dispatcher:
             self._deliver(conn, jobs, deliveries, mono)
         for job in gate.lapsed:
             self.lapses.expire(job, now)
-        for conn, jobs in balance.plan_withdrawals(workers, self.state, gate).items():
-            self._withdraw(conn, jobs, mono)
+        # Most dispatches could take nothing back (no idle worker, no ready
+        # job outranks a held one): skip the plan, which sorts every
+        # worker's reserved jobs.
+        if balance.may_withdraw(workers, self.state, self._held_floor()):
+            for conn, jobs in balance.plan_withdrawals(workers, self.state, gate).items():
+                self._withdraw(conn, jobs, mono)
+
+    def _held_floor(self) -> int | None:
+        """A lower bound of the priorities of the jobs in the workers'
+        leases; None: they hold none. Exact once stale (see ``_floor``)."""
+        if self._floor_stale:
+            self._floor_stale = False
+            jobs = self.state.jobs
+            held = (jobs.get(job_id) for c in self.workers for job_id in c.leases)
+            self._floor = min((job.priority for job in held if job is not None), default=None)
+        return self._floor
 
     def _lease(self, conn: WorkerConn, jobs: list[Job], now: float) -> list[p.Delivery]:
         """Lease ``jobs`` to ``conn`` (a Leased record each); their
@@ -586,6 +608,8 @@ class Dispatcher:
             )
             conn.leases[job.id] = lease
             self.holders[job.id] = conn.identity
+            if self._floor is None or job.priority < self._floor:
+                self._floor = job.priority
         return deliveries
 
     def _deliver(
