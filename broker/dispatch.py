@@ -31,6 +31,7 @@ from corral.broker.expiring import lapsed
 from corral.broker.journal import Journal, WorkerLink
 from corral.broker.lapses import Lapses, PassGate
 from corral.broker.limits import Limiter
+from corral.broker.logbudget import LogBudget
 from corral.broker.protocol import STATUSES, TERMINAL
 from corral.broker.records import (
     BrokerStarted,
@@ -99,6 +100,8 @@ class Dispatcher:
         self._floor: int | None = None
         self._floor_stale = False
         self.rejoins = Rejoins(self, liveness_window)
+        #: Workers coming and going: lines any peer of the worker endpoint can cause.
+        self.log_budget = LogBudget(self.stats)
         self.limits = Limiter(self.state, self._leased_ids)
         journal.observers.append(self.limits.observe)
         self.lapses = Lapses(self, on_ended)
@@ -181,14 +184,17 @@ class Dispatcher:
         )
         self.limits.declare(identity, msg.worker_id, msg.tasks, now, mono)
         self._dirty = True
-        log.info(
-            "broker.worker_ready",
-            worker=msg.worker_id,
-            host=msg.host,
-            pid=msg.pid,
-            queues=msg.queues,
-            credit=msg.credit,
-        )
+        fields = self.log_budget.allow(mono)
+        if fields is not None:
+            log.info(
+                "broker.worker_ready",
+                worker=msg.worker_id,
+                host=msg.host,
+                pid=msg.pid,
+                queues=msg.queues,
+                credit=msg.credit,
+                **fields,
+            )
 
     def add_worker(self, identity: bytes, msg: p.Ready, mono: float) -> WorkerConn:
         """A new registration, holding nothing yet."""
@@ -367,6 +373,7 @@ class Dispatcher:
         else:
             counted = conn.counted_on_loss()
         requeued = 0
+        held = bool(conn.leases)
         for job_id, lease in list(conn.leases.items()):
             job = self.state.holding(job_id, lease)
             if job is not None:
@@ -375,14 +382,17 @@ class Dispatcher:
         self.stats["workers_lost"] += reason not in ("left", "reconnected")
         self.stats["redelivered"] += requeued
         self._dirty = True
-        log_fn = log.info if reason == "left" else log.warning
-        log_fn(
-            "broker.worker_gone",
-            worker=conn.worker_id,
-            pid=conn.pid,
-            reason=reason,
-            requeued=requeued,
-        )
+        fields = self.log_budget.allow(mono) if not held else {}
+        if fields is not None:  # a worker gone with jobs is always said
+            log_fn = log.info if reason == "left" else log.warning
+            log_fn(
+                "broker.worker_gone",
+                worker=conn.worker_id,
+                pid=conn.pid,
+                reason=reason,
+                requeued=requeued,
+                **fields,
+            )
         return requeued
 
     def _take_back(

@@ -606,3 +606,27 @@ def test_outcome_rates_keep_one_minute(tmp_path: Path) -> None:
         work(b, w, by_prefix, deliveries(w.inbox()))
         b.advance(1.0)
     assert sizes(b)["rate buckets"] <= 61
+
+
+def test_a_flood_of_registrations_cannot_flood_the_log(tmp_path: Path) -> None:
+    """Any process that can reach the worker endpoint can send READY and
+    Bye as fast as it likes: the broker's lines about workers coming and
+    going are kept to a budget (a burst, then a rate), and the first line
+    after a quiet spell says how many were left out."""
+    from corral.broker.logbudget import BURST
+
+    b = broker(tmp_path)
+    with capture_logs() as logs:
+        for n in range(5 * BURST):
+            flooder = FakeWorker(b, f"flood-{n}".encode())
+            flooder.ready()
+            flooder.send(p.Bye())
+    lines = [e for e in logs if e["event"] in ("broker.worker_ready", "broker.worker_gone")]
+    assert BURST <= len(lines) <= BURST + 10
+    assert len(b.core.dispatcher.workers) == 0  # every one was still served
+    b.advance(60.0, step=1.0)
+    with capture_logs() as logs:
+        FakeWorker(b, b"after").ready()
+    (line,) = [e for e in logs if e["event"] == "broker.worker_ready"]
+    assert line["suppressed"] >= 8 * BURST  # ready and gone lines left out
+    assert b.core.stats["log_lines_suppressed"] >= 8 * BURST

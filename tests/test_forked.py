@@ -9,10 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import forked
 import pytest
 from conftest import CORRAL, ZYGOTE, Env, wait_for
-
-import forked
 
 #: (argv, stdin, extra environment): commands that end without a broker.
 CASES = [
