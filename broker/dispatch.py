@@ -94,9 +94,9 @@ class Dispatcher:
         self._next_heartbeat = 0.0
         self._dirty = True
         #: A lower bound of the priorities of the jobs in the workers'
-        #: leases (None: they hold none), lowered by each lease given; None
-        #: in ``_floor_stale`` (a registration may bring leases back, and the
-        #: heartbeat tightens it): worked out again at the next dispatch.
+        #: leases (None: they hold none), lowered by each lease given, and
+        #: worked out again at the next dispatch once ``_floor_stale`` (a
+        #: registration may take back held jobs; each heartbeat tightens it).
         self._floor: int | None = None
         self._floor_stale = False
         self.rejoins = Rejoins(self, liveness_window)
