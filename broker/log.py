@@ -53,10 +53,10 @@ import os
 import secrets
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from corral.broker.compaction import Cut, remove_segments, tmp_name, write_base
 from corral.broker.framing import (
@@ -90,6 +90,8 @@ from corral.broker.records import Record, encode_record
 __all__ = ["POLICIES", "FsyncFailed", "Log", "LogCorrupt", "LogDiskFull", "LogError"]
 
 POLICIES = ("always", "interval", "never")
+#: See :meth:`Log.replay`.
+SkipFrames = Callable[[Path, int, int, int], Mapping[int, Any] | None]
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 _ALLOC_RETRY = 1.0
@@ -194,12 +196,16 @@ class Log:
 
     # -- opening
 
-    def replay(self) -> Iterator[Record]:
+    def replay(self, skip: SkipFrames | None = None) -> Iterator[Record]:
         """Yield every record in order; afterwards the log is open for appends.
 
         Creates the directory and first segment if missing, finishes an
         interrupted compaction, cuts a torn tail (warning ``log.torn_tail``)
-        and raises :class:`LogCorrupt` for anything worse."""
+        and raises :class:`LogCorrupt` for anything worse. ``skip`` is
+        asked, for a compacted base followed by other segments, which of its
+        frames to yield a stand-in for instead of decoding them (see
+        :class:`~corral.broker.framing.Scan`): ``skip(path, generation,
+        seq, size)`` -> frame offset -> stand-in."""
         if self._active is not None:
             raise LogError("the log is already open")
         make_dirs(self.directory)
@@ -219,7 +225,11 @@ class Log:
         self._remove_stale(stale)
         self._base = live[0].seq
         for i, (_, path, header) in enumerate(live):
-            scan = Scan(path, path.read_bytes(), header.seed)
+            data = path.read_bytes()
+            frames = None
+            if skip is not None and i == 0 and len(live) > 1 and header.flags & FLAG_BASE:
+                frames = skip(path, self._generation, header.seq, len(data))
+            scan = Scan(path, data, header.seed, frames)
             yield from scan
             problem = scan.problem(last=i == len(live) - 1, marks=header.marks)
             if problem is not None:
