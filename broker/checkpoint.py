@@ -74,7 +74,7 @@ class ColdBatch(msgspec.Struct, array_like=True, gc=False):
 
 class Body(msgspec.Struct, array_like=True):
     """A checkpoint's content: the base it describes (log ``generation``,
-    segment ``seq``, file ``size`` in bytes), its ``batches``, and the
+    segment ``seq``, file ``size`` in bytes and ``mtime_ns``), its ``batches``, and the
     sorted 64-bit hashes of their jobs' ids (``hashes``, uint64
     little-endian) with, per hash, the index of its batch (``owners``,
     uint32 little-endian)."""
@@ -82,6 +82,9 @@ class Body(msgspec.Struct, array_like=True):
     generation: int
     seq: int
     size: int
+    #: The base file's modification time (ns): an edit in place (a repair)
+    #: makes the checkpoint stale even where the size stays.
+    mtime_ns: int
     batches: list[ColdBatch]
     hashes: bytes
     owners: bytes
@@ -109,10 +112,15 @@ def id_hash(job_id: str) -> int:
 
 
 def build(
-    generation: int, seq: int, size: int, batches: list[tuple[ColdBatch, list[str]]]
+    generation: int,
+    seq: int,
+    size: int,
+    mtime_ns: int,
+    batches: list[tuple[ColdBatch, list[str]]],
 ) -> bytes:
-    """The bytes of a checkpoint of base ``seq`` (``size`` bytes) of log
-    ``generation``, for ``batches`` (each with its jobs' ids)."""
+    """The bytes of a checkpoint of base ``seq`` (``size`` bytes, modified
+    at ``mtime_ns``) of log ``generation``, for ``batches`` (each with its
+    jobs' ids)."""
     pairs = sorted((id_hash(job_id), i) for i, (_, ids) in enumerate(batches) for job_id in ids)
     hashes = array("Q", [h for h, _ in pairs])
     owners = array("I", [i for _, i in pairs])
@@ -121,6 +129,7 @@ def build(
             generation,
             seq,
             size,
+            mtime_ns,
             [batch for batch, _ in batches],
             _le(hashes).tobytes(),
             _le(owners).tobytes(),
@@ -134,13 +143,15 @@ def write(
     directory: Path,
     generation: int,
     seq: int,
-    size: int,
+    base: Path,
     batches: list[tuple[ColdBatch, list[str]]],
 ) -> Path:
-    """Write the checkpoint of base ``seq`` atomically: to a ``.tmp`` file,
+    """Write the checkpoint of base ``seq`` (the file ``base``, whole and
+    synced; it may still have its tmp name) atomically: to a ``.tmp`` file,
     fsync'd, renamed into place, the directory fsync'd. Returns its path.
     Raises OSError (the tmp file is removed)."""
-    data = build(generation, seq, size, batches)
+    st = base.stat()
+    data = build(generation, seq, st.st_size, st.st_mtime_ns, batches)
     path = ckpt_path(directory, seq)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -161,14 +172,15 @@ def write(
 
 
 def load(  # noqa: PLR0911 (one return per way a checkpoint can be unusable)
-    directory: Path, generation: int, seq: int, size: int
+    directory: Path, generation: int, seq: int, base: Path
 ) -> Loaded | None:
-    """The checkpoint of base ``seq`` (``size`` bytes) of log
+    """The checkpoint of base ``seq`` (the file ``base``) of log
     ``generation``, or None when there is none or it cannot be used
     (logged as ``checkpoint.ignored`` with the reason). Never raises for
     a bad file."""
     path = ckpt_path(directory, seq)
     try:
+        st = base.stat()
         data = path.read_bytes()
     except FileNotFoundError:
         return None
@@ -188,7 +200,12 @@ def load(  # noqa: PLR0911 (one return per way a checkpoint can be unusable)
         got = msgspec.msgpack.decode(body, type=Body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return _ignored(path, f"cannot decode it: {exc}")
-    if (got.generation, got.seq, got.size) != (generation, seq, size):
+    if (got.generation, got.seq, got.size, got.mtime_ns) != (
+        generation,
+        seq,
+        st.st_size,
+        st.st_mtime_ns,
+    ):
         return _ignored(path, "it describes another base (stale)")
     hashes, owners = array("Q"), array("I")
     hashes.frombytes(got.hashes)

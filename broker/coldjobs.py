@@ -30,14 +30,15 @@ file the cold batches are read from.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from corral.broker.checkpoint import ColdBatch, Loaded, id_hash
+from corral.broker.checkpoint import ColdBatch, Loaded, ckpt_path, id_hash
 from corral.broker.framing import LogCorrupt, check_frame
-from corral.broker.job import Job
+from corral.broker.job import BLOB_HEAD, DEFAULT_QUEUE, Job
 from corral.broker.records import RECORD_CODES, JobsCreated, decode_record
 
 __all__ = ["JOBS_CREATED_CODE", "ColdBlock", "ColdJobs", "ColdRef", "ColdRun", "JobTable"]
@@ -167,18 +168,26 @@ class ColdJobs:
         data = os.pread(self._fd, batch.length, batch.offset)
         with memoryview(data) as view:
             got = check_frame(data, view, 0, self._seed)
-        if got != (batch.length, JOBS_CREATED_CODE):
-            raise LogCorrupt(self._base, batch.offset, f"a cold batch's frame changed: {got}")
-        record = decode_record(JOBS_CREATED_CODE, data[9:])
-        assert isinstance(record, JobsCreated)
-        if len(record.ids) != batch.count:
-            raise LogCorrupt(self._base, batch.offset, "a cold batch's frame changed")
+        record = None
+        if got == (batch.length, JOBS_CREATED_CODE):
+            record = decode_record(JOBS_CREATED_CODE, data[9:])
+        if not isinstance(record, JobsCreated) or _described(record) != _description(batch):
+            self._distrust()
+            raise LogCorrupt(
+                self._base, batch.offset, "a cold batch is not what the replay read there"
+            )
         jobs = self._materialise(record, number)
         for run in self.runs.pop(number, ()):
             run.jobs = jobs[run.start : run.end]
         if not self.batches:
             self.close()
         return jobs
+
+    def _distrust(self) -> None:
+        """The checkpoint told something the base does not say: it goes, so
+        the next start replays the base in full."""
+        with contextlib.suppress(OSError):
+            ckpt_path(self._base.parent, int(self._base.name.split(".")[0])).unlink()
 
     def warm_some(self, batches: int) -> int:
         """Warm up to ``batches`` batches, oldest first; returns how many."""
@@ -195,6 +204,18 @@ class ColdJobs:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _described(record: JobsCreated) -> tuple[Any, ...]:
+    """What a checkpoint says of a batch, read off the batch itself."""
+    tpl = record.template
+    first = BLOB_HEAD.unpack_from(record.blobs[0])[0] if record.blobs else -1
+    last = BLOB_HEAD.unpack_from(record.blobs[-1])[0] if record.blobs else -1
+    return (len(record.ids), first, last, tpl.queue or DEFAULT_QUEUE, tpl.task)
+
+
+def _description(batch: ColdBatch) -> tuple[Any, ...]:
+    return (batch.count, batch.first_seq, batch.last_seq, batch.queue, batch.task)
 
 
 class JobTable(dict[str, Job]):

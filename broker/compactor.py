@@ -90,7 +90,7 @@ def rewrite(cut: Cut, defaults: Defaults | None = None) -> Outcome:
     batches = CheckpointBatches()
     records, size = write_base(cut, state.snapshot(), batches.on_frame)
     try:
-        checkpoint.write(Path(cut.directory), cut.generation, cut.last, size, batches.found)
+        checkpoint.write(Path(cut.directory), cut.generation, cut.last, cut.tmp_path, batches.found)
     except OSError as exc:  # a cache: the base is whole without it
         _log.warning("checkpoint.not_written", error=str(exc))
     seconds = round(time.monotonic() - started, 3)

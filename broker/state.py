@@ -743,14 +743,14 @@ class JobState:
 def checkpoint_frames(
     state: JobState, base: Path, generation: int, seq: int, size: int
 ) -> dict[int, ColdRef] | None:
-    """What a replay asks before it reads base segment ``seq`` (``size``
-    bytes) of log ``generation`` (see :meth:`Log.replay
+    """What a replay asks before it reads base segment ``seq`` (file
+    ``base``, ``size`` bytes read) of log ``generation`` (see :meth:`Log.replay
     <corral.broker.log.Log.replay>`): the frames to leave cold, by offset,
     from the base's checkpoint if it has a valid one (see
     broker/checkpoint.py), with ``state`` ready for them; None to replay it
     in full. Checkpoints of other bases are removed."""
     checkpoint.remove_others(base.parent, keep=seq)
-    loaded = checkpoint.load(base.parent, generation, seq, size)
+    loaded = checkpoint.load(base.parent, generation, seq, base)
     if loaded is None or not loaded.batches:
         return None
     return state.attach_cold(loaded, base, segment_seed(FORMAT_VERSION, generation, seq))
