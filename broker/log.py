@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import secrets
 import time
@@ -119,6 +120,13 @@ def _write_all(files: Files, fd: int, data: bytes | bytearray, offset: int) -> N
             if n <= 0:
                 raise OSError(errno.ENOSPC, "short write")
             done += n
+
+
+def _mapped(path: Path) -> bytes:
+    """``path``'s bytes, mapped read-only (an mmap reads as bytes do where
+    a scan reads them; the caller closes it)."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # type: ignore[return-value]
 
 
 def _seq_of(path: Path) -> int:
@@ -225,13 +233,18 @@ class Log:
         self._remove_stale(stale)
         self._base = live[0].seq
         for i, (_, path, header) in enumerate(live):
-            data = path.read_bytes()
             frames = None
             if skip is not None and i == 0 and len(live) > 1 and header.flags & FLAG_BASE:
-                frames = skip(path, self._generation, header.seq, len(data))
+                frames = skip(path, self._generation, header.seq, path.stat().st_size)
+            # A base with a checkpoint is mostly frames that are only
+            # checked, not decoded: mapped, not copied (half the CPU).
+            data = path.read_bytes() if not frames else _mapped(path)
             scan = Scan(path, data, header.seed, frames)
             yield from scan
             problem = scan.problem(last=i == len(live) - 1, marks=header.marks)
+            if frames:
+                with contextlib.suppress(BufferError):  # a view still held: closed when freed
+                    data.close()  # type: ignore[attr-defined]
             if problem is not None:
                 raise problem
             # A compaction's base is never appended to: what counts towards
