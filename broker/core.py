@@ -93,6 +93,8 @@ class BrokerCore:
         self._last_pass = 0.0
         #: The creation number at the last gc.freeze (see _freeze).
         self._frozen_at = 0
+        #: When the replay ended (monotonic seconds).
+        self._replayed_at = 0.0
         #: ``state.next_seq`` at the last commit: jobs made since are not on disk.
         self._made_until = 0
         self._stall_after = 1.5 * bc.heartbeat_interval
@@ -220,6 +222,7 @@ class BrokerCore:
         self._made_until = self.state.next_seq
         self.dispatcher.start_leases(epoch)
         cold = self.state.jobs.cold
+        self._replayed_at = time.monotonic()
         log.info(
             "broker.replayed",
             records=count,
@@ -240,9 +243,15 @@ class BrokerCore:
         """Warm a few cold batches (see broker/coldjobs.py): called each pass
         while any are cold, so the rest of a restart's work is done in
         slices of a few milliseconds."""
+        cold = self.state.jobs.cold
         self.state.jobs.warm_some(WARM_PER_PASS)
         if self.state.jobs.cold is None:
             self._freeze()
+            log.info(
+                "broker.cold_jobs_warmed",
+                batches=cold.warmed if cold is not None else 0,
+                seconds=round(time.monotonic() - self._replayed_at, 3),
+            )
 
     def attach_events(self, events: Any) -> None:
         """Publish job, worker and pool events through ``events`` (a

@@ -630,8 +630,9 @@ class JobState:
     def holding(self, job_id: str, lease: int) -> Job | None:
         """The job if a worker holds it under ``lease`` (reserved or
         running): the fence every report from a worker goes through (a
-        stale lease gets None; every end of a lease zeroes it)."""
-        job = self.jobs.get(job_id)
+        stale lease gets None; every end of a lease zeroes it). A held job
+        is never cold, so the table's own lookup serves (no warming)."""
+        job = dict.get(self.jobs, job_id)
         if job is None or not lease or job.lease != lease:
             return None
         return job
