@@ -121,9 +121,11 @@ def build(
     """The bytes of a checkpoint of base ``seq`` (``size`` bytes, modified
     at ``mtime_ns``) of log ``generation``, for ``batches`` (each with its
     jobs' ids)."""
-    pairs = sorted((id_hash(job_id), i) for i, (_, ids) in enumerate(batches) for job_id in ids)
-    hashes = array("Q", [h for h, _ in pairs])
-    owners = array("I", [i for _, i in pairs])
+    # One int per id, hash above batch number: ints sort several times
+    # faster than (hash, batch) tuples.
+    keys = sorted(id_hash(job_id) << 32 | i for i, (_, ids) in enumerate(batches) for job_id in ids)
+    hashes = array("Q", [key >> 32 for key in keys])
+    owners = array("I", [key & 0xFFFFFFFF for key in keys])
     body = msgspec.msgpack.encode(
         Body(
             generation,
