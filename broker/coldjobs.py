@@ -94,12 +94,14 @@ class ColdBlock(list):  # type: ignore[type-arg]
     """A creation-order index block standing for a cold batch (one entry,
     whose ``seq`` is the batch's last creation number)."""
 
-    __slots__ = ("batch", "first")
+    __slots__ = ("batch", "first", "jobs")
 
     def __init__(self, batch: int, first: int, last: int) -> None:
         super().__init__([_Mark(last)])
         self.batch = batch
         self.first = first
+        #: The batch's jobs once it is warmed (the block's place then holds them).
+        self.jobs: list[Job] | None = None
 
 
 class ColdJobs:

@@ -59,16 +59,10 @@ class SeqIndex:
         if block is None:
             return
         i = bisect.bisect_left(self._firsts, block.first)
+        block.jobs = jobs[:]
         if not (i < len(self._blocks) and self._blocks[i] is block):
             i = next(at for at, held in enumerate(self._blocks) if held is block)
-        self._blocks[i] = jobs[:]
-
-    def _warm_from(self, i: int) -> None:
-        """Warm every cold block from block ``i`` on (a walk is about to read them)."""
-        if self._cold:
-            for block in self._blocks[max(i, 0) :]:
-                if type(block) is ColdBlock:
-                    self.warm(block.batch)
+        self._blocks[i] = block.jobs
 
     def add(self, job: Job) -> None:
         """Index a job that was just added to the table."""
@@ -136,39 +130,46 @@ class SeqIndex:
             del self._blocks[i], self._firsts[i], self._stale[i]
 
     def after(self, seq: int) -> Iterator[Job]:
-        """The current jobs with a creation number above ``seq``, in order."""
+        """The current jobs with a creation number above ``seq``, in order
+        (a cold batch is warmed when the walk reaches it)."""
         get = self._get
         i = max(0, bisect.bisect_right(self._firsts, seq) - 1)
-        self._warm_from(i)
         blocks = self._blocks
         if i < len(blocks):
-            block = blocks[i]
+            block = self._jobs_of(blocks[i])
             for ref in block[bisect.bisect_right(block, seq, key=_seq) :]:
                 if get(ref.id) is ref:
                     yield ref
-        for block in blocks[i + 1 :]:
-            for ref in block:
+        for held in blocks[i + 1 :]:
+            for ref in self._jobs_of(held):
                 if get(ref.id) is ref:
                     yield ref
 
     def before(self, seq: int | None) -> Iterator[Job]:
         """The current jobs with a creation number below ``seq`` (None: all),
-        newest first."""
+        newest first (a cold batch is warmed when the walk reaches it)."""
         get = self._get
-        self._warm_from(0)
         blocks = self._blocks
         if seq is None:
             i, cut = len(blocks) - 1, None
         else:
             i = bisect.bisect_left(self._firsts, seq) - 1
             cut = seq
-        for at in range(i, -1, -1):
-            block = blocks[at]
+        for held in blocks[i::-1] if i >= 0 else []:
+            block = self._jobs_of(held)
             end = len(block) if cut is None else bisect.bisect_left(block, cut, key=_seq)
             cut = None  # only the first block is cut
             for ref in reversed(block[:end]):
                 if get(ref.id) is ref:
                     yield ref
+
+    def _jobs_of(self, block: list[Job]) -> list[Job]:
+        """A block's jobs: a cold block's once its batch is warmed."""
+        if type(block) is not ColdBlock:
+            return block
+        if block.jobs is None:
+            self.warm(block.batch)
+        return block.jobs or []
 
     def __iter__(self) -> Iterator[Job]:
         return self.after(-1)

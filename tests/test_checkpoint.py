@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker, decoded
 
+from corral.broker import core
 from corral.broker import protocol as p
 from corral.broker.checkpoint import ckpt_path
 from corral.broker.compaction import remove_segments
@@ -414,3 +415,34 @@ def test_a_broker_killed_while_its_compaction_writes_restarts_the_same(
     broker = restarted(tmp_path / "s")  # and the broker itself starts on it
     assert len(broker.core.state.jobs) == len(ids)
     broker.crash()
+
+
+def test_clients_see_cold_jobs_as_any_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Status counts, a job by id, a page of the listing, a cancel and a
+    purge, asked of a broker whose jobs are cold, answer as a full replay's."""
+    monkeypatch.setattr(core, "WARM_PER_PASS", 0)  # none warmed but by the requests
+    state_dir, _ = checkpointed(tmp_path)
+    shutil.copytree(state_dir, tmp_path / "copy")
+    answers = []
+    for broker in (restarted(state_dir), restarted(tmp_path / "copy", checkpoint=False)):
+        cold = broker.core.state.jobs.cold is not None
+        got: list[Any] = []
+        status = broker.request(p.GetStatus(broker.next_req()))
+        got.append(status.status.queues)  # (it warms the lanes' fronts: their age)
+        if broker.state_dir == state_dir:
+            assert broker.core.state.jobs.cold is not None  # a-1000 is cold
+        got.append(broker.job("a-1000"))
+        page = broker.request(p.ListJobs(broker.next_req(), queue="default", limit=5))
+        got.append([job.id for job in page.jobs])
+        page = broker.request(p.ListJobs(broker.next_req(), limit=3, newest=True))
+        got.append([job.id for job in page.jobs])
+        got.append(broker.request(p.Cancel(broker.next_req(), "a-1100")))
+        got.append(broker.request(p.Purge(broker.next_req(), "other")))
+        got.append(broker.request(p.GetStatus(broker.next_req())).status.queues)
+        answers.append(got)
+        if broker.state_dir == state_dir:
+            assert cold  # the first request found them cold
+        broker.crash()
+    assert answers[0] == answers[1]
