@@ -124,9 +124,19 @@ def _write_all(files: Files, fd: int, data: bytes | bytearray, offset: int) -> N
 
 def _mapped(path: Path) -> bytes:
     """``path``'s bytes, mapped read-only (an mmap reads as bytes do where
-    a scan reads them; the caller closes it)."""
+    a scan reads them; :func:`_unmap` it once read), or read if it is empty."""
     with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # type: ignore[return-value]
+
+
+def _unmap(data: bytes) -> None:
+    """Unmap what :func:`_mapped` mapped (before the file may be cut: a
+    read of a mapping past a file's end is a SIGBUS)."""
+    if isinstance(data, mmap.mmap):
+        with contextlib.suppress(BufferError):  # a view still held: unmapped when freed
+            data.close()
 
 
 def _seq_of(path: Path) -> int:
@@ -236,15 +246,16 @@ class Log:
             frames = None
             if skip is not None and i == 0 and len(live) > 1 and header.flags & FLAG_BASE:
                 frames = skip(path, self._generation, header.seq, path.stat().st_size)
-            # A base with a checkpoint is mostly frames that are only
-            # checked, not decoded: mapped, not copied (half the CPU).
-            data = path.read_bytes() if not frames else _mapped(path)
+            # Mapped, not copied: a base with a checkpoint is mostly frames
+            # that are only checked, and the last segment mostly
+            # preallocated zeros (half the CPU of reading them).
+            data = _mapped(path)
             scan = Scan(path, data, header.seed, frames)
-            yield from scan
-            problem = scan.problem(last=i == len(live) - 1, marks=header.marks)
-            if frames:
-                with contextlib.suppress(BufferError):  # a view still held: closed when freed
-                    data.close()  # type: ignore[attr-defined]
+            try:
+                yield from scan
+                problem = scan.problem(last=i == len(live) - 1, marks=header.marks)
+            finally:
+                _unmap(data)
             if problem is not None:
                 raise problem
             # A compaction's base is never appended to: what counts towards
