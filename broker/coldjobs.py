@@ -17,9 +17,10 @@ first time anything needs one of its jobs:
 - a run reaching the front of its ready lane (dispatch, ``peek``, the
   oldest job's age): the batch is warmed and the run's jobs take its place,
   in order;
-- a walk of every job (``values``, ``items``, iterating the table or the
-  creation-order index: listing jobs, views, compaction's checks): all
-  batches are warmed first.
+- a walk of the table (``values``, ``items``, iterating it: a purge, the
+  checks that read every job): all batches are warmed first; a walk of
+  the creation-order index (listing jobs) warms each batch as it reaches
+  it, so a page costs the batches it shows.
 
 The broker also warms a few batches per pass while any are cold (so a
 restart is followed by about a second of background work, never a stall),
@@ -276,6 +277,7 @@ class JobTable(dict[str, Job]):
         return job
 
     def pop(self, key: str, default: None = None) -> Job | None:  # type: ignore[override]
+        """The job ``key`` removed, or None (never KeyError: the state's only use)."""
         if self.cold is not None and not _contains(self, key):
             self._warm(key)
         return dict.pop(self, key, default)
