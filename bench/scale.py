@@ -13,7 +13,14 @@ workers), because the second needs the log the first wrote:
    byte), and the broker is started again on it. The restart time runs
    from the ``Popen`` until it answers a ping (polled every 20 ms); replay MB/s = log bytes /
    restart time (interpreter start and imports are inside it). The RSS after
-   the restart is read too.
+   the restart and the CPU seconds the broker used until it answered (less
+   sensitive to a busy machine than the wall time) are read too.
+3. **restart with a checkpoint**: the broker is killed again, the log is
+   compacted offline (``corral log compact``: the rewrite the broker's own
+   compaction runs, which writes the base's restart checkpoint, see
+   broker/checkpoint.py), and the broker is started on it and timed the
+   same way (the restart's ``_ckpt`` figures; the log bytes are the
+   compacted log's).
 
 Used by ``bench/run.py`` (``--only scale``).
 """
@@ -22,12 +29,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import Instance, Settings
+from harness import Instance, Settings, corral_command
 
 from corral.broker.framing import content_end
 from corral.client import Client, Job
@@ -79,11 +87,15 @@ def bench_scale(fsync: str, n: int) -> dict[str, Any]:
         broker.popen.wait()
         inst.procs.remove(broker)
         size = log_bytes(Path(inst.root) / "s")
-        started = time.perf_counter()
-        again = inst.start("broker")
-        inst.wait_ready(timeout=RESTART_TIMEOUT)  # polls ping every 20 ms
-        restart_s = time.perf_counter() - started
-        rss_restarted = _rss(again.popen.pid)
+        restart_s, restart_cpu, rss_restarted = _restart(inst)
+        _kill(inst)
+        subprocess.run(
+            [*corral_command(), "log", "compact", "-c", str(inst.config_path)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        size_ckpt = log_bytes(Path(inst.root) / "s")
+        restart_ckpt_s, restart_ckpt_cpu, rss_ckpt = _restart(inst)
     per_job = (after - before) / n
     return {
         "jobs": n,
@@ -96,4 +108,29 @@ def bench_scale(fsync: str, n: int) -> dict[str, Any]:
         "restart_s": restart_s,
         "replay_mb_s": size / 1e6 / restart_s,
         "rss_after_restart_mib": rss_restarted / 2**20,
+        "restart_cpu_s": restart_cpu,
+        "log_ckpt_mib": size_ckpt / 2**20,
+        "restart_ckpt_s": restart_ckpt_s,
+        "replay_ckpt_mb_s": size_ckpt / 1e6 / restart_ckpt_s,
+        "restart_ckpt_cpu_s": restart_ckpt_cpu,
+        "rss_after_ckpt_restart_mib": rss_ckpt / 2**20,
     }
+
+
+def _restart(inst: Instance) -> tuple[float, float, int]:
+    """Start the broker and wait for its first answer: (seconds from the
+    Popen, its CPU seconds by then, its RSS then)."""
+    started = time.perf_counter()
+    again = inst.start("broker")
+    inst.wait_ready(timeout=RESTART_TIMEOUT)  # polls ping every 20 ms
+    seconds = time.perf_counter() - started
+    times = psutil.Process(again.popen.pid).cpu_times()
+    return seconds, times.user + times.system, _rss(again.popen.pid)
+
+
+def _kill(inst: Instance) -> None:
+    """SIGKILL the broker (a crash: no shutdown work)."""
+    broker = next(proc for proc in inst.procs if proc.name == "broker")
+    os.killpg(broker.popen.pid, signal.SIGKILL)
+    broker.popen.wait()
+    inst.procs.remove(broker)

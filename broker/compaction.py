@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -120,10 +120,15 @@ def read_cut(cut: Cut) -> Iterator[Record]:
             raise LogCorrupt(path, scan.pos, scan.reason)
 
 
-def write_base(cut: Cut, records: Iterable[Record]) -> tuple[int, int]:
+def write_base(
+    cut: Cut,
+    records: Iterable[Record],
+    on_frame: Callable[[Record, int, int], None] | None = None,
+) -> tuple[int, int]:
     """Write ``records`` as a BASE segment numbered ``cut.last`` to
     ``cut.tmp``, fsync'd as it goes and at the end (not renamed:
-    :meth:`Log.install` does that).
+    :meth:`Log.install` does that). ``on_frame(record, offset, length)``
+    is told where each record's frame went (bytes from the file's start).
     Returns (records, bytes written). Raises OSError (ENOSPC on a full
     disk) with the file removed; a record over the size limit raises
     :class:`~corral.broker.framing.LogError`."""
@@ -133,11 +138,16 @@ def write_base(cut: Cut, records: Iterable[Record]) -> tuple[int, int]:
         count = unsynced = 0
         buf = bytearray(pack_header(FLAG_BASE, cut.last, cut.generation))
         seed = segment_seed(FORMAT_VERSION, cut.generation, cut.last)
+        flushed = 0
         for record in records:
-            frame_into(buf, record, seed)
+            at = len(buf)
+            length = frame_into(buf, record, seed)
+            if on_frame is not None:
+                on_frame(record, flushed + at, length)
             count += 1
             if len(buf) >= _CHUNK:
                 unsynced += len(buf)
+                flushed += len(buf)
                 _flush(fd, buf)
                 if unsynced >= SYNC_EVERY:
                     os.fdatasync(fd)

@@ -30,14 +30,16 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import msgspec
 
+from corral.broker import checkpoint
 from corral.broker.compaction import Cut, read_cut, remove_segments, write_base
 from corral.broker.job import Defaults
 from corral.broker.lazylog import get_logger
 from corral.broker.log import FsyncFailed, Log, LogDiskFull, LogError
-from corral.broker.state import JobState
+from corral.broker.state import CheckpointBatches, JobState
 
 __all__ = ["RETRY_MAX", "RETRY_MIN", "Compactor", "Order", "Outcome", "rewrite"]
 
@@ -85,7 +87,12 @@ def rewrite(cut: Cut, defaults: Defaults | None = None) -> Outcome:
     state = JobState(defaults)
     for record in read_cut(cut):
         state.apply(record)
-    records, size = write_base(cut, state.snapshot())
+    batches = CheckpointBatches()
+    records, size = write_base(cut, state.snapshot(), batches.on_frame)
+    try:
+        checkpoint.write(Path(cut.directory), cut.generation, cut.last, cut.tmp_path, batches.found)
+    except OSError as exc:  # a cache: the base is whole without it
+        _log.warning("checkpoint.not_written", error=str(exc))
     seconds = round(time.monotonic() - started, 3)
     return Outcome(ok=True, records=records, jobs=len(state.jobs), bytes=size, seconds=seconds)
 

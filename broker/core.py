@@ -30,7 +30,7 @@ from __future__ import annotations
 import gc
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from corral.broker import flows
 from corral.broker import protocol as p
 from corral.broker.admission import check_replayed_payloads
 from corral.broker.clock import Clock, StepDetector, SystemClock
+from corral.broker.coldjobs import ColdRef
 from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher, count_malformed
 from corral.broker.followups import FollowUps
@@ -51,7 +52,7 @@ from corral.broker.logfiles import Files
 from corral.broker.records import BrokerStarted
 from corral.broker.schedules import Scheduler
 from corral.broker.service import ClientService
-from corral.broker.state import Defaults, Job, JobState
+from corral.broker.state import Defaults, Job, JobState, checkpoint_frames
 from corral.broker.waiters import Waiters
 
 log = structlog.get_logger()
@@ -60,6 +61,8 @@ log = structlog.get_logger()
 STATUS_EVERY = 1.0
 #: Jobs created (live or by replay) between two gc.freeze calls (see BrokerCore._freeze).
 FREEZE_EVERY = 100_000
+#: Cold batches (of up to 512 jobs) warmed per pass after a restart.
+WARM_PER_PASS = 8
 #: Longest poll wait of an idle broker, in seconds.
 MAX_POLL_WAIT = 1.0
 #: The two sides a message arrives on.
@@ -90,6 +93,8 @@ class BrokerCore:
         self._last_pass = 0.0
         #: The creation number at the last gc.freeze (see _freeze).
         self._frozen_at = 0
+        #: When the replay ended (monotonic seconds).
+        self._replayed_at = 0.0
         #: ``state.next_seq`` at the last commit: jobs made since are not on disk.
         self._made_until = 0
         self._stall_after = 1.5 * bc.heartbeat_interval
@@ -175,17 +180,18 @@ class BrokerCore:
         # are freed by reference counting like any object.
         gc.disable()
         try:
-            for record in self.log.replay():
+            for record in self.log.replay(self._cold_frames):
                 self.state.apply(record)
                 count += 1
         finally:
             gc.enable()
         self._freeze()
         # The jobs something happened to: what each start-up check reads (a
-        # million pristine jobs are passed over once, here, not per check).
-        lived = touched(self.state.jobs.values())
+        # million pristine jobs are passed over once, here, not per check;
+        # cold ones are pristine).
+        lived = touched(self.state.jobs.warm_values())
         check_replayed_payloads(
-            self.state.jobs.values(),
+            _AllJobs(self.state),
             self.config.broker.max_payload,
             self.state.largest_blob,
             lived=lived,
@@ -215,14 +221,37 @@ class BrokerCore:
         self.log.sync(self.clock.monotonic())
         self._made_until = self.state.next_seq
         self.dispatcher.start_leases(epoch)
+        cold = self.state.jobs.cold
+        self._replayed_at = time.monotonic()
         log.info(
             "broker.replayed",
             records=count,
             jobs=len(self.state.jobs),
+            cold_jobs=cold.count if cold is not None else 0,
             held_for_reclaim=len(recovered),
             followups_created=owed,
             seconds=round(time.monotonic() - replay_began, 3),
         )
+
+    def _cold_frames(
+        self, base: Path, generation: int, seq: int, size: int
+    ) -> dict[int, ColdRef] | None:
+        """The log's question at a replay (see Log.replay and checkpoint_frames)."""
+        return checkpoint_frames(self.state, base, generation, seq, size)
+
+    def warm_cold(self) -> None:
+        """Warm a few cold batches (see broker/coldjobs.py): called each pass
+        while any are cold, so the rest of a restart's work is done in
+        slices of a few milliseconds."""
+        cold = self.state.jobs.cold
+        self.state.jobs.warm_some(WARM_PER_PASS)
+        if self.state.jobs.cold is None:
+            self._freeze()
+            log.info(
+                "broker.cold_jobs_warmed",
+                batches=cold.warmed if cold is not None else 0,
+                seconds=round(time.monotonic() - self._replayed_at, 3),
+            )
 
     def attach_events(self, events: Any) -> None:
         """Publish job, worker and pool events through ``events`` (a
@@ -278,9 +307,12 @@ class BrokerCore:
             if self.log.commit(mono, durable=durable):
                 self.metrics.fsync.observe(time.perf_counter() - began)
         self.replies.flush(self.client_link)
-        self.housekeeper.maybe_compact(mono)
+        if self.state.jobs.cold is None:  # a compaction replaces the base cold jobs are in
+            self.housekeeper.maybe_compact(mono)
         # (the dispatch writes its leases to the log file before it sends)
         self.dispatcher.dispatch(now, mono)
+        if self.state.jobs.cold is not None:
+            self.warm_cold()
         if self.state.next_seq - self._frozen_at >= FREEZE_EVERY:
             self._freeze()
 
@@ -405,7 +437,7 @@ class BrokerCore:
 
     def poll_timeout(self) -> float:
         """Seconds the loop may wait for input before the next pass is due."""
-        if self.replies or self.dispatcher.wants_pass:
+        if self.replies or self.dispatcher.wants_pass or self.state.jobs.cold is not None:
             return 0.0
         now, mono = self.clock.time(), self.clock.monotonic()
         wake = min(self.dispatcher.next_wakeup(), mono + MAX_POLL_WAIT)
@@ -419,6 +451,22 @@ class BrokerCore:
         if sync_in is not None:
             wake = min(wake, mono + sync_in)
         return max(0.0, wake - mono)
+
+
+class _AllJobs(Collection[Job]):
+    """Every job of ``state``, cold ones warmed only if the caller walks them."""
+
+    def __init__(self, state: JobState) -> None:
+        self._jobs = state.jobs
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self._jobs.values())
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, job: object) -> bool:
+        return any(held is job for held in self)
 
 
 class _NoClients:

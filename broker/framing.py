@@ -47,10 +47,10 @@ import itertools
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from struct import Struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from corral.broker.records import (
     LOG_FORMAT_VERSION,
@@ -455,12 +455,18 @@ class Scan:
     the walk stopped early (None at a clean end). ``stop`` is one past the
     last non-zero byte: beyond it lie only preallocated zeros. ``seed`` is
     the segment's CRC seed (:attr:`Header.seed`). Sync marks are checked
-    and passed over, not yielded."""
+    and passed over, not yielded. ``skip``: frame offset -> an object to
+    yield instead of decoding the frame there, if the frame is valid and
+    its ``(length, type code)`` is the object's ``expect`` (a restart
+    checkpoint's cold batches; any other frame there is decoded)."""
 
-    def __init__(self, path: Path, data: bytes, seed: int) -> None:
+    def __init__(
+        self, path: Path, data: bytes, seed: int, skip: Mapping[int, Any] | None = None
+    ) -> None:
         self.path = path
         self.data = data
         self.seed = seed
+        self.skip = skip
         self.stop = content_end(data)
         self.pos = HEADER_SIZE
         self.reason: str | None = None
@@ -482,6 +488,13 @@ class Scan:
                         return
                     self.pos = end
                     continue
+                if self.skip is not None and pos in self.skip:
+                    stand_in = self.skip[pos]
+                    if stand_in.expect == (end - pos, code):
+                        self.pos = end
+                        self.records += 1
+                        yield stand_in
+                        continue
                 try:  # a bytes slice, so a kept Raw pins only its own record
                     record = decode_record(code, data[pos + 9 : end])
                 except RecordError as exc:

@@ -389,7 +389,9 @@ class Limiter:
             self._recalled.clear()
         self._recalled.update(names)
         limits = {name: self.limits[name] for name in names}
-        per_task, per_key = recall(self.state.jobs.values(), limits, self.since, now, mono)
+        # (only jobs that started count: never a cold one, so none is warmed)
+        started = self.state.jobs.warm_values()
+        per_task, per_key = recall(started, limits, self.since, now, mono)
         self.mono = mono
         for task, starts in per_task.items():  # all before any start made since
             self._scope(task).starts.extendleft(reversed(starts))

@@ -49,14 +49,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import secrets
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from corral.broker.compaction import Cut, remove_segments, tmp_name, write_base
 from corral.broker.framing import (
@@ -90,6 +91,8 @@ from corral.broker.records import Record, encode_record
 __all__ = ["POLICIES", "FsyncFailed", "Log", "LogCorrupt", "LogDiskFull", "LogError"]
 
 POLICIES = ("always", "interval", "never")
+#: See :meth:`Log.replay`.
+SkipFrames = Callable[[Path, int, int, int], Mapping[int, Any] | None]
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 _ALLOC_RETRY = 1.0
@@ -117,6 +120,23 @@ def _write_all(files: Files, fd: int, data: bytes | bytearray, offset: int) -> N
             if n <= 0:
                 raise OSError(errno.ENOSPC, "short write")
             done += n
+
+
+def _mapped(path: Path) -> bytes:
+    """``path``'s bytes, mapped read-only (an mmap reads as bytes do where
+    a scan reads them; :func:`_unmap` it once read), or read if it is empty."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # type: ignore[return-value]
+
+
+def _unmap(data: bytes) -> None:
+    """Unmap what :func:`_mapped` mapped (before the file may be cut: a
+    read of a mapping past a file's end is a SIGBUS)."""
+    if isinstance(data, mmap.mmap):
+        with contextlib.suppress(BufferError):  # a view still held: unmapped when freed
+            data.close()
 
 
 def _seq_of(path: Path) -> int:
@@ -194,12 +214,16 @@ class Log:
 
     # -- opening
 
-    def replay(self) -> Iterator[Record]:
+    def replay(self, skip: SkipFrames | None = None) -> Iterator[Record]:
         """Yield every record in order; afterwards the log is open for appends.
 
         Creates the directory and first segment if missing, finishes an
         interrupted compaction, cuts a torn tail (warning ``log.torn_tail``)
-        and raises :class:`LogCorrupt` for anything worse."""
+        and raises :class:`LogCorrupt` for anything worse. ``skip`` is
+        asked, for a compacted base followed by other segments, which of its
+        frames to yield a stand-in for instead of decoding them (see
+        :class:`~corral.broker.framing.Scan`): ``skip(path, generation,
+        seq, size)`` -> frame offset -> stand-in."""
         if self._active is not None:
             raise LogError("the log is already open")
         make_dirs(self.directory)
@@ -219,9 +243,19 @@ class Log:
         self._remove_stale(stale)
         self._base = live[0].seq
         for i, (_, path, header) in enumerate(live):
-            scan = Scan(path, path.read_bytes(), header.seed)
-            yield from scan
-            problem = scan.problem(last=i == len(live) - 1, marks=header.marks)
+            frames = None
+            if skip is not None and i == 0 and len(live) > 1 and header.flags & FLAG_BASE:
+                frames = skip(path, self._generation, header.seq, path.stat().st_size)
+            # Mapped, not copied: a base with a checkpoint is mostly frames
+            # that are only checked, and the last segment mostly
+            # preallocated zeros (half the CPU of reading them).
+            data = _mapped(path)
+            scan = Scan(path, data, header.seed, frames)
+            try:
+                yield from scan
+                problem = scan.problem(last=i == len(live) - 1, marks=header.marks)
+            finally:
+                _unmap(data)
             if problem is not None:
                 raise problem
             # A compaction's base is never appended to: what counts towards

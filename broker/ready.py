@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
+from corral.broker.coldjobs import ColdRun
 from corral.broker.job import Job
 
 Entry = tuple[int, int, str]
@@ -38,10 +40,12 @@ SWEEP_AFTER = 1024
 class TaskQueue:
     """The ready jobs of one (queue, task): lanes by priority and a heap."""
 
-    __slots__ = ("_jobs", "heap", "lanes", "stale")
+    __slots__ = ("_get", "_owner", "heap", "lanes", "stale")
 
-    def __init__(self, jobs: dict[str, Job]) -> None:
-        self._jobs = jobs
+    def __init__(self, jobs: dict[str, Job], owner: ReadyQueues) -> None:
+        #: The table's own lookup: a job on a lane is never a cold one.
+        self._get: Callable[[str], Job | None] = dict.get.__get__(jobs)
+        self._owner = owner
         #: priority -> jobs in creation order.
         self.lanes: dict[int, deque[Job]] = {}
         self.heap: list[Entry] = []
@@ -109,10 +113,15 @@ class TaskQueue:
 
     def lane_front(self, lane: deque[Job]) -> Job | None:
         """The first live job of ``lane``, stale entries in front dropped."""
-        jobs = self._jobs
+        get = self._get
         while lane:
-            job = lane[0]
-            current = jobs.get(job.id) is job
+            front: Any = lane[0]
+            if type(front) is ColdRun:  # a cold batch's run: its jobs take its place
+                lane.popleft()
+                lane.extendleft(reversed(self._owner.run_jobs(front)))
+                continue
+            job: Job = front
+            current = get(job.id) is job
             if current and job.is_ready:
                 return job
             lane.popleft()
@@ -121,10 +130,10 @@ class TaskQueue:
 
     def heap_front(self) -> Job | None:
         """The first live job of the heap, stale entries in front dropped."""
-        heap, jobs = self.heap, self._jobs
+        heap, get = self.heap, self._get
         while heap:
             _, seq, job_id = heap[0]
-            job = jobs.get(job_id)
+            job = get(job_id)
             current = job is not None and job.seq == seq
             if current and job is not None and job.is_ready:
                 return job
@@ -144,9 +153,9 @@ class TaskQueue:
         for priority, lane in list(self.lanes.items()):
             kept = []
             for job in lane:
-                if self._live(job):
+                if type(job) is ColdRun or self._live(job):  # type: ignore[comparison-overlap]
                     kept.append(job)
-                elif self._jobs.get(job.id) is job:
+                elif self._get(job.id) is job:
                     job.in_ready = False
             if kept:
                 self.lanes[priority] = deque(kept)
@@ -154,7 +163,7 @@ class TaskQueue:
                 del self.lanes[priority]
         heap = []
         for entry in self.heap:
-            held = self._jobs.get(entry[2])
+            held = self._get(entry[2])
             if held is not None and held.seq == entry[1]:
                 if held.is_ready:
                     heap.append(entry)
@@ -165,7 +174,7 @@ class TaskQueue:
         self.stale = 0
 
     def _live(self, job: Job) -> bool:
-        return self._jobs.get(job.id) is job and job.is_ready
+        return self._get(job.id) is job and job.is_ready
 
 
 class ReadyQueues:
@@ -175,6 +184,45 @@ class ReadyQueues:
         self._jobs = jobs
         #: queue -> task -> its ready jobs.
         self._queues: dict[str, dict[str, TaskQueue]] = {}
+        #: Warms a cold batch by its number (set by the job state).
+        self.warm: Callable[[int], None] = _no_cold
+
+    def add_cold(
+        self, batch: int, queue: str, task: str, runs: list[tuple[int, int, int]], first: int
+    ) -> list[ColdRun]:
+        """Place cold batch ``batch`` (jobs of ``queue`` and ``task``, the
+        first numbered ``first``, in ``runs`` of one priority) by one entry
+        per run; returns the entries (see broker/coldjobs.py)."""
+        tq = self._task_queue_of(queue, task)
+        entries = []
+        for priority, start, end in runs:
+            entry = ColdRun(batch, start, end, first + end - 1)
+            entries.append(entry)
+            lane = tq.lanes.get(priority)
+            if lane is None and len(tq.lanes) < MAX_LANES:
+                tq.lanes[priority] = deque((entry,))  # type: ignore[arg-type]
+            elif lane is not None and (not lane or lane[-1].seq < first + start):
+                lane.append(entry)  # type: ignore[arg-type]
+            else:  # no lane for it (too many priorities): see place_unplaced
+                entry.placed = False
+        return entries
+
+    def place_unplaced(self, queue: str, task: str, entries: list[ColdRun]) -> None:
+        """Place the jobs of the entries :meth:`add_cold` found no lane for
+        (their batch is warmed) one by one, as :meth:`TaskQueue.extend` does."""
+        unplaced = [entry for entry in entries if not entry.placed]
+        if not unplaced:
+            return
+        tq = self._task_queue_of(queue, task)
+        for entry in unplaced:
+            for job in self.run_jobs(entry):
+                tq.push(job)
+
+    def run_jobs(self, run: ColdRun) -> list[Job]:
+        """The jobs of a cold batch's run, the batch warmed if it is not."""
+        if run.jobs is None:
+            self.warm(run.batch)
+        return run.jobs or []
 
     def add(self, job: Job) -> None:
         """Make a ready job available (once: a job on its queue stays there)."""
@@ -193,12 +241,15 @@ class ReadyQueues:
             tq.extend(priority, jobs[start:end] if end - start < len(jobs) else jobs)
 
     def _task_queue(self, job: Job) -> TaskQueue:
-        by_task = self._queues.get(job.queue)
+        return self._task_queue_of(job.queue, job.task)
+
+    def _task_queue_of(self, queue: str, task: str) -> TaskQueue:
+        by_task = self._queues.get(queue)
         if by_task is None:
-            by_task = self._queues[job.queue] = {}
-        tq = by_task.get(job.task)
+            by_task = self._queues[queue] = {}
+        tq = by_task.get(task)
         if tq is None:
-            tq = by_task[job.task] = TaskQueue(self._jobs)
+            tq = by_task[task] = TaskQueue(self._jobs, self)
         return tq
 
     def left(self, job: Job) -> None:
@@ -300,3 +351,7 @@ class ReadyQueues:
     def __len__(self) -> int:
         """Task queues held (for tests of what is pruned)."""
         return sum(len(by_task) for by_task in self._queues.values())
+
+
+def _no_cold(batch: int) -> None:
+    raise LookupError(f"cold batch {batch} with no job state to warm it")

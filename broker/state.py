@@ -12,15 +12,21 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import repeat
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from corral.broker import checkpoint
 from corral.broker.awaited import AwaitedIds
+from corral.broker.checkpoint import ColdBatch, Loaded
+from corral.broker.coldjobs import ColdJobs, ColdRef, JobTable
 from corral.broker.expiring import EXPIRED, ExpiringJobs, expired_error
 from corral.broker.expiry import ExpiryQueue
 from corral.broker.flowbook import FlowBook
+from corral.broker.framing import FORMAT_VERSION, segment_seed
 from corral.broker.job import (
     ACTIVE,
     BLOB_HEAD,
@@ -104,7 +110,9 @@ class JobState:
     def __init__(self, defaults: Defaults | None = None) -> None:
         self.policy = Policy(defaults)
         self.defaults = self.policy.defaults
-        self.jobs: dict[str, Job] = {}
+        #: Every job by id; jobs a restart took from a checkpoint stay cold
+        #: (no object) until something needs them (see broker/coldjobs.py).
+        self.jobs = JobTable()
         #: task name -> its registered options (shared with the policy).
         self.tasks = self.policy.tasks
         #: (queue, task, status) -> jobs; a count that falls to 0 is dropped.
@@ -147,7 +155,7 @@ class JobState:
         self.expiring = ExpiringJobs(self.jobs)
         self._rng = random.Random()
         #: How each record type changes the state.
-        self._changes: dict[type[Record], Callable[[Any], None]] = {
+        self._changes: dict[type, Callable[[Any], None]] = {
             JobCreated: self._apply_created,
             JobsCreated: self._apply_created_many,
             Leased: self._apply_leased,
@@ -169,7 +177,9 @@ class JobState:
             MemberEnded: self.flowbook.apply_ended,
             FlowRemoved: self._apply_flow_removed,
             ClockStepped: self._apply_clock_stepped,
+            ColdRef: self._apply_cold,
         }
+        self.index.warm = self.ready.warm = self._warm_batch
 
     # ------------------------------------------------------------ apply
 
@@ -195,7 +205,7 @@ class JobState:
             self.promote_due(rec.at - rec.delta)
         self.wall_steps += rec.delta
         self.expiring.stepped(rec.delta)
-        waiting = [job for job in touched(self.jobs.values()) if job.status in WAITING]
+        waiting = [job for job in touched(self.jobs.warm_values()) if job.status in WAITING]
         for job in waiting:
             delayed = job.status == "scheduled" and job.tpl.delay
             if (job.status == "retrying" or delayed) and job.run_at is not None:
@@ -282,9 +292,11 @@ class JobState:
         if len(ids) != len(blobs):
             raise ValueError(f"a batch of {len(ids)} job ids has {len(blobs)} blobs")
         new = list(map(Job, ids, repeat(tpl), blobs, repeat(None)))  # at C speed
+        if self.jobs.cold is not None:  # a cold job that holds one of the ids is made first
+            self.jobs.cold.warm_ids(ids)
         # One lookup per id, at C speed: setdefault gives back the job that
         # holds the id, and jobs compare by identity (the list compare too).
-        held = list(map(self.jobs.setdefault, ids, new))
+        held = list(map(partial(dict.setdefault, self.jobs), ids, new))
         if held != new:
             fresh = [i for i, (h, n) in enumerate(zip(held, new, strict=True)) if h is n]
             new, blobs, runs = [new[i] for i in fresh], [blobs[i] for i in fresh], None
@@ -300,8 +312,53 @@ class JobState:
         self.ready.add_new(new, runs or priority_runs(blobs))
         self.expiring.add_batch(tpl, new)
 
+    def _apply_cold(self, ref: ColdRef) -> None:
+        """A batch of pristine jobs a checkpoint described, left cold: counted
+        and placed as :meth:`_add_pristine` would, with no object per job."""
+        if self.jobs.cold is None:
+            raise ValueError("a cold batch with no checkpoint attached")
+        batch = ref.batch
+        self.jobs.cold.register(ref)
+        self._next_seq = max(self._next_seq, batch.last_seq + 1)
+        self.counts[batch.queue, batch.task, "queued"] += batch.count
+        head = JOB_OVERHEAD_BYTES - BLOB_HEAD.size
+        self.live_bytes += head * batch.count + batch.blob_bytes
+        self.largest_blob = max(self.largest_blob, batch.largest_blob)
+        self.index.add_cold(ref.number, batch.first_seq, batch.last_seq)
+        runs = self.ready.add_cold(ref.number, batch.queue, batch.task, batch.runs, batch.first_seq)
+        self.jobs.cold.runs[ref.number] = runs
+        if not all(run.placed for run in runs):
+            self._warm_batch(ref.number)
+            self.ready.place_unplaced(batch.queue, batch.task, runs)
+
+    def attach_cold(self, loaded: Loaded, base: Path, seed: int) -> dict[int, ColdRef]:
+        """Before a replay: take the cold batches of checkpoint ``loaded``
+        (of base segment ``base``, CRC ``seed``); returns the stand-ins the
+        replay is to yield for their frames (by frame offset)."""
+        self.jobs.cold = ColdJobs(loaded, base, seed, self._materialise)
+        return {b.offset: ColdRef(i, b) for i, b in enumerate(loaded.batches)}
+
+    def _warm_batch(self, number: int) -> None:
+        """Warm cold batch ``number`` if it is still cold (see ColdJobs.warm)."""
+        cold = self.jobs.cold
+        if cold is not None and number in cold.batches:
+            cold.warm(number)
+            if not cold.batches:
+                self.jobs.cold = None
+
+    def _materialise(self, rec: JobsCreated, number: int) -> list[Job]:
+        """A cold batch, read back: its jobs join the table and the index
+        (they were counted and placed when it was registered)."""
+        tpl = self.templates.intern(rec.template)
+        new = list(map(Job, rec.ids, repeat(tpl), rec.blobs, repeat(None)))
+        dict.update(self.jobs, zip(rec.ids, new, strict=True))
+        self.index.warmed(number, new)
+        return new
+
     def _apply_snapshot(self, rec: JobSnapshot) -> None:
         """A whole job from compaction: its creation record and its state."""
+        if self.jobs.cold is not None:
+            self.jobs.cold.warm_id(rec.job.id)
         self._add(Job.of(rec.job, JobLife.of_snapshot(rec)))
 
     def _add(self, job: Job) -> None:
@@ -511,14 +568,17 @@ class JobState:
         (reserved or running) go back to their queue, an interrupted try not
         counted. The broker logs these records, so a later replay sees the
         same."""
-        return [Returned(job.id, job.lease) for job in touched(self.jobs.values()) if job.lease]
+        lived = touched(self.jobs.warm_values())
+        return [Returned(job.id, job.lease) for job in lived if job.lease]
 
     def held_jobs(self, lived: list[Job] | None = None) -> list[Job]:
         """After replay: the jobs workers held when the broker stopped
         (reserved or running), each with its lease and worker. ``lived``:
         the jobs that are not pristine, if the caller has them already."""
         return [
-            job for job in (touched(self.jobs.values()) if lived is None else lived) if job.lease
+            job
+            for job in (touched(self.jobs.warm_values()) if lived is None else lived)
+            if job.lease
         ]
 
     def recover(self) -> int:
@@ -570,8 +630,9 @@ class JobState:
     def holding(self, job_id: str, lease: int) -> Job | None:
         """The job if a worker holds it under ``lease`` (reserved or
         running): the fence every report from a worker goes through (a
-        stale lease gets None; every end of a lease zeroes it)."""
-        job = self.jobs.get(job_id)
+        stale lease gets None; every end of a lease zeroes it). A held job
+        is never cold, so the table's own lookup serves (no warming)."""
+        job = dict.get(self.jobs, job_id)
         if job is None or not lease or job.lease != lease:
             return None
         return job
@@ -678,6 +739,54 @@ class JobState:
     def snapshot(self) -> Iterator[Record]:
         """What compaction writes: see :func:`snapshot`."""
         return snapshot(self)
+
+
+def checkpoint_frames(
+    state: JobState, base: Path, generation: int, seq: int, size: int
+) -> dict[int, ColdRef] | None:
+    """What a replay asks before it reads base segment ``seq`` (file
+    ``base``, ``size`` bytes read) of log ``generation`` (see :meth:`Log.replay
+    <corral.broker.log.Log.replay>`): the frames to leave cold, by offset,
+    from the base's checkpoint if it has a valid one (see
+    broker/checkpoint.py), with ``state`` ready for them; None to replay it
+    in full. Checkpoints of other bases are removed."""
+    checkpoint.remove_others(base.parent, keep=seq)
+    loaded = checkpoint.load(base.parent, generation, seq, base)
+    if loaded is None or not loaded.batches:
+        return None
+    return state.attach_cold(loaded, base, segment_seed(FORMAT_VERSION, generation, seq))
+
+
+class CheckpointBatches:
+    """What a restart checkpoint of a base names (see broker/checkpoint.py):
+    its ``JobsCreated`` frames, told by :func:`write_base`'s ``on_frame``.
+    A batch of jobs with ``expires`` is left out (each such job is watched
+    one by one, so it is no cheaper cold)."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[ColdBatch, list[str]]] = []
+
+    def on_frame(self, record: Record, offset: int, length: int) -> None:
+        if not isinstance(record, JobsCreated) or record.template.expires is not None:
+            return
+        tpl = record.template
+        sizes = list(map(len, record.blobs))
+        first = BLOB_HEAD.unpack_from(record.blobs[0])[0]
+        last = BLOB_HEAD.unpack_from(record.blobs[-1])[0]
+        runs = record.runs or priority_runs(record.blobs)
+        batch = ColdBatch(
+            offset,
+            length,
+            len(record.ids),
+            first,
+            last,
+            tpl.queue or DEFAULT_QUEUE,
+            tpl.task,
+            [tuple(run) for run in runs],  # type: ignore[misc]
+            sum(sizes),
+            max(sizes),
+        )
+        self.found.append((batch, list(record.ids)))
 
 
 def snapshot(state: JobState) -> Iterator[Record]:

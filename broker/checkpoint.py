@@ -1,0 +1,242 @@
+"""The restart checkpoint: an index of a compacted base's queued jobs, kept
+beside the log so that a restart need not decode them.
+
+A compaction writes its base from the state (see
+:mod:`corral.broker.compaction`): the jobs nothing has happened to yet go
+as ``JobsCreated`` batches, which are most of a large backlog's bytes. The
+rewriter then writes ``<base seq>.ckpt`` next to the base (the way
+Bitcask's merge writes a hint file beside each data file, and Kafka keeps
+an index beside each segment): for each such batch, where its frame is in
+the base, how many jobs, their creation numbers, queue, task and priority
+runs, their bytes; and one sorted array of 64-bit hashes of every id in
+them, with the batch each belongs to. Loading it is a few reads and two
+``array.frombytes``: no object per job.
+
+A restart that finds a valid checkpoint for its base checks every frame of
+the base as usual (CRC, so damage is found exactly as a full replay finds
+it) but does not decode the batches it names: each becomes a
+:class:`ColdBatch`, counted in the state, placed in the ready queues and
+the creation-order index by one entry, and decoded the first time anything
+needs one of its jobs (see :class:`~corral.broker.coldjobs.ColdJobs`).
+
+The checkpoint is a cache, never the truth: it is CRC'd with the seed of
+the base segment it describes (log generation and segment number, as the
+log's frames are), names the generation, segment and size of that base,
+is fsync'd and renamed into place; one that is missing, torn, corrupt,
+stale or of another base is ignored (``checkpoint.ignored`` is logged) and
+the base is replayed in full. A batch whose frame is not where, or not
+what, the checkpoint says is decoded as usual.
+
+Format: ``MAGIC``, a u32 version, a u32 CRC of the body, a u64 body length,
+then the body (msgpack of :class:`Body`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from array import array
+from pathlib import Path
+
+import msgspec
+
+from corral.broker.framing import FORMAT_VERSION, fsync_dir, segment_seed
+from corral.broker.lazylog import get_logger
+
+__all__ = ["Body", "ColdBatch", "Loaded", "ckpt_path", "id_hash", "load", "write"]
+
+MAGIC = b"CORRALCK"
+VERSION = 1
+_HEAD = struct.Struct("<8sIIQ")  # magic, version, crc, body length
+_log = get_logger(__name__)
+
+
+class ColdBatch(msgspec.Struct, array_like=True, gc=False):
+    """One ``JobsCreated`` frame of a base, as the checkpoint describes it:
+    its frame at ``offset`` (``length`` bytes, header included), its
+    ``count`` jobs with creation numbers ``first_seq..last_seq``, their
+    ``queue`` (resolved) and ``task``, their priority ``runs``
+    (``(priority, start, end)`` index ranges), the sum and the largest of
+    their blobs (bytes)."""
+
+    offset: int
+    length: int
+    count: int
+    first_seq: int
+    last_seq: int
+    queue: str
+    task: str
+    runs: list[tuple[int, int, int]]
+    blob_bytes: int
+    largest_blob: int
+
+
+class Body(msgspec.Struct, array_like=True):
+    """A checkpoint's content: the base it describes (log ``generation``,
+    segment ``seq``, file ``size`` in bytes and ``mtime_ns``), its ``batches``, and the
+    sorted 64-bit hashes of their jobs' ids (``hashes``, uint64
+    little-endian) with, per hash, the index of its batch (``owners``,
+    uint32 little-endian)."""
+
+    generation: int
+    seq: int
+    size: int
+    #: The base file's modification time (ns): an edit in place (a repair)
+    #: makes the checkpoint stale even where the size stays.
+    mtime_ns: int
+    batches: list[ColdBatch]
+    hashes: bytes
+    owners: bytes
+
+
+class Loaded(msgspec.Struct):
+    """A checkpoint read and checked: its batches by frame offset, and the
+    id hash index (see :func:`id_hash`)."""
+
+    batches: list[ColdBatch]
+    hashes: array[int]
+    owners: array[int]
+
+
+def ckpt_path(directory: Path, seq: int) -> Path:
+    """Where the checkpoint of base segment ``seq`` lives."""
+    return directory / f"{seq:020d}.ckpt"
+
+
+def id_hash(job_id: str) -> int:
+    """A 64-bit hash of a job id that is the same in every process (Python's
+    own ``hash`` is salted per process)."""
+    digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def build(
+    generation: int,
+    seq: int,
+    size: int,
+    mtime_ns: int,
+    batches: list[tuple[ColdBatch, list[str]]],
+) -> bytes:
+    """The bytes of a checkpoint of base ``seq`` (``size`` bytes, modified
+    at ``mtime_ns``) of log ``generation``, for ``batches`` (each with its
+    jobs' ids)."""
+    # One int per id, hash above batch number: ints sort several times
+    # faster than (hash, batch) tuples.
+    keys = sorted(id_hash(job_id) << 32 | i for i, (_, ids) in enumerate(batches) for job_id in ids)
+    hashes = array("Q", [key >> 32 for key in keys])
+    owners = array("I", [key & 0xFFFFFFFF for key in keys])
+    body = msgspec.msgpack.encode(
+        Body(
+            generation,
+            seq,
+            size,
+            mtime_ns,
+            [batch for batch, _ in batches],
+            _le(hashes).tobytes(),
+            _le(owners).tobytes(),
+        )
+    )
+    crc = _crc(body, generation, seq)
+    return _HEAD.pack(MAGIC, VERSION, crc, len(body)) + body
+
+
+def write(
+    directory: Path,
+    generation: int,
+    seq: int,
+    base: Path,
+    batches: list[tuple[ColdBatch, list[str]]],
+) -> Path:
+    """Write the checkpoint of base ``seq`` (the file ``base``, whole and
+    synced; it may still have its tmp name) atomically: to a ``.tmp`` file,
+    fsync'd, renamed into place, the directory fsync'd. Returns its path.
+    Raises OSError (the tmp file is removed)."""
+    st = base.stat()
+    data = build(generation, seq, st.st_size, st.st_mtime_ns, batches)
+    path = ckpt_path(directory, seq)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        with memoryview(data) as view:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, view[done:])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+    return path
+
+
+def load(  # noqa: PLR0911 (one return per way a checkpoint can be unusable)
+    directory: Path, generation: int, seq: int, base: Path
+) -> Loaded | None:
+    """The checkpoint of base ``seq`` (the file ``base``) of log
+    ``generation``, or None when there is none or it cannot be used
+    (logged as ``checkpoint.ignored`` with the reason). Never raises for
+    a bad file."""
+    path = ckpt_path(directory, seq)
+    try:
+        st = base.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return _ignored(path, f"cannot read it: {exc}")
+    if len(data) < _HEAD.size:
+        return _ignored(path, "shorter than its header (torn)")
+    magic, version, crc, length = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        return _ignored(path, "not a checkpoint of this version")
+    body = memoryview(data)[_HEAD.size :]
+    if len(body) != length:
+        return _ignored(path, f"body is {len(body)} bytes, its header says {length} (torn)")
+    if _crc(body, generation, seq) != crc:
+        return _ignored(path, "checksum mismatch (damaged, or of another log or segment)")
+    try:
+        got = msgspec.msgpack.decode(body, type=Body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _ignored(path, f"cannot decode it: {exc}")
+    if (got.generation, got.seq, got.size, got.mtime_ns) != (
+        generation,
+        seq,
+        st.st_size,
+        st.st_mtime_ns,
+    ):
+        return _ignored(path, "it describes another base (stale)")
+    hashes, owners = array("Q"), array("I")
+    hashes.frombytes(got.hashes)
+    owners.frombytes(got.owners)
+    if len(hashes) != len(owners):
+        return _ignored(path, "its id index does not match its batches")
+    return Loaded(got.batches, _le(hashes), _le(owners))
+
+
+def remove_others(directory: Path, keep: int | None) -> None:
+    """Remove every checkpoint but base ``keep``'s (older bases' are stale)."""
+    for entry in directory.glob("*.ckpt"):
+        if keep is None or entry.name != ckpt_path(directory, keep).name:
+            entry.unlink(missing_ok=True)
+
+
+def _crc(body: bytes | memoryview, generation: int, seq: int) -> int:
+    import zlib
+
+    return zlib.crc32(body, segment_seed(FORMAT_VERSION, generation, seq))
+
+
+def _le(values: array[int]) -> array[int]:
+    """``values`` in little-endian order (swapped in place on a big-endian host)."""
+    if struct.pack("=H", 1) != struct.pack("<H", 1):
+        values.byteswap()
+    return values
+
+
+def _ignored(path: Path, reason: str) -> Loaded | None:
+    _log.warning("checkpoint.ignored", file=str(path), reason=reason)
+    return None

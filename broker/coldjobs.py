@@ -1,0 +1,313 @@
+"""Cold jobs: queued jobs a restart took from a checkpoint without decoding
+them, and the job table that makes them look like any other job.
+
+After a restart with a checkpoint (see :mod:`corral.broker.checkpoint`)
+each ``JobsCreated`` batch of the base it names is *cold*: the state counts
+its jobs (per queue, task and status, bytes, creation numbers), its runs of
+one priority hold one :class:`ColdRun` entry each on their ready lane, and
+the creation-order index holds one :class:`ColdBlock` for it; nothing is
+made per job. The batch is *warmed* (its frame read back from the base,
+checked and decoded, a :class:`~corral.broker.job.Job` made per job) the
+first time anything needs one of its jobs:
+
+- a lookup by id (``get``, ``in``, ``[]``, ``pop``, ``setdefault`` on the
+  :class:`JobTable`): an id whose hash the checkpoint's index holds warms
+  its batch first, so a record naming the job, a client asking for it and
+  the "id must be new" check of an enqueue all see it;
+- a run reaching the front of its ready lane (dispatch, ``peek``, the
+  oldest job's age): the batch is warmed and the run's jobs take its place,
+  in order;
+- a walk of the table (``values``, ``items``, iterating it: a purge, the
+  checks that read every job): all batches are warmed first; a walk of
+  the creation-order index (listing jobs) warms each batch as it reaches
+  it, so a page costs the batches it shows.
+
+The broker also warms a few batches per pass while any are cold (so a
+restart is followed by about a second of background work, never a stall),
+and starts no compaction while any are, since compaction replaces the base
+file the cold batches are read from.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from corral.broker.checkpoint import ColdBatch, Loaded, ckpt_path, id_hash
+from corral.broker.framing import LogCorrupt, check_frame
+from corral.broker.job import BLOB_HEAD, DEFAULT_QUEUE, Job
+from corral.broker.records import RECORD_CODES, JobsCreated, decode_record
+
+__all__ = ["JOBS_CREATED_CODE", "ColdBlock", "ColdJobs", "ColdRef", "ColdRun", "JobTable"]
+
+JOBS_CREATED_CODE = RECORD_CODES[JobsCreated]
+_get = dict.get
+_contains = dict.__contains__
+_len = dict.__len__
+
+
+class ColdRef(NamedTuple):
+    """What a replay yields in place of a cold batch's record: the batch's
+    number in the checkpoint and its description."""
+
+    number: int
+    batch: ColdBatch
+
+    @property
+    def expect(self) -> tuple[int, int]:
+        """The frame's length and type code (see :class:`~corral.broker.framing.Scan`)."""
+        return (self.batch.length, JOBS_CREATED_CODE)
+
+
+class ColdRun:
+    """A ready-lane entry standing for one run of one priority of a cold
+    batch: ``seq`` is the run's last creation number (what an append to the
+    lane compares with), ``jobs`` the run's jobs once the batch is warm."""
+
+    __slots__ = ("batch", "end", "jobs", "placed", "seq", "start")
+    id = ""  # no job has it: the lane's liveness check never takes a run for a job
+
+    def __init__(self, batch: int, start: int, end: int, seq: int) -> None:
+        self.batch = batch
+        self.start = start
+        self.end = end
+        self.seq = seq
+        self.jobs: list[Job] | None = None
+        #: On a lane (False: its jobs were placed one by one when warmed).
+        self.placed = True
+
+
+class _Mark:
+    """The one entry of a :class:`ColdBlock`: its batch's last creation number."""
+
+    __slots__ = ("seq",)
+    id = ""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+
+class ColdBlock(list):  # type: ignore[type-arg]
+    """A creation-order index block standing for a cold batch (one entry,
+    whose ``seq`` is the batch's last creation number)."""
+
+    __slots__ = ("batch", "first", "jobs")
+
+    def __init__(self, batch: int, first: int, last: int) -> None:
+        super().__init__([_Mark(last)])
+        self.batch = batch
+        self.first = first
+        #: The batch's jobs once it is warmed (the block's place then holds them).
+        self.jobs: list[Job] | None = None
+
+
+class ColdJobs:
+    """The cold batches of one restart: which are still cold, the id index,
+    and how to warm one. ``materialise(record, batch_number)`` adds a warmed
+    batch's jobs to the state."""
+
+    def __init__(
+        self,
+        loaded: Loaded,
+        base: Path,
+        seed: int,
+        materialise: Callable[[JobsCreated, int], list[Job]],
+    ) -> None:
+        self._loaded = loaded
+        self._base = base
+        self._seed = seed
+        self._materialise = materialise
+        self._fd: int | None = None
+        #: batch number -> batch, for the batches still cold, in log order.
+        self.batches: dict[int, ColdBatch] = {}
+        #: Jobs in cold batches.
+        self.count = 0
+        #: batch number -> the ready-lane entries of its runs.
+        self.runs: dict[int, list[ColdRun]] = {}
+        #: Batches warmed, for the stats.
+        self.warmed = 0
+
+    def register(self, ref: ColdRef) -> None:
+        self.batches[ref.number] = ref.batch
+        self.count += ref.batch.count
+
+    def warm_id(self, job_id: Any) -> bool:
+        """Warm the batch that may hold ``job_id`` (by its hash); True if
+        one was warmed."""
+        if not isinstance(job_id, str) or not self.batches:
+            return False
+        hashes, owners = self._loaded.hashes, self._loaded.owners
+        h = id_hash(job_id)
+        i = bisect.bisect_left(hashes, h)
+        found = False
+        while i < len(hashes) and hashes[i] == h:
+            if owners[i] in self.batches:  # (a number past the batches is in none)
+                self.warm(owners[i])
+                found = True
+            i += 1
+        return found
+
+    def warm_ids(self, ids: list[str]) -> None:
+        """Warm every batch that may hold one of ``ids``."""
+        for job_id in ids:
+            if not self.batches:
+                return
+            self.warm_id(job_id)
+
+    def warm(self, number: int) -> list[Job]:
+        """Read batch ``number`` back from the base, check and decode it, and
+        add its jobs (see the module docstring). Raises LogCorrupt if its
+        frame is no longer what the replay checked (the base changed under
+        the broker)."""
+        batch = self.batches.pop(number)
+        self.count -= batch.count
+        self.warmed += 1
+        if self._fd is None:
+            self._fd = os.open(self._base, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(self._fd, batch.length, batch.offset)
+        with memoryview(data) as view:
+            got = check_frame(data, view, 0, self._seed)
+        record = None
+        if got == (batch.length, JOBS_CREATED_CODE):
+            record = decode_record(JOBS_CREATED_CODE, data[9:])
+        if not isinstance(record, JobsCreated) or _described(record) != _description(batch):
+            self._distrust()
+            raise LogCorrupt(
+                self._base, batch.offset, "a cold batch is not what the replay read there"
+            )
+        jobs = self._materialise(record, number)
+        for run in self.runs.pop(number, ()):
+            run.jobs = jobs[run.start : run.end]
+        if not self.batches:
+            self.close()
+        return jobs
+
+    def _distrust(self) -> None:
+        """The checkpoint told something the base does not say: it goes, so
+        the next start replays the base in full."""
+        with contextlib.suppress(OSError):
+            ckpt_path(self._base.parent, int(self._base.name.split(".")[0])).unlink()
+
+    def warm_some(self, batches: int) -> int:
+        """Warm up to ``batches`` batches, oldest first; returns how many."""
+        numbers = list(self.batches)[:batches]
+        for number in numbers:
+            self.warm(number)
+        return len(numbers)
+
+    def warm_all(self) -> None:
+        for number in list(self.batches):
+            self.warm(number)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _described(record: JobsCreated) -> tuple[Any, ...]:
+    """What a checkpoint says of a batch, read off the batch itself."""
+    tpl = record.template
+    first = BLOB_HEAD.unpack_from(record.blobs[0])[0] if record.blobs else -1
+    last = BLOB_HEAD.unpack_from(record.blobs[-1])[0] if record.blobs else -1
+    return (len(record.ids), first, last, tpl.queue or DEFAULT_QUEUE, tpl.task)
+
+
+def _description(batch: ColdBatch) -> tuple[Any, ...]:
+    return (batch.count, batch.first_seq, batch.last_seq, batch.queue, batch.task)
+
+
+class JobTable(dict[str, Job]):
+    """The job table: a ``dict`` of id -> :class:`~corral.broker.job.Job`,
+    which warms cold jobs as they are looked up or walked (see the module
+    docstring). ``cold`` is None when none are cold: each lookup then costs
+    one attribute test more than a plain dict's."""
+
+    __slots__ = ("cold",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cold: ColdJobs | None = None
+
+    def _warm(self, key: Any) -> bool:
+        cold = self.cold
+        if cold is None:
+            return False
+        warmed = cold.warm_id(key)
+        if not cold.batches:
+            self.cold = None
+        return warmed
+
+    def warm_all(self) -> None:
+        """Warm every cold job."""
+        if self.cold is not None:
+            self.cold.warm_all()
+            self.cold = None
+
+    def warm_some(self, batches: int) -> int:
+        """Warm up to ``batches`` cold batches; returns how many."""
+        if self.cold is None:
+            return 0
+        done = self.cold.warm_some(batches)
+        if not self.cold.batches:
+            self.cold = None
+        return done
+
+    def get(self, key: str, default: None = None) -> Job | None:  # type: ignore[override]
+        job = _get(self, key)
+        if job is None and self.cold is not None and self._warm(key):
+            job = _get(self, key)
+        return job
+
+    def __contains__(self, key: object) -> bool:
+        if _contains(self, key):
+            return True
+        return self.cold is not None and self._warm(key) and _contains(self, key)
+
+    def __getitem__(self, key: str) -> Job:
+        job = _get(self, key)
+        if job is None:
+            if self.cold is not None and self._warm(key):
+                return dict.__getitem__(self, key)
+            raise KeyError(key)
+        return job
+
+    def pop(self, key: str, default: None = None) -> Job | None:  # type: ignore[override]
+        """The job ``key`` removed, or None (never KeyError: the state's only use)."""
+        if self.cold is not None and not _contains(self, key):
+            self._warm(key)
+        return dict.pop(self, key, default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if self.cold is not None and not _contains(self, key):
+            self._warm(key)
+        return dict.setdefault(self, key, default)
+
+    def __len__(self) -> int:
+        cold = self.cold
+        return _len(self) + (cold.count if cold is not None else 0)
+
+    def values(self) -> ValuesView[Job]:  # type: ignore[override]
+        self.warm_all()
+        return dict.values(self)
+
+    def items(self) -> ItemsView[str, Job]:  # type: ignore[override]
+        self.warm_all()
+        return dict.items(self)
+
+    def keys(self) -> KeysView[str]:  # type: ignore[override]
+        self.warm_all()
+        return dict.keys(self)
+
+    def __iter__(self) -> Iterator[str]:
+        self.warm_all()
+        return dict.__iter__(self)
+
+    def warm_values(self) -> ValuesView[Job]:
+        """The jobs that are not cold (every job that is not pristine is
+        among them), warming none."""
+        return dict.values(self)
