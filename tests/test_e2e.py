@@ -252,9 +252,14 @@ def test_sigterm_hands_unstarted_jobs_back_uncounted(env: Env) -> None:
     assert (worker.running, sorted(worker.reserved)) == ([ids[0]], sorted(ids[1:]))
     assert client.status().queues["default"]["running"] == 1
     daemon.signal(signal.SIGTERM)
-    # Once the shutdown has begun the first job may end; a buffered job
-    # started by mistake would end at once too, and show as succeeded.
-    wait_for(lambda: "supervisor.stopping" in daemon.output(), message="the shutdown to begin")
+    # Once the worker's drain has begun the first job may end; a buffered
+    # job started by mistake would end at once too, and show as succeeded.
+    # (The supervisor logs "stopping" before it signals the worker: wait for
+    # the worker to hand its buffered jobs back.)
+    wait_for(
+        lambda: [client.job(j).reserved_by for j in ids[1:]] == [None, None],
+        message="the buffered jobs handed back",
+    )
     gate.touch()
     assert daemon.wait(60) == 0
     broker = env.start("broker")
