@@ -153,7 +153,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise UsageError("give a TASK (and its PAYLOAD_JSON), or --from-file JOBS_JSONL")
     payload = None
     if args.payload is not None:
-        payload = _user_value("PAYLOAD_JSON", lambda: json_arg(args.payload, "PAYLOAD_JSON"))
+        payload = _json_arg(args.payload, "PAYLOAD_JSON")
     # One flag per job option: --max-attempts sets max_attempts (and so on).
     options = {name: getattr(args, _OPTION_FLAGS.get(name, name)) for name in OPTION_NAMES}
     with make_client(args) as client:
@@ -377,33 +377,48 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _job_arg(text: str) -> Any:
+def _json_arg(source: str, what: str) -> Any:
+    """:func:`json_arg`, its errors (which name ``what``) as UsageError."""
+    try:
+        return json_arg(source, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _job_arg(text: str, what: str = "JOB_JSON") -> Any:
     """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...},
     callbacks nested as {"on_success": {"task": ...}}; ``-`` reads it from
     stdin, ``@FILE`` from a file."""
-    fields = _user_value("JOB_JSON", lambda: json_arg(text, f"JOB_JSON {text[:60]!r}"))
+    fields = _json_arg(text, f"{what} {_shown(text)}")
     return _job_from(fields, text)
+
+
+def _shown(text: str) -> str:
+    """``text`` as an error message quotes it: its first 60 characters."""
+    return repr(text) if len(text) <= 60 else f"{text[:60]!r}..."
 
 
 def _job_from(fields: Any, text: str) -> Any:
     from corral.client import Job
 
     if not isinstance(fields, dict) or "task" not in fields:
-        raise UsageError(f'{text!r}: a job is a JSON object like {{"task": "x.y", "payload": 1}}')
+        raise UsageError(
+            f'{_shown(text)}: a job is a JSON object like {{"task": "x.y", "payload": 1}}'
+        )
     for callback in ("on_success", "on_failure"):
         if fields.get(callback) is not None:
             fields[callback] = _job_from(fields[callback], text)
     try:
         return Job(**fields)
     except TypeError as exc:
-        raise UsageError(f"{text!r}: {exc}") from None
+        raise UsageError(f"{_shown(text)}: {exc}") from None
 
 
 def cmd_enqueue_flow(args: argparse.Namespace) -> int:
     if sum(text == "-" for text in [*args.jobs, args.__dict__.get("callback")]) > 1:
         raise UsageError("JOB_JSON: only one job can be read from stdin (-)")
     jobs = [_job_arg(text) for text in args.jobs]
-    callback = _job_arg(args.callback) if getattr(args, "callback", None) else None
+    callback = _job_arg(args.callback, "--callback") if getattr(args, "callback", None) else None
     with make_client(args) as client:
         if args.command == "enqueue-chain":
             flow_id = _user_value("JOB_JSON", lambda: client.enqueue_chain(jobs))

@@ -116,6 +116,16 @@ BAD_INPUT = [
     (["enqueue-chain", "-", "-"], "stdin"),
     (["status", "--timeout", "0"], "--timeout"),  # no wait at all: every call "unavailable"
     (["top", "--interval", "0", "--once"], "--interval"),  # a busy loop on the broker
+    # nested past Python's recursion limit: json raises RecursionError, not a syntax error
+    (["enqueue", "e2e.square", "[" * 20_000 + "]" * 20_000], "PAYLOAD_JSON"),
+    (["enqueue-chain", "[" * 20_000], "JOB_JSON"),
+    (["enqueue-group", '{"task": "e2e.square"}', "--callback", "[" * 20_000], "--callback"),
+    # refused by the broker as invalid (its checks, not the CLI's): bad input all the same
+    (["enqueue", "e2e.square", "1", "--delay", "1e308"], "delay"),
+    (["enqueue", "e2e.square", "1", "--max-attempts", "99999999999999999"], "max_attempts"),
+    (["enqueue", "e2e.square", "1", "--queue", ""], "queue"),
+    (["enqueue", "e2e.square", "1", "--limit-key", ""], "limit_key"),
+    (["enqueue", "e2e.square", "1", "--run-at", "99999999999999"], "run_at"),
 ]
 
 
@@ -128,6 +138,22 @@ def test_bad_input_gets_one_line_and_exit_two(env: Env) -> None:
         assert "Traceback" not in done.stderr, (args, done.stderr)
         lines = [line for line in done.stderr.splitlines() if line.startswith("corral")]
         assert lines and named in lines[-1], (args, done.stderr)
+    # the same nesting from stdin, from a file and on a --from-file line
+    deep = "[" * 100_000 + "]" * 100_000
+    path = env.home / "deep.json"
+    path.write_text(deep)
+    jobs = env.home / "deep.jsonl"
+    jobs.write_text('{"task": "e2e.square", "payload": ' + deep + "}\n")
+    for args, stdin, named in [
+        (["enqueue", "e2e.square", "-"], deep, "stdin"),
+        (["enqueue", "e2e.square", f"@{path}"], "", str(path)),
+        (["enqueue", "--from-file", str(jobs)], "", f"{jobs}:1"),
+    ]:
+        done = env.run(*args, "-c", str(env.config), stdin=stdin)
+        assert done.returncode == 2, (args, done.stdout, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+        assert named in done.stderr.splitlines()[-1], (args, done.stderr[-2000:])
+        assert done.stderr.count("PAYLOAD_JSON") <= 1, done.stderr  # named once, not twice
     assert env.client().status().queues == {}, "nothing was enqueued"
 
 
