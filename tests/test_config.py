@@ -520,3 +520,15 @@ def test_a_message_over_the_largest_log_record_is_refused() -> None:
 def test_a_disk_reserve_over_half_a_segment_is_refused() -> None:
     text = '[broker]\nsegment_size = "4MiB"\nmax_message_size = "1MiB"\n'
     assert "broker.disk_reserve: must be at most half" in config_error(text)
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_a_value_nested_too_deeply_is_named_not_a_recursion_error(depth: int) -> None:
+    """tomllib recurses per nesting level: a schedule's payload (any TOML
+    value) nested past the stack is an error naming the file, as bad TOML is."""
+    nested = "[" * depth + "]" * depth
+    message = config_error(f'[[schedules]]\ntask = "t"\nevery = "1m"\npayload = {nested}\n')
+    assert message.startswith("test.toml: ") and "nested too deeply" in message
+    inline = "{ a = " * depth + "1" + " }" * depth
+    message = config_error(f'[[schedules]]\ntask = "t"\nevery = "1m"\npayload = {inline}\n')
+    assert "nested too deeply" in message
