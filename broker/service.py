@@ -19,7 +19,7 @@ from corral.broker import protocol as p
 from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
 from corral.broker.expiring import lapsed
-from corral.broker.jobspec import validate_flow, with_callback
+from corral.broker.jobspec import queue_problem, validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, JobCreated, QueuePaused, Removed, Requeued
@@ -397,6 +397,10 @@ class ClientService:
         self._reply(identity, p.Ack(msg.req, len(jobs)))
 
     def _pause(self, identity: bytes, msg: p.Pause, now: float, mono: float) -> None:
+        problem = queue_problem(msg.queue)  # no job could be in such a queue
+        if problem is not None and (msg.paused or msg.queue not in self.state.paused):
+            self._invalid(identity, msg.req, problem)  # (one an older broker paused may resume)
+            return
         if (msg.queue in self.state.paused) != msg.paused:
             self.journal.record(QueuePaused(msg.queue, msg.paused))
             self.dispatcher.poke()

@@ -126,6 +126,10 @@ BAD_INPUT = [
     (["enqueue", "e2e.square", "1", "--queue", ""], "queue"),
     (["enqueue", "e2e.square", "1", "--limit-key", ""], "limit_key"),
     (["enqueue", "e2e.square", "1", "--run-at", "99999999999999"], "run_at"),
+    # a queue no job could have: paused (and logged) for ever before
+    (["pause", ""], "queue"),
+    (["pause", "q" * 201], "queue"),
+    (["resume", ""], "queue"),
 ]
 
 
@@ -155,6 +159,7 @@ def test_bad_input_gets_one_line_and_exit_two(env: Env) -> None:
         assert named in done.stderr.splitlines()[-1], (args, done.stderr[-2000:])
         assert done.stderr.count("PAYLOAD_JSON") <= 1, done.stderr  # named once, not twice
     assert env.client().status().queues == {}, "nothing was enqueued"
+    assert env.client().status().paused == [], "nothing was paused"
 
 
 def test_a_wait_that_gives_up_exits_four_and_the_job_goes_on(env: Env) -> None:
