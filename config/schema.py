@@ -24,7 +24,13 @@ Size = Annotated[int, msgspec.Meta(ge=0, extra={"unit": SIZE})]
 PositiveSize = Annotated[int, msgspec.Meta(gt=0, extra={"unit": SIZE})]
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+#: The most jobs one worker may hold (its concurrency + prefetch): the
+#: broker refuses a READY over it (corral.broker.protocol.MAX_CREDIT, the same).
+MAX_WORKER_CREDIT = 100_000
+
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 PoolName = Annotated[
     str,
@@ -171,7 +177,8 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     #: ``threads``: a thread per running job; ``asyncio``: ``async def`` tasks on one event
     #: loop.
     concurrency_mode: ConcurrencyMode = "threads"
-    #: Jobs each process may hold, not started, beyond its concurrency.
+    #: Jobs each process may hold, not started, beyond its concurrency (the two together at
+    #: most 100000).
     prefetch: NonNegativeInt = 4
     #: Recycle a process once it has run this many jobs (0: never).
     max_jobs_per_process: NonNegativeInt = 0

@@ -141,7 +141,9 @@ def _add_processes(subs: Subparsers) -> None:
     _common(worker, broker=False)
     worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
     worker.add_argument("--plugin", action="append", help="module with tasks (repeatable)")
-    worker.add_argument("--concurrency", type=int)
+    worker.add_argument(
+        "--concurrency", type=count_arg, help="jobs run at once (default: the first pool's)"
+    )
     worker.set_defaults(fn=cmd_worker)
 
 

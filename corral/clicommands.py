@@ -131,6 +131,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from corral.config import PoolConfig
+    from corral.config.schema import MAX_WORKER_CREDIT
     from corral.supervisor.process import set_title
     from corral.supervisor.roles import run_worker
 
@@ -142,6 +143,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         plugins=args.plugin or list(base.plugins),
         concurrency=args.concurrency or base.concurrency,
     )
+    if (credit := pool.concurrency + pool.prefetch) > MAX_WORKER_CREDIT:
+        raise UsageError(
+            f"--concurrency: {pool.concurrency} + the pool's prefetch ({pool.prefetch}) is "
+            f"{credit}: a worker may hold at most {MAX_WORKER_CREDIT} jobs"
+            " (the broker refuses more)"
+        )
     set_title(f"corral: worker {pool.name}#0")
     return run_worker(config, pool, 0)
 

@@ -130,6 +130,10 @@ BAD_INPUT = [
     (["pause", ""], "queue"),
     (["pause", "q" * 201], "queue"),
     (["resume", ""], "queue"),
+    # a worker the broker would refuse at every READY (or one that takes nothing)
+    (["worker", "--concurrency", "200000"], "--concurrency"),
+    (["worker", "--concurrency", "0"], "--concurrency"),
+    (["worker", "--concurrency", "-5"], "--concurrency"),
 ]
 
 

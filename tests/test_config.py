@@ -532,3 +532,26 @@ def test_a_value_nested_too_deeply_is_named_not_a_recursion_error(depth: int) ->
     inline = "{ a = " * depth + "1" + " }" * depth
     message = config_error(f'[[schedules]]\ntask = "t"\nevery = "1m"\npayload = {inline}\n')
     assert "nested too deeply" in message
+
+
+@pytest.mark.parametrize(
+    ("pool", "named"),
+    [
+        ("concurrency = 200000", "pools[0].concurrency"),
+        ("concurrency = 2\nprefetch = 99999", "pools[0].prefetch"),
+    ],
+)
+def test_a_pool_whose_workers_the_broker_would_refuse_is_an_error(pool: str, named: str) -> None:
+    """A worker registers with credit concurrency + prefetch, which the
+    broker takes up to 100,000: past it every READY was dropped as malformed
+    and the pool never ran a job, with check-config's blessing."""
+    message = config_error(f'[[pools]]\nname = "a"\n{pool}\n')
+    assert message.startswith(f"test.toml: {named}: ") and "100000" in message, message
+    loads('[[pools]]\nname = "a"\nconcurrency = 99996\nprefetch = 4\n')  # the most there is
+
+
+def test_the_configs_credit_bound_is_the_brokers() -> None:
+    from corral.broker.protocol import MAX_CREDIT
+    from corral.config.schema import MAX_WORKER_CREDIT
+
+    assert MAX_WORKER_CREDIT == MAX_CREDIT
