@@ -231,13 +231,21 @@ class ClientService:
         self._reply(identity, p.Pong(msg.req, self.broker_id))
 
     def _list(self, identity: bytes, msg: p.ListJobs, now: float, mono: float) -> None:
+        if msg.status is not None and msg.status not in p.STATUSES:  # a typo lists nothing
+            self._invalid(
+                identity, msg.req, f"status: {msg.status!r} is not one of {', '.join(p.STATUSES)}"
+            )
+            return
+        if msg.limit < 1:
+            self._invalid(identity, msg.req, f"limit: must be at least 1, got {msg.limit}")
+            return
         try:
             jobs, cursor = views.list_jobs(
                 self.state,
                 msg.queue,
                 msg.status,
                 msg.task,
-                max(1, min(msg.limit, MAX_PAGE)),
+                min(msg.limit, MAX_PAGE),
                 msg.cursor,
                 newest=msg.newest,
             )
