@@ -38,3 +38,31 @@ def test_a_job_list_with_a_status_or_limit_that_cannot_be_is_refused(env: Env) -
             client.jobs(limit=limit)
         assert info.value.code == "invalid"
     assert len(client.jobs(status="queued", limit=1)) == 1
+
+
+class _Replaces(corral.Hooks):
+    """A before_enqueue that replaces the job's headers instead of adding to them."""
+
+    def __init__(self, headers: object) -> None:
+        self.headers = headers
+
+    def before_enqueue(self, job: corral.hooks.Enqueuing) -> None:
+        job.headers = self.headers  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("headers", [None, "tenant=acme", [("tenant", "acme")], 5])
+def test_a_hook_that_replaces_the_headers_with_no_mapping_cannot_break_the_enqueue(
+    headers: object,
+) -> None:
+    """README: "A hook cannot break anything". headers = None made every
+    enqueue raise AttributeError ('NoneType' object has no attribute 'items')."""
+    from corral.clientcore import ClientCore
+    from corral.hooks import HookSet
+
+    core = ClientCore(hooks=HookSet([_Replaces(headers)]))
+    step = core.enqueue("e2e.square", 3, headers={"tenant": "acme"})
+    (spec,) = step.request.jobs  # type: ignore[union-attr]
+    assert spec.headers == {"tenant": "acme"}  # the caller's own headers go
+    step = core.enqueue("e2e.square", 3)
+    (spec,) = step.request.jobs  # type: ignore[union-attr]
+    assert not spec.headers
