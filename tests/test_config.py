@@ -555,3 +555,24 @@ def test_the_configs_credit_bound_is_the_brokers() -> None:
     from corral.config.schema import MAX_WORKER_CREDIT
 
     assert MAX_WORKER_CREDIT == MAX_CREDIT
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        (f'task = "{"t" * 201}"\nevery = "1m"', "schedules[0].task"),
+        (f'task = "t"\nevery = "1m"\nqueue = "{"q" * 201}"', "schedules[0].queue"),
+        ('task = "t"\nevery = "1m"\npriority = 2147483648', "schedules[0].priority"),
+    ],
+)
+def test_a_schedule_whose_job_the_broker_would_refuse_is_an_error(entry: str, named: str) -> None:
+    """The broker makes each fire's job as an enqueue is made, and a job it
+    refuses (a task or queue name over 200 characters, a priority past 32
+    bits) ended the broker at the first fire, and at every start after it."""
+    message = config_error(f"[[schedules]]\n{entry}\n")
+    assert message.startswith(f"test.toml: {named}: "), message
+
+
+def test_a_pool_queue_no_job_could_be_in_is_an_error() -> None:
+    message = config_error(f'[[pools]]\nname = "a"\nqueues = ["{"q" * 201}"]\n')
+    assert message.startswith("test.toml: pools[0].queues[0]: "), message

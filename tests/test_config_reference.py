@@ -38,7 +38,7 @@ def test_each_row_gives_the_type_the_default_and_the_allowed_values() -> None:
         "| `name` | string: a pool name of letters, digits,",
         "| `task` | string | required |",
         "| `max_memory` | size > 0 | unset |",
-        '| `queues` | non-empty array of strings | `["default"]` |',
+        '| `queues` | non-empty array of strings, each a name of 1 to 200 characters | `["default"]` |',
     }
     for row in rows:
         assert row in text, row
