@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -599,10 +600,29 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: A key pair's name: the stem of NAME.key and NAME.key_secret, in --directory.
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from corral.transport import write_keypair
 
-    public, secret = write_keypair(args.directory, args.name)
+    if not _KEY_NAME.match(args.name):
+        raise UsageError(
+            f"NAME {args.name!r}: expected a file name stem of letters, digits, '_', '-' and '.'"
+            " (not starting with '.'), like server or worker1"
+        )
+    directory = Path(args.directory)
+    for made in (directory / f"{args.name}.key", directory / f"{args.name}.key_secret"):
+        if made.exists() or made.is_symlink():
+            raise UsageError(
+                f"NAME {args.name!r}: {made} exists: a key pair is never replaced (hosts that"
+                " trust it would stop matching); remove both files first, or pick another name"
+            )
+    try:
+        public, secret = write_keypair(directory, args.name)
+    except OSError as exc:
+        raise UsageError(f"--directory {args.directory}: {exc.strerror or exc}") from None
     emit(
         args,
         {"public": str(public), "secret": str(secret)},

@@ -406,3 +406,25 @@ def test_top_shows_queues_with_latency_workers_with_progress_and_pools(env: Env)
     assert pool[3:6] == ["2", "0", "ok"]  # processes, restarts, state
     release.touch()
     assert client.result(running, timeout=30) == "done"
+
+
+def test_keys_refuses_a_name_that_is_not_a_file_name_and_never_overwrites_a_pair(
+    env: Env,
+) -> None:
+    """`corral keys server` run twice replaced the broker's key pair without
+    a word (every host's server_public_key then stops matching); a name
+    with a "/" was a traceback, one with ".." wrote outside --directory."""
+    keys = env.home / "keys"
+    made = env.run("keys", "server", "--directory", str(keys))
+    assert made.returncode == 0, made.stderr
+    secret = (keys / "server.key_secret").read_bytes()
+    again = env.run("keys", "server", "--directory", str(keys))
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    assert "server.key" in again.stderr.splitlines()[-1] and "exists" in again.stderr
+    assert (keys / "server.key_secret").read_bytes() == secret
+    for name in ("../evil", "a/b", "", ".hidden", "back\\slash"):
+        done = env.run("keys", name, "--directory", str(keys))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (name, done.stderr)
+        assert done.stderr.startswith("corral: NAME"), (name, done.stderr)
+    assert sorted(p.name for p in keys.iterdir()) == ["server.key", "server.key_secret"]
+    assert not (env.home / "evil.key").exists()
