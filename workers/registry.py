@@ -333,8 +333,8 @@ def _check_options(options: dict[str, Any]) -> None:
         if value is None:
             continue
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        least = 0.0 if zero else math.ulp(0.0)  # 0 itself, or only above it
-        if not number or not least <= value <= MAX_SECONDS:
+        low = 0.0 if zero else math.ulp(0.0)  # 0 itself, or only above it
+        if not number or not low <= value <= MAX_SECONDS:
             bound = "at least" if zero else "above"
             raise ValueError(
                 f"task {task}: {name} must be a number of seconds, {bound} 0 and at most "
