@@ -133,6 +133,17 @@ _NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
+#: The longest task or queue name the broker takes.
+MAX_NAME = 200
+
+
+def queue_problem(queue: str) -> str | None:
+    """Why ``queue`` cannot name a queue (a job's, or one paused), or None."""
+    if not queue or len(queue) > MAX_NAME:
+        return f"queue: must be a non-empty name of at most {MAX_NAME} characters"
+    return None
+
+
 def validate_spec(spec: JobSpec, max_payload: int | None = None) -> None:
     """Refuse a spec the broker cannot take (callbacks included): a payload
     over ``max_payload`` bytes of msgpack among the rest; the error names
@@ -145,8 +156,8 @@ def validate_spec(spec: JobSpec, max_payload: int | None = None) -> None:
         )
     if not spec.task or len(spec.task) > 200:
         raise InvalidJob("task: must be a non-empty name of at most 200 characters")
-    if spec.queue is not None and (not spec.queue or len(spec.queue) > 200):
-        raise InvalidJob("queue: must be a non-empty name of at most 200 characters")
+    if spec.queue is not None and (problem := queue_problem(spec.queue)):
+        raise InvalidJob(problem)
     if not spec.id or len(spec.id) > 64:
         raise InvalidJob("id: must be a non-empty string of at most 64 characters")
     for name, (ok, rule) in _NUMBER_RULES.items():

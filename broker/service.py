@@ -19,7 +19,7 @@ from corral.broker import protocol as p
 from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
 from corral.broker.expiring import lapsed
-from corral.broker.jobspec import validate_flow, with_callback
+from corral.broker.jobspec import queue_problem, validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, JobCreated, QueuePaused, Removed, Requeued
@@ -231,13 +231,21 @@ class ClientService:
         self._reply(identity, p.Pong(msg.req, self.broker_id))
 
     def _list(self, identity: bytes, msg: p.ListJobs, now: float, mono: float) -> None:
+        if msg.status is not None and msg.status not in p.STATUSES:  # a typo lists nothing
+            self._invalid(
+                identity, msg.req, f"status: {msg.status!r} is not one of {', '.join(p.STATUSES)}"
+            )
+            return
+        if msg.limit < 1:
+            self._invalid(identity, msg.req, f"limit: must be at least 1, got {msg.limit}")
+            return
         try:
             jobs, cursor = views.list_jobs(
                 self.state,
                 msg.queue,
                 msg.status,
                 msg.task,
-                max(1, min(msg.limit, MAX_PAGE)),
+                min(msg.limit, MAX_PAGE),
                 msg.cursor,
                 newest=msg.newest,
             )
@@ -397,6 +405,10 @@ class ClientService:
         self._reply(identity, p.Ack(msg.req, len(jobs)))
 
     def _pause(self, identity: bytes, msg: p.Pause, now: float, mono: float) -> None:
+        problem = queue_problem(msg.queue)  # no job could be in such a queue
+        if problem is not None and (msg.paused or msg.queue not in self.state.paused):
+            self._invalid(identity, msg.req, problem)  # (one an older broker paused may resume)
+            return
         if (msg.queue in self.state.paused) != msg.paused:
             self.journal.record(QueuePaused(msg.queue, msg.paused))
             self.dispatcher.poke()

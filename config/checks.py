@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import msgspec
 
-from .schema import Config, PoolConfig, ScheduleConfig, connect_endpoint
+from .schema import MAX_WORKER_CREDIT, Config, PoolConfig, ScheduleConfig, connect_endpoint
 from .units import format_duration, format_size
 
 #: The largest record the broker's log takes (corral.broker.framing.MAX_RECORD;
@@ -294,6 +294,14 @@ def _check_pools(pools: list[PoolConfig]) -> Iterator[Problem]:
                     f'"{queue}" is not one of this pool\'s queues ({", ".join(pool.queues)}): '
                     "add it to queues or remove its weight",
                 )
+        credit = pool.concurrency + pool.prefetch
+        if credit > MAX_WORKER_CREDIT:  # the broker drops a READY over it: the pool would never run
+            key = "concurrency" if pool.concurrency > MAX_WORKER_CREDIT else "prefetch"
+            yield (
+                f"{path}.{key}",
+                f"concurrency + prefetch is {credit}: a worker may hold at most "
+                f"{MAX_WORKER_CREDIT} jobs (the broker refuses more); run more processes instead",
+            )
         if pool.restart_backoff_max < pool.restart_backoff:
             yield (
                 f"{path}.restart_backoff_max",

@@ -75,6 +75,11 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         detail = str(exc)
+    except RecursionError:  # tomllib recurses per level of an array or inline table
+        raise ConfigError(
+            f"{source}: a value nested too deeply to read (arrays or inline tables"
+            " inside each other, hundreds deep)"
+        ) from None
     if detail.endswith(_END_OF_DOCUMENT):
         lines = text.split("\n")
         where = f"line {len(lines)}, column {len(lines[-1]) + 1} (end of file)"

@@ -24,8 +24,32 @@ Size = Annotated[int, msgspec.Meta(ge=0, extra={"unit": SIZE})]
 PositiveSize = Annotated[int, msgspec.Meta(gt=0, extra={"unit": SIZE})]
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+#: The most jobs one worker may hold (its concurrency + prefetch): the
+#: broker refuses a READY over it (corral.broker.protocol.MAX_CREDIT, the same).
+MAX_WORKER_CREDIT = 100_000
+
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+#: A task or queue name, as the broker takes one (jobspec.MAX_NAME).
+Name = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=200,
+        description="a name of 1 to 200 characters",
+    ),
+]
+#: A job's priority: 32 bits, as the broker takes it.
+Priority = Annotated[
+    int,
+    msgspec.Meta(
+        ge=-(2**31),
+        le=2**31 - 1,
+        description="a whole number from -2147483648 to 2147483647",
+    ),
+]
 PoolName = Annotated[
     str,
     msgspec.Meta(
@@ -159,7 +183,7 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     #: The pool's name, unique in the file: ``corral status`` and the process titles show it.
     name: PoolName
     #: The queues its workers take jobs from.
-    queues: Annotated[list[NonEmptyStr], msgspec.Meta(min_length=1)] = msgspec.field(
+    queues: Annotated[list[Name], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["default"]
     )
     #: Worker processes to run (0: the pool is kept, with no process).
@@ -171,7 +195,8 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     #: ``threads``: a thread per running job; ``asyncio``: ``async def`` tasks on one event
     #: loop.
     concurrency_mode: ConcurrencyMode = "threads"
-    #: Jobs each process may hold, not started, beyond its concurrency.
+    #: Jobs each process may hold, not started, beyond its concurrency (the two together at
+    #: most 100000).
     prefetch: NonNegativeInt = 4
     #: Recycle a process once it has run this many jobs (0: never).
     max_jobs_per_process: NonNegativeInt = 0
@@ -222,7 +247,7 @@ class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     #: task's name.
     name: NonEmptyStr | None = None
     #: The task each fire enqueues.
-    task: NonEmptyStr
+    task: Name
     #: A cron expression of 5 fields (6 with seconds first), in timezone. Set exactly one of
     #: cron and every.
     cron: NonEmptyStr | None = None
@@ -234,9 +259,9 @@ class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     #: type.
     payload: Any = None
     #: The queue each job goes to.
-    queue: NonEmptyStr = "default"
+    queue: Name = "default"
     #: The priority of each job (higher starts first).
-    priority: int = 0
+    priority: Priority = 0
     #: After downtime: ``skip`` the fires missed, or run ``once``.
     catch_up: CatchUp = "skip"
     #: false: the schedule never fires.

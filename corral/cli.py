@@ -1,7 +1,8 @@
 """The ``corral`` command: its arguments, and the exit code of each outcome.
 
 Exit codes: 0 ok; 1 the job failed, was cancelled or is not known, or the
-broker refused the request; 2 usage or config error (bad input: a one-line
+broker refused the request (a full disk); 2 usage or config error (bad
+input, whether the CLI or the broker found it, code ``invalid``: a one-line
 message, never a traceback); 3 the broker did not answer; 4 ``--wait`` gave
 up before the job ended (the job goes on); 130 interrupted (Ctrl-C); 141
 the reader of its output went (``corral events | head``), quietly.
@@ -140,7 +141,9 @@ def _add_processes(subs: Subparsers) -> None:
     _common(worker, broker=False)
     worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
     worker.add_argument("--plugin", action="append", help="module with tasks (repeatable)")
-    worker.add_argument("--concurrency", type=int)
+    worker.add_argument(
+        "--concurrency", type=count_arg, help="jobs run at once (default: the first pool's)"
+    )
     worker.set_defaults(fn=cmd_worker)
 
 
@@ -447,6 +450,9 @@ def _report(args: argparse.Namespace, exc: CorralError) -> int:
     if isinstance(exc, JobFailed):
         _print_failure(args, exc)
         return EXIT_JOB
+    if isinstance(exc, BrokerError) and exc.code == "invalid":  # a value the user gave
+        print(f"corral: the broker refused: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for kinds, code, prefix in _OUTCOMES:
         if isinstance(exc, kinds):
             print(f"corral: {prefix}{exc}", file=sys.stderr)

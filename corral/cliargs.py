@@ -167,7 +167,19 @@ def json_arg(source: str, what: str) -> Any:
     :func:`read_text`). Raises ValueError naming ``what``, with the
     position of a syntax error."""
     text = read_text(source, what)
+    if source == "-":
+        what = f"{what} (stdin)"
+    elif source.startswith("@"):
+        what = f"{what} ({source[1:]})"
+    return json_text(text, what)
+
+
+def json_text(text: str, what: str) -> Any:
+    """The JSON value of ``text``; ValueError naming ``what`` for bad JSON
+    (with the position) or JSON nested too deeply to read."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{what}: JSON nested too deeply to read") from None

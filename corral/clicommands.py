@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -131,6 +132,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from corral.config import PoolConfig
+    from corral.config.schema import MAX_WORKER_CREDIT
     from corral.supervisor.process import set_title
     from corral.supervisor.roles import run_worker
 
@@ -142,6 +144,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         plugins=args.plugin or list(base.plugins),
         concurrency=args.concurrency or base.concurrency,
     )
+    if (credit := pool.concurrency + pool.prefetch) > MAX_WORKER_CREDIT:
+        raise UsageError(
+            f"--concurrency: {pool.concurrency} + the pool's prefetch ({pool.prefetch}) is "
+            f"{credit}: a worker may hold at most {MAX_WORKER_CREDIT} jobs"
+            " (the broker refuses more)"
+        )
     set_title(f"corral: worker {pool.name}#0")
     return run_worker(config, pool, 0)
 
@@ -153,7 +161,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise UsageError("give a TASK (and its PAYLOAD_JSON), or --from-file JOBS_JSONL")
     payload = None
     if args.payload is not None:
-        payload = _user_value("PAYLOAD_JSON", lambda: json_arg(args.payload, "PAYLOAD_JSON"))
+        payload = _json_arg(args.payload, "PAYLOAD_JSON")
     # One flag per job option: --max-attempts sets max_attempts (and so on).
     options = {name: getattr(args, _OPTION_FLAGS.get(name, name)) for name in OPTION_NAMES}
     with make_client(args) as client:
@@ -377,33 +385,48 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _job_arg(text: str) -> Any:
+def _json_arg(source: str, what: str) -> Any:
+    """:func:`json_arg`, its errors (which name ``what``) as UsageError."""
+    try:
+        return json_arg(source, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _job_arg(text: str, what: str = "JOB_JSON") -> Any:
     """A job given as JSON: {"task": ..., "payload": ..., "queue": ..., ...},
     callbacks nested as {"on_success": {"task": ...}}; ``-`` reads it from
     stdin, ``@FILE`` from a file."""
-    fields = _user_value("JOB_JSON", lambda: json_arg(text, f"JOB_JSON {text[:60]!r}"))
+    fields = _json_arg(text, f"{what} {_shown(text)}")
     return _job_from(fields, text)
+
+
+def _shown(text: str) -> str:
+    """``text`` as an error message quotes it: its first 60 characters."""
+    return repr(text) if len(text) <= 60 else f"{text[:60]!r}..."
 
 
 def _job_from(fields: Any, text: str) -> Any:
     from corral.client import Job
 
     if not isinstance(fields, dict) or "task" not in fields:
-        raise UsageError(f'{text!r}: a job is a JSON object like {{"task": "x.y", "payload": 1}}')
+        raise UsageError(
+            f'{_shown(text)}: a job is a JSON object like {{"task": "x.y", "payload": 1}}'
+        )
     for callback in ("on_success", "on_failure"):
         if fields.get(callback) is not None:
             fields[callback] = _job_from(fields[callback], text)
     try:
         return Job(**fields)
     except TypeError as exc:
-        raise UsageError(f"{text!r}: {exc}") from None
+        raise UsageError(f"{_shown(text)}: {exc}") from None
 
 
 def cmd_enqueue_flow(args: argparse.Namespace) -> int:
     if sum(text == "-" for text in [*args.jobs, args.__dict__.get("callback")]) > 1:
         raise UsageError("JOB_JSON: only one job can be read from stdin (-)")
     jobs = [_job_arg(text) for text in args.jobs]
-    callback = _job_arg(args.callback) if getattr(args, "callback", None) else None
+    callback = _job_arg(args.callback, "--callback") if getattr(args, "callback", None) else None
     with make_client(args) as client:
         if args.command == "enqueue-chain":
             flow_id = _user_value("JOB_JSON", lambda: client.enqueue_chain(jobs))
@@ -577,10 +600,29 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: A key pair's name: the stem of NAME.key and NAME.key_secret, in --directory.
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from corral.transport import write_keypair
 
-    public, secret = write_keypair(args.directory, args.name)
+    if not _KEY_NAME.match(args.name):
+        raise UsageError(
+            f"NAME {args.name!r}: expected a file name stem of letters, digits, '_', '-' and '.'"
+            " (not starting with '.'), like server or worker1"
+        )
+    directory = Path(args.directory)
+    for made in (directory / f"{args.name}.key", directory / f"{args.name}.key_secret"):
+        if made.exists() or made.is_symlink():
+            raise UsageError(
+                f"NAME {args.name!r}: {made} exists: a key pair is never replaced (hosts that"
+                " trust it would stop matching); remove both files first, or pick another name"
+            )
+    try:
+        public, secret = write_keypair(directory, args.name)
+    except OSError as exc:
+        raise UsageError(f"--directory {args.directory}: {exc.strerror or exc}") from None
     emit(
         args,
         {"public": str(public), "secret": str(secret)},

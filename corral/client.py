@@ -129,6 +129,16 @@ def _blocking(
     return method
 
 
+def _checked_timeout(timeout: Any) -> float:
+    """``timeout`` if it is a number of seconds above 0 and finite (each call
+    would otherwise hang, or give up at once); else TypeError or ValueError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout: expected a number of seconds, got {timeout!r}")
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout: must be a finite number of seconds above 0, got {timeout!r}")
+    return float(timeout)
+
+
 class _Driver:
     """What both clients hold: where the broker is, the timeout, the core."""
 
@@ -140,7 +150,7 @@ class _Driver:
                 raise ValueError("give Client an endpoint or use Client.from_config(path)")
             endpoint = config.client.endpoint or config.broker.client_endpoint
         self.endpoint: str = endpoint
-        self.timeout = timeout
+        self.timeout = _checked_timeout(timeout)
         self.config = config
         self.max_message_size: int = (
             config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
@@ -272,7 +282,8 @@ class Client(_Driver):
     ``endpoint`` is the broker's client endpoint (``ipc://...`` or, with
     CURVE keys in ``config``, ``tcp://...``); ``timeout`` is the seconds
     each call may take (its hooks' ``before_enqueue``, then the wait for the
-    answer) before BrokerUnavailable (HookTimeout, for a hook past it);
+    answer) before BrokerUnavailable (HookTimeout, for a hook past it),
+    finite and above 0 (else ValueError, or TypeError for no number);
     ``context`` is the zmq.Context its sockets are made in (default:
     ``zmq.Context.instance()``); ``hooks`` (``corral.Hooks``) see every job
     before it is sent.

@@ -369,8 +369,9 @@ class ClientCore:
 
         Returns a :class:`JobPage`, a list of at most ``limit`` (1 to 10,000)
         ``JobInfo``; pass its ``.cursor`` as ``cursor`` for the next page
-        (None: this was the last), with the same ``newest``. Raises
-        BrokerError ``invalid`` for an unknown status or a bad cursor,
+        (None: this was the last), with the same ``newest``; a ``limit``
+        over 10,000 gives 10,000. Raises BrokerError ``invalid`` for an
+        unknown status, a ``limit`` below 1 or a bad cursor,
         BrokerUnavailable.
         """
         msg = p.ListJobs(next(self._req), queue, status, task, limit, cursor, newest=newest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -177,20 +178,26 @@ def _hooked_headers(hooks: HookSet, job: AnyJob, job_id: str) -> dict[str, str] 
     given = dict(job.headers or {})
     enqueuing = Enqueuing(job.task, job_id, job.queue, job.payload, dict(given))
     hooks.before_enqueue(enqueuing, call_budget.get())
+    hooked: Any = enqueuing.headers
+    if not isinstance(hooked, Mapping):  # replaced, not added to: the caller's go
+        _warn_bad_header(job.task, "*", f"headers must stay a mapping, not {type(hooked)}")
+        hooked = given
     headers: dict[str, str] = {}
-    for key, value in enqueuing.headers.items():
+    for key, value in hooked.items():
         why = None
         if key not in given or given[key] != value:
             why = _bad_header(key, value, len(headers))
         if why is None:
             headers[key] = value
             continue
-        import structlog  # only now: a client's import of corral stays light
-
-        structlog.get_logger().warning(
-            "hook.bad_header", task=job.task, key=repr(key)[:80], why=why, hint="dropped"
-        )
+        _warn_bad_header(job.task, repr(key)[:80], why)
     return headers or None
+
+
+def _warn_bad_header(task: str, key: str, why: str) -> None:
+    import structlog  # only now: a client's import of corral stays light
+
+    structlog.get_logger().warning("hook.bad_header", task=task, key=key, why=why, hint="dropped")
 
 
 def _bad_header(key: object, value: object, count: int) -> str | None:

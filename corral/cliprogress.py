@@ -6,7 +6,6 @@ job's ``ctx.progress``). On a pipe they print no bar, only the outcome.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from corral.cliargs import json_text
 from corral.errors import CorralError, JobNotFound, ResultTimeout
 
 if TYPE_CHECKING:
@@ -48,10 +48,7 @@ def read_jobs(path: Path, parse: Any) -> Iterator[tuple[int, Job]]:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+            fields = json_text(line, f"{path}:{number}")
             try:
                 job = parse(fields, f"{path}:{number}")
             except CorralError as exc:  # the CLI's UsageError: not a job

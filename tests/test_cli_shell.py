@@ -116,6 +116,24 @@ BAD_INPUT = [
     (["enqueue-chain", "-", "-"], "stdin"),
     (["status", "--timeout", "0"], "--timeout"),  # no wait at all: every call "unavailable"
     (["top", "--interval", "0", "--once"], "--interval"),  # a busy loop on the broker
+    # nested past Python's recursion limit: json raises RecursionError, not a syntax error
+    (["enqueue", "e2e.square", "[" * 20_000 + "]" * 20_000], "PAYLOAD_JSON"),
+    (["enqueue-chain", "[" * 20_000], "JOB_JSON"),
+    (["enqueue-group", '{"task": "e2e.square"}', "--callback", "[" * 20_000], "--callback"),
+    # refused by the broker as invalid (its checks, not the CLI's): bad input all the same
+    (["enqueue", "e2e.square", "1", "--delay", "1e308"], "delay"),
+    (["enqueue", "e2e.square", "1", "--max-attempts", "99999999999999999"], "max_attempts"),
+    (["enqueue", "e2e.square", "1", "--queue", ""], "queue"),
+    (["enqueue", "e2e.square", "1", "--limit-key", ""], "limit_key"),
+    (["enqueue", "e2e.square", "1", "--run-at", "99999999999999"], "run_at"),
+    # a queue no job could have: paused (and logged) for ever before
+    (["pause", ""], "queue"),
+    (["pause", "q" * 201], "queue"),
+    (["resume", ""], "queue"),
+    # a worker the broker would refuse at every READY (or one that takes nothing)
+    (["worker", "--concurrency", "200000"], "--concurrency"),
+    (["worker", "--concurrency", "0"], "--concurrency"),
+    (["worker", "--concurrency", "-5"], "--concurrency"),
 ]
 
 
@@ -128,7 +146,24 @@ def test_bad_input_gets_one_line_and_exit_two(env: Env) -> None:
         assert "Traceback" not in done.stderr, (args, done.stderr)
         lines = [line for line in done.stderr.splitlines() if line.startswith("corral")]
         assert lines and named in lines[-1], (args, done.stderr)
+    # the same nesting from stdin, from a file and on a --from-file line
+    deep = "[" * 100_000 + "]" * 100_000
+    path = env.home / "deep.json"
+    path.write_text(deep)
+    jobs = env.home / "deep.jsonl"
+    jobs.write_text('{"task": "e2e.square", "payload": ' + deep + "}\n")
+    for args, stdin, named in [
+        (["enqueue", "e2e.square", "-"], deep, "stdin"),
+        (["enqueue", "e2e.square", f"@{path}"], "", str(path)),
+        (["enqueue", "--from-file", str(jobs)], "", f"{jobs}:1"),
+    ]:
+        done = env.run(*args, "-c", str(env.config), stdin=stdin)
+        assert done.returncode == 2, (args, done.stdout, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+        assert named in done.stderr.splitlines()[-1], (args, done.stderr[-2000:])
+        assert done.stderr.count("PAYLOAD_JSON") <= 1, done.stderr  # named once, not twice
     assert env.client().status().queues == {}, "nothing was enqueued"
+    assert env.client().status().paused == [], "nothing was paused"
 
 
 def test_a_wait_that_gives_up_exits_four_and_the_job_goes_on(env: Env) -> None:
@@ -371,3 +406,25 @@ def test_top_shows_queues_with_latency_workers_with_progress_and_pools(env: Env)
     assert pool[3:6] == ["2", "0", "ok"]  # processes, restarts, state
     release.touch()
     assert client.result(running, timeout=30) == "done"
+
+
+def test_keys_refuses_a_name_that_is_not_a_file_name_and_never_overwrites_a_pair(
+    env: Env,
+) -> None:
+    """`corral keys server` run twice replaced the broker's key pair without
+    a word (every host's server_public_key then stops matching); a name
+    with a "/" was a traceback, one with ".." wrote outside --directory."""
+    keys = env.home / "keys"
+    made = env.run("keys", "server", "--directory", str(keys))
+    assert made.returncode == 0, made.stderr
+    secret = (keys / "server.key_secret").read_bytes()
+    again = env.run("keys", "server", "--directory", str(keys))
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    assert "server.key" in again.stderr.splitlines()[-1] and "exists" in again.stderr
+    assert (keys / "server.key_secret").read_bytes() == secret
+    for name in ("../evil", "a/b", "", ".hidden", "back\\slash"):
+        done = env.run("keys", name, "--directory", str(keys))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (name, done.stderr)
+        assert done.stderr.startswith("corral: NAME"), (name, done.stderr)
+    assert sorted(p.name for p in keys.iterdir()) == ["server.key", "server.key_secret"]
+    assert not (env.home / "evil.key").exists()

@@ -520,3 +520,59 @@ def test_a_message_over_the_largest_log_record_is_refused() -> None:
 def test_a_disk_reserve_over_half_a_segment_is_refused() -> None:
     text = '[broker]\nsegment_size = "4MiB"\nmax_message_size = "1MiB"\n'
     assert "broker.disk_reserve: must be at most half" in config_error(text)
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_a_value_nested_too_deeply_is_named_not_a_recursion_error(depth: int) -> None:
+    """tomllib recurses per nesting level: a schedule's payload (any TOML
+    value) nested past the stack is an error naming the file, as bad TOML is."""
+    nested = "[" * depth + "]" * depth
+    message = config_error(f'[[schedules]]\ntask = "t"\nevery = "1m"\npayload = {nested}\n')
+    assert message.startswith("test.toml: ") and "nested too deeply" in message
+    inline = "{ a = " * depth + "1" + " }" * depth
+    message = config_error(f'[[schedules]]\ntask = "t"\nevery = "1m"\npayload = {inline}\n')
+    assert "nested too deeply" in message
+
+
+@pytest.mark.parametrize(
+    ("pool", "named"),
+    [
+        ("concurrency = 200000", "pools[0].concurrency"),
+        ("concurrency = 2\nprefetch = 99999", "pools[0].prefetch"),
+    ],
+)
+def test_a_pool_whose_workers_the_broker_would_refuse_is_an_error(pool: str, named: str) -> None:
+    """A worker registers with credit concurrency + prefetch, which the
+    broker takes up to 100,000: past it every READY was dropped as malformed
+    and the pool never ran a job, with check-config's blessing."""
+    message = config_error(f'[[pools]]\nname = "a"\n{pool}\n')
+    assert message.startswith(f"test.toml: {named}: ") and "100000" in message, message
+    loads('[[pools]]\nname = "a"\nconcurrency = 99996\nprefetch = 4\n')  # the most there is
+
+
+def test_the_configs_credit_bound_is_the_brokers() -> None:
+    from corral.broker.protocol import MAX_CREDIT
+    from corral.config.schema import MAX_WORKER_CREDIT
+
+    assert MAX_WORKER_CREDIT == MAX_CREDIT
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        (f'task = "{"t" * 201}"\nevery = "1m"', "schedules[0].task"),
+        (f'task = "t"\nevery = "1m"\nqueue = "{"q" * 201}"', "schedules[0].queue"),
+        ('task = "t"\nevery = "1m"\npriority = 2147483648', "schedules[0].priority"),
+    ],
+)
+def test_a_schedule_whose_job_the_broker_would_refuse_is_an_error(entry: str, named: str) -> None:
+    """The broker makes each fire's job as an enqueue is made, and a job it
+    refuses (a task or queue name over 200 characters, a priority past 32
+    bits) ended the broker at the first fire, and at every start after it."""
+    message = config_error(f"[[schedules]]\n{entry}\n")
+    assert message.startswith(f"test.toml: {named}: "), message
+
+
+def test_a_pool_queue_no_job_could_be_in_is_an_error() -> None:
+    message = config_error(f'[[pools]]\nname = "a"\nqueues = ["{"q" * 201}"]\n')
+    assert message.startswith("test.toml: pools[0].queues[0]: "), message

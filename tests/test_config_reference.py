@@ -36,9 +36,10 @@ def test_each_row_gives_the_type_the_default_and_the_allowed_values() -> None:
         '| `fsync` | one of `"always"`, `"interval"`, `"never"` | `"always"` |',
         "| `heartbeat_liveness` | integer ≥ 1 | `3` |",
         "| `name` | string: a pool name of letters, digits,",
-        "| `task` | string | required |",
+        "| `task` | string: a name of 1 to 200 characters | required |",
         "| `max_memory` | size > 0 | unset |",
-        '| `queues` | non-empty array of strings | `["default"]` |',
+        "| `queues` | non-empty array of strings, each a name of 1 to 200 characters"
+        ' | `["default"]` |',
     }
     for row in rows:
         assert row in text, row

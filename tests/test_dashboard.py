@@ -226,6 +226,29 @@ def test_an_action_from_another_origin_is_refused(env: Env) -> None:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 403
     assert env.client().status().paused == []
+    # DNS rebinding: a page of evil.example, its name now resolving to
+    # 127.0.0.1, is the dashboard's own origin as far as Origin and Host go
+    port = url.rsplit(":", 1)[1]
+    rebound = f"evil.example:{port}"
+    request = urllib.request.Request(
+        url + "/actions/pause",
+        data=b"queue=default",
+        method="POST",
+        headers={"Host": rebound, "Origin": f"http://{rebound}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403 and b"evil.example" in refused.value.read()
+    assert env.client().status().paused == []
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):  # as a browser here names it
+        request = urllib.request.Request(
+            url + "/actions/resume",
+            data=b"queue=default",
+            method="POST",
+            headers={"Host": host, "Origin": f"http://{host}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.status == 200  # (the 303 followed)
     started = time.monotonic()
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(url + "/jobs/nope", timeout=10)

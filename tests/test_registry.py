@@ -609,3 +609,40 @@ def test_a_payload_struct_defined_after_the_task_is_used(
     assert d is not None
     with pytest.raises(PayloadInvalid, match=r"^payload\.name: expected str, got int$"):
         d.decode_payload(enc({"name": 1}))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("timeout", float("nan")),
+        ("timeout", -1),
+        ("timeout", 0),
+        ("timeout", float("inf")),
+        ("timeout", "5m"),
+        ("timeout", True),
+        ("soft_timeout", float("inf")),
+        ("result_ttl", float("nan")),
+        ("result_ttl", -5),
+        ("retry_backoff", -1),
+        ("retry_backoff_max", 1e300),
+        ("max_attempts", 10**12),
+        ("max_attempts", 1.5),
+        ("max_retries", 10**12),
+        ("queue", ""),
+        ("queue", "q" * 201),
+        ("name", "n" * 201),
+        ("queue", 5),
+    ],
+)
+def test_a_task_option_the_broker_would_refuse_is_refused_at_the_decorator(
+    option: str, value: object
+) -> None:
+    """The broker drops a worker's READY whose task options it cannot take
+    (a NaN timeout: "must be a finite number"), so one such task kept its
+    whole pool from ever registering, past check-config; a typed enqueue
+    of it was refused as invalid. Each is a ValueError naming the option."""
+    options: dict[str, Any] = {"name": "t.bad", option: value}
+    with pytest.raises(ValueError, match=rf"task .*: {option}"):
+
+        @corral.task(**options)
+        def handler(ctx: JobContext) -> None: ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -143,7 +144,7 @@ SNIPPET = """
 from __future__ import annotations
 
 import corral
-from typed_tasks import Email, send, send_later, shout, tick
+from typed_tasks import Email, anything, echo, invoice, ping, send, send_later, shout, tick
 
 
 def blocking(client: corral.Client) -> None:
@@ -166,6 +167,17 @@ def blocking(client: corral.Client) -> None:
     corral.Job(shout, Email(to="a", subject="b"))  # wrong
     corral.Job("typed_tasks.send", 42, on_success=corral.Job(tick))  # by name: not checked
     client.enqueue_chain([corral.Job(shout, "x", queue="q"), corral.Job(send, "x")])  # wrong
+    client.enqueue(invoice, Email(to="a@b", subject="hi"))
+    client.enqueue(invoice, 42)  # wrong
+    corral.Job(invoice, "x")  # wrong
+    client.enqueue(anything, 3)
+    client.enqueue(anything, "3")  # wrong
+    anything(ctx, 3, dry_run=True)
+    anything(ctx, 3, dry_run=3)  # wrong
+    client.enqueue(ping)
+    client.enqueue(ping, 1)  # wrong
+    client.enqueue(echo, "x")
+    client.enqueue(echo, 1)  # wrong
 
 
 async def awaited(client: corral.AsyncClient) -> None:
@@ -210,3 +222,100 @@ def test_mypy_rejects_a_payload_of_the_wrong_type(tmp_path: Path) -> None:
         for m in re.finditer(r"^\S*typed_enqueue_snippet\.py:(\d+): error", done.stdout, re.M)
     }
     assert flagged == wrong, done.stdout + done.stderr
+
+
+#: What a user writes against an installed corral: README's own task shape.
+INSTALLED_SNIPPET = """
+import msgspec
+import corral
+
+
+class Email(msgspec.Struct):
+    to: str
+    subject: str
+
+
+@corral.task(queue="emails")
+def send(ctx: corral.JobContext, msg: Email) -> dict:
+    return {"sent_to": msg.to}
+
+
+def use(client: corral.Client) -> None:
+    client.enqueue(send, Email(to="a@b", subject="hi"))
+    client.enqueue(send, 42)  # wrong
+"""
+
+
+def test_mypy_checks_payloads_against_corral_installed_by_pip(tmp_path: Path) -> None:
+    """corral installed as a user installs it (a wheel in site-packages, not
+    the repository's tree) is typed for mypy (its py.typed marker): without
+    it mypy skips the package and checks no payload."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    source = tmp_path / "source"  # a copy: a build leaves build/ and *.egg-info behind
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".*", "build", "var", "tests", "bench", "docs", "*.egg-info", "__pycache__"
+        ),
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            site,
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    # corral's dependencies (msgspec, pyzmq ...) from the test venv, after corral itself
+    deps = subprocess.run(
+        [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "zz_deps.pth").write_text(deps + "\n")
+    snippet = tmp_path / "installed_snippet.py"
+    snippet.write_text(INSTALLED_SNIPPET)
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--python-executable",
+            str(python),
+            "--no-incremental",
+            "--follow-imports=silent",
+            "--no-error-summary",
+            "--hide-error-context",
+            str(snippet),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = INSTALLED_SNIPPET.splitlines()
+    wrong = {n for n, line in enumerate(lines, 1) if line.endswith("# wrong")}
+    flagged = {
+        int(m) for m in re.findall(r"^\S*installed_snippet\.py:(\d+): error", checked.stdout, re.M)
+    }
+    assert flagged == wrong, checked.stdout + checked.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import sys
 import traceback
 import typing
@@ -162,29 +163,31 @@ class TaskDecorator(Protocol):
         self, fn: Callable[Concatenate[JobContext, T, P], R], /
     ) -> Task[Concatenate[JobContext, T, P], T, R]: ...
     @overload
-    def __call__(
-        self, fn: Callable[Concatenate[JobContext, P], R], /
-    ) -> Task[Concatenate[JobContext, P], None, R]: ...
+    def __call__(self, fn: Callable[[JobContext], R], /) -> Task[[JobContext], None, R]: ...
     @overload
-    def __call__(self, fn: Callable[Concatenate[T, P], R], /) -> Task[Concatenate[T, P], T, R]: ...
+    def __call__(self, fn: Callable[[T], R], /) -> Task[[T], T, R]: ...
     @overload
-    def __call__(self, fn: Callable[P, R], /) -> Task[P, None, R]: ...
+    def __call__(self, fn: Callable[[], R], /) -> Task[[], None, R]: ...
 
 
-# The payload type of each handler shape: (ctx, payload, ...), (ctx, ...),
-# (payload, ...), (). The same four shapes as TaskDecorator's.
+# The payload type of each handler shape: (ctx, payload, ...), (ctx), (payload),
+# (). The same four shapes as TaskDecorator's. Only the first takes a ParamSpec
+# (the keyword-only options a handler may have after its payload): where
+# several overloads match a function whose signature holds an Any (a return of
+# `dict`, `dict[str, Any]`, `Any`), mypy answers Task[Any, Any, Any] unless
+# their parameter types agree, and a ParamSpec form matches every arity (so the
+# payload would go unchecked). The fixed arities match one shape each, or, for
+# (ctx), two that agree.
 @overload
 def task(
     fn: Callable[Concatenate[JobContext, T, P], R], /
 ) -> Task[Concatenate[JobContext, T, P], T, R]: ...
 @overload
-def task(
-    fn: Callable[Concatenate[JobContext, P], R], /
-) -> Task[Concatenate[JobContext, P], None, R]: ...
+def task(fn: Callable[[JobContext], R], /) -> Task[[JobContext], None, R]: ...
 @overload
-def task(fn: Callable[Concatenate[T, P], R], /) -> Task[Concatenate[T, P], T, R]: ...
+def task(fn: Callable[[T], R], /) -> Task[[T], T, R]: ...
 @overload
-def task(fn: Callable[P, R], /) -> Task[P, None, R]: ...
+def task(fn: Callable[[], R], /) -> Task[[], None, R]: ...
 
 
 @overload
@@ -262,10 +265,7 @@ def task(  # noqa: PLR0913
 def _define(func: Callable[..., Any], **options: Any) -> TaskDef:
     from corral.context import JobContext
 
-    if options["max_attempts"] is not None and options["max_attempts"] < 1:
-        raise ValueError(f"task {options['name']}: max_attempts must be at least 1")
-    if options["max_retries"] is not None and options["max_retries"] < 0:
-        raise ValueError(f"task {options['name']}: max_retries must be at least 0")
+    _check_options(options)
     _check_limits(options)
     params = [
         prm
@@ -292,6 +292,54 @@ def _define(func: Callable[..., Any], **options: Any) -> TaskDef:
         is_async=inspect.iscoroutinefunction(func),
         **options,
     )
+
+
+#: The task options in seconds, and whether 0 is allowed: each is finite and
+#: at most 100 years, as the broker takes it (a READY whose options it
+#: cannot take is dropped: the worker would never register).
+_SECONDS_OPTIONS = {
+    "timeout": False,
+    "soft_timeout": False,
+    "result_ttl": True,
+    "retry_backoff": True,
+    "retry_backoff_max": True,
+}
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """The options of ``@corral.task`` the broker checks (names, counts,
+    seconds), as it checks them; raises ValueError naming the task and the
+    option."""
+    from corral.broker.jobspec import MAX_NAME, MAX_SECONDS
+
+    task = options["name"]
+    for name in ("name", "queue"):
+        value = options[name]
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+            raise ValueError(
+                f"task {str(task)[:80]}: {name} must be a non-empty string of at most "
+                f"{MAX_NAME} characters, got {str(value)[:80]!r}"
+            )
+    for name, least in (("max_attempts", 1), ("max_retries", 0)):
+        value = options[name]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not least <= value < 2**31
+        ):
+            raise ValueError(
+                f"task {task}: {name} must be at least {least} and fit in 32 bits, got {value!r}"
+            )
+    for name, zero in _SECONDS_OPTIONS.items():
+        value = options[name]
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        low = 0.0 if zero else math.ulp(0.0)  # 0 itself, or only above it
+        if not number or not low <= value <= MAX_SECONDS:
+            bound = "at least" if zero else "above"
+            raise ValueError(
+                f"task {task}: {name} must be a number of seconds, {bound} 0 and at most "
+                f"{MAX_SECONDS:.0f} (100 years), got {value!r}"
+            )
 
 
 def _check_limits(options: dict[str, Any]) -> None:

@@ -11,13 +11,16 @@ of the same pages: live updates without a framework.
 
 Read-only unless ``allow_actions``: every action is a POST, refused (403)
 when actions are off or when its Origin is not the dashboard's own (a page
-elsewhere cannot make a visitor's browser act). It listens on loopback
-unless told otherwise.
+elsewhere cannot make a visitor's browser act), and, on a loopback address,
+when its Host names something other than ``localhost`` or an address (DNS
+rebinding: a page whose name was made to resolve to 127.0.0.1 has the
+dashboard's origin). It listens on loopback unless told otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -135,6 +138,12 @@ async def act(request: web.Request) -> web.Response:
     origin = request.headers.get("Origin")
     if origin is not None and origin != f"{request.scheme}://{request.host}":
         raise web.HTTPForbidden(text=f"an action from {origin} is refused")
+    if _rebound(request):
+        raise web.HTTPForbidden(
+            text=f"an action through the host name {request.host!r} is refused: this dashboard"
+            " listens on loopback, where only localhost or an address reaches it (a page whose"
+            " name was made to resolve here, DNS rebinding, would have the same origin)"
+        )
     form = await request.post()
     client = request.app[CLIENT]
     action = request.match_info["action"]
@@ -155,6 +164,35 @@ async def act(request: web.Request) -> web.Response:
         back = "/"
     sep = "&" if "?" in back else "?"
     raise web.HTTPSeeOther(f"{back}{sep}notice={_quote(notice)}")
+
+
+def _rebound(request: web.Request) -> bool:
+    """The request came to a loopback address under a host name other than
+    ``localhost``: a browser names a dashboard on loopback by an address or
+    ``localhost`` (an ssh tunnel included), and a page of another site whose
+    name its DNS now resolves here (DNS rebinding) passes the Origin check."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sockname or not _loopback(str(sockname[0])):
+        return False
+    name = (request.url.host or "").strip("[]").rstrip(".").lower()
+    return name != "localhost" and not name.endswith(".localhost") and not _is_address(name)
+
+
+def _loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 async def _bulk(client: AsyncClient, action: str, queue: str | None) -> int:

@@ -3,6 +3,8 @@ they take its name, queue and options, and mypy checks their payloads."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 import corral
@@ -31,3 +33,25 @@ def tick(ctx: corral.JobContext) -> int:
 @corral.task
 async def send_later(ctx: corral.JobContext, msg: Email) -> str:
     return msg.to
+
+
+# Handlers whose signature holds an Any (a return of dict[str, Any], as
+# README's `-> dict` is without --strict): mypy must still check their payloads.
+@corral.task(queue="typed")
+def invoice(ctx: corral.JobContext, msg: Email) -> dict[str, Any]:
+    return {"to": msg.to}
+
+
+@corral.task(queue="typed")
+def anything(ctx: corral.JobContext, count: int, *, dry_run: bool = False) -> Any:
+    return count
+
+
+@corral.task(queue="typed")
+def ping(ctx: corral.JobContext) -> Any:
+    return None
+
+
+@corral.task(queue="typed")
+def echo(text: str) -> Any:
+    return text

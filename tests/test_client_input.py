@@ -1,0 +1,68 @@
+"""The Python client given bad input, as a new user would: a clear error
+naming what was wrong, raised where the mistake is made, never a hang, an
+internal error from deep inside pyzmq, or a silent answer to another
+question."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import Env
+
+import corral
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, 0, -1, "5s", True])
+def test_a_client_timeout_that_is_no_timeout_is_refused_at_once(timeout: object) -> None:
+    """NaN raised "cannot convert float NaN to integer" from the first poll;
+    0 and -1 made every call "no answer from the broker"."""
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        corral.Client("ipc:///nonexistent/client.sock", timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        corral.AsyncClient("ipc:///nonexistent/client.sock", timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_a_job_list_with_a_status_or_limit_that_cannot_be_is_refused(env: Env) -> None:
+    """An unknown status listed nothing (a typo looked like an empty queue),
+    a limit of 0 or below listed one job."""
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    client.enqueue("e2e.square", 3)
+    with pytest.raises(corral.BrokerError, match="status: 'done' is not one of") as info:
+        client.jobs(status="done")
+    assert info.value.code == "invalid"
+    for limit in (0, -1):
+        with pytest.raises(corral.BrokerError, match="limit: must be at least 1") as info:
+            client.jobs(limit=limit)
+        assert info.value.code == "invalid"
+    assert len(client.jobs(status="queued", limit=1)) == 1
+
+
+class _Replaces(corral.Hooks):
+    """A before_enqueue that replaces the job's headers instead of adding to them."""
+
+    def __init__(self, headers: object) -> None:
+        self.headers = headers
+
+    def before_enqueue(self, job: corral.hooks.Enqueuing) -> None:
+        job.headers = self.headers  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("headers", [None, "tenant=acme", [("tenant", "acme")], 5])
+def test_a_hook_that_replaces_the_headers_with_no_mapping_cannot_break_the_enqueue(
+    headers: object,
+) -> None:
+    """README: "A hook cannot break anything". headers = None made every
+    enqueue raise AttributeError ('NoneType' object has no attribute 'items')."""
+    from corral.clientcore import ClientCore
+    from corral.hooks import HookSet
+
+    core = ClientCore(hooks=HookSet([_Replaces(headers)]))
+    step = core.enqueue("e2e.square", 3, headers={"tenant": "acme"})
+    (spec,) = step.request.jobs  # type: ignore[union-attr]
+    assert spec.headers == {"tenant": "acme"}  # the caller's own headers go
+    step = core.enqueue("e2e.square", 3)
+    (spec,) = step.request.jobs  # type: ignore[union-attr]
+    assert not spec.headers
