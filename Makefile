@@ -8,10 +8,11 @@ CONFIG ?= config/corral.toml
 # through symlinks laid out the way [tool.setuptools.package-dir] maps the folders.
 TYPECHECK := build/typecheck
 SUBPACKAGES := broker supervisor workers config
-# The suite's tests mostly wait on real processes: four at a time on 2 cores
-# (three left a quarter of the CPU idle: 281 s against 232 s), and work
+# The suite's tests mostly wait on real processes: six at a time on 2 cores
+# (with corral commands forked from tests/zygote.py the suite needs 41% less
+# CPU, so four left it waiting: 256 s against 234 s; eight, 229 s), and work
 # stealing keeps the long tests from ending the run on one process.
-TEST_PROCESSES ?= 4
+TEST_PROCESSES ?= 6
 # The suite starts a few hundred daemons and CLI processes: each would compile
 # every module again where the environment turns bytecode caching off.
 unexport PYTHONDONTWRITEBYTECODE
