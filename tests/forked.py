@@ -164,7 +164,8 @@ class Zygote:
             with self._changed:
                 if "exit" in message:
                     self._exits[int(message["exit"])] = int(message["code"])
-                else:
+                else:  # a pid used again: its old exit is not the new child's
+                    self._exits.pop(int(message.get("pid", -1)), None)
                     self._answers.append(message)
                 self._changed.notify_all()
         with self._changed:
