@@ -37,7 +37,6 @@ from harness import Instance, Settings, proc_cpu, reexec_in_snapshot
 
 import corral.client
 
-IN_FLIGHT = 100
 STATUS_POLL = 0.05
 DRAIN_TIMEOUT = 600.0
 
@@ -116,20 +115,10 @@ def one(n: int, fsync: str) -> dict[str, float]:
 def in_flight(n: int, fsync: str) -> dict[str, float]:
     """``AsyncClient.enqueue`` with IN_FLIGHT outstanding: rate, CPU per job
     on both sides, and jobs per fdatasync."""
-    from corral.asyncclient import AsyncClient
+    from peers.corral_side import enqueue_in_flight
 
     async def burst(endpoint: str) -> float:
-        async with AsyncClient(endpoint, timeout=30.0) as client:
-            await asyncio.gather(*(client.enqueue("demo.noop") for _ in range(IN_FLIGHT)))
-            each, extra = divmod(n, IN_FLIGHT)
-
-            async def lane(count: int) -> None:
-                for _ in range(count):
-                    await client.enqueue("demo.noop")
-
-            started = time.perf_counter()
-            await asyncio.gather(*(lane(each + (i < extra)) for i in range(IN_FLIGHT)))
-            return time.perf_counter() - started
+        return await enqueue_in_flight(endpoint, n)
 
     with Instance(Settings(fsync=fsync)) as inst:
         broker = inst.start("broker")

@@ -147,11 +147,14 @@ def async_enqueue(fsync: str, n: int) -> Figures:
     with Instance(Settings(fsync=fsync)) as inst:
         inst.start("broker")
         inst.wait_ready()
-        elapsed = asyncio.run(_enqueue_many_in_flight(inst.client_endpoint, n))
+        elapsed = asyncio.run(enqueue_in_flight(inst.client_endpoint, n))
     return {"rate": n / elapsed}
 
 
-async def _enqueue_many_in_flight(endpoint: str, n: int) -> float:
+async def enqueue_in_flight(endpoint: str, n: int) -> float:
+    """Seconds for ``n`` ``AsyncClient.enqueue("demo.noop")`` calls with
+    IN_FLIGHT outstanding, after a warm-up round of IN_FLIGHT (not timed).
+    Also bench/cpu.py's burst."""
     async with AsyncClient(endpoint, timeout=30.0) as client:
         await asyncio.gather(*(client.enqueue("demo.noop") for _ in range(IN_FLIGHT)))
         each, extra = divmod(n, IN_FLIGHT)
