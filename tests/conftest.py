@@ -304,6 +304,19 @@ def broker_processes(proc: Proc) -> list[psutil.Process]:
 FAST_RETRY = 'retry_backoff = "50ms"\nretry_backoff_max = "50ms"'
 
 
+def wait_new_broker(client: corral.Client, old: str, timeout: float = 60.0) -> None:
+    """Wait until a broker other than ``old`` (a broker id, from
+    ``client.ping()``) answers ``client``."""
+
+    def new_broker() -> bool:
+        try:
+            return client.ping() != old
+        except corral.BrokerUnavailable:
+            return False
+
+    wait_for(new_broker, timeout, message="a new broker")
+
+
 def kill_broker(env: Env, daemon: Proc) -> None:
     """SIGKILL the broker child of ``corral run`` and wait for the
     supervisor's new one to answer (its broker id differs)."""
@@ -312,14 +325,7 @@ def kill_broker(env: Env, daemon: Proc) -> None:
         old = client.ping()
         (broker,) = broker_processes(daemon)
         broker.kill()
-
-        def new_broker() -> bool:
-            try:
-                return client.ping() != old
-            except corral.BrokerUnavailable:
-                return False
-
-        wait_for(new_broker, 60, message="a new broker")
+        wait_new_broker(client, old)
     finally:
         client.close()
 

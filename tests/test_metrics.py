@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Callable
 
 import pytest
-from conftest import Env, broker_processes, free_port, wait_for
+from conftest import Env, broker_processes, free_port, wait_for, wait_new_broker
 from prometheus_client.parser import text_string_to_metric_families
 
 import corral
@@ -145,14 +145,7 @@ def test_a_broker_restarted_while_its_metrics_port_is_taken_serves_on(env: Env) 
         wait_for(lambda: _bound(taken, port), 30, message="the dead broker's port")
         taken.listen()
         daemon.signal(signal.SIGCONT)
-
-        def new_broker() -> bool:
-            try:
-                return client.ping() != old
-            except corral.BrokerUnavailable:
-                return False
-
-        wait_for(new_broker, 60, message="a new broker")
+        wait_new_broker(client, old)
         assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9
         wait_for(lambda: "metrics.cannot_listen" in daemon.output(), 10, message="the error")
     finally:
