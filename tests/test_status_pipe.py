@@ -4,26 +4,34 @@ jobs and the worker's socket identity, torn lines skipped."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from urllib.parse import quote
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.workers.status import StatusReader, StatusWriter, _q
+from corral.workers.status import StatusEvent, StatusReader, StatusWriter, _q
+
+
+def written(write: Callable[[StatusWriter], None]) -> list[StatusEvent]:
+    """What a reader makes of the lines ``write`` puts on a real pipe."""
+    r, w = os.pipe()
+    try:
+        write(StatusWriter(w))
+        return StatusReader().feed(os.read(r, 65536))
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_snapshots_carry_the_identity_and_the_running_jobs() -> None:
-    r, w = os.pipe()
-    try:
-        writer = StatusWriter(w)
+    def write(writer: StatusWriter) -> None:
         writer.running({"a": 30.0, "b": None}, b"\x01\xff")
         writer.running({}, b"\x02")
         writer.running({})  # not connected yet: no identity
         writer.retiring("max_jobs")
-        events = StatusReader().feed(os.read(r, 65536))
-    finally:
-        os.close(r)
-        os.close(w)
+
+    events = written(write)
     assert [(e.kind, e.identity, e.jobs, e.reason) for e in events] == [
         ("J", "01ff", {"a": 30.0, "b": 0.0}, ""),
         ("J", "02", {}, ""),
@@ -36,17 +44,14 @@ def test_any_job_id_travels_whole_and_never_makes_a_line_of_its_own() -> None:
     """Job ids are any string: spaces, colons, an "id=" prefix, and even a
     newline that would otherwise inject an R (retiring) line."""
     odd = ["a b", "x:1", "id=ff", "E x\nR poison", "é%"]
-    r, w = os.pipe()
-    try:
-        writer = StatusWriter(w)
+
+    def write(writer: StatusWriter) -> None:
         writer.running(dict.fromkeys(odd, 5.0), b"\x01")
         for job_id in odd:
             writer.started(job_id, 2.0)
             writer.ended(job_id)
-        events = StatusReader().feed(os.read(r, 65536))
-    finally:
-        os.close(r)
-        os.close(w)
+
+    events = written(write)
     assert [e.kind for e in events] == ["J"] + ["S", "E"] * len(odd)
     assert events[0].identity == "01" and events[0].jobs == dict.fromkeys(odd, 5.0)
     assert [next(iter(e.jobs)) for e in events[1:]] == [i for i in odd for _ in (0, 1)]
@@ -84,17 +89,14 @@ def test_hook_lines_and_snapshots_carry_the_hooks_running() -> None:
     thread that runs it), its end too (D); a snapshot lists the hooks
     running, so a lost line is made good. Odd names travel whole, and so
     does why a worker cannot start (X)."""
-    r, w = os.pipe()
-    try:
-        writer = StatusWriter(w)
+
+    def write(writer: StatusWriter) -> None:
         writer.hook_started("a b:1", 30.0, "Exporter.after_job")
         writer.hooks_done("a b:1")
         writer.running({"j": 5.0}, b"\x01", {"k\nR x": ("my.<locals>.H.before_job", 2.5)})
         writer.cannot_start("plugin 'x' could not be imported:\nR poison")
-        events = StatusReader().feed(os.read(r, 65536))
-    finally:
-        os.close(r)
-        os.close(w)
+
+    events = written(write)
     assert [(e.kind, e.jobs, e.hooks, e.reason) for e in events] == [
         ("H", {}, {"a b:1": ("Exporter.after_job", 30.0)}, ""),
         ("D", {"a b:1": 0.0}, {}, ""),
