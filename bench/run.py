@@ -547,26 +547,21 @@ def targets(results: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             beyond <= 300,
             f"{beyond:,.0f} bytes",
         )
-    replay = _get(results, "scale", "interval", "replay_mb_s")
-    if replay is not None:
-        restart = _get(results, "scale", "interval", "restart_s") or 0.0
-        add(
-            f"restart on the log of {sizes.scale:,} pending jobs",
-            ">= 200 MB/s of log replayed",
-            replay,
-            replay >= 200,
-            f"{replay:,.0f} MB/s ({restart:.2f} s)",
-        )
-    replay = _get(results, "scale", "interval", "replay_ckpt_mb_s")
-    if replay is not None:
-        restart = _get(results, "scale", "interval", "restart_ckpt_s") or 0.0
-        add(
-            f"the same, after a compaction wrote its checkpoint ({sizes.scale:,} jobs)",
-            ">= 200 MB/s of log replayed",
-            replay,
-            replay >= 200,
-            f"{replay:,.0f} MB/s ({restart:.2f} s)",
-        )
+    restarts = (  # (the figures' infix, the row's name)
+        ("", f"restart on the log of {sizes.scale:,} pending jobs"),
+        ("_ckpt", f"the same, after a compaction wrote its checkpoint ({sizes.scale:,} jobs)"),
+    )
+    for infix, name in restarts:
+        replay = _get(results, "scale", "interval", f"replay{infix}_mb_s")
+        if replay is not None:
+            restart = _get(results, "scale", "interval", f"restart{infix}_s") or 0.0
+            add(
+                name,
+                ">= 200 MB/s of log replayed",
+                replay,
+                replay >= 200,
+                f"{replay:,.0f} MB/s ({restart:.2f} s)",
+            )
     for fsync in ("always", "never"):
         p50 = _get(results, "latency", fsync, "p50_ms")
         if p50 is not None:
