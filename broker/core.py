@@ -292,14 +292,15 @@ class BrokerCore:
             self.on_frames(side, frames, now, mono)
         self.tick(now, mono)
         # Group commit: one fsync covers every reply of the pass. A pass with
-        # no reply (leases, worker outcomes) promises nothing, so its records
+        # no reply that tells of the state (leases, worker outcomes; pongs and
+        # refusals of unreadable requests, a storm's) promises nothing, so its records
         # are synced within fsync_interval instead of at once; unless it made
         # jobs (a schedule's fire, a follow-up): those may be dispatched just
         # below, and one run before its creation is on disk would be made and
         # run again after a power loss.
         made = self.state.next_seq != self._made_until
         self._made_until = self.state.next_seq
-        durable = bool(self.replies) or made
+        durable = self.replies.durable or made
         if self.metrics is None:
             self.log.commit(mono, durable=durable)
         else:
@@ -383,7 +384,8 @@ class BrokerCore:
         count_malformed(self.stats, side, reason)
         if side == CLIENT and identity is not None:
             code = "version" if "version" in reason else "invalid"
-            self.replies.add(identity, p.ErrorReply(req, code, f"bad request: {reason}"))
+            reply = p.ErrorReply(req, code, f"bad request: {reason}")
+            self.replies.add(identity, reply, durable=False)  # it tells nothing of the state
 
     def tick(self, now: float, mono: float) -> None:
         """What is due: schedules and delayed jobs (and what waited for disk

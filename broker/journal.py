@@ -73,6 +73,11 @@ class Replies:
         #: The held replies' bodies, summed (bytes; a shared status once).
         self.size = 0
         self._counted: bytes | None = None
+        #: A held reply tells of the state (an acknowledgement, a job, a
+        #: status): the pass's commit must sync what the log holds before
+        #: it leaves. False while the only replies promise nothing (a pong,
+        #: the refusal of a request that could not be read).
+        self.durable = False
 
     def __bool__(self) -> bool:
         return bool(self.pending)
@@ -80,10 +85,14 @@ class Replies:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def add(self, identity: bytes, msg: p.Msg) -> None:
+    def add(self, identity: bytes, msg: p.Msg, *, durable: bool = True) -> None:
+        """Hold ``msg`` for ``identity``. ``durable=False``: it tells
+        nothing of the state (see :attr:`durable`), so it needs no sync."""
         body = p.encode(msg)
         self.pending.append((identity, body))
         self.size += len(body)
+        if durable:
+            self.durable = True
 
     def add_status(self, identity: bytes, req: int, status: bytes) -> None:
         """A status reply carrying ``status`` (an encoded StatusInfo), which
@@ -93,6 +102,7 @@ class Replies:
         one per reply."""
         frames = p.status_reply_frames(req, status)
         self.pending.append((identity, frames))
+        self.durable = True
         self.size += len(frames[0]) + len(frames[2])
         if status is not self._counted:
             self._counted = status
@@ -103,6 +113,7 @@ class Replies:
         pending, self.pending = self.pending, []
         self.size = 0
         self._counted = None
+        self.durable = False
         for identity, body in pending:
             if isinstance(body, bytes):
                 link.send(identity, body)

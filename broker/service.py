@@ -228,7 +228,7 @@ class ClientService:
             self._reply(identity, p.FlowReply(msg.req, views.flow_info(self.state, flow)))
 
     def _ping(self, identity: bytes, msg: p.Ping, now: float, mono: float) -> None:
-        self._reply(identity, p.Pong(msg.req, self.broker_id))
+        self.replies.add(identity, p.Pong(msg.req, self.broker_id), durable=False)
 
     def _list(self, identity: bytes, msg: p.ListJobs, now: float, mono: float) -> None:
         if msg.status is not None and msg.status not in p.STATUSES:  # a typo lists nothing

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Env, wait_for
-from inproc import InProcessBroker
+from inproc import FakeWorker, InProcessBroker
 
 import corral
 from corral.broker import protocol as p
@@ -96,3 +96,35 @@ def test_requests_waiting_when_the_broker_runs_again_share_an_fsync(env: Env) ->
         30,
         message=f"{N} jobs queued",
     )
+
+
+def test_a_pass_answering_only_pings_and_unreadable_requests_syncs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pong, or the refusal of a request that could not be read, promises
+    nothing about the log, so a pass whose only replies are those leaves
+    what earlier passes wrote to the interval's sync (a storm of garbage on
+    the client endpoint cost an fdatasync per pass while a forged READY's
+    records were unsynced). A reply that shows state still waits for it."""
+    broker = InProcessBroker(tmp_path, fsync="always")
+    broker.enqueue("t.task", 1)
+    fsyncs: list[int] = []
+    real = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        real(fd)
+        fsyncs.append(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    worker = FakeWorker(broker)
+    assert worker.ready()  # its lease is written, and left to the interval's sync
+    assert not fsyncs
+    garbage = [(CLIENT, [f"storm-{i}".encode(), b"\xc1" * (i + 1)]) for i in range(50)]
+    broker.run_pass(*garbage, (CLIENT, [b"client-1", p.encode(p.Ping(broker.next_req()))]))
+    replies = [p.decode(p.client_reply_decoder, body) for _, body in broker.clients.sent[-51:]]
+    assert sum(isinstance(r, p.ErrorReply) for r in replies) == 50
+    assert isinstance(replies[-1], p.Pong)
+    assert not fsyncs, "a pass of pongs and refusals synced the log"
+    job = broker.job("job-1")  # shows the lease: it waits for its record's sync
+    assert job is not None and job.reserved_by == "worker-1"
+    assert len(fsyncs) == 1
