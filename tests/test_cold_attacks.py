@@ -4,16 +4,29 @@ and when anything reads the job table while they are cold."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
-from inproc import InProcessBroker
-from test_checkpoint import checkpointed, restarted
+from inproc import SMALL_LOG, FakeWorker, InProcessBroker
+from structlog.testing import capture_logs
+from test_checkpoint import (
+    QUEUES,
+    assert_same,
+    checkpointed,
+    compact_now,
+    enqueue_many,
+    replay,
+    restarted,
+)
 
 from corral.broker import core
 from corral.broker import protocol as p
+from corral.broker.core import CLIENT
 from corral.broker.framing import LogCorrupt
 
 
@@ -96,5 +109,89 @@ def test_a_base_replaced_under_the_broker_changes_nothing(
     os.replace(other, base)
     info = broker.job("a-0")
     assert info is not None and info.status == "queued"
+    assert len(broker.core.state.jobs) == len(ids)
+    broker.crash()
+
+
+def test_a_second_restart_before_all_are_warm_is_a_full_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restarted on a checkpoint, the broker works some cold jobs, takes new
+    ones, pauses a queue, and is killed with most still cold: the next
+    start, with the checkpoint, is the same as a full replay."""
+    monkeypatch.setattr(core, "WARM_PER_PASS", 0)
+    state_dir, ids = checkpointed(tmp_path)
+    broker = restarted(state_dir)
+    ids += enqueue_many(broker, "late", 20, priority=7)
+    ids += enqueue_many(broker, "late-o", 5, queue="other")
+    broker.request(p.Cancel(broker.next_req(), "a-900"))
+    broker.request(p.Delete(broker.next_req(), "a-900"))
+    broker.run_pass((CLIENT, [b"c", p.encode(p.Pause(broker.next_req(), "other", True))]))
+    worker = FakeWorker(broker, credit=30)
+    held = worker.ready()
+    for d in held[:25]:
+        worker.finish(d)
+    assert broker.core.state.jobs.cold is not None
+    broker.crash()
+    log_dir = state_dir / "log"
+    warm = replay(log_dir, tmp_path, "warm", checkpoint=False)
+    cold = replay(log_dir, tmp_path, "cold", checkpoint=True)
+    assert cold.jobs.cold is not None
+    assert_same(warm, cold, [*ids, "nope"], QUEUES)
+
+
+def test_a_checkpoint_of_another_generation_is_ignored(tmp_path: Path) -> None:
+    """A checkpoint left from an earlier log of the same segment number (the
+    log was removed and made again, or restored from elsewhere) is not
+    trusted: it is ignored, said, and the base replayed in full."""
+    old_dir, _ = checkpointed(tmp_path / "old")
+    state_dir, ids = checkpointed(tmp_path / "new")
+    (old,) = (old_dir / "log").glob("*.ckpt")
+    (new,) = (state_dir / "log").glob("*.ckpt")
+    assert old.name == new.name
+    shutil.copy2(old, new)
+    log_dir = state_dir / "log"
+    with capture_logs() as logs:
+        cold = replay(log_dir, tmp_path, "cold", checkpoint=True)
+    assert cold.jobs.cold is None
+    assert [e["reason"] for e in logs if e["event"] == "checkpoint.ignored"]
+    warm = replay(log_dir, tmp_path, "warm", checkpoint=False)
+    assert_same(warm, cold, ids, QUEUES)
+
+
+def test_a_disk_full_while_the_checkpoint_is_written_leaves_a_whole_base_and_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint is a cache: a disk that fills while it is written
+    leaves no checkpoint and no tmp file, the compaction's base is whole,
+    and the restart replays it in full."""
+    from corral.broker import checkpoint
+
+    real_write = os.write
+    calls = {"n": 0}
+
+    def full_after_a_few_bytes(fd: int, data: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data[:100]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    broker = InProcessBroker(tmp_path / "s", extra=SMALL_LOG)
+    ids = enqueue_many(broker, "a", 1500)
+    # (the checkpoint module's own os only: the base is written as usual)
+    monkeypatch.setattr(
+        checkpoint, "os", types.SimpleNamespace(**{**vars(os), "write": full_after_a_few_bytes})
+    )
+    with capture_logs() as logs:
+        compact_now(broker)
+    monkeypatch.setattr(checkpoint, "os", os)
+    assert calls["n"] == 2
+    assert any(e["event"] == "checkpoint.not_written" for e in logs)
+    log_dir = tmp_path / "s" / "log"
+    assert not list(log_dir.glob("*.ckpt")) and not list(log_dir.glob("*.tmp"))
+    ids += enqueue_many(broker, "b", 3)
+    broker.crash()
+    broker = restarted(tmp_path / "s")
+    assert broker.core.state.jobs.cold is None
     assert len(broker.core.state.jobs) == len(ids)
     broker.crash()
