@@ -11,8 +11,11 @@ import types
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
-from inproc import SMALL_LOG, FakeWorker, InProcessBroker
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 from structlog.testing import capture_logs
 from test_checkpoint import (
     QUEUES,
@@ -195,3 +198,113 @@ def test_a_disk_full_while_the_checkpoint_is_written_leaves_a_whole_base_and_no_
     assert broker.core.state.jobs.cold is None
     assert len(broker.core.state.jobs) == len(ids)
     broker.crash()
+
+
+# -- a broker on cold jobs answers as one on a full replay --------------------
+
+_ID = st.one_of(
+    st.builds("a-{}".format, st.integers(0, 1199)),
+    st.builds("hi-{}".format, st.integers(0, 299)),
+    st.builds("o-{}".format, st.integers(0, 99)),
+    st.builds("b-{}".format, st.integers(0, 4)),
+    st.just("nope"),
+)
+_OPS = st.one_of(
+    st.tuples(st.just("get"), _ID),
+    st.tuples(st.just("cancel"), _ID),
+    st.tuples(st.just("delete"), _ID),
+    st.tuples(st.just("retry"), _ID),
+    st.tuples(st.just("enqueue"), _ID, st.sampled_from([0, 5, 9]), st.sampled_from(QUEUES)),
+    st.tuples(
+        st.just("list"),
+        st.sampled_from([None, *QUEUES]),
+        st.sampled_from([None, "queued", "cancelled", "succeeded"]),
+        st.integers(1, 700),
+        st.booleans(),
+        st.integers(0, 2000),
+    ),
+    st.tuples(st.just("status")),
+    st.tuples(st.just("pause"), st.sampled_from(QUEUES), st.booleans()),
+    st.tuples(st.just("work"), st.integers(1, 40)),
+    st.tuples(st.just("purge"), st.sampled_from(QUEUES)),
+    st.tuples(st.just("restart")),
+)
+
+
+def _request(broker: InProcessBroker, op: tuple[Any, ...]) -> Any:
+    """The client request ``op`` names, or None for ``status`` (see _drive)."""
+    kind, args, req = op[0], op[1:], broker.next_req()
+    if kind == "enqueue":
+        return p.Enqueue(req, [p.JobSpec(args[0], "t.task", priority=args[1], queue=args[2])])
+    if kind == "list":
+        queue, status, limit, newest, cursor = args
+        return p.ListJobs(req, queue, status, None, limit, str(cursor), newest=newest)
+    simple = {"get": p.GetJob, "cancel": p.Cancel, "delete": p.Delete, "retry": p.RetryJobs}
+    if kind in simple:
+        return simple[kind](req, args[0])
+    if kind == "purge":
+        return p.Purge(req, args[0])
+    return None
+
+
+def _drive(state_dir: Path, ops: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``ops`` against a broker on ``state_dir`` (one worker taking jobs
+    as told; ``restart``: kill -9 and start again); what each answered."""
+    got: list[Any] = []
+    broker = restarted(state_dir)
+    worker = FakeWorker(broker, credit=2, queues=tuple(QUEUES))
+    held = worker.ready()
+    for op in ops:
+        if op[0] == "restart":
+            broker.crash()
+            broker = restarted(state_dir)
+            got.append(broker.core.state.jobs.cold is None)
+            worker = FakeWorker(broker, credit=2, queues=tuple(QUEUES))
+            held = worker.ready()
+        elif op[0] == "work":
+            taken = []
+            for _ in range(op[1]):
+                held += deliveries(worker.inbox())
+                if not held:
+                    break
+                d = held.pop(0)
+                worker.start(d)
+                held += deliveries(worker.finish(d))
+                taken.append(d.job_id)
+            got.append(taken)
+        elif op[0] == "pause":  # (a pause waits for the worker's buffer: no reply now)
+            pause = p.Pause(broker.next_req(), op[1], op[2])
+            broker.run_pass((CLIENT, [b"pauser", p.encode(pause)]))
+        elif op[0] == "status":
+            status = broker.request(p.GetStatus(broker.next_req())).status
+            got.append((status.queues, sorted(status.paused)))
+        else:
+            got.append(msgspec.structs.replace(broker.request(_request(broker, op)), req=0))
+    broker.crash()
+    return got
+
+
+@settings(
+    max_examples=int(os.environ.get("CORRAL_COLD_EXAMPLES", "6")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(_OPS, min_size=1, max_size=25))
+def test_a_broker_on_cold_jobs_answers_as_one_on_a_full_replay(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]]
+) -> None:
+    root = tmp_path_factory.mktemp("cold")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(core, "WARM_PER_PASS", 0)  # none warmed but by what the requests need
+        state_dir, _ = checkpointed(root)
+        shutil.copytree(state_dir, root / "copy")
+        for ckpt in (root / "copy" / "log").glob("*.ckpt"):
+            ckpt.unlink()
+        cold, warm = _drive(state_dir, ops), _drive(root / "copy", ops)
+    answered = [op for op in ops if op[0] != "pause"]
+    for i, (a, b) in enumerate(zip(cold, warm, strict=True)):
+        if answered[i][0] == "restart":  # the one may start on cold jobs, never the other
+            assert b, "a broker with no checkpoint started on cold jobs"
+            continue
+        assert a == b, (i, answered[i])
+    shutil.rmtree(root, ignore_errors=True)
