@@ -202,8 +202,37 @@ def test_a_disk_full_while_the_checkpoint_is_written_leaves_a_whole_base_and_no_
 
 # -- a broker on cold jobs answers as one on a full replay --------------------
 
+
+def rich_checkpointed(root: Path) -> Path:
+    """A crashed broker's state dir like :func:`checkpointed`'s, whose base
+    also holds jobs of every other kind beside the cold batches: with
+    ``expires``, delayed, in a chain, with unique and limit keys, failed."""
+    broker = InProcessBroker(root / "s", extra=SMALL_LOG)
+    enqueue_many(broker, "a", 1200)
+    enqueue_many(broker, "x", 50, expires=100.0)
+    enqueue_many(broker, "d", 20, delay=50.0)
+    enqueue_many(broker, "f", 5, max_attempts=1, queue="other", priority=9)
+    worker = FakeWorker(broker, credit=5, queues=("other",))
+    for d in worker.ready():
+        worker.start(d)
+        worker.finish(d, "error", error=p.ErrorInfo("E", "failed"))
+    worker.go_silent()
+    steps = [p.JobSpec(f"c-{i}", "t.task") for i in range(3)]
+    broker.request(p.EnqueueFlow(broker.next_req(), "chain-1", "chain", steps))
+    for i in range(10):
+        broker.enqueue(id=f"u-{i}", unique_key=f"key-{i % 3}")
+        broker.enqueue(id=f"l-{i}", limit_key=f"lk-{i % 2}", queue="other")
+    enqueue_many(broker, "hi", 300, priority=5)
+    enqueue_many(broker, "o", 100, queue="other")
+    compact_now(broker)
+    enqueue_many(broker, "b", 5)
+    broker.crash()
+    return root / "s"
+
+
 _ID = st.one_of(
     st.builds("a-{}".format, st.integers(0, 1199)),
+    st.builds("{}-{}".format, st.sampled_from("xdfcul"), st.integers(0, 10)),
     st.builds("hi-{}".format, st.integers(0, 299)),
     st.builds("o-{}".format, st.integers(0, 99)),
     st.builds("b-{}".format, st.integers(0, 4)),
@@ -228,6 +257,7 @@ _OPS = st.one_of(
     st.tuples(st.just("work"), st.integers(1, 40)),
     st.tuples(st.just("purge"), st.sampled_from(QUEUES)),
     st.tuples(st.just("restart")),
+    st.tuples(st.just("advance"), st.sampled_from([1.0, 30.0, 120.0])),
 )
 
 
@@ -272,6 +302,8 @@ def _drive(state_dir: Path, ops: list[tuple[Any, ...]]) -> list[Any]:
                 held += deliveries(worker.finish(d))
                 taken.append(d.job_id)
             got.append(taken)
+        elif op[0] == "advance":
+            broker.advance(op[1], step=op[1])
         elif op[0] == "pause":  # (a pause waits for the worker's buffer: no reply now)
             pause = p.Pause(broker.next_req(), op[1], op[2])
             broker.run_pass((CLIENT, [b"pauser", p.encode(pause)]))
@@ -289,19 +321,21 @@ def _drive(state_dir: Path, ops: list[tuple[Any, ...]]) -> list[Any]:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(ops=st.lists(_OPS, min_size=1, max_size=25))
+@given(ops=st.lists(_OPS, min_size=1, max_size=25), rich=st.booleans())
 def test_a_broker_on_cold_jobs_answers_as_one_on_a_full_replay(
-    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]]
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]], rich: bool
 ) -> None:
+    """The same requests, worker reports, clock and restarts, to a broker
+    whose jobs are cold and one with no checkpoint: the same answers."""
     root = tmp_path_factory.mktemp("cold")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(core, "WARM_PER_PASS", 0)  # none warmed but by what the requests need
-        state_dir, _ = checkpointed(root)
+        state_dir = rich_checkpointed(root) if rich else checkpointed(root)[0]
         shutil.copytree(state_dir, root / "copy")
         for ckpt in (root / "copy" / "log").glob("*.ckpt"):
             ckpt.unlink()
         cold, warm = _drive(state_dir, ops), _drive(root / "copy", ops)
-    answered = [op for op in ops if op[0] != "pause"]
+    answered = [op for op in ops if op[0] not in ("pause", "advance")]
     for i, (a, b) in enumerate(zip(cold, warm, strict=True)):
         if answered[i][0] == "restart":  # the one may start on cold jobs, never the other
             assert b, "a broker with no checkpoint started on cold jobs"
