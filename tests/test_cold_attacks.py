@@ -50,8 +50,9 @@ def flip_in_batch(path: Path, broker: InProcessBroker, number: int) -> None:
         f.write(bytes([byte[0] ^ 0x40]))
 
 
+@pytest.mark.parametrize("how", ["flip", "truncate"])
 def test_a_base_damaged_under_the_broker_stops_it_not_its_jobs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     """A cold batch that no longer reads back (its base was written to under
     the broker) is damage: the broker stops (as for a failed log write), it
@@ -62,7 +63,10 @@ def test_a_base_damaged_under_the_broker_stops_it_not_its_jobs(
     broker = restarted(state_dir)
     cold = broker.core.state.jobs.cold
     assert cold is not None and 0 in cold.batches
-    flip_in_batch(base_of(state_dir), broker, 0)
+    if how == "flip":
+        flip_in_batch(base_of(state_dir), broker, 0)
+    else:
+        os.truncate(base_of(state_dir), cold.batches[0].offset + 10)
     jobs = len(broker.core.state.jobs)
     with pytest.raises(LogCorrupt):  # the first job of batch 0, looked up
         broker.request(p.GetJob(broker.next_req(), "a-0"))
