@@ -19,6 +19,7 @@ from corral.broker import protocol as p
 from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
 from corral.broker.expiring import lapsed
+from corral.broker.job import touched
 from corral.broker.jobspec import queue_problem, validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
@@ -355,9 +356,11 @@ class ClientService:
 
     def _retry(self, identity: bytes, msg: p.RetryJobs, now: float, mono: float) -> None:
         if msg.job_id is None:
+            # A failed job has a life: the pristine ones (a million, maybe
+            # cold: see broker/coldjobs.py) are passed over, none warmed.
             jobs = [
                 j
-                for j in self.state.jobs.values()
+                for j in touched(self.state.jobs.warm_values())
                 if j.status == "failed"
                 and (msg.queue is None or j.queue == msg.queue)
                 and self.state.holder_of(j.unique_key, now) in (None, j.id)

@@ -346,3 +346,21 @@ def test_a_broker_on_cold_jobs_answers_as_one_on_a_full_replay(
             continue
         assert a == b, (i, answered[i])
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_retrying_every_failed_job_warms_no_cold_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``corral retry --all-failed`` reads the failed jobs only: a cold job
+    is queued, never failed, so it warms none (a million cold jobs would
+    otherwise all be decoded in the one pass)."""
+    monkeypatch.setattr(core, "WARM_PER_PASS", 0)
+    state_dir = rich_checkpointed(tmp_path)
+    broker = restarted(state_dir)
+    cold = broker.core.state.jobs.cold
+    assert cold is not None
+    before = cold.count
+    reply = broker.request(p.RetryJobs(broker.next_req(), all_failed=True, queue="other"))
+    assert isinstance(reply, p.Ack) and sorted(reply.ids) == [f"f-{i}" for i in range(5)]
+    assert broker.core.state.jobs.cold is cold and cold.count == before
+    broker.crash()
