@@ -105,8 +105,11 @@ class ClientService:
 
     # ------------------------------------------------------------- enqueue
 
-    def _refuse_if_full(self, identity: bytes, req: int) -> bool:
-        """New jobs are refused while the log has no room but its reserve."""
+    def _refuse_if_full(
+        self, identity: bytes, req: int, nothing_done: str = "no job was accepted"
+    ) -> bool:
+        """New work (jobs, retries) is refused while the log has no room but
+        its reserve; ``nothing_done`` says what the refusal left undone."""
         if not self.journal.log.full:
             return False
         self.stats["enqueue_refused_disk_full"] += 1
@@ -115,7 +118,7 @@ class ClientService:
             p.ErrorReply(
                 req,
                 "disk_full",
-                f"the broker's disk is full ({self.state_dir}): no job was accepted; "
+                f"the broker's disk is full ({self.state_dir}): {nothing_done}; "
                 "free space or raise broker.disk_reserve, then retry",
             ),
         )
@@ -355,6 +358,10 @@ class ClientService:
         self._on_ended(job, now)
 
     def _retry(self, identity: bytes, msg: p.RetryJobs, now: float, mono: float) -> None:
+        """Run failed or cancelled jobs again: new work, so refused on a full
+        disk as an enqueue is (the reserve is for jobs that exist)."""
+        if self._refuse_if_full(identity, msg.req, "no job was retried"):
+            return
         if msg.job_id is None:
             # A failed job has a life: the pristine ones (a million, maybe
             # cold: see broker/coldjobs.py) are passed over, none warmed.
