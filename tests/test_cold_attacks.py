@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from compacting import until_compacted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
@@ -363,4 +364,40 @@ def test_retrying_every_failed_job_warms_no_cold_one(
     reply = broker.request(p.RetryJobs(broker.next_req(), all_failed=True, queue="other"))
     assert isinstance(reply, p.Ack) and sorted(reply.ids) == [f"f-{i}" for i in range(5)]
     assert broker.core.state.jobs.cold is cold and cold.count == before
+    broker.crash()
+
+
+def test_a_compaction_due_at_the_restart_waits_for_the_cold_jobs_then_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart on a checkpoint whose log is due for compaction at once:
+    none starts while a batch is cold (it would replace the base they are
+    read from); once all are warm it runs, and a restart after it has
+    every job, with the new base's checkpoint."""
+    extra = SMALL_LOG + '\ncompact_min_size = "64KiB"'
+    broker = InProcessBroker(tmp_path / "s", extra=extra, fsync="never")
+    ids = enqueue_many(broker, "a", 600)
+    compact_now(broker)
+    gone = enqueue_many(broker, "g", 1500, queue="other")  # a tail past twice the live jobs
+    gone += enqueue_many(broker, "h", 1500, queue="other")
+    for job_id in gone:
+        broker.request(p.Cancel(broker.next_req(), job_id))
+        broker.request(p.Delete(broker.next_req(), job_id))
+    broker.crash()
+    monkeypatch.setattr(core, "WARM_PER_PASS", 0)
+    broker = InProcessBroker(tmp_path / "s", extra=extra)
+    assert broker.core.state.jobs.cold is not None
+    log, state = broker.core.log, broker.core.state
+    assert log.bytes_since_compaction > 2 * state.live_bytes  # due
+    for _ in range(5):
+        broker.run_pass()
+    assert broker.core.compactor.child is None and broker.core.stats["compactions"] == 0
+    monkeypatch.setattr(core, "WARM_PER_PASS", 1)
+    until_compacted(broker)
+    assert broker.core.state.jobs.cold is None
+    broker.crash()
+    broker = InProcessBroker(tmp_path / "s", extra=extra)
+    assert broker.core.state.jobs.cold is not None  # the new base's checkpoint
+    assert len(broker.core.state.jobs) == len(ids)
+    assert sorted(dict.fromkeys(broker.core.state.jobs)) == sorted(ids)
     broker.crash()
