@@ -282,19 +282,20 @@ def _request(broker: InProcessBroker, op: tuple[Any, ...]) -> Any:
     return None
 
 
-def _drive(state_dir: Path, ops: list[tuple[Any, ...]]) -> list[Any]:
-    """Run ``ops`` against a broker on ``state_dir`` (one worker taking jobs
-    as told; ``restart``: kill -9 and start again); what each answered."""
+def _drive(state_dir: Path, ops: list[tuple[Any, ...]], tasks: tuple[p.TaskInfo, ...]) -> list[Any]:
+    """Run ``ops`` against a broker on ``state_dir`` (one worker of
+    ``tasks`` taking jobs as told; ``restart``: kill -9 and start again);
+    what each answered."""
     got: list[Any] = []
     broker = restarted(state_dir)
-    worker = FakeWorker(broker, credit=2, queues=tuple(QUEUES))
+    worker = FakeWorker(broker, credit=2, queues=tuple(QUEUES), tasks=tasks)
     held = worker.ready()
     for op in ops:
         if op[0] == "restart":
             broker.crash()
             broker = restarted(state_dir)
             got.append(broker.core.state.jobs.cold is None)
-            worker = FakeWorker(broker, credit=2, queues=tuple(QUEUES))
+            worker = FakeWorker(broker, credit=2, queues=tuple(QUEUES), tasks=tasks)
             held = worker.ready()
         elif op[0] == "work":
             taken = []
@@ -326,12 +327,21 @@ def _drive(state_dir: Path, ops: list[tuple[Any, ...]]) -> list[Any]:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(ops=st.lists(_OPS, min_size=1, max_size=25), rich=st.booleans())
+@given(
+    ops=st.lists(_OPS, min_size=1, max_size=25),
+    rich=st.booleans(),
+    limits=st.sampled_from([{}, {"concurrency": 1}, {"key_concurrency": 1, "rate": "3/s"}]),
+)
 def test_a_broker_on_cold_jobs_answers_as_one_on_a_full_replay(
-    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]], rich: bool
+    tmp_path_factory: pytest.TempPathFactory,
+    ops: list[tuple[Any, ...]],
+    rich: bool,
+    limits: dict[str, Any],
 ) -> None:
     """The same requests, worker reports, clock and restarts, to a broker
-    whose jobs are cold and one with no checkpoint: the same answers."""
+    whose jobs are cold and one with no checkpoint: the same answers (with
+    the task's limits as its worker declares them, if any)."""
+    tasks = (p.TaskInfo("t.task", **limits),)
     root = tmp_path_factory.mktemp("cold")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(core, "WARM_PER_PASS", 0)  # none warmed but by what the requests need
@@ -339,7 +349,7 @@ def test_a_broker_on_cold_jobs_answers_as_one_on_a_full_replay(
         shutil.copytree(state_dir, root / "copy")
         for ckpt in (root / "copy" / "log").glob("*.ckpt"):
             ckpt.unlink()
-        cold, warm = _drive(state_dir, ops), _drive(root / "copy", ops)
+        cold, warm = _drive(state_dir, ops, tasks), _drive(root / "copy", ops, tasks)
     answered = [op for op in ops if op[0] not in ("pause", "advance")]
     for i, (a, b) in enumerate(zip(cold, warm, strict=True)):
         if answered[i][0] == "restart":  # the one may start on cold jobs, never the other
