@@ -262,6 +262,12 @@ _OPS = st.one_of(
     st.tuples(st.just("work"), st.integers(1, 40)),
     st.tuples(st.just("purge"), st.sampled_from(QUEUES)),
     st.tuples(st.just("restart")),
+    st.tuples(
+        st.just("flow"),
+        st.sampled_from(["chain", "group"]),
+        st.lists(_ID, min_size=1, max_size=3),
+        st.one_of(st.none(), _ID),
+    ),
     st.tuples(st.just("advance"), st.sampled_from([1.0, 30.0, 120.0])),
 )
 
@@ -279,6 +285,11 @@ def _request(broker: InProcessBroker, op: tuple[Any, ...]) -> Any:
         return simple[kind](req, args[0])
     if kind == "purge":
         return p.Purge(req, args[0])
+    if kind == "flow":
+        flow_kind, ids, callback = args
+        steps = [p.JobSpec(job_id, "t.task") for job_id in ids]
+        last = p.JobSpec(callback, "t.task") if callback is not None else None
+        return p.EnqueueFlow(req, f"flow-{req}", flow_kind, steps, last)
     return None
 
 
