@@ -121,7 +121,9 @@ class ColdJobs:
         self._base = base
         self._seed = seed
         self._materialise = materialise
-        self._fd: int | None = None
+        #: The base as the replay read it, held open: a file renamed over
+        #: its name later (a copy, a restore) is not what the batches are in.
+        self._fd: int | None = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
         #: batch number -> batch, for the batches still cold, in log order.
         self.batches: dict[int, ColdBatch] = {}
         #: Jobs in cold batches.
@@ -162,13 +164,19 @@ class ColdJobs:
         """Read batch ``number`` back from the base, check and decode it, and
         add its jobs (see the module docstring). Raises LogCorrupt if its
         frame is no longer what the replay checked (the base changed under
-        the broker)."""
-        batch = self.batches.pop(number)
-        self.count -= batch.count
-        self.warmed += 1
+        the broker): the batch then stays cold, and the broker stops rather
+        than serve on without its jobs."""
+        batch = self.batches[number]
         if self._fd is None:
-            self._fd = os.open(self._base, os.O_RDONLY | os.O_CLOEXEC)
-        data = os.pread(self._fd, batch.length, batch.offset)
+            raise LogCorrupt(
+                self._base, batch.offset, "a cold batch read after its base was closed"
+            )
+        try:
+            data = os.pread(self._fd, batch.length, batch.offset)
+        except OSError as exc:
+            raise LogCorrupt(
+                self._base, batch.offset, f"a cold batch cannot be read: {exc}"
+            ) from exc
         with memoryview(data) as view:
             got = check_frame(data, view, 0, self._seed)
         record = None
@@ -179,6 +187,11 @@ class ColdJobs:
             raise LogCorrupt(
                 self._base, batch.offset, "a cold batch is not what the replay read there"
             )
+        # Only now is the batch gone from the cold ones: a batch that could not
+        # be read stays counted and placed (the broker stops on the error).
+        del self.batches[number]
+        self.count -= batch.count
+        self.warmed += 1
         jobs = self._materialise(record, number)
         for run in self.runs.pop(number, ()):
             run.jobs = jobs[run.start : run.end]

@@ -47,7 +47,7 @@ from corral.broker.followups import FollowUps
 from corral.broker.housekeeping import Housekeeper
 from corral.broker.job import touched
 from corral.broker.journal import ClientLink, Journal, Replies, WorkerLink
-from corral.broker.log import Log
+from corral.broker.log import Log, LogCorrupt
 from corral.broker.logfiles import Files
 from corral.broker.records import BrokerStarted
 from corral.broker.schedules import Scheduler
@@ -363,6 +363,8 @@ class BrokerCore:
         part = self.service if side == CLIENT else self.dispatcher
         try:
             part.on_message(identity, msg, now, mono)
+        except LogCorrupt:
+            raise  # the log under the broker is damaged (a cold batch): it stops
         except Exception as exc:
             self.stats["handler_errors"] += 1
             op = type(msg).__name__
@@ -435,6 +437,8 @@ class BrokerCore:
     def close(self) -> None:
         """Stop a compaction under way, then sync and close the log."""
         self.compactor.stop()
+        if self.state.jobs.cold is not None:
+            self.state.jobs.cold.close()
         self.log.close()
 
     def poll_timeout(self) -> float:

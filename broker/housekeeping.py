@@ -90,8 +90,11 @@ class Housekeeper:
     def stepped_while_down(self, now: float) -> float | None:
         """After replay: how far (seconds, negative) the wall clock must have
         gone back while no broker ran, at least: the ``every`` schedules' last
-        fires are later than ``now``. None if nothing shows a step."""
-        seen = self.scheduler.latest_fire(self.state.last_fired, self.state.wall_steps)
+        fires, or the latest time the broker's own records hold (see
+        ``JobState.latest_at``), are later than ``now``. None if nothing
+        shows a step."""
+        fired = self.scheduler.latest_fire(self.state.last_fired, self.state.wall_steps)
+        seen = max(fired or 0.0, self.state.latest_at) or None
         if seen is None or now >= seen - STEP_TOLERANCE:
             return None
         return now - seen

@@ -72,7 +72,7 @@ from corral.broker.core import CLIENT, WORKER, BrokerCore
 from corral.broker.events import Events, Publisher
 from corral.broker.gate import Gate, Tally, raise_file_limit
 from corral.broker.lockfile import StateDirLock
-from corral.broker.log import FsyncFailed, LogError
+from corral.broker.log import FsyncFailed, LogCorrupt, LogError
 from corral.errors import ConfigError
 from corral.transport import CLIENT_SNDHWM, bind_router, load_server_keys
 
@@ -300,8 +300,10 @@ class Broker:
 
     def run(self) -> None:
         """The loop; returns after a stop request, with the log synced. A
-        failed fsync or a log write that fails even into the reserve ends
-        the process with exit code 70 (never retried: a restart replays)."""
+        failed fsync, a log write that fails even into the reserve, or a log
+        found damaged under the broker (a cold batch that no longer reads
+        back) ends the process with exit code 70 (never retried: a restart
+        replays)."""
         try:
             while not self._stopping:
                 ready = dict(self._poller.poll(int(self.core.poll_timeout() * 1000)))
@@ -320,6 +322,9 @@ class Broker:
                 error=str(exc),
                 hint="exiting without retrying the fsync; a restart replays the log",
             )
+            os._exit(70)
+        except LogCorrupt as exc:  # e.g. a cold batch's base changed under the broker
+            log.critical("broker.log_corrupt", error=str(exc))
             os._exit(70)
         except LogError as exc:  # e.g. the disk filled even the reserve
             log.critical(

@@ -19,6 +19,7 @@ from corral.broker import protocol as p
 from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
 from corral.broker.expiring import lapsed
+from corral.broker.job import touched
 from corral.broker.jobspec import queue_problem, validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
@@ -104,8 +105,11 @@ class ClientService:
 
     # ------------------------------------------------------------- enqueue
 
-    def _refuse_if_full(self, identity: bytes, req: int) -> bool:
-        """New jobs are refused while the log has no room but its reserve."""
+    def _refuse_if_full(
+        self, identity: bytes, req: int, nothing_done: str = "no job was accepted"
+    ) -> bool:
+        """New work (jobs, retries) is refused while the log has no room but
+        its reserve; ``nothing_done`` says what the refusal left undone."""
         if not self.journal.log.full:
             return False
         self.stats["enqueue_refused_disk_full"] += 1
@@ -114,7 +118,7 @@ class ClientService:
             p.ErrorReply(
                 req,
                 "disk_full",
-                f"the broker's disk is full ({self.state_dir}): no job was accepted; "
+                f"the broker's disk is full ({self.state_dir}): {nothing_done}; "
                 "free space or raise broker.disk_reserve, then retry",
             ),
         )
@@ -354,10 +358,16 @@ class ClientService:
         self._on_ended(job, now)
 
     def _retry(self, identity: bytes, msg: p.RetryJobs, now: float, mono: float) -> None:
+        """Run failed or cancelled jobs again: new work, so refused on a full
+        disk as an enqueue is (the reserve is for jobs that exist)."""
+        if self._refuse_if_full(identity, msg.req, "no job was retried"):
+            return
         if msg.job_id is None:
+            # A failed job has a life: the pristine ones (a million, maybe
+            # cold: see broker/coldjobs.py) are passed over, none warmed.
             jobs = [
                 j
-                for j in self.state.jobs.values()
+                for j in touched(self.state.jobs.warm_values())
                 if j.status == "failed"
                 and (msg.queue is None or j.queue == msg.queue)
                 and self.state.holder_of(j.unique_key, now) in (None, j.id)

@@ -140,6 +140,11 @@ class JobState:
         self.epoch = 0
         #: The sum of the wall-clock steps logged (seconds; see ClockStepped).
         self.wall_steps = 0.0
+        #: The latest wall time (epoch seconds) the broker's own records
+        #: prove its clock reached (a start, a try's end, a cancel, a
+        #: requeue), moved by each step logged since, as the clock was: a
+        #: clock now behind it went back while no broker ran (0: none seen).
+        self.latest_at = 0.0
         self._next_seq = 1
         #: The ready heaps, by queue and task.
         self.ready = ReadyQueues(self.jobs)
@@ -194,6 +199,7 @@ class JobState:
 
     def _apply_broker_started(self, rec: BrokerStarted) -> None:
         self.epoch = max(self.epoch, rec.epoch)
+        self.latest_at = max(self.latest_at, rec.at)
 
     def _apply_clock_stepped(self, rec: ClockStepped) -> None:
         """The wall clock stepped: what was due by the clock before the step
@@ -204,6 +210,8 @@ class JobState:
         if rec.at:
             self.promote_due(rec.at - rec.delta)
         self.wall_steps += rec.delta
+        if self.latest_at:
+            self.latest_at += rec.delta
         self.expiring.stepped(rec.delta)
         waiting = [job for job in touched(self.jobs.warm_values()) if job.status in WAITING]
         for job in waiting:
@@ -408,6 +416,7 @@ class JobState:
         self._set_status(job, "running")
 
     def _apply_finished(self, rec: Finished) -> None:
+        self.latest_at = max(self.latest_at, rec.at)
         job = self.holding(rec.id, rec.lease)
         if job is None:
             return
@@ -461,6 +470,7 @@ class JobState:
         self._place(job)
 
     def _apply_cancelled(self, rec: Cancelled) -> None:
+        self.latest_at = max(self.latest_at, rec.at)
         job = self.jobs.get(rec.id)
         if job is None or job.status in TERMINAL:
             return
@@ -483,6 +493,7 @@ class JobState:
         self._ended(job)
 
     def _apply_requeued(self, rec: Requeued) -> None:
+        self.latest_at = max(self.latest_at, rec.at)
         job = self.jobs.get(rec.id)
         if job is None or job.status not in ("failed", "cancelled"):
             return
@@ -791,10 +802,9 @@ class CheckpointBatches:
 
 def snapshot(state: JobState) -> Iterator[Record]:
     """Every live job as one record, in creation order, after the paused
-    queues, the schedules' last fires, the sum of the wall-clock steps and
-    the flows that still have jobs."""
-    if state.epoch:
-        yield BrokerStarted(state.epoch, 0.0)
+    queues, the schedules' last fires, the sum of the wall-clock steps, the
+    starts so far with the latest time the log proved (after the steps, on
+    whose clock it is) and the flows that still have jobs."""
     for name, options in sorted(state.tasks.items()):
         yield TaskRegistered(name, options)
     for queue in sorted(state.paused):
@@ -803,6 +813,8 @@ def snapshot(state: JobState) -> Iterator[Record]:
         yield ScheduleFired(name, due_at)
     if state.wall_steps:  # before the jobs, whose run_at it has moved already
         yield ClockStepped(state.wall_steps, 0.0)
+    if state.epoch:
+        yield BrokerStarted(state.epoch, state.latest_at)
     for record in state.flowbook.snapshot():
         yield record
         if isinstance(record, FlowCreated) and record.id in state.followed:

@@ -393,13 +393,15 @@ class ClientCore:
         """Put a failed or cancelled job back, with a fresh budget of
         attempts. Returns its id. Raises JobNotFound, BrokerError
         ``invalid`` if the job has not ended that way (or another job holds
-        its unique_key), BrokerUnavailable.
+        its unique_key), DiskFull if the broker's disk is full (nothing
+        retried), BrokerUnavailable.
         """
         return Step(p.RetryJobs(next(self._req), job_id), _first_id)
 
     def retry_failed(self, queue: str | None = None) -> Plan[list[str]]:
         """Put every failed job (of ``queue``; None: of all queues) back.
-        Returns their ids. Raises BrokerUnavailable."""
+        Returns their ids. Raises DiskFull if the broker's disk is full
+        (nothing retried), BrokerUnavailable."""
         return Step(p.RetryJobs(next(self._req), None, all_failed=True, queue=queue), _ids)
 
     def delete(self, job_id: str) -> Plan[None]:

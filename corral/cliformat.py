@@ -365,13 +365,29 @@ def _damage_lines(spans: list[Damage], repaired: bool) -> list[str]:
     return lines
 
 
-def _job_lines(lost: list[str], changed: list[str], spans: list[Damage]) -> list[str]:
+#: Job ids a human report names before it counts the rest.
+SHOWN_IDS = 10
+
+
+def _some(ids: list[str], all_in: str) -> str:
+    """``ids`` for a person: all of a few, else the first :data:`SHOWN_IDS`
+    and a count (a damaged batch loses hundreds); ``all_in`` says where
+    every one is listed."""
+    if not ids:
+        return "none told"
+    if len(ids) <= SHOWN_IDS:
+        return ", ".join(ids)
+    shown = ", ".join(ids[:SHOWN_IDS])
+    return f"{len(ids)} jobs: {shown} and {len(ids) - SHOWN_IDS} more ({all_in} lists them all)"
+
+
+def _job_lines(lost: list[str], changed: list[str], spans: list[Damage], all_in: str) -> list[str]:
     if all(d.kind in ("torn_tail", "header") for d in spans):
         return []
     return [
-        "lost jobs (acknowledged, not in the repaired log): " + (", ".join(lost) or "none told"),
+        "lost jobs (acknowledged, not in the repaired log): " + _some(lost, all_in),
         "jobs that lost a later change (they may run again or show an older status): "
-        + (", ".join(changed) or "none told"),
+        + _some(changed, all_in),
     ]
 
 
@@ -384,7 +400,9 @@ def describe_verify(directory: Path, report: VerifyReport) -> str:
             " every valid record"
         ]
         lines += _damage_lines(report.damaged, repaired=False)
-        lines += _job_lines(report.lost_jobs, report.changed_jobs, report.damaged)
+        lines += _job_lines(
+            report.lost_jobs, report.changed_jobs, report.damaged, "`corral log verify --json`"
+        )
         return "\n".join(lines)
     if report.torn_tail:
         seg, offset = report.torn_tail
@@ -402,7 +420,7 @@ def describe_repair(directory: Path, report: RepairReport) -> str:
     lines = [
         f"{head}; {report.records_kept} records kept, {report.bytes_dropped} bytes moved aside",
         *_damage_lines(report.damaged, repaired=True),
-        *_job_lines(report.lost_jobs, report.changed_jobs, report.damaged),
+        *_job_lines(report.lost_jobs, report.changed_jobs, report.damaged, "repair.json"),
         f"the original segments, the damaged bytes and repair.json are in {report.backup}",
     ]
     return "\n".join(lines)

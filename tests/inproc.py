@@ -118,6 +118,9 @@ class InProcessBroker:
         if log._active is not None:
             os.close(log._active.fd)
             log._active = None
+        cold = self.core.state.jobs.cold
+        if cold is not None:  # the base the cold jobs are read from, as a kill closes it
+            cold.close()
 
     def close(self) -> None:
         """A clean stop: a compaction under way is stopped, the log synced."""

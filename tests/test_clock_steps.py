@@ -373,3 +373,52 @@ def test_a_delay_keeps_its_length_and_a_run_at_its_wall_time(tmp_path: Path, ste
     assert got["delayed"] == pytest.approx(100.5, abs=10.0)
     # run_at: due at once after a step forward; an hour later after a step back
     assert got["at"] == pytest.approx(10.5 if step > 0 else 100.5 + HOUR, abs=10.0)
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_a_step_back_while_the_broker_was_down_does_not_hold_a_retry_back(
+    tmp_path: Path, compacted: bool
+) -> None:
+    """With no ``every`` schedule to tell it, the log's own times (the last
+    start, the last try's end) prove the wall clock went back while no
+    broker ran: the restart takes it as a step, so a retry's backoff keeps
+    its length rather than waiting out the hour too (also from a compacted
+    log, and a log compacted after earlier steps)."""
+    clock = FakeClock()
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    clock.jump(-HOUR)  # an earlier step, logged: the log's times are not all of one clock
+    first.advance(0.5)
+    _, job_id = retrying_job(first, kind="retry", delay=4.0)
+    first.advance(1.0)
+    if compacted:
+        first.core.log.compact(first.core.state.snapshot())
+    first.crash()
+    clock.advance(0.5)
+    clock.jump(-HOUR)
+    with structlog.testing.capture_logs() as logs:
+        second = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    (event,) = [e for e in logs if e["event"] == "broker.clock_stepped"]
+    assert event["direction"] == "backward" and event["while_down"]
+    assert -HOUR < event["seconds"] < -HOUR + 2
+    worker = FakeWorker(second)
+    worker.ready()
+    # The time the broker was down is not known: the backoff is counted again
+    # from the last time the log proves (the try's end), so at most its length.
+    assert runs_after(second, worker, job_id, 10.0) == pytest.approx(4.0, abs=0.15)
+
+
+def test_a_restart_with_no_step_finds_none(tmp_path: Path) -> None:
+    """Time that passed while the broker was down (the clock forward, by
+    any amount) is no step: nothing is moved."""
+    clock = FakeClock()
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    clock.jump(-HOUR)
+    first.advance(0.5)
+    retrying_job(first, kind="retry", delay=4.0)
+    first.core.log.compact(first.core.state.snapshot())
+    first.crash()
+    clock.advance(HOUR)
+    with structlog.testing.capture_logs() as logs:
+        second = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    assert not [e for e in logs if e["event"] == "broker.clock_stepped"]
+    assert second.core.state.wall_steps == pytest.approx(-HOUR)

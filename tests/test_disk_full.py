@@ -252,3 +252,44 @@ def test_follow_ups_on_a_full_disk_wait_for_space_and_are_made_once(
     if kind in ("chain", "chord"):
         reply = broker.request(p.GetFlow(broker.next_req(), "f"))
         assert isinstance(reply, p.FlowReply) and reply.flow.status == "succeeded", reply
+
+
+# -- retries asked for -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["one", "all_failed"])
+def test_a_retry_asked_for_on_a_full_disk_is_refused_as_an_enqueue_is(
+    tmpfs: Mount, which: str
+) -> None:
+    """``corral retry`` brings a finished job back to run again: new work,
+    whose records the reserve was not kept for. On a full disk it is
+    refused with ``disk_full`` (nothing written), and done once space is back."""
+    fs = tmpfs("4m")
+    broker = InProcessBroker(fs / "state", extra=SMALL_LOG)
+    assert isinstance(
+        broker.request(p.Enqueue(broker.next_req(), [p.JobSpec("bad", "t.p", max_attempts=1)])),
+        p.EnqueueOk,
+    )
+    worker = FakeWorker(broker)
+    (d,) = worker.ready()
+    worker.start(d)
+    worker.finish(d, "error", error=p.ErrorInfo("E", "boom"))
+    worker.go_silent()
+    assert broker.job("bad").status == "failed"  # type: ignore[union-attr]
+    filler = fill_log(broker, fs)
+    where = broker.core.log.written_position
+
+    def retry() -> Any:
+        if which == "one":
+            return broker.request(p.RetryJobs(broker.next_req(), "bad"))
+        return broker.request(p.RetryJobs(broker.next_req(), all_failed=True))
+
+    reply = retry()
+    assert isinstance(reply, p.ErrorReply) and reply.code == "disk_full", reply
+    assert broker.core.log.written_position == where
+    assert broker.job("bad").status == "failed"  # type: ignore[union-attr]
+    filler.unlink()
+    broker.advance(1.0)  # space is seen again
+    reply = retry()
+    assert isinstance(reply, p.Ack) and reply.ids == ["bad"], reply
+    assert broker.job("bad").status == "queued"  # type: ignore[union-attr]

@@ -114,3 +114,32 @@ def test_log_tools_name_a_missing_log(env: Env, tmp_path: Path) -> None:
         assert done.returncode == 2
         assert str(missing / "log") in done.stderr and "Traceback" not in done.stderr
     assert not missing.exists()  # a check never creates the state directory
+
+
+def test_log_tools_sum_up_a_long_list_of_lost_jobs_for_a_person(env: Env) -> None:
+    """A damaged batch loses hundreds of jobs: the human output names a few
+    and counts the rest, on a line a person can read; ``--json`` (and the
+    backup's repair.json) lists every one."""
+    env.write_config(extra_broker=SMALL_LOG)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client()
+    ids = client.enqueue_many([corral.Job("e2e.square", n) for n in range(300)])
+    broker.signal(15)
+    assert broker.wait(30) == 0
+    cfg = ["-c", str(env.config)]
+    log_dir = env.home / "state" / "log"
+    (segment,) = sorted(log_dir.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    start = _frame_holding(bytes(data), ids[150].encode())
+    data[start + 5] ^= 0x10
+    segment.write_bytes(bytes(data))
+
+    for action, all_in in (("verify", "verify --json"), ("repair", "repair.json")):
+        done = env.run("log", action, *cfg)
+        (line,) = [line for line in done.stdout.splitlines() if line.startswith("lost jobs")]
+        assert len(line) < 1000, line
+        assert "300 jobs" in line and ids[0] in line and "and 290 more" in line, line
+        assert f"{all_in}` lists them all" in line or f"{all_in} lists them all" in line, line
+    (backup,) = log_dir.glob("repair-*")
+    assert sorted(json.loads((backup / "repair.json").read_text())["lost_jobs"]) == sorted(ids)
