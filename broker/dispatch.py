@@ -38,6 +38,7 @@ from corral.broker.records import (
     ErrorRec,
     Finished,
     Leased,
+    LeasedMany,
     ProgressNoted,
     Returned,
     Started,
@@ -586,40 +587,51 @@ class Dispatcher:
         return self._floor
 
     def _lease(self, conn: WorkerConn, jobs: list[Job], now: float) -> list[p.Delivery]:
-        """Lease ``jobs`` to ``conn`` (a Leased record each); their
-        deliveries, to send once the records are in the log file."""
+        """Lease ``jobs`` to ``conn`` under consecutive tokens, in one
+        record (a Leased for one job, a LeasedMany for more); their
+        deliveries, to send once the record is in the log file."""
         if self.lease_counter + len(jobs) >= 2**32:  # the counter would wrap: a new epoch
             epoch = self.state.epoch + 1
             self.journal.record(BrokerStarted(epoch, now))
             self.journal.log.sync()
             self.start_leases(epoch)
+        first = self._lease_seq + 1
         deliveries = []
+        state = self.state
         for job in jobs:
             self._lease_seq += 1
-            lease = self._lease_seq
             deliveries.append(
                 p.Delivery(
                     job.id,
-                    lease,
+                    self._lease_seq,
                     job.task,
                     job.payload,
                     job.runs + 1,
-                    self.state.max_attempts(job),
+                    state.max_attempts(job),
                     job.queue,
                     job.created_at,
-                    self.state.timeout(job),
+                    state.timeout(job),
                     job.prev_result,
                     job.priority,
                     job.headers,
                 )
             )
-            self.journal.record(
-                Leased(job.id, lease, job.runs + 1, conn.worker_id, conn.host, conn.pid, now)
+        if len(jobs) == 1:
+            job = jobs[0]
+            record: Leased | LeasedMany = Leased(
+                job.id, first, job.runs + 1, conn.worker_id, conn.host, conn.pid, now
             )
+        else:
+            ids = [job.id for job in jobs]
+            record = LeasedMany(ids, first, conn.worker_id, conn.host, conn.pid, now)
+        self.journal.record(record)
+        floor = self._floor
+        for lease, job in enumerate(jobs, first):
             conn.leases[job.id] = lease
             self.holders[job.id] = conn.identity
-            if self._floor is None or job.priority < self._floor:
-                self._floor = job.priority
+            if floor is None or job.priority < floor:
+                floor = job.priority
+        self._floor = floor
         return deliveries
 
     def _deliver(
