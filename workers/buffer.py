@@ -154,7 +154,7 @@ class Held:
                 return "buffered"
             ctx = self.running.get(job_id)
             if ctx is not None and ctx.lease == lease:
-                ctx._cancel.set()
+                ctx._cancelled = True
                 return "running"
             self._revoked[job_id, lease] = None
             while len(self._revoked) > 1000:  # cancels of jobs that had ended
