@@ -52,6 +52,8 @@ from corral.broker.workers import WorkerConn, WorkerTable
 log = structlog.get_logger()
 
 _STAT_KEYS = {status: f"jobs_{status}" for status in STATUSES}
+#: The outcome kinds a worker may report.
+_KINDS = frozenset({"ok", "error", "fail", "retry", "interrupted"})
 #: Called when a job reaches a terminal status: (job, now).
 Ended = Callable[[Job, float], None]
 
@@ -213,10 +215,17 @@ class Dispatcher:
         self.deadlines.set(job.id, mono + max(0.0, timeout - (now - started)), job.lease)
 
     def _report(self, conn: WorkerConn | None, msg: p.Report, now: float, mono: float) -> None:
+        # A try whose outcome comes in the same report (a worker batches its
+        # reports) ends just below: no deadline is armed for it.
+        ending = (
+            {(o.job_id, o.lease) for o in msg.done if o.kind in _KINDS}
+            if msg.started and msg.done
+            else frozenset()
+        )
         for lease in msg.started:
             job = self.state.holding(lease.job_id, lease.lease)
             if conn is not None and job is not None:
-                self.start(conn, job, now, mono)
+                self.start(conn, job, now, mono, arm=(lease.job_id, lease.lease) not in ending)
         for outcome in msg.done:
             self._finish(conn, outcome, now, mono, msg.resent)
         for note in msg.progress:
@@ -224,9 +233,10 @@ class Dispatcher:
             if job is not None:
                 self.journal.record(ProgressNoted(job.id, note.fraction, note.note[:500], now))
 
-    def start(self, conn: WorkerConn, job: Job, at: float, mono: float) -> None:
+    def start(self, conn: WorkerConn, job: Job, at: float, mono: float, arm: bool = True) -> None:
         """The worker ``conn`` began running its reserved ``job``: log it
-        (the job is running, the try counts) and arm its deadline."""
+        (the job is running, the try counts) and arm its deadline (unless
+        ``arm`` is False: its outcome is being taken now)."""
         if job.status != "queued":
             return  # a start reported twice
         lease = job.lease
@@ -234,6 +244,8 @@ class Dispatcher:
             Started(job.id, lease, job.runs + 1, conn.worker_id, conn.host, conn.pid, at)
         )
         conn.started.add(job.id)
+        if not arm:
+            return
         timeout = self.state.timeout(job)
         if timeout is not None:
             self.deadlines.set(job.id, mono + timeout, lease)
@@ -259,7 +271,7 @@ class Dispatcher:
             self.stats["late_results"] += 1
             log.debug("broker.late_result", job_id=outcome.job_id, lease=outcome.lease)
             return
-        if outcome.kind not in ("ok", "error", "fail", "retry", "interrupted"):
+        if outcome.kind not in _KINDS:
             self.malformed(f"unknown outcome kind {outcome.kind!r}")
             return
         if job.status == "queued":  # an outcome with no start reported: it started
