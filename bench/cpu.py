@@ -25,8 +25,10 @@ to the broker's per-job work moves, and what the load moves least. The
 best of the repetitions is the figure to compare.
 
 Usage: ``python bench/cpu.py [--only drain|one|async|core] [--reps N] [--fsync F]
-[--rev REV]``. ``--rev`` measures a commit (see ``harness.export_snapshot``);
-to compare two, run the script for each in turn, several times.
+[--rev REV] [--log-jobs info|debug|off]``. ``--log-jobs off``: a drain
+with no line per job from the workers. ``--rev`` measures a commit (see
+``harness.export_snapshot``); to compare two, run the script for each in
+turn, several times.
 """
 
 from __future__ import annotations
@@ -65,9 +67,14 @@ def _enqueue_all(client: corral.client.Client, n: int, batch: int = 500) -> None
         left -= batch
 
 
+#: ``[log] jobs`` for the drain (``--log-jobs``).
+LOG_JOBS = "info"
+
+
 def drain(n: int, fsync: str) -> dict[str, float]:
     """Broker and workers' CPU per job over a drain of ``n`` no-ops."""
-    with Instance(Settings(fsync=fsync, processes=2, prefetch=64, log_level="info")) as inst:
+    settings = Settings(fsync=fsync, processes=2, prefetch=64, log_level="info", log_jobs=LOG_JOBS)
+    with Instance(settings) as inst:
         broker = inst.start("broker")
         inst.wait_ready()
         with inst.client() as client:
@@ -247,11 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsync", choices=("always", "interval", "never"))
     parser.add_argument("-n", type=int, help="jobs per repetition (default per scenario)")
     parser.add_argument("--rev", help="measure this git commit instead of the work tree")
+    parser.add_argument(
+        "--log-jobs",
+        choices=("info", "debug", "off"),
+        default="info",
+        help="[log] jobs for the drain: the workers' lines per job (default info: written)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
     if args.rev:
         reexec_in_snapshot(args.rev, __file__, sys.argv[1:] if argv is None else argv)
+    global LOG_JOBS
+    LOG_JOBS = args.log_jobs
     label = args.rev or "work tree"
+    if args.log_jobs != "info":
+        label += f" (log jobs {args.log_jobs})"
     runs: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.reps):
         for name in args.only or ["drain", "one", "async"]:
