@@ -15,9 +15,20 @@ judged on it. Three scenarios, each on a fresh scratch instance (see
   broker's CPU per job, and the jobs per fdatasync (the broker's
   ``log_fsyncs`` counter).
 
-Usage: ``python bench/cpu.py [--only drain|one|async] [--reps N] [--fsync F]
-[--rev REV]``. ``--rev`` measures a commit (see ``harness.export_snapshot``);
-to compare two, run the script for each in turn, several times.
+A fourth, ``core``, runs no process: the broker's core (``BrokerCore``, its
+real log in a scratch directory, links that drop what they are given) in
+this process drains N jobs for two fake workers of credit 65 that report
+each job's start and outcome, ``batch`` jobs per report (1: a report per
+job; 16: as a worker batches them). It gives the broker's own CPU per job
+(``time.process_time``, this thread only, no sockets): the least a change
+to the broker's per-job work moves, and what the load moves least. The
+best of the repetitions is the figure to compare.
+
+Usage: ``python bench/cpu.py [--only drain|one|async|core] [--reps N] [--fsync F]
+[--rev REV] [--log-jobs info|debug|off]``. ``--log-jobs off``: a drain
+with no line per job from the workers. ``--rev`` measures a commit (see
+``harness.export_snapshot``); to compare two, run the script for each in
+turn, several times.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,9 +67,14 @@ def _enqueue_all(client: corral.client.Client, n: int, batch: int = 500) -> None
         left -= batch
 
 
+#: ``[log] jobs`` for the drain (``--log-jobs``).
+LOG_JOBS = "info"
+
+
 def drain(n: int, fsync: str) -> dict[str, float]:
     """Broker and workers' CPU per job over a drain of ``n`` no-ops."""
-    with Instance(Settings(fsync=fsync, processes=2, prefetch=64, log_level="info")) as inst:
+    settings = Settings(fsync=fsync, processes=2, prefetch=64, log_level="info", log_jobs=LOG_JOBS)
+    with Instance(settings) as inst:
         broker = inst.start("broker")
         inst.wait_ready()
         with inst.client() as client:
@@ -139,7 +156,95 @@ def in_flight(n: int, fsync: str) -> dict[str, float]:
     }
 
 
-SCENARIOS = {"drain": (drain, 20_000), "one": (one, 5_000), "async": (in_flight, 20_000)}
+class _Dropped:
+    """A link that takes every message and keeps the workers' last ones."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes]] = []
+
+    def send(self, identity: bytes, body: bytes) -> bool:
+        self.sent.append((identity, body))
+        return True
+
+    def send_frames(self, identity: bytes, frames: tuple[bytes, ...]) -> bool:
+        return True
+
+
+def core(n: int, fsync: str) -> dict[str, float]:
+    """The broker core's own CPU per job over a drain of ``n`` jobs, in
+    process, with a report per job and with reports of 16 (see the module
+    docstring)."""
+    return {f"broker_us_batch{b}": _core_drain(n, fsync, b) for b in (1, 16)}
+
+
+def _core_drain(n: int, fsync: str, batch: int) -> float:
+    import tempfile
+
+    from corral.broker import protocol as p
+    from corral.broker.core import CLIENT, WORKER, BrokerCore
+    from corral.broker.jobspec import JobSpec
+    from corral.config import loads
+
+    with tempfile.TemporaryDirectory(prefix="cb-core-") as root:
+        config = loads(
+            f'[broker]\nstate_dir = "{root}"\nclient_endpoint = "ipc://{root}/c.sock"\n'
+            f'worker_endpoint = "ipc://{root}/w.sock"\nfsync = "{fsync}"\n'
+            '[log]\nlevel = "warning"\n'
+        )
+        broker = BrokerCore(config)
+        broker.replay()
+        workers = _Dropped()
+        broker.attach(_Dropped(), workers)
+        specs = [JobSpec(f"j{i}", "demo.noop", p.encode_value(None)) for i in range(n)]
+        for req, at in enumerate(range(0, n, 500), 1):
+            broker.run_pass([(CLIENT, [b"c", p.encode(p.Enqueue(req, specs[at : at + 500]))])])
+        idents = [b"w0", b"w1"]
+        for ident in idents:
+            ready = p.Ready(ident.decode(), ["default"], 65, 1, [], "bench", 1)
+            broker.run_pass([(WORKER, [ident, p.encode(ready)])])
+        done, cpu = 0, 0.0
+        while done < n:
+            inbound = []
+            for ident, jobs in _delivered(workers, p).items():
+                for at in range(0, len(jobs), batch):
+                    inbound.append((WORKER, [ident, _report(jobs[at : at + batch], p)]))
+                    done += len(jobs[at : at + batch])
+            if not inbound:
+                raise RuntimeError(f"nothing delivered after {done} of {n} jobs")
+            started = time.process_time()
+            broker.run_pass(inbound)
+            cpu += time.process_time() - started
+        broker.close()
+    return cpu / n * 1e6
+
+
+def _delivered(workers: _Dropped, p: Any) -> dict[bytes, list[Any]]:
+    """The jobs each fake worker was sent since the last call."""
+    held: dict[bytes, list[Any]] = {}
+    for ident, body in workers.sent:
+        msg = p.decode(p.worker_command_decoder, body)
+        if isinstance(msg, p.Deliver):
+            held.setdefault(ident, []).extend(msg.jobs)
+    workers.sent.clear()
+    return held
+
+
+def _report(jobs: list[Any], p: Any) -> bytes:
+    """A report of ``jobs``' starts and (no-op) outcomes."""
+    from corral.broker.jobspec import NIL
+
+    now = time.time()
+    starts = [p.Lease(d.job_id, d.lease) for d in jobs]
+    ends = [p.Outcome(d.job_id, d.lease, "ok", NIL, None, None, now, now) for d in jobs]
+    return bytes(p.encode(p.Report(starts, ends)))
+
+
+SCENARIOS = {
+    "drain": (drain, 20_000),
+    "one": (one, 5_000),
+    "async": (in_flight, 20_000),
+    "core": (core, 20_000),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,11 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsync", choices=("always", "interval", "never"))
     parser.add_argument("-n", type=int, help="jobs per repetition (default per scenario)")
     parser.add_argument("--rev", help="measure this git commit instead of the work tree")
+    parser.add_argument(
+        "--log-jobs",
+        choices=("info", "debug", "off"),
+        default="info",
+        help="[log] jobs for the drain: the workers' lines per job (default info: written)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
     if args.rev:
         reexec_in_snapshot(args.rev, __file__, sys.argv[1:] if argv is None else argv)
+    global LOG_JOBS
+    LOG_JOBS = args.log_jobs
     label = args.rev or "work tree"
+    if args.log_jobs != "info":
+        label += f" (log jobs {args.log_jobs})"
     runs: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.reps):
         for name in args.only or ["drain", "one", "async"]:

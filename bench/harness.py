@@ -49,6 +49,8 @@ class Settings:
     concurrency: int = 1
     max_jobs_per_process: int = 0
     log_level: str = "info"
+    #: ``[log] jobs``: the level of a worker's two lines per job, or "off".
+    log_jobs: str = "info"
 
 
 def corral_command() -> list[str]:
@@ -86,6 +88,7 @@ shutdown_timeout = "2s"
 [log]
 level = "{settings.log_level}"
 format = "json"
+jobs = "{settings.log_jobs}"
 """
 
 

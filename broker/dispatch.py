@@ -38,6 +38,7 @@ from corral.broker.records import (
     ErrorRec,
     Finished,
     Leased,
+    LeasedMany,
     ProgressNoted,
     Returned,
     Started,
@@ -51,6 +52,8 @@ from corral.broker.workers import WorkerConn, WorkerTable
 log = structlog.get_logger()
 
 _STAT_KEYS = {status: f"jobs_{status}" for status in STATUSES}
+#: The outcome kinds a worker may report.
+_KINDS = frozenset({"ok", "error", "fail", "retry", "interrupted"})
 #: Called when a job reaches a terminal status: (job, now).
 Ended = Callable[[Job, float], None]
 
@@ -212,10 +215,17 @@ class Dispatcher:
         self.deadlines.set(job.id, mono + max(0.0, timeout - (now - started)), job.lease)
 
     def _report(self, conn: WorkerConn | None, msg: p.Report, now: float, mono: float) -> None:
+        # A try whose outcome comes in the same report (a worker batches its
+        # reports) ends just below: no deadline is armed for it.
+        ending = (
+            {(o.job_id, o.lease) for o in msg.done if o.kind in _KINDS}
+            if msg.started and msg.done
+            else frozenset()
+        )
         for lease in msg.started:
             job = self.state.holding(lease.job_id, lease.lease)
             if conn is not None and job is not None:
-                self.start(conn, job, now, mono)
+                self.start(conn, job, now, mono, arm=(lease.job_id, lease.lease) not in ending)
         for outcome in msg.done:
             self._finish(conn, outcome, now, mono, msg.resent)
         for note in msg.progress:
@@ -223,9 +233,10 @@ class Dispatcher:
             if job is not None:
                 self.journal.record(ProgressNoted(job.id, note.fraction, note.note[:500], now))
 
-    def start(self, conn: WorkerConn, job: Job, at: float, mono: float) -> None:
+    def start(self, conn: WorkerConn, job: Job, at: float, mono: float, arm: bool = True) -> None:
         """The worker ``conn`` began running its reserved ``job``: log it
-        (the job is running, the try counts) and arm its deadline."""
+        (the job is running, the try counts) and arm its deadline (unless
+        ``arm`` is False: its outcome is being taken now)."""
         if job.status != "queued":
             return  # a start reported twice
         lease = job.lease
@@ -233,6 +244,8 @@ class Dispatcher:
             Started(job.id, lease, job.runs + 1, conn.worker_id, conn.host, conn.pid, at)
         )
         conn.started.add(job.id)
+        if not arm:
+            return
         timeout = self.state.timeout(job)
         if timeout is not None:
             self.deadlines.set(job.id, mono + timeout, lease)
@@ -258,7 +271,7 @@ class Dispatcher:
             self.stats["late_results"] += 1
             log.debug("broker.late_result", job_id=outcome.job_id, lease=outcome.lease)
             return
-        if outcome.kind not in ("ok", "error", "fail", "retry", "interrupted"):
+        if outcome.kind not in _KINDS:
             self.malformed(f"unknown outcome kind {outcome.kind!r}")
             return
         if job.status == "queued":  # an outcome with no start reported: it started
@@ -586,40 +599,51 @@ class Dispatcher:
         return self._floor
 
     def _lease(self, conn: WorkerConn, jobs: list[Job], now: float) -> list[p.Delivery]:
-        """Lease ``jobs`` to ``conn`` (a Leased record each); their
-        deliveries, to send once the records are in the log file."""
+        """Lease ``jobs`` to ``conn`` under consecutive tokens, in one
+        record (a Leased for one job, a LeasedMany for more); their
+        deliveries, to send once the record is in the log file."""
         if self.lease_counter + len(jobs) >= 2**32:  # the counter would wrap: a new epoch
             epoch = self.state.epoch + 1
             self.journal.record(BrokerStarted(epoch, now))
             self.journal.log.sync()
             self.start_leases(epoch)
+        first = self._lease_seq + 1
         deliveries = []
+        state = self.state
         for job in jobs:
             self._lease_seq += 1
-            lease = self._lease_seq
             deliveries.append(
                 p.Delivery(
                     job.id,
-                    lease,
+                    self._lease_seq,
                     job.task,
                     job.payload,
                     job.runs + 1,
-                    self.state.max_attempts(job),
+                    state.max_attempts(job),
                     job.queue,
                     job.created_at,
-                    self.state.timeout(job),
+                    state.timeout(job),
                     job.prev_result,
                     job.priority,
                     job.headers,
                 )
             )
-            self.journal.record(
-                Leased(job.id, lease, job.runs + 1, conn.worker_id, conn.host, conn.pid, now)
+        if len(jobs) == 1:
+            job = jobs[0]
+            record: Leased | LeasedMany = Leased(
+                job.id, first, job.runs + 1, conn.worker_id, conn.host, conn.pid, now
             )
+        else:
+            ids = [job.id for job in jobs]
+            record = LeasedMany(ids, first, conn.worker_id, conn.host, conn.pid, now)
+        self.journal.record(record)
+        floor = self._floor
+        for lease, job in enumerate(jobs, first):
             conn.leases[job.id] = lease
             self.holders[job.id] = conn.identity
-            if self._floor is None or job.priority < self._floor:
-                self._floor = job.priority
+            if floor is None or job.priority < floor:
+                floor = job.priority
+        self._floor = floor
         return deliveries
 
     def _deliver(

@@ -48,7 +48,16 @@ import structlog
 from corral.broker import protocol as p
 from corral.broker.deadlines import Deadlines
 from corral.broker.recall import recall
-from corral.broker.records import Cancelled, Finished, Leased, Record, Removed, Returned, Started
+from corral.broker.records import (
+    Cancelled,
+    Finished,
+    Leased,
+    LeasedMany,
+    Record,
+    Removed,
+    Returned,
+    Started,
+)
 from corral.broker.state import Job, JobState
 from corral.broker.tasklimits import NONE, Rate, TaskLimits, describe
 
@@ -357,9 +366,13 @@ class Limiter:
         lease, the job counts as running exactly while it holds one; a
         parked job that ended or went is forgotten."""
         kind = type(record)
-        if kind not in _LEASE_RECORDS:
-            return
-        job_id: str = record.id  # type: ignore[attr-defined]
+        if kind is LeasedMany:
+            for job_id in record.ids:  # type: ignore[attr-defined]
+                self._observe(job_id, Leased, state)
+        elif kind in _LEASE_RECORDS:
+            self._observe(record.id, kind, state)  # type: ignore[attr-defined]
+
+    def _observe(self, job_id: str, kind: type[Record], state: JobState) -> None:
         held, parked = job_id in self.held, job_id in self.parked
         followed = held or parked or job_id in self.waking
         if not followed and (kind is not Leased or not self.limits):

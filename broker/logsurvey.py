@@ -54,6 +54,7 @@ from corral.broker.records import (
     JobCreated,
     JobsCreated,
     JobSnapshot,
+    LeasedMany,
     MemberEnded,
     Record,
     RecordError,
@@ -135,6 +136,8 @@ def job_ids(record: Record) -> tuple[list[str], list[str]]:
         return [job.id for job in record.created], []
     if isinstance(record, FlowCreated | FlowRemoved | MemberEnded):
         return [], []  # flow ids, or a member that may rightly be gone
+    if isinstance(record, LeasedMany):
+        return [], list(record.ids)
     job_id = getattr(record, "id", None)
     return [], [job_id] if isinstance(job_id, str) else []
 

@@ -17,7 +17,8 @@ from corral.broker.jobspec import NIL, JobOptions, JobSpec
 #: (a newer corral reads every older version: see framing.MIN_RECORDS_VERSION).
 #: Version 5 added the job options ``expires`` and ``limit_key``: they sit
 #: in ``JobCreated`` before its own fields (see :func:`decode_record`).
-LOG_FORMAT_VERSION = 5
+#: Version 6 added ``LeasedMany``.
+LOG_FORMAT_VERSION = 6
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):
@@ -99,6 +100,20 @@ class Leased(Record, frozen=True):
     id: str
     lease: int
     attempt: int
+    worker: str
+    host: str
+    pid: int
+    at: float
+
+
+class LeasedMany(Record, frozen=True):
+    """Jobs sent to one worker in one delivery, each as a :class:`Leased`
+    says: job ``ids[i]`` under lease token ``first_lease + i`` (the tokens
+    of a delivery are consecutive). Its try number is not written: it is
+    the job's runs so far plus one, as the state knows it."""
+
+    ids: list[str]
+    first_lease: int
     worker: str
     host: str
     pid: int
@@ -316,6 +331,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     20: JobsCreated,
     21: TaskForgotten,
     # 22 is taken by the log's own sync mark (framing.MARK_CODE), which is no record
+    23: LeasedMany,
 }
 RECORD_CODES: dict[type[Record], int] = {cls: code for code, cls in RECORD_TYPES.items()}
 

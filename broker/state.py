@@ -61,6 +61,7 @@ from corral.broker.records import (
     JobsCreated,
     JobSnapshot,
     Leased,
+    LeasedMany,
     MemberEnded,
     ProgressNoted,
     QueuePaused,
@@ -164,6 +165,7 @@ class JobState:
             JobCreated: self._apply_created,
             JobsCreated: self._apply_created_many,
             Leased: self._apply_leased,
+            LeasedMany: self._apply_leased_many,
             Started: self._apply_started,
             Finished: self._apply_finished,
             Returned: self._apply_returned,
@@ -383,9 +385,16 @@ class JobState:
         self.expiring.add(job)
 
     def _apply_leased(self, rec: Leased) -> None:
+        self._lease(rec.id, rec.lease, rec.worker)
+
+    def _apply_leased_many(self, rec: LeasedMany) -> None:
+        for i, job_id in enumerate(rec.ids):
+            self._lease(job_id, rec.first_lease + i, rec.worker)
+
+    def _lease(self, job_id: str, lease: int, worker: str) -> None:
         """Reserved for a worker: still ``queued`` (in its prefetch buffer),
         off the ready heap, no attempt counted yet."""
-        job = self.jobs.get(rec.id)
+        job = self.jobs.get(job_id)
         if job is None or job.status in TERMINAL:
             return
         if job.lease:  # a lease the broker lost track of: the newer one holds
@@ -394,8 +403,8 @@ class JobState:
             if job.status in WAITING:
                 self.timers.left()
             self._set_status(job, "queued")
-        job.lease = rec.lease
-        job.worker = rec.worker
+        job.lease = lease
+        job.worker = worker
         self.reserved[job.queue, job.task] += 1
 
     def _apply_started(self, rec: Started) -> None:

@@ -83,15 +83,22 @@ def _job_logger() -> Any:
     changes the processors list in place, which the logger shares."""
     global _job_log
     config = structlog.get_config()
+    cached = _job_log
+    if cached is not None:  # compared one by one: two lines per job
+        key = cached[0]
+        if (
+            key[0] is config["processors"]
+            and key[1] is config["wrapper_class"]
+            and key[2] is config["context_class"]
+            and key[3] is config["logger_factory"]
+        ):
+            return cached[1]
     key = (
         config["processors"],
         config["wrapper_class"],
         config["context_class"],
         config["logger_factory"],
     )
-    cached = _job_log
-    if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
-        return cached[1]
     logger = structlog.get_logger().bind()
     _job_log = (key, logger)
     return logger

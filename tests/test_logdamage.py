@@ -26,6 +26,7 @@ from corral.broker.records import (
     Finished,
     JobCreated,
     Leased,
+    LeasedMany,
     Record,
     encode_record,
 )
@@ -219,6 +220,25 @@ def test_jobs_named_by_their_later_records_when_the_creation_is_unreadable(
     assert fixed.lost_jobs == ["job-04"]  # its Leased and Finished refer to it
     assert fixed.changed_jobs == ["job-06"]  # created, but a later change is gone
     assert enc(replayed(tmp_path)) == enc(without(records, 4, 13))
+
+
+def test_a_job_named_only_in_a_batched_lease_is_found_lost(tmp_path: Path) -> None:
+    """A LeasedMany names each job it leases: one whose creation is
+    unreadable is reported lost, as a Leased of its own would say."""
+    records: list[Record] = [created(i) for i in range(10)]
+    records += [
+        LeasedMany(["job-03", "job-04"], first_lease=7, worker="w", host="h", pid=1, at=2.0),
+        created(10),  # so the damage is not the last record (a torn tail)
+    ]
+    write_log(tmp_path, records)
+    (seg,) = segments(tmp_path)
+    start, end = frames(seg)[4]  # job-04's creation: garbled beyond reading
+    overwrite(seg, start, b"\xc1" * (end - start))
+
+    fixed = repair(tmp_path)
+    assert fixed.records_kept == len(records) - 1
+    assert fixed.lost_jobs == ["job-04"]
+    assert enc(replayed(tmp_path)) == enc(without(records, 4))
 
 
 def test_torn_tail_is_cut_and_kept_aside(tmp_path: Path) -> None:

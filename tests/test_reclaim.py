@@ -18,7 +18,7 @@ from inproc import SMALL_LOG, FakeWorker, InProcessBroker, deliveries
 from corral.broker import protocol as p
 from corral.broker.clock import FakeClock
 from corral.broker.log import Log
-from corral.broker.records import Returned
+from corral.broker.records import Leased, LeasedMany, Returned
 
 
 @pytest.fixture
@@ -505,3 +505,61 @@ def test_a_lease_is_in_the_log_file_once_its_delivery_went_out(tmp_path: Path) -
     )
     assert registered(answer) == [p.Registered([])]
     assert info(second, "j").status == "running"
+
+
+def test_a_delivery_of_several_jobs_is_one_lease_record_that_a_restart_replays(
+    tmp_path: Path,
+) -> None:
+    """Jobs sent to a worker in one delivery are leased by one LeasedMany:
+    replayed after a kill, each is held by its holder under its own lease,
+    reclaimed by it, and run once; a job its holder does not offer back
+    goes back uncounted and runs elsewhere once."""
+    clock = FakeClock()
+    first = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    for n in range(4):
+        first.enqueue(id=f"j{n}")
+    worker = FakeWorker(first, b"w", credit=5)
+    got = worker.ready()
+    assert [d.job_id for d in got] == ["j0", "j1", "j2", "j3"]
+    assert [d.lease for d in got] == list(range(got[0].lease, got[0].lease + 4))
+    worker.start(got[0])
+    first.core.log.sync()
+    first.crash()
+    replayed = Log(tmp_path / "log")
+    try:
+        records = list(replayed.replay())
+    finally:
+        replayed.close()
+    (batch,) = [r for r in records if isinstance(r, LeasedMany)]
+    assert (batch.ids, batch.first_lease) == (["j0", "j1", "j2", "j3"], got[0].lease)
+    assert not any(isinstance(r, Leased) for r in records)
+    second = InProcessBroker(tmp_path, clock=clock, extra=SMALL_LOG)
+    assert [info(second, f"j{n}").reserved_by for n in (1, 2, 3)] == ["w", "w", "w"]
+    holder = FakeWorker(second, b"w", credit=3)  # room for what it holds only
+    answer = holder.send(
+        p.Ready(
+            "w",
+            ["default"],
+            3,
+            1,
+            [],
+            "testhost",
+            4242,
+            holding=[held(got[0], True), held(got[1]), held(got[2])],
+        )
+    )
+    assert registered(answer) == [p.Registered([])]
+    assert info(second, "j3").status == "queued" and info(second, "j3").reserved_by is None
+    other = FakeWorker(second, b"other", credit=5)
+    (again,) = other.ready()  # j3, which its holder no longer has, goes out once
+    assert again.job_id == "j3" and again.attempt == 1
+    for d in got[1:3]:
+        holder.start(d)
+    for d in got[:3]:
+        holder.finish(d, "ok", d.job_id)
+    other.start(again)
+    other.finish(again, "ok", "j3")
+    for n in range(4):
+        job = info(second, f"j{n}")
+        assert (job.status, job.attempts, len(job.tries)) == ("succeeded", 1, 1), job
+    assert second.core.stats["late_results"] == 0

@@ -40,6 +40,7 @@ from corral.broker.records import (
     JobsCreated,
     JobSnapshot,
     Leased,
+    LeasedMany,
     ProgressNoted,
     QueuePaused,
     Record,
@@ -1398,25 +1399,17 @@ class JobStateMachine(RuleBasedStateMachine):
         order=st.permutations(QUEUES),
         count=st.integers(1, 3),
         refused=st.sampled_from([False, False, False, True]),
+        together=st.booleans(),
     )
-    def dispatch(self, order: list[str], count: int, refused: bool) -> None:
+    def dispatch(self, order: list[str], count: int, refused: bool, together: bool) -> None:
         """pop_ready + Leased, as the broker delivers to a worker with this
         queue order: paused queues skipped, the first queue with a ready job
-        wins. A refused send puts the jobs back with push_back instead."""
+        wins; ``together``: the jobs taken are leased in one LeasedMany, as
+        the broker leases a delivery of several. A refused send puts the
+        jobs back with push_back instead."""
         taken: list[Job] = []
         for _ in range(count):
-            expected = None
-            for queue in order:
-                if queue in self.paused:
-                    continue
-                queued = [
-                    j
-                    for j in self.state.jobs.values()
-                    if j.queue == queue and j.status == "queued" and not j.lease and j not in taken
-                ]
-                if queued:
-                    expected = min(queued, key=lambda j: (-j.priority, j.seq))
-                    break
+            expected = self.next_ready(order, taken)
             job = None
             for queue in order:  # the broker's _take_jobs
                 if queue in self.state.paused:
@@ -1429,19 +1422,49 @@ class JobStateMachine(RuleBasedStateMachine):
                 break
             assert job.queue not in self.paused
             taken.append(job)
-            if refused:
-                continue
-            self.lease_seq += 1
-            worker = f"w{self.lease_seq % 3}"
-            tries = list(job.tries)
-            self.record(Leased(job.id, self.lease_seq, job.attempts + 1, worker, "h", 7, self.now))
-            # reserved: still queued, no try and no attempt until it starts
-            assert job.status == "queued" and job.reserved
-            assert (job.lease, job.worker) == (self.lease_seq, worker)
-            assert job.attempts == self.attempts[job.id] and job.tries == tries
+            if not (refused or together):
+                self.lease_one(job)
         if refused:
             for job in taken:
                 self.state.push_back(job)
+        elif together and taken:
+            self.lease_together(taken)
+
+    def next_ready(self, order: list[str], taken: list[Job]) -> Job | None:
+        """The model's next job to deliver in this queue order."""
+        for queue in order:
+            if queue in self.paused:
+                continue
+            queued = [
+                j
+                for j in self.state.jobs.values()
+                if j.queue == queue and j.status == "queued" and not j.lease and j not in taken
+            ]
+            if queued:
+                return min(queued, key=lambda j: (-j.priority, j.seq))
+        return None
+
+    def lease_one(self, job: Job) -> None:
+        self.lease_seq += 1
+        worker = f"w{self.lease_seq % 3}"
+        tries = list(job.tries)
+        self.record(Leased(job.id, self.lease_seq, job.attempts + 1, worker, "h", 7, self.now))
+        # reserved: still queued, no try and no attempt until it starts
+        assert job.status == "queued" and job.reserved
+        assert (job.lease, job.worker) == (self.lease_seq, worker)
+        assert job.attempts == self.attempts[job.id] and job.tries == tries
+
+    def lease_together(self, taken: list[Job]) -> None:
+        """One LeasedMany for the jobs of one delivery, under consecutive
+        lease tokens: each is leased as a Leased of its own would lease it."""
+        tries_of = {job.id: list(job.tries) for job in taken}
+        first = self.lease_seq + 1
+        self.lease_seq += len(taken)
+        self.record(LeasedMany([job.id for job in taken], first, "w-many", "h", 7, self.now))
+        for lease, job in enumerate(taken, first):
+            assert job.status == "queued" and job.reserved
+            assert (job.lease, job.worker) == (lease, "w-many")
+            assert job.attempts == self.attempts[job.id] and job.tries == tries_of[job.id]
 
     @precondition(lambda self: self.reserved())
     @rule(data=st.data(), back=st.sampled_from([False, False, False, True]))

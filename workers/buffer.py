@@ -117,6 +117,12 @@ class Buffer:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def has_next(self) -> bool:
+        """Whether a job could be taken now: a hint, read without the lock
+        (another thread may change it the moment after)."""
+        return bool(self._jobs) and not self._paused and not self._stops
+
     def stop(self, takers: int) -> None:
         """Make the next ``takers`` calls of :meth:`take` return None."""
         with self._cond:
@@ -148,7 +154,7 @@ class Held:
                 return "buffered"
             ctx = self.running.get(job_id)
             if ctx is not None and ctx.lease == lease:
-                ctx._cancel.set()
+                ctx._cancelled = True
                 return "running"
             self._revoked[job_id, lease] = None
             while len(self._revoked) > 1000:  # cancels of jobs that had ended

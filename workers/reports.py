@@ -11,8 +11,10 @@ so, rather than a job that runs forever.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -84,6 +86,89 @@ def interrupted(job_id: str, lease: int, why: str) -> p.Outcome:
     back to its queue, uncounted, the try recorded as Interrupted."""
     error = p.ErrorInfo("Interrupted", why)
     return p.Outcome(job_id, lease, "interrupted", NIL, error, None, None, time.time())
+
+
+#: Longest a start or an outcome waits in the outbox before the socket
+#: thread sends it, in seconds, while the worker has more jobs to run.
+REPORT_DELAY = 0.002
+#: Outbox items (starts and outcomes) that make a report go at once.
+REPORT_BATCH = 32
+
+
+class Pacing:
+    """When the socket thread sends what the handler threads put in the
+    worker's outbox: the starts and outcomes of several jobs in one report
+    (ack batching), none of them later than ``delay`` seconds after it was
+    put there.
+
+    A handler calls :meth:`urgent` for what must go at once (an outcome
+    after which the worker has nothing buffered to run, so nothing would
+    join it; a job handed back) and :meth:`soon` for the rest (a start, an
+    outcome with more jobs to run, a progress note). :meth:`soon` wakes the
+    socket thread only if its wait would end after the item's deadline, or
+    once ``batch`` items wait. The socket thread calls :meth:`deciding`
+    before it works out how long to wait (never past :attr:`due`),
+    :meth:`sleeping` with the monotonic time its wait ends, sends when
+    :meth:`flush_due` says so, and calls :meth:`taken` just before it
+    empties the outbox. While jobs flow (it sent something, and more jobs
+    are buffered) it expects more within ``delay`` and wakes for them on
+    its own, so a busy worker's handlers wake it only for a full batch.
+
+    Every read and write here is one attribute's, atomic under the GIL: a
+    wake more than needed is possible, a missed one is not (the socket
+    thread is ``deciding`` until its wait's end is known, and a handler
+    wakes it while it is)."""
+
+    def __init__(
+        self,
+        wake: Callable[[], None],
+        outbox: deque[tuple[str, Any]],
+        delay: float = REPORT_DELAY,
+        batch: int = REPORT_BATCH,
+    ) -> None:
+        self.delay = delay
+        self.batch = batch
+        self._wake = wake
+        self._outbox = outbox
+        #: When the socket thread sends next, at the latest (monotonic);
+        #: None: nothing waits for it.
+        self.due: float | None = None
+        self._now = False
+        self._sleep_until = math.inf
+
+    def urgent(self) -> None:
+        """Something was put in the outbox that must go at once."""
+        self._now = True
+        self._wake()
+
+    def soon(self, now: float) -> None:
+        """Something was put in the outbox at ``now`` (monotonic) that may
+        wait up to ``delay`` seconds for others to join it."""
+        due = self.due
+        if due is None:
+            due = self.due = now + self.delay
+        if self._sleep_until > due or len(self._outbox) >= self.batch:
+            self._wake()
+
+    def deciding(self) -> None:
+        """The socket thread is about to work out its wait."""
+        self._sleep_until = math.inf
+
+    def sleeping(self, until: float) -> None:
+        """The socket thread waits until ``until`` (monotonic) at most."""
+        self._sleep_until = until
+
+    def flush_due(self, now: float) -> bool:
+        """Whether the socket thread sends the outbox now."""
+        due = self.due
+        return self._now or (due is not None and now >= due) or len(self._outbox) >= self.batch
+
+    def taken(self, now: float, flowing: bool) -> None:
+        """The socket thread empties the outbox at ``now``; ``flowing``:
+        it holds something to send and more jobs are buffered, so more
+        will come (the next send is due ``delay`` from now)."""
+        self._now = False
+        self.due = now + self.delay if flowing else None
 
 
 #: The most bytes of sent reports a worker keeps to send again.

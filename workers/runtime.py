@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import math
 import os
 import random
 import secrets
@@ -53,7 +54,7 @@ from corral.transport import connect_dealer
 from corral.workers.buffer import Held
 from corral.workers.execute import Execution, SoftTimer
 from corral.workers.registry import Registry
-from corral.workers.reports import SentReports, encode_outbox, interrupted
+from corral.workers.reports import Pacing, SentReports, encode_outbox, interrupted
 from corral.workers.status import HookClock, StatusWriter
 
 log = structlog.get_logger()
@@ -115,6 +116,9 @@ class Worker:
         self._buffer = self._held.buffer
         self._running = self._held.running
         self._outbox: deque[tuple[str, Any]] = deque()
+        #: When the socket thread sends the outbox (starts and outcomes of
+        #: several jobs in one report, none delayed past REPORT_DELAY).
+        self._pacing = Pacing(self._wake, self._outbox)
         self._identity = b""
         #: Encoded reports the socket could not take (EAGAIN): sent first,
         #: in order, on the next flush; never dropped.
@@ -328,15 +332,20 @@ class Worker:
 
     def _loop_once(self) -> None:
         interval = self.options.heartbeat_interval
-        events = dict(self._poller.poll(int(self._wait(interval) * 1000)))
+        self._pacing.deciding()
+        wake = self._wake_at(interval)
+        self._pacing.sleeping(wake)
+        wait = max(0.0, wake - time.monotonic())
+        events = dict(self._poller.poll(math.ceil(wait * 1000)))
         if self._wake_fd in events:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._wake_fd)
         if self._sock is not None and self._sock in events:
             self._receive()
             self._sent_reports.prune(self._last_heard)
-        self._flush_outbox()
         now = time.monotonic()
+        if self._unsent or self._stopping or self._pacing.flush_due(now):
+            self._flush_outbox()
         self._report_running(now, interval)  # the sign of life, connected or not
         if self._retry_at is not None:  # disconnected: connect when the backoff is over
             if self._stopping or now >= self._retry_at:
@@ -349,15 +358,19 @@ class Worker:
         else:
             self._unanswered(now)
 
-    def _wait(self, interval: float) -> float:
-        """Seconds the poll may wait: until the next status line, and the
-        next heartbeat or silence check (connected) or the next connect."""
+    def _wake_at(self, interval: float) -> float:
+        """When the poll's wait ends (monotonic): at the next status line, the
+        outbox's report (see :class:`Pacing`), and the next heartbeat or
+        silence check (connected) or the next connect."""
         wake = self._last_beat + interval
+        due = self._pacing.due
+        if due is not None:
+            wake = min(wake, due)
         if self._retry_at is not None:
             wake = min(wake, self._retry_at)
         else:
             wake = min(wake, self._last_sent + interval, self._last_heard + interval)
-        return max(0.0, wake - time.monotonic())
+        return wake
 
     def _broker_silent(self, now: float) -> bool:
         """Nothing from the broker for the liveness window. Frames already
@@ -444,7 +457,7 @@ class Worker:
         if self._held.claim(d, execution.ctx):
             return True
         self._outbox.append(("return", p.Lease(d.job_id, d.lease)))
-        self._wake()
+        self._pacing.urgent()
         return False
 
     def _reconnect(self, now: float) -> None:
@@ -492,6 +505,8 @@ class Worker:
         return True
 
     def _flush_outbox(self) -> None:
+        flowing = bool(self._outbox) and self._buffer.has_next
+        self._pacing.taken(time.monotonic(), flowing)  # (what stays goes on the next pass)
         if not self._resend() or not self._outbox:
             return
         recycle = self.options.max_jobs and self._done_count >= self.options.max_jobs
@@ -545,18 +560,23 @@ class Worker:
                 return delivery
             self._buffer.settle(delivery.job_id)
             self._outbox.append(("return", p.Lease(delivery.job_id, delivery.lease)))
-            self._wake()
+            self._pacing.urgent()
 
     def _begin(self, execution: Execution) -> None:
         d = execution.d
-        execution.ctx._on_progress = lambda fraction, note: self._outbox.append(
-            ("progress", p.Progress(d.job_id, d.lease, fraction, note))
-        )
+
+        def progress(fraction: float, note: str) -> None:
+            self._outbox.append(("progress", p.Progress(d.job_id, d.lease, fraction, note)))
+            self._pacing.soon(time.monotonic())
+
+        execution.ctx._on_progress = progress
         with self._status.lock:  # the supervisor knows before the handler runs
             self._timeouts[d.job_id] = d.timeout
             self._status.started(d.job_id, d.timeout)
         self._outbox.append(("started", p.Lease(d.job_id, d.lease)))
-        self._wake()  # the broker shows it running once it knows
+        # The broker shows it running once it knows: within REPORT_DELAY,
+        # most often with the job's outcome in the same report.
+        self._pacing.soon(time.monotonic())
         self._status_version += 1
         structlog.contextvars.bind_contextvars(job_id=d.job_id, task=d.task, attempt=d.attempt)
 
@@ -571,7 +591,11 @@ class Worker:
             self.processed += 1
         self._done_count += 1
         self._outbox.append(("done", outcome))
-        self._wake()
+        max_jobs = self.options.max_jobs
+        if self._buffer.has_next and not self._stopping and self._done_count != max_jobs:
+            self._pacing.soon(time.monotonic())  # the next job's start and end join it
+        else:  # nothing more to run here soon: its credit goes back at once
+            self._pacing.urgent()
         execution.finish()  # the end hooks, once the outcome is on its way
         structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
 
