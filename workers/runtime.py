@@ -145,6 +145,8 @@ class Worker:
         self.processed = 0
         #: Why the broker refused this worker's READY ("" if it did not).
         self.refused = ""
+        #: The exit code a hook asked for (sys.exit, Ctrl-C), if one did.
+        self._hook_exit_code: int | None = None
 
     # ---------------------------------------------------------- lifecycle
 
@@ -177,7 +179,9 @@ class Worker:
         else:
             self._executor(main=True)
         socket_thread.join()
-        return EXIT_REFUSED if self.refused else 0
+        if self.refused:
+            return EXIT_REFUSED
+        return self._hook_exit_code or 0
 
     def _thread(self, target: Any, name: str) -> threading.Thread:
         thread = threading.Thread(  # the copied context carries role and pid
@@ -611,7 +615,28 @@ class Worker:
         self._outbox.append(("done", outcome))
         self._wake()
         execution.finish()  # the end hooks, once the outcome is on its way
+        if execution.exit is not None:
+            self.hook_exit(execution.exit)
         structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
+
+    def hook_exit(self, exc: BaseException) -> None:
+        """A hook raised ``exc`` (sys.exit, KeyboardInterrupt) to stop the
+        process: the worker drains and exits with its code (SystemExit's
+        int, 130 for KeyboardInterrupt, else 1)."""
+        if isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        else:
+            code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        if self._hook_exit_code is None:
+            self._hook_exit_code = code
+        log.error(
+            "worker.hook_exit",
+            error=f"{type(exc).__name__}: {exc}"[:500],
+            exit_code=code,
+            hint="a hook asked the process to stop: the worker finishes its "
+            "running jobs and exits (its supervisor restarts it)",
+        )
+        self.request_stop()
 
     async def _async_executor(self) -> None:
         """concurrency_mode = "asyncio": one event loop runs up to
