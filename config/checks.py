@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import msgspec
 
+from .endpoints import TCP_ENDPOINT, endpoint_problem
 from .schema import MAX_WORKER_CREDIT, Config, PoolConfig, ScheduleConfig, connect_endpoint
 from .units import format_duration, format_size
 
@@ -21,11 +22,7 @@ MAX_LOG_RECORD = 64 * 2**20
 
 Problem = tuple[str, str]
 
-# Linux limits a unix socket path to 108 bytes, one of them the terminating NUL.
-_MAX_IPC_PATH = 107
-_TCP = re.compile(r"^tcp://(\[[^\]]+\]|[^:\[\]/]+):(\d+|\*)$")
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?#-]+$")
-_ENDPOINT_HINT = 'expected an endpoint like "ipc://var/corral/client.sock" or "tcp://host:5555"'
 
 
 def check(config: Config) -> list[Problem]:
@@ -86,7 +83,7 @@ def _address(endpoint: str) -> tuple[str, str, str] | None:
     scheme, _, rest = endpoint.partition("://")
     if scheme == "ipc" and rest:
         return ("ipc", posixpath.normpath(rest), "")
-    match = _TCP.match(endpoint)
+    match = TCP_ENDPOINT.match(endpoint)
     if scheme == "tcp" and match:
         return ("tcp", match.group(1), match.group(2))
     return None
@@ -196,7 +193,7 @@ def _check_endpoints(config: Config) -> Iterator[Problem]:
         origin = " (taken from broker.client_endpoint)"
     else:
         origin = ""
-        problems = list(_check_endpoint("client.endpoint", endpoint))
+        problems = list(_check_endpoint("client.endpoint", endpoint, connect=True))
         yield from problems
         if problems:
             return
@@ -244,27 +241,12 @@ def _check_keys(config: Config) -> Iterator[Problem]:
             )
 
 
-def _check_endpoint(path: str, endpoint: str) -> Iterator[Problem]:
-    """One endpoint's syntax: ipc:// with a short enough path, tcp://host:port, or inproc://."""
-    scheme, _, address = endpoint.partition("://")
-    if scheme == "ipc":
-        if not address:
-            yield path, f'{_ENDPOINT_HINT}, got "{endpoint}" (no socket path)'
-        elif len(address.encode()) > _MAX_IPC_PATH:
-            yield (
-                path,
-                f"ipc socket path is {len(address.encode())} bytes, more than the "
-                f"{_MAX_IPC_PATH} the OS allows: use a shorter broker.state_dir or endpoint",
-            )
-    elif scheme == "tcp":
-        match = _TCP.match(endpoint)
-        if not match:
-            yield path, f'{_ENDPOINT_HINT}, got "{endpoint}" (tcp needs host:port)'
-        elif match.group(2) != "*" and not 0 < int(match.group(2)) < 65536:
-            # ZeroMQ would take it modulo 65536 (99999 is port 34463)
-            yield path, f'"{endpoint}": a tcp port is from 1 to 65535'
-    elif scheme != "inproc" or not address:
-        yield path, f'{_ENDPOINT_HINT}, got "{endpoint}"'
+def _check_endpoint(path: str, endpoint: str, *, connect: bool = False) -> Iterator[Problem]:
+    """One endpoint's syntax (see :func:`endpoint_problem`); ``connect``: a
+    client connects to it, so no wildcard."""
+    problem = endpoint_problem(endpoint, connect=connect)
+    if problem is not None:
+        yield path, problem
 
 
 def _is_tcp(endpoint: str) -> bool:

@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from corral.client import Client
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
-#: The schemes a broker endpoint may use.
-ENDPOINT_SCHEMES = ("ipc://", "tcp://", "inproc://")
 CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
 
 
@@ -79,19 +77,23 @@ def make_client(args: argparse.Namespace) -> Any:
     from corral.client import Client
 
     config = load_config(args.config)
-    endpoint = args.endpoint
-    if endpoint is not None and (
-        not endpoint.startswith(ENDPOINT_SCHEMES) or endpoint.endswith("//")
-    ):
-        raise UsageError(
-            f"--endpoint {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT "
-            "(the broker's client_endpoint)"
-        )
+    endpoint = checked_endpoint(args.endpoint, "the broker's client_endpoint")
     try:
         return Client(endpoint, config=config, timeout=args.timeout or config.client.timeout)
     except zmq.ZMQError as exc:
         shown = endpoint or config.client.endpoint or config.broker.client_endpoint
         raise UsageError(f"cannot connect to {shown!r}: {exc}") from None
+
+
+def checked_endpoint(endpoint: str | None, what: str) -> str | None:
+    """``--endpoint``'s value (None if not given), or UsageError naming it,
+    what it should be (``what``) and the forms accepted."""
+    from corral.config.endpoints import endpoint_problem
+
+    problem = None if endpoint is None else endpoint_problem(endpoint, connect=True)
+    if problem is not None:
+        raise UsageError(f"--endpoint: {problem} ({what})")
+    return endpoint
 
 
 def _user_value(what: str, call: Callable[[], T]) -> T:
@@ -512,6 +514,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from corral.dashboard.serve import DEFAULT_LISTEN, serve
     from corral.supervisor.dashboard_child import listening_socket
 
+    checked_endpoint(args.endpoint, "the broker's client_endpoint")
     config = load_config(args.config)
     logs.configure("dashboard", config.log.level, config.log.format)
     listen = args.listen or config.dashboard.listen or DEFAULT_LISTEN
