@@ -13,12 +13,13 @@ Subclass :class:`Hooks` and override what you need::
 
 Register them in code (``Client(..., hooks=[Timing()])``, ``Worker(...,
 hooks=[...])``) or in the config: ``hooks = ["myapp.hooks"]`` at the top
-level (every worker, and ``Client.from_config``) or in a ``[[pools]]`` entry
-(that pool's workers). A listed module is imported by each process that
-uses it, which then calls its ``corral_hooks()`` function (or the one named
-as ``"module:function"``) for a :class:`Hooks` or a list of them: the
-module builds nothing at import, and a worker makes its hooks after the
-fork, so a hook may start threads or open connections.
+level (every worker, ``Client.from_config`` and the CLI's enqueue
+commands) or in a ``[[pools]]`` entry (that pool's workers). A listed
+module is imported by each process that uses it, which then calls its
+``corral_hooks()`` function (or the one named as ``"module:function"``)
+for a :class:`Hooks` or a list of them: the module builds nothing at
+import, and a worker makes its hooks after the fork, so a hook may start
+threads or open connections.
 
 A hook cannot break a job or a worker: an exception in one is logged
 (``hook.failed``, with its traceback) and the job's outcome stands. What

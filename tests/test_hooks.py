@@ -761,6 +761,36 @@ def test_a_hooks_sys_exit_stops_its_real_worker_and_the_job_runs_again(env: Env)
     assert daemon.alive()
 
 
+def test_the_cli_runs_the_configs_client_hooks_when_it_enqueues(env: Env) -> None:
+    """`corral enqueue` (one job, --from-file, a chain, a group) is a client
+    of its config: the config's top-level hooks run before each job goes,
+    as for Client.from_config. A hooks module that cannot load is one line,
+    exit 2; commands that enqueue nothing do not load the hooks."""
+    configure(env, '["recorder_hooks:headers_hooks"]')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    done = env.run("enqueue", "hooks.headers", "--wait", "--json", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    stamped = json.loads(done.stdout)
+    assert stamped["result"]["stamped-by"].startswith("hooks.headers:"), stamped
+    jobs = env.home / "jobs.jsonl"
+    jobs.write_text('{"task": "hooks.headers"}\n')
+    done = env.run("enqueue", "--from-file", str(jobs), "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    done = env.run("enqueue-chain", '{"task": "hooks.headers"}', "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    client = env.client()
+    for job in client.jobs():
+        assert client.job(job.id).headers.get("stamped-by", "").startswith("hooks.headers:")
+    broken = env.config.read_text().replace("recorder_hooks:headers_hooks", "no_such_hooks_mod")
+    (env.home / "broken.toml").write_text(broken)
+    done = env.run("enqueue", "hooks.headers", "-c", str(env.home / "broken.toml"))
+    assert done.returncode == 2 and "no_such_hooks_mod" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert env.run("status", "-c", str(env.home / "broken.toml")).returncode == 0
+
+
 def test_workers_that_cannot_load_their_modules_back_their_pool_off(env: Env) -> None:
     """With preload = false each worker imports its plugins and hooks
     modules: one that cannot be loaded makes each worker exit at once, saying
