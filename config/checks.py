@@ -5,6 +5,7 @@ Each check returns ``(key path, message)`` pairs; the loader prefixes the file n
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
 import zoneinfo
@@ -35,6 +36,7 @@ def check(config: Config) -> list[Problem]:
         *_check_schedules(config.schedules),
         *_check_schedule_payloads(config),
         *_check_metrics(config),
+        *_check_allowed_hosts(config.dashboard.allowed_hosts),
         *_check_events(config),
         *_check_distinct_endpoints(config),
     ]
@@ -131,6 +133,31 @@ def _check_metrics(config: Config) -> Iterator[Problem]:
         match = _LISTEN.match(listen)
         if match is None or not 0 < int(match.group(2)) < 65536:
             yield (path, f'{listen!r}: expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464"')
+
+
+#: A dashboard.allowed_hosts entry: a name, ".domain" / "*.domain", "*", or an address.
+_HOST_ENTRY = re.compile(
+    r"^(\*|(\*?\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?)$",
+    re.IGNORECASE,
+)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _check_allowed_hosts(entries: list[str] | None) -> Iterator[Problem]:
+    for index, entry in enumerate(entries or []):
+        if not (_HOST_ENTRY.match(entry) or _is_address(entry)) or len(entry) > 253:
+            yield (
+                f"dashboard.allowed_hosts[{index}]",
+                f'{entry!r}: expected a host name without a port ("dash.example.com"), a '
+                'domain and the names below it (".example.com"), an address, or "*" (any name)',
+            )
 
 
 def _check_broker(config: Config) -> Iterator[Problem]:

@@ -354,6 +354,11 @@ class DashboardConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     #: Let the dashboard pause and resume queues and retry or delete failed jobs; false:
     #: read-only.
     allow_actions: bool = False
+    #: The host names the dashboard answers to (the Host header; against DNS rebinding):
+    #: ``"name"``, ``".example.com"`` (that domain and below), or ``"*"`` (any). An address
+    #: is always answered. Unset: ``localhost``, names below ``.localhost``, the listen host
+    #: when it is a name, and this machine's name when listening on every address.
+    allowed_hosts: list[str] | None = None
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

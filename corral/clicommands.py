@@ -549,7 +549,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"{setting} {listen!r}: {exc}") from None
     with sock:
-        asyncio.run(serve(config, sock, allow, args.endpoint))
+        asyncio.run(serve(config, sock, allow, args.endpoint, listen))
     return EXIT_OK
 
 
