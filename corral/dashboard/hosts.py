@@ -68,9 +68,7 @@ class AllowedHosts:
     def names(self, host: str | None) -> bool:
         """Whether the name of Host ``host`` is listed (``"*"`` aside)."""
         name = host_name(host)
-        return name in self._exact or any(
-            name == d[1:] or name.endswith(d) for d in self._domains
-        )
+        return name in self._exact or any(name == d[1:] or name.endswith(d) for d in self._domains)
 
     def allows(self, host: str | None) -> bool:
         """Whether a request with Host ``host`` may be answered (no Host at
