@@ -347,11 +347,15 @@ class BrokerCore:
 
     def on_frames(self, side: str, frames: list[bytes], now: float, mono: float) -> None:
         """The envelope of both sides: [identity, body]. A frame that cannot
-        be read is counted and dropped (a client is told); a bug handling
+        be read is counted and answered (a client with an ErrorReply, a
+        worker with a Refused, within a budget); a bug handling
         one message is logged and never stops the broker (a client is told,
         with code ``internal``, rather than left to its timeout)."""
         if len(frames) != 2:
-            self._malformed(side, f"expected 2 frames, got {len(frames)}", None)
+            reason = f"expected 2 frames, got {len(frames)}"
+            self._malformed(side, reason, None)
+            if side == WORKER and frames:
+                self.dispatcher.refuse(frames[0], None, reason, mono)
             return
         identity, body = frames
         decoder = p.client_request_decoder if side == CLIENT else p.worker_report_decoder
@@ -359,6 +363,8 @@ class BrokerCore:
             msg = p.decode(decoder, body)
         except p.ProtocolError as exc:
             self._malformed(side, str(exc), identity, exc.req)
+            if side == WORKER:
+                self.dispatcher.refuse(identity, body, str(exc), mono)
             return
         part = self.service if side == CLIENT else self.dispatcher
         try:

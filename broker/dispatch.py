@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from corral.broker import balance, views
+from corral.broker import balance, views, wirepath
 from corral.broker import protocol as p
 from corral.broker.deadlines import Deadlines
 from corral.broker.expiring import lapsed
@@ -105,6 +105,8 @@ class Dispatcher:
         self.rejoins = Rejoins(self, liveness_window)
         #: Workers coming and going: lines any peer of the worker endpoint can cause.
         self.log_budget = LogBudget(self.stats)
+        #: The Refused answers to frames that could not be decoded.
+        self.refusal_budget = LogBudget(self.stats, counter="refusals_suppressed")
         self.limits = Limiter(self.state, self._leased_ids)
         journal.observers.append(self.limits.observe)
         self.lapses = Lapses(self, on_ended)
@@ -674,6 +676,16 @@ class Dispatcher:
 
     def malformed(self, reason: str) -> None:
         count_malformed(self.stats, "worker", reason)
+
+    def refuse(self, identity: bytes, body: bytes | None, reason: str, mono: float) -> None:
+        """Answer a frame that could not be decoded with a Refused naming
+        its op (when readable) and why, so its worker is not left retrying
+        for ever; within :attr:`refusal_budget`, whoever sends."""
+        if self.refusal_budget.allow(mono) is None:
+            return
+        op = wirepath.head(body)[0] if body is not None else None
+        op = op[:40] if op is not None else ""
+        self.link.send(identity, p.encode(p.Refused(op, reason[: p.REFUSAL_CHARS])))
 
 
 def count_malformed(stats: Any, side: str, reason: str) -> None:

@@ -7,6 +7,10 @@ needs. Such lines spend from a token bucket (:data:`BURST` lines at once,
 then :data:`RATE` a second); past it they are counted, not written, and
 the next line written says how many were left out (``suppressed``). The
 broker's own stats count them too (``log_lines_suppressed``).
+
+The same bucket budgets the answers a peer can cause: the Refused sent for
+each worker frame the broker cannot decode (counted apart, as
+``refusals_suppressed``), so no peer makes the broker send without bound.
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ RATE = 10.0
 
 
 class LogBudget:
-    """One token bucket for every line a peer can cause. Time is the
-    caller's monotonic clock, in seconds."""
+    """One token bucket for every line (or answer) a peer can cause. Time
+    is the caller's monotonic clock, in seconds; what is left out is
+    counted in ``stats[counter]``."""
 
-    def __init__(self, stats: Counter[str], burst: int = BURST, rate: float = RATE) -> None:
+    def __init__(
+        self,
+        stats: Counter[str],
+        burst: int = BURST,
+        rate: float = RATE,
+        counter: str = "log_lines_suppressed",
+    ) -> None:
         self._stats = stats
+        self._counter = counter
         self._burst = float(burst)
         self._rate = rate
         self._tokens = float(burst)
@@ -40,7 +52,7 @@ class LogBudget:
         self._at = mono
         if self._tokens < 1.0:
             self._left_out += 1
-            self._stats["log_lines_suppressed"] += 1
+            self._stats[self._counter] += 1
             return None
         self._tokens -= 1.0
         if not self._left_out:

@@ -730,7 +730,26 @@ class Withdraw(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
-WorkerCommand = Deliver | BrokerHeartbeat | Reregister | Registered | CancelJob | Withdraw
+class Refused(Msg, frozen=True):
+    """A worker message the broker could not decode: ``refused_op`` is its
+    tag when one could be read ("" if not), ``reason`` what was wrong (at most
+    :data:`REFUSAL_CHARS` characters). A refused ``ready`` means the worker
+    can never register: it logs why and exits (:data:`EXIT_REFUSED
+    <corral.workers.runtime.EXIT_REFUSED>`). The tag and these two fields
+    stay as they are in every protocol version, so a worker of another
+    version still reads them (:func:`refusal`). Added without a version
+    change: a worker that predates it logs it as a malformed frame."""
+
+    refused_op: str
+    reason: str
+    v: int = PROTOCOL_VERSION
+
+
+#: The longest reason a Refused carries.
+REFUSAL_CHARS = 1000
+
+
+WorkerCommand = Deliver | BrokerHeartbeat | Reregister | Registered | CancelJob | Withdraw | Refused
 
 
 # ------------------------------------------------------------------ codecs
@@ -804,6 +823,26 @@ def decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes) -> Any:
             getattr(msg, "req", 0),
         )
     return msg
+
+
+def refusal(frame: bytes) -> Refused | None:
+    """The :class:`Refused` a frame holds, whatever protocol version sent
+    it (only its tag, ``refused_op`` and ``reason`` are read); None if it holds
+    none."""
+    try:
+        items = _refusal_decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    if len(items) < 3 or items[0] != "refused":
+        return None
+    op, reason = items[1], items[2]
+    if not isinstance(op, str) or not isinstance(reason, str):
+        return None
+    return Refused(op, reason[:REFUSAL_CHARS])
+
+
+#: Reads a frame's array shallowly: nested elements stay undecoded.
+_refusal_decoder = msgspec.msgpack.Decoder(list[str | int | msgspec.Raw])
 
 
 def encode_value(value: Any) -> msgspec.Raw:

@@ -5,6 +5,7 @@ Each check returns ``(key path, message)`` pairs; the loader prefixes the file n
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
 import zoneinfo
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import msgspec
 
+from .endpoints import TCP_ENDPOINT, endpoint_problem
 from .schema import MAX_WORKER_CREDIT, Config, PoolConfig, ScheduleConfig, connect_endpoint
 from .units import format_duration, format_size
 
@@ -21,11 +23,7 @@ MAX_LOG_RECORD = 64 * 2**20
 
 Problem = tuple[str, str]
 
-# Linux limits a unix socket path to 108 bytes, one of them the terminating NUL.
-_MAX_IPC_PATH = 107
-_TCP = re.compile(r"^tcp://(\[[^\]]+\]|[^:\[\]/]+):(\d+|\*)$")
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?#-]+$")
-_ENDPOINT_HINT = 'expected an endpoint like "ipc://var/corral/client.sock" or "tcp://host:5555"'
 
 
 def check(config: Config) -> list[Problem]:
@@ -38,6 +36,7 @@ def check(config: Config) -> list[Problem]:
         *_check_schedules(config.schedules),
         *_check_schedule_payloads(config),
         *_check_metrics(config),
+        *_check_allowed_hosts(config.dashboard.allowed_hosts),
         *_check_events(config),
         *_check_distinct_endpoints(config),
     ]
@@ -86,7 +85,7 @@ def _address(endpoint: str) -> tuple[str, str, str] | None:
     scheme, _, rest = endpoint.partition("://")
     if scheme == "ipc" and rest:
         return ("ipc", posixpath.normpath(rest), "")
-    match = _TCP.match(endpoint)
+    match = TCP_ENDPOINT.match(endpoint)
     if scheme == "tcp" and match:
         return ("tcp", match.group(1), match.group(2))
     return None
@@ -134,6 +133,31 @@ def _check_metrics(config: Config) -> Iterator[Problem]:
         match = _LISTEN.match(listen)
         if match is None or not 0 < int(match.group(2)) < 65536:
             yield (path, f'{listen!r}: expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464"')
+
+
+#: A dashboard.allowed_hosts entry: a name, ".domain" / "*.domain", "*", or an address.
+_HOST_ENTRY = re.compile(
+    r"^(\*|(\*?\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?)$",
+    re.IGNORECASE,
+)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _check_allowed_hosts(entries: list[str] | None) -> Iterator[Problem]:
+    for index, entry in enumerate(entries or []):
+        if not (_HOST_ENTRY.match(entry) or _is_address(entry)) or len(entry) > 253:
+            yield (
+                f"dashboard.allowed_hosts[{index}]",
+                f'{entry!r}: expected a host name without a port ("dash.example.com"), a '
+                'domain and the names below it (".example.com"), an address, or "*" (any name)',
+            )
 
 
 def _check_broker(config: Config) -> Iterator[Problem]:
@@ -196,7 +220,7 @@ def _check_endpoints(config: Config) -> Iterator[Problem]:
         origin = " (taken from broker.client_endpoint)"
     else:
         origin = ""
-        problems = list(_check_endpoint("client.endpoint", endpoint))
+        problems = list(_check_endpoint("client.endpoint", endpoint, connect=True))
         yield from problems
         if problems:
             return
@@ -244,27 +268,12 @@ def _check_keys(config: Config) -> Iterator[Problem]:
             )
 
 
-def _check_endpoint(path: str, endpoint: str) -> Iterator[Problem]:
-    """One endpoint's syntax: ipc:// with a short enough path, tcp://host:port, or inproc://."""
-    scheme, _, address = endpoint.partition("://")
-    if scheme == "ipc":
-        if not address:
-            yield path, f'{_ENDPOINT_HINT}, got "{endpoint}" (no socket path)'
-        elif len(address.encode()) > _MAX_IPC_PATH:
-            yield (
-                path,
-                f"ipc socket path is {len(address.encode())} bytes, more than the "
-                f"{_MAX_IPC_PATH} the OS allows: use a shorter broker.state_dir or endpoint",
-            )
-    elif scheme == "tcp":
-        match = _TCP.match(endpoint)
-        if not match:
-            yield path, f'{_ENDPOINT_HINT}, got "{endpoint}" (tcp needs host:port)'
-        elif match.group(2) != "*" and not 0 < int(match.group(2)) < 65536:
-            # ZeroMQ would take it modulo 65536 (99999 is port 34463)
-            yield path, f'"{endpoint}": a tcp port is from 1 to 65535'
-    elif scheme != "inproc" or not address:
-        yield path, f'{_ENDPOINT_HINT}, got "{endpoint}"'
+def _check_endpoint(path: str, endpoint: str, *, connect: bool = False) -> Iterator[Problem]:
+    """One endpoint's syntax (see :func:`endpoint_problem`); ``connect``: a
+    client connects to it, so no wildcard."""
+    problem = endpoint_problem(endpoint, connect=connect)
+    if problem is not None:
+        yield path, problem
 
 
 def _is_tcp(endpoint: str) -> bool:

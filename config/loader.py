@@ -21,7 +21,7 @@ from corral.errors import ConfigError
 
 from .checks import Problem, check
 from .schema import DURATION, Config
-from .units import parse_duration, parse_size
+from .units import format_duration, format_size, parse_duration, parse_size
 
 KeyPath = tuple[str | int, ...]
 
@@ -257,13 +257,29 @@ def _describe_metadata(kind: mi.Metadata, *, bounds: bool, key: KeyPath) -> str:
     """A duration or size field, a field with its own description, or the type underneath."""
     match kind:
         case mi.Metadata(extra={"unit": unit}, type=inner):
-            sample = 'a duration like "1s"' if unit == DURATION else 'a size like "512MiB"'
-            if bounds and getattr(inner, "gt", None) == 0:
-                return f"{sample} (greater than zero)"
-            return sample
+            return _describe_unit(unit, inner, kind.extra or {}, bounds=bounds)
         case mi.Metadata(extra_json_schema={"description": str(description)}):
             return description
     return _describe(kind.type, bounds=bounds, key=key)
+
+
+def _describe_unit(unit: str, inner: Any, extra: dict[str, Any], *, bounds: bool) -> str:
+    """A duration or size field, with its bounds (and why the upper one)."""
+    sample = 'a duration like "1s"' if unit == DURATION else 'a size like "512MiB"'
+    if not bounds:
+        return sample
+    show = format_duration if unit == DURATION else format_size
+    low, high = getattr(inner, "ge", None), getattr(inner, "le", None)
+    parts = []
+    if getattr(inner, "gt", None) == 0:
+        parts.append("greater than zero")
+    elif low:
+        parts.append(f"at least {show(low)}")
+    if high is not None:
+        parts.append(f"at most {show(high)}")
+    why = extra.get("why")
+    text = f"{sample} ({', '.join(parts)})" if parts else sample
+    return f"{text}: {why}" if why and high is not None else text
 
 
 def _describe_list(kind: mi.ListType, *, key: KeyPath) -> str:

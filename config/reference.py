@@ -160,8 +160,14 @@ def _metadata_text(kind: mi.Metadata) -> str:
     """A duration or a size (with its bound), or a type the schema describes itself."""
     match kind:
         case mi.Metadata(extra={"unit": unit}, type=inner):
-            noun = "duration" if unit == DURATION else "size"
-            return noun + (" > 0" if getattr(inner, "gt", None) == 0 else "")
+            noun, show = (
+                ("duration", format_duration) if unit == DURATION else ("size", format_size)
+            )
+            low, high = getattr(inner, "ge", None), getattr(inner, "le", None)
+            bounds = [" > 0"] if getattr(inner, "gt", None) == 0 else []
+            bounds += [f" ≥ {show(low)}"] if low else []
+            bounds += [f" ≤ {show(high)}"] if high is not None else []
+            return noun + ",".join(bounds)
         case mi.Metadata(extra_json_schema={"description": str(description)}, type=inner):
             return f"{_noun(inner)}: {description}"
     return type_text(kind.type)

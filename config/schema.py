@@ -17,11 +17,37 @@ from msgspec.structs import force_setattr, replace
 DURATION = "duration"
 SIZE = "size"
 
-# The "unit" marker tells the loader to parse the value first; the bounds apply to the result.
-Duration = Annotated[float, msgspec.Meta(ge=0, extra={"unit": DURATION})]
-PositiveDuration = Annotated[float, msgspec.Meta(gt=0, extra={"unit": DURATION})]
+#: The longest duration a setting may give: 100 years, as for a job's options
+#: (corral.broker.jobspec.MAX_SECONDS). Past it a wait overflows (threading's
+#: TIMEOUT_MAX is 292 years; 1e20 seconds raises OverflowError) and means never.
+MAX_DURATION = 36_525 * 86_400.0
+_DURATION_WHY = "as long as a job option may be; a longer wait overflows the timers"
+
+# The "unit" marker tells the loader to parse the value first; the bounds apply to the
+# result, and "why" says where the upper bound comes from.
+Duration = Annotated[
+    float, msgspec.Meta(ge=0, le=MAX_DURATION, extra={"unit": DURATION, "why": _DURATION_WHY})
+]
+PositiveDuration = Annotated[
+    float, msgspec.Meta(gt=0, le=MAX_DURATION, extra={"unit": DURATION, "why": _DURATION_WHY})
+]
 Size = Annotated[int, msgspec.Meta(ge=0, extra={"unit": SIZE})]
 PositiveSize = Annotated[int, msgspec.Meta(gt=0, extra={"unit": SIZE})]
+#: The smallest and largest log segment: room for its header and a record
+#: (corral.broker.log refuses less); every segment is preallocated whole.
+MIN_SEGMENT, MAX_SEGMENT = 4096, 4 * 2**30
+SegmentSize = Annotated[
+    int,
+    msgspec.Meta(
+        ge=MIN_SEGMENT,
+        le=MAX_SEGMENT,
+        extra={
+            "unit": SIZE,
+            "why": "room for a segment's header and records, and at most what is "
+            "preallocated on disk for each segment at once",
+        },
+    ),
+]
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -30,6 +56,96 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 #: The most jobs one worker may hold (its concurrency + prefetch): the
 #: broker refuses a READY over it (corral.broker.protocol.MAX_CREDIT, the same).
 MAX_WORKER_CREDIT = 100_000
+#: Attempts and retries are 32-bit numbers in the log and on the wire.
+MAX_INT32 = 2**31 - 1
+
+Liveness = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=1000,
+        description="a whole number of heartbeats from 1 to 1000 (past it a dead worker is "
+        "never declared dead in effect, and its jobs wait with it)",
+    ),
+]
+#: Each connection costs the broker up to 4 file descriptors (corral.broker.gate.files_needed),
+#: and a process may hold at most fs.nr_open of them (1,048,576 by default).
+MAX_CONNECTIONS = 250_000
+Connections = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=MAX_CONNECTIONS,
+        description=f"a whole number from 1 to {MAX_CONNECTIONS:,} (each connection costs "
+        "the broker up to 4 file descriptors, and a process may hold at most the "
+        "kernel's fs.nr_open, 1,048,576 by default)",
+    ),
+]
+#: Worker processes one pool may run.
+MAX_PROCESSES = 4096
+Processes = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        le=MAX_PROCESSES,
+        description=f"a whole number from 0 to {MAX_PROCESSES:,} (each worker is a Python "
+        "process of tens of MiB, and the kernel's pid_max is 32,768 by default)",
+    ),
+]
+Concurrency = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=MAX_WORKER_CREDIT,
+        description=f"a whole number from 1 to {MAX_WORKER_CREDIT:,} (a worker may hold at "
+        "most that many jobs: the broker refuses more)",
+    ),
+]
+Prefetch = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        le=MAX_WORKER_CREDIT,
+        description=f"a whole number from 0 to {MAX_WORKER_CREDIT:,} (a worker may hold at "
+        "most that many jobs: the broker refuses more)",
+    ),
+]
+Restarts = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        le=1_000_000,
+        description="a whole number from 0 to 1,000,000 (crashes in restart_window before the "
+        "pool backs off; the time of each is kept in memory until it leaves the window)",
+    ),
+]
+Weight = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=1_000_000,
+        description="a whole number from 1 to 1,000,000 (a queue's share of the worker's "
+        "picks, against the others')",
+    ),
+]
+Attempts = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=MAX_INT32,
+        description=f"a whole number from 1 to {MAX_INT32} (a job's attempts are 32 bits "
+        "in the log and on the wire)",
+    ),
+]
+Retries = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        le=MAX_INT32,
+        description=f"a whole number from 0 to {MAX_INT32} (a job's retries are 32 bits "
+        "in the log and on the wire)",
+    ),
+]
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 #: A task or queue name, as the broker takes one (jobspec.MAX_NAME).
@@ -124,9 +240,9 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     #: value.
     heartbeat_interval: PositiveDuration = 1.0
     #: Heartbeats a worker may miss before it is dead and its jobs go back to their queue.
-    heartbeat_liveness: PositiveInt = 3
+    heartbeat_liveness: Liveness = 3
     #: Size at which a log segment is closed and the next one started.
-    segment_size: PositiveSize = 64 * 2**20
+    segment_size: SegmentSize = 64 * 2**20
     #: Room kept for the jobs already accepted: once the disk is this full, new jobs are
     #: refused (``DiskFull``) and existing ones still finish. At most half of segment_size.
     disk_reserve: Size = 4 * 2**20
@@ -141,16 +257,16 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     #: handshake, and logged, until another leaves. Each costs the broker about 30 KiB, up
     #: to 100 read-ahead messages and a file descriptor: the broker raises its open-file
     #: limit to 4 x this + 256 where the hard limit allows.
-    max_connections: PositiveInt = 1024
+    max_connections: Connections = 1024
     #: How long a succeeded job and its result are kept, unless the job or its task says
     #: otherwise.
     result_ttl: Duration = 86_400.0
     #: How long failed and cancelled jobs are kept.
     failed_ttl: Duration = 30 * 86_400.0
     #: Tries a job gets when neither the job nor its task sets max_attempts.
-    max_attempts: PositiveInt = 5
+    max_attempts: Attempts = 5
     #: Retry requests (corral.Retry) a job may make before it fails.
-    max_retries: NonNegativeInt = 25
+    max_retries: Retries = 25
     #: Delay before the first retry of a failed try, doubling (with jitter) up to
     #: retry_backoff_max, when the task sets none.
     retry_backoff: Duration = 1.0
@@ -187,17 +303,17 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
         default_factory=lambda: ["default"]
     )
     #: Worker processes to run (0: the pool is kept, with no process).
-    processes: NonNegativeInt = 1
+    processes: Processes = 1
     #: Modules its workers import: their ``@corral.task`` functions are the tasks it runs.
     plugins: list[ModuleName] = []
     #: Jobs each process runs at once (threads, or tasks on its event loop).
-    concurrency: PositiveInt = 1
+    concurrency: Concurrency = 1
     #: ``threads``: a thread per running job; ``asyncio``: ``async def`` tasks on one event
     #: loop.
     concurrency_mode: ConcurrencyMode = "threads"
     #: Jobs each process may hold, not started, beyond its concurrency (the two together at
     #: most 100000).
-    prefetch: NonNegativeInt = 4
+    prefetch: Prefetch = 4
     #: Recycle a process once it has run this many jobs (0: never).
     max_jobs_per_process: NonNegativeInt = 0
     #: Recycle a process after its current job once its RSS is above this. Unset: no limit.
@@ -214,7 +330,7 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     preload: bool = True
     #: Crashes of the pool's processes within restart_window past which the whole pool backs
     #: off for pool_backoff.
-    max_restarts: NonNegativeInt = 5
+    max_restarts: Restarts = 5
     #: The window in which max_restarts crashes are counted.
     restart_window: PositiveDuration = 60.0
     #: A slot that crashes again is restarted after this, doubling up to restart_backoff_max
@@ -229,7 +345,7 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     pool_backoff_max: PositiveDuration = 600.0
     #: A share per queue (``{ emails = 10, bulk = 1 }``): how often each queue is looked at
     #: first; a queue left out weighs 1.
-    queue_weights: dict[str, PositiveInt] = {}
+    queue_weights: dict[str, Weight] = {}
     #: Hooks modules for this pool's workers, after the top-level ``hooks``
     #: (see :mod:`corral.hooks`).
     hooks: list[HookName] = []
@@ -354,6 +470,11 @@ class DashboardConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     #: Let the dashboard pause and resume queues and retry or delete failed jobs; false:
     #: read-only.
     allow_actions: bool = False
+    #: The host names the dashboard answers to (the Host header; against DNS rebinding):
+    #: ``"name"``, ``".example.com"`` (that domain and below), or ``"*"`` (any). An address
+    #: is always answered. Unset: ``localhost``, names below ``.localhost``, the listen host
+    #: when it is a name, and this machine's name when listening on every address.
+    allowed_hosts: list[str] | None = None
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

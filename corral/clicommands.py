@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from corral.client import Client
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
-#: The schemes a broker endpoint may use.
-ENDPOINT_SCHEMES = ("ipc://", "tcp://", "inproc://")
 CONFIG_SEARCH = ("corral.toml", "/etc/corral/corral.toml")
 
 
@@ -71,27 +69,51 @@ def load_config(path: str | None) -> Any:
     return load(found) if found else Config.default()
 
 
-def make_client(args: argparse.Namespace) -> Any:
-    """A client of the broker that --endpoint, else the config, names.
-    Raises UsageError for an endpoint ZeroMQ cannot connect to."""
+def make_client(args: argparse.Namespace, *, hooks: bool = False) -> Any:
+    """A client of the broker that --endpoint, else the config, names;
+    ``hooks``: with the config's top-level client hooks, as
+    ``Client.from_config`` has them (for the commands that enqueue).
+    Raises UsageError for an endpoint ZeroMQ cannot connect to, HookError
+    for a hooks module that cannot be loaded."""
     import zmq
 
     from corral.client import Client
 
     config = load_config(args.config)
-    endpoint = args.endpoint
-    if endpoint is not None and (
-        not endpoint.startswith(ENDPOINT_SCHEMES) or endpoint.endswith("//")
-    ):
-        raise UsageError(
-            f"--endpoint {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT "
-            "(the broker's client_endpoint)"
-        )
+    endpoint = checked_endpoint(args.endpoint, "the broker's client_endpoint")
+    loaded = _client_hooks(config) if hooks else []
     try:
-        return Client(endpoint, config=config, timeout=args.timeout or config.client.timeout)
+        return Client(
+            endpoint,
+            config=config,
+            timeout=args.timeout or config.client.timeout,
+            hooks=loaded,
+        )
     except zmq.ZMQError as exc:
         shown = endpoint or config.client.endpoint or config.broker.client_endpoint
         raise UsageError(f"cannot connect to {shown!r}: {exc}") from None
+
+
+def _client_hooks(config: Any) -> list[Any]:
+    """The config's top-level hooks, loaded (HookError if one cannot be)."""
+    if not config.hooks:
+        return []
+    from corral.hooks import load_hooks
+    from corral.workers.registry import add_python_path
+
+    add_python_path(config.python_path)
+    return load_hooks(config.hooks)
+
+
+def checked_endpoint(endpoint: str | None, what: str) -> str | None:
+    """``--endpoint``'s value (None if not given), or UsageError naming it,
+    what it should be (``what``) and the forms accepted."""
+    from corral.config.endpoints import endpoint_problem
+
+    problem = None if endpoint is None else endpoint_problem(endpoint, connect=True)
+    if problem is not None:
+        raise UsageError(f"--endpoint: {problem} ({what})")
+    return endpoint
 
 
 def _user_value(what: str, call: Callable[[], T]) -> T:
@@ -164,7 +186,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         payload = _json_arg(args.payload, "PAYLOAD_JSON")
     # One flag per job option: --max-attempts sets max_attempts (and so on).
     options = {name: getattr(args, _OPTION_FLAGS.get(name, name)) for name in OPTION_NAMES}
-    with make_client(args) as client:
+    with make_client(args, hooks=True) as client:
         warn_unknown_task(client, args.task, args.queue)  # before: the job makes its queue known
         job_id = _user_value("PAYLOAD_JSON", lambda: client.enqueue(args.task, payload, **options))
         _emit_id_or_result(args, client, job_id)
@@ -180,7 +202,7 @@ def _enqueue_file(args: argparse.Namespace) -> int:
         raise UsageError("--from-file takes its jobs from the file: give no TASK or PAYLOAD_JSON")
     if args.wait:
         raise UsageError("--from-file does not --wait; use `corral result ID --wait` on an id")
-    with make_client(args) as client:
+    with make_client(args, hooks=True) as client:
         try:
             ids = enqueue_file(client, args.from_file, _job_from)
         except OSError as exc:
@@ -427,7 +449,7 @@ def cmd_enqueue_flow(args: argparse.Namespace) -> int:
         raise UsageError("JOB_JSON: only one job can be read from stdin (-)")
     jobs = [_job_arg(text) for text in args.jobs]
     callback = _job_arg(args.callback, "--callback") if getattr(args, "callback", None) else None
-    with make_client(args) as client:
+    with make_client(args, hooks=True) as client:
         if args.command == "enqueue-chain":
             flow_id = _user_value("JOB_JSON", lambda: client.enqueue_chain(jobs))
         else:
@@ -512,6 +534,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from corral.dashboard.serve import DEFAULT_LISTEN, serve
     from corral.supervisor.dashboard_child import listening_socket
 
+    checked_endpoint(args.endpoint, "the broker's client_endpoint")
     config = load_config(args.config)
     logs.configure("dashboard", config.log.level, config.log.format)
     listen = args.listen or config.dashboard.listen or DEFAULT_LISTEN
@@ -526,7 +549,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"{setting} {listen!r}: {exc}") from None
     with sock:
-        asyncio.run(serve(config, sock, allow, args.endpoint))
+        asyncio.run(serve(config, sock, allow, args.endpoint, listen))
     return EXIT_OK
 
 

@@ -139,6 +139,18 @@ def _checked_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
+def _checked_endpoint(endpoint: Any) -> str:
+    """``endpoint`` if a client can connect to it (see
+    :func:`corral.config.endpoints.endpoint_problem`); else ValueError
+    naming it and the forms accepted."""
+    from corral.config.endpoints import endpoint_problem
+
+    problem = endpoint_problem(endpoint, connect=True)
+    if problem is not None:
+        raise ValueError(f"broker endpoint: {problem}")
+    return str(endpoint)
+
+
 class _Driver:
     """What both clients hold: where the broker is, the timeout, the core."""
 
@@ -149,7 +161,7 @@ class _Driver:
             if config is None:
                 raise ValueError("give Client an endpoint or use Client.from_config(path)")
             endpoint = config.client.endpoint or config.broker.client_endpoint
-        self.endpoint: str = endpoint
+        self.endpoint: str = _checked_endpoint(endpoint)
         self.timeout = _checked_timeout(timeout)
         self.config = config
         self.max_message_size: int = (

@@ -15,13 +15,21 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, Unpack, overload
 
 import msgspec
 
 from corral.broker import protocol as p
 from corral.broker.protocol import TERMINAL
-from corral.clientjobs import AnyJob, Job, PayloadT, expires_value, job_spec, new_job_id
+from corral.clientjobs import (
+    AnyJob,
+    EnqueueOptions,
+    Job,
+    PayloadT,
+    expires_value,
+    job_spec,
+    new_job_id,
+)
 from corral.errors import (
     BrokerError,
     CorralError,
@@ -168,13 +176,29 @@ class ClientCore:
 
     # --- enqueueing
 
+    # For a type checker: a task function with no payload takes none; one
+    # with a payload must be given one of its type; a task name takes anything.
+    @overload
+    def enqueue(
+        self,
+        task: Task[..., None, Any],
+        payload: None = None,
+        **options: Unpack[EnqueueOptions],
+    ) -> Plan[str]: ...
+    @overload
+    def enqueue(
+        self, task: Task[..., PayloadT, Any], payload: PayloadT, **options: Unpack[EnqueueOptions]
+    ) -> Plan[str]: ...
+    @overload
+    def enqueue(
+        self, task: str, payload: Any = None, **options: Unpack[EnqueueOptions]
+    ) -> Plan[str]: ...
+
     # One keyword per job option is the public interface, so PLR0913 does not apply.
     def enqueue(  # noqa: PLR0913
         self,
-        task: str | Task[..., PayloadT, Any],
-        # A payload of the task's type (None for none): a type checker holds
-        # a @corral.task's payload to it (with a name, anything goes).
-        payload: PayloadT = None,  # type: ignore[assignment]
+        task: str | Task[..., Any, Any],
+        payload: Any = None,
         *,
         queue: str | None = None,
         priority: int = 0,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar
 
 import msgspec
 
@@ -78,6 +78,28 @@ class Job(AnyJob, Generic[PayloadT], frozen=True):
     # A payload of the task's type (None for none): a type checker holds a
     # @corral.task's payload to it (with a name, anything goes).
     payload: PayloadT = None  # type: ignore[assignment]
+
+
+class EnqueueOptions(TypedDict, total=False):
+    """The keyword options of ``enqueue`` (see ``ClientCore.enqueue``), for
+    its typed overloads."""
+
+    queue: str | None
+    priority: int
+    delay: float | None
+    run_at: float | None
+    max_attempts: int | None
+    timeout: float | None
+    unique_key: str | None
+    result_ttl: float | None
+    unique_for: float | None
+    max_retries: int | None
+    expires: float | datetime | None
+    limit_key: str | None
+    headers: Mapping[str, str] | None
+    id: str | None
+    on_success: AnyJob | None
+    on_failure: AnyJob | None
 
 
 #: The time left to the client call being made in this thread (or asyncio

@@ -13,15 +13,20 @@ Subclass :class:`Hooks` and override what you need::
 
 Register them in code (``Client(..., hooks=[Timing()])``, ``Worker(...,
 hooks=[...])``) or in the config: ``hooks = ["myapp.hooks"]`` at the top
-level (every worker, and ``Client.from_config``) or in a ``[[pools]]`` entry
-(that pool's workers). A listed module is imported by each process that
-uses it, which then calls its ``corral_hooks()`` function (or the one named
-as ``"module:function"``) for a :class:`Hooks` or a list of them: the
-module builds nothing at import, and a worker makes its hooks after the
-fork, so a hook may start threads or open connections.
+level (every worker, ``Client.from_config`` and the CLI's enqueue
+commands) or in a ``[[pools]]`` entry (that pool's workers). A listed
+module is imported by each process that uses it, which then calls its
+``corral_hooks()`` function (or the one named as ``"module:function"``)
+for a :class:`Hooks` or a list of them: the module builds nothing at
+import, and a worker makes its hooks after the fork, so a hook may start
+threads or open connections.
 
 A hook cannot break a job or a worker: an exception in one is logged
-(``hook.failed``, with its traceback) and the job's outcome stands. The
+(``hook.failed``, with its traceback) and the job's outcome stands. What
+asks the process to stop (:data:`EXITS`: Ctrl-C's KeyboardInterrupt,
+``sys.exit``'s SystemExit, GeneratorExit) is never swallowed: it goes on up
+through a client's call; in a worker it ends the try with that error and
+the worker stops (see :mod:`corral.workers.execute`). The
 end hooks (``on_failure``, ``on_retry``, ``after_job``) run once the
 outcome is on its way to the broker, so a slow one never delays it nor
 makes the job time out; ``before_job``'s time is the try's. A worker tells
@@ -47,6 +52,9 @@ from corral.errors import CorralError, HookTimeout, SoftTimeout
 
 if TYPE_CHECKING:
     from corral.context import JobContext
+
+#: What a hook raises to stop the process, not as a bug: never caught here.
+EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 #: The function a hooks module listed by its name alone must define.
 FACTORY = "corral_hooks"
@@ -166,9 +174,9 @@ class HookWatch(Protocol):
 
 class HookSet:
     """The hooks of one process, each call guarded: an exception is logged
-    and the next hook runs. A point none of them overrides costs nothing.
-    ``watch`` is told of each call about a job, but of the first
-    ``builtin`` hooks' (corral's own)."""
+    and the next hook runs (but :data:`EXITS`, which go on up). A point
+    none of them overrides costs nothing. ``watch`` is told of each call
+    about a job, but of the first ``builtin`` hooks' (corral's own)."""
 
     def __init__(
         self, hooks: Iterable[Hooks] = (), *, watch: HookWatch | None = None, builtin: int = 0
@@ -252,6 +260,8 @@ class HookSet:
     ) -> None:
         try:
             call(*args)
+        except EXITS:  # Ctrl-C, sys.exit: the process is asked to stop
+            raise
         except BaseException as exc:  # a hook never breaks a job or a worker
             if reraise is not None and isinstance(exc, reraise):
                 raise

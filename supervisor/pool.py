@@ -136,6 +136,11 @@ class Pool:
         to its jobs)."""
         self.restarts.crashed(index, now, job_caused=job_caused, cause=cause)
 
+    def config_fault(self, index: int, now: float, cause: str) -> None:
+        """Slot ``index``'s worker exited on a configuration fault (see
+        :meth:`RestartLimit.config_fault`): the pool backs off at once."""
+        self.restarts.config_fault(index, now, cause=cause)
+
     # ---------------------------------------------------------- replace
 
     def replace(self, index: int, child: Child, reason: str, *, drain: bool) -> None:

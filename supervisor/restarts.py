@@ -97,6 +97,16 @@ class RestartLimit:
         if len(self.crashes) > config.max_restarts:
             self._trip(now)
 
+    def config_fault(self, index: int, now: float, *, cause: str) -> None:
+        """Slot ``index``'s worker exited on a configuration fault that no
+        restart mends (the broker refused its READY): the pool backs off at
+        once, naming ``cause``. Its siblings exiting of the same fault
+        while it backs off do not make the backoff longer."""
+        self.total += 1
+        self.cause = cause
+        if not self.backing_off(now):
+            self._trip(now)
+
     def _trip(self, now: float) -> None:
         config = self.config
         if now - self.backing_off_until > 2 * config.restart_window:
@@ -104,11 +114,12 @@ class RestartLimit:
         self._trips += 1
         seconds = min(config.pool_backoff_max, config.pool_backoff * 2.0 ** (self._trips - 1))
         self.backing_off_until = now + seconds
+        crashes = len(self.crashes) or 1
         self.crashes.clear()
         log.error(
             "supervisor.pool_backing_off",
             pool=config.name,
-            crashes=config.max_restarts + 1,
+            crashes=crashes,
             window=config.restart_window,
             seconds=seconds,
             until=wall_clock(self.backing_off_until, now),

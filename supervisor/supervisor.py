@@ -49,6 +49,7 @@ from corral.supervisor.reload import (
 )
 from corral.supervisor.reloadable import split_reload
 from corral.supervisor.report import BrokerLink
+from corral.workers.status import EXIT_REFUSED
 
 if TYPE_CHECKING:
     from corral.config.schema import Config
@@ -282,6 +283,10 @@ class Supervisor:
         if not child.killed_for and child.jobs:
             child.charged = sorted(child.jobs)
         self.link.worker_exited(child)
+        if child.exit_code == EXIT_REFUSED and child.cannot_start:
+            # the broker refused its READY: every restart would be refused too
+            pool.config_fault(index, now, crash_cause(child))
+            return
         pool.crashed(index, now, job_caused=job_caused, cause=crash_cause(child))
 
     # ------------------------------------------------------------- reload

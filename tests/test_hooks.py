@@ -74,7 +74,7 @@ class Raises(corral.Hooks):
         raise RuntimeError("bug")
 
     def after_job(self, ctx: corral.JobContext, end: JobEnd) -> None:
-        raise SystemExit(3)  # not even this ends anything
+        raise LookupError("bug")
 
 
 def handler(ctx: corral.JobContext, payload: Any) -> Any:
@@ -167,7 +167,104 @@ def test_a_hook_that_raises_changes_no_outcome_and_is_logged() -> None:
     points = {line["point"] for line in failed}
     assert points == {"before_job", "on_failure", "on_retry", "after_job"}
     assert all(line["hook"] == "Raises" and line["job_id"] == "job-1" for line in failed)
-    assert any("SystemExit" in line["error"] for line in failed)
+    assert any("LookupError" in line["error"] for line in failed)
+
+
+EXITS = [KeyboardInterrupt(), SystemExit(3), GeneratorExit()]
+
+
+class Exits(corral.Hooks):
+    """Raises ``exc`` at every point (Ctrl-C, sys.exit, a closed generator)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def before_enqueue(self, job: Enqueuing) -> None:
+        raise self.exc
+
+    def before_job(self, ctx: corral.JobContext) -> None:
+        raise self.exc
+
+    def after_job(self, ctx: corral.JobContext, end: JobEnd) -> None:
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", EXITS, ids=lambda e: type(e).__name__)
+def test_ctrl_c_and_exits_go_through_a_client_hook(exc: BaseException) -> None:
+    """A hook never swallows what asks the process to stop: the client's
+    call raises it (nothing is sent), and no hook.failed is logged."""
+    client = corral.Client("ipc:///nonexistent/corral.sock", timeout=5, hooks=[Exits(exc)])
+    try:
+        with capture_logs() as logs, pytest.raises(type(exc)):
+            client.enqueue("t.x", 1)
+    finally:
+        client.close()
+    assert not [line for line in logs if line["event"] == "hook.failed"]
+
+
+@pytest.mark.parametrize("exc", EXITS, ids=lambda e: type(e).__name__)
+def test_an_exit_in_a_worker_hook_ends_the_try_and_stops_the_worker(exc: BaseException) -> None:
+    """In a worker, a hook's exit ends its try with that error (the job is
+    tried again) and is kept for the worker, which stops (see the runtime);
+    an end hook's exit leaves the outcome as it was."""
+    fn = corral.task(name="t.h")(handler)
+    registry = Registry([fn.definition])
+    d = p.Delivery("job-1", 7, "t.h", p.encode_value(5), 1, 3, "default", 0.0)
+    execution = Execution(d, registry, "w-1", hooks=HookSet([Exits(exc)]))
+    outcome = execution.run(lambda args: execution.call_sync(args, None))
+    assert outcome.kind == "error" and outcome.error is not None
+    assert outcome.error.type == type(exc).__name__
+    assert execution.exit is exc
+    ended = Execution(d, registry, "w-1", hooks=HookSet([EndExits(exc)]))
+    assert ended.run(lambda args: ended.call_sync(args, None)).kind == "ok"
+    ended.finish()
+    assert ended.exit is exc
+
+
+class EndExits(Exits):
+    def before_job(self, ctx: corral.JobContext) -> None:
+        pass
+
+
+CTRL_C_CLIENT = """
+import sys, time
+import corral
+
+class Slow(corral.Hooks):
+    def before_enqueue(self, job):
+        print("in hook", flush=True)
+        time.sleep(60)
+
+client = corral.Client(sys.argv[1], timeout=120, hooks=[Slow()])
+client.enqueue("e2e.square", 3)
+print("enqueued", flush=True)
+"""
+
+
+def test_ctrl_c_during_a_client_hook_stops_the_program(env: Env) -> None:
+    """Ctrl-C (SIGINT) while a client's before_enqueue runs ends the
+    program with KeyboardInterrupt; nothing is enqueued."""
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    script = env.home / "ctrl_c_client.py"
+    script.write_text(CTRL_C_CLIENT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), env.endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "in hook"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, (out, err)
+    assert "enqueued" not in out and "hook.failed" not in err
+    assert env.client().jobs() == []
 
 
 def test_a_soft_timeout_in_before_job_is_the_jobs() -> None:
@@ -640,6 +737,58 @@ def test_a_hook_past_hook_timeout_costs_its_worker_and_no_job(env: Env) -> None:
     ]
     assert timeouts == [("Hang.after_job", hung), ("Hang.before_job", before)]
     assert daemon.alive()
+
+
+def test_a_hooks_sys_exit_stops_its_real_worker_and_the_job_runs_again(env: Env) -> None:
+    """sys.exit(5) in a pool's before_job hook (on a handler thread:
+    concurrency 2) is not swallowed: that try ends with SystemExit, the
+    worker drains and exits with code 5, its successor runs the job."""
+    configure(env, "[]", pool_hooks='["recorder_hooks:exit_hooks"]')
+    env.config.write_text(env.config.read_text().replace("concurrency = 1", "concurrency = 2"))
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client()
+    job = client.enqueue("hooks.quick")
+    assert client.result(job, timeout=30) == 2
+    info = client.job(job)
+    first = info.tries[0].error
+    assert first is not None and first.type == "SystemExit", info.tries
+    events = [_json(line) for line in daemon.output().splitlines()]
+    assert any(e.get("event") == "worker.hook_exit" and e["exit_code"] == 5 for e in events)
+    exits = [e["how"] for e in events if e.get("event") == "supervisor.worker_exited"]
+    assert "exited with code 5" in exits, exits
+    assert daemon.alive()
+
+
+def test_the_cli_runs_the_configs_client_hooks_when_it_enqueues(env: Env) -> None:
+    """`corral enqueue` (one job, --from-file, a chain, a group) is a client
+    of its config: the config's top-level hooks run before each job goes,
+    as for Client.from_config. A hooks module that cannot load is one line,
+    exit 2; commands that enqueue nothing do not load the hooks."""
+    configure(env, '["recorder_hooks:headers_hooks"]')
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    done = env.run("enqueue", "hooks.headers", "--wait", "--json", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    stamped = json.loads(done.stdout)
+    assert stamped["result"]["stamped-by"].startswith("hooks.headers:"), stamped
+    jobs = env.home / "jobs.jsonl"
+    jobs.write_text('{"task": "hooks.headers"}\n')
+    done = env.run("enqueue", "--from-file", str(jobs), "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    done = env.run("enqueue-chain", '{"task": "hooks.headers"}', "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    client = env.client()
+    for job in client.jobs():
+        assert client.job(job.id).headers.get("stamped-by", "").startswith("hooks.headers:")
+    broken = env.config.read_text().replace("recorder_hooks:headers_hooks", "no_such_hooks_mod")
+    (env.home / "broken.toml").write_text(broken)
+    done = env.run("enqueue", "hooks.headers", "-c", str(env.home / "broken.toml"))
+    assert done.returncode == 2 and "no_such_hooks_mod" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert env.run("status", "-c", str(env.home / "broken.toml")).returncode == 0
 
 
 def test_workers_that_cannot_load_their_modules_back_their_pool_off(env: Env) -> None:

@@ -208,6 +208,8 @@ SAMPLES: dict[str, list[p.Msg]] = {
         p.Registered(),
         p.CancelJob("id-1", 101),
         p.Withdraw([p.Lease("id-2", 102), p.Lease("id-3", 103)], 7),
+        p.Refused("ready", "Ready.tasks[0].timeout: expected a finite number"),
+        p.Refused("", "not msgpack"),
     ],
 }
 

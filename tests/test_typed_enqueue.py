@@ -178,11 +178,25 @@ def blocking(client: corral.Client) -> None:
     client.enqueue(ping, 1)  # wrong
     client.enqueue(echo, "x")
     client.enqueue(echo, 1)  # wrong
+    client.enqueue(send)  # wrong
+    client.enqueue(send, queue="q")  # wrong
+    client.enqueue(shout)  # wrong
+    client.enqueue(anything)  # wrong
+    client.enqueue(invoice, delay=5)  # wrong
+    client.enqueue(tick, queue="q", delay=5)
+    client.enqueue(ping, priority=3)
+    client.enqueue("typed_tasks.send")  # by name: not checked
+    client.enqueue("typed_tasks.send", queue="q")
+    client.enqueue(tick, None)
+    client.enqueue(send, payload=Email(to="a@b", subject="hi"))
+    client.enqueue(tick, bogus_option=1)  # wrong
 
 
 async def awaited(client: corral.AsyncClient) -> None:
     await client.enqueue(send_later, Email(to="a@b", subject="hi"))
     await client.enqueue(send_later, 42)  # wrong
+    await client.enqueue(send_later)  # wrong
+    await client.enqueue(tick)
     job_id: str = await client.enqueue(send, Email(to="a@b", subject="hi"))
 """
 

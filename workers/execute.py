@@ -10,6 +10,12 @@ outcome over for reporting: a hook slow to see a job end (an exporter
 flushing over a slow network) never delays its outcome, holds its limits'
 slots or makes it run past its timeout. The per-job log lines are one of
 them.
+
+A hook that raises one of :data:`corral.hooks.EXITS` (``sys.exit``,
+KeyboardInterrupt) asks the worker to stop: ``before_job``'s ends the try
+with that error (the job is tried again), an end hook's leaves the outcome
+as it was; either is kept in :attr:`Execution.exit` for the worker, which
+drains and exits (see :meth:`corral.workers.runtime.Worker.hook_exit`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from corral.broker import protocol as p
 from corral.broker.jobspec import NIL
 from corral.context import JobContext
 from corral.errors import Fail, Retry, SoftTimeout
-from corral.hooks import HookSet, JobEnd, Outcome
+from corral.hooks import EXITS, HookSet, JobEnd, Outcome
 from corral.logs import JobLines
 from corral.workers.registry import PayloadInvalid, Registry, ResultInvalid, TaskDef, UnknownTask
 
@@ -89,6 +95,8 @@ class Execution:
         self._hooks = hooks if hooks is not None else builtin_hooks()
         #: How the try ended, for the end hooks (see :meth:`finish`).
         self._end: JobEnd | None = None
+        #: What a hook raised to stop the process (see the module's doc).
+        self.exit: BaseException | None = None
 
     def prepare(self) -> tuple[Any, ...] | p.Outcome:
         """The handler's arguments, or the outcome if it cannot run. The
@@ -124,9 +132,17 @@ class Execution:
             return await self.definition.fn(*args)
         return await asyncio.to_thread(self.definition.fn, *args)
 
+    def _prepared(self) -> tuple[Any, ...] | p.Outcome:
+        """:meth:`prepare`, with a hook's exit (kept) as the try's error."""
+        try:
+            return self.prepare()
+        except EXITS as exc:
+            self.exit = exc
+            return self.complete(error=exc)
+
     def run(self, call: Callable[[tuple[Any, ...]], Any]) -> p.Outcome:
         """prepare, ``call``, complete: the sync path (then :meth:`finish`)."""
-        args = self.prepare()
+        args = self._prepared()
         if isinstance(args, p.Outcome):
             return args
         try:
@@ -136,7 +152,7 @@ class Execution:
         return self.complete(value=value)
 
     async def run_async(self) -> p.Outcome:
-        args = self.prepare()
+        args = self._prepared()
         if isinstance(args, p.Outcome):
             return args
         try:
@@ -210,7 +226,10 @@ class Execution:
         outcome has gone for reporting, on the thread that ran the job."""
         end, self._end = self._end, None
         if end is not None:
-            self._hooks.job_ended(self.ctx, end)
+            try:
+                self._hooks.job_ended(self.ctx, end)
+            except EXITS as exc:
+                self.exit = exc
 
 
 def error_info(exc: BaseException) -> p.ErrorInfo:

@@ -55,7 +55,9 @@ from corral.workers.buffer import Held
 from corral.workers.execute import Execution, SoftTimer
 from corral.workers.registry import Registry
 from corral.workers.reports import Pacing, SentReports, encode_outbox, interrupted
-from corral.workers.status import HookClock, StatusWriter
+from corral.workers.status import EXIT_REFUSED, HookClock, StatusWriter
+
+__all__ = ["EXIT_REFUSED", "Worker", "WorkerOptions", "task_infos"]
 
 log = structlog.get_logger()
 
@@ -145,6 +147,10 @@ class Worker:
         self._status_sent = -1
         self._soft = SoftTimer()
         self.processed = 0
+        #: Why the broker refused this worker's READY ("" if it did not).
+        self.refused = ""
+        #: The exit code a hook asked for (sys.exit, Ctrl-C), if one did.
+        self._hook_exit_code: int | None = None
 
     # ---------------------------------------------------------- lifecycle
 
@@ -177,7 +183,9 @@ class Worker:
         else:
             self._executor(main=True)
         socket_thread.join()
-        return 0
+        if self.refused:
+            return EXIT_REFUSED
+        return self._hook_exit_code or 0
 
     def _thread(self, target: Any, name: str) -> threading.Thread:
         thread = threading.Thread(  # the copied context carries role and pid
@@ -403,32 +411,66 @@ class Worker:
                 return
             self._last_heard = time.monotonic()
             self._backoff = RECONNECT_MIN
-            try:
-                msg = p.decode(p.worker_command_decoder, frame)
-            except p.ProtocolError as exc:
-                log.warning("worker.malformed_frame", reason=str(exc)[:200])
-                continue
-            match msg:
-                case p.Deliver() if self._stopping:  # sent before our Drain arrived
-                    self._send(p.Return([p.Lease(d.job_id, d.lease) for d in msg.jobs]), keep=True)
-                case p.Deliver():
-                    for delivery in msg.jobs:
-                        self._buffer.put(delivery)
-                case p.CancelJob():
-                    self._cancel(msg)
-                case p.Withdraw():
-                    self._withdraw(msg)
-                case p.Reregister():
-                    # The broker does not know us (it restarted, or declared us
-                    # gone): offer back what we hold, and start nothing more
-                    # until it says which jobs are still ours.
-                    self._buffer.pause()
-                    log.info("worker.reregister", held=len(self._held.holding()))
-                    self._register(msg.broker_id)
-                case p.Registered():
-                    self._registered(msg)
-                case p.BrokerHeartbeat():
-                    pass
+            msg = _command(frame)
+            if msg is not None:
+                self._handle(msg)
+
+    def _handle(self, msg: Any) -> None:
+        """One command from the broker."""
+        match msg:
+            case p.Deliver() if self._stopping:  # sent before our Drain arrived
+                self._send(p.Return([p.Lease(d.job_id, d.lease) for d in msg.jobs]), keep=True)
+            case p.Deliver():
+                for delivery in msg.jobs:
+                    self._buffer.put(delivery)
+            case p.CancelJob():
+                self._cancel(msg)
+            case p.Withdraw():
+                self._withdraw(msg)
+            case p.Reregister():
+                # The broker does not know us (it restarted, or declared us
+                # gone): offer back what we hold, and start nothing more
+                # until it says which jobs are still ours.
+                self._buffer.pause()
+                log.info("worker.reregister", held=len(self._held.holding()))
+                self._register(msg.broker_id)
+            case p.Registered():
+                self._registered(msg)
+            case p.BrokerHeartbeat():
+                pass
+            case p.Refused():
+                self._refused(msg)
+
+    def _refused(self, msg: p.Refused) -> None:
+        """The broker could not decode a message of ours. A refused READY
+        means it never takes this worker: say why (log and status pipe)
+        and stop, to exit with :data:`EXIT_REFUSED`. Any other refused
+        message is logged (its jobs come back to the broker by their
+        leases)."""
+        op = msg.refused_op or "a message"
+        if msg.refused_op != "ready":
+            log.error(
+                "worker.message_refused",
+                op=op,
+                reason=msg.reason,
+                hint="the broker could not read this message of the worker; "
+                "check that worker and broker run the same corral version",
+            )
+            return
+        if self.refused:
+            return
+        self.refused = f"the broker refused this worker's READY: {msg.reason}"
+        log.error(
+            "worker.refused",
+            reason=msg.reason,
+            exit_code=EXIT_REFUSED,
+            hint="the broker can never register this worker: check the task options "
+            "(@corral.task) and the pool's settings named above, and that worker "
+            "and broker run the same corral version; the worker exits",
+        )
+        with self._status.lock:
+            self._status.cannot_start(self.refused)
+        self.request_stop()
 
     def _cancel(self, msg: p.CancelJob) -> None:
         """A buffered job is dropped unstarted and handed back (its credit
@@ -597,7 +639,28 @@ class Worker:
         else:  # nothing more to run here soon: its credit goes back at once
             self._pacing.urgent()
         execution.finish()  # the end hooks, once the outcome is on its way
+        if execution.exit is not None:
+            self.hook_exit(execution.exit)
         structlog.contextvars.unbind_contextvars("job_id", "task", "attempt")
+
+    def hook_exit(self, exc: BaseException) -> None:
+        """A hook raised ``exc`` (sys.exit, KeyboardInterrupt) to stop the
+        process: the worker drains and exits with its code (SystemExit's
+        int, 130 for KeyboardInterrupt, else 1)."""
+        if isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        else:
+            code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        if self._hook_exit_code is None:
+            self._hook_exit_code = code
+        log.error(
+            "worker.hook_exit",
+            error=f"{type(exc).__name__}: {exc}"[:500],
+            exit_code=code,
+            hint="a hook asked the process to stop: the worker finishes its "
+            "running jobs and exits (its supervisor restarts it)",
+        )
+        self.request_stop()
 
     async def _async_executor(self) -> None:
         """concurrency_mode = "asyncio": one event loop runs up to
@@ -626,6 +689,18 @@ class Worker:
         if self._claim(execution):
             self._begin(execution)
             self._end(execution, await execution.run_async())
+
+
+def _command(frame: bytes) -> Any:
+    """The broker's command in ``frame``, or None (logged) if it cannot be
+    read; a Refused is read whatever protocol version sent it."""
+    try:
+        return p.decode(p.worker_command_decoder, frame)
+    except p.ProtocolError as exc:
+        refused = p.refusal(frame)
+        if refused is None:
+            log.warning("worker.malformed_frame", reason=str(exc)[:200])
+        return refused
 
 
 def task_infos(registry: Registry) -> list[p.TaskInfo]:

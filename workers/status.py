@@ -22,7 +22,8 @@ never interleave:
     D <job_id>                   the job's hooks of one point have run
     R <reason>                   the worker is retiring (max_jobs): start its replacement
     X <reason>                   the worker cannot start (a plugin or hooks module that
-                                 cannot be loaded), and exits
+                                 cannot be loaded, or the broker refused its READY),
+                                 and exits (with :data:`EXIT_REFUSED` for the latter)
 
 ``lock`` orders a J snapshot against S, E, H and D lines: a J written
 after an S includes that job (unless it ended), one written after an E
@@ -45,6 +46,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
+
+#: The exit code of a worker whose READY the broker refused (it could not
+#: decode it: a bad task option, another protocol version): a configuration
+#: fault that no restart mends (sysexits' EX_CONFIG). Its supervisor backs
+#: the pool off at once, naming the reason (the X line).
+EXIT_REFUSED = 78
 
 
 class StatusWriter:

@@ -9,6 +9,11 @@ for failed jobs, retry and delete one at a time or in bulk), and one job
 parts marked ``data-live`` every two seconds from ``?fragment=1`` versions
 of the same pages: live updates without a framework.
 
+Every request, page or action, is answered only under an allowed Host
+name (:mod:`corral.dashboard.hosts`, ``[dashboard] allowed_hosts``): any
+other gets 400 and why, so a page of another site whose name was made to
+resolve here (DNS rebinding) can read nothing.
+
 Read-only unless ``allow_actions``: every action is a POST, refused (403)
 when actions are off or when its Origin is not the dashboard's own (a page
 elsewhere cannot make a visitor's browser act), and, on a loopback address,
@@ -31,6 +36,7 @@ from aiohttp import web
 from corral.asyncclient import AsyncClient
 from corral.broker.protocol import STATUSES
 from corral.cliformat import age_text
+from corral.dashboard.hosts import AllowedHosts
 from corral.errors import BrokerError, BrokerUnavailable, CorralError, JobNotFound
 
 #: Jobs a bulk action goes through at most (pages of :data:`PAGE`).
@@ -41,13 +47,19 @@ PAGE = 50
 CLIENT = web.AppKey("client", AsyncClient)
 ALLOW = web.AppKey("allow_actions", bool)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
+HOSTS = web.AppKey("allowed_hosts", AllowedHosts)
 
 
-def make_app(client: AsyncClient, *, allow_actions: bool) -> web.Application:
-    """The dashboard over ``client`` (an AsyncClient of the broker)."""
-    app = web.Application(middlewares=[_errors])
+def make_app(
+    client: AsyncClient, *, allow_actions: bool, hosts: AllowedHosts | None = None
+) -> web.Application:
+    """The dashboard over ``client`` (an AsyncClient of the broker),
+    answering under the Host names ``hosts`` allows (default: those of a
+    dashboard listening on loopback)."""
+    app = web.Application(middlewares=[_allowed_host, _errors])
     app[CLIENT] = client
     app[ALLOW] = allow_actions
+    app[HOSTS] = hosts if hosts is not None else AllowedHosts.default("127.0.0.1")
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("corral.dashboard", "templates"),
         autoescape=True,
@@ -91,6 +103,23 @@ def _render(request: web.Request, name: str, **values: Any) -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _allowed_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse (400) a request whose Host is not an allowed name, before
+    anything is read or served."""
+    host = request.headers.get("Host")
+    hosts = request.app[HOSTS]
+    if hosts.allows(host):
+        return await handler(request)
+    return web.Response(
+        status=400,
+        text=f"the host name {host!r} is not one this dashboard answers to (allowed: {hosts}, "
+        "and any address): a page of another site whose name was made to resolve here (DNS "
+        "rebinding) must read nothing. If you reach the dashboard by this name, add it to "
+        "[dashboard] allowed_hosts in the config.\n",
+    )
 
 
 @web.middleware
@@ -138,7 +167,7 @@ async def act(request: web.Request) -> web.Response:
     origin = request.headers.get("Origin")
     if origin is not None and origin != f"{request.scheme}://{request.host}":
         raise web.HTTPForbidden(text=f"an action from {origin} is refused")
-    if _rebound(request):
+    if _rebound(request) and not request.app[HOSTS].names(request.host):
         raise web.HTTPForbidden(
             text=f"an action through the host name {request.host!r} is refused: this dashboard"
             " listens on loopback, where only localhost or an address reaches it (a page whose"

@@ -126,3 +126,15 @@ class Hang(corral.Hooks):
 
 def hang_hooks() -> corral.Hooks:
     return Hang()
+
+
+class Exit(corral.Hooks):
+    """``sys.exit(5)`` from before_job on the first try of ``hooks.quick``."""
+
+    def before_job(self, ctx: corral.JobContext) -> None:
+        if ctx.task == "hooks.quick" and ctx.attempt == 1:
+            raise SystemExit(5)
+
+
+def exit_hooks() -> corral.Hooks:
+    return Exit()
