@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from corral.broker.checkpoint import ColdBatch, Loaded, ckpt_path, id_hash
+from corral.broker.checkpoint import ColdBatch, Loaded, id_hash
 from corral.broker.framing import LogCorrupt, check_frame
 from corral.broker.job import BLOB_HEAD, DEFAULT_QUEUE, Job
 from corral.broker.records import RECORD_CODES, JobsCreated, decode_record
@@ -105,23 +106,34 @@ class ColdBlock(list):  # type: ignore[type-arg]
         self.jobs: list[Job] | None = None
 
 
-class ColdJobs:
-    """The cold batches of one restart: which are still cold, the id index,
-    and how to warm one. ``materialise(record, batch_number)`` adds a warmed
-    batch's jobs to the state."""
+class _Source:
+    """One index that cold batches came from: the segment it describes
+    (file, CRC seed), its id hash index, the index file itself (removed if
+    it proves wrong), the number its first batch took, and the segment's
+    file descriptor once a batch of it is read back."""
 
-    def __init__(
-        self,
-        loaded: Loaded,
-        base: Path,
-        seed: int,
-        materialise: Callable[[JobsCreated, int], list[Job]],
-    ) -> None:
-        self._loaded = loaded
-        self._base = base
-        self._seed = seed
+    __slots__ = ("fd", "first", "index", "loaded", "path", "seed")
+
+    def __init__(self, loaded: Loaded, path: Path, seed: int, index: Path, first: int) -> None:
+        self.loaded = loaded
+        self.path = path
+        self.seed = seed
+        self.index = index
+        self.first = first
+        self.fd: int | None = None
+
+
+class ColdJobs:
+    """The cold batches of one restart: which are still cold, the id
+    indexes (one per segment they came from), and how to warm one.
+    ``materialise(record, batch_number)`` adds a warmed batch's jobs to the
+    state. Batch numbers are the replay's, unique across segments."""
+
+    def __init__(self, materialise: Callable[[JobsCreated, int], list[Job]]) -> None:
+        self._sources: list[_Source] = []
+        #: The first batch number of each source (sorted: sources come in log order).
+        self._firsts: list[int] = []
         self._materialise = materialise
-        self._fd: int | None = None
         #: batch number -> batch, for the batches still cold, in log order.
         self.batches: dict[int, ColdBatch] = {}
         #: Jobs in cold batches.
@@ -130,6 +142,13 @@ class ColdJobs:
         self.runs: dict[int, list[ColdRun]] = {}
         #: Batches warmed, for the stats.
         self.warmed = 0
+
+    def add_source(self, loaded: Loaded, segment: Path, seed: int, index: Path, first: int) -> None:
+        """Take the batches of ``loaded`` (the index file ``index`` of
+        ``segment``, CRC ``seed``), numbered from ``first`` on (above any
+        source's so far)."""
+        self._sources.append(_Source(loaded, segment, seed, index, first))
+        self._firsts.append(first)
 
     def register(self, ref: ColdRef) -> None:
         self.batches[ref.number] = ref.batch
@@ -140,15 +159,17 @@ class ColdJobs:
         one was warmed."""
         if not isinstance(job_id, str) or not self.batches:
             return False
-        hashes, owners = self._loaded.hashes, self._loaded.owners
         h = id_hash(job_id)
-        i = bisect.bisect_left(hashes, h)
         found = False
-        while i < len(hashes) and hashes[i] == h:
-            if owners[i] in self.batches:  # (a number past the batches is in none)
-                self.warm(owners[i])
-                found = True
-            i += 1
+        for source in self._sources:
+            hashes, owners = source.loaded.hashes, source.loaded.owners
+            i = bisect.bisect_left(hashes, h)
+            while i < len(hashes) and hashes[i] == h:
+                number = source.first + owners[i]
+                if number in self.batches:  # (a number past the batches is in none)
+                    self.warm(number)
+                    found = True
+                i += 1
         return found
 
     def warm_ids(self, ids: list[str]) -> None:
@@ -158,27 +179,39 @@ class ColdJobs:
                 return
             self.warm_id(job_id)
 
-    def warm(self, number: int) -> list[Job]:
-        """Read batch ``number`` back from the base, check and decode it, and
-        add its jobs (see the module docstring). Raises LogCorrupt if its
-        frame is no longer what the replay checked (the base changed under
-        the broker)."""
-        batch = self.batches.pop(number)
-        self.count -= batch.count
-        self.warmed += 1
-        if self._fd is None:
-            self._fd = os.open(self._base, os.O_RDONLY | os.O_CLOEXEC)
-        data = os.pread(self._fd, batch.length, batch.offset)
+    def _source(self, number: int) -> _Source:
+        return self._sources[bisect.bisect_right(self._firsts, number) - 1]
+
+    def read(self, number: int, batch: ColdBatch) -> JobsCreated:
+        """Batch ``number``'s record, read back from its segment and checked
+        against ``batch`` (its description). Raises LogCorrupt if its frame
+        is no longer what the replay checked (the segment changed under the
+        broker; the index that described it is removed)."""
+        source = self._source(number)
+        if source.fd is None:
+            source.fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(source.fd, batch.length, batch.offset)
         with memoryview(data) as view:
-            got = check_frame(data, view, 0, self._seed)
+            got = check_frame(data, view, 0, source.seed)
         record = None
         if got == (batch.length, JOBS_CREATED_CODE):
             record = decode_record(JOBS_CREATED_CODE, data[9:])
         if not isinstance(record, JobsCreated) or _described(record) != _description(batch):
-            self._distrust()
+            with contextlib.suppress(OSError):  # the next start replays it in full
+                source.index.unlink()
             raise LogCorrupt(
-                self._base, batch.offset, "a cold batch is not what the replay read there"
+                source.path, batch.offset, "a cold batch is not what the replay read there"
             )
+        return record
+
+    def warm(self, number: int) -> list[Job]:
+        """Read batch ``number`` back from its segment, check and decode it,
+        and add its jobs (see the module docstring). Raises LogCorrupt (see
+        :meth:`read`)."""
+        batch = self.batches.pop(number)
+        self.count -= batch.count
+        self.warmed += 1
+        record = self.read(number, batch)
         jobs = self._materialise(record, number)
         for run in self.runs.pop(number, ()):
             run.jobs = jobs[run.start : run.end]
@@ -186,15 +219,9 @@ class ColdJobs:
             self.close()
         return jobs
 
-    def _distrust(self) -> None:
-        """The checkpoint told something the base does not say: it goes, so
-        the next start replays the base in full."""
-        with contextlib.suppress(OSError):
-            ckpt_path(self._base.parent, int(self._base.name.split(".")[0])).unlink()
-
     def warm_some(self, batches: int) -> int:
         """Warm up to ``batches`` batches, oldest first; returns how many."""
-        numbers = list(self.batches)[:batches]
+        numbers = list(itertools.islice(self.batches, batches))
         for number in numbers:
             self.warm(number)
         return len(numbers)
@@ -203,10 +230,16 @@ class ColdJobs:
         for number in list(self.batches):
             self.warm(number)
 
+    def warm_over(self, blob_bytes: int) -> None:
+        """Warm the batches that may hold a blob over ``blob_bytes``."""
+        for number in [n for n, b in self.batches.items() if b.largest_blob > blob_bytes]:
+            self.warm(number)
+
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for source in self._sources:
+            if source.fd is not None:
+                os.close(source.fd)
+                source.fd = None
 
 
 def _described(record: JobsCreated) -> tuple[Any, ...]:
@@ -247,6 +280,13 @@ class JobTable(dict[str, Job]):
         if self.cold is not None:
             self.cold.warm_all()
             self.cold = None
+
+    def warm_over(self, blob_bytes: int) -> None:
+        """Warm the cold batches that may hold a blob over ``blob_bytes``."""
+        if self.cold is not None:
+            self.cold.warm_over(blob_bytes)
+            if not self.cold.batches:
+                self.cold = None
 
     def warm_some(self, batches: int) -> int:
         """Warm up to ``batches`` cold batches; returns how many."""

@@ -259,6 +259,8 @@ def repair(directory: str | os.PathLike[str]) -> RepairReport:
     for plan in found.segments:
         if plan.rewrite:
             _rewrite(plan, found.generation)
+    for index in path.glob("*.idx"):  # the history after the damage changed: none is trusted
+        index.unlink(missing_ok=True)
     _log.info(
         "log.repaired",
         directory=str(path),

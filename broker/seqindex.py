@@ -53,6 +53,11 @@ class SeqIndex:
         self._firsts.append(first)
         self._stale.append(0)
 
+    def last_seq(self) -> int:
+        """The highest creation number indexed (0: none), stale ones included."""
+        blocks = self._blocks
+        return blocks[-1][-1].seq if blocks else 0
+
     def warmed(self, batch: int, jobs: list[Job]) -> None:
         """Cold batch ``batch`` was warmed: ``jobs`` take its block's place."""
         block = self._cold.pop(batch, None)

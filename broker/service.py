@@ -19,6 +19,7 @@ from corral.broker import protocol as p
 from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
 from corral.broker.expiring import lapsed
+from corral.broker.job import touched
 from corral.broker.jobspec import queue_problem, validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
@@ -357,7 +358,7 @@ class ClientService:
         if msg.job_id is None:
             jobs = [
                 j
-                for j in self.state.jobs.values()
+                for j in touched(self.state.jobs.warm_values())  # (a failed job is never cold)
                 if j.status == "failed"
                 and (msg.queue is None or j.queue == msg.queue)
                 and self.state.holder_of(j.unique_key, now) in (None, j.id)
@@ -393,9 +394,14 @@ class ClientService:
             self._reply(identity, p.Ack(msg.req, 1, [job.id]))
 
     def _purge(self, identity: bytes, msg: p.Purge, now: float, mono: float) -> None:
-        jobs = [
-            j for j in self.state.jobs.values() if j.queue == msg.queue and j.status == "queued"
-        ]
+        # O(jobs of the queue): its ready lanes (a cold batch of it is
+        # warmed; no other is) and the jobs workers hold reserved
+        jobs = self.state.ready.queued(msg.queue)
+        held = self.state.jobs
+        for job_id in self.dispatcher.leased_ids():
+            job = dict.get(held, job_id)  # (a held job is never cold)
+            if job is not None and job.queue == msg.queue and job.reserved:
+                jobs.append(job)
         for job in jobs:
             if job.flow is not None:  # its flow stops, as if it was cancelled
                 self._cancel_job(job, now)

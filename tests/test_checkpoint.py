@@ -50,8 +50,8 @@ def replay(src: Path, scratch: Path, name: str, *, checkpoint: bool) -> JobState
         with contextlib.suppress(FileNotFoundError):  # a stale segment removed meanwhile
             shutil.copy2(path, copy / path.name)  # (with its mtime, as a checkpoint wants)
     if not checkpoint:
-        for ckpt in copy.glob("*.ckpt"):
-            ckpt.unlink()
+        for index in [*copy.glob("*.ckpt"), *copy.glob("*.idx")]:
+            index.unlink()
     state = JobState()
     log = Log(copy, fsync="never", segment_size=1 << 20, reserve=16 << 10)
     for record in log.replay(partial(checkpoint_frames, state)):
@@ -263,8 +263,8 @@ def checkpointed(root: Path) -> tuple[Path, list[str]]:
 
 def restarted(state_dir: Path, *, checkpoint: bool = True) -> InProcessBroker:
     if not checkpoint:
-        for ckpt in (state_dir / "log").glob("*.ckpt"):
-            ckpt.unlink()
+        for index in [*(state_dir / "log").glob("*.ckpt"), *(state_dir / "log").glob("*.idx")]:
+            index.unlink()
     return InProcessBroker(state_dir, extra=SMALL_LOG)
 
 
