@@ -181,8 +181,10 @@ class JobState:
             ColdRef: self._apply_cold,
         }
         self.index.warm = self.ready.warm = self._warm_batch
-        #: The number the next cold batch takes (see attach_cold).
+        #: The number the next cold batch takes, and the cold batches'
+        #: keeper (see attach_cold).
         self._cold_numbers = 0
+        self._cold: ColdJobs | None = None
 
     # ------------------------------------------------------------ apply
 
@@ -320,7 +322,7 @@ class JobState:
         and placed as :meth:`_add_pristine` would, with no object per job.
         A batch older than a job indexed already (never so in a log the
         broker wrote) is read back and applied at once instead."""
-        cold = self.jobs.cold
+        cold = self.jobs.cold = self.jobs.cold or self._cold
         if cold is None:
             raise ValueError("a cold batch with no index attached")
         batch = ref.batch
@@ -348,8 +350,11 @@ class JobState:
         compacted base's checkpoint, or a sealed segment's index); returns
         the stand-ins the replay is to yield for their frames (by frame
         offset)."""
-        if self.jobs.cold is None:
-            self.jobs.cold = ColdJobs(self._materialise)
+        if self._cold is None:
+            self._cold = ColdJobs(self._materialise)
+        # (the table lets go of it whenever no batch is cold: a later
+        # segment's batches take it up again)
+        self.jobs.cold = self._cold
         first = self._cold_numbers
         self._cold_numbers += len(loaded.batches)
         self.jobs.cold.add_source(loaded, segment, seed, index, first)
