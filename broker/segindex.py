@@ -72,9 +72,9 @@ __all__ = [
     "remove_indexes",
 ]
 
-#: A sealed segment of up to this many bytes is indexed on the loop; a
-#: larger one in a child process.
-INLINE_MAX = 1 << 20
+#: A sealed segment of up to this many bytes is indexed on the loop (a few
+#: thousand jobs at most: a few ms); a larger one in a child process.
+INLINE_MAX = 128 << 10
 #: The child's niceness: the broker's loop comes first.
 NICENESS = 10
 _JOBS_CREATED = RECORD_CODES[JobsCreated]
