@@ -172,13 +172,6 @@ class ColdJobs:
                 i += 1
         return found
 
-    def warm_ids(self, ids: list[str]) -> None:
-        """Warm every batch that may hold one of ``ids``."""
-        for job_id in ids:
-            if not self.batches:
-                return
-            self.warm_id(job_id)
-
     def _source(self, number: int) -> _Source:
         return self._sources[bisect.bisect_right(self._firsts, number) - 1]
 

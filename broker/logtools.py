@@ -259,7 +259,8 @@ def repair(directory: str | os.PathLike[str]) -> RepairReport:
     for plan in found.segments:
         if plan.rewrite:
             _rewrite(plan, found.generation)
-    for index in path.glob("*.idx"):  # the history after the damage changed: none is trusted
+    # the history after the damage changed: no index or checkpoint is trusted
+    for index in [*path.glob("*.idx"), *path.glob("*.ckpt")]:
         index.unlink(missing_ok=True)
     _log.info(
         "log.repaired",

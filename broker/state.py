@@ -293,12 +293,14 @@ class JobState:
         Live, a batch is made of ids no job had (decide_create), but a log
         that a repair lost a record of (a Removed) can revive a job whose id
         a later batch reused: the job that exists stays, as for one
-        JobCreated (and the first of an id repeated within the batch)."""
+        JobCreated (and the first of an id repeated within the batch). No
+        cold job is looked for among the ids (a lookup by hash per id would
+        cost a replay more than the cold batches save): cold jobs come from
+        indexes of logs the broker wrote, where ids are new, and a repair
+        removes every index and checkpoint."""
         if len(ids) != len(blobs):
             raise ValueError(f"a batch of {len(ids)} job ids has {len(blobs)} blobs")
         new = list(map(Job, ids, repeat(tpl), blobs, repeat(None)))  # at C speed
-        if self.jobs.cold is not None:  # a cold job that holds one of the ids is made first
-            self.jobs.cold.warm_ids(ids)
         # One lookup per id, at C speed: setdefault gives back the job that
         # holds the id, and jobs compare by identity (the list compare too).
         held = list(map(partial(dict.setdefault, self.jobs), ids, new))
