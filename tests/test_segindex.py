@@ -266,6 +266,34 @@ def test_a_clock_step_warms_no_cold_batch(tmp_path: Path, monkeypatch: pytest.Mo
     broker.crash()
 
 
+def test_a_filtered_listing_warms_only_batches_it_may_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "WARM_PER_PASS", 0)
+    state_dir, _ = indexed_log(tmp_path)
+    shutil.copytree(state_dir, tmp_path / "copy")
+    for index in (tmp_path / "copy" / "log").glob("*.idx"):
+        index.unlink()
+    pages = []
+    for at in (state_dir, tmp_path / "copy"):
+        broker = InProcessBroker(at, extra=TINY_LOG)
+        cold = broker.core.state.jobs.cold
+        before = cold.count if cold is not None else 0
+        got = []
+        for filters in ({"status": "cancelled"}, {"status": "queued", "queue": "other"}):
+            for newest in (False, True):
+                page = broker.request(
+                    p.ListJobs(broker.next_req(), limit=1000, newest=newest, **filters)
+                )
+                got.append([job.id for job in page.jobs])
+        if cold is not None:  # only the batches of queue "other" were warmed
+            assert before - cold.count == 400
+        pages.append(got)
+        broker.crash()
+    assert pages[0] == pages[1]
+    assert pages[0][0] == ["a-500"]
+
+
 @pytest.mark.parametrize("limit", ["50KiB", "50B"])
 def test_the_payload_check_warms_only_batches_that_may_be_over(
     tmp_path: Path, limit: str, monkeypatch: pytest.MonkeyPatch
