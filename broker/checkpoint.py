@@ -28,7 +28,9 @@ the base is replayed in full. A batch whose frame is not where, or not
 what, the checkpoint says is decoded as usual.
 
 Format: ``MAGIC``, a u32 version, a u32 CRC of the body, a u64 body length,
-then the body (msgpack of :class:`Body`).
+then the body (msgpack of :class:`Body`). A sealed segment's index
+(``<seq>.idx``, :mod:`corral.broker.segindex`) is the same format, read
+and written by the same functions.
 """
 
 from __future__ import annotations

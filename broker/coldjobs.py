@@ -1,14 +1,17 @@
-"""Cold jobs: queued jobs a restart took from a checkpoint without decoding
+"""Cold jobs: queued jobs a restart took from an index without decoding
 them, and the job table that makes them look like any other job.
 
-After a restart with a checkpoint (see :mod:`corral.broker.checkpoint`)
-each ``JobsCreated`` batch of the base it names is *cold*: the state counts
+After a restart, each ``JobsCreated`` batch that a compacted base's
+checkpoint (see :mod:`corral.broker.checkpoint`) or a sealed segment's
+index (see :mod:`corral.broker.segindex`) names is *cold*: the state counts
 its jobs (per queue, task and status, bytes, creation numbers), its runs of
 one priority hold one :class:`ColdRun` entry each on their ready lane, and
 the creation-order index holds one :class:`ColdBlock` for it; nothing is
 made per job. The batch is *warmed* (its frame read back from the base,
 checked and decoded, a :class:`~corral.broker.job.Job` made per job) the
-first time anything needs one of its jobs:
+first time anything needs one of its jobs (each index is a source: its
+segment, CRC seed and id hash array; batch numbers are unique across
+them):
 
 - a lookup by id (``get``, ``in``, ``[]``, ``pop``, ``setdefault`` on the
   :class:`JobTable`): an id whose hash the checkpoint's index holds warms
@@ -17,15 +20,17 @@ first time anything needs one of its jobs:
 - a run reaching the front of its ready lane (dispatch, ``peek``, the
   oldest job's age): the batch is warmed and the run's jobs take its place,
   in order;
-- a walk of the table (``values``, ``items``, iterating it: a purge, the
-  checks that read every job): all batches are warmed first; a walk of
-  the creation-order index (listing jobs) warms each batch as it reaches
-  it, so a page costs the batches it shows.
+- a walk of the table (``values``, ``items``, iterating it): all batches
+  are warmed first, so the broker's walks that may run while jobs are
+  cold read ``warm_values`` or the ready lanes instead (a purge, a clock
+  step, the start-up checks); a walk of the creation-order index (listing
+  jobs) warms each batch as it reaches it, so a page costs the batches it
+  shows (a filter that cannot take a batch's jobs passes it over).
 
 The broker also warms a few batches per pass while any are cold (so a
 restart is followed by about a second of background work, never a stall),
-and starts no compaction while any are, since compaction replaces the base
-file the cold batches are read from.
+and starts no compaction while any are, since compaction replaces the
+segment files the cold batches are read from.
 """
 
 from __future__ import annotations
