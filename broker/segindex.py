@@ -280,8 +280,8 @@ class Indexer:
         try:
             if build_index(path) is not None:
                 self.inline += 1
-        except OSError as exc:
-            _log.warning("segment_index.not_written", segment=str(path), error=str(exc))
+        except Exception as exc:  # a cache: a full disk, a bad frame, a bug never stop the loop
+            _log.warning("segment_index.not_written", segment=str(path), error=repr(exc))
 
     def poll(self) -> None:
         """Reap a finished child; start one for the waiting segments. Never waits."""
@@ -301,6 +301,7 @@ class Indexer:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "corral.broker.segindex", msgspec.json.encode(order)],
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # (the broker's own log; the child's errors: stderr)
             )
         except OSError as exc:
             _log.warning("segment_index.not_started", error=str(exc))

@@ -346,3 +346,22 @@ def test_a_real_broker_restarts_on_its_indexed_segments(env: Env) -> None:
     replayed = [line for line in again.output().splitlines() if "broker.replayed" in line][-1]
     assert '"cold_jobs": 0' not in replayed, replayed
     assert client.purge("default") == 12_000
+
+
+def test_a_segment_that_cannot_be_indexed_gets_no_index_and_stops_nothing(tmp_path: Path) -> None:
+    state_dir, _ = indexed_log(tmp_path)
+    log_dir = state_dir / "log"
+    seq = sealed(log_dir)[0]
+    seg = log_dir / f"{seq:020d}.seg"
+    idx_path(log_dir, seq).unlink()
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0x10  # a bad frame: the replay, not the indexer, reports it
+    seg.write_bytes(bytes(data))
+    indexer = segindex.Indexer()
+    indexer.want(seg, len(data))
+    assert not idx_path(log_dir, seq).exists()
+    garbage = log_dir / f"{seq + 100:020d}.seg"
+    garbage.write_bytes(b"not a segment")  # a bad header: LogCorrupt, caught and logged
+    indexer.want(garbage, 13)
+    assert not idx_path(log_dir, seq + 100).exists()
+    assert indexer.inline == 0
