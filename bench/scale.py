@@ -8,7 +8,9 @@ workers), because the second needs the log the first wrote:
    batches of 1,000, and the broker's RSS (``/proc``, via psutil) is read
    before and after. Per job = RSS growth / N; beyond the payload = that
    less the 100 payload bytes.
-2. **restart**: the broker is killed (SIGKILL: a crash, no shutdown work),
+2. **restart**: once the broker has indexed the log's sealed segments (see
+   broker/segindex.py: it does so as each is sealed, in a child; the wait
+   is reported as ``index_wait_s``), it is killed (SIGKILL: a crash, no shutdown work),
    the log's used bytes are summed (each segment up to its last non-zero
    byte), and the broker is started again on it. The restart time runs
    from the ``Popen`` until it answers a ping (polled every 20 ms); replay MB/s = log bytes /
@@ -21,6 +23,9 @@ workers), because the second needs the log the first wrote:
    broker/checkpoint.py), and the broker is started on it and timed the
    same way (the restart's ``_ckpt`` figures; the log bytes are the
    compacted log's).
+
+The broker's processes may write their bytecode (``PYTHONDONTWRITEBYTECODE``
+is dropped): a restart of an installed broker finds its modules compiled.
 
 Used by ``bench/run.py`` (``--only scale``).
 """
@@ -67,8 +72,23 @@ def _enqueue(client: Client, n: int) -> None:
         left -= size
 
 
+def _wait_indexed(state_dir: Path, timeout: float = 300.0) -> tuple[int, float]:
+    """Wait until every sealed segment of the log has its index; returns
+    (sealed segments, seconds waited)."""
+    log_dir = state_dir / "log"
+    started = time.perf_counter()
+    while True:
+        sealed = sorted(log_dir.glob("*.seg"))[:-1]
+        if all(seg.with_suffix(".idx").exists() for seg in sealed):
+            return len(sealed), time.perf_counter() - started
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError(f"the sealed segments of {log_dir} were not indexed in {timeout} s")
+        time.sleep(0.1)  # polling files another process writes
+
+
 def bench_scale(fsync: str, n: int) -> dict[str, Any]:
     """Both scenarios; see the module docstring."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # (see the module docstring)
     with Instance(Settings(fsync=fsync)) as inst:
         broker = inst.start("broker")
         inst.wait_ready()
@@ -83,6 +103,7 @@ def bench_scale(fsync: str, n: int) -> dict[str, Any]:
         if queued != n + BATCH:
             raise RuntimeError(f"expected {n + BATCH} queued jobs, the broker has {queued}")
         after = _rss(broker.popen.pid)
+        sealed, index_wait = _wait_indexed(Path(inst.root) / "s")
         os.killpg(broker.popen.pid, signal.SIGKILL)
         broker.popen.wait()
         inst.procs.remove(broker)
@@ -105,6 +126,8 @@ def bench_scale(fsync: str, n: int) -> dict[str, Any]:
         "bytes_per_job": per_job,
         "beyond_payload": per_job - PAYLOAD_SIZE,
         "log_mib": size / 2**20,
+        "sealed_segments": sealed,
+        "index_wait_s": index_wait,
         "restart_s": restart_s,
         "replay_mb_s": size / 1e6 / restart_s,
         "rss_after_restart_mib": rss_restarted / 2**20,

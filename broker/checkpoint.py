@@ -28,7 +28,9 @@ the base is replayed in full. A batch whose frame is not where, or not
 what, the checkpoint says is decoded as usual.
 
 Format: ``MAGIC``, a u32 version, a u32 CRC of the body, a u64 body length,
-then the body (msgpack of :class:`Body`).
+then the body (msgpack of :class:`Body`). A sealed segment's index
+(``<seq>.idx``, :mod:`corral.broker.segindex`) is the same format, read
+and written by the same functions.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import msgspec
 from corral.broker.framing import FORMAT_VERSION, fsync_dir, segment_seed
 from corral.broker.lazylog import get_logger
 
-__all__ = ["Body", "ColdBatch", "Loaded", "ckpt_path", "id_hash", "load", "write"]
+__all__ = ["Body", "ColdBatch", "Loaded", "ckpt_path", "id_hash", "idx_path", "load", "write"]
 
 MAGIC = b"CORRALCK"
 VERSION = 1
@@ -104,6 +106,12 @@ def ckpt_path(directory: Path, seq: int) -> Path:
     return directory / f"{seq:020d}.ckpt"
 
 
+def idx_path(directory: Path, seq: int) -> Path:
+    """Where the index of sealed segment ``seq`` lives (the same format as a
+    checkpoint: see :mod:`corral.broker.segindex`)."""
+    return directory / f"{seq:020d}.idx"
+
+
 def id_hash(job_id: str) -> int:
     """A 64-bit hash of a job id that is the same in every process (Python's
     own ``hash`` is salted per process)."""
@@ -147,14 +155,19 @@ def write(
     seq: int,
     base: Path,
     batches: list[tuple[ColdBatch, list[str]]],
+    *,
+    path: Path | None = None,
+    stat: os.stat_result | None = None,
 ) -> Path:
     """Write the checkpoint of base ``seq`` (the file ``base``, whole and
     synced; it may still have its tmp name) atomically: to a ``.tmp`` file,
     fsync'd, renamed into place, the directory fsync'd. Returns its path.
-    Raises OSError (the tmp file is removed)."""
-    st = base.stat()
+    ``path``: where (default :func:`ckpt_path`; a segment index is written
+    to :func:`idx_path`); ``stat``: ``base``'s stat when it was read (by
+    default, now). Raises OSError (the tmp file is removed)."""
+    st = base.stat() if stat is None else stat
     data = build(generation, seq, st.st_size, st.st_mtime_ns, batches)
-    path = ckpt_path(directory, seq)
+    path = ckpt_path(directory, seq) if path is None else path
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -174,13 +187,14 @@ def write(
 
 
 def load(  # noqa: PLR0911 (one return per way a checkpoint can be unusable)
-    directory: Path, generation: int, seq: int, base: Path
+    directory: Path, generation: int, seq: int, base: Path, path: Path | None = None
 ) -> Loaded | None:
     """The checkpoint of base ``seq`` (the file ``base``) of log
     ``generation``, or None when there is none or it cannot be used
-    (logged as ``checkpoint.ignored`` with the reason). Never raises for
-    a bad file."""
-    path = ckpt_path(directory, seq)
+    (logged as ``checkpoint.ignored`` with the reason). ``path``: the file
+    to read (default :func:`ckpt_path`; a segment's index: :func:`idx_path`).
+    Never raises for a bad file."""
+    path = ckpt_path(directory, seq) if path is None else path
     try:
         st = base.stat()
         data = path.read_bytes()
@@ -238,5 +252,6 @@ def _le(values: array[int]) -> array[int]:
 
 
 def _ignored(path: Path, reason: str) -> Loaded | None:
-    _log.warning("checkpoint.ignored", file=str(path), reason=reason)
+    event = "segment_index.ignored" if path.suffix == ".idx" else "checkpoint.ignored"
+    _log.warning(event, file=str(path), reason=reason)
     return None

@@ -1,14 +1,17 @@
-"""Cold jobs: queued jobs a restart took from a checkpoint without decoding
+"""Cold jobs: queued jobs a restart took from an index without decoding
 them, and the job table that makes them look like any other job.
 
-After a restart with a checkpoint (see :mod:`corral.broker.checkpoint`)
-each ``JobsCreated`` batch of the base it names is *cold*: the state counts
+After a restart, each ``JobsCreated`` batch that a compacted base's
+checkpoint (see :mod:`corral.broker.checkpoint`) or a sealed segment's
+index (see :mod:`corral.broker.segindex`) names is *cold*: the state counts
 its jobs (per queue, task and status, bytes, creation numbers), its runs of
 one priority hold one :class:`ColdRun` entry each on their ready lane, and
 the creation-order index holds one :class:`ColdBlock` for it; nothing is
 made per job. The batch is *warmed* (its frame read back from the base,
 checked and decoded, a :class:`~corral.broker.job.Job` made per job) the
-first time anything needs one of its jobs:
+first time anything needs one of its jobs (each index is a source: its
+segment, CRC seed and id hash array; batch numbers are unique across
+them):
 
 - a lookup by id (``get``, ``in``, ``[]``, ``pop``, ``setdefault`` on the
   :class:`JobTable`): an id whose hash the checkpoint's index holds warms
@@ -17,27 +20,30 @@ first time anything needs one of its jobs:
 - a run reaching the front of its ready lane (dispatch, ``peek``, the
   oldest job's age): the batch is warmed and the run's jobs take its place,
   in order;
-- a walk of the table (``values``, ``items``, iterating it: a purge, the
-  checks that read every job): all batches are warmed first; a walk of
-  the creation-order index (listing jobs) warms each batch as it reaches
-  it, so a page costs the batches it shows.
+- a walk of the table (``values``, ``items``, iterating it): all batches
+  are warmed first, so the broker's walks that may run while jobs are
+  cold read ``warm_values`` or the ready lanes instead (a purge, a clock
+  step, the start-up checks); a walk of the creation-order index (listing
+  jobs) warms each batch as it reaches it, so a page costs the batches it
+  shows (a filter that cannot take a batch's jobs passes it over).
 
 The broker also warms a few batches per pass while any are cold (so a
 restart is followed by about a second of background work, never a stall),
-and starts no compaction while any are, since compaction replaces the base
-file the cold batches are read from.
+and starts no compaction while any are, since compaction replaces the
+segment files the cold batches are read from.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from corral.broker.checkpoint import ColdBatch, Loaded, ckpt_path, id_hash
+from corral.broker.checkpoint import ColdBatch, Loaded, id_hash
 from corral.broker.framing import LogCorrupt, check_frame
 from corral.broker.job import BLOB_HEAD, DEFAULT_QUEUE, Job
 from corral.broker.records import RECORD_CODES, JobsCreated, decode_record
@@ -105,25 +111,35 @@ class ColdBlock(list):  # type: ignore[type-arg]
         self.jobs: list[Job] | None = None
 
 
-class ColdJobs:
-    """The cold batches of one restart: which are still cold, the id index,
-    and how to warm one. ``materialise(record, batch_number)`` adds a warmed
-    batch's jobs to the state."""
+class _Source:
+    """One index that cold batches came from: the segment it describes
+    (file, CRC seed), its id hash index, the index file itself (removed if
+    it proves wrong), the number its first batch took, and the segment as
+    the replay read it, held open (a file renamed over its name later, a
+    copy or a restore, is not what the batches are in)."""
 
-    def __init__(
-        self,
-        loaded: Loaded,
-        base: Path,
-        seed: int,
-        materialise: Callable[[JobsCreated, int], list[Job]],
-    ) -> None:
-        self._loaded = loaded
-        self._base = base
-        self._seed = seed
+    __slots__ = ("fd", "first", "index", "loaded", "path", "seed")
+
+    def __init__(self, loaded: Loaded, path: Path, seed: int, index: Path, first: int) -> None:
+        self.loaded = loaded
+        self.path = path
+        self.seed = seed
+        self.index = index
+        self.first = first
+        self.fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+class ColdJobs:
+    """The cold batches of one restart: which are still cold, the id
+    indexes (one per segment they came from), and how to warm one.
+    ``materialise(record, batch_number)`` adds a warmed batch's jobs to the
+    state. Batch numbers are the replay's, unique across segments."""
+
+    def __init__(self, materialise: Callable[[JobsCreated, int], list[Job]]) -> None:
+        self._sources: list[_Source] = []
+        #: The first batch number of each source (sorted: sources come in log order).
+        self._firsts: list[int] = []
         self._materialise = materialise
-        #: The base as the replay read it, held open: a file renamed over
-        #: its name later (a copy, a restore) is not what the batches are in.
-        self._fd: int | None = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
         #: batch number -> batch, for the batches still cold, in log order.
         self.batches: dict[int, ColdBatch] = {}
         #: Jobs in cold batches.
@@ -132,6 +148,13 @@ class ColdJobs:
         self.runs: dict[int, list[ColdRun]] = {}
         #: Batches warmed, for the stats.
         self.warmed = 0
+
+    def add_source(self, loaded: Loaded, segment: Path, seed: int, index: Path, first: int) -> None:
+        """Take the batches of ``loaded`` (the index file ``index`` of
+        ``segment``, CRC ``seed``), numbered from ``first`` on (above any
+        source's so far)."""
+        self._sources.append(_Source(loaded, segment, seed, index, first))
+        self._firsts.append(first)
 
     def register(self, ref: ColdRef) -> None:
         self.batches[ref.number] = ref.batch
@@ -142,51 +165,58 @@ class ColdJobs:
         one was warmed."""
         if not isinstance(job_id, str) or not self.batches:
             return False
-        hashes, owners = self._loaded.hashes, self._loaded.owners
         h = id_hash(job_id)
-        i = bisect.bisect_left(hashes, h)
         found = False
-        while i < len(hashes) and hashes[i] == h:
-            if owners[i] in self.batches:  # (a number past the batches is in none)
-                self.warm(owners[i])
-                found = True
-            i += 1
+        for source in self._sources:
+            hashes, owners = source.loaded.hashes, source.loaded.owners
+            i = bisect.bisect_left(hashes, h)
+            while i < len(hashes) and hashes[i] == h:
+                number = source.first + owners[i]
+                if number in self.batches:  # (a number past the batches is in none)
+                    self.warm(number)
+                    found = True
+                i += 1
         return found
 
-    def warm_ids(self, ids: list[str]) -> None:
-        """Warm every batch that may hold one of ``ids``."""
-        for job_id in ids:
-            if not self.batches:
-                return
-            self.warm_id(job_id)
+    def _source(self, number: int) -> _Source:
+        return self._sources[bisect.bisect_right(self._firsts, number) - 1]
 
-    def warm(self, number: int) -> list[Job]:
-        """Read batch ``number`` back from the base, check and decode it, and
-        add its jobs (see the module docstring). Raises LogCorrupt if its
-        frame is no longer what the replay checked (the base changed under
-        the broker): the batch then stays cold, and the broker stops rather
-        than serve on without its jobs."""
-        batch = self.batches[number]
-        if self._fd is None:
+    def read(self, number: int, batch: ColdBatch) -> JobsCreated:
+        """Batch ``number``'s record, read back from its segment and checked
+        against ``batch`` (its description). Raises LogCorrupt if its frame
+        is no longer what the replay checked (the segment changed under the
+        broker; the index that described it is removed)."""
+        source = self._source(number)
+        if source.fd is None:
             raise LogCorrupt(
-                self._base, batch.offset, "a cold batch read after its base was closed"
+                source.path, batch.offset, "a cold batch read after its segment was closed"
             )
         try:
-            data = os.pread(self._fd, batch.length, batch.offset)
+            data = os.pread(source.fd, batch.length, batch.offset)
         except OSError as exc:
             raise LogCorrupt(
-                self._base, batch.offset, f"a cold batch cannot be read: {exc}"
+                source.path, batch.offset, f"a cold batch cannot be read: {exc}"
             ) from exc
         with memoryview(data) as view:
-            got = check_frame(data, view, 0, self._seed)
+            got = check_frame(data, view, 0, source.seed)
         record = None
         if got == (batch.length, JOBS_CREATED_CODE):
             record = decode_record(JOBS_CREATED_CODE, data[9:])
         if not isinstance(record, JobsCreated) or _described(record) != _description(batch):
-            self._distrust()
+            with contextlib.suppress(OSError):  # the next start replays it in full
+                source.index.unlink()
             raise LogCorrupt(
-                self._base, batch.offset, "a cold batch is not what the replay read there"
+                source.path, batch.offset, "a cold batch is not what the replay read there"
             )
+        return record
+
+    def warm(self, number: int) -> list[Job]:
+        """Read batch ``number`` back from its segment, check and decode it,
+        and add its jobs (see the module docstring). Raises LogCorrupt (see
+        :meth:`read`): the batch then stays cold, and the broker stops
+        rather than serve on without its jobs."""
+        batch = self.batches[number]
+        record = self.read(number, batch)
         # Only now is the batch gone from the cold ones: a batch that could not
         # be read stays counted and placed (the broker stops on the error).
         del self.batches[number]
@@ -199,15 +229,9 @@ class ColdJobs:
             self.close()
         return jobs
 
-    def _distrust(self) -> None:
-        """The checkpoint told something the base does not say: it goes, so
-        the next start replays the base in full."""
-        with contextlib.suppress(OSError):
-            ckpt_path(self._base.parent, int(self._base.name.split(".")[0])).unlink()
-
     def warm_some(self, batches: int) -> int:
         """Warm up to ``batches`` batches, oldest first; returns how many."""
-        numbers = list(self.batches)[:batches]
+        numbers = list(itertools.islice(self.batches, batches))
         for number in numbers:
             self.warm(number)
         return len(numbers)
@@ -216,10 +240,16 @@ class ColdJobs:
         for number in list(self.batches):
             self.warm(number)
 
+    def warm_over(self, blob_bytes: int) -> None:
+        """Warm the batches that may hold a blob over ``blob_bytes``."""
+        for number in [n for n, b in self.batches.items() if b.largest_blob > blob_bytes]:
+            self.warm(number)
+
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for source in self._sources:
+            if source.fd is not None:
+                os.close(source.fd)
+                source.fd = None
 
 
 def _described(record: JobsCreated) -> tuple[Any, ...]:
@@ -260,6 +290,13 @@ class JobTable(dict[str, Job]):
         if self.cold is not None:
             self.cold.warm_all()
             self.cold = None
+
+    def warm_over(self, blob_bytes: int) -> None:
+        """Warm the cold batches that may hold a blob over ``blob_bytes``."""
+        if self.cold is not None:
+            self.cold.warm_over(blob_bytes)
+            if not self.cold.batches:
+                self.cold = None
 
     def warm_some(self, batches: int) -> int:
         """Warm up to ``batches`` cold batches; returns how many."""

@@ -45,12 +45,13 @@ from corral.broker.compactor import Compactor
 from corral.broker.dispatch import Dispatcher, count_malformed
 from corral.broker.followups import FollowUps
 from corral.broker.housekeeping import Housekeeper
-from corral.broker.job import touched
+from corral.broker.job import BLOB_HEAD, touched
 from corral.broker.journal import ClientLink, Journal, Replies, WorkerLink
 from corral.broker.log import Log, LogCorrupt
 from corral.broker.logfiles import Files
 from corral.broker.records import BrokerStarted
 from corral.broker.schedules import Scheduler
+from corral.broker.segindex import Indexer
 from corral.broker.service import ClientService
 from corral.broker.state import Defaults, Job, JobState, checkpoint_frames
 from corral.broker.waiters import Waiters
@@ -63,6 +64,9 @@ STATUS_EVERY = 1.0
 FREEZE_EVERY = 100_000
 #: Cold batches (of up to 512 jobs) warmed per pass after a restart.
 WARM_PER_PASS = 8
+#: Seconds after a replay before the sealed segments it found without an
+#: index are indexed (the first requests come first).
+INDEX_AFTER = 0.5
 #: Longest poll wait of an idle broker, in seconds.
 MAX_POLL_WAIT = 1.0
 #: The two sides a message arrives on.
@@ -139,6 +143,10 @@ class BrokerCore:
             max_payload=bc.max_payload,
         )
         self.compactor = Compactor(self.log, defaults)
+        #: Indexes the sealed segments (see broker/segindex.py).
+        self.indexer = Indexer()
+        #: Sealed segments a replay found without a valid index: (path, bytes).
+        self._unindexed: list[tuple[Path, int]] = []
         self.housekeeper = Housekeeper(
             self.journal,
             Scheduler.from_configs(config.schedules),
@@ -190,8 +198,11 @@ class BrokerCore:
         # million pristine jobs are passed over once, here, not per check;
         # cold ones are pristine).
         lived = touched(self.state.jobs.warm_values())
+        max_payload = self.config.broker.max_payload
+        if max_payload is not None:  # only the cold batches that may hold a payload over it
+            self.state.jobs.warm_over(max_payload + BLOB_HEAD.size)
         check_replayed_payloads(
-            _AllJobs(self.state),
+            _WarmJobs(self.state),
             self.config.broker.max_payload,
             self.state.largest_blob,
             lived=lived,
@@ -234,10 +245,15 @@ class BrokerCore:
         )
 
     def _cold_frames(
-        self, base: Path, generation: int, seq: int, size: int
+        self, segment: Path, generation: int, seq: int, size: int
     ) -> dict[int, ColdRef] | None:
-        """The log's question at a replay (see Log.replay and checkpoint_frames)."""
-        return checkpoint_frames(self.state, base, generation, seq, size)
+        """The log's question at a replay (see Log.replay and
+        checkpoint_frames); a sealed segment without a valid index is
+        indexed after the start."""
+        frames = checkpoint_frames(self.state, segment, generation, seq, size)
+        if frames is None:
+            self._unindexed.append((segment, size))
+        return frames
 
     def warm_cold(self) -> None:
         """Warm a few cold batches (see broker/coldjobs.py): called each pass
@@ -314,8 +330,23 @@ class BrokerCore:
         self.dispatcher.dispatch(now, mono)
         if self.state.jobs.cold is not None:
             self.warm_cold()
+        if self.log.sealed or self._unindexed or self.indexer.busy:
+            self._index_sealed()
         if self.state.next_seq - self._frozen_at >= FREEZE_EVERY:
             self._freeze()
+
+    def _index_sealed(self) -> None:
+        """Index the segments sealed since the last pass, and those the
+        replay found without an index (after the first answers: not on a
+        restart's way), and tend the indexing child."""
+        sealed = [(path, size) for _, path, size in self.log.sealed]
+        self.log.sealed.clear()
+        if self._replayed_at and time.monotonic() - self._replayed_at > INDEX_AFTER:
+            sealed += self._unindexed
+            self._unindexed = []
+        for path, size in sealed:
+            self.indexer.want(path, size)
+        self.indexer.poll()
 
     def _freeze(self) -> None:
         """Move every object alive now out of the cyclic collector's
@@ -445,6 +476,7 @@ class BrokerCore:
         self.compactor.stop()
         if self.state.jobs.cold is not None:
             self.state.jobs.cold.close()
+        self.indexer.stop()
         self.log.close()
 
     def poll_timeout(self) -> float:
@@ -465,14 +497,14 @@ class BrokerCore:
         return max(0.0, wake - mono)
 
 
-class _AllJobs(Collection[Job]):
-    """Every job of ``state``, cold ones warmed only if the caller walks them."""
+class _WarmJobs(Collection[Job]):
+    """The jobs of ``state`` that are not cold (counted with the cold ones)."""
 
     def __init__(self, state: JobState) -> None:
         self._jobs = state.jobs
 
     def __iter__(self) -> Iterator[Job]:
-        return iter(self._jobs.values())
+        return iter(self._jobs.warm_values())
 
     def __len__(self) -> int:
         return len(self._jobs)

@@ -111,10 +111,12 @@ class Dispatcher:
         journal.observers.append(self.limits.observe)
         self.lapses = Lapses(self, on_ended)
 
-    def _leased_ids(self) -> list[str]:
+    def leased_ids(self) -> list[str]:
         """The jobs leased now: held by a worker, or waiting for their
         holder to reclaim them after a restart."""
         return [*self.holders, *self.rejoins.unclaimed.jobs]
+
+    _leased_ids = leased_ids
 
     @property
     def reclaim_window(self) -> float:

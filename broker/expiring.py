@@ -96,11 +96,15 @@ class ExpiringJobs(JobHeap):
     def stepped(self, delta: float) -> None:
         """The wall clock stepped by ``delta`` seconds (negative: back):
         move each deadline asked for as seconds whose window has begun or
-        waits on a ``delay`` by ``delta`` (see the module docstring). O(jobs),
-        once per step."""
+        waits on a ``delay`` by ``delta`` (see the module docstring). O(jobs
+        that are not cold), once per step: a cold job (see
+        broker/coldjobs.py) is pristine, queued, and of a batch with no
+        ``expires`` (none with one is left cold), so a step changes nothing
+        of it, and it is not warmed."""
         copies: dict[int, JobCreated] = {}  # a shared template: one moved copy
         moved = False
-        for job in self._jobs.values():
+        warm = dict.values(self._jobs)
+        for job in warm:
             tpl = job.tpl
             expires = tpl.expires
             if expires is None or isinstance(expires, datetime):
@@ -119,7 +123,7 @@ class ExpiringJobs(JobHeap):
         if moved:
             self._heap = [
                 (when, job.seq, job.id)
-                for job in self._jobs.values()
+                for job in warm
                 if job.status in ACTIVE and (when := deadline(job)) is not None
             ]
             heapq.heapify(self._heap)

@@ -63,7 +63,7 @@ class FollowUps:
         already. Returns how many jobs were made."""
         made = 0
         # a pristine job has not ended
-        for job in touched(self.state.jobs.values()) if lived is None else lived:
+        for job in touched(self.state.jobs.warm_values()) if lived is None else lived:
             if job.status in TERMINAL:
                 made += self._settle(job, now, notify=False)
         return made

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from corral.broker.checkpoint import idx_path
 from corral.broker.compaction import Cut, remove_segments, tmp_name, write_base
 from corral.broker.framing import (
     FLAG_BASE,
@@ -211,6 +212,10 @@ class Log:
         self._base = 1
         #: The compaction under way, between seal() and install()/abandon().
         self._cut: Cut | None = None
+        #: Segments a roll finished, whole and fsync'd, never written again:
+        #: ``(seq, path, size)``, for their owner to index and clear (see
+        #: :mod:`corral.broker.segindex`).
+        self.sealed: list[tuple[int, Path, int]] = []
 
     # -- opening
 
@@ -220,8 +225,8 @@ class Log:
         Creates the directory and first segment if missing, finishes an
         interrupted compaction, cuts a torn tail (warning ``log.torn_tail``)
         and raises :class:`LogCorrupt` for anything worse. ``skip`` is
-        asked, for a compacted base followed by other segments, which of its
-        frames to yield a stand-in for instead of decoding them (see
+        asked, for each sealed segment (every one but the last), which of
+        its frames to yield a stand-in for instead of decoding them (see
         :class:`~corral.broker.framing.Scan`): ``skip(path, generation,
         seq, size)`` -> frame offset -> stand-in."""
         if self._active is not None:
@@ -244,10 +249,10 @@ class Log:
         self._base = live[0].seq
         for i, (_, path, header) in enumerate(live):
             frames = None
-            if skip is not None and i == 0 and len(live) > 1 and header.flags & FLAG_BASE:
+            if skip is not None and i < len(live) - 1:  # sealed: never written again
                 frames = skip(path, self._generation, header.seq, path.stat().st_size)
-            # Mapped, not copied: a base with a checkpoint is mostly frames
-            # that are only checked, and the last segment mostly
+            # Mapped, not copied: a sealed segment with an index is mostly
+            # frames that are only checked, and the last segment mostly
             # preallocated zeros (half the CPU of reading them).
             data = _mapped(path)
             scan = Scan(path, data, header.seed, frames)
@@ -475,6 +480,7 @@ class Log:
         self._fsync_fd(old.fd, old.path)
         self.files.close(old.fd)
         self._n.finished.append((old.path, old.end))
+        self.sealed.append((old.seq, old.path, old.end))
         seq = old.seq + 1
         return self._activate(_Active(fd, path, seq, HEADER_SIZE, HEADER_SIZE, self._new_seed(seq)))
 
@@ -606,6 +612,8 @@ class Log:
         else:
             active = self._roll(active, now, mark_full=False)
             last = active.seq - 1
+            # its base, not this segment, is what lasts: the compaction writes its checkpoint
+            self.sealed = [entry for entry in self.sealed if entry[0] != last]
         self._cut = Cut(
             str(self.directory),
             self._base,
@@ -645,6 +653,8 @@ class Log:
             raise LogError(f"compaction could not switch to its new base {cut.tmp}: {exc}") from exc
         self._cut = None
         self.files.fsync_dir(self.directory)
+        for seq in range(cut.first, cut.last + 1):  # their indexes speak of replaced files
+            idx_path(self.directory, seq).unlink(missing_ok=True)
         self._base = cut.last
         self._n.since_compaction -= cut.counted
         later = [(p, used) for p, used in self._n.finished if _seq_of(p) > cut.last]

@@ -259,6 +259,9 @@ def repair(directory: str | os.PathLike[str]) -> RepairReport:
     for plan in found.segments:
         if plan.rewrite:
             _rewrite(plan, found.generation)
+    # the history after the damage changed: no index or checkpoint is trusted
+    for index in [*path.glob("*.idx"), *path.glob("*.ckpt")]:
+        index.unlink(missing_ok=True)
     _log.info(
         "log.repaired",
         directory=str(path),

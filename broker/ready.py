@@ -320,6 +320,28 @@ class ReadyQueues:
         if not by_task:
             del self._queues[queue]
 
+    def queued(self, queue: str) -> list[Job]:
+        """Every ready job of ``queue`` (its cold batches warmed, no other),
+        in no set order: O(entries of the queue)."""
+        by_task = self._queues.get(queue)
+        if not by_task:
+            return []
+        get: Callable[[str], Job | None] = dict.get.__get__(self._jobs)
+        found: dict[str, Job] = {}
+        for tq in by_task.values():
+            for lane in tq.lanes.values():
+                for entry in list(lane):
+                    front: Any = entry
+                    jobs = self.run_jobs(front) if type(front) is ColdRun else (entry,)
+                    for job in jobs:
+                        if get(job.id) is job and job.is_ready:
+                            found[job.id] = job
+            for _, seq, job_id in tq.heap:
+                held = get(job_id)
+                if held is not None and held.seq == seq and held.is_ready:
+                    found[job_id] = held
+        return list(found.values())
+
     def pairs(self) -> list[tuple[str, str]]:
         """The (queue, task) pairs that hold entries (maybe only stale)."""
         return [(q, t) for q, by_task in self._queues.items() for t in by_task]

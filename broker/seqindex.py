@@ -22,6 +22,10 @@ from corral.broker.job import Job
 BLOCK = 1024
 
 
+def _never(batch: int) -> bool:
+    return False
+
+
 def _seq(job: Job) -> int:
     return job.seq
 
@@ -52,6 +56,11 @@ class SeqIndex:
         self._blocks.append(block)
         self._firsts.append(first)
         self._stale.append(0)
+
+    def last_seq(self) -> int:
+        """The highest creation number indexed (0: none), stale ones included."""
+        blocks = self._blocks
+        return blocks[-1][-1].seq if blocks else 0
 
     def warmed(self, batch: int, jobs: list[Job]) -> None:
         """Cold batch ``batch`` was warmed: ``jobs`` take its block's place."""
@@ -129,25 +138,27 @@ class SeqIndex:
         else:
             del self._blocks[i], self._firsts[i], self._stale[i]
 
-    def after(self, seq: int) -> Iterator[Job]:
+    def after(self, seq: int, passed: Callable[[int], bool] = _never) -> Iterator[Job]:
         """The current jobs with a creation number above ``seq``, in order
-        (a cold batch is warmed when the walk reaches it)."""
+        (a cold batch is warmed when the walk reaches it, unless
+        ``passed(batch number)``: then its jobs are passed over)."""
         get = self._get
         i = max(0, bisect.bisect_right(self._firsts, seq) - 1)
         blocks = self._blocks
         if i < len(blocks):
-            block = self._jobs_of(blocks[i])
+            block = self._jobs_of(blocks[i], passed)
             for ref in block[bisect.bisect_right(block, seq, key=_seq) :]:
                 if get(ref.id) is ref:
                     yield ref
         for held in blocks[i + 1 :]:
-            for ref in self._jobs_of(held):
+            for ref in self._jobs_of(held, passed):
                 if get(ref.id) is ref:
                     yield ref
 
-    def before(self, seq: int | None) -> Iterator[Job]:
+    def before(self, seq: int | None, passed: Callable[[int], bool] = _never) -> Iterator[Job]:
         """The current jobs with a creation number below ``seq`` (None: all),
-        newest first (a cold batch is warmed when the walk reaches it)."""
+        newest first (a cold batch is warmed when the walk reaches it,
+        unless ``passed(batch number)``)."""
         get = self._get
         blocks = self._blocks
         if seq is None:
@@ -156,18 +167,21 @@ class SeqIndex:
             i = bisect.bisect_left(self._firsts, seq) - 1
             cut = seq
         for held in blocks[i::-1] if i >= 0 else []:
-            block = self._jobs_of(held)
+            block = self._jobs_of(held, passed)
             end = len(block) if cut is None else bisect.bisect_left(block, cut, key=_seq)
             cut = None  # only the first block is cut
             for ref in reversed(block[:end]):
                 if get(ref.id) is ref:
                     yield ref
 
-    def _jobs_of(self, block: list[Job]) -> list[Job]:
-        """A block's jobs: a cold block's once its batch is warmed."""
+    def _jobs_of(self, block: list[Job], passed: Callable[[int], bool] = _never) -> list[Job]:
+        """A block's jobs: a cold block's once its batch is warmed (none if
+        ``passed(its batch number)``)."""
         if type(block) is not ColdBlock:
             return block
         if block.jobs is None:
+            if passed(block.batch):
+                return []
             self.warm(block.batch)
         return block.jobs or []
 

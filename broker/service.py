@@ -403,9 +403,14 @@ class ClientService:
             self._reply(identity, p.Ack(msg.req, 1, [job.id]))
 
     def _purge(self, identity: bytes, msg: p.Purge, now: float, mono: float) -> None:
-        jobs = [
-            j for j in self.state.jobs.values() if j.queue == msg.queue and j.status == "queued"
-        ]
+        # O(jobs of the queue): its ready lanes (a cold batch of it is
+        # warmed; no other is) and the jobs workers hold reserved
+        jobs = self.state.ready.queued(msg.queue)
+        held = self.state.jobs
+        for job_id in self.dispatcher.leased_ids():
+            job = dict.get(held, job_id)  # (a held job is never cold)
+            if job is not None and job.queue == msg.queue and job.reserved:
+                jobs.append(job)
         for job in jobs:
             if job.flow is not None:  # its flow stops, as if it was cancelled
                 self._cancel_job(job, now)

@@ -75,6 +75,7 @@ from corral.broker.records import (
     TaskRegistered,
     TryRec,
 )
+from corral.broker.segindex import describe_batch, remove_indexes
 from corral.broker.seqindex import SeqIndex
 from corral.broker.timers import Timers
 from corral.broker.unique import UniqueKeys
@@ -187,6 +188,10 @@ class JobState:
             ColdRef: self._apply_cold,
         }
         self.index.warm = self.ready.warm = self._warm_batch
+        #: The number the next cold batch takes, and the cold batches'
+        #: keeper (see attach_cold).
+        self._cold_numbers = 0
+        self._cold: ColdJobs | None = None
 
     # ------------------------------------------------------------ apply
 
@@ -298,12 +303,14 @@ class JobState:
         Live, a batch is made of ids no job had (decide_create), but a log
         that a repair lost a record of (a Removed) can revive a job whose id
         a later batch reused: the job that exists stays, as for one
-        JobCreated (and the first of an id repeated within the batch)."""
+        JobCreated (and the first of an id repeated within the batch). No
+        cold job is looked for among the ids (a lookup by hash per id would
+        cost a replay more than the cold batches save): cold jobs come from
+        indexes of logs the broker wrote, where ids are new, and a repair
+        removes every index and checkpoint."""
         if len(ids) != len(blobs):
             raise ValueError(f"a batch of {len(ids)} job ids has {len(blobs)} blobs")
         new = list(map(Job, ids, repeat(tpl), blobs, repeat(None)))  # at C speed
-        if self.jobs.cold is not None:  # a cold job that holds one of the ids is made first
-            self.jobs.cold.warm_ids(ids)
         # One lookup per id, at C speed: setdefault gives back the job that
         # holds the id, and jobs compare by identity (the list compare too).
         held = list(map(partial(dict.setdefault, self.jobs), ids, new))
@@ -323,12 +330,18 @@ class JobState:
         self.expiring.add_batch(tpl, new)
 
     def _apply_cold(self, ref: ColdRef) -> None:
-        """A batch of pristine jobs a checkpoint described, left cold: counted
-        and placed as :meth:`_add_pristine` would, with no object per job."""
-        if self.jobs.cold is None:
-            raise ValueError("a cold batch with no checkpoint attached")
+        """A batch of pristine jobs an index described, left cold: counted
+        and placed as :meth:`_add_pristine` would, with no object per job.
+        A batch older than a job indexed already (never so in a log the
+        broker wrote) is read back and applied at once instead."""
+        cold = self.jobs.cold = self.jobs.cold or self._cold
+        if cold is None:
+            raise ValueError("a cold batch with no index attached")
         batch = ref.batch
-        self.jobs.cold.register(ref)
+        if batch.first_seq <= self.index.last_seq():
+            self._apply_created_many(cold.read(ref.number, batch))
+            return
+        cold.register(ref)
         self._next_seq = max(self._next_seq, batch.last_seq + 1)
         self.counts[batch.queue, batch.task, "queued"] += batch.count
         head = JOB_OVERHEAD_BYTES - BLOB_HEAD.size
@@ -336,17 +349,28 @@ class JobState:
         self.largest_blob = max(self.largest_blob, batch.largest_blob)
         self.index.add_cold(ref.number, batch.first_seq, batch.last_seq)
         runs = self.ready.add_cold(ref.number, batch.queue, batch.task, batch.runs, batch.first_seq)
-        self.jobs.cold.runs[ref.number] = runs
+        cold.runs[ref.number] = runs
         if not all(run.placed for run in runs):
             self._warm_batch(ref.number)
             self.ready.place_unplaced(batch.queue, batch.task, runs)
 
-    def attach_cold(self, loaded: Loaded, base: Path, seed: int) -> dict[int, ColdRef]:
-        """Before a replay: take the cold batches of checkpoint ``loaded``
-        (of base segment ``base``, CRC ``seed``); returns the stand-ins the
-        replay is to yield for their frames (by frame offset)."""
-        self.jobs.cold = ColdJobs(loaded, base, seed, self._materialise)
-        return {b.offset: ColdRef(i, b) for i, b in enumerate(loaded.batches)}
+    def attach_cold(
+        self, loaded: Loaded, segment: Path, seed: int, index: Path
+    ) -> dict[int, ColdRef]:
+        """Before a replay reads ``segment`` (CRC ``seed``): take the cold
+        batches of ``loaded``, read from the index file ``index`` (a
+        compacted base's checkpoint, or a sealed segment's index); returns
+        the stand-ins the replay is to yield for their frames (by frame
+        offset)."""
+        if self._cold is None:
+            self._cold = ColdJobs(self._materialise)
+        # (the table lets go of it whenever no batch is cold: a later
+        # segment's batches take it up again)
+        self.jobs.cold = self._cold
+        first = self._cold_numbers
+        self._cold_numbers += len(loaded.batches)
+        self.jobs.cold.add_source(loaded, segment, seed, index, first)
+        return {b.offset: ColdRef(first + i, b) for i, b in enumerate(loaded.batches)}
 
     def _warm_batch(self, number: int) -> None:
         """Warm cold batch ``number`` if it is still cold (see ColdJobs.warm)."""
@@ -764,17 +788,36 @@ class JobState:
 def checkpoint_frames(
     state: JobState, base: Path, generation: int, seq: int, size: int
 ) -> dict[int, ColdRef] | None:
-    """What a replay asks before it reads base segment ``seq`` (file
-    ``base``, ``size`` bytes read) of log ``generation`` (see :meth:`Log.replay
+    """What a replay asks before it reads sealed segment ``seq`` (file
+    ``base``, ``size`` bytes) of log ``generation`` (see :meth:`Log.replay
     <corral.broker.log.Log.replay>`): the frames to leave cold, by offset,
-    from the base's checkpoint if it has a valid one (see
-    broker/checkpoint.py), with ``state`` ready for them; None to replay it
-    in full. Checkpoints of other bases are removed."""
-    checkpoint.remove_others(base.parent, keep=seq)
-    loaded = checkpoint.load(base.parent, generation, seq, base)
-    if loaded is None or not loaded.batches:
+    from the segment's checkpoint (a compacted base's, see
+    broker/checkpoint.py) or its index (see broker/segindex.py) if it has a
+    valid one, with ``state`` ready for them (empty: it has a valid index
+    that names none); None to replay it in full (it has no valid index).
+    Checkpoints of other bases, and indexes of segments before the base,
+    are removed."""
+    directory = base.parent
+    seed = segment_seed(FORMAT_VERSION, generation, seq)
+    if seq == _first_segment(directory, seq):
+        checkpoint.remove_others(directory, keep=seq)
+        remove_indexes(directory, below=seq)  # of segments no longer in the log
+        loaded = checkpoint.load(directory, generation, seq, base)
+        if loaded is not None and loaded.batches:
+            return state.attach_cold(loaded, base, seed, checkpoint.ckpt_path(directory, seq))
+    index = checkpoint.idx_path(directory, seq)
+    loaded = checkpoint.load(directory, generation, seq, base, index)
+    if loaded is None:
         return None
-    return state.attach_cold(loaded, base, segment_seed(FORMAT_VERSION, generation, seq))
+    if not loaded.batches:
+        return {}  # indexed: nothing in it may be cold
+    return state.attach_cold(loaded, base, seed, index)
+
+
+def _first_segment(directory: Path, seq: int) -> int:
+    """``seq`` if it is the log's first segment (the base a replay starts
+    at: no segment ``seq - 1`` is left), else 0."""
+    return seq if not (directory / f"{seq - 1:020d}.seg").exists() else 0
 
 
 class CheckpointBatches:
@@ -789,24 +832,7 @@ class CheckpointBatches:
     def on_frame(self, record: Record, offset: int, length: int) -> None:
         if not isinstance(record, JobsCreated) or record.template.expires is not None:
             return
-        tpl = record.template
-        sizes = list(map(len, record.blobs))
-        first = BLOB_HEAD.unpack_from(record.blobs[0])[0]
-        last = BLOB_HEAD.unpack_from(record.blobs[-1])[0]
-        runs = record.runs or priority_runs(record.blobs)
-        batch = ColdBatch(
-            offset,
-            length,
-            len(record.ids),
-            first,
-            last,
-            tpl.queue or DEFAULT_QUEUE,
-            tpl.task,
-            [tuple(run) for run in runs],  # type: ignore[misc]
-            sum(sizes),
-            max(sizes),
-        )
-        self.found.append((batch, list(record.ids)))
+        self.found.append((describe_batch(record, offset, length), list(record.ids)))
 
 
 def snapshot(state: JobState) -> Iterator[Record]:

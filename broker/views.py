@@ -167,7 +167,8 @@ def list_jobs(
     is the creation number of the last job of a page, so it stays valid if
     that job is deleted. Finding the page's start is O(log n)
     (:class:`~corral.broker.seqindex.SeqIndex`); an unfiltered page of k jobs
-    costs O(k), a filtered one the jobs it passes over. Raises InvalidJob
+    costs O(k), a filtered one the jobs it passes over (a cold batch the
+    filter cannot take is passed over unwarmed). Raises InvalidJob
     for a cursor this broker did not give out."""
     limit = max(1, limit)
     try:
@@ -175,7 +176,21 @@ def list_jobs(
     except ValueError:
         raise InvalidJob(f"cursor: {cursor!r} is not a cursor this broker gave out") from None
     found: list[Job] = []
-    walk = state.index.before(mark) if newest else state.index.after(-1 if mark is None else mark)
+    cold = state.jobs.cold
+
+    def passed(number: int) -> bool:  # a cold batch none of whose jobs the filter takes
+        batch = cold.batches.get(number) if cold is not None else None
+        return batch is not None and (
+            (status is not None and status != "queued")
+            or (queue is not None and batch.queue != queue)
+            or (task is not None and batch.task != task)
+        )
+
+    index = state.index
+    if newest:
+        walk = index.before(mark, passed)
+    else:
+        walk = index.after(-1 if mark is None else mark, passed)
     for job in walk:
         if (queue and job.queue != queue) or (status and job.status != status):
             continue

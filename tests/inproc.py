@@ -110,10 +110,10 @@ class InProcessBroker:
         kernel's parent-death signal), what was written stays in the files,
         nothing more is synced. Open a new InProcessBroker on the same state
         dir to restart."""
-        child = self.core.compactor.child
-        if child is not None:
-            child.kill()
-            child.wait()
+        for child in (self.core.compactor.child, self.core.indexer.child):
+            if child is not None:
+                child.kill()
+                child.wait()
         log = self.core.log
         if log._active is not None:
             os.close(log._active.fd)

@@ -1,6 +1,8 @@
-"""The restart checkpoint (broker/checkpoint.py, broker/coldjobs.py): a
-restart from a compacted base with its checkpoint gives exactly the state a
-full replay gives, and a checkpoint that cannot be trusted is ignored."""
+"""The restart checkpoint and segment indexes (broker/checkpoint.py,
+broker/segindex.py, broker/coldjobs.py): a restart from a compacted base
+with its checkpoint, or from sealed segments with their indexes, gives
+exactly the state a full replay gives, and a checkpoint that cannot be
+trusted is ignored (indexes: see tests/test_segindex.py)."""
 
 from __future__ import annotations
 
@@ -40,9 +42,12 @@ def compact_now(broker: InProcessBroker) -> None:
     remove_segments(log.install(cut))
 
 
-def replay(src: Path, scratch: Path, name: str, *, checkpoint: bool) -> JobState:
+def replay(
+    src: Path, scratch: Path, name: str, *, checkpoint: bool, indexes: bool | None = None
+) -> JobState:
     """The state a restart on a copy of log directory ``src`` replays,
-    with its checkpoint or without (removed from the copy)."""
+    with its checkpoint or without (removed from the copy), and with its
+    segment indexes or without (by default: as the checkpoint)."""
     copy = scratch / name
     shutil.rmtree(copy, ignore_errors=True)
     copy.mkdir(parents=True)
@@ -52,6 +57,9 @@ def replay(src: Path, scratch: Path, name: str, *, checkpoint: bool) -> JobState
     if not checkpoint:
         for ckpt in copy.glob("*.ckpt"):
             ckpt.unlink()
+    if not (checkpoint if indexes is None else indexes):
+        for index in copy.glob("*.idx"):
+            index.unlink()
     state = JobState()
     log = Log(copy, fsync="never", segment_size=1 << 20, reserve=16 << 10)
     for record in log.replay(partial(checkpoint_frames, state)):
@@ -93,10 +101,19 @@ def assert_same(warm: JobState, cold: JobState, ids: list[str], queues: list[str
 QUEUES = ["default", "other"]
 
 
-def enqueue_many(broker: InProcessBroker, prefix: str, n: int, **options: Any) -> list[str]:
-    specs = [p.JobSpec(f"{prefix}-{i}", "t.task", p.encode_value(i), **options) for i in range(n)]
-    reply = broker.request(p.Enqueue(broker.next_req(), specs))
-    assert isinstance(reply, p.EnqueueOk), reply
+def enqueue_many(
+    broker: InProcessBroker, prefix: str, n: int, *, pad: str = "", **options: Any
+) -> list[str]:
+    """Enqueue ``n`` jobs ``prefix-0``...; each one's payload is its number
+    (with ``pad``, the pair of both)."""
+    specs = [
+        p.JobSpec(f"{prefix}-{i}", "t.task", p.encode_value([i, pad] if pad else i), **options)
+        for i in range(n)
+    ]
+    step = 200 if pad else n  # (requests of padded jobs stay under TINY_LOG's message size)
+    for at in range(0, n, step):
+        reply = broker.request(p.Enqueue(broker.next_req(), specs[at : at + step]))
+        assert isinstance(reply, p.EnqueueOk), reply
     return [spec.id for spec in specs]
 
 
@@ -156,7 +173,14 @@ class History:
             _, count, queue, priority, delay, expires = op
             self.n += 1
             self.ids += enqueue_many(
-                b, f"e{self.n}", count, queue=queue, priority=priority, delay=delay, expires=expires
+                b,
+                f"e{self.n}",
+                count,
+                pad=PAD,
+                queue=queue,
+                priority=priority,
+                delay=delay,
+                expires=expires,
             )
         elif kind == "work":
             if self.worker is None:
@@ -203,46 +227,64 @@ _BEFORE = st.lists(OPS, min_size=1, max_size=8)
 _AFTER = st.lists(OPS, max_size=8)
 
 
+#: Segments of 64 KiB: a history of a few thousand jobs of PAD spans several.
+PAD = "x" * 150
+TINY_LOG = 'segment_size = "64KiB"\ndisk_reserve = "4KiB"\nmax_message_size = "60KiB"'
+
+
 def check_history(
-    tmp_path: Path, before: list[tuple[Any, ...]], after: list[tuple[Any, ...]]
+    tmp_path: Path,
+    before: list[tuple[Any, ...]],
+    after: list[tuple[Any, ...]],
+    *,
+    compact: bool = True,
 ) -> None:
-    """A history, a compaction (with its checkpoint) part way, more history,
-    a crash: a replay with the checkpoint is a replay without."""
+    """A history over several sealed segments (each indexed as it is
+    sealed), maybe a compaction (with its checkpoint) part way, more
+    history, a crash: a replay with the indexes and the checkpoint, and one
+    with the indexes alone, are a replay with neither."""
     root = tmp_path / f"h{time.monotonic_ns()}"
-    broker = InProcessBroker(root / "s", extra=SMALL_LOG, fsync="never")
+    broker = InProcessBroker(root / "s", extra=TINY_LOG, fsync="never")
     history = History(broker)
-    history.ids += enqueue_many(broker, "base", 600)  # at least one cold batch
+    history.ids += enqueue_many(broker, "base", 600, pad=PAD)  # at least one cold batch
     for op in before:
         history.run(op)
-    compact_now(broker)
+    if compact:
+        compact_now(broker)
     for op in after:
         history.run(op)
     broker.crash()
     log_dir = root / "s" / "log"
+    if not compact:
+        assert not list(log_dir.glob("*.ckpt"))
     warm = replay(log_dir, root, "warm", checkpoint=False)
     cold = replay(log_dir, root, "cold", checkpoint=True)
-    for state in (warm, cold):  # as the broker's first tick would
+    indexed = replay(log_dir, root, "indexed", checkpoint=False, indexes=True)
+    for state in (warm, cold, indexed):  # as the broker's first tick would
         state.promote_due(broker.clock.time())
     assert_same(warm, cold, history.ids, QUEUES)
+    warm = replay(log_dir, root, "warm", checkpoint=False)
+    warm.promote_due(broker.clock.time())
+    assert_same(warm, indexed, history.ids, QUEUES)
     shutil.rmtree(root, ignore_errors=True)
 
 
-@settings(max_examples=int(os.environ.get("CORRAL_CHECKPOINT_EXAMPLES", "15")), **_HISTORIES)
-@given(before=_BEFORE, after=_AFTER)
+@settings(max_examples=int(os.environ.get("CORRAL_CHECKPOINT_EXAMPLES", "10")), **_HISTORIES)
+@given(before=_BEFORE, after=_AFTER, compact=st.booleans())
 def test_random_histories_replay_the_same_with_a_checkpoint(
-    tmp_path: Path, before: list[tuple[Any, ...]], after: list[tuple[Any, ...]]
+    tmp_path: Path, before: list[tuple[Any, ...]], after: list[tuple[Any, ...]], compact: bool
 ) -> None:
-    check_history(tmp_path, before, after)
+    check_history(tmp_path, before, after, compact=compact)
 
 
 @pytest.mark.soak
 @settings(max_examples=300, **_HISTORIES)
-@given(before=_BEFORE, after=_AFTER)
+@given(before=_BEFORE, after=_AFTER, compact=st.booleans())
 def test_random_histories_at_length(
-    tmp_path: Path, before: list[tuple[Any, ...]], after: list[tuple[Any, ...]]
+    tmp_path: Path, before: list[tuple[Any, ...]], after: list[tuple[Any, ...]], compact: bool
 ) -> None:
     """The same, at length (``make soak``)."""
-    check_history(tmp_path, before, after)
+    check_history(tmp_path, before, after, compact=compact)
 
 
 # -- the broker on a checkpoint -----------------------------------------------
@@ -263,8 +305,8 @@ def checkpointed(root: Path) -> tuple[Path, list[str]]:
 
 def restarted(state_dir: Path, *, checkpoint: bool = True) -> InProcessBroker:
     if not checkpoint:
-        for ckpt in (state_dir / "log").glob("*.ckpt"):
-            ckpt.unlink()
+        for index in [*(state_dir / "log").glob("*.ckpt"), *(state_dir / "log").glob("*.idx")]:
+            index.unlink()
     return InProcessBroker(state_dir, extra=SMALL_LOG)
 
 

@@ -1,0 +1,322 @@
+"""Segment indexes: a restart need not decode the job batches of a sealed
+segment, whether or not the log was ever compacted.
+
+When the log rolls to a new segment, the old one is sealed: whole,
+fsync'd, never written again. The broker then writes ``<seq>.idx`` beside
+it (the way Kafka keeps an offset index beside each segment, and Bitcask
+a hint file beside each data file) describing each ``JobsCreated`` frame
+of the segment exactly as a compaction's checkpoint describes a batch of
+its base (see :mod:`corral.broker.checkpoint`, whose file format and
+checks it shares): frame offset and length, jobs, creation numbers,
+queue, task, priority runs, blob bytes, and the sorted 64-bit hashes of
+the ids with the batch each belongs to. A restart that finds a valid
+index for a sealed segment checks every frame's CRC as usual but leaves
+the batches it names cold (see :mod:`corral.broker.coldjobs`); a later
+record that names one of their jobs warms its batch by the id index.
+
+Which batches may be cold: applying a ``JobsCreated`` later, when one of
+its jobs is first looked up, must give the state applying it at once
+gives. Its jobs are plain by construction (no ``run_at``/``delay``,
+flow, callbacks, unique or limit key, headers: see
+:func:`~corral.broker.job.plain`), so applying one only counts them and
+places them on their queue's lanes and in the creation-order index. The
+one option a batch may still carry that the state watches job by job is
+``expires`` (the expiring heap, moved by clock steps): such batches are
+never described. Nor is a batch whose ids repeat within the segment (a
+log the broker wrote has none: an id is taken only if no job holds it).
+
+An index is a cache, never the truth: it is CRC'd with its segment's
+seed, names the log generation, segment number, size and mtime it
+describes, is fsync'd and renamed into place; one that is missing, torn,
+corrupt or stale is ignored (``segment_index.ignored`` is logged), the
+segment replayed in full, and indexed again after the start. A segment
+replaced or rewritten (compaction, repair) loses its index.
+
+Building an index reads the sealed segment back (the broker's hot path
+does nothing for it): on the loop for a segment of up to
+:data:`INLINE_MAX` bytes (a few ms), else in a child process,
+``python -m corral.broker.segindex ORDER`` (niced, killed with the broker,
+as the compactor is). The active segment (at most ``segment_size``) has
+none and is always replayed in full: as Kafka recovers its active segment
+by scanning it after an unclean stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import mmap
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+
+from corral.broker import checkpoint
+from corral.broker.checkpoint import ColdBatch
+from corral.broker.framing import HEADER_SIZE, check_frame, content_end, read_header
+from corral.broker.job import BLOB_HEAD, DEFAULT_QUEUE, priority_runs
+from corral.broker.lazylog import get_logger
+from corral.broker.records import RECORD_CODES, JobsCreated, decode_record
+
+__all__ = [
+    "INLINE_MAX",
+    "Indexer",
+    "Order",
+    "build_index",
+    "describe",
+    "describe_batch",
+    "remove_indexes",
+]
+
+#: A sealed segment of up to this many bytes is indexed on the loop (a few
+#: thousand jobs at most: a few ms); a larger one in a child process.
+INLINE_MAX = 128 << 10
+#: The child's niceness: the broker's loop comes first.
+NICENESS = 10
+_JOBS_CREATED = RECORD_CODES[JobsCreated]
+_PR_SET_PDEATHSIG = 1
+_log = get_logger(__name__)
+
+
+def describe(record: JobsCreated, offset: int, length: int) -> ColdBatch | None:
+    """The index entry of ``record`` (a frame at ``offset``, ``length``
+    bytes), or None when its batch may not be cold (see the module
+    docstring)."""
+    if record.template.expires is not None or not record.ids:
+        return None
+    if len(set(record.ids)) != len(record.ids):
+        return None
+    return describe_batch(record, offset, length)
+
+
+def describe_batch(record: JobsCreated, offset: int, length: int) -> ColdBatch:
+    """What an index (or a checkpoint) says of the batch ``record``, a
+    frame at ``offset`` of ``length`` bytes (header included)."""
+    tpl = record.template
+    sizes = list(map(len, record.blobs))
+    runs = record.runs or priority_runs(record.blobs)
+    return ColdBatch(
+        offset,
+        length,
+        len(record.ids),
+        BLOB_HEAD.unpack_from(record.blobs[0])[0],
+        BLOB_HEAD.unpack_from(record.blobs[-1])[0],
+        tpl.queue or DEFAULT_QUEUE,
+        tpl.task,
+        [tuple(run) for run in runs],  # type: ignore[misc]
+        sum(sizes),
+        max(sizes),
+    )
+
+
+def scan_batches(path: Path) -> tuple[int, int, list[tuple[ColdBatch, list[str]]]] | None:
+    """The generation, segment number and describable batches of sealed
+    segment ``path``; None when a frame of it is bad (it is then never
+    indexed: the replay finds the damage). Raises OSError."""
+    header = read_header(path)
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size <= HEADER_SIZE:
+            return header.generation, header.seq, []
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    found: list[tuple[ColdBatch, list[str]]] = []
+    try:
+        stop = content_end(data)  # type: ignore[arg-type]
+        pos = HEADER_SIZE
+        with memoryview(data) as view:
+            while pos < stop:
+                got = check_frame(data, view, pos, header.seed)  # type: ignore[arg-type]
+                if isinstance(got, str):
+                    return None
+                end, code = got
+                if code == _JOBS_CREATED:
+                    record = decode_record(code, data[pos + 9 : end])
+                    assert isinstance(record, JobsCreated)
+                    batch = describe(record, pos, end - pos)
+                    if batch is not None:
+                        found.append((batch, list(record.ids)))
+                pos = end
+    finally:
+        data.close()
+    return header.generation, header.seq, _unique(found)
+
+
+def _unique(found: list[tuple[ColdBatch, list[str]]]) -> list[tuple[ColdBatch, list[str]]]:
+    """``found`` less every batch holding an id another batch holds too."""
+    ids = [job_id for _, batch_ids in found for job_id in batch_ids]
+    if len(set(ids)) == len(ids):
+        return found
+    seen: set[str] = set()
+    twice = {job_id for job_id in ids if job_id in seen or seen.add(job_id)}  # type: ignore[func-returns-value]
+    return [(b, batch_ids) for b, batch_ids in found if twice.isdisjoint(batch_ids)]
+
+
+def build_index(path: Path) -> Path | None:
+    """Write the index of sealed segment ``path``; returns its path, or
+    None when the segment cannot be indexed (a bad frame) or changed while
+    it was read (a compaction replaced it). Raises OSError."""
+    before = path.stat()
+    got = scan_batches(path)
+    if got is None:
+        _log.warning("segment_index.not_written", segment=str(path), reason="a bad frame")
+        return None
+    generation, seq, batches = got
+    index = checkpoint.idx_path(path.parent, seq)
+    checkpoint.write(path.parent, generation, seq, path, batches, path=index, stat=before)
+    if _changed(before, path):  # replaced meanwhile: the index speaks of the old file
+        index.unlink(missing_ok=True)
+        return None
+    return index
+
+
+def _changed(before: os.stat_result, path: Path) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return True
+    return (now.st_ino, now.st_size, now.st_mtime_ns) != (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+
+
+def remove_indexes(directory: Path, *, upto: int | None = None, below: int | None = None) -> None:
+    """Remove the indexes of segments ``<= upto`` (replaced by a
+    compaction's base), or ``< below`` (segments no longer in the log), or
+    (neither given) every one (a repair rewrote the log)."""
+    for entry in directory.glob("*.idx"):
+        try:
+            seq = int(entry.name.split(".")[0])
+        except ValueError:
+            continue
+        if (upto is None or seq <= upto) and (below is None or seq < below):
+            entry.unlink(missing_ok=True)
+
+
+# -- the child ----------------------------------------------------------------
+
+
+class Order(msgspec.Struct, frozen=True):
+    """What the child is asked to do: index ``segments`` (paths), then exit;
+    ``parent`` is the broker's pid (0: do not watch it)."""
+
+    segments: list[str]
+    parent: int = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: ``python -m corral.broker.segindex ORDER_JSON``. Exits 0
+    when every segment was indexed or found unindexable, 1 on an error."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        order = msgspec.json.decode(args[0] if args else b"", type=Order)
+    except msgspec.DecodeError as exc:
+        print(f"corral.broker.segindex: bad order: {exc}", file=sys.stderr)
+        return 2
+    if order.parent:
+        _die_with_parent(order.parent)
+    with contextlib.suppress(ImportError):
+        import setproctitle
+
+        setproctitle.setproctitle("corral: indexer")
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
+    gc.disable()
+    code = 0
+    for segment in order.segments:
+        try:
+            build_index(Path(segment))
+        except FileNotFoundError:
+            continue  # compacted away meanwhile
+        except Exception as exc:  # a full disk, a bug: logged, the log is whole without it
+            why = f"{type(exc).__name__}: {exc}"
+            print(f"corral.broker.segindex: {segment}: {why}", file=sys.stderr)
+            code = 1
+    return code
+
+
+def _die_with_parent(parent: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+# -- the broker's side --------------------------------------------------------
+
+
+class Indexer:
+    """Indexes the segments the log seals (and those a restart found
+    without an index): small ones at once, larger ones in one child process
+    at a time; see the module docstring. Never raises: an index is a cache."""
+
+    def __init__(self) -> None:
+        #: Segments waiting for the child, by path.
+        self.pending: list[Path] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        #: Indexes written on the loop, and children started (for tests and stats).
+        self.inline = 0
+        self.children = 0
+
+    @property
+    def child(self) -> subprocess.Popen[bytes] | None:
+        return self._proc
+
+    @property
+    def busy(self) -> bool:
+        """Segments are waiting, or a child is at work."""
+        return bool(self.pending) or self._proc is not None
+
+    def want(self, path: Path, size: int) -> None:
+        """Index sealed segment ``path`` (``size`` bytes used)."""
+        if size > INLINE_MAX:
+            self.pending.append(path)
+            return
+        try:
+            if build_index(path) is not None:
+                self.inline += 1
+        except Exception as exc:  # a cache: a full disk, a bad frame, a bug never stop the loop
+            _log.warning("segment_index.not_written", segment=str(path), error=repr(exc))
+
+    def poll(self) -> None:
+        """Reap a finished child; start one for the waiting segments. Never waits."""
+        proc = self._proc
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return
+            self._proc = None
+            if code != 0:
+                _log.warning("segment_index.child_failed", code=code)
+        if not self.pending:
+            return
+        order = Order([str(p) for p in self.pending], os.getpid())
+        self.pending = []
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "corral.broker.segindex", msgspec.json.encode(order)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # (the broker's own log; the child's errors: stderr)
+            )
+        except OSError as exc:
+            _log.warning("segment_index.not_started", error=str(exc))
+            return
+        self.children += 1
+
+    def stop(self) -> None:
+        """Kill a running child and reap it (at shutdown, or before a
+        compaction replaces segments it may be reading)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
