@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import Env
@@ -61,6 +63,19 @@ def settle(env: Env, history: History) -> Verdict:
 FAST_KILLS = 10
 #: The workers' liveness window in this test's config (0.5 s x 6), seconds.
 LIVENESS_WINDOW = 3.0
+
+
+def keep_logs(env: Env, seed: int) -> Path:
+    """Copy the run's logs (every corral process's, the producers' and
+    the history files) out of its home, which teardown removes, to
+    ``build/fault-logs/<seed>``: a re-run no kill explains is diagnosed
+    from the workers' and brokers' lines around it."""
+    kept = Path(__file__).resolve().parents[2] / "build" / "fault-logs" / str(seed)
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in env.home.iterdir():
+        if path.is_file() and not path.is_socket():
+            shutil.copy2(path, kept / path.name)
+    return kept
 
 
 def downtime(profile: Profile, n: int, rng: random.Random) -> float:
@@ -136,6 +151,8 @@ def test_broker_kill(
     # (A job its worker started just as the broker died ran again, until the
     # dispatch wrote each lease to the log file before sending it.)
     stories = "\n".join(verdict.story(r.job_id) for r in unexplained[:3])
+    if unexplained:
+        stories += f"\nevery process's log is kept in {keep_logs(env, seed)}"
     assert not unexplained, f"{len(unexplained)} re-runs no kill explains, e.g.\n{stories}"
     for window in windows:
         assert window.duplicates <= len(window.in_flight), (window, verdict.describe())
