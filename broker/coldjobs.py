@@ -148,6 +148,17 @@ class ColdJobs:
         self.runs: dict[int, list[ColdRun]] = {}
         #: Batches warmed, for the stats.
         self.warmed = 0
+        #: The replay is still reading the log: a segment's later frames may
+        #: still be read back, so its file stays open even while no batch
+        #: is cold (see :meth:`replayed`).
+        self.replaying = True
+
+    def replayed(self) -> None:
+        """The replay is over: from now on the segments close once no batch
+        is cold (at once if none is)."""
+        self.replaying = False
+        if not self.batches:
+            self.close()
 
     def add_source(self, loaded: Loaded, segment: Path, seed: int, index: Path, first: int) -> None:
         """Take the batches of ``loaded`` (the index file ``index`` of
@@ -225,7 +236,7 @@ class ColdJobs:
         jobs = self._materialise(record, number)
         for run in self.runs.pop(number, ()):
             run.jobs = jobs[run.start : run.end]
-        if not self.batches:
+        if not self.batches and not self.replaying:
             self.close()
         return jobs
 

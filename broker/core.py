@@ -193,6 +193,7 @@ class BrokerCore:
                 count += 1
         finally:
             gc.enable()
+        self.state.replayed()
         self._freeze()
         # The jobs something happened to: what each start-up check reads (a
         # million pristine jobs are passed over once, here, not per check;

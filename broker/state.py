@@ -372,6 +372,12 @@ class JobState:
         self.jobs.cold.add_source(loaded, segment, seed, index, first)
         return {b.offset: ColdRef(first + i, b) for i, b in enumerate(loaded.batches)}
 
+    def replayed(self) -> None:
+        """The replay is over: the segments cold batches are read from close
+        once none is cold (see ColdJobs.replayed)."""
+        if self._cold is not None:
+            self._cold.replayed()
+
     def _warm_batch(self, number: int) -> None:
         """Warm cold batch ``number`` if it is still cold (see ColdJobs.warm)."""
         cold = self.jobs.cold

@@ -365,3 +365,29 @@ def test_a_segment_that_cannot_be_indexed_gets_no_index_and_stops_nothing(tmp_pa
     indexer.want(garbage, 13)
     assert not idx_path(log_dir, seq + 100).exists()
     assert indexer.inline == 0
+
+
+def test_a_segment_stays_readable_after_its_first_batches_warm_during_the_replay(
+    tmp_path: Path,
+) -> None:
+    """A record between two batches of one sealed segment names a job of the
+    first (a cancel): the replay warms that batch while no other is cold,
+    and must still read the segment's later batches back (its file was
+    closed as soon as nothing was cold, and the next batch then stopped the
+    broker as damaged)."""
+    broker = InProcessBroker(tmp_path / "s", extra=TINY_LOG, fsync="never")
+    enqueue_many(broker, "a", 5, pad=PAD)
+    broker.request(p.Cancel(broker.next_req(), "a-0"))
+    ids = enqueue_many(broker, "b", 1000, pad=PAD)
+    broker.crash()
+    log_dir = tmp_path / "s" / "log"
+    assert idx_path(log_dir, sealed(log_dir)[0]).exists()
+    again = InProcessBroker(tmp_path / "s", extra=TINY_LOG)
+    assert again.core.state.jobs.cold is not None
+    for job_id in (ids[0], ids[500], ids[-1], "a-1"):
+        job = again.job(job_id)
+        assert job is not None and job.status == "queued", job_id
+    again.advance(5)  # the rest is warmed, pass by pass
+    assert again.core.state.jobs.cold is None
+    assert again.job("a-0").status == "cancelled"
+    again.close()
