@@ -101,7 +101,9 @@ def test_a_frozen_worker_killed_by_its_supervisor_charges_its_running_job(env: E
         message="the frozen try to end",
     )
     assert info.tries[0].error is not None and info.tries[0].error.type == "WorkerLost"
-    assert info.attempts == 1
+    # the frozen try counted once; the restarted worker may have begun the
+    # retry already (the gate holds it), which counts the second
+    assert info.attempts == len(info.tries) <= 2, info
     gate.touch()
     assert client.result(job_id, timeout=30)["attempt"] == 2
     info = client.job(job_id)
