@@ -42,7 +42,8 @@ def check(config: Config) -> list[Problem]:
     ]
 
 
-_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+#: Matched whole (fullmatch): ``$`` would take a trailing newline, ``\d`` any script's digits.
+_LISTEN = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 
 def _check_events(config: Config) -> Iterator[Problem]:
@@ -85,7 +86,7 @@ def _address(endpoint: str) -> tuple[str, str, str] | None:
     scheme, _, rest = endpoint.partition("://")
     if scheme == "ipc" and rest:
         return ("ipc", posixpath.normpath(rest), "")
-    match = TCP_ENDPOINT.match(endpoint)
+    match = TCP_ENDPOINT.fullmatch(endpoint)
     if scheme == "tcp" and match:
         return ("tcp", match.group(1), match.group(2))
     return None
@@ -130,15 +131,15 @@ def _check_metrics(config: Config) -> Iterator[Problem]:
     ):
         if listen is None:
             continue
-        match = _LISTEN.match(listen)
+        match = _LISTEN.fullmatch(listen)
         if match is None or not 0 < int(match.group(2)) < 65536:
             yield (path, f'{listen!r}: expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464"')
 
 
 #: A dashboard.allowed_hosts entry: a name, ".domain" / "*.domain", "*", or an address.
 _HOST_ENTRY = re.compile(
-    r"^(\*|(\*?\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?)$",
-    re.IGNORECASE,
+    r"\*|(\*?\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?",
+    re.IGNORECASE | re.ASCII,
 )
 
 
@@ -152,7 +153,7 @@ def _is_address(text: str) -> bool:
 
 def _check_allowed_hosts(entries: list[str] | None) -> Iterator[Problem]:
     for index, entry in enumerate(entries or []):
-        if not (_HOST_ENTRY.match(entry) or _is_address(entry)) or len(entry) > 253:
+        if not (_HOST_ENTRY.fullmatch(entry) or _is_address(entry)) or len(entry) > 253:
             yield (
                 f"dashboard.allowed_hosts[{index}]",
                 f'{entry!r}: expected a host name without a port ("dash.example.com"), a '

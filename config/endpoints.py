@@ -11,8 +11,12 @@ import re
 
 #: The longest ipc:// socket path the OS takes (sun_path, less its NUL), in bytes.
 MAX_IPC_PATH = 107
-#: tcp://HOST:PORT, the host a name, an IPv4 address, [an IPv6 one] or * (bind).
-TCP_ENDPOINT = re.compile(r"^tcp://(\[[^\]]+\]|[^:\[\]/]+):(\d+|\*)$")
+#: tcp://HOST:PORT, the host a name, an IPv4 address, [an IPv6 one] or * (bind):
+#: ASCII only, matched whole (``$`` would take a trailing newline, ``\d`` any
+#: script's digits, a looser host a space or an accent: ZeroMQ refuses each).
+TCP_ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.%A-Za-z_-]+\]|[A-Za-z0-9._-]+|\*):([0-9]+|\*)")
+#: Control characters (a pasted newline, a NUL that would cut an ipc path short).
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: The forms accepted, as said in every error.
 FORMS = 'expected an endpoint like "ipc://var/corral/client.sock" or "tcp://host:5555"'
 
@@ -25,6 +29,8 @@ def endpoint_problem(endpoint: object, *, connect: bool = False) -> str | None:
     accepted."""
     if not isinstance(endpoint, str):
         return f"{FORMS}, got {endpoint!r} (not a string)"
+    if CONTROL.search(endpoint):
+        return f"{FORMS}, got {endpoint!r} (a control character: a newline or NUL pasted in?)"
     scheme, sep, address = endpoint.partition("://")
     if sep and scheme == "ipc":
         return _ipc_problem(endpoint, address)
@@ -48,7 +54,7 @@ def _ipc_problem(endpoint: str, path: str) -> str | None:
 
 
 def _tcp_problem(endpoint: str, connect: bool) -> str | None:
-    match = TCP_ENDPOINT.match(endpoint)
+    match = TCP_ENDPOINT.fullmatch(endpoint)
     if not match:
         return f"{FORMS}, got {endpoint!r} (tcp needs host:port)"
     host, port = match.group(1), match.group(2)

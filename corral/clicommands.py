@@ -624,13 +624,13 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 
 #: A key pair's name: the stem of NAME.key and NAME.key_secret, in --directory.
-_KEY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+_KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from corral.transport import write_keypair
 
-    if not _KEY_NAME.match(args.name):
+    if not _KEY_NAME.fullmatch(args.name):
         raise UsageError(
             f"NAME {args.name!r}: expected a file name stem of letters, digits, '_', '-' and '.'"
             " (not starting with '.'), like server or worker1"

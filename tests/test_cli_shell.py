@@ -422,7 +422,7 @@ def test_keys_refuses_a_name_that_is_not_a_file_name_and_never_overwrites_a_pair
     assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
     assert "server.key" in again.stderr.splitlines()[-1] and "exists" in again.stderr
     assert (keys / "server.key_secret").read_bytes() == secret
-    for name in ("../evil", "a/b", "", ".hidden", "back\\slash"):
+    for name in ("../evil", "a/b", "", ".hidden", "back\\slash", "server2\n"):
         done = env.run("keys", name, "--directory", str(keys))
         assert done.returncode == 2 and "Traceback" not in done.stderr, (name, done.stderr)
         assert done.stderr.startswith("corral: NAME"), (name, done.stderr)

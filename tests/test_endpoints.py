@@ -5,6 +5,7 @@ at the first call), in the config, and on the CLI (one line, exit 2)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,13 @@ BAD = [
     "udp://1.2.3.4:5",
     "inproc://",
     "ipc://" + "x" * 200,
+    # what ZeroMQ refuses (EINVAL) though a loose pattern let it through
+    "tcp://127.0.0.1:5555\n",
+    "ipc:///tmp/x.sock\n",
+    "tcp://127.0.0.1:\u0665\u0665\u0665\u0665",
+    "tcp://h\u00e9st:5555",
+    "tcp://a b:5555",
+    "ipc:///tmp/a\x00b",
 ]
 GOOD = ["ipc:///tmp/corral-x.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:5555", "inproc://x"]
 
@@ -62,6 +70,22 @@ def test_the_config_names_a_client_endpoint_with_a_wildcard(tmp_path: Path) -> N
             f'[broker]\nstate_dir = "{tmp_path}"\n[client]\nendpoint = "tcp://*:5555"\n'
             "[security]\nallow_insecure_tcp = true\n"
         )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("listen", "127.0.0.1:9465\n"),
+        ("listen", "127.0.0.1:\u0669\u0664\u0666\u0665"),
+        ("allowed_hosts", ["localhost\n"]),
+    ],
+)
+def test_the_config_refuses_what_a_loose_pattern_took(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    text = f'[broker]\nstate_dir = "{tmp_path}"\n[dashboard]\n{key} = {json.dumps(value)}\n'
+    with pytest.raises(corral.ConfigError, match=rf"dashboard\.{key}"):
+        loads(text)
 
 
 @pytest.mark.parametrize(
