@@ -30,6 +30,7 @@ from corral.cliargs import (
     moment_arg,
     positive_duration_arg,
     priority_arg,
+    retries_arg,
 )
 from corral.clicommands import (
     EXIT_JOB,
@@ -179,7 +180,9 @@ def _add_enqueue(subs: Subparsers) -> None:
         "--run-at", type=moment_arg, help="when to run: ISO 8601 (2030-01-01T09:00Z) or epoch"
     )
     enqueue.add_argument("--result-ttl", type=duration_arg, help="how long to keep the result")
-    enqueue.add_argument("--max-retries", type=int, help="corral.Retry requests before it fails")
+    enqueue.add_argument(
+        "--max-retries", type=retries_arg, help="corral.Retry requests before it fails"
+    )
     enqueue.add_argument(
         "--expires",
         type=expires_arg,

@@ -89,15 +89,30 @@ def _iso_seconds(text: str) -> float:
     return moment.timestamp()
 
 
-def count_arg(text: str) -> int:
-    """A whole number of at least 1 (a page size, a count)."""
+#: The largest count the broker takes (attempts, retries, a page: 32 bits).
+COUNT_MAX = 2**32 - 1
+
+
+def _whole(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected 1 or more") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too small: expected 1 or more")
+        raise argparse.ArgumentTypeError(
+            f"invalid number {text!r}: expected {least} to {COUNT_MAX}"
+        ) from None
+    if not least <= value <= COUNT_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: expected {least} to {COUNT_MAX}")
     return value
+
+
+def count_arg(text: str) -> int:
+    """A whole number from 1 to :data:`COUNT_MAX` (a page size, a count)."""
+    return _whole(text, 1)
+
+
+def retries_arg(text: str) -> int:
+    """A whole number from 0 to :data:`COUNT_MAX` (``--max-retries``)."""
+    return _whole(text, 0)
 
 
 def priority_arg(text: str) -> int:

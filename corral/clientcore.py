@@ -137,14 +137,35 @@ def broker_error(reply: p.ErrorReply) -> CorralError:
 
 
 def encode_request(request: p.ClientRequest, max_message_size: int) -> bytes:
-    """Encode a request, refusing one the broker would drop unanswered."""
-    body = p.encode(request)
+    """Encode a request, refusing one the broker would drop unanswered.
+    Raises RequestTooLarge, or ValueError for a whole number msgpack cannot
+    carry (past 64 bits), naming its field."""
+    try:
+        body = p.encode(request)
+    except OverflowError:
+        where = _wide_field(request, type(request).__name__) or type(request).__name__
+        raise ValueError(
+            f"{where}: a whole number past 64 bits (-2**63 to 2**64 - 1) cannot be sent; "
+            "the broker takes counts of at most 32 bits"
+        ) from None
     if len(body) > max_message_size:
         raise RequestTooLarge(
             f"the request is {len(body)} bytes, over the broker's max_message_size of "
             f"{max_message_size}; send fewer jobs per enqueue_many or smaller payloads"
         )
     return body
+
+
+def _wide_field(value: Any, path: str) -> str | None:
+    """The path of the first int in ``value`` msgpack cannot carry (None: none)."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return path
+    items: Iterable[tuple[str, Any]] = ()
+    if isinstance(value, msgspec.Struct):
+        items = ((f"{path}.{f}", getattr(value, f)) for f in value.__struct_fields__)
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return next((found for sub, v in items if (found := _wide_field(v, sub))), None)
 
 
 def decode_reply(frame: bytes) -> p.ClientReply:

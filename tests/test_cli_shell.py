@@ -113,6 +113,11 @@ BAD_INPUT = [
     (["status", "--endpoint", "tcp://"], "tcp://"),
     (["jobs", "--limit", "0"], "--limit"),
     (["jobs", "--limit", "-1"], "--limit"),
+    # past 64 bits: a traceback (OverflowError) or an error blaming the payload before
+    (["jobs", "--limit", "99999999999999999999"], "--limit"),
+    (["enqueue", "e2e.square", "1", "--max-attempts", "99999999999999999999"], "max-attempts"),
+    (["enqueue", "e2e.square", "1", "--max-retries", "99999999999999999999"], "--max-retries"),
+    (["enqueue", "e2e.square", "1", "--max-retries", "-1"], "max-retries"),
     (["enqueue-chain", "-", "-"], "stdin"),
     (["status", "--timeout", "0"], "--timeout"),  # no wait at all: every call "unavailable"
     (["top", "--interval", "0", "--once"], "--interval"),  # a busy loop on the broker
@@ -122,7 +127,7 @@ BAD_INPUT = [
     (["enqueue-group", '{"task": "e2e.square"}', "--callback", "[" * 20_000], "--callback"),
     # refused by the broker as invalid (its checks, not the CLI's): bad input all the same
     (["enqueue", "e2e.square", "1", "--delay", "1e308"], "delay"),
-    (["enqueue", "e2e.square", "1", "--max-attempts", "99999999999999999"], "max_attempts"),
+    (["enqueue", "e2e.square", "1", "--max-attempts", "99999999999999999"], "max-attempts"),
     (["enqueue", "e2e.square", "1", "--queue", ""], "queue"),
     (["enqueue", "e2e.square", "1", "--limit-key", ""], "limit_key"),
     (["enqueue", "e2e.square", "1", "--run-at", "99999999999999"], "run_at"),

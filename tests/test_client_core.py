@@ -371,3 +371,20 @@ def test_both_clients_raise_the_same_errors(monkeypatch: pytest.MonkeyPatch) -> 
         blocking.cancel("j")
     with pytest.raises(JobNotFound):
         asyncio.run(awaiting.cancel("j"))
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda c: c.enqueue("t.task", 1, priority=2**70), "priority"),
+        (lambda c: c.enqueue("t.task", 1, max_retries=2**70), "max_retries"),
+        (lambda c: c.enqueue_many([Job("t.task", 1, max_attempts=-(2**70))]), "max_attempts"),
+        (lambda c: c.jobs(limit=2**70), "limit"),
+    ],
+)
+def test_a_number_past_64_bits_is_a_value_error_naming_its_field(
+    call: Callable[[ClientCore], Any], named: str
+) -> None:
+    """It was msgspec's OverflowError, naming nothing (a traceback in the CLI)."""
+    with pytest.raises(ValueError, match=named):
+        encode_request(call(ClientCore()).request, 1 << 20)
