@@ -314,7 +314,7 @@ def load_hooks(specs: Iterable[str]) -> list[Hooks]:
             raise HookError(
                 f"hooks {spec!r}: {_name(factory)}() raised {type(exc).__name__}: {exc}"
             ) from exc
-        items = made if isinstance(made, Sequence) else [made]
+        items = made if isinstance(made, Sequence) and not isinstance(made, str | bytes) else [made]
         for item in items:
             if not isinstance(item, Hooks):
                 raise HookError(

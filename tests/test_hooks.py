@@ -472,6 +472,8 @@ def test_load_hooks_calls_each_modules_function(plugins_path: None) -> None:
         ("recorder_hooks:json", r"has no function json\(\)"),
         ("recorder_hooks:raising", r"raising\(\) raised RuntimeError: SENTRY_DSN is not set"),
         ("recorder_hooks:wrong", r"wrong\(\) returned 42, not a corral.Hooks"),
+        # text is a sequence too: it was named by its first letter ('S')
+        ("recorder_hooks:wrong_text", r"wrong_text\(\) returned 'Sentry', not a corral.Hooks"),
     ],
 )
 def test_a_bad_hooks_entry_is_a_clear_error(plugins_path: None, spec: str, message: str) -> None:

@@ -97,6 +97,10 @@ def wrong() -> object:
     return 42
 
 
+def wrong_text() -> object:
+    return "Sentry"
+
+
 class Slow(corral.Hooks):
     """Takes longer than ``hooks.quick``'s timeout to see its job end (an
     exporter flushing over a slow network): the job's outcome stands."""
