@@ -31,6 +31,21 @@ Duration = Annotated[
 PositiveDuration = Annotated[
     float, msgspec.Meta(gt=0, le=MAX_DURATION, extra={"unit": DURATION, "why": _DURATION_WHY})
 ]
+#: The shortest period a timer that repeats may have (seconds): a shorter one
+#: busies the loop that runs it and does nothing else.
+MIN_PERIOD = 0.01
+Period = Annotated[
+    float,
+    msgspec.Meta(
+        ge=MIN_PERIOD,
+        le=MAX_DURATION,
+        extra={
+            "unit": DURATION,
+            "why": "a shorter period busies the loop that runs it; a longer one overflows the "
+            "timers",
+        },
+    ),
+]
 Size = Annotated[int, msgspec.Meta(ge=0, extra={"unit": SIZE})]
 PositiveSize = Annotated[int, msgspec.Meta(gt=0, extra={"unit": SIZE})]
 #: The smallest and largest log segment: room for its header and a record
@@ -235,10 +250,10 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     #: ``interval`` fsync every fsync_interval, ``never`` leave it to the OS.
     fsync: FsyncPolicy = "always"
     #: How often the log is fsync'd under ``fsync = "interval"``.
-    fsync_interval: PositiveDuration = 1.0
+    fsync_interval: Period = 1.0
     #: How often the broker and each worker heartbeat; worker hosts must use the broker's
     #: value.
-    heartbeat_interval: PositiveDuration = 1.0
+    heartbeat_interval: Period = 1.0
     #: Heartbeats a worker may miss before it is dead and its jobs go back to their queue.
     heartbeat_liveness: Liveness = 3
     #: Size at which a log segment is closed and the next one started.
@@ -368,7 +383,7 @@ class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     #: cron and every.
     cron: NonEmptyStr | None = None
     #: Fire at this interval instead of on a cron expression.
-    every: PositiveDuration | None = None
+    every: Period | None = None
     #: The IANA time zone cron is read in, e.g. "Europe/Paris".
     timezone: NonEmptyStr = "UTC"
     #: The payload of each job (any TOML value); ``check-config`` checks it against the task's

@@ -31,7 +31,7 @@ def test_the_committed_reference_matches_the_schema() -> None:
 def test_each_row_gives_the_type_the_default_and_the_allowed_values() -> None:
     text = reference.render()
     rows = {
-        '| `heartbeat_interval` | duration > 0, ≤ 36525d | `"1s"` |',
+        '| `heartbeat_interval` | duration ≥ 10ms, ≤ 36525d | `"1s"` |',
         '| `segment_size` | size ≥ 4KiB, ≤ 4GiB | `"64MiB"` |',
         '| `fsync` | one of `"always"`, `"interval"`, `"never"` | `"always"` |',
         "| `heartbeat_liveness` | integer: a whole number of heartbeats from 1 to 1000 (",
