@@ -382,3 +382,23 @@ def test_stray_signals_never_take_the_service_down(env: Env) -> None:
     assert "supervisor.tick_failed" not in daemon.output()
     client = env.client()
     assert client.result(client.enqueue("e2e.square", 9), timeout=30) == 81
+
+
+def test_what_a_handler_hands_the_worker_never_wedges_its_reports(env: Env) -> None:
+    """A progress note with a lone surrogate made every report of the worker
+    fail to encode (worker.socket_error: the job and its worker stuck); a
+    Retry(delay=nan) had the broker refuse the whole report (the job stuck),
+    and one of 1e300 seconds was kept and broke `corral job`."""
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    assert client.result(client.enqueue("e2e.odd_progress", "note"), timeout=30) == "done"
+    for delay in ("nan", "inf", "1e300"):
+        job_id = client.enqueue("e2e.retry_in", delay)
+        with contextlib.suppress(corral.JobFailed):
+            client.result(job_id, timeout=30)
+        info = client.job(job_id)
+        assert info.status == "failed" and info.error and "delay" in info.error.message, info
+        shown = env.run("job", job_id, "-c", str(env.config))
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9

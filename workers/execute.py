@@ -31,7 +31,7 @@ import msgspec
 import structlog
 
 from corral.broker import protocol as p
-from corral.broker.jobspec import NIL
+from corral.broker.jobspec import MAX_SECONDS, NIL
 from corral.context import JobContext
 from corral.errors import Fail, Retry, SoftTimeout
 from corral.hooks import EXITS, HookSet, JobEnd, Outcome
@@ -46,6 +46,8 @@ REPORT_OVERHEAD = 64 * 1024
 #: Longest error message and traceback kept, in characters.
 MAX_MESSAGE_CHARS = 8 * 1024
 MAX_TRACEBACK_CHARS = 32 * 1024
+#: The longest progress note sent (the broker keeps as much: corral.broker.dispatch).
+MAX_NOTE_CHARS = 500
 
 
 #: What hooks call each outcome kind (``error``: the broker retries it if
@@ -163,6 +165,13 @@ class Execution:
 
     def complete(self, value: Any = None, error: BaseException | None = None) -> p.Outcome:
         """The outcome of the call: its result, or what its exception means."""
+        if isinstance(error, Retry) and not _retry_delay_ok(error.delay):
+            # the broker refuses a report with such a delay (NaN, infinite) or
+            # keeps a time past any clock: the handler's bug, named on the try
+            error = ValueError(
+                f"corral.Retry(delay={error.delay!r}): the delay must be a finite number of "
+                f"seconds from 0 to {MAX_SECONDS:.0f} (100 years), or None for the backoff"
+            )
         if isinstance(error, Retry):
             why = clean_text(error.reason or str(error), MAX_MESSAGE_CHARS)
             return self.outcome(
@@ -230,6 +239,13 @@ class Execution:
                 self._hooks.job_ended(self.ctx, end)
             except EXITS as exc:
                 self.exit = exc
+
+
+def _retry_delay_ok(delay: object) -> bool:
+    """Whether a Retry's delay is None or seconds the broker takes."""
+    if delay is None:
+        return True
+    return isinstance(delay, int | float) and 0 <= delay <= MAX_SECONDS
 
 
 def error_info(exc: BaseException) -> p.ErrorInfo:

@@ -52,7 +52,7 @@ from corral.hooks import Hooks, HookSet
 from corral.logs import JobLines
 from corral.transport import connect_dealer
 from corral.workers.buffer import Held
-from corral.workers.execute import Execution, SoftTimer
+from corral.workers.execute import MAX_NOTE_CHARS, Execution, SoftTimer, clean_text
 from corral.workers.registry import Registry
 from corral.workers.reports import Pacing, SentReports, encode_outbox, interrupted
 from corral.workers.status import EXIT_REFUSED, HookClock, StatusWriter
@@ -608,6 +608,8 @@ class Worker:
         d = execution.d
 
         def progress(fraction: float, note: str) -> None:
+            # the note is the handler's text: valid UTF-8 or no report encodes
+            note = clean_text(note, MAX_NOTE_CHARS)
             self._outbox.append(("progress", p.Progress(d.job_id, d.lease, fraction, note)))
             self._pacing.soon(time.monotonic())
 

@@ -294,3 +294,16 @@ def gil_pow(ctx: corral.JobContext, power: Power) -> dict[str, object]:
         with open(power.path, "w") as file:
             file.write(f"{seconds}\n")
     return {"seconds": seconds, "pid": os.getpid(), "attempt": ctx.attempt}
+
+
+@corral.task(name="e2e.odd_progress")
+def odd_progress(ctx: corral.JobContext, note: str) -> str:
+    """Reports progress with a note that is not valid UTF-8 (a lone surrogate)."""
+    ctx.progress(0.5, note + "\ud800")
+    return "done"
+
+
+@corral.task(name="e2e.retry_in", max_attempts=1)
+def retry_in(ctx: corral.JobContext, delay: str) -> None:
+    """Asks for a retry ``float(delay)`` seconds from now."""
+    raise corral.Retry(delay=float(delay))
