@@ -120,8 +120,12 @@ def _user_value(what: str, call: Callable[[], T]) -> T:
     """``call()``, with an error from a value the user typed (a payload
     msgpack cannot hold: an integer past 64 bits, a lone surrogate) as a
     UsageError naming ``what``."""
+    from corral.clientcore import UnsendableValue
+
     try:
         return call()
+    except UnsendableValue as exc:  # an option's value: the message names its field
+        raise UsageError(str(exc)) from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise UsageError(f"{what}: {exc}") from None
 

@@ -136,18 +136,26 @@ def broker_error(reply: p.ErrorReply) -> CorralError:
     return BrokerError(reply.code, reply.message)
 
 
+class UnsendableValue(ValueError):
+    """A value of a request msgpack cannot carry; the message names its field."""
+
+
 def encode_request(request: p.ClientRequest, max_message_size: int) -> bytes:
     """Encode a request, refusing one the broker would drop unanswered.
-    Raises RequestTooLarge, or ValueError for a whole number msgpack cannot
-    carry (past 64 bits), naming its field."""
+    Raises RequestTooLarge, or UnsendableValue (a ValueError) for a value msgpack cannot carry
+    (a whole number past 64 bits, text with a lone surrogate), naming its
+    field."""
     try:
         body = p.encode(request)
-    except OverflowError:
-        where = _wide_field(request, type(request).__name__) or type(request).__name__
-        raise ValueError(
-            f"{where}: a whole number past 64 bits (-2**63 to 2**64 - 1) cannot be sent; "
-            "the broker takes counts of at most 32 bits"
-        ) from None
+    except (OverflowError, UnicodeEncodeError) as exc:
+        where = _unsendable(request, type(request).__name__) or type(request).__name__
+        what = (
+            "a whole number past 64 bits (-2**63 to 2**64 - 1) cannot be sent; the broker "
+            "takes counts of at most 32 bits"
+            if isinstance(exc, OverflowError)
+            else "text that is not valid UTF-8 (a lone surrogate) cannot be sent"
+        )
+        raise UnsendableValue(f"{where}: {what}") from None
     if len(body) > max_message_size:
         raise RequestTooLarge(
             f"the request is {len(body)} bytes, over the broker's max_message_size of "
@@ -156,16 +164,26 @@ def encode_request(request: p.ClientRequest, max_message_size: int) -> bytes:
     return body
 
 
-def _wide_field(value: Any, path: str) -> str | None:
-    """The path of the first int in ``value`` msgpack cannot carry (None: none)."""
+def _unsendable(value: Any, path: str) -> str | None:
+    """The path of the first value in ``value`` msgpack cannot carry (an int
+    past 64 bits, a str that is not UTF-8); None: none."""
     if isinstance(value, int) and not -(2**63) <= value < 2**64:
         return path
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path
+        return None
     items: Iterable[tuple[str, Any]] = ()
     if isinstance(value, msgspec.Struct):
         items = ((f"{path}.{f}", getattr(value, f)) for f in value.__struct_fields__)
     elif isinstance(value, list | tuple):
         items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
-    return next((found for sub, v in items if (found := _wide_field(v, sub))), None)
+    elif isinstance(value, Mapping):
+        # a key and its value, both named by the key
+        items = ((f"{path}[{k!r}]", x) for k, v in value.items() for x in (k, v))
+    return next((found for sub, v in items if (found := _unsendable(v, sub))), None)
 
 
 def decode_reply(frame: bytes) -> p.ClientReply:

@@ -222,11 +222,21 @@ def _warn_bad_header(task: str, key: str, why: str) -> None:
     structlog.get_logger().warning("hook.bad_header", task=task, key=key, why=why, hint="dropped")
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _bad_header(key: object, value: object, count: int) -> str | None:
     """Why the broker would refuse a job for header ``key: value`` after
     ``count`` others, or None."""
     if not isinstance(key, str) or not isinstance(value, str):
         return "a header is text to text: use str"
+    if not _utf8(key) or not _utf8(value):
+        return "a header is valid UTF-8 text (a lone surrogate is not)"
     if not 0 < len(key) <= MAX_HEADER_KEY:
         return f"a key must be a non-empty string of at most {MAX_HEADER_KEY} characters"
     if len(value) > MAX_HEADER_VALUE:

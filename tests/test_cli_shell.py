@@ -142,6 +142,23 @@ BAD_INPUT = [
 ]
 
 
+def test_an_option_of_bytes_that_are_not_utf8_is_named(env: Env) -> None:
+    """Such bytes are lone surrogates to Python: msgpack cannot carry them,
+    and the error blamed PAYLOAD_JSON. Run directly: the zygote's JSON
+    protocol cannot carry such an argv either."""
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    for option, value, named in [
+        ("--header", b"k=\xff", "corral: Enqueue.jobs[0].headers['k']"),
+        ("--limit-key", b"\xff", "corral: Enqueue.jobs[0].limit_key"),
+    ]:
+        args = [CORRAL, "enqueue", "e2e.square", "1", option, value, "-c", str(env.config)]
+        done = subprocess.run(args, cwd=env.home, capture_output=True, timeout=60, check=False)
+        err = done.stderr.decode(errors="replace")
+        assert done.returncode == 2 and "Traceback" not in err, err
+        assert err.splitlines()[-1].startswith(named) and "PAYLOAD_JSON" not in err, err
+
+
 def test_bad_input_gets_one_line_and_exit_two(env: Env) -> None:
     broker = env.start("broker")  # one broker for every case: each is refused before it
     env.wait_ready(broker)

@@ -380,11 +380,15 @@ def test_both_clients_raise_the_same_errors(monkeypatch: pytest.MonkeyPatch) -> 
         (lambda c: c.enqueue("t.task", 1, max_retries=2**70), "max_retries"),
         (lambda c: c.enqueue_many([Job("t.task", 1, max_attempts=-(2**70))]), "max_attempts"),
         (lambda c: c.jobs(limit=2**70), "limit"),
+        # text that is not valid UTF-8: a UnicodeEncodeError the CLI blamed on PAYLOAD_JSON
+        (lambda c: c.enqueue("t.task", 1, headers={"k": "\ud800"}), r"headers\['k'\]"),
+        (lambda c: c.enqueue("t.task", 1, queue="q\udcff"), "queue"),
+        (lambda c: c.enqueue("t.task", 1, limit_key="\ud800"), "limit_key"),
     ],
 )
-def test_a_number_past_64_bits_is_a_value_error_naming_its_field(
+def test_what_msgpack_cannot_carry_is_a_value_error_naming_its_field(
     call: Callable[[ClientCore], Any], named: str
 ) -> None:
-    """It was msgspec's OverflowError, naming nothing (a traceback in the CLI)."""
+    """It was msgspec's OverflowError or UnicodeEncodeError, naming nothing."""
     with pytest.raises(ValueError, match=named):
         encode_request(call(ClientCore()).request, 1 << 20)

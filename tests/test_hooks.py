@@ -321,6 +321,7 @@ def test_a_client_hook_adds_headers_to_every_job_it_sends() -> None:
             job.headers[""] = "empty key"
             job.headers["k" * 201] = "long key"
             job.headers["kept"] = "yes"
+            job.headers["odd"] = "\ud800"  # not valid UTF-8: no request could carry it
             for n in range(70):
                 job.headers[f"h{n}"] = "v"
 
@@ -328,10 +329,10 @@ def test_a_client_hook_adds_headers_to_every_job_it_sends() -> None:
         step = ClientCore(hooks=HookSet([Overflowing()])).enqueue("t.a", headers={"mine": "1"})
     headers = step.request.jobs[0].headers  # type: ignore[union-attr]
     assert headers is not None and len(headers) == 64
-    assert list(headers)[:3] == ["mine", "kept", "h0"]
+    assert list(headers)[:3] == ["mine", "kept", "h0"] and "odd" not in headers
     validate_spec(step.request.jobs[0])  # type: ignore[union-attr]
     dropped = [line for line in logs if line["event"] == "hook.bad_header"]
-    assert len(dropped) == 3 + 70 - 62
+    assert len(dropped) == 4 + 70 - 62
     assert "at most 8192 characters" in dropped[0]["why"]
     # the caller's own headers are the caller's: the broker names what is wrong
     step = ClientCore(hooks=HookSet([seen])).enqueue("t.a", headers={"": "x"})
