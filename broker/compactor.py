@@ -21,11 +21,9 @@ meanwhile. The offline ``corral log compact`` calls
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import gc
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +34,7 @@ import msgspec
 
 from corral.broker import checkpoint
 from corral.broker.compaction import Cut, read_cut, remove_segments, write_base
+from corral.broker.deathsig import die_with_parent
 from corral.broker.job import Defaults
 from corral.broker.lazylog import get_logger
 from corral.broker.log import FsyncFailed, Log, LogDiskFull, LogError
@@ -50,7 +49,6 @@ RETRY_MAX = 300.0
 #: The child's niceness: the broker's loop comes first.
 NICENESS = 10
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_PR_SET_PDEATHSIG = 1
 _log = get_logger(__name__)
 
 
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corral.broker.compactor: bad order: {exc}", file=sys.stderr)
         return 2
     if order.parent:
-        _die_with_parent(order.parent)
+        die_with_parent(order.parent)
     _settle()
     try:
         outcome = rewrite(order.cut, order.defaults)
@@ -121,16 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(msgspec.json.encode(outcome).decode() + "\n")
     sys.stdout.flush()
     return 0 if outcome.ok else 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """Be killed by the kernel when the broker dies, so a compaction never
-    outlives it (Linux); exit at once if it is gone already."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _settle() -> None:

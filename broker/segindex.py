@@ -44,11 +44,9 @@ by scanning it after an unclean stop.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import mmap
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +55,7 @@ import msgspec
 
 from corral.broker import checkpoint
 from corral.broker.checkpoint import ColdBatch
+from corral.broker.deathsig import die_with_parent
 from corral.broker.framing import HEADER_SIZE, check_frame, content_end, read_header
 from corral.broker.job import BLOB_HEAD, DEFAULT_QUEUE, priority_runs
 from corral.broker.lazylog import get_logger
@@ -78,7 +77,6 @@ INLINE_MAX = 128 << 10
 #: The child's niceness: the broker's loop comes first.
 NICENESS = 10
 _JOBS_CREATED = RECORD_CODES[JobsCreated]
-_PR_SET_PDEATHSIG = 1
 _log = get_logger(__name__)
 
 
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corral.broker.segindex: bad order: {exc}", file=sys.stderr)
         return 2
     if order.parent:
-        _die_with_parent(order.parent)
+        die_with_parent(order.parent)
     with contextlib.suppress(ImportError):
         import setproctitle
 
@@ -237,14 +235,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"corral.broker.segindex: {segment}: {why}", file=sys.stderr)
             code = 1
     return code
-
-
-def _die_with_parent(parent: int) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 # -- the broker's side --------------------------------------------------------

@@ -24,6 +24,7 @@ from test_checkpoint import (
     TINY_LOG,
     assert_same,
     compact_now,
+    damage,
     enqueue_many,
     replay,
 )
@@ -106,17 +107,6 @@ def test_the_broker_serves_cold_jobs_of_sealed_segments_as_any_others(tmp_path: 
     for seq in sealed(log_dir)[:-1]:  # (the last was sealed by this very restart's roll)
         assert idx_path(log_dir, seq).exists(), seq
     copy.crash()
-
-
-def damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "flip":
-        data[len(data) // 2] ^= 0x10
-    elif how == "torn":
-        del data[len(data) // 3 :]
-    elif how == "empty":
-        del data[:]
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how", ["flip", "torn", "empty", "stale", "tmp", "segment-edited"])
