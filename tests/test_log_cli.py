@@ -34,6 +34,18 @@ def _frame_holding(data: bytes, needle: bytes) -> int:
     raise AssertionError(f"no frame holds {needle!r}")
 
 
+def _damage_frame_of(env: Env, job_id: str) -> tuple[Path, int]:
+    """Flip a bit of the checksum of the frame that holds ``job_id`` in the
+    log's one segment (the broker stopped); returns the segment and the
+    frame's offset."""
+    (segment,) = sorted((env.home / "state" / "log").glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    start = _frame_holding(bytes(data), job_id.encode())
+    data[start + 5] ^= 0x10  # its checksum
+    segment.write_bytes(bytes(data))
+    return segment, start
+
+
 def test_log_tools_refuse_to_run_beside_a_live_broker(env: Env) -> None:
     env.write_config(extra_broker=SMALL_LOG)
     broker = env.start("broker")
@@ -69,11 +81,7 @@ def test_log_repair_names_the_lost_job_and_keeps_the_rest(env: Env) -> None:
     assert broker.wait(30) == 0
     cfg = ["-c", str(env.config)]
     log_dir = env.home / "state" / "log"
-    (segment,) = sorted(log_dir.glob("*.seg"))
-    data = bytearray(segment.read_bytes())
-    start = _frame_holding(bytes(data), ids[9].encode())
-    data[start + 5] ^= 0x10  # its checksum
-    segment.write_bytes(bytes(data))
+    segment, start = _damage_frame_of(env, ids[9])
 
     done = env.run("log", "verify", "--json", *cfg)
     assert done.returncode == 1
@@ -129,11 +137,7 @@ def test_log_tools_sum_up_a_long_list_of_lost_jobs_for_a_person(env: Env) -> Non
     assert broker.wait(30) == 0
     cfg = ["-c", str(env.config)]
     log_dir = env.home / "state" / "log"
-    (segment,) = sorted(log_dir.glob("*.seg"))
-    data = bytearray(segment.read_bytes())
-    start = _frame_holding(bytes(data), ids[150].encode())
-    data[start + 5] ^= 0x10
-    segment.write_bytes(bytes(data))
+    _damage_frame_of(env, ids[150])
 
     for action, all_in in (("verify", "verify --json"), ("repair", "repair.json")):
         done = env.run("log", action, *cfg)
