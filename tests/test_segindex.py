@@ -63,6 +63,14 @@ def indexed_log(root: Path) -> tuple[Path, list[str]]:
     return root / "s", ids
 
 
+def unindexed_copy(state_dir: Path, copy: Path) -> None:
+    """Copy ``state_dir`` to ``copy`` without its segment indexes (a restart
+    there replays every segment in full)."""
+    shutil.copytree(state_dir, copy)
+    for index in (copy / "log").glob("*.idx"):
+        index.unlink()
+
+
 def indexed(broker: InProcessBroker) -> None:
     """Run passes until the broker's indexing child is done."""
 
@@ -85,9 +93,7 @@ def test_a_never_compacted_log_restarts_with_its_sealed_segments_cold(tmp_path: 
 
 def test_the_broker_serves_cold_jobs_of_sealed_segments_as_any_others(tmp_path: Path) -> None:
     state_dir, _ = indexed_log(tmp_path)
-    shutil.copytree(state_dir, tmp_path / "copy")
-    for index in (tmp_path / "copy" / "log").glob("*.idx"):
-        index.unlink()
+    unindexed_copy(state_dir, tmp_path / "copy")
     answers = []
     for at in (state_dir, tmp_path / "copy"):
         broker = InProcessBroker(at, extra=TINY_LOG)
@@ -261,9 +267,7 @@ def test_a_filtered_listing_warms_only_batches_it_may_show(
 ) -> None:
     monkeypatch.setattr(core, "WARM_PER_PASS", 0)
     state_dir, _ = indexed_log(tmp_path)
-    shutil.copytree(state_dir, tmp_path / "copy")
-    for index in (tmp_path / "copy" / "log").glob("*.idx"):
-        index.unlink()
+    unindexed_copy(state_dir, tmp_path / "copy")
     pages = []
     for at in (state_dir, tmp_path / "copy"):
         broker = InProcessBroker(at, extra=TINY_LOG)
