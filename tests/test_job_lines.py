@@ -63,3 +63,37 @@ def test_lines_follow_structlog_reset_and_capture_logs(monkeypatch: pytest.Monke
     with capture_logs() as captured:
         logs.job_line("job.received", job_id="j3", task="t.a", attempt=1)
     assert captured == []
+
+
+class _Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("plain", "plain"),
+        ("naïve ✓", "naïve ✓"),
+        (_Opaque(), "<opaque>"),
+        ({1: "one"}, {"1": "one"}),
+        ({(1, 2): "pair"}, {"(1, 2)": "pair"}),
+        # what msgspec refuses whole still makes a line, as json.dumps shows it
+        ("\ud800 lone", "\ud800 lone"),
+        (2**70, 2**70),
+        ({("a",): "\ud800"}, None),
+    ],
+)
+def test_every_value_makes_one_valid_json_line(
+    monkeypatch: pytest.MonkeyPatch, value: object, shown: object
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    logs.configure("worker", fmt="json")
+    structlog.get_logger().info("odd.value", value=value, job_id="j1")
+    (line,) = _lines(stream)
+    assert line["event"] == "odd.value" and line["job_id"] == "j1" and line["role"] == "worker"
+    if shown is None:  # neither encoder renders it: its repr() stands in
+        assert line["value"] == repr(value)
+    else:
+        assert line["value"] == shown
