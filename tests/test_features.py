@@ -52,7 +52,11 @@ def test_cancel_scheduled(env: Env, daemon) -> None:  # type: ignore[no-untyped-
     later = client.enqueue("e2e.square", 4, delay=0.5)
     assert client.job(later).status == "scheduled"
     assert client.cancel(later)
-    time.sleep(0.8)  # past its run time: it must not run
+    # A witness due just after it: once the witness ran, the broker's timers
+    # were past the cancelled job's run time (no sleep that a slow machine
+    # could make too short).
+    witness = client.enqueue("e2e.square", 5, delay=0.6)
+    assert client.result(witness, timeout=30) == 25
     assert client.job(later).status == "cancelled"
     assert client.job(later).tries == []
 
