@@ -13,7 +13,7 @@ import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -110,26 +110,34 @@ class JobLife:
         return life
 
 
-#: What a pristine job reads: queued, on its ready lane, nothing happened.
-#: Never changed (its ``tries`` is an empty tuple, so an append fails loudly).
-_PRISTINE = JobLife(in_ready=True)
-_PRISTINE.tries = ()  # type: ignore[assignment]
+#: The life every pristine job holds (queued, on its ready lane, nothing
+#: happened): one shared object, never changed (its ``tries`` is an empty
+#: tuple, so an append fails loudly). A job's ``_life`` is never None, so
+#: its fields are read through ``operator.attrgetter`` at C speed.
+PRISTINE = JobLife(in_ready=True)
+PRISTINE.tries = ()  # type: ignore[assignment]
 
 
 def _life_field(name: str) -> property:
-    """A property reading ``name`` from the job's life (the pristine one
-    while nothing happened) and writing it to the job's own life."""
-
-    def get(self: Job) -> Any:
-        return getattr(self._life or _PRISTINE, name)
+    """A property reading ``name`` from the job's life (the shared pristine
+    one while nothing happened), at C speed, and writing it to the job's own
+    life (made on the first write)."""
 
     def set_(self: Job, value: Any) -> None:
         life = self._life
-        if life is None:
+        if life is PRISTINE:
             life = self._life = JobLife(in_ready=True)
         setattr(life, name, value)
 
-    return property(get, set_, doc=f"The job's {name} (see :class:`JobLife`).")
+    return property(
+        operator.attrgetter(f"_life.{name}"), set_, doc=f"The job's {name} (see :class:`JobLife`)."
+    )
+
+
+def _created_field(name: str) -> property:
+    """A read-only property of the creation record's (or template's) field
+    ``name``, at C speed."""
+    return property(operator.attrgetter(f"tpl.{name}"), doc=f"The job's {name}, as created.")
 
 
 class Job(msgspec.Struct, gc=False, eq=False):
@@ -157,7 +165,8 @@ class Job(msgspec.Struct, gc=False, eq=False):
     #: The creation record, or (with a blob) the shared template.
     tpl: JobCreated
     blob: bytes | None
-    _life: JobLife | None
+    #: What happened to it: :data:`PRISTINE` (shared) until anything did.
+    _life: JobLife
 
     @classmethod
     def of(cls, created: JobCreated, life: JobLife) -> Job:
@@ -184,7 +193,7 @@ class Job(msgspec.Struct, gc=False, eq=False):
     @property
     def pristine(self) -> bool:
         """Nothing happened to it since its creation."""
-        return self._life is None
+        return self._life is PRISTINE
 
     status = _life_field("status")
     attempts = _life_field("attempts")
@@ -200,6 +209,72 @@ class Job(msgspec.Struct, gc=False, eq=False):
     runs = _life_field("runs")
     retries = _life_field("retries")
     in_ready = _life_field("in_ready")
+
+    # What was asked and kept as is: read from the creation record or
+    # template at C speed (declared for the type checker as what they are).
+    if TYPE_CHECKING:
+
+        @property
+        def task(self) -> str: ...
+
+        @property
+        def max_attempts(self) -> int | None: ...
+
+        @property
+        def timeout(self) -> float | None: ...
+
+        @property
+        def unique_key(self) -> str | None: ...
+
+        @property
+        def unique_for(self) -> float | None: ...
+
+        @property
+        def max_retries(self) -> int | None: ...
+
+        @property
+        def result_ttl(self) -> float | None: ...
+
+        @property
+        def limit_key(self) -> str | None: ...
+
+        @property
+        def headers(self) -> dict[str, str] | None: ...
+
+        @property
+        def flow(self) -> str | None: ...
+
+        @property
+        def step(self) -> int: ...
+
+        @property
+        def prev_result(self) -> msgspec.Raw: ...
+
+        @property
+        def on_success(self) -> JobSpec | None: ...
+
+        @property
+        def on_failure(self) -> JobSpec | None: ...
+
+        @property
+        def task_options(self) -> TaskOptions | None: ...
+
+    else:
+        task = _created_field("task")
+        max_attempts = _created_field("max_attempts")
+        timeout = _created_field("timeout")
+        unique_key = _created_field("unique_key")
+        unique_for = _created_field("unique_for")
+        max_retries = _created_field("max_retries")
+        result_ttl = _created_field("result_ttl")
+        limit_key = _created_field("limit_key")
+        headers = _created_field("headers")
+        flow = _created_field("flow")
+        step = _created_field("step")
+        prev_result = _created_field("prev_result")
+        on_success = _created_field("on_success")
+        on_failure = _created_field("on_failure")
+        task_options = _created_field("task_options")
 
     # What was asked, read through the creation record or template.
     @property
@@ -223,10 +298,6 @@ class Job(msgspec.Struct, gc=False, eq=False):
         return len(self.tpl.payload) if blob is None else len(blob) - _HEAD_SIZE
 
     @property
-    def task(self) -> str:
-        return self.tpl.task
-
-    @property
     def queue(self) -> str:
         return self.tpl.queue or DEFAULT_QUEUE
 
@@ -236,82 +307,26 @@ class Job(msgspec.Struct, gc=False, eq=False):
         return self.tpl.priority if blob is None else BLOB_HEAD.unpack_from(blob)[2]
 
     @property
-    def max_attempts(self) -> int | None:
-        return self.tpl.max_attempts
-
-    @property
-    def timeout(self) -> float | None:
-        return self.tpl.timeout
-
-    @property
-    def unique_key(self) -> str | None:
-        return self.tpl.unique_key
-
-    @property
-    def unique_for(self) -> float | None:
-        return self.tpl.unique_for
-
-    @property
-    def max_retries(self) -> int | None:
-        return self.tpl.max_retries
-
-    @property
-    def result_ttl(self) -> float | None:
-        return self.tpl.result_ttl
-
-    @property
-    def limit_key(self) -> str | None:
-        return self.tpl.limit_key
-
-    @property
-    def headers(self) -> dict[str, str] | None:
-        return self.tpl.headers
-
-    @property
-    def flow(self) -> str | None:
-        return self.tpl.flow
-
-    @property
-    def step(self) -> int:
-        return self.tpl.step
-
-    @property
-    def prev_result(self) -> msgspec.Raw:
-        return self.tpl.prev_result
-
-    @property
-    def on_success(self) -> JobSpec | None:
-        return self.tpl.on_success
-
-    @property
-    def on_failure(self) -> JobSpec | None:
-        return self.tpl.on_failure
-
-    @property
-    def task_options(self) -> TaskOptions | None:
-        return self.tpl.task_options
-
-    @property
     def is_ready(self) -> bool:
         """Queued and held by no worker."""
         life = self._life
-        return life is None or (life.status == "queued" and not life.lease)
+        return life.status == "queued" and not life.lease
 
     @property
     def reserved(self) -> bool:
         """Leased into a worker's prefetch buffer and not started."""
         life = self._life
-        return life is not None and life.status == "queued" and life.lease != 0
+        return life.status == "queued" and life.lease != 0
 
     @property
     def next_run_at(self) -> float | None:
         life = self._life
-        return life.run_at if life is not None and life.status in WAITING else None
+        return life.run_at if life.status in WAITING else None
 
     def size(self) -> int:
         """Bytes the job takes in the log, roughly (for the compaction trigger)."""
         life = self._life
-        result = len(life.result) if life is not None and life.result is not None else 0
+        result = len(life.result) if life.result is not None else 0
         return JOB_OVERHEAD_BYTES + self.payload_size + result
 
 
@@ -320,11 +335,13 @@ def touched(jobs: Iterable[Job]) -> list[Job]:
     them): a pass over a million jobs that skips the pristine ones at the
     cost of one attribute read each, at C speed, for the start-up checks."""
     every = jobs if isinstance(jobs, list) else list(jobs)
-    return list(itertools.compress(every, map(_LIFE, every)))
+    return list(itertools.compress(every, map(operator.is_not, map(_LIFE, every), _PRISTINES)))
 
 
-#: A job's life, or None while it is pristine (a life is always true).
+#: A job's life (:data:`PRISTINE` while nothing happened to it).
 _LIFE = operator.attrgetter("_life")
+#: As many PRISTINEs as :func:`touched` needs.
+_PRISTINES = itertools.repeat(PRISTINE)
 
 
 _UNUSED = 3

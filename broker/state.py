@@ -32,6 +32,7 @@ from corral.broker.job import (
     BLOB_HEAD,
     DEFAULT_QUEUE,
     JOB_OVERHEAD_BYTES,
+    PRISTINE,
     SNAPSHOT_STATE,
     WAITING,
     Defaults,
@@ -310,7 +311,7 @@ class JobState:
         removes every index and checkpoint."""
         if len(ids) != len(blobs):
             raise ValueError(f"a batch of {len(ids)} job ids has {len(blobs)} blobs")
-        new = list(map(Job, ids, repeat(tpl), blobs, repeat(None)))  # at C speed
+        new = list(map(Job, ids, repeat(tpl), blobs, repeat(PRISTINE)))  # at C speed
         # One lookup per id, at C speed: setdefault gives back the job that
         # holds the id, and jobs compare by identity (the list compare too).
         held = list(map(partial(dict.setdefault, self.jobs), ids, new))
@@ -390,7 +391,7 @@ class JobState:
         """A cold batch, read back: its jobs join the table and the index
         (they were counted and placed when it was registered)."""
         tpl = self.templates.intern(rec.template)
-        new = list(map(Job, rec.ids, repeat(tpl), rec.blobs, repeat(None)))
+        new = list(map(Job, rec.ids, repeat(tpl), rec.blobs, repeat(PRISTINE)))
         dict.update(self.jobs, zip(rec.ids, new, strict=True))
         self.index.warmed(number, new)
         return new
