@@ -22,6 +22,7 @@ from typing import Any
 import forked
 import psutil
 import pytest
+import reaper
 import structlog
 from hypothesis import HealthCheck, settings
 
@@ -453,3 +454,7 @@ def fill_disk(fs: Path, leave: int) -> Path:
 def free_bytes(fs: Path) -> int:
     stat = os.statvfs(fs)
     return stat.f_bavail * stat.f_frsize
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    reaper.install()
