@@ -408,6 +408,22 @@ def json_events(text: str) -> list[dict[str, Any]]:
     return events
 
 
+def log_events(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a process's output, passing over any other line
+    (a traceback, a child's print): match on fields, never on a line's bytes
+    (spacing and order are the renderer's)."""
+    import json
+
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict):
+                    events.append(event)
+    return events
+
+
 # -- small real filesystems, for full-disk tests ---------------------------------------
 
 

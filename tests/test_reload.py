@@ -13,6 +13,7 @@ from conftest import (
     Env,
     Proc,
     kill_broker,
+    log_events,
     render_config,
     wait_for,
     worker_processes,
@@ -220,8 +221,10 @@ def test_a_slow_plugin_import_on_reload_does_not_stall_the_loop(env: Env) -> Non
     os.kill(victim, signal.SIGKILL)
 
     def reaped() -> bool:
-        lines = daemon.output().splitlines()
-        return any("supervisor.worker_exited" in ln and f'"pid": {victim}' in ln for ln in lines)
+        return any(
+            e.get("event") == "supervisor.worker_exited" and e.get("pid") == victim
+            for e in log_events(daemon.output())
+        )
 
     wait_for(reaped, 10, message="the worker reaped")
     assert "supervisor.reloaded" not in daemon.output()  # the import still runs
