@@ -124,8 +124,9 @@ class Scenario:
         path.mkdir()
         self.wire = Wire(path)
         fn = corral.task(name="t.h")(job)
+        # (a connect waits up to a heartbeat interval for the socket to connect)
         options = WorkerOptions(
-            self.wire.endpoint, ["default"], concurrency=1, prefetch=1, heartbeat_interval=1.0
+            self.wire.endpoint, ["default"], concurrency=1, prefetch=1, heartbeat_interval=5.0
         )
         self.worker = Worker(options, Registry([fn.__corral_task__]))  # type: ignore[attr-defined]
         self.first = InProcessBroker(path, clock=self.clock, extra=SMALL_LOG)
@@ -139,10 +140,11 @@ class Scenario:
         other: the handler ends the job). Returns the lines of that step
         run, in order."""
         worker, first = self.worker, self.first
-        worker._connect()  # READY
-        self.wire.pump(worker, first)
+        worker._connect()
+        assert [type(m) for m in self.wire.pump(worker, first)] == [p.Ready]
         first.enqueue("t.h", id="j")
         self.wire.back(worker, first)
+        assert len(worker._buffer) == 1
         delivery = worker._next_delivery()
         assert delivery is not None and delivery.job_id == "j"
         execution = worker._execution(delivery)
