@@ -261,3 +261,50 @@ def test_no_ready_goes_ahead_of_an_outcome_the_socket_did_not_take(tmp_path: Pat
         router.close()
         worker._ctx.term()
         os.close(worker._wake_fd)
+
+
+def test_the_last_job_under_max_jobs_drains_the_worker_before_its_report(tmp_path: Path) -> None:
+    """Whenever the socket thread sends the outcome of the worker's last
+    job (max_jobs) during ``_end``, the worker's Drain goes before that
+    report, so the credit it gives back brings no job this worker would
+    not run."""
+    fn = corral.task(name="t.h")(job)
+    registry = Registry([fn.__corral_task__])  # type: ignore[attr-defined]
+    delivery = p.Delivery("j", 7, "t.h", p.encode_value(None), 1, 3, "default", 0.0)
+
+    def last_job(line: int | None) -> tuple[list[int], list[str]]:
+        endpoint = f"ipc://{tmp_path}/m{line}.sock"
+        worker = Worker(WorkerOptions(endpoint, ["default"], max_jobs=1), registry)
+        router = worker._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(endpoint)
+        worker._identity = b"w-1"
+        worker._sock = connect_dealer(worker._ctx, endpoint, None, identity=worker._identity)
+        try:
+            assert worker._sock.poll(30_000, zmq.POLLOUT)
+            worker._buffer.put(delivery)
+            taken = worker._next_delivery()
+            assert taken is not None
+            execution = worker._execution(taken)
+            assert worker._claim(execution)
+            worker._begin(execution)
+            outcome = worker._soft.run(execution, None, None)
+            with at_line(Worker._end.__code__, line, worker._flush_outbox) as ran:
+                worker._end(execution, outcome)
+            worker._flush_outbox()
+            sent: list[str] = []
+            while "outcome" not in sent:  # (what went before it is here by then)
+                assert router.poll(30_000), sent
+                m = p.decode(p.worker_report_decoder, router.recv_multipart()[1])
+                sent.append("outcome" if isinstance(m, p.Report) and m.done else type(m).__name__)
+            return ran, sent
+        finally:
+            worker._sock.close(0)
+            router.close()
+            worker._ctx.term()
+            os.close(worker._wake_fd)
+
+    lines, _ = last_job(None)
+    for line in sorted(set(lines)):
+        _, sent = last_job(line)
+        assert "Drain" in sent and sent.index("Drain") < sent.index("outcome"), (line, sent)

@@ -646,6 +646,9 @@ class Worker:
 
     def _end(self, execution: Execution, outcome: p.Outcome) -> None:
         d = execution.d
+        if outcome.kind == "ok":
+            self.processed += 1
+        self._done_count += 1  # (counted before the socket thread can send it: max_jobs)
         # The outcome is in the outbox before the job leaves the held ones:
         # a READY built in between offers the job or sends its outcome
         # first (see _register), never neither.
@@ -655,9 +658,6 @@ class Worker:
             self._timeouts.pop(d.job_id, None)  # handler holds the GIL from its start
             self._status.ended(d.job_id)
         self._status_version += 1
-        if outcome.kind == "ok":
-            self.processed += 1
-        self._done_count += 1
         max_jobs = self.options.max_jobs
         if self._buffer.has_next and not self._stopping and self._done_count != max_jobs:
             self._pacing.soon(time.monotonic())  # the next job's start and end join it
