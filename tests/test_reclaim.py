@@ -394,13 +394,33 @@ def test_sent_reports_go_again_once_to_each_new_broker() -> None:
     from corral.workers import reports
 
     kept = reports.SentReports(keep_for=6.0)
-    assert kept.due(10.0, "b2", every=1.0)
-    assert not kept.due(10.1, "b2", every=1.0)  # the same broker's burst
-    assert kept.due(10.4, "b3", every=1.0)  # b2 died 0.4 s after the resend
-    assert not kept.due(10.5, "", every=1.0)  # a new connection, unasked: too soon
-    assert kept.due(11.5, "", every=1.0)
-    assert not kept.due(11.6, "b3", every=1.0)  # b3 had them
-    assert kept.due(12.6, "b3", every=1.0)  # b3 asks again a while later
+
+    def resends(at: float, broker_id: str) -> bool:
+        due = kept.due(at, broker_id, every=1.0)
+        if due:
+            kept.resent(at, broker_id)
+        return due
+
+    assert resends(10.0, "b2")
+    assert not resends(10.1, "b2")  # the same broker's burst
+    assert resends(10.4, "b3")  # b2 died 0.4 s after the resend
+    assert not resends(10.5, "")  # a new connection, unasked: too soon
+    assert resends(11.5, "")
+    assert not resends(11.6, "b3")  # b3 had them
+    assert resends(12.6, "b3")  # b3 asks again a while later
+
+
+def test_a_resend_the_socket_did_not_take_whole_goes_again_at_once() -> None:
+    """Not marked resent (the socket refused part of it: no broker
+    connected), the kept reports go with the next registration, even the
+    same broker's a moment later."""
+    from corral.workers import reports
+
+    kept = reports.SentReports(keep_for=6.0)
+    assert kept.due(10.0, "b2", every=1.0)  # ... and the socket refused one
+    assert kept.due(10.1, "b2", every=1.0)
+    kept.resent(10.1, "b2")
+    assert not kept.due(10.2, "b2", every=1.0)
 
 
 def test_the_broker_names_itself_when_it_asks_a_worker_to_register(tmp_path: Path) -> None:

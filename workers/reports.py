@@ -200,15 +200,20 @@ class SentReports:
         on a new connection): at once for a broker it has not resent to (a
         broker that restarted again soon after the last resend may have
         lost that resend with its unsynced log), else at most once per
-        ``every`` seconds (a burst of Reregister from one broker, each the
-        answer to a message sent before the READY got there, resends once).
-        Marks them resent when due."""
+        ``every`` seconds since the last resend (a burst of Reregister from
+        one broker, each the answer to a message sent before the READY got
+        there, resends once). A resend counts once :meth:`resent` says it
+        went out whole."""
         fresh = bool(broker_id) and broker_id != self._resent_to
-        if not fresh and at - self._resent_at < every:
-            return False
+        return fresh or at - self._resent_at >= every
+
+    def resent(self, at: float, broker_id: str) -> None:
+        """The kept reports all went out again at ``at`` (monotonic), to
+        ``broker_id`` ("" : unasked, the broker unknown). A resend the
+        socket did not take whole is not marked, so the next
+        registration sends them again, to whichever broker asks."""
         self._resent_at = at
         self._resent_to = broker_id or self._resent_to
-        return True
 
     def __len__(self) -> int:
         return len(self._kept)

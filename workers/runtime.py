@@ -288,13 +288,32 @@ class Worker:
         this worker dropped). With jobs offered, the buffer stays paused
         until the broker's Registered answer. ``broker_id``: the broker that
         asked (Reregister), "" when unasked; the recent reports go again
-        first when :meth:`SentReports.due` says so."""
+        first when :meth:`SentReports.due` says so.
+
+        Every job the broker leased here is in the READY's offer or ended
+        by a report sent before it, however the handler threads move
+        meanwhile: the jobs held are taken *before* the outbox is sent, and
+        a handler puts a job's outcome in the outbox before it lets go of
+        the job (:meth:`_end`), so a job missing from the offer has its
+        outcome in what is sent next (one that ends after it is offered
+        is both: the broker refuses it back, or takes the outcome later).
+        If the socket does not take all that (not connected), no READY
+        goes: a READY ahead of an outcome would have the broker requeue
+        the job as one this worker no longer has. The broker asks again
+        (Reregister) once what is left reaches it."""
+        holding = self._held.holding()
         self._flush_outbox()
         now = time.monotonic()
         if self._sent_reports.due(now, broker_id, self.options.heartbeat_interval):
-            for body in self._sent_reports.again(now):
-                self._send_bytes(body, keep=False)
-        holding = self._held.holding()
+            again = self._sent_reports.again(now)
+            resent = all(self._send_bytes(body, keep=False) for body in again)
+            if resent:
+                self._sent_reports.resent(now, broker_id)
+        else:
+            resent = True
+        if self._unsent or not resent:
+            log.info("worker.register_deferred", unsent=len(self._unsent))
+            return
         capacity = 0 if self._stopping else self.options.concurrency + self.options.prefetch
         self._send(
             p.Ready(
@@ -600,8 +619,9 @@ class Worker:
                 return None
             if not self._stopping:
                 return delivery
-            self._buffer.settle(delivery.job_id)
+            # (handed back before it leaves the held ones, as in _end)
             self._outbox.append(("return", p.Lease(delivery.job_id, delivery.lease)))
+            self._buffer.settle(delivery.job_id)
             self._pacing.urgent()
 
     def _begin(self, execution: Execution) -> None:
@@ -626,15 +646,18 @@ class Worker:
 
     def _end(self, execution: Execution, outcome: p.Outcome) -> None:
         d = execution.d
+        if outcome.kind == "ok":
+            self.processed += 1
+        self._done_count += 1  # (counted before the socket thread can send it: max_jobs)
+        # The outcome is in the outbox before the job leaves the held ones:
+        # a READY built in between offers the job or sends its outcome
+        # first (see _register), never neither.
+        self._outbox.append(("done", outcome))
         self._held.end(d.job_id)
         with self._status.lock:  # the supervisor knows it ended, even if the next
             self._timeouts.pop(d.job_id, None)  # handler holds the GIL from its start
             self._status.ended(d.job_id)
         self._status_version += 1
-        if outcome.kind == "ok":
-            self.processed += 1
-        self._done_count += 1
-        self._outbox.append(("done", outcome))
         max_jobs = self.options.max_jobs
         if self._buffer.has_next and not self._stopping and self._done_count != max_jobs:
             self._pacing.soon(time.monotonic())  # the next job's start and end join it
