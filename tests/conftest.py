@@ -63,6 +63,12 @@ def wait_for(
         time.sleep(interval)
 
 
+#: How often a wait polls a ``corral`` command (``env.run``): each poll is a
+#: process, so not every 20 ms; what such waits look for (a pool's state in
+#: ``corral status``, from the supervisor's reports) changes about once a second.
+CLI_POLL = 0.25
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on now (the kernel's pick, let go)."""
     import socket

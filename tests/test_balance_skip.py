@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -108,9 +109,12 @@ jobs_st = st.lists(
 )
 
 
-@settings(max_examples=400, deadline=None)
-@given(workers_st, jobs_st, st.sets(st.sampled_from(QUEUES)), st.integers(0, 2))
-def test_no_withdrawal_is_skipped_that_plan_withdrawals_would_make(
+#: A dispatch situation: workers, jobs, paused queues, how far below the least
+#: held priority the bound is.
+situations = given(workers_st, jobs_st, st.sets(st.sampled_from(QUEUES)), st.integers(0, 2))
+
+
+def no_withdrawal_is_skipped(
     worker_specs: list[tuple[int, int, list[str], list[str]]],
     jobs: list[JobPlan],
     paused: set[str],
@@ -122,6 +126,15 @@ def test_no_withdrawal_is_skipped_that_plan_withdrawals_would_make(
     bound = None if floor is None else floor - below
     if not balance.may_withdraw(workers, state, bound):
         assert balance.plan_withdrawals(workers, state) == {}
+
+
+# 100 situations in the fast suite (400 cost it 2 s of CPU), 2,000 in the soak profile.
+test_no_withdrawal_is_skipped_that_plan_withdrawals_would_make = settings(
+    max_examples=100, deadline=None
+)(situations(no_withdrawal_is_skipped))
+test_no_withdrawal_is_skipped_that_plan_withdrawals_would_make_soak = pytest.mark.soak(
+    settings(max_examples=2_000, deadline=None)(situations(no_withdrawal_is_skipped))
+)
 
 
 def _busy_pair(priority_ready: int, priority_held: int) -> tuple[list[WorkerConn], JobState, int]:

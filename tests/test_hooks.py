@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import PLUGINS, Env, wait_for, wait_until, worker_processes
+from conftest import CLI_POLL, PLUGINS, Env, wait_for, wait_until, worker_processes
 from structlog.testing import capture_logs
 
 import corral
@@ -828,6 +828,7 @@ def test_workers_that_cannot_load_their_modules_back_their_pool_off(env: Env) ->
         pools,
         lambda found: len(found) == 2 and all("backing off until" in v for v in found.values()),
         60,
+        CLI_POLL,
         message="both pools to back off",
     )
     assert "plugin 'late_tasks' could not be imported" in lines["default"]

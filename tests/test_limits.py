@@ -8,7 +8,7 @@ import signal
 
 import psutil
 import pytest
-from conftest import FAST_RETRY, Env, wait_for, wait_until, worker_processes
+from conftest import CLI_POLL, FAST_RETRY, Env, wait_for, wait_until, worker_processes
 
 import corral
 
@@ -129,7 +129,7 @@ def test_poison_jobs_fail_themselves_and_the_pool_stays_up(env: Env) -> None:
     assert client.job(innocent).attempts == 1 and len(client.job(innocent).tries) == 1
     output = daemon.output()
     assert "supervisor.pool_backing_off" not in output and "supervisor.backoff" not in output
-    wait_for(lambda: _pool_line(env).endswith(", ok"), 20, message="the pool's state")
+    wait_for(lambda: _pool_line(env).endswith(", ok"), 20, CLI_POLL, message="the pool's state")
     assert client.result(client.enqueue("e2e.square", 3), timeout=30) == 9
 
 
@@ -157,7 +157,9 @@ def test_a_crash_looping_pool_backs_off_and_sighup_restarts_it_at_once(env: Env)
     mark.touch()
     worker_processes(daemon)[0].kill()  # its successors die at start-up
     wait_for(lambda: "supervisor.pool_backing_off" in daemon.output(), 30, message="the backoff")
-    wait_for(lambda: "backing off until" in _pool_line(env), 20, message="the pool's state")
+    wait_for(
+        lambda: "backing off until" in _pool_line(env), 20, CLI_POLL, message="the pool's state"
+    )
     assert daemon.alive()
     mark.unlink()
     done = env.run("reload", "-c", str(env.config))  # the command for SIGHUP
@@ -165,7 +167,7 @@ def test_a_crash_looping_pool_backs_off_and_sighup_restarts_it_at_once(env: Env)
     env.wait_workers(1, timeout=30)  # at once, not after pool_backoff (10 minutes)
     client = env.client()
     assert client.result(client.enqueue("e2e.square", 4), timeout=30) == 16
-    wait_for(lambda: _pool_line(env).endswith(", ok"), 20, message="the pool's state")
+    wait_for(lambda: _pool_line(env).endswith(", ok"), 20, CLI_POLL, message="the pool's state")
 
 
 def test_two_workers_killed_at_once_both_restart_at_once(env: Env) -> None:

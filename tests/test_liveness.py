@@ -26,6 +26,8 @@ from corral.broker import protocol as p
 from corral.broker.workers import VOUCH_GRACE
 from corral.supervisor.monitor import alive, vouched
 from corral.supervisor.process import Child
+from corral.workers.registry import Registry
+from corral.workers.runtime import Worker, WorkerOptions
 
 #: render_config's heartbeat settings: 200 ms x 3.
 WINDOW = 0.2 * 3
@@ -54,8 +56,9 @@ def gil_exponent(seconds: float) -> int:
     machine, measured on a small one (the cost grows as about e**1.6). The
     fastest of three probes: a probe slowed by other work (a loaded test
     machine) would give an exponent that takes less than ``seconds`` once
-    the load passes."""
-    probe = 2_000_000
+    the load passes. (A probe of 1,000,000 takes about 0.08 s of CPU; one
+    of 2,000,000, 0.25 s, three times in each of three tests.)"""
+    probe = 1_000_000
     took = 1.0
     for _ in range(3):
         start = time.perf_counter()
@@ -113,6 +116,32 @@ def test_a_broker_outage_kills_no_healthy_worker(env: Env, outage: str) -> None:
     if outage == "stopped":  # it ran to its end once: the stalled broker blames no one
         info = client.job(job_id)
         assert (info.attempts, [t.error for t in info.tries]) == (1, [None]), info.tries
+
+
+def test_a_worker_whose_broker_is_away_waits_on_its_timers(tmp_path: Path) -> None:
+    """With no broker (none listening, so nothing can be sent, and nothing
+    heard) the worker's loop wakes for its status line, a heartbeat tried
+    once an interval, the liveness window's end and its reconnects: a few
+    dozen times a second at most. It used to wake at once, again and again,
+    from the moment a heartbeat could not go out (a quarter of a core per
+    worker for as long as the broker was away)."""
+    interval = 0.2
+    options = WorkerOptions(f"ipc://{tmp_path}/nobody.sock", ["q"], heartbeat_interval=interval)
+    worker = Worker(options, Registry())
+    try:
+        worker._connect()
+        loops = 0
+        end = time.monotonic() + 5 * interval  # a window, not a timing assertion
+        while time.monotonic() < end:
+            worker._loop_once()
+            loops += 1
+        # about 6 wakes an interval (status line, heartbeat, window, reconnect);
+        # a spinning loop makes tens of thousands
+        assert loops <= 20 * 5, f"{loops} passes of the loop in 5 heartbeat intervals"
+    finally:
+        if worker._sock is not None:
+            worker._sock.close(linger=0)
+        worker._ctx.term()
 
 
 # ----------------------------------------------------- item 7: GIL holders

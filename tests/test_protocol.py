@@ -519,12 +519,13 @@ fields = st.recursive(
 )
 
 
-@given(
+mutated_messages = given(
     st.tuples(tags, st.lists(fields, max_size=9)),
     st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
 )
-@settings(max_examples=300, deadline=None)
-def test_decode_of_mutated_messages_raises_only_protocol_error(
+
+
+def mutated_message_raises_only_protocol_error(
     message: tuple[str, list[object]], flips: list[tuple[int, int]]
 ) -> None:
     """Near-valid frames: a real tag, random fields, a few bytes overwritten."""
@@ -534,3 +535,14 @@ def test_decode_of_mutated_messages_raises_only_protocol_error(
         if frame:
             frame[pos % len(frame)] = byte
     _decode_or_protocol_error(bytes(frame))
+
+
+# 100 frames in the fast suite (300 cost it 2 s of CPU), 3,000 in the soak profile.
+test_decode_of_mutated_messages_raises_only_protocol_error = settings(
+    max_examples=100, deadline=None
+)(mutated_messages(mutated_message_raises_only_protocol_error))
+test_decode_of_mutated_messages_raises_only_protocol_error_soak = pytest.mark.soak(
+    settings(max_examples=3_000, deadline=None)(
+        mutated_messages(mutated_message_raises_only_protocol_error)
+    )
+)

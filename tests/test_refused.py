@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import msgspec
-from conftest import Env, wait_for
+from conftest import CLI_POLL, Env, wait_for
 from inproc import InProcessBroker
 from test_restarts import limit
 
@@ -102,7 +102,9 @@ def test_a_worker_whose_ready_is_refused_exits_and_its_pool_backs_off(env: Env) 
         lines = done.stdout.splitlines()
         return next((ln for ln in lines if ln.strip().startswith("pool default")), "")
 
-    wait_for(lambda: "backing off until" in pool_line(), 30, message="the pool to back off")
+    wait_for(
+        lambda: "backing off until" in pool_line(), 30, CLI_POLL, message="the pool to back off"
+    )
     line = pool_line()
     assert "the broker refused this worker's READY" in line and "timeout" in line, line
     events = [json.loads(ln) for ln in daemon.output().splitlines() if ln.startswith("{")]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    CLI_POLL,
     PLUGINS,
     Env,
     Proc,
@@ -143,12 +144,12 @@ def test_sigttin_and_sigttou_scale_each_pool(env: Env) -> None:
     daemon.signal(signal.SIGTTOU)
     wait_for(lambda: "supervisor.scaled_to_zero" in daemon.output(), 60, message="the warning")
     wait_for(lambda: not worker_processes(daemon), 60, message="no worker")
-    wait_for(lambda: "scaled to 0" in _status_text(env), 20, message="the status")
+    wait_for(lambda: "scaled to 0" in _status_text(env), 20, CLI_POLL, message="the status")
     # SIGHUP restores the configured count
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: len(worker_processes(daemon)) == 2, 60, message="2 workers again")
     assert client.result(client.enqueue("e2e.square", 6), timeout=30) == 36
-    wait_for(lambda: "scaled to 0" not in _status_text(env), 20, message="the status")
+    wait_for(lambda: "scaled to 0" not in _status_text(env), 20, CLI_POLL, message="the status")
 
 
 def _status_text(env: Env) -> str:
@@ -185,13 +186,13 @@ def test_a_reload_with_a_broken_plugin_changes_nothing(env: Env, preload: bool) 
     assert {p.pid for p in worker_processes(daemon)} == before
     assert client.result(slow, timeout=30)["attempt"] == 1  # drained? no: never touched
     assert client.result(client.enqueue("dyn.version", 0, queue="dyn"), timeout=30) == "v1"
-    wait_for(lambda: "last reload failed" in _status_text(env), 20, message="the status")
+    wait_for(lambda: "last reload failed" in _status_text(env), 20, CLI_POLL, message="the status")
     assert f"{module}:{line}" in _status_text(env)
     module.write_text(DYN.format(version="v2"))
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "supervisor.reloaded" in daemon.output(), 30, message="the second reload")
     assert client.result(client.enqueue("dyn.version", 1, queue="dyn"), timeout=30) == "v2"
-    wait_for(lambda: "last reload ok" in _status_text(env), 20, message="the status")
+    wait_for(lambda: "last reload ok" in _status_text(env), 20, CLI_POLL, message="the status")
 
 
 def test_a_sighup_during_a_reload_check_is_not_lost(env: Env) -> None:
@@ -290,7 +291,7 @@ def test_a_broker_restarted_after_a_reload_keeps_the_settings_it_runs_with(env: 
         message="1 new worker",
     )
     shown = "restart to apply: broker.state_dir"
-    wait_for(lambda: shown in _status_text(env), 20, message="the status")
+    wait_for(lambda: shown in _status_text(env), 20, CLI_POLL, message="the status")
     kill_broker(env, daemon)
     assert client.job(waiting).status == "queued"
     assert not moved.exists()

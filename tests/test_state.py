@@ -1950,4 +1950,13 @@ class JobStateMachine(RuleBasedStateMachine):
 
 
 TestJobStateMachine = JobStateMachine.TestCase
-TestJobStateMachine.settings = settings(max_examples=40, stateful_step_count=80, deadline=None)
+#: 20 histories of up to 80 steps in the fast suite (40 cost it 7 s of CPU: each
+#: step replays the whole log); the soak profile runs 200.
+TestJobStateMachine.settings = settings(max_examples=20, stateful_step_count=80, deadline=None)
+
+
+class TestJobStateMachineSoak(JobStateMachine.TestCase):
+    """The same machine over ten times as many histories (``make soak``)."""
+
+    pytestmark = pytest.mark.soak
+    settings = settings(max_examples=200, stateful_step_count=80, deadline=None)

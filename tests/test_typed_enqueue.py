@@ -203,7 +203,11 @@ async def awaited(client: corral.AsyncClient) -> None:
 
 def test_mypy_rejects_a_payload_of_the_wrong_type(tmp_path: Path) -> None:
     # mypy reads corral through the tree `make typecheck` lays out (it cannot
-    # follow the editable install), and shares its cache.
+    # follow the editable install), and shares its cache: with the same
+    # options, so the modules `make typecheck` checked are not checked again
+    # (--follow-imports=silent here made every cached module stale, for this
+    # run and for the next `make typecheck`: 2.5 s and 4 s of CPU, not 0.3).
+    # Only the snippet's lines are read from the output below.
     subprocess.run(
         ["make", "--no-print-directory", "-s", "typecheck-tree"], cwd=ROOT, check=True, timeout=60
     )
@@ -216,7 +220,6 @@ def test_mypy_rejects_a_payload_of_the_wrong_type(tmp_path: Path) -> None:
             "mypy",
             "--config-file",
             str(ROOT / "pyproject.toml"),
-            "--follow-imports=silent",
             "--hide-error-context",
             "--no-error-summary",
             str(snippet),

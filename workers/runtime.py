@@ -132,6 +132,9 @@ class Worker:
         self._done_count = 0
         self._last_heard = 0.0
         self._last_sent = 0.0
+        #: When a heartbeat was last tried, sent or not (a socket with no
+        #: broker behind it takes nothing: the next try is an interval later).
+        self._last_try = 0.0
         self._last_beat = 0.0
         self._backoff = RECONNECT_MIN
         #: While disconnected (the broker went silent): when to connect again.
@@ -378,7 +381,8 @@ class Worker:
             if self._stopping or now >= self._retry_at:
                 self._connect()
             return
-        if now - self._last_sent >= interval:
+        if now - max(self._last_sent, self._last_try) >= interval:
+            self._last_try = now
             self._send(p.WorkerHeartbeat())
         if self._broker_silent(now):
             self._reconnect(now)
@@ -387,8 +391,12 @@ class Worker:
 
     def _wake_at(self, interval: float) -> float:
         """When the poll's wait ends (monotonic): at the next status line, the
-        outbox's report (see :class:`Pacing`), and the next heartbeat or
-        silence check (connected) or the next connect."""
+        outbox's report (see :class:`Pacing`), and the next heartbeat and the
+        end of the liveness window (connected) or the next connect. Each is
+        in the future once handled: a heartbeat the socket could not take
+        is tried again an interval later, and silence shorter than the
+        window is no reason to wake (both once woke the loop at once, over
+        and over, while the broker was away)."""
         wake = self._last_beat + interval
         due = self._pacing.due
         if due is not None:
@@ -396,7 +404,9 @@ class Worker:
         if self._retry_at is not None:
             wake = min(wake, self._retry_at)
         else:
-            wake = min(wake, self._last_sent + interval, self._last_heard + interval)
+            window = interval * self.options.heartbeat_liveness
+            heartbeat = max(self._last_sent, self._last_try) + interval
+            wake = min(wake, heartbeat, self._last_heard + window)
         return wake
 
     def _broker_silent(self, now: float) -> bool:
