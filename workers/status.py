@@ -23,7 +23,10 @@ never interleave:
     R <reason>                   the worker is retiring (max_jobs): start its replacement
     X <reason>                   the worker cannot start (a plugin or hooks module that
                                  cannot be loaded, or the broker refused its READY),
-                                 and exits (with :data:`EXIT_REFUSED` for the latter)
+                                 and exits (with :data:`EXIT_REFUSED` for the latter);
+                                 or cannot go on (:data:`EXIT_BROKEN`,
+                                 :data:`EXIT_REPORT_REFUSED`): then a J line just
+                                 before it names the jobs to charge for its exit
 
 ``lock`` orders a J snapshot against S, E, H and D lines: a J written
 after an S includes that job (unless it ended), one written after an E
@@ -52,6 +55,15 @@ from urllib.parse import quote, unquote
 #: fault that no restart mends (sysexits' EX_CONFIG). Its supervisor backs
 #: the pool off at once, naming the reason (the X line).
 EXIT_REFUSED = 78
+#: The exit code of a worker the broker refused a message of after it
+#: registered (a report, a return: sysexits' EX_PROTOCOL): the fates of the
+#: jobs in it are lost, so the worker stops at once and names them, and the
+#: broker charges each a try (see :meth:`~corral.workers.runtime.Worker.die`).
+EXIT_REPORT_REFUSED = 76
+#: The exit code of a worker one of whose own threads failed (the socket
+#: thread, a handler thread: a bug, a report it cannot encode; sysexits'
+#: EX_SOFTWARE): it stops at once, as for :data:`EXIT_REPORT_REFUSED`.
+EXIT_BROKEN = 70
 
 
 class StatusWriter:
