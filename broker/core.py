@@ -387,7 +387,7 @@ class BrokerCore:
             reason = f"expected 2 frames, got {len(frames)}"
             self._malformed(side, reason, None)
             if side == WORKER and frames:
-                self.dispatcher.refuse(frames[0], None, reason, mono)
+                self.dispatcher.refuse(frames[0], None, reason, now, mono)
             return
         identity, body = frames
         decoder = p.client_request_decoder if side == CLIENT else p.worker_report_decoder
@@ -396,7 +396,7 @@ class BrokerCore:
         except p.ProtocolError as exc:
             self._malformed(side, str(exc), identity, exc.req)
             if side == WORKER:
-                self.dispatcher.refuse(identity, body, str(exc), mono)
+                self.dispatcher.refuse(identity, body, str(exc), now, mono)
             return
         part = self.service if side == CLIENT else self.dispatcher
         try:

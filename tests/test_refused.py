@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 from conftest import Env, wait_for
-from inproc import InProcessBroker
+from inproc import FakeWorker, InProcessBroker
 from test_restarts import limit
 
 from corral.broker import protocol as p
@@ -115,3 +115,26 @@ def test_a_worker_whose_ready_is_refused_exits_and_its_pool_backs_off(env: Env) 
     starts = sum(1 for e in events if e.get("event") == "worker.started")
     assert starts <= 2, starts
     assert daemon.alive() and not env.client().status().workers
+
+
+def test_a_registered_worker_whose_refusal_is_suppressed_is_dropped_and_its_job_charged(
+    tmp_path: Path,
+) -> None:
+    """A worker told nothing of its refused report (the budget was spent by
+    a flood) would hold its jobs for ever: the broker drops it, and its
+    started job is charged a try that says why."""
+    broker = InProcessBroker(tmp_path)
+    job_id = broker.enqueue("t.task")
+    worker = FakeWorker(broker, b"w-9")
+    (d,) = worker.ready()
+    worker.start(d)
+    flood = [(WORKER, [f"p-{i}".encode(), b"\xc1"]) for i in range(2 * BURST)]
+    broker.run_pass(*flood)
+    broker.run_pass((WORKER, [b"w-9", b"\xc1garbage"]))
+    assert not _refusals(broker, b"w-9")  # suppressed
+    assert not broker.core.service.status(0.0, 0.0).workers
+    info = broker.job(job_id)
+    assert info is not None and info.status in ("queued", "retrying"), info
+    (tried,) = info.tries
+    assert tried.error is not None and tried.error.type == "WorkerLost", tried
+    assert "could not be read" in tried.error.message, tried.error.message
