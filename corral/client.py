@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 import zmq
 
 from corral.broker import protocol as p
+from corral.broker.jobspec import MAX_SECONDS
 from corral.clientcore import (
     ClientCore,
     Job,
@@ -130,12 +131,17 @@ def _blocking(
 
 
 def _checked_timeout(timeout: Any) -> float:
-    """``timeout`` if it is a number of seconds above 0 and finite (each call
-    would otherwise hang, or give up at once); else TypeError or ValueError."""
+    """``timeout`` if it is a number of seconds above 0 and at most 100
+    years (:data:`~corral.broker.jobspec.MAX_SECONDS`, as the config's
+    durations: each call would otherwise hang, give up at once, or overflow
+    the socket poll's milliseconds); else TypeError or ValueError."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout: expected a number of seconds, got {timeout!r}")
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"timeout: must be a finite number of seconds above 0, got {timeout!r}")
+    if not 0 < timeout <= MAX_SECONDS:
+        raise ValueError(
+            f"timeout: must be a number of seconds above 0 and at most {MAX_SECONDS:.0f} "
+            f"(100 years), got {timeout!r}"
+        )
     return float(timeout)
 
 

@@ -13,14 +13,20 @@ from conftest import Env
 import corral
 
 
-@pytest.mark.parametrize("timeout", [math.nan, math.inf, 0, -1, "5s", True])
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, 0, -1, "5s", True, 1e20, 10**30])
 def test_a_client_timeout_that_is_no_timeout_is_refused_at_once(timeout: object) -> None:
     """NaN raised "cannot convert float NaN to integer" from the first poll;
-    0 and -1 made every call "no answer from the broker"."""
+    0 and -1 made every call "no answer from the broker"; 1e20 was taken,
+    and raised OverflowError from zmq_poll once a request went unanswered
+    (milliseconds past a C long)."""
     with pytest.raises((ValueError, TypeError), match="timeout"):
         corral.Client("ipc:///nonexistent/client.sock", timeout=timeout)  # type: ignore[arg-type]
     with pytest.raises((ValueError, TypeError), match="timeout"):
         corral.AsyncClient("ipc:///nonexistent/client.sock", timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_a_client_timeout_of_up_to_100_years_is_taken() -> None:
+    corral.Client("ipc:///nonexistent/client.sock", timeout=100 * 365.25 * 86400).close()
 
 
 def test_a_job_list_with_a_status_or_limit_that_cannot_be_is_refused(env: Env) -> None:
