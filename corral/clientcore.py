@@ -15,7 +15,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, Unpack, cast, overload
 
 import msgspec
 
@@ -285,7 +285,7 @@ class ClientCore:
         option, BrokerUnavailable.
         """
         job = Job(
-            task,
+            cast(Any, task),  # (the overloads above have checked it against the payload)
             payload,
             queue=queue,
             max_attempts=max_attempts,
