@@ -7,6 +7,7 @@ the pool backs off at once, naming the reason in `corral status`."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import msgspec
@@ -138,3 +139,28 @@ def test_a_registered_worker_whose_refusal_is_suppressed_is_dropped_and_its_job_
     (tried,) = info.tries
     assert tried.error is not None and tried.error.type == "WorkerLost", tried
     assert "could not be read" in tried.error.message, tried.error.message
+
+
+def test_a_pool_refused_then_fixed_recovers_on_reload(env: Env) -> None:
+    """A refused READY -> exit 78 -> the pool backs off (the job waits) ->
+    the cause fixed in the config -> SIGHUP -> the pool runs the job at
+    once, without waiting out its back-off. (Not preloaded: the test's
+    plugin patches corral itself, which a supervisor that imported it
+    would keep across the reload; a real plugin is imported afresh.)"""
+    env.write_config(plugins='["refused_tasks", "e2e_tasks"]', extra_pool="preload = false")
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("e2e.square", 6)
+    wait_for(
+        lambda: '"supervisor.pool_backing_off"' in daemon.output(), 30, message="the back-off"
+    )
+    assert client.job(job_id).status == "queued"
+    env.write_config(plugins='["e2e_tasks"]', extra_pool="preload = false")
+    daemon.signal(signal.SIGHUP)
+    assert client.result(job_id, timeout=30) == 36
+    wait_for(
+        lambda: [pool.state for s in client.status().supervisors for pool in s.pools] == ["ok"],
+        15,
+        message="the pool to say ok",
+    )
