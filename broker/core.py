@@ -131,6 +131,7 @@ class BrokerCore:
             liveness_window=bc.heartbeat_interval * bc.heartbeat_liveness,
             broker_id=self.broker_id,
             on_ended=self.ended,
+            max_message_size=bc.max_message_size,
         )
         self.service = ClientService(
             self.journal,

@@ -69,8 +69,11 @@ class Dispatcher:
         liveness_window: float,
         broker_id: str,
         on_ended: Ended,
+        max_message_size: int = 0,
     ) -> None:
         self.journal = journal
+        #: broker.max_message_size, told to workers with each delivery.
+        self.max_message_size = max_message_size
         self.state = journal.state
         self.stats = journal.stats
         self.workers = WorkerTable(liveness_window)
@@ -655,7 +658,8 @@ class Dispatcher:
     ) -> None:
         """Send leased jobs; those that cannot go out (a full or gone peer)
         are returned at once, uncounted, and their limits' slots freed."""
-        if self.send(conn.identity, p.Deliver(deliveries), mono):
+        deliver = p.Deliver(deliveries, max_message_size=self.max_message_size)
+        if self.send(conn.identity, deliver, mono):
             conn.given = next(self._given)
             self.stats["delivered"] += len(jobs)
             return

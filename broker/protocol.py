@@ -680,8 +680,15 @@ class Delivery(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Deliver(Msg, frozen=True):
+    """Jobs leased to the worker. ``max_message_size``: the broker's
+    ``broker.max_message_size`` in bytes (0: not said), which the worker's
+    reports and results are cut to fit: a worker host's config may say
+    another, and a report over the broker's limit is dropped with the
+    worker's connection, its jobs' fates unheard."""
+
     jobs: list[Delivery]
     v: int = PROTOCOL_VERSION
+    max_message_size: int = 0
 
 
 class BrokerHeartbeat(Msg, frozen=True):

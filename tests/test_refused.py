@@ -152,9 +152,7 @@ def test_a_pool_refused_then_fixed_recovers_on_reload(env: Env) -> None:
     env.wait_ready(daemon)
     client = env.client()
     job_id = client.enqueue("e2e.square", 6)
-    wait_for(
-        lambda: '"supervisor.pool_backing_off"' in daemon.output(), 30, message="the back-off"
-    )
+    wait_for(lambda: '"supervisor.pool_backing_off"' in daemon.output(), 30, message="the back-off")
     assert client.job(job_id).status == "queued"
     env.write_config(plugins='["e2e_tasks"]', extra_pool="preload = false")
     daemon.signal(signal.SIGHUP)

@@ -16,7 +16,7 @@ import json
 
 import msgspec
 import pytest
-from conftest import Env
+from conftest import Env, Proc, render_config
 
 import corral
 from corral.broker import protocol as p
@@ -85,3 +85,29 @@ def test_a_refused_report_still_names_its_jobs() -> None:
     assert report_jobs(body) == {"j-1", "j-2"}
     assert report_jobs(p.encode(p.Return([p.Lease("j-4", 1)]))) == set()
     assert report_jobs(b"\xc1") == set()
+
+
+def test_a_worker_configured_for_larger_messages_than_its_broker_fits_its_reports_to_the_broker(
+    env: Env,
+) -> None:
+    """A worker host whose config gives a larger broker.max_message_size
+    than the broker's: a result over the broker's limit went in a report
+    the broker's socket dropped (ZMQ_MAXMSGSIZE: the connection cut, the
+    worker reconnected on its own), and the job stayed leased to a live
+    worker for ever. Each delivery carries the broker's limit now: the job
+    fails as ResultTooLarge naming it, and a result under it comes back."""
+    home = env.home
+    (home / "workers.toml").write_text(render_config(home, processes=1))
+    env.write_config(processes=0, extra_broker='max_message_size = "1MiB"')
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    workers = Proc(home, ["supervisor", "-c", str(home / "workers.toml")], "workers")
+    env.procs.append(workers)
+    client = env.client()
+    big = client.enqueue("e2e.big_result", 2)
+    with pytest.raises(corral.JobFailed, match="ResultTooLarge"):
+        client.result(big, timeout=30)
+    info = client.job(big)
+    assert info.error is not None and str(2**20 - 2**16) in info.error.message, info.error
+    assert len(client.result(client.enqueue("e2e.big_result", 0), timeout=30)) == 0
+    assert client.result(client.enqueue("e2e.square", 5), timeout=30) == 25

@@ -513,6 +513,7 @@ class Worker:
             case p.Deliver() if self._stopping:  # sent before our Drain arrived
                 self._send(p.Return([p.Lease(d.job_id, d.lease) for d in msg.jobs]), keep=True)
             case p.Deliver():
+                self._fit_to(msg.max_message_size)
                 for delivery in msg.jobs:
                     self._buffer.put(delivery)
             case p.CancelJob():
@@ -561,6 +562,22 @@ class Worker:
         with self._status.lock:
             self._status.cannot_start(self.refused)
         self.request_stop()
+
+    def _fit_to(self, limit: int) -> None:
+        """The broker takes messages of at most ``limit`` bytes (0: it did
+        not say): the reports and results of the jobs it delivers are cut
+        to that, whatever this host's config says (a report over it would
+        be dropped with the connection, its jobs' fates unheard)."""
+        if limit <= 0 or limit == self.options.max_message_size:
+            return
+        log.info(
+            "worker.message_limit",
+            broker=limit,
+            configured=self.options.max_message_size,
+            hint="the broker's broker.max_message_size differs from this host's config: "
+            "reports and results are fitted to the broker's",
+        )
+        self.options.max_message_size = limit
 
     def _cancel(self, msg: p.CancelJob) -> None:
         """A buffered job is dropped unstarted and handed back (its credit
