@@ -383,7 +383,9 @@ class BrokerCore:
         be read is counted and answered (a client with an ErrorReply, a
         worker with a Refused, within a budget); a bug handling
         one message is logged and never stops the broker (a client is told,
-        with code ``internal``, rather than left to its timeout)."""
+        with code ``internal``, rather than left to its timeout; a worker
+        with a Refused, as what it said of its jobs may be lost: it exits,
+        and its jobs are charged and handed out again)."""
         if len(frames) != 2:
             reason = f"expected 2 frames, got {len(frames)}"
             self._malformed(side, reason, None)
@@ -409,7 +411,12 @@ class BrokerCore:
             op = type(msg).__name__
             log.exception("broker.handler_error", side=side, op=op)
             req = getattr(msg, "req", None)
-            if side == CLIENT and isinstance(req, int):
+            if side == WORKER:  # what it said of its jobs is lost: told, the worker exits
+                why = f"the broker failed handling it ({type(exc).__name__}: {str(exc)[:200]})"
+                self.dispatcher.refuse(
+                    identity, body, f"{why}, a bug logged as broker.handler_error", now, mono
+                )
+            elif isinstance(req, int):
                 self.replies.add(
                     identity,
                     p.ErrorReply(

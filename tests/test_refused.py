@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import msgspec
+import pytest
 from conftest import Env, wait_for
 from inproc import FakeWorker, InProcessBroker
 from test_restarts import limit
@@ -162,3 +163,26 @@ def test_a_pool_refused_then_fixed_recovers_on_reload(env: Env) -> None:
         15,
         message="the pool to say ok",
     )
+
+
+def test_a_worker_message_the_broker_fails_on_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in handling a worker's report lost what it said of its jobs
+    (logged as broker.handler_error, the worker told nothing: its jobs
+    leased to it for ever). The worker is answered with a Refused naming
+    the bug, so it exits and its jobs are charged and handed out again."""
+    broker = InProcessBroker(tmp_path)
+    broker.enqueue("t.task")
+    worker = FakeWorker(broker, b"w-7")
+    (d,) = worker.ready()
+
+    def broken(*args: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(broker.core.dispatcher, "_report", broken)
+    got = worker.finish(d)
+    (refused,) = [m for m in got if isinstance(m, p.Refused)]
+    assert refused.refused_op == "report", refused
+    assert "KeyError" in refused.reason and "broker.handler_error" in refused.reason
+    assert broker.core.stats["handler_errors"] == 1
