@@ -543,11 +543,7 @@ class Worker:
         ends at once (:meth:`die`, :data:`EXIT_REPORT_REFUSED`)."""
         if msg.refused_op != "ready":
             what = f"{msg.refused_op} message" if msg.refused_op else "message"
-            self.die(
-                f"the broker refused this worker's {what} (check that worker and broker "
-                f"run the same corral version): {msg.reason}",
-                EXIT_REPORT_REFUSED,
-            )
+            self.die(f"the broker refused this worker's {what}: {msg.reason}", EXIT_REPORT_REFUSED)
         if self.refused:
             return
         self.refused = f"the broker refused this worker's READY: {msg.reason}"
