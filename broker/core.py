@@ -143,6 +143,7 @@ class BrokerCore:
             on_ended=self.ended,
             max_payload=bc.max_payload,
         )
+        self.service.max_message_size = bc.max_message_size
         self.compactor = Compactor(self.log, defaults)
         #: Indexes the sealed segments (see broker/segindex.py).
         self.indexer = Indexer()

@@ -443,9 +443,14 @@ class EncodedStatusReply(Msg, frozen=True, tag="statusreply"):
 
 
 class Pong(Msg, frozen=True):
+    """The answer to a Ping: the broker's id, and its ``max_message_size``
+    in bytes (0: not said), which a client checks a large request against
+    (one over it would be dropped with the connection, unanswered)."""
+
     req: int
     broker_id: str = ""
     v: int = PROTOCOL_VERSION
+    max_message_size: int = 0
 
 
 class Ack(Msg, frozen=True):

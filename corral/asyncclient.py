@@ -19,7 +19,16 @@ import zmq.asyncio
 
 from corral.broker import protocol as p
 from corral.client import _INHERITED, DEFAULT_TIMEOUT, _Driver, _signature, _ThisProcess
-from corral.clientcore import ClientCore, Plan, Step, decode_reply, encode_request, resend_every
+from corral.clientcore import (
+    BIG_REQUEST,
+    ClientCore,
+    Plan,
+    Step,
+    check_broker_limit,
+    decode_reply,
+    encode_request,
+    resend_every,
+)
 from corral.hooks import CallBudget, Hooks
 from corral.transport import connect_dealer
 
@@ -113,6 +122,19 @@ class AsyncClient(_Driver):
             budget = None
         return plan
 
+    async def _check_size(
+        self, request: p.ClientRequest, size: int, budget: CallBudget | None
+    ) -> None:
+        """A request of ``size`` bytes past any broker's least limit is
+        checked against the broker's own max_message_size, asked once (a
+        Ping). Raises RequestTooLarge."""
+        if size <= BIG_REQUEST or isinstance(request, p.Ping):
+            return
+        if self._broker_limit is None:
+            pong = await self._call(p.Ping(next(self._core._req)), 0.0, budget)
+            self._broker_limit = getattr(pong, "max_message_size", 0)
+        check_broker_limit(size, self._broker_limit)
+
     async def _call(
         self, request: p.ClientRequest, wait: float, budget: CallBudget | None = None
     ) -> p.ClientReply:
@@ -123,8 +145,9 @@ class AsyncClient(_Driver):
             self._forked()
         if self._sock is None:
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
-        sock = self._sock
         body = encode_request(request, self.max_message_size)
+        await self._check_size(request, len(body), budget)
+        sock = self._sock
         while True:
             try:
                 await sock.send(body, zmq.NOBLOCK)

@@ -140,6 +140,24 @@ class UnsendableValue(ValueError):
     """A value of a request msgpack cannot carry; the message names its field."""
 
 
+#: Requests up to this many bytes go to any broker (the least
+#: broker.max_message_size it takes: corral.config.schema.MIN_MESSAGE);
+#: a larger one is checked against the broker's own limit first.
+BIG_REQUEST = 16 * 2**10
+
+
+def check_broker_limit(size: int, limit: int) -> None:
+    """Raise RequestTooLarge if a request of ``size`` bytes is over the
+    broker's ``limit`` (0: the broker did not say), which would drop it
+    with the connection, unanswered."""
+    if limit and size > limit:
+        raise RequestTooLarge(
+            f"the request is {size} bytes, over the broker's max_message_size of {limit} "
+            "(this client's config says more; nothing was sent); send fewer jobs per "
+            "enqueue_many or smaller payloads"
+        )
+
+
 def encode_request(request: p.ClientRequest, max_message_size: int) -> bytes:
     """Encode a request, refusing one the broker would drop unanswered.
     Raises RequestTooLarge, or UnsendableValue (a ValueError) for a value msgpack cannot carry

@@ -5,6 +5,7 @@ question."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -72,3 +73,31 @@ def test_a_hook_that_replaces_the_headers_with_no_mapping_cannot_break_the_enque
     step = core.enqueue("e2e.square", 3)
     (spec,) = step.request.jobs  # type: ignore[union-attr]
     assert not spec.headers
+
+
+def test_a_request_over_the_brokers_own_limit_is_refused_naming_it(env: Env) -> None:
+    """A client that does not know the broker's max_message_size (made with
+    an endpoint, or a config saying more) sent a 2 MiB enqueue to a broker
+    taking 1 MiB: the broker's socket dropped it with the connection, and
+    the client said "no answer from the broker ... is it running?". A
+    request past the smallest limit a broker takes asks the broker's first
+    (once per client) and is refused with both sizes."""
+    env.write_config(processes=0, extra_broker='max_message_size = "1MiB"')
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client(timeout=5)
+    big = "x" * (2 * 2**20)
+    with pytest.raises(corral.RequestTooLarge, match=r"broker's max_message_size of 1048576"):
+        client.enqueue("e2e.square", big)
+    assert client.enqueue("e2e.square", "x" * 600_000)  # under the broker's limit: sent
+
+    async def from_async() -> None:
+        async_client = corral.AsyncClient(env.endpoint, timeout=5)
+        try:
+            with pytest.raises(corral.RequestTooLarge, match="1048576"):
+                await async_client.enqueue("e2e.square", big)
+            assert await async_client.enqueue("e2e.square", "x" * 600_000)
+        finally:
+            async_client.close()
+
+    asyncio.run(from_async())
