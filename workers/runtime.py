@@ -272,9 +272,8 @@ class Worker:
             "(WorkerLost, naming this reason), so each runs again or ends failed",
             **({"exc_info": error} if error is not None else {}),
         )
-        with self._status.lock:
-            self._status.running(charged, self._identity, dict(self._hook_clock.running))
-            self._status.cannot_start(reason)
+        with self._status.lock:  # held to the exit: no snapshot comes after
+            self._status.last_words(charged, reason)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
