@@ -216,7 +216,11 @@ class AsyncClient(_Driver):
                 frames = await sock.recv_multipart()
             except zmq.ZMQError:
                 return
-            reply = decode_reply(b"".join(frames))
+            try:
+                reply = decode_reply(b"".join(frames))
+            except p.ProtocolError as exc:  # the call(s) it answers fail with it
+                self._fail_pending(exc)
+                continue
             if reply.req == 0:  # a request the broker could not read: fail them all
                 for future in self._pending.values():
                     if not future.done():
@@ -225,6 +229,17 @@ class AsyncClient(_Driver):
             waiting = self._pending.get(reply.req)
             if waiting is not None and not waiting.done():
                 waiting.set_result(reply)
+
+    def _fail_pending(self, exc: p.ProtocolError) -> None:
+        """A reply that cannot be read (another protocol version): the call
+        it answers raises ``exc`` (every call waiting, if its request
+        number cannot be read), as the blocking client's would, rather than
+        waiting out its timeout."""
+        waiting = self._pending.get(exc.req) if exc.req else None
+        futures = [waiting] if waiting is not None else list(self._pending.values())
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
 
     enqueue = _awaiting(ClientCore.enqueue)
     enqueue_many = _awaiting(ClientCore.enqueue_many)
