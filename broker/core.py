@@ -131,6 +131,7 @@ class BrokerCore:
             liveness_window=bc.heartbeat_interval * bc.heartbeat_liveness,
             broker_id=self.broker_id,
             on_ended=self.ended,
+            max_message_size=bc.max_message_size,
         )
         self.service = ClientService(
             self.journal,
@@ -142,6 +143,7 @@ class BrokerCore:
             on_ended=self.ended,
             max_payload=bc.max_payload,
         )
+        self.service.max_message_size = bc.max_message_size
         self.compactor = Compactor(self.log, defaults)
         #: Indexes the sealed segments (see broker/segindex.py).
         self.indexer = Indexer()
@@ -382,12 +384,14 @@ class BrokerCore:
         be read is counted and answered (a client with an ErrorReply, a
         worker with a Refused, within a budget); a bug handling
         one message is logged and never stops the broker (a client is told,
-        with code ``internal``, rather than left to its timeout)."""
+        with code ``internal``, rather than left to its timeout; a worker
+        with a Refused, as what it said of its jobs may be lost: it exits,
+        and its jobs are charged and handed out again)."""
         if len(frames) != 2:
             reason = f"expected 2 frames, got {len(frames)}"
             self._malformed(side, reason, None)
             if side == WORKER and frames:
-                self.dispatcher.refuse(frames[0], None, reason, mono)
+                self.dispatcher.refuse(frames[0], None, reason, now, mono)
             return
         identity, body = frames
         decoder = p.client_request_decoder if side == CLIENT else p.worker_report_decoder
@@ -396,7 +400,7 @@ class BrokerCore:
         except p.ProtocolError as exc:
             self._malformed(side, str(exc), identity, exc.req)
             if side == WORKER:
-                self.dispatcher.refuse(identity, body, str(exc), mono)
+                self.dispatcher.refuse(identity, body, str(exc), now, mono)
             return
         part = self.service if side == CLIENT else self.dispatcher
         try:
@@ -408,7 +412,12 @@ class BrokerCore:
             op = type(msg).__name__
             log.exception("broker.handler_error", side=side, op=op)
             req = getattr(msg, "req", None)
-            if side == CLIENT and isinstance(req, int):
+            if side == WORKER:  # what it said of its jobs is lost: told, the worker exits
+                why = f"the broker failed handling it ({type(exc).__name__}: {str(exc)[:200]})"
+                self.dispatcher.refuse(
+                    identity, body, f"{why}, a bug logged as broker.handler_error", now, mono
+                )
+            elif isinstance(req, int):
                 self.replies.add(
                     identity,
                     p.ErrorReply(

@@ -69,8 +69,11 @@ class Dispatcher:
         liveness_window: float,
         broker_id: str,
         on_ended: Ended,
+        max_message_size: int = 0,
     ) -> None:
         self.journal = journal
+        #: broker.max_message_size, told to workers with each delivery.
+        self.max_message_size = max_message_size
         self.state = journal.state
         self.stats = journal.stats
         self.workers = WorkerTable(liveness_window)
@@ -655,7 +658,8 @@ class Dispatcher:
     ) -> None:
         """Send leased jobs; those that cannot go out (a full or gone peer)
         are returned at once, uncounted, and their limits' slots freed."""
-        if self.send(conn.identity, p.Deliver(deliveries), mono):
+        deliver = p.Deliver(deliveries, max_message_size=self.max_message_size)
+        if self.send(conn.identity, deliver, mono):
             conn.given = next(self._given)
             self.stats["delivered"] += len(jobs)
             return
@@ -679,11 +683,20 @@ class Dispatcher:
     def malformed(self, reason: str) -> None:
         count_malformed(self.stats, "worker", reason)
 
-    def refuse(self, identity: bytes, body: bytes | None, reason: str, mono: float) -> None:
+    def refuse(
+        self, identity: bytes, body: bytes | None, reason: str, now: float, mono: float
+    ) -> None:
         """Answer a frame that could not be decoded with a Refused naming
         its op (when readable) and why, so its worker is not left retrying
-        for ever; within :attr:`refusal_budget`, whoever sends."""
+        for ever (a registered worker exits, naming the jobs to charge);
+        within :attr:`refusal_budget`, whoever sends. A registered worker
+        past the budget is dropped instead, its jobs taken back (those it
+        may have started charged a try): told nothing, it would hold them
+        for ever while what it said of them was lost."""
         if self.refusal_budget.allow(mono) is None:
+            conn = self.workers.get(identity)
+            if conn is not None:
+                self.lose(conn, now, mono, f"sent a message that could not be read ({reason})")
             return
         op = wirepath.head(body)[0] if body is not None else None
         op = op[:40] if op is not None else ""

@@ -443,9 +443,14 @@ class EncodedStatusReply(Msg, frozen=True, tag="statusreply"):
 
 
 class Pong(Msg, frozen=True):
+    """The answer to a Ping: the broker's id, and its ``max_message_size``
+    in bytes (0: not said), which a client checks a large request against
+    (one over it would be dropped with the connection, unanswered)."""
+
     req: int
     broker_id: str = ""
     v: int = PROTOCOL_VERSION
+    max_message_size: int = 0
 
 
 class Ack(Msg, frozen=True):
@@ -680,8 +685,15 @@ class Delivery(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Deliver(Msg, frozen=True):
+    """Jobs leased to the worker. ``max_message_size``: the broker's
+    ``broker.max_message_size`` in bytes (0: not said), which the worker's
+    reports and results are cut to fit: a worker host's config may say
+    another, and a report over the broker's limit is dropped with the
+    worker's connection, its jobs' fates unheard."""
+
     jobs: list[Delivery]
     v: int = PROTOCOL_VERSION
+    max_message_size: int = 0
 
 
 class BrokerHeartbeat(Msg, frozen=True):

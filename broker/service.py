@@ -50,6 +50,8 @@ class ClientService:
         max_payload: int | None = None,
     ) -> None:
         self.journal = journal
+        #: broker.max_message_size, told in each Pong (set by the core).
+        self.max_message_size = 0
         self.state = journal.state
         self.stats = journal.stats
         self.replies = replies
@@ -232,7 +234,8 @@ class ClientService:
             self._reply(identity, p.FlowReply(msg.req, views.flow_info(self.state, flow)))
 
     def _ping(self, identity: bytes, msg: p.Ping, now: float, mono: float) -> None:
-        self.replies.add(identity, p.Pong(msg.req, self.broker_id), durable=False)
+        pong = p.Pong(msg.req, self.broker_id, max_message_size=self.max_message_size)
+        self.replies.add(identity, pong, durable=False)
 
     def _list(self, identity: bytes, msg: p.ListJobs, now: float, mono: float) -> None:
         if msg.status is not None and msg.status not in p.STATUSES:  # a typo lists nothing

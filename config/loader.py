@@ -264,7 +264,7 @@ def _describe_metadata(kind: mi.Metadata, *, bounds: bool, key: KeyPath) -> str:
 
 
 def _describe_unit(unit: str, inner: Any, extra: dict[str, Any], *, bounds: bool) -> str:
-    """A duration or size field, with its bounds (and why the upper one)."""
+    """A duration or size field, with its bounds (and why)."""
     sample = 'a duration like "1s"' if unit == DURATION else 'a size like "512MiB"'
     if not bounds:
         return sample
@@ -279,7 +279,7 @@ def _describe_unit(unit: str, inner: Any, extra: dict[str, Any], *, bounds: bool
         parts.append(f"at most {show(high)}")
     why = extra.get("why")
     text = f"{sample} ({', '.join(parts)})" if parts else sample
-    return f"{text}: {why}" if why and high is not None else text
+    return f"{text}: {why}" if why and parts else text
 
 
 def _describe_list(kind: mi.ListType, *, key: KeyPath) -> str:

@@ -64,6 +64,21 @@ SegmentSize = Annotated[
     ),
 ]
 
+#: The smallest broker.max_message_size: room for a READY of a few hundred
+#: tasks and a report of one outcome with a result (a broker taking less
+#: dropped every peer's first message).
+MIN_MESSAGE = 16 * 2**10
+MessageSize = Annotated[
+    int,
+    msgspec.Meta(
+        ge=MIN_MESSAGE,
+        extra={
+            "unit": SIZE,
+            "why": "room for a worker's READY and a report of one job's outcome",
+        },
+    ),
+]
+
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -266,7 +281,7 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     compact_min_size: Size = 64 * 2**20
     #: The largest frame a peer may send (``ZMQ_MAXMSGSIZE``; a peer sending more is
     #: disconnected). Below segment_size, at most 64MiB.
-    max_message_size: PositiveSize = 16 * 2**20
+    max_message_size: MessageSize = 16 * 2**20
     #: The most peers connected at once to each of client_endpoint and worker_endpoint
     #: (one that left counts until what it sent is read); one more is refused at its
     #: handshake, and logged, until another leaves. Each costs the broker about 30 KiB, up

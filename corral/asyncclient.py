@@ -19,7 +19,16 @@ import zmq.asyncio
 
 from corral.broker import protocol as p
 from corral.client import _INHERITED, DEFAULT_TIMEOUT, _Driver, _signature, _ThisProcess
-from corral.clientcore import ClientCore, Plan, Step, decode_reply, encode_request, resend_every
+from corral.clientcore import (
+    BIG_REQUEST,
+    ClientCore,
+    Plan,
+    Step,
+    check_broker_limit,
+    decode_reply,
+    encode_request,
+    resend_every,
+)
 from corral.hooks import CallBudget, Hooks
 from corral.transport import connect_dealer
 
@@ -113,6 +122,19 @@ class AsyncClient(_Driver):
             budget = None
         return plan
 
+    async def _check_size(
+        self, request: p.ClientRequest, size: int, budget: CallBudget | None
+    ) -> None:
+        """A request of ``size`` bytes past any broker's least limit is
+        checked against the broker's own max_message_size, asked once (a
+        Ping). Raises RequestTooLarge."""
+        if size <= BIG_REQUEST or isinstance(request, p.Ping):
+            return
+        if self._broker_limit is None:
+            pong = await self._call(p.Ping(next(self._core._req)), 0.0, budget)
+            self._broker_limit = getattr(pong, "max_message_size", 0)
+        check_broker_limit(size, self._broker_limit)
+
     async def _call(
         self, request: p.ClientRequest, wait: float, budget: CallBudget | None = None
     ) -> p.ClientReply:
@@ -123,8 +145,9 @@ class AsyncClient(_Driver):
             self._forked()
         if self._sock is None:
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
-        sock = self._sock
         body = encode_request(request, self.max_message_size)
+        await self._check_size(request, len(body), budget)
+        sock = self._sock
         while True:
             try:
                 await sock.send(body, zmq.NOBLOCK)
@@ -193,7 +216,11 @@ class AsyncClient(_Driver):
                 frames = await sock.recv_multipart()
             except zmq.ZMQError:
                 return
-            reply = decode_reply(b"".join(frames))
+            try:
+                reply = decode_reply(b"".join(frames))
+            except p.ProtocolError as exc:  # the call(s) it answers fail with it
+                self._fail_pending(exc)
+                continue
             if reply.req == 0:  # a request the broker could not read: fail them all
                 for future in self._pending.values():
                     if not future.done():
@@ -202,6 +229,17 @@ class AsyncClient(_Driver):
             waiting = self._pending.get(reply.req)
             if waiting is not None and not waiting.done():
                 waiting.set_result(reply)
+
+    def _fail_pending(self, exc: p.ProtocolError) -> None:
+        """A reply that cannot be read (another protocol version): the call
+        it answers raises ``exc`` (every call waiting, if its request
+        number cannot be read), as the blocking client's would, rather than
+        waiting out its timeout."""
+        waiting = self._pending.get(exc.req) if exc.req else None
+        futures = [waiting] if waiting is not None else list(self._pending.values())
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
 
     enqueue = _awaiting(ClientCore.enqueue)
     enqueue_many = _awaiting(ClientCore.enqueue_many)

@@ -48,12 +48,15 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 import zmq
 
 from corral.broker import protocol as p
+from corral.broker.jobspec import MAX_SECONDS
 from corral.clientcore import (
+    BIG_REQUEST,
     ClientCore,
     Job,
     JobPage,
     Plan,
     Step,
+    check_broker_limit,
     decode_reply,
     encode_request,
     resend_every,
@@ -130,12 +133,17 @@ def _blocking(
 
 
 def _checked_timeout(timeout: Any) -> float:
-    """``timeout`` if it is a number of seconds above 0 and finite (each call
-    would otherwise hang, or give up at once); else TypeError or ValueError."""
+    """``timeout`` if it is a number of seconds above 0 and at most 100
+    years (:data:`~corral.broker.jobspec.MAX_SECONDS`, as the config's
+    durations: each call would otherwise hang, give up at once, or overflow
+    the socket poll's milliseconds); else TypeError or ValueError."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout: expected a number of seconds, got {timeout!r}")
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"timeout: must be a finite number of seconds above 0, got {timeout!r}")
+    if not 0 < timeout <= MAX_SECONDS:
+        raise ValueError(
+            f"timeout: must be a number of seconds above 0 and at most {MAX_SECONDS:.0f} "
+            f"(100 years), got {timeout!r}"
+        )
     return float(timeout)
 
 
@@ -168,6 +176,9 @@ class _Driver:
             config.broker.max_message_size if config is not None else DEFAULT_MAX_MESSAGE
         )
         self._core = ClientCore(hooks=HookSet(hooks))
+        #: The broker's max_message_size, once a large request asked it
+        #: (None: not yet; 0: the broker did not say).
+        self._broker_limit: int | None = None
         #: The process the client was made in: its given context is that
         #: process's; a forked child uses its own.
         self._pid = _ThisProcess.watch()
@@ -359,6 +370,17 @@ class Client(_Driver):
             budget = None
         return plan
 
+    def _check_size(self, request: p.ClientRequest, size: int, budget: CallBudget | None) -> None:
+        """A request of ``size`` bytes past any broker's least limit is
+        checked against the broker's own max_message_size, asked once (a
+        Ping). Raises RequestTooLarge."""
+        if size <= BIG_REQUEST or isinstance(request, p.Ping):
+            return
+        if self._broker_limit is None:
+            pong = self._call(p.Ping(next(self._core._req)), 0.0, budget)
+            self._broker_limit = getattr(pong, "max_message_size", 0)
+        check_broker_limit(size, self._broker_limit)
+
     def _call(
         self, request: p.ClientRequest, wait: float, budget: CallBudget | None = None
     ) -> p.ClientReply:
@@ -368,6 +390,7 @@ class Client(_Driver):
             _INHERITED.append(sockets)
             sockets = self._sockets = self._new_sockets()
         body = encode_request(request, self.max_message_size)
+        self._check_size(request, len(body), budget)
         sock = sockets.take()
         try:
             reply = self._exchange(sock, request, body, wait, budget)

@@ -15,7 +15,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, Unpack, cast, overload
 
 import msgspec
 
@@ -138,6 +138,24 @@ def broker_error(reply: p.ErrorReply) -> CorralError:
 
 class UnsendableValue(ValueError):
     """A value of a request msgpack cannot carry; the message names its field."""
+
+
+#: Requests up to this many bytes go to any broker (the least
+#: broker.max_message_size it takes: corral.config.schema.MIN_MESSAGE);
+#: a larger one is checked against the broker's own limit first.
+BIG_REQUEST = 16 * 2**10
+
+
+def check_broker_limit(size: int, limit: int) -> None:
+    """Raise RequestTooLarge if a request of ``size`` bytes is over the
+    broker's ``limit`` (0: the broker did not say), which would drop it
+    with the connection, unanswered."""
+    if limit and size > limit:
+        raise RequestTooLarge(
+            f"the request is {size} bytes, over the broker's max_message_size of {limit} "
+            "(this client's config says more; nothing was sent); send fewer jobs per "
+            "enqueue_many or smaller payloads"
+        )
 
 
 def encode_request(request: p.ClientRequest, max_message_size: int) -> bytes:
@@ -285,7 +303,7 @@ class ClientCore:
         option, BrokerUnavailable.
         """
         job = Job(
-            task,
+            cast(Any, task),  # (the overloads above have checked it against the payload)
             payload,
             queue=queue,
             max_attempts=max_attempts,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, Unpack, overload
 
 import msgspec
 
@@ -78,6 +78,28 @@ class Job(AnyJob, Generic[PayloadT], frozen=True):
     # A payload of the task's type (None for none): a type checker holds a
     # @corral.task's payload to it (with a name, anything goes).
     payload: PayloadT = None  # type: ignore[assignment]
+
+    if TYPE_CHECKING:  # how a type checker sees the constructor: as enqueue's
+
+        @overload
+        def __init__(
+            self: Job[None],
+            task: Task[..., None, Any],
+            payload: None = None,
+            **options: Unpack[EnqueueOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self,
+            task: Task[..., PayloadT, Any],
+            payload: PayloadT,
+            **options: Unpack[EnqueueOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: Job[Any], task: str, payload: Any = None, **options: Unpack[EnqueueOptions]
+        ) -> None: ...
+        def __init__(self, task: Any, payload: Any = None, **options: Any) -> None: ...
 
 
 class EnqueueOptions(TypedDict, total=False):

@@ -106,10 +106,21 @@ def age_text(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def _when(ts: float | None) -> str:
+def when_text(ts: Any, *, clock_only: bool = False, millis: bool = True) -> str:
+    """A time (seconds since the epoch) as local time, ``"-"`` for None;
+    one no clock of this platform can show (past time_t, NaN: a job stored
+    before the broker bounded its times) as its seconds since the epoch."""
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+    try:
+        shown = time.strftime("%H:%M:%S" if clock_only else "%Y-%m-%d %H:%M:%S", time.localtime(ts))
+        return shown + (f".{int(ts % 1 * 1000):03d}" if millis else "")
+    except (OverflowError, ValueError, OSError, TypeError):
+        seconds = f"{ts:g}" if isinstance(ts, int | float) else repr(ts)[:40]
+        return f"{seconds} seconds since the epoch"
+
+
+_when = when_text
 
 
 def human_job(info: Any) -> str:

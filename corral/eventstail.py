@@ -32,6 +32,8 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from corral.cliformat import when_text
+
 #: How long one wait for an event lasts before Ctrl-C is looked at (ms).
 POLL_MS = 200
 #: Seconds without an accepted connection before it says so on stderr.
@@ -56,8 +58,7 @@ _WATCHED = (
 
 def line(body: dict[str, Any]) -> str:
     """One event as a line: time, name, then its fields as key=value."""
-    at = body.get("at") or 0.0
-    stamp = time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
+    stamp = when_text(body.get("at") or 0.0, clock_only=True)
     fields = " ".join(f"{k}={v}" for k, v in body.items() if k not in ("event", "at"))
     return f"{stamp} {body.get('event', '?')} {fields}".rstrip()
 

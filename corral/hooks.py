@@ -43,6 +43,7 @@ first."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,24 @@ class Hooks:
 POINTS = ("before_enqueue", "before_job", "on_failure", "on_retry", "after_job", "close")
 
 
+def async_points(hook: Hooks) -> list[str]:
+    """Why each of ``hook``'s points that is an ``async def`` can never run
+    (corral calls every hook as a plain function), one text each."""
+    return [
+        f"{type(hook).__qualname__}.{point} is an async def: corral calls hooks as plain "
+        "functions (on the thread that runs the job, or the caller's), so it would never "
+        "run; make it a plain def (run a coroutine in it with asyncio.run, or hand it to "
+        "a loop of your own)"
+        for point in POINTS
+        if inspect.iscoroutinefunction(getattr(hook, point))
+        or inspect.isasyncgenfunction(getattr(hook, point))
+    ]
+
+
+#: (hook, point) whose call returned something, said once each.
+_returned: set[str] = set()
+
+
 class HookWatch(Protocol):
     """Told of every hook call about a job (a worker's status pipe, so that
     its supervisor can bound a hook that never returns)."""
@@ -185,6 +204,8 @@ class HookSet:
         for hook in self.hooks:
             if not isinstance(hook, Hooks):
                 raise TypeError(f"a hook must be a corral.Hooks, not {hook!r}")
+            for why in async_points(hook):
+                raise TypeError(why)
         self.watch = watch
         # Per point, the bound methods that do something, each with its name
         # ("Class.point") and whether the watch is told of it (not a built-in).
@@ -252,14 +273,14 @@ class HookSet:
 
     @staticmethod
     def _guarded(
-        call: Callable[..., None],
+        call: Callable[..., object],  # (a hook returns None; one that does not is said)
         point: str,
         job_id: str | None,
         args: tuple[Any, ...],
         reraise: type[BaseException] | None,
     ) -> None:
         try:
-            call(*args)
+            returned = call(*args)
         except EXITS:  # Ctrl-C, sys.exit: the process is asked to stop
             raise
         except BaseException as exc:  # a hook never breaks a job or a worker
@@ -272,6 +293,28 @@ class HookSet:
                 job_id=job_id,
                 error=f"{type(exc).__name__}: {exc}"[:500],
             )
+            return
+        if returned is not None:
+            _said_returned(call, point, returned)
+
+
+def _said_returned(call: Callable[..., Any], point: str, returned: Any) -> None:
+    """A hook returned something, which corral ignores: say so, once per
+    hook and point (a coroutine, from a plain def that calls an async
+    function without awaiting it, is closed: it never ran)."""
+    if inspect.iscoroutine(returned):
+        returned.close()
+    name = f"{type(getattr(call, '__self__', call)).__qualname__}.{point}"
+    if name in _returned or len(_returned) > 1000:
+        return
+    _returned.add(name)
+    _logger().warning(
+        "hook.returned",
+        hook=name,
+        returned=repr(returned)[:200],
+        hint="corral ignores what a hook returns; a coroutine or future returned here "
+        "never ran: await it inside the hook (asyncio.run) or drop the return",
+    )
 
 
 def _logger() -> Any:
@@ -321,6 +364,8 @@ def load_hooks(specs: Iterable[str]) -> list[Hooks]:
                     f"hooks {spec!r}: {_name(factory)}() returned {item!r}, not a corral.Hooks "
                     "(or a list of them): subclass corral.Hooks"
                 )
+            for why in async_points(item):
+                raise HookError(f"hooks {spec!r}: {why}")
             loaded.append(item)
     return loaded
 

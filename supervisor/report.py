@@ -108,13 +108,14 @@ class BrokerLink:
         """Instant redelivery: the broker requeues the dead worker's jobs now
         rather than after the heartbeat window. If the broker does not answer
         quickly, the heartbeat path still applies."""
+        # why, as the process was killed for it or said it as it exited:
+        # each job charged for the exit has it in its try's error
+        why = child.killed_for or child.cannot_start
         try:
             dropped = self._broker().worker_exited(
                 self.host,
                 child.pid or 0,
-                f"{child.describe_exit()}: {child.killed_for}"
-                if child.killed_for
-                else child.describe_exit(),
+                f"{child.describe_exit()}: {why}" if why else child.describe_exit(),
                 sorted(child.identities),
                 charged=child.charged,
             )

@@ -114,6 +114,8 @@ def _config(tmp_path: Path, section: str, line: str) -> str:
         ("client", "timeout = 1e30", "client.timeout", "36525d", "overflow"),
         ("broker", 'segment_size = "1TiB"', "broker.segment_size", "4GiB", "preallocated"),
         ("broker", "segment_size = 1000", "broker.segment_size", "4KiB", "header"),
+        # 1 passed check-config: the broker then dropped every peer's first message
+        ("broker", "max_message_size = 1", "broker.max_message_size", "16KiB", "report"),
         # a period that short made a real daemon spin (a heartbeat every 1e-300 s: the broker
         # and its worker at 60% CPU, 20,000 broker.stalled lines a second, no job ran)
         ("broker", "heartbeat_interval = 1e-300", "broker.heartbeat_interval", "10ms", "busies"),

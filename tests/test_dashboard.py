@@ -7,16 +7,17 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from conftest import Env, free_port, titled, wait_for
+from conftest import Env, free_port, kill_broker, titled, wait_for
 
 import corral
 
@@ -396,3 +397,67 @@ def test_a_reload_keeps_the_dashboard_it_runs_and_its_restart_too(env: Env) -> N
             message="the dashboard again, on its port",
         )
         assert daemon.alive()
+
+
+def test_the_dashboard_and_metrics_come_through_a_broker_restart_under_load(env: Env) -> None:
+    """The broker SIGKILLed twice while jobs are enqueued and the dashboard
+    and metrics are read all along: every page is answered (none hangs
+    past its client's timeout), the metrics endpoint (the broker's) serves
+    again after each restart, and every job enqueued ends succeeded."""
+    url = dashboard_env(env, allow_actions=False)
+    metrics = free_port()
+    env.config.write_text(env.config.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n')
+    start(env, url)
+    daemon = env.procs[-1]
+    done = threading.Event()
+    ids: list[str] = []
+    pages: list[object] = []
+
+    def produce() -> None:
+        client = corral.Client(env.endpoint, timeout=30)
+        try:
+            while not done.is_set():
+                ids.append(client.enqueue("e2e.square", 3))
+        finally:
+            client.close()
+
+    def read_pages() -> None:
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(url + "/", timeout=20) as reply:
+                    pages.append(reply.status)
+            except urllib.error.HTTPError as exc:
+                pages.append(exc.code)
+            except OSError as exc:
+                pages.append(repr(exc))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=read_pages)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(2):
+            wait_for(lambda: len(ids) > 20, 30, message="jobs enqueued")
+            kill_broker(env, daemon)
+            wait_for(lambda: _answers(f"http://127.0.0.1:{metrics}/metrics"), 30, message="metrics")
+            wait_for(_more_than(ids, len(ids) + 20), 30, message="enqueues after the restart")
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(60)
+    assert pages and all(page in (200, 503) for page in pages), sorted(set(map(str, pages)))
+    client = env.client(timeout=30)
+    for job_id in ids:
+        assert client.result(job_id, timeout=60) == 9
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _more_than(items: list[str], count: int) -> Callable[[], bool]:
+    return lambda: len(items) > count

@@ -975,3 +975,51 @@ def test_each_hook_call_is_announced_to_a_watch_and_the_builtins_are_not() -> No
 class SoftInBefore(corral.Hooks):
     def before_job(self, ctx: corral.JobContext) -> None:
         raise SoftTimeout("the job ran past its soft timeout")
+
+
+class _AsyncHooks(corral.Hooks):
+    """An OpenTelemetry-style exporter written with ``async def``: corral
+    calls hooks as plain functions, so such a hook never ran (a coroutine
+    made and dropped, a RuntimeWarning on stderr at best)."""
+
+    async def before_job(self, ctx: corral.JobContext) -> None:  # type: ignore[override]
+        raise AssertionError("never awaited")
+
+
+def test_an_async_hook_is_refused_where_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(TypeError, match=r"_AsyncHooks\.before_job.*async def"):
+        HookSet([_AsyncHooks()])
+    with pytest.raises(TypeError, match=r"_AsyncHooks\.before_job"):
+        corral.Client("ipc:///nonexistent/client.sock", hooks=[_AsyncHooks()])
+    (tmp_path / "async_hooks_mod.py").write_text(
+        "import corral\n\n"
+        "class H(corral.Hooks):\n"
+        "    async def after_job(self, ctx, end):\n"
+        "        pass\n\n"
+        "def corral_hooks():\n"
+        "    return H()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(HookError, match=r"async_hooks_mod.*H\.after_job.*async def"):
+        load_hooks(["async_hooks_mod"])
+
+
+def test_a_hook_that_returns_something_is_logged_once() -> None:
+    """A hook's return value is ignored: one that returns an awaitable (a
+    sync method returning a coroutine, a future) did nothing; it is said."""
+
+    class Returns(corral.Hooks):
+        def after_job(self, ctx: corral.JobContext, end: JobEnd) -> None:
+            return asyncio.sleep(0)  # type: ignore[return-value]
+
+    hooks = HookSet([Returns()])
+    ctx = corral.JobContext("j1", 1, "t.task", "default", 0.0)
+    end = JobEnd("succeeded", 0.1, None, None, "", "")
+    with capture_logs() as logs:
+        hooks.job_ended(ctx, end)
+        hooks.job_ended(ctx, end)
+    said = [e for e in logs if e["event"] == "hook.returned"]
+    assert len(said) == 1 and "Returns.after_job" in said[0]["hook"], logs
+    assert "coroutine" in said[0]["returned"], said

@@ -698,3 +698,32 @@ def test_a_window_of_the_rate_holds_across_returns_and_time(tmp_path: Path) -> N
         ("finish", 8),
     ]
     _check_limits(tmp_path / "s", actions, keyed=False)
+
+
+def test_concurrency_holds_over_repeated_broker_kills_with_jobs_in_flight(env: Env) -> None:
+    """A concurrency-2 task's jobs, recorded by real workers of four
+    threads each, while the broker is SIGKILLed twice with two of them
+    running and others buffered: at most two ever overlap, and each ran
+    once (a job whose outcome the dead broker never logged may run again:
+    its runs are told apart by attempt, and those overlap-free too)."""
+    daemon = start_daemon(env, processes=2, concurrency=4, prefetch=4)
+    env.wait_workers(2)
+    client = env.client(timeout=15)
+    out = env.home / "pair"
+    ids = enqueue_spans(client, out, "limits.pair", 24, 0.15)
+
+    def two_running() -> bool:
+        return sum(1 for j in ids if client.job(j).status == "running") == 2
+
+    for _ in range(2):
+        wait_for(two_running, 30, message="two jobs running")
+        kill_broker(env, daemon)
+    for job_id in ids:
+        client.result(job_id, timeout=60)
+    runs = []
+    for path in out.iterdir():
+        if path.suffix != ".tmp":
+            start, end, _ = path.read_text().split()
+            runs.append((float(start), float(end)))
+    assert len(runs) >= len(ids)
+    assert most_at_once(runs) <= 2, sorted(runs)

@@ -236,3 +236,15 @@ def test_a_retry_keeps_its_reason_on_the_try() -> None:
     plain = run_once(corral.Retry())
     assert plain.error is not None
     assert plain.error.message == "retry requested after the task's backoff"
+
+
+def test_a_small_max_message_size_still_carries_results() -> None:
+    """At a broker.max_message_size of 64 KiB or less (the config takes
+    16 KiB up), no result fitted: the room kept for a report's other
+    fields was all of it, and even None failed as ResultTooLarge."""
+    for limit in (16 * 1024, 60 * 1024, 64 * 1024):
+        assert run_once(returns=None, limit=limit).kind == "ok"
+        half = run_once(returns="x" * (limit // 2), limit=limit)
+        assert half.kind == "ok", half.error
+        report = fit_reports([], [half], [], limit)
+        assert len(report) == 1 and len(report[0]) <= limit

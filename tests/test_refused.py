@@ -7,11 +7,13 @@ the pool backs off at once, naming the reason in `corral status`."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import msgspec
+import pytest
 from conftest import CLI_POLL, Env, wait_for
-from inproc import InProcessBroker
+from inproc import FakeWorker, InProcessBroker
 from test_restarts import limit
 
 from corral.broker import protocol as p
@@ -117,3 +119,72 @@ def test_a_worker_whose_ready_is_refused_exits_and_its_pool_backs_off(env: Env) 
     starts = sum(1 for e in events if e.get("event") == "worker.started")
     assert starts <= 2, starts
     assert daemon.alive() and not env.client().status().workers
+
+
+def test_a_registered_worker_whose_refusal_is_suppressed_is_dropped_and_its_job_charged(
+    tmp_path: Path,
+) -> None:
+    """A worker told nothing of its refused report (the budget was spent by
+    a flood) would hold its jobs for ever: the broker drops it, and its
+    started job is charged a try that says why."""
+    broker = InProcessBroker(tmp_path)
+    job_id = broker.enqueue("t.task")
+    worker = FakeWorker(broker, b"w-9")
+    (d,) = worker.ready()
+    worker.start(d)
+    flood = [(WORKER, [f"p-{i}".encode(), b"\xc1"]) for i in range(2 * BURST)]
+    broker.run_pass(*flood)
+    broker.run_pass((WORKER, [b"w-9", b"\xc1garbage"]))
+    assert not _refusals(broker, b"w-9")  # suppressed
+    assert not broker.core.service.status(0.0, 0.0).workers
+    info = broker.job(job_id)
+    assert info is not None and info.status in ("queued", "retrying"), info
+    (tried,) = info.tries
+    assert tried.error is not None and tried.error.type == "WorkerLost", tried
+    assert "could not be read" in tried.error.message, tried.error.message
+
+
+def test_a_pool_refused_then_fixed_recovers_on_reload(env: Env) -> None:
+    """A refused READY -> exit 78 -> the pool backs off (the job waits) ->
+    the cause fixed in the config -> SIGHUP -> the pool runs the job at
+    once, without waiting out its back-off. (Not preloaded: the test's
+    plugin patches corral itself, which a supervisor that imported it
+    would keep across the reload; a real plugin is imported afresh.)"""
+    env.write_config(plugins='["refused_tasks", "e2e_tasks"]', extra_pool="preload = false")
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    client = env.client()
+    job_id = client.enqueue("e2e.square", 6)
+    wait_for(lambda: '"supervisor.pool_backing_off"' in daemon.output(), 30, message="the back-off")
+    assert client.job(job_id).status == "queued"
+    env.write_config(plugins='["e2e_tasks"]', extra_pool="preload = false")
+    daemon.signal(signal.SIGHUP)
+    assert client.result(job_id, timeout=30) == 36
+    wait_for(
+        lambda: [pool.state for s in client.status().supervisors for pool in s.pools] == ["ok"],
+        15,
+        message="the pool to say ok",
+    )
+
+
+def test_a_worker_message_the_broker_fails_on_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in handling a worker's report lost what it said of its jobs
+    (logged as broker.handler_error, the worker told nothing: its jobs
+    leased to it for ever). The worker is answered with a Refused naming
+    the bug, so it exits and its jobs are charged and handed out again."""
+    broker = InProcessBroker(tmp_path)
+    broker.enqueue("t.task")
+    worker = FakeWorker(broker, b"w-7")
+    (d,) = worker.ready()
+
+    def broken(*args: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(broker.core.dispatcher, "_report", broken)
+    got = worker.finish(d)
+    (refused,) = [m for m in got if isinstance(m, p.Refused)]
+    assert refused.refused_op == "report", refused
+    assert "KeyError" in refused.reason and "broker.handler_error" in refused.reason
+    assert broker.core.stats["handler_errors"] == 1

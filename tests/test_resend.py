@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import msgspec
 import pytest
 import zmq
 from conftest import Env
@@ -18,12 +19,16 @@ from corral.broker import protocol as p
 
 class LossyProxy:
     """ROUTER in front, DEALER to the broker's client endpoint; drops the
-    first ``drop`` replies and records every request body it forwards."""
+    first ``drop`` replies, passes the others through ``rewrite`` if given,
+    and records every request body it forwards."""
 
-    def __init__(self, env: Env, drop: int = 1) -> None:
+    def __init__(
+        self, env: Env, drop: int = 1, rewrite: Callable[[bytes], bytes] | None = None
+    ) -> None:
         self.endpoint = f"ipc://{env.home}/lossy.sock"
         self.requests: list[bytes] = []
         self.drop = drop
+        self.rewrite = rewrite
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._front = self._ctx.socket(zmq.ROUTER)
@@ -51,6 +56,8 @@ class LossyProxy:
                 if self.drop:
                     self.drop -= 1
                     continue
+                if self.rewrite is not None:
+                    body = self.rewrite(body)
                 self._front.send_multipart([client, body])
 
     def close(self) -> None:
@@ -119,3 +126,37 @@ def test_a_cancel_is_not_resent(env: Env, lossy: LossyProxy) -> None:
         client.close()
     assert [type(p.decode(p.client_request_decoder, r)) for r in lossy.requests] == [p.Cancel]
     assert env.client().job(job_id).status == "cancelled"  # it was done, once
+
+
+def test_a_reply_the_client_cannot_read_fails_the_call_in_both_clients(env: Env) -> None:
+    """A reply of another protocol version (a broker upgraded first): the
+    blocking client raised the ProtocolError naming it; the asyncio
+    client's reply reader died of it, unseen, and the call waited out its
+    timeout as BrokerUnavailable ("is the broker running?")."""
+    env.write_config(processes=0)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+
+    def newer(body: bytes) -> bytes:
+        reply = p.decode(p.client_reply_decoder, body)
+        return p.encode(msgspec.structs.replace(reply, v=p.PROTOCOL_VERSION + 1))
+
+    proxy = LossyProxy(env, drop=0, rewrite=newer)
+    try:
+        client = corral.Client(proxy.endpoint, timeout=10)
+        with pytest.raises(p.ProtocolError, match="version"):
+            client.ping()
+        client.close()
+
+        async def ping_twice() -> None:
+            async_client = corral.AsyncClient(proxy.endpoint, timeout=10)
+            try:
+                for _ in range(2):  # the reader reads on after it
+                    with pytest.raises(p.ProtocolError, match="version"):
+                        await async_client.ping()
+            finally:
+                async_client.close()
+
+        asyncio.run(ping_twice())
+    finally:
+        proxy.close()

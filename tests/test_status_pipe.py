@@ -4,6 +4,8 @@ jobs and the worker's socket identity, torn lines skipped."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 from urllib.parse import quote
 
@@ -155,3 +157,33 @@ def test_a_plain_id_is_written_as_quote_would_write_it(job_id: str) -> None:
     assert _q(job_id) == quote(job_id, safe="")
     event = StatusReader().feed(f"S {_q(job_id)}:3\n".encode())
     assert [(e.kind, e.jobs) for e in event] == [("S", {job_id: 3.0})]
+
+
+def test_last_words_name_every_job_through_a_pipe_read_as_the_supervisor_does() -> None:
+    """A worker that dies names the jobs to charge for it: thousands, at a
+    high rate (every job of the reports sent lately). One snapshot line of
+    them was far past PIPE_BUF (a torn or refused write: none charged);
+    they go as one S line each after the reason, waited for while the
+    supervisor reads."""
+    jobs = {f"job-{i:05d}": (30.0 if i % 2 else None) for i in range(5000)}
+    r, w = os.pipe()
+    events: list[StatusEvent] = []
+
+    def supervise() -> None:
+        reader = StatusReader()
+        while data := os.read(r, 4096):
+            events.extend(reader.feed(data))
+            time.sleep(0.001)  # slower than the writer: the pipe fills
+
+    thread = threading.Thread(target=supervise)
+    thread.start()
+    try:
+        StatusWriter(w).last_words(jobs, "the broker refused this worker's report message: x")
+    finally:
+        os.close(w)
+        thread.join(30)
+        os.close(r)
+    charged = {job for e in events if e.kind == "S" for job in e.jobs}
+    assert charged == set(jobs)
+    (said,) = [e for e in events if e.kind == "X"]
+    assert "refused" in said.reason

@@ -190,6 +190,15 @@ def blocking(client: corral.Client) -> None:
     client.enqueue(tick, None)
     client.enqueue(send, payload=Email(to="a@b", subject="hi"))
     client.enqueue(tick, bogus_option=1)  # wrong
+    corral.Job(send)  # wrong
+    corral.Job(shout, queue="q")  # wrong
+    corral.Job(tick, 1)  # wrong
+    corral.Job(tick, bogus_option=1)  # wrong
+    corral.Job(tick, queue="q", delay=5)
+    corral.Job(ping)
+    corral.Job("typed_tasks.send")
+    corral.Job(send, payload=Email(to="a@b", subject="hi"), max_attempts=3)
+    client.enqueue_many([corral.Job(tick), corral.Job(send)])  # wrong
 
 
 async def awaited(client: corral.AsyncClient) -> None:

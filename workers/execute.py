@@ -41,8 +41,18 @@ from corral.workers.registry import PayloadInvalid, Registry, ResultInvalid, Tas
 log = structlog.get_logger()
 
 #: Room a report needs around one outcome's result (ids, lease, error,
-#: times, framing), in bytes: a result may use max_message_size minus this.
+#: times, framing), in bytes: a result may use max_message_size minus this,
+#: or minus a quarter of it when that is less (a small max_message_size;
+#: an outcome's fields are about 100 bytes, and a report that still does not
+#: fit is split or its outcome failed, see :mod:`corral.workers.reports`).
 REPORT_OVERHEAD = 64 * 1024
+
+
+def report_overhead(max_message_size: int) -> int:
+    """The room kept beside a result under ``max_message_size`` (bytes)."""
+    return min(REPORT_OVERHEAD, max_message_size // 4)
+
+
 #: Longest error message and traceback kept, in characters.
 MAX_MESSAGE_CHARS = 8 * 1024
 MAX_TRACEBACK_CHARS = 32 * 1024
@@ -78,7 +88,8 @@ class Execution:
     ) -> None:
         self.d = delivery
         #: The largest result that fits a report the broker accepts, in bytes.
-        self.max_result = max(0, max_message_size - REPORT_OVERHEAD)
+        self._overhead = report_overhead(max_message_size)
+        self.max_result = max(0, max_message_size - self._overhead)
         self.definition: TaskDef | None = registry.get(delivery.task)
         self.started = time.time()
         self.ctx = JobContext(
@@ -196,7 +207,7 @@ class Execution:
             text = (
                 f"the result is {len(result)} bytes encoded, over the {self.max_result} "
                 f"bytes a report can carry (broker.max_message_size less "
-                f"{REPORT_OVERHEAD}); store it elsewhere and return a reference"
+                f"{self._overhead}); store it elsewhere and return a reference"
             )
             return self.outcome(
                 "fail", error=p.ErrorInfo("ResultTooLarge", text), exc=ResultInvalid(text)

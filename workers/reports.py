@@ -77,8 +77,54 @@ def encode_outbox(outbox: deque[tuple[str, Any]], limit: int) -> tuple[list[byte
     reports: list[bytes] = []
     if batches["started"] or batches["done"] or batches["progress"]:
         latest = {note.job_id: note for note in batches["progress"]}
-        reports = fit_reports(batches["started"], batches["done"], list(latest.values()), limit)
+        try:
+            reports = fit_reports(batches["started"], batches["done"], list(latest.values()), limit)
+        except Exception as exc:  # taken from the outbox: name them, or they are lost unseen
+            jobs = {item.job_id for kind in ("started", "done") for item in batches[kind]}
+            raise Unencodable(sorted(jobs), exc) from exc
     return reports, batches["return"]
+
+
+class Unencodable(Exception):
+    """A report could not be encoded (``cause``); ``jobs`` (ids) are those
+    whose starts or outcomes it carried, taken from the outbox: no report
+    will tell the broker of them."""
+
+    def __init__(self, jobs: list[str], cause: BaseException) -> None:
+        super().__init__(f"a report of {len(jobs)} job(s) cannot be encoded: {cause!r}"[:1000])
+        self.jobs = jobs
+
+
+class _JobRef(msgspec.Struct, array_like=True):
+    """The first field of a Lease or an Outcome; the rest are skipped."""
+
+    job_id: str
+
+
+class _ReportJobs(msgspec.Struct, array_like=True):
+    """A Report's tag and the ids in its starts and outcomes, whatever else
+    it holds (a report the broker refused may not decode in full)."""
+
+    op: str
+    started: list[_JobRef]
+    done: list[_JobRef]
+
+
+_report_jobs_decoder = msgspec.msgpack.Decoder(_ReportJobs)
+
+
+def report_jobs(body: bytes) -> set[str]:
+    """The ids of the jobs whose starts or outcomes the encoded message
+    ``body`` carries (none if it is not a Report). Read shallowly: a report
+    the broker refused (a field it does not take, another protocol
+    version) still names its jobs."""
+    try:
+        msg = _report_jobs_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return set()
+    if msg.op != "report":
+        return set()
+    return {ref.job_id for ref in msg.started} | {ref.job_id for ref in msg.done}
 
 
 def interrupted(job_id: str, lease: int, why: str) -> p.Outcome:
@@ -232,6 +278,11 @@ class SentReports:
         has had ``keep_for`` seconds to take."""
         while self._kept and self._kept[0][0] < heard_at - self.keep_for:
             self._bytes -= len(self._kept.popleft()[1])
+
+    def jobs(self) -> set[str]:
+        """The ids of the jobs whose starts or outcomes the kept reports
+        carry: what the broker may not have had, if one went astray."""
+        return {job_id for _, body in self._kept for job_id in report_jobs(body)}
 
     def again(self, at: float) -> list[bytes]:
         """Every kept report, marked ``resent``, to send before the READY;

@@ -23,6 +23,16 @@ altogether; the supervisor tells that from death by the CPU time the
 process burns (see :mod:`corral.supervisor.monitor`), and the job is
 announced on the status pipe before its handler starts, so the hard timeout
 still knows it.
+
+A worker that can no longer tell the broker what became of its jobs ends
+at once (:meth:`Worker.die`): an error escaping one of its own threads (the
+socket thread, a handler thread: a bug, a report it cannot encode) exits
+:data:`EXIT_BROKEN`, a message the broker refused after the READY exits
+:data:`EXIT_REPORT_REFUSED`. Living on, it would hold its jobs' leases
+for ever, vouched for by its supervisor and its own heartbeats, while no
+outcome of theirs ever arrived. Its last status lines name the jobs whose
+fates the broker may not know and why, so its supervisor has the broker
+charge each a try that says so, and restarts it.
 """
 
 from __future__ import annotations
@@ -40,9 +50,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 import zmq
@@ -54,10 +64,30 @@ from corral.transport import connect_dealer
 from corral.workers.buffer import Held
 from corral.workers.execute import MAX_NOTE_CHARS, Execution, SoftTimer, clean_text
 from corral.workers.registry import Registry
-from corral.workers.reports import Pacing, SentReports, encode_outbox, interrupted
-from corral.workers.status import EXIT_REFUSED, HookClock, StatusWriter
+from corral.workers.reports import (
+    Pacing,
+    SentReports,
+    Unencodable,
+    encode_outbox,
+    interrupted,
+    report_jobs,
+)
+from corral.workers.status import (
+    EXIT_BROKEN,
+    EXIT_REFUSED,
+    EXIT_REPORT_REFUSED,
+    HookClock,
+    StatusWriter,
+)
 
-__all__ = ["EXIT_REFUSED", "Worker", "WorkerOptions", "task_infos"]
+__all__ = [
+    "EXIT_BROKEN",
+    "EXIT_REFUSED",
+    "EXIT_REPORT_REFUSED",
+    "Worker",
+    "WorkerOptions",
+    "task_infos",
+]
 
 log = structlog.get_logger()
 
@@ -154,6 +184,8 @@ class Worker:
         self.refused = ""
         #: The exit code a hook asked for (sys.exit, Ctrl-C), if one did.
         self._hook_exit_code: int | None = None
+        #: Held by the thread that ends the process (see :meth:`die`).
+        self._dying = threading.Lock()
 
     # ---------------------------------------------------------- lifecycle
 
@@ -182,34 +214,93 @@ class Worker:
         for i in range(1, threads):
             self._threads.append(self._thread(self._executor, f"corral-handler-{i}"))
         if self.options.concurrency_mode == "asyncio":
-            asyncio.run(self._async_executor())
+            self._guarded(lambda: asyncio.run(self._async_executor()), "asyncio")
         else:
-            self._executor(main=True)
+            self._guarded(lambda: self._executor(main=True), "corral-handler-0")
         socket_thread.join()
         if self.refused:
             return EXIT_REFUSED
         return self._hook_exit_code or 0
 
-    def _thread(self, target: Any, name: str) -> threading.Thread:
+    def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(  # the copied context carries role and pid
-            target=contextvars.copy_context().run, args=(target,), name=name, daemon=True
+            target=contextvars.copy_context().run,
+            args=(self._guarded, target, name),
+            name=name,
+            daemon=True,
         )
         thread.start()
         return thread
 
+    def _guarded(self, target: Callable[[], None], name: str) -> None:
+        """Run one of the worker's own threads: an error escaping it ends
+        the process (:meth:`die`), since without that thread the worker
+        would hold its jobs for ever, alive to every eye."""
+        try:
+            target()
+        except BaseException as exc:
+            lost = exc.jobs if isinstance(exc, Unencodable) else ()
+            self.die(
+                f"the worker's {name} thread failed: {type(exc).__name__}: {exc}"[:1000],
+                EXIT_BROKEN,
+                exc,
+                lost,
+            )
+
+    def die(
+        self,
+        reason: str,
+        code: int,
+        error: BaseException | None = None,
+        lost: Iterable[str] = (),
+    ) -> NoReturn:
+        """End the process now with ``code``, for ``reason``: the worker can
+        no longer tell the broker what became of its jobs. Its last status
+        lines name the jobs whose fates the broker may not know (those
+        running, ``lost`` and those of the reports sent lately or not yet
+        sent: the broker charges a try only to those still leased to this
+        worker) and ``reason``; its supervisor has the broker charge each
+        of them a try naming it (``WorkerLost``), and restarts the worker.
+        No Bye: that would hand its jobs back uncharged."""
+        self._dying.acquire()  # a second thread failing waits for the exit
+        charged = self._fates_unknown(lost)
+        log.error(
+            "worker.fatal",
+            reason=reason,
+            exit_code=code,
+            charged=sorted(charged)[:20],
+            charged_count=len(charged),
+            hint="the worker cannot tell the broker what became of these jobs: it exits "
+            "at once; its supervisor restarts it and the broker charges each a try "
+            "(WorkerLost, naming this reason), so each runs again or ends failed",
+            **({"exc_info": error} if error is not None else {}),
+        )
+        with self._status.lock:  # held to the exit: no snapshot comes after
+            self._status.last_words(charged, reason)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def _fates_unknown(self, lost: Iterable[str]) -> dict[str, float | None]:
+        """The jobs :meth:`die` names (id -> timeout): running, ``lost``, and
+        any a recent or unsent report carries, but none waiting unstarted
+        in the buffer (those go back uncharged)."""
+        held = self._held.holding()
+        ids = set(lost) | self._sent_reports.jobs()
+        ids.update(job_id for body in list(self._unsent) for job_id in report_jobs(body))
+        ids.update(item.job_id for kind, item in list(self._outbox) if kind != "return")
+        ids.difference_update(h.job_id for h in held if not h.running)
+        ids.update(h.job_id for h in held if h.running)
+        ids.update(self._timeouts)
+        return {job_id: self._timeouts.get(job_id) for job_id in ids}
+
     def _socket_main(self) -> None:
         self._connect()
-        try:
-            while True:
-                try:
-                    self._loop_once()
-                except Exception:  # the socket thread must outlive any bug
-                    log.exception("worker.socket_error")
-                    time.sleep(0.01)
-                if self._stopping and self._drained():
-                    break
-        finally:
-            self._shutdown()
+        while True:
+            self._loop_once()  # an error here ends the process (_guarded)
+            if self._stopping and self._drained():
+                break
+        self._shutdown()
         if self._running:  # abandoned handlers (shutdown_timeout): leave without them
             sys.stdout.flush()
             sys.stderr.flush()
@@ -450,6 +541,7 @@ class Worker:
             case p.Deliver() if self._stopping:  # sent before our Drain arrived
                 self._send(p.Return([p.Lease(d.job_id, d.lease) for d in msg.jobs]), keep=True)
             case p.Deliver():
+                self._fit_to(msg.max_message_size)
                 for delivery in msg.jobs:
                     self._buffer.put(delivery)
             case p.CancelJob():
@@ -473,19 +565,13 @@ class Worker:
     def _refused(self, msg: p.Refused) -> None:
         """The broker could not decode a message of ours. A refused READY
         means it never takes this worker: say why (log and status pipe)
-        and stop, to exit with :data:`EXIT_REFUSED`. Any other refused
-        message is logged (its jobs come back to the broker by their
-        leases)."""
-        op = msg.refused_op or "a message"
+        and stop, to exit with :data:`EXIT_REFUSED`. Any other (a report,
+        a return; "" if it could not tell) lost what it said of this
+        worker's jobs, which stay leased to it while it lives: the worker
+        ends at once (:meth:`die`, :data:`EXIT_REPORT_REFUSED`)."""
         if msg.refused_op != "ready":
-            log.error(
-                "worker.message_refused",
-                op=op,
-                reason=msg.reason,
-                hint="the broker could not read this message of the worker; "
-                "check that worker and broker run the same corral version",
-            )
-            return
+            what = f"{msg.refused_op} message" if msg.refused_op else "message"
+            self.die(f"the broker refused this worker's {what}: {msg.reason}", EXIT_REPORT_REFUSED)
         if self.refused:
             return
         self.refused = f"the broker refused this worker's READY: {msg.reason}"
@@ -500,6 +586,22 @@ class Worker:
         with self._status.lock:
             self._status.cannot_start(self.refused)
         self.request_stop()
+
+    def _fit_to(self, limit: int) -> None:
+        """The broker takes messages of at most ``limit`` bytes (0: it did
+        not say): the reports and results of the jobs it delivers are cut
+        to that, whatever this host's config says (a report over it would
+        be dropped with the connection, its jobs' fates unheard)."""
+        if limit <= 0 or limit == self.options.max_message_size:
+            return
+        log.info(
+            "worker.message_limit",
+            broker=limit,
+            configured=self.options.max_message_size,
+            hint="the broker's broker.max_message_size differs from this host's config: "
+            "reports and results are fitted to the broker's",
+        )
+        self.options.max_message_size = limit
 
     def _cancel(self, msg: p.CancelJob) -> None:
         """A buffered job is dropped unstarted and handed back (its credit
@@ -720,10 +822,17 @@ class Worker:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def _run_one_async(self, delivery: p.Delivery) -> None:
-        execution = self._execution(delivery)
-        if self._claim(execution):
-            self._begin(execution)
-            self._end(execution, await execution.run_async())
+        try:
+            execution = self._execution(delivery)
+            if self._claim(execution):
+                self._begin(execution)
+                self._end(execution, await execution.run_async())
+        except BaseException as exc:  # its task's error would be seen by no one
+            self.die(
+                f"the worker's asyncio job task failed: {type(exc).__name__}: {exc}"[:1000],
+                EXIT_BROKEN,
+                exc,
+            )
 
 
 def _command(frame: bytes) -> Any:

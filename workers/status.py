@@ -23,7 +23,10 @@ never interleave:
     R <reason>                   the worker is retiring (max_jobs): start its replacement
     X <reason>                   the worker cannot start (a plugin or hooks module that
                                  cannot be loaded, or the broker refused its READY),
-                                 and exits (with :data:`EXIT_REFUSED` for the latter)
+                                 and exits (with :data:`EXIT_REFUSED` for the latter);
+                                 or cannot go on (:data:`EXIT_BROKEN`,
+                                 :data:`EXIT_REPORT_REFUSED`): then S lines after it
+                                 name the jobs to charge for its exit
 
 ``lock`` orders a J snapshot against S, E, H and D lines: a J written
 after an S includes that job (unless it ended), one written after an E
@@ -42,7 +45,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
@@ -52,6 +57,18 @@ from urllib.parse import quote, unquote
 #: fault that no restart mends (sysexits' EX_CONFIG). Its supervisor backs
 #: the pool off at once, naming the reason (the X line).
 EXIT_REFUSED = 78
+#: The exit code of a worker the broker refused a message of after it
+#: registered (a report, a return: sysexits' EX_PROTOCOL): the fates of the
+#: jobs in it are lost, so the worker stops at once and names them, and the
+#: broker charges each a try (see :meth:`~corral.workers.runtime.Worker.die`).
+EXIT_REPORT_REFUSED = 76
+#: The exit code of a worker one of whose own threads failed (the socket
+#: thread, a handler thread: a bug, a report it cannot encode; sysexits'
+#: EX_SOFTWARE): it stops at once, as for :data:`EXIT_REPORT_REFUSED`.
+EXIT_BROKEN = 70
+#: The longest a dying worker waits for its supervisor to read its last
+#: words (see :meth:`StatusWriter.last_words`), in seconds.
+LAST_WORDS_WAIT = 5.0
 
 
 class StatusWriter:
@@ -102,6 +119,37 @@ class StatusWriter:
 
     def retiring(self, reason: str) -> None:
         self._write(f"R {reason}\n")
+
+    def last_words(self, jobs: dict[str, float | None], reason: str) -> None:
+        """Why the worker exits now (an X line) and the jobs to charge for
+        it (id -> timeout: an S line each, as if each had just started;
+        thousands at a high rate, so never one snapshot line, which past
+        PIPE_BUF could be torn or refused whole). Each line is written
+        whole, waiting while the supervisor reads a full pipe, at most
+        :data:`LAST_WORDS_WAIT` seconds in all."""
+        if self.fd is None:
+            return
+        deadline = time.monotonic() + LAST_WORDS_WAIT
+        lines = [f"X {_q(reason[:2000])}\n"]
+        lines += [f"S {_q(job_id)}:{timeout or 0}\n" for job_id, timeout in jobs.items()]
+        for line in lines:
+            if not self._write_whole(line.encode(), deadline):
+                return
+
+    def _write_whole(self, data: bytes, deadline: float) -> bool:
+        """Write one line (under PIPE_BUF: all of it or nothing), waiting
+        for room until ``deadline`` (monotonic); False if it could not."""
+        assert self.fd is not None
+        while True:
+            try:
+                os.write(self.fd, data)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                select.select([], [self.fd], [], 0.05)
+            except OSError:  # the supervisor is gone
+                return False
 
     def cannot_start(self, reason: str) -> None:
         """Why the worker cannot start; it exits next (its supervisor reads

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from corral.asyncclient import AsyncClient
 from corral.broker.protocol import STATUSES
-from corral.cliformat import age_text
+from corral.cliformat import age_text, when_text
 from corral.dashboard.hosts import AllowedHosts
 from corral.errors import BrokerError, BrokerUnavailable, CorralError, JobNotFound
 
@@ -83,9 +83,7 @@ def _static_dir() -> str:
 
 
 def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return when_text(ts, millis=False)
 
 
 def _render(request: web.Request, name: str, **values: Any) -> web.Response:
