@@ -64,9 +64,13 @@ class ColdRef(NamedTuple):
     batch: ColdBatch
 
     @property
-    def expect(self) -> tuple[int, int]:
-        """The frame's length and type code (see :class:`~corral.broker.framing.Scan`)."""
-        return (self.batch.length, JOBS_CREATED_CODE)
+    def expect(self) -> tuple[int, ...]:
+        """The frame's length, type code and, if the index recorded it, CRC
+        (see :class:`~corral.broker.framing.Scan`)."""
+        batch = self.batch
+        if batch.crc < 0:
+            return (batch.length, JOBS_CREATED_CODE)
+        return (batch.length, JOBS_CREATED_CODE, batch.crc)
 
 
 class ColdRun:

@@ -49,6 +49,8 @@ import mmap
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -56,7 +58,7 @@ import msgspec
 from corral.broker import checkpoint
 from corral.broker.checkpoint import ColdBatch
 from corral.broker.deathsig import die_with_parent
-from corral.broker.framing import HEADER_SIZE, check_frame, content_end, read_header
+from corral.broker.framing import FRAME, HEADER_SIZE, check_frame, content_end, read_header
 from corral.broker.job import BLOB_HEAD, DEFAULT_QUEUE, priority_runs
 from corral.broker.lazylog import get_logger
 from corral.broker.records import RECORD_CODES, JobsCreated, decode_record
@@ -76,24 +78,33 @@ __all__ = [
 INLINE_MAX = 128 << 10
 #: The child's niceness: the broker's loop comes first.
 NICENESS = 10
+#: The segment being written gets a chunk index each time this many bytes
+#: were written to it since its last chunk (a restart replays at most about
+#: this much of it in full, and what was written since the last chunk).
+CHUNK_BYTES = 8 << 20
+#: ... and, once the log was idle (nothing written) for ``CHUNK_IDLE``
+#: seconds, when at least ``CHUNK_IDLE_BYTES`` were.
+CHUNK_IDLE = 2.0
+CHUNK_IDLE_BYTES = 256 << 10
 _JOBS_CREATED = RECORD_CODES[JobsCreated]
 _log = get_logger(__name__)
 
 
-def describe(record: JobsCreated, offset: int, length: int) -> ColdBatch | None:
+def describe(record: JobsCreated, offset: int, length: int, crc: int = -1) -> ColdBatch | None:
     """The index entry of ``record`` (a frame at ``offset``, ``length``
-    bytes), or None when its batch may not be cold (see the module
-    docstring)."""
+    bytes, its header's CRC ``crc``), or None when its batch may not be
+    cold (see the module docstring)."""
     if record.template.expires is not None or not record.ids:
         return None
     if len(set(record.ids)) != len(record.ids):
         return None
-    return describe_batch(record, offset, length)
+    return describe_batch(record, offset, length, crc)
 
 
-def describe_batch(record: JobsCreated, offset: int, length: int) -> ColdBatch:
+def describe_batch(record: JobsCreated, offset: int, length: int, crc: int = -1) -> ColdBatch:
     """What an index (or a checkpoint) says of the batch ``record``, a
-    frame at ``offset`` of ``length`` bytes (header included)."""
+    frame at ``offset`` of ``length`` bytes (header included) whose header
+    holds CRC ``crc`` (-1: not recorded)."""
     tpl = record.template
     sizes = list(map(len, record.blobs))
     runs = record.runs or priority_runs(record.blobs)
@@ -108,35 +119,42 @@ def describe_batch(record: JobsCreated, offset: int, length: int) -> ColdBatch:
         [tuple(run) for run in runs],  # type: ignore[misc]
         sum(sizes),
         max(sizes),
+        crc,
     )
 
 
-def scan_batches(path: Path) -> tuple[int, int, list[tuple[ColdBatch, list[str]]]] | None:
-    """The generation, segment number and describable batches of sealed
-    segment ``path``; None when a frame of it is bad (it is then never
-    indexed: the replay finds the damage). Raises OSError."""
+def scan_batches(
+    path: Path, start: int = HEADER_SIZE, end: int | None = None
+) -> tuple[int, int, list[tuple[ColdBatch, list[str]]]] | None:
+    """The generation, segment number and describable batches of segment
+    ``path`` (sealed; or, with ``end``, the frames in bytes ``[start,
+    end)`` of it, both frame boundaries); None when a frame there is bad
+    (it is then never indexed: the replay finds the damage). Raises
+    OSError."""
     header = read_header(path)
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size <= HEADER_SIZE:
-            return header.generation, header.seq, []
+        size = os.fstat(f.fileno()).st_size
+        if size <= HEADER_SIZE or (end is not None and end > size):
+            return (header.generation, header.seq, []) if end is None else None
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     found: list[tuple[ColdBatch, list[str]]] = []
     try:
-        stop = content_end(data)  # type: ignore[arg-type]
-        pos = HEADER_SIZE
+        stop = content_end(data) if end is None else end  # type: ignore[arg-type]
+        pos = start
         with memoryview(data) as view:
             while pos < stop:
                 got = check_frame(data, view, pos, header.seed)  # type: ignore[arg-type]
-                if isinstance(got, str):
+                if isinstance(got, str) or (end is not None and got[0] > end):
                     return None
-                end, code = got
+                end_at, code = got
                 if code == _JOBS_CREATED:
-                    record = decode_record(code, data[pos + 9 : end])
+                    record = decode_record(code, data[pos + 9 : end_at])
                     assert isinstance(record, JobsCreated)
-                    batch = describe(record, pos, end - pos)
+                    crc = FRAME.unpack_from(data, pos)[1]
+                    batch = describe(record, pos, end_at - pos, crc)
                     if batch is not None:
                         found.append((batch, list(record.ids)))
-                pos = end
+                pos = end_at
     finally:
         data.close()
     return header.generation, header.seq, _unique(found)
@@ -167,7 +185,38 @@ def build_index(path: Path) -> Path | None:
     if _changed(before, path):  # replaced meanwhile: the index speaks of the old file
         index.unlink(missing_ok=True)
         return None
+    for _, _, chunk in checkpoint.chunks_of(path.parent, seq):  # (the index covers them)
+        chunk.unlink(missing_ok=True)
     return index
+
+
+def build_chunk(path: Path, start: int, end: int) -> Path | None:
+    """Write the chunk index of bytes ``[start, end)`` of segment ``path``,
+    the segment being written (both frame boundaries, everything before
+    ``end`` written to the file): the segment is fdatasync'd first, so a
+    chunk never describes bytes that are not on disk, whatever the log's
+    fsync policy. Returns its path, or None when those bytes cannot be
+    indexed (a bad frame; past the file's end) or the file was replaced
+    meanwhile (a compaction). Raises OSError."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        os.fdatasync(f.fileno())
+    got = scan_batches(path, start, end)
+    if got is None:
+        _log.warning("segment_index.not_written", segment=str(path), start=start, end=end)
+        return None
+    generation, seq, batches = got
+    chunk = checkpoint.chunk_path(path.parent, seq, start, end)
+    data = checkpoint.build(generation, seq, end, 0, batches, start)
+    checkpoint.write_file(path.parent, chunk, data)
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        now = None
+    if now is None or now.st_ino != before.st_ino:  # replaced: the chunk speaks of the old file
+        chunk.unlink(missing_ok=True)
+        return None
+    return chunk
 
 
 def _changed(before: os.stat_result, path: Path) -> bool:
@@ -199,11 +248,14 @@ def remove_indexes(directory: Path, *, upto: int | None = None, below: int | Non
 
 
 class Order(msgspec.Struct, frozen=True):
-    """What the child is asked to do: index ``segments`` (paths), then exit;
-    ``parent`` is the broker's pid (0: do not watch it)."""
+    """What the child is asked to do: index ``chunks`` (``(segment path,
+    start, end)``: bytes of the segment being written), then ``segments``
+    (sealed ones' paths), then exit; ``parent`` is the broker's pid (0: do
+    not watch it)."""
 
     segments: list[str]
     parent: int = 0
+    chunks: list[tuple[str, int, int]] = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,14 +277,19 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(NICENESS)
     gc.disable()
     code = 0
-    for segment in order.segments:
+    work: list[tuple[str, Callable[[], object]]] = [
+        (f"{path} [{start}, {end})", partial(build_chunk, Path(path), start, end))
+        for path, start, end in order.chunks
+    ]
+    work += [(path, partial(build_index, Path(path))) for path in order.segments]
+    for what, build in work:
         try:
-            build_index(Path(segment))
+            build()
         except FileNotFoundError:
             continue  # compacted away meanwhile
         except Exception as exc:  # a full disk, a bug: logged, the log is whole without it
             why = f"{type(exc).__name__}: {exc}"
-            print(f"corral.broker.segindex: {segment}: {why}", file=sys.stderr)
+            print(f"corral.broker.segindex: {what}: {why}", file=sys.stderr)
             code = 1
     return code
 
@@ -243,15 +300,53 @@ def main(argv: list[str] | None = None) -> int:
 class Indexer:
     """Indexes the segments the log seals (and those a restart found
     without an index): small ones at once, larger ones in one child process
-    at a time; see the module docstring. Never raises: an index is a cache."""
+    at a time; and the segment being written, by chunks as it grows (see
+    :meth:`grow`). See the module docstring. Never raises: an index is a
+    cache."""
 
     def __init__(self) -> None:
         #: Segments waiting for the child, by path.
         self.pending: list[Path] = []
+        #: Chunks of the segment being written waiting for the child.
+        self.pending_chunks: list[tuple[str, int, int]] = []
         self._proc: subprocess.Popen[bytes] | None = None
         #: Indexes written on the loop, and children started (for tests and stats).
         self.inline = 0
         self.children = 0
+        #: The segment being written, where its next chunk starts, how far
+        #: it was written at the last :meth:`grow` and since when it stayed so.
+        self._segment: Path | None = None
+        self._chunk_from = HEADER_SIZE
+        self._seen_end = 0
+        self._still_since = 0.0
+
+    def resume(self, segment: Path, end: int) -> None:
+        """After a replay: the chunk indexes of ``segment`` (the one being
+        written) cover it up to ``end`` (a frame boundary; the header's end
+        if none)."""
+        self._segment, self._chunk_from = segment, max(end, HEADER_SIZE)
+
+    def grow(self, segment: Path, end: int, now: float) -> None:
+        """The segment being written is ``segment``, written up to ``end``
+        (a frame boundary), at ``now`` (monotonic seconds): order a chunk
+        index of what was written since its last one, if that is
+        :data:`CHUNK_BYTES`, or :data:`CHUNK_IDLE_BYTES` after
+        :data:`CHUNK_IDLE` seconds without a write. Costs a few compares
+        per pass; the chunk is built by the child (see :meth:`poll`)."""
+        if segment != self._segment:  # a roll: a new segment
+            self._segment, self._chunk_from = segment, HEADER_SIZE
+        if end != self._seen_end:
+            self._seen_end, self._still_since = end, now
+        grown = end - self._chunk_from
+        if grown >= CHUNK_BYTES or (
+            grown >= CHUNK_IDLE_BYTES and now - self._still_since >= CHUNK_IDLE
+        ):
+            self.pending_chunks.append((str(segment), self._chunk_from, end))
+            self._chunk_from = end
+
+    def due(self, segment: Path, end: int) -> bool:
+        """Whether :meth:`grow` may have work (cheap; for the loop)."""
+        return segment != self._segment or end - self._chunk_from >= CHUNK_IDLE_BYTES
 
     @property
     def child(self) -> subprocess.Popen[bytes] | None:
@@ -259,11 +354,12 @@ class Indexer:
 
     @property
     def busy(self) -> bool:
-        """Segments are waiting, or a child is at work."""
-        return bool(self.pending) or self._proc is not None
+        """Segments or chunks are waiting, or a child is at work."""
+        return bool(self.pending or self.pending_chunks) or self._proc is not None
 
     def want(self, path: Path, size: int) -> None:
         """Index sealed segment ``path`` (``size`` bytes used)."""
+        self.pending_chunks = [c for c in self.pending_chunks if c[0] != str(path)]
         if size > INLINE_MAX:
             self.pending.append(path)
             return
@@ -283,10 +379,12 @@ class Indexer:
             self._proc = None
             if code != 0:
                 _log.warning("segment_index.child_failed", code=code)
-        if not self.pending:
+        if not (self.pending or self.pending_chunks):
             return
-        order = Order([str(p) for p in self.pending], os.getpid())
-        self.pending = []
+        sealed = {str(p) for p in self.pending}  # (a sealed segment's index covers its chunks)
+        chunks = [chunk for chunk in self.pending_chunks if chunk[0] not in sealed]
+        order = Order([str(p) for p in self.pending], os.getpid(), chunks)
+        self.pending, self.pending_chunks = [], []
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "corral.broker.segindex", msgspec.json.encode(order)],

@@ -792,17 +792,20 @@ class JobState:
 
 
 def checkpoint_frames(
-    state: JobState, base: Path, generation: int, seq: int, size: int
+    state: JobState, base: Path, generation: int, seq: int, size: int, sealed: bool = True
 ) -> dict[int, ColdRef] | None:
-    """What a replay asks before it reads sealed segment ``seq`` (file
-    ``base``, ``size`` bytes) of log ``generation`` (see :meth:`Log.replay
+    """What a replay asks before it reads segment ``seq`` (file ``base``,
+    ``size`` bytes) of log ``generation`` (see :meth:`Log.replay
     <corral.broker.log.Log.replay>`): the frames to leave cold, by offset,
     from the segment's checkpoint (a compacted base's, see
     broker/checkpoint.py) or its index (see broker/segindex.py) if it has a
-    valid one, with ``state`` ready for them (empty: it has a valid index
-    that names none); None to replay it in full (it has no valid index).
-    Checkpoints of other bases, and indexes of segments before the base,
-    are removed."""
+    valid one, else from its valid chunk indexes (the segment being
+    written, ``sealed`` False, has only those; see :func:`chunk_frames`),
+    with ``state`` ready for them (empty: it has a valid index that names
+    none); None to replay it in full (no valid index). Checkpoints of
+    other bases, and indexes of segments before the base, are removed."""
+    if not sealed:
+        return chunk_frames(state, base, generation, seq)[0]
     directory = base.parent
     seed = segment_seed(FORMAT_VERSION, generation, seq)
     if seq == _first_segment(directory, seq):
@@ -814,10 +817,34 @@ def checkpoint_frames(
     index = checkpoint.idx_path(directory, seq)
     loaded = checkpoint.load(directory, generation, seq, base, index)
     if loaded is None:
-        return None
+        return chunk_frames(state, base, generation, seq)[0]
     if not loaded.batches:
         return {}  # indexed: nothing in it may be cold
     return state.attach_cold(loaded, base, seed, index)
+
+
+def chunk_frames(
+    state: JobState, segment: Path, generation: int, seq: int
+) -> tuple[dict[int, ColdRef] | None, int]:
+    """The frames of segment ``seq`` (file ``segment``) of log
+    ``generation`` that its valid chunk indexes (see broker/segindex.py)
+    leave cold, by offset (None: it has none), with ``state`` ready for
+    them; and where the last valid chunk ends (0: none). A chunk that
+    cannot be used is removed (a later one is written in its place)."""
+    directory = segment.parent
+    seed = segment_seed(FORMAT_VERSION, generation, seq)
+    frames: dict[int, ColdRef] | None = None
+    covered = 0
+    for start, end, path in checkpoint.chunks_of(directory, seq):
+        loaded = checkpoint.load_chunk(generation, seq, segment, start, end, path)
+        if loaded is None:
+            path.unlink(missing_ok=True)
+            continue
+        covered = max(covered, end)
+        frames = {} if frames is None else frames
+        if loaded.batches:
+            frames.update(state.attach_cold(loaded, segment, seed, path))
+    return frames, covered
 
 
 def _first_segment(directory: Path, seq: int) -> int:
