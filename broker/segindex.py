@@ -346,7 +346,8 @@ class Indexer:
 
     def due(self, segment: Path, end: int) -> bool:
         """Whether :meth:`grow` may have work (cheap; for the loop)."""
-        return segment != self._segment or end - self._chunk_from >= CHUNK_IDLE_BYTES
+        grown = end - self._chunk_from
+        return segment != self._segment or grown >= min(CHUNK_BYTES, CHUNK_IDLE_BYTES)
 
     @property
     def child(self) -> subprocess.Popen[bytes] | None:
