@@ -75,8 +75,11 @@ class ColdRef(NamedTuple):
 
 class ColdRun:
     """A ready-lane entry standing for one run of one priority of a cold
-    batch: ``seq`` is the run's last creation number (what an append to the
-    lane compares with), ``jobs`` the run's jobs once the batch is warm."""
+    batch: ``seq`` is the run's last creation number, or a bound above it
+    when the batch's numbers have gaps (what an append to the lane compares
+    with: see :meth:`ReadyQueues.add_cold
+    <corral.broker.ready.ReadyQueues.add_cold>`), ``jobs`` the run's jobs
+    once the batch is warm."""
 
     __slots__ = ("batch", "end", "jobs", "placed", "seq", "start")
     id = ""  # no job has it: the lane's liveness check never takes a run for a job

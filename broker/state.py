@@ -348,7 +348,8 @@ class JobState:
         self.live_bytes += head * batch.count + batch.blob_bytes
         self.largest_blob = max(self.largest_blob, batch.largest_blob)
         self.index.add_cold(ref.number, batch.first_seq, batch.last_seq)
-        runs = self.ready.add_cold(ref.number, batch.queue, batch.task, batch.runs, batch.first_seq)
+        seqs = (batch.first_seq, batch.last_seq, batch.count)
+        runs = self.ready.add_cold(ref.number, batch.queue, batch.task, batch.runs, seqs)
         cold.runs[ref.number] = runs
         if not all(run.placed for run in runs):
             self._warm_batch(ref.number)
