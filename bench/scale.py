@@ -8,10 +8,10 @@ workers), because the second needs the log the first wrote:
    batches of 1,000, and the broker's RSS (``/proc``, via psutil) is read
    before and after. Per job = RSS growth / N; beyond the payload = that
    less the 100 payload bytes.
-2. **restart**: once the broker has indexed the log's sealed segments and
-   the segment being written (see broker/segindex.py: each sealed one as it
-   is sealed, the one being written by chunks every 8 MiB and once it has
-   been idle 2 s, in a child; the wait is reported as ``index_wait_s``, what
+2. **restart**: once the broker has indexed the log's segments (see
+   broker/segindex.py: by chunks every 8 MiB as each is written, a last one
+   when it is sealed, and one of the tail once the broker has been idle
+   2 s, in a child; the wait is reported as ``index_wait_s``, what
    no chunk covers then as ``unindexed_tail_kib``), it is killed (SIGKILL:
    a crash, no shutdown work), the log's used bytes are summed (each segment up to its last non-zero
    byte), and the broker is started again on it. The restart time runs
@@ -76,6 +76,11 @@ def _enqueue(client: Client, n: int) -> None:
         left -= size
 
 
+def _chunked(log_dir: Path, segment: Path) -> int:
+    """Where the chunk indexes of ``segment`` end (0: it has none)."""
+    return max((end for _, end, _ in chunks_of(log_dir, int(segment.stem))), default=0)
+
+
 def _wait_indexed(state_dir: Path, timeout: float = 300.0) -> tuple[int, float, int]:
     """Wait until every sealed segment of the log has its index and the
     chunk indexes of the segment being written cover all but its last
@@ -88,10 +93,11 @@ def _wait_indexed(state_dir: Path, timeout: float = 300.0) -> tuple[int, float, 
         segments = sorted(log_dir.glob("*.seg"))
         sealed, last = segments[:-1], segments[-1]
         used = content_end(last.read_bytes())
-        covered = max((end for _, end, _ in chunks_of(log_dir, int(last.stem))), default=0)
-        if all(seg.with_suffix(".idx").exists() for seg in sealed) and (
-            used - covered < CHUNK_IDLE_BYTES
-        ):
+        covered = _chunked(log_dir, last)
+        if all(
+            seg.with_suffix(".idx").exists() or _chunked(log_dir, seg) == seg.stat().st_size
+            for seg in sealed
+        ) and (used - covered < CHUNK_IDLE_BYTES):
             return len(sealed), time.perf_counter() - started, max(0, used - covered)
         if time.perf_counter() - started > timeout:
             raise RuntimeError(f"the segments of {log_dir} were not indexed in {timeout} s")

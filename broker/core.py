@@ -53,7 +53,7 @@ from corral.broker.records import BrokerStarted
 from corral.broker.schedules import Scheduler
 from corral.broker.segindex import Indexer
 from corral.broker.service import ClientService
-from corral.broker.state import Defaults, Job, JobState, checkpoint_frames, chunk_frames
+from corral.broker.state import Defaults, Job, JobState, chunk_frames, index_frames
 from corral.broker.waiters import Waiters
 
 log = structlog.get_logger()
@@ -254,14 +254,17 @@ class BrokerCore:
         self, segment: Path, generation: int, seq: int, size: int, sealed: bool
     ) -> dict[int, ColdRef] | None:
         """The log's question at a replay (see Log.replay and
-        checkpoint_frames); a sealed segment without a valid index is
-        indexed after the start; the segment being written goes on being
-        indexed by chunks from where its valid ones end."""
+        checkpoint_frames); a sealed segment without a valid index (or
+        chunks up to its end) is indexed after the start; the segment being
+        written goes on being indexed by chunks from where its valid ones
+        end."""
         if sealed:
-            frames = checkpoint_frames(self.state, segment, generation, seq, size)
-            if frames is None:
+            frames = index_frames(self.state, segment, generation, seq, size)
+            if frames is not None:
+                return frames
+            frames, covered = chunk_frames(self.state, segment, generation, seq)
+            if covered < size:  # its chunks (if any) stop short of its end
                 self._unindexed.append((segment, size))
-                frames, _ = chunk_frames(self.state, segment, generation, seq)
             return frames
         frames, self._chunked = chunk_frames(self.state, segment, generation, seq)
         return frames

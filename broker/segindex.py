@@ -359,7 +359,15 @@ class Indexer:
         return bool(self.pending or self.pending_chunks) or self._proc is not None
 
     def want(self, path: Path, size: int) -> None:
-        """Index sealed segment ``path`` (``size`` bytes used)."""
+        """Index sealed segment ``path`` (``size`` bytes used): if it is
+        the segment whose chunks were being written, by one last chunk up
+        to its end (its chunks are then its index: nothing is read twice);
+        else by a whole index (which replaces any chunks it has)."""
+        if path == self._segment and self._chunk_from > HEADER_SIZE:
+            if size > self._chunk_from:
+                self.pending_chunks.append((str(path), self._chunk_from, size))
+            self._segment = None
+            return
         self.pending_chunks = [c for c in self.pending_chunks if c[0] != str(path)]
         if size > INLINE_MAX:
             self.pending.append(path)
@@ -382,9 +390,7 @@ class Indexer:
                 _log.warning("segment_index.child_failed", code=code)
         if not (self.pending or self.pending_chunks):
             return
-        sealed = {str(p) for p in self.pending}  # (a sealed segment's index covers its chunks)
-        chunks = [chunk for chunk in self.pending_chunks if chunk[0] not in sealed]
-        order = Order([str(p) for p in self.pending], os.getpid(), chunks)
+        order = Order([str(p) for p in self.pending], os.getpid(), self.pending_chunks)
         self.pending, self.pending_chunks = [], []
         try:
             self._proc = subprocess.Popen(

@@ -26,7 +26,7 @@ from corral.broker.coldjobs import ColdJobs, ColdRef, JobTable
 from corral.broker.expiring import EXPIRED, ExpiringJobs, expired_error
 from corral.broker.expiry import ExpiryQueue
 from corral.broker.flowbook import FlowBook
-from corral.broker.framing import FORMAT_VERSION, segment_seed
+from corral.broker.framing import FORMAT_VERSION, HEADER_SIZE, segment_seed
 from corral.broker.job import (
     ACTIVE,
     BLOB_HEAD,
@@ -798,15 +798,26 @@ def checkpoint_frames(
     """What a replay asks before it reads segment ``seq`` (file ``base``,
     ``size`` bytes) of log ``generation`` (see :meth:`Log.replay
     <corral.broker.log.Log.replay>`): the frames to leave cold, by offset,
-    from the segment's checkpoint (a compacted base's, see
-    broker/checkpoint.py) or its index (see broker/segindex.py) if it has a
-    valid one, else from its valid chunk indexes (the segment being
-    written, ``sealed`` False, has only those; see :func:`chunk_frames`),
-    with ``state`` ready for them (empty: it has a valid index that names
-    none); None to replay it in full (no valid index). Checkpoints of
-    other bases, and indexes of segments before the base, are removed."""
-    if not sealed:
-        return chunk_frames(state, base, generation, seq)[0]
+    with ``state`` ready for them (see :func:`index_frames` for a sealed
+    segment, and :func:`chunk_frames` for one without a whole index or
+    still being written, ``sealed`` False); None to replay it in full."""
+    if sealed:
+        frames = index_frames(state, base, generation, seq, size)
+        if frames is not None:
+            return frames
+    return chunk_frames(state, base, generation, seq)[0]
+
+
+def index_frames(
+    state: JobState, base: Path, generation: int, seq: int, size: int
+) -> dict[int, ColdRef] | None:
+    """The frames of sealed segment ``seq`` (file ``base``, ``size``
+    bytes) of log ``generation`` to leave cold, by offset, from its
+    checkpoint (a compacted base's, see broker/checkpoint.py) or its whole
+    index (see broker/segindex.py) if it has a valid one, with ``state``
+    ready for them (empty: a valid index that names none); None if it has
+    neither. Checkpoints of other bases, and indexes of segments before
+    the base, are removed."""
     directory = base.parent
     seed = segment_seed(FORMAT_VERSION, generation, seq)
     if seq == _first_segment(directory, seq):
@@ -818,7 +829,7 @@ def checkpoint_frames(
     index = checkpoint.idx_path(directory, seq)
     loaded = checkpoint.load(directory, generation, seq, base, index)
     if loaded is None:
-        return chunk_frames(state, base, generation, seq)[0]
+        return None
     if not loaded.batches:
         return {}  # indexed: nothing in it may be cold
     return state.attach_cold(loaded, base, seed, index)
@@ -830,18 +841,20 @@ def chunk_frames(
     """The frames of segment ``seq`` (file ``segment``) of log
     ``generation`` that its valid chunk indexes (see broker/segindex.py)
     leave cold, by offset (None: it has none), with ``state`` ready for
-    them; and where the last valid chunk ends (0: none). A chunk that
-    cannot be used is removed (a later one is written in its place)."""
+    them; and how far valid chunks cover it back to back from its start
+    (its header's end if none does). A chunk that cannot be used is
+    removed (a later one is written in its place)."""
     directory = segment.parent
     seed = segment_seed(FORMAT_VERSION, generation, seq)
     frames: dict[int, ColdRef] | None = None
-    covered = 0
+    covered = HEADER_SIZE
     for start, end, path in checkpoint.chunks_of(directory, seq):
         loaded = checkpoint.load_chunk(generation, seq, segment, start, end, path)
         if loaded is None:
             path.unlink(missing_ok=True)
             continue
-        covered = max(covered, end)
+        if start == covered:
+            covered = end
         frames = {} if frames is None else frames
         if loaded.batches:
             frames.update(state.attach_cold(loaded, segment, seed, path))

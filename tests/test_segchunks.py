@@ -284,7 +284,7 @@ def test_a_chunk_is_built_only_from_bytes_synced_first(
     assert events == [str(seg), "write"]
 
 
-def test_compaction_repair_and_a_whole_index_remove_chunks(
+def test_a_sealed_segment_keeps_its_chunks_and_compaction_or_repair_removes_them(
     tmp_path: Path, small_chunks: None
 ) -> None:
     state_dir, ids = chunked_log(tmp_path)
@@ -301,14 +301,30 @@ def test_compaction_repair_and_a_whole_index_remove_chunks(
     ids += enqueue_many(broker, "d", 6000, pad=PAD)  # ... until it is sealed
     until_idle(broker)
     assert active(log_dir)[0] > first
-    assert checkpoint.idx_path(log_dir, first).exists()
-    assert not checkpoint.chunks_of(log_dir, first)  # its whole index replaced them
+    seg = log_dir / f"{first:020d}.seg"
+    # its chunks, and a last one to its end, are its index: it is not read again
+    assert not checkpoint.idx_path(log_dir, first).exists()
+    ranges = [(start, end) for start, end, _ in checkpoint.chunks_of(log_dir, first)]
+    assert ranges[0][0] == HEADER_SIZE and ranges[-1][1] == seg.stat().st_size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     assert chunks(log_dir)  # the next one's
     broker.crash()
     warm = replay(log_dir, tmp_path, "warm", checkpoint=False)
     cold = replay(log_dir, tmp_path, "cold", checkpoint=True)
     assert_same(warm, cold, ids, QUEUES)
-    seg = log_dir / f"{first:020d}.seg"
+    # chunks with a hole: the restart gives it a whole index, which replaces them
+    checkpoint.chunks_of(log_dir, first)[1][2].unlink()
+    again = InProcessBroker(state_dir, extra=SMALL_LOG, fsync="never")
+    assert again.core.state.jobs.cold is not None
+    assert [path for path, _ in again.core._unindexed] == [seg]
+    again.core._replayed_at -= core.INDEX_AFTER
+    until_idle(again)
+    assert checkpoint.idx_path(log_dir, first).exists()
+    assert not checkpoint.chunks_of(log_dir, first)
+    again.crash()
+    warm = replay(log_dir, tmp_path, "warm", checkpoint=False)
+    cold = replay(log_dir, tmp_path, "cold", checkpoint=True)
+    assert_same(warm, cold, ids, QUEUES)
     data = bytearray(seg.read_bytes())
     data[len(data) // 2] ^= 0x10
     seg.write_bytes(bytes(data))
@@ -348,10 +364,14 @@ def test_the_indexer_orders_chunks_as_the_segment_grows_or_idles(tmp_path: Path)
     assert len(indexer.pending_chunks) == 1
     indexer.grow(seg, at, 1.0 + idle)
     assert indexer.pending_chunks[-1] == (str(seg), HEADER_SIZE + big, at)
-    indexer.grow(nxt, HEADER_SIZE + big, 10.0)  # a roll: the new segment from its start
+    indexer.want(seg, at + 10)  # sealed: one last chunk to its end
+    assert indexer.pending_chunks[-1] == (str(seg), at, at + 10)
+    assert indexer.pending == []
+    indexer.grow(nxt, HEADER_SIZE + big, 10.0)  # the roll's new segment, from its start
     assert indexer.pending_chunks[-1] == (str(nxt), HEADER_SIZE, HEADER_SIZE + big)
-    indexer.want(nxt, HEADER_SIZE + big + 10)  # sealed: its whole index covers its chunks
-    assert [c[0] for c in indexer.pending_chunks] == [str(seg), str(seg)]
+    indexer.pending_chunks = []
+    indexer.want(tmp_path / "0.seg", 1 << 20)  # sealed, never chunked: a whole index
+    assert indexer.pending == [tmp_path / "0.seg"]
     indexer.pending = []  # (nothing to build: the files do not exist)
     indexer.resume(seg, at + 100)
     indexer.grow(seg, at + 100 + big, 20.0)
