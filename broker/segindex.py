@@ -32,13 +32,26 @@ corrupt or stale is ignored (``segment_index.ignored`` is logged), the
 segment replayed in full, and indexed again after the start. A segment
 replaced or rewritten (compaction, repair) loses its index.
 
-Building an index reads the sealed segment back (the broker's hot path
-does nothing for it): on the loop for a segment of up to
+Building an index reads the segment back (the broker's hot path does
+nothing for it): on the loop for a sealed segment of up to
 :data:`INLINE_MAX` bytes (a few ms), else in a child process,
 ``python -m corral.broker.segindex ORDER`` (niced, killed with the broker,
-as the compactor is). The active segment (at most ``segment_size``) has
-none and is always replayed in full: as Kafka recovers its active segment
-by scanning it after an unclean stop.
+as the compactor is).
+
+The segment being written is indexed by *chunks*
+(``<seq>.<start>-<end>.idx``, the same format: :func:`build_chunk`): each
+time :data:`CHUNK_BYTES` more were written to it, or once the log has been
+idle :data:`CHUNK_IDLE` seconds with at least :data:`CHUNK_IDLE_BYTES`
+unindexed, the loop orders one for the bytes since the last (see
+:meth:`Indexer.grow`), and the child fdatasyncs the segment before it
+reads them, so a chunk never describes bytes that are not on disk. A chunk
+cannot be tied to the growing file's size and mtime; it names its byte
+range and each batch's frame CRC, which the replay compares with the
+frame's own (:func:`~corral.broker.checkpoint.load_chunk`). A restart
+replays only what its valid chunks do not cover, and goes on chunking from
+where they end. When the segment is sealed it gets one last chunk to its
+end, and its chunks are its index; a sealed segment whose chunks do not
+cover it back to back gets a whole index after the next start.
 """
 
 from __future__ import annotations
