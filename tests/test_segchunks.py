@@ -21,10 +21,11 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import wait_for
+from conftest import Env, wait_for
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker
 from test_checkpoint import PAD, QUEUES, assert_same, compact_now, damage, enqueue_many, replay
 
+import corral
 from corral.broker import checkpoint, core, logtools, segindex
 from corral.broker import protocol as p
 from corral.broker.framing import HEADER_SIZE, Scan, list_segments, read_header
@@ -438,3 +439,30 @@ def test_a_batch_with_gaps_in_its_creation_numbers_keeps_the_dispatch_order(
         again.crash()
     assert orders[0] == orders[1]
     assert len(orders[0]) == 60 - 11 + 10
+
+
+# -- a real broker --------------------------------------------------------------
+
+
+def test_a_real_broker_chunks_its_idle_tail_and_restarts_on_it(env: Env) -> None:
+    """A real broker writes ~1 MB of jobs and goes idle: after CHUNK_IDLE
+    seconds its child writes the tail's chunk. Killed and started again,
+    it answers with the same queues, the jobs of its only segment cold."""
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client(timeout=30)
+    for _ in range(3):
+        client.enqueue_many([corral.Job("e2e.noop", bytes(300))] * 1000)
+    log_dir = env.home / "state" / "log"
+    assert len(list_segments(log_dir)) == 1
+    wait_for(lambda: chunks(log_dir), timeout=60, message="the idle tail's chunk")
+    status = client.status().queues
+    os.killpg(broker.pid, 9)
+    broker.wait(10)
+    again = env.start("broker")
+    env.wait_ready(again)
+    assert client.status().queues == status
+    wait_for(lambda: "broker.replayed" in again.output(), timeout=30)
+    replayed = [line for line in again.output().splitlines() if "broker.replayed" in line][-1]
+    assert '"cold_jobs": 3000' in replayed, replayed
+    assert client.purge("default") == 3000
