@@ -53,6 +53,8 @@ __all__ = [
     "Body",
     "ColdBatch",
     "Loaded",
+    "build",
+    "build_keyed",
     "chunk_path",
     "chunks_of",
     "ckpt_path",
@@ -178,6 +180,20 @@ def build(
     # One int per id, hash above batch number: ints sort several times
     # faster than (hash, batch) tuples.
     keys = sorted(id_hash(job_id) << 32 | i for i, (_, ids) in enumerate(batches) for job_id in ids)
+    return build_keyed(generation, seq, size, mtime_ns, [b for b, _ in batches], keys, start)
+
+
+def build_keyed(
+    generation: int,
+    seq: int,
+    size: int,
+    mtime_ns: int,
+    batches: list[ColdBatch],
+    keys: list[int],
+    start: int = 0,
+) -> bytes:
+    """:func:`build`, given the id index as sorted ``keys``: per id, its
+    hash above 32 bits, the number of its batch (in ``batches``) below."""
     hashes = array("Q", [key >> 32 for key in keys])
     owners = array("I", [key & 0xFFFFFFFF for key in keys])
     body = msgspec.msgpack.encode(
@@ -186,7 +202,7 @@ def build(
             seq,
             size,
             mtime_ns,
-            [batch for batch, _ in batches],
+            batches,
             _le(hashes).tobytes(),
             _le(owners).tobytes(),
             start,

@@ -50,14 +50,16 @@ range and each batch's frame CRC, which the replay compares with the
 frame's own (:func:`~corral.broker.checkpoint.load_chunk`). A restart
 replays only what its valid chunks do not cover, and goes on chunking from
 where they end. When the segment is sealed it gets one last chunk to its
-end, and its chunks are its index; a sealed segment whose chunks do not
-cover it back to back gets a whole index after the next start.
+end, then a whole index merged from its chunks (:func:`merge_chunks`:
+one id index per sealed segment, and no id read twice); a sealed segment
+whose chunks do not cover it back to back is scanned instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import mmap
 import os
 import subprocess
@@ -100,6 +102,7 @@ CHUNK_BYTES = 8 << 20
 CHUNK_IDLE = 2.0
 CHUNK_IDLE_BYTES = 256 << 10
 _JOBS_CREATED = RECORD_CODES[JobsCreated]
+_OWNER = 0xFFFFFFFF  # the batch number's bits of an id key
 _log = get_logger(__name__)
 
 
@@ -188,19 +191,77 @@ def build_index(path: Path) -> Path | None:
     None when the segment cannot be indexed (a bad frame) or changed while
     it was read (a compaction replaced it). Raises OSError."""
     before = path.stat()
-    got = scan_batches(path)
-    if got is None:
-        _log.warning("segment_index.not_written", segment=str(path), reason="a bad frame")
-        return None
-    generation, seq, batches = got
-    index = checkpoint.idx_path(path.parent, seq)
-    checkpoint.write(path.parent, generation, seq, path, batches, path=index, stat=before)
+    header = read_header(path)
+    index = checkpoint.idx_path(path.parent, header.seq)
+    merged = merge_chunks(path, header.generation, header.seq, before.st_size)
+    if merged is not None:  # its chunks cover it: their ids need no reading again
+        batches, keys = merged
+        data = checkpoint.build_keyed(
+            header.generation, header.seq, before.st_size, before.st_mtime_ns, batches, keys
+        )
+        checkpoint.write_file(path.parent, index, data)
+    else:
+        got = scan_batches(path)
+        if got is None:
+            _log.warning("segment_index.not_written", segment=str(path), reason="a bad frame")
+            return None
+        generation, seq, found = got
+        checkpoint.write(path.parent, generation, seq, path, found, path=index, stat=before)
+    seq = header.seq
     if _changed(before, path):  # replaced meanwhile: the index speaks of the old file
         index.unlink(missing_ok=True)
         return None
     for _, _, chunk in checkpoint.chunks_of(path.parent, seq):  # (the index covers them)
         chunk.unlink(missing_ok=True)
     return index
+
+
+def merge_chunks(
+    path: Path, generation: int, seq: int, size: int
+) -> tuple[list[ColdBatch], list[int]] | None:
+    """The batches and id keys (see :func:`~corral.broker.checkpoint.build_keyed`)
+    of sealed segment ``path`` (``size`` bytes) taken from its chunk
+    indexes, or None unless valid chunks cover it back to back and each
+    batch they name is, by its frame header's length and CRC, still the
+    frame there (it is then scanned instead). A batch holding an id
+    (by its hash) that another batch holds too is left out, as a scan
+    leaves out batches whose ids repeat. Raises OSError."""
+    directory = path.parent
+    parts: list[checkpoint.Loaded] = []
+    covered = HEADER_SIZE
+    for start, end, chunk in checkpoint.chunks_of(directory, seq):
+        if start != covered:
+            continue
+        loaded = checkpoint.load_chunk(generation, seq, path, start, end, chunk)
+        if loaded is None:
+            return None
+        parts.append(loaded)
+        covered = end
+    if covered != size or not parts:
+        return None
+    with open(path, "rb") as f:
+        heads = [os.pread(f.fileno(), FRAME.size, b.offset) for part in parts for b in part.batches]
+    batches = [b for part in parts for b in part.batches]
+    for batch, head in zip(batches, heads, strict=True):
+        length, crc, code = FRAME.unpack(head)
+        if (length + 8, crc, code) != (batch.length, batch.crc, _JOBS_CREATED):
+            return None
+    keys: list[int] = []
+    base = 0
+    for part in parts:
+        keys += [h << 32 | (o + base) for h, o in zip(part.hashes, part.owners, strict=True)]
+        base += len(part.batches)
+    keys.sort()  # (runs sorted already: a merge)
+    twice: set[int] = set()
+    for key, after in itertools.pairwise(keys):
+        if key >> 32 == after >> 32:
+            twice.update((key & _OWNER, after & _OWNER))
+    if twice:
+        kept = [i for i in range(len(batches)) if i not in twice]
+        number = {old: new for new, old in enumerate(kept)}
+        batches = [batches[i] for i in kept]
+        keys = [k >> 32 << 32 | number[k & _OWNER] for k in keys if k & _OWNER in number]
+    return batches, keys
 
 
 def build_chunk(path: Path, start: int, end: int) -> Path | None:
@@ -372,14 +433,18 @@ class Indexer:
         return bool(self.pending or self.pending_chunks) or self._proc is not None
 
     def want(self, path: Path, size: int) -> None:
-        """Index sealed segment ``path`` (``size`` bytes used): if it is
-        the segment whose chunks were being written, by one last chunk up
-        to its end (its chunks are then its index: nothing is read twice);
-        else by a whole index (which replaces any chunks it has)."""
+        """Index sealed segment ``path`` (``size`` bytes used) by a whole
+        index, which replaces any chunks it has: if it is the segment whose
+        chunks were being written, one last chunk up to its end first, and
+        the whole index is merged from them (see :func:`merge_chunks`: no
+        id read or hashed again)."""
         if path == self._segment and self._chunk_from > HEADER_SIZE:
+            # one last chunk, then a whole index merged from its chunks (the
+            # child does chunks first): one id index per sealed segment
             if size > self._chunk_from:
                 self.pending_chunks.append((str(path), self._chunk_from, size))
             self._segment = None
+            self.pending.append(path)
             return
         self.pending_chunks = [c for c in self.pending_chunks if c[0] != str(path)]
         if size > INLINE_MAX:

@@ -303,26 +303,11 @@ def test_a_sealed_segment_keeps_its_chunks_and_compaction_or_repair_removes_them
     until_idle(broker)
     assert active(log_dir)[0] > first
     seg = log_dir / f"{first:020d}.seg"
-    # its chunks, and a last one to its end, are its index: it is not read again
-    assert not checkpoint.idx_path(log_dir, first).exists()
-    ranges = [(start, end) for start, end, _ in checkpoint.chunks_of(log_dir, first)]
-    assert ranges[0][0] == HEADER_SIZE and ranges[-1][1] == seg.stat().st_size
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-    assert chunks(log_dir)  # the next one's
-    broker.crash()
-    warm = replay(log_dir, tmp_path, "warm", checkpoint=False)
-    cold = replay(log_dir, tmp_path, "cold", checkpoint=True)
-    assert_same(warm, cold, ids, QUEUES)
-    # chunks with a hole: the restart gives it a whole index, which replaces them
-    checkpoint.chunks_of(log_dir, first)[1][2].unlink()
-    again = InProcessBroker(state_dir, extra=SMALL_LOG, fsync="never")
-    assert again.core.state.jobs.cold is not None
-    assert [path for path, _ in again.core._unindexed] == [seg]
-    again.core._replayed_at -= core.INDEX_AFTER
-    until_idle(again)
+    # a last chunk to its end, then a whole index merged from them, which replaces them
     assert checkpoint.idx_path(log_dir, first).exists()
     assert not checkpoint.chunks_of(log_dir, first)
-    again.crash()
+    assert chunks(log_dir)  # the next one's
+    broker.crash()
     warm = replay(log_dir, tmp_path, "warm", checkpoint=False)
     cold = replay(log_dir, tmp_path, "cold", checkpoint=True)
     assert_same(warm, cold, ids, QUEUES)
@@ -331,6 +316,76 @@ def test_a_sealed_segment_keeps_its_chunks_and_compaction_or_repair_removes_them
     seg.write_bytes(bytes(data))
     logtools.repair(log_dir)
     assert not list(log_dir.glob("*.idx"))
+
+
+def sealed_copy(state_dir: Path, at: Path) -> Path:
+    """A copy of ``state_dir``'s segment being written, cut where its chunks
+    end back to back (as a roll seals it), with those chunks: a sealed
+    segment whose chunks cover it."""
+    log_dir = state_dir / "log"
+    seq, seg = active(log_dir)
+    at.mkdir()
+    covered = HEADER_SIZE
+    for start, end, path in checkpoint.chunks_of(log_dir, seq):
+        if start == covered:
+            shutil.copy2(path, at / path.name)
+            covered = end
+    copy = at / seg.name
+    copy.write_bytes(seg.read_bytes()[:covered])
+    return copy
+
+
+def test_a_whole_index_merged_from_chunks_is_the_one_a_scan_writes(
+    tmp_path: Path, small_chunks: None
+) -> None:
+    """A sealed segment's chunks are merged into its whole index without
+    reading an id again: it is byte for byte the index a scan of the
+    segment writes, a batch whose id another batch of the segment holds
+    too (a job deleted, its id enqueued again later) left out by both."""
+    broker = InProcessBroker(tmp_path / "s", extra=SMALL_LOG, fsync="never")
+    enqueue_many(broker, "r", 200, pad=PAD)
+    broker.request(p.Cancel(broker.next_req(), "r-5"))
+    broker.request(p.Delete(broker.next_req(), "r-5"))
+    enqueue_many(broker, "a", 400, pad=PAD)  # (past a chunk's end)
+    again = [p.JobSpec(f"r-{i}", "t.task", p.encode_value([i, PAD])) for i in (5, 1000)]
+    assert isinstance(broker.request(p.Enqueue(broker.next_req(), again)), p.EnqueueOk)
+    enqueue_many(broker, "b", 400, pad=PAD)
+    until_idle(broker)
+    broker.crash()
+    copy = sealed_copy(tmp_path / "s", tmp_path / "sealed")
+    header = read_header(copy)
+    size, mtime = copy.stat().st_size, copy.stat().st_mtime_ns
+    merged = segindex.merge_chunks(copy, header.generation, header.seq, size)
+    assert merged is not None
+    got = segindex.scan_batches(copy)
+    assert got is not None
+    scanned = checkpoint.build(header.generation, header.seq, size, mtime, got[2])
+    assert checkpoint.build_keyed(header.generation, header.seq, size, mtime, *merged) == scanned
+    frames = [r for r in Scan(copy, copy.read_bytes(), header.seed) if isinstance(r, JobsCreated)]
+    assert len(merged[0]) == len(frames) - 2  # the two batches holding r-5
+    assert segindex.build_index(copy) == checkpoint.idx_path(copy.parent, header.seq)
+    assert not checkpoint.chunks_of(copy.parent, header.seq)
+
+
+@pytest.mark.parametrize("how", ["hole", "stale-frame"])
+def test_chunks_that_do_not_cover_a_sealed_segment_are_not_merged(
+    tmp_path: Path, small_chunks: None, how: str
+) -> None:
+    state_dir, _ = chunked_log(tmp_path)
+    copy = sealed_copy(state_dir, tmp_path / "sealed")
+    header = read_header(copy)
+    (_, _, second), *_ = checkpoint.chunks_of(copy.parent, header.seq)[1:]
+    if how == "hole":
+        second.unlink()
+    else:  # a batch it names is other bytes now (same length, another CRC)
+        start, end, _ = checkpoint.chunks_of(copy.parent, header.seq)[1]
+        loaded = checkpoint.load_chunk(header.generation, header.seq, copy, start, end, second)
+        assert loaded is not None
+        data = bytearray(copy.read_bytes())
+        data[loaded.batches[0].offset + 4] ^= 0x01  # its frame header's CRC
+        copy.write_bytes(bytes(data))
+    size = copy.stat().st_size
+    assert segindex.merge_chunks(copy, header.generation, header.seq, size) is None
 
 
 def test_index_files_are_the_owners_only(tmp_path: Path, small_chunks: None) -> None:
@@ -365,9 +420,10 @@ def test_the_indexer_orders_chunks_as_the_segment_grows_or_idles(tmp_path: Path)
     assert len(indexer.pending_chunks) == 1
     indexer.grow(seg, at, 1.0 + idle)
     assert indexer.pending_chunks[-1] == (str(seg), HEADER_SIZE + big, at)
-    indexer.want(seg, at + 10)  # sealed: one last chunk to its end
+    indexer.want(seg, at + 10)  # sealed: one last chunk to its end, then the merge
     assert indexer.pending_chunks[-1] == (str(seg), at, at + 10)
-    assert indexer.pending == []
+    assert indexer.pending == [seg]
+    indexer.pending = []
     indexer.grow(nxt, HEADER_SIZE + big, 10.0)  # the roll's new segment, from its start
     assert indexer.pending_chunks[-1] == (str(nxt), HEADER_SIZE, HEADER_SIZE + big)
     indexer.pending_chunks = []
