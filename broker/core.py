@@ -254,18 +254,18 @@ class BrokerCore:
         self, segment: Path, generation: int, seq: int, size: int, sealed: bool
     ) -> dict[int, ColdRef] | None:
         """The log's question at a replay (see Log.replay and
-        checkpoint_frames); a sealed segment without a valid index (or
-        chunks up to its end) is indexed after the start; the segment being
-        written goes on being indexed by chunks from where its valid ones
-        end."""
+        checkpoint_frames); a sealed segment without a valid whole index is
+        indexed after the start (its chunks, if any, serve meanwhile); the
+        segment being written goes on being indexed by chunks from where
+        its valid ones end."""
         if sealed:
             frames = index_frames(self.state, segment, generation, seq, size)
             if frames is not None:
                 return frames
-            frames, covered = chunk_frames(self.state, segment, generation, seq)
-            if covered < size:  # its chunks (if any) stop short of its end
-                self._unindexed.append((segment, size))
-            return frames
+            # its chunks serve now; after the start a whole index is merged
+            # from them (or, where they do not cover it, scanned)
+            self._unindexed.append((segment, size))
+            return chunk_frames(self.state, segment, generation, seq)[0]
         frames, self._chunked = chunk_frames(self.state, segment, generation, seq)
         return frames
 

@@ -311,6 +311,24 @@ def test_a_sealed_segment_keeps_its_chunks_and_compaction_or_repair_removes_them
     warm = replay(log_dir, tmp_path, "warm", checkpoint=False)
     cold = replay(log_dir, tmp_path, "cold", checkpoint=True)
     assert_same(warm, cold, ids, QUEUES)
+    # killed between its last chunk and the merge: its chunks serve, the merge follows
+    checkpoint.idx_path(log_dir, first).unlink()
+    scan = Scan(seg, seg.read_bytes(), read_header(seg).seed)
+    bounds = [scan.pos for _ in scan]
+    cuts = [HEADER_SIZE, bounds[len(bounds) // 2], seg.stat().st_size]
+    for start, end in itertools.pairwise(cuts):
+        assert segindex.build_chunk(seg, start, end) is not None
+    again = InProcessBroker(state_dir, extra=SMALL_LOG, fsync="never")
+    assert [path for path, _ in again.core._unindexed] == [seg]
+    assert again.core.state.jobs.cold is not None
+    again.core._replayed_at -= core.INDEX_AFTER
+    until_idle(again)
+    assert checkpoint.idx_path(log_dir, first).exists()
+    assert not checkpoint.chunks_of(log_dir, first)
+    again.crash()
+    warm = replay(log_dir, tmp_path, "warm", checkpoint=False)
+    cold = replay(log_dir, tmp_path, "cold", checkpoint=True)
+    assert_same(warm, cold, ids, QUEUES)
     data = bytearray(seg.read_bytes())
     data[len(data) // 2] ^= 0x10
     seg.write_bytes(bytes(data))
