@@ -8,10 +8,12 @@ workers), because the second needs the log the first wrote:
    batches of 1,000, and the broker's RSS (``/proc``, via psutil) is read
    before and after. Per job = RSS growth / N; beyond the payload = that
    less the 100 payload bytes.
-2. **restart**: once the broker has indexed the log's sealed segments (see
-   broker/segindex.py: it does so as each is sealed, in a child; the wait
-   is reported as ``index_wait_s``), it is killed (SIGKILL: a crash, no shutdown work),
-   the log's used bytes are summed (each segment up to its last non-zero
+2. **restart**: once the broker has indexed the log's segments (see
+   broker/segindex.py: by chunks every 8 MiB as each is written, a last one
+   when it is sealed, and one of the tail once the broker has been idle
+   2 s, in a child; the wait is reported as ``index_wait_s``, what
+   no chunk covers then as ``unindexed_tail_kib``), it is killed (SIGKILL:
+   a crash, no shutdown work), the log's used bytes are summed (each segment up to its last non-zero
    byte), and the broker is started again on it. The restart time runs
    from the ``Popen`` until it answers a ping (polled every 20 ms); replay MB/s = log bytes /
    restart time (interpreter start and imports are inside it). The RSS after
@@ -42,7 +44,9 @@ from typing import Any
 import psutil
 from harness import Instance, Settings, corral_command
 
+from corral.broker.checkpoint import chunks_of
 from corral.broker.framing import content_end
+from corral.broker.segindex import CHUNK_IDLE_BYTES
 from corral.client import Client, Job
 
 #: msgpack of a 98-byte bytes value: 2 bytes of header, 100 in all.
@@ -72,18 +76,32 @@ def _enqueue(client: Client, n: int) -> None:
         left -= size
 
 
-def _wait_indexed(state_dir: Path, timeout: float = 300.0) -> tuple[int, float]:
-    """Wait until every sealed segment of the log has its index; returns
-    (sealed segments, seconds waited)."""
+def _chunked(log_dir: Path, segment: Path) -> int:
+    """Where the chunk indexes of ``segment`` end (0: it has none)."""
+    return max((end for _, end, _ in chunks_of(log_dir, int(segment.stem))), default=0)
+
+
+def _wait_indexed(state_dir: Path, timeout: float = 300.0) -> tuple[int, float, int]:
+    """Wait until every sealed segment of the log has its index and the
+    chunk indexes of the segment being written cover all but its last
+    ``CHUNK_IDLE_BYTES`` (the broker writes one for the tail once it has
+    been idle ``CHUNK_IDLE`` seconds); returns (sealed segments, seconds
+    waited, bytes of the segment being written that no chunk covers)."""
     log_dir = state_dir / "log"
     started = time.perf_counter()
     while True:
-        sealed = sorted(log_dir.glob("*.seg"))[:-1]
-        if all(seg.with_suffix(".idx").exists() for seg in sealed):
-            return len(sealed), time.perf_counter() - started
+        segments = sorted(log_dir.glob("*.seg"))
+        sealed, last = segments[:-1], segments[-1]
+        used = content_end(last.read_bytes())
+        covered = _chunked(log_dir, last)
+        if all(
+            seg.with_suffix(".idx").exists() or _chunked(log_dir, seg) == seg.stat().st_size
+            for seg in sealed
+        ) and (used - covered < CHUNK_IDLE_BYTES):
+            return len(sealed), time.perf_counter() - started, max(0, used - covered)
         if time.perf_counter() - started > timeout:
-            raise RuntimeError(f"the sealed segments of {log_dir} were not indexed in {timeout} s")
-        time.sleep(0.1)  # polling files another process writes
+            raise RuntimeError(f"the segments of {log_dir} were not indexed in {timeout} s")
+        time.sleep(0.5)  # polling files another process writes
 
 
 def bench_scale(fsync: str, n: int) -> dict[str, Any]:
@@ -103,7 +121,7 @@ def bench_scale(fsync: str, n: int) -> dict[str, Any]:
         if queued != n + BATCH:
             raise RuntimeError(f"expected {n + BATCH} queued jobs, the broker has {queued}")
         after = _rss(broker.popen.pid)
-        sealed, index_wait = _wait_indexed(Path(inst.root) / "s")
+        sealed, index_wait, unindexed = _wait_indexed(Path(inst.root) / "s")
         os.killpg(broker.popen.pid, signal.SIGKILL)
         broker.popen.wait()
         inst.procs.remove(broker)
@@ -128,6 +146,7 @@ def bench_scale(fsync: str, n: int) -> dict[str, Any]:
         "log_mib": size / 2**20,
         "sealed_segments": sealed,
         "index_wait_s": index_wait,
+        "unindexed_tail_kib": unindexed / 1024,
         "restart_s": restart_s,
         "replay_mb_s": size / 1e6 / restart_s,
         "rss_after_restart_mib": rss_restarted / 2**20,

@@ -30,7 +30,10 @@ what, the checkpoint says is decoded as usual.
 Format: ``MAGIC``, a u32 version, a u32 CRC of the body, a u64 body length,
 then the body (msgpack of :class:`Body`). A sealed segment's index
 (``<seq>.idx``, :mod:`corral.broker.segindex`) is the same format, read
-and written by the same functions.
+and written by the same functions, and so is a chunk index of the
+segment being written (``<seq>.<start>-<end>.idx``: the frames in bytes
+``[start, end)`` of it; see :func:`load_chunk`). Every such file is written
+0600, as the log is: it names the jobs' ids.
 """
 
 from __future__ import annotations
@@ -46,7 +49,22 @@ import msgspec
 from corral.broker.framing import FORMAT_VERSION, fsync_dir, segment_seed
 from corral.broker.lazylog import get_logger
 
-__all__ = ["Body", "ColdBatch", "Loaded", "ckpt_path", "id_hash", "idx_path", "load", "write"]
+__all__ = [
+    "Body",
+    "ColdBatch",
+    "Loaded",
+    "build",
+    "build_keyed",
+    "chunk_path",
+    "chunks_of",
+    "ckpt_path",
+    "id_hash",
+    "idx_path",
+    "load",
+    "load_chunk",
+    "write",
+    "write_file",
+]
 
 MAGIC = b"CORRALCK"
 VERSION = 1
@@ -60,7 +78,9 @@ class ColdBatch(msgspec.Struct, array_like=True, gc=False):
     ``count`` jobs with creation numbers ``first_seq..last_seq``, their
     ``queue`` (resolved) and ``task``, their priority ``runs``
     (``(priority, start, end)`` index ranges), the sum and the largest of
-    their blobs (bytes)."""
+    their blobs (bytes), and the CRC its frame header holds (``crc``; -1:
+    not recorded, as in a compaction's checkpoint, whose base is checked
+    whole by its size and mtime instead)."""
 
     offset: int
     length: int
@@ -72,6 +92,7 @@ class ColdBatch(msgspec.Struct, array_like=True, gc=False):
     runs: list[tuple[int, int, int]]
     blob_bytes: int
     largest_blob: int
+    crc: int = -1
 
 
 class Body(msgspec.Struct, array_like=True):
@@ -79,7 +100,8 @@ class Body(msgspec.Struct, array_like=True):
     segment ``seq``, file ``size`` in bytes and ``mtime_ns``), its ``batches``, and the
     sorted 64-bit hashes of their jobs' ids (``hashes``, uint64
     little-endian) with, per hash, the index of its batch (``owners``,
-    uint32 little-endian)."""
+    uint32 little-endian). A chunk index describes bytes ``[start, size)``
+    of its segment only, and names no mtime (0): the segment grows."""
 
     generation: int
     seq: int
@@ -90,6 +112,8 @@ class Body(msgspec.Struct, array_like=True):
     batches: list[ColdBatch]
     hashes: bytes
     owners: bytes
+    #: Where the bytes described begin (0: the whole file).
+    start: int = 0
 
 
 class Loaded(msgspec.Struct):
@@ -112,6 +136,29 @@ def idx_path(directory: Path, seq: int) -> Path:
     return directory / f"{seq:020d}.idx"
 
 
+def chunk_path(directory: Path, seq: int, start: int, end: int) -> Path:
+    """Where the chunk index of bytes ``[start, end)`` of segment ``seq`` lives."""
+    return directory / f"{seq:020d}.{start:012d}-{end:012d}.idx"
+
+
+def chunks_of(directory: Path, seq: int) -> list[tuple[int, int, Path]]:
+    """The chunk index files of segment ``seq``: ``(start, end, path)``,
+    by start (a name that does not parse is passed over)."""
+    found = []
+    for path in directory.glob(f"{seq:020d}.*-*.idx"):
+        try:
+            start, end = (int(part) for part in path.name.split(".")[1].split("-"))
+        except ValueError:
+            continue
+        found.append((start, end, path))
+    return sorted(found)
+
+
+def index_files(directory: Path, seq: int) -> list[Path]:
+    """Every index of segment ``seq``: its whole one and its chunks."""
+    return [idx_path(directory, seq), *(path for _, _, path in chunks_of(directory, seq))]
+
+
 def id_hash(job_id: str) -> int:
     """A 64-bit hash of a job id that is the same in every process (Python's
     own ``hash`` is salted per process)."""
@@ -125,13 +172,28 @@ def build(
     size: int,
     mtime_ns: int,
     batches: list[tuple[ColdBatch, list[str]]],
+    start: int = 0,
 ) -> bytes:
     """The bytes of a checkpoint of base ``seq`` (``size`` bytes, modified
     at ``mtime_ns``) of log ``generation``, for ``batches`` (each with its
-    jobs' ids)."""
+    jobs' ids); of a chunk index: bytes ``[start, size)``, ``mtime_ns`` 0."""
     # One int per id, hash above batch number: ints sort several times
     # faster than (hash, batch) tuples.
     keys = sorted(id_hash(job_id) << 32 | i for i, (_, ids) in enumerate(batches) for job_id in ids)
+    return build_keyed(generation, seq, size, mtime_ns, [b for b, _ in batches], keys, start)
+
+
+def build_keyed(
+    generation: int,
+    seq: int,
+    size: int,
+    mtime_ns: int,
+    batches: list[ColdBatch],
+    keys: list[int],
+    start: int = 0,
+) -> bytes:
+    """:func:`build`, given the id index as sorted ``keys``: per id, its
+    hash above 32 bits, the number of its batch (in ``batches``) below."""
     hashes = array("Q", [key >> 32 for key in keys])
     owners = array("I", [key & 0xFFFFFFFF for key in keys])
     body = msgspec.msgpack.encode(
@@ -140,9 +202,10 @@ def build(
             seq,
             size,
             mtime_ns,
-            [batch for batch, _ in batches],
+            batches,
             _le(hashes).tobytes(),
             _le(owners).tobytes(),
+            start,
         )
     )
     crc = _crc(body, generation, seq)
@@ -167,10 +230,18 @@ def write(
     default, now). Raises OSError (the tmp file is removed)."""
     st = base.stat() if stat is None else stat
     data = build(generation, seq, st.st_size, st.st_mtime_ns, batches)
-    path = ckpt_path(directory, seq) if path is None else path
+    return write_file(directory, ckpt_path(directory, seq) if path is None else path, data)
+
+
+def write_file(directory: Path, path: Path, data: bytes) -> Path:
+    """Write ``data`` (built by :func:`build`) to ``path`` in ``directory``
+    atomically, owner-only (0600, whatever the umask): to a ``.tmp`` file,
+    fsync'd, renamed into place, the directory fsync'd. Raises OSError
+    (the tmp file is removed)."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # (a tmp file of the same name left by a killed writer)
         with memoryview(data) as view:
             done = 0
             while done < len(data):
@@ -186,7 +257,11 @@ def write(
     return path
 
 
-def load(  # noqa: PLR0911 (one return per way a checkpoint can be unusable)
+class _Unusable(Exception):
+    """An index file that cannot be used, and why."""
+
+
+def load(
     directory: Path, generation: int, seq: int, base: Path, path: Path | None = None
 ) -> Loaded | None:
     """The checkpoint of base ``seq`` (the file ``base``) of log
@@ -197,37 +272,95 @@ def load(  # noqa: PLR0911 (one return per way a checkpoint can be unusable)
     path = ckpt_path(directory, seq) if path is None else path
     try:
         st = base.stat()
+        got = _read(path, generation, seq)
+        if got is None:
+            return None
+        if (got.generation, got.seq, got.size, got.mtime_ns, got.start) != (
+            generation,
+            seq,
+            st.st_size,
+            st.st_mtime_ns,
+            0,
+        ):
+            raise _Unusable("it describes another base (stale)")
+        return _loaded(got)
+    except FileNotFoundError:
+        return None
+    except _Unusable as exc:
+        _ignored(path, str(exc))
+        return None
+
+
+def load_chunk(
+    generation: int, seq: int, segment: Path, start: int, end: int, path: Path
+) -> Loaded | None:
+    """The chunk index ``path`` of bytes ``[start, end)`` of segment ``seq``
+    (the file ``segment``, maybe still being written) of log
+    ``generation``, or None when it cannot be used (logged as
+    ``segment_index.ignored``). The segment's size and mtime change as it
+    grows, so what ties a chunk to its bytes is, beside its CRC seed, the
+    CRC of every frame it names (:attr:`ColdBatch.crc`, which the replay
+    compares with the frame's): a chunk of bytes since cut and written
+    again never stands for them. Never raises for a bad file."""
+    try:
+        size = segment.stat().st_size
+        got = _read(path, generation, seq)
+        if got is None:
+            return None
+        if (got.generation, got.seq, got.start, got.size, got.mtime_ns) != (
+            generation,
+            seq,
+            start,
+            end,
+            0,
+        ):
+            raise _Unusable("it describes other bytes than its name says (stale)")
+        if end > size:
+            raise _Unusable(f"it describes bytes up to {end}, the segment has {size} (stale)")
+        for batch in got.batches:
+            if batch.crc < 0 or not start <= batch.offset < batch.offset + batch.length <= end:
+                raise _Unusable(f"its batch at offset {batch.offset} is not of its bytes")
+        return _loaded(got)
+    except FileNotFoundError:
+        return None
+    except _Unusable as exc:
+        _ignored(path, str(exc))
+        return None
+
+
+def _read(path: Path, generation: int, seq: int) -> Body | None:
+    """The body of index file ``path`` (a checkpoint, a segment's index or
+    chunk) of segment ``seq`` of log ``generation``, checked whole; None if
+    it is missing. Raises _Unusable (torn, damaged, of another segment)."""
+    try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return _ignored(path, f"cannot read it: {exc}")
+        raise _Unusable(f"cannot read it: {exc}") from exc
     if len(data) < _HEAD.size:
-        return _ignored(path, "shorter than its header (torn)")
+        raise _Unusable("shorter than its header (torn)")
     magic, version, crc, length = _HEAD.unpack_from(data)
     if magic != MAGIC or version != VERSION:
-        return _ignored(path, "not a checkpoint of this version")
+        raise _Unusable("not a checkpoint of this version")
     body = memoryview(data)[_HEAD.size :]
     if len(body) != length:
-        return _ignored(path, f"body is {len(body)} bytes, its header says {length} (torn)")
+        raise _Unusable(f"body is {len(body)} bytes, its header says {length} (torn)")
     if _crc(body, generation, seq) != crc:
-        return _ignored(path, "checksum mismatch (damaged, or of another log or segment)")
+        raise _Unusable("checksum mismatch (damaged, or of another log or segment)")
     try:
-        got = msgspec.msgpack.decode(body, type=Body)
+        return msgspec.msgpack.decode(body, type=Body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        return _ignored(path, f"cannot decode it: {exc}")
-    if (got.generation, got.seq, got.size, got.mtime_ns) != (
-        generation,
-        seq,
-        st.st_size,
-        st.st_mtime_ns,
-    ):
-        return _ignored(path, "it describes another base (stale)")
+        raise _Unusable(f"cannot decode it: {exc}") from exc
+
+
+def _loaded(got: Body) -> Loaded:
+    """Raises _Unusable."""
     hashes, owners = array("Q"), array("I")
     hashes.frombytes(got.hashes)
     owners.frombytes(got.owners)
     if len(hashes) != len(owners):
-        return _ignored(path, "its id index does not match its batches")
+        raise _Unusable("its id index does not match its batches")
     return Loaded(got.batches, _le(hashes), _le(owners))
 
 
@@ -251,7 +384,6 @@ def _le(values: array[int]) -> array[int]:
     return values
 
 
-def _ignored(path: Path, reason: str) -> Loaded | None:
+def _ignored(path: Path, reason: str) -> None:
     event = "segment_index.ignored" if path.suffix == ".idx" else "checkpoint.ignored"
     _log.warning(event, file=str(path), reason=reason)
-    return None

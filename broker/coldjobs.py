@@ -64,15 +64,22 @@ class ColdRef(NamedTuple):
     batch: ColdBatch
 
     @property
-    def expect(self) -> tuple[int, int]:
-        """The frame's length and type code (see :class:`~corral.broker.framing.Scan`)."""
-        return (self.batch.length, JOBS_CREATED_CODE)
+    def expect(self) -> tuple[int, ...]:
+        """The frame's length, type code and, if the index recorded it, CRC
+        (see :class:`~corral.broker.framing.Scan`)."""
+        batch = self.batch
+        if batch.crc < 0:
+            return (batch.length, JOBS_CREATED_CODE)
+        return (batch.length, JOBS_CREATED_CODE, batch.crc)
 
 
 class ColdRun:
     """A ready-lane entry standing for one run of one priority of a cold
-    batch: ``seq`` is the run's last creation number (what an append to the
-    lane compares with), ``jobs`` the run's jobs once the batch is warm."""
+    batch: ``seq`` is the run's last creation number, or a bound above it
+    when the batch's numbers have gaps (what an append to the lane compares
+    with: see :meth:`ReadyQueues.add_cold
+    <corral.broker.ready.ReadyQueues.add_cold>`), ``jobs`` the run's jobs
+    once the batch is warm."""
 
     __slots__ = ("batch", "end", "jobs", "placed", "seq", "start")
     id = ""  # no job has it: the lane's liveness check never takes a run for a job

@@ -53,7 +53,7 @@ from corral.broker.records import BrokerStarted
 from corral.broker.schedules import Scheduler
 from corral.broker.segindex import Indexer
 from corral.broker.service import ClientService
-from corral.broker.state import Defaults, Job, JobState, checkpoint_frames
+from corral.broker.state import Defaults, Job, JobState, chunk_frames, index_frames
 from corral.broker.waiters import Waiters
 
 log = structlog.get_logger()
@@ -149,6 +149,8 @@ class BrokerCore:
         self.indexer = Indexer()
         #: Sealed segments a replay found without a valid index: (path, bytes).
         self._unindexed: list[tuple[Path, int]] = []
+        #: How far the replay found the segment being written chunk-indexed.
+        self._chunked = 0
         self.housekeeper = Housekeeper(
             self.journal,
             Scheduler.from_configs(config.schedules),
@@ -196,6 +198,9 @@ class BrokerCore:
         finally:
             gc.enable()
         self.state.replayed()
+        written = self.log.written_position
+        if written is not None:  # (a torn tail cut below the chunks' end: from the cut)
+            self.indexer.resume(written[0], min(self._chunked, written[1]))
         self._freeze()
         # The jobs something happened to: what each start-up check reads (a
         # million pristine jobs are passed over once, here, not per check;
@@ -248,14 +253,22 @@ class BrokerCore:
         )
 
     def _cold_frames(
-        self, segment: Path, generation: int, seq: int, size: int
+        self, segment: Path, generation: int, seq: int, size: int, sealed: bool
     ) -> dict[int, ColdRef] | None:
         """The log's question at a replay (see Log.replay and
-        checkpoint_frames); a sealed segment without a valid index is
-        indexed after the start."""
-        frames = checkpoint_frames(self.state, segment, generation, seq, size)
-        if frames is None:
+        checkpoint_frames); a sealed segment without a valid whole index is
+        indexed after the start (its chunks, if any, serve meanwhile); the
+        segment being written goes on being indexed by chunks from where
+        its valid ones end."""
+        if sealed:
+            frames = index_frames(self.state, segment, generation, seq, size)
+            if frames is not None:
+                return frames
+            # its chunks serve now; after the start a whole index is merged
+            # from them (or, where they do not cover it, scanned)
             self._unindexed.append((segment, size))
+            return chunk_frames(self.state, segment, generation, seq)[0]
+        frames, self._chunked = chunk_frames(self.state, segment, generation, seq)
         return frames
 
     def warm_cold(self) -> None:
@@ -333,15 +346,22 @@ class BrokerCore:
         self.dispatcher.dispatch(now, mono)
         if self.state.jobs.cold is not None:
             self.warm_cold()
-        if self.log.sealed or self._unindexed or self.indexer.busy:
-            self._index_sealed()
+        written = self.log.written_position
+        if (
+            self.log.sealed
+            or self._unindexed
+            or self.indexer.busy
+            or (written is not None and self.indexer.due(*written))
+        ):
+            self._index_sealed(mono)
         if self.state.next_seq - self._frozen_at >= FREEZE_EVERY:
             self._freeze()
 
-    def _index_sealed(self) -> None:
+    def _index_sealed(self, mono: float) -> None:
         """Index the segments sealed since the last pass, and those the
         replay found without an index (after the first answers: not on a
-        restart's way), and tend the indexing child."""
+        restart's way), order a chunk index of the segment being written
+        if it grew enough (see Indexer.grow), and tend the indexing child."""
         sealed = [(path, size) for _, path, size in self.log.sealed]
         self.log.sealed.clear()
         if self._replayed_at and time.monotonic() - self._replayed_at > INDEX_AFTER:
@@ -349,6 +369,9 @@ class BrokerCore:
             self._unindexed = []
         for path, size in sealed:
             self.indexer.want(path, size)
+        written = self.log.written_position
+        if written is not None:
+            self.indexer.grow(*written, mono)
         self.indexer.poll()
 
     def _freeze(self) -> None:

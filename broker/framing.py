@@ -457,8 +457,9 @@ class Scan:
     the segment's CRC seed (:attr:`Header.seed`). Sync marks are checked
     and passed over, not yielded. ``skip``: frame offset -> an object to
     yield instead of decoding the frame there, if the frame is valid and
-    its ``(length, type code)`` is the object's ``expect`` (a restart
-    checkpoint's cold batches; any other frame there is decoded)."""
+    its ``(length, type code)``, or ``(length, type code, CRC)``, is the
+    object's ``expect`` (a restart checkpoint's or an index's cold
+    batches; any other frame there is decoded)."""
 
     def __init__(
         self, path: Path, data: bytes, seed: int, skip: Mapping[int, Any] | None = None
@@ -490,7 +491,12 @@ class Scan:
                     continue
                 if self.skip is not None and pos in self.skip:
                     stand_in = self.skip[pos]
-                    if stand_in.expect == (end - pos, code):
+                    want = stand_in.expect
+                    if len(want) == 2:
+                        seen: tuple[int, ...] = (end - pos, code)
+                    else:  # with the CRC its frame had when it was described
+                        seen = (end - pos, code, FRAME.unpack_from(data, pos)[1])
+                    if want == seen:
                         self.pos = end
                         self.records += 1
                         yield stand_in

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from corral.broker.checkpoint import idx_path
+from corral.broker.checkpoint import chunks_of, index_files
 from corral.broker.compaction import Cut, remove_segments, tmp_name, write_base
 from corral.broker.framing import (
     FLAG_BASE,
@@ -93,7 +93,7 @@ __all__ = ["POLICIES", "FsyncFailed", "Log", "LogCorrupt", "LogDiskFull", "LogEr
 
 POLICIES = ("always", "interval", "never")
 #: See :meth:`Log.replay`.
-SkipFrames = Callable[[Path, int, int, int], Mapping[int, Any] | None]
+SkipFrames = Callable[[Path, int, int, int, bool], Mapping[int, Any] | None]
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 _ALLOC_RETRY = 1.0
@@ -225,10 +225,12 @@ class Log:
         Creates the directory and first segment if missing, finishes an
         interrupted compaction, cuts a torn tail (warning ``log.torn_tail``)
         and raises :class:`LogCorrupt` for anything worse. ``skip`` is
-        asked, for each sealed segment (every one but the last), which of
-        its frames to yield a stand-in for instead of decoding them (see
+        asked, for each segment, which of its frames to yield a stand-in
+        for instead of decoding them (see
         :class:`~corral.broker.framing.Scan`): ``skip(path, generation,
-        seq, size)`` -> frame offset -> stand-in."""
+        seq, size, sealed)`` -> frame offset -> stand-in; ``sealed`` is
+        False for the last segment (the one appends go on in: its size and
+        mtime say nothing of its frames)."""
         if self._active is not None:
             raise LogError("the log is already open")
         make_dirs(self.directory)
@@ -249,8 +251,9 @@ class Log:
         self._base = live[0].seq
         for i, (_, path, header) in enumerate(live):
             frames = None
-            if skip is not None and i < len(live) - 1:  # sealed: never written again
-                frames = skip(path, self._generation, header.seq, path.stat().st_size)
+            if skip is not None:  # (sealed: every one but the last, never written again)
+                sealed = i < len(live) - 1
+                frames = skip(path, self._generation, header.seq, path.stat().st_size, sealed)
             # Mapped, not copied: a sealed segment with an index is mostly
             # frames that are only checked, and the last segment mostly
             # preallocated zeros (half the CPU of reading them).
@@ -301,6 +304,9 @@ class Log:
         fd = self.files.open(scan.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             if scan.reason is not None:
+                for _, end, chunk in chunks_of(self.directory, last.seq):
+                    if end > scan.pos:  # it speaks of bytes about to be cut
+                        self.files.unlink(chunk)
                 self._cut_torn_tail(fd, scan)
             if os.fstat(fd).st_size < self.segment_size:
                 self._try_preallocate(fd, time.monotonic())
@@ -654,7 +660,8 @@ class Log:
         self._cut = None
         self.files.fsync_dir(self.directory)
         for seq in range(cut.first, cut.last + 1):  # their indexes speak of replaced files
-            idx_path(self.directory, seq).unlink(missing_ok=True)
+            for index in index_files(self.directory, seq):
+                index.unlink(missing_ok=True)
         self._base = cut.last
         self._n.since_compaction -= cut.counted
         later = [(p, used) for p, used in self._n.finished if _seq_of(p) > cut.last]

@@ -188,15 +188,33 @@ class ReadyQueues:
         self.warm: Callable[[int], None] = _no_cold
 
     def add_cold(
-        self, batch: int, queue: str, task: str, runs: list[tuple[int, int, int]], first: int
+        self,
+        batch: int,
+        queue: str,
+        task: str,
+        runs: list[tuple[int, int, int]],
+        seqs: tuple[int, int, int],
     ) -> list[ColdRun]:
-        """Place cold batch ``batch`` (jobs of ``queue`` and ``task``, the
-        first numbered ``first``, in ``runs`` of one priority) by one entry
-        per run; returns the entries (see broker/coldjobs.py)."""
+        """Place cold batch ``batch`` (jobs of ``queue`` and ``task`` in
+        ``runs`` of one priority; ``seqs``: the first and last job's
+        creation numbers and how many jobs) by one entry per run; returns
+        the entries (see broker/coldjobs.py).
+
+        A run's creation numbers are not in the index, only bounds of them:
+        a batch of a compacted base may have gaps (jobs removed between
+        its jobs were created), so the job at place ``i`` of ``count`` has a
+        number from ``first + i`` to ``last - (count - 1 - i)`` (both exact
+        when there is no gap: a batch the broker logged as it was
+        enqueued). An entry's ``seq`` (what a later job's must be above to
+        be appended behind it) is its run's upper bound, and a run is put
+        behind a lane's last entry only if its lower bound is above that
+        entry's ``seq``: a lane stays in creation order either way (gaps
+        are numbers of removed jobs, which no job has again)."""
+        first, last, count = seqs
         tq = self._task_queue_of(queue, task)
         entries = []
         for priority, start, end in runs:
-            entry = ColdRun(batch, start, end, first + end - 1)
+            entry = ColdRun(batch, start, end, last - (count - end))
             entries.append(entry)
             lane = tq.lanes.get(priority)
             if lane is None and len(tq.lanes) < MAX_LANES:

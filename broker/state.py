@@ -26,7 +26,7 @@ from corral.broker.coldjobs import ColdJobs, ColdRef, JobTable
 from corral.broker.expiring import EXPIRED, ExpiringJobs, expired_error
 from corral.broker.expiry import ExpiryQueue
 from corral.broker.flowbook import FlowBook
-from corral.broker.framing import FORMAT_VERSION, segment_seed
+from corral.broker.framing import FORMAT_VERSION, HEADER_SIZE, segment_seed
 from corral.broker.job import (
     ACTIVE,
     BLOB_HEAD,
@@ -349,7 +349,8 @@ class JobState:
         self.live_bytes += head * batch.count + batch.blob_bytes
         self.largest_blob = max(self.largest_blob, batch.largest_blob)
         self.index.add_cold(ref.number, batch.first_seq, batch.last_seq)
-        runs = self.ready.add_cold(ref.number, batch.queue, batch.task, batch.runs, batch.first_seq)
+        seqs = (batch.first_seq, batch.last_seq, batch.count)
+        runs = self.ready.add_cold(ref.number, batch.queue, batch.task, batch.runs, seqs)
         cold.runs[ref.number] = runs
         if not all(run.placed for run in runs):
             self._warm_batch(ref.number)
@@ -793,17 +794,31 @@ class JobState:
 
 
 def checkpoint_frames(
+    state: JobState, base: Path, generation: int, seq: int, size: int, sealed: bool = True
+) -> dict[int, ColdRef] | None:
+    """What a replay asks before it reads segment ``seq`` (file ``base``,
+    ``size`` bytes) of log ``generation`` (see :meth:`Log.replay
+    <corral.broker.log.Log.replay>`): the frames to leave cold, by offset,
+    with ``state`` ready for them (see :func:`index_frames` for a sealed
+    segment, and :func:`chunk_frames` for one without a whole index or
+    still being written, ``sealed`` False); None to replay it in full."""
+    if sealed:
+        frames = index_frames(state, base, generation, seq, size)
+        if frames is not None:
+            return frames
+    return chunk_frames(state, base, generation, seq)[0]
+
+
+def index_frames(
     state: JobState, base: Path, generation: int, seq: int, size: int
 ) -> dict[int, ColdRef] | None:
-    """What a replay asks before it reads sealed segment ``seq`` (file
-    ``base``, ``size`` bytes) of log ``generation`` (see :meth:`Log.replay
-    <corral.broker.log.Log.replay>`): the frames to leave cold, by offset,
-    from the segment's checkpoint (a compacted base's, see
-    broker/checkpoint.py) or its index (see broker/segindex.py) if it has a
-    valid one, with ``state`` ready for them (empty: it has a valid index
-    that names none); None to replay it in full (it has no valid index).
-    Checkpoints of other bases, and indexes of segments before the base,
-    are removed."""
+    """The frames of sealed segment ``seq`` (file ``base``, ``size``
+    bytes) of log ``generation`` to leave cold, by offset, from its
+    checkpoint (a compacted base's, see broker/checkpoint.py) or its whole
+    index (see broker/segindex.py) if it has a valid one, with ``state``
+    ready for them (empty: a valid index that names none); None if it has
+    neither. Checkpoints of other bases, and indexes of segments before
+    the base, are removed."""
     directory = base.parent
     seed = segment_seed(FORMAT_VERSION, generation, seq)
     if seq == _first_segment(directory, seq):
@@ -819,6 +834,32 @@ def checkpoint_frames(
     if not loaded.batches:
         return {}  # indexed: nothing in it may be cold
     return state.attach_cold(loaded, base, seed, index)
+
+
+def chunk_frames(
+    state: JobState, segment: Path, generation: int, seq: int
+) -> tuple[dict[int, ColdRef] | None, int]:
+    """The frames of segment ``seq`` (file ``segment``) of log
+    ``generation`` that its valid chunk indexes (see broker/segindex.py)
+    leave cold, by offset (None: it has none), with ``state`` ready for
+    them; and how far valid chunks cover it back to back from its start
+    (its header's end if none does). A chunk that cannot be used is
+    removed (a later one is written in its place)."""
+    directory = segment.parent
+    seed = segment_seed(FORMAT_VERSION, generation, seq)
+    frames: dict[int, ColdRef] | None = None
+    covered = HEADER_SIZE
+    for start, end, path in checkpoint.chunks_of(directory, seq):
+        loaded = checkpoint.load_chunk(generation, seq, segment, start, end, path)
+        if loaded is None:
+            path.unlink(missing_ok=True)
+            continue
+        if start == covered:
+            covered = end
+        frames = {} if frames is None else frames
+        if loaded.batches:
+            frames.update(state.attach_cold(loaded, segment, seed, path))
+    return frames, covered
 
 
 def _first_segment(directory: Path, seq: int) -> int:

@@ -148,8 +148,8 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from corral.supervisor.process import set_title
     from corral.supervisor.roles import run_broker
+    from corral.supervisor.title import set_title  # (not psutil's import)
 
     config = load_config(args.config)
     set_title("corral: broker")
@@ -159,8 +159,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from corral.config import PoolConfig
     from corral.config.schema import MAX_WORKER_CREDIT
-    from corral.supervisor.process import set_title
     from corral.supervisor.roles import run_worker
+    from corral.supervisor.title import set_title  # (not psutil's import)
 
     config = load_config(args.config)
     base = config.pools[0] if config.pools else PoolConfig(name="cli")

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import psutil
 import structlog
 
+from corral.supervisor.title import set_title
+
 log = structlog.get_logger()
 
 PR_SET_PDEATHSIG = 1
@@ -120,16 +122,6 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def set_title(title: str) -> None:
-    """Show ``title`` in ps and top (argv and the kernel's comm name)."""
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(title)
-    except ImportError:
-        pass
 
 
 class Child:

@@ -39,7 +39,7 @@ from corral.supervisor.dashboard_child import DashboardChild
 from corral.supervisor.monitor import read_status
 from corral.supervisor.notify import Notifier
 from corral.supervisor.pool import Pool, load_registry
-from corral.supervisor.process import Child, set_title, signal_name, stop_children
+from corral.supervisor.process import Child, signal_name, stop_children
 from corral.supervisor.reload import (
     Preparation,
     ReloadCheck,
@@ -49,6 +49,7 @@ from corral.supervisor.reload import (
 )
 from corral.supervisor.reloadable import split_reload
 from corral.supervisor.report import BrokerLink
+from corral.supervisor.title import set_title
 from corral.workers.status import EXIT_REFUSED
 
 if TYPE_CHECKING:

@@ -104,6 +104,31 @@ def test_a_client_command_loads_neither_structlog_nor_asyncio() -> None:
     )
 
 
+def test_the_broker_command_loads_no_psutil_before_it_serves(tmp_path: Path) -> None:
+    """``corral broker`` named itself through the supervisor's process
+    module, which imports psutil (a tenth of the broker's imports), though
+    the broker never uses it: a restart's time to its first answer
+    includes every import."""
+    config = tmp_path / "corral.toml"
+    config.write_text(f'[broker]\nstate_dir = "{tmp_path / "s"}"\n')
+    run_python(
+        f"""
+        import sys
+        from corral import cli
+        from corral.supervisor import roles
+
+        def run_broker(config):
+            import corral.broker.server  # what the real one imports before it serves
+            loaded = sorted({{"psutil"}} & set(sys.modules))
+            assert not loaded, loaded
+            return 0
+
+        roles.run_broker = run_broker
+        assert cli.main(["broker", "-c", {str(config)!r}]) == 0
+        """
+    )
+
+
 def test_a_plugin_module_needs_only_the_registry() -> None:
     """``@corral.task`` imports the task registry, not the client."""
     run_python(
