@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import Env, wait_for
+from conftest import Env, log_events, wait_for
 from inproc import SMALL_LOG, FakeWorker, InProcessBroker
 from test_checkpoint import PAD, QUEUES, assert_same, compact_now, damage, enqueue_many, replay
 
@@ -537,6 +537,6 @@ def test_a_real_broker_chunks_its_idle_tail_and_restarts_on_it(env: Env) -> None
     env.wait_ready(again)
     assert client.status().queues == status
     wait_for(lambda: "broker.replayed" in again.output(), timeout=30)
-    replayed = [line for line in again.output().splitlines() if "broker.replayed" in line][-1]
-    assert '"cold_jobs": 3000' in replayed, replayed
+    replayed = [e for e in log_events(again.output()) if e.get("event") == "broker.replayed"][-1]
+    assert replayed["cold_jobs"] == 3000, replayed
     assert client.purge("default") == 3000
