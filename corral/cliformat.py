@@ -29,14 +29,42 @@ PIPE_WIDTH = 200
 
 
 def plain(value: Any) -> Any:
+    """``value`` as JSON-able builtins (a Struct as its dict, bytes as base64);
+    raises TypeError for a map JSON cannot key (see :func:`jsonable`)."""
     return msgspec.to_builtins(value)
+
+
+def jsonable(value: Any) -> Any:
+    """A decoded msgpack value (a job's result) as one JSON can hold: bytes
+    as base64 (as msgspec writes them), a map's key that is not a string as
+    its compact JSON text (``3`` -> ``"3"``, ``None`` -> ``"null"``, an array
+    ``(1, "a")`` -> ``'[1,"a"]'``), tuples as lists; anything else as it is.
+    msgpack keys maps by any value and holds bytes: ``corral result`` printed
+    a traceback for those."""
+    if isinstance(value, dict):
+        return {_key_text(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(item) for item in value]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return msgspec.to_builtins(bytes(value))
+    return value
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    return msgspec.json.encode(jsonable(key)).decode()
 
 
 def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], Any] | None = None) -> None:
     """Print ``value``: one JSON line with ``--json`` (or without ``human``),
     else what ``human`` makes of it (a str, or a rich renderable)."""
     if args.json or human is None:
-        sys.stdout.write(msgspec.json.encode(plain(value)).decode() + "\n")
+        try:
+            line = msgspec.json.encode(plain(value))
+        except TypeError:  # a result keyed by what JSON cannot key
+            line = msgspec.json.encode(plain(jsonable(value)))
+        sys.stdout.write(line.decode() + "\n")
         return
     shown = human(value)
     if isinstance(shown, str):
@@ -75,8 +103,12 @@ def as_text(shown: Any) -> str:
 
 
 def result_text(value: Any) -> str:
-    """A job's result as one line of JSON, non-ASCII kept as it is."""
-    return json.dumps(value, ensure_ascii=False)
+    """A job's result as one line of JSON, non-ASCII kept as it is (what
+    JSON has no form for as :func:`jsonable` makes it; NaN as ``NaN``)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except TypeError:  # bytes, a map keyed by an array or nil
+        return json.dumps(jsonable(value), ensure_ascii=False)
 
 
 def table(
