@@ -64,6 +64,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -101,6 +102,8 @@ CHUNK_BYTES = 8 << 20
 #: seconds, when at least ``CHUNK_IDLE_BYTES`` were.
 CHUNK_IDLE = 2.0
 CHUNK_IDLE_BYTES = 256 << 10
+#: The longest a chunk the child could not write waits to be ordered again.
+RETRY_MAX = 60.0
 _JOBS_CREATED = RECORD_CODES[JobsCreated]
 _OWNER = 0xFFFFFFFF  # the batch number's bits of an id key
 _log = get_logger(__name__)
@@ -332,6 +335,30 @@ class Order(msgspec.Struct, frozen=True):
     chunks: list[tuple[str, int, int]] = []
 
 
+#: At most this many failures a child reports, each error at most this long
+#: (its report must fit a pipe's buffer: the broker reads it after the exit).
+MAX_FAILURES = 20
+MAX_ERROR = 500
+
+
+class Failure(msgspec.Struct, frozen=True):
+    """An index the child could not write: of ``segment``, the chunk of
+    bytes ``[start, end)`` (-1, -1: its whole index), and why."""
+
+    segment: str
+    start: int = -1
+    end: int = -1
+    error: str = ""
+
+
+class Report(msgspec.Struct, frozen=True):
+    """The child's last line on stdout: what it could not write (the first
+    :data:`MAX_FAILURES`) and how many in all."""
+
+    failed: list[Failure] = []
+    count: int = 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The child: ``python -m corral.broker.segindex ORDER_JSON``. Exits 0
     when every segment was indexed or found unindexable, 1 on an error."""
@@ -350,22 +377,27 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     gc.disable()
-    code = 0
-    work: list[tuple[str, Callable[[], object]]] = [
-        (f"{path} [{start}, {end})", partial(build_chunk, Path(path), start, end))
+    work: list[tuple[Failure, Callable[[], object]]] = [
+        (Failure(path, start, end), partial(build_chunk, Path(path), start, end))
         for path, start, end in order.chunks
     ]
-    work += [(path, partial(build_index, Path(path))) for path in order.segments]
+    work += [(Failure(path), partial(build_index, Path(path))) for path in order.segments]
+    failed: list[Failure] = []
     for what, build in work:
         try:
             build()
         except FileNotFoundError:
             continue  # compacted away meanwhile
-        except Exception as exc:  # a full disk, a bug: logged, the log is whole without it
-            why = f"{type(exc).__name__}: {exc}"
-            print(f"corral.broker.segindex: {what}: {why}", file=sys.stderr)
-            code = 1
-    return code
+        except Exception as exc:  # a full disk, a bug: reported, the log is whole without it
+            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
+            failed.append(msgspec.structs.replace(what, error=error))
+    # The broker logs these in its own lines (a bare text line on the
+    # daemon's stderr broke a reader of its JSON lines): one line, last, so
+    # that it fits the pipe (the broker reads it once this process ended).
+    report = Report(failed[:MAX_FAILURES], len(failed))
+    sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+    sys.stdout.flush()
+    return 1 if failed else 0
 
 
 # -- the broker's side --------------------------------------------------------
@@ -393,6 +425,10 @@ class Indexer:
         self._chunk_from = HEADER_SIZE
         self._seen_end = 0
         self._still_since = 0.0
+        #: A chunk the child could not write is ordered again no sooner
+        #: than this (monotonic), after a back-off doubling to RETRY_MAX.
+        self._retry_at = 0.0
+        self._retry_delay = CHUNK_IDLE
 
     def resume(self, segment: Path, end: int) -> None:
         """After a replay: the chunk indexes of ``segment`` (the one being
@@ -412,6 +448,8 @@ class Indexer:
         if end != self._seen_end:
             self._seen_end, self._still_since = end, now
         grown = end - self._chunk_from
+        if now < self._retry_at:
+            return
         if grown >= CHUNK_BYTES or (
             grown >= CHUNK_IDLE_BYTES and now - self._still_since >= CHUNK_IDLE
         ):
@@ -464,8 +502,7 @@ class Indexer:
             if code is None:
                 return
             self._proc = None
-            if code != 0:
-                _log.warning("segment_index.child_failed", code=code)
+            self._reaped(proc, code)
         if not (self.pending or self.pending_chunks):
             return
         order = Order([str(p) for p in self.pending], os.getpid(), self.pending_chunks)
@@ -474,12 +511,43 @@ class Indexer:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "corral.broker.segindex", msgspec.json.encode(order)],
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # (the broker's own log; the child's errors: stderr)
+                stdout=subprocess.PIPE,  # its Report, read once it ended
             )
         except OSError as exc:
             _log.warning("segment_index.not_started", error=str(exc))
             return
         self.children += 1
+
+    def _reaped(self, proc: subprocess.Popen[bytes], code: int) -> None:
+        """Log what the ended child could not write, in the broker's own
+        lines, and order a chunk of the segment being written that it could
+        not write again (after a back-off: a full disk), if no later chunk
+        was ordered since."""
+        report = _report(proc)
+        if report is None:
+            if code != 0:
+                _log.warning("segment_index.child_failed", code=code)
+            return
+        for failure in report.failed:
+            _log.warning(
+                "segment_index.not_written",
+                **msgspec.structs.asdict(failure),
+                hint="an index is a cache: the log is whole without it (a restart replays "
+                "those bytes); free disk space if it is full",
+            )
+        if report.count > len(report.failed):
+            _log.warning("segment_index.not_written_more", count=report.count - len(report.failed))
+        again = [
+            f
+            for f in report.failed
+            if f.start >= 0 and self._segment is not None and f.segment == str(self._segment)
+        ]
+        if not report.failed:
+            self._retry_delay = CHUNK_IDLE
+        if again and again[-1].end == self._chunk_from:
+            self._chunk_from = min(f.start for f in again)
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
 
     def stop(self) -> None:
         """Kill a running child and reap it (at shutdown, or before a
@@ -489,6 +557,19 @@ class Indexer:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
+
+
+def _report(proc: subprocess.Popen[bytes]) -> Report | None:
+    """The ended child's :class:`Report` (its last line on stdout); None if
+    it wrote none (killed, or an older child)."""
+    if proc.stdout is None:
+        return None
+    with proc.stdout:
+        text = proc.stdout.read()
+    try:
+        return msgspec.json.decode(text.strip().splitlines()[-1], type=Report)
+    except (msgspec.DecodeError, IndexError):
+        return None
 
 
 if __name__ == "__main__":

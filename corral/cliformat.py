@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -29,14 +30,42 @@ PIPE_WIDTH = 200
 
 
 def plain(value: Any) -> Any:
+    """``value`` as JSON-able builtins (a Struct as its dict, bytes as base64);
+    raises TypeError for a map JSON cannot key (see :func:`jsonable`)."""
     return msgspec.to_builtins(value)
+
+
+def jsonable(value: Any) -> Any:
+    """A decoded msgpack value (a job's result) as one JSON can hold: bytes
+    as base64 (as msgspec writes them), a map's key that is not a string as
+    its compact JSON text (``3`` -> ``"3"``, ``None`` -> ``"null"``, an array
+    ``(1, "a")`` -> ``'[1,"a"]'``), tuples as lists; anything else as it is.
+    msgpack keys maps by any value and holds bytes: ``corral result`` printed
+    a traceback for those."""
+    if isinstance(value, dict):
+        return {_key_text(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(item) for item in value]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return msgspec.to_builtins(bytes(value))
+    return value
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    return msgspec.json.encode(jsonable(key)).decode()
 
 
 def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], Any] | None = None) -> None:
     """Print ``value``: one JSON line with ``--json`` (or without ``human``),
     else what ``human`` makes of it (a str, or a rich renderable)."""
     if args.json or human is None:
-        sys.stdout.write(msgspec.json.encode(plain(value)).decode() + "\n")
+        try:
+            line = msgspec.json.encode(plain(value))
+        except TypeError:  # a result keyed by what JSON cannot key
+            line = msgspec.json.encode(plain(jsonable(value)))
+        sys.stdout.write(line.decode() + "\n")
         return
     shown = human(value)
     if isinstance(shown, str):
@@ -74,9 +103,26 @@ def as_text(shown: Any) -> str:
     return out.getvalue()
 
 
+#: What :func:`escaped` escapes: control characters (C0, DEL, C1) and the
+#: line and paragraph separators.
+_CONTROL = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]")
+
+
+def escaped(text: str) -> str:
+    """``text`` (a user's: a job's error, a progress note) with each control
+    character shown as ``repr`` spells it (``\\n``, ``\\x1b``, ``\\u2028``),
+    for a terminal: a newline in it made what read as another line of ours,
+    an escape sequence (ESC [2J) drove the operator's terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def result_text(value: Any) -> str:
-    """A job's result as one line of JSON, non-ASCII kept as it is."""
-    return json.dumps(value, ensure_ascii=False)
+    """A job's result as one line of JSON, non-ASCII kept as it is (what
+    JSON has no form for as :func:`jsonable` makes it; NaN as ``NaN``)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except TypeError:  # bytes, a map keyed by an array or nil
+        return json.dumps(jsonable(value), ensure_ascii=False)
 
 
 def table(
@@ -146,15 +192,16 @@ def human_job(info: Any) -> str:
     if info.reserved_by:
         lines.append(f"reserved by: {info.reserved_by} (in its prefetch buffer, not started)")
     if info.progress is not None:
-        note = f" {info.progress_note}" if info.progress_note else ""
+        note = f" {escaped(info.progress_note)}" if info.progress_note else ""
         lines.append(f"progress:    {info.progress:.0%}{note}")
     if info.error is not None:
-        lines.append(f"error:       {info.error.type}: {info.error.message}")
+        lines.append(f"error:       {escaped(f'{info.error.type}: {info.error.message}')}")
         if info.error.traceback:
             lines.append("traceback:")
-            lines.extend(f"  {line}" for line in info.error.traceback.rstrip().splitlines())
+            tb = info.error.traceback.rstrip().split("\n")
+            lines.extend(f"  {escaped(line)}" for line in tb)
     for t in info.tries:
-        outcome = f"{t.error.type}: {t.error.message}" if t.error else "ok"
+        outcome = escaped(f"{t.error.type}: {t.error.message}") if t.error else "ok"
         if t.ended_at is None:
             outcome = "running"
         lines.append(
@@ -334,7 +381,7 @@ def human_jobs(page: Any) -> RenderableType:
         right=("attempts", "priority"),
     )
     for info in page:
-        error = f"{info.error.type}: {info.error.message}" if info.error else ""
+        error = escaped(f"{info.error.type}: {info.error.message}") if info.error else ""
         jobs.add_row(
             info.id,
             info.status,

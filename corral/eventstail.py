@@ -32,7 +32,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from corral.cliformat import when_text
+from corral.cliformat import escaped, when_text
 
 #: How long one wait for an event lasts before Ctrl-C is looked at (ms).
 POLL_MS = 200
@@ -57,10 +57,14 @@ _WATCHED = (
 
 
 def line(body: dict[str, Any]) -> str:
-    """One event as a line: time, name, then its fields as key=value."""
+    """One event as a line: time, name, then its fields as key=value, each
+    control character (C0, DEL, C1) and line or paragraph separator shown
+    escaped (``\\n``, ``\\x1b``, ``\\u2028``): a field is a user's text (a
+    job's error), and a newline in it made what read as another event, an
+    escape sequence drove the terminal."""
     stamp = when_text(body.get("at") or 0.0, clock_only=True)
     fields = " ".join(f"{k}={v}" for k, v in body.items() if k not in ("event", "at"))
-    return f"{stamp} {body.get('event', '?')} {fields}".rstrip()
+    return escaped(f"{stamp} {body.get('event', '?')} {fields}".rstrip())
 
 
 def _stderr(text: str) -> None:

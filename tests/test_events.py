@@ -809,3 +809,45 @@ def test_a_subscriber_that_stops_reading_loses_the_others_events_only_for_a_whil
         events.close()  # the publisher first (see the test above)
         healthy.close()
         stalled.close(linger=0)
+
+
+def test_an_event_line_shows_control_characters_escaped() -> None:
+    """``corral events`` (not --json) prints one line per event to a
+    terminal: a job's error is the user's text, and its newlines, line
+    separators and escape sequences (ESC [2J clears the screen) split the
+    line into what reads as other events or drive the operator's terminal.
+    They are shown escaped; other text as it is."""
+    from corral.eventstail import line
+
+    body = {
+        "event": "job.failed",
+        "at": 0.0,
+        "error": "Fail: причина ✗\n00:00:00.000 job.succeeded job_id=x\u2028\x1b[2J\x9b\x7f",
+        "queue": "kø ✓",
+    }
+    shown = line(body)
+    assert "\n" not in shown and "\u2028" not in shown and "\x1b" not in shown
+    assert "\x9b" not in shown and "\x7f" not in shown
+    assert "причина ✗\\n00:00:00.000" in shown and "\\x1b[2J" in shown and "\\u2028" in shown
+    assert "queue=kø ✓" in shown
+
+
+def test_corral_job_and_jobs_show_an_error_s_control_characters_escaped() -> None:
+    """``corral job`` and ``corral jobs`` show a job's error, its traceback's
+    lines, its tries' errors and its progress note (a user's text) with
+    control characters escaped, as ``corral events`` does."""
+    from corral.broker import protocol as p
+    from corral.clientcore import JobPage
+    from corral.cliformat import as_text, human_job, human_jobs
+
+    bad = "boom\x1b[2J\u2028\x9b"
+    error = p.ErrorInfo("Fail", bad, f"Traceback\n  line {bad}\n")
+    tried = p.TryInfo(1, "w", "h", 1, 1.0, 2.0, error)
+    info = p.JobInfo(
+        "j1", "t.task", "default", "failed", 1, 5, 0, 1.0, None, 1.0, 2.0, error, [tried]
+    )  # fmt: skip
+    info = msgspec.structs.replace(info, progress=0.5, progress_note=bad)
+    for text in (human_job(info), as_text(human_jobs(JobPage([info])))):
+        assert "\x1b" not in text and "\u2028" not in text and "\x9b" not in text, text
+        assert "boom\\x1b[2J\\u2028\\x9b" in text, text
+    assert "Traceback" in human_job(info)

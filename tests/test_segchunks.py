@@ -540,3 +540,38 @@ def test_a_real_broker_chunks_its_idle_tail_and_restarts_on_it(env: Env) -> None
     replayed = [e for e in log_events(again.output()) if e.get("event") == "broker.replayed"][-1]
     assert replayed["cold_jobs"] == 3000, replayed
     assert client.purge("default") == 3000
+
+
+def test_a_chunk_the_disk_has_no_room_for_is_logged_as_json_and_built_once_there_is(
+    env: Env, tmpfs: Any
+) -> None:
+    """The indexing child finds the disk full: the broker logs it in its own
+    lines (JSON, as every other line of the daemon's output: the child's bare
+    text line broke a user's jq), and orders the same bytes again once there
+    is room (they stayed unindexed until a restart replayed them)."""
+    from conftest import fill_disk
+
+    disk = tmpfs("8m", at=env.home / "disk")
+    env.write_config(
+        state_dir=f"{disk}/state",
+        extra_broker='segment_size = "4MiB"\nmax_message_size = "1MiB"\ndisk_reserve = "64KiB"',
+    )
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    client = env.client(timeout=30)
+    client.enqueue_many([corral.Job("e2e.noop", "x" * 300)] * 1000)
+    filler = fill_disk(disk, leave=4096)  # before the idle tail's chunk (2 s): no room for it
+    log_dir = disk / "state" / "log"
+
+    def refused() -> list[dict[str, Any]]:
+        return [
+            e for e in log_events(broker.output()) if e.get("event") == "segment_index.not_written"
+        ]
+
+    wait_for(refused, timeout=60, message="the chunk refused for room")
+    assert refused()[0]["start"] == HEADER_SIZE and "No space" in refused()[0]["error"]
+    for line in broker.output().splitlines():
+        msgspec.json.decode(line)  # every line of the output is a JSON object
+    filler.unlink()
+    wait_for(lambda: chunks(log_dir), timeout=60, message="the chunk once there is room")
+    assert chunks(log_dir)[0][0] == HEADER_SIZE

@@ -307,3 +307,16 @@ def odd_progress(ctx: corral.JobContext, note: str) -> str:
 def retry_in(ctx: corral.JobContext, delay: str) -> None:
     """Asks for a retry ``float(delay)`` seconds from now."""
     raise corral.Retry(delay=float(delay))
+
+
+@corral.task(name="e2e.odd_result")
+def odd_result(ctx: corral.JobContext, kind: str) -> object:
+    """A result msgpack holds and JSON does not: bytes, a map keyed by an
+    array or nil, NaN."""
+    odd: dict[str, object] = {
+        "bytes": b"\xff\x00",
+        "array_key": {(1, "a"): [b"x"]},
+        "nil_key": {None: 1, True: 2},
+        "nan": float("nan"),
+    }
+    return odd[kind]
