@@ -134,7 +134,14 @@ def secure_socket(endpoint: str, broker: Any) -> None:
 def _set_mode(path: Path, mode: int, gid: int | None, what: str) -> None:
     try:
         if gid is not None:
-            os.chown(path, -1, gid)
+            try:
+                os.chown(path, -1, gid)
+            except PermissionError:
+                raise ConfigError(
+                    f"broker.socket_group: cannot give {path} to group {_group_name(gid)!r}: "
+                    "the broker's user is not a member of it (under systemd: "
+                    "SupplementaryGroups=)"
+                ) from None
         if stat.S_IMODE(path.stat().st_mode) != mode:
             os.chmod(path, mode)
     except OSError as exc:
@@ -143,3 +150,10 @@ def _set_mode(path: Path, mode: int, gid: int | None, what: str) -> None:
             + (f" and group {gid}" if gid is not None else "")
             + f": {exc.strerror or exc}; run corral as the owner of {path}"
         ) from None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
