@@ -6,8 +6,9 @@ socket file 0600 (the broker process also runs under a 0077 umask, so
 nothing it writes is readable by others). ``broker.socket_mode`` and
 ``broker.socket_group`` open the sockets to a group, or to everyone
 (``socket_group`` alone means 0660). A directory the broker creates for a
-socket, and the state directory when a socket lives in it, then open for
-traversal only (``x``, never ``r`` or ``w``) to the same people: they can
+socket (with each missing parent it creates on the way), and the state
+directory when a socket lives in it (with the parents the broker creates
+for it), then open for traversal only (``x``, never ``r`` or ``w``) to the same people: they can
 reach the socket, not list the directory or read the log by name in a
 directory they cannot read (the log files themselves are 0600).
 
@@ -66,19 +67,12 @@ def ipc_path(endpoint: str) -> Path | None:
 
 def prepare_state_dir(broker: Any) -> None:
     """Create the state directory (0700, or searchable by those the
-    sockets in it open to), or bring an existing one to that mode.
+    sockets below it open to), or bring an existing one to that mode.
 
     Raises ConfigError, naming the directory and the command to run, for a
     directory that everyone may write or that the broker cannot chmod."""
     state_dir = Path(broker.state_dir).absolute()
-    mode = socket_mode(broker)
-    gid = socket_gid(broker)
-    inside = [
-        path
-        for endpoint in (broker.client_endpoint, broker.worker_endpoint)
-        if (path := ipc_path(endpoint or "")) is not None and path.absolute().parent == state_dir
-    ]
-    wanted = directory_mode(mode) if inside else 0o700
+    socket_gid(broker)  # an unknown group fails here, before anything is made
     if state_dir.is_dir():
         current = stat.S_IMODE(state_dir.stat().st_mode)
         if current & 0o002:
@@ -87,10 +81,9 @@ def prepare_state_dir(broker: Any) -> None:
                 f"so anyone could have replaced its log; check what is in it, then run "
                 f"`chmod 700 {state_dir}`"
             )
+        _give_mode(state_dir, broker, "broker.state_dir")
     else:
-        make_dirs(state_dir.parent)
-        make_dirs(state_dir, 0o700)
-    _set_mode(state_dir, wanted, gid if inside and wanted & 0o010 else None, "broker.state_dir")
+        _make_dirs(state_dir, broker, "broker.state_dir")
 
 
 def prepare_socket_dir(endpoint: str, broker: Any) -> None:
@@ -99,10 +92,35 @@ def prepare_socket_dir(endpoint: str, broker: Any) -> None:
     path = ipc_path(endpoint)
     if path is None or path.parent.is_dir():
         return
-    mode = socket_mode(broker)
-    make_dirs(path.parent, 0o700)
-    gid = socket_gid(broker)
-    _set_mode(path.parent, directory_mode(mode), gid, f"the directory of {endpoint}")
+    _make_dirs(path.parent, broker, f"the directory of {endpoint}")
+
+
+def _sockets(broker: Any) -> list[Path]:
+    """The absolute paths of the broker's ipc:// socket files."""
+    endpoints = (broker.client_endpoint, broker.worker_endpoint, broker.events_endpoint)
+    return [path.absolute() for e in endpoints if (path := ipc_path(e or "")) is not None]
+
+
+def _make_dirs(directory: Path, broker: Any, what: str) -> None:
+    """Create ``directory`` and its missing parents, each given its mode
+    (see :func:`_give_mode`): one left to the 0077 umask would shut out the
+    very people a socket below it opens to. Raises ConfigError."""
+    directory = directory.absolute()
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        make_dirs(new, 0o700)
+        _give_mode(new, broker, what)
+
+
+def _give_mode(directory: Path, broker: Any, what: str) -> None:
+    """0700, or searchable (and owned by ``socket_group``) for those the
+    sockets below ``directory`` open to. Raises ConfigError."""
+    below = any(directory in path.parents for path in _sockets(broker))
+    mode = directory_mode(socket_mode(broker)) if below else 0o700
+    _set_mode(directory, mode, socket_gid(broker) if mode & 0o010 else None, what)
 
 
 def secure_socket(endpoint: str, broker: Any) -> None:
@@ -116,7 +134,14 @@ def secure_socket(endpoint: str, broker: Any) -> None:
 def _set_mode(path: Path, mode: int, gid: int | None, what: str) -> None:
     try:
         if gid is not None:
-            os.chown(path, -1, gid)
+            try:
+                os.chown(path, -1, gid)
+            except PermissionError:
+                raise ConfigError(
+                    f"broker.socket_group: cannot give {path} to group {_group_name(gid)!r}: "
+                    "the broker's user is not a member of it (under systemd: "
+                    "SupplementaryGroups=)"
+                ) from None
         if stat.S_IMODE(path.stat().st_mode) != mode:
             os.chmod(path, mode)
     except OSError as exc:
@@ -125,3 +150,10 @@ def _set_mode(path: Path, mode: int, gid: int | None, what: str) -> None:
             + (f" and group {gid}" if gid is not None else "")
             + f": {exc.strerror or exc}; run corral as the owner of {path}"
         ) from None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -223,7 +223,11 @@ class Broker:
             raise ConfigError(f"broker.{side}_endpoint: {exc}") from None
         self._tallies[side] = gate.tallies[domain]
         self._own_socket_file(endpoint)
-        access.secure_socket(endpoint, bc)
+        try:
+            access.secure_socket(endpoint, bc)
+        except BaseException:
+            sock.close(linger=0)  # else the context's term() waits for it for good
+            raise
         return sock
 
     def _open_events(self, publisher: Publisher) -> None:

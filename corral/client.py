@@ -231,7 +231,7 @@ class _Driver:
         return time.monotonic() + self.timeout + wait, self.timeout + wait
 
     def _unavailable(self, timeout: float, budget: CallBudget | None = None) -> BrokerUnavailable:
-        hint = "is `corral run` (or `corral broker`) running there?"
+        hint = _ipc_hint(self.endpoint) or "is `corral run` (or `corral broker`) running there?"
         security = getattr(self.config, "security", None)
         if self.endpoint.startswith("tcp://") and getattr(security, "server_public_key", None):
             # A CURVE handshake the broker refuses is silent on this side.
@@ -246,6 +246,32 @@ class _Driver:
         return BrokerUnavailable(
             f"no answer from the broker at {self.endpoint} within {timeout:g}s{spent}; {hint}"
         )
+
+
+def _ipc_hint(endpoint: str) -> str:
+    """Why an ipc:// endpoint cannot answer, when its file says so: no
+    socket file there (the broker is not running, or another path), or one
+    this user may not reach (the kernel refuses each connect, which ZeroMQ
+    retries silently). "" otherwise, and for other transports."""
+    if not endpoint.startswith("ipc://"):
+        return ""
+    path = endpoint[len("ipc://") :]
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return f"no socket file at {path}: is `corral run` (or `corral broker`) running there?"
+    except PermissionError:
+        return _refused(path)
+    except OSError:
+        return ""
+    return "" if os.access(path, os.R_OK | os.W_OK) else _refused(path)
+
+
+def _refused(path: str) -> str:
+    return (
+        f"permission denied on {path} (or a directory on its way) for this user: "
+        "the broker's socket_group and socket_mode say who may connect"
+    )
 
 
 class _Sockets:

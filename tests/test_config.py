@@ -112,6 +112,8 @@ def test_example_single_host() -> None:
     assert (pool.name, pool.queues, pool.processes) == ("default", ["default"], 2)
     assert pool.plugins == ["demo_tasks"]
     assert config.client.endpoint == config.broker.client_endpoint
+    # the tour's `corral events` (and `corral events | head -5`) needs no edit of it
+    assert config.broker.events_endpoint == "ipc://var/corral/events.sock"
 
 
 def test_example_broker_and_worker_hosts() -> None:

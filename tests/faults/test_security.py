@@ -10,8 +10,11 @@ from __future__ import annotations
 import ast
 import grp
 import os
+import shutil
 import stat
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import msgspec
@@ -75,6 +78,28 @@ def test_socket_group_opens_the_sockets_and_lets_the_group_reach_them(env: Env) 
     assert state.stat().st_gid == 1
 
 
+def test_socket_group_reaches_sockets_whose_directories_the_broker_makes(env: Env) -> None:
+    # The directories the broker creates on the way to a socket (the state
+    # directory's missing parents, a socket directory's missing parents) are
+    # made under its 0077 umask: each must still let the group search it, or
+    # the group's clients see "no answer" for a socket they may use.
+    group = grp.getgrgid(1).gr_name
+    state = env.home / "var" / "corral"
+    run = env.home / "run" / "corral"
+    env.config.write_text(
+        render_config(env.home, extra_broker=f'socket_group = "{group}"', state_dir=str(state))
+        .replace(f"ipc://{env.home}/c.sock", f"ipc://{state}/c.sock")
+        .replace(f"ipc://{env.home}/w.sock", f"ipc://{run}/w.sock")
+    )
+    broker = env.start("broker")
+    client = corral.Client.from_config(env.config, timeout=1)
+    env.clients.append(client)
+    wait_for(lambda: _answers(client, broker), 30, message="the broker")
+    for made in (state, env.home / "var", run, env.home / "run"):
+        assert _mode(made) == 0o710, (made, oct(_mode(made)))
+        assert made.stat().st_gid == 1, made
+
+
 def test_socket_mode_for_everyone(env: Env) -> None:
     env.write_config(
         extra_broker=f'socket_mode = 0o666\nevents_endpoint = "ipc://{env.home}/e.sock"'
@@ -103,6 +128,47 @@ def test_an_unknown_socket_group_is_refused(env: Env) -> None:
     broker = env.start("broker")
     assert broker.wait(30) == 2
     assert "broker.socket_group: no group named 'no-such-group-corral'" in broker.output()
+
+
+def test_a_socket_group_the_broker_cannot_give_stops_it(tmp_path: Path) -> None:
+    # Not a member of the group, the broker cannot chown its socket to it: that
+    # fails after the bind, and the socket then bound must be closed, or the
+    # context's term() waits for it for good and the broker hangs, silent.
+    from conftest import CORRAL
+
+    member = set(os.getgroups()) | {os.getegid()}
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root may chown to any group: run it as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop to another user")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        member = {65534}
+    group = next((g for g in grp.getgrall() if g.gr_gid not in member), None)
+    if group is None:
+        pytest.skip("no group on this host that the test's user is not a member of")
+    home = Path(tempfile.mkdtemp(prefix="corral-nogroup-", dir="/tmp"))
+    try:
+        config = home / "corral.toml"
+        config.write_text(
+            f'[broker]\nstate_dir = "{home}/state"\nclient_endpoint = "ipc://{home}/c.sock"\n'
+            f'worker_endpoint = "ipc://{home}/w.sock"\nsocket_group = "{group.gr_name}"\n'
+        )
+        if prefix:
+            os.chown(home, 65534, 65534)
+            os.chown(config, 65534, 65534)
+        proc = subprocess.run(
+            [*prefix, CORRAL, "broker", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=home,
+        )
+        assert proc.returncode == 2, proc.stderr
+        said = f"group {group.gr_name!r}: the broker's user is not a member"
+        assert said in proc.stderr, proc.stderr
+        assert not (home / "c.sock").exists()  # a failed start leaves no socket file
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _answers(client: corral.Client, proc) -> bool:  # type: ignore[no-untyped-def]
