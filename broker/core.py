@@ -332,7 +332,7 @@ class BrokerCore:
         # run again after a power loss.
         made = self.state.next_seq != self._made_until
         self._made_until = self.state.next_seq
-        durable = self.replies.durable or made
+        durable = self.replies.durable or made or bool(self.dispatcher.farewells)
         if self.metrics is None:
             self.log.commit(mono, durable=durable)
         else:
@@ -340,6 +340,7 @@ class BrokerCore:
             if self.log.commit(mono, durable=durable):
                 self.metrics.fsync.observe(time.perf_counter() - began)
         self.replies.flush(self.client_link)
+        self.dispatcher.bid_farewells()
         if self.state.jobs.cold is None:  # a compaction replaces the base cold jobs are in
             self.housekeeper.maybe_compact(mono)
         # (the dispatch writes its leases to the log file before it sends)

@@ -82,6 +82,9 @@ class Dispatcher:
         self.heartbeat_interval = heartbeat_interval
         self.broker_id = broker_id
         self.link: WorkerLink = _Unlinked()
+        #: Workers whose Bye this pass read: each gets a Farewell once the
+        #: pass's records are committed (:meth:`bid_farewells`).
+        self.farewells: list[bytes] = []
         self._on_ended = on_ended
         #: job id -> identity of the worker holding its lease.
         self.holders: dict[str, bytes] = {}
@@ -169,6 +172,8 @@ class Dispatcher:
             case p.Bye():
                 if conn is not None:
                     self.lose(conn, now, mono, "left")
+                # answered after the pass's commit (see bid_farewells)
+                self.farewells.append(identity)
             case p.WorkerHeartbeat():
                 pass
         # (a resent report is the worker registering again already: no more)
@@ -670,6 +675,13 @@ class Dispatcher:
             self.journal.record(Returned(job.id, delivery.lease))
 
     # -------------------------------------------------------------- helpers
+
+    def bid_farewells(self) -> None:
+        """Answer this pass's Byes (call after the pass's commit: what each
+        worker said before its Bye is then in the log)."""
+        farewells, self.farewells = self.farewells, []
+        for identity in farewells:
+            self.send(identity, p.Farewell(), None)
 
     def send(self, identity: bytes, msg: p.Msg, mono: float | None) -> bool:
         """Send ``msg`` to a worker now; False if it could not go out."""

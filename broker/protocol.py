@@ -711,6 +711,17 @@ class Reregister(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
+class Farewell(Msg, frozen=True):
+    """The answer to a worker's :class:`Bye`, sent after the pass's commit:
+    everything the worker said before its Bye (its last outcomes) is in the
+    log, synced as the fsync policy says. A leaving worker waits for it (a
+    bounded time), so its last outcomes are never lost with a broker that
+    dies as it leaves: without it, it sends its recent reports again to
+    the next broker, then Bye again."""
+
+    v: int = PROTOCOL_VERSION
+
+
 class Registered(Msg, frozen=True):
     """The answer to a READY that offered jobs back (``Ready.holding``):
     the offered jobs listed in ``refused`` are not this worker's (their
@@ -761,7 +772,9 @@ class Refused(Msg, frozen=True):
 REFUSAL_CHARS = 1000
 
 
-WorkerCommand = Deliver | BrokerHeartbeat | Reregister | Registered | CancelJob | Withdraw | Refused
+WorkerCommand = (
+    Deliver | BrokerHeartbeat | Reregister | Registered | CancelJob | Withdraw | Refused | Farewell
+)
 
 
 # ------------------------------------------------------------------ codecs

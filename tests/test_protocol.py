@@ -206,6 +206,7 @@ SAMPLES: dict[str, list[p.Msg]] = {
         p.Reregister(),
         p.Registered([p.Lease("id-1", 101)]),
         p.Registered(),
+        p.Farewell(),
         p.CancelJob("id-1", 101),
         p.Withdraw([p.Lease("id-2", 102), p.Lease("id-3", 103)], 7),
         p.Refused("ready", "Ready.tasks[0].timeout: expected a finite number"),

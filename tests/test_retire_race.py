@@ -13,20 +13,17 @@ from __future__ import annotations
 import os
 import signal
 
-import psutil
-import pytest
-from conftest import Env, wait_for
+from conftest import Env, log_events, wait_for
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a leaving worker does not wait for the broker to have its last "
-    "reports (no acknowledgement of Bye), so an outcome lost with a killed broker is "
-    "never resent and its job runs again",
-)
 def test_a_retiring_worker_whose_last_outcome_dies_with_the_broker_runs_it_once(
     env: Env,
 ) -> None:
+    """The worker waits for the broker's Farewell (its answer to Bye, sent
+    once the last outcome is in its log): the broker is stopped and then
+    killed before it read the outcome, so none comes; the worker connects
+    to the next broker, sends its recent reports again and says Bye again,
+    and only then exits. The job ran once, its one try recorded."""
     env.write_config(processes=1, prefetch=0, extra_pool="max_jobs_per_process = 1")
     broker = env.start("broker")
     env.wait_ready(broker)
@@ -40,9 +37,43 @@ def test_a_retiring_worker_whose_last_outcome_dies_with_the_broker_runs_it_once(
     first = worker.pid
     os.kill(broker.pid, signal.SIGSTOP)  # reads nothing more: the outcome waits in its socket
     gate.write_text("go")
-    psutil.Process(first).wait(30)  # done, Bye, exited (its last job under max_jobs)
+
+    def said_bye() -> bool:
+        return any(
+            e.get("event") == "job.succeeded" and e.get("pid") == first
+            for e in log_events(supervisor.output())
+        )
+
+    wait_for(said_bye, timeout=30, message="the job to end on the retiring worker")
+    assert worker.is_running()  # waiting for a Farewell the stopped broker cannot send
     os.kill(broker.pid, signal.SIGKILL)
     broker.wait(10)
     env.wait_ready(env.start("broker"))
     ran = client.result(job_id, timeout=60)
-    assert ran["pid"] == first, f"the job ran again in {ran['pid']}: {client.job(job_id).tries}"
+    assert ran == {"pid": first, "attempt": 1}, client.job(job_id).tries
+    tries = client.job(job_id).tries
+    assert len(tries) == 1 and tries[0].pid == first, tries
+
+    def retired() -> list[dict[str, object]]:
+        events = log_events(supervisor.output())
+        return [e for e in events if e.get("event") == "supervisor.worker_retired"]
+
+    wait_for(retired, timeout=30, message="the retired worker to exit")
+    assert [(e["pid"], e["how"]) for e in retired()] == [(first, "exited with code 0")]
+
+
+def test_a_worker_leaving_a_live_broker_has_its_farewell_at_once(env: Env) -> None:
+    """With the broker up, the Farewell comes in the pass that read the
+    Bye: a recycled worker exits at once and says nothing of a missing one."""
+    env.write_config(processes=1, prefetch=0, extra_pool="max_jobs_per_process = 2")
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client(timeout=30)
+    for n in range(6):  # three workers in turn, each recycled after two jobs
+        assert client.result(client.enqueue("e2e.square", n), timeout=30) == n * n
+    events = log_events(daemon.output())
+    retired = [e for e in events if e.get("event") == "supervisor.worker_retired"]
+    assert len(retired) >= 2, retired
+    assert {e["how"] for e in retired} == {"exited with code 0"}
+    assert not [e for e in events if e.get("event") == "worker.no_farewell"]

@@ -159,6 +159,13 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._stop_deadline: float | None = None
+        #: Leaving: until when the worker waits for the broker's Farewell
+        #: (None: it has not said Bye), and whether it came.
+        self._bye_deadline: float | None = None
+        self._farewell = False
+        #: The drain ran past shutdown_timeout: the jobs still running were
+        #: reported interrupted.
+        self._abandoned = False
         self._done_count = 0
         self._last_heard = 0.0
         self._last_sent = 0.0
@@ -298,7 +305,7 @@ class Worker:
         self._connect()
         while True:
             self._loop_once()  # an error here ends the process (_guarded)
-            if self._stopping and self._drained():
+            if self._stopping and self._drained() and self._farewell_heard():
                 break
         self._shutdown()
         if self._running:  # abandoned handlers (shutdown_timeout): leave without them
@@ -311,10 +318,48 @@ class Worker:
             self._begin_drain()
         assert self._stop_deadline is not None
         if time.monotonic() > self._stop_deadline:
-            log.warning("worker.shutdown_timeout", running=list(self._running))
-            self._abandon_running()
+            if not self._abandoned:  # (once: the loop asks again while it waits to leave)
+                self._abandoned = True
+                log.warning("worker.shutdown_timeout", running=list(self._running))
+                self._abandon_running()
             return True
         return not self._running and not self._outbox and not self._unsent
+
+    def _farewell_heard(self) -> bool:
+        """Drained: say Bye (the first call), then wait for the broker's
+        Farewell, which it sends once everything said before the Bye (the
+        last outcomes) is in its log. Without it the worker's last outcomes
+        could die with a broker killed as the worker leaves, and their jobs
+        run again (this process, which keeps them to resend, gone). A broker
+        that goes silent meanwhile is connected to afresh; the new
+        registration resends the recent reports and says Bye again
+        (:meth:`_register`). True once the Farewell came or the wait (see
+        :meth:`_farewell_wait`) is over."""
+        now = time.monotonic()
+        if self._bye_deadline is None:
+            self._bye_deadline = now + self._farewell_wait()
+            self._flush_outbox()  # what it says of its jobs goes before the Bye
+            if self._sock is not None and not self._unsent:
+                self._send(p.Bye())
+            return False
+        if self._farewell:
+            return True
+        if now >= self._bye_deadline:
+            log.warning(
+                "worker.no_farewell",
+                waited=round(self._farewell_wait(), 3),
+                hint="the broker did not confirm it has this worker's last reports: if it "
+                "lost them (it was killed), their jobs run again",
+            )
+            return True
+        return False
+
+    def _farewell_wait(self) -> float:
+        """How long a leaving worker waits for the Farewell (seconds): three
+        liveness windows, at least 10 s (a broker restarted meanwhile must
+        be noticed, and connected to)."""
+        window = self.options.heartbeat_interval * self.options.heartbeat_liveness
+        return max(3 * window, 10.0)
 
     def _abandon_running(self) -> None:
         """The drain ran out of time: report each job still running as
@@ -340,7 +385,6 @@ class Worker:
 
     def _shutdown(self) -> None:
         self._flush_outbox()
-        self._send(p.Bye())
         if self._sock is not None:
             self._sock.close(linger=500)
         os.close(self._wake_fd)
@@ -423,6 +467,8 @@ class Worker:
                 supervised=self.options.status_fd is not None,
             )
         )
+        if self._bye_deadline is not None:  # leaving: its Farewell is still owed
+            self._send(p.Bye())
         if holding:
             self._offered_at = time.monotonic()
         else:
@@ -492,6 +538,8 @@ class Worker:
         due = self._pacing.due
         if due is not None:
             wake = min(wake, due)
+        if self._bye_deadline is not None:
+            wake = min(wake, self._bye_deadline)
         if self._retry_at is not None:
             wake = min(wake, self._retry_at)
         else:
@@ -548,6 +596,8 @@ class Worker:
                 self._cancel(msg)
             case p.Withdraw():
                 self._withdraw(msg)
+            case p.Farewell():
+                self._farewell = True
             case p.Reregister():
                 # The broker does not know us (it restarted, or declared us
                 # gone): offer back what we hold, and start nothing more
