@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 
@@ -94,8 +94,17 @@ def _common(sub: argparse.ArgumentParser, broker: bool = True) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument said in one line (which argument, why,
+    where the help is) instead of the whole usage block before it; exit 2
+    as argparse's. Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corral", description="a durable job queue")
+    parser = _Parser(prog="corral", description="a durable job queue")
     parser.add_argument("--version", action=_VersionAction, help="show corral's version and exit")
     # before the command as well as after it: `corral -c FILE status`
     parser.add_argument(
