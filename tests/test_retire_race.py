@@ -77,3 +77,34 @@ def test_a_worker_leaving_a_live_broker_has_its_farewell_at_once(env: Env) -> No
     assert len(retired) >= 2, retired
     assert {e["how"] for e in retired} == {"exited with code 0"}
     assert not [e for e in events if e.get("event") == "worker.no_farewell"]
+
+
+def test_a_worker_waiting_for_its_farewell_past_shutdown_timeout_abandons_nothing(
+    env: Env,
+) -> None:
+    """Drained at once (no job), the worker says Bye and waits for the
+    Farewell; the broker is stopped, so the wait outlasts shutdown_timeout.
+    That is no drain running out of time: no worker.shutdown_timeout (it
+    once said so, naming no job), and the worker leaves on the Farewell of
+    the broker once it runs again."""
+    env.write_config(processes=1, prefetch=0)
+    env.config.write_text(
+        env.config.read_text().replace('shutdown_timeout = "10s"', 'shutdown_timeout = "0.3s"')
+    )
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    worker = env.start("worker")
+    env.wait_workers(1)
+    os.kill(broker.pid, signal.SIGSTOP)
+    worker.signal(signal.SIGTERM)
+
+    def waited_past_shutdown_timeout() -> bool:
+        return any(e.get("event") == "worker.broker_silent" for e in log_events(worker.output()))
+
+    wait_for(waited_past_shutdown_timeout, timeout=30, message="the worker to wait past 0.3 s")
+    os.kill(broker.pid, signal.SIGCONT)
+    assert worker.wait(30) == 0
+    events = [e.get("event") for e in log_events(worker.output())]
+    assert "worker.stopped" in events
+    assert "worker.shutdown_timeout" not in events
+    assert "worker.no_farewell" not in events

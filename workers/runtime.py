@@ -314,6 +314,10 @@ class Worker:
             os._exit(0)
 
     def _drained(self) -> bool:
+        if self._bye_deadline is not None:
+            # drained already, waiting for the Farewell: no job is left to
+            # run out of shutdown_timeout (the wait may outlast it)
+            return True
         if self._stop_deadline is None:
             self._begin_drain()
         assert self._stop_deadline is not None
