@@ -82,11 +82,11 @@ def test_a_worker_leaving_a_live_broker_has_its_farewell_at_once(env: Env) -> No
 def test_a_worker_waiting_for_its_farewell_past_shutdown_timeout_abandons_nothing(
     env: Env,
 ) -> None:
-    """Drained at once (no job), the worker says Bye and waits for the
-    Farewell; the broker is stopped, so the wait outlasts shutdown_timeout.
-    That is no drain running out of time: no worker.shutdown_timeout (it
-    once said so, naming no job), and the worker leaves on the Farewell of
-    the broker once it runs again."""
+    """The worker's last outcome goes to a stopped broker; stopped, the
+    worker is drained at once and waits for the Farewell past
+    shutdown_timeout. That is no drain running out of time: no
+    worker.shutdown_timeout (it once said so, naming no job), and the
+    worker leaves on the Farewell of the broker once it runs again."""
     env.write_config(processes=1, prefetch=0)
     env.config.write_text(
         env.config.read_text().replace('shutdown_timeout = "10s"', 'shutdown_timeout = "0.3s"')
@@ -95,16 +95,43 @@ def test_a_worker_waiting_for_its_farewell_past_shutdown_timeout_abandons_nothin
     env.wait_ready(broker)
     worker = env.start("worker")
     env.wait_workers(1)
-    os.kill(broker.pid, signal.SIGSTOP)
+    client = env.client(timeout=30)
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate))
+    wait_for(lambda: client.job(job_id).status == "running", timeout=30, message="the job to run")
+    os.kill(broker.pid, signal.SIGSTOP)  # the outcome waits, kept by the worker
+    gate.write_text("go")
+
+    def logged(event: str) -> bool:
+        return any(e.get("event") == event for e in log_events(worker.output()))
+
+    wait_for(lambda: logged("job.succeeded"), timeout=30, message="the job to end")
     worker.signal(signal.SIGTERM)
-
-    def waited_past_shutdown_timeout() -> bool:
-        return any(e.get("event") == "worker.broker_silent" for e in log_events(worker.output()))
-
-    wait_for(waited_past_shutdown_timeout, timeout=30, message="the worker to wait past 0.3 s")
+    wait_for(lambda: logged("worker.broker_silent"), timeout=30, message="a wait past 0.3 s")
     os.kill(broker.pid, signal.SIGCONT)
     assert worker.wait(30) == 0
     events = [e.get("event") for e in log_events(worker.output())]
     assert "worker.stopped" in events
     assert "worker.shutdown_timeout" not in events
+    assert "worker.no_farewell" not in events
+    assert client.job(job_id).status == "succeeded"
+
+
+def test_a_worker_with_nothing_unconfirmed_leaves_a_gone_broker_at_once(env: Env) -> None:
+    """A Farewell confirms the reports the worker sent lately; with none
+    kept (idle since the broker last heard it, or it never ran a job) there
+    is nothing for it to confirm: a worker stopped while its broker is gone
+    leaves without waiting the bound for it (it once waited 10 s and said
+    worker.no_farewell, and so did a supervisor's stop with its broker
+    down)."""
+    env.write_config(processes=1, prefetch=0)
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    worker = env.start("worker")
+    env.wait_workers(1)
+    broker.kill()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    events = [e.get("event") for e in log_events(worker.output())]
+    assert "worker.stopped" in events
     assert "worker.no_farewell" not in events

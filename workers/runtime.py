@@ -338,14 +338,18 @@ class Worker:
         that goes silent meanwhile is connected to afresh; the new
         registration resends the recent reports and says Bye again
         (:meth:`_register`). True once the Farewell came or the wait (see
-        :meth:`_farewell_wait`) is over."""
+        :meth:`_farewell_wait`) is over, or at once when the worker keeps
+        no recent report (:class:`SentReports`) and has none unsent."""
         now = time.monotonic()
         if self._bye_deadline is None:
             self._bye_deadline = now + self._farewell_wait()
             self._flush_outbox()  # what it says of its jobs goes before the Bye
             if self._sock is not None and not self._unsent:
                 self._send(p.Bye())
-            return False
+            # No report kept and none unsent: nothing the Farewell would
+            # confirm (a lost Return or Bye costs a delay, not a run), so
+            # an idle worker leaves a gone broker at once.
+            return not self._unsent and not len(self._sent_reports)
         if self._farewell:
             return True
         if now >= self._bye_deadline:
