@@ -50,7 +50,7 @@ from corral.supervisor.reload import (
 from corral.supervisor.reloadable import split_reload
 from corral.supervisor.report import BrokerLink
 from corral.supervisor.title import set_title
-from corral.workers.status import EXIT_REFUSED
+from corral.workers.status import EXIT_REFUSED, farewell_wait
 
 if TYPE_CHECKING:
     from corral.config.schema import Config
@@ -418,15 +418,20 @@ class Supervisor:
             self.broker.signal(sig)
 
     def _shutdown(self) -> int:
-        """Drain: workers finish their jobs (up to shutdown_timeout), then
-        the broker stops with its log synced."""
+        """Drain: workers finish their jobs (up to shutdown_timeout) and
+        wait for their Farewells (see :func:`farewell_wait`), then the
+        broker stops with its log synced."""
         if self._check is not None:  # a reload's check is not needed any more
             self._check.stop()
         if self.dashboard is not None:
             self.dashboard.stop(self.control.wait)
         workers = self.children.alive()
         log.info("supervisor.stopping", workers=len(workers))
-        timeout = max((p.config.shutdown_timeout for p in self.pools), default=0.0) + 5.0
+        # a worker drains (shutdown_timeout), then waits for its Farewell
+        bc = self.config.broker
+        farewell = farewell_wait(bc.heartbeat_interval, bc.heartbeat_liveness)
+        drain = max((p.config.shutdown_timeout for p in self.pools), default=0.0)
+        timeout = drain + farewell + 5.0
         stop_children(workers, timeout, self.control.wait)
         broker: Child | None = self.broker.child if self.broker is not None else None
         if broker is not None and broker.alive:

@@ -135,3 +135,36 @@ def test_a_worker_with_nothing_unconfirmed_leaves_a_gone_broker_at_once(env: Env
     events = [e.get("event") for e in log_events(worker.output())]
     assert "worker.stopped" in events
     assert "worker.no_farewell" not in events
+
+
+def test_a_stopping_supervisor_lets_its_workers_wait_for_their_farewell(env: Env) -> None:
+    """A supervisor stopping gives its workers shutdown_timeout and then
+    the Farewell's bound before it kills them: a worker whose last outcome
+    went to a broker that is gone waits the bound (10 s here) and leaves on
+    its own, saying worker.no_farewell (it was SIGKILLed at shutdown_timeout
+    + 5 s, the Farewell's wait not counted)."""
+    env.write_config(processes=1, prefetch=0)
+    env.config.write_text(
+        env.config.read_text().replace('shutdown_timeout = "10s"', 'shutdown_timeout = "0.5s"')
+    )
+    broker = env.start("broker")
+    env.wait_ready(broker)
+    supervisor = env.start("supervisor")
+    env.wait_workers(1)
+    client = env.client(timeout=30)
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate))
+    wait_for(lambda: client.job(job_id).status == "running", timeout=30, message="the job to run")
+    os.kill(broker.pid, signal.SIGSTOP)  # the outcome is never read: the worker keeps it
+    gate.write_text("go")
+
+    def logged(event: str) -> bool:
+        return any(e.get("event") == event for e in log_events(supervisor.output()))
+
+    wait_for(lambda: logged("job.succeeded"), timeout=30, message="the job to end")
+    os.kill(broker.pid, signal.SIGKILL)
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait(60) == 0
+    events = [e.get("event") for e in log_events(supervisor.output())]
+    assert "supervisor.kill" not in events
+    assert "worker.no_farewell" in events and "worker.stopped" in events

@@ -78,6 +78,7 @@ from corral.workers.status import (
     EXIT_REPORT_REFUSED,
     HookClock,
     StatusWriter,
+    farewell_wait,
 )
 
 __all__ = [
@@ -366,8 +367,7 @@ class Worker:
         """How long a leaving worker waits for the Farewell (seconds): three
         liveness windows, at least 10 s (a broker restarted meanwhile must
         be noticed, and connected to)."""
-        window = self.options.heartbeat_interval * self.options.heartbeat_liveness
-        return max(3 * window, 10.0)
+        return farewell_wait(self.options.heartbeat_interval, self.options.heartbeat_liveness)
 
     def _abandon_running(self) -> None:
         """The drain ran out of time: report each job still running as
