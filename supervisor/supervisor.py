@@ -24,6 +24,7 @@ with those that do and fixes the difference. The parts each own one thing:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -432,9 +433,26 @@ class Supervisor:
         farewell = farewell_wait(bc.heartbeat_interval, bc.heartbeat_liveness)
         drain = max((p.config.shutdown_timeout for p in self.pools), default=0.0)
         timeout = drain + farewell + 5.0
-        stop_children(workers, timeout, self.control.wait)
+        stop_children(workers, timeout, self._stopping_pause)
         broker: Child | None = self.broker.child if self.broker is not None else None
         if broker is not None and broker.alive:
             stop_children([broker], 30.0, self.control.wait)
         log.info("supervisor.stopped")
         return 0
+
+    def _stopping_pause(self, seconds: float) -> None:
+        """The wait while the workers leave (``seconds``): in ``corral run``,
+        a broker that dies meanwhile is started again (after its backoff),
+        so that the leaving workers' last outcomes reach a broker and their
+        Farewells come; with none, they were lost with the broker killed as
+        the stop began, and their jobs ran again, their runs unrecorded."""
+        self.control.wait(seconds, self.broker.fds() if self.broker is not None else ())
+        if self.broker is None:
+            return
+        child = self.broker.child
+        if child is not None and child.alive and child.pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+                if pid:
+                    self.broker.reaped(status)
+        self.broker.poll(self.config, time.monotonic())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 
-from conftest import Env, log_events, wait_for
+from conftest import Env, broker_processes, log_events, wait_for
 
 
 def test_a_retiring_worker_whose_last_outcome_dies_with_the_broker_runs_it_once(
@@ -168,3 +168,36 @@ def test_a_stopping_supervisor_lets_its_workers_wait_for_their_farewell(env: Env
     events = [e.get("event") for e in log_events(supervisor.output())]
     assert "supervisor.kill" not in events
     assert "worker.no_farewell" in events and "worker.stopped" in events
+
+
+def test_corral_run_stopping_restarts_a_broker_killed_as_its_workers_leave(env: Env) -> None:
+    """``corral run`` stops; its broker is killed before it read a leaving
+    worker's last outcome. The supervisor starts the broker again while
+    its workers leave: the worker sends its recent reports to it and has
+    its Farewell, and the job's one run is recorded (it waited its bound
+    for a broker that never came, and the job ran again, uncounted)."""
+    env.write_config(processes=1, prefetch=0)
+    daemon = env.start("run")
+    env.wait_ready(daemon)
+    env.wait_workers(1)
+    client = env.client(timeout=30)
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate))
+    wait_for(lambda: client.job(job_id).status == "running", timeout=30, message="the job to run")
+    (broker,) = broker_processes(daemon)
+    broker.suspend()  # reads nothing more: the outcome waits in its socket
+    daemon.signal(signal.SIGTERM)
+    gate.write_text("go")
+
+    def logged(event: str) -> bool:
+        return any(e.get("event") == event for e in log_events(daemon.output()))
+
+    wait_for(lambda: logged("job.succeeded"), timeout=30, message="the job to end")
+    broker.kill()
+    assert daemon.wait(60) == 0
+    events = [e.get("event") for e in log_events(daemon.output())]
+    assert "worker.no_farewell" not in events and "supervisor.kill" not in events
+    again = env.start("broker")
+    env.wait_ready(again)
+    tries = client.job(job_id).tries
+    assert client.job(job_id).status == "succeeded" and len(tries) == 1, tries
