@@ -328,7 +328,10 @@ class Worker:
                 log.warning("worker.shutdown_timeout", running=list(self._running))
                 self._abandon_running()
             return True
-        return not self._running and not self._outbox and not self._unsent
+        # Held, not running: a job a handler has taken from the buffer but
+        # not yet begun (it looked before the drain began) is neither in
+        # the buffer nor running, and its outcome must go before the Bye.
+        return not self._held.holding() and not self._outbox and not self._unsent
 
     def _farewell_heard(self) -> bool:
         """Drained: say Bye (the first call), then wait for the broker's
