@@ -192,15 +192,22 @@ class Child:
         log.debug("supervisor.fork", child=self.name, threads=threads)
         sys.stdout.flush()
         sys.stderr.flush()
+        # Every signal blocked across the fork: the child has this process's
+        # handlers until reset_signals, and one that ran there (a stop's
+        # SIGTERM sent at once) was lost in it. Blocked, it waits, and
+        # reaches the child once its dispositions are reset.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             pid = os.fork()
         except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (read_fd, write_fd):
                 if fd is not None:
                     os.close(fd)
             raise
         if pid == 0:
             self._child_main(parent, write_fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         # The child sets its group too; doing it here as well means that a
         # kill sent before the child has run still reaches the whole group.
         with contextlib.suppress(OSError):

@@ -24,6 +24,7 @@ with those that do and fixes the difference. The parts each own one thing:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -50,7 +51,7 @@ from corral.supervisor.reload import (
 from corral.supervisor.reloadable import split_reload
 from corral.supervisor.report import BrokerLink
 from corral.supervisor.title import set_title
-from corral.workers.status import EXIT_REFUSED
+from corral.workers.status import EXIT_REFUSED, farewell_wait
 
 if TYPE_CHECKING:
     from corral.config.schema import Config
@@ -418,18 +419,40 @@ class Supervisor:
             self.broker.signal(sig)
 
     def _shutdown(self) -> int:
-        """Drain: workers finish their jobs (up to shutdown_timeout), then
-        the broker stops with its log synced."""
+        """Drain: workers finish their jobs (up to shutdown_timeout) and
+        wait for their Farewells (see :func:`farewell_wait`), then the
+        broker stops with its log synced."""
         if self._check is not None:  # a reload's check is not needed any more
             self._check.stop()
         if self.dashboard is not None:
             self.dashboard.stop(self.control.wait)
         workers = self.children.alive()
         log.info("supervisor.stopping", workers=len(workers))
-        timeout = max((p.config.shutdown_timeout for p in self.pools), default=0.0) + 5.0
-        stop_children(workers, timeout, self.control.wait)
+        # a worker drains (shutdown_timeout), then waits for its Farewell
+        bc = self.config.broker
+        farewell = farewell_wait(bc.heartbeat_interval, bc.heartbeat_liveness)
+        drain = max((p.config.shutdown_timeout for p in self.pools), default=0.0)
+        timeout = drain + farewell + 5.0
+        stop_children(workers, timeout, self._stopping_pause)
         broker: Child | None = self.broker.child if self.broker is not None else None
         if broker is not None and broker.alive:
             stop_children([broker], 30.0, self.control.wait)
         log.info("supervisor.stopped")
         return 0
+
+    def _stopping_pause(self, seconds: float) -> None:
+        """The wait while the workers leave (``seconds``): in ``corral run``,
+        a broker that dies meanwhile is started again (after its backoff),
+        so that the leaving workers' last outcomes reach a broker and their
+        Farewells come; with none, they were lost with the broker killed as
+        the stop began, and their jobs ran again, their runs unrecorded."""
+        self.control.wait(seconds, self.broker.fds() if self.broker is not None else ())
+        if self.broker is None:
+            return
+        child = self.broker.child
+        if child is not None and child.alive and child.pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+                if pid:
+                    self.broker.reaped(status)
+        self.broker.poll(self.config, time.monotonic())

@@ -78,6 +78,7 @@ from corral.workers.status import (
     EXIT_REPORT_REFUSED,
     HookClock,
     StatusWriter,
+    farewell_wait,
 )
 
 __all__ = [
@@ -314,6 +315,10 @@ class Worker:
             os._exit(0)
 
     def _drained(self) -> bool:
+        if self._bye_deadline is not None:
+            # drained already, waiting for the Farewell: no job is left to
+            # run out of shutdown_timeout (the wait may outlast it)
+            return True
         if self._stop_deadline is None:
             self._begin_drain()
         assert self._stop_deadline is not None
@@ -323,7 +328,10 @@ class Worker:
                 log.warning("worker.shutdown_timeout", running=list(self._running))
                 self._abandon_running()
             return True
-        return not self._running and not self._outbox and not self._unsent
+        # Held, not running: a job a handler has taken from the buffer but
+        # not yet begun (it looked before the drain began) is neither in
+        # the buffer nor running, and its outcome must go before the Bye.
+        return not self._held.holding() and not self._outbox and not self._unsent
 
     def _farewell_heard(self) -> bool:
         """Drained: say Bye (the first call), then wait for the broker's
@@ -334,14 +342,18 @@ class Worker:
         that goes silent meanwhile is connected to afresh; the new
         registration resends the recent reports and says Bye again
         (:meth:`_register`). True once the Farewell came or the wait (see
-        :meth:`_farewell_wait`) is over."""
+        :meth:`_farewell_wait`) is over, or at once when the worker keeps
+        no recent report (:class:`SentReports`) and has none unsent."""
         now = time.monotonic()
         if self._bye_deadline is None:
             self._bye_deadline = now + self._farewell_wait()
             self._flush_outbox()  # what it says of its jobs goes before the Bye
             if self._sock is not None and not self._unsent:
                 self._send(p.Bye())
-            return False
+            # No report kept and none unsent: nothing the Farewell would
+            # confirm (a lost Return or Bye costs a delay, not a run), so
+            # an idle worker leaves a gone broker at once.
+            return not self._unsent and not len(self._sent_reports)
         if self._farewell:
             return True
         if now >= self._bye_deadline:
@@ -358,8 +370,7 @@ class Worker:
         """How long a leaving worker waits for the Farewell (seconds): three
         liveness windows, at least 10 s (a broker restarted meanwhile must
         be noticed, and connected to)."""
-        window = self.options.heartbeat_interval * self.options.heartbeat_liveness
-        return max(3 * window, 10.0)
+        return farewell_wait(self.options.heartbeat_interval, self.options.heartbeat_liveness)
 
     def _abandon_running(self) -> None:
         """The drain ran out of time: report each job still running as

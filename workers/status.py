@@ -71,6 +71,14 @@ EXIT_BROKEN = 70
 LAST_WORDS_WAIT = 5.0
 
 
+def farewell_wait(heartbeat_interval: float, heartbeat_liveness: int) -> float:
+    """How long a leaving worker waits for the broker's Farewell, in
+    seconds, once drained: three liveness windows, at least 10 s (a broker
+    restarted meanwhile must be noticed, and connected to). Its supervisor,
+    stopping, waits this beyond shutdown_timeout before it kills it."""
+    return max(3 * heartbeat_interval * heartbeat_liveness, 10.0)
+
+
 class StatusWriter:
     """The worker's end; every method is a no-op without a pipe."""
 

@@ -191,6 +191,14 @@ def mark(ctx: corral.JobContext, path: str) -> str:
     return ctx.job_id
 
 
+@corral.task(name="e2e.amark")
+async def amark(ctx: corral.JobContext, path: str) -> str:
+    """As e2e.mark, in a coroutine: one line a run (the job's id)."""
+    with open(path, "a") as file:
+        file.write(f"{ctx.job_id} attempt={ctx.attempt}\n")
+    return ctx.job_id
+
+
 @corral.task(name="e2e.big_result")
 def big_result(ctx: corral.JobContext, mib: int) -> str:
     """A result of ``mib`` MiB: over max_message_size when large enough."""
