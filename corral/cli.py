@@ -104,7 +104,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="corral", description="a durable job queue")
+    parser: argparse.ArgumentParser = _Parser(prog="corral", description="a durable job queue")
     parser.add_argument("--version", action=_VersionAction, help="show corral's version and exit")
     # before the command as well as after it: `corral -c FILE status`
     parser.add_argument(
