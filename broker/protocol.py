@@ -714,7 +714,8 @@ class Reregister(Msg, frozen=True):
 class Farewell(Msg, frozen=True):
     """The answer to a worker's :class:`Bye`, sent after the pass's commit:
     everything the worker said before its Bye (its last outcomes) is in the
-    log, synced as the fsync policy says. A leaving worker waits for it (a
+    log and synced (a pass that reads a Bye commits at once, whatever
+    the fsync policy). A leaving worker waits for it (a
     bounded time), so its last outcomes are never lost with a broker that
     dies as it leaves: without it, it sends its recent reports again to
     the next broker, then Bye again."""
