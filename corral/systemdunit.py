@@ -36,10 +36,25 @@ def readme() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def socket_group(config: Path) -> str | None:
+    """The ``broker.socket_group`` of the config at ``config``, if it can be
+    read (one that cannot is the unit's ``ExecStartPre`` check's to say)."""
+    from corral.config import load
+    from corral.errors import ConfigError
+
+    try:
+        return load(config).broker.socket_group or None
+    except (ConfigError, OSError):
+        return None
+
+
 def render_unit(config: Path, command: str | None = None) -> tuple[str, list[str]]:
     """The unit text for ``config`` (an absolute path) and ``command`` (the
     corral executable; default :func:`executable`), and warnings about
-    paths the unit's sandbox hides (``ProtectHome``, ``PrivateTmp``)."""
+    paths the unit's sandbox hides (``ProtectHome``, ``PrivateTmp``). A
+    config with ``socket_group`` makes the service a member of that group
+    (``SupplementaryGroups=``: under ``DynamicUser`` nothing else can, and
+    the broker must be one to give its sockets to it)."""
     template = resources.files("corral.config").joinpath("corral.service").read_text()
     command = command or executable()
     unit = template.replace(f"{TEMPLATE_EXECUTABLE} ", f"{command} ").replace(
@@ -48,6 +63,9 @@ def render_unit(config: Path, command: str | None = None) -> tuple[str, list[str
     doc = readme()
     if doc is not None:
         unit = unit.replace("[Unit]\n", f"[Unit]\nDocumentation=file://{doc}\n", 1)
+    group = socket_group(config)
+    if group:  # the broker must be a member to give its sockets to it
+        unit = unit.replace("[Service]\n", f"[Service]\nSupplementaryGroups={group}\n", 1)
     warnings = []
     for path, what in ((command.split()[0], "the corral executable"), (str(config), "the config")):
         if path.startswith(("/home/", "/root/", "/run/user/")):

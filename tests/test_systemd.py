@@ -235,3 +235,18 @@ def test_the_generated_unit_runs_this_installs_corral_on_the_given_config(env: E
             [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
         )
         assert verified.returncode == 0, verified.stderr
+
+
+def test_the_generated_unit_makes_the_service_a_member_of_its_socket_group(env: Env) -> None:
+    """With ``socket_group`` the broker must be a member of the group to
+    give its sockets to it; under ``DynamicUser`` only the unit can make
+    it one (``SupplementaryGroups=``), so the generated unit says it. A
+    config that names none gets no such line."""
+    done = env.run("systemd-unit", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    assert "SupplementaryGroups" not in done.stdout
+    env.write_config(extra_broker='socket_group = "corral-clients"')
+    done = env.run("systemd-unit", "-c", str(env.config))
+    assert done.returncode == 0, done.stderr
+    service = done.stdout.split("[Service]\n", 1)[1].split("\n[", 1)[0]
+    assert "SupplementaryGroups=corral-clients" in service.splitlines(), done.stdout
