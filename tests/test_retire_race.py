@@ -13,10 +13,33 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
+from pathlib import Path
 
-from conftest import Env, broker_processes, log_events, wait_for
+from conftest import Env, Proc, broker_processes, log_events, wait_for
 
 import corral
+from corral.client import Client
+
+
+def _running_gated_job(env: Env, client: Client) -> tuple[str, Path]:
+    """An ``e2e.gate`` job, once running: it ends when the test writes the
+    returned gate file."""
+    gate = env.home / "gate"
+    job_id = client.enqueue("e2e.gate", str(gate))
+    wait_for(lambda: client.job(job_id).status == "running", timeout=30, message="the job to run")
+    return job_id, gate
+
+
+def _events(proc: Proc) -> list[object]:
+    """The event names of ``proc``'s JSON log lines, in order."""
+    return [e.get("event") for e in log_events(proc.output())]
+
+
+def _shutdown_timeout(env: Env, value: str) -> None:
+    """The written config's pool ``shutdown_timeout`` set to ``value``."""
+    text = env.config.read_text()
+    assert 'shutdown_timeout = "10s"' in text
+    env.config.write_text(text.replace('shutdown_timeout = "10s"', f'shutdown_timeout = "{value}"'))
 
 
 def test_a_retiring_worker_whose_last_outcome_dies_with_the_broker_runs_it_once(
@@ -33,9 +56,7 @@ def test_a_retiring_worker_whose_last_outcome_dies_with_the_broker_runs_it_once(
     supervisor = env.start("supervisor")
     env.wait_workers(1)
     client = env.client(timeout=30)
-    gate = env.home / "gate"
-    job_id = client.enqueue("e2e.gate", str(gate))
-    wait_for(lambda: client.job(job_id).status == "running", timeout=30, message="the job to run")
+    job_id, gate = _running_gated_job(env, client)
     (worker,) = [p for p in supervisor.descendants() if "worker" in " ".join(p.cmdline())]
     first = worker.pid
     os.kill(broker.pid, signal.SIGSTOP)  # reads nothing more: the outcome waits in its socket
@@ -91,29 +112,24 @@ def test_a_worker_waiting_for_its_farewell_past_shutdown_timeout_abandons_nothin
     worker.shutdown_timeout (it once said so, naming no job), and the
     worker leaves on the Farewell of the broker once it runs again."""
     env.write_config(processes=1, prefetch=0)
-    env.config.write_text(
-        env.config.read_text().replace('shutdown_timeout = "10s"', 'shutdown_timeout = "0.3s"')
-    )
+    _shutdown_timeout(env, "0.3s")
     broker = env.start("broker")
     env.wait_ready(broker)
     worker = env.start("worker")
     env.wait_workers(1)
     client = env.client(timeout=30)
-    gate = env.home / "gate"
-    job_id = client.enqueue("e2e.gate", str(gate))
-    wait_for(lambda: client.job(job_id).status == "running", timeout=30, message="the job to run")
+    job_id, gate = _running_gated_job(env, client)
     os.kill(broker.pid, signal.SIGSTOP)  # the outcome waits, kept by the worker
     gate.write_text("go")
 
-    def logged(event: str) -> bool:
-        return any(e.get("event") == event for e in log_events(worker.output()))
-
-    wait_for(lambda: logged("job.succeeded"), timeout=30, message="the job to end")
+    wait_for(lambda: "job.succeeded" in _events(worker), timeout=30, message="the job to end")
     worker.signal(signal.SIGTERM)
-    wait_for(lambda: logged("worker.broker_silent"), timeout=30, message="a wait past 0.3 s")
+    wait_for(
+        lambda: "worker.broker_silent" in _events(worker), timeout=30, message="a wait past 0.3 s"
+    )
     os.kill(broker.pid, signal.SIGCONT)
     assert worker.wait(30) == 0
-    events = [e.get("event") for e in log_events(worker.output())]
+    events = _events(worker)
     assert "worker.stopped" in events
     assert "worker.shutdown_timeout" not in events
     assert "worker.no_farewell" not in events
@@ -135,7 +151,7 @@ def test_a_worker_with_nothing_unconfirmed_leaves_a_gone_broker_at_once(env: Env
     broker.kill()
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0
-    events = [e.get("event") for e in log_events(worker.output())]
+    events = _events(worker)
     assert "worker.stopped" in events
     assert "worker.no_farewell" not in events
 
@@ -147,28 +163,21 @@ def test_a_stopping_supervisor_lets_its_workers_wait_for_their_farewell(env: Env
     its own, saying worker.no_farewell (it was SIGKILLed at shutdown_timeout
     + 5 s, the Farewell's wait not counted)."""
     env.write_config(processes=1, prefetch=0)
-    env.config.write_text(
-        env.config.read_text().replace('shutdown_timeout = "10s"', 'shutdown_timeout = "0.5s"')
-    )
+    _shutdown_timeout(env, "0.5s")
     broker = env.start("broker")
     env.wait_ready(broker)
     supervisor = env.start("supervisor")
     env.wait_workers(1)
     client = env.client(timeout=30)
-    gate = env.home / "gate"
-    job_id = client.enqueue("e2e.gate", str(gate))
-    wait_for(lambda: client.job(job_id).status == "running", timeout=30, message="the job to run")
+    _, gate = _running_gated_job(env, client)
     os.kill(broker.pid, signal.SIGSTOP)  # the outcome is never read: the worker keeps it
     gate.write_text("go")
 
-    def logged(event: str) -> bool:
-        return any(e.get("event") == event for e in log_events(supervisor.output()))
-
-    wait_for(lambda: logged("job.succeeded"), timeout=30, message="the job to end")
+    wait_for(lambda: "job.succeeded" in _events(supervisor), timeout=30, message="the job to end")
     os.kill(broker.pid, signal.SIGKILL)
     supervisor.signal(signal.SIGTERM)
     assert supervisor.wait(60) == 0
-    events = [e.get("event") for e in log_events(supervisor.output())]
+    events = _events(supervisor)
     assert "supervisor.kill" not in events
     assert "worker.no_farewell" in events and "worker.stopped" in events
 
@@ -184,21 +193,16 @@ def test_corral_run_stopping_restarts_a_broker_killed_as_its_workers_leave(env: 
     env.wait_ready(daemon)
     env.wait_workers(1)
     client = env.client(timeout=30)
-    gate = env.home / "gate"
-    job_id = client.enqueue("e2e.gate", str(gate))
-    wait_for(lambda: client.job(job_id).status == "running", timeout=30, message="the job to run")
+    job_id, gate = _running_gated_job(env, client)
     (broker,) = broker_processes(daemon)
     broker.suspend()  # reads nothing more: the outcome waits in its socket
     daemon.signal(signal.SIGTERM)
     gate.write_text("go")
 
-    def logged(event: str) -> bool:
-        return any(e.get("event") == event for e in log_events(daemon.output()))
-
-    wait_for(lambda: logged("job.succeeded"), timeout=30, message="the job to end")
+    wait_for(lambda: "job.succeeded" in _events(daemon), timeout=30, message="the job to end")
     broker.kill()
     assert daemon.wait(60) == 0
-    events = [e.get("event") for e in log_events(daemon.output())]
+    events = _events(daemon)
     assert "worker.no_farewell" not in events and "supervisor.kill" not in events
     again = env.start("broker")
     env.wait_ready(again)
