@@ -679,6 +679,8 @@ class Dispatcher:
     def bid_farewells(self) -> None:
         """Answer this pass's Byes (call after the pass's commit: what each
         worker said before its Bye is then in the log)."""
+        if not self.farewells:  # (every pass asks: most read no Bye)
+            return
         farewells, self.farewells = self.farewells, []
         for identity in farewells:
             self.send(identity, p.Farewell(), None)
