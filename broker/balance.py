@@ -202,7 +202,9 @@ def _steal(workers: list[WorkerConn], state: JobState, plan: dict[WorkerConn, li
     room = {c: free_slots(c) for c in workers if free_slots(c) > 0 and c.credit > 0}
     for victim in workers:
         waiting = unstarted(victim, state)
-        surplus = waiting[max(0, free_slots(victim)) :]  # they wait behind running jobs
+        # the first of them take the victim's slots not running a job: only
+        # the rest wait behind running jobs
+        surplus = waiting[max(0, victim.concurrency - len(victim.started)) :]
         while surplus and room:
             job = surplus[-1]
             thief = next(
