@@ -254,6 +254,18 @@ class Enqueue(Msg, frozen=True):
     v: int = PROTOCOL_VERSION
 
 
+class EnqueueEach(Msg, frozen=True):
+    """Several independent enqueues in one message (an AsyncClient joins
+    those made at once): each job is taken or refused on its own, as if it
+    came alone in an :class:`Enqueue`, in order. Answered by one
+    :class:`EachReply`, or one ErrorReply when none was looked at (a full
+    disk, an unreadable request)."""
+
+    req: int
+    jobs: list[JobSpec]
+    v: int = PROTOCOL_VERSION
+
+
 class GetJob(Msg, frozen=True):
     req: int
     job_id: str
@@ -380,6 +392,7 @@ class GetFlow(Msg, frozen=True):
 
 ClientRequest = (
     Enqueue
+    | EnqueueEach
     | GetJob
     | GetResult
     | GetStatus
@@ -403,6 +416,16 @@ ClientRequest = (
 class EnqueueOk(Msg, frozen=True):
     req: int
     ids: list[str]
+    v: int = PROTOCOL_VERSION
+
+
+class EachReply(Msg, frozen=True):
+    """The answer to an :class:`EnqueueEach`: per job, in order, what a
+    one-job Enqueue of it would have been answered (an EnqueueOk with its
+    id, or an ErrorReply), each with ``req`` 0."""
+
+    req: int
+    replies: list[EnqueueOk | ErrorReply]
     v: int = PROTOCOL_VERSION
 
 
@@ -484,7 +507,16 @@ class ErrorReply(Msg, frozen=True):
 
 
 ClientReply = (
-    EnqueueOk | JobReply | ResultReply | StatusReply | Pong | Ack | JobList | FlowReply | ErrorReply
+    EnqueueOk
+    | EachReply
+    | JobReply
+    | ResultReply
+    | StatusReply
+    | Pong
+    | Ack
+    | JobList
+    | FlowReply
+    | ErrorReply
 )
 
 

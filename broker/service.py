@@ -20,7 +20,7 @@ from corral.broker.admission import Admission
 from corral.broker.dispatch import Dispatcher, Ended
 from corral.broker.expiring import lapsed
 from corral.broker.job import touched
-from corral.broker.jobspec import queue_problem, validate_flow, with_callback
+from corral.broker.jobspec import JobSpec, ids_of, queue_problem, validate_flow, with_callback
 from corral.broker.journal import Journal, Replies
 from corral.broker.protocol import TERMINAL
 from corral.broker.records import Cancelled, FlowCreated, JobCreated, QueuePaused, Removed, Requeued
@@ -77,6 +77,7 @@ class ClientService:
         self.status_max_age = 0.0
         self._handlers: dict[type, Handler] = {
             p.Enqueue: self._enqueue,
+            p.EnqueueEach: self._enqueue_each,
             p.EnqueueFlow: self._enqueue_flow,
             p.GetJob: self._get_job,
             p.GetResult: self._get_result,
@@ -136,26 +137,64 @@ class ClientService:
         except InvalidJob as exc:
             self._invalid(identity, msg.req, str(exc))
             return
-        ids = []
         created: list[JobCreated] = []
-        for spec in msg.jobs:
-            holder = self.state.holder_of(spec.unique_key, now)
-            if holder is not None:  # a unique job: the first one's id
-                ids.append(holder)
-                continue
-            record = self.state.decide_create(spec, now, validated=True)
-            if record is not None:
-                if record.unique_key:  # a later spec of this enqueue sees its key held
-                    self._record_created(created)
-                    created = []
-                    self.journal.record(record)
-                    self.stats["enqueued"] += 1
-                else:
-                    created.append(record)
-            ids.append(spec.id)
+        ids = [self._create(spec, now, created) for spec in msg.jobs]
         self._record_created(created)
         self.dispatcher.poke()
         self._reply(identity, p.EnqueueOk(msg.req, ids))
+
+    def _enqueue_each(self, identity: bytes, msg: p.EnqueueEach, now: float, mono: float) -> None:
+        """Each job as if it came alone (see :class:`~corral.broker.protocol.EnqueueEach`):
+        a refused one refuses only itself. The plain creations are logged
+        together at the end (one record per run of one template), unless a
+        job's ids meet those of one not logged yet: then what came before is
+        logged first, so the checks see it as a one-job Enqueue would."""
+        if self._refuse_if_full(identity, msg.req):
+            return
+        replies: list[p.EnqueueOk | p.ErrorReply] = []
+        created: list[JobCreated] = []
+        unlogged: set[str] = set()  # the ids (callbacks' too) of the jobs in ``created``
+        for spec in msg.jobs:
+            try:
+                validate_spec(spec, self.max_payload)
+                ids = ids_of(spec)
+                if unlogged and not unlogged.isdisjoint(ids):
+                    self._record_created(created)
+                    created = []
+                    unlogged.clear()
+                self.admission.check_batch([spec])
+            except InvalidJob as exc:
+                replies.append(p.ErrorReply(0, "invalid", str(exc)))
+                continue
+            made = len(created)
+            replies.append(p.EnqueueOk(0, [self._create(spec, now, created)]))
+            if len(created) < made:  # a unique job: logged, after what came before it
+                unlogged.clear()
+            elif len(created) > made:
+                unlogged.update(ids)
+        self._record_created(created)
+        self.dispatcher.poke()
+        self._reply(identity, p.EachReply(msg.req, replies))
+
+    def _create(self, spec: JobSpec, now: float, created: list[JobCreated]) -> str:
+        """Make ``spec`` (validated and admitted); its id, or the id of the
+        job holding its ``unique_key``. A plain job's record is appended to
+        ``created``, for the caller to log; a unique one is logged at once,
+        after what ``created`` held (then emptied), so that a later job of
+        the same request sees its key held."""
+        holder = self.state.holder_of(spec.unique_key, now)
+        if holder is not None:  # a unique job: the first one's id
+            return holder
+        record = self.state.decide_create(spec, now, validated=True)
+        if record is not None:
+            if record.unique_key:
+                self._record_created(created)
+                created.clear()
+                self.journal.record(record)
+                self.stats["enqueued"] += 1
+            else:
+                created.append(record)
+        return spec.id
 
     def _record_created(self, created: list[JobCreated]) -> None:
         """Log and apply creation records, jobs of one template together."""

@@ -5,6 +5,7 @@ before it. Counted (the broker's ``log_fsyncs``), never timed."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import Env, wait_for
 from inproc import FakeWorker, InProcessBroker
 
 import corral
+from corral.asyncclient import JOIN_MAX
 from corral.broker import protocol as p
 from corral.broker.core import CLIENT
 
@@ -62,7 +64,8 @@ def test_requests_waiting_when_the_broker_runs_again_share_an_fsync(env: Env) ->
     """A real broker, stopped (SIGSTOP) while an AsyncClient puts N enqueues
     in flight, then let go: what waits on its socket when its loop wakes is
     read and synced in a few passes, not one fdatasync per job; and every
-    job is there."""
+    job is there. (The first goes alone, the others join in EnqueueEach
+    requests of JOIN_MAX jobs: tests/test_enqueue_each.py.)"""
     env.write_config(fsync="always")
     broker = env.start("broker")
     env.wait_ready(broker)
@@ -76,8 +79,10 @@ def test_requests_waiting_when_the_broker_runs_again_share_an_fsync(env: Env) ->
             try:
                 calls = asyncio.gather(*(aclient.enqueue("e2e.noop", i) for i in range(N)))
 
+                requests = 1 + math.ceil((N - 1) / JOIN_MAX)
+
                 async def all_sent() -> None:
-                    while len(aclient._pending) < N:
+                    while len(aclient._pending) < requests:
                         await asyncio.sleep(0.005)
 
                 await asyncio.wait_for(all_sent(), 30)

@@ -127,9 +127,11 @@ SAMPLES: dict[str, list[p.Msg]] = {
         ),
         p.EnqueueFlow(26, "flow-2", "chain", [p.JobSpec("c1", "t")]),
         p.GetFlow(27, "flow-1"),
+        p.EnqueueEach(28, [p.JobSpec("id-3", "emails.send", PAYLOAD), p.JobSpec("id-4", "t")]),
     ],
     "ClientReply": [
         p.EnqueueOk(7, ["id-1", "id-2"]),
+        p.EachReply(28, [p.EnqueueOk(0, ["id-3"]), p.ErrorReply(0, "invalid", "task: empty")]),
         p.JobReply(9, JOB_INFO),
         p.ResultReply(10, "id-2", "succeeded", RESULT),
         p.ResultReply(11, "id-3", "failed", NIL, ERR),
