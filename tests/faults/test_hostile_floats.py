@@ -34,6 +34,7 @@ def _spec(job_id: str = "job-2") -> p.JobSpec:
 #: float's path non-empty and every optional struct along it set.
 SAMPLES: dict[type, p.Msg] = {
     p.Enqueue: p.Enqueue(1, [_spec()]),
+    p.EnqueueEach: p.EnqueueEach(1, [_spec()]),
     p.EnqueueFlow: p.EnqueueFlow(1, "flow-1", "chain", [_spec()], _spec("cb-1")),
     p.GetResult: p.GetResult(1, "job-1", 1.0),
     p.SupervisorReport: p.SupervisorReport(
