@@ -59,6 +59,28 @@ def test_a_handler_wakes_a_deciding_socket_thread() -> None:
     assert wakes.count == 1
 
 
+def test_jobs_handed_over_bound_the_wait_so_their_starts_wake_no_one() -> None:
+    """The socket thread hands jobs to an idle handler: it expects their
+    starts within the delay and sleeps no longer, so the handler's start
+    wakes nothing and a quick job's outcome wakes it once (it was woken
+    for both: a cross-thread wake and a GIL hand-off more per job)."""
+    pace, wakes, outbox = pacing()
+    pace.expect(7.0)  # a Deliver was read at 7.0, nothing was due
+    assert pace.due == 7.002
+    pace.deciding()
+    pace.sleeping(min(100.0, pace.due))
+    outbox.append(("started", "a"))
+    pace.soon(7.0005)
+    assert wakes.count == 0 and pace.due == 7.002
+    outbox.append(("done", "a"))
+    pace.urgent()  # nothing else to run: the outcome goes at once
+    assert wakes.count == 1 and pace.flush_due(7.001)
+    # a due time already set (jobs flowing) is not pushed back
+    pace.taken(7.001, flowing=True)
+    pace.expect(7.0015)
+    assert pace.due == 7.003
+
+
 def test_a_full_batch_and_an_urgent_item_go_at_once() -> None:
     pace, wakes, outbox = pacing(batch=4)
     pace.taken(0.0, flowing=True)

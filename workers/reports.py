@@ -196,6 +196,15 @@ class Pacing:
         if self._sleep_until > due or len(self._outbox) >= self.batch:
             self._wake()
 
+    def expect(self, now: float) -> None:
+        """The socket thread handed jobs to the handlers at ``now``: their
+        starts, put in the outbox soon after, go by ``now`` + ``delay`` at
+        the latest; its next wait ends by then, so a :meth:`soon` for them
+        finds it due to wake and need not wake it (a one-at-a-time job then
+        costs one wake of this thread, for its outcome, instead of two)."""
+        if self.due is None:
+            self.due = now + self.delay
+
     def deciding(self) -> None:
         """The socket thread is about to work out its wait."""
         self._sleep_until = math.inf

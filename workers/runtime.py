@@ -603,6 +603,10 @@ class Worker:
                 self._fit_to(msg.max_message_size)
                 for delivery in msg.jobs:
                     self._buffer.put(delivery)
+                # their starts will be reported within the pacing's delay:
+                # wake for that now, so that a handler beginning one need
+                # not wake this thread (a quick job's outcome wakes it once)
+                self._pacing.expect(time.monotonic())
             case p.CancelJob():
                 self._cancel(msg)
             case p.Withdraw():
