@@ -313,8 +313,8 @@ class Broker:
                 ready = dict(self._poller.poll(int(self.core.poll_timeout() * 1000)))
                 if self._gate is not None:
                     self._gate.serve(any(sock in ready for sock in self._gate.sockets))
-                if self._wake_r is not None:
-                    self._drain_wakeups()
+                if self._wake_r is not None and self._wake_r in ready:
+                    self._drain_wakeups()  # (a recv that finds nothing costs a syscall a turn)
                 if self._reload_keys:
                     self.reload_keys()
                 if self.events is not None and self.events.unbound:
