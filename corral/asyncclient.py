@@ -246,8 +246,20 @@ class AsyncClient(_Driver):
 
     async def _send_each(self, joined: _Joined) -> None:
         """Send ``joined``'s calls (those not cancelled meanwhile) as one
-        EnqueueEach, and answer each from its own part of the reply."""
+        EnqueueEach, and answer each from its own part of the reply. Its
+        callers wait on nothing else: whatever ends this task ends each
+        call not answered yet."""
         members = [m for m in joined.members if not m[2].done()]
+        try:
+            await self._send_members(joined, members)
+        except BaseException as exc:
+            for _, _, future in members:
+                _settle(future, exc)
+            raise
+
+    async def _send_members(
+        self, joined: _Joined, members: list[tuple[Step[Any], bytes, asyncio.Future[Any]]]
+    ) -> None:
         if len(members) > 1 and self._each:
             specs = [msgspec.Raw(body) for _, body, _ in members]
             request = p.EnqueueEach(next(self._core._req), cast(list[JobSpec], specs))
@@ -257,7 +269,8 @@ class AsyncClient(_Driver):
                 for _, _, future in members:
                     _settle(future, exc)
                 return
-            if not (isinstance(reply, p.ErrorReply) and reply.message.startswith("bad request")):
+            unread = isinstance(reply, p.ErrorReply) and reply.message.startswith("bad request")
+            if not unread:
                 answers: list[p.ClientReply] = (
                     list(reply.replies)
                     if isinstance(reply, p.EachReply) and len(reply.replies) == len(members)
@@ -271,7 +284,11 @@ class AsyncClient(_Driver):
                     else:
                         _settle(future, value=value)
                 return
-            self._each = False  # a broker that does not know EnqueueEach: each alone from now
+            # each alone: its own error names the job the broker could not
+            # read; a broker that does not know EnqueueEach (an older one)
+            # gets each alone from now on
+            if isinstance(reply, p.ErrorReply) and "'enqueueeach'" in reply.message:
+                self._each = False
         for plan, _, future in members:
             self._senders_start(self._alone(plan, joined.budget, future))
 

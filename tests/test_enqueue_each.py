@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import zmq
 from conftest import Env
 from hypothesis import HealthCheck, given, settings
@@ -202,9 +203,20 @@ def test_a_cancelled_call_sends_no_job_and_the_others_are_answered(env: Env) -> 
     assert env.client().status().queues["default"]["queued"] == 9 + 1
 
 
-def test_a_broker_that_does_not_know_enqueue_each_gets_each_job_alone(tmp_path: Path) -> None:
-    """A broker of an older version refuses an EnqueueEach as a bad
-    request: the calls are sent again one by one, and no later call joins."""
+@pytest.mark.parametrize(
+    ("refusal", "joins_after"),
+    [
+        ("bad request: $[0]: Invalid value 'enqueueeach'", False),  # an older broker
+        ("bad request: $[2][1].delay: Expected `float`, got `str`", True),  # one bad job
+    ],
+    ids=["older-broker", "unreadable-job"],
+)
+def test_an_enqueue_each_refused_unread_sends_each_job_alone(
+    tmp_path: Path, refusal: str, joins_after: bool
+) -> None:
+    """A broker that cannot read an EnqueueEach (bad request): its calls go
+    again one by one, so each gets its own answer; a broker of an older
+    version, which does not know the message, gets no more joined ones."""
     ctx = zmq.Context.instance()
     router = ctx.socket(zmq.ROUTER)
     endpoint = f"ipc://{tmp_path}/old.sock"
@@ -222,7 +234,7 @@ def test_a_broker_that_does_not_know_enqueue_each_gets_each_job_alone(tmp_path: 
             op, req = msgspec.msgpack.decode(body)[:2]
             seen.append(op)
             if op == "enqueueeach":
-                reply: p.Msg = p.ErrorReply(req, "invalid", "bad request: no such op")
+                reply: p.Msg = p.ErrorReply(req, "invalid", refusal)
             elif op == "enqueue":
                 reply = p.EnqueueOk(req, [f"id-{len(seen)}"])
             elif op == "getresult":
@@ -250,5 +262,5 @@ def test_a_broker_that_does_not_know_enqueue_each_gets_each_job_alone(tmp_path: 
     finally:
         router.close(linger=0)
     assert len(ids) == 10 and all(i.startswith("id-") for i in ids)
-    assert seen.count("enqueueeach") == 1
+    assert seen.count("enqueueeach") == (2 if joins_after else 1)
     assert seen.count("enqueue") == 10
