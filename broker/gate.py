@@ -174,6 +174,7 @@ class Gate:
         self.drain_reads = (ROUTER_RCVHWM + 1) * max_connections
         #: ZAP domain -> its ROUTER's monitor, and its connections.
         self._monitors: dict[str, zmq.Socket[Any]] = {}
+        self._sockets: tuple[zmq.Socket[Any], ...] = ()
         self.tallies: dict[str, Tally] = {}
         self._serves = 0
         #: ZAP domain -> when refusals were last logged, refusals since, last address.
@@ -194,9 +195,12 @@ class Gate:
         return tally
 
     @property
-    def sockets(self) -> list[zmq.Socket[Any]]:
-        """The sockets the loop polls for the gate: ZAP and the monitors."""
-        return [self.zap, *self._monitors.values()]
+    def sockets(self) -> tuple[zmq.Socket[Any], ...]:
+        """The sockets the loop polls for the gate: ZAP and the monitors
+        (made once: the loop asks every turn)."""
+        if len(self._sockets) != 1 + len(self._monitors):
+            self._sockets = (self.zap, *self._monitors.values())
+        return self._sockets
 
     def serve(self, ready: bool = True) -> None:
         """Count the connections that opened and closed since the last call,

@@ -459,7 +459,10 @@ class Indexer:
     def due(self, segment: Path, end: int) -> bool:
         """Whether :meth:`grow` may have work (cheap; for the loop)."""
         grown = end - self._chunk_from
-        return segment != self._segment or grown >= min(CHUNK_BYTES, CHUNK_IDLE_BYTES)
+        if grown >= min(CHUNK_BYTES, CHUNK_IDLE_BYTES):
+            return True
+        # the same Path object pass after pass: `is` spares pathlib's __eq__
+        return segment is not self._segment and segment != self._segment
 
     @property
     def child(self) -> subprocess.Popen[bytes] | None:

@@ -179,8 +179,12 @@ class Supervisor:
         self.notifier.status(self._status_line())
         self.notifier.watchdog(now, self._healthy(now))
         # Status pipes are read on the tick, not on every line: a busy pool
-        # must not keep the supervisor busy too.
-        self.control.wait(TICK, self.broker.fds() if self.broker is not None else ())
+        # must not keep the supervisor busy too. A watchdog shorter than two
+        # ticks shortens the tick: it is petted at half its interval.
+        tick = TICK
+        if self.notifier.watchdog_interval is not None:
+            tick = min(tick, self.notifier.watchdog_interval / 2)
+        self.control.wait(tick, self.broker.fds() if self.broker is not None else ())
         self.children.watch(time.monotonic())
 
     def _healthy(self, now: float) -> bool:
