@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 import structlog
@@ -97,3 +98,29 @@ def test_every_value_makes_one_valid_json_line(
         assert line["value"] == repr(value)
     else:
         assert line["value"] == shown
+
+
+def test_each_line_is_stamped_in_utc_iso_8601_with_microseconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stamp as structlog's ISO TimeStamper writes it (always with the
+    fraction), right across whole seconds, though the text up to the
+    seconds is made once a second."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    logs.configure("worker", fmt="json")
+    readings = iter([1_764_547_199.999999, 1_764_547_200.0, 1_764_547_200.25, 1_764_547_261.5])
+    monkeypatch.setattr(logs.time, "time", lambda: next(readings))
+    for n in range(4):
+        logs.job_line("job.received", job_id=f"j{n}", task="t.a", attempt=1)
+    assert [x["timestamp"] for x in _lines(stream)] == [
+        "2025-11-30T23:59:59.999999Z",
+        "2025-12-01T00:00:00.000000Z",
+        "2025-12-01T00:00:00.250000Z",
+        "2025-12-01T00:01:01.500000Z",
+    ]
+    monkeypatch.undo()
+    before = datetime.now(UTC)
+    stamped = logs.iso_timestamp(None, "info", {})["timestamp"]
+    after = datetime.now(UTC)
+    assert before <= datetime.fromisoformat(stamped) <= after
