@@ -1,0 +1,49 @@
+"""Break-tests of the AsyncClient's joined enqueues (EnqueueEach), through
+a real broker: a joined request whose reply is lost goes again, as a
+one-job enqueue would, and each job is still made once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from conftest import Env
+from test_resend import LossyProxy, enqueued
+
+import corral
+from corral.broker import protocol as p
+
+
+def test_a_joined_enqueue_whose_reply_is_lost_is_resent_and_makes_each_job_once(
+    env: Env,
+) -> None:
+    """Before: EnqueueEach was not resendable, so a lost reply (a broker
+    restarted, a dropped connection) failed every joined call with
+    BrokerUnavailable at the timeout, where each alone would have been
+    sent again and answered."""
+    env.write_config(processes=0)
+    env.wait_ready(env.start("broker"))
+    proxy = LossyProxy(env, drop=0)
+    try:
+
+        async def run() -> list[Any]:
+            async with corral.AsyncClient(proxy.endpoint, timeout=6) as client:
+                held = await client.enqueue("e2e.noop", "held")
+                waiting = asyncio.ensure_future(client.result(held, timeout=30))
+                while not client._pending:
+                    await asyncio.sleep(0.001)
+                proxy.drop = 1  # the next reply: the joined enqueues'
+                outcomes = await asyncio.gather(
+                    *(client.enqueue("e2e.noop", i) for i in range(5)), return_exceptions=True
+                )
+                waiting.cancel()
+                return [held, *outcomes]
+
+        outcomes = asyncio.run(run())
+    finally:
+        proxy.close()
+    assert all(isinstance(o, str) for o in outcomes), outcomes
+    kinds = [type(p.decode(p.client_request_decoder, r)) for r in proxy.requests]
+    assert kinds.count(p.EnqueueEach) == 2, kinds
+    count, ids = enqueued(env)
+    assert count == 6 and sorted(ids) == sorted(outcomes)
