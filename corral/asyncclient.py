@@ -108,7 +108,10 @@ class _Joined:
     __slots__ = ("budget", "members", "size")
 
     def __init__(self, budget: CallBudget) -> None:
-        #: The first call's: the earliest deadline of them all.
+        #: The latest deadline of them all (the last call's): the request
+        #: goes when the turn ends, after every call's hooks ran, so the
+        #: first call's deadline may be past by then through no fault of
+        #: the broker (the hooks of the calls after it blocked the loop).
         self.budget = budget
         #: (plan, encoded spec, future of its value) per call, in order.
         self.members: list[tuple[Step[Any], bytes, asyncio.Future[Any]]] = []
@@ -220,6 +223,8 @@ class AsyncClient(_Driver):
             loop.call_soon(self._send_joined, joined)  # after the turn's other callbacks
         joined.members.append((plan, body, future))
         joined.size += len(body)
+        if budget.deadline > joined.budget.deadline:
+            joined.budget = budget
         return future
 
     def _senders_start(self, coroutine: Coroutine[Any, Any, None]) -> None:

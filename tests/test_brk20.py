@@ -5,6 +5,7 @@ one-job enqueue would, and each job is still made once."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from conftest import Env
@@ -12,6 +13,7 @@ from test_resend import LossyProxy, enqueued
 
 import corral
 from corral.broker import protocol as p
+from corral.hooks import Enqueuing
 
 
 def test_a_joined_enqueue_whose_reply_is_lost_is_resent_and_makes_each_job_once(
@@ -47,3 +49,42 @@ def test_a_joined_enqueue_whose_reply_is_lost_is_resent_and_makes_each_job_once(
     assert kinds.count(p.EnqueueEach) == 2, kinds
     count, ids = enqueued(env)
     assert count == 6 and sorted(ids) == sorted(outcomes)
+
+
+class Slow(corral.Hooks):
+    """A before_enqueue that blocks the event loop (a synchronous lookup)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def before_enqueue(self, job: Enqueuing) -> None:
+        time.sleep(self.seconds)
+
+
+def test_joined_calls_are_not_failed_by_the_hooks_of_the_calls_after_them(env: Env) -> None:
+    """Each call's hook takes well within the timeout, but the hooks of one
+    turn's calls together take more than it. Before: the joined request had
+    the first call's deadline, past when the turn ended, so every call
+    raised BrokerUnavailable (its jobs made all the same); as one-job
+    enqueues none would have."""
+    env.write_config(processes=0)
+    env.wait_ready(env.start("broker"))
+    n = 10
+
+    async def run() -> list[Any]:
+        slow = Slow(0.0)
+        async with corral.AsyncClient(env.endpoint, timeout=2, hooks=[slow]) as client:
+            held = await client.enqueue("e2e.noop", "held")
+            waiting = asyncio.ensure_future(client.result(held, timeout=30))
+            while not client._pending:
+                await asyncio.sleep(0.001)
+            slow.seconds = 0.3
+            outcomes = await asyncio.gather(
+                *(client.enqueue("e2e.noop", i) for i in range(n)), return_exceptions=True
+            )
+            waiting.cancel()
+            return outcomes
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(o, str) for o in outcomes), outcomes
+    assert enqueued(env)[0] == n + 1
