@@ -5,6 +5,8 @@ one-job enqueue would, and each job is still made once."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import Any
 
@@ -13,6 +15,8 @@ from test_resend import LossyProxy, enqueued
 
 import corral
 from corral.broker import protocol as p
+from corral.broker.server import Broker
+from corral.config import loads
 from corral.hooks import Enqueuing
 
 
@@ -88,3 +92,43 @@ def test_joined_calls_are_not_failed_by_the_hooks_of_the_calls_after_them(env: E
     outcomes = asyncio.run(run())
     assert all(isinstance(o, str) for o in outcomes), outcomes
     assert enqueued(env)[0] == n + 1
+
+
+def test_a_broker_that_had_a_signal_waits_on_its_poll_again(env: Env) -> None:
+    """After a SIGHUP (keys reloaded), an idle broker's loop waits on its
+    poll as before. Before: the wake-up socket was drained only when the
+    poll's answer held the socket object, but a zmq.Poller names a plain
+    socket by its file descriptor, so the byte the signal left was never
+    read and every poll returned at once: a full core from the first
+    SIGHUP on, for as long as the broker lived."""
+    env.write_config(processes=0)
+    broker = Broker(loads(env.config.read_text()))
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    wakeup = signal.set_wakeup_fd(-1)
+    passes = 0
+    try:
+        broker.open()
+        broker.install_signal_handlers()
+        real_pass = broker.run_pass
+        end = 0.0
+
+        def counted() -> None:
+            nonlocal passes, end
+            real_pass()
+            passes += 1
+            if passes == 1:
+                os.kill(os.getpid(), signal.SIGHUP)
+                end = time.monotonic() + 1.0  # a window, not a timing assertion
+            elif time.monotonic() >= end:
+                broker.stop()
+
+        broker.run_pass = counted  # type: ignore[method-assign]
+        broker.run()
+    finally:
+        signal.set_wakeup_fd(wakeup)
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+        broker.close()
+    # an idle broker wakes for its timers a few times a second; a spinning
+    # loop passes tens of thousands of times
+    assert passes <= 100, f"{passes} passes of the loop in a second after a SIGHUP"
