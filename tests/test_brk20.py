@@ -5,6 +5,7 @@ one-job enqueue would, and each job is still made once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -132,3 +133,48 @@ def test_a_broker_that_had_a_signal_waits_on_its_poll_again(env: Env) -> None:
     # an idle broker wakes for its timers a few times a second; a spinning
     # loop passes tens of thousands of times
     assert passes <= 100, f"{passes} passes of the loop in a second after a SIGHUP"
+
+
+def test_a_client_whose_last_loop_stopped_mid_call_serves_the_next_loop(env: Env) -> None:
+    """An event loop stopped (loop.stop(), a closed notebook kernel's loop)
+    while a call was in flight and enqueues had joined, unsent: the client
+    then serves calls in a new loop. Before: a new enqueue joined the
+    stale batch, whose send was scheduled in the dead loop, and waited for
+    ever (past any timeout); and the dead loop's reply reader, never done,
+    kept a new one from starting, so every later call timed out."""
+    env.write_config(processes=0)
+    env.wait_ready(env.start("broker"))
+    client = corral.AsyncClient(env.endpoint, timeout=3)
+
+    left: list[asyncio.Future[Any]] = []
+
+    async def stopped_mid_call() -> None:
+        held = await client.enqueue("e2e.noop", "held")
+        left.append(asyncio.ensure_future(client.result(held, timeout=30)))
+        while not client._pending:
+            await asyncio.sleep(0.001)
+        left.extend(asyncio.ensure_future(client.enqueue("e2e.noop", i)) for i in range(5))
+        await asyncio.sleep(0)  # they joined; their send is scheduled
+        asyncio.get_running_loop().stop()
+
+    async def next_loop() -> list[Any]:
+        first = await client.enqueue("e2e.noop", "first")
+        rest = await asyncio.gather(*(client.enqueue("e2e.noop", i) for i in range(5)))
+        return [first, *rest, await client.ping()]
+
+    loop = asyncio.new_event_loop()
+    try:
+        with contextlib.suppress(RuntimeError):  # stopped before its future was done
+            loop.run_until_complete(stopped_mid_call())
+        outcomes = asyncio.run(asyncio.wait_for(next_loop(), 20))
+    finally:
+        client.close()
+        left.extend(asyncio.all_tasks(loop))  # (ended here: no warnings at exit)
+        for task in left:
+            task.cancel()
+        ending = asyncio.gather(*left, return_exceptions=True) if left else None
+        while ending is not None and not ending.done():  # (the first run's stop is left)
+            with contextlib.suppress(RuntimeError):
+                loop.run_until_complete(ending)
+        loop.close()
+    assert all(isinstance(o, str) for o in outcomes[:-1]) and outcomes[-1], outcomes
