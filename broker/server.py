@@ -121,6 +121,9 @@ class Broker:
         #: The client and worker sockets alone, for the pass's reads.
         self._inbound_poller = zmq.Poller()
         self._wake_r: socket.socket | None = None
+        #: Its file descriptor: how a zmq.Poller names a plain socket in
+        #: what ``poll`` returns (never the socket object); -1: none.
+        self._wake_fd = -1
         self._keys: KeyRing | None = None
         self._gate: Gate | None = None
         #: Each endpoint's connections, as its gate counts them (see Gate).
@@ -259,8 +262,9 @@ class Broker:
         wake_w.setblocking(False)
         self._wake_r = wake_r
         self._wake_w = wake_w
+        self._wake_fd = wake_r.fileno()
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        self._poller.register(wake_r, zmq.POLLIN)
+        self._poller.register(self._wake_fd, zmq.POLLIN)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
 
@@ -313,8 +317,8 @@ class Broker:
                 ready = dict(self._poller.poll(int(self.core.poll_timeout() * 1000)))
                 if self._gate is not None:
                     self._gate.serve(any(sock in ready for sock in self._gate.sockets))
-                if self._wake_r is not None and self._wake_r in ready:
-                    self._drain_wakeups()  # (a recv that finds nothing costs a syscall a turn)
+                if self._wake_fd in ready:  # (a recv finding nothing costs a syscall a turn)
+                    self._drain_wakeups()  # else it stays readable: every poll returns at once
                 if self._reload_keys:
                     self.reload_keys()
                 if self.events is not None and self.events.unbound:

@@ -108,7 +108,10 @@ class _Joined:
     __slots__ = ("budget", "members", "size")
 
     def __init__(self, budget: CallBudget) -> None:
-        #: The first call's: the earliest deadline of them all.
+        #: The latest deadline of them all (the last call's): the request
+        #: goes when the turn ends, after every call's hooks ran, so the
+        #: first call's deadline may be past by then through no fault of
+        #: the broker (the hooks of the calls after it blocked the loop).
         self.budget = budget
         #: (plan, encoded spec, future of its value) per call, in order.
         self.members: list[tuple[Step[Any], bytes, asyncio.Future[Any]]] = []
@@ -154,6 +157,8 @@ class AsyncClient(_Driver):
         self._senders: set[asyncio.Future[None]] = set()
         #: False once the broker has refused an EnqueueEach (an older one).
         self._each = True
+        #: The event loop of the last call; None: none yet.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -186,6 +191,41 @@ class AsyncClient(_Driver):
         self._joined = None
         self._senders = set()
 
+    def _here(self) -> asyncio.AbstractEventLoop:
+        """The running loop, once what a fork or another loop left is set
+        aside (see :meth:`_forked`, :meth:`_in_loop`)."""
+        if self._pid != _ThisProcess.pid:
+            self._forked()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._in_loop(loop)
+        return loop
+
+    def _in_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A call runs in ``loop``. When the last one ran in another loop
+        that stopped with work left (a request in flight, its reader task,
+        enqueues joined but unsent: a loop stopped mid-call, never to run
+        again), that work is set aside, as after a fork: its futures and
+        tasks belong to that loop, and its reader, never done, would keep
+        this loop's from starting. The socket is closed (its replies answer
+        nobody now). A loop that ended cleanly (``asyncio.run`` cancels and
+        finishes what is left) leaves nothing: the socket is kept."""
+        old, self._loop = self._loop, loop
+        if old is None or old is loop:
+            return
+        reader = self._reader
+        if not self._pending and self._joined is None and (reader is None or reader.done()):
+            return
+        _INHERITED.append((self._sock, reader, self._pending))
+        if self._sock is not None:
+            with contextlib.suppress(Exception):  # (its loop may be closed)
+                self._sock.close(linger=0)
+        self._sock = None
+        self._reader = None
+        self._pending = {}
+        self._joined = None
+        self._senders = set()
+
     async def _run(self, plan: Plan[T], budget: CallBudget | None = None) -> T:
         """Send each step's request and read its reply until the operation
         has its value (the first within what ``budget`` left)."""
@@ -203,7 +243,7 @@ class AsyncClient(_Driver):
         a Kafka producer's batches: many tasks enqueueing at once cost the
         broker and this process a message per turn instead of one per job
         (the 100-in-flight figure in docs/PERFORMANCE.md)."""
-        loop = asyncio.get_running_loop()
+        loop = self._here()
         future: asyncio.Future[Any] = loop.create_future()
         request = cast(p.Enqueue, plan.request)
         body = p.encode_struct(request.jobs[0]) if len(request.jobs) == 1 else b""
@@ -220,6 +260,8 @@ class AsyncClient(_Driver):
             loop.call_soon(self._send_joined, joined)  # after the turn's other callbacks
         joined.members.append((plan, body, future))
         joined.size += len(body)
+        if budget.deadline > joined.budget.deadline:
+            joined.budget = budget
         return future
 
     def _senders_start(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -311,8 +353,7 @@ class AsyncClient(_Driver):
         """Send one request and return its reply; a single reader task hands
         each reply to its request by id."""
         deadline, timeout = self._deadline(budget, wait)
-        if self._pid != _ThisProcess.pid:
-            self._forked()
+        loop = self._here()
         if self._sock is None:
             self._sock = connect_dealer(self._ctx, self.endpoint, self.config)
         body = encode_request(request, self.max_message_size)
@@ -327,7 +368,6 @@ class AsyncClient(_Driver):
                     self._drop_if_idle(sock)
                     raise self._unavailable(timeout, budget) from None
                 await sock.poll(50, zmq.POLLOUT)  # type: ignore[call-arg]  # pyzmq's stub
-        loop = asyncio.get_running_loop()
         req = request.req
         future: asyncio.Future[p.ClientReply] = loop.create_future()
         self._pending[req] = future

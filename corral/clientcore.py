@@ -79,6 +79,7 @@ class JobPage(list[p.JobInfo]):
 #: answer differently.
 RESENDABLE = (
     p.Enqueue,
+    p.EnqueueEach,
     p.EnqueueFlow,
     p.GetJob,
     p.GetResult,
