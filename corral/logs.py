@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -70,7 +71,9 @@ def configure(role: str, level: str = "info", fmt: str = "auto", jobs: str = "in
 _second: tuple[int, str] = (-1, "")
 
 
-def iso_timestamp(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def iso_timestamp(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """structlog processor: the line's ``timestamp``, UTC in ISO 8601 with
     microseconds (``2026-12-01T00:09:17.661043Z``), as structlog's
     ``TimeStamper(fmt="iso", utc=True)`` writes it but always with the
