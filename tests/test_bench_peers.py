@@ -16,7 +16,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.append(str(BENCH))  # after everything else: shadows nothing
 
-from peers import driver, report  # noqa: E402
+from peers import driver, report, run  # noqa: E402
 
 
 def _peer(interval: dict[str, dict[str, float]], always: dict[str, dict[str, float]]) -> Any:
@@ -263,3 +263,18 @@ def test_the_noise_table_shows_each_measurement() -> None:
     text = report.noise_table(figures)
     assert "| corral drain | interval | 1.50 | n/a |" in text
     assert "| Huey | interval | 0.20 | 0.05 |" in text
+
+
+def test_a_peer_failing_a_repetition_is_listed_and_fails_nothing() -> None:
+    """A run whose Celery repetition timed out still ends 0, the failure
+    listed; one that lost a figure of corral or a reference ends 1."""
+    peer = {"unit": "peer/Celery/interval", "rep": "2", "error": "TimeoutError: timed out"}
+    mine = {"unit": "corral/drain/always", "rep": "1", "error": "no answer"}
+    ref = {"unit": "ref/raw/-", "rep": "3", "error": "boom"}
+    assert run.exit_code([]) == 0
+    assert run.exit_code([peer]) == 0
+    assert run.exit_code([peer, mine]) == 1
+    assert run.exit_code([ref]) == 1
+    assert run.failures([peer]) == [
+        "failed: peer/Celery/interval (repetition 2): TimeoutError: timed out"
+    ]
