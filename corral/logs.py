@@ -78,8 +78,9 @@ def iso_timestamp(
     microseconds (``2026-12-01T00:09:17.661043Z``), as structlog's
     ``TimeStamper(fmt="iso", utc=True)`` writes it but always with the
     fraction. The text up to the seconds is made once a second: the
-    TimeStamper's datetime and isoformat were an eighth of a worker's CPU
-    per job (two lines a job)."""
+    TimeStamper's datetime and isoformat were an eighth of a worker's
+    Python time in a drain (py-spy; two lines a job): 2.55 µs a line, this
+    0.97."""
     global _second
     now = time.time()
     whole = int(now)
