@@ -174,7 +174,7 @@ class Gate:
         self.drain_reads = (ROUTER_RCVHWM + 1) * max_connections
         #: ZAP domain -> its ROUTER's monitor, and its connections.
         self._monitors: dict[str, zmq.Socket[Any]] = {}
-        self._sockets: tuple[zmq.Socket[Any], ...] = ()
+        self._sockets: tuple[zmq.Socket[Any], ...] = (self.zap,)
         self.tallies: dict[str, Tally] = {}
         self._serves = 0
         #: ZAP domain -> when refusals were last logged, refusals since, last address.
@@ -191,15 +191,14 @@ class Gate:
         monitor.setsockopt(zmq.RCVHWM, 0)  # 0 on our side: the pipe has no limit
         monitor.connect(address)
         self._monitors[domain] = monitor
+        self._sockets = (self.zap, *self._monitors.values())
         tally = self.tallies[domain] = Tally()
         return tally
 
     @property
     def sockets(self) -> tuple[zmq.Socket[Any], ...]:
         """The sockets the loop polls for the gate: ZAP and the monitors
-        (made once: the loop asks every turn)."""
-        if len(self._sockets) != 1 + len(self._monitors):
-            self._sockets = (self.zap, *self._monitors.values())
+        (made as each is added: the loop asks every turn)."""
         return self._sockets
 
     def serve(self, ready: bool = True) -> None:
