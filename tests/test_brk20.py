@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from conftest import Env
+from test_enqueue_each import held_long_poll
 from test_resend import LossyProxy, enqueued
 
 import corral
@@ -35,10 +36,7 @@ def test_a_joined_enqueue_whose_reply_is_lost_is_resent_and_makes_each_job_once(
 
         async def run() -> list[Any]:
             async with corral.AsyncClient(proxy.endpoint, timeout=6) as client:
-                held = await client.enqueue("e2e.noop", "held")
-                waiting = asyncio.ensure_future(client.result(held, timeout=30))
-                while not client._pending:
-                    await asyncio.sleep(0.001)
+                held, waiting = await held_long_poll(client)
                 proxy.drop = 1  # the next reply: the joined enqueues'
                 outcomes = await asyncio.gather(
                     *(client.enqueue("e2e.noop", i) for i in range(5)), return_exceptions=True
@@ -79,10 +77,7 @@ def test_joined_calls_are_not_failed_by_the_hooks_of_the_calls_after_them(env: E
     async def run() -> list[Any]:
         slow = Slow(0.0)
         async with corral.AsyncClient(env.endpoint, timeout=2, hooks=[slow]) as client:
-            held = await client.enqueue("e2e.noop", "held")
-            waiting = asyncio.ensure_future(client.result(held, timeout=30))
-            while not client._pending:
-                await asyncio.sleep(0.001)
+            _, waiting = await held_long_poll(client)
             slow.seconds = 0.3
             outcomes = await asyncio.gather(
                 *(client.enqueue("e2e.noop", i) for i in range(n)), return_exceptions=True
@@ -149,10 +144,7 @@ def test_a_client_whose_last_loop_stopped_mid_call_serves_the_next_loop(env: Env
     left: list[asyncio.Future[Any]] = []
 
     async def stopped_mid_call() -> None:
-        held = await client.enqueue("e2e.noop", "held")
-        left.append(asyncio.ensure_future(client.result(held, timeout=30)))
-        while not client._pending:
-            await asyncio.sleep(0.001)
+        left.append((await held_long_poll(client))[1])
         left.extend(asyncio.ensure_future(client.enqueue("e2e.noop", i)) for i in range(5))
         await asyncio.sleep(0)  # they joined; their send is scheduled
         asyncio.get_running_loop().stop()

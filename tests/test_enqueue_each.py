@@ -107,14 +107,15 @@ def test_a_refused_job_refuses_only_itself(tmp_path: Path) -> None:
 # ------------------------------------------------------------ the AsyncClient
 
 
-async def _long_poll(client: corral.AsyncClient) -> asyncio.Future[Any]:
+async def held_long_poll(client: corral.AsyncClient) -> tuple[str, asyncio.Future[Any]]:
     """A request left in flight (the result of a job no worker runs), so
-    that the enqueues made next join; cancel it at the end."""
+    that the enqueues made next join: that job's id and the waiting
+    result, to cancel at the end."""
     job_id = await client.enqueue("e2e.noop", "held")
     waiting = asyncio.ensure_future(client.result(job_id, timeout=20))
     while not client._pending:
         await asyncio.sleep(0.001)
-    return waiting
+    return job_id, waiting
 
 
 def test_an_async_client_joins_the_enqueues_made_at_once(env: Env) -> None:
@@ -137,7 +138,7 @@ def test_an_async_client_joins_the_enqueues_made_at_once(env: Env) -> None:
                 return await real(request, *args)
 
             client._call = counting  # type: ignore[method-assign]
-            waiting = await _long_poll(client)
+            _, waiting = await held_long_poll(client)
             calls = [
                 client.enqueue("e2e.noop", i, id=None if i % 50 else "given-x")
                 if i % 67
@@ -189,7 +190,7 @@ def test_a_cancelled_call_sends_no_job_and_the_others_are_answered(env: Env) -> 
 
     async def run() -> tuple[list[Any], int]:
         async with corral.AsyncClient(env.endpoint, timeout=30) as client:
-            waiting = await _long_poll(client)
+            _, waiting = await held_long_poll(client)
             calls = [asyncio.ensure_future(client.enqueue("e2e.noop", i)) for i in range(10)]
             await asyncio.sleep(0)  # each has joined; none is sent yet
             calls[3].cancel()
